@@ -1,0 +1,249 @@
+"""Recurrent cells as pure functions: the body of a ``jax.lax.scan`` over time.
+
+A :class:`Cell` is a handful of pure functions, no state:
+
+* ``init(key, input_size) -> params`` (a pytree of float32 arrays);
+* ``initial_carry(batch, dtype) -> carry``;
+* ``step(params, carry, x_t) -> (carry, y_t)``: one time step, x_t ``[B, F]``, y_t ``[B, H]``;
+* optional ``project(params, xs) -> us``: the input projection of *all* time steps at once
+  (``xs [T, B, F] -> us [T, B, G]``), hoisted out of the scan into one large matrix
+  product; when present, ``step`` receives ``u_t`` instead of ``x_t``;
+* optional ``sequence(params, us, carry, unroll) -> (carry, ys)``: a faster equivalent of
+  scanning ``step`` (the Elman cells use it for a hand-written backward pass).
+
+A new cell needs only ``init``, ``step``, ``initial_carry`` and ``hidden_size``. Initialisers
+follow Keras so results compare with it: glorot-uniform input kernels, orthogonal recurrent
+kernels, zero biases (LSTM: forget-gate bias 1; IRNN: identity recurrent kernel).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Params = Any
+Carry = Any
+
+glorot_uniform = jax.nn.initializers.glorot_uniform()
+orthogonal = jax.nn.initializers.orthogonal()
+
+
+@dataclass(frozen=True, eq=False)
+class Cell:
+    """A recurrent cell: pure functions plus its width. See the module docstring."""
+
+    init: Callable[[jax.Array, int], Params]
+    step: Callable[[Params, Carry, jax.Array], tuple[Carry, jax.Array]]
+    initial_carry: Callable[[int, Any], Carry]
+    hidden_size: int
+    project: Callable[[Params, jax.Array], jax.Array] | None = None
+    sequence: Callable[[Params, jax.Array, Carry, int], tuple[Carry, jax.Array]] | None = None
+
+
+def scan_cell(
+    cell: Cell, params: Params, xs: jax.Array, carry: Carry | None = None, unroll: int = 1
+) -> tuple[Carry, jax.Array]:
+    """Run ``cell`` over time-major ``xs [T, B, F]``: ``(final carry, ys [T, B, H])``.
+
+    ``unroll`` is ``lax.scan``'s unroll factor; 0 unrolls all T steps.
+    """
+    time, batch = xs.shape[0], xs.shape[1]
+    if carry is None:
+        carry = cell.initial_carry(batch, xs.dtype)
+    us = cell.project(params, xs) if cell.project is not None else xs
+    unroll = unroll or time
+    if cell.sequence is not None:
+        return cell.sequence(params, us, carry, unroll)
+    return jax.lax.scan(functools.partial(cell.step, params), carry, us, unroll=unroll)
+
+
+def _dense_projection(params: Params, xs: jax.Array) -> jax.Array:
+    """``xs [T, B, F] @ kernel [F, G] + bias [G] -> [T, B, G]``."""
+    return xs @ params["kernel"].astype(xs.dtype) + params["bias"].astype(xs.dtype)
+
+
+def _zeros_carry(hidden: int) -> Callable[[int, Any], jax.Array]:
+    return lambda batch, dtype: jnp.zeros((batch, hidden), dtype)
+
+
+# --- Elman cells (SimpleRNN, IRNN) and their fused backward pass --------------------------
+
+_ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
+    # activation, and its derivative written in terms of the activation's *output*.
+    "tanh": (jnp.tanh, lambda h: 1 - h * h),
+    "relu": (jax.nn.relu, lambda h: (h > 0).astype(h.dtype)),
+}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def elman_sequence(
+    us: jax.Array, recurrent: jax.Array, h0: jax.Array, activation: str, unroll: int
+) -> jax.Array:
+    """``h_t = act(u_t + h_{t-1} @ recurrent)`` over time; us [T, B, H] -> hs [T, B, H].
+
+    The custom VJP keeps the backward loop down to what is truly sequential, one
+    ``[B, H] @ [H, H]`` product per step; the recurrent-kernel gradient is then one large
+    product over all steps (``sum_t h_{t-1}^T dz_t``) instead of T small accumulations.
+    """
+    return _elman_forward(us, recurrent, h0, activation, unroll)
+
+
+def _elman_forward(us, recurrent, h0, activation, unroll):
+    act = _ACTIVATIONS[activation][0]
+    recurrent = recurrent.astype(us.dtype)
+
+    def step(h, u):
+        h = act(u + h @ recurrent)
+        return h, h
+
+    return jax.lax.scan(step, h0, us, unroll=unroll)[1]
+
+
+def _elman_fwd(us, recurrent, h0, activation, unroll):
+    hs = _elman_forward(us, recurrent, h0, activation, unroll)
+    return hs, (hs, recurrent, h0)
+
+
+def _elman_bwd(activation, unroll, residuals, dhs):
+    hs, recurrent, h0 = residuals
+    deriv = _ACTIVATIONS[activation][1](hs)
+    rec_t = recurrent.astype(hs.dtype).T
+
+    def step(g, inputs):
+        dh, d = inputs
+        dz = (dh + g) * d
+        return dz @ rec_t, dz
+
+    dh0, dzs = jax.lax.scan(step, jnp.zeros_like(h0), (dhs, deriv), reverse=True, unroll=unroll)
+    h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
+    drecurrent = jnp.einsum("tbi,tbj->ij", h_prev, dzs, preferred_element_type=jnp.float32)
+    return dzs, drecurrent.astype(recurrent.dtype), dh0
+
+
+elman_sequence.defvjp(_elman_fwd, _elman_bwd)
+
+
+def _elman(hidden: int, activation: str, recurrent_init: Callable) -> Cell:
+    act = _ACTIVATIONS[activation][0]
+
+    def init(key: jax.Array, input_size: int) -> Params:
+        k_in, k_rec = jax.random.split(key)
+        return {
+            "kernel": glorot_uniform(k_in, (input_size, hidden), jnp.float32),
+            "recurrent_kernel": recurrent_init(k_rec, (hidden, hidden), jnp.float32),
+            "bias": jnp.zeros((hidden,), jnp.float32),
+        }
+
+    def step(params: Params, h: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+        h = act(u + h @ params["recurrent_kernel"].astype(u.dtype))
+        return h, h
+
+    def sequence(params, us, h0, unroll):
+        hs = elman_sequence(us, params["recurrent_kernel"], h0, activation, unroll)
+        return hs[-1], hs
+
+    return Cell(init, step, _zeros_carry(hidden), hidden, _dense_projection, sequence)
+
+
+@functools.cache
+def simple_rnn(hidden: int) -> Cell:
+    """Keras ``SimpleRNN``: ``h_t = tanh(x_t W + b + h_{t-1} U)``, 3 arrays."""
+    return _elman(hidden, "tanh", orthogonal)
+
+
+def _identity(key, shape, dtype):
+    del key
+    return jnp.eye(*shape, dtype=dtype)
+
+
+@functools.cache
+def irnn(hidden: int) -> Cell:
+    """IRNN (Le, Jaitly & Hinton 2015): ReLU Elman cell, identity recurrent kernel."""
+    return _elman(hidden, "relu", _identity)
+
+
+# --- Gated cells ---------------------------------------------------------------------------
+
+
+def _gated_init(hidden: int, gates: int, bias: Callable[[], jax.Array]) -> Callable:
+    def init(key: jax.Array, input_size: int) -> Params:
+        k_in, k_rec = jax.random.split(key)
+        rec_keys = jax.random.split(k_rec, gates)
+        return {
+            "kernel": glorot_uniform(k_in, (input_size, gates * hidden), jnp.float32),
+            # Keras draws the recurrent kernel as one orthogonal [H, gates*H] matrix.
+            "recurrent_kernel": jnp.concatenate(
+                [orthogonal(k, (hidden, hidden), jnp.float32) for k in rec_keys], axis=1
+            ),
+            "bias": bias(),
+        }
+
+    return init
+
+
+@functools.cache
+def lstm(hidden: int) -> Cell:
+    """Keras ``LSTM`` (gates i, f, c, o; forget bias 1); carry ``(h, c)``."""
+
+    def bias() -> jax.Array:
+        return jnp.zeros((4 * hidden,), jnp.float32).at[hidden : 2 * hidden].set(1.0)
+
+    def step(params, carry, u):
+        h, c = carry
+        z = u + h @ params["recurrent_kernel"].astype(u.dtype)
+        i, f, g, o = jnp.split(z, 4, axis=-1)
+        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        return (h, c), h
+
+    def initial_carry(batch, dtype):
+        zeros = jnp.zeros((batch, hidden), dtype)
+        return zeros, zeros
+
+    return Cell(_gated_init(hidden, 4, bias), step, initial_carry, hidden, _dense_projection)
+
+
+@functools.cache
+def gru(hidden: int) -> Cell:
+    """Keras ``GRU`` (``reset_after=True``: gates z, r, h; separate recurrent bias)."""
+
+    base = _gated_init(hidden, 3, lambda: jnp.zeros((3 * hidden,), jnp.float32))
+
+    def init(key, input_size):
+        params = base(key, input_size)
+        params["recurrent_bias"] = jnp.zeros((3 * hidden,), jnp.float32)
+        return params
+
+    def step(params, h, u):
+        r_all = h @ params["recurrent_kernel"].astype(u.dtype)
+        r_all = r_all + params["recurrent_bias"].astype(u.dtype)
+        uz, ur, uh = jnp.split(u, 3, axis=-1)
+        rz, rr, rh = jnp.split(r_all, 3, axis=-1)
+        z = jax.nn.sigmoid(uz + rz)
+        r = jax.nn.sigmoid(ur + rr)
+        candidate = jnp.tanh(uh + r * rh)
+        h = z * h + (1 - z) * candidate
+        return h, h
+
+    return Cell(init, step, _zeros_carry(hidden), hidden, _dense_projection)
+
+
+CELLS: dict[str, Callable[[int], Cell]] = {
+    "simple_rnn": simple_rnn,
+    "irnn": irnn,
+    "lstm": lstm,
+    "gru": gru,
+}
+
+
+def get_cell(name: str, hidden: int) -> Cell:
+    """The registered cell ``name`` of width ``hidden``."""
+    try:
+        return CELLS[name](hidden)
+    except KeyError:
+        raise ValueError(f"unknown cell {name!r}; choose one of {', '.join(CELLS)}") from None

@@ -1,0 +1,182 @@
+"""The one frozen configuration every part of rnnjax is handed (stdlib only).
+
+Nothing in rnnjax reads flags or globals: the CLI builds a :class:`Config` from its
+arguments and passes it down. The defaults are the seed experiment, the Keras tutorial
+``SimpleRNN(50, tanh) -> Dense(10) -> softmax``, Adam(1e-3), batch 50, 4001 steps in
+order, a full test evaluation every 500 steps, seed 1337.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+CELLS = ("simple_rnn", "irnn", "lstm", "gru")
+ORDERS = ("rows", "pixels", "permuted")
+SOURCES = ("idx", "tfds")
+FEEDS = ("device", "stream")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Hyper-parameters, data and run settings of one experiment.
+
+    Field metadata ``help`` is the CLI's help text; ``choices`` restricts the values.
+    """
+
+    # Model.
+    cell: str = field(default="simple_rnn", metadata={"help": "recurrent cell", "choices": CELLS})
+    hidden_size: int = field(default=50, metadata={"help": "units per recurrent layer"})
+    num_layers: int = field(default=1, metadata={"help": "stacked recurrent layers"})
+    bidirectional: bool = field(
+        default=False, metadata={"help": "run each layer forwards and backwards in time"}
+    )
+    order: str = field(
+        default="rows",
+        metadata={
+            "help": "sequence order: rows (28 steps x 28), pixels (784 x 1), "
+            "permuted (784 x 1, fixed seeded permutation)",
+            "choices": ORDERS,
+        },
+    )
+    unroll: int = field(
+        default=1, metadata={"help": "lax.scan unroll factor over time (0 = fully unrolled)"}
+    )
+    compute_dtype: str = field(
+        default="float32",
+        metadata={"help": "compute dtype; parameters stay float32", "choices": DTYPES},
+    )
+    num_classes: int = field(default=10, metadata={"help": "output classes"})
+
+    # Optimisation.
+    optimizer: str = field(
+        default="adam", metadata={"help": "any optax optimizer by name, or keras_adam"}
+    )
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    adam_eps: float = field(
+        default=1e-8, metadata={"help": "Adam epsilon (Keras uses 1e-7)"}
+    )
+    optimizer_kwargs: str = field(
+        default="",
+        metadata={"help": "extra optimizer arguments as JSON, e.g. '{\"b1\": 0.8}'"},
+    )
+    schedule: str = field(
+        default="constant",
+        metadata={"help": "learning-rate schedule", "choices": ("constant", "cosine", "warmup_cosine")},
+    )
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    clip_norm: float = field(
+        default=0.0, metadata={"help": "clip gradients to this global norm (0 = off)"}
+    )
+    batch_size: int = field(default=50, metadata={"help": "training batch size"})
+    steps: int = field(default=4001, metadata={"help": "training steps"})
+    seed: int = field(default=1337, metadata={"help": "seed for init, shuffling and permutation"})
+    shuffle: bool = field(
+        default=False,
+        metadata={"help": "seeded reshuffle every epoch instead of the seed's in-order walk"},
+    )
+
+    # Evaluation and logging.
+    eval_every: int = field(
+        default=500, metadata={"help": "evaluate on the full test set after every N-th step"}
+    )
+    eval_batch_size: int = field(
+        default=10000, metadata={"help": "test examples per evaluation chunk"}
+    )
+
+    # Data.
+    dataset: str = field(
+        default="mnist",
+        metadata={"help": "dataset name (mnist, fashion_mnist, kmnist, ...) or a directory "
+                  "holding the four IDX files"},
+    )
+    data_dir: str = field(
+        default="",
+        metadata={"help": "root where named datasets live as DATA_DIR/NAME/ "
+                  "(default: ~/rnnjax_data; mnist falls back to the copy inside rnnjax)"},
+    )
+    source: str = field(
+        default="idx",
+        metadata={"help": "read arrays straight from IDX files, or through the tfds dataset",
+                  "choices": SOURCES},
+    )
+    tfds_dir: str = field(
+        default="",
+        metadata={"help": "tfds data dir where the dataset is prepared once "
+                  "(default: ~/tensorflow_datasets)"},
+    )
+    feed: str = field(
+        default="device",
+        metadata={"help": "device: dataset on the device, K steps per compiled call; "
+                  "stream: one step per call fed batch by batch (tf.data with --source tfds)",
+                  "choices": FEEDS},
+    )
+    steps_per_call: int = field(
+        default=500, metadata={"help": "train steps per compiled call with --feed device"}
+    )
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad field and how to fix it."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(
+                    f"--{_flag(f.name)} {value!r} is not one of {', '.join(choices)}"
+                )
+        positive = ("hidden_size", "num_layers", "num_classes", "batch_size", "steps",
+                    "eval_every", "eval_batch_size", "steps_per_call")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("unroll", "warmup_steps", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{_flag(name)} must be 0 or more, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if not self.adam_eps > 0:
+            raise ConfigError(f"--adam-eps must be positive, got {self.adam_eps}")
+        if self.clip_norm < 0:
+            raise ConfigError(f"--clip-norm must be 0 (off) or positive, got {self.clip_norm}")
+        if self.warmup_steps and self.schedule != "warmup_cosine":
+            raise ConfigError("--warmup-steps needs --schedule warmup_cosine")
+        if self.schedule == "warmup_cosine" and self.warmup_steps >= self.steps:
+            raise ConfigError(
+                f"--warmup-steps {self.warmup_steps} must be below --steps {self.steps}"
+            )
+
+    @property
+    def keras_like(self) -> bool:
+        """True for the seed recipe's model shape (used in messages and summaries)."""
+        return self.cell == "simple_rnn" and self.num_layers == 1 and not self.bidirectional
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """Plain JSON-able dict of every field."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Inverse of :func:`to_dict`; unknown keys are an error naming them."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config keys {unknown}: written by another rnnjax version?")
+    return Config(**values)

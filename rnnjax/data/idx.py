@@ -1,0 +1,217 @@
+"""A strict NumPy reader for IDX files (the MNIST format), raw or gzip-compressed.
+
+IDX layout: two zero bytes, a dtype code, the number of dimensions ``n``, then ``n``
+big-endian uint32 sizes and the data. Every fault (missing file, bad gzip, wrong magic,
+wrong dtype code, truncated or over-long data, sizes that disagree, labels out of range,
+wrong content checksum) raises :class:`IdxError` naming the file and the fault.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import zlib
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+# The canonical MD5s of the *uncompressed* MNIST files (LeCun et al.).
+MNIST_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+# Far above any 28x28 set (MNIST's train images are 47 MB); guards against a header that
+# declares terabytes: such a file is rejected before anything that size is allocated.
+MAX_BYTES = 1 << 32
+
+
+class IdxError(ValueError):
+    """A malformed, truncated or corrupted IDX file; the message names the file."""
+
+
+class Arrays(NamedTuple):
+    """One dataset in memory.
+
+    train_images, test_images: uint8 [N, 28, 28]; train_labels, test_labels: int32 [N].
+    """
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+def find_file(directory: Path, stem: str) -> Path:
+    """``directory/stem`` or ``directory/stem.gz``, whichever exists."""
+    for name in (stem + ".gz", stem):
+        path = directory / name
+        if path.is_file():
+            return path
+    raise IdxError(
+        f"{directory}: missing {stem}(.gz); a dataset directory needs the four IDX files "
+        f"{', '.join(FILES.values())} (gzip-compressed or not)"
+    )
+
+
+def read_bytes(path: Path) -> bytes:
+    """The uncompressed content of ``path`` (gunzipped when it is gzip)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise IdxError(f"{path}: cannot read ({e.strerror or e})") from e
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:
+        # Bound the output so a gzip bomb cannot exhaust memory.
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        out = d.decompress(raw, MAX_BYTES + 1)
+        if len(out) > MAX_BYTES:
+            raise IdxError(f"{path}: decompresses to more than {MAX_BYTES} bytes")
+        if not d.eof:
+            raise IdxError(f"{path}: truncated gzip stream; download the file again")
+        return out
+    except (zlib.error, EOFError, gzip.BadGzipFile) as e:
+        raise IdxError(f"{path}: corrupt gzip data ({e}); download the file again") from e
+
+
+def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Parse IDX bytes into an array of the declared dtype and shape (native byte order)."""
+    if len(data) < 4:
+        raise IdxError(f"{name}: {len(data)} bytes is too short for an IDX header")
+    if data[0] != 0 or data[1] != 0:
+        raise IdxError(
+            f"{name}: wrong magic number {data[:4].hex()} (IDX files start with 0000); "
+            "not an IDX file"
+        )
+    code, ndim = data[2], data[3]
+    if code not in _DTYPES:
+        raise IdxError(f"{name}: unknown IDX dtype code 0x{code:02x}")
+    if ndim == 0:
+        raise IdxError(f"{name}: IDX header declares 0 dimensions")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise IdxError(f"{name}: truncated header ({len(data)} of {header} bytes)")
+    shape = tuple(int(s) for s in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    dtype = np.dtype(_DTYPES[code])
+    expected = dtype.itemsize
+    for s in shape:
+        expected *= s
+        if expected > MAX_BYTES:
+            raise IdxError(f"{name}: header declares {shape}, over {MAX_BYTES} bytes")
+    actual = len(data) - header
+    if actual < expected:
+        raise IdxError(
+            f"{name}: truncated: header declares {shape} = {expected} bytes of data, "
+            f"file holds {actual}; download the file again"
+        )
+    if actual > expected:
+        raise IdxError(
+            f"{name}: {actual - expected} bytes after the declared {shape} data; "
+            "the file is corrupt or not what its header says"
+        )
+    array = np.frombuffer(data, dtype, offset=header).reshape(shape)
+    return array.astype(dtype.newbyteorder("="), copy=True)
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def read_md5sums(directory: Path) -> dict[str, str]:
+    """Checksums from an ``MD5SUMS`` or ``MD5SUMS.raw`` file in ``directory`` (may be empty)."""
+    for name in ("MD5SUMS.raw", "MD5SUMS"):
+        path = directory / name
+        if path.is_file():
+            sums = {}
+            for line in path.read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 2:
+                    sums[parts[1].lstrip("*").removesuffix(".gz")] = parts[0].lower()
+            return sums
+    return {}
+
+
+def read_idx(path: Path | str, checksum: str | None = None) -> np.ndarray:
+    """Read one IDX file; with ``checksum``, verify the uncompressed content's MD5 first."""
+    path = Path(path)
+    data = read_bytes(path)
+    if checksum is not None:
+        got = md5(data)
+        if got != checksum:
+            raise IdxError(
+                f"{path}: content MD5 {got} does not match the expected {checksum}; "
+                "the file is corrupt or another dataset: replace it with the original"
+            )
+    return parse_idx(data, str(path))
+
+
+def load_idx_dir(directory: Path | str, checksums: dict[str, str] | None = None) -> Arrays:
+    """Load the four IDX files of a 28x28 classification set from ``directory``.
+
+    checksums: expected uncompressed MD5 per file stem; when None, an ``MD5SUMS(.raw)`` file
+    in the directory is used if present. Images come back uint8 [N, 28, 28], labels int32 [N].
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise IdxError(f"{directory}: no such dataset directory")
+    if checksums is None:
+        checksums = read_md5sums(directory)
+    out = {}
+    for key, stem in FILES.items():
+        path = find_file(directory, stem)
+        out[key] = read_idx(path, checksums.get(stem))
+    for split in ("train", "test"):
+        images, labels = out[f"{split}_images"], out[f"{split}_labels"]
+        if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+            raise IdxError(
+                f"{directory}: {split} images are {images.dtype} {images.shape}, "
+                "expected uint8 [N, 28, 28]"
+            )
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise IdxError(f"{directory}: {split} labels are {labels.dtype} {labels.shape}, "
+                           "expected integers [N]")
+        if len(images) != len(labels):
+            raise IdxError(
+                f"{directory}: {len(images)} {split} images but {len(labels)} labels; "
+                "the files belong to different sets"
+            )
+        if len(labels) == 0:
+            raise IdxError(f"{directory}: the {split} split is empty")
+        if labels.min() < 0 or labels.max() > 9:
+            raise IdxError(
+                f"{directory}: {split} labels outside 0-9 (min {labels.min()}, "
+                f"max {labels.max()})"
+            )
+        out[f"{split}_labels"] = labels.astype(np.int32)
+    return Arrays(**out)
+
+
+def write_idx(path: Path | str, array: np.ndarray, compress: bool | None = None) -> None:
+    """Write ``array`` as IDX (gzip when ``compress`` or the name ends in .gz), atomically."""
+    path = Path(path)
+    codes = {np.dtype(v).newbyteorder("=").str: k for k, v in _DTYPES.items()}
+    dtype = np.dtype(array.dtype).newbyteorder("=")
+    code = codes.get(dtype.str)
+    if code is None:
+        raise IdxError(f"{path}: dtype {array.dtype} has no IDX code")
+    big = np.ascontiguousarray(array, dtype=np.dtype(_DTYPES[code]))
+    payload = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    payload += big.tobytes()
+    if compress is None:
+        compress = path.suffix == ".gz"
+    if compress:
+        payload = gzip.compress(payload, mtime=0)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(payload)
+    os.replace(tmp, path)

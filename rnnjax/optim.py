@@ -1,0 +1,130 @@
+"""Optimizers: any optax optimizer by name, schedules, clipping, and Keras' exact Adam.
+
+``make_optimizer(config)`` returns one ``optax.GradientTransformation``. ``keras_adam`` is
+written as optax writes transformations, a pair of pure functions ``(init, update)``, and
+follows Keras 3's update order to the letter, so rnnjax and Keras can be compared step by
+step: its epsilon is added to the *uncorrected* ``sqrt(v)``, which differs from optax's
+``adam`` (epsilon added to ``sqrt(v_hat)``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rnnjax.config import Config, ConfigError
+
+
+class KerasAdamState(NamedTuple):
+    count: jax.Array  # int32 []
+    mu: optax.Params
+    nu: optax.Params
+
+
+def scale_by_keras_adam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7
+) -> optax.GradientTransformation:
+    """Keras 3 ``Adam`` direction (without the learning rate and sign): see module doc."""
+
+    def init(params: optax.Params) -> KerasAdamState:
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return KerasAdamState(jnp.zeros([], jnp.int32), zeros, jax.tree.map(jnp.zeros_like, params))
+
+    def update(grads, state, params=None):
+        del params
+        count = state.count + 1
+        mu = jax.tree.map(lambda m, g: m + (g - m) * (1 - b1), state.mu, grads)
+        nu = jax.tree.map(lambda v, g: v + (g * g - v) * (1 - b2), state.nu, grads)
+
+        def direction(m, v):
+            t = count.astype(m.dtype)
+            correction = jnp.sqrt(1 - jnp.power(jnp.asarray(b2, m.dtype), t)) / (
+                1 - jnp.power(jnp.asarray(b1, m.dtype), t)
+            )
+            return (m * correction) / (jnp.sqrt(v) + eps)
+
+        return jax.tree.map(direction, mu, nu), KerasAdamState(count, mu, nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def keras_adam(
+    learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7
+) -> optax.GradientTransformation:
+    """Keras 3 ``Adam(learning_rate, beta_1=b1, beta_2=b2, epsilon=eps)``."""
+    return optax.chain(
+        scale_by_keras_adam(b1, b2, eps), optax.scale_by_learning_rate(learning_rate)
+    )
+
+
+def make_schedule(config: Config) -> optax.ScalarOrSchedule:
+    """The learning rate: a constant, or an optax schedule over ``config.steps``."""
+    if config.schedule == "constant":
+        return config.learning_rate
+    if config.schedule == "cosine":
+        return optax.cosine_decay_schedule(config.learning_rate, config.steps)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, config.warmup_steps, config.steps
+    )
+
+
+def make_optimizer(config: Config) -> optax.GradientTransformation:
+    """``config.optimizer`` (an optax function name, or ``keras_adam``) with its options.
+
+    ``--adam-eps`` goes to any optimizer that takes ``eps``; ``--optimizer-kwargs`` (JSON)
+    to the optimizer's own arguments; ``--clip-norm`` chains global-norm clipping first.
+    """
+    factory = keras_adam if config.optimizer == "keras_adam" else getattr(
+        optax, config.optimizer, None
+    )
+    if factory is None or not callable(factory) or config.optimizer.startswith("_"):
+        raise ConfigError(
+            f"--optimizer {config.optimizer!r} is not an optax optimizer; try adam, adamw, "
+            "sgd, rmsprop, lion, keras_adam (any optax.NAME that takes learning_rate)"
+        )
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--optimizer {config.optimizer!r}: not a function ({e})") from e
+    if "learning_rate" not in signature.parameters:
+        raise ConfigError(
+            f"--optimizer {config.optimizer!r} takes no learning_rate: not an optimizer"
+        )
+    kwargs = parse_kwargs(config.optimizer_kwargs)
+    if "eps" in signature.parameters and "eps" not in kwargs:
+        kwargs["eps"] = config.adam_eps
+    unknown = sorted(set(kwargs) - set(signature.parameters))
+    if unknown:
+        raise ConfigError(
+            f"--optimizer-kwargs: {config.optimizer} has no argument(s) {unknown}; "
+            f"it takes {sorted(set(signature.parameters) - {'learning_rate'})}"
+        )
+    try:
+        optimizer = factory(learning_rate=make_schedule(config), **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--optimizer {config.optimizer}: {e}") from e
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise ConfigError(f"--optimizer {config.optimizer!r} did not build an optimizer")
+    if config.clip_norm:
+        optimizer = optax.chain(optax.clip_by_global_norm(config.clip_norm), optimizer)
+    return optimizer
+
+
+def parse_kwargs(text: str) -> dict[str, Any]:
+    """``--optimizer-kwargs`` JSON object -> dict."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"--optimizer-kwargs is not valid JSON ({e.msg}); write e.g. '{{\"b1\": 0.8}}'"
+        ) from e
+    if not isinstance(value, dict):
+        raise ConfigError("--optimizer-kwargs must be a JSON object, e.g. '{\"b1\": 0.8}'")
+    return value

@@ -1,0 +1,59 @@
+"""What a run ran on, and honest compile timing (a leaf: imports nothing of rnnjax)."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from importlib import metadata
+from typing import Any
+
+import jax
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
+
+
+def versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Installed versions of python and the packages that shape the numbers."""
+    out = {"python": platform.python_version()}
+    for name in PACKAGES + extra:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info(device: jax.Device | None = None) -> dict[str, Any]:
+    """Backend, device kind and count; the CPU's name when the device is a CPU."""
+    device = device or jax.devices()[0]
+    kind = device.device_kind
+    if device.platform == "cpu":
+        kind = f"{cpu_name()} ({kind})"
+    return {
+        "backend": device.platform,
+        "device_kind": kind,
+        "device_count": jax.device_count(device.platform),
+    }
+
+
+def compile_timed(jitted: Callable, *args: Any) -> tuple[Callable, float]:
+    """Lower and compile ``jitted`` for ``args`` ahead of time: ``(compiled, seconds)``.
+
+    Calling the result never compiles again, so timings after it are steady state.
+    """
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()  # type: ignore[attr-defined]
+    return compiled, time.perf_counter() - start

@@ -1,0 +1,144 @@
+"""Pure training and evaluation functions: no jit, no I/O, no globals.
+
+The caller (``rnnjax.loop``, the benchmarks, the tests) jits these where it uses them,
+donating the state. Metrics are additive sums ``{"loss_sum", "correct", "count"}`` so they
+can be accumulated on the device across steps and evaluation chunks and turned into means
+only when logged (``rnnjax.metrics.summarize``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rnnjax.data.pipeline import normalize
+from rnnjax.model import Model
+
+Params = Any
+Metrics = dict[str, jax.Array]
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training, as one pytree."""
+
+    step: jax.Array  # int32 [], steps taken so far
+    params: Params
+    opt_state: optax.OptState
+
+
+def create_state(key: jax.Array, model: Model, optimizer: optax.GradientTransformation) -> TrainState:
+    """Fresh parameters from ``key`` and the optimizer's initial state."""
+    params = model.init(key)
+    return TrainState(jnp.zeros([], jnp.int32), params, optimizer.init(params))
+
+
+def batch_metrics(
+    losses: jax.Array, logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None
+) -> Metrics:
+    """Additive metrics of one batch: losses float32 [B], logits [B, C], labels int32 [B].
+
+    mask: bool [B], False for padding examples that must not count (default: all count).
+    """
+    if mask is None:
+        mask = jnp.ones(labels.shape, bool)
+    correct = (jnp.argmax(logits, axis=-1) == labels) & mask
+    return {
+        "loss_sum": jnp.where(mask, losses, 0).sum(),
+        "correct": correct.sum(dtype=jnp.int32),
+        "count": mask.sum(dtype=jnp.int32),
+    }
+
+
+def loss_fn(
+    params: Params, model: Model, images: jax.Array, labels: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Mean softmax cross-entropy; images float32 [B, 28, 28], labels int32 [B].
+
+    Returns ``(mean loss, (per-example losses [B], logits [B, C]))``.
+    """
+    logits = model.apply(params, images)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return losses.mean(), (losses, logits)
+
+
+def train_step(
+    state: TrainState,
+    images: jax.Array,
+    labels: jax.Array,
+    *,
+    model: Model,
+    optimizer: optax.GradientTransformation,
+) -> tuple[TrainState, Metrics]:
+    """One optimisation step on a batch: gradients, optax update, batch metrics."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, (losses, logits)), grads = grad_fn(state.params, model, images, labels)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(state.step + 1, params, opt_state), batch_metrics(losses, logits, labels)
+
+
+def train_steps(
+    state: TrainState,
+    images: jax.Array,
+    labels: jax.Array,
+    indices: jax.Array,
+    *,
+    model: Model,
+    optimizer: optax.GradientTransformation,
+) -> tuple[TrainState, Metrics]:
+    """K train steps in one call, batches cut on the device.
+
+    images: uint8 [N, 28, 28] and labels: int32 [N], the whole dataset on the device;
+    indices: int32 [K, B], the examples of each step (``data.pipeline.batch_indices``).
+    Returns the state after K steps and the metrics summed over them.
+    """
+
+    def body(state, idx):
+        return train_step(state, normalize(images[idx]), labels[idx], model=model, optimizer=optimizer)
+
+    state, metrics = jax.lax.scan(body, state, indices)
+    return state, jax.tree.map(lambda m: m.sum(axis=0), metrics)
+
+
+def eval_step(
+    params: Params,
+    images: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    model: Model,
+) -> Metrics:
+    """Metrics of one batch: images float32 [B, 28, 28], labels int32 [B], mask bool [B]."""
+    logits = model.apply(params, images)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return batch_metrics(losses, logits, labels, mask)
+
+
+def evaluate(
+    params: Params, images: jax.Array, labels: jax.Array, *, model: Model, chunk: int
+) -> Metrics:
+    """Metrics over a whole set, ``chunk`` examples at a time (the last one padded, masked).
+
+    images: uint8 [N, 28, 28] on the device, labels: int32 [N].
+    """
+    n = labels.shape[0]
+    chunk = min(chunk, n)
+    pad = -n % chunk
+    images = jnp.pad(images, ((0, pad), (0, 0), (0, 0))).reshape(-1, chunk, *images.shape[1:])
+    labels = jnp.pad(labels, (0, pad)).reshape(-1, chunk)
+    mask = (jnp.arange(n + pad) < n).reshape(-1, chunk)
+
+    def body(totals, batch):
+        x, y, m = batch
+        metrics = eval_step(params, normalize(x), y, m, model=model)
+        return jax.tree.map(jnp.add, totals, metrics), None
+
+    zeros = {
+        "loss_sum": jnp.zeros([], jnp.float32),
+        "correct": jnp.zeros([], jnp.int32),
+        "count": jnp.zeros([], jnp.int32),
+    }
+    return jax.lax.scan(body, zeros, (images, labels, mask))[0]
