@@ -65,14 +65,21 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def check_writable(directory: Path) -> None:
-    """Fail before training, not after, when ``directory`` cannot be written."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--workdir {directory}: cannot create it ({e.strerror}); "
-                         "choose a writable directory") from e
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise UsageError(f"--workdir {directory}: not writable; choose a writable directory")
+    """Fail before training, not after, when ``directory`` could not be written.
+
+    Creates nothing: the run makes the directory once its data has loaded.
+    """
+    existing = directory
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--workdir {directory}: {existing} is not a directory; "
+                         "choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--workdir {directory}: {existing} is not writable; "
+                         "choose a writable directory")
 
 
 def _train(args: argparse.Namespace) -> int:

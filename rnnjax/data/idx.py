@@ -76,6 +76,11 @@ def read_bytes(path: Path) -> bytes:
         # Bound the output so a gzip bomb cannot exhaust memory.
         d = zlib.decompressobj(16 + zlib.MAX_WBITS)
         out = d.decompress(raw, MAX_BYTES + 1)
+        # A gzip file may be several concatenated members (zero padding between them
+        # allowed, as in gzip(1) and Python's gzip): read them all; other trailing bytes fail.
+        while d.eof and len(out) <= MAX_BYTES and (rest := d.unused_data.lstrip(b"\0")):
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            out += d.decompress(rest, MAX_BYTES + 1 - len(out))
         if len(out) > MAX_BYTES:
             raise IdxError(f"{path}: decompresses to more than {MAX_BYTES} bytes")
         if not d.eof:

@@ -1,0 +1,179 @@
+"""Cells against NumPy references, scan against a Python loop, gradients against float64."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from rnnjax import cells
+from rnnjax.cells import Cell, scan_cell
+
+T, B, F, H = 7, 3, 5, 4
+
+
+def _inputs(seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(T, B, F)).astype(dtype)
+
+
+def _numpy_params(params):
+    return {k: np.asarray(v, np.float64) for k, v in params.items()}
+
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def numpy_simple_rnn(p, xs, act=np.tanh):
+    h = np.zeros((xs.shape[1], p["recurrent_kernel"].shape[0]))
+    out = []
+    for x in xs:
+        h = act(x @ p["kernel"] + p["bias"] + h @ p["recurrent_kernel"])
+        out.append(h)
+    return np.stack(out)
+
+
+def numpy_lstm(p, xs):
+    hidden = p["recurrent_kernel"].shape[0]
+    h = c = np.zeros((xs.shape[1], hidden))
+    out = []
+    for x in xs:
+        z = x @ p["kernel"] + p["bias"] + h @ p["recurrent_kernel"]
+        i, f, g, o = np.split(z, 4, axis=-1)
+        c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
+        h = _sigmoid(o) * np.tanh(c)
+        out.append(h)
+    return np.stack(out)
+
+
+def numpy_gru(p, xs):
+    hidden = p["recurrent_kernel"].shape[0]
+    h = np.zeros((xs.shape[1], hidden))
+    out = []
+    for x in xs:
+        u = x @ p["kernel"] + p["bias"]
+        r_all = h @ p["recurrent_kernel"] + p["recurrent_bias"]
+        uz, ur, uh = np.split(u, 3, axis=-1)
+        rz, rr, rh = np.split(r_all, 3, axis=-1)
+        z, r = _sigmoid(uz + rz), _sigmoid(ur + rr)
+        h = z * h + (1 - z) * np.tanh(uh + r * rh)
+        out.append(h)
+    return np.stack(out)
+
+
+REFERENCES = {
+    "simple_rnn": numpy_simple_rnn,
+    "irnn": functools.partial(numpy_simple_rnn, act=lambda v: np.maximum(v, 0)),
+    "lstm": numpy_lstm,
+    "gru": numpy_gru,
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_cell_matches_numpy_reference(name):
+    cell = cells.get_cell(name, H)
+    params = cell.init(jax.random.key(1), F)
+    if name in ("gru",):  # make the zero-initialised bias terms matter
+        params = {**params, "recurrent_bias": jnp.linspace(-0.5, 0.5, 3 * H)}
+    params = {**params, "bias": params["bias"] + jnp.linspace(-0.3, 0.3, params["bias"].size)}
+    xs = _inputs()
+    _, ys = scan_cell(cell, params, jnp.asarray(xs))
+    expected = REFERENCES[name](_numpy_params(params), xs.astype(np.float64))
+    np.testing.assert_allclose(ys, expected, rtol=2e-5, atol=2e-6)
+
+
+def test_keras_initialisers():
+    cell = cells.simple_rnn(50)
+    p = cell.init(jax.random.key(0), 28)
+    assert p["kernel"].shape == (28, 50) and p["recurrent_kernel"].shape == (50, 50)
+    limit = np.sqrt(6 / (28 + 50))  # glorot uniform
+    assert np.abs(p["kernel"]).max() <= limit and np.abs(p["kernel"]).max() > 0.9 * limit
+    np.testing.assert_allclose(p["recurrent_kernel"] @ p["recurrent_kernel"].T, np.eye(50),
+                               atol=1e-5)  # orthogonal
+    np.testing.assert_array_equal(p["bias"], 0)
+    np.testing.assert_array_equal(cells.irnn(8).init(jax.random.key(0), 3)["recurrent_kernel"],
+                                  np.eye(8))
+    lstm_bias = cells.lstm(8).init(jax.random.key(0), 3)["bias"]
+    np.testing.assert_array_equal(lstm_bias, np.r_[np.zeros(8), np.ones(8), np.zeros(16)])
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+@pytest.mark.parametrize("unroll", [1, 3, 0])
+def test_scan_matches_python_loop(name, unroll):
+    """The scan (any unroll; the Elman cells' fused path) equals stepping by hand."""
+    cell = cells.get_cell(name, H)
+    params = cell.init(jax.random.key(2), F)
+    xs = jnp.asarray(_inputs(1))
+    carry, ys = scan_cell(cell, params, xs, unroll=unroll)
+    us = cell.project(params, xs)
+    c = cell.initial_carry(B, jnp.float32)
+    loop = []
+    for u in us:
+        c, y = cell.step(params, c, u)
+        loop.append(y)
+    np.testing.assert_allclose(ys, jnp.stack(loop), rtol=1e-6, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), carry, c)
+
+
+def _generic(cell: Cell) -> Cell:
+    """The same cell without its fused sequence (plain lax.scan of step, autodiff)."""
+    return Cell(cell.init, cell.step, cell.initial_carry, cell.hidden_size, cell.project)
+
+
+@pytest.mark.parametrize("name", ["simple_rnn", "irnn"])
+def test_fused_backward_matches_autodiff(name):
+    cell = cells.get_cell(name, H)
+    params = cell.init(jax.random.key(3), F)
+    params = {**params, "bias": params["bias"] + 0.1}
+    xs = jnp.asarray(_inputs(2))
+    weights = jnp.asarray(np.random.default_rng(3).normal(size=(T, B, H)), jnp.float32)
+
+    def loss(c, p, x):
+        return (scan_cell(c, p, x)[1] * weights).sum()
+
+    fused = jax.grad(loss, argnums=(1, 2))(cell, params, xs)
+    plain = jax.grad(loss, argnums=(1, 2))(_generic(cell), params, xs)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), fused, plain)
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_gradients_against_float64_finite_differences(name):
+    with jax.enable_x64(True):
+        cell = cells.get_cell(name, H)
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), cell.init(jax.random.key(4), F))
+        params = {**params, "bias": params["bias"] + 0.05}
+        xs = jnp.asarray(_inputs(3, np.float64))
+
+        def f(p, x):
+            return jnp.sin(scan_cell(cell, p, x)[1]).sum()
+
+        check_grads(f, (params, xs), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
+
+
+def test_user_defined_cell_needs_only_the_protocol():
+    """A cell written here, with no projection and no fused path, scans and trains."""
+
+    def init(key, input_size):
+        return {"w": jax.random.normal(key, (input_size + 6, 6)) * 0.1}
+
+    def step(params, h, x):
+        h = jnp.tanh(jnp.concatenate([x, h], axis=-1) @ params["w"])
+        return h, h
+
+    cell = Cell(init=init, step=step, initial_carry=lambda b, d: jnp.zeros((b, 6), d),
+                hidden_size=6)
+    params = cell.init(jax.random.key(0), F)
+    _, ys = scan_cell(cell, params, jnp.asarray(_inputs()))
+    assert ys.shape == (T, B, 6)
+    grads = jax.grad(lambda p: scan_cell(cell, p, jnp.asarray(_inputs()))[1].sum())(params)
+    assert np.abs(grads["w"]).min() > 0
+
+
+def test_unknown_cell_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown cell 'nope'; choose one of"):
+        cells.get_cell("nope", 4)

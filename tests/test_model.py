@@ -1,0 +1,105 @@
+"""The classifier: exact parameter counts, sequence orders, and Keras 3 as an oracle."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rnnjax.config import Config
+from rnnjax.data.pipeline import normalize_host
+from rnnjax.model import count_params, make_model, pixel_permutation, to_sequence
+
+
+def test_seed_model_has_4460_parameters():
+    model = make_model(Config())
+    params = model.init(jax.random.key(0))
+    assert count_params(params) == 4460  # 28*50 + 50*50 + 50 + 50*10 + 10
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"cell": "lstm", "hidden_size": 128}, 4 * (28 * 128 + 128 * 128 + 128) + 1290),
+        ({"cell": "gru", "hidden_size": 32}, 3 * (28 * 32 + 32 * 32 + 2 * 32) + 330),
+        ({"num_layers": 2}, 3950 + (50 * 50 + 50 * 50 + 50) + 510),
+        ({"bidirectional": True}, 2 * 3950 + 100 * 10 + 10),
+        ({"order": "pixels"}, (50 + 2500 + 50) + 510),
+    ],
+)
+def test_parameter_counts(changes, expected):
+    params = make_model(Config(**changes)).init(jax.random.key(0))
+    assert count_params(params) == expected
+
+
+def test_sequence_orders():
+    images = jnp.arange(2 * 28 * 28, dtype=jnp.float32).reshape(2, 28, 28)
+    rows = to_sequence(images, "rows")
+    assert rows.shape == (28, 2, 28)
+    np.testing.assert_array_equal(rows[3, 1], images[1, 3])
+    pixels = to_sequence(images, "pixels")
+    assert pixels.shape == (784, 2, 1)
+    np.testing.assert_array_equal(pixels[:, 1, 0], images[1].reshape(-1))
+    perm = pixel_permutation(1337)
+    np.testing.assert_array_equal(np.sort(perm), np.arange(784))
+    np.testing.assert_array_equal(perm, pixel_permutation(1337))
+    assert not np.array_equal(perm, pixel_permutation(1))
+    permuted = to_sequence(images, "permuted", jnp.asarray(perm))
+    np.testing.assert_array_equal(permuted[:, 0, 0], images[0].reshape(-1)[perm])
+
+
+@pytest.mark.parametrize("order", ["rows", "pixels", "permuted"])
+def test_apply_shapes_for_every_order(order):
+    model = make_model(Config(order=order, hidden_size=8))
+    params = model.init(jax.random.key(0))
+    logits = model.apply(params, jnp.zeros((3, 28, 28)))
+    assert logits.shape == (3, 10) and logits.dtype == jnp.float32
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    model = make_model(Config(compute_dtype="bfloat16"))
+    params = model.init(jax.random.key(0))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    x = jnp.asarray(np.random.default_rng(0).random((4, 28, 28)), jnp.float32)
+    low = model.apply(params, x)
+    high = make_model(Config()).apply(params, x)
+    assert low.dtype == jnp.float32
+    np.testing.assert_allclose(low, high, atol=0.1)
+    assert not np.array_equal(low, high)
+
+
+def test_same_logits_and_loss_as_keras(mnist):
+    """Keras 3 SimpleRNN + Dense on its JAX backend, given our weights, is the oracle."""
+    keras = pytest.importorskip("keras")
+    assert keras.backend.backend() == "jax"
+    model = make_model(Config())
+    params = model.init(jax.random.key(7))
+    cell, head = params["rnn"][0], params["head"]
+    # Non-zero biases so that every weight takes part.
+    cell = {**cell, "bias": jnp.linspace(-0.2, 0.2, 50)}
+    head = {**head, "bias": jnp.linspace(-0.1, 0.1, 10)}
+    params = {"rnn": [cell], "head": head}
+
+    inputs = keras.Input((28, 28))
+    hidden = keras.layers.SimpleRNN(50)(inputs)
+    logits_layer = keras.layers.Dense(10)
+    reference = keras.Model(inputs, logits_layer(hidden))
+    reference.layers[1].set_weights(
+        [np.asarray(cell["kernel"]), np.asarray(cell["recurrent_kernel"]), np.asarray(cell["bias"])]
+    )
+    logits_layer.set_weights([np.asarray(head["kernel"]), np.asarray(head["bias"])])
+
+    images = normalize_host(mnist.test_images[:500])
+    labels = mnist.test_labels[:500]
+    expected = np.asarray(reference(images))
+    ours = np.asarray(model.apply(params, jnp.asarray(images)))
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+    from rnnjax.train import loss_fn
+
+    keras_loss = keras.losses.CategoricalCrossentropy()(
+        keras.utils.to_categorical(labels, 10), keras.activations.softmax(expected)
+    )
+    our_loss, _ = loss_fn(params, model, jnp.asarray(images), jnp.asarray(labels))
+    np.testing.assert_allclose(float(our_loss), float(keras_loss), atol=1e-5)

@@ -1,0 +1,166 @@
+"""The train step: every parameter moves, nothing recompiles, feeds agree, Keras agrees."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rnnjax import train
+from rnnjax.config import Config, ConfigError
+from rnnjax.data.pipeline import batch_indices, normalize_host
+from rnnjax.model import make_model
+from rnnjax.optim import make_optimizer
+
+
+def _setup(config: Config):
+    model = make_model(config)
+    optimizer = make_optimizer(config)
+    state = train.create_state(jax.random.key(config.seed), model, optimizer)
+    return model, optimizer, state
+
+
+def _batch(mnist, start, size):
+    return (jnp.asarray(normalize_host(mnist.train_images[start : start + size])),
+            jnp.asarray(mnist.train_labels[start : start + size]))
+
+
+@pytest.mark.parametrize("cell", ["simple_rnn", "lstm", "gru", "irnn"])
+def test_every_parameter_changes_after_one_step(mnist, cell):
+    model, optimizer, state = _setup(Config(cell=cell, hidden_size=16))
+    before = jax.tree.map(np.array, state.params)
+    step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer))
+    new_state, metrics = step(state, *_batch(mnist, 0, 50))
+    # Any array left unchanged would mean a parameter cut off from the loss. (Elements
+    # can legitimately stay put: input-kernel rows of pixel columns blank in every image.)
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, new_state.params)
+    assert all(jax.tree.leaves(changed)), changed
+    assert int(new_state.step) == 1
+    assert int(metrics["count"]) == 50 and np.isfinite(float(metrics["loss_sum"]))
+
+
+def test_no_recompilation_on_second_step(mnist):
+    model, optimizer, state = _setup(Config())
+    traces = []
+
+    def counted(state, x, y):
+        traces.append(1)
+        return train.train_step(state, x, y, model=model, optimizer=optimizer)
+
+    step = jax.jit(counted, donate_argnums=0)
+    state, _ = step(state, *_batch(mnist, 0, 50))
+    state, _ = step(state, *_batch(mnist, 50, 50))
+    state, _ = step(state, *_batch(mnist, 100, 50))
+    assert len(traces) == 1
+
+
+def test_state_is_donated(mnist):
+    model, optimizer, state = _setup(Config())
+    step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer),
+                   donate_argnums=0)
+    kernel = state.params["head"]["kernel"]
+    step(state, *_batch(mnist, 0, 50))
+    assert kernel.is_deleted()
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_k_steps_per_call_equals_one_step_per_call(mnist, shuffle):
+    config = Config(shuffle=shuffle, seed=3)
+    model, optimizer, state = _setup(config)
+    n = len(mnist.train_labels)
+    idx = batch_indices(n, 50, 0, 12, shuffle=shuffle, seed=3)
+
+    step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer))
+    one = state
+    for row in idx:
+        one, _ = step(one, jnp.asarray(normalize_host(mnist.train_images[row])),
+                      jnp.asarray(mnist.train_labels[row]))
+
+    chunk = jax.jit(functools.partial(train.train_steps, model=model, optimizer=optimizer))
+    images, labels = jnp.asarray(mnist.train_images), jnp.asarray(mnist.train_labels)
+    many = state
+    for part in np.split(idx, [5]):  # 5 then 7 steps per call
+        many, sums = chunk(many, images, labels, part)
+    assert int(many.step) == 12 and int(sums["count"]) == 7 * 50
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 one.params, many.params)
+
+
+def test_chunked_evaluation_equals_one_pass(mnist):
+    model, _, state = _setup(Config())
+    images, labels = jnp.asarray(mnist.test_images[:1000]), jnp.asarray(mnist.test_labels[:1000])
+    whole = train.evaluate(state.params, images, labels, model=model, chunk=1000)
+    ragged = train.evaluate(state.params, images, labels, model=model, chunk=300)
+    assert int(whole["count"]) == int(ragged["count"]) == 1000
+    assert int(whole["correct"]) == int(ragged["correct"])
+    np.testing.assert_allclose(float(whole["loss_sum"]), float(ragged["loss_sum"]), rtol=1e-5)
+
+
+def test_keras_adam_trains_like_keras(mnist):
+    """Five steps of Keras 3's Adam on its JAX backend and of rnnjax's keras_adam agree."""
+    keras = pytest.importorskip("keras")
+    config = Config(optimizer="keras_adam", adam_eps=1e-7)
+    model, optimizer, state = _setup(config)
+    cell, head = state.params["rnn"][0], state.params["head"]
+
+    inputs = keras.Input((28, 28))
+    rnn = keras.layers.SimpleRNN(50)
+    dense = keras.layers.Dense(10, activation="softmax")
+    reference = keras.Model(inputs, dense(rnn(inputs)))
+    rnn.set_weights([np.asarray(cell[k]) for k in ("kernel", "recurrent_kernel", "bias")])
+    dense.set_weights([np.asarray(head["kernel"]), np.asarray(head["bias"])])
+    reference.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy")
+
+    step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer))
+    for i in range(5):
+        x, y = _batch(mnist, 50 * i, 50)
+        reference.train_on_batch(np.asarray(x), keras.utils.to_categorical(np.asarray(y), 10))
+        state, _ = step(state, x, y)
+    kernel, recurrent, bias = rnn.get_weights()
+    np.testing.assert_allclose(state.params["rnn"][0]["kernel"], kernel, atol=2e-6)
+    np.testing.assert_allclose(state.params["rnn"][0]["recurrent_kernel"], recurrent, atol=2e-6)
+    np.testing.assert_allclose(state.params["rnn"][0]["bias"], bias, atol=2e-6)
+    np.testing.assert_allclose(state.params["head"]["kernel"], dense.get_weights()[0], atol=2e-6)
+
+
+def test_keras_adam_differs_from_optax_adam_only_through_epsilon():
+    params = {"w": jnp.array([1e-4, -2.0, 3.0])}
+    grads = {"w": jnp.array([1e-6, 0.5, -2.0])}
+    keras_opt = make_optimizer(Config(optimizer="keras_adam", adam_eps=1e-7))
+    optax_opt = optax.adam(1e-3, eps=1e-7)
+    k_updates, _ = keras_opt.update(grads, keras_opt.init(params), params)
+    o_updates, _ = optax_opt.update(grads, optax_opt.init(params), params)
+    np.testing.assert_allclose(k_updates["w"][1:], o_updates["w"][1:], rtol=1e-3)
+    assert not np.allclose(k_updates["w"][0], o_updates["w"][0], rtol=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"optimizer": "nope"}, "not an optax optimizer"),
+        ({"optimizer": "adam", "optimizer_kwargs": "{bad"}, "not valid JSON"),
+        ({"optimizer": "sgd", "optimizer_kwargs": '{"b9": 1}'}, "has no argument"),
+        ({"optimizer": "global_norm"}, "takes no learning_rate"),
+    ],
+)
+def test_bad_optimizer_settings_are_clear_errors(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        make_optimizer(Config(**changes))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "rmsprop", "lion", "adam"])
+def test_optimizers_by_name_with_schedule_and_clipping(mnist, name):
+    config = Config(optimizer=name, schedule="warmup_cosine", warmup_steps=2, steps=10,
+                    clip_norm=1.0, hidden_size=8)
+    model, optimizer, state = _setup(config)
+    step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer))
+    x, y = _batch(mnist, 0, 50)
+    first, _ = step(state, x, y)
+    # Warmup starts at learning rate 0: the first update changes nothing.
+    jax.tree.map(np.testing.assert_array_equal, first.params, state.params)
+    second, _ = step(first, x, y)
+    assert not np.array_equal(second.params["head"]["kernel"], state.params["head"]["kernel"])
