@@ -8,8 +8,9 @@ A :class:`Cell` is a handful of pure functions, no state:
 * optional ``project(params, xs) -> us``: the input projection of *all* time steps at once
   (``xs [T, B, F] -> us [T, B, G]``), hoisted out of the scan into one large matrix
   product; when present, ``step`` receives ``u_t`` instead of ``x_t``;
-* optional ``sequence(params, us, carry, unroll) -> (carry, ys)``: a faster equivalent of
-  scanning ``step`` (the Elman cells use it for a hand-written backward pass).
+* optional ``sequence(params, xs, carry, unroll) -> (carry, ys)``: a faster equivalent of
+  projecting and scanning ``step`` over raw ``xs [T, B, F]`` (the Elman cells use it for a
+  hand-written backward pass).
 
 A new cell needs only ``init``, ``step``, ``initial_carry`` and ``hidden_size``. Initialisers
 follow Keras so results compare with it: glorot-uniform input kernels, orthogonal recurrent
@@ -55,10 +56,10 @@ def scan_cell(
     time, batch = xs.shape[0], xs.shape[1]
     if carry is None:
         carry = cell.initial_carry(batch, xs.dtype)
-    us = cell.project(params, xs) if cell.project is not None else xs
     unroll = unroll or time
     if cell.sequence is not None:
-        return cell.sequence(params, us, carry, unroll)
+        return cell.sequence(params, xs, carry, unroll)
+    us = cell.project(params, xs) if cell.project is not None else xs
     return jax.lax.scan(functools.partial(cell.step, params), carry, us, unroll=unroll)
 
 
@@ -80,22 +81,33 @@ _ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def elman_sequence(
-    us: jax.Array, recurrent: jax.Array, h0: jax.Array, activation: str, unroll: int
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def elman_layer(
+    xs: jax.Array,
+    kernel: jax.Array,
+    recurrent: jax.Array,
+    bias: jax.Array,
+    h0: jax.Array,
+    activation: str,
+    unroll: int,
 ) -> jax.Array:
-    """``h_t = act(u_t + h_{t-1} @ recurrent)`` over time; us [T, B, H] -> hs [T, B, H].
+    """One Elman layer over time: ``h_t = act(x_t @ kernel + bias + h_{t-1} @ recurrent)``.
 
-    The custom VJP keeps the backward loop down to what is truly sequential, one
-    ``[B, H] @ [H, H]`` product per step; the recurrent-kernel gradient is then one large
-    product over all steps (``sum_t h_{t-1}^T dz_t``) instead of T small accumulations.
+    xs [T, B, F], kernel [F, H], recurrent [H, H], bias [H], h0 [B, H] -> hs [T, B, H].
+    The input projection of all T steps is one product before the scan. The custom VJP
+    keeps the backward loop to what is truly sequential, ``dz_t = (dh_t + g) * act'``
+    and ``g = dz_t @ recurrent^T``; the kernel and recurrent-kernel gradients are then
+    one product over all steps, ``[x_t, h_{t-1}]^T dz``, instead of T small
+    accumulations inside the loop (what autodiff of the scan does).
     """
-    return _elman_forward(us, recurrent, h0, activation, unroll)
+    return _elman_forward(xs, kernel, recurrent, bias, h0, activation, unroll)
 
 
-def _elman_forward(us, recurrent, h0, activation, unroll):
+def _elman_forward(xs, kernel, recurrent, bias, h0, activation, unroll):
     act = _ACTIVATIONS[activation][0]
-    recurrent = recurrent.astype(us.dtype)
+    dtype = xs.dtype
+    us = xs @ kernel.astype(dtype) + bias.astype(dtype)
+    recurrent = recurrent.astype(dtype)
 
     def step(h, u):
         h = act(u + h @ recurrent)
@@ -104,13 +116,14 @@ def _elman_forward(us, recurrent, h0, activation, unroll):
     return jax.lax.scan(step, h0, us, unroll=unroll)[1]
 
 
-def _elman_fwd(us, recurrent, h0, activation, unroll):
-    hs = _elman_forward(us, recurrent, h0, activation, unroll)
-    return hs, (hs, recurrent, h0)
+def _elman_fwd(xs, kernel, recurrent, bias, h0, activation, unroll):
+    hs = _elman_forward(xs, kernel, recurrent, bias, h0, activation, unroll)
+    return hs, (xs, hs, kernel, recurrent, bias, h0)
 
 
 def _elman_bwd(activation, unroll, residuals, dhs):
-    hs, recurrent, h0 = residuals
+    xs, hs, kernel, recurrent, bias, h0 = residuals
+    time, batch, features = xs.shape
     deriv = _ACTIVATIONS[activation][1](hs)
     rec_t = recurrent.astype(hs.dtype).T
 
@@ -121,11 +134,25 @@ def _elman_bwd(activation, unroll, residuals, dhs):
 
     dh0, dzs = jax.lax.scan(step, jnp.zeros_like(h0), (dhs, deriv), reverse=True, unroll=unroll)
     h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
-    drecurrent = jnp.einsum("tbi,tbj->ij", h_prev, dzs, preferred_element_type=jnp.float32)
-    return dzs, drecurrent.astype(recurrent.dtype), dh0
+    # [x_t, h_{t-1}]^T laid out as [F + H, T*B] so that the product is a plain [M, K] @ [K, N]
+    # (XLA:CPU runs a transposed-operand product several times slower at these shapes).
+    inputs_t = jnp.concatenate(
+        [xs.reshape(time * batch, features).T, h_prev.reshape(time * batch, -1).T], axis=0
+    )
+    flat_dzs = dzs.reshape(time * batch, -1)
+    dweights = jnp.matmul(inputs_t, flat_dzs, preferred_element_type=jnp.float32)
+    dxs = dzs @ kernel.astype(dzs.dtype).T
+    dbias = dzs.sum(axis=(0, 1), dtype=jnp.float32)
+    return (
+        dxs,
+        dweights[:features].astype(kernel.dtype),
+        dweights[features:].astype(recurrent.dtype),
+        dbias.astype(bias.dtype),
+        dh0,
+    )
 
 
-elman_sequence.defvjp(_elman_fwd, _elman_bwd)
+elman_layer.defvjp(_elman_fwd, _elman_bwd)
 
 
 def _elman(hidden: int, activation: str, recurrent_init: Callable) -> Cell:
@@ -143,8 +170,9 @@ def _elman(hidden: int, activation: str, recurrent_init: Callable) -> Cell:
         h = act(u + h @ params["recurrent_kernel"].astype(u.dtype))
         return h, h
 
-    def sequence(params, us, h0, unroll):
-        hs = elman_sequence(us, params["recurrent_kernel"], h0, activation, unroll)
+    def sequence(params, xs, h0, unroll):
+        hs = elman_layer(xs, params["kernel"], params["recurrent_kernel"], params["bias"], h0,
+                         activation, unroll)
         return hs[-1], hs
 
     return Cell(init, step, _zeros_carry(hidden), hidden, _dense_projection, sequence)

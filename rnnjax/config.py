@@ -17,6 +17,7 @@ ORDERS = ("rows", "pixels", "permuted")
 SOURCES = ("idx", "tfds")
 FEEDS = ("device", "stream")
 DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
 
 
 class ConfigError(ValueError):
@@ -68,7 +69,7 @@ class Config:
     )
     schedule: str = field(
         default="constant",
-        metadata={"help": "learning-rate schedule", "choices": ("constant", "cosine", "warmup_cosine")},
+        metadata={"help": "learning-rate schedule", "choices": SCHEDULES},
     )
     warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
     clip_norm: float = field(

@@ -31,7 +31,7 @@ from rnnjax import metrics as metrics_lib
 from rnnjax import runtime, train
 from rnnjax.config import Config, ConfigError, to_dict
 from rnnjax.data.idx import Arrays
-from rnnjax.data.pipeline import batch_indices, host_batches
+from rnnjax.data.pipeline import batch_indices, host_batches, to_device
 from rnnjax.data.sources import load_arrays, resolve_dataset
 from rnnjax.model import make_model
 from rnnjax.optim import make_optimizer
@@ -131,8 +131,8 @@ def train_and_evaluate(
         (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
         writer = metrics_lib.MetricWriter(workdir)
 
-    test_images = jax.device_put(data.test_images)
-    test_labels = jax.device_put(data.test_labels)
+    on_device = to_device(data)
+    test_images, test_labels = on_device.test_images, on_device.test_labels
     evaluate = jax.jit(
         functools.partial(train.evaluate, model=model, chunk=config.eval_batch_size)
     )
@@ -140,8 +140,7 @@ def train_and_evaluate(
 
     compiled: dict[int, Any] = {}
     if config.feed == "device":
-        images = jax.device_put(data.train_images)
-        labels = jax.device_put(data.train_labels)
+        images, labels = on_device.train_images, on_device.train_labels
         chunk_fn = jax.jit(
             functools.partial(train.train_steps, model=model, optimizer=optimizer),
             donate_argnums=0,

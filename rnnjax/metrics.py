@@ -46,9 +46,9 @@ class MetricWriter:
     def __init__(self, directory: Path, *, append: bool = False) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         mode = "a" if append else "w"
-        self._jsonl = open(directory / "metrics.jsonl", mode)
+        self._jsonl = open(directory / "metrics.jsonl", mode)  # noqa: SIM115 (closed in close)
         new_csv = not append or not (directory / "metrics.csv").exists()
-        self._csv_file = open(directory / "metrics.csv", mode, newline="")
+        self._csv_file = open(directory / "metrics.csv", mode, newline="")  # noqa: SIM115
         self._csv = csv.DictWriter(self._csv_file, self.FIELDS, extrasaction="ignore")
         if new_csv:
             self._csv.writeheader()

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rnnjax.data.pipeline import normalize
 from rnnjax.model import Model
 
 Params = Any
@@ -29,7 +28,9 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
 
 
-def create_state(key: jax.Array, model: Model, optimizer: optax.GradientTransformation) -> TrainState:
+def create_state(
+    key: jax.Array, model: Model, optimizer: optax.GradientTransformation
+) -> TrainState:
     """Fresh parameters from ``key`` and the optimizer's initial state."""
     params = model.init(key)
     return TrainState(jnp.zeros([], jnp.int32), params, optimizer.init(params))
@@ -91,13 +92,14 @@ def train_steps(
 ) -> tuple[TrainState, Metrics]:
     """K train steps in one call, batches cut on the device.
 
-    images: uint8 [N, 28, 28] and labels: int32 [N], the whole dataset on the device;
+    images: float32 [N, 28, 28] in [0, 1] and labels: int32 [N], the whole dataset on the
+    device (``data.pipeline.normalize_host`` once: a row gather per step is then a copy);
     indices: int32 [K, B], the examples of each step (``data.pipeline.batch_indices``).
     Returns the state after K steps and the metrics summed over them.
     """
 
     def body(state, idx):
-        return train_step(state, normalize(images[idx]), labels[idx], model=model, optimizer=optimizer)
+        return train_step(state, images[idx], labels[idx], model=model, optimizer=optimizer)
 
     state, metrics = jax.lax.scan(body, state, indices)
     return state, jax.tree.map(lambda m: m.sum(axis=0), metrics)
@@ -122,7 +124,7 @@ def evaluate(
 ) -> Metrics:
     """Metrics over a whole set, ``chunk`` examples at a time (the last one padded, masked).
 
-    images: uint8 [N, 28, 28] on the device, labels: int32 [N].
+    images: float32 [N, 28, 28] in [0, 1] on the device, labels: int32 [N].
     """
     n = labels.shape[0]
     chunk = min(chunk, n)
@@ -133,7 +135,7 @@ def evaluate(
 
     def body(totals, batch):
         x, y, m = batch
-        metrics = eval_step(params, normalize(x), y, m, model=model)
+        metrics = eval_step(params, x, y, m, model=model)
         return jax.tree.map(jnp.add, totals, metrics), None
 
     zeros = {

@@ -7,11 +7,11 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "jax")  # the Keras oracle runs on JAX
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import pytest  # noqa: E402
+import pytest
 
-from rnnjax.config import Config  # noqa: E402
-from rnnjax.data.idx import Arrays  # noqa: E402
-from rnnjax.data.sources import EMBEDDED_MNIST, MNIST_MD5  # noqa: E402
+from rnnjax.config import Config
+from rnnjax.data.idx import Arrays
+from rnnjax.data.sources import EMBEDDED_MNIST, MNIST_MD5
 
 
 @pytest.fixture(scope="session")

@@ -81,7 +81,8 @@ def test_k_steps_per_call_equals_one_step_per_call(mnist, shuffle):
                       jnp.asarray(mnist.train_labels[row]))
 
     chunk = jax.jit(functools.partial(train.train_steps, model=model, optimizer=optimizer))
-    images, labels = jnp.asarray(mnist.train_images), jnp.asarray(mnist.train_labels)
+    images = jnp.asarray(normalize_host(mnist.train_images))
+    labels = jnp.asarray(mnist.train_labels)
     many = state
     for part in np.split(idx, [5]):  # 5 then 7 steps per call
         many, sums = chunk(many, images, labels, part)
@@ -92,7 +93,8 @@ def test_k_steps_per_call_equals_one_step_per_call(mnist, shuffle):
 
 def test_chunked_evaluation_equals_one_pass(mnist):
     model, _, state = _setup(Config())
-    images, labels = jnp.asarray(mnist.test_images[:1000]), jnp.asarray(mnist.test_labels[:1000])
+    images = jnp.asarray(normalize_host(mnist.test_images[:1000]))
+    labels = jnp.asarray(mnist.test_labels[:1000])
     whole = train.evaluate(state.params, images, labels, model=model, chunk=1000)
     ragged = train.evaluate(state.params, images, labels, model=model, chunk=300)
     assert int(whole["count"]) == int(ragged["count"]) == 1000

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rnnjax.data.idx import Arrays
+
 PIXEL_SCALE = np.arange(256, dtype=np.float32) / np.float32(255.0)
 
 
@@ -78,3 +80,17 @@ def host_batches(
         idx = batch_indices(len(labels), batch_size, first, count, shuffle=shuffle, seed=seed)
         for row in idx:
             yield normalize_host(images[row]), labels[row]
+
+
+def to_device(data: Arrays, device: jax.Device | None = None) -> Arrays:
+    """The dataset on ``device``, images normalised once to float32 [N, 28, 28] in [0, 1].
+
+    Four bytes a pixel (MNIST: 188 MB train + 31 MB test) buys a step whose batch gather
+    is a plain row copy; ``normalize`` serves callers that keep uint8 on the device.
+    """
+    return Arrays(
+        jax.device_put(normalize_host(data.train_images), device),
+        jax.device_put(data.train_labels, device),
+        jax.device_put(normalize_host(data.test_images), device),
+        jax.device_put(data.test_labels, device),
+    )

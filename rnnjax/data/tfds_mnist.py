@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import tensorflow as tf
@@ -34,7 +35,9 @@ class RnnjaxIdx(tfds.core.GeneratorBasedBuilder):
     """A 28x28 ten-class IDX dataset (MNIST layout), built offline from a manual dir."""
 
     VERSION = tfds.core.Version(BUILD_VERSION)
-    RELEASE_NOTES = {BUILD_VERSION: "IDX files verified by content, original example order."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        BUILD_VERSION: "IDX files verified by content, original example order."
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = "The four IDX files (train/t10k images/labels)."
 
     def __init__(self, *, checksums: dict[str, str] | None = None, **kwargs):

@@ -1,0 +1,222 @@
+"""rnnjax against its peers, same data, same recipe, same run: Keras 3/JAX and PyTorch.
+
+    pip install -e '.[peers]'          # keras, torch==2.13.0 (CPU)
+    python -m benchmarks.peers [--batch-sizes 50,256,1024,4096] [--seed-run]
+
+Per batch size, the median time of one SimpleRNN(50) -> Dense(10) Adam train step on
+MNIST rows, walked in order:
+
+* rnnjax, K steps per compiled call on device-resident data (the library's fast path),
+  and one compiled step per call fed from the host;
+* Keras 3 ``SimpleRNN`` on its JAX backend with ``train_on_batch``, ``unroll=True`` (the
+  seed's setting) and ``False``;
+* PyTorch eager ``nn.RNN`` + ``nn.Linear`` + ``torch.optim.Adam``.
+
+``--seed-run`` also times the whole seed experiment (4001 steps, 9 test evaluations) as
+separate processes: ``rnnjax train`` against ``benchmarks.keras_seed`` (best of two runs
+each, so the data files are in the page cache). Peers missing from the environment are
+skipped and say so. Writes ``results/peers.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import re
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax
+import numpy as np
+
+from benchmarks.harness import environment, time_calls, time_compiled, write_results
+from rnnjax import train
+from rnnjax.config import Config
+from rnnjax.data.pipeline import batch_indices, normalize_host, to_device
+from rnnjax.data.sources import load_arrays
+from rnnjax.model import make_model
+from rnnjax.optim import make_optimizer
+
+
+def host_batches(data, batch: int, count: int):
+    idx = batch_indices(len(data.train_labels), batch, 0, count)
+    return [(normalize_host(data.train_images[i]), data.train_labels[i]) for i in idx]
+
+
+def rnnjax_fast(data, batch: int, steps: int, repeats: int) -> float:
+    config = Config(batch_size=batch, unroll=0)
+    model, optimizer = make_model(config), make_optimizer(config)
+    state = train.create_state(jax.random.key(0), model, optimizer)
+    images, labels = to_device(data)[:2]
+    idx = jax.device_put(batch_indices(len(data.train_labels), batch, 0, steps))
+    fn = jax.jit(functools.partial(train.train_steps, model=model, optimizer=optimizer),
+                 donate_argnums=0)
+    return time_compiled(fn, (state, images, labels, idx), repeats=repeats,
+                         carry_first=True)["median_s"] / steps
+
+
+def rnnjax_per_step(data, batch: int, steps: int, repeats: int) -> float:
+    config = Config(batch_size=batch, unroll=0)
+    model, optimizer = make_model(config), make_optimizer(config)
+    state = [train.create_state(jax.random.key(0), model, optimizer)]
+    step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer),
+                   donate_argnums=0)
+    batches = host_batches(data, batch, steps)
+
+    def run():
+        for x, y in batches:
+            state[0], _ = step(state[0], x, y)
+        return state[0]
+
+    return time_calls(run, repeats)[0] / steps
+
+
+def keras_step(data, batch: int, steps: int, repeats: int, unroll: bool) -> float:
+    import keras
+
+    keras.utils.set_random_seed(1337)
+    model = keras.Sequential([keras.Input((28, 28)), keras.layers.SimpleRNN(50, unroll=unroll),
+                              keras.layers.Dense(10, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy")
+    batches = [(x, keras.utils.to_categorical(y, 10)) for x, y in host_batches(data, batch, steps)]
+
+    def run():
+        for x, y in batches:
+            loss = model.train_on_batch(x, y)
+        return loss
+
+    return time_calls(run, repeats)[0] / steps
+
+
+def torch_step(data, batch: int, steps: int, repeats: int) -> float:
+    import torch
+
+    torch.manual_seed(1337)
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = torch.nn.RNN(28, 50, batch_first=True)
+            self.head = torch.nn.Linear(50, 10)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    net = Net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    batches = [(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)))
+               for x, y in host_batches(data, batch, steps)]
+
+    def run():
+        for x, y in batches:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(net(x), y)
+            loss.backward()
+            opt.step()
+        return None
+
+    return time_calls(run, repeats)[0] / steps
+
+
+def available(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+def seed_run(repeats: int = 2) -> list[dict]:
+    """Whole-process wall time of the seed experiment, rnnjax vs Keras 3 (best of N)."""
+    rows = []
+    commands = {"rnnjax": [sys.executable, "-m", "rnnjax", "train"]}
+    if available("keras"):
+        commands["keras (unroll=True)"] = [sys.executable, "-m", "benchmarks.keras_seed"]
+    for name, command in commands.items():
+        walls, last = [], ""
+        for _ in range(repeats):
+            start = time.perf_counter()
+            proc = subprocess.run(command, capture_output=True, text=True, check=True)
+            walls.append(time.perf_counter() - start)
+            last = proc.stdout
+        accuracy = re.findall(r"step +4000 .*test accuracy:  ([0-9.]+)", last)
+        rows.append({"peer": name, "wall_s": min(walls),
+                     "final_accuracy": float(accuracy[-1]) if accuracy else float("nan")})
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", default="50,256,1024,4096")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed-run", action="store_true")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    data = load_arrays(Config())
+    peers = {
+        "rnnjax (K steps/call)": rnnjax_fast,
+        "rnnjax (1 step/call)": rnnjax_per_step,
+    }
+    if available("keras"):
+        peers["keras3-jax unroll=True"] = functools.partial(keras_step, unroll=True)
+        peers["keras3-jax unroll=False"] = functools.partial(keras_step, unroll=False)
+    else:
+        print("keras not installed: skipped (pip install -e '.[peers]')")
+    if available("torch"):
+        peers["pytorch eager"] = torch_step
+    else:
+        print("torch not installed: skipped (pip install torch==2.13.0)")
+
+    rows = []
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        steps = max(10, min(200, 20000 // batch))
+        row = {"batch": batch, "steps_timed": steps}
+        for name, fn in peers.items():
+            seconds = fn(data, batch, steps, args.repeats)
+            row[f"{name} ms"] = seconds * 1e3
+            print(f"batch {batch:5d} {name:26s} {seconds * 1e3:8.3f} ms/step", flush=True)
+        best = row["rnnjax (K steps/call) ms"]
+        for name in list(peers)[1:]:
+            row[f"{name} / rnnjax"] = row[f"{name} ms"] / best
+        rows.append(row)
+    columns = list(rows[0])
+    notes = ""
+    if args.seed_run:
+        seed_rows = seed_run()
+        base = seed_rows[0]["wall_s"]
+        notes = "Seed run, whole process (best of 2):\n\n" + "\n".join(
+            f"- {r['peer']}: {r['wall_s']:.2f} s, final accuracy {r['final_accuracy']:.4f}, "
+            f"{r['wall_s'] / base:.2f}x rnnjax's time" for r in seed_rows
+        )
+        print(notes)
+    out = write_results("peers", rows, columns, env=environment(), notes=notes,
+                        out_dir=args.out or None)
+    plot(rows, list(peers), out / "peers.png")
+
+
+def plot(rows, names, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in names:
+        ax.plot([r["batch"] for r in rows], [r["batch"] / r[f"{name} ms"] * 1e3 for r in rows],
+                "o-", label=name)
+    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="samples/s",
+           title="SimpleRNN(50) train step, same machine, same run")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

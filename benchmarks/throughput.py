@@ -1,0 +1,161 @@
+"""Train-step throughput per backend, batch size and unroll; compile time apart; the limit.
+
+    python -m benchmarks.throughput                      # every backend JAX sees
+    python -m benchmarks.throughput --backends cpu --batch-sizes 50 --unrolls 0
+
+For every backend (CPU, and each accelerator JAX sees) and every (batch, unroll) it
+compiles ``train_steps`` (K steps per call on device-resident MNIST) ahead of time, runs
+one burn-in call, and reports the median over repeats of ms/step, steps/s, samples/s,
+compile time and first-call latency. It counts the FLOPs of one train step (analytic,
+cross-checked by XLA's cost analysis), measures the backend's float32 GEMM rate with JAX,
+and reports the fraction achieved. With two backends it adds their ratio. Writes
+``results/throughput.{json,md,png}``. No TensorFlow is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.harness import environment, time_calls, time_compiled, write_results
+from rnnjax import train
+from rnnjax.config import Config
+from rnnjax.data.pipeline import batch_indices, to_device
+from rnnjax.data.sources import load_arrays
+from rnnjax.model import make_model
+from rnnjax.optim import make_optimizer
+
+
+def train_step_flops(batch: int, time_steps: int = 28, features: int = 28, hidden: int = 50,
+                     classes: int = 10) -> int:
+    """Multiply-add FLOPs (2 per MAC) of one SimpleRNN train step, matrix products only.
+
+    Forward: input projection, recurrence, head. Backward: the recurrence twice (input and
+    weight gradients), the projection once (weight gradient only: the pixels need none),
+    the head twice. Elementwise work and the optimizer are under 1% and left out.
+    """
+    projection = 2 * batch * time_steps * features * hidden
+    recurrence = 2 * batch * time_steps * hidden * hidden
+    head = 2 * batch * hidden * classes
+    return projection * 2 + recurrence * 3 + head * 3
+
+
+def gemm_rate(device: jax.Device, size: int, repeats: int = 5) -> float:
+    """Measured float32 matrix-product FLOP/s on ``device`` (size x size x size)."""
+    key = jax.random.key(0)
+    a = jax.device_put(jax.random.normal(key, (size, size), jnp.float32), device)
+    b = jax.device_put(jax.random.normal(jax.random.key(1), (size, size), jnp.float32), device)
+    matmul = jax.jit(lambda x, y: x @ y)
+    median, _ = time_calls(lambda: matmul(a, b), repeats, burn_in=2)
+    return 2 * size**3 / median
+
+
+def measure(device, data, batch: int, unroll: int, steps_per_call: int, repeats: int) -> dict:
+    config = Config(batch_size=batch, unroll=unroll)
+    model, optimizer = make_model(config), make_optimizer(config)
+    with jax.default_device(device):
+        state = train.create_state(jax.random.key(0), model, optimizer)
+    images, labels = to_device(data, device)[:2]
+    idx = jax.device_put(
+        batch_indices(len(data.train_labels), batch, 0, steps_per_call), device
+    )
+    fn = jax.jit(functools.partial(train.train_steps, model=model, optimizer=optimizer),
+                 donate_argnums=0)
+    timing = time_compiled(fn, (state, images, labels, idx), repeats=repeats, carry_first=True)
+    cost = fn.lower(state, images, labels, idx).compile().cost_analysis()
+    if isinstance(cost, list):  # older jax returned one dict per computation
+        cost = cost[0]
+    step_s = timing["median_s"] / steps_per_call
+    return {
+        "batch": batch,
+        "unroll": "full" if unroll == 0 else unroll,
+        "ms_per_step": step_s * 1e3,
+        "steps_per_s": 1 / step_s,
+        "samples_per_s": batch / step_s,
+        "compile_s": timing["compile_s"],
+        "first_call_s": timing["first_call_s"],
+        "xla_flops_per_step": float(cost.get("flops", float("nan"))) / steps_per_call,
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", default="50,256,1024,4096")
+    parser.add_argument("--unrolls", default="1,4,0", help="0 = full")
+    parser.add_argument("--backends", default="", help="comma list (default: all JAX sees)")
+    parser.add_argument("--steps-per-call", type=int, default=0,
+                        help="K (default: 200 at batch 50, fewer for larger batches)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="", help="results directory")
+    args = parser.parse_args(argv)
+
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    unrolls = [int(u) for u in args.unrolls.split(",")]
+    backends = args.backends.split(",") if args.backends else sorted(
+        {d.platform for d in jax.devices()} | {"cpu"}
+    )
+    data = load_arrays(Config())
+    rows = []
+    envs = {}
+    for backend in backends:
+        device = jax.devices(backend)[0]
+        envs[backend] = environment(device)
+        rate = gemm_rate(device, 2048 if backend == "cpu" else 8192)
+        print(f"{backend}: float32 GEMM {rate / 1e9:.0f} GFLOP/s", flush=True)
+        for batch in batches:
+            k = args.steps_per_call or max(10, min(200, 20000 // batch))
+            for unroll in unrolls:
+                t0 = time.perf_counter()
+                row = measure(device, data, batch, unroll, k, args.repeats)
+                flops = train_step_flops(batch)
+                row.update(
+                    backend=backend, steps_per_call=k, flops_per_step=flops,
+                    gemm_gflops=rate / 1e9,
+                    fraction_of_gemm=flops * row["steps_per_s"] / rate,
+                )
+                rows.append(row)
+                print(f"  batch {batch} unroll {row['unroll']}: {row['ms_per_step']:.3f} ms/step "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    if len(backends) > 1:
+        base = {(r["batch"], r["unroll"]): r for r in rows if r["backend"] == "cpu"}
+        for r in rows:
+            if r["backend"] != "cpu":
+                cpu = base[(r["batch"], r["unroll"])]
+                r["speedup_vs_cpu"] = cpu["ms_per_step"] / r["ms_per_step"]
+    columns = ["backend", "batch", "unroll", "steps_per_call", "ms_per_step", "steps_per_s",
+               "samples_per_s", "compile_s", "first_call_s", "flops_per_step",
+               "xla_flops_per_step", "gemm_gflops", "fraction_of_gemm"]
+    if len(backends) > 1:
+        columns.append("speedup_vs_cpu")
+    env = envs[backends[-1]] | {"backends": envs}
+    out = write_results("throughput", rows, columns, env=env, out_dir=args.out or None)
+    plot(rows, out / "throughput.png")
+
+
+def plot(rows, path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is optional where matplotlib is missing
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (backend, unroll) in sorted({(r["backend"], str(r["unroll"])) for r in rows}):
+        sel = [r for r in rows if r["backend"] == backend and str(r["unroll"]) == unroll]
+        ax.plot([r["batch"] for r in sel], [r["samples_per_s"] for r in sel], "o-",
+                label=f"{backend} unroll {unroll}")
+    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="samples/s",
+           title="rnnjax train-step throughput")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
