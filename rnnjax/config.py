@@ -122,6 +122,24 @@ class Config:
         default=500, metadata={"help": "train steps per compiled call with --feed device"}
     )
 
+    # Data parallelism (rnnjax.parallel).
+    num_devices: int = field(
+        default=0,
+        metadata={"help": "devices per process to train on, the batch split over them "
+                  "(0 = every local device)"},
+    )
+    coordinator_address: str = field(
+        default="",
+        metadata={"help": "multi-process: HOST:PORT of process 0 for jax.distributed, or "
+                  "'auto' to detect it (TPU pod slice, SLURM, Open MPI); '' = one process"},
+    )
+    num_processes: int = field(
+        default=1, metadata={"help": "multi-process: how many processes train together"}
+    )
+    process_id: int = field(
+        default=0, metadata={"help": "multi-process: this process's index, 0 .. N-1"}
+    )
+
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` applied (and validated)."""
         return dataclasses.replace(self, **changes)
@@ -131,6 +149,7 @@ class Config:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad field and how to fix it."""
+        self._validate_parallel()
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -158,6 +177,24 @@ class Config:
             raise ConfigError(
                 f"--warmup-steps {self.warmup_steps} must be below --steps {self.steps}"
             )
+
+    def _validate_parallel(self) -> None:
+        if self.num_devices < 0:
+            raise ConfigError(f"--num-devices must be 0 (all) or more, got {self.num_devices}")
+        if self.num_processes < 1:
+            raise ConfigError(f"--num-processes must be at least 1, got {self.num_processes}")
+        if not 0 <= self.process_id < self.num_processes:
+            raise ConfigError(f"--process-id {self.process_id} must be in 0 .. "
+                              f"{self.num_processes - 1} (--num-processes {self.num_processes})")
+        address = self.coordinator_address
+        if self.num_processes > 1 and not address:
+            raise ConfigError(f"--num-processes {self.num_processes} needs "
+                              "--coordinator-address HOST:PORT (process 0's), or 'auto'")
+        if address and address != "auto":
+            port = address.rpartition(":")[2]
+            if ":" not in address or not port.isdigit():
+                raise ConfigError(f"--coordinator-address {address!r} is not HOST:PORT "
+                                  "(e.g. 10.0.0.1:1234) or 'auto'")
 
     @property
     def keras_like(self) -> bool:

@@ -81,28 +81,44 @@ def train_step(
     return TrainState(state.step + 1, params, opt_state), batch_metrics(losses, logits, labels)
 
 
+def zero_metrics() -> Metrics:
+    """The additive identity of :func:`batch_metrics`."""
+    return {
+        "loss_sum": jnp.zeros([], jnp.float32),
+        "correct": jnp.zeros([], jnp.int32),
+        "count": jnp.zeros([], jnp.int32),
+    }
+
+
 def train_steps(
     state: TrainState,
     images: jax.Array,
     labels: jax.Array,
     indices: jax.Array,
+    count: jax.Array | int | None = None,
     *,
     model: Model,
     optimizer: optax.GradientTransformation,
 ) -> tuple[TrainState, Metrics]:
-    """K train steps in one call, batches cut on the device.
+    """Up to K train steps in one call, batches cut on the device.
 
     images: float32 [N, 28, 28] in [0, 1] and labels: int32 [N], the whole dataset on the
-    device (``data.pipeline.normalize_host`` once: a row gather per step is then a copy);
-    indices: int32 [K, B], the examples of each step (``data.pipeline.batch_indices``).
-    Returns the state after K steps and the metrics summed over them.
+    device (``data.pipeline.to_device``: a row gather per step is then a copy);
+    indices: int32 [K, B], the examples of each step (``data.pipeline.batch_indices``);
+    count: int32 [], how many leading rows of ``indices`` to run (default: all K). A traced
+    count lets one compiled function serve every chunk length up to K.
+    Returns the state after ``count`` steps and the metrics summed over them.
     """
+    count = indices.shape[0] if count is None else count
 
-    def body(state, idx):
-        return train_step(state, images[idx], labels[idx], model=model, optimizer=optimizer)
+    def body(i, carry):
+        state, sums = carry
+        idx = indices[i]
+        state, metrics = train_step(state, images[idx], labels[idx], model=model,
+                                    optimizer=optimizer)
+        return state, jax.tree.map(jnp.add, sums, metrics)
 
-    state, metrics = jax.lax.scan(body, state, indices)
-    return state, jax.tree.map(lambda m: m.sum(axis=0), metrics)
+    return jax.lax.fori_loop(0, count, body, (state, zero_metrics()))
 
 
 def eval_step(
@@ -138,9 +154,4 @@ def evaluate(
         metrics = eval_step(params, x, y, m, model=model)
         return jax.tree.map(jnp.add, totals, metrics), None
 
-    zeros = {
-        "loss_sum": jnp.zeros([], jnp.float32),
-        "correct": jnp.zeros([], jnp.int32),
-        "count": jnp.zeros([], jnp.int32),
-    }
-    return jax.lax.scan(body, zeros, (images, labels, mask))[0]
+    return jax.lax.scan(body, zero_metrics(), (images, labels, mask))[0]

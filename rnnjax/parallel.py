@@ -1,0 +1,179 @@
+"""Data parallelism over every device, and across processes (hosts), with ``jax.sharding``.
+
+One 1-D :class:`~jax.sharding.Mesh` with the axis ``"data"`` spans the chosen devices of
+every process. Parameters, optimizer state and (for MNIST) the device-resident dataset are
+*replicated* on it; each step's batch is *sharded* over ``"data"``. The pure functions of
+``rnnjax.train`` are jitted with these shardings as ``in_shardings``/``out_shardings``:
+the loss is a mean over the global batch, so XLA's SPMD partitioner computes each device's
+part of the forward and backward pass on its rows and inserts the all-reduce of the
+gradients (and of the metric sums) itself. No ``pmap``, no hand-written ``psum``.
+
+Several processes (several hosts, or several processes on one host) each run the same
+program; :func:`initialize` starts ``jax.distributed`` from the config or the environment
+first. Each process then feeds only its own rows of every global batch
+(:func:`process_rows`) and :func:`put_process_batch` assembles the global array.
+
+The mesh orders devices by process, so every process owns one contiguous block of rows of
+the global batch, and the rows of a batch go to devices in the same order for any device
+count: results do not depend on how many devices share the work (up to the summation
+order of the all-reduce).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from rnnjax.config import Config, ConfigError
+
+DATA = "data"
+
+
+def initialize(config: Config) -> bool:
+    """Start ``jax.distributed`` when the config or the environment asks for it.
+
+    ``--coordinator-address HOST:PORT`` with ``--num-processes`` and ``--process-id``
+    names everything explicitly; ``--coordinator-address auto`` (or an unset address with
+    ``JAX_COORDINATOR_ADDRESS`` in the environment) lets JAX detect the rest (Cloud TPU pod
+    slices, SLURM, Open MPI, Kubernetes). Nothing to do for one process. Must run before
+    any JAX computation; a second call does nothing. Returns whether it initialised.
+    """
+    if jax.distributed.is_initialized():
+        return False
+    address = config.coordinator_address
+    if not address and config.num_processes == 1 and not os.environ.get(
+        "JAX_COORDINATOR_ADDRESS"
+    ):
+        return False
+    kwargs: dict[str, Any] = {}
+    if address and address != "auto":
+        kwargs["coordinator_address"] = address
+    if config.num_processes > 1 or kwargs:
+        kwargs.update(num_processes=config.num_processes, process_id=config.process_id)
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+def select_devices(num_devices: int = 0) -> list[jax.Device]:
+    """The first ``num_devices`` devices of every process (0: all), ordered by process.
+
+    Every process computes the same list, as the mesh requires.
+    """
+    local = jax.local_device_count()
+    if num_devices > local:
+        raise ConfigError(
+            f"--num-devices {num_devices} but this process sees only {local} "
+            f"{jax.default_backend()} device(s); use at most {local}, or 0 for all"
+        )
+    by_process: dict[int, list[jax.Device]] = {}
+    for device in jax.devices():
+        by_process.setdefault(device.process_index, []).append(device)
+    chosen = []
+    for process in sorted(by_process):
+        group = sorted(by_process[process], key=lambda d: d.id)
+        chosen += group[:num_devices] if num_devices else group
+    return chosen
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None, num_devices: int = 0) -> Mesh:
+    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: :func:`select_devices`)."""
+    if devices is None:
+        devices = select_devices(num_devices)
+    return Mesh(np.array(devices), (DATA,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array (parameters, optimizer state, the dataset)."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over ``"data"``: one block of rows per device."""
+    return NamedSharding(mesh, P(DATA))
+
+
+def steps_sharding(mesh: Mesh) -> NamedSharding:
+    """``[K, B]`` per-step batch indices: each device holds its rows of every step."""
+    return NamedSharding(mesh, P(None, DATA))
+
+
+def num_shards(mesh: Mesh) -> int:
+    """How many ways a batch is split: the size of the ``"data"`` axis (all processes)."""
+    return mesh.shape[DATA]
+
+
+def check_batch(batch_size: int, mesh: Mesh, flag: str = "--batch-size") -> None:
+    """Raise :class:`ConfigError` naming batch sizes that work when ``batch_size`` does not
+    divide evenly over the mesh's devices."""
+    n = num_shards(mesh)
+    if batch_size % n == 0:
+        return
+    below = batch_size // n * n
+    examples = " or ".join(str(b) for b in (below, below + n) if b > 0)
+    raise ConfigError(
+        f"{flag} {batch_size} does not divide over {n} devices; use a multiple of {n} "
+        f"such as {examples} (or fewer devices with --num-devices)"
+    )
+
+
+def _put_global(tree: Any, sharding: NamedSharding) -> Any:
+    """Host (or single-device) arrays that every process holds whole, laid out by
+    ``sharding``; works across processes (each one fills only its own devices)."""
+
+    def put(leaf):
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    """``tree`` (the same on every process) replicated on every device of ``mesh``."""
+    return _put_global(tree, replicated(mesh))
+
+
+def put_sharded(tree: Any, sharding: NamedSharding) -> Any:
+    """Global host arrays (the same on every process) split by ``sharding``."""
+    return _put_global(tree, sharding)
+
+
+def process_rows(mesh: Mesh, batch_size: int) -> slice:
+    """This process's rows of a global batch: the rows its devices hold under
+    :func:`batch_sharding` (contiguous, as :func:`make_mesh` orders devices by process)."""
+    check_batch(batch_size, mesh)
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+    starts = sorted({index[0].start or 0 for index in index_map.values()})
+    size = batch_size // num_shards(mesh)
+    lo, hi = starts[0], starts[-1] + size
+    if hi - lo != size * len(starts):
+        raise ValueError(f"this process's devices hold non-contiguous rows {starts} of the "
+                         "batch; build the mesh with rnnjax.parallel.make_mesh")
+    return slice(lo, hi)
+
+
+def put_process_batch(tree: Any, mesh: Mesh, batch_size: int) -> Any:
+    """This process's rows (:func:`process_rows`) of a global batch -> the global array,
+    sharded over ``"data"`` (``jax.make_array_from_process_local_data``)."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(
+        lambda local: jax.make_array_from_process_local_data(
+            sharding, np.asarray(local), (batch_size, *np.shape(local)[1:])
+        ),
+        tree,
+    )
+
+
+def describe(mesh: Mesh) -> dict[str, Any]:
+    """JSON-able facts of the layout: devices, processes, per-device batch divisor."""
+    return {
+        "mesh_devices": int(mesh.size),
+        "local_mesh_devices": len(mesh.local_devices),
+        "processes": jax.process_count(),
+        "process_index": jax.process_index(),
+    }
