@@ -32,7 +32,10 @@ class Config:
     """
 
     # Model.
-    cell: str = field(default="simple_rnn", metadata={"help": "recurrent cell", "choices": CELLS})
+    cell: str = field(
+        default="simple_rnn",
+        metadata={"help": f"recurrent cell: {', '.join(CELLS)} (or one added to rnnjax.cells.CELLS)"},
+    )
     hidden_size: int = field(default=50, metadata={"help": "units per recurrent layer"})
     num_layers: int = field(default=1, metadata={"help": "stacked recurrent layers"})
     bidirectional: bool = field(

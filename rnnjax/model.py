@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnnjax.cells import Cell, get_cell, glorot_uniform, scan_cell
-from rnnjax.config import Config
+from rnnjax.config import Config, ConfigError
 
 Params = Any
 
@@ -111,8 +111,12 @@ class Model:
 def make_model(config: Config) -> Model:
     """The model ``config`` describes."""
     permutation = pixel_permutation(config.seed) if config.order == "permuted" else None
+    try:
+        cell = get_cell(config.cell, config.hidden_size)
+    except ValueError as e:
+        raise ConfigError(f"--cell: {e}") from None
     return Model(
-        cell=get_cell(config.cell, config.hidden_size),
+        cell=cell,
         num_layers=config.num_layers,
         bidirectional=config.bidirectional,
         num_classes=config.num_classes,

@@ -174,6 +174,40 @@ def test_user_defined_cell_needs_only_the_protocol():
     assert np.abs(grads["w"]).min() > 0
 
 
+def test_registered_user_cell_trains_through_the_config(mnist):
+    """The README's recipe: add a cell to the registry, name it in the config."""
+    from rnnjax import train
+    from rnnjax.config import Config
+    from rnnjax.data.pipeline import normalize_host
+    from rnnjax.model import make_model
+    from rnnjax.optim import make_optimizer
+
+    def my_cell(hidden):
+        def init(key, input_size):
+            return {"w": jax.random.normal(key, (input_size + hidden, hidden)) * 0.1}
+
+        def step(params, h, x):
+            h = jnp.tanh(jnp.concatenate([x, h], axis=-1) @ params["w"])
+            return h, h
+
+        return Cell(init=init, step=step, hidden_size=hidden,
+                    initial_carry=lambda batch, dtype: jnp.zeros((batch, hidden), dtype))
+
+    cells.CELLS["test_cell"] = my_cell
+    try:
+        config = Config(cell="test_cell", hidden_size=12)
+        model, optimizer = make_model(config), make_optimizer(config)
+        state = train.create_state(jax.random.key(0), model, optimizer)
+        x = jnp.asarray(normalize_host(mnist.train_images[:32]))
+        y = jnp.asarray(mnist.train_labels[:32])
+        new, _ = jax.jit(functools.partial(train.train_step, model=model,
+                                                 optimizer=optimizer))(state, x, y)
+        assert new.params["rnn"][0]["w"].shape == (28 + 12, 12)
+        assert not np.array_equal(new.params["rnn"][0]["w"], state.params["rnn"][0]["w"])
+    finally:
+        del cells.CELLS["test_cell"]
+
+
 def test_unknown_cell_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown cell 'nope'; choose one of"):
         cells.get_cell("nope", 4)

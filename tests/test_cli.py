@@ -38,7 +38,7 @@ def test_train_end_to_end(tmp_path):
     [
         (["--steps", "0"], "--steps must be at least 1, got 0"),
         (["--batch-size", "-5"], "--batch-size must be at least 1"),
-        (["--cell", "transformer"], "invalid choice: 'transformer'"),
+        (["--cell", "transformer"], "--cell: unknown cell 'transformer'; choose one of"),
         (["--learning-rate", "fast"], "invalid float value: 'fast'"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         (["--batch-size", "70000"], "larger than the 60000 training examples"),
