@@ -34,7 +34,7 @@ class Config:
     # Model.
     cell: str = field(
         default="simple_rnn",
-        metadata={"help": f"recurrent cell: {', '.join(CELLS)} (or one added to rnnjax.cells.CELLS)"},
+        metadata={"help": f"recurrent cell: {', '.join(CELLS)} (or one in rnnjax.cells.CELLS)"},
     )
     hidden_size: int = field(default=50, metadata={"help": "units per recurrent layer"})
     num_layers: int = field(default=1, metadata={"help": "stacked recurrent layers"})
