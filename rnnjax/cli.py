@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write config, metrics and summary here (default: print only)")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar on stderr (default: when stderr is a terminal)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --workdir from its latest checkpoint; flags "
+                       "left out keep the checkpoint's values")
+    evaluate = sub.add_parser(
+        "eval", help="evaluate a checkpoint on its dataset's test set: loss, accuracy, "
+        "per-class accuracy, confusion-matrix PNG")
+    evaluate.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
+                          help="a step directory (WORKDIR/checkpoints/STEP) or a workdir "
+                          "(its latest checkpoint)")
+    evaluate.add_argument("--out", type=Path, default=None,
+                          help="confusion-matrix PNG (default: "
+                          "WORKDIR/confusion_matrix_stepSTEP.png)")
+    evaluate.add_argument("--data-dir", default=None,
+                          help="root of named datasets, if not where the run found them")
+    predict = sub.add_parser(
+        "predict", help="classify image files (PNG, JPEG, any size, grey or colour)")
+    predict.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
+                         help="a step directory (WORKDIR/checkpoints/STEP) or a workdir")
+    predict.add_argument("images", type=Path, nargs="+", metavar="IMAGE",
+                         help="image files of single digits")
     return parser
 
 
@@ -64,10 +85,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(**changes)
 
 
-def check_writable(directory: Path) -> None:
+def check_writable(directory: Path, flag: str = "--workdir") -> None:
     """Fail before training, not after, when ``directory`` could not be written.
 
-    Creates nothing: the run makes the directory once its data has loaded.
+    Leaves nothing behind: the run makes the directory once its data has loaded. Whether
+    the nearest existing parent takes a file is tried (a probe file, removed at once), not
+    read from permission bits: those do not bind root, nor tell a read-only file system.
     """
     existing = directory
     while not existing.exists():
@@ -75,35 +98,116 @@ def check_writable(directory: Path) -> None:
             break
         existing = existing.parent
     if not existing.is_dir():
-        raise UsageError(f"--workdir {directory}: {existing} is not a directory; "
+        raise UsageError(f"{flag} {directory}: {existing} is not a directory; "
                          "choose another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--workdir {directory}: {existing} is not writable; "
-                         "choose a writable directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".rnnjax-write-probe-", dir=existing)
+    except OSError as e:
+        raise UsageError(f"{flag} {directory}: {existing} is not writable "
+                         f"({e.strerror or e}); choose a writable directory") from e
+    os.close(fd)
+    os.unlink(probe)
+
+
+def resume_config(args: argparse.Namespace) -> Config:
+    """For ``--resume``: the latest checkpoint's config, overridden by the flags given."""
+    from rnnjax import checkpoint
+
+    if args.workdir is None:
+        raise UsageError("--resume needs --workdir DIR, the run to continue")
+    step_dir = checkpoint.latest_checkpoint(args.workdir)
+    saved = checkpoint.read_config(step_dir)
+    names = {f.name for f in dataclasses.fields(Config)}
+    changes = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    config = saved.replace(**changes)
+    checkpoint.check_resumable(saved, config, step_dir)
+    return config
 
 
 def _train(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    config = resume_config(args) if args.resume else config_from_args(args)
     if args.workdir is not None:
         check_writable(args.workdir)
+    if config.compile_cache not in ("auto", "off"):  # 'auto' may be unwritable: then no cache
+        check_writable(Path(config.compile_cache).expanduser(), flag="--compile-cache")
     from rnnjax.loop import TrainingDiverged, train_and_evaluate
 
     try:
-        train_and_evaluate(config, args.workdir, progress=args.progress)
+        train_and_evaluate(config, args.workdir, progress=args.progress, resume=args.resume)
     except TrainingDiverged as e:
         print(f"rnnjax: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
     return 0
 
 
+def _check_out(path: Path) -> None:
+    """Fail before the work when the file ``path`` could not be written."""
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a directory; pass a file name ending in .png")
+    check_writable(path.parent, flag="--out")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from rnnjax import checkpoint, inference, plots
+    from rnnjax.data.sources import load_arrays
+    from rnnjax.metrics import seed_line
+
+    step_dir = checkpoint.resolve(args.checkpoint)
+    step = checkpoint.read_meta(step_dir)["step"]  # cheap, before the slow part
+    if args.out is None:
+        home = step_dir.parent.parent if step_dir.parent.name == checkpoint.CHECKPOINTS \
+            else step_dir.parent
+        args.out = home / f"confusion_matrix_step{step}.png"
+    _check_out(args.out)
+    loaded = inference.load(step_dir)
+    config = loaded.config
+    if args.data_dir is not None:
+        config = config.replace(data_dir=args.data_dir)
+    data = load_arrays(config)
+    result = inference.evaluate(loaded, data.test_images, data.test_labels)
+    print(f"checkpoint {step_dir}: {config.cell} {config.hidden_size} on {config.dataset} "
+          f"after {loaded.step} steps; {len(data.test_labels)} test examples")
+    print(seed_line(result.loss, result.accuracy))
+    print(result.table(), end="")
+    title = f"{config.dataset} test, step {loaded.step}: accuracy {result.accuracy:.4f}"
+    try:
+        path = plots.confusion_matrix(result.confusion, args.out, title=title)
+    except OSError as e:
+        raise UsageError(f"--out {args.out}: cannot write ({e.strerror or e}); "
+                         "pass a writable path") from e
+    print(f"confusion matrix: {path}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from rnnjax import checkpoint, inference
+    from rnnjax.data.images import load_mnist_image
+
+    step_dir = checkpoint.resolve(args.checkpoint)
+    pixels = np.stack([load_mnist_image(path) for path in args.images])  # all, before work
+    loaded = inference.load(step_dir)
+    probabilities = inference.probabilities(loaded, pixels)
+    names = [str(path) for path in args.images]
+    width = max(5, *(len(name) for name in names))
+    classes = probabilities.shape[1]
+    print(f"{'image':<{width}}  class  " + " ".join(f"{f'p({c})':>6}" for c in range(classes)))
+    for name, p in zip(names, probabilities, strict=True):
+        print(f"{name:<{width}}  {int(p.argmax()):>5}  " + " ".join(f"{v:6.4f}" for v in p))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rnnjax`` console script; returns the exit code."""
+    from rnnjax.checkpoint import CheckpointError
     from rnnjax.data.idx import IdxError
+    from rnnjax.data.images import ImageError
 
     try:
         args = build_parser().parse_args(argv)
-        return {"train": _train}[args.command](args)
-    except (UsageError, ConfigError, IdxError) as e:
+        return {"train": _train, "eval": _eval, "predict": _predict}[args.command](args)
+    except (UsageError, ConfigError, IdxError, CheckpointError, ImageError) as e:
         print(f"rnnjax: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

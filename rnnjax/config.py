@@ -9,6 +9,8 @@ order, a full test evaluation every 500 steps, seed 1337.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,8 +123,24 @@ class Config:
                   "stream: one step per call fed batch by batch (tf.data with --source tfds)",
                   "choices": FEEDS},
     )
+    compile_cache: str = field(
+        default="auto",
+        metadata={"help": "directory of JAX's persistent compilation cache, so later runs "
+                  "skip compiling ('auto': $XDG_CACHE_HOME/rnnjax/jax or ~/.cache/rnnjax/jax; "
+                  "'off': none)"},
+    )
     steps_per_call: int = field(
         default=500, metadata={"help": "train steps per compiled call with --feed device"}
+    )
+
+    # Checkpoints (in WORKDIR/checkpoints/; they need --workdir).
+    checkpoint_every: int = field(
+        default=0,
+        metadata={"help": "save a checkpoint every N steps (0 = only at the end of the run); "
+                  "needs --workdir"},
+    )
+    keep_checkpoints: int = field(
+        default=3, metadata={"help": "how many of the latest checkpoints to keep"}
     )
 
     # Data parallelism (rnnjax.parallel).
@@ -152,6 +170,7 @@ class Config:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad field and how to fix it."""
+        self._validate_types()
         self._validate_parallel()
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
@@ -161,13 +180,19 @@ class Config:
                     f"--{_flag(f.name)} {value!r} is not one of {', '.join(choices)}"
                 )
         positive = ("hidden_size", "num_layers", "num_classes", "batch_size", "steps",
-                    "eval_every", "eval_batch_size", "steps_per_call")
+                    "eval_every", "eval_batch_size", "steps_per_call", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("unroll", "warmup_steps", "seed"):
+        for name in ("unroll", "warmup_steps", "seed", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)} must be 0 or more, got {getattr(self, name)}")
+        if self.seed >= 2**63:
+            raise ConfigError(f"--seed must be below 2**63 = {2**63}, got {self.seed}")
+        for name in ("learning_rate", "adam_eps", "clip_norm"):
+            if not math.isfinite(getattr(self, name)):  # NaN fails no `<` test: ask first
+                raise ConfigError(f"--{_flag(name)} must be a finite number, got "
+                                  f"{getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ConfigError(f"--learning-rate must be positive, got {self.learning_rate}")
         if not self.adam_eps > 0:
@@ -176,10 +201,29 @@ class Config:
             raise ConfigError(f"--clip-norm must be 0 (off) or positive, got {self.clip_norm}")
         if self.warmup_steps and self.schedule != "warmup_cosine":
             raise ConfigError("--warmup-steps needs --schedule warmup_cosine")
+        if not self.dataset.strip():
+            raise ConfigError("--dataset is empty; pass a dataset name (mnist, fashion_mnist, "
+                              "...) or a directory holding the four IDX files")
+        if not self.compile_cache.strip():
+            raise ConfigError("--compile-cache is empty; pass 'auto', 'off' or a directory")
         if self.schedule == "warmup_cosine" and self.warmup_steps >= self.steps:
             raise ConfigError(
                 f"--warmup-steps {self.warmup_steps} must be below --steps {self.steps}"
             )
+
+    def _validate_types(self) -> None:
+        """Each field holds a value of its type (the CLI parses them; Python callers may not)."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            ok = {
+                "int": isinstance(value, numbers.Integral) and not isinstance(value, bool),
+                "float": isinstance(value, numbers.Real) and not isinstance(value, bool),
+                "str": isinstance(value, str),
+                "bool": type(value).__name__ in ("bool", "bool_"),  # NumPy's too
+            }.get(kind, True)
+            if not ok:
+                raise ConfigError(f"--{_flag(f.name)} must be {'an' if kind == 'int' else 'a'} "
+                                  f"{kind}, got {value!r}")
 
     def _validate_parallel(self) -> None:
         if self.num_devices < 0:

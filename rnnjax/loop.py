@@ -28,11 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rnnjax import checkpoint as checkpoint_lib
 from rnnjax import metrics as metrics_lib
-from rnnjax import runtime, train
+from rnnjax import parallel, runtime, train
 from rnnjax.config import Config, ConfigError, to_dict
 from rnnjax.data.idx import Arrays
-from rnnjax.data.pipeline import batch_indices, host_batches, to_device
+from rnnjax.data.pipeline import batch_indices, host_batches
 from rnnjax.data.sources import load_arrays, resolve_dataset
 from rnnjax.model import make_model
 from rnnjax.optim import make_optimizer
@@ -60,16 +61,33 @@ def eval_steps(config: Config) -> list[int]:
 
 
 def segments(config: Config, start: int = 0) -> Iterator[tuple[int, int, bool]]:
-    """``(first step, number of steps, evaluate after)`` for each compiled call from ``start``."""
+    """``(first step, number of steps, evaluate after)`` for each compiled call from ``start``.
+
+    Calls also end where a checkpoint is due (after every ``checkpoint_every`` steps), so a
+    run resumed from one is cut into the same calls, and sums its metrics in the same
+    order, as the run that wrote it.
+    """
     first = start
+    every = config.checkpoint_every
     for point in eval_steps(config):
         if point < start:
             continue
         end = point + 1
         while first < end:
             count = min(config.steps_per_call, end - first)
+            if every:
+                count = min(count, every - first % every)
             yield first, count, first + count == end
             first += count
+
+
+def last_regular_eval(config: Config, steps_done: int) -> int:
+    """The last evaluation on the ``eval_every`` grid among steps ``0 .. steps_done-1``.
+
+    A checkpoint after ``steps_done`` steps holds the train sums of the steps after it;
+    the run resumed from it logs every evaluation after it again.
+    """
+    return (steps_done - 1) // config.eval_every * config.eval_every
 
 
 def check_data(config: Config, data: Arrays) -> None:
@@ -87,7 +105,10 @@ def check_data(config: Config, data: Arrays) -> None:
         )
 
 
-def _stream(config: Config, data: Arrays, start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _stream(
+    config: Config, data: Arrays, start: int, rows: slice | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Host batches from ``start``; ``rows``: only this process's rows of each batch."""
     count = config.steps - start
     if config.source == "tfds":
         from rnnjax.data import tfds_mnist
@@ -95,11 +116,11 @@ def _stream(config: Config, data: Arrays, start: int) -> Iterator[tuple[np.ndarr
         name, directory, checksums = resolve_dataset(config.dataset, config.data_dir)
         return tfds_mnist.train_batches(
             name, directory, checksums, config.tfds_dir, config.batch_size,
-            start_step=start, shuffle=config.shuffle, seed=config.seed,
+            start_step=start, shuffle=config.shuffle, seed=config.seed, rows=rows,
         )
     return host_batches(
         data.train_images, data.train_labels, config.batch_size, start, count,
-        shuffle=config.shuffle, seed=config.seed,
+        shuffle=config.shuffle, seed=config.seed, rows=rows,
     )
 
 
@@ -109,13 +130,29 @@ def train_and_evaluate(
     *,
     out: TextIO = sys.stdout,
     progress: bool | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Train ``config`` end to end, printing the seed's evaluation lines to ``out``.
 
-    With ``workdir``, writes ``config.json``, ``metrics.jsonl``/``.csv`` and
-    ``summary.json`` there. Returns the final state, the evaluation history and a summary.
+    With ``workdir``, writes ``config.json``, ``metrics.jsonl``/``.csv``, TensorBoard
+    event files, ``summary.json`` and ``learning_curves.png`` there, and checkpoints in
+    ``workdir/checkpoints/`` (every ``checkpoint_every`` steps and at the end; the latest
+    ``keep_checkpoints`` kept). A workdir that holds checkpoints is refused unless
+    ``resume``: then training continues from the latest one and ends with the parameters
+    and metrics of a run never stopped. Returns the final state, the evaluation history
+    (of the whole run when resumed) and a summary.
     """
+    # Several processes: jax.distributed before anything touches JAX (rnnjax.parallel).
+    parallel.initialize(config)
+    resume_from = checkpoint_lib.prepare(config, workdir, resume)  # writes nothing
     t_start = time.perf_counter()
+    cache_dir = runtime.enable_compile_cache(config.compile_cache)
+    # Data parallel (rnnjax.parallel): only process 0 writes the workdir; the mesh over the
+    # devices of every process.
+    shared_workdir = workdir  # checkpoints: saved by every process together (orbax)
+    if jax.process_index() != 0:
+        workdir = None
+    dp = parallel.DataParallel.from_config(config)
     data = load_arrays(config)
     check_data(config, data)
     t_data = time.perf_counter() - t_start
@@ -129,18 +166,49 @@ def train_and_evaluate(
         init_key
     )
     init_s = time.perf_counter() - t_init
+    state = dp.replicate(state)  # parameters and optimizer state on every device
 
-    writer = None
+    start, wall_offset, previous = 0, 0.0, []
+    if resume_from is not None:
+        # The fresh state is the abstract target: the optimizer's NamedTuples come back.
+        state = checkpoint_lib.restore(resume_from.step_dir, state, resume_from.meta)
+        start, wall_offset = resume_from.step, resume_from.wall_s
+        out.write(f"resuming from {resume_from.step_dir} after {start} steps\n")
+
+    writer = tensorboard = checkpoints = None
     if workdir is not None:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
-        writer = metrics_lib.MetricWriter(workdir)
+        purge = None
+        if resume_from is not None:
+            # Records after the last regular evaluation before the checkpoint are logged
+            # again by this run (their train sums were saved with the checkpoint).
+            logged = last_regular_eval(config, start)
+            previous = metrics_lib.history_from_records(
+                metrics_lib.truncate_metrics(workdir, logged)
+            )
+            purge = logged + 1
+        writer = metrics_lib.MetricWriter(workdir, append=resume_from is not None)
+        tensorboard = metrics_lib.TensorBoardWriter.open(workdir, purge_step=purge)
+        checkpoints = checkpoint_lib.CheckpointWriter(
+            checkpoint_lib.checkpoints_dir(workdir), config.keep_checkpoints
+        )
 
-    on_device = to_device(data)
+    if checkpoints is None and shared_workdir is not None:  # a process other than 0
+        checkpoints = checkpoint_lib.CheckpointWriter(
+            checkpoint_lib.checkpoints_dir(Path(shared_workdir)), config.keep_checkpoints
+        )
+
+    # The dataset replicated on every device (MNIST is small); each batch is split over
+    # them: the [K, B] indices on B, so every device gathers and trains on its rows, and
+    # XLA all-reduces the gradients of the global-batch mean loss.
+    on_device = dp.dataset(data)
     test_images, test_labels = on_device.test_images, on_device.test_labels
     evaluate = jax.jit(
-        functools.partial(train.evaluate, model=model, chunk=config.eval_batch_size)
+        functools.partial(train.evaluate, model=model, chunk=config.eval_batch_size,
+                          batch_sharding=dp.batch),
+        out_shardings=dp.replicated,
     )
     evaluate, compile_s = runtime.compile_timed(evaluate, state.params, test_images, test_labels)
 
@@ -150,22 +218,42 @@ def train_and_evaluate(
         images, labels = on_device.train_images, on_device.train_labels
         chunk_fn = jax.jit(
             functools.partial(train.train_steps, model=model, optimizer=optimizer),
-            donate_argnums=0,
+            donate_argnums=0, out_shardings=dp.replicated,
         )
     else:
-        batches = _stream(config, data, 0)
+        batches = _stream(config, data, start, dp.rows(config.batch_size))
         step_fn = jax.jit(
             functools.partial(train.train_step, model=model, optimizer=optimizer),
-            donate_argnums=0,
+            donate_argnums=0, out_shardings=dp.replicated,
         )
 
-    history: list[dict[str, Any]] = []
+    finite = jax.jit(lambda tree: jnp.all(jnp.stack(
+        [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)])))
+    history: list[dict[str, Any]] = list(previous)
     bar = metrics_lib.Progress(config.steps, enabled=progress)
-    train_sums = None
-    train_s = eval_s = 0.0
+    # Train metrics since the last evaluation (those of a resumed checkpoint included).
+    train_sums = None if resume_from is None else resume_from.train_sums
+    train_s = eval_s = checkpoint_s = 0.0
     t0 = None  # start of the training time not yet counted (compiles excluded)
+
+    def save_checkpoint(step: int) -> float:
+        """Save the state after this call (and the train sums not logged yet); seconds.
+
+        A state that has diverged is never saved: the last good checkpoint stays the latest.
+        """
+        t = time.perf_counter()
+        if not bool(finite((state.params, train_sums))):
+            raise TrainingDiverged(
+                f"loss or parameters became NaN or infinite by step {step}; the last good "
+                f"checkpoint is kept in {checkpoints.directory}; lower --learning-rate or set "
+                "--clip-norm"
+            )
+        checkpoints.save(state, config, train_sums=train_sums,
+                         wall_s=wall_offset + t - t_start)
+        return time.perf_counter() - t
+
     try:
-        for first, count, evaluate_after in segments(config):
+        for first, count, evaluate_after in segments(config, start):
             if t0 is None:
                 t0 = time.perf_counter()
             if config.feed == "device":
@@ -177,6 +265,7 @@ def train_and_evaluate(
                     shuffle=config.shuffle, seed=config.seed,
                 )
                 n = np.int32(count)
+                idx, n = dp.shard_steps(idx), dp.replicate(n)  # every device: its rows
                 if not compiled:
                     compiled[chunk], seconds = runtime.compile_timed(
                         chunk_fn, state, images, labels, idx, n
@@ -187,7 +276,7 @@ def train_and_evaluate(
             else:
                 step_sums_list = []
                 for _ in range(count):
-                    x, y = next(batches)
+                    x, y = dp.global_batch(next(batches), config.batch_size)
                     if not compiled:
                         compiled[1], seconds = runtime.compile_timed(step_fn, state, x, y)
                         compile_s += seconds
@@ -197,7 +286,16 @@ def train_and_evaluate(
                 sums = jax.tree.map(lambda *m: jnp.stack(m).sum(0), *step_sums_list)
             # Still on the device: summed asynchronously, read only at the log point.
             train_sums = sums if train_sums is None else jax.tree.map(jnp.add, train_sums, sums)
+            end = first + count
+            save_after = checkpoints is not None and (
+                end == config.steps
+                or (config.checkpoint_every and end % config.checkpoint_every == 0)
+            )
             if not evaluate_after:
+                if save_after:
+                    seconds = save_checkpoint(end - 1)
+                    checkpoint_s += seconds
+                    t0 += seconds
                 continue
             jax.block_until_ready(state)
             train_s += time.perf_counter() - t0
@@ -207,17 +305,21 @@ def train_and_evaluate(
             test = metrics_lib.summarize(evaluate(state.params, test_images, test_labels))
             eval_s += time.perf_counter() - t1
             trained = metrics_lib.summarize(train_sums)
-            train_sums = None
+            if step % config.eval_every == 0:
+                train_sums = None
+            # else this is the run's last step, off the eval_every grid: its sums stay for
+            # the checkpoint, so that a run resumed with more --steps logs them again at
+            # the next regular evaluation, as a run never stopped would.
             if not math.isfinite(trained["loss"]):
                 raise TrainingDiverged(
-                    f"training loss became {trained['loss']} by step {step}; lower "
-                    "--learning-rate or set --clip-norm"
+                    f"training loss became {trained['loss']} by step {step} (the loss logged "
+                    "at that step); lower --learning-rate or set --clip-norm"
                 )
             bar.close()
             out.write(f"step {step:>5}  {metrics_lib.seed_line(test['loss'], test['accuracy'])}\n")
             out.flush()
             bar.update(step + 1)
-            wall = time.perf_counter() - t_start
+            wall = wall_offset + time.perf_counter() - t_start
             record = {"step": step, "wall_s": round(wall, 3)}
             history.append({**record, "train_loss": trained["loss"],
                             "train_accuracy": trained["accuracy"],
@@ -225,10 +327,19 @@ def train_and_evaluate(
             if writer is not None:
                 writer.write({**record, "split": "train", **trained})
                 writer.write({**record, "split": "test", **test})
+            if tensorboard is not None:
+                tensorboard.write(step, "train", trained)
+                tensorboard.write(step, "test", test)
+            if save_after:
+                checkpoint_s += save_checkpoint(step)
     finally:
         bar.close()
         if writer is not None:
             writer.close()
+        if tensorboard is not None:
+            tensorboard.close()
+        if checkpoints is not None:
+            checkpoints.close()
 
     wall_s = time.perf_counter() - t_start
     last = history[-1]
@@ -239,28 +350,37 @@ def train_and_evaluate(
         "wall_s": wall_s,
         "data_s": t_data,
         "init_s": init_s,
+        "compile_cache": cache_dir,
         "compile_s": compile_s,
         "train_s": train_s,
         "eval_s": eval_s,
-        "steps_per_s": config.steps / train_s if train_s else math.nan,
+        "steps_per_s": (config.steps - start) / train_s if train_s else math.nan,
+        "checkpoint_s": checkpoint_s,
+        "resumed_from": start,
         **runtime.device_info(),
+        **dp.describe(),
         "versions": runtime.versions(),
     }
     out.write(format_summary(summary))
     out.flush()
     if workdir is not None:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        from rnnjax import plots  # matplotlib: imported only when a workdir wants the PNG
+
+        plots.learning_curves(history, workdir / "learning_curves.png",
+                              title=f"{config.cell} {config.hidden_size}, {config.dataset}")
     return RunResult(state, history, summary)
 
 
 def format_summary(s: dict[str, Any]) -> str:
     """The closing lines of a run."""
     versions = ", ".join(f"{k} {v}" for k, v in s["versions"].items())
+    cache = f" (cache {s['compile_cache']})" if s.get("compile_cache") else ""
     return (
         f"final test accuracy: {s['final_test_accuracy']:.4f} "
         f"(test cost {s['final_test_loss']:.4f}) after {s['steps']} steps\n"
         f"wall time {s['wall_s']:.2f} s: data {s['data_s']:.2f} s, init {s['init_s']:.2f} s, "
-        f"compile {s['compile_s']:.2f} s, train {s['train_s']:.2f} s "
+        f"compile {s['compile_s']:.2f} s{cache}, train {s['train_s']:.2f} s "
         f"({s['steps_per_s']:.0f} steps/s), eval {s['eval_s']:.2f} s\n"
         f"device: {s['backend']} {s['device_kind']} x{s['device_count']}; {versions}\n"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import sys
 import time
@@ -67,6 +68,108 @@ class MetricWriter:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` file."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(directory: Path, last_step: int) -> list[dict[str, Any]]:
+    """Keep only the records with ``step <= last_step`` in ``metrics.jsonl``/``.csv``.
+
+    A resumed run calls this before appending, so lines logged after its checkpoint are
+    not duplicated. Each file is rewritten whole into a temporary file, then renamed over
+    the old one. Returns the ``metrics.jsonl`` records kept.
+    """
+    kept: list[dict[str, Any]] = []
+    jsonl = directory / "metrics.jsonl"
+    if jsonl.exists():
+        lines = [line for line in jsonl.read_text().splitlines() if line.strip()]
+        keep = [line for line in lines if json.loads(line)["step"] <= last_step]
+        kept = [json.loads(line) for line in keep]
+        _replace_text(jsonl, "".join(line + "\n" for line in keep))
+    path = directory / "metrics.csv"
+    if path.exists():
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        if rows:
+            header, body = rows[0], rows[1:]
+            index = header.index("step") if "step" in header else 0
+            body = [row for row in body if row and int(row[index]) <= last_step]
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows([header, *body])
+            tmp.replace(path)
+    return kept
+
+
+def _replace_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def history_from_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``metrics.jsonl`` records -> the loop's history entries, one per step.
+
+    ``{"step", "wall_s", "split": "train", "loss", ...}`` and the ``test`` record of the
+    same step become ``{"step", "wall_s", "train_loss", ..., "test_loss", ...}``.
+    """
+    by_step: dict[int, dict[str, Any]] = {}
+    for record in records:
+        entry = by_step.setdefault(record["step"], {"step": record["step"]})
+        entry.setdefault("wall_s", record.get("wall_s"))
+        for key, value in record.items():
+            if key not in ("step", "split", "wall_s"):
+                entry[f"{record['split']}_{key}"] = value
+    return [by_step[step] for step in sorted(by_step)]
+
+
+class TensorBoardWriter:
+    """Scalars ``SPLIT/NAME`` as TensorBoard event files in a directory.
+
+    Uses ``tensorboardX`` (a light dependency of rnnjax), else ``tf.summary`` when
+    TensorFlow is installed; :func:`open` returns None (with a note) when neither is.
+    ``purge_step``: on resume, TensorBoard drops events at or after it that earlier event
+    files hold (the steps the resumed run logs again).
+    """
+
+    def __init__(self, writer: Any, kind: str) -> None:
+        self._writer = writer
+        self.kind = kind
+
+    @classmethod
+    def open(
+        cls, directory: Path, *, purge_step: int | None = None, note: TextIO = sys.stderr
+    ) -> TensorBoardWriter | None:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            pass
+        else:
+            # A diverged run logs inf/NaN on purpose; the loop reports it in one line.
+            logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
+            return cls(SummaryWriter(str(directory), purge_step=purge_step), "tensorboardX")
+        try:
+            import tensorflow as tf
+        except ImportError:
+            note.write("rnnjax: note: no TensorBoard event files (pip install tensorboardX)\n")
+            return None
+        return cls(tf.summary.create_file_writer(str(directory)), "tensorflow")
+
+    def write(self, step: int, split: str, values: dict[str, Any]) -> None:
+        """One scalar per numeric entry of ``values`` (``step`` and ``wall_s`` excluded)."""
+        scalars = {f"{split}/{k}": float(v) for k, v in values.items()
+                   if k not in ("step", "split", "wall_s") and isinstance(v, int | float)}
+        if self.kind == "tensorboardX":
+            for tag, value in scalars.items():
+                self._writer.add_scalar(tag, value, step)
+        else:
+            import tensorflow as tf
+
+            with self._writer.as_default():
+                for tag, value in scalars.items():
+                    tf.summary.scalar(tag, value, step=step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 class Progress:

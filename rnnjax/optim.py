@@ -119,8 +119,11 @@ def parse_kwargs(text: str) -> dict[str, Any]:
     """``--optimizer-kwargs`` JSON object -> dict."""
     if not text:
         return {}
+    def not_a_number(name: str) -> Any:  # JSON's NaN/Infinity extensions: no option wants one
+        raise ConfigError(f"--optimizer-kwargs: {name} is not a usable value; give numbers")
+
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=not_a_number)
     except json.JSONDecodeError as e:
         raise ConfigError(
             f"--optimizer-kwargs is not valid JSON ({e.msg}); write e.g. '{{\"b1\": 0.8}}'"

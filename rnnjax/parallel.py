@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -31,6 +32,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rnnjax.config import Config, ConfigError
+from rnnjax.data.idx import Arrays
+from rnnjax.data.pipeline import normalize_host
 
 DATA = "data"
 
@@ -108,10 +111,10 @@ def num_shards(mesh: Mesh) -> int:
     return mesh.shape[DATA]
 
 
-def check_batch(batch_size: int, mesh: Mesh, flag: str = "--batch-size") -> None:
+def check_batch(batch_size: int, devices: int, flag: str = "--batch-size") -> None:
     """Raise :class:`ConfigError` naming batch sizes that work when ``batch_size`` does not
-    divide evenly over the mesh's devices."""
-    n = num_shards(mesh)
+    divide evenly over ``devices`` (the size of the mesh's ``"data"`` axis)."""
+    n = devices
     if batch_size % n == 0:
         return
     below = batch_size // n * n
@@ -125,6 +128,8 @@ def check_batch(batch_size: int, mesh: Mesh, flag: str = "--batch-size") -> None
 def _put_global(tree: Any, sharding: NamedSharding) -> Any:
     """Host (or single-device) arrays that every process holds whole, laid out by
     ``sharding``; works across processes (each one fills only its own devices)."""
+    if jax.process_count() == 1:  # no host round trip for arrays already on a device
+        return jax.device_put(tree, sharding)
 
     def put(leaf):
         host = np.asarray(leaf)
@@ -146,7 +151,7 @@ def put_sharded(tree: Any, sharding: NamedSharding) -> Any:
 def process_rows(mesh: Mesh, batch_size: int) -> slice:
     """This process's rows of a global batch: the rows its devices hold under
     :func:`batch_sharding` (contiguous, as :func:`make_mesh` orders devices by process)."""
-    check_batch(batch_size, mesh)
+    check_batch(batch_size, num_shards(mesh))
     index_map = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
     starts = sorted({index[0].start or 0 for index in index_map.values()})
     size = batch_size // num_shards(mesh)
@@ -161,6 +166,8 @@ def put_process_batch(tree: Any, mesh: Mesh, batch_size: int) -> Any:
     """This process's rows (:func:`process_rows`) of a global batch -> the global array,
     sharded over ``"data"`` (``jax.make_array_from_process_local_data``)."""
     sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:  # the local rows are the whole batch; device_put is faster
+        return jax.device_put(tree, sharding)
     return jax.tree.map(
         lambda local: jax.make_array_from_process_local_data(
             sharding, np.asarray(local), (batch_size, *np.shape(local)[1:])
@@ -169,8 +176,72 @@ def put_process_batch(tree: Any, mesh: Mesh, batch_size: int) -> Any:
     )
 
 
+def put_dataset(data: Arrays, mesh: Mesh) -> Arrays:
+    """The whole dataset replicated on every device of ``mesh``, images normalised once to
+    float32 [N, 28, 28] in [0, 1] (as ``data.pipeline.to_device``).
+
+    Replicated, not sharded: every device can then cut any batch (in order or shuffled) by
+    a local row gather, with no communication. MNIST is 220 MB as float32, small next to
+    an accelerator's memory; a dataset that does not fit on one device belongs on
+    ``--feed stream``, where each process only holds its rows of the current batch.
+    """
+    host = Arrays(normalize_host(data.train_images), data.train_labels,
+                  normalize_host(data.test_images), data.test_labels)
+    return put_replicated(host, mesh)
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """A data-parallel layout over ``mesh``: its shardings and how to place arrays on it."""
+
+    mesh: Mesh
+
+    @classmethod
+    def from_config(cls, config: Config) -> DataParallel:
+        """The mesh over ``--num-devices`` devices of every process; the batch must divide
+        evenly over them (:class:`ConfigError` naming sizes that do, otherwise)."""
+        mesh = make_mesh(num_devices=config.num_devices)
+        check_batch(config.batch_size, num_shards(mesh))
+        return cls(mesh)
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return replicated(self.mesh)
+
+    @property
+    def batch(self) -> NamedSharding:
+        return batch_sharding(self.mesh)
+
+    @property
+    def steps(self) -> NamedSharding:
+        return steps_sharding(self.mesh)
+
+    def replicate(self, tree: Any) -> Any:
+        """:func:`put_replicated`."""
+        return put_replicated(tree, self.mesh)
+
+    def shard_steps(self, indices: np.ndarray) -> jax.Array:
+        """Global int32 [K, B] batch indices (the same on every process), split on B."""
+        return put_sharded(indices, self.steps)
+
+    def rows(self, batch_size: int) -> slice:
+        """:func:`process_rows`."""
+        return process_rows(self.mesh, batch_size)
+
+    def global_batch(self, local: Any, batch_size: int) -> Any:
+        """:func:`put_process_batch`."""
+        return put_process_batch(local, self.mesh, batch_size)
+
+    def dataset(self, data: Arrays) -> Arrays:
+        """:func:`put_dataset`."""
+        return put_dataset(data, self.mesh)
+
+    def describe(self) -> dict[str, Any]:
+        return describe(self.mesh)
+
+
 def describe(mesh: Mesh) -> dict[str, Any]:
-    """JSON-able facts of the layout: devices, processes, per-device batch divisor."""
+    """JSON-able facts of the layout: devices in the mesh (all, this process's), processes."""
     return {
         "mesh_devices": int(mesh.size),
         "local_mesh_devices": len(mesh.local_devices),

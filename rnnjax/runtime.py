@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from typing import Any
 
 import jax
 
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
+PACKAGES = ("jax", "jaxlib", "optax", "orbax-checkpoint", "numpy")
 
 
 def versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
@@ -47,6 +48,24 @@ def device_info(device: jax.Device | None = None) -> dict[str, Any]:
         "device_kind": kind,
         "device_count": jax.device_count(device.platform),
     }
+
+
+def enable_compile_cache(setting: str) -> str | None:
+    """Point JAX's persistent compilation cache at ``setting`` ('auto', 'off' or a path).
+
+    Every compiled program is cached (no minimum compile time), keyed by JAX on the
+    program, backend, versions and flags. Returns the directory, or None when off.
+    """
+    if setting == "off":
+        return None
+    if setting == "auto":
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        setting = os.path.join(base, "rnnjax", "jax")
+    path = os.path.abspath(os.path.expanduser(setting))
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
 
 
 def compile_timed(jitted: Callable, *args: Any) -> tuple[Callable, float]:

@@ -136,14 +136,25 @@ def eval_step(
 
 
 def evaluate(
-    params: Params, images: jax.Array, labels: jax.Array, *, model: Model, chunk: int
+    params: Params,
+    images: jax.Array,
+    labels: jax.Array,
+    *,
+    model: Model,
+    chunk: int,
+    batch_sharding: jax.sharding.Sharding | None = None,
 ) -> Metrics:
     """Metrics over a whole set, ``chunk`` examples at a time (the last one padded, masked).
 
     images: float32 [N, 28, 28] in [0, 1] on the device, labels: int32 [N].
+    batch_sharding: lay each chunk out so (``rnnjax.parallel.batch_sharding``: its rows
+    split over the devices); the chunk is then rounded up to a multiple of the device
+    count, the extra rows masked padding.
     """
     n = labels.shape[0]
     chunk = min(chunk, n)
+    if batch_sharding is not None:
+        chunk = -(-chunk // batch_sharding.num_devices) * batch_sharding.num_devices
     pad = -n % chunk
     images = jnp.pad(images, ((0, pad), (0, 0), (0, 0))).reshape(-1, chunk, *images.shape[1:])
     labels = jnp.pad(labels, (0, pad)).reshape(-1, chunk)
@@ -151,6 +162,8 @@ def evaluate(
 
     def body(totals, batch):
         x, y, m = batch
+        if batch_sharding is not None:
+            x, y, m = jax.lax.with_sharding_constraint((x, y, m), batch_sharding)
         metrics = eval_step(params, x, y, m, model=model)
         return jax.tree.map(jnp.add, totals, metrics), None
 

@@ -64,3 +64,88 @@ def test_unwritable_workdir_is_refused_before_training(capsys, tmp_path):
     code = main(["train", "--workdir", str(blocker / "run")])
     assert code == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def _saved_checkpoint(workdir):
+    """A real checkpoint of a tiny config in ``workdir`` (a made-up state, no training)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from rnnjax import checkpoint, train
+    from rnnjax.config import Config
+    from rnnjax.model import make_model
+    from rnnjax.optim import make_optimizer
+
+    config = Config(hidden_size=4, steps=10)
+    create = functools.partial(train.create_state, model=make_model(config),
+                               optimizer=make_optimizer(config))
+    state = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype),
+                         jax.eval_shape(create, jax.random.key(0)))
+    with checkpoint.CheckpointWriter(checkpoint.checkpoints_dir(workdir), keep=1) as writer:
+        return writer.save(state, config)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    return _saved_checkpoint(tmp_path / "run")
+
+
+def _one_line_error(capsys, argv, message):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("rnnjax: error: ") and err.count("\n") == 1, err
+    assert message in err, err
+
+
+def test_eval_and_predict_bad_checkpoints_give_one_line(capsys, tmp_path, saved):
+    _one_line_error(capsys, ["eval", str(tmp_path / "nowhere")], "no such file or directory")
+    (tmp_path / "empty").mkdir()
+    _one_line_error(capsys, ["eval", str(tmp_path / "empty")], "holds no checkpoint")
+    _one_line_error(capsys, ["predict", str(tmp_path / "empty"), "x.png"], "holds no checkpoint")
+    for f in (saved / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"\0" * f.stat().st_size)  # damaged array data
+    _one_line_error(capsys, ["eval", str(saved), "--out", str(tmp_path / "cm.png")],
+                    "is corrupt")
+    (saved / "meta" / "metadata").write_text("{truncated")
+    _one_line_error(capsys, ["eval", str(saved.parent.parent)], "is corrupt: its meta/")
+
+
+def test_predict_bad_images_give_one_line(capsys, tmp_path, saved):
+    import numpy as np
+    from PIL import Image
+
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    _one_line_error(capsys, ["predict", str(saved), str(text)], "not an image file")
+    _one_line_error(capsys, ["predict", str(saved), str(tmp_path / "gone.png")], "no such file")
+    _one_line_error(capsys, ["predict", str(saved), str(tmp_path)], "is a directory")
+    digit = np.zeros((40, 40), np.uint8)
+    digit[10:30, 18:22] = 255
+    Image.fromarray(digit).save(tmp_path / "one.png")
+    cut = tmp_path / "cut.png"
+    cut.write_bytes((tmp_path / "one.png").read_bytes()[:60])  # truncated file
+    _one_line_error(capsys, ["predict", str(saved), str(tmp_path / "one.png"), str(cut)],
+                    "cut.png: unreadable")
+    Image.fromarray(np.full((40, 40), 255, np.uint8)).save(tmp_path / "white.jpg")
+    _one_line_error(capsys, ["predict", str(saved), str(tmp_path / "white.jpg")],
+                    "white.jpg: no ink found")
+
+
+def test_resume_and_existing_checkpoints_on_the_command_line(capsys, tmp_path, saved):
+    work = saved.parent.parent
+    _one_line_error(capsys, ["train", "--resume"], "--resume needs --workdir")
+    _one_line_error(capsys, ["train", "--resume", "--workdir", str(tmp_path / "new")],
+                    "no checkpoint in")
+    _one_line_error(capsys, ["train", "--checkpoint-every", "5"], "needs --workdir")
+    before = sorted(p.name for p in work.iterdir())
+    _one_line_error(capsys, ["train", "--steps", "3", "--workdir", str(work)],
+                    "already holds checkpoints")
+    _one_line_error(capsys, ["train", "--workdir", str(work), "--resume", "--hidden-size", "9"],
+                    "--hidden-size 9 differs from 4")
+    _one_line_error(capsys, ["train", "--workdir", str(work), "--resume", "--steps", "1"],
+                    "already trained 1 steps")
+    assert sorted(p.name for p in work.iterdir()) == before == ["checkpoints"]

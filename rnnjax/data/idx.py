@@ -34,6 +34,8 @@ _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
 # Far above any 28x28 set (MNIST's train images are 47 MB); guards against a header that
 # declares terabytes: such a file is rejected before anything that size is allocated.
 MAX_BYTES = 1 << 32
+# IDX allows 255 dimensions; NumPy holds 32 (NumPy 1) or 64 (NumPy 2). Real files use 1-4.
+MAX_NDIM = 32
 
 
 class IdxError(ValueError):
@@ -104,16 +106,23 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
         raise IdxError(f"{name}: unknown IDX dtype code 0x{code:02x}")
     if ndim == 0:
         raise IdxError(f"{name}: IDX header declares 0 dimensions")
+    if ndim > MAX_NDIM:
+        raise IdxError(f"{name}: IDX header declares {ndim} dimensions, more than the "
+                       f"{MAX_NDIM} supported; not an IDX file of a dataset")
     header = 4 + 4 * ndim
     if len(data) < header:
         raise IdxError(f"{name}: truncated header ({len(data)} of {header} bytes)")
     shape = tuple(int(s) for s in np.frombuffer(data, ">u4", count=ndim, offset=4))
     dtype = np.dtype(_DTYPES[code])
-    expected = dtype.itemsize
+    expected = extent = dtype.itemsize
     for s in shape:
         expected *= s
+        extent *= max(s, 1)  # bounded too: NumPy cannot shape even an empty array past 2^63
         if expected > MAX_BYTES:
             raise IdxError(f"{name}: header declares {shape}, over {MAX_BYTES} bytes")
+    if extent > MAX_BYTES:
+        raise IdxError(f"{name}: header declares {shape}: no data, but sizes whose product "
+                       f"is over {MAX_BYTES}; the header is corrupt")
     actual = len(data) - header
     if actual < expected:
         raise IdxError(
@@ -138,8 +147,15 @@ def read_md5sums(directory: Path) -> dict[str, str]:
     for name in ("MD5SUMS.raw", "MD5SUMS"):
         path = directory / name
         if path.is_file():
+            try:
+                text = path.read_bytes().decode("utf-8")
+            except OSError as e:
+                raise IdxError(f"{path}: cannot read ({e.strerror or e})") from e
+            except UnicodeDecodeError as e:
+                raise IdxError(f"{path}: not a text checksum file ({e.reason} at byte "
+                               f"{e.start}); fix or delete it") from e
             sums = {}
-            for line in path.read_text().splitlines():
+            for line in text.splitlines():
                 parts = line.split()
                 if len(parts) == 2:
                     sums[parts[1].lstrip("*").removesuffix(".gz")] = parts[0].lower()

@@ -73,11 +73,17 @@ def host_batches(
     shuffle: bool = False,
     seed: int = 0,
     chunk: int = 256,
+    rows: slice | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(float32 [B, 28, 28], int32 [B])`` for each step, from NumPy arrays."""
+    """Yield ``(float32 [B, 28, 28], int32 [B])`` for each step, from NumPy arrays.
+
+    rows: only these rows of every batch (a process's share, ``rnnjax.parallel``).
+    """
     for first in range(start_step, start_step + num_steps, chunk):
         count = min(chunk, start_step + num_steps - first)
         idx = batch_indices(len(labels), batch_size, first, count, shuffle=shuffle, seed=seed)
+        if rows is not None:
+            idx = idx[:, rows]
         for row in idx:
             yield normalize_host(images[row]), labels[row]
 

@@ -7,6 +7,9 @@ the four IDX files from a manual directory with rnnjax's strict reader (content 
 MNIST), keeps the files' example order (``disable_shuffling``) and writes a standard tfds
 dataset once into the tfds data dir. Later runs reuse it; tfds writes into a temporary
 directory and renames it when complete, so an interrupted build is redone, not reused.
+The config is keyed by the files' content as well as their directory: files replaced in
+place get a build of their own, never the stale one. A tfds dir that cannot be written is
+a :class:`~rnnjax.config.ConfigError` naming it (a finished build there is only read).
 
 Importing this module imports TensorFlow (CPU only: it is hidden from any GPU so that JAX
 keeps the accelerator). Training never needs it unless ``--source tfds`` is asked for.
@@ -15,6 +18,8 @@ keeps the accelerator). Training never needs it unless ``--source tfds`` is aske
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
@@ -23,7 +28,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from rnnjax.data.idx import Arrays, load_idx_dir
+from rnnjax.config import ConfigError
+from rnnjax.data.idx import FILES, Arrays, IdxError, find_file, load_idx_dir
 from rnnjax.data.pipeline import PIXEL_SCALE
 
 tf.config.set_visible_devices([], "GPU")
@@ -70,23 +76,83 @@ class RnnjaxIdx(tfds.core.GeneratorBasedBuilder):
             yield i, {"image": image[:, :, None], "label": int(label)}
 
 
-def config_name(name: str, directory: Path) -> str:
-    """One tfds config per dataset: its name, plus a hash of the directory it came from."""
-    digest = hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:8]
+def content_digest(directory: Path, checksums: dict[str, str] | None = None) -> str:
+    """A hash of what a build is made from: the four files' raw bytes (as found, gzip or
+    not), any ``MD5SUMS(.raw)`` file and the expected checksums. Cheap next to a build."""
+    digest = hashlib.sha1()
+    for stem in FILES.values():
+        path = find_file(directory, stem)
+        try:
+            with path.open("rb") as f:
+                file_hash = hashlib.file_digest(f, "sha1").digest()
+        except OSError as e:
+            raise IdxError(f"{path}: cannot read ({e.strerror or e})") from e
+        digest.update(path.name.encode() + b"\0" + file_hash)
+    for name in ("MD5SUMS.raw", "MD5SUMS"):
+        path = directory / name
+        if path.is_file():
+            try:
+                digest.update(name.encode() + b"\0" + path.read_bytes())
+            except OSError as e:
+                raise IdxError(f"{path}: cannot read ({e.strerror or e})") from e
+    digest.update(json.dumps(sorted((checksums or {}).items())).encode())
+    return digest.hexdigest()[:12]
+
+
+def config_name(name: str, directory: Path, checksums: dict[str, str] | None = None) -> str:
+    """One tfds config per dataset: its name, a hash of the directory it came from and
+    :func:`content_digest` (so replacing the files in place rebuilds, never reuses)."""
+    where = hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:8]
     safe = "".join(c if c.isalnum() else "_" for c in name.lower())
-    return f"{safe}_{digest}"
+    return f"{safe}_{where}_{content_digest(directory, checksums)}"
+
+
+def _finished(data_dir: Path) -> bool:
+    """tfds renames a build into place with its ``dataset_info.json``, only once complete."""
+    return (data_dir / "dataset_info.json").is_file()
 
 
 def prepare(
     name: str, directory: Path, checksums: dict[str, str] | None, tfds_dir: str = ""
 ) -> tfds.core.DatasetBuilder:
-    """The ``rnnjax_idx`` builder for ``directory``, prepared (built once, then reused)."""
-    config = tfds.core.BuilderConfig(name=config_name(name, directory),
+    """The ``rnnjax_idx`` builder for ``directory``, prepared (built once, then reused).
+
+    A build killed midway (tfds' ``incomplete.*`` directory, or a version directory without
+    its ``dataset_info.json``) is never used: it is built again. When another process
+    finishes the same build first, its build is used.
+    """
+    config = tfds.core.BuilderConfig(name=config_name(name, directory, checksums),
                                      description=f"{name} from {directory}")
-    builder = RnnjaxIdx(config=config, data_dir=tfds_dir or None, checksums=checksums)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(directory))
-    )
+    download_config = tfds.download.DownloadConfig(manual_dir=str(directory))
+    where = tfds_dir or "~/tensorflow_datasets"
+    try:
+        builder = RnnjaxIdx(config=config, data_dir=tfds_dir or None, checksums=checksums)
+        where = str(builder.data_dir_root)
+        data_dir = Path(builder.data_dir)
+        if data_dir.exists() and not _finished(data_dir):  # not tfds' work: damaged
+            shutil.rmtree(data_dir)
+        builder.download_and_prepare(download_config=download_config)
+    except OSError as e:
+        # Another process may have renamed the same build into place first: use it.
+        builder = _finished_builder(config, tfds_dir, checksums, download_config)
+        if builder is None:
+            raise ConfigError(
+                f"--tfds-dir {where}: cannot write the tfds build of {name} there ({e}); "
+                "pass --tfds-dir a writable directory (a build finished there once is "
+                "only read afterwards)"
+            ) from e
+    return builder
+
+
+def _finished_builder(config, tfds_dir, checksums, download_config) -> RnnjaxIdx | None:
+    """The builder of ``config`` if its build is finished (and readable), else None."""
+    try:
+        builder = RnnjaxIdx(config=config, data_dir=tfds_dir or None, checksums=checksums)
+        if not _finished(Path(builder.data_dir)):
+            return None
+        builder.download_and_prepare(download_config=download_config)
+    except OSError:
+        return None
     return builder
 
 
@@ -97,10 +163,17 @@ def load_arrays(
     builder = prepare(name, directory, checksums, tfds_dir)
     out = []
     for split in ("train", "test"):
-        images, labels = tfds.as_numpy(
-            builder.as_dataset(split=split, batch_size=-1, as_supervised=True,
-                               shuffle_files=False)
-        )
+        try:
+            images, labels = tfds.as_numpy(
+                builder.as_dataset(split=split, batch_size=-1, as_supervised=True,
+                                   shuffle_files=False)
+            )
+        except tf.errors.OpError as e:
+            problem = " ".join(str(e.message).split())[-160:]
+            raise ConfigError(
+                f"--tfds-dir: the tfds build {builder.data_dir} is damaged ({problem}); "
+                "delete that directory and run again: it is rebuilt from the IDX files"
+            ) from e
         out += [images[..., 0], labels.astype(np.int32)]
     return Arrays(*out)
 
@@ -115,6 +188,7 @@ def train_batches(
     start_step: int = 0,
     shuffle: bool = False,
     seed: int = 0,
+    rows: slice | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The tf.data training feed: endless ``(float32 [B, 28, 28], int32 [B])`` batches.
 
@@ -122,6 +196,9 @@ def train_batches(
     continuous stream that wraps after the last example. Shuffled, it uses tf.data's
     seeded full-buffer shuffle, reshuffled each epoch (deterministic for a seed, but not
     the same order as the device feed's). ``start_step`` skips that many batches.
+    ``rows``: keep only these rows of every global batch (a process's share with several
+    processes, ``rnnjax.parallel.process_rows``; the same seed gives every process the
+    same global order), cut before the float conversion and the host-to-device copy.
     """
     builder = prepare(name, directory, checksums, tfds_dir)
     ds = builder.as_dataset(split="train", as_supervised=True, shuffle_files=False)
@@ -130,6 +207,8 @@ def train_batches(
         ds = ds.shuffle(size, seed=seed, reshuffle_each_iteration=True)
     table = tf.constant(PIXEL_SCALE)
     ds = ds.repeat().batch(batch_size, drop_remainder=True).skip(start_step)
+    if rows is not None:
+        ds = ds.map(lambda x, y: (x[rows.start:rows.stop], y[rows.start:rows.stop]))
     ds = ds.map(
         lambda x, y: (tf.gather(table, tf.cast(x[..., 0], tf.int32)), tf.cast(y, tf.int32)),
         num_parallel_calls=tf.data.AUTOTUNE,

@@ -1,0 +1,401 @@
+"""Checkpoints: the whole train state and the run's config, with orbax (a leaf module).
+
+Layout, ``WORKDIR/checkpoints/<S>/`` for the state after ``S`` steps::
+
+    state/   the TrainState pytree (step, params, opt_state), orbax StandardSave
+    meta/    JSON: the run's config, the step, the train-metric sums not yet logged,
+             the wall time so far and a SHA-256 of the state's bytes
+
+Writes are atomic. orbax's :class:`CheckpointManager` writes a step into
+``<S>.orbax-checkpoint-tmp-<time>/``, puts ``commit_success.txt`` in it once every item
+is written, and only then renames it to ``<S>/`` (``AtomicRenameTemporaryPath``, its
+default on local file systems). :func:`list_steps` counts only directories named by an
+integer that hold ``commit_success.txt``, so a save cut short is never taken for the
+latest; the next writer deletes its leftover temporary directory.
+
+orbax is imported on first use, so importing this module (the CLI does) stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import math
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rnnjax.config import Config, ConfigError, from_dict, to_dict
+
+CHECKPOINTS = "checkpoints"
+COMMIT_FILE = "commit_success.txt"
+FORMAT = 1
+
+# Fields that may differ between a checkpoint's config and the run resuming it: where data
+# lives, how the work is cut into calls and saved. Every other field changes the results
+# (``steps`` too when a schedule decays over it; see check_resumable).
+RUN_SETTINGS = frozenset({
+    "steps", "data_dir", "tfds_dir", "source", "feed", "steps_per_call", "eval_batch_size",
+    "compile_cache", "checkpoint_every", "keep_checkpoints",
+    "num_devices", "coordinator_address", "num_processes", "process_id",
+})
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, corrupt or does not fit; the message says the fix."""
+
+
+def _ocp():
+    """orbax.checkpoint, imported on first use, with absl's INFO/WARNING chatter off."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+@contextlib.contextmanager
+def _quiet_stragglers(grace_s: float = 0.5) -> Iterator[None]:
+    """Keep a failed orbax read from spraying tracebacks after its one clean error.
+
+    When one tensorstore read of a restore fails, orbax's event loop closes while the
+    other reads are still in flight; each then reports ``RuntimeError: Event loop is
+    closed`` through ``sys.unraisablehook``. Those (and only those) are dropped while the
+    restore runs and for ``grace_s`` after it fails, then the previous hook is back.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    except BaseException:
+        time.sleep(grace_s)
+        raise
+    finally:
+        sys.unraisablehook = previous
+
+
+def _one_line(error: BaseException, limit: int = 160) -> str:
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    first = first if len(first) <= limit else first[: limit - 3] + "..."
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def checkpoints_dir(workdir: Path | str) -> Path:
+    """Where the checkpoints of a run in ``workdir`` live."""
+    return Path(workdir) / CHECKPOINTS
+
+
+def list_steps(directory: Path | str) -> list[int]:
+    """The finished checkpoints in a checkpoints directory, oldest first.
+
+    A directory counts only when its name is an integer and it holds orbax's commit file:
+    temporary directories of a save in flight (or killed) never do.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    steps = []
+    for child in directory.iterdir():
+        if child.name.isdigit() and child.is_dir() and (child / COMMIT_FILE).is_file():
+            steps.append(int(child.name))
+    return sorted(steps)
+
+
+def latest_step(directory: Path | str) -> int | None:
+    """The newest finished checkpoint in ``directory``, or None."""
+    steps = list_steps(directory)
+    return steps[-1] if steps else None
+
+
+def has_checkpoints(workdir: Path | str) -> bool:
+    """True when ``workdir/checkpoints`` holds a finished checkpoint.
+
+    The leftovers of a save killed before it finished do not count (the next writer
+    deletes them): such a workdir holds nothing to resume, and nothing to lose.
+    """
+    return bool(list_steps(checkpoints_dir(workdir)))
+
+
+def latest_checkpoint(workdir: Path | str) -> Path:
+    """The step directory ``--resume`` continues from: the latest in ``workdir``."""
+    directory = checkpoints_dir(workdir)
+    step = latest_step(directory)
+    if step is None:
+        raise CheckpointError(
+            f"--resume: no checkpoint in {directory}; train without --resume to start the "
+            "run (checkpoints are saved at its end, or every --checkpoint-every steps)"
+        )
+    return directory / str(step)
+
+
+def resolve(path: Path | str) -> Path:
+    """The step directory that ``path`` names: a step directory itself, a checkpoints
+    directory or a workdir (their latest finished checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"checkpoint {path}: no such file or directory; pass a step directory "
+            "(WORKDIR/checkpoints/STEP) or a workdir that holds checkpoints"
+        )
+    if not path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path}: not a directory; pass a step directory "
+            "(WORKDIR/checkpoints/STEP) or a workdir that holds checkpoints"
+        )
+    if (path / "meta").is_dir() or (path / "state").is_dir() or (path / COMMIT_FILE).exists():
+        if not (path / COMMIT_FILE).is_file():
+            raise CheckpointError(
+                f"checkpoint {path} is incomplete (its save never finished); pass another "
+                f"step directory of {path.parent}"
+            )
+        return path
+    for directory in (path, checkpoints_dir(path)):
+        step = latest_step(directory)
+        if step is not None:
+            return directory / str(step)
+    raise CheckpointError(
+        f"{path} holds no checkpoint; pass a step directory (WORKDIR/checkpoints/STEP) or "
+        "a workdir trained with --workdir"
+    )
+
+
+def digest(state: Any) -> str:
+    """SHA-256 of a pytree's leaves (dtype, shape and bytes, in flattening order)."""
+    import jax
+
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get(state)):
+        array = np.ascontiguousarray(leaf)
+        h.update(f"{array.dtype.str}{array.shape}".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def encode_sums(sums: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Additive metric sums -> JSON (each value with its dtype, so it comes back exact)."""
+    if sums is None:
+        return None
+    out = {}
+    for name, value in sums.items():
+        array = np.asarray(value)
+        out[name] = {"dtype": array.dtype.name, "value": array.item()}
+    return out
+
+
+def decode_sums(encoded: Mapping[str, Any] | None) -> dict[str, np.ndarray] | None:
+    """Inverse of :func:`encode_sums`: 0-d NumPy arrays of the saved dtypes."""
+    if encoded is None:
+        return None
+    return {name: np.asarray(v["value"], dtype=v["dtype"]) for name, v in encoded.items()}
+
+
+class CheckpointWriter:
+    """Saves train states into a checkpoints directory, keeping the latest ``keep``."""
+
+    def __init__(self, directory: Path | str, keep: int) -> None:
+        ocp = _ocp()
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+            create=True,
+            cleanup_tmp_directories=True,  # a save cut short by a kill: its tmp dir goes
+            enable_async_checkpointing=False,  # the next call may donate the state's buffers
+        )
+        self._ocp = ocp
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta")
+        )
+
+    def save(
+        self,
+        state: Any,
+        config: Config,
+        *,
+        train_sums: Mapping[str, Any] | None = None,
+        wall_s: float = 0.0,
+    ) -> Path:
+        """Save ``state`` as ``<state.step>/`` (no-op when that step exists); its path."""
+        step = int(np.asarray(state.step))
+        path = self.directory / str(step)
+        if step in self._manager.all_steps() and (path / COMMIT_FILE).is_file():
+            return path
+        meta = {
+            "format": FORMAT,
+            "step": step,
+            "config": to_dict(config),
+            "train_sums": encode_sums(train_sums),
+            "wall_s": wall_s if math.isfinite(wall_s) else 0.0,
+            "state_sha256": digest(state),
+        }
+        ocp = self._ocp
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
+        self._manager.wait_until_finished()
+        return path
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_meta(step_dir: Path | str) -> dict[str, Any]:
+    """The JSON saved beside a checkpoint's state."""
+    step_dir = Path(step_dir)
+    ocp = _ocp()
+    try:
+        with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
+            meta = reader.restore(step_dir.absolute() / "meta")
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint {step_dir} is corrupt: its meta/ cannot be read ({_one_line(e)}); "
+            f"pass another step directory of {step_dir.parent}, or delete this one"
+        ) from e
+    if not isinstance(meta, dict) or "config" not in meta or "step" not in meta:
+        raise CheckpointError(
+            f"checkpoint {step_dir} is not an rnnjax checkpoint (meta/ lacks config and "
+            "step); pass a directory written by rnnjax train --workdir"
+        )
+    return meta
+
+
+def read_config(step_dir: Path | str, meta: Mapping[str, Any] | None = None) -> Config:
+    """The config a checkpoint was trained with."""
+    meta = read_meta(step_dir) if meta is None else meta
+    try:
+        return from_dict(dict(meta["config"]))
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {step_dir}: its config does not load ({e})") from e
+
+
+def restore(step_dir: Path | str, target: Any, meta: Mapping[str, Any] | None = None) -> Any:
+    """The state saved in ``step_dir``, with the structure, dtypes and devices of ``target``.
+
+    ``target`` is a fresh state of the checkpoint's config (``train.create_state``): its
+    shapes form the abstract restore target, so optimizer states come back as the same
+    NamedTuples. The restored bytes are checked against the SHA-256 saved with them.
+    """
+    import jax
+
+    step_dir = Path(step_dir)
+    meta = read_meta(step_dir) if meta is None else meta
+    ocp = _ocp()
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+        with _quiet_stragglers(), ocp.StandardCheckpointer() as reader:
+            state = reader.restore(step_dir.absolute() / "state", abstract)
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint {step_dir} is corrupt or does not match its config: the state "
+            f"cannot be restored ({_one_line(e)}); pass another step directory of "
+            f"{step_dir.parent}, or delete this one"
+        ) from e
+    expected = meta.get("state_sha256")
+    if expected and digest(state) != expected:
+        raise CheckpointError(
+            f"checkpoint {step_dir} is corrupt: the restored state does not match the "
+            f"checksum saved with it; pass another step directory of {step_dir.parent}, "
+            "or delete this one"
+        )
+    return state
+
+
+def check_resumable(saved: Config, current: Config, where: Path | str = "the checkpoint") -> None:
+    """Refuse to resume ``saved`` as ``current`` when a field that changes results differs.
+
+    ``steps`` may grow (a constant learning rate), every field of :data:`RUN_SETTINGS`
+    may change; any other difference is an error naming the field and the fix.
+    """
+    for f in dataclasses.fields(Config):
+        name, old, new = f.name, getattr(saved, f.name), getattr(current, f.name)
+        if old == new:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name == "steps" and saved.schedule != "constant":
+            raise CheckpointError(
+                f"--steps {new} differs from {old} in {where}, and --schedule "
+                f"{saved.schedule} decays over --steps; resume with --steps {old}, or "
+                "train into another --workdir"
+            )
+        if name not in RUN_SETTINGS:
+            raise CheckpointError(
+                f"{flag} {new} differs from {old} in {where} (it changes results); resume "
+                f"with {flag} {old} (or leave the flag out), or train into another --workdir"
+            )
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a run continues from."""
+
+    step_dir: Path
+    step: int
+    meta: dict[str, Any]
+
+    @property
+    def train_sums(self) -> dict[str, np.ndarray] | None:
+        return decode_sums(self.meta.get("train_sums"))
+
+    @property
+    def wall_s(self) -> float:
+        return float(self.meta.get("wall_s") or 0.0)
+
+
+def prepare(config: Config, workdir: Path | str | None, resume: bool) -> ResumePoint | None:
+    """Check a run's checkpoint settings before anything is written.
+
+    Checkpoints need a workdir. Without ``resume`` a workdir that already holds
+    checkpoints is refused (nothing is overwritten); with it, the latest checkpoint is
+    found and checked against ``config`` (:func:`check_resumable`, and ``--steps`` beyond
+    its step), and returned.
+    """
+    if workdir is None:
+        if resume:
+            raise CheckpointError("--resume needs --workdir DIR, the run to continue")
+        if config.checkpoint_every:
+            raise CheckpointError(
+                "--checkpoint-every needs --workdir DIR (checkpoints go in DIR/checkpoints)"
+            )
+        return None
+    directory = checkpoints_dir(workdir)
+    if not resume:
+        if has_checkpoints(workdir):
+            raise CheckpointError(
+                f"{workdir} already holds checkpoints ({directory}); pass --resume to "
+                "continue that run, or choose another --workdir"
+            )
+        return None
+    step_dir = latest_checkpoint(workdir)
+    step = int(step_dir.name)
+    meta = read_meta(step_dir)
+    check_resumable(read_config(step_dir, meta), config, step_dir)
+    if step >= config.steps:
+        raise CheckpointError(
+            f"--resume: {step_dir} has already trained {step} steps of --steps "
+            f"{config.steps}; pass a larger --steps to train on"
+        )
+    return ResumePoint(step_dir, step, dict(meta))
+

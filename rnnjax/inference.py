@@ -1,0 +1,121 @@
+"""Using a checkpoint: load it, evaluate it on a test set, classify image files.
+
+The functions named ``*_logits`` are pure (jit them where used); :func:`load` reads files.
+Images reach the model exactly as in training: uint8 pixels through
+``data.pipeline.normalize_host``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rnnjax import checkpoint, train
+from rnnjax.config import Config
+from rnnjax.data.pipeline import normalize_host
+from rnnjax.model import Model, make_model
+from rnnjax.optim import make_optimizer
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A restored checkpoint and the model it describes."""
+
+    config: Config
+    state: train.TrainState
+    model: Model
+    step_dir: Path
+
+    @property
+    def step(self) -> int:
+        return int(np.asarray(self.state.step))
+
+
+def fresh_state(config: Config) -> tuple[train.TrainState, Model]:
+    """A new state of ``config`` (the loop's initialisation) and its model."""
+    model = make_model(config)
+    optimizer = make_optimizer(config)
+    key = jax.random.split(jax.random.key(config.seed))[0]
+    create = functools.partial(train.create_state, model=model, optimizer=optimizer)
+    return jax.jit(create)(key), model
+
+
+def load(path: Path | str) -> Loaded:
+    """The checkpoint ``path`` names (a step directory, or a workdir: its latest)."""
+    step_dir = checkpoint.resolve(path)
+    meta = checkpoint.read_meta(step_dir)
+    config = checkpoint.read_config(step_dir, meta)
+    target, model = fresh_state(config)
+    state = checkpoint.restore(step_dir, target, meta)
+    return Loaded(config, state, model, step_dir)
+
+
+def batched_logits(params: Any, images: jax.Array, *, model: Model, chunk: int) -> jax.Array:
+    """Logits float32 [N, C] of images float32 [N, 28, 28], ``chunk`` at a time."""
+    n = images.shape[0]
+    chunk = max(1, min(chunk, n))
+    pad = -n % chunk
+    padded = jnp.pad(images, ((0, pad), (0, 0), (0, 0)))
+    logits = jax.lax.map(lambda x: model.apply(params, x), padded.reshape(-1, chunk, 28, 28))
+    return logits.reshape(n + pad, -1)[:n]
+
+
+def logits_of(loaded: Loaded, images: np.ndarray) -> np.ndarray:
+    """Logits [N, C] of uint8 images [N, 28, 28]."""
+    fn = jax.jit(functools.partial(batched_logits, model=loaded.model,
+                                   chunk=loaded.config.eval_batch_size))
+    return np.asarray(fn(loaded.state.params, jnp.asarray(normalize_host(images))))
+
+
+def probabilities(loaded: Loaded, images: np.ndarray) -> np.ndarray:
+    """Class probabilities float [N, C] of uint8 images [N, 28, 28]."""
+    return np.asarray(jax.nn.softmax(logits_of(loaded, images), axis=-1))
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int) -> np.ndarray:
+    """``matrix[true, predicted]``: int64 [C, C] counts."""
+    flat = np.asarray(labels, np.int64) * classes + np.asarray(predictions, np.int64)
+    return np.bincount(flat, minlength=classes * classes).reshape(classes, classes)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Test-set results of a checkpoint."""
+
+    loss: float
+    accuracy: float
+    confusion: np.ndarray  # int64 [C, C], rows true, columns predicted
+
+    def per_class(self) -> list[tuple[int, int, int, float]]:
+        """``(class, examples, correct, accuracy)`` per class."""
+        rows = []
+        for c in range(self.confusion.shape[0]):
+            total, correct = int(self.confusion[c].sum()), int(self.confusion[c, c])
+            rows.append((c, total, correct, correct / total if total else float("nan")))
+        return rows
+
+    def table(self) -> str:
+        """The per-class accuracy table, one line per class and a total."""
+        lines = ["class  examples  correct  accuracy"]
+        for c, total, correct, accuracy in self.per_class():
+            lines.append(f"{c:>5}  {total:>8}  {correct:>7}  {accuracy:>8.4f}")
+        total, correct = int(self.confusion.sum()), int(np.trace(self.confusion))
+        lines.append(f"{'all':>5}  {total:>8}  {correct:>7}  {self.accuracy:>8.4f}")
+        return "\n".join(lines) + "\n"
+
+
+def evaluate(loaded: Loaded, images: np.ndarray, labels: np.ndarray) -> Evaluation:
+    """Loss, accuracy and confusion matrix on uint8 images [N, 28, 28], int labels [N]."""
+    logits = logits_of(loaded, images)
+    labels = np.asarray(labels, np.int32)
+    loss = float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
+    predictions = logits.argmax(axis=-1)
+    confusion = confusion_matrix(labels, predictions, loaded.config.num_classes)
+    return Evaluation(loss, float((predictions == labels).mean()), confusion)

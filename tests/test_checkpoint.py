@@ -1,0 +1,364 @@
+"""Checkpoints, resume, TensorBoard/curves, eval and predict, and the image conversion."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import glob
+import io
+import json
+import shutil
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from rnnjax import checkpoint, inference, train
+from rnnjax.cli import main
+from rnnjax.config import Config
+from rnnjax.data import images
+from rnnjax.loop import train_and_evaluate
+from rnnjax.metrics import read_jsonl
+from rnnjax.model import make_model
+from rnnjax.optim import make_optimizer
+
+# Reaches ~0.7 test accuracy in 300 steps (~0.4 s): enough for confident predictions.
+CONFIG = Config(steps=300, eval_every=100, checkpoint_every=100, keep_checkpoints=2,
+                hidden_size=32, batch_size=64, learning_rate=5e-3, eval_batch_size=5000)
+
+
+class Crash(Exception):
+    """Stands for a kill: raised by the output stream mid-run."""
+
+
+class CrashingOut(io.StringIO):
+    """An output stream that raises when the evaluation line of ``step`` is printed."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.line = f"step {step:>5}"
+
+    def write(self, text: str) -> int:
+        if text.startswith(self.line):
+            raise Crash(text)
+        return super().write(text)
+
+
+def without_wall(records):
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in records]
+
+
+def csv_rows(path: Path):
+    with open(path, newline="") as f:
+        return [{k: v for k, v in row.items() if k != "wall_s"} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One run never stopped; one stopped at 200 steps, resumed to 300, killed before its
+    end (after a line logged past its checkpoint), and resumed again."""
+    root = tmp_path_factory.mktemp("runs")
+    full = train_and_evaluate(CONFIG, root / "full", out=io.StringIO())
+    stopped = root / "stopped"
+    train_and_evaluate(CONFIG.replace(steps=200), stopped, out=io.StringIO())
+    with pytest.raises(Crash):
+        train_and_evaluate(CONFIG, stopped, out=CrashingOut(299), resume=True)
+    crashed = read_jsonl(stopped / "metrics.jsonl")
+    out = io.StringIO()
+    resumed = train_and_evaluate(CONFIG, stopped, out=out, resume=True)
+    return SimpleNamespace(full=full, resumed=resumed, crashed=crashed, out=out.getvalue(),
+                           full_dir=root / "full", stopped_dir=stopped)
+
+
+def test_resume_equals_the_run_never_stopped_bitwise(runs):
+    leaves_full = jax.tree.leaves(runs.full.state)
+    leaves_resumed = jax.tree.leaves(runs.resumed.state)
+    assert jax.tree.structure(runs.full.state) == jax.tree.structure(runs.resumed.state)
+    for a, b in zip(leaves_full, leaves_resumed, strict=True):
+        assert np.asarray(a).dtype == np.asarray(b).dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bitwise
+    assert int(runs.resumed.state.step) == 300
+    assert without_wall(runs.resumed.history) == without_wall(runs.full.history)
+    assert [h["step"] for h in runs.resumed.history] == [0, 100, 200, 299]
+    assert (without_wall(read_jsonl(runs.stopped_dir / "metrics.jsonl"))
+            == without_wall(read_jsonl(runs.full_dir / "metrics.jsonl")))
+    assert csv_rows(runs.stopped_dir / "metrics.csv") == csv_rows(runs.full_dir / "metrics.csv")
+    assert runs.out.startswith(f"resuming from {runs.stopped_dir / 'checkpoints' / '200'}")
+
+
+def test_resume_drops_lines_logged_after_its_checkpoint(runs):
+    # The run stopped at 200 steps logged step 199 (its end); the first resume dropped that
+    # line, logged step 200 after checkpoint 200 and was killed at step 299, before
+    # checkpoint 300: the second resume drops step 200 and logs it again.
+    assert [r["step"] for r in runs.crashed if r["split"] == "test"] == [0, 100, 200]
+    assert checkpoint.list_steps(runs.stopped_dir / "checkpoints") == [200, 300]
+    steps = [r["step"] for r in read_jsonl(runs.stopped_dir / "metrics.jsonl")]
+    assert steps == [0, 0, 100, 100, 200, 200, 299, 299]  # train and test, none twice
+
+
+def event_tags(path: str) -> list[tuple[str, int]]:
+    """``(tag, step)`` of the scalars in a TensorBoard event file (TFRecord framing)."""
+    from tensorboardX.proto import event_pb2
+
+    data, i, out = Path(path).read_bytes(), 0, []
+    while i < len(data):
+        (n,) = struct.unpack("<Q", data[i:i + 8])
+        event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+        i += 12 + n + 4
+        if event.HasField("session_log"):
+            out.append(("purge", event.step))
+        out.extend((v.tag, event.step) for v in event.summary.value)
+    return out
+
+
+def test_run_writes_kept_checkpoints_events_and_curves(runs):
+    work = runs.full_dir
+    assert checkpoint.list_steps(work / "checkpoints") == [200, 300]  # keep_checkpoints=2
+    meta = checkpoint.read_meta(work / "checkpoints" / "300")
+    assert meta["config"] == json.loads((work / "config.json").read_text())
+    (events,) = glob.glob(str(work / "events.out.tfevents.*"))
+    tags = event_tags(events)
+    assert [s for t, s in tags if t == "test/accuracy"] == [0, 100, 200, 299]
+    assert {"train/loss", "train/accuracy", "test/loss"} <= {t for t, _ in tags}
+    # The resumed run's events tell TensorBoard to drop the steps it logs again.
+    last = sorted(glob.glob(str(runs.stopped_dir / "events.out.tfevents.*")))[-1]
+    assert ("purge", 101) in event_tags(last)
+    png = (work / "learning_curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    assert Image.open(work / "learning_curves.png").size[0] >= 600
+
+
+def made_up_state(config: Config, seed: int = 0) -> train.TrainState:
+    """A state with the structure of ``config``'s and random values in every leaf (the
+    step and the optimizer's counts too), built without compiling anything."""
+    create = functools.partial(train.create_state, model=make_model(config),
+                               optimizer=make_optimizer(config))
+    shapes = jax.eval_shape(create, jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def fill(s):
+        if jnp.issubdtype(s.dtype, jnp.integer):
+            return jnp.asarray(rng.integers(1, 1000, s.shape), s.dtype)
+        return jnp.asarray(rng.standard_normal(s.shape), s.dtype)
+
+    return jax.tree.map(fill, shapes)
+
+
+def test_save_restore_round_trip(tmp_path):
+    config = Config(hidden_size=4, cell="lstm", optimizer="keras_adam", schedule="cosine",
+                    clip_norm=1.0)
+    state = made_up_state(config)._replace(step=jnp.asarray(7, jnp.int32))
+    with checkpoint.CheckpointWriter(tmp_path, keep=3) as writer:
+        path = writer.save(state, config, train_sums={"loss_sum": np.float32(1.25),
+                                                      "correct": np.int32(3)})
+    assert path == tmp_path / "7"
+    restored = checkpoint.restore(path, made_up_state(config, seed=1))
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    assert type(restored.opt_state[1][0]).__name__ == "KerasAdamState"
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert checkpoint.read_config(path) == config
+    sums = checkpoint.ResumePoint(path, 7, checkpoint.read_meta(path)).train_sums
+    assert sums["loss_sum"].dtype == np.float32 and sums["loss_sum"] == np.float32(1.25)
+    assert sums["correct"].dtype == np.int32
+
+
+def test_keeps_the_last_k_and_never_picks_an_incomplete_one(tmp_path):
+    config = Config(hidden_size=4)
+    state = made_up_state(config)
+    directory = tmp_path / "checkpoints"
+    with checkpoint.CheckpointWriter(directory, keep=2) as writer:
+        for step in (5, 10, 15, 20):
+            writer.save(state._replace(step=jnp.asarray(step, jnp.int32)), config)
+    assert checkpoint.list_steps(directory) == [15, 20]
+    # A save killed mid-write (orbax's temporary dir) and a step dir without the commit
+    # file are never the latest.
+    (directory / "25.orbax-checkpoint-tmp-1234" / "state").mkdir(parents=True)
+    (directory / "30" / "state").mkdir(parents=True)
+    assert checkpoint.latest_step(directory) == 20
+    assert checkpoint.resolve(tmp_path) == directory / "20"
+    with pytest.raises(checkpoint.CheckpointError, match="incomplete"):
+        checkpoint.resolve(directory / "30")
+    # The next writer clears the dead temporary directory (before its first save).
+    shutil.rmtree(directory / "30")
+    with checkpoint.CheckpointWriter(directory, keep=2) as writer:
+        writer.save(state._replace(step=jnp.asarray(35, jnp.int32)), config)
+    assert not (directory / "25.orbax-checkpoint-tmp-1234").exists()
+    assert checkpoint.list_steps(directory) == [20, 35]
+
+
+def test_corrupt_checkpoints_give_a_clear_error(tmp_path):
+    config = Config(hidden_size=4)
+    state = made_up_state(config)
+    with checkpoint.CheckpointWriter(tmp_path / "a", keep=1) as writer:
+        path = writer.save(state, config)
+    target = made_up_state(config, seed=1)
+    broken = tmp_path / "data"
+    shutil.copytree(path, broken)
+    for f in (broken / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"\0" * f.stat().st_size)
+    with pytest.raises(checkpoint.CheckpointError, match="is corrupt"):
+        checkpoint.restore(broken, target)
+    tampered = tmp_path / "sum"
+    shutil.copytree(path, tampered)
+    meta_file = tampered / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["state_sha256"] = "0" * 64
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(checkpoint.CheckpointError, match="does not match the checksum"):
+        checkpoint.restore(tampered, target)
+    meta_file.write_text("{not json")
+    with pytest.raises(checkpoint.CheckpointError, match="meta/ cannot be read"):
+        checkpoint.read_meta(tampered)
+
+
+def test_resume_and_overwrite_are_checked_before_anything_is_written(runs, tmp_path):
+    work = runs.full_dir
+    before = {p: p.read_bytes() for p in work.iterdir() if p.is_file()}
+    with pytest.raises(checkpoint.CheckpointError, match=r"already holds checkpoints.*--resume"):
+        train_and_evaluate(CONFIG, work, out=io.StringIO())
+    with pytest.raises(checkpoint.CheckpointError, match="--hidden-size 16 differs from 32"):
+        train_and_evaluate(CONFIG.replace(hidden_size=16, steps=400), work, resume=True)
+    with pytest.raises(checkpoint.CheckpointError, match="already trained 300 steps"):
+        train_and_evaluate(CONFIG, work, resume=True)
+    assert {p: p.read_bytes() for p in work.iterdir() if p.is_file()} == before
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in"):
+        train_and_evaluate(CONFIG, tmp_path / "empty", resume=True)
+    with pytest.raises(checkpoint.CheckpointError, match="needs --workdir"):
+        train_and_evaluate(CONFIG, None)
+    cosine = CONFIG.replace(schedule="cosine")
+    with pytest.raises(checkpoint.CheckpointError, match=r"--steps 400 differs from 300.*decay"):
+        checkpoint.check_resumable(cosine, cosine.replace(steps=400))
+    assert {f.name for f in dataclasses.fields(Config)} >= checkpoint.RUN_SETTINGS
+    checkpoint.check_resumable(CONFIG, CONFIG.replace(steps=400, steps_per_call=7,
+                                                      keep_checkpoints=9))
+
+
+def test_eval_prints_per_class_accuracy_and_writes_the_png(runs, tmp_path, capsys):
+    out = tmp_path / "cm.png"
+    assert main(["eval", str(runs.full_dir), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "after 300 steps" in text
+    assert "class  examples  correct  accuracy" in text
+    rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(r[0]) for r in rows] == list(range(10))
+    assert sum(int(r[1]) for r in rows) == 10000
+    accuracy = float(text.split("test accuracy:")[1].split()[0])
+    assert accuracy == pytest.approx(runs.full.history[-1]["test_accuracy"], abs=5e-4)
+    assert f"confusion matrix: {out}" in text
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_predict_reads_a_large_dark_on_light_colour_png(runs, mnist, tmp_path, capsys):
+    loaded = inference.load(runs.full_dir)
+    originals = mnist.test_images[:300]
+    p = inference.probabilities(loaded, originals)
+    # Confident examples, one per class where there is one.
+    chosen = {}
+    for i in np.flatnonzero(p.max(axis=1) > 0.9):
+        chosen.setdefault(int(p[i].argmax()), int(i))
+    assert len(chosen) >= 3, p.max(axis=1)
+    paths, expected = [], []
+    ink = np.array([20, 30, 120], np.float64)  # dark blue ink on white paper
+    for cls, i in sorted(chosen.items()):
+        big = np.asarray(Image.fromarray(originals[i]).resize((100, 100), Image.BILINEAR))
+        alpha = big[..., None] / 255.0
+        rgb = (255 * (1 - alpha) + ink * alpha).round().astype(np.uint8)
+        path = tmp_path / f"digit{i}.png"
+        Image.fromarray(rgb, "RGB").save(path)
+        paths.append(str(path))
+        expected.append(cls)
+    assert main(["predict", str(runs.full_dir / "checkpoints" / "300"), *paths]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["image", "class", "p(0)"]
+    predicted = [int(line.split()[1]) for line in lines[1:]]
+    assert predicted == expected
+    probs = np.array([[float(v) for v in line.split()[2:]] for line in lines[1:]])
+    assert probs.shape == (len(paths), 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1, atol=2e-3)
+
+
+# The image conversion: pure NumPy.
+
+
+def test_to_mnist_leaves_an_mnist_digit_as_it_is(mnist):
+    for i in range(50):
+        original = mnist.test_images[i]
+        converted = images.to_mnist(original)
+        assert converted.dtype == np.uint8 and converted.shape == (28, 28)
+        assert np.abs(converted.astype(int) - original).mean() < 1.0
+
+
+def test_to_mnist_of_a_large_inverted_colour_copy_off_centre(mnist):
+    scores = []
+    for i in range(50):
+        original = mnist.test_images[i]
+        big = np.asarray(Image.fromarray(255 - original).resize((84, 84), Image.BICUBIC))
+        paper = np.full((150, 120), 255, np.uint8)
+        paper[10:94, 30:114] = big  # dark on light, off centre, in a larger page
+        rgb = np.stack([paper, paper, np.minimum(paper.astype(int) + 30, 255)], -1)
+        converted = images.to_mnist(rgb.astype(np.uint8))
+        assert converted.shape == (28, 28) and converted.dtype == np.uint8
+        scores.append(np.corrcoef(converted.ravel(), original.ravel())[0, 1])
+    assert np.mean(scores) > 0.9 and np.min(scores) > 0.6
+
+
+def test_light_background_is_inverted_and_contrast_stretched():
+    paper = np.full((40, 30), 200.0)
+    paper[10:30, 12:16] = 60.0  # a grey stroke on light grey paper
+    ink = images.stretch_contrast(images.ink_on_black(paper))
+    assert ink[0, 0] == 0 and ink[20, 13] == 255
+    dark = images.ink_on_black(255 - paper)
+    assert dark[0, 0] == 55.0  # dark backgrounds are left as they are
+
+
+def test_fit_to_box_keeps_the_aspect_ratio_and_centres_by_mass():
+    bar = np.full((40, 10), 255.0)
+    fitted = images.fit_to_box(bar)
+    assert fitted.shape == (20, 5)
+    np.testing.assert_allclose(fitted, 255.0)
+    canvas = np.zeros((50, 50))
+    canvas[5:15, 30:45] = 255.0  # off centre, wide
+    result = images.to_mnist(canvas.astype(np.uint8))
+    cy, cx = images.center_of_mass(result.astype(float))
+    assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5
+    top, bottom, left, right = images.ink_bbox(result.astype(float), 0)
+    assert max(bottom - top, right - left) == 20
+
+
+def test_grayscale_follows_pillow_and_alpha_is_paper():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    pillow = np.asarray(Image.fromarray(rgb, "RGB").convert("L"), float)
+    np.testing.assert_allclose(images.to_grayscale(rgb), pillow, atol=1.0)
+    rgba = np.zeros((4, 4, 4), np.uint8)  # black, fully transparent
+    np.testing.assert_allclose(images.to_grayscale(rgba), 255.0)
+    np.testing.assert_allclose(images.to_grayscale(np.full((2, 2), 65535, np.uint16)), 255.0)
+
+
+def test_resize_is_anti_aliased_and_exact_at_the_same_size():
+    rng = np.random.default_rng(1)
+    image = rng.random((12, 9))
+    np.testing.assert_allclose(images.resize(image, (12, 9)), image, atol=1e-12)
+    stripes = np.tile([0.0, 1.0], (8, 4))  # 1-pixel stripes average out when halved
+    np.testing.assert_allclose(images.resize(stripes, (4, 4)), 0.5, atol=0.13)
+
+
+def test_blank_or_unreadable_images_are_refused(tmp_path):
+    with pytest.raises(images.ImageError, match="no ink found"):
+        images.to_mnist(np.full((30, 30), 250, np.uint8))
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(images.ImageError, match="not an image file"):
+        images.read_image(tmp_path / "text.png")
+    with pytest.raises(images.ImageError, match="no such file"):
+        images.read_image(tmp_path / "missing.png")
+    Image.fromarray(np.full((30, 30), 255, np.uint8)).save(tmp_path / "white.png")
+    with pytest.raises(images.ImageError, match=r"white\.png: no ink found"):
+        images.load_mnist_image(tmp_path / "white.png")

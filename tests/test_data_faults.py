@@ -1,0 +1,326 @@
+"""Faults of the data directories: each is recovered from or explained, never a traceback.
+
+A tfds build killed midway is built again, never reused; a tfds dir that cannot be written,
+a missing dataset directory, a directory with three of the four files, labels that do not
+match the images, ... are an ``IdxError``/``ConfigError`` naming the place and the fix,
+and through the CLI one line on stderr and exit code 2. Files replaced in place get a
+fresh tfds build, not the stale one.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rnnjax.cli import main
+from rnnjax.config import Config, ConfigError
+from rnnjax.data.idx import FILES, Arrays, IdxError, load_idx_dir, write_idx
+from rnnjax.data.sources import load_arrays
+
+REPO = Path(__file__).resolve().parent.parent
+N_TRAIN, N_TEST = 300, 60
+
+
+def subset(mnist: Arrays, offset: int = 0) -> Arrays:
+    """A small 28x28 set cut from MNIST (a different one for each offset)."""
+    return Arrays(
+        mnist.train_images[offset : offset + N_TRAIN].copy(),
+        mnist.train_labels[offset : offset + N_TRAIN].copy(),
+        mnist.test_images[offset : offset + N_TEST].copy(),
+        mnist.test_labels[offset : offset + N_TEST].copy(),
+    )
+
+
+def write_set(directory: Path, arrays: Arrays) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for key, stem in FILES.items():
+        array = getattr(arrays, key)
+        write_idx(directory / (stem + ".gz"), array.astype(np.uint8))
+    return directory
+
+
+def assert_same(got: Arrays, want: Arrays) -> None:
+    for field in Arrays._fields:
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+
+
+def cli_error(capsys, args: list[str], workdir: Path) -> str:
+    """Run ``rnnjax train ARGS``: assert exit 2, one stderr line, no workdir; the line."""
+    code = main(["train", *args, "--steps", "2", "--compile-cache", "off",
+                 "--workdir", str(workdir)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("rnnjax: error: ") and err.count("\n") == 1, err
+    assert not workdir.exists()  # nothing half-written
+    return err
+
+
+@pytest.fixture(scope="module")
+def small(mnist) -> Arrays:
+    return subset(mnist)
+
+
+@pytest.fixture
+def small_dir(tmp_path, small) -> Path:
+    return write_set(tmp_path / "myset", small)
+
+
+# --------------------------------------------------------------------------- IDX directories
+
+
+def test_missing_dataset_directory_cli(capsys, tmp_path):
+    err = cli_error(capsys, ["--dataset", str(tmp_path / "absent")], tmp_path / "run")
+    assert f"--dataset {tmp_path / 'absent'}: no such directory" in err
+    err = cli_error(capsys, ["--dataset", "myset", "--data-dir", str(tmp_path / "nowhere")],
+                    tmp_path / "run")
+    assert f"not found at {tmp_path / 'nowhere' / 'myset'}" in err and "--data-dir" in err
+
+
+def test_dataset_path_is_a_file_cli(capsys, tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    err = cli_error(capsys, ["--dataset", str(tmp_path / "file")], tmp_path / "run")
+    assert "no such directory" in err
+
+
+@pytest.mark.parametrize("stem", list(FILES.values()))
+def test_three_of_four_files_cli(capsys, tmp_path, small_dir, stem):
+    (small_dir / (stem + ".gz")).unlink()
+    err = cli_error(capsys, ["--dataset", str(small_dir)], tmp_path / "run")
+    assert f"{small_dir}: missing {stem}(.gz)" in err
+    assert all(name in err for name in FILES.values())  # says what a directory needs
+
+
+@pytest.mark.parametrize(("key", "cut"), [("train_labels", 1), ("test_images", 7)])
+def test_labels_do_not_match_images_cli(capsys, tmp_path, small_dir, small, key, cut):
+    write_idx(small_dir / (FILES[key] + ".gz"), getattr(small, key)[:-cut].astype(np.uint8))
+    split = key.split("_")[0]
+    n = N_TRAIN if split == "train" else N_TEST
+    images, labels = (n, n - cut) if key.endswith("labels") else (n - cut, n)
+    err = cli_error(capsys, ["--dataset", str(small_dir)], tmp_path / "run")
+    assert f"{small_dir}: {images} {split} images but {labels} labels" in err
+
+
+def test_truncated_file_cli(capsys, tmp_path, small_dir):
+    path = small_dir / "train-images-idx3-ubyte.gz"
+    data = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(data[:-100]))
+    err = cli_error(capsys, ["--dataset", str(small_dir)], tmp_path / "run")
+    assert str(path) in err and "truncated" in err and "download the file again" in err
+
+
+def test_undecodable_md5sums_cli(capsys, tmp_path, small_dir):
+    (small_dir / "MD5SUMS").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    err = cli_error(capsys, ["--dataset", str(small_dir)], tmp_path / "run")
+    assert f"{small_dir / 'MD5SUMS'}: not a text checksum file" in err
+
+
+def test_unreadable_dataset_file(tmp_path, small_dir):
+    if os.geteuid() == 0:
+        pytest.skip("running as root: chmod 000 does not stop root from reading")
+    path = small_dir / "t10k-labels-idx1-ubyte.gz"
+    path.chmod(0)
+    with pytest.raises(IdxError, match="cannot read"):
+        load_idx_dir(small_dir)
+
+
+def test_batch_larger_than_the_dataset_cli(capsys, tmp_path, small_dir):
+    err = cli_error(capsys, ["--dataset", str(small_dir), "--batch-size", str(N_TRAIN + 1)],
+                    tmp_path / "run")
+    assert f"larger than the {N_TRAIN} training examples; use at most {N_TRAIN}" in err
+
+
+# --------------------------------------------------------------------------- tfds builds
+
+
+@pytest.fixture(scope="module")
+def tfds_mnist():
+    pytest.importorskip("tensorflow_datasets")
+    from rnnjax.data import tfds_mnist
+
+    return tfds_mnist
+
+
+def version_dirs(tfds_dir: Path) -> list[Path]:
+    return sorted(tfds_dir.glob("rnnjax_idx/*/1.0.0"))
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from rnnjax.data import tfds_mnist
+
+    original = tfds_mnist.RnnjaxIdx._generate_examples
+
+    def generate(self, images, labels):
+        for i, example in original(self, images, labels):
+            yield i, example
+            if len(labels) == {n_test} and i == 10:  # the train split is written by now
+                print("WRITING", flush=True)
+                time.sleep(300)
+
+    tfds_mnist.RnnjaxIdx._generate_examples = generate
+    tfds_mnist.prepare("small", Path(sys.argv[1]), None, sys.argv[2])
+    print("FINISHED", flush=True)
+    """
+)
+
+
+def test_build_killed_midway_is_redone(tfds_mnist, tmp_path, small_dir, small):
+    """A real SIGKILL of a process that is writing the build; the next run builds again."""
+    tfds_dir = tmp_path / "tfds"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD.format(n_test=N_TEST), str(small_dir), str(tfds_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        lines: list[str] = []  # tfds prints its progress on stdout too
+        while time.monotonic() < deadline and lines[-1:] != ["WRITING"]:
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                line = proc.stdout.readline()
+                assert line, f"the child ended before writing: {lines}"
+                lines.append(line.strip())
+        assert lines[-1:] == ["WRITING"], f"the child did not reach the build: {lines}"
+        # Mid-write: tfds' temporary directory holds the train split already.
+        incomplete = list(tfds_dir.glob("rnnjax_idx/*/incomplete.*"))
+        assert len(incomplete) == 1
+        assert list(incomplete[0].glob("*train.tfrecord*"))
+        assert version_dirs(tfds_dir) == []
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+
+    builder = tfds_mnist.prepare("small", small_dir, None, str(tfds_dir))
+    data_dir = Path(builder.data_dir)
+    assert version_dirs(tfds_dir) == [data_dir]
+    assert (data_dir / "dataset_info.json").is_file()
+    assert data_dir not in incomplete and incomplete[0].name not in str(data_dir)
+    splits = builder.info.splits
+    assert splits["train"].num_examples == N_TRAIN and splits["test"].num_examples == N_TEST
+    assert_same(tfds_mnist.load_arrays("small", small_dir, None, str(tfds_dir)), small)
+
+
+def test_version_dir_without_dataset_info_is_rebuilt(tfds_mnist, tmp_path, small_dir, small):
+    """A build directory that is not finished (e.g. an interrupted copy) is never read."""
+    tfds_dir = tmp_path / "tfds"
+    data_dir = Path(tfds_mnist.prepare("small", small_dir, None, str(tfds_dir)).data_dir)
+    (data_dir / "dataset_info.json").unlink()
+    for shard in data_dir.glob("*.tfrecord*"):
+        shard.write_bytes(shard.read_bytes()[:100])
+    assert_same(tfds_mnist.load_arrays("small", small_dir, None, str(tfds_dir)), small)
+    assert (data_dir / "dataset_info.json").is_file()
+
+
+def test_damaged_finished_build_is_explained(tfds_mnist, tmp_path, small_dir):
+    tfds_dir = tmp_path / "tfds"
+    data_dir = Path(tfds_mnist.prepare("small", small_dir, None, str(tfds_dir)).data_dir)
+    shard = next(data_dir.glob("*train.tfrecord*"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match="is damaged") as info:
+        tfds_mnist.load_arrays("small", small_dir, None, str(tfds_dir))
+    message = str(info.value)
+    assert str(data_dir) in message and "delete that directory" in message
+    assert "\n" not in message
+
+
+def test_replaced_files_rebuild(tfds_mnist, tmp_path, mnist, small_dir, small):
+    tfds_dir = tmp_path / "tfds"
+    config = Config(source="tfds", dataset=str(small_dir), tfds_dir=str(tfds_dir))
+    assert_same(load_arrays(config), small)
+    first = version_dirs(tfds_dir)
+    # The same content written again (new mtimes, same bytes): the build is reused.
+    write_set(small_dir, small)
+    assert_same(load_arrays(config), small)
+    assert version_dirs(tfds_dir) == first
+    # Other files under the same names in the same directory: a build of their own.
+    other = subset(mnist, offset=1000)
+    write_set(small_dir, other)
+    assert_same(load_arrays(config), other)
+    assert len(version_dirs(tfds_dir)) == 2 and first[0] in version_dirs(tfds_dir)
+    # And back: the first build is found again.
+    write_set(small_dir, small)
+    assert_same(load_arrays(config), small)
+    assert len(version_dirs(tfds_dir)) == 2
+
+
+def test_changed_md5sums_rebuild_and_verify(tfds_mnist, tmp_path, small_dir):
+    tfds_dir = tmp_path / "tfds"
+    tfds_mnist.prepare("small", small_dir, None, str(tfds_dir))
+    # Expectations that the files fail: not hidden behind the build made before them.
+    lines = "".join(f"{'0' * 32}  {stem}\n" for stem in FILES.values())
+    (small_dir / "MD5SUMS").write_text(lines)
+    with pytest.raises(IdxError, match="content MD5"):
+        tfds_mnist.prepare("small", small_dir, None, str(tfds_dir))
+
+
+def deny_writes_under(monkeypatch, root: Path) -> None:
+    """Make the OS refuse to create anything under ``root``, as for a read-only mount.
+
+    Independent of the user (root ignores permission bits) and of the file system.
+    """
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if Path(os.fsdecode(path)).resolve().is_relative_to(root.resolve()):
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+
+
+@pytest.mark.parametrize("how", ["chmod", "denied", "under_a_file"])
+def test_unwritable_tfds_dir_cli(tfds_mnist, capsys, monkeypatch, tmp_path, small_dir, how):
+    tfds_dir = tmp_path / "tfds"
+    if how == "chmod":
+        if os.geteuid() == 0:
+            pytest.skip("running as root: chmod 0o555 does not stop root from writing "
+                        "(the 'denied' case covers it)")
+        tfds_dir.mkdir()
+        tfds_dir.chmod(0o555)
+    elif how == "denied":
+        tfds_dir.mkdir()
+        deny_writes_under(monkeypatch, tfds_dir)
+    else:
+        (tmp_path / "file").write_text("x")
+        tfds_dir = tmp_path / "file" / "tfds"
+    try:
+        err = cli_error(capsys, ["--source", "tfds", "--dataset", str(small_dir),
+                                 "--tfds-dir", str(tfds_dir)], tmp_path / "run")
+    finally:
+        if how == "chmod":
+            tfds_dir.chmod(0o755)
+    assert f"--tfds-dir {tfds_dir}: cannot write the tfds build of myset there" in err
+    assert "pass --tfds-dir a writable directory" in err
+
+
+@pytest.mark.parametrize("how", ["chmod", "denied"])
+def test_finished_build_in_read_only_tfds_dir_is_read(tfds_mnist, monkeypatch, tmp_path,
+                                                      small_dir, small, how):
+    tfds_dir = tmp_path / "tfds"
+    tfds_mnist.prepare("small", small_dir, None, str(tfds_dir))
+    if how == "chmod":
+        for path in [tfds_dir, *tfds_dir.rglob("*")]:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+    else:
+        deny_writes_under(monkeypatch, tfds_dir)
+    try:
+        assert_same(tfds_mnist.load_arrays("small", small_dir, None, str(tfds_dir)), small)
+    finally:
+        for path in [tfds_dir, *tfds_dir.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)

@@ -1,0 +1,146 @@
+"""Training faults with real processes, really killed: nothing is lost, nothing bad loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from rnnjax import checkpoint as checkpoint_lib
+from rnnjax.config import Config
+from rnnjax.model import make_model
+from rnnjax.optim import make_optimizer
+from rnnjax.train import create_state
+
+RUN = ["--hidden-size", "16", "--eval-every", "200", "--steps-per-call", "50",
+       "--checkpoint-every", "100", "--compile-cache", "off"]
+
+
+def rnnjax(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rnnjax", *args], capture_output=True,
+                          text=True, timeout=600, **kwargs)
+
+
+def final_params(workdir: Path):
+    directory = checkpoint_lib.checkpoints_dir(workdir)
+    step_dir = directory / str(checkpoint_lib.latest_step(directory))
+    config = checkpoint_lib.read_config(step_dir)
+    model, optimizer = make_model(config), make_optimizer(config)
+    target = create_state(jax.random.key(0), model, optimizer)
+    return checkpoint_lib.restore(step_dir, target).params
+
+
+def records(workdir: Path) -> list[dict]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "wall_s"} for line in lines]
+
+
+@pytest.mark.slow
+def test_kill_9_during_training_then_resume_loses_nothing(tmp_path):
+    steps = "2001"
+    whole = tmp_path / "whole"
+    assert rnnjax("train", "--steps", steps, "--workdir", str(whole), *RUN).returncode == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "rnnjax", "train", "--steps", steps,
+                             "--workdir", str(killed), *RUN],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = killed / "checkpoints" / "300"
+    deadline = time.monotonic() + 300
+    while not target.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    steps_saved = checkpoint_lib.list_steps(killed / "checkpoints")
+    assert steps_saved and max(steps_saved) < int(steps), "the run ended before the kill"
+
+    resumed = rnnjax("train", "--resume", "--workdir", str(killed), "--steps", steps, *RUN)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    jax.tree.map(np.testing.assert_array_equal, final_params(whole), final_params(killed))
+    assert records(whole) == records(killed)
+
+
+def test_checkpoint_write_killed_midway_never_loads_as_valid(tmp_path):
+    """A process SIGKILLs itself inside orbax's save, after the files, before the commit."""
+    script = textwrap.dedent(f"""
+        import os, signal, jax
+        import orbax.checkpoint as ocp
+        from rnnjax import checkpoint as ck
+        from rnnjax.config import Config
+        from rnnjax.model import make_model
+        from rnnjax.optim import make_optimizer
+        from rnnjax.train import create_state
+
+        config = Config(hidden_size=8)
+        state = create_state(jax.random.key(0), make_model(config), make_optimizer(config))
+        writer = ck.CheckpointWriter({str(tmp_path / "checkpoints")!r}, 3)
+        writer.save(state._replace(step=jax.numpy.asarray(10, "int32")), config)
+        writer.close()
+        original = ocp.path.atomicity.AtomicRenameTemporaryPath.finalize
+        def die(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+        ocp.path.atomicity.AtomicRenameTemporaryPath.finalize = die
+        writer = ck.CheckpointWriter({str(tmp_path / "checkpoints")!r}, 3)
+        writer.save(state._replace(step=jax.numpy.asarray(20, "int32")), config)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    directory = tmp_path / "checkpoints"
+    leftovers = [p.name for p in directory.iterdir() if p.name.startswith("20")]
+    assert leftovers, "the kill happened before anything of step 20 was written"
+    assert checkpoint_lib.list_steps(directory) == [10]
+    config = Config(hidden_size=8)
+    target = create_state(jax.random.key(1), make_model(config), make_optimizer(config))
+    restored = checkpoint_lib.restore(directory / "10", target)
+    assert int(restored.step) == 10
+
+
+def test_corrupt_latest_checkpoint_is_a_clear_error_and_older_ones_load(tmp_path):
+    work = tmp_path / "run"
+    args = ["--steps", "30", "--eval-every", "10", "--checkpoint-every", "10",
+            "--hidden-size", "8", "--compile-cache", "off"]
+    assert rnnjax("train", "--workdir", str(work), *args).returncode == 0
+    directory = checkpoint_lib.checkpoints_dir(work)
+    assert checkpoint_lib.list_steps(directory) == [10, 20, 30]
+    for path in sorted((directory / "30" / "state").rglob("*")):
+        if path.is_file() and path.stat().st_size > 64:
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            path.write_bytes(bytes(data))
+    broken = rnnjax("eval", str(directory / "30"))
+    assert broken.returncode == 2
+    assert broken.stderr.startswith("rnnjax: error: ") and broken.stderr.count("\n") == 1
+    older = rnnjax("eval", str(directory / "20"))
+    assert older.returncode == 0, older.stderr
+    assert "accuracy" in older.stdout
+
+
+def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    work = tmp_path / "run"
+    # Plain SGD at 1e37 overflows the logits to inf within a few steps.
+    proc = rnnjax("train", "--workdir", str(work), "--steps", "400", "--eval-every", "100",
+                  "--checkpoint-every", "1", "--steps-per-call", "1", "--hidden-size", "8",
+                  "--optimizer", "sgd", "--learning-rate", "1e37", "--compile-cache", "off")
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.startswith("rnnjax: error: ") and proc.stderr.count("\n") == 1
+    assert "NaN or infinite by step " in proc.stderr
+    directory = checkpoint_lib.checkpoints_dir(work)
+    kept = checkpoint_lib.list_steps(directory)
+    assert kept, "the run diverged before its first checkpoint"
+    config = Config(hidden_size=8, optimizer="sgd", learning_rate=1e37)
+    target = create_state(jax.random.key(0), make_model(config), make_optimizer(config))
+    for step in kept:
+        state = checkpoint_lib.restore(directory / str(step), target)
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.params)), step

@@ -1,0 +1,298 @@
+"""Data parallelism: mesh and sharding helpers, the batch divisibility error, and results
+that do not depend on the device or process count (8 forced CPU devices; two processes).
+
+A device count is fixed when JAX starts, so the multi-device runs happen in subprocesses
+(this file is also their script: ``python tests/test_parallel.py SPEC_JSON``) and are
+compared with a one-device run in this process.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from rnnjax import parallel, train
+from rnnjax.config import Config, ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small but real: 12 steps in calls of 5 (three segments), evaluations after 0, 5 and 11,
+# batch 32 (divides over 1, 2, 4 and 8 devices).
+RUN = {"steps": 12, "eval_every": 5, "batch_size": 32, "hidden_size": 16,
+       "steps_per_call": 5, "eval_batch_size": 4000}
+RTOL, ATOL = 1e-5, 1e-6
+
+
+# --- the subprocess side -----------------------------------------------------------------
+
+
+def _flat_params(params) -> dict[str, np.ndarray]:
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def _worker(spec: dict) -> None:
+    """Train each of ``spec["runs"]`` (name -> Config overrides) and save its parameters and
+    evaluation history under ``spec["out"]`` (process 0 only); optional extra checks."""
+    from rnnjax.loop import train_and_evaluate
+
+    out = Path(spec["out"])
+    report: dict = {}  # nothing may touch JAX before the loop starts jax.distributed
+    for name, overrides in spec["runs"].items():
+        start = time.perf_counter()
+        result = train_and_evaluate(Config(**{**spec.get("base", {}), **overrides}),
+                                    out=io.StringIO())
+        report[name] = {"history": result.history, "s": time.perf_counter() - start,
+                        "mesh_devices": result.summary["mesh_devices"]}
+        if jax.process_index() == 0:
+            np.savez(out / f"{name}.npz", **_flat_params(result.state.params))
+    report.update(devices=jax.device_count(), processes=jax.process_count())
+    if spec.get("checks"):
+        try:
+            train_and_evaluate(Config(**{**RUN, "batch_size": 50}), out=io.StringIO())
+        except ConfigError as e:
+            report["divisibility_error"] = str(e)
+        report["collectives"] = _collectives()
+    if jax.process_index() == 0:
+        (out / "report.json").write_text(json.dumps(report))
+
+
+def _collectives() -> dict[str, int]:
+    """Collectives in the compiled, 8-way sharded ``train_steps``: the gradients must be
+    all-reduced, never the activations all-gathered."""
+    import functools
+
+    from rnnjax.model import make_model
+    from rnnjax.optim import make_optimizer
+
+    config = Config(**RUN)
+    model, optimizer = make_model(config), make_optimizer(config)
+    dp = parallel.DataParallel.from_config(config)
+    state = dp.replicate(train.create_state(jax.random.key(0), model, optimizer))
+    images = dp.replicate(np.zeros((100, 28, 28), np.float32))
+    labels = dp.replicate(np.zeros((100,), np.int32))
+    idx = dp.shard_steps(np.zeros((5, config.batch_size), np.int32))
+    fn = jax.jit(functools.partial(train.train_steps, model=model, optimizer=optimizer),
+                 out_shardings=dp.replicated)
+    text = fn.lower(state, images, labels, idx).compile().as_text()
+    return {op: text.count(f" {op}(") for op in ("all-reduce", "all-gather", "all-to-all")}
+
+
+# --- the pytest side ---------------------------------------------------------------------
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env.update(
+        XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+    )
+    return env
+
+
+def _launch(spec: dict, devices: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), json.dumps(spec)],
+        env=_env(devices), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait(procs: list[subprocess.Popen], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            output, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            assert p.returncode == 0, f"worker failed ({p.returncode}):\n{output[-4000:]}"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
+def _load(directory: Path, name: str) -> dict[str, np.ndarray]:
+    with np.load(directory / f"{name}.npz") as f:
+        return dict(f)
+
+
+def _assert_same(params: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> None:
+    assert params.keys() == reference.keys()
+    for key, value in reference.items():
+        np.testing.assert_allclose(params[key], value, rtol=RTOL, atol=ATOL, err_msg=key)
+
+
+def _assert_same_history(history: list[dict], reference: list[dict]) -> None:
+    assert [h["step"] for h in history] == [h["step"] for h in reference]
+    for a, b in zip(history, reference, strict=True):
+        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=2e-4)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    """The reference: this process, one device, the device feed."""
+    from rnnjax.loop import train_and_evaluate
+
+    result = train_and_evaluate(Config(**RUN, num_devices=1), out=io.StringIO())
+    assert result.summary["mesh_devices"] == 1
+    return _flat_params(result.state.params), result.history
+
+
+def test_mesh_and_shardings():
+    mesh = parallel.make_mesh(num_devices=1)
+    assert mesh.axis_names == ("data",) and mesh.size == 1
+    assert parallel.make_mesh().size == jax.local_device_count()
+    dp = parallel.DataParallel(mesh)
+    assert dp.replicated.spec == jax.sharding.PartitionSpec()
+    assert dp.batch.spec == jax.sharding.PartitionSpec("data")
+    assert dp.steps.spec == jax.sharding.PartitionSpec(None, "data")
+    state = dp.replicate({"w": np.ones((3, 2), np.float32), "step": np.int32(4)})
+    assert state["w"].sharding == dp.replicated and int(state["step"]) == 4
+    idx = dp.shard_steps(np.arange(12, dtype=np.int32).reshape(3, 4))
+    assert idx.sharding == dp.steps and idx.shape == (3, 4)
+    assert dp.rows(8) == slice(0, 8)  # one process owns every row
+    x = dp.global_batch(np.ones((8, 28, 28), np.float32), 8)
+    assert x.shape == (8, 28, 28) and x.sharding == dp.batch
+    assert dp.describe()["processes"] == 1
+    with pytest.raises(ConfigError, match="--num-devices 99 but this process sees only"):
+        parallel.select_devices(99)
+
+
+def test_batch_must_divide_over_devices():
+    parallel.check_batch(48, 8)
+    with pytest.raises(ConfigError, match=r"^--batch-size 50 does not divide over 8 devices; "
+                       r"use a multiple of 8 such as 48 or 56"):
+        parallel.check_batch(50, 8)
+    with pytest.raises(ConfigError, match=r"such as 4 \("):
+        parallel.check_batch(3, 4)
+
+
+def test_parallel_config_is_validated():
+    assert Config().num_devices == 0 and Config().num_processes == 1
+    with pytest.raises(ConfigError, match="--num-devices must be"):
+        Config(num_devices=-1)
+    with pytest.raises(ConfigError, match="needs --coordinator-address"):
+        Config(num_processes=2)
+    with pytest.raises(ConfigError, match=r"--process-id 2 must be in 0 \.\. 1"):
+        Config(num_processes=2, process_id=2, coordinator_address="localhost:1234")
+    with pytest.raises(ConfigError, match="is not HOST:PORT"):
+        Config(coordinator_address="localhost")
+    Config(coordinator_address="auto")
+    assert parallel.initialize(Config()) is False  # one process: nothing to start
+
+
+def test_sharded_evaluation_pads_to_the_device_count(mnist):
+    """A chunk rounded up to a multiple of the devices adds only masked rows."""
+    from rnnjax.model import make_model
+    from rnnjax.optim import make_optimizer
+
+    config = Config(hidden_size=8)
+    model = make_model(config)
+    params = train.create_state(jax.random.key(0), model, make_optimizer(config)).params
+    dp = parallel.DataParallel(parallel.make_mesh(num_devices=1))
+    images = jax.numpy.asarray(mnist.test_images[:250] / np.float32(255))
+    labels = jax.numpy.asarray(mnist.test_labels[:250])
+    plain = jax.jit(lambda p, x, y: train.evaluate(p, x, y, model=model, chunk=100))(
+        params, images, labels)
+    sharded = jax.jit(lambda p, x, y: train.evaluate(p, x, y, model=model, chunk=100,
+                                                     batch_sharding=dp.batch))(
+        params, images, labels)
+    assert int(sharded["count"]) == 250 and int(sharded["correct"]) == int(plain["correct"])
+    assert float(sharded["loss_sum"]) == pytest.approx(float(plain["loss_sum"]), rel=1e-6)
+
+
+def test_stream_feeds_give_a_process_its_rows(mnist, tmp_path):
+    """With ``rows`` the NumPy and the tf.data feeds yield exactly those rows of each global
+    batch (what one of several processes feeds)."""
+    from rnnjax.data.idx import FILES, Arrays, write_idx
+    from rnnjax.data.pipeline import host_batches
+
+    small = Arrays(mnist.train_images[:200], mnist.train_labels[:200],
+                   mnist.test_images[:20], mnist.test_labels[:20])
+    rows, batch, start, steps = slice(8, 16), 32, 3, 9  # crosses the wrap at 200
+    whole = list(host_batches(*small[:2], batch, start, steps))
+    mine = list(host_batches(*small[:2], batch, start, steps, rows=rows))
+    for (x, y), (wx, wy) in zip(mine, whole, strict=True):
+        np.testing.assert_array_equal(x, wx[rows])
+        np.testing.assert_array_equal(y, wy[rows])
+
+    pytest.importorskip("tensorflow_datasets")
+    from rnnjax.data import tfds_mnist
+
+    (tmp_path / "small").mkdir()
+    for key, stem in FILES.items():
+        array = getattr(small, key)
+        write_idx(tmp_path / "small" / stem, array.astype(np.uint8) if "labels" in key else array)
+    feed = tfds_mnist.train_batches("small", tmp_path / "small", None, str(tmp_path / "tfds"),
+                                    batch, start_step=start, rows=rows)
+    for (wx, wy), (x, y) in zip(whole, feed, strict=False):
+        assert x.shape == (8, 28, 28) and x.dtype == np.float32
+        np.testing.assert_array_equal(x, wx[rows])
+        np.testing.assert_array_equal(y, wy[rows])
+
+
+def test_eight_devices_train_like_one(one_device, tmp_path):
+    """Device feed and stream feed over 8 devices (and the device feed over 2 of them) give
+    the one-device parameters; the batch error names sizes that divide; the compiled step
+    all-reduces gradients and gathers nothing."""
+    spec = {"out": str(tmp_path), "base": RUN, "checks": True,
+            "runs": {"device8": {}, "stream8": {"feed": "stream"}, "device2": {"num_devices": 2}}}
+    _wait([_launch(spec, devices=8)], timeout=240)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["devices"] == 8
+    params, history = one_device
+    for name, mesh_devices in (("device8", 8), ("stream8", 8), ("device2", 2)):
+        assert report[name]["mesh_devices"] == mesh_devices
+        _assert_same(_load(tmp_path, name), params)
+        _assert_same_history(report[name]["history"], history)
+    assert report["divisibility_error"].startswith(
+        "--batch-size 50 does not divide over 8 devices; use a multiple of 8 such as 48 or 56"
+    )
+    assert report["collectives"]["all-reduce"] >= 1
+    assert report["collectives"]["all-gather"] == 0 and report["collectives"]["all-to-all"] == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(one_device, tmp_path):
+    """Two processes of two CPU devices each (jax.distributed, gloo collectives) train the
+    one-process model, with the device feed and the stream feed (each process feeding
+    only its half of every batch)."""
+    address = f"localhost:{_free_port()}"
+    procs = []
+    for process_id in (0, 1):
+        spec = {"out": str(tmp_path), "base": {**RUN, "coordinator_address": address,
+                                               "num_processes": 2, "process_id": process_id},
+                "runs": {"device": {}, "stream": {"feed": "stream"}}}
+        procs.append(_launch(spec, devices=2))
+    _wait(procs, timeout=240)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["processes"] == 2 and report["devices"] == 4
+    params, history = one_device
+    for name in ("device", "stream"):
+        assert report[name]["mesh_devices"] == 4
+        _assert_same(_load(tmp_path, name), params)
+        _assert_same_history(report[name]["history"], history)
+
+
+if __name__ == "__main__":
+    _worker(json.loads(sys.argv[1]))
