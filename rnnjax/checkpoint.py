@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import math
 import sys
 import time
@@ -31,10 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from rnnjax.config import Config, ConfigError, from_dict, to_dict
+from rnnjax.config import Config, ConfigError, flag_name, from_dict, to_dict
 
 CHECKPOINTS = "checkpoints"
 COMMIT_FILE = "commit_success.txt"
+META_FILE = "metadata"  # orbax JsonSave's file name inside meta/
 FORMAT = 1
 
 # Fields that may differ between a checkpoint's config and the run resuming it: where data
@@ -243,13 +245,19 @@ class CheckpointWriter:
             "state_sha256": digest(state),
         }
         ocp = self._ocp
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                    meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
-        self._manager.wait_until_finished()
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
+            self._manager.wait_until_finished()
+        except Exception as e:  # orbax raises many types; one line names the directory
+            raise CheckpointError(
+                f"cannot write checkpoint {path} ({_one_line(e)}); free disk space or choose "
+                "another --workdir (older checkpoints are intact)"
+            ) from e
         return path
 
     def close(self) -> None:
@@ -263,13 +271,16 @@ class CheckpointWriter:
 
 
 def read_meta(step_dir: Path | str) -> dict[str, Any]:
-    """The JSON saved beside a checkpoint's state."""
+    """The JSON saved beside a checkpoint's state.
+
+    Read as plain JSON (the file orbax's JsonSave writes, ``meta/metadata``), not through
+    orbax: that would start JAX's backend, which must wait for ``jax.distributed`` when
+    several processes resume together.
+    """
     step_dir = Path(step_dir)
-    ocp = _ocp()
     try:
-        with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
-            meta = reader.restore(step_dir.absolute() / "meta")
-    except Exception as e:
+        meta = json.loads((step_dir / "meta" / META_FILE).read_text())
+    except (OSError, ValueError) as e:
         raise CheckpointError(
             f"checkpoint {step_dir} is corrupt: its meta/ cannot be read ({_one_line(e)}); "
             f"pass another step directory of {step_dir.parent}, or delete this one"
@@ -327,13 +338,25 @@ def check_resumable(saved: Config, current: Config, where: Path | str = "the che
     """Refuse to resume ``saved`` as ``current`` when a field that changes results differs.
 
     ``steps`` may grow (a constant learning rate), every field of :data:`RUN_SETTINGS`
-    may change; any other difference is an error naming the field and the fix.
+    may change; any other difference is an error naming the field and the fix. With
+    ``--shuffle``, the tf.data stream (``--source tfds --feed stream``) has its own batch
+    order, so switching between it and the other feeds changes results too.
     """
+
+    def tf_order(c: Config) -> bool:
+        return c.shuffle and c.source == "tfds" and c.feed == "stream"
+
+    if tf_order(saved) != tf_order(current):
+        raise CheckpointError(
+            f"{where} was trained with --shuffle {'through' if tf_order(saved) else 'outside'} "
+            "the tf.data stream, whose order differs from the other feeds'; resume with "
+            f"--source {saved.source} --feed {saved.feed}"
+        )
     for f in dataclasses.fields(Config):
         name, old, new = f.name, getattr(saved, f.name), getattr(current, f.name)
         if old == new:
             continue
-        flag = "--" + name.replace("_", "-")
+        flag = flag_name(name)
         if name == "steps" and saved.schedule != "constant":
             raise CheckpointError(
                 f"--steps {new} differs from {old} in {where}, and --schedule "

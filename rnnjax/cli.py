@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rnnjax.config import Config, ConfigError
+from rnnjax.config import Config, ConfigError, flag_name
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
@@ -34,7 +34,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     defaults = Config()
     hints = {f.name: f.type for f in dataclasses.fields(Config)}
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_name(f.name)
         default = getattr(defaults, f.name)
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
         if hints[f.name] in ("bool", bool):
@@ -78,11 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Where this process runs, never taken from a checkpoint on --resume: the flags given, or
+# the defaults (a 2-process run may well be resumed by one process, on other devices).
+MACHINE_SETTINGS = ("num_devices", "coordinator_address", "num_processes", "process_id",
+                    "compile_cache")
+
+
+def flag_changes(args: argparse.Namespace) -> dict[str, object]:
+    """The Config fields set on the command line."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """The defaults, overridden by the flags given."""
-    names = {f.name for f in dataclasses.fields(Config)}
-    changes = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    return Config(**changes)
+    return Config(**flag_changes(args))
 
 
 def check_writable(directory: Path, flag: str = "--workdir") -> None:
@@ -117,9 +127,9 @@ def resume_config(args: argparse.Namespace) -> Config:
         raise UsageError("--resume needs --workdir DIR, the run to continue")
     step_dir = checkpoint.latest_checkpoint(args.workdir)
     saved = checkpoint.read_config(step_dir)
-    names = {f.name for f in dataclasses.fields(Config)}
-    changes = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    config = saved.replace(**changes)
+    defaults = Config()
+    machine = {name: getattr(defaults, name) for name in MACHINE_SETTINGS}
+    config = saved.replace(**{**machine, **flag_changes(args)})
     checkpoint.check_resumable(saved, config, step_dir)
     return config
 
@@ -209,6 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {"train": _train, "eval": _eval, "predict": _predict}[args.command](args)
     except (UsageError, ConfigError, IdxError, CheckpointError, ImageError) as e:
         print(f"rnnjax: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # a disk full or a file vanished mid-run: one line, not a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"rnnjax: error: {where}{e.strerror or e}; free disk space or choose another "
+              "--workdir (files already written are kept)", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("rnnjax: interrupted", file=sys.stderr)

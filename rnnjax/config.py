@@ -66,7 +66,9 @@ class Config:
     )
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     adam_eps: float = field(
-        default=1e-8, metadata={"help": "Adam epsilon (Keras uses 1e-7)"}
+        default=0.0,
+        metadata={"help": "epsilon of optimizers that take one; 0 = the optimizer's own "
+                  "(optax adam 1e-8, keras_adam 1e-7 as Keras)"},
     )
     optimizer_kwargs: str = field(
         default="",
@@ -177,26 +179,30 @@ class Config:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise ConfigError(
-                    f"--{_flag(f.name)} {value!r} is not one of {', '.join(choices)}"
+                    f"{flag_name(f.name)} {value!r} is not one of {', '.join(choices)}"
                 )
         positive = ("hidden_size", "num_layers", "num_classes", "batch_size", "steps",
                     "eval_every", "eval_batch_size", "steps_per_call", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"{flag_name(name)} must be at least 1, got {getattr(self, name)}"
+                )
         for name in ("unroll", "warmup_steps", "seed", "checkpoint_every"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"--{_flag(name)} must be 0 or more, got {getattr(self, name)}")
+                raise ConfigError(f"{flag_name(name)} must be 0 or more, got {getattr(self, name)}")
         if self.seed >= 2**63:
             raise ConfigError(f"--seed must be below 2**63 = {2**63}, got {self.seed}")
         for name in ("learning_rate", "adam_eps", "clip_norm"):
             if not math.isfinite(getattr(self, name)):  # NaN fails no `<` test: ask first
-                raise ConfigError(f"--{_flag(name)} must be a finite number, got "
+                raise ConfigError(f"{flag_name(name)} must be a finite number, got "
                                   f"{getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ConfigError(f"--learning-rate must be positive, got {self.learning_rate}")
-        if not self.adam_eps > 0:
-            raise ConfigError(f"--adam-eps must be positive, got {self.adam_eps}")
+        if self.adam_eps < 0:
+            raise ConfigError(
+                f"--adam-eps must be 0 (the optimizer's default) or positive, got {self.adam_eps}"
+            )
         if self.clip_norm < 0:
             raise ConfigError(f"--clip-norm must be 0 (off) or positive, got {self.clip_norm}")
         if self.warmup_steps and self.schedule != "warmup_cosine":
@@ -222,7 +228,7 @@ class Config:
                 "bool": type(value).__name__ in ("bool", "bool_"),  # NumPy's too
             }.get(kind, True)
             if not ok:
-                raise ConfigError(f"--{_flag(f.name)} must be {'an' if kind == 'int' else 'a'} "
+                raise ConfigError(f"{flag_name(f.name)} must be {'an' if kind == 'int' else 'a'} "
                                   f"{kind}, got {value!r}")
 
     def _validate_parallel(self) -> None:
@@ -243,14 +249,10 @@ class Config:
                 raise ConfigError(f"--coordinator-address {address!r} is not HOST:PORT "
                                   "(e.g. 10.0.0.1:1234) or 'auto'")
 
-    @property
-    def keras_like(self) -> bool:
-        """True for the seed recipe's model shape (used in messages and summaries)."""
-        return self.cell == "simple_rnn" and self.num_layers == 1 and not self.bidirectional
 
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
+def flag_name(name: str) -> str:
+    """The CLI flag of a Config field: ``hidden_size`` -> ``--hidden-size``."""
+    return "--" + name.replace("_", "-")
 
 
 def to_dict(config: Config) -> dict[str, Any]:

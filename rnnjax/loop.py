@@ -34,7 +34,7 @@ from rnnjax import parallel, runtime, train
 from rnnjax.config import Config, ConfigError, to_dict
 from rnnjax.data.idx import Arrays
 from rnnjax.data.pipeline import batch_indices, host_batches
-from rnnjax.data.sources import load_arrays, resolve_dataset
+from rnnjax.data.sources import import_tfds, load_arrays, resolve_dataset
 from rnnjax.model import make_model
 from rnnjax.optim import make_optimizer
 
@@ -111,10 +111,8 @@ def _stream(
     """Host batches from ``start``; ``rows``: only this process's rows of each batch."""
     count = config.steps - start
     if config.source == "tfds":
-        from rnnjax.data import tfds_mnist
-
         name, directory, checksums = resolve_dataset(config.dataset, config.data_dir)
-        return tfds_mnist.train_batches(
+        return import_tfds().train_batches(
             name, directory, checksums, config.tfds_dir, config.batch_size,
             start_step=start, shuffle=config.shuffle, seed=config.seed, rows=rows,
         )
@@ -241,6 +239,7 @@ def train_and_evaluate(
 
         A state that has diverged is never saved: the last good checkpoint stays the latest.
         """
+        jax.block_until_ready(state)  # the training in flight is not checkpoint time
         t = time.perf_counter()
         if not bool(finite((state.params, train_sums))):
             raise TrainingDiverged(

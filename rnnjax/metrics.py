@@ -65,9 +65,31 @@ class MetricWriter:
         self._csv_file.close()
 
 
+def _jsonl_records(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(line, record)`` of every line that parses; a line cut short by a kill does not."""
+    out = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            out.append((line, record))
+    return out
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a ``metrics.jsonl`` file (a last line cut short is skipped)."""
+    return [record for _, record in _jsonl_records(path.read_text())]
+
+
+def _csv_step(row: list[str], index: int, width: int) -> int | None:
+    if len(row) != width:
+        return None
+    try:
+        return int(row[index])
+    except ValueError:
+        return None
 
 
 def truncate_metrics(directory: Path, last_step: int) -> list[dict[str, Any]]:
@@ -80,10 +102,9 @@ def truncate_metrics(directory: Path, last_step: int) -> list[dict[str, Any]]:
     kept: list[dict[str, Any]] = []
     jsonl = directory / "metrics.jsonl"
     if jsonl.exists():
-        lines = [line for line in jsonl.read_text().splitlines() if line.strip()]
-        keep = [line for line in lines if json.loads(line)["step"] <= last_step]
-        kept = [json.loads(line) for line in keep]
-        _replace_text(jsonl, "".join(line + "\n" for line in keep))
+        pairs = [p for p in _jsonl_records(jsonl.read_text()) if p[1]["step"] <= last_step]
+        kept = [record for _, record in pairs]
+        _replace_text(jsonl, "".join(line + "\n" for line, _ in pairs))
     path = directory / "metrics.csv"
     if path.exists():
         with open(path, newline="") as f:
@@ -91,7 +112,8 @@ def truncate_metrics(directory: Path, last_step: int) -> list[dict[str, Any]]:
         if rows:
             header, body = rows[0], rows[1:]
             index = header.index("step") if "step" in header else 0
-            body = [row for row in body if row and int(row[index]) <= last_step]
+            steps = [_csv_step(row, index, len(header)) for row in body]
+            body = [r for r, s in zip(body, steps, strict=True) if s is not None and s <= last_step]
             tmp = path.with_name(path.name + ".tmp")
             with open(tmp, "w", newline="") as f:
                 csv.writer(f).writerows([header, *body])

@@ -76,8 +76,8 @@ def make_schedule(config: Config) -> optax.ScalarOrSchedule:
 def make_optimizer(config: Config) -> optax.GradientTransformation:
     """``config.optimizer`` (an optax function name, or ``keras_adam``) with its options.
 
-    ``--adam-eps`` goes to any optimizer that takes ``eps``; ``--optimizer-kwargs`` (JSON)
-    to the optimizer's own arguments; ``--clip-norm`` chains global-norm clipping first.
+    ``--adam-eps``, when set, goes to any optimizer that takes ``eps``; ``--optimizer-kwargs``
+    (JSON) to the optimizer's own arguments; ``--clip-norm`` chains global-norm clipping first.
     """
     factory = keras_adam if config.optimizer == "keras_adam" else getattr(
         optax, config.optimizer, None
@@ -96,7 +96,7 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
             f"--optimizer {config.optimizer!r} takes no learning_rate: not an optimizer"
         )
     kwargs = parse_kwargs(config.optimizer_kwargs)
-    if "eps" in signature.parameters and "eps" not in kwargs:
+    if config.adam_eps > 0 and "eps" in signature.parameters and "eps" not in kwargs:
         kwargs["eps"] = config.adam_eps
     unknown = sorted(set(kwargs) - set(signature.parameters))
     if unknown:

@@ -126,7 +126,9 @@ def _generic(cell: Cell) -> Cell:
 
 
 @pytest.mark.parametrize("name", ["simple_rnn", "irnn"])
-def test_fused_backward_matches_autodiff(name):
+@pytest.mark.parametrize("threshold", [1, 10_000])  # per-step / one-product weight gradient
+def test_fused_backward_matches_autodiff(name, threshold, monkeypatch):
+    monkeypatch.setattr(cells, "PER_STEP_WEIGHT_GRADIENT_BATCH", threshold)
     cell = cells.get_cell(name, H)
     params = cell.init(jax.random.key(3), F)
     params = {**params, "bias": params["bias"] + 0.1}

@@ -105,7 +105,7 @@ def test_chunked_evaluation_equals_one_pass(mnist):
 def test_keras_adam_trains_like_keras(mnist):
     """Five steps of Keras 3's Adam on its JAX backend and of rnnjax's keras_adam agree."""
     keras = pytest.importorskip("keras")
-    config = Config(optimizer="keras_adam", adam_eps=1e-7)
+    config = Config(optimizer="keras_adam")  # Keras' epsilon, 1e-7, by default
     model, optimizer, state = _setup(config)
     cell, head = state.params["rnn"][0], state.params["head"]
 

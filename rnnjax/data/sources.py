@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import ModuleType
 
-from rnnjax.config import Config
+from rnnjax.config import Config, ConfigError
 from rnnjax.data.idx import MNIST_MD5, Arrays, IdxError, load_idx_dir
 
 EMBEDDED_MNIST = Path(__file__).resolve().parent / "mnist"
@@ -48,11 +49,21 @@ def resolve_dataset(dataset: str, data_dir: str = "") -> tuple[str, Path, dict[s
     )
 
 
+def import_tfds() -> ModuleType:
+    """``rnnjax.data.tfds_mnist`` (imports TensorFlow), or a ConfigError saying what to install."""
+    try:
+        from rnnjax.data import tfds_mnist
+    except ImportError as e:
+        raise ConfigError(
+            f"--source tfds needs TensorFlow and tensorflow-datasets ({e}); "
+            "pip install -e '.[tfds]', or use --source idx"
+        ) from e
+    return tfds_mnist
+
+
 def load_arrays(config: Config) -> Arrays:
     """The dataset of ``config`` as NumPy arrays (uint8 images [N,28,28], int32 labels [N])."""
     name, directory, checksums = resolve_dataset(config.dataset, config.data_dir)
     if config.source == "tfds":
-        from rnnjax.data import tfds_mnist  # imports TensorFlow: only on request
-
-        return tfds_mnist.load_arrays(name, directory, checksums, config.tfds_dir)
+        return import_tfds().load_arrays(name, directory, checksums, config.tfds_dir)
     return load_idx_dir(directory, checksums)
