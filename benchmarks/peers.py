@@ -24,75 +24,89 @@ import argparse
 import functools
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import jax
 import numpy as np
 
-from benchmarks.harness import environment, time_calls, time_compiled, write_results
+from benchmarks.harness import environment, write_results
 from rnnjax import train
 from rnnjax.config import Config
-from rnnjax.data.pipeline import batch_indices, normalize_host, to_device
+from rnnjax.data.idx import Arrays
+from rnnjax.data.pipeline import batch_indices, host_batches, to_device
 from rnnjax.data.sources import load_arrays
 from rnnjax.model import make_model
 from rnnjax.optim import make_optimizer
 
-
-def host_batches(data, batch: int, count: int):
-    idx = batch_indices(len(data.train_labels), batch, 0, count)
-    return [(normalize_host(data.train_images[i]), data.train_labels[i]) for i in idx]
+Runner = Callable[[], object]
 
 
-def rnnjax_fast(data, batch: int, steps: int, repeats: int) -> float:
+def batches(data: Arrays, batch: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The first ``count`` in-order batches: (float32 [B, 28, 28], int32 [B])."""
+    return list(host_batches(data.train_images, data.train_labels, batch, 0, count))
+
+
+def rnnjax_fast(data: Arrays, batch: int, steps: int) -> Runner:
+    """K = ``steps`` train steps per compiled call on device-resident data."""
     config = Config(batch_size=batch, unroll=0)
     model, optimizer = make_model(config), make_optimizer(config)
-    state = train.create_state(jax.random.key(0), model, optimizer)
+    state = [train.create_state(jax.random.key(0), model, optimizer)]
     images, labels = to_device(data)[:2]
     idx = jax.device_put(batch_indices(len(data.train_labels), batch, 0, steps))
     fn = jax.jit(functools.partial(train.train_steps, model=model, optimizer=optimizer),
                  donate_argnums=0)
-    return time_compiled(fn, (state, images, labels, idx), repeats=repeats,
-                         carry_first=True)["median_s"] / steps
+    compiled = fn.lower(state[0], images, labels, idx).compile()
+
+    def run():
+        state[0], _ = compiled(state[0], images, labels, idx)
+        return state[0]
+
+    return run
 
 
-def rnnjax_per_step(data, batch: int, steps: int, repeats: int) -> float:
+def rnnjax_per_step(data: Arrays, batch: int, steps: int) -> Runner:
+    """One compiled step per call, batches fed from the host."""
     config = Config(batch_size=batch, unroll=0)
     model, optimizer = make_model(config), make_optimizer(config)
     state = [train.create_state(jax.random.key(0), model, optimizer)]
     step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer),
                    donate_argnums=0)
-    batches = host_batches(data, batch, steps)
+    feed = batches(data, batch, steps)
 
     def run():
-        for x, y in batches:
+        for x, y in feed:
             state[0], _ = step(state[0], x, y)
         return state[0]
 
-    return time_calls(run, repeats)[0] / steps
+    return run
 
 
-def keras_step(data, batch: int, steps: int, repeats: int, unroll: bool) -> float:
+def keras_step(data: Arrays, batch: int, steps: int, unroll: bool) -> Runner:
+    """Keras 3 on JAX, ``train_on_batch`` per step (the seed's loop)."""
     import keras
 
     keras.utils.set_random_seed(1337)
     model = keras.Sequential([keras.Input((28, 28)), keras.layers.SimpleRNN(50, unroll=unroll),
                               keras.layers.Dense(10, activation="softmax")])
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy")
-    batches = [(x, keras.utils.to_categorical(y, 10)) for x, y in host_batches(data, batch, steps)]
+    feed = [(x, keras.utils.to_categorical(y, 10)) for x, y in batches(data, batch, steps)]
 
     def run():
-        for x, y in batches:
+        for x, y in feed:
             loss = model.train_on_batch(x, y)
         return loss
 
-    return time_calls(run, repeats)[0] / steps
+    return run
 
 
-def torch_step(data, batch: int, steps: int, repeats: int) -> float:
+def torch_step(data: Arrays, batch: int, steps: int) -> Runner:
+    """PyTorch eager: nn.RNN + nn.Linear, cross-entropy, torch.optim.Adam."""
     import torch
 
     torch.manual_seed(1337)
@@ -110,18 +124,34 @@ def torch_step(data, batch: int, steps: int, repeats: int) -> float:
     net = Net()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     loss_fn = torch.nn.CrossEntropyLoss()
-    batches = [(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)))
-               for x, y in host_batches(data, batch, steps)]
+    feed = [(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)))
+            for x, y in batches(data, batch, steps)]
 
     def run():
-        for x, y in batches:
+        for x, y in feed:
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(net(x), y)
             loss.backward()
             opt.step()
         return None
 
-    return time_calls(run, repeats)[0] / steps
+    return run
+
+
+def interleaved(runners: dict[str, Runner], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each runner, timed in turns (one call each per round).
+
+    Turns spread any drift of the machine (other load, clocks) over every peer alike.
+    """
+    for run in runners.values():  # burn-in
+        jax.block_until_ready(run())
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def available(module: str) -> bool:
@@ -154,7 +184,7 @@ def seed_run(repeats: int = 2) -> list[dict]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="50,256,1024,4096")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of turns")
     parser.add_argument("--seed-run", action="store_true")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
@@ -176,11 +206,12 @@ def main(argv=None) -> None:
     rows = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         steps = max(10, min(200, 20000 // batch))
+        runners = {name: make(data, batch, steps) for name, make in peers.items()}
+        seconds = interleaved(runners, args.repeats)
         row = {"batch": batch, "steps_timed": steps}
-        for name, fn in peers.items():
-            seconds = fn(data, batch, steps, args.repeats)
-            row[f"{name} ms"] = seconds * 1e3
-            print(f"batch {batch:5d} {name:26s} {seconds * 1e3:8.3f} ms/step", flush=True)
+        for name in peers:
+            row[f"{name} ms"] = seconds[name] / steps * 1e3
+            print(f"batch {batch:5d} {name:26s} {row[f'{name} ms']:8.3f} ms/step", flush=True)
         best = row["rnnjax (K steps/call) ms"]
         for name in list(peers)[1:]:
             row[f"{name} / rnnjax"] = row[f"{name} ms"] / best
