@@ -54,6 +54,21 @@ def gemm_rate(device: jax.Device, size: int, repeats: int = 5) -> float:
     return 2 * size**3 / median
 
 
+def chain_floor(device: jax.Device, batch: int, links: int = 56, repeats: int = 20) -> float:
+    """Seconds for ``links`` dependent ``tanh(h @ U + u_t)`` links, [B, 50] @ [50, 50].
+
+    One train step of the seed model must run 28 such links forward and 28 backward, one
+    after another: with today's kernels this chain is a practical floor for a step.
+    """
+    key = jax.random.key(0)
+    us = jax.device_put(jax.random.normal(key, (links, batch, 50)) * 0.1, device)
+    u = jax.device_put(jax.random.normal(jax.random.key(1), (50, 50)) * 0.1, device)
+    h0 = jax.device_put(jnp.zeros((batch, 50)), device)
+    chain = jax.jit(lambda h, us, u: jax.lax.scan(
+        lambda h, x: (jnp.tanh(h @ u + x), None), h, us)[0])
+    return time_calls(lambda: chain(h0, us, u), repeats, burn_in=2)[0]
+
+
 def measure(device, data, batch: int, unroll: int, steps_per_call: int, repeats: int) -> dict:
     config = Config(batch_size=batch, unroll=unroll)
     model, optimizer = make_model(config), make_optimizer(config)
@@ -109,8 +124,10 @@ def main(argv=None) -> None:
                 t0 = time.perf_counter()
                 row = measure(device, data, batch, unroll, k, args.repeats)
                 flops = train_step_flops(batch)
+                floor_s = chain_floor(device, batch)
                 row.update(
                     backend=backend, steps_per_call=k, flops_per_step=flops,
+                    floor_ms=floor_s * 1e3, x_floor=row["ms_per_step"] / (floor_s * 1e3),
                     gemm_gflops=rate / 1e9,
                     fraction_of_gemm=flops * row["steps_per_s"] / rate,
                 )
@@ -128,8 +145,8 @@ def report(rows: list[dict], envs: dict[str, dict], out: str) -> None:
         if r["backend"] != "cpu" and cpu is not None:
             r["speedup_vs_cpu"] = cpu["ms_per_step"] / r["ms_per_step"]
     columns = ["backend", "batch", "unroll", "steps_per_call", "ms_per_step", "steps_per_s",
-               "samples_per_s", "compile_s", "first_call_s", "flops_per_step",
-               "gemm_gflops", "fraction_of_gemm"]
+               "samples_per_s", "compile_s", "first_call_s", "floor_ms", "x_floor",
+               "flops_per_step", "gemm_gflops", "fraction_of_gemm"]
     if any("speedup_vs_cpu" in r for r in rows):
         columns.append("speedup_vs_cpu")
     env = next(iter(envs.values())) | {"backends": envs}

@@ -144,3 +144,20 @@ def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoi
     for step in kept:
         state = checkpoint_lib.restore(directory / str(step), target)
         assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.params)), step
+
+
+def test_resume_survives_a_metrics_line_cut_short_by_a_kill(tmp_path):
+    from rnnjax import metrics
+
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 0, "split": "test", "loss": 2.3, "accuracy": 0.1, "wall_s": 1.0}\n'
+        '{"step": 10, "split": "test", "loss": 1.0, "accuracy": 0.6, "wall_s": 2.0}\n'
+        '{"step": 20, "split": "te'
+    )
+    (tmp_path / "metrics.csv").write_text(
+        "step,split,loss,accuracy,wall_s\n0,test,2.3,0.1,1.0\n10,test,1.0,0.6,2.0\n20,te"
+    )
+    kept = metrics.truncate_metrics(tmp_path, 10)
+    assert [r["step"] for r in kept] == [0, 10]
+    assert [r["step"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")] == [0, 10]
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[-1] == "10,test,1.0,0.6,2.0"
