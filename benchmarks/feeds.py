@@ -26,6 +26,7 @@ from rnnjax import train
 from rnnjax.config import Config
 from rnnjax.data.pipeline import batch_indices, host_batches, to_device
 from rnnjax.data.sources import load_arrays, resolve_dataset
+from rnnjax.loop import init_state
 from rnnjax.model import make_model
 from rnnjax.optim import make_optimizer
 
@@ -44,7 +45,7 @@ def main(argv=None) -> None:
     data = load_arrays(config)
     n = len(data.train_labels)
     model, optimizer = make_model(config), make_optimizer(config)
-    fresh = functools.partial(train.create_state, jax.random.key(0), model, optimizer)
+    fresh = functools.partial(init_state, config, model, optimizer)
     step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer),
                    donate_argnums=0)
     chunk = jax.jit(functools.partial(train.train_steps, model=model, optimizer=optimizer),

@@ -41,6 +41,7 @@ from rnnjax.config import Config
 from rnnjax.data.idx import Arrays
 from rnnjax.data.pipeline import batch_indices, host_batches, to_device
 from rnnjax.data.sources import load_arrays
+from rnnjax.loop import init_state
 from rnnjax.model import make_model
 from rnnjax.optim import make_optimizer
 
@@ -56,7 +57,7 @@ def rnnjax_fast(data: Arrays, batch: int, steps: int) -> Runner:
     """K = ``steps`` train steps per compiled call on device-resident data."""
     config = Config(batch_size=batch, unroll=0)
     model, optimizer = make_model(config), make_optimizer(config)
-    state = [train.create_state(jax.random.key(0), model, optimizer)]
+    state = [init_state(config, model, optimizer)]
     images, labels = to_device(data)[:2]
     idx = jax.device_put(batch_indices(len(data.train_labels), batch, 0, steps))
     fn = jax.jit(functools.partial(train.train_steps, model=model, optimizer=optimizer),
@@ -74,7 +75,7 @@ def rnnjax_per_step(data: Arrays, batch: int, steps: int) -> Runner:
     """One compiled step per call, batches fed from the host."""
     config = Config(batch_size=batch, unroll=0)
     model, optimizer = make_model(config), make_optimizer(config)
-    state = [train.create_state(jax.random.key(0), model, optimizer)]
+    state = [init_state(config, model, optimizer)]
     step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer),
                    donate_argnums=0)
     feed = batches(data, batch, steps)

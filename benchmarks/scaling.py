@@ -42,6 +42,7 @@ def measure(backend: str, devices: int, batch: int, hidden: int, steps: int,
     from rnnjax.config import Config
     from rnnjax.data.pipeline import batch_indices
     from rnnjax.data.sources import load_arrays
+    from rnnjax.loop import init_state
     from rnnjax.model import make_model
     from rnnjax.optim import make_optimizer
 
@@ -55,7 +56,7 @@ def measure(backend: str, devices: int, batch: int, hidden: int, steps: int,
     data = load_arrays(config)
     images, labels = dp.dataset(data)[:2]
     with jax.default_device(available[0]):
-        state = dp.replicate(train.create_state(jax.random.key(0), model, optimizer))
+        state = dp.replicate(init_state(config, model, optimizer))
     idx = dp.shard_steps(batch_indices(len(data.train_labels), batch, 0, steps))
     fn = jax.jit(functools.partial(train.train_steps, model=model, optimizer=optimizer),
                  donate_argnums=0, out_shardings=dp.replicated)

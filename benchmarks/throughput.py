@@ -26,6 +26,7 @@ from rnnjax import train
 from rnnjax.config import Config
 from rnnjax.data.pipeline import batch_indices, to_device
 from rnnjax.data.sources import load_arrays
+from rnnjax.loop import init_state
 from rnnjax.model import make_model
 from rnnjax.optim import make_optimizer
 
@@ -73,7 +74,7 @@ def measure(device, data, batch: int, unroll: int, steps_per_call: int, repeats:
     config = Config(batch_size=batch, unroll=unroll)
     model, optimizer = make_model(config), make_optimizer(config)
     with jax.default_device(device):
-        state = train.create_state(jax.random.key(0), model, optimizer)
+        state = init_state(config, model, optimizer)
     images, labels = to_device(data, device)[:2]
     idx = jax.device_put(
         batch_indices(len(data.train_labels), batch, 0, steps_per_call), device

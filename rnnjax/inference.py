@@ -40,11 +40,10 @@ class Loaded:
 
 def fresh_state(config: Config) -> tuple[train.TrainState, Model]:
     """A new state of ``config`` (the loop's initialisation) and its model."""
+    from rnnjax.loop import init_state
+
     model = make_model(config)
-    optimizer = make_optimizer(config)
-    key = jax.random.split(jax.random.key(config.seed))[0]
-    create = functools.partial(train.create_state, model=model, optimizer=optimizer)
-    return jax.jit(create)(key), model
+    return init_state(config, model, make_optimizer(config)), model
 
 
 def load(path: Path | str) -> Loaded:

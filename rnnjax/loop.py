@@ -27,6 +27,7 @@ from typing import Any, TextIO
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from rnnjax import checkpoint as checkpoint_lib
 from rnnjax import metrics as metrics_lib
@@ -35,7 +36,7 @@ from rnnjax.config import Config, ConfigError, to_dict
 from rnnjax.data.idx import Arrays
 from rnnjax.data.pipeline import batch_indices, host_batches
 from rnnjax.data.sources import import_tfds, load_arrays, resolve_dataset
-from rnnjax.model import make_model
+from rnnjax.model import Model, make_model
 from rnnjax.optim import make_optimizer
 
 
@@ -88,6 +89,18 @@ def last_regular_eval(config: Config, steps_done: int) -> int:
     the run resumed from it logs every evaluation after it again.
     """
     return (steps_done - 1) // config.eval_every * config.eval_every
+
+
+def init_state(
+    config: Config, model: Model, optimizer: optax.GradientTransformation
+) -> train.TrainState:
+    """The run's initial state from ``config.seed``, in one compiled call.
+
+    Run eagerly, initialisation would compile dozens of small ops one by one (seconds on
+    XLA:CPU); jitted it is one program, which the persistent compilation cache keeps.
+    """
+    key = jax.random.split(jax.random.key(config.seed))[0]
+    return jax.jit(functools.partial(train.create_state, model=model, optimizer=optimizer))(key)
 
 
 def check_data(config: Config, data: Arrays) -> None:
@@ -157,12 +170,8 @@ def train_and_evaluate(
 
     model = make_model(config)
     optimizer = make_optimizer(config)
-    init_key = jax.random.split(jax.random.key(config.seed))[0]
-    # One compiled initialisation instead of dozens of eagerly compiled small ops.
     t_init = time.perf_counter()
-    state = jax.jit(functools.partial(train.create_state, model=model, optimizer=optimizer))(
-        init_key
-    )
+    state = init_state(config, model, optimizer)
     init_s = time.perf_counter() - t_init
     state = dp.replicate(state)  # parameters and optimizer state on every device
 
@@ -177,7 +186,8 @@ def train_and_evaluate(
     if workdir is not None:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+        metrics_lib.write_text_atomic(workdir / "config.json",
+                                      json.dumps(to_dict(config), indent=2) + "\n")
         purge = None
         if resume_from is not None:
             # Records after the last regular evaluation before the checkpoint are logged
@@ -363,7 +373,8 @@ def train_and_evaluate(
     out.write(format_summary(summary))
     out.flush()
     if workdir is not None:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        metrics_lib.write_text_atomic(workdir / "summary.json",
+                                      json.dumps(summary, indent=2) + "\n")
         from rnnjax import plots  # matplotlib: imported only when a workdir wants the PNG
 
         plots.learning_curves(history, workdir / "learning_curves.png",

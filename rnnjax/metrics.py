@@ -104,7 +104,7 @@ def truncate_metrics(directory: Path, last_step: int) -> list[dict[str, Any]]:
     if jsonl.exists():
         pairs = [p for p in _jsonl_records(jsonl.read_text()) if p[1]["step"] <= last_step]
         kept = [record for _, record in pairs]
-        _replace_text(jsonl, "".join(line + "\n" for line, _ in pairs))
+        write_text_atomic(jsonl, "".join(line + "\n" for line, _ in pairs))
     path = directory / "metrics.csv"
     if path.exists():
         with open(path, newline="") as f:
@@ -121,7 +121,11 @@ def truncate_metrics(directory: Path, last_step: int) -> list[dict[str, Any]]:
     return kept
 
 
-def _replace_text(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` atomically: a temporary file beside it, then a rename.
+
+    A reader, or a kill, sees the old file or the new one, never half of one.
+    """
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
