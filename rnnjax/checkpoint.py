@@ -387,11 +387,51 @@ class ResumePoint:
         return float(self.meta.get("wall_s") or 0.0)
 
 
+RUN_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "summary.json")
+
+
+def check_fresh_workdir(config: Config, workdir: Path | str) -> None:
+    """Refuse to start a run over the records of a different one.
+
+    A workdir without checkpoints may still hold the files of a run stopped before its
+    first checkpoint. Starting again over them loses nothing when the new run would write
+    the same records (same ``config.json`` but for :data:`RUN_SETTINGS`: training is
+    deterministic); a run with other settings would overwrite another experiment's
+    metrics, and is refused.
+    """
+    workdir = Path(workdir)
+    found = [name for name in RUN_FILES if (workdir / name).is_file()]
+    if not found:
+        return
+    where = workdir / "config.json"
+    fix = f"choose another --workdir, or delete {', '.join(found)} in {workdir} to start over"
+    try:
+        saved = from_dict(json.loads(where.read_text()))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{workdir} holds {', '.join(found)} of an earlier run but no config.json to "
+            f"tell which; {fix}"
+        ) from None
+    except (OSError, ValueError, TypeError) as err:  # unreadable, bad JSON, bad fields
+        raise CheckpointError(f"{where}: unreadable ({err}); {fix}") from None
+    differ = [
+        f"{flag_name(f.name)} {getattr(config, f.name)} (was {getattr(saved, f.name)})"
+        for f in dataclasses.fields(Config)
+        if f.name not in RUN_SETTINGS and getattr(config, f.name) != getattr(saved, f.name)
+    ]
+    if differ:
+        raise CheckpointError(
+            f"{workdir} holds the records of another run with no checkpoint to resume; this "
+            f"one differs in {', '.join(differ)}; {fix}"
+        )
+
+
 def prepare(config: Config, workdir: Path | str | None, resume: bool) -> ResumePoint | None:
     """Check a run's checkpoint settings before anything is written.
 
     Checkpoints need a workdir. Without ``resume`` a workdir that already holds
-    checkpoints is refused (nothing is overwritten); with it, the latest checkpoint is
+    checkpoints, or the records of a different run (:func:`check_fresh_workdir`), is
+    refused (nothing is overwritten); with it, the latest checkpoint is
     found and checked against ``config`` (:func:`check_resumable`, and ``--steps`` beyond
     its step), and returned.
     """
@@ -410,6 +450,7 @@ def prepare(config: Config, workdir: Path | str | None, resume: bool) -> ResumeP
                 f"{workdir} already holds checkpoints ({directory}); pass --resume to "
                 "continue that run, or choose another --workdir"
             )
+        check_fresh_workdir(config, workdir)
         return None
     step_dir = latest_checkpoint(workdir)
     step = int(step_dir.name)

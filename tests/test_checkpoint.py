@@ -241,6 +241,36 @@ def test_resume_and_overwrite_are_checked_before_anything_is_written(runs, tmp_p
                                                       keep_checkpoints=9))
 
 
+def test_a_run_stopped_before_its_first_checkpoint_is_not_overwritten_by_another(tmp_path):
+    # Killed at its second evaluation, with its only checkpoint due at its end.
+    config = CONFIG.replace(checkpoint_every=0)
+    work = tmp_path / "stopped"
+    with pytest.raises(Crash):
+        train_and_evaluate(config, work, out=CrashingOut(100))
+    assert not checkpoint.has_checkpoints(work)
+    before = {p: p.read_bytes() for p in work.iterdir() if p.is_file()}
+    assert read_jsonl(work / "metrics.jsonl")  # step 0's records: what must not be lost
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"another run.*--hidden-size 16 \(was 32\).*another --workdir"):
+        train_and_evaluate(config.replace(hidden_size=16), work, out=io.StringIO())
+    assert {p: p.read_bytes() for p in work.iterdir() if p.is_file()} == before
+    # The same run again (a run setting aside) rewrites the same records, and finishes.
+    again = train_and_evaluate(config.replace(keep_checkpoints=1), work, out=io.StringIO())
+    logged = [json.loads(line) for line in before[work / "metrics.jsonl"].splitlines()]
+    assert without_wall(read_jsonl(work / "metrics.jsonl"))[:len(logged)] == without_wall(logged)
+    assert [h["step"] for h in again.history] == [0, 100, 200, 299]
+
+    orphan = tmp_path / "orphan"
+    orphan.mkdir()
+    (orphan / "metrics.csv").write_text("step\n")
+    with pytest.raises(checkpoint.CheckpointError, match=r"holds metrics.csv.*no config.json"):
+        checkpoint.prepare(CONFIG, orphan, resume=False)
+    (orphan / "config.json").write_text("{not json")
+    with pytest.raises(checkpoint.CheckpointError, match=r"config.json: unreadable.*delete"):
+        checkpoint.prepare(CONFIG, orphan, resume=False)
+    assert checkpoint.prepare(CONFIG, tmp_path / "new", resume=False) is None
+
+
 def test_eval_prints_per_class_accuracy_and_writes_the_png(runs, tmp_path, capsys):
     out = tmp_path / "cm.png"
     assert main(["eval", str(runs.full_dir), "--out", str(out)]) == 0
