@@ -2,10 +2,10 @@
 
 Two feeds run the same pure ``train_step``:
 
-* ``device`` (default): the whole dataset lives on the device; each compiled call runs up to
-  ``steps_per_call`` steps as a ``lax.scan``, cutting batches on the device;
-* ``stream``: one compiled step per call, fed batch by batch from the host (the tfds/tf.data
-  pipeline with ``--source tfds``, NumPy otherwise).
+* ``device`` (default, :func:`device_feed`): the whole dataset lives on the device; each
+  compiled call runs up to ``steps_per_call`` steps in a loop, cutting batches on the device;
+* ``stream`` (:func:`stream_feed`): one compiled step per call, fed batch by batch from the
+  host (the tfds/tf.data pipeline with ``--source tfds``, NumPy otherwise).
 
 Both see the same batches in the same order and give the same parameters. Evaluations on
 the full test set happen after step 0, every ``eval_every`` steps, and after the last step
@@ -19,7 +19,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -118,21 +118,152 @@ def check_data(config: Config, data: Arrays) -> None:
         )
 
 
-def _stream(
-    config: Config, data: Arrays, start: int, rows: slice | None = None
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Host batches from ``start``; ``rows``: only this process's rows of each batch."""
-    count = config.steps - start
+# One compiled call's work: ``(state, first step, count) -> (state, metric sums, seconds
+# spent compiling in this call)``; the sums stay on the device.
+SegmentFn = Callable[[train.TrainState, int, int], tuple[train.TrainState, Any, float]]
+
+
+def device_feed(
+    config: Config, model: Model, optimizer: optax.GradientTransformation,
+    dp: parallel.DataParallel, on_device: Arrays,
+) -> SegmentFn:
+    """Segments run by one compiled ``train.train_steps`` on the device-resident dataset.
+
+    Batch indices are padded to a fixed ``[steps_per_call, B]`` with the count passed as
+    data: one compiled function serves every segment length, no recompiles.
+    """
+    chunk = min(config.steps_per_call, config.steps)
+    n_train = len(on_device.train_labels)
+    jitted = jax.jit(
+        functools.partial(train.train_steps, model=model, optimizer=optimizer),
+        donate_argnums=0, out_shardings=dp.replicated,
+    )
+    compiled = None
+
+    def run(state: train.TrainState, first: int, count: int):
+        nonlocal compiled
+        idx = np.zeros((chunk, config.batch_size), np.int32)
+        idx[:count] = batch_indices(n_train, config.batch_size, first, count,
+                                    shuffle=config.shuffle, seed=config.seed)
+        args = (on_device.train_images, on_device.train_labels,
+                dp.shard_steps(idx), dp.replicate(np.int32(count)))  # every device: its rows
+        seconds = 0.0
+        if compiled is None:
+            compiled, seconds = runtime.compile_timed(jitted, state, *args)
+        state, sums = compiled(state, *args)
+        return state, sums, seconds
+
+    return run
+
+
+def stream_feed(
+    config: Config, model: Model, optimizer: optax.GradientTransformation,
+    dp: parallel.DataParallel, data: Arrays, start: int,
+) -> SegmentFn:
+    """Segments run one compiled ``train.train_step`` per batch streamed from the host.
+
+    The batches of steps ``start, start + 1, ...`` in order: the tf.data pipeline with
+    ``--source tfds``, NumPy otherwise; each process reads only its rows of each batch.
+    """
+    rows = dp.rows(config.batch_size)
     if config.source == "tfds":
         name, directory, checksums = resolve_dataset(config.dataset, config.data_dir)
-        return import_tfds().train_batches(
+        batches = import_tfds().train_batches(
             name, directory, checksums, config.tfds_dir, config.batch_size,
             start_step=start, shuffle=config.shuffle, seed=config.seed, rows=rows,
         )
-    return host_batches(
-        data.train_images, data.train_labels, config.batch_size, start, count,
-        shuffle=config.shuffle, seed=config.seed, rows=rows,
+    else:
+        batches = host_batches(
+            data.train_images, data.train_labels, config.batch_size, start,
+            config.steps - start, shuffle=config.shuffle, seed=config.seed, rows=rows,
+        )
+    jitted = jax.jit(
+        functools.partial(train.train_step, model=model, optimizer=optimizer),
+        donate_argnums=0, out_shardings=dp.replicated,
     )
+    compiled = None
+
+    def run(state: train.TrainState, first: int, count: int):
+        nonlocal compiled
+        seconds, step_sums = 0.0, []
+        for _ in range(count):
+            x, y = dp.global_batch(next(batches), config.batch_size)
+            if compiled is None:
+                compiled, seconds = runtime.compile_timed(jitted, state, x, y)
+            state, sums = compiled(state, x, y)
+            step_sums.append(sums)
+        return state, jax.tree.map(lambda *m: jnp.stack(m).sum(0), *step_sums), seconds
+
+    return run
+
+
+@dataclass
+class RunFiles:
+    """Where a run's records go: metric files and TensorBoard (process 0's workdir only)
+    and checkpoints (every process, written together by orbax). Any may be None."""
+
+    metrics: metrics_lib.MetricWriter | None = None
+    tensorboard: metrics_lib.TensorBoardWriter | None = None
+    checkpoints: checkpoint_lib.CheckpointWriter | None = None
+
+    @classmethod
+    def open(
+        cls, config: Config, workdir: Path | str | None, resume_from: Any, writes: bool
+    ) -> tuple[RunFiles, list[dict[str, Any]]]:
+        """The run's writers, and the evaluation history already logged when resuming.
+
+        ``writes``: this process writes the workdir's files (process 0). A resumed run
+        drops the records logged after the last regular evaluation before its checkpoint:
+        their train sums were saved with the checkpoint, and this run logs them again.
+        """
+        if workdir is None:
+            return cls(), []
+        workdir = Path(workdir)
+        checkpoints = functools.partial(checkpoint_lib.CheckpointWriter,
+                                        checkpoint_lib.checkpoints_dir(workdir),
+                                        config.keep_checkpoints)
+        if not writes:
+            return cls(checkpoints=checkpoints()), []
+        workdir.mkdir(parents=True, exist_ok=True)
+        metrics_lib.write_text_atomic(workdir / "config.json",
+                                      json.dumps(to_dict(config), indent=2) + "\n")
+        previous, purge = [], None
+        if resume_from is not None:
+            logged = last_regular_eval(config, resume_from.step)
+            previous = metrics_lib.history_from_records(
+                metrics_lib.truncate_metrics(workdir, logged)
+            )
+            purge = logged + 1
+        files = cls(
+            metrics_lib.MetricWriter(workdir, append=resume_from is not None),
+            metrics_lib.TensorBoardWriter.open(workdir, purge_step=purge),
+            checkpoints(),
+        )
+        return files, previous
+
+    def log(self, record: dict[str, Any], trained: dict[str, float],
+            test: dict[str, float]) -> None:
+        """One evaluation's train and test metrics; ``record``: its step and wall time."""
+        if self.metrics is not None:
+            self.metrics.write({**record, "split": "train", **trained})
+            self.metrics.write({**record, "split": "test", **test})
+        if self.tensorboard is not None:
+            self.tensorboard.write(record["step"], "train", trained)
+            self.tensorboard.write(record["step"], "test", test)
+
+    def close(self) -> None:
+        for writer in (self.metrics, self.tensorboard, self.checkpoints):
+            if writer is not None:
+                writer.close()
+
+
+def check_finite(trained: dict[str, float], step: int) -> None:
+    """Stop the run (:class:`TrainingDiverged`) when the logged train loss is not finite."""
+    if not math.isfinite(trained["loss"]):
+        raise TrainingDiverged(
+            f"training loss became {trained['loss']} by step {step} (the loss logged at "
+            "that step); lower --learning-rate or set --clip-norm"
+        )
 
 
 def train_and_evaluate(
@@ -158,11 +289,6 @@ def train_and_evaluate(
     resume_from = checkpoint_lib.prepare(config, workdir, resume)  # writes nothing
     t_start = time.perf_counter()
     cache_dir = runtime.enable_compile_cache(config.compile_cache)
-    # Data parallel (rnnjax.parallel): only process 0 writes the workdir; the mesh over the
-    # devices of every process.
-    shared_workdir = workdir  # checkpoints: saved by every process together (orbax)
-    if jax.process_index() != 0:
-        workdir = None
     dp = parallel.DataParallel.from_config(config)
     data = load_arrays(config)
     check_data(config, data)
@@ -171,73 +297,35 @@ def train_and_evaluate(
     model = make_model(config)
     optimizer = make_optimizer(config)
     t_init = time.perf_counter()
-    state = init_state(config, model, optimizer)
+    state = dp.replicate(init_state(config, model, optimizer))  # on every device
     init_s = time.perf_counter() - t_init
-    state = dp.replicate(state)  # parameters and optimizer state on every device
-
-    start, wall_offset, previous = 0, 0.0, []
+    start, wall_offset = 0, 0.0
     if resume_from is not None:
         # The fresh state is the abstract target: the optimizer's NamedTuples come back.
         state = checkpoint_lib.restore(resume_from.step_dir, state, resume_from.meta)
         start, wall_offset = resume_from.step, resume_from.wall_s
         out.write(f"resuming from {resume_from.step_dir} after {start} steps\n")
 
-    writer = tensorboard = checkpoints = None
-    if workdir is not None:
-        workdir = Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        metrics_lib.write_text_atomic(workdir / "config.json",
-                                      json.dumps(to_dict(config), indent=2) + "\n")
-        purge = None
-        if resume_from is not None:
-            # Records after the last regular evaluation before the checkpoint are logged
-            # again by this run (their train sums were saved with the checkpoint).
-            logged = last_regular_eval(config, start)
-            previous = metrics_lib.history_from_records(
-                metrics_lib.truncate_metrics(workdir, logged)
-            )
-            purge = logged + 1
-        writer = metrics_lib.MetricWriter(workdir, append=resume_from is not None)
-        tensorboard = metrics_lib.TensorBoardWriter.open(workdir, purge_step=purge)
-        checkpoints = checkpoint_lib.CheckpointWriter(
-            checkpoint_lib.checkpoints_dir(workdir), config.keep_checkpoints
-        )
-
-    if checkpoints is None and shared_workdir is not None:  # a process other than 0
-        checkpoints = checkpoint_lib.CheckpointWriter(
-            checkpoint_lib.checkpoints_dir(Path(shared_workdir)), config.keep_checkpoints
-        )
-
     # The dataset replicated on every device (MNIST is small); each batch is split over
-    # them: the [K, B] indices on B, so every device gathers and trains on its rows, and
-    # XLA all-reduces the gradients of the global-batch mean loss.
+    # them, so every device trains on its rows and XLA all-reduces the gradients of the
+    # global-batch mean loss.
     on_device = dp.dataset(data)
-    test_images, test_labels = on_device.test_images, on_device.test_labels
     evaluate = jax.jit(
         functools.partial(train.evaluate, model=model, chunk=config.eval_batch_size,
                           batch_sharding=dp.batch),
         out_shardings=dp.replicated,
     )
-    evaluate, compile_s = runtime.compile_timed(evaluate, state.params, test_images, test_labels)
-
-    compiled: dict[int, Any] = {}
-    chunk = min(config.steps_per_call, config.steps)
+    test_data = on_device.test_images, on_device.test_labels
+    evaluate, compile_s = runtime.compile_timed(evaluate, state.params, *test_data)
     if config.feed == "device":
-        images, labels = on_device.train_images, on_device.train_labels
-        chunk_fn = jax.jit(
-            functools.partial(train.train_steps, model=model, optimizer=optimizer),
-            donate_argnums=0, out_shardings=dp.replicated,
-        )
+        run_segment = device_feed(config, model, optimizer, dp, on_device)
     else:
-        batches = _stream(config, data, start, dp.rows(config.batch_size))
-        step_fn = jax.jit(
-            functools.partial(train.train_step, model=model, optimizer=optimizer),
-            donate_argnums=0, out_shardings=dp.replicated,
-        )
-
+        run_segment = stream_feed(config, model, optimizer, dp, data, start)
     finite = jax.jit(lambda tree: jnp.all(jnp.stack(
         [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)])))
-    history: list[dict[str, Any]] = list(previous)
+
+    files, history = RunFiles.open(config, workdir, resume_from,
+                                   writes=jax.process_index() == 0)
     bar = metrics_lib.Progress(config.steps, enabled=progress)
     # Train metrics since the last evaluation (those of a resumed checkpoint included).
     train_sums = None if resume_from is None else resume_from.train_sums
@@ -254,64 +342,38 @@ def train_and_evaluate(
         if not bool(finite((state.params, train_sums))):
             raise TrainingDiverged(
                 f"loss or parameters became NaN or infinite by step {step}; the last good "
-                f"checkpoint is kept in {checkpoints.directory}; lower --learning-rate or set "
-                "--clip-norm"
+                f"checkpoint is kept in {files.checkpoints.directory}; lower "
+                "--learning-rate or set --clip-norm"
             )
-        checkpoints.save(state, config, train_sums=train_sums,
-                         wall_s=wall_offset + t - t_start)
+        files.checkpoints.save(state, config, train_sums=train_sums,
+                               wall_s=wall_offset + t - t_start)
         return time.perf_counter() - t
 
     try:
         for first, count, evaluate_after in segments(config, start):
             if t0 is None:
                 t0 = time.perf_counter()
-            if config.feed == "device":
-                # Indices padded to a fixed [chunk, B] with the count passed as data: one
-                # compiled function serves every segment length, no recompiles.
-                idx = np.zeros((chunk, config.batch_size), np.int32)
-                idx[:count] = batch_indices(
-                    len(data.train_labels), config.batch_size, first, count,
-                    shuffle=config.shuffle, seed=config.seed,
-                )
-                n = np.int32(count)
-                idx, n = dp.shard_steps(idx), dp.replicate(n)  # every device: its rows
-                if not compiled:
-                    compiled[chunk], seconds = runtime.compile_timed(
-                        chunk_fn, state, images, labels, idx, n
-                    )
-                    compile_s += seconds
-                    t0 += seconds
-                state, sums = compiled[chunk](state, images, labels, idx, n)
-            else:
-                step_sums_list = []
-                for _ in range(count):
-                    x, y = dp.global_batch(next(batches), config.batch_size)
-                    if not compiled:
-                        compiled[1], seconds = runtime.compile_timed(step_fn, state, x, y)
-                        compile_s += seconds
-                        t0 += seconds
-                    state, step_sums = compiled[1](state, x, y)
-                    step_sums_list.append(step_sums)
-                sums = jax.tree.map(lambda *m: jnp.stack(m).sum(0), *step_sums_list)
+            state, sums, seconds = run_segment(state, first, count)
+            compile_s += seconds
+            t0 += seconds
             # Still on the device: summed asynchronously, read only at the log point.
             train_sums = sums if train_sums is None else jax.tree.map(jnp.add, train_sums, sums)
-            end = first + count
-            save_after = checkpoints is not None and (
-                end == config.steps
-                or (config.checkpoint_every and end % config.checkpoint_every == 0)
+            step = first + count - 1
+            save_after = files.checkpoints is not None and (
+                step + 1 == config.steps
+                or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)
             )
             if not evaluate_after:
                 if save_after:
-                    seconds = save_checkpoint(end - 1)
+                    seconds = save_checkpoint(step)
                     checkpoint_s += seconds
                     t0 += seconds
                 continue
             jax.block_until_ready(state)
             train_s += time.perf_counter() - t0
             t0 = None
-            step = first + count - 1
             t1 = time.perf_counter()
-            test = metrics_lib.summarize(evaluate(state.params, test_images, test_labels))
+            test = metrics_lib.summarize(evaluate(state.params, *test_data))
             eval_s += time.perf_counter() - t1
             trained = metrics_lib.summarize(train_sums)
             if step % config.eval_every == 0:
@@ -319,36 +381,21 @@ def train_and_evaluate(
             # else this is the run's last step, off the eval_every grid: its sums stay for
             # the checkpoint, so that a run resumed with more --steps logs them again at
             # the next regular evaluation, as a run never stopped would.
-            if not math.isfinite(trained["loss"]):
-                raise TrainingDiverged(
-                    f"training loss became {trained['loss']} by step {step} (the loss logged "
-                    "at that step); lower --learning-rate or set --clip-norm"
-                )
+            check_finite(trained, step)
             bar.close()
             out.write(f"step {step:>5}  {metrics_lib.seed_line(test['loss'], test['accuracy'])}\n")
             out.flush()
             bar.update(step + 1)
-            wall = wall_offset + time.perf_counter() - t_start
-            record = {"step": step, "wall_s": round(wall, 3)}
+            record = {"step": step, "wall_s": round(wall_offset + time.perf_counter() - t_start, 3)}
             history.append({**record, "train_loss": trained["loss"],
                             "train_accuracy": trained["accuracy"],
                             "test_loss": test["loss"], "test_accuracy": test["accuracy"]})
-            if writer is not None:
-                writer.write({**record, "split": "train", **trained})
-                writer.write({**record, "split": "test", **test})
-            if tensorboard is not None:
-                tensorboard.write(step, "train", trained)
-                tensorboard.write(step, "test", test)
+            files.log(record, trained, test)
             if save_after:
                 checkpoint_s += save_checkpoint(step)
     finally:
         bar.close()
-        if writer is not None:
-            writer.close()
-        if tensorboard is not None:
-            tensorboard.close()
-        if checkpoints is not None:
-            checkpoints.close()
+        files.close()
 
     wall_s = time.perf_counter() - t_start
     last = history[-1]
@@ -372,7 +419,8 @@ def train_and_evaluate(
     }
     out.write(format_summary(summary))
     out.flush()
-    if workdir is not None:
+    if workdir is not None and jax.process_index() == 0:
+        workdir = Path(workdir)
         metrics_lib.write_text_atomic(workdir / "summary.json",
                                       json.dumps(summary, indent=2) + "\n")
         from rnnjax import plots  # matplotlib: imported only when a workdir wants the PNG
