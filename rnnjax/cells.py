@@ -72,6 +72,24 @@ def _zeros_carry(hidden: int) -> Callable[[int, Any], jax.Array]:
     return lambda batch, dtype: jnp.zeros((batch, hidden), dtype)
 
 
+def _time_batch_product(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``sum_t a_t^T b_t``: ``[T, B, M] x [T, B, N] -> [M, N]`` in one product, accumulated
+    in float32 or wider.
+
+    Contracted over time *and* batch in one dot_general, with no ``[T*B]`` reshape: with the
+    batch sharded over devices (rnnjax.parallel) XLA then computes each device's partial
+    product and all-reduces it, where merging T and a sharded B made it all-gather the
+    activations.
+    """
+    acc = jnp.promote_types(a.dtype, jnp.float32)
+    return jax.lax.dot_general(a, b, (((0, 1), (0, 1)), ((), ())), preferred_element_type=acc)
+
+
+def _previous(first: jax.Array, seq: jax.Array) -> jax.Array:
+    """``[first, seq_0, ..., seq_{T-2}]``: the value before each time step, ``[T, ...]``."""
+    return jnp.concatenate([first[None], seq[:-1]], axis=0)
+
+
 # --- Elman cells (SimpleRNN, IRNN) and their fused backward pass --------------------------
 
 _ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
@@ -134,7 +152,7 @@ def _elman_bwd(activation, unroll, residuals, dhs):
     features = xs.shape[-1]
     deriv = _ACTIVATIONS[activation][1](hs)
     rec_t = recurrent.astype(hs.dtype).T
-    h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
+    h_prev = _previous(h0, hs)
 
     if xs.shape[1] >= PER_STEP_WEIGHT_GRADIENT_BATCH:
 
@@ -161,14 +179,8 @@ def _elman_bwd(activation, unroll, residuals, dhs):
 
         dh0, dzs = jax.lax.scan(step, jnp.zeros_like(h0), (dhs, deriv), reverse=True,
                                 unroll=unroll)
-        # [x_t, h_{t-1}]^T dz contracted over time *and* batch in one dot_general, with no
-        # [T*B] reshape: with the batch sharded over devices (rnnjax.parallel) XLA then
-        # computes each device's partial product and all-reduces it, where merging T and a
-        # sharded B made it all-gather the activations.
-        inputs = jnp.concatenate([xs, h_prev], axis=-1)  # [T, B, F + H]
-        dweights = jax.lax.dot_general(
-            inputs, dzs, (((0, 1), (0, 1)), ((), ())), preferred_element_type=jnp.float32
-        )
+        # [x_t, h_{t-1}]^T dz over all steps in one product.
+        dweights = _time_batch_product(jnp.concatenate([xs, h_prev], axis=-1), dzs)
     dxs = dzs @ kernel.astype(dzs.dtype).T
     dbias = dzs.sum(axis=(0, 1), dtype=jnp.float32)
     return (
@@ -239,6 +251,84 @@ def _gated_init(hidden: int, gates: int, bias: Callable[[], jax.Array]) -> Calla
     return init
 
 
+# The LSTM recurrence, like elman_layer, has a hand-written backward pass: the forward scan
+# saves one [B, 4H] array of gate activations per step (autodiff of the scan saved a dozen
+# [B, H] pieces, each its own dynamic-update-slice), the backward scan is one elementwise
+# fusion and one [B, 4H] x [4H, H] product per step, and the recurrent-kernel gradient is
+# one product over all steps; the input projection stays outside (autodiff). Measured on
+# the 2-core AMD EPYC, batch 50, median ms per train step, autodiff / fused, in one
+# process: rows 7.45 / 6.17, pixels 205 / 183. (The same for the GRU measured no faster,
+# 183 / 187 on pixels, so the GRU keeps autodiff.)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def lstm_layer(
+    us: jax.Array, recurrent: jax.Array, h0: jax.Array, c0: jax.Array, unroll: int
+) -> tuple[jax.Array, jax.Array]:
+    """The LSTM recurrence over projected inputs (Keras gate order i, f, c, o).
+
+    us [T, B, 4H] (``x_t @ kernel + bias``), recurrent [H, 4H], h0 and c0 [B, H] ->
+    (hs [T, B, H], the last cell state c_T [B, H]); computed in ``us.dtype``.
+    """
+    hs, c_last, _ = _lstm_forward(us, recurrent, h0, c0, unroll)
+    return hs, c_last
+
+
+def _lstm_step(recurrent, carry, u):
+    """One LSTM step: ``((h, c), u_t) -> ((h, c), (h, c, gate activations [B, 4H]))``.
+
+    The sigmoid runs over all four gate blocks at once: XLA:CPU vectorises it over the
+    contiguous [B, 4H] array, where per-gate slices ran 3-4x slower (measured: the LSTM
+    forward step at batch 50 took 100 us with sliced gates, 29 us so). Bitwise the same.
+    """
+    h, c = carry
+    z = u + h @ recurrent.astype(u.dtype)
+    i, f, _, o = jnp.split(jax.nn.sigmoid(z), 4, axis=-1)
+    hidden = h.shape[-1]
+    g = jnp.tanh(z[..., 2 * hidden : 3 * hidden])
+    c = f * c + i * g
+    h = o * jnp.tanh(c)
+    return (h, c), (h, c, jnp.concatenate([i, f, g, o], axis=-1))
+
+
+def _lstm_forward(us, recurrent, h0, c0, unroll):
+    step = functools.partial(_lstm_step, recurrent.astype(us.dtype))
+    (_, c_last), (hs, cs, gates) = jax.lax.scan(step, (h0, c0), us, unroll=unroll)
+    return hs, c_last, (cs, gates)
+
+
+def _lstm_fwd(us, recurrent, h0, c0, unroll):
+    hs, c_last, (cs, gates) = _lstm_forward(us, recurrent, h0, c0, unroll)
+    return (hs, c_last), (recurrent, h0, c0, hs, cs, gates)
+
+
+def _lstm_bwd(unroll, residuals, cotangents):
+    recurrent, h0, c0, hs, cs, gates = residuals
+    dhs, dc_last = cotangents
+    rec_t = recurrent.astype(hs.dtype).T
+
+    def step(carry, inputs_t):
+        dh_next, dc = carry  # from step t + 1: dz_{t+1} @ recurrent^T and dc_{t+1} * f
+        dh, c, c_prev, a = inputs_t
+        i, f, g, o = jnp.split(a, 4, axis=-1)
+        dh = dh + dh_next
+        tanh_c = jnp.tanh(c)
+        dc = dc + dh * o * (1 - tanh_c * tanh_c)
+        dz = jnp.concatenate([dc * g * i * (1 - i), dc * c_prev * f * (1 - f),
+                              dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)], axis=-1)
+        return (dz @ rec_t, dc * f), dz
+
+    (dh0, dc0), dzs = jax.lax.scan(
+        step, (jnp.zeros_like(h0), dc_last.astype(c0.dtype)),
+        (dhs, cs, _previous(c0, cs), gates), reverse=True, unroll=unroll,
+    )
+    drecurrent = _time_batch_product(_previous(h0, hs), dzs)
+    return dzs, drecurrent.astype(recurrent.dtype), dh0, dc0
+
+
+lstm_layer.defvjp(_lstm_fwd, _lstm_bwd)
+
+
 @functools.cache
 def lstm(hidden: int) -> Cell:
     """Keras ``LSTM`` (gates i, f, c, o; forget bias 1); carry ``(h, c)``."""
@@ -247,18 +337,21 @@ def lstm(hidden: int) -> Cell:
         return jnp.zeros((4 * hidden,), jnp.float32).at[hidden : 2 * hidden].set(1.0)
 
     def step(params, carry, u):
-        h, c = carry
-        z = u + h @ params["recurrent_kernel"].astype(u.dtype)
-        i, f, g, o = jnp.split(z, 4, axis=-1)
-        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        h = jax.nn.sigmoid(o) * jnp.tanh(c)
-        return (h, c), h
+        carry, (h, _, _) = _lstm_step(params["recurrent_kernel"], carry, u)
+        return carry, h
 
     def initial_carry(batch, dtype):
         zeros = jnp.zeros((batch, hidden), dtype)
         return zeros, zeros
 
-    return Cell(_gated_init(hidden, 4, bias), step, initial_carry, hidden, _dense_projection)
+    def sequence(params, xs, carry, unroll):
+        h0, c0 = carry
+        hs, c_last = lstm_layer(_dense_projection(params, xs), params["recurrent_kernel"],
+                                h0, c0, unroll)
+        return (hs[-1], c_last), hs
+
+    return Cell(_gated_init(hidden, 4, bias), step, initial_carry, hidden, _dense_projection,
+                sequence)
 
 
 @functools.cache

@@ -143,6 +143,31 @@ def test_fused_backward_matches_autodiff(name, threshold, monkeypatch):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), fused, plain)
 
 
+@pytest.mark.parametrize("unroll", [1, 0])
+def test_lstm_fused_backward_matches_autodiff(unroll):
+    """Through the outputs, the final carry (h and c) and a non-zero initial carry alike."""
+    cell = cells.get_cell("lstm", H)
+    assert cell.sequence is not None
+    rng = np.random.default_rng(5)
+    params = jax.tree.map(
+        lambda p: p + jnp.asarray(rng.normal(scale=0.3, size=p.shape), p.dtype),
+        cell.init(jax.random.key(5), F),
+    )
+    xs = jnp.asarray(_inputs(5))
+    carry0 = jax.tree.map(lambda c: jnp.asarray(rng.normal(size=c.shape), c.dtype),
+                          cell.initial_carry(B, jnp.float32))
+    weights = jnp.asarray(rng.normal(size=(T, B, H)), jnp.float32)
+
+    def loss(c, p, x, carry):
+        carry, ys = scan_cell(c, p, x, carry, unroll=unroll)
+        return (ys * weights).sum() + sum(jnp.sin(leaf).sum() for leaf in jax.tree.leaves(carry))
+
+    fused = jax.grad(loss, argnums=(1, 2, 3))(cell, params, xs, carry0)
+    plain = jax.grad(loss, argnums=(1, 2, 3))(_generic(cell), params, xs, carry0)
+    assert jax.tree.structure(fused) == jax.tree.structure(plain)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), fused, plain)
+
+
 @pytest.mark.parametrize("name", sorted(REFERENCES))
 def test_gradients_against_float64_finite_differences(name):
     with jax.enable_x64(True):
