@@ -1,0 +1,94 @@
+"""Accelerator images have jax, flax, optax and orbax but no TensorFlow: training with the
+default data, the benchmarks' core, eval and predict must run with it unimportable."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs a module as `python -m MODULE ARGS...` with tensorflow and tensorflow_datasets made
+# unimportable (as on an image that lacks them), then reports what got imported.
+RUNNER = """
+import json, runpy, sys
+
+BLOCKED = ("tensorflow", "tensorflow_datasets")
+
+
+class NoTensorFlow:
+    \"\"\"The import system's finders, minus TensorFlow: to `import` and to
+    `importlib.util.find_spec` alike, it is not installed.\"\"\"
+
+    def __init__(self, finders):
+        self.finders = finders
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            return None
+        for finder in self.finders:
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                return spec
+        return None
+
+    def find_distributions(self, *args, **kwargs):
+        for finder in self.finders:
+            for dist in getattr(finder, "find_distributions", lambda *a, **k: [])(*args, **kwargs):
+                if not dist.metadata["Name"].lower().startswith("tensorflow"):
+                    yield dist
+
+    def invalidate_caches(self):
+        for finder in self.finders:
+            getattr(finder, "invalidate_caches", lambda: None)()
+
+
+sys.meta_path[:] = [NoTensorFlow(list(sys.meta_path))]
+module, report, *args = sys.argv[1:]
+sys.argv = [module, *args]
+try:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    if e.code not in (None, 0):
+        raise
+with open(report, "w") as f:
+    json.dump(sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED), f)
+"""
+
+
+def run_blocked(tmp_path: Path, module: str, *args: str) -> subprocess.CompletedProcess:
+    report = tmp_path / f"{module}.imported.json"
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "RNNJAX_BENCH_OUT": str(tmp_path),
+           "PYTHONPATH": str(ROOT)}  # benchmarks/ runs from the checkout, as benchmarks/gpu.sh
+    proc = subprocess.run([sys.executable, "-c", RUNNER, module, str(report), *args],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(report.read_text()) == []
+    return proc
+
+
+def test_train_eval_and_predict_run_without_tensorflow(tmp_path, mnist):
+    work = tmp_path / "run"
+    proc = run_blocked(tmp_path, "rnnjax", "train", "--steps", "11", "--eval-every", "5",
+                       "--hidden-size", "16", "--workdir", str(work))
+    assert "final test accuracy: " in proc.stdout
+    proc = run_blocked(tmp_path, "rnnjax", "eval", str(work))
+    assert "accuracy" in proc.stdout
+    digit = tmp_path / "digit.png"
+    Image.fromarray(np.asarray(mnist.test_images[0])).save(digit)
+    proc = run_blocked(tmp_path, "rnnjax", "predict", str(work), str(digit))
+    assert str(digit) in proc.stdout
+
+
+def test_throughput_benchmark_runs_without_tensorflow(tmp_path):
+    run_blocked(tmp_path, "benchmarks.throughput", "--batch-sizes", "8", "--unrolls", "1",
+                "--repeats", "1", "--steps-per-call", "5", "--out", str(tmp_path / "tp"))
+    rows = json.loads((tmp_path / "tp" / "throughput.json").read_text())["rows"]
+    assert [(r["batch"], r["unroll"]) for r in rows] == [(8, 1)]
+    assert rows[0]["ms_per_step"] > 0
