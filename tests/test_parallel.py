@@ -41,16 +41,20 @@ def _flat_params(params) -> dict[str, np.ndarray]:
 
 
 def _worker(spec: dict) -> None:
-    """Train each of ``spec["runs"]`` (name -> Config overrides) and save its parameters and
+    """Train each of ``spec["runs"]`` (name -> Config overrides, plus optional ``workdir``,
+    a directory under ``spec["out"]``, and ``resume``) in order, and save its parameters and
     evaluation history under ``spec["out"]`` (process 0 only); optional extra checks."""
     from rnnjax.loop import train_and_evaluate
 
     out = Path(spec["out"])
     report: dict = {}  # nothing may touch JAX before the loop starts jax.distributed
     for name, overrides in spec["runs"].items():
+        overrides = dict(overrides)
+        workdir = overrides.pop("workdir", None)
+        resume = overrides.pop("resume", False)
         start = time.perf_counter()
         result = train_and_evaluate(Config(**{**spec.get("base", {}), **overrides}),
-                                    out=io.StringIO())
+                                    workdir and out / workdir, out=io.StringIO(), resume=resume)
         report[name] = {"history": result.history, "s": time.perf_counter() - start,
                         "mesh_devices": result.summary["mesh_devices"]}
         if jax.process_index() == 0:
@@ -276,19 +280,24 @@ def _free_port() -> int:
 def test_two_processes_train_like_one(one_device, tmp_path):
     """Two processes of two CPU devices each (jax.distributed, gloo collectives) train the
     one-process model, with the device feed and the stream feed (each process feeding
-    only its half of every batch)."""
+    only its half of every batch), and stopped after 6 steps then resumed from the
+    checkpoint they saved together."""
     address = f"localhost:{_free_port()}"
     procs = []
     for process_id in (0, 1):
         spec = {"out": str(tmp_path), "base": {**RUN, "coordinator_address": address,
                                                "num_processes": 2, "process_id": process_id},
-                "runs": {"device": {}, "stream": {"feed": "stream"}}}
+                "runs": {"device": {}, "stream": {"feed": "stream"},
+                         "stopped": {"steps": 6, "workdir": "work"},
+                         "resumed": {"workdir": "work", "resume": True}}}
         procs.append(_launch(spec, devices=2))
-    _wait(procs, timeout=240)
+    _wait(procs, timeout=300)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["processes"] == 2 and report["devices"] == 4
     params, history = one_device
-    for name in ("device", "stream"):
+    assert [h["step"] for h in report["stopped"]["history"]] == [0, 5]
+    assert sorted(p.name for p in (tmp_path / "work" / "checkpoints").iterdir()) == ["12", "6"]
+    for name in ("device", "stream", "resumed"):
         assert report[name]["mesh_devices"] == 4
         _assert_same(_load(tmp_path, name), params)
         _assert_same_history(report[name]["history"], history)
