@@ -123,6 +123,18 @@ def check_data(config: Config, data: Arrays) -> None:
 SegmentFn = Callable[[train.TrainState, int, int], tuple[train.TrainState, Any, float]]
 
 
+def _compiled_train(
+    fn: Callable, model: Model, optimizer: optax.GradientTransformation,
+    dp: parallel.DataParallel,
+) -> runtime.CompileOnFirstCall:
+    """``train.train_step`` or ``train.train_steps`` jitted with the state donated and the
+    results replicated over the mesh; compiled (and timed) on its first call."""
+    return runtime.CompileOnFirstCall(jax.jit(
+        functools.partial(fn, model=model, optimizer=optimizer),
+        donate_argnums=0, out_shardings=dp.replicated,
+    ))
+
+
 def device_feed(
     config: Config, model: Model, optimizer: optax.GradientTransformation,
     dp: parallel.DataParallel, on_device: Arrays,
@@ -134,23 +146,16 @@ def device_feed(
     """
     chunk = min(config.steps_per_call, config.steps)
     n_train = len(on_device.train_labels)
-    jitted = jax.jit(
-        functools.partial(train.train_steps, model=model, optimizer=optimizer),
-        donate_argnums=0, out_shardings=dp.replicated,
-    )
-    compiled = None
+    steps = _compiled_train(train.train_steps, model, optimizer, dp)
 
     def run(state: train.TrainState, first: int, count: int):
-        nonlocal compiled
         idx = np.zeros((chunk, config.batch_size), np.int32)
         idx[:count] = batch_indices(n_train, config.batch_size, first, count,
                                     shuffle=config.shuffle, seed=config.seed)
-        args = (on_device.train_images, on_device.train_labels,
-                dp.shard_steps(idx), dp.replicate(np.int32(count)))  # every device: its rows
-        seconds = 0.0
-        if compiled is None:
-            compiled, seconds = runtime.compile_timed(jitted, state, *args)
-        state, sums = compiled(state, *args)
+        (state, sums), seconds = steps(
+            state, on_device.train_images, on_device.train_labels,
+            dp.shard_steps(idx), dp.replicate(np.int32(count)),  # every device: its rows
+        )
         return state, sums, seconds
 
     return run
@@ -177,22 +182,16 @@ def stream_feed(
             data.train_images, data.train_labels, config.batch_size, start,
             config.steps - start, shuffle=config.shuffle, seed=config.seed, rows=rows,
         )
-    jitted = jax.jit(
-        functools.partial(train.train_step, model=model, optimizer=optimizer),
-        donate_argnums=0, out_shardings=dp.replicated,
-    )
-    compiled = None
+    step = _compiled_train(train.train_step, model, optimizer, dp)
 
     def run(state: train.TrainState, first: int, count: int):
-        nonlocal compiled
-        seconds, step_sums = 0.0, []
+        compile_s, step_sums = 0.0, []
         for _ in range(count):
-            x, y = dp.global_batch(next(batches), config.batch_size)
-            if compiled is None:
-                compiled, seconds = runtime.compile_timed(jitted, state, x, y)
-            state, sums = compiled(state, x, y)
+            (state, sums), seconds = step(state, *dp.global_batch(next(batches),
+                                                                  config.batch_size))
+            compile_s += seconds
             step_sums.append(sums)
-        return state, jax.tree.map(lambda *m: jnp.stack(m).sum(0), *step_sums), seconds
+        return state, jax.tree.map(lambda *m: jnp.stack(m).sum(0), *step_sums), compile_s
 
     return run
 

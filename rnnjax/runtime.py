@@ -76,3 +76,21 @@ def compile_timed(jitted: Callable, *args: Any) -> tuple[Callable, float]:
     start = time.perf_counter()
     compiled = jitted.lower(*args).compile()  # type: ignore[attr-defined]
     return compiled, time.perf_counter() - start
+
+
+class CompileOnFirstCall:
+    """``jitted`` compiled ahead of time for the arguments of its first call, and that
+    executable reused after: a call returns ``(result, seconds spent compiling in it)``.
+
+    Later calls with other shapes fail instead of silently compiling again.
+    """
+
+    def __init__(self, jitted: Callable) -> None:
+        self.jitted = jitted
+        self.compiled: Callable | None = None
+
+    def __call__(self, *args: Any) -> tuple[Any, float]:
+        seconds = 0.0
+        if self.compiled is None:
+            self.compiled, seconds = compile_timed(self.jitted, *args)
+        return self.compiled(*args), seconds
