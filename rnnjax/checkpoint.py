@@ -334,6 +334,12 @@ def restore(step_dir: Path | str, target: Any, meta: Mapping[str, Any] | None = 
     return state
 
 
+def tf_order(config: Config) -> bool:
+    """True when batches come shuffled by the tf.data stream, in its own order (the other
+    feeds share one order, a function of the seed and the step)."""
+    return config.shuffle and config.source == "tfds" and config.feed == "stream"
+
+
 def check_resumable(saved: Config, current: Config, where: Path | str = "the checkpoint") -> None:
     """Refuse to resume ``saved`` as ``current`` when a field that changes results differs.
 
@@ -342,10 +348,6 @@ def check_resumable(saved: Config, current: Config, where: Path | str = "the che
     ``--shuffle``, the tf.data stream (``--source tfds --feed stream``) has its own batch
     order, so switching between it and the other feeds changes results too.
     """
-
-    def tf_order(c: Config) -> bool:
-        return c.shuffle and c.source == "tfds" and c.feed == "stream"
-
     if tf_order(saved) != tf_order(current):
         raise CheckpointError(
             f"{where} was trained with --shuffle {'through' if tf_order(saved) else 'outside'} "
@@ -387,30 +389,38 @@ class ResumePoint:
         return float(self.meta.get("wall_s") or 0.0)
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "summary.json")
+def run_files(workdir: Path | str) -> list[str]:
+    """The files a run writes in its workdir (checkpoints aside) that ``workdir`` holds."""
+    workdir = Path(workdir)
+    named = ["config.json", "metrics.jsonl", "metrics.csv", "summary.json",
+             "learning_curves.png"]
+    events = sorted(p.name for p in workdir.glob("events.out.tfevents.*"))
+    return [name for name in named if (workdir / name).is_file()] + events
 
 
 def check_fresh_workdir(config: Config, workdir: Path | str) -> None:
     """Refuse to start a run over the records of a different one.
 
     A workdir without checkpoints may still hold the files of a run stopped before its
-    first checkpoint. Starting again over them loses nothing when the new run would write
-    the same records (same ``config.json`` but for :data:`RUN_SETTINGS`: training is
-    deterministic); a run with other settings would overwrite another experiment's
-    metrics, and is refused.
+    first checkpoint. Starting again over them loses nothing when the new run writes the
+    same records and at least as many: the same ``config.json`` but for
+    :data:`RUN_SETTINGS` (training is deterministic), the same batch order, and ``--steps``
+    no fewer (and unchanged under a decaying ``--schedule``). Any other run would
+    overwrite another experiment's records, and is refused.
     """
     workdir = Path(workdir)
-    found = [name for name in RUN_FILES if (workdir / name).is_file()]
+    found = run_files(workdir)
     if not found:
         return
     where = workdir / "config.json"
-    fix = f"choose another --workdir, or delete {', '.join(found)} in {workdir} to start over"
+    listed = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    fix = f"choose another --workdir, or delete {listed} in {workdir} to start over"
     try:
         saved = from_dict(json.loads(where.read_text()))
     except FileNotFoundError:
         raise CheckpointError(
-            f"{workdir} holds {', '.join(found)} of an earlier run but no config.json to "
-            f"tell which; {fix}"
+            f"{workdir} holds {listed} of an earlier run but no config.json to tell which; "
+            f"{fix}"
         ) from None
     except (OSError, ValueError, TypeError) as err:  # unreadable, bad JSON, bad fields
         raise CheckpointError(f"{where}: unreadable ({err}); {fix}") from None
@@ -419,6 +429,12 @@ def check_fresh_workdir(config: Config, workdir: Path | str) -> None:
         for f in dataclasses.fields(Config)
         if f.name not in RUN_SETTINGS and getattr(config, f.name) != getattr(saved, f.name)
     ]
+    if config.steps < saved.steps or (config.steps != saved.steps
+                                      and saved.schedule != "constant"):
+        differ.append(f"--steps {config.steps} (was {saved.steps})")
+    if tf_order(config) != tf_order(saved):
+        differ.append(f"the batch order (--source {config.source} --feed {config.feed}, was "
+                      f"--source {saved.source} --feed {saved.feed}, with --shuffle)")
     if differ:
         raise CheckpointError(
             f"{workdir} holds the records of another run with no checkpoint to resume; this "

@@ -183,8 +183,14 @@ def stream_feed(
             config.steps - start, shuffle=config.shuffle, seed=config.seed, rows=rows,
         )
     step = _compiled_train(train.train_step, model, optimizer, dp)
+    next_step = start
 
     def run(state: train.TrainState, first: int, count: int):
+        nonlocal next_step
+        if first != next_step:  # the stream only goes forward, one batch per step
+            raise ValueError(f"stream_feed: segment from step {first}, the stream is at "
+                             f"step {next_step}; run segments in order")
+        next_step += count
         compile_s, step_sums = 0.0, []
         for _ in range(count):
             (state, sums), seconds = step(state, *dp.global_batch(next(batches),
@@ -226,7 +232,9 @@ class RunFiles:
         workdir.mkdir(parents=True, exist_ok=True)
         metrics_lib.write_text_atomic(workdir / "config.json",
                                       json.dumps(to_dict(config), indent=2) + "\n")
-        previous, purge = [], None
+        # A fresh run: TensorBoard drops the events of an earlier, identical run stopped
+        # before its first checkpoint (checkpoint.check_fresh_workdir let it start over).
+        previous, purge = [], 0
         if resume_from is not None:
             logged = last_regular_eval(config, resume_from.step)
             previous = metrics_lib.history_from_records(
@@ -256,13 +264,24 @@ class RunFiles:
                 writer.close()
 
 
-def check_finite(trained: dict[str, float], step: int) -> None:
+def diverged(reason: str, checkpoints: checkpoint_lib.CheckpointWriter | None) -> TrainingDiverged:
+    """The error that stops a diverged run: what happened, what is kept, what to do."""
+    kept = ""
+    if checkpoints is not None:
+        last = checkpoint_lib.latest_step(checkpoints.directory)
+        kept = ("; no checkpoint was saved before it" if last is None else
+                f"; the last good checkpoint, after {last} steps, is kept in "
+                f"{checkpoints.directory / str(last)}")
+    where = ", into another --workdir" if checkpoints is not None else ""
+    return TrainingDiverged(f"{reason}{kept}; train again with a lower --learning-rate or "
+                            f"with --clip-norm{where}")
+
+
+def check_finite(trained: dict[str, float], step: int, files: RunFiles) -> None:
     """Stop the run (:class:`TrainingDiverged`) when the logged train loss is not finite."""
     if not math.isfinite(trained["loss"]):
-        raise TrainingDiverged(
-            f"training loss became {trained['loss']} by step {step} (the loss logged at "
-            "that step); lower --learning-rate or set --clip-norm"
-        )
+        raise diverged(f"training loss became {trained['loss']} by step {step} (the loss "
+                       "logged at that step)", files.checkpoints)
 
 
 def train_and_evaluate(
@@ -296,8 +315,9 @@ def train_and_evaluate(
     model = make_model(config)
     optimizer = make_optimizer(config)
     t_init = time.perf_counter()
-    state = dp.replicate(init_state(config, model, optimizer))  # on every device
+    state = init_state(config, model, optimizer)
     init_s = time.perf_counter() - t_init
+    state = dp.replicate(state)  # parameters and optimizer state on every device
     start, wall_offset = 0, 0.0
     if resume_from is not None:
         # The fresh state is the abstract target: the optimizer's NamedTuples come back.
@@ -339,11 +359,8 @@ def train_and_evaluate(
         jax.block_until_ready(state)  # the training in flight is not checkpoint time
         t = time.perf_counter()
         if not bool(finite((state.params, train_sums))):
-            raise TrainingDiverged(
-                f"loss or parameters became NaN or infinite by step {step}; the last good "
-                f"checkpoint is kept in {files.checkpoints.directory}; lower "
-                "--learning-rate or set --clip-norm"
-            )
+            raise diverged(f"loss or parameters became NaN or infinite by step {step}",
+                           files.checkpoints)
         files.checkpoints.save(state, config, train_sums=train_sums,
                                wall_s=wall_offset + t - t_start)
         return time.perf_counter() - t
@@ -380,7 +397,7 @@ def train_and_evaluate(
             # else this is the run's last step, off the eval_every grid: its sums stay for
             # the checkpoint, so that a run resumed with more --steps logs them again at
             # the next regular evaluation, as a run never stopped would.
-            check_finite(trained, step)
+            check_finite(trained, step, files)
             bar.close()
             out.write(f"step {step:>5}  {metrics_lib.seed_line(test['loss'], test['accuracy'])}\n")
             out.flush()

@@ -251,8 +251,13 @@ def test_a_run_stopped_before_its_first_checkpoint_is_not_overwritten_by_another
     before = {p: p.read_bytes() for p in work.iterdir() if p.is_file()}
     assert read_jsonl(work / "metrics.jsonl")  # step 0's records: what must not be lost
     with pytest.raises(checkpoint.CheckpointError,
-                       match=r"another run.*--hidden-size 16 \(was 32\).*another --workdir"):
+                       match=r"another run.*--hidden-size 16 \(was 32\).*another --workdir.*"
+                             r"delete config.json, metrics.jsonl, metrics.csv, events.out"):
         train_and_evaluate(config.replace(hidden_size=16), work, out=io.StringIO())
+    # Fewer steps would drop records; more steps write the same ones and go on.
+    with pytest.raises(checkpoint.CheckpointError, match=r"--steps 200 \(was 300\)"):
+        checkpoint.prepare(config.replace(steps=200), work, resume=False)
+    assert checkpoint.prepare(config.replace(steps=400), work, resume=False) is None
     assert {p: p.read_bytes() for p in work.iterdir() if p.is_file()} == before
     # The same run again (a run setting aside) rewrites the same records, and finishes.
     again = train_and_evaluate(config.replace(keep_checkpoints=1), work, out=io.StringIO())
@@ -269,6 +274,19 @@ def test_a_run_stopped_before_its_first_checkpoint_is_not_overwritten_by_another
     with pytest.raises(checkpoint.CheckpointError, match=r"config.json: unreadable.*delete"):
         checkpoint.prepare(CONFIG, orphan, resume=False)
     assert checkpoint.prepare(CONFIG, tmp_path / "new", resume=False) is None
+
+    def saved(tmp, config):
+        tmp.mkdir()
+        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+        return tmp
+
+    cosine = CONFIG.replace(schedule="cosine")
+    with pytest.raises(checkpoint.CheckpointError, match=r"--steps 400 \(was 300\)"):
+        checkpoint.prepare(cosine.replace(steps=400), saved(tmp_path / "cos", cosine), False)
+    tf_stream = CONFIG.replace(shuffle=True, source="tfds", feed="stream")
+    with pytest.raises(checkpoint.CheckpointError, match="differs in the batch order"):
+        checkpoint.prepare(tf_stream.replace(feed="device"), saved(tmp_path / "tf", tf_stream),
+                           False)
 
 
 def test_eval_prints_per_class_accuracy_and_writes_the_png(runs, tmp_path, capsys):

@@ -139,11 +139,29 @@ def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoi
     directory = checkpoint_lib.checkpoints_dir(work)
     kept = checkpoint_lib.list_steps(directory)
     assert kept, "the run diverged before its first checkpoint"
+    assert (f"the last good checkpoint, after {kept[-1]} steps, is kept in "
+            f"{directory / str(kept[-1])}") in proc.stderr
+    assert proc.stderr.rstrip().endswith("with --clip-norm, into another --workdir")
     config = Config(hidden_size=8, optimizer="sgd", learning_rate=1e37)
     target = create_state(jax.random.key(0), make_model(config), make_optimizer(config))
     for step in kept:
         state = checkpoint_lib.restore(directory / str(step), target)
         assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.params)), step
+
+
+def test_divergence_before_any_checkpoint_says_so(tmp_path):
+    import io
+
+    from rnnjax.loop import TrainingDiverged, train_and_evaluate
+
+    config = Config(steps=30, eval_every=10, hidden_size=8, optimizer="sgd",
+                    learning_rate=1e37, compile_cache="off")
+    with pytest.raises(TrainingDiverged, match=r"by step 10 .*; no checkpoint was saved "
+                                               r"before it; .*into another --workdir$"):
+        train_and_evaluate(config, tmp_path / "run", out=io.StringIO())
+    assert not checkpoint_lib.has_checkpoints(tmp_path / "run")
+    with pytest.raises(TrainingDiverged, match=r"--clip-norm$"):  # no workdir to name
+        train_and_evaluate(config, out=io.StringIO())
 
 
 def test_resume_survives_a_metrics_line_cut_short_by_a_kill(tmp_path):
