@@ -213,7 +213,8 @@ class RunFiles:
 
     @classmethod
     def open(
-        cls, config: Config, workdir: Path | str | None, resume_from: Any, writes: bool
+        cls, config: Config, workdir: Path | str | None,
+        resume_from: checkpoint_lib.ResumePoint | None, writes: bool,
     ) -> tuple[RunFiles, list[dict[str, Any]]]:
         """The run's writers, and the evaluation history already logged when resuming.
 
