@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from rnnjax.config import Config, ConfigError, flag_name, from_dict, to_dict
+from rnnjax.data.spec import IDX_SPEC, DataSpec
 
 CHECKPOINTS = "checkpoints"
 COMMIT_FILE = "commit_success.txt"
@@ -43,8 +44,8 @@ FORMAT = 1
 # lives, how the work is cut into calls and saved. Every other field changes the results
 # (``steps`` too when a schedule decays over it; see check_resumable).
 RUN_SETTINGS = frozenset({
-    "steps", "data_dir", "tfds_dir", "source", "feed", "steps_per_call", "eval_batch_size",
-    "compile_cache", "checkpoint_every", "keep_checkpoints",
+    "steps", "data_dir", "tfds_dir", "tfds_download", "source", "feed", "steps_per_call",
+    "eval_batch_size", "compile_cache", "checkpoint_every", "keep_checkpoints",
     "num_devices", "coordinator_address", "num_processes", "process_id",
 })
 
@@ -230,8 +231,12 @@ class CheckpointWriter:
         *,
         train_sums: Mapping[str, Any] | None = None,
         wall_s: float = 0.0,
+        data: Mapping[str, Any] | None = None,
     ) -> Path:
-        """Save ``state`` as ``<state.step>/`` (no-op when that step exists); its path."""
+        """Save ``state`` as ``<state.step>/`` (no-op when that step exists); its path.
+
+        data: the dataset's ``DataSpec.to_json()`` (image shape, classes) the model reads.
+        """
         step = int(np.asarray(state.step))
         path = self.directory / str(step)
         if step in self._manager.all_steps() and (path / COMMIT_FILE).is_file():
@@ -244,6 +249,8 @@ class CheckpointWriter:
             "wall_s": wall_s if math.isfinite(wall_s) else 0.0,
             "state_sha256": digest(state),
         }
+        if data is not None:
+            meta["data"] = dict(data)
         ocp = self._ocp
         try:
             self._manager.save(
@@ -300,6 +307,24 @@ def read_config(step_dir: Path | str, meta: Mapping[str, Any] | None = None) -> 
         return from_dict(dict(meta["config"]))
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"checkpoint {step_dir}: its config does not load ({e})") from e
+
+
+def data_spec(meta: Mapping[str, Any], config: Config) -> DataSpec:
+    """The images and classes a checkpoint's model reads: recorded in ``meta`` (``data``);
+    checkpoints written before rnnjax recorded it read 28x28x1 IDX images."""
+    if "data" in meta:
+        return DataSpec.from_json(meta["data"])
+    return DataSpec(IDX_SPEC.image_shape, config.num_classes or IDX_SPEC.num_classes)
+
+
+def check_data_spec(meta: Mapping[str, Any], spec: DataSpec, where: Path | str) -> None:
+    """:class:`CheckpointError` when the dataset is not the kind the checkpoint's model reads."""
+    saved = data_spec(meta, read_config(where, meta))
+    if saved != spec:
+        raise CheckpointError(
+            f"checkpoint {where} was trained on {saved.describe()} but the dataset has "
+            f"{spec.describe()}; pass the dataset it was trained on (--dataset, --data-dir)"
+        )
 
 
 def restore(step_dir: Path | str, target: Any, meta: Mapping[str, Any] | None = None) -> Any:

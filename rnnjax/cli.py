@@ -159,7 +159,7 @@ def _check_out(path: Path) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from rnnjax import checkpoint, inference, plots
-    from rnnjax.data.sources import load_arrays
+    from rnnjax.data.sources import load_dataset
     from rnnjax.metrics import seed_line
 
     step_dir = checkpoint.resolve(args.checkpoint)
@@ -173,7 +173,9 @@ def _eval(args: argparse.Namespace) -> int:
     config = loaded.config
     if args.data_dir is not None:
         config = config.replace(data_dir=args.data_dir)
-    data = load_arrays(config)
+    dataset = load_dataset(config)
+    checkpoint.check_data_spec({"data": loaded.spec.to_json()}, dataset.spec, step_dir)
+    data = dataset.arrays
     result = inference.evaluate(loaded, data.test_images, data.test_labels)
     print(f"checkpoint {step_dir}: {config.cell} {config.hidden_size} on {config.dataset} "
           f"after {loaded.step} steps; {len(data.test_labels)} test examples")
@@ -196,6 +198,12 @@ def _predict(args: argparse.Namespace) -> int:
     from rnnjax.data.images import load_mnist_image
 
     step_dir = checkpoint.resolve(args.checkpoint)
+    meta = checkpoint.read_meta(step_dir)
+    spec = checkpoint.data_spec(meta, checkpoint.read_config(step_dir, meta))
+    if spec.image_shape != (28, 28, 1):
+        raise UsageError(f"checkpoint {step_dir} reads {spec.describe()}; predict makes "
+                         "image files into 28x28 MNIST digits only: use rnnjax eval on its "
+                         "dataset, or inference.probabilities on your own arrays")
     pixels = np.stack([load_mnist_image(path) for path in args.images])  # all, before work
     loaded = inference.load(step_dir)
     probabilities = inference.probabilities(loaded, pixels)
@@ -228,6 +236,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rnnjax: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # an allocation the estimate did not foresee: one line too
+        from rnnjax.memory import is_out_of_memory, out_of_memory_message
+
+        if not is_out_of_memory(e):
+            raise
+        print(f"rnnjax: error: {out_of_memory_message(e)}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -46,8 +46,9 @@ class Config:
     order: str = field(
         default="rows",
         metadata={
-            "help": "sequence order: rows (28 steps x 28), pixels (784 x 1), "
-            "permuted (784 x 1, fixed seeded permutation)",
+            "help": "sequence order of an HxWxC image: rows (H steps of W*C; MNIST 28 x 28), "
+            "pixels (H*W steps of C; MNIST 784 x 1), permuted (pixels in a fixed seeded "
+            "order)",
             "choices": ORDERS,
         },
     )
@@ -58,7 +59,11 @@ class Config:
         default="float32",
         metadata={"help": "compute dtype; parameters stay float32", "choices": DTYPES},
     )
-    num_classes: int = field(default=10, metadata={"help": "output classes"})
+    num_classes: int = field(
+        default=0,
+        metadata={"help": "output classes: 0 = the dataset's (its tfds ClassLabel; 10 for IDX "
+                  "files); another value is checked against the dataset's"},
+    )
 
     # Optimisation.
     optimizer: str = field(
@@ -116,8 +121,24 @@ class Config:
     )
     tfds_dir: str = field(
         default="",
-        metadata={"help": "tfds data dir where the dataset is prepared once "
-                  "(default: ~/tensorflow_datasets)"},
+        metadata={"help": "tfds data dir holding prepared tfds datasets, and where IDX files "
+                  "are prepared once with --source tfds (default: tfds' own, "
+                  "$TFDS_DATA_DIR or ~/tensorflow_datasets; gs:// and other paths tfds "
+                  "reads work)"},
+    )
+    tfds_download: bool = field(
+        default=False,
+        metadata={"help": "with --source tfds, let tfds download and prepare a catalog "
+                  "dataset that is not prepared in the tfds dir (needs network)"},
+    )
+    train_split: str = field(
+        default="train",
+        metadata={"help": "the split to train on (tfds split syntax with a prepared tfds "
+                  "dataset, e.g. 'train[:90%]'; IDX files have train and test)"},
+    )
+    test_split: str = field(
+        default="test",
+        metadata={"help": "the split to evaluate on (e.g. 'validation', 'train[90%:]')"},
     )
     feed: str = field(
         default="device",
@@ -181,14 +202,14 @@ class Config:
                 raise ConfigError(
                     f"{flag_name(f.name)} {value!r} is not one of {', '.join(choices)}"
                 )
-        positive = ("hidden_size", "num_layers", "num_classes", "batch_size", "steps",
+        positive = ("hidden_size", "num_layers", "batch_size", "steps",
                     "eval_every", "eval_batch_size", "steps_per_call", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(
                     f"{flag_name(name)} must be at least 1, got {getattr(self, name)}"
                 )
-        for name in ("unroll", "warmup_steps", "seed", "checkpoint_every"):
+        for name in ("unroll", "warmup_steps", "seed", "checkpoint_every", "num_classes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{flag_name(name)} must be 0 or more, got {getattr(self, name)}")
         if self.seed >= 2**63:
@@ -210,6 +231,19 @@ class Config:
         if not self.dataset.strip():
             raise ConfigError("--dataset is empty; pass a dataset name (mnist, fashion_mnist, "
                               "...) or a directory holding the four IDX files")
+        for name in ("train_split", "test_split"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{flag_name(name)} is empty; pass a split name such as "
+                                  f"{'train' if name == 'train_split' else 'test'}")
+        if self.source == "idx":
+            for name, split in (("train_split", "train"), ("test_split", "test")):
+                if getattr(self, name) != split:
+                    raise ConfigError(
+                        f"{flag_name(name)} {getattr(self, name)}: IDX files hold only the "
+                        f"splits train and test; use --source tfds for other splits"
+                    )
+        if self.tfds_download and self.source != "tfds":
+            raise ConfigError("--tfds-download needs --source tfds")
         if not self.compile_cache.strip():
             raise ConfigError("--compile-cache is empty; pass 'auto', 'off' or a directory")
         if self.schedule == "warmup_cosine" and self.warmup_steps >= self.steps:

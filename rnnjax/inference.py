@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rnnjax import checkpoint, train
+from rnnjax import checkpoint, memory, train
 from rnnjax.config import Config
 from rnnjax.data.pipeline import normalize_host
+from rnnjax.data.spec import DataSpec
 from rnnjax.model import Model, make_model
 from rnnjax.optim import make_optimizer
 
@@ -37,13 +38,25 @@ class Loaded:
     def step(self) -> int:
         return int(np.asarray(self.state.step))
 
+    @property
+    def spec(self) -> DataSpec:
+        """The images and classes the model reads."""
+        return DataSpec(self.model.image_shape, self.model.num_classes)
 
-def fresh_state(config: Config) -> tuple[train.TrainState, Model]:
-    """A new state of ``config`` (the loop's initialisation) and its model."""
+
+def fresh_state(config: Config, spec: DataSpec | None = None) -> tuple[train.TrainState, Model]:
+    """A new state of ``config`` (the loop's initialisation) and its model (for the images
+    and classes of ``spec``; default: the IDX layout). :class:`memory.OutOfMemory` first,
+    allocating nothing, when the state and an evaluation chunk would not fit."""
     from rnnjax.loop import init_state
 
-    model = make_model(config)
-    return init_state(config, model, make_optimizer(config)), model
+    model = make_model(config, spec)
+    optimizer = make_optimizer(config)
+    need = memory.estimate(config, model, optimizer, spec or DataSpec(model.image_shape,
+                                                                      model.num_classes),
+                           training=False)
+    memory.check_fits(need, what=f"the checkpoint's {config.cell} {config.hidden_size} model")
+    return init_state(config, model, optimizer), model
 
 
 def load(path: Path | str) -> Loaded:
@@ -51,30 +64,31 @@ def load(path: Path | str) -> Loaded:
     step_dir = checkpoint.resolve(path)
     meta = checkpoint.read_meta(step_dir)
     config = checkpoint.read_config(step_dir, meta)
-    target, model = fresh_state(config)
+    target, model = fresh_state(config, checkpoint.data_spec(meta, config))
     state = checkpoint.restore(step_dir, target, meta)
     return Loaded(config, state, model, step_dir)
 
 
 def batched_logits(params: Any, images: jax.Array, *, model: Model, chunk: int) -> jax.Array:
-    """Logits float32 [N, C] of images float32 [N, 28, 28], ``chunk`` at a time."""
+    """Logits float32 [N, C] of images float32 [N, H, W(, C)], ``chunk`` at a time."""
     n = images.shape[0]
     chunk = max(1, min(chunk, n))
     pad = -n % chunk
-    padded = jnp.pad(images, ((0, pad), (0, 0), (0, 0)))
-    logits = jax.lax.map(lambda x: model.apply(params, x), padded.reshape(-1, chunk, 28, 28))
+    padded = jnp.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1))
+    logits = jax.lax.map(lambda x: model.apply(params, x),
+                         padded.reshape(-1, chunk, *images.shape[1:]))
     return logits.reshape(n + pad, -1)[:n]
 
 
 def logits_of(loaded: Loaded, images: np.ndarray) -> np.ndarray:
-    """Logits [N, C] of uint8 images [N, 28, 28]."""
+    """Logits [N, C] of uint8 images [N, H, W(, C)]."""
     fn = jax.jit(functools.partial(batched_logits, model=loaded.model,
                                    chunk=loaded.config.eval_batch_size))
     return np.asarray(fn(loaded.state.params, jnp.asarray(normalize_host(images))))
 
 
 def probabilities(loaded: Loaded, images: np.ndarray) -> np.ndarray:
-    """Class probabilities float [N, C] of uint8 images [N, 28, 28]."""
+    """Class probabilities float [N, C] of uint8 images [N, H, W(, C)]."""
     return np.asarray(jax.nn.softmax(logits_of(loaded, images), axis=-1))
 
 
@@ -111,10 +125,10 @@ class Evaluation:
 
 
 def evaluate(loaded: Loaded, images: np.ndarray, labels: np.ndarray) -> Evaluation:
-    """Loss, accuracy and confusion matrix on uint8 images [N, 28, 28], int labels [N]."""
+    """Loss, accuracy and confusion matrix on uint8 images [N, H, W(, C)], int labels [N]."""
     logits = logits_of(loaded, images)
     labels = np.asarray(labels, np.int32)
     loss = float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
     predictions = logits.argmax(axis=-1)
-    confusion = confusion_matrix(labels, predictions, loaded.config.num_classes)
+    confusion = confusion_matrix(labels, predictions, loaded.model.num_classes)
     return Evaluation(loss, float((predictions == labels).mean()), confusion)

@@ -30,12 +30,13 @@ import numpy as np
 import optax
 
 from rnnjax import checkpoint as checkpoint_lib
+from rnnjax import memory, parallel, runtime, train
 from rnnjax import metrics as metrics_lib
-from rnnjax import parallel, runtime, train
 from rnnjax.config import Config, ConfigError, to_dict
 from rnnjax.data.idx import Arrays
 from rnnjax.data.pipeline import batch_indices, host_batches
-from rnnjax.data.sources import import_tfds, load_arrays, resolve_dataset
+from rnnjax.data.sources import load_dataset, tfds_train_batches
+from rnnjax.data.spec import DataSpec
 from rnnjax.model import Model, make_model
 from rnnjax.optim import make_optimizer
 
@@ -103,19 +104,31 @@ def init_state(
     return jax.jit(functools.partial(train.create_state, model=model, optimizer=optimizer))(key)
 
 
-def check_data(config: Config, data: Arrays) -> None:
+def check_data(config: Config, data: Arrays, spec: DataSpec) -> None:
+    """The dataset fits the flags: batch size, --num-classes (a check of the dataset's
+    number of classes when given), an image not too long a sequence for --order."""
     n = len(data.train_labels)
     if config.batch_size > n:
         raise ConfigError(
             f"--batch-size {config.batch_size} is larger than the {n} training examples; "
             f"use at most {n}"
         )
-    classes = int(max(data.train_labels.max(), data.test_labels.max())) + 1
-    if classes > config.num_classes:
+    if config.num_classes and config.num_classes != spec.num_classes:
         raise ConfigError(
-            f"the dataset has labels up to {classes - 1} but --num-classes is "
-            f"{config.num_classes}; pass --num-classes {classes}"
+            f"--num-classes {config.num_classes} but the dataset has {spec.num_classes} "
+            f"classes; pass --num-classes {spec.num_classes}, or 0 to take the dataset's"
         )
+    spec.check_order(config.order)
+
+
+def check_memory(config: Config, model: Model, optimizer: optax.GradientTransformation,
+                 spec: DataSpec, data: Arrays, dp: parallel.DataParallel) -> None:
+    """:class:`memory.OutOfMemory` before anything is allocated or written when the state,
+    a batch's activations and the dataset (on every device) would not fit."""
+    devices = parallel.num_shards(dp.mesh)
+    need = memory.estimate(config, model, optimizer, spec, devices=devices,
+                           examples=len(data.train_labels) + len(data.test_labels))
+    memory.check_fits(need, devices=len(dp.mesh.local_devices))
 
 
 # One compiled call's work: ``(state, first step, count) -> (state, metric sums, seconds
@@ -172,11 +185,8 @@ def stream_feed(
     """
     rows = dp.rows(config.batch_size)
     if config.source == "tfds":
-        name, directory, checksums = resolve_dataset(config.dataset, config.data_dir)
-        batches = import_tfds().train_batches(
-            name, directory, checksums, config.tfds_dir, config.batch_size,
-            start_step=start, shuffle=config.shuffle, seed=config.seed, rows=rows,
-        )
+        batches = tfds_train_batches(config, len(data.train_labels), start_step=start,
+                                     rows=rows)
     else:
         batches = host_batches(
             data.train_images, data.train_labels, config.batch_size, start,
@@ -309,14 +319,19 @@ def train_and_evaluate(
     t_start = time.perf_counter()
     cache_dir = runtime.enable_compile_cache(config.compile_cache)
     dp = parallel.DataParallel.from_config(config)
-    data = load_arrays(config)
-    check_data(config, data)
+    dataset = load_dataset(config)
+    data, spec = dataset.arrays, dataset.spec
+    check_data(config, data, spec)
     t_data = time.perf_counter() - t_start
 
-    model = make_model(config)
+    model = make_model(config, spec)
     optimizer = make_optimizer(config)
+    check_memory(config, model, optimizer, spec, data, dp)
+    if resume_from is not None:
+        checkpoint_lib.check_data_spec(resume_from.meta, spec, resume_from.step_dir)
     t_init = time.perf_counter()
-    state = init_state(config, model, optimizer)
+    # Blocked on: an allocation that fails does so here, before any file is written.
+    state = jax.block_until_ready(init_state(config, model, optimizer))
     init_s = time.perf_counter() - t_init
     state = dp.replicate(state)  # parameters and optimizer state on every device
     start, wall_offset = 0, 0.0
@@ -363,7 +378,7 @@ def train_and_evaluate(
             raise diverged(f"loss or parameters became NaN or infinite by step {step}",
                            files.checkpoints)
         files.checkpoints.save(state, config, train_sums=train_sums,
-                               wall_s=wall_offset + t - t_start)
+                               wall_s=wall_offset + t - t_start, data=spec.to_json())
         return time.perf_counter() - t
 
     try:

@@ -1,5 +1,8 @@
 """The classifier: images -> time-major sequence -> stacked (bi)directional RNN -> Dense.
 
+Any image shape HxWxC: by rows T=H steps of W*C features, by pixels T=H*W steps of C
+(``Model.image_shape``, from the dataset's ``rnnjax.data.spec.DataSpec``).
+
 ``Model`` is a frozen description; ``init`` and ``apply`` are pure. ``apply`` transposes
 the batch to time-major once, lets each cell hoist its input projection over all steps,
 scans the cell over time with ``jax.lax.scan`` and feeds the last output to a dense head
@@ -19,31 +22,35 @@ import numpy as np
 
 from rnnjax.cells import Cell, get_cell, glorot_uniform, scan_cell
 from rnnjax.config import Config, ConfigError
+from rnnjax.data.spec import IDX_SPEC, DataSpec
 
 Params = Any
 
 
 def to_sequence(images: jax.Array, order: str, permutation: jax.Array | None = None) -> jax.Array:
-    """Images ``[B, 28, 28]`` -> time-major sequence ``[T, B, F]``.
+    """Images ``[B, H, W]`` or ``[B, H, W, C]`` -> time-major sequence ``[T, B, F]``.
 
-    rows: T=28, F=28 (the seed); pixels: T=784, F=1; permuted: pixels in a fixed order.
+    rows: T=H, F=W*C (the seed: 28 x 28); pixels: T=H*W, F=C (MNIST: 784 x 1);
+    permuted: the pixels in a fixed order (``permutation``: int [H*W]).
     """
-    batch = images.shape[0]
+    batch, height = images.shape[:2]
     if order == "rows":
-        return jnp.swapaxes(images, 0, 1)
-    flat = images.reshape(batch, -1)
+        return jnp.swapaxes(images.reshape(batch, height, -1), 0, 1)
+    channels = images.shape[3] if images.ndim == 4 else 1
+    pixels = images.reshape(batch, -1, channels)
     if order == "permuted":
         if permutation is None:
             raise ValueError("order 'permuted' needs a permutation")
-        flat = flat[:, permutation]
+        pixels = pixels[:, permutation]
     elif order != "pixels":
         raise ValueError(f"unknown order {order!r}")
-    return flat.T[:, :, None]
+    return jnp.swapaxes(pixels, 0, 1)
 
 
 def pixel_permutation(seed: int, size: int = 784) -> np.ndarray:
-    """The fixed pixel order of permuted MNIST: int32 [784], a function of ``seed`` only."""
-    return np.random.default_rng((seed, 784)).permutation(size).astype(np.int32)
+    """The fixed pixel order of permuted images of ``size`` pixels (784: permuted MNIST):
+    int32 [size], a function of ``seed`` and ``size`` only."""
+    return np.random.default_rng((seed, size)).permutation(size).astype(np.int32)
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,10 +65,13 @@ class Model:
     unroll: int = 1
     compute_dtype: Any = jnp.float32
     permutation: np.ndarray | None = None
+    image_shape: tuple[int, int, int] = (28, 28, 1)  # H, W, C of the images it reads
 
     @property
     def input_size(self) -> int:
-        return 28 if self.order == "rows" else 1
+        """Features per time step: W*C by rows, C by pixels."""
+        _, width, channels = self.image_shape
+        return width * channels if self.order == "rows" else channels
 
     def init(self, key: jax.Array) -> Params:
         """Parameters (float32): ``{"rnn": [layer, ...], "head": {"kernel", "bias"}}``.
@@ -85,7 +95,12 @@ class Model:
         return {"rnn": layers, "head": head}
 
     def apply(self, params: Params, images: jax.Array) -> jax.Array:
-        """Images float32 ``[B, 28, 28]`` in [0, 1] -> logits float32 ``[B, classes]``."""
+        """Images float32 ``[B, H, W, C]`` (or ``[B, H, W]`` when C=1) in [0, 1] -> logits
+        float32 ``[B, classes]``; H, W, C as ``image_shape``."""
+        h, w, c = self.image_shape
+        if tuple(images.shape[1:]) not in ((h, w, c), (h, w) if c == 1 else (h, w, c)):
+            raise ValueError(f"Model.apply: images of shape {tuple(images.shape)}; this model "
+                             f"reads [B, {h}, {w}, {c}]" + (f" or [B, {h}, {w}]" if c == 1 else ""))
         dtype = self.compute_dtype
         params = jax.tree.map(lambda p: p.astype(dtype), params)
         perm = None if self.permutation is None else jnp.asarray(self.permutation)
@@ -108,9 +123,16 @@ class Model:
         return logits.astype(jnp.float32)
 
 
-def make_model(config: Config) -> Model:
-    """The model ``config`` describes."""
-    permutation = pixel_permutation(config.seed) if config.order == "permuted" else None
+def make_model(config: Config, spec: DataSpec | None = None) -> Model:
+    """The model ``config`` describes, for the images and classes of ``spec``.
+
+    ``spec`` (the dataset's, ``rnnjax.data.sources.load_dataset``) defaults to the IDX
+    layout: 28x28x1 images and ``config.num_classes`` classes (10 when it is 0).
+    """
+    if spec is None:
+        spec = DataSpec(IDX_SPEC.image_shape, config.num_classes or IDX_SPEC.num_classes)
+    pixels = spec.image_shape[0] * spec.image_shape[1]
+    permutation = pixel_permutation(config.seed, pixels) if config.order == "permuted" else None
     try:
         cell = get_cell(config.cell, config.hidden_size)
     except ValueError as e:
@@ -119,11 +141,12 @@ def make_model(config: Config) -> Model:
         cell=cell,
         num_layers=config.num_layers,
         bidirectional=config.bidirectional,
-        num_classes=config.num_classes,
+        num_classes=spec.num_classes,
         order=config.order,
         unroll=config.unroll,
         compute_dtype=jnp.dtype(config.compute_dtype),
         permutation=permutation,
+        image_shape=spec.image_shape,
     )
 
 

@@ -56,7 +56,7 @@ def batch_metrics(
 def loss_fn(
     params: Params, model: Model, images: jax.Array, labels: jax.Array
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """Mean softmax cross-entropy; images float32 [B, 28, 28], labels int32 [B].
+    """Mean softmax cross-entropy; images float32 [B, H, W(, C)], labels int32 [B].
 
     Returns ``(mean loss, (per-example losses [B], logits [B, C]))``.
     """
@@ -102,7 +102,7 @@ def train_steps(
 ) -> tuple[TrainState, Metrics]:
     """Up to K train steps in one call, batches cut on the device.
 
-    images: float32 [N, 28, 28] in [0, 1] and labels: int32 [N], the whole dataset on the
+    images: float32 [N, H, W(, C)] in [0, 1] and labels: int32 [N], the whole dataset on the
     device (``data.pipeline.to_device``: a row gather per step is then a copy);
     indices: int32 [K, B], the examples of each step (``data.pipeline.batch_indices``);
     count: int32 [], how many leading rows of ``indices`` to run (default: all K). A traced
@@ -129,7 +129,7 @@ def eval_step(
     *,
     model: Model,
 ) -> Metrics:
-    """Metrics of one batch: images float32 [B, 28, 28], labels int32 [B], mask bool [B]."""
+    """Metrics of one batch: images float32 [B, H, W(, C)], labels int32 [B], mask bool [B]."""
     logits = model.apply(params, images)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return batch_metrics(losses, logits, labels, mask)
@@ -146,7 +146,7 @@ def evaluate(
 ) -> Metrics:
     """Metrics over a whole set, ``chunk`` examples at a time (the last one padded, masked).
 
-    images: float32 [N, 28, 28] in [0, 1] on the device, labels: int32 [N].
+    images: float32 [N, H, W(, C)] in [0, 1] on the device, labels: int32 [N].
     batch_sharding: lay each chunk out so (``rnnjax.parallel.batch_sharding``: its rows
     split over the devices); the chunk is then rounded up to a multiple of the device
     count, the extra rows masked padding.
@@ -156,7 +156,8 @@ def evaluate(
     if batch_sharding is not None:
         chunk = -(-chunk // batch_sharding.num_devices) * batch_sharding.num_devices
     pad = -n % chunk
-    images = jnp.pad(images, ((0, pad), (0, 0), (0, 0))).reshape(-1, chunk, *images.shape[1:])
+    widths = ((0, pad),) + ((0, 0),) * (images.ndim - 1)
+    images = jnp.pad(images, widths).reshape(-1, chunk, *images.shape[1:])
     labels = jnp.pad(labels, (0, pad)).reshape(-1, chunk)
     mask = (jnp.arange(n + pad) < n).reshape(-1, chunk)
 

@@ -1,21 +1,39 @@
 """Where a dataset's arrays come from: a name or a directory, read as IDX or through tfds.
 
-``load_arrays(config)`` is the one entry point. Names resolve to ``DATA_DIR/NAME/``; the
-name ``mnist`` falls back to the copy shipped inside the package (``rnnjax/data/mnist``,
-verified by the canonical MD5s), so a fresh clone trains with no network.
+``load_dataset(config)`` is the one entry point: the arrays and their
+:class:`~rnnjax.data.spec.DataSpec` (image shape, classes). With ``--source idx`` names
+resolve to ``DATA_DIR/NAME/``; the name ``mnist`` falls back to the copy shipped inside the
+package (``rnnjax/data/mnist``, verified by the canonical MD5s), so a fresh clone trains
+with no network. With ``--source tfds`` a name is first a prepared tfds dataset
+(``rnnjax.data.tfds_datasets.resolve`` says how a name resolves).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
+
 from rnnjax.config import Config, ConfigError
 from rnnjax.data.idx import MNIST_MD5, Arrays, IdxError, load_idx_dir
+from rnnjax.data.spec import IDX_SPEC, DataSpec
 
 EMBEDDED_MNIST = Path(__file__).resolve().parent / "mnist"
 KNOWN_CHECKSUMS = {"mnist": MNIST_MD5}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset in memory: uint8 images ``[N, H, W]`` (one channel) or ``[N, H, W, C]`` and
+    int32 labels ``[N]`` of the train and test splits, what they are, and a name to print."""
+
+    arrays: Arrays
+    spec: DataSpec
+    title: str
 
 
 def default_data_dir() -> Path:
@@ -61,9 +79,31 @@ def import_tfds() -> ModuleType:
     return tfds_mnist
 
 
-def load_arrays(config: Config) -> Arrays:
-    """The dataset of ``config`` as NumPy arrays (uint8 images [N,28,28], int32 labels [N])."""
-    name, directory, checksums = resolve_dataset(config.dataset, config.data_dir)
+def import_tfds_datasets() -> ModuleType:
+    """``rnnjax.data.tfds_datasets`` (imports TensorFlow); a ConfigError as :func:`import_tfds`."""
+    import_tfds()
+    from rnnjax.data import tfds_datasets
+
+    return tfds_datasets
+
+
+def load_dataset(config: Config) -> Dataset:
+    """The dataset of ``config``: both splits in NumPy and its spec."""
     if config.source == "tfds":
-        return import_tfds().load_arrays(name, directory, checksums, config.tfds_dir)
-    return load_idx_dir(directory, checksums)
+        return import_tfds_datasets().load(config)
+    name, directory, checksums = resolve_dataset(config.dataset, config.data_dir)
+    return Dataset(load_idx_dir(directory, checksums), IDX_SPEC, f"{name} (IDX)")
+
+
+def load_arrays(config: Config) -> Arrays:
+    """The arrays of :func:`load_dataset`."""
+    return load_dataset(config).arrays
+
+
+def tfds_train_batches(
+    config: Config, num_examples: int, *, start_step: int = 0, rows: slice | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The tf.data training feed of ``config``'s dataset (``--source tfds``), from
+    ``start_step`` on; ``rows``: this process's rows of each batch."""
+    return import_tfds_datasets().train_batches(config, num_examples, start_step=start_step,
+                                                rows=rows)

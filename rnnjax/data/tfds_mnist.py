@@ -190,7 +190,8 @@ def train_batches(
     seed: int = 0,
     rows: slice | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The tf.data training feed: endless ``(float32 [B, 28, 28], int32 [B])`` batches.
+    """The tf.data training feed of IDX files: endless ``(float32 [B, 28, 28], int32 [B])``
+    batches (:func:`batches`).
 
     In order (the default) it yields exactly ``data.pipeline.host_batches``' batches: one
     continuous stream that wraps after the last example. Shuffled, it uses tf.data's
@@ -202,15 +203,36 @@ def train_batches(
     """
     builder = prepare(name, directory, checksums, tfds_dir)
     ds = builder.as_dataset(split="train", as_supervised=True, shuffle_files=False)
+    return batches(ds, builder.info.splits["train"].num_examples, batch_size,
+                   start_step=start_step, shuffle=shuffle, seed=seed, rows=rows)
+
+
+def batches(
+    ds: tf.data.Dataset,
+    num_examples: int,
+    batch_size: int,
+    *,
+    start_step: int = 0,
+    shuffle: bool = False,
+    seed: int = 0,
+    rows: slice | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Endless ``(float32 [B, H, W(, C)], int32 [B])`` batches of ``ds``, a split's
+    ``(uint8 [H, W, C], int [])`` pairs in stored order (``num_examples`` of them); a
+    single channel is dropped, as the arrays of every source hold it. See
+    :func:`train_batches` for the order, ``start_step`` and ``rows``.
+    """
     if shuffle:
-        size = builder.info.splits["train"].num_examples
-        ds = ds.shuffle(size, seed=seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(num_examples, seed=seed, reshuffle_each_iteration=True)
     table = tf.constant(PIXEL_SCALE)
     ds = ds.repeat().batch(batch_size, drop_remainder=True).skip(start_step)
     if rows is not None:
         ds = ds.map(lambda x, y: (x[rows.start:rows.stop], y[rows.start:rows.stop]))
-    ds = ds.map(
-        lambda x, y: (tf.gather(table, tf.cast(x[..., 0], tf.int32)), tf.cast(y, tf.int32)),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
+    single = ds.element_spec[0].shape[-1] == 1
+
+    def to_float(x, y):
+        x = tf.cast(x[..., 0] if single else x, tf.int32)
+        return tf.gather(table, x), tf.cast(y, tf.int32)
+
+    ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()

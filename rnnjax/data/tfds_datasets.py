@@ -1,0 +1,263 @@
+"""Prepared tensorflow-datasets datasets: ``--source tfds --dataset NAME[:VERSION]``.
+
+A tfds user keeps datasets prepared in a tfds data dir (``~/tensorflow_datasets``, a shared
+cache, a ``gs://`` bucket). rnnjax reads them through tfds itself:
+
+* ``tfds.builder(NAME[:VERSION], data_dir=--tfds-dir)``: the data dir by tfds' own rules
+  (``--tfds-dir`` as given, any path tfds reads; else ``$TFDS_DATA_DIR`` or
+  ``~/tensorflow_datasets``); catalog datasets and datasets tfds finds prepared in the dir
+  (written by ``tfds.dataset_builders.store_as_tfds_dataset``, ``tfds build`` ...) alike;
+* nothing is downloaded unless ``--tfds-download`` asks (``download_and_prepare``);
+* records in their stored order (``shuffle_files=False``, shards read one after another),
+  so runs are reproducible;
+* ``--train-split``/``--test-split`` (default ``train``/``test``; tfds split syntax);
+* images and labels from the dataset's supervised keys, else its ``image`` and ``label``
+  features: an image of fixed shape HxWxC, uint8, and a ``ClassLabel`` (the number of
+  classes).
+
+How ``--dataset`` resolves with ``--source tfds`` (:func:`resolve`): a directory is IDX
+files, prepared once into rnnjax's ``rnnjax_idx`` builder (``rnnjax.data.tfds_mnist``). A
+name is the prepared tfds dataset of that name when tfds finds it prepared in the data dir
+(or a version is named, or ``--tfds-download`` is given); otherwise the IDX files of that
+name (``DATA_DIR/NAME``, or the MNIST inside rnnjax), when there are some; otherwise the tfds
+dataset again, whose absence is then an error naming the data dir searched and how to
+prepare the dataset there.
+
+Importing this module imports TensorFlow (CPU only, as ``rnnjax.data.tfds_mnist``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from rnnjax.config import Config, ConfigError
+from rnnjax.data import tfds_mnist
+from rnnjax.data.idx import Arrays, IdxError
+from rnnjax.data.sources import Dataset, resolve_dataset
+from rnnjax.data.spec import IDX_SPEC, DataSpec
+
+# Examples per tf.data batch while a split is read into NumPy.
+READ_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A prepared tfds dataset and where its images and labels are."""
+
+    builder: tfds.core.DatasetBuilder
+    image_key: str
+    label_key: str
+    spec: DataSpec
+
+    @property
+    def title(self) -> str:
+        return f"{self.builder.name}:{self.builder.version}"
+
+
+@dataclass(frozen=True)
+class IdxBuild:
+    """IDX files read through rnnjax's own ``rnnjax_idx`` tfds builder."""
+
+    name: str
+    directory: Path
+    checksums: dict[str, str] | None
+
+
+def _where(tfds_dir: str) -> str:
+    """The data dir tfds uses for ``--tfds-dir`` (its default when empty)."""
+    return tfds_dir or str(tfds.core.constants.DATA_DIR)
+
+
+def _how_to_prepare(name: str, tfds_dir: str) -> str:
+    where = _where(tfds_dir)
+    return (f"prepare it there first (`tfds build {name} --data_dir {where}`, or "
+            f"tfds.load('{name}', data_dir='{where}') on a machine with network, or "
+            "tfds.dataset_builders.store_as_tfds_dataset for your own data), pass "
+            "--tfds-dir where it is prepared, or --tfds-download to let tfds download it")
+
+
+def _builder(dataset: str, tfds_dir: str) -> tfds.core.DatasetBuilder | None:
+    """``tfds.builder(dataset, data_dir=...)``; None when tfds knows no dataset of that name
+    (neither in its catalog nor prepared in the data dir)."""
+    try:
+        return tfds.builder(dataset, data_dir=tfds_dir or None)
+    except tfds.core.registered.DatasetNotFoundError:
+        return None
+    except (AssertionError, ValueError) as e:  # e.g. a version that does not exist
+        problem = " ".join(str(e).split())[-200:]
+        raise ConfigError(f"--dataset {dataset}: tfds cannot open it ({problem}); pass a "
+                          "version that exists, or the name alone for its latest") from e
+
+
+def resolve(config: Config) -> Prepared | IdxBuild:
+    """What ``--dataset`` names with ``--source tfds`` (see the module docstring)."""
+    dataset = config.dataset
+    # A directory (or a path to one): IDX files. "name/config" is a tfds name.
+    if dataset.startswith(("/", ".", "~")) or Path(dataset).expanduser().is_dir():
+        return IdxBuild(*resolve_dataset(dataset, config.data_dir))
+    name, _, version = dataset.partition(":")
+    builder = _builder(dataset, config.tfds_dir)
+    if builder is not None and (builder.is_prepared() or version or config.tfds_download):
+        return _prepared(builder, dataset)
+    try:
+        return IdxBuild(*resolve_dataset(name, config.data_dir))
+    except IdxError:
+        if builder is not None:
+            return _prepared(builder, dataset)
+    raise ConfigError(
+        f"--dataset {dataset}: not prepared in the tfds data dir {_where(config.tfds_dir)} and "
+        f"not a dataset of tfds' catalog (nor IDX files in {config.data_dir or '~/rnnjax_data'}"
+        f"/{name}); {_how_to_prepare(name, config.tfds_dir)}"
+    )
+
+
+def _prepared(builder: tfds.core.DatasetBuilder, dataset: str) -> Prepared:
+    image_key, label_key, spec = image_and_label(builder.info, dataset)
+    return Prepared(builder, image_key, label_key, spec)
+
+
+def image_and_label(info: tfds.core.DatasetInfo, dataset: str) -> tuple[str, str, DataSpec]:
+    """``(image key, label key, spec)`` of a dataset whose features are an image of fixed
+    shape (uint8) and a ClassLabel; a :class:`ConfigError` describing them otherwise."""
+    features = info.features
+    keys = info.supervised_keys
+    if isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys):
+        image_key, label_key = keys
+    else:
+        image_key, label_key = "image", "label"
+    need = ("rnnjax reads an image (fixed HxWxC, uint8) and a class label (ClassLabel), as "
+            "the supervised keys or the features 'image' and 'label'; choose such a dataset")
+    names = list(features.keys()) if isinstance(features, tfds.features.FeaturesDict) else []
+    if image_key not in names or label_key not in names:
+        raise ConfigError(f"--dataset {dataset}: features {names or type(features).__name__}"
+                          f" have no '{image_key}' and '{label_key}'; {need}")
+    image, label = features[image_key], features[label_key]
+    shape = tuple(image.shape)
+    if len(shape) == 2:
+        shape = (*shape, 1)
+    if not isinstance(image, tfds.features.Image | tfds.features.Tensor) or len(shape) != 3:
+        raise ConfigError(f"--dataset {dataset}: '{image_key}' is {image!r}, not an image; "
+                          f"{need}")
+    if None in shape or np.dtype(image.np_dtype) != np.uint8:
+        raise ConfigError(f"--dataset {dataset}: '{image_key}' is {image!r}: images of "
+                          f"varying size or not uint8; resize them to one size as uint8 "
+                          f"first ({need})")
+    if not isinstance(label, tfds.features.ClassLabel):
+        raise ConfigError(f"--dataset {dataset}: '{label_key}' is {label!r}, not a "
+                          f"ClassLabel; {need}")
+    h, w, c = (int(s) for s in shape)
+    return image_key, label_key, DataSpec((h, w, c), int(label.num_classes))
+
+
+def _split(prepared: Prepared, split: str, flag: str) -> tf.data.Dataset:
+    """One split as ``(uint8 [H, W, C], int64 [])`` pairs in their stored order."""
+    builder = prepared.builder
+    read_config = tfds.ReadConfig(interleave_cycle_length=1)  # shard after shard
+    try:
+        ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
+    except AssertionError as e:  # tfds' "could not find data" when it is not prepared
+        raise ConfigError(
+            f"--dataset {prepared.title}: not prepared in the tfds data dir "
+            f"{builder.data_dir_root} (tfds looked for {builder.data_dir}); "
+            f"{_how_to_prepare(builder.name, str(builder.data_dir_root))}"
+        ) from e
+    except (ValueError, KeyError) as e:  # an unknown split, or bad split syntax
+        have = ", ".join(builder.info.splits.keys()) or "none recorded"
+        raise ConfigError(f"{flag} {split}: {prepared.title} has no such split (it has "
+                          f"{have}); pass one of them (tfds split syntax such as "
+                          "'train[:90%]' works too)") from e
+    image_key, label_key = prepared.image_key, prepared.label_key
+    channels = prepared.spec.image_shape[2]
+
+    def pair(example):
+        image = example[image_key]
+        if len(image.shape) == 2:
+            image = image[..., None]
+        return tf.reshape(image, (*prepared.spec.image_shape[:2], channels)), example[label_key]
+
+    return ds.map(pair)
+
+
+def _read(prepared: Prepared, split: str, flag: str) -> tuple[np.ndarray, np.ndarray]:
+    """A whole split in NumPy: uint8 images ``[N, H, W]`` (C=1) or ``[N, H, W, C]``, int32
+    labels ``[N]``."""
+    images, labels = [], []
+    try:
+        for x, y in tfds.as_numpy(_split(prepared, split, flag).batch(READ_BATCH)):
+            images.append(x)
+            labels.append(y)
+    except tf.errors.OpError as e:
+        problem = " ".join(str(e.message).split())[-160:]
+        raise ConfigError(f"--dataset {prepared.title}: the prepared data in "
+                          f"{prepared.builder.data_dir} does not read ({problem}); prepare "
+                          "it again") from e
+    if not labels:
+        raise ConfigError(f"{flag} {split}: the split of {prepared.title} is empty; pass a "
+                          "split that holds examples")
+    x, y = np.concatenate(images), np.concatenate(labels)
+    if y.min() < 0 or y.max() >= prepared.spec.num_classes:
+        raise ConfigError(f"--dataset {prepared.title}: {split} labels outside 0 .. "
+                          f"{prepared.spec.num_classes - 1}; the prepared data is damaged")
+    return (x[..., 0] if x.shape[-1] == 1 else x), y.astype(np.int32)
+
+
+def load(config: Config) -> Dataset:
+    """The dataset of ``config`` (``--source tfds``): its two splits and its spec."""
+    target = resolve(config)
+    if isinstance(target, IdxBuild):
+        for flag, split in (("--train-split", config.train_split),
+                            ("--test-split", config.test_split)):
+            _check_idx_split(target, split, flag)
+        if (config.train_split, config.test_split) == ("train", "test"):
+            arrays = tfds_mnist.load_arrays(target.name, target.directory, target.checksums,
+                                            config.tfds_dir)
+            return Dataset(arrays, IDX_SPEC, f"{target.name} (IDX via tfds)")
+        target = _idx_prepared(target, config)
+    if config.tfds_download and not target.builder.is_prepared():
+        try:
+            target.builder.download_and_prepare()
+        except Exception as e:  # network, disk, checksum: tfds raises many kinds
+            problem = " ".join(str(e).split())[-200:]
+            raise ConfigError(f"--tfds-download: tfds could not download and prepare "
+                              f"{target.title} ({problem}); prepare it where there is "
+                              "network and pass --tfds-dir") from e
+    train = _read(target, config.train_split, "--train-split")
+    test = _read(target, config.test_split, "--test-split")
+    return Dataset(Arrays(*train, *test), target.spec, f"{target.title} (tfds)")
+
+
+def _check_idx_split(target: IdxBuild, split: str, flag: str) -> None:
+    """IDX files have the splits train and test: another name is refused before a build."""
+    unknown = sorted(set(re.findall(r"[A-Za-z_][\w-]*", split)) - {"train", "test"})
+    if unknown:
+        raise ConfigError(f"{flag} {split}: the IDX files of {target.name} have no split "
+                          f"{unknown[0]} (they have train, test); pass one of them (tfds "
+                          "split syntax such as 'train[:90%]' works too)")
+
+
+def _idx_prepared(target: IdxBuild, config: Config) -> Prepared:
+    """The ``rnnjax_idx`` build of IDX files, read like any prepared dataset (other splits)."""
+    builder = tfds_mnist.prepare(target.name, target.directory, target.checksums,
+                                 config.tfds_dir)
+    return Prepared(builder, "image", "label", IDX_SPEC)
+
+
+def train_batches(
+    config: Config, num_examples: int, *, start_step: int = 0, rows: slice | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The tf.data training feed of ``config``'s dataset: endless ``(float32 [B, H, W(, C)],
+    int32 [B])`` batches, exactly ``data.pipeline.host_batches``' when in order (see
+    ``rnnjax.data.tfds_mnist.batches``). ``num_examples``: the train split's size."""
+    target = resolve(config)
+    if isinstance(target, IdxBuild):
+        target = _idx_prepared(target, config)
+    ds = _split(target, config.train_split, "--train-split")
+    return tfds_mnist.batches(ds, num_examples, config.batch_size, start_step=start_step,
+                              shuffle=config.shuffle, seed=config.seed, rows=rows)

@@ -1,0 +1,160 @@
+"""Any image shape HxWxC reaches the model as the order says; a run that cannot fit in
+memory is refused in one line before anything is allocated or written (train, eval,
+predict), and an allocation that fails anyway is one line too. No TensorFlow needed."""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from rnnjax import memory, train
+from rnnjax.cli import main
+from rnnjax.config import Config
+from rnnjax.data.spec import DataSpec
+from rnnjax.loop import train_and_evaluate
+from rnnjax.model import make_model, pixel_permutation, to_sequence
+from rnnjax.optim import make_optimizer
+
+HUGE = "100000000"  # --hidden-size: 4e16 bytes of recurrent kernel alone
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_to_sequence_reads_any_image_shape(channels):
+    rng = np.random.default_rng(0)
+    images = rng.random((2, 4, 5, channels), np.float32)
+    rows = np.asarray(to_sequence(images, "rows"))
+    assert rows.shape == (4, 2, 5 * channels)  # T=H steps of W*C
+    for b in range(2):
+        for t in range(4):
+            np.testing.assert_array_equal(rows[t, b], images[b, t].reshape(-1))
+    pixels = np.asarray(to_sequence(images, "pixels"))
+    assert pixels.shape == (20, 2, channels)  # T=H*W steps of C
+    perm = rng.permutation(20)
+    permuted = np.asarray(to_sequence(images, "permuted", perm))
+    for b in range(2):
+        np.testing.assert_array_equal(pixels[:, b], images[b].reshape(20, channels))
+        np.testing.assert_array_equal(permuted[:, b], images[b].reshape(20, channels)[perm])
+    if channels == 1:  # [B, H, W] reads as [B, H, W, 1]
+        for order in ("rows", "pixels"):
+            np.testing.assert_array_equal(to_sequence(images[..., 0], order),
+                                          to_sequence(images, order))
+
+
+def test_model_takes_its_image_shape_from_the_data():
+    spec = DataSpec((32, 32, 3), 7)
+    model = make_model(Config(), spec)
+    assert model.input_size == 96 and model.image_shape == (32, 32, 3)
+    params = model.init(jax.random.key(0))
+    assert params["rnn"][0]["kernel"].shape == (96, 50)
+    assert params["head"]["kernel"].shape == (50, 7)
+    assert model.apply(params, np.zeros((4, 32, 32, 3), np.float32)).shape == (4, 7)
+    with pytest.raises(ValueError, match=r"reads \[B, 32, 32, 3\]"):
+        model.apply(params, np.zeros((4, 28, 28), np.float32))
+    pixels = make_model(Config(order="permuted"), spec)
+    assert pixels.input_size == 3 and sorted(pixels.permutation) == list(range(1024))
+    # The seed's defaults are untouched: 28x28x1, ten classes, MNIST's fixed permutation.
+    seed = make_model(Config(order="permuted"))
+    assert seed.image_shape == (28, 28, 1) and seed.num_classes == 10
+    np.testing.assert_array_equal(
+        seed.permutation, np.random.default_rng((1337, 784)).permutation(784))
+    np.testing.assert_array_equal(pixel_permutation(1337), seed.permutation)
+
+
+def test_too_long_a_sequence_for_the_order_is_refused():
+    spec = DataSpec((160, 160, 1), 10)
+    spec.check_order("rows")
+    with pytest.raises(Exception, match=r"--order pixels: 160x160x1 images are 25600 time "
+                                        r"steps of 1, more than the 16384 .*use --order rows"):
+        spec.check_order("pixels")
+
+
+def test_estimate_counts_the_real_state_and_grows_with_the_batch():
+    config = Config(cell="lstm", hidden_size=24)
+    model, optimizer = make_model(config), make_optimizer(config)
+    state = jax.jit(functools.partial(train.create_state, model=model,
+                                      optimizer=optimizer))(jax.random.key(0))
+    spec = DataSpec()
+    need = memory.estimate(config, model, optimizer, spec, examples=1000)
+    assert need.parameters == memory.tree_bytes(state.params)
+    assert need.optimizer == memory.tree_bytes(state.opt_state)
+    assert need.dataset == 1000 * (28 * 28 * 4 + 4)
+    small = memory.training_activations(model, state.params, spec, 10)
+    large = memory.training_activations(model, state.params, spec, 40)
+    # at least the per-step hidden states the backward pass keeps, 4x for 4x the batch
+    assert small >= 28 * 10 * 24 * 4 and large == 4 * small
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("rnnjax: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_a_model_that_cannot_fit_is_refused_before_allocating(capsys, tmp_path, monkeypatch):
+    def allocate(*args, **kwargs):
+        raise AssertionError("the state was allocated: the estimate did not refuse first")
+
+    monkeypatch.setattr("rnnjax.loop.init_state", allocate)
+    work = tmp_path / "run"
+    code = main(["train", "--hidden-size", HUGE, "--workdir", str(work),
+                 "--compile-cache", "off"])
+    err = one_line(capsys)
+    assert code == 2
+    assert "needs about 142.1 PiB of memory (parameters 35.5 PiB, optimizer state 71.1 PiB" \
+        in err
+    assert "of RAM available" in err or " free" in err
+    assert "use a smaller --hidden-size or --num-layers" in err
+    assert not work.exists()
+
+
+def test_an_allocation_that_fails_anyway_is_one_line(capsys, tmp_path, monkeypatch):
+    """Without the estimate, XLA's own allocation fails: one line too, nothing written."""
+    monkeypatch.setattr(memory, "check_fits", lambda *a, **k: None)
+    work = tmp_path / "run"
+    code = main(["train", "--hidden-size", HUGE, "--workdir", str(work),
+                 "--compile-cache", "off"])
+    err = one_line(capsys)
+    assert code == 2
+    assert "out of memory: the run asked for 35.5 PiB (40000000000000000 bytes) but" in err
+    assert not work.exists()
+
+
+@pytest.fixture(scope="module")
+def too_large_checkpoint(tmp_path_factory):
+    """A checkpoint of a tiny run whose recorded config is then a model that cannot fit."""
+    work = tmp_path_factory.mktemp("oom") / "run"
+    config = Config(steps=2, hidden_size=4, eval_every=1, compile_cache="off")
+    train_and_evaluate(config, work, out=io.StringIO(), progress=False)
+    [meta_file] = (work / "checkpoints" / "2" / "meta").glob("metadata")
+    meta = json.loads(meta_file.read_text())
+    meta["config"]["hidden_size"] = int(HUGE)
+    meta_file.write_text(json.dumps(meta))
+    return work
+
+
+def test_eval_refuses_a_checkpoint_that_cannot_fit(capsys, too_large_checkpoint):
+    out = too_large_checkpoint / "confusion.png"
+    capsys.readouterr()
+    code = main(["eval", str(too_large_checkpoint), "--out", str(out)])
+    err = one_line(capsys)
+    assert code == 2 and "simple_rnn 100000000 model needs about" in err, err
+    assert "parameters 35.5 PiB" in err and "use a smaller --hidden-size" in err
+    assert not out.exists()
+
+
+def test_predict_refuses_a_checkpoint_that_cannot_fit(capsys, too_large_checkpoint, mnist,
+                                                       tmp_path):
+    from PIL import Image
+
+    digit = tmp_path / "digit.png"
+    Image.fromarray(np.asarray(mnist.test_images[0])).save(digit)
+    capsys.readouterr()
+    code = main(["predict", str(too_large_checkpoint), str(digit)])
+    err = one_line(capsys)
+    assert code == 2 and "simple_rnn 100000000 model needs about" in err, err
+    assert capsys.readouterr().out == ""
