@@ -55,6 +55,7 @@ class Prepared:
     image_key: str
     label_key: str
     spec: DataSpec
+    asked: str = ""  # the --dataset value that named it
 
     @property
     def title(self) -> str:
@@ -120,7 +121,7 @@ def resolve(config: Config) -> Prepared | IdxBuild:
 
 def _prepared(builder: tfds.core.DatasetBuilder, dataset: str) -> Prepared:
     image_key, label_key, spec = image_and_label(builder.info, dataset)
-    return Prepared(builder, image_key, label_key, spec)
+    return Prepared(builder, image_key, label_key, spec, dataset)
 
 
 def image_and_label(info: tfds.core.DatasetInfo, dataset: str) -> tuple[str, str, DataSpec]:
@@ -134,7 +135,7 @@ def image_and_label(info: tfds.core.DatasetInfo, dataset: str) -> tuple[str, str
         image_key, label_key = "image", "label"
     need = ("rnnjax reads an image (fixed HxWxC, uint8) and a class label (ClassLabel), as "
             "the supervised keys or the features 'image' and 'label'; choose such a dataset")
-    names = list(features.keys()) if isinstance(features, tfds.features.FeaturesDict) else []
+    names = sorted(features.keys()) if isinstance(features, tfds.features.FeaturesDict) else []
     if image_key not in names or label_key not in names:
         raise ConfigError(f"--dataset {dataset}: features {names or type(features).__name__}"
                           f" have no '{image_key}' and '{label_key}'; {need}")
@@ -164,7 +165,7 @@ def _split(prepared: Prepared, split: str, flag: str) -> tf.data.Dataset:
         ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
     except AssertionError as e:  # tfds' "could not find data" when it is not prepared
         raise ConfigError(
-            f"--dataset {prepared.title}: not prepared in the tfds data dir "
+            f"--dataset {prepared.asked or prepared.title}: not prepared in the tfds data dir "
             f"{builder.data_dir_root} (tfds looked for {builder.data_dir}); "
             f"{_how_to_prepare(builder.name, str(builder.data_dir_root))}"
         ) from e

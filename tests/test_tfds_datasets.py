@@ -1,0 +1,262 @@
+"""``--source tfds --dataset NAME``: prepared tensorflow-datasets datasets, read by tfds.
+
+Every dataset here is prepared in the test with tfds' own API
+(``tfds.dataset_builders.store_as_tfds_dataset``), offline: a 28x28x1 one under the catalog
+name ``fashion_mnist`` (made of MNIST examples: there is no Fashion-MNIST here), a small
+32x32x3 one, and ones whose features or sizes rnnjax must refuse. Catalog names with no
+data are read through ``tfds.testing.mock_data``.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from rnnjax.cli import main
+from rnnjax.config import Config, ConfigError
+from rnnjax.data.idx import FILES, Arrays, write_idx
+from rnnjax.data.sources import load_dataset
+from rnnjax.data.spec import DataSpec
+from rnnjax.loop import train_and_evaluate
+
+tfds = pytest.importorskip("tensorflow_datasets")
+tf = pytest.importorskip("tensorflow")
+
+N_TRAIN, N_TEST = 400, 100
+FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+           "Sneaker", "Bag", "Ankle boot"]
+
+
+def store(name: str, data_dir: Path, features, splits: dict, version: str = "1.0.0"):
+    """A dataset prepared in ``data_dir`` by tfds, examples kept in the given order."""
+    return tfds.dataset_builders.store_as_tfds_dataset(
+        name=name, version=version, features=tfds.features.FeaturesDict(features),
+        split_datasets={k: tf.data.Dataset.from_tensor_slices(v) for k, v in splits.items()},
+        data_dir=str(data_dir), disable_shuffling=True,
+    )
+
+
+def colour_set(n_train: int, n_test: int) -> Arrays:
+    """32x32x3 images whose class (0-9) is which third of the channels and where it is
+    bright: learnable in a few steps."""
+    rng = np.random.default_rng(3)
+
+    def make(n):
+        labels = rng.integers(0, 10, n).astype(np.int32)
+        images = rng.integers(0, 60, (n, 32, 32, 3)).astype(np.uint8)
+        for i, y in enumerate(labels):
+            images[i, (y % 5) * 6:(y % 5) * 6 + 6, :, y // 5 + 1] = 250
+        return images, labels
+
+    return Arrays(*make(n_train), *make(n_test))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, mnist):
+    """A tfds data dir holding the datasets of these tests, and the arrays they hold."""
+    root = tmp_path_factory.mktemp("tfds_prepared")
+    tfds_dir = root / "tfds"
+    small = Arrays(mnist.train_images[:N_TRAIN], mnist.train_labels[:N_TRAIN],
+                   mnist.test_images[:N_TEST], mnist.test_labels[:N_TEST])
+    grey = {"image": tfds.features.Image(shape=(28, 28, 1)),
+            "label": tfds.features.ClassLabel(names=FASHION)}
+    store("fashion_mnist", tfds_dir, grey, {
+        "train": {"image": small.train_images[..., None], "label": small.train_labels},
+        "test": {"image": small.test_images[..., None], "label": small.test_labels},
+    }, version="3.0.1")
+    colour = colour_set(200, 60)
+    store("tiny_colour", tfds_dir, {"image": tfds.features.Image(shape=(32, 32, 3)),
+                                    "label": tfds.features.ClassLabel(num_classes=10)}, {
+        "train": {"image": colour.train_images, "label": colour.train_labels},
+        "test": {"image": colour.test_images, "label": colour.test_labels},
+    })  # no supervised keys (store_as_tfds_dataset sets none): the features by name
+    four = np.zeros((4, 160, 160, 1), np.uint8)
+    store("large_images", tfds_dir, {"image": tfds.features.Image(shape=(160, 160, 1)),
+                                     "label": tfds.features.ClassLabel(num_classes=2)},
+          {"train": {"image": four, "label": np.array([0, 1, 0, 1])},
+           "test": {"image": four, "label": np.array([0, 1, 0, 1])}})
+    store("text_only", tfds_dir, {"text": tfds.features.Text(),
+                                  "label": tfds.features.ClassLabel(num_classes=2)},
+          {"train": {"text": ["a", "b"], "label": [0, 1]},
+           "test": {"text": ["a", "b"], "label": [0, 1]}})
+    store("integer_labels", tfds_dir, {"image": tfds.features.Image(shape=(28, 28, 1)),
+                                       "label": tfds.features.Tensor(shape=(), dtype=np.int64)},
+          {"train": {"image": four[:, :28, :28], "label": [0, 1, 0, 1]},
+           "test": {"image": four[:, :28, :28], "label": [0, 1, 0, 1]}})
+    idx_dir = root / "idx_small"  # the same MNIST examples as IDX files
+    idx_dir.mkdir()
+    for key, stem in FILES.items():
+        write_idx(idx_dir / (stem + ".gz"), getattr(small, key).astype(np.uint8))
+    empty = root / "empty"
+    empty.mkdir()
+    return tfds_dir, small, colour, idx_dir, empty
+
+
+def tfds_config(prepared, dataset: str, **changes) -> Config:
+    tfds_dir, _, _, _, empty = prepared
+    return Config(source="tfds", dataset=dataset, tfds_dir=str(tfds_dir), data_dir=str(empty),
+                  **changes)
+
+
+def assert_same_arrays(got: Arrays, want: Arrays) -> None:
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+
+
+def test_catalog_name_reads_the_prepared_dataset_in_stored_order(prepared):
+    _, small, _, _, _ = prepared
+    loaded = load_dataset(tfds_config(prepared, "fashion_mnist"))
+    assert loaded.spec == DataSpec((28, 28, 1), 10)
+    assert loaded.title == "fashion_mnist:3.0.1 (tfds)"
+    assert_same_arrays(loaded.arrays, small)  # uint8 [N, 28, 28], int32 [N], as IDX
+    pinned = load_dataset(tfds_config(prepared, "fashion_mnist:3.0.1"))
+    assert_same_arrays(pinned.arrays, small)
+
+
+def test_named_features_of_any_image_shape(prepared):
+    _, _, colour, _, _ = prepared
+    loaded = load_dataset(tfds_config(prepared, "tiny_colour"))
+    assert loaded.spec == DataSpec((32, 32, 3), 10)
+    assert_same_arrays(loaded.arrays, colour)  # uint8 [N, 32, 32, 3]
+
+
+def test_other_splits_by_flag(prepared):
+    _, small, _, _, _ = prepared
+    loaded = load_dataset(tfds_config(prepared, "fashion_mnist", train_split="train[:300]",
+                                      test_split="train[300:]"))
+    np.testing.assert_array_equal(loaded.arrays.train_images, small.train_images[:300])
+    np.testing.assert_array_equal(loaded.arrays.test_labels, small.train_labels[300:])
+
+
+def history(result) -> list[tuple[float, float]]:
+    return [(h["test_loss"], h["test_accuracy"]) for h in result.history]
+
+
+def test_prepared_fashion_mnist_trains_like_its_idx_files(prepared):
+    """The same examples as a prepared tfds dataset and as IDX files train bitwise alike,
+    on both feeds."""
+    _, _, _, idx_dir, _ = prepared
+    base = dict(steps=30, eval_every=10, batch_size=20, hidden_size=16, steps_per_call=7)
+    idx = train_and_evaluate(Config(dataset=str(idx_dir), **base),
+                             out=io.StringIO())
+    for feed in ("device", "stream"):
+        out = io.StringIO()
+        got = train_and_evaluate(tfds_config(prepared, "fashion_mnist", feed=feed, **base),
+                                 out=out)
+        assert out.getvalue().count("test accuracy:") == 4 + 1  # 4 evaluations + summary
+        if feed == "device":
+            assert history(got) == history(idx)
+            jax.tree.map(np.testing.assert_array_equal, got.state.params, idx.state.params)
+        else:  # one step per call: the same batches, float sums in another order
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         got.state.params, idx.state.params)
+
+
+def test_colour_images_train_by_rows_on_both_feeds(prepared, tmp_path):
+    base = dict(steps=40, eval_every=20, batch_size=20, hidden_size=32, steps_per_call=10,
+                learning_rate=0.01)
+    device = train_and_evaluate(tfds_config(prepared, "tiny_colour", **base), tmp_path / "run",
+                                out=io.StringIO())
+    assert device.state.params["rnn"][0]["kernel"].shape == (96, 32)  # F = W*C = 32*3
+    assert device.summary["final_test_accuracy"] > 0.5  # chance is 0.1
+    stream = train_and_evaluate(tfds_config(prepared, "tiny_colour", feed="stream", **base),
+                                out=io.StringIO())
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 device.state.params, stream.state.params)
+    # The checkpoint records the image shape: eval rebuilds the 32x32x3 model.
+    from rnnjax import inference
+
+    loaded = inference.load(tmp_path / "run")
+    assert loaded.spec == DataSpec((32, 32, 3), 10)
+
+
+def test_catalog_names_through_mock_data(prepared):
+    config = tfds_config(prepared, "cifar10", steps=3, eval_every=2, batch_size=8,
+                         hidden_size=8)
+    with tfds.testing.mock_data(num_examples=24):
+        loaded = load_dataset(config)
+        assert loaded.spec == DataSpec((32, 32, 3), 10)
+        assert loaded.arrays.train_images.shape == (24, 32, 32, 3)
+        assert loaded.arrays.train_images.dtype == np.uint8
+        result = train_and_evaluate(config, out=io.StringIO())
+    assert result.state.params["rnn"][0]["kernel"].shape == (96, 8)
+
+
+def test_idx_names_keep_their_rnnjax_idx_build(prepared, tmp_path):
+    """A name with no prepared tfds dataset but IDX files is read as before (rnnjax_idx)."""
+    _, small, _, idx_dir, _ = prepared
+    config = Config(source="tfds", dataset="idx_small", data_dir=str(idx_dir.parent),
+                    tfds_dir=str(tmp_path / "tfds"))
+    loaded = load_dataset(config)
+    assert_same_arrays(loaded.arrays, small)
+    assert len(list((tmp_path / "tfds" / "rnnjax_idx").glob("idx_small_*/1.0.0"))) == 1
+
+
+# (id, dataset, extra flags, fragments of the one-line error)
+ERRORS = [
+    ("not_prepared", "cifar10", [],
+     ["--dataset cifar10: not prepared in the tfds data dir {tfds}", "tfds looked for "
+      "{tfds}/cifar10/3.0.2", "`tfds build cifar10 --data_dir {tfds}`", "--tfds-download"]),
+    ("unknown_name", "no_such_set", [],
+     ["--dataset no_such_set: not prepared in the tfds data dir {tfds} and not a dataset of "
+      "tfds' catalog", "tfds build no_such_set --data_dir {tfds}"]),
+    ("version_missing", "fashion_mnist:9.9.9", [],
+     ["--dataset fashion_mnist:9.9.9: tfds cannot open it", "only: 3.0.1"]),
+    ("not_an_image", "text_only", [],
+     ["--dataset text_only: features ['label', 'text'] have no 'image' and 'label'",
+      "rnnjax reads an image (fixed HxWxC, uint8) and a class label (ClassLabel)"]),
+    ("label_not_a_class_label", "integer_labels", [],
+     ["--dataset integer_labels: 'label' is Tensor", "not a ClassLabel"]),
+    ("split_missing", "fashion_mnist", ["--test-split", "validation"],
+     ["--test-split validation: fashion_mnist:3.0.1 has no such split (it has train, test)"]),
+    ("image_too_long_for_pixels", "large_images", ["--order", "pixels"],
+     ["--order pixels: 160x160x1 images are 25600 time steps of 1, more than the 16384",
+      "use --order rows (160 steps of 160)"]),
+    ("num_classes_check", "tiny_colour", ["--num-classes", "7"],
+     ["--num-classes 7 but the dataset has 10 classes; pass --num-classes 10"]),
+]
+
+
+@pytest.mark.parametrize(("dataset", "flags", "fragments"), [e[1:] for e in ERRORS],
+                         ids=[e[0] for e in ERRORS])
+def test_bad_dataset_is_one_line_and_nothing_written(capsys, prepared, tmp_path, dataset, flags,
+                                                     fragments):
+    tfds_dir, _, _, _, empty = prepared
+    before = sorted(p.relative_to(tfds_dir) for p in tfds_dir.rglob("*"))
+    work = tmp_path / "run"
+    code = main(["train", "--source", "tfds", "--dataset", dataset, "--tfds-dir", str(tfds_dir),
+                 "--data-dir", str(empty), "--workdir", str(work), "--steps", "2",
+                 "--batch-size", "2", "--compile-cache", "off", *flags])
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()[-1] if captured.err else ""
+    assert code == 2, captured
+    assert captured.err.endswith(err + "\n") and err.startswith("rnnjax: error: ")
+    assert "rnnjax: error:" not in captured.err[:-len(err) - 1]
+    for fragment in fragments:
+        assert fragment.replace("{tfds}", str(tfds_dir)) in err, err
+    assert "step " not in captured.out and not work.exists()
+    assert sorted(p.relative_to(tfds_dir) for p in tfds_dir.rglob("*")) == before
+
+
+def test_no_download_unless_asked(prepared, monkeypatch):
+    """A catalog dataset that is not prepared is not downloaded; --tfds-download asks tfds."""
+    calls = []
+
+    def download_and_prepare(self, *args, **kwargs):
+        calls.append(self.name)
+        raise OSError("no network here")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
+                        download_and_prepare)
+    with pytest.raises(ConfigError, match="not prepared in the tfds data dir"):
+        load_dataset(tfds_config(prepared, "mnist_corrupted"))
+    assert calls == []
+    with pytest.raises(ConfigError, match=r"--tfds-download: tfds could not download and "
+                                          r"prepare mnist_corrupted.*no network here"):
+        load_dataset(tfds_config(prepared, "mnist_corrupted", tfds_download=True))
+    assert calls == ["mnist_corrupted"]
