@@ -4,7 +4,8 @@ Layout, ``WORKDIR/checkpoints/<S>/`` for the state after ``S`` steps::
 
     state/   the TrainState pytree (step, params, opt_state), orbax StandardSave
     meta/    JSON: the run's config, the step, the train-metric sums not yet logged,
-             the wall time so far and a SHA-256 of the state's bytes
+             the wall time so far, a SHA-256 of the state's bytes and the data the
+             model reads (image shape, classes: ``rnnjax.data.spec.DataSpec``)
 
 Writes are atomic. orbax's :class:`CheckpointManager` writes a step into
 ``<S>.orbax-checkpoint-tmp-<time>/``, puts ``commit_success.txt`` in it once every item

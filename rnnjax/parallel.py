@@ -178,7 +178,7 @@ def put_process_batch(tree: Any, mesh: Mesh, batch_size: int) -> Any:
 
 def put_dataset(data: Arrays, mesh: Mesh) -> Arrays:
     """The whole dataset replicated on every device of ``mesh``, images normalised once to
-    float32 [N, 28, 28] in [0, 1] (as ``data.pipeline.to_device``).
+    float32 [N, H, W(, C)] in [0, 1] (as ``data.pipeline.to_device``).
 
     Replicated, not sharded: every device can then cut any batch (in order or shuffled) by
     a local row gather, with no communication. MNIST is 220 MB as float32, small next to

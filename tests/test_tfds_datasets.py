@@ -31,12 +31,15 @@ FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shi
            "Sneaker", "Bag", "Ankle boot"]
 
 
-def store(name: str, data_dir: Path, features, splits: dict, version: str = "1.0.0"):
-    """A dataset prepared in ``data_dir`` by tfds, examples kept in the given order."""
+def store(name: str, data_dir: Path, features, splits: dict, version: str = "1.0.0",
+          shards: int | None = None, ordered: bool = True):
+    """A dataset prepared in ``data_dir`` by tfds, examples kept in the given order (or,
+    not ``ordered``, shuffled by tfds when it writes them, as tfds' catalog datasets)."""
     return tfds.dataset_builders.store_as_tfds_dataset(
         name=name, version=version, features=tfds.features.FeaturesDict(features),
         split_datasets={k: tf.data.Dataset.from_tensor_slices(v) for k, v in splits.items()},
-        data_dir=str(data_dir), disable_shuffling=True,
+        data_dir=str(data_dir), disable_shuffling=ordered,
+        download_config=tfds.download.DownloadConfig(num_shards=shards),
     )
 
 
@@ -67,7 +70,9 @@ def prepared(tmp_path_factory, mnist):
     store("fashion_mnist", tfds_dir, grey, {
         "train": {"image": small.train_images[..., None], "label": small.train_labels},
         "test": {"image": small.test_images[..., None], "label": small.test_labels},
-    }, version="3.0.1")
+    }, version="3.0.1", shards=4)  # several shards: their order is the stored order too
+    assert tfds.builder("fashion_mnist", data_dir=str(tfds_dir)).info.splits["train"] \
+        .num_shards == 4
     colour = colour_set(200, 60)
     store("tiny_colour", tfds_dir, {"image": tfds.features.Image(shape=(32, 32, 3)),
                                     "label": tfds.features.ClassLabel(num_classes=10)}, {
@@ -79,6 +84,10 @@ def prepared(tmp_path_factory, mnist):
                                      "label": tfds.features.ClassLabel(num_classes=2)},
           {"train": {"image": four, "label": np.array([0, 1, 0, 1])},
            "test": {"image": four, "label": np.array([0, 1, 0, 1])}})
+    store("writer_shuffled", tfds_dir, grey, {
+        "train": {"image": small.train_images[..., None], "label": small.train_labels},
+        "test": {"image": small.test_images[..., None], "label": small.test_labels},
+    }, shards=4, ordered=False)
     store("text_only", tfds_dir, {"text": tfds.features.Text(),
                                   "label": tfds.features.ClassLabel(num_classes=2)},
           {"train": {"text": ["a", "b"], "label": [0, 1]},
@@ -116,6 +125,23 @@ def test_catalog_name_reads_the_prepared_dataset_in_stored_order(prepared):
     assert_same_arrays(loaded.arrays, small)  # uint8 [N, 28, 28], int32 [N], as IDX
     pinned = load_dataset(tfds_config(prepared, "fashion_mnist:3.0.1"))
     assert_same_arrays(pinned.arrays, small)
+
+
+def test_records_come_shard_after_shard_in_file_order(prepared):
+    """A dataset tfds shuffled when writing it (as its catalog datasets): rnnjax reads the
+    records as they lie in the files, shard after shard, never interleaved or reshuffled."""
+    tfds_dir = prepared[0]
+    builder = tfds.builder("writer_shuffled", data_dir=str(tfds_dir))
+    files = sorted(Path(builder.data_dir).glob("writer_shuffled-train.tfrecord-*"))
+    assert len(files) == 4
+    decode = builder.info.features.deserialize_example
+    stored = [int(decode(r)["label"]) for f in files for r in tf.data.TFRecordDataset(str(f))]
+    stored_images = np.stack([decode(r)["image"].numpy()[..., 0] for f in files
+                              for r in tf.data.TFRecordDataset(str(f))])
+    loaded = load_dataset(tfds_config(prepared, "writer_shuffled"))
+    assert loaded.arrays.train_labels.tolist() == stored
+    np.testing.assert_array_equal(loaded.arrays.train_images, stored_images)
+    assert stored != prepared[1].train_labels.tolist()  # tfds did shuffle them
 
 
 def test_named_features_of_any_image_shape(prepared):

@@ -45,7 +45,8 @@ class IdxError(ValueError):
 class Arrays(NamedTuple):
     """One dataset in memory.
 
-    train_images, test_images: uint8 [N, 28, 28]; train_labels, test_labels: int32 [N].
+    train_images, test_images: uint8 [N, 28, 28] from IDX files (any source: [N, H, W] for
+    one channel, [N, H, W, C] for more; ``rnnjax.data.spec.DataSpec``); labels int32 [N].
     """
 
     train_images: np.ndarray

@@ -54,12 +54,12 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def normalize_host(images: np.ndarray) -> np.ndarray:
-    """uint8 [..., 28, 28] -> float32 in [0, 1], on the host."""
+    """uint8 images [...] -> float32 in [0, 1], on the host."""
     return PIXEL_SCALE[images]
 
 
 def normalize(images: jax.Array) -> jax.Array:
-    """uint8 [..., 28, 28] -> float32 in [0, 1], on the device (same bits as on the host)."""
+    """uint8 images [...] -> float32 in [0, 1], on the device (same bits as on the host)."""
     return jnp.asarray(PIXEL_SCALE)[images]
 
 
@@ -75,7 +75,7 @@ def host_batches(
     chunk: int = 256,
     rows: slice | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(float32 [B, 28, 28], int32 [B])`` for each step, from NumPy arrays.
+    """Yield ``(float32 [B, H, W(, C)], int32 [B])`` for each step, from NumPy arrays.
 
     rows: only these rows of every batch (a process's share, ``rnnjax.parallel``).
     """
@@ -89,7 +89,7 @@ def host_batches(
 
 
 def to_device(data: Arrays, device: jax.Device | None = None) -> Arrays:
-    """The dataset on ``device``, images normalised once to float32 [N, 28, 28] in [0, 1].
+    """The dataset on ``device``, images normalised once to float32 [N, H, W(, C)] in [0, 1].
 
     Four bytes a pixel (MNIST: 188 MB train + 31 MB test) buys a step whose batch gather
     is a plain row copy; ``normalize`` serves callers that keep uint8 on the device.

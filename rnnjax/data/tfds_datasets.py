@@ -169,7 +169,12 @@ def _split(prepared: Prepared, split: str, flag: str) -> tf.data.Dataset:
             f"{builder.data_dir_root} (tfds looked for {builder.data_dir}); "
             f"{_how_to_prepare(builder.name, str(builder.data_dir_root))}"
         ) from e
-    except (ValueError, KeyError) as e:  # an unknown split, or bad split syntax
+    except (ValueError, KeyError) as e:
+        problem = " ".join(str(e).split())[-200:]
+        if "split" not in problem.lower():
+            raise ConfigError(f"--dataset {prepared.title}: tfds cannot read it ({problem}); "
+                              "prepare it again, or choose another dataset") from e
+        # an unknown split, or bad split syntax
         have = ", ".join(builder.info.splits.keys()) or "none recorded"
         raise ConfigError(f"{flag} {split}: {prepared.title} has no such split (it has "
                           f"{have}); pass one of them (tfds split syntax such as "
