@@ -318,9 +318,9 @@ def data_spec(meta: Mapping[str, Any], config: Config) -> DataSpec:
     return DataSpec(IDX_SPEC.image_shape, config.num_classes or IDX_SPEC.num_classes)
 
 
-def check_data_spec(meta: Mapping[str, Any], spec: DataSpec, where: Path | str) -> None:
-    """:class:`CheckpointError` when the dataset is not the kind the checkpoint's model reads."""
-    saved = data_spec(meta, read_config(where, meta))
+def check_data_spec(saved: DataSpec, spec: DataSpec, where: Path | str) -> None:
+    """:class:`CheckpointError` when ``spec`` (the dataset's) is not ``saved``, what the
+    model of the checkpoint ``where`` reads (:func:`data_spec`)."""
     if saved != spec:
         raise CheckpointError(
             f"checkpoint {where} was trained on {saved.describe()} but the dataset has "

@@ -174,7 +174,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.data_dir is not None:
         config = config.replace(data_dir=args.data_dir)
     dataset = load_dataset(config)
-    checkpoint.check_data_spec({"data": loaded.spec.to_json()}, dataset.spec, step_dir)
+    checkpoint.check_data_spec(loaded.spec, dataset.spec, step_dir)
     data = dataset.arrays
     result = inference.evaluate(loaded, data.test_images, data.test_labels)
     print(f"checkpoint {step_dir}: {config.cell} {config.hidden_size} on {config.dataset} "

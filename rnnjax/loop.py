@@ -328,7 +328,8 @@ def train_and_evaluate(
     optimizer = make_optimizer(config)
     check_memory(config, model, optimizer, spec, data, dp)
     if resume_from is not None:
-        checkpoint_lib.check_data_spec(resume_from.meta, spec, resume_from.step_dir)
+        saved = checkpoint_lib.data_spec(resume_from.meta, config)
+        checkpoint_lib.check_data_spec(saved, spec, resume_from.step_dir)
     t_init = time.perf_counter()
     # Blocked on: an allocation that fails does so here, before any file is written.
     state = jax.block_until_ready(init_state(config, model, optimizer))
