@@ -388,8 +388,13 @@ CELLS: dict[str, Callable[[int], Cell]] = {
 
 
 def get_cell(name: str, hidden: int) -> Cell:
-    """The registered cell ``name`` of width ``hidden``."""
-    try:
+    """The cell ``name`` of width ``hidden``: one registered in :data:`CELLS`, or a Flax cell
+    class named ``MODULE:CLASS`` (``rnnjax.flax.cells``)."""
+    if name in CELLS:
         return CELLS[name](hidden)
-    except KeyError:
-        raise ValueError(f"unknown cell {name!r}; choose one of {', '.join(CELLS)}") from None
+    if ":" in name:
+        from rnnjax.flax.cells import flax_cell
+
+        return flax_cell(name, hidden)
+    raise ValueError(f"unknown cell {name!r}; choose one of {', '.join(CELLS)}, or a Flax "
+                     "cell class as MODULE:CLASS (e.g. flax.linen:GRUCell)")

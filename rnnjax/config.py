@@ -36,7 +36,9 @@ class Config:
     # Model.
     cell: str = field(
         default="simple_rnn",
-        metadata={"help": f"recurrent cell: {', '.join(CELLS)} (or one in rnnjax.cells.CELLS)"},
+        metadata={"help": f"recurrent cell: {', '.join(CELLS)}, one registered in "
+                  "rnnjax.cells.CELLS, or any Flax RNN cell class as MODULE:CLASS "
+                  "(e.g. flax.linen:GRUCell, flax.nnx:OptimizedLSTMCell)"},
     )
     hidden_size: int = field(default=50, metadata={"help": "units per recurrent layer"})
     num_layers: int = field(default=1, metadata={"help": "stacked recurrent layers"})
