@@ -84,3 +84,13 @@ def test_throughput_benchmark_runs_without_tensorflow(tmp_path):
     rows = json.loads((tmp_path / "tp" / "throughput.json").read_text())["rows"]
     assert [(r["batch"], r["unroll"]) for r in rows] == [(8, 1)]
     assert rows[0]["ms_per_step"] > 0
+
+
+def test_flax_benchmark_runs_without_tensorflow(tmp_path):
+    run_blocked(tmp_path, "benchmarks.flax_peers", "--cases", "rows:8", "--cells", "simple_rnn",
+                "--rounds", "1", "--out", str(tmp_path / "fp"))
+    rows = json.loads((tmp_path / "fp" / "flax_peers.json").read_text())["rows"]
+    assert [(r["order"], r["batch"], r["cell"]) for r in rows] == [("rows", 8, "simple_rnn")]
+    names = ["rnnjax (as rnnjax train)", "flax.linen unroll=1", "flax.linen unroll=full",
+             "flax.nnx unroll=1", "flax.nnx unroll=full"]
+    assert all(rows[0][f"{name} ms"] > 0 for name in names)
