@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 
@@ -46,6 +47,18 @@ def test_stream_feed_equals_device_feed():
     for a, b in zip(device.history, stream.history, strict=True):
         assert a["test_accuracy"] == b["test_accuracy"]
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("feed", ["device", "stream"])
+def test_a_run_compiles_its_train_step_and_evaluation_once(feed, xla_compiles):
+    """Seven train calls of 1 to 7 steps (device feed) or 40 single steps (stream feed) and
+    three evaluations: one XLA compilation each of the train step and of the evaluation."""
+    config = Config(steps=40, eval_every=20, hidden_size=16, steps_per_call=7, feed=feed,
+                    compile_cache="off")
+    train_and_evaluate(config, out=io.StringIO())
+    compiled = collections.Counter(xla_compiles)
+    step = "jit(train_steps)" if feed == "device" else "jit(train_step)"
+    assert compiled[step] == 1 and compiled["jit(evaluate)"] == 1, compiled
 
 
 def test_batch_larger_than_dataset_is_refused():
