@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import sys
 import tempfile
@@ -19,6 +20,20 @@ from rnnjax.config import Config, ConfigError, flag_name
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
+
+# The OS errors that a run can meet writing its files and that have a fix to name: one line
+# and exit 2. Any other OSError is not a problem of the user's input or machine that rnnjax
+# can explain, and keeps its traceback.
+OS_ERROR_FIXES = {
+    errno.ENOSPC: "free disk space or choose another --workdir",
+    errno.EDQUOT: "free space within your disk quota or choose another --workdir",
+    errno.EFBIG: "choose a --workdir on a file system that allows larger files",
+    errno.EACCES: "give this user access to it (check its permissions) or choose another "
+                  "--workdir",
+    errno.EPERM: "give this user access to it (check its permissions) or choose another "
+                 "--workdir",
+    errno.EROFS: "its file system is read-only; choose a --workdir on a writable one",
+}
 
 
 class UsageError(Exception):
@@ -220,10 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ConfigError, IdxError, CheckpointError, ImageError) as e:
         print(f"rnnjax: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except OSError as e:  # a disk full or a file vanished mid-run: one line, not a traceback
+    except OSError as e:  # a disk full, a directory not writable: one line, not a traceback
+        if e.errno not in OS_ERROR_FIXES:
+            raise
         where = f"{e.filename}: " if e.filename else ""
-        print(f"rnnjax: error: {where}{e.strerror or e}; free disk space or choose another "
-              "--workdir (files already written are kept)", file=sys.stderr)
+        print(f"rnnjax: error: {where}{e.strerror or e}; {OS_ERROR_FIXES[e.errno]} (files "
+              "already written are kept)", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("rnnjax: interrupted", file=sys.stderr)

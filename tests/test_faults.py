@@ -122,6 +122,13 @@ def test_corrupt_latest_checkpoint_is_a_clear_error_and_older_ones_load(tmp_path
     broken = rnnjax("eval", str(directory / "30"))
     assert broken.returncode == 2
     assert broken.stderr.startswith("rnnjax: error: ") and broken.stderr.count("\n") == 1
+    assert f"rnnjax: error: checkpoint {directory / '30'} is corrupt" in broken.stderr
+    assert f"pass another step directory of {directory}, or delete this one" in broken.stderr
+    resumed = rnnjax("train", "--resume", "--workdir", str(work), "--steps", "40",
+                     "--compile-cache", "off")
+    assert resumed.returncode == 2
+    assert resumed.stderr.startswith(f"rnnjax: error: checkpoint {directory / '30'} is corrupt")
+    assert resumed.stderr.count("\n") == 1
     older = rnnjax("eval", str(directory / "20"))
     assert older.returncode == 0, older.stderr
     assert "accuracy" in older.stdout
