@@ -223,6 +223,13 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metrics_file_error() -> tuple[type[Exception], ...]:
+    """``rnnjax.metrics.MetricsFileError`` once a run has imported that module (it imports
+    JAX, which a bad flag should not wait for); none before."""
+    metrics = sys.modules.get("rnnjax.metrics")
+    return (metrics.MetricsFileError,) if metrics is not None else ()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rnnjax`` console script; returns the exit code."""
     from rnnjax.checkpoint import CheckpointError
@@ -232,7 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return {"train": _train, "eval": _eval, "predict": _predict}[args.command](args)
-    except (UsageError, ConfigError, IdxError, CheckpointError, ImageError) as e:
+    except (UsageError, ConfigError, IdxError, CheckpointError, ImageError,
+            *_metrics_file_error()) as e:
         print(f"rnnjax: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:  # a disk full, a directory not writable: one line, not a traceback

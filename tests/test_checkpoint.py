@@ -199,7 +199,7 @@ def test_keeps_the_last_k_and_never_picks_an_incomplete_one(tmp_path):
     assert checkpoint.list_steps(directory) == [20, 35]
 
 
-def test_corrupt_checkpoints_give_a_clear_error(tmp_path):
+def test_corrupt_checkpoints_give_a_clear_error(tmp_path, capsys):
     config = Config(hidden_size=4)
     state = made_up_state(config)
     with checkpoint.CheckpointWriter(tmp_path / "a", keep=1) as writer:
@@ -220,6 +220,20 @@ def test_corrupt_checkpoints_give_a_clear_error(tmp_path):
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(checkpoint.CheckpointError, match="does not match the checksum"):
         checkpoint.restore(tampered, target)
+    for missing in (None, ""):  # no checksum: refused, never loaded unverified
+        if missing is None:
+            del meta["state_sha256"]
+        else:
+            meta["state_sha256"] = missing
+        meta_file.write_text(json.dumps(meta))
+        with pytest.raises(checkpoint.CheckpointError) as info:
+            checkpoint.restore(tampered, target)
+        assert str(info.value).startswith(f"checkpoint {tampered} has no SHA-256 of its state")
+        assert "pass a checkpoint written by rnnjax train --workdir" in str(info.value)
+    assert main(["eval", str(tampered)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rnnjax: error: checkpoint {tampered} has no SHA-256") and \
+        err.count("\n") == 1
     meta_file.write_text("{not json")
     with pytest.raises(checkpoint.CheckpointError, match="meta/ cannot be read"):
         checkpoint.read_meta(tampered)
