@@ -30,7 +30,11 @@ def test_short_run_learns(tmp_path):
     assert lines[0].startswith("step     0  test cost:  ")
     assert "test accuracy:  " in lines[2]
     assert result.history[-1]["step"] == 600
-    assert result.summary["final_test_accuracy"] > 0.8  # measured 0.84 (CPU, jax 0.10.2)
+    # A bar from the spread over seeds, not from one run: a change of summation order
+    # (a new unroll, a fused cell) moves a run like a new seed. After 601 steps seeds 0-8
+    # reach 0.764-0.836 (mean 0.800, sd 0.026; seed 0 0.806; CPU, jax 0.10.2, measured
+    # for issue 13); 0.70 is 0.06 under the worst of them, and far above chance (0.10).
+    assert result.summary["final_test_accuracy"] > 0.70
     records = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "test"] == [0, 300, 600]
     assert (tmp_path / "metrics.csv").read_text().startswith("step,split,loss,accuracy")
@@ -67,9 +71,13 @@ def test_batch_larger_than_dataset_is_refused():
 
 
 @pytest.mark.slow
-def test_seed_experiment_reaches_092():
-    """The whole seed recipe: 4001 steps, batch 50, in order; Keras 3 reaches ~0.93."""
+def test_seed_experiment_reaches_090():
+    """The whole seed recipe: 4001 steps, batch 50, in order."""
     out = io.StringIO()
     result = train_and_evaluate(Config(), out=out)
     assert len(result.history) == 9
-    assert result.summary["final_test_accuracy"] >= 0.92
+    # A bar from the spread over seeds, not from one run (seed 0 ends at 0.9265): a change
+    # of summation order moves a run like a new seed. Over seeds 1-6 the recipe ends at
+    # 0.914-0.941 (mean 0.931), Keras 3 at 0.917-0.933 (CPU, jax 0.10.2; issue 13). 0.90
+    # is 0.014 under the worst seed; a recipe that learns less than Keras' fails it.
+    assert result.summary["final_test_accuracy"] >= 0.90
