@@ -192,15 +192,15 @@ def test_other_os_errors_are_not_taken_for_a_full_disk(monkeypatch, capsys, erro
     assert "disk" not in capsys.readouterr().err
 
 
-def test_a_full_disk_mid_run_is_one_line(tmp_path):
+def test_a_full_disk_mid_run_is_one_line(tmp_path, capsys):
     """A real ENOSPC: the run's metrics.jsonl is /dev/full."""
     work = tmp_path / "run"
     work.mkdir()
     (work / "metrics.jsonl").symlink_to("/dev/full")
-    proc = run_cli("train", "--steps", "3", "--eval-every", "2", "--hidden-size", "8",
-                   "--workdir", str(work), "--compile-cache", "off")
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("rnnjax: error: ") and proc.stderr.count("\n") == 1
-    assert os.strerror(errno.ENOSPC) in proc.stderr
-    assert "free disk space or choose another --workdir" in proc.stderr
+    assert main(["train", "--steps", "3", "--eval-every", "2", "--hidden-size", "8",
+                 "--workdir", str(work), "--compile-cache", "off"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rnnjax: error: ") and err.count("\n") == 1
+    assert os.strerror(errno.ENOSPC) in err
+    assert "free disk space or choose another --workdir" in err
     assert (work / "config.json").is_file()  # what was written before stays
