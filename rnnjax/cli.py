@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import sys
 import tempfile
@@ -19,6 +20,20 @@ from rnnjax.config import Config, ConfigError, flag_name
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
+
+# The OS errors that a run can meet writing its files and that have a fix to name: one line
+# and exit 2. Any other OSError is not a problem of the user's input or machine that rnnjax
+# can explain, and keeps its traceback.
+OS_ERROR_FIXES = {
+    errno.ENOSPC: "free disk space or choose another --workdir",
+    errno.EDQUOT: "free space within your disk quota or choose another --workdir",
+    errno.EFBIG: "choose a --workdir on a file system that allows larger files",
+    errno.EACCES: "give this user access to it (check its permissions) or choose another "
+                  "--workdir",
+    errno.EPERM: "give this user access to it (check its permissions) or choose another "
+                 "--workdir",
+    errno.EROFS: "its file system is read-only; choose a --workdir on a writable one",
+}
 
 
 class UsageError(Exception):
@@ -208,6 +223,13 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metrics_file_error() -> tuple[type[Exception], ...]:
+    """``rnnjax.metrics.MetricsFileError`` once a run has imported that module (it imports
+    JAX, which a bad flag should not wait for); none before."""
+    metrics = sys.modules.get("rnnjax.metrics")
+    return (metrics.MetricsFileError,) if metrics is not None else ()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rnnjax`` console script; returns the exit code."""
     from rnnjax.checkpoint import CheckpointError
@@ -217,13 +239,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return {"train": _train, "eval": _eval, "predict": _predict}[args.command](args)
-    except (UsageError, ConfigError, IdxError, CheckpointError, ImageError) as e:
+    except (UsageError, ConfigError, IdxError, CheckpointError, ImageError,
+            *_metrics_file_error()) as e:
         print(f"rnnjax: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except OSError as e:  # a disk full or a file vanished mid-run: one line, not a traceback
+    except OSError as e:  # a disk full, a directory not writable: one line, not a traceback
+        if e.errno not in OS_ERROR_FIXES:
+            raise
         where = f"{e.filename}: " if e.filename else ""
-        print(f"rnnjax: error: {where}{e.strerror or e}; free disk space or choose another "
-              "--workdir (files already written are kept)", file=sys.stderr)
+        print(f"rnnjax: error: {where}{e.strerror or e}; {OS_ERROR_FIXES[e.errno]} (files "
+              "already written are kept)", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("rnnjax: interrupted", file=sys.stderr)

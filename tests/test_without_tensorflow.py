@@ -3,6 +3,7 @@ default data, the benchmarks' core, eval and predict must run with it unimportab
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,3 +96,45 @@ def test_flax_benchmark_runs_without_tensorflow(tmp_path):
     names = ["rnnjax (as rnnjax train)", "flax.linen unroll=1", "flax.linen unroll=full",
              "flax.nnx unroll=1", "flax.nnx unroll=full"]
     assert all(rows[0][f"{name} ms"] > 0 for name in names)
+
+
+PROBE = """
+import importlib.metadata, importlib.util
+
+from rnnjax.config import ConfigError
+from rnnjax.data.sources import import_tfds
+
+for name in ("tensorflow", "tensorflow_datasets", "tensorflow.python"):
+    assert importlib.util.find_spec(name.split(".")[0]) is None, name
+    try:
+        __import__(name)
+    except ModuleNotFoundError:
+        pass
+    else:
+        raise SystemExit(f"{name} was imported")
+for dist in ("tensorflow-cpu", "tensorflow-datasets"):
+    try:
+        importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    else:
+        raise SystemExit(f"{dist} is listed as installed")
+try:
+    import_tfds()
+except ConfigError as e:
+    print("rnnjax says:", e)
+else:
+    raise SystemExit("rnnjax found tfds")
+"""
+
+
+def test_the_blocker_hides_tensorflow_that_is_installed(tmp_path):
+    """The control of the tests above: without the blocker TensorFlow and tfds import (the
+    test install has them); with it, importing them fails, their distributions are not
+    listed, and rnnjax's --source tfds says what to install."""
+    for name in ("tensorflow", "tensorflow_datasets"):
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"{name} is not installed (pip install -e '.[test]')")
+    (tmp_path / "probe_tf.py").write_text(PROBE)
+    proc = run_blocked(tmp_path, "probe_tf")
+    assert "rnnjax says: --source tfds needs TensorFlow and tensorflow-datasets" in proc.stdout
