@@ -323,7 +323,9 @@ def test_a_linen_model_of_rnnjax_layers_trains_with_optax_to_the_seed_bar(mnist)
 
     params, _ = fit(params, opt_state)
     accuracy = float((jnp.argmax(jax.jit(net.apply)(params, test_x), -1) == test_y).mean())
-    assert accuracy >= 0.92, accuracy
+    # The seed bar (tests/test_loop.py::test_seed_experiment_reaches_090): the recipe
+    # ends at 0.914-0.941 over seeds 1-6 (issue 13), so 0.90; this model measured 0.9326.
+    assert accuracy >= 0.90, accuracy
 
 
 # --- Flax cells inside rnnjax -----------------------------------------------------------------
