@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shlex
 import sys
@@ -176,15 +177,26 @@ def tuned_config(args: argparse.Namespace, config: Config) -> tuple[Config, dict
     if config.num_processes > 1:  # every process must choose the same: pass the flags
         return config, {"mode": "off", "reason": "several processes"}
 
+    pinned = frozenset(flag_changes(args)) & set(TUNED)
+
     def check_run() -> None:  # what the run would refuse, refused before tuning
         from rnnjax import checkpoint
         from rnnjax.data.sources import load_arrays
         from rnnjax.loop import check_data
 
-        checkpoint.prepare(config, args.workdir, resume=False)
+        # A workdir holding the records of a run stopped before its first checkpoint is
+        # compared with the tuned settings once they are known (by the loop): not here.
+        probe = config
+        saved = None if args.workdir is None else Path(args.workdir) / "config.json"
+        if saved is not None and saved.is_file():
+            try:
+                old = json.loads(saved.read_text())
+                probe = config.replace(**{k: old[k] for k in TUNED if k in old and k not in pinned})
+            except (OSError, ValueError, TypeError, ConfigError):
+                pass  # unreadable: prepare() says so
+        checkpoint.prepare(probe, args.workdir, resume=False)
         check_data(config, load_arrays(config))
 
-    pinned = frozenset(flag_changes(args)) & set(TUNED)
     return tune.resolve(config, pinned, budget, before_tuning=check_run)
 
 

@@ -22,6 +22,7 @@ recorded and checked once the run's backend starts.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -294,6 +295,12 @@ def run_child(
             if event["event"] == "device":
                 child.device = {k: event[k] for k in ("backend", "device_kind", "device_count")}
                 continue
+            if event["event"] == "retimed":
+                for i, m in enumerate(child.measurements):
+                    if m.candidate == event["candidate"] and m.step_s is not None:
+                        child.measurements[i] = dataclasses.replace(m, step_s=event["step_s"])
+                        log(format_row(child.measurements[i]) + " (timed again)")
+                continue
             if event["event"] == "result":
                 m = Measurement(event["candidate"], flags, event["step_s"], event["compile_s"],
                                 event["difference"], event["steps"])
@@ -345,6 +352,7 @@ class Result:
         return {
             "key": self.key, "choice": self.choice, "baseline": self.baseline,
             "device": self.device, "tune_s": round(self.seconds, 2), "budget_s": self.budget_s,
+            "complete": self.complete,
             "table": [{**m.fields, "step_ms": None if m.step_s is None else m.step_s * 1e3,
                        "compile_s": m.compile_s, "difference": m.difference, "steps": m.steps,
                        "note": m.note}
@@ -467,14 +475,13 @@ def resolve(
         f"{config.order} batch {config.batch_size}, the first run of this shape here "
         f"(--tune-budget {budget_s:g} s; --no-tune skips)")
     result = tune(config, pinned, budget_s, log=log, child=child)
-    path = None
-    if result.choice is not None and (result.complete or len(
-            [m for m in result.measurements if m.step_s is not None]) > 1):
-        path = save(directory, result.record())
-    saved = f"; saved in {path}" if path else "; not saved (run again to tune again)"
-    if path and not result.complete:
-        saved += " (not every candidate was timed: rnnjax tune, with its larger budget, times "\
-                 "the rest)"
+    # Saved even when the budget cut it short, so the cost is paid once per shape; the
+    # line says so, and rnnjax tune (a larger budget) times the rest.
+    path = None if result.choice is None else save(directory, result.record())
+    saved = f"; saved in {path}" if path else "; not saved (no cache: tunes again next run)"
+    if not result.complete:
+        saved += ("; not every candidate was timed in the budget: rnnjax tune (with its "
+                  "larger --tune-budget) times them all")
     log(f"rnnjax: {choice_line(result)}{saved if result.choice else ''}")
     if result.choice is None:
         return config, {"mode": "defaults", "reason": choice_line(result),
