@@ -94,6 +94,14 @@ def first_step(state: Any, sums: Any) -> dict[str, Any]:
     return {"loss": np.asarray(sums["loss_sum"]), **{f"s{i}": a for i, a in enumerate(leaves)}}
 
 
+CACHE_HITS = [0]  # programs this process loaded from JAX's persistent compilation cache
+
+
+def _count_cache_hits(event: str, **kwargs: Any) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        CACHE_HITS[0] += 1
+
+
 class Timed:
     """One candidate compiled and run once: its compile seconds, its first step
     (:func:`first_step`, the first batch from the initial state), and :meth:`time`."""
@@ -115,7 +123,9 @@ class Timed:
             self.run = loop.stream_feed(config, model, optimizer, dp, data, 0)
             self.chunk = config.steps
         self.first, self.timer, self.block = 0, timer, jax.block_until_ready
+        hits = CACHE_HITS[0]
         _, self.compile_s, sums = self.call(1)  # compiles, and warms up
+        self.cache_hit = CACHE_HITS[0] > hits  # from the persistent compilation cache
         self.first_step = first_step(self.state, sums)
 
     def call(self, count: int) -> tuple[float, float, Any]:
@@ -145,19 +155,22 @@ class Timed:
 
 def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter) -> None:
     """Time each candidate of ``spec`` in turn, emitting events (see the module docstring)."""
+    import jax
     import numpy as np
 
     from rnnjax import runtime
     from rnnjax.config import from_dict
+    from rnnjax.tune import sequence_length
 
     config = from_dict(spec["config"])
     runtime.enable_compile_cache(config.compile_cache)  # the run reuses the winner's programs
     emit("device", **runtime.device_info(), xla_flags=os.environ.get("XLA_FLAGS", ""))
     deadline, steps = spec["deadline"], spec.get("steps")
-    time_steps = 28 if config.order == "rows" else 784
+    time_steps = sequence_length(config)
     data = synthetic_data(config, 2 * config.batch_size)
     reference = spec["reference"]
     compiles: dict[tuple[str, str], dict[int, float]] = {}  # (weight_grad, feed) -> unroll: s
+    jax.monitoring.register_event_listener(_count_cache_hits)
     done: list[tuple[dict[str, Any], Timed, float]] = []
     for fields in spec["candidates"]:
         candidate = config.replace(**fields)
@@ -165,8 +178,11 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter) ->
             candidate = candidate.replace(steps=max(candidate.steps, 1_000_000))
         unroll = candidate.unroll or time_steps
         left = deadline - time.time()
-        predicted = predict_compile_s(unroll, compiles.get((candidate.weight_grad,
-                                                            candidate.feed), {}))
+        # From the compile times of its own kind, else of any kind measured (slowest).
+        history = compiles.get((candidate.weight_grad, candidate.feed)) or {
+            u: max(c[u] for c in compiles.values() if u in c)
+            for u in {u for c in compiles.values() for u in c}}
+        predicted = predict_compile_s(unroll, history)
         if left <= 0:
             emit("skipped", candidate=fields, reason="budget spent")
             continue
@@ -184,8 +200,9 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter) ->
         if not os.path.exists(reference):
             np.savez(reference, **timed.first_step)  # the first candidate timed: the reference
         difference = relative_difference(timed.first_step, dict(np.load(reference)))
-        compiles.setdefault((candidate.weight_grad, candidate.feed), {})[unroll] = \
-            timed.compile_s
+        if not timed.cache_hit:  # a program loaded from the cache predicts no compile time
+            compiles.setdefault((candidate.weight_grad, candidate.feed), {})[unroll] = \
+                timed.compile_s
         emit("result", candidate=fields, compile_s=timed.compile_s, step_s=per_step,
              steps=steps, difference=difference)
         done.append((fields, timed, per_step))

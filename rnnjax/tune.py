@@ -8,8 +8,9 @@ starts, so every measurement runs in a child process (:mod:`rnnjax.measure`), on
 of flags; the process that tunes never starts JAX's backend itself and can still apply the
 chosen flags (:func:`rnnjax.runtime.apply_xla_flags`).
 
-A candidate counts only when its loss and gradients on one batch match the baseline's
-(the untuned defaults) to float tolerance. The fastest wins; the baseline is kept unless
+A candidate counts only when its first train step (the loss, and the gradients as the
+optimizer's moments hold them) matches the baseline's (the untuned defaults) to float
+tolerance. The fastest wins; the baseline is kept unless
 another is at least :data:`MARGIN` faster. Candidates are timed in order of promise and
 skipped once the time budget is spent (or when their compile time, predicted from the
 unrolls measured, would overrun it). Fields the user set are never changed (``pinned``).
@@ -83,6 +84,7 @@ class Child:
     device: dict[str, Any] | None = None
     measurements: list[Measurement] = field(default_factory=list)
     error: str = ""
+    startup_s: float | None = None  # from its start to its first report
 
 
 # (config, flags, candidates, deadline, steps, reference, call_s, log) -> Child
@@ -276,6 +278,7 @@ def run_child(
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     spec = {"config": to_dict(config), "candidates": candidates, "deadline": deadline,
             "steps": steps, "call_s": call_s, "repeats": 3, "reference": reference}
+    started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "rnnjax.measure"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     errors: list[str] = []
@@ -294,6 +297,7 @@ def run_child(
             event = json.loads(line[len(PREFIX):])
             if event["event"] == "device":
                 child.device = {k: event[k] for k in ("backend", "device_kind", "device_count")}
+                child.startup_s = time.time() - started
                 continue
             if event["event"] == "retimed":
                 for i, m in enumerate(child.measurements):
@@ -304,8 +308,10 @@ def run_child(
             if event["event"] == "result":
                 m = Measurement(event["candidate"], flags, event["step_s"], event["compile_s"],
                                 event["difference"], event["steps"])
-            else:
+            elif event["event"] == "skipped":
                 m = Measurement(event["candidate"], flags, note=event["reason"])
+            else:
+                continue
             child.measurements.append(m)
             log(format_row(m))
         code = proc.wait()
@@ -399,13 +405,18 @@ def tune(
         complete = first.error == "" and all(m.step_s is not None or m.note.startswith("failed")
                                              for m in first.measurements)
         top = [m.candidate for m in timed[:2]]
+        # What timing the best candidate under other flags costs: a child's start, its
+        # compile, its timed calls.
+        need = 0.0 if not timed else ((first.startup_s or 0.0) + (timed[0].compile_s or 0.0)
+                                      + 2 * 3 * timed[0].step_s * (steps or 1))
         for i, flags in enumerate(flag_sets[1:]):
             now = clock()
-            if now >= deadline or not top:
-                measured += [Measurement(c, flags, note="budget spent") for c in top]
+            share = now + (deadline - now) / (len(flag_sets) - 1 - i)  # the rest, shared
+            if now + need > share or not top:
+                note = f"budget spent (a child would need ~{need:.0f} s)"
+                measured += [Measurement(c, flags, note=note) for c in top]
                 complete = False
                 continue
-            share = now + (deadline - now) / (len(flag_sets) - 1 - i)  # the rest, shared
             other = child(config, flags, top, share, steps, reference, call_s, log)
             measured += other.measurements
             complete = complete and other.error == "" and all(

@@ -26,22 +26,24 @@ class FakeChild:
     """Stands for a measuring child: times from a table, keyed on (unroll, weight_grad,
     feed, xla_flags); ``wrong`` ones report results that differ from the baseline."""
 
-    def __init__(self, times, wrong=(), clock=None, per_child_s=0.0):
+    def __init__(self, times, wrong=(), clock=None, per_child_s=0.0, startup_s=1.0):
         self.times, self.wrong, self.clock, self.per_child_s = times, set(wrong), clock, per_child_s
+        self.startup_s = startup_s
         self.calls = []
 
     def __call__(self, config, flags, candidates, deadline, steps, reference, call_s, log):
         self.calls.append((flags, [dict(c) for c in candidates], deadline))
         if self.clock is not None:
             self.clock.now += self.per_child_s
-        child = tune.Child(device={"backend": "cpu", "device_kind": "fake", "device_count": 1})
+        child = tune.Child(device={"backend": "cpu", "device_kind": "fake", "device_count": 1},
+                           startup_s=self.startup_s)
         for c in candidates:
             k = (c["unroll"], c["weight_grad"], c["feed"], flags)
             if k not in self.times:
                 child.measurements.append(tune.Measurement(c, flags, note="failed: fake"))
                 continue
-            child.measurements.append(tune.Measurement(
-                c, flags, self.times[k], 1.0, 0.5 if k in self.wrong else 1e-7, 10))
+            child.measurements.append(tune.Measurement(  # the table's times in ms
+                c, flags, self.times[k] * 1e-3, 1.0, 0.5 if k in self.wrong else 1e-7, 10))
         return child
 
 
@@ -120,7 +122,22 @@ def test_the_budget_stops_starting_children():
     assert fake.calls[0][2] == pytest.approx(1000.0 + tune.FIRST_SHARE * 30.0)
     assert not result.complete and result.choice is not None
     skipped = [m for m in result.measurements if m.flags]
-    assert skipped and all(m.step_s is None and m.note == "budget spent" for m in skipped)
+    assert skipped and all(m.step_s is None and m.note.startswith("budget spent")
+                           for m in skipped)
+
+
+def test_no_child_starts_that_could_not_finish_in_its_share():
+    """A child needs its start-up, a compile and its timed calls: 20 s of start-up does not
+    fit in the 12 s left to the two flag sets, so neither is started."""
+    clock = Clock()
+    fake = FakeChild(all_times(), clock=clock, per_child_s=18.0, startup_s=20.0)
+    result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock)
+    assert [c[0] for c in fake.calls] == [""]
+    assert any("would need ~21 s" in m.note for m in result.measurements)
+    clock = Clock()  # 4 s of start-up fits in the first flag set's 6 s, which ends the budget
+    fake = FakeChild(all_times(), clock=clock, per_child_s=18.0, startup_s=4.0)
+    tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock)
+    assert [c[0] for c in fake.calls] == ["", YNN]
 
 
 def test_pinned_fields_are_never_tuned():
