@@ -415,6 +415,7 @@ def tune(
             if now + need > share or not top:
                 note = f"budget spent (a child would need ~{need:.0f} s)"
                 measured += [Measurement(c, flags, note=note) for c in top]
+                log(f"  {describe({'xla_flags': flags})}: not timed ({note})")
                 complete = False
                 continue
             other = child(config, flags, top, share, steps, reference, call_s, log)
