@@ -403,3 +403,15 @@ def test_rnnjax_tune_prints_the_table_and_caches_the_choice(tmp_path):
     config = json.loads((work / "config.json").read_text())
     assert {k: config[k] for k in TUNED} == choice
     assert json.loads((work / "summary.json").read_text())["tuning"]["mode"] == "cached"
+
+
+def test_compile_time_prediction_bounds_the_unrolls_tried():
+    """Full unrolling of 784 pixel steps is predicted to compile for minutes from the
+    unrolls compiled before it (and so skipped by a small budget); 28 rows are not."""
+    from rnnjax.measure import predict_compile_s
+
+    assert predict_compile_s(0, {}) is None
+    assert predict_compile_s(28, {1: 2.0, 4: 2.6}) == pytest.approx(2.0 + 0.2 * 27)
+    assert predict_compile_s(784, {1: 2.0, 16: 5.0}) > 120
+    assert predict_compile_s(28, {1: 2.0, 4: 1.5}) == pytest.approx(2.0)  # noise: no slope
+    assert predict_compile_s(4, {1: 4.0}) == pytest.approx(4.0 * (0.75 + 0.25 * 4))
