@@ -465,10 +465,9 @@ def format_summary(s: dict[str, Any]) -> str:
     tuning = s.get("tuning") or {}
     tuned = ""
     if tuning.get("mode") in ("measured", "cached", "resumed"):
-        chosen = ", ".join(f"{name.replace('_', '-')} {value!r}" if name == "xla_flags" else
-                           f"{name.replace('_', '-')} {value}"
-                           for name, value in tuning["settings"].items())
-        tuned = f"tuned ({tuning['mode']}): {chosen}\n"
+        from rnnjax.tune import describe
+
+        tuned = f"tuned ({tuning['mode']}): {describe(tuning['settings'])}\n"
     return (
         f"final test accuracy: {s['final_test_accuracy']:.4f} "
         f"(test cost {s['final_test_loss']:.4f}) after {s['steps']} steps\n"
