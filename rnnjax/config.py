@@ -60,12 +60,14 @@ class Config:
         },
     )
     unroll: int = field(
-        default=1, metadata={"help": "lax.scan unroll factor over time (0 = fully unrolled)"}
+        default=1, metadata={"help": "lax.scan unroll factor over time (0 = fully unrolled); "
+                             "rnnjax train tunes it unless given"}
     )
     weight_grad: str = field(
         default="auto",
         metadata={"help": "Elman cells' weight gradient: one product after the backward loop, "
-                  "or accumulated per step inside it ('auto': per step from batch 512)",
+                  "or accumulated per step inside it ('auto': per step from batch 512); "
+                  "tuned unless given",
                   "choices": WEIGHT_GRADS},
     )
     compute_dtype: str = field(
@@ -136,7 +138,8 @@ class Config:
     feed: str = field(
         default="device",
         metadata={"help": "device: dataset on the device, K steps per compiled call; "
-                  "stream: one step per call fed batch by batch (tf.data with --source tfds)",
+                  "stream: one step per call fed batch by batch (tf.data with --source tfds); "
+                  "tuned unless given",
                   "choices": FEEDS},
     )
     compile_cache: str = field(
@@ -150,8 +153,9 @@ class Config:
     )
     xla_flags: str = field(
         default="",
-        metadata={"help": "XLA flags for this run, space-separated '--xla_...' (added to "
-                  "$XLA_FLAGS when the backend starts)"},
+        metadata={"help": "XLA flags for this run, space-separated, written "
+                  "--xla-flags='--xla_...' (added to $XLA_FLAGS before the backend starts); "
+                  "tuned unless given"},
     )
 
     # Checkpoints (in WORKDIR/checkpoints/; they need --workdir).
