@@ -8,9 +8,11 @@ A :class:`Cell` is a handful of pure functions, no state:
 * optional ``project(params, xs) -> us``: the input projection of *all* time steps at once
   (``xs [T, B, F] -> us [T, B, G]``), hoisted out of the scan into one large matrix
   product; when present, ``step`` receives ``u_t`` instead of ``x_t``;
-* optional ``sequence(params, xs, carry, unroll) -> (carry, ys)``: a faster equivalent of
-  projecting and scanning ``step`` over raw ``xs [T, B, F]`` (the Elman cells use it for a
-  hand-written backward pass).
+* optional ``sequence(params, xs, carry, unroll, weight_grad) -> (carry, ys)``: a faster
+  equivalent of projecting and scanning ``step`` over raw ``xs [T, B, F]`` (the Elman cells
+  use it for a hand-written backward pass); ``weight_grad`` ('auto', 'product' or
+  'per_step', ``rnnjax.config.WEIGHT_GRADS``) is the form of the weight gradient where a
+  cell has several (the Elman cells), ignored by the others.
 
 A new cell needs only ``init``, ``step``, ``initial_carry`` and ``hidden_size``. Initialisers
 follow Keras so results compare with it: glorot-uniform input kernels, orthogonal recurrent
@@ -43,22 +45,24 @@ class Cell:
     initial_carry: Callable[[int, Any], Carry]
     hidden_size: int
     project: Callable[[Params, jax.Array], jax.Array] | None = None
-    sequence: Callable[[Params, jax.Array, Carry, int], tuple[Carry, jax.Array]] | None = None
+    sequence: Callable[[Params, jax.Array, Carry, int, str], tuple[Carry, jax.Array]] | None = None
 
 
 def scan_cell(
-    cell: Cell, params: Params, xs: jax.Array, carry: Carry | None = None, unroll: int = 1
+    cell: Cell, params: Params, xs: jax.Array, carry: Carry | None = None, unroll: int = 1,
+    weight_grad: str = "auto",
 ) -> tuple[Carry, jax.Array]:
     """Run ``cell`` over time-major ``xs [T, B, F]``: ``(final carry, ys [T, B, H])``.
 
-    ``unroll`` is ``lax.scan``'s unroll factor; 0 unrolls all T steps.
+    ``unroll`` is ``lax.scan``'s unroll factor; 0 unrolls all T steps. ``weight_grad``
+    ('auto', 'product', 'per_step') goes to the cell's ``sequence``.
     """
     time, batch = xs.shape[0], xs.shape[1]
     if carry is None:
         carry = cell.initial_carry(batch, xs.dtype)
     unroll = unroll or time
     if cell.sequence is not None:
-        return cell.sequence(params, xs, carry, unroll)
+        return cell.sequence(params, xs, carry, unroll, weight_grad)
     us = cell.project(params, xs) if cell.project is not None else xs
     return jax.lax.scan(functools.partial(cell.step, params), carry, us, unroll=unroll)
 
@@ -99,7 +103,7 @@ _ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def elman_layer(
     xs: jax.Array,
     kernel: jax.Array,
@@ -108,6 +112,7 @@ def elman_layer(
     h0: jax.Array,
     activation: str,
     unroll: int,
+    weight_grad: str = "auto",
 ) -> jax.Array:
     """One Elman layer over time: ``h_t = act(x_t @ kernel + bias + h_{t-1} @ recurrent)``.
 
@@ -116,7 +121,8 @@ def elman_layer(
     keeps the backward loop to what is truly sequential, ``dz_t = (dh_t + g) * act'``
     and ``g = dz_t @ recurrent^T``; the kernel and recurrent-kernel gradients are then
     one product over all steps, ``[x_t, h_{t-1}]^T dz``, instead of T small
-    accumulations inside the loop (what autodiff of the scan does).
+    accumulations inside the loop (what autodiff of the scan does); ``weight_grad``
+    'per_step' accumulates them in the loop instead, 'auto' picks by batch size.
     """
     return _elman_forward(xs, kernel, recurrent, bias, h0, activation, unroll)
 
@@ -134,7 +140,7 @@ def _elman_forward(xs, kernel, recurrent, bias, h0, activation, unroll):
     return jax.lax.scan(step, h0, us, unroll=unroll)[1]
 
 
-def _elman_fwd(xs, kernel, recurrent, bias, h0, activation, unroll):
+def _elman_fwd(xs, kernel, recurrent, bias, h0, activation, unroll, weight_grad):
     hs = _elman_forward(xs, kernel, recurrent, bias, h0, activation, unroll)
     return hs, (xs, hs, kernel, recurrent, bias, h0)
 
@@ -144,17 +150,20 @@ def _elman_fwd(xs, kernel, recurrent, bias, h0, activation, unroll):
 # transpose of the [T, B, F + H] activations for the one product grows to dominate the
 # step. Measured on a 2-core AMD EPYC, jax 0.10.2, ms/step one product / per step:
 # batch 50 0.98 / 1.41, 256 4.5 / 5.3, 1024 18.7 / 16.2, 4096 113 / 87 (unroll 1).
+# Only the untuned fallback (weight_grad 'auto'): rnnjax.tune measures both forms.
 PER_STEP_WEIGHT_GRADIENT_BATCH = 512
 
 
-def _elman_bwd(activation, unroll, residuals, dhs):
+def _elman_bwd(activation, unroll, weight_grad, residuals, dhs):
     xs, hs, kernel, recurrent, bias, h0 = residuals
     features = xs.shape[-1]
     deriv = _ACTIVATIONS[activation][1](hs)
     rec_t = recurrent.astype(hs.dtype).T
     h_prev = _previous(h0, hs)
 
-    if xs.shape[1] >= PER_STEP_WEIGHT_GRADIENT_BATCH:
+    if weight_grad == "per_step" or (
+        weight_grad == "auto" and xs.shape[1] >= PER_STEP_WEIGHT_GRADIENT_BATCH
+    ):
 
         def step(carry, inputs_t):
             g, dkernel, drecurrent = carry
@@ -210,9 +219,9 @@ def _elman(hidden: int, activation: str, recurrent_init: Callable) -> Cell:
         h = act(u + h @ params["recurrent_kernel"].astype(u.dtype))
         return h, h
 
-    def sequence(params, xs, h0, unroll):
+    def sequence(params, xs, h0, unroll, weight_grad="auto"):
         hs = elman_layer(xs, params["kernel"], params["recurrent_kernel"], params["bias"], h0,
-                         activation, unroll)
+                         activation, unroll, weight_grad)
         return hs[-1], hs
 
     return Cell(init, step, _zeros_carry(hidden), hidden, _dense_projection, sequence)
@@ -344,7 +353,8 @@ def lstm(hidden: int) -> Cell:
         zeros = jnp.zeros((batch, hidden), dtype)
         return zeros, zeros
 
-    def sequence(params, xs, carry, unroll):
+    def sequence(params, xs, carry, unroll, weight_grad="auto"):
+        del weight_grad  # one form: the recurrent-kernel gradient is one product
         h0, c0 = carry
         hs, c_last = lstm_layer(_dense_projection(params, xs), params["recurrent_kernel"],
                                 h0, c0, unroll)

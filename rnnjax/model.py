@@ -56,6 +56,7 @@ class Model:
     num_classes: int = 10
     order: str = "rows"
     unroll: int = 1
+    weight_grad: str = "auto"
     compute_dtype: Any = jnp.float32
     permutation: np.ndarray | None = None
 
@@ -92,11 +93,14 @@ class Model:
         xs = to_sequence(images.astype(dtype), self.order, perm)
         for layer in params["rnn"]:
             if self.bidirectional:
-                _, fwd = scan_cell(self.cell, layer["fwd"], xs, unroll=self.unroll)
-                _, bwd = scan_cell(self.cell, layer["bwd"], xs[::-1], unroll=self.unroll)
+                _, fwd = scan_cell(self.cell, layer["fwd"], xs, unroll=self.unroll,
+                                   weight_grad=self.weight_grad)
+                _, bwd = scan_cell(self.cell, layer["bwd"], xs[::-1], unroll=self.unroll,
+                                   weight_grad=self.weight_grad)
                 xs = jnp.concatenate([fwd, bwd[::-1]], axis=-1)
             else:
-                _, xs = scan_cell(self.cell, layer, xs, unroll=self.unroll)
+                _, xs = scan_cell(self.cell, layer, xs, unroll=self.unroll,
+                                  weight_grad=self.weight_grad)
         if self.bidirectional:
             # Last step of the forward pass, and the backward pass's output at t=0 (which
             # has read the whole sequence), as Keras' Bidirectional(return_sequences=False).
@@ -122,6 +126,7 @@ def make_model(config: Config) -> Model:
         num_classes=config.num_classes,
         order=config.order,
         unroll=config.unroll,
+        weight_grad=config.weight_grad,
         compute_dtype=jnp.dtype(config.compute_dtype),
         permutation=permutation,
     )

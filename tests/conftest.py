@@ -12,6 +12,9 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # the Keras oracle runs on JAX
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# rnnjax train tunes the first run of a shape (rnnjax.tune), tens of seconds: not in the
+# suite, where only the tests about tuning turn it on (CLI subprocesses inherit this).
+os.environ.setdefault("RNNJAX_TUNE", "off")
 
 from collections.abc import Callable, Iterator
 from typing import Any

@@ -125,9 +125,14 @@ def _generic(cell: Cell) -> Cell:
     return Cell(cell.init, cell.step, cell.initial_carry, cell.hidden_size, cell.project)
 
 
+# (weight_grad, PER_STEP_WEIGHT_GRADIENT_BATCH): each explicit form, and 'auto' on each side
+# of its untuned threshold.
+WEIGHT_GRAD_CASES = [("product", 512), ("per_step", 512), ("auto", 1), ("auto", 10_000)]
+
+
 @pytest.mark.parametrize("name", ["simple_rnn", "irnn"])
-@pytest.mark.parametrize("threshold", [1, 10_000])  # per-step / one-product weight gradient
-def test_fused_backward_matches_autodiff(name, threshold, monkeypatch):
+@pytest.mark.parametrize(("weight_grad", "threshold"), WEIGHT_GRAD_CASES)
+def test_fused_backward_matches_autodiff(name, weight_grad, threshold, monkeypatch):
     monkeypatch.setattr(cells, "PER_STEP_WEIGHT_GRADIENT_BATCH", threshold)
     cell = cells.get_cell(name, H)
     params = cell.init(jax.random.key(3), F)
@@ -136,11 +141,28 @@ def test_fused_backward_matches_autodiff(name, threshold, monkeypatch):
     weights = jnp.asarray(np.random.default_rng(3).normal(size=(T, B, H)), jnp.float32)
 
     def loss(c, p, x):
-        return (scan_cell(c, p, x)[1] * weights).sum()
+        return (scan_cell(c, p, x, weight_grad=weight_grad)[1] * weights).sum()
 
     fused = jax.grad(loss, argnums=(1, 2))(cell, params, xs)
     plain = jax.grad(loss, argnums=(1, 2))(_generic(cell), params, xs)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), fused, plain)
+
+
+def test_weight_grad_selects_the_backward_form(monkeypatch):
+    """'product' and 'per_step' are two programs; 'auto' is one of them by batch size."""
+    monkeypatch.setattr(cells, "PER_STEP_WEIGHT_GRADIENT_BATCH", B)  # B itself: per step
+    cell = cells.get_cell("simple_rnn", H)
+    params = cell.init(jax.random.key(3), F)
+    xs = jnp.asarray(_inputs(2))
+
+    def program(weight_grad, x=xs):
+        grad = jax.grad(lambda p: scan_cell(cell, p, x, weight_grad=weight_grad)[1].sum())
+        return str(jax.make_jaxpr(grad)(params))
+
+    product, per_step = program("product"), program("per_step")
+    assert product != per_step
+    assert program("auto") == per_step
+    assert program("auto", xs[:, : B - 1]) == program("product", xs[:, : B - 1])
 
 
 @pytest.mark.parametrize("unroll", [1, 0])
