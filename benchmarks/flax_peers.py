@@ -7,8 +7,9 @@ For each case (sequence order and batch size) and each cell, the median ms of on
 ``RNN(50) -> Dense(10)`` optax-Adam(1e-3) train step, K steps per compiled call on
 device-resident MNIST walked in order (the fastest way to run either library):
 
-* rnnjax as ``rnnjax train`` runs it (its defaults: what ``Config`` and, where present, the
-  tuner choose on this machine), and at unroll 1 and full;
+* rnnjax as ``rnnjax train`` runs it (what the tuner chose for this machine and shape,
+  cached or measured now as the first ``rnnjax train`` would; printed in each row), and at
+  unroll 1 and full;
 * ``flax.linen.RNN`` and ``flax.nnx.RNN`` (functional split/merge inside the compiled loop)
   with ``SimpleCell``, ``OptimizedLSTMCell`` and ``GRUCell``, at unroll 1 and full.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks.harness import environment, interleaved, write_results
-from rnnjax import runtime, train
+from rnnjax import runtime, train, tune
 from rnnjax.config import Config
 from rnnjax.data.idx import Arrays
 from rnnjax.data.pipeline import batch_indices, to_device
@@ -133,16 +135,26 @@ def rnnjax_runner(device_data: Arrays, idx: jax.Array, config: Config) -> tuple[
                            device_data.train_labels, idx)
 
 
-def user_config(cell: str, order: str, batch: int) -> Config:
-    """The Config ``rnnjax train --cell CELL --order ORDER --batch-size B`` would run with."""
-    return Config(cell=cell, order=order, batch_size=batch)
+def user_config(cell: str, order: str, batch: int, tune_budget_s: float) -> tuple[Config, str]:
+    """The Config ``rnnjax train --cell CELL --order ORDER --batch-size B`` would run with:
+    the tuner's choice for this machine (cached, or measured now within the budget, as the
+    first ``rnnjax train`` of the shape does; 0 = the untuned defaults), and what it chose.
+
+    The choice's XLA flags, if any, cannot change this process's running backend: they are
+    reported, not applied (every runner here shares the process's flags).
+    """
+    config = Config(cell=cell, order=order, batch_size=batch)
+    if tune_budget_s <= 0:
+        return config, "untuned defaults"
+    tuned, record = tune.resolve(config, frozenset(), tune_budget_s, err=sys.stderr)
+    chosen = tune.describe(tune.settings(tuned))
+    return tuned.replace(feed="device", xla_flags=""), f"{record['mode']}: {chosen}"
 
 
 def case_runners(device_data: Arrays, order: str, batch: int, cell: str, steps: int,
-                 flax_apis: tuple[str, ...]) -> dict[str, tuple[Runner, float]]:
+                 flax_apis: tuple[str, ...], user: Config) -> dict[str, tuple[Runner, float]]:
     idx = jax.device_put(batch_indices(len(device_data.train_labels), batch, 0, steps))
     full = sequence_length(order)
-    user = user_config(cell, order, batch)
     runners = {"rnnjax (as rnnjax train)": rnnjax_runner(device_data, idx, user)}
     for name, unroll in (("1", 1), ("full", 0)):
         if unroll != user.unroll:
@@ -163,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cells", default=",".join(CELLS))
     parser.add_argument("--apis", default="linen,nnx", help="Flax APIs to time")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tune-budget", type=float, default=tune.DEFAULT_BUDGET_S,
+                        help="seconds the tuner may spend on a shape it has not cached, as "
+                        "the first rnnjax train would (0: the untuned defaults)")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     device_data = to_device(load_arrays(Config()))
@@ -172,11 +187,12 @@ def main(argv: list[str] | None = None) -> None:
         # About the same work per timed call: fewer steps for long sequences and batches.
         steps = max(4, min(200, 20000 // (batch * sequence_length(order) // 28)))
         for cell in args.cells.split(","):
+            user, chosen = user_config(cell, order, batch, args.tune_budget)
             runners = case_runners(device_data, order, batch, cell, steps,
-                                   tuple(a for a in args.apis.split(",") if a))
+                                   tuple(a for a in args.apis.split(",") if a), user)
             seconds = interleaved({k: v[0] for k, v in runners.items()}, args.rounds)
             row: dict[str, Any] = {"order": order, "batch": batch, "cell": cell,
-                                   "steps/call": steps}
+                                   "steps/call": steps, "rnnjax train runs": chosen}
             for name, (_, compile_s) in runners.items():
                 row[f"{name} ms"] = seconds[name] / steps * 1e3
                 row[f"{name} compile s"] = compile_s
