@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.harness import environment, time_calls, time_compiled, write_results
-from rnnjax import train
+from rnnjax import hlo, train
 from rnnjax.config import Config
 from rnnjax.data.pipeline import batch_indices, to_device
 from rnnjax.data.sources import load_arrays
@@ -68,6 +68,21 @@ def chain_floor(device: jax.Device, batch: int, links: int = 56, repeats: int = 
     chain = jax.jit(lambda h, us, u: jax.lax.scan(
         lambda h, x: (jnp.tanh(h @ u + x), None), h, us)[0])
     return time_calls(lambda: chain(h0, us, u), repeats, burn_in=2)[0]
+
+
+def step_ops(config: Config, device: jax.Device | None = None) -> dict[str, float]:
+    """Ops per time step of one compiled train step of ``config``'s model, forward and
+    backward (``rnnjax.hlo.ops_per_step``), compiled at unroll 1 for ``device``."""
+    config = config.replace(unroll=1)
+    model, optimizer = make_model(config), make_optimizer(config)
+    device = device or jax.devices()[0]
+    with jax.default_device(device):
+        state = train.create_state(jax.random.key(0), model, optimizer)
+        images = jnp.zeros((config.batch_size, 28, 28), jnp.float32)
+        labels = jnp.zeros((config.batch_size,), jnp.int32)
+        fn = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer))
+        text = fn.lower(state, images, labels).compile().as_text()
+    return hlo.ops_per_step(text, 28 if config.order == "rows" else 784)
 
 
 def measure(device, data, batch: int, unroll: int, steps_per_call: int, repeats: int) -> dict:

@@ -9,8 +9,11 @@ A :class:`Cell` is a handful of pure functions, no state:
   (``xs [T, B, F] -> us [T, B, G]``), hoisted out of the scan into one large matrix
   product; when present, ``step`` receives ``u_t`` instead of ``x_t``;
 * optional ``sequence(params, xs, carry, unroll) -> (carry, ys)``: a faster equivalent of
-  projecting and scanning ``step`` over raw ``xs [T, B, F]`` (the Elman cells use it for a
-  hand-written backward pass).
+  projecting and scanning ``step`` over raw ``xs [T, B, F]`` (the built-in cells use it for
+  a hand-written backward pass);
+* optional ``last_output(carry) -> y``: the last step's output ``y_T [B, H]`` read from the
+  final carry. A model that only needs ``y_T`` then leaves ``ys`` unused, and XLA drops
+  storing it (an evaluation pass writes no ``[T, B, H]`` array).
 
 A new cell needs only ``init``, ``step``, ``initial_carry`` and ``hidden_size``. Initialisers
 follow Keras so results compare with it: glorot-uniform input kernels, orthogonal recurrent
@@ -44,6 +47,7 @@ class Cell:
     hidden_size: int
     project: Callable[[Params, jax.Array], jax.Array] | None = None
     sequence: Callable[[Params, jax.Array, Carry, int], tuple[Carry, jax.Array]] | None = None
+    last_output: Callable[[Carry], jax.Array] | None = None
 
 
 def scan_cell(
@@ -66,6 +70,10 @@ def scan_cell(
 def _dense_projection(params: Params, xs: jax.Array) -> jax.Array:
     """``xs [T, B, F] @ kernel [F, G] + bias [G] -> [T, B, G]``."""
     return xs @ params["kernel"].astype(xs.dtype) + params["bias"].astype(xs.dtype)
+
+
+def _identity_output(h: jax.Array) -> jax.Array:
+    return h
 
 
 def _zeros_carry(hidden: int) -> Callable[[int, Any], jax.Array]:
@@ -108,10 +116,11 @@ def elman_layer(
     h0: jax.Array,
     activation: str,
     unroll: int,
-) -> jax.Array:
+) -> tuple[jax.Array, jax.Array]:
     """One Elman layer over time: ``h_t = act(x_t @ kernel + bias + h_{t-1} @ recurrent)``.
 
-    xs [T, B, F], kernel [F, H], recurrent [H, H], bias [H], h0 [B, H] -> hs [T, B, H].
+    xs [T, B, F], kernel [F, H], recurrent [H, H], bias [H], h0 [B, H] ->
+    (hs [T, B, H], h_T [B, H]: the loop's final carry, equal to hs[-1]).
     The input projection of all T steps is one product before the scan. The custom VJP
     keeps the backward loop to what is truly sequential, ``dz_t = (dh_t + g) * act'``
     and ``g = dz_t @ recurrent^T``; the kernel and recurrent-kernel gradients are then
@@ -131,12 +140,13 @@ def _elman_forward(xs, kernel, recurrent, bias, h0, activation, unroll):
         h = act(u + h @ recurrent)
         return h, h
 
-    return jax.lax.scan(step, h0, us, unroll=unroll)[1]
+    h_last, hs = jax.lax.scan(step, h0, us, unroll=unroll)
+    return hs, h_last
 
 
 def _elman_fwd(xs, kernel, recurrent, bias, h0, activation, unroll):
-    hs = _elman_forward(xs, kernel, recurrent, bias, h0, activation, unroll)
-    return hs, (xs, hs, kernel, recurrent, bias, h0)
+    hs, h_last = _elman_forward(xs, kernel, recurrent, bias, h0, activation, unroll)
+    return (hs, h_last), (xs, hs, kernel, recurrent, bias, h0)
 
 
 # From this batch size up, the weight gradient is accumulated step by step inside the
@@ -147,8 +157,9 @@ def _elman_fwd(xs, kernel, recurrent, bias, h0, activation, unroll):
 PER_STEP_WEIGHT_GRADIENT_BATCH = 512
 
 
-def _elman_bwd(activation, unroll, residuals, dhs):
+def _elman_bwd(activation, unroll, residuals, cotangents):
     xs, hs, kernel, recurrent, bias, h0 = residuals
+    dhs, dh_last = cotangents  # h_T's gradient enters as the recurrent gradient of step T
     features = xs.shape[-1]
     deriv = _ACTIVATIONS[activation][1](hs)
     rec_t = recurrent.astype(hs.dtype).T
@@ -166,7 +177,7 @@ def _elman_bwd(activation, unroll, residuals, dhs):
 
         zeros = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(recurrent.shape, jnp.float32))
         (dh0, *dweights), dzs = jax.lax.scan(
-            step, (jnp.zeros_like(h0), *zeros), (dhs, deriv, xs, h_prev), reverse=True,
+            step, (dh_last, *zeros), (dhs, deriv, xs, h_prev), reverse=True,
             unroll=unroll,
         )
         dweights = jnp.concatenate(dweights, axis=0)
@@ -177,7 +188,7 @@ def _elman_bwd(activation, unroll, residuals, dhs):
             dz = (dh + g) * d
             return dz @ rec_t, dz
 
-        dh0, dzs = jax.lax.scan(step, jnp.zeros_like(h0), (dhs, deriv), reverse=True,
+        dh0, dzs = jax.lax.scan(step, dh_last, (dhs, deriv), reverse=True,
                                 unroll=unroll)
         # [x_t, h_{t-1}]^T dz over all steps in one product.
         dweights = _time_batch_product(jnp.concatenate([xs, h_prev], axis=-1), dzs)
@@ -211,11 +222,12 @@ def _elman(hidden: int, activation: str, recurrent_init: Callable) -> Cell:
         return h, h
 
     def sequence(params, xs, h0, unroll):
-        hs = elman_layer(xs, params["kernel"], params["recurrent_kernel"], params["bias"], h0,
-                         activation, unroll)
-        return hs[-1], hs
+        hs, h_last = elman_layer(xs, params["kernel"], params["recurrent_kernel"],
+                                 params["bias"], h0, activation, unroll)
+        return h_last, hs
 
-    return Cell(init, step, _zeros_carry(hidden), hidden, _dense_projection, sequence)
+    return Cell(init, step, _zeros_carry(hidden), hidden, _dense_projection, sequence,
+                last_output=_identity_output)
 
 
 @functools.cache
@@ -251,82 +263,112 @@ def _gated_init(hidden: int, gates: int, bias: Callable[[], jax.Array]) -> Calla
     return init
 
 
-# The LSTM recurrence, like elman_layer, has a hand-written backward pass: the forward scan
-# saves one [B, 4H] array of gate activations per step (autodiff of the scan saved a dozen
-# [B, H] pieces, each its own dynamic-update-slice), the backward scan is one elementwise
-# fusion and one [B, 4H] x [4H, H] product per step, and the recurrent-kernel gradient is
-# one product over all steps; the input projection stays outside (autodiff). Measured on
-# the 2-core AMD EPYC, batch 50, median ms per train step, autodiff / fused, in one
-# process: rows 7.45 / 6.17, pixels 205 / 183. (The same for the GRU measured no faster,
-# 183 / 187 on pixels, so the GRU keeps autodiff.)
+# The gated cells' recurrences, like elman_layer, have hand-written backward passes, built
+# to leave as few ops in each loop step as possible: every op left in a compiled loop body
+# runs once per time step (a thunk on XLA:CPU, about 1.5-2 us each; a kernel launch on a
+# GPU), and at small batches that count, not the FLOPs, bounds the step (rnnjax.hlo
+# counts them; tests/test_hlo.py guards them). The plan:
+# - the forward loop stores only its carry (h, and the LSTM's c): no gate activations, no
+#   concatenates, no autodiff residuals;
+# - the backward pass recomputes the gates of all steps at once, outside its loop, from one
+#   product h_{t-1} @ recurrent over all steps, and folds them into per-step factors m_t;
+# - the backward loop is one elementwise fusion making the pre-activation gradient
+#   dz_t = [carry gradients] * m_t, one product dz_t @ recurrent^T, one fusion for the next
+#   carry and one store; the weight gradients are one product over all steps.
+# Ops per step, forward / backward (jax 0.10.2 CPU): LSTM 13 / 13 -> 8 / 7 and GRU (was
+# autodiff of the scan) 18 / 16 -> 5 / 6. The forward arithmetic is what the step was, so
+# forward results are unchanged bit for bit.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def lstm_layer(
     us: jax.Array, recurrent: jax.Array, h0: jax.Array, c0: jax.Array, unroll: int
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The LSTM recurrence over projected inputs (Keras gate order i, f, c, o).
 
     us [T, B, 4H] (``x_t @ kernel + bias``), recurrent [H, 4H], h0 and c0 [B, H] ->
-    (hs [T, B, H], the last cell state c_T [B, H]); computed in ``us.dtype``.
+    (hs [T, B, H], h_T [B, H], c_T [B, H]: the final carry); computed in ``us.dtype``.
     """
-    hs, c_last, _ = _lstm_forward(us, recurrent, h0, c0, unroll)
-    return hs, c_last
+    hs, _, (h_last, c_last) = _lstm_forward(us, recurrent, h0, c0, unroll)
+    return hs, h_last, c_last
 
 
-def _lstm_step(recurrent, carry, u):
-    """One LSTM step: ``((h, c), u_t) -> ((h, c), (h, c, gate activations [B, 4H]))``.
+def _lstm_gates(z: jax.Array, hidden: int) -> tuple[jax.Array, ...]:
+    """Gate activations (i, f, g, o), each [..., H], of pre-activations z [..., 4H].
 
     The sigmoid runs over all four gate blocks at once: XLA:CPU vectorises it over the
     contiguous [B, 4H] array, where per-gate slices ran 3-4x slower (measured: the LSTM
     forward step at batch 50 took 100 us with sliced gates, 29 us so). Bitwise the same.
     """
-    h, c = carry
-    z = u + h @ recurrent.astype(u.dtype)
     i, f, _, o = jnp.split(jax.nn.sigmoid(z), 4, axis=-1)
-    hidden = h.shape[-1]
-    g = jnp.tanh(z[..., 2 * hidden : 3 * hidden])
+    return i, f, jnp.tanh(z[..., 2 * hidden : 3 * hidden]), o
+
+
+def _lstm_step(recurrent, carry, u):
+    """One LSTM step: ``((h, c), u_t) -> ((h, c), (h, c))``."""
+    h, c = carry
+    i, f, g, o = _lstm_gates(u + h @ recurrent.astype(u.dtype), h.shape[-1])
     c = f * c + i * g
     h = o * jnp.tanh(c)
-    return (h, c), (h, c, jnp.concatenate([i, f, g, o], axis=-1))
+    return (h, c), (h, c)
 
 
 def _lstm_forward(us, recurrent, h0, c0, unroll):
     step = functools.partial(_lstm_step, recurrent.astype(us.dtype))
-    (_, c_last), (hs, cs, gates) = jax.lax.scan(step, (h0, c0), us, unroll=unroll)
-    return hs, c_last, (cs, gates)
+    last, (hs, cs) = jax.lax.scan(step, (h0, c0), us, unroll=unroll)
+    return hs, cs, last
 
 
 def _lstm_fwd(us, recurrent, h0, c0, unroll):
-    hs, c_last, (cs, gates) = _lstm_forward(us, recurrent, h0, c0, unroll)
-    return (hs, c_last), (recurrent, h0, c0, hs, cs, gates)
+    hs, cs, (h_last, c_last) = _lstm_forward(us, recurrent, h0, c0, unroll)
+    return (hs, h_last, c_last), (us, recurrent, h0, c0, hs, cs)
 
 
 def _lstm_bwd(unroll, residuals, cotangents):
-    recurrent, h0, c0, hs, cs, gates = residuals
-    dhs, dc_last = cotangents
-    rec_t = recurrent.astype(hs.dtype).T
-
-    def step(carry, inputs_t):
-        dh_next, dc = carry  # from step t + 1: dz_{t+1} @ recurrent^T and dc_{t+1} * f
-        dh, c, c_prev, a = inputs_t
-        i, f, g, o = jnp.split(a, 4, axis=-1)
-        dh = dh + dh_next
-        tanh_c = jnp.tanh(c)
-        dc = dc + dh * o * (1 - tanh_c * tanh_c)
-        dz = jnp.concatenate([dc * g * i * (1 - i), dc * c_prev * f * (1 - f),
-                              dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)], axis=-1)
-        return (dz @ rec_t, dc * f), dz
-
-    (dh0, dc0), dzs = jax.lax.scan(
-        step, (jnp.zeros_like(h0), dc_last.astype(c0.dtype)),
-        (dhs, cs, _previous(c0, cs), gates), reverse=True, unroll=unroll,
+    us, recurrent, h0, c0, hs, cs = residuals
+    dhs, dh_last, dc_last = cotangents
+    rec = recurrent.astype(hs.dtype)
+    h_prev, c_prev = _previous(h0, hs), _previous(c0, cs)
+    # Every step's gates at once, outside the loop.
+    i, f, g, o = _lstm_gates(us + h_prev @ rec, h0.shape[-1])
+    tanh_c = jnp.tanh(cs)
+    through_h = o * (1 - tanh_c * tanh_c)  # dc_t gets dh_t * this
+    # dz_t = [dc_t, dc_t, dc_t, dh_t] * factors_t, the factors [T, B, 4, H] so that the
+    # loop broadcasts (one fusion) where a concatenate would be an op of its own.
+    factors = jnp.stack(
+        [g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], axis=-2
     )
-    drecurrent = _time_batch_product(_previous(h0, hs), dzs)
+    is_h = (jnp.arange(4) == 3)[:, None]  # [4, 1]: the output gate's block takes dh
+    rec_t = rec.T
+
+    # Carrying dc_{t+1} (not dc_{t+1} f_{t+1}) lets XLA update it in place; the other
+    # carry, dz_{t+1} @ recurrent^T, is still copied once a step (7 ops, not 6): XLA also
+    # computes dz inside the store, which reads the old carry after the product made the
+    # new one. Layouts tried to avoid that copy came out at 7-8 ops.
+    def step(carry, inputs_t):
+        dh_next, dc_next = carry  # from step t + 1: dz_{t+1} @ recurrent^T, and dc_{t+1}
+        dh, through_h_t, factors_t, f_next = inputs_t  # f_next: f_{t+1} (1 at the last step)
+        dh = dh + dh_next
+        dc = dc_next * f_next + dh * through_h_t
+        dz = jnp.where(is_h, dh[:, None], dc[:, None]) * factors_t
+        dz = dz.reshape(*dz.shape[:-2], -1)  # [B, 4H], a bitcast
+        return (dz @ rec_t, dc), dz
+
+    f_next = jnp.concatenate([f[1:], jnp.ones_like(f[:1])], axis=0)
+    (dh0, dc_first), dzs = jax.lax.scan(
+        step, (dh_last, dc_last.astype(c0.dtype)), (dhs, through_h, factors, f_next),
+        reverse=True, unroll=unroll,
+    )
+    dc0 = dc_first * f[0]
+    drecurrent = _time_batch_product(h_prev, dzs)
     return dzs, drecurrent.astype(recurrent.dtype), dh0, dc0
 
 
 lstm_layer.defvjp(_lstm_fwd, _lstm_bwd)
+
+
+def _first(carry: Carry) -> jax.Array:
+    return carry[0]
 
 
 @functools.cache
@@ -337,7 +379,7 @@ def lstm(hidden: int) -> Cell:
         return jnp.zeros((4 * hidden,), jnp.float32).at[hidden : 2 * hidden].set(1.0)
 
     def step(params, carry, u):
-        carry, (h, _, _) = _lstm_step(params["recurrent_kernel"], carry, u)
+        carry, (h, _) = _lstm_step(params["recurrent_kernel"], carry, u)
         return carry, h
 
     def initial_carry(batch, dtype):
@@ -346,12 +388,94 @@ def lstm(hidden: int) -> Cell:
 
     def sequence(params, xs, carry, unroll):
         h0, c0 = carry
-        hs, c_last = lstm_layer(_dense_projection(params, xs), params["recurrent_kernel"],
-                                h0, c0, unroll)
-        return (hs[-1], c_last), hs
+        hs, h_last, c_last = lstm_layer(_dense_projection(params, xs),
+                                        params["recurrent_kernel"], h0, c0, unroll)
+        return (h_last, c_last), hs
 
     return Cell(_gated_init(hidden, 4, bias), step, initial_carry, hidden, _dense_projection,
-                sequence)
+                sequence, last_output=_first)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def gru_layer(
+    us: jax.Array, recurrent: jax.Array, recurrent_bias: jax.Array, h0: jax.Array, unroll: int
+) -> tuple[jax.Array, jax.Array]:
+    """The GRU recurrence (Keras ``reset_after=True``, gates z, r, h) over projected inputs.
+
+    us [T, B, 3H] (``x_t @ kernel + bias``), recurrent [H, 3H], recurrent_bias [3H],
+    h0 [B, H] -> (hs [T, B, H], h_T [B, H]: the final carry); computed in ``us.dtype``.
+    """
+    return _gru_forward(us, recurrent, recurrent_bias, h0, unroll)
+
+
+def _gru_step(recurrent, recurrent_bias, h, u):
+    """One GRU step: ``(h, u_t) -> (h, h)``; recurrent and its bias already in u's dtype."""
+    r_all = h @ recurrent + recurrent_bias
+    uz, ur, uh = jnp.split(u, 3, axis=-1)
+    rz, rr, rh = jnp.split(r_all, 3, axis=-1)
+    z = jax.nn.sigmoid(uz + rz)
+    r = jax.nn.sigmoid(ur + rr)
+    candidate = jnp.tanh(uh + r * rh)
+    h = z * h + (1 - z) * candidate
+    return h, h
+
+
+def _gru_forward(us, recurrent, recurrent_bias, h0, unroll):
+    step = functools.partial(_gru_step, recurrent.astype(us.dtype),
+                             recurrent_bias.astype(us.dtype))
+    h_last, hs = jax.lax.scan(step, h0, us, unroll=unroll)
+    return hs, h_last
+
+
+def _gru_fwd(us, recurrent, recurrent_bias, h0, unroll):
+    hs, h_last = _gru_forward(us, recurrent, recurrent_bias, h0, unroll)
+    return (hs, h_last), (us, recurrent, recurrent_bias, h0, hs)
+
+
+def _gru_bwd(unroll, residuals, cotangents):
+    us, recurrent, recurrent_bias, h0, hs = residuals
+    dhs, dh_last = cotangents
+    rec = recurrent.astype(hs.dtype)
+    h_prev = _previous(h0, hs)
+    # Every step's gates at once, outside the loop.
+    r_all = h_prev @ rec + recurrent_bias.astype(hs.dtype)
+    uz, ur, uh = jnp.split(us, 3, axis=-1)
+    rz, rr, rh = jnp.split(r_all, 3, axis=-1)
+    z = jax.nn.sigmoid(uz + rz)
+    r = jax.nn.sigmoid(ur + rr)
+    candidate = jnp.tanh(uh + r * rh)
+    through_candidate = (1 - z) * (1 - candidate * candidate)  # d(uh + r rh) per dh
+    # The gradient of r_all (the recurrent pre-activations) is [dh, dh, dh] * factors, the
+    # factors [T, B, 3, H] so that the loop broadcasts dh (no concatenate op).
+    factors = jnp.stack(
+        [(h_prev - candidate) * z * (1 - z), through_candidate * rh * r * (1 - r),
+         through_candidate * r], axis=-2,
+    )
+    rec_t = rec.T
+
+    # Step t stores the carry it makes, dh_{t-1} (storing the one it got would make XLA
+    # copy the carry every step).
+    def step(dh, inputs_t):
+        dh_before, factors_t, z_t = inputs_t  # dhs_{t-1}: the output gradient of step t - 1
+        dr_all = (dh[:, None] * factors_t).reshape(dh.shape[0], -1)  # [B, 3H]
+        dh = dh_before + dr_all @ rec_t + dh * z_t
+        return dh, dh
+
+    dh_last_step = dhs[-1] + dh_last
+    dh0, dh_before = jax.lax.scan(
+        step, dh_last_step, (_previous(jnp.zeros_like(h0), dhs), factors, z),
+        reverse=True, unroll=unroll,
+    )
+    dh_total = jnp.concatenate([dh_before[1:], dh_last_step[None]], axis=0)  # dh_t, all t
+    dr_all = (dh_total[..., None, :] * factors).reshape(*dh_total.shape[:-1], -1)
+    hidden = h0.shape[-1]
+    dus = jnp.concatenate([dr_all[..., : 2 * hidden], dh_total * through_candidate], axis=-1)
+    drecurrent = _time_batch_product(h_prev, dr_all)
+    dbias = dr_all.sum(axis=(0, 1), dtype=jnp.float32)
+    return (dus, drecurrent.astype(recurrent.dtype), dbias.astype(recurrent_bias.dtype), dh0)
+
+
+gru_layer.defvjp(_gru_fwd, _gru_bwd)
 
 
 @functools.cache
@@ -366,17 +490,16 @@ def gru(hidden: int) -> Cell:
         return params
 
     def step(params, h, u):
-        r_all = h @ params["recurrent_kernel"].astype(u.dtype)
-        r_all = r_all + params["recurrent_bias"].astype(u.dtype)
-        uz, ur, uh = jnp.split(u, 3, axis=-1)
-        rz, rr, rh = jnp.split(r_all, 3, axis=-1)
-        z = jax.nn.sigmoid(uz + rz)
-        r = jax.nn.sigmoid(ur + rr)
-        candidate = jnp.tanh(uh + r * rh)
-        h = z * h + (1 - z) * candidate
-        return h, h
+        return _gru_step(params["recurrent_kernel"].astype(u.dtype),
+                         params["recurrent_bias"].astype(u.dtype), h, u)
 
-    return Cell(init, step, _zeros_carry(hidden), hidden, _dense_projection)
+    def sequence(params, xs, h0, unroll):
+        hs, h_last = gru_layer(_dense_projection(params, xs), params["recurrent_kernel"],
+                               params["recurrent_bias"], h0, unroll)
+        return h_last, hs
+
+    return Cell(init, step, _zeros_carry(hidden), hidden, _dense_projection, sequence,
+                last_output=_identity_output)
 
 
 CELLS: dict[str, Callable[[int], Cell]] = {
