@@ -9,7 +9,9 @@ one burn-in call, and reports the median over repeats of ms/step, steps/s, sampl
 compile time and first-call latency. It counts the FLOPs of one train step (analytic:
 XLA's cost analysis counts a while-loop body once, so it cannot), measures the
 backend's float32 GEMM rate with JAX, and reports the fraction achieved. With two
-backends it adds their ratio. Writes ``results/throughput.{json,md,png}``. No TensorFlow.
+backends it adds their ratio. Per backend it also reports each cell's ops per time step,
+forward and backward, read from the compiled train step (``rnnjax.hlo``; ``--ops-only``
+prints just those). Writes ``results/throughput.{json,md,png}``. No TensorFlow.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ import time
 import jax
 import jax.numpy as jnp
 
-from benchmarks.harness import environment, time_calls, time_compiled, write_results
+from benchmarks.harness import (
+    environment,
+    markdown_table,
+    time_calls,
+    time_compiled,
+    write_results,
+)
 from rnnjax import hlo, train
 from rnnjax.config import Config
 from rnnjax.data.pipeline import batch_indices, to_device
@@ -109,6 +117,17 @@ def measure(device, data, batch: int, unroll: int, steps_per_call: int, repeats:
     }
 
 
+def ops_table(cells: list[str], device: jax.Device) -> dict[str, dict[str, float]]:
+    """``{cell: {"forward": ops, "backward": ops}}`` per time step on ``device``, printed."""
+    table = {}
+    print(f"{device.platform}: ops per time step (train step, batch 50, rows, unroll 1), "
+          "forward / backward", flush=True)
+    for cell in cells:
+        table[cell] = step_ops(Config(cell=cell), device)
+        print(f"  {cell}: {table[cell]['forward']:g} / {table[cell]['backward']:g}", flush=True)
+    return table
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="50,256,1024,4096")
@@ -118,6 +137,10 @@ def main(argv=None) -> None:
                         help="K (default: 200 at batch 50, fewer for larger batches)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="", help="results directory")
+    parser.add_argument("--cells", default="simple_rnn,irnn,lstm,gru",
+                        help="cells whose ops per time step are reported")
+    parser.add_argument("--ops-only", action="store_true",
+                        help="report the ops per time step only, no timings")
     args = parser.parse_args(argv)
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -126,12 +149,17 @@ def main(argv=None) -> None:
     backends = args.backends.split(",") if args.backends else sorted(
         {d.platform for d in jax.devices()} | {"cpu"}, key=lambda b: (b == "cpu", b)
     )
-    data = load_arrays(Config())
     rows = []
     envs = {}
     for backend in backends:
         device = jax.devices(backend)[0]
         envs[backend] = environment(device)
+        envs[backend]["ops_per_step"] = ops_table(args.cells.split(","), device)
+    if args.ops_only:
+        return
+    data = load_arrays(Config())
+    for backend in backends:
+        device = jax.devices(backend)[0]
         rate = gemm_rate(device, 2048 if backend == "cpu" else 8192)
         print(f"{backend}: float32 GEMM {rate / 1e9:.0f} GFLOP/s", flush=True)
         for batch in batches:
@@ -166,7 +194,13 @@ def report(rows: list[dict], envs: dict[str, dict], out: str) -> None:
     if any("speedup_vs_cpu" in r for r in rows):
         columns.append("speedup_vs_cpu")
     env = next(iter(envs.values())) | {"backends": envs}
-    directory = write_results("throughput", rows, columns, env=env, out_dir=out or None)
+    notes = "Ops per time step of the compiled train step (batch 50, rows, unroll 1), " \
+        "forward / backward:\n\n" + markdown_table(
+            [{"backend": b, "cell": c, "forward": n["forward"], "backward": n["backward"]}
+             for b, e in envs.items() for c, n in e["ops_per_step"].items()],
+            ["backend", "cell", "forward", "backward"])
+    directory = write_results("throughput", rows, columns, env=env, notes=notes,
+                              out_dir=out or None)
     plot(rows, directory / "throughput.png")
 
 
