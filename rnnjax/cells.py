@@ -69,7 +69,14 @@ def scan_cell(
 
 def _dense_projection(params: Params, xs: jax.Array) -> jax.Array:
     """``xs [T, B, F] @ kernel [F, G] + bias [G] -> [T, B, G]``."""
-    return xs @ params["kernel"].astype(xs.dtype) + params["bias"].astype(xs.dtype)
+    return _input_product(params, xs) + params["bias"].astype(xs.dtype)
+
+
+def _input_product(params: Params, xs: jax.Array) -> jax.Array:
+    """``xs [T, B, F] @ kernel [F, G] -> [T, B, G]``: the projection without its bias, which
+    the hand-written layers add inside their loop's elementwise op (the same sum, bit for
+    bit, without a pass of its own over [T, B, G])."""
+    return xs @ params["kernel"].astype(xs.dtype)
 
 
 def _identity_output(h: jax.Array) -> jax.Array:
@@ -133,14 +140,16 @@ def elman_layer(
 def _elman_forward(xs, kernel, recurrent, bias, h0, activation, unroll):
     act = _ACTIVATIONS[activation][0]
     dtype = xs.dtype
-    us = xs @ kernel.astype(dtype) + bias.astype(dtype)
-    recurrent = recurrent.astype(dtype)
+    xw = xs @ kernel.astype(dtype)
+    bias, recurrent = bias.astype(dtype), recurrent.astype(dtype)
 
-    def step(h, u):
-        h = act(u + h @ recurrent)
+    def step(h, xw_t):
+        # (x_t W + b) + h U, as ever: the bias is added in the loop's one elementwise op
+        # instead of in a pass of its own over the whole [T, B, H] projection.
+        h = act(xw_t + bias + h @ recurrent)
         return h, h
 
-    h_last, hs = jax.lax.scan(step, h0, us, unroll=unroll)
+    h_last, hs = jax.lax.scan(step, h0, xw, unroll=unroll)
     return hs, h_last
 
 
@@ -280,16 +289,17 @@ def _gated_init(hidden: int, gates: int, bias: Callable[[], jax.Array]) -> Calla
 # forward results are unchanged bit for bit.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def lstm_layer(
-    us: jax.Array, recurrent: jax.Array, h0: jax.Array, c0: jax.Array, unroll: int
+    xw: jax.Array, bias: jax.Array, recurrent: jax.Array, h0: jax.Array, c0: jax.Array,
+    unroll: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The LSTM recurrence over projected inputs (Keras gate order i, f, c, o).
+    """The LSTM recurrence over the input product (Keras gate order i, f, c, o).
 
-    us [T, B, 4H] (``x_t @ kernel + bias``), recurrent [H, 4H], h0 and c0 [B, H] ->
-    (hs [T, B, H], h_T [B, H], c_T [B, H]: the final carry); computed in ``us.dtype``.
+    xw [T, B, 4H] (``x_t @ kernel``), bias [4H], recurrent [H, 4H], h0 and c0 [B, H] ->
+    (hs [T, B, H], h_T [B, H], c_T [B, H]: the final carry); computed in ``xw.dtype``.
     """
-    hs, _, (h_last, c_last) = _lstm_forward(us, recurrent, h0, c0, unroll)
+    hs, _, (h_last, c_last) = _lstm_forward(xw, bias, recurrent, h0, c0, unroll)
     return hs, h_last, c_last
 
 
@@ -313,20 +323,25 @@ def _lstm_step(recurrent, carry, u):
     return (h, c), (h, c)
 
 
-def _lstm_forward(us, recurrent, h0, c0, unroll):
-    step = functools.partial(_lstm_step, recurrent.astype(us.dtype))
-    last, (hs, cs) = jax.lax.scan(step, (h0, c0), us, unroll=unroll)
+def _lstm_forward(xw, bias, recurrent, h0, c0, unroll):
+    recurrent, bias = recurrent.astype(xw.dtype), bias.astype(xw.dtype)
+
+    def step(carry, xw_t):
+        return _lstm_step(recurrent, carry, xw_t + bias)
+
+    last, (hs, cs) = jax.lax.scan(step, (h0, c0), xw, unroll=unroll)
     return hs, cs, last
 
 
-def _lstm_fwd(us, recurrent, h0, c0, unroll):
-    hs, cs, (h_last, c_last) = _lstm_forward(us, recurrent, h0, c0, unroll)
-    return (hs, h_last, c_last), (us, recurrent, h0, c0, hs, cs)
+def _lstm_fwd(xw, bias, recurrent, h0, c0, unroll):
+    hs, cs, (h_last, c_last) = _lstm_forward(xw, bias, recurrent, h0, c0, unroll)
+    return (hs, h_last, c_last), (xw, bias, recurrent, h0, c0, hs, cs)
 
 
 def _lstm_bwd(unroll, residuals, cotangents):
-    us, recurrent, h0, c0, hs, cs = residuals
+    xw, bias, recurrent, h0, c0, hs, cs = residuals
     dhs, dh_last, dc_last = cotangents
+    us = xw + bias.astype(xw.dtype)
     rec = recurrent.astype(hs.dtype)
     h_prev, c_prev = _previous(h0, hs), _previous(c0, cs)
     # Every step's gates at once, outside the loop.
@@ -361,7 +376,8 @@ def _lstm_bwd(unroll, residuals, cotangents):
     )
     dc0 = dc_first * f[0]
     drecurrent = _time_batch_product(h_prev, dzs)
-    return dzs, drecurrent.astype(recurrent.dtype), dh0, dc0
+    dbias = dzs.sum(axis=(0, 1), dtype=jnp.float32)
+    return dzs, dbias.astype(bias.dtype), drecurrent.astype(recurrent.dtype), dh0, dc0
 
 
 lstm_layer.defvjp(_lstm_fwd, _lstm_bwd)
@@ -388,7 +404,7 @@ def lstm(hidden: int) -> Cell:
 
     def sequence(params, xs, carry, unroll):
         h0, c0 = carry
-        hs, h_last, c_last = lstm_layer(_dense_projection(params, xs),
+        hs, h_last, c_last = lstm_layer(_input_product(params, xs), params["bias"],
                                         params["recurrent_kernel"], h0, c0, unroll)
         return (h_last, c_last), hs
 
@@ -396,16 +412,17 @@ def lstm(hidden: int) -> Cell:
                 sequence, last_output=_first)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def gru_layer(
-    us: jax.Array, recurrent: jax.Array, recurrent_bias: jax.Array, h0: jax.Array, unroll: int
+    xw: jax.Array, bias: jax.Array, recurrent: jax.Array, recurrent_bias: jax.Array,
+    h0: jax.Array, unroll: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """The GRU recurrence (Keras ``reset_after=True``, gates z, r, h) over projected inputs.
+    """The GRU recurrence (Keras ``reset_after=True``, gates z, r, h) over the input product.
 
-    us [T, B, 3H] (``x_t @ kernel + bias``), recurrent [H, 3H], recurrent_bias [3H],
-    h0 [B, H] -> (hs [T, B, H], h_T [B, H]: the final carry); computed in ``us.dtype``.
+    xw [T, B, 3H] (``x_t @ kernel``), bias [3H], recurrent [H, 3H], recurrent_bias [3H],
+    h0 [B, H] -> (hs [T, B, H], h_T [B, H]: the final carry); computed in ``xw.dtype``.
     """
-    return _gru_forward(us, recurrent, recurrent_bias, h0, unroll)
+    return _gru_forward(xw, bias, recurrent, recurrent_bias, h0, unroll)
 
 
 def _gru_step(recurrent, recurrent_bias, h, u):
@@ -420,21 +437,27 @@ def _gru_step(recurrent, recurrent_bias, h, u):
     return h, h
 
 
-def _gru_forward(us, recurrent, recurrent_bias, h0, unroll):
-    step = functools.partial(_gru_step, recurrent.astype(us.dtype),
-                             recurrent_bias.astype(us.dtype))
-    h_last, hs = jax.lax.scan(step, h0, us, unroll=unroll)
+def _gru_forward(xw, bias, recurrent, recurrent_bias, h0, unroll):
+    dtype = xw.dtype
+    recurrent, recurrent_bias = recurrent.astype(dtype), recurrent_bias.astype(dtype)
+    bias = bias.astype(dtype)
+
+    def step(h, xw_t):
+        return _gru_step(recurrent, recurrent_bias, h, xw_t + bias)
+
+    h_last, hs = jax.lax.scan(step, h0, xw, unroll=unroll)
     return hs, h_last
 
 
-def _gru_fwd(us, recurrent, recurrent_bias, h0, unroll):
-    hs, h_last = _gru_forward(us, recurrent, recurrent_bias, h0, unroll)
-    return (hs, h_last), (us, recurrent, recurrent_bias, h0, hs)
+def _gru_fwd(xw, bias, recurrent, recurrent_bias, h0, unroll):
+    hs, h_last = _gru_forward(xw, bias, recurrent, recurrent_bias, h0, unroll)
+    return (hs, h_last), (xw, bias, recurrent, recurrent_bias, h0, hs)
 
 
 def _gru_bwd(unroll, residuals, cotangents):
-    us, recurrent, recurrent_bias, h0, hs = residuals
+    xw, bias, recurrent, recurrent_bias, h0, hs = residuals
     dhs, dh_last = cotangents
+    us = xw + bias.astype(xw.dtype)
     rec = recurrent.astype(hs.dtype)
     h_prev = _previous(h0, hs)
     # Every step's gates at once, outside the loop.
@@ -471,8 +494,10 @@ def _gru_bwd(unroll, residuals, cotangents):
     hidden = h0.shape[-1]
     dus = jnp.concatenate([dr_all[..., : 2 * hidden], dh_total * through_candidate], axis=-1)
     drecurrent = _time_batch_product(h_prev, dr_all)
-    dbias = dr_all.sum(axis=(0, 1), dtype=jnp.float32)
-    return (dus, drecurrent.astype(recurrent.dtype), dbias.astype(recurrent_bias.dtype), dh0)
+    drecurrent_bias = dr_all.sum(axis=(0, 1), dtype=jnp.float32)
+    dbias = dus.sum(axis=(0, 1), dtype=jnp.float32)
+    return (dus, dbias.astype(bias.dtype), drecurrent.astype(recurrent.dtype),
+            drecurrent_bias.astype(recurrent_bias.dtype), dh0)
 
 
 gru_layer.defvjp(_gru_fwd, _gru_bwd)
@@ -494,8 +519,8 @@ def gru(hidden: int) -> Cell:
                          params["recurrent_bias"].astype(u.dtype), h, u)
 
     def sequence(params, xs, h0, unroll):
-        hs, h_last = gru_layer(_dense_projection(params, xs), params["recurrent_kernel"],
-                               params["recurrent_bias"], h0, unroll)
+        hs, h_last = gru_layer(_input_product(params, xs), params["bias"],
+                               params["recurrent_kernel"], params["recurrent_bias"], h0, unroll)
         return h_last, hs
 
     return Cell(init, step, _zeros_carry(hidden), hidden, _dense_projection, sequence,
