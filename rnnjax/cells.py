@@ -272,112 +272,83 @@ def _gated_init(hidden: int, gates: int, bias: Callable[[], jax.Array]) -> Calla
     return init
 
 
-# The gated cells' recurrences, like elman_layer, have hand-written backward passes, built
-# to leave as few ops in each loop step as possible: every op left in a compiled loop body
-# runs once per time step (a thunk on XLA:CPU, about 1.5-2 us each; a kernel launch on a
-# GPU), and at small batches that count, not the FLOPs, bounds the step (rnnjax.hlo
-# counts them; tests/test_hlo.py guards them). The plan:
-# - the forward loop stores only its carry (h, and the LSTM's c): no gate activations, no
-#   concatenates, no autodiff residuals;
-# - the backward pass recomputes the gates of all steps at once, outside its loop, from one
-#   product h_{t-1} @ recurrent over all steps, and folds them into per-step factors m_t;
-# - the backward loop is one elementwise fusion making the pre-activation gradient
-#   dz_t = [carry gradients] * m_t, one product dz_t @ recurrent^T, one fusion for the next
-#   carry and one store; the weight gradients are one product over all steps.
-# Ops per step, forward / backward (jax 0.10.2 CPU): LSTM 13 / 13 -> 8 / 7 and GRU (was
-# autodiff of the scan) 18 / 16 -> 5 / 6. The forward arithmetic is what the step was, so
-# forward results are unchanged bit for bit.
+# The LSTM recurrence, like elman_layer, has a hand-written backward pass: the forward scan
+# saves one [B, 4H] array of gate activations per step (autodiff of the scan saved a dozen
+# [B, H] pieces, each its own dynamic-update-slice), the backward scan is one elementwise
+# fusion and one [B, 4H] x [4H, H] product per step, and the recurrent-kernel gradient is
+# one product over all steps; the input projection stays outside (autodiff). Measured on
+# the 2-core AMD EPYC, batch 50, median ms per train step, autodiff / fused, in one
+# process: rows 7.45 / 6.17, pixels 205 / 183. (The same for the GRU measured no faster,
+# 183 / 187 on pixels; the GRU's own, below, stores its gates in one array.)
+# A version storing only h and c and recomputing the gates outside the loop left 8 / 7
+# ops per step (from 13 / 13) but measured 1.3x slower here (the recomputed sigmoids and
+# tanh cost more than the ops saved); with the sigmoids stored, 9 / 7 and still slower:
+# the [B, 4, H] broadcasts of its backward step ran slower than the concatenate.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def lstm_layer(
-    xw: jax.Array, bias: jax.Array, recurrent: jax.Array, h0: jax.Array, c0: jax.Array,
-    unroll: int,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The LSTM recurrence over the input product (Keras gate order i, f, c, o).
+    us: jax.Array, recurrent: jax.Array, h0: jax.Array, c0: jax.Array, unroll: int
+) -> tuple[jax.Array, jax.Array]:
+    """The LSTM recurrence over projected inputs (Keras gate order i, f, c, o).
 
-    xw [T, B, 4H] (``x_t @ kernel``), bias [4H], recurrent [H, 4H], h0 and c0 [B, H] ->
-    (hs [T, B, H], h_T [B, H], c_T [B, H]: the final carry); computed in ``xw.dtype``.
+    us [T, B, 4H] (``x_t @ kernel + bias``), recurrent [H, 4H], h0 and c0 [B, H] ->
+    (hs [T, B, H], the last cell state c_T [B, H]); computed in ``us.dtype``.
     """
-    hs, _, (h_last, c_last) = _lstm_forward(xw, bias, recurrent, h0, c0, unroll)
-    return hs, h_last, c_last
+    hs, c_last, _ = _lstm_forward(us, recurrent, h0, c0, unroll)
+    return hs, c_last
 
 
-def _lstm_gates(z: jax.Array, hidden: int) -> tuple[jax.Array, ...]:
-    """Gate activations (i, f, g, o), each [..., H], of pre-activations z [..., 4H].
+def _lstm_step(recurrent, carry, u):
+    """One LSTM step: ``((h, c), u_t) -> ((h, c), (h, c, gate activations [B, 4H]))``.
 
     The sigmoid runs over all four gate blocks at once: XLA:CPU vectorises it over the
     contiguous [B, 4H] array, where per-gate slices ran 3-4x slower (measured: the LSTM
     forward step at batch 50 took 100 us with sliced gates, 29 us so). Bitwise the same.
     """
-    i, f, _, o = jnp.split(jax.nn.sigmoid(z), 4, axis=-1)
-    return i, f, jnp.tanh(z[..., 2 * hidden : 3 * hidden]), o
-
-
-def _lstm_step(recurrent, carry, u):
-    """One LSTM step: ``((h, c), u_t) -> ((h, c), (h, c))``."""
     h, c = carry
-    i, f, g, o = _lstm_gates(u + h @ recurrent.astype(u.dtype), h.shape[-1])
+    z = u + h @ recurrent.astype(u.dtype)
+    i, f, _, o = jnp.split(jax.nn.sigmoid(z), 4, axis=-1)
+    hidden = h.shape[-1]
+    g = jnp.tanh(z[..., 2 * hidden : 3 * hidden])
     c = f * c + i * g
     h = o * jnp.tanh(c)
-    return (h, c), (h, c)
+    return (h, c), (h, c, jnp.concatenate([i, f, g, o], axis=-1))
 
 
-def _lstm_forward(xw, bias, recurrent, h0, c0, unroll):
-    recurrent, bias = recurrent.astype(xw.dtype), bias.astype(xw.dtype)
-
-    def step(carry, xw_t):
-        return _lstm_step(recurrent, carry, xw_t + bias)
-
-    last, (hs, cs) = jax.lax.scan(step, (h0, c0), xw, unroll=unroll)
-    return hs, cs, last
+def _lstm_forward(us, recurrent, h0, c0, unroll):
+    step = functools.partial(_lstm_step, recurrent.astype(us.dtype))
+    (_, c_last), (hs, cs, gates) = jax.lax.scan(step, (h0, c0), us, unroll=unroll)
+    return hs, c_last, (cs, gates)
 
 
-def _lstm_fwd(xw, bias, recurrent, h0, c0, unroll):
-    hs, cs, (h_last, c_last) = _lstm_forward(xw, bias, recurrent, h0, c0, unroll)
-    return (hs, h_last, c_last), (xw, bias, recurrent, h0, c0, hs, cs)
+def _lstm_fwd(us, recurrent, h0, c0, unroll):
+    hs, c_last, (cs, gates) = _lstm_forward(us, recurrent, h0, c0, unroll)
+    return (hs, c_last), (recurrent, h0, c0, hs, cs, gates)
 
 
 def _lstm_bwd(unroll, residuals, cotangents):
-    xw, bias, recurrent, h0, c0, hs, cs = residuals
-    dhs, dh_last, dc_last = cotangents
-    us = xw + bias.astype(xw.dtype)
-    rec = recurrent.astype(hs.dtype)
-    h_prev, c_prev = _previous(h0, hs), _previous(c0, cs)
-    # Every step's gates at once, outside the loop.
-    i, f, g, o = _lstm_gates(us + h_prev @ rec, h0.shape[-1])
-    tanh_c = jnp.tanh(cs)
-    through_h = o * (1 - tanh_c * tanh_c)  # dc_t gets dh_t * this
-    # dz_t = [dc_t, dc_t, dc_t, dh_t] * factors_t, the factors [T, B, 4, H] so that the
-    # loop broadcasts (one fusion) where a concatenate would be an op of its own.
-    factors = jnp.stack(
-        [g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], axis=-2
-    )
-    is_h = (jnp.arange(4) == 3)[:, None]  # [4, 1]: the output gate's block takes dh
-    rec_t = rec.T
+    recurrent, h0, c0, hs, cs, gates = residuals
+    dhs, dc_last = cotangents
+    rec_t = recurrent.astype(hs.dtype).T
 
-    # Carrying dc_{t+1} (not dc_{t+1} f_{t+1}) lets XLA update it in place; the other
-    # carry, dz_{t+1} @ recurrent^T, is still copied once a step (7 ops, not 6): XLA also
-    # computes dz inside the store, which reads the old carry after the product made the
-    # new one. Layouts tried to avoid that copy came out at 7-8 ops.
     def step(carry, inputs_t):
-        dh_next, dc_next = carry  # from step t + 1: dz_{t+1} @ recurrent^T, and dc_{t+1}
-        dh, through_h_t, factors_t, f_next = inputs_t  # f_next: f_{t+1} (1 at the last step)
+        dh_next, dc = carry  # from step t + 1: dz_{t+1} @ recurrent^T and dc_{t+1} * f
+        dh, c, c_prev, a = inputs_t
+        i, f, g, o = jnp.split(a, 4, axis=-1)
         dh = dh + dh_next
-        dc = dc_next * f_next + dh * through_h_t
-        dz = jnp.where(is_h, dh[:, None], dc[:, None]) * factors_t
-        dz = dz.reshape(*dz.shape[:-2], -1)  # [B, 4H], a bitcast
-        return (dz @ rec_t, dc), dz
+        tanh_c = jnp.tanh(c)
+        dc = dc + dh * o * (1 - tanh_c * tanh_c)
+        dz = jnp.concatenate([dc * g * i * (1 - i), dc * c_prev * f * (1 - f),
+                              dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)], axis=-1)
+        return (dz @ rec_t, dc * f), dz
 
-    f_next = jnp.concatenate([f[1:], jnp.ones_like(f[:1])], axis=0)
-    (dh0, dc_first), dzs = jax.lax.scan(
-        step, (dh_last, dc_last.astype(c0.dtype)), (dhs, through_h, factors, f_next),
-        reverse=True, unroll=unroll,
+    (dh0, dc0), dzs = jax.lax.scan(
+        step, (jnp.zeros_like(h0), dc_last.astype(c0.dtype)),
+        (dhs, cs, _previous(c0, cs), gates), reverse=True, unroll=unroll,
     )
-    dc0 = dc_first * f[0]
-    drecurrent = _time_batch_product(h_prev, dzs)
-    dbias = dzs.sum(axis=(0, 1), dtype=jnp.float32)
-    return dzs, dbias.astype(bias.dtype), drecurrent.astype(recurrent.dtype), dh0, dc0
+    drecurrent = _time_batch_product(_previous(h0, hs), dzs)
+    return dzs, drecurrent.astype(recurrent.dtype), dh0, dc0
 
 
 lstm_layer.defvjp(_lstm_fwd, _lstm_bwd)
@@ -395,7 +366,7 @@ def lstm(hidden: int) -> Cell:
         return jnp.zeros((4 * hidden,), jnp.float32).at[hidden : 2 * hidden].set(1.0)
 
     def step(params, carry, u):
-        carry, (h, _) = _lstm_step(params["recurrent_kernel"], carry, u)
+        carry, (h, _, _) = _lstm_step(params["recurrent_kernel"], carry, u)
         return carry, h
 
     def initial_carry(batch, dtype):
@@ -404,12 +375,24 @@ def lstm(hidden: int) -> Cell:
 
     def sequence(params, xs, carry, unroll):
         h0, c0 = carry
-        hs, h_last, c_last = lstm_layer(_input_product(params, xs), params["bias"],
-                                        params["recurrent_kernel"], h0, c0, unroll)
-        return (h_last, c_last), hs
+        hs, c_last = lstm_layer(_dense_projection(params, xs), params["recurrent_kernel"],
+                                h0, c0, unroll)
+        return (hs[-1], c_last), hs
 
     return Cell(_gated_init(hidden, 4, bias), step, initial_carry, hidden, _dense_projection,
                 sequence, last_output=_first)
+
+
+# The GRU recurrence has a hand-written backward pass too, built to leave few ops in each
+# loop step (each is a thunk on XLA:CPU, a kernel launch on a GPU; rnnjax.hlo counts them,
+# tests/test_hlo.py guards the counts). The forward step stores h and one [B, 3H] array of
+# gates [z, r, candidate]; the backward pass folds them, outside its loop and for all
+# steps at once, into factors m_t with dr_t = [dh_t, dh_t, dh_t] * m_t (dr: the gradient
+# of the recurrent pre-activations h_{t-1} @ recurrent + bias), so that the backward loop
+# is one fusion for dr_t, one product dr_t @ recurrent^T, one fusion for the next dh and
+# one store. Ops per step, forward / backward, jax 0.10.2 CPU: 18 / 16 under autodiff of
+# the scan, 9 / 6 so. (Storing only h and recomputing the gates outside the loop left
+# 5 / 6, but the recomputed sigmoids and tanh cost more than the four ops saved.)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -422,19 +405,25 @@ def gru_layer(
     xw [T, B, 3H] (``x_t @ kernel``), bias [3H], recurrent [H, 3H], recurrent_bias [3H],
     h0 [B, H] -> (hs [T, B, H], h_T [B, H]: the final carry); computed in ``xw.dtype``.
     """
-    return _gru_forward(xw, bias, recurrent, recurrent_bias, h0, unroll)
+    hs, h_last, _ = _gru_forward(xw, bias, recurrent, recurrent_bias, h0, unroll)
+    return hs, h_last
 
 
 def _gru_step(recurrent, recurrent_bias, h, u):
-    """One GRU step: ``(h, u_t) -> (h, h)``; recurrent and its bias already in u's dtype."""
+    """One GRU step: ``(h, u_t) -> (h, (h, gates [B, 3H]))``, gates = [z, r, candidate];
+    recurrent and its bias already in u's dtype.
+
+    The gates are one array, made by one op: the backward pass reads them rather than
+    recomputing their sigmoids and tanh (on XLA:CPU those cost more than the store).
+    """
+    hidden = h.shape[-1]
     r_all = h @ recurrent + recurrent_bias
-    uz, ur, uh = jnp.split(u, 3, axis=-1)
-    rz, rr, rh = jnp.split(r_all, 3, axis=-1)
-    z = jax.nn.sigmoid(uz + rz)
-    r = jax.nn.sigmoid(ur + rr)
-    candidate = jnp.tanh(uh + r * rh)
+    zr = jax.nn.sigmoid(u[..., : 2 * hidden] + r_all[..., : 2 * hidden])  # [z, r]
+    candidate = jnp.tanh(u[..., 2 * hidden :] + zr[..., hidden:] * r_all[..., 2 * hidden :])
+    gates = jnp.concatenate([zr, candidate], axis=-1)
+    z, candidate = gates[..., :hidden], gates[..., 2 * hidden :]
     h = z * h + (1 - z) * candidate
-    return h, h
+    return h, (h, gates)
 
 
 def _gru_forward(xw, bias, recurrent, recurrent_bias, h0, unroll):
@@ -445,28 +434,25 @@ def _gru_forward(xw, bias, recurrent, recurrent_bias, h0, unroll):
     def step(h, xw_t):
         return _gru_step(recurrent, recurrent_bias, h, xw_t + bias)
 
-    h_last, hs = jax.lax.scan(step, h0, xw, unroll=unroll)
-    return hs, h_last
+    h_last, (hs, gates) = jax.lax.scan(step, h0, xw, unroll=unroll)
+    return hs, h_last, gates
 
 
 def _gru_fwd(xw, bias, recurrent, recurrent_bias, h0, unroll):
-    hs, h_last = _gru_forward(xw, bias, recurrent, recurrent_bias, h0, unroll)
-    return (hs, h_last), (xw, bias, recurrent, recurrent_bias, h0, hs)
+    hs, h_last, gates = _gru_forward(xw, bias, recurrent, recurrent_bias, h0, unroll)
+    return (hs, h_last), (bias, recurrent, recurrent_bias, h0, hs, gates)
 
 
 def _gru_bwd(unroll, residuals, cotangents):
-    xw, bias, recurrent, recurrent_bias, h0, hs = residuals
+    bias, recurrent, recurrent_bias, h0, hs, gates = residuals
     dhs, dh_last = cotangents
-    us = xw + bias.astype(xw.dtype)
+    hidden = h0.shape[-1]
     rec = recurrent.astype(hs.dtype)
     h_prev = _previous(h0, hs)
-    # Every step's gates at once, outside the loop.
-    r_all = h_prev @ rec + recurrent_bias.astype(hs.dtype)
-    uz, ur, uh = jnp.split(us, 3, axis=-1)
-    rz, rr, rh = jnp.split(r_all, 3, axis=-1)
-    z = jax.nn.sigmoid(uz + rz)
-    r = jax.nn.sigmoid(ur + rr)
-    candidate = jnp.tanh(uh + r * rh)
+    # Outside the loop: rh = h_{t-1} @ recurrent_h + bias_h of every step in one product
+    # (no transcendental functions: the forward stored the gates).
+    rh = h_prev @ rec[:, 2 * hidden :] + recurrent_bias[2 * hidden :].astype(hs.dtype)
+    z, r, candidate = jnp.split(gates, 3, axis=-1)
     through_candidate = (1 - z) * (1 - candidate * candidate)  # d(uh + r rh) per dh
     # The gradient of r_all (the recurrent pre-activations) is [dh, dh, dh] * factors, the
     # factors [T, B, 3, H] so that the loop broadcasts dh (no concatenate op).
@@ -491,7 +477,6 @@ def _gru_bwd(unroll, residuals, cotangents):
     )
     dh_total = jnp.concatenate([dh_before[1:], dh_last_step[None]], axis=0)  # dh_t, all t
     dr_all = (dh_total[..., None, :] * factors).reshape(*dh_total.shape[:-1], -1)
-    hidden = h0.shape[-1]
     dus = jnp.concatenate([dr_all[..., : 2 * hidden], dh_total * through_candidate], axis=-1)
     drecurrent = _time_batch_product(h_prev, dr_all)
     drecurrent_bias = dr_all.sum(axis=(0, 1), dtype=jnp.float32)
@@ -515,8 +500,9 @@ def gru(hidden: int) -> Cell:
         return params
 
     def step(params, h, u):
-        return _gru_step(params["recurrent_kernel"].astype(u.dtype),
-                         params["recurrent_bias"].astype(u.dtype), h, u)
+        h, (y, _) = _gru_step(params["recurrent_kernel"].astype(u.dtype),
+                              params["recurrent_bias"].astype(u.dtype), h, u)
+        return h, y
 
     def sequence(params, xs, h0, unroll):
         hs, h_last = gru_layer(_input_product(params, xs), params["bias"],
