@@ -17,6 +17,7 @@ prints just those). Writes ``results/throughput.{json,md,png}``. No TensorFlow.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import time
 
@@ -30,7 +31,8 @@ from benchmarks.harness import (
     time_compiled,
     write_results,
 )
-from rnnjax import hlo, train
+from rnnjax import cells, hlo, train
+from rnnjax.cells import Cell
 from rnnjax.config import Config
 from rnnjax.data.pipeline import batch_indices, to_device
 from rnnjax.data.sources import load_arrays
@@ -78,11 +80,16 @@ def chain_floor(device: jax.Device, batch: int, links: int = 56, repeats: int = 
     return time_calls(lambda: chain(h0, us, u), repeats, burn_in=2)[0]
 
 
-def step_ops(config: Config, device: jax.Device | None = None) -> dict[str, float]:
-    """Ops per time step of one compiled train step of ``config``'s model, forward and
-    backward (``rnnjax.hlo.ops_per_step``), compiled at unroll 1 for ``device``."""
+def step_ops(
+    config: Config, device: jax.Device | None = None, cell: Cell | None = None
+) -> dict[str, float]:
+    """Ops per time step of one compiled train step of ``config``'s model (with ``cell``
+    instead of the configured one, if given), forward and backward
+    (``rnnjax.hlo.ops_per_step``), compiled at unroll 1 for ``device``."""
     config = config.replace(unroll=1)
     model, optimizer = make_model(config), make_optimizer(config)
+    if cell is not None:
+        model = dataclasses.replace(model, cell=cell)
     device = device or jax.devices()[0]
     with jax.default_device(device):
         state = train.create_state(jax.random.key(0), model, optimizer)
@@ -117,14 +124,19 @@ def measure(device, data, batch: int, unroll: int, steps_per_call: int, repeats:
     }
 
 
-def ops_table(cells: list[str], device: jax.Device) -> dict[str, dict[str, float]]:
+def ops_table(names: list[str], device: jax.Device) -> dict[str, dict[str, float]]:
     """``{cell: {"forward": ops, "backward": ops}}`` per time step on ``device``, printed."""
     table = {}
     print(f"{device.platform}: ops per time step (train step, batch 50, rows, unroll 1), "
           "forward / backward", flush=True)
-    for cell in cells:
-        table[cell] = step_ops(Config(cell=cell), device)
-        print(f"  {cell}: {table[cell]['forward']:g} / {table[cell]['backward']:g}", flush=True)
+    variants = [(name, name, None) for name in names]
+    if "gru" in names:
+        variants.append(("gru, backward='hand_written'", "gru",
+                         cells.gru(Config().hidden_size, backward="hand_written")))
+    for label, name, cell in variants:
+        table[label] = step_ops(Config(cell=name), device, cell)
+        print(f"  {label}: {table[label]['forward']:g} / {table[label]['backward']:g}",
+              flush=True)
     return table
 
 

@@ -392,7 +392,12 @@ def lstm(hidden: int) -> Cell:
 # is one fusion for dr_t, one product dr_t @ recurrent^T, one fusion for the next dh and
 # one store. Ops per step, forward / backward, jax 0.10.2 CPU: 18 / 16 under autodiff of
 # the scan, 9 / 6 so. (Storing only h and recomputing the gates outside the loop left
-# 5 / 6, but the recomputed sigmoids and tanh cost more than the four ops saved.)
+# 5 / 6, but the recomputed sigmoids and tanh cost more than the four ops saved.) On the
+# 2-core development machine it still measured 0.86-0.90x as fast as autodiff (interleaved
+# in one process, under load): the loops ran 1.8x faster, but the work outside them (the
+# [T, B, 3, H] factors, two transposes for the recurrent-kernel product, zeroing the stored
+# gates) cost more. So `gru` keeps autodiff by default and offers this as
+# ``gru(hidden, backward="hand_written")``, for a machine where ops cost more.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -410,8 +415,8 @@ def gru_layer(
 
 
 def _gru_step(recurrent, recurrent_bias, h, u):
-    """One GRU step: ``(h, u_t) -> (h, (h, gates [B, 3H]))``, gates = [z, r, candidate];
-    recurrent and its bias already in u's dtype.
+    """One GRU step of :func:`gru_layer`: ``(h, u_t) -> (h, (h, gates [B, 3H]))``, gates =
+    [z, r, candidate]; recurrent and its bias already in u's dtype.
 
     The gates are one array, made by one op: the backward pass reads them rather than
     recomputing their sigmoids and tanh (on XLA:CPU those cost more than the store).
@@ -489,8 +494,17 @@ gru_layer.defvjp(_gru_fwd, _gru_bwd)
 
 
 @functools.cache
-def gru(hidden: int) -> Cell:
-    """Keras ``GRU`` (``reset_after=True``: gates z, r, h; separate recurrent bias)."""
+def gru(hidden: int, backward: str = "autodiff") -> Cell:
+    """Keras ``GRU`` (``reset_after=True``: gates z, r, h; separate recurrent bias).
+
+    backward: ``"autodiff"`` (of the plain scan of ``step``) or ``"hand_written"``
+    (:func:`gru_layer`: 9 / 6 ops per time step against 18 / 16, but measured 0.86-0.90x
+    as fast on the 2-core development machine, where its vectorised work outside the loops
+    costs more than the ops it saves; a candidate for choosing by measurement). Forward
+    results are the same bit for bit either way.
+    """
+    if backward not in ("autodiff", "hand_written"):
+        raise ValueError(f"GRU backward {backward!r}; choose 'autodiff' or 'hand_written'")
 
     base = _gated_init(hidden, 3, lambda: jnp.zeros((3 * hidden,), jnp.float32))
 
@@ -500,16 +514,25 @@ def gru(hidden: int) -> Cell:
         return params
 
     def step(params, h, u):
-        h, (y, _) = _gru_step(params["recurrent_kernel"].astype(u.dtype),
-                              params["recurrent_bias"].astype(u.dtype), h, u)
-        return h, y
+        # Autodiff differentiates this one: no gates array (its concatenate and slices
+        # would be ops of their own); the values are _gru_step's, bit for bit.
+        r_all = h @ params["recurrent_kernel"].astype(u.dtype)
+        r_all = r_all + params["recurrent_bias"].astype(u.dtype)
+        uz, ur, uh = jnp.split(u, 3, axis=-1)
+        rz, rr, rh = jnp.split(r_all, 3, axis=-1)
+        z = jax.nn.sigmoid(uz + rz)
+        r = jax.nn.sigmoid(ur + rr)
+        candidate = jnp.tanh(uh + r * rh)
+        h = z * h + (1 - z) * candidate
+        return h, h
 
     def sequence(params, xs, h0, unroll):
         hs, h_last = gru_layer(_input_product(params, xs), params["bias"],
                                params["recurrent_kernel"], params["recurrent_bias"], h0, unroll)
         return h_last, hs
 
-    return Cell(init, step, _zeros_carry(hidden), hidden, _dense_projection, sequence,
+    return Cell(init, step, _zeros_carry(hidden), hidden, _dense_projection,
+                sequence if backward == "hand_written" else None,
                 last_output=_identity_output)
 
 

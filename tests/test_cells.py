@@ -144,12 +144,19 @@ def test_fused_backward_matches_autodiff(name, threshold, monkeypatch):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), fused, plain)
 
 
+def _cell(name: str, hidden: int) -> Cell:
+    """A registered cell, or ``gru_hand_written``: the GRU with its hand-written backward."""
+    if name == "gru_hand_written":
+        return cells.gru(hidden, backward="hand_written")
+    return cells.get_cell(name, hidden)
+
+
 @pytest.mark.parametrize("unroll", [1, 0])
-@pytest.mark.parametrize("name", ["lstm", "gru", "simple_rnn"])
+@pytest.mark.parametrize("name", ["lstm", "gru_hand_written", "simple_rnn"])
 def test_fused_backward_matches_autodiff_through_carries(name, unroll):
     """Through the outputs, the final carry (h, and the LSTM's c) and a non-zero initial
     carry alike."""
-    cell = cells.get_cell(name, H)
+    cell = _cell(name, H)
     assert cell.sequence is not None
     rng = np.random.default_rng(5)
     params = jax.tree.map(
@@ -171,10 +178,10 @@ def test_fused_backward_matches_autodiff_through_carries(name, unroll):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), fused, plain)
 
 
-@pytest.mark.parametrize("name", sorted(REFERENCES))
+@pytest.mark.parametrize("name", [*sorted(REFERENCES), "gru_hand_written"])
 def test_gradients_against_float64_finite_differences(name):
     with jax.enable_x64(True):
-        cell = cells.get_cell(name, H)
+        cell = _cell(name, H)
         params = jax.tree.map(lambda p: p.astype(jnp.float64), cell.init(jax.random.key(4), F))
         params = {**params, "bias": params["bias"] + 0.05}
         xs = jnp.asarray(_inputs(3, np.float64))
@@ -243,12 +250,16 @@ def test_unknown_cell_is_a_clear_error():
         cells.get_cell("nope", 4)
 
 
-@pytest.mark.parametrize("name", sorted(REFERENCES))
+@pytest.mark.parametrize("name", [*sorted(REFERENCES), "gru_hand_written"])
 def test_fused_forward_is_bitwise_the_plain_scan(name):
     """The hand-written layers change only the backward pass: outputs and final carry are
     the plain scan's, bit for bit."""
-    cell = cells.get_cell(name, H)
-    params = cell.init(jax.random.key(6), F)
+    cell = _cell(name, H)
+    rng = np.random.default_rng(6)
+    params = jax.tree.map(  # non-zero biases too, so the order of every sum shows
+        lambda p: p + jnp.asarray(rng.normal(scale=0.3, size=p.shape), p.dtype),
+        cell.init(jax.random.key(6), F),
+    )
     xs = jnp.asarray(_inputs(6))
     carry0 = jax.tree.map(lambda c: c + 0.5, cell.initial_carry(B, jnp.float32))
     fused = jax.jit(lambda p, x, c: scan_cell(cell, p, x, c))(params, xs, carry0)
