@@ -192,6 +192,21 @@ def test_gradients_against_float64_finite_differences(name):
         check_grads(f, (params, xs), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["simple_rnn", "irnn"])
+def test_elman_forward_without_gradient_is_bitwise_the_trained_forward(name):
+    """Evaluation projects x_t inside the loop, training before it: the same outputs, bit
+    for bit, at a batch where the two products differ in shape by far."""
+    cell = cells.get_cell(name, 50)
+    rng = np.random.default_rng(7)
+    params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(scale=0.3, size=p.shape), p.dtype),
+                          cell.init(jax.random.key(7), 28))
+    xs = jnp.asarray(rng.random((28, 1000, 28)), jnp.float32)
+    evaluated = jax.jit(lambda p, x: scan_cell(cell, p, x))(params, xs)
+    # jax.vjp runs the forward rule that training runs (projection before the loop).
+    trained = jax.jit(lambda p, x: jax.vjp(lambda q: scan_cell(cell, q, x), p)[0])(params, xs)
+    jax.tree.map(np.testing.assert_array_equal, evaluated, trained)
+
+
 def test_user_defined_cell_needs_only_the_protocol():
     """A cell written here, with no projection and no fused path, scans and trains."""
 
