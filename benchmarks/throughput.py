@@ -9,20 +9,30 @@ one burn-in call, and reports the median over repeats of ms/step, steps/s, sampl
 compile time and first-call latency. It counts the FLOPs of one train step (analytic:
 XLA's cost analysis counts a while-loop body once, so it cannot), measures the
 backend's float32 GEMM rate with JAX, and reports the fraction achieved. With two
-backends it adds their ratio. Writes ``results/throughput.{json,md,png}``. No TensorFlow.
+backends it adds their ratio. Per backend it also reports each cell's ops per time step,
+forward and backward, read from the compiled train step (``rnnjax.hlo``; ``--ops-only``
+prints just those). Writes ``results/throughput.{json,md,png}``. No TensorFlow.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import time
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.harness import environment, time_calls, time_compiled, write_results
-from rnnjax import train
+from benchmarks.harness import (
+    environment,
+    markdown_table,
+    time_calls,
+    time_compiled,
+    write_results,
+)
+from rnnjax import cells, hlo, train
+from rnnjax.cells import Cell
 from rnnjax.config import Config
 from rnnjax.data.pipeline import batch_indices, to_device
 from rnnjax.data.sources import load_arrays
@@ -70,6 +80,26 @@ def chain_floor(device: jax.Device, batch: int, links: int = 56, repeats: int = 
     return time_calls(lambda: chain(h0, us, u), repeats, burn_in=2)[0]
 
 
+def step_ops(
+    config: Config, device: jax.Device | None = None, cell: Cell | None = None
+) -> dict[str, float]:
+    """Ops per time step of one compiled train step of ``config``'s model (with ``cell``
+    instead of the configured one, if given), forward and backward
+    (``rnnjax.hlo.ops_per_step``), compiled at unroll 1 for ``device``."""
+    config = config.replace(unroll=1)
+    model, optimizer = make_model(config), make_optimizer(config)
+    if cell is not None:
+        model = dataclasses.replace(model, cell=cell)
+    device = device or jax.devices()[0]
+    with jax.default_device(device):
+        state = train.create_state(jax.random.key(0), model, optimizer)
+        images = jnp.zeros((config.batch_size, 28, 28), jnp.float32)
+        labels = jnp.zeros((config.batch_size,), jnp.int32)
+        fn = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer))
+        text = fn.lower(state, images, labels).compile().as_text()
+    return hlo.ops_per_step(text, 28 if config.order == "rows" else 784)
+
+
 def measure(device, data, batch: int, unroll: int, steps_per_call: int, repeats: int) -> dict:
     config = Config(batch_size=batch, unroll=unroll)
     model, optimizer = make_model(config), make_optimizer(config)
@@ -94,6 +124,22 @@ def measure(device, data, batch: int, unroll: int, steps_per_call: int, repeats:
     }
 
 
+def ops_table(names: list[str], device: jax.Device) -> dict[str, dict[str, float]]:
+    """``{cell: {"forward": ops, "backward": ops}}`` per time step on ``device``, printed."""
+    table = {}
+    print(f"{device.platform}: ops per time step (train step, batch 50, rows, unroll 1), "
+          "forward / backward", flush=True)
+    variants = [(name, name, None) for name in names]
+    if "gru" in names:
+        variants.append(("gru, backward='hand_written'", "gru",
+                         cells.gru(Config().hidden_size, backward="hand_written")))
+    for label, name, cell in variants:
+        table[label] = step_ops(Config(cell=name), device, cell)
+        print(f"  {label}: {table[label]['forward']:g} / {table[label]['backward']:g}",
+              flush=True)
+    return table
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="50,256,1024,4096")
@@ -103,6 +149,10 @@ def main(argv=None) -> None:
                         help="K (default: 200 at batch 50, fewer for larger batches)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="", help="results directory")
+    parser.add_argument("--cells", default="simple_rnn,irnn,lstm,gru",
+                        help="cells whose ops per time step are reported")
+    parser.add_argument("--ops-only", action="store_true",
+                        help="report the ops per time step only, no timings")
     args = parser.parse_args(argv)
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -111,12 +161,17 @@ def main(argv=None) -> None:
     backends = args.backends.split(",") if args.backends else sorted(
         {d.platform for d in jax.devices()} | {"cpu"}, key=lambda b: (b == "cpu", b)
     )
-    data = load_arrays(Config())
     rows = []
     envs = {}
     for backend in backends:
         device = jax.devices(backend)[0]
         envs[backend] = environment(device)
+        envs[backend]["ops_per_step"] = ops_table(args.cells.split(","), device)
+    if args.ops_only:
+        return
+    data = load_arrays(Config())
+    for backend in backends:
+        device = jax.devices(backend)[0]
         rate = gemm_rate(device, 2048 if backend == "cpu" else 8192)
         print(f"{backend}: float32 GEMM {rate / 1e9:.0f} GFLOP/s", flush=True)
         for batch in batches:
@@ -151,7 +206,13 @@ def report(rows: list[dict], envs: dict[str, dict], out: str) -> None:
     if any("speedup_vs_cpu" in r for r in rows):
         columns.append("speedup_vs_cpu")
     env = next(iter(envs.values())) | {"backends": envs}
-    directory = write_results("throughput", rows, columns, env=env, out_dir=out or None)
+    notes = "Ops per time step of the compiled train step (batch 50, rows, unroll 1), " \
+        "forward / backward:\n\n" + markdown_table(
+            [{"backend": b, "cell": c, "forward": n["forward"], "backward": n["backward"]}
+             for b, e in envs.items() for c, n in e["ops_per_step"].items()],
+            ["backend", "cell", "forward", "backward"])
+    directory = write_results("throughput", rows, columns, env=env, notes=notes,
+                              out_dir=out or None)
     plot(rows, directory / "throughput.png")
 
 

@@ -91,17 +91,24 @@ class Model:
         params = jax.tree.map(lambda p: p.astype(dtype), params)
         perm = None if self.permutation is None else jnp.asarray(self.permutation)
         xs = to_sequence(images.astype(dtype), self.order, perm)
+        finals = ()  # the last layer's final carries (two when bidirectional)
         for layer in params["rnn"]:
             if self.bidirectional:
-                _, fwd = scan_cell(self.cell, layer["fwd"], xs, unroll=self.unroll,
-                                   weight_grad=self.weight_grad)
-                _, bwd = scan_cell(self.cell, layer["bwd"], xs[::-1], unroll=self.unroll,
-                                   weight_grad=self.weight_grad)
+                carry_f, fwd = scan_cell(self.cell, layer["fwd"], xs, unroll=self.unroll,
+                                         weight_grad=self.weight_grad)
+                carry_b, bwd = scan_cell(self.cell, layer["bwd"], xs[::-1], unroll=self.unroll,
+                                         weight_grad=self.weight_grad)
                 xs = jnp.concatenate([fwd, bwd[::-1]], axis=-1)
+                finals = (carry_f, carry_b)
             else:
-                _, xs = scan_cell(self.cell, layer, xs, unroll=self.unroll,
-                                  weight_grad=self.weight_grad)
-        if self.bidirectional:
+                carry, xs = scan_cell(self.cell, layer, xs, unroll=self.unroll,
+                                      weight_grad=self.weight_grad)
+                finals = (carry,)
+        if self.cell.last_output is not None:
+            # The same values as slicing xs below, read from the carries: the last layer's
+            # outputs over time are then unused and never stored.
+            last = jnp.concatenate([self.cell.last_output(c) for c in finals], axis=-1)
+        elif self.bidirectional:
             # Last step of the forward pass, and the backward pass's output at t=0 (which
             # has read the whole sequence), as Keras' Bidirectional(return_sequences=False).
             width = self.cell.hidden_size

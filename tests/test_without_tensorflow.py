@@ -82,10 +82,13 @@ def test_train_eval_and_predict_run_without_tensorflow(tmp_path, mnist):
 
 def test_throughput_benchmark_runs_without_tensorflow(tmp_path):
     run_blocked(tmp_path, "benchmarks.throughput", "--batch-sizes", "8", "--unrolls", "1",
-                "--repeats", "1", "--steps-per-call", "5", "--out", str(tmp_path / "tp"))
-    rows = json.loads((tmp_path / "tp" / "throughput.json").read_text())["rows"]
+                "--repeats", "1", "--steps-per-call", "5", "--cells", "simple_rnn",
+                "--out", str(tmp_path / "tp"))
+    result = json.loads((tmp_path / "tp" / "throughput.json").read_text())
+    rows = result["rows"]
     assert [(r["batch"], r["unroll"]) for r in rows] == [(8, 1)]
     assert rows[0]["ms_per_step"] > 0
+    assert result["environment"]["ops_per_step"]["simple_rnn"]["forward"] > 0
 
 
 def test_flax_benchmark_runs_without_tensorflow(tmp_path):
