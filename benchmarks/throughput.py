@@ -100,8 +100,9 @@ def step_ops(
     return hlo.ops_per_step(text, 28 if config.order == "rows" else 784)
 
 
-def measure(device, data, batch: int, unroll: int, steps_per_call: int, repeats: int) -> dict:
-    config = Config(batch_size=batch, unroll=unroll)
+def measure(device, data, batch: int, unroll: int, steps_per_call: int, repeats: int,
+            cell: str = "simple_rnn") -> dict:
+    config = Config(batch_size=batch, unroll=unroll, cell=cell)
     model, optimizer = make_model(config), make_optimizer(config)
     with jax.default_device(device):
         state = init_state(config, model, optimizer)
@@ -149,6 +150,9 @@ def main(argv=None) -> None:
                         help="K (default: 200 at batch 50, fewer for larger batches)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="", help="results directory")
+    parser.add_argument("--cell", default="simple_rnn",
+                        help="the cell of the timed rows: an rnnjax cell, or a Flax cell class "
+                        "as MODULE:CLASS (e.g. flax.linen:GRUCell)")
     parser.add_argument("--cells", default="simple_rnn,irnn,lstm,gru",
                         help="cells whose ops per time step are reported")
     parser.add_argument("--ops-only", action="store_true",
@@ -178,15 +182,17 @@ def main(argv=None) -> None:
             k = args.steps_per_call or max(10, min(200, 20000 // batch))
             for unroll in unrolls:
                 t0 = time.perf_counter()
-                row = measure(device, data, batch, unroll, k, args.repeats)
-                flops = train_step_flops(batch)
+                row = measure(device, data, batch, unroll, k, args.repeats, args.cell)
                 floor_s = chain_floor(device, batch)
                 row.update(
-                    backend=backend, steps_per_call=k, flops_per_step=flops,
+                    backend=backend, cell=args.cell, steps_per_call=k,
                     floor_ms=floor_s * 1e3, x_floor=row["ms_per_step"] / (floor_s * 1e3),
                     gemm_gflops=rate / 1e9,
-                    fraction_of_gemm=flops * row["steps_per_s"] / rate,
                 )
+                if args.cell in ("simple_rnn", "irnn"):  # the FLOP count is the Elman cell's
+                    flops = train_step_flops(batch)
+                    row.update(flops_per_step=flops,
+                               fraction_of_gemm=flops * row["steps_per_s"] / rate)
                 rows.append(row)
                 print(f"  batch {batch} unroll {row['unroll']}: {row['ms_per_step']:.3f} ms/step "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -200,7 +206,7 @@ def report(rows: list[dict], envs: dict[str, dict], out: str) -> None:
         cpu = base.get((r["batch"], r["unroll"]))
         if r["backend"] != "cpu" and cpu is not None:
             r["speedup_vs_cpu"] = cpu["ms_per_step"] / r["ms_per_step"]
-    columns = ["backend", "batch", "unroll", "steps_per_call", "ms_per_step", "steps_per_s",
+    columns = ["backend", "cell", "batch", "unroll", "steps_per_call", "ms_per_step", "steps_per_s",
                "samples_per_s", "compile_s", "first_call_s", "floor_ms", "x_floor",
                "flops_per_step", "gemm_gflops", "fraction_of_gemm"]
     if any("speedup_vs_cpu" in r for r in rows):

@@ -413,6 +413,18 @@ def test_a_users_own_flax_cell_module_trains(tmp_path, monkeypatch, name):
     assert count_params(result.state.params) == 28 * 12 + 12 + 12 * 12 + 12 * 10 + 10
 
 
+def test_the_throughput_benchmark_times_a_flax_cell(tmp_path):
+    from benchmarks import throughput
+
+    throughput.main(["--batch-sizes", "8", "--unrolls", "1", "--repeats", "1",
+                     "--steps-per-call", "3", "--cell", "flax.linen:GRUCell",
+                     "--cells", "flax.nnx:GRUCell", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "throughput.json").read_text())
+    [row] = result["rows"]
+    assert row["cell"] == "flax.linen:GRUCell" and row["ms_per_step"] > 0
+    assert result["environment"]["ops_per_step"]["flax.nnx:GRUCell"]["forward"] > 0
+
+
 @pytest.mark.parametrize(("spec", "message"), [
     ("flax.linen:GRUCel", "'flax.linen' has no 'GRUCel'"),
     ("no_such_module:Cell", "cannot import 'no_such_module'"),
