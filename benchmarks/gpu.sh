@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The throughput table on an accelerator machine, no TensorFlow, in well under 5 minutes.
+# The throughput table and the Flax comparison on an accelerator machine, no TensorFlow.
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]
 #
@@ -20,3 +20,6 @@ EOF
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || true
 timeout 280 python3 -m benchmarks.throughput --batch-sizes 50,256,1024,4096 --unrolls 1,4,0 \
   --repeats 5 --out "$out" 2>&1 | tee "$out/throughput.log"
+# rnnjax against Flax's own RNNs on the same accelerator (no TensorFlow needed either).
+timeout 280 python3 -m benchmarks.flax_peers --cases rows:50,rows:1024,rows:4096 --rounds 5 \
+  --out "$out" 2>&1 | tee "$out/flax_peers.log"

@@ -78,6 +78,22 @@ def time_compiled(
     return {"compile_s": compile_s, "first_call_s": first_call_s, "median_s": median_s}
 
 
+def interleaved(runners: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each runner, timed in turns (one call each per round).
+
+    Turns spread any drift of the machine (other load, clocks) over every peer alike.
+    """
+    for run in runners.values():  # burn-in
+        jax.block_until_ready(run())
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def markdown_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):

@@ -24,7 +24,6 @@ import argparse
 import functools
 import os
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import jax
 import numpy as np
 
-from benchmarks.harness import environment, write_results
+from benchmarks.harness import environment, interleaved, write_results
 from rnnjax import train
 from rnnjax.config import Config
 from rnnjax.data.idx import Arrays
@@ -139,22 +138,6 @@ def torch_step(data: Arrays, batch: int, steps: int) -> Runner:
     return run
 
 
-def interleaved(runners: dict[str, Runner], rounds: int) -> dict[str, float]:
-    """Median seconds per call of each runner, timed in turns (one call each per round).
-
-    Turns spread any drift of the machine (other load, clocks) over every peer alike.
-    """
-    for run in runners.values():  # burn-in
-        jax.block_until_ready(run())
-    samples: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            jax.block_until_ready(run())
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def available(module: str) -> bool:
     try:
         __import__(module)
@@ -187,6 +170,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-sizes", default="50,256,1024,4096")
     parser.add_argument("--repeats", type=int, default=5, help="rounds of turns")
     parser.add_argument("--seed-run", action="store_true")
+    parser.add_argument("--flax-cases", default="rows:50,rows:1024,rows:4096,pixels:50",
+                        help="cases of the Flax comparison (benchmarks.flax_peers); '' skips it")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     data = load_arrays(Config())
@@ -230,6 +215,11 @@ def main(argv=None) -> None:
     out = write_results("peers", rows, columns, env=environment(), notes=notes,
                         out_dir=args.out or None)
     plot(rows, list(peers), out / "peers.png")
+    if args.flax_cases and available("flax"):
+        from benchmarks import flax_peers
+
+        flax_peers.main(["--cases", args.flax_cases, "--rounds", str(args.repeats),
+                         *(["--out", args.out] if args.out else [])])
 
 
 def plot(rows, names, path) -> None:

@@ -9,20 +9,30 @@ one burn-in call, and reports the median over repeats of ms/step, steps/s, sampl
 compile time and first-call latency. It counts the FLOPs of one train step (analytic:
 XLA's cost analysis counts a while-loop body once, so it cannot), measures the
 backend's float32 GEMM rate with JAX, and reports the fraction achieved. With two
-backends it adds their ratio. Writes ``results/throughput.{json,md,png}``. No TensorFlow.
+backends it adds their ratio. Per backend it also reports each cell's ops per time step,
+forward and backward, read from the compiled train step (``rnnjax.hlo``; ``--ops-only``
+prints just those). Writes ``results/throughput.{json,md,png}``. No TensorFlow.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import time
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.harness import environment, time_calls, time_compiled, write_results
-from rnnjax import train
+from benchmarks.harness import (
+    environment,
+    markdown_table,
+    time_calls,
+    time_compiled,
+    write_results,
+)
+from rnnjax import cells, hlo, train
+from rnnjax.cells import Cell
 from rnnjax.config import Config
 from rnnjax.data.pipeline import batch_indices, to_device
 from rnnjax.data.sources import load_arrays
@@ -70,8 +80,29 @@ def chain_floor(device: jax.Device, batch: int, links: int = 56, repeats: int = 
     return time_calls(lambda: chain(h0, us, u), repeats, burn_in=2)[0]
 
 
-def measure(device, data, batch: int, unroll: int, steps_per_call: int, repeats: int) -> dict:
-    config = Config(batch_size=batch, unroll=unroll)
+def step_ops(
+    config: Config, device: jax.Device | None = None, cell: Cell | None = None
+) -> dict[str, float]:
+    """Ops per time step of one compiled train step of ``config``'s model (with ``cell``
+    instead of the configured one, if given), forward and backward
+    (``rnnjax.hlo.ops_per_step``), compiled at unroll 1 for ``device``."""
+    config = config.replace(unroll=1)
+    model, optimizer = make_model(config), make_optimizer(config)
+    if cell is not None:
+        model = dataclasses.replace(model, cell=cell)
+    device = device or jax.devices()[0]
+    with jax.default_device(device):
+        state = train.create_state(jax.random.key(0), model, optimizer)
+        images = jnp.zeros((config.batch_size, 28, 28), jnp.float32)
+        labels = jnp.zeros((config.batch_size,), jnp.int32)
+        fn = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer))
+        text = fn.lower(state, images, labels).compile().as_text()
+    return hlo.ops_per_step(text, 28 if config.order == "rows" else 784)
+
+
+def measure(device, data, batch: int, unroll: int, steps_per_call: int, repeats: int,
+            cell: str = "simple_rnn") -> dict:
+    config = Config(batch_size=batch, unroll=unroll, cell=cell)
     model, optimizer = make_model(config), make_optimizer(config)
     with jax.default_device(device):
         state = init_state(config, model, optimizer)
@@ -94,6 +125,22 @@ def measure(device, data, batch: int, unroll: int, steps_per_call: int, repeats:
     }
 
 
+def ops_table(names: list[str], device: jax.Device) -> dict[str, dict[str, float]]:
+    """``{cell: {"forward": ops, "backward": ops}}`` per time step on ``device``, printed."""
+    table = {}
+    print(f"{device.platform}: ops per time step (train step, batch 50, rows, unroll 1), "
+          "forward / backward", flush=True)
+    variants = [(name, name, None) for name in names]
+    if "gru" in names:
+        variants.append(("gru, backward='hand_written'", "gru",
+                         cells.gru(Config().hidden_size, backward="hand_written")))
+    for label, name, cell in variants:
+        table[label] = step_ops(Config(cell=name), device, cell)
+        print(f"  {label}: {table[label]['forward']:g} / {table[label]['backward']:g}",
+              flush=True)
+    return table
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="50,256,1024,4096")
@@ -103,6 +150,13 @@ def main(argv=None) -> None:
                         help="K (default: 200 at batch 50, fewer for larger batches)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="", help="results directory")
+    parser.add_argument("--cell", default="simple_rnn",
+                        help="the cell of the timed rows: an rnnjax cell, or a Flax cell class "
+                        "as MODULE:CLASS (e.g. flax.linen:GRUCell)")
+    parser.add_argument("--cells", default="simple_rnn,irnn,lstm,gru",
+                        help="cells whose ops per time step are reported")
+    parser.add_argument("--ops-only", action="store_true",
+                        help="report the ops per time step only, no timings")
     args = parser.parse_args(argv)
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -111,27 +165,34 @@ def main(argv=None) -> None:
     backends = args.backends.split(",") if args.backends else sorted(
         {d.platform for d in jax.devices()} | {"cpu"}, key=lambda b: (b == "cpu", b)
     )
-    data = load_arrays(Config())
     rows = []
     envs = {}
     for backend in backends:
         device = jax.devices(backend)[0]
         envs[backend] = environment(device)
+        envs[backend]["ops_per_step"] = ops_table(args.cells.split(","), device)
+    if args.ops_only:
+        return
+    data = load_arrays(Config())
+    for backend in backends:
+        device = jax.devices(backend)[0]
         rate = gemm_rate(device, 2048 if backend == "cpu" else 8192)
         print(f"{backend}: float32 GEMM {rate / 1e9:.0f} GFLOP/s", flush=True)
         for batch in batches:
             k = args.steps_per_call or max(10, min(200, 20000 // batch))
             for unroll in unrolls:
                 t0 = time.perf_counter()
-                row = measure(device, data, batch, unroll, k, args.repeats)
-                flops = train_step_flops(batch)
+                row = measure(device, data, batch, unroll, k, args.repeats, args.cell)
                 floor_s = chain_floor(device, batch)
                 row.update(
-                    backend=backend, steps_per_call=k, flops_per_step=flops,
+                    backend=backend, cell=args.cell, steps_per_call=k,
                     floor_ms=floor_s * 1e3, x_floor=row["ms_per_step"] / (floor_s * 1e3),
                     gemm_gflops=rate / 1e9,
-                    fraction_of_gemm=flops * row["steps_per_s"] / rate,
                 )
+                if args.cell in ("simple_rnn", "irnn"):  # the FLOP count is the Elman cell's
+                    flops = train_step_flops(batch)
+                    row.update(flops_per_step=flops,
+                               fraction_of_gemm=flops * row["steps_per_s"] / rate)
                 rows.append(row)
                 print(f"  batch {batch} unroll {row['unroll']}: {row['ms_per_step']:.3f} ms/step "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -145,13 +206,19 @@ def report(rows: list[dict], envs: dict[str, dict], out: str) -> None:
         cpu = base.get((r["batch"], r["unroll"]))
         if r["backend"] != "cpu" and cpu is not None:
             r["speedup_vs_cpu"] = cpu["ms_per_step"] / r["ms_per_step"]
-    columns = ["backend", "batch", "unroll", "steps_per_call", "ms_per_step", "steps_per_s",
+    columns = ["backend", "cell", "batch", "unroll", "steps_per_call", "ms_per_step", "steps_per_s",
                "samples_per_s", "compile_s", "first_call_s", "floor_ms", "x_floor",
                "flops_per_step", "gemm_gflops", "fraction_of_gemm"]
     if any("speedup_vs_cpu" in r for r in rows):
         columns.append("speedup_vs_cpu")
     env = next(iter(envs.values())) | {"backends": envs}
-    directory = write_results("throughput", rows, columns, env=env, out_dir=out or None)
+    notes = "Ops per time step of the compiled train step (batch 50, rows, unroll 1), " \
+        "forward / backward:\n\n" + markdown_table(
+            [{"backend": b, "cell": c, "forward": n["forward"], "backward": n["backward"]}
+             for b, e in envs.items() for c, n in e["ops_per_step"].items()],
+            ["backend", "cell", "forward", "backward"])
+    directory = write_results("throughput", rows, columns, env=env, notes=notes,
+                              out_dir=out or None)
     plot(rows, directory / "throughput.png")
 
 

@@ -333,12 +333,21 @@ def restore(step_dir: Path | str, target: Any, meta: Mapping[str, Any] | None = 
 
     ``target`` is a fresh state of the checkpoint's config (``train.create_state``): its
     shapes form the abstract restore target, so optimizer states come back as the same
-    NamedTuples. The restored bytes are checked against the SHA-256 saved with them.
+    NamedTuples. The restored bytes are checked against the SHA-256 saved with them; a
+    checkpoint without one is refused, never loaded unverified.
     """
     import jax
 
     step_dir = Path(step_dir)
     meta = read_meta(step_dir) if meta is None else meta
+    expected = meta.get("state_sha256")
+    if not (isinstance(expected, str) and len(expected) == 64):
+        raise CheckpointError(
+            f"checkpoint {step_dir} has no SHA-256 of its state in meta/ (rnnjax writes one "
+            "with every checkpoint), so its state cannot be verified; pass a checkpoint "
+            f"written by rnnjax train --workdir, such as another step directory of "
+            f"{step_dir.parent}"
+        )
     ocp = _ocp()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
@@ -350,8 +359,7 @@ def restore(step_dir: Path | str, target: Any, meta: Mapping[str, Any] | None = 
             f"cannot be restored ({_one_line(e)}); pass another step directory of "
             f"{step_dir.parent}, or delete this one"
         ) from e
-    expected = meta.get("state_sha256")
-    if expected and digest(state) != expected:
+    if digest(state) != expected:
         raise CheckpointError(
             f"checkpoint {step_dir} is corrupt: the restored state does not match the "
             f"checksum saved with it; pass another step directory of {step_dir.parent}, "

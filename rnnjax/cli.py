@@ -8,17 +8,34 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import json
 import os
+import shlex
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rnnjax.config import Config, ConfigError, flag_name
+from rnnjax.config import TUNED, Config, ConfigError, flag_name
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
+
+# The OS errors that a run can meet writing its files and that have a fix to name: one line
+# and exit 2. Any other OSError is not a problem of the user's input or machine that rnnjax
+# can explain, and keeps its traceback.
+OS_ERROR_FIXES = {
+    errno.ENOSPC: "free disk space or choose another --workdir",
+    errno.EDQUOT: "free space within your disk quota or choose another --workdir",
+    errno.EFBIG: "choose a --workdir on a file system that allows larger files",
+    errno.EACCES: "give this user access to it (check its permissions) or choose another "
+                  "--workdir",
+    errno.EPERM: "give this user access to it (check its permissions) or choose another "
+                 "--workdir",
+    errno.EROFS: "its file system is read-only; choose a --workdir on a writable one",
+}
 
 
 class UsageError(Exception):
@@ -57,7 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="progress bar on stderr (default: when stderr is a terminal)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --workdir from its latest checkpoint; flags "
-                       "left out keep the checkpoint's values")
+                       "left out keep the checkpoint's values (and its tuned settings)")
+    train.add_argument("--tune", action=argparse.BooleanOptionalAction, default=None,
+                       help="choose " + ", ".join(flag_name(n) for n in TUNED) + " (those "
+                       "not given) by timing them here, once per shape, cached (default: on, "
+                       "unless $RNNJAX_TUNE is off; --no-tune: the documented defaults)")
+    train.add_argument("--tune-budget", type=float, default=None, metavar="SECONDS",
+                       help="seconds the first run of a shape may spend tuning (default: "
+                       "30)")
+    tune = sub.add_parser(
+        "tune", help="time the candidate settings of a run on this machine, print the table "
+        "and the choice, and cache it for rnnjax train")
+    _add_config_flags(tune)
+    tune.add_argument("--tune-budget", type=float, default=None, metavar="SECONDS",
+                      help="seconds to spend (default: 120)")
     evaluate = sub.add_parser(
         "eval", help="evaluate a checkpoint on its dataset's test set: loss, accuracy, "
         "per-class accuracy, confusion-matrix PNG")
@@ -134,19 +164,109 @@ def resume_config(args: argparse.Namespace) -> Config:
     return config
 
 
+def tune_budget(args: argparse.Namespace, default: float) -> float:
+    """``--tune-budget``, checked: a positive, finite number of seconds."""
+    budget = default if args.tune_budget is None else args.tune_budget
+    if not (budget > 0 and budget < float("inf")):
+        raise UsageError(f"--tune-budget must be a positive number of seconds, got {budget}")
+    return budget
+
+
+def tuning_enabled(args: argparse.Namespace) -> bool:
+    """``--tune``/``--no-tune``, else on unless ``$RNNJAX_TUNE`` is off (0, false, no)."""
+    from rnnjax.tune import ENV_VAR
+
+    if args.tune is not None:
+        return args.tune
+    return os.environ.get(ENV_VAR, "").strip().lower() not in ("0", "off", "false", "no")
+
+
+def tuned_config(args: argparse.Namespace, config: Config) -> tuple[Config, dict[str, Any]]:
+    """For a new run: ``config`` with the tuned settings (cached, or measured now within
+    ``--tune-budget``) for the fields not given as flags, and how they were chosen."""
+    from rnnjax import tune
+
+    budget = tune_budget(args, tune.DEFAULT_BUDGET_S)
+    if not tuning_enabled(args):
+        return config, {"mode": "off"}
+    if config.num_processes > 1:  # every process must choose the same: pass the flags
+        return config, {"mode": "off", "reason": "several processes"}
+
+    pinned = frozenset(flag_changes(args)) & set(TUNED)
+
+    def check_run() -> None:  # what the run would refuse, refused before tuning
+        from rnnjax import checkpoint
+        from rnnjax.data.sources import load_arrays
+        from rnnjax.loop import check_data
+
+        # A workdir holding the records of a run stopped before its first checkpoint is
+        # compared with the tuned settings once they are known (by the loop): not here.
+        probe = config
+        saved = None if args.workdir is None else Path(args.workdir) / "config.json"
+        if saved is not None and saved.is_file():
+            try:
+                old = json.loads(saved.read_text())
+                probe = config.replace(**{k: old[k] for k in TUNED if k in old and k not in pinned})
+            except (OSError, ValueError, TypeError, ConfigError):
+                pass  # unreadable: prepare() says so
+        checkpoint.prepare(probe, args.workdir, resume=False)
+        check_data(config, load_arrays(config))
+
+    return tune.resolve(config, pinned, budget, before_tuning=check_run)
+
+
 def _train(args: argparse.Namespace) -> int:
     config = resume_config(args) if args.resume else config_from_args(args)
     if args.workdir is not None:
         check_writable(args.workdir)
     if config.compile_cache not in ("auto", "off"):  # 'auto' may be unwritable: then no cache
         check_writable(Path(config.compile_cache).expanduser(), flag="--compile-cache")
+    if args.resume:  # the checkpoint's settings, as recorded: never tuned again
+        tune_budget(args, 1.0)
+        tuning: dict[str, Any] = {"mode": "resumed"}
+    else:
+        config, tuning = tuned_config(args, config)
+    from rnnjax import runtime, tune
     from rnnjax.loop import TrainingDiverged, train_and_evaluate
 
     try:
-        train_and_evaluate(config, args.workdir, progress=args.progress, resume=args.resume)
+        runtime.apply_xla_flags(config.xla_flags)  # before JAX's backend starts
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    tune.check_device(tuning)
+    try:
+        train_and_evaluate(config, args.workdir, progress=args.progress, resume=args.resume,
+                           tuning=tuning)
     except TrainingDiverged as e:
         print(f"rnnjax: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from rnnjax import tune
+
+    config = config_from_args(args)
+    budget = tune_budget(args, tune.TUNE_COMMAND_BUDGET_S)
+    if config.compile_cache not in ("auto", "off"):
+        check_writable(Path(config.compile_cache).expanduser(), flag="--compile-cache")
+    pinned = frozenset(flag_changes(args)) & set(TUNED)
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    log(f"rnnjax: timing {config.cell} {config.hidden_size} x{config.num_layers} "
+        f"{config.order} batch {config.batch_size} for up to {budget:g} s")
+    result = tune.tune(config, pinned, budget, log=log)
+    print(tune.format_table(result), end="")
+    print(tune.choice_line(result))
+    if result.choice is None:
+        return 1
+    path = tune.save(tune.cache_dir(config.compile_cache), result.record())
+    flags = " ".join(f"{flag_name(k)}={shlex.quote(v)}" if k == "xla_flags" else
+                     f"{flag_name(k)} {v}" for k, v in result.choice.items() if k not in pinned)
+    print(f"cached in {path}: rnnjax train uses it for this shape" if path else
+          f"not cached (no --compile-cache); pass: {flags}")
     return 0
 
 
@@ -216,6 +336,13 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metrics_file_error() -> tuple[type[Exception], ...]:
+    """``rnnjax.metrics.MetricsFileError`` once a run has imported that module (it imports
+    JAX, which a bad flag should not wait for); none before."""
+    metrics = sys.modules.get("rnnjax.metrics")
+    return (metrics.MetricsFileError,) if metrics is not None else ()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rnnjax`` console script; returns the exit code."""
     from rnnjax.checkpoint import CheckpointError
@@ -224,14 +351,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
-        return {"train": _train, "eval": _eval, "predict": _predict}[args.command](args)
-    except (UsageError, ConfigError, IdxError, CheckpointError, ImageError) as e:
+        commands = {"train": _train, "tune": _tune, "eval": _eval, "predict": _predict}
+        return commands[args.command](args)
+    except (UsageError, ConfigError, IdxError, CheckpointError, ImageError,
+            *_metrics_file_error()) as e:
         print(f"rnnjax: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except OSError as e:  # a disk full or a file vanished mid-run: one line, not a traceback
+    except OSError as e:  # a disk full, a directory not writable: one line, not a traceback
+        if e.errno not in OS_ERROR_FIXES:
+            raise
         where = f"{e.filename}: " if e.filename else ""
-        print(f"rnnjax: error: {where}{e.strerror or e}; free disk space or choose another "
-              "--workdir (files already written are kept)", file=sys.stderr)
+        print(f"rnnjax: error: {where}{e.strerror or e}; {OS_ERROR_FIXES[e.errno]} (files "
+              "already written are kept)", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("rnnjax: interrupted", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,13 @@ SOURCES = ("idx", "tfds")
 FEEDS = ("device", "stream")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
+# How the Elman backward pass forms the weight gradient (rnnjax.cells.elman_layer): one
+# product over all steps after the loop, accumulated per step inside it, or 'auto', the
+# untuned rule (per step from cells.PER_STEP_WEIGHT_GRADIENT_BATCH). Equal up to rounding.
+WEIGHT_GRADS = ("auto", "product", "per_step")
+# The fields rnnjax.tune chooses by measurement unless set on the command line.
+TUNED = ("unroll", "weight_grad", "feed", "xla_flags")
+XLA_FLAG = re.compile(r"--xla_[a-z0-9_]+(=\S*)?")
 
 
 class ConfigError(ValueError):
@@ -36,7 +44,9 @@ class Config:
     # Model.
     cell: str = field(
         default="simple_rnn",
-        metadata={"help": f"recurrent cell: {', '.join(CELLS)} (or one in rnnjax.cells.CELLS)"},
+        metadata={"help": f"recurrent cell: {', '.join(CELLS)}, one registered in "
+                  "rnnjax.cells.CELLS, or any Flax RNN cell class as MODULE:CLASS "
+                  "(e.g. flax.linen:GRUCell, flax.nnx:OptimizedLSTMCell)"},
     )
     hidden_size: int = field(default=50, metadata={"help": "units per recurrent layer"})
     num_layers: int = field(default=1, metadata={"help": "stacked recurrent layers"})
@@ -53,7 +63,15 @@ class Config:
         },
     )
     unroll: int = field(
-        default=1, metadata={"help": "lax.scan unroll factor over time (0 = fully unrolled)"}
+        default=1, metadata={"help": "lax.scan unroll factor over time (0 = fully unrolled); "
+                             "rnnjax train tunes it unless given"}
+    )
+    weight_grad: str = field(
+        default="auto",
+        metadata={"help": "Elman cells' weight gradient: one product after the backward loop, "
+                  "or accumulated per step inside it ('auto': per step from batch 512); "
+                  "tuned unless given",
+                  "choices": WEIGHT_GRADS},
     )
     compute_dtype: str = field(
         default="float32",
@@ -143,7 +161,8 @@ class Config:
     feed: str = field(
         default="device",
         metadata={"help": "device: dataset on the device, K steps per compiled call; "
-                  "stream: one step per call fed batch by batch (tf.data with --source tfds)",
+                  "stream: one step per call fed batch by batch (tf.data with --source tfds); "
+                  "tuned unless given",
                   "choices": FEEDS},
     )
     compile_cache: str = field(
@@ -154,6 +173,12 @@ class Config:
     )
     steps_per_call: int = field(
         default=500, metadata={"help": "train steps per compiled call with --feed device"}
+    )
+    xla_flags: str = field(
+        default="",
+        metadata={"help": "XLA flags for this run, space-separated, written "
+                  "--xla-flags='--xla_...' (added to $XLA_FLAGS before the backend starts); "
+                  "tuned unless given"},
     )
 
     # Checkpoints (in WORKDIR/checkpoints/; they need --workdir).
@@ -244,6 +269,10 @@ class Config:
                     )
         if self.tfds_download and self.source != "tfds":
             raise ConfigError("--tfds-download needs --source tfds")
+        for flag in self.xla_flags.split():
+            if not XLA_FLAG.fullmatch(flag):
+                raise ConfigError(f"--xla-flags: {flag!r} is not an XLA flag; pass "
+                                  "space-separated flags like '--xla_cpu_use_xnnpack=false'")
         if not self.compile_cache.strip():
             raise ConfigError("--compile-cache is empty; pass 'auto', 'off' or a directory")
         if self.schedule == "warmup_cosine" and self.warmup_steps >= self.steps:

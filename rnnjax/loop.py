@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +33,7 @@ import optax
 from rnnjax import checkpoint as checkpoint_lib
 from rnnjax import memory, parallel, runtime, train
 from rnnjax import metrics as metrics_lib
-from rnnjax.config import Config, ConfigError, to_dict
+from rnnjax.config import TUNED, Config, ConfigError, to_dict
 from rnnjax.data.idx import Arrays
 from rnnjax.data.pipeline import batch_indices, host_batches
 from rnnjax.data.sources import load_dataset, tfds_train_batches
@@ -302,6 +303,7 @@ def train_and_evaluate(
     out: TextIO = sys.stdout,
     progress: bool | None = None,
     resume: bool = False,
+    tuning: dict[str, Any] | None = None,
 ) -> RunResult:
     """Train ``config`` end to end, printing the seed's evaluation lines to ``out``.
 
@@ -311,8 +313,14 @@ def train_and_evaluate(
     ``keep_checkpoints`` kept). A workdir that holds checkpoints is refused unless
     ``resume``: then training continues from the latest one and ends with the parameters
     and metrics of a run never stopped. Returns the final state, the evaluation history
-    (of the whole run when resumed) and a summary.
+    (of the whole run when resumed) and a summary; ``tuning`` (how ``rnnjax.tune`` chose
+    the run's settings) goes into the summary. ``config.xla_flags`` must be set before
+    JAX's backend starts in this process (``rnnjax.runtime.apply_xla_flags``).
     """
+    try:
+        runtime.apply_xla_flags(config.xla_flags)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     # Several processes: jax.distributed before anything touches JAX (rnnjax.parallel).
     parallel.initialize(config)
     resume_from = checkpoint_lib.prepare(config, workdir, resume)  # writes nothing
@@ -446,6 +454,9 @@ def train_and_evaluate(
         "steps_per_s": (config.steps - start) / train_s if train_s else math.nan,
         "checkpoint_s": checkpoint_s,
         "resumed_from": start,
+        "tuning": {**(tuning or {"mode": "off"}),
+                   "settings": {name: getattr(config, name) for name in TUNED}},
+        "xla_flags_env": os.environ.get("XLA_FLAGS", ""),
         **runtime.device_info(),
         **dp.describe(),
         "versions": runtime.versions(),
@@ -467,6 +478,12 @@ def format_summary(s: dict[str, Any]) -> str:
     """The closing lines of a run."""
     versions = ", ".join(f"{k} {v}" for k, v in s["versions"].items())
     cache = f" (cache {s['compile_cache']})" if s.get("compile_cache") else ""
+    tuning = s.get("tuning") or {}
+    tuned = ""
+    if tuning.get("mode") in ("measured", "cached", "resumed"):
+        from rnnjax.tune import describe
+
+        tuned = f"tuned ({tuning['mode']}): {describe(tuning['settings'])}\n"
     return (
         f"final test accuracy: {s['final_test_accuracy']:.4f} "
         f"(test cost {s['final_test_loss']:.4f}) after {s['steps']} steps\n"
@@ -474,4 +491,5 @@ def format_summary(s: dict[str, Any]) -> str:
         f"compile {s['compile_s']:.2f} s{cache}, train {s['train_s']:.2f} s "
         f"({s['steps_per_s']:.0f} steps/s), eval {s['eval_s']:.2f} s\n"
         f"device: {s['backend']} {s['device_kind']} x{s['device_count']}; {versions}\n"
+        f"{tuned}"
     )

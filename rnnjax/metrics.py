@@ -12,6 +12,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -65,59 +66,85 @@ class MetricWriter:
         self._csv_file.close()
 
 
-def _jsonl_records(text: str) -> list[tuple[str, dict[str, Any]]]:
-    """``(line, record)`` of every line that parses; a line cut short by a kill does not."""
+class MetricsFileError(ValueError):
+    """A metrics file with a damaged line that is not a last line cut short by a kill."""
+
+
+def _parsed_lines(path: Path, parse: Callable[[int, str], Any]) -> list[tuple[str, Any]]:
+    """``(line, parse(number, line))`` for each line of ``path`` (numbered from 1).
+
+    ``parse`` returns None for a line that is not a record. Only the last line may be
+    one, and only when it lacks its newline: a write cut short by a kill, dropped. Any
+    other is a :class:`MetricsFileError` naming the file and the line.
+    """
+    text = path.read_text()
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the file ends with a newline: no line was cut short
     out = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            out.append((line, record))
+    for number, line in enumerate(lines, 1):
+        parsed = parse(number, line)
+        if parsed is not None:
+            out.append((line, parsed))
+        elif number < len(lines) or text.endswith("\n"):
+            raise MetricsFileError(
+                f"{path}: line {number} is not a metrics record ({line[:60]!r}) and not a "
+                f"last line cut short by a kill; repair or delete line {number}, then run "
+                "again"
+            )
     return out
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file (a last line cut short is skipped)."""
-    return [record for _, record in _jsonl_records(path.read_text())]
-
-
-def _csv_step(row: list[str], index: int, width: int) -> int | None:
-    if len(row) != width:
-        return None
+def _jsonl_record(number: int, line: str) -> dict[str, Any] | None:
     try:
-        return int(row[index])
+        record = json.loads(line)
     except ValueError:
         return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file (a last line cut short by a kill is skipped;
+    any other damaged line is a :class:`MetricsFileError`)."""
+    return [record for _, record in _parsed_lines(path, _jsonl_record)]
 
 
 def truncate_metrics(directory: Path, last_step: int) -> list[dict[str, Any]]:
     """Keep only the records with ``step <= last_step`` in ``metrics.jsonl``/``.csv``.
 
     A resumed run calls this before appending, so lines logged after its checkpoint are
-    not duplicated. Each file is rewritten whole into a temporary file, then renamed over
-    the old one. Returns the ``metrics.jsonl`` records kept.
+    not duplicated; a last line cut short by a kill goes too. A damaged line before the
+    last is a :class:`MetricsFileError`, and nothing is rewritten. Each file is rewritten
+    whole into a temporary file, then renamed over the old one. Returns the
+    ``metrics.jsonl`` records kept.
     """
     kept: list[dict[str, Any]] = []
     jsonl = directory / "metrics.jsonl"
-    if jsonl.exists():
-        pairs = [p for p in _jsonl_records(jsonl.read_text()) if p[1]["step"] <= last_step]
+    path = directory / "metrics.csv"
+    pairs = _parsed_lines(jsonl, _jsonl_record) if jsonl.exists() else None
+    rows = None
+    if path.exists() and path.read_text():
+        header = next(csv.reader([path.read_text().split("\n", 1)[0]]))
+        index = header.index("step") if "step" in header else 0
+
+        def csv_step(number: int, line: str) -> int | None:
+            if number == 1:
+                return -1  # the header: kept
+            row = next(csv.reader([line]), [])
+            try:
+                return int(row[index]) if len(row) == len(header) else None
+            except ValueError:
+                return None
+
+        rows = _parsed_lines(path, csv_step)
+    if pairs is not None:
+        pairs = [p for p in pairs if p[1]["step"] <= last_step]
         kept = [record for _, record in pairs]
         write_text_atomic(jsonl, "".join(line + "\n" for line, _ in pairs))
-    path = directory / "metrics.csv"
-    if path.exists():
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-        if rows:
-            header, body = rows[0], rows[1:]
-            index = header.index("step") if "step" in header else 0
-            steps = [_csv_step(row, index, len(header)) for row in body]
-            body = [r for r, s in zip(body, steps, strict=True) if s is not None and s <= last_step]
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "w", newline="") as f:
-                csv.writer(f).writerows([header, *body])
-            tmp.replace(path)
+    if rows is not None:
+        # The csv module ends rows with \r\n (read_text gave them back as \n).
+        write_text_atomic(path, "".join(line + "\r\n" for line, step in rows
+                                        if step <= last_step))
     return kept
 
 

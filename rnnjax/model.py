@@ -63,6 +63,7 @@ class Model:
     num_classes: int = 10
     order: str = "rows"
     unroll: int = 1
+    weight_grad: str = "auto"
     compute_dtype: Any = jnp.float32
     permutation: np.ndarray | None = None
     image_shape: tuple[int, int, int] = (28, 28, 1)  # H, W, C of the images it reads
@@ -105,14 +106,24 @@ class Model:
         params = jax.tree.map(lambda p: p.astype(dtype), params)
         perm = None if self.permutation is None else jnp.asarray(self.permutation)
         xs = to_sequence(images.astype(dtype), self.order, perm)
+        finals = ()  # the last layer's final carries (two when bidirectional)
         for layer in params["rnn"]:
             if self.bidirectional:
-                _, fwd = scan_cell(self.cell, layer["fwd"], xs, unroll=self.unroll)
-                _, bwd = scan_cell(self.cell, layer["bwd"], xs[::-1], unroll=self.unroll)
+                carry_f, fwd = scan_cell(self.cell, layer["fwd"], xs, unroll=self.unroll,
+                                         weight_grad=self.weight_grad)
+                carry_b, bwd = scan_cell(self.cell, layer["bwd"], xs[::-1], unroll=self.unroll,
+                                         weight_grad=self.weight_grad)
                 xs = jnp.concatenate([fwd, bwd[::-1]], axis=-1)
+                finals = (carry_f, carry_b)
             else:
-                _, xs = scan_cell(self.cell, layer, xs, unroll=self.unroll)
-        if self.bidirectional:
+                carry, xs = scan_cell(self.cell, layer, xs, unroll=self.unroll,
+                                      weight_grad=self.weight_grad)
+                finals = (carry,)
+        if self.cell.last_output is not None:
+            # The same values as slicing xs below, read from the carries: the last layer's
+            # outputs over time are then unused and never stored.
+            last = jnp.concatenate([self.cell.last_output(c) for c in finals], axis=-1)
+        elif self.bidirectional:
             # Last step of the forward pass, and the backward pass's output at t=0 (which
             # has read the whole sequence), as Keras' Bidirectional(return_sequences=False).
             width = self.cell.hidden_size
@@ -144,6 +155,7 @@ def make_model(config: Config, spec: DataSpec | None = None) -> Model:
         num_classes=spec.num_classes,
         order=config.order,
         unroll=config.unroll,
+        weight_grad=config.weight_grad,
         compute_dtype=jnp.dtype(config.compute_dtype),
         permutation=permutation,
         image_shape=spec.image_shape,

@@ -50,22 +50,60 @@ def device_info(device: jax.Device | None = None) -> dict[str, Any]:
     }
 
 
-def enable_compile_cache(setting: str) -> str | None:
-    """Point JAX's persistent compilation cache at ``setting`` ('auto', 'off' or a path).
+def compile_cache_dir(setting: str) -> str | None:
+    """The directory ``--compile-cache`` names ('auto', 'off' or a path); None when off.
 
-    Every compiled program is cached (no minimum compile time), keyed by JAX on the
-    program, backend, versions and flags. Returns the directory, or None when off.
+    'auto' is ``$XDG_CACHE_HOME/rnnjax/jax``, else ``~/.cache/rnnjax/jax``.
     """
     if setting == "off":
         return None
     if setting == "auto":
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         setting = os.path.join(base, "rnnjax", "jax")
-    path = os.path.abspath(os.path.expanduser(setting))
+    return os.path.abspath(os.path.expanduser(setting))
+
+
+def enable_compile_cache(setting: str) -> str | None:
+    """Point JAX's persistent compilation cache at ``setting`` ('auto', 'off' or a path).
+
+    Every compiled program is cached (no minimum compile time), keyed by JAX on the
+    program, backend, versions and flags. Returns the directory, or None when off.
+    """
+    path = compile_cache_dir(setting)
+    if path is None:
+        return None
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def backend_started() -> bool:
+    """Whether JAX's backends have started in this process (XLA has read its flags)."""
+    from jax._src import xla_bridge  # no public equivalent in jax 0.10
+
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return True if started is None else bool(started())
+
+
+def apply_xla_flags(flags: str) -> None:
+    """Add ``flags`` (space-separated ``--xla_...``) to ``$XLA_FLAGS`` for this process.
+
+    XLA reads ``$XLA_FLAGS`` once, when JAX's backend starts: the flags must be set before
+    that. Flags already there are not added twice; once the backend has started, flags not
+    in effect are an error (a ConfigError would import config: a plain ValueError here).
+    """
+    current = os.environ.get("XLA_FLAGS", "").split()
+    missing = [flag for flag in flags.split() if flag not in current]
+    if not missing:
+        return
+    if backend_started():
+        raise ValueError(
+            f"--xla-flags {' '.join(missing)} cannot take effect: JAX's backend has already "
+            "started in this process; set them in XLA_FLAGS before starting Python, or run "
+            "rnnjax train in a new process"
+        )
+    os.environ["XLA_FLAGS"] = " ".join([*current, *missing])
 
 
 def compile_timed(jitted: Callable, *args: Any) -> tuple[Callable, float]:

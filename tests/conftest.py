@@ -1,4 +1,10 @@
-"""Shared fixtures: the real embedded MNIST, and small configs that train in seconds."""
+"""Shared fixtures: the real embedded MNIST, small configs that train in seconds, XLA's
+compilations counted, bitwise comparison of pytrees; and CI's rule on skips.
+
+CI (``.ci/run``) sets ``RNNJAX_REQUIRE_EXTRAS=1`` after the README's test install: there a
+skipped test is a failure (a test extra that did not install, ``pytest.importorskip``),
+except the skips that need a non-root user (their reason starts with ``running as root``).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +12,39 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # the Keras oracle runs on JAX
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# rnnjax train tunes the first run of a shape (rnnjax.tune), tens of seconds: not in the
+# suite, where only the tests about tuning turn it on (CLI subprocesses inherit this).
+os.environ.setdefault("RNNJAX_TUNE", "off")
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
 import pytest
 
 from rnnjax.config import Config
 from rnnjax.data.idx import Arrays
 from rnnjax.data.sources import EMBEDDED_MNIST, MNIST_MD5
+
+REQUIRE_EXTRAS = "RNNJAX_REQUIRE_EXTRAS"
+ROOT_SKIP = "running as root"  # the reason of every skip that only a non-root user avoids
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    """With ``RNNJAX_REQUIRE_EXTRAS=1``, a skip other than a root one fails the test."""
+    report = yield
+    if report.skipped and os.environ.get(REQUIRE_EXTRAS) == "1" and not hasattr(report,
+                                                                                 "wasxfail"):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        as_root = os.geteuid() == 0 and reason.removeprefix("Skipped: ").startswith(ROOT_SKIP)
+        if not as_root:
+            report.outcome = "failed"
+            report.longrepr = (f"{REQUIRE_EXTRAS}=1 (CI, after pip install -e '.[test]'): "
+                               f"this test may not skip: {reason}")
+    return report
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +59,48 @@ def mnist() -> Arrays:
 def tiny_config() -> Config:
     """A seed-shaped run small enough for unit tests."""
     return Config(steps=5, eval_every=2, batch_size=8, hidden_size=16, eval_batch_size=2048)
+
+
+@pytest.fixture
+def xla_compiles() -> Iterator[list[str]]:
+    """The names of the programs XLA compiles while the test runs, in order.
+
+    Counted from JAX's backend-compile event, which every compilation of a jitted
+    function fires (a persistent-cache hit too), not from Python traces: one trace can
+    compile twice (e.g. for an argument committed to a device, then not).
+    """
+    import jax
+
+    names: list[str] = []
+
+    def listener(event: str, duration: float, **kwargs: Any) -> None:
+        if event == BACKEND_COMPILE_EVENT:
+            names.append(str(kwargs.get("fun_name")))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def assert_bitwise_equal(a: Any, b: Any) -> None:
+    """Two pytrees of the same structure whose leaves have the same dtype, shape and bytes
+    (so -0.0 differs from 0.0, and NaNs must have the same payload)."""
+    import jax
+
+    flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+    flat_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
+    assert tree_a == tree_b
+    assert flat_a, "nothing to compare"
+    for (path, x), (_, y) in zip(flat_a, flat_b, strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        name = jax.tree_util.keystr(path)
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        assert x.tobytes() == y.tobytes(), f"{name} differs bitwise"
+
+
+@pytest.fixture
+def bitwise_equal() -> Callable[[Any, Any], None]:
+    """:func:`assert_bitwise_equal`, for the test modules."""
+    return assert_bitwise_equal

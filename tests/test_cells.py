@@ -121,13 +121,19 @@ def test_scan_matches_python_loop(name, unroll):
 
 
 def _generic(cell: Cell) -> Cell:
-    """The same cell without its fused sequence (plain lax.scan of step, autodiff)."""
+    """The same cell without its fused sequence (plain lax.scan of step, autodiff) and
+    without reading its last output from the carry."""
     return Cell(cell.init, cell.step, cell.initial_carry, cell.hidden_size, cell.project)
 
 
+# (weight_grad, PER_STEP_WEIGHT_GRADIENT_BATCH): each explicit form, and 'auto' on each side
+# of its untuned threshold.
+WEIGHT_GRAD_CASES = [("product", 512), ("per_step", 512), ("auto", 1), ("auto", 10_000)]
+
+
 @pytest.mark.parametrize("name", ["simple_rnn", "irnn"])
-@pytest.mark.parametrize("threshold", [1, 10_000])  # per-step / one-product weight gradient
-def test_fused_backward_matches_autodiff(name, threshold, monkeypatch):
+@pytest.mark.parametrize(("weight_grad", "threshold"), WEIGHT_GRAD_CASES)
+def test_fused_backward_matches_autodiff(name, weight_grad, threshold, monkeypatch):
     monkeypatch.setattr(cells, "PER_STEP_WEIGHT_GRADIENT_BATCH", threshold)
     cell = cells.get_cell(name, H)
     params = cell.init(jax.random.key(3), F)
@@ -136,17 +142,43 @@ def test_fused_backward_matches_autodiff(name, threshold, monkeypatch):
     weights = jnp.asarray(np.random.default_rng(3).normal(size=(T, B, H)), jnp.float32)
 
     def loss(c, p, x):
-        return (scan_cell(c, p, x)[1] * weights).sum()
+        return (scan_cell(c, p, x, weight_grad=weight_grad)[1] * weights).sum()
 
     fused = jax.grad(loss, argnums=(1, 2))(cell, params, xs)
     plain = jax.grad(loss, argnums=(1, 2))(_generic(cell), params, xs)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), fused, plain)
 
 
+def test_weight_grad_selects_the_backward_form(monkeypatch):
+    """'product' and 'per_step' are two programs; 'auto' is one of them by batch size."""
+    monkeypatch.setattr(cells, "PER_STEP_WEIGHT_GRADIENT_BATCH", B)  # B itself: per step
+    cell = cells.get_cell("simple_rnn", H)
+    params = cell.init(jax.random.key(3), F)
+    xs = jnp.asarray(_inputs(2))
+
+    def program(weight_grad, x=xs):
+        grad = jax.grad(lambda p: scan_cell(cell, p, x, weight_grad=weight_grad)[1].sum())
+        return str(jax.make_jaxpr(grad)(params))
+
+    product, per_step = program("product"), program("per_step")
+    assert product != per_step
+    assert program("auto") == per_step
+    assert program("auto", xs[:, : B - 1]) == program("product", xs[:, : B - 1])
+
+
+def _cell(name: str, hidden: int) -> Cell:
+    """A registered cell, or ``gru_hand_written``: the GRU with its hand-written backward."""
+    if name == "gru_hand_written":
+        return cells.gru(hidden, backward="hand_written")
+    return cells.get_cell(name, hidden)
+
+
 @pytest.mark.parametrize("unroll", [1, 0])
-def test_lstm_fused_backward_matches_autodiff(unroll):
-    """Through the outputs, the final carry (h and c) and a non-zero initial carry alike."""
-    cell = cells.get_cell("lstm", H)
+@pytest.mark.parametrize("name", ["lstm", "gru_hand_written", "simple_rnn"])
+def test_fused_backward_matches_autodiff_through_carries(name, unroll):
+    """Through the outputs, the final carry (h, and the LSTM's c) and a non-zero initial
+    carry alike."""
+    cell = _cell(name, H)
     assert cell.sequence is not None
     rng = np.random.default_rng(5)
     params = jax.tree.map(
@@ -168,10 +200,10 @@ def test_lstm_fused_backward_matches_autodiff(unroll):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), fused, plain)
 
 
-@pytest.mark.parametrize("name", sorted(REFERENCES))
+@pytest.mark.parametrize("name", [*sorted(REFERENCES), "gru_hand_written"])
 def test_gradients_against_float64_finite_differences(name):
     with jax.enable_x64(True):
-        cell = cells.get_cell(name, H)
+        cell = _cell(name, H)
         params = jax.tree.map(lambda p: p.astype(jnp.float64), cell.init(jax.random.key(4), F))
         params = {**params, "bias": params["bias"] + 0.05}
         xs = jnp.asarray(_inputs(3, np.float64))
@@ -180,6 +212,21 @@ def test_gradients_against_float64_finite_differences(name):
             return jnp.sin(scan_cell(cell, p, x)[1]).sum()
 
         check_grads(f, (params, xs), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["simple_rnn", "irnn"])
+def test_elman_forward_without_gradient_is_bitwise_the_trained_forward(name):
+    """Evaluation projects x_t inside the loop, training before it: the same outputs, bit
+    for bit, at a batch where the two products differ in shape by far."""
+    cell = cells.get_cell(name, 50)
+    rng = np.random.default_rng(7)
+    params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(scale=0.3, size=p.shape), p.dtype),
+                          cell.init(jax.random.key(7), 28))
+    xs = jnp.asarray(rng.random((28, 1000, 28)), jnp.float32)
+    evaluated = jax.jit(lambda p, x: scan_cell(cell, p, x))(params, xs)
+    # jax.vjp runs the forward rule that training runs (projection before the loop).
+    trained = jax.jit(lambda p, x: jax.vjp(lambda q: scan_cell(cell, q, x), p)[0])(params, xs)
+    jax.tree.map(np.testing.assert_array_equal, evaluated, trained)
 
 
 def test_user_defined_cell_needs_only_the_protocol():
@@ -238,3 +285,20 @@ def test_registered_user_cell_trains_through_the_config(mnist):
 def test_unknown_cell_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown cell 'nope'; choose one of"):
         cells.get_cell("nope", 4)
+
+
+@pytest.mark.parametrize("name", [*sorted(REFERENCES), "gru_hand_written"])
+def test_fused_forward_is_bitwise_the_plain_scan(name):
+    """The hand-written layers change only the backward pass: outputs and final carry are
+    the plain scan's, bit for bit."""
+    cell = _cell(name, H)
+    rng = np.random.default_rng(6)
+    params = jax.tree.map(  # non-zero biases too, so the order of every sum shows
+        lambda p: p + jnp.asarray(rng.normal(scale=0.3, size=p.shape), p.dtype),
+        cell.init(jax.random.key(6), F),
+    )
+    xs = jnp.asarray(_inputs(6))
+    carry0 = jax.tree.map(lambda c: c + 0.5, cell.initial_carry(B, jnp.float32))
+    fused = jax.jit(lambda p, x, c: scan_cell(cell, p, x, c))(params, xs, carry0)
+    plain = jax.jit(lambda p, x, c: scan_cell(_generic(cell), p, x, c))(params, xs, carry0)
+    jax.tree.map(np.testing.assert_array_equal, fused, plain)

@@ -76,13 +76,10 @@ def runs(tmp_path_factory):
                            full_dir=root / "full", stopped_dir=stopped)
 
 
-def test_resume_equals_the_run_never_stopped_bitwise(runs):
-    leaves_full = jax.tree.leaves(runs.full.state)
-    leaves_resumed = jax.tree.leaves(runs.resumed.state)
-    assert jax.tree.structure(runs.full.state) == jax.tree.structure(runs.resumed.state)
-    for a, b in zip(leaves_full, leaves_resumed, strict=True):
-        assert np.asarray(a).dtype == np.asarray(b).dtype
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bitwise
+def test_resume_equals_the_run_never_stopped_bitwise(runs, bitwise_equal):
+    # The whole state, step, parameters and optimizer state, byte for byte.
+    assert jax.tree.leaves(runs.resumed.state.opt_state)
+    bitwise_equal(runs.full.state, runs.resumed.state)
     assert int(runs.resumed.state.step) == 300
     assert without_wall(runs.resumed.history) == without_wall(runs.full.history)
     assert [h["step"] for h in runs.resumed.history] == [0, 100, 200, 299]
@@ -150,10 +147,20 @@ def made_up_state(config: Config, seed: int = 0) -> train.TrainState:
     return jax.tree.map(fill, shapes)
 
 
-def test_save_restore_round_trip(tmp_path):
+def test_save_restore_round_trip(tmp_path, bitwise_equal):
     config = Config(hidden_size=4, cell="lstm", optimizer="keras_adam", schedule="cosine",
                     clip_norm=1.0)
     state = made_up_state(config)._replace(step=jnp.asarray(7, jnp.int32))
+    # Bits that numbers hide: -0.0 and a NaN with a payload in every float leaf.
+    nan = np.array(0x7FC01234, np.uint32).view(np.float32)
+
+    def odd_bits(leaf):
+        leaf = np.array(leaf)
+        if leaf.dtype == np.float32 and leaf.size > 1:
+            leaf.flat[:2] = -0.0, nan
+        return jnp.asarray(leaf)
+
+    state = jax.tree.map(odd_bits, state)
     with checkpoint.CheckpointWriter(tmp_path, keep=3) as writer:
         path = writer.save(state, config, train_sums={"loss_sum": np.float32(1.25),
                                                       "correct": np.int32(3)})
@@ -161,8 +168,7 @@ def test_save_restore_round_trip(tmp_path):
     restored = checkpoint.restore(path, made_up_state(config, seed=1))
     assert jax.tree.structure(restored) == jax.tree.structure(state)
     assert type(restored.opt_state[1][0]).__name__ == "KerasAdamState"
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    bitwise_equal(state, restored)
     assert checkpoint.read_config(path) == config
     sums = checkpoint.ResumePoint(path, 7, checkpoint.read_meta(path)).train_sums
     assert sums["loss_sum"].dtype == np.float32 and sums["loss_sum"] == np.float32(1.25)
@@ -193,7 +199,7 @@ def test_keeps_the_last_k_and_never_picks_an_incomplete_one(tmp_path):
     assert checkpoint.list_steps(directory) == [20, 35]
 
 
-def test_corrupt_checkpoints_give_a_clear_error(tmp_path):
+def test_corrupt_checkpoints_give_a_clear_error(tmp_path, capsys):
     config = Config(hidden_size=4)
     state = made_up_state(config)
     with checkpoint.CheckpointWriter(tmp_path / "a", keep=1) as writer:
@@ -214,6 +220,20 @@ def test_corrupt_checkpoints_give_a_clear_error(tmp_path):
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(checkpoint.CheckpointError, match="does not match the checksum"):
         checkpoint.restore(tampered, target)
+    for missing in (None, ""):  # no checksum: refused, never loaded unverified
+        if missing is None:
+            del meta["state_sha256"]
+        else:
+            meta["state_sha256"] = missing
+        meta_file.write_text(json.dumps(meta))
+        with pytest.raises(checkpoint.CheckpointError) as info:
+            checkpoint.restore(tampered, target)
+        assert str(info.value).startswith(f"checkpoint {tampered} has no SHA-256 of its state")
+        assert "pass a checkpoint written by rnnjax train --workdir" in str(info.value)
+    assert main(["eval", str(tampered)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rnnjax: error: checkpoint {tampered} has no SHA-256") and \
+        err.count("\n") == 1
     meta_file.write_text("{not json")
     with pytest.raises(checkpoint.CheckpointError, match="meta/ cannot be read"):
         checkpoint.read_meta(tampered)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 
 import pytest
 
+from rnnjax import cli
 from rnnjax.cli import main
 
 
@@ -149,3 +151,56 @@ def test_resume_and_existing_checkpoints_on_the_command_line(capsys, tmp_path, s
     _one_line_error(capsys, ["train", "--workdir", str(work), "--resume", "--steps", "1"],
                     "already trained 1 steps")
     assert sorted(p.name for p in work.iterdir()) == before == ["checkpoints"]
+
+
+@pytest.mark.parametrize(("code", "fix"), [
+    (errno.ENOSPC, "free disk space or choose another --workdir"),
+    (errno.EDQUOT, "free space within your disk quota"),
+    (errno.EACCES, "check its permissions"),
+    (errno.EPERM, "check its permissions"),
+    (errno.EROFS, "read-only; choose a --workdir on a writable one"),
+])
+def test_os_errors_with_a_known_fix_are_one_line_naming_it(monkeypatch, capsys, tmp_path,
+                                                            code, fix):
+    path = tmp_path / "run" / "metrics.jsonl"
+
+    def fail(args):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(cli, "_train", fail)
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"rnnjax: error: {path}: {os.strerror(code)}; {cli.OS_ERROR_FIXES[code]} "
+                   "(files already written are kept)\n")
+    assert fix in err
+    others = {f for c, f in cli.OS_ERROR_FIXES.items() if os.strerror(c) != os.strerror(code)}
+    assert not any(other in err for other in others - {cli.OS_ERROR_FIXES[code]})
+
+
+@pytest.mark.parametrize("error", [OSError(errno.EIO, "Input/output error", "x"),
+                                   FileNotFoundError(errno.ENOENT, "No such file", "y"),
+                                   OSError("no errno")])
+def test_other_os_errors_are_not_taken_for_a_full_disk(monkeypatch, capsys, error):
+    """An OSError rnnjax cannot explain keeps its traceback, not a wrong fix."""
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "_train", fail)
+    with pytest.raises(OSError) as info:
+        main(["train"])
+    assert info.value is error
+    assert "disk" not in capsys.readouterr().err
+
+
+def test_a_full_disk_mid_run_is_one_line(tmp_path, capsys):
+    """A real ENOSPC: the run's metrics.jsonl is /dev/full."""
+    work = tmp_path / "run"
+    work.mkdir()
+    (work / "metrics.jsonl").symlink_to("/dev/full")
+    assert main(["train", "--steps", "3", "--eval-every", "2", "--hidden-size", "8",
+                 "--workdir", str(work), "--compile-cache", "off"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rnnjax: error: ") and err.count("\n") == 1
+    assert os.strerror(errno.ENOSPC) in err
+    assert "free disk space or choose another --workdir" in err
+    assert (work / "config.json").is_file()  # what was written before stays

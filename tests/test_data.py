@@ -745,3 +745,73 @@ def test_tfds_through_config(tfds_built):
     assert [p.name for p in (t.tfds_dir / "rnnjax_idx").iterdir()] == [
         t.builder.builder_config.name
     ]
+
+
+def _batches_each_feed_trains_on(monkeypatch, config: Config, data: Arrays) -> list:
+    """The ``(images, labels)`` that every train step of ``config``'s feed receives,
+    recorded inside the compiled step: the loop's own feed code (``rnnjax.loop``) runs a
+    train step that records its batch and leaves the state as it is."""
+    from rnnjax import loop, parallel, train
+    from rnnjax.model import make_model
+    from rnnjax.optim import make_optimizer
+
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def record(state, images, labels, *, model, optimizer):
+        jax.debug.callback(lambda x, y: seen.append((np.array(x), np.array(y))),
+                           images, labels, ordered=True)
+        return state._replace(step=state.step + 1), train.zero_metrics()
+
+    monkeypatch.setattr(train, "train_step", record)  # train_steps calls it too
+    model, optimizer = make_model(config), make_optimizer(config)
+    dp = parallel.DataParallel.from_config(config)
+    state = dp.replicate(train.create_state(jax.random.key(0), model, optimizer))
+    if config.feed == "device":
+        run = loop.device_feed(config, model, optimizer, dp, dp.dataset(data))
+    else:
+        run = loop.stream_feed(config, model, optimizer, dp, data, 0)
+    for first, count, _ in loop.segments(config):
+        state, _, _ = run(state, first, count)
+    jax.effects_barrier()
+    assert int(state.step) == config.steps
+    return seen
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["in_order", "shuffled"])
+def test_every_feed_yields_bit_identical_batches(monkeypatch, tfds_built, shuffle):
+    """The batches the train step receives from the device feed (cut on the device, 4 steps
+    per call), the NumPy stream and the tf.data stream, compared bit for bit over 2.7
+    epochs (batches of 64 of 600 examples straddle each epoch's end), in order and with
+    --shuffle: the device feed and the NumPy stream alike, the seed's order or the seeded
+    permutation of each epoch; the tf.data stream in order alike, shuffled its own
+    permutation of each epoch, of the same bits."""
+    t = tfds_built
+    config = Config(steps=25, eval_every=10, steps_per_call=4, batch_size=64, hidden_size=8,
+                    shuffle=shuffle, seed=3, dataset=str(t.directory), tfds_dir=str(t.tfds_dir))
+    images, labels = t.arrays.train_images, t.arrays.train_labels
+    feeds = {
+        "device": config,
+        "numpy": config.replace(feed="stream"),
+        "tf.data": config.replace(feed="stream", source="tfds"),
+    }
+    got = {name: _batches_each_feed_trains_on(monkeypatch, c, t.arrays)
+           for name, c in feeds.items()}
+    rows = batch_indices(len(labels), 64, 0, 25, shuffle=shuffle, seed=3)
+    assert len(set(rows.ravel().tolist())) == 600 and rows.size > 2 * 600
+    for name, batches in got.items():
+        assert len(batches) == 25, name
+        for x, y in batches:
+            assert x.dtype == np.float32 and x.shape == (64, 28, 28), name
+            assert y.dtype == np.int32 and y.shape == (64,), name
+    orders = ["device", "numpy"] if shuffle else ["device", "numpy", "tf.data"]
+    for name in orders:
+        for step, ((x, y), row) in enumerate(zip(got[name], rows, strict=True)):
+            assert x.tobytes() == normalize_host(images[row]).tobytes(), (name, step)
+            assert y.tobytes() == labels[row].tobytes(), (name, step)
+    if shuffle:  # tf.data's own order: each epoch a permutation, each batch exact bits
+        lookup = {normalize_host(image).tobytes(): i for i, image in enumerate(images)}
+        ids = [lookup[image.tobytes()] for x, _ in got["tf.data"] for image in x]
+        assert sorted(ids[:600]) == sorted(ids[600:1200]) == list(range(600))
+        assert ids[:600] != ids[600:1200] and ids[:600] != list(range(600))
+        assert np.concatenate([y for _, y in got["tf.data"]]).tobytes() == \
+            labels[ids].tobytes()

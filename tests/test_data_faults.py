@@ -9,12 +9,17 @@ fresh tfds build, not the stale one.
 
 from __future__ import annotations
 
+import builtins
 import gzip
+import hashlib
+import io
 import os
 import select
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -269,19 +274,59 @@ def test_changed_md5sums_rebuild_and_verify(tfds_mnist, tmp_path, small_dir):
         tfds_mnist.prepare("small", small_dir, None, str(tfds_dir))
 
 
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
 def deny_writes_under(monkeypatch, root: Path) -> None:
-    """Make the OS refuse to create anything under ``root``, as for a read-only mount.
+    """Make Python's file system calls refuse to change anything under ``root``, as a
+    read-only mount would: creating, opening for writing, renaming, removing, touching.
 
-    Independent of the user (root ignores permission bits) and of the file system.
+    Independent of the user (root ignores permission bits) and of the file system. Native
+    code (TensorFlow's file system) is not covered: :func:`tree_snapshot` is.
     """
-    real_mkdir = os.mkdir
+    root = root.resolve()
 
-    def mkdir(path, *args, **kwargs):
-        if Path(os.fsdecode(path)).resolve().is_relative_to(root.resolve()):
-            raise PermissionError(13, "Permission denied", os.fsdecode(path))
-        return real_mkdir(path, *args, **kwargs)
+    def under(path) -> bool:
+        if not isinstance(path, str | bytes | os.PathLike):  # a descriptor, a mode, times
+            return False
+        return Path(os.fsdecode(path)).resolve().is_relative_to(root)
 
-    monkeypatch.setattr(os, "mkdir", mkdir)
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", os.fsdecode(path))
+
+    def guard(real, *, check=lambda *a, **k: True, paths=1):
+        def wrapper(*args, **kwargs):
+            if check(*args, **kwargs) and any(under(p) for p in args[:paths]):
+                refuse(next(p for p in args[:paths] if under(p)))
+            return real(*args, **kwargs)
+        return wrapper
+
+    def writes_mode(file, mode="r", *args, **kwargs):
+        return any(c in mode for c in "wax+")
+
+    def writes_flags(path, flags, *args, **kwargs):
+        return bool(flags & WRITE_FLAGS)
+
+    for name in ("mkdir", "rmdir", "remove", "unlink", "utime", "chmod", "truncate",
+                 "symlink", "link", "rename", "replace"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name), paths=2))
+    monkeypatch.setattr(os, "open", guard(os.open, check=writes_flags))
+    monkeypatch.setattr(builtins, "open", guard(builtins.open, check=writes_mode))
+    monkeypatch.setattr(io, "open", guard(io.open, check=writes_mode))
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry under ``root`` (and ``root``): type, permissions, size, mtime, ctime and,
+    for a file, its SHA-256. A directory's mtime changes when an entry is created or removed
+    in it, so even a file made and deleted again between two snapshots shows."""
+    out = {}
+    for path in [root, *sorted(root.rglob("*"))]:
+        st = path.lstat()
+        content = hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) \
+            else None
+        out[str(path.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns,
+                                            st.st_ctime_ns, content)
+    return out
 
 
 @pytest.mark.parametrize("how", ["chmod", "denied", "under_a_file"])
@@ -312,15 +357,60 @@ def test_unwritable_tfds_dir_cli(tfds_mnist, capsys, monkeypatch, tmp_path, smal
 @pytest.mark.parametrize("how", ["chmod", "denied"])
 def test_finished_build_in_read_only_tfds_dir_is_read(tfds_mnist, monkeypatch, tmp_path,
                                                       small_dir, small, how):
+    """Reading a finished build changes nothing in the tfds dir: no file or directory is
+    created, removed or written, even for a moment (compared entry by entry, whatever the
+    user: as root, chmod stops nothing, and a refused write could be caught and ignored)."""
     tfds_dir = tmp_path / "tfds"
     tfds_mnist.prepare("small", small_dir, None, str(tfds_dir))
     if how == "chmod":
         for path in [tfds_dir, *tfds_dir.rglob("*")]:
             path.chmod(0o555 if path.is_dir() else 0o444)
-    else:
-        deny_writes_under(monkeypatch, tfds_dir)
+    before = tree_snapshot(tfds_dir)
+    assert len(before) > 5 and any(key.endswith("dataset_info.json") for key in before)
     try:
+        if how == "denied":
+            deny_writes_under(monkeypatch, tfds_dir)
         assert_same(tfds_mnist.load_arrays("small", small_dir, None, str(tfds_dir)), small)
+        monkeypatch.undo()
+        assert tree_snapshot(tfds_dir) == before
     finally:
+        monkeypatch.undo()
         for path in [tfds_dir, *tfds_dir.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def test_deny_writes_under_refuses_every_kind_of_write(monkeypatch, tmp_path):
+    """The control of the 'denied' cases above: each way of writing under the directory
+    is refused, reading is not, and the rest of the file system is left alone."""
+    root = tmp_path / "ro"
+    root.mkdir()
+    (root / "file").write_text("x")
+    deny_writes_under(monkeypatch, root)
+    attempts = {
+        "mkdir": lambda: os.mkdir(root / "d"),
+        "makedirs": lambda: os.makedirs(root / "a" / "b"),
+        "open w": lambda: open(root / "new", "w"),  # noqa: SIM115
+        "open a": lambda: open(root / "file", "a"),  # noqa: SIM115
+        "open r+": lambda: open(root / "file", "r+b"),  # noqa: SIM115
+        "os.open": lambda: os.open(root / "new", os.O_WRONLY | os.O_CREAT),
+        "write_text": lambda: (root / "file").write_text("y"),
+        "rename": lambda: os.rename(root / "file", root / "moved"),
+        "rename out": lambda: os.rename(root / "file", tmp_path / "moved"),
+        "replace in": lambda: os.replace(tmp_path / "outside", root / "file"),
+        "unlink": lambda: os.unlink(root / "file"),
+        "touch": lambda: (root / "file").touch(),
+        "chmod": lambda: os.chmod(root / "file", 0o600),
+        "tempfile": lambda: tempfile.mkstemp(dir=root),
+    }
+    (tmp_path / "outside").write_text("o")
+    before = tree_snapshot(root)
+    for name, attempt in attempts.items():
+        with pytest.raises(PermissionError):
+            attempt()
+            pytest.fail(f"{name}: not refused")
+    assert (root / "file").read_text() == "x"
+    with open(root / "file", "rb") as f:
+        assert f.read() == b"x"
+    (tmp_path / "elsewhere").write_text("fine")  # outside the directory: allowed
+    monkeypatch.undo()
+    assert tree_snapshot(root) == before

@@ -30,13 +30,14 @@ def rnnjax(*args: str, **kwargs) -> subprocess.CompletedProcess:
                           text=True, timeout=600, **kwargs)
 
 
-def final_params(workdir: Path):
+def final_state(workdir: Path):
+    """The whole train state (step, parameters, optimizer state) of the latest checkpoint."""
     directory = checkpoint_lib.checkpoints_dir(workdir)
     step_dir = directory / str(checkpoint_lib.latest_step(directory))
     config = checkpoint_lib.read_config(step_dir)
     model, optimizer = make_model(config), make_optimizer(config)
     target = create_state(jax.random.key(0), model, optimizer)
-    return checkpoint_lib.restore(step_dir, target).params
+    return checkpoint_lib.restore(step_dir, target)
 
 
 def records(workdir: Path) -> list[dict]:
@@ -45,7 +46,7 @@ def records(workdir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_kill_9_during_training_then_resume_loses_nothing(tmp_path):
+def test_kill_9_during_training_then_resume_loses_nothing(tmp_path, bitwise_equal):
     steps = "2001"
     whole = tmp_path / "whole"
     assert rnnjax("train", "--steps", steps, "--workdir", str(whole), *RUN).returncode == 0
@@ -67,7 +68,7 @@ def test_kill_9_during_training_then_resume_loses_nothing(tmp_path):
     resumed = rnnjax("train", "--resume", "--workdir", str(killed), "--steps", steps, *RUN)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
-    jax.tree.map(np.testing.assert_array_equal, final_params(whole), final_params(killed))
+    bitwise_equal(final_state(whole), final_state(killed))
     assert records(whole) == records(killed)
 
 
@@ -107,7 +108,7 @@ def test_checkpoint_write_killed_midway_never_loads_as_valid(tmp_path):
     assert int(restored.step) == 10
 
 
-def test_corrupt_latest_checkpoint_is_a_clear_error_and_older_ones_load(tmp_path):
+def test_corrupt_latest_checkpoint_is_a_clear_error_and_older_ones_load(tmp_path, capsys):
     work = tmp_path / "run"
     args = ["--steps", "30", "--eval-every", "10", "--checkpoint-every", "10",
             "--hidden-size", "8", "--compile-cache", "off"]
@@ -122,6 +123,16 @@ def test_corrupt_latest_checkpoint_is_a_clear_error_and_older_ones_load(tmp_path
     broken = rnnjax("eval", str(directory / "30"))
     assert broken.returncode == 2
     assert broken.stderr.startswith("rnnjax: error: ") and broken.stderr.count("\n") == 1
+    assert f"rnnjax: error: checkpoint {directory / '30'} is corrupt" in broken.stderr
+    assert f"pass another step directory of {directory}, or delete this one" in broken.stderr
+    from rnnjax.cli import main
+
+    capsys.readouterr()
+    assert main(["train", "--resume", "--workdir", str(work), "--steps", "40",
+                 "--compile-cache", "off"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rnnjax: error: checkpoint {directory / '30'} is corrupt")
+    assert err.count("\n") == 1
     older = rnnjax("eval", str(directory / "20"))
     assert older.returncode == 0, older.stderr
     assert "accuracy" in older.stdout
@@ -175,7 +186,65 @@ def test_resume_survives_a_metrics_line_cut_short_by_a_kill(tmp_path):
     (tmp_path / "metrics.csv").write_text(
         "step,split,loss,accuracy,wall_s\n0,test,2.3,0.1,1.0\n10,test,1.0,0.6,2.0\n20,te"
     )
+    assert [r["step"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")] == [0, 10]
     kept = metrics.truncate_metrics(tmp_path, 10)
     assert [r["step"] for r in kept] == [0, 10]
     assert [r["step"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")] == [0, 10]
-    assert (tmp_path / "metrics.csv").read_text().splitlines()[-1] == "10,test,1.0,0.6,2.0"
+    assert (tmp_path / "metrics.jsonl").read_text().endswith("}\n")
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == [
+        "step,split,loss,accuracy,wall_s", "0,test,2.3,0.1,1.0", "10,test,1.0,0.6,2.0"]
+
+
+JSONL = ('{"step": 0, "split": "test", "loss": 2.3, "accuracy": 0.1, "wall_s": 1.0}\n'
+         '{"step": 10, "split": "test", "loss": 1.0, "accuracy": 0.6, "wall_s": 2.0}\n'
+         '{"step": 20, "split": "test", "loss": 0.9, "accuracy": 0.7, "wall_s": 3.0}\n')
+CSV = "step,split,loss,accuracy,wall_s\r\n0,test,2.3,0.1,1.0\r\n10,test,1.0,0.6,2.0\r\n"
+
+
+@pytest.mark.parametrize(("name", "text", "line"), [
+    ("metrics.jsonl", JSONL.replace('"step": 10, "split"', '"step": 10 "split"'), 2),
+    ("metrics.jsonl", JSONL.replace('"step": 10', '"step": "10"'), 2),
+    ("metrics.jsonl", JSONL.replace("\n", "\n\n", 1), 2),  # an empty line
+    ("metrics.jsonl", JSONL[:-30] + "\n", 3),  # a cut line that a newline ends: not a kill
+    ("metrics.csv", CSV.replace("0,test,2.3", "0,test2.3"), 2),
+    ("metrics.csv", CSV.replace("10,test", "ten,test"), 3),
+], ids=["jsonl_not_json", "jsonl_step_not_int", "jsonl_empty_line", "jsonl_cut_then_newline",
+        "csv_short_row", "csv_step_not_int"])
+def test_a_damaged_metrics_line_not_cut_short_by_a_kill_is_an_error_naming_it(
+        tmp_path, name, text, line):
+    """Only a last line without its newline (a write cut short) may be dropped; any other
+    line that is not a record stops the resume, naming the file and the line, and neither
+    file is rewritten."""
+    from rnnjax import metrics
+
+    (tmp_path / "metrics.jsonl").write_text(JSONL)
+    (tmp_path / "metrics.csv").write_bytes(CSV.encode())
+    (tmp_path / name).write_bytes(text.encode())
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(metrics.MetricsFileError) as info:
+        metrics.truncate_metrics(tmp_path, 10)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / name}: line {line} is not a metrics record")
+    assert f"repair or delete line {line}" in message and "\n" not in message
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    if name == "metrics.jsonl":
+        with pytest.raises(metrics.MetricsFileError, match=f"line {line} "):
+            metrics.read_jsonl(tmp_path / name)
+
+
+def test_resume_over_a_damaged_metrics_line_is_one_line_naming_it(tmp_path, capsys):
+    from rnnjax.cli import main
+
+    work = tmp_path / "run"
+    args = ["--steps", "20", "--eval-every", "5", "--checkpoint-every", "10",
+            "--hidden-size", "8", "--compile-cache", "off", "--workdir", str(work)]
+    assert main(["train", *args]) == 0
+    lines = (work / "metrics.jsonl").read_text().splitlines(keepends=True)
+    lines[2] = lines[2].replace('"step"', '"st')
+    (work / "metrics.jsonl").write_text("".join(lines))
+    capsys.readouterr()
+    assert main(["train", "--resume", *args[2:], "--steps", "30"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rnnjax: error: {work / 'metrics.jsonl'}: line 3 is not a "
+                          "metrics record") and err.count("\n") == 1
+    assert (work / "metrics.jsonl").read_text() == "".join(lines)

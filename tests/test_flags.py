@@ -33,6 +33,8 @@ BAD = [
     ("order_unknown", ["--order", "diagonal"], ["--order", "invalid choice: 'diagonal'",
                                                 "'rows', 'pixels', 'permuted'"]),
     ("unroll_negative", ["--unroll", "-1"], ["--unroll must be 0 or more, got -1"]),
+    ("weight_grad_unknown", ["--weight-grad", "fast"],
+     ["--weight-grad", "invalid choice: 'fast'", "'auto', 'product', 'per_step'"]),
     ("compute_dtype_unknown", ["--compute-dtype", "float16"],
      ["--compute-dtype", "invalid choice: 'float16'", "'float32', 'bfloat16'"]),
     ("num_classes_negative", ["--num-classes", "-1"], ["--num-classes must be 0 or more, got -1"]),
@@ -119,6 +121,17 @@ BAD = [
     ("steps_per_call_zero", ["--steps-per-call", "0"],
      ["--steps-per-call must be at least 1, got 0"]),
     ("steps_per_call_negative", ["--steps-per-call", "-1"], ["--steps-per-call must be at least"]),
+    ("xla_flags_not_a_flag", ["--xla-flags=xla_cpu_use_xnnpack=false"],
+     ["--xla-flags: 'xla_cpu_use_xnnpack=false' is not an XLA flag; pass space-separated"]),
+    ("xla_flags_other_program", ["--xla-flags=--jax_enable_x64 --xla_cpu_use_xnnpack=false"],
+     ["--xla-flags: '--jax_enable_x64' is not an XLA flag"]),
+    # Tuning (not Config fields: how the run's settings are chosen).
+    ("tune_value", ["--tune=yes"], ["--tune", "ignored explicit"]),
+    ("tune_budget_zero", ["--tune-budget", "0"],
+     ["--tune-budget must be a positive number of seconds, got 0.0"]),
+    ("tune_budget_nan", ["--tune-budget", "nan"],
+     ["--tune-budget must be a positive number of seconds, got nan"]),
+    ("tune_budget_inf", ["--tune-budget", "inf"], ["--tune-budget must be a positive number"]),
     # Checkpoints and the run directory.
     ("checkpoint_every_negative", ["--checkpoint-every", "-1"],
      ["--checkpoint-every must be 0 or more, got -1"]),
@@ -148,7 +161,7 @@ BAD = [
 ]
 
 # Flags that are not Config fields but are checked with them.
-EXTRA_FLAGS = {"workdir", "resume"}
+EXTRA_FLAGS = {"workdir", "resume", "tune", "tune-budget"}
 
 
 @pytest.fixture(scope="module")

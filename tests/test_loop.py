@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 
@@ -29,7 +30,11 @@ def test_short_run_learns(tmp_path):
     assert lines[0].startswith("step     0  test cost:  ")
     assert "test accuracy:  " in lines[2]
     assert result.history[-1]["step"] == 600
-    assert result.summary["final_test_accuracy"] > 0.8  # measured 0.84 (CPU, jax 0.10.2)
+    # A bar from the spread over seeds, not from one run: a change of summation order
+    # (a new unroll, a fused cell) moves a run like a new seed. After 601 steps seeds 0-8
+    # reach 0.764-0.836 (mean 0.800, sd 0.026; seed 0 0.806; CPU, jax 0.10.2, measured
+    # for issue 13); 0.70 is 0.06 under the worst of them, and far above chance (0.10).
+    assert result.summary["final_test_accuracy"] > 0.70
     records = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "test"] == [0, 300, 600]
     assert (tmp_path / "metrics.csv").read_text().startswith("step,split,loss,accuracy")
@@ -48,15 +53,31 @@ def test_stream_feed_equals_device_feed():
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize("feed", ["device", "stream"])
+def test_a_run_compiles_its_train_step_and_evaluation_once(feed, xla_compiles):
+    """Seven train calls of 1 to 7 steps (device feed) or 40 single steps (stream feed) and
+    three evaluations: one XLA compilation each of the train step and of the evaluation."""
+    config = Config(steps=40, eval_every=20, hidden_size=16, steps_per_call=7, feed=feed,
+                    compile_cache="off")
+    train_and_evaluate(config, out=io.StringIO())
+    compiled = collections.Counter(xla_compiles)
+    step = "jit(train_steps)" if feed == "device" else "jit(train_step)"
+    assert compiled[step] == 1 and compiled["jit(evaluate)"] == 1, compiled
+
+
 def test_batch_larger_than_dataset_is_refused():
     with pytest.raises(ConfigError, match="larger than the 60000 training examples"):
         train_and_evaluate(Config(batch_size=60001), out=io.StringIO())
 
 
 @pytest.mark.slow
-def test_seed_experiment_reaches_092():
-    """The whole seed recipe: 4001 steps, batch 50, in order; Keras 3 reaches ~0.93."""
+def test_seed_experiment_reaches_090():
+    """The whole seed recipe: 4001 steps, batch 50, in order."""
     out = io.StringIO()
     result = train_and_evaluate(Config(), out=out)
     assert len(result.history) == 9
-    assert result.summary["final_test_accuracy"] >= 0.92
+    # A bar from the spread over seeds, not from one run (seed 0 ends at 0.9265): a change
+    # of summation order moves a run like a new seed. Over seeds 1-6 the recipe ends at
+    # 0.914-0.941 (mean 0.931), Keras 3 at 0.917-0.933 (CPU, jax 0.10.2; issue 13). 0.90
+    # is 0.014 under the worst seed; a recipe that learns less than Keras' fails it.
+    assert result.summary["final_test_accuracy"] >= 0.90

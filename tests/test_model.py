@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,6 +81,25 @@ def test_bfloat16_compute_keeps_float32_parameters(cell):
         assert a.dtype == jnp.float32 and np.isfinite(a).all()
         cosine = float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
         assert cosine > 0.98
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("cell", ["simple_rnn", "lstm", "gru"])
+def test_last_output_from_the_carry_is_bitwise_the_last_step(cell, bidirectional):
+    """Reading y_T from the final carries (Cell.last_output, which spares storing the last
+    layer's outputs) gives the logits that slicing the outputs gives, bit for bit."""
+    model = make_model(Config(cell=cell, hidden_size=8, num_layers=2, bidirectional=bidirectional))
+    assert model.cell.last_output is not None
+    sliced = dataclasses.replace(model, cell=dataclasses.replace(model.cell, last_output=None))
+    params = model.init(jax.random.key(3))
+    x = jnp.asarray(np.random.default_rng(3).random((5, 28, 28)), jnp.float32)
+    np.testing.assert_array_equal(model.apply(params, x), sliced.apply(params, x))
+
+    def loss(m, p):
+        return (m.apply(p, x) * jnp.arange(10.0)).sum()
+
+    jax.tree.map(np.testing.assert_array_equal, jax.grad(lambda p: loss(model, p))(params),
+                 jax.grad(lambda p: loss(sliced, p))(params))
 
 
 def test_same_logits_and_loss_as_keras(mnist):

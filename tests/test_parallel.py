@@ -60,6 +60,9 @@ def _worker(spec: dict) -> None:
         if jax.process_index() == 0:
             np.savez(out / f"{name}.npz", **_flat_params(result.state.params))
     report.update(devices=jax.device_count(), processes=jax.process_count())
+    if spec.get("evaluate"):
+        report["evaluate"] = {chunk: _evaluation(chunk, sharded=True)
+                              for chunk in spec["evaluate"]}
     if spec.get("checks"):
         try:
             train_and_evaluate(Config(**{**RUN, "batch_size": 50}), out=io.StringIO())
@@ -68,6 +71,30 @@ def _worker(spec: dict) -> None:
         report["collectives"] = _collectives()
     if jax.process_index() == 0:
         (out / "report.json").write_text(json.dumps(report))
+
+
+EVAL_EXAMPLES = 250
+
+
+def _evaluation(chunk: int, sharded: bool) -> dict[str, float]:
+    """``train.evaluate`` of a fresh hidden-8 model on the first 250 MNIST test examples,
+    ``chunk`` at a time: on one device, or with each chunk split over every device."""
+    from rnnjax.data.idx import load_idx_dir
+    from rnnjax.data.sources import EMBEDDED_MNIST, MNIST_MD5
+    from rnnjax.model import make_model
+    from rnnjax.optim import make_optimizer
+
+    data = load_idx_dir(EMBEDDED_MNIST, MNIST_MD5)
+    config = Config(hidden_size=8)
+    model = make_model(config)
+    params = train.create_state(jax.random.key(0), model, make_optimizer(config)).params
+    dp = parallel.DataParallel(parallel.make_mesh(num_devices=0 if sharded else 1))
+    images = dp.replicate(data.test_images[:EVAL_EXAMPLES] / np.float32(255))
+    labels = dp.replicate(data.test_labels[:EVAL_EXAMPLES])
+    sums = jax.jit(lambda p, x, y: train.evaluate(
+        p, x, y, model=model, chunk=chunk, batch_sharding=dp.batch if sharded else None))(
+        dp.replicate(params), images, labels)
+    return {name: float(value) for name, value in jax.device_get(sums).items()}
 
 
 def _collectives() -> dict[str, int]:
@@ -200,24 +227,33 @@ def test_parallel_config_is_validated():
     assert parallel.initialize(Config()) is False  # one process: nothing to start
 
 
-def test_sharded_evaluation_pads_to_the_device_count(mnist):
-    """A chunk rounded up to a multiple of the devices adds only masked rows."""
-    from rnnjax.model import make_model
-    from rnnjax.optim import make_optimizer
+def test_sharded_evaluation_pads_to_the_device_count(tmp_path):
+    """Three devices, which divide neither the evaluation chunks nor the test set: each
+    chunk is rounded up to a multiple of 3 with masked rows, and the sums equal one
+    device's, exactly in count and correct; a 3-device run with an --eval-batch-size of
+    1000 trains and evaluates like one device."""
+    config = {**RUN, "batch_size": 48, "eval_batch_size": 1000}  # 1000 -> 1002 rows
+    chunks = [100, 1000]  # 250 examples: chunks of 102 and 252, padded and masked
+    spec = {"out": str(tmp_path), "base": config, "runs": {"device3": {}},
+            "evaluate": chunks}
+    proc = _launch(spec, devices=3)
+    from rnnjax.loop import train_and_evaluate
 
-    config = Config(hidden_size=8)
-    model = make_model(config)
-    params = train.create_state(jax.random.key(0), model, make_optimizer(config)).params
-    dp = parallel.DataParallel(parallel.make_mesh(num_devices=1))
-    images = jax.numpy.asarray(mnist.test_images[:250] / np.float32(255))
-    labels = jax.numpy.asarray(mnist.test_labels[:250])
-    plain = jax.jit(lambda p, x, y: train.evaluate(p, x, y, model=model, chunk=100))(
-        params, images, labels)
-    sharded = jax.jit(lambda p, x, y: train.evaluate(p, x, y, model=model, chunk=100,
-                                                     batch_sharding=dp.batch))(
-        params, images, labels)
-    assert int(sharded["count"]) == 250 and int(sharded["correct"]) == int(plain["correct"])
-    assert float(sharded["loss_sum"]) == pytest.approx(float(plain["loss_sum"]), rel=1e-6)
+    try:
+        reference = train_and_evaluate(Config(**config, num_devices=1), out=io.StringIO())
+        plain = {chunk: _evaluation(chunk, sharded=False) for chunk in chunks}
+    finally:
+        _wait([proc], timeout=240)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["devices"] == 3 and report["device3"]["mesh_devices"] == 3
+    assert all(chunk % 3 and EVAL_EXAMPLES % 3 for chunk in chunks)
+    for chunk in chunks:
+        sharded = report["evaluate"][str(chunk)]
+        assert sharded["count"] == plain[chunk]["count"] == EVAL_EXAMPLES, chunk
+        assert sharded["correct"] == plain[chunk]["correct"], chunk
+        assert sharded["loss_sum"] == pytest.approx(plain[chunk]["loss_sum"], rel=1e-6)
+    _assert_same(_load(tmp_path, "device3"), _flat_params(reference.state.params))
+    _assert_same_history(report["device3"]["history"], reference.history)
 
 
 def test_stream_feeds_give_a_process_its_rows(mnist, tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from rnnjax import train
+from rnnjax import parallel, train
 from rnnjax.config import Config, ConfigError
 from rnnjax.data.pipeline import batch_indices, normalize_host
 from rnnjax.model import make_model
@@ -43,19 +43,28 @@ def test_every_parameter_changes_after_one_step(mnist, cell):
     assert int(metrics["count"]) == 50 and np.isfinite(float(metrics["loss_sum"]))
 
 
-def test_no_recompilation_on_second_step(mnist):
-    model, optimizer, state = _setup(Config())
-    traces = []
-
-    def counted(state, x, y):
-        traces.append(1)
-        return train.train_step(state, x, y, model=model, optimizer=optimizer)
-
-    step = jax.jit(counted, donate_argnums=0)
-    state, _ = step(state, *_batch(mnist, 0, 50))
-    state, _ = step(state, *_batch(mnist, 50, 50))
-    state, _ = step(state, *_batch(mnist, 100, 50))
-    assert len(traces) == 1
+def test_no_recompilation_on_second_step(mnist, xla_compiles):
+    """The second and third steps compile nothing, counted in XLA compilations (and the
+    jitted function's executables), not in Python traces: one trace compiles again when the
+    first call's state is not laid out as the step's outputs are (e.g. not yet committed
+    to the devices). Placed and jitted as ``rnnjax.loop`` does: state replicated over the
+    mesh, batches split over it, outputs replicated, state donated."""
+    config = Config()
+    model, optimizer, state = _setup(config)
+    dp = parallel.DataParallel.from_config(config)
+    state = dp.replicate(state)
+    batches = [dp.global_batch(tuple(map(np.asarray, _batch(mnist, start, 50))), 50)
+               for start in (0, 50, 100)]
+    step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer),
+                   donate_argnums=0, out_shardings=dp.replicated)
+    state, _ = step(state, *batches[0])
+    first = list(xla_compiles)
+    assert "jit(train_step)" in first  # the counter sees the step's compilation
+    for batch in batches[1:]:
+        state, _ = step(state, *batch)
+    jax.block_until_ready(state)
+    assert xla_compiles == first
+    assert step._cache_size() == 1
 
 
 def test_state_is_donated(mnist):
@@ -166,3 +175,56 @@ def test_optimizers_by_name_with_schedule_and_clipping(mnist, name):
     jax.tree.map(np.testing.assert_array_equal, first.params, state.params)
     second, _ = step(first, x, y)
     assert not np.array_equal(second.params["head"]["kernel"], state.params["head"]["kernel"])
+
+
+def _global_norm(tree) -> float:
+    return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                             for x in jax.tree.leaves(tree))))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "rmsprop", "lion", "adam", "keras_adam"])
+def test_clip_norm_rescales_large_gradients_for_every_optimizer(name):
+    """--clip-norm 1 with gradients of global norm 1e4 then 1e2: the optimizer moves exactly
+    as it would on those gradients rescaled to norm 1, and not as on the raw ones."""
+    _, _, state = _setup(Config(hidden_size=8))
+    keys = jax.random.split(jax.random.key(7), 2)
+    raw = []
+    for key, norm in zip(keys, (1e4, 1e2), strict=True):
+        leaves, tree = jax.tree.flatten(state.params)
+        noise = [jax.random.normal(k, x.shape) for k, x in
+                 zip(jax.random.split(key, len(leaves)), leaves, strict=True)]
+        g = jax.tree.unflatten(tree, noise)
+        raw.append(jax.tree.map(lambda x, g=g, norm=norm: x * (norm / _global_norm(g)), g))
+    unit = [jax.tree.map(lambda x, g=g: x / _global_norm(g), g) for g in raw]
+    assert [round(_global_norm(g)) for g in raw] == [10000, 100]
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def updates(optimizer, grads):
+        opt_state, out = optimizer.init(state.params), []
+        for g in grads:
+            u, opt_state = optimizer.update(g, opt_state, state.params)
+            out.append(u)
+        return out
+
+    base = Config(optimizer=name, learning_rate=1e-3, hidden_size=8)
+    clipped = updates(make_optimizer(base.replace(clip_norm=1.0)), raw)
+    rescaled = updates(make_optimizer(base), unit)
+    unclipped = updates(make_optimizer(base), raw)
+    for a, b in zip(clipped, rescaled, strict=True):
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-9), a, b)
+    assert not np.allclose(_global_norm(jax.tree.map(jnp.subtract, clipped[1], unclipped[1])),
+                           0.0, atol=1e-6)
+
+
+def test_clip_norm_bounds_the_update_of_a_train_step(mnist):
+    """SGD at learning rate 1 with --clip-norm 1e-3: the real loss gradient (global norm
+    about 1) needs clipping, and the step moves the parameters by 1e-3 in norm, not more."""
+    config = Config(optimizer="sgd", learning_rate=1.0, clip_norm=1e-3, hidden_size=16)
+    model, optimizer, state = _setup(config)
+    x, y = _batch(mnist, 0, 50)
+    grads = jax.grad(lambda p: train.loss_fn(p, model, x, y)[0])(state.params)
+    assert _global_norm(grads) > 100 * config.clip_norm  # clipping has work to do
+    step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer))
+    after, _ = step(state, x, y)
+    moved = _global_norm(jax.tree.map(jnp.subtract, after.params, state.params))
+    assert moved == pytest.approx(config.learning_rate * config.clip_norm, rel=1e-3)

@@ -3,6 +3,7 @@ default data, the benchmarks' core, eval and predict must run with it unimportab
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +82,62 @@ def test_train_eval_and_predict_run_without_tensorflow(tmp_path, mnist):
 
 def test_throughput_benchmark_runs_without_tensorflow(tmp_path):
     run_blocked(tmp_path, "benchmarks.throughput", "--batch-sizes", "8", "--unrolls", "1",
-                "--repeats", "1", "--steps-per-call", "5", "--out", str(tmp_path / "tp"))
-    rows = json.loads((tmp_path / "tp" / "throughput.json").read_text())["rows"]
+                "--repeats", "1", "--steps-per-call", "5", "--cells", "simple_rnn",
+                "--out", str(tmp_path / "tp"))
+    result = json.loads((tmp_path / "tp" / "throughput.json").read_text())
+    rows = result["rows"]
     assert [(r["batch"], r["unroll"]) for r in rows] == [(8, 1)]
     assert rows[0]["ms_per_step"] > 0
+    assert result["environment"]["ops_per_step"]["simple_rnn"]["forward"] > 0
+
+
+def test_flax_benchmark_runs_without_tensorflow(tmp_path):
+    run_blocked(tmp_path, "benchmarks.flax_peers", "--cases", "rows:8", "--cells", "simple_rnn",
+                "--rounds", "1", "--tune-budget", "0", "--out", str(tmp_path / "fp"))
+    rows = json.loads((tmp_path / "fp" / "flax_peers.json").read_text())["rows"]
+    assert [(r["order"], r["batch"], r["cell"]) for r in rows] == [("rows", 8, "simple_rnn")]
+    names = ["rnnjax (as rnnjax train)", "flax.linen unroll=1", "flax.linen unroll=full",
+             "flax.nnx unroll=1", "flax.nnx unroll=full"]
+    assert all(rows[0][f"{name} ms"] > 0 for name in names)
+
+
+PROBE = """
+import importlib.metadata, importlib.util
+
+from rnnjax.config import ConfigError
+from rnnjax.data.sources import import_tfds
+
+for name in ("tensorflow", "tensorflow_datasets", "tensorflow.python"):
+    assert importlib.util.find_spec(name.split(".")[0]) is None, name
+    try:
+        __import__(name)
+    except ModuleNotFoundError:
+        pass
+    else:
+        raise SystemExit(f"{name} was imported")
+for dist in ("tensorflow-cpu", "tensorflow-datasets"):
+    try:
+        importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    else:
+        raise SystemExit(f"{dist} is listed as installed")
+try:
+    import_tfds()
+except ConfigError as e:
+    print("rnnjax says:", e)
+else:
+    raise SystemExit("rnnjax found tfds")
+"""
+
+
+def test_the_blocker_hides_tensorflow_that_is_installed(tmp_path):
+    """The control of the tests above: without the blocker TensorFlow and tfds import (the
+    test install has them); with it, importing them fails, their distributions are not
+    listed, and rnnjax's --source tfds says what to install."""
+    for name in ("tensorflow", "tensorflow_datasets"):
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"{name} is not installed (pip install -e '.[test]')")
+    (tmp_path / "probe_tf.py").write_text(PROBE)
+    proc = run_blocked(tmp_path, "probe_tf")
+    assert "rnnjax says: --source tfds needs TensorFlow and tensorflow-datasets" in proc.stdout

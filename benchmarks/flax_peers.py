@@ -1,0 +1,217 @@
+"""rnnjax against Flax's own ``nn.RNN`` / ``nnx.RNN``: same data, same recipe, same process.
+
+    python -m benchmarks.flax_peers [--cases rows:50,rows:1024,rows:4096,pixels:50]
+    python -m benchmarks.peers          # runs this too, after Keras and PyTorch
+
+For each case (sequence order and batch size) and each cell, the median ms of one
+``RNN(50) -> Dense(10)`` optax-Adam(1e-3) train step, K steps per compiled call on
+device-resident MNIST walked in order (the fastest way to run either library):
+
+* rnnjax as ``rnnjax train`` runs it (what the tuner chose for this machine and shape,
+  cached or measured now as the first ``rnnjax train`` would; printed in each row), and at
+  unroll 1 and full;
+* ``flax.linen.RNN`` and ``flax.nnx.RNN`` (functional split/merge inside the compiled loop)
+  with ``SimpleCell``, ``OptimizedLSTMCell`` and ``GRUCell``, at unroll 1 and full.
+
+All runners of one case are timed in turns (``benchmarks.harness.interleaved``), so drift of
+a shared machine hits each alike; compile time is reported apart. Writes
+``results/flax_peers.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from benchmarks.harness import environment, interleaved, write_results
+from rnnjax import runtime, train, tune
+from rnnjax.config import Config
+from rnnjax.data.idx import Arrays
+from rnnjax.data.pipeline import batch_indices, to_device
+from rnnjax.data.sources import load_arrays
+from rnnjax.loop import init_state
+from rnnjax.model import make_model
+from rnnjax.optim import make_optimizer
+
+HIDDEN = 50
+# rnnjax cell -> the Flax cell with the same equations.
+CELLS = {"simple_rnn": "SimpleCell", "lstm": "OptimizedLSTMCell", "gru": "GRUCell"}
+Runner = Callable[[], Any]
+
+
+def sequence_length(order: str) -> int:
+    return 28 if order == "rows" else 784
+
+
+def as_sequence(images: jax.Array, order: str) -> jax.Array:
+    """Batch-major images [B, 28, 28] -> the batch-major sequence Flax's RNN takes."""
+    return images if order == "rows" else images.reshape(images.shape[0], 784, 1)
+
+
+def compiled_runner(fn: Callable, state: Any, *args: Any) -> tuple[Runner, float]:
+    """``fn(state, *args) -> (state, ...)`` compiled with the state donated; a runner that
+    carries the state from call to call, and the compile seconds."""
+    compiled, compile_s = runtime.compile_timed(jax.jit(fn, donate_argnums=0), state, *args)
+    box = [state]
+
+    def run():
+        box[0] = compiled(box[0], *args)[0]
+        return box[0]
+
+    return run, compile_s
+
+
+def k_steps(loss: Callable, optimizer: optax.GradientTransformation) -> Callable:
+    """``(state=(params, opt_state), images, labels, idx [K, B]) -> (state, loss sum)``."""
+    def fn(state, images, labels, idx):
+        def body(i, carry):
+            (params, opt_state), total = carry
+            value, grads = jax.value_and_grad(loss)(params, images[idx[i]], labels[idx[i]])
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), total + value
+        return jax.lax.fori_loop(0, idx.shape[0], body, (state, jnp.zeros([])))
+    return fn
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def linen_runner(device_data: Arrays, idx: jax.Array, *, cell: str, order: str,
+                 unroll: int) -> tuple[Runner, float]:
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, images):
+            h = nn.RNN(getattr(nn, cell)(HIDDEN), unroll=unroll)(as_sequence(images, order))
+            return nn.Dense(10)(h[:, -1])
+
+    net, optimizer = Net(), optax.adam(1e-3)
+    images, labels = device_data.train_images, device_data.train_labels
+    params = jax.jit(net.init)(jax.random.key(1337), images[:1])
+    loss = lambda p, x, y: cross_entropy(net.apply(p, x), y)  # noqa: E731
+    return compiled_runner(k_steps(loss, optimizer), (params, optimizer.init(params)),
+                           images, labels, idx)
+
+
+def nnx_runner(device_data: Arrays, idx: jax.Array, *, cell: str, order: str,
+               unroll: int) -> tuple[Runner, float]:
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            features = 28 if order == "rows" else 1
+            self.rnn = nnx.RNN(getattr(nnx, cell)(features, HIDDEN, rngs=rngs), unroll=unroll)
+            self.head = nnx.Linear(HIDDEN, 10, rngs=rngs)
+
+        def __call__(self, images):
+            zeros = jnp.zeros((images.shape[0], HIDDEN))
+            carry = (zeros, zeros) if "LSTM" in cell else zeros
+            return self.head(self.rnn(as_sequence(images, order), initial_carry=carry)[:, -1])
+
+    graphdef, params, rest = nnx.split(Net(nnx.Rngs(1337)), nnx.Param, ...)
+    optimizer = optax.adam(1e-3)
+
+    def loss(p, x, y):
+        return cross_entropy(nnx.merge(graphdef, p, rest)(x), y)
+
+    images, labels = device_data.train_images, device_data.train_labels
+    return compiled_runner(k_steps(loss, optimizer), (params, optimizer.init(params)),
+                           images, labels, idx)
+
+
+def rnnjax_runner(device_data: Arrays, idx: jax.Array, config: Config) -> tuple[Runner, float]:
+    model, optimizer = make_model(config), make_optimizer(config)
+    fn = functools.partial(train.train_steps, model=model, optimizer=optimizer)
+    return compiled_runner(fn, init_state(config, model, optimizer), device_data.train_images,
+                           device_data.train_labels, idx)
+
+
+def user_config(cell: str, order: str, batch: int, tune_budget_s: float) -> tuple[Config, str]:
+    """The Config ``rnnjax train --cell CELL --order ORDER --batch-size B`` would run with:
+    the tuner's choice for this machine (cached, or measured now within the budget, as the
+    first ``rnnjax train`` of the shape does; 0 = the untuned defaults), and what it chose.
+
+    The choice's XLA flags, if any, cannot change this process's running backend: they are
+    reported, not applied (every runner here shares the process's flags).
+    """
+    config = Config(cell=cell, order=order, batch_size=batch)
+    if tune_budget_s <= 0:
+        return config, "untuned defaults"
+    tuned, record = tune.resolve(config, frozenset(), tune_budget_s, err=sys.stderr)
+    chosen = tune.describe(tune.settings(tuned))
+    return tuned.replace(feed="device", xla_flags=""), f"{record['mode']}: {chosen}"
+
+
+def case_runners(device_data: Arrays, order: str, batch: int, cell: str, steps: int,
+                 flax_apis: tuple[str, ...], user: Config) -> dict[str, tuple[Runner, float]]:
+    idx = jax.device_put(batch_indices(len(device_data.train_labels), batch, 0, steps))
+    full = sequence_length(order)
+    runners = {"rnnjax (as rnnjax train)": rnnjax_runner(device_data, idx, user)}
+    for name, unroll in (("1", 1), ("full", 0)):
+        if unroll != user.unroll:
+            runners[f"rnnjax unroll={name}"] = rnnjax_runner(
+                device_data, idx, user.replace(unroll=unroll))
+    makers = {"linen": linen_runner, "nnx": nnx_runner}
+    for api in flax_apis:
+        for name, unroll in (("1", 1), ("full", full)):
+            runners[f"flax.{api} unroll={name}"] = makers[api](
+                device_data, idx, cell=CELLS[cell], order=order, unroll=unroll)
+    return runners
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="rows:50,rows:1024,rows:4096,pixels:50",
+                        help="ORDER:BATCH,... (order rows or pixels)")
+    parser.add_argument("--cells", default=",".join(CELLS))
+    parser.add_argument("--apis", default="linen,nnx", help="Flax APIs to time")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tune-budget", type=float, default=tune.DEFAULT_BUDGET_S,
+                        help="seconds the tuner may spend on a shape it has not cached, as "
+                        "the first rnnjax train would (0: the untuned defaults)")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    device_data = to_device(load_arrays(Config()))
+    rows = []
+    for case in args.cases.split(","):
+        order, batch = case.split(":")[0], int(case.split(":")[1])
+        # About the same work per timed call: fewer steps for long sequences and batches.
+        steps = max(4, min(200, 20000 // (batch * sequence_length(order) // 28)))
+        for cell in args.cells.split(","):
+            user, chosen = user_config(cell, order, batch, args.tune_budget)
+            runners = case_runners(device_data, order, batch, cell, steps,
+                                   tuple(a for a in args.apis.split(",") if a), user)
+            seconds = interleaved({k: v[0] for k, v in runners.items()}, args.rounds)
+            row: dict[str, Any] = {"order": order, "batch": batch, "cell": cell,
+                                   "steps/call": steps, "rnnjax train runs": chosen}
+            for name, (_, compile_s) in runners.items():
+                row[f"{name} ms"] = seconds[name] / steps * 1e3
+                row[f"{name} compile s"] = compile_s
+            flax_best = min((v for k, v in row.items() if k.startswith("flax") and
+                             k.endswith(" ms")), default=float("nan"))
+            row["best Flax / rnnjax"] = flax_best / row["rnnjax (as rnnjax train) ms"]
+            rows.append(row)
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()},
+                  flush=True)
+    columns = list(dict.fromkeys(c for r in rows for c in r))  # every row's, in order
+    timing = [c for c in columns if not c.endswith("compile s")]
+    compiles = [c for c in columns if c.endswith("compile s")]
+    notes = "Compile seconds per runner:\n\n" + "\n".join(
+        f"- {r['order']} {r['batch']} {r['cell']}: "
+        + ", ".join(f"{c.removesuffix(' compile s')} {r[c]:.1f}" for c in compiles if c in r)
+        for r in rows)
+    write_results("flax_peers", rows, timing, env=environment(), notes=notes,
+                  out_dir=args.out or None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Any Flax RNN cell as an rnnjax :class:`~rnnjax.cells.Cell`: ``--cell MODULE:CLASS``.
+
+``flax.linen:GRUCell``, ``flax.linen:OptimizedLSTMCell``, ``flax.nnx:LSTMCell`` or a user's
+``my_pkg.cells:MyCell``: a linen cell is built as ``CLASS(features=hidden)``, an nnx cell as
+``CLASS(input_size, hidden, rngs=...)`` (the signatures of Flax's own cells), and either is
+then stepped by rnnjax's scan like any other cell, so the loop, feeds, checkpoints, resume,
+eval, predict and ``benchmarks.throughput`` take it unchanged. Its parameters are the
+cell's own Flax params as a plain dict (nnx: ``nnx.to_pure_dict`` of its ``Param`` state).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax.cells import Cell
+
+HINT = "name a Flax RNN cell class as MODULE:CLASS, e.g. flax.linen:GRUCell"
+
+
+def load_class(spec: str) -> type:
+    """The class ``MODULE:CLASS`` names; ValueError with the reason and the fix otherwise."""
+    module_name, sep, class_name = spec.partition(":")
+    if not sep or not module_name or not class_name:
+        raise ValueError(f"{spec!r} is not MODULE:CLASS; {HINT}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"{spec!r}: cannot import {module_name!r} ({e}); {HINT}") from None
+    obj = module
+    for part in class_name.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{spec!r}: {module_name!r} has no {class_name!r}; {HINT}")
+        obj = getattr(obj, part)
+    if not isinstance(obj, type):
+        raise ValueError(f"{spec!r} is a {type(obj).__name__}, not a class; {HINT}")
+    return obj
+
+
+def _cast(tree: Any, dtype: Any) -> Any:
+    return jax.tree.map(lambda a: a.astype(dtype), tree)
+
+
+@functools.cache
+def flax_cell(spec: str, hidden: int) -> Cell:
+    """The Flax cell class ``spec`` (``MODULE:CLASS``) of width ``hidden`` as a Cell."""
+    import flax.linen as nn
+    from flax import nnx
+
+    cls = load_class(spec)
+    if not callable(getattr(cls, "initialize_carry", None)):
+        raise ValueError(f"{spec!r} is not an RNN cell (no initialize_carry method); {HINT}")
+    if issubclass(cls, nn.Module):
+        return _linen_cell(spec, cls, hidden)
+    if issubclass(cls, nnx.Module):
+        return _nnx_cell(spec, cls, hidden)
+    raise ValueError(f"{spec!r} is neither a flax.linen nor a flax.nnx Module; {HINT}")
+
+
+def _build_error(spec: str, how: str, e: Exception) -> ValueError:
+    return ValueError(f"{spec!r} could not be built as {how} ({type(e).__name__}: {e}); the "
+                      "cell must take the arguments of Flax's own cells")
+
+
+def _linen_cell(spec: str, cls: type, hidden: int) -> Cell:
+    try:
+        module = cls(features=hidden)
+    except TypeError as e:
+        raise _build_error(spec, f"{cls.__name__}(features={hidden})", e) from None
+
+    def initial_carry(batch: int, dtype: Any) -> Any:
+        # Flax's cells take the carry's batch dimensions from input_shape[:-1].
+        return _cast(module.initialize_carry(jax.random.key(0), (batch, 1)), dtype)
+
+    def init(key: jax.Array, input_size: int) -> Any:
+        x = jnp.zeros((1, input_size), jnp.float32)
+        return dict(module.init(key, initial_carry(1, jnp.float32), x)["params"])
+
+    def step(params: Any, carry: Any, x: jax.Array) -> tuple[Any, jax.Array]:
+        return module.apply({"params": params}, carry, x)
+
+    return Cell(init=init, step=step, initial_carry=initial_carry, hidden_size=hidden)
+
+
+def _nnx_cell(spec: str, cls: type, hidden: int) -> Cell:
+    from flax import nnx
+
+    @functools.cache
+    def template(input_size: int) -> tuple[Any, Any]:
+        """The cell's graph and state for this input size (values replaced per call)."""
+        try:
+            module = nnx.eval_shape(lambda: cls(input_size, hidden, rngs=nnx.Rngs(0)))
+        except TypeError as e:
+            raise _build_error(spec, f"{cls.__name__}({input_size}, {hidden}, rngs=...)",
+                               e) from None
+        return nnx.split(module)
+
+    def build(input_size: int, key: jax.Array) -> Any:
+        return cls(input_size, hidden, rngs=nnx.Rngs(key))
+
+    def init(key: jax.Array, input_size: int) -> Any:
+        template(input_size)  # a bad signature is reported as such
+        return nnx.to_pure_dict(nnx.state(build(input_size, key), nnx.Param))
+
+    def module_of(params: Any, input_size: int) -> Any:
+        graphdef, state = template(input_size)
+        state = jax.tree.map(lambda a: a, state)  # a fresh copy to fill
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(graphdef, state)
+
+    def step(params: Any, carry: Any, x: jax.Array) -> tuple[Any, jax.Array]:
+        return module_of(params, x.shape[-1])(carry, x)
+
+    def initial_carry(batch: int, dtype: Any) -> Any:
+        module = nnx.merge(*template(1))  # only its attributes are read
+        return _cast(module.initialize_carry((batch, 1), nnx.Rngs(0)), dtype)
+
+    return Cell(init=init, step=step, initial_carry=initial_carry, hidden_size=hidden)

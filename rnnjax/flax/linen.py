@@ -1,0 +1,105 @@
+"""rnnjax as ``flax.linen`` modules: :class:`RNN` (one recurrent layer) and :class:`Classifier`.
+
+Both are thin: they declare the parameters (the leaf names and Keras initialisers of the
+rnnjax cell) and call rnnjax's pure sequence functions, so a linen model gets rnnjax's
+hand-written backward passes::
+
+    import flax.linen as nn
+    from rnnjax.flax import linen as rnn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):                      # [B, 28, 28]
+            h = rnn.RNN(cell="lstm", hidden_size=64)(x)
+            return nn.Dense(10)(h[:, -1])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from rnnjax.cells import Carry, get_cell
+from rnnjax.config import Config
+from rnnjax.flax import layer
+from rnnjax.flax import params as params_lib
+from rnnjax.model import make_model
+
+
+class RNN(nn.Module):
+    """One recurrent layer over a sequence, any rnnjax cell by name.
+
+    inputs ``[B, T, F]`` -> outputs ``[B, T, hidden_size]`` (``[T, B, ...]`` with
+    ``time_major``); with ``return_carry``, ``(final carry, outputs)``. Parameters: the
+    cell's, e.g. ``kernel [F, H]``, ``recurrent_kernel [H, H]``, ``bias [H]`` for
+    ``simple_rnn`` (glorot-uniform, orthogonal, zeros, as Keras).
+
+    Attributes:
+      cell: an rnnjax cell name (``simple_rnn``, ``irnn``, ``lstm``, ``gru``, a cell
+        registered in ``rnnjax.cells.CELLS``, or a Flax cell as ``MODULE:CLASS``).
+      hidden_size: units.
+      unroll: ``lax.scan`` unroll factor; 0 or True unrolls every step.
+      reverse, keep_order, return_carry, time_major: as ``flax.linen.RNN``.
+    """
+
+    cell: str
+    hidden_size: int
+    unroll: int | bool = 1
+    reverse: bool = False
+    keep_order: bool = False
+    return_carry: bool = False
+    time_major: bool = False
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, initial_carry: Carry | None = None) -> Any:
+        """inputs float ``[B, T, F]``; initial_carry in the cell's layout (LSTM: ``(h, c)``)."""
+        cell = get_cell(self.cell, self.hidden_size)
+        features = inputs.shape[-1]
+        shapes = jax.eval_shape(lambda key: cell.init(key, features), jax.random.key(0))
+        params = {
+            name: self.param(name, lambda key, name=name: cell.init(key, features)[name])
+            for name in shapes
+        }
+        carry, outputs = layer.run(
+            cell, params, inputs, initial_carry, unroll=self.unroll, reverse=self.reverse,
+            keep_order=self.keep_order, time_major=self.time_major,
+        )
+        return (carry, outputs) if self.return_carry else outputs
+
+
+class Classifier(nn.Module):
+    """The rnnjax classifier ``config`` describes (default: the seed model) as a linen module.
+
+    images float32 ``[B, 28, 28]`` in [0, 1] -> logits float32 ``[B, classes]``, computed by
+    :meth:`rnnjax.model.Model.apply` itself. Parameters ``{"rnn_0": layer, ..., "head":
+    {"kernel", "bias"}}``; :func:`from_checkpoint` loads a run trained by ``rnnjax train``.
+    """
+
+    config: Config = Config()
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        model = make_model(self.config)
+        shapes = jax.eval_shape(model.init, jax.random.key(0))
+        flat = params_lib.classifier_to_flax(shapes)["params"]
+        declared = {
+            name: self.param(name, lambda key, name=name: _init_part(model, key, name))
+            for name in flat
+        }
+        return model.apply(params_lib.classifier_from_flax({"params": declared}), images)
+
+
+def _init_part(model: Any, key: jax.Array, name: str) -> Any:
+    return params_lib.classifier_to_flax(model.init(key))["params"][name]
+
+
+def from_checkpoint(path: Path | str) -> tuple[Classifier, dict[str, Any]]:
+    """``(module, variables)`` of a checkpoint written by ``rnnjax train`` (a step directory,
+    or a workdir: its latest), ready for ``module.apply(variables, images)``."""
+    from rnnjax import inference
+
+    loaded = inference.load(path)
+    return Classifier(loaded.config), params_lib.classifier_to_flax(loaded.state.params)

@@ -1,0 +1,226 @@
+"""Time train-step candidates in this process: the tuner's child, ``python -m rnnjax.measure``.
+
+XLA reads its flags once per process, so :mod:`rnnjax.tune` starts one child per set of
+XLA flags, with ``$XLA_FLAGS`` set, and hands it a JSON spec on stdin::
+
+    {"config": {...Config fields...}, "candidates": [{"unroll": 1, "weight_grad": "product",
+     "feed": "device"}, ...], "deadline": unix time, "call_s": 0.1, "steps": null,
+     "repeats": 3, "reference": "path/to/baseline.npz"}
+
+Each candidate is the config with those fields replaced, run by the loop's own feeds
+(``loop.device_feed`` or ``loop.stream_feed``) on synthetic data of the run's shapes. The
+child prints one line per event on stdout, ``rnnjax-tune <JSON>``: ``device`` (what it runs
+on), then per candidate ``result`` (compile seconds, seconds per step, best of ``repeats``
+calls of ``steps`` steps, and how far its first step's loss and gradients lie from the
+reference's: the first candidate's, saved to ``reference``) or ``skipped`` (why); then,
+while the budget lasts, ``retimed`` (a second round in reverse order, the best of both).
+Candidates are not started past ``deadline``, nor when their predicted compile time would
+pass it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+PREFIX = "rnnjax-tune "
+
+
+def emit(event: str, **fields: Any) -> None:
+    """One event line for the parent on stdout."""
+    sys.stdout.write(PREFIX + json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def predict_compile_s(unroll: int, measured: dict[int, float]) -> float | None:
+    """Compile seconds predicted for ``unroll`` from those measured at other unrolls.
+
+    Linear in the unroll factor through the two measured points farthest apart (XLA
+    compiles one loop body per unrolled step); one point alone: three quarters fixed cost
+    (measured: 28 rows fully unrolled compiled in 2.5x the time of unroll 1), a quarter
+    proportional. None when nothing is measured yet.
+    """
+    if not measured:
+        return None
+    points = sorted(measured.items())
+    (u0, c0), (u1, c1) = points[0], points[-1]
+    if u1 == u0:
+        return c0 * (0.75 + 0.25 * unroll / u0)
+    slope = max(0.0, (c1 - c0) / (u1 - u0))
+    return c0 + slope * (unroll - u0)
+
+
+def relative_difference(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Largest difference between two sets of arrays, each relative to the largest
+    magnitude of that array in ``b`` (the reference)."""
+    import numpy as np
+
+    worst = 0.0
+    for name, ref in b.items():
+        ref = np.asarray(ref, np.float64)
+        scale = float(np.abs(ref).max()) if ref.size else 0.0
+        diff = float(np.abs(np.asarray(a[name], np.float64) - ref).max()) if ref.size else 0.0
+        worst = max(worst, diff / scale if scale else diff)
+    return worst
+
+
+def synthetic_data(config: Any, examples: int) -> Any:
+    """Random uint8 images and labels of the run's shapes (timing does not read them)."""
+    import numpy as np
+
+    from rnnjax.data.idx import Arrays
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (examples, 28, 28), dtype=np.uint8)
+    classes = config.num_classes or 10  # 0: the dataset's, ten for the IDX layout
+    labels = rng.integers(0, classes, examples).astype(np.int32)
+    return Arrays(images, labels, images[: config.batch_size], labels[: config.batch_size])
+
+
+def first_step(state: Any, sums: Any) -> dict[str, Any]:
+    """What a candidate's first train step computed, to compare with the reference's: the
+    loss, and the optimizer state (Adam's moments are the gradient and its square, scaled),
+    or the parameters when the optimizer keeps no floating-point state."""
+    import jax
+    import numpy as np
+
+    def floats(tree: Any) -> list[np.ndarray]:
+        return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)
+                if np.issubdtype(np.asarray(leaf).dtype, np.floating)]
+
+    leaves = floats(state.opt_state) or floats(state.params)
+    return {"loss": np.asarray(sums["loss_sum"]), **{f"s{i}": a for i, a in enumerate(leaves)}}
+
+
+CACHE_HITS = [0]  # programs this process loaded from JAX's persistent compilation cache
+
+
+def _count_cache_hits(event: str, **kwargs: Any) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        CACHE_HITS[0] += 1
+
+
+class Timed:
+    """One candidate compiled and run once: its compile seconds, its first step
+    (:func:`first_step`, the first batch from the initial state), and :meth:`time`."""
+
+    def __init__(self, config: Any, data: Any, timer: Callable[[], float]) -> None:
+        import jax
+
+        from rnnjax import loop, parallel
+        from rnnjax.model import make_model
+        from rnnjax.optim import make_optimizer
+
+        model, optimizer = make_model(config), make_optimizer(config)
+        dp = parallel.DataParallel.from_config(config)
+        self.state = dp.replicate(loop.init_state(config, model, optimizer))
+        if config.feed == "device":
+            self.run = loop.device_feed(config, model, optimizer, dp, dp.dataset(data))
+            self.chunk = min(config.steps_per_call, config.steps)
+        else:
+            self.run = loop.stream_feed(config, model, optimizer, dp, data, 0)
+            self.chunk = config.steps
+        self.first, self.timer, self.block = 0, timer, jax.block_until_ready
+        hits = CACHE_HITS[0]
+        _, self.compile_s, sums = self.call(1)  # compiles, and warms up
+        self.cache_hit = CACHE_HITS[0] > hits  # from the persistent compilation cache
+        self.first_step = first_step(self.state, sums)
+
+    def call(self, count: int) -> tuple[float, float, Any]:
+        """Run ``count`` steps in one call: ``(seconds, of them compiling, metric sums)``."""
+        start = self.timer()
+        self.state, sums, compile_s = self.run(self.state, self.first, count)
+        self.block((self.state, sums))
+        self.first += count
+        return self.timer() - start - compile_s, compile_s, sums
+
+    def steps_for(self, call_s: float) -> int:
+        """Steps per call that fill about ``call_s`` seconds."""
+        one = self.call(1)[0]
+        return max(1, min(self.chunk, int(call_s / max(one, 1e-6))))
+
+    def time(self, steps: int, repeats: int, deadline: float) -> float:
+        """Seconds per step: the best of ``repeats`` calls of ``steps`` steps (fewer once
+        ``deadline`` passes), every call blocked on."""
+        steps = min(steps, self.chunk)
+        best = float("inf")
+        for i in range(repeats):
+            if i and time.time() > deadline:
+                break
+            best = min(best, self.call(steps)[0])
+        return best / steps
+
+
+def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter) -> None:
+    """Time each candidate of ``spec`` in turn, emitting events (see the module docstring)."""
+    import jax
+    import numpy as np
+
+    from rnnjax import runtime
+    from rnnjax.config import from_dict
+    from rnnjax.tune import sequence_length
+
+    config = from_dict(spec["config"])
+    runtime.enable_compile_cache(config.compile_cache)  # the run reuses the winner's programs
+    emit("device", **runtime.device_info(), xla_flags=os.environ.get("XLA_FLAGS", ""))
+    deadline, steps = spec["deadline"], spec.get("steps")
+    time_steps = sequence_length(config)
+    data = synthetic_data(config, 2 * config.batch_size)
+    reference = spec["reference"]
+    compiles: dict[tuple[str, str], dict[int, float]] = {}  # (weight_grad, feed) -> unroll: s
+    jax.monitoring.register_event_listener(_count_cache_hits)
+    done: list[tuple[dict[str, Any], Timed, float]] = []
+    for fields in spec["candidates"]:
+        candidate = config.replace(**fields)
+        if candidate.feed == "stream":  # a stream as long as the calls timed will read
+            candidate = candidate.replace(steps=max(candidate.steps, 1_000_000))
+        unroll = candidate.unroll or time_steps
+        left = deadline - time.time()
+        # From the compile times of its own kind, else of any kind measured (slowest).
+        history = compiles.get((candidate.weight_grad, candidate.feed)) or {
+            u: max(c[u] for c in compiles.values() if u in c)
+            for u in {u for c in compiles.values() for u in c}}
+        predicted = predict_compile_s(unroll, history)
+        if left <= 0:
+            emit("skipped", candidate=fields, reason="budget spent")
+            continue
+        if predicted is not None and predicted > left:
+            emit("skipped", candidate=fields,
+                 reason=f"compile predicted {predicted:.0f} s, {left:.0f} s left")
+            continue
+        try:
+            timed = Timed(candidate, data, timer)
+            steps = steps or timed.steps_for(spec["call_s"])
+            per_step = timed.time(steps, spec["repeats"], deadline)
+        except Exception as e:  # a candidate this backend cannot run: report, go on
+            emit("skipped", candidate=fields, reason=f"failed: {type(e).__name__}: {e}"[:300])
+            continue
+        if not os.path.exists(reference):
+            np.savez(reference, **timed.first_step)  # the first candidate timed: the reference
+        difference = relative_difference(timed.first_step, dict(np.load(reference)))
+        if not timed.cache_hit:  # a program loaded from the cache predicts no compile time
+            compiles.setdefault((candidate.weight_grad, candidate.feed), {})[unroll] = \
+                timed.compile_s
+        emit("result", candidate=fields, compile_s=timed.compile_s, step_s=per_step,
+             steps=steps, difference=difference)
+        done.append((fields, timed, per_step))
+    # Timings drift with the machine's load: a second round, in reverse order, while the
+    # budget lasts; each candidate keeps its best.
+    for fields, timed, per_step in reversed(done):
+        if time.time() + 2 * per_step * steps * spec["repeats"] > deadline:
+            break
+        emit("retimed", candidate=fields, step_s=min(per_step, timed.time(
+            steps, spec["repeats"], deadline)))
+
+
+def main() -> int:
+    run(json.load(sys.stdin))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,526 @@
+"""Choose how to run the train step by measuring the candidates on the machine at hand.
+
+What is chosen (the :data:`TUNED` Config fields): the scan's ``unroll`` (1, a middle factor,
+full), the Elman cells' ``weight_grad`` form, the ``feed`` (the device-resident dataset with
+``steps_per_call`` steps per compiled call, or one step per call streamed from NumPy) and
+``xla_flags`` where the backend has alternatives. XLA reads its flags once, when the backend
+starts, so every measurement runs in a child process (:mod:`rnnjax.measure`), one per set
+of flags; the process that tunes never starts JAX's backend itself and can still apply the
+chosen flags (:func:`rnnjax.runtime.apply_xla_flags`).
+
+A candidate counts only when its first train step (the loss, and the gradients as the
+optimizer's moments hold them) matches the baseline's (the untuned defaults) to float
+tolerance. The fastest wins; the baseline is kept unless
+another is at least :data:`MARGIN` faster. Candidates are timed in order of promise and
+skipped once the time budget is spent (or when their compile time, predicted from the
+unrolls measured, would overrun it). Fields the user set are never changed (``pinned``).
+
+The choice is cached as JSON beside the compilation cache (``~/.cache/rnnjax/tune/``),
+keyed on the machine (CPU, visible devices, ``$XLA_FLAGS``), the model's shape, the batch,
+the pinned fields and the versions; the backend and device kind the children ran on are
+recorded and checked once the run's backend starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from rnnjax import __version__
+from rnnjax.config import TUNED, Config, to_dict
+
+TUNER_VERSION = 1
+ENV_VAR = "RNNJAX_TUNE"  # 'off' (or 0, false, no): rnnjax train does not tune by default
+MARGIN = 0.03  # a candidate replaces the baseline only when this much faster
+FIRST_SHARE = 0.6  # of the budget, for the model candidates under the run's own XLA flags
+TOLERANCE = {"float32": 1e-3, "bfloat16": 3e-2}  # loss and gradients vs the baseline
+ELMAN_CELLS = ("simple_rnn", "irnn")  # the cells whose backward honours weight_grad
+# XLA flag alternatives per backend, most promising first ('' = XLA's defaults).
+FLAG_SETS = {
+    "cpu": ("--xla_cpu_experimental_ynn_fusion_type=", "--xla_cpu_use_xnnpack=false"),
+    "gpu": ("--xla_gpu_enable_command_buffer=",),
+}
+VISIBLE_DEVICES = ("JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
+                   "ROCR_VISIBLE_DEVICES", "TPU_VISIBLE_CHIPS", "TPU_ACCELERATOR_TYPE")
+PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin", "jax-rocm60-plugin", "libtpu")
+DEFAULT_BUDGET_S = 30.0  # rnnjax train, first run of a shape
+TUNE_COMMAND_BUDGET_S = 120.0  # rnnjax tune
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One candidate's timing: its Config fields, and ``step_s`` None when not timed."""
+
+    candidate: dict[str, Any]
+    flags: str = ""
+    step_s: float | None = None
+    compile_s: float | None = None
+    difference: float | None = None  # loss and gradients vs the baseline's, relative
+    steps: int | None = None  # per timed call
+    note: str = ""
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """All tuned fields this measurement stands for."""
+        return {**self.candidate, "xla_flags": self.flags}
+
+
+@dataclass
+class Child:
+    """What one child process reported."""
+
+    device: dict[str, Any] | None = None
+    measurements: list[Measurement] = field(default_factory=list)
+    error: str = ""
+    startup_s: float | None = None  # from its start to its first report
+
+
+# (config, flags, candidates, deadline, steps, reference, call_s, log) -> Child
+RunChild = Callable[..., Child]
+
+
+def sequence_length(config: Config) -> int:
+    return 28 if config.order == "rows" else 784
+
+
+def describe(fields: dict[str, Any]) -> str:
+    """``unroll 0, weight-grad product, ...`` for a set of tuned fields."""
+    parts = []
+    for name in TUNED:
+        if name in fields:
+            value = fields[name]
+            if name == "xla_flags":
+                value = repr(value) if value else "(none)"
+            parts.append(f"{name.replace('_', '-')} {value}")
+    return ", ".join(parts)
+
+
+def baseline(config: Config, pinned: frozenset[str]) -> dict[str, Any]:
+    """The untuned run's fields (the Config defaults, or the pinned values), with
+    ``weight_grad`` 'auto' resolved to the form its batch-size rule picks."""
+    from_config = {name: getattr(config, name) for name in ("unroll", "weight_grad", "feed")}
+    defaults = Config()
+    base = {name: (value if name in pinned else getattr(defaults, name))
+            for name, value in from_config.items()}
+    if base["weight_grad"] == "auto" and config.cell in ELMAN_CELLS:
+        from rnnjax.cells import PER_STEP_WEIGHT_GRADIENT_BATCH
+
+        base["weight_grad"] = ("per_step" if config.batch_size >= PER_STEP_WEIGHT_GRADIENT_BATCH
+                               else "product")
+    return base
+
+
+def model_candidates(config: Config, pinned: frozenset[str]) -> list[dict[str, Any]]:
+    """Candidate ``{unroll, weight_grad, feed}`` to time, most promising first: the
+    baseline, the other unrolls (middle, then full: the compile times measured predict
+    the next), the other weight-gradient form at each, then the other feed."""
+    base = baseline(config, pinned)
+    length = sequence_length(config)
+    middle = 2 ** int(math.log2(math.sqrt(length)))  # 4 for 28 steps, 16 for 784
+    unrolls = [base["unroll"]] if "unroll" in pinned else [1, middle, 0]
+    forms = [base["weight_grad"]]
+    if "weight_grad" not in pinned and config.cell in ELMAN_CELLS:
+        forms += [form for form in ("product", "per_step") if form != base["weight_grad"]]
+    out = [base]
+    for form in forms:
+        for unroll in unrolls:
+            candidate = {"unroll": unroll, "weight_grad": form, "feed": base["feed"]}
+            if candidate not in out:
+                out.append(candidate)
+    if "feed" not in pinned and config.source == "idx":
+        out.append({**base, "feed": "stream" if base["feed"] == "device" else "device"})
+    return out
+
+
+def flag_candidates(backend: str, pinned: frozenset[str], config: Config,
+                    env_flags: str) -> list[str]:
+    """XLA flag sets to time on ``backend``: the run's own first, then the alternatives
+    that set no flag the user's ``$XLA_FLAGS`` already sets."""
+    if "xla_flags" in pinned:
+        return [config.xla_flags]
+    given = {flag.split("=")[0] for flag in env_flags.split()}
+    alternatives = [flags for flags in FLAG_SETS.get(backend, ())
+                    if not {flag.split("=")[0] for flag in flags.split()} & given]
+    return ["", *alternatives]
+
+
+def tolerance(config: Config) -> float:
+    return TOLERANCE.get(config.compute_dtype, 1e-3)
+
+
+def select(measurements: Sequence[Measurement], base: dict[str, Any], base_flags: str,
+           tol: float, margin: float = MARGIN) -> Measurement | None:
+    """The fastest timed candidate whose results match, the baseline kept unless another is
+    at least ``margin`` faster; None when the baseline was not timed."""
+    valid = [m for m in measurements if m.step_s is not None
+             and m.difference is not None and m.difference <= tol]
+    first = [m for m in valid if m.candidate == base and m.flags == base_flags]
+    if not first:
+        return None
+    best = min(valid, key=lambda m: m.step_s)
+    return best if best.step_s < first[0].step_s * (1 - margin) else first[0]
+
+
+# --- the cache ----------------------------------------------------------------------------
+
+
+def key(config: Config, pinned: frozenset[str], env: dict[str, str] | None = None) -> dict:
+    """What the choice depends on, known before JAX's backend starts."""
+    from rnnjax import runtime
+
+    env = dict(os.environ) if env is None else env
+    length = sequence_length(config)
+    return {
+        "tuner": TUNER_VERSION,
+        "machine": {
+            "cpu": runtime.cpu_name(),
+            "devices": {name: env[name] for name in VISIBLE_DEVICES if name in env},
+            "num_devices": config.num_devices,
+            "xla_flags": env.get("XLA_FLAGS", ""),
+        },
+        "model": {
+            "cell": config.cell, "hidden_size": config.hidden_size,
+            "num_layers": config.num_layers, "bidirectional": config.bidirectional,
+            "order": config.order, "input": [length, 28 * 28 // length],
+            "compute_dtype": config.compute_dtype, "num_classes": config.num_classes,
+            "optimizer": config.optimizer, "clip_norm": config.clip_norm > 0,
+        },
+        "batch_size": config.batch_size,
+        "feed": {"source": config.source, "steps_per_call": config.steps_per_call},
+        "pinned": {name: getattr(config, name) for name in sorted(pinned)},
+        "versions": {**runtime.versions(PLUGINS), "rnnjax": __version__},
+    }
+
+
+def cache_dir(compile_cache: str) -> Path | None:
+    """``tune/`` beside the compilation cache's directory; None when that is 'off'."""
+    from rnnjax import runtime
+
+    directory = runtime.compile_cache_dir(compile_cache)
+    return None if directory is None else Path(directory).parent / "tune"
+
+
+def cache_path(directory: Path, key_: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key_, sort_keys=True).encode()).hexdigest()
+    return directory / f"{digest[:20]}.json"
+
+
+def load(directory: Path | None, key_: dict) -> dict[str, Any] | None:
+    """The cached record for ``key_``; None when absent, unreadable or of another key."""
+    if directory is None:
+        return None
+    try:
+        record = json.loads(cache_path(directory, key_).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("key") != key_:
+        return None
+    choice = record.get("choice")
+    if not isinstance(choice, dict) or set(choice) != set(TUNED):
+        return None
+    try:
+        Config().replace(**choice)
+    except (ValueError, TypeError):
+        return None
+    return record
+
+
+def save(directory: Path | None, record: dict[str, Any]) -> Path | None:
+    """Write ``record`` (atomically); its path, or None when there is no cache or the
+    directory cannot be written (tuning then simply runs again next time)."""
+    if directory is None:
+        return None
+    path = cache_path(directory, record["key"])
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tune-", dir=directory)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        return None
+    return path
+
+
+def apply(config: Config, choice: dict[str, Any], pinned: frozenset[str]) -> Config:
+    """``config`` with the chosen fields, the pinned ones left as they are."""
+    return config.replace(**{k: v for k, v in choice.items() if k not in pinned})
+
+
+# --- measuring ----------------------------------------------------------------------------
+
+
+def run_child(
+    config: Config, flags: str, candidates: list[dict[str, Any]], deadline: float,
+    steps: int | None, reference: str, call_s: float, log: Callable[[str], None],
+) -> Child:
+    """Time ``candidates`` in a child process with ``flags`` added to ``$XLA_FLAGS``.
+
+    Each result is logged as it arrives; the child is killed a little after ``deadline``
+    (what it reported by then is kept).
+    """
+    from rnnjax.measure import PREFIX
+
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join([*env.get("XLA_FLAGS", "").split(), *flags.split()])
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    spec = {"config": to_dict(config), "candidates": candidates, "deadline": deadline,
+            "steps": steps, "call_s": call_s, "repeats": 3, "reference": reference}
+    started = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "rnnjax.measure"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    errors: list[str] = []
+    reader = threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)
+    reader.start()
+    grace = max(1.0, min(5.0, 0.2 * (deadline - time.time())))
+    killer = threading.Timer(max(0.0, deadline - time.time()) + grace, proc.kill)
+    killer.start()
+    child = Child()
+    try:
+        proc.stdin.write(json.dumps(spec))
+        proc.stdin.close()
+        for line in proc.stdout:
+            if not line.startswith(PREFIX):
+                continue
+            event = json.loads(line[len(PREFIX):])
+            if event["event"] == "device":
+                child.device = {k: event[k] for k in ("backend", "device_kind", "device_count")}
+                child.startup_s = time.time() - started
+                continue
+            if event["event"] == "retimed":
+                for i, m in enumerate(child.measurements):
+                    if m.candidate == event["candidate"] and m.step_s is not None:
+                        child.measurements[i] = dataclasses.replace(m, step_s=event["step_s"])
+                        log(format_row(child.measurements[i]) + " (timed again)")
+                continue
+            if event["event"] == "result":
+                m = Measurement(event["candidate"], flags, event["step_s"], event["compile_s"],
+                                event["difference"], event["steps"])
+            elif event["event"] == "skipped":
+                m = Measurement(event["candidate"], flags, note=event["reason"])
+            else:
+                continue
+            child.measurements.append(m)
+            log(format_row(m))
+        code = proc.wait()
+    finally:
+        killer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=1.0)
+    if code != 0:
+        tail = [line.strip() for line in errors if line.strip()]
+        child.error = ("child stopped at the time budget" if code < 0 and time.time() > deadline
+                       else f"child exited {code}: {tail[-1] if tail else 'no message'}")[:300]
+        log(f"  {describe({'xla_flags': flags})}: {child.error}")
+        reported = [m.candidate for m in child.measurements]
+        child.measurements += [Measurement(c, flags, note=child.error) for c in candidates
+                               if c not in reported]
+    return child
+
+
+def format_row(m: Measurement) -> str:
+    what = describe(m.fields)
+    if m.step_s is None:
+        return f"  {what}: not timed ({m.note})"
+    return (f"  {what}: {m.step_s * 1e3:.3f} ms/step (compile {m.compile_s:.1f} s, "
+            f"results differ by {m.difference:.1e})")
+
+
+@dataclass
+class Result:
+    """A tuning session: the choice (None: nothing measured in budget), the table, where."""
+
+    key: dict[str, Any]
+    choice: dict[str, Any] | None
+    baseline: dict[str, Any]
+    measurements: list[Measurement]
+    device: dict[str, Any] | None
+    seconds: float
+    budget_s: float
+    complete: bool  # every candidate was timed (or skipped for a reason other than budget)
+
+    def record(self) -> dict[str, Any]:
+        """The JSON written to the cache and into summary.json."""
+        return {
+            "key": self.key, "choice": self.choice, "baseline": self.baseline,
+            "device": self.device, "tune_s": round(self.seconds, 2), "budget_s": self.budget_s,
+            "complete": self.complete,
+            "table": [{**m.fields, "step_ms": None if m.step_s is None else m.step_s * 1e3,
+                       "compile_s": m.compile_s, "difference": m.difference, "steps": m.steps,
+                       "note": m.note}
+                      for m in self.measurements],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+
+def tune(
+    config: Config, pinned: frozenset[str] = frozenset(), budget_s: float = DEFAULT_BUDGET_S,
+    *, log: Callable[[str], None] = lambda line: None, child: RunChild | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Result:
+    """Time the candidates for ``config`` within ``budget_s`` seconds and choose.
+
+    First the model candidates under the run's own flags (the baseline first), then the
+    best two of them under each alternative set of XLA flags while the budget lasts.
+    ``child`` (default :func:`run_child`) and ``clock`` are the measuring process and the
+    budget's clock (tests pass fakes).
+    """
+    child = child or run_child
+    start = clock()
+    deadline = start + budget_s
+    call_s = min(0.3, max(0.02, budget_s / 200))
+    candidates = model_candidates(config, pinned)
+    base = candidates[0]
+    base_flags = config.xla_flags if "xla_flags" in pinned else ""
+    # The run's own flags get the first FIRST_SHARE of the budget when other flags may follow.
+    first_deadline = deadline if "xla_flags" in pinned else start + FIRST_SHARE * budget_s
+    measured: list[Measurement] = []
+    with tempfile.TemporaryDirectory(prefix="rnnjax-tune-") as tmp:
+        reference = os.path.join(tmp, "baseline.npz")
+        first = child(config, base_flags, candidates, first_deadline, None, reference, call_s,
+                      log)
+        measured += first.measurements
+        steps = next((m.steps for m in first.measurements if m.steps), None)
+        tol = tolerance(config)
+        timed = sorted((m for m in first.measurements if m.step_s is not None
+                        and m.difference is not None and m.difference <= tol),
+                       key=lambda m: m.step_s)
+        device = first.device
+        flag_sets = [] if device is None else flag_candidates(
+            device["backend"], pinned, config, os.environ.get("XLA_FLAGS", ""))
+        complete = first.error == "" and all(m.step_s is not None or m.note.startswith("failed")
+                                             for m in first.measurements)
+        top = [m.candidate for m in timed[:2]]
+        # What timing the best candidate under other flags costs: a child's start, its
+        # compile, its timed calls.
+        need = 0.0 if not timed else ((first.startup_s or 0.0) + (timed[0].compile_s or 0.0)
+                                      + 2 * 3 * timed[0].step_s * (steps or 1))
+        for i, flags in enumerate(flag_sets[1:]):
+            now = clock()
+            share = now + (deadline - now) / (len(flag_sets) - 1 - i)  # the rest, shared
+            if now + need > share or not top:
+                note = f"budget spent (a child would need ~{need:.0f} s)"
+                measured += [Measurement(c, flags, note=note) for c in top]
+                log(f"  {describe({'xla_flags': flags})}: not timed ({note})")
+                complete = False
+                continue
+            other = child(config, flags, top, share, steps, reference, call_s, log)
+            measured += other.measurements
+            complete = complete and other.error == "" and all(
+                m.step_s is not None for m in other.measurements)
+    chosen = select(measured, base, base_flags, tol)
+    choice = None if chosen is None else settings(apply(config, chosen.fields, pinned))
+    return Result(key(config, pinned), choice, {**base, "xla_flags": base_flags}, measured,
+                  device, clock() - start, budget_s, complete)
+
+
+def format_table(result: Result) -> str:
+    """The timing table and the choice, as ``rnnjax tune`` prints them."""
+    lines = [f"{'unroll':>6}  {'weight-grad':<11}  {'feed':<6}  {'ms/step':>9}  "
+             f"{'compile s':>9}  {'differs':>7}  xla-flags / note"]
+    for m in result.measurements:
+        f = m.fields
+        ms = "-" if m.step_s is None else f"{m.step_s * 1e3:.3f}"
+        comp = "-" if m.compile_s is None else f"{m.compile_s:.1f}"
+        diff = "-" if m.difference is None else f"{m.difference:.0e}"
+        note = " ".join(x for x in (repr(f["xla_flags"]) if f["xla_flags"] else "(none)",
+                                    "" if m.step_s is not None else m.note) if x)
+        lines.append(f"{f['unroll']:>6}  {f['weight_grad']:<11}  {f['feed']:<6}  {ms:>9}  "
+                     f"{comp:>9}  {diff:>7}  {note}")
+    return "\n".join(lines) + "\n"
+
+
+def choice_line(result: Result) -> str:
+    if result.choice is None:
+        return (f"the defaults were not timed within {result.budget_s:g} s, so nothing "
+                "compares with them; the defaults stay (give a larger --tune-budget)")
+    timed = {json.dumps(m.fields, sort_keys=True): m.step_s for m in result.measurements
+             if m.step_s is not None}
+    base = timed.get(json.dumps(result.baseline, sort_keys=True))
+    best = timed.get(json.dumps(result.choice, sort_keys=True))
+    speedup = f" ({base / best:.2f}x the defaults)" if base and best else ""
+    return f"chose {describe(result.choice)}{speedup} in {result.seconds:.1f} s"
+
+
+def resolve(
+    config: Config, pinned: frozenset[str], budget_s: float, *, err: TextIO | None = None,
+    before_tuning: Callable[[], None] = lambda: None, child: RunChild | None = None,
+) -> tuple[Config, dict[str, Any]]:
+    """For ``rnnjax train``: ``config`` with the cached choice, or one measured now within
+    ``budget_s`` (progress on ``err``), and the record for summary.json.
+
+    ``before_tuning`` runs before any time is spent measuring (the CLI checks the run's
+    workdir and data there, so a bad run fails at once).
+    """
+    if set(TUNED) <= pinned:
+        return config, {"mode": "pinned"}
+    directory = cache_dir(config.compile_cache)
+    key_ = key(config, pinned)
+    record = load(directory, key_)
+    if record is not None:
+        path = cache_path(directory, key_)
+        return apply(config, record["choice"], pinned), {
+            "mode": "cached", "choice": record["choice"], "cache": str(path),
+            "device": record.get("device"), "tune_s": record.get("tune_s")}
+    before_tuning()
+
+    def log(line: str) -> None:
+        out = err or sys.stderr
+        out.write(line + "\n")
+        out.flush()
+
+    log(f"rnnjax: tuning {config.cell} {config.hidden_size} x{config.num_layers} "
+        f"{config.order} batch {config.batch_size}, the first run of this shape here "
+        f"(--tune-budget {budget_s:g} s; --no-tune skips)")
+    result = tune(config, pinned, budget_s, log=log, child=child)
+    # Saved even when the budget cut it short, so the cost is paid once per shape; the
+    # line says so, and rnnjax tune (a larger budget) times the rest.
+    path = None if result.choice is None else save(directory, result.record())
+    saved = f"; saved in {path}" if path else "; not saved (no cache: tunes again next run)"
+    if not result.complete:
+        saved += ("; not every candidate was timed in the budget: rnnjax tune (with its "
+                  "larger --tune-budget) times them all")
+    log(f"rnnjax: {choice_line(result)}{saved if result.choice else ''}")
+    if result.choice is None:
+        return config, {"mode": "defaults", "reason": choice_line(result),
+                        "tune_s": round(result.seconds, 2)}
+    return apply(config, result.choice, pinned), {
+        "mode": "measured", "choice": result.choice, "cache": str(path) if path else None,
+        "device": result.device, "tune_s": round(result.seconds, 2)}
+
+
+def check_device(record: dict[str, Any], err: TextIO | None = None) -> None:
+    """After the backend started: drop a cached choice made on other devices."""
+    from rnnjax import runtime
+
+    recorded = record.get("device")
+    if record.get("mode") != "cached" or not recorded:
+        return
+    now = runtime.device_info()
+    if all(now.get(k) == recorded.get(k) for k in ("backend", "device_kind", "device_count")):
+        return
+    if record.get("cache"):
+        Path(record["cache"]).unlink(missing_ok=True)
+    (err or sys.stderr).write(
+        f"rnnjax: the tuned choice was measured on {recorded.get('device_kind')}, this run "
+        f"has {now['device_kind']}: kept for this run, tuning again next run\n")
+
+
+def settings(config: Config) -> dict[str, Any]:
+    """The tuned fields of ``config``."""
+    return {name: getattr(config, name) for name in TUNED}
+

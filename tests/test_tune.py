@@ -1,0 +1,417 @@
+"""The tuner (rnnjax.tune, rnnjax.measure) and how rnnjax train and rnnjax tune use it.
+
+Selection and budget logic run against a fake measuring child and a fake clock, so they
+are deterministic; one test starts a real child to show it times under its own XLA
+flags; the CLI tests seed the cache (or pin the settings) so that no test tunes for long.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rnnjax import tune
+from rnnjax.cli import main
+from rnnjax.config import TUNED, Config
+
+TINY = ["--hidden-size", "4", "--batch-size", "4", "--eval-batch-size", "2048"]
+
+
+class FakeChild:
+    """Stands for a measuring child: times from a table, keyed on (unroll, weight_grad,
+    feed, xla_flags); ``wrong`` ones report results that differ from the baseline."""
+
+    def __init__(self, times, wrong=(), clock=None, per_child_s=0.0, startup_s=1.0):
+        self.times, self.wrong, self.clock, self.per_child_s = times, set(wrong), clock, per_child_s
+        self.startup_s = startup_s
+        self.calls = []
+
+    def __call__(self, config, flags, candidates, deadline, steps, reference, call_s, log):
+        self.calls.append((flags, [dict(c) for c in candidates], deadline))
+        if self.clock is not None:
+            self.clock.now += self.per_child_s
+        child = tune.Child(device={"backend": "cpu", "device_kind": "fake", "device_count": 1},
+                           startup_s=self.startup_s)
+        for c in candidates:
+            k = (c["unroll"], c["weight_grad"], c["feed"], flags)
+            if k not in self.times:
+                child.measurements.append(tune.Measurement(c, flags, note="failed: fake"))
+                continue
+            child.measurements.append(tune.Measurement(  # the table's times in ms
+                c, flags, self.times[k] * 1e-3, 1.0, 0.5 if k in self.wrong else 1e-7, 10))
+        return child
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+YNN = tune.FLAG_SETS["cpu"][0]
+XNN = tune.FLAG_SETS["cpu"][1]
+
+
+def all_times(base=1.0, **faster):
+    """Every candidate of the seed shape at ``base`` seconds, some overridden."""
+    config = Config()
+    times = {(c["unroll"], c["weight_grad"], c["feed"], ""): base
+             for c in tune.model_candidates(config, frozenset())}
+    for flags in (YNN, XNN):
+        times.update({(u, w, f, flags): base for (u, w, f, _) in list(times)})
+    times.update(faster)
+    return times
+
+
+def test_the_fastest_matching_candidate_wins_by_measured_time():
+    config = Config()
+    times = all_times()
+    times[(0, "product", "device", "")] = 0.80
+    times[(4, "product", "device", "")] = 0.70  # fastest, but its results differ: excluded
+    fake = FakeChild(times, wrong={(4, "product", "device", "")})
+    result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
+    assert result.choice == {"unroll": 0, "weight_grad": "product", "feed": "device",
+                             "xla_flags": ""}
+    # The flag stage timed the best two candidates under each alternative flag set.
+    assert [c[0] for c in fake.calls] == ["", YNN, XNN]
+    # (of those whose results match: the wrong unroll 4 is not among them; ties keep order).
+    assert fake.calls[1][1] == [{"unroll": 0, "weight_grad": "product", "feed": "device"},
+                                {"unroll": 1, "weight_grad": "product", "feed": "device"}]
+
+    times[(0, "product", "device", XNN)] = 0.5  # a flag set faster still
+    result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
+    assert result.choice == {"unroll": 0, "weight_grad": "product", "feed": "device",
+                             "xla_flags": XNN}
+
+
+def test_the_baseline_stays_unless_another_is_clearly_faster():
+    config = Config()
+    base = tune.baseline(config, frozenset())
+    assert base == {"unroll": 1, "weight_grad": "product", "feed": "device"}  # batch 50
+    assert tune.baseline(config.replace(batch_size=512), frozenset())["weight_grad"] == \
+        "per_step"
+    times = all_times(1.0, **{})
+    times[(0, "product", "device", "")] = 1.0 - tune.MARGIN / 2  # within the margin: noise
+    result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
+    assert result.choice == {**base, "xla_flags": ""}
+    times[(0, "product", "device", "")] = 1.0 - 2 * tune.MARGIN
+    result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
+    assert result.choice["unroll"] == 0
+
+
+def test_nothing_timed_in_budget_means_no_choice():
+    times = all_times()
+    del times[(1, "product", "device", "")]  # the baseline never gets timed
+    result = tune.tune(Config(), frozenset(), 30.0, child=FakeChild(times), clock=Clock())
+    assert result.choice is None
+    assert "the defaults stay" in tune.choice_line(result)
+
+
+def test_the_budget_stops_starting_children():
+    clock = Clock()
+    fake = FakeChild(all_times(), clock=clock, per_child_s=31.0)  # the first child overruns
+    result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock)
+    assert len(fake.calls) == 1  # no flag child started after the budget
+    assert fake.calls[0][2] == pytest.approx(1000.0 + tune.FIRST_SHARE * 30.0)
+    assert not result.complete and result.choice is not None
+    skipped = [m for m in result.measurements if m.flags]
+    assert skipped and all(m.step_s is None and m.note.startswith("budget spent")
+                           for m in skipped)
+
+
+def test_no_child_starts_that_could_not_finish_in_its_share():
+    """A child needs its start-up, a compile and its timed calls: 20 s of start-up does not
+    fit in the 12 s left to the two flag sets, so neither is started."""
+    clock = Clock()
+    fake = FakeChild(all_times(), clock=clock, per_child_s=18.0, startup_s=20.0)
+    result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock)
+    assert [c[0] for c in fake.calls] == [""]
+    assert any("would need ~21 s" in m.note for m in result.measurements)
+    clock = Clock()  # 4 s of start-up fits in the first flag set's 6 s, which ends the budget
+    fake = FakeChild(all_times(), clock=clock, per_child_s=18.0, startup_s=4.0)
+    tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock)
+    assert [c[0] for c in fake.calls] == ["", YNN]
+
+
+def test_pinned_fields_are_never_tuned():
+    config = Config(unroll=2, cell="lstm")
+    candidates = tune.model_candidates(config, frozenset({"unroll"}))
+    assert {c["unroll"] for c in candidates} == {2}
+    assert {c["weight_grad"] for c in candidates} == {"auto"}  # LSTM has one form
+    fake = FakeChild({(2, "auto", "device", "--xla_cpu_use_xnnpack=false"): 1.0,
+                      (2, "auto", "stream", "--xla_cpu_use_xnnpack=false"): 0.5})
+    config = config.replace(xla_flags="--xla_cpu_use_xnnpack=false")
+    result = tune.tune(config, frozenset({"unroll", "xla_flags"}), 30.0, child=fake,
+                       clock=Clock())
+    assert [c[0] for c in fake.calls] == ["--xla_cpu_use_xnnpack=false"]  # no other flags
+    assert result.choice == {"unroll": 2, "weight_grad": "auto", "feed": "stream",
+                             "xla_flags": "--xla_cpu_use_xnnpack=false"}
+    tampered = {"unroll": 0, "weight_grad": "per_step", "feed": "device", "xla_flags": ""}
+    applied = tune.apply(config, tampered, frozenset({"unroll", "xla_flags"}))
+    assert applied.unroll == 2 and applied.xla_flags == "--xla_cpu_use_xnnpack=false"
+    assert applied.weight_grad == "per_step"
+
+
+def test_flags_the_user_set_in_xla_flags_are_not_tried():
+    config = Config()
+    assert tune.flag_candidates("cpu", frozenset(), config, "") == ["", YNN, XNN]
+    assert tune.flag_candidates("cpu", frozenset(), config, "--xla_cpu_use_xnnpack=true") == \
+        ["", YNN]
+    assert tune.flag_candidates("tpu", frozenset(), config, "") == [""]
+
+
+def test_cache_key_and_invalidation(tmp_path, monkeypatch):
+    config = Config()
+    key = tune.key(config, frozenset(), env={})
+    for other in (config.replace(batch_size=64), config.replace(cell="gru"),
+                  config.replace(hidden_size=51), config.replace(order="pixels"),
+                  config.replace(compute_dtype="bfloat16"), config.replace(num_layers=2)):
+        assert tune.key(other, frozenset(), env={}) != key
+    assert tune.key(config, frozenset({"unroll"}), env={}) != key
+    assert tune.key(config, frozenset(), env={"XLA_FLAGS": "--xla_cpu_use_xnnpack=true"}) != key
+    assert tune.key(config, frozenset(), env={"CUDA_VISIBLE_DEVICES": "1"}) != key
+    assert tune.key(config.replace(steps=9, seed=3), frozenset(), env={}) == key  # no shape
+
+    choice = {"unroll": 0, "weight_grad": "product", "feed": "device", "xla_flags": ""}
+    record = {"key": key, "choice": choice, "device": None}
+    path = tune.save(tmp_path, record)
+    assert path.parent == tmp_path and tune.load(tmp_path, key)["choice"] == choice
+
+    from rnnjax import runtime
+    monkeypatch.setattr(runtime, "versions",
+                        lambda extra=(): {"python": "3", "jax": "9.9.9", "jaxlib": "9.9.9"})
+    assert tune.key(config, frozenset(), env={}) != key  # another jax: another key
+    monkeypatch.undo()
+    monkeypatch.setattr(tune, "TUNER_VERSION", tune.TUNER_VERSION + 1)
+    assert tune.load(tmp_path, tune.key(config, frozenset(), env={})) is None
+    monkeypatch.undo()
+
+    path.write_text(json.dumps({**record, "key": {**key, "batch_size": 7}}))  # not its key
+    assert tune.load(tmp_path, key) is None
+    path.write_text(json.dumps({**record, "choice": {**choice, "unroll": -1}}))  # bad value
+    assert tune.load(tmp_path, key) is None
+    path.write_text("{not json")
+    assert tune.load(tmp_path, key) is None
+    assert tune.cache_dir("off") is None
+    assert tune.cache_dir(str(tmp_path / "jax")) == tmp_path / "tune"
+
+
+def test_a_child_times_candidates_under_its_own_xla_flags(tmp_path):
+    """A real child process: it reports its device and a timing, and XLA in it ran with
+    the flags given (here one whose effect shows on disk: dumping the compiled programs)."""
+    config = Config(hidden_size=4, batch_size=4, steps=3, compile_cache="off")
+    dump = tmp_path / "dump"
+    lines = []
+    import time
+
+    candidates = [{"unroll": 1, "weight_grad": "product", "feed": "device"},
+                  {"unroll": 0, "weight_grad": "per_step", "feed": "stream"}]
+    child = tune.run_child(config, f"--xla_dump_to={dump}", candidates, time.time() + 120,
+                           2, str(tmp_path / "ref.npz"), 0.01, lines.append)
+    assert child.error == "" and child.device["backend"] == "cpu"
+    assert [m.candidate for m in child.measurements] == candidates
+    for m in child.measurements:
+        assert m.step_s > 0 and m.compile_s > 0 and m.steps == 2
+        assert m.difference < tune.tolerance(config)
+    assert child.measurements[0].difference == 0.0  # the reference itself
+    assert any(p.name.endswith(".txt") for p in dump.iterdir())  # the flag took effect
+    first_round = [line for line in lines if "(timed again)" not in line]
+    assert len(first_round) == 2 and all("ms/step" in line for line in lines)
+
+
+def _env(tmp_path, **extra):
+    env = {k: v for k, v in os.environ.items() if k != tune.ENV_VAR}  # tuning on
+    return {**env, "XDG_CACHE_HOME": str(tmp_path / "cache"), **extra}
+
+
+def _seed_cache(tmp_path, args, choice, env):
+    """Write ``choice`` to the cache the CLI will read for ``rnnjax train args``."""
+    from rnnjax.cli import build_parser, config_from_args, flag_changes
+
+    parsed = build_parser().parse_args(["train", *args])
+    config = config_from_args(parsed)
+    pinned = frozenset(flag_changes(parsed)) & set(TUNED)
+    directory = Path(env["XDG_CACHE_HOME"]) / "rnnjax" / "tune"
+    key = tune.key(config, pinned, env=env)
+    return tune.save(directory, {"key": key, "choice": choice, "device": None})
+
+
+def _run(*args, env):
+    return subprocess.run([sys.executable, "-m", "rnnjax", *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_choice_is_recorded_and_resume_reuses_it_bitwise(tmp_path):
+    env = _env(tmp_path)
+    args = [*TINY, "--eval-every", "3", "--checkpoint-every", "3"]
+    choice = {"unroll": 0, "weight_grad": "per_step", "feed": "device",
+              "xla_flags": "--xla_cpu_use_xnnpack=false"}
+    _seed_cache(tmp_path, [*args, "--steps", "6"], choice, env)
+    whole = tmp_path / "whole"
+    proc = _run("train", *args, "--steps", "6", "--workdir", str(whole), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "rnnjax: tuning" not in proc.stderr  # the cached choice, no measuring
+    config = json.loads((whole / "config.json").read_text())
+    assert {k: config[k] for k in TUNED} == choice
+    summary = json.loads((whole / "summary.json").read_text())
+    assert summary["tuning"]["mode"] == "cached" and summary["tuning"]["settings"] == choice
+    assert "--xla_cpu_use_xnnpack=false" in summary["xla_flags_env"]  # applied at start-up
+    assert "tuned (cached): unroll 0, weight-grad per_step" in proc.stdout
+
+    stopped = tmp_path / "stopped"
+    proc = _run("train", *args, "--steps", "3", "--workdir", str(stopped), env=env)
+    assert proc.returncode == 0, proc.stderr
+    # Another choice cached since: the resumed run must keep the one it recorded.
+    _seed_cache(tmp_path, [*args, "--steps", "3"],
+                {"unroll": 1, "weight_grad": "product", "feed": "stream", "xla_flags": ""}, env)
+    proc = _run("train", "--resume", "--steps", "6", "--workdir", str(stopped), env=env)
+    assert proc.returncode == 0, proc.stderr
+    resumed = json.loads((stopped / "config.json").read_text())
+    assert {k: resumed[k] for k in TUNED} == choice
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["tuning"]["mode"] == "resumed"
+    assert "--xla_cpu_use_xnnpack=false" in summary["xla_flags_env"]
+
+    from rnnjax.checkpoint import read_meta
+
+    def digest(run):
+        return read_meta(run / "checkpoints" / "6")["state_sha256"]
+
+    def records(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "wall_s"} for line in lines]
+
+    assert digest(stopped) == digest(whole)  # bitwise the same state
+    assert records(stopped) == records(whole)
+
+
+def _fail_if_tuned(*args, **kwargs):
+    raise AssertionError("tuned, though it should not have")
+
+
+@pytest.fixture
+def in_process(tmp_path, monkeypatch):
+    """main() in this process with tuning on, its cache in tmp_path, no real child, and
+    the training itself replaced by a record of the config and tuning it was given (what
+    reaches config.json and summary.json: test_choice_is_recorded_... runs it for real)."""
+    from rnnjax import loop
+
+    monkeypatch.delenv(tune.ENV_VAR, raising=False)
+    monkeypatch.setattr(tune, "cache_dir", lambda compile_cache: tmp_path / "tune")
+    monkeypatch.setattr(tune, "run_child", _fail_if_tuned)
+    ran = []
+    monkeypatch.setattr(loop, "train_and_evaluate",
+                        lambda config, workdir, tuning, **kwargs: ran.append((config, tuning)))
+    env = dict(os.environ)
+
+    def seed(args, choice):
+        from rnnjax.cli import build_parser, config_from_args, flag_changes
+
+        parsed = build_parser().parse_args(["train", *args])
+        pinned = frozenset(flag_changes(parsed)) & set(TUNED)
+        key = tune.key(config_from_args(parsed), pinned, env=env)
+        tune.save(tmp_path / "tune", {"key": key, "choice": choice, "device": None})
+
+    def last():
+        config, tuning = ran[-1]
+        return {name: getattr(config, name) for name in TUNED}, tuning["mode"]
+
+    seed.ran, seed.last = ran, last
+    return seed
+
+
+CACHED = {"unroll": 0, "weight_grad": "per_step", "feed": "stream", "xla_flags": ""}
+RUN = [*TINY, "--steps", "2", "--compile-cache", "off"]
+
+
+def test_the_cached_choice_is_used_and_explicit_flags_override_it(in_process):
+    in_process(RUN, CACHED)
+    assert main(["train", *RUN]) == 0
+    assert in_process.last() == (CACHED, "cached")
+    # --unroll given: a key of its own (unroll pinned); its choice never changes --unroll.
+    in_process([*RUN, "--unroll", "3"], CACHED)
+    assert main(["train", *RUN, "--unroll", "3"]) == 0
+    assert in_process.last() == ({**CACHED, "unroll": 3}, "cached")
+    # Every tuned setting given: nothing to tune, nothing read.
+    given = ["--unroll", "2", "--weight-grad", "product", "--feed", "device", "--xla-flags="]
+    assert main(["train", *RUN, *given]) == 0
+    assert in_process.last() == (
+        {"unroll": 2, "weight_grad": "product", "feed": "device", "xla_flags": ""}, "pinned")
+
+
+def test_no_tune_and_the_environment_turn_tuning_off(in_process, monkeypatch):
+    in_process(RUN, CACHED)
+    defaults = {name: getattr(Config(), name) for name in TUNED}
+    assert main(["train", *RUN, "--no-tune"]) == 0
+    assert in_process.last() == (defaults, "off")
+    monkeypatch.setenv(tune.ENV_VAR, "off")
+    assert main(["train", *RUN]) == 0
+    assert in_process.last() == (defaults, "off")
+    assert main(["train", *RUN, "--tune"]) == 0
+    assert in_process.last() == (CACHED, "cached")
+
+
+def test_a_new_shape_is_tuned_once_then_cached(in_process, monkeypatch, capsys):
+    times = {(c["unroll"], c["weight_grad"], c["feed"], f): 1.0
+             for c in tune.model_candidates(Config(hidden_size=4, batch_size=4), frozenset())
+             for f in ("", YNN, XNN)}
+    times[(4, "product", "device", "")] = 0.5
+    fake = FakeChild(times)
+    monkeypatch.setattr(tune, "run_child", fake)
+    assert main(["train", *RUN]) == 0
+    assert in_process.last() == (
+        {"unroll": 4, "weight_grad": "product", "feed": "device", "xla_flags": ""}, "measured")
+    err = capsys.readouterr().err
+    assert "rnnjax: tuning simple_rnn 4" in err and "--tune-budget 30 s" in err
+    assert "chose unroll 4, weight-grad product" in err and "saved in" in err
+    calls = len(fake.calls)
+    assert main(["train", *RUN]) == 0
+    assert len(fake.calls) == calls  # the second run reads the cache
+    assert in_process.last()[1] == "cached"
+    # A bad run is refused before any time is spent tuning: no child started.
+    monkeypatch.setattr(tune, "run_child", _fail_if_tuned)
+    assert main(["train", *RUN, "--hidden-size", "5", "--batch-size", "70000"]) == 2
+    assert "larger than the 60000 training examples" in capsys.readouterr().err
+
+
+def test_rnnjax_tune_prints_the_table_and_caches_the_choice(tmp_path):
+    env = _env(tmp_path)
+    pins = ["--xla-flags=", "--weight-grad", "product", "--feed", "device"]  # one child
+    proc = _run("tune", *TINY, *pins, "--tune-budget", "90", env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:4] == ["unroll", "weight-grad", "feed", "ms/step"]
+    rows = [line.split() for line in lines[1:4]]
+    assert [row[0] for row in rows] == ["1", "4", "0"] and all(row[1] == "product" for row in rows)
+    assert lines[4].startswith("chose unroll ") and "cached in" in lines[5]
+    assert "rnnjax: timing simple_rnn 4" in proc.stderr and "ms/step" in proc.stderr
+    cached = list((tmp_path / "cache" / "rnnjax" / "tune").glob("*.json"))
+    assert len(cached) == 1
+    choice = json.loads(cached[0].read_text())["choice"]
+    # rnnjax train of the same shape (and the same flags given) uses it without tuning.
+    work = tmp_path / "run"
+    proc = _run("train", *TINY, *pins, "--steps", "2", "--workdir", str(work), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "rnnjax: tuning" not in proc.stderr
+    config = json.loads((work / "config.json").read_text())
+    assert {k: config[k] for k in TUNED} == choice
+    assert json.loads((work / "summary.json").read_text())["tuning"]["mode"] == "cached"
+
+
+def test_compile_time_prediction_bounds_the_unrolls_tried():
+    """Full unrolling of 784 pixel steps is predicted to compile for minutes from the
+    unrolls compiled before it (and so skipped by a small budget); 28 rows are not."""
+    from rnnjax.measure import predict_compile_s
+
+    assert predict_compile_s(0, {}) is None
+    assert predict_compile_s(28, {1: 2.0, 4: 2.6}) == pytest.approx(2.0 + 0.2 * 27)
+    assert predict_compile_s(784, {1: 2.0, 16: 5.0}) > 120
+    assert predict_compile_s(28, {1: 2.0, 4: 1.5}) == pytest.approx(2.0)  # noise: no slope
+    assert predict_compile_s(4, {1: 4.0}) == pytest.approx(4.0 * (0.75 + 0.25 * 4))
