@@ -196,7 +196,7 @@ def tuned_config(args: argparse.Namespace, config: Config) -> tuple[Config, dict
 
     def check_run() -> None:  # what the run would refuse, refused before tuning
         from rnnjax import checkpoint
-        from rnnjax.data.sources import load_arrays
+        from rnnjax.data.sources import load_dataset
         from rnnjax.loop import check_data
 
         # A workdir holding the records of a run stopped before its first checkpoint is
@@ -210,7 +210,8 @@ def tuned_config(args: argparse.Namespace, config: Config) -> tuple[Config, dict
             except (OSError, ValueError, TypeError, ConfigError):
                 pass  # unreadable: prepare() says so
         checkpoint.prepare(probe, args.workdir, resume=False)
-        check_data(config, load_arrays(config))
+        dataset = load_dataset(config)
+        check_data(config, dataset.arrays, dataset.spec)
 
     return tune.resolve(config, pinned, budget, before_tuning=check_run)
 
