@@ -22,6 +22,7 @@ from rnnjax import cli, inference, train
 from rnnjax.cells import get_cell
 from rnnjax.config import Config
 from rnnjax.data.pipeline import batch_indices, normalize_host, to_device
+from rnnjax.data.spec import DataSpec
 from rnnjax.flax import linen as rnn_linen
 from rnnjax.flax import nnx as rnn_nnx
 from rnnjax.flax import params as params_lib
@@ -275,6 +276,22 @@ def test_classifier_modules_give_rnnjax_logits(mnist, config):
     assert count_params(nnx.state(nnx_module, nnx.Param)) == count_params(params)
     if config == Config():
         assert count_params(variables) == 4460
+
+
+def test_classifier_modules_take_any_image_shape():
+    spec = DataSpec((32, 32, 3), 7)
+    config = Config(cell="gru", hidden_size=8)
+    images = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3))
+    model = make_model(config, spec)
+    params = model.init(jax.random.key(1))
+    expected = model.apply(params, images)
+    assert expected.shape == (4, 7)
+    linen = rnn_linen.Classifier(config, spec)
+    np.testing.assert_array_equal(linen.apply(params_lib.classifier_to_flax(params), images),
+                                  expected)
+    module = rnn_nnx.Classifier(config, spec, rngs=nnx.Rngs(0))
+    module.load_params(params)
+    np.testing.assert_array_equal(module(images), expected)
 
 
 def test_a_run_of_rnnjax_train_loads_into_both_modules(mnist, tmp_path):

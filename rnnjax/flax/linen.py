@@ -24,6 +24,7 @@ import jax
 
 from rnnjax.cells import Carry, get_cell
 from rnnjax.config import Config
+from rnnjax.data.spec import DataSpec
 from rnnjax.flax import layer
 from rnnjax.flax import params as params_lib
 from rnnjax.model import make_model
@@ -73,16 +74,19 @@ class RNN(nn.Module):
 class Classifier(nn.Module):
     """The rnnjax classifier ``config`` describes (default: the seed model) as a linen module.
 
-    images float32 ``[B, 28, 28]`` in [0, 1] -> logits float32 ``[B, classes]``, computed by
-    :meth:`rnnjax.model.Model.apply` itself. Parameters ``{"rnn_0": layer, ..., "head":
-    {"kernel", "bias"}}``; :func:`from_checkpoint` loads a run trained by ``rnnjax train``.
+    images float32 ``[B, 28, 28]`` (``[B, H, W(, C)]`` of ``spec``) in [0, 1] -> logits
+    float32 ``[B, classes]``, computed by :meth:`rnnjax.model.Model.apply` itself.
+    Parameters ``{"rnn_0": layer, ..., "head": {"kernel", "bias"}}``; :func:`from_checkpoint`
+    loads a run trained by ``rnnjax train``. ``spec``: the images and classes (default:
+    MNIST's 28x28x1, ``config.num_classes`` or 10).
     """
 
     config: Config = Config()
+    spec: DataSpec | None = None
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
-        model = make_model(self.config)
+        model = make_model(self.config, self.spec)
         shapes = jax.eval_shape(model.init, jax.random.key(0))
         flat = params_lib.classifier_to_flax(shapes)["params"]
         declared = {
@@ -102,4 +106,5 @@ def from_checkpoint(path: Path | str) -> tuple[Classifier, dict[str, Any]]:
     from rnnjax import inference
 
     loaded = inference.load(path)
-    return Classifier(loaded.config), params_lib.classifier_to_flax(loaded.state.params)
+    return (Classifier(loaded.config, loaded.spec),
+            params_lib.classifier_to_flax(loaded.state.params))

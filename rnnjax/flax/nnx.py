@@ -21,9 +21,10 @@ from flax import nnx
 
 from rnnjax.cells import Carry, get_cell
 from rnnjax.config import Config
+from rnnjax.data.spec import DataSpec
 from rnnjax.flax import layer
 from rnnjax.flax import params as params_lib
-from rnnjax.model import make_model
+from rnnjax.model import Model, make_model
 
 _is_param = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
 
@@ -95,14 +96,22 @@ class RNN(nnx.Module):
 class Classifier(nnx.Module):
     """The rnnjax classifier ``config`` describes (default: the seed model) as an nnx module.
 
-    images float32 ``[B, 28, 28]`` in [0, 1] -> logits float32 ``[B, classes]``, computed by
-    :meth:`rnnjax.model.Model.apply`. Attributes ``rnn_0``, ``rnn_1``, ... (each a dict of
-    ``nnx.Param``) and ``head``; :func:`from_checkpoint` loads a run of ``rnnjax train``.
+    images float32 ``[B, 28, 28]`` (``[B, H, W(, C)]`` of ``spec``) in [0, 1] -> logits
+    float32 ``[B, classes]``, computed by :meth:`rnnjax.model.Model.apply`. Attributes
+    ``rnn_0``, ``rnn_1``, ... (each a dict of ``nnx.Param``) and ``head``;
+    :func:`from_checkpoint` loads a run of ``rnnjax train``. ``spec``: the images and
+    classes (default: MNIST's 28x28x1, ``config.num_classes`` or 10).
     """
 
-    def __init__(self, config: Config = Config(), *, rngs: nnx.Rngs) -> None:  # noqa: B008
+    def __init__(self, config: Config = Config(), spec: DataSpec | None = None,  # noqa: B008
+                 *, rngs: nnx.Rngs) -> None:
         self.config = config
-        self.load_params(make_model(config).init(rngs.params()))
+        self.spec = spec
+        self.load_params(self.model().init(rngs.params()))
+
+    def model(self) -> Model:
+        """The rnnjax model this module computes."""
+        return make_model(self.config, self.spec)
 
     def load_params(self, params: Any) -> None:
         """Replace the parameters with rnnjax classifier ``params`` (``Model.init``'s tree)."""
@@ -117,7 +126,7 @@ class Classifier(nnx.Module):
         return params_lib.classifier_from_flax(flat)
 
     def __call__(self, images: jax.Array) -> jax.Array:
-        return make_model(self.config).apply(self.rnnjax_params(), images)
+        return self.model().apply(self.rnnjax_params(), images)
 
 
 def from_checkpoint(path: Path | str) -> Classifier:
@@ -126,6 +135,6 @@ def from_checkpoint(path: Path | str) -> Classifier:
     from rnnjax import inference
 
     loaded = inference.load(path)
-    module = Classifier(loaded.config, rngs=nnx.Rngs(0))
+    module = Classifier(loaded.config, loaded.spec, rngs=nnx.Rngs(0))
     module.load_params(loaded.state.params)
     return module
