@@ -16,6 +16,7 @@ hand-written backward passes::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +59,7 @@ class RNN(nn.Module):
     def __call__(self, inputs: jax.Array, initial_carry: Carry | None = None) -> Any:
         """inputs float ``[B, T, F]``; initial_carry in the cell's layout (LSTM: ``(h, c)``)."""
         cell = get_cell(self.cell, self.hidden_size)
-        features = inputs.shape[-1]
-        shapes = jax.eval_shape(lambda key: cell.init(key, features), jax.random.key(0))
-        params = {
-            name: self.param(name, lambda key, name=name: cell.init(key, features)[name])
-            for name in shapes
-        }
+        params = _declare(self, lambda key: cell.init(key, inputs.shape[-1]))
         carry, outputs = layer.run(
             cell, params, inputs, initial_carry, unroll=self.unroll, reverse=self.reverse,
             keep_order=self.keep_order, time_major=self.time_major,
@@ -87,17 +83,16 @@ class Classifier(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
         model = make_model(self.config, self.spec)
-        shapes = jax.eval_shape(model.init, jax.random.key(0))
-        flat = params_lib.classifier_to_flax(shapes)["params"]
-        declared = {
-            name: self.param(name, lambda key, name=name: _init_part(model, key, name))
-            for name in flat
-        }
-        return model.apply(params_lib.classifier_from_flax({"params": declared}), images)
+        declared = _declare(self, lambda key: params_lib.classifier_to_flax(
+            model.init(key))["params"])
+        return model.apply(params_lib.classifier_from_flax(declared), images)
 
 
-def _init_part(model: Any, key: jax.Array, name: str) -> Any:
-    return params_lib.classifier_to_flax(model.init(key))["params"][name]
+def _declare(module: nn.Module, init: Callable[[jax.Array], dict[str, Any]]) -> dict[str, Any]:
+    """Each entry of the dict ``init(key)`` returns as a param of ``module``, by its name
+    (the names from ``jax.eval_shape``; each entry initialised from its own key)."""
+    names = jax.eval_shape(init, jax.random.key(0))
+    return {name: module.param(name, lambda key, name=name: init(key)[name]) for name in names}
 
 
 def from_checkpoint(path: Path | str) -> tuple[Classifier, dict[str, Any]]:
