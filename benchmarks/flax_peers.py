@@ -8,8 +8,11 @@ For each case (sequence order and batch size) and each cell, the median ms of on
 device-resident MNIST walked in order (the fastest way to run either library):
 
 * rnnjax as ``rnnjax train`` runs it (what the tuner chose for this machine and shape,
-  cached or measured now as the first ``rnnjax train`` would; printed in each row), and at
-  unroll 1 and full;
+  cached or measured now as the first ``rnnjax train`` would; printed in each row). When
+  the choice includes XLA flags, which XLA reads once per process, that runner lives in a
+  child process started with them (``--child``), called in turns like the others (one
+  pipe message each way per call, well under 1 ms against calls of 0.1 s and more), and the
+  same choice without the flags runs here too; and rnnjax at unroll 1 and full;
 * ``flax.linen.RNN`` and ``flax.nnx.RNN`` (functional split/merge inside the compiled loop)
   with ``SimpleCell``, ``OptimizedLSTMCell`` and ``GRUCell``, at unroll 1 and full.
 
@@ -22,6 +25,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
+import os
+import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -135,20 +141,75 @@ def rnnjax_runner(device_data: Arrays, idx: jax.Array, config: Config) -> tuple[
                            device_data.train_labels, idx)
 
 
+def child_main() -> None:
+    """``--child``: one rnnjax runner under this process's ``$XLA_FLAGS``. Reads a JSON
+    ``{"config", "batch", "steps"}`` line, compiles, answers ``{"compile_s"}``; then each
+    ``run`` line is one call, blocked on, answered ``done``."""
+    from rnnjax.config import from_dict
+
+    spec = json.loads(sys.stdin.readline())
+    config = from_dict(spec["config"])
+    device_data = to_device(load_arrays(Config()))
+    idx = jax.device_put(batch_indices(len(device_data.train_labels), spec["batch"], 0,
+                                       spec["steps"]))
+    run, compile_s = rnnjax_runner(device_data, idx, config)
+    print(json.dumps({"compile_s": compile_s}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        jax.block_until_ready(run())
+        print("done", flush=True)
+
+
+class ChildRunner:
+    """:func:`rnnjax_runner` in a child process whose ``$XLA_FLAGS`` add
+    ``config.xla_flags``, as ``rnnjax train`` applies them at start-up. Calling it runs one
+    compiled call there and returns when the child has blocked on it."""
+
+    def __init__(self, config: Config, batch: int, steps: int) -> None:
+        from rnnjax.config import to_dict
+
+        env = dict(os.environ)
+        env["XLA_FLAGS"] = " ".join([*env.get("XLA_FLAGS", "").split(),
+                                     *config.xla_flags.split()])
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.flax_peers", "--child"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=env)
+        self._send(json.dumps({"config": to_dict(config), "batch": batch, "steps": steps}))
+        reply = self.proc.stdout.readline()
+        if not reply:
+            raise RuntimeError(f"the rnnjax child with XLA_FLAGS={env['XLA_FLAGS']!r} exited "
+                               f"{self.proc.wait()} before compiling")
+        self.compile_s = float(json.loads(reply)["compile_s"])
+
+    def _send(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def __call__(self) -> None:
+        self._send("run")
+        if self.proc.stdout.readline().strip() != "done":
+            raise RuntimeError(f"the rnnjax child exited {self.proc.wait()} during a call")
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
 def user_config(cell: str, order: str, batch: int, tune_budget_s: float) -> tuple[Config, str]:
     """The Config ``rnnjax train --cell CELL --order ORDER --batch-size B`` would run with:
     the tuner's choice for this machine (cached, or measured now within the budget, as the
     first ``rnnjax train`` of the shape does; 0 = the untuned defaults), and what it chose.
 
-    The choice's XLA flags, if any, cannot change this process's running backend: they are
-    reported, not applied (every runner here shares the process's flags).
+    The choice's XLA flags stay in the Config: :func:`case_runners` then runs it in a child
+    process that has them.
     """
     config = Config(cell=cell, order=order, batch_size=batch)
     if tune_budget_s <= 0:
         return config, "untuned defaults"
     tuned, record = tune.resolve(config, frozenset(), tune_budget_s, err=sys.stderr)
     chosen = tune.describe(tune.settings(tuned))
-    return tuned.replace(feed="device", xla_flags=""), f"{record['mode']}: {chosen}"
+    return tuned.replace(feed="device"), f"{record['mode']}: {chosen}"
 
 
 def case_runners(device_data: Arrays, order: str, batch: int, cell: str, steps: int,
@@ -159,7 +220,13 @@ def case_runners(device_data: Arrays, order: str, batch: int, cell: str, steps: 
     idx = jax.device_put(batch_indices(len(device_data.train_labels), batch, 0, steps))
     full = sequence_length(order)
     unrolls = (("1", 1), ("full", full)) if full <= max_full_unroll else (("1", 1),)
-    runners = {"rnnjax (as rnnjax train)": rnnjax_runner(device_data, idx, user)}
+    if user.xla_flags:
+        child = ChildRunner(user, batch, steps)
+        runners = {"rnnjax (as rnnjax train)": (child, child.compile_s)}
+        user = user.replace(xla_flags="")
+        runners["rnnjax (its choice without its XLA flags)"] = rnnjax_runner(device_data, idx, user)
+    else:
+        runners = {"rnnjax (as rnnjax train)": rnnjax_runner(device_data, idx, user)}
     for name, unroll in unrolls:
         if (unroll % full) != user.unroll:  # 0 is full for rnnjax
             runners[f"rnnjax unroll={name}"] = rnnjax_runner(
@@ -186,7 +253,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds the tuner may spend on a shape it has not cached, as "
                         "the first rnnjax train would (0: the untuned defaults)")
     parser.add_argument("--out", default="")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        return child_main()
     device_data = to_device(load_arrays(Config()))
     rows = []
     for case in args.cases.split(","):
@@ -198,7 +268,12 @@ def main(argv: list[str] | None = None) -> None:
             runners = case_runners(device_data, order, batch, cell, steps,
                                    tuple(a for a in args.apis.split(",") if a), user,
                                    args.max_full_unroll)
-            seconds = interleaved({k: v[0] for k, v in runners.items()}, args.rounds)
+            try:
+                seconds = interleaved({k: v[0] for k, v in runners.items()}, args.rounds)
+            finally:
+                for run, _ in runners.values():
+                    if isinstance(run, ChildRunner):
+                        run.close()
             row: dict[str, Any] = {"order": order, "batch": batch, "cell": cell,
                                    "steps/call": steps, "rnnjax train runs": chosen}
             for name, (_, compile_s) in runners.items():

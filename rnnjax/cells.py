@@ -8,11 +8,15 @@ A :class:`Cell` is a handful of pure functions, no state:
 * optional ``project(params, xs) -> us``: the input projection of *all* time steps at once
   (``xs [T, B, F] -> us [T, B, G]``), hoisted out of the scan into one large matrix
   product; when present, ``step`` receives ``u_t`` instead of ``x_t``;
-* optional ``sequence(params, xs, carry, unroll, weight_grad) -> (carry, ys)``: a faster
-  equivalent of projecting and scanning ``step`` over raw ``xs [T, B, F]`` (the built-in
-  cells use it for a hand-written backward pass); ``weight_grad`` ('auto', 'product' or
-  'per_step', ``rnnjax.config.WEIGHT_GRADS``) is the form of the weight gradient where a
-  cell has several (the Elman cells), ignored by the others;
+* optional ``sequence(params, xs, carry, unroll, weight_grad, projection) -> (carry, ys)``:
+  an equivalent of projecting and scanning ``step`` over raw ``xs [T, B, F]`` with a
+  hand-written backward pass (the built-in cells); ``weight_grad`` ('product' or
+  'per_step': the weight gradient as one product over all steps after the backward loop,
+  or accumulated inside it) and ``projection`` ('hoisted' or 'in_loop': ``x_t @ kernel``
+  as one product before the forward loop, or inside it) are forms of the same sums, each
+  faster on some machines and shapes (``rnnjax.tune`` measures them); a cell lists the
+  ones its ``sequence`` honours in ``Cell.options``, and ``Cell.backward`` says whether
+  ``sequence`` ('hand_written') or autodiff of the scan ('autodiff') is its default;
 * optional ``last_output(carry) -> y``: the last step's output ``y_T [B, H]`` read from the
   final carry. A model that only needs ``y_T`` then leaves ``ys`` unused, and XLA drops
   storing it (an evaluation pass writes no ``[T, B, H]`` array).
@@ -32,6 +36,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rnnjax.config import BACKWARDS, PROJECTIONS, WEIGHT_GRADS
+
 Params = Any
 Carry = Any
 
@@ -48,27 +54,96 @@ class Cell:
     initial_carry: Callable[[int, Any], Carry]
     hidden_size: int
     project: Callable[[Params, jax.Array], jax.Array] | None = None
-    sequence: Callable[[Params, jax.Array, Carry, int, str], tuple[Carry, jax.Array]] | None = None
+    sequence: Callable[..., tuple[Carry, jax.Array]] | None = None
     last_output: Callable[[Carry], jax.Array] | None = None
+    backward: str = "hand_written"  # what backward 'auto' runs when there is a sequence
+    options: tuple[str, ...] = ()  # the forms sequence honours: 'weight_grad', 'projection'
+
+
+@dataclass(frozen=True)
+class Form:
+    """How a layer's train step computes the same sums: each field is a concrete choice
+    (none 'auto'; see :func:`resolve_form`).
+
+    backward: 'hand_written' (the cell's ``sequence``) or 'autodiff' (of ``lax.scan`` over
+    ``step``); projection: 'hoisted' (``x_t @ kernel`` of all steps before the loop) or
+    'in_loop'; weight_grad: 'product' or 'per_step' (hand-written backward passes only).
+    """
+
+    backward: str
+    projection: str
+    weight_grad: str
+
+
+# The untuned fallback of weight_grad 'auto' for the cells that honour it: from this batch
+# size up, the weight gradient is accumulated step by step inside the backward loop (off
+# its critical path) instead of as one product after it: XLA:CPU's transpose of the
+# [T, B, F + H] activations for the one product grows to dominate the step. Measured on a
+# 2-core AMD EPYC, jax 0.10.2, SimpleRNN ms/step one product / per step: batch 50
+# 0.98 / 1.41, 256 4.5 / 5.3, 1024 18.7 / 16.2, 4096 113 / 87 (unroll 1); the LSTM at 1024,
+# 68 / 57. rnnjax.tune measures both forms.
+PER_STEP_WEIGHT_GRADIENT_BATCH = 512
+
+
+def resolve_form(cell: Cell, batch: int, backward: str = "auto", projection: str = "auto",
+                 weight_grad: str = "auto") -> Form:
+    """The concrete :class:`Form` the choices name for ``cell`` at ``batch``.
+
+    'auto': the cell's own backward (``Cell.backward``; autodiff without a ``sequence``);
+    under a hand-written backward the projection hoisted and the weight gradient per step
+    from :data:`PER_STEP_WEIGHT_GRADIENT_BATCH`; under autodiff the projection in the loop
+    (measured 1.3-1.6x faster than hoisted for every built-in cell at batch 1024, and for the
+    GRU by pixels at 50). A choice the cell cannot make reads as the one it makes ('in_loop'
+    for a cell without ``project``).
+    """
+    for value, choices, name in ((backward, BACKWARDS, "backward"),
+                                 (projection, PROJECTIONS, "projection"),
+                                 (weight_grad, WEIGHT_GRADS, "weight_grad")):
+        if value not in choices:
+            raise ValueError(f"{name} {value!r}; choose one of {', '.join(choices)}")
+    if cell.sequence is None:
+        backward = "autodiff"
+    elif backward == "auto":
+        backward = cell.backward
+    hand = backward == "hand_written"
+    if (hand and "projection" not in cell.options) or (not hand and cell.project is None):
+        projection = "hoisted" if hand else "in_loop"  # the one form it has
+    elif projection == "auto":
+        projection = "hoisted" if hand else "in_loop"
+    if not (hand and "weight_grad" in cell.options):
+        weight_grad = "product"  # autodiff's own; the forms are then the same program
+    elif weight_grad == "auto":
+        weight_grad = "per_step" if batch >= PER_STEP_WEIGHT_GRADIENT_BATCH else "product"
+    return Form(backward, projection, weight_grad)
 
 
 def scan_cell(
     cell: Cell, params: Params, xs: jax.Array, carry: Carry | None = None, unroll: int = 1,
-    weight_grad: str = "auto",
+    weight_grad: str = "auto", projection: str = "auto", backward: str = "auto",
 ) -> tuple[Carry, jax.Array]:
     """Run ``cell`` over time-major ``xs [T, B, F]``: ``(final carry, ys [T, B, H])``.
 
-    ``unroll`` is ``lax.scan``'s unroll factor; 0 unrolls all T steps. ``weight_grad``
-    ('auto', 'product', 'per_step') goes to the cell's ``sequence``.
+    ``unroll`` is ``lax.scan``'s unroll factor; 0 unrolls all T steps. ``backward``,
+    ``projection`` and ``weight_grad`` choose the form of the computation
+    (:func:`resolve_form`); every form computes the same values (the forward bit for bit).
     """
     time, batch = xs.shape[0], xs.shape[1]
     if carry is None:
         carry = cell.initial_carry(batch, xs.dtype)
     unroll = unroll or time
-    if cell.sequence is not None:
-        return cell.sequence(params, xs, carry, unroll, weight_grad)
-    us = cell.project(params, xs) if cell.project is not None else xs
-    return jax.lax.scan(functools.partial(cell.step, params), carry, us, unroll=unroll)
+    form = resolve_form(cell, batch, backward, projection, weight_grad)
+    if form.backward == "hand_written":
+        return cell.sequence(params, xs, carry, unroll, form.weight_grad, form.projection)
+    if cell.project is None:
+        return jax.lax.scan(functools.partial(cell.step, params), carry, xs, unroll=unroll)
+    if form.projection == "hoisted":
+        us = cell.project(params, xs)
+        return jax.lax.scan(functools.partial(cell.step, params), carry, us, unroll=unroll)
+
+    def step(carry: Carry, x_t: jax.Array) -> tuple[Carry, jax.Array]:
+        return cell.step(params, carry, cell.project(params, x_t[None])[0])
+
+    return jax.lax.scan(step, carry, xs, unroll=unroll)
 
 
 def _dense_projection(params: Params, xs: jax.Array) -> jax.Array:
@@ -104,6 +179,22 @@ def _time_batch_product(a: jax.Array, b: jax.Array) -> jax.Array:
     return jax.lax.dot_general(a, b, (((0, 1), (0, 1)), ((), ())), preferred_element_type=acc)
 
 
+def _values(*primals: Any) -> list[jax.Array]:
+    """The arrays of a ``custom_vjp`` forward rule's primals (passed as
+    ``CustomVJPPrimal`` under ``symbolic_zeros=True``)."""
+    return [p.value for p in primals]
+
+
+def _dense(cotangent: Any, like: jax.Array | None = None) -> jax.Array | None:
+    """A cotangent as an array, or, for a symbolic zero (an output the loss never reads),
+    zeros like ``like``, or None without ``like``: a backward loop then reads nothing for
+    it (the classifier reads only the final carry, so the outputs' gradient is all zeros
+    and was written as a [T, B, H] array and read back, each step)."""
+    if isinstance(cotangent, jax.custom_derivatives.SymbolicZero):
+        return None if like is None else jnp.zeros(like.shape, like.dtype)
+    return cotangent
+
+
 def _previous(first: jax.Array, seq: jax.Array) -> jax.Array:
     """``[first, seq_0, ..., seq_{T-2}]``: the value before each time step, ``[T, ...]``."""
     return jnp.concatenate([first[None], seq[:-1]], axis=0)
@@ -118,7 +209,7 @@ _ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
 def elman_layer(
     xs: jax.Array,
     kernel: jax.Array,
@@ -128,6 +219,7 @@ def elman_layer(
     activation: str,
     unroll: int,
     weight_grad: str = "auto",
+    projection: str = "hoisted",
 ) -> tuple[jax.Array, jax.Array]:
     """One Elman layer over time: ``h_t = act(x_t @ kernel + bias + h_{t-1} @ recurrent)``.
 
@@ -139,6 +231,8 @@ def elman_layer(
     one product over all steps, ``[x_t, h_{t-1}]^T dz``, instead of T small
     accumulations inside the loop (what autodiff of the scan does); ``weight_grad``
     'per_step' accumulates them in the loop instead, 'auto' picks by batch size.
+    ``projection`` 'in_loop' multiplies each x_t by the kernel inside the forward loop
+    under a gradient too (the same values, bit for bit).
 
     Without a gradient (evaluation, inference) each step multiplies its own x_t by the
     kernel inside the loop instead: the [T, B, H] projection is then never written and
@@ -166,56 +260,54 @@ def _elman_forward(xs, kernel, recurrent, bias, h0, activation, unroll, input_in
     return hs, h_last
 
 
-def _elman_fwd(xs, kernel, recurrent, bias, h0, activation, unroll, weight_grad):
-    # Under a gradient the projection stays one product before the loop (a loop op fewer).
-    hs, h_last = _elman_forward(xs, kernel, recurrent, bias, h0, activation, unroll)
+def _elman_fwd(xs, kernel, recurrent, bias, h0, activation, unroll, weight_grad, projection):
+    xs, kernel, recurrent, bias, h0 = _values(xs, kernel, recurrent, bias, h0)
+    hs, h_last = _elman_forward(xs, kernel, recurrent, bias, h0, activation, unroll,
+                                input_in_loop=projection == "in_loop")
     return (hs, h_last), (xs, hs, kernel, recurrent, bias, h0)
 
 
-# From this batch size up, the weight gradient is accumulated step by step inside the
-# backward loop (off its critical path) instead of as one product after it: XLA:CPU's
-# transpose of the [T, B, F + H] activations for the one product grows to dominate the
-# step. Measured on a 2-core AMD EPYC, jax 0.10.2, ms/step one product / per step:
-# batch 50 0.98 / 1.41, 256 4.5 / 5.3, 1024 18.7 / 16.2, 4096 113 / 87 (unroll 1).
-# Only the untuned fallback (weight_grad 'auto'): rnnjax.tune measures both forms.
-PER_STEP_WEIGHT_GRADIENT_BATCH = 512
+def _per_step(weight_grad: str, batch: int) -> bool:
+    """Whether a hand-written backward accumulates the weight gradient inside its loop."""
+    return weight_grad == "per_step" or (
+        weight_grad == "auto" and batch >= PER_STEP_WEIGHT_GRADIENT_BATCH)
 
 
-def _elman_bwd(activation, unroll, weight_grad, residuals, cotangents):
+def _elman_bwd(activation, unroll, weight_grad, projection, residuals, cotangents):
     xs, hs, kernel, recurrent, bias, h0 = residuals
-    dhs, dh_last = cotangents  # h_T's gradient enters as the recurrent gradient of step T
+    # h_T's gradient enters as the recurrent gradient of step T; dhs None: not read.
+    dhs, dh_last = _dense(cotangents[0]), _dense(cotangents[1], h0)
     features = xs.shape[-1]
-    deriv = _ACTIVATIONS[activation][1](hs)
+    derivative = _ACTIVATIONS[activation][1]  # of h_t, in the loop's one fusion
     rec_t = recurrent.astype(hs.dtype).T
     h_prev = _previous(h0, hs)
 
-    if weight_grad == "per_step" or (
-        weight_grad == "auto" and xs.shape[1] >= PER_STEP_WEIGHT_GRADIENT_BATCH
-    ):
+    def local(g, dh, h):
+        return (g if dh is None else dh + g) * derivative(h)
+
+    if _per_step(weight_grad, xs.shape[1]):
 
         def step(carry, inputs_t):
             g, dkernel, drecurrent = carry
-            dh, d, x, h = inputs_t
-            dz = (dh + g) * d
+            dh, h, x, hp = inputs_t
+            dz = local(g, dh, h)
             dkernel = dkernel + jnp.matmul(x.T, dz, preferred_element_type=jnp.float32)
-            drecurrent = drecurrent + jnp.matmul(h.T, dz, preferred_element_type=jnp.float32)
+            drecurrent = drecurrent + jnp.matmul(hp.T, dz, preferred_element_type=jnp.float32)
             return (dz @ rec_t, dkernel, drecurrent), dz
 
         zeros = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(recurrent.shape, jnp.float32))
         (dh0, *dweights), dzs = jax.lax.scan(
-            step, (dh_last, *zeros), (dhs, deriv, xs, h_prev), reverse=True,
+            step, (dh_last, *zeros), (dhs, hs, xs, h_prev), reverse=True,
             unroll=unroll,
         )
         dweights = jnp.concatenate(dweights, axis=0)
     else:
 
         def step(g, inputs_t):
-            dh, d = inputs_t
-            dz = (dh + g) * d
+            dz = local(g, *inputs_t)
             return dz @ rec_t, dz
 
-        dh0, dzs = jax.lax.scan(step, dh_last, (dhs, deriv), reverse=True,
-                                unroll=unroll)
+        dh0, dzs = jax.lax.scan(step, dh_last, (dhs, hs), reverse=True, unroll=unroll)
         # [x_t, h_{t-1}]^T dz over all steps in one product.
         dweights = _time_batch_product(jnp.concatenate([xs, h_prev], axis=-1), dzs)
     dxs = dzs @ kernel.astype(dzs.dtype).T
@@ -229,7 +321,7 @@ def _elman_bwd(activation, unroll, weight_grad, residuals, cotangents):
     )
 
 
-elman_layer.defvjp(_elman_fwd, _elman_bwd)
+elman_layer.defvjp(_elman_fwd, _elman_bwd, symbolic_zeros=True)
 
 
 def _elman(hidden: int, activation: str, recurrent_init: Callable) -> Cell:
@@ -247,13 +339,14 @@ def _elman(hidden: int, activation: str, recurrent_init: Callable) -> Cell:
         h = act(u + h @ params["recurrent_kernel"].astype(u.dtype))
         return h, h
 
-    def sequence(params, xs, h0, unroll, weight_grad="auto"):
+    def sequence(params, xs, h0, unroll, weight_grad="auto", projection="hoisted"):
         hs, h_last = elman_layer(xs, params["kernel"], params["recurrent_kernel"],
-                                 params["bias"], h0, activation, unroll, weight_grad)
+                                 params["bias"], h0, activation, unroll, weight_grad,
+                                 projection)
         return h_last, hs
 
     return Cell(init, step, _zeros_carry(hidden), hidden, _dense_projection, sequence,
-                last_output=_identity_output)
+                last_output=_identity_output, options=("weight_grad", "projection"))
 
 
 @functools.cache
@@ -289,35 +382,39 @@ def _gated_init(hidden: int, gates: int, bias: Callable[[], jax.Array]) -> Calla
     return init
 
 
-# The LSTM recurrence, like elman_layer, has a hand-written backward pass: the forward scan
-# saves one [B, 4H] array of gate activations per step (autodiff of the scan saved a dozen
-# [B, H] pieces, each its own dynamic-update-slice), the backward scan is one elementwise
-# fusion and one [B, 4H] x [4H, H] product per step, and the recurrent-kernel gradient is
-# one product over all steps; the input projection stays outside (autodiff). Measured on
-# the 2-core AMD EPYC, batch 50, median ms per train step, autodiff / fused, in one
-# process: rows 7.45 / 6.17, pixels 205 / 183. (The same for the GRU measured no faster,
-# 183 / 187 on pixels; the GRU's own, below, stores its gates in one array.)
-# A version storing only h and c and recomputing the gates outside the loop left 8 / 7
-# ops per step (from 13 / 13) but measured 1.3x slower here (the recomputed sigmoids and
-# tanh cost more than the ops saved); with the sigmoids stored, 9 / 7 and still slower:
-# the [B, 4, H] broadcasts of its backward step ran slower than the concatenate.
+# The LSTM recurrence, like elman_layer, has a hand-written backward pass. Its forward loop
+# stores, besides h, the step's local Jacobian as one [B, 6H] array, ``[dz/dc] * ...``:
+# the gate pre-activations' gradient is then dz_t = [dc, dc, dc, dh] * jac_t[:, :4H], with
+# dc_t = dc + dh * jac_t[:, 4H:5H] (o * tanh'(c)) and the cell-state gradient passed back
+# dc * jac_t[:, 5H:] (f). So the backward loop is one elementwise fusion, one concatenate,
+# one [B, 4H] x [4H, H] product and one store per step (8 ops, from 13 when it stored the
+# gates and recomputed the pieces). Measured on the 2-core AMD EPYC, jax 0.10.2, pixels
+# batch 50, ms per train step in one process: gates stored 103-105, Jacobian stored 81-90,
+# flax.nnx.OptimizedLSTMCell 94-98. (Computing the Jacobian outside the loops from stored
+# gates measured 94-105: a pass over [T, B, 6H] more than the loop saves. Storing only h
+# and c and recomputing the gates measured 1.3x slower.)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def lstm_layer(
-    us: jax.Array, recurrent: jax.Array, h0: jax.Array, c0: jax.Array, unroll: int
-) -> tuple[jax.Array, jax.Array]:
-    """The LSTM recurrence over projected inputs (Keras gate order i, f, c, o).
+    xs: jax.Array, kernel: jax.Array, recurrent: jax.Array, bias: jax.Array,
+    h0: jax.Array, c0: jax.Array, unroll: int, weight_grad: str = "auto",
+    projection: str = "hoisted",
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One LSTM layer over time (Keras gate order i, f, c, o).
 
-    us [T, B, 4H] (``x_t @ kernel + bias``), recurrent [H, 4H], h0 and c0 [B, H] ->
-    (hs [T, B, H], the last cell state c_T [B, H]); computed in ``us.dtype``.
+    xs [T, B, F], kernel [F, 4H], recurrent [H, 4H], bias [4H], h0 and c0 [B, H] ->
+    (hs [T, B, H], the final carry h_T and c_T [B, H]); computed in ``xs.dtype``.
+    ``weight_grad`` and ``projection`` as :func:`elman_layer`'s. Without a gradient each
+    step projects its own x_t and stores only h_t.
     """
-    hs, c_last, _ = _lstm_forward(us, recurrent, h0, c0, unroll)
-    return hs, c_last
+    (h_last, c_last), hs = _lstm_scan(xs, kernel, recurrent, bias, h0, c0, unroll,
+                                      in_loop=True, jacobian=False)
+    return hs, h_last, c_last
 
 
 def _lstm_step(recurrent, carry, u):
-    """One LSTM step: ``((h, c), u_t) -> ((h, c), (h, c, gate activations [B, 4H]))``.
+    """One LSTM step: ``((h, c), u_t) -> ((h, c), (h, c, tanh(c), [i, f, g, o] [B, 4H]))``.
 
     The sigmoid runs over all four gate blocks at once: XLA:CPU vectorises it over the
     contiguous [B, 4H] array, where per-gate slices ran 3-4x slower (measured: the LSTM
@@ -329,46 +426,78 @@ def _lstm_step(recurrent, carry, u):
     hidden = h.shape[-1]
     g = jnp.tanh(z[..., 2 * hidden : 3 * hidden])
     c = f * c + i * g
-    h = o * jnp.tanh(c)
-    return (h, c), (h, c, jnp.concatenate([i, f, g, o], axis=-1))
+    tanh_c = jnp.tanh(c)
+    h = o * tanh_c
+    return (h, c), (h, c, tanh_c, (i, f, g, o))
 
 
-def _lstm_forward(us, recurrent, h0, c0, unroll):
-    step = functools.partial(_lstm_step, recurrent.astype(us.dtype))
-    (_, c_last), (hs, cs, gates) = jax.lax.scan(step, (h0, c0), us, unroll=unroll)
-    return hs, c_last, (cs, gates)
+def _lstm_scan(xs, kernel, recurrent, bias, h0, c0, unroll, in_loop, jacobian):
+    """The forward loop: ``((h_T, c_T), hs)``, and with ``jacobian`` ``(hs, jacs [T, B, 6H])``
+    as the second element (see the comment above :func:`lstm_layer`)."""
+    dtype = xs.dtype
+    kernel, recurrent, bias = kernel.astype(dtype), recurrent.astype(dtype), bias.astype(dtype)
+
+    def step(carry, x_t):
+        c_prev = carry[1]
+        u = (x_t @ kernel if in_loop else x_t) + bias
+        carry, (h, _, tanh_c, (i, f, g, o)) = _lstm_step(recurrent, carry, u)
+        if not jacobian:
+            return carry, h
+        jac = jnp.concatenate([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g),
+                               tanh_c * o * (1 - o), o * (1 - tanh_c * tanh_c), f], axis=-1)
+        return carry, (h, jac)
+
+    return jax.lax.scan(step, (h0, c0), xs if in_loop else xs @ kernel, unroll=unroll)
 
 
-def _lstm_fwd(us, recurrent, h0, c0, unroll):
-    hs, c_last, (cs, gates) = _lstm_forward(us, recurrent, h0, c0, unroll)
-    return (hs, c_last), (recurrent, h0, c0, hs, cs, gates)
+def _lstm_fwd(xs, kernel, recurrent, bias, h0, c0, unroll, weight_grad, projection):
+    xs, kernel, recurrent, bias, h0, c0 = _values(xs, kernel, recurrent, bias, h0, c0)
+    (h_last, c_last), (hs, jacs) = _lstm_scan(xs, kernel, recurrent, bias, h0, c0, unroll,
+                                              in_loop=projection == "in_loop", jacobian=True)
+    return (hs, h_last, c_last), (xs, kernel, recurrent, bias, h0, hs, jacs)
 
 
-def _lstm_bwd(unroll, residuals, cotangents):
-    recurrent, h0, c0, hs, cs, gates = residuals
-    dhs, dc_last = cotangents
+def _lstm_bwd(unroll, weight_grad, projection, residuals, cotangents):
+    xs, kernel, recurrent, bias, h0, hs, jacs = residuals
+    dhs = _dense(cotangents[0])  # None: not read
+    dh_last, dc_last = _dense(cotangents[1], h0), _dense(cotangents[2], h0)
+    hidden = h0.shape[-1]
     rec_t = recurrent.astype(hs.dtype).T
+    h_prev = _previous(h0, hs)
 
-    def step(carry, inputs_t):
+    def gates_gradient(carry, dh, jac):
         dh_next, dc = carry  # from step t + 1: dz_{t+1} @ recurrent^T and dc_{t+1} * f
-        dh, c, c_prev, a = inputs_t
-        i, f, g, o = jnp.split(a, 4, axis=-1)
-        dh = dh + dh_next
-        tanh_c = jnp.tanh(c)
-        dc = dc + dh * o * (1 - tanh_c * tanh_c)
-        dz = jnp.concatenate([dc * g * i * (1 - i), dc * c_prev * f * (1 - f),
-                              dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)], axis=-1)
-        return (dz @ rec_t, dc * f), dz
+        dh = dh_next if dh is None else dh + dh_next
+        dc = dc + dh * jac[:, 4 * hidden : 5 * hidden]
+        dz = jnp.concatenate([dc, dc, dc, dh], axis=-1) * jac[:, : 4 * hidden]
+        return (dz @ rec_t, dc * jac[:, 5 * hidden :]), dz
 
-    (dh0, dc0), dzs = jax.lax.scan(
-        step, (jnp.zeros_like(h0), dc_last.astype(c0.dtype)),
-        (dhs, cs, _previous(c0, cs), gates), reverse=True, unroll=unroll,
-    )
-    drecurrent = _time_batch_product(_previous(h0, hs), dzs)
-    return dzs, drecurrent.astype(recurrent.dtype), dh0, dc0
+    first = (dh_last, dc_last)  # h_T's gradient enters as step T's recurrent gradient
+    if _per_step(weight_grad, xs.shape[1]):
+
+        def step(carry, inputs_t):
+            carry, dkernel, drecurrent = carry
+            dh, jac, x, h = inputs_t
+            carry, dz = gates_gradient(carry, dh, jac)
+            dkernel = dkernel + jnp.matmul(x.T, dz, preferred_element_type=jnp.float32)
+            drecurrent = drecurrent + jnp.matmul(h.T, dz, preferred_element_type=jnp.float32)
+            return (carry, dkernel, drecurrent), dz
+
+        zeros = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(recurrent.shape, jnp.float32))
+        ((dh0, dc0), dkernel, drecurrent), dzs = jax.lax.scan(
+            step, (first, *zeros), (dhs, jacs, xs, h_prev), reverse=True, unroll=unroll)
+    else:
+        (dh0, dc0), dzs = jax.lax.scan(lambda carry, inputs_t: gates_gradient(carry, *inputs_t),
+                                       first, (dhs, jacs), reverse=True, unroll=unroll)
+        dkernel = _time_batch_product(xs, dzs)
+        drecurrent = _time_batch_product(h_prev, dzs)
+    dxs = dzs @ kernel.astype(dzs.dtype).T
+    dbias = dzs.sum(axis=(0, 1), dtype=jnp.float32)
+    return (dxs, dkernel.astype(kernel.dtype), drecurrent.astype(recurrent.dtype),
+            dbias.astype(bias.dtype), dh0, dc0)
 
 
-lstm_layer.defvjp(_lstm_fwd, _lstm_bwd)
+lstm_layer.defvjp(_lstm_fwd, _lstm_bwd, symbolic_zeros=True)
 
 
 def _first(carry: Carry) -> jax.Array:
@@ -383,22 +512,21 @@ def lstm(hidden: int) -> Cell:
         return jnp.zeros((4 * hidden,), jnp.float32).at[hidden : 2 * hidden].set(1.0)
 
     def step(params, carry, u):
-        carry, (h, _, _) = _lstm_step(params["recurrent_kernel"], carry, u)
+        carry, (h, *_) = _lstm_step(params["recurrent_kernel"], carry, u)
         return carry, h
 
     def initial_carry(batch, dtype):
         zeros = jnp.zeros((batch, hidden), dtype)
         return zeros, zeros
 
-    def sequence(params, xs, carry, unroll, weight_grad="auto"):
-        del weight_grad  # one form: the recurrent-kernel gradient is one product
+    def sequence(params, xs, carry, unroll, weight_grad="auto", projection="hoisted"):
         h0, c0 = carry
-        hs, c_last = lstm_layer(_dense_projection(params, xs), params["recurrent_kernel"],
-                                h0, c0, unroll)
-        return (hs[-1], c_last), hs
+        hs, h_last, c_last = lstm_layer(xs, params["kernel"], params["recurrent_kernel"],
+                                        params["bias"], h0, c0, unroll, weight_grad, projection)
+        return (h_last, c_last), hs
 
     return Cell(_gated_init(hidden, 4, bias), step, initial_carry, hidden, _dense_projection,
-                sequence, last_output=_first)
+                sequence, last_output=_first, options=("weight_grad", "projection"))
 
 
 # The GRU recurrence has a hand-written backward pass too, built to leave few ops in each
@@ -515,11 +643,11 @@ gru_layer.defvjp(_gru_fwd, _gru_bwd)
 def gru(hidden: int, backward: str = "autodiff") -> Cell:
     """Keras ``GRU`` (``reset_after=True``: gates z, r, h; separate recurrent bias).
 
-    backward: ``"autodiff"`` (of the plain scan of ``step``) or ``"hand_written"``
-    (:func:`gru_layer`: 9 / 6 ops per time step against 18 / 16, but measured 0.86-0.90x
-    as fast on the 2-core development machine, where its vectorised work outside the loops
-    costs more than the ops it saves; a candidate for choosing by measurement). Forward
-    results are the same bit for bit either way.
+    backward: what ``--backward auto`` runs, ``"autodiff"`` (of the scan of ``step``) or
+    ``"hand_written"`` (:func:`gru_layer`: 9 / 6 ops per time step against 17 / 16, but
+    measured 0.86-0.90x as fast on the 2-core development machine, where its vectorised
+    work outside the loops costs more than the ops it saves; ``rnnjax.tune`` times both).
+    Forward results are the same bit for bit either way.
     """
     if backward not in ("autodiff", "hand_written"):
         raise ValueError(f"GRU backward {backward!r}; choose 'autodiff' or 'hand_written'")
@@ -544,15 +672,14 @@ def gru(hidden: int, backward: str = "autodiff") -> Cell:
         h = z * h + (1 - z) * candidate
         return h, h
 
-    def sequence(params, xs, h0, unroll, weight_grad="auto"):
-        del weight_grad  # one form
+    def sequence(params, xs, h0, unroll, weight_grad="product", projection="hoisted"):
+        del weight_grad, projection  # one form of each (options=())
         hs, h_last = gru_layer(_input_product(params, xs), params["bias"],
                                params["recurrent_kernel"], params["recurrent_bias"], h0, unroll)
         return h_last, hs
 
-    return Cell(init, step, _zeros_carry(hidden), hidden, _dense_projection,
-                sequence if backward == "hand_written" else None,
-                last_output=_identity_output)
+    return Cell(init, step, _zeros_carry(hidden), hidden, _dense_projection, sequence,
+                last_output=_identity_output, backward=backward)
 
 
 CELLS: dict[str, Callable[[int], Cell]] = {

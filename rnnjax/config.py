@@ -21,12 +21,15 @@ SOURCES = ("idx", "tfds")
 FEEDS = ("device", "stream")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
-# How the Elman backward pass forms the weight gradient (rnnjax.cells.elman_layer): one
-# product over all steps after the loop, accumulated per step inside it, or 'auto', the
-# untuned rule (per step from cells.PER_STEP_WEIGHT_GRADIENT_BATCH). Equal up to rounding.
+# Forms of the same computation (rnnjax.cells.resolve_form), 'auto' the untuned rule:
+# the backward pass hand-written or autodiff of the scan; the input projection before the
+# loop or inside it; the weight gradient one product after the backward loop or
+# accumulated inside it. Equal up to rounding (the forward bit for bit).
+BACKWARDS = ("auto", "hand_written", "autodiff")
+PROJECTIONS = ("auto", "hoisted", "in_loop")
 WEIGHT_GRADS = ("auto", "product", "per_step")
 # The fields rnnjax.tune chooses by measurement unless set on the command line.
-TUNED = ("unroll", "weight_grad", "feed", "xla_flags")
+TUNED = ("unroll", "backward", "projection", "weight_grad", "feed", "xla_flags")
 XLA_FLAG = re.compile(r"--xla_[a-z0-9_]+(=\S*)?")
 
 
@@ -66,11 +69,25 @@ class Config:
         default=1, metadata={"help": "lax.scan unroll factor over time (0 = fully unrolled); "
                              "rnnjax train tunes it unless given"}
     )
+    backward: str = field(
+        default="auto",
+        metadata={"help": "backward pass: the cell's hand-written one or autodiff of the scan "
+                  "('auto': the cell's default; hand-written for simple_rnn, irnn, lstm); "
+                  "tuned unless given",
+                  "choices": BACKWARDS},
+    )
+    projection: str = field(
+        default="auto",
+        metadata={"help": "input projection x_t @ kernel under a gradient: hoisted before the "
+                  "loop as one product, or in_loop ('auto': hoisted for a hand-written "
+                  "backward, in the loop for autodiff); tuned unless given",
+                  "choices": PROJECTIONS},
+    )
     weight_grad: str = field(
         default="auto",
-        metadata={"help": "Elman cells' weight gradient: one product after the backward loop, "
-                  "or accumulated per step inside it ('auto': per step from batch 512); "
-                  "tuned unless given",
+        metadata={"help": "hand-written backward's weight gradient (simple_rnn, irnn, lstm): "
+                  "one product after the backward loop, or accumulated per step inside it "
+                  "('auto': per step from batch 512); tuned unless given",
                   "choices": WEIGHT_GRADS},
     )
     compute_dtype: str = field(

@@ -3,9 +3,13 @@
 XLA reads its flags once per process, so :mod:`rnnjax.tune` starts one child per set of
 XLA flags, with ``$XLA_FLAGS`` set, and hands it a JSON spec on stdin::
 
-    {"config": {...Config fields...}, "candidates": [{"unroll": 1, "weight_grad": "product",
-     "feed": "device"}, ...], "deadline": unix time, "call_s": 0.1, "steps": null,
-     "repeats": 3, "reference": "path/to/baseline.npz"}
+    {"config": {...Config fields...}, "candidates": [{"unroll": 1, "backward": "autodiff",
+     "projection": "in_loop", "weight_grad": "product", "feed": "device"}, ...],
+     "deadline": unix time, "call_s": 0.1, "steps": null, "repeats": 3,
+     "reference": "path/to/baseline.npz"}
+
+A candidate's ``unroll`` may be ``"best"``: the fastest unroll this child has timed so far
+(a form is timed at the unroll that suits the machine, without timing every pair).
 
 Each candidate is the config with those fields replaced, run by the loop's own feeds
 (``loop.device_feed`` or ``loop.stream_feed``) on synthetic data of the run's shapes. The
@@ -28,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 PREFIX = "rnnjax-tune "
+BEST = "best"  # rnnjax.tune.BEST
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -171,17 +176,24 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter) ->
     time_steps = sequence_length(config)
     data = synthetic_data(config, 2 * config.batch_size)
     reference = spec["reference"]
-    compiles: dict[tuple[str, str], dict[int, float]] = {}  # (weight_grad, feed) -> unroll: s
+    compiles: dict[tuple[str, ...], dict[int, float]] = {}  # (form, feed) -> unroll: s
     jax.monitoring.register_event_listener(_count_cache_hits)
     done: list[tuple[dict[str, Any], Timed, float]] = []
     for fields in spec["candidates"]:
+        if fields.get("unroll") == BEST:
+            timed_unrolls = sorted(done, key=lambda d: d[2])
+            fields = {**fields, "unroll": timed_unrolls[0][0]["unroll"] if timed_unrolls
+                      else config.unroll}
+            if any(fields == d[0] for d in done):
+                continue  # already timed as it stands
         candidate = config.replace(**fields)
+        kind = (candidate.backward, candidate.projection, candidate.weight_grad, candidate.feed)
         if candidate.feed == "stream":  # a stream as long as the calls timed will read
             candidate = candidate.replace(steps=max(candidate.steps, 1_000_000))
         unroll = candidate.unroll or time_steps
         left = deadline - time.time()
         # From the compile times of its own kind, else of any kind measured (slowest).
-        history = compiles.get((candidate.weight_grad, candidate.feed)) or {
+        history = compiles.get(kind) or {
             u: max(c[u] for c in compiles.values() if u in c)
             for u in {u for c in compiles.values() for u in c}}
         predicted = predict_compile_s(unroll, history)
@@ -203,8 +215,7 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter) ->
             np.savez(reference, **timed.first_step)  # the first candidate timed: the reference
         difference = relative_difference(timed.first_step, dict(np.load(reference)))
         if not timed.cache_hit:  # a program loaded from the cache predicts no compile time
-            compiles.setdefault((candidate.weight_grad, candidate.feed), {})[unroll] = \
-                timed.compile_s
+            compiles.setdefault(kind, {})[unroll] = timed.compile_s
         emit("result", candidate=fields, compile_s=timed.compile_s, step_s=per_step,
              steps=steps, difference=difference)
         done.append((fields, timed, per_step))

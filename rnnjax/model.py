@@ -64,6 +64,8 @@ class Model:
     order: str = "rows"
     unroll: int = 1
     weight_grad: str = "auto"
+    projection: str = "auto"
+    backward: str = "auto"
     compute_dtype: Any = jnp.float32
     permutation: np.ndarray | None = None
     image_shape: tuple[int, int, int] = (28, 28, 1)  # H, W, C of the images it reads
@@ -107,17 +109,16 @@ class Model:
         perm = None if self.permutation is None else jnp.asarray(self.permutation)
         xs = to_sequence(images.astype(dtype), self.order, perm)
         finals = ()  # the last layer's final carries (two when bidirectional)
+        form = {"unroll": self.unroll, "weight_grad": self.weight_grad,
+                "projection": self.projection, "backward": self.backward}
         for layer in params["rnn"]:
             if self.bidirectional:
-                carry_f, fwd = scan_cell(self.cell, layer["fwd"], xs, unroll=self.unroll,
-                                         weight_grad=self.weight_grad)
-                carry_b, bwd = scan_cell(self.cell, layer["bwd"], xs[::-1], unroll=self.unroll,
-                                         weight_grad=self.weight_grad)
+                carry_f, fwd = scan_cell(self.cell, layer["fwd"], xs, **form)
+                carry_b, bwd = scan_cell(self.cell, layer["bwd"], xs[::-1], **form)
                 xs = jnp.concatenate([fwd, bwd[::-1]], axis=-1)
                 finals = (carry_f, carry_b)
             else:
-                carry, xs = scan_cell(self.cell, layer, xs, unroll=self.unroll,
-                                      weight_grad=self.weight_grad)
+                carry, xs = scan_cell(self.cell, layer, xs, **form)
                 finals = (carry,)
         if self.cell.last_output is not None:
             # The same values as slicing xs below, read from the carries: the last layer's
@@ -156,6 +157,8 @@ def make_model(config: Config, spec: DataSpec | None = None) -> Model:
         order=config.order,
         unroll=config.unroll,
         weight_grad=config.weight_grad,
+        projection=config.projection,
+        backward=config.backward,
         compute_dtype=jnp.dtype(config.compute_dtype),
         permutation=permutation,
         image_shape=spec.image_shape,

@@ -1,7 +1,9 @@
 """Choose how to run the train step by measuring the candidates on the machine at hand.
 
 What is chosen (the :data:`TUNED` Config fields): the scan's ``unroll`` (1, a middle factor,
-full), the Elman cells' ``weight_grad`` form, the ``feed`` (the device-resident dataset with
+full), the form of the cell's computation (``backward`` hand-written or autodiff,
+``projection`` of the inputs before the loop or inside it, ``weight_grad`` one product or
+per step: ``rnnjax.cells.resolve_form``), the ``feed`` (the device-resident dataset with
 ``steps_per_call`` steps per compiled call, or one step per call streamed from NumPy) and
 ``xla_flags`` where the backend has alternatives. XLA reads its flags once, when the backend
 starts, so every measurement runs in a child process (:mod:`rnnjax.measure`), one per set
@@ -40,13 +42,13 @@ from typing import Any, TextIO
 
 from rnnjax import __version__
 from rnnjax.config import TUNED, Config, to_dict
+from rnnjax.measure import BEST  # a candidate's unroll: the fastest its child has timed
 
-TUNER_VERSION = 1
+TUNER_VERSION = 2
 ENV_VAR = "RNNJAX_TUNE"  # 'off' (or 0, false, no): rnnjax train does not tune by default
 MARGIN = 0.03  # a candidate replaces the baseline only when this much faster
 FIRST_SHARE = 0.6  # of the budget, for the model candidates under the run's own XLA flags
 TOLERANCE = {"float32": 1e-3, "bfloat16": 3e-2}  # loss and gradients vs the baseline
-ELMAN_CELLS = ("simple_rnn", "irnn")  # the cells whose backward honours weight_grad
 # XLA flag alternatives per backend, most promising first ('' = XLA's defaults).
 FLAG_SETS = {
     "cpu": ("--xla_cpu_experimental_ynn_fusion_type=", "--xla_cpu_use_xnnpack=false"),
@@ -107,38 +109,78 @@ def describe(fields: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def baseline(config: Config, pinned: frozenset[str]) -> dict[str, Any]:
-    """The untuned run's fields (the Config defaults, or the pinned values), with
-    ``weight_grad`` 'auto' resolved to the form its batch-size rule picks."""
-    from_config = {name: getattr(config, name) for name in ("unroll", "weight_grad", "feed")}
-    defaults = Config()
-    base = {name: (value if name in pinned else getattr(defaults, name))
-            for name, value in from_config.items()}
-    if base["weight_grad"] == "auto" and config.cell in ELMAN_CELLS:
-        from rnnjax.cells import PER_STEP_WEIGHT_GRADIENT_BATCH
+FORMS = ("backward", "projection", "weight_grad")  # the Config fields of a cells.Form
 
-        base["weight_grad"] = ("per_step" if config.batch_size >= PER_STEP_WEIGHT_GRADIENT_BATCH
-                               else "product")
-    return base
+
+def builtin_cell(config: Config) -> Any:
+    """The registered cell ``config`` names, or None for a Flax cell class (``MODULE:CLASS``:
+    importing it here could start work the parent process must not do)."""
+    from rnnjax import cells
+
+    return cells.CELLS[config.cell](config.hidden_size) if config.cell in cells.CELLS else None
+
+
+def baseline(config: Config, pinned: frozenset[str]) -> dict[str, Any]:
+    """The untuned run's fields (the Config defaults, or the pinned values), its form's
+    'auto' choices resolved (``cells.resolve_form``)."""
+    from rnnjax import cells
+
+    fields = ("unroll", *FORMS, "feed")
+    defaults = Config()
+    base = {name: (getattr(config, name) if name in pinned else getattr(defaults, name))
+            for name in fields}
+    cell = builtin_cell(config)
+    if cell is None:
+        return {**base, "backward": "autodiff", "projection": "in_loop", "weight_grad": "product"}
+    form = cells.resolve_form(cell, config.batch_size, base["backward"], base["projection"],
+                              base["weight_grad"])
+    return {**base, **dataclasses.asdict(form)}
+
+
+def form_candidates(config: Config, pinned: frozenset[str], base: dict[str, Any]
+                    ) -> list[dict[str, Any]]:
+    """The other forms of the cell worth timing against ``base``'s, each a set of
+    ``FORMS`` fields: the other projection, the other weight gradient, the other backward
+    (its default projection), as far as the cell has them and they are not pinned."""
+    from rnnjax import cells
+
+    cell = builtin_cell(config)
+    if cell is None:
+        return []
+    current = {name: base[name] for name in FORMS}
+    out: list[dict[str, Any]] = []
+
+    def add(**changes: str) -> None:
+        if set(changes) & pinned:
+            return
+        wanted = {**current, **changes}
+        if "projection" not in changes and "backward" in changes:
+            wanted["projection"] = base["projection"] if "projection" in pinned else "auto"
+        if "weight_grad" not in changes and "backward" in changes:
+            wanted["weight_grad"] = base["weight_grad"] if "weight_grad" in pinned else "auto"
+        form = dataclasses.asdict(cells.resolve_form(cell, config.batch_size, **wanted))
+        if form != current and form not in out:
+            out.append(form)
+
+    add(projection="in_loop" if base["projection"] == "hoisted" else "hoisted")
+    add(weight_grad="per_step" if base["weight_grad"] == "product" else "product")
+    add(backward="autodiff" if base["backward"] == "hand_written" else "hand_written")
+    return out
 
 
 def model_candidates(config: Config, pinned: frozenset[str]) -> list[dict[str, Any]]:
-    """Candidate ``{unroll, weight_grad, feed}`` to time, most promising first: the
-    baseline, the other unrolls (middle, then full: the compile times measured predict
-    the next), the other weight-gradient form at each, then the other feed."""
+    """Candidate ``{unroll, backward, projection, weight_grad, feed}`` to time, most
+    promising first: the baseline, the other unrolls (middle, then full: the compile times
+    measured predict the next), then each other form of the cell at the fastest unroll
+    timed so far (``unroll`` :data:`BEST`, resolved by the child), then the other feed."""
     base = baseline(config, pinned)
     length = sequence_length(config)
     middle = 2 ** int(math.log2(math.sqrt(length)))  # 4 for 28 steps, 16 for 784
-    unrolls = [base["unroll"]] if "unroll" in pinned else [1, middle, 0]
-    forms = [base["weight_grad"]]
-    if "weight_grad" not in pinned and config.cell in ELMAN_CELLS:
-        forms += [form for form in ("product", "per_step") if form != base["weight_grad"]]
     out = [base]
-    for form in forms:
-        for unroll in unrolls:
-            candidate = {"unroll": unroll, "weight_grad": form, "feed": base["feed"]}
-            if candidate not in out:
-                out.append(candidate)
+    if "unroll" not in pinned:
+        out += [{**base, "unroll": unroll} for unroll in (middle, 0) if unroll != base["unroll"]]
+    best = base["unroll"] if "unroll" in pinned else BEST
+    out += [{**base, **form, "unroll": best} for form in form_candidates(config, pinned, base)]
     if "feed" not in pinned and config.source == "idx":
         out.append({**base, "feed": "stream" if base["feed"] == "device" else "device"})
     return out
@@ -430,8 +472,8 @@ def tune(
 
 def format_table(result: Result) -> str:
     """The timing table and the choice, as ``rnnjax tune`` prints them."""
-    lines = [f"{'unroll':>6}  {'weight-grad':<11}  {'feed':<6}  {'ms/step':>9}  "
-             f"{'compile s':>9}  {'differs':>7}  xla-flags / note"]
+    lines = [f"{'unroll':>6}  {'backward':<12}  {'projection':<10}  {'weight-grad':<11}  "
+             f"{'feed':<6}  {'ms/step':>9}  {'compile s':>9}  {'differs':>7}  xla-flags / note"]
     for m in result.measurements:
         f = m.fields
         ms = "-" if m.step_s is None else f"{m.step_s * 1e3:.3f}"
@@ -439,8 +481,9 @@ def format_table(result: Result) -> str:
         diff = "-" if m.difference is None else f"{m.difference:.0e}"
         note = " ".join(x for x in (repr(f["xla_flags"]) if f["xla_flags"] else "(none)",
                                     "" if m.step_s is not None else m.note) if x)
-        lines.append(f"{f['unroll']:>6}  {f['weight_grad']:<11}  {f['feed']:<6}  {ms:>9}  "
-                     f"{comp:>9}  {diff:>7}  {note}")
+        lines.append(f"{f['unroll']:>6}  {f['backward']:<12}  {f['projection']:<10}  "
+                     f"{f['weight_grad']:<11}  {f['feed']:<6}  {ms:>9}  {comp:>9}  {diff:>7}  "
+                     f"{note}")
     return "\n".join(lines) + "\n"
 
 

@@ -302,3 +302,53 @@ def test_fused_forward_is_bitwise_the_plain_scan(name):
     fused = jax.jit(lambda p, x, c: scan_cell(cell, p, x, c))(params, xs, carry0)
     plain = jax.jit(lambda p, x, c: scan_cell(_generic(cell), p, x, c))(params, xs, carry0)
     jax.tree.map(np.testing.assert_array_equal, fused, plain)
+
+
+FORMS = [(b, p, w) for b in ("hand_written", "autodiff") for p in ("hoisted", "in_loop")
+         for w in ("product", "per_step") if b == "hand_written" or w == "product"]
+
+
+@pytest.mark.parametrize(("backward", "projection", "weight_grad"), FORMS)
+@pytest.mark.parametrize("name", ["simple_rnn", "lstm", "gru"])
+def test_every_form_gives_the_same_values_and_gradients(name, backward, projection,
+                                                        weight_grad):
+    """Each form the tuner may choose (rnnjax.cells.resolve_form): the forward bit for bit
+    the plain scan's (under jax.vjp too, which runs the training forward), the gradients
+    autodiff's, through outputs and carries."""
+    cell = cells.get_cell(name, H)
+    form = dict(backward=backward, projection=projection, weight_grad=weight_grad)
+    resolved = cells.resolve_form(cell, B, **form)
+    if name == "gru" and backward == "hand_written":
+        assert (resolved.projection, resolved.weight_grad) == ("hoisted", "product")
+    else:
+        assert (resolved.backward, resolved.projection) == (backward, projection)
+    rng = np.random.default_rng(8)
+    params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(scale=0.3, size=p.shape),
+                                                    p.dtype), cell.init(jax.random.key(8), F))
+    xs = jnp.asarray(_inputs(8))
+    carry0 = jax.tree.map(lambda c: c + 0.25, cell.initial_carry(B, jnp.float32))
+    weights = jnp.asarray(rng.normal(size=(T, B, H)), jnp.float32)
+
+    def run(c, p, x, carry, **kw):
+        return scan_cell(c, p, x, carry, **kw)
+
+    plain = jax.jit(functools.partial(run, _generic(cell), projection="hoisted"))
+    ours = jax.jit(functools.partial(run, cell, **form))
+    expected = plain(params, xs, carry0)
+    jax.tree.map(np.testing.assert_array_equal, ours(params, xs, carry0), expected)
+    trained = jax.jit(lambda p, x, c: jax.vjp(lambda q: run(cell, q, x, c, **form), p)[0])
+    jax.tree.map(np.testing.assert_array_equal, trained(params, xs, carry0), expected)
+
+    def loss(p, x, carry, **kw):
+        carry, ys = run(kw.pop("c"), p, x, carry, **kw)
+        return (ys * weights).sum() + sum(jnp.sin(leaf).sum() for leaf in jax.tree.leaves(carry))
+
+    got = jax.grad(functools.partial(loss, c=cell, **form), argnums=(0, 1, 2))(params, xs, carry0)
+    want = jax.grad(functools.partial(loss, c=_generic(cell), projection="hoisted"),
+                    argnums=(0, 1, 2))(params, xs, carry0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
+
+
+def test_form_choices_are_checked():
+    with pytest.raises(ValueError, match="projection 'inside'; choose one of auto, hoisted"):
+        cells.resolve_form(cells.get_cell("lstm", H), B, projection="inside")

@@ -2,9 +2,9 @@
 
 Every op left in a compiled loop body runs once per time step (a thunk on XLA:CPU, a kernel
 on a GPU); at small batches their count bounds the step. The budgets are the counts the
-cells reach on XLA:CPU (jax 0.10): a change that adds ops to a loop body fails here.
-Before the op-count work (issue 11): SimpleRNN 5/5, LSTM 13/13, GRU 18/16; the GRU's
-hand-written backward (``cells.gru(hidden, backward="hand_written")``) reaches 9/6.
+cells reach on XLA:CPU (jax 0.10), each in its default form and in the others the tuner
+times: a change that adds ops to a loop body fails here. Before the op-count work (issue
+11): SimpleRNN 5/5, LSTM 13/13, GRU 18/16 (all hoisted projection).
 """
 
 from __future__ import annotations
@@ -14,12 +14,23 @@ import jax.numpy as jnp
 import pytest
 
 from benchmarks.throughput import step_ops
-from rnnjax import cells, hlo
+from rnnjax import hlo
 from rnnjax.config import Config
 
-# cell: (forward, backward) ops per time step, train step at batch 50, rows, unroll 1.
-BUDGETS = {"simple_rnn": (5, 5), "irnn": (5, 5), "lstm": (13, 13), "gru": (17, 16),
-           "gru_hand_written": (9, 6)}
+# (cell, backward, projection, weight_grad): (forward, backward) ops per time step, train
+# step at batch 50, rows, unroll 1. 'auto' is the cell's default form.
+BUDGETS = {
+    ("simple_rnn", "auto", "auto", "auto"): (5, 5),  # hand-written, hoisted, product
+    ("simple_rnn", "auto", "in_loop", "per_step"): (7, 11),
+    ("irnn", "auto", "auto", "auto"): (5, 5),
+    # The Jacobian-storing forward (18) against 13 storing the gates; backward 8 from 13.
+    ("lstm", "auto", "auto", "auto"): (18, 8),
+    ("lstm", "auto", "in_loop", "per_step"): (20, 14),
+    ("lstm", "autodiff", "auto", "auto"): (23, 21),  # in the loop, as Flax's nn.RNN
+    ("gru", "auto", "auto", "auto"): (20, 21),  # autodiff, in the loop
+    ("gru", "auto", "hoisted", "auto"): (17, 16),
+    ("gru", "hand_written", "auto", "auto"): (9, 6),
+}
 
 
 def test_counter_reads_forward_and_backward_loops():
@@ -53,11 +64,12 @@ def test_counter_reads_forward_and_backward_loops():
     assert hlo.ops_per_step(one, 7) == {"forward": 0.0, "backward": 0.0}
 
 
-@pytest.mark.parametrize("cell", sorted(BUDGETS))
-def test_ops_per_time_step_within_budget(cell):
-    config = Config(cell=cell.removesuffix("_hand_written"))
-    variant = cells.gru(config.hidden_size, backward="hand_written") if "hand" in cell else None
-    counts = step_ops(config, jax.devices("cpu")[0], variant)
-    forward, backward = BUDGETS[cell]
+@pytest.mark.parametrize("case", sorted(BUDGETS), ids="-".join)
+def test_ops_per_time_step_within_budget(case):
+    cell, backward_form, projection, weight_grad = case
+    config = Config(cell=cell, backward=backward_form, projection=projection,
+                    weight_grad=weight_grad)
+    counts = step_ops(config, jax.devices("cpu")[0])
+    forward, backward = BUDGETS[case]
     assert 0 < counts["forward"] <= forward, counts
     assert 0 < counts["backward"] <= backward, counts

@@ -22,9 +22,26 @@ from rnnjax.config import TUNED, Config
 TINY = ["--hidden-size", "4", "--batch-size", "4", "--eval-batch-size", "2048"]
 
 
+# The seed shape's default form (SimpleRNN at batch 50).
+SEED_FORM = {"backward": "hand_written", "projection": "hoisted", "weight_grad": "product"}
+
+
+def k(unroll, feed="device", flags="", **form):
+    """A FakeChild table key: the seed form, with ``form`` changed."""
+    f = {**SEED_FORM, **form}
+    return (unroll, f["backward"], f["projection"], f["weight_grad"], feed, flags)
+
+
+def fields(unroll, feed="device", flags=None, **form):
+    """A candidate's fields (with ``flags``: a choice, every TUNED field)."""
+    out = {"unroll": unroll, **SEED_FORM, **form, "feed": feed}
+    return out if flags is None else {**out, "xla_flags": flags}
+
+
 class FakeChild:
-    """Stands for a measuring child: times from a table, keyed on (unroll, weight_grad,
-    feed, xla_flags); ``wrong`` ones report results that differ from the baseline."""
+    """Stands for a measuring child: times from a table, keyed on (unroll, backward,
+    projection, weight_grad, feed, xla_flags) (:func:`k`); ``wrong`` ones report results
+    that differ from the baseline. Resolves unroll 'best' as the real child does."""
 
     def __init__(self, times, wrong=(), clock=None, per_child_s=0.0, startup_s=1.0):
         self.times, self.wrong, self.clock, self.per_child_s = times, set(wrong), clock, per_child_s
@@ -38,12 +55,19 @@ class FakeChild:
         child = tune.Child(device={"backend": "cpu", "device_kind": "fake", "device_count": 1},
                            startup_s=self.startup_s)
         for c in candidates:
-            k = (c["unroll"], c["weight_grad"], c["feed"], flags)
-            if k not in self.times:
+            if c["unroll"] == tune.BEST:
+                timed = sorted((m for m in child.measurements if m.step_s is not None),
+                               key=lambda m: m.step_s)
+                c = {**c, "unroll": timed[0].candidate["unroll"] if timed else config.unroll}
+                if any(m.candidate == c for m in child.measurements):
+                    continue
+            key = (c["unroll"], c["backward"], c["projection"], c["weight_grad"], c["feed"],
+                   flags)
+            if key not in self.times:
                 child.measurements.append(tune.Measurement(c, flags, note="failed: fake"))
                 continue
             child.measurements.append(tune.Measurement(  # the table's times in ms
-                c, flags, self.times[k] * 1e-3, 1.0, 0.5 if k in self.wrong else 1e-7, 10))
+                c, flags, self.times[key] * 1e-3, 1.0, 0.5 if key in self.wrong else 1e-7, 10))
         return child
 
 
@@ -59,56 +83,81 @@ YNN = tune.FLAG_SETS["cpu"][0]
 XNN = tune.FLAG_SETS["cpu"][1]
 
 
-def all_times(base=1.0, **faster):
-    """Every candidate of the seed shape at ``base`` seconds, some overridden."""
-    config = Config()
-    times = {(c["unroll"], c["weight_grad"], c["feed"], ""): base
-             for c in tune.model_candidates(config, frozenset())}
-    for flags in (YNN, XNN):
-        times.update({(u, w, f, flags): base for (u, w, f, _) in list(times)})
-    times.update(faster)
+def all_times(base=1.0, config=None):
+    """Every candidate of ``config``'s shape (the seed's) at every unroll, ``base`` ms."""
+    config = config or Config()
+    times = {}
+    for c in tune.model_candidates(config, frozenset()):
+        for unroll in ((1, 4, 0) if c["unroll"] == tune.BEST else (c["unroll"],)):
+            for flags in ("", YNN, XNN):
+                times[(unroll, c["backward"], c["projection"], c["weight_grad"], c["feed"],
+                       flags)] = base
     return times
 
 
 def test_the_fastest_matching_candidate_wins_by_measured_time():
     config = Config()
     times = all_times()
-    times[(0, "product", "device", "")] = 0.80
-    times[(4, "product", "device", "")] = 0.70  # fastest, but its results differ: excluded
-    fake = FakeChild(times, wrong={(4, "product", "device", "")})
+    times[k(0)] = 0.80
+    times[k(4)] = 0.70  # fastest, but its results differ: excluded
+    fake = FakeChild(times, wrong={k(4)})
     result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
-    assert result.choice == {"unroll": 0, "weight_grad": "product", "feed": "device",
-                             "xla_flags": ""}
+    assert result.choice == fields(0, flags="")
     # The flag stage timed the best two candidates under each alternative flag set.
     assert [c[0] for c in fake.calls] == ["", YNN, XNN]
     # (of those whose results match: the wrong unroll 4 is not among them; ties keep order).
-    assert fake.calls[1][1] == [{"unroll": 0, "weight_grad": "product", "feed": "device"},
-                                {"unroll": 1, "weight_grad": "product", "feed": "device"}]
+    assert fake.calls[1][1] == [fields(0), fields(1)]
 
-    times[(0, "product", "device", XNN)] = 0.5  # a flag set faster still
+    times[k(0, flags=XNN)] = 0.5  # a flag set faster still
     result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
-    assert result.choice == {"unroll": 0, "weight_grad": "product", "feed": "device",
-                             "xla_flags": XNN}
+    assert result.choice == fields(0, flags=XNN)
+
+
+def test_each_form_is_timed_at_the_fastest_unroll():
+    """After the unrolls, the cell's other forms run at the fastest unroll timed (the real
+    child resolves 'best' so too), and a faster form wins."""
+    config = Config()
+    times = all_times()
+    times[k(4)] = 0.9
+    times[k(4, projection="in_loop")] = 0.6
+    times[k(1, projection="in_loop")] = 0.1  # not timed: 1 is not the best unroll
+    fake = FakeChild(times)
+    result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
+    assert result.choice == fields(4, projection="in_loop", flags="")
+    first = [m.candidate for m in result.measurements if not m.flags]
+    assert first[:3] == [fields(1), fields(4), fields(0)]
+    assert first[3:6] == [fields(4, projection="in_loop"), fields(4, weight_grad="per_step"),
+                          fields(4, backward="autodiff", projection="in_loop")]
+    # The GRU's default is autodiff in the loop; its hand-written backward is a candidate.
+    gru = [c for c in tune.model_candidates(Config(cell="gru"), frozenset())
+           if c["unroll"] == tune.BEST]
+    assert [(c["backward"], c["projection"]) for c in gru] == [
+        ("autodiff", "hoisted"), ("hand_written", "hoisted")]
+    # A Flax cell has one form: only unrolls (and the feed).
+    flax = tune.model_candidates(Config(cell="flax.linen:GRUCell"), frozenset())
+    assert [c["unroll"] for c in flax] == [1, 4, 0, 1]
 
 
 def test_the_baseline_stays_unless_another_is_clearly_faster():
     config = Config()
     base = tune.baseline(config, frozenset())
-    assert base == {"unroll": 1, "weight_grad": "product", "feed": "device"}  # batch 50
+    assert base == fields(1)  # batch 50
     assert tune.baseline(config.replace(batch_size=512), frozenset())["weight_grad"] == \
         "per_step"
-    times = all_times(1.0, **{})
-    times[(0, "product", "device", "")] = 1.0 - tune.MARGIN / 2  # within the margin: noise
+    assert tune.baseline(config.replace(cell="gru"), frozenset()) == fields(
+        1, backward="autodiff", projection="in_loop")
+    times = all_times(1.0)
+    times[k(0)] = 1.0 - tune.MARGIN / 2  # within the margin: noise
     result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
     assert result.choice == {**base, "xla_flags": ""}
-    times[(0, "product", "device", "")] = 1.0 - 2 * tune.MARGIN
+    times[k(0)] = 1.0 - 2 * tune.MARGIN
     result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
     assert result.choice["unroll"] == 0
 
 
 def test_nothing_timed_in_budget_means_no_choice():
     times = all_times()
-    del times[(1, "product", "device", "")]  # the baseline never gets timed
+    del times[k(1)]  # the baseline never gets timed
     result = tune.tune(Config(), frozenset(), 30.0, child=FakeChild(times), clock=Clock())
     assert result.choice is None
     assert "the defaults stay" in tune.choice_line(result)
@@ -141,21 +190,23 @@ def test_no_child_starts_that_could_not_finish_in_its_share():
 
 
 def test_pinned_fields_are_never_tuned():
-    config = Config(unroll=2, cell="lstm")
-    candidates = tune.model_candidates(config, frozenset({"unroll"}))
+    config = Config(unroll=2, cell="lstm", backward="hand_written", weight_grad="product")
+    pinned = frozenset({"unroll", "backward", "weight_grad"})
+    candidates = tune.model_candidates(config, pinned)
     assert {c["unroll"] for c in candidates} == {2}
-    assert {c["weight_grad"] for c in candidates} == {"auto"}  # LSTM has one form
-    fake = FakeChild({(2, "auto", "device", "--xla_cpu_use_xnnpack=false"): 1.0,
-                      (2, "auto", "stream", "--xla_cpu_use_xnnpack=false"): 0.5})
-    config = config.replace(xla_flags="--xla_cpu_use_xnnpack=false")
-    result = tune.tune(config, frozenset({"unroll", "xla_flags"}), 30.0, child=fake,
-                       clock=Clock())
-    assert [c[0] for c in fake.calls] == ["--xla_cpu_use_xnnpack=false"]  # no other flags
-    assert result.choice == {"unroll": 2, "weight_grad": "auto", "feed": "stream",
-                             "xla_flags": "--xla_cpu_use_xnnpack=false"}
-    tampered = {"unroll": 0, "weight_grad": "per_step", "feed": "device", "xla_flags": ""}
+    assert {(c["backward"], c["weight_grad"]) for c in candidates} == {
+        ("hand_written", "product")}
+    assert {c["projection"] for c in candidates} == {"hoisted", "in_loop"}  # not pinned
+    xnn = "--xla_cpu_use_xnnpack=false"
+    fake = FakeChild({k(2, flags=xnn): 1.0, k(2, "stream", xnn): 0.5,
+                      k(2, flags=xnn, projection="in_loop"): 0.9})
+    config = config.replace(xla_flags=xnn)
+    result = tune.tune(config, pinned | {"xla_flags"}, 30.0, child=fake, clock=Clock())
+    assert [c[0] for c in fake.calls] == [xnn]  # no other flags
+    assert result.choice == fields(2, "stream", xnn)
+    tampered = {**fields(0, flags=""), "weight_grad": "per_step"}
     applied = tune.apply(config, tampered, frozenset({"unroll", "xla_flags"}))
-    assert applied.unroll == 2 and applied.xla_flags == "--xla_cpu_use_xnnpack=false"
+    assert applied.unroll == 2 and applied.xla_flags == xnn
     assert applied.weight_grad == "per_step"
 
 
@@ -179,7 +230,7 @@ def test_cache_key_and_invalidation(tmp_path, monkeypatch):
     assert tune.key(config, frozenset(), env={"CUDA_VISIBLE_DEVICES": "1"}) != key
     assert tune.key(config.replace(steps=9, seed=3), frozenset(), env={}) == key  # no shape
 
-    choice = {"unroll": 0, "weight_grad": "product", "feed": "device", "xla_flags": ""}
+    choice = fields(0, flags="")
     record = {"key": key, "choice": choice, "device": None}
     path = tune.save(tmp_path, record)
     assert path.parent == tmp_path and tune.load(tmp_path, key)["choice"] == choice
@@ -211,19 +262,22 @@ def test_a_child_times_candidates_under_its_own_xla_flags(tmp_path):
     lines = []
     import time
 
-    candidates = [{"unroll": 1, "weight_grad": "product", "feed": "device"},
-                  {"unroll": 0, "weight_grad": "per_step", "feed": "stream"}]
+    candidates = [fields(1), fields(0, "stream", weight_grad="per_step"),
+                  fields(tune.BEST, projection="in_loop")]
     child = tune.run_child(config, f"--xla_dump_to={dump}", candidates, time.time() + 120,
                            2, str(tmp_path / "ref.npz"), 0.01, lines.append)
     assert child.error == "" and child.device["backend"] == "cpu"
-    assert [m.candidate for m in child.measurements] == candidates
+    # 'best': the faster of the two unrolls timed.
+    best = min(child.measurements, key=lambda m: m.step_s).candidate["unroll"]
+    assert [m.candidate for m in child.measurements] == [
+        *candidates[:2], {**candidates[2], "unroll": best}]
     for m in child.measurements:
         assert m.step_s > 0 and m.compile_s > 0 and m.steps == 2
         assert m.difference < tune.tolerance(config)
     assert child.measurements[0].difference == 0.0  # the reference itself
     assert any(p.name.endswith(".txt") for p in dump.iterdir())  # the flag took effect
     first_round = [line for line in lines if "(timed again)" not in line]
-    assert len(first_round) == 2 and all("ms/step" in line for line in lines)
+    assert len(first_round) == 3 and all("ms/step" in line for line in lines)
 
 
 def _env(tmp_path, **extra):
@@ -251,8 +305,8 @@ def _run(*args, env):
 def test_choice_is_recorded_and_resume_reuses_it_bitwise(tmp_path):
     env = _env(tmp_path)
     args = [*TINY, "--eval-every", "3", "--checkpoint-every", "3"]
-    choice = {"unroll": 0, "weight_grad": "per_step", "feed": "device",
-              "xla_flags": "--xla_cpu_use_xnnpack=false"}
+    choice = fields(0, flags="--xla_cpu_use_xnnpack=false", weight_grad="per_step",
+                    projection="in_loop")
     _seed_cache(tmp_path, [*args, "--steps", "6"], choice, env)
     whole = tmp_path / "whole"
     proc = _run("train", *args, "--steps", "6", "--workdir", str(whole), env=env)
@@ -263,14 +317,14 @@ def test_choice_is_recorded_and_resume_reuses_it_bitwise(tmp_path):
     summary = json.loads((whole / "summary.json").read_text())
     assert summary["tuning"]["mode"] == "cached" and summary["tuning"]["settings"] == choice
     assert "--xla_cpu_use_xnnpack=false" in summary["xla_flags_env"]  # applied at start-up
-    assert "tuned (cached): unroll 0, weight-grad per_step" in proc.stdout
+    assert ("tuned (cached): unroll 0, backward hand_written, projection in_loop, "
+            "weight-grad per_step") in proc.stdout
 
     stopped = tmp_path / "stopped"
     proc = _run("train", *args, "--steps", "3", "--workdir", str(stopped), env=env)
     assert proc.returncode == 0, proc.stderr
     # Another choice cached since: the resumed run must keep the one it recorded.
-    _seed_cache(tmp_path, [*args, "--steps", "3"],
-                {"unroll": 1, "weight_grad": "product", "feed": "stream", "xla_flags": ""}, env)
+    _seed_cache(tmp_path, [*args, "--steps", "3"], fields(1, "stream", ""), env)
     proc = _run("train", "--resume", "--steps", "6", "--workdir", str(stopped), env=env)
     assert proc.returncode == 0, proc.stderr
     resumed = json.loads((stopped / "config.json").read_text())
@@ -327,7 +381,8 @@ def in_process(tmp_path, monkeypatch):
     return seed
 
 
-CACHED = {"unroll": 0, "weight_grad": "per_step", "feed": "stream", "xla_flags": ""}
+CACHED = fields(0, "stream", "", weight_grad="per_step", backward="autodiff",
+                projection="in_loop")
 RUN = [*TINY, "--steps", "2", "--compile-cache", "off"]
 
 
@@ -340,10 +395,10 @@ def test_the_cached_choice_is_used_and_explicit_flags_override_it(in_process):
     assert main(["train", *RUN, "--unroll", "3"]) == 0
     assert in_process.last() == ({**CACHED, "unroll": 3}, "cached")
     # Every tuned setting given: nothing to tune, nothing read.
-    given = ["--unroll", "2", "--weight-grad", "product", "--feed", "device", "--xla-flags="]
+    given = ["--unroll", "2", "--backward", "hand_written", "--projection", "hoisted",
+             "--weight-grad", "product", "--feed", "device", "--xla-flags="]
     assert main(["train", *RUN, *given]) == 0
-    assert in_process.last() == (
-        {"unroll": 2, "weight_grad": "product", "feed": "device", "xla_flags": ""}, "pinned")
+    assert in_process.last() == (fields(2, flags=""), "pinned")
 
 
 def test_no_tune_and_the_environment_turn_tuning_off(in_process, monkeypatch):
@@ -359,18 +414,16 @@ def test_no_tune_and_the_environment_turn_tuning_off(in_process, monkeypatch):
 
 
 def test_a_new_shape_is_tuned_once_then_cached(in_process, monkeypatch, capsys):
-    times = {(c["unroll"], c["weight_grad"], c["feed"], f): 1.0
-             for c in tune.model_candidates(Config(hidden_size=4, batch_size=4), frozenset())
-             for f in ("", YNN, XNN)}
-    times[(4, "product", "device", "")] = 0.5
+    times = all_times(1.0, Config(hidden_size=4, batch_size=4))
+    times[k(4)] = 0.5
     fake = FakeChild(times)
     monkeypatch.setattr(tune, "run_child", fake)
     assert main(["train", *RUN]) == 0
-    assert in_process.last() == (
-        {"unroll": 4, "weight_grad": "product", "feed": "device", "xla_flags": ""}, "measured")
+    assert in_process.last() == (fields(4, flags=""), "measured")
     err = capsys.readouterr().err
     assert "rnnjax: tuning simple_rnn 4" in err and "--tune-budget 30 s" in err
-    assert "chose unroll 4, weight-grad product" in err and "saved in" in err
+    assert "chose unroll 4, backward hand_written, projection hoisted, weight-grad product" \
+        in err and "saved in" in err
     calls = len(fake.calls)
     assert main(["train", *RUN]) == 0
     assert len(fake.calls) == calls  # the second run reads the cache
@@ -383,13 +436,16 @@ def test_a_new_shape_is_tuned_once_then_cached(in_process, monkeypatch, capsys):
 
 def test_rnnjax_tune_prints_the_table_and_caches_the_choice(tmp_path):
     env = _env(tmp_path)
-    pins = ["--xla-flags=", "--weight-grad", "product", "--feed", "device"]  # one child
+    pins = ["--xla-flags=", "--backward", "hand_written", "--projection", "hoisted",
+            "--weight-grad", "product", "--feed", "device"]  # one child, unrolls only
     proc = _run("tune", *TINY, *pins, "--tune-budget", "90", env=env)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].split()[:4] == ["unroll", "weight-grad", "feed", "ms/step"]
+    assert lines[0].split()[:6] == ["unroll", "backward", "projection", "weight-grad", "feed",
+                                    "ms/step"]
     rows = [line.split() for line in lines[1:4]]
-    assert [row[0] for row in rows] == ["1", "4", "0"] and all(row[1] == "product" for row in rows)
+    assert [row[0] for row in rows] == ["1", "4", "0"]
+    assert all(row[1:4] == ["hand_written", "hoisted", "product"] for row in rows)
     assert lines[4].startswith("chose unroll ") and "cached in" in lines[5]
     assert "rnnjax: timing simple_rnn 4" in proc.stderr and "ms/step" in proc.stderr
     cached = list((tmp_path / "cache" / "rnnjax" / "tune").glob("*.json"))
