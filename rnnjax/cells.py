@@ -147,15 +147,10 @@ def scan_cell(
 
 
 def _dense_projection(params: Params, xs: jax.Array) -> jax.Array:
-    """``xs [T, B, F] @ kernel [F, G] + bias [G] -> [T, B, G]``."""
-    return _input_product(params, xs) + params["bias"].astype(xs.dtype)
-
-
-def _input_product(params: Params, xs: jax.Array) -> jax.Array:
-    """``xs [T, B, F] @ kernel [F, G] -> [T, B, G]``: the projection without its bias, which
-    the hand-written layers add inside their loop's elementwise op (the same sum, bit for
-    bit, without a pass of its own over [T, B, G])."""
-    return xs @ params["kernel"].astype(xs.dtype)
+    """``xs [T, B, F] @ kernel [F, G] + bias [G] -> [T, B, G]``. (The hand-written layers
+    add the bias inside their loop's elementwise op: the same sum, bit for bit, without a
+    pass of its own over [T, B, G].)"""
+    return xs @ params["kernel"].astype(xs.dtype) + params["bias"].astype(xs.dtype)
 
 
 def _identity_output(h: jax.Array) -> jax.Array:
@@ -529,125 +524,125 @@ def lstm(hidden: int) -> Cell:
                 sequence, last_output=_first, options=("weight_grad", "projection"))
 
 
-# The GRU recurrence has a hand-written backward pass too, built to leave few ops in each
-# loop step (each is a thunk on XLA:CPU, a kernel launch on a GPU; rnnjax.hlo counts them,
-# tests/test_hlo.py guards the counts). The forward step stores h and one [B, 3H] array of
-# gates [z, r, candidate]; the backward pass folds them, outside its loop and for all
-# steps at once, into factors m_t with dr_t = [dh_t, dh_t, dh_t] * m_t (dr: the gradient
-# of the recurrent pre-activations h_{t-1} @ recurrent + bias), so that the backward loop
-# is one fusion for dr_t, one product dr_t @ recurrent^T, one fusion for the next dh and
-# one store. Ops per step, forward / backward, jax 0.10.2 CPU: 18 / 16 under autodiff of
-# the scan, 9 / 6 so. (Storing only h and recomputing the gates outside the loop left
-# 5 / 6, but the recomputed sigmoids and tanh cost more than the four ops saved.) On the
-# 2-core development machine it still measured 0.86-0.90x as fast as autodiff (interleaved
-# in one process, under load): the loops ran 1.8x faster, but the work outside them (the
-# [T, B, 3, H] factors, two transposes for the recurrent-kernel product, zeroing the stored
-# gates) cost more. So `gru` keeps autodiff by default and offers this as
-# ``gru(hidden, backward="hand_written")``, for a machine where ops cost more.
+# The GRU recurrence has a hand-written backward pass too, built as the LSTM's: the forward
+# loop stores, besides h, the step's local Jacobian K_t = [kz, kr, a, a * r, z] [B, 5H]
+# (a = (1 - z)(1 - n^2): the candidate's pre-activation gradient per dh; kz and kr the
+# update and reset gates' per dh), so that the backward loop is: du_t = [dh, dh, dh] *
+# K_t[:, :3H] (the gradient of the input projection, bias included), dr_t = [du_z, du_r,
+# dh * a * r] (of the recurrent pre-activations h_{t-1} @ recurrent + recurrent_bias),
+# dh_{t-1} = dh * z + dr_t @ recurrent^T; every weight gradient is then one product over
+# all steps, or accumulated per step (weight_grad), and the input projection is before
+# the loop or inside it (projection). (An earlier version stored the gates and built the
+# factors outside the loops: 9 / 6 ops, but 0.86-0.90x as fast as autodiff here.)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def gru_layer(
-    xw: jax.Array, bias: jax.Array, recurrent: jax.Array, recurrent_bias: jax.Array,
-    h0: jax.Array, unroll: int,
+    xs: jax.Array, kernel: jax.Array, bias: jax.Array, recurrent: jax.Array,
+    recurrent_bias: jax.Array, h0: jax.Array, unroll: int = 1, weight_grad: str = "auto",
+    projection: str = "hoisted",
 ) -> tuple[jax.Array, jax.Array]:
-    """The GRU recurrence (Keras ``reset_after=True``, gates z, r, h) over the input product.
+    """One GRU layer over time (Keras ``reset_after=True``, gates z, r, h).
 
-    xw [T, B, 3H] (``x_t @ kernel``), bias [3H], recurrent [H, 3H], recurrent_bias [3H],
-    h0 [B, H] -> (hs [T, B, H], h_T [B, H]: the final carry); computed in ``xw.dtype``.
+    xs [T, B, F], kernel [F, 3H], bias [3H], recurrent [H, 3H], recurrent_bias [3H],
+    h0 [B, H] -> (hs [T, B, H], h_T [B, H]: the final carry); computed in ``xs.dtype``.
+    ``weight_grad`` and ``projection`` as :func:`elman_layer`'s.
     """
-    hs, h_last, _ = _gru_forward(xw, bias, recurrent, recurrent_bias, h0, unroll)
+    h_last, hs = _gru_scan(xs, kernel, bias, recurrent, recurrent_bias, h0, unroll,
+                           in_loop=True, jacobian=False)
     return hs, h_last
 
 
-def _gru_step(recurrent, recurrent_bias, h, u):
-    """One GRU step of :func:`gru_layer`: ``(h, u_t) -> (h, (h, gates [B, 3H]))``, gates =
-    [z, r, candidate]; recurrent and its bias already in u's dtype.
-
-    The gates are one array, made by one op: the backward pass reads them rather than
-    recomputing their sigmoids and tanh (on XLA:CPU those cost more than the store).
-    """
-    hidden = h.shape[-1]
-    r_all = h @ recurrent + recurrent_bias
-    zr = jax.nn.sigmoid(u[..., : 2 * hidden] + r_all[..., : 2 * hidden])  # [z, r]
-    candidate = jnp.tanh(u[..., 2 * hidden :] + zr[..., hidden:] * r_all[..., 2 * hidden :])
-    gates = jnp.concatenate([zr, candidate], axis=-1)
-    z, candidate = gates[..., :hidden], gates[..., 2 * hidden :]
-    h = z * h + (1 - z) * candidate
-    return h, (h, gates)
-
-
-def _gru_forward(xw, bias, recurrent, recurrent_bias, h0, unroll):
-    dtype = xw.dtype
+def _gru_scan(xs, kernel, bias, recurrent, recurrent_bias, h0, unroll, in_loop, jacobian):
+    """The forward loop: ``(h_T, hs)``, with ``jacobian`` ``(h_T, (hs, K [T, B, 5H]))``."""
+    dtype = xs.dtype
+    kernel, bias = kernel.astype(dtype), bias.astype(dtype)
     recurrent, recurrent_bias = recurrent.astype(dtype), recurrent_bias.astype(dtype)
-    bias = bias.astype(dtype)
-
-    def step(h, xw_t):
-        return _gru_step(recurrent, recurrent_bias, h, xw_t + bias)
-
-    h_last, (hs, gates) = jax.lax.scan(step, h0, xw, unroll=unroll)
-    return hs, h_last, gates
-
-
-def _gru_fwd(xw, bias, recurrent, recurrent_bias, h0, unroll):
-    hs, h_last, gates = _gru_forward(xw, bias, recurrent, recurrent_bias, h0, unroll)
-    return (hs, h_last), (bias, recurrent, recurrent_bias, h0, hs, gates)
-
-
-def _gru_bwd(unroll, residuals, cotangents):
-    bias, recurrent, recurrent_bias, h0, hs, gates = residuals
-    dhs, dh_last = cotangents
     hidden = h0.shape[-1]
-    rec = recurrent.astype(hs.dtype)
+
+    def step(h, x_t):
+        u = (x_t @ kernel if in_loop else x_t) + bias  # the same sums as _dense_projection
+        r_all = h @ recurrent + recurrent_bias
+        z = jax.nn.sigmoid(u[:, :hidden] + r_all[:, :hidden])
+        r = jax.nn.sigmoid(u[:, hidden : 2 * hidden] + r_all[:, hidden : 2 * hidden])
+        rh = r_all[:, 2 * hidden :]
+        n = jnp.tanh(u[:, 2 * hidden :] + r * rh)
+        h_new = z * h + (1 - z) * n
+        if not jacobian:
+            return h_new, h_new
+        a = (1 - z) * (1 - n * n)
+        jac = jnp.concatenate([(h - n) * z * (1 - z), a * rh * r * (1 - r), a, a * r, z],
+                              axis=-1)
+        return h_new, (h_new, jac)
+
+    return jax.lax.scan(step, h0, xs if in_loop else xs @ kernel, unroll=unroll)
+
+
+def _gru_fwd(xs, kernel, bias, recurrent, recurrent_bias, h0, unroll, weight_grad, projection):
+    xs, kernel, bias, recurrent, recurrent_bias, h0 = _values(
+        xs, kernel, bias, recurrent, recurrent_bias, h0)
+    h_last, (hs, jacs) = _gru_scan(xs, kernel, bias, recurrent, recurrent_bias, h0, unroll,
+                                   in_loop=projection == "in_loop", jacobian=True)
+    return (hs, h_last), (xs, kernel, recurrent, h0, hs, jacs)
+
+
+def _gru_bwd(unroll, weight_grad, projection, residuals, cotangents):
+    xs, kernel, recurrent, h0, hs, jacs = residuals
+    dhs, dh_last = _dense(cotangents[0]), _dense(cotangents[1], h0)  # dhs None: not read
+    hidden = h0.shape[-1]
+    rec_t = recurrent.astype(hs.dtype).T
     h_prev = _previous(h0, hs)
-    # Outside the loop: rh = h_{t-1} @ recurrent_h + bias_h of every step in one product
-    # (no transcendental functions: the forward stored the gates).
-    rh = h_prev @ rec[:, 2 * hidden :] + recurrent_bias[2 * hidden :].astype(hs.dtype)
-    z, r, candidate = jnp.split(gates, 3, axis=-1)
-    through_candidate = (1 - z) * (1 - candidate * candidate)  # d(uh + r rh) per dh
-    # The gradient of r_all (the recurrent pre-activations) is [dh, dh, dh] * factors, the
-    # factors [T, B, 3, H] so that the loop broadcasts dh (no concatenate op).
-    factors = jnp.stack(
-        [(h_prev - candidate) * z * (1 - z), through_candidate * rh * r * (1 - r),
-         through_candidate * r], axis=-2,
-    )
-    rec_t = rec.T
 
-    # Step t stores the carry it makes, dh_{t-1} (storing the one it got would make XLA
-    # copy the carry every step).
-    def step(dh, inputs_t):
-        dh_before, factors_t, z_t = inputs_t  # dhs_{t-1}: the output gradient of step t - 1
-        dr_all = (dh[:, None] * factors_t).reshape(dh.shape[0], -1)  # [B, 3H]
-        dh = dh_before + dr_all @ rec_t + dh * z_t
-        return dh, dh
+    def local(dh_next, dh, jac):
+        dh = dh_next if dh is None else dh + dh_next
+        du = jnp.concatenate([dh, dh, dh], axis=-1) * jac[:, : 3 * hidden]
+        dr = jnp.concatenate([du[:, : 2 * hidden], dh * jac[:, 3 * hidden : 4 * hidden]], -1)
+        return dh * jac[:, 4 * hidden :] + dr @ rec_t, du, dr
 
-    dh_last_step = dhs[-1] + dh_last
-    dh0, dh_before = jax.lax.scan(
-        step, dh_last_step, (_previous(jnp.zeros_like(h0), dhs), factors, z),
-        reverse=True, unroll=unroll,
-    )
-    dh_total = jnp.concatenate([dh_before[1:], dh_last_step[None]], axis=0)  # dh_t, all t
-    dr_all = (dh_total[..., None, :] * factors).reshape(*dh_total.shape[:-1], -1)
-    dus = jnp.concatenate([dr_all[..., : 2 * hidden], dh_total * through_candidate], axis=-1)
-    drecurrent = _time_batch_product(h_prev, dr_all)
-    drecurrent_bias = dr_all.sum(axis=(0, 1), dtype=jnp.float32)
+    if _per_step(weight_grad, xs.shape[1]):
+
+        def step(carry, inputs_t):
+            dh_next, dkernel, drecurrent, drecurrent_bias = carry
+            dh, jac, x, h = inputs_t
+            dh_next, du, dr = local(dh_next, dh, jac)
+            dkernel = dkernel + jnp.matmul(x.T, du, preferred_element_type=jnp.float32)
+            drecurrent = drecurrent + jnp.matmul(h.T, dr, preferred_element_type=jnp.float32)
+            drecurrent_bias = drecurrent_bias + dr.sum(0, dtype=jnp.float32)
+            return (dh_next, dkernel, drecurrent, drecurrent_bias), du
+
+        zeros = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(recurrent.shape, jnp.float32),
+                 jnp.zeros(recurrent.shape[1:], jnp.float32))
+        (dh0, dkernel, drecurrent, drecurrent_bias), dus = jax.lax.scan(
+            step, (dh_last, *zeros), (dhs, jacs, xs, h_prev), reverse=True, unroll=unroll)
+    else:
+
+        def step(dh_next, inputs_t):
+            dh_next, du, dr = local(dh_next, *inputs_t)
+            return dh_next, (du, dr)
+
+        dh0, (dus, drs) = jax.lax.scan(step, dh_last, (dhs, jacs), reverse=True,
+                                       unroll=unroll)
+        dkernel = _time_batch_product(xs, dus)
+        drecurrent = _time_batch_product(h_prev, drs)
+        drecurrent_bias = drs.sum(axis=(0, 1), dtype=jnp.float32)
+    dxs = dus @ kernel.astype(dus.dtype).T
     dbias = dus.sum(axis=(0, 1), dtype=jnp.float32)
-    return (dus, dbias.astype(bias.dtype), drecurrent.astype(recurrent.dtype),
-            drecurrent_bias.astype(recurrent_bias.dtype), dh0)
+    return (dxs, dkernel.astype(kernel.dtype), dbias.astype(kernel.dtype),
+            drecurrent.astype(recurrent.dtype), drecurrent_bias.astype(recurrent.dtype), dh0)
 
 
-gru_layer.defvjp(_gru_fwd, _gru_bwd)
+gru_layer.defvjp(_gru_fwd, _gru_bwd, symbolic_zeros=True)
 
 
 @functools.cache
 def gru(hidden: int, backward: str = "autodiff") -> Cell:
     """Keras ``GRU`` (``reset_after=True``: gates z, r, h; separate recurrent bias).
 
-    backward: what ``--backward auto`` runs, ``"autodiff"`` (of the scan of ``step``) or
-    ``"hand_written"`` (:func:`gru_layer`: 9 / 6 ops per time step against 17 / 16, but
-    measured 0.86-0.90x as fast on the 2-core development machine, where its vectorised
-    work outside the loops costs more than the ops it saves; ``rnnjax.tune`` times both).
-    Forward results are the same bit for bit either way.
+    backward: what ``--backward auto`` runs, ``"autodiff"`` (of the scan of ``step``, the
+    projection in the loop) or ``"hand_written"`` (:func:`gru_layer`: 15 / 10 ops per time
+    step against 20 / 21, but measured 0.88-1.0x as fast on the 2-core development machine,
+    where the bytes it stores per step cost more than the ops it saves; ``rnnjax.tune``
+    times both). Forward results are the same bit for bit either way.
     """
     if backward not in ("autodiff", "hand_written"):
         raise ValueError(f"GRU backward {backward!r}; choose 'autodiff' or 'hand_written'")
@@ -661,7 +656,7 @@ def gru(hidden: int, backward: str = "autodiff") -> Cell:
 
     def step(params, h, u):
         # Autodiff differentiates this one: no gates array (its concatenate and slices
-        # would be ops of their own); the values are _gru_step's, bit for bit.
+        # would be ops of their own); the values are gru_layer's, bit for bit.
         r_all = h @ params["recurrent_kernel"].astype(u.dtype)
         r_all = r_all + params["recurrent_bias"].astype(u.dtype)
         uz, ur, uh = jnp.split(u, 3, axis=-1)
@@ -672,14 +667,14 @@ def gru(hidden: int, backward: str = "autodiff") -> Cell:
         h = z * h + (1 - z) * candidate
         return h, h
 
-    def sequence(params, xs, h0, unroll, weight_grad="product", projection="hoisted"):
-        del weight_grad, projection  # one form of each (options=())
-        hs, h_last = gru_layer(_input_product(params, xs), params["bias"],
-                               params["recurrent_kernel"], params["recurrent_bias"], h0, unroll)
+    def sequence(params, xs, h0, unroll, weight_grad="auto", projection="hoisted"):
+        hs, h_last = gru_layer(xs, params["kernel"], params["bias"], params["recurrent_kernel"],
+                               params["recurrent_bias"], h0, unroll, weight_grad, projection)
         return h_last, hs
 
     return Cell(init, step, _zeros_carry(hidden), hidden, _dense_projection, sequence,
-                last_output=_identity_output, backward=backward)
+                last_output=_identity_output, backward=backward,
+                options=("weight_grad", "projection"))
 
 
 CELLS: dict[str, Callable[[int], Cell]] = {
