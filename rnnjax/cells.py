@@ -106,9 +106,8 @@ def resolve_form(cell: Cell, batch: int, backward: str = "auto", projection: str
     elif backward == "auto":
         backward = cell.backward
     hand = backward == "hand_written"
-    if (hand and "projection" not in cell.options) or (not hand and cell.project is None):
-        projection = "hoisted" if hand else "in_loop"  # the one form it has
-    elif projection == "auto":
+    has_both = "projection" in cell.options if hand else cell.project is not None
+    if projection == "auto" or not has_both:
         projection = "hoisted" if hand else "in_loop"
     if not (hand and "weight_grad" in cell.options):
         weight_grad = "product"  # autodiff's own; the forms are then the same program

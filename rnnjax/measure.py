@@ -17,7 +17,8 @@ child prints one line per event on stdout, ``rnnjax-tune <JSON>``: ``device`` (w
 on), then per candidate ``result`` (compile seconds, seconds per step, best of ``repeats``
 calls of ``steps`` steps, and how far its first step's loss and gradients lie from the
 reference's: the first candidate's, saved to ``reference``) or ``skipped`` (why); then,
-while the budget lasts, ``retimed`` (a second round in reverse order, the best of both).
+while the budget lasts, ``retimed`` (a second round, the first candidate then the fastest
+first, each keeping the best of both).
 Candidates are not started past ``deadline``, nor when their predicted compile time would
 pass it.
 """
@@ -219,9 +220,10 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter) ->
         emit("result", candidate=fields, compile_s=timed.compile_s, step_s=per_step,
              steps=steps, difference=difference)
         done.append((fields, timed, per_step))
-    # Timings drift with the machine's load: a second round, in reverse order, while the
-    # budget lasts; each candidate keeps its best.
-    for fields, timed, per_step in reversed(done):
+    # Timings drift with the machine's load: a second round while the budget lasts, each
+    # candidate keeping its best; the reference first (every other is compared with it, so
+    # it must not be the one left with a single round), then the fastest first.
+    for fields, timed, per_step in done[:1] + sorted(done[1:], key=lambda d: d[2]):
         if time.time() + 2 * per_step * steps * spec["repeats"] > deadline:
             break
         emit("retimed", candidate=fields, step_s=min(per_step, timed.time(
