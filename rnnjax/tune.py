@@ -170,15 +170,17 @@ def form_candidates(config: Config, pinned: frozenset[str], base: dict[str, Any]
 
 def model_candidates(config: Config, pinned: frozenset[str]) -> list[dict[str, Any]]:
     """Candidate ``{unroll, backward, projection, weight_grad, feed}`` to time, most
-    promising first: the baseline, the other unrolls (middle, then full: the compile times
-    measured predict the next), then each other form of the cell at the fastest unroll
-    timed so far (``unroll`` :data:`BEST`, resolved by the child), then the other feed."""
+    promising first: the baseline, the other unrolls (full, which won at every batch on the
+    AVX-512 machine of issue 11 and is skipped when its compile time, predicted from the
+    baseline's, would overrun the budget, as for 784 pixels; then the middle), then each
+    other form of the cell at the fastest unroll timed so far (``unroll`` :data:`BEST`,
+    resolved by the child), then the other feed."""
     base = baseline(config, pinned)
     length = sequence_length(config)
     middle = 2 ** int(math.log2(math.sqrt(length)))  # 4 for 28 steps, 16 for 784
     out = [base]
     if "unroll" not in pinned:
-        out += [{**base, "unroll": unroll} for unroll in (middle, 0) if unroll != base["unroll"]]
+        out += [{**base, "unroll": unroll} for unroll in (0, middle) if unroll != base["unroll"]]
     best = base["unroll"] if "unroll" in pinned else BEST
     out += [{**base, **form, "unroll": best} for form in form_candidates(config, pinned, base)]
     if "feed" not in pinned and config.source == "idx":
