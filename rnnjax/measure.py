@@ -8,8 +8,9 @@ XLA flags, with ``$XLA_FLAGS`` set, and hands it a JSON spec on stdin::
      "deadline": unix time, "call_s": 0.1, "steps": null, "repeats": 3,
      "reference": "path/to/baseline.npz"}
 
-A candidate's ``unroll`` may be ``"best"``: the fastest unroll this child has timed so far
-(a form is timed at the unroll that suits the machine, without timing every pair).
+A candidate's field may be ``"best"``: that field of the fastest candidate this child has
+timed so far (``unroll`` for a form timed at the unroll that suits the machine; the form's
+fields for the fastest form timed again at another unroll), without timing every pair.
 
 Each candidate is the config with those fields replaced, run by the loop's own feeds
 (``loop.device_feed`` or ``loop.stream_feed``) on synthetic data of the run's shapes. The
@@ -60,6 +61,11 @@ def predict_compile_s(unroll: int, measured: dict[int, float]) -> float | None:
         return c0 * (1 + 0.1 * (unroll - u0))
     slope = max(0.0, (c1 - c0) / (u1 - u0))
     return c0 + slope * (unroll - u0)
+
+
+def to_fields(config: Any, fields: dict[str, Any]) -> dict[str, Any]:
+    """``config``'s values of the fields named in ``fields``."""
+    return {name: getattr(config, name) for name in fields}
 
 
 def relative_difference(a: dict[str, Any], b: dict[str, Any]) -> float:
@@ -183,10 +189,9 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter) ->
     jax.monitoring.register_event_listener(_count_cache_hits)
     done: list[tuple[dict[str, Any], Timed, float]] = []
     for fields in spec["candidates"]:
-        if fields.get("unroll") == BEST:
-            timed_unrolls = sorted(done, key=lambda d: d[2])
-            fields = {**fields, "unroll": timed_unrolls[0][0]["unroll"] if timed_unrolls
-                      else config.unroll}
+        if BEST in fields.values():
+            fastest = min(done, key=lambda d: d[2])[0] if done else to_fields(config, fields)
+            fields = {k: fastest[k] if v == BEST else v for k, v in fields.items()}
             if any(fields == d[0] for d in done):
                 continue  # already timed as it stands
         candidate = config.replace(**fields)

@@ -55,10 +55,11 @@ class FakeChild:
         child = tune.Child(device={"backend": "cpu", "device_kind": "fake", "device_count": 1},
                            startup_s=self.startup_s)
         for c in candidates:
-            if c["unroll"] == tune.BEST:
+            if tune.BEST in c.values():
                 timed = sorted((m for m in child.measurements if m.step_s is not None),
                                key=lambda m: m.step_s)
-                c = {**c, "unroll": timed[0].candidate["unroll"] if timed else config.unroll}
+                fastest = timed[0].candidate if timed else {k: getattr(config, k) for k in c}
+                c = {k: fastest[k] if v == tune.BEST else v for k, v in c.items()}
                 if any(m.candidate == c for m in child.measurements):
                     continue
             key = (c["unroll"], c["backward"], c["projection"], c["weight_grad"], c["feed"],
@@ -113,21 +114,30 @@ def test_the_fastest_matching_candidate_wins_by_measured_time():
     assert result.choice == fields(0, flags=XNN)
 
 
-def test_each_form_is_timed_at_the_fastest_unroll():
+def test_each_form_is_timed_at_the_fastest_unroll_then_the_best_at_the_others():
     """After the unrolls, the cell's other forms run at the fastest unroll timed (the real
-    child resolves 'best' so too), and a faster form wins."""
+    child resolves 'best' so too), then the fastest form at full unroll and at 1: a form
+    that wins only at another unroll is found."""
     config = Config()
     times = all_times()
     times[k(4)] = 0.9
     times[k(4, projection="in_loop")] = 0.6
-    times[k(1, projection="in_loop")] = 0.1  # not timed: 1 is not the best unroll
+    times[k(1, projection="in_loop")] = 0.5  # the fastest form, at another unroll
     fake = FakeChild(times)
     result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
-    assert result.choice == fields(4, projection="in_loop", flags="")
+    assert result.choice == fields(1, projection="in_loop", flags="")
     first = [m.candidate for m in result.measurements if not m.flags]
     assert first[:3] == [fields(1), fields(0), fields(4)]
     assert first[3:6] == [fields(4, projection="in_loop"), fields(4, weight_grad="per_step"),
                           fields(4, backward="autodiff", projection="in_loop")]
+    assert first[6:8] == [fields(0, projection="in_loop"), fields(1, projection="in_loop")]
+    assert first[8:] == [fields(1, "stream")]
+    # When the fastest form is the baseline's, those are timed already: nothing more.
+    times = all_times()
+    times[k(0)] = 0.5
+    result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
+    first = [m.candidate for m in result.measurements if not m.flags]
+    assert len(first) == 7 and result.choice == fields(0, flags="")
     # The GRU's default is autodiff in the loop; its hand-written backward is a candidate.
     gru = [c for c in tune.model_candidates(Config(cell="gru"), frozenset())
            if c["unroll"] == tune.BEST]
