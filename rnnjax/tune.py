@@ -141,7 +141,8 @@ def form_candidates(config: Config, pinned: frozenset[str], base: dict[str, Any]
                     ) -> list[dict[str, Any]]:
     """The other forms of the cell worth timing against ``base``'s, each a set of
     ``FORMS`` fields: the other projection, the other weight gradient, the other backward
-    (its default projection), as far as the cell has them and they are not pinned."""
+    (its default projection; first when the baseline is autodiff), as far as the cell has
+    them and they are not pinned."""
     from rnnjax import cells
 
     cell = builtin_cell(config)
@@ -162,9 +163,12 @@ def form_candidates(config: Config, pinned: frozenset[str], base: dict[str, Any]
         if form != current and form not in out:
             out.append(form)
 
+    if base["backward"] == "autodiff":  # the hand-written pass first: the likelier to win
+        add(backward="hand_written")
     add(projection="in_loop" if base["projection"] == "hoisted" else "hoisted")
     add(weight_grad="per_step" if base["weight_grad"] == "product" else "product")
-    add(backward="autodiff" if base["backward"] == "hand_written" else "hand_written")
+    if base["backward"] == "hand_written":
+        add(backward="autodiff")
     return out
 
 
