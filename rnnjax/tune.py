@@ -174,27 +174,19 @@ def form_candidates(config: Config, pinned: frozenset[str], base: dict[str, Any]
 
 def model_candidates(config: Config, pinned: frozenset[str]) -> list[dict[str, Any]]:
     """Candidate ``{unroll, backward, projection, weight_grad, feed}`` to time, most
-    promising first: the baseline, the other unrolls (full, which won at every batch on the
-    AVX-512 machine of issue 11 and is skipped when its compile time, predicted from the
-    baseline's, would overrun the budget, as for 784 pixels; then the middle), then each
-    other form of the cell at the fastest unroll timed so far (``unroll`` :data:`BEST`,
-    resolved by the child), the fastest form then at full unroll and at 1, then the other
-    feed."""
+    promising first: the baseline; each other form of the cell at its unroll (cheap to
+    compile); the fastest form timed so far (fields :data:`BEST`, resolved by the child)
+    fully unrolled, which won at every batch on the AVX-512 machine of issue 11 (skipped
+    when its compile time, predicted from the unrolls compiled so far, would overrun the
+    budget, as for 784 pixels), and at the middle unroll; then the other feed. One full
+    unroll is compiled, not one per form: it is the costly compile."""
     base = baseline(config, pinned)
     length = sequence_length(config)
     middle = 2 ** int(math.log2(math.sqrt(length)))  # 4 for 28 steps, 16 for 784
-    out = [base]
+    out = [base] + [{**base, **form} for form in form_candidates(config, pinned, base)]
     if "unroll" not in pinned:
-        out += [{**base, "unroll": unroll} for unroll in (0, middle) if unroll != base["unroll"]]
-    best = base["unroll"] if "unroll" in pinned else BEST
-    forms = form_candidates(config, pinned, base)
-    out += [{**base, **form, "unroll": best} for form in forms]
-    if forms and "unroll" not in pinned:
-        # The fastest form so far at full unrolling and at 1: a form and an unroll that
-        # only win together (the GRU's hand-written pass, slower than autodiff at unroll 1,
-        # fastest fully unrolled at batch 1024) are found so. Already timed: skipped.
         out += [{**base, **dict.fromkeys(FORMS, BEST), "unroll": unroll}
-                for unroll in (0, 1)]
+                for unroll in (0, middle) if unroll != base["unroll"]]
     if "feed" not in pinned and config.source == "idx":
         out.append({**base, "feed": "stream" if base["feed"] == "device" else "device"})
     return out
