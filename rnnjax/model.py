@@ -4,9 +4,10 @@ Any image shape HxWxC: by rows T=H steps of W*C features, by pixels T=H*W steps 
 (``Model.image_shape``, from the dataset's ``rnnjax.data.spec.DataSpec``).
 
 ``Model`` is a frozen description; ``init`` and ``apply`` are pure. ``apply`` transposes
-the batch to time-major once, lets each cell hoist its input projection over all steps,
-scans the cell over time with ``jax.lax.scan`` and feeds the last output to a dense head
-(logits; softmax lives in the loss). The seed model (SimpleRNN 50 on rows) has 4,460
+the batch to time-major once, scans each layer's cell over time in the form the model
+names (``backward``, ``projection``, ``weight_grad``: ``rnnjax.cells.resolve_form``; the
+same values in every form) and feeds the last output to a dense head (logits; softmax
+lives in the loss). The seed model (SimpleRNN 50 on rows) has 4,460
 parameters: 28*50 + 50*50 + 50 recurrent, 50*10 + 10 head.
 """
 
