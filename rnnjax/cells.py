@@ -112,8 +112,23 @@ def resolve_form(cell: Cell, batch: int, backward: str = "auto", projection: str
     if not (hand and "weight_grad" in cell.options):
         weight_grad = "product"  # autodiff's own; the forms are then the same program
     elif weight_grad == "auto":
-        weight_grad = "per_step" if batch >= PER_STEP_WEIGHT_GRADIENT_BATCH else "product"
+        weight_grad = _auto_weight_grad(batch)
     return Form(backward, projection, weight_grad)
+
+
+def _auto_weight_grad(batch: int) -> str:
+    """What weight_grad 'auto' is at ``batch`` (:data:`PER_STEP_WEIGHT_GRADIENT_BATCH`)."""
+    return "per_step" if batch >= PER_STEP_WEIGHT_GRADIENT_BATCH else "product"
+
+
+def _loop_inputs(xs: jax.Array, kernel: jax.Array, in_loop: bool
+                 ) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+    """A forward loop's scanned inputs and what each step does to its slice: ``xs`` and
+    ``x_t @ kernel`` when the projection is in the loop, else the projection of all steps
+    (``xs @ kernel``, one product) and nothing. The same sums either way."""
+    if in_loop:
+        return xs, lambda x_t: x_t @ kernel
+    return xs @ kernel, lambda xw_t: xw_t
 
 
 def scan_cell(
@@ -242,15 +257,15 @@ def _elman_forward(xs, kernel, recurrent, bias, h0, activation, unroll, input_in
     dtype = xs.dtype
     kernel = kernel.astype(dtype)
     bias, recurrent = bias.astype(dtype), recurrent.astype(dtype)
+    inputs, project = _loop_inputs(xs, kernel, input_in_loop)
 
     def step(h, x_t):
         # (x_t W + b) + h U, as ever: the bias is added in the loop's one elementwise op
         # instead of in a pass of its own over the whole [T, B, H] projection.
-        xw_t = x_t @ kernel if input_in_loop else x_t
-        h = act(xw_t + bias + h @ recurrent)
+        h = act(project(x_t) + bias + h @ recurrent)
         return h, h
 
-    h_last, hs = jax.lax.scan(step, h0, xs if input_in_loop else xs @ kernel, unroll=unroll)
+    h_last, hs = jax.lax.scan(step, h0, inputs, unroll=unroll)
     return hs, h_last
 
 
@@ -263,8 +278,7 @@ def _elman_fwd(xs, kernel, recurrent, bias, h0, activation, unroll, weight_grad,
 
 def _per_step(weight_grad: str, batch: int) -> bool:
     """Whether a hand-written backward accumulates the weight gradient inside its loop."""
-    return weight_grad == "per_step" or (
-        weight_grad == "auto" and batch >= PER_STEP_WEIGHT_GRADIENT_BATCH)
+    return (_auto_weight_grad(batch) if weight_grad == "auto" else weight_grad) == "per_step"
 
 
 def _elman_bwd(activation, unroll, weight_grad, projection, residuals, cotangents):
@@ -430,10 +444,11 @@ def _lstm_scan(xs, kernel, recurrent, bias, h0, c0, unroll, in_loop, jacobian):
     as the second element (see the comment above :func:`lstm_layer`)."""
     dtype = xs.dtype
     kernel, recurrent, bias = kernel.astype(dtype), recurrent.astype(dtype), bias.astype(dtype)
+    inputs, project = _loop_inputs(xs, kernel, in_loop)
 
     def step(carry, x_t):
         c_prev = carry[1]
-        u = (x_t @ kernel if in_loop else x_t) + bias
+        u = project(x_t) + bias
         carry, (h, _, tanh_c, (i, f, g, o)) = _lstm_step(recurrent, carry, u)
         if not jacobian:
             return carry, h
@@ -441,7 +456,7 @@ def _lstm_scan(xs, kernel, recurrent, bias, h0, c0, unroll, in_loop, jacobian):
                                tanh_c * o * (1 - o), o * (1 - tanh_c * tanh_c), f], axis=-1)
         return carry, (h, jac)
 
-    return jax.lax.scan(step, (h0, c0), xs if in_loop else xs @ kernel, unroll=unroll)
+    return jax.lax.scan(step, (h0, c0), inputs, unroll=unroll)
 
 
 def _lstm_fwd(xs, kernel, recurrent, bias, h0, c0, unroll, weight_grad, projection):
@@ -558,9 +573,10 @@ def _gru_scan(xs, kernel, bias, recurrent, recurrent_bias, h0, unroll, in_loop, 
     kernel, bias = kernel.astype(dtype), bias.astype(dtype)
     recurrent, recurrent_bias = recurrent.astype(dtype), recurrent_bias.astype(dtype)
     hidden = h0.shape[-1]
+    inputs, project = _loop_inputs(xs, kernel, in_loop)
 
     def step(h, x_t):
-        u = (x_t @ kernel if in_loop else x_t) + bias  # the same sums as _dense_projection
+        u = project(x_t) + bias  # the same sums as _dense_projection
         r_all = h @ recurrent + recurrent_bias
         z = jax.nn.sigmoid(u[:, :hidden] + r_all[:, :hidden])
         r = jax.nn.sigmoid(u[:, hidden : 2 * hidden] + r_all[:, hidden : 2 * hidden])
@@ -574,7 +590,7 @@ def _gru_scan(xs, kernel, bias, recurrent, recurrent_bias, h0, unroll, in_loop, 
                               axis=-1)
         return h_new, (h_new, jac)
 
-    return jax.lax.scan(step, h0, xs if in_loop else xs @ kernel, unroll=unroll)
+    return jax.lax.scan(step, h0, inputs, unroll=unroll)
 
 
 def _gru_fwd(xs, kernel, bias, recurrent, recurrent_bias, h0, unroll, weight_grad, projection):
