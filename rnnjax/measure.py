@@ -1,25 +1,29 @@
 """Time train-step candidates in this process: the tuner's child, ``python -m rnnjax.measure``.
 
 XLA reads its flags once per process, so :mod:`rnnjax.tune` starts one child per set of
-XLA flags, with ``$XLA_FLAGS`` set, and hands it a JSON spec on stdin::
+XLA flags, with ``$XLA_FLAGS`` set, and hands it a JSON spec as the first line of its stdin::
 
     {"config": {...Config fields...}, "candidates": [{"unroll": 1, "backward": "autodiff",
      "projection": "in_loop", "weight_grad": "product", "feed": "device"}, ...],
      "deadline": unix time, "call_s": 0.1, "steps": null, "repeats": 3,
      "reference": "path/to/baseline.npz"}
 
-A candidate's field may be ``"best"``: that field of the fastest candidate this child has
-timed so far (``unroll`` for a form timed at the unroll that suits the machine; the form's
-fields for the fastest form timed again at another unroll), without timing every pair.
+A candidate's fields may be ``"best"`` or ``"second"``: those fields of the fastest (the
+second fastest with other values there) candidate this child has timed so far
+(:func:`resolve`; the form's fields, for the fastest forms timed again at another unroll),
+without timing every pair.
 
 Each candidate is the config with those fields replaced, run by the loop's own feeds
 (``loop.device_feed`` or ``loop.stream_feed``) on synthetic data of the run's shapes. The
 child prints one line per event on stdout, ``rnnjax-tune <JSON>``: ``device`` (what it runs
 on), then per candidate ``result`` (compile seconds, seconds per step, best of ``repeats``
 calls of ``steps`` steps, and how far its first step's loss and gradients lie from the
-reference's: the first candidate's, saved to ``reference``) or ``skipped`` (why); then,
-while the budget lasts, ``retimed`` (a second round, the first candidate then the fastest
-first, each keeping the best of both).
+reference's: the first candidate's, saved to ``reference``) or ``skipped`` (why); then
+``retimed``: rounds of one call each of the reference and the fastest few, in turns (so a
+drift of the machine's load falls on all of them alike), while the budget lasts, each
+keeping its best; then ``ready``. The child then stays, to time one call of a candidate
+per request line on stdin (``{"time": fields}`` -> event ``timing``), until stdin closes:
+the parent compares the children's fastest so, in turns across the processes.
 Candidates are not started past ``deadline``, nor when their predicted compile time would
 pass it.
 """
@@ -30,11 +34,14 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 PREFIX = "rnnjax-tune "
 BEST = "best"  # rnnjax.tune.BEST
+SECOND = "second"
+RANKS = {BEST: 0, SECOND: 1}
+FINALISTS = 4  # the reference and the fastest others, timed again in turns
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -61,6 +68,29 @@ def predict_compile_s(unroll: int, measured: dict[int, float]) -> float | None:
         return c0 * (1 + 0.1 * (unroll - u0))
     slope = max(0.0, (c1 - c0) / (u1 - u0))
     return c0 + slope * (unroll - u0)
+
+
+def resolve(fields: dict[str, Any], timed: list[tuple[dict[str, Any], float]],
+            default: dict[str, Any]) -> dict[str, Any] | None:
+    """``fields`` with its :data:`BEST` / :data:`SECOND` values resolved.
+
+    ``timed`` holds ``(fields, seconds per step)`` of the candidates timed so far. The
+    marked fields take their values from the fastest candidate (``"best"``) or from the
+    fastest one whose values there differ from the fastest's (``"second"``); ``default``
+    gives them when nothing is timed yet (``"best"`` only). None when there is no such
+    candidate.
+    """
+    marked = [name for name, value in fields.items() if value in RANKS]
+    if not marked:
+        return fields
+    options: list[dict[str, Any]] = []
+    for done, _ in sorted(timed, key=lambda t: t[1]):
+        values = {name: done[name] for name in marked}
+        if values not in options:
+            options.append(values)
+    options = options or [{name: default[name] for name in marked}]
+    rank = RANKS[fields[marked[0]]]
+    return {**fields, **options[rank]} if rank < len(options) else None
 
 
 def to_fields(config: Any, fields: dict[str, Any]) -> dict[str, Any]:
@@ -157,6 +187,11 @@ class Timed:
         one = self.call(1)[0]
         return max(1, min(self.chunk, int(call_s / max(one, 1e-6))))
 
+    def once(self, steps: int) -> float:
+        """Seconds per step of one call of ``steps`` steps."""
+        steps = min(steps, self.chunk)
+        return self.call(steps)[0] / steps
+
     def time(self, steps: int, repeats: int, deadline: float) -> float:
         """Seconds per step: the best of ``repeats`` calls of ``steps`` steps (fewer once
         ``deadline`` passes), every call blocked on."""
@@ -169,8 +204,12 @@ class Timed:
         return best / steps
 
 
-def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter) -> None:
-    """Time each candidate of ``spec`` in turn, emitting events (see the module docstring)."""
+def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
+        requests: Iterable[str] = ()) -> None:
+    """Time each candidate of ``spec`` in turn, emitting events (see the module docstring);
+    then ``ready``, and for each line of ``requests`` (``{"time": fields}``, a candidate
+    timed here) one call of it: ``timing`` with its seconds per step (None when it was not
+    timed here)."""
     import jax
     import numpy as np
 
@@ -189,11 +228,10 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter) ->
     jax.monitoring.register_event_listener(_count_cache_hits)
     done: list[tuple[dict[str, Any], Timed, float]] = []
     for fields in spec["candidates"]:
-        if BEST in fields.values():
-            fastest = min(done, key=lambda d: d[2])[0] if done else to_fields(config, fields)
-            fields = {k: fastest[k] if v == BEST else v for k, v in fields.items()}
-            if any(fields == d[0] for d in done):
-                continue  # already timed as it stands
+        if any(value in RANKS for value in fields.values()):
+            fields = resolve(fields, [(d[0], d[2]) for d in done], to_fields(config, fields))
+            if fields is None or any(fields == d[0] for d in done):
+                continue  # no such candidate, or already timed as it stands
         candidate = config.replace(**fields)
         kind = (candidate.backward, candidate.projection, candidate.weight_grad, candidate.feed)
         if candidate.feed == "stream":  # a stream as long as the calls timed will read
@@ -227,18 +265,29 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter) ->
         emit("result", candidate=fields, compile_s=timed.compile_s, step_s=per_step,
              steps=steps, difference=difference)
         done.append((fields, timed, per_step))
-    # Timings drift with the machine's load: a second round while the budget lasts, each
-    # candidate keeping its best; the reference first (every other is compared with it, so
-    # it must not be the one left with a single round), then the fastest first.
-    for fields, timed, per_step in done[:1] + sorted(done[1:], key=lambda d: d[2]):
-        if time.time() + 2 * per_step * steps * spec["repeats"] > deadline:
+    # Timings drift with the machine's load: rounds of one call each of the reference
+    # (every other is compared with it) and the fastest others, in turns, while the budget
+    # lasts; each keeps its best.
+    finalists = done[:1] + sorted(done[1:], key=lambda d: d[2])[: FINALISTS - 1]
+    best = [per_step for _, _, per_step in finalists]
+    for _ in range(2 * spec["repeats"] if finalists else 0):
+        if time.time() + 2 * sum(best) * steps > deadline:
             break
-        emit("retimed", candidate=fields, step_s=min(per_step, timed.time(
-            steps, spec["repeats"], deadline)))
+        for i, (_, timed, _) in enumerate(finalists):
+            best[i] = min(best[i], timed.once(steps))
+    for (fields, _, per_step), step_s in zip(finalists, best, strict=True):
+        if step_s < per_step:
+            emit("retimed", candidate=fields, step_s=step_s)
+    emit("ready")
+    # The parent's final comparison: one call at a time, across children, in turns.
+    for line in requests:
+        wanted = json.loads(line)["time"]
+        timed = next((t for fields, t, _ in done if fields == wanted), None)
+        emit("timing", candidate=wanted, step_s=None if timed is None else timed.once(steps))
 
 
 def main() -> int:
-    run(json.load(sys.stdin))
+    run(json.loads(sys.stdin.readline()), requests=sys.stdin)
     return 0
 
 

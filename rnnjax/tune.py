@@ -13,7 +13,10 @@ chosen flags (:func:`rnnjax.runtime.apply_xla_flags`).
 A candidate counts only when its first train step (the loss, and the gradients as the
 optimizer's moments hold them) matches the baseline's (the untuned defaults) to float
 tolerance. The fastest wins; the baseline is kept unless
-another is at least :data:`MARGIN` faster. Candidates are timed in order of promise and
+another is at least :data:`MARGIN` faster. The children stay until the end, when the
+baseline and each one's fastest are timed again in turns across them (:func:`in_turns`):
+the choice between sets of XLA flags is made from timings taken side by side, not minutes
+apart. Candidates are timed in order of promise and
 skipped once the time budget is spent (or when their compile time, predicted from the
 unrolls measured, would overrun it). Fields the user set are never changed (``pinned``).
 
@@ -42,12 +45,14 @@ from typing import Any, TextIO
 
 from rnnjax import __version__
 from rnnjax.config import TUNED, Config, to_dict
-from rnnjax.measure import BEST  # a candidate's unroll: the fastest its child has timed
+from rnnjax.measure import BEST, SECOND  # a candidate's form: the fastest its child timed
 
 TUNER_VERSION = 2
 ENV_VAR = "RNNJAX_TUNE"  # 'off' (or 0, false, no): rnnjax train does not tune by default
 MARGIN = 0.03  # a candidate replaces the baseline only when this much faster
 FIRST_SHARE = 0.6  # of the budget, for the model candidates under the run's own XLA flags
+TURNS_SHARE = 0.1  # the budget's last part, for timing the children's fastest in turns
+TURN_ROUNDS = 5  # of in_turns, at most
 TOLERANCE = {"float32": 1e-3, "bfloat16": 3e-2}  # loss and gradients vs the baseline
 # XLA flag alternatives per backend, most promising first ('' = XLA's defaults).
 FLAG_SETS = {
@@ -81,12 +86,15 @@ class Measurement:
 
 @dataclass
 class Child:
-    """What one child process reported."""
+    """What one child process reported; while it stays, ``retime(candidate, until)`` times
+    one more call of a candidate it timed (seconds per step, or None), until ``close()``."""
 
     device: dict[str, Any] | None = None
     measurements: list[Measurement] = field(default_factory=list)
     error: str = ""
     startup_s: float | None = None  # from its start to its first report
+    retime: Callable[[dict[str, Any], float], float | None] | None = None
+    close: Callable[[], None] = lambda: None
 
 
 # (config, flags, candidates, deadline, steps, reference, call_s, log) -> Child
@@ -175,18 +183,21 @@ def form_candidates(config: Config, pinned: frozenset[str], base: dict[str, Any]
 def model_candidates(config: Config, pinned: frozenset[str]) -> list[dict[str, Any]]:
     """Candidate ``{unroll, backward, projection, weight_grad, feed}`` to time, most
     promising first: the baseline; each other form of the cell at its unroll (cheap to
-    compile); the fastest form timed so far (fields :data:`BEST`, resolved by the child)
-    fully unrolled, which won at every batch on the AVX-512 machine of issue 11 (skipped
-    when its compile time, predicted from the unrolls compiled so far, would overrun the
-    budget, as for 784 pixels), and at the middle unroll; then the other feed. One full
-    unroll is compiled, not one per form: it is the costly compile."""
+    compile); the two fastest forms timed so far (fields :data:`BEST`, :data:`SECOND`,
+    resolved by the child) fully unrolled, which won at every batch on the AVX-512 machine
+    of issue 11 (skipped when its compile time, predicted from the unrolls compiled so far,
+    would overrun the budget, as for 784 pixels), then the fastest at the middle unroll;
+    then the other feed. Two full unrolls are compiled, not one per form: it is the costly
+    compile, and the forms' order at one unroll need not hold at another."""
     base = baseline(config, pinned)
     length = sequence_length(config)
     middle = 2 ** int(math.log2(math.sqrt(length)))  # 4 for 28 steps, 16 for 784
-    out = [base] + [{**base, **form} for form in form_candidates(config, pinned, base)]
+    forms = form_candidates(config, pinned, base)
+    out = [base] + [{**base, **form} for form in forms]
     if "unroll" not in pinned:
-        out += [{**base, **dict.fromkeys(FORMS, BEST), "unroll": unroll}
-                for unroll in (0, middle) if unroll != base["unroll"]]
+        ranked = [(0, BEST), (0, SECOND), (middle, BEST)] if forms else [(0, BEST), (middle, BEST)]
+        out += [{**base, **dict.fromkeys(FORMS, rank), "unroll": unroll}
+                for unroll, rank in ranked if unroll != base["unroll"]]
     if "feed" not in pinned and config.source == "idx":
         out.append({**base, "feed": "stream" if base["feed"] == "device" else "device"})
     return out
@@ -317,7 +328,8 @@ def run_child(
     """Time ``candidates`` in a child process with ``flags`` added to ``$XLA_FLAGS``.
 
     Each result is logged as it arrives; the child is killed a little after ``deadline``
-    (what it reported by then is kept).
+    (what it reported by then is kept). A child that finished stays, for
+    :attr:`Child.retime` (one more call of a candidate it timed) until :attr:`Child.close`.
     """
     from rnnjax.measure import PREFIX
 
@@ -332,17 +344,38 @@ def run_child(
     errors: list[str] = []
     reader = threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)
     reader.start()
-    grace = max(1.0, min(5.0, 0.2 * (deadline - time.time())))
-    killer = threading.Timer(max(0.0, deadline - time.time()) + grace, proc.kill)
-    killer.start()
-    child = Child()
-    try:
-        proc.stdin.write(json.dumps(spec))
-        proc.stdin.close()
+
+    def killer(until: float) -> threading.Timer:
+        grace = max(1.0, min(5.0, 0.2 * (until - time.time())))
+        timer = threading.Timer(max(0.0, until - time.time()) + grace, proc.kill)
+        timer.start()
+        return timer
+
+    def events():
         for line in proc.stdout:
-            if not line.startswith(PREFIX):
-                continue
-            event = json.loads(line[len(PREFIX):])
+            if line.startswith(PREFIX):
+                yield json.loads(line[len(PREFIX):])
+
+    def close() -> None:
+        if proc.poll() is None:
+            try:
+                proc.stdin.close()  # the child's end of requests: it exits
+                proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                proc.kill()
+                proc.wait()
+        reader.join(timeout=1.0)
+
+    child = Child(close=close)
+    timer = killer(deadline)
+    ready = False
+    try:
+        proc.stdin.write(json.dumps(spec) + "\n")
+        proc.stdin.flush()
+        for event in events():
+            if event["event"] == "ready":
+                ready = True
+                break
             if event["event"] == "device":
                 child.device = {k: event[k] for k in ("backend", "device_kind", "device_count")}
                 child.startup_s = time.time() - started
@@ -362,14 +395,13 @@ def run_child(
                 continue
             child.measurements.append(m)
             log(format_row(m))
-        code = proc.wait()
+    except OSError:  # the child is gone: its exit status says why
+        pass
     finally:
-        killer.cancel()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    reader.join(timeout=1.0)
-    if code != 0:
+        timer.cancel()
+    if not ready:
+        close()
+        code = proc.wait()
         tail = [line.strip() for line in errors if line.strip()]
         child.error = ("child stopped at the time budget" if code < 0 and time.time() > deadline
                        else f"child exited {code}: {tail[-1] if tail else 'no message'}")[:300]
@@ -377,6 +409,24 @@ def run_child(
         reported = [m.candidate for m in child.measurements]
         child.measurements += [Measurement(c, flags, note=child.error) for c in candidates
                                if c not in reported]
+        return child
+
+    def retime(candidate: dict[str, Any], until: float) -> float | None:
+        """One more call of ``candidate`` (timed by this child): seconds per step, None when
+        the child cannot (gone, or past ``until``)."""
+        if proc.poll() is not None:
+            return None
+        timer = killer(until)
+        try:
+            proc.stdin.write(json.dumps({"time": candidate}) + "\n")
+            proc.stdin.flush()
+            return next((e["step_s"] for e in events() if e["event"] == "timing"), None)
+        except OSError:
+            return None
+        finally:
+            timer.cancel()
+
+    child.retime = retime
     return child
 
 
@@ -400,6 +450,7 @@ class Result:
     seconds: float
     budget_s: float
     complete: bool  # every candidate was timed (or skipped for a reason other than budget)
+    final: list[Measurement] = field(default_factory=list)  # in_turns: what was chosen from
 
     def record(self) -> dict[str, Any]:
         """The JSON written to the cache and into summary.json."""
@@ -410,7 +461,7 @@ class Result:
             "table": [{**m.fields, "step_ms": None if m.step_s is None else m.step_s * 1e3,
                        "compile_s": m.compile_s, "difference": m.difference, "steps": m.steps,
                        "note": m.note}
-                      for m in self.measurements],
+                      for m in [*self.measurements, *self.final]],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
@@ -423,9 +474,10 @@ def tune(
     """Time the candidates for ``config`` within ``budget_s`` seconds and choose.
 
     First the model candidates under the run's own flags (the baseline first), then the
-    best two of them under each alternative set of XLA flags while the budget lasts.
-    ``child`` (default :func:`run_child`) and ``clock`` are the measuring process and the
-    budget's clock (tests pass fakes).
+    best two of them under each alternative set of XLA flags while the budget lasts, then
+    the baseline and each flag set's fastest again, in turns (:func:`in_turns`): the choice
+    is made from those timings when there are any. ``child`` (default :func:`run_child`)
+    and ``clock`` are the measuring process and the budget's clock (tests pass fakes).
     """
     child = child or run_child
     start = clock()
@@ -437,56 +489,110 @@ def tune(
     # The run's own flags get the first FIRST_SHARE of the budget when other flags may follow.
     first_deadline = deadline if "xla_flags" in pinned else start + FIRST_SHARE * budget_s
     measured: list[Measurement] = []
-    with tempfile.TemporaryDirectory(prefix="rnnjax-tune-") as tmp:
-        reference = os.path.join(tmp, "baseline.npz")
-        first = child(config, base_flags, candidates, first_deadline, None, reference, call_s,
-                      log)
-        measured += first.measurements
-        steps = next((m.steps for m in first.measurements if m.steps), None)
-        tol = tolerance(config)
-        timed = sorted((m for m in first.measurements if m.step_s is not None
-                        and m.difference is not None and m.difference <= tol),
-                       key=lambda m: m.step_s)
-        device = first.device
-        flag_sets = [] if device is None else flag_candidates(
-            device["backend"], pinned, config, os.environ.get("XLA_FLAGS", ""))
-        complete = first.error == "" and all(m.step_s is not None or m.note.startswith("failed")
-                                             for m in first.measurements)
-        top = [m.candidate for m in timed[:2]]
-        # What timing the best candidate under other flags costs: a child's start, its
-        # compile, its timed calls.
-        need = 0.0 if not timed else ((first.startup_s or 0.0) + (timed[0].compile_s or 0.0)
-                                      + 2 * 3 * timed[0].step_s * (steps or 1))
-        for i, flags in enumerate(flag_sets[1:]):
-            now = clock()
-            share = now + (deadline - now) / (len(flag_sets) - 1 - i)  # the rest, shared
-            if now + need > share or not top:
-                note = f"budget spent (a child would need ~{need:.0f} s)"
-                measured += [Measurement(c, flags, note=note) for c in top]
-                log(f"  {describe({'xla_flags': flags})}: not timed ({note})")
-                complete = False
-                continue
-            other = child(config, flags, top, share, steps, reference, call_s, log)
-            measured += other.measurements
-            complete = complete and other.error == "" and all(
-                m.step_s is not None for m in other.measurements)
-    chosen = select(measured, base, base_flags, tol)
+    children: list[Child] = []
+    final: list[Measurement] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="rnnjax-tune-") as tmp:
+            reference = os.path.join(tmp, "baseline.npz")
+            first = child(config, base_flags, candidates, first_deadline, None, reference,
+                          call_s, log)
+            children.append(first)
+            measured += first.measurements
+            steps = next((m.steps for m in first.measurements if m.steps), None)
+            tol = tolerance(config)
+            timed = sorted((m for m in first.measurements if _matches(m, tol)),
+                           key=lambda m: m.step_s)
+            device = first.device
+            flag_sets = [] if device is None else flag_candidates(
+                device["backend"], pinned, config, os.environ.get("XLA_FLAGS", ""))
+            complete = first.error == "" and all(
+                m.step_s is not None or m.note.startswith("failed") for m in first.measurements)
+            top = [m.candidate for m in timed[:2]]
+            # What timing the best candidate under other flags costs: a child's start, its
+            # compile, its timed calls. The last TURNS_SHARE of the budget is for in_turns.
+            need = 0.0 if not timed else ((first.startup_s or 0.0) + (timed[0].compile_s or 0.0)
+                                          + 2 * 3 * timed[0].step_s * (steps or 1))
+            flags_deadline = deadline - TURNS_SHARE * budget_s
+            for i, flags in enumerate(flag_sets[1:]):
+                now = clock()
+                share = now + (flags_deadline - now) / (len(flag_sets) - 1 - i)  # shared
+                if now + need > share or not top:
+                    note = f"budget spent (a child would need ~{need:.0f} s)"
+                    measured += [Measurement(c, flags, note=note) for c in top]
+                    log(f"  {describe({'xla_flags': flags})}: not timed ({note})")
+                    complete = False
+                    continue
+                other = child(config, flags, top, share, steps, reference, call_s, log)
+                children.append(other)
+                measured += other.measurements
+                complete = complete and other.error == "" and all(
+                    m.step_s is not None for m in other.measurements)
+            final = in_turns(children, base, base_flags, tol, deadline, clock, log)
+    finally:
+        for c in children:
+            c.close()
+    chosen = select(final or measured, base, base_flags, tol)
     choice = None if chosen is None else settings(apply(config, chosen.fields, pinned))
     return Result(key(config, pinned), choice, {**base, "xla_flags": base_flags}, measured,
-                  device, clock() - start, budget_s, complete)
+                  device, clock() - start, budget_s, complete, final)
+
+
+def _matches(m: Measurement, tol: float) -> bool:
+    """Timed, with results that match the baseline's."""
+    return m.step_s is not None and m.difference is not None and m.difference <= tol
+
+
+def in_turns(children: Sequence[Child], base: dict[str, Any], base_flags: str, tol: float,
+             deadline: float, clock: Callable[[], float], log: Callable[[str], None],
+             rounds: int = TURN_ROUNDS) -> list[Measurement]:
+    """The baseline and each child's fastest matching candidate (one per set of XLA flags),
+    timed again in turns: rounds of one call each, across the children, while the budget
+    lasts; their measurements with the best of those calls. Children are separate
+    processes started minutes apart, so their own timings can differ by the machine's
+    drift alone; these are comparable. Empty when there are fewer than two, or not one
+    round fits in the budget."""
+    entries: list[tuple[Child, Measurement]] = []
+    for c in children:
+        timed = sorted((m for m in c.measurements if _matches(m, tol)), key=lambda m: m.step_s)
+        picks = timed[:1] + [m for m in timed[1:]
+                             if m.candidate == base and m.flags == base_flags]
+        entries += [(c, m) for m in picks]
+    if len(entries) < 2 or any(c.retime is None for c, _ in entries):
+        return []
+    best: list[float | None] = [None] * len(entries)
+    for _ in range(rounds):
+        # A round: one call of each, a call of about its timed steps.
+        round_s = 2 * sum(m.step_s * (m.steps or 1) for _, m in entries)
+        if clock() + round_s > deadline:
+            break
+        for i, (c, m) in enumerate(entries):
+            step_s = c.retime(m.candidate, deadline)
+            if step_s is None:
+                return []  # a child is gone: no comparison in turns
+            best[i] = step_s if best[i] is None else min(best[i], step_s)
+    if best[0] is None:
+        return []
+    final = [dataclasses.replace(m, step_s=b, note="timed in turns")
+             for (_, m), b in zip(entries, best, strict=True)]
+    log("  timed again in turns, across the children:")
+    for m in final:
+        log(format_row(m))
+    return final
 
 
 def format_table(result: Result) -> str:
     """The timing table and the choice, as ``rnnjax tune`` prints them."""
+    rows = [*result.measurements, *result.final]
     lines = [f"{'unroll':>6}  {'backward':<12}  {'projection':<10}  {'weight-grad':<11}  "
              f"{'feed':<6}  {'ms/step':>9}  {'compile s':>9}  {'differs':>7}  xla-flags / note"]
-    for m in result.measurements:
+    for m in rows:
         f = m.fields
         ms = "-" if m.step_s is None else f"{m.step_s * 1e3:.3f}"
         comp = "-" if m.compile_s is None else f"{m.compile_s:.1f}"
         diff = "-" if m.difference is None else f"{m.difference:.0e}"
         note = " ".join(x for x in (repr(f["xla_flags"]) if f["xla_flags"] else "(none)",
-                                    "" if m.step_s is not None else m.note) if x)
+                                    "" if m.step_s is not None and not m.note else m.note)
+                        if x)
         lines.append(f"{f['unroll']:>6}  {f['backward']:<12}  {f['projection']:<10}  "
                      f"{f['weight_grad']:<11}  {f['feed']:<6}  {ms:>9}  {comp:>9}  {diff:>7}  "
                      f"{note}")
@@ -497,8 +603,8 @@ def choice_line(result: Result) -> str:
     if result.choice is None:
         return (f"the defaults were not timed within {result.budget_s:g} s, so nothing "
                 "compares with them; the defaults stay (give a larger --tune-budget)")
-    timed = {json.dumps(m.fields, sort_keys=True): m.step_s for m in result.measurements
-             if m.step_s is not None}
+    timed = {json.dumps(m.fields, sort_keys=True): m.step_s  # the final timings last
+             for m in [*result.measurements, *result.final] if m.step_s is not None}
     base = timed.get(json.dumps(result.baseline, sort_keys=True))
     best = timed.get(json.dumps(result.choice, sort_keys=True))
     speedup = f" ({base / best:.2f}x the defaults)" if base and best else ""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rnnjax import tune
+from rnnjax import measure, tune
 from rnnjax.cli import main
 from rnnjax.config import TUNED, Config
 
@@ -41,12 +41,12 @@ def fields(unroll, feed="device", flags=None, **form):
 class FakeChild:
     """Stands for a measuring child: times from a table, keyed on (unroll, backward,
     projection, weight_grad, feed, xla_flags) (:func:`k`); ``wrong`` ones report results
-    that differ from the baseline. Resolves unroll 'best' as the real child does."""
+    that differ from the baseline. Resolves 'best' and 'second' as the real child does."""
 
-    def __init__(self, times, wrong=(), clock=None, per_child_s=0.0, startup_s=1.0):
+    def __init__(self, times, wrong=(), clock=None, per_child_s=0.0, startup_s=1.0, turns=None):
         self.times, self.wrong, self.clock, self.per_child_s = times, set(wrong), clock, per_child_s
-        self.startup_s = startup_s
-        self.calls = []
+        self.startup_s, self.turns = startup_s, turns  # turns: the times in turns, by key
+        self.calls, self.retimed, self.closed = [], [], 0
 
     def __call__(self, config, flags, candidates, deadline, steps, reference, call_s, log):
         self.calls.append((flags, [dict(c) for c in candidates], deadline))
@@ -55,12 +55,10 @@ class FakeChild:
         child = tune.Child(device={"backend": "cpu", "device_kind": "fake", "device_count": 1},
                            startup_s=self.startup_s)
         for c in candidates:
-            if tune.BEST in c.values():
-                timed = sorted((m for m in child.measurements if m.step_s is not None),
-                               key=lambda m: m.step_s)
-                fastest = timed[0].candidate if timed else {k: getattr(config, k) for k in c}
-                c = {k: fastest[k] if v == tune.BEST else v for k, v in c.items()}
-                if any(m.candidate == c for m in child.measurements):
+            if any(v in measure.RANKS for v in c.values()):
+                c = measure.resolve(c, [(m.candidate, m.step_s) for m in child.measurements
+                                        if m.step_s is not None], measure.to_fields(config, c))
+                if c is None or any(m.candidate == c for m in child.measurements):
                     continue
             key = (c["unroll"], c["backward"], c["projection"], c["weight_grad"], c["feed"],
                    flags)
@@ -69,7 +67,15 @@ class FakeChild:
                 continue
             child.measurements.append(tune.Measurement(  # the table's times in ms
                 c, flags, self.times[key] * 1e-3, 1.0, 0.5 if key in self.wrong else 1e-7, 10))
+        if self.turns is not None:
+            child.retime = lambda c, until: self._retime(c, flags)
+            child.close = lambda: setattr(self, "closed", self.closed + 1)
         return child
+
+    def _retime(self, c, flags):
+        key = (c["unroll"], c["backward"], c["projection"], c["weight_grad"], c["feed"], flags)
+        self.retimed.append(key)
+        return self.turns[key] * 1e-3
 
 
 class Clock:
@@ -89,7 +95,7 @@ def all_times(base=1.0, config=None):
     config = config or Config()
     times = {}
     for c in tune.model_candidates(config, frozenset()):
-        for unroll in ((1, 4, 0) if c["unroll"] == tune.BEST else (c["unroll"],)):
+        for unroll in ((1, 4, 0) if c["backward"] in measure.RANKS else (c["unroll"],)):
             for flags in ("", YNN, XNN):
                 times[(unroll, c["backward"], c["projection"], c["weight_grad"], c["feed"],
                        flags)] = base
@@ -114,10 +120,41 @@ def test_the_fastest_matching_candidate_wins_by_measured_time():
     assert result.choice == fields(0, flags=XNN)
 
 
+def test_flag_sets_are_chosen_from_timings_in_turns():
+    """A flag set that looked faster in its own child (started later, on a machine then
+    less loaded) but is not when timed side by side with the baseline is not chosen."""
+    config = Config()
+    times = all_times()
+    times[k(1, flags=YNN)] = 0.9
+    turns = {k(1): 1.0, k(1, flags=YNN): 1.05, k(1, flags=XNN): 1.2}
+    fake = FakeChild(times, turns=turns)
+    result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
+    assert result.choice == fields(1, flags="")
+    # The baseline and each child's fastest, round after round, every child closed after.
+    assert fake.retimed[:3] == [k(1), k(1, flags=YNN), k(1, flags=XNN)]
+    assert len(fake.retimed) == 3 * tune.TURN_ROUNDS and fake.closed == 3
+    assert [m.note for m in result.final] == ["timed in turns"] * 3
+    assert "timed in turns" in tune.format_table(result)
+    assert len(result.record()["table"]) == len(result.measurements) + 3
+    # Side by side it is faster: chosen.
+    turns[k(1, flags=YNN)] = 0.8
+    result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times, turns=turns),
+                       clock=Clock())
+    assert result.choice == fields(1, flags=YNN)
+    assert "(1.25x the defaults)" in tune.choice_line(result)
+    # The base flags' fastest is timed in turns as well as the baseline.
+    times[k(0)] = 0.7
+    turns[k(0)] = 0.75
+    fake = FakeChild(times, turns=turns)
+    result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
+    assert fake.retimed[:3] == [k(0), k(1), k(1, flags=YNN)]
+    assert result.choice == fields(0, flags="")
+
+
 def test_each_form_is_timed_then_the_fastest_at_the_other_unrolls():
-    """The cell's other forms run at the baseline's unroll, then the fastest form (the real
-    child resolves 'best' so too) fully unrolled and at the middle unroll: one costly full
-    unroll compiled, not one per form."""
+    """The cell's other forms run at the baseline's unroll, then the two fastest forms (the
+    real child resolves 'best' and 'second' so too) fully unrolled and the fastest at the
+    middle unroll: two costly full unrolls compiled, not one per form."""
     config = Config()
     times = all_times()
     times[k(1, projection="in_loop")] = 0.6
@@ -128,14 +165,25 @@ def test_each_form_is_timed_then_the_fastest_at_the_other_unrolls():
     first = [m.candidate for m in result.measurements if not m.flags]
     assert first == [fields(1), fields(1, projection="in_loop"), fields(1, weight_grad="per_step"),
                      fields(1, backward="autodiff", projection="in_loop"),
-                     fields(0, projection="in_loop"), fields(4, projection="in_loop"),
-                     fields(1, "stream")]
+                     fields(0, projection="in_loop"), fields(0),
+                     fields(4, projection="in_loop"), fields(1, "stream")]
     # When the baseline's form is the fastest, the unrolls are timed in it.
     times = all_times()
     times[k(0)] = 0.5
     result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
     first = [m.candidate for m in result.measurements if not m.flags]
-    assert first[4:6] == [fields(0), fields(4)] and result.choice == fields(0, flags="")
+    assert first[4:7] == [fields(0), fields(0, projection="in_loop"), fields(4)]
+    assert result.choice == fields(0, flags="")
+    # Fully unrolled, the second form overtakes: the middle unroll is timed in it.
+    times = all_times()
+    times[k(1, projection="in_loop")] = 0.8  # fastest at unroll 1
+    times[k(1, weight_grad="per_step")] = 0.9  # second
+    times[k(0, weight_grad="per_step")] = 0.4
+    result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
+    first = [m.candidate for m in result.measurements if not m.flags]
+    assert first[4:7] == [fields(0, projection="in_loop"), fields(0, weight_grad="per_step"),
+                          fields(4, weight_grad="per_step")]
+    assert result.choice == fields(0, weight_grad="per_step", flags="")
     # The GRU's default is autodiff in the loop; its hand-written backward is a candidate.
     gru = tune.model_candidates(Config(cell="gru"), frozenset())[1:3]
     assert [(c["backward"], c["projection"]) for c in gru] == [
@@ -184,14 +232,15 @@ def test_the_budget_stops_starting_children():
 
 def test_no_child_starts_that_could_not_finish_in_its_share():
     """A child needs its start-up, a compile and its timed calls: 20 s of start-up does not
-    fit in the 12 s left to the two flag sets, so neither is started."""
+    fit in the 9 s left to the two flag sets (the budget's last 3 s are for timing in
+    turns), so neither is started."""
     clock = Clock()
     fake = FakeChild(all_times(), clock=clock, per_child_s=18.0, startup_s=20.0)
     result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock)
     assert [c[0] for c in fake.calls] == [""]
     assert any("would need ~21 s" in m.note for m in result.measurements)
-    clock = Clock()  # 4 s of start-up fits in the first flag set's 6 s, which ends the budget
-    fake = FakeChild(all_times(), clock=clock, per_child_s=18.0, startup_s=4.0)
+    clock = Clock()  # 3 s of start-up fits in the first flag set's 4.5 s, which ends the budget
+    fake = FakeChild(all_times(), clock=clock, per_child_s=18.0, startup_s=3.0)
     tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock)
     assert [c[0] for c in fake.calls] == ["", YNN]
 
@@ -285,6 +334,11 @@ def test_a_child_times_candidates_under_its_own_xla_flags(tmp_path):
     assert any(p.name.endswith(".txt") for p in dump.iterdir())  # the flag took effect
     first_round = [line for line in lines if "(timed again)" not in line]
     assert len(first_round) == 3 and all("ms/step" in line for line in lines)
+    # It stays for one more call at a time of what it timed, until closed.
+    assert child.retime(candidates[0], time.time() + 60) > 0
+    assert child.retime({**candidates[0], "unroll": 3}, time.time() + 60) is None
+    child.close()
+    assert child.retime(candidates[0], time.time() + 60) is None
 
 
 def _env(tmp_path, **extra):
@@ -466,6 +520,19 @@ def test_rnnjax_tune_prints_the_table_and_caches_the_choice(tmp_path):
     config = json.loads((work / "config.json").read_text())
     assert {k: config[k] for k in TUNED} == choice
     assert json.loads((work / "summary.json").read_text())["tuning"]["mode"] == "cached"
+
+
+def test_best_and_second_name_the_fastest_distinct_values():
+    timed = [({"unroll": 1, "form": "a"}, 3.0), ({"unroll": 1, "form": "b"}, 2.0),
+             ({"unroll": 4, "form": "b"}, 1.0), ({"unroll": 1, "form": "c"}, 2.5)]
+    best = {"unroll": 0, "form": measure.BEST}
+    second = {"unroll": 0, "form": measure.SECOND}
+    assert measure.resolve(best, timed, {"form": "x"}) == {"unroll": 0, "form": "b"}
+    # 'b' again (at unroll 4) is not another value: the second is 'c'.
+    assert measure.resolve(second, timed, {"form": "x"}) == {"unroll": 0, "form": "c"}
+    assert measure.resolve(best, [], {"form": "x"}) == {"unroll": 0, "form": "x"}
+    assert measure.resolve(second, timed[1:3], {"form": "x"}) is None
+    assert measure.resolve({"unroll": 2}, timed, {}) == {"unroll": 2}
 
 
 def test_compile_time_prediction_bounds_the_unrolls_tried():
