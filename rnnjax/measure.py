@@ -8,10 +8,10 @@ XLA flags, with ``$XLA_FLAGS`` set, and hands it a JSON spec as the first line o
      "deadline": unix time, "call_s": 0.1, "steps": null, "repeats": 3,
      "reference": "path/to/baseline.npz"}
 
-A candidate's fields may be ``"best"`` or ``"second"``: those fields of the fastest (the
-second fastest with other values there) candidate this child has timed so far
-(:func:`resolve`; the form's fields, for the fastest forms timed again at another unroll),
-without timing every pair.
+A candidate's fields may be ``"best"``: those fields of the fastest candidate this child
+has timed so far (:func:`resolve`: the unroll, for a form timed at the unroll that suits
+the machine; the form's fields, for the fastest form timed at another unroll), without
+timing every pair.
 
 Each candidate is the config with those fields replaced, run by the loop's own feeds
 (``loop.device_feed`` or ``loop.stream_feed``) on synthetic data of the run's shapes. The
@@ -21,7 +21,8 @@ calls of ``steps`` steps, and how far its first step's loss and gradients lie fr
 reference's: the first candidate's, saved to ``reference``) or ``skipped`` (why); then
 ``retimed``: rounds of one call each of the reference and the fastest few, in turns (so a
 drift of the machine's load falls on all of them alike), while the budget lasts, each
-keeping its best; then ``ready``. The child then stays, to time one call of a candidate
+keeping its best (and before ``"best"`` is resolved, a round of those near the fastest);
+then ``ready``. The child then stays, to time one call of a candidate
 per request line on stdin (``{"time": fields}`` -> event ``timing``), until stdin closes:
 the parent compares the children's fastest so, in turns across the processes.
 Candidates are not started past ``deadline``, nor when their predicted compile time would
@@ -39,9 +40,8 @@ from typing import Any
 
 PREFIX = "rnnjax-tune "
 BEST = "best"  # rnnjax.tune.BEST
-SECOND = "second"
-RANKS = {BEST: 0, SECOND: 1}
 FINALISTS = 4  # the reference and the fastest others, timed again in turns
+NEAR = 0.1  # timed again before 'best' is resolved: within this much of the fastest
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -71,26 +71,12 @@ def predict_compile_s(unroll: int, measured: dict[int, float]) -> float | None:
 
 
 def resolve(fields: dict[str, Any], timed: list[tuple[dict[str, Any], float]],
-            default: dict[str, Any]) -> dict[str, Any] | None:
-    """``fields`` with its :data:`BEST` / :data:`SECOND` values resolved.
-
-    ``timed`` holds ``(fields, seconds per step)`` of the candidates timed so far. The
-    marked fields take their values from the fastest candidate (``"best"``) or from the
-    fastest one whose values there differ from the fastest's (``"second"``); ``default``
-    gives them when nothing is timed yet (``"best"`` only). None when there is no such
-    candidate.
-    """
-    marked = [name for name, value in fields.items() if value in RANKS]
-    if not marked:
-        return fields
-    options: list[dict[str, Any]] = []
-    for done, _ in sorted(timed, key=lambda t: t[1]):
-        values = {name: done[name] for name in marked}
-        if values not in options:
-            options.append(values)
-    options = options or [{name: default[name] for name in marked}]
-    rank = RANKS[fields[marked[0]]]
-    return {**fields, **options[rank]} if rank < len(options) else None
+            default: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` with each :data:`BEST` value replaced by that field's value in the fastest
+    of the candidates ``timed`` so far (``(fields, seconds per step)`` each), or in
+    ``default`` when none is timed yet."""
+    fastest = min(timed, key=lambda t: t[1])[0] if timed else default
+    return {name: fastest[name] if value == BEST else value for name, value in fields.items()}
 
 
 def to_fields(config: Any, fields: dict[str, Any]) -> dict[str, Any]:
@@ -226,12 +212,28 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
     reference = spec["reference"]
     compiles: dict[tuple[str, ...], dict[int, float]] = {}  # (form, feed) -> unroll: s
     jax.monitoring.register_event_listener(_count_cache_hits)
-    done: list[tuple[dict[str, Any], Timed, float]] = []
+    done: list[tuple[dict[str, Any], Timed, float]] = []  # fields, program, best s/step
+    reported: list[float] = []  # each one's seconds per step as last emitted
+
+    def in_turns(entries: list[int], rounds: int) -> None:
+        """Rounds of one call each of these ``done`` candidates, in turns, while the budget
+        lasts (a drift of the machine's load then falls on all alike); each keeps its
+        best."""
+        for _ in range(rounds if entries else 0):
+            if time.time() + 2 * sum(done[i][2] for i in entries) * steps > deadline:
+                return
+            for i in entries:
+                fields, timed, per_step = done[i]
+                done[i] = (fields, timed, min(per_step, timed.once(steps)))
+
     for fields in spec["candidates"]:
-        if any(value in RANKS for value in fields.values()):
+        if BEST in fields.values():
+            # Before taking the fastest's values: those within NEAR of it once more, in turns.
+            fastest = min((d[2] for d in done), default=0.0)
+            in_turns([i for i, d in enumerate(done) if d[2] <= fastest * (1 + NEAR)], 1)
             fields = resolve(fields, [(d[0], d[2]) for d in done], to_fields(config, fields))
-            if fields is None or any(fields == d[0] for d in done):
-                continue  # no such candidate, or already timed as it stands
+            if any(fields == d[0] for d in done):
+                continue  # already timed as it stands
         candidate = config.replace(**fields)
         kind = (candidate.backward, candidate.projection, candidate.weight_grad, candidate.feed)
         if candidate.feed == "stream":  # a stream as long as the calls timed will read
@@ -265,19 +267,13 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
         emit("result", candidate=fields, compile_s=timed.compile_s, step_s=per_step,
              steps=steps, difference=difference)
         done.append((fields, timed, per_step))
-    # Timings drift with the machine's load: rounds of one call each of the reference
-    # (every other is compared with it) and the fastest others, in turns, while the budget
-    # lasts; each keeps its best.
-    finalists = done[:1] + sorted(done[1:], key=lambda d: d[2])[: FINALISTS - 1]
-    best = [per_step for _, _, per_step in finalists]
-    for _ in range(2 * spec["repeats"] if finalists else 0):
-        if time.time() + 2 * sum(best) * steps > deadline:
-            break
-        for i, (_, timed, _) in enumerate(finalists):
-            best[i] = min(best[i], timed.once(steps))
-    for (fields, _, per_step), step_s in zip(finalists, best, strict=True):
-        if step_s < per_step:
-            emit("retimed", candidate=fields, step_s=step_s)
+        reported.append(per_step)
+    # The reference (every other is compared with it) and the fastest others, in turns.
+    ranked = sorted(range(1, len(done)), key=lambda i: done[i][2])
+    in_turns(([0] if done else []) + ranked[: FINALISTS - 1], 2 * spec["repeats"])
+    for (fields, _, per_step), was in zip(done, reported, strict=True):
+        if per_step < was:
+            emit("retimed", candidate=fields, step_s=per_step)
     emit("ready")
     # The parent's final comparison: one call at a time, across children, in turns.
     for line in requests:

@@ -41,7 +41,7 @@ def fields(unroll, feed="device", flags=None, **form):
 class FakeChild:
     """Stands for a measuring child: times from a table, keyed on (unroll, backward,
     projection, weight_grad, feed, xla_flags) (:func:`k`); ``wrong`` ones report results
-    that differ from the baseline. Resolves 'best' and 'second' as the real child does."""
+    that differ from the baseline. Resolves 'best' as the real child does."""
 
     def __init__(self, times, wrong=(), clock=None, per_child_s=0.0, startup_s=1.0, turns=None):
         self.times, self.wrong, self.clock, self.per_child_s = times, set(wrong), clock, per_child_s
@@ -55,10 +55,10 @@ class FakeChild:
         child = tune.Child(device={"backend": "cpu", "device_kind": "fake", "device_count": 1},
                            startup_s=self.startup_s)
         for c in candidates:
-            if any(v in measure.RANKS for v in c.values()):
+            if measure.BEST in c.values():
                 c = measure.resolve(c, [(m.candidate, m.step_s) for m in child.measurements
                                         if m.step_s is not None], measure.to_fields(config, c))
-                if c is None or any(m.candidate == c for m in child.measurements):
+                if any(m.candidate == c for m in child.measurements):
                     continue
             key = (c["unroll"], c["backward"], c["projection"], c["weight_grad"], c["feed"],
                    flags)
@@ -95,7 +95,7 @@ def all_times(base=1.0, config=None):
     config = config or Config()
     times = {}
     for c in tune.model_candidates(config, frozenset()):
-        for unroll in ((1, 4, 0) if c["backward"] in measure.RANKS else (c["unroll"],)):
+        for unroll in ((1, 4, 0) if measure.BEST in c.values() else (c["unroll"],)):
             for flags in ("", YNN, XNN):
                 times[(unroll, c["backward"], c["projection"], c["weight_grad"], c["feed"],
                        flags)] = base
@@ -144,53 +144,51 @@ def test_flag_sets_are_chosen_from_timings_in_turns():
     assert "(1.25x the defaults)" in tune.choice_line(result)
     # The base flags' fastest is timed in turns as well as the baseline.
     times[k(0)] = 0.7
-    turns[k(0)] = 0.75
+    turns.update({k(0): 0.75, k(0, flags=YNN): 0.9, k(0, flags=XNN): 1.2})
     fake = FakeChild(times, turns=turns)
     result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
     assert fake.retimed[:3] == [k(0), k(1), k(1, flags=YNN)]
     assert result.choice == fields(0, flags="")
 
 
-def test_each_form_is_timed_then_the_fastest_at_the_other_unrolls():
-    """The cell's other forms run at the baseline's unroll, then the two fastest forms (the
-    real child resolves 'best' and 'second' so too) fully unrolled and the fastest at the
-    middle unroll: two costly full unrolls compiled, not one per form."""
+def test_each_form_is_timed_at_the_faster_unroll_then_the_fastest_at_the_middle():
+    """The baseline, fully unrolled; the cell's other forms at the faster of those two
+    unrolls (the real child resolves 'best' so too: a form that loses at unroll 1 can win
+    fully unrolled, where its per-step products run beside the recurrence); the fastest
+    form at the middle unroll; the other feed."""
     config = Config()
     times = all_times()
-    times[k(1, projection="in_loop")] = 0.6
-    times[k(0, projection="in_loop")] = 0.5
+    times[k(0)] = 0.9
+    times[k(1, weight_grad="per_step")] = 1.1  # slower at unroll 1
+    times[k(0, weight_grad="per_step")] = 0.5  # fastest fully unrolled
     fake = FakeChild(times)
     result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
-    assert result.choice == fields(0, projection="in_loop", flags="")
-    first = [m.candidate for m in result.measurements if not m.flags]
-    assert first == [fields(1), fields(1, projection="in_loop"), fields(1, weight_grad="per_step"),
-                     fields(1, backward="autodiff", projection="in_loop"),
-                     fields(0, projection="in_loop"), fields(0),
-                     fields(4, projection="in_loop"), fields(1, "stream")]
-    # When the baseline's form is the fastest, the unrolls are timed in it.
-    times = all_times()
-    times[k(0)] = 0.5
-    result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
-    first = [m.candidate for m in result.measurements if not m.flags]
-    assert first[4:7] == [fields(0), fields(0, projection="in_loop"), fields(4)]
-    assert result.choice == fields(0, flags="")
-    # Fully unrolled, the second form overtakes: the middle unroll is timed in it.
-    times = all_times()
-    times[k(1, projection="in_loop")] = 0.8  # fastest at unroll 1
-    times[k(1, weight_grad="per_step")] = 0.9  # second
-    times[k(0, weight_grad="per_step")] = 0.4
-    result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
-    first = [m.candidate for m in result.measurements if not m.flags]
-    assert first[4:7] == [fields(0, projection="in_loop"), fields(0, weight_grad="per_step"),
-                          fields(4, weight_grad="per_step")]
     assert result.choice == fields(0, weight_grad="per_step", flags="")
+    first = [m.candidate for m in result.measurements if not m.flags]
+    assert first == [fields(1), fields(0), fields(0, projection="in_loop"),
+                     fields(0, weight_grad="per_step"),
+                     fields(1, backward="autodiff", projection="in_loop"),  # compiles slowly
+                     fields(4, weight_grad="per_step"), fields(1, "stream")]
+    # Where unroll 1 is the faster, the forms are timed at unroll 1.
+    times = all_times()
+    times[k(0)] = 1.2
+    times[k(1, projection="in_loop")] = 0.5
+    result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
+    first = [m.candidate for m in result.measurements if not m.flags]
+    assert first[2:6] == [fields(1, projection="in_loop"), fields(1, weight_grad="per_step"),
+                          fields(1, backward="autodiff", projection="in_loop"),
+                          fields(4, projection="in_loop")]
+    assert result.choice == fields(1, projection="in_loop", flags="")
     # The GRU's default is autodiff in the loop; its hand-written backward is a candidate.
-    gru = tune.model_candidates(Config(cell="gru"), frozenset())[1:3]
+    gru = tune.model_candidates(Config(cell="gru"), frozenset())[2:4]
     assert [(c["backward"], c["projection"]) for c in gru] == [
         ("hand_written", "hoisted"), ("autodiff", "hoisted")]
     # A Flax cell has one form: only unrolls (and the feed).
     flax = tune.model_candidates(Config(cell="flax.linen:GRUCell"), frozenset())
     assert [c["unroll"] for c in flax] == [1, 0, 4, 1]
+    # A pinned unroll: the forms at it, no other unroll.
+    pinned = tune.model_candidates(Config(unroll=2), frozenset({"unroll"}))
+    assert {c["unroll"] for c in pinned} == {2}
 
 
 def test_the_baseline_stays_unless_another_is_clearly_faster():
@@ -208,6 +206,13 @@ def test_the_baseline_stays_unless_another_is_clearly_faster():
     times[k(0)] = 1.0 - 2 * tune.MARGIN
     result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
     assert result.choice["unroll"] == 0
+    # Other XLA flags must be as clearly faster than the fastest under the run's own.
+    times[k(0, flags=YNN)] = (1.0 - 2 * tune.MARGIN) * (1 - tune.MARGIN / 2)
+    result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
+    assert result.choice == fields(0, flags="")
+    times[k(0, flags=YNN)] = (1.0 - 2 * tune.MARGIN) * (1 - 2 * tune.MARGIN)
+    result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
+    assert result.choice == fields(0, flags=YNN)
 
 
 def test_nothing_timed_in_budget_means_no_choice():
@@ -241,6 +246,15 @@ def test_no_child_starts_that_could_not_finish_in_its_share():
     assert any("would need ~21 s" in m.note for m in result.measurements)
     clock = Clock()  # 3 s of start-up fits in the first flag set's 4.5 s, which ends the budget
     fake = FakeChild(all_times(), clock=clock, per_child_s=18.0, startup_s=3.0)
+    result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock)
+    assert [c[0] for c in fake.calls] == ["", YNN]
+    # with one candidate's compile and calls (1.06 s), not two: it times the fastest only.
+    assert len(fake.calls[1][1]) == 1 and not result.complete
+    assert [m.note for m in result.measurements if m.flags == YNN] == ["budget spent", ""]
+    # A first set that needs more than an equal share (5.5 s of start-up) gets it: the sets
+    # come most promising first.
+    clock = Clock()
+    fake = FakeChild(all_times(), clock=clock, per_child_s=18.0, startup_s=5.5)
     tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock)
     assert [c[0] for c in fake.calls] == ["", YNN]
 
@@ -522,17 +536,14 @@ def test_rnnjax_tune_prints_the_table_and_caches_the_choice(tmp_path):
     assert json.loads((work / "summary.json").read_text())["tuning"]["mode"] == "cached"
 
 
-def test_best_and_second_name_the_fastest_distinct_values():
-    timed = [({"unroll": 1, "form": "a"}, 3.0), ({"unroll": 1, "form": "b"}, 2.0),
-             ({"unroll": 4, "form": "b"}, 1.0), ({"unroll": 1, "form": "c"}, 2.5)]
-    best = {"unroll": 0, "form": measure.BEST}
-    second = {"unroll": 0, "form": measure.SECOND}
-    assert measure.resolve(best, timed, {"form": "x"}) == {"unroll": 0, "form": "b"}
-    # 'b' again (at unroll 4) is not another value: the second is 'c'.
-    assert measure.resolve(second, timed, {"form": "x"}) == {"unroll": 0, "form": "c"}
-    assert measure.resolve(best, [], {"form": "x"}) == {"unroll": 0, "form": "x"}
-    assert measure.resolve(second, timed[1:3], {"form": "x"}) is None
-    assert measure.resolve({"unroll": 2}, timed, {}) == {"unroll": 2}
+def test_best_names_the_fastest_timed_values():
+    timed = [({"unroll": 1, "form": "a"}, 3.0), ({"unroll": 4, "form": "b"}, 1.0)]
+    assert measure.resolve({"unroll": 0, "form": measure.BEST}, timed, {"form": "x"}) == {
+        "unroll": 0, "form": "b"}
+    assert measure.resolve({"unroll": measure.BEST, "form": "a"}, timed, {"unroll": 1}) == {
+        "unroll": 4, "form": "a"}
+    assert measure.resolve({"unroll": 0, "form": measure.BEST}, [], {"form": "x"}) == {
+        "unroll": 0, "form": "x"}
 
 
 def test_compile_time_prediction_bounds_the_unrolls_tried():
