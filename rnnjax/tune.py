@@ -47,7 +47,7 @@ from rnnjax import __version__
 from rnnjax.config import TUNED, Config, to_dict
 from rnnjax.measure import BEST  # a field's value: the fastest its child has timed
 
-TUNER_VERSION = 2
+TUNER_VERSION = 3
 ENV_VAR = "RNNJAX_TUNE"  # 'off' (or 0, false, no): rnnjax train does not tune by default
 MARGIN = 0.03  # a candidate replaces the baseline only when this much faster
 FIRST_SHARE = 0.6  # of the budget, for the model candidates under the run's own XLA flags
@@ -182,26 +182,30 @@ def form_candidates(config: Config, pinned: frozenset[str], base: dict[str, Any]
 
 def model_candidates(config: Config, pinned: frozenset[str]) -> list[dict[str, Any]]:
     """Candidate ``{unroll, backward, projection, weight_grad, feed}`` to time, most
-    promising first: the baseline; its form fully unrolled, which won at every batch on
-    the AVX-512 machine of issue 11 (skipped when its compile time, predicted from the
-    unrolls compiled so far, would overrun the budget, as for 784 pixels); each other form
-    of the cell at the faster of those two unrolls (``unroll`` :data:`BEST`, resolved by
-    the child: the forms' order at one unroll need not hold at another, as where a full
-    unroll lets the per-step weight gradients run beside the recurrence; autodiff, where
-    the baseline is hand-written, at the baseline's); the fastest form (:data:`BEST`) at
-    the middle unroll; then the other feed."""
+    promising first: the baseline; fully unrolled, which won at every batch on the AVX-512
+    machine of issue 11 (in the hand-written form where the baseline is autodiff; skipped
+    when its compile time, predicted from the unrolls compiled so far, would overrun the
+    budget, as for 784 pixels); each other form of the cell at the faster of those two
+    unrolls (``unroll`` :data:`BEST`, resolved by the child: the forms' order at one unroll
+    need not hold at another, as where a full unroll lets the per-step weight gradients run
+    beside the recurrence; autodiff, where a hand-written form exists, at the baseline's);
+    the fastest form (:data:`BEST`) at the middle unroll; then the other feed."""
     base = baseline(config, pinned)
     length = sequence_length(config)
     middle = 2 ** int(math.log2(math.sqrt(length)))  # 4 for 28 steps, 16 for 784
     tune_unroll = "unroll" not in pinned
+    forms = form_candidates(config, pinned, base)
+    hand_written = [form for form in forms if form["backward"] == "hand_written"]
     out = [base]
-    if tune_unroll and base["unroll"] != 0:
-        out.append({**base, "unroll": 0})
-    for form in form_candidates(config, pinned, base):
+    if tune_unroll and base["unroll"] != 0:  # an autodiff baseline: its hand-written form
+        probe = hand_written[0] if hand_written and base["backward"] == "autodiff" else {}
+        out.append({**base, **probe, "unroll": 0})
+    for form in forms:
         # Autodiff's fully unrolled program compiled 3x slower than the hand-written one
-        # (LSTM, 28 rows: 10.9 s against 3.4 s) and ran 2.5x slower: where the baseline
-        # is hand-written, autodiff is timed at the baseline's unroll.
-        slow = form["backward"] == "autodiff" != base["backward"]
+        # (LSTM, 28 rows: 10.9 s against 3.4 s) and ran 2.5x slower (GRU: 69.6 against 50.7
+        # ms at unroll 1): where a hand-written form exists, autodiff is timed at the
+        # baseline's unroll.
+        slow = form["backward"] == "autodiff" and (hand_written or base["backward"] != "autodiff")
         out.append({**base, **form, "unroll": BEST if tune_unroll and not slow
                     else base["unroll"]})
     if tune_unroll and middle != base["unroll"]:
