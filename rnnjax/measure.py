@@ -127,6 +127,20 @@ def first_step(state: Any, sums: Any) -> dict[str, Any]:
     return {"loss": np.asarray(sums["loss_sum"]), **{f"s{i}": a for i, a in enumerate(leaves)}}
 
 
+def call_overhead(one: float, seconds: float, steps: int) -> float:
+    """A compiled call's own seconds, beside its steps, from the best 1-step call (``one``)
+    and the best call of ``steps`` steps (``seconds``): ``one`` less the marginal step
+    ``(seconds - one) / (steps - 1)``. 0 where that is not to be trusted: fewer than 2
+    steps, or a marginal step under half the call's average (the machine's noise, not
+    the program), and at most half of ``one``."""
+    if steps < 2 or not math.isfinite(one):
+        return 0.0
+    marginal = (seconds - one) / (steps - 1)
+    if marginal < 0.5 * seconds / steps:
+        return 0.0
+    return min(max(0.0, one - marginal), 0.5 * one)
+
+
 CACHE_HITS = [0]  # programs this process loaded from JAX's persistent compilation cache
 
 
@@ -156,7 +170,8 @@ class Timed:
             self.run = loop.stream_feed(config, model, optimizer, dp, data, 0)
             self.chunk = config.steps
         self.first, self.timer, self.block = 0, timer, jax.block_until_ready
-        self.one = float("inf")  # the best 1-step call's seconds (per_step)
+        self.one = float("inf")  # the best 1-step call's seconds
+        self.overhead = 0.0  # a call's own seconds, beside its steps (per_step)
         hits = CACHE_HITS[0]
         _, self.compile_s, sums = self.call(1)  # compiles, and warms up
         self.cache_hit = CACHE_HITS[0] > hits  # from the persistent compilation cache
@@ -171,7 +186,8 @@ class Timed:
         return self.timer() - start - compile_s, compile_s, sums
 
     def steps_for(self, call_s: float) -> int:
-        """Steps per call that fill about ``call_s`` seconds, at least 2 (see :meth:`time`)."""
+        """Steps per call that fill about ``call_s`` seconds, at least 2 (see
+        :func:`call_overhead`)."""
         self.one = min(self.one, self.call(1)[0])
         return max(2, min(self.chunk, int(call_s / max(self.one, 1e-6))))
 
@@ -181,14 +197,11 @@ class Timed:
         A call costs more than its steps: XLA sets up the program's buffers once per call
         (zeroing ~100 MB for the LSTM at batch 1024: 40 ms a call against 41 ms a step),
         and the run spreads that over its steps per call (``--steps-per-call``, 500 by
-        default), where a timed call of 1 or 2 steps would count it whole. So: the marginal
-        step, ``(seconds - one) / (steps - 1)`` against the best 1-step call, plus the
-        call's own cost over the run's steps per call.
+        default), where a timed call of 1 or 2 steps would count it whole. So the call's
+        own cost (:attr:`overhead`, measured by :meth:`time`) comes off the call and is
+        spread over the run's steps per call.
         """
-        if steps < 2 or not math.isfinite(self.one):
-            return seconds / steps
-        marginal = max(0.0, (seconds - self.one) / (steps - 1))
-        return marginal + max(0.0, self.one - marginal) / self.chunk
+        return max(0.0, seconds - self.overhead) / steps + self.overhead / self.chunk
 
     def once(self, steps: int) -> float:
         """Seconds per step of the run (:meth:`per_step`) from one call of ``steps`` steps."""
@@ -197,8 +210,8 @@ class Timed:
 
     def time(self, steps: int, repeats: int, deadline: float) -> float:
         """Seconds per step of the run (:meth:`per_step`): the best of ``repeats`` calls of
-        ``steps`` steps, each after a 1-step call (the best of those is the call's own cost
-        plus one step), fewer once ``deadline`` passes; every call blocked on."""
+        ``steps`` steps, each after a 1-step call (:func:`call_overhead`), fewer once
+        ``deadline`` passes; every call blocked on."""
         steps = min(steps, self.chunk)
         best = float("inf")
         for i in range(repeats):
@@ -207,6 +220,7 @@ class Timed:
             if steps > 1:
                 self.one = min(self.one, self.call(1)[0])
             best = min(best, self.call(steps)[0])
+        self.overhead = call_overhead(self.one, best, steps)
         return self.per_step(best, steps)
 
 
