@@ -196,6 +196,7 @@ def model_candidates(config: Config, pinned: frozenset[str]) -> list[dict[str, A
     tune_unroll = "unroll" not in pinned
     forms = form_candidates(config, pinned, base)
     hand_written = [form for form in forms if form["backward"] == "hand_written"]
+    has_hand_written = bool(hand_written) or base["backward"] == "hand_written"
     out = [base]
     if tune_unroll and base["unroll"] != 0:  # an autodiff baseline: its hand-written form
         probe = hand_written[0] if hand_written and base["backward"] == "autodiff" else {}
@@ -205,7 +206,7 @@ def model_candidates(config: Config, pinned: frozenset[str]) -> list[dict[str, A
         # (LSTM, 28 rows: 10.9 s against 3.4 s) and ran 2.5x slower (GRU: 69.6 against 50.7
         # ms at unroll 1): where a hand-written form exists, autodiff is timed at the
         # baseline's unroll.
-        slow = form["backward"] == "autodiff" and (hand_written or base["backward"] != "autodiff")
+        slow = form["backward"] == "autodiff" and has_hand_written
         out.append({**base, **form, "unroll": BEST if tune_unroll and not slow
                     else base["unroll"]})
     if tune_unroll and middle != base["unroll"]:
@@ -526,25 +527,28 @@ def tune(
                 m.step_s is not None or m.note.startswith("failed") for m in first.measurements)
             # What timing each of the best two under other flags costs: its compile and its
             # timed calls, after a child's start. The last TURNS_SHARE is for in_turns.
-            costs = [(m.compile_s or 0.0) + 2 * 3 * m.step_s * (steps or 1) for m in timed[:2]]
-            startup = first.startup_s or 0.0
+            # needs[j]: a child timing the best j + 1 of them.
+            startup, needs = first.startup_s or 0.0, []
+            for m in timed[:2]:
+                cost = (m.compile_s or 0.0) + 2 * 3 * m.step_s * (steps or 1)
+                needs.append((needs[-1] if needs else startup) + cost)
             flags_deadline = deadline - TURNS_SHARE * budget_s
             for i, flags in enumerate(flag_sets[1:]):
                 now = clock()
                 # An equal share of what is left, or more where the first candidate needs it
                 # (the sets come most promising first).
                 share = now + max((flags_deadline - now) / (len(flag_sets) - 1 - i),
-                                  min(flags_deadline - now, startup + costs[0] if costs else 0))
-                fit = [m.candidate for j, m in enumerate(timed[:2])
-                       if now + startup + sum(costs[: j + 1]) <= share]
+                                  min(flags_deadline - now, needs[0] if needs else 0.0))
+                fit = [m.candidate for m, need in zip(timed[:2], needs, strict=True)
+                       if now + need <= share]
                 if not fit:
-                    need = startup + (costs[0] if costs else 0.0)
-                    note = f"budget spent (a child would need ~{need:.0f} s)"
+                    note = ("budget spent (a child would need "
+                            f"~{needs[0] if needs else startup:.0f} s)")
                     measured += [Measurement(m.candidate, flags, note=note) for m in timed[:2]]
                     log(f"  {describe({'xla_flags': flags})}: not timed ({note})")
                     complete = False
                     continue
-                if len(fit) < len(costs):
+                if len(fit) < len(needs):
                     measured.append(Measurement(timed[1].candidate, flags, note="budget spent"))
                     complete = False
                 other = child(config, flags, fit, share, steps, reference, call_s, log)
