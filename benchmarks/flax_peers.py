@@ -196,18 +196,22 @@ class ChildRunner:
         self.proc.wait(timeout=60)
 
 
-def user_config(cell: str, order: str, batch: int, tune_budget_s: float) -> tuple[Config, str]:
+def user_config(cell: str, order: str, batch: int,
+                tune_budget_s: float | None) -> tuple[Config, str]:
     """The Config ``rnnjax train --cell CELL --order ORDER --batch-size B`` would run with:
     the tuner's choice for this machine (cached, or measured now within the budget, as the
-    first ``rnnjax train`` of the shape does; 0 = the untuned defaults), and what it chose.
+    first ``rnnjax train`` of the shape does: None, its default budget, capped by what the
+    run can pay back; 0 = the untuned defaults), and what it chose.
 
     The choice's XLA flags stay in the Config: :func:`case_runners` then runs it in a child
     process that has them.
     """
     config = Config(cell=cell, order=order, batch_size=batch)
-    if tune_budget_s <= 0:
+    if tune_budget_s is not None and tune_budget_s <= 0:
         return config, "untuned defaults"
-    tuned, record = tune.resolve(config, frozenset(), tune_budget_s, err=sys.stderr)
+    tuned, record = tune.resolve(
+        config, frozenset(), tune.DEFAULT_BUDGET_S if tune_budget_s is None else tune_budget_s,
+        err=sys.stderr, pay_back=tune_budget_s is None)
     chosen = tune.describe(tune.settings(tuned))
     return tuned.replace(feed="device"), f"{record['mode']}: {chosen}"
 
@@ -249,9 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-full-unroll", type=int, default=100,
                         help="time unroll=full only for sequences up to this long (784 "
                         "unrolled pixel steps compile for tens of minutes)")
-    parser.add_argument("--tune-budget", type=float, default=tune.DEFAULT_BUDGET_S,
-                        help="seconds the tuner may spend on a shape it has not cached, as "
-                        "the first rnnjax train would (0: the untuned defaults)")
+    parser.add_argument("--tune-budget", type=float, default=None,
+                        help="seconds the tuner may spend on a shape it has not cached "
+                        "(default: as the first rnnjax train would; 0: the untuned defaults)")
     parser.add_argument("--out", default="")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "unless $RNNJAX_TUNE is off; --no-tune: the documented defaults)")
     train.add_argument("--tune-budget", type=float, default=None, metavar="SECONDS",
                        help="seconds the first run of a shape may spend tuning (default: "
-                       "30)")
+                       "30, or less for a short run: a quarter of its training time at the "
+                       "defaults, at least 10)")
     tune = sub.add_parser(
         "tune", help="time the candidate settings of a run on this machine, print the table "
         "and the choice, and cache it for rnnjax train")
@@ -213,7 +214,9 @@ def tuned_config(args: argparse.Namespace, config: Config) -> tuple[Config, dict
         dataset = load_dataset(config)
         check_data(config, dataset.arrays, dataset.spec)
 
-    return tune.resolve(config, pinned, budget, before_tuning=check_run)
+    # The default budget shrinks to what a short run can pay back; one given is spent.
+    return tune.resolve(config, pinned, budget, before_tuning=check_run,
+                        pay_back=args.tune_budget is None)
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ XLA flags, with ``$XLA_FLAGS`` set, and hands it a JSON spec as the first line o
     {"config": {...Config fields...}, "candidates": [{"unroll": 1, "backward": "autodiff",
      "projection": "in_loop", "weight_grad": "product", "feed": "device"}, ...],
      "deadline": unix time, "call_s": 0.1, "steps": null, "repeats": 3,
-     "reference": "path/to/baseline.npz"}
+     "reference": "path/to/baseline.npz", "pay_back": null}
 
 A candidate's fields may be ``"best"``: those fields of the fastest candidate this child
 has timed so far (:func:`resolve`: the unroll, for a form timed at the unroll that suits
@@ -26,7 +26,9 @@ then ``ready``. The child then stays, to time one call of a candidate
 per request line on stdin (``{"time": fields}`` -> event ``timing``), until stdin closes:
 the parent compares the children's fastest so, in turns across the processes.
 Candidates are not started past ``deadline``, nor when their predicted compile time would
-pass it.
+pass it. With ``pay_back`` (``{"start": unix time, "steps": the run's steps}``), once the
+reference is timed the deadline comes forward to what the run can pay back
+(``rnnjax.tune.pay_back_deadline``), reported as ``budget``.
 """
 
 from __future__ import annotations
@@ -235,7 +237,7 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
 
     from rnnjax import runtime
     from rnnjax.config import from_dict
-    from rnnjax.tune import sequence_length
+    from rnnjax.tune import pay_back_deadline, sequence_length
 
     config = from_dict(spec["config"])
     runtime.enable_compile_cache(config.compile_cache)  # the run reuses the winner's programs
@@ -295,6 +297,11 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
             continue
         if not os.path.exists(reference):
             np.savez(reference, **timed.first_step)  # the first candidate timed: the reference
+            run = spec.get("pay_back")
+            cut = run and pay_back_deadline(run["start"], deadline, run["steps"], per_step)
+            if cut and cut < deadline:
+                deadline = cut
+                emit("budget", deadline=deadline)
         difference = relative_difference(timed.first_step, dict(np.load(reference)))
         if not timed.cache_hit:  # a program loaded from the cache predicts no compile time
             compiles.setdefault(kind, {})[unroll] = timed.compile_s

@@ -64,6 +64,12 @@ VISIBLE_DEVICES = ("JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES
 PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin", "jax-rocm60-plugin", "libtpu")
 DEFAULT_BUDGET_S = 30.0  # rnnjax train, first run of a shape
 TUNE_COMMAND_BUDGET_S = 120.0  # rnnjax tune
+# rnnjax train's default budget is also capped by what tuning can pay back within the run:
+# this share of the run's training time at the defaults (its steps at the baseline's
+# measured step), but never below the floor (a child's start-up, the baseline and a few
+# candidates). A 4-second seed run then tunes for 10 s, not 30; a 6-minute one for 30.
+PAY_BACK_SHARE = 0.25
+PAY_BACK_FLOOR_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,7 @@ class Child:
     measurements: list[Measurement] = field(default_factory=list)
     error: str = ""
     startup_s: float | None = None  # from its start to its first report
+    deadline: float | None = None  # brought forward by the child (pay_back), if it was
     retime: Callable[[dict[str, Any], float], float | None] | None = None
     close: Callable[[], None] = lambda: None
 
@@ -340,11 +347,14 @@ def apply(config: Config, choice: dict[str, Any], pinned: frozenset[str]) -> Con
 def run_child(
     config: Config, flags: str, candidates: list[dict[str, Any]], deadline: float,
     steps: int | None, reference: str, call_s: float, log: Callable[[str], None],
+    pay_back: dict[str, float] | None = None,
 ) -> Child:
     """Time ``candidates`` in a child process with ``flags`` added to ``$XLA_FLAGS``.
 
     Each result is logged as it arrives; the child is killed a little after ``deadline``
-    (what it reported by then is kept). A child that finished stays, for
+    (what it reported by then is kept), or after the earlier deadline it reports once its
+    first candidate is timed, with ``pay_back`` (``{"start", "steps"}``: the tuning's start
+    and the run's steps, :func:`pay_back_deadline`). A child that finished stays, for
     :attr:`Child.retime` (one more call of a candidate it timed) until :attr:`Child.close`.
     """
     from rnnjax.measure import PREFIX
@@ -353,7 +363,8 @@ def run_child(
     env["XLA_FLAGS"] = " ".join([*env.get("XLA_FLAGS", "").split(), *flags.split()])
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     spec = {"config": to_dict(config), "candidates": candidates, "deadline": deadline,
-            "steps": steps, "call_s": call_s, "repeats": 3, "reference": reference}
+            "steps": steps, "call_s": call_s, "repeats": 3, "reference": reference,
+            "pay_back": pay_back}
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "rnnjax.measure"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -394,6 +405,11 @@ def run_child(
             if event["event"] == "ready":
                 ready = True
                 break
+            if event["event"] == "budget":  # its deadline, brought forward
+                timer.cancel()
+                deadline = child.deadline = event["deadline"]
+                timer = killer(deadline)
+                continue
             if event["event"] == "device":
                 child.device = {k: event[k] for k in ("backend", "device_kind", "device_count")}
                 child.startup_s = time.time() - started
@@ -487,15 +503,17 @@ class Result:
 def tune(
     config: Config, pinned: frozenset[str] = frozenset(), budget_s: float = DEFAULT_BUDGET_S,
     *, log: Callable[[str], None] = lambda line: None, child: RunChild | None = None,
-    clock: Callable[[], float] = time.time,
+    clock: Callable[[], float] = time.time, pay_back: bool = False,
 ) -> Result:
     """Time the candidates for ``config`` within ``budget_s`` seconds and choose.
 
     First the model candidates under the run's own flags (the baseline first), then the
     best two of them under each alternative set of XLA flags while the budget lasts, then
     the baseline and each flag set's fastest again, in turns (:func:`in_turns`): the choice
-    is made from those timings when there are any. ``child`` (default :func:`run_child`)
-    and ``clock`` are the measuring process and the budget's clock (tests pass fakes).
+    is made from those timings when there are any. ``pay_back``: once the baseline is
+    timed, the budget shrinks to what the run of ``config.steps`` can pay back
+    (:func:`pay_back_deadline`). ``child`` (default :func:`run_child`) and ``clock`` are
+    the measuring process and the budget's clock (tests pass fakes).
     """
     child = child or run_child
     start = clock()
@@ -512,11 +530,21 @@ def tune(
     try:
         with tempfile.TemporaryDirectory(prefix="rnnjax-tune-") as tmp:
             reference = os.path.join(tmp, "baseline.npz")
+            run = {"start": start, "steps": config.steps} if pay_back else None
             first = child(config, base_flags, candidates, first_deadline, None, reference,
-                          call_s, log)
+                          call_s, log, **({"pay_back": run} if run else {}))
             children.append(first)
             measured += first.measurements
             steps = next((m.steps for m in first.measurements if m.steps), None)
+            baseline = first.measurements[0] if first.measurements else None
+            if run and baseline is not None and baseline.step_s is not None:
+                deadline = pay_back_deadline(start, deadline, config.steps, baseline.step_s)
+                if deadline - start < budget_s:
+                    log(f"  the run's {config.steps} steps take ~"
+                        f"{config.steps * baseline.step_s:.0f} s at the defaults: tuning "
+                        f"for {deadline - start:.0f} s of the {budget_s:g} s budget (what "
+                        "it can pay back; rnnjax tune times the rest)")
+                budget_s = deadline - start
             tol = tolerance(config)
             timed = sorted((m for m in first.measurements if _matches(m, tol)),
                            key=lambda m: m.step_s)
@@ -564,6 +592,13 @@ def tune(
     choice = None if chosen is None else settings(apply(config, chosen.fields, pinned))
     return Result(key(config, pinned), choice, {**base, "xla_flags": base_flags}, measured,
                   device, clock() - start, budget_s, complete, final)
+
+
+def pay_back_deadline(start: float, deadline: float, run_steps: int, step_s: float) -> float:
+    """The budget's end for a run of ``run_steps`` steps of ``step_s`` seconds at the
+    defaults: :data:`PAY_BACK_SHARE` of that run's time from ``start``, at least
+    :data:`PAY_BACK_FLOOR_S`, and never past ``deadline``."""
+    return min(deadline, start + max(PAY_BACK_FLOOR_S, PAY_BACK_SHARE * run_steps * step_s))
 
 
 def _matches(m: Measurement, tol: float) -> bool:
@@ -643,9 +678,11 @@ def choice_line(result: Result) -> str:
 def resolve(
     config: Config, pinned: frozenset[str], budget_s: float, *, err: TextIO | None = None,
     before_tuning: Callable[[], None] = lambda: None, child: RunChild | None = None,
+    pay_back: bool = False,
 ) -> tuple[Config, dict[str, Any]]:
     """For ``rnnjax train``: ``config`` with the cached choice, or one measured now within
-    ``budget_s`` (progress on ``err``), and the record for summary.json.
+    ``budget_s`` (progress on ``err``; with ``pay_back``, within what the run can pay
+    back: :func:`tune`), and the record for summary.json.
 
     ``before_tuning`` runs before any time is spent measuring (the CLI checks the run's
     workdir and data there, so a bad run fails at once).
@@ -669,8 +706,9 @@ def resolve(
 
     log(f"rnnjax: tuning {config.cell} {config.hidden_size} x{config.num_layers} "
         f"{config.order} batch {config.batch_size}, the first run of this shape here "
-        f"(--tune-budget {budget_s:g} s; --no-tune skips)")
-    result = tune(config, pinned, budget_s, log=log, child=child)
+        f"(--tune-budget {budget_s:g} s{', less for a short run' if pay_back else ''}; "
+        "--no-tune skips)")
+    result = tune(config, pinned, budget_s, log=log, child=child, pay_back=pay_back)
     # Saved even when the budget cut it short, so the cost is paid once per shape; the
     # line says so, and rnnjax tune (a larger budget) times the rest.
     path = None if result.choice is None else save(directory, result.record())

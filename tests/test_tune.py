@@ -46,10 +46,12 @@ class FakeChild:
     def __init__(self, times, wrong=(), clock=None, per_child_s=0.0, startup_s=1.0, turns=None):
         self.times, self.wrong, self.clock, self.per_child_s = times, set(wrong), clock, per_child_s
         self.startup_s, self.turns = startup_s, turns  # turns: the times in turns, by key
-        self.calls, self.retimed, self.closed = [], [], 0
+        self.calls, self.retimed, self.closed, self.pay_back = [], [], 0, []
 
-    def __call__(self, config, flags, candidates, deadline, steps, reference, call_s, log):
+    def __call__(self, config, flags, candidates, deadline, steps, reference, call_s, log,
+                 pay_back=None):
         self.calls.append((flags, [dict(c) for c in candidates], deadline))
+        self.pay_back.append(pay_back)
         if self.clock is not None:
             self.clock.now += self.per_child_s
         child = tune.Child(device={"backend": "cpu", "device_kind": "fake", "device_count": 1},
@@ -262,6 +264,33 @@ def test_no_child_starts_that_could_not_finish_in_its_share():
     assert [c[0] for c in fake.calls] == ["", YNN]
 
 
+def test_a_short_run_tunes_only_for_what_it_can_pay_back():
+    """rnnjax train's default budget shrinks, once the baseline is timed, to a quarter of
+    the run's training time at the defaults, at least the floor: a seed run of 4001 steps
+    of 1 ms is given 10 s, where the flag children no longer fit after an 8 s first; a run
+    of 4001 steps of 40 ms keeps the whole 30 s. rnnjax tune (no pay_back) spends its all."""
+    assert tune.pay_back_deadline(0.0, 30.0, 4001, 1e-3) == tune.PAY_BACK_FLOOR_S
+    assert tune.pay_back_deadline(0.0, 30.0, 4001, 0.04) == 30.0
+    assert tune.pay_back_deadline(0.0, 30.0, 4001, 0.01) == pytest.approx(10.0025)
+    log = []
+    clock = Clock()  # the first child takes 8 s: the flag children no longer fit in 10
+    fake = FakeChild(all_times(), clock=clock, per_child_s=8.0)
+    result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock, pay_back=True,
+                       log=log.append)
+    assert fake.pay_back == [{"start": 1000.0, "steps": 4001}]  # told to the first child
+    assert [c[0] for c in fake.calls] == [""]  # no time left for other flags
+    assert result.budget_s == tune.PAY_BACK_FLOOR_S and not result.complete
+    assert any("tuning for 10 s of the 30 s budget" in line for line in log)
+    clock = Clock()
+    fake = FakeChild(all_times(base=40.0), clock=clock, per_child_s=8.0)
+    result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock, pay_back=True)
+    assert [c[0] for c in fake.calls] == ["", YNN, XNN] and result.budget_s == 30.0
+    clock = Clock()
+    fake = FakeChild(all_times(), clock=clock, per_child_s=8.0)
+    result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock)
+    assert fake.pay_back == [None, None, None] and [c[0] for c in fake.calls] == ["", YNN, XNN]
+
+
 def test_pinned_fields_are_never_tuned():
     config = Config(unroll=2, cell="lstm", backward="hand_written", weight_grad="product")
     pinned = frozenset({"unroll", "backward", "weight_grad"})
@@ -337,9 +366,14 @@ def test_a_child_times_candidates_under_its_own_xla_flags(tmp_path):
 
     candidates = [fields(1), fields(0, "stream", weight_grad="per_step"),
                   fields(tune.BEST, projection="in_loop")]
-    child = tune.run_child(config, f"--xla_dump_to={dump}", candidates, time.time() + 120,
-                           2, str(tmp_path / "ref.npz"), 0.01, lines.append)
+    start = time.time()
+    child = tune.run_child(config, f"--xla_dump_to={dump}", candidates, start + 120,
+                           2, str(tmp_path / "ref.npz"), 0.01, lines.append,
+                           pay_back={"start": start + 100, "steps": 3})
     assert child.error == "" and child.device["backend"] == "cpu"
+    # pay_back: once its reference was timed, the child brought its deadline forward to
+    # the floor after the (here, pretended) start, and the parent's timer followed.
+    assert child.deadline == pytest.approx(start + 100 + tune.PAY_BACK_FLOOR_S)
     # 'best': the faster of the two unrolls timed.
     best = min(child.measurements, key=lambda m: m.step_s).candidate["unroll"]
     assert [m.candidate for m in child.measurements] == [
@@ -499,13 +533,17 @@ def test_a_new_shape_is_tuned_once_then_cached(in_process, monkeypatch, capsys):
     assert main(["train", *RUN]) == 0
     assert in_process.last() == (fields(4, flags=""), "measured")
     err = capsys.readouterr().err
-    assert "rnnjax: tuning simple_rnn 4" in err and "--tune-budget 30 s" in err
+    assert "rnnjax: tuning simple_rnn 4" in err and "--tune-budget 30 s, less for a" in err
+    assert fake.pay_back[0]["steps"] == 2  # the default budget: capped by the run's steps
     assert "chose unroll 4, backward hand_written, projection hoisted, weight-grad product" \
         in err and "saved in" in err
     calls = len(fake.calls)
     assert main(["train", *RUN]) == 0
     assert len(fake.calls) == calls  # the second run reads the cache
     assert in_process.last()[1] == "cached"
+    # A --tune-budget given is spent as given: no pay-back cap.
+    assert main(["train", *RUN, "--hidden-size", "6", "--tune-budget", "5"]) == 0
+    assert fake.pay_back[-1] is None and "--tune-budget 5 s;" in capsys.readouterr().err
     # A bad run is refused before any time is spent tuning: no child started.
     monkeypatch.setattr(tune, "run_child", _fail_if_tuned)
     assert main(["train", *RUN, "--hidden-size", "5", "--batch-size", "70000"]) == 2
