@@ -57,7 +57,9 @@ TOLERANCE = {"float32": 1e-3, "bfloat16": 3e-2}  # loss and gradients vs the bas
 # XLA flag alternatives per backend, most promising first ('' = XLA's defaults).
 FLAG_SETS = {
     "cpu": ("--xla_cpu_experimental_ynn_fusion_type=", "--xla_cpu_use_xnnpack=false"),
-    "gpu": ("--xla_gpu_enable_command_buffer=",),
+    # GPU: the scan's while loops recorded into CUDA graphs (a step's ~10-25 kernels then
+    # launch from the device, not one by one from the host), or no command buffers at all.
+    "gpu": ("--xla_gpu_enable_command_buffer=+WHILE", "--xla_gpu_enable_command_buffer="),
 }
 VISIBLE_DEVICES = ("JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
                    "ROCR_VISIBLE_DEVICES", "TPU_VISIBLE_CHIPS", "TPU_ACCELERATOR_TYPE")

@@ -318,6 +318,23 @@ def test_flags_the_user_set_in_xla_flags_are_not_tried():
     assert tune.flag_candidates("cpu", frozenset(), config, "--xla_cpu_use_xnnpack=true") == \
         ["", YNN]
     assert tune.flag_candidates("tpu", frozenset(), config, "") == [""]
+    assert tune.flag_candidates("gpu", frozenset(), config, "") == ["", *tune.FLAG_SETS["gpu"]]
+    assert tune.flag_candidates("gpu", frozenset(), config,
+                                "--xla_gpu_enable_command_buffer=FUSION") == [""]
+
+
+@pytest.mark.parametrize("flags", [f for sets in tune.FLAG_SETS.values() for f in sets])
+def test_every_flag_set_is_one_this_xla_accepts(flags):
+    """XLA parses every backend's flags at start-up and aborts on a value it does not
+    know: a flag set with a typo would fail its child on every machine of that backend."""
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    start = [sys.executable, "-c", "import jax; jax.numpy.zeros(1).block_until_ready()"]
+    done = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # ... and this check can fail: the same flag with a value XLA does not know.
+    bogus = subprocess.run(start, env={**env, "XLA_FLAGS": flags + "BOGUS"},
+                           capture_output=True, text=True, timeout=120)
+    assert bogus.returncode != 0
 
 
 def test_cache_key_and_invalidation(tmp_path, monkeypatch):
