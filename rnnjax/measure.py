@@ -11,7 +11,8 @@ XLA flags, with ``$XLA_FLAGS`` set, and hands it a JSON spec as the first line o
 A candidate's fields may be ``"best"``: those fields of the fastest candidate this child
 has timed so far (:func:`resolve`: the unroll, for a form timed at the unroll that suits
 the machine; the form's fields, for the fastest form timed at another unroll), without
-timing every pair.
+timing every pair; a ``"best"`` unroll is timed at each unroll within ``UNROLL_NEAR`` of
+the fastest (:func:`resolutions`).
 
 Each candidate is the config with those fields replaced, run by the loop's own feeds
 (``loop.device_feed`` or ``loop.stream_feed``) on synthetic data of the run's shapes. The
@@ -45,6 +46,10 @@ PREFIX = "rnnjax-tune "
 BEST = "best"  # rnnjax.tune.BEST
 FINALISTS = 4  # the reference and the fastest others, timed again in turns
 NEAR = 0.1  # timed again before 'best' is resolved: within this much of the fastest
+# A 'best' unroll is timed at each unroll within this much of the fastest: wider than NEAR,
+# as single calls here drift by up to 20% (the seed's two unrolls read 0.81 and 1.00 ms,
+# then 0.81 and 0.79 in turns).
+UNROLL_NEAR = 0.25
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -80,6 +85,24 @@ def resolve(fields: dict[str, Any], timed: list[tuple[dict[str, Any], float]],
     ``default`` when none is timed yet."""
     fastest = min(timed, key=lambda t: t[1])[0] if timed else default
     return {name: fastest[name] if value == BEST else value for name, value in fields.items()}
+
+
+def resolutions(fields: dict[str, Any], timed: list[tuple[dict[str, Any], float]],
+                default: dict[str, Any], near: float = UNROLL_NEAR) -> list[dict[str, Any]]:
+    """What to time for ``fields``: :func:`resolve`'s, and where the unroll is the only
+    :data:`BEST` field, the same fields at each other unroll timed within ``near`` of the
+    fastest too, fastest first (a near tie between unrolls does not say which suits
+    another form: at the seed's shape, per-step weight gradients lost at unroll 1 and won
+    fully unrolled, where both unrolls of the baseline timed alike)."""
+    out = [resolve(fields, timed, default)]
+    if [name for name, value in fields.items() if value == BEST] == ["unroll"] and timed:
+        fastest = min(seconds for _, seconds in timed)
+        for done, _ in sorted((t for t in timed if t[1] <= fastest * (1 + near)),
+                              key=lambda t: t[1]):
+            option = {**fields, "unroll": done["unroll"]}
+            if option not in out:
+                out.append(option)
+    return out
 
 
 def to_fields(config: Any, fields: dict[str, Any]) -> dict[str, Any]:
@@ -262,14 +285,19 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
                 fields, timed, per_step = done[i]
                 done[i] = (fields, timed, min(per_step, timed.once(steps)))
 
-    for fields in spec["candidates"]:
+    queue = list(spec["candidates"])
+    while queue:
+        fields = queue.pop(0)
         if BEST in fields.values():
             # Before taking the fastest's values: those within NEAR of it once more, in turns.
             fastest = min((d[2] for d in done), default=0.0)
             in_turns([i for i, d in enumerate(done) if d[2] <= fastest * (1 + NEAR)], 1)
-            fields = resolve(fields, [(d[0], d[2]) for d in done], to_fields(config, fields))
-            if any(fields == d[0] for d in done):
-                continue  # already timed as it stands
+            options = [o for o in resolutions(fields, [(d[0], d[2]) for d in done],
+                                              to_fields(config, fields))
+                       if not any(o == d[0] for d in done)]  # not timed as it stands
+            if not options:
+                continue
+            fields, queue[:0] = options[0], options[1:]
         candidate = config.replace(**fields)
         kind = (candidate.backward, candidate.projection, candidate.weight_grad, candidate.feed)
         if candidate.feed == "stream":  # a stream as long as the calls timed will read

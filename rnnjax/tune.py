@@ -198,7 +198,8 @@ def model_candidates(config: Config, pinned: frozenset[str]) -> list[dict[str, A
     unrolls (``unroll`` :data:`BEST`, resolved by the child: the forms' order at one unroll
     need not hold at another, as where a full unroll lets the per-step weight gradients run
     beside the recurrence; autodiff, where a hand-written form exists, at the baseline's);
-    the fastest form (:data:`BEST`) at the middle unroll; then the other feed."""
+    the fastest form (:data:`BEST`) at the middle unroll; then the other feed. (Where the
+    two unrolls timed alike, a form is timed at both: ``measure.resolutions``.)"""
     base = baseline(config, pinned)
     length = sequence_length(config)
     middle = 2 ** int(math.log2(math.sqrt(length)))  # 4 for 28 steps, 16 for 784
