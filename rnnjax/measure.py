@@ -325,8 +325,9 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
             continue
         if not os.path.exists(reference):
             np.savez(reference, **timed.first_step)  # the first candidate timed: the reference
-            run = spec.get("pay_back")
-            cut = run and pay_back_deadline(run["start"], deadline, run["steps"], per_step)
+            pay_back = spec.get("pay_back")
+            cut = pay_back and pay_back_deadline(pay_back["start"], deadline,
+                                                 pay_back["steps"], per_step)
             if cut and cut < deadline:
                 deadline = cut
                 emit("budget", deadline=deadline)

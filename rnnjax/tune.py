@@ -539,12 +539,12 @@ def tune(
             children.append(first)
             measured += first.measurements
             steps = next((m.steps for m in first.measurements if m.steps), None)
-            baseline = first.measurements[0] if first.measurements else None
-            if run and baseline is not None and baseline.step_s is not None:
-                deadline = pay_back_deadline(start, deadline, config.steps, baseline.step_s)
+            base_m = first.measurements[0] if first.measurements else None
+            if run and base_m is not None and base_m.step_s is not None:
+                deadline = pay_back_deadline(start, deadline, config.steps, base_m.step_s)
                 if deadline - start < budget_s:
                     log(f"  the run's {config.steps} steps take ~"
-                        f"{config.steps * baseline.step_s:.0f} s at the defaults: tuning "
+                        f"{config.steps * base_m.step_s:.0f} s at the defaults: tuning "
                         f"for {deadline - start:.0f} s of the {budget_s:g} s budget (what "
                         "it can pay back; rnnjax tune times the rest)")
                 budget_s = deadline - start
