@@ -16,9 +16,12 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rnnjax.config import TUNED, Config, ConfigError, flag_name
+
+if TYPE_CHECKING:
+    from rnnjax.data.sources import Loader
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
@@ -182,9 +185,11 @@ def tuning_enabled(args: argparse.Namespace) -> bool:
     return os.environ.get(ENV_VAR, "").strip().lower() not in ("0", "off", "false", "no")
 
 
-def tuned_config(args: argparse.Namespace, config: Config) -> tuple[Config, dict[str, Any]]:
+def tuned_config(args: argparse.Namespace, config: Config,
+                 load: Loader) -> tuple[Config, dict[str, Any]]:
     """For a new run: ``config`` with the tuned settings (cached, or measured now within
-    ``--tune-budget``) for the fields not given as flags, and how they were chosen."""
+    ``--tune-budget``) for the fields not given as flags, and how they were chosen
+    (``load``: the run's dataset, checked before any time is spent tuning)."""
     from rnnjax import tune
 
     budget = tune_budget(args, tune.DEFAULT_BUDGET_S)
@@ -197,7 +202,6 @@ def tuned_config(args: argparse.Namespace, config: Config) -> tuple[Config, dict
 
     def check_run() -> None:  # what the run would refuse, refused before tuning
         from rnnjax import checkpoint
-        from rnnjax.data.sources import load_dataset
         from rnnjax.loop import check_data
 
         # A workdir holding the records of a run stopped before its first checkpoint is
@@ -211,7 +215,7 @@ def tuned_config(args: argparse.Namespace, config: Config) -> tuple[Config, dict
             except (OSError, ValueError, TypeError, ConfigError):
                 pass  # unreadable: prepare() says so
         checkpoint.prepare(probe, args.workdir, resume=False)
-        dataset = load_dataset(config)
+        dataset = load(config)
         check_data(config, dataset.arrays, dataset.spec)
 
     # The default budget shrinks to what a short run can pay back; one given is spent.
@@ -225,11 +229,14 @@ def _train(args: argparse.Namespace) -> int:
         check_writable(args.workdir)
     if config.compile_cache not in ("auto", "off"):  # 'auto' may be unwritable: then no cache
         check_writable(Path(config.compile_cache).expanduser(), flag="--compile-cache")
+    from rnnjax.data.sources import prefetch
+
+    load = prefetch(config)  # the dataset is read while JAX is imported
     if args.resume:  # the checkpoint's settings, as recorded: never tuned again
         tune_budget(args, 1.0)
         tuning: dict[str, Any] = {"mode": "resumed"}
     else:
-        config, tuning = tuned_config(args, config)
+        config, tuning = tuned_config(args, config, load)
     from rnnjax import runtime, tune
     from rnnjax.loop import TrainingDiverged, train_and_evaluate
 
@@ -240,7 +247,7 @@ def _train(args: argparse.Namespace) -> int:
     tune.check_device(tuning)
     try:
         train_and_evaluate(config, args.workdir, progress=args.progress, resume=args.resume,
-                           tuning=tuning)
+                           tuning=tuning, load=load)
     except TrainingDiverged as e:
         print(f"rnnjax: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED

@@ -36,7 +36,7 @@ from rnnjax import metrics as metrics_lib
 from rnnjax.config import TUNED, Config, ConfigError, to_dict
 from rnnjax.data.idx import Arrays
 from rnnjax.data.pipeline import batch_indices, host_batches
-from rnnjax.data.sources import load_dataset, tfds_train_batches
+from rnnjax.data.sources import Loader, load_dataset, tfds_train_batches
 from rnnjax.data.spec import DataSpec
 from rnnjax.model import Model, make_model
 from rnnjax.optim import make_optimizer
@@ -304,6 +304,7 @@ def train_and_evaluate(
     progress: bool | None = None,
     resume: bool = False,
     tuning: dict[str, Any] | None = None,
+    load: Loader = load_dataset,
 ) -> RunResult:
     """Train ``config`` end to end, printing the seed's evaluation lines to ``out``.
 
@@ -314,8 +315,10 @@ def train_and_evaluate(
     ``resume``: then training continues from the latest one and ends with the parameters
     and metrics of a run never stopped. Returns the final state, the evaluation history
     (of the whole run when resumed) and a summary; ``tuning`` (how ``rnnjax.tune`` chose
-    the run's settings) goes into the summary. ``config.xla_flags`` must be set before
-    JAX's backend starts in this process (``rnnjax.runtime.apply_xla_flags``).
+    the run's settings) goes into the summary; ``load`` reads the dataset
+    (``data.sources.prefetch``'s loader: one already being read). ``config.xla_flags``
+    must be set before JAX's backend starts in this process
+    (``rnnjax.runtime.apply_xla_flags``).
     """
     try:
         runtime.apply_xla_flags(config.xla_flags)
@@ -327,7 +330,7 @@ def train_and_evaluate(
     t_start = time.perf_counter()
     cache_dir = runtime.enable_compile_cache(config.compile_cache)
     dp = parallel.DataParallel.from_config(config)
-    dataset = load_dataset(config)
+    dataset = load(config)
     data, spec = dataset.arrays, dataset.spec
     check_data(config, data, spec)
     t_data = time.perf_counter() - t_start

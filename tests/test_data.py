@@ -38,7 +38,7 @@ from rnnjax.data.pipeline import (
     normalize,
     normalize_host,
 )
-from rnnjax.data.sources import EMBEDDED_MNIST, load_arrays, resolve_dataset
+from rnnjax.data.sources import EMBEDDED_MNIST, load_arrays, load_dataset, prefetch, resolve_dataset
 
 # Canonical facts about MNIST, independent of rnnjax.
 MNIST_TRAIN_HEAD = [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
@@ -484,6 +484,29 @@ def test_second_set_from_name(small_dir, small):
     name, directory, checksums = resolve_dataset("myset", str(root))
     assert (name, directory, checksums) == ("myset", root / "myset", None)
     assert_arrays_equal(load_arrays(Config(dataset="myset", data_dir=str(root))), small)
+
+
+def test_a_prefetched_dataset_is_the_one_read_and_serves_only_its_config(small_dir, small):
+    """rnnjax train reads the dataset on a thread while JAX imports: the loader gives that
+    read for the config (whatever tuning changed), and reads anew for other data."""
+    config = Config(dataset=str(small_dir))
+    load = prefetch(config)
+    first = load(config)
+    assert_arrays_equal(first.arrays, small)
+    assert load(config.replace(unroll=0, weight_grad="per_step")) is first  # tuned fields
+    mnist = load(Config())  # another dataset: read now
+    assert len(mnist.arrays.train_labels) == 60000 and mnist.title == "mnist (IDX)"
+    assert prefetch(Config(source="tfds")) is load_dataset  # TensorFlow: on the caller's thread
+
+
+def test_a_prefetch_that_fails_raises_when_its_data_is_wanted(tmp_path):
+    (tmp_path / "broken").mkdir()  # no IDX files: the read fails on the thread
+    config = Config(dataset=str(tmp_path / "broken"))
+    load = prefetch(config)  # no error yet
+    with pytest.raises(IdxError, match="broken"):
+        load(config)
+    with pytest.raises(IdxError, match="broken"):  # as often as it is asked
+        load(config.replace(unroll=0))
 
 
 def test_md5sums_file_is_verified(small_dir, small):
