@@ -72,6 +72,9 @@ TUNE_COMMAND_BUDGET_S = 120.0  # rnnjax tune
 # candidates). A 4-second seed run then tunes for 10 s, not 30; a 6-minute one for 30.
 PAY_BACK_SHARE = 0.25
 PAY_BACK_FLOOR_S = 10.0
+# A cached choice cut short by its budget is tuned again for a run that may spend this many
+# times that budget (a longer run of the shape than the one that chose it).
+OUTGROWN = 1.5
 
 
 @dataclass(frozen=True)
@@ -320,6 +323,31 @@ def load(directory: Path | None, key_: dict) -> dict[str, Any] | None:
     except (ValueError, TypeError):
         return None
     return record
+
+
+def outgrown(record: dict[str, Any], config: Config, budget_s: float,
+             pay_back: bool) -> float | None:
+    """The budget this run may spend, where its cached ``record`` was cut short by a much
+    smaller one (a short first run's pay-back budget, and now a longer run of the shape:
+    ``rnnjax train --steps 50`` then the full run); None where the cached choice stands
+    (every candidate timed, or this run may spend at most :data:`OUTGROWN` times as
+    much). With ``pay_back`` what this run may spend comes from the baseline's step as the
+    record timed it (:func:`pay_back_deadline`)."""
+    had = record.get("budget_s")
+    if record.get("complete", True) or not isinstance(had, (int, float)):
+        return None
+    allowed = budget_s
+    if pay_back:
+        base, table = record.get("baseline"), record.get("table")
+        if not isinstance(base, dict) or not base or not isinstance(table, list):
+            return None
+        steps = [row["step_ms"] for row in table
+                 if isinstance(row, dict) and isinstance(row.get("step_ms"), (int, float))
+                 and all(row.get(k) == v for k, v in base.items())]
+        if not steps:
+            return None
+        allowed = pay_back_deadline(0.0, budget_s, config.steps, min(steps) * 1e-3)
+    return allowed if allowed > OUTGROWN * had else None
 
 
 def save(directory: Path | None, record: dict[str, Any]) -> Path | None:
@@ -695,7 +723,8 @@ def resolve(
     directory = cache_dir(config.compile_cache)
     key_ = key(config, pinned)
     record = load(directory, key_)
-    if record is not None:
+    more = None if record is None else outgrown(record, config, budget_s, pay_back)
+    if record is not None and more is None:
         path = cache_path(directory, key_)
         return apply(config, record["choice"], pinned), {
             "mode": "cached", "choice": record["choice"], "cache": str(path),
@@ -707,8 +736,11 @@ def resolve(
         out.write(line + "\n")
         out.flush()
 
+    why = ("the first run of this shape here" if record is None else
+           f"again: its cached choice had {record['budget_s']:g} s, not every candidate "
+           f"timed, and this run may spend ~{more:.0f} s")
     log(f"rnnjax: tuning {config.cell} {config.hidden_size} x{config.num_layers} "
-        f"{config.order} batch {config.batch_size}, the first run of this shape here "
+        f"{config.order} batch {config.batch_size}, {why} "
         f"(--tune-budget {budget_s:g} s{', less for a short run' if pay_back else ''}; "
         "--no-tune skips)")
     result = tune(config, pinned, budget_s, log=log, child=child, pay_back=pay_back)

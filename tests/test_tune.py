@@ -296,6 +296,27 @@ def test_a_short_run_tunes_only_for_what_it_can_pay_back():
     assert fake.pay_back == [None, None, None] and [c[0] for c in fake.calls] == ["", YNN, XNN]
 
 
+def test_a_choice_cut_short_is_tuned_again_for_a_run_that_may_spend_more():
+    """A first run of 4001 steps of 1 ms chose in its 10 s, not timing everything; the
+    same shape run for 400,000 steps may spend 30 s (a quarter of its ~400 s, at most the
+    budget): it tunes again. 8000 steps (10 s at most) and a complete record do not."""
+    base = fields(1, flags="")
+    record = {"budget_s": 10.0, "complete": False, "baseline": base,
+              "table": [{**base, "step_ms": 1.2}, {**fields(0, flags=""), "step_ms": 0.9},
+                        {**base, "step_ms": 1.0}]}  # the baseline's best: 1 ms
+    assert tune.outgrown(record, Config(steps=400_000), 30.0, pay_back=True) == 30.0
+    assert tune.outgrown(record, Config(steps=8000), 30.0, pay_back=True) is None
+    assert tune.outgrown(record, Config(steps=100_000), 30.0, pay_back=True) == 25.0
+    assert tune.outgrown({**record, "complete": True}, Config(steps=400_000), 30.0,
+                         pay_back=True) is None
+    # A --tune-budget given (no pay-back): more than 1.5x the record's, tuned again.
+    assert tune.outgrown(record, Config(), 16.0, pay_back=False) == 16.0
+    assert tune.outgrown(record, Config(), 15.0, pay_back=False) is None
+    # A record without the baseline timed, or written without these fields: it stands.
+    assert tune.outgrown({**record, "table": []}, Config(steps=400_000), 30.0, True) is None
+    assert tune.outgrown({"choice": {}}, Config(steps=400_000), 30.0, pay_back=True) is None
+
+
 def test_pinned_fields_are_never_tuned():
     config = Config(unroll=2, cell="lstm", backward="hand_written", weight_grad="product")
     pinned = frozenset({"unroll", "backward", "weight_grad"})
@@ -504,13 +525,13 @@ def in_process(tmp_path, monkeypatch):
                         lambda config, workdir, tuning, **kwargs: ran.append((config, tuning)))
     env = dict(os.environ)
 
-    def seed(args, choice):
+    def seed(args, choice, **record):
         from rnnjax.cli import build_parser, config_from_args, flag_changes
 
         parsed = build_parser().parse_args(["train", *args])
         pinned = frozenset(flag_changes(parsed)) & set(TUNED)
         key = tune.key(config_from_args(parsed), pinned, env=env)
-        tune.save(tmp_path / "tune", {"key": key, "choice": choice, "device": None})
+        tune.save(tmp_path / "tune", {"key": key, "choice": choice, "device": None, **record})
 
     def last():
         config, tuning = ran[-1]
@@ -568,6 +589,14 @@ def test_a_new_shape_is_tuned_once_then_cached(in_process, monkeypatch, capsys):
     assert main(["train", *RUN]) == 0
     assert len(fake.calls) == calls  # the second run reads the cache
     assert in_process.last()[1] == "cached"
+    # A choice cut short by a budget a run of the shape may well exceed: tuned again.
+    in_process(RUN, CACHED, complete=False, budget_s=10.0)
+    assert main(["train", *RUN, "--tune-budget", "14"]) == 0  # not 1.5x 10 s: it stands
+    assert len(fake.calls) == calls and in_process.last()[1] == "cached"
+    assert main(["train", *RUN, "--tune-budget", "300"]) == 0
+    assert len(fake.calls) > calls and in_process.last()[1] == "measured"
+    assert "tuning simple_rnn 4 x1 rows batch 4, again: its cached choice had" in \
+        capsys.readouterr().err
     # A --tune-budget given is spent as given: no pay-back cap.
     assert main(["train", *RUN, "--hidden-size", "6", "--tune-budget", "5"]) == 0
     assert fake.pay_back[-1] is None and "--tune-budget 5 s;" in capsys.readouterr().err
