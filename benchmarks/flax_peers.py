@@ -209,9 +209,7 @@ def user_config(cell: str, order: str, batch: int,
     config = Config(cell=cell, order=order, batch_size=batch)
     if tune_budget_s is not None and tune_budget_s <= 0:
         return config, "untuned defaults"
-    tuned, record = tune.resolve(
-        config, frozenset(), tune.DEFAULT_BUDGET_S if tune_budget_s is None else tune_budget_s,
-        err=sys.stderr, pay_back=tune_budget_s is None)
+    tuned, record = tune.resolve(config, frozenset(), tune_budget_s, err=sys.stderr)
     chosen = tune.describe(tune.settings(tuned))
     return tuned.replace(feed="device"), f"{record['mode']}: {chosen}"
 

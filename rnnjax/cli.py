@@ -218,9 +218,9 @@ def tuned_config(args: argparse.Namespace, config: Config,
         dataset = load(config)
         check_data(config, dataset.arrays, dataset.spec)
 
-    # The default budget shrinks to what a short run can pay back; one given is spent.
-    return tune.resolve(config, pinned, budget, before_tuning=check_run,
-                        pay_back=args.tune_budget is None)
+    # No --tune-budget: the default, shrunk to what a short run can pay back.
+    return tune.resolve(config, pinned, None if args.tune_budget is None else budget,
+                        before_tuning=check_run)
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -707,19 +707,22 @@ def choice_line(result: Result) -> str:
 
 
 def resolve(
-    config: Config, pinned: frozenset[str], budget_s: float, *, err: TextIO | None = None,
-    before_tuning: Callable[[], None] = lambda: None, child: RunChild | None = None,
-    pay_back: bool = False,
+    config: Config, pinned: frozenset[str], budget_s: float | None = None, *,
+    err: TextIO | None = None, before_tuning: Callable[[], None] = lambda: None,
+    child: RunChild | None = None,
 ) -> tuple[Config, dict[str, Any]]:
     """For ``rnnjax train``: ``config`` with the cached choice, or one measured now within
-    ``budget_s`` (progress on ``err``; with ``pay_back``, within what the run can pay
-    back: :func:`tune`), and the record for summary.json.
+    ``budget_s`` (progress on ``err``; None: :data:`DEFAULT_BUDGET_S`, capped by what the
+    run can pay back, :func:`tune`'s ``pay_back``; a number given is spent as given), and
+    the record for summary.json.
 
     ``before_tuning`` runs before any time is spent measuring (the CLI checks the run's
     workdir and data there, so a bad run fails at once).
     """
     if set(TUNED) <= pinned:
         return config, {"mode": "pinned"}
+    pay_back = budget_s is None
+    budget_s = DEFAULT_BUDGET_S if budget_s is None else budget_s
     directory = cache_dir(config.compile_cache)
     key_ = key(config, pinned)
     record = load(directory, key_)
