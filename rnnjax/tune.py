@@ -563,7 +563,7 @@ def tune(
             reference = os.path.join(tmp, "baseline.npz")
             run = {"start": start, "steps": config.steps} if pay_back else None
             first = child(config, base_flags, candidates, first_deadline, None, reference,
-                          call_s, log, **({"pay_back": run} if run else {}))
+                          call_s, log, pay_back=run)
             children.append(first)
             measured += first.measurements
             steps = next((m.steps for m in first.measurements if m.steps), None)
