@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from rnnjax.config import Config, ConfigError
-from rnnjax.loop import eval_steps, segments, train_and_evaluate
+from rnnjax.loop import eval_steps, init_state, segments, train_and_evaluate
+from rnnjax.model import make_model
+from rnnjax.optim import make_optimizer
+from rnnjax.train import create_state
 
 
 def test_eval_schedule_is_the_seeds():
@@ -51,6 +54,19 @@ def test_stream_feed_equals_device_feed():
     for a, b in zip(device.history, stream.history, strict=True):
         assert a["test_accuracy"] == b["test_accuracy"]
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1337, 2**31 - 1, 2**31, 2**32 + 5, 2**63 - 1])
+def test_init_state_is_the_seeds_key_made_eagerly(seed, xla_compiles, bitwise_equal):
+    """One compiled call makes the key and the state: the bits of the eager
+    ``jax.random.key(seed)``, split, for every seed the flags accept (JAX keeps the low 32
+    bits of a seed without x64)."""
+    config = Config(hidden_size=8, seed=seed)
+    model, optimizer = make_model(config), make_optimizer(config)
+    state = init_state(config, model, optimizer)
+    assert xla_compiles == ["jit(init)"]
+    eager = create_state(jax.random.split(jax.random.key(seed))[0], model, optimizer)
+    bitwise_equal(state, eager)
 
 
 @pytest.mark.parametrize("feed", ["device", "stream"])
