@@ -347,6 +347,11 @@ def train_and_evaluate(
     if resume_from is not None:
         saved = checkpoint_lib.data_spec(resume_from.meta, config)
         checkpoint_lib.check_data_spec(saved, spec, resume_from.step_dir)
+    # The dataset replicated on every device (MNIST is small); each batch is split over
+    # them, so every device trains on its rows and XLA all-reduces the gradients of the
+    # global-batch mean loss. Put first: its images become float32 on the device while
+    # the state below is traced and compiled.
+    on_device = dp.dataset(data)
     t_init = time.perf_counter()
     # Blocked on: an allocation that fails does so here, before any file is written.
     state = jax.block_until_ready(init_state(config, model, optimizer))
@@ -359,10 +364,6 @@ def train_and_evaluate(
         start, wall_offset = resume_from.step, resume_from.wall_s
         out.write(f"resuming from {resume_from.step_dir} after {start} steps\n")
 
-    # The dataset replicated on every device (MNIST is small); each batch is split over
-    # them, so every device trains on its rows and XLA all-reduces the gradients of the
-    # global-batch mean loss.
-    on_device = dp.dataset(data)
     evaluate = jax.jit(
         functools.partial(train.evaluate, model=model, chunk=config.eval_batch_size,
                           batch_sharding=dp.batch),
