@@ -1,8 +1,6 @@
 """``python -m rnnjax``: the command line."""
 
-import sys
-
-from rnnjax.cli import main
+from rnnjax.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rnnjax import process
 from rnnjax.config import TUNED, Config, ConfigError, flag_name
 
 if TYPE_CHECKING:
@@ -240,6 +241,8 @@ def _train(args: argparse.Namespace) -> int:
     from rnnjax import runtime, tune
     from rnnjax.loop import TrainingDiverged, train_and_evaluate
 
+    if args.whole_process:
+        process.imported()
     try:
         runtime.apply_xla_flags(config.xla_flags)  # before JAX's backend starts
     except ValueError as e:
@@ -354,14 +357,26 @@ def _metrics_file_error() -> tuple[type[Exception], ...]:
     return (metrics.MetricsFileError,) if metrics is not None else ()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``rnnjax`` console script; returns the exit code."""
+def run() -> None:
+    """The ``rnnjax`` program (console script, ``python -m rnnjax``): :func:`main` as a
+    process of its own, with the garbage collector set for one (``rnnjax.process``)."""
+    process.importing()
+    code = main(whole_process=True)
+    process.exiting()
+    sys.exit(code)
+
+
+def main(argv: Sequence[str] | None = None, *, whole_process: bool = False) -> int:
+    """Entry point of the command line; returns the exit code. ``whole_process``: called
+    by :func:`run`, the garbage collector off until ``rnnjax train`` has imported JAX
+    (``rnnjax.process``; the other commands are short: off throughout)."""
     from rnnjax.checkpoint import CheckpointError
     from rnnjax.data.idx import IdxError
     from rnnjax.data.images import ImageError
 
     try:
         args = build_parser().parse_args(argv)
+        args.whole_process = whole_process
         commands = {"train": _train, "tune": _tune, "eval": _eval, "predict": _predict}
         return commands[args.command](args)
     except (UsageError, ConfigError, IdxError, CheckpointError, ImageError,
@@ -388,4 +403,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

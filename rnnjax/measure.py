@@ -353,7 +353,19 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
 
 
 def main() -> int:
+    """The child process (``python -m rnnjax.measure``): the spec on stdin's first line,
+    requests on the rest; the garbage collector set for a whole process
+    (``rnnjax.process``)."""
+    from rnnjax import process
+
+    process.importing()
+    import jax  # noqa: F401  (what run() imports, before the freeze)
+
+    from rnnjax import loop  # noqa: F401  (the model, the train step, the optimizers)
+
+    process.imported()
     run(json.loads(sys.stdin.readline()), requests=sys.stdin)
+    process.exiting()
     return 0
 
 

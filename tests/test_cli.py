@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -33,6 +34,33 @@ def test_train_end_to_end(tmp_path):
     assert lines[5].startswith("device: cpu") and "jax " in lines[5]
     summary = json.loads((work / "summary.json").read_text())
     assert summary["steps"] == 21 and summary["backend"] == "cpu"
+
+
+def test_the_program_collects_garbage_while_it_trains_and_a_library_call_never_sets_it(
+        tmp_path):
+    """``rnnjax`` as a process (cli.run): the collector off while it imports, on while it
+    trains, the imports frozen out of its view; cli.main called from Python leaves it be."""
+    script = textwrap.dedent("""
+        import gc, sys
+        from rnnjax import cli, loop
+        run = loop.train_and_evaluate
+        def spy(*args, **kwargs):
+            print("training:", gc.isenabled(), gc.get_freeze_count() > 10_000)
+            return run(*args, **kwargs)
+        loop.train_and_evaluate = spy
+        print("before:", gc.isenabled(), gc.get_freeze_count())
+        assert cli.main(["train", "--batch-size", "0"]) == 2  # a library call
+        print("library call:", gc.isenabled(), gc.get_freeze_count())
+        sys.argv = ["rnnjax", "train", "--steps", "2", "--eval-every", "1", "--hidden-size",
+                    "4", "--eval-batch-size", "5000", "--compile-cache", "off"]
+        cli.run()
+    """)
+    env = {**os.environ, "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[:3] == ["before: True 0", "library call: True 0", "training: True True"]
 
 
 @pytest.mark.parametrize(
