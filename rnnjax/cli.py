@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import functools
 import json
 import os
 import shlex
@@ -224,7 +225,9 @@ def tuned_config(args: argparse.Namespace, config: Config,
                         before_tuning=check_run)
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, whole_process: bool = False) -> int:
+    """``rnnjax train``; ``whole_process`` (:func:`run`): the garbage collector, off until
+    now, is set once the run is tuned and JAX imported (``rnnjax.process``)."""
     config = resume_config(args) if args.resume else config_from_args(args)
     if args.workdir is not None:
         check_writable(args.workdir)
@@ -241,7 +244,7 @@ def _train(args: argparse.Namespace) -> int:
     from rnnjax import runtime, tune
     from rnnjax.loop import TrainingDiverged, train_and_evaluate
 
-    if args.whole_process:
+    if whole_process:
         process.imported()
     try:
         runtime.apply_xla_flags(config.xla_flags)  # before JAX's backend starts
@@ -257,8 +260,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tune(args: argparse.Namespace) -> int:
+def _tune(args: argparse.Namespace, whole_process: bool = False) -> int:
+    """``rnnjax tune``: its children do the work, this process waits (up to its budget),
+    with the garbage collector on (``rnnjax.process``)."""
     from rnnjax import tune
+
+    if whole_process:
+        process.imported()
 
     config = config_from_args(args)
     budget = tune_budget(args, tune.TUNE_COMMAND_BUDGET_S)
@@ -368,16 +376,18 @@ def run() -> None:
 
 def main(argv: Sequence[str] | None = None, *, whole_process: bool = False) -> int:
     """Entry point of the command line; returns the exit code. ``whole_process``: called
-    by :func:`run`, the garbage collector off until ``rnnjax train`` has imported JAX
-    (``rnnjax.process``; the other commands are short: off throughout)."""
+    by :func:`run`, the garbage collector off; ``rnnjax train`` turns it on once tuned and
+    with JAX imported, ``rnnjax tune`` at once, ``eval`` and ``predict`` (short) never
+    (``rnnjax.process``)."""
     from rnnjax.checkpoint import CheckpointError
     from rnnjax.data.idx import IdxError
     from rnnjax.data.images import ImageError
 
     try:
         args = build_parser().parse_args(argv)
-        args.whole_process = whole_process
-        commands = {"train": _train, "tune": _tune, "eval": _eval, "predict": _predict}
+        commands = {"train": functools.partial(_train, whole_process=whole_process),
+                    "tune": functools.partial(_tune, whole_process=whole_process),
+                    "eval": _eval, "predict": _predict}
         return commands[args.command](args)
     except (UsageError, ConfigError, IdxError, CheckpointError, ImageError,
             *_metrics_file_error()) as e:

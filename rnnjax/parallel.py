@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from rnnjax.config import Config, ConfigError
 from rnnjax.data.idx import Arrays
-from rnnjax.data.pipeline import normalize_images
+from rnnjax.data.pipeline import float_images
 
 DATA = "data"
 
@@ -185,9 +185,9 @@ def put_dataset(data: Arrays, mesh: Mesh) -> Arrays:
     an accelerator's memory; a dataset that does not fit on one device belongs on
     ``--feed stream``, where each process only holds its rows of the current batch.
     The uint8 images cross and are normalised on the devices, asynchronously
-    (``data.pipeline.normalize_images``).
+    (``data.pipeline.float_images``).
     """
-    return jax.jit(normalize_images, out_shardings=replicated(mesh))(put_replicated(data, mesh))
+    return float_images(put_replicated(data, mesh), replicated(mesh))
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ import JAX, build a few programs, run them and exit. Each collection the imports
 scans every object made so far (JAX's modules make hundreds of thousands, alive until the
 process ends), and so do the interpreter's last collections at exit. So the collector is
 off while the process imports, those objects are then frozen out of every later collection
-(``gc.freeze``) with the collector on again for what the run makes, and everything is
+(``gc.freeze``) with the collector on again for what the run makes (``rnnjax train``: once
+it is tuned, a first run's tuning spent waiting on its children), and everything is
 frozen at the end. Measured on the seed run, six whole processes each way in turns: the
 time outside the training loop 1.08-1.52 s (median 1.27) against 1.56-2.10 (1.71), about
 0.15 s of it the imports and 0.3 s the exit.

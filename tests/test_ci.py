@@ -10,6 +10,7 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
 from conftest import REQUIRE_EXTRAS, ROOT_SKIP
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,8 +61,9 @@ def test_passes():
 '''
 
 
-def outcomes(tmp_path: Path, require: bool) -> dict[str, str]:
-    """Run PROBE under this directory's conftest: each test's outcome."""
+def outcomes(tmp_path: Path, require: bool, workers: tuple[str, ...] = ()) -> dict[str, str]:
+    """Run PROBE under this directory's conftest (``workers``: pytest-xdist's options, as
+    the README's command gives them): each test's outcome."""
     shutil.copy(Path(__file__).with_name("conftest.py"), tmp_path / "conftest.py")
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     (tmp_path / "test_probe.py").write_text(PROBE)
@@ -70,7 +72,7 @@ def outcomes(tmp_path: Path, require: bool) -> dict[str, str]:
     if require:
         env[REQUIRE_EXTRAS] = "1"
     report = tmp_path / f"report-{require}.xml"
-    subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
+    subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *workers,
                     f"--junitxml={report}", "test_probe.py"], cwd=tmp_path, env=env,
                    capture_output=True, text=True, timeout=120)
     out = {}
@@ -80,8 +82,11 @@ def outcomes(tmp_path: Path, require: bool) -> dict[str, str]:
     return out
 
 
-def test_a_skip_fails_where_the_extras_are_required(tmp_path):
-    assert outcomes(tmp_path, require=False) == {
+@pytest.mark.parametrize("workers", [(), ("-n", "2", "--dist", "worksteal")],
+                         ids=["one-process", "xdist"])
+def test_a_skip_fails_where_the_extras_are_required(tmp_path, workers):
+    """In one process and on pytest-xdist's workers alike (the README runs the latter)."""
+    assert outcomes(tmp_path, require=False, workers=workers) == {
         "test_needs_an_extra": "skipped",
         "test_needs_an_extra_through_a_fixture": "skipped",
         "test_skips_for_no_stated_reason": "skipped",
@@ -89,7 +94,7 @@ def test_a_skip_fails_where_the_extras_are_required(tmp_path):
         "test_passes": "passed",
     }
     as_root = os.geteuid() == 0
-    assert outcomes(tmp_path, require=True) == {
+    assert outcomes(tmp_path, require=True, workers=workers) == {
         "test_needs_an_extra": "failure",
         "test_needs_an_extra_through_a_fixture": "error",
         "test_skips_for_no_stated_reason": "failure",

@@ -38,29 +38,54 @@ def test_train_end_to_end(tmp_path):
 
 def test_the_program_collects_garbage_while_it_trains_and_a_library_call_never_sets_it(
         tmp_path):
-    """``rnnjax`` as a process (cli.run): the collector off while it imports, on while it
-    trains, the imports frozen out of its view; cli.main called from Python leaves it be."""
+    """``rnnjax`` as a process (cli.run): the collector off while it imports JAX, then on,
+    the imports frozen out of its view, while it trains; cli.main called from Python (a
+    run that trains) leaves the collector as it was."""
     script = textwrap.dedent("""
         import gc, sys
-        from rnnjax import cli, loop
-        run = loop.train_and_evaluate
-        def spy(*args, **kwargs):
-            print("training:", gc.isenabled(), gc.get_freeze_count() > 10_000)
-            return run(*args, **kwargs)
-        loop.train_and_evaluate = spy
-        print("before:", gc.isenabled(), gc.get_freeze_count())
-        assert cli.main(["train", "--batch-size", "0"]) == 2  # a library call
-        print("library call:", gc.isenabled(), gc.get_freeze_count())
+        from rnnjax import cli, process
+        imported = process.imported
+        def spy_imported():
+            print("imported:", gc.isenabled(), "jax" in sys.modules)
+            imported()
+            loop = sys.modules["rnnjax.loop"]
+            init = loop.init_state
+            def spy_init(*args, **kwargs):  # called by the run, once it trains
+                print("training:", gc.isenabled(), gc.get_freeze_count() > 10_000)
+                return init(*args, **kwargs)
+            loop.init_state = spy_init
+        process.imported = spy_imported
+        assert "jax" not in sys.modules
         sys.argv = ["rnnjax", "train", "--steps", "2", "--eval-every", "1", "--hidden-size",
                     "4", "--eval-batch-size", "5000", "--compile-cache", "off"]
-        cli.run()
+        try:
+            cli.run()
+        except SystemExit as e:
+            print("exit:", e.code)
+    """)
+    library = textwrap.dedent("""
+        import gc
+        from rnnjax import cli, loop
+        seen = []
+        run = loop.train_and_evaluate
+        def spy(*args, **kwargs):
+            seen.append((gc.isenabled(), gc.get_freeze_count()))
+            return run(*args, **kwargs)
+        loop.train_and_evaluate = spy
+        assert cli.main(["train", "--steps", "2", "--eval-every", "1", "--hidden-size", "4",
+                         "--eval-batch-size", "5000", "--compile-cache", "off"]) == 0
+        print("library:", seen, gc.isenabled(), gc.get_freeze_count())
     """)
     env = {**os.environ, "HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    assert lines[:3] == ["before: True 0", "library call: True 0", "training: True True"]
+    out = {}
+    for name, code in (("program", script), ("library", library)):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        out[name] = [line for line in proc.stdout.splitlines()
+                     if line.split(":")[0] in ("imported", "training", "exit", "library")]
+    assert out["program"] == ["imported: False True", "training: True True", "exit: 0"]
+    assert out["library"] == ["library: [(True, 0)] True 0"]
 
 
 @pytest.mark.parametrize(

@@ -619,6 +619,27 @@ def test_normalize_host_and_device_agree_bitwise():
     assert PIXEL_SCALE[0] == 0.0 and PIXEL_SCALE[255] == 1.0
 
 
+def test_the_device_dataset_is_normalised_there_to_the_hosts_bits(small):
+    """put_dataset and to_device send uint8 images and make them float32 on the device:
+    the host's bits, the mesh's replicated sharding, the labels as they were."""
+    from rnnjax import parallel
+    from rnnjax.data.pipeline import float_images, to_device
+
+    dp = parallel.DataParallel.from_config(Config())
+    for on_device in (dp.dataset(small), to_device(small)):
+        for got, images in ((on_device.train_images, small.train_images),
+                            (on_device.test_images, small.test_images)):
+            assert got.dtype == jnp.float32 and got.shape == images.shape
+            assert np.asarray(got).tobytes() == normalize_host(images).tobytes()
+        for got, labels in ((on_device.train_labels, small.train_labels),
+                            (on_device.test_labels, small.test_labels)):
+            np.testing.assert_array_equal(np.asarray(got), labels)
+    assert dp.dataset(small).train_images.sharding.is_equivalent_to(dp.replicated, 3)
+    with pytest.raises(ValueError, match="images of dtype float32: the dataset's images are "
+                                         "uint8"):
+        float_images(to_device(small))  # already float32
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_host_batches(small, shuffle):
     images, labels = small.train_images, small.train_labels
