@@ -306,13 +306,14 @@ def train_and_evaluate(
     config: Config,
     workdir: Path | str | None = None,
     *,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     progress: bool | None = None,
     resume: bool = False,
     tuning: dict[str, Any] | None = None,
     load: Loader = load_dataset,
 ) -> RunResult:
-    """Train ``config`` end to end, printing the seed's evaluation lines to ``out``.
+    """Train ``config`` end to end, printing the seed's evaluation lines to ``out``
+    (default: ``sys.stdout`` as it is when called).
 
     With ``workdir``, writes ``config.json``, ``metrics.jsonl``/``.csv``, TensorBoard
     event files, ``summary.json`` and ``learning_curves.png`` there, and checkpoints in
@@ -326,6 +327,7 @@ def train_and_evaluate(
     must be set before JAX's backend starts in this process
     (``rnnjax.runtime.apply_xla_flags``).
     """
+    out = sys.stdout if out is None else out
     try:
         runtime.apply_xla_flags(config.xla_flags)
     except ValueError as e:

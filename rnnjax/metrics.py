@@ -189,7 +189,7 @@ class TensorBoardWriter:
 
     @classmethod
     def open(
-        cls, directory: Path, *, purge_step: int | None = None, note: TextIO = sys.stderr
+        cls, directory: Path, *, purge_step: int | None = None, note: TextIO | None = None
     ) -> TensorBoardWriter | None:
         try:
             from tensorboardX import SummaryWriter
@@ -202,7 +202,8 @@ class TensorBoardWriter:
         try:
             import tensorflow as tf
         except ImportError:
-            note.write("rnnjax: note: no TensorBoard event files (pip install tensorboardX)\n")
+            (note or sys.stderr).write(
+                "rnnjax: note: no TensorBoard event files (pip install tensorboardX)\n")
             return None
         return cls(tf.summary.create_file_writer(str(directory)), "tensorflow")
 
@@ -228,10 +229,12 @@ class TensorBoardWriter:
 class Progress:
     """A one-line progress display with steps/s and ETA, on a terminal only."""
 
-    def __init__(self, total: int, stream: TextIO = sys.stderr, enabled: bool | None = None):
+    def __init__(self, total: int, stream: TextIO | None = None, enabled: bool | None = None):
+        """``stream``: where to draw (default: ``sys.stderr`` as it is when called, not as
+        it was when this module was imported)."""
         self.total = total
-        self.stream = stream
-        self.enabled = stream.isatty() if enabled is None else enabled
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = self.stream.isatty() if enabled is None else enabled
         self._start = time.perf_counter()
         self._first_step: int | None = None
 

@@ -217,7 +217,7 @@ def test_os_errors_with_a_known_fix_are_one_line_naming_it(monkeypatch, capsys, 
                                                             code, fix):
     path = tmp_path / "run" / "metrics.jsonl"
 
-    def fail(args):
+    def fail(args, whole_process=False):
         raise OSError(code, os.strerror(code), str(path))
 
     monkeypatch.setattr(cli, "_train", fail)
@@ -235,7 +235,7 @@ def test_os_errors_with_a_known_fix_are_one_line_naming_it(monkeypatch, capsys, 
                                    OSError("no errno")])
 def test_other_os_errors_are_not_taken_for_a_full_disk(monkeypatch, capsys, error):
     """An OSError rnnjax cannot explain keeps its traceback, not a wrong fix."""
-    def fail(args):
+    def fail(args, whole_process=False):
         raise error
 
     monkeypatch.setattr(cli, "_train", fail)
