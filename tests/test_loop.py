@@ -97,3 +97,18 @@ def test_seed_experiment_reaches_090():
     # 0.914-0.941 (mean 0.931), Keras 3 at 0.917-0.933 (CPU, jax 0.10.2; issue 13). 0.90
     # is 0.014 under the worst seed; a recipe that learns less than Keras' fails it.
     assert result.summary["final_test_accuracy"] >= 0.90
+
+
+def test_output_goes_to_the_streams_of_the_call_not_of_the_import(monkeypatch):
+    """The progress line and the evaluation lines use sys.stderr / sys.stdout as they are
+    when called (a default bound when the module was imported would keep a stream since
+    replaced or closed, as pytest's captures are)."""
+    from rnnjax import metrics
+
+    err, out = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    monkeypatch.setattr("sys.stdout", out)
+    assert metrics.Progress(10).stream is err
+    train_and_evaluate(Config(steps=2, eval_every=1, hidden_size=4, eval_batch_size=5000,
+                              compile_cache="off"))
+    assert out.getvalue().startswith("step     0  test cost:")
