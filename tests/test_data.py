@@ -626,7 +626,9 @@ def test_the_device_dataset_is_normalised_there_to_the_hosts_bits(small):
     from rnnjax.data.pipeline import float_images, to_device
 
     dp = parallel.DataParallel.from_config(Config())
-    for on_device in (dp.dataset(small), to_device(small)):
+    placed = dp.dataset(small)
+    assert placed.train_images.sharding.is_equivalent_to(dp.replicated, 3)
+    for on_device in (placed, to_device(small)):
         for got, images in ((on_device.train_images, small.train_images),
                             (on_device.test_images, small.test_images)):
             assert got.dtype == jnp.float32 and got.shape == images.shape
@@ -634,7 +636,6 @@ def test_the_device_dataset_is_normalised_there_to_the_hosts_bits(small):
         for got, labels in ((on_device.train_labels, small.train_labels),
                             (on_device.test_labels, small.test_labels)):
             np.testing.assert_array_equal(np.asarray(got), labels)
-    assert dp.dataset(small).train_images.sharding.is_equivalent_to(dp.replicated, 3)
     with pytest.raises(ValueError, match="images of dtype float32: the dataset's images are "
                                          "uint8"):
         float_images(to_device(small))  # already float32
