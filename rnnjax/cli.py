@@ -58,7 +58,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(Config):
         flag = flag_name(f.name)
         default = getattr(defaults, f.name)
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        # argparse %-formats help strings: a literal % (as in 'train[:90%]') must be doubled
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
         if hints[f.name] in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -13,6 +14,7 @@ import pytest
 
 from rnnjax import cli
 from rnnjax.cli import main
+from rnnjax.config import Config, flag_name
 
 
 def run_cli(*args, cwd=None, env=None):
@@ -34,6 +36,18 @@ def test_train_end_to_end(tmp_path):
     assert lines[5].startswith("device: cpu") and "jax " in lines[5]
     summary = json.loads((work / "summary.json").read_text())
     assert summary["steps"] == 21 and summary["backend"] == "cpu"
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["tune"], ["eval"], ["predict"]])
+def test_every_help_prints_and_exits_0(capsys, command):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and out.startswith("usage: rnnjax"), out
+    if command in (["train"], ["tune"]):  # every Config flag, its help as written
+        for field in dataclasses.fields(Config):
+            assert flag_name(field.name) in out, field.name
+        assert "'train[:90%]'" in " ".join(out.split())  # argparse's %-formatting escaped
 
 
 def test_the_program_collects_garbage_while_it_trains_and_a_library_call_never_sets_it(
