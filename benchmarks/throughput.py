@@ -87,6 +87,14 @@ def step_ops(
     instead of the configured one, if given), forward and backward
     (``rnnjax.hlo.ops_per_step``), compiled at unroll 1 for ``device``."""
     config = config.replace(unroll=1)
+    text = step_text(config, device, cell)
+    return hlo.ops_per_step(text, 28 if config.order == "rows" else 784)
+
+
+def step_text(config: Config, device: jax.Device | None = None, cell: Cell | None = None
+              ) -> str:
+    """The compiled text of one train step of ``config``'s model (``cell`` instead of the
+    configured one, if given) for ``device``, on a batch of zeros."""
     model, optimizer = make_model(config), make_optimizer(config)
     if cell is not None:
         model = dataclasses.replace(model, cell=cell)
@@ -96,8 +104,7 @@ def step_ops(
         images = jnp.zeros((config.batch_size, 28, 28), jnp.float32)
         labels = jnp.zeros((config.batch_size,), jnp.int32)
         fn = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer))
-        text = fn.lower(state, images, labels).compile().as_text()
-    return hlo.ops_per_step(text, 28 if config.order == "rows" else 784)
+        return fn.lower(state, images, labels).compile().as_text()
 
 
 def measure(device, data, batch: int, unroll: int, steps_per_call: int, repeats: int,

@@ -226,6 +226,52 @@ def _previous(first: jax.Array, seq: jax.Array) -> jax.Array:
     return jnp.concatenate([first[None], seq[:-1]], axis=0)
 
 
+def _scan_rows(step: Callable, carry: Carry, rows: jax.Array, xs: Any = None, *,
+               in_place: bool = True, reverse: bool = False, unroll: int = 1
+               ) -> tuple[Carry, jax.Array, Any]:
+    """``lax.scan`` over ``rows [T, ...]`` (and ``xs``, a pytree of ``[T, ...]``) whose step
+    also returns a new row: ``step(carry, row_t, x_t) -> (carry, new_row_t, y_t)``.
+
+    Returns ``(carry, new_rows [T, ...], ys)``; the same values, bit for bit, however run.
+    A scan's stacked output is a new array that XLA fills with zeros before the loop, a
+    pass over all of it in every call (three of the pixels LSTM's [784, 50, 4H]-sized
+    arrays: about a tenth of its train step on XLA:CPU). With ``in_place`` (the new rows of
+    the rows' shape and dtype, ``rows`` not read again by the caller), on XLA:CPU and in a
+    loop of one step per iteration, each new row is instead written over the row just read,
+    into ``rows``' buffer: no new array, no zeros. XLA keeps that write in place only where
+    every reader of the row comes before the write in the dataflow; a reader it places
+    after (a cheap elementwise op it recomputes for another consumer) makes it copy the
+    whole array every step. ``tests/test_hlo.py`` checks the compiled loops for such copies
+    in every form the tuner times; other backends and unrolled loops keep stacked outputs.
+    """
+    def stacked(carry, rows, xs):
+        def body(carry, inputs):
+            carry, new_row, y = step(carry, *inputs)
+            return carry, (new_row, y)
+
+        carry, (new_rows, ys) = jax.lax.scan(body, carry, (rows, xs), reverse=reverse,
+                                             unroll=unroll)
+        return carry, new_rows, ys
+
+    if not in_place or unroll != 1:
+        return stacked(carry, rows, xs)
+
+    def written_over(carry, rows, xs):
+        def body(state, inputs):
+            carry, rows = state
+            t, x_t = inputs
+            carry, new_row, y = step(carry, jax.lax.dynamic_index_in_dim(rows, t, keepdims=False),
+                                     x_t)
+            return (carry, jax.lax.dynamic_update_index_in_dim(rows, new_row, t, 0)), y
+
+        # Unsigned indices: a signed one is wrapped if negative, an op of its own per step.
+        times = jnp.arange(rows.shape[0], dtype=jnp.uint32)
+        (carry, rows), ys = jax.lax.scan(body, (carry, rows), (times, xs), reverse=reverse)
+        return carry, rows, ys
+
+    return jax.lax.platform_dependent(carry, rows, xs, cpu=written_over, default=stacked)
+
+
 # --- Elman cells (SimpleRNN, IRNN) and their fused backward pass --------------------------
 
 _ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
@@ -276,13 +322,16 @@ def _elman_forward(xs, kernel, recurrent, bias, h0, activation, unroll, input_in
     bias, recurrent = bias.astype(dtype), recurrent.astype(dtype)
     inputs, project = _loop_inputs(xs, kernel, input_in_loop)
 
-    def step(h, x_t):
+    def step(h, x_t, _unused):
         # (x_t W + b) + h U, as ever: the bias is added in the loop's one elementwise op
         # instead of in a pass of its own over the whole [T, B, H] projection.
         h = act(project(x_t) + bias + h @ recurrent)
-        return h, h
+        return h, h, None
 
-    h_last, hs = jax.lax.scan(step, h0, inputs, unroll=unroll)
+    # h_t is written over the hoisted projection's row t (_scan_rows); not with relu, which
+    # XLA:CPU recomputes in the write's fusion, after the carry's read of the row.
+    h_last, hs, _ = _scan_rows(step, h0, inputs, unroll=unroll,
+                               in_place=not input_in_loop and activation == "tanh")
     return hs, h_last
 
 
@@ -310,29 +359,28 @@ def _elman_bwd(activation, unroll, weight_grad, projection, residuals, cotangent
     def local(g, dh, h):
         return (g if dh is None else dh + g) * derivative(h)
 
+    # dz_t is written over h_t, the row it is computed from (_scan_rows).
     if _per_step(weight_grad, xs.shape[1]):
 
-        def step(carry, inputs_t):
+        def step(carry, h, inputs_t):
             g, dkernel, drecurrent = carry
-            dh, h, x, hp = inputs_t
+            dh, x, hp = inputs_t
             dz = local(g, dh, h)
             dkernel = dkernel + jnp.matmul(x.T, dz, preferred_element_type=jnp.float32)
             drecurrent = drecurrent + jnp.matmul(hp.T, dz, preferred_element_type=jnp.float32)
-            return (dz @ rec_t, dkernel, drecurrent), dz
+            return (dz @ rec_t, dkernel, drecurrent), dz, None
 
         zeros = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(recurrent.shape, jnp.float32))
-        (dh0, *dweights), dzs = jax.lax.scan(
-            step, (dh_last, *zeros), (dhs, hs, xs, h_prev), reverse=True,
-            unroll=unroll,
-        )
+        (dh0, *dweights), dzs, _ = _scan_rows(step, (dh_last, *zeros), hs, (dhs, xs, h_prev),
+                                              reverse=True, unroll=unroll)
         dweights = jnp.concatenate(dweights, axis=0)
     else:
 
-        def step(g, inputs_t):
-            dz = local(g, *inputs_t)
-            return dz @ rec_t, dz
+        def step(g, h, dh):
+            dz = local(g, dh, h)
+            return dz @ rec_t, dz, None
 
-        dh0, dzs = jax.lax.scan(step, dh_last, (dhs, hs), reverse=True, unroll=unroll)
+        dh0, dzs, _ = _scan_rows(step, dh_last, hs, dhs, reverse=True, unroll=unroll)
         # [x_t, h_{t-1}]^T dz over all steps in one product.
         dweights = _time_batch_product(jnp.concatenate([xs, h_prev], axis=-1), dzs)
     dxs = dzs @ kernel.astype(dzs.dtype).T
@@ -408,10 +456,13 @@ def _gated_init(hidden: int, gates: int, bias: Callable[[], jax.Array]) -> Calla
 
 
 # The LSTM recurrence, like elman_layer, has a hand-written backward pass. Its forward loop
-# stores, besides h, the step's local Jacobian as one [B, 6H] array, ``[dz/dc] * ...``:
-# the gate pre-activations' gradient is then dz_t = [dc, dc, dc, dh] * jac_t[:, :4H], with
-# dc_t = dc + dh * jac_t[:, 4H:5H] (o * tanh'(c)) and the cell-state gradient passed back
-# dc * jac_t[:, 5H:] (f). So the backward loop is one elementwise fusion, one concatenate,
+# stores, besides h, the step's local Jacobian in two arrays: jac_z [B, 4H], the gate
+# pre-activations' factors, so that their gradient is dz_t = [dc, dc, dc, dh] * jac_z_t, and
+# jac_c [B, 2H], with dc_t = dc + dh * jac_c_t[:, :H] (o * tanh'(c)) and the cell-state
+# gradient passed back dc * jac_c_t[:, H:] (f). jac_z has the hoisted projection's shape:
+# the forward loop writes it over the projection as it reads it, and the backward loop dz
+# over jac_z (:func:`_scan_rows`: no [T, B, 4H] array zero-filled per call). So the
+# backward loop is one elementwise fusion, one concatenate,
 # one [B, 4H] x [4H, H] product and one store per step (8 ops, from 13 when it stored the
 # gates and recomputed the pieces). Measured on the 2-core AMD EPYC, jax 0.10.2, pixels
 # batch 50, ms per train step in one process: gates stored 103-105, Jacobian stored 81-90,
@@ -457,65 +508,76 @@ def _lstm_step(recurrent, carry, u):
 
 
 def _lstm_scan(xs, kernel, recurrent, bias, h0, c0, unroll, in_loop, jacobian):
-    """The forward loop: ``((h_T, c_T), hs)``, and with ``jacobian`` ``(hs, jacs [T, B, 6H])``
-    as the second element (see the comment above :func:`lstm_layer`)."""
+    """The forward loop: ``((h_T, c_T), hs)``; with ``jacobian`` ``((h_T, c_T), hs,
+    jac_z [T, B, 4H], jac_c [T, B, 2H])`` (see the comment above :func:`lstm_layer`), jac_z
+    written over the hoisted projection."""
     dtype = xs.dtype
     kernel, recurrent, bias = kernel.astype(dtype), recurrent.astype(dtype), bias.astype(dtype)
     inputs, project = _loop_inputs(xs, kernel, in_loop)
 
-    def step(carry, x_t):
+    def step(carry, x_t, _unused=None):
         c_prev = carry[1]
         u = project(x_t) + bias
         carry, (h, _, tanh_c, (i, f, g, o)) = _lstm_step(recurrent, carry, u)
         if not jacobian:
             return carry, h
-        jac = jnp.concatenate([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g),
-                               tanh_c * o * (1 - o), o * (1 - tanh_c * tanh_c), f], axis=-1)
-        return carry, (h, jac)
+        jac_z = jnp.concatenate([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g),
+                                 tanh_c * o * (1 - o)], axis=-1)
+        return carry, jac_z, (h, jnp.concatenate([o * (1 - tanh_c * tanh_c), f], axis=-1))
 
-    return jax.lax.scan(step, (h0, c0), inputs, unroll=unroll)
+    if not jacobian:
+        return jax.lax.scan(step, (h0, c0), inputs, unroll=unroll)
+    carry, jac_z, (hs, jac_c) = _scan_rows(step, (h0, c0), inputs, in_place=not in_loop,
+                                           unroll=unroll)
+    return carry, hs, jac_z, jac_c
 
 
 def _lstm_fwd(xs, kernel, recurrent, bias, h0, c0, unroll, weight_grad, projection):
     xs, kernel, recurrent, bias, h0, c0 = _values(xs, kernel, recurrent, bias, h0, c0)
-    (h_last, c_last), (hs, jacs) = _lstm_scan(xs, kernel, recurrent, bias, h0, c0, unroll,
-                                              in_loop=projection == "in_loop", jacobian=True)
-    return (hs, h_last, c_last), (xs, kernel, recurrent, bias, h0, hs, jacs)
+    (h_last, c_last), hs, jac_z, jac_c = _lstm_scan(
+        xs, kernel, recurrent, bias, h0, c0, unroll, in_loop=projection == "in_loop",
+        jacobian=True)
+    return (hs, h_last, c_last), (xs, kernel, recurrent, bias, h0, hs, jac_z, jac_c)
 
 
 def _lstm_bwd(unroll, weight_grad, projection, residuals, cotangents):
-    xs, kernel, recurrent, bias, h0, hs, jacs = residuals
+    xs, kernel, recurrent, bias, h0, hs, jac_z, jac_c = residuals
     dhs = _dense(cotangents[0])  # None: not read
     dh_last, dc_last = _dense(cotangents[1], h0), _dense(cotangents[2], h0)
     hidden = h0.shape[-1]
     rec_t = recurrent.astype(hs.dtype).T
     h_prev = _previous(h0, hs)
 
-    def gates_gradient(carry, dh, jac):
+    def gates_gradient(carry, jac_z, dh, jac_c):
         dh_next, dc = carry  # from step t + 1: dz_{t+1} @ recurrent^T and dc_{t+1} * f
         dh = dh_next if dh is None else dh + dh_next
-        dc = dc + dh * jac[:, 4 * hidden : 5 * hidden]
-        dz = jnp.concatenate([dc, dc, dc, dh], axis=-1) * jac[:, : 4 * hidden]
-        return (dz @ rec_t, dc * jac[:, 5 * hidden :]), dz
+        dc = dc + dh * jac_c[:, :hidden]
+        dz = jnp.concatenate([dc, dc, dc, dh], axis=-1) * jac_z
+        return (dz @ rec_t, dc * jac_c[:, hidden:]), dz
 
     first = (dh_last, dc_last)  # h_T's gradient enters as step T's recurrent gradient
+    # dz_t is written over jac_z_t, the row it is computed from (_scan_rows).
     if _per_step(weight_grad, xs.shape[1]):
 
-        def step(carry, inputs_t):
+        def step(carry, jac_z, inputs_t):
             carry, dkernel, drecurrent = carry
-            dh, jac, x, h = inputs_t
-            carry, dz = gates_gradient(carry, dh, jac)
+            dh, jac_c, x, h = inputs_t
+            carry, dz = gates_gradient(carry, jac_z, dh, jac_c)
             dkernel = dkernel + jnp.matmul(x.T, dz, preferred_element_type=jnp.float32)
             drecurrent = drecurrent + jnp.matmul(h.T, dz, preferred_element_type=jnp.float32)
-            return (carry, dkernel, drecurrent), dz
+            return (carry, dkernel, drecurrent), dz, None
 
         zeros = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(recurrent.shape, jnp.float32))
-        ((dh0, dc0), dkernel, drecurrent), dzs = jax.lax.scan(
-            step, (first, *zeros), (dhs, jacs, xs, h_prev), reverse=True, unroll=unroll)
+        ((dh0, dc0), dkernel, drecurrent), dzs, _ = _scan_rows(
+            step, (first, *zeros), jac_z, (dhs, jac_c, xs, h_prev), reverse=True, unroll=unroll)
         dbias = dzs.sum(axis=(0, 1), dtype=jnp.float32)
     else:
-        (dh0, dc0), dzs = jax.lax.scan(lambda carry, inputs_t: gates_gradient(carry, *inputs_t),
-                                       first, (dhs, jacs), reverse=True, unroll=unroll)
+
+        def step(carry, jac_z, inputs_t):
+            return *gates_gradient(carry, jac_z, *inputs_t), None
+
+        (dh0, dc0), dzs, _ = _scan_rows(step, first, jac_z, (dhs, jac_c), reverse=True,
+                                        unroll=unroll)
         dkernel, drecurrent, dbias = _weight_gradients(dzs, xs, h_prev)
     dxs = dzs @ kernel.astype(dzs.dtype).T
     return (dxs, dkernel.astype(kernel.dtype), drecurrent.astype(recurrent.dtype),
@@ -555,12 +617,14 @@ def lstm(hidden: int) -> Cell:
 
 
 # The GRU recurrence has a hand-written backward pass too, built as the LSTM's: the forward
-# loop stores, besides h, the step's local Jacobian K_t = [kz, kr, a, a * r, z] [B, 5H]
-# (a = (1 - z)(1 - n^2): the candidate's pre-activation gradient per dh; kz and kr the
-# update and reset gates' per dh), so that the backward loop is: du_t = [dh, dh, dh] *
-# K_t[:, :3H] (the gradient of the input projection, bias included), dr_t = [du_z, du_r,
-# dh * a * r] (of the recurrent pre-activations h_{t-1} @ recurrent + recurrent_bias),
-# dh_{t-1} = dh * z + dr_t @ recurrent^T; every weight gradient is then one product over
+# loop stores, besides h, the step's local Jacobian in two arrays, K_a = [kz, kr, a]
+# [B, 3H] and K_b = [a * r, z] [B, 2H] (a = (1 - z)(1 - n^2): the candidate's
+# pre-activation gradient per dh; kz and kr the update and reset gates' per dh), so that
+# the backward loop is: du_t = [dh, dh, dh] * K_a_t (the gradient of the input projection,
+# bias included), dr_t = [du_z, du_r, dh * a * r] (of the recurrent pre-activations
+# h_{t-1} @ recurrent + recurrent_bias), dh_{t-1} = dh * z + dr_t @ recurrent^T. K_a has the
+# hoisted projection's shape and is written over it, and du over K_a (:func:`_scan_rows`,
+# as the LSTM's). Every weight gradient is then one product over
 # all steps, or accumulated per step (weight_grad), and the input projection is before
 # the loop or inside it (projection). (An earlier version stored the gates and built the
 # factors outside the loops: 9 / 6 ops, but 0.86-0.90x as fast as autodiff here.)
@@ -584,14 +648,16 @@ def gru_layer(
 
 
 def _gru_scan(xs, kernel, bias, recurrent, recurrent_bias, h0, unroll, in_loop, jacobian):
-    """The forward loop: ``(h_T, hs)``, with ``jacobian`` ``(h_T, (hs, K [T, B, 5H]))``."""
+    """The forward loop: ``(h_T, hs)``; with ``jacobian`` ``(h_T, hs, K_a [T, B, 3H],
+    K_b [T, B, 2H])``, the local Jacobian K = [K_a, K_b] (see the comment above
+    :func:`gru_layer`), K_a written over the hoisted projection."""
     dtype = xs.dtype
     kernel, bias = kernel.astype(dtype), bias.astype(dtype)
     recurrent, recurrent_bias = recurrent.astype(dtype), recurrent_bias.astype(dtype)
     hidden = h0.shape[-1]
     inputs, project = _loop_inputs(xs, kernel, in_loop)
 
-    def step(h, x_t):
+    def step(h, x_t, _unused=None):
         u = project(x_t) + bias  # the same sums as _dense_projection
         r_all = h @ recurrent + recurrent_bias
         z = jax.nn.sigmoid(u[:, :hidden] + r_all[:, :hidden])
@@ -602,58 +668,65 @@ def _gru_scan(xs, kernel, bias, recurrent, recurrent_bias, h0, unroll, in_loop, 
         if not jacobian:
             return h_new, h_new
         a = (1 - z) * (1 - n * n)
-        jac = jnp.concatenate([(h - n) * z * (1 - z), a * rh * r * (1 - r), a, a * r, z],
-                              axis=-1)
-        return h_new, (h_new, jac)
+        jac_a = jnp.concatenate([(h - n) * z * (1 - z), a * rh * r * (1 - r), a], axis=-1)
+        return h_new, jac_a, (h_new, jnp.concatenate([a * r, z], axis=-1))
 
-    return jax.lax.scan(step, h0, inputs, unroll=unroll)
+    if not jacobian:
+        return jax.lax.scan(step, h0, inputs, unroll=unroll)
+    h_last, jac_a, (hs, jac_b) = _scan_rows(step, h0, inputs, in_place=not in_loop,
+                                            unroll=unroll)
+    return h_last, hs, jac_a, jac_b
 
 
 def _gru_fwd(xs, kernel, bias, recurrent, recurrent_bias, h0, unroll, weight_grad, projection):
     xs, kernel, bias, recurrent, recurrent_bias, h0 = _values(
         xs, kernel, bias, recurrent, recurrent_bias, h0)
-    h_last, (hs, jacs) = _gru_scan(xs, kernel, bias, recurrent, recurrent_bias, h0, unroll,
-                                   in_loop=projection == "in_loop", jacobian=True)
-    return (hs, h_last), (xs, kernel, recurrent, h0, hs, jacs)
+    h_last, hs, jac_a, jac_b = _gru_scan(xs, kernel, bias, recurrent, recurrent_bias, h0,
+                                         unroll, in_loop=projection == "in_loop", jacobian=True)
+    return (hs, h_last), (xs, kernel, recurrent, h0, hs, jac_a, jac_b)
 
 
 def _gru_bwd(unroll, weight_grad, projection, residuals, cotangents):
-    xs, kernel, recurrent, h0, hs, jacs = residuals
+    xs, kernel, recurrent, h0, hs, jac_a, jac_b = residuals
     dhs, dh_last = _dense(cotangents[0]), _dense(cotangents[1], h0)  # dhs None: not read
     hidden = h0.shape[-1]
     rec_t = recurrent.astype(hs.dtype).T
     h_prev = _previous(h0, hs)
 
-    def local(dh_next, dh, jac):
+    def local(dh_next, jac_a, dh, jac_b):
         dh = dh_next if dh is None else dh + dh_next
-        du = jnp.concatenate([dh, dh, dh], axis=-1) * jac[:, : 3 * hidden]
-        dr = jnp.concatenate([du[:, : 2 * hidden], dh * jac[:, 3 * hidden : 4 * hidden]], -1)
-        return dh * jac[:, 4 * hidden :] + dr @ rec_t, du, dr
+        du = jnp.concatenate([dh, dh, dh], axis=-1) * jac_a
+        dr = jnp.concatenate([du[:, : 2 * hidden], dh * jac_b[:, :hidden]], -1)
+        return dh * jac_b[:, hidden:] + dr @ rec_t, du, dr
 
+    # du_t is written over K_a's row t, the row it is computed from (_scan_rows), when the
+    # weight gradients are accumulated per step.
     if _per_step(weight_grad, xs.shape[1]):
 
-        def step(carry, inputs_t):
+        def step(carry, jac_a, inputs_t):
             dh_next, dkernel, drecurrent, drecurrent_bias = carry
-            dh, jac, x, h = inputs_t
-            dh_next, du, dr = local(dh_next, dh, jac)
+            dh, jac_b, x, h = inputs_t
+            dh_next, du, dr = local(dh_next, jac_a, dh, jac_b)
             dkernel = dkernel + jnp.matmul(x.T, du, preferred_element_type=jnp.float32)
             drecurrent = drecurrent + jnp.matmul(h.T, dr, preferred_element_type=jnp.float32)
             drecurrent_bias = drecurrent_bias + dr.sum(0, dtype=jnp.float32)
-            return (dh_next, dkernel, drecurrent, drecurrent_bias), du
+            return (dh_next, dkernel, drecurrent, drecurrent_bias), du, None
 
         zeros = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(recurrent.shape, jnp.float32),
                  jnp.zeros(recurrent.shape[1:], jnp.float32))
-        (dh0, dkernel, drecurrent, drecurrent_bias), dus = jax.lax.scan(
-            step, (dh_last, *zeros), (dhs, jacs, xs, h_prev), reverse=True, unroll=unroll)
+        (dh0, dkernel, drecurrent, drecurrent_bias), dus, _ = _scan_rows(
+            step, (dh_last, *zeros), jac_a, (dhs, jac_b, xs, h_prev), reverse=True,
+            unroll=unroll)
         dbias = dus.sum(axis=(0, 1), dtype=jnp.float32)
     else:
 
-        def step(dh_next, inputs_t):
-            dh_next, du, dr = local(dh_next, *inputs_t)
-            return dh_next, (du, dr)
+        def step(dh_next, jac_a, inputs_t):
+            dh_next, du, dr = local(dh_next, jac_a, *inputs_t)
+            return dh_next, du, dr
 
-        dh0, (dus, drs) = jax.lax.scan(step, dh_last, (dhs, jacs), reverse=True,
-                                       unroll=unroll)
+        # Stacked: XLA:CPU recomputes du's first 2H for dr after du's write (_scan_rows).
+        dh0, dus, drs = _scan_rows(step, dh_last, jac_a, (dhs, jac_b), in_place=False,
+                                   reverse=True, unroll=unroll)
         dkernel, dbias = _weight_gradients(dus, xs)
         drecurrent, drecurrent_bias = _weight_gradients(drs, h_prev)
     dxs = dus @ kernel.astype(dus.dtype).T
@@ -670,9 +743,10 @@ def gru(hidden: int, backward: str = "autodiff") -> Cell:
 
     backward: what ``--backward auto`` runs, ``"autodiff"`` (of the scan of ``step``, the
     projection in the loop) or ``"hand_written"`` (:func:`gru_layer`: 15 / 10 ops per time
-    step against 20 / 21, but measured 0.88-1.0x as fast on the 2-core development machine,
-    where the bytes it stores per step cost more than the ops it saves; ``rnnjax.tune``
-    times both). Forward results are the same bit for bit either way.
+    step against 20 / 21; on the 2-core development machine it measured 0.88-1.0x as fast
+    until it wrote its rows in place, 1.1-1.2x since, at pixels batch 50: which wins
+    depends on the machine, and ``rnnjax.tune`` times both). Forward results are the same
+    bit for bit either way.
     """
     if backward not in ("autodiff", "hand_written"):
         raise ValueError(f"GRU backward {backward!r}; choose 'autodiff' or 'hand_written'")

@@ -5,7 +5,8 @@ The sequential part of a train step is a ``while`` loop over time, forward and (
 op the runtime launches per iteration: a thunk on XLA:CPU (about 1.4-2 us each), a kernel
 on a GPU. Their count, not the FLOPs, bounds small-batch speed, so it is worth counting:
 :func:`loop_ops` lists every while loop of a program with its body's op count,
-:func:`ops_per_step` turns that into forward and backward ops per time step.
+:func:`ops_per_step` turns that into forward and backward ops per time step, and
+:func:`sequence_copies` finds the loops that copy a whole [T, ...] array every iteration.
 
 Counted: every instruction of the body computation except those that launch nothing
 (``parameter``, ``get-tuple-element``, ``tuple``, ``constant``, ``bitcast``). A fusion is
@@ -25,6 +26,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]
 _BODY = re.compile(r"\bbody=%?([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_COPY_SHAPE = re.compile(r"=\s*\w+\[(\d+)[,\]].*?\scopy\(")
 
 
 @dataclass(frozen=True)
@@ -97,3 +99,21 @@ def ops_per_step(hlo_text: str, time_steps: int) -> dict[str, float]:
         steps_per_iteration = time_steps // trips
         totals["backward" if loop.backward else "forward"] += len(loop.ops) / steps_per_iteration
     return totals
+
+
+def sequence_copies(hlo_text: str, time_steps: int) -> list[str]:
+    """The ``copy`` instructions inside while loop bodies whose result is a ``[time_steps,
+    ...]`` array: a loop that writes rows of an array in place (``rnnjax.cells._scan_rows``)
+    where XLA could not keep the write in place copies the whole array every iteration.
+    Returns their lines (empty: none)."""
+    comps = computations(hlo_text)
+    bodies = {match.group(1) for instructions in comps.values()
+              for _, opcode, line in instructions if opcode == "while"
+              for match in [_BODY.search(line)] if match}
+    found = []
+    for name in bodies:
+        for _, opcode, line in comps.get(name, ()):
+            shape = _COPY_SHAPE.search(line) if opcode == "copy" else None
+            if shape and int(shape.group(1)) == time_steps:
+                found.append(line.strip())
+    return found
