@@ -204,6 +204,20 @@ def test_predict_bad_images_give_one_line(capsys, tmp_path, saved):
                     "white.jpg: no ink found")
 
 
+def test_predict_an_image_pillow_refuses_as_too_large_gives_one_line(monkeypatch, capsys,
+                                                                      tmp_path, saved):
+    """Pillow refuses an image of more than twice ``MAX_IMAGE_PIXELS`` (179 million by
+    default: a 190 KB PNG of 14000x14000 is one) with ``DecompressionBombError``, which is
+    no OSError; the limit is lowered here so that a small image crosses it."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40 // 4)
+    _one_line_error(capsys, ["predict", str(saved), str(tmp_path / "huge.png")],
+                    "huge.png: too large, over 800 pixels")
+
+
 def test_resume_and_existing_checkpoints_on_the_command_line(capsys, tmp_path, saved):
     work = saved.parent.parent
     _one_line_error(capsys, ["train", "--resume"], "--resume needs --workdir")
