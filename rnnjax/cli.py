@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
+# Output read by a pipe whose reader has gone (`rnnjax eval RUN | head -3`): stop quietly,
+# with the status a shell reports for a program killed by SIGPIPE (128 + 13), as `yes | head`.
+EXIT_BROKEN_PIPE = 141
 
 # The OS errors that a run can meet writing its files and that have a fix to name: one line
 # and exit 2. Any other OSError is not a problem of the user's input or machine that rnnjax
@@ -370,8 +373,17 @@ def run() -> None:
     """The ``rnnjax`` program (console script, ``python -m rnnjax``): :func:`main` as a
     process of its own, with the garbage collector set for one (``rnnjax.process``)."""
     process.importing()
-    code = main(whole_process=True)
+    try:
+        code = main(whole_process=True)
+    except SystemExit as e:  # argparse's --help
+        code = e.code
     process.exiting()
+    try:
+        sys.stdout.flush()  # a closed pipe met here, not in Python's own flush at exit
+    except BrokenPipeError:
+        code = EXIT_BROKEN_PIPE
+    if code == EXIT_BROKEN_PIPE:  # nothing more can be read: the exit's flush says nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(code)
 
 
@@ -390,6 +402,8 @@ def main(argv: Sequence[str] | None = None, *, whole_process: bool = False) -> i
                     "tune": functools.partial(_tune, whole_process=whole_process),
                     "eval": _eval, "predict": _predict}
         return commands[args.command](args)
+    except BrokenPipeError:  # stdout's reader has gone (`| head`); the tuner's pipes to its
+        return EXIT_BROKEN_PIPE  # children never raise this far
     except (UsageError, ConfigError, IdxError, CheckpointError, ImageError,
             *_metrics_file_error()) as e:
         print(f"rnnjax: error: {e}", file=sys.stderr)

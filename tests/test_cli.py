@@ -285,3 +285,18 @@ def test_a_full_disk_mid_run_is_one_line(tmp_path, capsys):
     assert os.strerror(errno.ENOSPC) in err
     assert "free disk space or choose another --workdir" in err
     assert (work / "config.json").is_file()  # what was written before stays
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_output_to_a_pipe_closed_by_its_reader_stops_quietly(tmp_path, saved, unbuffered):
+    """``rnnjax eval RUN | head -1``: the reader gone, rnnjax stops with no traceback (nor
+    Python's 'Exception ignored' at exit) and the status of a program killed by SIGPIPE,
+    whether stdout is unbuffered (the error met at a print) or buffered (at the flush)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
+    proc = subprocess.Popen([sys.executable, "-m", "rnnjax", "eval", str(saved), "--out",
+                             str(tmp_path / "cm.png")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    proc.stdout.close()  # as `head` does once it has its lines: every write now fails
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == cli.EXIT_BROKEN_PIPE == 141, err
+    assert err == ""
