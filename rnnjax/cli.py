@@ -308,14 +308,16 @@ def _eval(args: argparse.Namespace) -> int:
     from rnnjax.data.sources import load_dataset
     from rnnjax.metrics import seed_line
 
-    step_dir = checkpoint.resolve(args.checkpoint)
-    step = checkpoint.read_meta(step_dir)["step"]  # cheap, before the slow part
+    step_dir = checkpoint.resolve(args.checkpoint)  # cheap, before the slow part
+    if args.out is None:  # named after loading: a run still training may save a newer one
+        check_writable(checkpoint.workdir_of(step_dir), flag="--out")
+    else:
+        _check_out(args.out)
+    loaded = inference.load(args.checkpoint)
+    step_dir = loaded.step_dir
     if args.out is None:
-        home = step_dir.parent.parent if step_dir.parent.name == checkpoint.CHECKPOINTS \
-            else step_dir.parent
-        args.out = home / f"confusion_matrix_step{step}.png"
-    _check_out(args.out)
-    loaded = inference.load(step_dir)
+        args.out = checkpoint.workdir_of(step_dir) / f"confusion_matrix_step{loaded.step}.png"
+        _check_out(args.out)
     config = loaded.config
     if args.data_dir is not None:
         config = config.replace(data_dir=args.data_dir)
@@ -343,15 +345,15 @@ def _predict(args: argparse.Namespace) -> int:
     from rnnjax import checkpoint, inference
     from rnnjax.data.images import load_mnist_image
 
-    step_dir = checkpoint.resolve(args.checkpoint)
-    meta = checkpoint.read_meta(step_dir)
+    step_dir, meta = checkpoint.read_latest(args.checkpoint,
+                                            lambda d: (d, checkpoint.read_meta(d)))
     spec = checkpoint.data_spec(meta, checkpoint.read_config(step_dir, meta))
     if spec.image_shape != (28, 28, 1):
         raise UsageError(f"checkpoint {step_dir} reads {spec.describe()}; predict makes "
                          "image files into 28x28 MNIST digits only: use rnnjax eval on its "
                          "dataset, or inference.probabilities on your own arrays")
     pixels = np.stack([load_mnist_image(path) for path in args.images])  # all, before work
-    loaded = inference.load(step_dir)
+    loaded = inference.load(args.checkpoint)
     probabilities = inference.probabilities(loaded, pixels)
     names = [str(path) for path in args.images]
     width = max(5, *(len(name) for name in names))
