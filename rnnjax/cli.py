@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import errno
 import functools
 import json
@@ -15,7 +16,7 @@ import os
 import shlex
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,8 +52,27 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands: Mapping[str, argparse.ArgumentParser] = {}  # subcommands, by name
+
     def error(self, message: str) -> Any:  # one line, not argparse's usage dump
         raise UsageError(f"{message} (see '{self.prog} --help')")
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        """As argparse's, but an unknown flag is reported by the subcommand that was given
+        it (pointing at its --help, which lists its flags), with the nearest flag it has."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = self.commands.get(getattr(parsed, "command", None) or "", self)
+            flags = [flag for action in command._actions for flag in action.option_strings]
+            guesses = [difflib.get_close_matches(arg.split("=")[0], flags, n=1, cutoff=0.85)
+                       for arg in extra if arg.startswith("-")]
+            near = sorted({guess[0] for guess in guesses if guess})
+            command.error(f"unrecognized arguments: {' '.join(extra)}"
+                          + (f"; did you mean {' or '.join(near)}?" if near else ""))
+        return parsed
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +95,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rnnjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.commands = sub.choices
     train = sub.add_parser("train", help="train and evaluate (defaults: the seed experiment)")
     _add_config_flags(train)
     train.add_argument("--workdir", type=Path, default=None,

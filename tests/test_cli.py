@@ -300,3 +300,17 @@ def test_output_to_a_pipe_closed_by_its_reader_stops_quietly(tmp_path, saved, un
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == cli.EXIT_BROKEN_PIPE == 141, err
     assert err == ""
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--hidden_size", "8"], "unrecognized arguments: --hidden_size 8; did you mean "
+     "--hidden-size? (see 'rnnjax train --help')"),
+    (["tune", "--workdir", "w", "--batchsize=4"], "unrecognized arguments: --workdir w "
+     "--batchsize=4; did you mean --batch-size? (see 'rnnjax tune --help')"),
+    (["eval", "run", "--bogus"], "unrecognized arguments: --bogus (see 'rnnjax eval --help')"),
+])
+def test_an_unknown_flag_points_at_the_help_of_its_command(capsys, argv, message):
+    """`rnnjax --help` lists no flag of train, tune, eval or predict: an unknown flag is
+    reported by its command, pointing at that command's --help, with the flag meant."""
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"rnnjax: error: {message}\n"
