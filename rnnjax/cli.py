@@ -321,6 +321,9 @@ def _check_out(path: Path) -> None:
     """Fail before the work when the file ``path`` could not be written."""
     if path.is_dir():
         raise UsageError(f"--out {path} is a directory; pass a file name ending in .png")
+    if path.suffix.lower() != ".png":  # it is written as a PNG whatever its name says
+        raise UsageError(f"--out {path}: the confusion matrix is written as a PNG; pass a "
+                         "file name ending in .png")
     check_writable(path.parent, flag="--out")
 
 

@@ -183,6 +183,16 @@ def test_eval_and_predict_bad_checkpoints_give_one_line(capsys, tmp_path, saved)
     _one_line_error(capsys, ["eval", str(saved.parent.parent)], "is corrupt: its meta/")
 
 
+@pytest.mark.parametrize("name", ["cm.jpg", "cm.svg", "cm"])
+def test_eval_out_not_a_png_name_is_one_line_before_the_work(capsys, tmp_path, saved, name):
+    """The confusion matrix is a PNG whatever --out says (it was written as PNG bytes into
+    cm.jpg or cm.svg): another suffix is refused before anything is loaded or written."""
+    _one_line_error(capsys, ["eval", str(saved), "--out", str(tmp_path / name)],
+                    f"--out {tmp_path / name}: the confusion matrix is written as a PNG; "
+                    "pass a file name ending in .png")
+    assert not (tmp_path / name).exists()
+
+
 def test_predict_bad_images_give_one_line(capsys, tmp_path, saved):
     import numpy as np
     from PIL import Image
