@@ -230,6 +230,7 @@ def tuned_config(args: argparse.Namespace, config: Config,
     def check_run() -> None:  # what the run would refuse, refused before tuning
         from rnnjax import checkpoint
         from rnnjax.loop import check_data
+        from rnnjax.optim import make_optimizer
 
         # A workdir holding the records of a run stopped before its first checkpoint is
         # compared with the tuned settings once they are known (by the loop): not here.
@@ -244,6 +245,7 @@ def tuned_config(args: argparse.Namespace, config: Config,
         checkpoint.prepare(probe, args.workdir, resume=False)
         dataset = load(config)
         check_data(config, dataset.arrays, dataset.spec)
+        make_optimizer(config)  # options it cannot use: before its children fail on them
 
     # No --tune-budget: the default, shrunk to what a short run can pay back.
     return tune.resolve(config, pinned, None if args.tune_budget is None else budget,
@@ -298,6 +300,9 @@ def _tune(args: argparse.Namespace, whole_process: bool = False) -> int:
     if config.compile_cache not in ("auto", "off"):
         check_writable(Path(config.compile_cache).expanduser(), flag="--compile-cache")
     pinned = frozenset(flag_changes(args)) & set(TUNED)
+    from rnnjax.optim import make_optimizer
+
+    make_optimizer(config)  # options it cannot use: before every child fails on them
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

@@ -115,6 +115,9 @@ def test_the_program_collects_garbage_while_it_trains_and_a_library_call_never_s
         (["--dataset", "./missing_dir"], "no such directory"),
         (["--warmup-steps", "5"], "--warmup-steps needs --schedule warmup_cosine"),
         (["--optimizer", "adamax", "--optimizer-kwargs", "[1]"], "must be a JSON object"),
+        (["--optimizer", "sgd", "--optimizer-kwargs", '{"momentum": "0.9"}'],
+         "--optimizer sgd --optimizer-kwargs '{\"momentum\": \"0.9\"}' cannot update "
+         "parameters (TypeError: "),
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(capsys, tmp_path, args, message):
@@ -324,3 +327,19 @@ def test_an_unknown_flag_points_at_the_help_of_its_command(capsys, argv, message
     reported by its command, pointing at that command's --help, with the flag meant."""
     assert main(argv) == 2
     assert capsys.readouterr().err == f"rnnjax: error: {message}\n"
+
+
+@pytest.mark.parametrize("command", [["train", "--tune"], ["tune"]])
+def test_an_optimizer_that_cannot_update_is_refused_before_tuning(monkeypatch, capsys,
+                                                                   command):
+    """Tuned, every child failed on it and the tuner said the defaults were 'not timed
+    within 30 s' before the run's own error (rnnjax tune: only that, exit 1)."""
+    from rnnjax import tune
+
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("tuning started")
+
+    monkeypatch.setattr(tune, "tune", no_tuning)
+    _one_line_error(capsys, [*command, "--optimizer", "adamw", "--optimizer-kwargs",
+                             '{"weight_decay": "0.1"}', "--compile-cache", "off"],
+                    "cannot update parameters")
