@@ -25,6 +25,7 @@ from rnnjax.config import TUNED, Config, ConfigError, flag_name
 
 if TYPE_CHECKING:
     from rnnjax.data.sources import Loader
+    from rnnjax.data.spec import DataSpec
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
@@ -212,6 +213,17 @@ def tuning_enabled(args: argparse.Namespace) -> bool:
     return os.environ.get(ENV_VAR, "").strip().lower() not in ("0", "off", "false", "no")
 
 
+def check_model(config: Config, spec: DataSpec | None = None) -> None:
+    """Build the model (for the images of ``spec``) and the optimizer, starting no
+    backend: a cell or optimizer that cannot work is one line before tuning, not a failure
+    in each of the tuner's children and a 'not timed' line first."""
+    from rnnjax.model import make_model
+    from rnnjax.optim import make_optimizer
+
+    make_model(config, spec)
+    make_optimizer(config)
+
+
 def tuned_config(args: argparse.Namespace, config: Config,
                  load: Loader) -> tuple[Config, dict[str, Any]]:
     """For a new run: ``config`` with the tuned settings (cached, or measured now within
@@ -230,7 +242,6 @@ def tuned_config(args: argparse.Namespace, config: Config,
     def check_run() -> None:  # what the run would refuse, refused before tuning
         from rnnjax import checkpoint
         from rnnjax.loop import check_data
-        from rnnjax.optim import make_optimizer
 
         # A workdir holding the records of a run stopped before its first checkpoint is
         # compared with the tuned settings once they are known (by the loop): not here.
@@ -245,7 +256,7 @@ def tuned_config(args: argparse.Namespace, config: Config,
         checkpoint.prepare(probe, args.workdir, resume=False)
         dataset = load(config)
         check_data(config, dataset.arrays, dataset.spec)
-        make_optimizer(config)  # options it cannot use: before its children fail on them
+        check_model(config, dataset.spec)
 
     # No --tune-budget: the default, shrunk to what a short run can pay back.
     return tune.resolve(config, pinned, None if args.tune_budget is None else budget,
@@ -300,9 +311,7 @@ def _tune(args: argparse.Namespace, whole_process: bool = False) -> int:
     if config.compile_cache not in ("auto", "off"):
         check_writable(Path(config.compile_cache).expanduser(), flag="--compile-cache")
     pinned = frozenset(flag_changes(args)) & set(TUNED)
-    from rnnjax.optim import make_optimizer
-
-    make_optimizer(config)  # options it cannot use: before every child fails on them
+    check_model(config)
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

@@ -330,16 +330,20 @@ def test_an_unknown_flag_points_at_the_help_of_its_command(capsys, argv, message
 
 
 @pytest.mark.parametrize("command", [["train", "--tune"], ["tune"]])
-def test_an_optimizer_that_cannot_update_is_refused_before_tuning(monkeypatch, capsys,
-                                                                   command):
-    """Tuned, every child failed on it and the tuner said the defaults were 'not timed
-    within 30 s' before the run's own error (rnnjax tune: only that, exit 1)."""
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--optimizer", "adamw", "--optimizer-kwargs", '{"weight_decay": "0.1"}'],
+     "cannot update parameters"),
+    (["--cell", "foo"], "--cell: unknown cell 'foo'"),
+    (["--cell", "flax.linen:Dense"], "is not an RNN cell"),
+])
+def test_a_cell_or_optimizer_that_cannot_work_is_refused_before_tuning(
+        monkeypatch, capsys, command, flags, message):
+    """Tuned (the default), every child failed on it, and the tuner said first that the
+    defaults were 'not timed within 30 s' (rnnjax tune: only that, and exit 1)."""
     from rnnjax import tune
 
     def no_tuning(*args, **kwargs):
         raise AssertionError("tuning started")
 
     monkeypatch.setattr(tune, "tune", no_tuning)
-    _one_line_error(capsys, [*command, "--optimizer", "adamw", "--optimizer-kwargs",
-                             '{"weight_decay": "0.1"}', "--compile-cache", "off"],
-                    "cannot update parameters")
+    _one_line_error(capsys, [*command, *flags, "--compile-cache", "off"], message)
