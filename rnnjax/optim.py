@@ -96,6 +96,9 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
             f"--optimizer {config.optimizer!r} takes no learning_rate: not an optimizer"
         )
     kwargs = parse_kwargs(config.optimizer_kwargs)
+    if "learning_rate" in kwargs:
+        raise ConfigError("--optimizer-kwargs: learning_rate is set by --learning-rate (and "
+                          "--schedule); remove it from --optimizer-kwargs")
     if config.adam_eps > 0 and "eps" in signature.parameters and "eps" not in kwargs:
         kwargs["eps"] = config.adam_eps
     unknown = sorted(set(kwargs) - set(signature.parameters))

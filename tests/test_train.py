@@ -163,6 +163,8 @@ def test_keras_adam_differs_from_optax_adam_only_through_epsilon():
         ({"optimizer": "adamw", "optimizer_kwargs": '{"weight_decay": null}'},
          "cannot update parameters"),
         ({"optimizer": "lbfgs"}, "cannot update parameters .*'value_fn'"),
+        ({"optimizer_kwargs": '{"learning_rate": 0.1}'},  # was 'got multiple values'
+         "learning_rate is set by --learning-rate"),
     ],
 )
 def test_bad_optimizer_settings_are_clear_errors(changes, message):
