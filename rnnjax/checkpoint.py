@@ -26,10 +26,10 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -37,6 +37,7 @@ from rnnjax.config import Config, ConfigError, flag_name, from_dict, to_dict
 from rnnjax.data.spec import IDX_SPEC, DataSpec
 
 CHECKPOINTS = "checkpoints"
+T = TypeVar("T")
 COMMIT_FILE = "commit_success.txt"
 META_FILE = "metadata"  # orbax JsonSave's file name inside meta/
 FORMAT = 1
@@ -176,6 +177,42 @@ def resolve(path: Path | str) -> Path:
         f"{path} holds no checkpoint; pass a step directory (WORKDIR/checkpoints/STEP) or "
         "a workdir trained with --workdir"
     )
+
+
+def read_latest(path: Path | str, read: Callable[[Path], T], attempts: int = 5) -> T:
+    """``read(step_dir)`` of the checkpoint ``path`` names (:func:`resolve`), also while a
+    run still trains there.
+
+    Such a run keeps only its latest ``--keep-checkpoints``: the checkpoint being read may
+    be deleted under ``read``, which then fails as if it were corrupt. Given a workdir (or
+    its checkpoints directory), the newest checkpoint is read again in its place; given
+    that step directory, the error says it was deleted, not that it is corrupt.
+    """
+    path = Path(path)
+    step_dir = resolve(path)
+    for _ in range(attempts - 1):
+        try:
+            return read(step_dir)
+        except CheckpointError:
+            if step_dir == path:  # asked for this one: deleted, or a true error
+                if not (step_dir / COMMIT_FILE).is_file():
+                    raise CheckpointError(
+                        f"checkpoint {step_dir} was deleted while it was read (a run "
+                        "training there keeps only its latest --keep-checkpoints); pass "
+                        f"{workdir_of(step_dir)} for its latest checkpoint"
+                    ) from None
+                raise
+            newest = resolve(path)
+            if newest == step_dir:  # still the latest: a true error
+                raise
+            step_dir = newest
+    return read(step_dir)
+
+
+def workdir_of(step_dir: Path) -> Path:
+    """The workdir of a step directory (``WORKDIR/checkpoints/STEP``), else its parent."""
+    parent = step_dir.parent
+    return parent.parent if parent.name == CHECKPOINTS else parent
 
 
 def digest(state: Any) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import errno
 import functools
 import json
@@ -15,7 +16,7 @@ import os
 import shlex
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,9 +25,13 @@ from rnnjax.config import TUNED, Config, ConfigError, flag_name
 
 if TYPE_CHECKING:
     from rnnjax.data.sources import Loader
+    from rnnjax.data.spec import DataSpec
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
+# Output read by a pipe whose reader has gone (`rnnjax eval RUN | head -3`): stop quietly,
+# with the status a shell reports for a program killed by SIGPIPE (128 + 13), as `yes | head`.
+EXIT_BROKEN_PIPE = 141
 
 # The OS errors that a run can meet writing its files and that have a fix to name: one line
 # and exit 2. Any other OSError is not a problem of the user's input or machine that rnnjax
@@ -48,8 +53,27 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands: Mapping[str, argparse.ArgumentParser] = {}  # subcommands, by name
+
     def error(self, message: str) -> Any:  # one line, not argparse's usage dump
         raise UsageError(f"{message} (see '{self.prog} --help')")
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        """As argparse's, but an unknown flag is reported by the subcommand that was given
+        it (pointing at its --help, which lists its flags), with the nearest flag it has."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = self.commands.get(getattr(parsed, "command", None) or "", self)
+            flags = [flag for action in command._actions for flag in action.option_strings]
+            guesses = [difflib.get_close_matches(arg.split("=")[0], flags, n=1, cutoff=0.85)
+                       for arg in extra if arg.startswith("-")]
+            near = sorted({guess[0] for guess in guesses if guess})
+            command.error(f"unrecognized arguments: {' '.join(extra)}"
+                          + (f"; did you mean {' or '.join(near)}?" if near else ""))
+        return parsed
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +96,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rnnjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.commands = sub.choices
     train = sub.add_parser("train", help="train and evaluate (defaults: the seed experiment)")
     _add_config_flags(train)
     train.add_argument("--workdir", type=Path, default=None,
@@ -188,6 +213,17 @@ def tuning_enabled(args: argparse.Namespace) -> bool:
     return os.environ.get(ENV_VAR, "").strip().lower() not in ("0", "off", "false", "no")
 
 
+def check_model(config: Config, spec: DataSpec | None = None) -> None:
+    """Build the model (for the images of ``spec``) and the optimizer, starting no
+    backend: a cell or optimizer that cannot work is one line before tuning, not a failure
+    in each of the tuner's children and a 'not timed' line first."""
+    from rnnjax.model import make_model
+    from rnnjax.optim import make_optimizer
+
+    make_model(config, spec)
+    make_optimizer(config)
+
+
 def tuned_config(args: argparse.Namespace, config: Config,
                  load: Loader) -> tuple[Config, dict[str, Any]]:
     """For a new run: ``config`` with the tuned settings (cached, or measured now within
@@ -220,6 +256,7 @@ def tuned_config(args: argparse.Namespace, config: Config,
         checkpoint.prepare(probe, args.workdir, resume=False)
         dataset = load(config)
         check_data(config, dataset.arrays, dataset.spec)
+        check_model(config, dataset.spec)
 
     # No --tune-budget: the default, shrunk to what a short run can pay back.
     return tune.resolve(config, pinned, None if args.tune_budget is None else budget,
@@ -274,6 +311,7 @@ def _tune(args: argparse.Namespace, whole_process: bool = False) -> int:
     if config.compile_cache not in ("auto", "off"):
         check_writable(Path(config.compile_cache).expanduser(), flag="--compile-cache")
     pinned = frozenset(flag_changes(args)) & set(TUNED)
+    check_model(config)
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -297,6 +335,9 @@ def _check_out(path: Path) -> None:
     """Fail before the work when the file ``path`` could not be written."""
     if path.is_dir():
         raise UsageError(f"--out {path} is a directory; pass a file name ending in .png")
+    if path.suffix.lower() != ".png":  # it is written as a PNG whatever its name says
+        raise UsageError(f"--out {path}: the confusion matrix is written as a PNG; pass a "
+                         "file name ending in .png")
     check_writable(path.parent, flag="--out")
 
 
@@ -305,14 +346,16 @@ def _eval(args: argparse.Namespace) -> int:
     from rnnjax.data.sources import load_dataset
     from rnnjax.metrics import seed_line
 
-    step_dir = checkpoint.resolve(args.checkpoint)
-    step = checkpoint.read_meta(step_dir)["step"]  # cheap, before the slow part
+    step_dir = checkpoint.resolve(args.checkpoint)  # cheap, before the slow part
+    if args.out is None:  # named after loading: a run still training may save a newer one
+        check_writable(checkpoint.workdir_of(step_dir), flag="--out")
+    else:
+        _check_out(args.out)
+    loaded = inference.load(args.checkpoint)
+    step_dir = loaded.step_dir
     if args.out is None:
-        home = step_dir.parent.parent if step_dir.parent.name == checkpoint.CHECKPOINTS \
-            else step_dir.parent
-        args.out = home / f"confusion_matrix_step{step}.png"
-    _check_out(args.out)
-    loaded = inference.load(step_dir)
+        args.out = checkpoint.workdir_of(step_dir) / f"confusion_matrix_step{loaded.step}.png"
+        _check_out(args.out)
     config = loaded.config
     if args.data_dir is not None:
         config = config.replace(data_dir=args.data_dir)
@@ -340,15 +383,15 @@ def _predict(args: argparse.Namespace) -> int:
     from rnnjax import checkpoint, inference
     from rnnjax.data.images import load_mnist_image
 
-    step_dir = checkpoint.resolve(args.checkpoint)
-    meta = checkpoint.read_meta(step_dir)
+    step_dir, meta = checkpoint.read_latest(args.checkpoint,
+                                            lambda d: (d, checkpoint.read_meta(d)))
     spec = checkpoint.data_spec(meta, checkpoint.read_config(step_dir, meta))
     if spec.image_shape != (28, 28, 1):
         raise UsageError(f"checkpoint {step_dir} reads {spec.describe()}; predict makes "
                          "image files into 28x28 MNIST digits only: use rnnjax eval on its "
                          "dataset, or inference.probabilities on your own arrays")
     pixels = np.stack([load_mnist_image(path) for path in args.images])  # all, before work
-    loaded = inference.load(step_dir)
+    loaded = inference.load(args.checkpoint)
     probabilities = inference.probabilities(loaded, pixels)
     names = [str(path) for path in args.images]
     width = max(5, *(len(name) for name in names))
@@ -370,8 +413,17 @@ def run() -> None:
     """The ``rnnjax`` program (console script, ``python -m rnnjax``): :func:`main` as a
     process of its own, with the garbage collector set for one (``rnnjax.process``)."""
     process.importing()
-    code = main(whole_process=True)
+    try:
+        code = main(whole_process=True)
+    except SystemExit as e:  # argparse's --help
+        code = e.code
     process.exiting()
+    try:
+        sys.stdout.flush()  # a closed pipe met here, not in Python's own flush at exit
+    except BrokenPipeError:
+        code = EXIT_BROKEN_PIPE
+    if code == EXIT_BROKEN_PIPE:  # nothing more can be read: the exit's flush says nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(code)
 
 
@@ -390,6 +442,8 @@ def main(argv: Sequence[str] | None = None, *, whole_process: bool = False) -> i
                     "tune": functools.partial(_tune, whole_process=whole_process),
                     "eval": _eval, "predict": _predict}
         return commands[args.command](args)
+    except BrokenPipeError:  # stdout's reader has gone (`| head`); the tuner's pipes to its
+        return EXIT_BROKEN_PIPE  # children never raise this far
     except (UsageError, ConfigError, IdxError, CheckpointError, ImageError,
             *_metrics_file_error()) as e:
         print(f"rnnjax: error: {e}", file=sys.stderr)

@@ -60,8 +60,12 @@ def fresh_state(config: Config, spec: DataSpec | None = None) -> tuple[train.Tra
 
 
 def load(path: Path | str) -> Loaded:
-    """The checkpoint ``path`` names (a step directory, or a workdir: its latest)."""
-    step_dir = checkpoint.resolve(path)
+    """The checkpoint ``path`` names (a step directory, or a workdir: its latest, also
+    while a run still trains there: :func:`checkpoint.read_latest`)."""
+    return checkpoint.read_latest(path, _load_step)
+
+
+def _load_step(step_dir: Path) -> Loaded:
     meta = checkpoint.read_meta(step_dir)
     config = checkpoint.read_config(step_dir, meta)
     target, model = fresh_state(config, checkpoint.data_spec(meta, config))

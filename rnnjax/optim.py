@@ -96,6 +96,9 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
             f"--optimizer {config.optimizer!r} takes no learning_rate: not an optimizer"
         )
     kwargs = parse_kwargs(config.optimizer_kwargs)
+    if "learning_rate" in kwargs:
+        raise ConfigError("--optimizer-kwargs: learning_rate is set by --learning-rate (and "
+                          "--schedule); remove it from --optimizer-kwargs")
     if config.adam_eps > 0 and "eps" in signature.parameters and "eps" not in kwargs:
         kwargs["eps"] = config.adam_eps
     unknown = sorted(set(kwargs) - set(signature.parameters))
@@ -110,9 +113,33 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
         raise ConfigError(f"--optimizer {config.optimizer}: {e}") from e
     if not isinstance(optimizer, optax.GradientTransformation):
         raise ConfigError(f"--optimizer {config.optimizer!r} did not build an optimizer")
+    check_updates(config, optimizer)
     if config.clip_norm:
         optimizer = optax.chain(optax.clip_by_global_norm(config.clip_norm), optimizer)
     return optimizer
+
+
+def check_updates(config: Config, optimizer: optax.GradientTransformation) -> None:
+    """:class:`ConfigError` unless ``optimizer`` can take the train step's update
+    ``update(grads, state, params)``: an option of the wrong type (``{"b1": "0.9"}``), or an
+    optimizer whose update needs more than the gradients (``lbfgs``: the loss function),
+    would otherwise fail inside the first compiled step. One update is traced on abstract
+    parameters (``jax.eval_shape``): nothing is compiled or allocated, nor is JAX's backend
+    started (``--xla-flags`` may still be set)."""
+    params = {"kernel": jax.ShapeDtypeStruct((3, 2), jnp.float32),
+              "bias": jax.ShapeDtypeStruct((2,), jnp.float32)}
+    try:
+        jax.eval_shape(lambda p: optimizer.update(p, optimizer.init(p), p), params)
+    except (TypeError, ValueError) as e:
+        lines = str(e).strip().splitlines()
+        given = f" --optimizer-kwargs '{config.optimizer_kwargs}'" if config.optimizer_kwargs \
+            else ""
+        raise ConfigError(
+            f"--optimizer {config.optimizer}{given} cannot update parameters "
+            f"({type(e).__name__}: {lines[0] if lines else ''}); give each option a value of "
+            "the type it takes (numbers as JSON numbers), or choose an optimizer whose update "
+            "takes only the gradients (adam, adamw, sgd, ...)"
+        ) from None
 
 
 def parse_kwargs(text: str) -> dict[str, Any]:

@@ -239,6 +239,57 @@ def test_corrupt_checkpoints_give_a_clear_error(tmp_path, capsys):
         checkpoint.read_meta(tampered)
 
 
+def test_eval_and_predict_of_a_run_still_training_read_its_newest_checkpoint(
+        monkeypatch, tmp_path, capsys):
+    """A run still training in the workdir saves a newer checkpoint and deletes the one
+    being read (it keeps the latest --keep-checkpoints): given the workdir, eval and
+    predict (inference.load) read the newest instead; given that step directory, the
+    error says it was deleted, not that it is corrupt (nor to delete it)."""
+    config = Config(hidden_size=4)
+    work = tmp_path / "run"
+    directory = checkpoint.checkpoints_dir(work)
+    writer = checkpoint.CheckpointWriter(directory, keep=1)
+
+    def save(step):
+        writer.save(made_up_state(config)._replace(step=jnp.asarray(step, jnp.int32)), config)
+
+    save(20)
+    restore = checkpoint.restore
+    racing = {}  # the step whose read the run's next save races, and that save's step
+
+    def racing_restore(step_dir, target, meta=None):  # the run saves while the state loads
+        if racing and Path(step_dir).name == str(racing["read"]):
+            save(racing.pop("save"))
+            racing.clear()
+            assert not Path(step_dir).exists()  # the one being read is gone
+        return restore(step_dir, target, meta)
+
+    def race(read, then_saves):
+        racing.update(read=read, save=then_saves)
+
+    monkeypatch.setattr(checkpoint, "restore", racing_restore)
+    try:
+        race(20, 40)  # (each load compiles the initialisation: ~1.5 s; few of them)
+        assert main(["eval", str(work)]) == 0
+        out = capsys.readouterr().out
+        assert f"checkpoint {directory / '40'}: " in out and "after 40 steps" in out, out
+        assert (work / "confusion_matrix_step40.png").is_file()
+        digit = np.zeros((28, 28), np.uint8)
+        digit[5:23, 12:16] = 255
+        Image.fromarray(digit).save(tmp_path / "one.png")
+        race(40, 50)
+        assert main(["predict", str(directory), str(tmp_path / "one.png")]) == 0
+        assert "one.png" in capsys.readouterr().out
+        race(50, 60)
+        assert main(["eval", str(directory / "50")]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"rnnjax: error: checkpoint {directory / '50'} was deleted while it "
+                       "was read (a run training there keeps only its latest "
+                       f"--keep-checkpoints); pass {work} for its latest checkpoint\n")
+    finally:
+        writer.close()
+
+
 def test_resume_and_overwrite_are_checked_before_anything_is_written(runs, tmp_path):
     work = runs.full_dir
     before = {p: p.read_bytes() for p in work.iterdir() if p.is_file()}

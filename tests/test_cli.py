@@ -115,6 +115,9 @@ def test_the_program_collects_garbage_while_it_trains_and_a_library_call_never_s
         (["--dataset", "./missing_dir"], "no such directory"),
         (["--warmup-steps", "5"], "--warmup-steps needs --schedule warmup_cosine"),
         (["--optimizer", "adamax", "--optimizer-kwargs", "[1]"], "must be a JSON object"),
+        (["--optimizer", "sgd", "--optimizer-kwargs", '{"momentum": "0.9"}'],
+         "--optimizer sgd --optimizer-kwargs '{\"momentum\": \"0.9\"}' cannot update "
+         "parameters (TypeError: "),
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(capsys, tmp_path, args, message):
@@ -183,6 +186,16 @@ def test_eval_and_predict_bad_checkpoints_give_one_line(capsys, tmp_path, saved)
     _one_line_error(capsys, ["eval", str(saved.parent.parent)], "is corrupt: its meta/")
 
 
+@pytest.mark.parametrize("name", ["cm.jpg", "cm.svg", "cm"])
+def test_eval_out_not_a_png_name_is_one_line_before_the_work(capsys, tmp_path, saved, name):
+    """The confusion matrix is a PNG whatever --out says (it was written as PNG bytes into
+    cm.jpg or cm.svg): another suffix is refused before anything is loaded or written."""
+    _one_line_error(capsys, ["eval", str(saved), "--out", str(tmp_path / name)],
+                    f"--out {tmp_path / name}: the confusion matrix is written as a PNG; "
+                    "pass a file name ending in .png")
+    assert not (tmp_path / name).exists()
+
+
 def test_predict_bad_images_give_one_line(capsys, tmp_path, saved):
     import numpy as np
     from PIL import Image
@@ -202,6 +215,20 @@ def test_predict_bad_images_give_one_line(capsys, tmp_path, saved):
     Image.fromarray(np.full((40, 40), 255, np.uint8)).save(tmp_path / "white.jpg")
     _one_line_error(capsys, ["predict", str(saved), str(tmp_path / "white.jpg")],
                     "white.jpg: no ink found")
+
+
+def test_predict_an_image_pillow_refuses_as_too_large_gives_one_line(monkeypatch, capsys,
+                                                                      tmp_path, saved):
+    """Pillow refuses an image of more than twice ``MAX_IMAGE_PIXELS`` (179 million by
+    default: a 190 KB PNG of 14000x14000 is one) with ``DecompressionBombError``, which is
+    no OSError; the limit is lowered here so that a small image crosses it."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40 // 4)
+    _one_line_error(capsys, ["predict", str(saved), str(tmp_path / "huge.png")],
+                    "huge.png: too large, over 800 pixels")
 
 
 def test_resume_and_existing_checkpoints_on_the_command_line(capsys, tmp_path, saved):
@@ -271,3 +298,52 @@ def test_a_full_disk_mid_run_is_one_line(tmp_path, capsys):
     assert os.strerror(errno.ENOSPC) in err
     assert "free disk space or choose another --workdir" in err
     assert (work / "config.json").is_file()  # what was written before stays
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_output_to_a_pipe_closed_by_its_reader_stops_quietly(tmp_path, saved, unbuffered):
+    """``rnnjax eval RUN | head -1``: the reader gone, rnnjax stops with no traceback (nor
+    Python's 'Exception ignored' at exit) and the status of a program killed by SIGPIPE,
+    whether stdout is unbuffered (the error met at a print) or buffered (at the flush)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
+    proc = subprocess.Popen([sys.executable, "-m", "rnnjax", "eval", str(saved), "--out",
+                             str(tmp_path / "cm.png")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    proc.stdout.close()  # as `head` does once it has its lines: every write now fails
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == cli.EXIT_BROKEN_PIPE == 141, err
+    assert err == ""
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--hidden_size", "8"], "unrecognized arguments: --hidden_size 8; did you mean "
+     "--hidden-size? (see 'rnnjax train --help')"),
+    (["tune", "--workdir", "w", "--batchsize=4"], "unrecognized arguments: --workdir w "
+     "--batchsize=4; did you mean --batch-size? (see 'rnnjax tune --help')"),
+    (["eval", "run", "--bogus"], "unrecognized arguments: --bogus (see 'rnnjax eval --help')"),
+])
+def test_an_unknown_flag_points_at_the_help_of_its_command(capsys, argv, message):
+    """`rnnjax --help` lists no flag of train, tune, eval or predict: an unknown flag is
+    reported by its command, pointing at that command's --help, with the flag meant."""
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"rnnjax: error: {message}\n"
+
+
+@pytest.mark.parametrize("command", [["train", "--tune"], ["tune"]])
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--optimizer", "adamw", "--optimizer-kwargs", '{"weight_decay": "0.1"}'],
+     "cannot update parameters"),
+    (["--cell", "foo"], "--cell: unknown cell 'foo'"),
+    (["--cell", "flax.linen:Dense"], "is not an RNN cell"),
+])
+def test_a_cell_or_optimizer_that_cannot_work_is_refused_before_tuning(
+        monkeypatch, capsys, command, flags, message):
+    """Tuned (the default), every child failed on it, and the tuner said first that the
+    defaults were 'not timed within 30 s' (rnnjax tune: only that, and exit 1)."""
+    from rnnjax import tune
+
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("tuning started")
+
+    monkeypatch.setattr(tune, "tune", no_tuning)
+    _one_line_error(capsys, [*command, *flags, "--compile-cache", "off"], message)

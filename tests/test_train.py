@@ -156,6 +156,15 @@ def test_keras_adam_differs_from_optax_adam_only_through_epsilon():
         ({"optimizer": "adam", "optimizer_kwargs": "{bad"}, "not valid JSON"),
         ({"optimizer": "sgd", "optimizer_kwargs": '{"b9": 1}'}, "has no argument"),
         ({"optimizer": "global_norm"}, "takes no learning_rate"),
+        # Failed inside the first compiled step, a traceback: values of the wrong type, an
+        # update that needs the loss function.
+        ({"optimizer": "sgd", "optimizer_kwargs": '{"momentum": "0.9"}'},
+         "cannot update parameters"),
+        ({"optimizer": "adamw", "optimizer_kwargs": '{"weight_decay": null}'},
+         "cannot update parameters"),
+        ({"optimizer": "lbfgs"}, "cannot update parameters .*'value_fn'"),
+        ({"optimizer_kwargs": '{"learning_rate": 0.1}'},  # was 'got multiple values'
+         "learning_rate is set by --learning-rate"),
     ],
 )
 def test_bad_optimizer_settings_are_clear_errors(changes, message):

@@ -49,6 +49,10 @@ def read_image(path: Path | str) -> np.ndarray:
     except PermissionError as e:
         raise ImageError(f"image {path}: not readable (permission denied); "
                          "make it readable or pass another file") from e
+    except Image.DecompressionBombError as e:  # Pillow's guard against decompression bombs
+        raise ImageError(f"image {path}: too large, over {2 * Image.MAX_IMAGE_PIXELS:,} "
+                         "pixels (Pillow refuses it as a possible decompression bomb); pass "
+                         "the digit scaled down or cropped") from e
     except UnidentifiedImageError as e:
         raise ImageError(f"image {path}: not an image file Pillow can read; "
                          "pass a PNG or JPEG (or another format Pillow reads)") from e
