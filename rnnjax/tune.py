@@ -161,8 +161,9 @@ def form_candidates(config: Config, pinned: frozenset[str], base: dict[str, Any]
                     ) -> list[dict[str, Any]]:
     """The other forms of the cell worth timing against ``base``'s, each a set of
     ``FORMS`` fields: the other projection, the other weight gradient, the other backward
-    (its default projection; first when the baseline is autodiff), as far as the cell has
-    them and they are not pinned."""
+    (its default projection; first when the baseline is autodiff, and then with its other
+    weight gradient and its other projection too: autodiff's form has no such choices of
+    its own), as far as the cell has them and they are not pinned."""
     from rnnjax import cells
 
     cell = builtin_cell(config)
@@ -185,6 +186,12 @@ def form_candidates(config: Config, pinned: frozenset[str], base: dict[str, Any]
 
     if base["backward"] == "autodiff":  # the hand-written pass first: the likelier to win
         add(backward="hand_written")
+        written = out[-1] if out and out[-1]["backward"] == "hand_written" else None
+        if written is not None:  # its forms (the GRU at pixels batch 50 here: per step won)
+            add(backward="hand_written", weight_grad="per_step"
+                if written["weight_grad"] == "product" else "product")
+            add(backward="hand_written", projection="in_loop"
+                if written["projection"] == "hoisted" else "hoisted")
     add(projection="in_loop" if base["projection"] == "hoisted" else "hoisted")
     add(weight_grad="per_step" if base["weight_grad"] == "product" else "product")
     if base["backward"] == "hand_written":

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -186,13 +187,20 @@ def test_each_form_is_timed_at_the_faster_unroll_then_the_fastest_at_the_middle(
                           fields(1, backward="autodiff", projection="in_loop"),
                           fields(4, projection="in_loop")]
     assert result.choice == fields(1, projection="in_loop", flags="")
-    # The GRU's default is autodiff in the loop; its hand-written backward is a candidate.
+    # The GRU's default is autodiff in the loop; its hand-written backward is a candidate,
+    # in each of its forms.
     gru = tune.model_candidates(Config(cell="gru"), frozenset())
-    assert [(c["backward"], c["projection"]) for c in gru[2:4]] == [
-        ("hand_written", "hoisted"), ("autodiff", "hoisted")]
+    assert [(c["backward"], c["projection"], c["weight_grad"]) for c in gru[2:6]] == [
+        ("hand_written", "hoisted", "product"), ("hand_written", "hoisted", "per_step"),
+        ("hand_written", "in_loop", "product"), ("autodiff", "hoisted", "product")]
     # Fully unrolled first in that form, and autodiff only at unroll 1: its full unroll
     # compiles and runs slowly.
-    assert gru[1] == fields(0) and gru[3]["unroll"] == 1
+    assert gru[1] == fields(0) and gru[5]["unroll"] == 1
+    # A pinned weight gradient is kept in the hand-written forms too.
+    pinned_gru = tune.model_candidates(Config(cell="gru", weight_grad="product"),
+                                       frozenset({"weight_grad"}))
+    assert {c["weight_grad"] for c in pinned_gru} - {tune.BEST} == {"product"}
+    assert len([c for c in pinned_gru if c["backward"] == "hand_written"]) == 3  # + unroll 0
     # A Flax cell has one form: only unrolls (and the feed).
     flax = tune.model_candidates(Config(cell="flax.linen:GRUCell"), frozenset())
     assert [c["unroll"] for c in flax] == [1, 0, 4, 1]
@@ -689,3 +697,35 @@ def test_compile_time_prediction_bounds_the_unrolls_tried():
     assert predict_compile_s(28, {1: 2.0, 4: 1.5}) == pytest.approx(2.0)  # noise: no slope
     assert predict_compile_s(4, {1: 4.0}) == pytest.approx(4.0 * 1.3)
     assert predict_compile_s(28, {1: 2.0}) < 10 < predict_compile_s(784, {1: 2.0})
+
+
+def test_a_program_from_the_compile_cache_counts_the_compile_it_took(tmp_path):
+    """The child reads, for a program loaded from JAX's persistent compilation cache, the
+    compile it took when it was cached (JAX stores whole seconds), so later unrolls' compile
+    times are still predicted: counted as nothing, a baseline loaded from the cache let the
+    pixels' full unroll (minutes of compiling) start and spend the tuner's whole budget."""
+    script = textwrap.dedent("""
+        import sys, time, jax, jax.numpy as jnp
+        from rnnjax import measure, runtime
+        runtime.enable_compile_cache(sys.argv[1])
+        jax.monitoring.register_event_listener(measure._count_cache_hits)
+        jax.monitoring.register_event_duration_secs_listener(measure._add_cached_compile_s)
+        def f(x):  # compiles for seconds: 900 steps unrolled
+            def step(h, _):
+                return jnp.tanh(h @ x) + jnp.sin(h) * jnp.cos(h @ x.T), None
+            return jax.lax.scan(step, x, None, length=900, unroll=900)[0]
+        start = time.perf_counter()
+        jax.jit(f).lower(jnp.ones((8, 8))).compile()
+        print(time.perf_counter() - start, measure.CACHE_HITS[0], measure.CACHED_COMPILE_S[0])
+    """)
+
+    def run() -> list[float]:
+        proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "cache")],
+                              capture_output=True, text=True, timeout=300, check=True)
+        return [float(v) for v in proc.stdout.split()]
+
+    compile_s, hits, cached_s = run()
+    assert hits == 0 and cached_s == 0 and compile_s >= 1.0
+    _, hits, cached_s = run()
+    assert hits > 0 and 1.0 <= cached_s <= compile_s + 0.5
+    assert abs(cached_s - round(cached_s)) < 1e-6  # the seconds stored, whole
