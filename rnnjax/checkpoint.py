@@ -368,8 +368,9 @@ def check_data_spec(saved: DataSpec, spec: DataSpec, where: Path | str) -> None:
 def restore(step_dir: Path | str, target: Any, meta: Mapping[str, Any] | None = None) -> Any:
     """The state saved in ``step_dir``, with the structure, dtypes and devices of ``target``.
 
-    ``target`` is a fresh state of the checkpoint's config (``train.create_state``): its
-    shapes form the abstract restore target, so optimizer states come back as the same
+    ``target`` is a state of the checkpoint's config (``train.create_state``), or its
+    shapes (``jax.ShapeDtypeStruct`` leaves with shardings: ``inference.state_shapes``):
+    they form the abstract restore target, so optimizer states come back as the same
     NamedTuples. The restored bytes are checked against the SHA-256 saved with them; a
     checkpoint without one is refused, never loaded unverified.
     """

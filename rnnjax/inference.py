@@ -44,10 +44,13 @@ class Loaded:
         return DataSpec(self.model.image_shape, self.model.num_classes)
 
 
-def fresh_state(config: Config, spec: DataSpec | None = None) -> tuple[train.TrainState, Model]:
-    """A new state of ``config`` (the loop's initialisation) and its model (for the images
-    and classes of ``spec``; default: the IDX layout). :class:`memory.OutOfMemory` first,
-    allocating nothing, when the state and an evaluation chunk would not fit."""
+def state_shapes(config: Config, spec: DataSpec | None = None) -> tuple[Any, Model]:
+    """The shapes, dtypes and placement (the default device) of a new state of ``config``
+    (the loop's initialisation, traced, not run: ``jax.ShapeDtypeStruct`` leaves, the
+    restore target of a checkpoint) and its model (for the images and classes of
+    ``spec``; default: the IDX layout). :class:`memory.OutOfMemory` first when the state
+    and an evaluation chunk would not fit. (Running the initialisation, as this did,
+    compiled it and drew the orthogonal kernels: 1-1.5 s of every eval and predict.)"""
     from rnnjax.loop import init_state
 
     model = make_model(config, spec)
@@ -56,7 +59,10 @@ def fresh_state(config: Config, spec: DataSpec | None = None) -> tuple[train.Tra
                                                                       model.num_classes),
                            training=False)
     memory.check_fits(need, what=f"the checkpoint's {config.cell} {config.hidden_size} model")
-    return init_state(config, model, optimizer), model
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = jax.eval_shape(lambda: init_state(config, model, optimizer))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                        shapes), model
 
 
 def load(path: Path | str) -> Loaded:
@@ -68,7 +74,7 @@ def load(path: Path | str) -> Loaded:
 def _load_step(step_dir: Path) -> Loaded:
     meta = checkpoint.read_meta(step_dir)
     config = checkpoint.read_config(step_dir, meta)
-    target, model = fresh_state(config, checkpoint.data_spec(meta, config))
+    target, model = state_shapes(config, checkpoint.data_spec(meta, config))
     state = checkpoint.restore(step_dir, target, meta)
     return Loaded(config, state, model, step_dir)
 
