@@ -63,8 +63,9 @@ def computations(hlo_text: str) -> dict[str, list[tuple[str, str, str]]]:
     return result
 
 
-def loop_ops(hlo_text: str) -> list[Loop]:
-    """Every ``while`` of the compiled module text, in program order, with its body's ops."""
+def _while_loops(hlo_text: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """Every ``while`` of the module text, in program order: its line and its body
+    computation's instructions."""
     comps = computations(hlo_text)
     loops = []
     for instructions in comps.values():
@@ -72,13 +73,21 @@ def loop_ops(hlo_text: str) -> list[Loop]:
             if opcode != "while":
                 continue
             body = _BODY.search(line)
-            op_name = _OP_NAME.search(line)
-            trips = _TRIP_COUNT.search(line)
             if body is None:
                 raise ValueError(f"while without a body in: {line.strip()[:200]}")
-            ops = tuple(op for _, op, _ in comps[body.group(1)] if op not in FREE_OPCODES)
-            loops.append(Loop(op_name.group(1) if op_name else "",
-                              int(trips.group(1)) if trips else None, ops, "while" not in ops))
+            loops.append((line, comps[body.group(1)]))
+    return loops
+
+
+def loop_ops(hlo_text: str) -> list[Loop]:
+    """Every ``while`` of the compiled module text, in program order, with its body's ops."""
+    loops = []
+    for line, body in _while_loops(hlo_text):
+        op_name = _OP_NAME.search(line)
+        trips = _TRIP_COUNT.search(line)
+        ops = tuple(op for _, op, _ in body if op not in FREE_OPCODES)
+        loops.append(Loop(op_name.group(1) if op_name else "",
+                          int(trips.group(1)) if trips else None, ops, "while" not in ops))
     return loops
 
 
@@ -106,13 +115,9 @@ def sequence_copies(hlo_text: str, time_steps: int) -> list[str]:
     ...]`` array: a loop that writes rows of an array in place (``rnnjax.cells._scan_rows``)
     where XLA could not keep the write in place copies the whole array every iteration.
     Returns their lines (empty: none)."""
-    comps = computations(hlo_text)
-    bodies = {match.group(1) for instructions in comps.values()
-              for _, opcode, line in instructions if opcode == "while"
-              for match in [_BODY.search(line)] if match}
     found = []
-    for name in bodies:
-        for _, opcode, line in comps.get(name, ()):
+    for _, body in _while_loops(hlo_text):
+        for _, opcode, line in body:
             shape = _COPY_SHAPE.search(line) if opcode == "copy" else None
             if shape and int(shape.group(1)) == time_steps:
                 found.append(line.strip())

@@ -172,6 +172,10 @@ def form_candidates(config: Config, pinned: frozenset[str], base: dict[str, Any]
     current = {name: base[name] for name in FORMS}
     out: list[dict[str, Any]] = []
 
+    def other(form: dict[str, Any], name: str) -> str:  # of a projection or weight gradient
+        return {"hoisted": "in_loop", "in_loop": "hoisted",
+                "product": "per_step", "per_step": "product"}[form[name]]
+
     def add(**changes: str) -> None:
         if set(changes) & pinned:
             return
@@ -187,13 +191,11 @@ def form_candidates(config: Config, pinned: frozenset[str], base: dict[str, Any]
     if base["backward"] == "autodiff":  # the hand-written pass first: the likelier to win
         add(backward="hand_written")
         written = out[-1] if out and out[-1]["backward"] == "hand_written" else None
-        if written is not None:  # its forms (the GRU at pixels batch 50 here: per step won)
-            add(backward="hand_written", weight_grad="per_step"
-                if written["weight_grad"] == "product" else "product")
-            add(backward="hand_written", projection="in_loop"
-                if written["projection"] == "hoisted" else "hoisted")
-    add(projection="in_loop" if base["projection"] == "hoisted" else "hoisted")
-    add(weight_grad="per_step" if base["weight_grad"] == "product" else "product")
+        if written is not None:  # its other forms: autodiff's flips below change nothing
+            add(backward="hand_written", weight_grad=other(written, "weight_grad"))
+            add(backward="hand_written", projection=other(written, "projection"))
+    add(projection=other(base, "projection"))
+    add(weight_grad=other(base, "weight_grad"))
     if base["backward"] == "hand_written":
         add(backward="autodiff")
     return out
