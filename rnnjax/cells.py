@@ -139,7 +139,9 @@ def scan_cell(
 
     ``unroll`` is ``lax.scan``'s unroll factor; 0 unrolls all T steps. ``backward``,
     ``projection`` and ``weight_grad`` choose the form of the computation
-    (:func:`resolve_form`); every form computes the same values (the forward bit for bit).
+    (:func:`resolve_form`); every form computes the same sums in the same order: the same
+    values, bit for bit where XLA generates the same rounding for them (it did on an AVX2
+    CPU), else a few ulps apart (an AVX-512 one; ``tests/test_cells.py``).
     """
     time, batch = xs.shape[0], xs.shape[1]
     if carry is None:
@@ -299,12 +301,12 @@ def elman_layer(
     (hs [T, B, H], h_T [B, H]: the loop's final carry, equal to hs[-1]).
     The input projection of all T steps is one product before the scan. The custom VJP
     keeps the backward loop to what is truly sequential, ``dz_t = (dh_t + g) * act'``
-    and ``g = dz_t @ recurrent^T``; the kernel and recurrent-kernel gradients are then
-    one product over all steps, ``[x_t, h_{t-1}]^T dz``, instead of T small
+    and ``g = dz_t @ recurrent^T``; the kernel, recurrent-kernel and bias gradients are
+    then one product over all steps, ``[x_t, h_{t-1}, 1]^T dz``, instead of T small
     accumulations inside the loop (what autodiff of the scan does); ``weight_grad``
     'per_step' accumulates them in the loop instead, 'auto' picks by batch size.
     ``projection`` 'in_loop' multiplies each x_t by the kernel inside the forward loop
-    under a gradient too (the same values, bit for bit).
+    under a gradient too (the same sums).
 
     Without a gradient (evaluation, inference) each step multiplies its own x_t by the
     kernel inside the loop instead: the [T, B, H] projection is then never written and
@@ -351,7 +353,6 @@ def _elman_bwd(activation, unroll, weight_grad, projection, residuals, cotangent
     xs, hs, kernel, recurrent, bias, h0 = residuals
     # h_T's gradient enters as the recurrent gradient of step T; dhs None: not read.
     dhs, dh_last = _dense(cotangents[0]), _dense(cotangents[1], h0)
-    features = xs.shape[-1]
     derivative = _ACTIVATIONS[activation][1]  # of h_t, in the loop's one fusion
     rec_t = recurrent.astype(hs.dtype).T
     h_prev = _previous(h0, hs)
@@ -371,9 +372,9 @@ def _elman_bwd(activation, unroll, weight_grad, projection, residuals, cotangent
             return (dz @ rec_t, dkernel, drecurrent), dz, None
 
         zeros = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(recurrent.shape, jnp.float32))
-        (dh0, *dweights), dzs, _ = _scan_rows(step, (dh_last, *zeros), hs, (dhs, xs, h_prev),
-                                              reverse=True, unroll=unroll)
-        dweights = jnp.concatenate(dweights, axis=0)
+        (dh0, dkernel, drecurrent), dzs, _ = _scan_rows(
+            step, (dh_last, *zeros), hs, (dhs, xs, h_prev), reverse=True, unroll=unroll)
+        dbias = dzs.sum(axis=(0, 1), dtype=jnp.float32)
     else:
 
         def step(g, h, dh):
@@ -381,14 +382,15 @@ def _elman_bwd(activation, unroll, weight_grad, projection, residuals, cotangent
             return dz @ rec_t, dz, None
 
         dh0, dzs, _ = _scan_rows(step, dh_last, hs, dhs, reverse=True, unroll=unroll)
-        # [x_t, h_{t-1}]^T dz over all steps in one product.
-        dweights = _time_batch_product(jnp.concatenate([xs, h_prev], axis=-1), dzs)
+        # [x_t, h_{t-1}, 1]^T dz over all steps in one product, the bias's gradient with
+        # them: unrolled at batch 50, XLA split a sum of its own into a reduction per step
+        # (56 ops of a 216-op step).
+        dkernel, drecurrent, dbias = _weight_gradients(dzs, xs, h_prev)
     dxs = dzs @ kernel.astype(dzs.dtype).T
-    dbias = dzs.sum(axis=(0, 1), dtype=jnp.float32)
     return (
         dxs,
-        dweights[:features].astype(kernel.dtype),
-        dweights[features:].astype(recurrent.dtype),
+        dkernel.astype(kernel.dtype),
+        drecurrent.astype(recurrent.dtype),
         dbias.astype(bias.dtype),
         dh0,
     )
@@ -745,8 +747,8 @@ def gru(hidden: int, backward: str = "autodiff") -> Cell:
     projection in the loop) or ``"hand_written"`` (:func:`gru_layer`: 15 / 10 ops per time
     step against 20 / 21; on the 2-core development machine it measured 0.88-1.0x as fast
     until it wrote its rows in place, 1.1-1.2x since, at pixels batch 50: which wins
-    depends on the machine, and ``rnnjax.tune`` times both). Forward results are the same
-    bit for bit either way.
+    depends on the machine, and ``rnnjax.tune`` times both). The forward computes the same
+    sums either way (equal to float32 rounding: ``tests/test_cells.py``).
     """
     if backward not in ("autodiff", "hand_written"):
         raise ValueError(f"GRU backward {backward!r}; choose 'autodiff' or 'hand_written'")

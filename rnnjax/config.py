@@ -24,7 +24,7 @@ SCHEDULES = ("constant", "cosine", "warmup_cosine")
 # Forms of the same computation (rnnjax.cells.resolve_form), 'auto' the untuned rule:
 # the backward pass hand-written or autodiff of the scan; the input projection before the
 # loop or inside it; the weight gradient one product after the backward loop or
-# accumulated inside it. Equal up to rounding (the forward bit for bit).
+# accumulated inside it. The same sums, equal up to rounding.
 BACKWARDS = ("auto", "hand_written", "autodiff")
 PROJECTIONS = ("auto", "hoisted", "in_loop")
 WEIGHT_GRADS = ("auto", "product", "per_step")

@@ -311,10 +311,24 @@ def test_unknown_cell_is_a_clear_error():
         cells.get_cell("nope", 4)
 
 
+def _assert_rounding_equal(actual, desired):
+    """The same sums computed by another program: equal to float32 rounding.
+
+    Programs that compute the same sums in the same order (another form, the plain scan)
+    are bitwise equal on some CPUs and not on others: on the 2-core AVX2 EPYC every form
+    matched the plain scan bit for bit; on an AVX-512 EPYC (jax 0.10.2) XLA:CPU's code for
+    the different fusions and product shapes rounds a few ulps apart (5e-7 after 7 steps
+    here; the LSTM's and GRU's hand-written forwards at batch 50 from the first step). What
+    is bitwise everywhere is a program against itself: a run against its resume, rows
+    written in place against stacked ones (below).
+    """
+    np.testing.assert_allclose(actual, desired, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", [*sorted(REFERENCES), "gru_hand_written"])
-def test_fused_forward_is_bitwise_the_plain_scan(name):
+def test_fused_forward_is_the_plain_scan(name):
     """The hand-written layers change only the backward pass: outputs and final carry are
-    the plain scan's, bit for bit."""
+    the plain scan's (to float32 rounding: :func:`_assert_rounding_equal`)."""
     cell = _cell(name, H)
     rng = np.random.default_rng(6)
     params = jax.tree.map(  # non-zero biases too, so the order of every sum shows
@@ -325,7 +339,7 @@ def test_fused_forward_is_bitwise_the_plain_scan(name):
     carry0 = jax.tree.map(lambda c: c + 0.5, cell.initial_carry(B, jnp.float32))
     fused = jax.jit(lambda p, x, c: scan_cell(cell, p, x, c))(params, xs, carry0)
     plain = jax.jit(lambda p, x, c: scan_cell(_generic(cell), p, x, c))(params, xs, carry0)
-    jax.tree.map(np.testing.assert_array_equal, fused, plain)
+    jax.tree.map(_assert_rounding_equal, fused, plain)
 
 
 FORMS = [(b, p, w) for b in ("hand_written", "autodiff") for p in ("hoisted", "in_loop")
@@ -336,9 +350,10 @@ FORMS = [(b, p, w) for b in ("hand_written", "autodiff") for p in ("hoisted", "i
 @pytest.mark.parametrize("name", ["simple_rnn", "lstm", "gru"])
 def test_every_form_gives_the_same_values_and_gradients(name, backward, projection,
                                                         weight_grad):
-    """Each form the tuner may choose (rnnjax.cells.resolve_form): the forward bit for bit
-    the plain scan's (under jax.vjp too, which runs the training forward), the gradients
-    autodiff's, through outputs and carries."""
+    """Each form the tuner may choose (rnnjax.cells.resolve_form): the forward the plain
+    scan's (under jax.vjp too, which runs the training forward) to float32 rounding
+    (:func:`_assert_rounding_equal`), the gradients autodiff's, through outputs and
+    carries."""
     cell = cells.get_cell(name, H)
     form = dict(backward=backward, projection=projection, weight_grad=weight_grad)
     resolved = cells.resolve_form(cell, B, **form)
@@ -356,9 +371,9 @@ def test_every_form_gives_the_same_values_and_gradients(name, backward, projecti
     plain = jax.jit(functools.partial(run, _generic(cell), projection="hoisted"))
     ours = jax.jit(functools.partial(run, cell, **form))
     expected = plain(params, xs, carry0)
-    jax.tree.map(np.testing.assert_array_equal, ours(params, xs, carry0), expected)
+    jax.tree.map(_assert_rounding_equal, ours(params, xs, carry0), expected)
     trained = jax.jit(lambda p, x, c: jax.vjp(lambda q: run(cell, q, x, c, **form), p)[0])
-    jax.tree.map(np.testing.assert_array_equal, trained(params, xs, carry0), expected)
+    jax.tree.map(_assert_rounding_equal, trained(params, xs, carry0), expected)
 
     def loss(p, x, carry, **kw):
         carry, ys = run(kw.pop("c"), p, x, carry, **kw)
