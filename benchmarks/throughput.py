@@ -10,8 +10,9 @@ compile time and first-call latency. It counts the FLOPs of one train step (anal
 XLA's cost analysis counts a while-loop body once, so it cannot), measures the
 backend's float32 GEMM rate with JAX, and reports the fraction achieved. With two
 backends it adds their ratio. Per backend it also reports each cell's ops per time step,
-forward and backward, read from the compiled train step (``rnnjax.hlo``; ``--ops-only``
-prints just those). Writes ``results/throughput.{json,md,png}``. No TensorFlow.
+forward and backward, and the ops one whole train step launches at unroll 1 and fully
+unrolled, read from the compiled train step (``rnnjax.hlo``; ``--ops-only`` prints just
+those). Writes ``results/throughput.{json,md,png}``. No TensorFlow.
 """
 
 from __future__ import annotations
@@ -85,10 +86,12 @@ def step_ops(
 ) -> dict[str, float]:
     """Ops per time step of one compiled train step of ``config``'s model (with ``cell``
     instead of the configured one, if given), forward and backward
-    (``rnnjax.hlo.ops_per_step``), compiled at unroll 1 for ``device``."""
+    (``rnnjax.hlo.ops_per_step``), compiled at unroll 1 for ``device``, and the ops the
+    whole step launches (``launched``: ``rnnjax.hlo.launched_ops``)."""
     config = config.replace(unroll=1)
     text = step_text(config, device, cell)
-    return hlo.ops_per_step(text, 28 if config.order == "rows" else 784)
+    counts = hlo.ops_per_step(text, 28 if config.order == "rows" else 784)
+    return {**counts, "launched": float(hlo.launched_ops(text))}
 
 
 def step_text(config: Config, device: jax.Device | None = None, cell: Cell | None = None
@@ -133,18 +136,22 @@ def measure(device, data, batch: int, unroll: int, steps_per_call: int, repeats:
 
 
 def ops_table(names: list[str], device: jax.Device) -> dict[str, dict[str, float]]:
-    """``{cell: {"forward": ops, "backward": ops}}`` per time step on ``device``, printed."""
+    """``{cell: {"forward": ops, "backward": ops, "launched": ops, "launched_full": ops}}``
+    on ``device``, printed: per time step at unroll 1, and what one train step launches at
+    unroll 1 and fully unrolled (where full unrolling wins, what the tuner runs)."""
     table = {}
     print(f"{device.platform}: ops per time step (train step, batch 50, rows, unroll 1), "
-          "forward / backward", flush=True)
+          "forward / backward; ops one train step launches, unroll 1 / full", flush=True)
     variants = [(name, name, None) for name in names]
     if "gru" in names:
         variants.append(("gru, backward='hand_written'", "gru",
                          cells.gru(Config().hidden_size, backward="hand_written")))
     for label, name, cell in variants:
-        table[label] = step_ops(Config(cell=name), device, cell)
-        print(f"  {label}: {table[label]['forward']:g} / {table[label]['backward']:g}",
-              flush=True)
+        counts = step_ops(Config(cell=name), device, cell)
+        full = hlo.launched_ops(step_text(Config(cell=name, unroll=0), device, cell))
+        table[label] = {**counts, "launched_full": float(full)}
+        print(f"  {label}: {counts['forward']:g} / {counts['backward']:g}; "
+              f"{counts['launched']:g} / {full:g}", flush=True)
     return table
 
 
@@ -219,11 +226,12 @@ def report(rows: list[dict], envs: dict[str, dict], out: str) -> None:
     if any("speedup_vs_cpu" in r for r in rows):
         columns.append("speedup_vs_cpu")
     env = next(iter(envs.values())) | {"backends": envs}
-    notes = "Ops per time step of the compiled train step (batch 50, rows, unroll 1), " \
-        "forward / backward:\n\n" + markdown_table(
-            [{"backend": b, "cell": c, "forward": n["forward"], "backward": n["backward"]}
+    notes = "Ops of the compiled train step (batch 50, rows): per time step at unroll 1, " \
+        "forward / backward, and launched by one whole step at unroll 1 and full:\n\n" + \
+        markdown_table(
+            [{"backend": b, "cell": c, **n}
              for b, e in envs.items() for c, n in e["ops_per_step"].items()],
-            ["backend", "cell", "forward", "backward"])
+            ["backend", "cell", "forward", "backward", "launched", "launched_full"])
     directory = write_results("throughput", rows, columns, env=env, notes=notes,
                               out_dir=out or None)
     plot(rows, directory / "throughput.png")

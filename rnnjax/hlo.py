@@ -7,6 +7,8 @@ on a GPU. Their count, not the FLOPs, bounds small-batch speed, so it is worth c
 :func:`loop_ops` lists every while loop of a program with its body's op count,
 :func:`ops_per_step` turns that into forward and backward ops per time step, and
 :func:`sequence_copies` finds the loops that copy a whole [T, ...] array every iteration.
+A fully unrolled scan leaves no loop to read; :func:`launched_ops` counts what one call of
+any program launches, loops or none.
 
 Counted: every instruction of the body computation except those that launch nothing
 (``parameter``, ``get-tuple-element``, ``tuple``, ``constant``, ``bitcast``). A fusion is
@@ -26,6 +28,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]
 _BODY = re.compile(r"\bbody=%?([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_CALLED = re.compile(r"\b(?:to_apply=%?([\w.\-]+)|branch_computations=\{([^}]*)\})")
 _COPY_SHAPE = re.compile(r"=\s*\w+\[(\d+)[,\]].*?\scopy\(")
 
 
@@ -122,3 +125,38 @@ def sequence_copies(hlo_text: str, time_steps: int) -> list[str]:
             if shape and int(shape.group(1)) == time_steps:
                 found.append(line.strip())
     return found
+
+
+def launched_ops(hlo_text: str) -> int:
+    """The ops one call of a compiled program launches: the entry computation's, each while
+    loop's body times its trip count (the condition not counted, as in :func:`loop_ops`),
+    the computations it calls (``call``; a ``conditional``'s largest branch). A fusion is
+    one op. Comparable across unrolls: a scan unrolled fully launches its steps' ops from
+    the entry computation, unrolled by u from a body of u steps run T / u times.
+    Raises ValueError for a loop with no known trip count.
+    """
+    comps = computations(hlo_text)
+    entry = next((m.group(1) for line in hlo_text.splitlines() if line.startswith("ENTRY")
+                  for m in [_COMPUTATION.match(line)] if m), None)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the module text")
+
+    def count(name: str) -> int:
+        total = 0
+        for _, opcode, line in comps[name]:
+            if opcode in FREE_OPCODES:
+                continue
+            if opcode == "while":
+                trips = _TRIP_COUNT.search(line)
+                if trips is None:
+                    raise ValueError(f"while with no known trip count: {line.strip()[:200]}")
+                total += int(trips.group(1)) * count(_BODY.search(line).group(1))
+            elif opcode in ("call", "conditional"):
+                called = _CALLED.search(line)
+                names = called.group(1) or called.group(2)
+                total += max(count(n.strip().lstrip("%")) for n in names.split(","))
+            else:
+                total += 1
+        return total
+
+    return count(entry)

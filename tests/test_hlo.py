@@ -62,6 +62,21 @@ def test_counter_reads_forward_and_backward_loops():
     assert 0 < unrolled["forward"] <= counts["forward"]
     # A loop whose trip count does not divide the sequence is not a loop over time.
     assert hlo.ops_per_step(one, 7) == {"forward": 0.0, "backward": 0.0}
+    # Launched per call: the loops' bodies once per iteration, the rest once.
+    outside = hlo.launched_ops(one) - sum(12 * len(loop.ops) for loop in loops)
+    assert 0 < outside < 12
+    with jax.default_device(cpu):
+        full = jax.jit(jax.grad(loss), static_argnums=2).lower(w, xs, 12).compile().as_text()
+    assert not hlo.loop_ops(full)
+    assert hlo.launched_ops(full) <= hlo.launched_ops(three) <= hlo.launched_ops(one)
+
+
+# cell (its default form): the ops one whole train step launches (hlo.launched_ops) at
+# batch 50, rows, fully unrolled, as the tuner runs it where full unrolling wins (the
+# reference machine: every batch). The SimpleRNN launched 216 until its bias gradient
+# joined the weight-gradient product: XLA had split a sum of its own over the unrolled
+# steps into 56 reductions.
+UNROLLED_BUDGETS = {"simple_rnn": 160, "irnn": 187, "lstm": 467, "gru": 576}
 
 
 @pytest.mark.parametrize("case", sorted(BUDGETS), ids="-".join)
@@ -73,6 +88,13 @@ def test_ops_per_time_step_within_budget(case):
     forward, backward = BUDGETS[case]
     assert 0 < counts["forward"] <= forward, counts
     assert 0 < counts["backward"] <= backward, counts
+
+
+@pytest.mark.parametrize("cell", sorted(UNROLLED_BUDGETS))
+def test_unrolled_train_step_launches_within_budget(cell):
+    text = step_text(Config(cell=cell, unroll=0), jax.devices("cpu")[0])
+    assert not hlo.loop_ops(text)  # nothing left to loop over
+    assert 0 < hlo.launched_ops(text) <= UNROLLED_BUDGETS[cell]
 
 
 @pytest.mark.parametrize("cell", ["simple_rnn", "irnn", "lstm", "gru"])
