@@ -2,6 +2,7 @@
 
     python -m benchmarks.flax_peers [--cases rows:50,rows:1024,rows:4096,pixels:50]
     python -m benchmarks.peers          # runs this too, after Keras and PyTorch
+    python -m benchmarks.flax_peers --ops --cases rows:50,pixels:50   # ops per step, untimed
 
 For each case (sequence order and batch size) and each cell, the median ms of one
 ``RNN(50) -> Dense(10)`` optax-Adam(1e-3) train step, K steps per compiled call on
@@ -15,6 +16,10 @@ device-resident MNIST walked in order (the fastest way to run either library):
   same choice without the flags runs here too; and rnnjax at unroll 1 and full;
 * ``flax.linen.RNN`` and ``flax.nnx.RNN`` (functional split/merge inside the compiled loop)
   with ``SimpleCell``, ``OptimizedLSTMCell`` and ``GRUCell``, at unroll 1 and full.
+
+``--ops`` times nothing: it prints the ops one train step of each runner launches at
+batch 50 (``rnnjax.hlo.launched_ops``, each cell in rnnjax's default form) and writes
+``results/flax_peers_ops.{json,md}``.
 
 All runners of one case are timed in turns (``benchmarks.harness.interleaved``), so drift of
 a shared machine hits each alike; compile time is reported apart. Writes
@@ -37,7 +42,7 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks.harness import environment, interleaved, write_results
-from rnnjax import runtime, train, tune
+from rnnjax import hlo, runtime, train, tune
 from rnnjax.config import Config
 from rnnjax.data.idx import Arrays
 from rnnjax.data.pipeline import batch_indices, to_device
@@ -61,7 +66,12 @@ def as_sequence(images: jax.Array, order: str) -> jax.Array:
     return images if order == "rows" else images.reshape(images.shape[0], 784, 1)
 
 
-def compiled_runner(fn: Callable, state: Any, *args: Any) -> tuple[Runner, float]:
+# A train program: ``(fn, state, args)``, ``fn(state, *args) -> (state, loss sum)`` running
+# K steps per call (:func:`k_steps`); a runner compiles it (:func:`compiled_runner`).
+Program = tuple[Callable, Any, tuple]
+
+
+def compiled_runner(fn: Callable, state: Any, args: tuple) -> tuple[Runner, float]:
     """``fn(state, *args) -> (state, ...)`` compiled with the state donated; a runner that
     carries the state from call to call, and the compile seconds."""
     compiled, compile_s = runtime.compile_timed(jax.jit(fn, donate_argnums=0), state, *args)
@@ -90,8 +100,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def linen_runner(device_data: Arrays, idx: jax.Array, *, cell: str, order: str,
-                 unroll: int) -> tuple[Runner, float]:
+def linen_program(device_data: Arrays, idx: jax.Array, *, cell: str, order: str,
+                  unroll: int) -> Program:
     import flax.linen as nn
 
     class Net(nn.Module):
@@ -104,12 +114,11 @@ def linen_runner(device_data: Arrays, idx: jax.Array, *, cell: str, order: str,
     images, labels = device_data.train_images, device_data.train_labels
     params = jax.jit(net.init)(jax.random.key(1337), images[:1])
     loss = lambda p, x, y: cross_entropy(net.apply(p, x), y)  # noqa: E731
-    return compiled_runner(k_steps(loss, optimizer), (params, optimizer.init(params)),
-                           images, labels, idx)
+    return k_steps(loss, optimizer), (params, optimizer.init(params)), (images, labels, idx)
 
 
-def nnx_runner(device_data: Arrays, idx: jax.Array, *, cell: str, order: str,
-               unroll: int) -> tuple[Runner, float]:
+def nnx_program(device_data: Arrays, idx: jax.Array, *, cell: str, order: str,
+                unroll: int) -> Program:
     from flax import nnx
 
     class Net(nnx.Module):
@@ -130,15 +139,51 @@ def nnx_runner(device_data: Arrays, idx: jax.Array, *, cell: str, order: str,
         return cross_entropy(nnx.merge(graphdef, p, rest)(x), y)
 
     images, labels = device_data.train_images, device_data.train_labels
-    return compiled_runner(k_steps(loss, optimizer), (params, optimizer.init(params)),
-                           images, labels, idx)
+    return k_steps(loss, optimizer), (params, optimizer.init(params)), (images, labels, idx)
+
+
+def rnnjax_program(device_data: Arrays, idx: jax.Array, config: Config) -> Program:
+    model, optimizer = make_model(config), make_optimizer(config)
+    fn = functools.partial(train.train_steps, model=model, optimizer=optimizer)
+    return (fn, init_state(config, model, optimizer),
+            (device_data.train_images, device_data.train_labels, idx))
 
 
 def rnnjax_runner(device_data: Arrays, idx: jax.Array, config: Config) -> tuple[Runner, float]:
-    model, optimizer = make_model(config), make_optimizer(config)
-    fn = functools.partial(train.train_steps, model=model, optimizer=optimizer)
-    return compiled_runner(fn, init_state(config, model, optimizer), device_data.train_images,
-                           device_data.train_labels, idx)
+    return compiled_runner(*rnnjax_program(device_data, idx, config))
+
+
+def launched_per_step(program: Program) -> float:
+    """Ops one train step of ``program`` launches (``rnnjax.hlo.launched_ops`` of its
+    compiled call, divided by its K steps): the per-op cost every runner pays."""
+    fn, state, args = program
+    text = jax.jit(fn).lower(state, *args).compile().as_text()
+    return hlo.launched_ops(text) / args[-1].shape[0]
+
+
+FLAX_PROGRAMS = {"linen": linen_program, "nnx": nnx_program}
+
+
+def ops_rows(device_data: Arrays, order: str, cells: list[str], apis: tuple[str, ...],
+             max_full_unroll: int) -> list[dict[str, Any]]:
+    """``--ops``: the ops one train step launches at batch 50, per runner and unroll (each
+    cell in its default form for rnnjax, as untuned), compiled, not timed."""
+    idx = jax.device_put(batch_indices(len(device_data.train_labels), 50, 0, 2))
+    full = sequence_length(order)
+    unrolls = (("1", 1), ("full", full)) if full <= max_full_unroll else (("1", 1),)
+    rows = []
+    for cell in cells:
+        row: dict[str, Any] = {"order": order, "batch": 50, "cell": cell}
+        for name, unroll in unrolls:
+            config = Config(cell=cell, order=order, batch_size=50, unroll=unroll % full)
+            row[f"rnnjax unroll={name}"] = launched_per_step(
+                rnnjax_program(device_data, idx, config))
+            for api in apis:
+                row[f"flax.{api} unroll={name}"] = launched_per_step(FLAX_PROGRAMS[api](
+                    device_data, idx, cell=CELLS[cell], order=order, unroll=unroll))
+        print(row, flush=True)
+        rows.append(row)
+    return rows
 
 
 def child_main() -> None:
@@ -233,11 +278,10 @@ def case_runners(device_data: Arrays, order: str, batch: int, cell: str, steps: 
         if (unroll % full) != user.unroll:  # 0 is full for rnnjax
             runners[f"rnnjax unroll={name}"] = rnnjax_runner(
                 device_data, idx, user.replace(unroll=unroll % full))
-    makers = {"linen": linen_runner, "nnx": nnx_runner}
     for api in flax_apis:
         for name, unroll in unrolls:
-            runners[f"flax.{api} unroll={name}"] = makers[api](
-                device_data, idx, cell=CELLS[cell], order=order, unroll=unroll)
+            runners[f"flax.{api} unroll={name}"] = compiled_runner(*FLAX_PROGRAMS[api](
+                device_data, idx, cell=CELLS[cell], order=order, unroll=unroll))
     return runners
 
 
@@ -255,11 +299,23 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds the tuner may spend on a shape it has not cached "
                         "(default: as the first rnnjax train would; 0: the untuned defaults)")
     parser.add_argument("--out", default="")
+    parser.add_argument("--ops", action="store_true",
+                        help="report the ops one train step launches per runner (batch 50, "
+                        "each case's order), no timings")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child_main()
     device_data = to_device(load_arrays(Config()))
+    apis = tuple(a for a in args.apis.split(",") if a)
+    if args.ops:
+        orders = dict.fromkeys(case.split(":")[0] for case in args.cases.split(","))
+        rows = [row for order in orders for row in ops_rows(
+            device_data, order, args.cells.split(","), apis, args.max_full_unroll)]
+        columns = list(dict.fromkeys(c for r in rows for c in r))
+        write_results("flax_peers_ops", rows, columns, env=environment(),
+                      out_dir=args.out or None)
+        return
     rows = []
     for case in args.cases.split(","):
         order, batch = case.split(":")[0], int(case.split(":")[1])
@@ -267,8 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         steps = max(4, min(200, 20000 // (batch * sequence_length(order) // 28)))
         for cell in args.cells.split(","):
             user, chosen = user_config(cell, order, batch, args.tune_budget)
-            runners = case_runners(device_data, order, batch, cell, steps,
-                                   tuple(a for a in args.apis.split(",") if a), user,
+            runners = case_runners(device_data, order, batch, cell, steps, apis, user,
                                    args.max_full_unroll)
             try:
                 seconds = interleaved({k: v[0] for k, v in runners.items()}, args.rounds)
