@@ -17,8 +17,9 @@ device-resident MNIST walked in order (the fastest way to run either library):
 * ``flax.linen.RNN`` and ``flax.nnx.RNN`` (functional split/merge inside the compiled loop)
   with ``SimpleCell``, ``OptimizedLSTMCell`` and ``GRUCell``, at unroll 1 and full.
 
-``--ops`` times nothing: it prints the ops one train step of each runner launches at
-batch 50 (``rnnjax.hlo.launched_ops``, each cell in rnnjax's default form) and writes
+``--ops`` times nothing: it prints the ops one train step of each runner launches in each
+case (``rnnjax.hlo.launched_ops`` of a 2-step call, halved; each cell in rnnjax's default
+form) and writes
 ``results/flax_peers_ops.{json,md}``.
 
 All runners of one case are timed in turns (``benchmarks.harness.interleaved``), so drift of
@@ -164,18 +165,18 @@ def launched_per_step(program: Program) -> float:
 FLAX_PROGRAMS = {"linen": linen_program, "nnx": nnx_program}
 
 
-def ops_rows(device_data: Arrays, order: str, cells: list[str], apis: tuple[str, ...],
-             max_full_unroll: int) -> list[dict[str, Any]]:
-    """``--ops``: the ops one train step launches at batch 50, per runner and unroll (each
-    cell in its default form for rnnjax, as untuned), compiled, not timed."""
-    idx = jax.device_put(batch_indices(len(device_data.train_labels), 50, 0, 2))
+def ops_rows(device_data: Arrays, order: str, batch: int, cells: list[str],
+             apis: tuple[str, ...], max_full_unroll: int) -> list[dict[str, Any]]:
+    """``--ops``: the ops one train step launches, per runner and unroll (each cell in its
+    default form for rnnjax, as untuned), compiled, not timed."""
+    idx = jax.device_put(batch_indices(len(device_data.train_labels), batch, 0, 2))
     full = sequence_length(order)
     unrolls = (("1", 1), ("full", full)) if full <= max_full_unroll else (("1", 1),)
     rows = []
     for cell in cells:
-        row: dict[str, Any] = {"order": order, "batch": 50, "cell": cell}
+        row: dict[str, Any] = {"order": order, "batch": batch, "cell": cell}
         for name, unroll in unrolls:
-            config = Config(cell=cell, order=order, batch_size=50, unroll=unroll % full)
+            config = Config(cell=cell, order=order, batch_size=batch, unroll=unroll % full)
             row[f"rnnjax unroll={name}"] = launched_per_step(
                 rnnjax_program(device_data, idx, config))
             for api in apis:
@@ -300,8 +301,8 @@ def main(argv: list[str] | None = None) -> None:
                         "(default: as the first rnnjax train would; 0: the untuned defaults)")
     parser.add_argument("--out", default="")
     parser.add_argument("--ops", action="store_true",
-                        help="report the ops one train step launches per runner (batch 50, "
-                        "each case's order), no timings")
+                        help="report the ops one train step launches per runner, for each "
+                        "case, no timings")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -309,9 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     device_data = to_device(load_arrays(Config()))
     apis = tuple(a for a in args.apis.split(",") if a)
     if args.ops:
-        orders = dict.fromkeys(case.split(":")[0] for case in args.cases.split(","))
-        rows = [row for order in orders for row in ops_rows(
-            device_data, order, args.cells.split(","), apis, args.max_full_unroll)]
+        rows = [row for case in args.cases.split(",") for row in ops_rows(
+            device_data, case.split(":")[0], int(case.split(":")[1]), args.cells.split(","),
+            apis, args.max_full_unroll)]
         columns = list(dict.fromkeys(c for r in rows for c in r))
         write_results("flax_peers_ops", rows, columns, env=environment(),
                       out_dir=args.out or None)

@@ -164,8 +164,8 @@ def scan_cell(
 
 def _dense_projection(params: Params, xs: jax.Array) -> jax.Array:
     """``xs [T, B, F] @ kernel [F, G] + bias [G] -> [T, B, G]``. (The hand-written layers
-    add the bias inside their loop's elementwise op: the same sum, bit for bit, without a
-    pass of its own over [T, B, G].)"""
+    add the bias inside their loop's elementwise op: the same sum, in the same order,
+    without a pass of its own over [T, B, G].)"""
     return xs @ params["kernel"].astype(xs.dtype) + params["bias"].astype(xs.dtype)
 
 
@@ -771,7 +771,7 @@ def gru(hidden: int, backward: str = "autodiff") -> Cell:
 
     def step(params, h, u):
         # Autodiff differentiates this one: no gates array (its concatenate and slices
-        # would be ops of their own); the values are gru_layer's, bit for bit.
+        # would be ops of their own); the same sums as gru_layer's.
         r_all = h @ params["recurrent_kernel"].astype(u.dtype)
         r_all = r_all + params["recurrent_bias"].astype(u.dtype)
         uz, ur, uh = jnp.split(u, 3, axis=-1)

@@ -28,7 +28,8 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]
 _BODY = re.compile(r"\bbody=%?([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_CALLED = re.compile(r"\b(?:to_apply=%?([\w.\-]+)|branch_computations=\{([^}]*)\})")
+_CALLED = re.compile(r"\b(?:to_apply|true_computation|false_computation)=%?([\w.\-]+)"
+                     r"|\bbranch_computations=\{([^}]*)\}")
 _COPY_SHAPE = re.compile(r"=\s*\w+\[(\d+)[,\]].*?\scopy\(")
 
 
@@ -66,20 +67,20 @@ def computations(hlo_text: str) -> dict[str, list[tuple[str, str, str]]]:
     return result
 
 
+def _body(line: str) -> str:
+    """The body computation's name of a ``while`` instruction's line."""
+    body = _BODY.search(line)
+    if body is None:
+        raise ValueError(f"while without a body in: {line.strip()[:200]}")
+    return body.group(1)
+
+
 def _while_loops(hlo_text: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
     """Every ``while`` of the module text, in program order: its line and its body
     computation's instructions."""
     comps = computations(hlo_text)
-    loops = []
-    for instructions in comps.values():
-        for _, opcode, line in instructions:
-            if opcode != "while":
-                continue
-            body = _BODY.search(line)
-            if body is None:
-                raise ValueError(f"while without a body in: {line.strip()[:200]}")
-            loops.append((line, comps[body.group(1)]))
-    return loops
+    return [(line, comps[_body(line)]) for instructions in comps.values()
+            for _, opcode, line in instructions if opcode == "while"]
 
 
 def loop_ops(hlo_text: str) -> list[Loop]:
@@ -150,11 +151,13 @@ def launched_ops(hlo_text: str) -> int:
                 trips = _TRIP_COUNT.search(line)
                 if trips is None:
                     raise ValueError(f"while with no known trip count: {line.strip()[:200]}")
-                total += int(trips.group(1)) * count(_BODY.search(line).group(1))
+                total += int(trips.group(1)) * count(_body(line))
             elif opcode in ("call", "conditional"):
-                called = _CALLED.search(line)
-                names = called.group(1) or called.group(2)
-                total += max(count(n.strip().lstrip("%")) for n in names.split(","))
+                names = [name.strip().lstrip("%") for match in _CALLED.finditer(line)
+                         for name in (match.group(1) or match.group(2)).split(",")]
+                if not names:
+                    raise ValueError(f"{opcode} calling no computation: {line.strip()[:200]}")
+                total += max(count(name) for name in names)
             else:
                 total += 1
         return total

@@ -91,6 +91,37 @@ def test_ops_per_time_step_within_budget(case):
     assert 0 < counts["backward"] <= backward, counts
 
 
+CONDITIONAL = """HloModule m
+
+%two (p: f32[]) -> f32[] {
+  %p = f32[] parameter(0)
+  %a = f32[] sine(%p)
+  ROOT %b = f32[] cosine(%a)
+}
+
+%one (q: f32[]) -> f32[] {
+  %q = f32[] parameter(0)
+  ROOT %c = f32[] sine(%q)
+}
+
+ENTRY %main (x: f32[], y: pred[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = pred[] parameter(1)
+  %n = f32[] negate(%x)
+  ROOT %r = f32[] conditional(%y, %n, %n), BRANCHES
+}
+"""
+
+
+@pytest.mark.parametrize("branches", ["true_computation=%two, false_computation=%one",
+                                      "branch_computations={%one, %two}"])
+def test_launched_ops_takes_a_conditionals_largest_branch(branches):
+    text = CONDITIONAL.replace("BRANCHES", branches)
+    assert hlo.launched_ops(text) == 1 + 2  # the negate, and the two-op branch
+    with pytest.raises(ValueError, match="conditional calling no computation"):
+        hlo.launched_ops(CONDITIONAL.replace("BRANCHES", "nothing=1"))
+
+
 @pytest.mark.parametrize("cell", sorted(UNROLLED_BUDGETS))
 def test_unrolled_train_step_launches_within_budget(cell):
     text = step_text(Config(cell=cell, unroll=0), jax.devices("cpu")[0])
