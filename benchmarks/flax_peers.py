@@ -62,6 +62,13 @@ def sequence_length(order: str) -> int:
     return 28 if order == "rows" else 784
 
 
+def unrolls(order: str, max_full_unroll: int) -> tuple[tuple[str, int], ...]:
+    """``(name, unroll)`` pairs a case runs: 1, and full where the sequence is at most
+    ``max_full_unroll`` steps long (the compile time grows with the steps unrolled)."""
+    full = sequence_length(order)
+    return (("1", 1), ("full", full)) if full <= max_full_unroll else (("1", 1),)
+
+
 def as_sequence(images: jax.Array, order: str) -> jax.Array:
     """Batch-major images [B, 28, 28] -> the batch-major sequence Flax's RNN takes."""
     return images if order == "rows" else images.reshape(images.shape[0], 784, 1)
@@ -171,11 +178,10 @@ def ops_rows(device_data: Arrays, order: str, batch: int, cells: list[str],
     default form for rnnjax, as untuned), compiled, not timed."""
     idx = jax.device_put(batch_indices(len(device_data.train_labels), batch, 0, 2))
     full = sequence_length(order)
-    unrolls = (("1", 1), ("full", full)) if full <= max_full_unroll else (("1", 1),)
     rows = []
     for cell in cells:
         row: dict[str, Any] = {"order": order, "batch": batch, "cell": cell}
-        for name, unroll in unrolls:
+        for name, unroll in unrolls(order, max_full_unroll):
             config = Config(cell=cell, order=order, batch_size=batch, unroll=unroll % full)
             row[f"rnnjax unroll={name}"] = launched_per_step(
                 rnnjax_program(device_data, idx, config))
@@ -267,7 +273,6 @@ def case_runners(device_data: Arrays, order: str, batch: int, cell: str, steps: 
     compile time grows with the steps unrolled: minutes for the LSTM at 28 on 2 cores)."""
     idx = jax.device_put(batch_indices(len(device_data.train_labels), batch, 0, steps))
     full = sequence_length(order)
-    unrolls = (("1", 1), ("full", full)) if full <= max_full_unroll else (("1", 1),)
     if user.xla_flags:
         child = ChildRunner(user, batch, steps)
         runners = {"rnnjax (as rnnjax train)": (child, child.compile_s)}
@@ -275,12 +280,12 @@ def case_runners(device_data: Arrays, order: str, batch: int, cell: str, steps: 
         runners["rnnjax (its choice without its XLA flags)"] = rnnjax_runner(device_data, idx, user)
     else:
         runners = {"rnnjax (as rnnjax train)": rnnjax_runner(device_data, idx, user)}
-    for name, unroll in unrolls:
+    for name, unroll in unrolls(order, max_full_unroll):
         if (unroll % full) != user.unroll:  # 0 is full for rnnjax
             runners[f"rnnjax unroll={name}"] = rnnjax_runner(
                 device_data, idx, user.replace(unroll=unroll % full))
     for api in flax_apis:
-        for name, unroll in unrolls:
+        for name, unroll in unrolls(order, max_full_unroll):
             runners[f"flax.{api} unroll={name}"] = compiled_runner(*FLAX_PROGRAMS[api](
                 device_data, idx, cell=CELLS[cell], order=order, unroll=unroll))
     return runners
@@ -309,17 +314,16 @@ def main(argv: list[str] | None = None) -> None:
         return child_main()
     device_data = to_device(load_arrays(Config()))
     apis = tuple(a for a in args.apis.split(",") if a)
+    cases = [(case.split(":")[0], int(case.split(":")[1])) for case in args.cases.split(",")]
     if args.ops:
-        rows = [row for case in args.cases.split(",") for row in ops_rows(
-            device_data, case.split(":")[0], int(case.split(":")[1]), args.cells.split(","),
-            apis, args.max_full_unroll)]
+        rows = [row for order, batch in cases for row in ops_rows(
+            device_data, order, batch, args.cells.split(","), apis, args.max_full_unroll)]
         columns = list(dict.fromkeys(c for r in rows for c in r))
         write_results("flax_peers_ops", rows, columns, env=environment(),
                       out_dir=args.out or None)
         return
     rows = []
-    for case in args.cases.split(","):
-        order, batch = case.split(":")[0], int(case.split(":")[1])
+    for order, batch in cases:
         # About the same work per timed call: fewer steps for long sequences and batches.
         steps = max(4, min(200, 20000 // (batch * sequence_length(order) // 28)))
         for cell in args.cells.split(","):
