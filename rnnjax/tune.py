@@ -47,7 +47,7 @@ from rnnjax import __version__
 from rnnjax.config import TUNED, Config, to_dict
 from rnnjax.measure import BEST  # a field's value: the fastest its child has timed
 
-TUNER_VERSION = 5  # 5: the Elman bias gradient joins the weight product; 4: rows in place
+TUNER_VERSION = 6  # 6: weight product over merged T and B; 5: Elman bias in it; 4: rows in place
 ENV_VAR = "RNNJAX_TUNE"  # 'off' (or 0, false, no): rnnjax train does not tune by default
 MARGIN = 0.03  # a candidate replaces the baseline only when this much faster
 FIRST_SHARE = 0.6  # of the budget, for the model candidates under the run's own XLA flags
