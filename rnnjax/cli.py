@@ -344,7 +344,7 @@ def _check_out(path: Path) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from rnnjax import checkpoint, inference, plots
     from rnnjax.data.sources import load_dataset
-    from rnnjax.metrics import seed_line
+    from rnnjax.metrics import seed_line, steps_phrase
 
     step_dir = checkpoint.resolve(args.checkpoint)  # cheap, before the slow part
     if args.out is None:  # named after loading: a run still training may save a newer one
@@ -364,7 +364,7 @@ def _eval(args: argparse.Namespace) -> int:
     data = dataset.arrays
     result = inference.evaluate(loaded, data.test_images, data.test_labels)
     print(f"checkpoint {step_dir}: {config.cell} {config.hidden_size} on {config.dataset} "
-          f"after {loaded.step} steps; {len(data.test_labels)} test examples")
+          f"after {steps_phrase(loaded.step)}; {len(data.test_labels)} test examples")
     print(seed_line(result.loss, result.accuracy))
     print(result.table(), end="")
     title = f"{config.dataset} test, step {loaded.step}: accuracy {result.accuracy:.4f}"

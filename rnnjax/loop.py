@@ -288,8 +288,8 @@ def diverged(reason: str, checkpoints: checkpoint_lib.CheckpointWriter | None) -
     if checkpoints is not None:
         last = checkpoint_lib.latest_step(checkpoints.directory)
         kept = ("; no checkpoint was saved before it" if last is None else
-                f"; the last good checkpoint, after {last} steps, is kept in "
-                f"{checkpoints.directory / str(last)}")
+                f"; the last good checkpoint, after {metrics_lib.steps_phrase(last)}, is kept "
+                f"in {checkpoints.directory / str(last)}")
     where = ", into another --workdir" if checkpoints is not None else ""
     return TrainingDiverged(f"{reason}{kept}; train again with a lower --learning-rate or "
                             f"with --clip-norm{where}")
@@ -364,7 +364,8 @@ def train_and_evaluate(
         # The fresh state is the abstract target: the optimizer's NamedTuples come back.
         state = checkpoint_lib.restore(resume_from.step_dir, state, resume_from.meta)
         start, wall_offset = resume_from.step, resume_from.wall_s
-        out.write(f"resuming from {resume_from.step_dir} after {start} steps\n")
+        out.write(f"resuming from {resume_from.step_dir} after "
+                  f"{metrics_lib.steps_phrase(start)}\n")
 
     evaluate = jax.jit(
         functools.partial(train.evaluate, model=model, chunk=config.eval_batch_size,
@@ -498,7 +499,8 @@ def format_summary(s: dict[str, Any]) -> str:
         tuned = f"tuned ({tuning['mode']}): {describe(tuning['settings'])}\n"
     return (
         f"final test accuracy: {s['final_test_accuracy']:.4f} "
-        f"(test cost {s['final_test_loss']:.4f}) after {s['steps']} steps\n"
+        f"(test cost {s['final_test_loss']:.4f}) "
+        f"after {metrics_lib.steps_phrase(s['steps'])}\n"
         f"wall time {s['wall_s']:.2f} s: data {s['data_s']:.2f} s, init {s['init_s']:.2f} s, "
         f"compile {s['compile_s']:.2f} s{cache}, train {s['train_s']:.2f} s "
         f"({s['steps_per_s']:.0f} steps/s), eval {s['eval_s']:.2f} s\n"

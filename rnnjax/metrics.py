@@ -37,6 +37,11 @@ def seed_line(loss: float, accuracy: float) -> str:
     return f"test cost:  {loss:.4f} test accuracy:  {accuracy:.4f}"
 
 
+def steps_phrase(steps: int) -> str:
+    """``"1 step"``, ``"300 steps"``: how many steps a run has taken, for its messages."""
+    return f"{steps} step" if steps == 1 else f"{steps} steps"
+
+
 class MetricWriter:
     """Appends one record per log point to ``metrics.jsonl`` and ``metrics.csv``.
 

@@ -12,6 +12,7 @@ import pytest
 
 from rnnjax.config import Config, ConfigError
 from rnnjax.loop import eval_steps, init_state, segments, train_and_evaluate
+from rnnjax.metrics import steps_phrase
 from rnnjax.model import make_model
 from rnnjax.optim import make_optimizer
 from rnnjax.train import create_state
@@ -43,6 +44,14 @@ def test_short_run_learns(tmp_path):
     assert (tmp_path / "metrics.csv").read_text().startswith("step,split,loss,accuracy")
     assert json.loads((tmp_path / "config.json").read_text())["steps"] == 601
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 601
+
+
+def test_messages_count_steps_in_words():
+    assert [steps_phrase(n) for n in (0, 1, 2, 4001)] == [
+        "0 steps", "1 step", "2 steps", "4001 steps"]
+    out = io.StringIO()
+    train_and_evaluate(Config(steps=1, hidden_size=8, eval_batch_size=5000), out=out)
+    assert ") after 1 step\n" in out.getvalue(), out.getvalue()
 
 
 def test_stream_feed_equals_device_feed():
