@@ -185,8 +185,8 @@ def _time_batch_product(a: jax.Array, b: jax.Array) -> jax.Array:
     contracting the rows of both operands, which XLA:CPU runs on the operands as they lie.
     A dot_general contracting (T, B) instead makes XLA copy an operand into [M, T*B] first
     and run a slower product: in turns in one process on a 2-core AVX-512 EPYC the merged
-    form made the train step 1.10x faster for the seed (rows, batch 50, unroll 1 and full)
-    and 1.2x / 1.16x / 1.04x for the pixels SimpleRNN / LSTM / GRU.
+    form made the train step 1.09-1.15x faster for the seed (rows, batch 50, unroll 1 and
+    full) and 1.2x / 1.10-1.16x / 1.04x for the pixels SimpleRNN / LSTM / GRU.
 
     With the arrays on a mesh of several devices (the batch sharded, rnnjax.parallel)
     merging T with a sharded B would make XLA all-gather the activations, so there the

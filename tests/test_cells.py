@@ -389,3 +389,19 @@ def test_every_form_gives_the_same_values_and_gradients(name, backward, projecti
 def test_form_choices_are_checked():
     with pytest.raises(ValueError, match="projection 'inside'; choose one of auto, hoisted"):
         cells.resolve_form(cells.get_cell("lstm", H), B, projection="inside")
+
+
+def test_time_batch_product_merges_time_and_batch_on_one_device():
+    """On one device the weight product is one 2-D dot over the merged [T*B] rows (no
+    dot_general contracting two dimensions, which XLA:CPU ran after copying an operand);
+    ``tests/test_parallel.py`` checks the unmerged form on a mesh: no all-gather."""
+    a = jax.random.normal(jax.random.key(0), (7, 5, 3))
+    b = jax.random.normal(jax.random.key(1), (7, 5, 4))
+    expected = np.einsum("tbm,tbn->mn", np.asarray(a, np.float64), np.asarray(b, np.float64))
+    product = jax.jit(cells._time_batch_product)
+    np.testing.assert_allclose(product(a, b), expected, rtol=1e-5, atol=1e-5)
+    seen = []
+    jax.jit(lambda x: seen.append(cells._one_device(x)) or x)(a)
+    assert seen == [True]
+    text = product.lower(a, b).as_text()
+    assert "dot_general" in text and "contracting_dims = [0, 1]" not in text, text
