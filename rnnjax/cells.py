@@ -203,7 +203,10 @@ def _time_batch_product(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def _one_device(x: jax.Array) -> bool:
     """Whether ``x`` (a traced value) lives on one device: its abstract mesh, which JAX
-    carries from the jitted function's sharded arguments, has at most one device."""
+    carries from the jitted function's arguments as they are placed, has at most one
+    device. Arguments not yet on the mesh (numpy arrays given to a function jitted with
+    ``in_shardings``) carry none: place them first (``rnnjax.parallel``, as the loop does),
+    or the product's merged form makes XLA all-gather the batch (slower, the same sums)."""
     try:
         return jax.typeof(x).sharding.mesh.size <= 1
     except AttributeError:  # a JAX without sharding in its types: assume it may be split

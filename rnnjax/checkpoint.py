@@ -545,8 +545,10 @@ def prepare(config: Config, workdir: Path | str | None, resume: bool) -> ResumeP
     meta = read_meta(step_dir)
     check_resumable(read_config(step_dir, meta), config, step_dir)
     if step >= config.steps:
+        from rnnjax.metrics import steps_phrase  # imports JAX: only on this error
+
         raise CheckpointError(
-            f"--resume: {step_dir} has already trained {step} steps of --steps "
+            f"--resume: {step_dir} has already trained {steps_phrase(step)} of --steps "
             f"{config.steps}; pass a larger --steps to train on"
         )
     return ResumePoint(step_dir, step, dict(meta))

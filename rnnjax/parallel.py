@@ -3,7 +3,8 @@
 One 1-D :class:`~jax.sharding.Mesh` with the axis ``"data"`` spans the chosen devices of
 every process. Parameters, optimizer state and (for MNIST) the device-resident dataset are
 *replicated* on it; each step's batch is *sharded* over ``"data"``. The pure functions of
-``rnnjax.train`` are jitted with these shardings as ``in_shardings``/``out_shardings``:
+``rnnjax.train`` are jitted on arrays already placed with these shardings (``put_*``,
+:class:`DataParallel`), results replicated by ``out_shardings``:
 the loss is a mean over the global batch, so XLA's SPMD partitioner computes each device's
 part of the forward and backward pass on its rows and inserts the all-reduce of the
 gradients (and of the metric sums) itself. No ``pmap``, no hand-written ``psum``.

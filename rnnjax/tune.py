@@ -580,7 +580,9 @@ def tune(
             if run and base_m is not None and base_m.step_s is not None:
                 deadline = pay_back_deadline(start, deadline, config.steps, base_m.step_s)
                 if deadline - start < budget_s:
-                    log(f"  the run's {config.steps} steps take ~"
+                    from rnnjax.metrics import steps_phrase
+
+                    log(f"  the run's {steps_phrase(config.steps)} take ~"
                         f"{config.steps * base_m.step_s:.0f} s at the defaults: tuning "
                         f"for {deadline - start:.0f} s of the {budget_s:g} s budget (what "
                         "it can pay back; rnnjax tune times the rest)")

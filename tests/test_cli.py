@@ -243,7 +243,7 @@ def test_resume_and_existing_checkpoints_on_the_command_line(capsys, tmp_path, s
     _one_line_error(capsys, ["train", "--workdir", str(work), "--resume", "--hidden-size", "9"],
                     "--hidden-size 9 differs from 4")
     _one_line_error(capsys, ["train", "--workdir", str(work), "--resume", "--steps", "1"],
-                    "already trained 1 steps")
+                    "already trained 1 step of --steps 1")
     assert sorted(p.name for p in work.iterdir()) == before == ["checkpoints"]
 
 
