@@ -27,9 +27,10 @@ then ``ready``. The child then stays, to time one call of a candidate
 per request line on stdin (``{"time": fields}`` -> event ``timing``), until stdin closes:
 the parent compares the children's fastest so, in turns across the processes.
 Candidates are not started past ``deadline``, nor when their predicted compile time would
-pass it. With ``pay_back`` (``{"start": unix time, "steps": the run's steps}``), once the
-reference is timed the deadline comes forward to what the run can pay back
-(``rnnjax.tune.pay_back_deadline``), reported as ``budget``.
+pass it. With ``pay_back`` (``{"start": unix time, "steps": the run's steps, "share": this
+child's part}``), once the reference is timed the deadline comes forward to this child's
+part of what the run can pay back (``rnnjax.tune.pay_back_deadline``), reported as
+``budget``.
 """
 
 from __future__ import annotations
@@ -341,8 +342,8 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
         if not os.path.exists(reference):
             np.savez(reference, **timed.first_step)  # the first candidate timed: the reference
             pay_back = spec.get("pay_back")
-            cut = pay_back and pay_back_deadline(pay_back["start"], deadline,
-                                                 pay_back["steps"], per_step)
+            cut = pay_back and pay_back_deadline(pay_back["start"], deadline, pay_back["steps"],
+                                                 per_step, pay_back.get("share", 1.0))
             if cut and cut < deadline:
                 deadline = cut
                 emit("budget", deadline=deadline)

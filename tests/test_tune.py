@@ -44,9 +44,13 @@ class FakeChild:
     projection, weight_grad, feed, xla_flags) (:func:`k`); ``wrong`` ones report results
     that differ from the baseline. Resolves 'best' as the real child does."""
 
-    def __init__(self, times, wrong=(), clock=None, per_child_s=0.0, startup_s=1.0, turns=None):
+    def __init__(self, times, wrong=(), clock=None, per_child_s=0.0, startup_s=1.0, turns=None,
+                 stops_at_deadline=False):
         self.times, self.wrong, self.clock, self.per_child_s = times, set(wrong), clock, per_child_s
         self.startup_s, self.turns = startup_s, turns  # turns: the times in turns, by key
+        # stops_at_deadline: a child takes per_child_s, or less where its deadline (brought
+        # forward by pay_back, as measure.run does) comes first.
+        self.stops_at_deadline = stops_at_deadline
         self.calls, self.retimed, self.closed, self.pay_back = [], [], 0, []
 
     def __call__(self, config, flags, candidates, deadline, steps, reference, call_s, log,
@@ -54,7 +58,17 @@ class FakeChild:
         self.calls.append((flags, [dict(c) for c in candidates], deadline))
         self.pay_back.append(pay_back)
         if self.clock is not None:
-            self.clock.now += self.per_child_s
+            end = self.clock.now + self.per_child_s
+            if self.stops_at_deadline:
+                if pay_back:  # from its first candidate's step, the baseline's
+                    first = candidates[0]
+                    base_s = self.times[(first["unroll"], first["backward"], first["projection"],
+                                         first["weight_grad"], first["feed"], flags)] * 1e-3
+                    deadline = tune.pay_back_deadline(pay_back["start"], deadline,
+                                                      pay_back["steps"], base_s,
+                                                      pay_back["share"])
+                end = min(end, deadline)
+            self.clock.now = max(self.clock.now, end)
         child = tune.Child(device={"backend": "cpu", "device_kind": "fake", "device_count": 1},
                            startup_s=self.startup_s)
         queue = list(candidates)
@@ -95,7 +109,7 @@ class Clock:
 
 
 YNN = tune.FLAG_SETS["cpu"][0]
-XNN = tune.FLAG_SETS["cpu"][1]
+VEC = tune.FLAG_SETS["cpu"][1]
 
 
 def all_times(base=1.0, config=None):
@@ -104,7 +118,7 @@ def all_times(base=1.0, config=None):
     times = {}
     for c in tune.model_candidates(config, frozenset()):
         for unroll in ((1, 4, 0) if measure.BEST in c.values() else (c["unroll"],)):
-            for flags in ("", YNN, XNN):
+            for flags in ("", YNN, VEC):
                 times[(unroll, c["backward"], c["projection"], c["weight_grad"], c["feed"],
                        flags)] = base
     return times
@@ -119,13 +133,13 @@ def test_the_fastest_matching_candidate_wins_by_measured_time():
     result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
     assert result.choice == fields(0, flags="")
     # The flag stage timed the best two candidates under each alternative flag set.
-    assert [c[0] for c in fake.calls] == ["", YNN, XNN]
+    assert [c[0] for c in fake.calls] == ["", YNN, VEC]
     # (of those whose results match: the wrong unroll 4 is not among them; ties keep order).
     assert fake.calls[1][1] == [fields(0), fields(1)]
 
-    times[k(0, flags=XNN)] = 0.5  # a flag set faster still
+    times[k(0, flags=VEC)] = 0.5  # a flag set faster still
     result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
-    assert result.choice == fields(0, flags=XNN)
+    assert result.choice == fields(0, flags=VEC)
 
 
 def test_flag_sets_are_chosen_from_timings_in_turns():
@@ -134,12 +148,12 @@ def test_flag_sets_are_chosen_from_timings_in_turns():
     config = Config()
     times = all_times()
     times[k(1, flags=YNN)] = 0.9
-    turns = {k(1): 1.0, k(1, flags=YNN): 1.05, k(1, flags=XNN): 1.2}
+    turns = {k(1): 1.0, k(1, flags=YNN): 1.05, k(1, flags=VEC): 1.2}
     fake = FakeChild(times, turns=turns)
     result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
     assert result.choice == fields(1, flags="")
     # The baseline and each child's fastest, round after round, every child closed after.
-    assert fake.retimed[:3] == [k(1), k(1, flags=YNN), k(1, flags=XNN)]
+    assert fake.retimed[:3] == [k(1), k(1, flags=YNN), k(1, flags=VEC)]
     assert len(fake.retimed) == 3 * tune.TURN_ROUNDS and fake.closed == 3
     assert [m.note for m in result.final] == ["timed in turns"] * 3
     assert "timed in turns" in tune.format_table(result)
@@ -152,7 +166,7 @@ def test_flag_sets_are_chosen_from_timings_in_turns():
     assert "(1.25x the defaults)" in tune.choice_line(result)
     # The base flags' fastest is timed in turns as well as the baseline.
     times[k(0)] = 0.7
-    turns.update({k(0): 0.75, k(0, flags=YNN): 0.9, k(0, flags=XNN): 1.2})
+    turns.update({k(0): 0.75, k(0, flags=YNN): 0.9, k(0, flags=VEC): 1.2})
     fake = FakeChild(times, turns=turns)
     result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
     assert fake.retimed[:3] == [k(0), k(1), k(1, flags=YNN)]
@@ -285,23 +299,36 @@ def test_a_short_run_tunes_only_for_what_it_can_pay_back():
     assert tune.pay_back_deadline(0.0, 30.0, 4001, 1e-3) == tune.PAY_BACK_FLOOR_S
     assert tune.pay_back_deadline(0.0, 30.0, 4001, 0.04) == 30.0
     assert tune.pay_back_deadline(0.0, 30.0, 4001, 0.02) == pytest.approx(20.005)
+    # The first child's part: 60% of the 10 s, where the whole would have been its own.
+    assert tune.pay_back_deadline(0.0, 18.0, 4001, 1e-3, tune.FIRST_SHARE) == \
+        pytest.approx(tune.FIRST_SHARE * tune.PAY_BACK_FLOOR_S)
+    assert tune.pay_back_deadline(0.0, 18.0, 4001, 0.04, tune.FIRST_SHARE) == 18.0
     log = []
     clock = Clock()  # the first child takes 8 s: the flag children no longer fit in 10
     fake = FakeChild(all_times(), clock=clock, per_child_s=8.0)
     result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock, pay_back=True,
                        log=log.append)
-    assert fake.pay_back == [{"start": 1000.0, "steps": 4001}]  # told to the first child
+    # told to the first child, with its part of the budget (the flag children's follows)
+    assert fake.pay_back == [{"start": 1000.0, "steps": 4001, "share": tune.FIRST_SHARE}]
     assert [c[0] for c in fake.calls] == [""]  # no time left for other flags
     assert result.budget_s == tune.PAY_BACK_FLOOR_S and not result.complete
     assert any("tuning for 10 s of the 30 s budget" in line for line in log)
+    # A first child that stops at its part of the cut budget, as measure.run does (6 of the
+    # 10 s), leaves the flag children theirs: here the first set's (2 s: its start-up and
+    # one candidate), then the rounds in turns.
+    clock = Clock()
+    fake = FakeChild(all_times(), clock=clock, per_child_s=8.0, stops_at_deadline=True)
+    result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock, pay_back=True)
+    assert [c[0] for c in fake.calls] == ["", YNN]
+    assert fake.calls[1][2] <= 1000.0 + tune.PAY_BACK_FLOOR_S * (1 - tune.TURNS_SHARE)
     clock = Clock()
     fake = FakeChild(all_times(base=40.0), clock=clock, per_child_s=8.0)
     result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock, pay_back=True)
-    assert [c[0] for c in fake.calls] == ["", YNN, XNN] and result.budget_s == 30.0
+    assert [c[0] for c in fake.calls] == ["", YNN, VEC] and result.budget_s == 30.0
     clock = Clock()
     fake = FakeChild(all_times(), clock=clock, per_child_s=8.0)
     result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock)
-    assert fake.pay_back == [None, None, None] and [c[0] for c in fake.calls] == ["", YNN, XNN]
+    assert fake.pay_back == [None, None, None] and [c[0] for c in fake.calls] == ["", YNN, VEC]
 
 
 def test_a_choice_cut_short_is_tuned_again_for_a_run_that_may_spend_more():
@@ -348,8 +375,9 @@ def test_pinned_fields_are_never_tuned():
 
 def test_flags_the_user_set_in_xla_flags_are_not_tried():
     config = Config()
-    assert tune.flag_candidates("cpu", frozenset(), config, "") == ["", YNN, XNN]
-    assert tune.flag_candidates("cpu", frozenset(), config, "--xla_cpu_use_xnnpack=true") == \
+    assert tune.flag_candidates("cpu", frozenset(), config, "") == ["", YNN, VEC]
+    assert tune.flag_candidates("cpu", frozenset(), config,
+                                "--xla_cpu_prefer_vector_width=256") == \
         ["", YNN]
     assert tune.flag_candidates("tpu", frozenset(), config, "") == [""]
     assert tune.flag_candidates("gpu", frozenset(), config, "") == ["", *tune.FLAG_SETS["gpu"]]
@@ -420,11 +448,12 @@ def test_a_child_times_candidates_under_its_own_xla_flags(tmp_path):
     start = time.time()
     child = tune.run_child(config, f"--xla_dump_to={dump}", candidates, start + 120,
                            2, str(tmp_path / "ref.npz"), 0.01, lines.append,
-                           pay_back={"start": start + 100, "steps": 3})
+                           pay_back={"start": start + 100, "steps": 3, "share": 0.5})
     assert child.error == "" and child.device["backend"] == "cpu"
     # pay_back: once its reference was timed, the child brought its deadline forward to
-    # the floor after the (here, pretended) start, and the parent's timer followed.
-    assert child.deadline == pytest.approx(start + 100 + tune.PAY_BACK_FLOOR_S)
+    # its part (half) of the floor after the (here, pretended) start, and the parent's
+    # timer followed.
+    assert child.deadline == pytest.approx(start + 100 + 0.5 * tune.PAY_BACK_FLOOR_S)
     # 'best': at the unroll of the faster of the two timed, and at the other too where
     # they timed within UNROLL_NEAR of each other (measure.resolutions).
     assert [m.candidate for m in child.measurements[:2]] == candidates[:2]
