@@ -575,16 +575,16 @@ def tune(
     candidates = model_candidates(config, pinned)
     base = candidates[0]
     base_flags = config.xla_flags if "xla_flags" in pinned else ""
-    # The run's own flags get the first FIRST_SHARE of the budget when other flags may follow.
-    first_deadline = deadline if "xla_flags" in pinned else start + FIRST_SHARE * budget_s
+    # The run's own flags get the first FIRST_SHARE of the budget when other flags may follow
+    # (of the budget as given, and of a budget cut to what the run can pay back: run below).
+    share = 1.0 if "xla_flags" in pinned else FIRST_SHARE
+    first_deadline = start + share * budget_s
     measured: list[Measurement] = []
     children: list[Child] = []
     final: list[Measurement] = []
     try:
         with tempfile.TemporaryDirectory(prefix="rnnjax-tune-") as tmp:
             reference = os.path.join(tmp, "baseline.npz")
-            # The first child's part of a budget cut short, as of the budget it was given.
-            share = 1.0 if "xla_flags" in pinned else FIRST_SHARE
             run = {"start": start, "steps": config.steps, "share": share} if pay_back else None
             first = child(config, base_flags, candidates, first_deadline, None, reference,
                           call_s, log, pay_back=run)

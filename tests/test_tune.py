@@ -61,9 +61,7 @@ class FakeChild:
             end = self.clock.now + self.per_child_s
             if self.stops_at_deadline:
                 if pay_back:  # from its first candidate's step, the baseline's
-                    first = candidates[0]
-                    base_s = self.times[(first["unroll"], first["backward"], first["projection"],
-                                         first["weight_grad"], first["feed"], flags)] * 1e-3
+                    base_s = self.times[self._key(candidates[0], flags)] * 1e-3
                     deadline = tune.pay_back_deadline(pay_back["start"], deadline,
                                                       pay_back["steps"], base_s,
                                                       pay_back["share"])
@@ -82,8 +80,7 @@ class FakeChild:
                 if not options:
                     continue
                 c, queue[:0] = options[0], options[1:]
-            key = (c["unroll"], c["backward"], c["projection"], c["weight_grad"], c["feed"],
-                   flags)
+            key = self._key(c, flags)
             if key not in self.times:
                 child.measurements.append(tune.Measurement(c, flags, note="failed: fake"))
                 continue
@@ -95,9 +92,14 @@ class FakeChild:
         return child
 
     def _retime(self, c, flags):
-        key = (c["unroll"], c["backward"], c["projection"], c["weight_grad"], c["feed"], flags)
+        key = self._key(c, flags)
         self.retimed.append(key)
         return self.turns[key] * 1e-3
+
+    @staticmethod
+    def _key(c, flags):
+        """The table key (:func:`k`) of candidate fields ``c`` under ``flags``."""
+        return (c["unroll"], c["backward"], c["projection"], c["weight_grad"], c["feed"], flags)
 
 
 class Clock:
