@@ -154,7 +154,7 @@ def rnnjax_program(device_data: Arrays, idx: jax.Array, config: Config) -> Progr
     model, optimizer = make_model(config), make_optimizer(config)
     fn = functools.partial(train.train_steps, model=model, optimizer=optimizer)
     return (fn, init_state(config, model, optimizer),
-            (device_data.train_images, device_data.train_labels, idx))
+            (model.sequences(device_data.train_images), device_data.train_labels, idx))
 
 
 def rnnjax_runner(device_data: Arrays, idx: jax.Array, config: Config) -> tuple[Runner, float]:

@@ -162,18 +162,22 @@ def device_feed(
     """Segments run by one compiled ``train.train_steps`` on the device-resident dataset.
 
     Batch indices are padded to a fixed ``[steps_per_call, B]`` with the count passed as
-    data: one compiled function serves every segment length, no recompiles.
+    data: one compiled function serves every segment length, no recompiles. The training
+    images are made into the model's time-major sequences once, here (``Model.sequences``:
+    the same bytes, [T, N, F]); the caller may drop its own ``on_device.train_images``.
     """
     chunk = min(config.steps_per_call, config.steps)
-    n_train = len(on_device.train_labels)
+    labels = on_device.train_labels
+    n_train = len(labels)
     steps = _compiled_train(train.train_steps, model, optimizer, dp)
+    sequences = jax.jit(model.sequences, out_shardings=dp.replicated)(on_device.train_images)
 
     def run(state: train.TrainState, first: int, count: int):
         idx = np.zeros((chunk, config.batch_size), np.int32)
         idx[:count] = batch_indices(n_train, config.batch_size, first, count,
                                     shuffle=config.shuffle, seed=config.seed)
         (state, sums), seconds = steps(
-            state, on_device.train_images, on_device.train_labels,
+            state, sequences, labels,
             dp.shard_steps(idx), dp.replicate(np.int32(count)),  # every device: its rows
         )
         return state, sums, seconds
@@ -378,6 +382,7 @@ def train_and_evaluate(
         run_segment = device_feed(config, model, optimizer, dp, on_device)
     else:
         run_segment = stream_feed(config, model, optimizer, dp, data, start)
+    del on_device  # its float32 training images: the feed holds them as sequences
     finite = jax.jit(lambda tree: jnp.all(jnp.stack(
         [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)])))
 

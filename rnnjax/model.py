@@ -98,17 +98,37 @@ class Model:
         }
         return {"rnn": layers, "head": head}
 
+    def sequences(self, images: jax.Array) -> jax.Array:
+        """Images ``[N, H, W, C]`` (or ``[N, H, W]`` when C=1) -> the time-major sequences
+        ``[T, N, F]`` the model reads (:func:`to_sequence` in its order, the permuted order
+        applied); the same dtype. ``apply(p, images) == apply_sequences(p, sequences(images))``.
+
+        ``rnnjax.train.train_steps`` takes a whole dataset in this form, made once: its
+        batches are then gathered time-major, with no transpose per step.
+        """
+        h, w, c = self.image_shape
+        if tuple(images.shape[1:]) not in ((h, w, c), (h, w) if c == 1 else (h, w, c)):
+            raise ValueError(f"Model: images of shape {tuple(images.shape)}; this model "
+                             f"reads [B, {h}, {w}, {c}]" + (f" or [B, {h}, {w}]" if c == 1 else ""))
+        perm = None if self.permutation is None else jnp.asarray(self.permutation)
+        return to_sequence(images, self.order, perm)
+
     def apply(self, params: Params, images: jax.Array) -> jax.Array:
         """Images float32 ``[B, H, W, C]`` (or ``[B, H, W]`` when C=1) in [0, 1] -> logits
         float32 ``[B, classes]``; H, W, C as ``image_shape``."""
-        h, w, c = self.image_shape
-        if tuple(images.shape[1:]) not in ((h, w, c), (h, w) if c == 1 else (h, w, c)):
-            raise ValueError(f"Model.apply: images of shape {tuple(images.shape)}; this model "
-                             f"reads [B, {h}, {w}, {c}]" + (f" or [B, {h}, {w}]" if c == 1 else ""))
+        return self.apply_sequences(params, self.sequences(images))
+
+    def apply_sequences(self, params: Params, xs: jax.Array) -> jax.Array:
+        """Time-major sequences float32 ``[T, B, F]`` (:meth:`sequences`) -> logits float32
+        ``[B, classes]``."""
+        steps = self.image_shape[0] * (1 if self.order == "rows" else self.image_shape[1])
+        if xs.ndim != 3 or xs.shape[0] != steps or xs.shape[2] != self.input_size:
+            raise ValueError(f"Model.apply_sequences: sequences of shape {tuple(xs.shape)}; "
+                             f"this model reads [{steps}, B, {self.input_size}] "
+                             "(Model.sequences of its images)")
         dtype = self.compute_dtype
         params = jax.tree.map(lambda p: p.astype(dtype), params)
-        perm = None if self.permutation is None else jnp.asarray(self.permutation)
-        xs = to_sequence(images.astype(dtype), self.order, perm)
+        xs = xs.astype(dtype)
         finals = ()  # the last layer's final carries (two when bidirectional)
         form = {"unroll": self.unroll, "weight_grad": self.weight_grad,
                 "projection": self.projection, "backward": self.backward}

@@ -48,7 +48,7 @@ from rnnjax import __version__
 from rnnjax.config import TUNED, Config, to_dict
 from rnnjax.measure import BEST  # a field's value: the fastest its child has timed
 
-TUNER_VERSION = 8  # 8: FLAG_MARGIN; 7: CPU flag sets; 6: weight product over merged T, B
+TUNER_VERSION = 9  # 9: time-major batches; 8: FLAG_MARGIN; 7: CPU flags; 6: merged T, B product
 ENV_VAR = "RNNJAX_TUNE"  # 'off' (or 0, false, no): rnnjax train does not tune by default
 MARGIN = 0.03  # a candidate replaces the baseline only when this much faster
 # Other XLA flags replace the run's own only when this much faster: they are timed in other

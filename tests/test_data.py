@@ -793,7 +793,7 @@ def test_tfds_through_config(tfds_built):
 
 
 def _batches_each_feed_trains_on(monkeypatch, config: Config, data: Arrays) -> list:
-    """The ``(images, labels)`` that every train step of ``config``'s feed receives,
+    """The ``(images, labels)`` that every train step of ``config``'s feed trains on,
     recorded inside the compiled step: the loop's own feed code (``rnnjax.loop``) runs a
     train step that records its batch and leaves the state as it is."""
     from rnnjax import loop, parallel, train
@@ -802,12 +802,14 @@ def _batches_each_feed_trains_on(monkeypatch, config: Config, data: Arrays) -> l
 
     seen: list[tuple[np.ndarray, np.ndarray]] = []
 
-    def record(state, images, labels, *, model, optimizer):
-        jax.debug.callback(lambda x, y: seen.append((np.array(x), np.array(y))),
-                           images, labels, ordered=True)
+    def record(state, xs, labels, model, optimizer):
+        # xs: the batch's time-major rows [T, B, W], back to images [B, H, W].
+        jax.debug.callback(lambda x, y: seen.append((np.swapaxes(x, 0, 1), np.array(y))),
+                           xs, labels, ordered=True)
         return state._replace(step=state.step + 1), train.zero_metrics()
 
-    monkeypatch.setattr(train, "train_step", record)  # train_steps calls it too
+    assert config.order == "rows"
+    monkeypatch.setattr(train, "_update", record)  # what train_step and train_steps run
     model, optimizer = make_model(config), make_optimizer(config)
     dp = parallel.DataParallel.from_config(config)
     state = dp.replicate(train.create_state(jax.random.key(0), model, optimizer))

@@ -52,6 +52,31 @@ def test_sequence_orders():
 
 
 @pytest.mark.parametrize("order", ["rows", "pixels", "permuted"])
+def test_model_sequences_are_what_apply_reads(order):
+    """``Model.sequences`` (train_steps' whole-dataset form) is ``to_sequence`` in the
+    model's order, permutation included, and ``apply_sequences`` of it gives apply's bits."""
+    model = make_model(Config(order=order, hidden_size=8))
+    params = model.init(jax.random.key(0))
+    images = jax.random.uniform(jax.random.key(1), (3, 28, 28))
+    perm = jnp.asarray(pixel_permutation(1337)) if order == "permuted" else None
+    xs = model.sequences(images)
+    np.testing.assert_array_equal(xs, to_sequence(images, order, perm))
+    assert xs.shape == ((28, 3, 28) if order == "rows" else (784, 3, 1))
+    np.testing.assert_array_equal(model.apply(params, images), model.apply_sequences(params, xs))
+
+
+def test_bad_shapes_name_what_the_model_reads():
+    model = make_model(Config(hidden_size=8))
+    params = model.init(jax.random.key(0))
+    with pytest.raises(ValueError, match=r"images of shape \(3, 28, 27\).*\[B, 28, 28, 1\]"):
+        model.apply(params, jnp.zeros((3, 28, 27)))
+    with pytest.raises(ValueError, match=r"sequences of shape \(3, 28, 28\).*\[28, B, 28\]"):
+        model.apply_sequences(params, jnp.zeros((3, 28, 28)))  # batch-major
+    with pytest.raises(ValueError, match=r"sequences of shape \(28, 3, 1\).*\[28, B, 28\]"):
+        model.apply_sequences(params, jnp.zeros((28, 3, 1)))
+
+
+@pytest.mark.parametrize("order", ["rows", "pixels", "permuted"])
 def test_apply_shapes_for_every_order(order):
     model = make_model(Config(order=order, hidden_size=8))
     params = model.init(jax.random.key(0))

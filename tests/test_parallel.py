@@ -109,12 +109,12 @@ def _collectives() -> dict[str, int]:
     model, optimizer = make_model(config), make_optimizer(config)
     dp = parallel.DataParallel.from_config(config)
     state = dp.replicate(train.create_state(jax.random.key(0), model, optimizer))
-    images = dp.replicate(np.zeros((100, 28, 28), np.float32))
+    sequences = dp.replicate(np.zeros((28, 100, 28), np.float32))
     labels = dp.replicate(np.zeros((100,), np.int32))
     idx = dp.shard_steps(np.zeros((5, config.batch_size), np.int32))
     fn = jax.jit(functools.partial(train.train_steps, model=model, optimizer=optimizer),
                  out_shardings=dp.replicated)
-    text = fn.lower(state, images, labels, idx).compile().as_text()
+    text = fn.lower(state, sequences, labels, idx).compile().as_text()
     return {op: text.count(f" {op}(") for op in ("all-reduce", "all-gather", "all-to-all")}
 
 

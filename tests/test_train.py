@@ -90,11 +90,11 @@ def test_k_steps_per_call_equals_one_step_per_call(mnist, shuffle):
                       jnp.asarray(mnist.train_labels[row]))
 
     chunk = jax.jit(functools.partial(train.train_steps, model=model, optimizer=optimizer))
-    images = jnp.asarray(normalize_host(mnist.train_images))
+    sequences = model.sequences(jnp.asarray(normalize_host(mnist.train_images)))
     labels = jnp.asarray(mnist.train_labels)
     many = state
     for part in np.split(idx, [5]):  # 5 then 7 steps per call
-        many, sums = chunk(many, images, labels, part)
+        many, sums = chunk(many, sequences, labels, part)
     assert int(many.step) == 12 and int(sums["count"]) == 7 * 50
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  one.params, many.params)
@@ -237,3 +237,34 @@ def test_clip_norm_bounds_the_update_of_a_train_step(mnist):
     after, _ = step(state, x, y)
     moved = _global_norm(jax.tree.map(jnp.subtract, after.params, state.params))
     assert moved == pytest.approx(config.learning_rate * config.clip_norm, rel=1e-3)
+
+
+@pytest.mark.parametrize("order", ["rows", "pixels", "permuted"])
+def test_gather_sequences_is_the_batch_of_each_order(order):
+    """train_steps cuts each batch time-major from the dataset's sequences: the same bits as
+    the batch's own images made into sequences, in every order."""
+    model = make_model(Config(order=order, hidden_size=8))
+    images = jax.random.uniform(jax.random.key(0), (40, 28, 28))
+    idx = jnp.asarray([7, 0, 39, 7, 12], jnp.int32)
+    got = jax.jit(train.gather_sequences)(model.sequences(images), idx)
+    np.testing.assert_array_equal(got, model.sequences(images[idx]))
+
+
+def test_gather_sequences_beyond_int32_row_numbers():
+    """Row numbers t * N + i of the [T*N, F] table are int32: past 2**31 rows the batch is
+    taken along N of [T, N, F] instead (traced only: a 9 GB table)."""
+    def gathered_operand(count):
+        table = jax.ShapeDtypeStruct((784, count, 1), jnp.float32)
+        jaxpr = jax.make_jaxpr(train.gather_sequences)(table, jnp.zeros(50, jnp.int32))
+        def eqns(j):
+            for e in j.eqns:
+                yield e
+                if "jaxpr" in e.params:  # inside a nested jit (jnp.take)
+                    yield from eqns(e.params["jaxpr"].jaxpr)
+
+        gathers = [e for e in eqns(jaxpr.jaxpr) if e.primitive.name == "gather"]
+        assert len(gathers) == 1
+        return gathers[0].invars[0].aval.shape
+
+    assert gathered_operand(60_000) == (784 * 60_000, 1)
+    assert gathered_operand(3_000_000) == (784, 3_000_000, 1)
