@@ -98,8 +98,8 @@ def _update(
 
 
 def gather_sequences(sequences: jax.Array, idx: jax.Array) -> jax.Array:
-    """The batch ``idx`` (int [B]) of a whole dataset's sequences [T, N, F]
-    (``Model.sequences``) -> [T, B, F], ``sequences[:, idx]``.
+    """The batch ``idx`` (int [B], each in [0, N)) of a whole dataset's sequences
+    [T, N, F] (``Model.sequences``) -> [T, B, F], ``sequences[:, idx]``.
 
     Gathered as rows ``t * N + idx[b]`` of the [T*N, F] table, so XLA writes the batch
     time-major in one pass (``jnp.take(..., axis=1)`` is gathered batch-major, then
@@ -139,8 +139,8 @@ def train_steps(
     indices: int32 [K, B], the examples of each step (``data.pipeline.batch_indices``);
     count: int32 [], how many leading rows of ``indices`` to run (default: all K). A traced
     count lets one compiled function serve every chunk length up to K.
-    Returns the state after ``count`` steps and the metrics summed over them; the same
-    bits as :func:`train_step` on each batch's images.
+    Returns the state after ``count`` steps and the metrics summed over them: on XLA:CPU
+    the same bits as :func:`train_step` on each batch's images (tests/test_train.py).
     """
     count = indices.shape[0] if count is None else count
 
