@@ -372,17 +372,19 @@ def train_and_evaluate(
                   f"{metrics_lib.steps_phrase(start)}\n")
 
     evaluate = jax.jit(
-        functools.partial(train.evaluate, model=model, chunk=config.eval_batch_size,
-                          batch_sharding=dp.batch),
+        functools.partial(train.evaluate_sequences, model=model,
+                          chunk=config.eval_batch_size, batch_sharding=dp.batch),
         out_shardings=dp.replicated,
     )
-    test_data = on_device.test_images, on_device.test_labels
+    # The test set as the model reads it, made once for every evaluation of the run.
+    test_data = (jax.jit(model.sequences, out_shardings=dp.replicated)(on_device.test_images),
+                 on_device.test_labels)
     evaluate, compile_s = runtime.compile_timed(evaluate, state.params, *test_data)
     if config.feed == "device":
         run_segment = device_feed(config, model, optimizer, dp, on_device)
     else:
         run_segment = stream_feed(config, model, optimizer, dp, data, start)
-    del on_device  # its float32 training images: the feed holds them as sequences
+    del on_device  # its float32 images: the feed and test_data hold them as sequences
     finite = jax.jit(lambda tree: jnp.all(jnp.stack(
         [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)])))
 

@@ -163,7 +163,10 @@ def eval_step(
     model: Model,
 ) -> Metrics:
     """Metrics of one batch: images float32 [B, H, W(, C)], labels int32 [B], mask bool [B]."""
-    logits = model.apply(params, images)
+    return _eval_metrics(model.apply(params, images), labels, mask)
+
+
+def _eval_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array | None) -> Metrics:
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return batch_metrics(losses, logits, labels, mask)
 
@@ -182,23 +185,56 @@ def evaluate(
     images: float32 [N, H, W(, C)] in [0, 1] on the device, labels: int32 [N].
     batch_sharding: lay each chunk out so (``rnnjax.parallel.batch_sharding``: its rows
     split over the devices); the chunk is then rounded up to a multiple of the device
-    count, the extra rows masked padding.
+    count, the extra rows masked padding. :func:`evaluate_sequences` of the images'
+    ``model.sequences``: a caller that evaluates the same set again and again makes those
+    once and calls that instead.
+    """
+    return evaluate_sequences(params, model.sequences(images), labels, model=model,
+                              chunk=chunk, batch_sharding=batch_sharding)
+
+
+def evaluate_sequences(
+    params: Params,
+    sequences: jax.Array,
+    labels: jax.Array,
+    *,
+    model: Model,
+    chunk: int,
+    batch_sharding: jax.sharding.Sharding | None = None,
+) -> Metrics:
+    """:func:`evaluate` of a set given as the model reads it: sequences float32 [T, N, F]
+    (``model.sequences`` of its images), labels int32 [N]; the same sums.
+
+    Made once, the sequences spare every evaluation a transposed copy of the whole set
+    (the seed's 10,000 test images: 41.7 -> 30.2 ms an evaluation at unroll 1 on XLA:CPU,
+    in turns in one process). Each chunk is the slice ``[:, i*chunk:(i+1)*chunk]``.
     """
     n = labels.shape[0]
     chunk = min(chunk, n)
     if batch_sharding is not None:
         chunk = -(-chunk // batch_sharding.num_devices) * batch_sharding.num_devices
     pad = -n % chunk
-    widths = ((0, pad),) + ((0, 0),) * (images.ndim - 1)
-    images = jnp.pad(images, widths).reshape(-1, chunk, *images.shape[1:])
-    labels = jnp.pad(labels, (0, pad)).reshape(-1, chunk)
-    mask = (jnp.arange(n + pad) < n).reshape(-1, chunk)
+    sequences = jnp.pad(sequences, ((0, 0), (0, pad)) + ((0, 0),) * (sequences.ndim - 2))
+    labels = jnp.pad(labels, (0, pad))
+    mask = jnp.arange(n + pad) < n
 
-    def body(totals, batch):
-        x, y, m = batch
-        if batch_sharding is not None:
-            x, y, m = jax.lax.with_sharding_constraint((x, y, m), batch_sharding)
-        metrics = eval_step(params, x, y, m, model=model)
-        return jax.tree.map(jnp.add, totals, metrics), None
+    def body(i, totals):
+        x, y, m = (jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=axis)
+                   for a, axis in ((sequences, 1), (labels, 0), (mask, 0)))
+        if batch_sharding is not None:  # the chunk's batch axis: axis 1 of x
+            x = jax.lax.with_sharding_constraint(x, _time_major(batch_sharding))
+            y, m = jax.lax.with_sharding_constraint((y, m), batch_sharding)
+        metrics = _eval_metrics(model.apply_sequences(params, x), y, m)
+        return jax.tree.map(jnp.add, totals, metrics)
 
-    return jax.lax.scan(body, zero_metrics(), (images, labels, mask))[0]
+    return jax.lax.fori_loop(0, (n + pad) // chunk, body, zero_metrics())
+
+
+def _time_major(batch: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The sharding of time-major [T, B, ...] whose batch axis is laid out as ``batch``'s
+    leading one (a NamedSharding)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if not isinstance(batch, NamedSharding):
+        raise TypeError(f"batch_sharding: a NamedSharding, not {type(batch).__name__}")
+    return NamedSharding(batch.mesh, PartitionSpec(None, *batch.spec))

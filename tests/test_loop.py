@@ -81,13 +81,16 @@ def test_init_state_is_the_seeds_key_made_eagerly(seed, xla_compiles, bitwise_eq
 @pytest.mark.parametrize("feed", ["device", "stream"])
 def test_a_run_compiles_its_train_step_and_evaluation_once(feed, xla_compiles):
     """Seven train calls of 1 to 7 steps (device feed) or 40 single steps (stream feed) and
-    three evaluations: one XLA compilation each of the train step and of the evaluation."""
+    three evaluations: one XLA compilation each of the train step and of the evaluation,
+    and of the sequences made once (the test set's, and the training set's for the device
+    feed)."""
     config = Config(steps=40, eval_every=20, hidden_size=16, steps_per_call=7, feed=feed,
                     compile_cache="off")
     train_and_evaluate(config, out=io.StringIO())
     compiled = collections.Counter(xla_compiles)
     step = "jit(train_steps)" if feed == "device" else "jit(train_step)"
-    assert compiled[step] == 1 and compiled["jit(evaluate)"] == 1, compiled
+    assert compiled[step] == 1 and compiled["jit(evaluate_sequences)"] == 1, compiled
+    assert compiled["jit(sequences)"] == (2 if feed == "device" else 1), compiled
 
 
 def test_batch_larger_than_dataset_is_refused():

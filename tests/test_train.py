@@ -112,6 +112,26 @@ def test_chunked_evaluation_equals_one_pass(mnist):
     np.testing.assert_allclose(float(whole["loss_sum"]), float(ragged["loss_sum"]), rtol=1e-5)
 
 
+@pytest.mark.parametrize("order", ["rows", "permuted"])
+def test_evaluating_sequences_equals_evaluating_images(mnist, order):
+    """The loop evaluates the test set's sequences, made once: the same bits as evaluating
+    the images, whole or in chunks (the last one padded and masked)."""
+    model, _, state = _setup(Config(order=order, hidden_size=8))
+    images = jnp.asarray(normalize_host(mnist.test_images[:700]))
+    labels = jnp.asarray(mnist.test_labels[:700])
+    sequences = model.sequences(images)
+    for chunk in (700, 300):
+        ours = jax.jit(functools.partial(train.evaluate_sequences, model=model, chunk=chunk))(
+            state.params, sequences, labels)
+        theirs = train.evaluate(state.params, images, labels, model=model, chunk=chunk)
+        assert int(ours["count"]) == 700
+        jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+    one_batch = train.eval_step(state.params, images[:300], labels[:300], model=model)
+    first = train.evaluate_sequences(state.params, sequences[:, :300], labels[:300],
+                                     model=model, chunk=300)
+    jax.tree.map(np.testing.assert_array_equal, first, one_batch)
+
+
 def test_keras_adam_trains_like_keras(mnist):
     """Five steps of Keras 3's Adam on its JAX backend and of rnnjax's keras_adam agree."""
     keras = pytest.importorskip("keras")
