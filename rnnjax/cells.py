@@ -686,8 +686,10 @@ def _gru_scan(xs, kernel, bias, recurrent, recurrent_bias, h0, unroll, in_loop, 
     def step(h, x_t, _unused=None):
         u = project(x_t) + bias  # the same sums as _dense_projection
         r_all = h @ recurrent + recurrent_bias
-        z = jax.nn.sigmoid(u[:, :hidden] + r_all[:, :hidden])
-        r = jax.nn.sigmoid(u[:, hidden : 2 * hidden] + r_all[:, hidden : 2 * hidden])
+        # One sigmoid over both gates, [B, 2H]: XLA:CPU made two fusions of two (each
+        # reading the recurrent product); the same bits, the pixel train step 2-5% faster.
+        zr = jax.nn.sigmoid(u[:, : 2 * hidden] + r_all[:, : 2 * hidden])
+        z, r = zr[:, :hidden], zr[:, hidden:]
         rh = r_all[:, 2 * hidden :]
         n = jnp.tanh(u[:, 2 * hidden :] + r * rh)
         h_new = z * h + (1 - z) * n
