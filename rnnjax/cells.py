@@ -295,7 +295,7 @@ def _scan_rows(step: Callable, carry: Carry, rows: jax.Array, xs: Any = None, *,
             if isinstance(new_row, tuple):  # column blocks of the row, each written alone
                 offset = 0
                 for block in new_row:
-                    start = (t, *(jnp.uint32(i) for i in (*(0,) * (rows.ndim - 2), offset)))
+                    start = (t, *[jnp.uint32(0)] * (rows.ndim - 2), jnp.uint32(offset))
                     rows = jax.lax.dynamic_update_slice(rows, block[None], start)
                     offset += block.shape[-1]
                 return (carry, rows), y
