@@ -6,7 +6,7 @@ XLA flags, with ``$XLA_FLAGS`` set, and hands it a JSON spec as the first line o
     {"config": {...Config fields...}, "candidates": [{"unroll": 1, "backward": "autodiff",
      "projection": "in_loop", "weight_grad": "product", "feed": "device"}, ...],
      "deadline": unix time, "call_s": 0.1, "steps": null, "repeats": 3,
-     "reference": "path/to/baseline.npz", "pay_back": null}
+     "reference": "path/to/baseline.npz", "pay_back": null, "compiled": false}
 
 A candidate's fields may be ``"best"``: those fields of the fastest candidate this child
 has timed so far (:func:`resolve`: the unroll, for a form timed at the unroll that suits
@@ -27,10 +27,11 @@ then ``ready``. The child then stays, to time one call of a candidate
 per request line on stdin (``{"time": fields}`` -> event ``timing``), until stdin closes:
 the parent compares the children's fastest so, in turns across the processes.
 Candidates are not started past ``deadline``, nor when their predicted compile time would
-pass it. With ``pay_back`` (``{"start": unix time, "steps": the run's steps, "share": this
-child's part}``), once the reference is timed the deadline comes forward to this child's
-part of what the run can pay back (``rnnjax.tune.pay_back_deadline``), reported as
-``budget``.
+pass it (unless ``compiled``: an earlier child compiled them all, and the persistent
+compilation cache holds them). With ``pay_back`` (``{"start": unix time, "steps": the
+run's steps, "share": this child's part}``), once the reference is timed the deadline comes
+forward to this child's part of what the run can pay back
+(``rnnjax.tune.pay_back_deadline``), reported as ``budget``.
 """
 
 from __future__ import annotations
@@ -77,6 +78,19 @@ def predict_compile_s(unroll: int, measured: dict[int, float]) -> float | None:
         return c0 * (1 + 0.1 * (unroll - u0))
     slope = max(0.0, (c1 - c0) / (u1 - u0))
     return c0 + slope * (unroll - u0)
+
+
+def why_not(unroll: int, compiled: dict[int, float], left: float, cached: bool) -> str:
+    """Why a candidate at ``unroll`` is not started with ``left`` seconds of the budget
+    ('' where it is): none left, or its compile time predicted from those ``compiled``
+    (:func:`predict_compile_s`) more than that, unless ``cached`` (an earlier child compiled
+    it, and it is loaded from the compilation cache)."""
+    if left <= 0:
+        return "budget spent"
+    predicted = None if cached else predict_compile_s(unroll, compiled)
+    if predicted is not None and predicted > left:
+        return f"compile predicted {predicted:.0f} s, {left:.0f} s left"
+    return ""
 
 
 def resolve(fields: dict[str, Any], timed: list[tuple[dict[str, Any], float]],
@@ -278,7 +292,10 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
     from rnnjax.tune import pay_back_deadline, sequence_length
 
     config = from_dict(spec["config"])
-    runtime.enable_compile_cache(config.compile_cache)  # the run reuses the winner's programs
+    # The run reuses the winner's programs; with "compiled" (an earlier child compiled every
+    # candidate) this child loads them from the cache, so no compile time is predicted.
+    cached = runtime.enable_compile_cache(config.compile_cache) is not None \
+        and spec.get("compiled", False)
     emit("device", **runtime.device_info(), xla_flags=os.environ.get("XLA_FLAGS", ""))
     deadline, steps = spec["deadline"], spec.get("steps")
     time_steps = sequence_length(config)
@@ -319,18 +336,13 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
         if candidate.feed == "stream":  # a stream as long as the calls timed will read
             candidate = candidate.replace(steps=max(candidate.steps, 1_000_000))
         unroll = candidate.unroll or time_steps
-        left = deadline - time.time()
         # From the compile times of its own kind, else of any kind measured (slowest).
         history = compiles.get(kind) or {
             u: max(c[u] for c in compiles.values() if u in c)
             for u in {u for c in compiles.values() for u in c}}
-        predicted = predict_compile_s(unroll, history)
-        if left <= 0:
-            emit("skipped", candidate=fields, reason="budget spent")
-            continue
-        if predicted is not None and predicted > left:
-            emit("skipped", candidate=fields,
-                 reason=f"compile predicted {predicted:.0f} s, {left:.0f} s left")
+        why = why_not(unroll, history, deadline - time.time(), cached)
+        if why:
+            emit("skipped", candidate=fields, reason=why)
             continue
         try:
             timed = Timed(candidate, data, timer)

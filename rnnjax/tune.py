@@ -12,12 +12,15 @@ chosen flags (:func:`rnnjax.runtime.apply_xla_flags`).
 
 A candidate counts only when its first train step (the loss, and the gradients as the
 optimizer's moments hold them) matches the baseline's (the untuned defaults) to float
-tolerance. The fastest wins; the baseline is kept unless another is at least
-:data:`MARGIN` faster, and the run's own XLA flags unless other flags are at least
-:data:`FLAG_MARGIN` faster (timed in other processes, whose speed differs more). The
-children stay until the end, when the baseline and each one's fastest are timed again in
-turns across them (:func:`in_turns`): the choice between sets of XLA flags is made from
-timings taken side by side, not minutes apart. Candidates are timed in order of promise and
+tolerance. The same program runs faster in some processes than in others, so the
+candidates the first child timed within :data:`SECOND_NEAR` of its fastest are timed again
+in a second process under the same flags, and each is judged by its mean over the
+processes (:func:`pooled`). The fastest wins; the baseline is kept unless another is at
+least :data:`MARGIN` faster, and the run's own XLA flags unless other flags are at least
+:data:`FLAG_MARGIN` faster (timed in other processes only). The children stay until the
+end, when the baseline, each one's fastest and the second process's candidates are timed
+again in turns across them (:func:`in_turns`): the choice is made from timings taken side
+by side, not minutes apart. Candidates are timed in order of promise and
 skipped once the time budget is spent (or when their compile time, predicted from the
 unrolls measured, would overrun it). Fields the user set are never changed (``pinned``).
 
@@ -48,7 +51,7 @@ from rnnjax import __version__
 from rnnjax.config import TUNED, Config, to_dict
 from rnnjax.measure import BEST  # a field's value: the fastest its child has timed
 
-TUNER_VERSION = 9  # 9: time-major batches; 8: FLAG_MARGIN; 7: CPU flags; 6: merged T, B product
+TUNER_VERSION = 10  # 10: finalists in a second process; 9: time-major batches; 8: FLAG_MARGIN
 ENV_VAR = "RNNJAX_TUNE"  # 'off' (or 0, false, no): rnnjax train does not tune by default
 MARGIN = 0.03  # a candidate replaces the baseline only when this much faster
 # Other XLA flags replace the run's own only when this much faster: they are timed in other
@@ -59,6 +62,20 @@ FLAG_MARGIN = 0.10
 FIRST_SHARE = 0.6  # of the budget, for the model candidates under the run's own XLA flags
 TURNS_SHARE = 0.1  # the budget's last part, for timing the children's fastest in turns
 TURN_ROUNDS = 5  # of in_turns, at most
+# The same program, timed the same way, ran up to a fifth faster or slower from one process
+# to the next, and not alike for every program (the pixel GRU's autodiff and hand-written
+# forms, 7 processes of measure.Timed: 56-60 against 48-57 ms; the pixel LSTM's unroll 16,
+# 43 ms in the child that chose it, 56-61 in every other process; 2-core AVX-512 EPYC,
+# 2026-12-01). So the first child's candidates within SECOND_NEAR of its fastest (at most
+# SECOND_MOST of them) are timed again in a second process under the same flags, within
+# SECOND_SHARE of the budget, and each is judged by its mean over the processes that timed
+# it (:func:`pooled`): the user's run is one more such process.
+SECOND_NEAR = 0.25
+SECOND_MOST = 3
+SECOND_SHARE = 0.15
+# A program the first child compiled, loaded from the persistent compilation cache by the
+# second: 0.1-0.2 s for compiles of 1.3-3.3 s (GRU, 28 rows, this machine).
+CACHED_LOAD = 0.2  # of its compile time, for planning the second child's time
 TOLERANCE = {"float32": 1e-3, "bfloat16": 3e-2}  # loss and gradients vs the baseline
 # XLA flag alternatives per backend, most promising first ('' = XLA's defaults).
 FLAG_SETS = {
@@ -214,7 +231,9 @@ def form_candidates(config: Config, pinned: frozenset[str], base: dict[str, Any]
 def model_candidates(config: Config, pinned: frozenset[str]) -> list[dict[str, Any]]:
     """Candidate ``{unroll, backward, projection, weight_grad, feed}`` to time, most
     promising first: the baseline; fully unrolled, which won at every batch on the AVX-512
-    machine of issue 11 (in the hand-written form where the baseline is autodiff; skipped
+    machine of issue 11 (in the hand-written form where the baseline is autodiff, after that
+    form at the baseline's unroll: the GRU's, 28 rows at batch 50, ran 1.82 ms at unroll 1
+    and 2.20 fully unrolled, where autodiff at unroll 1 ran slower than both; skipped
     when its compile time, predicted from the unrolls compiled so far, would overrun the
     budget, as for 784 pixels); each other form of the cell at the faster of those two
     unrolls (``unroll`` :data:`BEST`, resolved by the child: the forms' order at one unroll
@@ -232,6 +251,8 @@ def model_candidates(config: Config, pinned: frozenset[str]) -> list[dict[str, A
     out = [base]
     if tune_unroll and base["unroll"] != 0:  # an autodiff baseline: its hand-written form
         probe = hand_written[0] if hand_written and base["backward"] == "autodiff" else {}
+        if probe:  # at the baseline's unroll too, so that the unrolls compare in one form
+            out.append({**base, **probe})
         out.append({**base, **probe, "unroll": 0})
     for form in forms:
         # Autodiff's fully unrolled program compiled 3x slower than the hand-written one
@@ -399,16 +420,17 @@ def apply(config: Config, choice: dict[str, Any], pinned: frozenset[str]) -> Con
 def run_child(
     config: Config, flags: str, candidates: list[dict[str, Any]], deadline: float,
     steps: int | None, reference: str, call_s: float, log: Callable[[str], None],
-    pay_back: dict[str, float] | None = None,
+    pay_back: dict[str, float] | None = None, compiled: bool = False,
 ) -> Child:
     """Time ``candidates`` in a child process with ``flags`` added to ``$XLA_FLAGS``.
 
     Each result is logged as it arrives; the child is killed a little after ``deadline``
     (what it reported by then is kept), or after the earlier deadline it reports once its
     first candidate is timed, with ``pay_back`` (``{"start", "steps", "share"}``: the
-    tuning's start, the run's steps and this child's part, :func:`pay_back_deadline`). A
-    child that finished stays, for :attr:`Child.retime` (one more call of a candidate it
-    timed) until :attr:`Child.close`.
+    tuning's start, the run's steps and this child's part, :func:`pay_back_deadline`).
+    ``compiled``: an earlier child compiled every candidate (this one loads them from the
+    compilation cache, and predicts no compile time). A child that finished stays, for
+    :attr:`Child.retime` (one more call of a candidate it timed) until :attr:`Child.close`.
     """
     from rnnjax.measure import PREFIX
 
@@ -417,7 +439,7 @@ def run_child(
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     spec = {"config": to_dict(config), "candidates": candidates, "deadline": deadline,
             "steps": steps, "call_s": call_s, "repeats": 3, "reference": reference,
-            "pay_back": pay_back}
+            "pay_back": pay_back, "compiled": compiled}
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "rnnjax.measure"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -539,6 +561,13 @@ class Result:
     complete: bool  # every candidate was timed (or skipped for a reason other than budget)
     final: list[Measurement] = field(default_factory=list)  # in_turns: what was chosen from
 
+    @property
+    def means(self) -> list[Measurement]:
+        """Each candidate more than one process timed, with its mean over them: what was
+        chosen from beside those one process timed (:func:`pooled`)."""
+        return [m for m in pooled(self.final or self.measurements)
+                if m.note.startswith("mean of")]
+
     def record(self) -> dict[str, Any]:
         """The JSON written to the cache and into summary.json."""
         return {
@@ -548,7 +577,7 @@ class Result:
             "table": [{**m.fields, "step_ms": None if m.step_s is None else m.step_s * 1e3,
                        "compile_s": m.compile_s, "difference": m.difference, "steps": m.steps,
                        "note": m.note}
-                      for m in [*self.measurements, *self.final]],
+                      for m in [*self.measurements, *self.final, *self.means]],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
@@ -561,12 +590,16 @@ def tune(
     """Time the candidates for ``config`` within ``budget_s`` seconds and choose.
 
     First the model candidates under the run's own flags (the baseline first), then the
-    best two of them under each alternative set of XLA flags while the budget lasts, then
-    the baseline and each flag set's fastest again, in turns (:func:`in_turns`): the choice
-    is made from those timings when there are any. ``pay_back``: once the baseline is
-    timed, the budget shrinks to what the run of ``config.steps`` can pay back
-    (:func:`pay_back_deadline`). ``child`` (default :func:`run_child`) and ``clock`` are
-    the measuring process and the budget's clock (tests pass fakes).
+    closest of them again in a second process (:func:`finalists`, within
+    :data:`SECOND_SHARE` of the budget), then the best two of them (by their means) under
+    each alternative set of XLA flags while the budget lasts, then the baseline, each
+    child's fastest and the second process's candidates again, in turns
+    (:func:`in_turns`): the choice is made from those timings when there are any, each
+    candidate by its mean over the processes that timed it (:func:`pooled`).
+    ``pay_back``: once the baseline is timed, the budget shrinks to what the run of
+    ``config.steps`` can pay back (:func:`pay_back_deadline`). ``child`` (default
+    :func:`run_child`) and ``clock`` are the measuring process and the budget's clock
+    (tests pass fakes).
     """
     child = child or run_child
     start = clock()
@@ -603,27 +636,51 @@ def tune(
                         "it can pay back; rnnjax tune times the rest)")
                 budget_s = deadline - start
             tol = tolerance(config)
-            timed = sorted((m for m in first.measurements if _matches(m, tol)),
-                           key=lambda m: m.step_s)
             device = first.device
             flag_sets = [] if device is None else flag_candidates(
                 device["backend"], pinned, config, os.environ.get("XLA_FLAGS", ""))
             complete = first.error == "" and all(
                 m.step_s is not None or m.note.startswith("failed") for m in first.measurements)
+            startup = first.startup_s or 0.0
+            turns_from = deadline - TURNS_SHARE * budget_s
+            # The first child's close finalists, timed again in a second process.
+            close = finalists(first.measurements, tol, SECOND_NEAR, SECOND_MOST)
+            if len(close) >= 2:
+                now, load = clock(), CACHED_LOAD if cache_dir(config.compile_cache) else 1.0
+                until = min(now + SECOND_SHARE * budget_s, turns_from)
+                need, fit = startup, []
+                for m in close:
+                    need += (m.compile_s or 0.0) * load + 2 * 3 * m.step_s * (steps or 1)
+                    if now + need > until:
+                        break
+                    fit.append(m.candidate)
+                if len(fit) >= 2:
+                    log(f"  again in a second process, the {len(fit)} within "
+                        f"{SECOND_NEAR:.0%} of the fastest:")
+                    second = child(config, base_flags, fit, until, steps, reference, call_s,
+                                   log, compiled=True)
+                    children.append(second)
+                    measured += second.measurements
+                    complete = complete and second.error == "" and len(fit) == len(close)
+                else:
+                    log(f"  not timed again in a second process (budget spent: it would "
+                        f"need ~{need:.0f} s)")
+                    complete = False
             # What timing each of the best two under other flags costs: its compile and its
             # timed calls, after a child's start. The last TURNS_SHARE is for in_turns.
             # needs[j]: a child timing the best j + 1 of them.
-            startup, needs = first.startup_s or 0.0, []
+            timed = sorted((m for m in pooled(measured) if m.flags == base_flags
+                            and _matches(m, tol)), key=lambda m: m.step_s)
+            needs: list[float] = []
             for m in timed[:2]:
                 cost = (m.compile_s or 0.0) + 2 * 3 * m.step_s * (steps or 1)
                 needs.append((needs[-1] if needs else startup) + cost)
-            flags_deadline = deadline - TURNS_SHARE * budget_s
             for i, flags in enumerate(flag_sets[1:]):
                 now = clock()
                 # An equal share of what is left, or more where the first candidate needs it
                 # (the sets come most promising first).
-                share = now + max((flags_deadline - now) / (len(flag_sets) - 1 - i),
-                                  min(flags_deadline - now, needs[0] if needs else 0.0))
+                share = now + max((turns_from - now) / (len(flag_sets) - 1 - i),
+                                  min(turns_from - now, needs[0] if needs else 0.0))
                 fit = [m.candidate for m, need in zip(timed[:2], needs, strict=True)
                        if now + need <= share]
                 if not fit:
@@ -642,10 +699,15 @@ def tune(
                 complete = complete and other.error == "" and all(
                     m.step_s is not None for m in other.measurements)
             final = in_turns(children, base, base_flags, tol, deadline, clock, log)
+            means = [m for m in pooled(final or measured) if m.note.startswith("mean of")]
+            if means:
+                log("  their means over the processes that timed them:")
+            for m in means:
+                log(f"{format_row(m)} ({m.note})")
     finally:
         for c in children:
             c.close()
-    chosen = select(final or measured, base, base_flags, tol)
+    chosen = select(pooled(final or measured), base, base_flags, tol)
     choice = None if chosen is None else settings(apply(config, chosen.fields, pinned))
     return Result(key(config, pinned), choice, {**base, "xla_flags": base_flags}, measured,
                   device, clock() - start, budget_s, complete, final)
@@ -662,6 +724,37 @@ def pay_back_deadline(start: float, deadline: float, run_steps: int, step_s: flo
     return min(deadline, start + share * budget)
 
 
+def finalists(measurements: Sequence[Measurement], tol: float, near: float = SECOND_NEAR,
+              most: int = SECOND_MOST) -> list[Measurement]:
+    """The matching timed candidates within ``near`` of the fastest, fastest first, at most
+    ``most``: those one process's timings cannot rank (the fastest alone where no other is
+    that close)."""
+    timed = sorted((m for m in measurements if _matches(m, tol)), key=lambda m: m.step_s)
+    return [m for m in timed if m.step_s <= timed[0].step_s * (1 + near)][:most]
+
+
+def pooled(measurements: Sequence[Measurement]) -> list[Measurement]:
+    """One measurement per candidate and XLA flags, in order of first appearance: where more
+    than one process timed it, its mean seconds per step over them (the largest difference
+    from the baseline's results; note ``mean of N processes``), else as it stands (those
+    not timed only where nothing timed them)."""
+    groups: dict[str, list[Measurement]] = {}
+    for m in measurements:
+        groups.setdefault(json.dumps(m.fields, sort_keys=True), []).append(m)
+    out = []
+    for group in groups.values():
+        timed = [m for m in group if m.step_s is not None]
+        if len(timed) < 2:
+            out.append(timed[0] if timed else group[0])
+            continue
+        differences = [m.difference for m in timed if m.difference is not None]
+        out.append(dataclasses.replace(
+            timed[0], step_s=sum(m.step_s for m in timed) / len(timed),
+            difference=max(differences) if differences else None,
+            note=f"mean of {len(timed)} processes"))
+    return out
+
+
 def _matches(m: Measurement, tol: float) -> bool:
     """Timed, with results that match the baseline's."""
     return m.step_s is not None and m.difference is not None and m.difference <= tol
@@ -670,17 +763,25 @@ def _matches(m: Measurement, tol: float) -> bool:
 def in_turns(children: Sequence[Child], base: dict[str, Any], base_flags: str, tol: float,
              deadline: float, clock: Callable[[], float], log: Callable[[str], None],
              rounds: int = TURN_ROUNDS) -> list[Measurement]:
-    """The baseline and each child's fastest matching candidate (one per set of XLA flags),
-    timed again in turns: rounds of one call each, across the children, while the budget
-    lasts; their measurements with the best of those calls. Children are separate
-    processes started minutes apart, so their own timings can differ by the machine's
-    drift alone; these are comparable. Empty when there are fewer than two, or not one
-    round fits in the budget."""
+    """The baseline, each child's fastest matching candidate, and each candidate timed in
+    more than one child (the second process's finalists), timed again in turns: rounds of
+    one call each, across the children, while the budget lasts; their measurements (one per
+    child that timed it) with the best of those calls, for :func:`pooled`. Children are
+    separate processes started minutes apart, so their own timings can differ by the
+    machine's drift alone; these are comparable. Empty when there are fewer than two, or
+    not one round fits in the budget."""
+    def matching(c: Child) -> list[Measurement]:
+        return sorted((m for m in c.measurements if _matches(m, tol)), key=lambda m: m.step_s)
+
+    def again(m: Measurement, c: Child) -> bool:  # timed by another child too
+        return any(o.fields == m.fields for other in children if other is not c
+                   for o in matching(other))
+
     entries: list[tuple[Child, Measurement]] = []
     for c in children:
-        timed = sorted((m for m in c.measurements if _matches(m, tol)), key=lambda m: m.step_s)
-        picks = timed[:1] + [m for m in timed[1:]
-                             if m.candidate == base and m.flags == base_flags]
+        timed = matching(c)
+        picks = timed[:1] + [m for m in timed[1:] if again(m, c)
+                             or (m.candidate == base and m.flags == base_flags)]
         entries += [(c, m) for m in picks]
     if len(entries) < 2 or any(c.retime is None for c, _ in entries):
         return []
@@ -707,7 +808,7 @@ def in_turns(children: Sequence[Child], base: dict[str, Any], base_flags: str, t
 
 def format_table(result: Result) -> str:
     """The timing table and the choice, as ``rnnjax tune`` prints them."""
-    rows = [*result.measurements, *result.final]
+    rows = [*result.measurements, *result.final, *result.means]
     lines = [f"{'unroll':>6}  {'backward':<12}  {'projection':<10}  {'weight-grad':<11}  "
              f"{'feed':<6}  {'ms/step':>9}  {'compile s':>9}  {'differs':>7}  xla-flags / note"]
     for m in rows:
@@ -728,8 +829,8 @@ def choice_line(result: Result) -> str:
     if result.choice is None:
         return (f"the defaults were not timed within {result.budget_s:g} s, so nothing "
                 "compares with them; the defaults stay (give a larger --tune-budget)")
-    timed = {json.dumps(m.fields, sort_keys=True): m.step_s  # the final timings last
-             for m in [*result.measurements, *result.final] if m.step_s is not None}
+    timed = {json.dumps(m.fields, sort_keys=True): m.step_s  # what select chose from
+             for m in pooled(result.final or result.measurements) if m.step_s is not None}
     base = timed.get(json.dumps(result.baseline, sort_keys=True))
     best = timed.get(json.dumps(result.choice, sort_keys=True))
     speedup = f" ({base / best:.2f}x the defaults)" if base and best else ""

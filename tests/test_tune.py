@@ -45,8 +45,11 @@ class FakeChild:
     that differ from the baseline. Resolves 'best' as the real child does."""
 
     def __init__(self, times, wrong=(), clock=None, per_child_s=0.0, startup_s=1.0, turns=None,
-                 stops_at_deadline=False):
+                 stops_at_deadline=False, again=None):
         self.times, self.wrong, self.clock, self.per_child_s = times, set(wrong), clock, per_child_s
+        # again: the times a later child under the same flags reports, where they differ
+        # (the same program runs faster in some processes than in others).
+        self.again = again or {}
         self.startup_s, self.turns = startup_s, turns  # turns: the times in turns, by key
         # stops_at_deadline: a child takes per_child_s, or less where its deadline (brought
         # forward by pay_back, as measure.run does) comes first.
@@ -54,7 +57,8 @@ class FakeChild:
         self.calls, self.retimed, self.closed, self.pay_back = [], [], 0, []
 
     def __call__(self, config, flags, candidates, deadline, steps, reference, call_s, log,
-                 pay_back=None):
+                 pay_back=None, compiled=False):
+        later = any(call[0] == flags for call in self.calls)
         self.calls.append((flags, [dict(c) for c in candidates], deadline))
         self.pay_back.append(pay_back)
         if self.clock is not None:
@@ -84,8 +88,9 @@ class FakeChild:
             if key not in self.times:
                 child.measurements.append(tune.Measurement(c, flags, note="failed: fake"))
                 continue
+            ms = self.again.get(key, self.times[key]) if later else self.times[key]
             child.measurements.append(tune.Measurement(  # the table's times in ms
-                c, flags, self.times[key] * 1e-3, 1.0, 0.5 if key in self.wrong else 1e-7, 10))
+                c, flags, ms * 1e-3, 1.0, 0.5 if key in self.wrong else 1e-7, 10))
         if self.turns is not None:
             child.retime = lambda c, until: self._retime(c, flags)
             child.close = lambda: setattr(self, "closed", self.closed + 1)
@@ -94,7 +99,7 @@ class FakeChild:
     def _retime(self, c, flags):
         key = self._key(c, flags)
         self.retimed.append(key)
-        return self.turns[key] * 1e-3
+        return self.turns.get(key, self.times[key]) * 1e-3
 
     @staticmethod
     def _key(c, flags):
@@ -114,6 +119,14 @@ YNN = tune.FLAG_SETS["cpu"][0]
 VEC = tune.FLAG_SETS["cpu"][1]
 
 
+@pytest.fixture
+def one_process(monkeypatch):
+    """The first child's candidates are not timed again in a second process (its tests
+    follow :func:`test_close_candidates_are_timed_again_in_a_second_process`): the flag
+    children and the budget alone."""
+    monkeypatch.setattr(tune, "SECOND_MOST", 1)
+
+
 def all_times(base=1.0, config=None):
     """Every candidate of ``config``'s shape (the seed's) at every unroll, ``base`` ms."""
     config = config or Config()
@@ -126,7 +139,7 @@ def all_times(base=1.0, config=None):
     return times
 
 
-def test_the_fastest_matching_candidate_wins_by_measured_time():
+def test_the_fastest_matching_candidate_wins_by_measured_time(one_process):
     config = Config()
     times = all_times()
     times[k(0)] = 0.80
@@ -144,7 +157,7 @@ def test_the_fastest_matching_candidate_wins_by_measured_time():
     assert result.choice == fields(0, flags=VEC)
 
 
-def test_flag_sets_are_chosen_from_timings_in_turns():
+def test_flag_sets_are_chosen_from_timings_in_turns(one_process):
     """A flag set that looked faster in its own child (started later, on a machine then
     less loaded) but is not when timed side by side with the baseline is not chosen."""
     config = Config()
@@ -206,23 +219,118 @@ def test_each_form_is_timed_at_the_faster_unroll_then_the_fastest_at_the_middle(
     # The GRU's default is autodiff in the loop; its hand-written backward is a candidate,
     # in each of its forms.
     gru = tune.model_candidates(Config(cell="gru"), frozenset())
-    assert [(c["backward"], c["projection"], c["weight_grad"]) for c in gru[2:6]] == [
+    assert [(c["backward"], c["projection"], c["weight_grad"]) for c in gru[3:7]] == [
         ("hand_written", "hoisted", "product"), ("hand_written", "hoisted", "per_step"),
         ("hand_written", "in_loop", "product"), ("autodiff", "hoisted", "product")]
-    # Fully unrolled first in that form, and autodiff only at unroll 1: its full unroll
-    # compiles and runs slowly.
-    assert gru[1] == fields(0) and gru[5]["unroll"] == 1
+    # That form at the baseline's unroll, then fully unrolled (the unrolls compared in one
+    # form), and autodiff only at unroll 1: its full unroll compiles and runs slowly.
+    assert gru[1:3] == [fields(1), fields(0)] and gru[6]["unroll"] == 1
     # A pinned weight gradient is kept in the hand-written forms too.
     pinned_gru = tune.model_candidates(Config(cell="gru", weight_grad="product"),
                                        frozenset({"weight_grad"}))
     assert {c["weight_grad"] for c in pinned_gru} - {tune.BEST} == {"product"}
-    assert len([c for c in pinned_gru if c["backward"] == "hand_written"]) == 3  # + unroll 0
+    assert len([c for c in pinned_gru if c["backward"] == "hand_written"]) == 4  # + 1 and 0
     # A Flax cell has one form: only unrolls (and the feed).
     flax = tune.model_candidates(Config(cell="flax.linen:GRUCell"), frozenset())
     assert [c["unroll"] for c in flax] == [1, 0, 4, 1]
     # A pinned unroll: the forms at it, no other unroll.
     pinned = tune.model_candidates(Config(unroll=2), frozenset({"unroll"}))
     assert {c["unroll"] for c in pinned} == {2}
+
+
+def test_close_candidates_are_timed_again_in_a_second_process():
+    """The first child's candidates within SECOND_NEAR of its fastest (at most SECOND_MOST)
+    are timed again in a second process under the same flags, and each is judged by its
+    mean over the two: a program that ran fast in the first process only (0.80 there, 1.00
+    in the second) loses to one that ran 0.85 and 0.86. The flag children then time the
+    best two by those means."""
+    config = Config()
+    times = all_times()
+    times[k(0)] = 0.80
+    times[k(0, projection="in_loop")] = 0.85
+    fake = FakeChild(times, again={k(0): 1.0, k(0, projection="in_loop"): 0.86})
+    log = []
+    result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock(), log=log.append)
+    assert [c[0] for c in fake.calls] == ["", "", YNN, VEC]
+    # the two close ones and, of those timed 1.0 (within 25% of 0.80), the first: the baseline
+    assert fake.calls[1][1] == [fields(0), fields(0, projection="in_loop"), fields(1)]
+    assert fake.calls[2][1] == [fields(0, projection="in_loop"), fields(0)]
+    assert result.choice == fields(0, projection="in_loop", flags="")
+    means = {json.dumps(m.fields, sort_keys=True): m for m in result.means}
+    chosen = means[json.dumps(result.choice, sort_keys=True)]
+    assert chosen.step_s == pytest.approx(0.855e-3) and chosen.note == "mean of 2 processes"
+    assert means[json.dumps(fields(0, flags=""), sort_keys=True)].step_s == \
+        pytest.approx(0.9e-3)
+    assert "(1.17x the defaults)" in tune.choice_line(result)
+    assert "mean of 2 processes" in tune.format_table(result)
+    assert any("again in a second process, the 3 within 25%" in line for line in log)
+    assert [row["note"] for row in result.record()["table"]].count("mean of 2 processes") == 3
+    # A clear winner (nothing else within SECOND_NEAR): no second process.
+    times[k(0)] = 0.5
+    fake = FakeChild(times)
+    result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
+    assert [c[0] for c in fake.calls] == ["", YNN, VEC] and result.means == []
+    assert result.choice == fields(0, flags="")
+
+
+def test_the_second_process_is_timed_in_turns_with_the_others():
+    """In the final rounds in turns the second process's candidates are timed in both
+    processes (with the baseline and each flag child's fastest), and the means of those
+    turns decide."""
+    config = Config()
+    times = all_times()
+    times[k(0)] = 0.80
+    times[k(0, projection="in_loop")] = 0.85
+    turns = {k(0): 0.82, k(0, projection="in_loop"): 0.90}
+    fake = FakeChild(times, turns=turns)
+    result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
+    first_round = fake.retimed[: len(fake.retimed) // tune.TURN_ROUNDS]
+    # the first child's three, the second's three, then each flag child's fastest
+    assert first_round == [k(0), k(0, projection="in_loop"), k(1),
+                           k(0), k(0, projection="in_loop"), k(1),
+                           k(0, flags=YNN), k(0, flags=VEC)]
+    assert fake.closed == 4 and result.choice == fields(0, flags="")
+    assert {m.note for m in result.means} == {"mean of 2 processes"}
+
+
+def test_the_second_process_keeps_to_its_share_of_the_budget():
+    """It needs its start-up and, for each candidate, the load of its compiled program (from
+    the compilation cache: CACHED_LOAD of its compile) and its calls: with 5 s of start-up
+    it does not fit in SECOND_SHARE of 30 s, and the tuning is marked incomplete."""
+    clock = Clock()
+    times = all_times()
+    fake = FakeChild(times, clock=clock, per_child_s=1.0, startup_s=5.0)
+    log = []
+    result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock, log=log.append)
+    assert [c[0] for c in fake.calls] == ["", YNN, VEC] and not result.complete
+    assert any("not timed again in a second process (budget spent" in line for line in log)
+    # 3.9 s of start-up: the first two fit in the 4.5 s (a candidate: 0.2 s of load, 6 calls
+    # of 10 steps of 1 ms), the third would not: it is timed with two.
+    clock = Clock()
+    fake = FakeChild(times, clock=clock, per_child_s=1.0, startup_s=3.9)
+    result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock)
+    assert [c[0] for c in fake.calls] == ["", "", YNN, VEC]
+    assert len(fake.calls[1][1]) == 2 and not result.complete
+    assert fake.calls[1][2] == pytest.approx(1001.0 + tune.SECOND_SHARE * 30.0)
+
+
+def test_finalists_and_means():
+    a, b, c = fields(1), fields(0), fields(4)
+    ms = [tune.Measurement(a, "", 1.0e-3, 1.0, 1e-7, 10),
+          tune.Measurement(b, "", 0.9e-3, 1.0, 1e-7, 10),
+          tune.Measurement(c, "", 1.2e-3, 1.0, 0.5, 10),  # its results differ: not a finalist
+          tune.Measurement(c, YNN, note="budget spent")]
+    assert [m.candidate for m in tune.finalists(ms, 1e-3)] == [b, a]
+    assert [m.candidate for m in tune.finalists(ms, 1e-3, near=0.05)] == [b]
+    assert tune.finalists(ms, 1e-3, most=1)[0].candidate == b
+    again = [tune.Measurement(b, "", 1.1e-3, 0.2, 3e-7, 10),
+             tune.Measurement(c, YNN, 0.7e-3, 2.0, 1e-7, 10)]
+    pooled = tune.pooled(ms + again)
+    assert [(m.candidate, m.flags) for m in pooled] == [(a, ""), (b, ""), (c, ""), (c, YNN)]
+    assert pooled[0] is ms[0]  # timed once: as it stands
+    assert pooled[1].step_s == pytest.approx(1.0e-3) and pooled[1].difference == 3e-7
+    assert pooled[1].note == "mean of 2 processes"
+    assert pooled[3] is again[1]  # the untimed one gives way to the one timed
 
 
 def test_the_baseline_stays_unless_another_is_clearly_faster():
@@ -274,7 +382,7 @@ def test_the_budget_stops_starting_children():
                            for m in skipped)
 
 
-def test_no_child_starts_that_could_not_finish_in_its_share():
+def test_no_child_starts_that_could_not_finish_in_its_share(one_process):
     """A child needs its start-up, a compile and its timed calls: 20 s of start-up does not
     fit in the 9 s left to the two flag sets (the budget's last 3 s are for timing in
     turns), so neither is started."""
@@ -298,7 +406,7 @@ def test_no_child_starts_that_could_not_finish_in_its_share():
     assert [c[0] for c in fake.calls] == ["", YNN]
 
 
-def test_a_short_run_tunes_only_for_what_it_can_pay_back():
+def test_a_short_run_tunes_only_for_what_it_can_pay_back(one_process):
     """rnnjax train's default budget shrinks, once the baseline is timed, to a quarter of
     the run's training time at the defaults, at least the floor: a seed run of 4001 steps
     of 1 ms is given 10 s, where the flag children no longer fit after an 8 s first; a run
@@ -733,6 +841,13 @@ def test_compile_time_prediction_bounds_the_unrolls_tried():
     assert predict_compile_s(28, {1: 2.0, 4: 1.5}) == pytest.approx(2.0)  # noise: no slope
     assert predict_compile_s(4, {1: 4.0}) == pytest.approx(4.0 * 1.3)
     assert predict_compile_s(28, {1: 2.0}) < 10 < predict_compile_s(784, {1: 2.0})
+    # What the child then does: not started; started where an earlier child compiled it
+    # (the second process loads its programs from the compilation cache).
+    assert measure.why_not(784, {1: 2.0}, 30.0, cached=False) == \
+        "compile predicted 159 s, 30 s left"  # 2.0 * (1 + 0.1 * 783)
+    assert measure.why_not(784, {1: 2.0}, 30.0, cached=True) == ""
+    assert measure.why_not(28, {1: 2.0}, 30.0, cached=False) == ""
+    assert measure.why_not(28, {}, 0.0, cached=True) == "budget spent"
 
 
 def test_a_program_from_the_compile_cache_counts_the_compile_it_took(tmp_path):
