@@ -15,7 +15,8 @@ timing every pair; a ``"best"`` unroll is timed at each unroll within ``UNROLL_N
 the fastest (:func:`resolutions`).
 
 Each candidate is the config with those fields replaced, run by the loop's own feeds
-(``loop.device_feed`` or ``loop.stream_feed``) on synthetic data of the run's shapes. The
+(``loop.device_feed`` or ``loop.stream_feed``) on synthetic data of the run's shapes, from
+a synthetic state (:func:`synthetic_state`: no initialisation compiled). The
 child prints one line per event on stdout, ``rnnjax-tune <JSON>``: ``device`` (what it runs
 on), then per candidate ``result`` (compile seconds, seconds per step, best of ``repeats``
 calls of ``steps`` steps, and how far its first step's loss and gradients lie from the
@@ -135,8 +136,37 @@ def relative_difference(a: dict[str, Any], b: dict[str, Any]) -> float:
         ref = np.asarray(ref, np.float64)
         scale = float(np.abs(ref).max()) if ref.size else 0.0
         diff = float(np.abs(np.asarray(a[name], np.float64) - ref).max()) if ref.size else 0.0
+        if not math.isfinite(diff):  # a NaN or infinity where either has one: no match
+            return math.inf
         worst = max(worst, diff / scale if scale else diff)
     return worst
+
+
+def synthetic_state(model: Any, optimizer: Any) -> Any:
+    """A train state of the run's shapes and dtypes, made without compiling the model's
+    initialisation: its random initialisers are one program that took 1.6-2.3 s to compile
+    on XLA:CPU (the seed's shape), more than half of the first candidate's time in a child.
+    Floating parameters are drawn by NumPy (seed 0: the same in every child, so the first
+    steps compare across processes), N(0, 1/fan-in) for a matrix and N(0, 0.01) for a
+    vector, others zero; the optimizer's state is its own ``init`` of them (one small
+    compiled program). Timing reads no values, and every candidate starts from this
+    state."""
+    import jax
+    import numpy as np
+
+    from rnnjax.train import TrainState
+
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+    rng = np.random.default_rng(0)
+
+    def draw(leaf: Any) -> np.ndarray:
+        if not np.issubdtype(leaf.dtype, np.floating):
+            return np.zeros(leaf.shape, leaf.dtype)
+        std = 1 / math.sqrt(max(1, leaf.shape[0])) if len(leaf.shape) >= 2 else 0.1
+        return (std * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+
+    params = jax.tree.map(draw, shapes)
+    return TrainState(np.zeros([], np.int32), params, jax.jit(optimizer.init)(params))
 
 
 def synthetic_data(config: Any, examples: int) -> Any:
@@ -201,7 +231,7 @@ def _add_cached_compile_s(event: str, seconds: float, **kwargs: Any) -> None:
 
 class Timed:
     """One candidate compiled and run once: its compile seconds, its first step
-    (:func:`first_step`, the first batch from the initial state), and :meth:`time`."""
+    (:func:`first_step`, the first batch from :func:`synthetic_state`), and :meth:`time`."""
 
     def __init__(self, config: Any, data: Any, timer: Callable[[], float]) -> None:
         import jax
@@ -212,7 +242,7 @@ class Timed:
 
         model, optimizer = make_model(config), make_optimizer(config)
         dp = parallel.DataParallel.from_config(config)
-        self.state = dp.replicate(loop.init_state(config, model, optimizer))
+        self.state = dp.replicate(synthetic_state(model, optimizer))
         if config.feed == "device":
             self.run = loop.device_feed(config, model, optimizer, dp, dp.dataset(data))
             self.chunk = min(config.steps_per_call, config.steps)

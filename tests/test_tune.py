@@ -8,12 +8,14 @@ flags; the CLI tests seed the cache (or pin the settings) so that no test tunes 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rnnjax import measure, tune
@@ -818,6 +820,39 @@ def test_a_best_unroll_is_timed_at_each_unroll_near_the_fastest():
     fake = FakeChild(times)
     result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=Clock())
     assert result.choice == fields(0, weight_grad="per_step", flags="")
+
+
+@pytest.mark.parametrize("cell", ["simple_rnn", "lstm", "gru", "flax.linen:GRUCell"])
+def test_the_childs_state_has_the_runs_shapes_without_compiling_its_initialisation(cell):
+    """Children time every candidate from a state drawn by NumPy (the same in every child):
+    the tree, shapes and dtypes of the run's, its optimizer state the optimizer's own."""
+    import jax
+    import numpy as np
+
+    from rnnjax import train
+    from rnnjax.model import make_model
+    from rnnjax.optim import make_optimizer
+
+    config = Config(cell=cell, hidden_size=8)
+    model, optimizer = make_model(config), make_optimizer(config)
+    real = jax.eval_shape(lambda: train.create_state(jax.random.key(0), model, optimizer))
+    state = measure.synthetic_state(model, optimizer)
+    assert jax.tree.structure(state) == jax.tree.structure(real)
+    assert [(a.shape, a.dtype) for a in jax.tree.leaves(state)] == \
+        [(a.shape, a.dtype) for a in jax.tree.leaves(real)]
+    again = measure.synthetic_state(model, optimizer)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert all(np.isfinite(a).all() for a in jax.tree.leaves(state.params))
+    assert all(np.abs(a).max() > 0 for a in jax.tree.leaves(state.params))
+
+
+def test_a_non_finite_first_step_never_matches():
+    ref = {"loss": np.float32(2.3), "s0": np.ones(3, np.float32)}
+    assert measure.relative_difference(ref, ref) == 0.0
+    assert measure.relative_difference({**ref, "loss": np.float32(np.nan)}, ref) == math.inf
+    assert measure.relative_difference({**ref, "s0": np.array([1, np.inf, 1])}, ref) == \
+        math.inf
 
 
 def test_a_calls_own_cost_is_spread_over_the_runs_steps_per_call():
