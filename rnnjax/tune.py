@@ -659,6 +659,9 @@ def tune(
                         f"{SECOND_NEAR:.0%} of the fastest:")
                     second = child(config, base_flags, fit, until, steps, reference, call_s,
                                    log, compiled=True)
+                    second.measurements = [  # told apart in the table
+                        m if m.note else dataclasses.replace(m, note="second process")
+                        for m in second.measurements]
                     children.append(second)
                     measured += second.measurements
                     complete = complete and second.error == "" and len(fit) == len(close)

@@ -265,6 +265,8 @@ def test_close_candidates_are_timed_again_in_a_second_process():
         pytest.approx(0.9e-3)
     assert "(1.17x the defaults)" in tune.choice_line(result)
     assert "mean of 2 processes" in tune.format_table(result)
+    assert [m.note for m in result.measurements if m.note == "second process"] == \
+        ["second process"] * 3
     assert any("again in a second process, the 3 within 25%" in line for line in log)
     assert [row["note"] for row in result.record()["table"]].count("mean of 2 processes") == 3
     # A clear winner (nothing else within SECOND_NEAR): no second process.
