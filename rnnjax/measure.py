@@ -147,8 +147,8 @@ def synthetic_state(model: Any, optimizer: Any) -> Any:
     initialisation: its random initialisers are one program that took 1.6-2.3 s to compile
     on XLA:CPU (the seed's shape), more than half of the first candidate's time in a child.
     Floating parameters are drawn by NumPy (seed 0: the same in every child, so the first
-    steps compare across processes), N(0, 1/fan-in) for a matrix and N(0, 0.01) for a
-    vector, others zero; the optimizer's state is its own ``init`` of them (one small
+    steps compare across processes), normal with a standard deviation of 1/sqrt(fan-in)
+    for a matrix and 0.1 for a vector, others zero; the optimizer's state is its own ``init`` of them (one small
     compiled program). Timing reads no values, and every candidate starts from this
     state."""
     import jax
