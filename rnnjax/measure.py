@@ -148,9 +148,9 @@ def synthetic_state(model: Any, optimizer: Any) -> Any:
     on XLA:CPU (the seed's shape), more than half of the first candidate's time in a child.
     Floating parameters are drawn by NumPy (seed 0: the same in every child, so the first
     steps compare across processes), normal with a standard deviation of 1/sqrt(fan-in)
-    for a matrix and 0.1 for a vector, others zero; the optimizer's state is its own ``init`` of them (one small
-    compiled program). Timing reads no values, and every candidate starts from this
-    state."""
+    for a matrix and 0.1 for a vector, others zero; the optimizer's state is its own
+    ``init`` of them (one small compiled program). Timing reads no values, and every
+    candidate starts from this state."""
     import jax
     import numpy as np
 
