@@ -93,6 +93,13 @@ def last_regular_eval(config: Config, steps_done: int) -> int:
     return (steps_done - 1) // config.eval_every * config.eval_every
 
 
+def device_sequences(model: Model, dp: parallel.DataParallel, images: jax.Array
+                     ) -> jax.Array:
+    """``model.sequences`` of images on the device ([N, H, W(, C)] -> [T, N, F]), computed
+    there and replicated over the run's devices, as the feeds and evaluations read them."""
+    return jax.jit(model.sequences, out_shardings=dp.replicated)(images)
+
+
 def init_state(
     config: Config, model: Model, optimizer: optax.GradientTransformation
 ) -> train.TrainState:
@@ -170,7 +177,7 @@ def device_feed(
     labels = on_device.train_labels
     n_train = len(labels)
     steps = _compiled_train(train.train_steps, model, optimizer, dp)
-    sequences = jax.jit(model.sequences, out_shardings=dp.replicated)(on_device.train_images)
+    sequences = device_sequences(model, dp, on_device.train_images)
 
     def run(state: train.TrainState, first: int, count: int):
         idx = np.zeros((chunk, config.batch_size), np.int32)
@@ -377,8 +384,7 @@ def train_and_evaluate(
         out_shardings=dp.replicated,
     )
     # The test set as the model reads it, made once for every evaluation of the run.
-    test_data = (jax.jit(model.sequences, out_shardings=dp.replicated)(on_device.test_images),
-                 on_device.test_labels)
+    test_data = device_sequences(model, dp, on_device.test_images), on_device.test_labels
     evaluate, compile_s = runtime.compile_timed(evaluate, state.params, *test_data)
     if config.feed == "device":
         run_segment = device_feed(config, model, optimizer, dp, on_device)

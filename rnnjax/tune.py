@@ -650,7 +650,7 @@ def tune(
                 until = min(now + SECOND_SHARE * budget_s, turns_from)
                 need, fit = startup, []
                 for m in close:
-                    need += (m.compile_s or 0.0) * load + 2 * 3 * m.step_s * (steps or 1)
+                    need += _timing_s(m, steps, load)
                     if now + need > until:
                         break
                     fit.append(m.candidate)
@@ -676,8 +676,7 @@ def tune(
                             and _matches(m, tol)), key=lambda m: m.step_s)
             needs: list[float] = []
             for m in timed[:2]:
-                cost = (m.compile_s or 0.0) + 2 * 3 * m.step_s * (steps or 1)
-                needs.append((needs[-1] if needs else startup) + cost)
+                needs.append((needs[-1] if needs else startup) + _timing_s(m, steps))
             for i, flags in enumerate(flag_sets[1:]):
                 now = clock()
                 # An equal share of what is left, or more where the first candidate needs it
@@ -702,18 +701,25 @@ def tune(
                 complete = complete and other.error == "" and all(
                     m.step_s is not None for m in other.measurements)
             final = in_turns(children, base, base_flags, tol, deadline, clock, log)
-            means = [m for m in pooled(final or measured) if m.note.startswith("mean of")]
-            if means:
-                log("  their means over the processes that timed them:")
-            for m in means:
-                log(f"{format_row(m)} ({m.note})")
     finally:
         for c in children:
             c.close()
     chosen = select(pooled(final or measured), base, base_flags, tol)
     choice = None if chosen is None else settings(apply(config, chosen.fields, pinned))
-    return Result(key(config, pinned), choice, {**base, "xla_flags": base_flags}, measured,
-                  device, clock() - start, budget_s, complete, final)
+    result = Result(key(config, pinned), choice, {**base, "xla_flags": base_flags}, measured,
+                    device, clock() - start, budget_s, complete, final)
+    if result.means:
+        log("  their means over the processes that timed them:")
+    for m in result.means:
+        log(f"{format_row(m)} ({m.note})")
+    return result
+
+
+def _timing_s(m: Measurement, steps: int | None, load: float = 1.0) -> float:
+    """Seconds a child needs to time ``m`` again: its compile (``load`` of it where the
+    compilation cache holds the program) and its timed calls (``run_child``'s 3 repeats,
+    each after a 1-step call, of ``steps`` steps)."""
+    return (m.compile_s or 0.0) * load + 2 * 3 * m.step_s * (steps or 1)
 
 
 def pay_back_deadline(start: float, deadline: float, run_steps: int, step_s: float,
