@@ -29,6 +29,7 @@ kernels, zero biases (LSTM: forget-gate bias 1; IRNN: identity recurrent kernel)
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -131,9 +132,18 @@ def _loop_inputs(xs: jax.Array, kernel: jax.Array, in_loop: bool
     return xs @ kernel, lambda xw_t: xw_t
 
 
+def chunk_bounds(time: int, chunks: int) -> list[int]:
+    """Where ``chunks`` consecutive parts of ``time`` steps start, and the end: as equal as
+    whole steps allow (28 steps in 8 parts: 3 or 4 each)."""
+    if not 1 <= chunks <= time:
+        raise ValueError(f"chunks {chunks}: choose 1 to {time}, the sequence's steps")
+    return [time * i // chunks for i in range(chunks + 1)]
+
+
 def scan_cell(
     cell: Cell, params: Params, xs: jax.Array, carry: Carry | None = None, unroll: int = 1,
     weight_grad: str = "auto", projection: str = "auto", backward: str = "auto",
+    chunks: int = 1,
 ) -> tuple[Carry, jax.Array]:
     """Run ``cell`` over time-major ``xs [T, B, F]``: ``(final carry, ys [T, B, H])``.
 
@@ -142,10 +152,27 @@ def scan_cell(
     (:func:`resolve_form`); every form computes the same sums in the same order: the same
     values, bit for bit where XLA generates the same rounding for them (it did on an AVX2
     CPU), else a few ulps apart (an AVX-512 one; ``tests/test_cells.py``).
+
+    ``chunks`` > 1 scans the sequence in that many consecutive parts (:func:`chunk_bounds`),
+    the carry passed from one to the next: the same recurrence, bit for bit, but the
+    gradient of the weights a sum of one sum per part. A part's products that no loop
+    waits on (its weight gradients, its input projection) are then separate ops, which
+    XLA:CPU runs on another core beside another part's loop (in
+    turns in one process on a 2-core AVX-512 EPYC, pixels at batch 50: the GRU's train step
+    1.17x faster in 8 parts, the SimpleRNN's 1.09x and the LSTM's 1.05x in 4; rows at batch
+    1024, unroll 1, 1.07-1.09x; fully unrolled, which has no loop, level or slower).
     """
     time, batch = xs.shape[0], xs.shape[1]
     if carry is None:
         carry = cell.initial_carry(batch, xs.dtype)
+    bounds = chunk_bounds(time, chunks)
+    if chunks > 1:
+        parts = []
+        for start, stop in itertools.pairwise(bounds):
+            carry, ys = scan_cell(cell, params, xs[start:stop], carry, unroll, weight_grad,
+                                  projection, backward)
+            parts.append(ys)
+        return carry, jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=0), *parts)
     unroll = unroll or time
     form = resolve_form(cell, batch, backward, projection, weight_grad)
     if form.backward == "hand_written":

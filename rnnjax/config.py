@@ -29,7 +29,7 @@ BACKWARDS = ("auto", "hand_written", "autodiff")
 PROJECTIONS = ("auto", "hoisted", "in_loop")
 WEIGHT_GRADS = ("auto", "product", "per_step")
 # The fields rnnjax.tune chooses by measurement unless set on the command line.
-TUNED = ("unroll", "backward", "projection", "weight_grad", "feed", "xla_flags")
+TUNED = ("unroll", "backward", "projection", "weight_grad", "chunks", "feed", "xla_flags")
 XLA_FLAG = re.compile(r"--xla_[a-z0-9_]+(=\S*)?")
 
 
@@ -89,6 +89,14 @@ class Config:
                   "one product after the backward loop, or accumulated per step inside it "
                   "('auto': per step from batch 512); tuned unless given",
                   "choices": WEIGHT_GRADS},
+    )
+    chunks: int = field(
+        default=1,
+        metadata={"help": "time chunks per layer: the sequence scanned in this many "
+                  "consecutive parts, the carry passed on, so that each part's products "
+                  "(weight gradients, input projection) can run beside another part's "
+                  "loop; the same sums, the weight gradients added part by part (1 = one "
+                  "scan); tuned unless given"},
     )
     compute_dtype: str = field(
         default="float32",
@@ -244,7 +252,7 @@ class Config:
                 raise ConfigError(
                     f"{flag_name(f.name)} {value!r} is not one of {', '.join(choices)}"
                 )
-        positive = ("hidden_size", "num_layers", "batch_size", "steps",
+        positive = ("hidden_size", "num_layers", "chunks", "batch_size", "steps",
                     "eval_every", "eval_batch_size", "steps_per_call", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:

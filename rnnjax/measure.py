@@ -4,7 +4,7 @@ XLA reads its flags once per process, so :mod:`rnnjax.tune` starts one child per
 XLA flags, with ``$XLA_FLAGS`` set, and hands it a JSON spec as the first line of its stdin::
 
     {"config": {...Config fields...}, "candidates": [{"unroll": 1, "backward": "autodiff",
-     "projection": "in_loop", "weight_grad": "product", "feed": "device"}, ...],
+     "projection": "in_loop", "weight_grad": "product", "chunks": 1, "feed": "device"}, ...],
      "deadline": unix time, "call_s": 0.1, "steps": null, "repeats": 3,
      "reference": "path/to/baseline.npz", "pay_back": null, "compiled": false}
 
@@ -331,7 +331,7 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
     time_steps = sequence_length(config)
     data = synthetic_data(config, 2 * config.batch_size)
     reference = spec["reference"]
-    compiles: dict[tuple[str, ...], dict[int, float]] = {}  # (form, feed) -> unroll: s
+    compiles: dict[tuple[Any, ...], dict[int, float]] = {}  # (form, chunks, feed) -> unroll: s
     jax.monitoring.register_event_listener(_count_cache_hits)
     jax.monitoring.register_event_duration_secs_listener(_add_cached_compile_s)
     done: list[tuple[dict[str, Any], Timed, float]] = []  # fields, program, best s/step
@@ -362,7 +362,8 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
                 continue
             fields, queue[:0] = options[0], options[1:]
         candidate = config.replace(**fields)
-        kind = (candidate.backward, candidate.projection, candidate.weight_grad, candidate.feed)
+        kind = (candidate.backward, candidate.projection, candidate.weight_grad,
+                candidate.chunks, candidate.feed)
         if candidate.feed == "stream":  # a stream as long as the calls timed will read
             candidate = candidate.replace(steps=max(candidate.steps, 1_000_000))
         unroll = candidate.unroll or time_steps

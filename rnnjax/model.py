@@ -5,10 +5,10 @@ Any image shape HxWxC: by rows T=H steps of W*C features, by pixels T=H*W steps 
 
 ``Model`` is a frozen description; ``init`` and ``apply`` are pure. ``apply`` transposes
 the batch to time-major once, scans each layer's cell over time in the form the model
-names (``backward``, ``projection``, ``weight_grad``: ``rnnjax.cells.resolve_form``; the
-same values in every form) and feeds the last output to a dense head (logits; softmax
-lives in the loss). The seed model (SimpleRNN 50 on rows) has 4,460
-parameters: 28*50 + 50*50 + 50 recurrent, 50*10 + 10 head.
+names (``backward``, ``projection``, ``weight_grad``: ``rnnjax.cells.resolve_form``; in
+``chunks`` parts: ``rnnjax.cells.scan_cell``; the same values in every form) and feeds the
+last output to a dense head (logits; softmax lives in the loss). The seed model (SimpleRNN
+50 on rows) has 4,460 parameters: 28*50 + 50*50 + 50 recurrent, 50*10 + 10 head.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ class Model:
     weight_grad: str = "auto"
     projection: str = "auto"
     backward: str = "auto"
+    chunks: int = 1
     compute_dtype: Any = jnp.float32
     permutation: np.ndarray | None = None
     image_shape: tuple[int, int, int] = (28, 28, 1)  # H, W, C of the images it reads
@@ -131,7 +132,7 @@ class Model:
         xs = xs.astype(dtype)
         finals = ()  # the last layer's final carries (two when bidirectional)
         form = {"unroll": self.unroll, "weight_grad": self.weight_grad,
-                "projection": self.projection, "backward": self.backward}
+                "projection": self.projection, "backward": self.backward, "chunks": self.chunks}
         for layer in params["rnn"]:
             if self.bidirectional:
                 carry_f, fwd = scan_cell(self.cell, layer["fwd"], xs, **form)
@@ -165,6 +166,10 @@ def make_model(config: Config, spec: DataSpec | None = None) -> Model:
     if spec is None:
         spec = DataSpec(IDX_SPEC.image_shape, config.num_classes or IDX_SPEC.num_classes)
     pixels = spec.image_shape[0] * spec.image_shape[1]
+    steps = spec.image_shape[0] if config.order == "rows" else pixels
+    if config.chunks > steps:
+        raise ConfigError(f"--chunks {config.chunks} exceeds the {steps} time steps of "
+                          f"--order {config.order}; choose 1 to {steps}")
     permutation = pixel_permutation(config.seed, pixels) if config.order == "permuted" else None
     try:
         cell = get_cell(config.cell, config.hidden_size)
@@ -180,6 +185,7 @@ def make_model(config: Config, spec: DataSpec | None = None) -> Model:
         weight_grad=config.weight_grad,
         projection=config.projection,
         backward=config.backward,
+        chunks=config.chunks,
         compute_dtype=jnp.dtype(config.compute_dtype),
         permutation=permutation,
         image_shape=spec.image_shape,

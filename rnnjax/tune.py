@@ -3,7 +3,8 @@
 What is chosen (the :data:`TUNED` Config fields): the scan's ``unroll`` (1, a middle factor,
 full), the form of the cell's computation (``backward`` hand-written or autodiff,
 ``projection`` of the inputs before the loop or inside it, ``weight_grad`` one product or
-per step: ``rnnjax.cells.resolve_form``), the ``feed`` (the device-resident dataset with
+per step: ``rnnjax.cells.resolve_form``), the ``chunks`` the sequence is scanned in
+(``rnnjax.cells.scan_cell``), the ``feed`` (the device-resident dataset with
 ``steps_per_call`` steps per compiled call, or one step per call streamed from NumPy) and
 ``xla_flags`` where the backend has alternatives. XLA reads its flags once, when the backend
 starts, so every measurement runs in a child process (:mod:`rnnjax.measure`), one per set
@@ -51,7 +52,7 @@ from rnnjax import __version__
 from rnnjax.config import TUNED, Config, to_dict
 from rnnjax.measure import BEST  # a field's value: the fastest its child has timed
 
-TUNER_VERSION = 10  # 10: finalists in a second process; 9: time-major batches; 8: FLAG_MARGIN
+TUNER_VERSION = 11  # 11: chunks; 10: finalists in a second process; 9: time-major batches
 ENV_VAR = "RNNJAX_TUNE"  # 'off' (or 0, false, no): rnnjax train does not tune by default
 MARGIN = 0.03  # a candidate replaces the baseline only when this much faster
 # Other XLA flags replace the run's own only when this much faster: they are timed in other
@@ -73,6 +74,14 @@ TURN_ROUNDS = 5  # of in_turns, at most
 SECOND_NEAR = 0.25
 SECOND_MOST = 3
 SECOND_SHARE = 0.15
+# The chunks a sequence is scanned in, timed for the fastest form and unroll: each part at
+# least CHUNK_STEPS long (28 rows: 4 parts; 784 pixels: 4 and 8). In turns in one process on
+# a 2-core AVX-512 EPYC, 2026-12-01: pixels at batch 50, the GRU 1.17x faster in 8 parts
+# (1.11x in 4, 1.04x in 16), the SimpleRNN 1.09x and the LSTM 1.05x in 4; rows at batch 1024
+# and unroll 1, 1.07-1.09x in 4; rows at batch 50, and fully unrolled at 1024 and 4096,
+# level or slower.
+CHUNKS = (4, 8)
+CHUNK_STEPS = 4
 # A program the first child compiled, loaded from the persistent compilation cache by the
 # second: 0.1-0.2 s for compiles of 1.3-3.3 s (GRU, 28 rows, this machine).
 CACHED_LOAD = 0.2  # of its compile time, for planning the second child's time
@@ -172,7 +181,7 @@ def baseline(config: Config, pinned: frozenset[str]) -> dict[str, Any]:
     'auto' choices resolved (``cells.resolve_form``)."""
     from rnnjax import cells
 
-    fields = ("unroll", *FORMS, "feed")
+    fields = ("unroll", *FORMS, "chunks", "feed")
     defaults = Config()
     base = {name: (getattr(config, name) if name in pinned else getattr(defaults, name))
             for name in fields}
@@ -229,7 +238,7 @@ def form_candidates(config: Config, pinned: frozenset[str], base: dict[str, Any]
 
 
 def model_candidates(config: Config, pinned: frozenset[str]) -> list[dict[str, Any]]:
-    """Candidate ``{unroll, backward, projection, weight_grad, feed}`` to time, most
+    """Candidate ``{unroll, backward, projection, weight_grad, chunks, feed}`` to time, most
     promising first: the baseline; fully unrolled, which won at every batch on the AVX-512
     machine of issue 11 (in the hand-written form where the baseline is autodiff, after that
     form at the baseline's unroll: the GRU's, 28 rows at batch 50, ran 1.82 ms at unroll 1
@@ -239,8 +248,9 @@ def model_candidates(config: Config, pinned: frozenset[str]) -> list[dict[str, A
     unrolls (``unroll`` :data:`BEST`, resolved by the child: the forms' order at one unroll
     need not hold at another, as where a full unroll lets the per-step weight gradients run
     beside the recurrence; autodiff, where a hand-written form exists, at the baseline's);
-    the fastest form (:data:`BEST`) at the middle unroll; then the other feed. (Where the
-    two unrolls timed alike, a form is timed at both: ``measure.resolutions``.)"""
+    the fastest form and unroll in :data:`CHUNKS` parts; the fastest form and chunks at the
+    middle unroll; then the other feed. (Where the two unrolls timed alike, a form is timed
+    at both: ``measure.resolutions``.)"""
     base = baseline(config, pinned)
     length = sequence_length(config)
     middle = 2 ** int(math.log2(math.sqrt(length)))  # 4 for 28 steps, 16 for 784
@@ -262,8 +272,14 @@ def model_candidates(config: Config, pinned: frozenset[str]) -> list[dict[str, A
         slow = form["backward"] == "autodiff" and has_hand_written
         out.append({**base, **form, "unroll": BEST if tune_unroll and not slow
                     else base["unroll"]})
+    if "chunks" not in pinned:
+        for chunks in CHUNKS:
+            if chunks * CHUNK_STEPS <= length and chunks != base["chunks"]:
+                out.append({**base, **{name: BEST for name in FORMS if name not in pinned},
+                            "unroll": BEST if tune_unroll else base["unroll"], "chunks": chunks})
     if tune_unroll and middle != base["unroll"]:
-        out.append({**base, **dict.fromkeys(FORMS, BEST), "unroll": middle})
+        out.append({**base, **dict.fromkeys(FORMS, BEST), "unroll": middle,
+                    "chunks": base["chunks"] if "chunks" in pinned else BEST})
     if "feed" not in pinned and config.source == "idx":
         out.append({**base, "feed": "stream" if base["feed"] == "device" else "device"})
     return out
@@ -819,7 +835,8 @@ def format_table(result: Result) -> str:
     """The timing table and the choice, as ``rnnjax tune`` prints them."""
     rows = [*result.measurements, *result.final, *result.means]
     lines = [f"{'unroll':>6}  {'backward':<12}  {'projection':<10}  {'weight-grad':<11}  "
-             f"{'feed':<6}  {'ms/step':>9}  {'compile s':>9}  {'differs':>7}  xla-flags / note"]
+             f"{'chunks':>6}  {'feed':<6}  {'ms/step':>9}  {'compile s':>9}  {'differs':>7}  "
+             "xla-flags / note"]
     for m in rows:
         f = m.fields
         ms = "-" if m.step_s is None else f"{m.step_s * 1e3:.3f}"
@@ -829,8 +846,8 @@ def format_table(result: Result) -> str:
                                     "" if m.step_s is not None and not m.note else m.note)
                         if x)
         lines.append(f"{f['unroll']:>6}  {f['backward']:<12}  {f['projection']:<10}  "
-                     f"{f['weight_grad']:<11}  {f['feed']:<6}  {ms:>9}  {comp:>9}  {diff:>7}  "
-                     f"{note}")
+                     f"{f['weight_grad']:<11}  {f['chunks']:>6}  {f['feed']:<6}  {ms:>9}  "
+                     f"{comp:>9}  {diff:>7}  {note}")
     return "\n".join(lines) + "\n"
 
 

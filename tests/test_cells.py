@@ -386,6 +386,46 @@ def test_every_form_gives_the_same_values_and_gradients(name, backward, projecti
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
 
 
+@pytest.mark.parametrize("backward", ["hand_written", "autodiff"])
+@pytest.mark.parametrize("name", ["simple_rnn", "lstm", "gru"])
+def test_chunks_run_the_same_recurrence(name, backward):
+    """A sequence scanned in parts (``chunks``, the carry passed on; 7 steps in 2, 3 or 7
+    parts, unrolled or not): the outputs and final carry bitwise the one scan's at the same
+    unroll, the gradients its own up to rounding (one sum per part, then added)."""
+    cell = cells.get_cell(name, H)
+    rng = np.random.default_rng(9)
+    params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(scale=0.3, size=p.shape),
+                                                    p.dtype), cell.init(jax.random.key(9), F))
+    xs = jnp.asarray(_inputs(9))
+    carry0 = jax.tree.map(lambda c: c + 0.25, cell.initial_carry(B, jnp.float32))
+    weights = jnp.asarray(rng.normal(size=(T, B, H)), jnp.float32)
+
+    def loss(p, x, carry, **kw):
+        carry, ys = scan_cell(cell, p, x, carry, backward=backward, **kw)
+        return (ys * weights).sum() + sum(jnp.sin(leaf).sum() for leaf in jax.tree.leaves(carry))
+
+    def run(**kw):
+        forward = jax.jit(lambda p, x, c: scan_cell(cell, p, x, c, backward=backward, **kw))
+        grads = jax.jit(jax.grad(functools.partial(loss, **kw), argnums=(0, 1, 2)))
+        return forward(params, xs, carry0), grads(params, xs, carry0)
+
+    for chunks, unroll in ((2, 1), (3, 1), (7, 1), (3, 0)):
+        whole, whole_grads = run(unroll=unroll)
+        parts, part_grads = run(chunks=chunks, unroll=unroll)
+        jax.tree.map(np.testing.assert_array_equal, parts, whole)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                     part_grads, whole_grads)
+
+
+def test_chunk_bounds_split_the_steps_evenly_and_check_the_count():
+    assert cells.chunk_bounds(28, 4) == [0, 7, 14, 21, 28]
+    assert cells.chunk_bounds(28, 8) == [0, 3, 7, 10, 14, 17, 21, 24, 28]
+    assert cells.chunk_bounds(5, 1) == [0, 5]
+    for bad in (0, 29):
+        with pytest.raises(ValueError, match=f"chunks {bad}: choose 1 to 28"):
+            cells.chunk_bounds(28, bad)
+
+
 def test_form_choices_are_checked():
     with pytest.raises(ValueError, match="projection 'inside'; choose one of auto, hoisted"):
         cells.resolve_form(cells.get_cell("lstm", H), B, projection="inside")

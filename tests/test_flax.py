@@ -61,7 +61,7 @@ def xs():
 def linen_pair(cell, flax_cell, params, **kw):
     """(rnnjax linen RNN, its variables, Flax nn.RNN, its variables) with the same weights."""
     ours = rnn_linen.RNN(cell=cell, hidden_size=H, **kw)
-    theirs = nn.RNN(getattr(nn, flax_cell)(H), **kw)
+    theirs = nn.RNN(getattr(nn, flax_cell)(H), **{k: v for k, v in kw.items() if k != "chunks"})
     flax_params = params_lib.to_flax_cell(cell, params, flax_cell, "linen")
     return ours, {"params": params}, theirs, {"params": {"cell": flax_params}}
 
@@ -81,8 +81,8 @@ def values_and_grads(apply, variables, inputs):
 
 @pytest.mark.parametrize("kw", [
     {}, {"unroll": 0}, {"reverse": True}, {"reverse": True, "keep_order": True},
-    {"time_major": True},
-], ids=["default", "unroll-full", "reverse", "reverse-keep-order", "time-major"])
+    {"time_major": True}, {"chunks": 3},
+], ids=["default", "unroll-full", "reverse", "reverse-keep-order", "time-major", "chunks"])
 def test_linen_rnn_equals_flax_simple_cell(xs, kw):
     params = random_params("simple_rnn", H, F)
     ours, ov, theirs, tv = linen_pair("simple_rnn", "SimpleCell", params, **kw)
@@ -108,11 +108,12 @@ def nnx_apply(module, carry=None):
     return apply, params
 
 
-@pytest.mark.parametrize("kw", [{}, {"unroll": 0}, {"reverse": True}],
-                         ids=["default", "unroll-full", "reverse"])
+@pytest.mark.parametrize("kw", [{}, {"unroll": 0}, {"reverse": True}, {"chunks": 3}],
+                         ids=["default", "unroll-full", "reverse", "chunks"])
 def test_nnx_rnn_equals_flax_nnx_simple_cell(xs, kw):
     ours = rnn_nnx.RNN(cell="simple_rnn", in_features=F, hidden_size=H, rngs=nnx.Rngs(0), **kw)
-    theirs = nnx.RNN(nnx.SimpleCell(F, H, rngs=nnx.Rngs(1)), **kw)
+    theirs = nnx.RNN(nnx.SimpleCell(F, H, rngs=nnx.Rngs(1)),
+                     **{k: v for k, v in kw.items() if k != "chunks"})
     params = random_params("simple_rnn", H, F)
     for name, value in params.items():
         getattr(ours, name).set_value(value)

@@ -130,18 +130,20 @@ def test_unrolled_train_step_launches_within_budget(cell):
 
 
 @pytest.mark.parametrize("cell", ["simple_rnn", "irnn", "lstm", "gru"])
-@pytest.mark.parametrize("form", [("hoisted", "product"), ("hoisted", "per_step"),
-                                  ("in_loop", "product"), ("in_loop", "per_step")],
-                         ids="-".join)
+@pytest.mark.parametrize("form", [("hoisted", "product", 1), ("hoisted", "per_step", 1),
+                                  ("in_loop", "product", 1), ("in_loop", "per_step", 1),
+                                  ("hoisted", "product", 4)],
+                         ids=lambda form: "-".join(map(str, form)))
 def test_no_loop_copies_a_whole_sequence_array(cell, form):
     """The hand-written layers write rows over the rows they read (cells._scan_rows): on
-    XLA:CPU at unroll 1 no loop of any form the tuner times copies a [T, ...] array."""
-    projection, weight_grad = form
+    XLA:CPU at unroll 1 no loop of any form the tuner times copies a [T, ...] array (in
+    4 chunks: a [T / 4, ...] array, a part's)."""
+    projection, weight_grad, chunks = form
     config = Config(cell=cell, backward="hand_written", projection=projection,
-                    weight_grad=weight_grad, unroll=1)
+                    weight_grad=weight_grad, unroll=1, chunks=chunks)
     text = step_text(config, jax.devices("cpu")[0])
     assert "dynamic-update-slice" in text
-    assert hlo.sequence_copies(text, 28) == []
+    assert hlo.sequence_copies(text, 28 // chunks) == []
 
 
 def test_sequence_copies_finds_a_write_xla_cannot_keep_in_place():

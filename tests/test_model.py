@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rnnjax.config import Config
+from rnnjax.config import Config, ConfigError
 from rnnjax.data.pipeline import normalize_host
 from rnnjax.model import count_params, make_model, pixel_permutation, to_sequence
 
@@ -74,6 +74,16 @@ def test_bad_shapes_name_what_the_model_reads():
         model.apply_sequences(params, jnp.zeros((3, 28, 28)))  # batch-major
     with pytest.raises(ValueError, match=r"sequences of shape \(28, 3, 1\).*\[28, B, 28\]"):
         model.apply_sequences(params, jnp.zeros((28, 3, 1)))
+
+
+def test_chunks_beyond_the_sequence_are_a_config_error():
+    assert make_model(Config(chunks=28)).chunks == 28
+    assert make_model(Config(order="pixels", chunks=784)).chunks == 784
+    with pytest.raises(ConfigError, match="--chunks 29 exceeds the 28 time steps of --order "
+                                          "rows; choose 1 to 28"):
+        make_model(Config(chunks=29))
+    with pytest.raises(ConfigError, match="--chunks must be at least 1, got 0"):
+        Config(chunks=0)
 
 
 @pytest.mark.parametrize("order", ["rows", "pixels", "permuted"])

@@ -29,21 +29,21 @@ TINY = ["--hidden-size", "4", "--batch-size", "4", "--eval-batch-size", "2048"]
 SEED_FORM = {"backward": "hand_written", "projection": "hoisted", "weight_grad": "product"}
 
 
-def k(unroll, feed="device", flags="", **form):
+def k(unroll, feed="device", flags="", chunks=1, **form):
     """A FakeChild table key: the seed form, with ``form`` changed."""
     f = {**SEED_FORM, **form}
-    return (unroll, f["backward"], f["projection"], f["weight_grad"], feed, flags)
+    return (unroll, f["backward"], f["projection"], f["weight_grad"], chunks, feed, flags)
 
 
-def fields(unroll, feed="device", flags=None, **form):
+def fields(unroll, feed="device", flags=None, chunks=1, **form):
     """A candidate's fields (with ``flags``: a choice, every TUNED field)."""
-    out = {"unroll": unroll, **SEED_FORM, **form, "feed": feed}
+    out = {"unroll": unroll, **SEED_FORM, **form, "chunks": chunks, "feed": feed}
     return out if flags is None else {**out, "xla_flags": flags}
 
 
 class FakeChild:
     """Stands for a measuring child: times from a table, keyed on (unroll, backward,
-    projection, weight_grad, feed, xla_flags) (:func:`k`); ``wrong`` ones report results
+    projection, weight_grad, chunks, feed, xla_flags) (:func:`k`); ``wrong`` ones report results
     that differ from the baseline. Resolves 'best' as the real child does."""
 
     def __init__(self, times, wrong=(), clock=None, per_child_s=0.0, startup_s=1.0, turns=None,
@@ -106,7 +106,8 @@ class FakeChild:
     @staticmethod
     def _key(c, flags):
         """The table key (:func:`k`) of candidate fields ``c`` under ``flags``."""
-        return (c["unroll"], c["backward"], c["projection"], c["weight_grad"], c["feed"], flags)
+        return (c["unroll"], c["backward"], c["projection"], c["weight_grad"], c["chunks"],
+                c["feed"], flags)
 
 
 class Clock:
@@ -135,9 +136,10 @@ def all_times(base=1.0, config=None):
     times = {}
     for c in tune.model_candidates(config, frozenset()):
         for unroll in ((1, 4, 0) if measure.BEST in c.values() else (c["unroll"],)):
-            for flags in ("", YNN, VEC):
-                times[(unroll, c["backward"], c["projection"], c["weight_grad"], c["feed"],
-                       flags)] = base
+            for chunks in ((1, 4) if c["chunks"] == measure.BEST else (c["chunks"],)):
+                for flags in ("", YNN, VEC):
+                    times[(unroll, c["backward"], c["projection"], c["weight_grad"], chunks,
+                           c["feed"], flags)] = base
     return times
 
 
@@ -207,6 +209,7 @@ def test_each_form_is_timed_at_the_faster_unroll_then_the_fastest_at_the_middle(
     assert first == [fields(1), fields(0), fields(0, projection="in_loop"),
                      fields(0, weight_grad="per_step"),
                      fields(1, backward="autodiff", projection="in_loop"),  # compiles slowly
+                     fields(0, weight_grad="per_step", chunks=4),  # the fastest, in parts
                      fields(4, weight_grad="per_step"), fields(1, "stream")]
     # Where unroll 1 is the faster, the forms are timed at unroll 1.
     times = all_times()
@@ -214,8 +217,9 @@ def test_each_form_is_timed_at_the_faster_unroll_then_the_fastest_at_the_middle(
     times[k(1, projection="in_loop")] = 0.5
     result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
     first = [m.candidate for m in result.measurements if not m.flags]
-    assert first[2:6] == [fields(1, projection="in_loop"), fields(1, weight_grad="per_step"),
+    assert first[2:7] == [fields(1, projection="in_loop"), fields(1, weight_grad="per_step"),
                           fields(1, backward="autodiff", projection="in_loop"),
+                          fields(1, projection="in_loop", chunks=4),
                           fields(4, projection="in_loop")]
     assert result.choice == fields(1, projection="in_loop", flags="")
     # The GRU's default is autodiff in the loop; its hand-written backward is a candidate,
@@ -234,7 +238,8 @@ def test_each_form_is_timed_at_the_faster_unroll_then_the_fastest_at_the_middle(
     assert len([c for c in pinned_gru if c["backward"] == "hand_written"]) == 4  # + 1 and 0
     # A Flax cell has one form: only unrolls (and the feed).
     flax = tune.model_candidates(Config(cell="flax.linen:GRUCell"), frozenset())
-    assert [c["unroll"] for c in flax] == [1, 0, 4, 1]
+    assert [c["unroll"] for c in flax] == [1, 0, tune.BEST, 4, 1]
+    assert [c["chunks"] for c in flax] == [1, 1, 4, tune.BEST, 1]  # 28 rows: 4 parts
     # A pinned unroll: the forms at it, no other unroll.
     pinned = tune.model_candidates(Config(unroll=2), frozenset({"unroll"}))
     assert {c["unroll"] for c in pinned} == {2}
@@ -478,7 +483,8 @@ def test_pinned_fields_are_never_tuned():
     assert {c["unroll"] for c in candidates} == {2}
     assert {(c["backward"], c["weight_grad"]) for c in candidates} == {
         ("hand_written", "product")}
-    assert {c["projection"] for c in candidates} == {"hoisted", "in_loop"}  # not pinned
+    # Not pinned ('best': the fastest projection timed, for the chunked candidates).
+    assert {c["projection"] for c in candidates} == {"hoisted", "in_loop", tune.BEST}
     xnn = "--xla_cpu_use_xnnpack=false"
     fake = FakeChild({k(2, flags=xnn): 1.0, k(2, "stream", xnn): 0.5,
                       k(2, flags=xnn, projection="in_loop"): 0.9})
@@ -712,7 +718,7 @@ def test_the_cached_choice_is_used_and_explicit_flags_override_it(in_process):
     assert in_process.last() == ({**CACHED, "unroll": 3}, "cached")
     # Every tuned setting given: nothing to tune, nothing read.
     given = ["--unroll", "2", "--backward", "hand_written", "--projection", "hoisted",
-             "--weight-grad", "product", "--feed", "device", "--xla-flags="]
+             "--weight-grad", "product", "--chunks", "1", "--feed", "device", "--xla-flags="]
     assert main(["train", *RUN, *given]) == 0
     assert in_process.last() == (fields(2, flags=""), "pinned")
 
@@ -765,16 +771,19 @@ def test_a_new_shape_is_tuned_once_then_cached(in_process, monkeypatch, capsys):
 def test_rnnjax_tune_prints_the_table_and_caches_the_choice(tmp_path):
     env = _env(tmp_path)
     pins = ["--xla-flags=", "--backward", "hand_written", "--projection", "hoisted",
-            "--weight-grad", "product", "--feed", "device"]  # one child, unrolls only
+            "--weight-grad", "product", "--feed", "device"]  # one child: unrolls, chunks
     proc = _run("tune", *TINY, *pins, "--tune-budget", "90", env=env)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].split()[:6] == ["unroll", "backward", "projection", "weight-grad", "feed",
-                                    "ms/step"]
-    rows = [line.split() for line in lines[1:4]]
-    assert [row[0] for row in rows] == ["1", "0", "4"]
+    assert lines[0].split()[:7] == ["unroll", "backward", "projection", "weight-grad", "chunks",
+                                    "feed", "ms/step"]
+    rows = [line.split() for line in lines[1:5]]
+    # The baseline, fully unrolled, the faster of those in 4 parts, the middle unroll.
+    assert [(row[0], row[4]) for row in rows] in (
+        [("1", "1"), ("0", "1"), (fastest, "4"), ("4", chunks)]
+        for fastest in ("1", "0") for chunks in ("1", "4"))
     assert all(row[1:4] == ["hand_written", "hoisted", "product"] for row in rows)
-    assert lines[4].startswith("chose unroll ") and "cached in" in lines[5]
+    assert lines[5].startswith("chose unroll ") and "cached in" in lines[6]
     assert "rnnjax: timing simple_rnn 4" in proc.stderr and "ms/step" in proc.stderr
     cached = list((tmp_path / "cache" / "rnnjax" / "tune").glob("*.json"))
     assert len(cached) == 1

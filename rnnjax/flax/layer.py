@@ -16,6 +16,7 @@ def run(
     initial_carry: Carry | None = None,
     *,
     unroll: int | bool = 1,
+    chunks: int = 1,
     reverse: bool = False,
     keep_order: bool = False,
     time_major: bool = False,
@@ -25,9 +26,10 @@ def run(
     inputs: ``[B, T, F]`` (``[T, B, F]`` when ``time_major``), any float dtype; outputs
     ``[B, T, H]`` (``[T, B, H]``) in the same dtype. ``initial_carry`` is in the cell's own
     layout (rnnjax's LSTM: ``(h, c)``, each ``[B, H]``); default: the cell's zeros.
-    ``unroll``: ``lax.scan``'s unroll factor, 0 or True for all T steps. ``reverse`` reads the
-    sequence last step first and, as Flax, returns the outputs in that processed order unless
-    ``keep_order``.
+    ``unroll``: ``lax.scan``'s unroll factor, 0 or True for all T steps. ``chunks``: the
+    sequence scanned in that many consecutive parts (``rnnjax.cells.scan_cell``).
+    ``reverse`` reads the sequence last step first and, as Flax, returns the outputs in that
+    processed order unless ``keep_order``.
     """
     if inputs.ndim != 3:
         raise ValueError(f"RNN expects inputs [batch, time, features] (or [time, batch, "
@@ -36,7 +38,7 @@ def run(
     if reverse:
         xs = xs[::-1]
     unroll = 0 if unroll is True else int(unroll)
-    carry, ys = scan_cell(cell, params, xs, initial_carry, unroll=unroll)
+    carry, ys = scan_cell(cell, params, xs, initial_carry, unroll=unroll, chunks=chunks)
     if reverse and keep_order:
         ys = ys[::-1]
     return carry, ys if time_major else jnp.swapaxes(ys, 0, 1)

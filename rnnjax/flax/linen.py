@@ -44,12 +44,14 @@ class RNN(nn.Module):
         registered in ``rnnjax.cells.CELLS``, or a Flax cell as ``MODULE:CLASS``).
       hidden_size: units.
       unroll: ``lax.scan`` unroll factor; 0 or True unrolls every step.
+      chunks: the sequence scanned in this many consecutive parts (``rnnjax.cells.scan_cell``).
       reverse, keep_order, return_carry, time_major: as ``flax.linen.RNN``.
     """
 
     cell: str
     hidden_size: int
     unroll: int | bool = 1
+    chunks: int = 1
     reverse: bool = False
     keep_order: bool = False
     return_carry: bool = False
@@ -61,8 +63,8 @@ class RNN(nn.Module):
         cell = get_cell(self.cell, self.hidden_size)
         params = _declare(self, lambda key: cell.init(key, inputs.shape[-1]))
         carry, outputs = layer.run(
-            cell, params, inputs, initial_carry, unroll=self.unroll, reverse=self.reverse,
-            keep_order=self.keep_order, time_major=self.time_major,
+            cell, params, inputs, initial_carry, unroll=self.unroll, chunks=self.chunks,
+            reverse=self.reverse, keep_order=self.keep_order, time_major=self.time_major,
         )
         return (carry, outputs) if self.return_carry else outputs
 

@@ -45,7 +45,8 @@ class RNN(nnx.Module):
     inputs ``[B, T, in_features]`` -> outputs ``[B, T, hidden_size]`` (``[T, B, ...]`` with
     ``time_major``); with ``return_carry``, ``(final carry, outputs)``. ``cell``: an rnnjax
     cell name, a registered one, or a Flax cell as ``MODULE:CLASS``; ``unroll``: ``lax.scan``
-    unroll factor (0 or True: every step); ``reverse``, ``keep_order``, ``return_carry``,
+    unroll factor (0 or True: every step); ``chunks``: the sequence scanned in this many
+    consecutive parts (``rnnjax.cells.scan_cell``); ``reverse``, ``keep_order``, ``return_carry``,
     ``time_major``: as ``flax.nnx.RNN``.
     """
 
@@ -56,6 +57,7 @@ class RNN(nnx.Module):
         hidden_size: int,
         *,
         unroll: int | bool = 1,
+        chunks: int = 1,
         reverse: bool = False,
         keep_order: bool = False,
         return_carry: bool = False,
@@ -66,6 +68,7 @@ class RNN(nnx.Module):
         self.in_features = in_features
         self.hidden_size = hidden_size
         self.unroll = unroll
+        self.chunks = chunks
         self.reverse = reverse
         self.keep_order = keep_order
         self.return_carry = return_carry
@@ -87,7 +90,8 @@ class RNN(nnx.Module):
         """inputs float ``[B, T, F]``; initial_carry in the cell's layout (LSTM: ``(h, c)``)."""
         carry, outputs = layer.run(
             get_cell(self.cell, self.hidden_size), self.cell_params(), inputs, initial_carry,
-            unroll=self.unroll, reverse=self.reverse, keep_order=self.keep_order,
+            unroll=self.unroll, chunks=self.chunks, reverse=self.reverse,
+            keep_order=self.keep_order,
             time_major=self.time_major,
         )
         return (carry, outputs) if self.return_carry else outputs
