@@ -343,6 +343,18 @@ def test_fused_forward_is_the_plain_scan(name):
     jax.tree.map(_assert_rounding_equal, fused, plain)
 
 
+def _perturbed(cell, seed):
+    """``(params, xs, carry0, weights)`` from ``seed``: the cell's parameters with non-zero
+    noise (every sum's order shows), inputs ``[T, B, F]``, a non-zero initial carry and
+    weights ``[T, B, H]`` for a loss over the outputs."""
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(scale=0.3, size=p.shape),
+                                                    p.dtype), cell.init(jax.random.key(seed), F))
+    carry0 = jax.tree.map(lambda c: c + 0.25, cell.initial_carry(B, jnp.float32))
+    weights = jnp.asarray(rng.normal(size=(T, B, H)), jnp.float32)
+    return params, jnp.asarray(_inputs(seed)), carry0, weights
+
+
 FORMS = [(b, p, w) for b in ("hand_written", "autodiff") for p in ("hoisted", "in_loop")
          for w in ("product", "per_step") if b == "hand_written" or w == "product"]
 
@@ -359,12 +371,7 @@ def test_every_form_gives_the_same_values_and_gradients(name, backward, projecti
     form = dict(backward=backward, projection=projection, weight_grad=weight_grad)
     resolved = cells.resolve_form(cell, B, **form)
     assert (resolved.backward, resolved.projection) == (backward, projection)
-    rng = np.random.default_rng(8)
-    params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(scale=0.3, size=p.shape),
-                                                    p.dtype), cell.init(jax.random.key(8), F))
-    xs = jnp.asarray(_inputs(8))
-    carry0 = jax.tree.map(lambda c: c + 0.25, cell.initial_carry(B, jnp.float32))
-    weights = jnp.asarray(rng.normal(size=(T, B, H)), jnp.float32)
+    params, xs, carry0, weights = _perturbed(cell, 8)
 
     def run(c, p, x, carry, **kw):
         return scan_cell(c, p, x, carry, **kw)
@@ -393,12 +400,7 @@ def test_chunks_run_the_same_recurrence(name, backward):
     parts, unrolled or not): the outputs and final carry bitwise the one scan's at the same
     unroll, the gradients its own up to rounding (one sum per part, then added)."""
     cell = cells.get_cell(name, H)
-    rng = np.random.default_rng(9)
-    params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(scale=0.3, size=p.shape),
-                                                    p.dtype), cell.init(jax.random.key(9), F))
-    xs = jnp.asarray(_inputs(9))
-    carry0 = jax.tree.map(lambda c: c + 0.25, cell.initial_carry(B, jnp.float32))
-    weights = jnp.asarray(rng.normal(size=(T, B, H)), jnp.float32)
+    params, xs, carry0, weights = _perturbed(cell, 9)
 
     def loss(p, x, carry, **kw):
         carry, ys = scan_cell(cell, p, x, carry, backward=backward, **kw)
