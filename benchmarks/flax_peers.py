@@ -3,6 +3,7 @@
     python -m benchmarks.flax_peers [--cases rows:50,rows:1024,rows:4096,pixels:50]
     python -m benchmarks.peers          # runs this too, after Keras and PyTorch
     python -m benchmarks.flax_peers --ops --cases rows:50,pixels:50   # ops per step, untimed
+    python -m benchmarks.flax_peers --cases rows:4096 --steps-per-call 20   # K of your own
 
 For each case (sequence order and batch size) and each cell, the median ms of one
 ``RNN(50) -> Dense(10)`` optax-Adam(1e-3) train step, K steps per compiled call on
@@ -298,6 +299,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cells", default=",".join(CELLS))
     parser.add_argument("--apis", default="linen,nnx", help="Flax APIs to time")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps-per-call", type=int, default=0,
+                        help="train steps per timed call (0: about the same work per call "
+                        "in every case, 4-200 steps; rnnjax train runs 500)")
     parser.add_argument("--max-full-unroll", type=int, default=100,
                         help="time unroll=full only for sequences up to this long (784 "
                         "unrolled pixel steps compile for tens of minutes)")
@@ -310,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
                         "case, no timings")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.steps_per_call < 0:
+        parser.error(f"--steps-per-call {args.steps_per_call}: give 0 (the default) or more")
     if args.child:
         return child_main()
     device_data = to_device(load_arrays(Config()))
@@ -325,7 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for order, batch in cases:
         # About the same work per timed call: fewer steps for long sequences and batches.
-        steps = max(4, min(200, 20000 // (batch * sequence_length(order) // 28)))
+        steps = args.steps_per_call or max(4, min(200, 20000 // (batch * sequence_length(order)
+                                                                 // 28)))
         for cell in args.cells.split(","):
             user, chosen = user_config(cell, order, batch, args.tune_budget)
             runners = case_runners(device_data, order, batch, cell, steps, apis, user,

@@ -170,6 +170,15 @@ def test_sequence_copies_finds_a_write_xla_cannot_keep_in_place():
     assert hlo.sequence_copies(program(jnp.tanh), 28) == []
 
 
+def test_flax_benchmark_refuses_a_negative_steps_per_call(capsys):
+    from benchmarks import flax_peers
+
+    with pytest.raises(SystemExit) as exit_:
+        flax_peers.main(["--steps-per-call", "-1"])
+    assert exit_.value.code == 2
+    assert "--steps-per-call -1: give 0 (the default) or more" in capsys.readouterr().err
+
+
 def test_flax_benchmark_counts_the_ops_every_runner_launches(tmp_path):
     """``benchmarks.flax_peers --ops``: each runner's train step, compiled and counted, not
     timed; the SimpleRNN launches fewer ops than Flax's at each unroll (jax 0.10, XLA:CPU:
