@@ -73,6 +73,12 @@ class Model:
     image_shape: tuple[int, int, int] = (28, 28, 1)  # H, W, C of the images it reads
 
     @property
+    def time_steps(self) -> int:
+        """Steps per sequence: H by rows, H*W by pixels."""
+        height, width, _ = self.image_shape
+        return height if self.order == "rows" else height * width
+
+    @property
     def input_size(self) -> int:
         """Features per time step: W*C by rows, C by pixels."""
         _, width, channels = self.image_shape
@@ -122,7 +128,7 @@ class Model:
     def apply_sequences(self, params: Params, xs: jax.Array) -> jax.Array:
         """Time-major sequences float32 ``[T, B, F]`` (:meth:`sequences`) -> logits float32
         ``[B, classes]``."""
-        steps = self.image_shape[0] * (1 if self.order == "rows" else self.image_shape[1])
+        steps = self.time_steps
         if xs.ndim != 3 or xs.shape[0] != steps or xs.shape[2] != self.input_size:
             raise ValueError(f"Model.apply_sequences: sequences of shape {tuple(xs.shape)}; "
                              f"this model reads [{steps}, B, {self.input_size}] "
@@ -166,16 +172,12 @@ def make_model(config: Config, spec: DataSpec | None = None) -> Model:
     if spec is None:
         spec = DataSpec(IDX_SPEC.image_shape, config.num_classes or IDX_SPEC.num_classes)
     pixels = spec.image_shape[0] * spec.image_shape[1]
-    steps = spec.image_shape[0] if config.order == "rows" else pixels
-    if config.chunks > steps:
-        raise ConfigError(f"--chunks {config.chunks} exceeds the {steps} time steps of "
-                          f"--order {config.order}; choose 1 to {steps}")
     permutation = pixel_permutation(config.seed, pixels) if config.order == "permuted" else None
     try:
         cell = get_cell(config.cell, config.hidden_size)
     except ValueError as e:
         raise ConfigError(f"--cell: {e}") from None
-    return Model(
+    model = Model(
         cell=cell,
         num_layers=config.num_layers,
         bidirectional=config.bidirectional,
@@ -190,6 +192,10 @@ def make_model(config: Config, spec: DataSpec | None = None) -> Model:
         permutation=permutation,
         image_shape=spec.image_shape,
     )
+    if config.chunks > model.time_steps:
+        raise ConfigError(f"--chunks {config.chunks} exceeds the {model.time_steps} time steps "
+                          f"of --order {config.order}; choose 1 to {model.time_steps}")
+    return model
 
 
 def count_params(params: Params) -> int:

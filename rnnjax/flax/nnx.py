@@ -91,8 +91,7 @@ class RNN(nnx.Module):
         carry, outputs = layer.run(
             get_cell(self.cell, self.hidden_size), self.cell_params(), inputs, initial_carry,
             unroll=self.unroll, chunks=self.chunks, reverse=self.reverse,
-            keep_order=self.keep_order,
-            time_major=self.time_major,
+            keep_order=self.keep_order, time_major=self.time_major,
         )
         return (carry, outputs) if self.return_carry else outputs
 
