@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "unless $RNNJAX_TUNE is off; --no-tune: the documented defaults)")
     train.add_argument("--tune-budget", type=float, default=None, metavar="SECONDS",
                        help="seconds the first run of a shape may spend tuning (default: "
-                       "30, or less for a short run: a quarter of its training time at the "
-                       "defaults, at least 10)")
+                       "30; for a long run a tenth of its training time at the defaults, up "
+                       "to 120; for a short run a quarter of it, at least 10)")
     tune = sub.add_parser(
         "tune", help="time the candidate settings of a run on this machine, print the table "
         "and the choice, and cache it for rnnjax train")

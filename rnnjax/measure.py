@@ -30,9 +30,9 @@ the parent compares the children's fastest so, in turns across the processes.
 Candidates are not started past ``deadline``, nor when their predicted compile time would
 pass it (unless ``compiled``: an earlier child compiled them all, and the persistent
 compilation cache holds them). With ``pay_back`` (``{"start": unix time, "steps": the
-run's steps, "share": this child's part}``), once the reference is timed the deadline comes
-forward to this child's part of what the run can pay back
-(``rnnjax.tune.pay_back_deadline``), reported as ``budget``.
+run's steps, "share": this child's part, "budget_s": the default budget}``), once the
+reference is timed the deadline comes forward to this child's part of the budget that
+follows the run's length (``rnnjax.tune.pay_back_deadline``), reported as ``budget``.
 """
 
 from __future__ import annotations
@@ -385,8 +385,8 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
         if not os.path.exists(reference):
             np.savez(reference, **timed.first_step)  # the first candidate timed: the reference
             pay_back = spec.get("pay_back")
-            cut = pay_back and pay_back_deadline(pay_back["start"], deadline, pay_back["steps"],
-                                                 per_step, pay_back.get("share", 1.0))
+            cut = pay_back and pay_back_deadline(pay_back["start"], pay_back["budget_s"],
+                                                 pay_back["steps"], per_step, pay_back["share"])
             if cut and cut < deadline:
                 deadline = cut
                 emit("budget", deadline=deadline)

@@ -102,12 +102,17 @@ VISIBLE_DEVICES = ("JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES
 PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin", "jax-rocm60-plugin", "libtpu")
 DEFAULT_BUDGET_S = 30.0  # rnnjax train, first run of a shape
 TUNE_COMMAND_BUDGET_S = 120.0  # rnnjax tune
-# rnnjax train's default budget is also capped by what tuning can pay back within the run:
-# this share of the run's training time at the defaults (its steps at the baseline's
-# measured step), but never below the floor (a child's start-up, the baseline and a few
-# candidates). A 4-second seed run then tunes for 10 s, not 30; a 6-minute one for 30.
+# rnnjax train's default budget follows the run's training time at the defaults (its steps
+# at the baseline's measured step, :func:`run_budget`). It never passes what tuning can pay
+# back within the run, this share of that time, but is never below the floor (a child's
+# start-up, the baseline and a few candidates): a 4-second seed run tunes for 10 s, not 30.
 PAY_BACK_SHARE = 0.25
 PAY_BACK_FLOOR_S = 10.0
+# A long run may tune for this share of its training time where that passes the default
+# budget, up to rnnjax tune's budget: at rows, batch 4096, one call of the GRU's autodiff
+# baseline took 0.65 s, and 30 s timed 4 of its 11 candidates (2-core AVX-512 EPYC,
+# 2026-12-01); its 11-minute run now tunes for about 65 s.
+LONG_RUN_SHARE = 0.1
 # A cached choice cut short by its budget is tuned again for a run that may spend this many
 # times that budget (a longer run of the shape than the one that chose it).
 OUTGROWN = 1.5
@@ -390,7 +395,7 @@ def outgrown(record: dict[str, Any], config: Config, budget_s: float,
     ``rnnjax train --steps 50`` then the full run); None where the cached choice stands
     (every candidate timed, or this run may spend at most :data:`OUTGROWN` times as
     much). With ``pay_back`` what this run may spend comes from the baseline's step as the
-    record timed it (:func:`pay_back_deadline`)."""
+    record timed it (:func:`run_budget`)."""
     had = record.get("budget_s")
     if record.get("complete", True) or not isinstance(had, (int, float)):
         return None
@@ -404,7 +409,7 @@ def outgrown(record: dict[str, Any], config: Config, budget_s: float,
                  and all(row.get(k) == v for k, v in base.items())]
         if not steps:
             return None
-        allowed = pay_back_deadline(0.0, budget_s, config.steps, min(steps) * 1e-3)
+        allowed = run_budget(config.steps * min(steps) * 1e-3, budget_s)
     return allowed if allowed > OUTGROWN * had else None
 
 
@@ -442,8 +447,9 @@ def run_child(
 
     Each result is logged as it arrives; the child is killed a little after ``deadline``
     (what it reported by then is kept), or after the earlier deadline it reports once its
-    first candidate is timed, with ``pay_back`` (``{"start", "steps", "share"}``: the
-    tuning's start, the run's steps and this child's part, :func:`pay_back_deadline`).
+    first candidate is timed, with ``pay_back`` (``{"start", "steps", "share", "budget_s"}``:
+    the tuning's start, the run's steps, this child's part and the default budget,
+    :func:`pay_back_deadline`).
     ``compiled``: an earlier child compiled every candidate (this one loads them from the
     compilation cache, and predicts no compile time). A child that finished stays, for
     :attr:`Child.retime` (one more call of a candidate it timed) until :attr:`Child.close`.
@@ -607,13 +613,16 @@ def tune(
 
     First the model candidates under the run's own flags (the baseline first), then the
     closest of them again in a second process (:func:`finalists`, within
-    :data:`SECOND_SHARE` of the budget), then the best two of them (by their means) under
+    :data:`SECOND_SHARE` of the budget, and only where a child under the first other XLA
+    flags still fits after it), then the best two of them (by their means) under
     each alternative set of XLA flags while the budget lasts, then the baseline, each
     child's fastest and the second process's candidates again, in turns
     (:func:`in_turns`): the choice is made from those timings when there are any, each
     candidate by its mean over the processes that timed it (:func:`pooled`).
-    ``pay_back``: once the baseline is timed, the budget shrinks to what the run of
-    ``config.steps`` can pay back (:func:`pay_back_deadline`). ``child`` (default
+    ``pay_back``: once the baseline is timed, the budget follows the run of
+    ``config.steps`` at its step (:func:`run_budget`: less for a short run, more for a long
+    one; the first child may run until the longest such budget's first part, and brings
+    its deadline forward once it has timed the baseline). ``child`` (default
     :func:`run_child`) and ``clock`` are the measuring process and the budget's clock
     (tests pass fakes).
     """
@@ -625,16 +634,18 @@ def tune(
     base = candidates[0]
     base_flags = config.xla_flags if "xla_flags" in pinned else ""
     # The run's own flags get the first FIRST_SHARE of the budget when other flags may follow
-    # (of the budget as given, and of a budget cut to what the run can pay back: run below).
+    # (of the budget as given, and of the budget that follows the run's length: run below).
     share = 1.0 if "xla_flags" in pinned else FIRST_SHARE
-    first_deadline = start + share * budget_s
+    longest = max(budget_s, TUNE_COMMAND_BUDGET_S) if pay_back else budget_s
+    first_deadline = start + share * longest
     measured: list[Measurement] = []
     children: list[Child] = []
     final: list[Measurement] = []
     try:
         with tempfile.TemporaryDirectory(prefix="rnnjax-tune-") as tmp:
             reference = os.path.join(tmp, "baseline.npz")
-            run = {"start": start, "steps": config.steps, "share": share} if pay_back else None
+            run = {"start": start, "steps": config.steps, "share": share,
+                   "budget_s": budget_s} if pay_back else None
             first = child(config, base_flags, candidates, first_deadline, None, reference,
                           call_s, log, pay_back=run)
             children.append(first)
@@ -642,15 +653,16 @@ def tune(
             steps = next((m.steps for m in first.measurements if m.steps), None)
             base_m = first.measurements[0] if first.measurements else None
             if run and base_m is not None and base_m.step_s is not None:
-                deadline = pay_back_deadline(start, deadline, config.steps, base_m.step_s)
-                if deadline - start < budget_s:
+                run_s = config.steps * base_m.step_s
+                given, budget_s = budget_s, run_budget(run_s, budget_s)
+                if budget_s != given:
                     from rnnjax.metrics import steps_phrase
 
-                    log(f"  the run's {steps_phrase(config.steps)} take ~"
-                        f"{config.steps * base_m.step_s:.0f} s at the defaults: tuning "
-                        f"for {deadline - start:.0f} s of the {budget_s:g} s budget (what "
-                        "it can pay back; rnnjax tune times the rest)")
-                budget_s = deadline - start
+                    why = ("what it can pay back; rnnjax tune times the rest"
+                           if budget_s < given else "a tenth of a long run")
+                    log(f"  the run's {steps_phrase(config.steps)} take ~{run_s:.0f} s at "
+                        f"the defaults: tuning for {budget_s:.0f} s, not {given:g} s ({why})")
+            deadline = start + budget_s
             tol = tolerance(config)
             device = first.device
             flag_sets = [] if device is None else flag_candidates(
@@ -659,11 +671,14 @@ def tune(
                 m.step_s is not None or m.note.startswith("failed") for m in first.measurements)
             startup = first.startup_s or 0.0
             turns_from = deadline - TURNS_SHARE * budget_s
-            # The first child's close finalists, timed again in a second process.
+            # The first child's close finalists, timed again in a second process, in time
+            # that leaves the first set of other flags a child timing the fastest (a short
+            # run's budget fits one of the two: other flags may be worth far more).
             close = finalists(first.measurements, tol, SECOND_NEAR, SECOND_MOST)
             if len(close) >= 2:
                 now, load = clock(), CACHED_LOAD if cache_dir(config.compile_cache) else 1.0
-                until = min(now + SECOND_SHARE * budget_s, turns_from)
+                flags_need = startup + _timing_s(close[0], steps) if flag_sets[1:] else 0.0
+                until = min(now + SECOND_SHARE * budget_s, turns_from - flags_need)
                 need, fit = startup, []
                 for m in close:
                     need += _timing_s(m, steps, load)
@@ -738,15 +753,22 @@ def _timing_s(m: Measurement, steps: int | None, load: float = 1.0) -> float:
     return (m.compile_s or 0.0) * load + 2 * 3 * m.step_s * (steps or 1)
 
 
-def pay_back_deadline(start: float, deadline: float, run_steps: int, step_s: float,
+def run_budget(run_s: float, budget_s: float = DEFAULT_BUDGET_S) -> float:
+    """``rnnjax train``'s default budget for a run that trains for ``run_s`` seconds at the
+    defaults: ``budget_s``, or :data:`LONG_RUN_SHARE` of a long run (at most
+    :data:`TUNE_COMMAND_BUDGET_S`); never more than :data:`PAY_BACK_SHARE` of the run (what
+    tuning can pay back), nor less than :data:`PAY_BACK_FLOOR_S`."""
+    grown = max(budget_s, min(LONG_RUN_SHARE * run_s, TUNE_COMMAND_BUDGET_S))
+    return max(PAY_BACK_FLOOR_S, min(grown, PAY_BACK_SHARE * run_s))
+
+
+def pay_back_deadline(start: float, budget_s: float, run_steps: int, step_s: float,
                       share: float = 1.0) -> float:
-    """The budget's end for a run of ``run_steps`` steps of ``step_s`` seconds at the
-    defaults: :data:`PAY_BACK_SHARE` of that run's time from ``start``, at least
-    :data:`PAY_BACK_FLOOR_S`, and never past ``deadline``; with ``share``, the end of that
-    budget's first part (the first child's: :data:`FIRST_SHARE` where other XLA flags
-    follow, so that a budget cut short still leaves them their part)."""
-    budget = max(PAY_BACK_FLOOR_S, PAY_BACK_SHARE * run_steps * step_s)
-    return min(deadline, start + share * budget)
+    """The end of :func:`run_budget` from ``start``, for a run of ``run_steps`` steps of
+    ``step_s`` seconds at the defaults and the default ``budget_s``; with ``share``, the end
+    of that budget's first part (the first child's: :data:`FIRST_SHARE` where other XLA
+    flags follow, so that a budget cut short still leaves them their part)."""
+    return start + share * run_budget(run_steps * step_s, budget_s)
 
 
 def finalists(measurements: Sequence[Measurement], tol: float, near: float = SECOND_NEAR,
@@ -896,12 +918,13 @@ def resolve(
         out.write(line + "\n")
         out.flush()
 
+    pay_back_phrase = f", less for a short run, up to {TUNE_COMMAND_BUDGET_S:g} for a long one"
     why = ("the first run of this shape here" if record is None else
            f"again: its cached choice had {record['budget_s']:g} s, not every candidate "
            f"timed, and this run may spend ~{more:.0f} s")
     log(f"rnnjax: tuning {config.cell} {config.hidden_size} x{config.num_layers} "
         f"{config.order} batch {config.batch_size}, {why} "
-        f"(--tune-budget {budget_s:g} s{', less for a short run' if pay_back else ''}; "
+        f"(--tune-budget {budget_s:g} s{pay_back_phrase if pay_back else ''}; "
         "--no-tune skips)")
     result = tune(config, pinned, budget_s, log=log, child=child, pay_back=pay_back)
     # Saved even when the budget cut it short, so the cost is paid once per shape; the

@@ -68,9 +68,9 @@ class FakeChild:
             if self.stops_at_deadline:
                 if pay_back:  # from its first candidate's step, the baseline's
                     base_s = self.times[self._key(candidates[0], flags)] * 1e-3
-                    deadline = tune.pay_back_deadline(pay_back["start"], deadline,
-                                                      pay_back["steps"], base_s,
-                                                      pay_back["share"])
+                    deadline = min(deadline, tune.pay_back_deadline(
+                        pay_back["start"], pay_back["budget_s"], pay_back["steps"], base_s,
+                        pay_back["share"]))
                 end = min(end, deadline)
             self.clock.now = max(self.clock.now, end)
         child = tune.Child(device={"backend": "cpu", "device_kind": "fake", "device_count": 1},
@@ -323,6 +323,26 @@ def test_the_second_process_keeps_to_its_share_of_the_budget():
     assert fake.calls[1][2] == pytest.approx(1001.0 + tune.SECOND_SHARE * 30.0)
 
 
+def test_the_second_process_leaves_other_flags_their_child():
+    """Where the budget left fits the second process or a child under the first other XLA
+    flags, not both, the flags' child is timed: a 10 s budget, 6 s of it the first
+    child's, a child's start-up 0.9 s. Without other flags to time the second process
+    fits (0.9 s and two cached candidates of 0.26 s, in its 1.5 s)."""
+    times = all_times()
+    log = []
+    clock = Clock()
+    fake = FakeChild(times, clock=clock, per_child_s=6.0, startup_s=0.9,
+                     stops_at_deadline=True)
+    result = tune.tune(Config(), frozenset(), 10.0, child=fake, clock=clock, log=log.append)
+    assert [c[0] for c in fake.calls] == ["", YNN] and not result.complete
+    assert any("not timed again in a second process (budget spent" in line for line in log)
+    clock = Clock()
+    fake = FakeChild(times, clock=clock, per_child_s=6.0, startup_s=0.9,
+                     stops_at_deadline=True)
+    tune.tune(Config(xla_flags=""), frozenset({"xla_flags"}), 10.0, child=fake, clock=clock)
+    assert [c[0] for c in fake.calls] == ["", ""] and len(fake.calls[1][1]) == 2
+
+
 def test_finalists_and_means():
     a, b, c = fields(1), fields(0), fields(4)
     ms = [tune.Measurement(a, "", 1.0e-3, 1.0, 1e-7, 10),
@@ -415,28 +435,58 @@ def test_no_child_starts_that_could_not_finish_in_its_share(one_process):
     assert [c[0] for c in fake.calls] == ["", YNN]
 
 
+def test_the_budget_follows_the_runs_length():
+    """rnnjax train's default budget, once the baseline is timed: a quarter of the run's
+    training time at the defaults for a short run, at least the floor (a seed run of 4001
+    steps of 1 ms: 10 s); the default 30 s for a run of 2-5 minutes; a tenth of a longer
+    one (rows at batch 4096, 4001 steps of 0.16 s: 64 s), at most rnnjax tune's 120 s."""
+    assert tune.run_budget(4001 * 1e-3) == tune.PAY_BACK_FLOOR_S
+    assert tune.run_budget(80.0) == pytest.approx(20.0)
+    assert tune.run_budget(120.0) == 30.0 and tune.run_budget(300.0) == 30.0
+    assert tune.run_budget(4001 * 0.16) == pytest.approx(64.016)
+    assert tune.run_budget(3600.0) == tune.TUNE_COMMAND_BUDGET_S
+    # Never past what the run can pay back, nor below what was given.
+    assert tune.run_budget(100.0, 40.0) == 25.0 and tune.run_budget(200.0, 40.0) == 40.0
+    assert tune.pay_back_deadline(5.0, 30.0, 4001, 0.02) == pytest.approx(5.0 + 20.005)
+    # The first child's part: 60% of the 10 s, where the whole would have been its own.
+    assert tune.pay_back_deadline(0.0, 30.0, 4001, 1e-3, tune.FIRST_SHARE) == \
+        pytest.approx(tune.FIRST_SHARE * tune.PAY_BACK_FLOOR_S)
+
+
+def test_a_long_run_tunes_for_longer(one_process):
+    """The first child may run until its part of the longest budget (rnnjax tune's), and
+    the budget is a tenth of a long run once its baseline is timed: 4001 steps of 0.4 s,
+    160 s, at most 120. The flag children get their parts of that."""
+    log = []
+    clock = Clock()
+    fake = FakeChild(all_times(base=400.0), clock=clock, per_child_s=8.0)
+    result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock, pay_back=True,
+                       log=log.append)
+    assert fake.calls[0][2] == pytest.approx(1000.0 + tune.FIRST_SHARE *
+                                             tune.TUNE_COMMAND_BUDGET_S)
+    assert result.budget_s == tune.TUNE_COMMAND_BUDGET_S
+    assert [c[0] for c in fake.calls] == ["", YNN, VEC]
+    assert fake.calls[-1][2] > 1000.0 + 30.0  # past the default budget
+    assert any("tuning for 120 s, not 30 s (a tenth of a long run)" in line for line in log)
+
+
 def test_a_short_run_tunes_only_for_what_it_can_pay_back(one_process):
     """rnnjax train's default budget shrinks, once the baseline is timed, to a quarter of
-    the run's training time at the defaults, at least the floor: a seed run of 4001 steps
-    of 1 ms is given 10 s, where the flag children no longer fit after an 8 s first; a run
-    of 4001 steps of 40 ms keeps the whole 30 s. rnnjax tune (no pay_back) spends its all."""
-    assert tune.pay_back_deadline(0.0, 30.0, 4001, 1e-3) == tune.PAY_BACK_FLOOR_S
-    assert tune.pay_back_deadline(0.0, 30.0, 4001, 0.04) == 30.0
-    assert tune.pay_back_deadline(0.0, 30.0, 4001, 0.02) == pytest.approx(20.005)
-    # The first child's part: 60% of the 10 s, where the whole would have been its own.
-    assert tune.pay_back_deadline(0.0, 18.0, 4001, 1e-3, tune.FIRST_SHARE) == \
-        pytest.approx(tune.FIRST_SHARE * tune.PAY_BACK_FLOOR_S)
-    assert tune.pay_back_deadline(0.0, 18.0, 4001, 0.04, tune.FIRST_SHARE) == 18.0
+    the run's training time at the defaults, at least the floor (:func:`run_budget`): a
+    seed run of 4001 steps of 1 ms is given 10 s, where the flag children no longer fit
+    after an 8 s first; a run of 4001 steps of 40 ms keeps the whole 30 s. rnnjax tune (no
+    pay_back) spends its all."""
     log = []
     clock = Clock()  # the first child takes 8 s: the flag children no longer fit in 10
     fake = FakeChild(all_times(), clock=clock, per_child_s=8.0)
     result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock, pay_back=True,
                        log=log.append)
     # told to the first child, with its part of the budget (the flag children's follows)
-    assert fake.pay_back == [{"start": 1000.0, "steps": 4001, "share": tune.FIRST_SHARE}]
+    assert fake.pay_back == [{"start": 1000.0, "steps": 4001, "share": tune.FIRST_SHARE,
+                              "budget_s": 30.0}]
     assert [c[0] for c in fake.calls] == [""]  # no time left for other flags
     assert result.budget_s == tune.PAY_BACK_FLOOR_S and not result.complete
-    assert any("tuning for 10 s of the 30 s budget" in line for line in log)
+    assert any("tuning for 10 s, not 30 s (what it can pay back" in line for line in log)
     # A first child that stops at its part of the cut budget, as measure.run does (6 of the
     # 10 s), leaves the flag children theirs: here the first set's (2 s: its start-up and
     # one candidate), then the rounds in turns.
@@ -457,13 +507,13 @@ def test_a_short_run_tunes_only_for_what_it_can_pay_back(one_process):
 
 def test_a_choice_cut_short_is_tuned_again_for_a_run_that_may_spend_more():
     """A first run of 4001 steps of 1 ms chose in its 10 s, not timing everything; the
-    same shape run for 400,000 steps may spend 30 s (a quarter of its ~400 s, at most the
-    budget): it tunes again. 8000 steps (10 s at most) and a complete record do not."""
+    same shape run for 400,000 steps may spend 40 s (a tenth of its ~400 s): it tunes
+    again. 8000 steps (10 s at most) and a complete record do not."""
     base = fields(1, flags="")
     record = {"budget_s": 10.0, "complete": False, "baseline": base,
               "table": [{**base, "step_ms": 1.2}, {**fields(0, flags=""), "step_ms": 0.9},
                         {**base, "step_ms": 1.0}]}  # the baseline's best: 1 ms
-    assert tune.outgrown(record, Config(steps=400_000), 30.0, pay_back=True) == 30.0
+    assert tune.outgrown(record, Config(steps=400_000), 30.0, pay_back=True) == 40.0
     assert tune.outgrown(record, Config(steps=8000), 30.0, pay_back=True) is None
     assert tune.outgrown(record, Config(steps=100_000), 30.0, pay_back=True) == 25.0
     assert tune.outgrown({**record, "complete": True}, Config(steps=400_000), 30.0,
@@ -573,7 +623,8 @@ def test_a_child_times_candidates_under_its_own_xla_flags(tmp_path):
     start = time.time()
     child = tune.run_child(config, f"--xla_dump_to={dump}", candidates, start + 120,
                            2, str(tmp_path / "ref.npz"), 0.01, lines.append,
-                           pay_back={"start": start + 100, "steps": 3, "share": 0.5})
+                           pay_back={"start": start + 100, "steps": 3, "share": 0.5,
+                                     "budget_s": 30.0})
     assert child.error == "" and child.device["backend"] == "cpu"
     # pay_back: once its reference was timed, the child brought its deadline forward to
     # its part (half) of the floor after the (here, pretended) start, and the parent's
@@ -783,7 +834,12 @@ def test_rnnjax_tune_prints_the_table_and_caches_the_choice(tmp_path):
         [("1", "1"), ("0", "1"), (fastest, "4"), ("4", chunks)]
         for fastest in ("1", "0") for chunks in ("1", "4"))
     assert all(row[1:4] == ["hand_written", "hoisted", "product"] for row in rows)
-    assert lines[5].startswith("chose unroll ") and "cached in" in lines[6]
+    # Then, where the four timed within SECOND_NEAR of each other (a loaded machine), their
+    # rows from a second process and in turns.
+    chose = next(i for i, line in enumerate(lines) if line.startswith("chose unroll "))
+    assert all(line.endswith(("second process", "timed in turns", "processes"))
+               for line in lines[5:chose])
+    assert "cached in" in lines[chose + 1]
     assert "rnnjax: timing simple_rnn 4" in proc.stderr and "ms/step" in proc.stderr
     cached = list((tmp_path / "cache" / "rnnjax" / "tune").glob("*.json"))
     assert len(cached) == 1
