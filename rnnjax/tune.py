@@ -111,7 +111,7 @@ PAY_BACK_FLOOR_S = 10.0
 # A long run may tune for this share of its training time where that passes the default
 # budget, up to rnnjax tune's budget: at rows, batch 4096, one call of the GRU's autodiff
 # baseline took 0.65 s, and 30 s timed 4 of its 11 candidates (2-core AVX-512 EPYC,
-# 2026-12-01); its 11-minute run now tunes for about 65 s.
+# 2026-12-01); its run, 565-605 s at the defaults, now tunes for 57-60 s.
 LONG_RUN_SHARE = 0.1
 # A cached choice cut short by its budget is tuned again for a run that may spend this many
 # times that budget (a longer run of the shape than the one that chose it).
