@@ -260,7 +260,16 @@ def tuned_config(args: argparse.Namespace, config: Config,
 
     # No --tune-budget: the default, shrunk to what a short run can pay back.
     return tune.resolve(config, pinned, None if args.tune_budget is None else budget,
-                        before_tuning=check_run)
+                        before_tuning=check_run, spec=data_spec(config, load))
+
+
+def data_spec(config: Config, load: Loader) -> DataSpec:
+    """The images and classes of ``config``'s dataset, for the tuner: the IDX layout's
+    without waiting for the files (``--source idx`` holds nothing else), else the loaded
+    dataset's (``load`` keeps it for the run)."""
+    from rnnjax.data.spec import IDX_SPEC
+
+    return IDX_SPEC if config.source == "idx" else load(config).spec
 
 
 def _train(args: argparse.Namespace, whole_process: bool = False) -> int:
@@ -311,14 +320,17 @@ def _tune(args: argparse.Namespace, whole_process: bool = False) -> int:
     if config.compile_cache not in ("auto", "off"):
         check_writable(Path(config.compile_cache).expanduser(), flag="--compile-cache")
     pinned = frozenset(flag_changes(args)) & set(TUNED)
-    check_model(config)
+    from rnnjax.data.sources import load_dataset
+
+    spec = data_spec(config, load_dataset)
+    check_model(config, spec)
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
     log(f"rnnjax: timing {config.cell} {config.hidden_size} x{config.num_layers} "
         f"{config.order} batch {config.batch_size} for up to {budget:g} s")
-    result = tune.tune(config, pinned, budget, log=log)
+    result = tune.tune(config, pinned, budget, log=log, spec=spec)
     print(tune.format_table(result), end="")
     print(tune.choice_line(result))
     if result.choice is None:

@@ -6,7 +6,8 @@ XLA flags, with ``$XLA_FLAGS`` set, and hands it a JSON spec as the first line o
     {"config": {...Config fields...}, "candidates": [{"unroll": 1, "backward": "autodiff",
      "projection": "in_loop", "weight_grad": "product", "chunks": 1, "feed": "device"}, ...],
      "deadline": unix time, "call_s": 0.1, "steps": null, "repeats": 3,
-     "reference": "path/to/baseline.npz", "pay_back": null, "compiled": false}
+     "reference": "path/to/baseline.npz", "pay_back": null, "compiled": false,
+     "data": {"image_shape": [28, 28, 1], "num_classes": 10}}
 
 A candidate's fields may be ``"best"``: those fields of the fastest candidate this child
 has timed so far (:func:`resolve`: the unroll, for a form timed at the unroll that suits
@@ -15,7 +16,8 @@ timing every pair; a ``"best"`` unroll is timed at each unroll within ``UNROLL_N
 the fastest (:func:`resolutions`).
 
 Each candidate is the config with those fields replaced, run by the loop's own feeds
-(``loop.device_feed`` or ``loop.stream_feed``) on synthetic data of the run's shapes, from
+(``loop.device_feed`` or ``loop.stream_feed``) on synthetic data of the run's shapes
+(``data``: the dataset's ``DataSpec``, the IDX layout when absent), from
 a synthetic state (:func:`synthetic_state`: no initialisation compiled). The
 child prints one line per event on stdout, ``rnnjax-tune <JSON>``: ``device`` (what it runs
 on), then per candidate ``result`` (compile seconds, seconds per step, best of ``repeats``
@@ -169,15 +171,20 @@ def synthetic_state(model: Any, optimizer: Any) -> Any:
     return TrainState(np.zeros([], np.int32), params, jax.jit(optimizer.init)(params))
 
 
-def synthetic_data(config: Any, examples: int) -> Any:
-    """Random uint8 images and labels of the run's shapes (timing does not read them)."""
+def synthetic_data(config: Any, examples: int, spec: Any = None) -> Any:
+    """Random uint8 images and labels of the run's shapes (timing does not read them):
+    ``spec``'s images (``rnnjax.data.spec.DataSpec``; None: the IDX layout's 28x28) and
+    classes (``config.num_classes``, or the dataset's where that is 0)."""
     import numpy as np
 
     from rnnjax.data.idx import Arrays
+    from rnnjax.data.spec import IDX_SPEC
 
+    spec = IDX_SPEC if spec is None else spec
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (examples, 28, 28), dtype=np.uint8)
-    classes = config.num_classes or 10  # 0: the dataset's, ten for the IDX layout
+    h, w, c = spec.image_shape
+    images = rng.integers(0, 256, (examples, h, w) + ((c,) if c > 1 else ()), dtype=np.uint8)
+    classes = config.num_classes or spec.num_classes
     labels = rng.integers(0, classes, examples).astype(np.int32)
     return Arrays(images, labels, images[: config.batch_size], labels[: config.batch_size])
 
@@ -233,14 +240,15 @@ class Timed:
     """One candidate compiled and run once: its compile seconds, its first step
     (:func:`first_step`, the first batch from :func:`synthetic_state`), and :meth:`time`."""
 
-    def __init__(self, config: Any, data: Any, timer: Callable[[], float]) -> None:
+    def __init__(self, config: Any, data: Any, timer: Callable[[], float],
+                 spec: Any = None) -> None:
         import jax
 
         from rnnjax import loop, parallel
         from rnnjax.model import make_model
         from rnnjax.optim import make_optimizer
 
-        model, optimizer = make_model(config), make_optimizer(config)
+        model, optimizer = make_model(config, spec), make_optimizer(config)
         dp = parallel.DataParallel.from_config(config)
         self.state = dp.replicate(synthetic_state(model, optimizer))
         if config.feed == "device":
@@ -319,17 +327,21 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
 
     from rnnjax import runtime
     from rnnjax.config import from_dict
+    from rnnjax.data.spec import IDX_SPEC, DataSpec
     from rnnjax.tune import pay_back_deadline, sequence_length
 
     config = from_dict(spec["config"])
+    given = DataSpec.from_json(spec["data"]) if "data" in spec else IDX_SPEC
+    # The classes as the run's model has them: --num-classes, else the dataset's.
+    images = DataSpec(given.image_shape, config.num_classes or given.num_classes)
     # The run reuses the winner's programs; with "compiled" (an earlier child compiled every
     # candidate) this child loads them from the cache, so no compile time is predicted.
     cached = runtime.enable_compile_cache(config.compile_cache) is not None \
         and spec.get("compiled", False)
     emit("device", **runtime.device_info(), xla_flags=os.environ.get("XLA_FLAGS", ""))
     deadline, steps = spec["deadline"], spec.get("steps")
-    time_steps = sequence_length(config)
-    data = synthetic_data(config, 2 * config.batch_size)
+    time_steps = sequence_length(config, images)
+    data = synthetic_data(config, 2 * config.batch_size, images)
     reference = spec["reference"]
     compiles: dict[tuple[Any, ...], dict[int, float]] = {}  # (form, chunks, feed) -> unroll: s
     jax.monitoring.register_event_listener(_count_cache_hits)
@@ -376,7 +388,7 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
             emit("skipped", candidate=fields, reason=why)
             continue
         try:
-            timed = Timed(candidate, data, timer)
+            timed = Timed(candidate, data, timer, images)
             steps = steps or timed.steps_for(spec["call_s"])
             per_step = timed.time(steps, spec["repeats"], deadline)
         except Exception as e:  # a candidate this backend cannot run: report, go on

@@ -34,6 +34,7 @@ recorded and checked once the run's backend starts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -50,6 +51,7 @@ from typing import Any, TextIO
 
 from rnnjax import __version__
 from rnnjax.config import TUNED, Config, to_dict
+from rnnjax.data.spec import IDX_SPEC, DataSpec
 from rnnjax.measure import BEST  # a field's value: the fastest its child has timed
 
 TUNER_VERSION = 11  # 11: chunks; 10: finalists in a second process; 9: time-major batches
@@ -154,8 +156,10 @@ class Child:
 RunChild = Callable[..., Child]
 
 
-def sequence_length(config: Config) -> int:
-    return 28 if config.order == "rows" else 784
+def sequence_length(config: Config, spec: DataSpec = IDX_SPEC) -> int:
+    """The time steps of ``spec``'s images read in ``config.order`` (28 rows, 784 pixels of
+    the IDX layout)."""
+    return spec.sequence(config.order)[0]
 
 
 def describe(fields: dict[str, Any]) -> str:
@@ -242,7 +246,8 @@ def form_candidates(config: Config, pinned: frozenset[str], base: dict[str, Any]
     return out
 
 
-def model_candidates(config: Config, pinned: frozenset[str]) -> list[dict[str, Any]]:
+def model_candidates(config: Config, pinned: frozenset[str],
+                     spec: DataSpec = IDX_SPEC) -> list[dict[str, Any]]:
     """Candidate ``{unroll, backward, projection, weight_grad, chunks, feed}`` to time, most
     promising first: the baseline; fully unrolled, which won at every batch on the AVX-512
     machine of issue 11 (in the hand-written form where the baseline is autodiff, after that
@@ -257,7 +262,7 @@ def model_candidates(config: Config, pinned: frozenset[str]) -> list[dict[str, A
     middle unroll; then the other feed. (Where the two unrolls timed alike, a form is timed
     at both: ``measure.resolutions``.)"""
     base = baseline(config, pinned)
-    length = sequence_length(config)
+    length = sequence_length(config, spec)
     middle = 2 ** int(math.log2(math.sqrt(length)))  # 4 for 28 steps, 16 for 784
     tune_unroll = "unroll" not in pinned
     forms = form_candidates(config, pinned, base)
@@ -327,12 +332,13 @@ def select(measurements: Sequence[Measurement], base: dict[str, Any], base_flags
 # --- the cache ----------------------------------------------------------------------------
 
 
-def key(config: Config, pinned: frozenset[str], env: dict[str, str] | None = None) -> dict:
-    """What the choice depends on, known before JAX's backend starts."""
+def key(config: Config, pinned: frozenset[str], env: dict[str, str] | None = None,
+        spec: DataSpec = IDX_SPEC) -> dict:
+    """What the choice depends on, known before JAX's backend starts (``spec``: the
+    dataset's images, whose sequence is the model's input)."""
     from rnnjax import runtime
 
     env = dict(os.environ) if env is None else env
-    length = sequence_length(config)
     return {
         "tuner": TUNER_VERSION,
         "machine": {
@@ -344,7 +350,7 @@ def key(config: Config, pinned: frozenset[str], env: dict[str, str] | None = Non
         "model": {
             "cell": config.cell, "hidden_size": config.hidden_size,
             "num_layers": config.num_layers, "bidirectional": config.bidirectional,
-            "order": config.order, "input": [length, 28 * 28 // length],
+            "order": config.order, "input": list(spec.sequence(config.order)),
             "compute_dtype": config.compute_dtype, "num_classes": config.num_classes,
             "optimizer": config.optimizer, "clip_norm": config.clip_norm > 0,
         },
@@ -442,8 +448,10 @@ def run_child(
     config: Config, flags: str, candidates: list[dict[str, Any]], deadline: float,
     steps: int | None, reference: str, call_s: float, log: Callable[[str], None],
     pay_back: dict[str, float] | None = None, compiled: bool = False,
+    data: DataSpec = IDX_SPEC,
 ) -> Child:
-    """Time ``candidates`` in a child process with ``flags`` added to ``$XLA_FLAGS``.
+    """Time ``candidates`` in a child process with ``flags`` added to ``$XLA_FLAGS``, on
+    synthetic images of ``data``'s shape.
 
     Each result is logged as it arrives; the child is killed a little after ``deadline``
     (what it reported by then is kept), or after the earlier deadline it reports once its
@@ -461,7 +469,7 @@ def run_child(
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     spec = {"config": to_dict(config), "candidates": candidates, "deadline": deadline,
             "steps": steps, "call_s": call_s, "repeats": 3, "reference": reference,
-            "pay_back": pay_back, "compiled": compiled}
+            "pay_back": pay_back, "compiled": compiled, "data": data.to_json()}
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "rnnjax.measure"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -608,8 +616,10 @@ def tune(
     config: Config, pinned: frozenset[str] = frozenset(), budget_s: float = DEFAULT_BUDGET_S,
     *, log: Callable[[str], None] = lambda line: None, child: RunChild | None = None,
     clock: Callable[[], float] = time.time, pay_back: bool = False,
+    spec: DataSpec = IDX_SPEC,
 ) -> Result:
-    """Time the candidates for ``config`` within ``budget_s`` seconds and choose.
+    """Time the candidates for ``config`` within ``budget_s`` seconds and choose, for
+    images of ``spec``'s shape (the run's dataset's).
 
     First the model candidates under the run's own flags (the baseline first), then the
     closest of them again in a second process (:func:`finalists`, within
@@ -626,11 +636,11 @@ def tune(
     :func:`run_child`) and ``clock`` are the measuring process and the budget's clock
     (tests pass fakes).
     """
-    child = child or run_child
+    child = child or functools.partial(run_child, data=spec)
     start = clock()
     deadline = start + budget_s
     call_s = min(0.3, max(0.02, budget_s / 200))
-    candidates = model_candidates(config, pinned)
+    candidates = model_candidates(config, pinned, spec)
     base = candidates[0]
     base_flags = config.xla_flags if "xla_flags" in pinned else ""
     # The run's own flags get the first FIRST_SHARE of the budget when other flags may follow
@@ -737,8 +747,8 @@ def tune(
             c.close()
     chosen = select(pooled(final or measured), base, base_flags, tol)
     choice = None if chosen is None else settings(apply(config, chosen.fields, pinned))
-    result = Result(key(config, pinned), choice, {**base, "xla_flags": base_flags}, measured,
-                    device, clock() - start, budget_s, complete, final)
+    result = Result(key(config, pinned, spec=spec), choice, {**base, "xla_flags": base_flags},
+                    measured, device, clock() - start, budget_s, complete, final)
     if result.means:
         log("  their means over the processes that timed them:")
     for m in result.means:
@@ -888,12 +898,12 @@ def choice_line(result: Result) -> str:
 def resolve(
     config: Config, pinned: frozenset[str], budget_s: float | None = None, *,
     err: TextIO | None = None, before_tuning: Callable[[], None] = lambda: None,
-    child: RunChild | None = None,
+    child: RunChild | None = None, spec: DataSpec = IDX_SPEC,
 ) -> tuple[Config, dict[str, Any]]:
     """For ``rnnjax train``: ``config`` with the cached choice, or one measured now within
     ``budget_s`` (progress on ``err``; None: :data:`DEFAULT_BUDGET_S`, capped by what the
     run can pay back, :func:`tune`'s ``pay_back``; a number given is spent as given), and
-    the record for summary.json.
+    the record for summary.json; for images of ``spec``'s shape (the run's dataset's).
 
     ``before_tuning`` runs before any time is spent measuring (the CLI checks the run's
     workdir and data there, so a bad run fails at once).
@@ -903,7 +913,7 @@ def resolve(
     pay_back = budget_s is None
     budget_s = DEFAULT_BUDGET_S if budget_s is None else budget_s
     directory = cache_dir(config.compile_cache)
-    key_ = key(config, pinned)
+    key_ = key(config, pinned, spec=spec)
     record = load(directory, key_)
     more = None if record is None else outgrown(record, config, budget_s, pay_back)
     if record is not None and more is None:
@@ -926,7 +936,8 @@ def resolve(
         f"{config.order} batch {config.batch_size}, {why} "
         f"(--tune-budget {budget_s:g} s{pay_back_phrase if pay_back else ''}; "
         "--no-tune skips)")
-    result = tune(config, pinned, budget_s, log=log, child=child, pay_back=pay_back)
+    result = tune(config, pinned, budget_s, log=log, child=child, pay_back=pay_back,
+                  spec=spec)
     # Saved even when the budget cut it short, so the cost is paid once per shape; the
     # line says so, and rnnjax tune (a larger budget) times the rest.
     path = None if result.choice is None else save(directory, result.record())

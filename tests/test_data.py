@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from rnnjax.config import Config
-from rnnjax.data import idx
+from rnnjax.data import idx, sources
 from rnnjax.data.idx import (
     FILES,
     MNIST_MD5,
@@ -38,7 +38,7 @@ from rnnjax.data.pipeline import (
     normalize,
     normalize_host,
 )
-from rnnjax.data.sources import EMBEDDED_MNIST, load_arrays, load_dataset, prefetch, resolve_dataset
+from rnnjax.data.sources import EMBEDDED_MNIST, load_arrays, prefetch, resolve_dataset
 
 # Canonical facts about MNIST, independent of rnnjax.
 MNIST_TRAIN_HEAD = [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
@@ -486,9 +486,12 @@ def test_second_set_from_name(small_dir, small):
     assert_arrays_equal(load_arrays(Config(dataset="myset", data_dir=str(root))), small)
 
 
-def test_a_prefetched_dataset_is_the_one_read_and_serves_only_its_config(small_dir, small):
+def test_a_prefetched_dataset_is_the_one_read_and_serves_only_its_config(small_dir, small,
+                                                                        monkeypatch):
     """rnnjax train reads the dataset on a thread while JAX imports: the loader gives that
-    read for the config (whatever tuning changed), and reads anew for other data."""
+    read for the config (whatever tuning changed), and reads anew for other data. A tfds
+    dataset is read on the caller's thread when first wanted, once (the tuner wants its
+    images' shape, then the run its arrays)."""
     config = Config(dataset=str(small_dir))
     load = prefetch(config)
     first = load(config)
@@ -496,7 +499,12 @@ def test_a_prefetched_dataset_is_the_one_read_and_serves_only_its_config(small_d
     assert load(config.replace(unroll=0, weight_grad="per_step")) is first  # tuned fields
     mnist = load(Config())  # another dataset: read now
     assert len(mnist.arrays.train_labels) == 60000 and mnist.title == "mnist (IDX)"
-    assert prefetch(Config(source="tfds")) is load_dataset  # TensorFlow: on the caller's thread
+    reads = []
+    monkeypatch.setattr(sources, "load_dataset", lambda c: reads.append(c) or first)
+    tfds = Config(source="tfds")
+    load = prefetch(tfds)
+    assert reads == []  # TensorFlow: nothing on a thread, nothing until wanted
+    assert load(tfds) is first and load(tfds.replace(unroll=0)) is first and reads == [tfds]
 
 
 def test_a_prefetch_that_fails_raises_when_its_data_is_wanted(tmp_path):

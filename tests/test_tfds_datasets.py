@@ -201,6 +201,31 @@ def test_colour_images_train_by_rows_on_both_feeds(prepared, tmp_path):
     assert loaded.spec == DataSpec((32, 32, 3), 10)
 
 
+def test_the_tuner_times_the_datasets_own_images(prepared, tmp_path, monkeypatch):
+    """rnnjax train tunes a tfds dataset at its images' shape, not MNIST's: the children get
+    its spec (here 32x32x3, so 32 rows of 96), and the dataset is read once for both."""
+    from rnnjax import tune
+    from rnnjax.data import sources
+
+    seen, reads = [], []
+
+    def child(config, flags, candidates, deadline, steps, reference, call_s, log, **kw):
+        seen.append(kw["data"])
+        return tune.Child(device=None)  # nothing timed: the defaults stay
+
+    read = sources.load_dataset
+    monkeypatch.setattr(sources, "load_dataset", lambda c: reads.append(c) or read(c))
+    monkeypatch.setattr(tune, "run_child", child)
+    monkeypatch.delenv(tune.ENV_VAR, raising=False)  # tuning on
+    tfds_dir, _, _, _, empty = prepared
+    code = main(["train", "--source", "tfds", "--dataset", "tiny_colour", "--tfds-dir",
+                 str(tfds_dir), "--data-dir", str(empty), "--steps", "2", "--eval-every", "2",
+                 "--hidden-size", "4", "--batch-size", "4", "--tune-budget", "5",
+                 "--compile-cache", str(tmp_path / "jax")])
+    assert code == 0 and seen == [DataSpec((32, 32, 3), 10)] and len(reads) == 1
+    assert tune.key(Config(), frozenset(), spec=seen[0])["model"]["input"] == [32, 96]
+
+
 def test_catalog_names_through_mock_data(prepared):
     config = tfds_config(prepared, "cifar10", steps=3, eval_every=2, batch_size=8,
                          hidden_size=8)

@@ -7,6 +7,7 @@ flags; the CLI tests seed the cache (or pin the settings) so that no test tunes 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import pytest
 from rnnjax import measure, tune
 from rnnjax.cli import main
 from rnnjax.config import TUNED, Config
+from rnnjax.data.spec import DataSpec
 
 TINY = ["--hidden-size", "4", "--batch-size", "4", "--eval-batch-size", "2048"]
 
@@ -59,7 +61,7 @@ class FakeChild:
         self.calls, self.retimed, self.closed, self.pay_back = [], [], 0, []
 
     def __call__(self, config, flags, candidates, deadline, steps, reference, call_s, log,
-                 pay_back=None, compiled=False):
+                 pay_back=None, compiled=False, data=None):
         later = any(call[0] == flags for call in self.calls)
         self.calls.append((flags, [dict(c) for c in candidates], deadline))
         self.pay_back.append(pay_back)
@@ -585,6 +587,15 @@ def test_cache_key_and_invalidation(tmp_path, monkeypatch):
     assert tune.key(config, frozenset(), env={"XLA_FLAGS": "--xla_cpu_use_xnnpack=true"}) != key
     assert tune.key(config, frozenset(), env={"CUDA_VISIBLE_DEVICES": "1"}) != key
     assert tune.key(config.replace(steps=9, seed=3), frozenset(), env={}) == key  # no shape
+    # The model's input is the dataset's images read in the order: the IDX layout's by
+    # default, as every key written before had it.
+    assert key["model"]["input"] == [28, 28]
+    assert tune.key(config.replace(order="pixels"), frozenset(), env={})["model"]["input"] \
+        == [784, 1]
+    colour = DataSpec((32, 32, 3), 10)
+    assert tune.key(config, frozenset(), env={}, spec=colour)["model"]["input"] == [32, 96]
+    assert tune.key(config.replace(order="pixels"), frozenset(), env={},
+                    spec=colour)["model"]["input"] == [1024, 3]
 
     choice = fields(0, flags="")
     record = {"key": key, "choice": choice, "device": None}
@@ -651,6 +662,44 @@ def test_a_child_times_candidates_under_its_own_xla_flags(tmp_path):
     assert child.retime({**candidates[0], "unroll": 3}, time.time() + 60) is None
     child.close()
     assert child.retime(candidates[0], time.time() + 60) is None
+
+
+def test_the_tuner_times_the_datasets_images(tmp_path):
+    """A dataset of other images (``--source tfds``) is tuned at its own shapes: the
+    sequence's length sets the chunked candidates, and a real child builds its model and
+    random images from the spec (8x6 RGB, 5 classes, read by rows: 8 steps of 18)."""
+    small = DataSpec((8, 6, 3), 5)
+    assert tune.sequence_length(Config(), small) == 8
+    assert tune.sequence_length(Config(order="pixels"), small) == 48
+    assert tune.sequence_length(Config(order="pixels")) == 784
+
+    def parts(config):
+        return {c["chunks"] for c in tune.model_candidates(config, frozenset(), small)} - {
+            measure.BEST}
+
+    assert parts(Config()) == {1}  # 8 steps: no 4 parts of at least CHUNK_STEPS
+    assert parts(Config(order="pixels")) == {1, 4, 8}
+    data = measure.synthetic_data(Config(), 6, small)
+    assert data.train_images.shape == (6, 8, 6, 3) and data.train_labels.max() < 5
+    assert measure.synthetic_data(Config(), 6).train_images.shape == (6, 28, 28)
+    config = Config(hidden_size=4, batch_size=4, steps=3, compile_cache="off")
+    child = tune.run_child(config, "", [fields(1)], __import__("time").time() + 120, 2,
+                           str(tmp_path / "ref.npz"), 0.01, lambda line: None, data=small)
+    assert child.error == "" and child.measurements[0].step_s > 0
+    child.close()
+    # The spec reaches the child through tune(), and so through resolve() and the CLI.
+    seen = []
+
+    def spy(config, flags, candidates, deadline, steps, reference, call_s, log, **kw):
+        seen.append(kw.get("data"))
+        return tune.Child(device=None)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tune, "run_child", spy)
+        tune.tune(Config(), frozenset(), 5.0, spec=small)
+        tune.resolve(Config(compile_cache=str(tmp_path / "jax")), frozenset(), 5.0,
+                     spec=small, err=io.StringIO())
+    assert seen == [small, small]
 
 
 def _env(tmp_path, **extra):

@@ -107,17 +107,25 @@ def prefetch(config: Config) -> Loader:
     For ``rnnjax train``: the IDX files decompress and verify while Python imports JAX
     (zlib, MD5 and NumPy's copies release the GIL), 0.1-0.4 s of a 6-second seed run
     here. With ``--source tfds`` nothing starts early (TensorFlow imports on the caller's
-    thread).
+    thread): the dataset is read on the first call and kept, so that the tuner (which
+    needs its images' shape) and the run read it once.
     """
     if config.source != "idx":
-        return load_dataset
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rnnjax-data")
-    future = pool.submit(load_dataset, config)
-    pool.shutdown(wait=False)  # the thread ends with the read
+        read: list[Dataset] = []
+
+        def first() -> Dataset:
+            if not read:
+                read.append(load_dataset(config))
+            return read[0]
+    else:
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rnnjax-data")
+        future = pool.submit(load_dataset, config)
+        pool.shutdown(wait=False)  # the thread ends with the read
+        first = future.result
 
     def load(wanted: Config) -> Dataset:
         if wanted.replace(**{name: getattr(config, name) for name in TUNED}) == config:
-            return future.result()
+            return first()
         return load_dataset(wanted)
 
     return load
