@@ -74,15 +74,13 @@ class Model:
 
     @property
     def time_steps(self) -> int:
-        """Steps per sequence: H by rows, H*W by pixels."""
-        height, width, _ = self.image_shape
-        return height if self.order == "rows" else height * width
+        """Steps per sequence: H by rows, H*W by pixels (``DataSpec.sequence``)."""
+        return DataSpec(self.image_shape).sequence(self.order)[0]
 
     @property
     def input_size(self) -> int:
-        """Features per time step: W*C by rows, C by pixels."""
-        _, width, channels = self.image_shape
-        return width * channels if self.order == "rows" else channels
+        """Features per time step: W*C by rows, C by pixels (``DataSpec.sequence``)."""
+        return DataSpec(self.image_shape).sequence(self.order)[1]
 
     def init(self, key: jax.Array) -> Params:
         """Parameters (float32): ``{"rnn": [layer, ...], "head": {"kernel", "bias"}}``.
