@@ -216,15 +216,15 @@ def child_main() -> None:
 
 class ChildRunner:
     """:func:`rnnjax_runner` in a child process whose ``$XLA_FLAGS`` add
-    ``config.xla_flags``, as ``rnnjax train`` applies them at start-up. Calling it runs one
+    ``config.xla_flags`` and that asks for huge pages where ``config.huge_pages`` (as
+    ``rnnjax train`` applies them at start-up, ``tune.child_env``). Calling it runs one
     compiled call there and returns when the child has blocked on it."""
 
     def __init__(self, config: Config, batch: int, steps: int) -> None:
         from rnnjax.config import to_dict
 
-        env = dict(os.environ)
-        env["XLA_FLAGS"] = " ".join([*env.get("XLA_FLAGS", "").split(),
-                                     *config.xla_flags.split()])
+        env = tune.child_env(tune.process_flags(config.xla_flags, config.huge_pages),
+                             dict(os.environ))
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.flax_peers", "--child"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env)
@@ -256,8 +256,8 @@ def user_config(cell: str, order: str, batch: int,
     first ``rnnjax train`` of the shape does: None, its default budget, capped by what the
     run can pay back; 0 = the untuned defaults), and what it chose.
 
-    The choice's XLA flags stay in the Config: :func:`case_runners` then runs it in a child
-    process that has them.
+    The choice's XLA flags and huge pages stay in the Config: :func:`case_runners` then runs
+    it in a child process that has them.
     """
     config = Config(cell=cell, order=order, batch_size=batch)
     if tune_budget_s is not None and tune_budget_s <= 0:
@@ -274,11 +274,12 @@ def case_runners(device_data: Arrays, order: str, batch: int, cell: str, steps: 
     compile time grows with the steps unrolled: minutes for the LSTM at 28 on 2 cores)."""
     idx = jax.device_put(batch_indices(len(device_data.train_labels), batch, 0, steps))
     full = sequence_length(order)
-    if user.xla_flags:
+    if user.xla_flags or user.huge_pages:
         child = ChildRunner(user, batch, steps)
         runners = {"rnnjax (as rnnjax train)": (child, child.compile_s)}
-        user = user.replace(xla_flags="")
-        runners["rnnjax (its choice without its XLA flags)"] = rnnjax_runner(device_data, idx, user)
+        user = user.replace(xla_flags="", huge_pages=False)
+        runners["rnnjax (its choice without its XLA flags or huge pages)"] = rnnjax_runner(
+            device_data, idx, user)
     else:
         runners = {"rnnjax (as rnnjax train)": rnnjax_runner(device_data, idx, user)}
     for name, unroll in unrolls(order, max_full_unroll):

@@ -48,7 +48,7 @@ FORMAT = 1
 RUN_SETTINGS = frozenset({
     "steps", "data_dir", "tfds_dir", "tfds_download", "source", "feed", "steps_per_call",
     "eval_batch_size", "compile_cache", "checkpoint_every", "keep_checkpoints",
-    "num_devices", "coordinator_address", "num_processes", "process_id",
+    "num_devices", "coordinator_address", "num_processes", "process_id", "huge_pages",
 })
 
 

@@ -32,6 +32,9 @@ EXIT_DIVERGED = 3
 # Output read by a pipe whose reader has gone (`rnnjax eval RUN | head -3`): stop quietly,
 # with the status a shell reports for a program killed by SIGPIPE (128 + 13), as `yes | head`.
 EXIT_BROKEN_PIPE = 141
+# Set by the rnnjax program for the process it starts again with huge pages (process.restart):
+# the tuned settings and how they were chosen, as JSON, so that it does not tune again.
+RESTARTED = "RNNJAX_RESTARTED"
 
 # The OS errors that a run can meet writing its files and that have a fix to name: one line
 # and exit 2. Any other OSError is not a problem of the user's input or machine that rnnjax
@@ -263,6 +266,45 @@ def tuned_config(args: argparse.Namespace, config: Config,
                         before_tuning=check_run, spec=data_spec(config, load))
 
 
+def restarted_config(config: Config, restarted: str) -> tuple[Config, dict[str, Any]]:
+    """In the process :func:`start_with_huge_pages` started: ``config`` with the settings
+    the process it replaced chose, and how it chose them (``restarted``: $RNNJAX_RESTARTED)."""
+    try:
+        record = json.loads(restarted)
+        settings, tuning = record["settings"], record["tuning"]
+        if not (isinstance(tuning, dict) and isinstance(settings, dict)
+                and set(settings) <= set(TUNED)):
+            raise TypeError("not rnnjax's record")
+        config = config.replace(**settings)
+    except (ValueError, TypeError, KeyError, ConfigError) as e:
+        raise UsageError(f"${RESTARTED} is not the record rnnjax sets for the process it starts "
+                         f"again ({e}); unset it") from None
+    return config, {**tuning, "process": "started again with huge pages"}
+
+
+def start_with_huge_pages(config: Config, tuning: dict[str, Any], whole_process: bool) -> None:
+    """Where ``config.huge_pages`` is chosen and this process lacks them, start the rnnjax
+    program again with them (``rnnjax.process.restart``: glibc reads its tunables only at
+    a process's start), handing it ``tuning`` so that it does not tune again. Nothing has
+    been written yet. Where huge pages are not to be had here, or this is not the rnnjax
+    program's own process (``whole_process``), a note says so and the run goes on."""
+    if not config.huge_pages or process.huge_pages_on():
+        return
+    why = process.huge_pages_unavailable()
+    if why is None and not whole_process:
+        why = ("this process started without them and is not the rnnjax program's own; set "
+               f"GLIBC_TUNABLES={process.HUGE_PAGES} before starting Python")
+    if why is not None:
+        print(f"rnnjax: note: running without huge pages: {why}", file=sys.stderr)
+        return
+    env = process.with_huge_pages(os.environ)
+    env[RESTARTED] = json.dumps({"settings": {k: getattr(config, k) for k in TUNED},
+                                 "tuning": tuning})
+    print(f"rnnjax: starting again with huge pages (GLIBC_TUNABLES={process.HUGE_PAGES})",
+          file=sys.stderr)
+    process.restart(env)
+
+
 def data_spec(config: Config, load: Loader) -> DataSpec:
     """The images and classes of ``config``'s dataset, for the tuner: the IDX layout's
     without waiting for the files (``--source idx`` holds nothing else), else the loaded
@@ -283,11 +325,15 @@ def _train(args: argparse.Namespace, whole_process: bool = False) -> int:
     from rnnjax.data.sources import prefetch
 
     load = prefetch(config)  # the dataset is read while JAX is imported
+    restarted = os.environ.pop(RESTARTED, None)
     if args.resume:  # the checkpoint's settings, as recorded: never tuned again
         tune_budget(args, 1.0)
         tuning: dict[str, Any] = {"mode": "resumed"}
+    elif restarted is not None:  # tuned by the process this one replaced
+        config, tuning = restarted_config(config, restarted)
     else:
         config, tuning = tuned_config(args, config, load)
+    start_with_huge_pages(config, tuning, whole_process)
     from rnnjax import runtime, tune
     from rnnjax.loop import TrainingDiverged, train_and_evaluate
 
@@ -305,6 +351,19 @@ def _train(args: argparse.Namespace, whole_process: bool = False) -> int:
         print(f"rnnjax: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
     return 0
+
+
+def choice_flags(choice: Mapping[str, Any], pinned: frozenset[str] = frozenset()) -> str:
+    """The command-line flags that give ``rnnjax train`` the tuned ``choice`` (its fields
+    not in ``pinned``), as a shell reads them."""
+    def flag(name: str, value: Any) -> str:
+        if isinstance(value, bool):
+            return flag_name(name) if value else f"--no-{flag_name(name)[2:]}"
+        if name == "xla_flags":
+            return f"{flag_name(name)}={shlex.quote(value)}"
+        return f"{flag_name(name)} {value}"
+
+    return " ".join(flag(k, v) for k, v in choice.items() if k not in pinned)
 
 
 def _tune(args: argparse.Namespace, whole_process: bool = False) -> int:
@@ -336,8 +395,7 @@ def _tune(args: argparse.Namespace, whole_process: bool = False) -> int:
     if result.choice is None:
         return 1
     path = tune.save(tune.cache_dir(config.compile_cache), result.record())
-    flags = " ".join(f"{flag_name(k)}={shlex.quote(v)}" if k == "xla_flags" else
-                     f"{flag_name(k)} {v}" for k, v in result.choice.items() if k not in pinned)
+    flags = choice_flags(result.choice, pinned)
     print(f"cached in {path}: rnnjax train uses it for this shape" if path else
           f"not cached (no --compile-cache); pass: {flags}")
     return 0

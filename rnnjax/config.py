@@ -29,7 +29,8 @@ BACKWARDS = ("auto", "hand_written", "autodiff")
 PROJECTIONS = ("auto", "hoisted", "in_loop")
 WEIGHT_GRADS = ("auto", "product", "per_step")
 # The fields rnnjax.tune chooses by measurement unless set on the command line.
-TUNED = ("unroll", "backward", "projection", "weight_grad", "chunks", "feed", "xla_flags")
+TUNED = ("unroll", "backward", "projection", "weight_grad", "chunks", "feed", "xla_flags",
+         "huge_pages")
 XLA_FLAG = re.compile(r"--xla_[a-z0-9_]+(=\S*)?")
 
 
@@ -203,6 +204,14 @@ class Config:
         default="",
         metadata={"help": "XLA flags for this run, space-separated, written "
                   "--xla-flags='--xla_...' (added to $XLA_FLAGS before the backend starts); "
+                  "tuned unless given"},
+    )
+    huge_pages: bool = field(
+        default=False,
+        metadata={"help": "CPU: XLA's buffers on transparent huge pages, asked for by glibc's "
+                  "malloc (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, read when a process starts: "
+                  "the rnnjax program starts itself again with it; Linux, glibc 2.35+, "
+                  "huge pages in the kernel's 'madvise' mode, else ignored with a note); "
                   "tuned unless given"},
     )
 

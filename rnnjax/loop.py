@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 from rnnjax import checkpoint as checkpoint_lib
-from rnnjax import memory, parallel, runtime, train
+from rnnjax import memory, parallel, process, runtime, train
 from rnnjax import metrics as metrics_lib
 from rnnjax.config import TUNED, Config, ConfigError, to_dict
 from rnnjax.data.idx import Arrays
@@ -483,6 +483,7 @@ def train_and_evaluate(
         "tuning": {**(tuning or {"mode": "off"}),
                    "settings": {name: getattr(config, name) for name in TUNED}},
         "xla_flags_env": os.environ.get("XLA_FLAGS", ""),
+        "huge_pages_on": process.huge_pages_on(),
         **runtime.device_info(),
         **dp.describe(),
         "versions": runtime.versions(),

@@ -13,11 +13,26 @@ time outside the training loop 1.08-1.52 s (median 1.27) against 1.56-2.10 (1.71
 
 Never from a library call: a process that goes on after it would keep what was garbage
 at the freeze for good.
+
+And what only a process's start can set: transparent huge pages for the buffers XLA:CPU
+allocates (:func:`huge_pages_on`). glibc's malloc asks the kernel for them with
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, which it reads once, when the process starts;
+``rnnjax train`` starts itself again with it (:func:`restart`) where the tuner chose them.
 """
 
 from __future__ import annotations
 
 import gc
+import os
+import platform
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import NoReturn
+
+HUGE_PAGES = "glibc.malloc.hugetlb=1"  # glibc 2.35+: madvise(MADV_HUGEPAGE) its large blocks
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+GLIBC_WITH_HUGETLB = (2, 35)
 
 
 def importing() -> None:
@@ -35,3 +50,52 @@ def imported() -> None:
 def exiting() -> None:
     """The process is about to exit: nothing for the interpreter's last collections."""
     gc.freeze()
+
+
+def huge_pages_on(env: Mapping[str, str] | None = None) -> bool:
+    """Whether a process started with ``env`` (default: this one's) asks for transparent
+    huge pages: ``$GLIBC_TUNABLES`` holds :data:`HUGE_PAGES`."""
+    env = os.environ if env is None else env
+    return HUGE_PAGES in env.get("GLIBC_TUNABLES", "").split(":")
+
+
+def huge_pages_unavailable(env: Mapping[str, str] | None = None) -> str | None:
+    """None where asking for huge pages changes what a process gets here, else why not: a
+    libc other than glibc 2.35+, a kernel whose transparent huge pages are not given on
+    request (``[madvise]``: ``[always]`` gives them to every process, ``[never]`` to none),
+    or a ``glibc.malloc.hugetlb`` setting of the user's own in ``env``'s
+    ``$GLIBC_TUNABLES`` (left as it is)."""
+    env = os.environ if env is None else env
+    libc, version = platform.libc_ver()
+    try:
+        release = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        release = ()
+    if libc != "glibc" or release < GLIBC_WITH_HUGETLB:
+        return f"needs glibc 2.35 or later, this is {libc or 'another libc'} {version}".strip()
+    try:
+        mode = THP_MODE.read_text().strip()
+    except OSError:
+        return f"this kernel has no transparent huge pages ({THP_MODE} unreadable)"
+    if "[madvise]" not in mode:
+        return f"this kernel's transparent huge pages are '{mode}', not given on request"
+    if any(t.startswith("glibc.malloc.hugetlb=") for t in env.get("GLIBC_TUNABLES", "").split(":")):
+        return "$GLIBC_TUNABLES already sets glibc.malloc.hugetlb"
+    return None
+
+
+def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for a process that asks for huge pages: :data:`HUGE_PAGES` added to its
+    ``$GLIBC_TUNABLES`` (the other tunables kept)."""
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+    return {**env, "GLIBC_TUNABLES": ":".join(
+        [t for t in tunables if not t.startswith("glibc.malloc.hugetlb=")] + [HUGE_PAGES])}
+
+
+def restart(env: Mapping[str, str]) -> NoReturn:
+    """Replace this process with ``python -m rnnjax`` of the same arguments under ``env``
+    (the same process id, its output so far flushed). Only from :func:`rnnjax.cli.run`,
+    before anything is written: nothing of this process survives."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "rnnjax", *sys.argv[1:]], dict(env))

@@ -6,10 +6,15 @@ full), the form of the cell's computation (``backward`` hand-written or autodiff
 per step: ``rnnjax.cells.resolve_form``), the ``chunks`` the sequence is scanned in
 (``rnnjax.cells.scan_cell``), the ``feed`` (the device-resident dataset with
 ``steps_per_call`` steps per compiled call, or one step per call streamed from NumPy) and
-``xla_flags`` where the backend has alternatives. XLA reads its flags once, when the backend
-starts, so every measurement runs in a child process (:mod:`rnnjax.measure`), one per set
-of flags; the process that tunes never starts JAX's backend itself and can still apply the
-chosen flags (:func:`rnnjax.runtime.apply_xla_flags`).
+``xla_flags`` where the backend has alternatives, and on a CPU ``huge_pages`` (transparent
+huge pages for XLA's buffers, where glibc and the kernel give them on request:
+:mod:`rnnjax.process`). XLA reads its flags once, when the backend starts, and glibc its
+tunables when the process starts, so every measurement runs in a child process
+(:mod:`rnnjax.measure`), one per set of these process settings (a child's ``flags``: XLA
+flags, and :data:`HUGE_PAGES` for a child started with huge pages); the process that tunes
+never starts JAX's backend itself and can still apply the chosen flags
+(:func:`rnnjax.runtime.apply_xla_flags`); ``rnnjax train`` starts itself again for huge
+pages.
 
 A candidate counts only when its first train step (the loss, and the gradients as the
 optimizer's moments hold them) matches the baseline's (the untuned defaults) to float
@@ -26,9 +31,10 @@ skipped once the time budget is spent (or when their compile time, predicted fro
 unrolls measured, would overrun it). Fields the user set are never changed (``pinned``).
 
 The choice is cached as JSON beside the compilation cache (``~/.cache/rnnjax/tune/``),
-keyed on the machine (CPU, visible devices, ``$XLA_FLAGS``), the model's shape, the batch,
-the pinned fields and the versions; the backend and device kind the children ran on are
-recorded and checked once the run's backend starts.
+keyed on the machine (CPU, visible devices, ``$XLA_FLAGS``, huge pages asked for in
+``$GLIBC_TUNABLES``), the model's shape, the batch, the pinned fields and the versions;
+the backend and device kind the children ran on are recorded and checked once the run's
+backend starts.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ from rnnjax.config import TUNED, Config, to_dict
 from rnnjax.data.spec import IDX_SPEC, DataSpec
 from rnnjax.measure import BEST  # a field's value: the fastest its child has timed
 
-TUNER_VERSION = 11  # 11: chunks; 10: finalists in a second process; 9: time-major batches
+TUNER_VERSION = 12  # 12: huge pages; 11: chunks; 10: finalists in a second process
 ENV_VAR = "RNNJAX_TUNE"  # 'off' (or 0, false, no): rnnjax train does not tune by default
 MARGIN = 0.03  # a candidate replaces the baseline only when this much faster
 # Other XLA flags replace the run's own only when this much faster: they are timed in other
@@ -99,6 +105,17 @@ FLAG_SETS = {
     # launch from the device, not one by one from the host), or no command buffers at all.
     "gpu": ("--xla_gpu_enable_command_buffer=+WHILE", "--xla_gpu_enable_command_buffer="),
 }
+# A child's process settings besides its XLA flags: started with transparent huge pages
+# (rnnjax.process.HUGE_PAGES), timed last, on top of the fastest XLA flags so far. At rows,
+# batch 4096, on a 2-core AVX-512 EPYC, pairs of processes: the GRU's train step 1.14-1.30x
+# faster, the LSTM's 1.09x, the SimpleRNN's level; pixels, batch 50, the GRU's 1.03-1.09x;
+# rows, batch 50, slower. The process starts again for them: a short run pays ~0.5 s.
+HUGE_PAGES = "huge_pages"
+# ... timed in this many processes, the fastest candidate in each: one process's speed can
+# differ from another's by more than their gain (the rows 4096 GRU's fastest form, the same
+# program: 85 ms in one child, 126 in another, timed in turns; with against without huge
+# pages, four pairs of processes: 135-181 ms against 187-233, each pair 1.18-1.31x).
+HUGE_PAGES_PROCESSES = 2
 VISIBLE_DEVICES = ("JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
                    "ROCR_VISIBLE_DEVICES", "TPU_VISIBLE_CHIPS", "TPU_ACCELERATOR_TYPE")
 PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin", "jax-rocm60-plugin", "libtpu")
@@ -125,7 +142,7 @@ class Measurement:
     """One candidate's timing: its Config fields, and ``step_s`` None when not timed."""
 
     candidate: dict[str, Any]
-    flags: str = ""
+    flags: str = ""  # the child's process settings (:func:`process_fields`)
     step_s: float | None = None
     compile_s: float | None = None
     difference: float | None = None  # loss and gradients vs the baseline's, relative
@@ -135,7 +152,7 @@ class Measurement:
     @property
     def fields(self) -> dict[str, Any]:
         """All tuned fields this measurement stands for."""
-        return {**self.candidate, "xla_flags": self.flags}
+        return {**self.candidate, **process_fields(self.flags)}
 
 
 @dataclass
@@ -162,6 +179,30 @@ def sequence_length(config: Config, spec: DataSpec = IDX_SPEC) -> int:
     return spec.sequence(config.order)[0]
 
 
+def process_fields(flags: str) -> dict[str, Any]:
+    """A child's process settings as Config fields: ``xla_flags`` and ``huge_pages``
+    (``flags``: XLA flags, space-separated, and :data:`HUGE_PAGES` where it had them)."""
+    words = flags.split()
+    return {"xla_flags": " ".join(w for w in words if w != HUGE_PAGES),
+            "huge_pages": HUGE_PAGES in words}
+
+
+def process_flags(xla_flags: str, huge_pages: bool) -> str:
+    """The child's ``flags`` for these Config fields (:func:`process_fields`' inverse)."""
+    return " ".join([*xla_flags.split(), *([HUGE_PAGES] if huge_pages else [])])
+
+
+def child_env(flags: str, env: dict[str, str]) -> dict[str, str]:
+    """The environment of a child timing under ``flags``: ``env`` with the XLA flags added
+    to ``$XLA_FLAGS``, and huge pages asked for in ``$GLIBC_TUNABLES`` where it has them."""
+    from rnnjax import process
+
+    fields = process_fields(flags)
+    env = {**env, "XLA_FLAGS": " ".join([*env.get("XLA_FLAGS", "").split(),
+                                         *fields["xla_flags"].split()])}
+    return process.with_huge_pages(env) if fields["huge_pages"] else env
+
+
 def describe(fields: dict[str, Any]) -> str:
     """``unroll 0, weight-grad product, ...`` for a set of tuned fields."""
     parts = []
@@ -170,6 +211,8 @@ def describe(fields: dict[str, Any]) -> str:
             value = fields[name]
             if name == "xla_flags":
                 value = repr(value) if value else "(none)"
+            elif name == "huge_pages":
+                value = "on" if value else "off"
             parts.append(f"{name.replace('_', '-')} {value}")
     return ", ".join(parts)
 
@@ -296,15 +339,35 @@ def model_candidates(config: Config, pinned: frozenset[str],
 
 
 def flag_candidates(backend: str, pinned: frozenset[str], config: Config,
-                    env_flags: str) -> list[str]:
-    """XLA flag sets to time on ``backend``: the run's own first, then the alternatives
-    that set no flag the user's ``$XLA_FLAGS`` already sets."""
-    if "xla_flags" in pinned:
-        return [config.xla_flags]
+                    env_flags: str, env: dict[str, str] | None = None) -> list[str]:
+    """Process settings to time on ``backend`` (a child's ``flags``): the run's own first,
+    then the XLA flag sets that set no flag the user's ``$XLA_FLAGS`` already sets, then
+    :data:`HUGE_PAGES` alone, which :func:`tune` times on top of the fastest flags so far,
+    in :data:`HUGE_PAGES_PROCESSES` children (on a CPU, where huge pages are to be had:
+    ``rnnjax.process.huge_pages_unavailable`` of ``env``, default this process's
+    environment)."""
+    from rnnjax import process
+
+    own = config.xla_flags if "xla_flags" in pinned else ""
+    base = process_flags(own, config.huge_pages if "huge_pages" in pinned else False)
     given = {flag.split("=")[0] for flag in env_flags.split()}
-    alternatives = [flags for flags in FLAG_SETS.get(backend, ())
-                    if not {flag.split("=")[0] for flag in flags.split()} & given]
-    return ["", *alternatives]
+    alternatives = [] if "xla_flags" in pinned else [
+        process_flags(flags, "huge_pages" in pinned and config.huge_pages)
+        for flags in FLAG_SETS.get(backend, ())
+        if not {flag.split("=")[0] for flag in flags.split()} & given]
+    if ("huge_pages" not in pinned and backend == "cpu"
+            and process.huge_pages_unavailable(env) is None):
+        alternatives.append(HUGE_PAGES)
+    return [base, *alternatives]
+
+
+def others_to_time(pinned: frozenset[str]) -> bool:
+    """Whether other process settings than the run's own may be timed (before the backend
+    is known: XLA flags not pinned, or huge pages neither pinned nor unavailable here)."""
+    from rnnjax import process
+
+    return "xla_flags" not in pinned or (
+        "huge_pages" not in pinned and process.huge_pages_unavailable() is None)
 
 
 def tolerance(config: Config) -> float:
@@ -315,17 +378,28 @@ def select(measurements: Sequence[Measurement], base: dict[str, Any], base_flags
            tol: float, margin: float = MARGIN, flag_margin: float = FLAG_MARGIN
            ) -> Measurement | None:
     """The fastest timed candidate whose results match, the baseline kept unless another is
-    at least ``margin`` faster, and the run's own XLA flags unless other flags are at least
-    ``flag_margin`` faster than the fastest under them; None when the baseline was not
-    timed."""
+    at least ``margin`` faster, the run's own XLA flags unless other flags are at least
+    ``flag_margin`` faster than the fastest under them, and huge pages (the run's own
+    setting of them) unless they are that much faster than the fastest without them (for
+    them ``rnnjax train`` starts again); None when the baseline was not timed."""
     valid = [m for m in measurements if _matches(m, tol)]
     first = [m for m in valid if m.candidate == base and m.flags == base_flags]
     if not first:
         return None
-    best = min(valid, key=lambda m: m.step_s)
-    own = min((m for m in valid if m.flags == base_flags), key=lambda m: m.step_s)
-    if best.step_s >= own.step_s * (1 - flag_margin):
-        best = own
+
+    def fastest(ms: list[Measurement]) -> Measurement:  # the run's own flags kept, but...
+        best = min(ms, key=lambda m: m.step_s)
+        own = min((m for m in ms if m.flags == base_flags), key=lambda m: m.step_s)
+        return own if best.step_s >= own.step_s * (1 - flag_margin) else best
+
+    def huge(m: Measurement) -> bool:
+        return process_fields(m.flags)["huge_pages"]
+
+    best = fastest(valid)
+    if huge(best) != huge(first[0]):
+        without = fastest([m for m in valid if huge(m) == huge(first[0])])
+        if best.step_s >= without.step_s * (1 - flag_margin):
+            best = without
     return best if best.step_s < first[0].step_s * (1 - margin) else first[0]
 
 
@@ -336,7 +410,7 @@ def key(config: Config, pinned: frozenset[str], env: dict[str, str] | None = Non
         spec: DataSpec = IDX_SPEC) -> dict:
     """What the choice depends on, known before JAX's backend starts (``spec``: the
     dataset's images, whose sequence is the model's input)."""
-    from rnnjax import runtime
+    from rnnjax import process, runtime
 
     env = dict(os.environ) if env is None else env
     return {
@@ -346,6 +420,7 @@ def key(config: Config, pinned: frozenset[str], env: dict[str, str] | None = Non
             "devices": {name: env[name] for name in VISIBLE_DEVICES if name in env},
             "num_devices": config.num_devices,
             "xla_flags": env.get("XLA_FLAGS", ""),
+            "huge_pages": process.huge_pages_on(env),
         },
         "model": {
             "cell": config.cell, "hidden_size": config.hidden_size,
@@ -450,8 +525,8 @@ def run_child(
     pay_back: dict[str, float] | None = None, compiled: bool = False,
     data: DataSpec = IDX_SPEC,
 ) -> Child:
-    """Time ``candidates`` in a child process with ``flags`` added to ``$XLA_FLAGS``, on
-    synthetic images of ``data``'s shape.
+    """Time ``candidates`` in a child process under ``flags`` (:func:`child_env`: XLA
+    flags added to ``$XLA_FLAGS``, huge pages), on synthetic images of ``data``'s shape.
 
     Each result is logged as it arrives; the child is killed a little after ``deadline``
     (what it reported by then is kept), or after the earlier deadline it reports once its
@@ -464,8 +539,7 @@ def run_child(
     """
     from rnnjax.measure import PREFIX
 
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join([*env.get("XLA_FLAGS", "").split(), *flags.split()])
+    env = child_env(flags, dict(os.environ))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     spec = {"config": to_dict(config), "candidates": candidates, "deadline": deadline,
             "steps": steps, "call_s": call_s, "repeats": 3, "reference": reference,
@@ -544,7 +618,7 @@ def run_child(
         tail = [line.strip() for line in errors if line.strip()]
         child.error = ("child stopped at the time budget" if code < 0 and time.time() > deadline
                        else f"child exited {code}: {tail[-1] if tail else 'no message'}")[:300]
-        log(f"  {describe({'xla_flags': flags})}: {child.error}")
+        log(f"  {describe(process_fields(flags))}: {child.error}")
         reported = [m.candidate for m in child.measurements]
         child.measurements += [Measurement(c, flags, note=child.error) for c in candidates
                                if c not in reported]
@@ -642,10 +716,11 @@ def tune(
     call_s = min(0.3, max(0.02, budget_s / 200))
     candidates = model_candidates(config, pinned, spec)
     base = candidates[0]
-    base_flags = config.xla_flags if "xla_flags" in pinned else ""
+    base_flags = process_flags(config.xla_flags if "xla_flags" in pinned else "",
+                               "huge_pages" in pinned and config.huge_pages)
     # The run's own flags get the first FIRST_SHARE of the budget when other flags may follow
     # (of the budget as given, and of the budget that follows the run's length: run below).
-    share = 1.0 if "xla_flags" in pinned else FIRST_SHARE
+    share = FIRST_SHARE if others_to_time(pinned) else 1.0
     longest = max(budget_s, TUNE_COMMAND_BUDGET_S) if pay_back else budget_s
     first_deadline = start + share * longest
     measured: list[Measurement] = []
@@ -719,36 +794,49 @@ def tune(
             for m in timed[:2]:
                 needs.append((needs[-1] if needs else startup) + _timing_s(m, steps))
             for i, flags in enumerate(flag_sets[1:]):
+                copies, picks, costs = 1, timed[:2], needs
+                if flags == HUGE_PAGES and timed:
+                    # The fastest so far, under its flags, with huge pages, in each of
+                    # HUGE_PAGES_PROCESSES children.
+                    fastest = min((m for m in pooled(measured) if _matches(m, tol)),
+                                  key=lambda m: m.step_s)
+                    flags = process_flags(process_fields(fastest.flags)["xla_flags"], True)
+                    copies, picks = HUGE_PAGES_PROCESSES, [fastest]
+                    costs = [HUGE_PAGES_PROCESSES * (startup + _timing_s(fastest, steps))]
                 now = clock()
                 # An equal share of what is left, or more where the first candidate needs it
                 # (the sets come most promising first).
                 share = now + max((turns_from - now) / (len(flag_sets) - 1 - i),
-                                  min(turns_from - now, needs[0] if needs else 0.0))
-                fit = [m.candidate for m, need in zip(timed[:2], needs, strict=True)
+                                  min(turns_from - now, costs[0] if costs else 0.0))
+                fit = [m.candidate for m, need in zip(picks, costs, strict=True)
                        if now + need <= share]
                 if not fit:
-                    note = ("budget spent (a child would need "
-                            f"~{needs[0] if needs else startup:.0f} s)")
-                    measured += [Measurement(m.candidate, flags, note=note) for m in timed[:2]]
-                    log(f"  {describe({'xla_flags': flags})}: not timed ({note})")
+                    what = "a child" if copies == 1 else f"{copies} children"
+                    note = (f"budget spent ({what} would need "
+                            f"~{costs[0] if costs else startup:.0f} s)")
+                    measured += [Measurement(m.candidate, flags, note=note) for m in picks]
+                    log(f"  {describe(process_fields(flags))}: not timed ({note})")
                     complete = False
                     continue
-                if len(fit) < len(needs):
-                    measured.append(Measurement(timed[1].candidate, flags, note="budget spent"))
+                if len(fit) < len(costs):
+                    measured.append(Measurement(picks[1].candidate, flags, note="budget spent"))
                     complete = False
-                other = child(config, flags, fit, share, steps, reference, call_s, log)
-                children.append(other)
-                measured += other.measurements
-                complete = complete and other.error == "" and all(
-                    m.step_s is not None for m in other.measurements)
+                for j in range(copies):
+                    until = now + (j + 1) * (share - now) / copies
+                    other = child(config, flags, fit, until, steps, reference, call_s, log)
+                    children.append(other)
+                    measured += other.measurements
+                    complete = complete and other.error == "" and all(
+                        m.step_s is not None for m in other.measurements)
             final = in_turns(children, base, base_flags, tol, deadline, clock, log)
     finally:
         for c in children:
             c.close()
     chosen = select(pooled(final or measured), base, base_flags, tol)
     choice = None if chosen is None else settings(apply(config, chosen.fields, pinned))
-    result = Result(key(config, pinned, spec=spec), choice, {**base, "xla_flags": base_flags},
-                    measured, device, clock() - start, budget_s, complete, final)
+    result = Result(key(config, pinned, spec=spec), choice,
+                    {**base, **process_fields(base_flags)}, measured, device, clock() - start,
+                    budget_s, complete, final)
     if result.means:
         log("  their means over the processes that timed them:")
     for m in result.means:
@@ -868,13 +956,14 @@ def format_table(result: Result) -> str:
     rows = [*result.measurements, *result.final, *result.means]
     lines = [f"{'unroll':>6}  {'backward':<12}  {'projection':<10}  {'weight-grad':<11}  "
              f"{'chunks':>6}  {'feed':<6}  {'ms/step':>9}  {'compile s':>9}  {'differs':>7}  "
-             "xla-flags / note"]
+             "xla-flags, huge pages / note"]
     for m in rows:
         f = m.fields
         ms = "-" if m.step_s is None else f"{m.step_s * 1e3:.3f}"
         comp = "-" if m.compile_s is None else f"{m.compile_s:.1f}"
         diff = "-" if m.difference is None else f"{m.difference:.0e}"
         note = " ".join(x for x in (repr(f["xla_flags"]) if f["xla_flags"] else "(none)",
+                                    "huge pages" if f["huge_pages"] else "",
                                     "" if m.step_s is not None and not m.note else m.note)
                         if x)
         lines.append(f"{f['unroll']:>6}  {f['backward']:<12}  {f['projection']:<10}  "

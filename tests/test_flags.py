@@ -132,6 +132,7 @@ BAD = [
      ["--xla-flags: 'xla_cpu_use_xnnpack=false' is not an XLA flag; pass space-separated"]),
     ("xla_flags_other_program", ["--xla-flags=--jax_enable_x64 --xla_cpu_use_xnnpack=false"],
      ["--xla-flags: '--jax_enable_x64' is not an XLA flag"]),
+    ("huge_pages_value", ["--huge-pages=on"], ["--huge-pages", "ignored explicit"]),
     # Tuning (not Config fields: how the run's settings are chosen).
     ("tune_value", ["--tune=yes"], ["--tune", "ignored explicit"]),
     ("tune_budget_zero", ["--tune-budget", "0"],

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rnnjax import measure, tune
+from rnnjax import measure, process, tune
 from rnnjax.cli import main
 from rnnjax.config import TUNED, Config
 from rnnjax.data.spec import DataSpec
@@ -40,7 +40,19 @@ def k(unroll, feed="device", flags="", chunks=1, **form):
 def fields(unroll, feed="device", flags=None, chunks=1, **form):
     """A candidate's fields (with ``flags``: a choice, every TUNED field)."""
     out = {"unroll": unroll, **SEED_FORM, **form, "chunks": chunks, "feed": feed}
-    return out if flags is None else {**out, "xla_flags": flags}
+    return out if flags is None else {**out, **tune.process_fields(flags)}
+
+
+@pytest.fixture(autouse=True)
+def no_huge_pages(monkeypatch):
+    """Huge pages are not to be had (the CPU's flag children are "", YNN and VEC), but in
+    the tests that say otherwise (:func:`huge_pages_here`)."""
+    monkeypatch.setattr(process, "huge_pages_unavailable", lambda env=None: "not in this test")
+
+
+@pytest.fixture
+def huge_pages_here(monkeypatch):
+    monkeypatch.setattr(process, "huge_pages_unavailable", lambda env=None: None)
 
 
 class FakeChild:
@@ -375,7 +387,7 @@ def test_the_baseline_stays_unless_another_is_clearly_faster():
     times = all_times(1.0)
     times[k(0)] = 1.0 - tune.MARGIN / 2  # within the margin: noise
     result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
-    assert result.choice == {**base, "xla_flags": ""}
+    assert result.choice == {**base, "xla_flags": "", "huge_pages": False}
     times[k(0)] = 1.0 - 2 * tune.MARGIN
     result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
     assert result.choice["unroll"] == 0
@@ -548,6 +560,77 @@ def test_pinned_fields_are_never_tuned():
     applied = tune.apply(config, tampered, frozenset({"unroll", "xla_flags"}))
     assert applied.unroll == 2 and applied.xla_flags == xnn
     assert applied.weight_grad == "per_step"
+
+
+def test_huge_pages_are_timed_last_on_top_of_the_fastest_flags(one_process, huge_pages_here):
+    HUGE = tune.HUGE_PAGES
+    config = Config()
+    assert tune.flag_candidates("cpu", frozenset(), config, "") == ["", YNN, VEC, HUGE]
+    assert tune.flag_candidates("gpu", frozenset(), config, "") == ["", *tune.FLAG_SETS["gpu"]]
+    # Pinned: the run's own, with or without them.
+    assert tune.flag_candidates("cpu", frozenset({"huge_pages"}), config.replace(
+        huge_pages=True), "") == [HUGE, f"{YNN} {HUGE}", f"{VEC} {HUGE}"]
+    assert tune.flag_candidates("cpu", frozenset({"xla_flags"}), config.replace(
+        xla_flags=VEC), "") == [VEC, HUGE]
+    assert tune.flag_candidates("cpu", frozenset({"xla_flags", "huge_pages"}), config,
+                                "") == [""]
+
+    times = all_times()
+    times.update({k(0, flags=YNN): 0.8, k(0, flags=f"{YNN} {HUGE}"): 0.6,
+                  k(1, flags=f"{YNN} {HUGE}"): 1.0})
+    fake = FakeChild(times)
+    result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
+    # Huge pages come last, under the fastest flags so far (YNN's), the fastest candidate
+    # in each of two processes (their mean is what counts), and win.
+    assert [c[0] for c in fake.calls] == ["", YNN, VEC, *[f"{YNN} {HUGE}"] * 2]
+    assert [c[1] for c in fake.calls[-2:]] == [[fields(0)]] * 2
+    assert result.choice == {**fields(0, flags=YNN), "huge_pages": True}
+    assert any(m.fields == result.choice and m.note == "mean of 2 processes"
+               for m in result.means)
+    assert "huge-pages on" in tune.choice_line(result)
+    assert any(" 0.600 " in line and line.rstrip().endswith(f"{YNN!r} huge pages")
+               for line in tune.format_table(result).splitlines())
+    # Not FLAG_MARGIN faster than the fastest without them: not chosen.
+    times[k(0, flags=f"{YNN} {HUGE}")] = 0.8 * (1 - tune.FLAG_MARGIN / 2)
+    result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
+    assert result.choice == fields(0, flags=YNN)
+    # Where the fastest without them keeps the run's own flags (YNN's 0.95 is not
+    # FLAG_MARGIN faster than 1.0), they are measured against those: 0.89 is, 0.93 is not.
+    times.update({k(0, flags=YNN): 0.95, k(0, flags=f"{YNN} {HUGE}"): 0.89})
+    result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
+    assert result.choice == {**fields(0, flags=YNN), "huge_pages": True}
+    times[k(0, flags=f"{YNN} {HUGE}")] = 0.93
+    result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
+    assert result.choice == fields(1, flags="")
+    # Where the fastest is under the run's own flags: huge pages alone.
+    times[k(0, flags=YNN)] = 1.0
+    fake = FakeChild({**times, k(0): 0.9, k(0, flags=HUGE): 0.5})
+    result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
+    assert fake.calls[-1][0] == HUGE and result.choice == fields(0, flags=HUGE)
+    # Two processes or none: where the budget fits one, they are not timed.
+    clock = Clock()
+    fake = FakeChild(times, clock=clock, per_child_s=7.0, startup_s=3.0)
+    result = tune.tune(config, frozenset(), 30.0, child=fake, clock=clock)
+    assert [c[0] for c in fake.calls] == ["", YNN, VEC] and not result.complete
+    assert any(m.flags == HUGE and m.note.startswith("budget spent (2 children would need")
+               for m in result.measurements)
+
+
+def test_a_childs_environment_has_its_process_settings():
+    env = {"XLA_FLAGS": "--xla_dump_to=/tmp/x", "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0",
+           "HOME": "/h"}
+    plain = tune.child_env(YNN, env)
+    assert plain == {**env, "XLA_FLAGS": f"--xla_dump_to=/tmp/x {YNN}"}
+    huge = tune.child_env(f"{YNN} {tune.HUGE_PAGES}", env)
+    assert huge == {**plain, "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1"}
+    assert tune.process_fields(f"{YNN} {tune.HUGE_PAGES}") == {"xla_flags": YNN,
+                                                               "huge_pages": True}
+    assert tune.process_flags(YNN, True) == f"{YNN} {tune.HUGE_PAGES}"
+    assert tune.process_flags("", False) == ""
+    # The user's own huge pages are part of the machine in the cache's key.
+    config = Config()
+    assert tune.key(config, frozenset(), env)["machine"]["huge_pages"] is False
+    assert tune.key(config, frozenset(), huge)["machine"]["huge_pages"] is True
 
 
 def test_flags_the_user_set_in_xla_flags_are_not_tried():
@@ -818,7 +901,8 @@ def test_the_cached_choice_is_used_and_explicit_flags_override_it(in_process):
     assert in_process.last() == ({**CACHED, "unroll": 3}, "cached")
     # Every tuned setting given: nothing to tune, nothing read.
     given = ["--unroll", "2", "--backward", "hand_written", "--projection", "hoisted",
-             "--weight-grad", "product", "--chunks", "1", "--feed", "device", "--xla-flags="]
+             "--weight-grad", "product", "--chunks", "1", "--feed", "device", "--xla-flags=",
+             "--no-huge-pages"]
     assert main(["train", *RUN, *given]) == 0
     assert in_process.last() == (fields(2, flags=""), "pinned")
 
@@ -870,8 +954,8 @@ def test_a_new_shape_is_tuned_once_then_cached(in_process, monkeypatch, capsys):
 
 def test_rnnjax_tune_prints_the_table_and_caches_the_choice(tmp_path):
     env = _env(tmp_path)
-    pins = ["--xla-flags=", "--backward", "hand_written", "--projection", "hoisted",
-            "--weight-grad", "product", "--feed", "device"]  # one child: unrolls, chunks
+    pins = ["--xla-flags=", "--no-huge-pages", "--backward", "hand_written", "--projection",
+            "hoisted", "--weight-grad", "product", "--feed", "device"]  # one child
     proc = _run("tune", *TINY, *pins, "--tune-budget", "90", env=env)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
