@@ -794,6 +794,8 @@ def tune(
             for m in timed[:2]:
                 needs.append((needs[-1] if needs else startup) + _timing_s(m, steps))
             for i, flags in enumerate(flag_sets[1:]):
+                # The XLA flag sets share what is left; huge pages get what they leave.
+                sharing = sum(f != HUGE_PAGES for f in flag_sets[1 + i:]) or 1
                 copies, picks, costs = 1, timed[:2], needs
                 if flags == HUGE_PAGES and timed:
                     # The fastest so far, under its flags, with huge pages, in each of
@@ -806,7 +808,7 @@ def tune(
                 now = clock()
                 # An equal share of what is left, or more where the first candidate needs it
                 # (the sets come most promising first).
-                share = now + max((turns_from - now) / (len(flag_sets) - 1 - i),
+                share = now + max((turns_from - now) / sharing,
                                   min(turns_from - now, costs[0] if costs else 0.0))
                 fit = [m.candidate for m, need in zip(picks, costs, strict=True)
                        if now + need <= share]

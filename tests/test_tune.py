@@ -562,7 +562,8 @@ def test_pinned_fields_are_never_tuned():
     assert applied.weight_grad == "per_step"
 
 
-def test_huge_pages_are_timed_last_on_top_of_the_fastest_flags(one_process, huge_pages_here):
+def test_huge_pages_are_timed_last_on_top_of_the_fastest_flags(one_process, huge_pages_here,
+                                                               monkeypatch):
     HUGE = tune.HUGE_PAGES
     config = Config()
     assert tune.flag_candidates("cpu", frozenset(), config, "") == ["", YNN, VEC, HUGE]
@@ -607,6 +608,17 @@ def test_huge_pages_are_timed_last_on_top_of_the_fastest_flags(one_process, huge
     fake = FakeChild({**times, k(0): 0.9, k(0, flags=HUGE): 0.5})
     result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
     assert fake.calls[-1][0] == HUGE and result.choice == fields(0, flags=HUGE)
+    # They take no time from the XLA flag sets: each child's deadline is as without them.
+    deadlines = {}
+    for offered in (None, "not here"):
+        monkeypatch.setattr(process, "huge_pages_unavailable",
+                            lambda env=None, why=offered: why)
+        clock = Clock()
+        fake = FakeChild(times, clock=clock, per_child_s=2.0)
+        tune.tune(config, frozenset(), 30.0, child=fake, clock=clock)
+        deadlines[offered] = [c[2] for c in fake.calls[:3]]
+    assert deadlines[None] == deadlines["not here"]
+    monkeypatch.setattr(process, "huge_pages_unavailable", lambda env=None: None)
     # Two processes or none: where the budget fits one, they are not timed.
     clock = Clock()
     fake = FakeChild(times, clock=clock, per_child_s=7.0, startup_s=3.0)
