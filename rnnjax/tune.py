@@ -346,8 +346,6 @@ def flag_candidates(backend: str, pinned: frozenset[str], config: Config,
     in :data:`HUGE_PAGES_PROCESSES` children (on a CPU, where huge pages are to be had:
     ``rnnjax.process.huge_pages_unavailable`` of ``env``, default this process's
     environment)."""
-    from rnnjax import process
-
     own = config.xla_flags if "xla_flags" in pinned else ""
     base = process_flags(own, config.huge_pages if "huge_pages" in pinned else False)
     given = {flag.split("=")[0] for flag in env_flags.split()}
@@ -355,19 +353,23 @@ def flag_candidates(backend: str, pinned: frozenset[str], config: Config,
         process_flags(flags, "huge_pages" in pinned and config.huge_pages)
         for flags in FLAG_SETS.get(backend, ())
         if not {flag.split("=")[0] for flag in flags.split()} & given]
-    if ("huge_pages" not in pinned and backend == "cpu"
-            and process.huge_pages_unavailable(env) is None):
+    if backend == "cpu" and huge_pages_offered(pinned, env):
         alternatives.append(HUGE_PAGES)
     return [base, *alternatives]
 
 
-def others_to_time(pinned: frozenset[str]) -> bool:
-    """Whether other process settings than the run's own may be timed (before the backend
-    is known: XLA flags not pinned, or huge pages neither pinned nor unavailable here)."""
+def huge_pages_offered(pinned: frozenset[str], env: dict[str, str] | None = None) -> bool:
+    """Whether huge pages are timed, on a CPU: not pinned, and to be had here
+    (``rnnjax.process.huge_pages_unavailable`` of ``env``, default this process's)."""
     from rnnjax import process
 
-    return "xla_flags" not in pinned or (
-        "huge_pages" not in pinned and process.huge_pages_unavailable() is None)
+    return "huge_pages" not in pinned and process.huge_pages_unavailable(env) is None
+
+
+def others_to_time(pinned: frozenset[str]) -> bool:
+    """Whether other process settings than the run's own may be timed (before the backend
+    is known: XLA flags not pinned, or huge pages offered)."""
+    return "xla_flags" not in pinned or huge_pages_offered(pinned)
 
 
 def tolerance(config: Config) -> float:
