@@ -1,0 +1,85 @@
+"""The figures (rnnjax.plots): drawn with Pillow, what they show where it shows it."""
+
+import math
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFont
+
+from rnnjax import plots
+
+
+def _history(n: int = 9) -> list[dict]:
+    return [{"step": 500 * i, "train_loss": 2.0 / (i + 1), "test_loss": 2.2 / (i + 1),
+             "train_accuracy": 0.9 - 0.8 / (i + 1), "test_accuracy": 0.91 - 0.8 / (i + 1)}
+            for i in range(n)]
+
+
+def _count(image: Image.Image, box: tuple[int, int, int, int], colour, tol: int = 40) -> int:
+    """Pixels in ``box`` within ``tol`` of ``colour`` (each channel)."""
+    pixels = np.asarray(image.convert("RGB").crop(box)).astype(int)
+    return int((np.abs(pixels - np.array(colour)).max(axis=-1) <= tol).sum())
+
+
+def test_ticks_are_round_and_cover_the_range():
+    assert plots.ticks(0, 4000) == ([0, 1000, 2000, 3000, 4000], 1000)
+    values, step = plots.ticks(0.0, 1.0)
+    assert step == pytest.approx(0.2)
+    assert [plots.tick_label(v, step) for v in values] == ["0.0", "0.2", "0.4", "0.6", "0.8",
+                                                            "1.0"]
+    values, step = plots.ticks(0.17, 2.09)
+    assert values[0] >= 0.17 and values[-1] <= 2.09 and len(values) <= 7
+    assert all(math.isclose(v / step, round(v / step)) for v in values)
+    values, _ = plots.ticks(3.0, 3.0)  # a single value: a unit around it
+    assert values and all(2.5 <= v <= 3.5 for v in values)
+
+
+def test_blues_runs_from_white_to_dark_blue():
+    assert plots.blues(0.0) == plots.BLUES[0]
+    assert plots.blues(1.0) == plots.BLUES[-1]
+    assert plots.blues(-1.0) == plots.BLUES[0] and plots.blues(2.0) == plots.BLUES[-1]
+    lightness = [sum(plots.blues(r / 10)) for r in range(11)]
+    assert lightness == sorted(lightness, reverse=True)
+
+
+def test_learning_curves_draw_both_series_in_both_panels(tmp_path):
+    history = _history()
+    history[3]["test_loss"] = float("nan")  # no point there, the rest still drawn
+    path = plots.learning_curves(history, tmp_path / "sub" / "curves.png", "a title")
+    assert path.read_bytes().startswith(b"\x89PNG")
+    image = Image.open(path)
+    assert image.size == (1000, 400)
+    for panel in ((80, 70, 480, 340), (580, 70, 980, 340)):
+        for colour, _ in plots.SERIES.values():
+            assert _count(image, panel, colour) > 200
+    assert not list(tmp_path.glob("sub/*.tmp"))  # written whole, then renamed
+
+
+def test_learning_curves_of_one_entry_or_none_still_draw(tmp_path):
+    for history in (_history(1), []):
+        image = Image.open(plots.learning_curves(history, tmp_path / "c.png"))
+        assert image.size == (1000, 400)
+
+
+def test_confusion_matrix_colours_each_cell_by_its_share_of_the_true_class(tmp_path):
+    matrix = np.array([[90, 10, 0], [0, 50, 50], [0, 0, 7]])
+    image = Image.open(plots.confusion_matrix(matrix, tmp_path / "cm.png", "after 3 steps"))
+    cell = max(16, min(max(48, 240 // 3), 640 // 3))
+    rates = matrix / matrix.sum(axis=1, keepdims=True)
+    for t in range(3):
+        for p in range(3):  # a corner of the cell, clear of its count
+            x, y = 90 + p * cell + 4, 50 + t * cell + 4
+            assert _count(image, (x, y, x + 3, y + 3), plots.blues(rates[t, p]), tol=3) == 9
+
+
+def test_many_classes_get_smaller_cells(tmp_path):
+    image = Image.open(plots.confusion_matrix(np.eye(100, dtype=int), tmp_path / "cm.png"))
+    assert image.size == (90 + 16 * 100 + 130, 50 + 16 * 100 + 70)
+
+
+def test_pillows_bitmap_font_draws_them_too(tmp_path, monkeypatch):
+    """Without FreeType Pillow has only its bitmap font, which takes no anchor."""
+    monkeypatch.setattr(plots, "_font", lambda size: ImageFont.load_default_imagefont())
+    plots.learning_curves(_history(), tmp_path / "c.png", "title")
+    plots.confusion_matrix(np.eye(3, dtype=int), tmp_path / "m.png")
+    assert Image.open(tmp_path / "c.png").size == (1000, 400)
