@@ -428,7 +428,9 @@ def key(config: Config, pinned: frozenset[str], env: dict[str, str] | None = Non
             "cell": config.cell, "hidden_size": config.hidden_size,
             "num_layers": config.num_layers, "bidirectional": config.bidirectional,
             "order": config.order, "input": list(spec.sequence(config.order)),
-            "compute_dtype": config.compute_dtype, "num_classes": config.num_classes,
+            # The classes the model has: --num-classes, else the dataset's.
+            "compute_dtype": config.compute_dtype,
+            "num_classes": config.num_classes or spec.num_classes,
             "optimizer": config.optimizer, "clip_norm": config.clip_norm > 0,
         },
         "batch_size": config.batch_size,

@@ -691,6 +691,12 @@ def test_cache_key_and_invalidation(tmp_path, monkeypatch):
     assert tune.key(config, frozenset(), env={}, spec=colour)["model"]["input"] == [32, 96]
     assert tune.key(config.replace(order="pixels"), frozenset(), env={},
                     spec=colour)["model"]["input"] == [1024, 3]
+    # The classes the model has: a dataset of the same images with 100 classes is another
+    # model; --num-classes 10 on MNIST's 10 is the same one.
+    assert key["model"]["num_classes"] == 10
+    assert tune.key(config, frozenset(), env={}, spec=DataSpec((28, 28, 1), 100)) != key
+    assert tune.key(config.replace(num_classes=10), frozenset(), env={}) == key
+    assert tune.key(config.replace(num_classes=7), frozenset(), env={}) != key
 
     choice = fields(0, flags="")
     record = {"key": key, "choice": choice, "device": None}
