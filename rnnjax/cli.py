@@ -306,12 +306,12 @@ def start_with_huge_pages(config: Config, tuning: dict[str, Any], whole_process:
 
 
 def data_spec(config: Config, load: Loader) -> DataSpec:
-    """The images and classes of ``config``'s dataset, for the tuner: the IDX layout's
-    without waiting for the files (``--source idx`` holds nothing else), else the loaded
-    dataset's (``load`` keeps it for the run)."""
-    from rnnjax.data.spec import IDX_SPEC
+    """The images and classes of ``config``'s dataset, for the tuner of a run: the IDX
+    layout's without waiting for the files (``--source idx`` holds nothing else), else the
+    loaded dataset's (``load`` keeps it for the run)."""
+    from rnnjax.data.sources import dataset_spec
 
-    return IDX_SPEC if config.source == "idx" else load(config).spec
+    return load(config).spec if config.source == "tfds" else dataset_spec(config)
 
 
 def _train(args: argparse.Namespace, whole_process: bool = False) -> int:
@@ -379,9 +379,9 @@ def _tune(args: argparse.Namespace, whole_process: bool = False) -> int:
     if config.compile_cache not in ("auto", "off"):
         check_writable(Path(config.compile_cache).expanduser(), flag="--compile-cache")
     pinned = frozenset(flag_changes(args)) & set(TUNED)
-    from rnnjax.data.sources import load_dataset
+    from rnnjax.data.sources import dataset_spec
 
-    spec = data_spec(config, load_dataset)
+    spec = dataset_spec(config)  # the dataset is never read: the children time its shape
     check_model(config, spec)
 
     def log(line: str) -> None:

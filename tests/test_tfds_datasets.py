@@ -226,6 +226,34 @@ def test_the_tuner_times_the_datasets_own_images(prepared, tmp_path, monkeypatch
     assert tune.key(Config(), frozenset(), spec=seen[0])["model"]["input"] == [32, 96]
 
 
+def test_rnnjax_tune_reads_the_datasets_shape_and_no_example(prepared, tmp_path, monkeypatch):
+    """rnnjax tune times synthetic images of the dataset's shape: it takes the spec from
+    the builder's metadata and never reads the splits (a large dataset's minutes)."""
+    from rnnjax import tune
+    from rnnjax.data import tfds_datasets
+
+    seen = []
+
+    def child(config, flags, candidates, deadline, steps, reference, call_s, log, **kw):
+        seen.append(kw["data"])
+        return tune.Child(device=None)
+
+    def never(config):
+        raise AssertionError("rnnjax tune read the dataset")
+
+    monkeypatch.setattr(tfds_datasets, "load", never)
+    monkeypatch.setattr(tune, "run_child", child)
+    tfds_dir, _, _, _, empty = prepared
+    for dataset, spec in (("tiny_colour", DataSpec((32, 32, 3), 10)),
+                          ("fashion_mnist", DataSpec((28, 28, 1), 10))):
+        seen.clear()
+        code = main(["tune", "--source", "tfds", "--dataset", dataset, "--tfds-dir",
+                     str(tfds_dir), "--data-dir", str(empty), "--hidden-size", "4",
+                     "--batch-size", "4", "--tune-budget", "5",
+                     "--compile-cache", str(tmp_path / "jax")])
+        assert code == 1 and seen == [spec]  # nothing timed by the fake child: exit 1
+
+
 def test_catalog_names_through_mock_data(prepared):
     config = tfds_config(prepared, "cifar10", steps=3, eval_every=2, batch_size=8,
                          hidden_size=8)

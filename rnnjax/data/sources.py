@@ -96,6 +96,15 @@ def load_dataset(config: Config) -> Dataset:
     return Dataset(load_idx_dir(directory, checksums), IDX_SPEC, f"{name} (IDX)")
 
 
+def dataset_spec(config: Config) -> DataSpec:
+    """The images and classes of ``config``'s dataset without reading its examples: the
+    IDX layout's for ``--source idx``, a tfds dataset's from its builder's metadata
+    (``rnnjax tune``, which times synthetic images of that shape)."""
+    if config.source == "tfds":
+        return import_tfds_datasets().spec(config)
+    return IDX_SPEC
+
+
 Loader = Callable[[Config], Dataset]  # load_dataset, or a prefetch's
 
 

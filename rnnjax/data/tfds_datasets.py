@@ -214,6 +214,13 @@ def _read(prepared: Prepared, split: str, flag: str) -> tuple[np.ndarray, np.nda
     return (x[..., 0] if x.shape[-1] == 1 else x), y.astype(np.int32)
 
 
+def spec(config: Config) -> DataSpec:
+    """The spec of the dataset :func:`load` would read, from the builder's metadata alone
+    (IDX files: the IDX layout's), reading no example."""
+    target = resolve(config)
+    return IDX_SPEC if isinstance(target, IdxBuild) else target.spec
+
+
 def load(config: Config) -> Dataset:
     """The dataset of ``config`` (``--source tfds``): its two splits and its spec."""
     target = resolve(config)
