@@ -428,9 +428,8 @@ def key(config: Config, pinned: frozenset[str], env: dict[str, str] | None = Non
             "cell": config.cell, "hidden_size": config.hidden_size,
             "num_layers": config.num_layers, "bidirectional": config.bidirectional,
             "order": config.order, "input": list(spec.sequence(config.order)),
-            # The classes the model has: --num-classes, else the dataset's.
             "compute_dtype": config.compute_dtype,
-            "num_classes": config.num_classes or spec.num_classes,
+            "num_classes": config.num_classes or spec.num_classes,  # the model's, else the data's
             "optimizer": config.optimizer, "clip_norm": config.clip_norm > 0,
         },
         "batch_size": config.batch_size,
