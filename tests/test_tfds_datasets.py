@@ -226,7 +226,8 @@ def test_the_tuner_times_the_datasets_own_images(prepared, tmp_path, monkeypatch
     assert tune.key(Config(), frozenset(), spec=seen[0])["model"]["input"] == [32, 96]
 
 
-def test_rnnjax_tune_reads_the_datasets_shape_and_no_example(prepared, tmp_path, monkeypatch):
+def test_rnnjax_tune_reads_the_datasets_shape_and_no_example(prepared, tmp_path, monkeypatch,
+                                                              capsys):
     """rnnjax tune times synthetic images of the dataset's shape: it takes the spec from
     the builder's metadata and never reads the splits (a large dataset's minutes)."""
     from rnnjax import tune
@@ -252,6 +253,16 @@ def test_rnnjax_tune_reads_the_datasets_shape_and_no_example(prepared, tmp_path,
                      "--batch-size", "4", "--tune-budget", "5",
                      "--compile-cache", str(tmp_path / "jax")])
         assert code == 1 and seen == [spec]  # nothing timed by the fake child: exit 1
+    # The split flags are checked as a run checks them, still reading nothing: a prepared
+    # dataset's against its splits, IDX files' (MNIST inside rnnjax) against theirs.
+    for dataset, message in (("tiny_colour", "has no such split"),
+                             ("mnist", "the IDX files of mnist have no split nope")):
+        seen.clear()
+        code = main(["tune", "--source", "tfds", "--dataset", dataset, "--tfds-dir",
+                     str(tfds_dir), "--data-dir", str(empty), "--test-split", "nope",
+                     "--compile-cache", str(tmp_path / "jax")])
+        err = capsys.readouterr().err
+        assert code == 2 and "--test-split nope" in err and message in err and not seen
 
 
 def test_catalog_names_through_mock_data(prepared):

@@ -216,9 +216,18 @@ def _read(prepared: Prepared, split: str, flag: str) -> tuple[np.ndarray, np.nda
 
 def spec(config: Config) -> DataSpec:
     """The spec of the dataset :func:`load` would read, from the builder's metadata alone
-    (IDX files: the IDX layout's), reading no example."""
+    (IDX files: the IDX layout's), reading no example; the split flags checked as
+    :func:`load` checks them, where the dataset is there to check them against."""
     target = resolve(config)
-    return IDX_SPEC if isinstance(target, IdxBuild) else target.spec
+    splits = (("--train-split", config.train_split), ("--test-split", config.test_split))
+    if isinstance(target, IdxBuild):
+        for flag, split in splits:
+            _check_idx_split(target, split, flag)
+        return IDX_SPEC
+    if target.builder.is_prepared():
+        for flag, split in splits:
+            _split(target, split, flag)  # a pipeline made, nothing read
+    return target.spec
 
 
 def load(config: Config) -> Dataset:
