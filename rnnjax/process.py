@@ -52,11 +52,15 @@ def exiting() -> None:
     gc.freeze()
 
 
+def _tunables(env: Mapping[str, str]) -> list[str]:
+    """The ``name=value`` settings of ``env``'s ``$GLIBC_TUNABLES``."""
+    return [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+
+
 def huge_pages_on(env: Mapping[str, str] | None = None) -> bool:
     """Whether a process started with ``env`` (default: this one's) asks for transparent
     huge pages: ``$GLIBC_TUNABLES`` holds :data:`HUGE_PAGES`."""
-    env = os.environ if env is None else env
-    return HUGE_PAGES in env.get("GLIBC_TUNABLES", "").split(":")
+    return HUGE_PAGES in _tunables(os.environ if env is None else env)
 
 
 def huge_pages_unavailable(env: Mapping[str, str] | None = None) -> str | None:
@@ -79,7 +83,7 @@ def huge_pages_unavailable(env: Mapping[str, str] | None = None) -> str | None:
         return f"this kernel has no transparent huge pages ({THP_MODE} unreadable)"
     if "[madvise]" not in mode:
         return f"this kernel's transparent huge pages are '{mode}', not given on request"
-    if any(t.startswith("glibc.malloc.hugetlb=") for t in env.get("GLIBC_TUNABLES", "").split(":")):
+    if any(t.startswith("glibc.malloc.hugetlb=") for t in _tunables(env)):
         return "$GLIBC_TUNABLES already sets glibc.malloc.hugetlb"
     return None
 
@@ -87,9 +91,8 @@ def huge_pages_unavailable(env: Mapping[str, str] | None = None) -> str | None:
 def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
     """``env`` for a process that asks for huge pages: :data:`HUGE_PAGES` added to its
     ``$GLIBC_TUNABLES`` (the other tunables kept)."""
-    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
     return {**env, "GLIBC_TUNABLES": ":".join(
-        [t for t in tunables if not t.startswith("glibc.malloc.hugetlb=")] + [HUGE_PAGES])}
+        [t for t in _tunables(env) if not t.startswith("glibc.malloc.hugetlb=")] + [HUGE_PAGES])}
 
 
 def restart(env: Mapping[str, str]) -> NoReturn:
