@@ -214,18 +214,22 @@ def _read(prepared: Prepared, split: str, flag: str) -> tuple[np.ndarray, np.nda
     return (x[..., 0] if x.shape[-1] == 1 else x), y.astype(np.int32)
 
 
+def _split_flags(config: Config) -> tuple[tuple[str, str], tuple[str, str]]:
+    """The split flags and their values: training's, then evaluation's."""
+    return ("--train-split", config.train_split), ("--test-split", config.test_split)
+
+
 def spec(config: Config) -> DataSpec:
     """The spec of the dataset :func:`load` would read, from the builder's metadata alone
     (IDX files: the IDX layout's), reading no example; the split flags checked as
     :func:`load` checks them, where the dataset is there to check them against."""
     target = resolve(config)
-    splits = (("--train-split", config.train_split), ("--test-split", config.test_split))
     if isinstance(target, IdxBuild):
-        for flag, split in splits:
+        for flag, split in _split_flags(config):
             _check_idx_split(target, split, flag)
         return IDX_SPEC
     if target.builder.is_prepared():
-        for flag, split in splits:
+        for flag, split in _split_flags(config):
             _split(target, split, flag)  # a pipeline made, nothing read
     return target.spec
 
@@ -234,8 +238,7 @@ def load(config: Config) -> Dataset:
     """The dataset of ``config`` (``--source tfds``): its two splits and its spec."""
     target = resolve(config)
     if isinstance(target, IdxBuild):
-        for flag, split in (("--train-split", config.train_split),
-                            ("--test-split", config.test_split)):
+        for flag, split in _split_flags(config):
             _check_idx_split(target, split, flag)
         if (config.train_split, config.test_split) == ("train", "test"):
             arrays = tfds_mnist.load_arrays(target.name, target.directory, target.checksums,
