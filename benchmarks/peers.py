@@ -6,8 +6,12 @@
 Per batch size, the median time of one SimpleRNN(50) -> Dense(10) Adam train step on
 MNIST rows, walked in order:
 
-* rnnjax, K steps per compiled call on device-resident data (the library's fast path),
-  and one compiled step per call fed from the host;
+* rnnjax as ``rnnjax train --batch-size B`` runs it: the tuner's choice for this machine
+  and batch (cached, or measured now as the first ``rnnjax train`` would: ``--tune-budget``;
+  printed in each row), K steps per compiled call on device-resident data, in a child
+  process started with the choice's XLA flags where it has some (``benchmarks.flax_peers``'
+  runner); and the same choice without its flags, one compiled step per call fed from the
+  host;
 * Keras 3 ``SimpleRNN`` on its JAX backend with ``train_on_batch``, ``unroll=True`` (the
   seed's setting) and ``False``;
 * PyTorch eager ``nn.RNN`` + ``nn.Linear`` + ``torch.optim.Adam``.
@@ -15,7 +19,8 @@ MNIST rows, walked in order:
 ``--seed-run`` also times the whole seed experiment (4001 steps, 9 test evaluations) as
 separate processes: ``rnnjax train`` against ``benchmarks.keras_seed`` (best of two runs
 each, so the data files are in the page cache). Peers missing from the environment are
-skipped and say so. Writes ``results/peers.{json,md,png}``.
+skipped and say so, and so does the figure without matplotlib. Writes
+``results/peers.{json,md,png}``, then runs ``benchmarks.flax_peers`` (``--flax-cases``).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import jax
 import numpy as np
 
+from benchmarks import flax_peers
 from benchmarks.harness import environment, interleaved, write_results
 from rnnjax import train
 from rnnjax.config import Config
@@ -52,28 +58,30 @@ def batches(data: Arrays, batch: int, count: int) -> list[tuple[np.ndarray, np.n
     return list(host_batches(data.train_images, data.train_labels, batch, 0, count))
 
 
-def rnnjax_fast(data: Arrays, batch: int, steps: int) -> Runner:
-    """K = ``steps`` train steps per compiled call on device-resident data."""
-    config = Config(batch_size=batch, unroll=0)
-    model, optimizer = make_model(config), make_optimizer(config)
-    state = [init_state(config, model, optimizer)]
-    images, labels = to_device(data)[:2]
-    sequences = model.sequences(images)  # train_steps' form of the dataset, made once
-    idx = jax.device_put(batch_indices(len(data.train_labels), batch, 0, steps))
-    fn = jax.jit(functools.partial(train.train_steps, model=model, optimizer=optimizer),
-                 donate_argnums=0)
-    compiled = fn.lower(state[0], sequences, labels, idx).compile()
+def rnnjax_runners(data: Arrays, device_data: Arrays, batch: int, steps: int,
+                   tune_budget_s: float | None) -> tuple[dict[str, Runner], str, list[Callable]]:
+    """rnnjax as ``rnnjax train --batch-size B`` runs it (the tuner's choice for this machine,
+    cached or measured now within ``tune_budget_s``, as in ``benchmarks.flax_peers``): K =
+    ``steps`` train steps per compiled call on ``device_data``, in a child process
+    started with the choice's XLA flags where it has some; and the same choice, without
+    them, one compiled step per call fed from the host. Returns the runners, the choice in
+    words, and what closes them."""
+    config, chosen = flax_peers.user_config("simple_rnn", "rows", batch, tune_budget_s)
+    closers: list[Callable] = []
+    if config.xla_flags or config.huge_pages:
+        fast: Runner = flax_peers.ChildRunner(config, batch, steps)
+        closers.append(fast.close)
+        config = config.replace(xla_flags="", huge_pages=False)
+    else:
+        idx = jax.device_put(batch_indices(len(data.train_labels), batch, 0, steps))
+        fast = flax_peers.rnnjax_runner(device_data, idx, config)[0]
+    return ({"rnnjax (K steps/call)": fast,
+             "rnnjax (1 step/call)": rnnjax_per_step(data, batch, steps, config)},
+            chosen, closers)
 
-    def run():
-        state[0], _ = compiled(state[0], sequences, labels, idx)
-        return state[0]
 
-    return run
-
-
-def rnnjax_per_step(data: Arrays, batch: int, steps: int) -> Runner:
-    """One compiled step per call, batches fed from the host."""
-    config = Config(batch_size=batch, unroll=0)
+def rnnjax_per_step(data: Arrays, batch: int, steps: int, config: Config) -> Runner:
+    """One compiled step of ``config``'s model per call, batches fed from the host."""
     model, optimizer = make_model(config), make_optimizer(config)
     state = [init_state(config, model, optimizer)]
     step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer),
@@ -173,13 +181,14 @@ def main(argv=None) -> None:
     parser.add_argument("--seed-run", action="store_true")
     parser.add_argument("--flax-cases", default="rows:50,rows:1024,rows:4096,pixels:50",
                         help="cases of the Flax comparison (benchmarks.flax_peers); '' skips it")
+    parser.add_argument("--tune-budget", type=float, default=None,
+                        help="seconds the tuner may spend on a batch size it has not cached "
+                        "(default: as the first rnnjax train would; 0: the untuned defaults)")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     data = load_arrays(Config())
-    peers = {
-        "rnnjax (K steps/call)": rnnjax_fast,
-        "rnnjax (1 step/call)": rnnjax_per_step,
-    }
+    device_data = to_device(data)
+    peers: dict[str, Callable[[Arrays, int, int], Runner]] = {}
     if available("keras"):
         peers["keras3-jax unroll=True"] = functools.partial(keras_step, unroll=True)
         peers["keras3-jax unroll=False"] = functools.partial(keras_step, unroll=False)
@@ -190,17 +199,24 @@ def main(argv=None) -> None:
     else:
         print("torch not installed: skipped (pip install torch==2.13.0)")
 
-    rows = []
+    rows, names = [], []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         steps = max(10, min(200, 20000 // batch))
-        runners = {name: make(data, batch, steps) for name, make in peers.items()}
-        seconds = interleaved(runners, args.repeats)
-        row = {"batch": batch, "steps_timed": steps}
-        for name in peers:
+        runners, chosen, closers = rnnjax_runners(data, device_data, batch, steps,
+                                                  args.tune_budget)
+        try:
+            runners.update((name, make(data, batch, steps)) for name, make in peers.items())
+            seconds = interleaved(runners, args.repeats)
+        finally:
+            for close in closers:
+                close()
+        names = list(runners)
+        row = {"batch": batch, "steps_timed": steps, "rnnjax train runs": chosen}
+        for name in names:
             row[f"{name} ms"] = seconds[name] / steps * 1e3
             print(f"batch {batch:5d} {name:26s} {row[f'{name} ms']:8.3f} ms/step", flush=True)
         best = row["rnnjax (K steps/call) ms"]
-        for name in list(peers)[1:]:
+        for name in names[1:]:
             row[f"{name} / rnnjax"] = row[f"{name} ms"] / best
         rows.append(row)
     columns = list(rows[0])
@@ -215,11 +231,14 @@ def main(argv=None) -> None:
         print(notes)
     out = write_results("peers", rows, columns, env=environment(), notes=notes,
                         out_dir=args.out or None)
-    plot(rows, list(peers), out / "peers.png")
+    if available("matplotlib"):
+        plot(rows, names, out / "peers.png")
+    else:
+        print("matplotlib not installed: no peers.png (pip install -e '.[peers]')")
     if args.flax_cases and available("flax"):
-        from benchmarks import flax_peers
-
         flax_peers.main(["--cases", args.flax_cases, "--rounds", str(args.repeats),
+                         *(["--tune-budget", str(args.tune_budget)]
+                           if args.tune_budget is not None else []),
                          *(["--out", args.out] if args.out else [])])
 
 

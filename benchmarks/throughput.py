@@ -12,7 +12,8 @@ backend's float32 GEMM rate with JAX, and reports the fraction achieved. With tw
 backends it adds their ratio. Per backend it also reports each cell's ops per time step,
 forward and backward, and the ops one whole train step launches at unroll 1 and fully
 unrolled, read from the compiled train step (``rnnjax.hlo``; ``--ops-only`` prints just
-those). Writes ``results/throughput.{json,md,png}``. No TensorFlow.
+those). Writes ``results/throughput.{json,md}``, and ``throughput.png`` where matplotlib
+is installed (the ``peers`` extra). No TensorFlow.
 """
 
 from __future__ import annotations
@@ -245,6 +246,7 @@ def plot(rows, path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:  # plotting is optional where matplotlib is missing
+        print(f"matplotlib not installed: no {path.name} (pip install -e '.[peers]')")
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for (backend, unroll) in sorted({(r["backend"], str(r["unroll"])) for r in rows}):

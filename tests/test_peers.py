@@ -1,0 +1,65 @@
+"""``benchmarks.peers``: rnnjax as ``rnnjax train`` runs it, against Keras 3 (PyTorch where
+installed), timed in turns; a choice with XLA flags runs in a child process started with
+them (``benchmarks.flax_peers.ChildRunner``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from benchmarks import flax_peers, peers
+from rnnjax.config import Config
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("keras") is None,
+                                reason="needs Keras (the test extra)")
+
+# 2000 rows a batch: the benchmark's fewest steps per call (10), so each call is short.
+ARGS = ["--batch-sizes", "2000", "--repeats", "1", "--flax-cases", ""]
+
+
+def read_rows(out) -> list[dict]:
+    return json.loads((out / "peers.json").read_text())["rows"]
+
+
+def test_peers_time_rnnjax_untuned_against_keras(tmp_path):
+    peers.main([*ARGS, "--tune-budget", "0", "--out", str(tmp_path)])
+    (row,) = read_rows(tmp_path)
+    assert row["batch"] == 2000 and row["steps_timed"] == 10
+    assert row["rnnjax train runs"] == "untuned defaults"
+    names = ["rnnjax (K steps/call)", "rnnjax (1 step/call)", "keras3-jax unroll=True",
+             "keras3-jax unroll=False"]
+    assert all(row[f"{name} ms"] > 0 for name in names)
+    for name in names[1:]:
+        assert row[f"{name} / rnnjax"] == pytest.approx(
+            row[f"{name} ms"] / row["rnnjax (K steps/call) ms"])
+    # The figure needs matplotlib (the peers extra), which the test extra leaves out.
+    assert (tmp_path / "peers.png").exists() == (
+        importlib.util.find_spec("matplotlib") is not None)
+
+
+def test_peers_run_a_choice_with_xla_flags_in_a_child_with_them(tmp_path, monkeypatch):
+    flags = "--xla_cpu_prefer_vector_width=256"
+    chosen = Config(batch_size=2000, xla_flags=flags, feed="device")
+    monkeypatch.setattr(flax_peers, "user_config",
+                        lambda *args: (chosen, "measured: a choice with XLA flags"))
+    children = []
+    real = flax_peers.ChildRunner
+
+    class Recorded(real):
+        def __init__(self, config, batch, steps):
+            super().__init__(config, batch, steps)
+            children.append((self, config))
+
+    monkeypatch.setattr(flax_peers, "ChildRunner", Recorded)
+    monkeypatch.setattr(peers, "available", lambda module: False)  # rnnjax alone
+    peers.main([*ARGS, "--out", str(tmp_path)])
+    (row,) = read_rows(tmp_path)
+    assert row["rnnjax train runs"] == "measured: a choice with XLA flags"
+    assert row["rnnjax (K steps/call) ms"] > 0 and row["rnnjax (1 step/call) ms"] > 0
+    ((child, config),) = children
+    assert config.xla_flags == flags  # started with them (tune.child_env)
+    assert child.proc.returncode == 0  # closed once timed
+    assert flags not in os.environ.get("XLA_FLAGS", "")  # this process is left as it was
