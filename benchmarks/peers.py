@@ -67,10 +67,11 @@ def rnnjax_runners(data: Arrays, device_data: Arrays, batch: int, steps: int,
     them, one compiled step per call fed from the host. Returns the runners, the choice in
     words, and what closes them."""
     config, chosen = flax_peers.user_config("simple_rnn", "rows", batch, tune_budget_s)
-    closers: list[Callable] = []
+    closers: list[Callable[[], None]] = []
+    fast: Runner
     if config.xla_flags or config.huge_pages:
-        fast: Runner = flax_peers.ChildRunner(config, batch, steps)
-        closers.append(fast.close)
+        child = flax_peers.ChildRunner(config, batch, steps)
+        fast, closers = child, [child.close]
         config = config.replace(xla_flags="", huge_pages=False)
     else:
         idx = jax.device_put(batch_indices(len(data.train_labels), batch, 0, steps))
