@@ -249,6 +249,23 @@ class ChildRunner:
         self.proc.wait(timeout=60)
 
 
+def in_process(config: Config) -> Config:
+    """``config`` without the process settings (XLA flags, huge pages) that only a process
+    started with them has."""
+    return config.replace(xla_flags="", huge_pages=False)
+
+
+def train_runner(device_data: Arrays, idx: jax.Array, config: Config) -> tuple[Runner, float]:
+    """rnnjax as ``rnnjax train`` runs ``config`` (K = ``len(idx)`` steps per call): in a
+    :class:`ChildRunner` started with its process settings where it has any, else here;
+    and its compile seconds. A child is closed with ``close()``."""
+    if in_process(config) != config:
+        steps, batch = idx.shape
+        child = ChildRunner(config, batch, steps)
+        return child, child.compile_s
+    return rnnjax_runner(device_data, idx, config)
+
+
 def user_config(cell: str, order: str, batch: int,
                 tune_budget_s: float | None) -> tuple[Config, str]:
     """The Config ``rnnjax train --cell CELL --order ORDER --batch-size B`` would run with:
@@ -274,14 +291,11 @@ def case_runners(device_data: Arrays, order: str, batch: int, cell: str, steps: 
     compile time grows with the steps unrolled: minutes for the LSTM at 28 on 2 cores)."""
     idx = jax.device_put(batch_indices(len(device_data.train_labels), batch, 0, steps))
     full = sequence_length(order)
-    if user.xla_flags or user.huge_pages:
-        child = ChildRunner(user, batch, steps)
-        runners = {"rnnjax (as rnnjax train)": (child, child.compile_s)}
-        user = user.replace(xla_flags="", huge_pages=False)
+    runners = {"rnnjax (as rnnjax train)": train_runner(device_data, idx, user)}
+    if in_process(user) != user:
+        user = in_process(user)
         runners["rnnjax (its choice without its XLA flags or huge pages)"] = rnnjax_runner(
             device_data, idx, user)
-    else:
-        runners = {"rnnjax (as rnnjax train)": rnnjax_runner(device_data, idx, user)}
     for name, unroll in unrolls(order, max_full_unroll):
         if (unroll % full) != user.unroll:  # 0 is full for rnnjax
             runners[f"rnnjax unroll={name}"] = rnnjax_runner(

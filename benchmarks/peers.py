@@ -67,17 +67,12 @@ def rnnjax_runners(data: Arrays, device_data: Arrays, batch: int, steps: int,
     them, one compiled step per call fed from the host. Returns the runners, the choice in
     words, and what closes them."""
     config, chosen = flax_peers.user_config("simple_rnn", "rows", batch, tune_budget_s)
-    closers: list[Callable[[], None]] = []
-    fast: Runner
-    if config.xla_flags or config.huge_pages:
-        child = flax_peers.ChildRunner(config, batch, steps)
-        fast, closers = child, [child.close]
-        config = config.replace(xla_flags="", huge_pages=False)
-    else:
-        idx = jax.device_put(batch_indices(len(data.train_labels), batch, 0, steps))
-        fast = flax_peers.rnnjax_runner(device_data, idx, config)[0]
+    idx = jax.device_put(batch_indices(len(data.train_labels), batch, 0, steps))
+    fast, _ = flax_peers.train_runner(device_data, idx, config)
+    closers = [fast.close] if isinstance(fast, flax_peers.ChildRunner) else []
     return ({"rnnjax (K steps/call)": fast,
-             "rnnjax (1 step/call)": rnnjax_per_step(data, batch, steps, config)},
+             "rnnjax (1 step/call)": rnnjax_per_step(data, batch, steps,
+                                                     flax_peers.in_process(config))},
             chosen, closers)
 
 

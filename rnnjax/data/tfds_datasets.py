@@ -225,8 +225,7 @@ def spec(config: Config) -> DataSpec:
     :func:`load` checks them, where the dataset is there to check them against."""
     target = resolve(config)
     if isinstance(target, IdxBuild):
-        for flag, split in _split_flags(config):
-            _check_idx_split(target, split, flag)
+        _check_idx_splits(target, config)
         return IDX_SPEC
     if target.builder.is_prepared():
         for flag, split in _split_flags(config):
@@ -238,8 +237,7 @@ def load(config: Config) -> Dataset:
     """The dataset of ``config`` (``--source tfds``): its two splits and its spec."""
     target = resolve(config)
     if isinstance(target, IdxBuild):
-        for flag, split in _split_flags(config):
-            _check_idx_split(target, split, flag)
+        _check_idx_splits(target, config)
         if (config.train_split, config.test_split) == ("train", "test"):
             arrays = tfds_mnist.load_arrays(target.name, target.directory, target.checksums,
                                             config.tfds_dir)
@@ -253,18 +251,19 @@ def load(config: Config) -> Dataset:
             raise ConfigError(f"--tfds-download: tfds could not download and prepare "
                               f"{target.title} ({problem}); prepare it where there is "
                               "network and pass --tfds-dir") from e
-    train = _read(target, config.train_split, "--train-split")
-    test = _read(target, config.test_split, "--test-split")
+    train, test = (_read(target, split, flag) for flag, split in _split_flags(config))
     return Dataset(Arrays(*train, *test), target.spec, f"{target.title} (tfds)")
 
 
-def _check_idx_split(target: IdxBuild, split: str, flag: str) -> None:
-    """IDX files have the splits train and test: another name is refused before a build."""
-    unknown = sorted(set(re.findall(r"[A-Za-z_][\w-]*", split)) - {"train", "test"})
-    if unknown:
-        raise ConfigError(f"{flag} {split}: the IDX files of {target.name} have no split "
-                          f"{unknown[0]} (they have train, test); pass one of them (tfds "
-                          "split syntax such as 'train[:90%]' works too)")
+def _check_idx_splits(target: IdxBuild, config: Config) -> None:
+    """IDX files have the splits train and test: another name in either split flag is
+    refused before a build."""
+    for flag, split in _split_flags(config):
+        unknown = sorted(set(re.findall(r"[A-Za-z_][\w-]*", split)) - {"train", "test"})
+        if unknown:
+            raise ConfigError(f"{flag} {split}: the IDX files of {target.name} have no split "
+                              f"{unknown[0]} (they have train, test); pass one of them (tfds "
+                              "split syntax such as 'train[:90%]' works too)")
 
 
 def _idx_prepared(target: IdxBuild, config: Config) -> Prepared:
