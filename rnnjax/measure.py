@@ -7,7 +7,7 @@ XLA flags, with ``$XLA_FLAGS`` set, and hands it a JSON spec as the first line o
      "projection": "in_loop", "weight_grad": "product", "chunks": 1, "feed": "device"}, ...],
      "deadline": unix time, "call_s": 0.1, "steps": null, "repeats": 3,
      "reference": "path/to/baseline.npz", "pay_back": null, "compiled": false,
-     "data": {"image_shape": [28, 28, 1], "num_classes": 10}}
+     "data": {"image_shape": [28, 28, 1], "num_classes": 10}, "alone": null}
 
 A candidate's fields may be ``"best"``: those fields of the fastest candidate this child
 has timed so far (:func:`resolve`: the unroll, for a form timed at the unroll that suits
@@ -34,7 +34,10 @@ pass it (unless ``compiled``: an earlier child compiled them all, and the persis
 compilation cache holds them). With ``pay_back`` (``{"start": unix time, "steps": the
 run's steps, "share": this child's part, "budget_s": the default budget}``), once the
 reference is timed the deadline comes forward to this child's part of the budget that
-follows the run's length (``rnnjax.tune.pay_back_deadline``), reported as ``budget``.
+follows the run's length (``rnnjax.tune.pay_back_deadline``), reported as ``budget``. With
+``alone`` (``{"others_on": backends, "deadline", "share"}``), on a backend not among
+``others_on`` the deadline and that part are ``alone``'s (no other process settings follow
+this child there: ``rnnjax.tune.others_on``), also reported as ``budget``.
 """
 
 from __future__ import annotations
@@ -338,8 +341,14 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
     # candidate) this child loads them from the cache, so no compile time is predicted.
     cached = runtime.enable_compile_cache(config.compile_cache) is not None \
         and spec.get("compiled", False)
-    emit("device", **runtime.device_info(), xla_flags=os.environ.get("XLA_FLAGS", ""))
-    deadline, steps = spec["deadline"], spec.get("steps")
+    device = runtime.device_info()
+    emit("device", **device, xla_flags=os.environ.get("XLA_FLAGS", ""))
+    deadline, steps, pay_back = spec["deadline"], spec.get("steps"), spec.get("pay_back")
+    alone = spec.get("alone")
+    if alone and device["backend"] not in alone["others_on"]:  # nothing follows it here
+        deadline = alone["deadline"]
+        pay_back = pay_back and {**pay_back, "share": alone["share"]}
+        emit("budget", deadline=deadline)
     time_steps = sequence_length(config, images)
     data = synthetic_data(config, 2 * config.batch_size, images)
     reference = spec["reference"]
@@ -396,7 +405,6 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
             continue
         if not os.path.exists(reference):
             np.savez(reference, **timed.first_step)  # the first candidate timed: the reference
-            pay_back = spec.get("pay_back")
             cut = pay_back and pay_back_deadline(pay_back["start"], pay_back["budget_s"],
                                                  pay_back["steps"], per_step, pay_back["share"])
             if cut and cut < deadline:

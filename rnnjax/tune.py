@@ -82,6 +82,10 @@ TURN_ROUNDS = 5  # of in_turns, at most
 SECOND_NEAR = 0.25
 SECOND_MOST = 3
 SECOND_SHARE = 0.15
+# The first child's share where no other process settings follow (the backend has no XLA
+# flag alternatives, e.g. a TPU, and no huge pages; or the user set both): all but the
+# second process's and the turns' parts.
+ALONE_SHARE = 1.0 - SECOND_SHARE - TURNS_SHARE
 # The chunks a sequence is scanned in, timed for the fastest form and unroll: each part at
 # least CHUNK_STEPS long (28 rows: 4 parts; 784 pixels: 4 and 8). In turns in one process on
 # a 2-core AVX-512 EPYC, 2026-12-01: pixels at batch 50, the GRU 1.17x faster in 8 parts
@@ -366,10 +370,14 @@ def huge_pages_offered(pinned: frozenset[str], env: dict[str, str] | None = None
     return "huge_pages" not in pinned and process.huge_pages_unavailable(env) is None
 
 
-def others_to_time(pinned: frozenset[str]) -> bool:
-    """Whether other process settings than the run's own may be timed (before the backend
-    is known: XLA flags not pinned, or huge pages offered)."""
-    return "xla_flags" not in pinned or huge_pages_offered(pinned)
+def others_on(config: Config, pinned: frozenset[str], env_flags: str) -> list[str]:
+    """The backends on which other process settings than the run's own would be timed
+    (:func:`flag_candidates`), known before the backend starts: the first child learns
+    its backend, and where it is not one of these it may take :data:`ALONE_SHARE` of the
+    budget, not :data:`FIRST_SHARE` (a TPU run kept 40% of it for flag sets it had none
+    of)."""
+    return [backend for backend in sorted({"cpu", *FLAG_SETS})
+            if flag_candidates(backend, pinned, config, env_flags)[1:]]
 
 
 def tolerance(config: Config) -> float:
@@ -526,7 +534,7 @@ def run_child(
     config: Config, flags: str, candidates: list[dict[str, Any]], deadline: float,
     steps: int | None, reference: str, call_s: float, log: Callable[[str], None],
     pay_back: dict[str, float] | None = None, compiled: bool = False,
-    data: DataSpec = IDX_SPEC,
+    data: DataSpec = IDX_SPEC, alone: dict[str, Any] | None = None,
 ) -> Child:
     """Time ``candidates`` in a child process under ``flags`` (:func:`child_env`: XLA
     flags added to ``$XLA_FLAGS``, huge pages), on synthetic images of ``data``'s shape.
@@ -537,7 +545,10 @@ def run_child(
     the tuning's start, the run's steps, this child's part and the default budget,
     :func:`pay_back_deadline`).
     ``compiled``: an earlier child compiled every candidate (this one loads them from the
-    compilation cache, and predicts no compile time). A child that finished stays, for
+    compilation cache, and predicts no compile time). ``alone`` (``{"others_on": backends,
+    "deadline", "share"}``): on a backend not among ``others_on`` (no other process settings
+    follow it there) the child's deadline is ``deadline`` and its pay-back part ``share``,
+    reported as its deadline moved (:func:`others_on`). A child that finished stays, for
     :attr:`Child.retime` (one more call of a candidate it timed) until :attr:`Child.close`.
     """
     from rnnjax.measure import PREFIX
@@ -546,7 +557,8 @@ def run_child(
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     spec = {"config": to_dict(config), "candidates": candidates, "deadline": deadline,
             "steps": steps, "call_s": call_s, "repeats": 3, "reference": reference,
-            "pay_back": pay_back, "compiled": compiled, "data": data.to_json()}
+            "pay_back": pay_back, "compiled": compiled, "data": data.to_json(),
+            "alone": alone}
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "rnnjax.measure"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -587,7 +599,7 @@ def run_child(
             if event["event"] == "ready":
                 ready = True
                 break
-            if event["event"] == "budget":  # its deadline, brought forward
+            if event["event"] == "budget":  # its deadline, moved (pay_back, alone)
                 timer.cancel()
                 deadline = child.deadline = event["deadline"]
                 timer = killer(deadline)
@@ -722,10 +734,15 @@ def tune(
     base_flags = process_flags(config.xla_flags if "xla_flags" in pinned else "",
                                "huge_pages" in pinned and config.huge_pages)
     # The run's own flags get the first FIRST_SHARE of the budget when other flags may follow
-    # (of the budget as given, and of the budget that follows the run's length: run below).
-    share = FIRST_SHARE if others_to_time(pinned) else 1.0
+    # (of the budget as given, and of the budget that follows the run's length: run below),
+    # else ALONE_SHARE: told the backends where they would, the first child takes the
+    # larger share on any other.
+    backends = others_on(config, pinned, os.environ.get("XLA_FLAGS", ""))
+    share = FIRST_SHARE if backends else ALONE_SHARE
     longest = max(budget_s, TUNE_COMMAND_BUDGET_S) if pay_back else budget_s
     first_deadline = start + share * longest
+    alone = {"others_on": backends, "deadline": start + ALONE_SHARE * longest,
+             "share": ALONE_SHARE} if backends else None
     measured: list[Measurement] = []
     children: list[Child] = []
     final: list[Measurement] = []
@@ -735,7 +752,7 @@ def tune(
             run = {"start": start, "steps": config.steps, "share": share,
                    "budget_s": budget_s} if pay_back else None
             first = child(config, base_flags, candidates, first_deadline, None, reference,
-                          call_s, log, pay_back=run)
+                          call_s, log, pay_back=run, alone=alone)
             children.append(first)
             measured += first.measurements
             steps = next((m.steps for m in first.measurements if m.steps), None)

@@ -61,7 +61,7 @@ class FakeChild:
     that differ from the baseline. Resolves 'best' as the real child does."""
 
     def __init__(self, times, wrong=(), clock=None, per_child_s=0.0, startup_s=1.0, turns=None,
-                 stops_at_deadline=False, again=None):
+                 stops_at_deadline=False, again=None, backend="cpu"):
         self.times, self.wrong, self.clock, self.per_child_s = times, set(wrong), clock, per_child_s
         # again: the times a later child under the same flags reports, where they differ
         # (the same program runs faster in some processes than in others).
@@ -71,12 +71,16 @@ class FakeChild:
         # forward by pay_back, as measure.run does) comes first.
         self.stops_at_deadline = stops_at_deadline
         self.calls, self.retimed, self.closed, self.pay_back = [], [], 0, []
+        self.backend, self.deadlines = backend, []  # each child's, moved as measure.run moves it
 
     def __call__(self, config, flags, candidates, deadline, steps, reference, call_s, log,
-                 pay_back=None, compiled=False, data=None):
+                 pay_back=None, compiled=False, data=None, alone=None):
         later = any(call[0] == flags for call in self.calls)
         self.calls.append((flags, [dict(c) for c in candidates], deadline))
         self.pay_back.append(pay_back)
+        if alone and self.backend not in alone["others_on"]:
+            deadline = alone["deadline"]
+            pay_back = pay_back and {**pay_back, "share": alone["share"]}
         if self.clock is not None:
             end = self.clock.now + self.per_child_s
             if self.stops_at_deadline:
@@ -87,8 +91,9 @@ class FakeChild:
                         pay_back["share"]))
                 end = min(end, deadline)
             self.clock.now = max(self.clock.now, end)
-        child = tune.Child(device={"backend": "cpu", "device_kind": "fake", "device_count": 1},
-                           startup_s=self.startup_s)
+        self.deadlines.append(deadline)
+        child = tune.Child(device={"backend": self.backend, "device_kind": "fake",
+                                   "device_count": 1}, startup_s=self.startup_s)
         queue = list(candidates)
         while queue:
             c = queue.pop(0)
@@ -425,6 +430,33 @@ def test_the_budget_stops_starting_children():
                            for m in skipped)
 
 
+def test_a_backend_without_other_settings_gives_the_first_child_their_share(monkeypatch):
+    """Which process settings follow is known per backend before any starts
+    (:func:`tune.others_on`): on a CPU, XLA flags and huge pages; on a TPU none, so there the
+    first child takes ALONE_SHARE of the budget, where a CPU's takes FIRST_SHARE; with a
+    run's pay-back budget, that share of it."""
+    config = Config()
+    assert tune.others_on(config, frozenset(), "") == ["cpu", "gpu"]
+    assert tune.others_on(config, frozenset({"xla_flags"}), "") == []  # no huge pages here
+    with monkeypatch.context() as m:
+        m.setattr(process, "huge_pages_unavailable", lambda env=None: None)
+        assert tune.others_on(config, frozenset({"xla_flags"}), "") == ["cpu"]
+        assert tune.others_on(config, frozenset({"xla_flags", "huge_pages"}), "") == []
+    for backend, share in (("cpu", tune.FIRST_SHARE), ("tpu", tune.ALONE_SHARE)):
+        clock = Clock()
+        fake = FakeChild(all_times(), clock=clock, per_child_s=40.0, stops_at_deadline=True,
+                         backend=backend)
+        tune.tune(config, frozenset(), 30.0, child=fake, clock=clock)
+        assert fake.deadlines[0] == pytest.approx(1000.0 + share * 30.0)
+        assert (YNN in [c[0] for c in fake.calls]) == (backend == "cpu")
+        assert all(c[0] == "" for c in fake.calls) == (backend == "tpu")
+        clock = Clock()  # a seed run's pay-back budget: 10 s, the first child's share of it
+        fake = FakeChild(all_times(), clock=clock, per_child_s=40.0, stops_at_deadline=True,
+                         backend=backend)
+        tune.tune(config, frozenset(), 30.0, child=fake, clock=clock, pay_back=True)
+        assert fake.deadlines[0] == pytest.approx(1000.0 + share * tune.PAY_BACK_FLOOR_S)
+
+
 def test_no_child_starts_that_could_not_finish_in_its_share(one_process):
     """A child needs its start-up, a compile and its timed calls: 20 s of start-up does not
     fit in the 9 s left to the two flag sets (the budget's last 3 s are for timing in
@@ -736,12 +768,15 @@ def test_a_child_times_candidates_under_its_own_xla_flags(tmp_path):
     child = tune.run_child(config, f"--xla_dump_to={dump}", candidates, start + 120,
                            2, str(tmp_path / "ref.npz"), 0.01, lines.append,
                            pay_back={"start": start + 100, "steps": 3, "share": 0.5,
-                                     "budget_s": 30.0})
+                                     "budget_s": 30.0},
+                           alone={"others_on": ["gpu"], "deadline": start + 150,
+                                  "share": 0.25})
     assert child.error == "" and child.device["backend"] == "cpu"
-    # pay_back: once its reference was timed, the child brought its deadline forward to
-    # its part (half) of the floor after the (here, pretended) start, and the parent's
-    # timer followed.
-    assert child.deadline == pytest.approx(start + 100 + 0.5 * tune.PAY_BACK_FLOOR_S)
+    # alone: no other settings follow on its backend, so its deadline moved to alone's, and
+    # its part of the pay-back budget is alone's quarter. pay_back: once its reference was
+    # timed, the child brought its deadline forward to that part of the floor after the
+    # (here, pretended) start, and the parent's timer followed.
+    assert child.deadline == pytest.approx(start + 100 + 0.25 * tune.PAY_BACK_FLOOR_S)
     # 'best': at the unroll of the faster of the two timed, and at the other too where
     # they timed within UNROLL_NEAR of each other (measure.resolutions).
     assert [m.candidate for m in child.measurements[:2]] == candidates[:2]
