@@ -887,7 +887,8 @@ def pay_back_deadline(start: float, budget_s: float, run_steps: int, step_s: flo
     """The end of :func:`run_budget` from ``start``, for a run of ``run_steps`` steps of
     ``step_s`` seconds at the defaults and the default ``budget_s``; with ``share``, the end
     of that budget's first part (the first child's: :data:`FIRST_SHARE` where other XLA
-    flags follow, so that a budget cut short still leaves them their part)."""
+    flags follow, so that a budget cut short still leaves them their part, else
+    :data:`ALONE_SHARE`)."""
     return start + share * run_budget(run_steps * step_s, budget_s)
 
 
