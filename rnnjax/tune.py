@@ -168,7 +168,7 @@ class Child:
     measurements: list[Measurement] = field(default_factory=list)
     error: str = ""
     startup_s: float | None = None  # from its start to its first report
-    deadline: float | None = None  # brought forward by the child (pay_back), if it was
+    deadline: float | None = None  # moved by the child (pay_back, alone), if it was
     retime: Callable[[dict[str, Any], float], float | None] | None = None
     close: Callable[[], None] = lambda: None
 
@@ -374,8 +374,8 @@ def others_on(config: Config, pinned: frozenset[str], env_flags: str) -> list[st
     """The backends on which other process settings than the run's own would be timed
     (:func:`flag_candidates`), known before the backend starts: the first child learns
     its backend, and where it is not one of these it may take :data:`ALONE_SHARE` of the
-    budget, not :data:`FIRST_SHARE` (a TPU run kept 40% of it for flag sets it had none
-    of)."""
+    budget, not :data:`FIRST_SHARE` (a TPU run's first child stopped at 60% of it, and 15%
+    went to flag sets it had none of)."""
     return [backend for backend in sorted({"cpu", *FLAG_SETS})
             if flag_candidates(backend, pinned, config, env_flags)[1:]]
 

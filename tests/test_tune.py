@@ -72,12 +72,14 @@ class FakeChild:
         self.stops_at_deadline = stops_at_deadline
         self.calls, self.retimed, self.closed, self.pay_back = [], [], 0, []
         self.backend, self.deadlines = backend, []  # each child's, moved as measure.run moves it
+        self.alone = []  # the alone each child was given
 
     def __call__(self, config, flags, candidates, deadline, steps, reference, call_s, log,
                  pay_back=None, compiled=False, data=None, alone=None):
         later = any(call[0] == flags for call in self.calls)
         self.calls.append((flags, [dict(c) for c in candidates], deadline))
         self.pay_back.append(pay_back)
+        self.alone.append(alone)
         if alone and self.backend not in alone["others_on"]:
             deadline = alone["deadline"]
             pay_back = pay_back and {**pay_back, "share": alone["share"]}
@@ -455,6 +457,9 @@ def test_a_backend_without_other_settings_gives_the_first_child_their_share(monk
                          backend=backend)
         tune.tune(config, frozenset(), 30.0, child=fake, clock=clock, pay_back=True)
         assert fake.deadlines[0] == pytest.approx(1000.0 + share * tune.PAY_BACK_FLOOR_S)
+        # before the cut: its share of the longest budget a run may get (rnnjax tune's)
+        assert fake.alone[0]["deadline"] == pytest.approx(
+            1000.0 + tune.ALONE_SHARE * tune.TUNE_COMMAND_BUDGET_S)
 
 
 def test_no_child_starts_that_could_not_finish_in_its_share(one_process):
@@ -767,16 +772,17 @@ def test_a_child_times_candidates_under_its_own_xla_flags(tmp_path):
     start = time.time()
     child = tune.run_child(config, f"--xla_dump_to={dump}", candidates, start + 120,
                            2, str(tmp_path / "ref.npz"), 0.01, lines.append,
-                           pay_back={"start": start + 100, "steps": 3, "share": 0.5,
+                           pay_back={"start": start + 145, "steps": 3, "share": 0.5,
                                      "budget_s": 30.0},
                            alone={"others_on": ["gpu"], "deadline": start + 150,
                                   "share": 0.25})
     assert child.error == "" and child.device["backend"] == "cpu"
-    # alone: no other settings follow on its backend, so its deadline moved to alone's, and
-    # its part of the pay-back budget is alone's quarter. pay_back: once its reference was
-    # timed, the child brought its deadline forward to that part of the floor after the
-    # (here, pretended) start, and the parent's timer followed.
-    assert child.deadline == pytest.approx(start + 100 + 0.25 * tune.PAY_BACK_FLOOR_S)
+    # alone: no other settings follow on its backend, so its deadline moved from 120 s to
+    # alone's 150, and its part of the pay-back budget is alone's quarter. pay_back: once
+    # its reference was timed, the child brought its deadline forward to that part of the
+    # floor after the (here, pretended) start, 147.5 s, and the parent's timer followed
+    # (not moved to alone's: no cut below 120; alone's share not taken: 150, no cut).
+    assert child.deadline == pytest.approx(start + 145 + 0.25 * tune.PAY_BACK_FLOOR_S)
     # 'best': at the unroll of the faster of the two timed, and at the other too where
     # they timed within UNROLL_NEAR of each other (measure.resolutions).
     assert [m.candidate for m in child.measurements[:2]] == candidates[:2]
