@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 import jax
 import numpy as np
 
+from benchmarks.flax_peers import rnnjax_runner
 from benchmarks.harness import environment, interleaved, write_results
 from rnnjax import runtime, train
 from rnnjax.config import Config, ConfigError
@@ -74,10 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     fresh = functools.partial(init_state, config, model, optimizer)
     step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer),
                    donate_argnums=0)
-    chunk = jax.jit(functools.partial(train.train_steps, model=model, optimizer=optimizer),
-                    donate_argnums=0)
-    images, labels = to_device(data)[:2]
-    sequences = model.sequences(images)  # train_steps' form of the dataset, made once
+    device_data = to_device(data)
     runners: dict[str, Callable[[], object]] = {}
     compile_s: dict[str, float] = {}
     steps_per_turn: dict[str, int] = {}
@@ -100,21 +98,19 @@ def main(argv: list[str] | None = None) -> None:
         runners[name] = run
 
     def on_device(name: str, k: int) -> None:
-        """``k`` steps per compiled call, the batches cut on the device; a turn is
-        ``--steps // k`` calls (the steps per turn rounded down to whole calls)."""
+        """``k`` steps per compiled call on the device-resident dataset, each call the first
+        ``k`` batches (``flax_peers.rnnjax_runner``); a turn is ``--steps // k`` calls (the
+        steps per turn rounded down to whole calls)."""
         calls = max(1, args.steps // k)
-        state = [fresh()]
-        idx = [jax.device_put(batch_indices(len(data.train_labels), args.batch_size, i * k, k))
-               for i in range(calls)]
-        compiled, compile_s[name] = runtime.compile_timed(chunk, state[0], sequences, labels,
-                                                          idx[0])
+        idx = jax.device_put(batch_indices(len(data.train_labels), args.batch_size, 0, k))
+        run, compile_s[name] = rnnjax_runner(device_data, idx, config)
 
-        def run():
-            for i in idx:
-                state[0], _ = compiled(state[0], sequences, labels, i)
-            return state[0]
+        def turn():
+            for _ in range(calls):
+                state = run()
+            return state
 
-        runners[name] = run
+        runners[name] = turn
         steps_per_turn[name] = calls * k
 
     try:

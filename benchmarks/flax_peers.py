@@ -36,7 +36,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -249,6 +249,13 @@ class ChildRunner:
         self.proc.wait(timeout=60)
 
 
+def close_children(runners: Iterable[Any]) -> None:
+    """Close the :class:`ChildRunner` processes among ``runners``."""
+    for run in runners:
+        if isinstance(run, ChildRunner):
+            run.close()
+
+
 def in_process(config: Config) -> Config:
     """``config`` without the process settings (XLA flags, huge pages) that only a process
     started with them has."""
@@ -355,9 +362,7 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 seconds = interleaved({k: v[0] for k, v in runners.items()}, args.rounds)
             finally:
-                for run, _ in runners.values():
-                    if isinstance(run, ChildRunner):
-                        run.close()
+                close_children(run for run, _ in runners.values())
             row: dict[str, Any] = {"order": order, "batch": batch, "cell": cell,
                                    "steps/call": steps, "rnnjax train runs": chosen}
             for name, (_, compile_s) in runners.items():

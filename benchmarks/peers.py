@@ -59,21 +59,20 @@ def batches(data: Arrays, batch: int, count: int) -> list[tuple[np.ndarray, np.n
 
 
 def rnnjax_runners(data: Arrays, device_data: Arrays, batch: int, steps: int,
-                   tune_budget_s: float | None) -> tuple[dict[str, Runner], str, list[Callable]]:
+                   tune_budget_s: float | None) -> tuple[dict[str, Runner], str]:
     """rnnjax as ``rnnjax train --batch-size B`` runs it (the tuner's choice for this machine,
     cached or measured now within ``tune_budget_s``, as in ``benchmarks.flax_peers``): K =
     ``steps`` train steps per compiled call on ``device_data``, in a child process
     started with the choice's XLA flags where it has some; and the same choice, without
-    them, one compiled step per call fed from the host. Returns the runners, the choice in
-    words, and what closes them."""
+    them, one compiled step per call fed from the host. Returns the runners (a child is
+    closed by ``flax_peers.close_children``) and the choice in words."""
     config, chosen = flax_peers.user_config("simple_rnn", "rows", batch, tune_budget_s)
     idx = jax.device_put(batch_indices(len(data.train_labels), batch, 0, steps))
     fast, _ = flax_peers.train_runner(device_data, idx, config)
-    closers = [fast.close] if isinstance(fast, flax_peers.ChildRunner) else []
     return ({"rnnjax (K steps/call)": fast,
              "rnnjax (1 step/call)": rnnjax_per_step(data, batch, steps,
                                                      flax_peers.in_process(config))},
-            chosen, closers)
+            chosen)
 
 
 def rnnjax_per_step(data: Arrays, batch: int, steps: int, config: Config) -> Runner:
@@ -198,14 +197,12 @@ def main(argv=None) -> None:
     rows, names = [], []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         steps = max(10, min(200, 20000 // batch))
-        runners, chosen, closers = rnnjax_runners(data, device_data, batch, steps,
-                                                  args.tune_budget)
+        runners, chosen = rnnjax_runners(data, device_data, batch, steps, args.tune_budget)
         try:
             runners.update((name, make(data, batch, steps)) for name, make in peers.items())
             seconds = interleaved(runners, args.repeats)
         finally:
-            for close in closers:
-                close()
+            flax_peers.close_children(runners.values())
         names = list(runners)
         row = {"batch": batch, "steps_timed": steps, "rnnjax train runs": chosen}
         for name in names:
