@@ -195,13 +195,15 @@ def ops_rows(device_data: Arrays, order: str, batch: int, cells: list[str],
 
 
 def child_main() -> None:
-    """``--child``: one rnnjax runner under this process's ``$XLA_FLAGS``. Reads a JSON
-    ``{"config", "batch", "steps"}`` line, compiles, answers ``{"compile_s"}``; then each
-    ``run`` line is one call, blocked on, answered ``done``."""
+    """``--child``: one rnnjax runner under this process's ``$XLA_FLAGS``, on the config's
+    ``cpus``. Reads a JSON ``{"config", "batch", "steps"}`` line, compiles, answers
+    ``{"compile_s"}``; then each ``run`` line is one call, blocked on, answered ``done``."""
+    from rnnjax import runtime
     from rnnjax.config import from_dict
 
     spec = json.loads(sys.stdin.readline())
     config = from_dict(spec["config"])
+    runtime.apply_cpus(config.cpus)  # before the backend starts, as rnnjax train does
     device_data = to_device(load_arrays(Config()))
     idx = jax.device_put(batch_indices(len(device_data.train_labels), spec["batch"], 0,
                                        spec["steps"]))
@@ -216,8 +218,9 @@ def child_main() -> None:
 
 class ChildRunner:
     """:func:`rnnjax_runner` in a child process whose ``$XLA_FLAGS`` add
-    ``config.xla_flags`` and that asks for huge pages where ``config.huge_pages`` (as
-    ``rnnjax train`` applies them at start-up, ``tune.child_env``). Calling it runs one
+    ``config.xla_flags``, that asks for huge pages where ``config.huge_pages`` (as
+    ``rnnjax train`` applies them at start-up, ``tune.child_env``) and runs on
+    ``config.cpus``. Calling it runs one
     compiled call there and returns when the child has blocked on it."""
 
     def __init__(self, config: Config, batch: int, steps: int) -> None:
@@ -257,9 +260,9 @@ def close_children(runners: Iterable[Any]) -> None:
 
 
 def in_process(config: Config) -> Config:
-    """``config`` without the process settings (XLA flags, huge pages) that only a process
-    started with them has."""
-    return config.replace(xla_flags="", huge_pages=False)
+    """``config`` without the process settings (XLA flags, huge pages, CPUs) that only a
+    process started with them has."""
+    return config.replace(xla_flags="", huge_pages=False, cpus=0)
 
 
 def train_runner(device_data: Arrays, idx: jax.Array, config: Config) -> tuple[Runner, float]:
@@ -280,7 +283,7 @@ def user_config(cell: str, order: str, batch: int,
     first ``rnnjax train`` of the shape does: None, its default budget, capped by what the
     run can pay back; 0 = the untuned defaults), and what it chose.
 
-    The choice's XLA flags and huge pages stay in the Config: :func:`case_runners` then runs
+    The choice's XLA flags, huge pages and CPUs stay in the Config: :func:`case_runners` then runs
     it in a child process that has them.
     """
     config = Config(cell=cell, order=order, batch_size=batch)
@@ -301,7 +304,7 @@ def case_runners(device_data: Arrays, order: str, batch: int, cell: str, steps: 
     runners = {"rnnjax (as rnnjax train)": train_runner(device_data, idx, user)}
     if in_process(user) != user:
         user = in_process(user)
-        runners["rnnjax (its choice without its XLA flags or huge pages)"] = rnnjax_runner(
+        runners["rnnjax (its choice without its process settings)"] = rnnjax_runner(
             device_data, idx, user)
     for name, unroll in unrolls(order, max_full_unroll):
         if (unroll % full) != user.unroll:  # 0 is full for rnnjax

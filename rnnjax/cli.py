@@ -160,6 +160,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(**flag_changes(args))
 
 
+def check_cpus(config: Config) -> None:
+    """Refuse, before any work, a ``--cpus`` this process cannot run on."""
+    try:
+        process.first_cpus(config.cpus)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def check_writable(directory: Path, flag: str = "--workdir") -> None:
     """Fail before training, not after, when ``directory`` could not be written.
 
@@ -318,6 +326,7 @@ def _train(args: argparse.Namespace, whole_process: bool = False) -> int:
     """``rnnjax train``; ``whole_process`` (:func:`run`): the garbage collector, off until
     now, is set once the run is tuned and JAX imported (``rnnjax.process``)."""
     config = resume_config(args) if args.resume else config_from_args(args)
+    check_cpus(config)
     if args.workdir is not None:
         check_writable(args.workdir)
     if config.compile_cache not in ("auto", "off"):  # 'auto' may be unwritable: then no cache
@@ -340,7 +349,7 @@ def _train(args: argparse.Namespace, whole_process: bool = False) -> int:
     if whole_process:
         process.imported()
     try:
-        runtime.apply_xla_flags(config.xla_flags)  # before JAX's backend starts
+        runtime.apply_process_settings(config.xla_flags, config.cpus)  # before the backend
     except ValueError as e:
         raise UsageError(str(e)) from None
     tune.check_device(tuning)
@@ -375,6 +384,7 @@ def _tune(args: argparse.Namespace, whole_process: bool = False) -> int:
         process.imported()
 
     config = config_from_args(args)
+    check_cpus(config)
     budget = tune_budget(args, tune.TUNE_COMMAND_BUDGET_S)
     if config.compile_cache not in ("auto", "off"):
         check_writable(Path(config.compile_cache).expanduser(), flag="--compile-cache")

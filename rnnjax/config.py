@@ -30,7 +30,7 @@ PROJECTIONS = ("auto", "hoisted", "in_loop")
 WEIGHT_GRADS = ("auto", "product", "per_step")
 # The fields rnnjax.tune chooses by measurement unless set on the command line.
 TUNED = ("unroll", "backward", "projection", "weight_grad", "chunks", "feed", "xla_flags",
-         "huge_pages")
+         "huge_pages", "cpus")
 XLA_FLAG = re.compile(r"--xla_[a-z0-9_]+(=\S*)?")
 
 
@@ -214,6 +214,12 @@ class Config:
                   "huge pages in the kernel's 'madvise' mode, else ignored with a note); "
                   "tuned unless given"},
     )
+    cpus: int = field(
+        default=0,
+        metadata={"help": "CPU: run on the first N of the CPUs this process may use (its "
+                  "affinity, set before JAX's backend starts: XLA:CPU sizes its thread pools "
+                  "by it; Linux); 0 = all of them; tuned unless given"},
+    )
 
     # Checkpoints (in WORKDIR/checkpoints/; they need --workdir).
     checkpoint_every: int = field(
@@ -268,7 +274,7 @@ class Config:
                 raise ConfigError(
                     f"{flag_name(name)} must be at least 1, got {getattr(self, name)}"
                 )
-        for name in ("unroll", "warmup_steps", "seed", "checkpoint_every", "num_classes"):
+        for name in ("unroll", "warmup_steps", "seed", "checkpoint_every", "num_classes", "cpus"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{flag_name(name)} must be 0 or more, got {getattr(self, name)}")
         if self.seed >= 2**63:

@@ -335,12 +335,12 @@ def train_and_evaluate(
     (of the whole run when resumed) and a summary; ``tuning`` (how ``rnnjax.tune`` chose
     the run's settings) goes into the summary; ``load`` reads the dataset
     (``data.sources.prefetch``'s loader: one already being read). ``config.xla_flags``
-    must be set before JAX's backend starts in this process
-    (``rnnjax.runtime.apply_xla_flags``).
+    and ``config.cpus`` must be set before JAX's backend starts in this process
+    (``rnnjax.runtime.apply_process_settings``).
     """
     out = sys.stdout if out is None else out
     try:
-        runtime.apply_xla_flags(config.xla_flags)
+        runtime.apply_process_settings(config.xla_flags, config.cpus)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     # Several processes: jax.distributed before anything touches JAX (rnnjax.parallel).
@@ -484,6 +484,7 @@ def train_and_evaluate(
                    "settings": {name: getattr(config, name) for name in TUNED}},
         "xla_flags_env": os.environ.get("XLA_FLAGS", ""),
         "huge_pages_on": process.huge_pages_on(),
+        "cpus_used": len(process.usable_cpus()) or os.cpu_count(),
         **runtime.device_info(),
         **dp.describe(),
         "versions": runtime.versions(),

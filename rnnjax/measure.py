@@ -1,7 +1,9 @@
 """Time train-step candidates in this process: the tuner's child, ``python -m rnnjax.measure``.
 
-XLA reads its flags once per process, so :mod:`rnnjax.tune` starts one child per set of
-XLA flags, with ``$XLA_FLAGS`` set, and hands it a JSON spec as the first line of its stdin::
+XLA reads its flags once per process, and sizes its thread pools by the CPUs the process may
+use, so :mod:`rnnjax.tune` starts one child per set of process settings, with ``$XLA_FLAGS``
+set (the child applies its config's ``cpus`` before the backend starts), and hands it a JSON
+spec as the first line of its stdin::
 
     {"config": {...Config fields...}, "candidates": [{"unroll": 1, "backward": "autodiff",
      "projection": "in_loop", "weight_grad": "product", "chunks": 1, "feed": "device"}, ...],
@@ -341,6 +343,7 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
     # candidate) this child loads them from the cache, so no compile time is predicted.
     cached = runtime.enable_compile_cache(config.compile_cache) is not None \
         and spec.get("compiled", False)
+    runtime.apply_cpus(config.cpus)  # the child's process settings: its CPUs (tune.run_child)
     device = runtime.device_info()
     emit("device", **device, xla_flags=os.environ.get("XLA_FLAGS", ""))
     deadline, steps, pay_back = spec["deadline"], spec.get("steps"), spec.get("pay_back")

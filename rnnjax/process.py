@@ -18,10 +18,15 @@ And what only a process's start can set: transparent huge pages for the buffers 
 allocates (:func:`huge_pages_on`). glibc's malloc asks the kernel for them with
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, which it reads once, when the process starts;
 ``rnnjax train`` starts itself again with it (:func:`restart`) where the tuner chose them.
+
+And what a process must set before JAX's backend starts: the CPUs it runs on
+(:func:`first_cpus`, :func:`run_on`; ``rnnjax.runtime.apply_cpus``), by which XLA:CPU
+sizes its thread pools.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import platform
@@ -102,3 +107,37 @@ def restart(env: Mapping[str, str]) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "rnnjax", *sys.argv[1:]], dict(env))
+
+
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity), or [] where the OS gives no way to
+    set them (``os.sched_setaffinity``: Linux)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return []
+    return sorted(os.sched_getaffinity(0))
+
+
+def first_cpus(count: int) -> list[int]:
+    """The first ``count`` of :func:`usable_cpus`, all of them for 0 (``--cpus``); a
+    ValueError naming the fix where the process may use fewer, or the OS cannot set them."""
+    cpus = usable_cpus()
+    if count == 0:
+        return cpus
+    if not cpus:
+        raise ValueError(f"--cpus {count}: this OS gives no way to set the CPUs a process runs "
+                         "on (Linux does); pass --cpus 0 (all)")
+    if count > len(cpus):
+        raise ValueError(f"--cpus {count}: this process may use only {len(cpus)} CPUs; pass "
+                         f"1 to {len(cpus)}, or 0 for all")
+    return cpus[:count]
+
+
+def run_on(cpus: list[int]) -> None:
+    """Run every thread of this process on ``cpus`` (threads it starts later inherit it)."""
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [0]  # this thread
+    for tid in threads:
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(tid, cpus)

@@ -106,6 +106,34 @@ def apply_xla_flags(flags: str) -> None:
     os.environ["XLA_FLAGS"] = " ".join([*current, *missing])
 
 
+def apply_cpus(count: int) -> None:
+    """Run this process, every thread of it, on the first ``count`` of the CPUs it may use
+    (0: all of them, as it is: ``rnnjax.process.first_cpus``).
+
+    XLA:CPU sizes its thread pools by the CPUs a process may use when JAX's backend starts:
+    the setting must come before that. Where a step is a chain of small ops, one thread runs
+    it faster than two handing work to each other (rows, batch 50: 1.13-1.18x, 2-core AVX-512
+    EPYC; ``rnnjax.tune`` times it). Errors are a plain ValueError naming the fix.
+    """
+    from rnnjax import process
+
+    chosen = process.first_cpus(count)
+    if chosen == process.usable_cpus():
+        return
+    if backend_started():
+        raise ValueError(f"--cpus {count} cannot take effect: JAX's backend has already started "
+                         "in this process, on its CPUs; start Python under `taskset`, or run "
+                         "rnnjax train in a new process")
+    process.run_on(chosen)
+
+
+def apply_process_settings(xla_flags: str, cpus: int) -> None:
+    """What JAX's backend reads of this process when it starts: the run's XLA flags
+    (:func:`apply_xla_flags`) and the CPUs it runs on (:func:`apply_cpus`)."""
+    apply_xla_flags(xla_flags)
+    apply_cpus(cpus)
+
+
 def compile_timed(jitted: Callable, *args: Any) -> tuple[Callable, float]:
     """Lower and compile ``jitted`` for ``args`` ahead of time: ``(compiled, seconds)``.
 

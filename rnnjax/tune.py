@@ -8,13 +8,14 @@ per step: ``rnnjax.cells.resolve_form``), the ``chunks`` the sequence is scanned
 ``steps_per_call`` steps per compiled call, or one step per call streamed from NumPy) and
 ``xla_flags`` where the backend has alternatives, and on a CPU ``huge_pages`` (transparent
 huge pages for XLA's buffers, where glibc and the kernel give them on request:
-:mod:`rnnjax.process`). XLA reads its flags once, when the backend starts, and glibc its
-tunables when the process starts, so every measurement runs in a child process
-(:mod:`rnnjax.measure`), one per set of these process settings (a child's ``flags``: XLA
-flags, and :data:`HUGE_PAGES` for a child started with huge pages); the process that tunes
-never starts JAX's backend itself and can still apply the chosen flags
-(:func:`rnnjax.runtime.apply_xla_flags`); ``rnnjax train`` starts itself again for huge
-pages.
+:mod:`rnnjax.process`) and ``cpus`` (the process on one CPU, where it may use more). XLA
+reads its flags once, when the backend starts, and sizes its thread pools by the CPUs then,
+and glibc reads its tunables when the process starts, so every measurement runs in a child
+process (:mod:`rnnjax.measure`), one per set of these process settings (a child's
+``flags``: XLA flags, :data:`HUGE_PAGES` for a child started with huge pages, ``cpus=1``
+for one on one CPU); the process that tunes never starts JAX's backend itself and can still
+apply the chosen flags and CPUs (:func:`rnnjax.runtime.apply_process_settings`);
+``rnnjax train`` starts itself again for huge pages.
 
 A candidate counts only when its first train step (the loss, and the gradients as the
 optimizer's moments hold them) matches the baseline's (the untuned defaults) to float
@@ -32,9 +33,9 @@ unrolls measured, would overrun it). Fields the user set are never changed (``pi
 
 The choice is cached as JSON beside the compilation cache (``~/.cache/rnnjax/tune/``),
 keyed on the machine (CPU, visible devices, ``$XLA_FLAGS``, huge pages asked for in
-``$GLIBC_TUNABLES``), the model's shape, the batch, the pinned fields and the versions;
-the backend and device kind the children ran on are recorded and checked once the run's
-backend starts.
+``$GLIBC_TUNABLES``, the CPUs the process may use), the model's shape, the batch, the
+pinned fields and the versions; the backend and device kind the children ran on are
+recorded and checked once the run's backend starts.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from rnnjax.config import TUNED, Config, to_dict
 from rnnjax.data.spec import IDX_SPEC, DataSpec
 from rnnjax.measure import BEST  # a field's value: the fastest its child has timed
 
-TUNER_VERSION = 12  # 12: huge pages; 11: chunks; 10: finalists in a second process
+TUNER_VERSION = 13  # 13: cpus; 12: huge pages; 11: chunks; 10: finalists in a second process
 ENV_VAR = "RNNJAX_TUNE"  # 'off' (or 0, false, no): rnnjax train does not tune by default
 MARGIN = 0.03  # a candidate replaces the baseline only when this much faster
 # Other XLA flags replace the run's own only when this much faster: they are timed in other
@@ -83,8 +84,8 @@ SECOND_NEAR = 0.25
 SECOND_MOST = 3
 SECOND_SHARE = 0.15
 # The first child's share where no other process settings follow (the backend has no XLA
-# flag alternatives, e.g. a TPU, and no huge pages; or the user set both): all but the
-# second process's and the turns' parts.
+# flag alternatives, e.g. a TPU, no huge pages and no CPUs to set; or the user set them
+# all): all but the second process's and the turns' parts.
 ALONE_SHARE = 1.0 - SECOND_SHARE - TURNS_SHARE
 # The chunks a sequence is scanned in, timed for the fastest form and unroll: each part at
 # least CHUNK_STEPS long (28 rows: 4 parts; 784 pixels: 4 and 8). In turns in one process on
@@ -120,6 +121,14 @@ HUGE_PAGES = "huge_pages"
 # program: 85 ms in one child, 126 in another, timed in turns; with against without huge
 # pages, four pairs of processes: 135-181 ms against 187-233, each pair 1.18-1.31x).
 HUGE_PAGES_PROCESSES = 2
+# A child's process settings: on one CPU (``Config.cpus``, ``rnnjax.runtime.apply_cpus``),
+# on a CPU backend where the process may use more. XLA:CPU then runs a step's ops on one
+# thread. Rows, batch 50, on a 2-core AVX-512 EPYC, pairs of child processes in turns: the
+# SimpleRNN 1.13-1.18x faster (the GRU 1.07-1.12x, the LSTM level); at batch 1024 and 4096
+# 1.2-1.8x slower; pixels at batch 50 level. So it comes first where a step's batch is at
+# most ONE_CPU_FIRST (where other flags were slower), after the XLA flag sets elsewhere.
+CPUS = "cpus="
+ONE_CPU_FIRST = 64
 VISIBLE_DEVICES = ("JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
                    "ROCR_VISIBLE_DEVICES", "TPU_VISIBLE_CHIPS", "TPU_ACCELERATOR_TYPE")
 PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin", "jax-rocm60-plugin", "libtpu")
@@ -184,16 +193,19 @@ def sequence_length(config: Config, spec: DataSpec = IDX_SPEC) -> int:
 
 
 def process_fields(flags: str) -> dict[str, Any]:
-    """A child's process settings as Config fields: ``xla_flags`` and ``huge_pages``
-    (``flags``: XLA flags, space-separated, and :data:`HUGE_PAGES` where it had them)."""
+    """A child's process settings as Config fields: ``xla_flags``, ``huge_pages`` and
+    ``cpus`` (``flags``: XLA flags, space-separated, :data:`HUGE_PAGES` where it had them,
+    and ``cpus=N`` (:data:`CPUS`) where it ran on N of the CPUs)."""
     words = flags.split()
-    return {"xla_flags": " ".join(w for w in words if w != HUGE_PAGES),
-            "huge_pages": HUGE_PAGES in words}
+    cpus = [int(w[len(CPUS):]) for w in words if w.startswith(CPUS)]
+    return {"xla_flags": " ".join(w for w in words if w.startswith("--")),
+            "huge_pages": HUGE_PAGES in words, "cpus": cpus[-1] if cpus else 0}
 
 
-def process_flags(xla_flags: str, huge_pages: bool) -> str:
+def process_flags(xla_flags: str, huge_pages: bool, cpus: int = 0) -> str:
     """The child's ``flags`` for these Config fields (:func:`process_fields`' inverse)."""
-    return " ".join([*xla_flags.split(), *([HUGE_PAGES] if huge_pages else [])])
+    return " ".join([*xla_flags.split(), *([HUGE_PAGES] if huge_pages else []),
+                     *([f"{CPUS}{cpus}"] if cpus else [])])
 
 
 def child_env(flags: str, env: dict[str, str]) -> dict[str, str]:
@@ -217,6 +229,8 @@ def describe(fields: dict[str, Any]) -> str:
                 value = repr(value) if value else "(none)"
             elif name == "huge_pages":
                 value = "on" if value else "off"
+            elif name == "cpus":
+                value = value or "all"
             parts.append(f"{name.replace('_', '-')} {value}")
     return ", ".join(parts)
 
@@ -345,18 +359,24 @@ def model_candidates(config: Config, pinned: frozenset[str],
 def flag_candidates(backend: str, pinned: frozenset[str], config: Config,
                     env_flags: str, env: dict[str, str] | None = None) -> list[str]:
     """Process settings to time on ``backend`` (a child's ``flags``): the run's own first,
-    then the XLA flag sets that set no flag the user's ``$XLA_FLAGS`` already sets, then
-    :data:`HUGE_PAGES` alone, which :func:`tune` times on top of the fastest flags so far,
-    in :data:`HUGE_PAGES_PROCESSES` children (on a CPU, where huge pages are to be had:
-    ``rnnjax.process.huge_pages_unavailable`` of ``env``, default this process's
-    environment)."""
-    own = config.xla_flags if "xla_flags" in pinned else ""
-    base = process_flags(own, config.huge_pages if "huge_pages" in pinned else False)
+    then the XLA flag sets that set no flag the user's ``$XLA_FLAGS`` already sets, and on
+    a CPU one CPU (where the process may use more, before the flag sets for a small batch:
+    :data:`ONE_CPU_FIRST`), then :data:`HUGE_PAGES` alone, which :func:`tune` times on top
+    of the fastest settings so far, in :data:`HUGE_PAGES_PROCESSES` children (on a CPU,
+    where huge pages are to be had: ``rnnjax.process.huge_pages_unavailable`` of ``env``,
+    default this process's environment)."""
+    defaults = Config()
+    own = {name: getattr(config if name in pinned else defaults, name)
+           for name in ("xla_flags", "huge_pages", "cpus")}
+    base = process_flags(**own)
     given = {flag.split("=")[0] for flag in env_flags.split()}
     alternatives = [] if "xla_flags" in pinned else [
-        process_flags(flags, "huge_pages" in pinned and config.huge_pages)
+        process_flags(**{**own, "xla_flags": flags})
         for flags in FLAG_SETS.get(backend, ())
         if not {flag.split("=")[0] for flag in flags.split()} & given]
+    if backend == "cpu" and one_cpu_offered(pinned):
+        one = process_flags(**{**own, "cpus": 1})
+        alternatives.insert(0 if config.batch_size <= ONE_CPU_FIRST else len(alternatives), one)
     if backend == "cpu" and huge_pages_offered(pinned, env):
         alternatives.append(HUGE_PAGES)
     return [base, *alternatives]
@@ -368,6 +388,14 @@ def huge_pages_offered(pinned: frozenset[str], env: dict[str, str] | None = None
     from rnnjax import process
 
     return "huge_pages" not in pinned and process.huge_pages_unavailable(env) is None
+
+
+def one_cpu_offered(pinned: frozenset[str]) -> bool:
+    """Whether a child on one CPU is timed, on a CPU: ``cpus`` not pinned, and this process
+    may use more than one (``rnnjax.process.usable_cpus``)."""
+    from rnnjax import process
+
+    return "cpus" not in pinned and len(process.usable_cpus()) > 1
 
 
 def others_on(config: Config, pinned: frozenset[str], env_flags: str) -> list[str]:
@@ -431,6 +459,7 @@ def key(config: Config, pinned: frozenset[str], env: dict[str, str] | None = Non
             "num_devices": config.num_devices,
             "xla_flags": env.get("XLA_FLAGS", ""),
             "huge_pages": process.huge_pages_on(env),
+            "cpus": len(process.usable_cpus()),
         },
         "model": {
             "cell": config.cell, "hidden_size": config.hidden_size,
@@ -555,7 +584,8 @@ def run_child(
 
     env = child_env(flags, dict(os.environ))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    spec = {"config": to_dict(config), "candidates": candidates, "deadline": deadline,
+    spec = {"config": to_dict(config.replace(cpus=process_fields(flags)["cpus"])),
+            "candidates": candidates, "deadline": deadline,
             "steps": steps, "call_s": call_s, "repeats": 3, "reference": reference,
             "pay_back": pay_back, "compiled": compiled, "data": data.to_json(),
             "alone": alone}
@@ -822,7 +852,7 @@ def tune(
                     # HUGE_PAGES_PROCESSES children.
                     fastest = min((m for m in pooled(measured) if _matches(m, tol)),
                                   key=lambda m: m.step_s)
-                    flags = process_flags(process_fields(fastest.flags)["xla_flags"], True)
+                    flags = process_flags(**{**process_fields(fastest.flags), "huge_pages": True})
                     copies, picks = HUGE_PAGES_PROCESSES, [fastest]
                     costs = [HUGE_PAGES_PROCESSES * (startup + _timing_s(fastest, steps))]
                 now = clock()

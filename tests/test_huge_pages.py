@@ -155,10 +155,10 @@ def test_rnnjax_tunes_choice_as_flags_gives_it_to_rnnjax_train():
     choice = {"unroll": 0, "backward": "hand_written", "projection": "in_loop",
               "weight_grad": "per_step", "chunks": 4, "feed": "device",
               "xla_flags": "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_a=1",
-              "huge_pages": True}
+              "huge_pages": True, "cpus": 1}
     for huge in (True, False):
         flags = cli.choice_flags({**choice, "huge_pages": huge})
-        assert flags.endswith(" --huge-pages" if huge else " --no-huge-pages")
+        assert flags.endswith((" --huge-pages" if huge else " --no-huge-pages") + " --cpus 1")
         args = cli.build_parser().parse_args(["train", *shlex.split(flags)])
         assert cli.flag_changes(args) == {**choice, "huge_pages": huge}
     assert "--unroll" not in cli.choice_flags(choice, frozenset({"unroll"}))

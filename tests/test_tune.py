@@ -55,6 +55,23 @@ def huge_pages_here(monkeypatch):
     monkeypatch.setattr(process, "huge_pages_unavailable", lambda env=None: None)
 
 
+ONE_CPU_OFFERED = tune.one_cpu_offered
+
+
+@pytest.fixture(autouse=True)
+def one_cpu(monkeypatch):
+    """No child on one CPU is timed (the CPU's flag children are "", YNN and VEC), but in
+    the tests that say otherwise (:func:`two_cpus`)."""
+    monkeypatch.setattr(tune, "one_cpu_offered", lambda pinned: False)
+
+
+@pytest.fixture
+def two_cpus(monkeypatch):
+    """The process may use two CPUs: a child on one is timed, as the tuner offers it."""
+    monkeypatch.setattr(tune, "one_cpu_offered", ONE_CPU_OFFERED)
+    monkeypatch.setattr(process, "usable_cpus", lambda: [0, 1])
+
+
 class FakeChild:
     """Stands for a measuring child: times from a table, keyed on (unroll, backward,
     projection, weight_grad, chunks, feed, xla_flags) (:func:`k`); ``wrong`` ones report results
@@ -394,7 +411,7 @@ def test_the_baseline_stays_unless_another_is_clearly_faster():
     times = all_times(1.0)
     times[k(0)] = 1.0 - tune.MARGIN / 2  # within the margin: noise
     result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
-    assert result.choice == {**base, "xla_flags": "", "huge_pages": False}
+    assert result.choice == {**base, "xla_flags": "", "huge_pages": False, "cpus": 0}
     times[k(0)] = 1.0 - 2 * tune.MARGIN
     result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
     assert result.choice["unroll"] == 0
@@ -673,13 +690,30 @@ def test_a_childs_environment_has_its_process_settings():
     huge = tune.child_env(f"{YNN} {tune.HUGE_PAGES}", env)
     assert huge == {**plain, "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1"}
     assert tune.process_fields(f"{YNN} {tune.HUGE_PAGES}") == {"xla_flags": YNN,
-                                                               "huge_pages": True}
+                                                               "huge_pages": True, "cpus": 0}
     assert tune.process_flags(YNN, True) == f"{YNN} {tune.HUGE_PAGES}"
     assert tune.process_flags("", False) == ""
+    # The CPUs are the child's own to set (run_child: its config's cpus), not its environment.
+    assert tune.process_fields(f"{YNN} cpus=1") == {"xla_flags": YNN, "huge_pages": False,
+                                                    "cpus": 1}
+    assert tune.process_flags(YNN, True, 1) == f"{YNN} {tune.HUGE_PAGES} cpus=1"
+    assert tune.child_env(f"{YNN} cpus=1", env) == plain
     # The user's own huge pages are part of the machine in the cache's key.
     config = Config()
     assert tune.key(config, frozenset(), env)["machine"]["huge_pages"] is False
     assert tune.key(config, frozenset(), huge)["machine"]["huge_pages"] is True
+
+
+def test_one_cpu_is_timed_on_a_cpu_that_may_use_more(two_cpus):
+    """First for a small batch (where it won), after the XLA flag sets for a large one;
+    never where the user set --cpus, nor off the CPU; a pinned --cpus stays in every set."""
+    assert tune.flag_candidates("cpu", frozenset(), Config(), "") == ["", "cpus=1", YNN, VEC]
+    assert tune.flag_candidates("cpu", frozenset(), Config(batch_size=1024), "") == \
+        ["", YNN, VEC, "cpus=1"]
+    assert tune.flag_candidates("gpu", frozenset(), Config(), "") == ["", *tune.FLAG_SETS["gpu"]]
+    assert tune.flag_candidates("cpu", frozenset({"cpus"}), Config(cpus=2), "") == \
+        ["cpus=2", f"{YNN} cpus=2", f"{VEC} cpus=2"]
+    assert tune.key(Config(), frozenset(), {})["machine"]["cpus"] == 2
 
 
 def test_flags_the_user_set_in_xla_flags_are_not_tried():
@@ -869,7 +903,8 @@ def _run(*args, env):
 def test_choice_is_recorded_and_resume_reuses_it_bitwise(tmp_path):
     env = _env(tmp_path)
     args = [*TINY, "--eval-every", "3", "--checkpoint-every", "3"]
-    choice = fields(0, flags="--xla_cpu_use_xnnpack=false", weight_grad="per_step",
+    # On one CPU: it changes the rounding, so the resumed run must have it too.
+    choice = fields(0, flags="--xla_cpu_use_xnnpack=false cpus=1", weight_grad="per_step",
                     projection="in_loop")
     _seed_cache(tmp_path, [*args, "--steps", "6"], choice, env)
     whole = tmp_path / "whole"
@@ -881,6 +916,7 @@ def test_choice_is_recorded_and_resume_reuses_it_bitwise(tmp_path):
     summary = json.loads((whole / "summary.json").read_text())
     assert summary["tuning"]["mode"] == "cached" and summary["tuning"]["settings"] == choice
     assert "--xla_cpu_use_xnnpack=false" in summary["xla_flags_env"]  # applied at start-up
+    assert summary["cpus_used"] == 1
     assert ("tuned (cached): unroll 0, backward hand_written, projection in_loop, "
             "weight-grad per_step") in proc.stdout
 
@@ -896,6 +932,7 @@ def test_choice_is_recorded_and_resume_reuses_it_bitwise(tmp_path):
     summary = json.loads((stopped / "summary.json").read_text())
     assert summary["tuning"]["mode"] == "resumed"
     assert "--xla_cpu_use_xnnpack=false" in summary["xla_flags_env"]
+    assert summary["cpus_used"] == 1
 
     from rnnjax.checkpoint import read_meta
 
@@ -961,7 +998,7 @@ def test_the_cached_choice_is_used_and_explicit_flags_override_it(in_process):
     # Every tuned setting given: nothing to tune, nothing read.
     given = ["--unroll", "2", "--backward", "hand_written", "--projection", "hoisted",
              "--weight-grad", "product", "--chunks", "1", "--feed", "device", "--xla-flags=",
-             "--no-huge-pages"]
+             "--no-huge-pages", "--cpus", "0"]
     assert main(["train", *RUN, *given]) == 0
     assert in_process.last() == (fields(2, flags=""), "pinned")
 
@@ -1013,8 +1050,8 @@ def test_a_new_shape_is_tuned_once_then_cached(in_process, monkeypatch, capsys):
 
 def test_rnnjax_tune_prints_the_table_and_caches_the_choice(tmp_path):
     env = _env(tmp_path)
-    pins = ["--xla-flags=", "--no-huge-pages", "--backward", "hand_written", "--projection",
-            "hoisted", "--weight-grad", "product", "--feed", "device"]  # one child
+    pins = ["--xla-flags=", "--no-huge-pages", "--cpus", "0", "--backward", "hand_written",
+            "--projection", "hoisted", "--weight-grad", "product", "--feed", "device"]  # one child
     proc = _run("tune", *TINY, *pins, "--tune-budget", "90", env=env)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
