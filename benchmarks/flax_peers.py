@@ -234,8 +234,8 @@ class ChildRunner:
         self._send(json.dumps({"config": to_dict(config), "batch": batch, "steps": steps}))
         reply = self.proc.stdout.readline()
         if not reply:
-            raise RuntimeError(f"the rnnjax child with XLA_FLAGS={env['XLA_FLAGS']!r} exited "
-                               f"{self.proc.wait()} before compiling")
+            raise RuntimeError(f"the rnnjax child with XLA_FLAGS={env['XLA_FLAGS']!r}, --cpus "
+                               f"{config.cpus} exited {self.proc.wait()} before compiling")
         self.compile_s = float(json.loads(reply)["compile_s"])
 
     def _send(self, line: str) -> None:

@@ -9,9 +9,9 @@ MNIST rows, walked in order:
 * rnnjax as ``rnnjax train --batch-size B`` runs it: the tuner's choice for this machine
   and batch (cached, or measured now as the first ``rnnjax train`` would: ``--tune-budget``;
   printed in each row), K steps per compiled call on device-resident data, in a child
-  process started with the choice's XLA flags where it has some (``benchmarks.flax_peers``'
-  runner); and the same choice without its flags, one compiled step per call fed from the
-  host;
+  process started with the choice's process settings (XLA flags, huge pages, CPUs) where it
+  has some (``benchmarks.flax_peers``' runner); and the same choice without them, one
+  compiled step per call fed from the host;
 * Keras 3 ``SimpleRNN`` on its JAX backend with ``train_on_batch``, ``unroll=True`` (the
   seed's setting) and ``False``;
 * PyTorch eager ``nn.RNN`` + ``nn.Linear`` + ``torch.optim.Adam``.
@@ -63,8 +63,8 @@ def rnnjax_runners(data: Arrays, device_data: Arrays, batch: int, steps: int,
     """rnnjax as ``rnnjax train --batch-size B`` runs it (the tuner's choice for this machine,
     cached or measured now within ``tune_budget_s``, as in ``benchmarks.flax_peers``): K =
     ``steps`` train steps per compiled call on ``device_data``, in a child process
-    started with the choice's XLA flags where it has some; and the same choice, without
-    them, one compiled step per call fed from the host. Returns the runners (a child is
+    started with the choice's process settings where it has some; and the same choice,
+    without them, one compiled step per call fed from the host. Returns the runners (a child is
     closed by ``flax_peers.close_children``) and the choice in words."""
     config, chosen = flax_peers.user_config("simple_rnn", "rows", batch, tune_budget_s)
     idx = jax.device_put(batch_indices(len(data.train_labels), batch, 0, steps))

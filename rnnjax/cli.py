@@ -160,12 +160,21 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(**flag_changes(args))
 
 
-def check_cpus(config: Config) -> None:
-    """Refuse, before any work, a ``--cpus`` this process cannot run on."""
+def check_cpus(config: Config, resumed: Path | None = None) -> None:
+    """Refuse, before any work, a ``--cpus`` this process cannot run on (``resumed``: the
+    workdir of a checkpoint trained with it, which a resumed run must keep)."""
     try:
         process.first_cpus(config.cpus)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        if resumed is None:
+            raise UsageError(str(e)) from None
+        usable = len(process.usable_cpus())
+        here = (f"this process may use {usable}" if usable else
+                "this OS cannot set the CPUs a process runs on")
+        raise UsageError(f"the checkpoint in {resumed} was trained with --cpus {config.cpus} "
+                         f"(it changes results), and {here}: resume where a process may use "
+                         f"{config.cpus} CPUs (e.g. not under taskset), or train into another "
+                         "--workdir") from None
 
 
 def check_writable(directory: Path, flag: str = "--workdir") -> None:
@@ -326,7 +335,7 @@ def _train(args: argparse.Namespace, whole_process: bool = False) -> int:
     """``rnnjax train``; ``whole_process`` (:func:`run`): the garbage collector, off until
     now, is set once the run is tuned and JAX imported (``rnnjax.process``)."""
     config = resume_config(args) if args.resume else config_from_args(args)
-    check_cpus(config)
+    check_cpus(config, args.workdir if args.resume else None)
     if args.workdir is not None:
         check_writable(args.workdir)
     if config.compile_cache not in ("auto", "off"):  # 'auto' may be unwritable: then no cache

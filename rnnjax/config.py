@@ -195,7 +195,7 @@ class Config:
         default="auto",
         metadata={"help": "directory of JAX's persistent compilation cache, so later runs "
                   "skip compiling ('auto': $XDG_CACHE_HOME/rnnjax/jax or ~/.cache/rnnjax/jax; "
-                  "'off': none)"},
+                  "'off': none); programs compiled for N CPUs are kept in its cpus-N/"},
     )
     steps_per_call: int = field(
         default=500, metadata={"help": "train steps per compiled call with --feed device"}
@@ -218,7 +218,9 @@ class Config:
         default=0,
         metadata={"help": "CPU: run on the first N of the CPUs this process may use (its "
                   "affinity, set before JAX's backend starts: XLA:CPU sizes its thread pools "
-                  "by it; Linux); 0 = all of them; tuned unless given"},
+                  "by it; Linux); 0 = all of them; tuned unless given. Every process given N "
+                  "takes the same first N: give processes sharing a machine their own CPUs "
+                  "with taskset"},
     )
 
     # Checkpoints (in WORKDIR/checkpoints/; they need --workdir).

@@ -22,9 +22,10 @@ Each candidate is the config with those fields replaced, run by the loop's own f
 (``data``: the dataset's ``DataSpec``, the IDX layout when absent), from
 a synthetic state (:func:`synthetic_state`: no initialisation compiled). The
 child prints one line per event on stdout, ``rnnjax-tune <JSON>``: ``device`` (what it runs
-on), then per candidate ``result`` (compile seconds, seconds per step, best of ``repeats``
-calls of ``steps`` steps, and how far its first step's loss and gradients lie from the
-reference's: the first candidate's, saved to ``reference``) or ``skipped`` (why); then
+on, and on how many CPUs), then per candidate ``result`` (compile seconds, seconds per
+step, best of ``repeats`` calls of ``steps`` steps, and how far its first step's loss and
+gradients lie from the reference's: the first candidate's, saved to ``reference``) or
+``skipped`` (why); then
 ``retimed``: rounds of one call each of the reference and the fastest few, in turns (so a
 drift of the machine's load falls on all of them alike), while the budget lasts, each
 keeping its best (and before ``"best"`` is resolved, a round of those near the fastest);
@@ -330,7 +331,7 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
     import jax
     import numpy as np
 
-    from rnnjax import runtime
+    from rnnjax import process, runtime
     from rnnjax.config import from_dict
     from rnnjax.data.spec import IDX_SPEC, DataSpec
     from rnnjax.tune import pay_back_deadline, sequence_length
@@ -341,11 +342,12 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
     images = DataSpec(given.image_shape, config.num_classes or given.num_classes)
     # The run reuses the winner's programs; with "compiled" (an earlier child compiled every
     # candidate) this child loads them from the cache, so no compile time is predicted.
+    runtime.apply_cpus(config.cpus)  # the child's process settings: its CPUs (tune.run_child)
     cached = runtime.enable_compile_cache(config.compile_cache) is not None \
         and spec.get("compiled", False)
-    runtime.apply_cpus(config.cpus)  # the child's process settings: its CPUs (tune.run_child)
     device = runtime.device_info()
-    emit("device", **device, xla_flags=os.environ.get("XLA_FLAGS", ""))
+    emit("device", **device, xla_flags=os.environ.get("XLA_FLAGS", ""),
+         cpus=len(process.usable_cpus()) or os.cpu_count())
     deadline, steps, pay_back = spec["deadline"], spec.get("steps"), spec.get("pay_back")
     alone = spec.get("alone")
     if alone and device["backend"] not in alone["others_on"]:  # nothing follows it here

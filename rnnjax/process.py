@@ -26,7 +26,6 @@ sizes its thread pools.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import platform
@@ -125,19 +124,33 @@ def first_cpus(count: int) -> list[int]:
         return cpus
     if not cpus:
         raise ValueError(f"--cpus {count}: this OS gives no way to set the CPUs a process runs "
-                         "on (Linux does); pass --cpus 0 (all)")
+                         "on (Linux does); pass --cpus 0 for all")
     if count > len(cpus):
-        raise ValueError(f"--cpus {count}: this process may use only {len(cpus)} CPUs; pass "
-                         f"1 to {len(cpus)}, or 0 for all")
+        have, up_to = (("1 CPU", "--cpus 1") if len(cpus) == 1 else
+                       (f"{len(cpus)} CPUs", f"--cpus 1 to {len(cpus)}"))
+        raise ValueError(f"--cpus {count}: this process may use only {have}; pass {up_to}, "
+                         "or --cpus 0 for all")
     return cpus[:count]
 
 
 def run_on(cpus: list[int]) -> None:
-    """Run every thread of this process on ``cpus`` (threads it starts later inherit it)."""
-    try:
-        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
-    except OSError:
-        threads = [0]  # this thread
-    for tid in threads:
-        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
-            os.sched_setaffinity(tid, cpus)
+    """Run every thread of this process on ``cpus`` (threads they start later inherit it;
+    the threads are listed again until none is new, for one started meanwhile by a thread
+    not yet moved). A ValueError names what the OS refused."""
+    done: set[int] = set()
+    while True:
+        try:
+            threads = {int(tid) for tid in os.listdir("/proc/self/task")} - done
+        except OSError:
+            threads = {0} - done  # no /proc: this thread, whose later threads inherit it
+        if not threads:
+            return
+        for tid in threads:
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except ProcessLookupError:  # a thread that ended meanwhile
+                pass
+            except OSError as e:
+                raise ValueError(f"--cpus {len(cpus)}: the OS refused to run this process on "
+                                 f"CPUs {cpus} ({e}); pass --cpus 0 for all") from None
+        done |= threads

@@ -67,11 +67,18 @@ def enable_compile_cache(setting: str) -> str | None:
     """Point JAX's persistent compilation cache at ``setting`` ('auto', 'off' or a path).
 
     Every compiled program is cached (no minimum compile time), keyed by JAX on the
-    program, backend, versions and flags. Returns the directory, or None when off.
+    program, backend, versions and flags, in a directory of its own for the number of CPUs
+    this process may use (``cpus-N/``): XLA:CPU splits a program's loops over the CPUs it
+    finds when it compiles, and JAX's key leaves them out, so a process on one CPU would
+    load a program split for two (call after :func:`apply_cpus`). Returns the directory,
+    or None when off.
     """
+    from rnnjax import process
+
     path = compile_cache_dir(setting)
     if path is None:
         return None
+    path = os.path.join(path, f"cpus-{len(process.usable_cpus()) or os.cpu_count()}")
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -111,7 +111,7 @@ FLAG_SETS = {
     "gpu": ("--xla_gpu_enable_command_buffer=+WHILE", "--xla_gpu_enable_command_buffer="),
 }
 # A child's process settings besides its XLA flags: started with transparent huge pages
-# (rnnjax.process.HUGE_PAGES), timed last, on top of the fastest XLA flags so far. At rows,
+# (rnnjax.process.HUGE_PAGES), timed last, on top of the fastest settings so far. At rows,
 # batch 4096, on a 2-core AVX-512 EPYC, pairs of processes: the GRU's train step 1.14-1.30x
 # faster, the LSTM's 1.09x, the SimpleRNN's level; pixels, batch 50, the GRU's 1.03-1.09x;
 # rows, batch 50, slower. The process starts again for them: a short run pays ~0.5 s.
@@ -177,6 +177,7 @@ class Child:
     measurements: list[Measurement] = field(default_factory=list)
     error: str = ""
     startup_s: float | None = None  # from its start to its first report
+    cpus: int | None = None  # the CPUs it ran on
     deadline: float | None = None  # moved by the child (pay_back, alone), if it was
     retime: Callable[[dict[str, Any], float], float | None] | None = None
     close: Callable[[], None] = lambda: None
@@ -356,6 +357,17 @@ def model_candidates(config: Config, pinned: frozenset[str],
     return out
 
 
+PROCESS_SETTINGS = ("xla_flags", "huge_pages", "cpus")  # Config fields: a child's ``flags``
+
+
+def own_settings(config: Config, pinned: frozenset[str]) -> dict[str, Any]:
+    """The run's own process settings (:data:`PROCESS_SETTINGS`): those the user set, the
+    defaults for the others; every child's ``flags`` keep the ones set."""
+    defaults = Config()
+    return {name: getattr(config if name in pinned else defaults, name)
+            for name in PROCESS_SETTINGS}
+
+
 def flag_candidates(backend: str, pinned: frozenset[str], config: Config,
                     env_flags: str, env: dict[str, str] | None = None) -> list[str]:
     """Process settings to time on ``backend`` (a child's ``flags``): the run's own first,
@@ -365,9 +377,7 @@ def flag_candidates(backend: str, pinned: frozenset[str], config: Config,
     of the fastest settings so far, in :data:`HUGE_PAGES_PROCESSES` children (on a CPU,
     where huge pages are to be had: ``rnnjax.process.huge_pages_unavailable`` of ``env``,
     default this process's environment)."""
-    defaults = Config()
-    own = {name: getattr(config if name in pinned else defaults, name)
-           for name in ("xla_flags", "huge_pages", "cpus")}
+    own = own_settings(config, pinned)
     base = process_flags(**own)
     given = {flag.split("=")[0] for flag in env_flags.split()}
     alternatives = [] if "xla_flags" in pinned else [
@@ -416,8 +426,9 @@ def select(measurements: Sequence[Measurement], base: dict[str, Any], base_flags
            tol: float, margin: float = MARGIN, flag_margin: float = FLAG_MARGIN
            ) -> Measurement | None:
     """The fastest timed candidate whose results match, the baseline kept unless another is
-    at least ``margin`` faster, the run's own XLA flags unless other flags are at least
-    ``flag_margin`` faster than the fastest under them, and huge pages (the run's own
+    at least ``margin`` faster, the run's own process settings (XLA flags, CPUs) unless
+    other settings are at least ``flag_margin`` faster than the fastest under them, and
+    huge pages (the run's own
     setting of them) unless they are that much faster than the fastest without them (for
     them ``rnnjax train`` starts again); None when the baseline was not timed."""
     valid = [m for m in measurements if _matches(m, tol)]
@@ -636,7 +647,7 @@ def run_child(
                 continue
             if event["event"] == "device":
                 child.device = {k: event[k] for k in ("backend", "device_kind", "device_count")}
-                child.startup_s = time.time() - started
+                child.startup_s, child.cpus = time.time() - started, event.get("cpus")
                 continue
             if event["event"] == "retimed":
                 for i, m in enumerate(child.measurements):
@@ -744,7 +755,8 @@ def tune(
     closest of them again in a second process (:func:`finalists`, within
     :data:`SECOND_SHARE` of the budget, and only where a child under the first other XLA
     flags still fits after it), then the best two of them (by their means) under
-    each alternative set of XLA flags while the budget lasts, then the baseline, each
+    each alternative set of XLA flags, and on one CPU, while the budget lasts (then huge
+    pages on top of the fastest), then the baseline, each
     child's fastest and the second process's candidates again, in turns
     (:func:`in_turns`): the choice is made from those timings when there are any, each
     candidate by its mean over the processes that timed it (:func:`pooled`).
@@ -761,8 +773,7 @@ def tune(
     call_s = min(0.3, max(0.02, budget_s / 200))
     candidates = model_candidates(config, pinned, spec)
     base = candidates[0]
-    base_flags = process_flags(config.xla_flags if "xla_flags" in pinned else "",
-                               "huge_pages" in pinned and config.huge_pages)
+    base_flags = process_flags(**own_settings(config, pinned))
     # The run's own flags get the first FIRST_SHARE of the budget when other flags may follow
     # (of the budget as given, and of the budget that follows the run's length: run below),
     # else ALONE_SHARE: told the backends where they would, the first child takes the
@@ -1009,7 +1020,7 @@ def format_table(result: Result) -> str:
     rows = [*result.measurements, *result.final, *result.means]
     lines = [f"{'unroll':>6}  {'backward':<12}  {'projection':<10}  {'weight-grad':<11}  "
              f"{'chunks':>6}  {'feed':<6}  {'ms/step':>9}  {'compile s':>9}  {'differs':>7}  "
-             "xla-flags, huge pages / note"]
+             "xla-flags, huge pages, cpus / note"]
     for m in rows:
         f = m.fields
         ms = "-" if m.step_s is None else f"{m.step_s * 1e3:.3f}"
@@ -1017,6 +1028,7 @@ def format_table(result: Result) -> str:
         diff = "-" if m.difference is None else f"{m.difference:.0e}"
         note = " ".join(x for x in (repr(f["xla_flags"]) if f["xla_flags"] else "(none)",
                                     "huge pages" if f["huge_pages"] else "",
+                                    f"cpus {f['cpus']}" if f["cpus"] else "",
                                     "" if m.step_s is not None and not m.note else m.note)
                         if x)
         lines.append(f"{f['unroll']:>6}  {f['backward']:<12}  {f['projection']:<10}  "

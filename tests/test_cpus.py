@@ -20,11 +20,15 @@ def test_the_first_n_of_the_cpus_the_process_may_use(monkeypatch):
     assert process.first_cpus(0) == [2, 5, 7]  # all of them
     assert process.first_cpus(2) == [2, 5]
     with pytest.raises(ValueError, match=r"--cpus 4: this process may use only 3 CPUs; pass "
-                                         r"1 to 3, or 0 for all"):
+                                         r"--cpus 1 to 3, or --cpus 0 for all"):
         process.first_cpus(4)
+    monkeypatch.setattr(process, "usable_cpus", lambda: [4])
+    with pytest.raises(ValueError, match=r"--cpus 2: this process may use only 1 CPU; pass "
+                                         r"--cpus 1, or --cpus 0 for all"):
+        process.first_cpus(2)
     monkeypatch.setattr(process, "usable_cpus", lambda: [])  # no sched_setaffinity
     assert process.first_cpus(0) == []
-    with pytest.raises(ValueError, match=r"no way to set the CPUs .* pass --cpus 0"):
+    with pytest.raises(ValueError, match=r"no way to set the CPUs .* pass --cpus 0 for all"):
         process.first_cpus(1)
 
 
@@ -40,26 +44,30 @@ def test_once_the_backend_started_only_its_own_cpus_are_accepted(monkeypatch):
 
 
 @pytest.mark.skipif(len(process.usable_cpus()) < 2, reason="needs a process on 2+ CPUs")
-def test_every_thread_runs_on_the_chosen_cpus_and_jax_sizes_its_pools_by_them():
+def test_every_thread_runs_on_the_chosen_cpus_and_jax_sizes_its_pools_by_them(tmp_path):
     """A thread started before, the main thread, and the threads JAX's backend starts after
-    (XLA:CPU's pools, sized by one CPU: fewer threads than on all of them)."""
+    (XLA:CPU's pools, sized by one CPU: fewer threads than on all of them); the programs
+    compiled so are cached apart from those for all the CPUs (XLA splits loops by them)."""
     script = textwrap.dedent("""
-        import json, os, threading, jax
+        import json, os, sys, threading, jax
         from rnnjax import process, runtime
         before = threading.Event()
         threading.Thread(target=before.wait, daemon=True).start()
         runtime.apply_cpus(int(os.environ["CPUS"]))
-        jax.numpy.ones(3).block_until_ready()
+        runtime.enable_compile_cache(sys.argv[1])
+        jax.jit(lambda x: jax.numpy.tanh(x) * 2).lower(jax.numpy.ones((512, 512))).compile()
         tids = [int(t) for t in os.listdir("/proc/self/task")]
         print(json.dumps([sorted(os.sched_getaffinity(t)) for t in tids]))
         before.set()
     """)
     threads = {}
     for cpus in (1, 0):
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                             env={**os.environ, "CPUS": str(cpus)}, timeout=120)
+        out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                             text=True, env={**os.environ, "CPUS": str(cpus)}, timeout=120)
         assert out.returncode == 0, out.stderr
         threads[cpus] = json.loads(out.stdout)
     assert all(cpus == process.first_cpus(1) for cpus in threads[1])
     assert all(cpus == process.usable_cpus() for cpus in threads[0])
     assert len(threads[1]) < len(threads[0])
+    cached = {p.name: any(p.iterdir()) for p in tmp_path.iterdir()}
+    assert cached == {"cpus-1": True, f"cpus-{len(process.usable_cpus())}": True}

@@ -168,14 +168,15 @@ def one_process(monkeypatch):
     monkeypatch.setattr(tune, "SECOND_MOST", 1)
 
 
-def all_times(base=1.0, config=None):
-    """Every candidate of ``config``'s shape (the seed's) at every unroll, ``base`` ms."""
+def all_times(base=1.0, config=None, flag_sets=("", YNN, VEC)):
+    """Every candidate of ``config``'s shape (the seed's) at every unroll, under each of
+    ``flag_sets``, ``base`` ms."""
     config = config or Config()
     times = {}
     for c in tune.model_candidates(config, frozenset()):
         for unroll in ((1, 4, 0) if measure.BEST in c.values() else (c["unroll"],)):
             for chunks in ((1, 4) if c["chunks"] == measure.BEST else (c["chunks"],)):
-                for flags in ("", YNN, VEC):
+                for flags in flag_sets:
                     times[(unroll, c["backward"], c["projection"], c["weight_grad"], chunks,
                            c["feed"], flags)] = base
     return times
@@ -716,6 +717,27 @@ def test_one_cpu_is_timed_on_a_cpu_that_may_use_more(two_cpus):
     assert tune.key(Config(), frozenset(), {})["machine"]["cpus"] == 2
 
 
+@pytest.mark.parametrize("faster, chosen", [(0.8, 1), (0.95, 0)])
+def test_one_cpu_is_chosen_only_where_as_much_faster_as_other_flags(two_cpus, one_process,
+                                                                    faster, chosen):
+    times = all_times(flag_sets=("", "cpus=1", YNN, VEC))
+    for unroll in (1, 0):
+        times[k(unroll, flags="cpus=1")] = faster
+    fake = FakeChild(times)
+    result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=Clock())
+    assert [c[0] for c in fake.calls] == ["", "cpus=1", YNN, VEC]
+    assert result.choice["cpus"] == chosen  # FLAG_MARGIN: 10%
+
+
+def test_a_cpus_the_user_set_is_every_childs(two_cpus, one_process):
+    """The first child's too: its model candidates run on the CPUs the run will have."""
+    pinned = [f"{flags} cpus=2".strip() for flags in ("", YNN, VEC)]
+    fake = FakeChild(all_times(flag_sets=pinned))
+    result = tune.tune(Config(cpus=2), frozenset({"cpus"}), 30.0, child=fake, clock=Clock())
+    assert [c[0] for c in fake.calls] == pinned
+    assert result.choice["cpus"] == 2 and result.baseline["cpus"] == 2
+
+
 def test_flags_the_user_set_in_xla_flags_are_not_tried():
     config = Config()
     assert tune.flag_candidates("cpu", frozenset(), config, "") == ["", YNN, VEC]
@@ -859,9 +881,13 @@ def test_the_tuner_times_the_datasets_images(tmp_path):
     assert data.train_images.shape == (6, 8, 6, 3) and data.train_labels.max() < 5
     assert measure.synthetic_data(Config(), 6).train_images.shape == (6, 28, 28)
     config = Config(hidden_size=4, batch_size=4, steps=3, compile_cache="off")
-    child = tune.run_child(config, "", [fields(1)], __import__("time").time() + 120, 2,
+    # On one CPU where it may use more (the child applies its flags' cpus=1 itself).
+    usable = len(process.usable_cpus())
+    flags = "cpus=1" if usable > 1 else ""
+    child = tune.run_child(config, flags, [fields(1)], __import__("time").time() + 120, 2,
                            str(tmp_path / "ref.npz"), 0.01, lambda line: None, data=small)
     assert child.error == "" and child.measurements[0].step_s > 0
+    assert child.cpus == (1 if usable > 1 else usable or os.cpu_count())
     child.close()
     # The spec reaches the child through tune(), and so through resolve() and the CLI.
     seen = []
@@ -903,9 +929,11 @@ def _run(*args, env):
 def test_choice_is_recorded_and_resume_reuses_it_bitwise(tmp_path):
     env = _env(tmp_path)
     args = [*TINY, "--eval-every", "3", "--checkpoint-every", "3"]
-    # On one CPU: it changes the rounding, so the resumed run must have it too.
-    choice = fields(0, flags="--xla_cpu_use_xnnpack=false cpus=1", weight_grad="per_step",
-                    projection="in_loop")
+    # On one CPU, where it may use more: it changes the rounding, so the resumed run must
+    # have it too.
+    one_cpu = len(process.usable_cpus()) > 1
+    choice = fields(0, flags="--xla_cpu_use_xnnpack=false" + " cpus=1" * one_cpu,
+                    weight_grad="per_step", projection="in_loop")
     _seed_cache(tmp_path, [*args, "--steps", "6"], choice, env)
     whole = tmp_path / "whole"
     proc = _run("train", *args, "--steps", "6", "--workdir", str(whole), env=env)
@@ -916,7 +944,7 @@ def test_choice_is_recorded_and_resume_reuses_it_bitwise(tmp_path):
     summary = json.loads((whole / "summary.json").read_text())
     assert summary["tuning"]["mode"] == "cached" and summary["tuning"]["settings"] == choice
     assert "--xla_cpu_use_xnnpack=false" in summary["xla_flags_env"]  # applied at start-up
-    assert summary["cpus_used"] == 1
+    assert summary["cpus_used"] == 1 or not one_cpu
     assert ("tuned (cached): unroll 0, backward hand_written, projection in_loop, "
             "weight-grad per_step") in proc.stdout
 
@@ -932,7 +960,7 @@ def test_choice_is_recorded_and_resume_reuses_it_bitwise(tmp_path):
     summary = json.loads((stopped / "summary.json").read_text())
     assert summary["tuning"]["mode"] == "resumed"
     assert "--xla_cpu_use_xnnpack=false" in summary["xla_flags_env"]
-    assert summary["cpus_used"] == 1
+    assert summary["cpus_used"] == 1 or not one_cpu
 
     from rnnjax.checkpoint import read_meta
 
