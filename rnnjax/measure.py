@@ -340,9 +340,9 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
     given = DataSpec.from_json(spec["data"]) if "data" in spec else IDX_SPEC
     # The classes as the run's model has them: --num-classes, else the dataset's.
     images = DataSpec(given.image_shape, config.num_classes or given.num_classes)
+    runtime.apply_cpus(config.cpus)  # the child's process settings: its CPUs (tune.run_child)
     # The run reuses the winner's programs; with "compiled" (an earlier child compiled every
     # candidate) this child loads them from the cache, so no compile time is predicted.
-    runtime.apply_cpus(config.cpus)  # the child's process settings: its CPUs (tune.run_child)
     cached = runtime.enable_compile_cache(config.compile_cache) is not None \
         and spec.get("compiled", False)
     device = runtime.device_info()

@@ -1,4 +1,6 @@
-"""What a run ran on, and honest compile timing (a leaf: imports nothing of rnnjax)."""
+"""What a run ran on, what its process sets before JAX's backend starts (XLA flags, CPUs),
+and honest compile timing (a leaf: of rnnjax it imports only :mod:`rnnjax.process`, which
+imports nothing of it)."""
 
 from __future__ import annotations
 
