@@ -262,7 +262,7 @@ def close_children(runners: Iterable[Any]) -> None:
 def in_process(config: Config) -> Config:
     """``config`` without the process settings (XLA flags, huge pages, CPUs) that only a
     process started with them has."""
-    return config.replace(xla_flags="", huge_pages=False, cpus=0)
+    return config.replace(**tune.own_settings(config, frozenset()))
 
 
 def train_runner(device_data: Arrays, idx: jax.Array, config: Config) -> tuple[Runner, float]:

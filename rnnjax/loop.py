@@ -484,7 +484,7 @@ def train_and_evaluate(
                    "settings": {name: getattr(config, name) for name in TUNED}},
         "xla_flags_env": os.environ.get("XLA_FLAGS", ""),
         "huge_pages_on": process.huge_pages_on(),
-        "cpus_used": len(process.usable_cpus()) or os.cpu_count(),
+        "cpus_used": process.cpu_count(),
         **runtime.device_info(),
         **dp.describe(),
         "versions": runtime.versions(),

@@ -347,7 +347,7 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
         and spec.get("compiled", False)
     device = runtime.device_info()
     emit("device", **device, xla_flags=os.environ.get("XLA_FLAGS", ""),
-         cpus=len(process.usable_cpus()) or os.cpu_count())
+         cpus=process.cpu_count())
     deadline, steps, pay_back = spec["deadline"], spec.get("steps"), spec.get("pay_back")
     alone = spec.get("alone")
     if alone and device["backend"] not in alone["others_on"]:  # nothing follows it here

@@ -116,6 +116,12 @@ def usable_cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0))
 
 
+def cpu_count() -> int:
+    """How many CPUs this process may use: its affinity's, else (no way to set it) the
+    machine's."""
+    return len(usable_cpus()) or os.cpu_count() or 1
+
+
 def first_cpus(count: int) -> list[int]:
     """The first ``count`` of :func:`usable_cpus`, all of them for 0 (``--cpus``); a
     ValueError naming the fix where the process may use fewer, or the OS cannot set them."""

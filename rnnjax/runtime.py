@@ -80,7 +80,7 @@ def enable_compile_cache(setting: str) -> str | None:
     path = compile_cache_dir(setting)
     if path is None:
         return None
-    path = os.path.join(path, f"cpus-{len(process.usable_cpus()) or os.cpu_count()}")
+    path = os.path.join(path, f"cpus-{process.cpu_count()}")
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -887,7 +887,7 @@ def test_the_tuner_times_the_datasets_images(tmp_path):
     child = tune.run_child(config, flags, [fields(1)], __import__("time").time() + 120, 2,
                            str(tmp_path / "ref.npz"), 0.01, lambda line: None, data=small)
     assert child.error == "" and child.measurements[0].step_s > 0
-    assert child.cpus == (1 if usable > 1 else usable or os.cpu_count())
+    assert child.cpus == (1 if usable > 1 else process.cpu_count())
     child.close()
     # The spec reaches the child through tune(), and so through resolve() and the CLI.
     seen = []
