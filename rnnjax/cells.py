@@ -585,8 +585,9 @@ def _lstm_scan(xs, kernel, recurrent, bias, h0, c0, unroll, in_loop, jacobian):
         carry, (h, _, tanh_c, (i, f, g, o)) = _lstm_step(recurrent, carry, u)
         if not jacobian:
             return carry, h
-        jac_z = jnp.concatenate([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g),
-                                 tanh_c * o * (1 - o)], axis=-1)
+        # jac_z's row as its four column blocks, each written alone (_scan_rows), no
+        # concatenate: forward 17 -> 15 ops a step, the same bits.
+        jac_z = (g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o))
         return carry, jac_z, (h, jnp.concatenate([o * (1 - tanh_c * tanh_c), f], axis=-1))
 
     if not jacobian:
