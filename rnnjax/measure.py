@@ -30,7 +30,8 @@ gradients lie from the reference's: the first candidate's, saved to ``reference`
 drift of the machine's load falls on all of them alike), while the budget lasts, each
 keeping its best (and before ``"best"`` is resolved, a round of those near the fastest);
 then ``ready``. The child then stays, to time one call of a candidate
-per request line on stdin (``{"time": fields}`` -> event ``timing``), until stdin closes:
+per request line on stdin (``{"time": fields, "steps": n}``, n steps or null for as many as
+it timed it in -> event ``timing``), until stdin closes:
 the parent compares the children's fastest so, in turns across the processes.
 Candidates are not started past ``deadline``, nor when their predicted compile time would
 pass it (unless ``compiled``: an earlier child compiled them all, and the persistent
@@ -325,9 +326,10 @@ class Timed:
 def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
         requests: Iterable[str] = ()) -> None:
     """Time each candidate of ``spec`` in turn, emitting events (see the module docstring);
-    then ``ready``, and for each line of ``requests`` (``{"time": fields}``, a candidate
-    timed here) one call of it: ``timing`` with its seconds per step (None when it was not
-    timed here)."""
+    then ``ready``, and for each line of ``requests`` (``{"time": fields, "steps": n}``, a
+    candidate timed here) one call of it, of n steps (null: as many as it was timed in, at
+    most the run's steps per call): ``timing`` with its seconds per step (None when it was
+    not timed here)."""
     import jax
     import numpy as np
 
@@ -433,9 +435,10 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
     emit("ready")
     # The parent's final comparison: one call at a time, across children, in turns.
     for line in requests:
-        wanted = json.loads(line)["time"]
+        request = json.loads(line)
+        wanted, count = request["time"], request.get("steps") or steps
         timed = next((t for fields, t, _ in done if fields == wanted), None)
-        emit("timing", candidate=wanted, step_s=None if timed is None else timed.once(steps))
+        emit("timing", candidate=wanted, step_s=None if timed is None else timed.once(count))
 
 
 def main() -> int:

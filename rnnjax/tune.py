@@ -170,8 +170,9 @@ class Measurement:
 
 @dataclass
 class Child:
-    """What one child process reported; while it stays, ``retime(candidate, until)`` times
-    one more call of a candidate it timed (seconds per step, or None), until ``close()``."""
+    """What one child process reported; while it stays, ``retime(candidate, until, steps)``
+    times one more call of a candidate it timed, of ``steps`` steps (None: as many as it
+    timed them in; seconds per step, or None), until ``close()``."""
 
     device: dict[str, Any] | None = None
     measurements: list[Measurement] = field(default_factory=list)
@@ -179,7 +180,7 @@ class Child:
     startup_s: float | None = None  # from its start to its first report
     cpus: int | None = None  # the CPUs it ran on
     deadline: float | None = None  # moved by the child (pay_back, alone), if it was
-    retime: Callable[[dict[str, Any], float], float | None] | None = None
+    retime: Callable[[dict[str, Any], float, int | None], float | None] | None = None
     close: Callable[[], None] = lambda: None
 
 
@@ -680,14 +681,16 @@ def run_child(
                                if c not in reported]
         return child
 
-    def retime(candidate: dict[str, Any], until: float) -> float | None:
-        """One more call of ``candidate`` (timed by this child): seconds per step, None when
-        the child cannot (gone, or past ``until``)."""
+    def retime(candidate: dict[str, Any], until: float, steps: int | None = None
+               ) -> float | None:
+        """One more call of ``candidate`` (timed by this child), of ``steps`` steps (None:
+        as many as it timed it in): seconds per step, None when the child cannot (gone, or
+        past ``until``)."""
         if proc.poll() is not None:
             return None
         timer = killer(until)
         try:
-            proc.stdin.write(json.dumps({"time": candidate}) + "\n")
+            proc.stdin.write(json.dumps({"time": candidate, "steps": steps}) + "\n")
             proc.stdin.flush()
             return next((e["step_s"] for e in events() if e["event"] == "timing"), None)
         except OSError:
@@ -974,7 +977,8 @@ def in_turns(children: Sequence[Child], base: dict[str, Any], base_flags: str, t
              rounds: int = TURN_ROUNDS) -> list[Measurement]:
     """The baseline, each child's fastest matching candidate, and each candidate timed in
     more than one child (the second process's finalists), timed again in turns: rounds of
-    one call each, across the children, while the budget lasts; their measurements (one per
+    one call each (as long as the rounds' time allows), across the children, while the
+    budget lasts; their measurements (one per
     child that timed it) with the best of those calls, for :func:`pooled`. Children are
     separate processes started minutes apart, so their own timings can differ by the
     machine's drift alone; these are comparable. Empty when there are fewer than two, or
@@ -994,14 +998,22 @@ def in_turns(children: Sequence[Child], base: dict[str, Any], base_flags: str, t
         entries += [(c, m) for m in picks]
     if len(entries) < 2 or any(c.retime is None for c, _ in entries):
         return []
+    # Each call as long as the rounds' time allows, and at least as long as it was timed
+    # (the child caps it at the run's steps per call): a call of a few milliseconds is
+    # mostly its own cost and the machine's noise. The seed's, at its 10 s budget, had
+    # been timed in calls of 12-30 steps, and one CPU against both read 0.96-1.28x in
+    # turns across three tunings, where calls of 200 steps in whole processes read
+    # 1.4-1.5x (2-core AVX-512 EPYC, 2026-12-02).
+    call_s = max(0.0, deadline - clock()) / (2 * rounds * len(entries))
+    counts = [max(m.steps or 1, int(call_s / max(m.step_s, 1e-9))) for _, m in entries]
     best: list[float | None] = [None] * len(entries)
     for _ in range(rounds):
-        # A round: one call of each, a call of about its timed steps.
-        round_s = 2 * sum(m.step_s * (m.steps or 1) for _, m in entries)
+        # A round: one call of each.
+        round_s = 2 * sum(m.step_s * n for (_, m), n in zip(entries, counts, strict=True))
         if clock() + round_s > deadline:
             break
         for i, (c, m) in enumerate(entries):
-            step_s = c.retime(m.candidate, deadline)
+            step_s = c.retime(m.candidate, deadline, counts[i])
             if step_s is None:
                 return []  # a child is gone: no comparison in turns
             best[i] = step_s if best[i] is None else min(best[i], step_s)

@@ -132,7 +132,7 @@ class FakeChild:
             child.measurements.append(tune.Measurement(  # the table's times in ms
                 c, flags, ms * 1e-3, 1.0, 0.5 if key in self.wrong else 1e-7, 10))
         if self.turns is not None:
-            child.retime = lambda c, until: self._retime(c, flags)
+            child.retime = lambda c, until, steps=None: self._retime(c, flags)
             child.close = lambda: setattr(self, "closed", self.closed + 1)
         return child
 
@@ -229,6 +229,34 @@ def test_flag_sets_are_chosen_from_timings_in_turns(one_process):
     result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
     assert fake.retimed[:3] == [k(0), k(1), k(1, flags=YNN)]
     assert result.choice == fields(0, flags="")
+
+
+def test_calls_in_turns_fill_the_time_left():
+    """Each call in turns is as long as the rounds' time allows (at least the steps it was
+    timed in): a call of a few milliseconds is mostly its own cost and noise."""
+    clock, asked = Clock(), []
+
+    def child(flags, ms):
+        c = tune.Child(measurements=[tune.Measurement(fields(1), flags, ms * 1e-3, 1.0, 0.0, 10)])
+
+        def retime(candidate, until, steps=None):
+            asked.append((flags, steps))
+            clock.now += ms * 1e-3 * steps
+            return ms * 1e-3
+
+        c.retime = retime
+        return c
+
+    children = [child("", 1.0), child("cpus=1", 0.5)]
+    # 10 s for 5 rounds of 2 calls, each given half its share: 0.5 s a call.
+    final = tune.in_turns(children, fields(1), "", 1e-3, clock() + 10.0, clock, print)
+    assert asked[:2] == [("", 500), ("cpus=1", 1000)]
+    assert len(asked) == 2 * tune.TURN_ROUNDS
+    assert [m.step_s for m in final] == [1e-3, 0.5e-3]
+    # Little time left: the steps they were timed in, no fewer.
+    asked.clear()
+    tune.in_turns(children, fields(1), "", 1e-3, clock() + 0.1, clock, print)
+    assert asked[:2] == [("", 10), ("cpus=1", 10)]
 
 
 def test_each_form_is_timed_at_the_faster_unroll_then_the_fastest_at_the_middle():
