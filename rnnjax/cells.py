@@ -192,8 +192,20 @@ def scan_cell(
 def _dense_projection(params: Params, xs: jax.Array) -> jax.Array:
     """``xs [T, B, F] @ kernel [F, G] + bias [G] -> [T, B, G]``. (The hand-written layers
     add the bias inside their loop's elementwise op: the same sum, in the same order,
-    without a pass of its own over [T, B, G].)"""
-    return xs @ params["kernel"].astype(xs.dtype) + params["bias"].astype(xs.dtype)
+    without a pass of its own over [T, B, G].)
+
+    One step (``[1, B, F]``: the projection inside an autodiff loop) is projected as the
+    2-D ``[B, F] x [F, G]`` product, the same values bit for bit. As a 3-D product, its
+    transpose (the kernel's gradient, each step) contracted both leading dimensions, and
+    XLA:CPU copied the step's ``[B, G]`` gradient into a transposed layout and ran a slower
+    product: a backward op more per step, and in turns in one process on a 2-core AVX-512
+    EPYC (the Flax benchmark's harness) the GRU's autodiff train step 1.31-1.34x slower at
+    rows batch 1024 (unroll 1 and full) and 1.12x at batch 50.
+    """
+    kernel, bias = params["kernel"].astype(xs.dtype), params["bias"].astype(xs.dtype)
+    if xs.shape[0] == 1:
+        return (xs[0] @ kernel + bias)[None]
+    return xs @ kernel + bias
 
 
 def _identity_output(h: jax.Array) -> jax.Array:
@@ -811,8 +823,8 @@ def gru(hidden: int, backward: str = "autodiff") -> Cell:
     """Keras ``GRU`` (``reset_after=True``: gates z, r, h; separate recurrent bias).
 
     backward: what ``--backward auto`` runs, ``"autodiff"`` (of the scan of ``step``, the
-    projection in the loop) or ``"hand_written"`` (:func:`gru_layer`: 15 / 10 ops per time
-    step against 20 / 21; on the 2-core development machine it measured 0.88-1.0x as fast
+    projection in the loop) or ``"hand_written"`` (:func:`gru_layer`: 12 / 10 ops per time
+    step against 20 / 20; on the 2-core development machine it measured 0.88-1.0x as fast
     until it wrote its rows in place, 1.1-1.2x since, at pixels batch 50: which wins
     depends on the machine, and ``rnnjax.tune`` times both). The forward computes the same
     sums either way (equal to float32 rounding: ``tests/test_cells.py``).
