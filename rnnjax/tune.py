@@ -1002,9 +1002,8 @@ def in_turns(children: Sequence[Child], base: dict[str, Any], base_flags: str, t
     # Each call as long as the rounds' time allows, and at least as long as it was timed
     # (the child caps it at the run's steps per call): a call of a few milliseconds is
     # mostly its own cost and the machine's noise. The seed's, at its 10 s budget, had
-    # been timed in calls of 12-30 steps, and one CPU against both read 0.96-1.28x in
-    # turns across three tunings, where calls of 200 steps in whole processes read
-    # 1.4-1.5x (2-core AVX-512 EPYC, 2026-12-02).
+    # been timed in calls of 12-30 steps (6-20 ms), using a fifth of the rounds' time
+    # (2-core AVX-512 EPYC, 2026-12-02; docs/performance.md has what it measured).
     call_s = max(0.0, deadline - clock()) / (2 * rounds * len(entries))
     counts = [max(m.steps or 1, int(call_s / max(m.step_s, 1e-9))) for _, m in entries]
     best: list[float | None] = [None] * len(entries)

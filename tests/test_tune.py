@@ -249,13 +249,13 @@ def test_calls_in_turns_fill_the_time_left():
 
     children = [child("", 1.0), child("cpus=1", 0.5)]
     # 10 s for 5 rounds of 2 calls, each given half its share: 0.5 s a call.
-    final = tune.in_turns(children, fields(1), "", 1e-3, clock() + 10.0, clock, print)
+    final = tune.in_turns(children, fields(1), "", 1e-3, clock() + 10.0, clock, lambda _: None)
     assert asked[:2] == [("", 500), ("cpus=1", 1000)]
     assert len(asked) == 2 * tune.TURN_ROUNDS
     assert [m.step_s for m in final] == [1e-3, 0.5e-3]
     # Little time left: the steps they were timed in, no fewer.
     asked.clear()
-    tune.in_turns(children, fields(1), "", 1e-3, clock() + 0.1, clock, print)
+    tune.in_turns(children, fields(1), "", 1e-3, clock() + 0.1, clock, lambda _: None)
     assert asked[:2] == [("", 10), ("cpus=1", 10)]
 
 
