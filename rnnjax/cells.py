@@ -7,7 +7,11 @@ A :class:`Cell` is a handful of pure functions, no state:
 * ``step(params, carry, x_t) -> (carry, y_t)``: one time step, x_t ``[B, F]``, y_t ``[B, H]``;
 * optional ``project(params, xs) -> us``: the input projection of *all* time steps at once
   (``xs [T, B, F] -> us [T, B, G]``), hoisted out of the scan into one large matrix
-  product; when present, ``step`` receives ``u_t`` instead of ``x_t``;
+  product; when present, ``step`` receives ``u_t`` instead of ``x_t``. Under autodiff
+  with the projection in the loop it is called on each step as ``[1, B, F]``: write a
+  dense product so that one step is projected as a 2-D ``[B, F] x [F, G]`` product (as
+  ``_dense_projection`` does), or its kernel's gradient each step is a 3-D product that
+  XLA:CPU runs several times slower;
 * optional ``sequence(params, xs, carry, unroll, weight_grad, projection) -> (carry, ys)``:
   an equivalent of projecting and scanning ``step`` over raw ``xs [T, B, F]`` with a
   hand-written backward pass (the built-in cells); ``weight_grad`` ('product' or
