@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnnjax.cells import Cell, get_cell, glorot_uniform, scan_cell
+from rnnjax.cells import Cell, get_cell, glorot_uniform, resolve_form, scan_cell
 from rnnjax.config import Config, ConfigError
 from rnnjax.data.spec import IDX_SPEC, DataSpec
 
@@ -117,6 +117,21 @@ class Model:
                              f"reads [B, {h}, {w}, {c}]" + (f" or [B, {h}, {w}]" if c == 1 else ""))
         perm = None if self.permutation is None else jnp.asarray(self.permutation)
         return to_sequence(images, self.order, perm)
+
+    def reads_steps_alone(self, batch: int) -> bool:
+        """Whether the train step at ``batch`` reads its input sequence only one step at a
+        time, in straight-line code: one direction, one part, fully unrolled, each step's
+        input projected inside the loop, and the input kernel's gradient summed step by
+        step (autodiff's, or the per-step weight gradient). ``rnnjax.train.train_steps``
+        then gathers each batch step by step (``train.gather_sequences``)."""
+        if self.bidirectional or self.chunks != 1:
+            return False
+        if 0 < self.unroll < self.time_steps:
+            return False
+        form = resolve_form(self.cell, batch, self.backward, self.projection,
+                            self.weight_grad)
+        return form.projection == "in_loop" and (
+            form.backward == "autodiff" or form.weight_grad == "per_step")
 
     def apply(self, params: Params, images: jax.Array) -> jax.Array:
         """Images float32 ``[B, H, W, C]`` (or ``[B, H, W]`` when C=1) in [0, 1] -> logits

@@ -61,8 +61,9 @@ from rnnjax.config import TUNED, Config, to_dict
 from rnnjax.data.spec import IDX_SPEC, DataSpec
 from rnnjax.measure import BEST  # a field's value: the fastest its child has timed
 
-TUNER_VERSION = 14  # 14: longer calls in turns, autodiff loops 1.1-1.3x faster; 13: cpus;
-# 12: huge pages; 11: chunks; 10: finalists in a second process
+TUNER_VERSION = 15  # 15: batches read step by step gathered so; 14: longer calls in turns,
+# autodiff loops 1.1-1.3x faster; 13: cpus; 12: huge pages; 11: chunks; 10: finalists in a
+# second process
 ENV_VAR = "RNNJAX_TUNE"  # 'off' (or 0, false, no): rnnjax train does not tune by default
 MARGIN = 0.03  # a candidate replaces the baseline only when this much faster
 # Other XLA flags replace the run's own only when this much faster: they are timed in other

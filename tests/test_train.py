@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -76,10 +77,15 @@ def test_state_is_donated(mnist):
     assert kernel.is_deleted()
 
 
-@pytest.mark.parametrize("shuffle", [False, True])
-def test_k_steps_per_call_equals_one_step_per_call(mnist, shuffle):
-    config = Config(shuffle=shuffle, seed=3)
+@pytest.mark.parametrize("shuffle, form", [
+    (False, {}), (True, {}),
+    # Fully unrolled, read a step at a time: each batch gathered step by step.
+    (True, {"unroll": 0, "projection": "in_loop", "weight_grad": "per_step"}),
+])
+def test_k_steps_per_call_equals_one_step_per_call(mnist, shuffle, form):
+    config = Config(shuffle=shuffle, seed=3, **form)
     model, optimizer, state = _setup(config)
+    assert model.reads_steps_alone(50) == bool(form)
     n = len(mnist.train_labels)
     idx = batch_indices(n, 50, 0, 12, shuffle=shuffle, seed=3)
 
@@ -260,15 +266,58 @@ def test_clip_norm_bounds_the_update_of_a_train_step(mnist):
     assert moved == pytest.approx(config.learning_rate * config.clip_norm, rel=1e-3)
 
 
+@pytest.mark.parametrize("by_step", [False, True])
 @pytest.mark.parametrize("order", ["rows", "pixels", "permuted"])
-def test_gather_sequences_is_the_batch_of_each_order(order):
-    """train_steps cuts each batch time-major from the dataset's sequences: the same bits as
-    the batch's own images made into sequences, in every order."""
+def test_gather_sequences_is_the_batch_of_each_order(order, by_step):
+    """train_steps cuts each batch time-major from the dataset's sequences, at once or step
+    by step: the same bits as the batch's own images made into sequences, in every order."""
     model = make_model(Config(order=order, hidden_size=8))
     images = jax.random.uniform(jax.random.key(0), (40, 28, 28))
     idx = jnp.asarray([7, 0, 39, 7, 12], jnp.int32)
-    got = jax.jit(train.gather_sequences)(model.sequences(images), idx)
+    gather = jax.jit(train.gather_sequences, static_argnums=2)
+    got = gather(model.sequences(images), idx, by_step)
     np.testing.assert_array_equal(got, model.sequences(images[idx]))
+
+
+@pytest.mark.parametrize("fields, batch, alone", [
+    ({"unroll": 0, "projection": "in_loop", "weight_grad": "per_step"}, 50, True),
+    ({"unroll": 28, "projection": "in_loop", "weight_grad": "per_step"}, 50, True),
+    ({"unroll": 0, "projection": "in_loop"}, 4096, True),  # per step from batch 512
+    ({"unroll": 0, "projection": "in_loop"}, 50, False),  # one product after the loop
+    ({"unroll": 0, "cell": "gru"}, 50, True),  # autodiff, the projection in the loop
+    ({"unroll": 0, "cell": "flax.linen:GRUCell"}, 50, True),  # no projection: x_t alone
+    ({"unroll": 0, "projection": "hoisted", "weight_grad": "per_step"}, 50, False),
+    ({"unroll": 14, "projection": "in_loop", "weight_grad": "per_step"}, 50, False),
+    ({"unroll": 0, "projection": "in_loop", "weight_grad": "per_step", "chunks": 4}, 50, False),
+    ({"unroll": 0, "projection": "in_loop", "weight_grad": "per_step", "bidirectional": True},
+     50, False),
+    ({}, 50, False),
+])
+def test_reads_steps_alone_only_where_no_step_reads_the_whole_sequence(fields, batch, alone):
+    """Where a form reads the whole [T, B, F] batch (a hoisted projection, a weight
+    gradient as one product, a rolled loop slicing it), a batch gathered step by step would
+    be stacked again: one copy more than gathering it at once."""
+    assert make_model(Config(**fields)).reads_steps_alone(batch) is alone
+
+
+def test_a_batch_read_step_by_step_is_never_stacked():
+    """Fully unrolled, projected in the loop, its weight gradients step by step: the
+    compiled train steps hold no [T, B, F] batch (XLA hands each step's gather to its
+    readers), where gathered at once it is one array sliced each step."""
+    config = Config(unroll=0, projection="in_loop", weight_grad="per_step", batch_size=64)
+    model, optimizer, state = _setup(config)
+    sequences = jnp.zeros((28, 300, 28), jnp.float32)
+    labels, idx = jnp.zeros(300, jnp.int32), jnp.zeros((2, 64), jnp.int32)
+
+    def batches(by_step):
+        with mock.patch.object(type(model), "reads_steps_alone", lambda self, b: by_step):
+            steps = jax.jit(functools.partial(train.train_steps, model=model,
+                                              optimizer=optimizer))
+            text = steps.lower(state, sequences, labels, idx).compile().as_text()
+        return text.count("f32[28,64,28]")
+
+    assert batches(True) == 0
+    assert batches(False) >= 1
 
 
 def test_gather_sequences_beyond_int32_row_numbers():
