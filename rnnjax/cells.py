@@ -79,6 +79,15 @@ class Form:
     projection: str
     weight_grad: str
 
+    @property
+    def reads_inputs_by_step(self) -> bool:
+        """Whether a layer in this form reads its input ``xs [T, B, F]`` only a step at a
+        time: the projection in the loop and the input kernel's gradient summed step by
+        step (autodiff's, or the per-step weight gradient); a hoisted projection and the
+        one weight-gradient product read all of ``xs`` at once."""
+        return self.projection == "in_loop" and (
+            self.backward == "autodiff" or self.weight_grad == "per_step")
+
 
 # The untuned fallback of weight_grad 'auto' for the cells that honour it: from this batch
 # size up, the weight gradient is accumulated step by step inside the backward loop (off

@@ -120,18 +120,16 @@ class Model:
 
     def reads_steps_alone(self, batch: int) -> bool:
         """Whether the train step at ``batch`` reads its input sequence only one step at a
-        time, in straight-line code: one direction, one part, fully unrolled, each step's
-        input projected inside the loop, and the input kernel's gradient summed step by
-        step (autodiff's, or the per-step weight gradient). ``rnnjax.train.train_steps``
-        then gathers each batch step by step (``train.gather_sequences``)."""
+        time, in straight-line code: one direction, one part, fully unrolled, in a form
+        that reads its inputs step by step (``rnnjax.cells.Form.reads_inputs_by_step``).
+        ``rnnjax.train.train_steps`` then gathers each batch step by step
+        (``train.gather_sequences``)."""
         if self.bidirectional or self.chunks != 1:
             return False
         if 0 < self.unroll < self.time_steps:
             return False
-        form = resolve_form(self.cell, batch, self.backward, self.projection,
-                            self.weight_grad)
-        return form.projection == "in_loop" and (
-            form.backward == "autodiff" or form.weight_grad == "per_step")
+        return resolve_form(self.cell, batch, self.backward, self.projection,
+                            self.weight_grad).reads_inputs_by_step
 
     def apply(self, params: Params, images: jax.Array) -> jax.Array:
         """Images float32 ``[B, H, W, C]`` (or ``[B, H, W]`` when C=1) in [0, 1] -> logits
