@@ -8,7 +8,9 @@ on a GPU. Their count, not the FLOPs, bounds small-batch speed, so it is worth c
 :func:`ops_per_step` turns that into forward and backward ops per time step, and
 :func:`sequence_copies` finds the loops that copy a whole [T, ...] array every iteration.
 A fully unrolled scan leaves no loop to read; :func:`launched_ops` counts what one call of
-any program launches, loops or none.
+any program launches, loops or none. :func:`compiled_size` counts what XLA compiled (every
+instruction, fused ones too) and how much of it a step unrolled adds: what its compile time
+grows with.
 
 Counted: every instruction of the body computation except those that launch nothing
 (``parameter``, ``get-tuple-element``, ``tuple``, ``constant``, ``bitcast``). A fusion is
@@ -28,7 +30,8 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]
 _BODY = re.compile(r"\bbody=%?([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_CALLED = re.compile(r"\b(?:to_apply|true_computation|false_computation)=%?([\w.\-]+)"
+# The computations an instruction calls: a fusion's, a reduction's, a loop body, branches.
+_CALLED = re.compile(r"\b(?:calls|to_apply|body|true_computation|false_computation)=%?([\w.\-]+)"
                      r"|\bbranch_computations=\{([^}]*)\}")
 _COPY_SHAPE = re.compile(r"=\s*\w+\[(\d+)[,\]].*?\scopy\(")
 
@@ -163,3 +166,46 @@ def launched_ops(hlo_text: str) -> int:
         return total
 
     return count(entry)
+
+
+@dataclass(frozen=True)
+class Size:
+    """What a compiled program's compile time grows with (:func:`compiled_size`)."""
+
+    instructions: int  # every computation's, fused computations' included
+    per_step: float  # of them, in the loop bodies over time, per step a body runs
+
+
+def compiled_size(hlo_text: str, unroll: int) -> Size:
+    """The instructions of a compiled module text (every computation's, not counting those
+    that launch nothing: ``FREE_OPCODES``), and how many of them its loops over time hold
+    per step: the innermost while loops' bodies with every computation they call (fusions,
+    reductions), divided by ``unroll``, the steps a body runs. A scan unrolled by u more
+    steps holds about ``per_step * (u - unroll)`` instructions more. ``unroll`` 0: the scan
+    is fully unrolled, and the loop left (K steps per call) is not one over time: no
+    per-step instructions.
+    """
+    comps = computations(hlo_text)
+
+    def size(name: str) -> int:
+        return sum(op not in FREE_OPCODES for _, op, _ in comps[name])
+
+    total = sum(size(name) for name in comps)
+    if unroll == 0:
+        return Size(total, 0.0)
+    in_loops = 0
+    for line, body in _while_loops(hlo_text):
+        if any(op == "while" for _, op, _ in body):
+            continue  # not innermost: a loop of K steps per call around the loops over time
+        seen, todo = set(), [_body(line)]
+        while todo:  # the body and what it calls, each computation once
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for _, _, instruction in comps[name]:
+                for match in _CALLED.finditer(instruction):
+                    todo += [n.strip().lstrip("%") for n in
+                             (match.group(1) or match.group(2)).split(",")]
+        in_loops += sum(size(name) for name in seen)
+    return Size(total, in_loops / unroll)

@@ -145,9 +145,19 @@ def check_memory(config: Config, model: Model, optimizer: optax.GradientTransfor
     memory.check_fits(need, devices=len(dp.mesh.local_devices))
 
 
-# One compiled call's work: ``(state, first step, count) -> (state, metric sums, seconds
-# spent compiling in this call)``; the sums stay on the device.
-SegmentFn = Callable[[train.TrainState, int, int], tuple[train.TrainState, Any, float]]
+@dataclass(frozen=True)
+class SegmentFn:
+    """One compiled call's work: ``(state, first step, count) -> (state, metric sums,
+    seconds spent compiling in this call)``; the sums stay on the device. ``program``: the
+    compiled train step(s) it calls (``program.compiled`` after the first call: its text,
+    ``as_text()``, is what ``rnnjax.hlo`` reads)."""
+
+    run: Callable[[train.TrainState, int, int], tuple[train.TrainState, Any, float]]
+    program: runtime.CompileOnFirstCall
+
+    def __call__(self, state: train.TrainState, first: int, count: int
+                 ) -> tuple[train.TrainState, Any, float]:
+        return self.run(state, first, count)
 
 
 def _compiled_train(
@@ -189,7 +199,7 @@ def device_feed(
         )
         return state, sums, seconds
 
-    return run
+    return SegmentFn(run, steps)
 
 
 def stream_feed(
@@ -227,7 +237,7 @@ def stream_feed(
             step_sums.append(sums)
         return state, jax.tree.map(lambda *m: jnp.stack(m).sum(0), *step_sums), compile_s
 
-    return run
+    return SegmentFn(run, step)
 
 
 @dataclass

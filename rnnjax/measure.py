@@ -70,27 +70,71 @@ def emit(event: str, **fields: Any) -> None:
     sys.stdout.flush()
 
 
-def predict_compile_s(unroll: int, measured: dict[int, float]) -> float | None:
-    """Compile seconds predicted for ``unroll`` from those measured at other unrolls.
+# A step unrolled more adds compile time at this share of the rate its compiled
+# instructions hold in the program (:func:`predict_compile_s`). Compiled at unroll 1, then
+# fully unrolled (2-core AVX-512 EPYC, jax 0.10.2 CPU, 2026-12-02; compile seconds, and the
+# instructions a step adds as a share of the program's, ``rnnjax.hlo.compiled_size``):
+# 28 rows at batch 1024, the SimpleRNN 0.79 -> 1.63 s (share 0.12), the LSTM 1.03 -> 3.13
+# (0.26), the GRU 0.98 -> 3.22 (0.27); at batch 50, the SimpleRNN 0.89 -> 1.24 (0.09),
+# the GRU's autodiff 1.16 -> 4.11 (0.30); 784 pixels, the SimpleRNN 0.75 -> 20.0 (0.09).
+# That is 0.16-0.37 of the share; unrolled by 4 (rows) or 16 (pixels), where the loop
+# stays, 0.40-0.92. Predicted at 0.4, every one of these lies within 0.83-1.41x of what it
+# took; at a tenth more per step, whatever the cell (the rule before), 0.81-2.97x (the
+# SimpleRNN's full unroll at rows, batch 1024, predicted at 2.9 s, skipped with 3 s left).
+COMPILE_GROWTH = 0.4
+UNKNOWN_SHARE = 0.25  # where the backend gives no program text: a tenth more per step
+
+
+def predict_compile_s(unroll: int, measured: dict[int, tuple[float, float | None]]
+                      ) -> float | None:
+    """Compile seconds predicted for ``unroll`` from those measured at other unrolls
+    (``{unroll: (compile seconds, step share)}``; the step share: the compiled instructions
+    a step adds, as a share of the program's, :func:`step_share`, None where not known).
 
     Linear in the unroll factor through the two measured points farthest apart (XLA
-    compiles one loop body per unrolled step); one point alone: a tenth of it more for
-    each step unrolled beyond it (measured, 28 rows fully unrolled against unroll 1, jax
-    0.10.2 CPU: 1.5x for the SimpleRNN, 2.2-2.5x for the LSTM, 3.2x for the GRU; so 3.7x
-    predicted, and 79x for 784 pixels, which compile for tens of minutes). None when
+    compiles one loop body per unrolled step); one point alone: :data:`COMPILE_GROWTH` of
+    its step share more for each step unrolled beyond it (so the LSTM's or GRU's 784 pixels
+    fully unrolled, a step holding about a quarter of the program, are predicted at 75-78x
+    their unroll 1, minutes of compiling; the SimpleRNN's 28 rows at 2.3x). None when
     nothing is measured yet.
     """
     if not measured:
         return None
     points = sorted(measured.items())
-    (u0, c0), (u1, c1) = points[0], points[-1]
+    (u0, (c0, share)), (u1, (c1, _)) = points[0], points[-1]
     if u1 == u0:
-        return c0 * (1 + 0.1 * (unroll - u0))
+        share = UNKNOWN_SHARE if share is None else share
+        return c0 * (1 + COMPILE_GROWTH * share * max(0, unroll - u0))
     slope = max(0.0, (c1 - c0) / (u1 - u0))
     return c0 + slope * (unroll - u0)
 
 
-def why_not(unroll: int, compiled: dict[int, float], left: float, cached: bool) -> str:
+def loop_unroll(unroll: int, chunks: int, time_steps: int) -> tuple[int, int]:
+    """``(steps a loop body over time runs, steps a part holds)`` for a config's ``unroll``
+    (0: all) and ``chunks`` over ``time_steps``: the unroll, at most a part's steps (a part
+    of a ``chunks`` scan is unrolled within itself, ``rnnjax.cells.scan_cell``)."""
+    part = math.ceil(time_steps / chunks)
+    return min(unroll or time_steps, part), part
+
+
+def step_share(program: Any, unroll: int, part: int) -> float | None:
+    """The compiled instructions one more step unrolled adds to ``program`` (a compiled
+    ``runtime.CompileOnFirstCall``, its loops over time unrolled by ``unroll`` of a part's
+    ``part`` steps: :func:`loop_unroll`; all of them, no loop over time left: 0), as a share
+    of all its instructions (``rnnjax.hlo.compiled_size``); None where the backend gives no
+    program text."""
+    from rnnjax import hlo
+
+    try:
+        text = program.compiled.as_text()
+    except Exception:  # a backend without the text of its executables
+        return None
+    size = hlo.compiled_size(text, 0 if unroll >= part else unroll) if text else None
+    return size.per_step / size.instructions if size and size.instructions else None
+
+
+def why_not(unroll: int, compiled: dict[int, tuple[float, float | None]], left: float,
+            cached: bool) -> str:
     """Why a candidate at ``unroll`` is not started with ``left`` seconds of the budget
     ('' where it is): none left, or its compile time predicted from those ``compiled``
     (:func:`predict_compile_s`) more than that, unless ``cached`` (an earlier child compiled
@@ -359,7 +403,8 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
     time_steps = sequence_length(config, images)
     data = synthetic_data(config, 2 * config.batch_size, images)
     reference = spec["reference"]
-    compiles: dict[tuple[Any, ...], dict[int, float]] = {}  # (form, chunks, feed) -> unroll: s
+    # (form, chunks, feed) -> unroll: (compile seconds, step share)
+    compiles: dict[tuple[Any, ...], dict[int, tuple[float, float | None]]] = {}
     jax.monitoring.register_event_listener(_count_cache_hits)
     jax.monitoring.register_event_duration_secs_listener(_add_cached_compile_s)
     done: list[tuple[dict[str, Any], Timed, float]] = []  # fields, program, best s/step
@@ -394,10 +439,10 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
                 candidate.chunks, candidate.feed)
         if candidate.feed == "stream":  # a stream as long as the calls timed will read
             candidate = candidate.replace(steps=max(candidate.steps, 1_000_000))
-        unroll = candidate.unroll or time_steps
+        unroll, part = loop_unroll(candidate.unroll, candidate.chunks, time_steps)
         # From the compile times of its own kind, else of any kind measured (slowest).
         history = compiles.get(kind) or {
-            u: max(c[u] for c in compiles.values() if u in c)
+            u: max((c[u] for c in compiles.values() if u in c), key=lambda p: p[0])
             for u in {u for c in compiles.values() for u in c}}
         why = why_not(unroll, history, deadline - time.time(), cached)
         if why:
@@ -421,7 +466,8 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
         # A program loaded from the cache predicts by the compile it took when cached; a
         # baseline that predicted nothing let the pixels' full unroll (minutes) start.
         compile_s = timed.compile_s if timed.cached_compile_s is None else timed.cached_compile_s
-        compiles.setdefault(kind, {})[unroll] = compile_s
+        compiles.setdefault(kind, {})[unroll] = (
+            compile_s, step_share(timed.run.program, unroll, part))
         emit("result", candidate=fields, compile_s=timed.compile_s, step_s=per_step,
              steps=steps, difference=difference)
         done.append((fields, timed, per_step))

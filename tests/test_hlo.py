@@ -72,6 +72,74 @@ def test_counter_reads_forward_and_backward_loops():
     assert hlo.launched_ops(full) <= hlo.launched_ops(three) <= hlo.launched_ops(one)
 
 
+
+# A loop of a fused step inside no other loop; free instructions (parameter, tuple,
+# get-tuple-element, constant) not counted.
+_MODULE = """HloModule m
+
+%fused_computation (p0: f32[4]) -> f32[4] {
+  %p0 = f32[4]{0} parameter(0)
+  %t = f32[4]{0} tanh(%p0)
+  ROOT %n = f32[4]{0} negate(%t)
+}
+
+%body (arg: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %arg = (s32[], f32[4]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%arg), index=0
+  %h = f32[4]{0} get-tuple-element(%arg), index=1
+  %f = f32[4]{0} fusion(%h), kind=kLoop, calls=%fused_computation
+  %g = f32[4]{0} fusion(%f), kind=kLoop, calls=%fused_computation
+  %one = s32[] constant(1)
+  %j = s32[] add(%i, %one)
+  ROOT %r = (s32[], f32[4]{0}) tuple(%j, %g)
+}
+
+%cond (arg.1: (s32[], f32[4])) -> pred[] {
+  %arg.1 = (s32[], f32[4]{0}) parameter(0)
+  %i.1 = s32[] get-tuple-element(%arg.1), index=0
+  %c = s32[] constant(6)
+  ROOT %lt = pred[] compare(%i.1, %c), direction=LT
+}
+
+ENTRY %main (x: f32[4]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  %z = s32[] constant(0)
+  %t0 = (s32[], f32[4]{0}) tuple(%z, %x)
+  %w = (s32[], f32[4]{0}) while(%t0), condition=%cond, body=%body
+  ROOT %out = f32[4]{0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_compiled_size_counts_every_instruction_and_a_steps_share():
+    """What XLA compiled: every computation's instructions (fused ones too, the loop
+    condition too), and per step those of the loop body and all it calls (a computation
+    two fusions call, once), divided by the steps a body runs. A real scan: unrolling
+    adds about that many per step, and a full unroll has no loop over time left."""
+    size = hlo.compiled_size(_MODULE, 2)
+    assert size.instructions == 2 + 3 + 1 + 1  # fused, body, condition, entry
+    assert size.per_step == (3 + 2) / 2
+    assert hlo.compiled_size(_MODULE, 0) == hlo.Size(7, 0.0)  # fully unrolled: no loop
+
+    def loss(w, xs, unroll):
+        def step(h, x):
+            h = jnp.tanh(h @ w + x)
+            return h, h
+
+        return jax.lax.scan(step, jnp.zeros((4, 8)), xs, unroll=unroll)[1].sum()
+
+    w, xs = jnp.ones((8, 8)), jnp.ones((12, 4, 8))
+    with jax.default_device(jax.devices("cpu")[0]):
+        one, three, full = (
+            hlo.compiled_size(jax.jit(jax.grad(loss), static_argnums=2).lower(w, xs, u)
+                              .compile().as_text(), u % 12)
+            for u in (1, 3, 12))
+    assert one.per_step > 0 and full.per_step == 0
+    # Two steps more in each loop body: more instructions, at most two steps' worth (the
+    # loop's own bookkeeping, once per body, is not repeated).
+    assert one.instructions < three.instructions <= one.instructions + 2 * one.per_step
+    assert full.instructions > three.instructions
+
 # cell (its default form): the ops one whole train step launches (hlo.launched_ops) at
 # batch 50, rows, fully unrolled, as the tuner runs it where full unrolling wins (the
 # reference machine: every batch). The SimpleRNN launched 216 until its bias gradient

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1219,22 +1220,55 @@ def test_a_calls_own_cost_is_spread_over_the_runs_steps_per_call():
 
 def test_compile_time_prediction_bounds_the_unrolls_tried():
     """Full unrolling of 784 pixel steps is predicted to compile for minutes from the
-    unrolls compiled before it (and so skipped by a small budget); 28 rows are not."""
+    unrolls compiled before it (and so skipped by a small budget); 28 rows are not. From
+    one compiled unroll, a step adds compile time with the share of the program's
+    instructions it adds: the SimpleRNN's small step less than the GRU's."""
     from rnnjax.measure import predict_compile_s
 
     assert predict_compile_s(0, {}) is None
-    assert predict_compile_s(28, {1: 2.0, 4: 2.6}) == pytest.approx(2.0 + 0.2 * 27)
-    assert predict_compile_s(784, {1: 2.0, 16: 5.0}) > 120
-    assert predict_compile_s(28, {1: 2.0, 4: 1.5}) == pytest.approx(2.0)  # noise: no slope
-    assert predict_compile_s(4, {1: 4.0}) == pytest.approx(4.0 * 1.3)
-    assert predict_compile_s(28, {1: 2.0}) < 10 < predict_compile_s(784, {1: 2.0})
+    assert predict_compile_s(28, {1: (2.0, 0.1), 4: (2.6, 0.1)}) == pytest.approx(2.0 + 0.2 * 27)
+    assert predict_compile_s(784, {1: (2.0, 0.2), 16: (5.0, 0.2)}) > 120
+    # noise: no slope
+    assert predict_compile_s(28, {1: (2.0, 0.1), 4: (1.5, 0.1)}) == pytest.approx(2.0)
+    assert predict_compile_s(4, {1: (4.0, 0.25)}) == pytest.approx(4.0 * 1.3)
+    assert predict_compile_s(28, {1: (2.0, 0.25)}) < 10 < predict_compile_s(784, {1: (2.0, 0.25)})
+    # The step shares of issue 11's machine, 28 rows at batch 1024, each compiled at unroll 1
+    # in 0.8 s (the SimpleRNN measured 1.6 s fully unrolled, the GRU 3.2 s): the SimpleRNN
+    # starts with 3 s left, where a tenth more per step for every cell had predicted 3 s.
+    simple, gru = predict_compile_s(28, {1: (0.8, 0.12)}), predict_compile_s(28, {1: (0.8, 0.27)})
+    assert 1.6 < simple < 2.0 < 3.0 < gru < 3.6
+    assert predict_compile_s(28, {1: (0.8, None)}) == pytest.approx(0.8 * 3.7)  # no text
+    assert predict_compile_s(4, {28: (3.0, 0.0)}) == pytest.approx(3.0)  # from a full unroll
     # What the child then does: not started; started where an earlier child compiled it
     # (the second process loads its programs from the compilation cache).
-    assert measure.why_not(784, {1: 2.0}, 30.0, cached=False) == \
-        "compile predicted 159 s, 30 s left"  # 2.0 * (1 + 0.1 * 783)
-    assert measure.why_not(784, {1: 2.0}, 30.0, cached=True) == ""
-    assert measure.why_not(28, {1: 2.0}, 30.0, cached=False) == ""
+    assert measure.why_not(784, {1: (2.0, 0.25)}, 30.0, cached=False) == \
+        "compile predicted 159 s, 30 s left"  # 2.0 * (1 + 0.4 * 0.25 * 783)
+    assert measure.why_not(784, {1: (2.0, 0.25)}, 30.0, cached=True) == ""
+    assert measure.why_not(28, {1: (2.0, 0.25)}, 30.0, cached=False) == ""
+    assert measure.why_not(28, {1: (0.8, 0.12)}, 3.0, cached=False) == ""
     assert measure.why_not(28, {}, 0.0, cached=True) == "budget spent"
+
+
+def test_a_compiled_train_steps_step_share_follows_its_cell():
+    """The child reads each compiled candidate's step share (``measure.step_share``, from
+    the program its feed compiled): the LSTM's step holds more of its program than the
+    SimpleRNN's, and a program fully unrolled has no step left to unroll."""
+
+    def share(cell: str, unroll: int, chunks: int = 1) -> float | None:
+        config = Config(cell=cell, batch_size=8, unroll=unroll, chunks=chunks, steps=4,
+                        steps_per_call=2, compile_cache="off")
+        timed = measure.Timed(config, measure.synthetic_data(config, 16), time.perf_counter)
+        return measure.step_share(timed.run.program, *measure.loop_unroll(unroll, chunks, 28))
+
+    simple, lstm = share("simple_rnn", 1), share("lstm", 1)
+    assert simple is not None and lstm is not None
+    assert 0.02 < simple < lstm < 0.6
+    assert share("simple_rnn", 0) == 0.0
+    # In 4 parts of 7 steps, each fully unrolled (unroll 0, or 7 or more): no loop over
+    # time left (the loop of K steps per call is not one); unrolled by 1, 4 loops.
+    assert share("simple_rnn", 0, chunks=4) == share("simple_rnn", 8, chunks=4) == 0.0
+    assert share("simple_rnn", 1, chunks=4) > simple
+    assert measure.loop_unroll(0, 4, 28) == (7, 7) and measure.loop_unroll(2, 8, 28) == (2, 4)
 
 
 def test_a_program_from_the_compile_cache_counts_the_compile_it_took(tmp_path):
