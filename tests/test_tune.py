@@ -512,7 +512,8 @@ def test_a_backend_without_other_settings_gives_the_first_child_their_share(monk
 def test_no_child_starts_that_could_not_finish_in_its_share(one_process):
     """A child needs its start-up, a compile and its timed calls: 20 s of start-up does not
     fit in the 9 s left to the two flag sets (the budget's last 3 s are for timing in
-    turns), so neither is started."""
+    turns, which the first set may take where only they fit it: 12 s), so neither is
+    started."""
     clock = Clock()
     fake = FakeChild(all_times(), clock=clock, per_child_s=18.0, startup_s=20.0)
     result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock)
@@ -531,6 +532,14 @@ def test_no_child_starts_that_could_not_finish_in_its_share(one_process):
     fake = FakeChild(all_times(), clock=clock, per_child_s=18.0, startup_s=5.5)
     tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock)
     assert [c[0] for c in fake.calls] == ["", YNN]
+    # A first set that fits only with the turns' part (10 s of start-up and 1.06 s: 9 s
+    # before the turns, 12 s to the end) takes it; the next set never does.
+    clock = Clock()
+    fake = FakeChild(all_times(), clock=clock, per_child_s=18.0, startup_s=10.0)
+    result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock)
+    assert [c[0] for c in fake.calls] == ["", YNN]
+    assert fake.calls[1][2] == pytest.approx(1000.0 + 18.0 + 11.06)  # its deadline
+    assert any(m.flags == VEC and "would need ~11 s" in m.note for m in result.measurements)
 
 
 def test_the_budget_follows_the_runs_length():
