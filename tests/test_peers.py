@@ -63,3 +63,18 @@ def test_peers_run_a_choice_with_xla_flags_in_a_child_with_them(tmp_path, monkey
     assert config.xla_flags == flags  # started with them (tune.child_env)
     assert child.proc.returncode == 0  # closed once timed
     assert flags not in os.environ.get("XLA_FLAGS", "")  # this process is left as it was
+
+
+def test_the_choice_a_benchmark_reports_says_what_choosing_it_cost(monkeypatch):
+    """The first-run tuning's seconds go into the results' "rnnjax train runs" column, so the
+    cost stays with the table; a cached choice cost this run nothing and says so by omission."""
+    from rnnjax import tune
+
+    records = iter([{"mode": "measured", "tune_s": 10.04}, {"mode": "cached"}])
+    monkeypatch.setattr(tune, "resolve",
+                        lambda config, *args, **kwargs: (config.replace(unroll=0),
+                                                         next(records)))
+    _, measured = flax_peers.user_config("simple_rnn", "rows", 1024, None)
+    _, cached = flax_peers.user_config("simple_rnn", "rows", 1024, None)
+    assert measured.startswith("measured in 10.0 s: unroll 0,")
+    assert cached.startswith("cached: unroll 0,")
