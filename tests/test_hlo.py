@@ -34,22 +34,26 @@ BUDGETS = {
 }
 
 
-def test_counter_reads_forward_and_backward_loops():
-    """A scan with a known body: the counter finds both loops, tells them apart, and
-    divides an unrolled body by its steps per iteration."""
-    cpu = jax.devices("cpu")[0]
+def scan_grad_text(unroll: int) -> str:
+    """The compiled text, on the CPU, of the gradient of a known scan: 12 steps of
+    ``h = tanh(h @ w + x)``, h [4, 8], unrolled by ``unroll``."""
 
-    def loss(w, xs, unroll):
+    def loss(w, xs):
         def step(h, x):
             h = jnp.tanh(h @ w + x)
             return h, h
 
         return jax.lax.scan(step, jnp.zeros((4, 8)), xs, unroll=unroll)[1].sum()
 
-    w, xs = jnp.ones((8, 8)), jnp.ones((12, 4, 8))
-    with jax.default_device(cpu):
-        one = jax.jit(jax.grad(loss), static_argnums=2).lower(w, xs, 1).compile().as_text()
-        three = jax.jit(jax.grad(loss), static_argnums=2).lower(w, xs, 3).compile().as_text()
+    with jax.default_device(jax.devices("cpu")[0]):
+        return jax.jit(jax.grad(loss)).lower(jnp.ones((8, 8)), jnp.ones((12, 4, 8))
+                                             ).compile().as_text()
+
+
+def test_counter_reads_forward_and_backward_loops():
+    """A scan with a known body: the counter finds both loops, tells them apart, and
+    divides an unrolled body by its steps per iteration."""
+    one, three = scan_grad_text(1), scan_grad_text(3)
     loops = hlo.loop_ops(one)
     assert sorted(loop.backward for loop in loops) == [False, True]
     assert all(loop.trip_count == 12 and loop.innermost for loop in loops)
@@ -66,8 +70,7 @@ def test_counter_reads_forward_and_backward_loops():
     # Launched per call: the loops' bodies once per iteration, the rest once.
     outside = hlo.launched_ops(one) - sum(12 * len(loop.ops) for loop in loops)
     assert 0 < outside < 12
-    with jax.default_device(cpu):
-        full = jax.jit(jax.grad(loss), static_argnums=2).lower(w, xs, 12).compile().as_text()
+    full = scan_grad_text(12)
     assert not hlo.loop_ops(full)
     assert hlo.launched_ops(full) <= hlo.launched_ops(three) <= hlo.launched_ops(one)
 
@@ -120,20 +123,7 @@ def test_compiled_size_counts_every_instruction_and_a_steps_share():
     assert size.instructions == 2 + 3 + 1 + 1  # fused, body, condition, entry
     assert size.per_step == (3 + 2) / 2
     assert hlo.compiled_size(_MODULE, 0) == hlo.Size(7, 0.0)  # fully unrolled: no loop
-
-    def loss(w, xs, unroll):
-        def step(h, x):
-            h = jnp.tanh(h @ w + x)
-            return h, h
-
-        return jax.lax.scan(step, jnp.zeros((4, 8)), xs, unroll=unroll)[1].sum()
-
-    w, xs = jnp.ones((8, 8)), jnp.ones((12, 4, 8))
-    with jax.default_device(jax.devices("cpu")[0]):
-        one, three, full = (
-            hlo.compiled_size(jax.jit(jax.grad(loss), static_argnums=2).lower(w, xs, u)
-                              .compile().as_text(), u % 12)
-            for u in (1, 3, 12))
+    one, three, full = (hlo.compiled_size(scan_grad_text(u), u % 12) for u in (1, 3, 12))
     assert one.per_step > 0 and full.per_step == 0
     # Two steps more in each loop body: more instructions, at most two steps' worth (the
     # loop's own bookkeeping, once per body, is not repeated).
