@@ -281,8 +281,8 @@ def user_config(cell: str, order: str, batch: int,
     """The Config ``rnnjax train --cell CELL --order ORDER --batch-size B`` would run with:
     the tuner's choice for this machine (cached, or measured now within the budget, as the
     first ``rnnjax train`` of the shape does: None, its default budget, capped by what the
-    run can pay back; 0 = the untuned defaults), and what it chose, with the seconds it
-    spent choosing where it measured now ("measured in 10.0 s: unroll 0, ...").
+    run can pay back; 0 = the untuned defaults), and what it chose, with the seconds spent
+    choosing it: now ("measured in 10.0 s: unroll 0, ...") or by the run that cached it.
 
     The choice's XLA flags, huge pages and CPUs stay in the Config: :func:`case_runners` then runs
     it in a child process that has them.
@@ -292,8 +292,14 @@ def user_config(cell: str, order: str, batch: int,
         return config, "untuned defaults"
     tuned, record = tune.resolve(config, frozenset(), tune_budget_s, err=sys.stderr)
     chosen = tune.describe(tune.settings(tuned))
-    spent = f" in {record['tune_s']:.1f} s" if record.get("tune_s") is not None else ""
-    return tuned.replace(feed="device"), f"{record['mode']}{spent}: {chosen}"
+    spent = record.get("tune_s")
+    if spent is None:
+        cost = ""
+    elif record["mode"] == "cached":  # the seconds of the run that cached it, not this one's
+        cost = f" (tuned in {spent:.1f} s by the run that cached it)"
+    else:
+        cost = f" in {spent:.1f} s"
+    return tuned.replace(feed="device"), f"{record['mode']}{cost}: {chosen}"
 
 
 def case_runners(device_data: Arrays, order: str, batch: int, cell: str, steps: int,
