@@ -5,9 +5,20 @@
     python -m benchmarks.flax_peers --ops --cases rows:50,pixels:50   # ops per step, untimed
     python -m benchmarks.flax_peers --cases rows:4096 --steps-per-call 20   # K of your own
 
-For each case (sequence order and batch size) and each cell, the median ms of one
+For each case (sequence order and batch size) and each cell, the ms of one
 ``RNN(50) -> Dense(10)`` optax-Adam(1e-3) train step, K steps per compiled call on
-device-resident MNIST walked in order (the fastest way to run either library):
+device-resident MNIST walked in order (the fastest way to run either library), as a run of
+long calls pays it: ``rnnjax train`` runs 500 steps per call (``--steps-per-call``). A call
+costs more than its steps: XLA:CPU allocates the call's buffers afresh and its first step
+writes them, page by page (at rows, batch 4096, on the 2-core development machine: about
+one more step's time per call, rnnjax and Flax alike). Timed at the few steps per call a
+benchmark can afford (4 at rows 4096), that cost would weigh a quarter of every step,
+which a run of 500-step calls spreads over 500. So each runner is timed in calls of 1 and
+of K steps, in turns: the call's own cost (``rnnjax.measure.call_overhead``, as the tuner
+measures it) comes off the K-step call and is spread over 500 steps
+(``rnnjax.measure.run_step``). The medians of both calls and the call's own cost are in
+``flax_peers.json``; the notes list the call's cost per runner. Each case's K: at least
+:data:`MIN_STEPS_PER_CALL`.
 
 * rnnjax as ``rnnjax train`` runs it (what the tuner chose for this machine and shape,
   cached or measured now as the first ``rnnjax train`` would; printed in each row). When
@@ -44,7 +55,7 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks.harness import environment, interleaved, write_results
-from rnnjax import hlo, runtime, train, tune
+from rnnjax import hlo, measure, runtime, train, tune
 from rnnjax.config import Config
 from rnnjax.data.idx import Arrays
 from rnnjax.data.pipeline import batch_indices, to_device
@@ -54,6 +65,9 @@ from rnnjax.model import make_model
 from rnnjax.optim import make_optimizer
 
 HIDDEN = 50
+# Fewest train steps a case's K-step call runs: the marginal step, (K-step call - 1-step
+# call) / (K - 1), is read from their difference, whose noise shrinks with K.
+MIN_STEPS_PER_CALL = 8
 # rnnjax cell -> the Flax cell with the same equations.
 CELLS = {"simple_rnn": "SimpleCell", "lstm": "OptimizedLSTMCell", "gru": "GRUCell"}
 Runner = Callable[[], Any]
@@ -75,33 +89,49 @@ def as_sequence(images: jax.Array, order: str) -> jax.Array:
     return images if order == "rows" else images.reshape(images.shape[0], 784, 1)
 
 
-# A train program: ``(fn, state, args)``, ``fn(state, *args) -> (state, loss sum)`` running
-# K steps per call (:func:`k_steps`); a runner compiles it (:func:`compiled_runner`).
+# A train program: ``(fn, state, args)``, ``fn(state, *args, count=None) -> (state, loss
+# sum)`` running the first ``count`` of the K steps of ``args[-1]`` ([K, B] batch indices,
+# count None: all K, a static loop) per call (:func:`k_steps`); a runner compiles it
+# (:func:`compiled_runner`).
 Program = tuple[Callable, Any, tuple]
 
 
+def steps_per_call(order: str, batch: int) -> int:
+    """K of a case: about the same work per timed call, 20,000 image rows (fewer steps for
+    long sequences and big batches), 8-200 steps (:data:`MIN_STEPS_PER_CALL`)."""
+    rows = batch * sequence_length(order) // 28
+    return max(MIN_STEPS_PER_CALL, min(200, 20000 // rows))
+
+
 def compiled_runner(fn: Callable, state: Any, args: tuple) -> tuple[Runner, float]:
-    """``fn(state, *args) -> (state, ...)`` compiled with the state donated; a runner that
-    carries the state from call to call, and the compile seconds."""
-    compiled, compile_s = runtime.compile_timed(jax.jit(fn, donate_argnums=0), state, *args)
+    """``fn(state, *args, count) -> (state, ...)`` compiled once with the state donated and
+    a traced ``count`` (as ``rnnjax train`` runs its calls); a runner ``run(count=None)``
+    that runs ``count`` steps (None: all K) and carries the state from call to call; and
+    the compile seconds."""
+    steps = args[-1].shape[0]
+    counts = {n: jax.device_put(jnp.int32(n)) for n in range(1, steps + 1)}
+    compiled, compile_s = runtime.compile_timed(jax.jit(fn, donate_argnums=0), state, *args,
+                                                counts[steps])
     box = [state]
 
-    def run():
-        box[0] = compiled(box[0], *args)[0]
+    def run(count: int | None = None):
+        box[0] = compiled(box[0], *args, counts[count or steps])[0]
         return box[0]
 
     return run, compile_s
 
 
 def k_steps(loss: Callable, optimizer: optax.GradientTransformation) -> Callable:
-    """``(state=(params, opt_state), images, labels, idx [K, B]) -> (state, loss sum)``."""
-    def fn(state, images, labels, idx):
+    """``(state=(params, opt_state), images, labels, idx [K, B], count=None) -> (state, loss
+    sum)``: the first ``count`` steps of ``idx`` (None: all K)."""
+    def fn(state, images, labels, idx, count=None):
         def body(i, carry):
             (params, opt_state), total = carry
             value, grads = jax.value_and_grad(loss)(params, images[idx[i]], labels[idx[i]])
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), total + value
-        return jax.lax.fori_loop(0, idx.shape[0], body, (state, jnp.zeros([])))
+        count = idx.shape[0] if count is None else count
+        return jax.lax.fori_loop(0, count, body, (state, jnp.zeros([])))
     return fn
 
 
@@ -197,7 +227,8 @@ def ops_rows(device_data: Arrays, order: str, batch: int, cells: list[str],
 def child_main() -> None:
     """``--child``: one rnnjax runner under this process's ``$XLA_FLAGS``, on the config's
     ``cpus``. Reads a JSON ``{"config", "batch", "steps"}`` line, compiles, answers
-    ``{"compile_s"}``; then each ``run`` line is one call, blocked on, answered ``done``."""
+    ``{"compile_s"}``; then each ``run COUNT`` line is one call of COUNT steps, blocked on,
+    answered ``done``."""
     from rnnjax import runtime
     from rnnjax.config import from_dict
 
@@ -210,9 +241,10 @@ def child_main() -> None:
     run, compile_s = rnnjax_runner(device_data, idx, config)
     print(json.dumps({"compile_s": compile_s}), flush=True)
     for line in sys.stdin:
-        if line.strip() != "run":
+        words = line.split()
+        if len(words) != 2 or words[0] != "run":
             break
-        jax.block_until_ready(run())
+        jax.block_until_ready(run(int(words[1])))
         print("done", flush=True)
 
 
@@ -220,8 +252,8 @@ class ChildRunner:
     """:func:`rnnjax_runner` in a child process whose ``$XLA_FLAGS`` add
     ``config.xla_flags``, that asks for huge pages where ``config.huge_pages`` (as
     ``rnnjax train`` applies them at start-up, ``tune.child_env``) and runs on
-    ``config.cpus``. Calling it runs one
-    compiled call there and returns when the child has blocked on it."""
+    ``config.cpus``. Calling it (``count`` steps, None: all) runs one compiled call there
+    and returns when the child has blocked on it."""
 
     def __init__(self, config: Config, batch: int, steps: int) -> None:
         from rnnjax.config import to_dict
@@ -237,13 +269,14 @@ class ChildRunner:
             raise RuntimeError(f"the rnnjax child with XLA_FLAGS={env['XLA_FLAGS']!r}, --cpus "
                                f"{config.cpus} exited {self.proc.wait()} before compiling")
         self.compile_s = float(json.loads(reply)["compile_s"])
+        self.steps = steps
 
     def _send(self, line: str) -> None:
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
 
-    def __call__(self) -> None:
-        self._send("run")
+    def __call__(self, count: int | None = None) -> None:
+        self._send(f"run {count or self.steps}")
         if self.proc.stdout.readline().strip() != "done":
             raise RuntimeError(f"the rnnjax child exited {self.proc.wait()} during a call")
 
@@ -325,6 +358,35 @@ def case_runners(device_data: Arrays, order: str, batch: int, cell: str, steps: 
     return runners
 
 
+def calls_of(runners: dict[str, tuple[Runner, float]], steps: int) -> dict[str, Runner]:
+    """Each runner as two timed calls, ``"NAME (1)"`` of 1 step and ``"NAME (K)"`` of all
+    ``steps``, for :func:`benchmarks.harness.interleaved` to time in turns."""
+    return {f"{name} ({count})": functools.partial(run, count)
+            for name, (run, _) in runners.items() for count in (1, steps)}
+
+
+def step_columns(name: str, one: float, seconds: float, steps: int,
+                 run_steps: int) -> dict[str, float]:
+    """A runner's row entries from the median seconds of its 1-step call (``one``) and of its
+    ``steps``-step call: ms per step in a run of ``run_steps``-step calls
+    (``rnnjax.measure.run_step``), the call's own ms (``rnnjax.measure.call_overhead``), and
+    both medians."""
+    overhead = measure.call_overhead(one, seconds, steps)
+    return {f"{name} ms": measure.run_step(seconds, steps, overhead, run_steps) * 1e3,
+            f"{name} call ms": overhead * 1e3, f"{name} 1-step call (median ms)": one * 1e3,
+            f"{name} {steps}-step call (median ms)": seconds * 1e3}
+
+
+def per_runner_notes(rows: list[dict[str, Any]], title: str, suffix: str, form: str) -> str:
+    """A markdown list of one per-runner value (the row entries ending in ``suffix``) per
+    case."""
+    return f"{title}:\n\n" + "\n".join(
+        f"- {r['order']} {r['batch']} {r['cell']}: "
+        + ", ".join(f"{c.removesuffix(suffix)} {form.format(r[c])}" for c in r
+                    if c.endswith(suffix))
+        for r in rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="rows:50,rows:1024,rows:4096,pixels:50",
@@ -333,8 +395,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--apis", default="linen,nnx", help="Flax APIs to time")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-call", type=int, default=0,
-                        help="train steps per timed call (0: about the same work per call "
-                        "in every case, 4-200 steps; rnnjax train runs 500)")
+                        help="train steps K of the longer timed call (0: about the same work "
+                        "per call in every case, 8-200 steps; at least 2); each runner is "
+                        "also timed in 1-step calls, and the call's own cost spread over the "
+                        "500 steps per call rnnjax train runs")
     parser.add_argument("--max-full-unroll", type=int, default=100,
                         help="time unroll=full only for sequences up to this long (784 "
                         "unrolled pixel steps compile for tens of minutes)")
@@ -347,8 +411,9 @@ def main(argv: list[str] | None = None) -> None:
                         "case, no timings")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.steps_per_call < 0:
-        parser.error(f"--steps-per-call {args.steps_per_call}: give 0 (the default) or more")
+    if args.steps_per_call < 0 or args.steps_per_call == 1:
+        parser.error(f"--steps-per-call {args.steps_per_call}: give 0 (the default) or 2 or "
+                     "more (the step's time is read from calls of 1 and of K steps)")
     if args.child:
         return child_main()
     device_data = to_device(load_arrays(Config()))
@@ -362,36 +427,37 @@ def main(argv: list[str] | None = None) -> None:
                       out_dir=args.out or None)
         return
     rows = []
+    run_steps = Config().steps_per_call  # what rnnjax train runs per call
     for order, batch in cases:
-        # About the same work per timed call: fewer steps for long sequences and batches.
-        steps = args.steps_per_call or max(4, min(200, 20000 // (batch * sequence_length(order)
-                                                                 // 28)))
+        steps = args.steps_per_call or steps_per_call(order, batch)
         for cell in args.cells.split(","):
             user, chosen = user_config(cell, order, batch, args.tune_budget)
             runners = case_runners(device_data, order, batch, cell, steps, apis, user,
                                    args.max_full_unroll)
             try:
-                seconds = interleaved({k: v[0] for k, v in runners.items()}, args.rounds)
+                seconds = interleaved(calls_of(runners, steps), args.rounds)
             finally:
                 close_children(run for run, _ in runners.values())
             row: dict[str, Any] = {"order": order, "batch": batch, "cell": cell,
                                    "steps/call": steps, "rnnjax train runs": chosen}
             for name, (_, compile_s) in runners.items():
-                row[f"{name} ms"] = seconds[name] / steps * 1e3
+                row.update(step_columns(name, seconds[f"{name} (1)"],
+                                        seconds[f"{name} ({steps})"], steps, run_steps))
                 row[f"{name} compile s"] = compile_s
-            flax_best = min((v for k, v in row.items() if k.startswith("flax") and
-                             k.endswith(" ms")), default=float("nan"))
+            flax_best = min((row[f"{name} ms"] for name in runners if name.startswith("flax")),
+                            default=float("nan"))
             row["best Flax / rnnjax"] = flax_best / row["rnnjax (as rnnjax train) ms"]
             rows.append(row)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()},
                   flush=True)
     columns = list(dict.fromkeys(c for r in rows for c in r))  # every row's, in order
-    timing = [c for c in columns if not c.endswith("compile s")]
-    compiles = [c for c in columns if c.endswith("compile s")]
-    notes = "Compile seconds per runner:\n\n" + "\n".join(
-        f"- {r['order']} {r['batch']} {r['cell']}: "
-        + ", ".join(f"{c.removesuffix(' compile s')} {r[c]:.1f}" for c in compiles if c in r)
-        for r in rows)
+    timing = [c for c in columns  # ms per step; the calls' own and medians: notes, JSON
+              if not c.endswith((" compile s", " call ms", " (median ms)"))]
+    notes = "\n\n".join(per_runner_notes(rows, title, suffix, form) for title, suffix, form in (
+        ("Compile seconds per runner", " compile s", "{:.1f}"),
+        (f"A call's own ms per runner, spread over {run_steps} steps per call in the ms "
+         "above (the medians of the 1- and K-step calls are in the JSON)", " call ms",
+         "{:.1f}")))
     write_results("flax_peers", rows, timing, env=environment(), notes=notes,
                   out_dir=args.out or None)
 

@@ -269,6 +269,14 @@ def call_overhead(one: float, seconds: float, steps: int) -> float:
     return min(max(0.0, one - marginal), 0.5 * one)
 
 
+def run_step(seconds: float, steps: int, overhead: float, steps_per_call: int) -> float:
+    """Seconds per step of a run of ``steps_per_call``-step calls, from one call of
+    ``steps`` steps that took ``seconds`` and a call's own ``overhead`` seconds
+    (:func:`call_overhead`): the overhead comes off the timed call and is spread over the
+    run's calls."""
+    return max(0.0, seconds - overhead) / steps + overhead / steps_per_call
+
+
 CACHE_HITS = [0]  # programs this process loaded from JAX's persistent compilation cache
 # Seconds the programs loaded from it took to compile when they were cached: the seconds
 # JAX reports saved plus those it spent reading them (JAX stores whole seconds).
@@ -344,7 +352,7 @@ class Timed:
         own cost (:attr:`overhead`, measured by :meth:`time`) comes off the call and is
         spread over the run's steps per call.
         """
-        return max(0.0, seconds - self.overhead) / steps + self.overhead / self.chunk
+        return run_step(seconds, steps, self.overhead, self.chunk)
 
     def once(self, steps: int) -> float:
         """Seconds per step of the run (:meth:`per_step`) from one call of ``steps`` steps."""

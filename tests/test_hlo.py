@@ -229,13 +229,16 @@ def test_sequence_copies_finds_a_write_xla_cannot_keep_in_place():
     assert hlo.sequence_copies(program(jnp.tanh), 28) == []
 
 
-def test_flax_benchmark_refuses_a_negative_steps_per_call(capsys):
+@pytest.mark.parametrize("steps", ["-1", "1"])
+def test_flax_benchmark_refuses_steps_per_call_it_cannot_time(capsys, steps):
+    """A step's time is read from calls of 1 and of K steps: K must be 2 or more."""
     from benchmarks import flax_peers
 
     with pytest.raises(SystemExit) as exit_:
-        flax_peers.main(["--steps-per-call", "-1"])
+        flax_peers.main(["--steps-per-call", steps])
     assert exit_.value.code == 2
-    assert "--steps-per-call -1: give 0 (the default) or more" in capsys.readouterr().err
+    assert (f"--steps-per-call {steps}: give 0 (the default) or 2 or more"
+            in capsys.readouterr().err)
 
 
 def test_flax_benchmark_counts_the_ops_every_runner_launches(tmp_path):

@@ -81,3 +81,55 @@ def test_the_choice_a_benchmark_reports_says_what_choosing_it_cost(monkeypatch):
     assert measured.startswith("measured in 10.0 s: unroll 0,")
     assert cached.startswith("cached (tuned in 10.0 s by the run that cached it): unroll 0,")
     assert unknown.startswith("cached: unroll 0,")
+
+
+def test_a_benchmark_step_is_a_long_runs_step_without_the_calls_own_cost():
+    """Each runner is timed in calls of 1 and of K steps, in turns; the call's own cost comes
+    off and is spread over the 500 steps per call rnnjax train runs. A runner whose call
+    costs 30 ms besides 60 ms a step reads about 60 ms a step, where the K-step call's
+    average would read 67.5 at K = 4."""
+    import time
+
+    from benchmarks.harness import interleaved
+
+    def run(count=None):
+        time.sleep(0.03 + 0.06 * (count or 4))
+
+    seconds = interleaved(flax_peers.calls_of({"slow": (run, 0.0)}, 4), 3)
+    assert set(seconds) == {"slow (1)", "slow (4)"}
+    row = flax_peers.step_columns("slow", seconds["slow (1)"], seconds["slow (4)"], 4, 500)
+    assert row["slow ms"] == pytest.approx(60 + row["slow call ms"] / 500, rel=0.15)
+    assert row["slow call ms"] == pytest.approx(30, rel=0.3)
+    assert row["slow 4-step call (median ms)"] / 4 > row["slow ms"]
+
+
+def test_the_flax_benchmark_times_a_child_in_calls_of_1_and_k_steps(tmp_path, monkeypatch):
+    """A choice with XLA flags runs in a child process, which runs each call's count of
+    steps (``run COUNT``); the row holds both calls' medians, the step and the call's cost,
+    and the markdown table the step's ms only."""
+    chosen = Config(batch_size=8, xla_flags="--xla_cpu_prefer_vector_width=256",
+                    feed="device")
+    monkeypatch.setattr(flax_peers, "user_config", lambda *args: (chosen, "measured: flags"))
+    counts = []
+
+    class Recorded(flax_peers.ChildRunner):
+        def __call__(self, count=None):
+            counts.append(count)
+            return super().__call__(count)
+
+    monkeypatch.setattr(flax_peers, "ChildRunner", Recorded)
+    flax_peers.main(["--cases", "rows:8", "--cells", "simple_rnn", "--apis", "linen",
+                     "--rounds", "1", "--steps-per-call", "3", "--max-full-unroll", "0",
+                     "--out", str(tmp_path)])
+    (row,) = json.loads((tmp_path / "flax_peers.json").read_text())["rows"]
+    for name in ("rnnjax (as rnnjax train)", "rnnjax (its choice without its process settings)",
+                 "flax.linen unroll=1"):
+        one = row[f"{name} 1-step call (median ms)"]
+        assert one > 0 and row[f"{name} 3-step call (median ms)"] > 0
+        assert 0 <= row[f"{name} call ms"] <= one / 2  # at most half the 1-step call
+        assert row[f"{name} ms"] > 0
+    assert counts == [1, 3] * 2  # burn-in and one round, each call its own count
+    (header,) = [line for line in (tmp_path / "flax_peers.md").read_text().splitlines()
+                 if line.startswith("| order |")]
+    assert "| rnnjax (as rnnjax train) ms |" in header and "call ms" not in header
+    assert "median" not in header
