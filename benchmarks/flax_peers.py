@@ -70,7 +70,7 @@ HIDDEN = 50
 MIN_STEPS_PER_CALL = 8
 # rnnjax cell -> the Flax cell with the same equations.
 CELLS = {"simple_rnn": "SimpleCell", "lstm": "OptimizedLSTMCell", "gru": "GRUCell"}
-Runner = Callable[[], Any]
+Runner = Callable[..., Any]  # run(count=None): one call of count steps (None: all K)
 
 
 def sequence_length(order: str) -> int:
