@@ -8,10 +8,13 @@ MNIST rows, walked in order:
 
 * rnnjax as ``rnnjax train --batch-size B`` runs it: the tuner's choice for this machine
   and batch (cached, or measured now as the first ``rnnjax train`` would: ``--tune-budget``;
-  printed in each row), K steps per compiled call on device-resident data, in a child
-  process started with the choice's process settings (XLA flags, huge pages, CPUs) where it
-  has some (``benchmarks.flax_peers``' runner); and the same choice without them, one
-  compiled step per call fed from the host;
+  printed in each row), on device-resident data, in a child process started with the
+  choice's process settings (XLA flags, huge pages, CPUs) where it has some
+  (``benchmarks.flax_peers``' runner); its step as a run of 500-step calls pays it, read as
+  ``benchmarks.flax_peers`` reads every runner's: timed in compiled calls of 1 and K steps,
+  the call's own cost (``rnnjax.measure.call_overhead``) off the K-step call and spread
+  over 500 steps; and the same choice without them, one compiled step per call fed from
+  the host (each step then pays its call, as the peers' steps do);
 * Keras 3 ``SimpleRNN`` on its JAX backend with ``train_on_batch``, ``unroll=True`` (the
   seed's setting) and ``False``;
 * PyTorch eager ``nn.RNN`` + ``nn.Linear`` + ``torch.optim.Adam``.
@@ -51,6 +54,7 @@ from rnnjax.model import make_model
 from rnnjax.optim import make_optimizer
 
 Runner = Callable[[], object]
+RNNJAX = "rnnjax (as rnnjax train)"
 
 
 def batches(data: Arrays, batch: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -61,15 +65,15 @@ def batches(data: Arrays, batch: int, count: int) -> list[tuple[np.ndarray, np.n
 def rnnjax_runners(data: Arrays, device_data: Arrays, batch: int, steps: int,
                    tune_budget_s: float | None) -> tuple[dict[str, Runner], str]:
     """rnnjax as ``rnnjax train --batch-size B`` runs it (the tuner's choice for this machine,
-    cached or measured now within ``tune_budget_s``, as in ``benchmarks.flax_peers``): K =
-    ``steps`` train steps per compiled call on ``device_data``, in a child process
-    started with the choice's process settings where it has some; and the same choice,
-    without them, one compiled step per call fed from the host. Returns the runners (a child is
-    closed by ``flax_peers.close_children``) and the choice in words."""
+    cached or measured now within ``tune_budget_s``, as in ``benchmarks.flax_peers``): up to
+    K = ``steps`` train steps per compiled call on ``device_data`` (``run(count)``), in a
+    child process started with the choice's process settings where it has some; and the
+    same choice, without them, one compiled step per call fed from the host. Returns the
+    runners (a child is closed by ``flax_peers.close_children``) and the choice in words."""
     config, chosen = flax_peers.user_config("simple_rnn", "rows", batch, tune_budget_s)
     idx = jax.device_put(batch_indices(len(data.train_labels), batch, 0, steps))
     fast, _ = flax_peers.train_runner(device_data, idx, config)
-    return ({"rnnjax (K steps/call)": fast,
+    return ({RNNJAX: fast,
              "rnnjax (1 step/call)": rnnjax_per_step(data, batch, steps,
                                                      flax_peers.in_process(config))},
             chosen)
@@ -195,29 +199,39 @@ def main(argv=None) -> None:
         print("torch not installed: skipped (pip install torch==2.13.0)")
 
     rows, names = [], []
+    run_steps = Config().steps_per_call  # what rnnjax train runs per call
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         steps = max(10, min(200, 20000 // batch))
         runners, chosen = rnnjax_runners(data, device_data, batch, steps, args.tune_budget)
         try:
             runners.update((name, make(data, batch, steps)) for name, make in peers.items())
-            seconds = interleaved(runners, args.repeats)
+            # rnnjax's runner in calls of 1 and K steps; the others, K steps a call of
+            # one step each, as their loops run.
+            timed = {**flax_peers.calls_of({RNNJAX: (runners[RNNJAX], 0.0)}, steps),
+                     **{name: run for name, run in runners.items() if name != RNNJAX}}
+            seconds = interleaved(timed, args.repeats)
         finally:
             flax_peers.close_children(runners.values())
         names = list(runners)
         row = {"batch": batch, "steps_timed": steps, "rnnjax train runs": chosen}
-        for name in names:
+        row.update(flax_peers.step_columns(RNNJAX, seconds[f"{RNNJAX} (1)"],
+                                           seconds[f"{RNNJAX} ({steps})"], steps, run_steps))
+        for name in names[1:]:
             row[f"{name} ms"] = seconds[name] / steps * 1e3
+        for name in names:
             print(f"batch {batch:5d} {name:26s} {row[f'{name} ms']:8.3f} ms/step", flush=True)
-        best = row["rnnjax (K steps/call) ms"]
+        best = row[f"{RNNJAX} ms"]
         for name in names[1:]:
             row[f"{name} / rnnjax"] = row[f"{name} ms"] / best
         rows.append(row)
-    columns = list(rows[0])
-    notes = ""
+    columns = [c for c in rows[0] if not c.endswith((" call ms", " (median ms)"))]
+    notes = (f"rnnjax's call's own ms, spread over {run_steps} steps per call in its ms above "
+             "(the medians of its 1- and K-step calls are in the JSON):\n\n" + "\n".join(
+                 f"- batch {r['batch']}: {r[f'{RNNJAX} call ms']:.1f}" for r in rows))
     if args.seed_run:
         seed_rows = seed_run()
         base = seed_rows[0]["wall_s"]
-        notes = "Seed run, whole process (best of 2):\n\n" + "\n".join(
+        notes += "\n\nSeed run, whole process (best of 2):\n\n" + "\n".join(
             f"- {r['peer']}: {r['wall_s']:.2f} s, final accuracy {r['final_accuracy']:.4f}, "
             f"{r['wall_s'] / base:.2f}x rnnjax's time" for r in seed_rows
         )
