@@ -365,6 +365,10 @@ def calls_of(runners: dict[str, tuple[Runner, float]], steps: int) -> dict[str, 
             for name, (run, _) in runners.items() for count in (1, steps)}
 
 
+# The row entries of :func:`step_columns` besides the step's ms: JSON and notes, not tables.
+CALL_COLUMNS = (" call ms", " (median ms)")
+
+
 def step_columns(name: str, one: float, seconds: float, steps: int,
                  run_steps: int) -> dict[str, float]:
     """A runner's row entries from the median seconds of its 1-step call (``one``) and of its
@@ -377,11 +381,13 @@ def step_columns(name: str, one: float, seconds: float, steps: int,
             f"{name} {steps}-step call (median ms)": seconds * 1e3}
 
 
-def per_runner_notes(rows: list[dict[str, Any]], title: str, suffix: str, form: str) -> str:
+def per_runner_notes(rows: list[dict[str, Any]], title: str, suffix: str, form: str,
+                     case: Callable[[dict[str, Any]], str] = lambda r:
+                     f"{r['order']} {r['batch']} {r['cell']}") -> str:
     """A markdown list of one per-runner value (the row entries ending in ``suffix``) per
-    case."""
+    row, each named by ``case``."""
     return f"{title}:\n\n" + "\n".join(
-        f"- {r['order']} {r['batch']} {r['cell']}: "
+        f"- {case(r)}: "
         + ", ".join(f"{c.removesuffix(suffix)} {form.format(r[c])}" for c in r
                     if c.endswith(suffix))
         for r in rows)
@@ -452,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
                   flush=True)
     columns = list(dict.fromkeys(c for r in rows for c in r))  # every row's, in order
     timing = [c for c in columns  # ms per step; the calls' own and medians: notes, JSON
-              if not c.endswith((" compile s", " call ms", " (median ms)"))]
+              if not c.endswith((" compile s", *CALL_COLUMNS))]
     notes = "\n\n".join(per_runner_notes(rows, title, suffix, form) for title, suffix, form in (
         ("Compile seconds per runner", " compile s", "{:.1f}"),
         (f"A call's own ms per runner, spread over {run_steps} steps per call in the ms "

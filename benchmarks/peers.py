@@ -224,10 +224,11 @@ def main(argv=None) -> None:
         for name in names[1:]:
             row[f"{name} / rnnjax"] = row[f"{name} ms"] / best
         rows.append(row)
-    columns = [c for c in rows[0] if not c.endswith((" call ms", " (median ms)"))]
-    notes = (f"rnnjax's call's own ms, spread over {run_steps} steps per call in its ms above "
-             "(the medians of its 1- and K-step calls are in the JSON):\n\n" + "\n".join(
-                 f"- batch {r['batch']}: {r[f'{RNNJAX} call ms']:.1f}" for r in rows))
+    columns = [c for c in rows[0] if not c.endswith(flax_peers.CALL_COLUMNS)]
+    notes = flax_peers.per_runner_notes(
+        rows, f"rnnjax's call's own ms, spread over {run_steps} steps per call in its ms "
+        "above (the medians of its 1- and K-step calls are in the JSON)", " call ms", "{:.1f}",
+        case=lambda r: f"batch {r['batch']}")
     if args.seed_run:
         seed_rows = seed_run()
         base = seed_rows[0]["wall_s"]
