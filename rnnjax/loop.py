@@ -162,21 +162,23 @@ class SegmentFn:
 
 def _compiled_train(
     fn: Callable, model: Model, optimizer: optax.GradientTransformation,
-    dp: parallel.DataParallel,
+    dp: parallel.DataParallel, xla_flags: str = "",
 ) -> runtime.CompileOnFirstCall:
     """``train.train_step`` or ``train.train_steps`` jitted with the state donated and the
-    results replicated over the mesh; compiled (and timed) on its first call."""
+    results replicated over the mesh; compiled (and timed) on its first call, under
+    ``xla_flags`` besides the process's (``runtime.compile_options``)."""
     return runtime.CompileOnFirstCall(jax.jit(
         functools.partial(fn, model=model, optimizer=optimizer),
         donate_argnums=0, out_shardings=dp.replicated,
-    ))
+    ), xla_flags)
 
 
 def device_feed(
     config: Config, model: Model, optimizer: optax.GradientTransformation,
-    dp: parallel.DataParallel, on_device: Arrays,
+    dp: parallel.DataParallel, on_device: Arrays, xla_flags: str = "",
 ) -> SegmentFn:
-    """Segments run by one compiled ``train.train_steps`` on the device-resident dataset.
+    """Segments run by one compiled ``train.train_steps`` on the device-resident dataset
+    (compiled under ``xla_flags`` besides the process's: the tuner's in-process flags).
 
     Batch indices are padded to a fixed ``[steps_per_call, B]`` with the count passed as
     data: one compiled function serves every segment length, no recompiles. The training
@@ -186,7 +188,7 @@ def device_feed(
     chunk = min(config.steps_per_call, config.steps)
     labels = on_device.train_labels
     n_train = len(labels)
-    steps = _compiled_train(train.train_steps, model, optimizer, dp)
+    steps = _compiled_train(train.train_steps, model, optimizer, dp, xla_flags)
     sequences = device_sequences(model, dp, on_device.train_images)
 
     def run(state: train.TrainState, first: int, count: int):
@@ -204,9 +206,10 @@ def device_feed(
 
 def stream_feed(
     config: Config, model: Model, optimizer: optax.GradientTransformation,
-    dp: parallel.DataParallel, data: Arrays, start: int,
+    dp: parallel.DataParallel, data: Arrays, start: int, xla_flags: str = "",
 ) -> SegmentFn:
-    """Segments run one compiled ``train.train_step`` per batch streamed from the host.
+    """Segments run one compiled ``train.train_step`` per batch streamed from the host
+    (compiled under ``xla_flags`` besides the process's, as :func:`device_feed`).
 
     The batches of steps ``start, start + 1, ...`` in order: the tf.data pipeline with
     ``--source tfds``, NumPy otherwise; each process reads only its rows of each batch.
@@ -220,7 +223,7 @@ def stream_feed(
             data.train_images, data.train_labels, config.batch_size, start,
             config.steps - start, shuffle=config.shuffle, seed=config.seed, rows=rows,
         )
-    step = _compiled_train(train.train_step, model, optimizer, dp)
+    step = _compiled_train(train.train_step, model, optimizer, dp, xla_flags)
     next_step = start
 
     def run(state: train.TrainState, first: int, count: int):

@@ -11,6 +11,9 @@ spec as the first line of its stdin::
      "reference": "path/to/baseline.npz", "pay_back": null, "compiled": false,
      "data": {"image_shape": [28, 28, 1], "num_classes": 10}, "alone": null}
 
+A candidate may carry ``xla_flags`` of its own (an XLA flag set timed in this process:
+its train step is compiled under them, over the process's, ``runtime.compile_options``)
+and ``on``, a backend (:data:`ON`: a child on another backend leaves it untimed).
 A candidate's fields may be ``"best"``: those fields of the fastest candidate this child
 has timed so far (:func:`resolve`: the unroll, for a form timed at the unroll that suits
 the machine; the form's fields, for the fastest form timed at another unroll), without
@@ -56,6 +59,7 @@ from typing import Any
 
 PREFIX = "rnnjax-tune "
 BEST = "best"  # rnnjax.tune.BEST
+ON = "on"  # a candidate's backend, where it is for one only (rnnjax.tune.flag_set_candidates)
 FINALISTS = 4  # the reference and the fastest others, timed again in turns
 NEAR = 0.1  # timed again before 'best' is resolved: within this much of the fastest
 # A 'best' unroll is timed at each unroll within this much of the fastest: wider than NEAR,
@@ -296,11 +300,12 @@ def _add_cached_compile_s(event: str, seconds: float, **kwargs: Any) -> None:
 
 
 class Timed:
-    """One candidate compiled and run once: its compile seconds, its first step
-    (:func:`first_step`, the first batch from :func:`synthetic_state`), and :meth:`time`."""
+    """One candidate compiled (under ``xla_flags`` besides the process's: an in-process flag
+    candidate's) and run once: its compile seconds, its first step (:func:`first_step`, the
+    first batch from :func:`synthetic_state`), and :meth:`time`."""
 
     def __init__(self, config: Any, data: Any, timer: Callable[[], float],
-                 spec: Any = None) -> None:
+                 spec: Any = None, xla_flags: str = "") -> None:
         import jax
 
         from rnnjax import loop, parallel
@@ -311,10 +316,11 @@ class Timed:
         dp = parallel.DataParallel.from_config(config)
         self.state = dp.replicate(synthetic_state(model, optimizer))
         if config.feed == "device":
-            self.run = loop.device_feed(config, model, optimizer, dp, dp.dataset(data))
+            self.run = loop.device_feed(config, model, optimizer, dp, dp.dataset(data),
+                                        xla_flags)
             self.chunk = min(config.steps_per_call, config.steps)
         else:
-            self.run = loop.stream_feed(config, model, optimizer, dp, data, 0)
+            self.run = loop.stream_feed(config, model, optimizer, dp, data, 0, xla_flags)
             self.chunk = config.steps
         self.first, self.timer, self.block = 0, timer, jax.block_until_ready
         self.one = float("inf")  # the best 1-step call's seconds
@@ -429,7 +435,9 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
                 fields, timed, per_step = done[i]
                 done[i] = (fields, timed, min(per_step, timed.once(steps)))
 
-    queue = list(spec["candidates"])
+    # A candidate for another backend (an in-process flag set: ON) is not this child's.
+    queue = [{name: value for name, value in c.items() if name != ON}
+             for c in spec["candidates"] if c.get(ON, device["backend"]) == device["backend"]]
     while queue:
         fields = queue.pop(0)
         if BEST in fields.values():
@@ -442,7 +450,10 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
             if not options:
                 continue
             fields, queue[:0] = options[0], options[1:]
-        candidate = config.replace(**fields)
+        # Its XLA flags (an in-process flag set) apply to its compilation alone, over the
+        # process's; its config keeps the run's own.
+        extra_flags = fields.get("xla_flags", "")
+        candidate = config.replace(**{k: v for k, v in fields.items() if k != "xla_flags"})
         kind = (candidate.backward, candidate.projection, candidate.weight_grad,
                 candidate.chunks, candidate.feed)
         if candidate.feed == "stream":  # a stream as long as the calls timed will read
@@ -457,7 +468,7 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
             emit("skipped", candidate=fields, reason=why)
             continue
         try:
-            timed = Timed(candidate, data, timer, images)
+            timed = Timed(candidate, data, timer, images, extra_flags)
             steps = steps or timed.steps_for(spec["call_s"])
             per_step = timed.time(steps, spec["repeats"], deadline)
         except Exception as e:  # a candidate this backend cannot run: report, go on

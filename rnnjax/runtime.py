@@ -143,29 +143,50 @@ def apply_process_settings(xla_flags: str, cpus: int) -> None:
     apply_cpus(cpus)
 
 
-def compile_timed(jitted: Callable, *args: Any) -> tuple[Callable, float]:
-    """Lower and compile ``jitted`` for ``args`` ahead of time: ``(compiled, seconds)``.
+def compile_options(flags: str) -> dict[str, str]:
+    """XLA flags (space-separated ``--xla_name=value``; ``--xla_name`` alone is ``true``) as
+    options of one compilation (``jax.stages.Lowered.compile``'s ``compiler_options``).
+
+    XLA's compiler flags (its DebugOptions) apply per compiled program so, over the flags
+    ``$XLA_FLAGS`` gave the process: the tuner times them beside the run's own flags in one
+    process (:mod:`rnnjax.measure`). A name XLA does not know fails the compilation ("No
+    such compile option"), as do flags read only when the backend starts (a host's device
+    count): those are not compiler flags.
+    """
+    options = {}
+    for flag in flags.split():
+        name, sep, value = flag.lstrip("-").partition("=")
+        options[name] = value if sep else "true"
+    return options
+
+
+def compile_timed(jitted: Callable, *args: Any, xla_flags: str = ""
+                  ) -> tuple[Callable, float]:
+    """Lower and compile ``jitted`` for ``args`` ahead of time, under ``xla_flags`` as well
+    as the process's (:func:`compile_options`): ``(compiled, seconds)``.
 
     Calling the result never compiles again, so timings after it are steady state.
     """
     start = time.perf_counter()
-    compiled = jitted.lower(*args).compile()  # type: ignore[attr-defined]
+    compiled = jitted.lower(*args).compile(  # type: ignore[attr-defined]
+        compiler_options=compile_options(xla_flags) or None)
     return compiled, time.perf_counter() - start
 
 
 class CompileOnFirstCall:
-    """``jitted`` compiled ahead of time for the arguments of its first call, and that
-    executable reused after: a call returns ``(result, seconds spent compiling in it)``.
+    """``jitted`` compiled ahead of time (under ``xla_flags``: :func:`compile_timed`) for the
+    arguments of its first call, and that executable reused after: a call returns
+    ``(result, seconds spent compiling in it)``.
 
     Later calls with other shapes fail instead of silently compiling again.
     """
 
-    def __init__(self, jitted: Callable) -> None:
-        self.jitted = jitted
+    def __init__(self, jitted: Callable, xla_flags: str = "") -> None:
+        self.jitted, self.xla_flags = jitted, xla_flags
         self.compiled: Callable | None = None
 
     def __call__(self, *args: Any) -> tuple[Any, float]:
         seconds = 0.0
         if self.compiled is None:
-            self.compiled, seconds = compile_timed(self.jitted, *args)
+            self.compiled, seconds = compile_timed(self.jitted, *args, xla_flags=self.xla_flags)
         return self.compiled(*args), seconds

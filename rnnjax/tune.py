@@ -15,7 +15,9 @@ process (:mod:`rnnjax.measure`), one per set of these process settings (a child'
 ``flags``: XLA flags, :data:`HUGE_PAGES` for a child started with huge pages, ``cpus=1``
 for one on one CPU); the process that tunes never starts JAX's backend itself and can still
 apply the chosen flags and CPUs (:func:`rnnjax.runtime.apply_process_settings`);
-``rnnjax train`` starts itself again for huge pages.
+``rnnjax train`` starts itself again for huge pages. XLA's flag sets are compiler flags,
+which also apply per compiled program: the first child times each in its own process
+(:func:`flag_set_candidates`), and only a set it did not time gets a child of its own.
 
 A candidate counts only when its first train step (the loss, and the gradients as the
 optimizer's moments hold them) matches the baseline's (the untuned defaults) to float
@@ -59,11 +61,14 @@ from typing import Any, TextIO
 from rnnjax import __version__
 from rnnjax.config import TUNED, Config, to_dict
 from rnnjax.data.spec import IDX_SPEC, DataSpec
-from rnnjax.measure import BEST  # a field's value: the fastest its child has timed
+from rnnjax.measure import (
+    BEST,  # a field's value: the fastest its child has timed
+    ON,  # a candidate's backend, where it is for one only
+)
 
-TUNER_VERSION = 15  # 15: batches read step by step gathered so; 14: longer calls in turns,
-# autodiff loops 1.1-1.3x faster; 13: cpus; 12: huge pages; 11: chunks; 10: finalists in a
-# second process
+TUNER_VERSION = 16  # 16: XLA flag sets timed in the first child's process; 15: batches
+# read step by step gathered so; 14: longer calls in turns, autodiff loops 1.1-1.3x faster;
+# 13: cpus; 12: huge pages; 11: chunks; 10: finalists in a second process
 ENV_VAR = "RNNJAX_TUNE"  # 'off' (or 0, false, no): rnnjax train does not tune by default
 MARGIN = 0.03  # a candidate replaces the baseline only when this much faster
 # Other XLA flags replace the run's own only when this much faster: they are timed in other
@@ -112,6 +117,15 @@ FLAG_SETS = {
     # launch from the device, not one by one from the host), or no command buffers at all.
     "gpu": ("--xla_gpu_enable_command_buffer=+WHILE", "--xla_gpu_enable_command_buffer="),
 }
+# XLA's flag sets are compiler flags, which apply per compiled program
+# (``runtime.compile_options``): the first child times each on the fastest form so far,
+# right after the unrolls, in its own process beside the run's own flags
+# (:func:`flag_set_candidates`), and a set it timed so needs no child of its own. In one
+# process, in turns, rows at batch 1024 on a 2-core AVX-512 EPYC (2026-12-03): the
+# SimpleRNN fully unrolled 5.78 -> 3.39 ms with `--xla_cpu_experimental_ynn_fusion_type=`,
+# the LSTM 26.4 -> 23.5, the GRU 20.7 -> 17.9; where the same flag timed in a child of its
+# own had read 7.54 against 7.34, one process's speed against another's.
+FLAGS_IN_PROCESS = True
 # A child's process settings besides its XLA flags: started with transparent huge pages
 # (rnnjax.process.HUGE_PAGES), timed last, on top of the fastest settings so far. At rows,
 # batch 4096, on a 2-core AVX-512 EPYC, pairs of processes: the GRU's train step 1.14-1.30x
@@ -166,8 +180,11 @@ class Measurement:
 
     @property
     def fields(self) -> dict[str, Any]:
-        """All tuned fields this measurement stands for."""
-        return {**self.candidate, **process_fields(self.flags)}
+        """All tuned fields this measurement stands for: its XLA flags are its child's and,
+        for an in-process flag set (:func:`flag_set_candidates`), its candidate's."""
+        process = process_fields(self.flags)
+        flags = " ".join(filter(None, [process["xla_flags"], self.candidate.get("xla_flags")]))
+        return {**self.candidate, **process, "xla_flags": flags}
 
 
 @dataclass
@@ -311,8 +328,8 @@ def form_candidates(config: Config, pinned: frozenset[str], base: dict[str, Any]
     return out
 
 
-def model_candidates(config: Config, pinned: frozenset[str],
-                     spec: DataSpec = IDX_SPEC) -> list[dict[str, Any]]:
+def model_candidates(config: Config, pinned: frozenset[str], spec: DataSpec = IDX_SPEC,
+                     flag_sets: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """Candidate ``{unroll, backward, projection, weight_grad, chunks, feed}`` to time, most
     promising first: the baseline; fully unrolled, which won at every batch on the AVX-512
     machine of issue 11 (in the hand-written form where the baseline is autodiff, after that
@@ -325,7 +342,9 @@ def model_candidates(config: Config, pinned: frozenset[str],
     beside the recurrence; autodiff, where a hand-written form exists, at the baseline's);
     the fastest form and unroll in :data:`CHUNKS` parts; the fastest form and chunks at the
     middle unroll; then the other feed. (Where the two unrolls timed alike, a form is timed
-    at both: ``measure.resolutions``.)"""
+    at both: ``measure.resolutions``.) ``flag_sets`` (:func:`flag_set_candidates`) come
+    right after the unrolls: XLA's flags have been worth more than any form at large
+    batches."""
     base = baseline(config, pinned)
     length = sequence_length(config, spec)
     middle = 2 ** int(math.log2(math.sqrt(length)))  # 4 for 28 steps, 16 for 784
@@ -339,6 +358,7 @@ def model_candidates(config: Config, pinned: frozenset[str],
         if probe:  # at the baseline's unroll too, so that the unrolls compare in one form
             out.append({**base, **probe})
         out.append({**base, **probe, "unroll": 0})
+    out += flag_sets
     for form in forms:
         # Autodiff's fully unrolled program compiled 3x slower than the hand-written one
         # (LSTM, 28 rows: 10.9 s against 3.4 s) and ran 2.5x slower (GRU: 69.6 against 50.7
@@ -363,6 +383,29 @@ def model_candidates(config: Config, pinned: frozenset[str],
 PROCESS_SETTINGS = ("xla_flags", "huge_pages", "cpus")  # Config fields: a child's ``flags``
 
 
+def flag_set_candidates(config: Config, pinned: frozenset[str], env_flags: str
+                        ) -> list[dict[str, Any]]:
+    """Each backend's XLA flag sets (:data:`FLAG_SETS`, but those that set a flag
+    ``env_flags`` sets; none where ``xla_flags`` is pinned) as candidates the first child
+    times in its own process (:data:`FLAGS_IN_PROCESS`): the fastest form and unroll so far
+    (:data:`BEST`, but the pinned fields) compiled under the set (``xla_flags``), on a child
+    of that backend (``measure.ON``) only."""
+    if not FLAGS_IN_PROCESS or "xla_flags" in pinned:
+        return []
+    base = baseline(config, pinned)
+    best = {name: BEST for name in ("unroll", *FORMS) if name not in pinned}
+    return [{**base, **best, "xla_flags": flags, ON: backend}
+            for backend in FLAG_SETS for flags in backend_flag_sets(backend, env_flags)]
+
+
+def backend_flag_sets(backend: str, env_flags: str) -> list[str]:
+    """``backend``'s XLA flag sets (:data:`FLAG_SETS`) but those that set a flag the user's
+    ``env_flags`` (``$XLA_FLAGS``) already sets."""
+    given = {flag.split("=")[0] for flag in env_flags.split()}
+    return [flags for flags in FLAG_SETS.get(backend, ())
+            if not {flag.split("=")[0] for flag in flags.split()} & given]
+
+
 def own_settings(config: Config, pinned: frozenset[str]) -> dict[str, Any]:
     """The run's own process settings (:data:`PROCESS_SETTINGS`): those the user set, the
     defaults for the others; every child's ``flags`` keep the ones set."""
@@ -382,11 +425,9 @@ def flag_candidates(backend: str, pinned: frozenset[str], config: Config,
     default this process's environment)."""
     own = own_settings(config, pinned)
     base = process_flags(**own)
-    given = {flag.split("=")[0] for flag in env_flags.split()}
     alternatives = [] if "xla_flags" in pinned else [
         process_flags(**{**own, "xla_flags": flags})
-        for flags in FLAG_SETS.get(backend, ())
-        if not {flag.split("=")[0] for flag in flags.split()} & given]
+        for flags in backend_flag_sets(backend, env_flags)]
     if backend == "cpu" and one_cpu_offered(pinned):
         one = process_flags(**{**own, "cpus": 1})
         alternatives.insert(0 if config.batch_size <= ONE_CPU_FIRST else len(alternatives), one)
@@ -411,14 +452,24 @@ def one_cpu_offered(pinned: frozenset[str]) -> bool:
     return "cpus" not in pinned and len(process.usable_cpus()) > 1
 
 
+def _flags_only(flags: str, config: Config, pinned: frozenset[str]) -> bool:
+    """Whether a child's ``flags`` differ from the run's own process settings in their XLA
+    flags alone (a flag set, timed in the first child where :data:`FLAGS_IN_PROCESS`)."""
+    own, fields = own_settings(config, pinned), process_fields(flags)
+    return fields["huge_pages"] == own["huge_pages"] and fields["cpus"] == own["cpus"] \
+        and fields["xla_flags"] != own["xla_flags"]
+
+
 def others_on(config: Config, pinned: frozenset[str], env_flags: str) -> list[str]:
     """The backends on which other process settings than the run's own would be timed
-    (:func:`flag_candidates`), known before the backend starts: the first child learns
+    in children of their own (:func:`flag_candidates`; XLA flag sets alone are timed in the
+    first child, :data:`FLAGS_IN_PROCESS`), known before the backend starts: the first child learns
     its backend, and where it is not one of these it may take :data:`ALONE_SHARE` of the
     budget, not :data:`FIRST_SHARE` (a TPU run's first child stopped at 60% of it, and 15%
     went to flag sets it had none of)."""
     return [backend for backend in sorted({"cpu", *FLAG_SETS})
-            if flag_candidates(backend, pinned, config, env_flags)[1:]]
+            if [flags for flags in flag_candidates(backend, pinned, config, env_flags)[1:]
+                if not (FLAGS_IN_PROCESS and _flags_only(flags, config, pinned))]]
 
 
 def tolerance(config: Config) -> float:
@@ -679,8 +730,12 @@ def run_child(
                        else f"child exited {code}: {tail[-1] if tail else 'no message'}")[:300]
         log(f"  {describe(process_fields(flags))}: {child.error}")
         reported = [m.candidate for m in child.measurements]
-        child.measurements += [Measurement(c, flags, note=child.error) for c in candidates
-                               if c not in reported]
+        backend = (child.device or {}).get("backend")
+        child.measurements += [  # a flag set for another backend (ON) was not this one's
+            Measurement(c, flags, note=child.error) for c in (
+                {k: v for k, v in c.items() if k != ON} for c in candidates
+                if c.get(ON, backend) == backend)
+            if c not in reported]
         return child
 
     def retime(candidate: dict[str, Any], until: float, steps: int | None = None
@@ -776,14 +831,16 @@ def tune(
     start = clock()
     deadline = start + budget_s
     call_s = min(0.3, max(0.02, budget_s / 200))
-    candidates = model_candidates(config, pinned, spec)
+    env_flags = os.environ.get("XLA_FLAGS", "")
+    candidates = model_candidates(config, pinned, spec,
+                                  flag_set_candidates(config, pinned, env_flags))
     base = candidates[0]
     base_flags = process_flags(**own_settings(config, pinned))
     # The run's own flags get the first FIRST_SHARE of the budget when other flags may follow
     # (of the budget as given, and of the budget that follows the run's length: run below),
     # else ALONE_SHARE: told the backends where they would, the first child takes the
     # larger share on any other.
-    backends = others_on(config, pinned, os.environ.get("XLA_FLAGS", ""))
+    backends = others_on(config, pinned, env_flags)
     share = FIRST_SHARE if backends else ALONE_SHARE
     longest = max(budget_s, TUNE_COMMAND_BUDGET_S) if pay_back else budget_s
     first_deadline = start + share * longest
@@ -816,8 +873,13 @@ def tune(
             deadline = start + budget_s
             tol = tolerance(config)
             device = first.device
-            flag_sets = [] if device is None else flag_candidates(
-                device["backend"], pinned, config, os.environ.get("XLA_FLAGS", ""))
+            # XLA flag sets the first child timed in its own process need no child.
+            here = {m.candidate["xla_flags"] for m in first.measurements
+                    if "xla_flags" in m.candidate and m.step_s is not None}
+            flag_sets = [] if device is None else [
+                flags for flags in flag_candidates(device["backend"], pinned, config, env_flags)
+                if not (process_fields(flags)["xla_flags"] in here
+                        and _flags_only(flags, config, pinned))]
             complete = first.error == "" and all(
                 m.step_s is not None or m.note.startswith("failed") for m in first.measurements)
             startup = first.startup_s or 0.0

@@ -73,10 +73,26 @@ def two_cpus(monkeypatch):
     monkeypatch.setattr(process, "usable_cpus", lambda: [0, 1])
 
 
+@pytest.fixture(autouse=True)
+def flags_in_children(monkeypatch):
+    """XLA flag sets timed in children of their own (what the tuner falls back to where its
+    first child did not time them), but in the tests that say otherwise
+    (:func:`flags_in_process`)."""
+    monkeypatch.setattr(tune, "FLAGS_IN_PROCESS", False)
+
+
+@pytest.fixture
+def flags_in_process(monkeypatch):
+    """XLA flag sets timed in the first child's process (``tune.FLAGS_IN_PROCESS``)."""
+    monkeypatch.setattr(tune, "FLAGS_IN_PROCESS", True)
+
+
 class FakeChild:
     """Stands for a measuring child: times from a table, keyed on (unroll, backward,
-    projection, weight_grad, chunks, feed, xla_flags) (:func:`k`); ``wrong`` ones report results
-    that differ from the baseline. Resolves 'best' as the real child does."""
+    projection, weight_grad, chunks, feed, xla_flags) (:func:`k`; the child's flags and a
+    candidate's own, in-process ones); ``wrong`` ones report results that differ from the
+    baseline. Resolves 'best', and leaves another backend's candidates, as the real child
+    does."""
 
     def __init__(self, times, wrong=(), clock=None, per_child_s=0.0, startup_s=1.0, turns=None,
                  stops_at_deadline=False, again=None, backend="cpu"):
@@ -114,7 +130,8 @@ class FakeChild:
         self.deadlines.append(deadline)
         child = tune.Child(device={"backend": self.backend, "device_kind": "fake",
                                    "device_count": 1}, startup_s=self.startup_s)
-        queue = list(candidates)
+        queue = [{name: value for name, value in c.items() if name != measure.ON}
+                 for c in candidates if c.get(measure.ON, self.backend) == self.backend]
         while queue:
             c = queue.pop(0)
             if measure.BEST in c.values():
@@ -146,7 +163,7 @@ class FakeChild:
     def _key(c, flags):
         """The table key (:func:`k`) of candidate fields ``c`` under ``flags``."""
         return (c["unroll"], c["backward"], c["projection"], c["weight_grad"], c["chunks"],
-                c["feed"], flags)
+                c["feed"], " ".join(filter(None, [flags, c.get("xla_flags", "")])))
 
 
 class Clock:
@@ -230,6 +247,102 @@ def test_flag_sets_are_chosen_from_timings_in_turns(one_process):
     result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
     assert fake.retimed[:3] == [k(0), k(1), k(1, flags=YNN)]
     assert result.choice == fields(0, flags="")
+
+
+def test_flag_sets_are_timed_in_the_first_childs_process(flags_in_process, one_process,
+                                                         monkeypatch):
+    """Each XLA flag set is timed in the first child, on the fastest form and unroll after
+    the unrolls, beside the run's own flags in one process: a set timed so needs no child
+    of its own, and wins by the margin of any candidate timed in the same process, not by
+    the wider one of flags timed in another process."""
+    config = Config()
+    times = all_times()
+    times[k(0)] = 0.9
+    times[k(0, flags=YNN)] = 0.85  # 5.6% faster than the fastest under the run's own flags
+    fake = FakeChild(times)
+    result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
+    assert [c[0] for c in fake.calls] == [""]  # no child for YNN or VEC
+    first = fake.calls[0][1]
+    on = [c for c in first if measure.ON in c]
+    assert [(c[measure.ON], c["xla_flags"]) for c in on] == [
+        (backend, flags) for backend, sets in tune.FLAG_SETS.items() for flags in sets]
+    # Right after the unrolls (the baseline and its full unroll), at the fastest so far.
+    assert first.index(on[0]) == 2
+    assert all(c["unroll"] == measure.BEST and c["weight_grad"] == measure.BEST for c in on)
+    timed = [m for m in result.measurements if m.candidate.get("xla_flags")]
+    assert [m.fields["xla_flags"] for m in timed] == [YNN, VEC]  # the CPU's sets alone
+    assert all(m.candidate["unroll"] == 0 for m in timed)  # resolved: the fastest's unroll
+    assert result.choice == fields(0, flags=YNN)
+    assert "'--xla_cpu_experimental_ynn_fusion_type='" in tune.format_table(result)
+    # The same timings from a child of its own: not the FLAG_MARGIN faster, not chosen.
+    monkeypatch.setattr(tune, "FLAGS_IN_PROCESS", False)
+    fake = FakeChild(times)
+    result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
+    assert [c[0] for c in fake.calls] == ["", YNN, VEC]
+    assert result.choice == fields(0, flags="")
+
+
+def test_a_flag_set_the_first_child_did_not_time_gets_its_own_child(flags_in_process,
+                                                                    one_process):
+    config = Config()
+    times = all_times()
+    times[k(1, flags=YNN)] = 0.5
+    fake = FakeChild(times)
+    ynn = {key: value for key, value in times.items() if key[-1] == YNN}
+
+    def child(config, flags, *args, **kwargs):
+        if not fake.calls:  # the first child: YNN fails to compile in its process
+            for key in ynn:
+                del fake.times[key]
+        try:
+            return fake(config, flags, *args, **kwargs)
+        finally:
+            fake.times.update(ynn)
+
+    result = tune.tune(config, frozenset(), 30.0, child=child, clock=Clock())
+    failed = [m for m in result.measurements if m.candidate.get("xla_flags") == YNN]
+    assert failed and all(m.note.startswith("failed") for m in failed)
+    assert [c[0] for c in fake.calls] == ["", YNN]  # VEC was timed in the first child
+    assert result.choice == fields(1, flags=YNN)
+
+
+def test_a_gpu_child_times_its_own_flag_sets_and_takes_their_share(flags_in_process,
+                                                                  one_process):
+    """On a GPU the CPU's sets are not timed, the GPU's are, in the first child; with no
+    child of other settings to follow on any backend, it takes the larger share of the
+    budget."""
+    config = Config()
+    gpu_sets = tune.FLAG_SETS["gpu"]
+    times = all_times(flag_sets=("", *gpu_sets))
+    times[k(1, flags=gpu_sets[0])] = 0.5
+    fake = FakeChild(times, backend="gpu")
+    result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
+    assert [c[0] for c in fake.calls] == [""]
+    assert fake.alone == [None]  # ALONE_SHARE from the start
+    assert fake.calls[0][2] == pytest.approx(1000.0 + tune.ALONE_SHARE * 30.0)
+    assert result.choice == fields(1, flags=gpu_sets[0])
+    assert {m.candidate.get("xla_flags") for m in result.measurements} == {None, *gpu_sets}
+
+
+def test_a_flag_set_applies_to_one_compilation():
+    """``runtime.compile_options``: XLA flags as one compilation's options, over the
+    process's; a name XLA does not know fails that compilation, naming it."""
+    import jax
+    import jax.numpy as jnp
+
+    from rnnjax import runtime
+
+    assert runtime.compile_options("--xla_a=1 --xla_b= --xla_c") == {
+        "xla_a": "1", "xla_b": "", "xla_c": "true"}
+    assert runtime.compile_options("") == {}
+    jitted = jax.jit(lambda a: jnp.tanh(a @ a) @ a)
+    x = jnp.ones((64, 64))
+    plain, _ = runtime.compile_timed(jitted, x)
+    ynn_off, _ = runtime.compile_timed(jitted, x, xla_flags=YNN)
+    assert "ynn" not in ynn_off.as_text()
+    assert np.array_equal(plain(x), plain(x)) and ynn_off(x).shape == (64, 64)
+    with pytest.raises(Exception, match="xla_no_such_flag"):
+        runtime.compile_timed(jitted, x, xla_flags="--xla_no_such_flag=1")
 
 
 def test_calls_in_turns_fill_the_time_left():
@@ -898,6 +1011,34 @@ def test_a_child_times_candidates_under_its_own_xla_flags(tmp_path):
     assert child.retime({**candidates[0], "unroll": 3}, time.time() + 60) is None
     child.close()
     assert child.retime(candidates[0], time.time() + 60) is None
+
+
+def test_a_child_times_a_flag_set_in_its_own_process(tmp_path):
+    """A real child: a candidate with its own XLA flags is compiled under them, beside the
+    run's own in one process (here a flag whose effect shows on disk: dumping the compiled
+    programs, only that candidate's); another backend's candidate is not timed."""
+    config = Config(hidden_size=4, batch_size=4, steps=3, compile_cache="off")
+    dump = tmp_path / "dump"
+    flags = f"--xla_dump_to={dump}"
+    candidates = [fields(1), {**fields(tune.BEST), "xla_flags": flags, measure.ON: "cpu"},
+                  {**fields(tune.BEST), "xla_flags": "--xla_gpu_enable_command_buffer=",
+                   measure.ON: "gpu"}]
+    lines = []
+    start = time.time()
+    child = tune.run_child(config, "", candidates, start + 120, 2, str(tmp_path / "ref.npz"),
+                           0.01, lines.append)
+    try:
+        assert child.error == "" and child.device["backend"] == "cpu"
+        assert [m.candidate for m in child.measurements] == [
+            fields(1), {**fields(1), "xla_flags": flags}]
+        plain, flagged = child.measurements
+        assert flagged.fields["xla_flags"] == flags and plain.fields["xla_flags"] == ""
+        assert flagged.difference < tune.tolerance(config) and flagged.step_s > 0
+        dumped = [p.name for p in dump.iterdir()]
+        assert dumped and all("train_steps" in name for name in dumped if name.endswith(".txt"))
+        assert child.retime(flagged.candidate, time.time() + 60) > 0
+    finally:
+        child.close()
 
 
 def test_the_tuner_times_the_datasets_images(tmp_path):
