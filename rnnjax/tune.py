@@ -119,7 +119,7 @@ FLAG_SETS = {
 }
 # XLA's flag sets are compiler flags, which apply per compiled program
 # (``runtime.compile_options``): the first child times each on the fastest form so far,
-# right after the unrolls, in its own process beside the run's own flags
+# after the forms, in its own process beside the run's own flags
 # (:func:`flag_set_candidates`), and a set it timed so needs no child of its own. In one
 # process, in turns, rows at batch 1024 on a 2-core AVX-512 EPYC (2026-12-03): the
 # SimpleRNN fully unrolled 5.78 -> 3.39 ms with `--xla_cpu_experimental_ynn_fusion_type=`,
@@ -343,8 +343,10 @@ def model_candidates(config: Config, pinned: frozenset[str], spec: DataSpec = ID
     the fastest form and unroll in :data:`CHUNKS` parts; the fastest form and chunks at the
     middle unroll; then the other feed. (Where the two unrolls timed alike, a form is timed
     at both: ``measure.resolutions``.) ``flag_sets`` (:func:`flag_set_candidates`) come
-    right after the unrolls: XLA's flags have been worth more than any form at large
-    batches."""
+    after the forms, before the chunks: on the fastest form (timed on the fastest of the
+    first two, the pixel GRU's flags ran on its autodiff baseline where its hand-written
+    form, timed once, had read 54 ms, and 31-37 since), and worth more than chunks at
+    large batches."""
     base = baseline(config, pinned)
     length = sequence_length(config, spec)
     middle = 2 ** int(math.log2(math.sqrt(length)))  # 4 for 28 steps, 16 for 784
@@ -358,7 +360,6 @@ def model_candidates(config: Config, pinned: frozenset[str], spec: DataSpec = ID
         if probe:  # at the baseline's unroll too, so that the unrolls compare in one form
             out.append({**base, **probe})
         out.append({**base, **probe, "unroll": 0})
-    out += flag_sets
     for form in forms:
         # Autodiff's fully unrolled program compiled 3x slower than the hand-written one
         # (LSTM, 28 rows: 10.9 s against 3.4 s) and ran 2.5x slower (GRU: 69.6 against 50.7
@@ -367,6 +368,7 @@ def model_candidates(config: Config, pinned: frozenset[str], spec: DataSpec = ID
         slow = form["backward"] == "autodiff" and has_hand_written
         out.append({**base, **form, "unroll": BEST if tune_unroll and not slow
                     else base["unroll"]})
+    out += flag_sets
     if "chunks" not in pinned:
         for chunks in CHUNKS:
             if chunks * CHUNK_STEPS <= length and chunks != base["chunks"]:

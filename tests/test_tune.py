@@ -266,8 +266,10 @@ def test_flag_sets_are_timed_in_the_first_childs_process(flags_in_process, one_p
     on = [c for c in first if measure.ON in c]
     assert [(c[measure.ON], c["xla_flags"]) for c in on] == [
         (backend, flags) for backend, sets in tune.FLAG_SETS.items() for flags in sets]
-    # Right after the unrolls (the baseline and its full unroll), at the fastest so far.
-    assert first.index(on[0]) == 2
+    # After the forms, before the chunks, at the fastest so far.
+    forms = [c for c in first[:first.index(on[0])] if measure.ON not in c]
+    assert len(forms) == len(tune.model_candidates(config, frozenset())) - 3  # chunks, 4, feed
+    assert first[first.index(on[-1]) + 1]["chunks"] == 4
     assert all(c["unroll"] == measure.BEST and c["weight_grad"] == measure.BEST for c in on)
     timed = [m for m in result.measurements if m.candidate.get("xla_flags")]
     assert [m.fields["xla_flags"] for m in timed] == [YNN, VEC]  # the CPU's sets alone
