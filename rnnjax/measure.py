@@ -178,6 +178,15 @@ def resolutions(fields: dict[str, Any], timed: list[tuple[dict[str, Any], float]
     return out
 
 
+def for_backend(candidates: Iterable[dict[str, Any]], backend: str | None
+                ) -> list[dict[str, Any]]:
+    """The ``candidates`` a child on ``backend`` times (None: a child that never found its
+    backend), without :data:`ON`: those for another backend (an in-process flag set) left
+    out."""
+    return [{name: value for name, value in c.items() if name != ON}
+            for c in candidates if c.get(ON, backend) == backend]
+
+
 def to_fields(config: Any, fields: dict[str, Any]) -> dict[str, Any]:
     """``config``'s values of the fields named in ``fields``."""
     return {name: getattr(config, name) for name in fields}
@@ -435,9 +444,7 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
                 fields, timed, per_step = done[i]
                 done[i] = (fields, timed, min(per_step, timed.once(steps)))
 
-    # A candidate for another backend (an in-process flag set: ON) is not this child's.
-    queue = [{name: value for name, value in c.items() if name != ON}
-             for c in spec["candidates"] if c.get(ON, device["backend"]) == device["backend"]]
+    queue = for_backend(spec["candidates"], device["backend"])
     while queue:
         fields = queue.pop(0)
         if BEST in fields.values():

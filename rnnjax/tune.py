@@ -64,6 +64,7 @@ from rnnjax.data.spec import IDX_SPEC, DataSpec
 from rnnjax.measure import (
     BEST,  # a field's value: the fastest its child has timed
     ON,  # a candidate's backend, where it is for one only
+    for_backend,  # the candidates a child on a backend times
 )
 
 TUNER_VERSION = 16  # 16: XLA flag sets timed in the first child's process; 15: batches
@@ -732,11 +733,9 @@ def run_child(
                        else f"child exited {code}: {tail[-1] if tail else 'no message'}")[:300]
         log(f"  {describe(process_fields(flags))}: {child.error}")
         reported = [m.candidate for m in child.measurements]
-        backend = (child.device or {}).get("backend")
-        child.measurements += [  # a flag set for another backend (ON) was not this one's
-            Measurement(c, flags, note=child.error) for c in (
-                {k: v for k, v in c.items() if k != ON} for c in candidates
-                if c.get(ON, backend) == backend)
+        child.measurements += [
+            Measurement(c, flags, note=child.error)
+            for c in for_backend(candidates, (child.device or {}).get("backend"))
             if c not in reported]
         return child
 

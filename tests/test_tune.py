@@ -130,8 +130,7 @@ class FakeChild:
         self.deadlines.append(deadline)
         child = tune.Child(device={"backend": self.backend, "device_kind": "fake",
                                    "device_count": 1}, startup_s=self.startup_s)
-        queue = [{name: value for name, value in c.items() if name != measure.ON}
-                 for c in candidates if c.get(measure.ON, self.backend) == self.backend]
+        queue = measure.for_backend(candidates, self.backend)
         while queue:
             c = queue.pop(0)
             if measure.BEST in c.values():
