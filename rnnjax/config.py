@@ -30,7 +30,7 @@ PROJECTIONS = ("auto", "hoisted", "in_loop")
 WEIGHT_GRADS = ("auto", "product", "per_step")
 # The fields rnnjax.tune chooses by measurement unless set on the command line.
 TUNED = ("unroll", "backward", "projection", "weight_grad", "chunks", "feed", "xla_flags",
-         "huge_pages", "cpus")
+         "huge_pages", "cpus", "eval_unroll")
 XLA_FLAG = re.compile(r"--xla_[a-z0-9_]+(=\S*)?")
 
 
@@ -69,6 +69,11 @@ class Config:
     unroll: int = field(
         default=1, metadata={"help": "lax.scan unroll factor over time (0 = fully unrolled); "
                              "rnnjax train tunes it unless given"}
+    )
+    eval_unroll: int = field(
+        default=-1, metadata={"help": "the evaluations' lax.scan unroll factor (0 = fully "
+                              "unrolled, -1 = --unroll's); the same sums, bit for bit, where "
+                              "rnnjax train tunes it (unless given)"}
     )
     backward: str = field(
         default="auto",
@@ -279,6 +284,9 @@ class Config:
         for name in ("unroll", "warmup_steps", "seed", "checkpoint_every", "num_classes", "cpus"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{flag_name(name)} must be 0 or more, got {getattr(self, name)}")
+        if self.eval_unroll < -1:
+            raise ConfigError(f"--eval-unroll must be -1 (--unroll's), 0 (full) or more, got "
+                              f"{self.eval_unroll}")
         if self.seed >= 2**63:
             raise ConfigError(f"--seed must be below 2**63 = {2**63}, got {self.seed}")
         for name in ("learning_rate", "adam_eps", "clip_norm"):

@@ -21,7 +21,7 @@ from rnnjax import checkpoint, memory, train
 from rnnjax.config import Config
 from rnnjax.data.pipeline import normalize_host
 from rnnjax.data.spec import DataSpec
-from rnnjax.model import Model, make_model
+from rnnjax.model import Model, evaluation_model, make_model
 from rnnjax.optim import make_optimizer
 
 
@@ -76,7 +76,7 @@ def _load_step(step_dir: Path) -> Loaded:
     config = checkpoint.read_config(step_dir, meta)
     target, model = state_shapes(config, checkpoint.data_spec(meta, config))
     state = checkpoint.restore(step_dir, target, meta)
-    return Loaded(config, state, model, step_dir)
+    return Loaded(config, state, evaluation_model(config, model), step_dir)
 
 
 def batched_logits(params: Any, images: jax.Array, *, model: Model, chunk: int) -> jax.Array:

@@ -38,7 +38,7 @@ from rnnjax.data.idx import Arrays
 from rnnjax.data.pipeline import batch_indices, host_batches
 from rnnjax.data.sources import Loader, load_dataset, tfds_train_batches
 from rnnjax.data.spec import DataSpec
-from rnnjax.model import Model, make_model
+from rnnjax.model import Model, evaluation_model, make_model
 from rnnjax.optim import make_optimizer
 
 
@@ -392,7 +392,7 @@ def train_and_evaluate(
                   f"{metrics_lib.steps_phrase(start)}\n")
 
     evaluate = jax.jit(
-        functools.partial(train.evaluate_sequences, model=model,
+        functools.partial(train.evaluate_sequences, model=evaluation_model(config, model),
                           chunk=config.eval_batch_size, batch_sharding=dp.batch),
         out_shardings=dp.replicated,
     )

@@ -35,7 +35,10 @@ keeping its best (and before ``"best"`` is resolved, a round of those near the f
 then ``ready``. The child then stays, to time one call of a candidate
 per request line on stdin (``{"time": fields, "steps": n}``, n steps or null for as many as
 it timed it in -> event ``timing``), until stdin closes:
-the parent compares the children's fastest so, in turns across the processes.
+the parent compares the children's fastest so, in turns across the processes. A request
+``{"evaluate": fields, "unrolls": [...], "until": unix time}`` times the run's evaluation
+of a candidate at each of those unrolls instead (:func:`evaluation_timing` -> event
+``evaluation``: its seconds per unroll and whether the sums were the same, or ``failed``).
 Candidates are not started past ``deadline``, nor when their predicted compile time would
 pass it (unless ``compiled``: an earlier child compiled them all, and the persistent
 compilation cache holds them). With ``pay_back`` (``{"start": unix time, "steps": the
@@ -49,12 +52,13 @@ this child there: ``rnnjax.tune.others_on``), also reported as ``budget``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 PREFIX = "rnnjax-tune "
@@ -222,6 +226,15 @@ def synthetic_state(model: Any, optimizer: Any) -> Any:
 
     from rnnjax.train import TrainState
 
+    params = synthetic_params(model)
+    return TrainState(np.zeros([], np.int32), params, jax.jit(optimizer.init)(params))
+
+
+def synthetic_params(model: Any) -> Any:
+    """:func:`synthetic_state`'s parameters: NumPy draws of the model's shapes, seed 0."""
+    import jax
+    import numpy as np
+
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
     rng = np.random.default_rng(0)
 
@@ -231,8 +244,7 @@ def synthetic_state(model: Any, optimizer: Any) -> Any:
         std = 1 / math.sqrt(max(1, leaf.shape[0])) if len(leaf.shape) >= 2 else 0.1
         return (std * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
 
-    params = jax.tree.map(draw, shapes)
-    return TrainState(np.zeros([], np.int32), params, jax.jit(optimizer.init)(params))
+    return jax.tree.map(draw, shapes)
 
 
 def synthetic_data(config: Any, examples: int, spec: Any = None) -> Any:
@@ -390,6 +402,51 @@ class Timed:
         return self.per_step(best, steps)
 
 
+def evaluation_timing(config: Any, spec: Any, unrolls: Sequence[int], deadline: float,
+                      xla_flags: str = "", rounds: int = 3,
+                      timer: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+    """An evaluation of ``config.eval_batch_size`` synthetic examples of ``spec``'s images
+    (one chunk of the run's test set: its evaluations run chunk by chunk), compiled at each
+    of ``unrolls`` (under ``xla_flags`` as well as the process's) and called in turns, up
+    to ``rounds`` rounds while ``deadline`` (``time.time()``) allows, one at least:
+    ``{"seconds": {unroll: its best call}, "same": whether their sums are equal, bit for
+    bit}``. The run's evaluation reads the test set as the model's sequences, made once
+    (``loop.device_sequences``): so does this."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from rnnjax import runtime, train
+    from rnnjax.model import make_model
+
+    model = make_model(config, spec)
+    params = synthetic_params(model)
+    data = synthetic_data(config, config.eval_batch_size, spec)
+    xs = jax.jit(model.sequences)(jnp.asarray(data.train_images, jnp.float32) / 255)
+    labels = jnp.asarray(data.train_labels)
+    programs, sums = [], []
+    for unroll in unrolls:
+        evaluate = jax.jit(functools.partial(
+            train.evaluate_sequences, model=dataclasses.replace(model, unroll=unroll),
+            chunk=config.eval_batch_size))
+        compiled, _ = runtime.compile_timed(evaluate, params, xs, labels, xla_flags=xla_flags)
+        sums.append(jax.device_get(compiled(params, xs, labels)))  # and warmed up
+        programs.append(compiled)
+    same = all(np.array_equal(np.asarray(a), np.asarray(b)) for other in sums[1:]
+               for a, b in zip(jax.tree.leaves(sums[0]), jax.tree.leaves(other), strict=True))
+    best = [math.inf] * len(programs)
+    for i in range(rounds):
+        if i and time.time() > deadline:
+            break
+        for j, compiled in enumerate(programs):
+            start = timer()
+            jax.block_until_ready(compiled(params, xs, labels))
+            best[j] = min(best[j], timer() - start)
+    return {"seconds": {str(u): s for u, s in zip(unrolls, best, strict=True)}, "same": same}
+
+
 def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
         requests: Iterable[str] = ()) -> None:
     """Time each candidate of ``spec`` in turn, emitting events (see the module docstring);
@@ -505,9 +562,22 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
         if per_step < was:
             emit("retimed", candidate=fields, step_s=per_step)
     emit("ready")
-    # The parent's final comparison: one call at a time, across children, in turns.
+    # The parent's final comparison: one call at a time, across children, in turns; and
+    # the evaluation of the candidate chosen, at each unroll asked.
     for line in requests:
         request = json.loads(line)
+        if "evaluate" in request:
+            fields = request["evaluate"]
+            try:
+                timing = evaluation_timing(
+                    config.replace(**{k: v for k, v in fields.items()
+                                      if k not in ("xla_flags", ON)}),
+                    images, request["unrolls"], request["until"], fields.get("xla_flags", ""),
+                    timer=timer)
+            except Exception as e:  # a program this backend cannot run: no choice made
+                timing = {"failed": f"{type(e).__name__}: {e}"[:300]}
+            emit("evaluation", **timing)
+            continue
         wanted, count = request["time"], request.get("steps") or steps
         timed = next((t for fields, t, _ in done if fields == wanted), None)
         emit("timing", candidate=wanted, step_s=None if timed is None else timed.once(count))

@@ -13,6 +13,7 @@ last output to a dense head (logits; softmax lives in the loss). The seed model 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -207,6 +208,15 @@ def make_model(config: Config, spec: DataSpec | None = None) -> Model:
         raise ConfigError(f"--chunks {config.chunks} exceeds the {model.time_steps} time steps "
                           f"of --order {config.order}; choose 1 to {model.time_steps}")
     return model
+
+
+def evaluation_model(config: Config, model: Model) -> Model:
+    """``model`` as the evaluations run it: scanned at ``config.eval_unroll`` where that is
+    set (-1: the train step's unroll). Only the program differs; rnnjax.tune sets it only
+    where the sums were the same, bit for bit."""
+    if config.eval_unroll < 0 or config.eval_unroll == model.unroll:
+        return model
+    return dataclasses.replace(model, unroll=config.eval_unroll)
 
 
 def count_params(params: Params) -> int:

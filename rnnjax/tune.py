@@ -8,7 +8,9 @@ per step: ``rnnjax.cells.resolve_form``), the ``chunks`` the sequence is scanned
 ``steps_per_call`` steps per compiled call, or one step per call streamed from NumPy) and
 ``xla_flags`` where the backend has alternatives, and on a CPU ``huge_pages`` (transparent
 huge pages for XLA's buffers, where glibc and the kernel give them on request:
-:mod:`rnnjax.process`) and ``cpus`` (the process on one CPU, where it may use more). XLA
+:mod:`rnnjax.process`) and ``cpus`` (the process on one CPU, where it may use more); and
+once the train step is chosen, ``eval_unroll``, the evaluations' unroll
+(:func:`evaluation_unroll`). XLA
 reads its flags once, when the backend starts, and sizes its thread pools by the CPUs then,
 and glibc reads its tunables when the process starts, so every measurement runs in a child
 process (:mod:`rnnjax.measure`), one per set of these process settings (a child's
@@ -67,7 +69,8 @@ from rnnjax.measure import (
     for_backend,  # the candidates a child on a backend times
 )
 
-TUNER_VERSION = 16  # 16: XLA flag sets timed in the first child's process; 15: batches
+TUNER_VERSION = 17  # 17: the evaluations' unroll; 16: XLA flag sets timed in the first
+# child's process; 15: batches
 # read step by step gathered so; 14: longer calls in turns, autodiff loops 1.1-1.3x faster;
 # 13: cpus; 12: huge pages; 11: chunks; 10: finalists in a second process
 ENV_VAR = "RNNJAX_TUNE"  # 'off' (or 0, false, no): rnnjax train does not tune by default
@@ -80,6 +83,12 @@ FLAG_MARGIN = 0.10
 FIRST_SHARE = 0.6  # of the budget, for the model candidates under the run's own XLA flags
 TURNS_SHARE = 0.1  # the budget's last part, for timing the children's fastest in turns
 TURN_ROUNDS = 5  # of in_turns, at most
+# The budget's part kept from in_turns for timing the evaluation of the candidate chosen
+# (:func:`evaluation_unroll`). The evaluations ran at the train step's unroll: fully
+# unrolled, XLA:CPU scheduled all 28 steps' input products ahead of the recurrent chain,
+# and the seed's 10,000 test images took 60-83 ms an evaluation against 38-45 ms at unroll
+# 1, the same sums (2-core AVX-512 EPYC, 2026-12-03; docs/performance.md).
+EVAL_SHARE = 0.1
 # The same program, timed the same way, ran up to a fifth faster or slower from one process
 # to the next, and not alike for every program (the pixel GRU's autodiff and hand-written
 # forms, 7 processes of measure.Timed: 56-60 against 48-57 ms; the pixel LSTM's unroll 16,
@@ -201,6 +210,9 @@ class Child:
     cpus: int | None = None  # the CPUs it ran on
     deadline: float | None = None  # moved by the child (pay_back, alone), if it was
     retime: Callable[[dict[str, Any], float, int | None], float | None] | None = None
+    # evaluate(candidate, unrolls, until): measure.evaluation_timing's report of the run's
+    # evaluation of a candidate it timed, at each unroll (None: the child cannot)
+    evaluate: Callable[[dict[str, Any], list[int], float], dict[str, Any] | None] | None = None
     close: Callable[[], None] = lambda: None
 
 
@@ -538,6 +550,7 @@ def key(config: Config, pinned: frozenset[str], env: dict[str, str] | None = Non
             "optimizer": config.optimizer, "clip_norm": config.clip_norm > 0,
         },
         "batch_size": config.batch_size,
+        "eval_batch_size": config.eval_batch_size,  # the chunk the evaluation is timed in
         "feed": {"source": config.source, "steps_per_call": config.steps_per_call},
         "pinned": {name: getattr(config, name) for name in sorted(pinned)},
         "versions": {**runtime.versions(PLUGINS), "rnnjax": __version__},
@@ -756,7 +769,24 @@ def run_child(
         finally:
             timer.cancel()
 
-    child.retime = retime
+    def evaluate(candidate: dict[str, Any], unrolls: list[int], until: float
+                 ) -> dict[str, Any] | None:
+        """The run's evaluation of ``candidate`` timed at each of ``unrolls``
+        (:func:`rnnjax.measure.evaluation_timing`), or None (gone, or past ``until``)."""
+        if proc.poll() is not None:
+            return None
+        timer = killer(until)
+        try:
+            proc.stdin.write(json.dumps({"evaluate": candidate, "unrolls": unrolls,
+                                         "until": until}) + "\n")
+            proc.stdin.flush()
+            return next((e for e in events() if e["event"] == "evaluation"), None)
+        except OSError:
+            return None
+        finally:
+            timer.cancel()
+
+    child.retime, child.evaluate = retime, evaluate
     return child
 
 
@@ -781,6 +811,7 @@ class Result:
     budget_s: float
     complete: bool  # every candidate was timed (or skipped for a reason other than budget)
     final: list[Measurement] = field(default_factory=list)  # in_turns: what was chosen from
+    evaluation: dict[str, Any] | None = None  # evaluation_unroll's timing, where it was timed
 
     @property
     def means(self) -> list[Measurement]:
@@ -799,6 +830,7 @@ class Result:
                        "compile_s": m.compile_s, "difference": m.difference, "steps": m.steps,
                        "note": m.note}
                       for m in [*self.measurements, *self.final, *self.means]],
+            "evaluation": self.evaluation,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
@@ -850,6 +882,8 @@ def tune(
     measured: list[Measurement] = []
     children: list[Child] = []
     final: list[Measurement] = []
+    chosen: Measurement | None = None
+    evaluation: dict[str, Any] | None = None
     try:
         with tempfile.TemporaryDirectory(prefix="rnnjax-tune-") as tmp:
             reference = os.path.join(tmp, "baseline.npz")
@@ -964,20 +998,59 @@ def tune(
                     measured += other.measurements
                     complete = complete and other.error == "" and all(
                         m.step_s is not None for m in other.measurements)
-            final = in_turns(children, base, base_flags, tol, deadline, clock, log)
+            evaluates = "eval_unroll" not in pinned
+            final = in_turns(children, base, base_flags, tol,
+                             deadline - (EVAL_SHARE * budget_s if evaluates else 0.0), clock, log)
+            chosen = select(pooled(final or measured), base, base_flags, tol)
+            if chosen is not None and evaluates:
+                evaluation = evaluation_unroll(chosen, children, deadline, log)
     finally:
         for c in children:
             c.close()
-    chosen = select(pooled(final or measured), base, base_flags, tol)
-    choice = None if chosen is None else settings(apply(config, chosen.fields, pinned))
+    choice = None if chosen is None else settings(apply(
+        config, {**chosen.fields, "eval_unroll": (evaluation or {}).get("eval_unroll", -1)},
+        pinned))
     result = Result(key(config, pinned, spec=spec), choice,
                     {**base, **process_fields(base_flags)}, measured, device, clock() - start,
-                    budget_s, complete, final)
+                    budget_s, complete, final, evaluation)
     if result.means:
         log("  their means over the processes that timed them:")
     for m in result.means:
         log(f"{format_row(m)} ({m.note})")
     return result
+
+
+def evaluation_unroll(chosen: Measurement, children: Sequence[Child], until: float,
+                      log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The evaluations' unroll for the ``chosen`` candidate: its evaluation timed by a child
+    that timed it, at its own unroll, at 1 and fully unrolled where that child compiled its
+    train step so (a forward pass compiles faster), until ``until``. Returns the timing
+    with ``eval_unroll``: the fastest, where it is :data:`MARGIN` faster than the train
+    step's unroll and the sums were the same, bit for bit (else -1: the train step's
+    unroll); None where no child could time it."""
+    unroll = chosen.candidate["unroll"]
+    for child in children:
+        timed = [m for m in child.measurements if m.step_s is not None]
+        if child.evaluate is None or not any(
+                m.candidate == chosen.candidate and m.flags == chosen.flags for m in timed):
+            continue
+        unrolls = [unroll, *(u for u in (1, 0) if u != unroll
+                             and (u == 1 or any(m.candidate["unroll"] == u for m in timed)))]
+        if len(unrolls) < 2:
+            return None
+        report = child.evaluate(chosen.candidate, unrolls, until)
+        if report is None or "seconds" not in report:
+            log(f"  the evaluation: not timed ({(report or {}).get('failed', 'budget spent')})")
+            return None
+        seconds = {int(u): s for u, s in report["seconds"].items()}
+        fastest = min(seconds, key=seconds.get)
+        faster = seconds[fastest] * (1 + MARGIN) <= seconds[unroll]
+        eval_unroll = fastest if faster and report["same"] else -1
+        times = ", ".join(f"unroll {u}: {s * 1e3:.1f} ms" for u, s in seconds.items())
+        same = "the same sums" if report["same"] else "other sums: kept at the train step's"
+        log(f"  the evaluation, one chunk: {times} ({same}); eval-unroll {eval_unroll}")
+        return {"seconds": seconds, "same": report["same"], "eval_unroll": eval_unroll}
+    return None
 
 
 def _timing_s(m: Measurement, steps: int | None, load: float = 1.0) -> float:
@@ -1125,7 +1198,8 @@ def choice_line(result: Result) -> str:
     timed = {json.dumps(m.fields, sort_keys=True): m.step_s  # what select chose from
              for m in pooled(result.final or result.measurements) if m.step_s is not None}
     base = timed.get(json.dumps(result.baseline, sort_keys=True))
-    best = timed.get(json.dumps(result.choice, sort_keys=True))
+    step = {k: v for k, v in result.choice.items() if k != "eval_unroll"}  # the train step's
+    best = timed.get(json.dumps(step, sort_keys=True))
     speedup = f" ({base / best:.2f}x the defaults)" if base and best else ""
     return f"chose {describe(result.choice)}{speedup} in {result.seconds:.1f} s"
 

@@ -34,6 +34,8 @@ BAD = [
                                                 "'rows', 'pixels', 'permuted'"]),
     ("unroll_negative", ["--unroll", "-1"], ["--unroll must be 0 or more, got -1"]),
     ("cpus_negative", ["--cpus", "-1"], ["--cpus must be 0 or more, got -1"]),
+    ("eval_unroll_below_minus_one", ["--eval-unroll", "-2"],
+     ["--eval-unroll must be -1 (--unroll's), 0 (full) or more, got -2"]),
     ("cpus_beyond_the_machine", ["--cpus", "100000"],
      ["--cpus 100000: ", "or --cpus 0 for all"]),
     ("chunks_zero", ["--chunks", "0"], ["--chunks must be at least 1, got 0"]),

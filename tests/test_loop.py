@@ -93,6 +93,32 @@ def test_a_run_compiles_its_train_step_and_evaluation_once(feed, xla_compiles):
     assert compiled["jit(sequences)"] == (2 if feed == "device" else 1), compiled
 
 
+def test_the_evaluations_run_at_eval_unroll_with_the_same_sums(monkeypatch):
+    """--eval-unroll changes the evaluation's program only: the train step keeps --unroll,
+    and every evaluation's sums are the same, bit for bit (what rnnjax.tune checks before
+    it sets it)."""
+    from rnnjax import train
+
+    traced = []
+    evaluate = train.evaluate_sequences
+
+    def spy(*args, model, **kwargs):
+        traced.append(model.unroll)
+        return evaluate(*args, model=model, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate_sequences", spy)
+    config = Config(steps=21, eval_every=10, hidden_size=8, unroll=0, compile_cache="off")
+    runs = [train_and_evaluate(config.replace(eval_unroll=u), out=io.StringIO())
+            for u in (-1, 1)]
+    assert traced == [0, 1]  # each run's evaluation traced once, at its unroll
+    plain, other = ([{k: v for k, v in r.items() if k != "wall_s"} for r in run.history]
+                    for run in runs)
+    assert plain == other and len(plain) == 3
+    assert [r.state.params for r in runs] and jax.tree.all(jax.tree.map(
+        lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+        runs[0].state.params, runs[1].state.params))
+
+
 def test_batch_larger_than_dataset_is_refused():
     with pytest.raises(ConfigError, match="larger than the 60000 training examples"):
         train_and_evaluate(Config(batch_size=60001), out=io.StringIO())

@@ -41,7 +41,13 @@ def k(unroll, feed="device", flags="", chunks=1, **form):
 def fields(unroll, feed="device", flags=None, chunks=1, **form):
     """A candidate's fields (with ``flags``: a choice, every TUNED field)."""
     out = {"unroll": unroll, **SEED_FORM, **form, "chunks": chunks, "feed": feed}
-    return out if flags is None else {**out, **tune.process_fields(flags)}
+    return out if flags is None else {**out, **tune.process_fields(flags), "eval_unroll": -1}
+
+
+def train_step(choice):
+    """A choice's fields that its train step's measurements stand for (not the
+    evaluations' unroll)."""
+    return {k: v for k, v in choice.items() if k != "eval_unroll"}
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +101,8 @@ class FakeChild:
     does."""
 
     def __init__(self, times, wrong=(), clock=None, per_child_s=0.0, startup_s=1.0, turns=None,
-                 stops_at_deadline=False, again=None, backend="cpu"):
+                 stops_at_deadline=False, again=None, backend="cpu", evaluation=None,
+                 same=True):
         self.times, self.wrong, self.clock, self.per_child_s = times, set(wrong), clock, per_child_s
         # again: the times a later child under the same flags reports, where they differ
         # (the same program runs faster in some processes than in others).
@@ -107,6 +114,9 @@ class FakeChild:
         self.calls, self.retimed, self.closed, self.pay_back = [], [], 0, []
         self.backend, self.deadlines = backend, []  # each child's, moved as measure.run moves it
         self.alone = []  # the alone each child was given
+        # evaluation: the ms of the run's evaluation at each unroll (None: the children
+        # cannot time it); same: whether their sums were; evaluated: what was asked
+        self.evaluation, self.same, self.evaluated = evaluation, same, []
 
     def __call__(self, config, flags, candidates, deadline, steps, reference, call_s, log,
                  pay_back=None, compiled=False, data=None, alone=None):
@@ -151,7 +161,14 @@ class FakeChild:
         if self.turns is not None:
             child.retime = lambda c, until, steps=None: self._retime(c, flags)
             child.close = lambda: setattr(self, "closed", self.closed + 1)
+        if self.evaluation is not None:
+            child.evaluate = lambda c, unrolls, until: self._evaluate(c, flags, unrolls)
         return child
+
+    def _evaluate(self, c, flags, unrolls):
+        self.evaluated.append((self._key(c, flags), unrolls))
+        return {"event": "evaluation", "same": self.same,
+                "seconds": {str(u): self.evaluation[u] * 1e-3 for u in unrolls}}
 
     def _retime(self, c, flags):
         key = self._key(c, flags)
@@ -215,6 +232,66 @@ def test_the_fastest_matching_candidate_wins_by_measured_time(one_process):
     times[k(0, flags=VEC)] = 0.5  # a flag set faster still
     result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
     assert result.choice == fields(0, flags=VEC)
+
+
+def test_the_evaluations_unroll_is_timed_for_the_choice(one_process):
+    """The choice's evaluation is timed by the child that timed it, at its unroll, at 1 and
+    fully unrolled (that child timed its train step so); the fastest is set where it is
+    MARGIN faster and the sums were the same, else the train step's unroll stays (-1)."""
+    config = Config()
+    times = all_times()
+    times[k(0)] = 0.8  # full unroll: the train step's choice
+    fake = FakeChild(times, evaluation={0: 60.0, 1: 40.0, 4: 50.0})
+    log = []
+    result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock(), log=log.append)
+    assert result.choice == {**fields(0, flags=""), "eval_unroll": 1}
+    assert fake.evaluated == [(k(0), [0, 1])]
+    assert result.record()["evaluation"] == {"seconds": {0: 0.06, 1: 0.04}, "same": True,
+                                             "eval_unroll": 1}
+    assert ("  the evaluation, one chunk: unroll 0: 60.0 ms, unroll 1: 40.0 ms (the same "
+            "sums); eval-unroll 1") in log
+    assert "eval-unroll 1" in tune.choice_line(result) and "(1.25x the defaults)" in \
+        tune.choice_line(result)
+    # Other sums, or within the margin: the train step's unroll.
+    for same, ms in ((False, 40.0), (True, 60.0 / (1 + tune.MARGIN / 2))):
+        fake = FakeChild(times, evaluation={0: 60.0, 1: ms}, same=same)
+        result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
+        assert result.choice == fields(0, flags="") and fake.evaluated
+    # Unroll 1 chosen for the train step, full unroll timed: the evaluation may take it.
+    times[k(0)], times[k(1)] = 1.0, 0.8
+    fake = FakeChild(times, evaluation={0: 30.0, 1: 40.0})
+    result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
+    assert result.choice == {**fields(1, flags=""), "eval_unroll": 0}
+    assert fake.evaluated == [(k(1), [1, 0])]
+    # --eval-unroll given: not timed, and kept.
+    fake = FakeChild(times, evaluation={0: 30.0, 1: 40.0})
+    result = tune.tune(config.replace(eval_unroll=4), frozenset({"eval_unroll"}), 30.0,
+                       child=fake, clock=Clock())
+    assert result.choice == {**fields(1, flags=""), "eval_unroll": 4} and not fake.evaluated
+
+
+def test_a_child_times_the_runs_evaluation_at_each_unroll(tmp_path):
+    """A real child, once it timed its candidates: the run's evaluation of one of them at
+    each unroll asked, in turns, and whether the sums were the same; a candidate it cannot
+    build is reported failed, and the child stays."""
+    config = Config(hidden_size=4, batch_size=4, steps=3, eval_batch_size=256,
+                    compile_cache="off")
+    candidates = [fields(1), fields(0)]
+    child = tune.run_child(config, "", candidates, time.time() + 120, 2,
+                           str(tmp_path / "ref.npz"), 0.01, lambda line: None)
+    try:
+        report = child.evaluate(fields(0), [0, 1], time.time() + 60)
+        assert report["event"] == "evaluation" and report["same"] is True
+        assert set(report["seconds"]) == {"0", "1"} and min(report["seconds"].values()) > 0
+        report = child.evaluate({**fields(0), "chunks": 99}, [0, 1], time.time() + 60)
+        assert "--chunks 99" in report["failed"] and "seconds" not in report
+        assert child.retime(fields(0), time.time() + 60) > 0
+        chosen = next(m for m in child.measurements if m.candidate == fields(0))
+        assert tune.evaluation_unroll(chosen, [child], time.time() + 60, print)["eval_unroll"] \
+            in (-1, 0, 1)
+    finally:
+        child.close()
+    assert child.evaluate(fields(0), [0, 1], time.time() + 60) is None
 
 
 def test_flag_sets_are_chosen_from_timings_in_turns(one_process):
@@ -446,9 +523,9 @@ def test_close_candidates_are_timed_again_in_a_second_process():
     assert fake.calls[2][1] == [fields(0, projection="in_loop"), fields(0)]
     assert result.choice == fields(0, projection="in_loop", flags="")
     means = {json.dumps(m.fields, sort_keys=True): m for m in result.means}
-    chosen = means[json.dumps(result.choice, sort_keys=True)]
+    chosen = means[json.dumps(train_step(result.choice), sort_keys=True)]
     assert chosen.step_s == pytest.approx(0.855e-3) and chosen.note == "mean of 2 processes"
-    assert means[json.dumps(fields(0, flags=""), sort_keys=True)].step_s == \
+    assert means[json.dumps(train_step(fields(0, flags="")), sort_keys=True)].step_s == \
         pytest.approx(0.9e-3)
     assert "(1.17x the defaults)" in tune.choice_line(result)
     assert "mean of 2 processes" in tune.format_table(result)
@@ -555,7 +632,8 @@ def test_the_baseline_stays_unless_another_is_clearly_faster():
     times = all_times(1.0)
     times[k(0)] = 1.0 - tune.MARGIN / 2  # within the margin: noise
     result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
-    assert result.choice == {**base, "xla_flags": "", "huge_pages": False, "cpus": 0}
+    assert result.choice == {**base, "xla_flags": "", "huge_pages": False, "cpus": 0,
+                             "eval_unroll": -1}
     times[k(0)] = 1.0 - 2 * tune.MARGIN
     result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
     assert result.choice["unroll"] == 0
@@ -793,7 +871,7 @@ def test_huge_pages_are_timed_last_on_top_of_the_fastest_flags(one_process, huge
     assert [c[0] for c in fake.calls] == ["", YNN, VEC, *[f"{YNN} {HUGE}"] * 2]
     assert [c[1] for c in fake.calls[-2:]] == [[fields(0)]] * 2
     assert result.choice == {**fields(0, flags=YNN), "huge_pages": True}
-    assert any(m.fields == result.choice and m.note == "mean of 2 processes"
+    assert any(m.fields == train_step(result.choice) and m.note == "mean of 2 processes"
                for m in result.means)
     assert "huge-pages on" in tune.choice_line(result)
     assert any(" 0.600 " in line and line.rstrip().endswith(f"{YNN!r} huge pages")
@@ -1206,7 +1284,7 @@ def test_the_cached_choice_is_used_and_explicit_flags_override_it(in_process):
     # Every tuned setting given: nothing to tune, nothing read.
     given = ["--unroll", "2", "--backward", "hand_written", "--projection", "hoisted",
              "--weight-grad", "product", "--chunks", "1", "--feed", "device", "--xla-flags=",
-             "--no-huge-pages", "--cpus", "0"]
+             "--no-huge-pages", "--cpus", "0", "--eval-unroll", "-1"]
     assert main(["train", *RUN, *given]) == 0
     assert in_process.last() == (fields(2, flags=""), "pinned")
 
