@@ -402,8 +402,16 @@ class Timed:
         return self.per_step(best, steps)
 
 
-def evaluation_timing(config: Any, spec: Any, unrolls: Sequence[int], deadline: float,
-                      xla_flags: str = "", rounds: int = 3,
+def candidate_config(config: Any, fields: dict[str, Any]) -> tuple[Any, str]:
+    """A candidate's config (``config`` with its fields) and its own XLA flags (an in-process
+    flag set's, compiled under over the process's; its config keeps the run's own)."""
+    flags = fields.get("xla_flags", "")
+    return config.replace(**{k: v for k, v in fields.items() if k not in ("xla_flags", ON)}), \
+        flags
+
+
+def evaluation_timing(config: Any, xla_flags: str, spec: Any, unrolls: Sequence[int],
+                      deadline: float, rounds: int = 3,
                       timer: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
     """An evaluation of ``config.eval_batch_size`` synthetic examples of ``spec``'s images
     (one chunk of the run's test set: its evaluations run chunk by chunk), compiled at each
@@ -419,12 +427,13 @@ def evaluation_timing(config: Any, spec: Any, unrolls: Sequence[int], deadline: 
     import numpy as np
 
     from rnnjax import runtime, train
+    from rnnjax.data.pipeline import normalize_host
     from rnnjax.model import make_model
 
     model = make_model(config, spec)
     params = synthetic_params(model)
     data = synthetic_data(config, config.eval_batch_size, spec)
-    xs = jax.jit(model.sequences)(jnp.asarray(data.train_images, jnp.float32) / 255)
+    xs = jax.jit(model.sequences)(normalize_host(data.train_images))
     labels = jnp.asarray(data.train_labels)
     programs, sums = [], []
     for unroll in unrolls:
@@ -514,10 +523,7 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
             if not options:
                 continue
             fields, queue[:0] = options[0], options[1:]
-        # Its XLA flags (an in-process flag set) apply to its compilation alone, over the
-        # process's; its config keeps the run's own.
-        extra_flags = fields.get("xla_flags", "")
-        candidate = config.replace(**{k: v for k, v in fields.items() if k != "xla_flags"})
+        candidate, extra_flags = candidate_config(config, fields)
         kind = (candidate.backward, candidate.projection, candidate.weight_grad,
                 candidate.chunks, candidate.feed)
         if candidate.feed == "stream":  # a stream as long as the calls timed will read
@@ -567,13 +573,10 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
     for line in requests:
         request = json.loads(line)
         if "evaluate" in request:
-            fields = request["evaluate"]
             try:
                 timing = evaluation_timing(
-                    config.replace(**{k: v for k, v in fields.items()
-                                      if k not in ("xla_flags", ON)}),
-                    images, request["unrolls"], request["until"], fields.get("xla_flags", ""),
-                    timer=timer)
+                    *candidate_config(config, request["evaluate"]), images,
+                    request["unrolls"], request["until"], timer=timer)
             except Exception as e:  # a program this backend cannot run: no choice made
                 timing = {"failed": f"{type(e).__name__}: {e}"[:300]}
             emit("evaluation", **timing)

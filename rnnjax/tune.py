@@ -752,39 +752,35 @@ def run_child(
             if c not in reported]
         return child
 
-    def retime(candidate: dict[str, Any], until: float, steps: int | None = None
-               ) -> float | None:
-        """One more call of ``candidate`` (timed by this child), of ``steps`` steps (None:
-        as many as it timed it in): seconds per step, None when the child cannot (gone, or
-        past ``until``)."""
+    def ask(request: dict[str, Any], answer: str, until: float) -> dict[str, Any] | None:
+        """The child's ``answer`` event to one ``request`` line, None when it cannot give
+        it (gone, or past ``until``)."""
         if proc.poll() is not None:
             return None
         timer = killer(until)
         try:
-            proc.stdin.write(json.dumps({"time": candidate, "steps": steps}) + "\n")
+            proc.stdin.write(json.dumps(request) + "\n")
             proc.stdin.flush()
-            return next((e["step_s"] for e in events() if e["event"] == "timing"), None)
+            return next((e for e in events() if e["event"] == answer), None)
         except OSError:
             return None
         finally:
             timer.cancel()
 
+    def retime(candidate: dict[str, Any], until: float, steps: int | None = None
+               ) -> float | None:
+        """One more call of ``candidate`` (timed by this child), of ``steps`` steps (None:
+        as many as it timed it in): seconds per step, None when the child cannot (gone, or
+        past ``until``)."""
+        event = ask({"time": candidate, "steps": steps}, "timing", until)
+        return None if event is None else event["step_s"]
+
     def evaluate(candidate: dict[str, Any], unrolls: list[int], until: float
                  ) -> dict[str, Any] | None:
         """The run's evaluation of ``candidate`` timed at each of ``unrolls``
         (:func:`rnnjax.measure.evaluation_timing`), or None (gone, or past ``until``)."""
-        if proc.poll() is not None:
-            return None
-        timer = killer(until)
-        try:
-            proc.stdin.write(json.dumps({"evaluate": candidate, "unrolls": unrolls,
-                                         "until": until}) + "\n")
-            proc.stdin.flush()
-            return next((e for e in events() if e["event"] == "evaluation"), None)
-        except OSError:
-            return None
-        finally:
-            timer.cancel()
+        return ask({"evaluate": candidate, "unrolls": unrolls, "until": until}, "evaluation",
+                   until)
 
     child.retime, child.evaluate = retime, evaluate
     return child
