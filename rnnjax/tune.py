@@ -994,7 +994,11 @@ def tune(
                     measured += other.measurements
                     complete = complete and other.error == "" and all(
                         m.step_s is not None for m in other.measurements)
-            evaluates = "eval_unroll" not in pinned
+            # The evaluation's part is kept only where it can be timed: where every timed
+            # candidate ran at unroll 1, so does the choice, and its evaluation has no
+            # other unroll to be timed at (evaluation_unroll).
+            evaluates = "eval_unroll" not in pinned and any(
+                m.step_s is not None and m.candidate["unroll"] != 1 for m in measured)
             final = in_turns(children, base, base_flags, tol,
                              deadline - (EVAL_SHARE * budget_s if evaluates else 0.0), clock, log)
             chosen = select(pooled(final or measured), base, base_flags, tol)

@@ -270,6 +270,33 @@ def test_the_evaluations_unroll_is_timed_for_the_choice(one_process):
     assert result.choice == {**fields(1, flags=""), "eval_unroll": 4} and not fake.evaluated
 
 
+def test_the_evaluations_part_of_the_budget_is_kept_only_where_it_can_be_timed(
+        one_process, monkeypatch):
+    """Where every timed candidate ran at unroll 1, the choice does too and its evaluation
+    has no other unroll to be timed at: the rounds in turns keep the whole budget. Where
+    another unroll was timed, they end EVAL_SHARE of it early, for the evaluation."""
+    ends = []
+    timing = tune.in_turns
+    monkeypatch.setattr(tune, "in_turns", lambda *args: ends.append(args[4]) or timing(*args))
+    config, clock = Config(), Clock()
+    only_one = {key: ms for key, ms in all_times().items() if key[0] == 1}
+    fake = FakeChild(only_one, evaluation={0: 30.0, 1: 40.0}, turns={})
+    result = tune.tune(config, frozenset(), 30.0, child=fake, clock=clock)
+    assert result.choice["unroll"] == 1 and result.choice["eval_unroll"] == -1
+    assert not fake.evaluated and result.evaluation is None
+    assert ends == [clock.now + 30.0]
+    times = all_times()
+    times[k(0)] = 0.8
+    fake = FakeChild(times, evaluation={0: 60.0, 1: 40.0}, turns={})
+    result = tune.tune(config, frozenset(), 30.0, child=fake, clock=clock)
+    assert result.choice == {**fields(0, flags=""), "eval_unroll": 1}
+    assert ends[1] == pytest.approx(clock.now + 30.0 * (1 - tune.EVAL_SHARE))
+    # --eval-unroll given: nothing to time, the whole budget.
+    tune.tune(config.replace(eval_unroll=1), frozenset({"eval_unroll"}), 30.0,
+              child=FakeChild(times, evaluation={0: 60.0, 1: 40.0}, turns={}), clock=clock)
+    assert ends[2] == clock.now + 30.0
+
+
 def test_a_child_times_the_runs_evaluation_at_each_unroll(tmp_path):
     """A real child, once it timed its candidates: the run's evaluation of one of them at
     each unroll asked, in turns, and whether the sums were the same; a candidate it cannot
