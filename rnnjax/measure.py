@@ -420,15 +420,13 @@ def evaluation_timing(config: Any, xla_flags: str, spec: Any, unrolls: Sequence[
     ``{"seconds": {unroll: its best call}, "same": whether their sums are equal, bit for
     bit}``. The run's evaluation reads the test set as the model's sequences, made once
     (``loop.device_sequences``): so does this."""
-    import dataclasses
-
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from rnnjax import runtime, train
     from rnnjax.data.pipeline import normalize_host
-    from rnnjax.model import make_model
+    from rnnjax.model import evaluation_model, make_model
 
     model = make_model(config, spec)
     params = synthetic_params(model)
@@ -437,8 +435,9 @@ def evaluation_timing(config: Any, xla_flags: str, spec: Any, unrolls: Sequence[
     labels = jnp.asarray(data.train_labels)
     programs, sums = [], []
     for unroll in unrolls:
-        evaluate = jax.jit(functools.partial(
-            train.evaluate_sequences, model=dataclasses.replace(model, unroll=unroll),
+        evaluate = jax.jit(functools.partial(  # the model as the run's evaluations take it
+            train.evaluate_sequences,
+            model=evaluation_model(config.replace(eval_unroll=unroll), model),
             chunk=config.eval_batch_size))
         compiled, _ = runtime.compile_timed(evaluate, params, xs, labels, xla_flags=xla_flags)
         sums.append(jax.device_get(compiled(params, xs, labels)))  # and warmed up
