@@ -1095,6 +1095,12 @@ def finalists(measurements: Sequence[Measurement], tol: float, near: float = SEC
     return [m for m in timed if m.step_s <= timed[0].step_s * (1 + near)][:most]
 
 
+def _fields_key(m: Measurement) -> str:
+    """The tuned fields ``m`` stands for (:attr:`Measurement.fields`) as a key: one per
+    candidate and XLA flags, whichever process timed it."""
+    return json.dumps(m.fields, sort_keys=True)
+
+
 def pooled(measurements: Sequence[Measurement]) -> list[Measurement]:
     """One measurement per candidate and XLA flags, in order of first appearance: where more
     than one process timed it, its mean seconds per step over them (the largest difference
@@ -1102,7 +1108,7 @@ def pooled(measurements: Sequence[Measurement]) -> list[Measurement]:
     not timed only where nothing timed them)."""
     groups: dict[str, list[Measurement]] = {}
     for m in measurements:
-        groups.setdefault(json.dumps(m.fields, sort_keys=True), []).append(m)
+        groups.setdefault(_fields_key(m), []).append(m)
     out = []
     for group in groups.values():
         timed = [m for m in group if m.step_s is not None]
@@ -1131,7 +1137,7 @@ def in_terms_of(reference: Sequence[Measurement], others: Sequence[Measurement]
     in the faster (:func:`pooled`).
     """
     def timed(ms: Sequence[Measurement]) -> dict[str, float]:
-        return {json.dumps(m.fields, sort_keys=True): m.step_s for m in ms
+        return {_fields_key(m): m.step_s for m in ms
                 if m.step_s is not None and m.step_s > 0}
 
     ours, theirs = timed(reference), timed(others)
@@ -1200,10 +1206,13 @@ def in_turns(children: Sequence[Child], base: dict[str, Any], base_flags: str, t
              for (_, m), b in zip(entries, best, strict=True)]
     # Each later child's turns in the first child's terms, where they timed the same
     # candidates (the second process): only the order within each process carries over.
-    first = children[0]
-    ours = [m for (c, _), m in zip(entries, final, strict=True) if c is first]
-    for c in {id(c): c for c, _ in entries if c is not first}.values():
-        at = [i for i, (e, _) in enumerate(entries) if e is c]
+    ours, later = [], {}  # the first child's turns; each later child's entries' indices
+    for i, (c, _) in enumerate(entries):
+        if c is children[0]:
+            ours.append(final[i])
+        else:
+            later.setdefault(id(c), []).append(i)
+    for at in later.values():
         for i, m in zip(at, in_terms_of(ours, [final[i] for i in at]), strict=True):
             final[i] = m
     log("  timed again in turns, across the children:")
@@ -1238,7 +1247,7 @@ def choice_line(result: Result) -> str:
     if result.choice is None:
         return (f"the defaults were not timed within {result.budget_s:g} s, so nothing "
                 "compares with them; the defaults stay (give a larger --tune-budget)")
-    timed = {json.dumps(m.fields, sort_keys=True): m.step_s  # what select chose from
+    timed = {_fields_key(m): m.step_s  # what select chose from
              for m in pooled(result.final or result.measurements) if m.step_s is not None}
     base = timed.get(json.dumps(result.baseline, sort_keys=True))
     step = {k: v for k, v in result.choice.items() if k != "eval_unroll"}  # the train step's
