@@ -1,0 +1,278 @@
+"""Would a native kernel for the Elman loops beat XLA's on this CPU? Measure it here.
+
+The SimpleRNN's train step is its two loops (forward ``h_t = tanh(u_t + b + h_{t-1} U)``,
+backward ``dz_t = g (1 - h_t^2)``, ``g = dz_t U^T``) and the products around them (the
+input projection ``x_t W``, the weight gradients ``[x_t, h_{t-1}, 1]^T dz_t``), each loop
+step a few XLA ops. This benchmark builds ``native_elman.cc`` with the machine's C++
+compiler for its own CPU (``-march=native``, vectors of 8 and of 16 floats), registers its
+forward and backward passes as XLA:CPU custom calls (``jax.ffi``), each the whole loop
+with the products beside it on another thread of XLA's pool, and registers a cell,
+``simple_rnn_native<LANES>``, whose ``sequence`` runs them (``rnnjax.cells.CELLS``: the
+README's "How to extend"). Then rnnjax's own train step (optax Adam, K steps per call on
+device-resident data, what ``rnnjax train`` compiles) runs the built-in ``simple_rnn``, in
+the forms the tuner times, and each native cell, in turns in one process.
+
+The native cell's first step must match the built-in's (loss and gradients, to the
+tuner's float32 tolerance), or the benchmark stops. Compile seconds, the C++ build's
+included, are reported apart. CPU only, float32, tanh.
+
+    python -m benchmarks.native_elman [--cases rows:50,pixels:50] [--rounds 15] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import functools
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.flax_peers import compiled_runner, rnnjax_program, steps_per_call
+from benchmarks.harness import environment, write_results
+from rnnjax import cells, measure, train, tune
+from rnnjax.config import Config
+from rnnjax.data.pipeline import batch_indices, to_device
+from rnnjax.data.sources import load_arrays
+from rnnjax.model import make_model
+
+SOURCE = Path(__file__).with_suffix(".cc")
+LANES = (8, 16)  # floats per vector the kernel is built for
+TOLERANCE = tune.TOLERANCE["float32"]  # the first step's loss and gradients: as the tuner's
+# The built-in forms timed: (name, unroll (0: full), weight_grad); all hand-written, the
+# projection hoisted (as the native cell's).
+FORMS = (("unroll 1, product", 1, "product"), ("unroll full, product", 0, "product"),
+         ("unroll 1, per step", 1, "per_step"), ("unroll full, per step", 0, "per_step"))
+MAX_FULL_UNROLL = 100  # steps: 784 unrolled pixel steps compile for tens of minutes
+
+
+def compiler() -> str:
+    """The C++ compiler: ``$CXX``, else ``g++`` or ``c++`` on the PATH."""
+    for name in (os.environ.get("CXX", ""), "g++", "c++"):
+        if name and shutil.which(name):
+            return name
+    raise RuntimeError("benchmarks.native_elman needs a C++17 compiler: install g++ (Debian: "
+                       "apt install g++) or set $CXX to one")
+
+
+def build(lanes: int, directory: Path) -> tuple[Path, float]:
+    """``native_elman.cc`` built for this CPU with ``lanes`` floats per vector, as a shared
+    library in ``directory``; and the seconds the build took."""
+    out = directory / f"native_elman_{lanes}.so"
+    command = [compiler(), "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
+               f"-DRNNJAX_LANES={lanes}", "-I", jax.ffi.include_dir(), str(SOURCE), "-o",
+               str(out)]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(command)}):\n"
+                           f"{done.stderr[-2000:]}")
+    return out, time.perf_counter() - start
+
+
+def targets(lanes: int) -> dict[str, str]:
+    """The custom-call target names of the kernel built for ``lanes``, by its symbol."""
+    return {symbol: f"rnnjax_elman_{symbol.removeprefix('RnnjaxElman').lower()}_{lanes}"
+            for symbol in ("RnnjaxElmanForward", "RnnjaxElmanBackward",
+                           "RnnjaxElmanBackwardWithOutputs")}
+
+
+@functools.cache
+def register(lanes: int) -> float:
+    """Build the kernel for ``lanes`` and register its targets with XLA:CPU, once per
+    process (XLA refuses a second handler for a name); the build's seconds. The library is
+    loaded before its temporary directory goes."""
+    with tempfile.TemporaryDirectory(prefix="rnnjax-native-") as directory:
+        path, seconds = build(lanes, Path(directory))
+        library = ctypes.cdll.LoadLibrary(str(path))
+    for symbol, name in targets(lanes).items():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
+                                    platform="cpu")
+    return seconds
+
+
+def native_layer(lanes: int) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """``layer(xs [T, B, F], kernel [F, H], recurrent [H, H], bias [H], h0 [B, H]) ->
+    (hs [T, B, H], h_T [B, H])``, float32: ``rnnjax.cells.elman_layer`` (tanh) as two calls
+    of the kernel built for ``lanes`` (:func:`register` it first): the forward (the input
+    projection with it, on a second thread where there is one) and the backward (the weight
+    gradients with it, likewise). ``dxs = dzs @ kernel^T`` stays XLA's (dropped where no
+    gradient of the inputs is asked for)."""
+    names = targets(lanes)
+
+    def like(*arrays: jax.Array) -> tuple[jax.ShapeDtypeStruct, ...]:
+        return tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays)
+
+    def forward(xs, kernel, recurrent, bias, h0):
+        hs = jax.ffi.ffi_call(names["RnnjaxElmanForward"],
+                              jax.ShapeDtypeStruct((*xs.shape[:2], h0.shape[-1]), xs.dtype))(
+            xs, kernel, bias, recurrent, h0)
+        return hs, hs[-1]
+
+    @jax.custom_vjp
+    def layer(xs, kernel, recurrent, bias, h0):
+        return forward(xs, kernel, recurrent, bias, h0)
+
+    def layer_fwd(xs, kernel, recurrent, bias, h0):
+        xs, kernel, recurrent, bias, h0 = cells._values(xs, kernel, recurrent, bias, h0)
+        hs, h_last = forward(xs, kernel, recurrent, bias, h0)
+        return (hs, h_last), (xs, hs, kernel, recurrent, bias, h0)
+
+    def layer_bwd(residuals, cotangents):
+        xs, hs, kernel, recurrent, bias, h0 = residuals
+        dhs, dh_last = cells._dense(cotangents[0]), cells._dense(cotangents[1], h0)
+        shapes = like(hs, h0, kernel, recurrent, bias)
+        if dhs is None:  # the classifier reads only h_T: no [T, B, H] of zeros to read
+            dzs, dh0, dkernel, drecurrent, dbias = jax.ffi.ffi_call(
+                names["RnnjaxElmanBackward"], shapes)(xs, hs, h0, recurrent, dh_last)
+        else:
+            dzs, dh0, dkernel, drecurrent, dbias = jax.ffi.ffi_call(
+                names["RnnjaxElmanBackwardWithOutputs"], shapes)(xs, hs, dhs, h0, recurrent,
+                                                                 dh_last)
+        return dzs @ kernel.T, dkernel, drecurrent, dbias, dh0
+
+    layer.defvjp(layer_fwd, layer_bwd, symbolic_zeros=True)
+    return layer
+
+
+def native_simple_rnn(hidden: int, lanes: int) -> cells.Cell:
+    """``rnnjax.cells.simple_rnn(hidden)`` (the same parameters, initialised alike) whose
+    ``sequence`` runs :func:`native_layer`; it has no forms to choose (``options`` empty)."""
+    layer = native_layer(lanes)
+
+    def sequence(params, xs, h0, unroll, weight_grad="auto", projection="hoisted"):
+        del unroll, weight_grad, projection  # one call per loop, whatever the form
+        if xs.dtype != jnp.float32:
+            raise ValueError(f"the native Elman kernel runs float32, not {xs.dtype}: "
+                             "drop --compute-dtype")
+        hs, h_last = layer(xs, params["kernel"], params["recurrent_kernel"], params["bias"], h0)
+        return h_last, hs
+
+    return dataclasses.replace(cells.simple_rnn(hidden), sequence=sequence, options=())
+
+
+def cell_name(lanes: int) -> str:
+    return f"simple_rnn_native{lanes}"
+
+
+def add_cells() -> dict[str, float]:
+    """Build and register the kernel for every :data:`LANES` (once per process) and its cell
+    in ``rnnjax.cells.CELLS``; the build seconds of each cell."""
+    built = {}
+    for lanes in LANES:
+        built[cell_name(lanes)] = register(lanes)
+        cells.CELLS[cell_name(lanes)] = functools.partial(native_simple_rnn, lanes=lanes)
+    return built
+
+
+def configs(order: str, batch: int) -> dict[str, Config]:
+    """The runs of a case by name: the built-in cell in each of :data:`FORMS` (full unroll
+    only up to :data:`MAX_FULL_UNROLL` steps), then each native cell."""
+    base = Config(order=order, batch_size=batch, backward="hand_written", projection="hoisted")
+    steps = 28 if order == "rows" else 784
+    out = {f"simple_rnn, {name}": base.replace(unroll=unroll, weight_grad=weight_grad)
+           for name, unroll, weight_grad in FORMS if unroll or steps <= MAX_FULL_UNROLL}
+    for lanes in LANES:
+        out[f"native, {lanes} lanes"] = base.replace(cell=cell_name(lanes))
+    return out
+
+
+def first_step_difference(config: Config, reference: Config, images: jax.Array,
+                          labels: jax.Array) -> float:
+    """The largest difference between ``config``'s and ``reference``'s first-step loss and
+    gradients (the same initial parameters), each relative to the reference's largest
+    magnitude, as the tuner compares its candidates (``rnnjax.measure.relative_difference``)."""
+    results = []
+    for c in (config, reference):
+        model = make_model(c)
+        loss = functools.partial(train.loss_fn, model=model, images=images, labels=labels)
+        value = jax.jit(jax.value_and_grad(lambda p, f=loss: f(p)[0]))(
+            model.init(jax.random.key(c.seed)))
+        results.append({str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(value))})
+    return measure.relative_difference(*results)
+
+
+def time_case(device_data: Any, order: str, batch: int, rounds: int, built: dict[str, float]
+              ) -> dict[str, Any]:
+    """One case's row: ms per train step (median and best over ``rounds`` calls in turns)
+    and compile seconds of each run, and each native cell's first-step difference."""
+    steps = steps_per_call(order, batch)
+    idx = jax.device_put(batch_indices(len(device_data.train_labels), batch, 0, steps))
+    runs = configs(order, batch)
+    reference = next(iter(runs.values()))
+    row: dict[str, Any] = {"order": order, "batch": batch, "steps/call": steps}
+    images, labels = device_data.train_images[:batch], device_data.train_labels[:batch]
+    runners = {}
+    for name, config in runs.items():
+        if config.cell != reference.cell:
+            difference = first_step_difference(config, reference, images, labels)
+            row[f"{name} first-step difference"] = difference
+            if difference > TOLERANCE:
+                raise SystemExit(f"{name}: its first step differs from {reference.cell}'s by "
+                                 f"{difference:.3g} (relative), more than {TOLERANCE:g}")
+        run, compile_s = compiled_runner(*rnnjax_program(device_data, idx, config))
+        runners[name] = run
+        row[f"{name} compile s"] = compile_s + built.get(config.cell, 0.0)
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for run in runners.values():  # burn-in
+        jax.block_until_ready(run())
+    for _ in range(rounds):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            samples[name].append((time.perf_counter() - start) / steps)
+    for name, values in samples.items():
+        row[f"{name} ms"] = statistics.median(values) * 1e3
+        row[f"{name} best ms"] = min(values) * 1e3
+    xla = min(row[f"{name} ms"] for name in runs if not name.startswith("native"))
+    for lanes in LANES:
+        row[f"native, {lanes} lanes speed-up"] = xla / row[f"native, {lanes} lanes ms"]
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="rows:50,pixels:50",
+                        help="ORDER:BATCH,... (order rows or pixels)")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    cases = []
+    for case in args.cases.split(","):
+        order, _, batch = case.partition(":")
+        if order not in ("rows", "pixels") or not batch.isdigit() or int(batch) < 1:
+            parser.error(f"--cases {case!r}: give ORDER:BATCH, ORDER rows or pixels, BATCH a "
+                         "positive integer (e.g. rows:50)")
+        cases.append((order, int(batch)))
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: give 1 or more")
+    if jax.default_backend() != "cpu":
+        raise SystemExit(f"benchmarks.native_elman times XLA:CPU custom calls; this process's "
+                         f"backend is {jax.default_backend()}: run it with JAX_PLATFORMS=cpu")
+    built = add_cells()
+    device_data = to_device(load_arrays(Config()))
+    rows = [time_case(device_data, order, batch, args.rounds, built) for order, batch in cases]
+    columns = list(dict.fromkeys(c for r in rows for c in r if not c.endswith(
+        (" compile s", " best ms", " difference"))))
+    notes = "\n".join(
+        f"- {r['order']} {r['batch']}: " + "; ".join(
+            f"{k} {v:.3g}" for k, v in r.items() if k.endswith((" compile s", " best ms",
+                                                               " difference")))
+        for r in rows)
+    write_results("native_elman", rows, columns, env=environment(), notes=notes,
+                  out_dir=args.out or None)
+
+
+if __name__ == "__main__":
+    main()
