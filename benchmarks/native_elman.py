@@ -3,16 +3,16 @@
 The SimpleRNN's train step is its two loops (forward ``h_t = tanh(u_t + b + h_{t-1} U)``,
 backward ``dz_t = g (1 - h_t^2)``, ``g = dz_t U^T``) and the products around them (the
 input projection ``x_t W``, the weight gradients ``[x_t, h_{t-1}, 1]^T dz_t``), each loop
-step a few XLA ops. This benchmark builds ``native_elman.cc`` with the machine's C++
-compiler for its own CPU (``-march=native``, vectors of 8 and of 16 floats), registers its
-forward and backward passes as XLA:CPU custom calls (``jax.ffi``), each the whole loop
-with the products beside it on another thread of XLA's pool, and registers a cell,
-``simple_rnn_native<LANES>``, whose ``sequence`` runs them (``rnnjax.cells.CELLS``: the
-README's "How to extend"). Then rnnjax's own train step (optax Adam, K steps per call on
-device-resident data, what ``rnnjax train`` compiles) runs the built-in ``simple_rnn``, in
-the forms the tuner times, and each native cell, in turns in one process.
+step a few XLA ops. Its backward 'native' (``rnnjax.native``) runs each pass as one XLA:CPU
+custom call built with the machine's C++ compiler for its own CPU, the recurrence on the
+calling thread and the products beside it on another thread of XLA's pool. This benchmark
+builds it for vectors of 8 and of 16 floats, registers a cell for each,
+``simple_rnn_native<LANES>`` (``rnnjax.cells.CELLS``: the README's "How to extend"), and
+times rnnjax's own train step (optax Adam, K steps per call on device-resident data, what
+``rnnjax train`` compiles) with the built-in ``simple_rnn`` in the forms the tuner times
+and with each native build, in turns in one process.
 
-The native cell's first step must match the built-in's (loss and gradients, to the
+Each native build's first step must match the built-in's (loss and gradients, to the
 tuner's float32 tolerance), or the benchmark stops. Compile seconds, the C++ build's
 included, are reported apart. CPU only, float32, tanh.
 
@@ -22,32 +22,23 @@ included, are reported apart. CPU only, float32, tanh.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import functools
-import os
-import shutil
 import statistics
-import subprocess
-import tempfile
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.flax_peers import compiled_runner, rnnjax_program, steps_per_call
 from benchmarks.harness import environment, write_results
-from rnnjax import cells, measure, train, tune
+from rnnjax import cells, measure, native, train, tune
 from rnnjax.config import Config
 from rnnjax.data.pipeline import batch_indices, to_device
 from rnnjax.data.sources import load_arrays
 from rnnjax.model import make_model
 
-SOURCE = Path(__file__).with_suffix(".cc")
 LANES = (8, 16)  # floats per vector the kernel is built for
 TOLERANCE = tune.TOLERANCE["float32"]  # the first step's loss and gradients: as the tuner's
 # The built-in forms timed: (name, unroll (0: full), weight_grad); all hand-written, the
@@ -57,109 +48,17 @@ FORMS = (("unroll 1, product", 1, "product"), ("unroll full, product", 0, "produ
 MAX_FULL_UNROLL = 100  # steps: 784 unrolled pixel steps compile for tens of minutes
 
 
-def compiler() -> str:
-    """The C++ compiler: ``$CXX``, else ``g++`` or ``c++`` on the PATH."""
-    for name in (os.environ.get("CXX", ""), "g++", "c++"):
-        if name and shutil.which(name):
-            return name
-    raise RuntimeError("benchmarks.native_elman needs a C++17 compiler: install g++ (Debian: "
-                       "apt install g++) or set $CXX to one")
-
-
-def build(lanes: int, directory: Path) -> tuple[Path, float]:
-    """``native_elman.cc`` built for this CPU with ``lanes`` floats per vector, as a shared
-    library in ``directory``; and the seconds the build took."""
-    out = directory / f"native_elman_{lanes}.so"
-    command = [compiler(), "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
-               f"-DRNNJAX_LANES={lanes}", "-I", jax.ffi.include_dir(), str(SOURCE), "-o",
-               str(out)]
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(command)}):\n"
-                           f"{done.stderr[-2000:]}")
-    return out, time.perf_counter() - start
-
-
-def targets(lanes: int) -> dict[str, str]:
-    """The custom-call target names of the kernel built for ``lanes``, by its symbol."""
-    return {symbol: f"rnnjax_elman_{symbol.removeprefix('RnnjaxElman').lower()}_{lanes}"
-            for symbol in ("RnnjaxElmanForward", "RnnjaxElmanBackward",
-                           "RnnjaxElmanBackwardWithOutputs")}
-
-
-@functools.cache
 def register(lanes: int) -> float:
-    """Build the kernel for ``lanes`` and register its targets with XLA:CPU, once per
-    process (XLA refuses a second handler for a name); the build's seconds. The library is
-    loaded before its temporary directory goes."""
-    with tempfile.TemporaryDirectory(prefix="rnnjax-native-") as directory:
-        path, seconds = build(lanes, Path(directory))
-        library = ctypes.cdll.LoadLibrary(str(path))
-    for symbol, name in targets(lanes).items():
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
-                                    platform="cpu")
-    return seconds
-
-
-def native_layer(lanes: int) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """``layer(xs [T, B, F], kernel [F, H], recurrent [H, H], bias [H], h0 [B, H]) ->
-    (hs [T, B, H], h_T [B, H])``, float32: ``rnnjax.cells.elman_layer`` (tanh) as two calls
-    of the kernel built for ``lanes`` (:func:`register` it first): the forward (the input
-    projection with it, on a second thread where there is one) and the backward (the weight
-    gradients with it, likewise). ``dxs = dzs @ kernel^T`` stays XLA's (dropped where no
-    gradient of the inputs is asked for)."""
-    names = targets(lanes)
-
-    def like(*arrays: jax.Array) -> tuple[jax.ShapeDtypeStruct, ...]:
-        return tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays)
-
-    def forward(xs, kernel, recurrent, bias, h0):
-        hs = jax.ffi.ffi_call(names["RnnjaxElmanForward"],
-                              jax.ShapeDtypeStruct((*xs.shape[:2], h0.shape[-1]), xs.dtype))(
-            xs, kernel, bias, recurrent, h0)
-        return hs, hs[-1]
-
-    @jax.custom_vjp
-    def layer(xs, kernel, recurrent, bias, h0):
-        return forward(xs, kernel, recurrent, bias, h0)
-
-    def layer_fwd(xs, kernel, recurrent, bias, h0):
-        xs, kernel, recurrent, bias, h0 = cells._values(xs, kernel, recurrent, bias, h0)
-        hs, h_last = forward(xs, kernel, recurrent, bias, h0)
-        return (hs, h_last), (xs, hs, kernel, recurrent, bias, h0)
-
-    def layer_bwd(residuals, cotangents):
-        xs, hs, kernel, recurrent, bias, h0 = residuals
-        dhs, dh_last = cells._dense(cotangents[0]), cells._dense(cotangents[1], h0)
-        shapes = like(hs, h0, kernel, recurrent, bias)
-        if dhs is None:  # the classifier reads only h_T: no [T, B, H] of zeros to read
-            dzs, dh0, dkernel, drecurrent, dbias = jax.ffi.ffi_call(
-                names["RnnjaxElmanBackward"], shapes)(xs, hs, h0, recurrent, dh_last)
-        else:
-            dzs, dh0, dkernel, drecurrent, dbias = jax.ffi.ffi_call(
-                names["RnnjaxElmanBackwardWithOutputs"], shapes)(xs, hs, dhs, h0, recurrent,
-                                                                 dh_last)
-        return dzs @ kernel.T, dkernel, drecurrent, dbias, dh0
-
-    layer.defvjp(layer_fwd, layer_bwd, symbolic_zeros=True)
-    return layer
+    """Build (or find in the cache) ``rnnjax.native``'s library for ``lanes`` and register its
+    targets; the seconds it took (about 1.5 s to build; nothing once cached)."""
+    start = time.perf_counter()
+    native.register(lanes)
+    return time.perf_counter() - start
 
 
 def native_simple_rnn(hidden: int, lanes: int) -> cells.Cell:
-    """``rnnjax.cells.simple_rnn(hidden)`` (the same parameters, initialised alike) whose
-    ``sequence`` runs :func:`native_layer`; it has no forms to choose (``options`` empty)."""
-    layer = native_layer(lanes)
-
-    def sequence(params, xs, h0, unroll, weight_grad="auto", projection="hoisted"):
-        del unroll, weight_grad, projection  # one call per loop, whatever the form
-        if xs.dtype != jnp.float32:
-            raise ValueError(f"the native Elman kernel runs float32, not {xs.dtype}: "
-                             "drop --compute-dtype")
-        hs, h_last = layer(xs, params["kernel"], params["recurrent_kernel"], params["bias"], h0)
-        return h_last, hs
-
-    return dataclasses.replace(cells.simple_rnn(hidden), sequence=sequence, options=())
+    """``rnnjax.cells.simple_rnn(hidden)`` whose backward 'native' is built for ``lanes``."""
+    return dataclasses.replace(cells.simple_rnn(hidden), native=cells.elman_native(lanes))
 
 
 def cell_name(lanes: int) -> str:
@@ -167,8 +66,8 @@ def cell_name(lanes: int) -> str:
 
 
 def add_cells() -> dict[str, float]:
-    """Build and register the kernel for every :data:`LANES` (once per process) and its cell
-    in ``rnnjax.cells.CELLS``; the build seconds of each cell."""
+    """Build and register the kernel for every :data:`LANES` (once per process) and a cell
+    for each in ``rnnjax.cells.CELLS``; the build seconds of each cell."""
     built = {}
     for lanes in LANES:
         built[cell_name(lanes)] = register(lanes)
@@ -184,7 +83,7 @@ def configs(order: str, batch: int) -> dict[str, Config]:
     out = {f"simple_rnn, {name}": base.replace(unroll=unroll, weight_grad=weight_grad)
            for name, unroll, weight_grad in FORMS if unroll or steps <= MAX_FULL_UNROLL}
     for lanes in LANES:
-        out[f"native, {lanes} lanes"] = base.replace(cell=cell_name(lanes))
+        out[f"native, {lanes} lanes"] = base.replace(cell=cell_name(lanes), backward="native")
     return out
 
 

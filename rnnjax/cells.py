@@ -21,6 +21,9 @@ A :class:`Cell` is a handful of pure functions, no state:
   faster on some machines and shapes (``rnnjax.tune`` measures them); a cell lists the
   ones its ``sequence`` honours in ``Cell.options``, and ``Cell.backward`` says whether
   ``sequence`` ('hand_written') or autodiff of the scan ('autodiff') is its default;
+* optional ``native(params, xs, carry) -> (carry, ys)``: the same as ``sequence`` with
+  native XLA:CPU custom calls for its passes (``rnnjax.native``: ``simple_rnn``), the
+  backward 'native';
 * optional ``last_output(carry) -> y``: the last step's output ``y_T [B, H]`` read from the
   final carry. A model that only needs ``y_T`` then leaves ``ys`` unused, and XLA drops
   storing it (an evaluation pass writes no ``[T, B, H]`` array).
@@ -61,6 +64,7 @@ class Cell:
     project: Callable[[Params, jax.Array], jax.Array] | None = None
     sequence: Callable[..., tuple[Carry, jax.Array]] | None = None
     last_output: Callable[[Carry], jax.Array] | None = None
+    native: Callable[..., tuple[Carry, jax.Array]] | None = None
     backward: str = "hand_written"  # what backward 'auto' runs when there is a sequence
     options: tuple[str, ...] = ()  # the forms sequence honours: 'weight_grad', 'projection'
 
@@ -70,8 +74,9 @@ class Form:
     """How a layer's train step computes the same sums: each field is a concrete choice
     (none 'auto'; see :func:`resolve_form`).
 
-    backward: 'hand_written' (the cell's ``sequence``) or 'autodiff' (of ``lax.scan`` over
-    ``step``); projection: 'hoisted' (``x_t @ kernel`` of all steps before the loop) or
+    backward: 'hand_written' (the cell's ``sequence``), 'autodiff' (of ``lax.scan`` over
+    ``step``) or 'native' (the cell's ``native``, which has no other forms: 'hoisted',
+    'product'); projection: 'hoisted' (``x_t @ kernel`` of all steps before the loop) or
     'in_loop'; weight_grad: 'product' or 'per_step' (hand-written backward passes only).
     """
 
@@ -103,7 +108,8 @@ def resolve_form(cell: Cell, batch: int, backward: str = "auto", projection: str
                  weight_grad: str = "auto") -> Form:
     """The concrete :class:`Form` the choices name for ``cell`` at ``batch``.
 
-    'auto': the cell's own backward (``Cell.backward``; autodiff without a ``sequence``);
+    'auto': the cell's own backward (``Cell.backward``; autodiff without a ``sequence``;
+    never 'native', which only a choice or the tuner makes);
     under a hand-written backward the projection hoisted and the weight gradient per step
     from :data:`PER_STEP_WEIGHT_GRADIENT_BATCH`; under autodiff the projection in the loop
     (measured 1.3-1.6x faster than hoisted for every built-in cell at batch 1024, and for the
@@ -115,6 +121,11 @@ def resolve_form(cell: Cell, batch: int, backward: str = "auto", projection: str
                                  (weight_grad, WEIGHT_GRADS, "weight_grad")):
         if value not in choices:
             raise ValueError(f"{name} {value!r}; choose one of {', '.join(choices)}")
+    if backward == "native":
+        if cell.native is None:
+            raise ValueError("backward 'native': this cell has no native kernels (simple_rnn "
+                             "has); choose hand_written, autodiff or auto")
+        return Form("native", "hoisted", "product")
     if cell.sequence is None:
         backward = "autodiff"
     elif backward == "auto":
@@ -188,6 +199,8 @@ def scan_cell(
         return carry, jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=0), *parts)
     unroll = unroll or time
     form = resolve_form(cell, batch, backward, projection, weight_grad)
+    if form.backward == "native":
+        return cell.native(params, xs, carry)
     if form.backward == "hand_written":
         return cell.sequence(params, xs, carry, unroll, form.weight_grad, form.projection)
     if cell.project is None:
@@ -508,7 +521,25 @@ def _elman(hidden: int, activation: str, recurrent_init: Callable) -> Cell:
         return h_last, hs
 
     return Cell(init, step, _zeros_carry(hidden), hidden, _dense_projection, sequence,
-                last_output=_identity_output, options=("weight_grad", "projection"))
+                last_output=_identity_output, options=("weight_grad", "projection"),
+                native=elman_native() if activation == "tanh" else None)
+
+
+def elman_native(lanes: int | None = None) -> Callable[..., tuple[Carry, jax.Array]]:
+    """``simple_rnn``'s ``native(params, xs [T, B, F], h0 [B, H]) -> (h_T, hs [T, B, H])``:
+    its layer as ``rnnjax.native``'s two custom calls, built for ``lanes`` floats per vector
+    (None: ``rnnjax.native.LANES``). float32 only."""
+    def native(params: Params, xs: jax.Array, h0: jax.Array) -> tuple[jax.Array, jax.Array]:
+        from rnnjax import native as kernels
+
+        if xs.dtype != jnp.float32:
+            raise ValueError(f"backward 'native' runs float32, not {xs.dtype}: drop "
+                             "--compute-dtype or choose another --backward")
+        layer = kernels.elman_layer(kernels.LANES if lanes is None else lanes)
+        hs, h_last = layer(xs, params["kernel"], params["recurrent_kernel"], params["bias"], h0)
+        return h_last, hs
+
+    return native
 
 
 @functools.cache

@@ -25,7 +25,7 @@ SCHEDULES = ("constant", "cosine", "warmup_cosine")
 # the backward pass hand-written or autodiff of the scan; the input projection before the
 # loop or inside it; the weight gradient one product after the backward loop or
 # accumulated inside it. The same sums, equal up to rounding.
-BACKWARDS = ("auto", "hand_written", "autodiff")
+BACKWARDS = ("auto", "hand_written", "autodiff", "native")
 PROJECTIONS = ("auto", "hoisted", "in_loop")
 WEIGHT_GRADS = ("auto", "product", "per_step")
 # The fields rnnjax.tune chooses by measurement unless set on the command line.
@@ -79,6 +79,8 @@ class Config:
         default="auto",
         metadata={"help": "backward pass: the cell's hand-written one or autodiff of the scan "
                   "('auto': the cell's default; hand-written for simple_rnn, irnn, lstm); "
+                  "native: simple_rnn's forward and backward passes as native XLA:CPU "
+                  "calls (CPU, float32; built once with the machine's C++ compiler); "
                   "tuned unless given",
                   "choices": BACKWARDS},
     )

@@ -207,13 +207,35 @@ def make_model(config: Config, spec: DataSpec | None = None) -> Model:
     if config.chunks > model.time_steps:
         raise ConfigError(f"--chunks {config.chunks} exceeds the {model.time_steps} time steps "
                           f"of --order {config.order}; choose 1 to {model.time_steps}")
+    if config.backward == "native":
+        _check_native(config, cell)
     return model
+
+
+def _check_native(config: Config, cell: Cell) -> None:
+    """What backward 'native' needs that ``config`` and this machine may lack."""
+    from rnnjax import native
+
+    if cell.native is None:
+        raise ConfigError(f"--backward native: --cell {config.cell} has no native kernels "
+                          "(simple_rnn has); choose hand_written, autodiff or auto")
+    if config.compute_dtype != "float32":
+        raise ConfigError(f"--backward native runs float32, not --compute-dtype "
+                          f"{config.compute_dtype}: drop one of them")
+    reason = native.unavailable()
+    if reason is not None:
+        raise ConfigError(reason)
 
 
 def evaluation_model(config: Config, model: Model) -> Model:
     """``model`` as the evaluations run it: scanned at ``config.eval_unroll`` where that is
     set (-1: the train step's unroll). Only the program differs; rnnjax.tune sets it only
-    where the sums were the same, bit for bit."""
+    where the sums were the same, bit for bit. A 'native' model evaluates in the
+    hand-written form: its forward call runs the recurrence on one thread, which at the
+    evaluation's batch of 10,000 took 3x as long as XLA's loop (the seed run's nine
+    evaluations, 2-core AVX-512 EPYC)."""
+    if model.backward == "native":
+        model = dataclasses.replace(model, backward="hand_written")
     if config.eval_unroll < 0 or config.eval_unroll == model.unroll:
         return model
     return dataclasses.replace(model, unroll=config.eval_unroll)

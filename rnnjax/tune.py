@@ -1,9 +1,10 @@
 """Choose how to run the train step by measuring the candidates on the machine at hand.
 
 What is chosen (the :data:`TUNED` Config fields): the scan's ``unroll`` (1, a middle factor,
-full), the form of the cell's computation (``backward`` hand-written or autodiff,
-``projection`` of the inputs before the loop or inside it, ``weight_grad`` one product or
-per step: ``rnnjax.cells.resolve_form``), the ``chunks`` the sequence is scanned in
+full), the form of the cell's computation (``backward`` hand-written, autodiff or, for
+``simple_rnn`` on a CPU, native (``rnnjax.native``), ``projection`` of the inputs before
+the loop or inside it, ``weight_grad`` one product or per step:
+``rnnjax.cells.resolve_form``), the ``chunks`` the sequence is scanned in
 (``rnnjax.cells.scan_cell``), the ``feed`` (the device-resident dataset with
 ``steps_per_call`` steps per compiled call, or one step per call streamed from NumPy) and
 ``xla_flags`` where the backend has alternatives, and on a CPU ``huge_pages`` (transparent
@@ -71,10 +72,11 @@ from rnnjax.measure import (
     for_backend,  # the candidates a child on a backend times
 )
 
-TUNER_VERSION = 18  # 18: the second process's timings in the first's terms; 17: the
-# evaluations' unroll; 16: XLA flag sets timed in the first child's process; 15: batches
-# read step by step gathered so; 14: longer calls in turns, autodiff loops 1.1-1.3x faster;
-# 13: cpus; 12: huge pages; 11: chunks; 10: finalists in a second process
+TUNER_VERSION = 19  # 19: simple_rnn's native kernels; 18: the second process's timings
+# in the first's terms; 17: the evaluations' unroll; 16: XLA flag sets timed in the first
+# child's process; 15: batches read step by step gathered so; 14: longer calls in turns,
+# autodiff loops 1.1-1.3x faster; 13: cpus; 12: huge pages; 11: chunks; 10: finalists in a
+# second process
 ENV_VAR = "RNNJAX_TUNE"  # 'off' (or 0, false, no): rnnjax train does not tune by default
 MARGIN = 0.03  # a candidate replaces the baseline only when this much faster
 # Other XLA flags replace the run's own only when this much faster: they are timed in other
@@ -356,7 +358,8 @@ def model_candidates(config: Config, pinned: frozenset[str], spec: DataSpec = ID
     form at the baseline's unroll: the GRU's, 28 rows at batch 50, ran 1.82 ms at unroll 1
     and 2.20 fully unrolled, where autodiff at unroll 1 ran slower than both; skipped
     when its compile time, predicted from the unrolls compiled so far, would overrun the
-    budget, as for 784 pixels); each other form of the cell at the faster of those two
+    budget, as for 784 pixels); the cell's native kernels, on a CPU, where it has them
+    (:func:`native_offered`); each other form of the cell at the faster of those two
     unrolls (``unroll`` :data:`BEST`, resolved by the child: the forms' order at one unroll
     need not hold at another, as where a full unroll lets the per-step weight gradients run
     beside the recurrence; autodiff, where a hand-written form exists, at the baseline's);
@@ -380,6 +383,9 @@ def model_candidates(config: Config, pinned: frozenset[str], spec: DataSpec = ID
         if probe:  # at the baseline's unroll too, so that the unrolls compare in one form
             out.append({**base, **probe})
         out.append({**base, **probe, "unroll": 0})
+    if native_offered(config, pinned):  # its unroll and other forms: none to choose
+        out.append({**base, "backward": "native", "projection": "hoisted",
+                    "weight_grad": "product", ON: "cpu"})
     for form in forms:
         # Autodiff's fully unrolled program compiled 3x slower than the hand-written one
         # (LSTM, 28 rows: 10.9 s against 3.4 s) and ran 2.5x slower (GRU: 69.6 against 50.7
@@ -400,6 +406,18 @@ def model_candidates(config: Config, pinned: frozenset[str], spec: DataSpec = ID
     if "feed" not in pinned and config.source == "idx":
         out.append({**base, "feed": "stream" if base["feed"] == "device" else "device"})
     return out
+
+
+def native_offered(config: Config, pinned: frozenset[str]) -> bool:
+    """Whether the cell's native kernels (``rnnjax.native``: backward 'native') are timed, on
+    a CPU child: the cell has them, the run is float32, no form field is pinned (they
+    honour none), and a C++ compiler is at hand to build them (once per machine, about
+    5 s, in the child that times them first)."""
+    from rnnjax import native
+
+    cell = builtin_cell(config)
+    return (cell is not None and cell.native is not None and config.compute_dtype == "float32"
+            and not set(FORMS) & pinned and native.unavailable() is None)
 
 
 PROCESS_SETTINGS = ("xla_flags", "huge_pages", "cpus")  # Config fields: a child's ``flags``

@@ -44,7 +44,7 @@ BAD = [
     ("weight_grad_unknown", ["--weight-grad", "fast"],
      ["--weight-grad", "invalid choice: 'fast'", "'auto', 'product', 'per_step'"]),
     ("backward_unknown", ["--backward", "manual"],
-     ["--backward", "invalid choice: 'manual'", "'auto', 'hand_written', 'autodiff'"]),
+     ["--backward", "invalid choice: 'manual'", "'auto', 'hand_written', 'autodiff', 'native'"]),
     ("projection_unknown", ["--projection", "inside"],
      ["--projection", "invalid choice: 'inside'", "'auto', 'hoisted', 'in_loop'"]),
     ("compute_dtype_unknown", ["--compute-dtype", "float16"],

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rnnjax import measure, process, tune
+from rnnjax import measure, native, process, tune
 from rnnjax.cli import main
 from rnnjax.config import TUNED, Config
 from rnnjax.data.spec import DataSpec
@@ -60,6 +60,21 @@ def no_huge_pages(monkeypatch):
 @pytest.fixture
 def huge_pages_here(monkeypatch):
     monkeypatch.setattr(process, "huge_pages_unavailable", lambda env=None: None)
+
+
+NATIVE_UNAVAILABLE = native.unavailable
+
+
+@pytest.fixture(autouse=True)
+def no_native(monkeypatch):
+    """The native kernels cannot be built (no candidate for them, whatever this machine
+    has), but in the tests that say otherwise (:func:`native_here`)."""
+    monkeypatch.setattr(native, "unavailable", lambda: "not in this test")
+
+
+@pytest.fixture
+def native_here(monkeypatch):
+    monkeypatch.setattr(native, "unavailable", lambda: None)
 
 
 ONE_CPU_OFFERED = tune.one_cpu_offered
@@ -504,6 +519,37 @@ def test_a_later_childs_turns_are_put_in_the_first_childs_terms():
     means = tune.pooled(final)
     assert [m.step_s for m in means] == [pytest.approx(0.9e-3), 1e-3, 0.7e-3]
     assert tune.select(means, fields(1), "", 1e-3, flag_margin=0.5).candidate == faster
+
+
+def test_the_native_kernels_are_timed_after_the_unrolls_on_a_cpu_and_chosen_when_fastest(
+        native_here):
+    """simple_rnn's backward 'native' (rnnjax.native) is timed right after the unroll
+    probes, on a CPU child only (measure.ON), at the baseline's unroll (it has no other);
+    not for a cell without native kernels, a pinned form field, bfloat16 or where no
+    compiler is at hand; chosen where it is the fastest."""
+    native_form = {"backward": "native", "projection": "hoisted", "weight_grad": "product"}
+    config = Config()
+    candidates = tune.model_candidates(config, frozenset())
+    assert candidates[:3] == [fields(1), fields(0),
+                              {**fields(1, **native_form), measure.ON: "cpu"}]
+    assert [c for c in candidates if c["backward"] == "native"] == [candidates[2]]
+    for other, pinned in ((Config(cell="lstm"), frozenset()),
+                          (Config(cell="irnn"), frozenset()),
+                          (Config(weight_grad="per_step"), frozenset({"weight_grad"})),
+                          (Config(backward="hand_written"), frozenset({"backward"})),
+                          (Config(compute_dtype="bfloat16"), frozenset({"compute_dtype"}))):
+        assert all(c["backward"] != "native" for c in tune.model_candidates(other, pinned))
+    times = all_times()
+    times[k(1, **native_form)] = 0.7
+    result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
+    assert result.choice == fields(1, flags="", **native_form)
+
+
+def test_without_a_compiler_the_native_kernels_are_not_timed(monkeypatch):
+    monkeypatch.setattr(native, "unavailable", NATIVE_UNAVAILABLE)  # the real one
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    assert all(c["backward"] != "native" for c in tune.model_candidates(Config(), frozenset()))
 
 
 def test_each_form_is_timed_at_the_faster_unroll_then_the_fastest_at_the_middle():

@@ -1,8 +1,7 @@
 // The Elman (SimpleRNN, tanh) layer's forward and backward passes, each one XLA:CPU custom
-// call through jax.ffi, for benchmarks/native_elman.py: what a native kernel saves against
-// XLA's loops on the machine at hand. Built with -march=native and -DRNNJAX_LANES=8 or 16
-// (floats per vector: GCC's vector extensions, lowered to what the CPU has); float32,
-// row-major.
+// call through jax.ffi (rnnjax/native.py: the backward 'native'), built with -march=native
+// and -DRNNJAX_LANES=8 or 16 (floats per vector: GCC's vector extensions, lowered to what
+// the CPU has); float32, row-major.
 //
 //   forward:  hs[t] = tanh((xs[t] @ kernel + bias) + hs[t-1] @ recurrent), hs[-1] = h0
 //   backward: g = dh_last; for t = T-1 .. 0:
@@ -13,11 +12,12 @@
 // xs [T, B, F]; hs, dzs, dhs [T, B, H]; kernel [F, H]; recurrent [H, H]; bias [H];
 // h0, dh_last, dh0 [B, H]. The recurrence runs on the calling thread; the products off its
 // chain (the input projection of the steps ahead, the weight gradients of the steps
-// behind) on another thread of XLA's intra-op pool (ffi::ThreadPool) where it has one. Each
-// product accumulates over k in order with fused multiply-adds, and tanh is the rational
+// behind) on another thread of XLA's intra-op pool where it has one. Each product
+// accumulates over k in order with fused multiply-adds, and tanh is the rational
 // approximation XLA:CPU emits (clamped to +-7.905, x itself below 4e-4): the forward
 // rounded as XLA's did on the AVX-512 EPYC this was written on; the weight gradients are
-// summed in another order (the benchmark checks them against the built-in cell's).
+// summed in another order, in two parts split by the shape alone, so every call rounds
+// alike (tests/test_native.py checks them against the hand-written form's).
 
 #include <atomic>
 #include <cstdint>
@@ -27,15 +27,13 @@
 #include <thread>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "xla/ffi/api/c_api.h"  // the C API alone: ffi.h tripled the build's time
 
 #ifndef RNNJAX_LANES
 #define RNNJAX_LANES 8
 #endif
 
 namespace {
-
-namespace ffi = xla::ffi;
 
 constexpr int64_t L = RNNJAX_LANES;
 typedef float vec __attribute__((vector_size(L * sizeof(float))));
@@ -126,22 +124,23 @@ struct Product {
   int64_t ldz, rows, k_size, columns;
 };
 
-// Rows r0 .. r0+R of the product, over all its columns, in blocks of NV vectors and fewer.
-template <int R, bool Accumulate, int NV = kVectors>
-void columns(const Product& p, int64_t r0, int64_t c0) {
-  if constexpr (NV > 0) {
-    for (; p.columns - c0 >= NV * L; c0 += NV * L)
-      block<R, NV, Accumulate>(p.a, p.ai, p.ak, p.m, p.ldm, p.z, p.ldz, p.k_size, r0, c0);
-    columns<R, Accumulate, NV - 1>(p, r0, c0);
-  }
+// Rows r0 .. r0+R of the product, over all its columns: blocks of kVectors vectors, then
+// one vector at a time (few block shapes: each is a function of its own to compile).
+template <int R, bool Accumulate>
+void columns(const Product& p, int64_t r0) {
+  int64_t c = 0;
+  for (; p.columns - c >= kVectors * L; c += kVectors * L)
+    block<R, kVectors, Accumulate>(p.a, p.ai, p.ak, p.m, p.ldm, p.z, p.ldz, p.k_size, r0, c);
+  for (; c < p.columns; c += L)
+    block<R, 1, Accumulate>(p.a, p.ai, p.ak, p.m, p.ldm, p.z, p.ldz, p.k_size, r0, c);
 }
 
-template <bool Accumulate, int R = kRows>
-void product(const Product& p, int64_t r0 = 0) {
-  if constexpr (R > 0) {
-    for (; r0 + R <= p.rows; r0 += R) columns<R, Accumulate>(p, r0, 0);
-    product<Accumulate, R - 1>(p, r0);
-  }
+// All rows of the product: blocks of kRows rows, then one row at a time.
+template <bool Accumulate>
+void product(const Product& p) {
+  int64_t r = 0;
+  for (; r + kRows <= p.rows; r += kRows) columns<kRows, Accumulate>(p, r);
+  for (; r < p.rows; ++r) columns<1, Accumulate>(p, r);
 }
 
 // m [k, n] (transposed from [n, k] when asked) with its columns padded with zeros to a
@@ -184,6 +183,39 @@ void await(const Counter& counter, int64_t value) {
   }
 }
 
+// XLA's intra-op thread pool, as the call's execution context gives it.
+struct Pool {
+  const XLA_FFI_Api* api;
+  XLA_FFI_ExecutionContext* ctx;
+
+  int64_t num_threads() const {
+    int64_t n = 0;
+    XLA_FFI_ThreadPool_NumThreads_Args args{XLA_FFI_ThreadPool_NumThreads_Args_STRUCT_SIZE,
+                                            nullptr, ctx, &n};
+    if (XLA_FFI_Error* error = api->XLA_FFI_ThreadPool_NumThreads(&args)) {
+      destroy(error);
+      return 0;
+    }
+    return n;
+  }
+
+  // Whether task(data) was handed to the pool.
+  bool schedule(XLA_FFI_Task* task, void* data) const {
+    XLA_FFI_ThreadPool_Schedule_Args args{XLA_FFI_ThreadPool_Schedule_Args_STRUCT_SIZE,
+                                          nullptr, ctx, task, data};
+    if (XLA_FFI_Error* error = api->XLA_FFI_ThreadPool_Schedule(&args)) {
+      destroy(error);
+      return false;
+    }
+    return true;
+  }
+
+  void destroy(XLA_FFI_Error* error) const {
+    XLA_FFI_Error_Destroy_Args args{XLA_FFI_Error_Destroy_Args_STRUCT_SIZE, nullptr, error};
+    api->XLA_FFI_Error_Destroy(&args);
+  }
+};
+
 // A job for another thread of XLA's intra-op pool, off the recurrence's chain: the input
 // projection of the steps ahead of the forward loop, the weight gradients of the steps
 // behind the backward loop. Whichever thread claims it first runs it: the pool's other
@@ -191,15 +223,11 @@ void await(const Counter& counter, int64_t value) {
 // one thread, or one busy with another op). The same sums either way.
 class Offload {
  public:
-  Offload(ffi::ThreadPool& pool, std::function<void()> job)
+  Offload(const Pool& pool, std::function<void()> job)
       : job_(std::move(job)), shared_(std::make_shared<Shared>()) {
     if (pool.num_threads() >= 2) {
-      pool.Schedule([shared = shared_, job = &job_] {
-        if (!shared->claimed.exchange(true)) {  // job (this call's) lives until finished
-          (*job)();
-          shared->finished.value.store(1, std::memory_order_release);
-        }
-      });
+      auto* task = new Task{shared_, &job_};
+      if (!pool.schedule(&Offload::run, task)) delete task;
     }
   }
 
@@ -223,14 +251,27 @@ class Offload {
     std::atomic<bool> claimed{false};
     Counter finished;
   };
+  struct Task {
+    std::shared_ptr<Shared> shared;  // outlives the call where the pool runs the task late
+    std::function<void()>* job;      // the call's: it waits for the job once claimed
+  };
+
+  static void run(void* data) {
+    std::unique_ptr<Task> task(static_cast<Task*>(data));
+    if (!task->shared->claimed.exchange(true)) {
+      (*task->job)();
+      task->shared->finished.value.store(1, std::memory_order_release);
+    }
+  }
+
   std::function<void()> job_;
-  std::shared_ptr<Shared> shared_;  // outlives this call where the pool runs its task late
+  std::shared_ptr<Shared> shared_;
   bool ran_here_ = false;
 };
 
 // hs[t] = tanh((xs[t] @ kernel + bias) + hs[t-1] @ recurrent), hs[-1] = h0. The projected
 // steps (us, [T, B, np]) come from another thread ahead of the loop, or from this one.
-void forward(ffi::ThreadPool& pool, const float* xs, const float* kernel, const float* bias,
+void forward(const Pool& pool, const float* xs, const float* kernel, const float* bias,
              const float* recurrent, const float* h0, float* hs, int64_t time, int64_t batch,
              int64_t features, int64_t hidden) {
   const int64_t np = padded(hidden), full = hidden / L * L, size = batch * hidden;
@@ -280,7 +321,7 @@ void forward(ffi::ThreadPool& pool, const float* xs, const float* kernel, const 
 // g = dzs[t] @ recurrent^T; dh0 = g. The weight gradients (dkernel += xs[t]^T dzs[t],
 // drecurrent += hs[t-1]^T dzs[t], dbias += the rows of dzs[t]) are summed step by step
 // behind the loop, in two parts.
-void backward(ffi::ThreadPool& pool, const float* xs, const float* hs, const float* dhs,
+void backward(const Pool& pool, const float* xs, const float* hs, const float* dhs,
               const float* h0,
               const float* recurrent, const float* dh_last, float* dzs, float* dh0,
               float* dkernel, float* drecurrent, float* dbias, int64_t time, int64_t batch,
@@ -351,46 +392,101 @@ void backward(ffi::ThreadPool& pool, const float* xs, const float* hs, const flo
   std::memcpy(dbias, db, hidden * sizeof(float));
 }
 
-using F32 = ffi::Buffer<ffi::F32>;
-using Out = ffi::ResultBuffer<ffi::F32>;
+// The calls' glue, on XLA's FFI C API: each handler answers XLA's query for its API
+// version, checks its operands (float32 arrays of the ranks it reads), then runs.
 
-ffi::Error Forward(ffi::ThreadPool pool, F32 xs, F32 kernel, F32 bias, F32 recurrent, F32 h0, Out hs) {
-  const auto d = xs.dimensions();
-  forward(pool, xs.typed_data(), kernel.typed_data(), bias.typed_data(), recurrent.typed_data(),
-          h0.typed_data(), hs->typed_data(), d[0], d[1], d[2], h0.dimensions()[1]);
-  return ffi::Error::Success();
+XLA_FFI_Error* error(const XLA_FFI_Api* api, const char* message) {
+  XLA_FFI_Error_Create_Args args{XLA_FFI_Error_Create_Args_STRUCT_SIZE, nullptr, message,
+                                 XLA_FFI_Error_Code_INVALID_ARGUMENT};
+  return api->XLA_FFI_Error_Create(&args);
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, F32 xs, F32 hs, F32 h0, F32 recurrent, F32 dh_last, Out dzs, Out dh0,
-                    Out dkernel, Out drecurrent, Out dbias) {
-  const auto d = xs.dimensions();
-  backward(pool, xs.typed_data(), hs.typed_data(), nullptr, h0.typed_data(), recurrent.typed_data(),
-           dh_last.typed_data(), dzs->typed_data(), dh0->typed_data(), dkernel->typed_data(),
-           drecurrent->typed_data(), dbias->typed_data(), d[0], d[1], d[2],
-           h0.dimensions()[1]);
-  return ffi::Error::Success();
+// Null, with buffers[] the call's args then its results, where the call is to run; else
+// the version metadata XLA asked for (done), or an error (done and failed).
+struct Frame {
+  XLA_FFI_Error* status = nullptr;
+  bool run = false;
+  float* buffers[12] = {};
+  int64_t* dims[12] = {};
+};
+
+Frame open(XLA_FFI_CallFrame* call, int args, int rets, const int* ranks) {
+  Frame frame;
+  if (call->extension_start != nullptr &&
+      call->extension_start->type == XLA_FFI_Extension_Metadata) {
+    auto* metadata = reinterpret_cast<XLA_FFI_Metadata_Extension*>(call->extension_start);
+    metadata->metadata->api_version = XLA_FFI_Api_Version{
+        XLA_FFI_Api_Version_STRUCT_SIZE, nullptr, XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR};
+    metadata->metadata->traits = 0;
+    return frame;
+  }
+  if (call->stage != XLA_FFI_ExecutionStage_EXECUTE) {
+    frame.status = error(call->api, "rnnjax native Elman: called outside the execute stage");
+    return frame;
+  }
+  if (call->args.size != args || call->rets.size != rets) {
+    frame.status = error(call->api, "rnnjax native Elman: wrong number of operands");
+    return frame;
+  }
+  for (int i = 0; i < args + rets; ++i) {
+    const bool arg = i < args;
+    if (arg ? call->args.types[i] != XLA_FFI_ArgType_BUFFER
+            : call->rets.types[i - args] != XLA_FFI_RetType_BUFFER) {
+      frame.status = error(call->api, "rnnjax native Elman: operands must be arrays");
+      return frame;
+    }
+    auto* buffer = static_cast<XLA_FFI_Buffer*>(arg ? call->args.args[i]
+                                                    : call->rets.rets[i - args]);
+    if (buffer->dtype != XLA_FFI_DataType_F32 || buffer->rank != ranks[i]) {
+      frame.status = error(call->api, "rnnjax native Elman: operands must be float32 arrays "
+                                      "of the ranks it reads");
+      return frame;
+    }
+    frame.buffers[i] = static_cast<float*>(buffer->data);
+    frame.dims[i] = buffer->dims;
+  }
+  frame.run = true;
+  return frame;
 }
 
-ffi::Error BackwardWithOutputs(ffi::ThreadPool pool, F32 xs, F32 hs, F32 dhs, F32 h0, F32 recurrent, F32 dh_last,
-                               Out dzs, Out dh0, Out dkernel, Out drecurrent, Out dbias) {
-  const auto d = xs.dimensions();
-  backward(pool, xs.typed_data(), hs.typed_data(), dhs.typed_data(), h0.typed_data(),
-           recurrent.typed_data(), dh_last.typed_data(), dzs->typed_data(), dh0->typed_data(),
-           dkernel->typed_data(), drecurrent->typed_data(), dbias->typed_data(), d[0], d[1],
-           d[2], h0.dimensions()[1]);
-  return ffi::Error::Success();
+// (xs [T, B, F], kernel [F, H], bias [H], recurrent [H, H], h0 [B, H]) -> hs [T, B, H]
+XLA_FFI_Error* Forward(XLA_FFI_CallFrame* call) {
+  static constexpr int kRanks[] = {3, 2, 1, 2, 2, 3};
+  Frame f = open(call, 5, 1, kRanks);
+  if (!f.run) return f.status;
+  float* const* b = f.buffers;
+  forward(Pool{call->api, call->ctx}, b[0], b[1], b[2], b[3], b[4], b[5], f.dims[0][0],
+          f.dims[0][1], f.dims[0][2], f.dims[4][1]);
+  return nullptr;
+}
+
+// (xs, hs, h0, recurrent, dh_last) -> (dzs, dh0, dkernel, drecurrent, dbias); with dhs
+// after hs where the outputs have a gradient.
+XLA_FFI_Error* backward_call(XLA_FFI_CallFrame* call, bool outputs) {
+  static constexpr int kRanks[] = {3, 3, 2, 2, 2, 3, 2, 2, 2, 1};
+  static constexpr int kRanksWithOutputs[] = {3, 3, 3, 2, 2, 2, 3, 2, 2, 2, 1};
+  Frame f = open(call, outputs ? 6 : 5, 5, outputs ? kRanksWithOutputs : kRanks);
+  if (!f.run) return f.status;
+  float* const* b = f.buffers;
+  const int o = outputs ? 1 : 0;  // the operands after hs move one along
+  backward(Pool{call->api, call->ctx}, b[0], b[1], outputs ? b[2] : nullptr, b[2 + o],
+           b[3 + o], b[4 + o], b[5 + o], b[6 + o], b[7 + o], b[8 + o], b[9 + o],
+           f.dims[0][0], f.dims[0][1], f.dims[0][2], f.dims[2 + o][1]);
+  return nullptr;
+}
+
+XLA_FFI_Error* Backward(XLA_FFI_CallFrame* call) { return backward_call(call, false); }
+
+XLA_FFI_Error* BackwardWithOutputs(XLA_FFI_CallFrame* call) {
+  return backward_call(call, true);
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnjaxElmanForward, Forward,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
-                                  .Arg<F32>().Ret<F32>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnjaxElmanBackward, Backward,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
-                                  .Arg<F32>().Ret<F32>().Ret<F32>().Ret<F32>().Ret<F32>()
-                                  .Ret<F32>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnjaxElmanBackwardWithOutputs, BackwardWithOutputs,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
-                                  .Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>().Ret<F32>()
-                                  .Ret<F32>().Ret<F32>());
+extern "C" {
+XLA_FFI_Error* RnnjaxElmanForward(XLA_FFI_CallFrame* call) { return Forward(call); }
+XLA_FFI_Error* RnnjaxElmanBackward(XLA_FFI_CallFrame* call) { return Backward(call); }
+XLA_FFI_Error* RnnjaxElmanBackwardWithOutputs(XLA_FFI_CallFrame* call) {
+  return BackwardWithOutputs(call);
+}
+}

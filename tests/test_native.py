@@ -1,0 +1,118 @@
+"""``rnnjax.native``: simple_rnn's backward 'native', its passes as XLA:CPU custom calls
+built here with the machine's C++ compiler, trains as the hand-written form does."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks.native_elman import first_step_difference
+from rnnjax import cells, native
+from rnnjax.config import Config, ConfigError
+from rnnjax.data.pipeline import to_device
+from rnnjax.model import evaluation_model, make_model
+
+
+@pytest.fixture(scope="module")
+def device_data(mnist):
+    return to_device(mnist)
+
+
+@pytest.mark.parametrize(("hidden", "batch", "more"), [
+    (20, 7, {}),  # no whole vector of 8 or row block of 4
+    (32, 4, {"num_layers": 2}),  # the lower layer's outputs have a gradient
+    (16, 5, {"bidirectional": True, "chunks": 3}),  # reversed, in parts
+    (50, 50, {"order": "pixels"}),  # 784 steps of one pixel
+])
+def test_native_takes_the_hand_written_forms_first_step(device_data, hidden, batch, more):
+    images, labels = device_data.train_images[:batch], device_data.train_labels[:batch]
+    reference = Config(hidden_size=hidden, batch_size=batch, backward="hand_written", **more)
+    assert first_step_difference(reference.replace(backward="native"), reference, images,
+                                 labels) <= 1e-5
+
+
+def test_native_gradients_are_the_same_bits_in_every_call(device_data):
+    """The weight gradients are summed by two threads in parts fixed by the shape: which
+    thread runs which part, and when, changes no bit."""
+    config = Config(batch_size=50, backward="native")
+    model = make_model(config)
+    params = model.init(jax.random.key(0))
+    images, labels = device_data.train_images[:50], device_data.train_labels[:50]
+
+    def loss(p):
+        logits = model.apply(p, images)
+        return -jax.numpy.mean(jax.nn.log_softmax(logits)[np.arange(50), labels])
+
+    grad = jax.jit(jax.grad(loss))
+    first = jax.tree.leaves(grad(params))
+    for _ in range(20):
+        assert all(np.array_equal(a, b) for a, b in zip(first, jax.tree.leaves(grad(params)),
+                                                        strict=True))
+
+
+def test_the_form_and_its_limits():
+    assert cells.resolve_form(cells.simple_rnn(8), 50, "native") == cells.Form(
+        "native", "hoisted", "product")
+    for cell in (cells.irnn(8), cells.lstm(8), cells.gru(8)):
+        with pytest.raises(ValueError, match="no native kernels"):
+            cells.resolve_form(cell, 50, "native")
+    with pytest.raises(ConfigError, match="--cell lstm has no native kernels"):
+        make_model(Config(cell="lstm", backward="native"))
+    with pytest.raises(ConfigError, match="runs float32, not --compute-dtype bfloat16"):
+        make_model(Config(backward="native", compute_dtype="bfloat16"))
+
+
+def test_without_a_compiler_the_error_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    assert "g++" in native.unavailable()
+    with pytest.raises(ConfigError, match=r"install g\+\+ .* or choose another --backward"):
+        make_model(Config(backward="native"))
+
+
+def test_the_evaluations_run_the_hand_written_form():
+    config = Config(backward="native")
+    model = make_model(config)
+    assert evaluation_model(config, model).backward == "hand_written"
+    assert evaluation_model(config.replace(eval_unroll=0), model).unroll == 0
+
+
+def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = native.build(native.LANES)
+    assert first.parent == tmp_path / "rnnjax" / "native" and first.suffix == ".so"
+    stamp = first.stat().st_mtime_ns
+    assert native.build(native.LANES) == first and first.stat().st_mtime_ns == stamp
+    assert list(first.parent.iterdir()) == [first]  # no partial file left behind
+
+
+def test_a_failed_build_shows_the_compilers_error(monkeypatch, tmp_path):
+    bad = tmp_path / "bad.cc"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", bad)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(native.NativeError, match=r"building bad\.cc failed"):
+        native.build(native.LANES)
+    assert list((tmp_path / "cache" / "rnnjax" / "native").iterdir()) == []
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--cell", "lstm"], "--cell lstm has no native kernels (simple_rnn has)"),
+    (["--compute-dtype", "bfloat16"], "runs float32, not --compute-dtype bfloat16"),
+])
+def test_the_cli_refuses_what_native_cannot_run(flags, message, tmp_path, capsys):
+    from rnnjax.cli import main
+
+    code = main(["train", "--backward", "native", "--steps", "2", "--workdir",
+                 str(tmp_path / "run"), *flags])
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_the_cli_trains_with_native(tmp_path, capsys):
+    from rnnjax.cli import main
+
+    assert main(["train", "--backward", "native", "--steps", "3", "--eval-every", "2",
+                 "--batch-size", "8", "--workdir", str(tmp_path / "run")]) == 0
+    assert "final test accuracy" in capsys.readouterr().out
+    assert '"backward": "native"' in (tmp_path / "run" / "config.json").read_text()
