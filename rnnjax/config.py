@@ -22,9 +22,10 @@ FEEDS = ("device", "stream")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 # Forms of the same computation (rnnjax.cells.resolve_form), 'auto' the untuned rule:
-# the backward pass hand-written or autodiff of the scan; the input projection before the
-# loop or inside it; the weight gradient one product after the backward loop or
-# accumulated inside it. The same sums, equal up to rounding.
+# the backward pass hand-written, autodiff of the scan or native custom calls (simple_rnn
+# on a CPU: rnnjax.native); the input projection before the loop or inside it; the weight
+# gradient one product after the backward loop or accumulated inside it. The same sums,
+# equal up to rounding.
 BACKWARDS = ("auto", "hand_written", "autodiff", "native")
 PROJECTIONS = ("auto", "hoisted", "in_loop")
 WEIGHT_GRADS = ("auto", "product", "per_step")

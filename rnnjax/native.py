@@ -7,13 +7,13 @@ of XLA's intra-op pool. It replaces the few XLA ops each step of a loop costs, a
 products XLA runs after the loop on one thread, by one call per pass: the ``native``
 backward of ``simple_rnn`` (``rnnjax.cells.resolve_form``), which ``rnnjax tune`` times
 where a C++ compiler is at hand (in turns in one process on a 2-core AVX-512 EPYC, the
-train step against the built-in cell's fastest form: rows batch 50 1.36x, batch 1024 1.14x,
-pixels batch 50 1.11x; ``python -m benchmarks.native_elman``).
+train step against the built-in cell's fastest form: rows batch 50 1.29x, batch 1024 1.03x,
+pixels batch 50 1.15x; ``python -m benchmarks.native_elman``).
 
 The library is built the first time it is needed, with the machine's C++ compiler
 (``$CXX``, else g++ or c++) for its own CPU (``-march=native``), and kept in
 ``$XDG_CACHE_HOME/rnnjax/native/`` (else ``~/.cache/rnnjax/native/``), keyed on the source,
-the compiler, the CPU and JAX's version: about 5 s once per machine. CPU only, float32.
+the compiler, the CPU and JAX's version: about 1.5 s once per machine. CPU only, float32.
 """
 
 from __future__ import annotations

@@ -412,7 +412,7 @@ def native_offered(config: Config, pinned: frozenset[str]) -> bool:
     """Whether the cell's native kernels (``rnnjax.native``: backward 'native') are timed, on
     a CPU child: the cell has them, the run is float32, no form field is pinned (they
     honour none), and a C++ compiler is at hand to build them (once per machine, about
-    5 s, in the child that times them first)."""
+    1.5 s, in the child that times them first)."""
     from rnnjax import native
 
     cell = builtin_cell(config)
