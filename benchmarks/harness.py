@@ -78,8 +78,9 @@ def time_compiled(
     return {"compile_s": compile_s, "first_call_s": first_call_s, "median_s": median_s}
 
 
-def interleaved(runners: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    """Median seconds per call of each runner, timed in turns (one call each per round).
+def in_turns(runners: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each call of each runner, timed in turns (one call each per round, after
+    one burn-in call each).
 
     Turns spread any drift of the machine (other load, clocks) over every peer alike.
     """
@@ -91,7 +92,13 @@ def interleaved(runners: dict[str, Callable[[], Any]], rounds: int) -> dict[str,
             start = time.perf_counter()
             jax.block_until_ready(run())
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def interleaved(runners: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each runner, timed in turns (:func:`in_turns`)."""
+    return {name: statistics.median(values)
+            for name, values in in_turns(runners, rounds).items()}
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:

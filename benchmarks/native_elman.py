@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from benchmarks.flax_peers import compiled_runner, rnnjax_program, steps_per_call
-from benchmarks.harness import environment, write_results
+from benchmarks.harness import environment, in_turns, write_results
 from rnnjax import cells, measure, native, train, tune
 from rnnjax.config import Config
 from rnnjax.data.pipeline import batch_indices, to_device
@@ -123,17 +123,9 @@ def time_case(device_data: Any, order: str, batch: int, rounds: int, built: dict
         run, compile_s = compiled_runner(*rnnjax_program(device_data, idx, config))
         runners[name] = run
         row[f"{name} compile s"] = compile_s + built.get(config.cell, 0.0)
-    samples: dict[str, list[float]] = {name: [] for name in runners}
-    for run in runners.values():  # burn-in
-        jax.block_until_ready(run())
-    for _ in range(rounds):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            jax.block_until_ready(run())
-            samples[name].append((time.perf_counter() - start) / steps)
-    for name, values in samples.items():
-        row[f"{name} ms"] = statistics.median(values) * 1e3
-        row[f"{name} best ms"] = min(values) * 1e3
+    for name, values in in_turns(runners, rounds).items():
+        row[f"{name} ms"] = statistics.median(values) / steps * 1e3
+        row[f"{name} best ms"] = min(values) / steps * 1e3
     xla = min(row[f"{name} ms"] for name in runs if not name.startswith("native"))
     for lanes in LANES:
         row[f"native, {lanes} lanes speed-up"] = xla / row[f"native, {lanes} lanes ms"]

@@ -84,16 +84,18 @@ def _key(lanes: int) -> str:
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "rnnjax" / "native"
+    """``native/`` beside the compilation cache's default directory (``rnnjax.runtime``)."""
+    from rnnjax import runtime
+
+    return Path(runtime.compile_cache_dir("auto")).parent / "native"
 
 
-def build(lanes: int = LANES, directory: Path | None = None) -> Path:
+def build(lanes: int = LANES) -> Path:
     """The library built for ``lanes`` floats per vector: from the cache when there, else
     compiled into it (a temporary file renamed into place, so that processes building at
     once each find a whole file); into a temporary directory where the cache cannot be
-    written (``directory`` instead of the cache, when given)."""
-    target = (directory or cache_dir()) / f"native_elman_{lanes}_{_key(lanes)}.so"
+    written."""
+    target = cache_dir() / f"native_elman_{lanes}_{_key(lanes)}.so"
     if target.exists():
         return target
     try:

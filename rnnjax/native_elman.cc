@@ -41,9 +41,7 @@ typedef float vec __attribute__((vector_size(L * sizeof(float))));
 // Rows and vectors of one block of a product's accumulators, held in registers: 4 x 7 of 8
 // lanes (or 4 x 4 of 16) where there are 32 vector registers (AVX-512), 2 x 7 of 8 where
 // there are 16 (AVX2).
-#if defined(RNNJAX_ROWS)
-constexpr int kRows = RNNJAX_ROWS;
-#elif defined(__AVX512F__)
+#if defined(__AVX512F__)
 constexpr int kRows = 4;
 #else
 constexpr int kRows = 2;
