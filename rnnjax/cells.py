@@ -22,8 +22,8 @@ A :class:`Cell` is a handful of pure functions, no state:
   ones its ``sequence`` honours in ``Cell.options``, and ``Cell.backward`` says whether
   ``sequence`` ('hand_written') or autodiff of the scan ('autodiff') is its default;
 * optional ``native(params, xs, carry) -> (carry, ys)``: the same as ``sequence`` with
-  native XLA:CPU custom calls for its passes (``rnnjax.native``: ``simple_rnn``), the
-  backward 'native';
+  native XLA:CPU custom calls for its passes (``rnnjax.native``: ``simple_rnn``, ``lstm``,
+  ``gru``), the backward 'native';
 * optional ``last_output(carry) -> y``: the last step's output ``y_T [B, H]`` read from the
   final carry. A model that only needs ``y_T`` then leaves ``ys`` unused, and XLA drops
   storing it (an evaluation pass writes no ``[T, B, H]`` array).
@@ -123,8 +123,8 @@ def resolve_form(cell: Cell, batch: int, backward: str = "auto", projection: str
             raise ValueError(f"{name} {value!r}; choose one of {', '.join(choices)}")
     if backward == "native":
         if cell.native is None:
-            raise ValueError("backward 'native': this cell has no native kernels (simple_rnn "
-                             "has); choose hand_written, autodiff or auto")
+            raise ValueError("backward 'native': this cell has no native kernels (simple_rnn, "
+                             "lstm and gru have); choose hand_written, autodiff or auto")
         return Form("native", "hoisted", "product")
     if cell.sequence is None:
         backward = "autodiff"
@@ -525,21 +525,40 @@ def _elman(hidden: int, activation: str, recurrent_init: Callable) -> Cell:
                 native=elman_native() if activation == "tanh" else None)
 
 
-def elman_native(lanes: int | None = None) -> Callable[..., tuple[Carry, jax.Array]]:
-    """``simple_rnn``'s ``native(params, xs [T, B, F], h0 [B, H]) -> (h_T, hs [T, B, H])``:
-    its layer as ``rnnjax.native``'s two custom calls, built for ``lanes`` floats per vector
-    (None: ``rnnjax.native.LANES``). float32 only."""
-    def native(params: Params, xs: jax.Array, h0: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _native(layer: str, weights: tuple[str, ...], lanes: int | None
+            ) -> Callable[..., tuple[Carry, jax.Array]]:
+    """A cell's ``native(params, xs [T, B, F], carry) -> (carry, hs [T, B, H])``: the layer
+    ``rnnjax.native.<layer>`` (``layer(xs, *(params[w] for w in weights), *carry) ->
+    (hs, *carry)``, the carry h or (h, c)), built for ``lanes`` floats per vector (None:
+    ``rnnjax.native.LANES``). float32 only."""
+    def native(params: Params, xs: jax.Array, carry: Carry) -> tuple[Carry, jax.Array]:
         from rnnjax import native as kernels
 
         if xs.dtype != jnp.float32:
             raise ValueError(f"backward 'native' runs float32, not {xs.dtype}: drop "
                              "--compute-dtype or choose another --backward")
-        layer = kernels.elman_layer(kernels.LANES if lanes is None else lanes)
-        hs, h_last = layer(xs, params["kernel"], params["recurrent_kernel"], params["bias"], h0)
-        return h_last, hs
+        make = getattr(kernels, layer)
+        pair = isinstance(carry, tuple)
+        hs, *last = make(kernels.LANES if lanes is None else lanes)(
+            xs, *(params[name] for name in weights), *(carry if pair else (carry,)))
+        return (tuple(last) if pair else last[0]), hs
 
     return native
+
+
+def elman_native(lanes: int | None = None) -> Callable[..., tuple[Carry, jax.Array]]:
+    """``simple_rnn``'s ``native``: ``rnnjax.native.elman_layer`` (:func:`_native`)."""
+    return _native("elman_layer", ("kernel", "recurrent_kernel", "bias"), lanes)
+
+
+def gru_native(lanes: int | None = None) -> Callable[..., tuple[Carry, jax.Array]]:
+    """``gru``'s ``native``: ``rnnjax.native.gru_layer`` (:func:`_native`)."""
+    return _native("gru_layer", ("kernel", "bias", "recurrent_kernel", "recurrent_bias"), lanes)
+
+
+def lstm_native(lanes: int | None = None) -> Callable[..., tuple[Carry, jax.Array]]:
+    """``lstm``'s ``native``: ``rnnjax.native.lstm_layer`` (:func:`_native`)."""
+    return _native("lstm_layer", ("kernel", "recurrent_kernel", "bias"), lanes)
 
 
 @functools.cache
@@ -734,7 +753,8 @@ def lstm(hidden: int) -> Cell:
         return (h_last, c_last), hs
 
     return Cell(_gated_init(hidden, 4, bias), step, initial_carry, hidden, _dense_projection,
-                sequence, last_output=_first, options=("weight_grad", "projection"))
+                sequence, last_output=_first, options=("weight_grad", "projection"),
+                native=lstm_native())
 
 
 # The GRU recurrence has a hand-written backward pass too, built as the LSTM's: the forward
@@ -903,7 +923,7 @@ def gru(hidden: int, backward: str = "autodiff") -> Cell:
 
     return Cell(init, step, _zeros_carry(hidden), hidden, _dense_projection, sequence,
                 last_output=_identity_output, backward=backward,
-                options=("weight_grad", "projection"))
+                options=("weight_grad", "projection"), native=gru_native())
 
 
 CELLS: dict[str, Callable[[int], Cell]] = {

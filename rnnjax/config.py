@@ -22,10 +22,10 @@ FEEDS = ("device", "stream")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 # Forms of the same computation (rnnjax.cells.resolve_form), 'auto' the untuned rule:
-# the backward pass hand-written, autodiff of the scan or native custom calls (simple_rnn
-# on a CPU: rnnjax.native); the input projection before the loop or inside it; the weight
-# gradient one product after the backward loop or accumulated inside it. The same sums,
-# equal up to rounding.
+# the backward pass hand-written, autodiff of the scan or native custom calls (simple_rnn,
+# lstm and gru on a CPU: rnnjax.native); the input projection before the loop or inside
+# it; the weight gradient one product after the backward loop or accumulated inside it.
+# The same sums, equal up to rounding.
 BACKWARDS = ("auto", "hand_written", "autodiff", "native")
 PROJECTIONS = ("auto", "hoisted", "in_loop")
 WEIGHT_GRADS = ("auto", "product", "per_step")
@@ -80,8 +80,9 @@ class Config:
         default="auto",
         metadata={"help": "backward pass: the cell's hand-written one or autodiff of the scan "
                   "('auto': the cell's default; hand-written for simple_rnn, irnn, lstm); "
-                  "native: simple_rnn's forward and backward passes as native XLA:CPU "
-                  "calls (CPU, float32; built once with the machine's C++ compiler); "
+                  "native: the forward and backward passes as native XLA:CPU calls "
+                  "(simple_rnn, lstm, gru; CPU, float32; built once with the machine's C++ "
+                  "compiler); "
                   "tuned unless given",
                   "choices": BACKWARDS},
     )

@@ -1,19 +1,21 @@
-"""The Elman (tanh) layer's forward and backward passes as native XLA:CPU custom calls.
+"""Recurrent layers' forward and backward passes as native XLA:CPU custom calls.
 
-``native_elman.cc`` (beside this file) holds both passes, each one call through
-``jax.ffi``: the recurrence on the calling thread, the products off its chain (the input
-projection of the steps ahead, the weight gradients of the steps behind) on another thread
-of XLA's intra-op pool. It replaces the few XLA ops each step of a loop costs, and the
-products XLA runs after the loop on one thread, by one call per pass: the ``native``
-backward of ``simple_rnn`` (``rnnjax.cells.resolve_form``), which ``rnnjax tune`` times
+``native_elman.cc`` and ``native_gru.cc`` (beside this file, sharing ``native_common.h``)
+hold the Elman (tanh) and GRU layers' passes, each one call through ``jax.ffi``: the
+recurrence on the calling thread, the products off its chain (the input projection of the
+steps ahead, the weight gradients of the steps behind) on another thread of XLA's intra-op
+pool. It replaces the few XLA ops each step of a loop costs, and the products XLA runs
+after the loop on one thread, by one call per pass: the ``native`` backward of
+``simple_rnn`` and ``gru`` (``rnnjax.cells.resolve_form``), which ``rnnjax tune`` times
 where a C++ compiler is at hand (in turns in one process on a 2-core AVX-512 EPYC, the
-train step against the built-in cell's fastest form: rows batch 50 1.29x, batch 1024 1.03x,
-pixels batch 50 1.15x; ``python -m benchmarks.native_elman``).
+train step against the built-in cell's fastest form, simple_rnn: rows batch 50 1.29x,
+batch 1024 1.03x, pixels batch 50 1.15x; ``python -m benchmarks.native_elman``).
 
 The library is built the first time it is needed, with the machine's C++ compiler
 (``$CXX``, else g++ or c++) for its own CPU (``-march=native``), and kept in
-``$XDG_CACHE_HOME/rnnjax/native/`` (else ``~/.cache/rnnjax/native/``), keyed on the source,
-the compiler, the CPU and JAX's version: about 1.5 s once per machine. CPU only, float32.
+``$XDG_CACHE_HOME/rnnjax/native/`` (else ``~/.cache/rnnjax/native/``), keyed on the
+sources, the compiler, the CPU and JAX's version: about 2 s once per machine. CPU only,
+float32.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -30,12 +33,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 from rnnjax.config import ConfigError
 
-SOURCE = Path(__file__).with_name("native_elman.cc")
+SOURCES = tuple(Path(__file__).with_name(f"native_{cell}.cc") for cell in ("elman", "gru", "lstm"))
+HEADER = Path(__file__).with_name("native_common.h")
 LANES = 8  # floats per vector of the build the cells use (benchmarks.native_elman: 8 and 16)
-SYMBOLS = ("RnnjaxElmanForward", "RnnjaxElmanBackward", "RnnjaxElmanBackwardWithOutputs")
+CELLS = ("Elman", "Gru", "Lstm")
+SYMBOLS = tuple(f"Rnnjax{cell}{call}" for cell in CELLS
+                for call in ("Forward", "Backward", "BackwardWithOutputs"))
 
 
 class NativeError(ConfigError):
@@ -72,14 +79,38 @@ def _cpu() -> str:
     return "\n".join(dict.fromkeys(wanted))
 
 
-def build_command(lanes: int, out: Path) -> list[str]:
-    return [compiler(), "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
-            f"-DRNNJAX_LANES={lanes}", "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(out)]
+def compile_command(lanes: int, source: Path, out: Path) -> list[str]:
+    """The compiler's command line for one source's object file."""
+    return [compiler(), "-O3", "-march=native", "-std=c++17", "-fPIC", "-c",
+            f"-DRNNJAX_LANES={lanes}", "-I", jax.ffi.include_dir(), str(source), "-o", str(out)]
+
+
+def _compile(lanes: int, out: Path) -> None:
+    """Compile :data:`SOURCES` (one compiler process each, at once) and link them into the
+    shared library ``out``; :class:`NativeError` with the compiler's output where that
+    fails."""
+    with tempfile.TemporaryDirectory(prefix="rnnjax-native-") as work:
+        objects = [Path(work) / f"{source.stem}.o" for source in SOURCES]
+        commands = [compile_command(lanes, source, obj) for source, obj in zip(SOURCES, objects,
+                                                                                strict=True)]
+        running = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True) for command in commands]
+        steps = [(command, *process.communicate(), process.returncode)
+                 for command, process in zip(commands, running, strict=True)]
+        link = [compiler(), "-shared", *map(str, objects), "-o", str(out)]
+        if all(code == 0 for *_, code in steps):
+            done = subprocess.run(link, capture_output=True, text=True)
+            steps.append((link, done.stdout, done.stderr, done.returncode))
+        for command, _, stderr, code in steps:
+            if code != 0:
+                raise NativeError(f"building the native kernels failed ({' '.join(command)}):"
+                                  f"\n{stderr[-2000:]}")
 
 
 def _key(lanes: int) -> str:
     version = subprocess.run([compiler(), "--version"], capture_output=True, text=True).stdout
-    parts = (SOURCE.read_bytes().hex(), version, _cpu(), jax.__version__, str(lanes))
+    sources = [path.read_bytes().hex() for path in (*SOURCES, HEADER)]
+    parts = (*sources, version, _cpu(), jax.__version__, str(lanes))
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
 
 
@@ -95,7 +126,7 @@ def build(lanes: int = LANES) -> Path:
     compiled into it (a temporary file renamed into place, so that processes building at
     once each find a whole file); into a temporary directory where the cache cannot be
     written."""
-    target = cache_dir() / f"native_elman_{lanes}_{_key(lanes)}.so"
+    target = cache_dir() / f"native_{lanes}_{_key(lanes)}.so"
     if target.exists():
         return target
     try:
@@ -105,20 +136,19 @@ def build(lanes: int = LANES) -> Path:
         target = Path(tempfile.mkdtemp(prefix="rnnjax-native-")) / target.name
         handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(handle)
-    command = build_command(lanes, Path(partial))
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
+    try:
+        _compile(lanes, Path(partial))
+    except NativeError:
         Path(partial).unlink(missing_ok=True)
-        raise NativeError(f"building {SOURCE.name} failed ({' '.join(command)}):\n"
-                          f"{done.stderr[-2000:]}")
+        raise
     os.replace(partial, target)
     return target
 
 
 def targets(lanes: int = LANES) -> dict[str, str]:
     """The custom-call target names of the build for ``lanes``, by symbol."""
-    return {symbol: f"rnnjax_elman_{symbol.removeprefix('RnnjaxElman').lower()}_{lanes}"
-            for symbol in SYMBOLS}
+    return {symbol: "rnnjax" + re.sub("([A-Z])", r"_\1", symbol.removeprefix("Rnnjax")).lower()
+            + f"_{lanes}" for symbol in SYMBOLS}
 
 
 @functools.cache
@@ -134,6 +164,30 @@ def register(lanes: int = LANES) -> None:
                                     platform="cpu")
 
 
+def _padded(x: jax.Array, gates: int, lanes: int) -> jax.Array:
+    """[..., gates * H] -> [..., gates * H'], each gate's block padded with zeros to H' (H
+    rounded up to a multiple of ``lanes``), as the kernels lay out their gates."""
+    hidden = x.shape[-1] // gates
+    blocks = x.reshape(*x.shape[:-1], gates, hidden)
+    blocks = jnp.pad(blocks, [(0, 0)] * (x.ndim - 1) + [(0, 0), (0, -hidden % lanes)])
+    return blocks.reshape(*x.shape[:-1], -1)
+
+
+def _like(*arrays: jax.Array) -> tuple[jax.ShapeDtypeStruct, ...]:
+    return tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays)
+
+
+def _backward(names: dict[str, str], cell: str, shapes: tuple, xs: jax.Array, hs: jax.Array,
+              dhs: jax.Array | None, *rest: jax.Array) -> tuple[jax.Array, ...]:
+    """The cell's backward call: ``(xs, hs, *rest) -> shapes``, with dhs after hs where the
+    outputs have a gradient (else the classifier reads only h_T: no [T, B, H] of zeros to
+    read)."""
+    if dhs is None:
+        return jax.ffi.ffi_call(names[f"Rnnjax{cell}Backward"], shapes)(xs, hs, *rest)
+    return jax.ffi.ffi_call(names[f"Rnnjax{cell}BackwardWithOutputs"], shapes)(xs, hs, dhs,
+                                                                                *rest)
+
+
 @functools.cache
 def elman_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """``layer(xs [T, B, F], kernel [F, H], recurrent [H, H], bias [H], h0 [B, H]) ->
@@ -144,9 +198,6 @@ def elman_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array]
     from rnnjax import cells
 
     names = targets(lanes)
-
-    def like(*arrays: jax.Array) -> tuple[jax.ShapeDtypeStruct, ...]:
-        return tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays)
 
     def forward(xs, kernel, recurrent, bias, h0):
         register(lanes)
@@ -167,15 +218,105 @@ def elman_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array]
     def layer_bwd(residuals, cotangents):
         xs, hs, kernel, recurrent, bias, h0 = residuals
         dhs, dh_last = cells._dense(cotangents[0]), cells._dense(cotangents[1], h0)
-        shapes = like(hs, h0, kernel, recurrent, bias)
-        if dhs is None:  # the classifier reads only h_T: no [T, B, H] of zeros to read
-            dzs, dh0, dkernel, drecurrent, dbias = jax.ffi.ffi_call(
-                names["RnnjaxElmanBackward"], shapes)(xs, hs, h0, recurrent, dh_last)
-        else:
-            dzs, dh0, dkernel, drecurrent, dbias = jax.ffi.ffi_call(
-                names["RnnjaxElmanBackwardWithOutputs"], shapes)(xs, hs, dhs, h0, recurrent,
-                                                                 dh_last)
+        dzs, dh0, dkernel, drecurrent, dbias = _backward(
+            names, "Elman", _like(hs, h0, kernel, recurrent, bias), xs, hs, dhs, h0,
+            recurrent, dh_last)
         return dzs @ kernel.T, dkernel, drecurrent, dbias, dh0
+
+    layer.defvjp(layer_fwd, layer_bwd, symbolic_zeros=True)
+    return layer
+
+
+@functools.cache
+def gru_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """``layer(xs [T, B, F], kernel [F, 3H], bias [3H], recurrent [H, 3H],
+    recurrent_bias [3H], h0 [B, H]) -> (hs [T, B, H], h_T [B, H])``, float32:
+    ``rnnjax.cells.gru_layer`` as one call of the forward pass and one of the backward
+    (``dxs = dus @ kernel^T`` stays XLA's). Between them the gates [T, B, 4 H'] and du
+    [T, B, 3 H'] are kept with each gate's block padded to whole vectors (H' = H rounded up
+    to a multiple of ``lanes``). Registers the kernels (:func:`register`) when first
+    traced."""
+    from rnnjax import cells
+
+    names = targets(lanes)
+
+    def forward(xs, kernel, bias, recurrent, recurrent_bias, h0):
+        register(lanes)
+        hs = jax.ShapeDtypeStruct((*xs.shape[:2], h0.shape[-1]), xs.dtype)
+        gates = jax.ShapeDtypeStruct((*xs.shape[:2], 4 * _padded(bias, 3, lanes).shape[-1] // 3),
+                                     xs.dtype)
+        return jax.ffi.ffi_call(names["RnnjaxGruForward"], (hs, gates))(
+            xs, kernel, bias, recurrent, recurrent_bias, h0)
+
+    @jax.custom_vjp
+    def layer(xs, kernel, bias, recurrent, recurrent_bias, h0):
+        hs, _ = forward(xs, kernel, bias, recurrent, recurrent_bias, h0)
+        return hs, hs[-1]
+
+    def layer_fwd(xs, kernel, bias, recurrent, recurrent_bias, h0):
+        xs, kernel, bias, recurrent, recurrent_bias, h0 = cells._values(
+            xs, kernel, bias, recurrent, recurrent_bias, h0)
+        hs, gates = forward(xs, kernel, bias, recurrent, recurrent_bias, h0)
+        return (hs, hs[-1]), (xs, hs, gates, kernel, recurrent, h0)
+
+    def layer_bwd(residuals, cotangents):
+        xs, hs, gates, kernel, recurrent, h0 = residuals
+        dhs, dh_last = cells._dense(cotangents[0]), cells._dense(cotangents[1], h0)
+        padded_kernel = _padded(kernel, 3, lanes)
+        bias = jax.ShapeDtypeStruct(kernel.shape[1:], xs.dtype)
+        dus, dh0, dkernel, dbias, drecurrent, drecurrent_bias = _backward(
+            names, "Gru", (jax.ShapeDtypeStruct((*xs.shape[:2], padded_kernel.shape[1]),
+                                                xs.dtype), *_like(h0, kernel), bias,
+                           *_like(recurrent), bias),
+            xs, hs, dhs, h0, gates, recurrent, dh_last)
+        return dus @ padded_kernel.T, dkernel, dbias, drecurrent, drecurrent_bias, dh0
+
+    layer.defvjp(layer_fwd, layer_bwd, symbolic_zeros=True)
+    return layer
+
+
+@functools.cache
+def lstm_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array, jax.Array]]:
+    """``layer(xs [T, B, F], kernel [F, 4H], recurrent [H, 4H], bias [4H], h0 [B, H],
+    c0 [B, H]) -> (hs [T, B, H], h_T, c_T [B, H])``, float32: ``rnnjax.cells.lstm_layer``
+    as one call of the forward pass and one of the backward (``dxs = dzs @ kernel^T`` stays
+    XLA's). Between them the gates with c_t and tanh(c_t) ([T, B, 6 H']) and dz
+    ([T, B, 4 H']) are kept with each block padded to whole vectors (H' = H rounded up to a
+    multiple of ``lanes``). Registers the kernels (:func:`register`) when first traced."""
+    from rnnjax import cells
+
+    names = targets(lanes)
+
+    def forward(xs, kernel, recurrent, bias, h0, c0):
+        register(lanes)
+        hidden = h0.shape[-1]
+        hs = jax.ShapeDtypeStruct((*xs.shape[:2], hidden), xs.dtype)
+        gates = jax.ShapeDtypeStruct((*xs.shape[:2], 6 * _padded(h0, 1, lanes).shape[-1]),
+                                     xs.dtype)
+        hs, gates = jax.ffi.ffi_call(names["RnnjaxLstmForward"], (hs, gates))(
+            xs, kernel, bias, recurrent, h0, c0)
+        start = 4 * gates.shape[-1] // 6  # c_T: block 4 of the last step's gates
+        return hs, hs[-1], gates[-1, :, start : start + hidden], gates
+
+    @jax.custom_vjp
+    def layer(xs, kernel, recurrent, bias, h0, c0):
+        return forward(xs, kernel, recurrent, bias, h0, c0)[:3]
+
+    def layer_fwd(xs, kernel, recurrent, bias, h0, c0):
+        xs, kernel, recurrent, bias, h0, c0 = cells._values(xs, kernel, recurrent, bias, h0, c0)
+        hs, h_last, c_last, gates = forward(xs, kernel, recurrent, bias, h0, c0)
+        return (hs, h_last, c_last), (xs, hs, gates, kernel, recurrent, h0, c0)
+
+    def layer_bwd(residuals, cotangents):
+        xs, hs, gates, kernel, recurrent, h0, c0 = residuals
+        dhs = cells._dense(cotangents[0])
+        dh_last, dc_last = cells._dense(cotangents[1], h0), cells._dense(cotangents[2], h0)
+        padded_kernel = _padded(kernel, 4, lanes)
+        dzs = jax.ShapeDtypeStruct((*xs.shape[:2], padded_kernel.shape[1]), xs.dtype)
+        dzs, dh0, dc0, dkernel, drecurrent, dbias = _backward(
+            names, "Lstm", (dzs, *_like(h0, c0, kernel, recurrent, kernel[0])),
+            xs, hs, dhs, h0, c0, gates, recurrent, dh_last, dc_last)
+        return dzs @ padded_kernel.T, dkernel, drecurrent, dbias, dh0, dc0
 
     layer.defvjp(layer_fwd, layer_bwd, symbolic_zeros=True)
     return layer

@@ -2,8 +2,8 @@
 
 What is chosen (the :data:`TUNED` Config fields): the scan's ``unroll`` (1, a middle factor,
 full), the form of the cell's computation (``backward`` hand-written, autodiff or, for
-``simple_rnn`` on a CPU, native (``rnnjax.native``), ``projection`` of the inputs before
-the loop or inside it, ``weight_grad`` one product or per step:
+``simple_rnn``, ``lstm`` and ``gru`` on a CPU, native (``rnnjax.native``), ``projection`` of
+the inputs before the loop or inside it, ``weight_grad`` one product or per step:
 ``rnnjax.cells.resolve_form``), the ``chunks`` the sequence is scanned in
 (``rnnjax.cells.scan_cell``), the ``feed`` (the device-resident dataset with
 ``steps_per_call`` steps per compiled call, or one step per call streamed from NumPy) and
@@ -72,7 +72,8 @@ from rnnjax.measure import (
     for_backend,  # the candidates a child on a backend times
 )
 
-TUNER_VERSION = 19  # 19: simple_rnn's native kernels; 18: the second process's timings
+TUNER_VERSION = 20  # 20: lstm's and gru's native kernels, each batch in parts on the
+# pool's threads; 19: simple_rnn's native kernels; 18: the second process's timings
 # in the first's terms; 17: the evaluations' unroll; 16: XLA flag sets timed in the first
 # child's process; 15: batches read step by step gathered so; 14: longer calls in turns,
 # autodiff loops 1.1-1.3x faster; 13: cpus; 12: huge pages; 11: chunks; 10: finalists in a
@@ -412,7 +413,7 @@ def native_offered(config: Config, pinned: frozenset[str]) -> bool:
     """Whether the cell's native kernels (``rnnjax.native``: backward 'native') are timed, on
     a CPU child: the cell has them, the run is float32, no form field is pinned (they
     honour none), and a C++ compiler is at hand to build them (once per machine, about
-    1.5 s, in the child that times them first)."""
+    2 s, in the child that times them first)."""
     from rnnjax import native
 
     cell = builtin_cell(config)

@@ -1,5 +1,6 @@
-"""``rnnjax.native``: simple_rnn's backward 'native', its passes as XLA:CPU custom calls
-built here with the machine's C++ compiler, trains as the hand-written form does."""
+"""``rnnjax.native``: the backward 'native' of simple_rnn, lstm and gru, their passes as
+XLA:CPU custom calls built here with the machine's C++ compiler, trains as the hand-written
+form does."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks.native_elman import first_step_difference
+from benchmarks.native_kernels import first_step_difference
 from rnnjax import cells, native
 from rnnjax.config import Config, ConfigError
 from rnnjax.data.pipeline import to_device
@@ -19,23 +20,30 @@ def device_data(mnist):
     return to_device(mnist)
 
 
+NATIVE_CELLS = ("simple_rnn", "lstm", "gru")
+
+
+@pytest.mark.parametrize("cell", NATIVE_CELLS)
 @pytest.mark.parametrize(("hidden", "batch", "more"), [
-    (20, 7, {}),  # no whole vector of 8 or row block of 4
+    (20, 7, {}),  # no whole vector of 8, one part (fewer than two row blocks of 4)
     (32, 4, {"num_layers": 2}),  # the lower layer's outputs have a gradient
-    (16, 5, {"bidirectional": True, "chunks": 3}),  # reversed, in parts
+    (16, 9, {"bidirectional": True, "chunks": 3}),  # reversed, in chunks; parts of 4 and 5
     (50, 50, {"order": "pixels"}),  # 784 steps of one pixel
 ])
-def test_native_takes_the_hand_written_forms_first_step(device_data, hidden, batch, more):
+def test_native_takes_the_hand_written_forms_first_step(device_data, cell, hidden, batch,
+                                                        more):
     images, labels = device_data.train_images[:batch], device_data.train_labels[:batch]
-    reference = Config(hidden_size=hidden, batch_size=batch, backward="hand_written", **more)
+    reference = Config(cell=cell, hidden_size=hidden, batch_size=batch,
+                       backward="hand_written", **more)
     assert first_step_difference(reference.replace(backward="native"), reference, images,
                                  labels) <= 1e-5
 
 
-def test_native_gradients_are_the_same_bits_in_every_call(device_data):
-    """The weight gradients are summed by two threads in parts fixed by the shape: which
-    thread runs which part, and when, changes no bit."""
-    config = Config(batch_size=50, backward="native")
+@pytest.mark.parametrize("cell", NATIVE_CELLS)
+def test_native_gradients_are_the_same_bits_in_every_call(device_data, cell):
+    """Each part of the batch sums its own weight gradients, and the parts' sums are added
+    in their order: which thread runs which part, and when, changes no bit."""
+    config = Config(cell=cell, batch_size=50, backward="native")
     model = make_model(config)
     params = model.init(jax.random.key(0))
     images, labels = device_data.train_images[:50], device_data.train_labels[:50]
@@ -52,13 +60,13 @@ def test_native_gradients_are_the_same_bits_in_every_call(device_data):
 
 
 def test_the_form_and_its_limits():
-    assert cells.resolve_form(cells.simple_rnn(8), 50, "native") == cells.Form(
-        "native", "hoisted", "product")
-    for cell in (cells.irnn(8), cells.lstm(8), cells.gru(8)):
-        with pytest.raises(ValueError, match="no native kernels"):
-            cells.resolve_form(cell, 50, "native")
-    with pytest.raises(ConfigError, match="--cell lstm has no native kernels"):
-        make_model(Config(cell="lstm", backward="native"))
+    for cell in (cells.simple_rnn(8), cells.lstm(8), cells.gru(8)):
+        assert cells.resolve_form(cell, 50, "native") == cells.Form("native", "hoisted",
+                                                                    "product")
+    with pytest.raises(ValueError, match="no native kernels"):
+        cells.resolve_form(cells.irnn(8), 50, "native")
+    with pytest.raises(ConfigError, match="--cell irnn has no native kernels"):
+        make_model(Config(cell="irnn", backward="native"))
     with pytest.raises(ConfigError, match="runs float32, not --compute-dtype bfloat16"):
         make_model(Config(backward="native", compute_dtype="bfloat16"))
 
@@ -90,15 +98,16 @@ def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
 def test_a_failed_build_shows_the_compilers_error(monkeypatch, tmp_path):
     bad = tmp_path / "bad.cc"
     bad.write_text("this is not C++\n")
-    monkeypatch.setattr(native, "SOURCE", bad)
+    monkeypatch.setattr(native, "SOURCES", (bad,))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    with pytest.raises(native.NativeError, match=r"building bad\.cc failed"):
+    with pytest.raises(native.NativeError, match=r"building the native kernels failed"
+                                                 r"(.|\n)*bad\.cc"):
         native.build(native.LANES)
     assert list((tmp_path / "cache" / "rnnjax" / "native").iterdir()) == []
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--cell", "lstm"], "--cell lstm has no native kernels (simple_rnn has)"),
+    (["--cell", "irnn"], "--cell irnn has no native kernels (simple_rnn, lstm and gru have)"),
     (["--compute-dtype", "bfloat16"], "runs float32, not --compute-dtype bfloat16"),
 ])
 def test_the_cli_refuses_what_native_cannot_run(flags, message, tmp_path, capsys):
@@ -109,10 +118,12 @@ def test_the_cli_refuses_what_native_cannot_run(flags, message, tmp_path, capsys
     assert code == 2 and message in capsys.readouterr().err
 
 
-def test_the_cli_trains_with_native(tmp_path, capsys):
+@pytest.mark.parametrize("cell", NATIVE_CELLS)
+def test_the_cli_trains_with_native(tmp_path, capsys, cell):
     from rnnjax.cli import main
 
-    assert main(["train", "--backward", "native", "--steps", "3", "--eval-every", "2",
-                 "--batch-size", "8", "--workdir", str(tmp_path / "run")]) == 0
+    assert main(["train", "--backward", "native", "--cell", cell, "--steps", "3",
+                 "--eval-every", "2", "--batch-size", "8", "--workdir",
+                 str(tmp_path / "run")]) == 0
     assert "final test accuracy" in capsys.readouterr().out
     assert '"backward": "native"' in (tmp_path / "run" / "config.json").read_text()

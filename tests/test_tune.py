@@ -523,18 +523,20 @@ def test_a_later_childs_turns_are_put_in_the_first_childs_terms():
 
 def test_the_native_kernels_are_timed_after_the_unrolls_on_a_cpu_and_chosen_when_fastest(
         native_here):
-    """simple_rnn's backward 'native' (rnnjax.native) is timed right after the unroll
-    probes, on a CPU child only (measure.ON), at the baseline's unroll (it has no other);
-    not for a cell without native kernels, a pinned form field, bfloat16 or where no
-    compiler is at hand; chosen where it is the fastest."""
+    """The backward 'native' (rnnjax.native) of simple_rnn, lstm and gru is timed right
+    after the unroll probes, on a CPU child only (measure.ON), at the baseline's unroll (it
+    has no other); not for a cell without native kernels, a pinned form field, bfloat16 or
+    where no compiler is at hand; chosen where it is the fastest."""
     native_form = {"backward": "native", "projection": "hoisted", "weight_grad": "product"}
     config = Config()
     candidates = tune.model_candidates(config, frozenset())
     assert candidates[:3] == [fields(1), fields(0),
                               {**fields(1, **native_form), measure.ON: "cpu"}]
     assert [c for c in candidates if c["backward"] == "native"] == [candidates[2]]
-    for other, pinned in ((Config(cell="lstm"), frozenset()),
-                          (Config(cell="irnn"), frozenset()),
+    for cell in ("lstm", "gru"):
+        assert sum(c["backward"] == "native"
+                   for c in tune.model_candidates(Config(cell=cell), frozenset())) == 1
+    for other, pinned in ((Config(cell="irnn"), frozenset()),
                           (Config(weight_grad="per_step"), frozenset({"weight_grad"})),
                           (Config(backward="hand_written"), frozenset({"backward"})),
                           (Config(compute_dtype="bfloat16"), frozenset({"compute_dtype"}))):

@@ -1,0 +1,197 @@
+"""Do the native kernels beat XLA's loops on this CPU? Measure it here.
+
+A recurrent layer's train step is its two loops (forward: the step's gates from
+``x_t W + b`` and ``h_{t-1} U``; backward: their gradients, and ``g = dz_t U^T``) and the
+products around them (the input projection ``x_t W``, the weight gradients
+``[x_t, h_{t-1}, 1]^T dz_t``), each loop step a few XLA ops. The backward 'native' of
+simple_rnn, lstm and gru (``rnnjax.native``) runs each pass as one XLA:CPU custom call built
+with the machine's C++ compiler for its own CPU, the batch in parts on the threads of XLA's
+pool. This benchmark builds it for vectors of 8 and of 16 floats, registers a cell for each,
+``<cell>_native<LANES>`` (``rnnjax.cells.CELLS``: the README's "How to extend"), and times
+rnnjax's own train step (optax Adam, K steps per call on device-resident data, what
+``rnnjax train`` compiles) with the built-in cell in the forms the tuner times and with each
+native build, in turns in one process.
+
+Each native build's first step must match the built-in's (loss and gradients, to the
+tuner's float32 tolerance), or the benchmark stops. Compile seconds, the C++ build's
+included, are reported apart. CPU only, float32.
+
+    python -m benchmarks.native_kernels [--cells simple_rnn,lstm,gru]
+        [--cases rows:50,pixels:50] [--rounds 10] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import statistics
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from benchmarks.flax_peers import compiled_runner, rnnjax_program, sequence_length, steps_per_call
+from benchmarks.harness import environment, in_turns, write_results
+from rnnjax import cells, measure, native, train, tune
+from rnnjax.config import Config
+from rnnjax.data.pipeline import batch_indices, to_device
+from rnnjax.data.sources import load_arrays
+from rnnjax.model import make_model
+
+LANES = (8, 16)  # floats per vector the kernel is built for
+TOLERANCE = tune.TOLERANCE["float32"]  # the first step's loss and gradients: as the tuner's
+NATIVE = {"simple_rnn": cells.elman_native, "lstm": cells.lstm_native, "gru": cells.gru_native}
+# The built-in forms timed, as the tuner times them: (name, fields); each at unroll 1 and
+# full.
+FORMS = (
+    *((f"hand_written {projection}, {weight_grad}",
+       {"backward": "hand_written", "projection": projection, "weight_grad": weight_grad})
+      for projection in ("hoisted", "in_loop") for weight_grad in ("product", "per_step")),
+    ("autodiff", {"backward": "autodiff", "projection": "in_loop"}),
+)
+MAX_FULL_UNROLL = 100  # steps: 784 unrolled pixel steps compile for tens of minutes
+
+
+def register(lanes: int) -> float:
+    """Build (or find in the cache) ``rnnjax.native``'s library for ``lanes`` and register its
+    targets; the seconds it took (about 1.5 s to build; nothing once cached)."""
+    start = time.perf_counter()
+    native.register(lanes)
+    return time.perf_counter() - start
+
+
+def native_cell(hidden: int, cell: str, lanes: int) -> cells.Cell:
+    """``rnnjax.cells.<cell>(hidden)`` whose backward 'native' is built for ``lanes``."""
+    return dataclasses.replace(cells.CELLS[cell](hidden), native=NATIVE[cell](lanes))
+
+
+def cell_name(cell: str, lanes: int) -> str:
+    return f"{cell}_native{lanes}"
+
+
+def add_cells(names: list[str]) -> dict[str, float]:
+    """Build and register the kernels for every :data:`LANES` (once per process) and a cell
+    for each of ``names`` and lanes in ``rnnjax.cells.CELLS``; the build seconds of each
+    cell."""
+    built = {}
+    for lanes in LANES:
+        seconds = register(lanes)
+        for cell in names:
+            built[cell_name(cell, lanes)] = seconds
+            cells.CELLS[cell_name(cell, lanes)] = functools.partial(native_cell, cell=cell,
+                                                                    lanes=lanes)
+    return built
+
+
+def configs(cell: str, order: str, batch: int) -> dict[str, Config]:
+    """The runs of a case by name: the built-in cell in each of :data:`FORMS` at unroll 1
+    and full (full only up to :data:`MAX_FULL_UNROLL` steps), then each native cell."""
+    base = Config(cell=cell, order=order, batch_size=batch)
+    unrolls = (("unroll 1", 1),) + ((("unroll full", 0),)
+                                    if sequence_length(order) <= MAX_FULL_UNROLL else ())
+    out = {f"{cell}, {name}, {label}": base.replace(unroll=unroll, **fields)
+           for name, fields in FORMS for label, unroll in unrolls}
+    for lanes in LANES:
+        out[f"native, {lanes} lanes"] = base.replace(cell=cell_name(cell, lanes),
+                                                     backward="native")
+    return out
+
+
+def first_step_difference(config: Config, reference: Config, images: jax.Array,
+                          labels: jax.Array) -> float:
+    """The largest difference between ``config``'s and ``reference``'s first-step loss and
+    gradients (the same initial parameters), each relative to the reference's largest
+    magnitude, as the tuner compares its candidates (``rnnjax.measure.relative_difference``)."""
+    results = []
+    for c in (config, reference):
+        model = make_model(c)
+        loss = functools.partial(train.loss_fn, model=model, images=images, labels=labels)
+        value = jax.jit(jax.value_and_grad(lambda p, f=loss: f(p)[0]))(
+            model.init(jax.random.key(c.seed)))
+        results.append({str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(value))})
+    return measure.relative_difference(*results)
+
+
+def time_case(device_data: Any, cell: str, order: str, batch: int, rounds: int,
+              built: dict[str, float]) -> dict[str, Any]:
+    """One case's row: ms per train step (median and best over ``rounds`` calls in turns)
+    and compile seconds of each run, and each native cell's first-step difference."""
+    steps = steps_per_call(order, batch)
+    idx = jax.device_put(batch_indices(len(device_data.train_labels), batch, 0, steps))
+    runs = configs(cell, order, batch)
+    reference = next(iter(runs.values()))
+    row: dict[str, Any] = {"cell": cell, "order": order, "batch": batch, "steps/call": steps}
+    images, labels = device_data.train_images[:batch], device_data.train_labels[:batch]
+    runners = {}
+    for name, config in runs.items():
+        if config.backward == "native":
+            difference = first_step_difference(config, reference, images, labels)
+            row[f"{name} first-step difference"] = difference
+            if difference > TOLERANCE:
+                raise SystemExit(f"{name}: its first step differs from {reference.cell}'s by "
+                                 f"{difference:.3g} (relative), more than {TOLERANCE:g}")
+        run, compile_s = compiled_runner(*rnnjax_program(device_data, idx, config))
+        runners[name] = run
+        row[f"{name} compile s"] = compile_s + built.get(config.cell, 0.0)
+    for name, values in in_turns(runners, rounds).items():
+        row[f"{name} ms"] = statistics.median(values) / steps * 1e3
+        row[f"{name} best ms"] = min(values) / steps * 1e3
+    built_in = {name: row[f"{name} ms"] for name in runs if not name.startswith("native")}
+    fastest = min(built_in, key=built_in.__getitem__)
+    row["fastest built-in"] = fastest.removeprefix(f"{cell}, ")
+    row["fastest built-in ms"] = built_in[fastest]
+    for lanes in LANES:
+        row[f"native, {lanes} lanes speed-up"] = (built_in[fastest]
+                                                  / row[f"native, {lanes} lanes ms"])
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", default=",".join(NATIVE),
+                        help=f"cells with native kernels, of {', '.join(NATIVE)}")
+    parser.add_argument("--cases", default="rows:50,pixels:50",
+                        help="ORDER:BATCH,... (order rows or pixels)")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    cases = []
+    for case in args.cases.split(","):
+        order, _, batch = case.partition(":")
+        if order not in ("rows", "pixels") or not batch.isdigit() or int(batch) < 1:
+            parser.error(f"--cases {case!r}: give ORDER:BATCH, ORDER rows or pixels, BATCH a "
+                         "positive integer (e.g. rows:50)")
+        cases.append((order, int(batch)))
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: give 1 or more")
+    names = args.cells.split(",")
+    if not names or any(name not in NATIVE for name in names):
+        parser.error(f"--cells {args.cells!r}: give cells with native kernels, of "
+                     f"{', '.join(NATIVE)} (e.g. lstm,gru)")
+    if jax.default_backend() != "cpu":
+        raise SystemExit(f"benchmarks.native_kernels times XLA:CPU custom calls; this "
+                         f"process's backend is {jax.default_backend()}: run it with "
+                         "JAX_PLATFORMS=cpu")
+    built = add_cells(names)
+    device_data = to_device(load_arrays(Config()))
+    rows = [time_case(device_data, cell, order, batch, args.rounds, built)
+            for cell in names for order, batch in cases]
+    # The table: each case's fastest built-in form and the native builds; every form's ms in
+    # the JSON and the notes.
+    columns = ["cell", "order", "batch", "steps/call", "fastest built-in", "fastest built-in ms",
+               *(f"native, {lanes} lanes {what}" for lanes in LANES
+                 for what in ("ms", "speed-up"))]
+    notes = "\n".join(
+        f"- {r['cell']} {r['order']} {r['batch']}: " + "; ".join(
+            f"{k} {v:.3g}" for k, v in r.items() if k.endswith((" ms", " compile s",
+                                                               " difference"))
+            and k not in columns)
+        for r in rows)
+    write_results("native_kernels", rows, columns, env=environment(), notes=notes,
+                  out_dir=args.out or None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,409 @@
+// What the native kernels share (native_elman.cc, native_gru.cc, native_lstm.cc;
+// rnnjax/native.py builds them into one library with -march=native and -DRNNJAX_LANES=8
+// or 16): vectors of L floats (GCC's vector extensions, lowered to what the CPU has),
+// register-blocked products, tanh (XLA:CPU's approximation) and the logistic sigmoid, a
+// batch's parts run on XLA's intra-op thread pool and their weight gradients' sums, and
+// the FFI glue on XLA's C API. float32, row-major.
+
+#ifndef RNNJAX_NATIVE_COMMON_H_
+#define RNNJAX_NATIVE_COMMON_H_
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/c_api.h"  // the C API alone: ffi.h tripled the build's time
+
+#ifndef RNNJAX_LANES
+#define RNNJAX_LANES 8
+#endif
+
+namespace rnnjax {
+
+constexpr int64_t L = RNNJAX_LANES;
+typedef float vec __attribute__((vector_size(L * sizeof(float))));
+
+// Rows and vectors of one block of a product's accumulators, held in registers: 4 x 7 of 8
+// lanes (or 4 x 4 of 16) where there are 32 vector registers (AVX-512), 2 x 7 of 8 where
+// there are 16 (AVX2).
+#if defined(__AVX512F__)
+constexpr int kRows = 4;
+#else
+constexpr int kRows = 2;
+#endif
+constexpr int kVectors = L == 16 ? 4 : 7;
+
+inline vec load(const float* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+
+inline vec splat(float s) { return s - vec{}; }  // s - 0 is s for every s, so this folds away
+
+inline vec tanh_vec(vec x) {
+  const vec c = splat(7.90531110763549805f);
+  vec xc = x < -c ? -c : x;
+  xc = xc > c ? c : xc;
+  const vec x2 = xc * xc;
+  vec p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
+  p = p * x2 + -8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  p = p * xc;
+  vec q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  const vec ax = x < 0 ? -x : x;
+  return ax < 0.0004f ? x : p / q;
+}
+
+// exp(x) for x clamped to [-87.3, 88.3] (the normal floats' range), as 2^n * p(r):
+// x = n ln2 + r, |r| <= ln2 / 2, p Cephes' degree-6 polynomial (within 2 units in the last
+// place).
+inline vec exp_vec(vec x) {
+  typedef int32_t ivec __attribute__((vector_size(L * sizeof(int32_t))));
+  x = x < -87.3f ? splat(-87.3f) : x;
+  x = x > 88.3f ? splat(88.3f) : x;
+  const vec t = x * 1.44269504088896341f;
+  const ivec ni = __builtin_convertvector(t + (t < 0 ? splat(-0.5f) : splat(0.5f)), ivec);
+  const vec n = __builtin_convertvector(ni, vec);
+  const vec r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  vec p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const ivec bits = (ni + 127) << 23;
+  vec scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// The logistic sigmoid 1 / (1 + exp(-x)).
+inline vec sigmoid_vec(vec x) { return 1.f / (1.f + exp_vec(-x)); }
+
+inline float tanh_scalar(float x) { return tanh_vec(splat(x))[0]; }
+
+inline int64_t padded(int64_t n) { return (n + L - 1) / L * L; }
+
+// z[r0 : r0+R, c0 : c0+NV*L] (+)= a[r0 : r0+R, :K] @ m[:K, c0 : c0+NV*L]. a's element
+// (i, k) lies at a[i * ai + k * ak] (ak = 1: rows; ai = 1: a transposed); m's and z's rows
+// are ldm and ldz apart, each a multiple of L.
+template <int R, int NV, bool Accumulate>
+void block(const float* __restrict a, int64_t ai, int64_t ak, const float* __restrict m,
+           int64_t ldm, float* __restrict z, int64_t ldz, int64_t k_size, int64_t r0,
+           int64_t c0) {
+  vec acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = Accumulate ? load(z + (r0 + r) * ldz + c0 + v * L) : vec{};
+  for (int64_t k = 0; k < k_size; ++k) {
+    vec mv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) mv[v] = load(m + k * ldm + c0 + v * L);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float s = a[(r0 + r) * ai + k * ak];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] += s * mv[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) store(z + (r0 + r) * ldz + c0 + v * L, acc[r][v]);
+}
+
+// A product's operands: a [rows, k_size] as above, m [k_size, columns], z [rows, columns];
+// columns a multiple of L.
+struct Product {
+  const float* a;
+  int64_t ai, ak;
+  const float* m;
+  int64_t ldm;
+  float* z;
+  int64_t ldz, rows, k_size, columns;
+};
+
+// Rows r0 .. r0+R of the product, over all its columns: blocks of kVectors vectors, then
+// one vector at a time (few block shapes: each is a function of its own to compile).
+template <int R, bool Accumulate>
+void columns(const Product& p, int64_t r0) {
+  int64_t c = 0;
+  for (; p.columns - c >= kVectors * L; c += kVectors * L)
+    block<R, kVectors, Accumulate>(p.a, p.ai, p.ak, p.m, p.ldm, p.z, p.ldz, p.k_size, r0, c);
+  for (; c < p.columns; c += L)
+    block<R, 1, Accumulate>(p.a, p.ai, p.ak, p.m, p.ldm, p.z, p.ldz, p.k_size, r0, c);
+}
+
+// All rows of the product: blocks of kRows rows, then one row at a time.
+template <bool Accumulate>
+void product(const Product& p) {
+  int64_t r = 0;
+  for (; r + kRows <= p.rows; r += kRows) columns<kRows, Accumulate>(p, r);
+  for (; r < p.rows; ++r) columns<1, Accumulate>(p, r);
+}
+
+// m [k, gates * n] with each gate's block of n columns padded with zeros to np =
+// padded(n): [k, gates * np].
+inline std::vector<float> padded_gates(const float* m, int64_t k, int64_t n, int64_t gates) {
+  const int64_t np = padded(n);
+  std::vector<float> out(k * gates * np, 0.f);
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t g = 0; g < gates; ++g)
+      std::memcpy(out.data() + (i * gates + g) * np, m + (i * gates + g) * n, n * sizeof(float));
+  return out;
+}
+
+// The transpose of m [n, gates * n], its rows and columns padded: [gates * np, np], row
+// g * np + j the column g * n + j of m (zero rows where j >= n).
+inline std::vector<float> padded_gates_transposed(const float* m, int64_t n, int64_t gates) {
+  const int64_t np = padded(n);
+  std::vector<float> out(gates * np * np, 0.f);
+  for (int64_t g = 0; g < gates; ++g)
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t i = 0; i < n; ++i) out[(g * np + j) * np + i] = m[i * gates * n + g * n + j];
+  return out;
+}
+
+// padded_gates undone: from [rows, gates * np] to [rows, gates * n].
+inline void unpad_gates(const float* from, int64_t rows, int64_t n, int64_t gates, float* to) {
+  const int64_t np = padded(n);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t g = 0; g < gates; ++g)
+      std::memcpy(to + (i * gates + g) * n, from + (i * gates + g) * np, n * sizeof(float));
+}
+
+// n (at most L) floats from p, zeros after them.
+inline vec load_part(const float* p, int64_t n) {
+  if (n == L) return load(p);
+  vec v{};
+  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+}
+
+// The first n (at most L) lanes of v to p.
+inline void store_part(float* p, vec v, int64_t n) {
+  if (n == L) return store(p, v);
+  for (int64_t i = 0; i < n; ++i) p[i] = v[i];
+}
+
+inline void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// A counter one thread raises and another waits on, alone on its cache line: the waiting
+// thread's reads would otherwise take the line from the raising thread's other data at
+// every access.
+struct alignas(64) Counter {
+  std::atomic<int64_t> value{0};
+};
+
+// Spins until counter reaches at least value (yielding the CPU now and then, for a
+// process with more threads than CPUs).
+inline void await(const Counter& counter, int64_t value) {
+  for (int64_t spins = 1; counter.value.load(std::memory_order_acquire) < value; ++spins) {
+    pause();
+    if (spins % 4096 == 0) std::this_thread::yield();
+  }
+}
+
+// XLA's intra-op thread pool, as the call's execution context gives it.
+struct Pool {
+  const XLA_FFI_Api* api;
+  XLA_FFI_ExecutionContext* ctx;
+
+  int64_t num_threads() const {
+    int64_t n = 0;
+    XLA_FFI_ThreadPool_NumThreads_Args args{XLA_FFI_ThreadPool_NumThreads_Args_STRUCT_SIZE,
+                                            nullptr, ctx, &n};
+    if (XLA_FFI_Error* error = api->XLA_FFI_ThreadPool_NumThreads(&args)) {
+      destroy(error);
+      return 0;
+    }
+    return n;
+  }
+
+  // Whether task(data) was handed to the pool.
+  bool schedule(XLA_FFI_Task* task, void* data) const {
+    XLA_FFI_ThreadPool_Schedule_Args args{XLA_FFI_ThreadPool_Schedule_Args_STRUCT_SIZE,
+                                          nullptr, ctx, task, data};
+    if (XLA_FFI_Error* error = api->XLA_FFI_ThreadPool_Schedule(&args)) {
+      destroy(error);
+      return false;
+    }
+    return true;
+  }
+
+  void destroy(XLA_FFI_Error* error) const {
+    XLA_FFI_Error_Destroy_Args args{XLA_FFI_Error_Destroy_Args_STRUCT_SIZE, nullptr, error};
+    api->XLA_FFI_Error_Destroy(&args);
+  }
+};
+
+// Runs part(p, first, last) for the parts p of [0, parts) of rows [0, rows): `parts`
+// contiguous ranges as even as whole rows allow. Each part is run by whichever thread
+// claims it first: one of the tasks handed to XLA's intra-op pool, or the calling thread,
+// which then waits for the rest. A batch's rows are independent through a recurrent layer,
+// so the parts share nothing but the weights, and each sums its own weight gradients.
+inline void run_parts(const Pool& pool, int64_t parts, int64_t rows,
+                      const std::function<void(int64_t, int64_t, int64_t)>& part) {
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    Counter done;
+    int64_t parts, rows;
+    const std::function<void(int64_t, int64_t, int64_t)>* part;
+    // Claims and runs parts until none is left; the pool may start a task after the call
+    // has returned, when there is none (so `part`, the call's, is not read).
+    void work() {
+      for (int64_t p; (p = next.fetch_add(1, std::memory_order_acq_rel)) < parts;) {
+        (*part)(p, rows * p / parts, rows * (p + 1) / parts);
+        done.value.fetch_add(1, std::memory_order_acq_rel);
+      }
+    }
+  };
+  auto shared = std::make_shared<Shared>();
+  shared->parts = parts;
+  shared->rows = rows;
+  shared->part = &part;
+  struct Task {
+    std::shared_ptr<Shared> shared;  // outlives the call where the pool runs the task late
+  };
+  auto run = [](void* data) {
+    std::unique_ptr<Task> task(static_cast<Task*>(data));
+    task->shared->work();
+  };
+  for (int64_t i = 1; i < parts; ++i) {
+    auto* task = new Task{shared};
+    if (!pool.schedule(run, task)) {
+      delete task;
+      break;
+    }
+  }
+  shared->work();
+  await(shared->done, parts);
+}
+
+// How many parts a call splits its batch into: one per thread of XLA's pool, each of at
+// least kRows rows (one block of a product).
+inline int64_t parts_for(const Pool& pool, int64_t batch) {
+  return std::max<int64_t>(1, std::min(pool.num_threads(), batch / kRows));
+}
+
+// The weight gradients' sums of each part of a call ([parts, size], each part's summed by
+// the thread that runs it), added in the order of the parts: the same bits whichever
+// thread ran which part.
+class PartSums {
+ public:
+  PartSums(int64_t parts, int64_t size) : size_(size), sums_(parts * size, 0.f) {}
+
+  float* part(int64_t p) { return sums_.data() + p * size_; }
+
+  // Part 0's sums, with every other part's added to them (size a multiple of L).
+  const float* total() {
+    for (size_t p = 1; p * size_ < sums_.size(); ++p)
+      for (int64_t i = 0; i < size_; i += L)
+        store(sums_.data() + i, load(sums_.data() + i) + load(part(p) + i));
+    return sums_.data();
+  }
+
+ private:
+  int64_t size_;
+  std::vector<float> sums_;
+};
+
+// The calls' glue, on XLA's FFI C API: each handler answers XLA's query for its API
+// version, checks its operands (float32 arrays of the ranks it reads), then runs.
+
+inline XLA_FFI_Error* error(const XLA_FFI_Api* api, const char* message) {
+  XLA_FFI_Error_Create_Args args{XLA_FFI_Error_Create_Args_STRUCT_SIZE, nullptr, message,
+                                 XLA_FFI_Error_Code_INVALID_ARGUMENT};
+  return api->XLA_FFI_Error_Create(&args);
+}
+
+// Null, with buffers[] the call's args then its results, where the call is to run; else
+// the version metadata XLA asked for (done), or an error (done and failed).
+struct Frame {
+  XLA_FFI_Error* status = nullptr;
+  bool run = false;
+  float* buffers[16] = {};
+  int64_t* dims[16] = {};
+};
+
+inline Frame open(XLA_FFI_CallFrame* call, int args, int rets, const int* ranks) {
+  Frame frame;
+  if (call->extension_start != nullptr &&
+      call->extension_start->type == XLA_FFI_Extension_Metadata) {
+    auto* metadata = reinterpret_cast<XLA_FFI_Metadata_Extension*>(call->extension_start);
+    metadata->metadata->api_version = XLA_FFI_Api_Version{
+        XLA_FFI_Api_Version_STRUCT_SIZE, nullptr, XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR};
+    metadata->metadata->traits = 0;
+    return frame;
+  }
+  if (call->stage != XLA_FFI_ExecutionStage_EXECUTE) {
+    frame.status = error(call->api, "rnnjax native kernel: called outside the execute stage");
+    return frame;
+  }
+  if (call->args.size != args || call->rets.size != rets) {
+    frame.status = error(call->api, "rnnjax native kernel: wrong number of operands");
+    return frame;
+  }
+  for (int i = 0; i < args + rets; ++i) {
+    const bool arg = i < args;
+    if (arg ? call->args.types[i] != XLA_FFI_ArgType_BUFFER
+            : call->rets.types[i - args] != XLA_FFI_RetType_BUFFER) {
+      frame.status = error(call->api, "rnnjax native kernel: operands must be arrays");
+      return frame;
+    }
+    auto* buffer = static_cast<XLA_FFI_Buffer*>(arg ? call->args.args[i]
+                                                    : call->rets.rets[i - args]);
+    if (buffer->dtype != XLA_FFI_DataType_F32 || buffer->rank != ranks[i]) {
+      frame.status = error(call->api, "rnnjax native kernel: operands must be float32 arrays "
+                                      "of the ranks it reads");
+      return frame;
+    }
+    frame.buffers[i] = static_cast<float*>(buffer->data);
+    frame.dims[i] = buffer->dims;
+  }
+  frame.run = true;
+  return frame;
+}
+
+// A backward call's frame: operands (xs, hs, [dhs,] the rest: args of them without dhs)
+// and rets results, ranks those of the operands without dhs then of the results; dhs is
+// there where `outputs` (the layer's outputs have a gradient). The buffers are laid out as
+// if dhs were always there, null where it is not, so a handler reads them alike.
+inline Frame open_backward(XLA_FFI_CallFrame* call, bool outputs, int args, int rets,
+                           const int* ranks) {
+  int with_dhs[16] = {ranks[0], ranks[1], ranks[1]};
+  for (int i = 2; i < args + rets; ++i) with_dhs[i + 1] = ranks[i];
+  Frame frame = open(call, outputs ? args + 1 : args, rets, outputs ? with_dhs : ranks);
+  if (frame.run && !outputs) {
+    for (int i = args + rets; i > 2; --i) {
+      frame.buffers[i] = frame.buffers[i - 1];
+      frame.dims[i] = frame.dims[i - 1];
+    }
+    frame.buffers[2] = nullptr;
+    frame.dims[2] = nullptr;
+  }
+  return frame;
+}
+
+}  // namespace rnnjax
+
+#endif  // RNNJAX_NATIVE_COMMON_H_

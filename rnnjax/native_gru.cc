@@ -1,0 +1,198 @@
+// The GRU layer's forward and backward passes (Keras reset_after=True: gates z, r, n), each
+// one XLA:CPU custom call through jax.ffi (rnnjax/native.py: the backward 'native' of
+// rnnjax.cells.gru); what the kernels share is in native_common.h.
+//
+//   forward:  u = xs[t] @ kernel + bias, v = hs[t-1] @ recurrent + recurrent_bias ([B, 3H])
+//             z = sigmoid(u_z + v_z), r = sigmoid(u_r + v_r), n = tanh(u_n + r * v_n)
+//             hs[t] = z * hs[t-1] + (1 - z) * n;  gates[t] = [z, r, n, v_n]
+//   backward: g = dh_last; for t = T-1 .. 0, dh = g [+ dhs[t]], a = (1 - z)(1 - n^2):
+//               du = dh * [(h_prev - n) z (1 - z), a v_n r (1 - r), a]  (of u, bias in)
+//               dv = [du_z, du_r, dh a r]                              (of v, bias in)
+//               g = dh * z + dv @ recurrent^T
+//             dh0 = g; dkernel = sum_t xs[t]^T du_t; drecurrent = sum_t hs[t-1]^T dv_t;
+//             dbias, drecurrent_bias = the sums of du's and dv's rows
+//
+// xs [T, B, F]; hs, dhs [T, B, H]; gates [T, B, 4 np]; dus [T, B, 3 np]; kernel [F, 3H];
+// bias and recurrent_bias [3H]; recurrent [H, 3H]; h0, dh_last, dh0 [B, H]. The same
+// structure as native_elman.cc: the batch in parts, one per thread of XLA's pool, each
+// part's steps alone. Each gate's block of columns is padded to whole vectors
+// (np = padded(H)). The sigmoid is 1 / (1 + exp(-x)), as XLA:CPU computes it, with
+// Cephes' exp; tanh is XLA:CPU's approximation: the results differ from XLA's by float32
+// rounding (tests/test_native.py checks them against the hand-written form's).
+
+#include "native_common.h"
+
+namespace rnnjax {
+namespace {
+
+constexpr int64_t kGates = 3;
+
+// The recurrence, the gates stored for the backward pass; the batch in parts (run_parts),
+// each part's steps projected as it goes.
+void forward(const Pool& pool, const float* xs, const float* kernel, const float* bias,
+             const float* recurrent, const float* recurrent_bias, const float* h0, float* hs,
+             float* gates, int64_t time, int64_t batch, int64_t features, int64_t hidden) {
+  const int64_t np = padded(hidden), width = kGates * np, stored = 4 * np;
+  const std::vector<float> u = padded_gates(recurrent, hidden, hidden, kGates);
+  const std::vector<float> w = padded_gates(kernel, features, hidden, kGates);
+  const std::vector<float> b = padded_gates(bias, 1, hidden, kGates);
+  const std::vector<float> rb = padded_gates(recurrent_bias, 1, hidden, kGates);
+  run_parts(pool, parts_for(pool, batch), batch, [&](int64_t, int64_t first, int64_t last) {
+    const int64_t rows = last - first;
+    std::vector<float> us(rows * width), v(rows * width);
+    const float* previous = h0 + first * hidden;
+    for (int64_t t = 0; t < time; ++t) {
+      const int64_t at = t * batch + first;  // the part's first row of step t
+      product<false>({xs + at * features, features, 1, w.data(), width, us.data(), width,
+                      rows, features, width});
+      product<false>({previous, hidden, 1, u.data(), width, v.data(), width, rows, hidden,
+                      width});
+      float* ht = hs + at * hidden;
+      float* gt = gates + at * stored;
+      // In two passes over the rows, each a short loop whose vectors the CPU overlaps: the
+      // gates z and r (one sigmoid over both blocks), then the candidate and h.
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* ur = us.data() + r * width;
+        const float* vr = v.data() + r * width;
+        float* gr = gt + r * stored;
+        for (int64_t c = 0; c < 2 * np; c += L)
+          store(gr + c, sigmoid_vec((load(ur + c) + load(b.data() + c)) +
+                                    (load(vr + c) + load(rb.data() + c))));
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* ur = us.data() + r * width + 2 * np;
+        const float* vr = v.data() + r * width + 2 * np;
+        float* gr = gt + r * stored;
+        for (int64_t c = 0; c < np; c += L) {
+          const int64_t n = hidden - c < L ? hidden - c : L;
+          const vec z = load(gr + c), vn = load(vr + c) + load(rb.data() + 2 * np + c);
+          const vec cand = tanh_vec((load(ur + c) + load(b.data() + 2 * np + c)) +
+                                    load(gr + np + c) * vn);
+          const vec h = load_part(previous + r * hidden + c, n);
+          store_part(ht + r * hidden + c, z * h + (1.f - z) * cand, n);
+          store(gr + 2 * np + c, cand);
+          store(gr + 3 * np + c, vn);
+        }
+      }
+      previous = ht;
+    }
+  });
+}
+
+// The gradients; the batch in parts (run_parts), each summing its own weight gradients
+// step by step. du is written padded ([T, B, 3np], the call's output: XLA's dxs =
+// dus @ kernel^T reads it with the kernel's gate blocks padded alike), and dv's n block
+// beside it (dv_n, [rows, np]): dv = [du_z, du_r, dv_n].
+void backward(const Pool& pool, const float* xs, const float* hs, const float* dhs,
+              const float* h0, const float* gates, const float* recurrent,
+              const float* dh_last, float* dus, float* dh0, float* dkernel, float* dbias,
+              float* drecurrent, float* drecurrent_bias, int64_t time, int64_t batch,
+              int64_t features, int64_t hidden) {
+  const int64_t np = padded(hidden), width = kGates * np, stored = 4 * np;
+  const std::vector<float> ut = padded_gates_transposed(recurrent, hidden, kGates);
+  const int64_t parts = parts_for(pool, batch);
+  // dk [F, 3np], dr [H, 3np], db [3np], drb [3np]
+  PartSums sums(parts, (features + hidden + 2) * width);
+  run_parts(pool, parts, batch, [&](int64_t p, int64_t first, int64_t last) {
+    const int64_t rows = last - first;
+    std::vector<float> g(rows * np), dvn(rows * np);
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(g.data() + r * np, dh_last + (first + r) * hidden, hidden * sizeof(float));
+    float* dk = sums.part(p);
+    float* dr = dk + features * width;
+    float* db = dr + hidden * width;
+    float* drb = db + width;
+    for (int64_t t = time - 1; t >= 0; --t) {
+      const int64_t at = t * batch + first;
+      const float* gt = gates + at * stored;
+      const float* previous = t == 0 ? h0 + first * hidden : hs + (at - batch) * hidden;
+      const float* dht = dhs == nullptr ? nullptr : dhs + at * hidden;
+      float* dut = dus + at * width;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* gr = gt + r * stored;
+        float* dgr = g.data() + r * np;
+        float* dur = dut + r * width;
+        for (int64_t c = 0; c < np; c += L) {
+          const int64_t n = hidden - c < L ? hidden - c : L;
+          const vec dh = dht == nullptr ? load(dgr + c)
+                                        : load_part(dht + r * hidden + c, n) + load(dgr + c);
+          const vec z = load(gr + c), rg = load(gr + np + c), cand = load(gr + 2 * np + c);
+          const vec vn = load(gr + 3 * np + c);
+          const vec h = load_part(previous + r * hidden + c, n);
+          const vec a = (1.f - z) * (1.f - cand * cand);
+          store(dur + c, dh * ((h - cand) * z * (1.f - z)));
+          store(dur + np + c, dh * (a * vn * rg * (1.f - rg)));
+          store(dur + 2 * np + c, dh * a);
+          store(dvn.data() + r * np + c, dh * (a * rg));
+          store(dgr + c, dh * z);
+        }
+      }
+      // g += dv @ recurrent^T, dv's z and r blocks du's.
+      product<true>({dut, width, 1, ut.data(), np, g.data(), np, rows, 2 * np, np});
+      product<true>({dvn.data(), np, 1, ut.data() + 2 * np * np, np, g.data(), np, rows, np,
+                     np});
+      product<true>({xs + at * features, 1, features, dut, width, dk, width, features, rows,
+                     width});
+      product<true>({previous, 1, hidden, dut, width, dr, width, hidden, rows, 2 * np});
+      product<true>({previous, 1, hidden, dvn.data(), np, dr + 2 * np, width, hidden, rows,
+                     np});
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t c = 0; c < width; c += L)
+          store(db + c, load(db + c) + load(dut + r * width + c));
+        for (int64_t c = 0; c < 2 * np; c += L)
+          store(drb + c, load(drb + c) + load(dut + r * width + c));
+        for (int64_t c = 0; c < np; c += L)
+          store(drb + 2 * np + c, load(drb + 2 * np + c) + load(dvn.data() + r * np + c));
+      }
+    }
+    unpad_gates(g.data(), rows, hidden, 1, dh0 + first * hidden);
+  });
+  const float* dk = sums.total();
+  const float* dr = dk + features * width;
+  const float* db = dr + hidden * width;
+  unpad_gates(dk, features, hidden, kGates, dkernel);
+  unpad_gates(dr, hidden, hidden, kGates, drecurrent);
+  unpad_gates(db, 1, hidden, kGates, dbias);
+  unpad_gates(db + width, 1, hidden, kGates, drecurrent_bias);
+}
+
+// (xs [T, B, F], kernel [F, 3H], bias [3H], recurrent [H, 3H], recurrent_bias [3H],
+// h0 [B, H]) -> (hs [T, B, H], gates [T, B, 4 np]: each gate padded to whole vectors)
+XLA_FFI_Error* Forward(XLA_FFI_CallFrame* call) {
+  static constexpr int kRanks[] = {3, 2, 1, 2, 1, 2, 3, 3};
+  Frame f = open(call, 6, 2, kRanks);
+  if (!f.run) return f.status;
+  float* const* b = f.buffers;
+  forward(Pool{call->api, call->ctx}, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+          f.dims[0][0], f.dims[0][1], f.dims[0][2], f.dims[5][1]);
+  return nullptr;
+}
+
+// (xs, hs, h0, gates, recurrent, dh_last) -> (dus, dh0, dkernel, dbias, drecurrent,
+// drecurrent_bias); with dhs after hs where the outputs have a gradient.
+XLA_FFI_Error* backward_call(XLA_FFI_CallFrame* call, bool outputs) {
+  static constexpr int kRanks[] = {3, 3, 2, 3, 2, 2, 3, 2, 2, 1, 2, 1};
+  Frame f = open_backward(call, outputs, 6, 6, kRanks);
+  if (!f.run) return f.status;
+  float* const* b = f.buffers;
+  backward(Pool{call->api, call->ctx}, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8],
+           b[9], b[10], b[11], b[12], f.dims[0][0], f.dims[0][1], f.dims[0][2], f.dims[3][1]);
+  return nullptr;
+}
+
+XLA_FFI_Error* Backward(XLA_FFI_CallFrame* call) { return backward_call(call, false); }
+
+XLA_FFI_Error* BackwardWithOutputs(XLA_FFI_CallFrame* call) {
+  return backward_call(call, true);
+}
+
+}  // namespace
+}  // namespace rnnjax
+
+extern "C" {
+XLA_FFI_Error* RnnjaxGruForward(XLA_FFI_CallFrame* call) { return rnnjax::Forward(call); }
+XLA_FFI_Error* RnnjaxGruBackward(XLA_FFI_CallFrame* call) { return rnnjax::Backward(call); }
+XLA_FFI_Error* RnnjaxGruBackwardWithOutputs(XLA_FFI_CallFrame* call) {
+  return rnnjax::BackwardWithOutputs(call);
+}
+}

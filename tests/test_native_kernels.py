@@ -1,0 +1,49 @@
+"""``benchmarks.native_kernels``: the backward 'native' of simple_rnn, lstm and gru built
+for 8 and 16 floats per vector, timed against the built-in forms in rnnjax's train step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import native_kernels
+
+
+def test_the_benchmark_times_the_native_builds_against_the_built_in_forms(tmp_path):
+    native_kernels.main(["--cells", "simple_rnn", "--cases", "rows:8", "--rounds", "1",
+                         "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "native_kernels.json").read_text())["rows"]
+    assert [(row["cell"], row["batch"]) for row in rows] == [("simple_rnn", 8)]
+    for row in rows:
+        names = list(native_kernels.configs(row["cell"], "rows", 8))
+        assert len(names) == 2 * len(native_kernels.FORMS) + len(native_kernels.LANES)
+        assert all(row[f"{name} ms"] > 0 and row[f"{name} compile s"] > 0 for name in names)
+        built_in = {name: row[f"{name} ms"] for name in names if not name.startswith("native")}
+        fastest = min(built_in, key=built_in.__getitem__)
+        assert row["fastest built-in"] == fastest.removeprefix(f"{row['cell']}, ")
+        for lanes in native_kernels.LANES:
+            assert row[f"native, {lanes} lanes first-step difference"] <= 1e-5
+            assert row[f"native, {lanes} lanes speed-up"] == pytest.approx(
+                built_in[fastest] / row[f"native, {lanes} lanes ms"])
+    table = (tmp_path / "native_kernels.md").read_text()
+    assert "native, 8 lanes ms" in table and "fastest built-in" in table
+
+
+def test_pixel_cases_skip_the_full_unroll():
+    assert [name for name in native_kernels.configs("lstm", "pixels", 50)
+            if "full" in name] == []
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--cases", "rows"], "ORDER:BATCH"),
+    (["--cases", "rows:0"], "ORDER:BATCH"),
+    (["--cases", "words:50"], "ORDER:BATCH"),
+    (["--cases", "rows:x"], "ORDER:BATCH"),
+    (["--cells", "irnn"], "cells with native kernels, of simple_rnn, lstm, gru"),
+])
+def test_a_bad_flag_is_refused_with_the_form_it_takes(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        native_kernels.main(flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
