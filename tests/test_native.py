@@ -127,3 +127,13 @@ def test_the_cli_trains_with_native(tmp_path, capsys, cell):
                  str(tmp_path / "run")]) == 0
     assert "final test accuracy" in capsys.readouterr().out
     assert '"backward": "native"' in (tmp_path / "run" / "config.json").read_text()
+
+
+def test_the_package_ships_every_native_source():
+    """A non-editable install builds the library from the installed package's files."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    shipped = pyproject["tool"]["setuptools"]["package-data"]["rnnjax"]
+    assert {path.name for path in (*native.SOURCES, native.HEADER)} <= set(shipped)
