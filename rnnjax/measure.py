@@ -182,6 +182,14 @@ def resolutions(fields: dict[str, Any], timed: list[tuple[dict[str, Any], float]
     return out
 
 
+def same_program(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether candidates ``a`` and ``b`` run the same program: the same fields, or, in the
+    'native' form (one custom call a pass, no loop to unroll), all but the unroll."""
+    if a.get("backward") == b.get("backward") == "native":
+        a, b = ({k: v for k, v in c.items() if k != "unroll"} for c in (a, b))
+    return a == b
+
+
 def for_backend(candidates: Iterable[dict[str, Any]], backend: str | None
                 ) -> list[dict[str, Any]]:
     """The ``candidates`` a child on ``backend`` times (None: a child that never found its
@@ -518,7 +526,7 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
             in_turns([i for i, d in enumerate(done) if d[2] <= fastest * (1 + NEAR)], 1)
             options = [o for o in resolutions(fields, [(d[0], d[2]) for d in done],
                                               to_fields(config, fields))
-                       if not any(o == d[0] for d in done)]  # not timed as it stands
+                       if not any(same_program(o, d[0]) for d in done)]  # not timed yet
             if not options:
                 continue
             fields, queue[:0] = options[0], options[1:]

@@ -1,15 +1,16 @@
 """Recurrent layers' forward and backward passes as native XLA:CPU custom calls.
 
-``native_elman.cc`` and ``native_gru.cc`` (beside this file, sharing ``native_common.h``)
-hold the Elman (tanh) and GRU layers' passes, each one call through ``jax.ffi``: the
-recurrence on the calling thread, the products off its chain (the input projection of the
-steps ahead, the weight gradients of the steps behind) on another thread of XLA's intra-op
-pool. It replaces the few XLA ops each step of a loop costs, and the products XLA runs
-after the loop on one thread, by one call per pass: the ``native`` backward of
-``simple_rnn`` and ``gru`` (``rnnjax.cells.resolve_form``), which ``rnnjax tune`` times
-where a C++ compiler is at hand (in turns in one process on a 2-core AVX-512 EPYC, the
-train step against the built-in cell's fastest form, simple_rnn: rows batch 50 1.29x,
-batch 1024 1.03x, pixels batch 50 1.15x; ``python -m benchmarks.native_elman``).
+``native_elman.cc``, ``native_lstm.cc`` and ``native_gru.cc`` (beside this file, over
+``native_common.h``) hold the passes of the Elman (tanh), LSTM and GRU layers, each one call
+through ``jax.ffi``. A call splits the batch into one part per thread of XLA's intra-op
+pool, and each part runs all its steps alone (projection, recurrence, its own weight
+gradients), so a pass is one op where XLA's loops run several a step and its products one
+after another. They are the ``native`` backward of ``simple_rnn``, ``lstm`` and ``gru``
+(``rnnjax.cells.resolve_form``), which ``rnnjax tune`` times where a C++ compiler is at hand
+(in turns in one process on a 2-core AVX-512 EPYC, the train step against the cell's
+fastest built-in form, rows batch 50 / pixels batch 50: simple_rnn 1.46x / 1.51x, lstm
+1.30x / 1.40x, gru 1.51x / 1.84x; at rows batch 1024 and 4096 XLA's forms were faster;
+``python -m benchmarks.native_kernels``).
 
 The library is built the first time it is needed, with the machine's C++ compiler
 (``$CXX``, else g++ or c++) for its own CPU (``-march=native``), and kept in
@@ -39,7 +40,7 @@ from rnnjax.config import ConfigError
 
 SOURCES = tuple(Path(__file__).with_name(f"native_{cell}.cc") for cell in ("elman", "gru", "lstm"))
 HEADER = Path(__file__).with_name("native_common.h")
-LANES = 8  # floats per vector of the build the cells use (benchmarks.native_elman: 8 and 16)
+LANES = 8  # floats per vector of the build the cells use (benchmarks.native_kernels: 8, 16)
 CELLS = ("Elman", "Gru", "Lstm")
 SYMBOLS = tuple(f"Rnnjax{cell}{call}" for cell in CELLS
                 for call in ("Forward", "Backward", "BackwardWithOutputs"))

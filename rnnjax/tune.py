@@ -360,7 +360,10 @@ def model_candidates(config: Config, pinned: frozenset[str], spec: DataSpec = ID
     and 2.20 fully unrolled, where autodiff at unroll 1 ran slower than both; skipped
     when its compile time, predicted from the unrolls compiled so far, would overrun the
     budget, as for 784 pixels); the cell's native kernels, on a CPU, where it has them
-    (:func:`native_offered`); each other form of the cell at the faster of those two
+    (:func:`native_offered`: right after the baseline where the batch is at most
+    :data:`ONE_CPU_FIRST`, whose steps are chains of small ops, the native form's case:
+    there the rows 50 GRU's first 10 s had no time left for it after the unroll probes;
+    after them elsewhere); each other form of the cell at the faster of those two
     unrolls (``unroll`` :data:`BEST`, resolved by the child: the forms' order at one unroll
     need not hold at another, as where a full unroll lets the per-step weight gradients run
     beside the recurrence; autodiff, where a hand-written form exists, at the baseline's);
@@ -385,8 +388,9 @@ def model_candidates(config: Config, pinned: frozenset[str], spec: DataSpec = ID
             out.append({**base, **probe})
         out.append({**base, **probe, "unroll": 0})
     if native_offered(config, pinned):  # its unroll and other forms: none to choose
-        out.append({**base, "backward": "native", "projection": "hoisted",
-                    "weight_grad": "product", ON: "cpu"})
+        native = {**base, "backward": "native", "projection": "hoisted",
+                  "weight_grad": "product", ON: "cpu"}
+        out.insert(1 if config.batch_size <= ONE_CPU_FIRST else len(out), native)
     for form in forms:
         # Autodiff's fully unrolled program compiled 3x slower than the hand-written one
         # (LSTM, 28 rows: 10.9 s against 3.4 s) and ran 2.5x slower (GRU: 69.6 against 50.7

@@ -523,16 +523,24 @@ def test_a_later_childs_turns_are_put_in_the_first_childs_terms():
 
 def test_the_native_kernels_are_timed_after_the_unrolls_on_a_cpu_and_chosen_when_fastest(
         native_here):
-    """The backward 'native' (rnnjax.native) of simple_rnn, lstm and gru is timed right
-    after the unroll probes, on a CPU child only (measure.ON), at the baseline's unroll (it
-    has no other); not for a cell without native kernels, a pinned form field, bfloat16 or
-    where no compiler is at hand; chosen where it is the fastest."""
+    """The backward 'native' (rnnjax.native) of simple_rnn, lstm and gru is timed on a CPU
+    child only (measure.ON), at the baseline's unroll (it has no other): right after the
+    baseline at a batch of at most tune.ONE_CPU_FIRST, after the unroll probes at larger
+    ones; not for a cell without native kernels, a pinned form field, bfloat16 or where no
+    compiler is at hand; chosen where it is the fastest; never timed again at another
+    unroll (the middle unroll's candidate, resolved to it, is the same program)."""
     native_form = {"backward": "native", "projection": "hoisted", "weight_grad": "product"}
     config = Config()
     candidates = tune.model_candidates(config, frozenset())
-    assert candidates[:3] == [fields(1), fields(0),
-                              {**fields(1, **native_form), measure.ON: "cpu"}]
-    assert [c for c in candidates if c["backward"] == "native"] == [candidates[2]]
+    assert candidates[:3] == [fields(1), {**fields(1, **native_form), measure.ON: "cpu"},
+                              fields(0)]
+    assert [c for c in candidates if c["backward"] == "native"] == [candidates[1]]
+    large = tune.model_candidates(Config(batch_size=tune.ONE_CPU_FIRST + 1), frozenset())
+    assert [i for i, c in enumerate(large) if c["backward"] == "native"] == [2]
+    middle = {**fields(4, **native_form), "chunks": 1}
+    assert measure.same_program(middle, fields(1, **native_form))
+    assert not measure.same_program({**middle, "chunks": 4}, fields(1, **native_form))
+    assert not measure.same_program(fields(4), fields(1))
     for cell in ("lstm", "gru"):
         assert sum(c["backward"] == "native"
                    for c in tune.model_candidates(Config(cell=cell), frozenset())) == 1
