@@ -300,9 +300,15 @@ inline void run_parts(const Pool& pool, int64_t parts, int64_t rows,
 }
 
 // How many parts a call splits its batch into: one per thread of XLA's pool, each of at
-// least kRows rows (one block of a product).
+// least kRows rows (one block of a product), and more where parts would exceed kPartRows
+// rows, so that a part's buffers of a step stay in the first-level cache (64 rows of 56
+// floats: 14 KB; the rows 4096 SimpleRNN's train step, in turns against XLA's fastest
+// form on a 2-core AVX-512 EPYC: 0.87x, 0.92x and 0.93x at 32, 64 and 128 rows, 0.86x in
+// two parts).
+constexpr int64_t kPartRows = 64;
 inline int64_t parts_for(const Pool& pool, int64_t batch) {
-  return std::max<int64_t>(1, std::min(pool.num_threads(), batch / kRows));
+  return std::max<int64_t>({1, std::min(pool.num_threads(), batch / kRows),
+                            (batch + kPartRows - 1) / kPartRows});
 }
 
 // The weight gradients' sums of each part of a call ([parts, size], each part's summed by

@@ -29,6 +29,7 @@ NATIVE_CELLS = ("simple_rnn", "lstm", "gru")
     (32, 4, {"num_layers": 2}),  # the lower layer's outputs have a gradient
     (16, 9, {"bidirectional": True, "chunks": 3}),  # reversed, in chunks; parts of 4 and 5
     (50, 50, {"order": "pixels"}),  # 784 steps of one pixel
+    (16, 130, {}),  # parts of at most 64 rows: more parts than threads
 ])
 def test_native_takes_the_hand_written_forms_first_step(device_data, cell, hidden, batch,
                                                         more):
