@@ -2,15 +2,16 @@
 
 ``native_elman.cc``, ``native_lstm.cc`` and ``native_gru.cc`` (beside this file, over
 ``native_common.h``) hold the passes of the Elman (tanh), LSTM and GRU layers, each one call
-through ``jax.ffi``. A call splits the batch into one part per thread of XLA's intra-op
-pool, and each part runs all its steps alone (projection, recurrence, its own weight
-gradients), so a pass is one op where XLA's loops run several a step and its products one
-after another. They are the ``native`` backward of ``simple_rnn``, ``lstm`` and ``gru``
-(``rnnjax.cells.resolve_form``), which ``rnnjax tune`` times where a C++ compiler is at hand
-(in turns in one process on a 2-core AVX-512 EPYC, the train step against the cell's
-fastest built-in form, rows batch 50 / pixels batch 50: simple_rnn 1.46x / 1.51x, lstm
-1.30x / 1.40x, gru 1.51x / 1.84x; at rows batch 1024 and 4096 XLA's forms were faster;
-``python -m benchmarks.native_kernels``).
+through ``jax.ffi``. A call splits the batch into one part per thread of XLA's intra-op pool
+(more where a part would pass 64 rows), and each part runs all its steps alone (projection,
+recurrence, its own weight gradients), so a pass is one op where XLA's loops run several a
+step and its products one after another. They are the ``native`` backward of ``simple_rnn``,
+``lstm`` and ``gru`` (``rnnjax.cells.resolve_form``), which ``rnnjax tune`` times where a
+C++ compiler is at hand (in turns in one process on a 2-core AVX-512 EPYC, the train step
+against the cell's fastest built-in form, rows batch 50 / pixels batch 50: simple_rnn 1.46x
+/ 1.51x, lstm 1.30x / 1.40x, gru 1.51x / 1.84x; rows batch 1024: simple_rnn 1.08-1.23x, lstm
+1.20x, gru level; rows batch 4096: simple_rnn 0.86-0.93x; ``python -m
+benchmarks.native_kernels``).
 
 The library is built the first time it is needed, with the machine's C++ compiler
 (``$CXX``, else g++ or c++) for its own CPU (``-march=native``), and kept in

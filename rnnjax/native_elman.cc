@@ -10,10 +10,11 @@
 //
 // xs [T, B, F]; hs, dzs, dhs [T, B, H]; kernel [F, H]; recurrent [H, H]; bias [H];
 // h0, dh_last, dh0 [B, H]. A batch's rows are independent through the layer, so each call
-// splits the batch into one part per thread of XLA's intra-op pool (run_parts), and each
-// part runs all its steps alone: the input projection, the recurrence, and in the backward
-// pass its own weight gradients' sums, added part by part at the end (PartSums: the same
-// bits in every call of a process). Each product accumulates over k in order with fused
+// splits the batch into one part per thread of XLA's intra-op pool, more where a part
+// would pass kPartRows rows (run_parts, parts_for), and each part runs all its steps
+// alone: the input projection, the recurrence, and in the backward pass its own weight
+// gradients' sums, added part by part at the end (PartSums: the same bits in every call of
+// a process). Each product accumulates over k in order with fused
 // multiply-adds, and tanh is the rational approximation XLA:CPU emits (clamped to
 // +-7.905, x itself below 4e-4): the forward rounded as XLA's did on the AVX-512 EPYC this
 // was written on; the weight gradients are summed in another order

@@ -14,7 +14,7 @@
 //
 // xs [T, B, F]; hs, dhs [T, B, H]; gates [T, B, 4 np]; dus [T, B, 3 np]; kernel [F, 3H];
 // bias and recurrent_bias [3H]; recurrent [H, 3H]; h0, dh_last, dh0 [B, H]. The same
-// structure as native_elman.cc: the batch in parts, one per thread of XLA's pool, each
+// structure as native_elman.cc: the batch in parts (parts_for) on XLA's pool, each
 // part's steps alone. Each gate's block of columns is padded to whole vectors
 // (np = padded(H)). The sigmoid is 1 / (1 + exp(-x)), as XLA:CPU computes it, with
 // Cephes' exp; tanh is XLA:CPU's approximation: the results differ from XLA's by float32

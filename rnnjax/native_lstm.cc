@@ -16,9 +16,9 @@
 //
 // xs [T, B, F]; hs, dhs [T, B, H]; gates [T, B, 6 np]; dzs [T, B, 4 np]; kernel [F, 4H];
 // bias [4H]; recurrent [H, 4H]; h0, c0, dh_last, dc_last, dh0, dc0 [B, H]. The same
-// structure as native_gru.cc (the batch in parts, one per thread of XLA's pool; each
-// gate's block padded to whole vectors, np = padded(H)); its results differ from XLA's by
-// float32 rounding (tests/test_native.py checks them against the hand-written form's).
+// structure as native_gru.cc (the batch in parts on XLA's pool; each gate's block padded
+// to whole vectors, np = padded(H)); its results differ from XLA's by float32 rounding
+// (tests/test_native.py checks them against the hand-written form's).
 
 #include "native_common.h"
 
