@@ -73,7 +73,8 @@ from rnnjax.measure import (
 )
 
 TUNER_VERSION = 20  # 20: lstm's and gru's native kernels, each batch in parts on the
-# pool's threads; 19: simple_rnn's native kernels; 18: the second process's timings
+# pool's threads, timed right after the baseline at small batches; 19: simple_rnn's native
+# kernels; 18: the second process's timings
 # in the first's terms; 17: the evaluations' unroll; 16: XLA flag sets timed in the first
 # child's process; 15: batches read step by step gathered so; 14: longer calls in turns,
 # autodiff loops 1.1-1.3x faster; 13: cpus; 12: huge pages; 11: chunks; 10: finalists in a
