@@ -311,6 +311,36 @@ inline int64_t parts_for(const Pool& pool, int64_t batch) {
                             (batch + kPartRows - 1) / kPartRows});
 }
 
+// The forward pass's frame, shared by the cells: the kernel [F, gates * H] and recurrent
+// [H, gates * H] matrices padded per gate, the batch in parts (run_parts), and for each
+// part and step t, us = xs[t] @ kernel and v = h_{t-1} @ recurrent over the part's rows
+// ([rows, gates * np] each), then step(t, at, first, rows, us, v, previous), the cell's
+// gates, which writes hs[t]'s rows (at: the part's first row of step t, in [T, B] order;
+// previous: h_{t-1}'s rows, hidden apart, h0's at t = 0).
+template <class Step>
+void forward_parts(const Pool& pool, const float* xs, const float* kernel,
+                   const float* recurrent, const float* h0, const float* hs, int64_t gates,
+                   int64_t time, int64_t batch, int64_t features, int64_t hidden, Step step) {
+  const int64_t width = gates * padded(hidden);
+  const std::vector<float> u = padded_gates(recurrent, hidden, hidden, gates);
+  const std::vector<float> w = padded_gates(kernel, features, hidden, gates);
+  run_parts(pool, parts_for(pool, batch), batch, [&](int64_t, int64_t first, int64_t last) {
+    const int64_t rows = last - first;
+    std::vector<float> us(rows * width), v(rows * width);
+    const float* previous = h0 + first * hidden;
+    for (int64_t t = 0; t < time; ++t) {
+      const int64_t at = t * batch + first;
+      product<false>({xs + at * features, features, 1, w.data(), width, us.data(), width,
+                      rows, features, width});
+      product<false>({previous, hidden, 1, u.data(), width, v.data(), width, rows, hidden,
+                      width});
+      step(t, at, first, rows, static_cast<const float*>(us.data()),
+           static_cast<const float*>(v.data()), previous);
+      previous = hs + at * hidden;
+    }
+  });
+}
+
 // The weight gradients' sums of each part of a call ([parts, size], each part's summed by
 // the thread that runs it), added in the order of the parts: the same bits whichever
 // thread ran which part.
@@ -411,5 +441,19 @@ inline Frame open_backward(XLA_FFI_CallFrame* call, bool outputs, int args, int 
 }
 
 }  // namespace rnnjax
+
+// A cell's three exported handlers, Rnnjax<Name>Forward, Rnnjax<Name>Backward (the layer's
+// outputs without a gradient) and Rnnjax<Name>BackwardWithOutputs, over its file's
+// rnnjax::Forward(call) and rnnjax::backward_call(call, outputs).
+#define RNNJAX_EXPORT_CELL(Name)                                                         \
+  extern "C" XLA_FFI_Error* Rnnjax##Name##Forward(XLA_FFI_CallFrame* call) {              \
+    return rnnjax::Forward(call);                                                          \
+  }                                                                                        \
+  extern "C" XLA_FFI_Error* Rnnjax##Name##Backward(XLA_FFI_CallFrame* call) {             \
+    return rnnjax::backward_call(call, false);                                             \
+  }                                                                                        \
+  extern "C" XLA_FFI_Error* Rnnjax##Name##BackwardWithOutputs(XLA_FFI_CallFrame* call) {  \
+    return rnnjax::backward_call(call, true);                                              \
+  }
 
 #endif  // RNNJAX_NATIVE_COMMON_H_

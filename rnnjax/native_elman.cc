@@ -26,33 +26,23 @@ namespace rnnjax {
 namespace {
 
 // hs[t] = tanh((xs[t] @ kernel + bias) + hs[t-1] @ recurrent), hs[-1] = h0, the batch in
-// parts (run_parts), each part's steps projected as it goes.
+// parts (forward_parts).
 void forward(const Pool& pool, const float* xs, const float* kernel, const float* bias,
              const float* recurrent, const float* h0, float* hs, int64_t time, int64_t batch,
              int64_t features, int64_t hidden) {
   const int64_t np = padded(hidden), full = hidden / L * L;
-  const std::vector<float> u = padded_gates(recurrent, hidden, hidden, 1);
-  const std::vector<float> w = padded_gates(kernel, features, hidden, 1);
-  run_parts(pool, parts_for(pool, batch), batch, [&](int64_t, int64_t first, int64_t last) {
-    const int64_t rows = last - first;
-    std::vector<float> us(rows * np), z(rows * np);
-    const float* previous = h0 + first * hidden;
-    for (int64_t t = 0; t < time; ++t) {
-      const int64_t at = t * batch + first;  // the part's first row of step t
-      product<false>({xs + at * features, features, 1, w.data(), np, us.data(), np, rows,
-                      features, np});
-      product<false>({previous, hidden, 1, u.data(), np, z.data(), np, rows, hidden, np});
-      float* ht = hs + at * hidden;
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* zr = z.data() + r * np;
-        const float* ur = us.data() + r * np;
-        float* hr = ht + r * hidden;
-        int64_t c = 0;
-        for (; c < full; c += L)
-          store(hr + c, tanh_vec((load(ur + c) + load(bias + c)) + load(zr + c)));
-        for (; c < hidden; ++c) hr[c] = tanh_scalar((ur[c] + bias[c]) + zr[c]);
-      }
-      previous = ht;
+  forward_parts(pool, xs, kernel, recurrent, h0, hs, 1, time, batch, features, hidden,
+                [&](int64_t, int64_t at, int64_t, int64_t rows, const float* us,
+                    const float* z, const float*) {
+    float* ht = hs + at * hidden;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* zr = z + r * np;
+      const float* ur = us + r * np;
+      float* hr = ht + r * hidden;
+      int64_t c = 0;
+      for (; c < full; c += L)
+        store(hr + c, tanh_vec((load(ur + c) + load(bias + c)) + load(zr + c)));
+      for (; c < hidden; ++c) hr[c] = tanh_scalar((ur[c] + bias[c]) + zr[c]);
     }
   });
 }
@@ -135,19 +125,7 @@ XLA_FFI_Error* backward_call(XLA_FFI_CallFrame* call, bool outputs) {
   return nullptr;
 }
 
-XLA_FFI_Error* Backward(XLA_FFI_CallFrame* call) { return backward_call(call, false); }
-
-XLA_FFI_Error* BackwardWithOutputs(XLA_FFI_CallFrame* call) {
-  return backward_call(call, true);
-}
-
 }  // namespace
 }  // namespace rnnjax
 
-extern "C" {
-XLA_FFI_Error* RnnjaxElmanForward(XLA_FFI_CallFrame* call) { return rnnjax::Forward(call); }
-XLA_FFI_Error* RnnjaxElmanBackward(XLA_FFI_CallFrame* call) { return rnnjax::Backward(call); }
-XLA_FFI_Error* RnnjaxElmanBackwardWithOutputs(XLA_FFI_CallFrame* call) {
-  return rnnjax::BackwardWithOutputs(call);
-}
-}
+RNNJAX_EXPORT_CELL(Elman)

@@ -27,54 +27,43 @@ namespace {
 
 constexpr int64_t kGates = 3;
 
-// The recurrence, the gates stored for the backward pass; the batch in parts (run_parts),
-// each part's steps projected as it goes.
+// The recurrence, the gates stored for the backward pass; the batch in parts
+// (forward_parts).
 void forward(const Pool& pool, const float* xs, const float* kernel, const float* bias,
              const float* recurrent, const float* recurrent_bias, const float* h0, float* hs,
              float* gates, int64_t time, int64_t batch, int64_t features, int64_t hidden) {
   const int64_t np = padded(hidden), width = kGates * np, stored = 4 * np;
-  const std::vector<float> u = padded_gates(recurrent, hidden, hidden, kGates);
-  const std::vector<float> w = padded_gates(kernel, features, hidden, kGates);
   const std::vector<float> b = padded_gates(bias, 1, hidden, kGates);
   const std::vector<float> rb = padded_gates(recurrent_bias, 1, hidden, kGates);
-  run_parts(pool, parts_for(pool, batch), batch, [&](int64_t, int64_t first, int64_t last) {
-    const int64_t rows = last - first;
-    std::vector<float> us(rows * width), v(rows * width);
-    const float* previous = h0 + first * hidden;
-    for (int64_t t = 0; t < time; ++t) {
-      const int64_t at = t * batch + first;  // the part's first row of step t
-      product<false>({xs + at * features, features, 1, w.data(), width, us.data(), width,
-                      rows, features, width});
-      product<false>({previous, hidden, 1, u.data(), width, v.data(), width, rows, hidden,
-                      width});
-      float* ht = hs + at * hidden;
-      float* gt = gates + at * stored;
-      // In two passes over the rows, each a short loop whose vectors the CPU overlaps: the
-      // gates z and r (one sigmoid over both blocks), then the candidate and h.
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* ur = us.data() + r * width;
-        const float* vr = v.data() + r * width;
-        float* gr = gt + r * stored;
-        for (int64_t c = 0; c < 2 * np; c += L)
-          store(gr + c, sigmoid_vec((load(ur + c) + load(b.data() + c)) +
-                                    (load(vr + c) + load(rb.data() + c))));
+  forward_parts(pool, xs, kernel, recurrent, h0, hs, kGates, time, batch, features, hidden,
+                [&](int64_t, int64_t at, int64_t, int64_t rows, const float* us,
+                    const float* v, const float* previous) {
+    float* ht = hs + at * hidden;
+    float* gt = gates + at * stored;
+    // In two passes over the rows, each a short loop whose vectors the CPU overlaps: the
+    // gates z and r (one sigmoid over both blocks), then the candidate and h.
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* ur = us + r * width;
+      const float* vr = v + r * width;
+      float* gr = gt + r * stored;
+      for (int64_t c = 0; c < 2 * np; c += L)
+        store(gr + c, sigmoid_vec((load(ur + c) + load(b.data() + c)) +
+                                  (load(vr + c) + load(rb.data() + c))));
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* ur = us + r * width + 2 * np;
+      const float* vr = v + r * width + 2 * np;
+      float* gr = gt + r * stored;
+      for (int64_t c = 0; c < np; c += L) {
+        const int64_t n = hidden - c < L ? hidden - c : L;
+        const vec z = load(gr + c), vn = load(vr + c) + load(rb.data() + 2 * np + c);
+        const vec cand = tanh_vec((load(ur + c) + load(b.data() + 2 * np + c)) +
+                                  load(gr + np + c) * vn);
+        const vec h = load_part(previous + r * hidden + c, n);
+        store_part(ht + r * hidden + c, z * h + (1.f - z) * cand, n);
+        store(gr + 2 * np + c, cand);
+        store(gr + 3 * np + c, vn);
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* ur = us.data() + r * width + 2 * np;
-        const float* vr = v.data() + r * width + 2 * np;
-        float* gr = gt + r * stored;
-        for (int64_t c = 0; c < np; c += L) {
-          const int64_t n = hidden - c < L ? hidden - c : L;
-          const vec z = load(gr + c), vn = load(vr + c) + load(rb.data() + 2 * np + c);
-          const vec cand = tanh_vec((load(ur + c) + load(b.data() + 2 * np + c)) +
-                                    load(gr + np + c) * vn);
-          const vec h = load_part(previous + r * hidden + c, n);
-          store_part(ht + r * hidden + c, z * h + (1.f - z) * cand, n);
-          store(gr + 2 * np + c, cand);
-          store(gr + 3 * np + c, vn);
-        }
-      }
-      previous = ht;
     }
   });
 }
@@ -180,19 +169,7 @@ XLA_FFI_Error* backward_call(XLA_FFI_CallFrame* call, bool outputs) {
   return nullptr;
 }
 
-XLA_FFI_Error* Backward(XLA_FFI_CallFrame* call) { return backward_call(call, false); }
-
-XLA_FFI_Error* BackwardWithOutputs(XLA_FFI_CallFrame* call) {
-  return backward_call(call, true);
-}
-
 }  // namespace
 }  // namespace rnnjax
 
-extern "C" {
-XLA_FFI_Error* RnnjaxGruForward(XLA_FFI_CallFrame* call) { return rnnjax::Forward(call); }
-XLA_FFI_Error* RnnjaxGruBackward(XLA_FFI_CallFrame* call) { return rnnjax::Backward(call); }
-XLA_FFI_Error* RnnjaxGruBackwardWithOutputs(XLA_FFI_CallFrame* call) {
-  return rnnjax::BackwardWithOutputs(call);
-}
-}
+RNNJAX_EXPORT_CELL(Gru)

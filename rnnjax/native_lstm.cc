@@ -28,51 +28,40 @@ namespace {
 constexpr int64_t kGates = 4;
 
 // The recurrence, the gates, c_t and tanh(c_t) stored for the backward pass (and c_T read
-// from them); the batch in parts (run_parts), each part's steps projected as it goes.
+// from them); the batch in parts (forward_parts).
 void forward(const Pool& pool, const float* xs, const float* kernel, const float* bias,
              const float* recurrent, const float* h0, const float* c0, float* hs,
              float* gates, int64_t time, int64_t batch, int64_t features, int64_t hidden) {
   const int64_t np = padded(hidden), width = kGates * np, stored = 6 * np;
-  const std::vector<float> u = padded_gates(recurrent, hidden, hidden, kGates);
-  const std::vector<float> w = padded_gates(kernel, features, hidden, kGates);
   const std::vector<float> b = padded_gates(bias, 1, hidden, kGates);
-  run_parts(pool, parts_for(pool, batch), batch, [&](int64_t, int64_t first, int64_t last) {
-    const int64_t rows = last - first;
-    std::vector<float> us(rows * width), v(rows * width);
-    const float* previous = h0 + first * hidden;
-    for (int64_t t = 0; t < time; ++t) {
-      const int64_t at = t * batch + first;  // the part's first row of step t
-      product<false>({xs + at * features, features, 1, w.data(), width, us.data(), width,
-                      rows, features, width});
-      product<false>({previous, hidden, 1, u.data(), width, v.data(), width, rows, hidden,
-                      width});
-      float* ht = hs + at * hidden;
-      float* gt = gates + at * stored;
-      // In two passes over the rows (as the GRU's): the gates, then c and h.
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* ur = us.data() + r * width;
-        const float* vr = v.data() + r * width;
-        float* gr = gt + r * stored;
-        auto z = [&](int64_t c) { return (load(ur + c) + load(b.data() + c)) + load(vr + c); };
-        for (int64_t c = 0; c < 2 * np; c += L) store(gr + c, sigmoid_vec(z(c)));
-        for (int64_t c = 2 * np; c < 3 * np; c += L) store(gr + c, tanh_vec(z(c)));
-        for (int64_t c = 3 * np; c < width; c += L) store(gr + c, sigmoid_vec(z(c)));
+  forward_parts(pool, xs, kernel, recurrent, h0, hs, kGates, time, batch, features, hidden,
+                [&](int64_t t, int64_t at, int64_t first, int64_t rows, const float* us,
+                    const float* v, const float*) {
+    float* ht = hs + at * hidden;
+    float* gt = gates + at * stored;
+    // In two passes over the rows (as the GRU's): the gates, then c and h.
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* ur = us + r * width;
+      const float* vr = v + r * width;
+      float* gr = gt + r * stored;
+      auto z = [&](int64_t c) { return (load(ur + c) + load(b.data() + c)) + load(vr + c); };
+      for (int64_t c = 0; c < 2 * np; c += L) store(gr + c, sigmoid_vec(z(c)));
+      for (int64_t c = 2 * np; c < 3 * np; c += L) store(gr + c, tanh_vec(z(c)));
+      for (int64_t c = 3 * np; c < width; c += L) store(gr + c, sigmoid_vec(z(c)));
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* gr = gt + r * stored;
+      const float* cr = t == 0 ? nullptr : gr - batch * stored + 4 * np;
+      for (int64_t c = 0; c < np; c += L) {
+        const int64_t n = hidden - c < L ? hidden - c : L;
+        const vec c_prev = cr == nullptr ? load_part(c0 + (first + r) * hidden + c, n)
+                                         : load(cr + c);
+        const vec cell = load(gr + np + c) * c_prev + load(gr + c) * load(gr + 2 * np + c);
+        const vec tanh_c = tanh_vec(cell);
+        store_part(ht + r * hidden + c, load(gr + 3 * np + c) * tanh_c, n);
+        store(gr + 4 * np + c, cell);
+        store(gr + 5 * np + c, tanh_c);
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        float* gr = gt + r * stored;
-        const float* cr = t == 0 ? nullptr : gr - batch * stored + 4 * np;
-        for (int64_t c = 0; c < np; c += L) {
-          const int64_t n = hidden - c < L ? hidden - c : L;
-          const vec c_prev = cr == nullptr ? load_part(c0 + (first + r) * hidden + c, n)
-                                           : load(cr + c);
-          const vec cell = load(gr + np + c) * c_prev + load(gr + c) * load(gr + 2 * np + c);
-          const vec tanh_c = tanh_vec(cell);
-          store_part(ht + r * hidden + c, load(gr + 3 * np + c) * tanh_c, n);
-          store(gr + 4 * np + c, cell);
-          store(gr + 5 * np + c, tanh_c);
-        }
-      }
-      previous = ht;
     }
   });
 }
@@ -171,19 +160,7 @@ XLA_FFI_Error* backward_call(XLA_FFI_CallFrame* call, bool outputs) {
   return nullptr;
 }
 
-XLA_FFI_Error* Backward(XLA_FFI_CallFrame* call) { return backward_call(call, false); }
-
-XLA_FFI_Error* BackwardWithOutputs(XLA_FFI_CallFrame* call) {
-  return backward_call(call, true);
-}
-
 }  // namespace
 }  // namespace rnnjax
 
-extern "C" {
-XLA_FFI_Error* RnnjaxLstmForward(XLA_FFI_CallFrame* call) { return rnnjax::Forward(call); }
-XLA_FFI_Error* RnnjaxLstmBackward(XLA_FFI_CallFrame* call) { return rnnjax::Backward(call); }
-XLA_FFI_Error* RnnjaxLstmBackwardWithOutputs(XLA_FFI_CallFrame* call) {
-  return rnnjax::BackwardWithOutputs(call);
-}
-}
+RNNJAX_EXPORT_CELL(Lstm)
