@@ -56,7 +56,7 @@ MAX_FULL_UNROLL = 100  # steps: 784 unrolled pixel steps compile for tens of min
 
 def register(lanes: int) -> float:
     """Build (or find in the cache) ``rnnjax.native``'s library for ``lanes`` and register its
-    targets; the seconds it took (about 1.5 s to build; nothing once cached)."""
+    targets; the seconds it took (about 2 s to build; nothing once cached)."""
     start = time.perf_counter()
     native.register(lanes)
     return time.perf_counter() - start

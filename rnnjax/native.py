@@ -166,12 +166,19 @@ def register(lanes: int = LANES) -> None:
                                     platform="cpu")
 
 
+def _rounded(hidden: int, lanes: int) -> int:
+    """H', the width of a gate's block in the kernels' layouts: ``hidden`` rounded up to a
+    multiple of ``lanes`` (``native_common.h``'s ``padded``)."""
+    return -(-hidden // lanes) * lanes
+
+
 def _padded(x: jax.Array, gates: int, lanes: int) -> jax.Array:
-    """[..., gates * H] -> [..., gates * H'], each gate's block padded with zeros to H' (H
-    rounded up to a multiple of ``lanes``), as the kernels lay out their gates."""
+    """[..., gates * H] -> [..., gates * H'], each gate's block padded with zeros to H'
+    (:func:`_rounded`), as the kernels lay out their gates."""
     hidden = x.shape[-1] // gates
     blocks = x.reshape(*x.shape[:-1], gates, hidden)
-    blocks = jnp.pad(blocks, [(0, 0)] * (x.ndim - 1) + [(0, 0), (0, -hidden % lanes)])
+    blocks = jnp.pad(blocks, [(0, 0)] * (x.ndim - 1)
+                     + [(0, 0), (0, _rounded(hidden, lanes) - hidden)])
     return blocks.reshape(*x.shape[:-1], -1)
 
 
@@ -245,7 +252,7 @@ def gru_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array]]:
     def forward(xs, kernel, bias, recurrent, recurrent_bias, h0):
         register(lanes)
         hs = jax.ShapeDtypeStruct((*xs.shape[:2], h0.shape[-1]), xs.dtype)
-        gates = jax.ShapeDtypeStruct((*xs.shape[:2], 4 * _padded(bias, 3, lanes).shape[-1] // 3),
+        gates = jax.ShapeDtypeStruct((*xs.shape[:2], 4 * _rounded(h0.shape[-1], lanes)),
                                      xs.dtype)
         return jax.ffi.ffi_call(names["RnnjaxGruForward"], (hs, gates))(
             xs, kernel, bias, recurrent, recurrent_bias, h0)
@@ -293,8 +300,7 @@ def lstm_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array, 
         register(lanes)
         hidden = h0.shape[-1]
         hs = jax.ShapeDtypeStruct((*xs.shape[:2], hidden), xs.dtype)
-        gates = jax.ShapeDtypeStruct((*xs.shape[:2], 6 * _padded(h0, 1, lanes).shape[-1]),
-                                     xs.dtype)
+        gates = jax.ShapeDtypeStruct((*xs.shape[:2], 6 * _rounded(hidden, lanes)), xs.dtype)
         hs, gates = jax.ffi.ffi_call(names["RnnjaxLstmForward"], (hs, gates))(
             xs, kernel, bias, recurrent, h0, c0)
         start = 4 * gates.shape[-1] // 6  # c_T: block 4 of the last step's gates
