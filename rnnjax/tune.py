@@ -247,6 +247,14 @@ def process_fields(flags: str) -> dict[str, Any]:
             "huge_pages": HUGE_PAGES in words, "cpus": cpus[-1] if cpus else 0}
 
 
+# A child shares the accelerator with the process that started it and with the other
+# children (they stay until the end, for timing in turns): JAX's GPU client takes 75% of the
+# device's memory when it starts, which a second process then cannot have. A child takes
+# what it uses instead (the user's own $XLA_PYTHON_CLIENT_PREALLOCATE wins; no effect on a
+# CPU).
+SHARED_DEVICE_MEMORY = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+
+
 def process_flags(xla_flags: str, huge_pages: bool, cpus: int = 0) -> str:
     """The child's ``flags`` for these Config fields (:func:`process_fields`' inverse)."""
     return " ".join([*xla_flags.split(), *([HUGE_PAGES] if huge_pages else []),
@@ -255,12 +263,15 @@ def process_flags(xla_flags: str, huge_pages: bool, cpus: int = 0) -> str:
 
 def child_env(flags: str, env: dict[str, str]) -> dict[str, str]:
     """The environment of a child timing under ``flags``: ``env`` with the XLA flags added
-    to ``$XLA_FLAGS``, and huge pages asked for in ``$GLIBC_TUNABLES`` where it has them."""
+    to ``$XLA_FLAGS``, huge pages asked for in ``$GLIBC_TUNABLES`` where it has them, and,
+    unless ``env`` says otherwise, the accelerator's memory taken as needed
+    (:data:`SHARED_DEVICE_MEMORY`)."""
     from rnnjax import process
 
     fields = process_fields(flags)
-    env = {**env, "XLA_FLAGS": " ".join([*env.get("XLA_FLAGS", "").split(),
-                                         *fields["xla_flags"].split()])}
+    env = {**SHARED_DEVICE_MEMORY, **env,
+           "XLA_FLAGS": " ".join([*env.get("XLA_FLAGS", "").split(),
+                                  *fields["xla_flags"].split()])}
     return process.with_huge_pages(env) if fields["huge_pages"] else env
 
 

@@ -1055,7 +1055,10 @@ def test_a_childs_environment_has_its_process_settings():
     env = {"XLA_FLAGS": "--xla_dump_to=/tmp/x", "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0",
            "HOME": "/h"}
     plain = tune.child_env(YNN, env)
-    assert plain == {**env, "XLA_FLAGS": f"--xla_dump_to=/tmp/x {YNN}"}
+    assert plain == {**env, "XLA_FLAGS": f"--xla_dump_to=/tmp/x {YNN}",
+                     "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}  # the accelerator is shared
+    own = {**env, "XLA_PYTHON_CLIENT_PREALLOCATE": "true"}  # the user's own setting wins
+    assert tune.child_env(YNN, own)["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
     huge = tune.child_env(f"{YNN} {tune.HUGE_PAGES}", env)
     assert huge == {**plain, "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1"}
     assert tune.process_fields(f"{YNN} {tune.HUGE_PAGES}") == {"xla_flags": YNN,
