@@ -6,11 +6,11 @@ products around them (the input projection ``x_t W``, the weight gradients
 ``[x_t, h_{t-1}, 1]^T dz_t``), each loop step a few XLA ops. The backward 'native' of
 simple_rnn, lstm and gru (``rnnjax.native``) runs each pass as one XLA:CPU custom call built
 with the machine's C++ compiler for its own CPU, the batch in parts on the threads of XLA's
-pool. This benchmark builds it for vectors of 8 and of 16 floats, registers a cell for each,
-``<cell>_native<LANES>`` (``rnnjax.cells.CELLS``: the README's "How to extend"), and times
-rnnjax's own train step (optax Adam, K steps per call on device-resident data, what
-``rnnjax train`` compiles) with the built-in cell in the forms the tuner times and with each
-native build, in turns in one process.
+pool. This benchmark builds it for vectors of 8 and of 16 floats (``--native-lanes``, which
+the tuner times where the CPU has 512-bit registers) and times rnnjax's own train step
+(optax Adam, K steps per call on device-resident data, what ``rnnjax train`` compiles) with
+the built-in cell in the forms the tuner times and with each native build, in turns in one
+process.
 
 Each native build's first step must match the built-in's (loss and gradients, to the
 tuner's float32 tolerance), or the benchmark stops. Compile seconds, the C++ build's
@@ -23,7 +23,6 @@ included, are reported apart. CPU only, float32.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import statistics
 import time
@@ -35,14 +34,15 @@ import numpy as np
 from benchmarks.flax_peers import compiled_runner, rnnjax_program, sequence_length, steps_per_call
 from benchmarks.harness import environment, in_turns, write_results
 from rnnjax import cells, measure, native, train, tune
-from rnnjax.config import Config
+from rnnjax.config import NATIVE_LANES, Config
 from rnnjax.data.pipeline import batch_indices, to_device
 from rnnjax.data.sources import load_arrays
 from rnnjax.model import make_model
 
-LANES = (8, 16)  # floats per vector the kernel is built for
+LANES = NATIVE_LANES  # floats per vector the kernels are built for (Config.native_lanes)
 TOLERANCE = tune.TOLERANCE["float32"]  # the first step's loss and gradients: as the tuner's
-NATIVE = {"simple_rnn": cells.elman_native, "lstm": cells.lstm_native, "gru": cells.gru_native}
+NATIVE = tuple(name for name in ("simple_rnn", "lstm", "gru")
+               if cells.CELLS[name](1).native is not None)  # the cells with native kernels
 # The built-in forms timed, as the tuner times them: (name, fields); each at unroll 1 and
 # full.
 FORMS = (
@@ -62,40 +62,23 @@ def register(lanes: int) -> float:
     return time.perf_counter() - start
 
 
-def native_cell(hidden: int, cell: str, lanes: int) -> cells.Cell:
-    """``rnnjax.cells.<cell>(hidden)`` whose backward 'native' is built for ``lanes``."""
-    return dataclasses.replace(cells.CELLS[cell](hidden), native=NATIVE[cell](lanes))
-
-
-def cell_name(cell: str, lanes: int) -> str:
-    return f"{cell}_native{lanes}"
-
-
-def add_cells(names: list[str]) -> dict[str, float]:
-    """Build and register the kernels for every :data:`LANES` (once per process) and a cell
-    for each of ``names`` and lanes in ``rnnjax.cells.CELLS``; the build seconds of each
-    cell."""
-    built = {}
-    for lanes in LANES:
-        seconds = register(lanes)
-        for cell in names:
-            built[cell_name(cell, lanes)] = seconds
-            cells.CELLS[cell_name(cell, lanes)] = functools.partial(native_cell, cell=cell,
-                                                                    lanes=lanes)
-    return built
+def build_all() -> dict[int, float]:
+    """Build and register the kernels for every :data:`LANES` (once per process): the
+    seconds each took."""
+    return {lanes: register(lanes) for lanes in LANES}
 
 
 def configs(cell: str, order: str, batch: int) -> dict[str, Config]:
     """The runs of a case by name: the built-in cell in each of :data:`FORMS` at unroll 1
-    and full (full only up to :data:`MAX_FULL_UNROLL` steps), then each native cell."""
+    and full (full only up to :data:`MAX_FULL_UNROLL` steps), then the native form at each
+    of :data:`LANES`."""
     base = Config(cell=cell, order=order, batch_size=batch)
     unrolls = (("unroll 1", 1),) + ((("unroll full", 0),)
                                     if sequence_length(order) <= MAX_FULL_UNROLL else ())
     out = {f"{cell}, {name}, {label}": base.replace(unroll=unroll, **fields)
            for name, fields in FORMS for label, unroll in unrolls}
     for lanes in LANES:
-        out[f"native, {lanes} lanes"] = base.replace(cell=cell_name(cell, lanes),
-                                                     backward="native")
+        out[f"native, {lanes} lanes"] = base.replace(backward="native", native_lanes=lanes)
     return out
 
 
@@ -115,7 +98,7 @@ def first_step_difference(config: Config, reference: Config, images: jax.Array,
 
 
 def time_case(device_data: Any, cell: str, order: str, batch: int, rounds: int,
-              built: dict[str, float]) -> dict[str, Any]:
+              built: dict[int, float]) -> dict[str, Any]:
     """One case's row: ms per train step (median and best over ``rounds`` calls in turns)
     and compile seconds of each run, and each native cell's first-step difference."""
     steps = steps_per_call(order, batch)
@@ -134,7 +117,8 @@ def time_case(device_data: Any, cell: str, order: str, batch: int, rounds: int,
                                  f"{difference:.3g} (relative), more than {TOLERANCE:g}")
         run, compile_s = compiled_runner(*rnnjax_program(device_data, idx, config))
         runners[name] = run
-        row[f"{name} compile s"] = compile_s + built.get(config.cell, 0.0)
+        row[f"{name} compile s"] = compile_s + (built[config.native_lanes]
+                                                if config.backward == "native" else 0.0)
     for name, values in in_turns(runners, rounds).items():
         row[f"{name} ms"] = statistics.median(values) / steps * 1e3
         row[f"{name} best ms"] = min(values) / steps * 1e3
@@ -174,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"benchmarks.native_kernels times XLA:CPU custom calls; this "
                          f"process's backend is {jax.default_backend()}: run it with "
                          "JAX_PLATFORMS=cpu")
-    built = add_cells(names)
+    built = build_all()
     device_data = to_device(load_arrays(Config()))
     rows = [time_case(device_data, cell, order, batch, args.rounds, built)
             for cell in names for order, batch in cases]

@@ -21,9 +21,10 @@ A :class:`Cell` is a handful of pure functions, no state:
   faster on some machines and shapes (``rnnjax.tune`` measures them); a cell lists the
   ones its ``sequence`` honours in ``Cell.options``, and ``Cell.backward`` says whether
   ``sequence`` ('hand_written') or autodiff of the scan ('autodiff') is its default;
-* optional ``native(params, xs, carry) -> (carry, ys)``: the same as ``sequence`` with
-  native XLA:CPU custom calls for its passes (``rnnjax.native``: ``simple_rnn``, ``lstm``,
-  ``gru``), the backward 'native';
+* optional ``native(params, xs, carry, lanes) -> (carry, ys)``: the same as ``sequence``
+  with native XLA:CPU custom calls for its passes (``rnnjax.native``: ``simple_rnn``,
+  ``lstm``, ``gru``), built for vectors of ``lanes`` floats (8 or 16), the backward
+  'native';
 * optional ``last_output(carry) -> y``: the last step's output ``y_T [B, H]`` read from the
   final carry. A model that only needs ``y_T`` then leaves ``ys`` unused, and XLA drops
   storing it (an evaluation pass writes no ``[T, B, H]`` array).
@@ -44,7 +45,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rnnjax.config import BACKWARDS, PROJECTIONS, WEIGHT_GRADS
+from rnnjax.config import BACKWARDS, NATIVE_LANES, PROJECTIONS, WEIGHT_GRADS
 
 Params = Any
 Carry = Any
@@ -167,13 +168,14 @@ def chunk_bounds(time: int, chunks: int) -> list[int]:
 def scan_cell(
     cell: Cell, params: Params, xs: jax.Array, carry: Carry | None = None, unroll: int = 1,
     weight_grad: str = "auto", projection: str = "auto", backward: str = "auto",
-    chunks: int = 1,
+    chunks: int = 1, native_lanes: int = NATIVE_LANES[0],
 ) -> tuple[Carry, jax.Array]:
     """Run ``cell`` over time-major ``xs [T, B, F]``: ``(final carry, ys [T, B, H])``.
 
     ``unroll`` is ``lax.scan``'s unroll factor; 0 unrolls all T steps. ``backward``,
     ``projection`` and ``weight_grad`` choose the form of the computation
-    (:func:`resolve_form`); every form computes the same sums in the same order: the same
+    (:func:`resolve_form`; ``native_lanes``: the floats per vector of the backward
+    'native''s kernels); every form computes the same sums in the same order: the same
     values, bit for bit where XLA generates the same rounding for them (it did on an AVX2
     CPU), else a few ulps apart (an AVX-512 one; ``tests/test_cells.py``).
 
@@ -194,13 +196,13 @@ def scan_cell(
         parts = []
         for start, stop in itertools.pairwise(bounds):
             carry, ys = scan_cell(cell, params, xs[start:stop], carry, unroll, weight_grad,
-                                  projection, backward)
+                                  projection, backward, native_lanes=native_lanes)
             parts.append(ys)
         return carry, jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=0), *parts)
     unroll = unroll or time
     form = resolve_form(cell, batch, backward, projection, weight_grad)
     if form.backward == "native":
-        return cell.native(params, xs, carry)
+        return cell.native(params, xs, carry, native_lanes)
     if form.backward == "hand_written":
         return cell.sequence(params, xs, carry, unroll, form.weight_grad, form.projection)
     if cell.project is None:
@@ -522,43 +524,36 @@ def _elman(hidden: int, activation: str, recurrent_init: Callable) -> Cell:
 
     return Cell(init, step, _zeros_carry(hidden), hidden, _dense_projection, sequence,
                 last_output=_identity_output, options=("weight_grad", "projection"),
-                native=elman_native() if activation == "tanh" else None)
+                native=elman_native if activation == "tanh" else None)
 
 
-def _native(layer: str, weights: tuple[str, ...], lanes: int | None
-            ) -> Callable[..., tuple[Carry, jax.Array]]:
-    """A cell's ``native(params, xs [T, B, F], carry) -> (carry, hs [T, B, H])``: the layer
-    ``rnnjax.native.<layer>`` (``layer(xs, *(params[w] for w in weights), *carry) ->
-    (hs, *carry)``, the carry h or (h, c)), built for ``lanes`` floats per vector (None:
-    ``rnnjax.native.LANES``). float32 only."""
-    def native(params: Params, xs: jax.Array, carry: Carry) -> tuple[Carry, jax.Array]:
+def _native(layer: str, weights: tuple[str, ...]) -> Callable[..., tuple[Carry, jax.Array]]:
+    """A cell's ``native(params, xs [T, B, F], carry, lanes=8) -> (carry, hs [T, B, H])``:
+    the layer ``rnnjax.native.<layer>`` (``layer(xs, *(params[w] for w in weights), *carry)
+    -> (hs, *carry)``, the carry h or (h, c)), built for ``lanes`` floats per vector
+    (``Config.native_lanes``). float32 only."""
+    def native(params: Params, xs: jax.Array, carry: Carry, lanes: int = NATIVE_LANES[0]
+               ) -> tuple[Carry, jax.Array]:
         from rnnjax import native as kernels
 
         if xs.dtype != jnp.float32:
             raise ValueError(f"backward 'native' runs float32, not {xs.dtype}: drop "
                              "--compute-dtype or choose another --backward")
+        if lanes not in NATIVE_LANES:
+            raise ValueError(f"native lanes {lanes}; choose one of "
+                             f"{', '.join(map(str, NATIVE_LANES))}")
         make = getattr(kernels, layer)
         pair = isinstance(carry, tuple)
-        hs, *last = make(kernels.LANES if lanes is None else lanes)(
-            xs, *(params[name] for name in weights), *(carry if pair else (carry,)))
+        hs, *last = make(lanes)(xs, *(params[name] for name in weights),
+                                *(carry if pair else (carry,)))
         return (tuple(last) if pair else last[0]), hs
 
     return native
 
 
-def elman_native(lanes: int | None = None) -> Callable[..., tuple[Carry, jax.Array]]:
-    """``simple_rnn``'s ``native``: ``rnnjax.native.elman_layer`` (:func:`_native`)."""
-    return _native("elman_layer", ("kernel", "recurrent_kernel", "bias"), lanes)
-
-
-def gru_native(lanes: int | None = None) -> Callable[..., tuple[Carry, jax.Array]]:
-    """``gru``'s ``native``: ``rnnjax.native.gru_layer`` (:func:`_native`)."""
-    return _native("gru_layer", ("kernel", "bias", "recurrent_kernel", "recurrent_bias"), lanes)
-
-
-def lstm_native(lanes: int | None = None) -> Callable[..., tuple[Carry, jax.Array]]:
-    """``lstm``'s ``native``: ``rnnjax.native.lstm_layer`` (:func:`_native`)."""
-    return _native("lstm_layer", ("kernel", "recurrent_kernel", "bias"), lanes)
+elman_native = _native("elman_layer", ("kernel", "recurrent_kernel", "bias"))
+gru_native = _native("gru_layer", ("kernel", "bias", "recurrent_kernel", "recurrent_bias"))
+lstm_native = _native("lstm_layer", ("kernel", "recurrent_kernel", "bias"))
 
 
 @functools.cache
@@ -754,7 +749,7 @@ def lstm(hidden: int) -> Cell:
 
     return Cell(_gated_init(hidden, 4, bias), step, initial_carry, hidden, _dense_projection,
                 sequence, last_output=_first, options=("weight_grad", "projection"),
-                native=lstm_native())
+                native=lstm_native)
 
 
 # The GRU recurrence has a hand-written backward pass too, built as the LSTM's: the forward
@@ -923,7 +918,7 @@ def gru(hidden: int, backward: str = "autodiff") -> Cell:
 
     return Cell(init, step, _zeros_carry(hidden), hidden, _dense_projection, sequence,
                 last_output=_identity_output, backward=backward,
-                options=("weight_grad", "projection"), native=gru_native())
+                options=("weight_grad", "projection"), native=gru_native)
 
 
 CELLS: dict[str, Callable[[int], Cell]] = {

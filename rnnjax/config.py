@@ -30,8 +30,12 @@ BACKWARDS = ("auto", "hand_written", "autodiff", "native")
 PROJECTIONS = ("auto", "hoisted", "in_loop")
 WEIGHT_GRADS = ("auto", "product", "per_step")
 # The fields rnnjax.tune chooses by measurement unless set on the command line.
-TUNED = ("unroll", "backward", "projection", "weight_grad", "chunks", "feed", "xla_flags",
-         "huge_pages", "cpus", "eval_unroll")
+TUNED = ("unroll", "backward", "projection", "weight_grad", "native_lanes", "chunks", "feed",
+         "xla_flags", "huge_pages", "cpus", "eval_unroll")
+# Floats per vector the native kernels (backward 'native') are built for: 256-bit or 512-bit
+# vectors. Which runs faster depends on the CPU (its vector units) and the shape, so the
+# tuner times both where the CPU has 512-bit registers (rnnjax.native.wide_vectors).
+NATIVE_LANES = (8, 16)
 XLA_FLAG = re.compile(r"--xla_[a-z0-9_]+(=\S*)?")
 
 
@@ -99,6 +103,13 @@ class Config:
                   "one product after the backward loop, or accumulated per step inside it "
                   "('auto': per step from batch 512); tuned unless given",
                   "choices": WEIGHT_GRADS},
+    )
+    native_lanes: int = field(
+        default=NATIVE_LANES[0],
+        metadata={"help": "floats per vector of the native kernels (--backward native): 8 "
+                  "(256-bit vectors) or 16 (512-bit, where the CPU has them; elsewhere two "
+                  "256-bit halves); tuned unless given",
+                  "choices": NATIVE_LANES},
     )
     chunks: int = field(
         default=1,
@@ -276,7 +287,7 @@ class Config:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise ConfigError(
-                    f"{flag_name(f.name)} {value!r} is not one of {', '.join(choices)}"
+                    f"{flag_name(f.name)} {value!r} is not one of {', '.join(map(str, choices))}"
                 )
         positive = ("hidden_size", "num_layers", "chunks", "batch_size", "steps",
                     "eval_every", "eval_batch_size", "steps_per_call", "keep_checkpoints")

@@ -184,10 +184,14 @@ def resolutions(fields: dict[str, Any], timed: list[tuple[dict[str, Any], float]
 
 def same_program(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether candidates ``a`` and ``b`` run the same program: the same fields, or, in the
-    'native' form (one custom call a pass, no loop to unroll), all but the unroll."""
-    if a.get("backward") == b.get("backward") == "native":
-        a, b = ({k: v for k, v in c.items() if k != "unroll"} for c in (a, b))
-    return a == b
+    'native' form (one custom call a pass, no loop to unroll), all but the unroll, and in
+    the others (which read no native kernels) all but ``native_lanes``."""
+    native = [c.get("backward") == "native" for c in (a, b)]
+    if any(native) and not all(native):
+        return False
+    ignored = "unroll" if all(native) else "native_lanes"
+    return ({k: v for k, v in a.items() if k != ignored}
+            == {k: v for k, v in b.items() if k != ignored})
 
 
 def for_backend(candidates: Iterable[dict[str, Any]], backend: str | None

@@ -69,6 +69,7 @@ class Model:
     projection: str = "auto"
     backward: str = "auto"
     chunks: int = 1
+    native_lanes: int = 8  # the backward 'native''s floats per vector (Config.native_lanes)
     compute_dtype: Any = jnp.float32
     permutation: np.ndarray | None = None
     image_shape: tuple[int, int, int] = (28, 28, 1)  # H, W, C of the images it reads
@@ -150,7 +151,8 @@ class Model:
         xs = xs.astype(dtype)
         finals = ()  # the last layer's final carries (two when bidirectional)
         form = {"unroll": self.unroll, "weight_grad": self.weight_grad,
-                "projection": self.projection, "backward": self.backward, "chunks": self.chunks}
+                "projection": self.projection, "backward": self.backward, "chunks": self.chunks,
+                "native_lanes": self.native_lanes}
         for layer in params["rnn"]:
             if self.bidirectional:
                 carry_f, fwd = scan_cell(self.cell, layer["fwd"], xs, **form)
@@ -200,6 +202,7 @@ def make_model(config: Config, spec: DataSpec | None = None) -> Model:
         projection=config.projection,
         backward=config.backward,
         chunks=config.chunks,
+        native_lanes=config.native_lanes,
         compute_dtype=jnp.dtype(config.compute_dtype),
         permutation=permutation,
         image_shape=spec.image_shape,

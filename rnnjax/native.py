@@ -37,11 +37,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from rnnjax.config import ConfigError
+from rnnjax.config import NATIVE_LANES, ConfigError
 
 SOURCES = tuple(Path(__file__).with_name(f"native_{cell}.cc") for cell in ("elman", "gru", "lstm"))
 HEADER = Path(__file__).with_name("native_common.h")
-LANES = 8  # floats per vector of the build the cells use (benchmarks.native_kernels: 8, 16)
+LANES = NATIVE_LANES[0]  # floats per vector of the default build (Config.native_lanes)
 CELLS = ("Elman", "Gru", "Lstm")
 SYMBOLS = tuple(f"Rnnjax{cell}{call}" for cell in CELLS
                 for call in ("Forward", "Backward", "BackwardWithOutputs"))
@@ -79,6 +79,14 @@ def _cpu() -> str:
         return platform.processor() or platform.machine()
     wanted = [line for line in lines if line.startswith(("model name", "flags", "Features"))]
     return "\n".join(dict.fromkeys(wanted))
+
+
+def wide_vectors() -> bool:
+    """Whether the CPU has 512-bit vector registers (x86's AVX-512F, where Linux lists the
+    CPU's flags), which a build for 16 lanes holds whole: elsewhere each vector is two
+    256-bit halves, and the products' accumulators no longer fit the registers."""
+    return any(line.startswith("flags") and "avx512f" in line.split()
+               for line in _cpu().splitlines())
 
 
 def compile_command(lanes: int, source: Path, out: Path) -> list[str]:

@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from rnnjax import __version__
-from rnnjax.config import TUNED, Config, to_dict
+from rnnjax.config import NATIVE_LANES, TUNED, Config, to_dict
 from rnnjax.data.spec import IDX_SPEC, DataSpec
 from rnnjax.measure import (
     BEST,  # a field's value: the fastest its child has timed
@@ -72,13 +72,13 @@ from rnnjax.measure import (
     for_backend,  # the candidates a child on a backend times
 )
 
-TUNER_VERSION = 20  # 20: lstm's and gru's native kernels, each batch in parts on the
-# pool's threads, timed right after the baseline at small batches; 19: simple_rnn's native
-# kernels; 18: the second process's timings
-# in the first's terms; 17: the evaluations' unroll; 16: XLA flag sets timed in the first
-# child's process; 15: batches read step by step gathered so; 14: longer calls in turns,
-# autodiff loops 1.1-1.3x faster; 13: cpus; 12: huge pages; 11: chunks; 10: finalists in a
-# second process
+TUNER_VERSION = 21  # 21: the native kernels at 16 lanes too (native_lanes); 20: lstm's and
+# gru's native kernels, each batch in parts on the pool's threads, timed right after the
+# baseline at small batches; 19: simple_rnn's native kernels; 18: the second process's
+# timings in the first's terms; 17: the evaluations' unroll; 16: XLA flag sets timed in the
+# first child's process; 15: batches read step by step gathered so; 14: longer calls in
+# turns, autodiff loops 1.1-1.3x faster; 13: cpus; 12: huge pages; 11: chunks; 10:
+# finalists in a second process
 ENV_VAR = "RNNJAX_TUNE"  # 'off' (or 0, false, no): rnnjax train does not tune by default
 MARGIN = 0.03  # a candidate replaces the baseline only when this much faster
 # Other XLA flags replace the run's own only when this much faster: they are timed in other
@@ -292,6 +292,10 @@ def describe(fields: dict[str, Any]) -> str:
 
 
 FORMS = ("backward", "projection", "weight_grad")  # the Config fields of a cells.Form
+# A form's program: its fields and the native kernels' vector width (Config.native_lanes,
+# which only the 'native' form reads), what candidates timed on the fastest so far take
+# from it (BEST).
+PROGRAM = (*FORMS, "native_lanes")
 
 
 def builtin_cell(config: Config) -> Any:
@@ -307,7 +311,7 @@ def baseline(config: Config, pinned: frozenset[str]) -> dict[str, Any]:
     'auto' choices resolved (``cells.resolve_form``)."""
     from rnnjax import cells
 
-    fields = ("unroll", *FORMS, "chunks", "feed")
+    fields = ("unroll", *PROGRAM, "chunks", "feed")
     defaults = Config()
     base = {name: (getattr(config, name) if name in pinned else getattr(defaults, name))
             for name in fields}
@@ -375,7 +379,8 @@ def model_candidates(config: Config, pinned: frozenset[str], spec: DataSpec = ID
     (:func:`native_offered`: right after the baseline where the batch is at most
     :data:`ONE_CPU_FIRST`, whose steps are chains of small ops, the native form's case:
     there the rows 50 GRU's first 10 s had no time left for it after the unroll probes;
-    after them elsewhere); each other form of the cell at the faster of those two
+    after them elsewhere; each other vector width right after it,
+    :func:`native_lanes_offered`); each other form of the cell at the faster of those two
     unrolls (``unroll`` :data:`BEST`, resolved by the child: the forms' order at one unroll
     need not hold at another, as where a full unroll lets the per-step weight gradients run
     beside the recurrence; autodiff, where a hand-written form exists, at the baseline's);
@@ -402,7 +407,9 @@ def model_candidates(config: Config, pinned: frozenset[str], spec: DataSpec = ID
     if native_offered(config, pinned):  # its unroll and other forms: none to choose
         native = {**base, "backward": "native", "projection": "hoisted",
                   "weight_grad": "product", ON: "cpu"}
-        out.insert(1 if config.batch_size <= ONE_CPU_FIRST else len(out), native)
+        at = 1 if config.batch_size <= ONE_CPU_FIRST else len(out)
+        out[at:at] = [native, *({**native, "native_lanes": lanes}
+                                for lanes in native_lanes_offered(base, pinned))]
     for form in forms:
         # Autodiff's fully unrolled program compiled 3x slower than the hand-written one
         # (LSTM, 28 rows: 10.9 s against 3.4 s) and ran 2.5x slower (GRU: 69.6 against 50.7
@@ -415,10 +422,10 @@ def model_candidates(config: Config, pinned: frozenset[str], spec: DataSpec = ID
     if "chunks" not in pinned:
         for chunks in CHUNKS:
             if chunks * CHUNK_STEPS <= length and chunks != base["chunks"]:
-                out.append({**base, **{name: BEST for name in FORMS if name not in pinned},
+                out.append({**base, **{name: BEST for name in PROGRAM if name not in pinned},
                             "unroll": BEST if tune_unroll else base["unroll"], "chunks": chunks})
     if tune_unroll and middle != base["unroll"]:
-        out.append({**base, **dict.fromkeys(FORMS, BEST), "unroll": middle,
+        out.append({**base, **dict.fromkeys(PROGRAM, BEST), "unroll": middle,
                     "chunks": base["chunks"] if "chunks" in pinned else BEST})
     if "feed" not in pinned and config.source == "idx":
         out.append({**base, "feed": "stream" if base["feed"] == "device" else "device"})
@@ -437,6 +444,20 @@ def native_offered(config: Config, pinned: frozenset[str]) -> bool:
             and not set(FORMS) & pinned and native.unavailable() is None)
 
 
+def native_lanes_offered(base: dict[str, Any], pinned: frozenset[str]) -> list[int]:
+    """The native kernels' vector widths (``Config.native_lanes``) timed beside ``base``'s
+    (right after it): 16 lanes where the CPU has 512-bit registers
+    (``native.wide_vectors``) and the width is not pinned. Which is faster depends on the
+    CPU's vector units and the shape (a 2-core EPYC that runs 512-bit vectors as two
+    256-bit halves, in turns: the GRU 1.02-1.04x faster at 16 lanes, the SimpleRNN and LSTM
+    1.03-1.17x slower; a CPU with full 512-bit units has twice the products' peak there)."""
+    from rnnjax import native
+
+    if "native_lanes" in pinned or not native.wide_vectors():
+        return []
+    return [lanes for lanes in NATIVE_LANES if lanes != base["native_lanes"]]
+
+
 PROCESS_SETTINGS = ("xla_flags", "huge_pages", "cpus")  # Config fields: a child's ``flags``
 
 
@@ -450,7 +471,7 @@ def flag_set_candidates(config: Config, pinned: frozenset[str], env_flags: str
     if not FLAGS_IN_PROCESS or "xla_flags" in pinned:
         return []
     base = baseline(config, pinned)
-    best = {name: BEST for name in ("unroll", *FORMS) if name not in pinned}
+    best = {name: BEST for name in ("unroll", *PROGRAM) if name not in pinned}
     return [{**base, **best, "xla_flags": flags, ON: backend}
             for backend in FLAG_SETS for flags in backend_flag_sets(backend, env_flags)]
 
@@ -1257,7 +1278,8 @@ def in_turns(children: Sequence[Child], base: dict[str, Any], base_flags: str, t
 
 
 def format_table(result: Result) -> str:
-    """The timing table and the choice, as ``rnnjax tune`` prints them."""
+    """The timing table and the choice, as ``rnnjax tune`` prints them (the backward
+    'native' with its vectors' floats, ``native 8`` or ``native 16``)."""
     rows = [*result.measurements, *result.final, *result.means]
     lines = [f"{'unroll':>6}  {'backward':<12}  {'projection':<10}  {'weight-grad':<11}  "
              f"{'chunks':>6}  {'feed':<6}  {'ms/step':>9}  {'compile s':>9}  {'differs':>7}  "
@@ -1272,7 +1294,10 @@ def format_table(result: Result) -> str:
                                     f"cpus {f['cpus']}" if f["cpus"] else "",
                                     "" if m.step_s is not None and not m.note else m.note)
                         if x)
-        lines.append(f"{f['unroll']:>6}  {f['backward']:<12}  {f['projection']:<10}  "
+        backward = f["backward"]
+        if backward == "native":  # and its vectors' floats (native_lanes)
+            backward = f"native {f.get('native_lanes', NATIVE_LANES[0])}"
+        lines.append(f"{f['unroll']:>6}  {backward:<12}  {f['projection']:<10}  "
                      f"{f['weight_grad']:<11}  {f['chunks']:>6}  {f['feed']:<6}  {ms:>9}  "
                      f"{comp:>9}  {diff:>7}  {note}")
     return "\n".join(lines) + "\n"

@@ -41,6 +41,30 @@ def test_native_takes_the_hand_written_forms_first_step(device_data, cell, hidde
 
 
 @pytest.mark.parametrize("cell", NATIVE_CELLS)
+@pytest.mark.parametrize(("hidden", "batch"), [
+    (20, 7),  # one whole vector of 16 and 4 floats of the next
+    (50, 130),  # the seed's width: 3 whole vectors and 2 floats; more parts than threads
+])
+def test_native_at_16_lanes_takes_the_hand_written_forms_first_step(device_data, cell, hidden,
+                                                                    batch):
+    """--native-lanes 16, the other build the tuner times (512-bit vectors): each gate's
+    block padded to a multiple of 16 floats."""
+    images, labels = device_data.train_images[:batch], device_data.train_labels[:batch]
+    reference = Config(cell=cell, hidden_size=hidden, batch_size=batch, backward="hand_written")
+    assert first_step_difference(reference.replace(backward="native", native_lanes=16),
+                                 reference, images, labels) <= 1e-5
+
+
+def test_native_lanes_are_8_or_16():
+    with pytest.raises(ConfigError, match="--native-lanes 12 is not one of 8, 16"):
+        Config(native_lanes=12)
+    model = make_model(Config(backward="native", native_lanes=16))
+    assert model.native_lanes == 16
+    with pytest.raises(ValueError, match="native lanes 4; choose one of 8, 16"):
+        cells.simple_rnn(8).native({}, jax.numpy.zeros((2, 1, 1)), None, 4)
+
+
+@pytest.mark.parametrize("cell", NATIVE_CELLS)
 def test_native_gradients_are_the_same_bits_in_every_call(device_data, cell):
     """Each part of the batch sums its own weight gradients, and the parts' sums are added
     in their order: which thread runs which part, and when, changes no bit."""

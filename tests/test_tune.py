@@ -33,14 +33,17 @@ SEED_FORM = {"backward": "hand_written", "projection": "hoisted", "weight_grad":
 
 
 def k(unroll, feed="device", flags="", chunks=1, **form):
-    """A FakeChild table key: the seed form, with ``form`` changed."""
-    f = {**SEED_FORM, **form}
-    return (unroll, f["backward"], f["projection"], f["weight_grad"], chunks, feed, flags)
+    """A FakeChild table key: the seed form, with ``form`` changed (its fields, and
+    ``native_lanes``)."""
+    f = {**SEED_FORM, "native_lanes": 8, **form}
+    return (unroll, f["backward"], f["projection"], f["weight_grad"], chunks, feed, flags,
+            f["native_lanes"])
 
 
 def fields(unroll, feed="device", flags=None, chunks=1, **form):
     """A candidate's fields (with ``flags``: a choice, every TUNED field)."""
-    out = {"unroll": unroll, **SEED_FORM, **form, "chunks": chunks, "feed": feed}
+    out = {"unroll": unroll, **SEED_FORM, "native_lanes": 8, **form, "chunks": chunks,
+           "feed": feed}
     return out if flags is None else {**out, **tune.process_fields(flags), "eval_unroll": -1}
 
 
@@ -74,7 +77,10 @@ def no_native(monkeypatch):
 
 @pytest.fixture
 def native_here(monkeypatch):
+    """The native kernels can be built, on a CPU without 512-bit vector registers (one
+    vector width to time), whatever this machine has."""
     monkeypatch.setattr(native, "unavailable", lambda: None)
+    monkeypatch.setattr(native, "wide_vectors", lambda: False)
 
 
 ONE_CPU_OFFERED = tune.one_cpu_offered
@@ -110,7 +116,8 @@ def flags_in_process(monkeypatch):
 
 class FakeChild:
     """Stands for a measuring child: times from a table, keyed on (unroll, backward,
-    projection, weight_grad, chunks, feed, xla_flags) (:func:`k`; the child's flags and a
+    projection, weight_grad, chunks, feed, xla_flags, native_lanes) (:func:`k`; the child's
+    flags and a
     candidate's own, in-process ones); ``wrong`` ones report results that differ from the
     baseline. Resolves 'best', and leaves another backend's candidates, as the real child
     does."""
@@ -194,7 +201,8 @@ class FakeChild:
     def _key(c, flags):
         """The table key (:func:`k`) of candidate fields ``c`` under ``flags``."""
         return (c["unroll"], c["backward"], c["projection"], c["weight_grad"], c["chunks"],
-                c["feed"], " ".join(filter(None, [flags, c.get("xla_flags", "")])))
+                c["feed"], " ".join(filter(None, [flags, c.get("xla_flags", "")])),
+                c["native_lanes"])
 
 
 class Clock:
@@ -225,9 +233,11 @@ def all_times(base=1.0, config=None, flag_sets=("", YNN, VEC)):
     for c in tune.model_candidates(config, frozenset()):
         for unroll in ((1, 4, 0) if measure.BEST in c.values() else (c["unroll"],)):
             for chunks in ((1, 4) if c["chunks"] == measure.BEST else (c["chunks"],)):
-                for flags in flag_sets:
-                    times[(unroll, c["backward"], c["projection"], c["weight_grad"], chunks,
-                           c["feed"], flags)] = base
+                for lanes in ((8, 16) if c["native_lanes"] == measure.BEST
+                              else (c["native_lanes"],)):
+                    for flags in flag_sets:
+                        times[(unroll, c["backward"], c["projection"], c["weight_grad"],
+                               chunks, c["feed"], flags, lanes)] = base
     return times
 
 
@@ -408,7 +418,7 @@ def test_a_flag_set_the_first_child_did_not_time_gets_its_own_child(flags_in_pro
     times = all_times()
     times[k(1, flags=YNN)] = 0.5
     fake = FakeChild(times)
-    ynn = {key: value for key, value in times.items() if key[-1] == YNN}
+    ynn = {key: value for key, value in times.items() if key[-2] == YNN}
 
     def child(config, flags, *args, **kwargs):
         if not fake.calls:  # the first child: YNN fails to compile in its process
@@ -553,6 +563,41 @@ def test_the_native_kernels_are_timed_after_the_unrolls_on_a_cpu_and_chosen_when
     times[k(1, **native_form)] = 0.7
     result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
     assert result.choice == fields(1, flags="", **native_form)
+
+
+def test_where_the_cpu_has_512_bit_registers_the_native_kernels_are_timed_at_16_lanes_too(
+        native_here, monkeypatch):
+    """Config.native_lanes: the build for 16 floats a vector is timed right after the one
+    for 8 where the CPU has 512-bit registers (native.wide_vectors), unless the width is
+    pinned; the candidates timed on the fastest form so far take its width (BEST); a
+    width is no other program for a form that reads no native kernels."""
+    native_form = {"backward": "native", "projection": "hoisted", "weight_grad": "product"}
+    monkeypatch.setattr(native, "wide_vectors", lambda: True)
+    config = Config()
+    candidates = tune.model_candidates(config, frozenset())
+    assert candidates[1:3] == [{**fields(1, **native_form), measure.ON: "cpu"},
+                               {**fields(1, **native_form, native_lanes=16),
+                                measure.ON: "cpu"}]
+    assert all(c["native_lanes"] == measure.BEST for c in candidates if c["chunks"] != 1)
+    pinned = tune.model_candidates(config.replace(native_lanes=16),
+                                   frozenset({"native_lanes"}))
+    assert [c["native_lanes"] for c in pinned if c["backward"] == "native"] == [16]
+    monkeypatch.setattr(native, "wide_vectors", lambda: False)
+    assert [c["native_lanes"] for c in tune.model_candidates(config, frozenset())
+            if c["backward"] == "native"] == [8]
+    assert measure.same_program(fields(1, native_lanes=16), fields(1))
+    assert not measure.same_program(fields(1, **native_form, native_lanes=16),
+                                    fields(1, **native_form))
+    monkeypatch.setattr(native, "wide_vectors", lambda: True)
+    times = all_times()
+    times[k(1, **native_form)] = 0.8
+    times[k(1, **native_form, native_lanes=16)] = 0.6
+    times[k(1, **native_form, native_lanes=16, chunks=4)] = 0.7
+    fake = FakeChild(times)
+    result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
+    assert result.choice == fields(1, flags="", **native_form, native_lanes=16)
+    timed = [m.candidate for m in result.measurements if m.step_s is not None]
+    assert fields(1, chunks=4, **native_form, native_lanes=16) in timed  # on the fastest
 
 
 def test_without_a_compiler_the_native_kernels_are_not_timed(monkeypatch):
@@ -1425,7 +1470,7 @@ def test_the_cached_choice_is_used_and_explicit_flags_override_it(in_process):
     # Every tuned setting given: nothing to tune, nothing read.
     given = ["--unroll", "2", "--backward", "hand_written", "--projection", "hoisted",
              "--weight-grad", "product", "--chunks", "1", "--feed", "device", "--xla-flags=",
-             "--no-huge-pages", "--cpus", "0", "--eval-unroll", "-1"]
+             "--no-huge-pages", "--cpus", "0", "--eval-unroll", "-1", "--native-lanes", "8"]
     assert main(["train", *RUN, *given]) == 0
     assert in_process.last() == (fields(2, flags=""), "pinned")
 
