@@ -43,6 +43,8 @@ BAD = [
      ["--chunks 29 exceeds the 28 time steps of --order rows; choose 1 to 28"]),
     ("weight_grad_unknown", ["--weight-grad", "fast"],
      ["--weight-grad", "invalid choice: 'fast'", "'auto', 'product', 'per_step'"]),
+    ("native_lanes_other", ["--native-lanes", "12"],
+     ["--native-lanes", "invalid choice: 12", "8, 16"]),
     ("backward_unknown", ["--backward", "manual"],
      ["--backward", "invalid choice: 'manual'", "'auto', 'hand_written', 'autodiff', 'native'"]),
     ("projection_unknown", ["--projection", "inside"],
