@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnnjax.cells import Cell, get_cell, glorot_uniform, resolve_form, scan_cell
-from rnnjax.config import Config, ConfigError
+from rnnjax.config import NATIVE_LANES, Config, ConfigError
 from rnnjax.data.spec import IDX_SPEC, DataSpec
 
 Params = Any
@@ -69,7 +69,7 @@ class Model:
     projection: str = "auto"
     backward: str = "auto"
     chunks: int = 1
-    native_lanes: int = 8  # the backward 'native''s floats per vector (Config.native_lanes)
+    native_lanes: int = NATIVE_LANES[0]  # the native kernels' floats a vector (Config's)
     compute_dtype: Any = jnp.float32
     permutation: np.ndarray | None = None
     image_shape: tuple[int, int, int] = (28, 28, 1)  # H, W, C of the images it reads
