@@ -49,7 +49,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv 2
 # then trains), then the same command again (the cached choice).
 part seed_first 120 python3 -m rnnjax train --workdir "$out/seed_first"
 part seed_cached 50 python3 -m rnnjax train --workdir "$out/seed_cached"
-grep -h "test_accuracy\|tuned\|chose" "$out"/seed_*.log | head -20
+grep -h "final test accuracy\|^tuned\|chose\|wall time" "$out"/seed_*.log | head -20
 
 # rnnjax (as rnnjax train runs it, tuned now) against flax.linen / flax.nnx RNN, in turns.
 part flax_rows 170 python3 -m benchmarks.flax_peers --cases rows:50,rows:1024,rows:4096 \
