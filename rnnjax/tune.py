@@ -449,8 +449,9 @@ def native_lanes_offered(base: dict[str, Any], pinned: frozenset[str]) -> list[i
     (right after it): 16 lanes where the CPU has 512-bit registers
     (``native.wide_vectors``) and the width is not pinned. Which is faster depends on the
     CPU's vector units and the shape (a 2-core EPYC that runs 512-bit vectors as two
-    256-bit halves, in turns: the GRU 1.02-1.04x faster at 16 lanes, the SimpleRNN and LSTM
-    1.03-1.17x slower; a CPU with full 512-bit units has twice the products' peak there)."""
+    256-bit halves, in turns: at batch 50 the GRU 1.04x faster at 16 lanes, the SimpleRNN
+    and LSTM 1.03-1.17x slower; at rows 1024 and 4096 all 1.07-1.33x slower; a CPU with
+    full 512-bit units has twice the products' peak there)."""
     from rnnjax import native
 
     if "native_lanes" in pinned or not native.wide_vectors():
@@ -1296,7 +1297,7 @@ def format_table(result: Result) -> str:
                         if x)
         backward = f["backward"]
         if backward == "native":  # and its vectors' floats (native_lanes)
-            backward = f"native {f.get('native_lanes', NATIVE_LANES[0])}"
+            backward = f"native {f['native_lanes']}"
         lines.append(f"{f['unroll']:>6}  {backward:<12}  {f['projection']:<10}  "
                      f"{f['weight_grad']:<11}  {f['chunks']:>6}  {f['feed']:<6}  {ms:>9}  "
                      f"{comp:>9}  {diff:>7}  {note}")
