@@ -598,6 +598,8 @@ def test_where_the_cpu_has_512_bit_registers_the_native_kernels_are_timed_at_16_
     assert result.choice == fields(1, flags="", **native_form, native_lanes=16)
     timed = [m.candidate for m in result.measurements if m.step_s is not None]
     assert fields(1, chunks=4, **native_form, native_lanes=16) in timed  # on the fastest
+    table = tune.format_table(result)
+    assert "native 8" in table and "native 16" in table
 
 
 def test_without_a_compiler_the_native_kernels_are_not_timed(monkeypatch):
