@@ -33,6 +33,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -205,13 +206,30 @@ def _backward(names: dict[str, str], cell: str, shapes: tuple, xs: jax.Array, hs
                                                                                 *rest)
 
 
+def _asked(xs: Any) -> tuple[()] | None:
+    """A residual for whether the gradient of the layer's inputs ``xs`` (a ``custom_vjp``
+    forward rule's primal, ``symbolic_zeros``) is asked for: ``()`` if so, None where the
+    inputs are data (the first layer's sequences under a gradient of the parameters)."""
+    return () if xs.perturbed else None
+
+
+def _input_gradient(asked: tuple[()] | None, xs: jax.Array, width: int
+                    ) -> jax.ShapeDtypeStruct:
+    """The backward call's first result, the gradient XLA turns into the inputs' (dzs, dus):
+    [T, B, width], or [0, B, width] where it is not asked for (:func:`_asked`), which the
+    kernel then does not write (``native_common.h``'s ``open_backward``; at rows batch
+    4096 the Elman's was a [28, 4096, 50] array written and dropped every step)."""
+    time = 0 if asked is None else xs.shape[0]
+    return jax.ShapeDtypeStruct((time, *xs.shape[1:-1], width), xs.dtype)
+
+
 @functools.cache
 def elman_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """``layer(xs [T, B, F], kernel [F, H], recurrent [H, H], bias [H], h0 [B, H]) ->
     (hs [T, B, H], h_T [B, H])``, float32: ``rnnjax.cells.elman_layer`` with tanh, as one
-    call of the forward pass and one of the backward (``dxs = dzs @ kernel^T`` stays XLA's,
-    and is dropped where no gradient of the inputs is asked for). Registers the kernels
-    (:func:`register`) when first traced."""
+    call of the forward pass and one of the backward (``dxs = dzs @ kernel^T`` stays XLA's;
+    where no gradient of the inputs is asked for, the kernel writes no dzs,
+    :func:`_input_gradient`). Registers the kernels (:func:`register`) when first traced."""
     from rnnjax import cells
 
     names = targets(lanes)
@@ -228,17 +246,19 @@ def elman_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array]
         return forward(xs, kernel, recurrent, bias, h0)
 
     def layer_fwd(xs, kernel, recurrent, bias, h0):
+        asked = _asked(xs)
         xs, kernel, recurrent, bias, h0 = cells._values(xs, kernel, recurrent, bias, h0)
         hs, h_last = forward(xs, kernel, recurrent, bias, h0)
-        return (hs, h_last), (xs, hs, kernel, recurrent, bias, h0)
+        return (hs, h_last), (xs, hs, kernel, recurrent, bias, h0, asked)
 
     def layer_bwd(residuals, cotangents):
-        xs, hs, kernel, recurrent, bias, h0 = residuals
+        xs, hs, kernel, recurrent, bias, h0, asked = residuals
         dhs, dh_last = cells._dense(cotangents[0]), cells._dense(cotangents[1], h0)
         dzs, dh0, dkernel, drecurrent, dbias = _backward(
-            names, "Elman", _like(hs, h0, kernel, recurrent, bias), xs, hs, dhs, h0,
-            recurrent, dh_last)
-        return dzs @ kernel.T, dkernel, drecurrent, dbias, dh0
+            names, "Elman", (_input_gradient(asked, xs, hs.shape[-1]),
+                             *_like(h0, kernel, recurrent, bias)),
+            xs, hs, dhs, h0, recurrent, dh_last)
+        return (None if asked is None else dzs @ kernel.T), dkernel, drecurrent, dbias, dh0
 
     layer.defvjp(layer_fwd, layer_bwd, symbolic_zeros=True)
     return layer
@@ -249,7 +269,8 @@ def gru_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """``layer(xs [T, B, F], kernel [F, 3H], bias [3H], recurrent [H, 3H],
     recurrent_bias [3H], h0 [B, H]) -> (hs [T, B, H], h_T [B, H])``, float32:
     ``rnnjax.cells.gru_layer`` as one call of the forward pass and one of the backward
-    (``dxs = dus @ kernel^T`` stays XLA's). Between them the gates [T, B, 4 H'] and du
+    (``dxs = dus @ kernel^T`` stays XLA's; no dus where the inputs' gradient is not asked
+    for, :func:`_input_gradient`). Between them the gates [T, B, 4 H'] and du
     [T, B, 3 H'] are kept with each gate's block padded to whole vectors (H' = H rounded up
     to a multiple of ``lanes``). Registers the kernels (:func:`register`) when first
     traced."""
@@ -271,22 +292,23 @@ def gru_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array]]:
         return hs, hs[-1]
 
     def layer_fwd(xs, kernel, bias, recurrent, recurrent_bias, h0):
+        asked = _asked(xs)
         xs, kernel, bias, recurrent, recurrent_bias, h0 = cells._values(
             xs, kernel, bias, recurrent, recurrent_bias, h0)
         hs, gates = forward(xs, kernel, bias, recurrent, recurrent_bias, h0)
-        return (hs, hs[-1]), (xs, hs, gates, kernel, recurrent, h0)
+        return (hs, hs[-1]), (xs, hs, gates, kernel, recurrent, h0, asked)
 
     def layer_bwd(residuals, cotangents):
-        xs, hs, gates, kernel, recurrent, h0 = residuals
+        xs, hs, gates, kernel, recurrent, h0, asked = residuals
         dhs, dh_last = cells._dense(cotangents[0]), cells._dense(cotangents[1], h0)
         padded_kernel = _padded(kernel, 3, lanes)
         bias = jax.ShapeDtypeStruct(kernel.shape[1:], xs.dtype)
         dus, dh0, dkernel, dbias, drecurrent, drecurrent_bias = _backward(
-            names, "Gru", (jax.ShapeDtypeStruct((*xs.shape[:2], padded_kernel.shape[1]),
-                                                xs.dtype), *_like(h0, kernel), bias,
-                           *_like(recurrent), bias),
+            names, "Gru", (_input_gradient(asked, xs, padded_kernel.shape[1]),
+                           *_like(h0, kernel), bias, *_like(recurrent), bias),
             xs, hs, dhs, h0, gates, recurrent, dh_last)
-        return dus @ padded_kernel.T, dkernel, dbias, drecurrent, drecurrent_bias, dh0
+        dxs = None if asked is None else dus @ padded_kernel.T
+        return dxs, dkernel, dbias, drecurrent, drecurrent_bias, dh0
 
     layer.defvjp(layer_fwd, layer_bwd, symbolic_zeros=True)
     return layer
@@ -297,7 +319,8 @@ def lstm_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array, 
     """``layer(xs [T, B, F], kernel [F, 4H], recurrent [H, 4H], bias [4H], h0 [B, H],
     c0 [B, H]) -> (hs [T, B, H], h_T, c_T [B, H])``, float32: ``rnnjax.cells.lstm_layer``
     as one call of the forward pass and one of the backward (``dxs = dzs @ kernel^T`` stays
-    XLA's). Between them the gates with c_t and tanh(c_t) ([T, B, 6 H']) and dz
+    XLA's; no dzs where the inputs' gradient is not asked for, :func:`_input_gradient`).
+    Between them the gates with c_t and tanh(c_t) ([T, B, 6 H']) and dz
     ([T, B, 4 H']) are kept with each block padded to whole vectors (H' = H rounded up to a
     multiple of ``lanes``). Registers the kernels (:func:`register`) when first traced."""
     from rnnjax import cells
@@ -319,20 +342,22 @@ def lstm_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array, 
         return forward(xs, kernel, recurrent, bias, h0, c0)[:3]
 
     def layer_fwd(xs, kernel, recurrent, bias, h0, c0):
+        asked = _asked(xs)
         xs, kernel, recurrent, bias, h0, c0 = cells._values(xs, kernel, recurrent, bias, h0, c0)
         hs, h_last, c_last, gates = forward(xs, kernel, recurrent, bias, h0, c0)
-        return (hs, h_last, c_last), (xs, hs, gates, kernel, recurrent, h0, c0)
+        return (hs, h_last, c_last), (xs, hs, gates, kernel, recurrent, h0, c0, asked)
 
     def layer_bwd(residuals, cotangents):
-        xs, hs, gates, kernel, recurrent, h0, c0 = residuals
+        xs, hs, gates, kernel, recurrent, h0, c0, asked = residuals
         dhs = cells._dense(cotangents[0])
         dh_last, dc_last = cells._dense(cotangents[1], h0), cells._dense(cotangents[2], h0)
         padded_kernel = _padded(kernel, 4, lanes)
-        dzs = jax.ShapeDtypeStruct((*xs.shape[:2], padded_kernel.shape[1]), xs.dtype)
         dzs, dh0, dc0, dkernel, drecurrent, dbias = _backward(
-            names, "Lstm", (dzs, *_like(h0, c0, kernel, recurrent, kernel[0])),
+            names, "Lstm", (_input_gradient(asked, xs, padded_kernel.shape[1]),
+                            *_like(h0, c0, kernel, recurrent, kernel[0])),
             xs, hs, dhs, h0, c0, gates, recurrent, dh_last, dc_last)
-        return dzs @ padded_kernel.T, dkernel, drecurrent, dbias, dh0, dc0
+        dxs = None if asked is None else dzs @ padded_kernel.T
+        return dxs, dkernel, drecurrent, dbias, dh0, dc0
 
     layer.defvjp(layer_fwd, layer_bwd, symbolic_zeros=True)
     return layer

@@ -423,7 +423,10 @@ inline Frame open(XLA_FFI_CallFrame* call, int args, int rets, const int* ranks)
 // A backward call's frame: operands (xs, hs, [dhs,] the rest: args of them without dhs)
 // and rets results, ranks those of the operands without dhs then of the results; dhs is
 // there where `outputs` (the layer's outputs have a gradient). The buffers are laid out as
-// if dhs were always there, null where it is not, so a handler reads them alike.
+// if dhs were always there, null where it is not, so a handler reads them alike. The first
+// result, the [T, B, ...] gradient XLA turns into the inputs' (dzs, dus), is null too where
+// its time dimension is 0: no gradient of the inputs was asked for, and the kernel writes
+// none (at rows batch 4096 it was a [28, 4096, 50] array written for nothing).
 inline Frame open_backward(XLA_FFI_CallFrame* call, bool outputs, int args, int rets,
                            const int* ranks) {
   int with_dhs[16] = {ranks[0], ranks[1], ranks[1]};
@@ -437,6 +440,7 @@ inline Frame open_backward(XLA_FFI_CallFrame* call, bool outputs, int args, int 
     frame.buffers[2] = nullptr;
     frame.dims[2] = nullptr;
   }
+  if (frame.run && frame.dims[args + 1][0] == 0) frame.buffers[args + 1] = nullptr;
   return frame;
 }
 

@@ -6,7 +6,8 @@
 //   backward: g = dh_last; for t = T-1 .. 0:
 //               dzs[t] = (g [+ dhs[t]]) * (1 - hs[t]^2);  g = dzs[t] @ recurrent^T
 //             dh0 = g; dkernel = sum_t xs[t]^T dzs[t]; drecurrent = sum_t hs[t-1]^T dzs[t];
-//             dbias = the sum of dzs' rows
+//             dbias = the sum of dzs' rows; dzs written only where the inputs' gradient is
+//             asked for (an output of time dimension 0 where not: open_backward)
 //
 // xs [T, B, F]; hs, dzs, dhs [T, B, H]; kernel [F, H]; recurrent [H, H]; bias [H];
 // h0, dh_last, dh0 [B, H]. A batch's rows are independent through the layer, so each call
@@ -81,7 +82,8 @@ void backward(const Pool& pool, const float* xs, const float* hs, const float* d
                                        : load_part(dht + row + c, n) + load(gr + c);
           store(dz.data() + r * np + c, d * (1.f - h * h));
         }
-        std::memcpy(dzs + at * hidden + row, dz.data() + r * np, hidden * sizeof(float));
+        if (dzs != nullptr)
+          std::memcpy(dzs + at * hidden + row, dz.data() + r * np, hidden * sizeof(float));
       }
       product<false>({dz.data(), np, 1, ut.data(), np, g.data(), np, rows, hidden, np});
       const float* previous = t == 0 ? h0 + first * hidden : ht - batch * hidden;

@@ -70,8 +70,9 @@ void forward(const Pool& pool, const float* xs, const float* kernel, const float
 
 // The gradients; the batch in parts (run_parts), each summing its own weight gradients
 // step by step. du is written padded ([T, B, 3np], the call's output: XLA's dxs =
-// dus @ kernel^T reads it with the kernel's gate blocks padded alike), and dv's n block
-// beside it (dv_n, [rows, np]): dv = [du_z, du_r, dv_n].
+// dus @ kernel^T reads it with the kernel's gate blocks padded alike; into one step's rows
+// of the part's own where the inputs' gradient is not asked for, dus null), and dv's n
+// block beside it (dv_n, [rows, np]): dv = [du_z, du_r, dv_n].
 void backward(const Pool& pool, const float* xs, const float* hs, const float* dhs,
               const float* h0, const float* gates, const float* recurrent,
               const float* dh_last, float* dus, float* dh0, float* dkernel, float* dbias,
@@ -85,6 +86,7 @@ void backward(const Pool& pool, const float* xs, const float* hs, const float* d
   run_parts(pool, parts, batch, [&](int64_t p, int64_t first, int64_t last) {
     const int64_t rows = last - first;
     std::vector<float> g(rows * np), dvn(rows * np);
+    std::vector<float> step_du(dus == nullptr ? rows * width : 0);  // where dus is not asked
     for (int64_t r = 0; r < rows; ++r)
       std::memcpy(g.data() + r * np, dh_last + (first + r) * hidden, hidden * sizeof(float));
     float* dk = sums.part(p);
@@ -96,7 +98,7 @@ void backward(const Pool& pool, const float* xs, const float* hs, const float* d
       const float* gt = gates + at * stored;
       const float* previous = t == 0 ? h0 + first * hidden : hs + (at - batch) * hidden;
       const float* dht = dhs == nullptr ? nullptr : dhs + at * hidden;
-      float* dut = dus + at * width;
+      float* dut = dus == nullptr ? step_du.data() : dus + at * width;
       for (int64_t r = 0; r < rows; ++r) {
         const float* gr = gt + r * stored;
         float* dgr = g.data() + r * np;

@@ -68,7 +68,8 @@ void forward(const Pool& pool, const float* xs, const float* kernel, const float
 
 // The gradients; the batch in parts (run_parts), each summing its own weight gradients
 // step by step. dz is written padded ([T, B, 4np], the call's output: XLA's dxs =
-// dzs @ kernel^T reads it with the kernel's gate blocks padded alike).
+// dzs @ kernel^T reads it with the kernel's gate blocks padded alike; into one step's rows
+// of the part's own where the inputs' gradient is not asked for, dzs null).
 void backward(const Pool& pool, const float* xs, const float* hs, const float* dhs,
               const float* h0, const float* c0, const float* gates, const float* recurrent,
               const float* dh_last, const float* dc_last, float* dzs, float* dh0, float* dc0,
@@ -81,6 +82,7 @@ void backward(const Pool& pool, const float* xs, const float* hs, const float* d
   run_parts(pool, parts, batch, [&](int64_t p, int64_t first, int64_t last) {
     const int64_t rows = last - first;
     std::vector<float> g(rows * np), dc(rows * np);
+    std::vector<float> step_dz(dzs == nullptr ? rows * width : 0);  // where dzs is not asked
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t row = (first + r) * hidden;
       std::memcpy(g.data() + r * np, dh_last + row, hidden * sizeof(float));
@@ -93,7 +95,7 @@ void backward(const Pool& pool, const float* xs, const float* hs, const float* d
       const int64_t at = t * batch + first;
       const float* gt = gates + at * stored;
       const float* dht = dhs == nullptr ? nullptr : dhs + at * hidden;
-      float* dzt = dzs + at * width;
+      float* dzt = dzs == nullptr ? step_dz.data() : dzs + at * width;
       for (int64_t r = 0; r < rows; ++r) {
         const float* gr = gt + r * stored;
         const float* cr = t == 0 ? nullptr : gr - batch * stored + 4 * np;

@@ -72,8 +72,9 @@ from rnnjax.measure import (
     for_backend,  # the candidates a child on a backend times
 )
 
-TUNER_VERSION = 21  # 21: the native kernels at 16 lanes too (native_lanes); 20: lstm's and
-# gru's native kernels, each batch in parts on the pool's threads, timed right after the
+TUNER_VERSION = 22  # 22: the native backward writes no input gradient where none is asked
+# for; 21: the native kernels at 16 lanes too (native_lanes); 20: lstm's and gru's native
+# kernels, each batch in parts on the pool's threads, timed right after the
 # baseline at small batches; 19: simple_rnn's native kernels; 18: the second process's
 # timings in the first's terms; 17: the evaluations' unroll; 16: XLA flag sets timed in the
 # first child's process; 15: batches read step by step gathered so; 14: longer calls in

@@ -84,6 +84,43 @@ def test_native_gradients_are_the_same_bits_in_every_call(device_data, cell):
                                                         strict=True))
 
 
+LAYERS = {  # a native layer, its weights' shapes [F = 3, H = 6], its carry's arrays
+    "simple_rnn": (native.elman_layer, [(3, 6), (6, 6), (6,)], 1),
+    "gru": (native.gru_layer, [(3, 18), (18,), (6, 18), (18,)], 1),
+    "lstm": (native.lstm_layer, [(3, 24), (6, 24), (24,)], 2),
+}
+
+
+@pytest.mark.parametrize("cell", NATIVE_CELLS)
+def test_no_input_gradient_is_written_where_none_is_asked_for(cell):
+    """The backward call's [T, B, ...] gradient for the inputs (dzs, dus) is asked for with
+    time dimension 0 where the inputs are data, and the kernel writes none; the weights'
+    gradients are the same bits either way."""
+    make, shapes, carries = LAYERS[cell]
+    layer = make()
+    keys = jax.random.split(jax.random.key(0), len(shapes) + 2)
+    xs = jax.random.normal(keys[0], (5, 7, 3))
+    carry = [jax.random.normal(keys[1], (7, 6))] * carries
+    weights = [jax.random.normal(k, s) * 0.3 for k, s in zip(keys[2:], shapes, strict=True)]
+
+    def loss(xs, *weights):
+        return jax.numpy.sum(jax.numpy.sin(layer(xs, *weights, *carry)[1]))
+
+    of_weights = jax.jit(jax.grad(lambda *w: loss(xs, *w), range(len(weights))))
+    of_all = jax.jit(jax.grad(loss, range(len(weights) + 1)))
+    with_inputs = of_all(xs, *weights)
+    for a, b in zip(of_weights(*weights), with_inputs[1:], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert np.abs(with_inputs[0]).max() > 0
+
+    def first_result(text):  # the backward call's first result type
+        call = next(line for line in text.splitlines() if "_backward_" in line)
+        return call.split("-> (")[1].split(",")[0]
+
+    assert first_result(of_weights.lower(*weights).as_text()).startswith("tensor<0x7x")
+    assert first_result(of_all.lower(xs, *weights).as_text()).startswith("tensor<5x7x")
+
+
 def test_the_form_and_its_limits():
     for cell in (cells.simple_rnn(8), cells.lstm(8), cells.gru(8)):
         assert cells.resolve_form(cell, 50, "native") == cells.Form("native", "hoisted",
