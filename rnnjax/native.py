@@ -223,6 +223,14 @@ def _input_gradient(asked: tuple[()] | None, xs: jax.Array, width: int
     return jax.ShapeDtypeStruct((time, *xs.shape[1:-1], width), xs.dtype)
 
 
+def _inputs_cotangent(asked: tuple[()] | None, dzs: jax.Array, kernel: jax.Array
+                      ) -> jax.Array | None:
+    """The inputs' gradient from the backward call's first result (:func:`_input_gradient`)
+    and the kernel its gate blocks are laid out against: ``dzs @ kernel^T``, or None (a
+    zero) where it was not asked for."""
+    return None if asked is None else dzs @ kernel.T
+
+
 @functools.cache
 def elman_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """``layer(xs [T, B, F], kernel [F, H], recurrent [H, H], bias [H], h0 [B, H]) ->
@@ -258,7 +266,7 @@ def elman_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array]
             names, "Elman", (_input_gradient(asked, xs, hs.shape[-1]),
                              *_like(h0, kernel, recurrent, bias)),
             xs, hs, dhs, h0, recurrent, dh_last)
-        return (None if asked is None else dzs @ kernel.T), dkernel, drecurrent, dbias, dh0
+        return _inputs_cotangent(asked, dzs, kernel), dkernel, drecurrent, dbias, dh0
 
     layer.defvjp(layer_fwd, layer_bwd, symbolic_zeros=True)
     return layer
@@ -307,8 +315,8 @@ def gru_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array]]:
             names, "Gru", (_input_gradient(asked, xs, padded_kernel.shape[1]),
                            *_like(h0, kernel), bias, *_like(recurrent), bias),
             xs, hs, dhs, h0, gates, recurrent, dh_last)
-        dxs = None if asked is None else dus @ padded_kernel.T
-        return dxs, dkernel, dbias, drecurrent, drecurrent_bias, dh0
+        return (_inputs_cotangent(asked, dus, padded_kernel), dkernel, dbias, drecurrent,
+                drecurrent_bias, dh0)
 
     layer.defvjp(layer_fwd, layer_bwd, symbolic_zeros=True)
     return layer
@@ -356,8 +364,7 @@ def lstm_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array, 
             names, "Lstm", (_input_gradient(asked, xs, padded_kernel.shape[1]),
                             *_like(h0, c0, kernel, recurrent, kernel[0])),
             xs, hs, dhs, h0, c0, gates, recurrent, dh_last, dc_last)
-        dxs = None if asked is None else dzs @ padded_kernel.T
-        return dxs, dkernel, drecurrent, dbias, dh0, dc0
+        return _inputs_cotangent(asked, dzs, padded_kernel), dkernel, drecurrent, dbias, dh0, dc0
 
     layer.defvjp(layer_fwd, layer_bwd, symbolic_zeros=True)
     return layer
