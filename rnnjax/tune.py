@@ -72,14 +72,14 @@ from rnnjax.measure import (
     for_backend,  # the candidates a child on a backend times
 )
 
-TUNER_VERSION = 22  # 22: the native backward writes no input gradient where none is asked
-# for; 21: the native kernels at 16 lanes too (native_lanes); 20: lstm's and gru's native
-# kernels, each batch in parts on the pool's threads, timed right after the
-# baseline at small batches; 19: simple_rnn's native kernels; 18: the second process's
-# timings in the first's terms; 17: the evaluations' unroll; 16: XLA flag sets timed in the
-# first child's process; 15: batches read step by step gathered so; 14: longer calls in
-# turns, autodiff loops 1.1-1.3x faster; 13: cpus; 12: huge pages; 11: chunks; 10:
-# finalists in a second process
+TUNER_VERSION = 23  # 23: the native kernels' products in blocks that fit the registers;
+# 22: the native backward writes no input gradient where none is asked for; 21: the native
+# kernels at 16 lanes too (native_lanes); 20: lstm's and gru's native kernels, each batch
+# in parts on the pool's threads, timed right after the baseline at small batches; 19:
+# simple_rnn's native kernels; 18: the second process's timings in the first's terms; 17:
+# the evaluations' unroll; 16: XLA flag sets timed in the first child's process; 15:
+# batches read step by step gathered so; 14: longer calls in turns, autodiff loops
+# 1.1-1.3x faster; 13: cpus; 12: huge pages; 11: chunks; 10: finalists in a second process
 ENV_VAR = "RNNJAX_TUNE"  # 'off' (or 0, false, no): rnnjax train does not tune by default
 MARGIN = 0.03  # a candidate replaces the baseline only when this much faster
 # Other XLA flags replace the run's own only when this much faster: they are timed in other
@@ -449,10 +449,13 @@ def native_lanes_offered(base: dict[str, Any], pinned: frozenset[str]) -> list[i
     """The native kernels' vector widths (``Config.native_lanes``) timed beside ``base``'s
     (right after it): 16 lanes where the CPU has 512-bit registers
     (``native.wide_vectors``) and the width is not pinned. Which is faster depends on the
-    CPU's vector units and the shape (a 2-core EPYC that runs 512-bit vectors as two
-    256-bit halves, in turns: at batch 50 the GRU 1.04x faster at 16 lanes, the SimpleRNN
-    and LSTM 1.03-1.17x slower; at rows 1024 and 4096 all 1.07-1.33x slower; a CPU with
-    full 512-bit units has twice the products' peak there)."""
+    CPU's vector units and the shape. On a 2-core EPYC that runs 512-bit vectors as two
+    256-bit halves, 16 lanes had timed 1.04x faster for the GRU at batch 50 and
+    1.03-1.33x slower elsewhere (2026-12-02). With the products' blocks fitting the
+    registers (tuner version 23), a layer's forward and backward ran 1.03-1.30x faster at
+    16 lanes in all six cases timed in turns in one process (2026-12-04), the rows 4096
+    SimpleRNN's train step 13.9 ms against 17.5. A CPU with full 512-bit units has twice
+    the products' peak at 16 lanes."""
     from rnnjax import native
 
     if "native_lanes" in pinned or not native.wide_vectors():
