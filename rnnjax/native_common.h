@@ -32,11 +32,11 @@ typedef float vec __attribute__((vector_size(L * sizeof(float))));
 // block's vectors of the right operand and a broadcast left element: 7 vectors of 8 lanes
 // (a hidden size of 50 in one block) or 4 of 16, in as many rows as fit the registers.
 // Where there are 32 (AVX-512): 3 x 7 of 8 (29 registers) or 6 x 4 of 16 (29). At 4 x 7
-// (36) the compiler spilled: the rows 4096 SimpleRNN's passes, on one core of a 2-core
-// AVX-512 EPYC in turns, ran the forward 1.17x and the backward 1.13-1.22x faster at 3 x 7;
-// at 16 lanes, 6 x 4 against 4 x 4, the backward 1.06x faster and the forward level.
-// Where there are 16 (AVX2): 2 x 7, which ran (compiled for AVX2, on the same CPU) level
-// with or faster than 1 x 7, 2 x 4, 2 x 5 and 3 x 3.
+// (36) the compiler spilled: the rows 4096 SimpleRNN's passes, on one core of a 2-vCPU
+// AVX-512 Xeon in turns, ran the forward 1.17x and the backward 1.13-1.22x faster at
+// 3 x 7; at 16 lanes, 6 x 4 against 4 x 4, the backward 1.06x faster and the forward
+// level. Where there are 16 (AVX2): 2 x 7, which ran (compiled for AVX2, on the same CPU)
+// level with or faster than 1 x 7, 2 x 4, 2 x 5 and 3 x 3.
 constexpr int kVectors = L == 16 ? 4 : 7;
 #if defined(__AVX512F__)
 constexpr int kRows = L == 16 ? 6 : 3;

@@ -449,13 +449,12 @@ def native_lanes_offered(base: dict[str, Any], pinned: frozenset[str]) -> list[i
     """The native kernels' vector widths (``Config.native_lanes``) timed beside ``base``'s
     (right after it): 16 lanes where the CPU has 512-bit registers
     (``native.wide_vectors``) and the width is not pinned. Which is faster depends on the
-    CPU's vector units and the shape. On a 2-core EPYC that runs 512-bit vectors as two
+    CPU's vector units and the shape. On a 2-vCPU EPYC that runs 512-bit vectors as two
     256-bit halves, 16 lanes had timed 1.04x faster for the GRU at batch 50 and
-    1.03-1.33x slower elsewhere (2026-12-02). With the products' blocks fitting the
-    registers (tuner version 23), a layer's forward and backward ran 1.03-1.30x faster at
-    16 lanes in all six cases timed in turns in one process (2026-12-04), the rows 4096
-    SimpleRNN's train step 13.9 ms against 17.5. A CPU with full 512-bit units has twice
-    the products' peak at 16 lanes."""
+    1.03-1.33x slower elsewhere (2026-12-02). On a 2-vCPU AVX-512 Xeon, with the products'
+    blocks fitting the registers (tuner version 23), a layer's forward and backward ran
+    1.03-1.30x faster at 16 lanes in all six cases timed in turns in one process
+    (2026-12-04), the rows 4096 SimpleRNN's train step 13.9 ms against 17.5."""
     from rnnjax import native
 
     if "native_lanes" in pinned or not native.wide_vectors():
