@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks.native_kernels import first_step_difference
 from rnnjax import cells, native
-from rnnjax.config import Config, ConfigError
+from rnnjax.config import NATIVE_LANES, Config, ConfigError
 from rnnjax.data.pipeline import to_device
 from rnnjax.model import evaluation_model, make_model
 
@@ -119,6 +119,39 @@ def test_no_input_gradient_is_written_where_none_is_asked_for(cell):
 
     assert first_result(of_weights.lower(*weights).as_text()).startswith("tensor<0x7x")
     assert first_result(of_all.lower(xs, *weights).as_text()).startswith("tensor<5x7x")
+
+
+@pytest.mark.parametrize("lanes", NATIVE_LANES)
+def test_every_leftover_block_of_the_products_sums_as_the_scan_does(lanes):
+    """The products run in register blocks of R rows by V vectors (3 x 7 or 6 x 4 on
+    AVX-512, 2 x 7 on AVX2), and the rows and vectors left over as one smaller block: batches
+    of 1 to 11 rows (one part each where a part holds fewer than two blocks: every leftover
+    row count) at the seed's 50 units, and 1 to 7 vectors of columns at 7 rows, against the
+    Elman layer's scan: outputs and every gradient."""
+    layer = native.elman_layer(lanes)
+    shapes = [(batch, 50) for batch in range(1, 12)]
+    shapes += [(7, hidden) for hidden in (3, 12, 20, 28, 37, 45)]
+    for batch, hidden in shapes:
+        keys = jax.random.split(jax.random.key(batch * 100 + hidden), 5)
+        xs = jax.random.normal(keys[0], (4, batch, 5))
+        params = (jax.random.normal(keys[1], (5, hidden)) * 0.4,
+                  jax.random.normal(keys[2], (hidden, hidden)) * 0.2,
+                  jax.random.normal(keys[3], (hidden,)) * 0.1,
+                  jax.random.normal(keys[4], (batch, hidden)) * 0.5)
+
+        def loss(xs, kernel, recurrent, bias, h0, run):
+            hs, h_last = run(xs, kernel, recurrent, bias, h0)
+            return jax.numpy.sum(jax.numpy.sin(hs)) + jax.numpy.sum(h_last * h_last)
+
+        def scan(xs, kernel, recurrent, bias, h0):
+            return cells.elman_layer(xs, kernel, recurrent, bias, h0, "tanh", 1)
+
+        value_and_grads = jax.jit(jax.value_and_grad(loss, range(5)), static_argnums=5)
+        ours, theirs = (value_and_grads(xs, *params, run) for run in (layer, scan))
+        np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5, err_msg=f"{batch} x {hidden}")
+        for a, b in zip(ours[1], theirs[1], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5,
+                                       err_msg=f"{batch} x {hidden}")
 
 
 def test_the_form_and_its_limits():
