@@ -33,7 +33,7 @@ typedef float vec __attribute__((vector_size(L * sizeof(float))));
 // (a hidden size of 50 in one block) or 4 of 16, in as many rows as fit the registers.
 // Where there are 32 (AVX-512): 3 x 7 of 8 (29 registers) or 6 x 4 of 16 (29). At 4 x 7
 // (36) the compiler spilled: the rows 4096 SimpleRNN's passes, on one core of a 2-vCPU
-// AVX-512 Xeon in turns, ran the forward 1.17x and the backward 1.13-1.22x faster at
+// AVX-512 Xeon in turns, ran the forward 1.12-1.20x and the backward 1.13-1.22x faster at
 // 3 x 7; at 16 lanes, 6 x 4 against 4 x 4, the backward 1.06x faster and the forward
 // level. Where there are 16 (AVX2): 2 x 7, which ran (compiled for AVX2, on the same CPU)
 // level with or faster than 1 x 7, 2 x 4, 2 x 5 and 3 x 3.
