@@ -1,11 +1,12 @@
 """Recurrent layers' forward and backward passes as native XLA:CPU custom calls.
 
 ``native_elman.cc``, ``native_lstm.cc`` and ``native_gru.cc`` (beside this file, over
-``native_common.h``) hold the passes of the Elman (tanh), LSTM and GRU layers, each one call
-through ``jax.ffi``. A call splits the batch into one part per thread of XLA's intra-op pool
-(more where a part would pass 64 rows), and each part runs all its steps alone (projection,
-recurrence, its own weight gradients), so a pass is one op where XLA's loops run several a
-step and its products one after another. They are the ``native`` backward of ``simple_rnn``,
+``native_common.h``, their products compiled once in ``native_products.cc``) hold the
+passes of the Elman (tanh), LSTM and GRU layers, each one call through ``jax.ffi``. A call
+splits the batch into one part per thread of XLA's intra-op pool (more where a part would
+pass 64 rows), and each part runs all its steps alone (projection, recurrence, its own
+weight gradients), so a pass is one op where XLA's loops run several a step and its
+products one after another. They are the ``native`` backward of ``simple_rnn``,
 ``lstm`` and ``gru`` (``rnnjax.cells.resolve_form``), which ``rnnjax tune`` times where a
 C++ compiler is at hand (in turns in one process on a 2-core AVX-512 EPYC, the train step
 against the cell's fastest built-in form, rows batch 50 / pixels batch 50: simple_rnn 1.46x
@@ -40,7 +41,8 @@ import jax.numpy as jnp
 
 from rnnjax.config import NATIVE_LANES, ConfigError
 
-SOURCES = tuple(Path(__file__).with_name(f"native_{cell}.cc") for cell in ("elman", "gru", "lstm"))
+SOURCES = tuple(Path(__file__).with_name(f"native_{name}.cc")
+                for name in ("elman", "gru", "lstm", "products"))
 HEADER = Path(__file__).with_name("native_common.h")
 LANES = NATIVE_LANES[0]  # floats per vector of the default build (Config.native_lanes)
 CELLS = ("Elman", "Gru", "Lstm")

@@ -1,7 +1,7 @@
-// What the native kernels share (native_elman.cc, native_gru.cc, native_lstm.cc;
-// rnnjax/native.py builds them into one library with -march=native and -DRNNJAX_LANES=8
-// or 16): vectors of L floats (GCC's vector extensions, lowered to what the CPU has),
-// register-blocked products, tanh (XLA:CPU's approximation) and the logistic sigmoid, a
+// What the native kernels share (native_elman.cc, native_gru.cc, native_lstm.cc, and
+// native_products.cc, where the products are compiled once; rnnjax/native.py builds them
+// into one library with -march=native and -DRNNJAX_LANES=8 or 16): vectors of L floats
+// (GCC's vector extensions, lowered to what the CPU has), register-blocked products, tanh (XLA:CPU's approximation) and the logistic sigmoid, a
 // batch's parts run on XLA's intra-op thread pool and their weight gradients' sums, and
 // the FFI glue on XLA's C API. float32, row-major.
 
@@ -103,38 +103,9 @@ inline float tanh_scalar(float x) { return tanh_vec(splat(x))[0]; }
 
 inline int64_t padded(int64_t n) { return (n + L - 1) / L * L; }
 
-// z[r0 : r0+R, c0 : c0+NV*L] (+)= a[r0 : r0+R, :K] @ m[:K, c0 : c0+NV*L]. a's element
-// (i, k) lies at a[i * ai + k * ak] (ak = 1: rows; ai = 1: a transposed); m's and z's rows
-// are ldm and ldz apart, each a multiple of L.
-template <int R, int NV, bool Accumulate>
-void block(const float* __restrict a, int64_t ai, int64_t ak, const float* __restrict m,
-           int64_t ldm, float* __restrict z, int64_t ldz, int64_t k_size, int64_t r0,
-           int64_t c0) {
-  vec acc[R][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v)
-      acc[r][v] = Accumulate ? load(z + (r0 + r) * ldz + c0 + v * L) : vec{};
-  for (int64_t k = 0; k < k_size; ++k) {
-    vec mv[NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) mv[v] = load(m + k * ldm + c0 + v * L);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const float s = a[(r0 + r) * ai + k * ak];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] += s * mv[v];
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) store(z + (r0 + r) * ldz + c0 + v * L, acc[r][v]);
-}
-
-// A product's operands: a [rows, k_size] as above, m [k_size, columns], z [rows, columns];
-// columns a multiple of L.
+// A product's operands: a [rows, k_size], its element (i, k) at a[i * ai + k * ak] (ak = 1:
+// rows; ai = 1: a transposed); m [k_size, columns] and z [rows, columns], their rows ldm and
+// ldz apart; columns, ldm and ldz multiples of L.
 struct Product {
   const float* a;
   int64_t ai, ak;
@@ -144,41 +115,13 @@ struct Product {
   int64_t ldz, rows, k_size, columns;
 };
 
-// Columns c .. c+n*L of rows r0 .. r0+R (n < NV vectors): one block of n vectors.
-template <int R, int NV, bool Accumulate>
-void last_columns(const Product& p, int64_t r0, int64_t c, int64_t n) {
-  if constexpr (NV > 0) {
-    if (n != NV) return last_columns<R, NV - 1, Accumulate>(p, r0, c, n);
-    block<R, NV, Accumulate>(p.a, p.ai, p.ak, p.m, p.ldm, p.z, p.ldz, p.k_size, r0, c);
-  }
-}
-
-// Rows r0 .. r0+R of the product, over all its columns: blocks of kVectors vectors, then
-// one block of the vectors left.
-template <int R, bool Accumulate>
-void columns(const Product& p, int64_t r0) {
-  int64_t c = 0;
-  for (; p.columns - c >= kVectors * L; c += kVectors * L)
-    block<R, kVectors, Accumulate>(p.a, p.ai, p.ak, p.m, p.ldm, p.z, p.ldz, p.k_size, r0, c);
-  last_columns<R, kVectors - 1, Accumulate>(p, r0, c, (p.columns - c) / L);
-}
-
-// Rows r0 .. r0+n of the product (n < R): one block of n rows.
-template <int R, bool Accumulate>
-void last_rows(const Product& p, int64_t r0, int64_t n) {
-  if constexpr (R > 0) {
-    if (n != R) return last_rows<R - 1, Accumulate>(p, r0, n);
-    columns<R, Accumulate>(p, r0);
-  }
-}
-
-// All rows of the product: blocks of kRows rows, then one block of the rows left.
+// z (+)= a @ m, in blocks of kRows rows by kVectors vectors of accumulators, then one block
+// of the rows and one of the vectors left (native_products.cc, compiled once for the three
+// cells: its blocks are most of the library's build).
 template <bool Accumulate>
-void product(const Product& p) {
-  int64_t r = 0;
-  for (; r + kRows <= p.rows; r += kRows) columns<kRows, Accumulate>(p, r);
-  last_rows<kRows - 1, Accumulate>(p, r, p.rows - r);
-}
+void product(const Product& p);
+extern template void product<false>(const Product& p);
+extern template void product<true>(const Product& p);
 
 // m [k, gates * n] with each gate's block of n columns padded with zeros to np =
 // padded(n): [k, gates * np].
