@@ -35,7 +35,7 @@ void block(const float* __restrict a, int64_t ai, int64_t ak, const float* __res
     for (int v = 0; v < NV; ++v) store(z + (r0 + r) * ldz + c0 + v * L, acc[r][v]);
 }
 
-// Columns c .. c+n*L of rows r0 .. r0+R (n < NV vectors): one block of n vectors.
+// Columns c .. c+n*L of rows r0 .. r0+R (n <= NV vectors): one block of n vectors.
 template <int R, int NV>
 void last_columns(const Product& p, int64_t r0, int64_t c, int64_t n, bool accumulate) {
   if constexpr (NV > 0) {
@@ -54,7 +54,7 @@ void columns(const Product& p, int64_t r0, bool accumulate) {
   last_columns<R, kVectors - 1>(p, r0, c, (p.columns - c) / L, accumulate);
 }
 
-// Rows r0 .. r0+n of the product (n < R): one block of n rows.
+// Rows r0 .. r0+n of the product (n <= R): one block of n rows.
 template <int R>
 void last_rows(const Product& p, int64_t r0, int64_t n, bool accumulate) {
   if constexpr (R > 0) {
