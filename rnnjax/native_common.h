@@ -1,9 +1,10 @@
 // What the native kernels share (native_elman.cc, native_gru.cc, native_lstm.cc, and
 // native_products.cc, where the products are compiled once; rnnjax/native.py builds them
 // into one library with -march=native and -DRNNJAX_LANES=8 or 16): vectors of L floats
-// (GCC's vector extensions, lowered to what the CPU has), register-blocked products, tanh (XLA:CPU's approximation) and the logistic sigmoid, a
-// batch's parts run on XLA's intra-op thread pool and their weight gradients' sums, and
-// the FFI glue on XLA's C API. float32, row-major.
+// (GCC's vector extensions, lowered to what the CPU has), register-blocked products, tanh
+// (XLA:CPU's approximation) and the logistic sigmoid, a batch's parts run on XLA's
+// intra-op thread pool and their weight gradients' sums, and the FFI glue on XLA's C API.
+// float32, row-major.
 
 #ifndef RNNJAX_NATIVE_COMMON_H_
 #define RNNJAX_NATIVE_COMMON_H_

@@ -5,9 +5,8 @@
 
 namespace rnnjax {
 
-// z[r0 : r0+R, c0 : c0+NV*L] (+)= a[r0 : r0+R, :K] @ m[:K, c0 : c0+NV*L]. a's element
-// (i, k) lies at a[i * ai + k * ak] (ak = 1: rows; ai = 1: a transposed); m's and z's rows
-// are ldm and ldz apart, each a multiple of L.
+// z[r0 : r0+R, c0 : c0+NV*L] (+)= a[r0 : r0+R, :K] @ m[:K, c0 : c0+NV*L], the operands laid
+// out as a Product's (native_common.h); added to z's values where `accumulate`.
 template <int R, int NV>
 void block(const float* __restrict a, int64_t ai, int64_t ak, const float* __restrict m,
            int64_t ldm, float* __restrict z, int64_t ldz, int64_t k_size, int64_t r0,

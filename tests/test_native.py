@@ -128,7 +128,15 @@ def test_every_leftover_block_of_the_products_sums_as_the_scan_does(lanes):
     of 1 to 11 rows (one part each where a part holds fewer than two blocks: every leftover
     row count) at the seed's 50 units, and 1 to 7 vectors of columns at 7 rows, against the
     Elman layer's scan: outputs and every gradient."""
+    def loss(xs, kernel, recurrent, bias, h0, run):
+        hs, h_last = run(xs, kernel, recurrent, bias, h0)
+        return jax.numpy.sum(jax.numpy.sin(hs)) + jax.numpy.sum(h_last * h_last)
+
+    def scan(xs, kernel, recurrent, bias, h0):
+        return cells.elman_layer(xs, kernel, recurrent, bias, h0, "tanh", 1)
+
     layer = native.elman_layer(lanes)
+    value_and_grads = jax.jit(jax.value_and_grad(loss, range(5)), static_argnums=5)
     shapes = [(batch, 50) for batch in range(1, 12)]
     shapes += [(7, hidden) for hidden in (3, 12, 20, 28, 37, 45)]
     for batch, hidden in shapes:
@@ -138,15 +146,6 @@ def test_every_leftover_block_of_the_products_sums_as_the_scan_does(lanes):
                   jax.random.normal(keys[2], (hidden, hidden)) * 0.2,
                   jax.random.normal(keys[3], (hidden,)) * 0.1,
                   jax.random.normal(keys[4], (batch, hidden)) * 0.5)
-
-        def loss(xs, kernel, recurrent, bias, h0, run):
-            hs, h_last = run(xs, kernel, recurrent, bias, h0)
-            return jax.numpy.sum(jax.numpy.sin(hs)) + jax.numpy.sum(h_last * h_last)
-
-        def scan(xs, kernel, recurrent, bias, h0):
-            return cells.elman_layer(xs, kernel, recurrent, bias, h0, "tanh", 1)
-
-        value_and_grads = jax.jit(jax.value_and_grad(loss, range(5)), static_argnums=5)
         ours, theirs = (value_and_grads(xs, *params, run) for run in (layer, scan))
         np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5, err_msg=f"{batch} x {hidden}")
         for a, b in zip(ours[1], theirs[1], strict=True):
