@@ -168,9 +168,13 @@ def chunk_bounds(time: int, chunks: int) -> list[int]:
 def scan_cell(
     cell: Cell, params: Params, xs: jax.Array, carry: Carry | None = None, unroll: int = 1,
     weight_grad: str = "auto", projection: str = "auto", backward: str = "auto",
-    chunks: int = 1, native_lanes: int = NATIVE_LANES[0],
+    chunks: int = 1, native_lanes: int = NATIVE_LANES[0], rows: jax.Array | None = None,
 ) -> tuple[Carry, jax.Array]:
     """Run ``cell`` over time-major ``xs [T, B, F]``: ``(final carry, ys [T, B, H])``.
+
+    ``rows`` (int [B], the native form only): ``xs`` is a table [T, N, F], a whole set's
+    sequences, and the batch ``xs[:, rows]``, which the native kernels read where it is
+    (``rnnjax.model.Model.apply_sequences`` gathers it first for the other forms).
 
     ``unroll`` is ``lax.scan``'s unroll factor; 0 unrolls all T steps. ``backward``,
     ``projection`` and ``weight_grad`` choose the form of the computation
@@ -188,7 +192,7 @@ def scan_cell(
     1.17x faster in 8 parts, the SimpleRNN's 1.09x and the LSTM's 1.05x in 4; rows at batch
     1024, unroll 1, 1.07-1.09x; fully unrolled, which has no loop, level or slower).
     """
-    time, batch = xs.shape[0], xs.shape[1]
+    time, batch = xs.shape[0], xs.shape[1] if rows is None else rows.shape[0]
     if carry is None:
         carry = cell.initial_carry(batch, xs.dtype)
     bounds = chunk_bounds(time, chunks)
@@ -196,13 +200,17 @@ def scan_cell(
         parts = []
         for start, stop in itertools.pairwise(bounds):
             carry, ys = scan_cell(cell, params, xs[start:stop], carry, unroll, weight_grad,
-                                  projection, backward, native_lanes=native_lanes)
+                                  projection, backward, native_lanes=native_lanes, rows=rows)
             parts.append(ys)
         return carry, jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=0), *parts)
     unroll = unroll or time
     form = resolve_form(cell, batch, backward, projection, weight_grad)
     if form.backward == "native":
-        return cell.native(params, xs, carry, native_lanes)
+        return cell.native(params, xs, carry, native_lanes, rows)
+    if rows is not None:
+        raise ValueError(f"scan_cell: rows of a table are read by the native form only, not "
+                         f"{form.backward}; gather the batch first "
+                         "(rnnjax.model.gather_sequences)")
     if form.backward == "hand_written":
         return cell.sequence(params, xs, carry, unroll, form.weight_grad, form.projection)
     if cell.project is None:
@@ -528,12 +536,13 @@ def _elman(hidden: int, activation: str, recurrent_init: Callable) -> Cell:
 
 
 def _native(layer: str, weights: tuple[str, ...]) -> Callable[..., tuple[Carry, jax.Array]]:
-    """A cell's ``native(params, xs [T, B, F], carry, lanes=8) -> (carry, hs [T, B, H])``:
-    the layer ``rnnjax.native.<layer>`` (``layer(xs, *(params[w] for w in weights), *carry)
-    -> (hs, *carry)``, the carry h or (h, c)), built for ``lanes`` floats per vector
-    (``Config.native_lanes``). float32 only."""
-    def native(params: Params, xs: jax.Array, carry: Carry, lanes: int = NATIVE_LANES[0]
-               ) -> tuple[Carry, jax.Array]:
+    """A cell's ``native(params, xs [T, B, F], carry, lanes=8, rows=None) -> (carry,
+    hs [T, B, H])``: the layer ``rnnjax.native.<layer>`` (``layer(xs, *(params[w] for w in
+    weights), *carry, rows=rows) -> (hs, *carry)``, the carry h or (h, c)), built for
+    ``lanes`` floats per vector (``Config.native_lanes``). With ``rows`` (int [B]), ``xs``
+    is a table [T, N, F] whose batch is ``xs[:, rows]``, read where it is. float32 only."""
+    def native(params: Params, xs: jax.Array, carry: Carry, lanes: int = NATIVE_LANES[0],
+               rows: jax.Array | None = None) -> tuple[Carry, jax.Array]:
         from rnnjax import native as kernels
 
         if xs.dtype != jnp.float32:
@@ -545,7 +554,7 @@ def _native(layer: str, weights: tuple[str, ...]) -> Callable[..., tuple[Carry, 
         make = getattr(kernels, layer)
         pair = isinstance(carry, tuple)
         hs, *last = make(lanes)(xs, *(params[name] for name in weights),
-                                *(carry if pair else (carry,)))
+                                *(carry if pair else (carry,)), rows=rows)
         return (tuple(last) if pair else last[0]), hs
 
     return native

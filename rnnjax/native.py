@@ -215,158 +215,210 @@ def _asked(xs: Any) -> tuple[()] | None:
     return () if xs.perturbed else None
 
 
-def _input_gradient(asked: tuple[()] | None, xs: jax.Array, width: int
+def _input_gradient(asked: tuple[()] | None, hs: jax.Array, width: int
                     ) -> jax.ShapeDtypeStruct:
-    """The backward call's first result, the gradient XLA turns into the inputs' (dzs, dus):
-    [T, B, width], or [0, B, width] where it is not asked for (:func:`_asked`), which the
-    kernel then does not write (``native_common.h``'s ``open_backward``; at rows batch
-    4096 the Elman's was a [28, 4096, 50] array written and dropped every step)."""
-    time = 0 if asked is None else xs.shape[0]
-    return jax.ShapeDtypeStruct((time, *xs.shape[1:-1], width), xs.dtype)
+    """The backward call's first result, the gradient XLA turns into the inputs' (dzs, dus),
+    for the layer's outputs ``hs [T, B, H]``: [T, B, width], or [0, B, width] where it is not
+    asked for (:func:`_asked`), which the kernel then does not write (``native_common.h``'s
+    ``open_backward``; at rows batch 4096 the Elman's was a [28, 4096, 50] array written and
+    dropped every step)."""
+    time = 0 if asked is None else hs.shape[0]
+    return jax.ShapeDtypeStruct((time, hs.shape[1], width), hs.dtype)
 
 
-def _inputs_cotangent(asked: tuple[()] | None, dzs: jax.Array, kernel: jax.Array
-                      ) -> jax.Array | None:
+def _inputs_cotangent(asked: tuple[()] | None, dzs: jax.Array, kernel: jax.Array,
+                      xs: jax.Array, rows: jax.Array) -> jax.Array | None:
     """The inputs' gradient from the backward call's first result (:func:`_input_gradient`)
-    and the kernel its gate blocks are laid out against: ``dzs @ kernel^T``, or None (a
-    zero) where it was not asked for."""
-    return None if asked is None else dzs @ kernel.T
+    and the kernel its gate blocks are laid out against: ``dzs @ kernel^T``, added into the
+    table's rows where the layer read a batch's ``rows`` of a table ``xs`` (:func:`_rows`),
+    or None (a zero) where it was not asked for."""
+    if asked is None:
+        return None
+    dxs = dzs @ kernel.T
+    if rows.shape[0] == 0:
+        return dxs
+    rows = jnp.clip(rows, 0, xs.shape[1] - 1)  # as the kernels clamp them (:func:`_rows`)
+    return jnp.zeros_like(xs).at[:, rows].add(dxs)
+
+
+def _rows(xs: jax.Array, rows: jax.Array | None, carry: jax.Array) -> jax.Array:
+    """The kernels' last operand, for inputs ``xs`` and a carry ``[B, H]``: the batch's
+    ``rows`` (int [B]) of a table ``xs [T, N, F]``, the batch being ``xs[:, rows]``
+    (indices outside [0, N) clamped, as XLA's gather clamps them), as int32; or, without
+    rows, int32 [0]: ``xs [T, B, F]`` is the batch itself.
+
+    Read where they are, a whole set's sequences and a batch's indices spare the train step
+    XLA's gather of the batch into a [T, B, F] copy (``rnnjax.model.Model.apply_sequences``)."""
+    batch = carry.shape[0]
+    if xs.ndim != 3:
+        raise ValueError(f"native layer: inputs of shape {tuple(xs.shape)}; it reads "
+                         "[T, B, F], or a table [T, N, F] with the batch's rows")
+    if rows is None:
+        if xs.shape[1] != batch:
+            raise ValueError(f"native layer: inputs {tuple(xs.shape)} for a carry of {batch} "
+                             "rows: pass the batch's rows of a table, or a batch of the "
+                             "carry's size")
+        return jnp.zeros((0,), jnp.int32)
+    if rows.shape != (batch,) or not jnp.issubdtype(rows.dtype, jnp.integer):
+        raise ValueError(f"native layer: rows {rows.dtype}{list(rows.shape)} for a carry of "
+                         f"{batch} rows; pass one integer index into the table a row")
+    if xs.shape[1] == 0:
+        raise ValueError("native layer: rows of an empty table: pass at least one sequence")
+    return rows.astype(jnp.int32)
+
+
+def _with_rows(layer: Callable[..., Any]) -> Callable[..., Any]:
+    """``layer(xs, *params, *carry, rows)`` (a ``custom_vjp``) as ``call(xs, *params,
+    *carry, rows=None)``, rows checked and made the kernels' operand (:func:`_rows`)."""
+    @functools.wraps(layer)
+    def call(xs, *args, rows=None):
+        return layer(xs, *args, _rows(xs, rows, args[-1]))
+
+    return call
 
 
 @functools.cache
 def elman_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """``layer(xs [T, B, F], kernel [F, H], recurrent [H, H], bias [H], h0 [B, H]) ->
-    (hs [T, B, H], h_T [B, H])``, float32: ``rnnjax.cells.elman_layer`` with tanh, as one
-    call of the forward pass and one of the backward (``dxs = dzs @ kernel^T`` stays XLA's;
-    where no gradient of the inputs is asked for, the kernel writes no dzs,
-    :func:`_input_gradient`). Registers the kernels (:func:`register`) when first traced."""
+    """``layer(xs [T, B, F], kernel [F, H], recurrent [H, H], bias [H], h0 [B, H],
+    rows=None) -> (hs [T, B, H], h_T [B, H])``, float32: ``rnnjax.cells.elman_layer`` with
+    tanh, as one call of the forward pass and one of the backward (``dxs = dzs @ kernel^T``
+    stays XLA's; where no gradient of the inputs is asked for, the kernel writes no dzs,
+    :func:`_input_gradient`). With ``rows`` (int [B]), ``xs`` is a table [T, N, F] and the
+    batch ``xs[:, rows]``, read by the kernels where it is (:func:`_rows`). Registers the
+    kernels (:func:`register`) when first traced."""
     from rnnjax import cells
 
     names = targets(lanes)
 
-    def forward(xs, kernel, recurrent, bias, h0):
+    def forward(xs, kernel, recurrent, bias, h0, rows):
         register(lanes)
         hs = jax.ffi.ffi_call(names["RnnjaxElmanForward"],
-                              jax.ShapeDtypeStruct((*xs.shape[:2], h0.shape[-1]), xs.dtype))(
-            xs, kernel, bias, recurrent, h0)
+                              jax.ShapeDtypeStruct((xs.shape[0], *h0.shape), xs.dtype))(
+            xs, kernel, bias, recurrent, h0, rows)
         return hs, hs[-1]
 
     @jax.custom_vjp
-    def layer(xs, kernel, recurrent, bias, h0):
-        return forward(xs, kernel, recurrent, bias, h0)
+    def layer(xs, kernel, recurrent, bias, h0, rows):
+        return forward(xs, kernel, recurrent, bias, h0, rows)
 
-    def layer_fwd(xs, kernel, recurrent, bias, h0):
+    def layer_fwd(xs, kernel, recurrent, bias, h0, rows):
         asked = _asked(xs)
-        xs, kernel, recurrent, bias, h0 = cells._values(xs, kernel, recurrent, bias, h0)
-        hs, h_last = forward(xs, kernel, recurrent, bias, h0)
-        return (hs, h_last), (xs, hs, kernel, recurrent, bias, h0, asked)
+        xs, kernel, recurrent, bias, h0, rows = cells._values(xs, kernel, recurrent, bias, h0,
+                                                              rows)
+        hs, h_last = forward(xs, kernel, recurrent, bias, h0, rows)
+        return (hs, h_last), (xs, hs, kernel, recurrent, bias, h0, rows, asked)
 
     def layer_bwd(residuals, cotangents):
-        xs, hs, kernel, recurrent, bias, h0, asked = residuals
+        xs, hs, kernel, recurrent, bias, h0, rows, asked = residuals
         dhs, dh_last = cells._dense(cotangents[0]), cells._dense(cotangents[1], h0)
         dzs, dh0, dkernel, drecurrent, dbias = _backward(
-            names, "Elman", (_input_gradient(asked, xs, hs.shape[-1]),
+            names, "Elman", (_input_gradient(asked, hs, hs.shape[-1]),
                              *_like(h0, kernel, recurrent, bias)),
-            xs, hs, dhs, h0, recurrent, dh_last)
-        return _inputs_cotangent(asked, dzs, kernel), dkernel, drecurrent, dbias, dh0
+            xs, hs, dhs, h0, recurrent, dh_last, rows)
+        return (_inputs_cotangent(asked, dzs, kernel, xs, rows), dkernel, drecurrent, dbias,
+                dh0, None)
 
     layer.defvjp(layer_fwd, layer_bwd, symbolic_zeros=True)
-    return layer
+    return _with_rows(layer)
 
 
 @functools.cache
 def gru_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """``layer(xs [T, B, F], kernel [F, 3H], bias [3H], recurrent [H, 3H],
-    recurrent_bias [3H], h0 [B, H]) -> (hs [T, B, H], h_T [B, H])``, float32:
+    recurrent_bias [3H], h0 [B, H], rows=None) -> (hs [T, B, H], h_T [B, H])``, float32:
     ``rnnjax.cells.gru_layer`` as one call of the forward pass and one of the backward
     (``dxs = dus @ kernel^T`` stays XLA's; no dus where the inputs' gradient is not asked
     for, :func:`_input_gradient`). Between them the gates [T, B, 4 H'] and du
     [T, B, 3 H'] are kept with each gate's block padded to whole vectors (H' = H rounded up
-    to a multiple of ``lanes``). Registers the kernels (:func:`register`) when first
-    traced."""
+    to a multiple of ``lanes``). ``rows`` as :func:`elman_layer`'s. Registers the kernels
+    (:func:`register`) when first traced."""
     from rnnjax import cells
 
     names = targets(lanes)
 
-    def forward(xs, kernel, bias, recurrent, recurrent_bias, h0):
+    def forward(xs, kernel, bias, recurrent, recurrent_bias, h0, rows):
         register(lanes)
-        hs = jax.ShapeDtypeStruct((*xs.shape[:2], h0.shape[-1]), xs.dtype)
-        gates = jax.ShapeDtypeStruct((*xs.shape[:2], 4 * _rounded(h0.shape[-1], lanes)),
-                                     xs.dtype)
+        hs = jax.ShapeDtypeStruct((xs.shape[0], *h0.shape), xs.dtype)
+        gates = jax.ShapeDtypeStruct((xs.shape[0], h0.shape[0],
+                                      4 * _rounded(h0.shape[-1], lanes)), xs.dtype)
         return jax.ffi.ffi_call(names["RnnjaxGruForward"], (hs, gates))(
-            xs, kernel, bias, recurrent, recurrent_bias, h0)
+            xs, kernel, bias, recurrent, recurrent_bias, h0, rows)
 
     @jax.custom_vjp
-    def layer(xs, kernel, bias, recurrent, recurrent_bias, h0):
-        hs, _ = forward(xs, kernel, bias, recurrent, recurrent_bias, h0)
+    def layer(xs, kernel, bias, recurrent, recurrent_bias, h0, rows):
+        hs, _ = forward(xs, kernel, bias, recurrent, recurrent_bias, h0, rows)
         return hs, hs[-1]
 
-    def layer_fwd(xs, kernel, bias, recurrent, recurrent_bias, h0):
+    def layer_fwd(xs, kernel, bias, recurrent, recurrent_bias, h0, rows):
         asked = _asked(xs)
-        xs, kernel, bias, recurrent, recurrent_bias, h0 = cells._values(
-            xs, kernel, bias, recurrent, recurrent_bias, h0)
-        hs, gates = forward(xs, kernel, bias, recurrent, recurrent_bias, h0)
-        return (hs, hs[-1]), (xs, hs, gates, kernel, recurrent, h0, asked)
+        xs, kernel, bias, recurrent, recurrent_bias, h0, rows = cells._values(
+            xs, kernel, bias, recurrent, recurrent_bias, h0, rows)
+        hs, gates = forward(xs, kernel, bias, recurrent, recurrent_bias, h0, rows)
+        return (hs, hs[-1]), (xs, hs, gates, kernel, recurrent, h0, rows, asked)
 
     def layer_bwd(residuals, cotangents):
-        xs, hs, gates, kernel, recurrent, h0, asked = residuals
+        xs, hs, gates, kernel, recurrent, h0, rows, asked = residuals
         dhs, dh_last = cells._dense(cotangents[0]), cells._dense(cotangents[1], h0)
         padded_kernel = _padded(kernel, 3, lanes)
         bias = jax.ShapeDtypeStruct(kernel.shape[1:], xs.dtype)
         dus, dh0, dkernel, dbias, drecurrent, drecurrent_bias = _backward(
-            names, "Gru", (_input_gradient(asked, xs, padded_kernel.shape[1]),
+            names, "Gru", (_input_gradient(asked, hs, padded_kernel.shape[1]),
                            *_like(h0, kernel), bias, *_like(recurrent), bias),
-            xs, hs, dhs, h0, gates, recurrent, dh_last)
-        return (_inputs_cotangent(asked, dus, padded_kernel), dkernel, dbias, drecurrent,
-                drecurrent_bias, dh0)
+            xs, hs, dhs, h0, gates, recurrent, dh_last, rows)
+        return (_inputs_cotangent(asked, dus, padded_kernel, xs, rows), dkernel, dbias,
+                drecurrent, drecurrent_bias, dh0, None)
 
     layer.defvjp(layer_fwd, layer_bwd, symbolic_zeros=True)
-    return layer
+    return _with_rows(layer)
 
 
 @functools.cache
 def lstm_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array, jax.Array]]:
     """``layer(xs [T, B, F], kernel [F, 4H], recurrent [H, 4H], bias [4H], h0 [B, H],
-    c0 [B, H]) -> (hs [T, B, H], h_T, c_T [B, H])``, float32: ``rnnjax.cells.lstm_layer``
-    as one call of the forward pass and one of the backward (``dxs = dzs @ kernel^T`` stays
-    XLA's; no dzs where the inputs' gradient is not asked for, :func:`_input_gradient`).
-    Between them the gates with c_t and tanh(c_t) ([T, B, 6 H']) and dz
-    ([T, B, 4 H']) are kept with each block padded to whole vectors (H' = H rounded up to a
-    multiple of ``lanes``). Registers the kernels (:func:`register`) when first traced."""
+    c0 [B, H], rows=None) -> (hs [T, B, H], h_T, c_T [B, H])``, float32:
+    ``rnnjax.cells.lstm_layer`` as one call of the forward pass and one of the backward
+    (``dxs = dzs @ kernel^T`` stays XLA's; no dzs where the inputs' gradient is not asked
+    for, :func:`_input_gradient`). Between them the gates with c_t and tanh(c_t)
+    ([T, B, 6 H']) and dz ([T, B, 4 H']) are kept with each block padded to whole vectors
+    (H' = H rounded up to a multiple of ``lanes``). ``rows`` as :func:`elman_layer`'s.
+    Registers the kernels (:func:`register`) when first traced."""
     from rnnjax import cells
 
     names = targets(lanes)
 
-    def forward(xs, kernel, recurrent, bias, h0, c0):
+    def forward(xs, kernel, recurrent, bias, h0, c0, rows):
         register(lanes)
         hidden = h0.shape[-1]
-        hs = jax.ShapeDtypeStruct((*xs.shape[:2], hidden), xs.dtype)
-        gates = jax.ShapeDtypeStruct((*xs.shape[:2], 6 * _rounded(hidden, lanes)), xs.dtype)
+        hs = jax.ShapeDtypeStruct((xs.shape[0], *h0.shape), xs.dtype)
+        gates = jax.ShapeDtypeStruct((xs.shape[0], h0.shape[0], 6 * _rounded(hidden, lanes)),
+                                     xs.dtype)
         hs, gates = jax.ffi.ffi_call(names["RnnjaxLstmForward"], (hs, gates))(
-            xs, kernel, bias, recurrent, h0, c0)
+            xs, kernel, bias, recurrent, h0, c0, rows)
         start = 4 * gates.shape[-1] // 6  # c_T: block 4 of the last step's gates
         return hs, hs[-1], gates[-1, :, start : start + hidden], gates
 
     @jax.custom_vjp
-    def layer(xs, kernel, recurrent, bias, h0, c0):
-        return forward(xs, kernel, recurrent, bias, h0, c0)[:3]
+    def layer(xs, kernel, recurrent, bias, h0, c0, rows):
+        return forward(xs, kernel, recurrent, bias, h0, c0, rows)[:3]
 
-    def layer_fwd(xs, kernel, recurrent, bias, h0, c0):
+    def layer_fwd(xs, kernel, recurrent, bias, h0, c0, rows):
         asked = _asked(xs)
-        xs, kernel, recurrent, bias, h0, c0 = cells._values(xs, kernel, recurrent, bias, h0, c0)
-        hs, h_last, c_last, gates = forward(xs, kernel, recurrent, bias, h0, c0)
-        return (hs, h_last, c_last), (xs, hs, gates, kernel, recurrent, h0, c0, asked)
+        xs, kernel, recurrent, bias, h0, c0, rows = cells._values(
+            xs, kernel, recurrent, bias, h0, c0, rows)
+        hs, h_last, c_last, gates = forward(xs, kernel, recurrent, bias, h0, c0, rows)
+        return (hs, h_last, c_last), (xs, hs, gates, kernel, recurrent, h0, c0, rows, asked)
 
     def layer_bwd(residuals, cotangents):
-        xs, hs, gates, kernel, recurrent, h0, c0, asked = residuals
+        xs, hs, gates, kernel, recurrent, h0, c0, rows, asked = residuals
         dhs = cells._dense(cotangents[0])
         dh_last, dc_last = cells._dense(cotangents[1], h0), cells._dense(cotangents[2], h0)
         padded_kernel = _padded(kernel, 4, lanes)
         dzs, dh0, dc0, dkernel, drecurrent, dbias = _backward(
-            names, "Lstm", (_input_gradient(asked, xs, padded_kernel.shape[1]),
+            names, "Lstm", (_input_gradient(asked, hs, padded_kernel.shape[1]),
                             *_like(h0, c0, kernel, recurrent, kernel[0])),
-            xs, hs, dhs, h0, c0, gates, recurrent, dh_last, dc_last)
-        return _inputs_cotangent(asked, dzs, padded_kernel), dkernel, drecurrent, dbias, dh0, dc0
+            xs, hs, dhs, h0, c0, gates, recurrent, dh_last, dc_last, rows)
+        return (_inputs_cotangent(asked, dzs, padded_kernel, xs, rows), dkernel, drecurrent,
+                dbias, dh0, dc0, None)
 
     layer.defvjp(layer_fwd, layer_bwd, symbolic_zeros=True)
-    return layer
+    return _with_rows(layer)

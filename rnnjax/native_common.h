@@ -278,6 +278,62 @@ inline int64_t parts_for(const Pool& pool, int64_t batch) {
                             (batch + kPartRows - 1) / kPartRows});
 }
 
+// A layer's inputs: row b of the batch's step t is xs[t, rows[b]] of a table xs [T, N, F]
+// (rows clamped to [0, N), as XLA's gather clamps its indices), or xs[t, b] where rows is
+// null (N = B). The table is a whole set's sequences where rnnjax.model hands the first
+// layer its batch's indices: the kernels read the batch's rows where they are, and XLA
+// writes no gathered [T, B, F] copy of them before the call.
+struct Inputs {
+  const float* xs;
+  const int32_t* rows;  // [B], or null
+  int64_t count;        // N
+  int64_t features;     // F
+
+  int64_t row(int64_t b) const {
+    return rows == nullptr ? b : std::clamp<int64_t>(rows[b], 0, count - 1);
+  }
+};
+
+// One part's rows [first, last) of the inputs, step by step: at(t) is [last - first, F],
+// its rows F apart; in the table where the part's rows are consecutive there (always where
+// rows is null, and in a batch of consecutive examples), else copied to a buffer of the
+// part's own.
+class InputRows {
+ public:
+  InputRows(const Inputs& in, int64_t first, int64_t last)
+      : in_(in), first_(first), rows_(last - first) {
+    for (int64_t b = first + 1; b < last && consecutive_; ++b)
+      consecutive_ = in.row(b) == in.row(b - 1) + 1;
+    if (!consecutive_) buffer_.resize(rows_ * in.features);
+  }
+
+  const float* at(int64_t t) {
+    const int64_t f = in_.features, step = t * in_.count;
+    if (consecutive_) return in_.xs + (step + in_.row(first_)) * f;
+    for (int64_t r = 0; r < rows_; ++r)
+      std::memcpy(buffer_.data() + r * f, in_.xs + (step + in_.row(first_ + r)) * f,
+                  f * sizeof(float));
+    return buffer_.data();
+  }
+
+  // Asks the CPU to fetch step t's rows into its caches, ahead of at(t): they are spread
+  // over the table, where a gathered batch had been one array just written.
+  void prefetch(int64_t t) const {
+    const int64_t f = in_.features, step = t * in_.count;
+    const int64_t runs = consecutive_ ? 1 : rows_, bytes = (consecutive_ ? rows_ : 1) * f * 4;
+    for (int64_t r = 0; r < runs; ++r) {
+      const char* p = reinterpret_cast<const char*>(in_.xs + (step + in_.row(first_ + r)) * f);
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
+    }
+  }
+
+ private:
+  Inputs in_;
+  int64_t first_, rows_;
+  bool consecutive_ = true;
+  std::vector<float> buffer_;
+};
+
 // The forward pass's frame, shared by the cells: the kernel [F, gates * H] and recurrent
 // [H, gates * H] matrices padded per gate, the batch in parts (run_parts), and for each
 // part and step t, us = xs[t] @ kernel and v = h_{t-1} @ recurrent over the part's rows
@@ -285,20 +341,22 @@ inline int64_t parts_for(const Pool& pool, int64_t batch) {
 // gates, which writes hs[t]'s rows (at: the part's first row of step t, in [T, B] order;
 // previous: h_{t-1}'s rows, hidden apart, h0's at t = 0).
 template <class Step>
-void forward_parts(const Pool& pool, const float* xs, const float* kernel,
+void forward_parts(const Pool& pool, const Inputs& xs, const float* kernel,
                    const float* recurrent, const float* h0, const float* hs, int64_t gates,
-                   int64_t time, int64_t batch, int64_t features, int64_t hidden, Step step) {
-  const int64_t width = gates * padded(hidden);
+                   int64_t time, int64_t batch, int64_t hidden, Step step) {
+  const int64_t width = gates * padded(hidden), features = xs.features;
   const std::vector<float> u = padded_gates(recurrent, hidden, hidden, gates);
   const std::vector<float> w = padded_gates(kernel, features, hidden, gates);
   run_parts(pool, parts_for(pool, batch), batch, [&](int64_t, int64_t first, int64_t last) {
     const int64_t rows = last - first;
     std::vector<float> us(rows * width), v(rows * width);
+    InputRows x(xs, first, last);
     const float* previous = h0 + first * hidden;
     for (int64_t t = 0; t < time; ++t) {
       const int64_t at = t * batch + first;
-      product<false>({xs + at * features, features, 1, w.data(), width, us.data(), width,
-                      rows, features, width});
+      if (t + 1 < time) x.prefetch(t + 1);
+      product<false>({x.at(t), features, 1, w.data(), width, us.data(), width, rows,
+                      features, width});
       product<false>({previous, hidden, 1, u.data(), width, v.data(), width, rows, hidden,
                       width});
       step(t, at, first, rows, static_cast<const float*>(us.data()),
@@ -340,12 +398,15 @@ inline XLA_FFI_Error* error(const XLA_FFI_Api* api, const char* message) {
 }
 
 // Null, with buffers[] the call's args then its results, where the call is to run; else
-// the version metadata XLA asked for (done), or an error (done and failed).
+// the version metadata XLA asked for (done), or an error (done and failed). The last arg
+// is the batch's rows of the inputs (int32 [B], or [0]: Inputs); the others are float32.
 struct Frame {
   XLA_FFI_Error* status = nullptr;
   bool run = false;
-  float* buffers[16] = {};
-  int64_t* dims[16] = {};
+  float* buffers[20] = {};
+  int64_t* dims[20] = {};
+  const int32_t* rows = nullptr;  // the last argument's data, null where it is empty
+  int64_t row_count = 0;
 };
 
 inline Frame open(XLA_FFI_CallFrame* call, int args, int rets, const int* ranks) {
@@ -375,16 +436,36 @@ inline Frame open(XLA_FFI_CallFrame* call, int args, int rets, const int* ranks)
     }
     auto* buffer = static_cast<XLA_FFI_Buffer*>(arg ? call->args.args[i]
                                                     : call->rets.rets[i - args]);
-    if (buffer->dtype != XLA_FFI_DataType_F32 || buffer->rank != ranks[i]) {
+    const bool rows = i == args - 1;
+    if (buffer->dtype != (rows ? XLA_FFI_DataType_S32 : XLA_FFI_DataType_F32) ||
+        buffer->rank != ranks[i]) {
       frame.status = error(call->api, "rnnjax native kernel: operands must be float32 arrays "
-                                      "of the ranks it reads");
+                                      "(the rows int32) of the ranks it reads");
       return frame;
     }
     frame.buffers[i] = static_cast<float*>(buffer->data);
     frame.dims[i] = buffer->dims;
+    if (rows && buffer->dims[0] > 0) {
+      frame.rows = static_cast<const int32_t*>(buffer->data);
+      frame.row_count = buffer->dims[0];
+    }
   }
   frame.run = true;
   return frame;
+}
+
+// The call's inputs, xs (its first operand, [T, N, F]) and rows (its last argument), for a
+// batch of `batch` rows; where rows is empty the batch is xs's own (N = B). Where they
+// disagree, an error in the frame's status and run false.
+inline Inputs inputs(XLA_FFI_CallFrame* call, Frame& frame, int64_t batch) {
+  const Inputs in{frame.buffers[0], frame.rows, frame.dims[0][1], frame.dims[0][2]};
+  if (frame.rows == nullptr ? in.count != batch
+                            : frame.row_count != batch || in.count == 0) {
+    frame.status = error(call->api, "rnnjax native kernel: the batch's rows (int32 [B], or "
+                                    "[0] where xs is [T, B, F]) disagree with xs and h0");
+    frame.run = false;
+  }
+  return in;
 }
 
 // A backward call's frame: operands (xs, hs, [dhs,] the rest: args of them without dhs)
@@ -396,7 +477,7 @@ inline Frame open(XLA_FFI_CallFrame* call, int args, int rets, const int* ranks)
 // none (at rows batch 4096 it was a [28, 4096, 50] array written for nothing).
 inline Frame open_backward(XLA_FFI_CallFrame* call, bool outputs, int args, int rets,
                            const int* ranks) {
-  int with_dhs[16] = {ranks[0], ranks[1], ranks[1]};
+  int with_dhs[20] = {ranks[0], ranks[1], ranks[1]};
   for (int i = 2; i < args + rets; ++i) with_dhs[i + 1] = ranks[i];
   Frame frame = open(call, outputs ? args + 1 : args, rets, outputs ? with_dhs : ranks);
   if (frame.run && !outputs) {

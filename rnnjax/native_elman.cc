@@ -9,16 +9,16 @@
 //             dbias = the sum of dzs' rows; dzs written only where the inputs' gradient is
 //             asked for (an output of time dimension 0 where not: open_backward)
 //
-// xs [T, B, F]; hs, dzs, dhs [T, B, H]; kernel [F, H]; recurrent [H, H]; bias [H];
-// h0, dh_last, dh0 [B, H]. A batch's rows are independent through the layer, so each call
-// splits the batch into one part per thread of XLA's intra-op pool, more where a part
-// would pass kPartRows rows (run_parts, parts_for), and each part runs all its steps
-// alone: the input projection, the recurrence, and in the backward pass its own weight
-// gradients' sums, added part by part at the end (PartSums: the same bits in every call of
-// a process). Each product accumulates over k in order with fused
-// multiply-adds, and tanh is the rational approximation XLA:CPU emits (clamped to
-// +-7.905, x itself below 4e-4): the forward rounded as XLA's did on the AVX-512 EPYC this
-// was written on; the weight gradients are summed in another order
+// xs [T, B, F] (or the batch's rows of a table [T, N, F]: native_common.h's Inputs); hs,
+// dzs, dhs [T, B, H]; kernel [F, H]; recurrent [H, H]; bias [H]; h0, dh_last, dh0 [B, H]. A
+// batch's rows are independent through the layer, so each call splits the batch into one
+// part per thread of XLA's intra-op pool, more where a part would pass kPartRows rows
+// (run_parts, parts_for), and each part runs all its steps alone: the input projection, the
+// recurrence, and in the backward pass its own weight gradients' sums, added part by part
+// at the end (PartSums: the same bits in every call of a process). Each product accumulates
+// over k in order with fused multiply-adds, and tanh is the rational approximation XLA:CPU
+// emits (clamped to +-7.905, x itself below 4e-4): the forward rounded as XLA's did on the
+// AVX-512 EPYC this was written on; the weight gradients are summed in another order
 // (tests/test_native.py checks them against the hand-written form's).
 
 #include "native_common.h"
@@ -28,11 +28,11 @@ namespace {
 
 // hs[t] = tanh((xs[t] @ kernel + bias) + hs[t-1] @ recurrent), hs[-1] = h0, the batch in
 // parts (forward_parts).
-void forward(const Pool& pool, const float* xs, const float* kernel, const float* bias,
+void forward(const Pool& pool, const Inputs& xs, const float* kernel, const float* bias,
              const float* recurrent, const float* h0, float* hs, int64_t time, int64_t batch,
-             int64_t features, int64_t hidden) {
+             int64_t hidden) {
   const int64_t np = padded(hidden), full = hidden / L * L;
-  forward_parts(pool, xs, kernel, recurrent, h0, hs, 1, time, batch, features, hidden,
+  forward_parts(pool, xs, kernel, recurrent, h0, hs, 1, time, batch, hidden,
                 [&](int64_t, int64_t at, int64_t, int64_t rows, const float* us,
                     const float* z, const float*) {
     float* ht = hs + at * hidden;
@@ -52,17 +52,18 @@ void forward(const Pool& pool, const float* xs, const float* kernel, const float
 // g = dzs[t] @ recurrent^T; dh0 = g. The batch in parts (run_parts), each summing its own
 // weight gradients step by step (dkernel += xs[t]^T dzs[t], drecurrent += hs[t-1]^T dzs[t],
 // dbias += the rows of dzs[t]).
-void backward(const Pool& pool, const float* xs, const float* hs, const float* dhs,
+void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* dhs,
               const float* h0, const float* recurrent, const float* dh_last, float* dzs,
               float* dh0, float* dkernel, float* drecurrent, float* dbias, int64_t time,
-              int64_t batch, int64_t features, int64_t hidden) {
-  const int64_t np = padded(hidden);
+              int64_t batch, int64_t hidden) {
+  const int64_t np = padded(hidden), features = xs.features;
   const std::vector<float> ut = padded_gates_transposed(recurrent, hidden, 1);
   const int64_t parts = parts_for(pool, batch);
   PartSums sums(parts, (features + hidden + 1) * np);  // dk [F, np], dr [H, np], db [np]
   run_parts(pool, parts, batch, [&](int64_t p, int64_t first, int64_t last) {
     const int64_t rows = last - first;
     std::vector<float> g(rows * np), dz(rows * np);  // dz: dzs[t]'s rows, padded
+    InputRows x(xs, first, last);
     for (int64_t r = 0; r < rows; ++r)
       std::memcpy(g.data() + r * np, dh_last + (first + r) * hidden, hidden * sizeof(float));
     float* dk = sums.part(p);
@@ -87,8 +88,8 @@ void backward(const Pool& pool, const float* xs, const float* hs, const float* d
       }
       product<false>({dz.data(), np, 1, ut.data(), np, g.data(), np, rows, hidden, np});
       const float* previous = t == 0 ? h0 + first * hidden : ht - batch * hidden;
-      product<true>({xs + at * features, 1, features, dz.data(), np, dk, np, features, rows,
-                     np});
+      if (t > 0) x.prefetch(t - 1);
+      product<true>({x.at(t), 1, features, dz.data(), np, dk, np, features, rows, np});
       product<true>({previous, 1, hidden, dz.data(), np, dr, np, hidden, rows, np});
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < np; c += L)
@@ -104,26 +105,31 @@ void backward(const Pool& pool, const float* xs, const float* hs, const float* d
 
 // The calls' handlers (native_common.h's glue).
 
-// (xs [T, B, F], kernel [F, H], bias [H], recurrent [H, H], h0 [B, H]) -> hs [T, B, H]
+// (xs [T, N, F], kernel [F, H], bias [H], recurrent [H, H], h0 [B, H], rows [B] or [0])
+// -> hs [T, B, H]
 XLA_FFI_Error* Forward(XLA_FFI_CallFrame* call) {
-  static constexpr int kRanks[] = {3, 2, 1, 2, 2, 3};
-  Frame f = open(call, 5, 1, kRanks);
+  static constexpr int kRanks[] = {3, 2, 1, 2, 2, 1, 3};
+  Frame f = open(call, 6, 1, kRanks);
   if (!f.run) return f.status;
   float* const* b = f.buffers;
-  forward(Pool{call->api, call->ctx}, b[0], b[1], b[2], b[3], b[4], b[5], f.dims[0][0],
-          f.dims[0][1], f.dims[0][2], f.dims[4][1]);
+  const Inputs xs = inputs(call, f, f.dims[4][0]);
+  if (!f.run) return f.status;
+  forward(Pool{call->api, call->ctx}, xs, b[1], b[2], b[3], b[4], b[6], f.dims[0][0],
+          f.dims[4][0], f.dims[4][1]);
   return nullptr;
 }
 
-// (xs, hs, h0, recurrent, dh_last) -> (dzs, dh0, dkernel, drecurrent, dbias); with dhs
-// after hs where the outputs have a gradient.
+// (xs, hs, h0, recurrent, dh_last, rows) -> (dzs, dh0, dkernel, drecurrent, dbias); with
+// dhs after hs where the outputs have a gradient.
 XLA_FFI_Error* backward_call(XLA_FFI_CallFrame* call, bool outputs) {
-  static constexpr int kRanks[] = {3, 3, 2, 2, 2, 3, 2, 2, 2, 1};
-  Frame f = open_backward(call, outputs, 5, 5, kRanks);
+  static constexpr int kRanks[] = {3, 3, 2, 2, 2, 1, 3, 2, 2, 2, 1};
+  Frame f = open_backward(call, outputs, 6, 5, kRanks);
   if (!f.run) return f.status;
   float* const* b = f.buffers;
-  backward(Pool{call->api, call->ctx}, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8],
-           b[9], b[10], f.dims[0][0], f.dims[0][1], f.dims[0][2], f.dims[3][1]);
+  const Inputs xs = inputs(call, f, f.dims[3][0]);
+  if (!f.run) return f.status;
+  backward(Pool{call->api, call->ctx}, xs, b[1], b[2], b[3], b[4], b[5], b[7], b[8], b[9],
+           b[10], b[11], f.dims[0][0], f.dims[3][0], f.dims[3][1]);
   return nullptr;
 }
 

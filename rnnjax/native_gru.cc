@@ -12,13 +12,14 @@
 //             dh0 = g; dkernel = sum_t xs[t]^T du_t; drecurrent = sum_t hs[t-1]^T dv_t;
 //             dbias, drecurrent_bias = the sums of du's and dv's rows
 //
-// xs [T, B, F]; hs, dhs [T, B, H]; gates [T, B, 4 np]; dus [T, B, 3 np]; kernel [F, 3H];
-// bias and recurrent_bias [3H]; recurrent [H, 3H]; h0, dh_last, dh0 [B, H]. The same
-// structure as native_elman.cc: the batch in parts (parts_for) on XLA's pool, each
-// part's steps alone. Each gate's block of columns is padded to whole vectors
-// (np = padded(H)). The sigmoid is 1 / (1 + exp(-x)), as XLA:CPU computes it, with
-// Cephes' exp; tanh is XLA:CPU's approximation: the results differ from XLA's by float32
-// rounding (tests/test_native.py checks them against the hand-written form's).
+// xs [T, B, F] (or the batch's rows of a table [T, N, F]: native_common.h's Inputs); hs,
+// dhs [T, B, H]; gates [T, B, 4 np]; dus [T, B, 3 np]; kernel [F, 3H]; bias and
+// recurrent_bias [3H]; recurrent [H, 3H]; h0, dh_last, dh0 [B, H]. The same structure as
+// native_elman.cc: the batch in parts (parts_for) on XLA's pool, each part's steps alone.
+// Each gate's block of columns is padded to whole vectors (np = padded(H)). The sigmoid
+// is 1 / (1 + exp(-x)), as XLA:CPU computes it, with Cephes' exp; tanh is XLA:CPU's
+// approximation: the results differ from XLA's by float32 rounding (tests/test_native.py
+// checks them against the hand-written form's).
 
 #include "native_common.h"
 
@@ -29,13 +30,13 @@ constexpr int64_t kGates = 3;
 
 // The recurrence, the gates stored for the backward pass; the batch in parts
 // (forward_parts).
-void forward(const Pool& pool, const float* xs, const float* kernel, const float* bias,
+void forward(const Pool& pool, const Inputs& xs, const float* kernel, const float* bias,
              const float* recurrent, const float* recurrent_bias, const float* h0, float* hs,
-             float* gates, int64_t time, int64_t batch, int64_t features, int64_t hidden) {
+             float* gates, int64_t time, int64_t batch, int64_t hidden) {
   const int64_t np = padded(hidden), width = kGates * np, stored = 4 * np;
   const std::vector<float> b = padded_gates(bias, 1, hidden, kGates);
   const std::vector<float> rb = padded_gates(recurrent_bias, 1, hidden, kGates);
-  forward_parts(pool, xs, kernel, recurrent, h0, hs, kGates, time, batch, features, hidden,
+  forward_parts(pool, xs, kernel, recurrent, h0, hs, kGates, time, batch, hidden,
                 [&](int64_t, int64_t at, int64_t, int64_t rows, const float* us,
                     const float* v, const float* previous) {
     float* ht = hs + at * hidden;
@@ -73,12 +74,13 @@ void forward(const Pool& pool, const float* xs, const float* kernel, const float
 // dus @ kernel^T reads it with the kernel's gate blocks padded alike; into one step's rows
 // of the part's own where the inputs' gradient is not asked for, dus null), and dv's n
 // block beside it (dv_n, [rows, np]): dv = [du_z, du_r, dv_n].
-void backward(const Pool& pool, const float* xs, const float* hs, const float* dhs,
+void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* dhs,
               const float* h0, const float* gates, const float* recurrent,
               const float* dh_last, float* dus, float* dh0, float* dkernel, float* dbias,
               float* drecurrent, float* drecurrent_bias, int64_t time, int64_t batch,
-              int64_t features, int64_t hidden) {
+              int64_t hidden) {
   const int64_t np = padded(hidden), width = kGates * np, stored = 4 * np;
+  const int64_t features = xs.features;
   const std::vector<float> ut = padded_gates_transposed(recurrent, hidden, kGates);
   const int64_t parts = parts_for(pool, batch);
   // dk [F, 3np], dr [H, 3np], db [3np], drb [3np]
@@ -87,6 +89,7 @@ void backward(const Pool& pool, const float* xs, const float* hs, const float* d
     const int64_t rows = last - first;
     std::vector<float> g(rows * np), dvn(rows * np);
     std::vector<float> step_du(dus == nullptr ? rows * width : 0);  // where dus is not asked
+    InputRows x(xs, first, last);
     for (int64_t r = 0; r < rows; ++r)
       std::memcpy(g.data() + r * np, dh_last + (first + r) * hidden, hidden * sizeof(float));
     float* dk = sums.part(p);
@@ -122,8 +125,8 @@ void backward(const Pool& pool, const float* xs, const float* hs, const float* d
       product<true>({dut, width, 1, ut.data(), np, g.data(), np, rows, 2 * np, np});
       product<true>({dvn.data(), np, 1, ut.data() + 2 * np * np, np, g.data(), np, rows, np,
                      np});
-      product<true>({xs + at * features, 1, features, dut, width, dk, width, features, rows,
-                     width});
+      if (t > 0) x.prefetch(t - 1);
+      product<true>({x.at(t), 1, features, dut, width, dk, width, features, rows, width});
       product<true>({previous, 1, hidden, dut, width, dr, width, hidden, rows, 2 * np});
       product<true>({previous, 1, hidden, dvn.data(), np, dr + 2 * np, width, hidden, rows,
                      np});
@@ -147,27 +150,32 @@ void backward(const Pool& pool, const float* xs, const float* hs, const float* d
   unpad_gates(db + width, 1, hidden, kGates, drecurrent_bias);
 }
 
-// (xs [T, B, F], kernel [F, 3H], bias [3H], recurrent [H, 3H], recurrent_bias [3H],
-// h0 [B, H]) -> (hs [T, B, H], gates [T, B, 4 np]: each gate padded to whole vectors)
+// (xs [T, N, F], kernel [F, 3H], bias [3H], recurrent [H, 3H], recurrent_bias [3H],
+// h0 [B, H], rows [B] or [0]) -> (hs [T, B, H], gates [T, B, 4 np]: each gate padded to
+// whole vectors)
 XLA_FFI_Error* Forward(XLA_FFI_CallFrame* call) {
-  static constexpr int kRanks[] = {3, 2, 1, 2, 1, 2, 3, 3};
-  Frame f = open(call, 6, 2, kRanks);
+  static constexpr int kRanks[] = {3, 2, 1, 2, 1, 2, 1, 3, 3};
+  Frame f = open(call, 7, 2, kRanks);
   if (!f.run) return f.status;
   float* const* b = f.buffers;
-  forward(Pool{call->api, call->ctx}, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
-          f.dims[0][0], f.dims[0][1], f.dims[0][2], f.dims[5][1]);
+  const Inputs xs = inputs(call, f, f.dims[5][0]);
+  if (!f.run) return f.status;
+  forward(Pool{call->api, call->ctx}, xs, b[1], b[2], b[3], b[4], b[5], b[7], b[8],
+          f.dims[0][0], f.dims[5][0], f.dims[5][1]);
   return nullptr;
 }
 
-// (xs, hs, h0, gates, recurrent, dh_last) -> (dus, dh0, dkernel, dbias, drecurrent,
+// (xs, hs, h0, gates, recurrent, dh_last, rows) -> (dus, dh0, dkernel, dbias, drecurrent,
 // drecurrent_bias); with dhs after hs where the outputs have a gradient.
 XLA_FFI_Error* backward_call(XLA_FFI_CallFrame* call, bool outputs) {
-  static constexpr int kRanks[] = {3, 3, 2, 3, 2, 2, 3, 2, 2, 1, 2, 1};
-  Frame f = open_backward(call, outputs, 6, 6, kRanks);
+  static constexpr int kRanks[] = {3, 3, 2, 3, 2, 2, 1, 3, 2, 2, 1, 2, 1};
+  Frame f = open_backward(call, outputs, 7, 6, kRanks);
   if (!f.run) return f.status;
   float* const* b = f.buffers;
-  backward(Pool{call->api, call->ctx}, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8],
-           b[9], b[10], b[11], b[12], f.dims[0][0], f.dims[0][1], f.dims[0][2], f.dims[3][1]);
+  const Inputs xs = inputs(call, f, f.dims[3][0]);
+  if (!f.run) return f.status;
+  backward(Pool{call->api, call->ctx}, xs, b[1], b[2], b[3], b[4], b[5], b[6], b[8], b[9],
+           b[10], b[11], b[12], b[13], f.dims[0][0], f.dims[3][0], f.dims[3][1]);
   return nullptr;
 }
 

@@ -14,10 +14,11 @@
 //             dh0 = dh, dc0 = dc; dkernel = sum_t xs[t]^T dz_t;
 //             drecurrent = sum_t hs[t-1]^T dz_t; dbias = the sum of dz's rows
 //
-// xs [T, B, F]; hs, dhs [T, B, H]; gates [T, B, 6 np]; dzs [T, B, 4 np]; kernel [F, 4H];
-// bias [4H]; recurrent [H, 4H]; h0, c0, dh_last, dc_last, dh0, dc0 [B, H]. The same
-// structure as native_gru.cc (the batch in parts on XLA's pool; each gate's block padded
-// to whole vectors, np = padded(H)); its results differ from XLA's by float32 rounding
+// xs [T, B, F] (or the batch's rows of a table [T, N, F]: native_common.h's Inputs); hs,
+// dhs [T, B, H]; gates [T, B, 6 np]; dzs [T, B, 4 np]; kernel [F, 4H]; bias [4H];
+// recurrent [H, 4H]; h0, c0, dh_last, dc_last, dh0, dc0 [B, H]. The same structure as
+// native_gru.cc (the batch in parts on XLA's pool; each gate's block padded to whole
+// vectors, np = padded(H)); its results differ from XLA's by float32 rounding
 // (tests/test_native.py checks them against the hand-written form's).
 
 #include "native_common.h"
@@ -29,12 +30,12 @@ constexpr int64_t kGates = 4;
 
 // The recurrence, the gates, c_t and tanh(c_t) stored for the backward pass (and c_T read
 // from them); the batch in parts (forward_parts).
-void forward(const Pool& pool, const float* xs, const float* kernel, const float* bias,
+void forward(const Pool& pool, const Inputs& xs, const float* kernel, const float* bias,
              const float* recurrent, const float* h0, const float* c0, float* hs,
-             float* gates, int64_t time, int64_t batch, int64_t features, int64_t hidden) {
+             float* gates, int64_t time, int64_t batch, int64_t hidden) {
   const int64_t np = padded(hidden), width = kGates * np, stored = 6 * np;
   const std::vector<float> b = padded_gates(bias, 1, hidden, kGates);
-  forward_parts(pool, xs, kernel, recurrent, h0, hs, kGates, time, batch, features, hidden,
+  forward_parts(pool, xs, kernel, recurrent, h0, hs, kGates, time, batch, hidden,
                 [&](int64_t t, int64_t at, int64_t first, int64_t rows, const float* us,
                     const float* v, const float*) {
     float* ht = hs + at * hidden;
@@ -70,12 +71,13 @@ void forward(const Pool& pool, const float* xs, const float* kernel, const float
 // step by step. dz is written padded ([T, B, 4np], the call's output: XLA's dxs =
 // dzs @ kernel^T reads it with the kernel's gate blocks padded alike; into one step's rows
 // of the part's own where the inputs' gradient is not asked for, dzs null).
-void backward(const Pool& pool, const float* xs, const float* hs, const float* dhs,
+void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* dhs,
               const float* h0, const float* c0, const float* gates, const float* recurrent,
               const float* dh_last, const float* dc_last, float* dzs, float* dh0, float* dc0,
               float* dkernel, float* drecurrent, float* dbias, int64_t time, int64_t batch,
-              int64_t features, int64_t hidden) {
+              int64_t hidden) {
   const int64_t np = padded(hidden), width = kGates * np, stored = 6 * np;
+  const int64_t features = xs.features;
   const std::vector<float> ut = padded_gates_transposed(recurrent, hidden, kGates);
   const int64_t parts = parts_for(pool, batch);
   PartSums sums(parts, (features + hidden + 1) * width);  // dk [F, 4np], dr [H, 4np], db
@@ -83,6 +85,7 @@ void backward(const Pool& pool, const float* xs, const float* hs, const float* d
     const int64_t rows = last - first;
     std::vector<float> g(rows * np), dc(rows * np);
     std::vector<float> step_dz(dzs == nullptr ? rows * width : 0);  // where dzs is not asked
+    InputRows x(xs, first, last);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t row = (first + r) * hidden;
       std::memcpy(g.data() + r * np, dh_last + row, hidden * sizeof(float));
@@ -120,8 +123,8 @@ void backward(const Pool& pool, const float* xs, const float* hs, const float* d
       }
       product<false>({dzt, width, 1, ut.data(), np, g.data(), np, rows, width, np});
       const float* previous = t == 0 ? h0 + first * hidden : hs + (at - batch) * hidden;
-      product<true>({xs + at * features, 1, features, dzt, width, dk, width, features, rows,
-                     width});
+      if (t > 0) x.prefetch(t - 1);
+      product<true>({x.at(t), 1, features, dzt, width, dk, width, features, rows, width});
       product<true>({previous, 1, hidden, dzt, width, dr, width, hidden, rows, width});
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < width; c += L)
@@ -137,28 +140,33 @@ void backward(const Pool& pool, const float* xs, const float* hs, const float* d
   unpad_gates(dr + hidden * width, 1, hidden, kGates, dbias);
 }
 
-// (xs [T, B, F], kernel [F, 4H], bias [4H], recurrent [H, 4H], h0 [B, H], c0 [B, H]) ->
-// (hs [T, B, H], gates [T, B, 6 np]: i, f, g, o, c, tanh(c), each padded to whole vectors)
+// (xs [T, N, F], kernel [F, 4H], bias [4H], recurrent [H, 4H], h0 [B, H], c0 [B, H],
+// rows [B] or [0]) -> (hs [T, B, H], gates [T, B, 6 np]: i, f, g, o, c, tanh(c), each
+// padded to whole vectors)
 XLA_FFI_Error* Forward(XLA_FFI_CallFrame* call) {
-  static constexpr int kRanks[] = {3, 2, 1, 2, 2, 2, 3, 3};
-  Frame f = open(call, 6, 2, kRanks);
+  static constexpr int kRanks[] = {3, 2, 1, 2, 2, 2, 1, 3, 3};
+  Frame f = open(call, 7, 2, kRanks);
   if (!f.run) return f.status;
   float* const* b = f.buffers;
-  forward(Pool{call->api, call->ctx}, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
-          f.dims[0][0], f.dims[0][1], f.dims[0][2], f.dims[4][1]);
+  const Inputs xs = inputs(call, f, f.dims[4][0]);
+  if (!f.run) return f.status;
+  forward(Pool{call->api, call->ctx}, xs, b[1], b[2], b[3], b[4], b[5], b[7], b[8],
+          f.dims[0][0], f.dims[4][0], f.dims[4][1]);
   return nullptr;
 }
 
-// (xs, hs, h0, c0, gates, recurrent, dh_last, dc_last) -> (dzs, dh0, dc0, dkernel,
+// (xs, hs, h0, c0, gates, recurrent, dh_last, dc_last, rows) -> (dzs, dh0, dc0, dkernel,
 // drecurrent, dbias); with dhs after hs where the outputs have a gradient.
 XLA_FFI_Error* backward_call(XLA_FFI_CallFrame* call, bool outputs) {
-  static constexpr int kRanks[] = {3, 3, 2, 2, 3, 2, 2, 2, 3, 2, 2, 2, 2, 1};
-  Frame f = open_backward(call, outputs, 8, 6, kRanks);
+  static constexpr int kRanks[] = {3, 3, 2, 2, 3, 2, 2, 2, 1, 3, 2, 2, 2, 2, 1};
+  Frame f = open_backward(call, outputs, 9, 6, kRanks);
   if (!f.run) return f.status;
   float* const* b = f.buffers;
-  backward(Pool{call->api, call->ctx}, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8],
-           b[9], b[10], b[11], b[12], b[13], b[14], f.dims[0][0], f.dims[0][1],
-           f.dims[0][2], f.dims[3][1]);
+  const Inputs xs = inputs(call, f, f.dims[3][0]);
+  if (!f.run) return f.status;
+  backward(Pool{call->api, call->ctx}, xs, b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8],
+           b[10], b[11], b[12], b[13], b[14], b[15], f.dims[0][0], f.dims[3][0],
+           f.dims[3][1]);
   return nullptr;
 }
 

@@ -85,43 +85,17 @@ def train_step(
 
 def _update(
     state: TrainState, xs: jax.Array, labels: jax.Array, model: Model,
-    optimizer: optax.GradientTransformation,
+    optimizer: optax.GradientTransformation, rows: jax.Array | None = None,
 ) -> tuple[TrainState, Metrics]:
-    """:func:`train_step` on the batch's time-major sequences xs [T, B, F]."""
+    """:func:`train_step` on the batch's time-major sequences xs [T, B, F], or on the batch
+    ``rows`` (int32 [B]) of a whole set's xs [T, N, F] (``Model.apply_sequences``)."""
     def loss(params):
-        return _loss(model.apply_sequences(params, xs), labels)
+        return _loss(model.apply_sequences(params, xs, rows), labels)
 
     (_, (losses, logits)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(state.step + 1, params, opt_state), batch_metrics(losses, logits, labels)
-
-
-def gather_sequences(sequences: jax.Array, idx: jax.Array, by_step: bool = False
-                     ) -> jax.Array:
-    """The batch ``idx`` (int [B], each in [0, N)) of a whole dataset's sequences
-    [T, N, F] (``Model.sequences``) -> [T, B, F], ``sequences[:, idx]``.
-
-    Gathered as rows ``t * N + idx[b]`` of the [T*N, F] table, so XLA writes the batch
-    time-major in one pass (``jnp.take(..., axis=1)`` is gathered batch-major, then
-    transposed: 1.07x slower at rows batch 4096 on XLA:CPU).
-
-    ``by_step``: gathered step by step, each step's ``[B, F]`` a gather of its own, and
-    stacked; the same values. For a train step that reads the sequence only a step at a
-    time in straight-line code (``Model.reads_steps_alone``): XLA then hands each step's
-    gather to its reader and never builds the stack, where it copied each step's slice out
-    of the one gathered batch (on a 2-core AVX-512 EPYC, the rows SimpleRNN at batch 4096
-    fully unrolled: 28 copies of 0.1 ms a train step; in turns in one process the step
-    1.04-1.06x faster in four runs of five, 0.95x in one; level at batch 1024 and 50).
-    """
-    steps, count = sequences.shape[:2]
-    if steps * count >= 2**31:  # beyond int32 row numbers
-        return jnp.take(sequences, idx, axis=1)
-    table = sequences.reshape(steps * count, *sequences.shape[2:])
-    idx = idx.astype(jnp.int32)
-    if by_step:
-        return jnp.stack([table[t * count + idx] for t in range(steps)])
-    return table[jnp.arange(steps, dtype=jnp.int32)[:, None] * count + idx]
 
 
 def zero_metrics() -> Metrics:
@@ -159,8 +133,7 @@ def train_steps(
     def body(i, carry):
         state, sums = carry
         idx = indices[i]
-        xs = gather_sequences(sequences, idx, model.reads_steps_alone(idx.shape[0]))
-        state, metrics = _update(state, xs, labels[idx], model, optimizer)
+        state, metrics = _update(state, sequences, labels[idx], model, optimizer, idx)
         return state, jax.tree.map(jnp.add, sums, metrics)
 
     return jax.lax.fori_loop(0, count, body, (state, zero_metrics()))

@@ -72,16 +72,17 @@ from rnnjax.measure import (
     for_backend,  # the candidates a child on a backend times
 )
 
-TUNER_VERSION = 24  # 24: the native library's products compiled once (its build 1.3-1.4 s,
-# not 1.6-2.0: the seed's 10 s now times both widths); 23: the native kernels' products in
-# blocks that fit the registers; 22: the native backward writes no input gradient where
-# none is asked for; 21: the native kernels at 16 lanes too (native_lanes); 20: lstm's and
-# gru's native kernels, each batch in parts on the pool's threads, timed right after the
-# baseline at small batches; 19: simple_rnn's native kernels; 18: the second process's
-# timings in the first's terms; 17: the evaluations' unroll; 16: XLA flag sets timed in
-# the first child's process; 15: batches read step by step gathered so; 14: longer calls
-# in turns, autodiff loops 1.1-1.3x faster; 13: cpus; 12: huge pages; 11: chunks; 10:
-# finalists in a second process
+TUNER_VERSION = 25  # 25: the native layers read each batch's rows in the dataset's
+# sequences, with no gathered copy; 24: the native library's products compiled once (its
+# build 1.3-1.4 s, not 1.6-2.0: the seed's 10 s now times both widths); 23: the native
+# kernels' products in blocks that fit the registers; 22: the native backward writes no
+# input gradient where none is asked for; 21: the native kernels at 16 lanes too
+# (native_lanes); 20: lstm's and gru's native kernels, each batch in parts on the pool's
+# threads, timed right after the baseline at small batches; 19: simple_rnn's native kernels;
+# 18: the second process's timings in the first's terms; 17: the evaluations' unroll; 16:
+# XLA flag sets timed in the first child's process; 15: batches read step by step gathered
+# so; 14: longer calls in turns, autodiff loops 1.1-1.3x faster; 13: cpus; 12: huge pages;
+# 11: chunks; 10: finalists in a second process
 ENV_VAR = "RNNJAX_TUNE"  # 'off' (or 0, false, no): rnnjax train does not tune by default
 MARGIN = 0.03  # a candidate replaces the baseline only when this much faster
 # Other XLA flags replace the run's own only when this much faster: they are timed in other

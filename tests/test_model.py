@@ -65,6 +65,27 @@ def test_model_sequences_are_what_apply_reads(order):
     np.testing.assert_array_equal(model.apply(params, images), model.apply_sequences(params, xs))
 
 
+@pytest.mark.parametrize("fields", [
+    {},  # gathered first (the hand-written form)
+    {"backward": "native"},  # read where they are by the native layer
+    {"backward": "native", "num_layers": 2, "chunks": 3},  # the first layer's, in 3 parts
+    {"backward": "native", "bidirectional": True},  # gathered first: read both ways
+])
+def test_a_batchs_rows_of_the_sequences_give_the_batchs_logits(fields):
+    """``apply_sequences(p, xs, rows)`` is ``apply_sequences(p, xs[:, rows])``, bit for bit,
+    however the first layer reads them (``Model.reads_rows``)."""
+    model = make_model(Config(hidden_size=8, **fields))
+    assert model.reads_rows(5) is (fields.get("backward") == "native"
+                                   and not fields.get("bidirectional", False))
+    params = model.init(jax.random.key(0))
+    xs = model.sequences(jax.random.uniform(jax.random.key(1), (30, 28, 28)))
+    rows = jnp.asarray([29, 3, 3, 0, 17], jnp.int32)
+    np.testing.assert_array_equal(model.apply_sequences(params, xs, rows),
+                                  model.apply_sequences(params, xs[:, rows]))
+    with pytest.raises(ValueError, match=r"rows of shape \(5, 1\).*int32 \[B\]"):
+        model.apply_sequences(params, xs, rows[:, None])
+
+
 def test_bad_shapes_name_what_the_model_reads():
     model = make_model(Config(hidden_size=8))
     params = model.init(jax.random.key(0))

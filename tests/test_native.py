@@ -4,15 +4,19 @@ form does."""
 
 from __future__ import annotations
 
+import functools
+from unittest import mock
+
 import jax
 import numpy as np
+import optax
 import pytest
 
 from benchmarks.native_kernels import first_step_difference
-from rnnjax import cells, native
+from rnnjax import cells, native, train
 from rnnjax.config import NATIVE_LANES, Config, ConfigError
-from rnnjax.data.pipeline import to_device
-from rnnjax.model import evaluation_model, make_model
+from rnnjax.data.pipeline import batch_indices, normalize_host, to_device
+from rnnjax.model import Model, evaluation_model, make_model
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +123,88 @@ def test_no_input_gradient_is_written_where_none_is_asked_for(cell):
 
     assert first_result(of_weights.lower(*weights).as_text()).startswith("tensor<0x7x")
     assert first_result(of_all.lower(xs, *weights).as_text()).startswith("tensor<5x7x")
+
+
+@pytest.mark.parametrize("lanes", NATIVE_LANES)
+@pytest.mark.parametrize("cell", NATIVE_CELLS)
+def test_a_batchs_rows_read_in_a_table_are_the_gathered_batchs_bits(cell, lanes):
+    """``layer(table, ..., rows=rows)`` reads the batch ``table[:, rows]`` where it is: the
+    same outputs and gradients, bit for bit, as the layer on the gathered batch, the
+    table's gradient included (added into the rows read, twice where a row is read twice);
+    consecutive rows are read in place, others copied part by part."""
+    make, shapes, carries = LAYERS[cell]
+    layer = make(lanes)
+    keys = jax.random.split(jax.random.key(1), len(shapes) + 2)
+    table = jax.random.normal(keys[0], (5, 40, 3))
+    carry = [jax.random.normal(keys[1], (9, 6))] * carries
+    weights = [jax.random.normal(k, s) * 0.3 for k, s in zip(keys[2:], shapes, strict=True)]
+
+    def loss(table, weights, rows, gathered):
+        xs, rows = (table[:, rows], None) if gathered else (table, rows)
+        hs, *last = layer(xs, *weights, *carry, rows=rows)
+        return jax.numpy.sum(hs**2) + sum(jax.numpy.sum(jax.numpy.sin(c)) for c in last)
+
+    of_weights = jax.jit(jax.grad(loss, 1), static_argnums=3)
+    of_all = jax.jit(jax.value_and_grad(loss, (0, 1)), static_argnums=3)
+    for rows in ([30, 31, 32, 33, 34, 35, 36, 37, 38], [4, 39, 4, 0, 17, 18, 2, 25, 4]):
+        rows = jax.numpy.asarray(rows, jax.numpy.int32)
+        for got, want in ((of_weights(table, weights, rows, False),
+                           of_weights(table, weights, rows, True)),
+                          (of_all(table, weights, rows, False),
+                           of_all(table, weights, rows, True))):
+            jax.tree.map(np.testing.assert_array_equal, got, want)
+    # Rows outside the table are clamped into it, as XLA's gather clamps them.
+    clamped = of_all(table, weights, jax.numpy.asarray([-3, 1, 2, 3, 4, 5, 6, 7, 99]), False)
+    jax.tree.map(np.testing.assert_array_equal, clamped,
+                 of_all(table, weights, jax.numpy.asarray([0, 1, 2, 3, 4, 5, 6, 7, 39]), False))
+
+
+@pytest.mark.parametrize(("xs", "rows", "message"), [
+    ((5, 40, 3), (8,), r"rows int32\[8\] for a carry of 9 rows"),
+    ((5, 40, 3), None, r"inputs \(5, 40, 3\) for a carry of 9 rows"),
+    ((5, 0, 3), (9,), "rows of an empty table"),
+    ((40, 3), (9,), r"inputs of shape \(40, 3\)"),
+])
+def test_rows_that_do_not_fit_the_inputs_are_clear_errors(xs, rows, message):
+    make, shapes, _ = LAYERS["simple_rnn"]
+    weights = [jax.numpy.zeros(s) for s in shapes]
+    rows = None if rows is None else jax.numpy.zeros(rows, jax.numpy.int32)
+    with pytest.raises(ValueError, match=message):
+        make()(jax.numpy.zeros(xs), *weights, jax.numpy.zeros((9, 6)), rows=rows)
+    with pytest.raises(ValueError, match="rows float32"):
+        make()(jax.numpy.zeros((5, 40, 3)), *weights, jax.numpy.zeros((9, 6)),
+               rows=jax.numpy.zeros(9))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_native_train_steps_read_each_batch_in_the_datasets_sequences(mnist, shuffle):
+    """``train.train_steps`` hands the native layer the dataset's sequences and the batch's
+    indices (``Model.reads_rows``): the same bits as ``train.train_step`` on each batch's
+    images, and the compiled steps hold no gathered [T, B, F] batch."""
+    config = Config(backward="native", shuffle=shuffle, seed=3, batch_size=50)
+    model, optimizer = make_model(config), optax.adam(1e-3)
+    assert model.reads_rows(50)
+    state = train.create_state(jax.random.key(0), model, optimizer)
+    idx = batch_indices(len(mnist.train_labels), 50, 0, 6, shuffle=shuffle, seed=3)
+    step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer))
+    one = state
+    for row in idx:
+        one, _ = step(one, jax.numpy.asarray(normalize_host(mnist.train_images[row])),
+                      jax.numpy.asarray(mnist.train_labels[row]))
+    steps = jax.jit(functools.partial(train.train_steps, model=model, optimizer=optimizer))
+    sequences = model.sequences(jax.numpy.asarray(normalize_host(mnist.train_images)))
+    labels = jax.numpy.asarray(mnist.train_labels)
+    many, _ = steps(state, sequences, labels, idx)
+    jax.tree.map(np.testing.assert_array_equal, one.params, many.params)
+
+    def batches(reads_rows):
+        with mock.patch.object(Model, "reads_rows", lambda self, batch: reads_rows):
+            fresh = functools.partial(train.train_steps, model=model, optimizer=optimizer)
+            text = jax.jit(fresh).lower(state, sequences, labels, idx).compile().as_text()
+        return text.count("f32[28,50,28]")
+
+    assert batches(True) == 0
+    assert batches(False) >= 1
 
 
 @pytest.mark.parametrize("lanes", NATIVE_LANES)

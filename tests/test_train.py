@@ -14,7 +14,7 @@ import pytest
 from rnnjax import parallel, train
 from rnnjax.config import Config, ConfigError
 from rnnjax.data.pipeline import batch_indices, normalize_host
-from rnnjax.model import make_model
+from rnnjax.model import gather_sequences, make_model
 from rnnjax.optim import make_optimizer
 
 
@@ -274,7 +274,7 @@ def test_gather_sequences_is_the_batch_of_each_order(order, by_step):
     model = make_model(Config(order=order, hidden_size=8))
     images = jax.random.uniform(jax.random.key(0), (40, 28, 28))
     idx = jnp.asarray([7, 0, 39, 7, 12], jnp.int32)
-    gather = jax.jit(train.gather_sequences, static_argnums=2)
+    gather = jax.jit(gather_sequences, static_argnums=2)
     got = gather(model.sequences(images), idx, by_step)
     np.testing.assert_array_equal(got, model.sequences(images[idx]))
 
@@ -325,7 +325,7 @@ def test_gather_sequences_beyond_int32_row_numbers():
     taken along N of [T, N, F] instead (traced only: a 9 GB table)."""
     def gathered_operand(count):
         table = jax.ShapeDtypeStruct((784, count, 1), jnp.float32)
-        jaxpr = jax.make_jaxpr(train.gather_sequences)(table, jnp.zeros(50, jnp.int32))
+        jaxpr = jax.make_jaxpr(gather_sequences)(table, jnp.zeros(50, jnp.int32))
         def eqns(j):
             for e in j.eqns:
                 yield e
