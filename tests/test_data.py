@@ -805,13 +805,16 @@ def _batches_each_feed_trains_on(monkeypatch, config: Config, data: Arrays) -> l
     recorded inside the compiled step: the loop's own feed code (``rnnjax.loop``) runs a
     train step that records its batch and leaves the state as it is."""
     from rnnjax import loop, parallel, train
-    from rnnjax.model import make_model
+    from rnnjax.model import gather_sequences, make_model
     from rnnjax.optim import make_optimizer
 
     seen: list[tuple[np.ndarray, np.ndarray]] = []
 
-    def record(state, xs, labels, model, optimizer):
-        # xs: the batch's time-major rows [T, B, W], back to images [B, H, W].
+    def record(state, xs, labels, model, optimizer, rows=None):
+        # xs: the batch's time-major rows [T, B, W] (train_steps: the set's, [T, N, W], and
+        # the batch's rows), back to images [B, H, W].
+        if rows is not None:
+            xs = gather_sequences(xs, rows)
         jax.debug.callback(lambda x, y: seen.append((np.swapaxes(x, 0, 1), np.array(y))),
                            xs, labels, ordered=True)
         return state._replace(step=state.step + 1), train.zero_metrics()
