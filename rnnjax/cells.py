@@ -172,9 +172,9 @@ def scan_cell(
 ) -> tuple[Carry, jax.Array]:
     """Run ``cell`` over time-major ``xs [T, B, F]``: ``(final carry, ys [T, B, H])``.
 
-    ``rows`` (int [B], the native form only): ``xs`` is a table [T, N, F], a whole set's
-    sequences, and the batch ``xs[:, rows]``, which the native kernels read where it is
-    (``rnnjax.model.Model.apply_sequences`` gathers it first for the other forms).
+    ``rows`` (int [B], the native form in one part only): ``xs`` is a table [T, N, F], a
+    whole set's sequences, and the batch ``xs[:, rows]``, which the native kernels read
+    where it is (``rnnjax.model.Model.apply_sequences`` gathers it first for the others).
 
     ``unroll`` is ``lax.scan``'s unroll factor; 0 unrolls all T steps. ``backward``,
     ``projection`` and ``weight_grad`` choose the form of the computation
@@ -196,21 +196,21 @@ def scan_cell(
     if carry is None:
         carry = cell.initial_carry(batch, xs.dtype)
     bounds = chunk_bounds(time, chunks)
+    form = resolve_form(cell, batch, backward, projection, weight_grad)
+    if rows is not None and (form.backward != "native" or chunks > 1):
+        raise ValueError(f"scan_cell: rows of a table are read by the native form in one "
+                         f"part only, not {form.backward} in {chunks}; gather the batch "
+                         "first (rnnjax.model.gather_sequences)")
     if chunks > 1:
         parts = []
         for start, stop in itertools.pairwise(bounds):
             carry, ys = scan_cell(cell, params, xs[start:stop], carry, unroll, weight_grad,
-                                  projection, backward, native_lanes=native_lanes, rows=rows)
+                                  projection, backward, native_lanes=native_lanes)
             parts.append(ys)
         return carry, jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=0), *parts)
     unroll = unroll or time
-    form = resolve_form(cell, batch, backward, projection, weight_grad)
     if form.backward == "native":
         return cell.native(params, xs, carry, native_lanes, rows)
-    if rows is not None:
-        raise ValueError(f"scan_cell: rows of a table are read by the native form only, not "
-                         f"{form.backward}; gather the batch first "
-                         "(rnnjax.model.gather_sequences)")
     if form.backward == "hand_written":
         return cell.sequence(params, xs, carry, unroll, form.weight_grad, form.projection)
     if cell.project is None:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rnnjax.cells import scan_cell
 from rnnjax.config import Config, ConfigError
 from rnnjax.data.pipeline import normalize_host
 from rnnjax.model import count_params, make_model, pixel_permutation, to_sequence
@@ -68,15 +69,16 @@ def test_model_sequences_are_what_apply_reads(order):
 @pytest.mark.parametrize("fields", [
     {},  # gathered first (the hand-written form)
     {"backward": "native"},  # read where they are by the native layer
-    {"backward": "native", "num_layers": 2, "chunks": 3},  # the first layer's, in 3 parts
+    {"backward": "native", "num_layers": 2},  # the first layer's; the second reads its hs
+    {"backward": "native", "chunks": 3},  # gathered first: a part's steps would be a copy
     {"backward": "native", "bidirectional": True},  # gathered first: read both ways
 ])
 def test_a_batchs_rows_of_the_sequences_give_the_batchs_logits(fields):
     """``apply_sequences(p, xs, rows)`` is ``apply_sequences(p, xs[:, rows])``, bit for bit,
     however the first layer reads them (``Model.reads_rows``)."""
     model = make_model(Config(hidden_size=8, **fields))
-    assert model.reads_rows(5) is (fields.get("backward") == "native"
-                                   and not fields.get("bidirectional", False))
+    reads = fields == {"backward": "native"} or "num_layers" in fields
+    assert model.reads_rows(5) is reads
     params = model.init(jax.random.key(0))
     xs = model.sequences(jax.random.uniform(jax.random.key(1), (30, 28, 28)))
     rows = jnp.asarray([29, 3, 3, 0, 17], jnp.int32)
@@ -84,6 +86,10 @@ def test_a_batchs_rows_of_the_sequences_give_the_batchs_logits(fields):
                                   model.apply_sequences(params, xs[:, rows]))
     with pytest.raises(ValueError, match=r"rows of shape \(5, 1\).*int32 \[B\]"):
         model.apply_sequences(params, xs, rows[:, None])
+    if model.backward != "native" or model.chunks > 1:  # scan_cell itself refuses them
+        with pytest.raises(ValueError, match="read by the native form in one part only"):
+            scan_cell(model.cell, params["rnn"][0], xs, rows=rows, chunks=model.chunks,
+                      backward=model.backward)
 
 
 def test_bad_shapes_name_what_the_model_reads():
