@@ -199,8 +199,8 @@ def scan_cell(
     form = resolve_form(cell, batch, backward, projection, weight_grad)
     if rows is not None and (form.backward != "native" or chunks > 1):
         raise ValueError(f"scan_cell: rows of a table are read by the native form in one "
-                         f"part only, not {form.backward} in {chunks}; gather the batch "
-                         "first (rnnjax.model.gather_sequences)")
+                         f"part only, not {form.backward} in {chunks} part(s); gather the "
+                         "batch first (rnnjax.model.gather_sequences)")
     if chunks > 1:
         parts = []
         for start, stop in itertools.pairwise(bounds):

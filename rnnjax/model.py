@@ -57,8 +57,10 @@ def pixel_permutation(seed: int, size: int = 784) -> np.ndarray:
 
 def gather_sequences(sequences: jax.Array, idx: jax.Array, by_step: bool = False
                      ) -> jax.Array:
-    """The batch ``idx`` (int [B], each in [0, N)) of a whole dataset's sequences
-    [T, N, F] (``Model.sequences``) -> [T, B, F], ``sequences[:, idx]``.
+    """The batch ``idx`` (int [B]) of a whole dataset's sequences [T, N, F]
+    (``Model.sequences``) -> [T, B, F], ``sequences[:, idx]``; indices outside [0, N) are
+    clamped into it, as the native kernels clamp them (``rnnjax.native``), so every form
+    reads the same rows.
 
     Gathered as rows ``t * N + idx[b]`` of the [T*N, F] table, so XLA writes the batch
     time-major in one pass (``jnp.take(..., axis=1)`` is gathered batch-major, then
@@ -73,10 +75,10 @@ def gather_sequences(sequences: jax.Array, idx: jax.Array, by_step: bool = False
     1.04-1.06x faster in four runs of five, 0.95x in one; level at batch 1024 and 50).
     """
     steps, count = sequences.shape[:2]
+    idx = jnp.clip(idx.astype(jnp.int32), 0, count - 1)
     if steps * count >= 2**31:  # beyond int32 row numbers
         return jnp.take(sequences, idx, axis=1)
     table = sequences.reshape(steps * count, *sequences.shape[2:])
-    idx = idx.astype(jnp.int32)
     if by_step:
         return jnp.stack([table[t * count + idx] for t in range(steps)])
     return table[jnp.arange(steps, dtype=jnp.int32)[:, None] * count + idx]
@@ -184,10 +186,10 @@ class Model:
         """Time-major sequences float32 ``[T, B, F]`` (:meth:`sequences`) -> logits float32
         ``[B, classes]``.
 
-        With ``rows`` (int32 [B]): ``xs`` is a whole set's sequences [T, N, F] and the batch
-        ``xs[:, rows]`` (the same logits as ``apply_sequences(params, xs[:, rows])``), read
-        where it is by a first layer that can (:meth:`reads_rows`), else gathered first
-        (:func:`gather_sequences`).
+        With ``rows`` (int32 [B], clamped into [0, N)): ``xs`` is a whole set's sequences
+        [T, N, F] and the batch ``xs[:, rows]`` (the same logits as
+        ``apply_sequences(params, xs[:, rows])``), read where it is by a first layer that
+        can (:meth:`reads_rows`), else gathered first (:func:`gather_sequences`).
         """
         steps = self.time_steps
         if xs.ndim != 3 or xs.shape[0] != steps or xs.shape[2] != self.input_size:
@@ -195,9 +197,10 @@ class Model:
                              f"this model reads [{steps}, B, {self.input_size}] "
                              "(Model.sequences of its images)")
         if rows is not None:
-            if rows.ndim != 1:
-                raise ValueError(f"Model.apply_sequences: rows of shape {tuple(rows.shape)}; "
-                                 "pass the batch's indices into the sequences, int32 [B]")
+            if rows.ndim != 1 or not jnp.issubdtype(rows.dtype, jnp.integer):
+                raise ValueError(f"Model.apply_sequences: rows {rows.dtype} of shape "
+                                 f"{tuple(rows.shape)}; pass the batch's indices into the "
+                                 "sequences, int32 [B]")
             batch = rows.shape[0]
             if not self.reads_rows(batch):
                 xs, rows = gather_sequences(xs, rows, self.reads_steps_alone(batch)), None

@@ -244,8 +244,8 @@ def _inputs_cotangent(asked: tuple[()] | None, dzs: jax.Array, kernel: jax.Array
 def _rows(xs: jax.Array, rows: jax.Array | None, carry: jax.Array) -> jax.Array:
     """The kernels' last operand, for inputs ``xs`` and a carry ``[B, H]``: the batch's
     ``rows`` (int [B]) of a table ``xs [T, N, F]``, the batch being ``xs[:, rows]``
-    (indices outside [0, N) clamped, as XLA's gather clamps them), as int32; or, without
-    rows, int32 [0]: ``xs [T, B, F]`` is the batch itself.
+    (indices outside [0, N) clamped into it, as ``rnnjax.model.gather_sequences`` clamps
+    them), as int32; or, without rows, int32 [0]: ``xs [T, B, F]`` is the batch itself.
 
     Read where they are, a whole set's sequences and a batch's indices spare the train step
     XLA's gather of the batch into a [T, B, F] copy (``rnnjax.model.Model.apply_sequences``)."""
@@ -262,16 +262,17 @@ def _rows(xs: jax.Array, rows: jax.Array | None, carry: jax.Array) -> jax.Array:
     if rows.shape != (batch,) or not jnp.issubdtype(rows.dtype, jnp.integer):
         raise ValueError(f"native layer: rows {rows.dtype}{list(rows.shape)} for a carry of "
                          f"{batch} rows; pass one integer index into the table a row")
-    if xs.shape[1] == 0:
-        raise ValueError("native layer: rows of an empty table: pass at least one sequence")
+    if xs.shape[1] == 0 or batch == 0:
+        empty = "an empty table" if batch else "an empty batch"
+        raise ValueError(f"native layer: rows of {empty}: pass at least one sequence and "
+                         "one row")
     return rows.astype(jnp.int32)
 
 
 def _with_rows(layer: Callable[..., Any]) -> Callable[..., Any]:
     """``layer(xs, *params, *carry, rows)`` (a ``custom_vjp``) as ``call(xs, *params,
     *carry, rows=None)``, rows checked and made the kernels' operand (:func:`_rows`)."""
-    @functools.wraps(layer)
-    def call(xs, *args, rows=None):
+    def call(xs: jax.Array, *args: jax.Array, rows: jax.Array | None = None) -> Any:
         return layer(xs, *args, _rows(xs, rows, args[-1]))
 
     return call

@@ -279,8 +279,8 @@ inline int64_t parts_for(const Pool& pool, int64_t batch) {
 }
 
 // A layer's inputs: row b of the batch's step t is xs[t, rows[b]] of a table xs [T, N, F]
-// (rows clamped to [0, N), as XLA's gather clamps its indices), or xs[t, b] where rows is
-// null (N = B). The table is a whole set's sequences where rnnjax.model hands the first
+// (rows clamped into [0, N), as rnnjax.model.gather_sequences clamps them for XLA's
+// gather), or xs[t, b] where rows is null (N = B). The table is a whole set's sequences where rnnjax.model hands the first
 // layer its batch's indices: the kernels read the batch's rows where they are, and XLA
 // writes no gathered [T, B, F] copy of them before the call.
 struct Inputs {
@@ -322,8 +322,9 @@ class InputRows {
     const int64_t f = in_.features, step = t * in_.count;
     const int64_t runs = consecutive_ ? 1 : rows_, bytes = (consecutive_ ? rows_ : 1) * f * 4;
     for (int64_t r = 0; r < runs; ++r) {
-      const char* p = reinterpret_cast<const char*>(in_.xs + (step + in_.row(first_ + r)) * f);
-      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
+      const auto at = reinterpret_cast<uintptr_t>(in_.xs + (step + in_.row(first_ + r)) * f);
+      for (uintptr_t line = at & ~uintptr_t{63}; line < at + bytes; line += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(line));  // every line it touches
     }
   }
 
@@ -389,7 +390,8 @@ class PartSums {
 };
 
 // The calls' glue, on XLA's FFI C API: each handler answers XLA's query for its API
-// version, checks its operands (float32 arrays of the ranks it reads), then runs.
+// version, checks its operands (float32 arrays of the ranks it reads, the last the rows,
+// int32: Inputs), then runs.
 
 inline XLA_FFI_Error* error(const XLA_FFI_Api* api, const char* message) {
   XLA_FFI_Error_Create_Args args{XLA_FFI_Error_Create_Args_STRUCT_SIZE, nullptr, message,

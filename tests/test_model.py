@@ -70,6 +70,7 @@ def test_model_sequences_are_what_apply_reads(order):
     {},  # gathered first (the hand-written form)
     {"backward": "native"},  # read where they are by the native layer
     {"backward": "native", "num_layers": 2},  # the first layer's; the second reads its hs
+    {"backward": "native", "cell": "lstm", "order": "pixels"},  # 784 steps of 1 feature
     {"backward": "native", "chunks": 3},  # gathered first: a part's steps would be a copy
     {"backward": "native", "bidirectional": True},  # gathered first: read both ways
 ])
@@ -77,15 +78,17 @@ def test_a_batchs_rows_of_the_sequences_give_the_batchs_logits(fields):
     """``apply_sequences(p, xs, rows)`` is ``apply_sequences(p, xs[:, rows])``, bit for bit,
     however the first layer reads them (``Model.reads_rows``)."""
     model = make_model(Config(hidden_size=8, **fields))
-    reads = fields == {"backward": "native"} or "num_layers" in fields
+    reads = fields == {"backward": "native"} or "num_layers" in fields or "order" in fields
     assert model.reads_rows(5) is reads
     params = model.init(jax.random.key(0))
     xs = model.sequences(jax.random.uniform(jax.random.key(1), (30, 28, 28)))
     rows = jnp.asarray([29, 3, 3, 0, 17], jnp.int32)
     np.testing.assert_array_equal(model.apply_sequences(params, xs, rows),
                                   model.apply_sequences(params, xs[:, rows]))
-    with pytest.raises(ValueError, match=r"rows of shape \(5, 1\).*int32 \[B\]"):
+    with pytest.raises(ValueError, match=r"rows int32 of shape \(5, 1\).*int32 \[B\]"):
         model.apply_sequences(params, xs, rows[:, None])
+    with pytest.raises(ValueError, match=r"rows float32 of shape \(5,\)"):
+        model.apply_sequences(params, xs, rows.astype(jnp.float32))
     if model.backward != "native" or model.chunks > 1:  # scan_cell itself refuses them
         with pytest.raises(ValueError, match="read by the native form in one part only"):
             scan_cell(model.cell, params["rnn"][0], xs, rows=rows, chunks=model.chunks,

@@ -269,14 +269,19 @@ def test_clip_norm_bounds_the_update_of_a_train_step(mnist):
 @pytest.mark.parametrize("by_step", [False, True])
 @pytest.mark.parametrize("order", ["rows", "pixels", "permuted"])
 def test_gather_sequences_is_the_batch_of_each_order(order, by_step):
-    """train_steps cuts each batch time-major from the dataset's sequences, at once or step
-    by step: the same bits as the batch's own images made into sequences, in every order."""
+    """gather_sequences (what apply_sequences runs for a batch's rows, in train_steps) cuts
+    each batch time-major from the dataset's sequences, at once or step by step: the same
+    bits as the batch's own images made into sequences, in every order; indices outside
+    the set clamped into it."""
     model = make_model(Config(order=order, hidden_size=8))
     images = jax.random.uniform(jax.random.key(0), (40, 28, 28))
     idx = jnp.asarray([7, 0, 39, 7, 12], jnp.int32)
     gather = jax.jit(gather_sequences, static_argnums=2)
     got = gather(model.sequences(images), idx, by_step)
     np.testing.assert_array_equal(got, model.sequences(images[idx]))
+    outside = gather(model.sequences(images), jnp.asarray([-5, 0, 45, 7, 12]), by_step)
+    np.testing.assert_array_equal(outside, model.sequences(images[jnp.asarray([0, 0, 39, 7,
+                                                                              12])]))
 
 
 @pytest.mark.parametrize("fields, batch, alone", [
