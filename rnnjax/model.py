@@ -164,14 +164,14 @@ class Model:
                             self.weight_grad).reads_inputs_by_step
 
     def reads_rows(self, batch: int) -> bool:
-        """Whether the first layer at ``batch`` reads a batch's rows of a whole set's
-        sequences where they are (:meth:`apply_sequences` with rows): one direction, one
-        part (a part's steps of the whole set's sequences would be a copy of them: the
-        pixel LSTM in 8 parts ran 40.7 ms a step where it had run 23.4 whole), in the
-        native form (``rnnjax.native``). XLA then writes no gathered [T, B, F] copy of the
-        batch each step (the rows SimpleRNN's native train step, in turns in one process on
-        a 2-vCPU AVX-512 Xeon: 1.10-1.14x faster at batch 4096, 1.13x at 50, level to 1.09x
-        at 1024; docs/performance.md, "Batches read where they are")."""
+        """Whether the first layer at ``batch`` reads a batch's rows of a whole set's sequences
+        where they are (:meth:`apply_sequences` with rows): one direction, one part (a
+        part's steps of the whole set's sequences would be a copy of them: the pixel LSTM in
+        8 parts ran 40.7 ms a step in one run of the Flax benchmark, in one part 25.8 in the
+        next), in the native form (``rnnjax.native``). XLA then writes no gathered [T, B, F]
+        copy of the batch each step (the rows SimpleRNN's native train step, in turns in one
+        process on a 2-vCPU AVX-512 Xeon: 1.10-1.14x faster at batch 4096, 1.13x at 50,
+        level to 1.09x at 1024; docs/performance.md, "Batches read where they are")."""
         return not self.bidirectional and self.chunks == 1 and resolve_form(
             self.cell, batch, self.backward, self.projection, self.weight_grad
         ).backward == "native"
