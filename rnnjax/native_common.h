@@ -280,12 +280,14 @@ inline int64_t parts_for(const Pool& pool, int64_t batch) {
 
 // A layer's inputs: row b of the batch's step t is xs[t, rows[b]] of a table xs [T, N, F]
 // (rows clamped into [0, N), as rnnjax.model.gather_sequences clamps them for XLA's
-// gather), or xs[t, b] where rows is null (N = B). The table is a whole set's sequences where rnnjax.model hands the first
-// layer its batch's indices: the kernels read the batch's rows where they are, and XLA
-// writes no gathered [T, B, F] copy of them before the call.
+// gather), or xs[t, b] where rows is null (N = B). The table is a whole set's sequences
+// where rnnjax.model hands the first layer its batch's indices: the kernels read the
+// batch's rows where they are, and XLA writes no gathered [T, B, F] copy of them before
+// the call.
 struct Inputs {
   const float* xs;
   const int32_t* rows;  // [B], or null
+  int64_t time;         // T
   int64_t count;        // N
   int64_t features;     // F
 
@@ -294,43 +296,51 @@ struct Inputs {
   }
 };
 
-// One part's rows [first, last) of the inputs, step by step: at(t) is [last - first, F],
-// its rows F apart; in the table where the part's rows are consecutive there (always where
-// rows is null, and in a batch of consecutive examples), else copied to a buffer of the
-// part's own.
+// One part's rows [first, last) of the inputs, step by step: at(t, next) is step t's
+// [last - first, F], its rows F apart; in the table where the part's rows are consecutive
+// there (always where rows is null, and in a batch of consecutive examples), else copied
+// to a buffer of the part's own.
 class InputRows {
  public:
-  InputRows(const Inputs& in, int64_t first, int64_t last)
-      : in_(in), first_(first), rows_(last - first) {
-    for (int64_t b = first + 1; b < last && consecutive_; ++b)
-      consecutive_ = in.row(b) == in.row(b - 1) + 1;
-    if (!consecutive_) buffer_.resize(rows_ * in.features);
+  InputRows(const Inputs& in, int64_t first, int64_t last) : in_(in), rows_(last - first) {
+    for (int64_t b = first; b < last; ++b) starts_.push_back(in.row(b) * in.features);
+    for (size_t r = 1; r < starts_.size() && consecutive_; ++r)
+      consecutive_ = starts_[r] == starts_[r - 1] + in.features;
+    if (consecutive_)
+      starts_.resize(1);  // one run of the part's rows
+    else
+      buffer_.resize(rows_ * in.features);
   }
 
-  const float* at(int64_t t) {
-    const int64_t f = in_.features, step = t * in_.count;
-    if (consecutive_) return in_.xs + (step + in_.row(first_)) * f;
-    for (int64_t r = 0; r < rows_; ++r)
-      std::memcpy(buffer_.data() + r * f, in_.xs + (step + in_.row(first_ + r)) * f,
-                  f * sizeof(float));
+  // Step t's rows; the CPU is asked to fetch step next's (the step read after t, none
+  // outside [0, T)) into its caches meanwhile: they are spread over the table, where a
+  // gathered batch had been one array just written.
+  const float* at(int64_t t, int64_t next) {
+    if (0 <= next && next < in_.time) prefetch(next);
+    const float* step = in_.xs + t * in_.count * in_.features;
+    if (consecutive_) return step + starts_[0];
+    const int64_t f = in_.features;
+    for (size_t r = 0; r < starts_.size(); ++r)
+      std::memcpy(buffer_.data() + r * f, step + starts_[r], f * sizeof(float));
     return buffer_.data();
   }
 
-  // Asks the CPU to fetch step t's rows into its caches, ahead of at(t): they are spread
-  // over the table, where a gathered batch had been one array just written.
+ private:
+  // Every cache line of step t's rows: one run of them where they are consecutive.
   void prefetch(int64_t t) const {
-    const int64_t f = in_.features, step = t * in_.count;
-    const int64_t runs = consecutive_ ? 1 : rows_, bytes = (consecutive_ ? rows_ : 1) * f * 4;
-    for (int64_t r = 0; r < runs; ++r) {
-      const auto at = reinterpret_cast<uintptr_t>(in_.xs + (step + in_.row(first_ + r)) * f);
-      for (uintptr_t line = at & ~uintptr_t{63}; line < at + bytes; line += 64)
-        __builtin_prefetch(reinterpret_cast<const char*>(line));  // every line it touches
+    const float* step = in_.xs + t * in_.count * in_.features;
+    const int64_t floats = (consecutive_ ? rows_ : 1) * in_.features;
+    for (const int64_t start : starts_) {
+      const auto at = reinterpret_cast<uintptr_t>(step + start);
+      const uintptr_t end = at + floats * sizeof(float);
+      for (uintptr_t line = at & ~uintptr_t{63}; line < end; line += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(line));
     }
   }
 
- private:
   Inputs in_;
-  int64_t first_, rows_;
+  int64_t rows_;
+  std::vector<int64_t> starts_;  // each row's offset in a step (the run's, if consecutive)
   bool consecutive_ = true;
   std::vector<float> buffer_;
 };
@@ -355,8 +365,7 @@ void forward_parts(const Pool& pool, const Inputs& xs, const float* kernel,
     const float* previous = h0 + first * hidden;
     for (int64_t t = 0; t < time; ++t) {
       const int64_t at = t * batch + first;
-      if (t + 1 < time) x.prefetch(t + 1);
-      product<false>({x.at(t), features, 1, w.data(), width, us.data(), width, rows,
+      product<false>({x.at(t, t + 1), features, 1, w.data(), width, us.data(), width, rows,
                       features, width});
       product<false>({previous, hidden, 1, u.data(), width, v.data(), width, rows, hidden,
                       width});
@@ -460,7 +469,8 @@ inline Frame open(XLA_FFI_CallFrame* call, int args, int rets, const int* ranks)
 // batch of `batch` rows; where rows is empty the batch is xs's own (N = B). Where they
 // disagree, an error in the frame's status and run false.
 inline Inputs inputs(XLA_FFI_CallFrame* call, Frame& frame, int64_t batch) {
-  const Inputs in{frame.buffers[0], frame.rows, frame.dims[0][1], frame.dims[0][2]};
+  const Inputs in{frame.buffers[0], frame.rows, frame.dims[0][0], frame.dims[0][1],
+                  frame.dims[0][2]};
   if (frame.rows == nullptr ? in.count != batch
                             : frame.row_count != batch || in.count == 0) {
     frame.status = error(call->api, "rnnjax native kernel: the batch's rows (int32 [B], or "

@@ -88,8 +88,8 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
       }
       product<false>({dz.data(), np, 1, ut.data(), np, g.data(), np, rows, hidden, np});
       const float* previous = t == 0 ? h0 + first * hidden : ht - batch * hidden;
-      if (t > 0) x.prefetch(t - 1);
-      product<true>({x.at(t), 1, features, dz.data(), np, dk, np, features, rows, np});
+      product<true>({x.at(t, t - 1), 1, features, dz.data(), np, dk, np, features, rows,
+                     np});
       product<true>({previous, 1, hidden, dz.data(), np, dr, np, hidden, rows, np});
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < np; c += L)

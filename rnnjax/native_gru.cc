@@ -125,8 +125,8 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
       product<true>({dut, width, 1, ut.data(), np, g.data(), np, rows, 2 * np, np});
       product<true>({dvn.data(), np, 1, ut.data() + 2 * np * np, np, g.data(), np, rows, np,
                      np});
-      if (t > 0) x.prefetch(t - 1);
-      product<true>({x.at(t), 1, features, dut, width, dk, width, features, rows, width});
+      product<true>({x.at(t, t - 1), 1, features, dut, width, dk, width, features, rows,
+                     width});
       product<true>({previous, 1, hidden, dut, width, dr, width, hidden, rows, 2 * np});
       product<true>({previous, 1, hidden, dvn.data(), np, dr + 2 * np, width, hidden, rows,
                      np});

@@ -123,8 +123,8 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
       }
       product<false>({dzt, width, 1, ut.data(), np, g.data(), np, rows, width, np});
       const float* previous = t == 0 ? h0 + first * hidden : hs + (at - batch) * hidden;
-      if (t > 0) x.prefetch(t - 1);
-      product<true>({x.at(t), 1, features, dzt, width, dk, width, features, rows, width});
+      product<true>({x.at(t, t - 1), 1, features, dzt, width, dk, width, features, rows,
+                     width});
       product<true>({previous, 1, hidden, dzt, width, dr, width, hidden, rows, width});
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < width; c += L)
