@@ -229,16 +229,18 @@ def _input_gradient(asked: tuple[()] | None, hs: jax.Array, width: int
 def _inputs_cotangent(asked: tuple[()] | None, dzs: jax.Array, kernel: jax.Array,
                       xs: jax.Array, rows: jax.Array) -> jax.Array | None:
     """The inputs' gradient from the backward call's first result (:func:`_input_gradient`)
-    and the kernel its gate blocks are laid out against: ``dzs @ kernel^T``, added into the
-    table's rows where the layer read a batch's ``rows`` of a table ``xs`` (:func:`_rows`),
-    or None (a zero) where it was not asked for."""
+    and the kernel its gate blocks are laid out against: ``dzs @ kernel^T``, carried back
+    through the gather the layer read in place of (``rnnjax.model.gather_sequences``: added
+    into the rows it reads) where it read a batch's ``rows`` of a table ``xs``
+    (:func:`_rows`), or None (a zero) where it was not asked for."""
+    from rnnjax.model import gather_sequences
+
     if asked is None:
         return None
     dxs = dzs @ kernel.T
     if rows.shape[0] == 0:
         return dxs
-    rows = jnp.clip(rows, 0, xs.shape[1] - 1)  # as the kernels clamp them (:func:`_rows`)
-    return jnp.zeros_like(xs).at[:, rows].add(dxs)
+    return jax.vjp(lambda table: gather_sequences(table, rows), xs)[1](dxs)[0]
 
 
 def _rows(xs: jax.Array, rows: jax.Array | None, carry: jax.Array) -> jax.Array:
