@@ -14,10 +14,14 @@ process.
 
 Each native build's first step must match the built-in's (loss and gradients, to the
 tuner's float32 tolerance), or the benchmark stops. Compile seconds, the C++ build's
-included, are reported apart. CPU only, float32.
+included, are reported apart. Float32.
+
+On a GPU the native form is ``rnnjax.native_gpu``'s Pallas kernels (simple_rnn), one
+"build" (the lanes mean nothing there), compiled with the program; ``--forms default``
+times the built-in default form alone beside it (a short accelerator session's run).
 
     python -m benchmarks.native_kernels [--cells simple_rnn,lstm,gru]
-        [--cases rows:50,pixels:50] [--rounds 10] [--out DIR]
+        [--cases rows:50,pixels:50] [--rounds 10] [--forms all|default] [--out DIR]
 """
 
 from __future__ import annotations
@@ -43,6 +47,13 @@ LANES = NATIVE_LANES  # floats per vector the kernels are built for (Config.nati
 TOLERANCE = tune.TOLERANCE["float32"]  # the first step's loss and gradients: as the tuner's
 NATIVE = tuple(name for name in ("simple_rnn", "lstm", "gru")
                if cells.CELLS[name](1).native is not None)  # the cells with native kernels
+
+
+def native_cells(backend: str) -> tuple[str, ...]:
+    """The cells of :data:`NATIVE` with native kernels on ``backend``."""
+    return tuple(name for name in NATIVE
+                 if backend in cells.native_backends(cells.CELLS[name](1)))
+
 # The built-in forms timed, as the tuner times them: (name, fields); each at unroll 1 and
 # full.
 FORMS = (
@@ -68,16 +79,17 @@ def build_all() -> dict[int, float]:
     return {lanes: register(lanes) for lanes in LANES}
 
 
-def configs(cell: str, order: str, batch: int) -> dict[str, Config]:
-    """The runs of a case by name: the built-in cell in each of :data:`FORMS` at unroll 1
+def configs(cell: str, order: str, batch: int, widths: tuple[int, ...] = LANES,
+            forms: tuple[tuple[str, dict[str, str]], ...] = FORMS) -> dict[str, Config]:
+    """The runs of a case by name: the built-in cell in each of ``forms`` at unroll 1
     and full (full only up to :data:`MAX_FULL_UNROLL` steps), then the native form at each
-    of :data:`LANES`."""
+    of ``widths`` (its lanes)."""
     base = Config(cell=cell, order=order, batch_size=batch)
     unrolls = (("unroll 1", 1),) + ((("unroll full", 0),)
                                     if sequence_length(order) <= MAX_FULL_UNROLL else ())
     out = {f"{cell}, {name}, {label}": base.replace(unroll=unroll, **fields)
-           for name, fields in FORMS for label, unroll in unrolls}
-    for lanes in LANES:
+           for name, fields in forms for label, unroll in unrolls}
+    for lanes in widths:
         out[f"native, {lanes} lanes"] = base.replace(backward="native", native_lanes=lanes)
     return out
 
@@ -98,12 +110,14 @@ def first_step_difference(config: Config, reference: Config, images: jax.Array,
 
 
 def time_case(device_data: Any, cell: str, order: str, batch: int, rounds: int,
-              built: dict[int, float]) -> dict[str, Any]:
+              built: dict[int, float], forms: tuple[tuple[str, dict[str, str]], ...] = FORMS
+              ) -> dict[str, Any]:
     """One case's row: ms per train step (median and best over ``rounds`` calls in turns)
-    and compile seconds of each run, and each native cell's first-step difference."""
+    and compile seconds of each run (``built``: the native builds' seconds, by lanes), and
+    each native cell's first-step difference."""
     steps = steps_per_call(order, batch)
     idx = jax.device_put(batch_indices(len(device_data.train_labels), batch, 0, steps))
-    runs = configs(cell, order, batch)
+    runs = configs(cell, order, batch, tuple(built), forms)
     reference = next(iter(runs.values()))
     row: dict[str, Any] = {"cell": cell, "order": order, "batch": batch, "steps/call": steps}
     images, labels = device_data.train_images[:batch], device_data.train_labels[:batch]
@@ -126,7 +140,7 @@ def time_case(device_data: Any, cell: str, order: str, batch: int, rounds: int,
     fastest = min(built_in, key=built_in.__getitem__)
     row["fastest built-in"] = fastest.removeprefix(f"{cell}, ")
     row["fastest built-in ms"] = built_in[fastest]
-    for lanes in LANES:
+    for lanes in built:
         row[f"native, {lanes} lanes speed-up"] = (built_in[fastest]
                                                   / row[f"native, {lanes} lanes ms"])
     return row
@@ -139,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", default="rows:50,pixels:50",
                         help="ORDER:BATCH,... (order rows or pixels)")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--forms", choices=("all", "default"), default="all",
+                        help="the built-in forms timed: all the tuner times, or the default "
+                             "(hand-written, hoisted, one product) alone")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     cases = []
@@ -150,22 +167,25 @@ def main(argv: list[str] | None = None) -> None:
         cases.append((order, int(batch)))
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: give 1 or more")
-    names = args.cells.split(",")
-    if not names or any(name not in NATIVE for name in names):
-        parser.error(f"--cells {args.cells!r}: give cells with native kernels, of "
-                     f"{', '.join(NATIVE)} (e.g. lstm,gru)")
-    if jax.default_backend() != "cpu":
-        raise SystemExit(f"benchmarks.native_kernels times XLA:CPU custom calls; this "
-                         f"process's backend is {jax.default_backend()}: run it with "
+    backend = jax.default_backend()
+    if backend not in ("cpu", "gpu"):
+        raise SystemExit(f"benchmarks.native_kernels times the native kernels of a CPU or a "
+                         f"GPU; this process's backend is {backend}: run it with "
                          "JAX_PLATFORMS=cpu")
-    built = build_all()
+    here = native_cells(backend)
+    names = args.cells.split(",")
+    if not names or any(name not in here for name in names):
+        parser.error(f"--cells {args.cells!r}: give cells with native kernels on this "
+                     f"{backend}, of {', '.join(here)}")
+    built = build_all() if backend == "cpu" else {LANES[0]: 0.0}  # a GPU's: no build
+    forms = FORMS if args.forms == "all" else FORMS[:1]
     device_data = to_device(load_arrays(Config()))
-    rows = [time_case(device_data, cell, order, batch, args.rounds, built)
+    rows = [time_case(device_data, cell, order, batch, args.rounds, built, forms)
             for cell in names for order, batch in cases]
     # The table: each case's fastest built-in form and the native builds; every form's ms in
     # the JSON and the notes.
     columns = ["cell", "order", "batch", "steps/call", "fastest built-in", "fastest built-in ms",
-               *(f"native, {lanes} lanes {what}" for lanes in LANES
+               *(f"native, {lanes} lanes {what}" for lanes in built
                  for what in ("ms", "speed-up"))]
     notes = "\n".join(
         f"- {r['cell']} {r['order']} {r['batch']}: " + "; ".join(

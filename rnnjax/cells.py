@@ -24,7 +24,8 @@ A :class:`Cell` is a handful of pure functions, no state:
 * optional ``native(params, xs, carry, lanes) -> (carry, ys)``: the same as ``sequence``
   with native XLA:CPU custom calls for its passes (``rnnjax.native``: ``simple_rnn``,
   ``lstm``, ``gru``), built for vectors of ``lanes`` floats (8 or 16), the backward
-  'native';
+  'native'; on a GPU, Pallas kernels (``rnnjax.native_gpu``: ``simple_rnn``,
+  :func:`native_backends`);
 * optional ``last_output(carry) -> y``: the last step's output ``y_T [B, H]`` read from the
   final carry. A model that only needs ``y_T`` then leaves ``ys`` unused, and XLA drops
   storing it (an evaluation pass writes no ``[T, B, H]`` array).
@@ -45,6 +46,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rnnjax import native_gpu
 from rnnjax.config import BACKWARDS, NATIVE_LANES, PROJECTIONS, WEIGHT_GRADS
 
 Params = Any
@@ -551,13 +553,32 @@ def _native(layer: str, weights: tuple[str, ...]) -> Callable[..., tuple[Carry, 
         if lanes not in NATIVE_LANES:
             raise ValueError(f"native lanes {lanes}; choose one of "
                              f"{', '.join(map(str, NATIVE_LANES))}")
-        make = getattr(kernels, layer)
         pair = isinstance(carry, tuple)
-        hs, *last = make(lanes)(xs, *(params[name] for name in weights),
-                                *(carry if pair else (carry,)), rows=rows)
+        operands = (*(params[name] for name in weights), *(carry if pair else (carry,)))
+        if native_gpu.runs_here():
+            if not hasattr(native_gpu, layer):
+                raise kernels.NativeError(
+                    "--backward native on a GPU: only simple_rnn (tanh) has GPU kernels "
+                    "(rnnjax.native_gpu); choose hand_written, autodiff or auto")
+            if rows is not None:  # a gather is one kernel here
+                from rnnjax.model import gather_sequences
+
+                xs = gather_sequences(xs, rows)
+            hs, *last = getattr(native_gpu, layer)()(xs, *operands)
+        else:
+            hs, *last = getattr(kernels, layer)(lanes)(xs, *operands, rows=rows)
         return (tuple(last) if pair else last[0]), hs
 
     return native
+
+
+def native_backends(cell: Cell) -> tuple[str, ...]:
+    """The backends the cell's ``native`` form runs on: a CPU (``rnnjax.native``'s C++
+    kernels) for every cell with one, and a GPU (``rnnjax.native_gpu``'s Pallas kernels)
+    for the Elman tanh layer."""
+    if cell.native is None:
+        return ()
+    return ("cpu", "gpu") if cell.native is elman_native else ("cpu",)
 
 
 elman_native = _native("elman_layer", ("kernel", "recurrent_kernel", "bias"))

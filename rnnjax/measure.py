@@ -9,7 +9,8 @@ spec as the first line of its stdin::
      "projection": "in_loop", "weight_grad": "product", "chunks": 1, "feed": "device"}, ...],
      "deadline": unix time, "call_s": 0.1, "steps": null, "repeats": 3,
      "reference": "path/to/baseline.npz", "pay_back": null, "compiled": false,
-     "data": {"image_shape": [28, 28, 1], "num_classes": 10}, "alone": null}
+     "data": {"image_shape": [28, 28, 1], "num_classes": 10}, "alone": null,
+     "reach": null}
 
 A candidate may carry ``xla_flags`` of its own (an XLA flag set timed in this process:
 its train step is compiled under them, over the process's, ``runtime.compile_options``)
@@ -47,7 +48,13 @@ reference is timed the deadline comes forward to this child's part of the budget
 follows the run's length (``rnnjax.tune.pay_back_deadline``), reported as ``budget``. With
 ``alone`` (``{"others_on": backends, "deadline", "share"}``), on a backend not among
 ``others_on`` the deadline and that part are ``alone``'s (no other process settings follow
-this child there: ``rnnjax.tune.others_on``), also reported as ``budget``.
+this child there: ``rnnjax.tune.others_on``), also reported as ``budget``. With ``reach``
+(``{"candidates": [fields, ...], "deadline", "share"}``: the most promising after the
+baseline, ``rnnjax.tune.reaching``, and ``rnnjax.tune.REACH_SHARE`` of the budget), those
+candidates may be started, and timed, until ``reach``'s deadline (with ``pay_back``, that
+share of the run's budget) where the child's own comes first: it is then reported as
+``budget`` before the candidate's compile, and the candidates after them keep the child's
+own deadline.
 """
 
 from __future__ import annotations
@@ -89,12 +96,24 @@ def emit(event: str, **fields: Any) -> None:
 # stays, 0.40-0.92. Predicted at 0.4, every one of these lies within 0.83-1.41x of what it
 # took; at a tenth more per step, whatever the cell (the rule before), 0.81-2.97x (the
 # SimpleRNN's full unroll at rows, batch 1024, predicted at 2.9 s, skipped with 3 s left).
-COMPILE_GROWTH = 0.4
+# On a GPU a step adds far less: XLA:GPU builds a kernel once for fusions that repeat, as an
+# unrolled step's do. On an NVIDIA H200 (jax 0.11.2, 2026-12-04; benchmarks/results/gpu/
+# flax_rows.log), the SimpleRNN's 28 rows compiled fully unrolled in 1.42x (batch 1024) and
+# 1.47x (4096) the seconds of unroll 1, at step shares of about 0.14 and 0.11: 0.11-0.16 of
+# the share; at batch 50 in 0.88x. Predicted at 0.4, the first run's tuner put the full
+# unroll at 4-5 s, left it untimed with 3 s left, and kept unroll 1, which ran 1.1-2.1x
+# slower there. A backend not measured (a TPU) is predicted as a CPU, the more cautious.
+COMPILE_GROWTH = {"cpu": 0.4, "gpu": 0.16}
 UNKNOWN_SHARE = 0.25  # where the backend gives no program text: a tenth more per step
 
 
-def predict_compile_s(unroll: int, measured: dict[int, tuple[float, float | None]]
-                      ) -> float | None:
+def compile_growth(backend: str) -> float:
+    """:data:`COMPILE_GROWTH` on ``backend`` (a CPU's where it was not measured)."""
+    return COMPILE_GROWTH.get(backend, COMPILE_GROWTH["cpu"])
+
+
+def predict_compile_s(unroll: int, measured: dict[int, tuple[float, float | None]],
+                      growth: float = COMPILE_GROWTH["cpu"]) -> float | None:
     """Compile seconds predicted for ``unroll`` from those measured at other unrolls
     (``{unroll: (compile seconds, step share)}``; the step share: the compiled instructions
     a step adds, as a share of the program's, :func:`step_share`, None where not known).
@@ -104,7 +123,7 @@ def predict_compile_s(unroll: int, measured: dict[int, tuple[float, float | None
     its step share more for each step unrolled beyond it (so the LSTM's or GRU's 784 pixels
     fully unrolled, a step holding about a quarter of the program, are predicted at 75-78x
     their unroll 1, minutes of compiling; the SimpleRNN's 28 rows at 2.3x). None when
-    nothing is measured yet.
+    nothing is measured yet. ``growth``: the backend's (:func:`compile_growth`).
     """
     if not measured:
         return None
@@ -112,7 +131,7 @@ def predict_compile_s(unroll: int, measured: dict[int, tuple[float, float | None
     (u0, (c0, share)), (u1, (c1, _)) = points[0], points[-1]
     if u1 == u0:
         share = UNKNOWN_SHARE if share is None else share
-        return c0 * (1 + COMPILE_GROWTH * share * max(0, unroll - u0))
+        return c0 * (1 + growth * share * max(0, unroll - u0))
     slope = max(0.0, (c1 - c0) / (u1 - u0))
     return c0 + slope * (unroll - u0)
 
@@ -142,17 +161,28 @@ def step_share(program: Any, unroll: int, part: int) -> float | None:
 
 
 def why_not(unroll: int, compiled: dict[int, tuple[float, float | None]], left: float,
-            cached: bool) -> str:
+            cached: bool, growth: float = COMPILE_GROWTH["cpu"]) -> str:
     """Why a candidate at ``unroll`` is not started with ``left`` seconds of the budget
     ('' where it is): none left, or its compile time predicted from those ``compiled``
-    (:func:`predict_compile_s`) more than that, unless ``cached`` (an earlier child compiled
-    it, and it is loaded from the compilation cache)."""
+    (:func:`predict_compile_s`, at the backend's ``growth``) more than that, unless
+    ``cached`` (an earlier child compiled it, and it is loaded from the compilation
+    cache)."""
     if left <= 0:
         return "budget spent"
-    predicted = None if cached else predict_compile_s(unroll, compiled)
+    predicted = None if cached else predict_compile_s(unroll, compiled, growth)
     if predicted is not None and predicted > left:
         return f"compile predicted {predicted:.0f} s, {left:.0f} s left"
     return ""
+
+
+def reach_until(fields: dict[str, Any], deadline: float, reach: dict[str, Any] | None
+                ) -> float:
+    """By when a candidate with ``fields`` must be timed: the child's ``deadline``, or for
+    one of ``reach``'s candidates (``{"candidates", "deadline", "share"}``:
+    ``rnnjax.tune.reaching``) the later of that and ``reach``'s deadline."""
+    if reach is not None and fields in reach["candidates"]:
+        return max(deadline, reach["deadline"])
+    return deadline
 
 
 def resolve(fields: dict[str, Any], timed: list[tuple[dict[str, Any], float]],
@@ -495,7 +525,8 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
     emit("device", **device, xla_flags=os.environ.get("XLA_FLAGS", ""),
          cpus=process.cpu_count())
     deadline, steps, pay_back = spec["deadline"], spec.get("steps"), spec.get("pay_back")
-    alone = spec.get("alone")
+    alone, reach = spec.get("alone"), spec.get("reach")
+    growth = compile_growth(device["backend"])
     if alone and device["backend"] not in alone["others_on"]:  # nothing follows it here
         deadline = alone["deadline"]
         pay_back = pay_back and {**pay_back, "share": alone["share"]}
@@ -544,14 +575,17 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
         history = compiles.get(kind) or {
             u: max((c[u] for c in compiles.values() if u in c), key=lambda p: p[0])
             for u in {u for c in compiles.values() for u in c}}
-        why = why_not(unroll, history, deadline - time.time(), cached)
+        until = reach_until(fields, deadline, reach)
+        why = why_not(unroll, history, until - time.time(), cached, growth)
         if why:
             emit("skipped", candidate=fields, reason=why)
             continue
+        if until > deadline:  # the parent's timer waits for it
+            emit("budget", deadline=until)
         try:
             timed = Timed(candidate, data, timer, images, extra_flags)
             steps = steps or timed.steps_for(spec["call_s"])
-            per_step = timed.time(steps, spec["repeats"], deadline)
+            per_step = timed.time(steps, spec["repeats"], until)
         except Exception as e:  # a candidate this backend cannot run: report, go on
             emit("skipped", candidate=fields, reason=f"failed: {type(e).__name__}: {e}"[:300])
             continue
@@ -562,6 +596,10 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
             if cut and cut < deadline:
                 deadline = cut
                 emit("budget", deadline=deadline)
+            if pay_back and reach:  # the reach follows the run's budget too
+                reach = {**reach, "deadline": min(reach["deadline"], pay_back_deadline(
+                    pay_back["start"], pay_back["budget_s"], pay_back["steps"], per_step,
+                    reach["share"]))}
         difference = relative_difference(timed.first_step, dict(np.load(reference)))
         # A program loaded from the cache predicts by the compile it took when cached; a
         # baseline that predicted nothing let the pixels' full unroll (minutes) start.

@@ -275,8 +275,12 @@ def make_model(config: Config, spec: DataSpec | None = None) -> Model:
 
 
 def _check_native(config: Config, cell: Cell) -> None:
-    """What backward 'native' needs that ``config`` and this machine may lack."""
-    from rnnjax import native
+    """What backward 'native' needs that ``config`` and this machine may lack: a C++
+    compiler for the CPU's kernels, unless the cell has a GPU's too and a JAX GPU plugin is
+    installed (which backend runs is not known before it starts: ``rnnjax.cli.check_model``
+    starts none)."""
+    from rnnjax import native, native_gpu
+    from rnnjax.cells import native_backends
 
     if cell.native is None:
         raise ConfigError(f"--backward native: --cell {config.cell} has no native kernels "
@@ -285,7 +289,8 @@ def _check_native(config: Config, cell: Cell) -> None:
         raise ConfigError(f"--backward native runs float32, not --compute-dtype "
                           f"{config.compute_dtype}: drop one of them")
     reason = native.unavailable()
-    if reason is not None:
+    if reason is not None and not ("gpu" in native_backends(cell)
+                                   and native_gpu.plugin_installed()):
         raise ConfigError(reason)
 
 

@@ -35,7 +35,9 @@ processes only). The children stay until the end, when the baseline, each one's 
 and the second process's candidates are timed again in turns across them
 (:func:`in_turns`): the choice is made from timings taken side by side, not minutes apart.
 Candidates are timed in order of promise and skipped once the time budget is spent (or
-when their compile time, predicted from the unrolls measured, would overrun it).
+when their compile time, predicted from the unrolls measured, would overrun it); the
+most promising after the baseline (the native form, the full unroll) may take the later
+parts of the budget for that (:data:`REACH_SHARE`).
 Fields the user set are never changed (``pinned``).
 
 The choice is cached as JSON beside the compilation cache (``~/.cache/rnnjax/tune/``),
@@ -72,10 +74,12 @@ from rnnjax.measure import (
     for_backend,  # the candidates a child on a backend times
 )
 
-TUNER_VERSION = 25  # 25: the native layers read each batch's rows in the dataset's
-# sequences, with no gathered copy; 24: the native library's products compiled once (its
-# build 1.3-1.4 s, not 1.6-2.0: the seed's 10 s now times both widths); 23: the native
-# kernels' products in blocks that fit the registers; 22: the native backward writes no
+TUNER_VERSION = 26  # 26: the native form and the full unroll may be timed in the budget's
+# later parts, a GPU's compile predicted at its own growth, the GPU's native form (Pallas
+# kernels); 25: the native layers read each batch's rows in the dataset's sequences, with
+# no gathered copy; 24: the native library's products compiled once (its build 1.3-1.4 s,
+# not 1.6-2.0: the seed's 10 s now times both widths); 23: the native kernels' products
+# in blocks that fit the registers; 22: the native backward writes no
 # input gradient where none is asked for; 21: the native kernels at 16 lanes too
 # (native_lanes); 20: lstm's and gru's native kernels, each batch in parts on the pool's
 # threads, timed right after the baseline at small batches; 19: simple_rnn's native kernels;
@@ -93,6 +97,14 @@ FLAG_MARGIN = 0.10
 FIRST_SHARE = 0.6  # of the budget, for the model candidates under the run's own XLA flags
 TURNS_SHARE = 0.1  # the budget's last part, for timing the children's fastest in turns
 TURN_ROUNDS = 5  # of in_turns, at most
+# The most promising candidates after the baseline (:func:`reaching`: the native form, the
+# full unroll) may start, and be timed, until this share of the budget, where the first
+# child's share would leave them untimed: they may take the second process's and the flag
+# children's parts (not the turns'). A GPU run's budget is often the floor's 10 s (a short
+# run), whose first share left an H200 too little for the full unroll, untimed at every
+# batch with 3 s left, where it ran 1.1-2.1x faster than the unroll 1 kept and the flag
+# sets then timed ran level with it (2026-12-04).
+REACH_SHARE = 1.0 - TURNS_SHARE
 # The budget's part kept from in_turns for timing the evaluation of the candidate chosen
 # (:func:`evaluation_unroll`). The evaluations ran at the train step's unroll: fully
 # unrolled, XLA:CPU scheduled all 28 steps' input products ahead of the recurrent chain,
@@ -384,7 +396,8 @@ def model_candidates(config: Config, pinned: frozenset[str], spec: DataSpec = ID
     :data:`ONE_CPU_FIRST`, whose steps are chains of small ops, the native form's case:
     there the rows 50 GRU's first 10 s had no time left for it after the unroll probes;
     after them elsewhere; each other vector width right after it,
-    :func:`native_lanes_offered`); each other form of the cell at the faster of those two
+    :func:`native_lanes_offered`; on a GPU, right after the baseline, ``rnnjax.native_gpu``'s
+    kernels); each other form of the cell at the faster of those two
     unrolls (``unroll`` :data:`BEST`, resolved by the child: the forms' order at one unroll
     need not hold at another, as where a full unroll lets the per-step weight gradients run
     beside the recurrence; autodiff, where a hand-written form exists, at the baseline's);
@@ -408,12 +421,14 @@ def model_candidates(config: Config, pinned: frozenset[str], spec: DataSpec = ID
         if probe:  # at the baseline's unroll too, so that the unrolls compare in one form
             out.append({**base, **probe})
         out.append({**base, **probe, "unroll": 0})
-    if native_offered(config, pinned):  # its unroll and other forms: none to choose
-        native = {**base, "backward": "native", "projection": "hoisted",
-                  "weight_grad": "product", ON: "cpu"}
+    native = {**base, "backward": "native", "projection": "hoisted", "weight_grad": "product"}
+    backends = native_offered(config, pinned)  # its unroll and other forms: none to choose
+    if "cpu" in backends:
         at = 1 if config.batch_size <= ONE_CPU_FIRST else len(out)
-        out[at:at] = [native, *({**native, "native_lanes": lanes}
-                                for lanes in native_lanes_offered(base, pinned))]
+        out[at:at] = [{**native, ON: "cpu"}, *({**native, "native_lanes": lanes, ON: "cpu"}
+                                               for lanes in native_lanes_offered(base, pinned))]
+    if "gpu" in backends:  # one kernel a pass where XLA launches several a step: first
+        out.insert(1, {**native, ON: "gpu"})
     for form in forms:
         # Autodiff's fully unrolled program compiled 3x slower than the hand-written one
         # (LSTM, 28 rows: 10.9 s against 3.4 s) and ran 2.5x slower (GRU: 69.6 against 50.7
@@ -436,16 +451,49 @@ def model_candidates(config: Config, pinned: frozenset[str], spec: DataSpec = ID
     return out
 
 
-def native_offered(config: Config, pinned: frozenset[str]) -> bool:
-    """Whether the cell's native kernels (``rnnjax.native``: backward 'native') are timed, on
-    a CPU child: the cell has them, the run is float32, no form field is pinned (they
-    honour none), and a C++ compiler is at hand to build them (once per machine, about
-    2 s, in the child that times them first)."""
+def unroll_probe(candidates: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Of :func:`model_candidates`' ``candidates``, the unroll probe: the first fully
+    unrolled where the baseline (the first) is not (None where it is, or the unroll is
+    pinned)."""
+    if not candidates or candidates[0]["unroll"] == 0:
+        return None
+    return next((c for c in candidates[1:] if c["unroll"] == 0), None)
+
+
+def reaching(candidates: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Of :func:`model_candidates`' ``candidates``, those that may take the budget's
+    :data:`REACH_SHARE` (``measure.reach_until``), as a child sees them (without
+    ``measure.ON``): each backend's first native candidate and the unroll probe, the most
+    promising after the baseline (on the 2-vCPU Xeon the native form won all twelve cases
+    of tuner version 25's Flax run; on an H200 the full unroll ran 1.1-2.1x faster than
+    unroll 1)."""
+    firsts: dict[str | None, dict[str, Any]] = {}  # backend -> its first native candidate
+    for c in candidates[1:]:
+        if c["backward"] == "native":
+            firsts.setdefault(c.get(ON), c)
+    probe = unroll_probe(candidates)
+    out: list[dict[str, Any]] = []
+    for c in [*firsts.values(), *([probe] if probe else [])]:
+        fields = {name: value for name, value in c.items() if name != ON}
+        if fields not in out:  # the CPU's and the GPU's: the same fields
+            out.append(fields)
+    return out
+
+
+def native_offered(config: Config, pinned: frozenset[str]) -> list[str]:
+    """The backends whose children time the cell's native kernels (backward 'native'),
+    where the cell has them (``rnnjax.cells.native_backends``), the run is float32 and no
+    form field is pinned (they honour none): a CPU's (``rnnjax.native``) where a C++
+    compiler is at hand to build them (once per machine, about 2 s, in the child that
+    times them first), a GPU's (``rnnjax.native_gpu``'s Pallas kernels)."""
     from rnnjax import native
+    from rnnjax.cells import native_backends
 
     cell = builtin_cell(config)
-    return (cell is not None and cell.native is not None and config.compute_dtype == "float32"
-            and not set(FORMS) & pinned and native.unavailable() is None)
+    if cell is None or config.compute_dtype != "float32" or set(FORMS) & pinned:
+        return []
+    return [backend for backend in native_backends(cell)
+            if backend != "cpu" or native.unavailable() is None]
 
 
 def native_lanes_offered(base: dict[str, Any], pinned: frozenset[str]) -> list[int]:
@@ -715,6 +763,7 @@ def run_child(
     steps: int | None, reference: str, call_s: float, log: Callable[[str], None],
     pay_back: dict[str, float] | None = None, compiled: bool = False,
     data: DataSpec = IDX_SPEC, alone: dict[str, Any] | None = None,
+    reach: dict[str, Any] | None = None,
 ) -> Child:
     """Time ``candidates`` in a child process under ``flags`` (:func:`child_env`: XLA
     flags added to ``$XLA_FLAGS``, huge pages), on synthetic images of ``data``'s shape.
@@ -728,7 +777,10 @@ def run_child(
     compilation cache, and predicts no compile time). ``alone`` (``{"others_on": backends,
     "deadline", "share"}``): on a backend not among ``others_on`` (no other process settings
     follow it there) the child's deadline is ``deadline`` and its pay-back part ``share``,
-    reported as its deadline moved (:func:`others_on`). A child that finished stays, for
+    reported as its deadline moved (:func:`others_on`). ``reach`` (``{"candidates",
+    "deadline", "share"}``): those candidates may be timed until that deadline, or that
+    share of the run's budget with ``pay_back`` (``measure.reach_until``: :func:`reaching`,
+    the deadline reported before one starts). A child that finished stays, for
     :attr:`Child.retime` (one more call of a candidate it timed) until :attr:`Child.close`.
     """
     from rnnjax.measure import PREFIX
@@ -739,7 +791,7 @@ def run_child(
             "candidates": candidates, "deadline": deadline,
             "steps": steps, "call_s": call_s, "repeats": 3, "reference": reference,
             "pay_back": pay_back, "compiled": compiled, "data": data.to_json(),
-            "alone": alone}
+            "alone": alone, "reach": reach}
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "rnnjax.measure"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -780,7 +832,7 @@ def run_child(
             if event["event"] == "ready":
                 ready = True
                 break
-            if event["event"] == "budget":  # its deadline, moved (pay_back, alone)
+            if event["event"] == "budget":  # its deadline, moved (pay_back, alone, reach)
                 timer.cancel()
                 deadline = child.deadline = event["deadline"]
                 timer = killer(deadline)
@@ -945,6 +997,9 @@ def tune(
     first_deadline = start + share * longest
     alone = {"others_on": backends, "deadline": start + ALONE_SHARE * longest,
              "share": ALONE_SHARE} if backends else None
+    promising = reaching(candidates)
+    reach = {"candidates": promising, "deadline": start + REACH_SHARE * longest,
+             "share": REACH_SHARE} if promising else None
     measured: list[Measurement] = []
     children: list[Child] = []
     final: list[Measurement] = []
@@ -956,7 +1011,7 @@ def tune(
             run = {"start": start, "steps": config.steps, "share": share,
                    "budget_s": budget_s} if pay_back else None
             first = child(config, base_flags, candidates, first_deadline, None, reference,
-                          call_s, log, pay_back=run, alone=alone)
+                          call_s, log, pay_back=run, alone=alone, reach=reach)
             children.append(first)
             measured += first.measurements
             steps = next((m.steps for m in first.measurements if m.steps), None)

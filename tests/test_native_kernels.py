@@ -30,6 +30,22 @@ def test_the_benchmark_times_the_native_builds_against_the_built_in_forms(tmp_pa
     assert "native, 8 lanes ms" in table and "fastest built-in" in table
 
 
+def test_the_default_form_alone_beside_native(tmp_path):
+    """``--forms default``: the built-in default form (at both unrolls) and native only, as
+    a short accelerator session runs it; on a GPU only simple_rnn has native kernels."""
+    native_kernels.main(["--cells", "simple_rnn", "--cases", "rows:8", "--rounds", "1",
+                         "--forms", "default", "--out", str(tmp_path)])
+    (row,) = json.loads((tmp_path / "native_kernels.json").read_text())["rows"]
+    timed = sorted(key.removesuffix(" best ms") for key in row if key.endswith(" best ms"))
+    assert timed == sorted(native_kernels.configs("simple_rnn", "rows", 8,
+                                                  forms=native_kernels.FORMS[:1]))
+    assert len(timed) == 2 + len(native_kernels.LANES)
+    assert native_kernels.native_cells("gpu") == ("simple_rnn",)
+    assert native_kernels.native_cells("cpu") == native_kernels.NATIVE
+    assert list(native_kernels.configs("simple_rnn", "rows", 8, (8,), ()))[-1:] == \
+        ["native, 8 lanes"]
+
+
 def test_pixel_cases_skip_the_full_unroll():
     assert [name for name in native_kernels.configs("lstm", "pixels", 50)
             if "full" in name] == []
@@ -40,7 +56,7 @@ def test_pixel_cases_skip_the_full_unroll():
     (["--cases", "rows:0"], "ORDER:BATCH"),
     (["--cases", "words:50"], "ORDER:BATCH"),
     (["--cases", "rows:x"], "ORDER:BATCH"),
-    (["--cells", "irnn"], "cells with native kernels, of simple_rnn, lstm, gru"),
+    (["--cells", "irnn"], "cells with native kernels on this cpu, of simple_rnn, lstm, gru"),
 ])
 def test_a_bad_flag_is_refused_with_the_form_it_takes(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rnnjax import measure, native, process, tune
+from rnnjax import cells, measure, native, process, tune
 from rnnjax.cli import main
 from rnnjax.config import TUNED, Config
 from rnnjax.data.spec import DataSpec
@@ -68,11 +68,23 @@ def huge_pages_here(monkeypatch):
 NATIVE_UNAVAILABLE = native.unavailable
 
 
+NATIVE_BACKENDS = cells.native_backends
+
+
 @pytest.fixture(autouse=True)
 def no_native(monkeypatch):
     """The native kernels cannot be built (no candidate for them, whatever this machine
-    has), but in the tests that say otherwise (:func:`native_here`)."""
+    has), but in the tests that say otherwise (:func:`native_here`); and no cell has a
+    GPU's (:func:`gpu_native`)."""
     monkeypatch.setattr(native, "unavailable", lambda: "not in this test")
+    monkeypatch.setattr(cells, "native_backends",
+                        lambda cell: tuple(b for b in NATIVE_BACKENDS(cell) if b != "gpu"))
+
+
+@pytest.fixture
+def gpu_native(monkeypatch):
+    """The cells' GPU kernels are offered (rnnjax.native_gpu), on a GPU child."""
+    monkeypatch.setattr(cells, "native_backends", NATIVE_BACKENDS)
 
 
 @pytest.fixture
@@ -135,14 +147,15 @@ class FakeChild:
         self.stops_at_deadline = stops_at_deadline
         self.calls, self.retimed, self.closed, self.pay_back = [], [], 0, []
         self.backend, self.deadlines = backend, []  # each child's, moved as measure.run moves it
-        self.alone = []  # the alone each child was given
+        self.alone, self.reach = [], []  # the alone and reach each child was given
         # evaluation: the ms of the run's evaluation at each unroll (None: the children
         # cannot time it); same: whether their sums were; evaluated: what was asked
         self.evaluation, self.same, self.evaluated = evaluation, same, []
 
     def __call__(self, config, flags, candidates, deadline, steps, reference, call_s, log,
-                 pay_back=None, compiled=False, data=None, alone=None):
+                 pay_back=None, compiled=False, data=None, alone=None, reach=None):
         later = any(call[0] == flags for call in self.calls)
+        self.reach.append(reach)
         self.calls.append((flags, [dict(c) for c in candidates], deadline))
         self.pay_back.append(pay_back)
         self.alone.append(alone)
@@ -565,6 +578,31 @@ def test_the_native_kernels_are_timed_after_the_unrolls_on_a_cpu_and_chosen_when
     assert result.choice == fields(1, flags="", **native_form)
 
 
+def test_on_a_gpu_the_native_kernels_are_timed_right_after_the_baseline(gpu_native):
+    """simple_rnn's GPU kernels (rnnjax.native_gpu, Pallas) are a candidate for a GPU child
+    only, right after the baseline at every batch, with no C++ compiler at hand (they need
+    none); the CPU's native kernels are not offered then; lstm and gru have no GPU
+    kernels. Chosen where they are the fastest."""
+    native_form = {"backward": "native", "projection": "hoisted", "weight_grad": "product"}
+    for batch in (50, 4096):
+        candidates = tune.model_candidates(Config(batch_size=batch), frozenset())
+        assert candidates[1] == {**fields(1, **native_form), measure.ON: "gpu"}
+        assert [c for c in candidates if c["backward"] == "native"] == [candidates[1]]
+        assert tune.unroll_probe(candidates) == {**candidates[0], "unroll": 0}
+        assert measure.for_backend(candidates, "gpu")[1] == fields(1, **native_form)
+        assert all(c["backward"] != "native" for c in measure.for_backend(candidates, "cpu"))
+    for cell in ("lstm", "gru", "irnn"):
+        assert all(c["backward"] != "native"
+                   for c in tune.model_candidates(Config(cell=cell), frozenset()))
+    assert all(c["backward"] != "native" for c in tune.model_candidates(
+        Config(backward="hand_written"), frozenset({"backward"})))
+    times = all_times()
+    times[k(1, **native_form)] = 0.5
+    result = tune.tune(Config(), frozenset(), 30.0, child=FakeChild(times, backend="gpu"),
+                       clock=Clock())
+    assert result.choice == fields(1, flags="", **native_form)
+
+
 def test_where_the_cpu_has_512_bit_registers_the_native_kernels_are_timed_at_16_lanes_too(
         native_here, monkeypatch):
     """Config.native_lanes: the build for 16 floats a vector is timed right after the one
@@ -854,6 +892,90 @@ def test_the_budget_stops_starting_children():
     skipped = [m for m in result.measurements if m.flags]
     assert skipped and all(m.step_s is None and m.note.startswith("budget spent")
                            for m in skipped)
+
+
+def test_the_most_promising_candidates_may_take_the_budgets_later_parts(native_here,
+                                                                        gpu_native):
+    """The native form (each backend's first) and the full unroll, the most promising after
+    the baseline, are handed to the first child with the budget's REACH_SHARE
+    (``measure.reach_until``): there they may start where the child's own share would leave
+    them untimed (an H200's 10-second first runs did so to the full unroll). Without the
+    backend's ON: the fields a child times. No probe where the unroll is pinned."""
+    native_form = {"backward": "native", "projection": "hoisted", "weight_grad": "product"}
+    config = Config()
+    candidates = tune.model_candidates(config, frozenset())
+    probe = tune.unroll_probe(candidates)
+    assert probe == {**candidates[0], "unroll": 0} and candidates.index(probe) >= 1
+    assert tune.reaching(candidates) == [fields(1, **native_form), probe]  # both backends'
+    wide = tune.model_candidates(Config(batch_size=4096), frozenset())
+    assert [c["backward"] for c in tune.reaching(wide)] == ["native", "hand_written"]
+    assert tune.unroll_probe(tune.model_candidates(config, frozenset({"unroll"}))) is None
+    assert tune.unroll_probe([{**candidates[0], "unroll": 0}, probe]) is None  # unrolled
+    pinned = frozenset({"backward", "unroll"})
+    assert tune.reaching(tune.model_candidates(config.replace(backward="hand_written"),
+                                               pinned)) == []
+    clock = Clock()
+    fake = FakeChild(all_times(), clock=clock, per_child_s=1.0)
+    tune.tune(config, frozenset(), 30.0, child=fake, clock=clock, pay_back=True)
+    assert fake.reach[0] == {
+        "candidates": tune.reaching(candidates), "share": tune.REACH_SHARE,
+        "deadline": pytest.approx(1000.0 + tune.REACH_SHARE * tune.TUNE_COMMAND_BUDGET_S)}
+    assert max(tune.FIRST_SHARE, tune.ALONE_SHARE) < tune.REACH_SHARE
+    assert len(fake.reach) > 1 and all(r is None for r in fake.reach[1:])  # the first's only
+    fake = FakeChild(all_times(), clock=Clock(), per_child_s=1.0)
+    tune.tune(config.replace(backward="hand_written"), pinned, 30.0, child=fake,
+              clock=fake.clock)
+    assert fake.reach[0] is None
+    reach = {"candidates": [probe], "deadline": 50.0, "share": 0.9}
+    assert measure.reach_until(probe, 20.0, reach) == 50.0
+    assert measure.reach_until(probe, 60.0, reach) == 60.0  # never sooner
+    assert measure.reach_until(candidates[0], 20.0, reach) == 20.0
+    assert measure.reach_until(probe, 20.0, None) == 20.0
+
+
+def test_a_child_times_the_unroll_probe_within_its_reach(tmp_path, capsys, monkeypatch):
+    """measure.run in this process: the full unroll, predicted (here, told) to compile for
+    longer than the child has left, is skipped; with the reach it is timed, its later
+    deadline reported first, for the parent's timer. With a run's pay-back budget the reach
+    follows it: REACH_SHARE of the 10-second floor, where the child's own share (a half,
+    here) was cut to 5 s."""
+    from rnnjax.config import to_dict
+
+    config = Config(hidden_size=4, batch_size=4, steps=3, compile_cache="off")
+    base, probe = fields(1), fields(0)
+    predicted = {28: 100.0}
+    monkeypatch.setattr(measure, "predict_compile_s",
+                        lambda unroll, measured, growth=0.4: predicted.get(unroll, 0.0))
+
+    def run(name, reach, pay_back=None):
+        measure.run({"config": to_dict(config), "candidates": [base, probe],
+                     "deadline": now + 50, "steps": 2, "call_s": 0.01, "repeats": 1,
+                     "reference": str(tmp_path / f"{name}.npz"), "reach": reach,
+                     "pay_back": pay_back})
+        return [json.loads(line[len(measure.PREFIX):])
+                for line in capsys.readouterr().out.splitlines()
+                if line.startswith(measure.PREFIX)]
+
+    now = time.time()
+    events = run("alone", None)
+    assert [e["candidate"] for e in events if e["event"] == "result"] == [base]
+    skipped = [e for e in events if e["event"] == "skipped"]
+    assert [e["candidate"] for e in skipped] == [probe]
+    assert skipped[0]["reason"].startswith("compile predicted 100 s, ")
+    now = time.time()
+    events = run("reach", {"candidates": [probe], "deadline": now + 200, "share": 0.9})
+    names = [e["event"] for e in events]
+    assert [e["candidate"] for e in events if e["event"] == "result"] == [base, probe]
+    assert names.index("budget") == names.index("result") + 1  # before the probe's compile
+    assert [e["deadline"] for e in events if e["event"] == "budget"] == [now + 200]
+    predicted[28] = 7.0  # beyond the pay-back cut (5 s), within the reach's 9 s
+    now = time.time()
+    events = run("pay_back", {"candidates": [probe], "deadline": now + 200, "share": 0.9},
+                 {"start": now, "steps": 3, "share": 0.5, "budget_s": 30.0})
+    assert [e["candidate"] for e in events if e["event"] == "result"] == [base, probe]
+    assert [e["deadline"] for e in events if e["event"] == "budget"] == [
+        pytest.approx(now + 0.5 * tune.PAY_BACK_FLOOR_S),
+        pytest.approx(now + 0.9 * tune.PAY_BACK_FLOOR_S)]
 
 
 def test_a_backend_without_other_settings_gives_the_first_child_their_share(monkeypatch):
@@ -1664,6 +1786,18 @@ def test_compile_time_prediction_bounds_the_unrolls_tried():
     assert measure.why_not(28, {1: (2.0, 0.25)}, 30.0, cached=False) == ""
     assert measure.why_not(28, {1: (0.8, 0.12)}, 3.0, cached=False) == ""
     assert measure.why_not(28, {}, 0.0, cached=True) == "budget spent"
+    # A GPU's own growth: the H200's first child compiled the SimpleRNN's rows at unroll 1
+    # in 2.0-2.3 s, a step share near 0.14 at batch 1024, where its full unroll compiled in
+    # 1.42x the time of unroll 1 (1.8 -> 2.5 s): predicted at the CPU's growth to need 5 s
+    # with 3 s left, at the GPU's 3.2 s; a backend not measured is predicted as a CPU.
+    assert measure.compile_growth("gpu") < measure.compile_growth("cpu")
+    assert measure.compile_growth("tpu") == measure.compile_growth("cpu")
+    gpu = predict_compile_s(28, {1: (2.0, 0.14)}, measure.compile_growth("gpu"))
+    assert gpu == pytest.approx(2.0 * (1 + 0.16 * 0.14 * 27))
+    assert 2.5 < gpu < 3.5 < 4.5 < predict_compile_s(28, {1: (2.0, 0.14)})
+    assert measure.why_not(28, {1: (2.0, 0.14)}, 4.0, False, measure.compile_growth("gpu")) == ""
+    assert measure.why_not(28, {1: (2.0, 0.14)}, 4.0, False) == \
+        "compile predicted 5 s, 4 s left"
 
 
 def test_a_compiled_train_steps_step_share_follows_its_cell():

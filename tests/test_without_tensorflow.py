@@ -105,6 +105,15 @@ def test_flax_benchmark_runs_without_tensorflow(tmp_path):
     assert not any("full" in column for column in rows[0])
 
 
+def test_native_kernels_benchmark_runs_without_tensorflow(tmp_path):
+    """As benchmarks/gpu.sh runs it: the default form beside native."""
+    run_blocked(tmp_path, "benchmarks.native_kernels", "--cells", "simple_rnn", "--cases",
+                "rows:8", "--rounds", "1", "--forms", "default", "--out", str(tmp_path / "nk"))
+    (row,) = json.loads((tmp_path / "nk" / "native_kernels.json").read_text())["rows"]
+    assert row["native, 8 lanes first-step difference"] <= 1e-5
+    assert row["fastest built-in"].startswith("hand_written hoisted, product")
+
+
 PROBE = """
 import importlib.metadata, importlib.util
 

@@ -1,0 +1,155 @@
+"""rnnjax.native_gpu: the Elman layer's Pallas kernels, the 'native' form on a GPU.
+
+There is no GPU here: the same kernels run in Pallas' interpreter (``native_gpu.interpreted``),
+and a 'native' layer is told it runs on a GPU (``native_gpu.runs_here``) to train with them.
+What only a GPU shows (that Triton lowers them, and their speed) is measured by
+``benchmarks/gpu.sh``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from benchmarks.native_kernels import first_step_difference
+from rnnjax import cells, native, native_gpu, train
+from rnnjax.config import Config, ConfigError
+from rnnjax.data.pipeline import batch_indices, normalize_host, to_device
+from rnnjax.model import make_model
+
+
+@pytest.fixture
+def on_gpu(monkeypatch):
+    """'native' layers run the GPU's kernels (interpreted, on this CPU)."""
+    monkeypatch.setattr(native_gpu, "runs_here", lambda: True)
+    assert native_gpu.interpreted()
+
+
+def test_the_padded_width_is_a_power_of_two_of_at_least_16():
+    assert [native_gpu.width(h) for h in (1, 16, 17, 50, 64, 65, 128)] == \
+        [16, 16, 32, 64, 64, 128, 128]
+
+
+def loss(layer, params, xs, h0, weight):
+    """A loss of the layer's last state and, with ``weight``, of all its outputs."""
+    hs, h_last = layer(params, xs, h0)
+    return (h_last * jnp.arange(h_last.shape[1])).sum() + weight * (hs ** 2).sum()
+
+
+def hand_written(cell, params, xs, h0):
+    h_last, hs = cells.scan_cell(cell, params, xs, h0, backward="hand_written")
+    return hs, h_last
+
+
+def kernels(params, xs, h0):
+    return native_gpu.elman_layer()(xs, params["kernel"], params["recurrent_kernel"],
+                                    params["bias"], h0)
+
+
+@pytest.mark.parametrize(("hidden", "batch", "weight"), [
+    (50, 37, 0.0),  # the seed's width, padded to 64; 3 blocks of rows, the last padded
+    (50, 37, 0.1),  # every output has a gradient
+    (16, 16, 0.1),  # no padding: one block, a width of 16
+    (20, 70, 0.0),  # 5 blocks, width 32
+])
+def test_the_kernels_compute_the_hand_written_layers_sums(hidden, batch, weight):
+    """The outputs, the loss and every gradient (the parameters', the inputs', the initial
+    state's) as the hand-written form computes them, to float rounding."""
+    cell = cells.CELLS["simple_rnn"](hidden)
+    params = cell.init(jax.random.key(0), 28)
+    xs = jax.random.normal(jax.random.key(1), (28, batch, 28))
+    h0 = 0.3 * jax.random.normal(jax.random.key(2), (batch, hidden))
+    grad = jax.value_and_grad(loss, argnums=(1, 2, 3))
+    value, grads = grad(kernels, params, xs, h0, weight)
+    want_value, want = grad(functools.partial(hand_written, cell), params, xs, h0, weight)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want), strict=True):
+        assert got.shape == expected.shape
+        scale = float(jnp.abs(expected).max()) or 1.0
+        assert float(jnp.abs(got - expected).max()) <= 1e-5 * scale
+    hs, h_last = kernels(params, xs, h0)
+    assert hs.shape == (28, batch, hidden) and h_last.shape == (batch, hidden)
+    np.testing.assert_array_equal(hs[-1], h_last)
+
+
+def primitives(jaxpr) -> list[str]:
+    """The primitives of ``jaxpr`` and of those nested in it, but a Pallas call's kernel."""
+    out = []
+    for eqn in jaxpr.eqns:
+        out.append(eqn.primitive.name)
+        if eqn.primitive.name == "pallas_call":
+            continue
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(sub, "consts") and hasattr(sub, "jaxpr"):  # closed
+                    out += primitives(sub.jaxpr)
+                elif hasattr(sub, "eqns"):
+                    out += primitives(sub)
+    return out
+
+
+def test_a_pass_over_time_is_one_kernel_call():
+    """A train step's gradient holds two Pallas calls (the forward, the backward) and no
+    loop over time of XLA's: the kernels loop over the steps themselves."""
+    cell = cells.CELLS["simple_rnn"](50)
+    params = cell.init(jax.random.key(0), 28)
+    xs, h0 = jnp.ones((28, 50, 28)), jnp.zeros((50, 50))
+    jaxpr = jax.make_jaxpr(jax.grad(functools.partial(loss, kernels)))(params, xs, h0, 0.0)
+    names = primitives(jaxpr.jaxpr)
+    assert names.count("pallas_call") == 2
+    assert not {"scan", "while"} & set(names)
+    hand = jax.make_jaxpr(jax.grad(functools.partial(loss, functools.partial(
+        hand_written, cell))))(params, xs, h0, 0.0)
+    assert {"scan", "while"} & set(primitives(hand.jaxpr))  # the walk finds XLA's loops
+
+
+def test_the_native_form_trains_with_the_gpus_kernels(on_gpu, mnist):
+    """Told it runs on a GPU, the 'native' SimpleRNN takes the hand-written form's first
+    step (the tuner's check), reads a batch's rows as the gathered batch, and lstm and gru,
+    which have no GPU kernels, say so."""
+    device = to_device(mnist)
+    images, labels = device.train_images[:37], device.train_labels[:37]
+    reference = Config(hidden_size=50, batch_size=37, backward="hand_written")
+    assert first_step_difference(reference.replace(backward="native"), reference, images,
+                                 labels) <= 1e-5
+    config = Config(backward="native", batch_size=50)
+    model, optimizer = make_model(config), optax.adam(1e-3)
+    assert model.reads_rows(50)
+    state = train.create_state(jax.random.key(0), model, optimizer)
+    idx = batch_indices(len(mnist.train_labels), 50, 0, 2, shuffle=True, seed=3)
+    step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer))
+    one = state
+    for row in idx:
+        one, _ = step(one, jnp.asarray(normalize_host(mnist.train_images[row])),
+                      jnp.asarray(mnist.train_labels[row]))
+    steps = jax.jit(functools.partial(train.train_steps, model=model, optimizer=optimizer))
+    sequences = model.sequences(jnp.asarray(normalize_host(mnist.train_images)))
+    many, _ = steps(state, sequences, jnp.asarray(mnist.train_labels), idx)
+    jax.tree.map(np.testing.assert_array_equal, one.params, many.params)
+    for cell in ("lstm", "gru"):
+        model = make_model(Config(cell=cell, hidden_size=8, backward="native"))
+        with pytest.raises(native.NativeError, match=r"only simple_rnn \(tanh\) has GPU kernels"):
+            jax.eval_shape(model.apply, model.init(jax.random.key(0)),
+                           jnp.zeros((2, 28, 28)))
+
+
+def test_without_a_compiler_a_gpu_run_may_still_choose_native(monkeypatch):
+    """The CPU's kernels need a C++ compiler, the GPU's do not: where a JAX GPU plugin is
+    installed (the backend may be a GPU, not known before it starts), --backward native
+    is refused without a compiler only for a cell with no GPU kernels."""
+    monkeypatch.setattr(native, "unavailable", lambda: "install g++")
+    monkeypatch.setattr(native_gpu, "plugin_installed", lambda: True)
+    make_model(Config(backward="native"))
+    with pytest.raises(ConfigError, match="install g"):
+        make_model(Config(cell="lstm", backward="native"))
+    monkeypatch.setattr(native_gpu, "plugin_installed", lambda: False)
+    with pytest.raises(ConfigError, match="install g"):
+        make_model(Config(backward="native"))
+    assert cells.native_backends(cells.CELLS["simple_rnn"](8)) == ("cpu", "gpu")
+    assert cells.native_backends(cells.CELLS["lstm"](8)) == ("cpu",)
+    assert cells.native_backends(cells.CELLS["irnn"](8)) == ()
