@@ -895,12 +895,14 @@ def test_the_budget_stops_starting_children():
 
 
 def test_the_most_promising_candidates_may_take_the_budgets_later_parts(native_here,
-                                                                        gpu_native):
-    """The native form (each backend's first) and the full unroll, the most promising after
-    the baseline, are handed to the first child with the budget's REACH_SHARE
-    (``measure.reach_until``): there they may start where the child's own share would leave
-    them untimed (an H200's 10-second first runs did so to the full unroll). Without the
-    backend's ON: the fields a child times. No probe where the unroll is pinned."""
+                                                                        gpu_native,
+                                                                        monkeypatch):
+    """The native forms (each backend's, each width) and the full unroll, the most promising
+    after the baseline, in the candidates' order, are handed to the first child with the
+    budget's REACH_SHARE (``measure.reach_until``): there they may start where the child's
+    own share would leave them untimed (an H200's 10-second first runs did so to the full
+    unroll). Without the backend's ON: the fields a child times (the CPU's native and the
+    GPU's alike). No probe where the unroll is pinned."""
     native_form = {"backward": "native", "projection": "hoisted", "weight_grad": "product"}
     config = Config()
     candidates = tune.model_candidates(config, frozenset())
@@ -909,6 +911,10 @@ def test_the_most_promising_candidates_may_take_the_budgets_later_parts(native_h
     assert tune.reaching(candidates) == [fields(1, **native_form), probe]  # both backends'
     wide = tune.model_candidates(Config(batch_size=4096), frozenset())
     assert [c["backward"] for c in tune.reaching(wide)] == ["native", "hand_written"]
+    monkeypatch.setattr(native, "wide_vectors", lambda: True)  # both widths, in order
+    assert tune.reaching(tune.model_candidates(config, frozenset())) == [
+        fields(1, **native_form), fields(1, **native_form, native_lanes=16), probe]
+    monkeypatch.setattr(native, "wide_vectors", lambda: False)
     assert tune.unroll_probe(tune.model_candidates(config, frozenset({"unroll"}))) is None
     assert tune.unroll_probe([{**candidates[0], "unroll": 0}, probe]) is None  # unrolled
     pinned = frozenset({"backward", "unroll"})
