@@ -31,11 +31,20 @@ import jax.numpy as jnp
 
 BLOCK_ROWS = 16  # batch rows per program: the least side of a Triton product
 MIN_WIDTH = 16
+# The widest padded hidden width the kernels take: a program holds the [W, W] recurrent
+# kernel on chip (64 KB at 128; at 256 it would be 256 KB, all of an H100's or H200's
+# registers and more than its shared memory).
+MAX_WIDTH = 128
 
 
 def width(hidden: int) -> int:
     """The padded hidden width: the least power of two >= ``hidden`` and >= 16."""
     return max(MIN_WIDTH, 1 << max(0, hidden - 1).bit_length())
+
+
+def fits(hidden: int) -> bool:
+    """Whether the kernels take a layer of ``hidden`` units (:data:`MAX_WIDTH`)."""
+    return width(hidden) <= MAX_WIDTH
 
 
 def runs_here() -> bool:
@@ -147,6 +156,13 @@ def elman_layer() -> Callable[..., tuple[jax.Array, jax.Array]]:
     def forward(xs, kernel, recurrent, bias, h0):
         """The padded ``hs [T, B', W]``."""
         batch, hidden = h0.shape
+        if not fits(hidden):
+            from rnnjax.native import NativeError
+
+            raise NativeError(f"--backward native on a GPU: --hidden-size {hidden} pads to "
+                              f"{width(hidden)} units, past the {MAX_WIDTH} whose recurrent "
+                              "kernel the GPU kernels hold on chip; choose hand_written, "
+                              "autodiff or auto")
         wide, rows = width(hidden), -(-batch // BLOCK_ROWS) * BLOCK_ROWS
         us = _pad(xs @ kernel + bias, rows, wide)
         return _call(_forward_kernel,

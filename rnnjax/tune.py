@@ -483,15 +483,17 @@ def native_offered(config: Config, pinned: frozenset[str]) -> list[str]:
     where the cell has them (``rnnjax.cells.native_backends``), the run is float32 and no
     form field is pinned (they honour none): a CPU's (``rnnjax.native``) where a C++
     compiler is at hand to build them (once per machine, about 2 s, in the child that
-    times them first), a GPU's (``rnnjax.native_gpu``'s Pallas kernels)."""
-    from rnnjax import native
+    times them first), a GPU's (``rnnjax.native_gpu``'s Pallas kernels) where the hidden
+    width fits them (``native_gpu.fits``)."""
+    from rnnjax import native, native_gpu
     from rnnjax.cells import native_backends
 
     cell = builtin_cell(config)
     if cell is None or config.compute_dtype != "float32" or set(FORMS) & pinned:
         return []
-    return [backend for backend in native_backends(cell)
-            if backend != "cpu" or native.unavailable() is None]
+    usable = {"cpu": native.unavailable() is None,
+              "gpu": native_gpu.fits(config.hidden_size)}
+    return [backend for backend in native_backends(cell) if usable.get(backend, False)]
 
 
 def native_lanes_offered(base: dict[str, Any], pinned: frozenset[str]) -> list[int]:

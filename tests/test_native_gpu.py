@@ -138,6 +138,15 @@ def test_the_native_form_trains_with_the_gpus_kernels(on_gpu, mnist):
                            jnp.zeros((2, 28, 28)))
 
 
+def test_a_layer_too_wide_for_the_kernels_is_a_clear_error(on_gpu):
+    """The kernels hold the [W, W] recurrent kernel on chip: up to 128 padded units (the
+    tuner then offers them no candidate)."""
+    assert native_gpu.fits(128) and not native_gpu.fits(129)
+    model = make_model(Config(hidden_size=200, backward="native"))
+    with pytest.raises(native.NativeError, match="--hidden-size 200 pads to 256 units"):
+        jax.eval_shape(model.apply, model.init(jax.random.key(0)), jnp.zeros((2, 28, 28)))
+
+
 def test_without_a_compiler_a_gpu_run_may_still_choose_native(monkeypatch):
     """The CPU's kernels need a C++ compiler, the GPU's do not: where a JAX GPU plugin is
     installed (the backend may be a GPU, not known before it starts), --backward native
