@@ -190,16 +190,12 @@ def test_the_kernels_refuse_rows_that_do_not_fit_the_batch():
                                        jax.numpy.zeros(rows, jax.numpy.int32)))
 
 
-@pytest.mark.parametrize("shuffle", [False, True])
-def test_native_train_steps_read_each_batch_in_the_datasets_sequences(mnist, shuffle):
-    """``train.train_steps`` hands the native layer the dataset's sequences and the batch's
-    indices (``Model.reads_rows``): the same bits as ``train.train_step`` on each batch's
-    images, and the compiled steps hold no gathered [T, B, F] batch."""
-    config = Config(backward="native", shuffle=shuffle, seed=3, batch_size=50)
-    model, optimizer = make_model(config), optax.adam(1e-3)
-    assert model.reads_rows(50)
+def train_steps_read_rows_as_train_step(mnist, model, optimizer, idx):
+    """Checks that ``train.train_steps`` of ``model`` (one that reads its rows,
+    ``Model.reads_rows``) over the batches ``idx`` of the set's sequences gives the same
+    bits as ``train.train_step`` on each batch's images; ``(state, sequences, labels)``."""
+    assert model.reads_rows(idx.shape[1])
     state = train.create_state(jax.random.key(0), model, optimizer)
-    idx = batch_indices(len(mnist.train_labels), 50, 0, 6, shuffle=shuffle, seed=3)
     step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer))
     one = state
     for row in idx:
@@ -210,6 +206,18 @@ def test_native_train_steps_read_each_batch_in_the_datasets_sequences(mnist, shu
     labels = jax.numpy.asarray(mnist.train_labels)
     many, _ = steps(state, sequences, labels, idx)
     jax.tree.map(np.testing.assert_array_equal, one.params, many.params)
+    return state, sequences, labels
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_native_train_steps_read_each_batch_in_the_datasets_sequences(mnist, shuffle):
+    """``train.train_steps`` hands the native layer the dataset's sequences and the batch's
+    indices (``Model.reads_rows``): the same bits as ``train.train_step`` on each batch's
+    images, and the compiled steps hold no gathered [T, B, F] batch."""
+    config = Config(backward="native", shuffle=shuffle, seed=3, batch_size=50)
+    model, optimizer = make_model(config), optax.adam(1e-3)
+    idx = batch_indices(len(mnist.train_labels), 50, 0, 6, shuffle=shuffle, seed=3)
+    state, sequences, labels = train_steps_read_rows_as_train_step(mnist, model, optimizer, idx)
 
     def batches(reads_rows):
         with mock.patch.object(Model, "reads_rows", lambda self, batch: reads_rows):

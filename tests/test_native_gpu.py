@@ -17,10 +17,11 @@ import optax
 import pytest
 
 from benchmarks.native_kernels import first_step_difference
-from rnnjax import cells, native, native_gpu, train
+from rnnjax import cells, native, native_gpu
 from rnnjax.config import Config, ConfigError
-from rnnjax.data.pipeline import batch_indices, normalize_host, to_device
+from rnnjax.data.pipeline import batch_indices, to_device
 from rnnjax.model import make_model
+from tests.test_native import train_steps_read_rows_as_train_step
 
 
 @pytest.fixture
@@ -117,20 +118,9 @@ def test_the_native_form_trains_with_the_gpus_kernels(on_gpu, mnist):
     reference = Config(hidden_size=50, batch_size=37, backward="hand_written")
     assert first_step_difference(reference.replace(backward="native"), reference, images,
                                  labels) <= 1e-5
-    config = Config(backward="native", batch_size=50)
-    model, optimizer = make_model(config), optax.adam(1e-3)
-    assert model.reads_rows(50)
-    state = train.create_state(jax.random.key(0), model, optimizer)
+    model = make_model(Config(backward="native", batch_size=50))
     idx = batch_indices(len(mnist.train_labels), 50, 0, 2, shuffle=True, seed=3)
-    step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer))
-    one = state
-    for row in idx:
-        one, _ = step(one, jnp.asarray(normalize_host(mnist.train_images[row])),
-                      jnp.asarray(mnist.train_labels[row]))
-    steps = jax.jit(functools.partial(train.train_steps, model=model, optimizer=optimizer))
-    sequences = model.sequences(jnp.asarray(normalize_host(mnist.train_images)))
-    many, _ = steps(state, sequences, jnp.asarray(mnist.train_labels), idx)
-    jax.tree.map(np.testing.assert_array_equal, one.params, many.params)
+    train_steps_read_rows_as_train_step(mnist, model, optax.adam(1e-3), idx)
     for cell in ("lstm", "gru"):
         model = make_model(Config(cell=cell, hidden_size=8, backward="native"))
         with pytest.raises(native.NativeError, match=r"only simple_rnn \(tanh\) has GPU kernels"):
