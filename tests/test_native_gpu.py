@@ -9,6 +9,7 @@ What only a GPU shows (that Triton lowers them, and their speed) is measured by
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ import optax
 import pytest
 
 from benchmarks.native_kernels import first_step_difference
-from rnnjax import cells, native, native_gpu
+from rnnjax import cells, native, native_gpu, train
 from rnnjax.config import Config, ConfigError
 from rnnjax.data.pipeline import batch_indices, to_device
 from rnnjax.model import make_model
@@ -107,6 +108,39 @@ def test_a_pass_over_time_is_one_kernel_call():
     hand = jax.make_jaxpr(jax.grad(functools.partial(loss, functools.partial(
         hand_written, cell))))(params, xs, h0, 0.0)
     assert {"scan", "while"} & set(primitives(hand.jaxpr))  # the walk finds XLA's loops
+
+
+def triton_kernels(lowered) -> list[str]:
+    """The names of the Triton kernels a program lowered for CUDA calls, in order."""
+    return re.findall(r'custom_call @__gpu\$xla\.gpu\.triton.*?name = "(\w+)"',
+                      lowered.as_text())
+
+
+def test_the_kernels_lower_to_triton_for_a_gpu(on_gpu, monkeypatch):
+    """Cross-lowered for CUDA on this CPU (``lowering_platforms``), compiled as on a GPU (not
+    interpreted): Pallas lowers both kernels to Triton, the backward in its two variants,
+    and a whole native train_steps program calls the forward and the backward once a step,
+    its rows gathered by XLA. (Triton's own compile to PTX happens on the GPU.)"""
+    monkeypatch.setattr(native_gpu, "interpreted", lambda: False)
+    cell = cells.CELLS["simple_rnn"](50)
+    params = cell.init(jax.random.key(0), 28)
+    xs, h0 = jnp.ones((28, 50, 28)), jnp.zeros((50, 50))
+    for weight, backward in ((0.1, "rnnjax_backward"), (None, "rnnjax_backward_last")):
+        def last(params, xs, h0, weight=weight):
+            hs, h_last = kernels(params, xs, h0)
+            return h_last.sum() + (0.0 if weight is None else weight * (hs ** 2).sum())
+
+        lowered = jax.jit(jax.grad(last, argnums=(0, 1, 2))).trace(params, xs, h0).lower(
+            lowering_platforms=("cuda",))
+        assert triton_kernels(lowered) == ["rnnjax_forward", backward]
+    model, optimizer = make_model(Config(backward="native")), optax.adam(1e-3)
+    state = jax.eval_shape(lambda: train.create_state(jax.random.key(0), model, optimizer))
+    sequences = jax.ShapeDtypeStruct((28, 1000, 28), jnp.float32)
+    labels = jax.ShapeDtypeStruct((1000,), jnp.int32)
+    idx = jax.ShapeDtypeStruct((3, 50), jnp.int32)
+    steps = jax.jit(functools.partial(train.train_steps, model=model, optimizer=optimizer))
+    lowered = steps.trace(state, sequences, labels, idx).lower(lowering_platforms=("cuda",))
+    assert triton_kernels(lowered) == ["rnnjax_forward", "rnnjax_backward_last"]
 
 
 def test_the_native_form_trains_with_the_gpus_kernels(on_gpu, mnist):
