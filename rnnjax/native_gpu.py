@@ -151,15 +151,13 @@ def elman_layer() -> Callable[..., tuple[jax.Array, jax.Array]]:
     """``layer(xs [T, B, F], kernel [F, H], recurrent [H, H], bias [H], h0 [B, H]) -> (hs
     [T, B, H], h_T [B, H])``, float32: ``rnnjax.cells.elman_layer`` with tanh, each pass
     over time one Pallas kernel (the module docstring)."""
-    from rnnjax import cells
+    from rnnjax import cells, native
 
     def forward(xs, kernel, recurrent, bias, h0):
         """The padded ``hs [T, B', W]``."""
         batch, hidden = h0.shape
         if not fits(hidden):
-            from rnnjax.native import NativeError
-
-            raise NativeError(f"--backward native on a GPU: --hidden-size {hidden} pads to "
+            raise native.NativeError(f"--backward native on a GPU: --hidden-size {hidden} pads to "
                               f"{width(hidden)} units, past the {MAX_WIDTH} whose recurrent "
                               "kernel the GPU kernels hold on chip; choose hand_written, "
                               "autodiff or auto")
@@ -170,17 +168,20 @@ def elman_layer() -> Callable[..., tuple[jax.Array, jax.Array]]:
                       (ROWS, _pad(h0, rows, wide))],
                      [(SEQUENCE, jax.ShapeDtypeStruct(us.shape, us.dtype))])[0]
 
-    @jax.custom_vjp
-    def layer(xs, kernel, recurrent, bias, h0):
-        hs = forward(xs, kernel, recurrent, bias, h0)[:, :h0.shape[0], :h0.shape[1]]
+    def outputs(padded, h0):
+        """``(hs, h_T)`` of the padded ``hs [T, B', W]``, for ``h0 [B, H]``."""
+        hs = padded[:, :h0.shape[0], :h0.shape[1]]
         return hs, hs[-1]
 
+    @jax.custom_vjp
+    def layer(xs, kernel, recurrent, bias, h0):
+        return outputs(forward(xs, kernel, recurrent, bias, h0), h0)
+
     def layer_fwd(xs, kernel, recurrent, bias, h0):
-        asked = () if xs.perturbed else None
+        asked = native._asked(xs)
         xs, kernel, recurrent, bias, h0 = cells._values(xs, kernel, recurrent, bias, h0)
         padded = forward(xs, kernel, recurrent, bias, h0)
-        hs = padded[:, :h0.shape[0], :h0.shape[1]]
-        return (hs, hs[-1]), (xs, padded, kernel, recurrent, h0, asked)
+        return outputs(padded, h0), (xs, padded, kernel, recurrent, h0, asked)
 
     def layer_bwd(residuals, cotangents):
         xs, padded, kernel, recurrent, h0, asked = residuals

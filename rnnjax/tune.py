@@ -470,10 +470,11 @@ def reaching(candidates: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     the first child's share was given them, the seed's first run timed the probe and left
     the native kernels at 16 lanes (0.224 ms a step against 0.315 at 8) untimed with 2 s
     left (2026-12-04)."""
+    probe = unroll_probe(candidates)
     out: list[dict[str, Any]] = []
     for c in candidates[1:]:
         fields = {name: value for name, value in c.items() if name != ON}
-        if (c["backward"] == "native" or c is unroll_probe(candidates)) and fields not in out:
+        if (c["backward"] == "native" or c is probe) and fields not in out:
             out.append(fields)  # (the CPU's and the GPU's native: the same fields)
     return out
 
