@@ -17,12 +17,14 @@ benchmarks.native_kernels``).
 The library is built the first time it is needed, with the machine's C++ compiler
 (``$CXX``, else g++ or c++) for its own CPU (``-march=native``), and kept in
 ``$XDG_CACHE_HOME/rnnjax/native/`` (else ``~/.cache/rnnjax/native/``), keyed on the
-sources, the compiler, the CPU and JAX's version: about 2 s once per machine. CPU only,
+sources, the compiler, the CPU and JAX's version: about 2 s once per machine. A build not
+used for :data:`STALE_DAYS` is removed when another is built (:func:`prune`). CPU only,
 float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -32,6 +34,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,7 @@ SOURCES = tuple(Path(__file__).with_name(f"native_{name}.cc")
 HEADER = Path(__file__).with_name("native_common.h")
 LANES = NATIVE_LANES[0]  # floats per vector of the default build (Config.native_lanes)
 CELLS = ("Elman", "Gru", "Lstm")
+STALE_DAYS = 30  # a build unused this long is removed when another is built (prune)
 SYMBOLS = tuple(f"Rnnjax{cell}{call}" for cell in CELLS
                 for call in ("Forward", "Backward", "BackwardWithOutputs"))
 
@@ -138,9 +142,11 @@ def build(lanes: int = LANES) -> Path:
     """The library built for ``lanes`` floats per vector: from the cache when there, else
     compiled into it (a temporary file renamed into place, so that processes building at
     once each find a whole file); into a temporary directory where the cache cannot be
-    written."""
+    written. A build found is stamped as used, and a new one prunes the cache (:func:`prune`)."""
     target = cache_dir() / f"native_{lanes}_{_key(lanes)}.so"
     if target.exists():
+        with contextlib.suppress(OSError):  # a cache that cannot be written keeps its stamps
+            os.utime(target)  # used now, for prune
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +161,27 @@ def build(lanes: int = LANES) -> Path:
         Path(partial).unlink(missing_ok=True)
         raise
     os.replace(partial, target)
+    prune(target.parent, target)
     return target
+
+
+def prune(directory: Path, keep: Path, now: float | None = None) -> list[Path]:
+    """Remove from the cache ``directory`` the builds unused for :data:`STALE_DAYS` (other
+    sources, compilers, CPUs or JAX versions: an upgrade's leftovers) and the partial files
+    of builds stopped more than a day ago, never ``keep``; what it removed. Builds another
+    installation still uses are stamped at each use (:func:`build`), so they stay. Best effort:
+    a file that cannot be removed stays."""
+    now = time.time() if now is None else now
+    removed = []
+    for path in directory.glob("*.so"):
+        days = STALE_DAYS if path.name.startswith("native_") else 1
+        try:
+            if path != keep and now - path.stat().st_mtime > days * 86400:
+                path.unlink()
+                removed.append(path)
+        except OSError:  # removed by another process meanwhile, or not ours to remove
+            continue
+    return removed
 
 
 def targets(lanes: int = LANES) -> dict[str, str]:

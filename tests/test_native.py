@@ -5,6 +5,8 @@ form does."""
 from __future__ import annotations
 
 import functools
+import os
+import time
 from unittest import mock
 
 import jax
@@ -297,9 +299,40 @@ def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     first = native.build(native.LANES)
     assert first.parent == tmp_path / "rnnjax" / "native" and first.suffix == ".so"
-    stamp = first.stat().st_mtime_ns
-    assert native.build(native.LANES) == first and first.stat().st_mtime_ns == stamp
+    content = first.read_bytes()
+    os.utime(first, (1.0e9, 1.0e9))
+
+    def compile_again(lanes, out):
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(native, "_compile", compile_again)
+    assert native.build(native.LANES) == first and first.read_bytes() == content
+    assert first.stat().st_mtime > time.time() - 600  # stamped as used
     assert list(first.parent.iterdir()) == [first]  # no partial file left behind
+
+
+def test_a_new_build_prunes_the_builds_and_partial_files_unused_for_long(monkeypatch,
+                                                                          tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "_compile", lambda lanes, out: out.write_bytes(b"so"))
+    directory = tmp_path / "rnnjax" / "native"
+    directory.mkdir(parents=True)
+    day, now = 86400, time.time()
+    ages = {"native_8_old.so": native.STALE_DAYS + 1, "native_16_used.so": native.STALE_DAYS - 1,
+            "tmpstopped.so": 1.5, "tmpbuilding.so": 0.5, "notes.txt": 400}
+    for name, days in ages.items():
+        (directory / name).write_bytes(b"x")
+        os.utime(directory / name, (now - days * day, now - days * day))
+    built = native.build(native.LANES)
+    assert sorted(path.name for path in directory.iterdir()) == sorted(
+        [built.name, "native_16_used.so", "tmpbuilding.so", "notes.txt"])
+    # one found in the cache is stamped, not rebuilt, and prunes nothing
+    (directory / "native_8_old.so").write_bytes(b"x")
+    os.utime(directory / "native_8_old.so", (now - 99 * day, now - 99 * day))
+    os.utime(built, (now - 99 * day, now - 99 * day))
+    assert native.build(native.LANES) == built and built.stat().st_mtime > now - 600
+    assert (directory / "native_8_old.so").exists()
+    assert native.prune(directory, built, now) == [directory / "native_8_old.so"]
 
 
 def test_a_failed_build_shows_the_compilers_error(monkeypatch, tmp_path):
