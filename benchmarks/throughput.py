@@ -11,9 +11,9 @@ XLA's cost analysis counts a while-loop body once, so it cannot), measures the
 backend's float32 GEMM rate with JAX, and reports the fraction achieved. With two
 backends it adds their ratio. Per backend it also reports each cell's ops per time step,
 forward and backward, and the ops one whole train step launches at unroll 1 and fully
-unrolled, read from the compiled train step (``rnnjax.hlo``; ``--ops-only`` prints just
-those). Writes ``results/throughput.{json,md}``, and ``throughput.png`` where matplotlib
-is installed (the ``peers`` extra). No TensorFlow.
+unrolled, read from the compiled train step (``rnnjax.hlo``; ``--ops-only``: just those,
+into ``results/throughput_ops.{json,md}``). Writes ``results/throughput.{json,md}``, and
+``throughput.png`` where matplotlib is installed (the ``peers`` extra). No TensorFlow.
 """
 
 from __future__ import annotations
@@ -157,6 +157,15 @@ def ops_table(names: list[str], device: jax.Device) -> dict[str, dict[str, float
     return table
 
 
+OPS_COLUMNS = ["backend", "cell", "forward", "backward", "launched", "launched_full"]
+
+
+def ops_rows(envs: dict[str, dict]) -> list[dict]:
+    """One row per backend and cell of the :func:`ops_table` each backend's ``envs`` holds."""
+    return [{"backend": backend, "cell": cell, **counts}
+            for backend, env in envs.items() for cell, counts in env["ops_per_step"].items()]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="50,256,1024,4096")
@@ -172,7 +181,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cells", default="simple_rnn,irnn,lstm,gru",
                         help="cells whose ops per time step are reported")
     parser.add_argument("--ops-only", action="store_true",
-                        help="report the ops per time step only, no timings")
+                        help="report the ops only, no timings (results/throughput_ops)")
     args = parser.parse_args(argv)
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -188,6 +197,8 @@ def main(argv=None) -> None:
         envs[backend] = environment(device)
         envs[backend]["ops_per_step"] = ops_table(args.cells.split(","), device)
     if args.ops_only:
+        write_results("throughput_ops", ops_rows(envs), OPS_COLUMNS,
+                      env=next(iter(envs.values())) | {"backends": envs}, out_dir=args.out or None)
         return
     data = load_arrays(Config())
     for backend in backends:
@@ -230,10 +241,7 @@ def report(rows: list[dict], envs: dict[str, dict], out: str) -> None:
     env = next(iter(envs.values())) | {"backends": envs}
     notes = "Ops of the compiled train step (batch 50, rows): per time step at unroll 1, " \
         "forward / backward, and launched by one whole step at unroll 1 and full:\n\n" + \
-        markdown_table(
-            [{"backend": b, "cell": c, **n}
-             for b, e in envs.items() for c, n in e["ops_per_step"].items()],
-            ["backend", "cell", "forward", "backward", "launched", "launched_full"])
+        markdown_table(ops_rows(envs), OPS_COLUMNS)
     directory = write_results("throughput", rows, columns, env=env, notes=notes,
                               out_dir=out or None)
     plot(rows, directory / "throughput.png")

@@ -255,3 +255,22 @@ def test_flax_benchmark_counts_the_ops_every_runner_launches(tmp_path):
     for unroll in ("1", "full"):
         assert 0 < row[f"rnnjax unroll={unroll}"] < row[f"flax.linen unroll={unroll}"]
     assert row["rnnjax unroll=full"] < row["rnnjax unroll=1"]
+
+
+def test_throughput_ops_only_writes_the_ops_table(tmp_path):
+    """``benchmarks.throughput --ops-only``: each cell's ops, compiled and counted, not timed,
+    into ``throughput_ops.json`` (the README's table of ops per time step): the SimpleRNN's
+    within its budget, and fewer launched fully unrolled than at unroll 1."""
+    import json
+
+    from benchmarks import throughput
+
+    throughput.main(["--ops-only", "--cells", "simple_rnn", "--backends", "cpu",
+                     "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "throughput_ops.json").read_text())
+    (row,) = payload["rows"]
+    assert (row["backend"], row["cell"]) == ("cpu", "simple_rnn")
+    assert 0 < row["forward"] <= BUDGETS["simple_rnn", "auto", "auto", "auto"][0]
+    assert 0 < row["backward"] <= BUDGETS["simple_rnn", "auto", "auto", "auto"][1]
+    assert 0 < row["launched_full"] < row["launched"]
+    assert "forward" in (tmp_path / "throughput_ops.md").read_text()
