@@ -16,9 +16,12 @@ recurrent kernel on chip and runs every step in a loop:
 The kernels are written for Triton (Pallas' GPU backend): every array a kernel loads or
 stores has a power-of-2 size, so the hidden width is padded with zeros to a power of two
 of at least 16 (a product's least side) and the batch to whole blocks; the padding stays
-zero through both passes and is sliced off. The products run at the backend's default
-precision, as XLA's do (TF32 on recent NVIDIA GPUs). Off a GPU (the tests, on a CPU) the
-same kernels run in Pallas' interpreter.
+zero through both passes and is sliced off. The recurrent products run as three TF32
+products on the tensor cores (:data:`PRECISION`: about float32's accuracy), not one: a
+step's rounding carries through every later step, and one TF32 product a step, against
+XLA's own TF32 rounding, could take the first step close to the tuner's tolerance (TF32
+emulated on a CPU moved its gradients by up to 5.8e-4 of the 1e-3). Off a GPU (the tests,
+on a CPU) the same kernels run in Pallas' interpreter, at float32.
 """
 
 from __future__ import annotations
@@ -35,6 +38,14 @@ MIN_WIDTH = 16
 # kernel on chip (64 KB at 128; at 256 it would be 256 KB, all of an H100's or H200's
 # registers and more than its shared memory).
 MAX_WIDTH = 128
+# The recurrent products on a GPU (Triton's tf32x3): float32's accuracy from TF32 products.
+PRECISION = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+
+
+def warps(wide: int) -> int:
+    """Warps per program for a padded width: 4, and 8 at 128, where the [128, 128]
+    recurrent kernel alone would take 128 registers a thread of 4 warps (of 255)."""
+    return 4 if wide <= 64 else 8
 
 
 def width(hidden: int) -> int:
@@ -76,20 +87,21 @@ def interpreted() -> bool:
     return jax.default_backend() != "gpu"
 
 
-def _forward_kernel(us_ref, recurrent_ref, h0_ref, hs_ref):
+def _forward_kernel(us_ref, recurrent_ref, h0_ref, hs_ref, *, precision=None):
     """One block of rows over every step: ``us [T, b, W]``, ``recurrent [W, W]``,
-    ``h0 [b, W]`` -> ``hs [T, b, W]``."""
+    ``h0 [b, W]`` -> ``hs [T, b, W]``; the products at ``precision``."""
     recurrent = recurrent_ref[...]
 
     def step(t, h):
-        h = jnp.tanh(us_ref[t] + jnp.dot(h, recurrent))
+        h = jnp.tanh(us_ref[t] + jnp.dot(h, recurrent, precision=precision))
         hs_ref[t] = h
         return h
 
     jax.lax.fori_loop(0, us_ref.shape[0], step, h0_ref[...])
 
 
-def _backward_kernel(hs_ref, dhs_ref, dh_last_ref, transposed_ref, dzs_ref, dh0_ref):
+def _backward_kernel(hs_ref, dhs_ref, dh_last_ref, transposed_ref, dzs_ref, dh0_ref, *,
+                     precision=None):
     """One block of rows, the steps in reverse: ``hs [T, b, W]``, ``dhs [T, b, W]`` (None:
     the outputs have no gradient but the last step's), ``dh_last [b, W]``,
     ``recurrent^T [W, W]`` -> ``dzs [T, b, W]`` (the pre-activations' gradient) and
@@ -104,15 +116,17 @@ def _backward_kernel(hs_ref, dhs_ref, dh_last_ref, transposed_ref, dzs_ref, dh0_
         h = hs_ref[t]
         dz = g * (1.0 - h * h)
         dzs_ref[t] = dz
-        return jnp.dot(dz, transposed)
+        return jnp.dot(dz, transposed, precision=precision)
 
     dh0_ref[...] = jax.lax.fori_loop(0, steps, step, dh_last_ref[...])
 
 
-def _backward_last_kernel(hs_ref, dh_last_ref, transposed_ref, dzs_ref, dh0_ref):
+def _backward_last_kernel(hs_ref, dh_last_ref, transposed_ref, dzs_ref, dh0_ref, *,
+                          precision=None):
     """:func:`_backward_kernel` where only the last step's output has a gradient (the
     classifier reads h_T alone): no ``[T, B, W]`` of zeros to read."""
-    _backward_kernel(hs_ref, None, dh_last_ref, transposed_ref, dzs_ref, dh0_ref)
+    _backward_kernel(hs_ref, None, dh_last_ref, transposed_ref, dzs_ref, dh0_ref,
+                     precision=precision)
 
 
 SEQUENCE, ROWS, WHOLE = "sequence", "rows", "whole"  # how an operand is blocked
@@ -122,7 +136,9 @@ def _call(kernel: Callable[..., None], operands: list[tuple[str, jax.Array]],
           outputs: list[tuple[str, jax.ShapeDtypeStruct]]) -> list[jax.Array]:
     """``kernel`` with one program per block of :data:`BLOCK_ROWS` rows, each operand and
     output blocked by its kind: :data:`SEQUENCE` ``[T, B', W]`` by rows, :data:`ROWS`
-    ``[B', W]`` by rows, :data:`WHOLE` (a ``[W, W]`` matrix) whole to every program."""
+    ``[B', W]`` by rows, :data:`WHOLE` (a ``[W, W]`` matrix) whole to every program. On a
+    GPU, its products at :data:`PRECISION`, :func:`warps` warps a program; interpreted
+    elsewhere."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -131,12 +147,14 @@ def _call(kernel: Callable[..., None], operands: list[tuple[str, jax.Array]],
              ROWS: pl.BlockSpec((BLOCK_ROWS, wide), lambda i: (i, 0)),
              WHOLE: pl.BlockSpec((wide, wide), lambda i: (0, 0))}
     interpret = interpreted()
+    body = functools.partial(kernel, precision=None if interpret else PRECISION)
     return pl.pallas_call(
-        kernel, out_shape=[shape for _, shape in outputs], grid=(rows // BLOCK_ROWS,),
+        body, out_shape=[shape for _, shape in outputs], grid=(rows // BLOCK_ROWS,),
         in_specs=[specs[kind] for kind, _ in operands],
         out_specs=[specs[kind] for kind, _ in outputs], interpret=interpret,
         name=f"rnnjax{kernel.__name__.removesuffix('_kernel')}",
-        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=warps(wide),
+                                                                    num_stages=1),
     )(*(x for _, x in operands))
 
 

@@ -27,9 +27,10 @@ from tests.test_native import train_steps_read_rows_as_train_step
 
 @pytest.fixture
 def on_gpu(monkeypatch):
-    """'native' layers run the GPU's kernels (interpreted, on this CPU)."""
+    """'native' layers run the GPU's kernels, interpreted (on a real GPU too: these tests
+    compare float32 sums, which the GPU's TF32 products would not give to 1e-5)."""
     monkeypatch.setattr(native_gpu, "runs_here", lambda: True)
-    assert native_gpu.interpreted()
+    monkeypatch.setattr(native_gpu, "interpreted", lambda: True)
 
 
 def test_the_padded_width_is_a_power_of_two_of_at_least_16():
@@ -79,20 +80,24 @@ def test_the_kernels_compute_the_hand_written_layers_sums(hidden, batch, weight)
     np.testing.assert_array_equal(hs[-1], h_last)
 
 
-def primitives(jaxpr) -> list[str]:
-    """The primitives of ``jaxpr`` and of those nested in it, but a Pallas call's kernel."""
-    out = []
+def equations(jaxpr, into_kernels: bool = False):
+    """The equations of ``jaxpr`` and of those nested in it (a Pallas call's kernel only
+    ``into_kernels``)."""
     for eqn in jaxpr.eqns:
-        out.append(eqn.primitive.name)
-        if eqn.primitive.name == "pallas_call":
+        yield eqn
+        if eqn.primitive.name == "pallas_call" and not into_kernels:
             continue
         for value in eqn.params.values():
             for sub in value if isinstance(value, (tuple, list)) else (value,):
                 if hasattr(sub, "consts") and hasattr(sub, "jaxpr"):  # closed
-                    out += primitives(sub.jaxpr)
+                    yield from equations(sub.jaxpr, into_kernels)
                 elif hasattr(sub, "eqns"):
-                    out += primitives(sub)
-    return out
+                    yield from equations(sub, into_kernels)
+
+
+def primitives(jaxpr) -> list[str]:
+    """The primitives of ``jaxpr`` and of those nested in it, but a Pallas call's kernel."""
+    return [eqn.primitive.name for eqn in equations(jaxpr)]
 
 
 def test_a_pass_over_time_is_one_kernel_call():
@@ -111,9 +116,19 @@ def test_a_pass_over_time_is_one_kernel_call():
 
 
 def triton_kernels(lowered) -> list[str]:
-    """The names of the Triton kernels a program lowered for CUDA calls, in order."""
-    return re.findall(r'custom_call @__gpu\$xla\.gpu\.triton.*?name = "(\w+)"',
-                      lowered.as_text())
+    """The names of the Triton kernels a program lowered for CUDA calls, in order: XLA's
+    Triton custom call up to jaxlib 0.10.2, the Triton kernel call after it."""
+    return re.findall(r'custom_call @(?:__gpu\$xla\.gpu\.triton|triton_kernel_call_ffi)'
+                      r'.*?name = "(\w+)"', lowered.as_text())
+
+
+def cross_lowers() -> bool:
+    """Whether Pallas lowers Triton kernels for CUDA here without a GPU: up to jaxlib 0.10.2
+    it hands XLA the Triton IR; after it, it compiles them as it lowers, which needs the
+    CUDA plugin's Triton compiler."""
+    from jax._src.lib import triton, version
+
+    return version <= (0, 10, 2) or triton.has_compilation_handler("cuda")
 
 
 def test_the_kernels_lower_to_triton_for_a_gpu(on_gpu, monkeypatch):
@@ -121,6 +136,9 @@ def test_the_kernels_lower_to_triton_for_a_gpu(on_gpu, monkeypatch):
     interpreted): Pallas lowers both kernels to Triton, the backward in its two variants,
     and a whole native train_steps program calls the forward and the backward once a step,
     its rows gathered by XLA. (Triton's own compile to PTX happens on the GPU.)"""
+    if not cross_lowers():
+        pytest.skip("this jaxlib compiles Triton kernels as it lowers them: it needs the "
+                    "CUDA plugin")
     monkeypatch.setattr(native_gpu, "interpreted", lambda: False)
     cell = cells.CELLS["simple_rnn"](50)
     params = cell.init(jax.random.key(0), 28)
@@ -186,3 +204,32 @@ def test_without_a_compiler_a_gpu_run_may_still_choose_native(monkeypatch):
     assert cells.native_backends(cells.CELLS["simple_rnn"](8)) == ("cpu", "gpu")
     assert cells.native_backends(cells.CELLS["lstm"](8)) == ("cpu",)
     assert cells.native_backends(cells.CELLS["irnn"](8)) == ()
+
+
+def kernel_settings(jaxpr) -> list[tuple[int | None, list]]:
+    """Each ``pallas_call`` of ``jaxpr``: its warps (None: interpreted) and its products'
+    precisions."""
+    return [(None if eqn.params["compiler_params"] is None
+             else eqn.params["compiler_params"].num_warps,
+             [dot.params["precision"] for dot in equations(eqn.params["jaxpr"], True)
+              if dot.primitive.name == "dot_general"])
+            for eqn in equations(jaxpr) if eqn.primitive.name == "pallas_call"]
+
+
+@pytest.mark.parametrize(("hidden", "warps"), [(50, 4), (100, 8)])
+def test_on_a_gpu_the_products_run_as_three_tf32_products(on_gpu, monkeypatch, hidden, warps):
+    """Compiled for a GPU, each kernel's recurrent product runs at ``PRECISION`` (tf32x3:
+    float32's accuracy from the tensor cores; ``test_the_kernels_lower_to_triton_for_a_gpu``
+    shows Triton takes it), with 8 warps a program at a width of 128; interpreted, at
+    float32 (the CPU refuses the TF32 algorithms)."""
+    monkeypatch.setattr(native_gpu, "interpreted", lambda: False)
+    cell = cells.CELLS["simple_rnn"](hidden)
+    params = cell.init(jax.random.key(0), 28)
+    xs, h0 = jnp.ones((28, 20, 28)), jnp.zeros((20, hidden))
+    grad = jax.grad(functools.partial(loss, kernels))
+    calls = kernel_settings(jax.make_jaxpr(grad)(params, xs, h0, 0.1).jaxpr)
+    assert calls == [(warps, [native_gpu.PRECISION])] * 2
+    monkeypatch.setattr(native_gpu, "interpreted", lambda: True)
+    xs, h0 = jnp.ones((28, 21, 28)), jnp.zeros((21, hidden))  # not JAX's cached trace
+    interpreted = jax.make_jaxpr(grad)(params, xs, h0, 0.1).jaxpr
+    assert kernel_settings(interpreted) == [(None, [None])] * 2

@@ -30,12 +30,22 @@ def test_the_benchmark_times_the_native_builds_against_the_built_in_forms(tmp_pa
     assert "native, 8 lanes ms" in table and "fastest built-in" in table
 
 
-def test_the_default_form_alone_beside_native(tmp_path):
+def test_the_default_form_alone_beside_native(tmp_path, monkeypatch):
     """``--forms default``: the built-in default form (at both unrolls) and native only, as
-    a short accelerator session runs it; on a GPU only simple_rnn has native kernels."""
-    native_kernels.main(["--cells", "simple_rnn", "--cases", "rows:8", "--rounds", "1",
-                         "--forms", "default", "--out", str(tmp_path)])
+    a short accelerator session runs it; on a GPU only simple_rnn has native kernels. A
+    build whose first step differs (here made to) is timed all the same, marked in its
+    row, and the benchmark exits 1 once the results are written."""
+    differs = native_kernels.LANES[-1]
+    real = native_kernels.first_step_difference
+    monkeypatch.setattr(native_kernels, "first_step_difference", lambda config, *rest: (
+        0.5 if config.native_lanes == differs else real(config, *rest)))
+    with pytest.raises(SystemExit, match=rf"simple_rnn rows 8: native, {differs} lanes"):
+        native_kernels.main(["--cells", "simple_rnn", "--cases", "rows:8", "--rounds", "1",
+                             "--forms", "default", "--out", str(tmp_path)])
     (row,) = json.loads((tmp_path / "native_kernels.json").read_text())["rows"]
+    assert [row[f"native, {lanes} lanes matches"] for lanes in native_kernels.LANES] == \
+        [lanes != differs for lanes in native_kernels.LANES]
+    assert row[f"native, {differs} lanes first-step difference"] == 0.5
     timed = sorted(key.removesuffix(" best ms") for key in row if key.endswith(" best ms"))
     assert timed == sorted(native_kernels.configs("simple_rnn", "rows", 8,
                                                   forms=native_kernels.FORMS[:1]))
