@@ -74,9 +74,10 @@ from rnnjax.measure import (
     for_backend,  # the candidates a child on a backend times
 )
 
-TUNER_VERSION = 26  # 26: the native form and the full unroll may be timed in the budget's
-# later parts, a GPU's compile predicted at its own growth, the GPU's native form (Pallas
-# kernels); 25: the native layers read each batch's rows in the dataset's sequences, with
+TUNER_VERSION = 27  # 27: the GPU's native kernels' products as three TF32 products (tf32x3)
+# and 8 warps at a width of 128; 26: the native form and the full unroll may be timed in the
+# budget's later parts, a GPU's compile predicted at its own growth, the GPU's native form
+# (Pallas kernels); 25: the native layers read each batch's rows in the dataset's sequences, with
 # no gathered copy; 24: the native library's products compiled once (its build 1.3-1.4 s,
 # not 1.6-2.0: the seed's 10 s now times both widths); 23: the native kernels' products
 # in blocks that fit the registers; 22: the native backward writes no
