@@ -246,6 +246,17 @@ class Child:
 
 # (config, flags, candidates, deadline, steps, reference, call_s, log) -> Child
 RunChild = Callable[..., Child]
+STOPPED = "child stopped at the time budget"  # Child.error of one the parent stopped
+
+
+def lost(child: Child) -> dict[str, Any] | None:
+    """The candidate ``child`` was timing when its process died, where it died after timing
+    its first (the baseline), not stopped at the budget: the first it did not report
+    (:func:`run_child` notes those with its error, in order); else None."""
+    timed = bool(child.measurements) and child.measurements[0].step_s is not None
+    if not child.error or child.error == STOPPED or not timed:
+        return None
+    return next((m.candidate for m in child.measurements if m.note == child.error), None)
 
 
 def sequence_length(config: Config, spec: DataSpec = IDX_SPEC) -> int:
@@ -866,7 +877,7 @@ def run_child(
         close()
         code = proc.wait()
         tail = [line.strip() for line in errors if line.strip()]
-        child.error = ("child stopped at the time budget" if code < 0 and time.time() > deadline
+        child.error = (STOPPED if code < 0 and time.time() > deadline
                        else f"child exited {code}: {tail[-1] if tail else 'no message'}")[:300]
         log(f"  {describe(process_fields(flags))}: {child.error}")
         reported = [m.candidate for m in child.measurements]
@@ -1014,6 +1025,24 @@ def tune(
                    "budget_s": budget_s} if pay_back else None
             first = child(config, base_flags, candidates, first_deadline, None, reference,
                           call_s, log, pay_back=run, alone=alone, reach=reach)
+            crashed = lost(first)
+            if crashed is not None and clock() + (first.startup_s or 0.0) < first_deadline:
+                # A candidate that kills its process (a kernel's compiler or its device
+                # failing below Python) takes only itself: a new child times the others,
+                # the baseline again first, from the compilation cache.
+                log(f"  the child died timing {describe(crashed)} ({first.error}): the others "
+                    "again in a new child, without it")
+                first.close()
+                if os.path.exists(reference):  # the new child's baseline, its budget from it
+                    os.remove(reference)
+                others = [c for c in candidates
+                          if {name: v for name, v in c.items() if name != ON} != crashed]
+                error, first = first.error, child(
+                    config, base_flags, others, first_deadline, None, reference, call_s, log,
+                    pay_back=run, alone=alone, reach=reach and {
+                        **reach, "candidates": [c for c in reach["candidates"] if c != crashed]})
+                first.measurements.append(Measurement(  # "failed": it is not timed again
+                    crashed, base_flags, note=f"failed: it killed its child ({error})"[:300]))
             children.append(first)
             measured += first.measurements
             steps = next((m.steps for m in first.measurements if m.steps), None)

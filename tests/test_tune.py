@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -131,12 +132,14 @@ class FakeChild:
     projection, weight_grad, chunks, feed, xla_flags, native_lanes) (:func:`k`; the child's
     flags and a
     candidate's own, in-process ones); ``wrong`` ones report results that differ from the
-    baseline. Resolves 'best', and leaves another backend's candidates, as the real child
-    does."""
+    baseline; one in ``kills`` kills its child the first time (as ``run_child`` reports a
+    child that died: its error, and each candidate it did not report noted with it).
+    Resolves 'best', and leaves another backend's candidates, as the real child does."""
 
     def __init__(self, times, wrong=(), clock=None, per_child_s=0.0, startup_s=1.0, turns=None,
                  stops_at_deadline=False, again=None, backend="cpu", evaluation=None,
-                 same=True):
+                 same=True, kills=()):
+        self.kills = set(kills)
         self.times, self.wrong, self.clock, self.per_child_s = times, set(wrong), clock, per_child_s
         # again: the times a later child under the same flags reports, where they differ
         # (the same program runs faster in some processes than in others).
@@ -187,6 +190,12 @@ class FakeChild:
                     continue
                 c, queue[:0] = options[0], options[1:]
             key = self._key(c, flags)
+            if key in self.kills:
+                self.kills.discard(key)
+                child.error = "child exited -11: no message"
+                child.measurements += [tune.Measurement(o, flags, note=child.error)
+                                       for o in [c, *queue]]
+                return child
             if key not in self.times:
                 child.measurements.append(tune.Measurement(c, flags, note="failed: fake"))
                 continue
@@ -270,6 +279,33 @@ def test_the_fastest_matching_candidate_wins_by_measured_time(one_process):
     times[k(0, flags=VEC)] = 0.5  # a flag set faster still
     result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
     assert result.choice == fields(0, flags=VEC)
+
+
+def test_a_candidate_that_kills_its_child_is_left_out_and_the_others_timed_again(
+        one_process, tmp_path):
+    """A candidate whose process dies (a kernel's compiler or its device failing below
+    Python) costs only itself: a new child times the others, the baseline first (the
+    reference rewritten from it), and the choice is made among them; it is noted failed."""
+    config = Config()
+    times = all_times()
+    times[k(0)] = 0.9
+    times[k(4)] = 0.8
+    log = []
+    fake = FakeChild(times, kills={k(0)})
+    result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock(), log=log.append)
+    first, again = fake.calls[0][1], fake.calls[1][1]
+    assert fake.calls[1][0] == "" and again == [c for c in first if c != fields(0)]
+    assert result.choice == fields(4, flags="")
+    (noted,) = [m for m in result.measurements if m.candidate == fields(0)]
+    assert noted.note == "failed: it killed its child (child exited -11: no message)"
+    assert any("the child died timing" in line and "unroll 0" in line for line in log)
+    # One killed past the first child's share of the budget is not retried.
+    clock = Clock()
+    late = FakeChild(times, kills={k(0)}, clock=clock, per_child_s=25.0)
+    result = tune.tune(config, frozenset(), 30.0, child=late, clock=clock)
+    assert again not in [call[1] for call in late.calls]
+    (noted,) = [m for m in result.measurements if m.candidate == fields(0)]
+    assert noted.note == "child exited -11: no message"
 
 
 def test_the_evaluations_unroll_is_timed_for_the_choice(one_process):
@@ -1859,3 +1895,46 @@ def test_a_program_from_the_compile_cache_counts_the_compile_it_took(tmp_path):
     _, hits, cached_s = run()
     assert hits > 0 and 1.0 <= cached_s <= compile_s + 0.5
     assert abs(cached_s - round(cached_s)) < 1e-6  # the seconds stored, whole
+
+
+KILLER = '''
+import os
+import signal
+import signal
+
+import rnnjax.loop as loop
+
+real = loop.device_feed
+
+
+def device_feed(config, *args, **kwargs):
+    if config.unroll == 0:  # the full unroll's candidate: the process dies as a segfault
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return real(config, *args, **kwargs)
+
+
+loop.device_feed = device_feed
+'''
+
+
+def test_a_real_child_that_dies_names_the_candidate_it_was_timing(tmp_path, monkeypatch):
+    """``run_child`` reports a child killed by a signal (its exit status) with each
+    candidate it did not report noted so; ``lost`` names the one it died timing (after the
+    baseline), which ``tune`` then leaves out of a new child."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILLER)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        filter(None, [str(hook), os.environ.get("PYTHONPATH", "")])))
+    config = Config(hidden_size=4, batch_size=4, steps=3, compile_cache="off")
+    child = tune.run_child(config, "", [fields(1), fields(0), fields(4)], time.time() + 120,
+                           2, str(tmp_path / "ref.npz"), 0.01, lambda line: None)
+    try:
+        assert child.error.startswith(f"child exited {-signal.SIGSEGV}")
+        assert child.measurements[0].step_s > 0
+        assert [m.note for m in child.measurements[1:]] == [child.error] * 2
+        assert tune.lost(child) == fields(0)
+    finally:
+        child.close()
+    assert tune.lost(tune.Child(error=tune.STOPPED, measurements=child.measurements)) is None
+    assert tune.lost(tune.Child(error=child.error, measurements=child.measurements[1:])) is None
