@@ -79,6 +79,24 @@ NEAR = 0.1  # timed again before 'best' is resolved: within this much of the fas
 UNROLL_NEAR = 0.25
 
 
+DEVICE_LOST = 3  # the child's exit status where its device failed after a candidate
+
+
+def lost_device(backend: str) -> bool:
+    """Whether an accelerator ``backend`` no longer runs a trivial program (a kernel's fault
+    can leave a GPU's context unusable: every later program fails); a CPU is not asked."""
+    if backend == "cpu":
+        return False
+    import jax
+    import jax.numpy as jnp
+
+    try:
+        jax.block_until_ready(jnp.arange(4.0) + 1.0)
+    except Exception:
+        return True
+    return False
+
+
 def emit(event: str, **fields: Any) -> None:
     """One event line for the parent on stdout."""
     sys.stdout.write(PREFIX + json.dumps({"event": event, **fields}) + "\n")
@@ -587,7 +605,12 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
             steps = steps or timed.steps_for(spec["call_s"])
             per_step = timed.time(steps, spec["repeats"], until)
         except Exception as e:  # a candidate this backend cannot run: report, go on
-            emit("skipped", candidate=fields, reason=f"failed: {type(e).__name__}: {e}"[:300])
+            failure = f"{type(e).__name__}: {e}"
+            if lost_device(device["backend"]):  # every later candidate would fail too
+                print(f"rnnjax.measure: the {device['backend']} failed after {fields}: "
+                      f"{failure}"[:600], file=sys.stderr, flush=True)
+                raise SystemExit(DEVICE_LOST) from e  # unreported: rnnjax.tune.lost names it
+            emit("skipped", candidate=fields, reason=f"failed: {failure}"[:300])
             continue
         if not os.path.exists(reference):
             np.savez(reference, **timed.first_step)  # the first candidate timed: the reference

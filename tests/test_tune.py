@@ -1938,3 +1938,49 @@ def test_a_real_child_that_dies_names_the_candidate_it_was_timing(tmp_path, monk
         child.close()
     assert tune.lost(tune.Child(error=tune.STOPPED, measurements=child.measurements)) is None
     assert tune.lost(tune.Child(error=child.error, measurements=child.measurements[1:])) is None
+
+
+def test_a_child_whose_device_fails_after_a_candidate_exits_unreported(tmp_path, capsys,
+                                                                       monkeypatch):
+    """measure.run in this process: a candidate that fails is noted "failed" and the child
+    goes on, while its device still runs a trivial program; where the device no longer
+    does (a kernel's fault can leave a GPU's context unusable), the child exits with
+    DEVICE_LOST before reporting it, so that ``tune.lost`` names it and a new child times
+    the others."""
+    from rnnjax.config import to_dict
+
+    config = Config(hidden_size=4, batch_size=4, steps=3, compile_cache="off")
+    base, probe, middle = fields(1), fields(0), fields(4)
+    real = measure.Timed
+
+    def timed(candidate, *args, **kwargs):
+        if candidate.unroll == 0:
+            raise RuntimeError("INTERNAL: an illegal memory access was encountered")
+        return real(candidate, *args, **kwargs)
+
+    monkeypatch.setattr(measure, "Timed", timed)
+
+    def run(name):
+        measure.run({"config": to_dict(config), "candidates": [base, probe, middle],
+                     "deadline": time.time() + 60, "steps": 2, "call_s": 0.01,
+                     "repeats": 1, "reference": str(tmp_path / f"{name}.npz")})
+
+    def events(out):
+        return [json.loads(line[len(measure.PREFIX):]) for line in out.splitlines()
+                if line.startswith(measure.PREFIX)]
+
+    assert not measure.lost_device("cpu") and not measure.lost_device("gpu")  # it runs
+    run("well")
+    out = events(capsys.readouterr().out)
+    assert [e["candidate"] for e in out if e["event"] == "result"] == [base, middle]
+    (failed,) = [e for e in out if e["event"] == "skipped"]
+    assert failed["candidate"] == probe and failed["reason"].startswith(
+        "failed: RuntimeError: INTERNAL: an illegal memory access")
+    monkeypatch.setattr(measure, "lost_device", lambda backend: True)
+    with pytest.raises(SystemExit) as exit_info:
+        run("lost")
+    assert exit_info.value.code == measure.DEVICE_LOST
+    captured = capsys.readouterr()
+    out = events(captured.out)
+    assert [e["candidate"] for e in out if e["event"] in ("result", "skipped")] == [base]
+    assert "the cpu failed after" in captured.err and "illegal memory access" in captured.err
