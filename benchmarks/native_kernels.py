@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     # the JSON and the notes.
     columns = ["cell", "order", "batch", "steps/call", "fastest built-in", "fastest built-in ms",
                *(f"native, {lanes} lanes {what}" for lanes in built
-                 for what in ("ms", "speed-up"))]
+                 for what in ("ms", "speed-up", "matches"))]
     notes = "\n".join(
         f"- {r['cell']} {r['order']} {r['batch']}: " + "; ".join(
             f"{k} {v:.3g}" for k, v in r.items() if k.endswith((" ms", " compile s",

@@ -26,7 +26,9 @@ Each candidate is the config with those fields replaced, run by the loop's own f
 (``data``: the dataset's ``DataSpec``, the IDX layout when absent), from
 a synthetic state (:func:`synthetic_state`: no initialisation compiled). The
 child prints one line per event on stdout, ``rnnjax-tune <JSON>``: ``device`` (what it runs
-on, and on how many CPUs), then per candidate ``result`` (compile seconds, seconds per
+on, and on how many CPUs), then per candidate ``trying`` (its fields, resolved, as it
+starts: where the process dies, that one killed it; a spec's ``exclude`` lists those that
+killed an earlier child, never started) and ``result`` (compile seconds, seconds per
 step, best of ``repeats`` calls of ``steps`` steps, and how far its first step's loss and
 gradients lie from the reference's: the first candidate's, saved to ``reference``) or
 ``skipped`` (why); then
@@ -80,6 +82,11 @@ UNROLL_NEAR = 0.25
 
 
 DEVICE_LOST = 3  # the child's exit status where its device failed after a candidate
+
+
+class DeviceLost(Exception):
+    """The accelerator failed after a candidate (:func:`lost_device`): :func:`main` exits
+    :data:`DEVICE_LOST` at once, without the cleanup at exit a broken context may hang in."""
 
 
 def lost_device(backend: str) -> bool:
@@ -544,6 +551,7 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
          cpus=process.cpu_count())
     deadline, steps, pay_back = spec["deadline"], spec.get("steps"), spec.get("pay_back")
     alone, reach = spec.get("alone"), spec.get("reach")
+    excluded = spec.get("exclude") or []  # each killed an earlier child: never started here
     growth = compile_growth(device["backend"])
     if alone and device["backend"] not in alone["others_on"]:  # nothing follows it here
         deadline = alone["deadline"]
@@ -583,6 +591,8 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
             if not options:
                 continue
             fields, queue[:0] = options[0], options[1:]
+        if fields in excluded:
+            continue
         candidate, extra_flags = candidate_config(config, fields)
         kind = (candidate.backward, candidate.projection, candidate.weight_grad,
                 candidate.chunks, candidate.feed)
@@ -598,8 +608,9 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
         if why:
             emit("skipped", candidate=fields, reason=why)
             continue
-        if until > deadline:  # the parent's timer waits for it
-            emit("budget", deadline=until)
+        if until > deadline:  # the parent's timer waits for it (this candidate's only)
+            emit("budget", deadline=until, reach=True)
+        emit("trying", candidate=fields)  # where the process dies, this one killed it
         try:
             timed = Timed(candidate, data, timer, images, extra_flags)
             steps = steps or timed.steps_for(spec["call_s"])
@@ -609,7 +620,7 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
             if lost_device(device["backend"]):  # every later candidate would fail too
                 print(f"rnnjax.measure: the {device['backend']} failed after {fields}: "
                       f"{failure}"[:600], file=sys.stderr, flush=True)
-                raise SystemExit(DEVICE_LOST) from e  # unreported: rnnjax.tune.lost names it
+                raise DeviceLost(failure) from e  # unreported: rnnjax.tune.lost names it
             emit("skipped", candidate=fields, reason=f"failed: {failure}"[:300])
             continue
         if not os.path.exists(reference):
@@ -670,7 +681,12 @@ def main() -> int:
     from rnnjax import loop  # noqa: F401  (the model, the train step, the optimizers)
 
     process.imported()
-    run(json.loads(sys.stdin.readline()), requests=sys.stdin)
+    try:
+        run(json.loads(sys.stdin.readline()), requests=sys.stdin)
+    except DeviceLost:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(DEVICE_LOST)
     process.exiting()
     return 0
 

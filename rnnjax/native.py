@@ -24,7 +24,6 @@ float32.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -145,9 +144,13 @@ def build(lanes: int = LANES) -> Path:
     written. A build found is stamped as used, and a new one prunes the cache (:func:`prune`)."""
     target = cache_dir() / f"native_{lanes}_{_key(lanes)}.so"
     if target.exists():
-        with contextlib.suppress(OSError):  # a cache that cannot be written keeps its stamps
+        try:
             os.utime(target)  # used now, for prune
-        return target
+            return target
+        except FileNotFoundError:  # pruned by another process just now: built again below
+            pass
+        except OSError:  # a cache that cannot be written keeps its stamps
+            return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)

@@ -237,6 +237,7 @@ class Child:
     startup_s: float | None = None  # from its start to its first report
     cpus: int | None = None  # the CPUs it ran on
     deadline: float | None = None  # moved by the child (pay_back, alone), if it was
+    current: dict[str, Any] | None = None  # the candidate it started and has not reported
     retime: Callable[[dict[str, Any], float, int | None], float | None] | None = None
     # evaluate(candidate, unrolls, until): measure.evaluation_timing's report of the run's
     # evaluation of a candidate it timed, at each unroll (None: the child cannot)
@@ -250,13 +251,14 @@ STOPPED = "child stopped at the time budget"  # Child.error of one the parent st
 
 
 def lost(child: Child) -> dict[str, Any] | None:
-    """The candidate ``child`` was timing when its process died, where it died after timing
-    its first (the baseline), not stopped at the budget: the first it did not report
-    (:func:`run_child` notes those with its error, in order); else None."""
+    """The candidate (its fields as the child resolved them) ``child`` was timing when its
+    process died, where it died after timing its first (the baseline), not stopped at the
+    budget: the one it started and did not report (``measure``'s ``trying`` event); else
+    None (it died between candidates, or in its final rounds)."""
     timed = bool(child.measurements) and child.measurements[0].step_s is not None
     if not child.error or child.error == STOPPED or not timed:
         return None
-    return next((m.candidate for m in child.measurements if m.note == child.error), None)
+    return child.current
 
 
 def sequence_length(config: Config, spec: DataSpec = IDX_SPEC) -> int:
@@ -776,7 +778,7 @@ def run_child(
     steps: int | None, reference: str, call_s: float, log: Callable[[str], None],
     pay_back: dict[str, float] | None = None, compiled: bool = False,
     data: DataSpec = IDX_SPEC, alone: dict[str, Any] | None = None,
-    reach: dict[str, Any] | None = None,
+    reach: dict[str, Any] | None = None, exclude: Sequence[dict[str, Any]] = (),
 ) -> Child:
     """Time ``candidates`` in a child process under ``flags`` (:func:`child_env`: XLA
     flags added to ``$XLA_FLAGS``, huge pages), on synthetic images of ``data``'s shape.
@@ -793,7 +795,9 @@ def run_child(
     reported as its deadline moved (:func:`others_on`). ``reach`` (``{"candidates",
     "deadline", "share"}``): those candidates may be timed until that deadline, or that
     share of the run's budget with ``pay_back`` (``measure.reach_until``: :func:`reaching`,
-    the deadline reported before one starts). A child that finished stays, for
+    the deadline reported before one starts). ``exclude``: candidates (as a child resolves
+    them) that killed an earlier child, never started (:func:`lost`). A child that
+    finished stays, for
     :attr:`Child.retime` (one more call of a candidate it timed) until :attr:`Child.close`.
     """
     from rnnjax.measure import PREFIX
@@ -804,7 +808,7 @@ def run_child(
             "candidates": candidates, "deadline": deadline,
             "steps": steps, "call_s": call_s, "repeats": 3, "reference": reference,
             "pay_back": pay_back, "compiled": compiled, "data": data.to_json(),
-            "alone": alone, "reach": reach}
+            "alone": alone, "reach": reach, "exclude": list(exclude)}
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "rnnjax.measure"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -847,12 +851,17 @@ def run_child(
                 break
             if event["event"] == "budget":  # its deadline, moved (pay_back, alone, reach)
                 timer.cancel()
-                deadline = child.deadline = event["deadline"]
+                deadline = event["deadline"]
+                if not event.get("reach"):  # the child's own, not one candidate's reach
+                    child.deadline = deadline
                 timer = killer(deadline)
                 continue
             if event["event"] == "device":
                 child.device = {k: event[k] for k in ("backend", "device_kind", "device_count")}
                 child.startup_s, child.cpus = time.time() - started, event.get("cpus")
+                continue
+            if event["event"] == "trying":
+                child.current = event["candidate"]
                 continue
             if event["event"] == "retimed":
                 for i, m in enumerate(child.measurements):
@@ -868,6 +877,7 @@ def run_child(
             else:
                 continue
             child.measurements.append(m)
+            child.current = None
             log(format_row(m))
     except OSError:  # the child is gone: its exit status says why
         pass
@@ -1026,7 +1036,9 @@ def tune(
             first = child(config, base_flags, candidates, first_deadline, None, reference,
                           call_s, log, pay_back=run, alone=alone, reach=reach)
             crashed = lost(first)
-            if crashed is not None and clock() + (first.startup_s or 0.0) < first_deadline:
+            own = first.deadline or first_deadline  # as the child moved it (pay_back)
+            if crashed is not None and clock() + (first.startup_s or 0.0) + _timing_s(
+                    first.measurements[0], None) < own:  # a new child's baseline fits
                 # A candidate that kills its process (a kernel's compiler or its device
                 # failing below Python) takes only itself: a new child times the others,
                 # the baseline again first, from the compilation cache.
@@ -1035,14 +1047,17 @@ def tune(
                 first.close()
                 if os.path.exists(reference):  # the new child's baseline, its budget from it
                     os.remove(reference)
-                others = [c for c in candidates
-                          if {name: v for name, v in c.items() if name != ON} != crashed]
-                error, first = first.error, child(
-                    config, base_flags, others, first_deadline, None, reference, call_s, log,
-                    pay_back=run, alone=alone, reach=reach and {
-                        **reach, "candidates": [c for c in reach["candidates"] if c != crashed]})
-                first.measurements.append(Measurement(  # "failed": it is not timed again
-                    crashed, base_flags, note=f"failed: it killed its child ({error})"[:300]))
+                again = child(config, base_flags, candidates, first_deadline, None, reference,
+                              call_s, log, pay_back=run, alone=alone, reach=reach,
+                              exclude=[crashed])
+                if again.measurements and again.measurements[0].step_s is not None:
+                    first, error = again, first.error
+                    first.measurements.append(Measurement(  # "failed": not timed again
+                        crashed, base_flags, note=f"failed: it killed its child ({error})"[:300]))
+                else:  # it timed nothing: the first child's timings stand
+                    log(f"  the new child timed no baseline ({again.error or 'no time'}): "
+                        "the first child's timings stand")
+                    again.close()
             children.append(first)
             measured += first.measurements
             steps = next((m.steps for m in first.measurements if m.steps), None)

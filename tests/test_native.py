@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from pathlib import Path
 from unittest import mock
 
 import jax
@@ -333,6 +334,17 @@ def test_a_new_build_prunes_the_builds_and_partial_files_unused_for_long(monkeyp
     assert native.build(native.LANES) == built and built.stat().st_mtime > now - 600
     assert (directory / "native_8_old.so").exists()
     assert native.prune(directory, built, now) == [directory / "native_8_old.so"]
+    # One another process prunes just as this one finds it is built again, not lost.
+    real_utime = os.utime
+
+    def pruned_meanwhile(path, *args, **kwargs):
+        if Path(path) == built and built.exists():
+            built.unlink()
+            raise FileNotFoundError(path)
+        return real_utime(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "utime", pruned_meanwhile)
+    assert native.build(native.LANES) == built and built.read_bytes() == b"so"
 
 
 def test_a_failed_build_shows_the_compilers_error(monkeypatch, tmp_path):

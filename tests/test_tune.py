@@ -133,7 +133,9 @@ class FakeChild:
     flags and a
     candidate's own, in-process ones); ``wrong`` ones report results that differ from the
     baseline; one in ``kills`` kills its child the first time (as ``run_child`` reports a
-    child that died: its error, and each candidate it did not report noted with it).
+    child that died: its error, the candidate it started as ``current``, and each of the
+    candidates given that it did not report noted with the error); ``exclude``d ones are
+    never started.
     Resolves 'best', and leaves another backend's candidates, as the real child does."""
 
     def __init__(self, times, wrong=(), clock=None, per_child_s=0.0, startup_s=1.0, turns=None,
@@ -151,14 +153,17 @@ class FakeChild:
         self.calls, self.retimed, self.closed, self.pay_back = [], [], 0, []
         self.backend, self.deadlines = backend, []  # each child's, moved as measure.run moves it
         self.alone, self.reach = [], []  # the alone and reach each child was given
+        self.excluded = []  # the candidates each child was told to leave out
         # evaluation: the ms of the run's evaluation at each unroll (None: the children
         # cannot time it); same: whether their sums were; evaluated: what was asked
         self.evaluation, self.same, self.evaluated = evaluation, same, []
 
     def __call__(self, config, flags, candidates, deadline, steps, reference, call_s, log,
-                 pay_back=None, compiled=False, data=None, alone=None, reach=None):
+                 pay_back=None, compiled=False, data=None, alone=None, reach=None,
+                 exclude=()):
         later = any(call[0] == flags for call in self.calls)
         self.reach.append(reach)
+        self.excluded.append(list(exclude))
         self.calls.append((flags, [dict(c) for c in candidates], deadline))
         self.pay_back.append(pay_back)
         self.alone.append(alone)
@@ -189,12 +194,16 @@ class FakeChild:
                 if not options:
                     continue
                 c, queue[:0] = options[0], options[1:]
+            if c in exclude:
+                continue
             key = self._key(c, flags)
             if key in self.kills:
                 self.kills.discard(key)
-                child.error = "child exited -11: no message"
-                child.measurements += [tune.Measurement(o, flags, note=child.error)
-                                       for o in [c, *queue]]
+                child.error, child.current = "child exited -11: no message", c
+                reported = [m.candidate for m in child.measurements]
+                child.measurements += [
+                    tune.Measurement(o, flags, note=child.error)
+                    for o in measure.for_backend(candidates, self.backend) if o not in reported]
                 return child
             if key not in self.times:
                 child.measurements.append(tune.Measurement(c, flags, note="failed: fake"))
@@ -285,27 +294,46 @@ def test_a_candidate_that_kills_its_child_is_left_out_and_the_others_timed_again
         one_process, tmp_path):
     """A candidate whose process dies (a kernel's compiler or its device failing below
     Python) costs only itself: a new child times the others, the baseline first (the
-    reference rewritten from it), and the choice is made among them; it is noted failed."""
+    reference rewritten from it), told to leave that one out as resolved (a form at the
+    'best' unroll dies as the unroll it resolved to), and the choice is made among them;
+    it is noted failed. Where no new child's baseline fits in the first child's share, or
+    the new child times no baseline, the first child's timings stand."""
     config = Config()
     times = all_times()
     times[k(0)] = 0.9
     times[k(4)] = 0.8
-    log = []
-    fake = FakeChild(times, kills={k(0)})
-    result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock(), log=log.append)
-    first, again = fake.calls[0][1], fake.calls[1][1]
-    assert fake.calls[1][0] == "" and again == [c for c in first if c != fields(0)]
-    assert result.choice == fields(4, flags="")
-    (noted,) = [m for m in result.measurements if m.candidate == fields(0)]
-    assert noted.note == "failed: it killed its child (child exited -11: no message)"
-    assert any("the child died timing" in line and "unroll 0" in line for line in log)
+    in_loop = fields(0, projection="in_loop")  # a form at 'best', resolved to the full unroll
+    for killed, resolved in ((k(0), fields(0)), (k(0, projection="in_loop"), in_loop)):
+        log = []
+        fake = FakeChild(times, kills={killed})
+        result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock(),
+                           log=log.append)
+        first, again = fake.calls[0][1], fake.calls[1][1]
+        assert fake.calls[1][0] == "" and again == first
+        assert fake.excluded == [[], [resolved], *[[]] * (len(fake.calls) - 2)]
+        assert result.choice == fields(4, flags="")
+        (noted,) = [m for m in result.measurements if m.candidate == resolved]
+        assert noted.note == "failed: it killed its child (child exited -11: no message)"
+        assert any(line.startswith("  the child died timing unroll 0") for line in log)
     # One killed past the first child's share of the budget is not retried.
     clock = Clock()
     late = FakeChild(times, kills={k(0)}, clock=clock, per_child_s=25.0)
     result = tune.tune(config, frozenset(), 30.0, child=late, clock=clock)
-    assert again not in [call[1] for call in late.calls]
+    assert late.excluded == [[]] * len(late.calls)
     (noted,) = [m for m in result.measurements if m.candidate == fields(0)]
     assert noted.note == "child exited -11: no message"
+    # A new child that times no baseline: the first child's timings stand.
+    nothing = FakeChild(dict(times), kills={k(0)})
+
+    def child(*args, **kwargs):
+        if nothing.calls:  # the baseline fails in every child after the first
+            nothing.times.pop(k(1), None)
+        return nothing(*args, **kwargs)
+
+    result = tune.tune(config, frozenset(), 30.0, child=child, clock=Clock(),
+                       log=(lines := []).append)
+    assert any("the new child timed no baseline" in line for line in lines)
+    assert result.measurements[0].candidate == fields(1) and result.measurements[0].step_s
 
 
 def test_the_evaluations_unroll_is_timed_for_the_choice(one_process):
@@ -1908,7 +1936,7 @@ real = loop.device_feed
 
 
 def device_feed(config, *args, **kwargs):
-    if config.unroll == 0:  # the full unroll's candidate: the process dies as a segfault
+    if config.unroll == 4:  # the middle unroll's candidate: the process dies as a segfault
         os.kill(os.getpid(), signal.SIGSEGV)
     return real(config, *args, **kwargs)
 
@@ -1920,20 +1948,25 @@ loop.device_feed = device_feed
 def test_a_real_child_that_dies_names_the_candidate_it_was_timing(tmp_path, monkeypatch):
     """``run_child`` reports a child killed by a signal (its exit status) with each
     candidate it did not report noted so; ``lost`` names the one it died timing (after the
-    baseline), which ``tune`` then leaves out of a new child."""
+    baseline; not a form at the 'best' unroll it timed before, which the child reported as
+    resolved), which ``tune`` then leaves out of a new child."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(KILLER)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         filter(None, [str(hook), os.environ.get("PYTHONPATH", "")])))
     config = Config(hidden_size=4, batch_size=4, steps=3, compile_cache="off")
-    child = tune.run_child(config, "", [fields(1), fields(0), fields(4)], time.time() + 120,
-                           2, str(tmp_path / "ref.npz"), 0.01, lambda line: None)
+    best = {**fields(tune.BEST), "projection": "in_loop"}
+    child = tune.run_child(config, "", [fields(1), best, fields(4), fields(0)],
+                           time.time() + 120, 2, str(tmp_path / "ref.npz"), 0.01,
+                           lambda line: None)
     try:
         assert child.error.startswith(f"child exited {-signal.SIGSEGV}")
-        assert child.measurements[0].step_s > 0
-        assert [m.note for m in child.measurements[1:]] == [child.error] * 2
-        assert tune.lost(child) == fields(0)
+        assert child.measurements[0].step_s > 0 and child.measurements[1].step_s > 0
+        assert child.measurements[1].candidate["projection"] == "in_loop"
+        assert [m.candidate for m in child.measurements if m.note == child.error] == [
+            best, fields(4), fields(0)]  # the 'best' form too: reported as resolved
+        assert tune.lost(child) == fields(4)
     finally:
         child.close()
     assert tune.lost(tune.Child(error=tune.STOPPED, measurements=child.measurements)) is None
@@ -1944,9 +1977,9 @@ def test_a_child_whose_device_fails_after_a_candidate_exits_unreported(tmp_path,
                                                                        monkeypatch):
     """measure.run in this process: a candidate that fails is noted "failed" and the child
     goes on, while its device still runs a trivial program; where the device no longer
-    does (a kernel's fault can leave a GPU's context unusable), the child exits with
-    DEVICE_LOST before reporting it, so that ``tune.lost`` names it and a new child times
-    the others."""
+    does (a kernel's fault can leave a GPU's context unusable), it stops before reporting
+    it (``main`` then exits DEVICE_LOST at once), its ``trying`` event the last, so that
+    ``tune.lost`` names it and a new child times the others."""
     from rnnjax.config import to_dict
 
     config = Config(hidden_size=4, batch_size=4, steps=3, compile_cache="off")
@@ -1969,7 +2002,7 @@ def test_a_child_whose_device_fails_after_a_candidate_exits_unreported(tmp_path,
         return [json.loads(line[len(measure.PREFIX):]) for line in out.splitlines()
                 if line.startswith(measure.PREFIX)]
 
-    assert not measure.lost_device("cpu") and not measure.lost_device("gpu")  # it runs
+    assert not measure.lost_device("cpu")
     run("well")
     out = events(capsys.readouterr().out)
     assert [e["candidate"] for e in out if e["event"] == "result"] == [base, middle]
@@ -1977,10 +2010,10 @@ def test_a_child_whose_device_fails_after_a_candidate_exits_unreported(tmp_path,
     assert failed["candidate"] == probe and failed["reason"].startswith(
         "failed: RuntimeError: INTERNAL: an illegal memory access")
     monkeypatch.setattr(measure, "lost_device", lambda backend: True)
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(measure.DeviceLost, match="illegal memory access"):
         run("lost")
-    assert exit_info.value.code == measure.DEVICE_LOST
     captured = capsys.readouterr()
     out = events(captured.out)
     assert [e["candidate"] for e in out if e["event"] in ("result", "skipped")] == [base]
+    assert out[-1] == {"event": "trying", "candidate": probe}  # what tune.lost names
     assert "the cpu failed after" in captured.err and "illegal memory access" in captured.err
