@@ -569,16 +569,18 @@ def _native(layer: str, weights: tuple[str, ...]) -> Callable[..., tuple[Carry, 
             hs, *last = getattr(kernels, layer)(lanes)(xs, *operands, rows=rows)
         return (tuple(last) if pair else last[0]), hs
 
+    native.layer = layer  # type: ignore[attr-defined]  (for native_backends)
     return native
 
 
 def native_backends(cell: Cell) -> tuple[str, ...]:
     """The backends the cell's ``native`` form runs on: a CPU (``rnnjax.native``'s C++
-    kernels) for every cell with one, and a GPU (``rnnjax.native_gpu``'s Pallas kernels)
-    for the Elman tanh layer."""
+    kernels) for every cell with one, and a GPU where ``rnnjax.native_gpu`` has Pallas
+    kernels for its layer (the Elman tanh layer's), as ``native`` itself checks there."""
     if cell.native is None:
         return ()
-    return ("cpu", "gpu") if cell.native is elman_native else ("cpu",)
+    return ("cpu", "gpu") if hasattr(native_gpu, getattr(cell.native, "layer", "")) \
+        else ("cpu",)
 
 
 elman_native = _native("elman_layer", ("kernel", "recurrent_kernel", "bias"))

@@ -207,15 +207,15 @@ def elman_layer() -> Callable[..., tuple[jax.Array, jax.Array]]:
         _, rows, wide = padded.shape
         dhs = cells._dense(cotangents[0])
         dh_last = _pad(cells._dense(cotangents[1], h0), rows, wide)
-        outputs = [(SEQUENCE, jax.ShapeDtypeStruct(padded.shape, padded.dtype)),
+        results = [(SEQUENCE, jax.ShapeDtypeStruct(padded.shape, padded.dtype)),
                    (ROWS, jax.ShapeDtypeStruct((rows, wide), padded.dtype))]
         rest = [(ROWS, dh_last), (WHOLE, _pad(recurrent.T, wide, wide))]
         if dhs is None:
-            dzs, dh0 = _call(_backward_last_kernel, [(SEQUENCE, padded), *rest], outputs)
+            dzs, dh0 = _call(_backward_last_kernel, [(SEQUENCE, padded), *rest], results)
         else:
             dzs, dh0 = _call(_backward_kernel, [(SEQUENCE, padded),
                                                 (SEQUENCE, _pad(dhs, rows, wide)), *rest],
-                             outputs)
+                             results)
         dzs = dzs[:, :batch, :hidden]
         previous = cells._previous(h0, padded[:, :batch, :hidden])
         drecurrent = jnp.einsum("tbi,tbj->ij", previous, dzs)

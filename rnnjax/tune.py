@@ -250,13 +250,18 @@ RunChild = Callable[..., Child]
 STOPPED = "child stopped at the time budget"  # Child.error of one the parent stopped
 
 
+def timed_baseline(child: Child) -> Measurement | None:
+    """The child's first measurement, the baseline, where it timed it; else None."""
+    first = child.measurements[0] if child.measurements else None
+    return first if first is not None and first.step_s is not None else None
+
+
 def lost(child: Child) -> dict[str, Any] | None:
     """The candidate (its fields as the child resolved them) ``child`` was timing when its
     process died, where it died after timing its first (the baseline), not stopped at the
     budget: the one it started and did not report (``measure``'s ``trying`` event); else
     None (it died between candidates, or in its final rounds)."""
-    timed = bool(child.measurements) and child.measurements[0].step_s is not None
-    if not child.error or child.error == STOPPED or not timed:
+    if not child.error or child.error == STOPPED or timed_baseline(child) is None:
         return None
     return child.current
 
@@ -1050,7 +1055,7 @@ def tune(
                 again = child(config, base_flags, candidates, first_deadline, None, reference,
                               call_s, log, pay_back=run, alone=alone, reach=reach,
                               exclude=[crashed])
-                if again.measurements and again.measurements[0].step_s is not None:
+                if timed_baseline(again) is not None:
                     first, error = again, first.error
                     first.measurements.append(Measurement(  # "failed": not timed again
                         crashed, base_flags, note=f"failed: it killed its child ({error})"[:300]))
@@ -1061,8 +1066,8 @@ def tune(
             children.append(first)
             measured += first.measurements
             steps = next((m.steps for m in first.measurements if m.steps), None)
-            base_m = first.measurements[0] if first.measurements else None
-            if run and base_m is not None and base_m.step_s is not None:
+            base_m = timed_baseline(first)
+            if run and base_m is not None:
                 run_s = config.steps * base_m.step_s
                 given, budget_s = budget_s, run_budget(run_s, budget_s)
                 if budget_s != given:
