@@ -51,21 +51,29 @@ def reference(data: bytes) -> np.ndarray:
 def bounded(fn: Callable[[], object], budget: int, seconds: float = 1.5) -> object:
     """Run ``fn``; assert it allocates at most ``budget`` bytes at peak and returns fast.
 
-    Returns its result, or the ``IdxError`` it raised; any other exception propagates.
+    tracemalloc counts every thread's allocations and the clock every pause of the machine,
+    so a call past either bound runs once more and the lesser of each counts: what ``fn``
+    allocates is the same each time (a 3.9 MB peak from elsewhere came once, on Python
+    3.13, and not again). Returns its result, or the ``IdxError`` it raised; any other
+    exception propagates.
     """
-    tracemalloc.start()
-    start = time.perf_counter()
-    try:
+    peaks, times = [], []
+    for _ in range(2):
+        tracemalloc.start()
+        start = time.perf_counter()
         try:
-            result: object = fn()
-        except IdxError as e:
-            result = e
-        elapsed = time.perf_counter() - start
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak <= budget, f"peak allocation {peak} bytes > {budget}"
-    assert elapsed < seconds, f"took {elapsed:.2f} s"
+            try:
+                result: object = fn()
+            except IdxError as e:
+                result = e
+            times.append(time.perf_counter() - start)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        if peaks[-1] <= budget and times[-1] < seconds:
+            break
+    assert min(peaks) <= budget, f"peak allocation {min(peaks)} bytes > {budget}"
+    assert min(times) < seconds, f"took {min(times):.2f} s"
     return result
 
 

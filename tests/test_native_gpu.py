@@ -116,25 +116,40 @@ def test_a_pass_over_time_is_one_kernel_call():
     assert {"scan", "while"} & set(primitives(hand.jaxpr))  # the walk finds XLA's loops
 
 
-def triton_kernels(traced) -> list[str]:
-    """The names of the Triton kernels a traced program calls, in order: lowered for CUDA
-    (XLA's Triton custom call up to jaxlib 0.10.2, the Triton kernel call after it) where
-    this jaxlib can without a GPU (:func:`cross_lowers`), else its Pallas calls' names."""
-    if not cross_lowers():
-        return [eqn.params["name"] for eqn in equations(traced.jaxpr.jaxpr)
-                if eqn.primitive.name == "pallas_call"]
-    return re.findall(r'custom_call @(?:__gpu\$xla\.gpu\.triton|triton_kernel_call_ffi)'
-                      r'.*?name = "(\w+)"',
-                      traced.lower(lowering_platforms=("cuda",)).as_text())
+def triton_kernels(fn, *args) -> list[str]:
+    """The names of the Triton kernels the jitted ``fn`` calls on ``args``, in order:
+    traced and lowered for CUDA with an H200 as the target (:func:`for_an_h200`) where this
+    jaxlib can without a GPU (:func:`cross_lowers`; XLA's Triton custom call as jaxlib
+    0.10.2 and 0.11.2 lower them, or the Triton kernel call of one that compiles them as
+    it lowers), else its Pallas calls' names."""
+    with for_an_h200():
+        traced = fn.trace(*args)
+        if not cross_lowers():
+            return [eqn.params["name"] for eqn in equations(traced.jaxpr.jaxpr)
+                    if eqn.primitive.name == "pallas_call"]
+        return re.findall(r'custom_call @(?:__gpu\$xla\.gpu\.triton|triton_kernel_call_ffi)'
+                          r'.*?name = "(\w+)"',
+                          traced.lower(lowering_platforms=("cuda",)).as_text())
+
+
+def for_an_h200():
+    """A context whose abstract mesh names an NVIDIA H200: the GPU that Pallas (from JAX
+    0.11) lowers Triton kernels for where none is at hand; 0.10.2 lowers them for none."""
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
+
+    h200 = AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="gpu")
+    return use_abstract_mesh(AbstractMesh((1,), ("batch",), (AxisType.Auto,),
+                                          abstract_device=h200))
 
 
 def cross_lowers() -> bool:
-    """Whether Pallas lowers Triton kernels for CUDA here without a GPU: up to jaxlib 0.10.2
-    it hands XLA the Triton IR; after it, it compiles them as it lowers, which needs the
-    CUDA plugin's Triton compiler."""
-    from jax._src.lib import triton, version
+    """Whether Pallas lowers Triton kernels for CUDA here without a GPU: a jaxlib that hands
+    XLA the Triton IR does (0.10.2 and 0.11.2); one that compiles them as it lowers (it has
+    ``has_compilation_handler``) needs the CUDA plugin's Triton compiler."""
+    from jax._src.lib import triton
 
-    return version <= (0, 10, 2) or triton.has_compilation_handler("cuda")
+    handler = getattr(triton, "has_compilation_handler", None)
+    return handler is None or handler("cuda")
 
 
 def test_the_kernels_lower_to_triton_for_a_gpu(on_gpu, monkeypatch):
@@ -142,8 +157,8 @@ def test_the_kernels_lower_to_triton_for_a_gpu(on_gpu, monkeypatch):
     interpreted): Pallas lowers both kernels to Triton, the backward in its two variants,
     and a whole native train_steps program calls the forward and the backward once a step,
     its rows gathered by XLA. (Triton's own compile to PTX happens on the GPU. A jaxlib
-    after 0.10.2 compiles Triton as it lowers, which needs the CUDA plugin: without it,
-    the same programs' Pallas calls are checked, not lowered.)"""
+    that compiles Triton as it lowers needs the CUDA plugin: without it, the same
+    programs' Pallas calls are checked, not lowered.)"""
     monkeypatch.setattr(native_gpu, "interpreted", lambda: False)
     cell = cells.CELLS["simple_rnn"](50)
     params = cell.init(jax.random.key(0), 28)
@@ -153,16 +168,16 @@ def test_the_kernels_lower_to_triton_for_a_gpu(on_gpu, monkeypatch):
             hs, h_last = kernels(params, xs, h0)
             return h_last.sum() + (0.0 if weight is None else weight * (hs ** 2).sum())
 
-        traced = jax.jit(jax.grad(last, argnums=(0, 1, 2))).trace(params, xs, h0)
-        assert triton_kernels(traced) == ["rnnjax_forward", backward]
+        grad = jax.jit(jax.grad(last, argnums=(0, 1, 2)))
+        assert triton_kernels(grad, params, xs, h0) == ["rnnjax_forward", backward]
     model, optimizer = make_model(Config(backward="native")), optax.adam(1e-3)
     state = jax.eval_shape(lambda: train.create_state(jax.random.key(0), model, optimizer))
     sequences = jax.ShapeDtypeStruct((28, 1000, 28), jnp.float32)
     labels = jax.ShapeDtypeStruct((1000,), jnp.int32)
     idx = jax.ShapeDtypeStruct((3, 50), jnp.int32)
     steps = jax.jit(functools.partial(train.train_steps, model=model, optimizer=optimizer))
-    traced = steps.trace(state, sequences, labels, idx)
-    assert triton_kernels(traced) == ["rnnjax_forward", "rnnjax_backward_last"]
+    assert triton_kernels(steps, state, sequences, labels, idx) == \
+        ["rnnjax_forward", "rnnjax_backward_last"]
 
 
 def test_the_native_form_trains_with_the_gpus_kernels(on_gpu, mnist):
