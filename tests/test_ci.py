@@ -31,6 +31,16 @@ def test_ci_runs_the_readmes_test_install_and_command_requiring_the_extras():
     assert f"export {REQUIRE_EXTRAS}=1" in ci[: ci.index(command)]
 
 
+def test_the_newest_python_and_jax_run_the_readmes_command_too():
+    """``.ci/newest`` (Python 3.13, jax 0.11, in a Debian root) runs the same command,
+    every extra required."""
+    command = readme_test_command()
+    newest = (ROOT / ".ci" / "newest").read_text()
+    assert command in newest.splitlines()
+    assert f"{REQUIRE_EXTRAS}=1" in newest[: newest.index(command)]
+    assert os.access(ROOT / ".ci" / "newest", os.X_OK)
+
+
 PROBE = f'''
 import pytest
 

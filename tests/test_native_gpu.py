@@ -22,6 +22,7 @@ from rnnjax import cells, native, native_gpu, train
 from rnnjax.config import Config, ConfigError
 from rnnjax.data.pipeline import batch_indices, to_device
 from rnnjax.model import make_model
+from tests.jaxprs import equations, primitives
 from tests.test_native import train_steps_read_rows_as_train_step
 
 
@@ -79,26 +80,6 @@ def test_the_kernels_compute_the_hand_written_layers_sums(hidden, batch, weight)
     hs, h_last = kernels(params, xs, h0)
     assert hs.shape == (28, batch, hidden) and h_last.shape == (batch, hidden)
     np.testing.assert_array_equal(hs[-1], h_last)
-
-
-def equations(jaxpr, into_kernels: bool = False):
-    """The equations of ``jaxpr`` and of those nested in it (a Pallas call's kernel only
-    ``into_kernels``)."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        if eqn.primitive.name == "pallas_call" and not into_kernels:
-            continue
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if hasattr(sub, "consts") and hasattr(sub, "jaxpr"):  # closed
-                    yield from equations(sub.jaxpr, into_kernels)
-                elif hasattr(sub, "eqns"):
-                    yield from equations(sub, into_kernels)
-
-
-def primitives(jaxpr) -> list[str]:
-    """The primitives of ``jaxpr`` and of those nested in it, but a Pallas call's kernel."""
-    return [eqn.primitive.name for eqn in equations(jaxpr)]
 
 
 def test_a_pass_over_time_is_one_kernel_call():

@@ -15,6 +15,7 @@ from rnnjax.config import Config, ConfigError
 from rnnjax.data.pipeline import batch_indices, normalize_host
 from rnnjax.model import gather_sequences, make_model
 from rnnjax.optim import make_optimizer
+from tests.jaxprs import equations
 
 
 def _setup(config: Config):
@@ -332,13 +333,7 @@ def test_gather_sequences_beyond_int32_row_numbers():
     def gathered_operand(count):
         table = jax.ShapeDtypeStruct((784, count, 1), jnp.float32)
         jaxpr = jax.make_jaxpr(gather_sequences)(table, jnp.zeros(50, jnp.int32))
-        def eqns(j):
-            for e in j.eqns:
-                yield e
-                if "jaxpr" in e.params:  # inside a nested jit (jnp.take)
-                    yield from eqns(e.params["jaxpr"].jaxpr)
-
-        gathers = [e for e in eqns(jaxpr.jaxpr) if e.primitive.name == "gather"]
+        gathers = [e for e in equations(jaxpr.jaxpr) if e.primitive.name == "gather"]
         assert len(gathers) == 1
         return gathers[0].invars[0].aval.shape
 
