@@ -1038,31 +1038,10 @@ def tune(
             reference = os.path.join(tmp, "baseline.npz")
             run = {"start": start, "steps": config.steps, "share": share,
                    "budget_s": budget_s} if pay_back else None
-            first = child(config, base_flags, candidates, first_deadline, None, reference,
-                          call_s, log, pay_back=run, alone=alone, reach=reach)
-            crashed = lost(first)
-            own = first.deadline or first_deadline  # as the child moved it (pay_back)
-            if crashed is not None and clock() + (first.startup_s or 0.0) + _timing_s(
-                    first.measurements[0], None) < own:  # a new child's baseline fits
-                # A candidate that kills its process (a kernel's compiler or its device
-                # failing below Python) takes only itself: a new child times the others,
-                # the baseline again first, from the compilation cache.
-                log(f"  the child died timing {describe(crashed)} ({first.error}): the others "
-                    "again in a new child, without it")
-                first.close()
-                if os.path.exists(reference):  # the new child's baseline, its budget from it
-                    os.remove(reference)
-                again = child(config, base_flags, candidates, first_deadline, None, reference,
-                              call_s, log, pay_back=run, alone=alone, reach=reach,
-                              exclude=[crashed])
-                if timed_baseline(again) is not None:
-                    first, error = again, first.error
-                    first.measurements.append(Measurement(  # "failed": not timed again
-                        crashed, base_flags, note=f"failed: it killed its child ({error})"[:300]))
-                else:  # it timed nothing: the first child's timings stand
-                    log(f"  the new child timed no baseline ({again.error or 'no time'}): "
-                        "the first child's timings stand")
-                    again.close()
+            first = first_child(functools.partial(
+                child, config, base_flags, candidates, first_deadline, None, reference, call_s,
+                log, pay_back=run, alone=alone, reach=reach), first_deadline, reference, clock,
+                log)
             children.append(first)
             measured += first.measurements
             steps = next((m.steps for m in first.measurements if m.steps), None)
@@ -1194,6 +1173,38 @@ def tune(
     for m in result.means:
         log(f"{format_row(m)} ({m.note})")
     return result
+
+
+def first_child(start: Callable[..., Child], deadline: float, reference: str,
+                clock: Callable[[], float], log: Callable[[str], None]) -> Child:
+    """The first child, ``start()``. A candidate that kills its process (a kernel's compiler
+    or its device failing below Python) takes only itself: where one killed the child after
+    it timed the baseline (:func:`lost`), and another baseline fits before the child's own
+    deadline (``deadline``, as the child moved it), ``start(exclude=[that one])`` times the
+    others in a new child, the baseline again first (``reference`` rewritten, programs from
+    the compilation cache), and that one is noted failed. Where the new child times no
+    baseline, the first child's timings stand."""
+    first = start()
+    crashed = lost(first)
+    own = first.deadline or deadline  # as the child moved it (pay_back)
+    if crashed is None or clock() + (first.startup_s or 0.0) + _timing_s(
+            first.measurements[0], None) >= own:  # no new child's baseline fits
+        return first
+    log(f"  the child died timing {describe(crashed)} ({first.error}): the others again in a "
+        "new child, without it")
+    first.close()
+    if os.path.exists(reference):  # the new child's baseline, its budget from it
+        os.remove(reference)
+    again = start(exclude=[crashed])
+    baseline = timed_baseline(again)
+    if baseline is None:
+        log(f"  the new child timed no baseline ({again.error or 'no time'}): the first "
+            "child's timings stand")
+        again.close()
+        return first
+    again.measurements.append(Measurement(  # "failed": not timed again
+        crashed, baseline.flags, note=f"failed: it killed its child ({first.error})"[:300]))
+    return again
 
 
 def evaluation_unroll(chosen: Measurement, children: Sequence[Child], until: float,

@@ -1928,7 +1928,6 @@ def test_a_program_from_the_compile_cache_counts_the_compile_it_took(tmp_path):
 KILLER = '''
 import os
 import signal
-import signal
 
 import rnnjax.loop as loop
 
