@@ -991,14 +991,13 @@ def tune(
     images of ``spec``'s shape (the run's dataset's).
 
     First the model candidates under the run's own flags (the baseline first), then the
-    closest of them again in a second process (:func:`finalists`, within
-    :data:`SECOND_SHARE` of the budget, and only where a child under the first other XLA
-    flags still fits after it), then the best two of them (by their means) under
-    each alternative set of XLA flags, and on one CPU, while the budget lasts (then huge
-    pages on top of the fastest), then the baseline, each
-    child's fastest and the second process's candidates again, in turns
-    (:func:`in_turns`): the choice is made from those timings when there are any, each
-    candidate by its mean over the processes that timed it (:func:`pooled`).
+    closest of them again in a second process (:meth:`Tuning.again_in_second_process`),
+    then the best two of them (by their means) under each alternative set of XLA flags,
+    and on one CPU, while the budget lasts (then huge pages on top of the fastest:
+    :meth:`Tuning.under_other_flags`), then the baseline, each child's fastest and the
+    second process's candidates again, in turns (:func:`in_turns`): the choice is made from
+    those timings when there are any, each candidate by its mean over the processes that
+    timed it (:func:`pooled`).
     ``pay_back``: once the baseline is timed, the budget follows the run of
     ``config.steps`` at its step (:func:`run_budget`: less for a short run, more for a long
     one; the first child may run until the longest such budget's first part, and brings
@@ -1008,7 +1007,6 @@ def tune(
     """
     child = child or functools.partial(run_child, data=spec)
     start = clock()
-    deadline = start + budget_s
     call_s = min(0.3, max(0.02, budget_s / 200))
     env_flags = os.environ.get("XLA_FLAGS", "")
     candidates = model_candidates(config, pinned, spec,
@@ -1028,151 +1026,210 @@ def tune(
     promising = reaching(candidates)
     reach = {"candidates": promising, "deadline": start + REACH_SHARE * longest,
              "share": REACH_SHARE} if promising else None
-    measured: list[Measurement] = []
-    children: list[Child] = []
     final: list[Measurement] = []
     chosen: Measurement | None = None
     evaluation: dict[str, Any] | None = None
-    try:
-        with tempfile.TemporaryDirectory(prefix="rnnjax-tune-") as tmp:
-            reference = os.path.join(tmp, "baseline.npz")
+    device: dict[str, Any] | None = None  # the first child's backend and device kind
+    with tempfile.TemporaryDirectory(prefix="rnnjax-tune-") as tmp:
+        t = Tuning(config, base_flags, child, os.path.join(tmp, "baseline.npz"), call_s, log,
+                   clock, tolerance(config))
+        try:
             run = {"start": start, "steps": config.steps, "share": share,
                    "budget_s": budget_s} if pay_back else None
             first = first_child(functools.partial(
-                child, config, base_flags, candidates, first_deadline, None, reference, call_s,
-                log, pay_back=run, alone=alone, reach=reach), first_deadline, reference, clock,
-                log)
-            children.append(first)
-            measured += first.measurements
-            steps = next((m.steps for m in first.measurements if m.steps), None)
+                child, config, base_flags, candidates, first_deadline, None, t.reference,
+                call_s, log, pay_back=run, alone=alone, reach=reach), first_deadline,
+                t.reference, clock, log)
+            t.first(first)
+            device = first.device
             base_m = timed_baseline(first)
             if run and base_m is not None:
-                run_s = config.steps * base_m.step_s
-                given, budget_s = budget_s, run_budget(run_s, budget_s)
-                if budget_s != given:
-                    from rnnjax.metrics import steps_phrase
-
-                    why = ("what it can pay back; rnnjax tune times the rest"
-                           if budget_s < given else "a tenth of a long run")
-                    log(f"  the run's {steps_phrase(config.steps)} take ~{run_s:.0f} s at "
-                        f"the defaults: tuning for {budget_s:.0f} s, not {given:g} s ({why})")
+                budget_s = paying_back(config, budget_s, base_m.step_s, log)
             deadline = start + budget_s
-            tol = tolerance(config)
-            device = first.device
-            # XLA flag sets the first child timed in its own process need no child.
-            here = {m.candidate["xla_flags"] for m in first.measurements
-                    if "xla_flags" in m.candidate and m.step_s is not None}
-            flag_sets = [] if device is None else [
-                flags for flags in flag_candidates(device["backend"], pinned, config, env_flags)
-                if not (process_fields(flags)["xla_flags"] in here
-                        and _flags_only(flags, config, pinned))]
-            complete = first.error == "" and all(
-                m.step_s is not None or m.note.startswith("failed") for m in first.measurements)
-            startup = first.startup_s or 0.0
             turns_from = deadline - TURNS_SHARE * budget_s
-            # The first child's close finalists, timed again in a second process, in time
-            # that leaves the first set of other flags a child timing the fastest (a short
-            # run's budget fits one of the two: other flags may be worth far more).
-            close = finalists(first.measurements, tol, SECOND_NEAR, SECOND_MOST)
-            if len(close) >= 2:
-                now, load = clock(), CACHED_LOAD if cache_dir(config.compile_cache) else 1.0
-                flags_need = startup + _timing_s(close[0], steps) if flag_sets[1:] else 0.0
-                until = min(now + SECOND_SHARE * budget_s, turns_from - flags_need)
-                need, fit = startup, []
-                for m in close:
-                    need += _timing_s(m, steps, load)
-                    if now + need > until:
-                        break
-                    fit.append(m.candidate)
-                if len(fit) >= 2:
-                    log(f"  again in a second process, the {len(fit)} within "
-                        f"{SECOND_NEAR:.0%} of the fastest:")
-                    second = child(config, base_flags, fit, until, steps, reference, call_s,
-                                   log, compiled=True)
-                    second.measurements = [  # told apart in the table
-                        m if m.note else dataclasses.replace(m, note="second process")
-                        for m in second.measurements]
-                    children.append(second)
-                    measured += in_terms_of(first.measurements, second.measurements)
-                    complete = complete and second.error == "" and len(fit) == len(close)
-                else:
-                    log(f"  not timed again in a second process (budget spent: it would "
-                        f"need ~{need:.0f} s)")
-                    complete = False
-            # What timing each of the best two under other flags costs: its compile and its
-            # timed calls, after a child's start. The last TURNS_SHARE is for in_turns.
-            # needs[j]: a child timing the best j + 1 of them.
-            timed = sorted((m for m in pooled(measured) if m.flags == base_flags
-                            and _matches(m, tol)), key=lambda m: m.step_s)
-            needs: list[float] = []
-            for m in timed[:2]:
-                needs.append((needs[-1] if needs else startup) + _timing_s(m, steps))
-            for i, flags in enumerate(flag_sets[1:]):
-                # The XLA flag sets share what is left; huge pages get what they leave.
-                sharing = sum(f != HUGE_PAGES for f in flag_sets[1 + i:]) or 1
-                copies, picks, costs = 1, timed[:2], needs
-                if flags == HUGE_PAGES and timed:
-                    # The fastest so far, under its flags, with huge pages, in each of
-                    # HUGE_PAGES_PROCESSES children.
-                    fastest = min((m for m in pooled(measured) if _matches(m, tol)),
-                                  key=lambda m: m.step_s)
-                    flags = process_flags(**{**process_fields(fastest.flags), "huge_pages": True})
-                    copies, picks = HUGE_PAGES_PROCESSES, [fastest]
-                    costs = [HUGE_PAGES_PROCESSES * (startup + _timing_s(fastest, steps))]
-                now = clock()
-                # An equal share of what is left, or more where the first candidate needs it
-                # (the sets come most promising first); the first set may take the turns'
-                # part too where only that fits it: a set of flags may be worth far more
-                # than the rounds (rows, batch 1024: the SimpleRNN's first runs, 10 s, left
-                # 2.7 s before the turns where the first flags needed 3 s and ran 1.7x
-                # faster; 2-core AVX-512 EPYC, 2026-12-02).
-                until = deadline if i == 0 else turns_from
-                share = now + max((turns_from - now) / sharing,
-                                  min(until - now, costs[0] if costs else 0.0))
-                fit = [m.candidate for m, need in zip(picks, costs, strict=True)
-                       if now + need <= share]
-                if not fit:
-                    what = "a child" if copies == 1 else f"{copies} children"
-                    note = (f"budget spent ({what} would need "
-                            f"~{costs[0] if costs else startup:.0f} s)")
-                    measured += [Measurement(m.candidate, flags, note=note) for m in picks]
-                    log(f"  {describe(process_fields(flags))}: not timed ({note})")
-                    complete = False
-                    continue
-                if len(fit) < len(costs):
-                    measured.append(Measurement(picks[1].candidate, flags, note="budget spent"))
-                    complete = False
-                for j in range(copies):
-                    until = now + (j + 1) * (share - now) / copies
-                    other = child(config, flags, fit, until, steps, reference, call_s, log)
-                    children.append(other)
-                    measured += other.measurements
-                    complete = complete and other.error == "" and all(
-                        m.step_s is not None for m in other.measurements)
+            others = other_settings(first, config, pinned, env_flags)
+            t.again_in_second_process(first, budget_s, turns_from, bool(others))
+            t.under_other_flags(others, deadline, turns_from)
             # The evaluation's part is kept only where it can be timed: where every timed
             # candidate ran at unroll 1, so does the choice, and its evaluation has no
             # other unroll to be timed at (evaluation_unroll).
             evaluates = "eval_unroll" not in pinned and any(
-                m.step_s is not None and m.candidate["unroll"] != 1 for m in measured)
-            final = in_turns(children, base, base_flags, tol,
+                m.step_s is not None and m.candidate["unroll"] != 1 for m in t.measured)
+            final = in_turns(t.children, base, base_flags, t.tol,
                              deadline - (EVAL_SHARE * budget_s if evaluates else 0.0), clock, log)
-            chosen = select(pooled(final or measured), base, base_flags, tol)
+            chosen = select(pooled(final or t.measured), base, base_flags, t.tol)
             if chosen is not None and evaluates:
-                evaluation = evaluation_unroll(chosen, children, deadline, log)
-    finally:
-        for c in children:
-            c.close()
+                evaluation = evaluation_unroll(chosen, t.children, deadline, log)
+        finally:
+            for c in t.children:
+                c.close()
     choice = None if chosen is None else settings(apply(
         config, {**chosen.fields, "eval_unroll": (evaluation or {}).get("eval_unroll", -1)},
         pinned))
     result = Result(key(config, pinned, spec=spec), choice,
-                    {**base, **process_fields(base_flags)}, measured, device, clock() - start,
-                    budget_s, complete, final, evaluation)
+                    {**base, **process_fields(base_flags)}, t.measured, device, clock() - start,
+                    budget_s, t.complete, final, evaluation)
     if result.means:
         log("  their means over the processes that timed them:")
     for m in result.means:
         log(f"{format_row(m)} ({m.note})")
     return result
+
+
+def other_settings(first: Child, config: Config, pinned: frozenset[str], env_flags: str
+                   ) -> list[str]:
+    """The process settings after the run's own (:func:`flag_candidates`) to time in children
+    of their own on ``first``'s backend: not an XLA flag set alone that ``first`` timed in
+    its own process (:func:`flag_set_candidates`)."""
+    if first.device is None:
+        return []
+    here = {m.candidate["xla_flags"] for m in first.measurements
+            if "xla_flags" in m.candidate and m.step_s is not None}
+    return [flags for flags in flag_candidates(first.device["backend"], pinned, config,
+                                               env_flags)[1:]
+            if not (process_fields(flags)["xla_flags"] in here
+                    and _flags_only(flags, config, pinned))]
+
+
+def paying_back(config: Config, budget_s: float, step_s: float,
+                log: Callable[[str], None]) -> float:
+    """The budget of a run of ``config.steps`` steps of ``step_s`` seconds at the defaults
+    (:func:`run_budget` of ``budget_s``), logged where it differs."""
+    run_s = config.steps * step_s
+    given, budget_s = budget_s, run_budget(run_s, budget_s)
+    if budget_s != given:
+        from rnnjax.metrics import steps_phrase
+
+        why = ("what it can pay back; rnnjax tune times the rest"
+               if budget_s < given else "a tenth of a long run")
+        log(f"  the run's {steps_phrase(config.steps)} take ~{run_s:.0f} s at "
+            f"the defaults: tuning for {budget_s:.0f} s, not {given:g} s ({why})")
+    return budget_s
+
+
+@dataclass
+class Tuning:
+    """One :func:`tune` session after its first child: how it starts a child (``child``,
+    :func:`run_child`'s signature, with the baseline's results at ``reference``), the
+    children it started and what they measured, and whether every candidate was timed."""
+
+    config: Config
+    base_flags: str  # the run's own process settings (:func:`process_flags`)
+    child: RunChild
+    reference: str
+    call_s: float
+    log: Callable[[str], None]
+    clock: Callable[[], float]
+    tol: float
+    children: list[Child] = field(default_factory=list)
+    measured: list[Measurement] = field(default_factory=list)
+    complete: bool = True
+    steps: int | None = None  # per timed call, as the first child timed them
+    startup: float = 0.0  # the first child's start-up
+
+    def first(self, first: Child) -> None:
+        """Take in the first child (:func:`first_child`)."""
+        self.children.append(first)
+        self.measured += first.measurements
+        self.steps = next((m.steps for m in first.measurements if m.steps), None)
+        self.startup = first.startup_s or 0.0
+        self.complete = first.error == "" and all(
+            m.step_s is not None or m.note.startswith("failed") for m in first.measurements)
+
+    def start(self, flags: str, candidates: list[dict[str, Any]], until: float,
+              **options: Any) -> Child:
+        """A child timing ``candidates`` under ``flags`` until ``until``, kept for the turns
+        and closed at the end."""
+        other = self.child(self.config, flags, candidates, until, self.steps, self.reference,
+                           self.call_s, self.log, **options)
+        self.children.append(other)
+        return other
+
+    def again_in_second_process(self, first: Child, budget_s: float, turns_from: float,
+                                flags_follow: bool) -> None:
+        """The first child's close finalists (:func:`finalists`), timed again in a second
+        process within :data:`SECOND_SHARE` of ``budget_s``, in time that leaves the first
+        set of other flags (where ``flags_follow``) a child timing the fastest before
+        ``turns_from`` (a short run's budget fits one of the two: other flags may be worth
+        far more)."""
+        close = finalists(first.measurements, self.tol, SECOND_NEAR, SECOND_MOST)
+        if len(close) < 2:
+            return
+        now = self.clock()
+        load = CACHED_LOAD if cache_dir(self.config.compile_cache) else 1.0
+        flags_need = self.startup + _timing_s(close[0], self.steps) if flags_follow else 0.0
+        until = min(now + SECOND_SHARE * budget_s, turns_from - flags_need)
+        need, fit = self.startup, []
+        for m in close:
+            need += _timing_s(m, self.steps, load)
+            if now + need > until:
+                break
+            fit.append(m.candidate)
+        if len(fit) < 2:
+            self.log(f"  not timed again in a second process (budget spent: it would "
+                     f"need ~{need:.0f} s)")
+            self.complete = False
+            return
+        self.log(f"  again in a second process, the {len(fit)} within {SECOND_NEAR:.0%} of "
+                 "the fastest:")
+        second = self.start(self.base_flags, fit, until, compiled=True)
+        second.measurements = [  # told apart in the table
+            m if m.note else dataclasses.replace(m, note="second process")
+            for m in second.measurements]
+        self.measured += in_terms_of(first.measurements, second.measurements)
+        self.complete = self.complete and second.error == "" and len(fit) == len(close)
+
+    def under_other_flags(self, others: Sequence[str], deadline: float,
+                          turns_from: float) -> None:
+        """The best two candidates so far under the run's own flags (by their means), each
+        under ``others``, the process settings after the run's own
+        (:func:`flag_candidates`), a child each, while the budget lasts: their compile and
+        timed calls after a child's start. The XLA flag sets share what is left before
+        ``turns_from`` (the last :data:`TURNS_SHARE`, for :func:`in_turns`); huge pages get
+        what they leave, for the fastest so far in each of :data:`HUGE_PAGES_PROCESSES`
+        children."""
+        timed = sorted((m for m in pooled(self.measured) if m.flags == self.base_flags
+                        and _matches(m, self.tol)), key=lambda m: m.step_s)
+        needs: list[float] = []  # needs[j]: a child timing the best j + 1 of them
+        for m in timed[:2]:
+            needs.append((needs[-1] if needs else self.startup) + _timing_s(m, self.steps))
+        for i, flags in enumerate(others):
+            sharing = sum(f != HUGE_PAGES for f in others[i:]) or 1
+            copies, picks, costs = 1, timed[:2], needs
+            if flags == HUGE_PAGES and timed:
+                fastest = min((m for m in pooled(self.measured) if _matches(m, self.tol)),
+                              key=lambda m: m.step_s)
+                flags = process_flags(**{**process_fields(fastest.flags), "huge_pages": True})
+                copies, picks = HUGE_PAGES_PROCESSES, [fastest]
+                costs = [HUGE_PAGES_PROCESSES * (self.startup + _timing_s(fastest, self.steps))]
+            now = self.clock()
+            # An equal share of what is left, or more where the first candidate needs it
+            # (the sets come most promising first); the first set may take the turns'
+            # part too where only that fits it: a set of flags may be worth far more
+            # than the rounds (rows, batch 1024: the SimpleRNN's first runs, 10 s, left
+            # 2.7 s before the turns where the first flags needed 3 s and ran 1.7x
+            # faster; 2-core AVX-512 EPYC, 2026-12-02).
+            until = deadline if i == 0 else turns_from
+            share = now + max((turns_from - now) / sharing,
+                              min(until - now, costs[0] if costs else 0.0))
+            fit = [m.candidate for m, need in zip(picks, costs, strict=True)
+                   if now + need <= share]
+            if not fit:
+                what = "a child" if copies == 1 else f"{copies} children"
+                note = (f"budget spent ({what} would need "
+                        f"~{costs[0] if costs else self.startup:.0f} s)")
+                self.measured += [Measurement(m.candidate, flags, note=note) for m in picks]
+                self.log(f"  {describe(process_fields(flags))}: not timed ({note})")
+                self.complete = False
+                continue
+            if len(fit) < len(costs):
+                self.measured.append(Measurement(picks[1].candidate, flags, note="budget spent"))
+                self.complete = False
+            for j in range(copies):
+                other = self.start(flags, fit, now + (j + 1) * (share - now) / copies)
+                self.measured += other.measurements
+                self.complete = self.complete and other.error == "" and all(
+                    m.step_s is not None for m in other.measurements)
 
 
 def first_child(start: Callable[..., Child], deadline: float, reference: str,
