@@ -233,15 +233,24 @@ def tuning_enabled(args: argparse.Namespace) -> bool:
     return os.environ.get(ENV_VAR, "").strip().lower() not in ("0", "off", "false", "no")
 
 
-def check_model(config: Config, spec: DataSpec | None = None) -> None:
+def check_model(config: Config, spec: DataSpec | None = None, examples: int = 0) -> None:
     """Build the model (for the images of ``spec``) and the optimizer, starting no
     backend: a cell or optimizer that cannot work is one line before tuning, not a failure
-    in each of the tuner's children and a 'not timed' line first."""
+    in each of the tuner's children and a 'not timed' line first. So is a run that cannot
+    fit in the host's RAM, where the backend will be the CPU's (``runtime.starts_on_cpu``):
+    one CPU device's estimate (``memory.estimate``: the state, a batch's activations and
+    ``examples`` images), no more than the run's on any number of them."""
+    from rnnjax import memory, runtime
+    from rnnjax.data.spec import IDX_SPEC
     from rnnjax.model import make_model
     from rnnjax.optim import make_optimizer
 
-    make_model(config, spec)
-    make_optimizer(config)
+    model = make_model(config, spec)
+    optimizer = make_optimizer(config)
+    if runtime.starts_on_cpu():
+        memory.check_fits(memory.estimate(config, memory.traceable(model), optimizer,
+                                          spec or IDX_SPEC, examples=examples),
+                          room=memory.host_room())
 
 
 def tuned_config(args: argparse.Namespace, config: Config,
@@ -276,7 +285,8 @@ def tuned_config(args: argparse.Namespace, config: Config,
         checkpoint.prepare(probe, args.workdir, resume=False)
         dataset = load(config)
         check_data(config, dataset.arrays, dataset.spec)
-        check_model(config, dataset.spec)
+        check_model(config, dataset.spec, examples=len(dataset.arrays.train_labels)
+                    + len(dataset.arrays.test_labels))
 
     # No --tune-budget: the default, shrunk to what a short run can pay back.
     return tune.resolve(config, pinned, None if args.tune_budget is None else budget,

@@ -522,6 +522,25 @@ def evaluation_timing(config: Any, xla_flags: str, spec: Any, unrolls: Sequence[
     return {"seconds": {str(u): s for u, s in zip(unrolls, best, strict=True)}, "same": same}
 
 
+def too_large(config: Any, images: Any, data: Any) -> str | None:
+    """Why the run's check refuses ``config`` here (``rnnjax.loop.check_memory``, on this
+    child's ``data``, for its ``images``: a model, batch or dataset that cannot fit), or
+    None. Checked once, before any candidate draws its parameters: a model that cannot fit
+    could take minutes and the host's RAM to draw them, where the run then refuses it."""
+    from rnnjax import loop, memory, parallel
+    from rnnjax.config import ConfigError
+    from rnnjax.model import make_model
+    from rnnjax.optim import make_optimizer
+
+    try:
+        loop.check_memory(config, memory.traceable(make_model(config, images)),
+                          make_optimizer(config), images, data,
+                          parallel.DataParallel.from_config(config))
+    except ConfigError as e:  # every candidate would fail alike
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
         requests: Iterable[str] = ()) -> None:
     """Time each candidate of ``spec`` in turn, emitting events (see the module docstring);
@@ -579,6 +598,10 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
                 done[i] = (fields, timed, min(per_step, timed.once(steps)))
 
     queue = for_backend(spec["candidates"], device["backend"])
+    refused = too_large(config, images, data)
+    for fields in queue if refused else ():
+        emit("skipped", candidate=fields, reason=f"failed: {refused}"[:300])
+    queue = [] if refused else queue
     while queue:
         fields = queue.pop(0)
         if BEST in fields.values():

@@ -17,6 +17,7 @@ is turned into the same kind of line by :func:`out_of_memory_message`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -124,6 +125,15 @@ def evaluation_activations(model: Model, spec: DataSpec, chunk: int) -> int:
     return 4 * chunk * steps * (features + 2 * model.num_layers * width)
 
 
+def traceable(model: Model) -> Model:
+    """``model`` to estimate from, tracing no native layer (whose kernels register when
+    traced: that starts the backend and builds them): its hand-written form, which keeps
+    the same activations for the backward pass."""
+    if model.backward != "native":
+        return model
+    return dataclasses.replace(model, backward="hand_written")
+
+
 def estimate(
     config: Config, model: Model, optimizer: optax.GradientTransformation, spec: DataSpec,
     *, examples: int = 0, devices: int = 1, training: bool = True,
@@ -157,6 +167,12 @@ def available(device: jax.Device | None = None) -> tuple[int, str, bool]:
     if stats and stats.get("bytes_limit"):
         free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
         return free, f"{device.platform}:{device.id} has {human(free)} free", True
+    return host_room()
+
+
+def host_room() -> tuple[int, str, bool]:
+    """:func:`available` for CPU devices, which share the host's RAM: known without
+    starting the backend."""
     free = host_available()
     return free, f"the host has {human(free)} of RAM available", False
 
@@ -176,10 +192,11 @@ def host_available() -> int:
         return 1 << 62  # unknown: do not refuse
 
 
-def check_fits(need: Estimate, devices: int = 1, what: str = "the run") -> None:
+def check_fits(need: Estimate, devices: int = 1, what: str = "the run",
+               room: tuple[int, str, bool] | None = None) -> None:
     """Raise :class:`OutOfMemory` when ``need`` (per device, on each of ``devices`` local
-    devices) is more than the memory available."""
-    free, where, per_device = available()
+    devices) is more than the memory available (``room``, default :func:`available`)."""
+    free, where, per_device = available() if room is None else room
     total = need.total if per_device else need.total * devices
     if total <= free:
         return

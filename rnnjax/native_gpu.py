@@ -64,22 +64,12 @@ def runs_here() -> bool:
     return jax.default_backend() == "gpu"
 
 
-GPU_PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin", "jax-rocm60-plugin",
-               "jax-rocm7-plugin")
-
-
 def plugin_installed() -> bool:
-    """Whether a JAX GPU plugin is installed (:data:`GPU_PLUGINS`): the run's backend may be
-    a GPU. Known without starting the backend."""
-    from importlib import metadata
+    """Whether a JAX GPU plugin is installed (``rnnjax.runtime.GPU_PLUGINS``): the run's
+    backend may be a GPU. Known without starting the backend."""
+    from rnnjax import runtime
 
-    for name in GPU_PLUGINS:
-        try:
-            metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-        return True
-    return False
+    return runtime.installed(runtime.GPU_PLUGINS)
 
 
 def interpreted() -> bool:

@@ -14,6 +14,10 @@ from typing import Any
 import jax
 
 PACKAGES = ("jax", "jaxlib", "optax", "orbax-checkpoint", "numpy")
+# JAX's accelerator plugins: with none installed, its only backend is the CPU's.
+GPU_PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin", "jax-rocm60-plugin",
+               "jax-rocm7-plugin")
+TPU_PLUGINS = ("libtpu",)
 
 
 def versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
@@ -85,6 +89,27 @@ def enable_compile_cache(setting: str) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def installed(names: tuple[str, ...]) -> bool:
+    """Whether any of the packages ``names`` is installed."""
+    for name in names:
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        return True
+    return False
+
+
+def starts_on_cpu() -> bool:
+    """Whether this process's backend will be the CPU's, known without starting it:
+    ``$JAX_PLATFORMS`` names the CPU first, or (unset) no accelerator plugin is
+    installed."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not installed(GPU_PLUGINS + TPU_PLUGINS)
 
 
 def backend_started() -> bool:

@@ -55,6 +55,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -74,7 +75,8 @@ from rnnjax.measure import (
     for_backend,  # the candidates a child on a backend times
 )
 
-TUNER_VERSION = 27  # 27: the GPU's native kernels' products as three TF32 products (tf32x3)
+TUNER_VERSION = 28  # 28: the rounds in turns keep their part where the evaluation is
+# timed; 27: the GPU's native kernels' products as three TF32 products (tf32x3)
 # and 8 warps at a width of 128; 26: the native form and the full unroll may be timed in the
 # budget's later parts, a GPU's compile predicted at its own growth, the GPU's native form
 # (Pallas kernels); 25: the native layers read each batch's rows in the dataset's sequences, with
@@ -762,10 +764,14 @@ def save(directory: Path | None, record: dict[str, Any]) -> Path | None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tune-", dir=directory)
+    except OSError:
+        return None
+    try:
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, path)
-    except OSError:
+    except OSError:  # a full disk: no half-written file left behind
+        Path(tmp).unlink(missing_ok=True)
         return None
     return path
 
@@ -892,7 +898,8 @@ def run_child(
         close()
         code = proc.wait()
         tail = [line.strip() for line in errors if line.strip()]
-        child.error = (STOPPED if code < 0 and time.time() > deadline
+        # Killed by the parent's timer (SIGKILL) past its deadline; a crash is named as one.
+        child.error = (STOPPED if code == -signal.SIGKILL and time.time() > deadline
                        else f"child exited {code}: {tail[-1] if tail else 'no message'}")[:300]
         log(f"  {describe(process_fields(flags))}: {child.error}")
         reported = [m.candidate for m in child.measurements]
@@ -1046,17 +1053,19 @@ def tune(
             if run and base_m is not None:
                 budget_s = paying_back(config, budget_s, base_m.step_s, log)
             deadline = start + budget_s
-            turns_from = deadline - TURNS_SHARE * budget_s
+            # The budget's last parts: the rounds in turns, then the evaluation's, kept only
+            # where it can be timed: where every candidate the first child timed ran at
+            # unroll 1, so does every later child's, and the choice, whose evaluation then
+            # has no other unroll to be timed at (evaluation_unroll).
+            evaluates = "eval_unroll" not in pinned and any(
+                m.step_s is not None and m.candidate["unroll"] != 1 for m in first.measurements)
+            evaluation_s = EVAL_SHARE * budget_s if evaluates else 0.0
+            turns_from = deadline - evaluation_s - TURNS_SHARE * budget_s
             others = other_settings(first, config, pinned, env_flags)
             t.again_in_second_process(first, budget_s, turns_from, bool(others))
             t.under_other_flags(others, deadline, turns_from)
-            # The evaluation's part is kept only where it can be timed: where every timed
-            # candidate ran at unroll 1, so does the choice, and its evaluation has no
-            # other unroll to be timed at (evaluation_unroll).
-            evaluates = "eval_unroll" not in pinned and any(
-                m.step_s is not None and m.candidate["unroll"] != 1 for m in t.measured)
-            final = in_turns(t.children, base, base_flags, t.tol,
-                             deadline - (EVAL_SHARE * budget_s if evaluates else 0.0), clock, log)
+            final = in_turns(t.children, base, base_flags, t.tol, deadline - evaluation_s,
+                             clock, log)
             chosen = select(pooled(final or t.measured), base, base_flags, t.tol)
             if chosen is not None and evaluates:
                 evaluation = evaluation_unroll(chosen, t.children, deadline, log)
@@ -1240,7 +1249,7 @@ def first_child(start: Callable[..., Child], deadline: float, reference: str,
     deadline (``deadline``, as the child moved it), ``start(exclude=[that one])`` times the
     others in a new child, the baseline again first (``reference`` rewritten, programs from
     the compilation cache), and that one is noted failed. Where the new child times no
-    baseline, the first child's timings stand."""
+    baseline, the first child's timings stand, and its reference."""
     first = start()
     crashed = lost(first)
     own = first.deadline or deadline  # as the child moved it (pay_back)
@@ -1250,14 +1259,19 @@ def first_child(start: Callable[..., Child], deadline: float, reference: str,
     log(f"  the child died timing {describe(crashed)} ({first.error}): the others again in a "
         "new child, without it")
     first.close()
-    if os.path.exists(reference):  # the new child's baseline, its budget from it
-        os.remove(reference)
+    # The new child's baseline becomes the reference, its budget from it; the first child's
+    # is kept aside for where the new child times none (every later child compares with it).
+    kept = reference + ".first"
+    if os.path.exists(reference):
+        os.replace(reference, kept)
     again = start(exclude=[crashed])
     baseline = timed_baseline(again)
     if baseline is None:
         log(f"  the new child timed no baseline ({again.error or 'no time'}): the first "
             "child's timings stand")
         again.close()
+        if os.path.exists(kept):
+            os.replace(kept, reference)  # not the new child's first candidate's
         return first
     again.measurements.append(Measurement(  # "failed": not timed again
         crashed, baseline.flags, note=f"failed: it killed its child ({first.error})"[:300]))

@@ -7,12 +7,16 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import numpy as np
 import pytest
 
-from rnnjax import memory, train
+from rnnjax import memory, runtime, train
 from rnnjax.cli import main
 from rnnjax.config import Config
 from rnnjax.data.spec import DataSpec
@@ -95,11 +99,25 @@ def one_line(capsys) -> str:
     return err
 
 
-def test_a_model_that_cannot_fit_is_refused_before_allocating(capsys, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tuning", [False, True])
+def test_a_model_that_cannot_fit_is_refused_before_allocating(tuning, capsys, tmp_path,
+                                                              monkeypatch):
+    """With tuning on, before it: no tuner child starts (each would draw the parameters
+    first), where the backend will be the CPU's."""
     def allocate(*args, **kwargs):
         raise AssertionError("the state was allocated: the estimate did not refuse first")
 
     monkeypatch.setattr("rnnjax.loop.init_state", allocate)
+    if tuning:
+        from rnnjax import tune
+
+        def child(*args, **kwargs):
+            raise AssertionError("a tuner child started: the estimate did not refuse first")
+
+        monkeypatch.delenv(tune.ENV_VAR, raising=False)
+        monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+        monkeypatch.setattr(tune, "cache_dir", lambda compile_cache: tmp_path / "tune")
+        monkeypatch.setattr(tune, "run_child", child)
     work = tmp_path / "run"
     code = main(["train", "--hidden-size", HUGE, "--workdir", str(work),
                  "--compile-cache", "off"])
@@ -110,6 +128,36 @@ def test_a_model_that_cannot_fit_is_refused_before_allocating(capsys, tmp_path, 
     assert "of RAM available" in err or " free" in err
     assert "use a smaller --hidden-size or --num-layers" in err
     assert not work.exists()
+
+
+def test_the_check_before_tuning_starts_no_backend(monkeypatch):
+    """``rnnjax.cli.check_model``'s estimate, before tuning, in a fresh process: a model
+    that fits (native: traced in its hand-written form) and one that cannot, and JAX's
+    backend not started after either (the tuner's choice of XLA flags and CPUs still
+    applies). The CPU's backend is known ahead from $JAX_PLATFORMS, else from the
+    accelerator plugins installed."""
+    script = textwrap.dedent("""
+        from rnnjax import cli, runtime
+        from rnnjax.config import Config, ConfigError
+
+        cli.check_model(Config(backward="native"), examples=70000)
+        try:
+            cli.check_model(Config(hidden_size=100_000_000))
+        except ConfigError as e:
+            print("refused:", e)
+        print("started:", runtime.backend_started())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=True).stdout
+    assert "refused: the run needs about 142.1 PiB" in out and "started: False" in out
+    for platforms, cpu in (("cpu", True), ("cuda,cpu", False), ("tpu", False)):
+        monkeypatch.setenv("JAX_PLATFORMS", platforms)
+        assert runtime.starts_on_cpu() is cpu
+    monkeypatch.delenv("JAX_PLATFORMS")
+    monkeypatch.setattr(runtime, "installed", lambda names: "libtpu" in names)
+    assert not runtime.starts_on_cpu()
+    monkeypatch.setattr(runtime, "installed", lambda names: False)
+    assert runtime.starts_on_cpu()
 
 
 def test_an_allocation_that_fails_anyway_is_one_line(capsys, tmp_path, monkeypatch):

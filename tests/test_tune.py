@@ -322,18 +322,29 @@ def test_a_candidate_that_kills_its_child_is_left_out_and_the_others_timed_again
     assert late.excluded == [[]] * len(late.calls)
     (noted,) = [m for m in result.measurements if m.candidate == fields(0)]
     assert noted.note == "child exited -11: no message"
-    # A new child that times no baseline: the first child's timings stand.
+    # A new child that times no baseline: the first child's timings stand, and its
+    # reference, which every later child compares with (not the new child's first
+    # candidate's, which measure.run writes where it finds none).
     nothing = FakeChild(dict(times), kills={k(0)})
+    references = []
 
-    def child(*args, **kwargs):
-        if nothing.calls:  # the baseline fails in every child after the first
+    def child(config, flags, candidates, deadline, steps, reference, *args, **kwargs):
+        path = Path(reference)
+        if not nothing.calls:
+            path.write_text("the first child's baseline")
+        else:  # the baseline fails in every child after the first
             nothing.times.pop(k(1), None)
-        return nothing(*args, **kwargs)
+            references.append(path.read_text() if path.exists() else None)
+            if len(nothing.calls) == 1:
+                path.write_text("the new child's first candidate")
+        return nothing(config, flags, candidates, deadline, steps, reference, *args, **kwargs)
 
     result = tune.tune(config, frozenset(), 30.0, child=child, clock=Clock(),
                        log=(lines := []).append)
     assert any("the new child timed no baseline" in line for line in lines)
     assert result.measurements[0].candidate == fields(1) and result.measurements[0].step_s
+    assert len(references) > 2
+    assert references == [None] + ["the first child's baseline"] * (len(references) - 1)
 
 
 def test_the_evaluations_unroll_is_timed_for_the_choice(one_process):
@@ -397,6 +408,25 @@ def test_the_evaluations_part_of_the_budget_is_kept_only_where_it_can_be_timed(
     tune.tune(config.replace(eval_unroll=1), frozenset({"eval_unroll"}), 30.0,
               child=FakeChild(times, evaluation={0: 60.0, 1: 40.0}, turns={}), clock=clock)
     assert ends[2] == clock.now + 30.0
+
+
+def test_the_rounds_in_turns_keep_their_part_where_the_evaluation_is_timed(one_process):
+    """The budget ends with the rounds in turns (TURNS_SHARE), then the evaluation's part
+    (EVAL_SHARE) where it is timed: the children before them, each running until its
+    deadline, leave both, so that the choice is made from timings side by side."""
+    for evaluated in (False, True):
+        times = all_times()
+        if not evaluated:  # every candidate at unroll 1: no evaluation to time
+            times = {key: ms for key, ms in times.items() if key[0] == 1}
+        clock = Clock()
+        fake = FakeChild(times, clock=clock, per_child_s=100.0, stops_at_deadline=True,
+                         turns={}, evaluation={0: 60.0, 1: 40.0})
+        result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock)
+        evaluation_s = 30.0 * tune.EVAL_SHARE if evaluated else 0.0
+        assert len(fake.calls) > 2 and max(fake.deadlines) == pytest.approx(
+            1000.0 + 30.0 - evaluation_s - 30.0 * tune.TURNS_SHARE)
+        assert result.final and fake.retimed
+        assert bool(fake.evaluated) == evaluated
 
 
 def test_a_child_times_the_runs_evaluation_at_each_unroll(tmp_path):
@@ -1406,6 +1436,11 @@ def test_cache_key_and_invalidation(tmp_path, monkeypatch):
     record = {"key": key, "choice": choice, "device": None}
     path = tune.save(tmp_path, record)
     assert path.parent == tmp_path and tune.load(tmp_path, key)["choice"] == choice
+    # A write that fails (a full disk) leaves the cached file as it was, and no partial one.
+    with monkeypatch.context() as failing:
+        failing.setattr(tune.os, "replace", lambda *args: (_ for _ in ()).throw(OSError(28)))
+        assert tune.save(tmp_path, {**record, "choice": fields(1)}) is None
+    assert sorted(tmp_path.iterdir()) == [path] and tune.load(tmp_path, key)["choice"] == choice
 
     from rnnjax import runtime
     monkeypatch.setattr(runtime, "versions",
@@ -1970,6 +2005,29 @@ def test_a_real_child_that_dies_names_the_candidate_it_was_timing(tmp_path, monk
         child.close()
     assert tune.lost(tune.Child(error=tune.STOPPED, measurements=child.measurements)) is None
     assert tune.lost(tune.Child(error=child.error, measurements=child.measurements[1:])) is None
+
+
+def test_a_child_refuses_a_run_that_cannot_fit_before_drawing_anything(capsys, monkeypatch):
+    """measure.run in this process: a model too large for the device (where the parent
+    could not know it: another backend than the CPU's) fails every candidate at once, with
+    the run's own message, before any candidate draws its parameters."""
+    from rnnjax.config import to_dict
+
+    def draw(*args):
+        raise AssertionError("parameters drawn for a model that cannot fit")
+
+    monkeypatch.setattr(measure, "synthetic_params", draw)
+    candidates = [fields(1), fields(0)]
+    measure.run({"config": to_dict(Config(hidden_size=100_000_000, compile_cache="off")),
+                 "candidates": candidates, "deadline": time.time() + 60, "steps": 2,
+                 "call_s": 0.01, "repeats": 1, "reference": "unused.npz"})
+    out = [json.loads(line[len(measure.PREFIX):]) for line in capsys.readouterr().out.splitlines()
+           if line.startswith(measure.PREFIX)]
+    skipped = [e for e in out if e["event"] == "skipped"]
+    assert [e["candidate"] for e in skipped] == candidates
+    assert all(e["reason"].startswith("failed: OutOfMemory: the run needs about 142.1 PiB")
+               for e in skipped)
+    assert [e["event"] for e in out][-1] == "ready"
 
 
 def test_a_child_whose_device_fails_after_a_candidate_exits_unreported(tmp_path, capsys,
