@@ -1199,6 +1199,12 @@ class Tuning:
         children."""
         timed = sorted((m for m in pooled(self.measured) if m.flags == self.base_flags
                         and _matches(m, self.tol)), key=lambda m: m.step_s)
+        if others and not timed:  # not the budget: nothing to time under them
+            for flags in others:
+                self.log(f"  {describe(process_fields(flags))}: not timed (no candidate was "
+                         "timed under the run's own settings)")
+            self.complete = False
+            return
         needs: list[float] = []  # needs[j]: a child timing the best j + 1 of them
         for m in timed[:2]:
             needs.append((needs[-1] if needs else self.startup) + _timing_s(m, self.steps))
@@ -1416,8 +1422,10 @@ def in_turns(children: Sequence[Child], base: dict[str, Any], base_flags: str, t
     budget lasts; their measurements (one per
     child that timed it) with the best of those calls, for :func:`pooled`. Children are
     separate processes started minutes apart, so their own timings can differ by the
-    machine's drift alone; these are comparable. Empty when there are fewer than two, or
-    not one round fits in the budget."""
+    machine's drift alone; these are comparable. Empty when there are fewer than two, when
+    a child among them cannot time again (one stopped at its deadline, or gone: timings
+    in turns without its candidates would leave them out of the choice, which is then
+    made from the children's own timings), or when not one round fits in the budget."""
     def matching(c: Child) -> list[Measurement]:
         return sorted((m for m in c.measurements if _matches(m, tol)), key=lambda m: m.step_s)
 

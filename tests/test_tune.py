@@ -410,6 +410,19 @@ def test_the_evaluations_part_of_the_budget_is_kept_only_where_it_can_be_timed(
     assert ends[2] == clock.now + 30.0
 
 
+def test_nothing_timed_under_the_runs_own_settings_is_said_so(one_process):
+    """Where no candidate was timed under the run's own settings (every one failed), the
+    other settings have nothing to time: no child starts for them, and the log says why,
+    not that the budget was spent."""
+    fake = FakeChild({})
+    result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=Clock(),
+                       log=(lines := []).append)
+    assert len(fake.calls) == 1 and result.choice is None and not result.complete
+    said = [line for line in lines if "not timed (no candidate was timed under" in line]
+    assert len(said) == len(tune.flag_candidates("cpu", frozenset(), Config(), "")) - 1 > 0
+    assert not any("budget spent" in line for line in lines)
+
+
 def test_the_rounds_in_turns_keep_their_part_where_the_evaluation_is_timed(one_process):
     """The budget ends with the rounds in turns (TURNS_SHARE), then the evaluation's part
     (EVAL_SHARE) where it is timed: the children before them, each running until its
