@@ -43,11 +43,13 @@ META_FILE = "metadata"  # orbax JsonSave's file name inside meta/
 FORMAT = 1
 
 # Fields that may differ between a checkpoint's config and the run resuming it: where data
-# lives, how the work is cut into calls and saved. Every other field changes the results
-# (``steps`` too when a schedule decays over it; see check_resumable).
+# lives, how the work is cut into calls and saved (each call adds its steps' metrics to the
+# sums so far, one at a time: rnnjax.loop.SegmentFn). Every other field changes the results
+# (``steps`` too when a schedule decays over it; see check_resumable): ``eval_batch_size``
+# too, whose chunks sum the test metrics in their own order.
 RUN_SETTINGS = frozenset({
     "steps", "data_dir", "tfds_dir", "tfds_download", "source", "feed", "steps_per_call",
-    "eval_batch_size", "compile_cache", "checkpoint_every", "keep_checkpoints",
+    "compile_cache", "checkpoint_every", "keep_checkpoints",
     "num_devices", "coordinator_address", "num_processes", "process_id", "huge_pages",
 })
 
@@ -335,6 +337,15 @@ def read_meta(step_dir: Path | str) -> dict[str, Any]:
             f"checkpoint {step_dir} is not an rnnjax checkpoint (meta/ lacks config and "
             "step); pass a directory written by rnnjax train --workdir"
         )
+    try:  # what a resumed run reads of it, before it writes anything
+        decode_sums(meta.get("train_sums"))
+        float(meta.get("wall_s") or 0.0)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(
+            f"checkpoint {step_dir} is corrupt: its meta/ train sums or wall time do not "
+            f"load ({_one_line(e)}); pass another step directory of {step_dir.parent}, or "
+            "delete this one"
+        ) from e
     return meta
 
 

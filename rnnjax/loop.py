@@ -66,9 +66,9 @@ def eval_steps(config: Config) -> list[int]:
 def segments(config: Config, start: int = 0) -> Iterator[tuple[int, int, bool]]:
     """``(first step, number of steps, evaluate after)`` for each compiled call from ``start``.
 
-    Calls also end where a checkpoint is due (after every ``checkpoint_every`` steps), so a
-    run resumed from one is cut into the same calls, and sums its metrics in the same
-    order, as the run that wrote it.
+    Calls also end where a checkpoint is due (after every ``checkpoint_every`` steps). Where
+    a run's calls are cut does not change its metrics: each call adds its steps' to the
+    sums so far, one step at a time (:class:`SegmentFn`).
     """
     first = start
     every = config.checkpoint_every
@@ -147,17 +147,19 @@ def check_memory(config: Config, model: Model, optimizer: optax.GradientTransfor
 
 @dataclass(frozen=True)
 class SegmentFn:
-    """One compiled call's work: ``(state, first step, count) -> (state, metric sums,
-    seconds spent compiling in this call)``; the sums stay on the device. ``program``: the
+    """One compiled call's work: ``(state, first step, count, metric sums so far) -> (state,
+    the sums with each of its steps' added in turn, seconds spent compiling in this
+    call)``; the sums stay on the device (None: from zero). ``program``: the
     compiled train step(s) it calls (``program.compiled`` after the first call: its text,
     ``as_text()``, is what ``rnnjax.hlo`` reads)."""
 
-    run: Callable[[train.TrainState, int, int], tuple[train.TrainState, Any, float]]
+    run: Callable[[train.TrainState, int, int, Any], tuple[train.TrainState, Any, float]]
     program: runtime.CompileOnFirstCall
+    zeros: Any  # the sums' starting point, laid out as the calls return them
 
-    def __call__(self, state: train.TrainState, first: int, count: int
+    def __call__(self, state: train.TrainState, first: int, count: int, sums: Any = None
                  ) -> tuple[train.TrainState, Any, float]:
-        return self.run(state, first, count)
+        return self.run(state, first, count, self.zeros if sums is None else sums)
 
 
 def _compiled_train(
@@ -191,17 +193,18 @@ def device_feed(
     steps = _compiled_train(train.train_steps, model, optimizer, dp, xla_flags)
     sequences = device_sequences(model, dp, on_device.train_images)
 
-    def run(state: train.TrainState, first: int, count: int):
+    def run(state: train.TrainState, first: int, count: int, sums: train.Metrics):
         idx = np.zeros((chunk, config.batch_size), np.int32)
         idx[:count] = batch_indices(n_train, config.batch_size, first, count,
                                     shuffle=config.shuffle, seed=config.seed)
         (state, sums), seconds = steps(
             state, sequences, labels,
             dp.shard_steps(idx), dp.replicate(np.int32(count)),  # every device: its rows
+            sums,
         )
         return state, sums, seconds
 
-    return SegmentFn(run, steps)
+    return SegmentFn(run, steps, dp.replicate(train.zero_metrics()))
 
 
 def stream_feed(
@@ -224,23 +227,24 @@ def stream_feed(
             config.steps - start, shuffle=config.shuffle, seed=config.seed, rows=rows,
         )
     step = _compiled_train(train.train_step, model, optimizer, dp, xla_flags)
+    add = jax.jit(functools.partial(jax.tree.map, jnp.add))  # each step's, in turn
     next_step = start
 
-    def run(state: train.TrainState, first: int, count: int):
+    def run(state: train.TrainState, first: int, count: int, sums: train.Metrics):
         nonlocal next_step
         if first != next_step:  # the stream only goes forward, one batch per step
             raise ValueError(f"stream_feed: segment from step {first}, the stream is at "
                              f"step {next_step}; run segments in order")
         next_step += count
-        compile_s, step_sums = 0.0, []
+        compile_s = 0.0
         for _ in range(count):
-            (state, sums), seconds = step(state, *dp.global_batch(next(batches),
-                                                                  config.batch_size))
+            (state, metrics), seconds = step(state, *dp.global_batch(next(batches),
+                                                                     config.batch_size))
             compile_s += seconds
-            step_sums.append(sums)
-        return state, jax.tree.map(lambda *m: jnp.stack(m).sum(0), *step_sums), compile_s
+            sums = add(sums, metrics)
+        return state, sums, compile_s
 
-    return SegmentFn(run, step)
+    return SegmentFn(run, step, dp.replicate(train.zero_metrics()))
 
 
 @dataclass
@@ -251,6 +255,10 @@ class RunFiles:
     metrics: metrics_lib.MetricWriter | None = None
     tensorboard: metrics_lib.TensorBoardWriter | None = None
     checkpoints: checkpoint_lib.CheckpointWriter | None = None
+    # A resumed run's metric writers, opened at its first log: the records it logs again
+    # stay in the files until then (a run stopped before it leaves them as they were).
+    opening: Callable[[], tuple[metrics_lib.MetricWriter,
+                                metrics_lib.TensorBoardWriter | None]] | None = None
 
     @classmethod
     def open(
@@ -271,28 +279,32 @@ class RunFiles:
                                         config.keep_checkpoints)
         if not writes:
             return cls(checkpoints=checkpoints()), []
-        workdir.mkdir(parents=True, exist_ok=True)
-        metrics_lib.write_text_atomic(workdir / "config.json",
-                                      json.dumps(to_dict(config), indent=2) + "\n")
-        # A fresh run: TensorBoard drops the events of an earlier, identical run stopped
-        # before its first checkpoint (checkpoint.check_fresh_workdir let it start over).
-        previous, purge = [], 0
-        if resume_from is not None:
-            logged = last_regular_eval(config, resume_from.step)
-            previous = metrics_lib.history_from_records(
-                metrics_lib.truncate_metrics(workdir, logged)
-            )
-            purge = logged + 1
-        files = cls(
-            metrics_lib.MetricWriter(workdir, append=resume_from is not None),
-            metrics_lib.TensorBoardWriter.open(workdir, purge_step=purge),
-            checkpoints(),
-        )
-        return files, previous
+        if resume_from is None:
+            workdir.mkdir(parents=True, exist_ok=True)
+            write_config(workdir, config)
+            # TensorBoard drops the events of an earlier, identical run stopped before its
+            # first checkpoint (checkpoint.check_fresh_workdir let it start over).
+            return cls(metrics_lib.MetricWriter(workdir),
+                       metrics_lib.TensorBoardWriter.open(workdir, purge_step=0),
+                       checkpoints()), []
+        logged = last_regular_eval(config, resume_from.step)
+        kept, truncate = metrics_lib.kept_metrics(workdir, logged)  # checked: nothing written
+        write_config(workdir, config)
+
+        def opening() -> tuple[metrics_lib.MetricWriter, metrics_lib.TensorBoardWriter | None]:
+            truncate()
+            return (metrics_lib.MetricWriter(workdir, append=True),
+                    metrics_lib.TensorBoardWriter.open(workdir, purge_step=logged + 1))
+
+        return (cls(checkpoints=checkpoints(), opening=opening),
+                metrics_lib.history_from_records(kept))
 
     def log(self, record: dict[str, Any], trained: dict[str, float],
             test: dict[str, float]) -> None:
         """One evaluation's train and test metrics; ``record``: its step and wall time."""
+        if self.opening is not None:
+            self.metrics, self.tensorboard = self.opening()
+            self.opening = None
         if self.metrics is not None:
             self.metrics.write({**record, "split": "train", **trained})
             self.metrics.write({**record, "split": "test", **test})
@@ -304,6 +316,12 @@ class RunFiles:
         for writer in (self.metrics, self.tensorboard, self.checkpoints):
             if writer is not None:
                 writer.close()
+
+
+def write_config(workdir: Path, config: Config) -> None:
+    """The run's ``config.json``."""
+    metrics_lib.write_text_atomic(workdir / "config.json",
+                                  json.dumps(to_dict(config), indent=2) + "\n")
 
 
 def diverged(reason: str, checkpoints: checkpoint_lib.CheckpointWriter | None) -> TrainingDiverged:
@@ -410,8 +428,10 @@ def train_and_evaluate(
     files, history = RunFiles.open(config, workdir, resume_from,
                                    writes=jax.process_index() == 0)
     bar = metrics_lib.Progress(config.steps, enabled=progress)
-    # Train metrics since the last evaluation (those of a resumed checkpoint included).
-    train_sums = None if resume_from is None else resume_from.train_sums
+    # Train metrics since the last evaluation (those of a resumed checkpoint included, laid
+    # out as the calls return them: their program is compiled once), None after one.
+    train_sums = None if resume_from is None or resume_from.train_sums is None \
+        else dp.replicate(resume_from.train_sums)
     train_s = eval_s = checkpoint_s = 0.0
     t0 = None  # start of the training time not yet counted (compiles excluded)
 
@@ -433,11 +453,10 @@ def train_and_evaluate(
         for first, count, evaluate_after in segments(config, start):
             if t0 is None:
                 t0 = time.perf_counter()
-            state, sums, seconds = run_segment(state, first, count)
+            # Still on the device: summed asynchronously, read only at the log point.
+            state, train_sums, seconds = run_segment(state, first, count, train_sums)
             compile_s += seconds
             t0 += seconds
-            # Still on the device: summed asynchronously, read only at the log point.
-            train_sums = sums if train_sums is None else jax.tree.map(jnp.add, train_sums, sums)
             step = first + count - 1
             save_after = files.checkpoints is not None and (
                 step + 1 == config.steps

@@ -75,6 +75,18 @@ class MetricsFileError(ValueError):
     """A metrics file with a damaged line that is not a last line cut short by a kill."""
 
 
+def _text(path: Path) -> str:
+    """``path``'s text: a byte that is not is a :class:`MetricsFileError` (never a kill's
+    doing: the records are ASCII)."""
+    try:
+        return path.read_text()
+    except UnicodeDecodeError as e:
+        raise MetricsFileError(
+            f"{path}: byte {e.start} is not text (metrics records are ASCII); repair or "
+            "delete the file, then run again"
+        ) from None
+
+
 def _parsed_lines(path: Path, parse: Callable[[int, str], Any]) -> list[tuple[str, Any]]:
     """``(line, parse(number, line))`` for each line of ``path`` (numbered from 1).
 
@@ -82,7 +94,7 @@ def _parsed_lines(path: Path, parse: Callable[[int, str], Any]) -> list[tuple[st
     one, and only when it lacks its newline: a write cut short by a kill, dropped. Any
     other is a :class:`MetricsFileError` naming the file and the line.
     """
-    text = path.read_text()
+    text = _text(path)
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()  # the file ends with a newline: no line was cut short
@@ -115,21 +127,32 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def truncate_metrics(directory: Path, last_step: int) -> list[dict[str, Any]]:
-    """Keep only the records with ``step <= last_step`` in ``metrics.jsonl``/``.csv``.
+    """Keep only the records with ``step <= last_step`` in ``metrics.jsonl``/``.csv``
+    (:func:`kept_metrics`, then its truncation); the ``metrics.jsonl`` records kept."""
+    kept, truncate = kept_metrics(directory, last_step)
+    truncate()
+    return kept
 
-    A resumed run calls this before appending, so lines logged after its checkpoint are
-    not duplicated; a last line cut short by a kill goes too. A damaged line before the
-    last is a :class:`MetricsFileError`, and nothing is rewritten. Each file is rewritten
-    whole into a temporary file, then renamed over the old one. Returns the
-    ``metrics.jsonl`` records kept.
+
+def kept_metrics(directory: Path, last_step: int
+                 ) -> tuple[list[dict[str, Any]], Callable[[], None]]:
+    """The ``metrics.jsonl`` records with ``step <= last_step``, and the function that
+    keeps only those in ``metrics.jsonl``/``.csv``.
+
+    A resumed run truncates so before it appends its first line, so that lines logged
+    after its checkpoint are not duplicated; a last line cut short by a kill goes too. A
+    damaged line before the last is a :class:`MetricsFileError`, raised here, before
+    anything is rewritten. Each file is rewritten whole into a temporary file, then renamed
+    over the old one.
     """
     kept: list[dict[str, Any]] = []
     jsonl = directory / "metrics.jsonl"
     path = directory / "metrics.csv"
     pairs = _parsed_lines(jsonl, _jsonl_record) if jsonl.exists() else None
     rows = None
-    if path.exists() and path.read_text():
-        header = next(csv.reader([path.read_text().split("\n", 1)[0]]))
+    text = _text(path) if path.exists() else ""
+    if text:
+        header = next(csv.reader([text.split("\n", 1)[0]]))
         index = header.index("step") if "step" in header else 0
 
         def csv_step(number: int, line: str) -> int | None:
@@ -145,12 +168,16 @@ def truncate_metrics(directory: Path, last_step: int) -> list[dict[str, Any]]:
     if pairs is not None:
         pairs = [p for p in pairs if p[1]["step"] <= last_step]
         kept = [record for _, record in pairs]
-        write_text_atomic(jsonl, "".join(line + "\n" for line, _ in pairs))
-    if rows is not None:
-        # The csv module ends rows with \r\n (read_text gave them back as \n).
-        write_text_atomic(path, "".join(line + "\r\n" for line, step in rows
-                                        if step <= last_step))
-    return kept
+
+    def truncate() -> None:
+        if pairs is not None:
+            write_text_atomic(jsonl, "".join(line + "\n" for line, _ in pairs))
+        if rows is not None:
+            # The csv module ends rows with \r\n (read_text gave them back as \n).
+            write_text_atomic(path, "".join(line + "\r\n" for line, step in rows
+                                            if step <= last_step))
+
+    return kept, truncate
 
 
 def write_text_atomic(path: Path, text: str) -> None:

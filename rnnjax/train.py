@@ -113,6 +113,7 @@ def train_steps(
     labels: jax.Array,
     indices: jax.Array,
     count: jax.Array | int | None = None,
+    sums: Metrics | None = None,
     *,
     model: Model,
     optimizer: optax.GradientTransformation,
@@ -125,8 +126,11 @@ def train_steps(
     indices: int32 [K, B], the examples of each step (``data.pipeline.batch_indices``);
     count: int32 [], how many leading rows of ``indices`` to run (default: all K). A traced
     count lets one compiled function serve every chunk length up to K.
-    Returns the state after ``count`` steps and the metrics summed over them: on XLA:CPU
-    the same bits as :func:`train_step` on each batch's images (tests/test_train.py).
+    sums: the metric sums so far (:func:`zero_metrics` where None), to which each step's
+    are added in turn: a run's sums are then the same bits however its steps are cut
+    into calls (a run resumed, another ``--steps-per-call``).
+    Returns the state after ``count`` steps and the sums with theirs: on XLA:CPU the same
+    bits as :func:`train_step` on each batch's images (tests/test_train.py).
     """
     count = indices.shape[0] if count is None else count
 
@@ -136,7 +140,7 @@ def train_steps(
         state, metrics = _update(state, sequences, labels[idx], model, optimizer, idx)
         return state, jax.tree.map(jnp.add, sums, metrics)
 
-    return jax.lax.fori_loop(0, count, body, (state, zero_metrics()))
+    return jax.lax.fori_loop(0, count, body, (state, zero_metrics() if sums is None else sums))
 
 
 def eval_step(

@@ -89,6 +89,29 @@ def test_resume_equals_the_run_never_stopped_bitwise(runs, bitwise_equal):
     assert runs.out.startswith(f"resuming from {runs.stopped_dir / 'checkpoints' / '200'}")
 
 
+def test_where_a_runs_calls_are_cut_changes_no_metric(tmp_path):
+    """Each call adds its steps' train metrics to the sums so far, one step at a time: a run
+    resumed with more --steps from its last checkpoint (off the --checkpoint-every grid, so
+    that its calls are cut where the run never stopped cut none), and runs with another
+    --steps-per-call or --checkpoint-every, log the same lines, bit for bit."""
+    config = Config(steps=30, eval_every=5, hidden_size=8, compile_cache="off")
+    full = train_and_evaluate(config, tmp_path / "full", out=io.StringIO())
+    train_and_evaluate(config.replace(steps=18), tmp_path / "resumed", out=io.StringIO())
+    train_and_evaluate(config, tmp_path / "resumed", out=io.StringIO(), resume=True)
+    assert (without_wall(read_jsonl(tmp_path / "resumed" / "metrics.jsonl"))
+            == without_wall(read_jsonl(tmp_path / "full" / "metrics.jsonl")))
+    # The evaluation's chunks do sum the test metrics in their own order.
+    with pytest.raises(checkpoint.CheckpointError, match=r"--eval-batch-size 5000 differs "
+                       r"from 10000 in .* \(it changes results\); resume with "
+                       r"--eval-batch-size 10000"):
+        train_and_evaluate(config.replace(steps=40, eval_batch_size=5000),
+                           tmp_path / "resumed", out=io.StringIO(), resume=True)
+    for i, other in enumerate((config.replace(steps_per_call=4),
+                               config.replace(checkpoint_every=7), config.replace(feed="stream"))):
+        history = train_and_evaluate(other, tmp_path / str(i), out=io.StringIO()).history
+        assert without_wall(history) == without_wall(full.history), other
+
+
 def test_resume_drops_lines_logged_after_its_checkpoint(runs):
     # The run stopped at 200 steps logged step 199 (its end); the first resume dropped that
     # line, logged step 200 after checkpoint 200 and was killed at step 299, before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -248,3 +249,85 @@ def test_resume_over_a_damaged_metrics_line_is_one_line_naming_it(tmp_path, caps
     assert err.startswith(f"rnnjax: error: {work / 'metrics.jsonl'}: line 3 is not a "
                           "metrics record") and err.count("\n") == 1
     assert (work / "metrics.jsonl").read_text() == "".join(lines)
+    # Nothing written before the error: the workdir's files as they were.
+    assert json.loads((work / "config.json").read_text())["steps"] == 20
+
+
+def test_undecodable_bytes_in_a_metrics_file_are_one_line_naming_it(tmp_path):
+    """Bytes that are not text (a damaged disk, another program's file) stop the resume
+    naming the file, not a traceback; neither file is rewritten."""
+    from rnnjax import metrics
+
+    (tmp_path / "metrics.jsonl").write_text(JSONL)
+    (tmp_path / "metrics.csv").write_bytes(CSV.encode())
+    for name in ("metrics.jsonl", "metrics.csv"):
+        damaged = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(damaged[:40] + b"\xff" + damaged[40:])
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+        with pytest.raises(metrics.MetricsFileError,
+                           match=rf"^{tmp_path / name}: byte 40 is not text .*repair or "
+                                 "delete the file, then run again$"):
+            metrics.truncate_metrics(tmp_path, 10)
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+        (tmp_path / name).write_bytes(damaged)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("wall_s", "abc"),
+    ("train_sums", {"loss_sum": {"dtype": "float32"}}),  # no value
+    ("train_sums", {"loss_sum": {"dtype": "no-such-dtype", "value": 1.0}}),
+    ("train_sums", [1, 2]),
+], ids=["wall_not_a_number", "sums_without_value", "sums_dtype_unknown", "sums_not_a_dict"])
+def test_a_checkpoint_whose_meta_does_not_load_is_one_line_and_nothing_is_written(
+        tmp_path, capsys, field, value):
+    """What a resumed run reads of a checkpoint's meta/ is checked before anything is
+    written: a damaged field is one line naming the checkpoint and the fix."""
+    from rnnjax.cli import main
+
+    work = tmp_path / "run"
+    args = ["--steps", "10", "--eval-every", "5", "--hidden-size", "8", "--compile-cache",
+            "off", "--workdir", str(work)]
+    assert main(["train", *args]) == 0
+    [meta_file] = (work / "checkpoints" / "10" / "meta").glob("metadata")
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, field: value}))
+    before = {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", "--resume", *args[2:], "--steps", "20"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rnnjax: error: checkpoint {work / 'checkpoints' / '10'} is "
+                          "corrupt: its meta/ train sums or wall time do not load (")
+    assert err.count("\n") == 1 and "pass another step directory" in err
+    assert {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()} == before
+
+
+def test_a_resume_stopped_before_its_first_line_leaves_the_records_as_they_were(tmp_path):
+    """A resumed run drops the lines it logs again only when it logs its first: stopped
+    before that (a kill, an error), the finished run's records stay whole, its last line
+    (step 29, off the --eval-every grid, which a longer run does not log) among them."""
+    from rnnjax.loop import train_and_evaluate
+
+    config = Config(steps=30, eval_every=10, hidden_size=8, compile_cache="off")
+    train_and_evaluate(config, tmp_path, out=io.StringIO())
+    before = {name: (tmp_path / name).read_bytes()
+              for name in ("metrics.jsonl", "metrics.csv", "summary.json")}
+    events = sorted(tmp_path.glob("events.out.tfevents.*"))
+
+    class Stop(Exception):
+        pass
+
+    class StopAtFirstLine(io.StringIO):
+        def write(self, text: str) -> int:
+            if text.startswith("step"):
+                raise Stop(text)
+            return super().write(text)
+
+    with pytest.raises(Stop, match="step    30"):
+        train_and_evaluate(config.replace(steps=40), tmp_path, out=StopAtFirstLine(),
+                           resume=True)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert sorted(tmp_path.glob("events.out.tfevents.*")) == events  # no purge written
+    assert [r["step"] for r in records(tmp_path)][-2:] == [29, 29]
+    # Resumed to its end, the run logs as one never stopped.
+    train_and_evaluate(config.replace(steps=40), tmp_path, out=io.StringIO(), resume=True)
+    assert [r["step"] for r in records(tmp_path)] == [0, 0, 10, 10, 20, 20, 30, 30, 39, 39]
