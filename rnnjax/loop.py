@@ -502,7 +502,8 @@ def train_and_evaluate(
         "final_test_accuracy": last["test_accuracy"],
         "final_test_loss": last["test_loss"],
         "steps": config.steps,
-        "wall_s": wall_s,
+        "wall_s": wall_s,  # this process's; the metrics files' count the parts resumed too
+        "run_wall_s": wall_offset + wall_s,
         "data_s": t_data,
         "init_s": init_s,
         "compile_cache": cache_dir,

@@ -87,6 +87,11 @@ def test_resume_equals_the_run_never_stopped_bitwise(runs, bitwise_equal):
             == without_wall(read_jsonl(runs.full_dir / "metrics.jsonl")))
     assert csv_rows(runs.stopped_dir / "metrics.csv") == csv_rows(runs.full_dir / "metrics.csv")
     assert runs.out.startswith(f"resuming from {runs.stopped_dir / 'checkpoints' / '200'}")
+    # The summary's wall time is this process's; its run_wall_s counts the parts before too,
+    # as the metrics files' wall_s does.
+    summary, last = runs.resumed.summary, read_jsonl(runs.stopped_dir / "metrics.jsonl")[-1]
+    assert summary["run_wall_s"] >= last["wall_s"] and summary["run_wall_s"] > summary["wall_s"]
+    assert runs.full.summary["run_wall_s"] == runs.full.summary["wall_s"]
 
 
 def test_where_a_runs_calls_are_cut_changes_no_metric(tmp_path):
