@@ -187,7 +187,6 @@ CPUS = "cpus="
 ONE_CPU_FIRST = 64
 VISIBLE_DEVICES = ("JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
                    "ROCR_VISIBLE_DEVICES", "TPU_VISIBLE_CHIPS", "TPU_ACCELERATOR_TYPE")
-PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin", "jax-rocm60-plugin", "libtpu")
 DEFAULT_BUDGET_S = 30.0  # rnnjax train, first run of a shape
 TUNE_COMMAND_BUDGET_S = 120.0  # rnnjax tune
 # rnnjax train's default budget follows the run's training time at the defaults (its steps
@@ -693,7 +692,8 @@ def key(config: Config, pinned: frozenset[str], env: dict[str, str] | None = Non
         "eval_batch_size": config.eval_batch_size,  # the chunk the evaluation is timed in
         "feed": {"source": config.source, "steps_per_call": config.steps_per_call},
         "pinned": {name: getattr(config, name) for name in sorted(pinned)},
-        "versions": {**runtime.versions(PLUGINS), "rnnjax": __version__},
+        "versions": {**runtime.versions(runtime.GPU_PLUGINS + runtime.TPU_PLUGINS),
+                     "rnnjax": __version__},
     }
 
 
