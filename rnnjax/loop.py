@@ -227,7 +227,6 @@ def stream_feed(
             config.steps - start, shuffle=config.shuffle, seed=config.seed, rows=rows,
         )
     step = _compiled_train(train.train_step, model, optimizer, dp, xla_flags)
-    add = jax.jit(functools.partial(jax.tree.map, jnp.add))  # each step's, in turn
     next_step = start
 
     def run(state: train.TrainState, first: int, count: int, sums: train.Metrics):
@@ -237,11 +236,10 @@ def stream_feed(
                              f"step {next_step}; run segments in order")
         next_step += count
         compile_s = 0.0
-        for _ in range(count):
-            (state, metrics), seconds = step(state, *dp.global_batch(next(batches),
-                                                                     config.batch_size))
+        for _ in range(count):  # each step's metrics added to the sums in its program
+            (state, sums), seconds = step(state, *dp.global_batch(next(batches),
+                                                                  config.batch_size), sums)
             compile_s += seconds
-            sums = add(sums, metrics)
         return state, sums, compile_s
 
     return SegmentFn(run, step, dp.replicate(train.zero_metrics()))

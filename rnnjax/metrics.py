@@ -126,14 +126,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [record for _, record in _parsed_lines(path, _jsonl_record)]
 
 
-def truncate_metrics(directory: Path, last_step: int) -> list[dict[str, Any]]:
-    """Keep only the records with ``step <= last_step`` in ``metrics.jsonl``/``.csv``
-    (:func:`kept_metrics`, then its truncation); the ``metrics.jsonl`` records kept."""
-    kept, truncate = kept_metrics(directory, last_step)
-    truncate()
-    return kept
-
-
 def kept_metrics(directory: Path, last_step: int
                  ) -> tuple[list[dict[str, Any]], Callable[[], None]]:
     """The ``metrics.jsonl`` records with ``step <= last_step``, and the function that

@@ -72,15 +72,18 @@ def train_step(
     state: TrainState,
     images: jax.Array,
     labels: jax.Array,
+    sums: Metrics | None = None,
     *,
     model: Model,
     optimizer: optax.GradientTransformation,
 ) -> tuple[TrainState, Metrics]:
     """One optimisation step on a batch: gradients, optax update, batch metrics.
 
-    images float32 [B, H, W(, C)], labels int32 [B].
+    images float32 [B, H, W(, C)], labels int32 [B]; sums: the metric sums so far, to which
+    the batch's are added (None: the batch's alone), as :func:`train_steps` adds each step's.
     """
-    return _update(state, model.sequences(images), labels, model, optimizer)
+    state, metrics = _update(state, model.sequences(images), labels, model, optimizer)
+    return state, metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
 
 
 def _update(

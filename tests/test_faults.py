@@ -188,7 +188,8 @@ def test_resume_survives_a_metrics_line_cut_short_by_a_kill(tmp_path):
         "step,split,loss,accuracy,wall_s\n0,test,2.3,0.1,1.0\n10,test,1.0,0.6,2.0\n20,te"
     )
     assert [r["step"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")] == [0, 10]
-    kept = metrics.truncate_metrics(tmp_path, 10)
+    kept, truncate = metrics.kept_metrics(tmp_path, 10)
+    truncate()
     assert [r["step"] for r in kept] == [0, 10]
     assert [r["step"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")] == [0, 10]
     assert (tmp_path / "metrics.jsonl").read_text().endswith("}\n")
@@ -223,7 +224,7 @@ def test_a_damaged_metrics_line_not_cut_short_by_a_kill_is_an_error_naming_it(
     (tmp_path / name).write_bytes(text.encode())
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with pytest.raises(metrics.MetricsFileError) as info:
-        metrics.truncate_metrics(tmp_path, 10)
+        metrics.kept_metrics(tmp_path, 10)
     message = str(info.value)
     assert message.startswith(f"{tmp_path / name}: line {line} is not a metrics record")
     assert f"repair or delete line {line}" in message and "\n" not in message
@@ -267,7 +268,7 @@ def test_undecodable_bytes_in_a_metrics_file_are_one_line_naming_it(tmp_path):
         with pytest.raises(metrics.MetricsFileError,
                            match=rf"^{tmp_path / name}: byte 40 is not text .*repair or "
                                  "delete the file, then run again$"):
-            metrics.truncate_metrics(tmp_path, 10)
+            metrics.kept_metrics(tmp_path, 10)
         assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
         (tmp_path / name).write_bytes(damaged)
 
