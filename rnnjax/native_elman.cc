@@ -14,8 +14,9 @@
 // batch's rows are independent through the layer, so each call splits the batch into one
 // part per thread of XLA's intra-op pool, more where a part would pass kPartRows rows
 // (run_parts, parts_for), and each part runs all its steps alone: the input projection, the
-// recurrence, and in the backward pass its own weight gradients' sums, added part by part
-// at the end (PartSums: the same bits in every call of a process). Each product accumulates
+// recurrence, and in the backward pass its own weight gradients' sums (in blocks of steps:
+// BlockSums), added part by part at the end (PartSums: the same bits in every call of a
+// process). Each product accumulates
 // over k in order with fused multiply-adds, and tanh is the rational approximation XLA:CPU
 // emits (clamped to +-7.905, x itself below 4e-4): the forward rounded as XLA's did on the
 // AVX-512 EPYC this was written on; the weight gradients are summed in another order
@@ -50,8 +51,8 @@ void forward(const Pool& pool, const Inputs& xs, const float* kernel, const floa
 
 // g = dh_last; for t = T-1 .. 0: dzs[t] = (g [+ dhs[t]]) * (1 - hs[t]^2),
 // g = dzs[t] @ recurrent^T; dh0 = g. The batch in parts (run_parts), each summing its own
-// weight gradients step by step (dkernel += xs[t]^T dzs[t], drecurrent += hs[t-1]^T dzs[t],
-// dbias += the rows of dzs[t]).
+// weight gradients in blocks of steps (BlockSums: dkernel += xs[t]^T dzs[t], drecurrent +=
+// hs[t-1]^T dzs[t], dbias += the rows of dzs[t]).
 void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* dhs,
               const float* h0, const float* recurrent, const float* dh_last, float* dzs,
               float* dh0, float* dkernel, float* drecurrent, float* dbias, int64_t time,
@@ -66,7 +67,8 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
     InputRows x(xs, first, last);
     for (int64_t r = 0; r < rows; ++r)
       std::memcpy(g.data() + r * np, dh_last + (first + r) * hidden, hidden * sizeof(float));
-    float* dk = sums.part(p);
+    BlockSums step_sums = sums.part(p, time, rows);
+    float* dk = step_sums.block();
     float* dr = dk + features * np;
     float* db = dr + hidden * np;
     for (int64_t t = time - 1; t >= 0; --t) {
@@ -94,6 +96,7 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < np; c += L)
           store(db + c, load(db + c) + load(dz.data() + r * np + c));
+      step_sums.step_done();
     }
     unpad_gates(g.data(), rows, hidden, 1, dh0 + first * hidden);
   });

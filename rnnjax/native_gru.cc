@@ -69,10 +69,10 @@ void forward(const Pool& pool, const Inputs& xs, const float* kernel, const floa
   });
 }
 
-// The gradients; the batch in parts (run_parts), each summing its own weight gradients
-// step by step. du is written padded ([T, B, 3np], the call's output: XLA's dxs =
-// dus @ kernel^T reads it with the kernel's gate blocks padded alike; into one step's rows
-// of the part's own where the inputs' gradient is not asked for, dus null), and dv's n
+// The gradients; the batch in parts (run_parts), each summing its own weight gradients in
+// blocks of steps (BlockSums). du is written padded ([T, B, 3np], the call's output: XLA's
+// dxs = dus @ kernel^T reads it with the kernel's gate blocks padded alike; into one step's
+// rows of the part's own where the inputs' gradient is not asked for, dus null), and dv's n
 // block beside it (dv_n, [rows, np]): dv = [du_z, du_r, dv_n].
 void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* dhs,
               const float* h0, const float* gates, const float* recurrent,
@@ -92,7 +92,8 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
     InputRows x(xs, first, last);
     for (int64_t r = 0; r < rows; ++r)
       std::memcpy(g.data() + r * np, dh_last + (first + r) * hidden, hidden * sizeof(float));
-    float* dk = sums.part(p);
+    BlockSums step_sums = sums.part(p, time, rows);
+    float* dk = step_sums.block();
     float* dr = dk + features * width;
     float* db = dr + hidden * width;
     float* drb = db + width;
@@ -138,6 +139,7 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
         for (int64_t c = 0; c < np; c += L)
           store(drb + 2 * np + c, load(drb + 2 * np + c) + load(dvn.data() + r * np + c));
       }
+      step_sums.step_done();
     }
     unpad_gates(g.data(), rows, hidden, 1, dh0 + first * hidden);
   });

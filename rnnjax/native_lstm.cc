@@ -67,10 +67,10 @@ void forward(const Pool& pool, const Inputs& xs, const float* kernel, const floa
   });
 }
 
-// The gradients; the batch in parts (run_parts), each summing its own weight gradients
-// step by step. dz is written padded ([T, B, 4np], the call's output: XLA's dxs =
-// dzs @ kernel^T reads it with the kernel's gate blocks padded alike; into one step's rows
-// of the part's own where the inputs' gradient is not asked for, dzs null).
+// The gradients; the batch in parts (run_parts), each summing its own weight gradients in
+// blocks of steps (BlockSums). dz is written padded ([T, B, 4np], the call's output: XLA's
+// dxs = dzs @ kernel^T reads it with the kernel's gate blocks padded alike; into one step's
+// rows of the part's own where the inputs' gradient is not asked for, dzs null).
 void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* dhs,
               const float* h0, const float* c0, const float* gates, const float* recurrent,
               const float* dh_last, const float* dc_last, float* dzs, float* dh0, float* dc0,
@@ -91,7 +91,8 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
       std::memcpy(g.data() + r * np, dh_last + row, hidden * sizeof(float));
       std::memcpy(dc.data() + r * np, dc_last + row, hidden * sizeof(float));
     }
-    float* dk = sums.part(p);
+    BlockSums step_sums = sums.part(p, time, rows);
+    float* dk = step_sums.block();
     float* dr = dk + features * width;
     float* db = dr + hidden * width;
     for (int64_t t = time - 1; t >= 0; --t) {
@@ -129,6 +130,7 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < width; c += L)
           store(db + c, load(db + c) + load(dzt + r * width + c));
+      step_sums.step_done();
     }
     unpad_gates(g.data(), rows, hidden, 1, dh0 + first * hidden);
     unpad_gates(dc.data(), rows, hidden, 1, dc0 + first * hidden);
