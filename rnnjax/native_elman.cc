@@ -58,12 +58,12 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
               float* dh0, float* dkernel, float* drecurrent, float* dbias, int64_t time,
               int64_t batch, int64_t hidden) {
   const int64_t np = padded(hidden), features = xs.features;
-  const std::vector<float> ut = padded_gates_transposed(recurrent, hidden, 1);
+  const Floats ut = padded_gates_transposed(recurrent, hidden, 1);
   const int64_t parts = parts_for(pool, batch);
   PartSums sums(parts, (features + hidden + 1) * np);  // dk [F, np], dr [H, np], db [np]
   run_parts(pool, parts, batch, [&](int64_t p, int64_t first, int64_t last) {
     const int64_t rows = last - first;
-    std::vector<float> g(rows * np), dz(rows * np);  // dz: dzs[t]'s rows, padded
+    Floats g(rows * np), dz(rows * np);  // dz: dzs[t]'s rows, padded
     InputRows x(xs, first, last);
     for (int64_t r = 0; r < rows; ++r)
       std::memcpy(g.data() + r * np, dh_last + (first + r) * hidden, hidden * sizeof(float));

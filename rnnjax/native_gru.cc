@@ -34,8 +34,8 @@ void forward(const Pool& pool, const Inputs& xs, const float* kernel, const floa
              const float* recurrent, const float* recurrent_bias, const float* h0, float* hs,
              float* gates, int64_t time, int64_t batch, int64_t hidden) {
   const int64_t np = padded(hidden), width = kGates * np, stored = 4 * np;
-  const std::vector<float> b = padded_gates(bias, 1, hidden, kGates);
-  const std::vector<float> rb = padded_gates(recurrent_bias, 1, hidden, kGates);
+  const Floats b = padded_gates(bias, 1, hidden, kGates);
+  const Floats rb = padded_gates(recurrent_bias, 1, hidden, kGates);
   forward_parts(pool, xs, kernel, recurrent, h0, hs, kGates, time, batch, hidden,
                 [&](int64_t, int64_t at, int64_t, int64_t rows, const float* us,
                     const float* v, const float* previous) {
@@ -81,14 +81,14 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
               int64_t hidden) {
   const int64_t np = padded(hidden), width = kGates * np, stored = 4 * np;
   const int64_t features = xs.features;
-  const std::vector<float> ut = padded_gates_transposed(recurrent, hidden, kGates);
+  const Floats ut = padded_gates_transposed(recurrent, hidden, kGates);
   const int64_t parts = parts_for(pool, batch);
   // dk [F, 3np], dr [H, 3np], db [3np], drb [3np]
   PartSums sums(parts, (features + hidden + 2) * width);
   run_parts(pool, parts, batch, [&](int64_t p, int64_t first, int64_t last) {
     const int64_t rows = last - first;
-    std::vector<float> g(rows * np), dvn(rows * np);
-    std::vector<float> step_du(dus == nullptr ? rows * width : 0);  // where dus is not asked
+    Floats g(rows * np), dvn(rows * np);
+    Floats step_du(dus == nullptr ? rows * width : 0);  // where dus is not asked
     InputRows x(xs, first, last);
     for (int64_t r = 0; r < rows; ++r)
       std::memcpy(g.data() + r * np, dh_last + (first + r) * hidden, hidden * sizeof(float));

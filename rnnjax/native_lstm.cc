@@ -34,7 +34,7 @@ void forward(const Pool& pool, const Inputs& xs, const float* kernel, const floa
              const float* recurrent, const float* h0, const float* c0, float* hs,
              float* gates, int64_t time, int64_t batch, int64_t hidden) {
   const int64_t np = padded(hidden), width = kGates * np, stored = 6 * np;
-  const std::vector<float> b = padded_gates(bias, 1, hidden, kGates);
+  const Floats b = padded_gates(bias, 1, hidden, kGates);
   forward_parts(pool, xs, kernel, recurrent, h0, hs, kGates, time, batch, hidden,
                 [&](int64_t t, int64_t at, int64_t first, int64_t rows, const float* us,
                     const float* v, const float*) {
@@ -78,13 +78,13 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
               int64_t hidden) {
   const int64_t np = padded(hidden), width = kGates * np, stored = 6 * np;
   const int64_t features = xs.features;
-  const std::vector<float> ut = padded_gates_transposed(recurrent, hidden, kGates);
+  const Floats ut = padded_gates_transposed(recurrent, hidden, kGates);
   const int64_t parts = parts_for(pool, batch);
   PartSums sums(parts, (features + hidden + 1) * width);  // dk [F, 4np], dr [H, 4np], db
   run_parts(pool, parts, batch, [&](int64_t p, int64_t first, int64_t last) {
     const int64_t rows = last - first;
-    std::vector<float> g(rows * np), dc(rows * np);
-    std::vector<float> step_dz(dzs == nullptr ? rows * width : 0);  // where dzs is not asked
+    Floats g(rows * np), dc(rows * np);
+    Floats step_dz(dzs == nullptr ? rows * width : 0);  // where dzs is not asked
     InputRows x(xs, first, last);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t row = (first + r) * hidden;
