@@ -198,6 +198,29 @@ inline void zero_padding(float* m, int64_t rows, int64_t hidden, int64_t gates) 
     store(last, keep ? load(last) : vec{});
 }
 
+// to[:n] += the sum of m's rows [rows, n] (ld apart; n a multiple of L): the rows summed
+// first, then added to `to`, a block's sums of many steps (BlockSums). Four vectors at a
+// time, four chains of additions in flight: one at a time, the chain's latency made the
+// rows batch 50 LSTM's train step 5-13% slower.
+inline void add_row_sums(float* to, const float* m, int64_t rows, int64_t ld, int64_t n) {
+  constexpr int64_t kAtOnce = 4;
+  int64_t c = 0;
+  for (; c + kAtOnce * L <= n; c += kAtOnce * L) {
+    vec sum[kAtOnce] = {};
+    for (int64_t r = 0; r < rows; ++r)
+#pragma GCC unroll 4
+      for (int64_t v = 0; v < kAtOnce; ++v) sum[v] += load(m + r * ld + c + v * L);
+#pragma GCC unroll 4
+    for (int64_t v = 0; v < kAtOnce; ++v)
+      store(to + c + v * L, load(to + c + v * L) + sum[v]);
+  }
+  for (; c < n; c += L) {
+    vec sum{};
+    for (int64_t r = 0; r < rows; ++r) sum += load(m + r * ld + c);
+    store(to + c, load(to + c) + sum);
+  }
+}
+
 // n (at most L) floats from p, zeros after them.
 inline vec load_part(const float* p, int64_t n) {
   if (n == L) return load(p);

@@ -93,9 +93,7 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
       product<true>({x.at(t, t - 1), 1, features, dz.data(), np, dk, np, features, rows,
                      np});
       product<true>({previous, 1, hidden, dz.data(), np, dr, np, hidden, rows, np});
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < np; c += L)
-          store(db + c, load(db + c) + load(dz.data() + r * np + c));
+      add_row_sums(db, dz.data(), rows, np, np);
       step_sums.step_done();
     }
     unpad_gates(g.data(), rows, hidden, 1, dh0 + first * hidden);

@@ -127,9 +127,7 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
       product<true>({x.at(t, t - 1), 1, features, dzt, width, dk, width, features, rows,
                      width});
       product<true>({previous, 1, hidden, dzt, width, dr, width, hidden, rows, width});
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < width; c += L)
-          store(db + c, load(db + c) + load(dzt + r * width + c));
+      add_row_sums(db, dzt, rows, width, width);
       step_sums.step_done();
     }
     unpad_gates(g.data(), rows, hidden, 1, dh0 + first * hidden);

@@ -92,13 +92,17 @@ def test_native_gradients_are_the_same_bits_in_every_call(device_data, cell):
                                                         strict=True))
 
 
-@pytest.mark.parametrize("cell", ("lstm", "gru"))
-def test_native_bias_gradients_are_as_close_to_float64_as_xlas(device_data, cell):
-    """Each part of the batch sums its weight gradients over the steps in blocks
-    (native_common.h's BlockSums), then the blocks' sums. Summed in one run, over the
-    pixels' 784 steps of 25 rows a part, the bias gradients were 7.7x (LSTM) and 5.8x (GRU)
-    as far from float64's as the hand-written form's (2.7e-6 and 1.9e-6 relative, against
-    3.5e-7 and 3.3e-7); in blocks they are 1.0x and 1.8x."""
+@pytest.mark.parametrize("cell", NATIVE_CELLS)
+def test_native_gradients_are_as_close_to_float64_as_xlas(device_data, cell):
+    """Every gradient of the native form's first pixels step is about as close to a float64
+    autodiff's as the hand-written form's (relative norm error at most 1.25x its; 1.06x
+    the most measured, at 8 lanes and 16 alike). Each part of the batch sums its weight
+    gradients over the steps in blocks (native_common.h's BlockSums), then the blocks'
+    sums: summed in one run, over 784 steps of 25 rows a part, the bias gradients were
+    7.7x (LSTM) and 5.8x (GRU) as far from float64's. A step's rows are summed before
+    they are added to a block (add_row_sums): the GRU's bias gradients had been 1.8x. The
+    GRU's g = dv @ recurrent^T + dh * z sums the product's terms first: added one by one
+    to dh * z, its kernel's gradient was 3.6x (1.4e-6 against 3.9e-7)."""
     images, labels = device_data.train_images[:50], device_data.train_labels[:50]
     config = Config(cell=cell, order="pixels", batch_size=50)
 
@@ -115,14 +119,13 @@ def test_native_bias_gradients_are_as_close_to_float64_as_xlas(device_data, cell
                                               compute_dtype=jax.numpy.float64))
     xla, ours = (gradients(make_model(config.replace(backward=backward)))
                  for backward in ("hand_written", "native"))
-    biases = [name for name in exact if name.endswith("bias']")]
-    assert len(biases) == {"lstm": 2, "gru": 3}[cell]  # the head's, and the layer's
+    assert len(exact) == {"simple_rnn": 5, "lstm": 5, "gru": 6}[cell]  # the layer's, the head's
 
     def error(grads, name):
         return np.linalg.norm(grads[name] - exact[name]) / np.linalg.norm(exact[name])
 
-    for name in biases:
-        assert error(ours, name) <= max(3 * error(xla, name), 1e-6), name
+    for name in exact:
+        assert error(ours, name) <= 1.25 * error(xla, name), name
 
 
 LAYERS = {  # a native layer, its weights' shapes [F = 3, H = 6], its carry's arrays
