@@ -56,8 +56,16 @@ inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 
 inline vec splat(float s) { return s - vec{}; }  // s - 0 is s for every s, so this folds away
 
+// tanh as XLA:CPU computes it (and Eigen): x itself below 4e-4, else a rational function
+// of x clamped to +-c. Where the CPU fuses products with sums (FMA), c is 7.9988, where the
+// function rounds to 1: from 7.9988 on the result is +-1, as XLA's. (At 7.9053, the clamp
+// for CPUs without FMA, it was 0.99999976 for every larger x, where XLA's was 1.)
 inline vec tanh_vec(vec x) {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+  const vec c = splat(7.99881172180175781f);
+#else
   const vec c = splat(7.90531110763549805f);
+#endif
   vec xc = x < -c ? -c : x;
   xc = xc > c ? c : xc;
   const vec x2 = xc * xc;

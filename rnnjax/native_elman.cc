@@ -17,10 +17,10 @@
 // recurrence, and in the backward pass its own weight gradients' sums (in blocks of steps:
 // BlockSums), added part by part at the end (PartSums: the same bits in every call of a
 // process). Each product accumulates over k in order with fused multiply-adds, and tanh is
-// the rational approximation XLA:CPU emits (clamped to +-7.905, x itself below 4e-4): the
-// forward rounded as XLA's did on the AVX-512 EPYC this was written on; the weight
-// gradients are summed in another order (tests/test_native.py checks them against the
-// hand-written form's).
+// the rational approximation XLA:CPU emits (tanh_vec: its clamp, +-7.9988 where the CPU
+// has FMA, and x itself below 4e-4): the forward rounded as XLA's did on the AVX-512 EPYC
+// this was written on; the weight gradients are summed in another order
+// (tests/test_native.py checks them against the hand-written form's).
 
 #include "native_common.h"
 

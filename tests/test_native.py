@@ -314,6 +314,27 @@ def test_native_train_steps_read_each_batch_in_the_datasets_sequences(mnist, shu
 
 
 @pytest.mark.parametrize("lanes", NATIVE_LANES)
+def test_the_native_tanh_is_within_5_ulps_and_saturates_at_1(lanes):
+    """The Elman layer with an identity kernel and no recurrence gives tanh of its inputs
+    (the products add exact zeros): within 5 units in the last place of float64's tanh
+    (XLA:CPU's approximation: 4.4 at most), and exactly +-1 where tanh rounds to it. Its
+    clamp at 7.905, the one for CPUs without FMA, had given 0.99999976 for every larger
+    input."""
+    hidden = 20  # one whole vector of 16 and 4 floats of the next: tanh_vec and its scalar
+    xs = np.linspace(-20, 20, 8 * 25 * hidden, dtype=np.float32).reshape(8, 25, hidden)
+    xs[0, 0] = np.geomspace(1e-6, 1e-2, hidden)  # below 4e-4, tanh(x) is x
+    hs, _ = native.elman_layer(lanes)(xs, np.eye(hidden, dtype=np.float32),
+                                      np.zeros((hidden, hidden), np.float32),
+                                      np.zeros(hidden, np.float32),
+                                      np.zeros((25, hidden), np.float32))
+    hs, exact = np.asarray(hs, np.float64), np.tanh(xs.astype(np.float64))
+    ulps = np.abs(hs - exact) / np.spacing(exact.astype(np.float32))
+    assert ulps.max() <= 5, (ulps.max(), xs.flat[ulps.argmax()])
+    saturated = np.abs(xs) >= 9.02  # tanh's float32 rounding is +-1 from 9.011 on
+    np.testing.assert_array_equal(hs[saturated], np.sign(xs[saturated]))
+
+
+@pytest.mark.parametrize("lanes", NATIVE_LANES)
 def test_every_leftover_block_of_the_products_sums_as_the_scan_does(lanes):
     """The products run in register blocks of R rows by V vectors (3 x 7 or 6 x 4 on
     AVX-512, 2 x 7 on AVX2), and the rows and vectors left over as one smaller block: batches
