@@ -83,8 +83,9 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
   const int64_t features = xs.features;
   const Floats ut = padded_gates_transposed(recurrent, hidden, kGates);
   const int64_t parts = parts_for(pool, batch);
-  // dk [F, 3np], dr [H, 3np], db [3np], drb [3np]
-  PartSums sums(parts, (features + hidden + 2) * width);
+  // dk [F, 3np], dr [H, 3np], db [3np], and drb_n [np]: the recurrent bias's n block (its
+  // z and r blocks are du's, as db's: copied from dbias at the end, not summed twice)
+  PartSums sums(parts, (features + hidden + 1) * width + np);
   run_parts(pool, parts, batch, [&](int64_t p, int64_t first, int64_t last) {
     const int64_t rows = last - first;
     Floats g(rows * np), dvn(rows * np), kept(rows * np);  // kept: dh * z
@@ -96,7 +97,7 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
     float* dk = step_sums.block();
     float* dr = dk + features * width;
     float* db = dr + hidden * width;
-    float* drb = db + width;
+    float* drb_n = db + width;
     for (int64_t t = time - 1; t >= 0; --t) {
       const int64_t at = t * batch + first;
       const float* gt = gates + at * stored;
@@ -139,8 +140,7 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
       product<true>({previous, 1, hidden, dvn.data(), np, dr + 2 * np, width, hidden, rows,
                      np});
       add_row_sums(db, dut, rows, width, width);
-      add_row_sums(drb, dut, rows, width, 2 * np);
-      add_row_sums(drb + 2 * np, dvn.data(), rows, np, np);
+      add_row_sums(drb_n, dvn.data(), rows, np, np);
       step_sums.step_done();
     }
     unpad_gates(g.data(), rows, hidden, 1, dh0 + first * hidden);
@@ -151,7 +151,8 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
   unpad_gates(dk, features, hidden, kGates, dkernel);
   unpad_gates(dr, hidden, hidden, kGates, drecurrent);
   unpad_gates(db, 1, hidden, kGates, dbias);
-  unpad_gates(db + width, 1, hidden, kGates, drecurrent_bias);
+  std::memcpy(drecurrent_bias, dbias, 2 * hidden * sizeof(float));
+  unpad_gates(db + width, 1, hidden, 1, drecurrent_bias + 2 * hidden);
 }
 
 // (xs [T, N, F], kernel [F, 3H], bias [3H], recurrent [H, 3H], recurrent_bias [3H],
