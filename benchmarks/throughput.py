@@ -140,17 +140,24 @@ def measure(device, data, batch: int, unroll: int, steps_per_call: int, repeats:
 def ops_table(names: list[str], device: jax.Device) -> dict[str, dict[str, float]]:
     """``{cell: {"forward": ops, "backward": ops, "launched": ops, "launched_full": ops}}``
     on ``device``, printed: per time step at unroll 1, and what one train step launches at
-    unroll 1 and fully unrolled (where full unrolling wins, what the tuner runs)."""
+    unroll 1 and fully unrolled (where full unrolling wins, what the tuner runs); each cell
+    in its default form, the GRU hand-written too, and each cell's native form where it runs
+    on ``device`` (``cells.native_backends``: no loop, so 0 ops per time step, and the same
+    count at every unroll)."""
     table = {}
     print(f"{device.platform}: ops per time step (train step, batch 50, rows, unroll 1), "
           "forward / backward; ops one train step launches, unroll 1 / full", flush=True)
-    variants = [(name, name, None) for name in names]
+    hidden = Config().hidden_size
+    variants = [(name, Config(cell=name), None) for name in names]
     if "gru" in names:
-        variants.append(("gru, backward='hand_written'", "gru",
-                         cells.gru(Config().hidden_size, backward="hand_written")))
-    for label, name, cell in variants:
-        counts = step_ops(Config(cell=name), device, cell)
-        full = hlo.launched_ops(step_text(Config(cell=name, unroll=0), device, cell))
+        variants.append(("gru, backward='hand_written'", Config(cell="gru"),
+                         cells.gru(hidden, backward="hand_written")))
+    variants += [(f"{name}, backward='native'", Config(cell=name, backward="native"), None)
+                 for name in names
+                 if device.platform in cells.native_backends(cells.get_cell(name, hidden))]
+    for label, config, cell in variants:
+        counts = step_ops(config, device, cell)
+        full = hlo.launched_ops(step_text(config.replace(unroll=0), device, cell))
         table[label] = {**counts, "launched_full": float(full)}
         print(f"  {label}: {counts['forward']:g} / {counts['backward']:g}; "
               f"{counts['launched']:g} / {full:g}", flush=True)

@@ -188,6 +188,22 @@ def test_unrolled_train_step_launches_within_budget(cell):
     assert 0 < hlo.launched_ops(text) <= UNROLLED_BUDGETS[cell]
 
 
+# What one train step of the native form launches (batch 50), at every order: its passes are
+# custom calls over the whole sequence, with no loop left in XLA's program. The XLA forms
+# launch 332-1182 at rows (unroll 1) and 7,906-29,870 by pixels; Flax's 710-1678 and
+# 16,530-41,681 (results/flax_peers_ops.md).
+NATIVE_BUDGETS = {"simple_rnn": 46, "lstm": 46, "gru": 49}
+
+
+@pytest.mark.parametrize("order", ["rows", "pixels"])
+@pytest.mark.parametrize("cell", sorted(NATIVE_BUDGETS))
+def test_native_train_step_launches_a_few_ops_at_every_length(cell, order):
+    text = step_text(Config(cell=cell, backward="native", order=order),
+                     jax.devices("cpu")[0])
+    assert not hlo.loop_ops(text)  # no time step left to XLA
+    assert 0 < hlo.launched_ops(text) <= NATIVE_BUDGETS[cell]
+
+
 @pytest.mark.parametrize("cell", ["simple_rnn", "irnn", "lstm", "gru"])
 @pytest.mark.parametrize("form", [("hoisted", "product", 1), ("hoisted", "per_step", 1),
                                   ("in_loop", "product", 1), ("in_loop", "per_step", 1),
@@ -260,7 +276,8 @@ def test_flax_benchmark_counts_the_ops_every_runner_launches(tmp_path):
 def test_throughput_ops_only_writes_the_ops_table(tmp_path):
     """``benchmarks.throughput --ops-only``: each cell's ops, compiled and counted, not timed,
     into ``throughput_ops.json`` (the README's table of ops per time step): the SimpleRNN's
-    within its budget, and fewer launched fully unrolled than at unroll 1."""
+    within its budget, and fewer launched fully unrolled than at unroll 1; its native form's
+    too, with no loop: no op per time step, the same count at every unroll."""
     import json
 
     from benchmarks import throughput
@@ -268,9 +285,12 @@ def test_throughput_ops_only_writes_the_ops_table(tmp_path):
     throughput.main(["--ops-only", "--cells", "simple_rnn", "--backends", "cpu",
                      "--out", str(tmp_path)])
     payload = json.loads((tmp_path / "throughput_ops.json").read_text())
-    (row,) = payload["rows"]
+    row, native = payload["rows"]
     assert (row["backend"], row["cell"]) == ("cpu", "simple_rnn")
     assert 0 < row["forward"] <= BUDGETS["simple_rnn", "auto", "auto", "auto"][0]
     assert 0 < row["backward"] <= BUDGETS["simple_rnn", "auto", "auto", "auto"][1]
     assert 0 < row["launched_full"] < row["launched"]
+    assert native["cell"] == "simple_rnn, backward='native'"
+    assert native["forward"] == native["backward"] == 0
+    assert 0 < native["launched"] == native["launched_full"] <= NATIVE_BUDGETS["simple_rnn"]
     assert "forward" in (tmp_path / "throughput_ops.md").read_text()
