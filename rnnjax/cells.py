@@ -21,11 +21,12 @@ A :class:`Cell` is a handful of pure functions, no state:
   faster on some machines and shapes (``rnnjax.tune`` measures them); a cell lists the
   ones its ``sequence`` honours in ``Cell.options``, and ``Cell.backward`` says whether
   ``sequence`` ('hand_written') or autodiff of the scan ('autodiff') is its default;
-* optional ``native(params, xs, carry, lanes) -> (carry, ys)``: the same as ``sequence``
-  with native XLA:CPU custom calls for its passes (``rnnjax.native``: ``simple_rnn``,
-  ``lstm``, ``gru``), built for vectors of ``lanes`` floats (8 or 16), the backward
-  'native'; on a GPU, Pallas kernels (``rnnjax.native_gpu``: ``simple_rnn``,
-  :func:`native_backends`);
+* optional ``native(params, xs, carry, lanes, rows=None, outputs=True) -> (carry, ys)``:
+  the same as ``sequence`` with native XLA:CPU custom calls for its passes
+  (``rnnjax.native``: ``simple_rnn``, ``lstm``, ``gru``), built for vectors of ``lanes``
+  floats (8 or 16), the backward 'native' (``outputs`` False: ys may be None, the forward
+  writing no [T, B, ...] arrays where no gradient is taken); on a GPU, Pallas kernels
+  (``rnnjax.native_gpu``: ``simple_rnn``, :func:`native_backends`);
 * optional ``last_output(carry) -> y``: the last step's output ``y_T [B, H]`` read from the
   final carry. A model that only needs ``y_T`` then leaves ``ys`` unused, and XLA drops
   storing it (an evaluation pass writes no ``[T, B, H]`` array).
@@ -171,8 +172,13 @@ def scan_cell(
     cell: Cell, params: Params, xs: jax.Array, carry: Carry | None = None, unroll: int = 1,
     weight_grad: str = "auto", projection: str = "auto", backward: str = "auto",
     chunks: int = 1, native_lanes: int = NATIVE_LANES[0], rows: jax.Array | None = None,
-) -> tuple[Carry, jax.Array]:
+    outputs: bool = True,
+) -> tuple[Carry, jax.Array | None]:
     """Run ``cell`` over time-major ``xs [T, B, F]``: ``(final carry, ys [T, B, H])``.
+
+    ``outputs`` False: only the final carry is read (a classifier's last layer), and ys may
+    be None: the native form's forward then writes no [T, B, ...] arrays where no gradient
+    is taken (XLA's forms drop the unread ys themselves).
 
     ``rows`` (int [B], the native form in one part only): ``xs`` is a table [T, N, F], a
     whole set's sequences, and the batch ``xs[:, rows]``, which the native kernels read
@@ -212,7 +218,7 @@ def scan_cell(
         return carry, jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=0), *parts)
     unroll = unroll or time
     if form.backward == "native":
-        return cell.native(params, xs, carry, native_lanes, rows)
+        return cell.native(params, xs, carry, native_lanes, rows, outputs=outputs)
     if form.backward == "hand_written":
         return cell.sequence(params, xs, carry, unroll, form.weight_grad, form.projection)
     if cell.project is None:
@@ -538,13 +544,16 @@ def _elman(hidden: int, activation: str, recurrent_init: Callable) -> Cell:
 
 
 def _native(layer: str, weights: tuple[str, ...]) -> Callable[..., tuple[Carry, jax.Array]]:
-    """A cell's ``native(params, xs [T, B, F], carry, lanes=8, rows=None) -> (carry,
-    hs [T, B, H])``: the layer ``rnnjax.native.<layer>`` (``layer(xs, *(params[w] for w in
-    weights), *carry, rows=rows) -> (hs, *carry)``, the carry h or (h, c)), built for
-    ``lanes`` floats per vector (``Config.native_lanes``). With ``rows`` (int [B]), ``xs``
-    is a table [T, N, F] whose batch is ``xs[:, rows]``, read where it is. float32 only."""
+    """A cell's ``native(params, xs [T, B, F], carry, lanes=8, rows=None, outputs=True) ->
+    (carry, hs [T, B, H])``: the layer ``rnnjax.native.<layer>`` (``layer(xs, *(params[w]
+    for w in weights), *carry, rows=rows) -> (hs, *carry)``, the carry h or (h, c)), built
+    for ``lanes`` floats per vector (``Config.native_lanes``). With ``rows`` (int [B]),
+    ``xs`` is a table [T, N, F] whose batch is ``xs[:, rows]``, read where it is. With
+    ``outputs`` False, hs None on a CPU: the layer's ``final`` form, whose forward writes
+    the last step alone. float32 only."""
     def native(params: Params, xs: jax.Array, carry: Carry, lanes: int = NATIVE_LANES[0],
-               rows: jax.Array | None = None) -> tuple[Carry, jax.Array]:
+               rows: jax.Array | None = None, outputs: bool = True
+               ) -> tuple[Carry, jax.Array | None]:
         from rnnjax import native as kernels
 
         if xs.dtype != jnp.float32:
@@ -566,7 +575,7 @@ def _native(layer: str, weights: tuple[str, ...]) -> Callable[..., tuple[Carry, 
                 xs = gather_sequences(xs, rows)
             hs, *last = getattr(native_gpu, layer)()(xs, *operands)
         else:
-            hs, *last = getattr(kernels, layer)(lanes)(xs, *operands, rows=rows)
+            hs, *last = getattr(kernels, layer)(lanes, not outputs)(xs, *operands, rows=rows)
         return (tuple(last) if pair else last[0]), hs
 
     native.layer = layer  # type: ignore[attr-defined]  (for native_backends)

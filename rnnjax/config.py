@@ -31,7 +31,7 @@ PROJECTIONS = ("auto", "hoisted", "in_loop")
 WEIGHT_GRADS = ("auto", "product", "per_step")
 # The fields rnnjax.tune chooses by measurement unless set on the command line.
 TUNED = ("unroll", "backward", "projection", "weight_grad", "native_lanes", "chunks", "feed",
-         "xla_flags", "huge_pages", "cpus", "eval_unroll")
+         "xla_flags", "huge_pages", "cpus", "eval_unroll", "eval_native")
 # Floats per vector the native kernels (backward 'native') are built for: 256-bit or 512-bit
 # vectors. Which runs faster depends on the CPU (its vector units) and the shape, so the
 # tuner times both where the CPU has 512-bit registers (rnnjax.native.wide_vectors).
@@ -79,6 +79,12 @@ class Config:
         default=-1, metadata={"help": "the evaluations' lax.scan unroll factor (0 = fully "
                               "unrolled, -1 = --unroll's); the same sums, bit for bit, where "
                               "rnnjax train tunes it (unless given)"}
+    )
+    eval_native: bool = field(
+        default=True, metadata={"help": "with --backward native on a CPU: the evaluations run "
+                                "the native forward too, which writes the last step alone "
+                                "(--no-eval-native: XLA's hand-written form, at "
+                                "--eval-unroll); tuned unless given"}
     )
     backward: str = field(
         default="auto",
@@ -388,10 +394,18 @@ def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+# Fields added after configs were first written, with the value that runs what a config
+# written without them ran (its default may differ): a run resumed, or a checkpoint
+# evaluated, as it was. eval_native: a native model's evaluations ran XLA's form.
+BEFORE = {"eval_native": False}
+
+
 def from_dict(values: dict[str, Any]) -> Config:
-    """Inverse of :func:`to_dict`; unknown keys are an error naming them."""
+    """Inverse of :func:`to_dict`; unknown keys are an error naming them; a field missing
+    from ``values`` (written before it existed) takes :data:`BEFORE`'s value, else its
+    default."""
     known = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown config keys {unknown}: written by another rnnjax version?")
-    return Config(**values)
+    return Config(**{**BEFORE, **values})

@@ -39,9 +39,10 @@ then ``ready``. The child then stays, to time one call of a candidate
 per request line on stdin (``{"time": fields, "steps": n}``, n steps or null for as many as
 it timed it in -> event ``timing``), until stdin closes:
 the parent compares the children's fastest so, in turns across the processes. A request
-``{"evaluate": fields, "unrolls": [...], "until": unix time}`` times the run's evaluation
-of a candidate at each of those unrolls instead (:func:`evaluation_timing` -> event
-``evaluation``: its seconds per unroll and whether the sums were the same, or ``failed``).
+``{"evaluate": fields, "ways": [...], "until": unix time}`` times the run's evaluation
+of a candidate each of those ways instead (an unroll of XLA's form, or "native":
+:func:`evaluation_timing` -> event ``evaluation``: its seconds each way and how far their
+sums are from the first's, or ``failed``).
 Candidates are not started past ``deadline``, nor when their predicted compile time would
 pass it (unless ``compiled``: an earlier child compiled them all, and the persistent
 compilation cache holds them). With ``pay_back`` (``{"start": unix time, "steps": the
@@ -477,15 +478,24 @@ def candidate_config(config: Any, fields: dict[str, Any]) -> tuple[Any, str]:
         flags
 
 
-def evaluation_timing(config: Any, xla_flags: str, spec: Any, unrolls: Sequence[int],
+def evaluation_fields(way: int | str) -> dict[str, Any]:
+    """The Config fields of an evaluation ``way``: "native" (``eval_native``), or an unroll
+    of XLA's form (``eval_unroll``; -1 the train step's)."""
+    if way == "native":
+        return {"eval_native": True, "eval_unroll": -1}
+    return {"eval_native": False, "eval_unroll": int(way)}
+
+
+def evaluation_timing(config: Any, xla_flags: str, spec: Any, ways: Sequence[int | str],
                       deadline: float, rounds: int = 3,
                       timer: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
     """An evaluation of ``config.eval_batch_size`` synthetic examples of ``spec``'s images
-    (one chunk of the run's test set: its evaluations run chunk by chunk), compiled at each
-    of ``unrolls`` (under ``xla_flags`` as well as the process's) and called in turns, up
-    to ``rounds`` rounds while ``deadline`` (``time.time()``) allows, one at least:
-    ``{"seconds": {unroll: its best call}, "same": whether their sums are equal, bit for
-    bit}``. The run's evaluation reads the test set as the model's sequences, made once
+    (one chunk of the run's test set: its evaluations run chunk by chunk), compiled each of
+    ``ways`` (:func:`evaluation_fields`; under ``xla_flags`` as well as the process's) and
+    called in turns, up to ``rounds`` rounds while ``deadline`` (``time.time()``) allows,
+    one at least: ``{"seconds": {way: its best call}, "differ": {way: the largest relative
+    difference of its sums (the loss, the share correct) from the first way's; 0: the same
+    bits}}``. The run's evaluation reads the test set as the model's sequences, made once
     (``loop.device_sequences``): so does this."""
     import jax
     import jax.numpy as jnp
@@ -501,16 +511,24 @@ def evaluation_timing(config: Any, xla_flags: str, spec: Any, unrolls: Sequence[
     xs = jax.jit(model.sequences)(normalize_host(data.train_images))
     labels = jnp.asarray(data.train_labels)
     programs, sums = [], []
-    for unroll in unrolls:
+    for way in ways:
         evaluate = jax.jit(functools.partial(  # the model as the run's evaluations take it
             train.evaluate_sequences,
-            model=evaluation_model(config.replace(eval_unroll=unroll), model),
+            model=evaluation_model(config.replace(**evaluation_fields(way)), model),
             chunk=config.eval_batch_size))
         compiled, _ = runtime.compile_timed(evaluate, params, xs, labels, xla_flags=xla_flags)
         sums.append(jax.device_get(compiled(params, xs, labels)))  # and warmed up
         programs.append(compiled)
-    same = all(np.array_equal(np.asarray(a), np.asarray(b)) for other in sums[1:]
-               for a, b in zip(jax.tree.leaves(sums[0]), jax.tree.leaves(other), strict=True))
+
+    def differ(other: dict[str, Any]) -> float:
+        first = sums[0]
+        if all(np.array_equal(np.asarray(first[k]), np.asarray(other[k])) for k in first):
+            return 0.0
+        count = max(int(first["count"]), 1)
+        loss = abs(float(other["loss_sum"]) - float(first["loss_sum"])) / max(
+            abs(float(first["loss_sum"])), 1e-30)
+        return max(loss, abs(int(other["correct"]) - int(first["correct"])) / count)
+
     best = [math.inf] * len(programs)
     for i in range(rounds):
         if i and time.time() > deadline:
@@ -519,7 +537,8 @@ def evaluation_timing(config: Any, xla_flags: str, spec: Any, unrolls: Sequence[
             start = timer()
             jax.block_until_ready(compiled(params, xs, labels))
             best[j] = min(best[j], timer() - start)
-    return {"seconds": {str(u): s for u, s in zip(unrolls, best, strict=True)}, "same": same}
+    return {"seconds": {str(w): s for w, s in zip(ways, best, strict=True)},
+            "differ": {str(w): differ(other) for w, other in zip(ways, sums, strict=True)}}
 
 
 def too_large(config: Any, images: Any, data: Any) -> str | None:
@@ -675,14 +694,14 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
             emit("retimed", candidate=fields, step_s=per_step)
     emit("ready")
     # The parent's final comparison: one call at a time, across children, in turns; and
-    # the evaluation of the candidate chosen, at each unroll asked.
+    # the evaluation of the candidate chosen, each way asked.
     for line in requests:
         request = json.loads(line)
         if "evaluate" in request:
             try:
                 timing = evaluation_timing(
                     *candidate_config(config, request["evaluate"]), images,
-                    request["unrolls"], request["until"], timer=timer)
+                    request["ways"], request["until"], timer=timer)
             except Exception as e:  # a program this backend cannot run: no choice made
                 timing = {"failed": f"{type(e).__name__}: {e}"[:300]}
             emit("evaluation", **timing)

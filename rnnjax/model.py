@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rnnjax import native_gpu
 from rnnjax.cells import Cell, get_cell, glorot_uniform, resolve_form, scan_cell
 from rnnjax.config import NATIVE_LANES, Config, ConfigError
 from rnnjax.data.spec import IDX_SPEC, DataSpec
@@ -211,14 +212,17 @@ class Model:
         form = {"unroll": self.unroll, "weight_grad": self.weight_grad,
                 "projection": self.projection, "backward": self.backward, "chunks": self.chunks,
                 "native_lanes": self.native_lanes}
-        for layer in params["rnn"]:
+        # The last layer's outputs over time are not read where the carry gives y_T.
+        top = len(params["rnn"]) - 1 if self.cell.last_output is not None else None
+        for depth, layer in enumerate(params["rnn"]):
             if self.bidirectional:
                 carry_f, fwd = scan_cell(self.cell, layer["fwd"], xs, **form)
                 carry_b, bwd = scan_cell(self.cell, layer["bwd"], xs[::-1], **form)
                 xs = jnp.concatenate([fwd, bwd[::-1]], axis=-1)
                 finals = (carry_f, carry_b)
             else:
-                carry, xs = scan_cell(self.cell, layer, xs, **form, rows=rows)
+                carry, xs = scan_cell(self.cell, layer, xs, **form, rows=rows,
+                                      outputs=depth != top)
                 finals = (carry,)
             rows = None  # the later layers read the first's outputs, [T, B, H]
         if self.cell.last_output is not None:
@@ -295,13 +299,22 @@ def _check_native(config: Config, cell: Cell) -> None:
 
 
 def evaluation_model(config: Config, model: Model) -> Model:
-    """``model`` as the evaluations run it: scanned at ``config.eval_unroll`` where that is
-    set (-1: the train step's unroll). Only the program differs; rnnjax.tune sets it only
-    where the sums were the same, bit for bit. A 'native' model evaluates in the
-    hand-written form: at the evaluation's batch of 10,000 XLA's loop, its products of the
-    whole batch, was faster than the native forward call (2-core AVX-512 EPYC, ms per
-    10,000 images: simple_rnn 48 against 56, gru 136 against 229, lstm 206 against 301)."""
+    """``model`` as the evaluations run it: a 'native' model on a CPU in its native form
+    where ``config.eval_native`` (its last layer's forward writes the last step alone:
+    ``rnnjax.native``'s ``final``), else XLA's (a 'native' model in the hand-written form)
+    scanned at ``config.eval_unroll`` where that is set (-1: the train step's unroll). Only
+    the program differs: the unroll keeps the sums, bit for bit, where rnnjax.tune sets it,
+    the native form rounds otherwise (within the tuner's tolerance where it chooses it).
+
+    Which is faster depends on the machine: at the evaluation's batch of 10,000, the native
+    forward that wrote every step's [T, B, ...] arrays had been slower than XLA's loop
+    (2-core AVX-512 EPYC, ms: simple_rnn 56 against 48, gru 229 against 136, lstm 301
+    against 206); writing the last step alone, it was faster on a 2-vCPU AVX-512 Xeon
+    (16 lanes: 17 against 35, 42 against 52, 56 against 89; 8 lanes: 20 against 37, level,
+    71 against 97). So rnnjax.tune times both."""
     if model.backward == "native":
+        if config.eval_native and not native_gpu.runs_here():
+            return model
         model = dataclasses.replace(model, backward="hand_written")
     if config.eval_unroll < 0 or config.eval_unroll == model.unroll:
         return model

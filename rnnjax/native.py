@@ -8,11 +8,14 @@ pass 64 rows), and each part runs all its steps alone (projection, recurrence, i
 weight gradients), so a pass is one op where XLA's loops run several a step and its
 products one after another. They are the ``native`` backward of ``simple_rnn``,
 ``lstm`` and ``gru`` (``rnnjax.cells.resolve_form``), which ``rnnjax tune`` times where a
-C++ compiler is at hand (in turns in one process on a 2-core AVX-512 EPYC, the train step
+C++ compiler is at hand. A layer's ``final`` form (``elman_layer(lanes, final=True)``, ...)
+gives its final carry alone: the forward call then writes the last step alone, as a
+classifier's evaluation needs (``--eval-native``). (In turns in one process on a 2-core
+AVX-512 EPYC, the train step
 against the cell's fastest built-in form, rows batch 50 / pixels batch 50: simple_rnn 1.46x
 / 1.51x, lstm 1.30x / 1.40x, gru 1.51x / 1.84x; rows batch 1024: simple_rnn 1.08-1.23x, lstm
 1.20x, gru level; rows batch 4096: simple_rnn 0.86-0.93x; ``python -m
-benchmarks.native_kernels``).
+benchmarks.native_kernels``.)
 
 The library is built the first time it is needed, with the machine's C++ compiler
 (``$CXX``, else g++ or c++) for its own CPU (``-march=native``), and kept in
@@ -309,35 +312,59 @@ def _with_rows(layer: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def _final(layer_fwd: Callable[..., Any], layer_bwd: Callable[..., Any],
+           last: Callable[..., tuple[jax.Array, ...]]) -> Callable[..., tuple[Any, ...]]:
+    """A layer's final carry alone: ``final(*operands) -> (None, *carry)``, a ``custom_vjp``
+    whose value is ``last(*operands)``, the forward call with results of the last step alone
+    (``native_common.h``'s ``forward_steps``: no [T, B, ...] array written, as an evaluation
+    needs none), and whose gradient is the layer's: ``layer_fwd`` then writes every step
+    for ``layer_bwd``, which gets no cotangent of the outputs over time."""
+    @jax.custom_vjp
+    def final(*operands):
+        return last(*operands)
+
+    def final_fwd(*operands):
+        outputs, residuals = layer_fwd(*operands)
+        return outputs[1:], residuals
+
+    def final_bwd(residuals, cotangents):
+        return layer_bwd(residuals, (None, *cotangents))
+
+    final.defvjp(final_fwd, final_bwd, symbolic_zeros=True)
+    return lambda *operands: (None, *final(*operands))
+
+
 @functools.cache
-def elman_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array]]:
+def elman_layer(lanes: int = LANES, final: bool = False
+                ) -> Callable[..., tuple[jax.Array | None, jax.Array]]:
     """``layer(xs [T, B, F], kernel [F, H], recurrent [H, H], bias [H], h0 [B, H],
     rows=None) -> (hs [T, B, H], h_T [B, H])``, float32: ``rnnjax.cells.elman_layer`` with
     tanh, as one call of the forward pass and one of the backward (``dxs = dzs @ kernel^T``
     stays XLA's; where no gradient of the inputs is asked for, the kernel writes no dzs,
     :func:`_input_gradient`). With ``rows`` (int [B]), ``xs`` is a table [T, N, F] and the
-    batch ``xs[:, rows]``, read by the kernels where it is (:func:`_rows`). Registers the
+    batch ``xs[:, rows]``, read by the kernels where it is (:func:`_rows`). With ``final``,
+    ``(None, h_T)``: the outputs over time are not written (:func:`_final`). Registers the
     kernels (:func:`register`) when first traced."""
     from rnnjax import cells
 
     names = targets(lanes)
 
-    def forward(xs, kernel, recurrent, bias, h0, rows):
+    def forward(xs, kernel, recurrent, bias, h0, rows, steps):
         register(lanes)
         hs = jax.ffi.ffi_call(names["RnnjaxElmanForward"],
-                              jax.ShapeDtypeStruct((xs.shape[0], *h0.shape), xs.dtype))(
+                              jax.ShapeDtypeStruct((steps, *h0.shape), xs.dtype))(
             xs, kernel, bias, recurrent, h0, rows)
         return hs, hs[-1]
 
     @jax.custom_vjp
     def layer(xs, kernel, recurrent, bias, h0, rows):
-        return forward(xs, kernel, recurrent, bias, h0, rows)
+        return forward(xs, kernel, recurrent, bias, h0, rows, xs.shape[0])
 
     def layer_fwd(xs, kernel, recurrent, bias, h0, rows):
         asked = _asked(xs)
         xs, kernel, recurrent, bias, h0, rows = cells._values(xs, kernel, recurrent, bias, h0,
                                                               rows)
-        hs, h_last = forward(xs, kernel, recurrent, bias, h0, rows)
+        hs, h_last = forward(xs, kernel, recurrent, bias, h0, rows, xs.shape[0])
         return (hs, h_last), (xs, hs, kernel, recurrent, bias, h0, rows, asked)
 
     def layer_bwd(residuals, cotangents):
@@ -351,41 +378,46 @@ def elman_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array]
                 dh0, None)
 
     layer.defvjp(layer_fwd, layer_bwd, symbolic_zeros=True)
+    if final:
+        return _with_rows(_final(layer_fwd, layer_bwd,
+                                 lambda xs, *rest: forward(xs, *rest, 1)[1:]))
     return _with_rows(layer)
 
 
 @functools.cache
-def gru_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array]]:
+def gru_layer(lanes: int = LANES, final: bool = False
+              ) -> Callable[..., tuple[jax.Array | None, jax.Array]]:
     """``layer(xs [T, B, F], kernel [F, 3H], bias [3H], recurrent [H, 3H],
     recurrent_bias [3H], h0 [B, H], rows=None) -> (hs [T, B, H], h_T [B, H])``, float32:
     ``rnnjax.cells.gru_layer`` as one call of the forward pass and one of the backward
     (``dxs = dus @ kernel^T`` stays XLA's; no dus where the inputs' gradient is not asked
     for, :func:`_input_gradient`). Between them the gates [T, B, 4 H'] and du
     [T, B, 3 H'] are kept with each gate's block padded to whole vectors (H' = H rounded up
-    to a multiple of ``lanes``). ``rows`` as :func:`elman_layer`'s. Registers the kernels
-    (:func:`register`) when first traced."""
+    to a multiple of ``lanes``). ``rows`` and ``final`` as :func:`elman_layer`'s. Registers
+    the kernels (:func:`register`) when first traced."""
     from rnnjax import cells
 
     names = targets(lanes)
 
-    def forward(xs, kernel, bias, recurrent, recurrent_bias, h0, rows):
+    def forward(xs, kernel, bias, recurrent, recurrent_bias, h0, rows, steps):
         register(lanes)
-        hs = jax.ShapeDtypeStruct((xs.shape[0], *h0.shape), xs.dtype)
-        gates = jax.ShapeDtypeStruct((xs.shape[0], h0.shape[0],
-                                      4 * _rounded(h0.shape[-1], lanes)), xs.dtype)
+        hs = jax.ShapeDtypeStruct((steps, *h0.shape), xs.dtype)
+        gates = jax.ShapeDtypeStruct((steps, h0.shape[0], 4 * _rounded(h0.shape[-1], lanes)),
+                                     xs.dtype)
         return jax.ffi.ffi_call(names["RnnjaxGruForward"], (hs, gates))(
             xs, kernel, bias, recurrent, recurrent_bias, h0, rows)
 
     @jax.custom_vjp
     def layer(xs, kernel, bias, recurrent, recurrent_bias, h0, rows):
-        hs, _ = forward(xs, kernel, bias, recurrent, recurrent_bias, h0, rows)
+        hs, _ = forward(xs, kernel, bias, recurrent, recurrent_bias, h0, rows, xs.shape[0])
         return hs, hs[-1]
 
     def layer_fwd(xs, kernel, bias, recurrent, recurrent_bias, h0, rows):
         asked = _asked(xs)
         xs, kernel, bias, recurrent, recurrent_bias, h0, rows = cells._values(
             xs, kernel, bias, recurrent, recurrent_bias, h0, rows)
-        hs, gates = forward(xs, kernel, bias, recurrent, recurrent_bias, h0, rows)
+        hs, gates = forward(xs, kernel, bias, recurrent, recurrent_bias, h0, rows,
+                            xs.shape[0])
         return (hs, hs[-1]), (xs, hs, gates, kernel, recurrent, h0, rows, asked)
 
     def layer_bwd(residuals, cotangents):
@@ -401,28 +433,32 @@ def gru_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array]]:
                 drecurrent, drecurrent_bias, dh0, None)
 
     layer.defvjp(layer_fwd, layer_bwd, symbolic_zeros=True)
+    if final:
+        return _with_rows(_final(layer_fwd, layer_bwd,
+                                 lambda xs, *rest: (forward(xs, *rest, 1)[0][-1],)))
     return _with_rows(layer)
 
 
 @functools.cache
-def lstm_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array, jax.Array]]:
+def lstm_layer(lanes: int = LANES, final: bool = False
+               ) -> Callable[..., tuple[jax.Array | None, jax.Array, jax.Array]]:
     """``layer(xs [T, B, F], kernel [F, 4H], recurrent [H, 4H], bias [4H], h0 [B, H],
     c0 [B, H], rows=None) -> (hs [T, B, H], h_T, c_T [B, H])``, float32:
     ``rnnjax.cells.lstm_layer`` as one call of the forward pass and one of the backward
     (``dxs = dzs @ kernel^T`` stays XLA's; no dzs where the inputs' gradient is not asked
     for, :func:`_input_gradient`). Between them the gates with c_t and tanh(c_t)
     ([T, B, 6 H']) and dz ([T, B, 4 H']) are kept with each block padded to whole vectors
-    (H' = H rounded up to a multiple of ``lanes``). ``rows`` as :func:`elman_layer`'s.
-    Registers the kernels (:func:`register`) when first traced."""
+    (H' = H rounded up to a multiple of ``lanes``). ``rows`` and ``final`` as
+    :func:`elman_layer`'s. Registers the kernels (:func:`register`) when first traced."""
     from rnnjax import cells
 
     names = targets(lanes)
 
-    def forward(xs, kernel, recurrent, bias, h0, c0, rows):
+    def forward(xs, kernel, recurrent, bias, h0, c0, rows, steps):
         register(lanes)
         hidden = h0.shape[-1]
-        hs = jax.ShapeDtypeStruct((xs.shape[0], *h0.shape), xs.dtype)
-        gates = jax.ShapeDtypeStruct((xs.shape[0], h0.shape[0], 6 * _rounded(hidden, lanes)),
+        hs = jax.ShapeDtypeStruct((steps, *h0.shape), xs.dtype)
+        gates = jax.ShapeDtypeStruct((steps, h0.shape[0], 6 * _rounded(hidden, lanes)),
                                      xs.dtype)
         hs, gates = jax.ffi.ffi_call(names["RnnjaxLstmForward"], (hs, gates))(
             xs, kernel, bias, recurrent, h0, c0, rows)
@@ -431,13 +467,14 @@ def lstm_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array, 
 
     @jax.custom_vjp
     def layer(xs, kernel, recurrent, bias, h0, c0, rows):
-        return forward(xs, kernel, recurrent, bias, h0, c0, rows)[:3]
+        return forward(xs, kernel, recurrent, bias, h0, c0, rows, xs.shape[0])[:3]
 
     def layer_fwd(xs, kernel, recurrent, bias, h0, c0, rows):
         asked = _asked(xs)
         xs, kernel, recurrent, bias, h0, c0, rows = cells._values(
             xs, kernel, recurrent, bias, h0, c0, rows)
-        hs, h_last, c_last, gates = forward(xs, kernel, recurrent, bias, h0, c0, rows)
+        hs, h_last, c_last, gates = forward(xs, kernel, recurrent, bias, h0, c0, rows,
+                                            xs.shape[0])
         return (hs, h_last, c_last), (xs, hs, gates, kernel, recurrent, h0, c0, rows, asked)
 
     def layer_bwd(residuals, cotangents):
@@ -453,4 +490,7 @@ def lstm_layer(lanes: int = LANES) -> Callable[..., tuple[jax.Array, jax.Array, 
                 dbias, dh0, dc0, None)
 
     layer.defvjp(layer_fwd, layer_bwd, symbolic_zeros=True)
+    if final:
+        return _with_rows(_final(layer_fwd, layer_bwd,
+                                 lambda xs, *rest: forward(xs, *rest, 1)[1:3]))
     return _with_rows(layer)

@@ -425,11 +425,15 @@ class InputRows {
 // part and step t, us = xs[t] @ kernel (its padding zeroed) and v = h_{t-1} @ recurrent
 // over the part's rows ([rows, gates * np] each), then step(t, at, first, rows, us, v,
 // previous), the cell's gates, which writes hs[t]'s rows (at: the part's first row of step
-// t, in [T, B] order; previous: h_{t-1}'s rows, hidden apart, h0's at t = 0).
+// t, in [T, B] order; previous: h_{t-1}'s rows, hidden apart, h0's at t = 0). With
+// `kept` 1 (not `time`: the call's results hold the last step alone, forward_steps) every
+// step is written over the last (at: the part's first row, `first`), each row's h_{t-1}
+// read before its h_t is written: an evaluation's forward, which writes no [T, B, ...]
+// arrays for a backward pass.
 template <class Step>
 void forward_parts(const Pool& pool, const Inputs& xs, const float* kernel,
                    const float* recurrent, const float* h0, const float* hs, int64_t gates,
-                   int64_t time, int64_t batch, int64_t hidden, Step step) {
+                   int64_t time, int64_t kept, int64_t batch, int64_t hidden, Step step) {
   const int64_t width = gates * padded(hidden), features = xs.features;
   const Floats u = padded_gates(recurrent, hidden, hidden, gates);
   const Floats w = padded_gates(kernel, features, hidden, gates);
@@ -439,7 +443,7 @@ void forward_parts(const Pool& pool, const Inputs& xs, const float* kernel,
     InputRows x(xs, first, last);
     const float* previous = h0 + first * hidden;
     for (int64_t t = 0; t < time; ++t) {
-      const int64_t at = t * batch + first;
+      const int64_t at = (kept == 1 ? 0 : t) * batch + first;
       product<false>({x.at(t, t + 1), features, 1, w.data(), width, us.data(), width, rows,
                       features, width});
       // (Not the Elman cell's: its step reads none of the padding, and its backward's
@@ -602,6 +606,21 @@ inline Inputs inputs(XLA_FFI_CallFrame* call, Frame& frame, int64_t batch) {
     frame.run = false;
   }
   return in;
+}
+
+// The steps a forward call's results [K, B, ...] (the `results` after its `args` in the
+// frame) hold: every step (K = T, xs's) or the last (K = 1, forward_parts' `kept`). Else
+// an error in the frame's status and run false.
+inline int64_t forward_steps(XLA_FFI_CallFrame* call, Frame& frame, int args, int results) {
+  const int64_t time = frame.dims[0][0], kept = frame.dims[args][0];
+  bool ok = kept == time || kept == 1;
+  for (int i = args + 1; i < args + results; ++i) ok = ok && frame.dims[i][0] == kept;
+  if (!ok) {
+    frame.status = error(call->api, "rnnjax native kernel: a forward's results hold every "
+                                    "step (T) or the last (1), all alike");
+    frame.run = false;
+  }
+  return kept;
 }
 
 // A backward call's frame: operands (xs, hs, [dhs,] the rest: args of them without dhs)

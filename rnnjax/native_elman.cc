@@ -28,12 +28,12 @@ namespace rnnjax {
 namespace {
 
 // hs[t] = tanh((xs[t] @ kernel + bias) + hs[t-1] @ recurrent), hs[-1] = h0, the batch in
-// parts (forward_parts).
+// parts (forward_parts; `kept` 1: each step written over the last).
 void forward(const Pool& pool, const Inputs& xs, const float* kernel, const float* bias,
-             const float* recurrent, const float* h0, float* hs, int64_t time, int64_t batch,
-             int64_t hidden) {
+             const float* recurrent, const float* h0, float* hs, int64_t time, int64_t kept,
+             int64_t batch, int64_t hidden) {
   const int64_t np = padded(hidden), full = hidden / L * L;
-  forward_parts(pool, xs, kernel, recurrent, h0, hs, 1, time, batch, hidden,
+  forward_parts(pool, xs, kernel, recurrent, h0, hs, 1, time, kept, batch, hidden,
                 [&](int64_t, int64_t at, int64_t, int64_t rows, const float* us,
                     const float* z, const float*) {
     float* ht = hs + at * hidden;
@@ -107,15 +107,16 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
 // The calls' handlers (native_common.h's glue).
 
 // (xs [T, N, F], kernel [F, H], bias [H], recurrent [H, H], h0 [B, H], rows [B] or [0])
-// -> hs [T, B, H]
+// -> hs [T, B, H], or [1, B, H]: the last step's alone (forward_steps)
 XLA_FFI_Error* Forward(XLA_FFI_CallFrame* call) {
   static constexpr int kRanks[] = {3, 2, 1, 2, 2, 1, 3};
   Frame f = open(call, 6, 1, kRanks);
   if (!f.run) return f.status;
   float* const* b = f.buffers;
   const Inputs xs = inputs(call, f, f.dims[4][0]);
+  const int64_t kept = forward_steps(call, f, 6, 1);
   if (!f.run) return f.status;
-  forward(Pool{call->api, call->ctx}, xs, b[1], b[2], b[3], b[4], b[6], f.dims[0][0],
+  forward(Pool{call->api, call->ctx}, xs, b[1], b[2], b[3], b[4], b[6], f.dims[0][0], kept,
           f.dims[4][0], f.dims[4][1]);
   return nullptr;
 }

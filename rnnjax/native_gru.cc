@@ -29,14 +29,14 @@ namespace {
 constexpr int64_t kGates = 3;
 
 // The recurrence, the gates stored for the backward pass; the batch in parts
-// (forward_parts).
+// (forward_parts; `kept` 1: each step written over the last, the gates too).
 void forward(const Pool& pool, const Inputs& xs, const float* kernel, const float* bias,
              const float* recurrent, const float* recurrent_bias, const float* h0, float* hs,
-             float* gates, int64_t time, int64_t batch, int64_t hidden) {
+             float* gates, int64_t time, int64_t kept, int64_t batch, int64_t hidden) {
   const int64_t np = padded(hidden), width = kGates * np, stored = 4 * np;
   const Floats b = padded_gates(bias, 1, hidden, kGates);
   const Floats rb = padded_gates(recurrent_bias, 1, hidden, kGates);
-  forward_parts(pool, xs, kernel, recurrent, h0, hs, kGates, time, batch, hidden,
+  forward_parts(pool, xs, kernel, recurrent, h0, hs, kGates, time, kept, batch, hidden,
                 [&](int64_t, int64_t at, int64_t, int64_t rows, const float* us,
                     const float* v, const float* previous) {
     float* ht = hs + at * hidden;
@@ -157,16 +157,17 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
 
 // (xs [T, N, F], kernel [F, 3H], bias [3H], recurrent [H, 3H], recurrent_bias [3H],
 // h0 [B, H], rows [B] or [0]) -> (hs [T, B, H], gates [T, B, 4 np]: each gate padded to
-// whole vectors)
+// whole vectors), or both [1, B, ...]: the last step's alone (forward_steps)
 XLA_FFI_Error* Forward(XLA_FFI_CallFrame* call) {
   static constexpr int kRanks[] = {3, 2, 1, 2, 1, 2, 1, 3, 3};
   Frame f = open(call, 7, 2, kRanks);
   if (!f.run) return f.status;
   float* const* b = f.buffers;
   const Inputs xs = inputs(call, f, f.dims[5][0]);
+  const int64_t kept = forward_steps(call, f, 7, 2);
   if (!f.run) return f.status;
   forward(Pool{call->api, call->ctx}, xs, b[1], b[2], b[3], b[4], b[5], b[7], b[8],
-          f.dims[0][0], f.dims[5][0], f.dims[5][1]);
+          f.dims[0][0], kept, f.dims[5][0], f.dims[5][1]);
   return nullptr;
 }
 

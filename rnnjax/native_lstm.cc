@@ -29,13 +29,14 @@ namespace {
 constexpr int64_t kGates = 4;
 
 // The recurrence, the gates, c_t and tanh(c_t) stored for the backward pass (and c_T read
-// from them); the batch in parts (forward_parts).
+// from them); the batch in parts (forward_parts; `kept` 1: each step written over the
+// last).
 void forward(const Pool& pool, const Inputs& xs, const float* kernel, const float* bias,
              const float* recurrent, const float* h0, const float* c0, float* hs,
-             float* gates, int64_t time, int64_t batch, int64_t hidden) {
+             float* gates, int64_t time, int64_t kept, int64_t batch, int64_t hidden) {
   const int64_t np = padded(hidden), width = kGates * np, stored = 6 * np;
   const Floats b = padded_gates(bias, 1, hidden, kGates);
-  forward_parts(pool, xs, kernel, recurrent, h0, hs, kGates, time, batch, hidden,
+  forward_parts(pool, xs, kernel, recurrent, h0, hs, kGates, time, kept, batch, hidden,
                 [&](int64_t t, int64_t at, int64_t first, int64_t rows, const float* us,
                     const float* v, const float*) {
     float* ht = hs + at * hidden;
@@ -52,7 +53,9 @@ void forward(const Pool& pool, const Inputs& xs, const float* kernel, const floa
     }
     for (int64_t r = 0; r < rows; ++r) {
       float* gr = gt + r * stored;
-      const float* cr = t == 0 ? nullptr : gr - batch * stored + 4 * np;
+      // c_{t-1}: the step before's gates, or these, where each step is written over the
+      // last (kept 1; read before this step's c is written)
+      const float* cr = t == 0 ? nullptr : gr - (kept == 1 ? 0 : batch * stored) + 4 * np;
       for (int64_t c = 0; c < np; c += L) {
         const int64_t n = hidden - c < L ? hidden - c : L;
         const vec c_prev = cr == nullptr ? load_part(c0 + (first + r) * hidden + c, n)
@@ -142,16 +145,17 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
 
 // (xs [T, N, F], kernel [F, 4H], bias [4H], recurrent [H, 4H], h0 [B, H], c0 [B, H],
 // rows [B] or [0]) -> (hs [T, B, H], gates [T, B, 6 np]: i, f, g, o, c, tanh(c), each
-// padded to whole vectors)
+// padded to whole vectors), or both [1, B, ...]: the last step's alone (forward_steps)
 XLA_FFI_Error* Forward(XLA_FFI_CallFrame* call) {
   static constexpr int kRanks[] = {3, 2, 1, 2, 2, 2, 1, 3, 3};
   Frame f = open(call, 7, 2, kRanks);
   if (!f.run) return f.status;
   float* const* b = f.buffers;
   const Inputs xs = inputs(call, f, f.dims[4][0]);
+  const int64_t kept = forward_steps(call, f, 7, 2);
   if (!f.run) return f.status;
   forward(Pool{call->api, call->ctx}, xs, b[1], b[2], b[3], b[4], b[5], b[7], b[8],
-          f.dims[0][0], f.dims[4][0], f.dims[4][1]);
+          f.dims[0][0], kept, f.dims[4][0], f.dims[4][1]);
   return nullptr;
 }
 

@@ -10,8 +10,9 @@ the inputs before the loop or inside it, ``weight_grad`` one product or per step
 ``xla_flags`` where the backend has alternatives, and on a CPU ``huge_pages`` (transparent
 huge pages for XLA's buffers, where glibc and the kernel give them on request:
 :mod:`rnnjax.process`) and ``cpus`` (the process on one CPU, where it may use more); and
-once the train step is chosen, ``eval_unroll``, the evaluations' unroll
-(:func:`evaluation_unroll`). XLA
+once the train step is chosen, ``eval_unroll``, the evaluations' unroll, and
+``eval_native``, whether a native train step's evaluations run natively too
+(:func:`evaluation_choice`). XLA
 reads its flags once, when the backend starts, and sizes its thread pools by the CPUs then,
 and glibc reads its tunables when the process starts, so every measurement runs in a child
 process (:mod:`rnnjax.measure`), one per set of these process settings (a child's
@@ -72,11 +73,14 @@ from rnnjax.data.spec import IDX_SPEC, DataSpec
 from rnnjax.measure import (
     BEST,  # a field's value: the fastest its child has timed
     ON,  # a candidate's backend, where it is for one only
+    evaluation_fields,  # an evaluation way's Config fields
     for_backend,  # the candidates a child on a backend times
 )
 
-TUNER_VERSION = 30  # 30: the native backward sums a step's bias rows before its block, the
-# GRU's product of dv before dh * z is added, and the native tanh saturates at +-1 as XLA's;
+TUNER_VERSION = 31  # 31: a native train step's evaluations timed in the native form too
+# (eval_native), its forward writing the last step alone; 30: the native backward sums a
+# step's bias rows before its block, the GRU's product of dv before dh * z is added, and the
+# native tanh saturates at +-1 as XLA's;
 # 29: the native backward sums its weight gradients in blocks of steps;
 # 28: the rounds in turns keep their part where the evaluation is timed; 27: the GPU's
 # native kernels' products as three TF32 products (tf32x3)
@@ -112,7 +116,7 @@ TURN_ROUNDS = 5  # of in_turns, at most
 # sets then timed ran level with it (2026-12-04).
 REACH_SHARE = 1.0 - TURNS_SHARE
 # The budget's part kept from in_turns for timing the evaluation of the candidate chosen
-# (:func:`evaluation_unroll`). The evaluations ran at the train step's unroll: fully
+# (:func:`evaluation_choice`). The evaluations ran at the train step's unroll: fully
 # unrolled, XLA:CPU scheduled all 28 steps' input products ahead of the recurrent chain,
 # and the seed's 10,000 test images took 60-83 ms an evaluation against 38-45 ms at unroll
 # 1, the same sums (2-core AVX-512 EPYC, 2026-12-03; docs/performance.md).
@@ -243,9 +247,10 @@ class Child:
     deadline: float | None = None  # moved by the child (pay_back, alone), if it was
     current: dict[str, Any] | None = None  # the candidate it started and has not reported
     retime: Callable[[dict[str, Any], float, int | None], float | None] | None = None
-    # evaluate(candidate, unrolls, until): measure.evaluation_timing's report of the run's
-    # evaluation of a candidate it timed, at each unroll (None: the child cannot)
-    evaluate: Callable[[dict[str, Any], list[int], float], dict[str, Any] | None] | None = None
+    # evaluate(candidate, ways, until): measure.evaluation_timing's report of the run's
+    # evaluation of a candidate it timed, each way (None: the child cannot)
+    evaluate: Callable[[dict[str, Any], list[int | str], float], dict[str, Any] | None] \
+        | None = None
     close: Callable[[], None] = lambda: None
 
 
@@ -322,7 +327,7 @@ def describe(fields: dict[str, Any]) -> str:
             value = fields[name]
             if name == "xla_flags":
                 value = repr(value) if value else "(none)"
-            elif name == "huge_pages":
+            elif name in ("huge_pages", "eval_native"):
                 value = "on" if value else "off"
             elif name == "cpus":
                 value = value or "all"
@@ -935,12 +940,11 @@ def run_child(
         event = ask({"time": candidate, "steps": steps}, "timing", until)
         return None if event is None else event["step_s"]
 
-    def evaluate(candidate: dict[str, Any], unrolls: list[int], until: float
+    def evaluate(candidate: dict[str, Any], ways: list[int | str], until: float
                  ) -> dict[str, Any] | None:
-        """The run's evaluation of ``candidate`` timed at each of ``unrolls``
+        """The run's evaluation of ``candidate`` timed each of ``ways``
         (:func:`rnnjax.measure.evaluation_timing`), or None (gone, or past ``until``)."""
-        return ask({"evaluate": candidate, "unrolls": unrolls, "until": until}, "evaluation",
-                   until)
+        return ask({"evaluate": candidate, "ways": ways, "until": until}, "evaluation", until)
 
     child.retime, child.evaluate = retime, evaluate
     return child
@@ -967,7 +971,7 @@ class Result:
     budget_s: float
     complete: bool  # every candidate was timed (or skipped for a reason other than budget)
     final: list[Measurement] = field(default_factory=list)  # in_turns: what was chosen from
-    evaluation: dict[str, Any] | None = None  # evaluation_unroll's timing, where it was timed
+    evaluation: dict[str, Any] | None = None  # evaluation_choice's timing, where it was timed
 
     @property
     def means(self) -> list[Measurement]:
@@ -1057,11 +1061,13 @@ def tune(
                 budget_s = paying_back(config, budget_s, base_m.step_s, log)
             deadline = start + budget_s
             # The budget's last parts: the rounds in turns, then the evaluation's, kept only
-            # where it can be timed: where every candidate the first child timed ran at
-            # unroll 1, so does every later child's, and the choice, whose evaluation then
-            # has no other unroll to be timed at (evaluation_unroll).
-            evaluates = "eval_unroll" not in pinned and any(
-                m.step_s is not None and m.candidate["unroll"] != 1 for m in first.measurements)
+            # where it can be timed: where no candidate the first child timed has two ways
+            # to evaluate (every one XLA's at unroll 1, say), nor will a later child's, nor
+            # the choice (evaluation_choice).
+            timed = [m for m in first.measurements if m.step_s is not None]
+            evaluates = any(len(evaluation_ways(m.candidate, timed, config, pinned,
+                                                (device or {}).get("backend", ""))) > 1
+                            for m in timed)
             evaluation_s = EVAL_SHARE * budget_s if evaluates else 0.0
             turns_from = deadline - evaluation_s - TURNS_SHARE * budget_s
             others = other_settings(first, config, pinned, env_flags)
@@ -1071,13 +1077,15 @@ def tune(
                              clock, log)
             chosen = select(pooled(final or t.measured), base, base_flags, t.tol)
             if chosen is not None and evaluates:
-                evaluation = evaluation_unroll(chosen, t.children, deadline, log)
+                evaluation = evaluation_choice(chosen, t.children, deadline, t.tol, config,
+                                               pinned, log)
         finally:
             for c in t.children:
                 c.close()
+    evaluated = {name: (evaluation or {}).get(name, getattr(config, name))
+                 for name in EVALUATION}
     choice = None if chosen is None else settings(apply(
-        config, {**chosen.fields, "eval_unroll": (evaluation or {}).get("eval_unroll", -1)},
-        pinned))
+        config, {**chosen.fields, **evaluated}, pinned))
     result = Result(key(config, pinned, spec=spec), choice,
                     {**base, **process_fields(base_flags)}, t.measured, device, clock() - start,
                     budget_s, t.complete, final, evaluation)
@@ -1287,37 +1295,82 @@ def first_child(start: Callable[..., Child], deadline: float, reference: str,
     return again
 
 
-def evaluation_unroll(chosen: Measurement, children: Sequence[Child], until: float,
+EVALUATION = ("eval_unroll", "eval_native")  # the Config fields of the evaluations' program
+
+
+def evaluation_ways(candidate: dict[str, Any], timed: Sequence[Measurement], config: Config,
+                    pinned: frozenset[str], backend: str) -> list[int | str]:
+    """The ways the evaluations of ``candidate`` (a train step timed on ``backend``) may
+    run, the first the default: "native" where it is native on a CPU
+    (``rnnjax.model.evaluation_model``) and ``eval_native`` is not pinned off, then XLA's
+    form at the train step's unroll, at 1, and fully unrolled where ``timed`` holds a train
+    step so (a forward pass compiles faster); only the pinned ways where ``eval_native`` or
+    ``eval_unroll`` is given."""
+    unroll = candidate["unroll"]
+    native = candidate["backward"] == "native" and backend == "cpu"
+    if native and "eval_native" in pinned and config.eval_native:
+        return ["native"]
+    if "eval_unroll" in pinned:
+        xla = [unroll if config.eval_unroll < 0 else config.eval_unroll]
+    else:
+        xla = [unroll, *(u for u in (1, 0) if u != unroll and (u == 1 or any(
+            m.candidate["unroll"] == u for m in timed)))]
+    if not native or "eval_native" in pinned:
+        return xla
+    return ["native", *xla]
+
+
+def evaluation_choice(chosen: Measurement, children: Sequence[Child], until: float,
+                      tol: float, config: Config, pinned: frozenset[str],
                       log: Callable[[str], None]) -> dict[str, Any] | None:
-    """The evaluations' unroll for the ``chosen`` candidate: its evaluation timed by a child
-    that timed it, at its own unroll, at 1 and fully unrolled where that child compiled its
-    train step so (a forward pass compiles faster), until ``until``. Returns the timing
-    with ``eval_unroll``: the fastest, where it is :data:`MARGIN` faster than the train
-    step's unroll and the sums were the same, bit for bit (else -1: the train step's
-    unroll); None where no child could time it."""
-    unroll = chosen.candidate["unroll"]
+    """How the evaluations of the ``chosen`` candidate run: each of its
+    :func:`evaluation_ways` timed by a child that timed it, until ``until``. Returns the
+    timing with the :data:`EVALUATION` fields (``rnnjax.measure.evaluation_fields``) of the
+    fastest, where it is :data:`MARGIN` faster than the first way, the default, and its sums
+    the same, bit for bit, or, native against XLA's form (which round differently), within
+    ``tol``; else the first's. None where no child could time it."""
     for child in children:
         timed = [m for m in child.measurements if m.step_s is not None]
         if child.evaluate is None or not any(
                 m.candidate == chosen.candidate and m.flags == chosen.flags for m in timed):
             continue
-        unrolls = [unroll, *(u for u in (1, 0) if u != unroll
-                             and (u == 1 or any(m.candidate["unroll"] == u for m in timed)))]
-        if len(unrolls) < 2:
+        ways = evaluation_ways(chosen.candidate, timed, config, pinned,
+                               (child.device or {}).get("backend", ""))
+        if len(ways) < 2:
             return None
-        report = child.evaluate(chosen.candidate, unrolls, until)
+        report = child.evaluate(chosen.candidate, ways, until)
         if report is None or "seconds" not in report:
             log(f"  the evaluation: not timed ({(report or {}).get('failed', 'budget spent')})")
             return None
-        seconds = {int(u): s for u, s in report["seconds"].items()}
+        seconds = {_way(w): s for w, s in report["seconds"].items()}
+        differ = {_way(w): d for w, d in report["differ"].items()}
+        default = ways[0]
         fastest = min(seconds, key=seconds.get)
-        faster = seconds[fastest] * (1 + MARGIN) <= seconds[unroll]
-        eval_unroll = fastest if faster and report["same"] else -1
-        times = ", ".join(f"unroll {u}: {s * 1e3:.1f} ms" for u, s in seconds.items())
-        same = "the same sums" if report["same"] else "other sums: kept at the train step's"
-        log(f"  the evaluation, one chunk: {times} ({same}); eval-unroll {eval_unroll}")
-        return {"seconds": seconds, "same": report["same"], "eval_unroll": eval_unroll}
+        kind = (fastest == "native") != (default == "native")
+        same = differ[fastest] == 0 or (kind and differ[fastest] <= tol)
+        faster = seconds[fastest] * (1 + MARGIN) <= seconds[default]
+        way = fastest if faster and same else default
+        fields = evaluation_fields(way)
+        if way == chosen.candidate["unroll"] or "eval_unroll" in pinned:
+            fields["eval_unroll"] = -1 if "eval_unroll" not in pinned else config.eval_unroll
+        if chosen.candidate["backward"] != "native":
+            fields["eval_native"] = config.eval_native  # no native form to run
+        times = ", ".join(f"{_way_name(w)}: {s * 1e3:.1f} ms" for w, s in seconds.items())
+        sums = "; ".join(f"{_way_name(w)}'s sums differ by {d:.1e}"
+                         for w, d in differ.items() if d) or "the same sums"
+        log(f"  the evaluation, one chunk: {times} ({sums}); {describe(fields)}")
+        return {"seconds": seconds, "differ": differ, **fields}
     return None
+
+
+def _way(way: str) -> int | str:
+    """An evaluation way as a report names it (JSON's keys are strings): an unroll, or
+    "native"."""
+    return way if way == "native" else int(way)
+
+
+def _way_name(way: int | str) -> str:
+    return "native" if way == "native" else f"unroll {way}"
 
 
 def _timing_s(m: Measurement, steps: int | None, load: float = 1.0) -> float:
@@ -1516,7 +1569,7 @@ def choice_line(result: Result) -> str:
     timed = {_fields_key(m): m.step_s  # what select chose from
              for m in pooled(result.final or result.measurements) if m.step_s is not None}
     base = timed.get(json.dumps(result.baseline, sort_keys=True))
-    step = {k: v for k, v in result.choice.items() if k != "eval_unroll"}  # the train step's
+    step = {k: v for k, v in result.choice.items() if k not in EVALUATION}  # the train step's
     best = timed.get(json.dumps(step, sort_keys=True))
     speedup = f" ({base / best:.2f}x the defaults)" if base and best else ""
     return f"chose {describe(result.choice)}{speedup} in {result.seconds:.1f} s"

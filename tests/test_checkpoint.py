@@ -203,6 +203,19 @@ def test_save_restore_round_trip(tmp_path, bitwise_equal):
     assert sums["correct"].dtype == np.int32
 
 
+def test_a_config_written_before_a_field_runs_as_it_ran(tmp_path):
+    """A config without a field added since (a checkpoint's or config.json of an older
+    rnnjax) takes the value that runs what it ran, not the new default: a native model's
+    evaluations in XLA's form (eval_native False), so that its resumed run and `rnnjax
+    eval` round as the run did. Written now, every field is there."""
+    from rnnjax.config import from_dict, to_dict
+
+    config = Config(backward="native")
+    assert from_dict(to_dict(config)) == config and config.eval_native
+    old = {k: v for k, v in to_dict(config).items() if k != "eval_native"}
+    assert from_dict(old) == config.replace(eval_native=False)
+
+
 def test_keeps_the_last_k_and_never_picks_an_incomplete_one(tmp_path):
     config = Config(hidden_size=4)
     state = made_up_state(config)

@@ -140,6 +140,7 @@ BAD = [
     ("xla_flags_other_program", ["--xla-flags=--jax_enable_x64 --xla_cpu_use_xnnpack=false"],
      ["--xla-flags: '--jax_enable_x64' is not an XLA flag"]),
     ("huge_pages_value", ["--huge-pages=on"], ["--huge-pages", "ignored explicit"]),
+    ("eval_native_value", ["--eval-native=on"], ["--eval-native", "ignored explicit"]),
     # Tuning (not Config fields: how the run's settings are chosen).
     ("tune_value", ["--tune=yes"], ["--tune", "ignored explicit"]),
     ("tune_budget_zero", ["--tune-budget", "0"],

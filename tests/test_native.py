@@ -386,11 +386,86 @@ def test_without_a_compiler_the_error_says_what_to_install(monkeypatch):
         make_model(Config(backward="native"))
 
 
-def test_the_evaluations_run_the_hand_written_form():
+def test_the_evaluations_run_the_native_form_or_xlas_at_eval_unroll():
     config = Config(backward="native")
     model = make_model(config)
-    assert evaluation_model(config, model).backward == "hand_written"
-    assert evaluation_model(config.replace(eval_unroll=0), model).unroll == 0
+    assert evaluation_model(config, model) is model
+    xla = config.replace(eval_native=False)
+    assert evaluation_model(xla, model).backward == "hand_written"
+    assert evaluation_model(xla.replace(eval_unroll=0), model).unroll == 0
+
+
+
+
+@pytest.mark.parametrize("lanes", NATIVE_LANES)
+@pytest.mark.parametrize("cell", NATIVE_CELLS)
+def test_the_final_form_writes_the_last_step_alone_with_the_same_bits(cell, lanes):
+    """A layer's ``final`` form (``native.<layer>(lanes, final=True)``, a classifier's last
+    layer where no gradient is taken): its forward call's results hold the last step alone,
+    [1, B, ...], each step written over the one before, and its carry is the layer's, bit
+    for bit, with a batch's rows of a table too; its gradient is the layer's."""
+    make, shapes, _ = LAYERS[cell]
+    gates = shapes[0][1] // 6  # of LAYERS' H = 6
+    steps, batch, features, hidden = 9, 70, 5, 13  # 70 rows: two parts, one past 64 rows
+    keys = iter(jax.random.split(jax.random.key(lanes), 9))
+
+    def normal(shape, scale=1.0):
+        return jax.random.normal(next(keys), shape) * scale
+
+    xs, table = normal((steps, batch, features)), normal((steps, 200, features))
+    rows = jax.random.randint(next(keys), (batch,), 0, 200)
+    kernel = normal((features, gates * hidden), 0.5)
+    recurrent = normal((hidden, gates * hidden), 0.3)
+    bias, h0 = normal((gates * hidden,), 0.1), normal((batch, hidden), 0.2)
+    operands = {"simple_rnn": (kernel, recurrent, bias, h0),
+                "gru": (kernel, bias, recurrent, bias * 0.5, h0),
+                "lstm": (kernel, recurrent, bias, h0, h0 * 0.5)}[cell]
+    full, final = make(lanes), make(lanes, final=True)
+    for x, r in ((xs, None), (table, rows)):
+        text = jax.jit(lambda x, *o, r=r: final(x, *o, rows=r)).lower(x, *operands).compile(
+            ).as_text()
+        assert f"f32[1,{batch},{hidden}]" in text and f"f32[{steps},{batch},{hidden}]" \
+            not in text
+        _, *carry = jax.jit(lambda x, *o, r=r: full(x, *o, rows=r))(x, *operands)
+        none, *last = jax.jit(lambda x, *o, r=r: final(x, *o, rows=r))(x, *operands)
+        assert none is None
+        for a, b in zip(carry, last, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+        def loss(operands, layer, r=r, x=x):
+            return sum(jax.numpy.sum(c * (i + 1.5))
+                       for i, c in enumerate(layer(x, *operands, rows=r)[1:]))
+
+        for a, b in zip(jax.tree.leaves(jax.jit(jax.grad(loss), static_argnums=1)(operands, full)),
+                        jax.tree.leaves(jax.jit(jax.grad(loss), static_argnums=1)(operands, final)),
+                        strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_forward_call_keeps_every_step_or_the_last():
+    """The forward call's results hold every step (T) or the last (1), else its error."""
+    native.register(native.LANES)
+    xs, h0 = np.ones((5, 3, 2), np.float32), np.zeros((3, 4), np.float32)
+    call = jax.ffi.ffi_call(native.targets()["RnnjaxElmanForward"],
+                            jax.ShapeDtypeStruct((2, 3, 4), np.float32))
+    with pytest.raises(Exception, match="a forward's results hold every step"):
+        jax.block_until_ready(call(xs, np.ones((2, 4), np.float32), np.zeros(4, np.float32),
+                                   np.zeros((4, 4), np.float32), h0, np.zeros(0, np.int32)))
+
+
+@pytest.mark.parametrize("cell", NATIVE_CELLS)
+def test_a_native_model_reads_its_last_layers_final_carry(device_data, cell):
+    """Model.apply_sequences runs its last layer in the final form (no [T, B, H] outputs
+    written where no gradient is taken; a lower layer's are read): the logits the train
+    step's forward computes, bit for bit."""
+    model = make_model(Config(cell=cell, backward="native", num_layers=2, hidden_size=12))
+    params = model.init(jax.random.key(0))
+    xs = model.sequences(device_data.test_images[:40])
+    logits = jax.jit(model.apply_sequences)(params, xs)
+    trained = jax.jit(lambda p: jax.vjp(lambda q: model.apply_sequences(q, xs), p)[0])(params)
+    np.testing.assert_array_equal(logits, trained)
+    text = jax.jit(model.apply_sequences).lower(params, xs).compile().as_text()
+    assert "f32[1,40,12]" in text and "f32[28,40,12]" in text  # the top's last; the lower's
 
 
 def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):

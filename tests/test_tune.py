@@ -45,13 +45,14 @@ def fields(unroll, feed="device", flags=None, chunks=1, **form):
     """A candidate's fields (with ``flags``: a choice, every TUNED field)."""
     out = {"unroll": unroll, **SEED_FORM, "native_lanes": 8, **form, "chunks": chunks,
            "feed": feed}
-    return out if flags is None else {**out, **tune.process_fields(flags), "eval_unroll": -1}
+    return out if flags is None else {**out, **tune.process_fields(flags), "eval_unroll": -1,
+                                      "eval_native": True}
 
 
 def train_step(choice):
     """A choice's fields that its train step's measurements stand for (not the
-    evaluations' unroll)."""
-    return {k: v for k, v in choice.items() if k != "eval_unroll"}
+    evaluations')."""
+    return {k: v for k, v in choice.items() if k not in tune.EVALUATION}
 
 
 @pytest.fixture(autouse=True)
@@ -140,7 +141,7 @@ class FakeChild:
 
     def __init__(self, times, wrong=(), clock=None, per_child_s=0.0, startup_s=1.0, turns=None,
                  stops_at_deadline=False, again=None, backend="cpu", evaluation=None,
-                 same=True, kills=()):
+                 differ=None, kills=()):
         self.kills = set(kills)
         self.times, self.wrong, self.clock, self.per_child_s = times, set(wrong), clock, per_child_s
         # again: the times a later child under the same flags reports, where they differ
@@ -154,9 +155,10 @@ class FakeChild:
         self.backend, self.deadlines = backend, []  # each child's, moved as measure.run moves it
         self.alone, self.reach = [], []  # the alone and reach each child was given
         self.excluded = []  # the candidates each child was told to leave out
-        # evaluation: the ms of the run's evaluation at each unroll (None: the children
-        # cannot time it); same: whether their sums were; evaluated: what was asked
-        self.evaluation, self.same, self.evaluated = evaluation, same, []
+        # evaluation: the ms of the run's evaluation each way, an unroll or "native" (None:
+        # the children cannot time it); differ: how far each way's sums are from the
+        # first's (0 where not given); evaluated: what was asked
+        self.evaluation, self.differ, self.evaluated = evaluation, differ or {}, []
 
     def __call__(self, config, flags, candidates, deadline, steps, reference, call_s, log,
                  pay_back=None, compiled=False, data=None, alone=None, reach=None,
@@ -215,13 +217,15 @@ class FakeChild:
             child.retime = lambda c, until, steps=None: self._retime(c, flags)
             child.close = lambda: setattr(self, "closed", self.closed + 1)
         if self.evaluation is not None:
-            child.evaluate = lambda c, unrolls, until: self._evaluate(c, flags, unrolls)
+            child.evaluate = lambda c, ways, until: self._evaluate(c, flags, ways)
         return child
 
-    def _evaluate(self, c, flags, unrolls):
-        self.evaluated.append((self._key(c, flags), unrolls))
-        return {"event": "evaluation", "same": self.same,
-                "seconds": {str(u): self.evaluation[u] * 1e-3 for u in unrolls}}
+    def _evaluate(self, c, flags, ways):
+        self.evaluated.append((self._key(c, flags), ways))
+        return {"event": "evaluation",
+                "differ": {str(w): self.differ.get(w, 0.0) if i else 0.0
+                           for i, w in enumerate(ways)},
+                "seconds": {str(w): self.evaluation[w] * 1e-3 for w in ways}}
 
     def _retime(self, c, flags):
         key = self._key(c, flags)
@@ -359,15 +363,17 @@ def test_the_evaluations_unroll_is_timed_for_the_choice(one_process):
     result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock(), log=log.append)
     assert result.choice == {**fields(0, flags=""), "eval_unroll": 1}
     assert fake.evaluated == [(k(0), [0, 1])]
-    assert result.record()["evaluation"] == {"seconds": {0: 0.06, 1: 0.04}, "same": True,
-                                             "eval_unroll": 1}
+    assert result.record()["evaluation"] == {
+        "seconds": {0: 0.06, 1: 0.04}, "differ": {0: 0.0, 1: 0.0}, "eval_unroll": 1,
+        "eval_native": True}
     assert ("  the evaluation, one chunk: unroll 0: 60.0 ms, unroll 1: 40.0 ms (the same "
-            "sums); eval-unroll 1") in log
+            "sums); eval-unroll 1, eval-native on") in log
     assert "eval-unroll 1" in tune.choice_line(result) and "(1.25x the defaults)" in \
         tune.choice_line(result)
-    # Other sums, or within the margin: the train step's unroll.
-    for same, ms in ((False, 40.0), (True, 60.0 / (1 + tune.MARGIN / 2))):
-        fake = FakeChild(times, evaluation={0: 60.0, 1: ms}, same=same)
+    # Other sums (XLA's unrolls keep the same bits, or are not taken), or within the
+    # margin: the train step's unroll.
+    for differ, ms in ((1e-7, 40.0), (0.0, 60.0 / (1 + tune.MARGIN / 2))):
+        fake = FakeChild(times, evaluation={0: 60.0, 1: ms}, differ={1: differ})
         result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
         assert result.choice == fields(0, flags="") and fake.evaluated
     # Unroll 1 chosen for the train step, full unroll timed: the evaluation may take it.
@@ -381,6 +387,42 @@ def test_the_evaluations_unroll_is_timed_for_the_choice(one_process):
     result = tune.tune(config.replace(eval_unroll=4), frozenset({"eval_unroll"}), 30.0,
                        child=fake, clock=Clock())
     assert result.choice == {**fields(1, flags=""), "eval_unroll": 4} and not fake.evaluated
+
+
+def test_a_native_choices_evaluation_is_timed_in_the_native_form_and_in_xlas(
+        native_here, one_process):
+    """Where the choice is native (on a CPU), its evaluation is timed in the native form
+    (the default: its forward writes the last step alone), and in XLA's at unroll 1 and
+    fully unrolled (timed for the train step): XLA's is taken only where MARGIN faster and
+    its sums within the tuner's tolerance of the native form's (they round differently);
+    with --eval-native or --no-eval-native given, only the ways it leaves."""
+    native_form = {"backward": "native", "projection": "hoisted", "weight_grad": "product"}
+    times = all_times()
+    times[k(1, **native_form)] = 0.5
+    chosen = fields(1, flags="", **native_form)
+    slower = {"native": 40.0, 1: 60.0, 0: 70.0}
+    fake = FakeChild(times, evaluation=slower, differ={1: 2e-7, 0: 2e-7})
+    log = []
+    result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=Clock(), log=log.append)
+    assert result.choice == chosen
+    assert fake.evaluated == [(k(1, **native_form), ["native", 1, 0])]
+    assert ("  the evaluation, one chunk: native: 40.0 ms, unroll 1: 60.0 ms, unroll 0: 70.0 "
+            "ms (unroll 1's sums differ by 2.0e-07; unroll 0's sums differ by 2.0e-07); "
+            "eval-unroll -1, eval-native on") in log
+    faster = {"native": 60.0, 1: 70.0, 0: 40.0}
+    for differ, choice in ((2e-7, {**chosen, "eval_native": False, "eval_unroll": 0}),
+                           (2e-2, chosen)):  # beyond the tolerance: the native form stays
+        fake = FakeChild(times, evaluation=faster, differ={1: differ, 0: differ})
+        result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=Clock())
+        assert result.choice == choice
+    fake = FakeChild(times, evaluation=faster)
+    result = tune.tune(Config(eval_native=False), frozenset({"eval_native"}), 30.0,
+                       child=fake, clock=Clock())
+    assert fake.evaluated == [(k(1, **native_form), [1, 0])]
+    assert result.choice == {**chosen, "eval_native": False, "eval_unroll": 0}
+    fake = FakeChild(times, evaluation=faster)
+    result = tune.tune(Config(), frozenset({"eval_native"}), 30.0, child=fake, clock=Clock())
+    assert not fake.evaluated and result.choice == chosen
 
 
 def test_the_evaluations_part_of_the_budget_is_kept_only_where_it_can_be_timed(
@@ -442,10 +484,10 @@ def test_the_rounds_in_turns_keep_their_part_where_the_evaluation_is_timed(one_p
         assert bool(fake.evaluated) == evaluated
 
 
-def test_a_child_times_the_runs_evaluation_at_each_unroll(tmp_path):
-    """A real child, once it timed its candidates: the run's evaluation of one of them at
-    each unroll asked, in turns, and whether the sums were the same; a candidate it cannot
-    build is reported failed, and the child stays."""
+def test_a_child_times_the_runs_evaluation_each_way(tmp_path):
+    """A real child, once it timed its candidates: the run's evaluation of one of them each
+    way asked (an unroll, or the native form), in turns, and how far the sums were from the
+    first way's; a candidate it cannot build is reported failed, and the child stays."""
     config = Config(hidden_size=4, batch_size=4, steps=3, eval_batch_size=256,
                     compile_cache="off")
     candidates = [fields(1), fields(0)]
@@ -453,14 +495,20 @@ def test_a_child_times_the_runs_evaluation_at_each_unroll(tmp_path):
                            str(tmp_path / "ref.npz"), 0.01, lambda line: None)
     try:
         report = child.evaluate(fields(0), [0, 1], time.time() + 60)
-        assert report["event"] == "evaluation" and report["same"] is True
+        assert report["event"] == "evaluation" and report["differ"] == {"0": 0.0, "1": 0.0}
         assert set(report["seconds"]) == {"0", "1"} and min(report["seconds"].values()) > 0
         report = child.evaluate({**fields(0), "chunks": 99}, [0, 1], time.time() + 60)
         assert "--chunks 99" in report["failed"] and "seconds" not in report
+        if NATIVE_UNAVAILABLE() is None:  # the native form's evaluation: other rounding
+            native_form = {"backward": "native", "projection": "hoisted",
+                           "weight_grad": "product"}
+            report = child.evaluate(fields(1, **native_form), ["native", 1], time.time() + 60)
+            assert set(report["seconds"]) == {"native", "1"}
+            assert report["differ"]["native"] == 0.0 and report["differ"]["1"] < 1e-5
         assert child.retime(fields(0), time.time() + 60) > 0
         chosen = next(m for m in child.measurements if m.candidate == fields(0))
-        assert tune.evaluation_unroll(chosen, [child], time.time() + 60, print)["eval_unroll"] \
-            in (-1, 0, 1)
+        assert tune.evaluation_choice(chosen, [child], time.time() + 60, 1e-3, config,
+                                      frozenset(), print)["eval_unroll"] in (-1, 0, 1)
     finally:
         child.close()
     assert child.evaluate(fields(0), [0, 1], time.time() + 60) is None
@@ -964,7 +1012,7 @@ def test_the_baseline_stays_unless_another_is_clearly_faster():
     times[k(0)] = 1.0 - tune.MARGIN / 2  # within the margin: noise
     result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
     assert result.choice == {**base, "xla_flags": "", "huge_pages": False, "cpus": 0,
-                             "eval_unroll": -1}
+                             "eval_unroll": -1, "eval_native": True}
     times[k(0)] = 1.0 - 2 * tune.MARGIN
     result = tune.tune(config, frozenset(), 30.0, child=FakeChild(times), clock=Clock())
     assert result.choice["unroll"] == 0
@@ -1713,7 +1761,8 @@ def test_the_cached_choice_is_used_and_explicit_flags_override_it(in_process):
     # Every tuned setting given: nothing to tune, nothing read.
     given = ["--unroll", "2", "--backward", "hand_written", "--projection", "hoisted",
              "--weight-grad", "product", "--chunks", "1", "--feed", "device", "--xla-flags=",
-             "--no-huge-pages", "--cpus", "0", "--eval-unroll", "-1", "--native-lanes", "8"]
+             "--no-huge-pages", "--cpus", "0", "--eval-unroll", "-1", "--native-lanes", "8",
+             "--eval-native"]
     assert main(["train", *RUN, *given]) == 0
     assert in_process.last() == (fields(2, flags=""), "pinned")
 
