@@ -206,6 +206,11 @@ inline void zero_padding(float* m, int64_t rows, int64_t hidden, int64_t gates) 
     store(last, keep ? load(last) : vec{});
 }
 
+// to[:n] += from[:n] (n a multiple of L).
+inline void add(float* to, const float* from, int64_t n) {
+  for (int64_t i = 0; i < n; i += L) store(to + i, load(to + i) + load(from + i));
+}
+
 // to[:n] += the sum of m's rows [rows, n] (ld apart; n a multiple of L): the rows summed
 // first, then added to `to`, a block's sums of many steps (BlockSums). Four vectors at a
 // time, four chains of additions in flight: one at a time, the chain's latency made the
@@ -423,13 +428,14 @@ class InputRows {
 // The forward pass's frame, shared by the cells: the kernel [F, gates * H] and recurrent
 // [H, gates * H] matrices padded per gate, the batch in parts (run_parts), and for each
 // part and step t, us = xs[t] @ kernel (its padding zeroed) and v = h_{t-1} @ recurrent
-// over the part's rows ([rows, gates * np] each), then step(t, at, first, rows, us, v,
-// previous), the cell's gates, which writes hs[t]'s rows (at: the part's first row of step
-// t, in [T, B] order; previous: h_{t-1}'s rows, hidden apart, h0's at t = 0). With
-// `kept` 1 (not `time`: the call's results hold the last step alone, forward_steps) every
-// step is written over the last (at: the part's first row, `first`), each row's h_{t-1}
-// read before its h_t is written: an evaluation's forward, which writes no [T, B, ...]
-// arrays for a backward pass.
+// over the part's rows ([rows, gates * np] each), then step(t, at, before, first, rows,
+// us, v, previous), the cell's gates, which writes hs[t]'s rows (at: the part's first row
+// of step t in the results, in [T, B] order; before: step t-1's, where t > 0; previous:
+// h_{t-1}'s rows, hidden apart, h0's at t = 0). With `kept` 1 (not `time`: the call's
+// results hold the last step alone, forward_steps) every step is written over the last
+// (at and before: the part's first row, `first`), each row's h_{t-1} read before its h_t
+// is written: an evaluation's forward, which writes no [T, B, ...] arrays for a backward
+// pass.
 template <class Step>
 void forward_parts(const Pool& pool, const Inputs& xs, const float* kernel,
                    const float* recurrent, const float* h0, const float* hs, int64_t gates,
@@ -442,7 +448,7 @@ void forward_parts(const Pool& pool, const Inputs& xs, const float* kernel,
     Floats us(rows * width), v(rows * width);
     InputRows x(xs, first, last);
     const float* previous = h0 + first * hidden;
-    for (int64_t t = 0; t < time; ++t) {
+    for (int64_t t = 0, before = first; t < time; ++t) {
       const int64_t at = (kept == 1 ? 0 : t) * batch + first;
       product<false>({x.at(t, t + 1), features, 1, w.data(), width, us.data(), width, rows,
                       features, width});
@@ -452,9 +458,10 @@ void forward_parts(const Pool& pool, const Inputs& xs, const float* kernel,
       if (gates > 1) zero_padding(us.data(), rows, hidden, gates);
       product<false>({previous, hidden, 1, u.data(), width, v.data(), width, rows, hidden,
                       width});
-      step(t, at, first, rows, static_cast<const float*>(us.data()),
+      step(t, at, before, first, rows, static_cast<const float*>(us.data()),
            static_cast<const float*>(v.data()), previous);
       previous = hs + at * hidden;
+      before = at;
     }
   });
 }
@@ -482,8 +489,7 @@ class BlockSums {
   void step_done() {
     if (++done_ % every_ != 0 && done_ != steps_) return;
     float* block = block_.data();
-    for (int64_t i = 0; i < block_.size(); i += L)
-      store(to_ + i, load(to_ + i) + load(block + i));
+    add(to_, block, block_.size());
     std::fill(block, block + block_.size(), 0.f);
   }
 
@@ -516,8 +522,7 @@ class PartSums {
   // Part 0's sums, with every other part's added to them (size a multiple of L).
   const float* total() {
     for (int64_t p = 1; p * size_ < sums_.size(); ++p)
-      for (int64_t i = 0; i < size_; i += L)
-        store(sums_.data() + i, load(sums_.data() + i) + load(sums_.data() + p * size_ + i));
+      add(sums_.data(), sums_.data() + p * size_, size_);
     return sums_.data();
   }
 

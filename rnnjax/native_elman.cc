@@ -34,7 +34,7 @@ void forward(const Pool& pool, const Inputs& xs, const float* kernel, const floa
              int64_t batch, int64_t hidden) {
   const int64_t np = padded(hidden), full = hidden / L * L;
   forward_parts(pool, xs, kernel, recurrent, h0, hs, 1, time, kept, batch, hidden,
-                [&](int64_t, int64_t at, int64_t, int64_t rows, const float* us,
+                [&](int64_t, int64_t at, int64_t, int64_t, int64_t rows, const float* us,
                     const float* z, const float*) {
     float* ht = hs + at * hidden;
     for (int64_t r = 0; r < rows; ++r) {

@@ -37,7 +37,7 @@ void forward(const Pool& pool, const Inputs& xs, const float* kernel, const floa
   const Floats b = padded_gates(bias, 1, hidden, kGates);
   const Floats rb = padded_gates(recurrent_bias, 1, hidden, kGates);
   forward_parts(pool, xs, kernel, recurrent, h0, hs, kGates, time, kept, batch, hidden,
-                [&](int64_t, int64_t at, int64_t, int64_t rows, const float* us,
+                [&](int64_t, int64_t at, int64_t, int64_t, int64_t rows, const float* us,
                     const float* v, const float* previous) {
     float* ht = hs + at * hidden;
     float* gt = gates + at * stored;
@@ -88,7 +88,7 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
   PartSums sums(parts, (features + hidden + 1) * width + np);
   run_parts(pool, parts, batch, [&](int64_t p, int64_t first, int64_t last) {
     const int64_t rows = last - first;
-    Floats g(rows * np), dvn(rows * np), kept(rows * np);  // kept: dh * z
+    Floats g(rows * np), dvn(rows * np), carried(rows * np);  // carried: dh * z
     Floats step_du(dus == nullptr ? rows * width : 0);  // where dus is not asked
     InputRows x(xs, first, last);
     for (int64_t r = 0; r < rows; ++r)
@@ -120,7 +120,7 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
           store(dur + np + c, dh * (a * vn * rg * (1.f - rg)));
           store(dur + 2 * np + c, dh * a);
           store(dvn.data() + r * np + c, dh * (a * rg));
-          store(kept.data() + r * np + c, dh * z);
+          store(carried.data() + r * np + c, dh * z);
         }
       }
       // g = dv @ recurrent^T + dh * z, dv's z and r blocks du's: the product's terms summed
@@ -132,8 +132,7 @@ void backward(const Pool& pool, const Inputs& xs, const float* hs, const float* 
       product<false>({dut, width, 1, ut.data(), np, g.data(), np, rows, 2 * np, np});
       product<true>({dvn.data(), np, 1, ut.data() + 2 * np * np, np, g.data(), np, rows, np,
                      np});
-      for (int64_t i = 0; i < rows * np; i += L)
-        store(g.data() + i, load(g.data() + i) + load(kept.data() + i));
+      add(g.data(), carried.data(), rows * np);
       product<true>({x.at(t, t - 1), 1, features, dut, width, dk, width, features, rows,
                      width});
       product<true>({previous, 1, hidden, dut, width, dr, width, hidden, rows, 2 * np});

@@ -37,8 +37,8 @@ void forward(const Pool& pool, const Inputs& xs, const float* kernel, const floa
   const int64_t np = padded(hidden), width = kGates * np, stored = 6 * np;
   const Floats b = padded_gates(bias, 1, hidden, kGates);
   forward_parts(pool, xs, kernel, recurrent, h0, hs, kGates, time, kept, batch, hidden,
-                [&](int64_t t, int64_t at, int64_t first, int64_t rows, const float* us,
-                    const float* v, const float*) {
+                [&](int64_t t, int64_t at, int64_t before, int64_t first, int64_t rows,
+                    const float* us, const float* v, const float*) {
     float* ht = hs + at * hidden;
     float* gt = gates + at * stored;
     // In two passes over the rows (as the GRU's): the gates, then c and h.
@@ -53,9 +53,9 @@ void forward(const Pool& pool, const Inputs& xs, const float* kernel, const floa
     }
     for (int64_t r = 0; r < rows; ++r) {
       float* gr = gt + r * stored;
-      // c_{t-1}: the step before's gates, or these, where each step is written over the
-      // last (kept 1; read before this step's c is written)
-      const float* cr = t == 0 ? nullptr : gr - (kept == 1 ? 0 : batch * stored) + 4 * np;
+      // c_{t-1}, in the step before's gates (these, where each step is written over the
+      // last: read before this step's c is written)
+      const float* cr = t == 0 ? nullptr : gates + (before + r) * stored + 4 * np;
       for (int64_t c = 0; c < np; c += L) {
         const int64_t n = hidden - c < L ? hidden - c : L;
         const vec c_prev = cr == nullptr ? load_part(c0 + (first + r) * hidden + c, n)

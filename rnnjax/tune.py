@@ -1351,8 +1351,8 @@ def evaluation_choice(chosen: Measurement, children: Sequence[Child], until: flo
         faster = seconds[fastest] * (1 + MARGIN) <= seconds[default]
         way = fastest if faster and same else default
         fields = evaluation_fields(way)
-        if way == chosen.candidate["unroll"] or "eval_unroll" in pinned:
-            fields["eval_unroll"] = -1 if "eval_unroll" not in pinned else config.eval_unroll
+        if way == chosen.candidate["unroll"]:  # XLA's form at the train step's unroll
+            fields["eval_unroll"] = -1
         if chosen.candidate["backward"] != "native":
             fields["eval_native"] = config.eval_native  # no native form to run
         times = ", ".join(f"{_way_name(w)}: {s * 1e3:.1f} ms" for w, s in seconds.items())
