@@ -51,7 +51,7 @@ def state_shapes(config: Config, spec: DataSpec | None = None) -> tuple[Any, Mod
     ``spec``; default: the IDX layout). :class:`memory.OutOfMemory` first when the state
     and an evaluation chunk would not fit. (Running the initialisation, as this did,
     compiled it and drew the orthogonal kernels: 1-1.5 s of every eval and predict.)"""
-    from rnnjax.loop import init_state
+    from rnnjax.loop import initial_state
 
     model = make_model(config, spec)
     optimizer = make_optimizer(config)
@@ -60,7 +60,8 @@ def state_shapes(config: Config, spec: DataSpec | None = None) -> tuple[Any, Mod
                            training=False)
     memory.check_fits(need, what=f"the checkpoint's {config.cell} {config.hidden_size} model")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shapes = jax.eval_shape(lambda: init_state(config, model, optimizer))
+    shapes = jax.eval_shape(functools.partial(initial_state, model, optimizer),
+                            np.int64(config.seed))
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                         shapes), model
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import json
 
@@ -73,9 +74,30 @@ def test_init_state_is_the_seeds_key_made_eagerly(seed, xla_compiles, bitwise_eq
     config = Config(hidden_size=8, seed=seed)
     model, optimizer = make_model(config), make_optimizer(config)
     state = init_state(config, model, optimizer)
-    assert xla_compiles == ["jit(init)"]
+    assert xla_compiles == ["jit(initial_state)"]
     eager = create_state(jax.random.split(jax.random.key(seed))[0], model, optimizer)
     bitwise_equal(state, eager)
+
+
+@pytest.mark.parametrize("config", [
+    Config(),
+    Config(cell="lstm", num_layers=2, bidirectional=True, hidden_size=33),
+    Config(cell="gru", order="pixels", hidden_size=128, optimizer="keras_adam"),
+    Config(cell="irnn", compute_dtype="bfloat16", optimizer="sgd"),
+    Config(cell="flax.linen:OptimizedLSTMCell"),
+], ids=["seed", "lstm-2-bidirectional", "gru-pixels", "irnn-bfloat16", "flax-lstm"])
+def test_the_initial_state_compiled_to_run_once_has_the_defaults_bits(config, bitwise_equal):
+    """runtime.run_once compiles the initial state with its own options (on a CPU, LLVM's
+    level 1): a faster compile, and the bits of the program compiled at XLA's defaults (a
+    draw's rounding is the run's: every later step starts from it)."""
+    from rnnjax import runtime
+    from rnnjax.loop import initial_state
+
+    model, optimizer = make_model(config), make_optimizer(config)
+    seed = np.int64(config.seed)
+    jitted = jax.jit(functools.partial(initial_state, model, optimizer))
+    assert runtime.RUN_ONCE_OPTIONS.get(jax.default_backend())  # the options under test
+    bitwise_equal(init_state(config, model, optimizer), jitted.lower(seed).compile()(seed))
 
 
 @pytest.mark.parametrize("feed", ["device", "stream"])
