@@ -199,13 +199,12 @@ def compile_timed(jitted: Callable, *args: Any, xla_flags: str = ""
 
 
 # XLA's options for a program run once, by backend (:func:`run_once`). On XLA:CPU, LLVM's
-# optimization level 1 in place of XLA's default (2): the seed's initial state compiled in
-# 0.35-0.5 s against 1.2-1.6 s, thirty configurations' (every cell, layers, widths, dtypes,
-# optimizers) in 18 s against 38 s, to the same bits, and ran in about a millisecond either
-# way (2-vCPU AVX-512 Xeon, 2026-12-05). Level 0 draws other bits: without LLVM's
-# optimizations the normal draws' polynomials round otherwise (no fused multiply-adds).
-# tests/test_loop.py checks the bits on the machine it runs on. Other backends: XLA's
-# defaults.
+# optimization level 1 in place of XLA's default: the seed's initial state compiled in
+# 0.49 s against 1.63 s, thirty configurations' (every cell, layers, widths, dtypes,
+# optimizers) in 18 s against 38 s, to the same bits, and ran in about a millisecond
+# (2-vCPU AVX-512 Xeon, 2026-12-05; docs/performance.md). Level 0 drew other bits (the
+# orthogonal kernel's normal draws rounded otherwise). tests/test_loop.py checks the bits
+# on the machine it runs on. Other backends: XLA's defaults (nothing measured there).
 RUN_ONCE_OPTIONS: dict[str, dict[str, str]] = {"cpu": {"xla_backend_optimization_level": "1"}}
 
 
