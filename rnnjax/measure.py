@@ -388,6 +388,19 @@ def _add_cached_compile_s(event: str, seconds: float, **kwargs: Any) -> None:
         CACHED_COMPILE_S[0] += seconds
 
 
+@functools.cache
+def _listen_to_the_cache() -> None:
+    """Count the persistent cache's hits and their compile seconds (:data:`CACHE_HITS`,
+    :data:`CACHED_COMPILE_S`), from the first :func:`run` of a process on. Once: JAX keeps
+    every listener registered, so a second registration counted each event twice (a
+    process that ran :func:`run` 20 times, the suite's workers, predicted a 28-step unroll's
+    compile at 60 s from a cache hit of 1 s)."""
+    import jax
+
+    jax.monitoring.register_event_listener(_count_cache_hits)
+    jax.monitoring.register_event_duration_secs_listener(_add_cached_compile_s)
+
+
 class Timed:
     """One candidate compiled (under ``xla_flags`` besides the process's: an in-process flag
     candidate's) and run once: its compile seconds, its first step (:func:`first_step`, the
@@ -567,7 +580,6 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
     candidate timed here) one call of it, of n steps (null: as many as it was timed in, at
     most the run's steps per call): ``timing`` with its seconds per step (None when it was
     not timed here)."""
-    import jax
     import numpy as np
 
     from rnnjax import process, runtime
@@ -600,8 +612,7 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
     reference = spec["reference"]
     # (form, chunks, feed) -> unroll: (compile seconds, step share)
     compiles: dict[tuple[Any, ...], dict[int, tuple[float, float | None]]] = {}
-    jax.monitoring.register_event_listener(_count_cache_hits)
-    jax.monitoring.register_event_duration_secs_listener(_add_cached_compile_s)
+    _listen_to_the_cache()
     done: list[tuple[dict[str, Any], Timed, float]] = []  # fields, program, best s/step
     reported: list[float] = []  # each one's seconds per step as last emitted
 

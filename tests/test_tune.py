@@ -2069,6 +2069,32 @@ def test_a_real_child_that_dies_names_the_candidate_it_was_timing(tmp_path, monk
     assert tune.lost(tune.Child(error=child.error, measurements=child.measurements[1:])) is None
 
 
+def test_measure_run_twice_in_one_process_counts_each_cache_hit_once(tmp_path, capsys,
+                                                                     monkeypatch):
+    """measure.run twice in one process (the suite's workers run it dozens of times): the
+    persistent cache's events are counted once each, as in a child's one run. A listener
+    registered at each run counted every event once per run before, and a worker's cache
+    hit of 1 s came to predict a 28-step unroll's compile at 60 s, past the budget."""
+    import jax
+
+    from rnnjax.config import to_dict
+
+    monkeypatch.setattr(measure, "CACHE_HITS", [0])
+    monkeypatch.setattr(measure, "CACHED_COMPILE_S", [0.0])
+    config = Config(hidden_size=4, batch_size=4, steps=3, compile_cache="off")
+    for name in ("first", "second"):
+        measure.run({"config": to_dict(config), "candidates": [fields(1)],
+                     "deadline": time.time() + 60, "steps": 2, "call_s": 0.01,
+                     "repeats": 1, "reference": str(tmp_path / f"{name}.npz")})
+    capsys.readouterr()
+    hits, seconds = measure.CACHE_HITS[0], measure.CACHED_COMPILE_S[0]
+    jax.monitoring.record_event("/jax/compilation_cache/cache_hits")
+    jax.monitoring.record_event_duration_secs("/jax/compilation_cache/compile_time_saved_sec",
+                                              3.0)
+    assert measure.CACHE_HITS[0] == hits + 1
+    assert measure.CACHED_COMPILE_S[0] == seconds + 3.0
+
+
 def test_a_child_refuses_a_run_that_cannot_fit_before_drawing_anything(capsys, monkeypatch):
     """measure.run in this process: a model too large for the device (where the parent
     could not know it: another backend than the CPU's) fails every candidate at once, with
