@@ -392,9 +392,10 @@ def _add_cached_compile_s(event: str, seconds: float, **kwargs: Any) -> None:
 def _listen_to_the_cache() -> None:
     """Count the persistent cache's hits and their compile seconds (:data:`CACHE_HITS`,
     :data:`CACHED_COMPILE_S`), from the first :func:`run` of a process on. Once: JAX keeps
-    every listener registered, so a second registration counted each event twice (a
-    process that ran :func:`run` 20 times, the suite's workers, predicted a 28-step unroll's
-    compile at 60 s from a cache hit of 1 s)."""
+    every listener registered, and one registered at each run counted every event once per
+    run (a process that ran it six times added 20 s of compiles where it had loaded 1 s; in
+    the suite's workers, which run it dozens of times, a full unroll's predicted compile
+    came to pass a 60 s deadline)."""
     import jax
 
     jax.monitoring.register_event_listener(_count_cache_hits)
