@@ -393,9 +393,9 @@ def _listen_to_the_cache() -> None:
     """Count the persistent cache's hits and their compile seconds (:data:`CACHE_HITS`,
     :data:`CACHED_COMPILE_S`), from the first :func:`run` of a process on. Once: JAX keeps
     every listener registered, and one registered at each run counted every event once per
-    run (a process that ran it six times added 20 s of compiles where it had loaded 1 s; in
-    the suite's workers, which run it dozens of times, a full unroll's predicted compile
-    came to pass a 60 s deadline)."""
+    run (six runs in one process counted 122 hits and 20 s of compiles saved, where once
+    each counted 32 and none; in the suite's workers, which run it dozens of times, a full
+    unroll's predicted compile came to pass a 60 s deadline)."""
     import jax
 
     jax.monitoring.register_event_listener(_count_cache_hits)
