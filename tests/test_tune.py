@@ -1828,10 +1828,12 @@ def test_rnnjax_tune_prints_the_table_and_caches_the_choice(tmp_path):
         for fastest in ("1", "0") for chunks in ("1", "4"))
     assert all(row[1:4] == ["hand_written", "hoisted", "product"] for row in rows)
     # Then, where the four timed within SECOND_NEAR of each other (a loaded machine), their
-    # rows from a second process and in turns.
+    # rows from a second process and in turns, those of a later process in the first's
+    # terms ("second process, x0.751 to the first process's terms"), and their means.
     chose = next(i for i, line in enumerate(lines) if line.startswith("chose unroll "))
-    assert all(line.endswith(("second process", "timed in turns", "processes"))
-               for line in lines[5:chose])
+    notes = [line.split("(none)", 1)[1].strip() for line in lines[5:chose]]
+    assert all(note.startswith(("second process", "timed in turns", "mean of "))
+               for note in notes), notes
     assert "cached in" in lines[chose + 1]
     assert "rnnjax: timing simple_rnn 4" in proc.stderr and "ms/step" in proc.stderr
     cached = list((tmp_path / "cache" / "rnnjax" / "tune").glob("*.json"))
