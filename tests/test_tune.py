@@ -2075,8 +2075,8 @@ def test_measure_run_twice_in_one_process_counts_each_cache_hit_once(tmp_path, c
                                                                      monkeypatch):
     """measure.run twice in one process (the suite's workers run it dozens of times): the
     persistent cache's events are counted once each, as in a child's one run. A listener
-    registered at each run counted every event once per run before, and a worker's cache
-    hit of 1 s came to predict a 28-step unroll's compile at 60 s, past the budget."""
+    registered at each run counted every event once per run before, and in the suite's
+    workers a full unroll's predicted compile came to pass a 60 s deadline."""
     import jax
 
     from rnnjax.config import to_dict
