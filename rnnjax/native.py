@@ -98,10 +98,13 @@ def wide_vectors() -> bool:
                for line in _cpu().splitlines())
 
 
-def compile_command(lanes: int, source: Path, out: Path) -> list[str]:
-    """The compiler's command line for one source's object file."""
+def compile_command(lanes: int, source: Path, out: Path, include: str | None = None
+                    ) -> list[str]:
+    """The compiler's command line for one source's object file (``include``: the XLA FFI
+    headers' directory, JAX's by default)."""
+    include = jax.ffi.include_dir() if include is None else include
     return [compiler(), "-O3", "-march=native", "-std=c++17", "-fPIC", "-c",
-            f"-DRNNJAX_LANES={lanes}", "-I", jax.ffi.include_dir(), str(source), "-o", str(out)]
+            f"-DRNNJAX_LANES={lanes}", "-I", include, str(source), "-o", str(out)]
 
 
 def _compile(lanes: int, out: Path) -> None:
@@ -127,9 +130,13 @@ def _compile(lanes: int, out: Path) -> None:
 
 
 def _key(lanes: int) -> str:
+    """The build's cache key: the sources, the compiler and its command line (not its
+    paths: one build serves every installation of the same JAX), the CPU, JAX's version
+    and ``lanes``."""
     version = subprocess.run([compiler(), "--version"], capture_output=True, text=True).stdout
     sources = [path.read_bytes().hex() for path in (*SOURCES, HEADER)]
-    parts = (*sources, version, _cpu(), jax.__version__, str(lanes))
+    command = " ".join(compile_command(lanes, Path("source.cc"), Path("source.o"), "include"))
+    parts = (*sources, version, command, _cpu(), jax.__version__, str(lanes))
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
 
 
@@ -284,9 +291,6 @@ def _rows(xs: jax.Array, rows: jax.Array | None, carry: jax.Array) -> jax.Array:
     Read where they are, a whole set's sequences and a batch's indices spare the train step
     XLA's gather of the batch into a [T, B, F] copy (``rnnjax.model.Model.apply_sequences``)."""
     batch = carry.shape[0]
-    if xs.ndim != 3:
-        raise ValueError(f"native layer: inputs of shape {tuple(xs.shape)}; it reads "
-                         "[T, B, F], or a table [T, N, F] with the batch's rows")
     if rows is None:
         if xs.shape[1] != batch:
             raise ValueError(f"native layer: inputs {tuple(xs.shape)} for a carry of {batch} "
@@ -296,17 +300,47 @@ def _rows(xs: jax.Array, rows: jax.Array | None, carry: jax.Array) -> jax.Array:
     if rows.shape != (batch,) or not jnp.issubdtype(rows.dtype, jnp.integer):
         raise ValueError(f"native layer: rows {rows.dtype}{list(rows.shape)} for a carry of "
                          f"{batch} rows; pass one integer index into the table a row")
-    if xs.shape[1] == 0 or batch == 0:
-        empty = "an empty table" if batch else "an empty batch"
-        raise ValueError(f"native layer: rows of {empty}: pass at least one sequence and "
-                         "one row")
+    if xs.shape[1] == 0:
+        raise ValueError("native layer: rows of an empty table: pass at least one sequence")
     return rows.astype(jnp.int32)
 
 
-def _with_rows(layer: Callable[..., Any]) -> Callable[..., Any]:
+def _check_shapes(cell: str, gates: int, names: tuple[str, ...], xs: jax.Array,
+                  params: tuple[jax.Array, ...], carry: tuple[jax.Array, ...]) -> None:
+    """ValueError unless the ``params`` (by ``names``: kernel [F, gates * H], recurrent
+    [H, gates * H], bias and recurrent_bias [gates * H]) fit inputs ``xs [T, B or N, F]``
+    and a ``carry`` of [B, H] arrays, with at least one step and one row. The kernels read
+    F from the inputs and H from the carry, and trust the rest: a kernel of other features
+    was read past its end, and its gradient written past its buffer's (a crash)."""
+    if xs.ndim != 3:
+        raise ValueError(f"native {cell} layer: inputs of shape {tuple(xs.shape)}; it reads "
+                         "[T, B, F], or a table [T, N, F] with the batch's rows")
+    if any(c.ndim != 2 or c.shape != carry[0].shape for c in carry):
+        raise ValueError(f"native {cell} layer: a carry of shapes "
+                         f"{[tuple(c.shape) for c in carry]}; pass [B, H] each")
+    (batch, hidden), features = carry[0].shape, xs.shape[-1]
+    width = gates * hidden
+    wanted = {"kernel": (features, width), "recurrent": (hidden, width), "bias": (width,),
+              "recurrent_bias": (width,)}
+    for name, param in zip(names, params, strict=True):
+        if tuple(param.shape) != wanted[name]:
+            raise ValueError(
+                f"native {cell} layer: {name} of shape {tuple(param.shape)}, where inputs of "
+                f"{features} features and a carry of {hidden} units need {wanted[name]}")
+    if xs.shape[0] == 0 or batch == 0:
+        raise ValueError(f"native {cell} layer: inputs of shape {tuple(xs.shape)} and a carry "
+                         f"of {batch} rows; pass at least one step and one row")
+
+
+def _with_rows(layer: Callable[..., Any], cell: str, gates: int, names: tuple[str, ...]
+               ) -> Callable[..., Any]:
     """``layer(xs, *params, *carry, rows)`` (a ``custom_vjp``) as ``call(xs, *params,
-    *carry, rows=None)``, rows checked and made the kernels' operand (:func:`_rows`)."""
+    *carry, rows=None)``, the parameters' shapes checked against the inputs and the carry
+    (:func:`_check_shapes`; ``names``: the parameters'), rows checked and made the kernels'
+    operand (:func:`_rows`)."""
     def call(xs: jax.Array, *args: jax.Array, rows: jax.Array | None = None) -> Any:
+        params, carry = args[:len(names)], args[len(names):]
+        _check_shapes(cell, gates, names, xs, params, carry)
         return layer(xs, *args, _rows(xs, rows, args[-1]))
 
     return call
@@ -378,10 +412,12 @@ def elman_layer(lanes: int = LANES, final: bool = False
                 dh0, None)
 
     layer.defvjp(layer_fwd, layer_bwd, symbolic_zeros=True)
+    checked = functools.partial(_with_rows, cell="Elman", gates=1,
+                                names=("kernel", "recurrent", "bias"))
     if final:
-        return _with_rows(_final(layer_fwd, layer_bwd,
-                                 lambda xs, *rest: forward(xs, *rest, 1)[1:]))
-    return _with_rows(layer)
+        return checked(_final(layer_fwd, layer_bwd,
+                              lambda xs, *rest: forward(xs, *rest, 1)[1:]))
+    return checked(layer)
 
 
 @functools.cache
@@ -433,10 +469,12 @@ def gru_layer(lanes: int = LANES, final: bool = False
                 drecurrent, drecurrent_bias, dh0, None)
 
     layer.defvjp(layer_fwd, layer_bwd, symbolic_zeros=True)
+    checked = functools.partial(_with_rows, cell="GRU", gates=3,
+                                names=("kernel", "bias", "recurrent", "recurrent_bias"))
     if final:
-        return _with_rows(_final(layer_fwd, layer_bwd,
-                                 lambda xs, *rest: (forward(xs, *rest, 1)[0][-1],)))
-    return _with_rows(layer)
+        return checked(_final(layer_fwd, layer_bwd,
+                              lambda xs, *rest: (forward(xs, *rest, 1)[0][-1],)))
+    return checked(layer)
 
 
 @functools.cache
@@ -490,7 +528,9 @@ def lstm_layer(lanes: int = LANES, final: bool = False
                 dbias, dh0, dc0, None)
 
     layer.defvjp(layer_fwd, layer_bwd, symbolic_zeros=True)
+    checked = functools.partial(_with_rows, cell="LSTM", gates=4,
+                                names=("kernel", "recurrent", "bias"))
     if final:
-        return _with_rows(_final(layer_fwd, layer_bwd,
-                                 lambda xs, *rest: forward(xs, *rest, 1)[1:3]))
-    return _with_rows(layer)
+        return checked(_final(layer_fwd, layer_bwd,
+                              lambda xs, *rest: forward(xs, *rest, 1)[1:3]))
+    return checked(layer)

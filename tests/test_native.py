@@ -255,6 +255,33 @@ def test_rows_that_do_not_fit_the_inputs_are_clear_errors(xs, rows, message):
                rows=jax.numpy.zeros(9))
 
 
+@pytest.mark.parametrize("cell", NATIVE_CELLS)
+def test_weights_that_do_not_fit_the_inputs_and_carry_are_clear_errors(cell):
+    """The kernels read the features from the inputs and the units from the carry, and
+    trust the weights to fit them: a kernel of 5 features where the inputs had 3 was read
+    past its end, and its gradient written past its buffer, which crashed the process. Each
+    weight's shape is checked first, and so are the carries and an empty batch or
+    sequence (an empty batch crashed the backward with a division by zero)."""
+    make, shapes, carries = LAYERS[cell]
+    xs, carry = jax.numpy.zeros((5, 9, 3)), [jax.numpy.zeros((9, 6))] * carries
+    weights = [jax.numpy.zeros(shape) for shape in shapes]
+    for layer in (make(), make(final=True)):
+        layer(xs, *weights, *carry)  # fits
+        for i, shape in enumerate(shapes):
+            wrong = (5, *shape[1:]) if i == 0 else (*shape[:-1], shape[-1] + 1)
+            bad = [*weights[:i], jax.numpy.zeros(wrong), *weights[i + 1:]]
+            with pytest.raises(ValueError, match=rf"of shape \({wrong[0]}, ?.*a carry of 6 "
+                                                 rf"units need \({shape[0]}, ?"):
+                layer(xs, *bad, *carry)
+        other = "pass \\[B, H\\] each" if carries > 1 else "a carry of 7 units need"
+        with pytest.raises(ValueError, match=other):  # c0 unlike h0; or a wider h0
+            layer(xs, *weights, *carry[:-1], jax.numpy.zeros((9, 7)))
+        for empty_xs, empty_carry in (((0, 9, 3), (9, 6)), ((5, 0, 3), (0, 6))):
+            with pytest.raises(ValueError, match="at least one step and one row"):
+                layer(jax.numpy.zeros(empty_xs), *weights,
+                      *[jax.numpy.zeros(empty_carry)] * carries)
+
+
 def test_the_kernels_refuse_rows_that_do_not_fit_the_batch():
     """Called past the layer's checks, the kernels check the rows again before they read
     anything: an error naming them, not a read outside the operands."""
@@ -482,6 +509,23 @@ def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
     assert native.build(native.LANES) == first and first.read_bytes() == content
     assert first.stat().st_mtime > time.time() - 600  # stamped as used
     assert list(first.parent.iterdir()) == [first]  # no partial file left behind
+
+
+def test_the_builds_key_holds_the_compilers_command_line_not_its_paths(monkeypatch):
+    """A build is found again by its key: new compiler options (with the sources as they
+    were) make a new key, so the cache never serves a library built otherwise; another
+    installation's paths to the same JAX's headers do not."""
+    key = native._key(native.LANES)
+    assert native._key(16) != key
+    monkeypatch.setattr(jax.ffi, "include_dir", lambda: "/elsewhere/jaxlib/include")
+    assert native._key(native.LANES) == key
+    command = native.compile_command
+
+    def with_option(lanes, source, out, include=None):
+        return [*command(lanes, source, out, include), "-fno-math-errno"]
+
+    monkeypatch.setattr(native, "compile_command", with_option)
+    assert native._key(native.LANES) != key
 
 
 def test_a_new_build_prunes_the_builds_and_partial_files_unused_for_long(monkeypatch,
