@@ -333,10 +333,13 @@ def synthetic_data(config: Any, examples: int, spec: Any = None) -> Any:
     return Arrays(images, labels, images[: config.batch_size], labels[: config.batch_size])
 
 
-def first_step(state: Any, sums: Any) -> dict[str, Any]:
+def first_step(state: Any, sums: Any, initial_params: Any) -> dict[str, Any]:
     """What a candidate's first train step computed, to compare with the reference's: the
     loss, and the optimizer state (Adam's moments are the gradient and its square, scaled),
-    or the parameters when the optimizer keeps no floating-point state."""
+    or, where the optimizer keeps no floating-point state (SGD), the step's update of the
+    parameters from ``initial_params`` (the learning rate times the gradient, in float64:
+    the parameters themselves would hide a gradient's error behind the learning rate, a
+    half-wrong gradient at SGD's 1e-3 within the tolerance)."""
     import jax
     import numpy as np
 
@@ -344,7 +347,9 @@ def first_step(state: Any, sums: Any) -> dict[str, Any]:
         return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)
                 if np.issubdtype(np.asarray(leaf).dtype, np.floating)]
 
-    leaves = floats(state.opt_state) or floats(state.params)
+    leaves = floats(state.opt_state) or [
+        after.astype(np.float64) - before.astype(np.float64)
+        for after, before in zip(floats(state.params), floats(initial_params), strict=True)]
     return {"loss": np.asarray(sums["loss_sum"]), **{f"s{i}": a for i, a in enumerate(leaves)}}
 
 
@@ -410,6 +415,7 @@ class Timed:
     def __init__(self, config: Any, data: Any, timer: Callable[[], float],
                  spec: Any = None, xla_flags: str = "") -> None:
         import jax
+        import numpy as np
 
         from rnnjax import loop, parallel
         from rnnjax.model import make_model
@@ -417,7 +423,9 @@ class Timed:
 
         model, optimizer = make_model(config, spec), make_optimizer(config)
         dp = parallel.DataParallel.from_config(config)
-        self.state = dp.replicate(synthetic_state(model, optimizer))
+        initial = synthetic_state(model, optimizer)
+        params = jax.tree.map(np.array, initial.params)  # copies: the state is donated
+        self.state = dp.replicate(initial)
         if config.feed == "device":
             self.run = loop.device_feed(config, model, optimizer, dp, dp.dataset(data),
                                         xla_flags)
@@ -435,7 +443,7 @@ class Timed:
         # whole seconds (0, or a JAX that does not report it: counted as 1).
         self.cached_compile_s = max(1.0, CACHED_COMPILE_S[0] - cached_s) \
             if self.cache_hit else None
-        self.first_step = first_step(self.state, sums)
+        self.first_step = first_step(self.state, sums, params)
 
     def call(self, count: int) -> tuple[float, float, Any]:
         """Run ``count`` steps in one call: ``(seconds, of them compiling, metric sums)``."""
@@ -509,7 +517,11 @@ def evaluation_timing(config: Any, xla_flags: str, spec: Any, ways: Sequence[int
     called in turns, up to ``rounds`` rounds while ``deadline`` (``time.time()``) allows,
     one at least: ``{"seconds": {way: its best call}, "differ": {way: the largest relative
     difference of its sums (the loss, the share correct) from the first way's; 0: the same
-    bits}}``. The run's evaluation reads the test set as the model's sequences, made once
+    bits}}``. The first two ways are compiled whatever the time (a choice needs two); each
+    later one only where its compile, predicted from the XLA ways compiled before it
+    (:func:`predict_compile_s`: a full unroll's from unroll 1's), ends before
+    ``deadline``; it and the rest are left out of the report where it would not. The run's
+    evaluation reads the test set as the model's sequences, made once
     (``loop.device_sequences``): so does this."""
     import jax
     import jax.numpy as jnp
@@ -518,19 +530,33 @@ def evaluation_timing(config: Any, xla_flags: str, spec: Any, ways: Sequence[int
     from rnnjax import runtime, train
     from rnnjax.data.pipeline import normalize_host
     from rnnjax.model import evaluation_model, make_model
+    from rnnjax.tune import sequence_length
 
     model = make_model(config, spec)
     params = synthetic_params(model)
     data = synthetic_data(config, config.eval_batch_size, spec)
     xs = jax.jit(model.sequences)(normalize_host(data.train_images))
     labels = jnp.asarray(data.train_labels)
+    time_steps = sequence_length(config, spec)
+    growth = compile_growth(jax.default_backend())
     programs, sums = [], []
+    compiled_at: dict[int, tuple[float, float | None]] = {}  # XLA's, by steps a loop body runs
     for way in ways:
+        steps = None if way == "native" else loop_unroll(int(way), 1, time_steps)[0]
+        if len(programs) >= 2:
+            predicted = None if steps is None else predict_compile_s(steps, compiled_at,
+                                                                     growth)
+            if time.time() + (predicted or 0.0) > deadline:
+                ways = ways[:len(programs)]
+                break
         evaluate = jax.jit(functools.partial(  # the model as the run's evaluations take it
             train.evaluate_sequences,
             model=evaluation_model(config.replace(**evaluation_fields(way)), model),
             chunk=config.eval_batch_size))
-        compiled, _ = runtime.compile_timed(evaluate, params, xs, labels, xla_flags=xla_flags)
+        compiled, seconds = runtime.compile_timed(evaluate, params, xs, labels,
+                                                  xla_flags=xla_flags)
+        if steps is not None:
+            compiled_at[steps] = (seconds, None)
         sums.append(jax.device_get(compiled(params, xs, labels)))  # and warmed up
         programs.append(compiled)
 

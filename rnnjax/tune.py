@@ -77,7 +77,10 @@ from rnnjax.measure import (
     for_backend,  # the candidates a child on a backend times
 )
 
-TUNER_VERSION = 31  # 31: a native train step's evaluations timed in the native form too
+TUNER_VERSION = 32  # 32: with --backward native its other vector width timed, no unroll;
+# a first child alone leaves the second process its share; the evaluation's compiles kept
+# within the budget; SGD's first steps compared by their updates;
+# 31: a native train step's evaluations timed in the native form too
 # (eval_native), its forward writing the last step alone; 30: the native backward sums a
 # step's bias rows before its block, the GRU's product of dv before dh * z is added, and the
 # native tanh saturates at +-1 as XLA's;
@@ -107,20 +110,20 @@ FLAG_MARGIN = 0.10
 FIRST_SHARE = 0.6  # of the budget, for the model candidates under the run's own XLA flags
 TURNS_SHARE = 0.1  # the budget's last part, for timing the children's fastest in turns
 TURN_ROUNDS = 5  # of in_turns, at most
-# The most promising candidates after the baseline (:func:`reaching`: the native forms, the
-# full unroll) may start, and be timed, until this share of the budget, where the first
-# child's share would leave them untimed: they may take the second process's and the flag
-# children's parts (not the turns'). A GPU run's budget is often the floor's 10 s (a short
-# run), whose first share left an H200 too little for the full unroll, untimed at every
-# batch with 3 s left, where it ran 1.1-2.1x faster than the unroll 1 kept and the flag
-# sets then timed ran level with it (2026-12-04).
-REACH_SHARE = 1.0 - TURNS_SHARE
 # The budget's part kept from in_turns for timing the evaluation of the candidate chosen
 # (:func:`evaluation_choice`). The evaluations ran at the train step's unroll: fully
 # unrolled, XLA:CPU scheduled all 28 steps' input products ahead of the recurrent chain,
 # and the seed's 10,000 test images took 60-83 ms an evaluation against 38-45 ms at unroll
 # 1, the same sums (2-core AVX-512 EPYC, 2026-12-03; docs/performance.md).
 EVAL_SHARE = 0.1
+# The most promising candidates after the baseline (:func:`reaching`: the native forms, the
+# full unroll) may start, and be timed, until this share of the budget, where the first
+# child's share would leave them untimed: they may take the second process's, the flag
+# children's and the turns' parts (not the evaluation's). A GPU run's budget is often the
+# floor's 10 s (a short run), whose first share left an H200 too little for the full
+# unroll, untimed at every batch with 3 s left, where it ran 1.1-2.1x faster than the
+# unroll 1 kept and the flag sets then timed ran level with it (2026-12-04).
+REACH_SHARE = 1.0 - EVAL_SHARE
 # The same program, timed the same way, ran up to a fifth faster or slower from one process
 # to the next, and not alike for every program (the pixel GRU's autodiff and hand-written
 # forms, 7 processes of measure.Timed: 56-60 against 48-57 ms; the pixel LSTM's unroll 16,
@@ -138,9 +141,11 @@ SECOND_NEAR = 0.25
 SECOND_MOST = 3
 SECOND_SHARE = 0.15
 # The first child's share where no other process settings follow (the backend has no XLA
-# flag alternatives, e.g. a TPU, no huge pages and no CPUs to set; or the user set them
-# all): all but the second process's and the turns' parts.
-ALONE_SHARE = 1.0 - SECOND_SHARE - TURNS_SHARE
+# flag alternatives, e.g. a TPU or a GPU, whose flag sets its first child times in
+# process; no huge pages and no CPUs to set; or the user set them all): all but the
+# second process's, the turns' and the evaluation's parts (without the evaluation's, the
+# second process was left a twentieth of the budget, too little to start a child).
+ALONE_SHARE = 1.0 - SECOND_SHARE - TURNS_SHARE - EVAL_SHARE
 # The chunks a sequence is scanned in, timed for the fastest form and unroll: each part at
 # least CHUNK_STEPS long (28 rows: 4 parts; 784 pixels: 4 and 8). In turns in one process on
 # a 2-core AVX-512 EPYC, 2026-12-01: pixels at batch 50, the GRU 1.17x faster in 8 parts
@@ -436,6 +441,8 @@ def model_candidates(config: Config, pinned: frozenset[str], spec: DataSpec = ID
     first two, the pixel GRU's flags ran on its autodiff baseline where its hand-written
     form, timed once, had read 54 ms, and 31-37 since), and worth more than chunks at
     large batches."""
+    from rnnjax import native
+
     base = baseline(config, pinned)
     length = sequence_length(config, spec)
     middle = 2 ** int(math.log2(math.sqrt(length)))  # 4 for 28 steps, 16 for 784
@@ -444,6 +451,14 @@ def model_candidates(config: Config, pinned: frozenset[str], spec: DataSpec = ID
     hand_written = [form for form in forms if form["backward"] == "hand_written"]
     has_hand_written = bool(hand_written) or base["backward"] == "hand_written"
     out = [base]
+    # A native baseline (--backward native) runs one custom call a pass, no loop over time:
+    # no unroll to time (each would run the baseline's program again), its other vector
+    # width right after it.
+    native_base = base["backward"] == "native"
+    tune_unroll = tune_unroll and not native_base
+    if native_base and native.unavailable() is None:
+        out += [{**base, "native_lanes": lanes, ON: "cpu"}
+                for lanes in native_lanes_offered(base, pinned)]
     if tune_unroll and base["unroll"] != 0:  # an autodiff baseline: its hand-written form
         probe = hand_written[0] if hand_written and base["backward"] == "autodiff" else {}
         if probe:  # at the baseline's unroll too, so that the unrolls compare in one form
@@ -502,7 +517,9 @@ def reaching(candidates: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for c in candidates[1:]:
         fields = {name: value for name, value in c.items() if name != ON}
-        if (c["backward"] == "native" or c is probe) and fields not in out:
+        kernels = c["backward"] == "native" and all(  # the native form, no other setting
+            c[name] == value for name, value in candidates[0].items() if name not in PROGRAM)
+        if (kernels or c is probe) and fields not in out:
             out.append(fields)  # (the CPU's and the GPU's native: the same fields)
     return out
 
@@ -1078,7 +1095,7 @@ def tune(
             chosen = select(pooled(final or t.measured), base, base_flags, t.tol)
             if chosen is not None and evaluates:
                 evaluation = evaluation_choice(chosen, t.children, deadline, t.tol, config,
-                                               pinned, log)
+                                               pinned, log, clock)
         finally:
             for c in t.children:
                 c.close()
@@ -1252,7 +1269,13 @@ class Tuning:
                 self.measured.append(Measurement(picks[1].candidate, flags, note="budget spent"))
                 self.complete = False
             for j in range(copies):
-                other = self.start(flags, fit, now + (j + 1) * (share - now) / copies)
+                end = now + (j + 1) * (share - now) / copies
+                if j and self.clock() + self.startup > end:  # the one before overran
+                    self.log(f"  {describe(process_fields(flags))}: process {j + 1} of "
+                             f"{copies} not started (budget spent)")
+                    self.complete = False
+                    break
+                other = self.start(flags, fit, end)
                 self.measured += other.measurements
                 self.complete = self.complete and other.error == "" and all(
                     m.step_s is not None for m in other.measurements)
@@ -1322,13 +1345,16 @@ def evaluation_ways(candidate: dict[str, Any], timed: Sequence[Measurement], con
 
 def evaluation_choice(chosen: Measurement, children: Sequence[Child], until: float,
                       tol: float, config: Config, pinned: frozenset[str],
-                      log: Callable[[str], None]) -> dict[str, Any] | None:
+                      log: Callable[[str], None], clock: Callable[[], float] = time.time
+                      ) -> dict[str, Any] | None:
     """How the evaluations of the ``chosen`` candidate run: each of its
-    :func:`evaluation_ways` timed by a child that timed it, until ``until``. Returns the
+    :func:`evaluation_ways` timed by a child that timed it (the first with two ways or
+    more), until ``until`` by ``clock``. Returns the
     timing with the :data:`EVALUATION` fields (``rnnjax.measure.evaluation_fields``) of the
     fastest, where it is :data:`MARGIN` faster than the first way, the default, and its sums
     the same, bit for bit, or, native against XLA's form (which round differently), within
-    ``tol``; else the first's. None where no child could time it."""
+    ``tol``; else the first's. None where no child could time it, or ``until`` had come
+    before the child was asked (its compiles would overrun the budget)."""
     for child in children:
         timed = [m for m in child.measurements if m.step_s is not None]
         if child.evaluate is None or not any(
@@ -1336,7 +1362,10 @@ def evaluation_choice(chosen: Measurement, children: Sequence[Child], until: flo
             continue
         ways = evaluation_ways(chosen.candidate, timed, config, pinned,
                                (child.device or {}).get("backend", ""))
-        if len(ways) < 2:
+        if len(ways) < 2:  # another child may have timed more unrolls
+            continue
+        if clock() >= until:  # a request now would compile past the budget
+            log("  the evaluation: not timed (budget spent)")
             return None
         report = child.evaluate(chosen.candidate, ways, until)
         if report is None or "seconds" not in report:

@@ -514,6 +514,40 @@ def test_a_child_times_the_runs_evaluation_each_way(tmp_path):
     assert child.evaluate(fields(0), [0, 1], time.time() + 60) is None
 
 
+def test_the_evaluation_starts_no_compile_past_its_deadline():
+    """The evaluation's ways are compiled while the budget allows: the first two whatever
+    the time (a choice needs two), a later one only where its compile, predicted from the
+    unrolls compiled before it, ends before the deadline (one asked after the budget had
+    run out compiled all three, 2.4 s past it at the seed's shape); and the parent asks no
+    child once the budget is spent."""
+    config = Config(hidden_size=4, batch_size=4, eval_batch_size=64, compile_cache="off")
+    spec = DataSpec((28, 28, 1), 10)
+    late = measure.evaluation_timing(config, "", spec, [1, 4, 0], time.time() - 1.0)
+    assert set(late["seconds"]) == set(late["differ"]) == {"1", "4"}
+    timely = measure.evaluation_timing(config, "", spec, [1, 4, 0], time.time() + 600.0)
+    assert set(timely["seconds"]) == {"1", "4", "0"} and timely["differ"]["0"] == 0.0
+
+    chosen = tune.Measurement(fields(1), step_s=1e-3)
+    asked: list[tuple[str, list]] = []
+
+    def child(name, *timed):  # a child that timed these, and records each request
+        def evaluate(candidate, ways, until):
+            asked.append((name, ways))
+            return {"seconds": {str(w): 1.0 for w in ways},
+                    "differ": {str(w): 0.0 for w in ways}}
+        return tune.Child({"backend": "cpu"}, [chosen, *timed], evaluate=evaluate)
+
+    clock, lines = Clock(), []
+    unrolled = child("both unrolls", tune.Measurement(fields(0), step_s=2e-3))
+    assert tune.evaluation_choice(chosen, [unrolled], clock.now, 1e-3, config, frozenset(),
+                                  lines.append, clock) is None
+    assert asked == [] and lines == ["  the evaluation: not timed (budget spent)"]
+    # A child with one way to evaluate the choice (it timed unroll 1 alone) is passed over.
+    report = tune.evaluation_choice(chosen, [child("one unroll"), unrolled], clock.now + 1,
+                                    1e-3, config, frozenset(), lines.append, clock)
+    assert asked == [("both unrolls", [1, 0])] and report["eval_unroll"] == -1
+
+
 def test_flag_sets_are_chosen_from_timings_in_turns(one_process):
     """A flag set that looked faster in its own child (started later, on a machine then
     less loaded) but is not when timed side by side with the baseline is not chosen."""
@@ -1095,6 +1129,35 @@ def test_the_most_promising_candidates_may_take_the_budgets_later_parts(native_h
     assert measure.reach_until(probe, 20.0, None) == 20.0
 
 
+def test_a_native_baseline_times_its_other_width_and_no_unroll(native_here, monkeypatch):
+    """With --backward native (the native baseline, which honours no other form field) the
+    other vector width is timed right after it, as where the tuner offers the native form
+    itself, and no unroll: the native passes have no loop to unroll, so each unroll would
+    time the baseline's program again (``measure.same_program``), and noise could choose
+    one. Of its candidates only that width takes the budget's later parts
+    (``tune.reaching``), not the other feed, which is native too."""
+    monkeypatch.setattr(native, "wide_vectors", lambda: True)
+    config = Config(backward="native")
+    pinned = frozenset({"backward"})
+    candidates = tune.model_candidates(config, pinned)
+    base = candidates[0]
+    assert base["backward"] == "native" and base["native_lanes"] == 8
+    assert candidates[1] == {**base, "native_lanes": 16, measure.ON: "cpu"}
+    assert all(c["unroll"] == base["unroll"] for c in candidates)
+    assert tune.unroll_probe(candidates) is None
+    assert not any(measure.same_program(a, b) and a != b
+                   for i, a in enumerate(candidates) for b in candidates[i + 1:]
+                   if measure.BEST not in {**a, **b}.values())
+    assert {"feed": "stream"}.items() <= candidates[-1].items()
+    assert tune.reaching(candidates) == [{**base, "native_lanes": 16}]
+    monkeypatch.setattr(native, "unavailable", lambda: "no compiler")
+    assert 16 not in {c["native_lanes"] for c in tune.model_candidates(config, pinned)}
+    monkeypatch.setattr(native, "unavailable", lambda: None)
+    lanes = tune.model_candidates(config.replace(native_lanes=16),
+                                  pinned | {"native_lanes"})
+    assert {c["native_lanes"] for c in lanes} == {16}
+
+
 def test_a_child_times_the_unroll_probe_within_its_reach(tmp_path, capsys, monkeypatch):
     """measure.run in this process: the full unroll, predicted (here, told) to compile for
     longer than the child has left, is skipped; with the reach it is timed, its later
@@ -1168,6 +1231,27 @@ def test_a_backend_without_other_settings_gives_the_first_child_their_share(monk
         # before the cut: its share of the longest budget a run may get (rnnjax tune's)
         assert fake.alone[0]["deadline"] == pytest.approx(
             1000.0 + tune.ALONE_SHARE * tune.TUNE_COMMAND_BUDGET_S)
+
+
+def test_a_first_child_alone_leaves_the_second_process_its_share():
+    """Where no other settings follow (a TPU's, a GPU's run), the first child's share
+    (ALONE_SHARE) ends where the second process's, the turns' and the evaluation's parts
+    begin: without the evaluation's part, the evaluation's reserve came out of the second
+    process's share, which then held a twentieth of the budget, too little to start a
+    child, and close finalists were never timed again."""
+    shares = tune.ALONE_SHARE + tune.SECOND_SHARE + tune.TURNS_SHARE + tune.EVAL_SHARE
+    assert shares == pytest.approx(1.0)
+    times = all_times()
+    times[k(1)], times[k(1, projection="in_loop")] = 1.0, 0.95  # close: timed again
+    clock = Clock()
+    fake = FakeChild(times, clock=clock, per_child_s=100.0, stops_at_deadline=True,
+                     turns={}, evaluation={0: 60.0, 1: 40.0}, backend="tpu")
+    lines: list[str] = []
+    tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock, log=lines.append)
+    assert fake.deadlines[0] == pytest.approx(1000.0 + tune.ALONE_SHARE * 30.0)
+    assert len(fake.calls) == 2, lines  # the second process
+    assert any(line.startswith("  again in a second process") for line in lines)
+    assert any(line.startswith("  the evaluation, one chunk") for line in lines)
 
 
 def test_no_child_starts_that_could_not_finish_in_its_share(one_process):
@@ -1314,6 +1398,28 @@ def test_pinned_fields_are_never_tuned():
     applied = tune.apply(config, tampered, frozenset({"unroll", "xla_flags"}))
     assert applied.unroll == 2 and applied.xla_flags == xnn
     assert applied.weight_grad == "per_step"
+
+
+def test_a_second_huge_pages_process_waits_for_time_left(one_process, huge_pages_here):
+    """Huge pages are timed in HUGE_PAGES_PROCESSES children, each in its part of what the
+    flag sets leave: where the first overran its part (a child stopped late), the second
+    is not started past the budget."""
+
+    class Overruns(FakeChild):
+        def __call__(self, config, flags, *args, **kwargs):
+            child = super().__call__(config, flags, *args, **kwargs)
+            if tune.HUGE_PAGES in flags.split():
+                self.clock.now += 60.0
+            return child
+
+    clock, lines = Clock(), []
+    fake = Overruns(all_times(), clock=clock)
+    result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock, log=lines.append)
+    assert [c[0] for c in fake.calls] == ["", YNN, VEC, tune.HUGE_PAGES]
+    assert [line for line in lines if "not started" in line] == [
+        "  xla-flags (none), huge-pages on, cpus all: process 2 of 2 not started (budget "
+        "spent)"]
+    assert not result.complete
 
 
 def test_huge_pages_are_timed_last_on_top_of_the_fastest_flags(one_process, huge_pages_here,
@@ -1915,6 +2021,38 @@ def test_a_non_finite_first_step_never_matches():
     assert measure.relative_difference({**ref, "loss": np.float32(np.nan)}, ref) == math.inf
     assert measure.relative_difference({**ref, "s0": np.array([1, np.inf, 1])}, ref) == \
         math.inf
+
+
+def test_an_sgd_candidates_first_step_is_compared_by_its_update():
+    """Where the optimizer keeps no floating-point state (SGD), the first step is compared
+    by the parameters' update, the learning rate times the gradient: compared by the
+    parameters themselves, a candidate whose gradients were half what they should be
+    differed by 5e-4 at SGD's learning rate of 1e-3, within the 1e-3 tolerance. Another
+    form of the same cell (autodiff against the hand-written pass) still matches."""
+    config = Config(optimizer="sgd", batch_size=8, steps=4, steps_per_call=2,
+                    compile_cache="off")
+    data = measure.synthetic_data(config, 16)
+    timed = measure.Timed(config, data, time.perf_counter)
+    import jax
+
+    from rnnjax.model import make_model
+    from rnnjax.optim import make_optimizer
+
+    initial = measure.synthetic_state(make_model(config), make_optimizer(config))
+    updates = [a - b for a, b in zip(jax.tree.leaves(timed.state.params),
+                                     jax.tree.leaves(initial.params), strict=True)]
+    assert sorted(timed.first_step) == ["loss", *(f"s{i}" for i in range(len(updates)))]
+    for i, update in enumerate(updates):
+        np.testing.assert_allclose(timed.first_step[f"s{i}"], update, atol=1e-9)
+        assert np.abs(update).max() > 0
+    half = {k: v if k == "loss" else v / 2 for k, v in timed.first_step.items()}
+    assert measure.relative_difference(half, timed.first_step) == pytest.approx(0.5)
+    other, _ = measure.candidate_config(config, {"backward": "autodiff",
+                                                 "projection": "in_loop"})
+    assert tune.baseline(config, frozenset())["backward"] == "hand_written"
+    again = measure.Timed(other, data, time.perf_counter)
+    assert measure.relative_difference(again.first_step, timed.first_step) < \
+        tune.tolerance(config)
 
 
 def test_a_calls_own_cost_is_spread_over_the_runs_steps_per_call():
