@@ -252,6 +252,39 @@ def test_initial_carry_and_return_carry(xs):
     assert not np.allclose(h, h_zero)  # the initial carry is used
 
 
+@pytest.mark.parametrize("cell", ["simple_rnn", "lstm", "gru", "flax.linen:GRUCell",
+                                  "flax.nnx:LSTMCell"])
+def test_bfloat16_inputs_run_in_bfloat16_with_or_without_a_float32_carry(cell):
+    """Outputs come in the inputs' dtype: a Flax cell's float32 parameters promoted its
+    bfloat16 step to a float32 carry, which lax.scan refused (where Flax's own RNN runs),
+    and a float32 initial carry with bfloat16 inputs broke the hand-written forms' gradient
+    (a dynamic_update_slice of two dtypes). Each carry is cast as it came in."""
+    xs = jax.random.normal(jax.random.key(0), (B, T, F)).astype(jnp.bfloat16)
+    module = rnn_linen.RNN(cell=cell, hidden_size=H, return_carry=True)
+    variables = module.init(jax.random.key(1), xs)
+    carry, ys = module.apply(variables, xs)
+    assert ys.dtype == jnp.bfloat16 and ys.shape == (B, T, H)
+    assert {leaf.dtype for leaf in jax.tree.leaves(carry)} == {jnp.dtype(jnp.bfloat16)}
+    given = jax.tree.map(lambda c: jnp.ones(c.shape, jnp.float32), carry)
+
+    def loss(params):
+        return jnp.sum(module.apply({"params": params}, xs, given)[1].astype(jnp.float32))
+
+    grads = jax.grad(loss)(variables["params"])
+    assert all(jnp.isfinite(g).all() for g in jax.tree.leaves(grads))
+    assert module.apply(variables, xs, given)[1].dtype == jnp.bfloat16
+
+
+def test_unroll_false_is_one_step_a_loop_as_lax_scan_reads_it(xs):
+    """``unroll=False`` is lax.scan's 1, not rnnjax's 0 (every step unrolled)."""
+    def program(unroll):
+        module = rnn_linen.RNN(cell="simple_rnn", hidden_size=H, unroll=unroll)
+        variables = module.init(jax.random.key(0), xs)
+        return str(jax.make_jaxpr(module.apply)(variables, xs))
+
+    assert program(False) == program(1) != program(True)
+
+
 # --- the classifier as a Flax module ----------------------------------------------------------
 
 @pytest.mark.parametrize("config", [
@@ -417,6 +450,12 @@ class NnxElman(nnx.Module):
 
     def initialize_carry(self, input_shape, rngs=None):
         return jnp.zeros((*input_shape[:-1], self.hidden))
+
+
+class NnxWithAConstant(NnxElman):
+    def __init__(self, in_features, hidden, *, rngs):
+        super().__init__(in_features, hidden, rngs=rngs)
+        self.scale = nnx.Variable(jnp.full((hidden,), 0.5))
 """
 
 
@@ -447,8 +486,15 @@ def test_the_throughput_benchmark_times_a_flax_cell(tmp_path):
     ("flax.linen:GRUCel", "'flax.linen' has no 'GRUCel'"),
     ("no_such_module:Cell", "cannot import 'no_such_module'"),
     ("flax.linen:Dense", "not an RNN cell"),
+    ("flax.nnx:RNNCellBase", "could not be built as RNNCellBase(1, 50, rngs=...)"),
+    ("my_cells:NnxWithAConstant", "holds variables other than nnx.Param (scale)"),
 ])
-def test_a_bad_flax_cell_is_one_line_and_exit_2(capsys, tmp_path, spec, message):
+def test_a_bad_flax_cell_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch, spec,
+                                                message):
+    """Told before anything runs, in one line: an nnx cell too (built lazily, its errors
+    came as a traceback from the model's first init, exit 1)."""
+    (tmp_path / "my_cells.py").write_text(USER_CELLS)
+    monkeypatch.syspath_prepend(str(tmp_path))
     assert cli.main(["train", "--cell", spec, "--workdir", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("rnnjax: error: --cell") and message in err

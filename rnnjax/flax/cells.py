@@ -45,6 +45,13 @@ def _cast(tree: Any, dtype: Any) -> Any:
     return jax.tree.map(lambda a: a.astype(dtype), tree)
 
 
+def _as_before(carry: Any, new: Any, y: jax.Array, x: jax.Array) -> tuple[Any, jax.Array]:
+    """A Flax cell's step ``(new, y)`` in the dtypes rnnjax's scan keeps: each carry leaf as
+    it came in, the output as the input ``x`` (a Flax cell's float32 parameters promote a
+    bfloat16 step to float32, which ``lax.scan`` refuses as the carry's)."""
+    return jax.tree.map(lambda n, o: n.astype(o.dtype), new, carry), y.astype(x.dtype)
+
+
 @functools.cache
 def flax_cell(spec: str, hidden: int) -> Cell:
     """The Flax cell class ``spec`` (``MODULE:CLASS``) of width ``hidden`` as a Cell."""
@@ -81,7 +88,7 @@ def _linen_cell(spec: str, cls: type, hidden: int) -> Cell:
         return dict(module.init(key, initial_carry(1, jnp.float32), x)["params"])
 
     def step(params: Any, carry: Any, x: jax.Array) -> tuple[Any, jax.Array]:
-        return module.apply({"params": params}, carry, x)
+        return _as_before(carry, *module.apply({"params": params}, carry, x), x)
 
     return Cell(init=init, step=step, initial_carry=initial_carry, hidden_size=hidden)
 
@@ -97,6 +104,12 @@ def _nnx_cell(spec: str, cls: type, hidden: int) -> Cell:
         except TypeError as e:
             raise _build_error(spec, f"{cls.__name__}({input_size}, {hidden}, rngs=...)",
                                e) from None
+        others = nnx.state(module, nnx.Not(nnx.Param))
+        if jax.tree.leaves(others):  # their values would be the template's, abstract
+            names = sorted({".".join(map(str, path)) for path, _ in nnx.to_flat_state(others)})
+            raise ValueError(f"{spec!r} holds variables other than nnx.Param ({', '.join(names)})"
+                             "; rnnjax steps a cell from its Param state alone: make them "
+                             "Params, or constants of the class")
         return nnx.split(module)
 
     def build(input_size: int, key: jax.Array) -> Any:
@@ -113,10 +126,11 @@ def _nnx_cell(spec: str, cls: type, hidden: int) -> Cell:
         return nnx.merge(graphdef, state)
 
     def step(params: Any, carry: Any, x: jax.Array) -> tuple[Any, jax.Array]:
-        return module_of(params, x.shape[-1])(carry, x)
+        return _as_before(carry, *module_of(params, x.shape[-1])(carry, x), x)
 
     def initial_carry(batch: int, dtype: Any) -> Any:
         module = nnx.merge(*template(1))  # only its attributes are read
         return _cast(module.initialize_carry((batch, 1), nnx.Rngs(0)), dtype)
 
+    template(1)  # a signature it does not take, or state it cannot keep: said here, at once
     return Cell(init=init, step=step, initial_carry=initial_carry, hidden_size=hidden)

@@ -26,8 +26,10 @@ def run(
     inputs: ``[B, T, F]`` (``[T, B, F]`` when ``time_major``), any float dtype; outputs
     ``[B, T, H]`` (``[T, B, H]``) in the same dtype. ``initial_carry`` is in the cell's own
     layout (rnnjax's LSTM: ``(h, c)``, each ``[B, H]``); default: the cell's zeros.
-    ``unroll``: ``lax.scan``'s unroll factor, 0 or True for all T steps. ``chunks``: the
-    sequence scanned in that many consecutive parts (``rnnjax.cells.scan_cell``).
+    ``unroll``: ``lax.scan``'s unroll factor, 0 or True for all T steps (False: 1, as
+    ``lax.scan`` reads it). A given ``initial_carry`` is cast to the inputs' dtype.
+    ``chunks``: the sequence scanned in that many consecutive parts
+    (``rnnjax.cells.scan_cell``).
     ``reverse`` reads the sequence last step first and, as Flax, returns the outputs in that
     processed order unless ``keep_order``.
     """
@@ -37,7 +39,9 @@ def run(
     xs = inputs if time_major else jnp.swapaxes(inputs, 0, 1)
     if reverse:
         xs = xs[::-1]
-    unroll = 0 if unroll is True else int(unroll)
+    unroll = 0 if unroll is True else 1 if unroll is False else int(unroll)
+    if initial_carry is not None:
+        initial_carry = jax.tree.map(lambda c: jnp.asarray(c, inputs.dtype), initial_carry)
     carry, ys = scan_cell(cell, params, xs, initial_carry, unroll=unroll, chunks=chunks)
     if reverse and keep_order:
         ys = ys[::-1]

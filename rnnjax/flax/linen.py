@@ -2,7 +2,7 @@
 
 Both are thin: they declare the parameters (the leaf names and Keras initialisers of the
 rnnjax cell) and call rnnjax's pure sequence functions, so a linen model gets rnnjax's
-hand-written backward passes::
+hand-written backward passes (simple_rnn's, irnn's and lstm's: each cell's default form)::
 
     import flax.linen as nn
     from rnnjax.flax import linen as rnn
