@@ -70,29 +70,43 @@ def _ocp():
 
 @contextlib.contextmanager
 def _quiet_stragglers(grace_s: float = 0.5) -> Iterator[None]:
-    """Keep a failed orbax read from spraying tracebacks after its one clean error.
+    """Keep a failed orbax read or write from spraying tracebacks after its one clean error.
 
-    When one tensorstore read of a restore fails, orbax's event loop closes while the
-    other reads are still in flight; each then reports ``RuntimeError: Event loop is
-    closed`` through ``sys.unraisablehook``. Those (and only those) are dropped while the
-    restore runs and for ``grace_s`` after it fails, then the previous hook is back.
+    When one tensorstore read of a restore, or write of a save (a full disk), fails,
+    orbax's event loop closes while the others are still in flight; each then reports
+    ``RuntimeError: Event loop is closed`` (through ``sys.unraisablehook``, or printed as
+    an uncaught error through ``sys.excepthook``), and a failed save's threads log their
+    error with its traceback through absl, at ERROR, before orbax raises it. While the
+    block runs, and for ``grace_s`` after it fails, those closed-loop errors (and only
+    those) are dropped and absl logs only what is fatal; then all is as it was. The error
+    raised says what failed.
     """
-    previous = sys.unraisablehook
+    from absl import logging as absl_logging
+
+    def closed(error: BaseException | None) -> bool:
+        return isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
+
+    previous, previous_except = sys.unraisablehook, sys.excepthook
+    verbosity = absl_logging.get_verbosity()
 
     def hook(unraisable: Any) -> None:
-        error = unraisable.exc_value
-        if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
-            return
-        previous(unraisable)
+        if not closed(unraisable.exc_value):
+            previous(unraisable)
 
-    sys.unraisablehook = hook
+    def except_hook(kind: Any, error: BaseException, trace: Any) -> None:
+        if not closed(error):
+            previous_except(kind, error, trace)
+
+    sys.unraisablehook, sys.excepthook = hook, except_hook
+    absl_logging.set_verbosity(absl_logging.FATAL)
     try:
         yield
     except BaseException:
         time.sleep(grace_s)
         raise
     finally:
-        sys.unraisablehook = previous
+        sys.unraisablehook, sys.excepthook = previous, previous_except
+        absl_logging.set_verbosity(verbosity)
 
 
 def _one_line(error: BaseException, limit: int = 160) -> str:
@@ -164,6 +178,12 @@ def resolve(path: Path | str) -> Path:
             f"checkpoint {path}: not a directory; pass a step directory "
             "(WORKDIR/checkpoints/STEP) or a workdir that holds checkpoints"
         )
+    holder = path.absolute().parent
+    if path.name in ("meta", "state") and (holder / "meta").is_dir() and (
+            holder / "state").is_dir():  # orbax marks its items finished too: not a step
+        raise CheckpointError(
+            f"checkpoint {path}: a part of the checkpoint {path.parent}; pass its step "
+            f"directory {path.parent}")
     if (path / "meta").is_dir() or (path / "state").is_dir() or (path / COMMIT_FILE).exists():
         if not (path / COMMIT_FILE).is_file():
             raise CheckpointError(
@@ -293,13 +313,14 @@ class CheckpointWriter:
             meta["data"] = dict(data)
         ocp = self._ocp
         try:
-            self._manager.save(
-                step,
-                args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                        meta=ocp.args.JsonSave(meta)),
-                force=True,
-            )
-            self._manager.wait_until_finished()
+            with _quiet_stragglers():
+                self._manager.save(
+                    step,
+                    args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            meta=ocp.args.JsonSave(meta)),
+                    force=True,
+                )
+                self._manager.wait_until_finished()
         except Exception as e:  # orbax raises many types; one line names the directory
             raise CheckpointError(
                 f"cannot write checkpoint {path} ({_one_line(e)}); free disk space or choose "
@@ -317,6 +338,13 @@ class CheckpointWriter:
         self.close()
 
 
+def _instead(step_dir: Path) -> str:
+    """What to do about the corrupt checkpoint ``step_dir``: as eval and predict take it,
+    another step directory; as --resume finds it, the latest, delete it."""
+    return (f"pass another step directory of {step_dir.parent}, or delete this one "
+            "(--resume then continues from the one before it)")
+
+
 def read_meta(step_dir: Path | str) -> dict[str, Any]:
     """The JSON saved beside a checkpoint's state.
 
@@ -330,21 +358,22 @@ def read_meta(step_dir: Path | str) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise CheckpointError(
             f"checkpoint {step_dir} is corrupt: its meta/ cannot be read ({_one_line(e)}); "
-            f"pass another step directory of {step_dir.parent}, or delete this one"
+            f"{_instead(step_dir)}"
         ) from e
     if not isinstance(meta, dict) or "config" not in meta or "step" not in meta:
         raise CheckpointError(
             f"checkpoint {step_dir} is not an rnnjax checkpoint (meta/ lacks config and "
             "step); pass a directory written by rnnjax train --workdir"
         )
-    try:  # what a resumed run reads of it, before it writes anything
+    try:  # what a resumed run, eval and predict read of it, before they write anything
         decode_sums(meta.get("train_sums"))
         float(meta.get("wall_s") or 0.0)
+        if "data" in meta:
+            DataSpec.from_json(meta["data"])
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise CheckpointError(
-            f"checkpoint {step_dir} is corrupt: its meta/ train sums or wall time do not "
-            f"load ({_one_line(e)}); pass another step directory of {step_dir.parent}, or "
-            "delete this one"
+            f"checkpoint {step_dir} is corrupt: its meta/ train sums, wall time or data do "
+            f"not load ({_one_line(e)}); {_instead(step_dir)}"
         ) from e
     return meta
 
@@ -355,7 +384,8 @@ def read_config(step_dir: Path | str, meta: Mapping[str, Any] | None = None) -> 
     try:
         return from_dict(dict(meta["config"]))
     except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {step_dir}: its config does not load ({e})") from e
+        raise CheckpointError(f"checkpoint {step_dir}: its config does not load ({e}); "
+                              f"{_instead(Path(step_dir))}") from e
 
 
 def data_spec(meta: Mapping[str, Any], config: Config) -> DataSpec:
@@ -405,14 +435,12 @@ def restore(step_dir: Path | str, target: Any, meta: Mapping[str, Any] | None = 
     except Exception as e:
         raise CheckpointError(
             f"checkpoint {step_dir} is corrupt or does not match its config: the state "
-            f"cannot be restored ({_one_line(e)}); pass another step directory of "
-            f"{step_dir.parent}, or delete this one"
+            f"cannot be restored ({_one_line(e)}); {_instead(step_dir)}"
         ) from e
     if digest(state) != expected:
         raise CheckpointError(
             f"checkpoint {step_dir} is corrupt: the restored state does not match the "
-            f"checksum saved with it; pass another step directory of {step_dir.parent}, "
-            "or delete this one"
+            f"checksum saved with it; {_instead(step_dir)}"
         )
     return state
 
@@ -525,14 +553,37 @@ def check_fresh_workdir(config: Config, workdir: Path | str) -> None:
         )
 
 
+def check_records_match(saved: Config, workdir: Path | str, step_dir: Path) -> None:
+    """Refuse to resume the checkpoint ``step_dir`` (of config ``saved``) into records of
+    another run: the workdir's ``config.json``, where there is one that loads, must be the
+    checkpoint's run but for :data:`RUN_SETTINGS` (a resume may change those, ``--steps``
+    among them). Checkpoints copied in from another run resumed, and its metrics were
+    appended to this one's, its config written over this one's."""
+    where = Path(workdir) / "config.json"
+    try:
+        recorded = from_dict(json.loads(where.read_text()))
+    except (OSError, ValueError, TypeError, ConfigError):  # none, or unreadable: rewritten
+        return
+    differ = [f"{flag_name(f.name)} {getattr(recorded, f.name)} (the checkpoint's: "
+              f"{getattr(saved, f.name)})" for f in dataclasses.fields(Config)
+              if f.name not in RUN_SETTINGS
+              and getattr(recorded, f.name) != getattr(saved, f.name)]
+    if differ:
+        raise CheckpointError(
+            f"{where} is another run's than the checkpoint {step_dir}: it differs in "
+            f"{', '.join(differ)}; resume in the workdir the checkpoint was trained in, or "
+            f"move {Path(workdir) / 'checkpoints'} into a workdir of its own"
+        )
+
+
 def prepare(config: Config, workdir: Path | str | None, resume: bool) -> ResumePoint | None:
     """Check a run's checkpoint settings before anything is written.
 
     Checkpoints need a workdir. Without ``resume`` a workdir that already holds
     checkpoints, or the records of a different run (:func:`check_fresh_workdir`), is
     refused (nothing is overwritten); with it, the latest checkpoint is
-    found and checked against ``config`` (:func:`check_resumable`, and ``--steps`` beyond
-    its step), and returned.
+    found and checked against the workdir's records (:func:`check_records_match`) and
+    ``config`` (:func:`check_resumable`, and ``--steps`` beyond its step), and returned.
     """
     if workdir is None:
         if resume:
@@ -554,7 +605,9 @@ def prepare(config: Config, workdir: Path | str | None, resume: bool) -> ResumeP
     step_dir = latest_checkpoint(workdir)
     step = int(step_dir.name)
     meta = read_meta(step_dir)
-    check_resumable(read_config(step_dir, meta), config, step_dir)
+    saved = read_config(step_dir, meta)
+    check_records_match(saved, workdir, step_dir)
+    check_resumable(saved, config, step_dir)
     if step >= config.steps:
         from rnnjax.metrics import steps_phrase  # imports JAX: only on this error
 

@@ -177,26 +177,31 @@ def check_cpus(config: Config, resumed: Path | None = None) -> None:
                          "--workdir") from None
 
 
-def check_writable(directory: Path, flag: str = "--workdir") -> None:
+def check_writable(directory: Path, flag: str = "--workdir", given: bool = True,
+                   named: Path | None = None) -> None:
     """Fail before training, not after, when ``directory`` could not be written.
 
     Leaves nothing behind: the run makes the directory once its data has loaded. Whether
     the nearest existing parent takes a file is tried (a probe file, removed at once), not
     read from permission bits: those do not bind root, nor tell a read-only file system.
+    ``given``: whether the user named ``directory`` (or ``named``, a file in it) with
+    ``flag``; else it is ``flag``'s default, and the error says so.
     """
     existing = directory
     while not existing.exists():
         if existing.parent == existing:
             break
         existing = existing.parent
+    shown = named or directory
+    where = f"{flag} {shown}" if given else f"{shown} (where it writes without {flag})"
+    fix = "choose" if given else f"pass {flag} in"
     if not existing.is_dir():
-        raise UsageError(f"{flag} {directory}: {existing} is not a directory; "
-                         "choose another path")
+        raise UsageError(f"{where}: {existing} is not a directory; {fix} another path")
     try:
         fd, probe = tempfile.mkstemp(prefix=".rnnjax-write-probe-", dir=existing)
     except OSError as e:
-        raise UsageError(f"{flag} {directory}: {existing} is not writable "
-                         f"({e.strerror or e}); choose a writable directory") from e
+        raise UsageError(f"{where}: {existing} is not writable "
+                         f"({e.strerror or e}); {fix} a writable directory") from e
     os.close(fd)
     os.unlink(probe)
 
@@ -437,7 +442,7 @@ def _check_out(path: Path) -> None:
     if path.suffix.lower() != ".png":  # it is written as a PNG whatever its name says
         raise UsageError(f"--out {path}: the confusion matrix is written as a PNG; pass a "
                          "file name ending in .png")
-    check_writable(path.parent, flag="--out")
+    check_writable(path.parent, flag="--out", named=path)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -447,7 +452,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     step_dir = checkpoint.resolve(args.checkpoint)  # cheap, before the slow part
     if args.out is None:  # named after loading: a run still training may save a newer one
-        check_writable(checkpoint.workdir_of(step_dir), flag="--out")
+        check_writable(checkpoint.workdir_of(step_dir), flag="--out", given=False)
     else:
         _check_out(args.out)
     loaded = inference.load(args.checkpoint)

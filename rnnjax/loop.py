@@ -14,6 +14,7 @@ the full test set happen after step 0, every ``eval_every`` steps, and after the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -319,9 +320,18 @@ class RunFiles:
             self.tensorboard.write(record["step"], "test", test)
 
     def close(self) -> None:
+        """Close every writer, each whatever the others did (a full disk that stopped the
+        TensorBoard writer fails its close too, and the checkpoints' async saves must still
+        finish); then raise the first error, if any."""
+        errors = []
         for writer in (self.metrics, self.tensorboard, self.checkpoints):
             if writer is not None:
-                writer.close()
+                try:
+                    writer.close()
+                except Exception as e:  # raised below, after the others
+                    errors.append(e)
+        if errors:
+            raise errors[0]
 
 
 def write_config(workdir: Path, config: Config) -> None:
@@ -498,9 +508,13 @@ def train_and_evaluate(
             files.log(record, trained, test)
             if save_after:
                 checkpoint_s += save_checkpoint(step)
-    finally:
+    except BaseException:
         bar.close()
-        files.close()
+        with contextlib.suppress(Exception):  # the error in flight is the one to report
+            files.close()
+        raise
+    bar.close()
+    files.close()
 
     wall_s = time.perf_counter() - t_start
     last = history[-1]

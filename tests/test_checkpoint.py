@@ -240,6 +240,22 @@ def test_keeps_the_last_k_and_never_picks_an_incomplete_one(tmp_path):
     assert checkpoint.list_steps(directory) == [20, 35]
 
 
+def test_a_part_of_a_checkpoint_names_its_step_directory(tmp_path):
+    """orbax marks the state/ and meta/ items of a checkpoint finished as it marks the step:
+    given one of them, rnnjax named it a corrupt checkpoint and advised deleting it, a part
+    of a good one; it names the step directory to pass instead."""
+    config = Config(hidden_size=4)
+    with checkpoint.CheckpointWriter(tmp_path / "checkpoints", keep=1) as writer:
+        path = writer.save(made_up_state(config), config)
+    assert (path / "state" / checkpoint.COMMIT_FILE).exists() or \
+        (path / "meta" / checkpoint.COMMIT_FILE).exists()  # what made it look like a step
+    for item in ("state", "meta"):
+        with pytest.raises(checkpoint.CheckpointError,
+                           match=f"a part of the checkpoint {path}; pass its step directory"):
+            checkpoint.resolve(path / item)
+    assert checkpoint.resolve(path) == path == checkpoint.resolve(tmp_path)
+
+
 def test_corrupt_checkpoints_give_a_clear_error(tmp_path, capsys):
     config = Config(hidden_size=4)
     state = made_up_state(config)

@@ -286,6 +286,25 @@ def test_other_os_errors_are_not_taken_for_a_full_disk(monkeypatch, capsys, erro
     assert "disk" not in capsys.readouterr().err
 
 
+def test_eval_into_a_place_it_cannot_write_names_that_place(capsys, tmp_path, saved,
+                                                             monkeypatch):
+    """A workdir that cannot take the confusion matrix (no --out given: a read-only mount)
+    is named as eval's default place, with --out as the fix, not as an --out the user never
+    passed; a given --out is named as given, the file, not its directory."""
+    import tempfile
+
+    def read_only(*args, dir=None, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    workdir = tmp_path / "run"  # saved: its checkpoints/STEP
+    _one_line_error(capsys, ["eval", str(saved)],
+                    f"{workdir} (where it writes without --out): {workdir} is not writable "
+                    f"({os.strerror(errno.EROFS)}); pass --out in a writable directory")
+    _one_line_error(capsys, ["eval", str(saved), "--out", str(tmp_path / "cm.png")],
+                    f"--out {tmp_path / 'cm.png'}: {tmp_path} is not writable")
+
+
 def test_a_full_disk_mid_run_is_one_line(tmp_path, capsys):
     """A real ENOSPC: the run's metrics.jsonl is /dev/full."""
     work = tmp_path / "run"
@@ -298,6 +317,35 @@ def test_a_full_disk_mid_run_is_one_line(tmp_path, capsys):
     assert os.strerror(errno.ENOSPC) in err
     assert "free disk space or choose another --workdir" in err
     assert (work / "config.json").is_file()  # what was written before stays
+
+
+def test_a_full_disk_under_tensorboard_is_its_error_and_the_checkpoints_still_close(
+        tmp_path, capsys, monkeypatch):
+    """The TensorBoard writer's flush fails on a full disk, and so does its close: the run
+    reports the first error (its close's used to replace it, and stopped the checkpoint
+    writer from closing, whose async save then never finished)."""
+    from rnnjax import checkpoint, metrics
+
+    def full(self, step, split, values):  # from the second evaluation on, after a save
+        if step >= 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def full_on_close(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (closing)")
+
+    closed = []
+    close = checkpoint.CheckpointWriter.close
+    monkeypatch.setattr(metrics.TensorBoardWriter, "write", full)
+    monkeypatch.setattr(metrics.TensorBoardWriter, "close", full_on_close)
+    monkeypatch.setattr(checkpoint.CheckpointWriter, "close",
+                        lambda self: (closed.append(self), close(self))[1])
+    work = tmp_path / "run"
+    assert main(["train", "--steps", "3", "--eval-every", "2", "--checkpoint-every", "1",
+                 "--hidden-size", "8", "--workdir", str(work), "--compile-cache", "off"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rnnjax: error: ") and err.count("\n") == 1
+    assert os.strerror(errno.ENOSPC) in err and "closing" not in err
+    assert len(closed) == 1 and checkpoint.list_steps(work / "checkpoints") == [1, 2]
 
 
 @pytest.mark.parametrize("unbuffered", ["1", ""])

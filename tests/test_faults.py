@@ -278,11 +278,16 @@ def test_undecodable_bytes_in_a_metrics_file_are_one_line_naming_it(tmp_path):
     ("train_sums", {"loss_sum": {"dtype": "float32"}}),  # no value
     ("train_sums", {"loss_sum": {"dtype": "no-such-dtype", "value": 1.0}}),
     ("train_sums", [1, 2]),
-], ids=["wall_not_a_number", "sums_without_value", "sums_dtype_unknown", "sums_not_a_dict"])
+    ("data", {"foo": 1}),
+    ("data", {"image_shape": [28, 28], "num_classes": 10}),
+    ("data", {"image_shape": [28, 28, 1], "num_classes": "ten"}),
+], ids=["wall_not_a_number", "sums_without_value", "sums_dtype_unknown", "sums_not_a_dict",
+        "data_without_shape", "data_shape_2d", "data_classes_not_a_number"])
 def test_a_checkpoint_whose_meta_does_not_load_is_one_line_and_nothing_is_written(
         tmp_path, capsys, field, value):
     """What a resumed run reads of a checkpoint's meta/ is checked before anything is
-    written: a damaged field is one line naming the checkpoint and the fix."""
+    written: a damaged field is one line naming the checkpoint and the fix (its images'
+    shape and classes: a KeyError's traceback, in eval and predict too, before)."""
     from rnnjax.cli import main
 
     work = tmp_path / "run"
@@ -296,10 +301,73 @@ def test_a_checkpoint_whose_meta_does_not_load_is_one_line_and_nothing_is_writte
     capsys.readouterr()
     assert main(["train", "--resume", *args[2:], "--steps", "20"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"rnnjax: error: checkpoint {work / 'checkpoints' / '10'} is "
-                          "corrupt: its meta/ train sums or wall time do not load (")
+    corrupt = (f"rnnjax: error: checkpoint {work / 'checkpoints' / '10'} is corrupt: its "
+               "meta/ train sums, wall time or data do not load (")
+    assert err.startswith(corrupt)
     assert err.count("\n") == 1 and "pass another step directory" in err
+    assert err.rstrip().endswith("(--resume then continues from the one before it)")
     assert {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()} == before
+    for command in (["eval", str(work)], ["predict", str(work), str(work / "none.png")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(corrupt) and err.count("\n") == 1
+
+
+def test_a_checkpoint_a_full_disk_stops_is_one_line(tmp_path):
+    """A save that fails on a full disk (here: files of at most 8 KiB, RLIMIT_FSIZE, whose
+    writes then fail as ENOSPC's do) is the one line naming the checkpoint and the fix: the
+    tensorstore writes still in flight printed 140-190 lines of tracebacks before it (each
+    "Event loop is closed", and orbax's threads logging the error at ERROR through absl)."""
+    small_files = textwrap.dedent("""
+        import resource, runpy, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+        sys.argv = ["rnnjax", *sys.argv[1:]]
+        runpy.run_module("rnnjax", run_name="__main__")
+    """)
+    work = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-c", small_files, "train", "--steps", "12", "--eval-every", "5",
+         "--checkpoint-every", "5", "--compile-cache", "off", "--workdir", str(work)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "RNNJAX_TUNE": "off"})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith(f"rnnjax: error: cannot write checkpoint "
+                                  f"{work / 'checkpoints' / '5'} (")
+    assert done.stderr.count("\n") == 1, done.stderr[-2000:]
+    assert done.stderr.rstrip().endswith("free disk space or choose another --workdir (older "
+                                         "checkpoints are intact)")
+    assert (work / "config.json").is_file() and checkpoint_lib.list_steps(
+        work / "checkpoints") == []
+
+
+def test_checkpoints_of_another_run_do_not_resume_into_these_records(tmp_path, capsys):
+    """A workdir's checkpoints replaced by another run's (another cell and width): resumed,
+    they appended that run's metrics to this one's and wrote its config over this one's.
+    Refused, naming the fields, with nothing written; the run's own checkpoints resume."""
+    import shutil
+
+    from rnnjax.cli import main
+
+    common = ["--steps", "10", "--eval-every", "5", "--compile-cache", "off"]
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    assert main(["train", *common, "--hidden-size", "8", "--workdir", str(ours)]) == 0
+    assert main(["train", *common, "--hidden-size", "6", "--cell", "lstm", "--workdir",
+                 str(theirs)]) == 0
+    shutil.move(ours / "checkpoints", tmp_path / "our_checkpoints")
+    shutil.copytree(theirs / "checkpoints", ours / "checkpoints")
+    before = {p.name: p.read_bytes() for p in ours.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", "--resume", "--workdir", str(ours), "--steps", "20"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rnnjax: error: {ours / 'config.json'} is another run's than the "
+                          f"checkpoint {ours / 'checkpoints' / '10'}: it differs in --cell "
+                          "simple_rnn (the checkpoint's: lstm), --hidden-size 8 (the "
+                          "checkpoint's: 6)")
+    assert err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in ours.iterdir() if p.is_file()} == before
+    shutil.rmtree(ours / "checkpoints")
+    shutil.move(tmp_path / "our_checkpoints", ours / "checkpoints")
+    assert main(["train", "--resume", "--workdir", str(ours), "--steps", "20"]) == 0
 
 
 def test_a_resume_stopped_before_its_first_line_leaves_the_records_as_they_were(tmp_path):
