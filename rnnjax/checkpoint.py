@@ -509,6 +509,13 @@ def run_files(workdir: Path | str) -> list[str]:
     return [name for name in named if (workdir / name).is_file()] + events
 
 
+def results_differ(a: Config, b: Config) -> list[str]:
+    """The fields, but for :data:`RUN_SETTINGS`, in which ``a`` and ``b`` differ: those
+    that make them two runs, not one."""
+    return [f.name for f in dataclasses.fields(Config)
+            if f.name not in RUN_SETTINGS and getattr(a, f.name) != getattr(b, f.name)]
+
+
 def check_fresh_workdir(config: Config, workdir: Path | str) -> None:
     """Refuse to start a run over the records of a different one.
 
@@ -535,11 +542,8 @@ def check_fresh_workdir(config: Config, workdir: Path | str) -> None:
         ) from None
     except (OSError, ValueError, TypeError) as err:  # unreadable, bad JSON, bad fields
         raise CheckpointError(f"{where}: unreadable ({err}); {fix}") from None
-    differ = [
-        f"{flag_name(f.name)} {getattr(config, f.name)} (was {getattr(saved, f.name)})"
-        for f in dataclasses.fields(Config)
-        if f.name not in RUN_SETTINGS and getattr(config, f.name) != getattr(saved, f.name)
-    ]
+    differ = [f"{flag_name(name)} {getattr(config, name)} (was {getattr(saved, name)})"
+              for name in results_differ(config, saved)]
     if config.steps < saved.steps or (config.steps != saved.steps
                                       and saved.schedule != "constant"):
         differ.append(f"--steps {config.steps} (was {saved.steps})")
@@ -564,10 +568,8 @@ def check_records_match(saved: Config, workdir: Path | str, step_dir: Path) -> N
         recorded = from_dict(json.loads(where.read_text()))
     except (OSError, ValueError, TypeError, ConfigError):  # none, or unreadable: rewritten
         return
-    differ = [f"{flag_name(f.name)} {getattr(recorded, f.name)} (the checkpoint's: "
-              f"{getattr(saved, f.name)})" for f in dataclasses.fields(Config)
-              if f.name not in RUN_SETTINGS
-              and getattr(recorded, f.name) != getattr(saved, f.name)]
+    differ = [f"{flag_name(name)} {getattr(recorded, name)} (the checkpoint's: "
+              f"{getattr(saved, name)})" for name in results_differ(recorded, saved)]
     if differ:
         raise CheckpointError(
             f"{where} is another run's than the checkpoint {step_dir}: it differs in "

@@ -509,11 +509,11 @@ def train_and_evaluate(
             if save_after:
                 checkpoint_s += save_checkpoint(step)
     except BaseException:
-        bar.close()
         with contextlib.suppress(Exception):  # the error in flight is the one to report
             files.close()
         raise
-    bar.close()
+    finally:
+        bar.close()
     files.close()
 
     wall_s = time.perf_counter() - t_start

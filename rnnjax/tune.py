@@ -446,19 +446,20 @@ def model_candidates(config: Config, pinned: frozenset[str], spec: DataSpec = ID
     base = baseline(config, pinned)
     length = sequence_length(config, spec)
     middle = 2 ** int(math.log2(math.sqrt(length)))  # 4 for 28 steps, 16 for 784
-    tune_unroll = "unroll" not in pinned
-    forms = form_candidates(config, pinned, base)
-    hand_written = [form for form in forms if form["backward"] == "hand_written"]
-    has_hand_written = bool(hand_written) or base["backward"] == "hand_written"
-    out = [base]
     # A native baseline (--backward native) runs one custom call a pass, no loop over time:
     # no unroll to time (each would run the baseline's program again), its other vector
     # width right after it.
     native_base = base["backward"] == "native"
-    tune_unroll = tune_unroll and not native_base
-    if native_base and native.unavailable() is None:
-        out += [{**base, "native_lanes": lanes, ON: "cpu"}
+    tune_unroll = "unroll" not in pinned and not native_base
+    forms = form_candidates(config, pinned, base)
+    hand_written = [form for form in forms if form["backward"] == "hand_written"]
+    has_hand_written = bool(hand_written) or base["backward"] == "hand_written"
+
+    def widths(form: dict[str, Any]) -> list[dict[str, Any]]:  # the CPU's other widths
+        return [{**form, "native_lanes": lanes, ON: "cpu"}
                 for lanes in native_lanes_offered(base, pinned)]
+
+    out = [base, *(widths(base) if native_base and native.unavailable() is None else ())]
     if tune_unroll and base["unroll"] != 0:  # an autodiff baseline: its hand-written form
         probe = hand_written[0] if hand_written and base["backward"] == "autodiff" else {}
         if probe:  # at the baseline's unroll too, so that the unrolls compare in one form
@@ -468,8 +469,7 @@ def model_candidates(config: Config, pinned: frozenset[str], spec: DataSpec = ID
     backends = native_offered(config, pinned)  # its unroll and other forms: none to choose
     if "cpu" in backends:
         at = 1 if config.batch_size <= ONE_CPU_FIRST else len(out)
-        out[at:at] = [{**native, ON: "cpu"}, *({**native, "native_lanes": lanes, ON: "cpu"}
-                                               for lanes in native_lanes_offered(base, pinned))]
+        out[at:at] = [{**native, ON: "cpu"}, *widths(native)]
     if "gpu" in backends:  # one kernel a pass where XLA launches several a step: first
         out.insert(1, {**native, ON: "gpu"})
     for form in forms:
