@@ -35,9 +35,9 @@ import jax
 import numpy as np
 
 from benchmarks.flax_peers import rnnjax_runner
-from benchmarks.harness import environment, interleaved, write_results
+from benchmarks.harness import at_least, checked, environment, interleaved, write_results
 from rnnjax import runtime, train
-from rnnjax.config import Config, ConfigError
+from rnnjax.config import Config
 from rnnjax.data.pipeline import batch_indices, host_batches, to_device
 from rnnjax.data.sources import load_arrays, resolve_dataset
 from rnnjax.loop import init_state
@@ -53,19 +53,13 @@ def drain(batches: Iterator[object]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--steps", type=int, default=1000, help="per feed and turn")
+    parser.add_argument("--steps", type=at_least(1), default=1000, help="per feed and turn")
     parser.add_argument("--unroll", type=int, default=0)
-    parser.add_argument("--rounds", type=int, default=3, help="turns of every feed")
+    parser.add_argument("--rounds", type=at_least(1), default=3, help="turns of every feed")
     parser.add_argument("--tfds-dir", default="")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.rounds < 1:
-        parser.error("--steps and --rounds must be at least 1")
-
-    try:
-        config = Config(batch_size=args.batch_size, unroll=args.unroll)
-    except ConfigError as e:
-        parser.error(str(e))
+    config = checked(parser, lambda: Config(batch_size=args.batch_size, unroll=args.unroll))
     data = load_arrays(config)
     epoch = len(data.train_labels) // args.batch_size
     if epoch < 1:

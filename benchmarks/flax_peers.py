@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from benchmarks import harness
 from benchmarks.harness import environment, interleaved, write_results
 from rnnjax import hlo, measure, runtime, train, tune
 from rnnjax.config import Config
@@ -318,7 +319,9 @@ def user_config(cell: str, order: str, batch: int,
     choosing it: now ("measured in 10.0 s: unroll 0, ...") or by the run that cached it.
 
     The choice's XLA flags, huge pages and CPUs stay in the Config: :func:`case_runners` then runs
-    it in a child process that has them.
+    it in a child process that has them. The Config's feed is always ``device`` (the runners
+    time compiled calls on device-resident data); where the tuner chose another feed the
+    text says so: "...: ..., feed stream, ... (timed with feed device)".
     """
     config = Config(cell=cell, order=order, batch_size=batch)
     if tune_budget_s is not None and tune_budget_s <= 0:
@@ -332,7 +335,8 @@ def user_config(cell: str, order: str, batch: int,
         cost = f" (tuned in {spent:.1f} s by the run that cached it)"
     else:
         cost = f" in {spent:.1f} s"
-    return tuned.replace(feed="device"), f"{record['mode']}{cost}: {chosen}"
+    timed = "" if tuned.feed == "device" else " (timed with feed device)"
+    return tuned.replace(feed="device"), f"{record['mode']}{cost}: {chosen}{timed}"
 
 
 def case_runners(device_data: Arrays, order: str, batch: int, cell: str, steps: int,
@@ -395,17 +399,20 @@ def per_runner_notes(rows: list[dict[str, Any]], title: str, suffix: str, form: 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="rows:50,rows:1024,rows:4096,pixels:50",
+    parser.add_argument("--cases", type=harness.cases(),
+                        default="rows:50,rows:1024,rows:4096,pixels:50",
                         help="ORDER:BATCH,... (order rows or pixels)")
-    parser.add_argument("--cells", default=",".join(CELLS))
-    parser.add_argument("--apis", default="linen,nnx", help="Flax APIs to time")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--cells", type=harness.names(tuple(CELLS)), default=",".join(CELLS),
+                        help=f"cells with a Flax peer, of {', '.join(CELLS)}")
+    parser.add_argument("--apis", type=harness.names(tuple(FLAX_PROGRAMS), empty=True),
+                        default="linen,nnx", help="Flax APIs to time ('': rnnjax alone)")
+    parser.add_argument("--rounds", type=harness.at_least(1), default=5)
     parser.add_argument("--steps-per-call", type=int, default=0,
                         help="train steps K of the longer timed call (0: about the same work "
                         "per call in every case, 8-200 steps; at least 2); each runner is "
                         "also timed in 1-step calls, and the call's own cost spread over the "
                         "500 steps per call rnnjax train runs")
-    parser.add_argument("--max-full-unroll", type=int, default=100,
+    parser.add_argument("--max-full-unroll", type=harness.at_least(0), default=100,
                         help="time unroll=full only for sequences up to this long (784 "
                         "unrolled pixel steps compile for tens of minutes)")
     parser.add_argument("--tune-budget", type=float, default=None,
@@ -423,20 +430,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         return child_main()
     device_data = to_device(load_arrays(Config()))
-    apis = tuple(a for a in args.apis.split(",") if a)
-    cases = [(case.split(":")[0], int(case.split(":")[1])) for case in args.cases.split(",")]
+    apis = tuple(args.apis)
     if args.ops:
-        rows = [row for order, batch in cases for row in ops_rows(
-            device_data, order, batch, args.cells.split(","), apis, args.max_full_unroll)]
+        rows = [row for order, batch in args.cases for row in ops_rows(
+            device_data, order, batch, args.cells, apis, args.max_full_unroll)]
         columns = list(dict.fromkeys(c for r in rows for c in r))
         write_results("flax_peers_ops", rows, columns, env=environment(),
                       out_dir=args.out or None)
         return
     rows = []
     run_steps = Config().steps_per_call  # what rnnjax train runs per call
-    for order, batch in cases:
+    for order, batch in args.cases:
         steps = args.steps_per_call or steps_per_call(order, batch)
-        for cell in args.cells.split(","):
+        for cell in args.cells:
             user, chosen = user_config(cell, order, batch, args.tune_budget)
             runners = case_runners(device_data, order, batch, cell, steps, apis, user,
                                    args.max_full_unroll)

@@ -5,24 +5,43 @@
 # table with the host CPU beside the accelerator.
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]
+#   GPU_PARTS=seed_first,seed_cached GPU_SEED_FLAGS="--steps 3" bash benchmarks/gpu.sh DIR
 #
 # Needs only jax (with its GPU/TPU plugin), flax, optax, orbax and numpy; rnnjax runs from
 # this checkout (PYTHONPATH), so nothing is installed. Results land in OUT_DIR (default
 # benchmarks/results/gpu): a log per part, seed_*/ (each run's config and summary),
 # native_kernels/, flax_*/flax_peers.{json,md}, throughput/throughput.{json,md,png}; where
 # $OUT is set (the device tool's machine, which returns few files) also all of it as
-# $OUT/gpu.tar.gz. Each
-# part has its own time limit (about 9 minutes in all); a part that fails or runs out is
-# reported and the next one still runs. The tuner's and JAX's caches start empty.
+# $OUT/gpu.tar.gz. Each part has its own time limit (560 s in all, under the device tool's
+# 600 s a command); a part that fails or runs out is reported and the next one still runs.
+# The tuner's and JAX's caches start empty. OUT_DIR may hold an earlier run's results: a
+# part first removes its own (OUT_DIR/NAME/), and each seed run trains in a fresh temporary
+# workdir, its config.json and summary.json then copied into OUT_DIR/seed_*/.
+# GPU_PARTS (comma- or space-separated) runs only the parts it names; GPU_SEED_FLAGS adds
+# flags to the seed runs' `rnnjax train` (a short run, for a test); unset, every part runs
+# as described here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+all_parts="seed_first seed_cached native_kernels flax_rows flax_pixels throughput"
+parts=" ${GPU_PARTS:-$all_parts} "
+parts=${parts//,/ }
+for name in $parts; do
+  case " $all_parts " in
+    *" $name "*) ;;
+    *) echo "gpu.sh: error: GPU_PARTS names $name; give some of ${all_parts// /, }" >&2
+       exit 2 ;;
+  esac
+done
+runs() { case "$parts" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }  # runs NAME: asked for?
+read -ra seed_flags <<<"${GPU_SEED_FLAGS:-}"
 out=$(realpath -m "${1:-benchmarks/results/gpu}")
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 cache=$(mktemp -d)
 export XDG_CACHE_HOME="$cache"  # empty tuner and compilation caches: a first run's costs
+work=$(mktemp -d)  # the seed runs' workdirs
 bundle() {
-  rm -rf "$cache"
+  rm -rf "$cache" "$work"
   if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu.tar.gz" -C "$out" .; fi
 }
 trap bundle EXIT
@@ -30,6 +49,7 @@ trap bundle EXIT
 part() {  # part NAME LIMIT_S COMMAND...: run with a limit, log to $out/NAME.log, time it
   local name=$1 limit=$2 start end rc
   shift 2
+  rm -rf "${out:?}/$name"  # an earlier run's results of this part
   echo "=== $name (limit ${limit}s): $*"
   start=$(date +%s.%N)
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
@@ -37,6 +57,15 @@ part() {  # part NAME LIMIT_S COMMAND...: run with a limit, log to $out/NAME.log
   end=$(date +%s.%N)
   tail -n 25 "$out/$name.log"
   echo "=== $name: rc $rc, $(python3 -c "print(f'{$end - $start:.2f}')") s whole process"
+}
+
+seed() {  # seed NAME LIMIT_S: part NAME, `rnnjax train` (defaults) in a fresh workdir; its
+  # config.json and summary.json into $out/NAME
+  local name=$1 limit=$2
+  part "$name" "$limit" python3 -m rnnjax train --workdir "$work/$name" \
+    ${seed_flags[@]+"${seed_flags[@]}"}
+  mkdir -p "$out/$name"
+  cp "$work/$name/config.json" "$work/$name/summary.json" "$out/$name/" 2>/dev/null
 }
 
 python3 - <<'EOF'
@@ -48,25 +77,37 @@ EOF
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv 2>/dev/null
 
 # The seed run as a user runs it: first `rnnjax train` of the shape (tunes within its budget,
-# then trains), then the same command again (the cached choice).
-part seed_first 90 python3 -m rnnjax train --workdir "$out/seed_first"
-part seed_cached 40 python3 -m rnnjax train --workdir "$out/seed_cached"
-grep -h "final test accuracy\|^tuned\|chose\|wall time" "$out"/seed_*.log | head -20
+# then trains), then the same command again (the cached choice), each in a fresh workdir.
+for name in seed_first:80 seed_cached:30; do
+  if runs "${name%:*}"; then
+    seed "${name%:*}" "${name#*:}"
+    grep -h "final test accuracy\|^tuned\|chose\|wall time" "$out/${name%:*}.log"
+  fi
+done
 
 # The GPU's native form (rnnjax.native_gpu's Pallas kernels) against the default form at
 # both unrolls, in turns: its first step checked against the hand-written form's first.
-part native_kernels 80 python3 -m benchmarks.native_kernels --cells simple_rnn \
-  --cases rows:50,rows:1024,rows:4096 --forms default --rounds 5 --out "$out/native_kernels"
-grep "^|" "$out/native_kernels/native_kernels.md" 2>/dev/null
+if runs native_kernels; then
+  part native_kernels 80 python3 -m benchmarks.native_kernels --cells simple_rnn \
+    --cases rows:50,rows:1024,rows:4096 --forms default --rounds 5 --out "$out/native_kernels"
+  grep "^|" "$out/native_kernels/native_kernels.md" 2>/dev/null
+fi
 
 # rnnjax (as rnnjax train runs it, tuned now) against flax.linen / flax.nnx RNN, in turns.
-part flax_rows 170 python3 -m benchmarks.flax_peers --cases rows:50,rows:1024,rows:4096 \
-  --cells simple_rnn --rounds 5 --out "$out/flax_rows"
-part flax_pixels 140 python3 -m benchmarks.flax_peers --cases pixels:50 \
-  --cells lstm,gru,simple_rnn --apis linen --rounds 3 --out "$out/flax_pixels"
-cat "$out"/flax_rows/flax_peers.md "$out"/flax_pixels/flax_peers.md 2>/dev/null | grep "^|"
+if runs flax_rows; then
+  part flax_rows 170 python3 -m benchmarks.flax_peers --cases rows:50,rows:1024,rows:4096 \
+    --cells simple_rnn --rounds 5 --out "$out/flax_rows"
+  grep "^|" "$out/flax_rows/flax_peers.md" 2>/dev/null
+fi
+if runs flax_pixels; then
+  part flax_pixels 140 python3 -m benchmarks.flax_peers --cases pixels:50 \
+    --cells lstm,gru,simple_rnn --apis linen --rounds 3 --out "$out/flax_pixels"
+  grep "^|" "$out/flax_pixels/flax_peers.md" 2>/dev/null
+fi
 
 # The accelerator against the host's CPUs, the same programs.
-part throughput 60 python3 -m benchmarks.throughput --batch-sizes 50,1024,4096 \
-  --unrolls 1,0 --cells simple_rnn --repeats 3 --out "$out/throughput"
-grep "^|" "$out/throughput/throughput.md" 2>/dev/null | head -20
+if runs throughput; then
+  part throughput 60 python3 -m benchmarks.throughput --batch-sizes 50,1024,4096 \
+    --unrolls 1,0 --cells simple_rnn --repeats 3 --out "$out/throughput"
+  grep "^|" "$out/throughput/throughput.md" 2>/dev/null | head -20
+fi

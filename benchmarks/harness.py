@@ -4,34 +4,154 @@
 one burn-in call, then times ``repeats`` calls, each ended by ``jax.block_until_ready``.
 ``write_results(name, rows, ...)`` writes ``results/NAME.json`` (rows + environment) and
 ``results/NAME.md`` (a markdown table), and the caller may add ``results/NAME.png``.
+
+The benchmarks' flags are checked before anything is timed or tuned, by the argparse
+``type`` functions here (:func:`at_least`, :func:`ints_at_least`, :func:`names`,
+:func:`cases`, :func:`cell_name`, :func:`cell_names`) and :func:`checked`: a bad value is
+refused as argparse refuses one, one ``error:`` line naming the flag and the fix, exit 2.
+:func:`without_tensorflow` keeps Keras from importing TensorFlow (its seeding imports it
+where installed), and :func:`environment` records whether TensorFlow is loaded.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 
 from rnnjax import runtime
+from rnnjax.config import ConfigError
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+T = TypeVar("T")
+Flag = argparse.ArgumentTypeError  # a bad flag value: argparse prints it, exit 2
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer of ``low`` or more."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise Flag(f"{text!r}: give an integer of {low} or more")
+        return value
+    return parse
+
+
+def ints_at_least(low: int) -> Callable[[str], list[int]]:
+    """An argparse ``type``: a comma list of one or more integers, each ``low`` or more."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(word) for word in text.split(",")]
+        except ValueError:
+            values = [low - 1]
+        if min(values) < low:
+            raise Flag(f"{text!r}: give integers of {low} or more, comma-separated "
+                       f"(e.g. {max(low, 50)},{max(low, 50) * 2})")
+        return values
+    return parse
+
+
+def names(choices: Sequence[str], *, empty: bool = False) -> Callable[[str], list[str]]:
+    """An argparse ``type``: a comma list of names among ``choices`` (with ``empty``, ``''``
+    is none)."""
+    def parse(text: str) -> list[str]:
+        words = text.split(",") if text or not empty else []
+        if not all(word in choices for word in words):
+            raise Flag(f"{text!r}: give {'none or ' if empty else ''}some of "
+                       f"{', '.join(choices)}, comma-separated")
+        return words
+    return parse
+
+
+def cases(orders: Sequence[str] = ("rows", "pixels"), *,
+          empty: bool = False) -> Callable[[str], list[tuple[str, int]]]:
+    """An argparse ``type``: ``ORDER:BATCH,...`` as ``[(order, batch)]``, each order among
+    ``orders`` and each batch 1 or more (with ``empty``, ``''`` is none)."""
+    def parse(text: str) -> list[tuple[str, int]]:
+        out = []
+        for case in text.split(",") if text or not empty else []:
+            order, _, batch = case.partition(":")
+            if order not in orders or not batch.isdigit() or int(batch) < 1:
+                raise Flag(f"{case!r}: give ORDER:BATCH,..., ORDER {' or '.join(orders)}, "
+                           "BATCH a positive integer (e.g. rows:50)")
+            out.append((order, int(batch)))
+        return out
+    return parse
+
+
+def cell_name(text: str) -> str:
+    """An argparse ``type``: a cell ``rnnjax train --cell`` takes (a built-in cell or a Flax
+    cell class as MODULE:CLASS), built once to check it."""
+    from rnnjax import cells
+
+    try:
+        cells.get_cell(text, 1)
+    except ValueError as e:
+        raise Flag(str(e)) from None
+    return text
+
+
+def cell_names(text: str) -> list[str]:
+    """An argparse ``type``: a comma list of :func:`cell_name`'s cells."""
+    return [cell_name(name) for name in text.split(",")]
+
+
+def checked(parser: argparse.ArgumentParser, build: Callable[[], T]) -> T:
+    """``build()``, a :class:`rnnjax.config.ConfigError` it raises refused as a bad flag
+    (``parser.error``: its one line, exit 2)."""
+    try:
+        return build()
+    except ConfigError as e:
+        parser.error(str(e))
+
+
+def tensorflow_loaded() -> bool:
+    """Whether this process has imported TensorFlow."""
+    return sys.modules.get("tensorflow") is not None
+
+
+@contextlib.contextmanager
+def without_tensorflow() -> Iterator[None]:
+    """Inside, ``import tensorflow`` fails as where it is not installed (unless this process
+    already imported it): Keras on JAX then leaves it alone (``keras.utils.set_random_seed``
+    imports it where installed to seed it, seconds of import; what Keras finds absent
+    inside, it takes as absent for the rest of the process). Afterwards ``import
+    tensorflow`` works again."""
+    if "tensorflow" in sys.modules:
+        yield
+        return
+    sys.modules["tensorflow"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if sys.modules.get("tensorflow", 0) is None:
+            del sys.modules["tensorflow"]
+
+
 def environment(device: jax.Device | None = None) -> dict[str, Any]:
-    """Device, backend, versions and the flags that change timings."""
+    """Device, backend, versions, the flags that change timings, and whether TensorFlow was
+    loaded."""
     return {
         **runtime.device_info(device),
         "versions": runtime.versions(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "cpu_count": os.cpu_count(),
         "argv": sys.argv[1:],
+        "tensorflow_loaded": tensorflow_loaded(),
     }
 
 

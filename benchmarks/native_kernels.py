@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from benchmarks import harness
 from benchmarks.flax_peers import compiled_runner, rnnjax_program, sequence_length, steps_per_call
 from benchmarks.harness import environment, in_turns, write_results
 from rnnjax import cells, measure, native, train, tune
@@ -155,23 +156,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", default=",".join(NATIVE),
                         help=f"cells with native kernels, of {', '.join(NATIVE)}")
-    parser.add_argument("--cases", default="rows:50,pixels:50",
+    parser.add_argument("--cases", type=harness.cases(), default="rows:50,pixels:50",
                         help="ORDER:BATCH,... (order rows or pixels)")
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=harness.at_least(1), default=10)
     parser.add_argument("--forms", choices=("all", "default"), default="all",
                         help="the built-in forms timed: all the tuner times, or the default "
                              "(hand-written, hoisted, one product) alone")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
-    cases = []
-    for case in args.cases.split(","):
-        order, _, batch = case.partition(":")
-        if order not in ("rows", "pixels") or not batch.isdigit() or int(batch) < 1:
-            parser.error(f"--cases {case!r}: give ORDER:BATCH, ORDER rows or pixels, BATCH a "
-                         "positive integer (e.g. rows:50)")
-        cases.append((order, int(batch)))
-    if args.rounds < 1:
-        parser.error(f"--rounds {args.rounds}: give 1 or more")
     backend = jax.default_backend()
     if backend not in ("cpu", "gpu"):
         raise SystemExit(f"benchmarks.native_kernels times the native kernels of a CPU or a "
@@ -186,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     forms = FORMS if args.forms == "all" else FORMS[:1]
     device_data = to_device(load_arrays(Config()))
     rows = [time_case(device_data, cell, order, batch, args.rounds, built, forms)
-            for cell in names for order, batch in cases]
+            for cell in names for order, batch in args.cases]
     # The table: each case's fastest built-in form and the native builds; every form's ms in
     # the JSON and the notes.
     columns = ["cell", "order", "batch", "steps/call", "fastest built-in", "fastest built-in ms",

@@ -16,7 +16,8 @@ MNIST rows, walked in order:
   over 500 steps; and the same choice without them, one compiled step per call fed from
   the host (each step then pays its call, as the peers' steps do);
 * Keras 3 ``SimpleRNN`` on its JAX backend with ``train_on_batch``, ``unroll=True`` (the
-  seed's setting) and ``False``;
+  seed's setting) and ``False``, TensorFlow not imported (as on rnnjax's side;
+  ``benchmarks.harness.without_tensorflow``);
 * PyTorch eager ``nn.RNN`` + ``nn.Linear`` + ``torch.optim.Adam``.
 
 ``--seed-run`` also times the whole seed experiment (4001 steps, 9 test evaluations) as
@@ -42,7 +43,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import jax
 import numpy as np
 
-from benchmarks import flax_peers
+from benchmarks import flax_peers, harness
 from benchmarks.harness import environment, interleaved, write_results
 from rnnjax import train
 from rnnjax.config import Config
@@ -96,10 +97,12 @@ def rnnjax_per_step(data: Arrays, batch: int, steps: int, config: Config) -> Run
 
 
 def keras_step(data: Arrays, batch: int, steps: int, unroll: bool) -> Runner:
-    """Keras 3 on JAX, ``train_on_batch`` per step (the seed's loop)."""
-    import keras
+    """Keras 3 on JAX, ``train_on_batch`` per step (the seed's loop); TensorFlow not imported
+    (``harness.without_tensorflow``), as rnnjax's side imports none."""
+    with harness.without_tensorflow():
+        import keras
 
-    keras.utils.set_random_seed(1337)
+        keras.utils.set_random_seed(1337)
     model = keras.Sequential([keras.Input((28, 28)), keras.layers.SimpleRNN(50, unroll=unroll),
                               keras.layers.Dense(10, activation="softmax")])
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy")
@@ -155,7 +158,8 @@ def available(module: str) -> bool:
 
 
 def seed_run(repeats: int = 2) -> list[dict]:
-    """Whole-process wall time of the seed experiment, rnnjax vs Keras 3 (best of N)."""
+    """Whole-process wall time of the seed experiment, rnnjax vs Keras 3 (best of N); for
+    Keras also whether it loaded TensorFlow (its last line says; rnnjax imports none)."""
     rows = []
     commands = {"rnnjax": [sys.executable, "-m", "rnnjax", "train"]}
     if available("keras"):
@@ -168,17 +172,22 @@ def seed_run(repeats: int = 2) -> list[dict]:
             walls.append(time.perf_counter() - start)
             last = proc.stdout
         accuracy = re.findall(r"step +4000 .*test accuracy:  ([0-9.]+)", last)
+        tensorflow = re.findall(r"tensorflow loaded: (True|False)", last)
         rows.append({"peer": name, "wall_s": min(walls),
-                     "final_accuracy": float(accuracy[-1]) if accuracy else float("nan")})
+                     "final_accuracy": float(accuracy[-1]) if accuracy else float("nan"),
+                     **({"tensorflow_loaded": tensorflow[-1] == "True"} if tensorflow else {})})
     return rows
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", default="50,256,1024,4096")
-    parser.add_argument("--repeats", type=int, default=5, help="rounds of turns")
+    parser.add_argument("--batch-sizes", type=harness.ints_at_least(1),
+                        default="50,256,1024,4096")
+    parser.add_argument("--repeats", type=harness.at_least(1), default=5,
+                        help="rounds of turns")
     parser.add_argument("--seed-run", action="store_true")
-    parser.add_argument("--flax-cases", default="rows:50,rows:1024,rows:4096,pixels:50",
+    parser.add_argument("--flax-cases", type=harness.cases(empty=True),
+                        default="rows:50,rows:1024,rows:4096,pixels:50",
                         help="cases of the Flax comparison (benchmarks.flax_peers); '' skips it")
     parser.add_argument("--tune-budget", type=float, default=None,
                         help="seconds the tuner may spend on a batch size it has not cached "
@@ -200,7 +209,7 @@ def main(argv=None) -> None:
 
     rows, names = [], []
     run_steps = Config().steps_per_call  # what rnnjax train runs per call
-    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+    for batch in args.batch_sizes:
         steps = max(10, min(200, 20000 // batch))
         runners, chosen = rnnjax_runners(data, device_data, batch, steps, args.tune_budget)
         try:
@@ -234,7 +243,9 @@ def main(argv=None) -> None:
         base = seed_rows[0]["wall_s"]
         notes += "\n\nSeed run, whole process (best of 2):\n\n" + "\n".join(
             f"- {r['peer']}: {r['wall_s']:.2f} s, final accuracy {r['final_accuracy']:.4f}, "
-            f"{r['wall_s'] / base:.2f}x rnnjax's time" for r in seed_rows
+            f"{r['wall_s'] / base:.2f}x rnnjax's time"
+            + (f", tensorflow loaded: {r['tensorflow_loaded']}" if "tensorflow_loaded" in r
+               else "") for r in seed_rows
         )
         print(notes)
     out = write_results("peers", rows, columns, env=environment(), notes=notes,
@@ -244,7 +255,9 @@ def main(argv=None) -> None:
     else:
         print("matplotlib not installed: no peers.png (pip install -e '.[peers]')")
     if args.flax_cases and available("flax"):
-        flax_peers.main(["--cases", args.flax_cases, "--rounds", str(args.repeats),
+        flax_peers.main(["--cases", ",".join(f"{order}:{batch}"
+                                             for order, batch in args.flax_cases),
+                         "--rounds", str(args.repeats),
                          *(["--tune-budget", str(args.tune_budget)]
                            if args.tune_budget is not None else []),
                          *(["--out", args.out] if args.out else [])])

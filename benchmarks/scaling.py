@@ -23,10 +23,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from benchmarks.harness import at_least, ints_at_least, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "SCALING_ROW "
@@ -121,16 +124,31 @@ def powers_of_two(limit: int) -> list[int]:
     return counts + ([limit] if counts[-1] != limit else [])
 
 
+def check_plan(parser: argparse.ArgumentParser, plan: list[tuple[str, int]],
+               args: argparse.Namespace) -> None:
+    """Refuse (``parser.error``, exit 2) a strong-scaling global batch that some device count
+    of ``plan`` does not divide, before any worker runs (weak scaling multiplies it)."""
+    counts = [devices for _, devices in plan]
+    bad = [(backend, n) for backend, n in plan if not args.weak and args.batch_size % n]
+    if bad:
+        backend, n = bad[0]
+        parser.error(f"--batch-size {args.batch_size} does not divide over {backend} x{n}; give "
+                     f"a multiple of {math.lcm(*counts)} (every device count of the run), "
+                     "other --counts (--no-accelerators: the CPU's alone), or --weak")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--counts", default="1,2,4,8", help="forced CPU device counts")
-    parser.add_argument("--batch-size", type=int, default=256,
+    parser.add_argument("--counts", type=ints_at_least(1), default="1,2,4,8",
+                        help="forced CPU device counts")
+    parser.add_argument("--batch-size", type=at_least(1), default=256,
                         help="global batch (per device with --weak); must divide by counts")
     parser.add_argument("--weak", action="store_true",
                         help="weak scaling: --batch-size per device")
-    parser.add_argument("--hidden-size", type=int, default=50)
-    parser.add_argument("--steps", type=int, default=100, help="steps per compiled call")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hidden-size", type=at_least(1), default=50)
+    parser.add_argument("--steps", type=at_least(1), default=100,
+                        help="steps per compiled call")
+    parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--no-accelerators", action="store_true",
                         help="CPU only, even where a GPU/TPU is present")
     parser.add_argument("--worker", nargs=2, metavar=("BACKEND", "DEVICES"),
@@ -149,10 +167,12 @@ def main(argv=None) -> None:
               flush=True)
         return
 
-    plan = [("cpu", int(n)) for n in args.counts.split(",")]
+    plan = [("cpu", n) for n in args.counts]
+    check_plan(parser, plan, args)  # before asking for the accelerators (a process, seconds)
     if not args.no_accelerators:
         for backend, count in sorted(accelerators().items()):
             plan += [(backend, n) for n in powers_of_two(count)]
+        check_plan(parser, plan, args)
     rows, envs = [], []
     for backend, devices in plan:
         row, worker_env = run_worker(backend, devices, args)
@@ -166,8 +186,6 @@ def main(argv=None) -> None:
         for r in sel:
             r["speedup"] = r["samples_per_s"] / base["samples_per_s"]
             r["efficiency"] = r["speedup"] * base["devices"] / r["devices"]
-
-    from benchmarks.harness import write_results
 
     columns = ["backend", "devices", "batch", "per_device_batch", "steps_per_call",
                "ms_per_step", "steps_per_s", "samples_per_s", "speedup", "efficiency",

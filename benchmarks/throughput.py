@@ -27,7 +27,11 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.harness import (
+    at_least,
+    cell_name,
+    cell_names,
     environment,
+    ints_at_least,
     markdown_table,
     time_calls,
     time_compiled,
@@ -175,24 +179,23 @@ def ops_rows(envs: dict[str, dict]) -> list[dict]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", default="50,256,1024,4096")
-    parser.add_argument("--unrolls", default="1,4,0", help="0 = full")
+    parser.add_argument("--batch-sizes", type=ints_at_least(1), default="50,256,1024,4096")
+    parser.add_argument("--unrolls", type=ints_at_least(0), default="1,4,0", help="0 = full")
     parser.add_argument("--backends", default="", help="comma list (default: all JAX sees)")
-    parser.add_argument("--steps-per-call", type=int, default=0,
+    parser.add_argument("--steps-per-call", type=at_least(0), default=0,
                         help="K (default: 200 at batch 50, fewer for larger batches)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=at_least(1), default=5)
     parser.add_argument("--out", default="", help="results directory")
-    parser.add_argument("--cell", default="simple_rnn",
+    parser.add_argument("--cell", type=cell_name, default="simple_rnn",
                         help="the cell of the timed rows: an rnnjax cell, or a Flax cell class "
                         "as MODULE:CLASS (e.g. flax.linen:GRUCell)")
-    parser.add_argument("--cells", default="simple_rnn,irnn,lstm,gru",
+    parser.add_argument("--cells", type=cell_names, default="simple_rnn,irnn,lstm,gru",
                         help="cells whose ops per time step are reported")
     parser.add_argument("--ops-only", action="store_true",
                         help="report the ops only, no timings (results/throughput_ops)")
     args = parser.parse_args(argv)
 
-    batches = [int(b) for b in args.batch_sizes.split(",")]
-    unrolls = [int(u) for u in args.unrolls.split(",")]
+    batches, unrolls = args.batch_sizes, args.unrolls
     # Accelerators first: where a time limit cuts the run short, their rows are written.
     backends = args.backends.split(",") if args.backends else sorted(
         {d.platform for d in jax.devices()} | {"cpu"}, key=lambda b: (b == "cpu", b)
@@ -202,7 +205,7 @@ def main(argv=None) -> None:
     for backend in backends:
         device = jax.devices(backend)[0]
         envs[backend] = environment(device)
-        envs[backend]["ops_per_step"] = ops_table(args.cells.split(","), device)
+        envs[backend]["ops_per_step"] = ops_table(args.cells, device)
     if args.ops_only:
         write_results("throughput_ops", ops_rows(envs), OPS_COLUMNS,
                       env=next(iter(envs.values())) | {"backends": envs}, out_dir=args.out or None)

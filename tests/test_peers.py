@@ -7,11 +7,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from benchmarks import flax_peers, peers
 from rnnjax.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("keras") is None,
                                 reason="needs Keras (the test extra)")
@@ -95,6 +100,55 @@ def test_the_choice_a_benchmark_reports_says_what_choosing_it_cost(monkeypatch):
     assert measured.startswith("measured in 10.0 s: unroll 0,")
     assert cached.startswith("cached (tuned in 10.0 s by the run that cached it): unroll 0,")
     assert unknown.startswith("cached: unroll 0,")
+
+
+@pytest.mark.parametrize("feed", ["stream", "device"])
+def test_the_choice_a_benchmark_reports_says_which_feed_it_timed(monkeypatch, feed):
+    """The runners time compiled calls on device-resident data (feed device) whatever feed
+    the tuner chose: a row whose choice was another feed says it was timed with device."""
+    from rnnjax import tune
+
+    monkeypatch.setattr(tune, "resolve", lambda config, *args, **kwargs: (
+        config.replace(feed=feed), {"mode": "measured", "tune_s": 9.0}))
+    config, chosen = flax_peers.user_config("simple_rnn", "rows", 50, None)
+    assert config.feed == "device"
+    described = tune.describe(tune.settings(config.replace(feed=feed)))
+    assert f"feed {feed}" in described
+    assert chosen == f"measured in 9.0 s: {described}" + (
+        "" if feed == "device" else " (timed with feed device)")
+
+
+# Keras' seed run and the peers' Keras runner, each as short as it goes, each in its own
+# process (Keras remembers TensorFlow's absence), then the TensorFlow modules loaded.
+KERAS_RUNS = {
+    "keras_seed": """
+from benchmarks import keras_seed
+keras_seed.main(["--steps", "1"])
+""",
+    "peers.keras_step": """
+from benchmarks import peers
+from rnnjax.config import Config
+from rnnjax.data.sources import load_arrays
+peers.keras_step(load_arrays(Config()), 50, 1, unroll=False)()
+"""}
+
+
+@pytest.mark.parametrize("run", list(KERAS_RUNS))
+def test_the_keras_peers_import_no_tensorflow(tmp_path, run):
+    """Keras runs on JAX, but ``keras.utils.set_random_seed`` imports TensorFlow where it is
+    installed (1,621 modules, seconds of start-up the rnnjax side never pays); the seed run
+    says whether it was loaded."""
+    code = KERAS_RUNS[run] + (
+        "import sys\nprint('tensorflow modules:', "
+        "sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.endswith("tensorflow modules: []\n"), proc.stdout
+    if run == "keras_seed":
+        assert "step     0  test cost: " in proc.stdout
+        assert "; tensorflow loaded: False\n" in proc.stdout
 
 
 def test_a_benchmark_step_is_a_long_runs_step_without_the_calls_own_cost():
