@@ -479,6 +479,45 @@ def test_second_set_from_relative_directory(small_dir, small, monkeypatch):
     assert_arrays_equal(load_arrays(Config(dataset="./myset", data_dir="/nonexistent")), small)
 
 
+@pytest.mark.parametrize(("dataset", "idx_path", "tfds_path"), [
+    ("mnist", False, False),
+    ("fashion_mnist:3.0.1", False, False),
+    (".hidden", True, True),
+    ("./mnist", True, True),
+    ("../sets/mnist", True, True),
+    ("~/sets/mnist", True, True),
+    ("/data/mnist", True, True),
+    ("sets/mnist", True, False),  # with tfds: NAME/CONFIG, unless that directory exists
+    ("mnist_corrupted/shot_noise", True, False),
+])
+def test_is_path_like_by_spelling_alone(tmp_path, monkeypatch, dataset, idx_path, tfds_path):
+    monkeypatch.chdir(tmp_path)
+    assert sources.is_path_like(dataset) is idx_path
+    assert sources.is_path_like(dataset, "tfds") is tfds_path
+    (tmp_path / dataset.split("/")[0].lstrip("~")).mkdir(exist_ok=True)  # a directory here
+    (tmp_path / "sets" / "mnist").mkdir(parents=True, exist_ok=True)
+    assert sources.is_path_like(dataset) is idx_path  # a bare name stays a name
+    assert sources.is_path_like(dataset, "tfds") is (tfds_path or dataset == "sets/mnist")
+
+
+def test_a_bare_name_is_never_a_directory_of_the_working_directory(tmp_path, monkeypatch,
+                                                                   small, mnist):
+    """``--dataset mnist`` run where ``./mnist`` exists is still the verified MNIST, and a
+    name found only here says to pass ``./NAME``."""
+    here = tmp_path / "here"
+    write_set(here / "mnist", small)  # not MNIST: it must not be read unverified
+    write_set(here / "myset", small)
+    monkeypatch.chdir(here)
+    root = str(tmp_path / "root")
+    assert resolve_dataset("mnist", root) == ("mnist", EMBEDDED_MNIST, MNIST_MD5)
+    assert_arrays_equal(load_arrays(Config(dataset="mnist", data_dir=root)), mnist)
+    with raises_idx(Path(root) / "myset", "--dataset myset: not found at",
+                    "the directory myset here is --dataset ./myset"):
+        resolve_dataset("myset", root)
+    assert resolve_dataset("./myset", root) == ("myset", Path("myset"), None)
+    assert_arrays_equal(load_arrays(Config(dataset="./mnist", data_dir=root)), small)
+
+
 def test_second_set_from_name(small_dir, small):
     root = small_dir.parent
     name, directory, checksums = resolve_dataset("myset", str(root))
@@ -543,6 +582,94 @@ def test_md5sums_raw_takes_precedence(small_dir, small):
     (small_dir / "MD5SUMS.raw").write_text(bad)
     with raises_idx(small_dir, "content MD5"):
         load_idx_dir(small_dir)
+
+
+def file_md5s(directory: Path) -> dict[str, str]:
+    """MD5 of each of the four .gz files as stored, as ``md5sum *.gz`` lists them."""
+    return {stem: hashlib.md5((directory / (stem + ".gz")).read_bytes()).hexdigest()
+            for stem in FILES.values()}
+
+
+def corrupt_last_pixel(path: Path) -> None:
+    """Change the last byte of a .gz images file's IDX data (a valid gzip file still)."""
+    data = bytearray(gzip.decompress(path.read_bytes()))
+    data[-1] ^= 0xFF
+    path.write_bytes(gzip.compress(bytes(data)))
+
+
+@pytest.mark.parametrize("prefix", ["", "./", "*", "*./", "/data/set/", "set/"])
+def test_md5sums_of_the_gz_files_as_md5sum_writes_them(small_dir, small, prefix):
+    """``md5sum *.gz > MD5SUMS`` (as Fashion-MNIST and KMNIST publish), ``md5sum ./*.gz``,
+    ``md5sum -b``, ...: each .gz file is checked as stored, matched on its base name."""
+    sums = file_md5s(small_dir)
+    sep = " " if prefix.startswith("*") else "  "
+    (small_dir / "MD5SUMS").write_text(
+        "".join(f"{sums[s]}{sep}{prefix}{s}.gz\n" for s in sorted(FILES.values())))
+    assert read_md5sums(small_dir) == {f"{s}.gz": sums[s] for s in FILES.values()}
+    assert_arrays_equal(load_idx_dir(small_dir), small)  # genuine files load
+    path = small_dir / "t10k-images-idx3-ubyte.gz"
+    corrupt_last_pixel(path)
+    with raises_idx(path, "file MD5", sums["t10k-images-idx3-ubyte"]):
+        load_idx_dir(small_dir)
+
+
+def test_md5sums_content_sums_under_dotted_names_are_checked(small_dir):
+    """Content MD5s listed under ``./STEM`` names are matched too: never skipped."""
+    sums = content_md5s(small_dir)
+    (small_dir / "MD5SUMS").write_text("".join(f"{sums[s]}  ./{s}\n" for s in FILES.values()))
+    assert read_md5sums(small_dir) == sums
+    path = small_dir / "train-images-idx3-ubyte.gz"
+    corrupt_last_pixel(path)
+    with raises_idx(path, "content MD5", sums["train-images-idx3-ubyte"]):
+        load_idx_dir(small_dir)
+
+
+def test_md5sums_mixing_file_and_content_sums(small_dir, small):
+    """A name with .gz is the file's sum, without it the content's, in one MD5SUMS."""
+    files, content = file_md5s(small_dir), content_md5s(small_dir)
+    stems = list(FILES.values())
+    (small_dir / "MD5SUMS").write_text(f"{files[stems[0]]}  {stems[0]}.gz\n"
+                                       f"{content[stems[1]]}  {stems[1]}\n")
+    assert_arrays_equal(load_idx_dir(small_dir), small)
+    (small_dir / "MD5SUMS").write_text(f"{content[stems[0]]}  {stems[0]}.gz\n")
+    with raises_idx(small_dir / f"{stems[0]}.gz", "file MD5"):  # a content sum as a file's
+        load_idx_dir(small_dir)
+
+
+def test_md5sums_naming_no_idx_file_is_an_error(small_dir):
+    sums = file_md5s(small_dir)
+    for text in ("", "# nothing\n", "".join(f"{sums[s]}  {s}.zip\n" for s in FILES.values()),
+                 f"MD5 (train-images-idx3-ubyte.gz) = {sums['train-images-idx3-ubyte']}\n"):
+        (small_dir / "MD5SUMS").write_text(text)
+        with raises_idx(small_dir / "MD5SUMS", "names none of the IDX files",
+                        "md5sum *.gz > MD5SUMS", "or delete it"):
+            load_idx_dir(small_dir)
+    (small_dir / "MD5SUMS.raw").write_text("0" * 32 + "  README\n")
+    with raises_idx(small_dir / "MD5SUMS.raw", "names none of the IDX files"):
+        load_idx_dir(small_dir)
+
+
+def test_md5sums_listing_a_gz_file_that_is_not_there(small_dir, small):
+    sums = file_md5s(small_dir)
+    write_set(small_dir, small, compress=False)
+    (small_dir / "train-images-idx3-ubyte.gz").unlink()
+    (small_dir / "MD5SUMS").write_text(
+        f"{sums['train-images-idx3-ubyte']}  train-images-idx3-ubyte.gz\n")
+    with raises_idx(small_dir / "train-images-idx3-ubyte", "the checksums list "
+                    "train-images-idx3-ubyte.gz, which is not in", "put "
+                    "train-images-idx3-ubyte.gz back"):
+        load_idx_dir(small_dir)
+
+
+def test_canonical_mnist_sums_are_content_sums_whatever_md5sums_says(tmp_path, mnist):
+    """A known name (mnist) keeps the canonical content MD5s: an MD5SUMS there is not read."""
+    directory = tmp_path / "mnist"
+    directory.mkdir()
+    for stem in FILES.values():
+        (directory / (stem + ".gz")).write_bytes((EMBEDDED_MNIST / (stem + ".gz")).read_bytes())
+    (directory / "MD5SUMS").write_text("nothing here\n")
+    assert resolve_dataset("mnist", str(tmp_path))[2] == MNIST_MD5
+    assert_arrays_equal(load_arrays(Config(dataset="mnist", data_dir=str(tmp_path))), mnist)
 
 
 def test_unknown_name_says_where_it_looked(tmp_path):

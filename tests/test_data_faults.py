@@ -274,6 +274,47 @@ def test_changed_md5sums_rebuild_and_verify(tfds_mnist, tmp_path, small_dir):
         tfds_mnist.prepare("small", small_dir, None, str(tfds_dir))
 
 
+@pytest.mark.parametrize("existing", [False, True])
+def test_refused_idx_files_leave_the_tfds_dir_as_it_was_cli(tfds_mnist, capsys, tmp_path,
+                                                           small_dir, existing):
+    """Files that fail their checks with --source tfds: one line, exit 2, and no empty
+    ``downloads/extracted`` or ``rnnjax_idx/<config>`` left in the tfds dir (nor the dir
+    itself when the run made it); what was there before stays."""
+    tfds_dir = tmp_path / "tfds"
+    if existing:  # a tfds dir with a finished build of other files in it
+        tfds_mnist.prepare("other", write_set(tmp_path / "other", subset(load_idx_dir(
+            small_dir))), None, str(tfds_dir))
+        capsys.readouterr()  # tfds' progress
+    before = sorted(p.relative_to(tfds_dir) for p in tfds_dir.rglob("*"))
+    path = small_dir / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-100]))
+    for split in ([], ["--test-split", "test[:10]"]):  # load_arrays, then prepare
+        err = cli_error(capsys, ["--source", "tfds", "--dataset", str(small_dir),
+                                 "--tfds-dir", str(tfds_dir), *split], tmp_path / "run")
+        assert str(path) in err and "truncated" in err
+        assert tfds_dir.exists() is existing
+        if existing:
+            assert sorted(p.relative_to(tfds_dir) for p in tfds_dir.rglob("*")) == before
+
+
+def test_md5sums_naming_no_idx_file_cli(capsys, tmp_path, small_dir):
+    (small_dir / "MD5SUMS").write_text("d41d8cd98f00b204e9800998ecf8427e  ./README\n")
+    err = cli_error(capsys, ["--dataset", str(small_dir)], tmp_path / "run")
+    assert f"{small_dir / 'MD5SUMS'}: names none of the IDX files" in err
+    assert "`md5sum *.gz > MD5SUMS` in that directory, or delete it" in err
+
+
+def test_md5sums_of_the_gz_files_cli(capsys, tmp_path, small_dir, small):
+    """``md5sum ./*.gz > MD5SUMS``: genuine files train; a changed one is refused."""
+    lines = "".join(f"{hashlib.md5((small_dir / (s + '.gz')).read_bytes()).hexdigest()}  "
+                    f"./{s}.gz\n" for s in FILES.values())
+    (small_dir / "MD5SUMS").write_text(lines)
+    assert_same(load_arrays(Config(dataset=str(small_dir))), small)
+    write_set(small_dir, subset(small, offset=1))  # other files under the same names
+    err = cli_error(capsys, ["--dataset", str(small_dir)], tmp_path / "run")
+    assert "file MD5" in err and "replace it with the original" in err
+
+
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 

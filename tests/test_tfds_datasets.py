@@ -287,6 +287,31 @@ def test_idx_names_keep_their_rnnjax_idx_build(prepared, tmp_path):
     assert len(list((tmp_path / "tfds" / "rnnjax_idx").glob("idx_small_*/1.0.0"))) == 1
 
 
+@pytest.mark.parametrize("flag", ["train_split", "test_split"])
+def test_an_empty_split_of_idx_files_is_named(prepared, tmp_path, flag):
+    _, _, _, idx_dir, _ = prepared
+    config = Config(source="tfds", dataset=str(idx_dir), tfds_dir=str(tmp_path / "tfds"),
+                    **{flag: "test[:0]" if flag == "test_split" else "train[:0]"})
+    option = "--" + flag.replace("_", "-")
+    with pytest.raises(ConfigError, match=rf"^{option} t\w+\[:0\]: the split of "
+                                          r"rnnjax_idx:1.0.0 is empty; pass a split"):
+        load_dataset(config)
+
+
+def test_a_bare_name_is_never_a_directory_of_the_working_directory(prepared, monkeypatch):
+    """``--source tfds --dataset idx_small`` where ``./idx_small`` holds IDX files is still
+    a name (here neither prepared nor under --data-dir); ``./idx_small`` is the directory."""
+    from rnnjax.data import tfds_datasets
+
+    _, _, _, idx_dir, _ = prepared
+    monkeypatch.chdir(idx_dir.parent)
+    with pytest.raises(ConfigError, match="--dataset idx_small: not prepared in the tfds"):
+        tfds_datasets.resolve(tfds_config(prepared, "idx_small"))
+    target = tfds_datasets.resolve(tfds_config(prepared, "./idx_small"))
+    assert isinstance(target, tfds_datasets.IdxBuild) and target.checksums is None
+    assert target.directory.resolve() == idx_dir.resolve()
+
+
 # (id, dataset, extra flags, fragments of the one-line error)
 ERRORS = [
     ("not_prepared", "cifar10", [],
@@ -309,6 +334,12 @@ ERRORS = [
       "use --order rows (160 steps of 160)"]),
     ("num_classes_check", "tiny_colour", ["--num-classes", "7"],
      ["--num-classes 7 but the dataset has 10 classes; pass --num-classes 10"]),
+    ("empty_test_split", "fashion_mnist", ["--test-split", "test[:0]"],
+     ["--test-split test[:0]: the split of fashion_mnist:3.0.1 is empty; pass a split that "
+      "holds examples"]),
+    ("empty_train_split", "fashion_mnist", ["--train-split", "train[5:5]"],
+     ["--train-split train[5:5]: the split of fashion_mnist:3.0.1 is empty; pass a split "
+      "that holds examples"]),
 ]
 
 

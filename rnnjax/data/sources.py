@@ -41,15 +41,32 @@ def default_data_dir() -> Path:
     return Path(os.path.expanduser("~")) / "rnnjax_data"
 
 
+def is_path_like(dataset: str, source: str = "idx") -> bool:
+    """Whether the ``--dataset`` value ``dataset`` is a path (a directory of IDX files)
+    rather than a name, by its spelling alone: absolute, starting with ``.`` or ``~``, or
+    holding a path separator. A bare name is always a name, even where a directory of that
+    name is in the working directory (``./NAME`` is that directory).
+
+    ``source``: ``"tfds"`` keeps tfds' ``NAME/CONFIG`` names (a separator inside, none of
+    the starts above) names, unless such a directory exists; ``"idx"`` (default) has none.
+    """
+    seps = tuple(sep for sep in (os.sep, os.altsep) if sep)
+    if dataset.startswith((".", "~", *seps)) or os.path.isabs(dataset):
+        return True
+    if not any(sep in dataset for sep in seps):
+        return False
+    return source != "tfds" or Path(dataset).is_dir()
+
+
 def resolve_dataset(dataset: str, data_dir: str = "") -> tuple[str, Path, dict[str, str] | None]:
     """Map ``--dataset``/``--data-dir`` to ``(name, directory, checksums)``.
 
-    A value that is an existing directory (or contains a path separator) is used as is;
-    otherwise it is a name looked up under ``data_dir``. Checksums are the canonical ones
-    for known names (MNIST), else None (an ``MD5SUMS`` file in the directory is used).
+    A value that :func:`is_path_like` is a directory used as is; otherwise it is a name
+    looked up under ``data_dir`` (then, for ``mnist``, the copy inside the package), never
+    in the working directory. Checksums are the canonical ones for known names (MNIST),
+    else None (an ``MD5SUMS`` file in the directory is used).
     """
-    looks_like_path = os.sep in dataset or dataset.startswith(".") or Path(dataset).is_dir()
-    if looks_like_path:
+    if is_path_like(dataset):
         path = Path(dataset).expanduser()
         if not path.is_dir():
             raise IdxError(f"--dataset {dataset}: no such directory; pass a directory that "
@@ -62,9 +79,11 @@ def resolve_dataset(dataset: str, data_dir: str = "") -> tuple[str, Path, dict[s
         return name, path, KNOWN_CHECKSUMS.get(name)
     if name == "mnist":
         return name, EMBEDDED_MNIST, MNIST_MD5
+    here = (f"; the directory {name} here is --dataset ./{name}" if Path(name).is_dir()
+            else "")
     raise IdxError(
         f"--dataset {name}: not found at {path}; put its four IDX files there "
-        "(or pass --data-dir ROOT holding NAME/, or --dataset DIRECTORY)"
+        f"(or pass --data-dir ROOT holding NAME/, or --dataset DIRECTORY){here}"
     )
 
 

@@ -15,23 +15,28 @@ cache, a ``gs://`` bucket). rnnjax reads them through tfds itself:
   features: an image of fixed shape HxWxC, uint8, and a ``ClassLabel`` (the number of
   classes).
 
-How ``--dataset`` resolves with ``--source tfds`` (:func:`resolve`): a directory is IDX
-files, prepared once into rnnjax's ``rnnjax_idx`` builder (``rnnjax.data.tfds_mnist``). A
-name is the prepared tfds dataset of that name when tfds finds it prepared in the data dir
-(or a version is named, or ``--tfds-download`` is given); otherwise the IDX files of that
-name (``DATA_DIR/NAME``, or the MNIST inside rnnjax), when there are some; otherwise the tfds
-dataset again, whose absence is then an error naming the data dir searched and how to
-prepare the dataset there.
+How ``--dataset`` resolves with ``--source tfds`` (:func:`resolve`): a path
+(``rnnjax.data.sources.is_path_like``: starting with ``/``, ``.`` or ``~``, or ``A/B`` where
+that directory exists; else ``NAME/CONFIG`` is a tfds name) is a directory of IDX files,
+prepared once into rnnjax's ``rnnjax_idx`` builder (``rnnjax.data.tfds_mnist``). A name (a
+bare name is never a directory of the working directory) is the prepared tfds dataset of
+that name when tfds finds it prepared in the data dir (or a version is named, or
+``--tfds-download`` is given); otherwise the IDX files of that name (``DATA_DIR/NAME``, or
+the MNIST inside rnnjax), when there are some; otherwise the tfds dataset again, whose
+absence is then an error naming the data dir searched and how to prepare the dataset there.
 
 Importing this module imports TensorFlow (CPU only, as ``rnnjax.data.tfds_mnist``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import tensorflow as tf
@@ -40,11 +45,12 @@ import tensorflow_datasets as tfds
 from rnnjax.config import Config, ConfigError
 from rnnjax.data import tfds_mnist
 from rnnjax.data.idx import Arrays, IdxError
-from rnnjax.data.sources import Dataset, resolve_dataset
+from rnnjax.data.sources import Dataset, is_path_like, resolve_dataset
 from rnnjax.data.spec import IDX_SPEC, DataSpec
 
 # Examples per tf.data batch while a split is read into NumPy.
 READ_BATCH = 4096
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -100,8 +106,8 @@ def _builder(dataset: str, tfds_dir: str) -> tfds.core.DatasetBuilder | None:
 def resolve(config: Config) -> Prepared | IdxBuild:
     """What ``--dataset`` names with ``--source tfds`` (see the module docstring)."""
     dataset = config.dataset
-    # A directory (or a path to one): IDX files. "name/config" is a tfds name.
-    if dataset.startswith(("/", ".", "~")) or Path(dataset).expanduser().is_dir():
+    # A path: IDX files. "name/config" is a tfds name (unless that directory exists).
+    if is_path_like(dataset, "tfds"):
         return IdxBuild(*resolve_dataset(dataset, config.data_dir))
     name, _, version = dataset.partition(":")
     builder = _builder(dataset, config.tfds_dir)
@@ -171,6 +177,8 @@ def _split(prepared: Prepared, split: str, flag: str) -> tf.data.Dataset:
         ) from e
     except (ValueError, KeyError) as e:
         problem = " ".join(str(e).split())[-200:]
+        if "corresponds to no data" in problem:  # tfds' refusal of a slice with no example
+            raise _empty_split(prepared, split, flag) from e
         if "split" not in problem.lower():
             raise ConfigError(f"--dataset {prepared.title}: tfds cannot read it ({problem}); "
                               "prepare it again, or choose another dataset") from e
@@ -191,6 +199,12 @@ def _split(prepared: Prepared, split: str, flag: str) -> tf.data.Dataset:
     return ds.map(pair)
 
 
+def _empty_split(prepared: Prepared, split: str, flag: str) -> ConfigError:
+    """The error of a split (or a slice of one, ``test[:0]``) that holds no example."""
+    return ConfigError(f"{flag} {split}: the split of {prepared.title} is empty; pass a "
+                       "split that holds examples")
+
+
 def _read(prepared: Prepared, split: str, flag: str) -> tuple[np.ndarray, np.ndarray]:
     """A whole split in NumPy: uint8 images ``[N, H, W]`` (C=1) or ``[N, H, W, C]``, int32
     labels ``[N]``."""
@@ -205,8 +219,7 @@ def _read(prepared: Prepared, split: str, flag: str) -> tuple[np.ndarray, np.nda
                           f"{prepared.builder.data_dir} does not read ({problem}); prepare "
                           "it again") from e
     if not labels:
-        raise ConfigError(f"{flag} {split}: the split of {prepared.title} is empty; pass a "
-                          "split that holds examples")
+        raise _empty_split(prepared, split, flag)
     x, y = np.concatenate(images), np.concatenate(labels)
     if y.min() < 0 or y.max() >= prepared.spec.num_classes:
         raise ConfigError(f"--dataset {prepared.title}: {split} labels outside 0 .. "
@@ -239,8 +252,9 @@ def load(config: Config) -> Dataset:
     if isinstance(target, IdxBuild):
         _check_idx_splits(target, config)
         if (config.train_split, config.test_split) == ("train", "test"):
-            arrays = tfds_mnist.load_arrays(target.name, target.directory, target.checksums,
-                                            config.tfds_dir)
+            arrays = _leaving_no_empty_dirs(
+                config.tfds_dir, lambda: tfds_mnist.load_arrays(
+                    target.name, target.directory, target.checksums, config.tfds_dir))
             return Dataset(arrays, IDX_SPEC, f"{target.name} (IDX via tfds)")
         target = _idx_prepared(target, config)
     if config.tfds_download and not target.builder.is_prepared():
@@ -268,9 +282,47 @@ def _check_idx_splits(target: IdxBuild, config: Config) -> None:
 
 def _idx_prepared(target: IdxBuild, config: Config) -> Prepared:
     """The ``rnnjax_idx`` build of IDX files, read like any prepared dataset (other splits)."""
-    builder = tfds_mnist.prepare(target.name, target.directory, target.checksums,
-                                 config.tfds_dir)
+    builder = _leaving_no_empty_dirs(
+        config.tfds_dir, lambda: tfds_mnist.prepare(target.name, target.directory,
+                                                    target.checksums, config.tfds_dir))
     return Prepared(builder, "image", "label", IDX_SPEC)
+
+
+def _leaving_no_empty_dirs(tfds_dir: str, build: Callable[[], T]) -> T:
+    """``build()``, an ``rnnjax_idx`` build into the (local) tfds data dir; when it raises
+    (IDX files that fail their checks, ...), the directories it made there and left empty
+    (the data dir itself, ``downloads/extracted``, ``rnnjax_idx/<config>``) are removed, so
+    that refused files leave the data dir as it was. Only empty directories are removed."""
+    where = _where(tfds_dir)
+    if "://" in where:  # gs:// and the like: tfds' business
+        return build()
+    root = Path(where).expanduser()
+    fixed = [root, root / "downloads", root / "downloads" / "extracted", root / "rnnjax_idx"]
+    had = {path for path in fixed if path.is_dir()}
+    builds = set(_subdirs(root / "rnnjax_idx"))
+    try:
+        return build()
+    except Exception:
+        for top in set(_subdirs(root / "rnnjax_idx")) - builds:
+            for path, _, _ in os.walk(top, topdown=False):
+                _remove_if_empty(Path(path))
+        for path in reversed(fixed):
+            if path not in had:
+                _remove_if_empty(path)
+        raise
+
+
+def _subdirs(directory: Path) -> list[Path]:
+    """The directories in ``directory`` (none when it is not a directory)."""
+    try:
+        return [path for path in directory.iterdir() if path.is_dir()]
+    except OSError:
+        return []
+
+
+def _remove_if_empty(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        directory.rmdir()  # refuses a directory that is not empty
 
 
 def train_batches(
