@@ -172,9 +172,12 @@ def scan_cell(
     cell: Cell, params: Params, xs: jax.Array, carry: Carry | None = None, unroll: int = 1,
     weight_grad: str = "auto", projection: str = "auto", backward: str = "auto",
     chunks: int = 1, native_lanes: int = NATIVE_LANES[0], rows: jax.Array | None = None,
-    outputs: bool = True,
+    outputs: bool = True, mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[Carry, jax.Array | None]:
     """Run ``cell`` over time-major ``xs [T, B, F]``: ``(final carry, ys [T, B, H])``.
+
+    ``mesh``: the batch is split over its ``"data"`` axis, and the native form runs each
+    device's rows there (:func:`split_rows`); the other forms are XLA's, which XLA splits.
 
     ``outputs`` False: only the final carry is read (a classifier's last layer), and ys may
     be None: the native form's forward then writes no [T, B, ...] arrays where no gradient
@@ -213,12 +216,13 @@ def scan_cell(
         parts = []
         for start, stop in itertools.pairwise(bounds):
             carry, ys = scan_cell(cell, params, xs[start:stop], carry, unroll, weight_grad,
-                                  projection, backward, native_lanes=native_lanes)
+                                  projection, backward, native_lanes=native_lanes, mesh=mesh)
             parts.append(ys)
         return carry, jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=0), *parts)
     unroll = unroll or time
     if form.backward == "native":
-        return cell.native(params, xs, carry, native_lanes, rows, outputs=outputs)
+        native = cell.native if mesh is None else split_rows(cell.native, mesh)
+        return native(params, xs, carry, native_lanes, rows, outputs=outputs)
     if form.backward == "hand_written":
         return cell.sequence(params, xs, carry, unroll, form.weight_grad, form.projection)
     if cell.project is None:
@@ -580,6 +584,40 @@ def _native(layer: str, weights: tuple[str, ...]) -> Callable[..., tuple[Carry, 
 
     native.layer = layer  # type: ignore[attr-defined]  (for native_backends)
     return native
+
+
+def split_rows(native: Callable[..., tuple[Carry, jax.Array | None]], mesh: jax.sharding.Mesh
+               ) -> Callable[..., tuple[Carry, jax.Array | None]]:
+    """A cell's ``native`` (same arguments) with the batch's rows split over ``mesh``'s
+    ``"data"`` axis (``jax.shard_map``): each device's kernels run its own rows. A custom
+    call has no sharding rule, and XLA gave every device the whole batch (an all-gather of
+    the inputs, the same work on each). The parameters are whole on every device, and
+    shard_map's transpose sums their gradients over the devices; the inputs are the
+    batch's ``[T, B, F]``, split on B, or a table ``[T, N, F]``, whole, with the ``rows``
+    split. ``check_vma`` is off: the kernels' ``custom_vjp`` gives cotangents that do
+    not say they vary over the devices."""
+    from jax.sharding import PartitionSpec
+
+    rows_of, whole = PartitionSpec("data"), PartitionSpec()
+
+    def call(params: Params, xs: jax.Array, carry: Carry, lanes: int = NATIVE_LANES[0],
+             rows: jax.Array | None = None, outputs: bool = True
+             ) -> tuple[Carry, jax.Array | None]:
+        carry_specs = jax.tree.map(lambda _: rows_of, carry)
+        ys_spec = PartitionSpec(None, "data") if outputs else whole
+        if rows is None:
+            def local(p, x, c):
+                return native(p, x, c, lanes, None, outputs=outputs)
+            specs, operands = (whole, PartitionSpec(None, "data"), carry_specs), (params, xs,
+                                                                                  carry)
+        else:
+            def local(p, x, c, r):
+                return native(p, x, c, lanes, r, outputs=outputs)
+            specs, operands = (whole, whole, carry_specs, rows_of), (params, xs, carry, rows)
+        return jax.shard_map(local, mesh=mesh, in_specs=specs,
+                             out_specs=(carry_specs, ys_spec), check_vma=False)(*operands)
+
+    return call
 
 
 def native_backends(cell: Cell) -> tuple[str, ...]:

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -232,8 +233,9 @@ def read_latest(path: Path | str, read: Callable[[Path], T], attempts: int = 5) 
 
 
 def workdir_of(step_dir: Path) -> Path:
-    """The workdir of a step directory (``WORKDIR/checkpoints/STEP``), else its parent."""
-    parent = step_dir.parent
+    """The workdir of a step directory (``WORKDIR/checkpoints/STEP``), else its parent
+    (``.`` and relative names are read from the working directory)."""
+    parent = Path(os.path.abspath(step_dir)).parent
     return parent.parent if parent.name == CHECKPOINTS else parent
 
 
@@ -295,7 +297,8 @@ class CheckpointWriter:
     ) -> Path:
         """Save ``state`` as ``<state.step>/`` (no-op when that step exists); its path.
 
-        data: the dataset's ``DataSpec.to_json()`` (image shape, classes) the model reads.
+        data: the dataset's ``DataSpec.to_json()`` (image shape, classes) the model reads,
+        and its ``fingerprint`` (``Arrays.fingerprint``: :func:`check_same_data`).
         """
         step = int(np.asarray(state.step))
         path = self.directory / str(step)
@@ -370,6 +373,8 @@ def read_meta(step_dir: Path | str) -> dict[str, Any]:
         float(meta.get("wall_s") or 0.0)
         if "data" in meta:
             DataSpec.from_json(meta["data"])
+            if not isinstance(meta["data"].get("fingerprint", ""), str):
+                raise TypeError("its data fingerprint is not a string")
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise CheckpointError(
             f"checkpoint {step_dir} is corrupt: its meta/ train sums, wall time or data do "
@@ -403,6 +408,23 @@ def check_data_spec(saved: DataSpec, spec: DataSpec, where: Path | str) -> None:
         raise CheckpointError(
             f"checkpoint {where} was trained on {saved.describe()} but the dataset has "
             f"{spec.describe()}; pass the dataset it was trained on (--dataset, --data-dir)"
+        )
+
+
+def check_same_data(meta: Mapping[str, Any], fingerprint: str, config: Config,
+                    where: Path | str) -> None:
+    """:class:`CheckpointError` when a resumed run's dataset (its ``fingerprint``,
+    ``Arrays.fingerprint``) is not the one the checkpoint ``where`` (its ``meta``) was
+    trained on: ``--source``, ``--data-dir`` and ``--tfds-dir`` may change on resume
+    (the same data moved, or read another way), and a change to other data trained on it
+    silently, its metrics appended to the run's. Checkpoints written before rnnjax
+    recorded a fingerprint are not checked."""
+    saved = (meta.get("data") or {}).get("fingerprint")
+    if saved is not None and saved != fingerprint:
+        raise CheckpointError(
+            f"checkpoint {where} was trained on other data than --dataset {config.dataset} "
+            f"(--source {config.source}) reads now (its images or labels, or their order, "
+            "differ); pass the --source, --data-dir or --tfds-dir it was trained with"
         )
 
 

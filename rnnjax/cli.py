@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "WORKDIR/confusion_matrix_stepSTEP.png)")
     evaluate.add_argument("--data-dir", default=None,
                           help="root of named datasets, if not where the run found them")
+    evaluate.add_argument("--dataset", default=None,
+                          help="evaluate on this dataset's test set (a name, or a directory "
+                          "of IDX files) instead of the checkpoint's; its images and classes "
+                          "must be the model's")
     predict = sub.add_parser(
         "predict", help="classify image files (PNG, JPEG, any size, grey or colour)")
     predict.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
@@ -150,9 +154,17 @@ MACHINE_SETTINGS = ("num_devices", "coordinator_address", "num_processes", "proc
 
 
 def flag_changes(args: argparse.Namespace) -> dict[str, object]:
-    """The Config fields set on the command line."""
+    """The Config fields set on the command line; a ``--dataset`` directory made absolute
+    (``config.json`` and the checkpoints record it: eval, predict and ``--resume`` find it
+    from any working directory)."""
+    from rnnjax.data.sources import is_path_like
+
     names = {f.name for f in dataclasses.fields(Config)}
-    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+    changes = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    dataset = changes.get("dataset")
+    if isinstance(dataset, str) and is_path_like(dataset, str(changes.get("source", "idx"))):
+        changes["dataset"] = os.path.abspath(os.path.expanduser(dataset))
+    return changes
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -238,13 +250,15 @@ def tuning_enabled(args: argparse.Namespace) -> bool:
     return os.environ.get(ENV_VAR, "").strip().lower() not in ("0", "off", "false", "no")
 
 
-def check_model(config: Config, spec: DataSpec | None = None, examples: int = 0) -> None:
+def check_model(config: Config, spec: DataSpec | None = None, examples: int = 0,
+                test_examples: int | None = None) -> None:
     """Build the model (for the images of ``spec``) and the optimizer, starting no
     backend: a cell or optimizer that cannot work is one line before tuning, not a failure
     in each of the tuner's children and a 'not timed' line first. So is a run that cannot
     fit in the host's RAM, where the backend will be the CPU's (``runtime.starts_on_cpu``):
     one CPU device's estimate (``memory.estimate``: the state, a batch's activations and
-    ``examples`` images), no more than the run's on any number of them."""
+    ``examples`` images, of which ``test_examples`` are the test set's, where known), no
+    more than the run's on any number of them."""
     from rnnjax import memory, runtime
     from rnnjax.data.spec import IDX_SPEC
     from rnnjax.model import make_model
@@ -254,7 +268,8 @@ def check_model(config: Config, spec: DataSpec | None = None, examples: int = 0)
     optimizer = make_optimizer(config)
     if runtime.starts_on_cpu():
         memory.check_fits(memory.estimate(config, memory.traceable(model), optimizer,
-                                          spec or IDX_SPEC, examples=examples),
+                                          spec or IDX_SPEC, examples=examples,
+                                          test_examples=test_examples),
                           room=memory.host_room())
 
 
@@ -291,7 +306,8 @@ def tuned_config(args: argparse.Namespace, config: Config,
         dataset = load(config)
         check_data(config, dataset.arrays, dataset.spec)
         check_model(config, dataset.spec, examples=len(dataset.arrays.train_labels)
-                    + len(dataset.arrays.test_labels))
+                    + len(dataset.arrays.test_labels),
+                    test_examples=len(dataset.arrays.test_labels))
 
     # No --tune-budget: the default, shrunk to what a short run can pay back.
     return tune.resolve(config, pinned, None if args.tune_budget is None else budget,
@@ -435,14 +451,19 @@ def _tune(args: argparse.Namespace, whole_process: bool = False) -> int:
     return 0
 
 
-def _check_out(path: Path) -> None:
-    """Fail before the work when the file ``path`` could not be written."""
+def _check_out(path: Path, given: bool = True) -> None:
+    """Fail before the work when the file ``path`` could not be written. ``given``:
+    whether the user named it with ``--out`` (else it is the default, and the error says
+    so)."""
     if path.is_dir():
+        if not given:
+            raise UsageError(f"{path} (where it writes without --out) is a directory; pass "
+                             "--out with a file name ending in .png")
         raise UsageError(f"--out {path} is a directory; pass a file name ending in .png")
     if path.suffix.lower() != ".png":  # it is written as a PNG whatever its name says
         raise UsageError(f"--out {path}: the confusion matrix is written as a PNG; pass a "
                          "file name ending in .png")
-    check_writable(path.parent, flag="--out", named=path)
+    check_writable(path.parent, flag="--out", given=given, named=path)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -459,10 +480,9 @@ def _eval(args: argparse.Namespace) -> int:
     step_dir = loaded.step_dir
     if args.out is None:
         args.out = checkpoint.workdir_of(step_dir) / f"confusion_matrix_step{loaded.step}.png"
-        _check_out(args.out)
-    config = loaded.config
-    if args.data_dir is not None:
-        config = config.replace(data_dir=args.data_dir)
+        _check_out(args.out, given=False)
+    config = loaded.config.replace(**{name: value for name, value in flag_changes(args).items()
+                                      if name in ("dataset", "data_dir")})
     dataset = load_dataset(config)
     checkpoint.check_data_spec(loaded.spec, dataset.spec, step_dir)
     data = dataset.arrays

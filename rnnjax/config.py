@@ -308,8 +308,9 @@ class Config:
         if self.eval_unroll < -1:
             raise ConfigError(f"--eval-unroll must be -1 (--unroll's), 0 (full) or more, got "
                               f"{self.eval_unroll}")
-        if self.seed >= 2**63:
-            raise ConfigError(f"--seed must be below 2**63 = {2**63}, got {self.seed}")
+        if self.seed >= 2**32:  # jax.random.key keeps a seed's low 32 bits (no x64)
+            raise ConfigError(f"--seed must be below 2**32 = {2**32} (a JAX key holds 32 "
+                              f"bits: seeds 2**32 apart were the same run), got {self.seed}")
         for name in ("learning_rate", "adam_eps", "clip_norm"):
             if not math.isfinite(getattr(self, name)):  # NaN fails no `<` test: ask first
                 raise ConfigError(f"{flag_name(name)} must be a finite number, got "

@@ -91,8 +91,26 @@ def batched_logits(params: Any, images: jax.Array, *, model: Model, chunk: int) 
     return logits.reshape(n + pad, -1)[:n]
 
 
+def check_images(spec: DataSpec, images: np.ndarray) -> None:
+    """A ValueError, naming what the model reads, for images that are not uint8 pixels of
+    ``spec``'s shape ``[N, H, W(, C)]`` (others would index the pixel table wrongly or
+    not at all)."""
+    h, w, c = spec.image_shape
+    if images.dtype != np.uint8:
+        raise ValueError(
+            f"images of dtype {images.dtype}: the model reads uint8 pixels 0..255; convert "
+            "them first (floats in [0, 1]: np.rint(x * 255).astype(np.uint8))"
+        )
+    shapes = [(h, w, c)] + ([(h, w)] if c == 1 else [])
+    if images.ndim < 2 or images.shape[1:] not in shapes:
+        wanted = " or ".join("[N, " + ", ".join(map(str, s)) + "]" for s in shapes)
+        raise ValueError(f"images of shape {list(images.shape)}: the model reads {wanted}")
+
+
 def logits_of(loaded: Loaded, images: np.ndarray) -> np.ndarray:
-    """Logits [N, C] of uint8 images [N, H, W(, C)]."""
+    """Logits [N, C] of uint8 images [N, H, W(, C)] (:func:`check_images`)."""
+    images = np.asarray(images)
+    check_images(loaded.spec, images)
     fn = jax.jit(functools.partial(batched_logits, model=loaded.model,
                                    chunk=loaded.config.eval_batch_size))
     return np.asarray(fn(loaded.state.params, jnp.asarray(normalize_host(images))))

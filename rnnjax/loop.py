@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rnnjax import atomic, memory, parallel, process, runtime, train
 from rnnjax import checkpoint as checkpoint_lib
-from rnnjax import memory, parallel, process, runtime, train
 from rnnjax import metrics as metrics_lib
 from rnnjax.config import TUNED, Config, ConfigError, to_dict
 from rnnjax.data.idx import Arrays
@@ -150,7 +150,8 @@ def check_memory(config: Config, model: Model, optimizer: optax.GradientTransfor
     a batch's activations and the dataset (on every device) would not fit."""
     devices = parallel.num_shards(dp.mesh)
     need = memory.estimate(config, model, optimizer, spec, devices=devices,
-                           examples=len(data.train_labels) + len(data.test_labels))
+                           examples=len(data.train_labels) + len(data.test_labels),
+                           test_examples=len(data.test_labels))
     memory.check_fits(need, devices=len(dp.mesh.local_devices))
 
 
@@ -262,8 +263,9 @@ class RunFiles:
     metrics: metrics_lib.MetricWriter | None = None
     tensorboard: metrics_lib.TensorBoardWriter | None = None
     checkpoints: checkpoint_lib.CheckpointWriter | None = None
-    # A resumed run's metric writers, opened at its first log: the records it logs again
-    # stay in the files until then (a run stopped before it leaves them as they were).
+    # The metric writers, opened at the run's first log: the records an earlier run left
+    # (one resumed, or one stopped before its first checkpoint and started over) stay in
+    # the files until then, and a run stopped before it leaves them as they were.
     opening: Callable[[], tuple[metrics_lib.MetricWriter,
                                 metrics_lib.TensorBoardWriter | None]] | None = None
 
@@ -289,11 +291,16 @@ class RunFiles:
         if resume_from is None:
             workdir.mkdir(parents=True, exist_ok=True)
             write_config(workdir, config)
-            # TensorBoard drops the events of an earlier, identical run stopped before its
-            # first checkpoint (checkpoint.check_fresh_workdir let it start over).
-            return cls(metrics_lib.MetricWriter(workdir),
-                       metrics_lib.TensorBoardWriter.open(workdir, purge_step=0),
-                       checkpoints()), []
+
+            def starting() -> tuple[metrics_lib.MetricWriter,
+                                    metrics_lib.TensorBoardWriter | None]:
+                # Over the records of an earlier, identical run stopped before its first
+                # checkpoint (checkpoint.check_fresh_workdir let it start over): the files
+                # start again, and TensorBoard drops that run's events.
+                return (metrics_lib.MetricWriter(workdir),
+                        metrics_lib.TensorBoardWriter.open(workdir, purge_step=0))
+
+            return cls(checkpoints=checkpoints(), opening=starting), []
         logged = last_regular_eval(config, resume_from.step)
         kept, truncate = metrics_lib.kept_metrics(workdir, logged)  # checked: nothing written
         write_config(workdir, config)
@@ -336,7 +343,7 @@ class RunFiles:
 
 def write_config(workdir: Path, config: Config) -> None:
     """The run's ``config.json``."""
-    metrics_lib.write_text_atomic(workdir / "config.json",
+    atomic.write_text(workdir / "config.json",
                                   json.dumps(to_dict(config), indent=2) + "\n")
 
 
@@ -401,12 +408,14 @@ def train_and_evaluate(
     check_data(config, data, spec)
     t_data = time.perf_counter() - t_start
 
-    model = make_model(config, spec)
+    model = dp.model(make_model(config, spec))
     optimizer = make_optimizer(config)
     check_memory(config, model, optimizer, spec, data, dp)
     if resume_from is not None:
         saved = checkpoint_lib.data_spec(resume_from.meta, config)
         checkpoint_lib.check_data_spec(saved, spec, resume_from.step_dir)
+        checkpoint_lib.check_same_data(resume_from.meta, data.fingerprint(), config,
+                                       resume_from.step_dir)
     # The dataset replicated on every device (MNIST is small); each batch is split over
     # them, so every device trains on its rows and XLA all-reduces the gradients of the
     # global-batch mean loss. Put first: its images become float32 on the device while
@@ -450,6 +459,7 @@ def train_and_evaluate(
         else dp.replicate(resume_from.train_sums)
     train_s = eval_s = checkpoint_s = 0.0
     t0 = None  # start of the training time not yet counted (compiles excluded)
+    fingerprint = functools.cache(data.fingerprint)  # at the first save, once
 
     def save_checkpoint(step: int) -> float:
         """Save the state after this call (and the train sums not logged yet); seconds.
@@ -462,7 +472,8 @@ def train_and_evaluate(
             raise diverged(f"loss or parameters became NaN or infinite by step {step}",
                            files.checkpoints)
         files.checkpoints.save(state, config, train_sums=train_sums,
-                               wall_s=wall_offset + t - t_start, data=spec.to_json())
+                               wall_s=wall_offset + t - t_start,
+                               data={**spec.to_json(), "fingerprint": fingerprint()})
         return time.perf_counter() - t
 
     try:
@@ -546,7 +557,7 @@ def train_and_evaluate(
     out.flush()
     if workdir is not None and jax.process_index() == 0:
         workdir = Path(workdir)
-        metrics_lib.write_text_atomic(workdir / "summary.json",
+        atomic.write_text(workdir / "summary.json",
                                       json.dumps(summary, indent=2) + "\n")
         from rnnjax import plots  # matplotlib: imported only when a workdir wants the PNG
 

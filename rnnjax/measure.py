@@ -31,7 +31,9 @@ starts: where the process dies, that one killed it; a spec's ``exclude`` lists t
 killed an earlier child, never started) and ``result`` (compile seconds, seconds per
 step, best of ``repeats`` calls of ``steps`` steps, and how far its first step's loss and
 gradients lie from the reference's: the first candidate's, saved to ``reference``) or
-``skipped`` (why); then
+``skipped`` (why), or, before any, ``refused`` (the run's own error where the run
+cannot work here, a batch that does not divide over the devices, a model that cannot fit:
+:func:`too_large`; the child then exits, and the parent stops tuning with that error); then
 ``retimed``: rounds of one call each of the reference and the fastest few, in turns (so a
 drift of the machine's load falls on all of them alike), while the budget lasts, each
 keeping its best (and before ``"best"`` is resolved, a round of those near the fastest);
@@ -421,8 +423,8 @@ class Timed:
         from rnnjax.model import make_model
         from rnnjax.optim import make_optimizer
 
-        model, optimizer = make_model(config, spec), make_optimizer(config)
         dp = parallel.DataParallel.from_config(config)
+        model, optimizer = dp.model(make_model(config, spec)), make_optimizer(config)
         initial = synthetic_state(model, optimizer)
         params = jax.tree.map(np.array, initial.params)  # copies: the state is donated
         self.state = dp.replicate(initial)
@@ -582,10 +584,11 @@ def evaluation_timing(config: Any, xla_flags: str, spec: Any, ways: Sequence[int
 
 
 def too_large(config: Any, images: Any, data: Any) -> str | None:
-    """Why the run's check refuses ``config`` here (``rnnjax.loop.check_memory``, on this
-    child's ``data``, for its ``images``: a model, batch or dataset that cannot fit), or
-    None. Checked once, before any candidate draws its parameters: a model that cannot fit
-    could take minutes and the host's RAM to draw them, where the run then refuses it."""
+    """Why the run's checks refuse ``config`` here (its mesh: ``DataParallel.from_config``;
+    ``rnnjax.loop.check_memory``, on this child's ``data``, for its ``images``: a model,
+    batch or dataset that cannot fit): the run's own message, or None. Checked once, before
+    any candidate draws its parameters: a model that cannot fit could take minutes and the
+    host's RAM to draw them, where the run then refuses it."""
     from rnnjax import loop, memory, parallel
     from rnnjax.config import ConfigError
     from rnnjax.model import make_model
@@ -596,7 +599,7 @@ def too_large(config: Any, images: Any, data: Any) -> str | None:
                           make_optimizer(config), images, data,
                           parallel.DataParallel.from_config(config))
     except ConfigError as e:  # every candidate would fail alike
-        return f"{type(e).__name__}: {e}"
+        return str(e)
     return None
 
 
@@ -656,9 +659,9 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
 
     queue = for_backend(spec["candidates"], device["backend"])
     refused = too_large(config, images, data)
-    for fields in queue if refused else ():
-        emit("skipped", candidate=fields, reason=f"failed: {refused}"[:300])
-    queue = [] if refused else queue
+    if refused:  # the run itself would refuse it: no candidate can work
+        emit("refused", reason=refused)
+        return
     while queue:
         fields = queue.pop(0)
         if BEST in fields.values():

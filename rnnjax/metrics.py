@@ -19,6 +19,8 @@ from typing import Any, TextIO
 import jax
 import numpy as np
 
+from rnnjax import atomic
+
 
 def summarize(sums: dict[str, Any]) -> dict[str, float]:
     """``{"loss", "accuracy"}`` means from additive sums (one device-to-host transfer)."""
@@ -163,23 +165,13 @@ def kept_metrics(directory: Path, last_step: int
 
     def truncate() -> None:
         if pairs is not None:
-            write_text_atomic(jsonl, "".join(line + "\n" for line, _ in pairs))
+            atomic.write_text(jsonl, "".join(line + "\n" for line, _ in pairs))
         if rows is not None:
             # The csv module ends rows with \r\n (read_text gave them back as \n).
-            write_text_atomic(path, "".join(line + "\r\n" for line, step in rows
+            atomic.write_text(path, "".join(line + "\r\n" for line, step in rows
                                             if step <= last_step))
 
     return kept, truncate
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` atomically: a temporary file beside it, then a rename.
-
-    A reader, or a kill, sees the old file or the new one, never half of one.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def history_from_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -103,6 +103,9 @@ class Model:
     compute_dtype: Any = jnp.float32
     permutation: np.ndarray | None = None
     image_shape: tuple[int, int, int] = (28, 28, 1)  # H, W, C of the images it reads
+    # Several devices' mesh, the batch split over its "data" axis (parallel.DataParallel's
+    # ``model``): the native form runs each device's rows there (cells.split_rows).
+    mesh: jax.sharding.Mesh | None = None
 
     @property
     def time_steps(self) -> int:
@@ -211,7 +214,7 @@ class Model:
         finals = ()  # the last layer's final carries (two when bidirectional)
         form = {"unroll": self.unroll, "weight_grad": self.weight_grad,
                 "projection": self.projection, "backward": self.backward, "chunks": self.chunks,
-                "native_lanes": self.native_lanes}
+                "native_lanes": self.native_lanes, "mesh": self.mesh}
         # The last layer's outputs over time are not read where the carry gives y_T.
         top = len(params["rnn"]) - 1 if self.cell.last_output is not None else None
         for depth, layer in enumerate(params["rnn"]):

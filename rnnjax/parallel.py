@@ -22,6 +22,7 @@ order of the all-reduce).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,7 +61,15 @@ def initialize(config: Config) -> bool:
         kwargs["coordinator_address"] = address
     if config.num_processes > 1 or kwargs:
         kwargs.update(num_processes=config.num_processes, process_id=config.process_id)
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, RuntimeError) as e:  # nothing detected, or no coordinator found
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"jax.distributed did not start ({first}); pass --coordinator-address HOST:PORT "
+            "--num-processes N --process-id I, or run where JAX detects the cluster (SLURM, "
+            "Open MPI, Kubernetes, a Cloud TPU slice)"
+        ) from None
     return True
 
 
@@ -204,6 +213,12 @@ class DataParallel:
         mesh = make_mesh(num_devices=config.num_devices)
         check_batch(config.batch_size, num_shards(mesh))
         return cls(mesh)
+
+    def model(self, model: Any) -> Any:
+        """``model`` (an ``rnnjax.model.Model``) to run on this mesh: where it has several
+        devices, one whose native layers run each device's rows (``cells.split_rows``)."""
+        return dataclasses.replace(model, mesh=self.mesh) if num_shards(self.mesh) > 1 \
+            else model
 
     @property
     def replicated(self) -> NamedSharding:

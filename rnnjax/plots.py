@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from rnnjax import atomic
+
 SCALE = 2  # drawn at this many pixels per pixel written, then scaled down
 WHITE, BLACK, GRID = (255, 255, 255), (0, 0, 0), (225, 225, 225)
 SERIES = {"train": ((31, 119, 180), "circle"), "test": ((255, 127, 14), "square")}
@@ -146,11 +148,9 @@ def _save(image: Image.Image, path: Path) -> Path:
     PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     size = (image.width // SCALE, image.height // SCALE)
-    image.resize(size, Image.Resampling.LANCZOS).save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    return atomic.write(path, lambda f: image.resize(size, Image.Resampling.LANCZOS)
+                        .save(f, format="PNG"))
 
 
 def learning_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> Path:

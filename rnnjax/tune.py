@@ -67,8 +67,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from rnnjax import __version__
-from rnnjax.config import NATIVE_LANES, TUNED, Config, to_dict
+from rnnjax import __version__, atomic
+from rnnjax.config import NATIVE_LANES, TUNED, Config, ConfigError, to_dict
 from rnnjax.data.spec import IDX_SPEC, DataSpec
 from rnnjax.measure import (
     BEST,  # a field's value: the fastest its child has timed
@@ -788,15 +788,8 @@ def save(directory: Path | None, record: dict[str, Any]) -> Path | None:
     path = cache_path(directory, record["key"])
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tune-", dir=directory)
-    except OSError:
-        return None
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, path)
-    except OSError:  # a full disk: no half-written file left behind
-        Path(tmp).unlink(missing_ok=True)
+        atomic.write_text(path, json.dumps(record, indent=2) + "\n")
+    except OSError:  # unwritable, or a full disk: no half-written file left behind
         return None
     return path
 
@@ -885,6 +878,11 @@ def run_child(
             if event["event"] == "ready":
                 ready = True
                 break
+            if event["event"] == "refused":  # the run cannot work here: say so, at once
+                timer.cancel()
+                proc.kill()
+                proc.wait()
+                raise ConfigError(event["reason"])
             if event["event"] == "budget":  # its deadline, moved (pay_back, alone, reach)
                 timer.cancel()
                 deadline = event["deadline"]

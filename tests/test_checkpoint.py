@@ -417,6 +417,21 @@ def test_a_run_stopped_before_its_first_checkpoint_is_not_overwritten_by_another
                            False)
 
 
+
+def test_a_run_started_over_and_stopped_before_its_first_log_loses_no_records(tmp_path):
+    # The same run started again over one stopped before its first checkpoint: its files
+    # stay as they were until it logs (its metrics were emptied as it compiled).
+    config = CONFIG.replace(checkpoint_every=0)
+    work = tmp_path / "stopped"
+    with pytest.raises(Crash):
+        train_and_evaluate(config, work, out=CrashingOut(200))
+    before = {p: p.read_bytes() for p in work.iterdir() if p.is_file()}
+    assert len(read_jsonl(work / "metrics.jsonl")) == 4  # steps 0 and 100, train and test
+    with pytest.raises(Crash):
+        train_and_evaluate(config, work, out=CrashingOut(0))
+    assert {p: p.read_bytes() for p in work.iterdir() if p.is_file()} == before
+
+
 def test_eval_prints_per_class_accuracy_and_writes_the_png(runs, tmp_path, capsys):
     out = tmp_path / "cm.png"
     assert main(["eval", str(runs.full_dir), "--out", str(out)]) == 0
@@ -426,8 +441,8 @@ def test_eval_prints_per_class_accuracy_and_writes_the_png(runs, tmp_path, capsy
     rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
     assert [int(r[0]) for r in rows] == list(range(10))
     assert sum(int(r[1]) for r in rows) == 10000
-    accuracy = float(text.split("test accuracy:")[1].split()[0])
-    assert accuracy == pytest.approx(runs.full.history[-1]["test_accuracy"], abs=5e-4)
+    accuracy = text.split("test accuracy:")[1].split()[0]
+    assert accuracy == f"{runs.full.history[-1]['test_accuracy']:.4f}"  # training's own digits
     assert f"confusion matrix: {out}" in text
     assert out.read_bytes().startswith(b"\x89PNG")
 
@@ -538,3 +553,34 @@ def test_blank_or_unreadable_images_are_refused(tmp_path):
     Image.fromarray(np.full((30, 30), 255, np.uint8)).save(tmp_path / "white.png")
     with pytest.raises(images.ImageError, match=r"white\.png: no ink found"):
         images.load_mnist_image(tmp_path / "white.png")
+
+
+def test_a_resume_on_other_data_is_refused_and_on_the_same_data_moved_is_not(
+        tmp_path, mnist, capsys):
+    """--data-dir (like --source and --tfds-dir) may change on resume, for the same data
+    moved: a set of the same name and shape in another root, other images, used to be
+    trained on silently, its metrics appended to the run's."""
+    from rnnjax.data.idx import FILES, write_idx
+
+    for root, start in (("a", 0), ("b", 30000)):
+        for key, stem in FILES.items():
+            array = getattr(mnist, key)
+            first = start if key.startswith("train") else start // 10
+            (tmp_path / root / "myset").mkdir(parents=True, exist_ok=True)
+            write_idx(tmp_path / root / "myset" / f"{stem}.gz", array[first:first + 600])
+    work = tmp_path / "run"
+    argv = ["train", "--no-tune", "--hidden-size", "8", "--eval-every", "10", "--dataset",
+            "myset", "--workdir", str(work), "--compile-cache", "off"]
+    assert main([*argv, "--steps", "10", "--data-dir", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in work.iterdir() if p.is_file()}
+    assert main([*argv, "--steps", "20", "--data-dir", str(tmp_path / "b"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rnnjax: error: checkpoint ") and err.count("\n") == 1, err
+    assert "was trained on other data than --dataset myset (--source idx) reads now" in err
+    assert "pass the --source, --data-dir or --tfds-dir it was trained with" in err
+    assert {p: p.read_bytes() for p in work.iterdir() if p.is_file()} == before
+    shutil.move(tmp_path / "a", tmp_path / "moved")  # the same data elsewhere: resumes
+    assert main([*argv, "--steps", "20", "--data-dir", str(tmp_path / "moved"),
+                 "--resume"]) == 0
+    assert [r["step"] for r in read_jsonl(work / "metrics.jsonl")][-2:] == [19, 19]

@@ -215,6 +215,51 @@ def test_predict_bad_images_give_one_line(capsys, tmp_path, saved):
     Image.fromarray(np.full((40, 40), 255, np.uint8)).save(tmp_path / "white.jpg")
     _one_line_error(capsys, ["predict", str(saved), str(tmp_path / "white.jpg")],
                     "white.jpg: no ink found")
+    nan = digit.astype(np.float32)
+    nan[0, 0] = np.nan
+    Image.fromarray(nan, mode="F").save(tmp_path / "nan.tif")
+    _one_line_error(capsys, ["predict", str(saved), str(tmp_path / "nan.tif")],
+                    "nan.tif: pixels that are not numbers (NaN or infinite)")
+
+
+def test_predict_reads_float_images_in_0_1_and_0_255_alike(capsys, tmp_path, saved):
+    """A float (mode F) image in [0, 1], the floats' usual range, is the same digit as one
+    in 0..255 (it used to read as pixels of 0 and 1: "no ink found")."""
+    import numpy as np
+    from PIL import Image
+
+    digit = np.zeros((40, 40), np.float32)
+    digit[10:30, 18:22] = 255
+    digit[10:14, 12:28] = 200
+    Image.fromarray(digit, mode="F").save(tmp_path / "a.tif")
+    Image.fromarray(digit / 255, mode="F").save(tmp_path / "b.tif")
+    Image.fromarray(digit.astype(np.uint8)).save(tmp_path / "c.png")
+    assert main(["predict", str(saved), *(str(tmp_path / n) for n in ("a.tif", "b.tif",
+                                                                     "c.png"))]) == 0
+    rows = [line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert len(rows) == 3 and rows[0] == rows[1] == rows[2]
+
+
+def test_probabilities_of_arrays_the_model_cannot_read_are_clear_errors(saved):
+    """inference.probabilities on one's own arrays (predict's advice) takes uint8 pixels of
+    the model's shape; floats, bools or wider ints indexed the pixel table wrongly (an
+    IndexError, or negative ints silently wrapped round it)."""
+    import numpy as np
+
+    from rnnjax import inference
+
+    loaded = inference.load(saved)
+    good = np.zeros((2, 28, 28), np.uint8)
+    assert inference.probabilities(loaded, good).shape == (2, 10)
+    assert inference.probabilities(loaded, good[..., None]).shape == (2, 10)
+    for bad in (good / 255.0, good > 0, good.astype(np.int16) - 255):
+        with pytest.raises(ValueError, match=rf"images of dtype {bad.dtype}: the model reads "
+                                             r"uint8 pixels 0\.\.255"):
+            inference.probabilities(loaded, bad)
+    for bad in (good[:, :27], good[0], np.zeros((2, 28, 28, 3), np.uint8)):
+        with pytest.raises(ValueError, match=r"images of shape .*: the model reads "
+                                             r"\[N, 28, 28, 1\] or \[N, 28, 28\]"):
+            inference.probabilities(loaded, bad)
 
 
 def test_predict_an_image_pillow_refuses_as_too_large_gives_one_line(monkeypatch, capsys,
@@ -303,6 +348,25 @@ def test_eval_into_a_place_it_cannot_write_names_that_place(capsys, tmp_path, sa
                     f"({os.strerror(errno.EROFS)}); pass --out in a writable directory")
     _one_line_error(capsys, ["eval", str(saved), "--out", str(tmp_path / "cm.png")],
                     f"--out {tmp_path / 'cm.png'}: {tmp_path} is not writable")
+
+
+def test_eval_of_a_relative_step_directory_writes_into_its_workdir(capsys, tmp_path, saved,
+                                                                   monkeypatch):
+    """``rnnjax eval .`` inside checkpoints/STEP, or ``eval STEP`` inside checkpoints/,
+    writes the confusion matrix into the workdir (it went into the checkpoint itself)."""
+    workdir = tmp_path / "run"
+    png = workdir / f"confusion_matrix_step{saved.name}.png"
+    for cwd, arg in ((saved, "."), (saved.parent, saved.name), (saved, f"../{saved.name}")):
+        monkeypatch.chdir(cwd)
+        assert main(["eval", arg]) == 0, capsys.readouterr().err
+        assert f"confusion matrix: {png}" in capsys.readouterr().out
+        png.unlink()
+        assert not list(tmp_path.rglob("*.png"))  # none in the checkpoint, nor beside it
+    # The default place taken by a directory: named as the default, --out the fix.
+    png.mkdir()
+    _one_line_error(capsys, ["eval", str(saved)],
+                    f"{png} (where it writes without --out) is a directory; pass --out with "
+                    "a file name ending in .png")
 
 
 def test_a_full_disk_mid_run_is_one_line(tmp_path, capsys):
@@ -395,3 +459,31 @@ def test_a_cell_or_optimizer_that_cannot_work_is_refused_before_tuning(
 
     monkeypatch.setattr(tune, "tune", no_tuning)
     _one_line_error(capsys, [*command, *flags, "--compile-cache", "off"], message)
+
+
+def test_a_relative_dataset_directory_is_found_from_anywhere(capsys, tmp_path, monkeypatch):
+    """``--dataset ./mydata`` is recorded absolute: eval of its checkpoint from another
+    working directory found no ./mydata there (and eval took no --dataset to say where)."""
+    import shutil
+    from pathlib import Path
+
+    import rnnjax.data
+
+    mnist = Path(rnnjax.data.__file__).parent / "mnist"
+    shutil.copytree(mnist, tmp_path / "a" / "mydata")
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["train", "--dataset", "./mydata", "--steps", "3", "--hidden-size", "8",
+                 "--no-tune", "--workdir", "run", "--compile-cache", "off"]) == 0
+    recorded = json.loads((tmp_path / "a" / "run" / "config.json").read_text())["dataset"]
+    assert recorded == str(tmp_path / "a" / "mydata")
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "a/run", "--out", "cm.png"]) == 0
+    first = capsys.readouterr().out
+    assert f"on {tmp_path / 'a' / 'mydata'} after 3 steps" in first
+    shutil.move(tmp_path / "a" / "mydata", tmp_path / "moved")
+    _one_line_error(capsys, ["eval", "a/run", "--out", "cm.png"], "no such directory")
+    assert main(["eval", "a/run", "--out", "cm.png", "--dataset", "./moved"]) == 0
+    again = capsys.readouterr().out
+    assert f"on {tmp_path / 'moved'} after 3 steps" in again
+    assert again.split("\n", 1)[1] == first.split("\n", 1)[1]  # the same results

@@ -97,7 +97,8 @@ BAD = [
     ("steps_negative", ["--steps", "-1"], ["--steps must be at least 1, got -1"]),
     ("steps_not_int", ["--steps", "2.5"], ["--steps", "invalid int value: '2.5'"]),
     ("seed_negative", ["--seed", "-1"], ["--seed must be 0 or more, got -1"]),
-    ("seed_too_big", ["--seed", str(2**63)], [f"--seed must be below 2**63 = {2**63}"]),
+    ("seed_too_big", ["--seed", str(2**32 + 7)], [f"--seed must be below 2**32 = {2**32}",
+                                                  "seeds 2**32 apart were the same run"]),
     ("seed_text", ["--seed", "lucky"], ["--seed", "invalid int value: 'lucky'"]),
     ("shuffle_value", ["--shuffle=1"], ["--shuffle", "ignored explicit"]),
     # Evaluation.

@@ -66,11 +66,11 @@ def test_stream_feed_equals_device_feed():
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("seed", [0, 1337, 2**31 - 1, 2**31, 2**32 + 5, 2**63 - 1])
+@pytest.mark.parametrize("seed", [0, 1337, 2**31 - 1, 2**31, 2**32 - 1])
 def test_init_state_is_the_seeds_key_made_eagerly(seed, xla_compiles, bitwise_equal):
     """One compiled call makes the key and the state: the bits of the eager
-    ``jax.random.key(seed)``, split, for every seed the flags accept (JAX keeps the low 32
-    bits of a seed without x64)."""
+    ``jax.random.key(seed)``, split, for every seed the flags accept (below 2**32: JAX
+    keeps a seed's low 32 bits without x64, so seeds 2**32 apart were one run)."""
     config = Config(hidden_size=8, seed=seed)
     model, optimizer = make_model(config), make_optimizer(config)
     state = init_state(config, model, optimizer)

@@ -69,6 +69,9 @@ def _worker(spec: dict) -> None:
         except ConfigError as e:
             report["divisibility_error"] = str(e)
         report["collectives"] = _collectives()
+        # The native kernels (custom calls, no sharding rule) each on its device's rows.
+        report["native_collectives"] = {cell: _collectives(cell=cell, backward="native")
+                                        for cell in ("simple_rnn", "lstm", "gru")}
     if jax.process_index() == 0:
         (out / "report.json").write_text(json.dumps(report))
 
@@ -97,17 +100,17 @@ def _evaluation(chunk: int, sharded: bool) -> dict[str, float]:
     return {name: float(value) for name, value in jax.device_get(sums).items()}
 
 
-def _collectives() -> dict[str, int]:
-    """Collectives in the compiled, 8-way sharded ``train_steps``: the gradients must be
-    all-reduced, never the activations all-gathered."""
+def _collectives(**overrides) -> dict[str, int]:
+    """Collectives in the compiled, 8-way sharded ``train_steps`` (of ``RUN`` with
+    ``overrides``): the gradients must be all-reduced, never the activations all-gathered."""
     import functools
 
     from rnnjax.model import make_model
     from rnnjax.optim import make_optimizer
 
-    config = Config(**RUN)
-    model, optimizer = make_model(config), make_optimizer(config)
+    config = Config(**RUN, **overrides)
     dp = parallel.DataParallel.from_config(config)
+    model, optimizer = dp.model(make_model(config)), make_optimizer(config)
     state = dp.replicate(train.create_state(jax.random.key(0), model, optimizer))
     sequences = dp.replicate(np.zeros((28, 100, 28), np.float32))
     labels = dp.replicate(np.zeros((100,), np.int32))
@@ -227,6 +230,26 @@ def test_parallel_config_is_validated():
     assert parallel.initialize(Config()) is False  # one process: nothing to start
 
 
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_a_cluster_jax_cannot_detect_is_one_line(how, tmp_path):
+    """``--coordinator-address auto`` (or ``JAX_COORDINATOR_ADDRESS`` alone) where JAX
+    detects no cluster: jax.distributed's ValueError was a traceback, exit 1."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "OMPI_", "PMI_", "KUBERNETES_", "TPU_"))}
+    argv = [sys.executable, "-m", "rnnjax", "train", "--steps", "2", "--hidden-size", "8",
+            "--no-tune", "--compile-cache", "off", "--workdir", str(tmp_path / "run")]
+    if how == "flag":
+        argv += ["--coordinator-address", "auto"]
+    else:
+        env["JAX_COORDINATOR_ADDRESS"] = "localhost:1"
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("rnnjax: error: jax.distributed did not start (")
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "pass --coordinator-address HOST:PORT --num-processes N" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_sharded_evaluation_pads_to_the_device_count(tmp_path):
     """Three devices, which divide neither the evaluation chunks nor the test set: each
     chunk is rounded up to a multiple of 3 with masked rows, and the sums equal one
@@ -291,7 +314,9 @@ def test_eight_devices_train_like_one(one_device, tmp_path):
     the one-device parameters; the batch error names sizes that divide; the compiled step
     all-reduces gradients and gathers nothing."""
     spec = {"out": str(tmp_path), "base": RUN, "checks": True,
-            "runs": {"device8": {}, "stream8": {"feed": "stream"}, "device2": {"num_devices": 2}}}
+            "runs": {"device8": {}, "stream8": {"feed": "stream"}, "device2": {"num_devices": 2},
+                     "native8": {"backward": "native"}, "native1": {"backward": "native",
+                                                                    "num_devices": 1}}}
     _wait([_launch(spec, devices=8)], timeout=240)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["devices"] == 8
@@ -300,6 +325,14 @@ def test_eight_devices_train_like_one(one_device, tmp_path):
         assert report[name]["mesh_devices"] == mesh_devices
         _assert_same(_load(tmp_path, name), params)
         _assert_same_history(report[name]["history"], history)
+    # The native form on 8 devices, each on its rows, as on one (it ran the whole batch on
+    # each, its inputs all-gathered).
+    assert report["native8"]["mesh_devices"] == 8
+    _assert_same(_load(tmp_path, "native8"), _load(tmp_path, "native1"))
+    _assert_same_history(report["native8"]["history"], report["native1"]["history"])
+    for cell, counts in report["native_collectives"].items():
+        assert counts["all-reduce"] >= 1, cell
+        assert counts["all-gather"] == 0 and counts["all-to-all"] == 0, (cell, counts)
     assert report["divisibility_error"].startswith(
         "--batch-size 50 does not divide over 8 devices; use a multiple of 8 such as 48 or 56"
     )

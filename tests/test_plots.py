@@ -1,12 +1,15 @@
 """The figures (rnnjax.plots): drawn with Pillow, what they show where it shows it."""
 
+import concurrent.futures
 import math
+import os
+import threading
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
-from rnnjax import plots
+from rnnjax import atomic, plots
 
 
 def _history(n: int = 9) -> list[dict]:
@@ -52,7 +55,34 @@ def test_learning_curves_draw_both_series_in_both_panels(tmp_path):
     for panel in ((80, 70, 480, 340), (580, 70, 980, 340)):
         for colour, _ in plots.SERIES.values():
             assert _count(image, panel, colour) > 200
-    assert not list(tmp_path.glob("sub/*.tmp"))  # written whole, then renamed
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["curves.png"]  # no temporary
+
+
+def test_writers_of_one_path_share_no_temporary_and_touch_no_ones_tmp(tmp_path):
+    # Two evals of one workdir write one PNG at once; a user's NAME.png.tmp is theirs.
+    path = tmp_path / "m.png"
+    theirs = tmp_path / "m.png.tmp"
+    theirs.write_bytes(b"someone's")
+    entered = threading.Barrier(2)
+
+    def fill(f):
+        entered.wait(timeout=30)  # both writers hold a temporary file at once
+        f.write(b"\x89PNG whole")
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = [pool.submit(atomic.write, path, fill) for _ in range(2)]
+        assert [r.result(timeout=60) for r in results] == [path, path]
+    assert path.read_bytes() == b"\x89PNG whole"
+    assert theirs.read_bytes() == b"someone's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.png", "m.png.tmp"]
+    mode = path.stat().st_mode & 0o777
+    assert mode == 0o666 & ~_umask()  # as open() makes files, not mkstemp's 0600
+
+
+def _umask():
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
 
 
 def test_learning_curves_of_one_entry_or_none_still_draw(tmp_path):

@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -21,7 +22,7 @@ from rnnjax.cli import main
 from rnnjax.config import Config
 from rnnjax.data.spec import DataSpec
 from rnnjax.loop import train_and_evaluate
-from rnnjax.model import make_model, pixel_permutation, to_sequence
+from rnnjax.model import evaluation_model, make_model, pixel_permutation, to_sequence
 from rnnjax.optim import make_optimizer
 
 HUGE = "100000000"  # --hidden-size: 4e16 bytes of recurrent kernel alone
@@ -91,6 +92,48 @@ def test_estimate_counts_the_real_state_and_grows_with_the_batch():
     large = memory.training_activations(model, state.params, spec, 40)
     # at least the per-step hidden states the backward pass keeps, 4x for 4x the batch
     assert small >= 28 * 10 * 24 * 4 and large == 4 * small
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},  # the seed
+    {"cell": "lstm", "hidden_size": 96, "eval_batch_size": 2000},
+    {"cell": "gru", "hidden_size": 32, "num_layers": 2, "bidirectional": True},
+    {"cell": "lstm", "hidden_size": 16, "num_layers": 3, "order": "pixels",
+     "eval_batch_size": 500},
+    {"eval_batch_size": 3000},  # the set padded to 12,000
+])
+def test_the_evaluation_estimate_is_near_xlas_own_plan(kwargs):
+    """An evaluation chunk's estimate against what XLA plans for it (its temporary
+    buffers): it charged every layer's inputs and outputs at every step, 24x the seed's
+    and 800x a pixel-order SimpleRNN's, and refused runs that fit."""
+    from rnnjax.loop import initial_state
+
+    config = Config(**kwargs)
+    model = evaluation_model(config, make_model(config))
+    spec = DataSpec()
+    steps, features = spec.sequence(config.order)
+    state = jax.eval_shape(functools.partial(initial_state, model, make_optimizer(config)), 0)
+    program = jax.jit(functools.partial(train.evaluate_sequences, model=model,
+                                        chunk=config.eval_batch_size)).lower(
+        state.params, jax.ShapeDtypeStruct((steps, 10000, features), jnp.float32),
+        jax.ShapeDtypeStruct((10000,), jnp.int32)).compile()
+    planned = program.memory_analysis().temp_size_in_bytes
+    estimated = memory.evaluation_activations(model, state.params, spec,
+                                              config.eval_batch_size, 10000)
+    assert 0.95 * planned <= estimated <= 2.5 * planned, (estimated, planned)
+
+
+def test_the_evaluation_estimate_takes_a_chunk_no_larger_than_the_test_set():
+    config = Config(order="pixels", hidden_size=512)  # --eval-batch-size 10000
+    model, optimizer = make_model(config), make_optimizer(config)
+    small = memory.estimate(config, model, optimizer, DataSpec(), training=False,
+                            test_examples=60)
+    full = memory.estimate(config, model, optimizer, DataSpec(), training=False)
+    params = memory.abstract_state(model, optimizer).params
+    assert (small.batch, full.batch) == (60, 10000)
+    assert small.activations == memory.evaluation_activations(model, params, DataSpec(), 60,
+                                                              60)
+    assert full.activations > 100 * small.activations
 
 
 def one_line(capsys) -> str:

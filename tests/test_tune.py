@@ -2251,11 +2251,30 @@ def test_a_child_refuses_a_run_that_cannot_fit_before_drawing_anything(capsys, m
                  "call_s": 0.01, "repeats": 1, "reference": "unused.npz"})
     out = [json.loads(line[len(measure.PREFIX):]) for line in capsys.readouterr().out.splitlines()
            if line.startswith(measure.PREFIX)]
-    skipped = [e for e in out if e["event"] == "skipped"]
-    assert [e["candidate"] for e in skipped] == candidates
-    assert all(e["reason"].startswith("failed: OutOfMemory: the run needs about 142.1 PiB")
-               for e in skipped)
-    assert [e["event"] for e in out][-1] == "ready"
+    assert [e["event"] for e in out] == ["device", "refused"]  # and nothing after it
+    assert out[-1]["reason"].startswith("the run needs about 142.1 PiB")
+
+
+def test_a_batch_the_devices_cannot_split_stops_tuning_at_once(tmp_path, capsys):
+    """Two CPU devices, --batch-size 33: the first child reports the run's own error and
+    tuning stops there, one line, exit 2 (each child timed nothing and said so, the run
+    was refused only after the budget, and `rnnjax tune` printed its table, exit 1)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "XDG_CACHE_HOME": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+    env.pop(tune.ENV_VAR, None)
+    for command in (["train", "--workdir", str(tmp_path / "run")], ["tune"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "rnnjax", *command, "--steps", "2", "--hidden-size", "8",
+             "--batch-size", "33", "--tune-budget", "60"],
+            capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 2, done.stderr
+        last = done.stderr.strip().splitlines()[-1]
+        assert last == ("rnnjax: error: --batch-size 33 does not divide over 2 devices; use a "
+                        "multiple of 2 such as 32 or 34 (or fewer devices with --num-devices)")
+        # No child after the first, which timed nothing: no candidate's line.
+        assert "not timed" not in done.stderr and "Traceback" not in done.stderr
+        assert "s/step" not in done.stderr and "process 2" not in done.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_child_whose_device_fails_after_a_candidate_exits_unreported(tmp_path, capsys,

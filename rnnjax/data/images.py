@@ -33,7 +33,9 @@ def read_image(path: Path | str) -> np.ndarray:
     """The pixels of an image file (PNG, JPEG, anything Pillow reads), as NumPy.
 
     Returns uint8 ``[H, W]`` (grey), ``[H, W, 3]`` (RGB) or ``[H, W, 4]`` (RGBA), or
-    uint16 ``[H, W]`` for 16-bit greys. EXIF orientation is applied.
+    uint16 ``[H, W]`` for 16-bit greys (32-bit integer and float greys scaled to uint8:
+    floats of at most 1 read as 0..1, others as 0..255, beyond that 0..65535). EXIF
+    orientation is applied.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -63,9 +65,14 @@ def read_image(path: Path | str) -> np.ndarray:
         return np.asarray(image)
     if image.mode.startswith("I;16"):
         return np.asarray(image).astype(np.uint16)
-    if image.mode in ("I", "F"):
+    if image.mode in ("I", "F"):  # 32-bit integers or floats: the range tells the scale
         pixels = np.asarray(image, dtype=np.float64)
-        scale = 65535.0 if pixels.max(initial=0) > 255 else 255.0
+        if not np.isfinite(pixels).all():
+            raise ImageError(f"image {path}: pixels that are not numbers (NaN or infinite); "
+                             "pass an image of finite pixels")
+        top = pixels.max(initial=0)
+        scale = (65535.0 if top > 255 else
+                 1.0 if image.mode == "F" and top <= 1 else 255.0)  # floats in [0, 1]
         return np.clip(np.round(pixels / scale * 255), 0, 255).astype(np.uint8)
     has_alpha = "A" in image.mode or "transparency" in image.info
     return np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
