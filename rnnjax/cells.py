@@ -484,19 +484,20 @@ def _elman_bwd(activation, unroll, weight_grad, projection, residuals, cotangent
 
     # dz_t is written over h_t, the row it is computed from (_scan_rows).
     if _per_step(weight_grad, xs.shape[1]):
+        acc = jnp.promote_types(xs.dtype, jnp.float32)  # float32, or wider inputs'
 
         def step(carry, h, inputs_t):
             g, dkernel, drecurrent = carry
             dh, x, hp = inputs_t
             dz = local(g, dh, h)
-            dkernel = dkernel + jnp.matmul(x.T, dz, preferred_element_type=jnp.float32)
-            drecurrent = drecurrent + jnp.matmul(hp.T, dz, preferred_element_type=jnp.float32)
+            dkernel = dkernel + jnp.matmul(x.T, dz, preferred_element_type=acc)
+            drecurrent = drecurrent + jnp.matmul(hp.T, dz, preferred_element_type=acc)
             return (dz @ rec_t, dkernel, drecurrent), dz, None
 
-        zeros = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(recurrent.shape, jnp.float32))
+        zeros = (jnp.zeros(kernel.shape, acc), jnp.zeros(recurrent.shape, acc))
         (dh0, dkernel, drecurrent), dzs, _ = _scan_rows(
             step, (dh_last, *zeros), hs, (dhs, xs, h_prev), reverse=True, unroll=unroll)
-        dbias = dzs.sum(axis=(0, 1), dtype=jnp.float32)
+        dbias = dzs.sum(axis=(0, 1), dtype=acc)
     else:
 
         def step(g, h, dh):
@@ -772,19 +773,20 @@ def _lstm_bwd(unroll, weight_grad, projection, residuals, cotangents):
     first = (dh_last, dc_last)  # h_T's gradient enters as step T's recurrent gradient
     # dz_t is written over jac_z_t, the row it is computed from (_scan_rows).
     if _per_step(weight_grad, xs.shape[1]):
+        acc = jnp.promote_types(xs.dtype, jnp.float32)  # float32, or wider inputs'
 
         def step(carry, jac_z, inputs_t):
             carry, dkernel, drecurrent = carry
             dh, jac_c, x, h = inputs_t
             carry, dz = gates_gradient(carry, jac_z, dh, jac_c)
-            dkernel = dkernel + jnp.matmul(x.T, dz, preferred_element_type=jnp.float32)
-            drecurrent = drecurrent + jnp.matmul(h.T, dz, preferred_element_type=jnp.float32)
+            dkernel = dkernel + jnp.matmul(x.T, dz, preferred_element_type=acc)
+            drecurrent = drecurrent + jnp.matmul(h.T, dz, preferred_element_type=acc)
             return (carry, dkernel, drecurrent), dz, None
 
-        zeros = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(recurrent.shape, jnp.float32))
+        zeros = (jnp.zeros(kernel.shape, acc), jnp.zeros(recurrent.shape, acc))
         ((dh0, dc0), dkernel, drecurrent), dzs, _ = _scan_rows(
             step, (first, *zeros), jac_z, (dhs, jac_c, xs, h_prev), reverse=True, unroll=unroll)
-        dbias = dzs.sum(axis=(0, 1), dtype=jnp.float32)
+        dbias = dzs.sum(axis=(0, 1), dtype=acc)
     else:
 
         def step(carry, jac_z, inputs_t):
@@ -921,22 +923,23 @@ def _gru_bwd(unroll, weight_grad, projection, residuals, cotangents):
     # du_t is written over K_a's row t, the row it is computed from (_scan_rows), when the
     # weight gradients are accumulated per step.
     if _per_step(weight_grad, xs.shape[1]):
+        acc = jnp.promote_types(xs.dtype, jnp.float32)  # float32, or wider inputs'
 
         def step(carry, jac_a, inputs_t):
             dh_next, dkernel, drecurrent, drecurrent_bias = carry
             dh, jac_b, x, h = inputs_t
             dh_next, du, dr = local(dh_next, jac_a, dh, jac_b)
-            dkernel = dkernel + jnp.matmul(x.T, du, preferred_element_type=jnp.float32)
-            drecurrent = drecurrent + jnp.matmul(h.T, dr, preferred_element_type=jnp.float32)
-            drecurrent_bias = drecurrent_bias + dr.sum(0, dtype=jnp.float32)
+            dkernel = dkernel + jnp.matmul(x.T, du, preferred_element_type=acc)
+            drecurrent = drecurrent + jnp.matmul(h.T, dr, preferred_element_type=acc)
+            drecurrent_bias = drecurrent_bias + dr.sum(0, dtype=acc)
             return (dh_next, dkernel, drecurrent, drecurrent_bias), du, None
 
-        zeros = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(recurrent.shape, jnp.float32),
-                 jnp.zeros(recurrent.shape[1:], jnp.float32))
+        zeros = (jnp.zeros(kernel.shape, acc), jnp.zeros(recurrent.shape, acc),
+                 jnp.zeros(recurrent.shape[1:], acc))
         (dh0, dkernel, drecurrent, drecurrent_bias), dus, _ = _scan_rows(
             step, (dh_last, *zeros), jac_a, (dhs, jac_b, xs, h_prev), reverse=True,
             unroll=unroll)
-        dbias = dus.sum(axis=(0, 1), dtype=jnp.float32)
+        dbias = dus.sum(axis=(0, 1), dtype=acc)
     else:
 
         def step(dh_next, jac_a, inputs_t):

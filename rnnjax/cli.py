@@ -172,6 +172,40 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(**flag_changes(args))
 
 
+FORM_FLAGS = ("backward", "projection", "weight_grad")
+
+
+def check_forms(config: Config, given: Mapping[str, object]) -> None:
+    """Refuse a form flag given (``given``: the flags set) that the run would not honour:
+    ``resolve_form`` reads a choice the cell or the backward cannot make as the one it
+    makes (the tuner relies on it: such candidates are one program), and the run went on
+    with another form than the flag and ``config.json`` said (``--backward hand_written``
+    on a cell without a hand-written backward, a Flax cell's; ``--weight-grad per_step``
+    under autodiff or native; ``--projection in_loop`` under native)."""
+    named = [name for name in FORM_FLAGS
+             if name in given and getattr(config, name) != "auto"]
+    if not named:  # nothing to import JAX for
+        return
+    from rnnjax.cells import get_cell, resolve_form
+
+    try:
+        cell = get_cell(config.cell, config.hidden_size)
+        form = resolve_form(cell, config.batch_size,
+                            **{name: getattr(config, name) for name in FORM_FLAGS})
+    except ValueError:  # a cell or a backward that cannot work: check_model says so
+        return
+    for name in named:
+        if name == "backward" and form.backward != config.backward:
+            raise UsageError(
+                f"--backward {config.backward}: --cell {config.cell} has none (it runs "
+                f"--backward {form.backward}); drop --backward, or choose {form.backward}")
+        if getattr(form, name) != getattr(config, name):
+            raise UsageError(
+                f"{flag_name(name)} {getattr(config, name)}: --cell {config.cell} with "
+                f"--backward {form.backward} runs {flag_name(name)} {getattr(form, name)}; "
+                f"drop {flag_name(name)}, or choose a backward that has it")
+
+
 def check_cpus(config: Config, resumed: Path | None = None) -> None:
     """Refuse, before any work, a ``--cpus`` this process cannot run on (``resumed``: the
     workdir of a checkpoint trained with it, which a resumed run must keep)."""
@@ -374,6 +408,7 @@ def _train(args: argparse.Namespace, whole_process: bool = False) -> int:
     from rnnjax.data.sources import prefetch
 
     load = prefetch(config)  # the dataset is read while JAX is imported
+    check_forms(config, flag_changes(args))
     restarted = os.environ.pop(RESTARTED, None)
     if args.resume:  # the checkpoint's settings, as recorded: never tuned again
         tune_budget(args, 1.0)
@@ -425,6 +460,7 @@ def _tune(args: argparse.Namespace, whole_process: bool = False) -> int:
 
     config = config_from_args(args)
     check_cpus(config)
+    check_forms(config, flag_changes(args))
     budget = tune_budget(args, tune.TUNE_COMMAND_BUDGET_S)
     if config.compile_cache not in ("auto", "off"):
         check_writable(Path(config.compile_cache).expanduser(), flag="--compile-cache")

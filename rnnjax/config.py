@@ -365,6 +365,11 @@ class Config:
             if not ok:
                 raise ConfigError(f"{flag_name(f.name)} must be {'an' if kind == 'int' else 'a'} "
                                   f"{kind}, got {value!r}")
+            python = {"int": int, "float": float, "bool": bool}.get(kind)
+            if python is not None and type(value) is not python:
+                # A NumPy scalar (or an int for a float) as the Python value: config.json and
+                # the checkpoints' meta are JSON, which takes no NumPy scalar.
+                object.__setattr__(self, f.name, python(value))
 
     def _validate_parallel(self) -> None:
         if self.num_devices < 0:

@@ -99,7 +99,10 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     if "learning_rate" in kwargs:
         raise ConfigError("--optimizer-kwargs: learning_rate is set by --learning-rate (and "
                           "--schedule); remove it from --optimizer-kwargs")
-    if config.adam_eps > 0 and "eps" in signature.parameters and "eps" not in kwargs:
+    if config.adam_eps > 0 and "eps" in kwargs:
+        raise ConfigError(f"--adam-eps {config.adam_eps} and --optimizer-kwargs eps "
+                          f"{kwargs['eps']}: both set eps; keep one")
+    if config.adam_eps > 0 and "eps" in signature.parameters:
         kwargs["eps"] = config.adam_eps
     unknown = sorted(set(kwargs) - set(signature.parameters))
     if unknown:

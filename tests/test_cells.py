@@ -238,6 +238,28 @@ def test_gradients_against_float64_finite_differences(name):
         check_grads(f, (params, xs), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("weight_grad", ["product", "per_step"])
+@pytest.mark.parametrize("name", [*sorted(REFERENCES), "gru_hand_written"])
+def test_float64_weight_gradients_are_float64_in_either_form(name, weight_grad):
+    """The hand-written backward in float64 against autodiff of the plain steps: both
+    weight-gradient forms to float64's rounding (the per-step one summed in float32, 1e-7
+    off)."""
+    with jax.enable_x64(True):
+        cell = _cell(name, H)
+        plain = Cell(cell.init, cell.step, cell.initial_carry, cell.hidden_size, cell.project)
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), cell.init(jax.random.key(4), F))
+        xs = jnp.asarray(_inputs(3, np.float64))
+
+        def f(p, c, **form):
+            return jnp.sin(scan_cell(c, p, xs, **form)[1]).sum()
+
+        expected = jax.grad(f)(params, plain)
+        got = jax.grad(f)(params, cell, backward="hand_written", weight_grad=weight_grad)
+        for key, value in expected.items():
+            assert got[key].dtype == jnp.float64
+            np.testing.assert_allclose(got[key], value, rtol=1e-12, atol=1e-12, err_msg=key)
+
+
 @pytest.mark.parametrize("name", ["simple_rnn", "irnn"])
 def test_elman_forward_without_gradient_is_bitwise_the_trained_forward(name):
     """Evaluation projects x_t inside the loop, training before it: the same outputs, bit

@@ -8,6 +8,7 @@ on with a value that cannot work (NaN or infinite rates, a cache in the working 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from rnnjax.cli import main
-from rnnjax.config import Config, ConfigError
+from rnnjax.config import Config, ConfigError, to_dict
 from rnnjax.data.idx import FILES, write_idx
 
 N_TRAIN = 300
@@ -76,6 +77,8 @@ BAD = [
      ["--optimizer-kwargs is not valid JSON", "write e.g."]),
     ("optimizer_kwargs_nan", ["--optimizer-kwargs", '{"eps": NaN}'],
      ["--optimizer-kwargs: NaN is not a usable value"]),
+    ("adam_eps_twice", ["--adam-eps", "1e-3", "--optimizer-kwargs", '{"eps": 1e-5}'],
+     ["--adam-eps 0.001 and --optimizer-kwargs eps 1e-05: both set eps; keep one"]),
     ("optimizer_kwargs_unknown", ["--optimizer-kwargs", '{"beta1": 0.8}'],
      ["--optimizer-kwargs: adam has no argument(s) ['beta1']; it takes", "'b1'"]),
     ("schedule_unknown", ["--schedule", "linear"],
@@ -96,6 +99,16 @@ BAD = [
       f"use at most {N_TRAIN}"]),
     ("steps_negative", ["--steps", "-1"], ["--steps must be at least 1, got -1"]),
     ("steps_not_int", ["--steps", "2.5"], ["--steps", "invalid int value: '2.5'"]),
+    # Form flags the run would not honour (it ran another form than config.json said).
+    ("hand_written_flax_cell", ["--cell", "flax.linen:GRUCell", "--backward", "hand_written"],
+     ["--backward hand_written: --cell flax.linen:GRUCell has none (it runs --backward "
+      "autodiff); drop --backward, or choose autodiff"]),
+    ("per_step_under_autodiff", ["--backward", "autodiff", "--weight-grad", "per_step"],
+     ["--weight-grad per_step: --cell simple_rnn with --backward autodiff runs --weight-grad "
+      "product; drop --weight-grad, or choose a backward that has it"]),
+    ("in_loop_under_native", ["--backward", "native", "--projection", "in_loop"],
+     ["--projection in_loop: --cell simple_rnn with --backward native runs --projection "
+      "hoisted"]),
     ("seed_negative", ["--seed", "-1"], ["--seed must be 0 or more, got -1"]),
     ("seed_too_big", ["--seed", str(2**32 + 7)], [f"--seed must be below 2**32 = {2**32}",
                                                   "seeds 2**32 apart were the same run"]),
@@ -274,3 +287,9 @@ def test_python_api_accepts_numpy_scalars():
     config = Config(seed=np.int64(3), steps=np.int32(5), learning_rate=np.float32(0.5),
                     shuffle=np.bool_(True))
     assert config.seed == 3 and config.steps == 5 and config.shuffle
+    # Held as Python's own: config.json is written with json.dumps, which takes no NumPy
+    # scalar (a run of this config failed there, its workdir made and left empty).
+    assert [type(v) for v in (config.seed, config.steps, config.learning_rate,
+                              config.shuffle)] == [int, int, float, bool]
+    assert json.loads(json.dumps(to_dict(config)))["learning_rate"] == 0.5
+    assert type(Config(learning_rate=1).learning_rate) is float
