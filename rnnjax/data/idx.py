@@ -219,22 +219,23 @@ def read_idx(
     with ``file_checksum`` the MD5 of the file as stored (the ``.gz`` itself)."""
     path = Path(path)
     raw = read_file(path)
-    if file_checksum is not None:
-        got = md5(raw)
-        if got != file_checksum:
-            raise IdxError(
-                f"{path}: file MD5 {got} does not match the expected {file_checksum}; "
-                "the file is corrupt or another dataset: replace it with the original"
-            )
+    _verify(path, raw, file_checksum, "file")
     data = gunzip(raw, path)
-    if checksum is not None:
-        got = md5(data)
-        if got != checksum:
-            raise IdxError(
-                f"{path}: content MD5 {got} does not match the expected {checksum}; "
-                "the file is corrupt or another dataset: replace it with the original"
-            )
+    _verify(path, data, checksum, "content")
     return parse_idx(data, str(path))
+
+
+def _verify(path: Path, data: bytes, expected: str | None, what: str) -> None:
+    """IdxError unless ``data`` (the ``what`` of ``path``: its file or its content) has
+    the MD5 ``expected`` (None: nothing to check)."""
+    if expected is None:
+        return
+    got = md5(data)
+    if got != expected:
+        raise IdxError(
+            f"{path}: {what} MD5 {got} does not match the expected {expected}; "
+            "the file is corrupt or another dataset: replace it with the original"
+        )
 
 
 def load_idx_dir(directory: Path | str, checksums: dict[str, str] | None = None) -> Arrays:
