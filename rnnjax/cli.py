@@ -157,14 +157,22 @@ def flag_changes(args: argparse.Namespace) -> dict[str, object]:
     """The Config fields set on the command line; a ``--dataset`` directory made absolute
     (``config.json`` and the checkpoints record it: eval, predict and ``--resume`` find it
     from any working directory)."""
-    from rnnjax.data.sources import is_path_like
-
     names = {f.name for f in dataclasses.fields(Config)}
     changes = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    dataset = changes.get("dataset")
-    if isinstance(dataset, str) and is_path_like(dataset, str(changes.get("source", "idx"))):
-        changes["dataset"] = os.path.abspath(os.path.expanduser(dataset))
+    if isinstance(changes.get("dataset"), str):
+        changes["dataset"] = recorded_dataset(changes["dataset"],
+                                              str(changes.get("source", "idx")))
     return changes
+
+
+def recorded_dataset(dataset: str, source: str) -> str:
+    """``--dataset`` as a run records it: a directory (``sources.is_path_like`` for
+    ``source``) absolute, a name as it is."""
+    from rnnjax.data.sources import is_path_like
+
+    if is_path_like(dataset, source):
+        return os.path.abspath(os.path.expanduser(dataset))
+    return dataset
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -517,8 +525,11 @@ def _eval(args: argparse.Namespace) -> int:
     if args.out is None:
         args.out = checkpoint.workdir_of(step_dir) / f"confusion_matrix_step{loaded.step}.png"
         _check_out(args.out, given=False)
-    config = loaded.config.replace(**{name: value for name, value in flag_changes(args).items()
-                                      if name in ("dataset", "data_dir")})
+    config = loaded.config
+    if args.data_dir is not None:
+        config = config.replace(data_dir=args.data_dir)
+    if args.dataset is not None:  # read as the checkpoint's --source reads it
+        config = config.replace(dataset=recorded_dataset(args.dataset, config.source))
     dataset = load_dataset(config)
     checkpoint.check_data_spec(loaded.spec, dataset.spec, step_dir)
     data = dataset.arrays

@@ -343,8 +343,7 @@ class RunFiles:
 
 def write_config(workdir: Path, config: Config) -> None:
     """The run's ``config.json``."""
-    atomic.write_text(workdir / "config.json",
-                                  json.dumps(to_dict(config), indent=2) + "\n")
+    atomic.write_text(workdir / "config.json", json.dumps(to_dict(config), indent=2) + "\n")
 
 
 def diverged(reason: str, checkpoints: checkpoint_lib.CheckpointWriter | None) -> TrainingDiverged:
@@ -557,8 +556,7 @@ def train_and_evaluate(
     out.flush()
     if workdir is not None and jax.process_index() == 0:
         workdir = Path(workdir)
-        atomic.write_text(workdir / "summary.json",
-                                      json.dumps(summary, indent=2) + "\n")
+        atomic.write_text(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
         from rnnjax import plots  # matplotlib: imported only when a workdir wants the PNG
 
         plots.learning_curves(history, workdir / "learning_curves.png",

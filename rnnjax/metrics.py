@@ -169,7 +169,7 @@ def kept_metrics(directory: Path, last_step: int
         if rows is not None:
             # The csv module ends rows with \r\n (read_text gave them back as \n).
             atomic.write_text(path, "".join(line + "\r\n" for line, step in rows
-                                            if step <= last_step))
+                                          if step <= last_step))
 
     return kept, truncate
 
