@@ -569,6 +569,8 @@ def format_summary(s: dict[str, Any]) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in s["versions"].items())
     cache = f" (cache {s['compile_cache']})" if s.get("compile_cache") else ""
     tuning = s.get("tuning") or {}
+    devices = s.get("mesh_devices", s["device_count"])  # the run's, of all the backend has
+    devices = f"x{devices}" + (f" (of {s['device_count']})" if devices != s["device_count"] else "")
     tuned = ""
     if tuning.get("mode") in ("measured", "cached", "resumed"):
         from rnnjax.tune import describe
@@ -581,6 +583,6 @@ def format_summary(s: dict[str, Any]) -> str:
         f"wall time {s['wall_s']:.2f} s: data {s['data_s']:.2f} s, init {s['init_s']:.2f} s, "
         f"compile {s['compile_s']:.2f} s{cache}, train {s['train_s']:.2f} s "
         f"({s['steps_per_s']:.0f} steps/s), eval {s['eval_s']:.2f} s\n"
-        f"device: {s['backend']} {s['device_kind']} x{s['device_count']}; {versions}\n"
+        f"device: {s['backend']} {s['device_kind']} {devices}; {versions}\n"
         f"{tuned}"
     )

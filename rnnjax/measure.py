@@ -356,8 +356,10 @@ def first_step(state: Any, sums: Any, initial_params: Any) -> dict[str, Any]:
 
 
 def call_overhead(one: float, seconds: float, steps: int) -> float:
-    """A compiled call's own seconds, beside its steps, from the best 1-step call (``one``)
-    and the best call of ``steps`` steps (``seconds``): ``one`` less the marginal step
+    """A compiled call's own seconds, beside its steps, from a 1-step call's seconds
+    (``one``) and a ``steps``-step call's (``seconds``), each read the same way (the tuner
+    passes the best of its rounds, ``benchmarks.flax_peers`` the medians): ``one`` less the
+    marginal step
     ``(seconds - one) / (steps - 1)``. 0 where that is not to be trusted: fewer than 2
     steps, or a marginal step under half the call's average (the machine's noise, not
     the program), and at most half of ``one``."""

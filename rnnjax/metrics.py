@@ -6,13 +6,15 @@ Metrics travel as additive on-device sums ``{"loss_sum", "correct", "count"}``; 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import math
+import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -44,6 +46,18 @@ def steps_phrase(steps: int) -> str:
     return f"{steps} step" if steps == 1 else f"{steps} steps"
 
 
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An OSError of the writes to ``path`` in the block names it: a file object's write,
+    flush and close raise theirs (a full disk's) without a file name."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+
+
 class MetricWriter:
     """Appends one record per log point to ``metrics.jsonl`` and ``metrics.csv``.
 
@@ -63,14 +77,20 @@ class MetricWriter:
             self._csv.writeheader()
 
     def write(self, record: dict[str, Any]) -> None:
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
-        self._csv.writerow(record)
-        self._csv_file.flush()
+        with naming(Path(self._jsonl.name)):
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        with naming(Path(self._csv_file.name)):
+            self._csv.writerow(record)
+            self._csv_file.flush()
 
     def close(self) -> None:
-        self._jsonl.close()
-        self._csv_file.close()
+        try:
+            with naming(Path(self._jsonl.name)):
+                self._jsonl.close()
+        finally:
+            with naming(Path(self._csv_file.name)):
+                self._csv_file.close()
 
 
 class MetricsFileError(ValueError):
@@ -191,55 +211,67 @@ def history_from_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class TensorBoardWriter:
-    """Scalars ``SPLIT/NAME`` as TensorBoard event files in a directory.
+    """Scalars ``SPLIT/NAME`` in a TensorBoard event file of its own in a directory.
 
-    Uses ``tensorboardX`` (a light dependency of rnnjax), else ``tf.summary`` when
-    TensorFlow is installed; :func:`open` returns None (with a note) when neither is.
-    ``purge_step``: on resume, TensorBoard drops events at or after it that earlier event
-    files hold (the steps the resumed run logs again).
+    Written in this thread, each log point flushed, in tensorboardX's record format (a
+    light dependency of rnnjax; :func:`open` returns None, with a note, without it): its
+    ``SummaryWriter`` writes from a thread of its own and flushes again at exit, so a full
+    disk printed its error twice more as tracebacks after the run's one line, naming no
+    file. ``purge_step``: on resume, TensorBoard drops events at or after it that earlier
+    event files hold (the steps the resumed run logs again).
     """
 
-    def __init__(self, writer: Any, kind: str) -> None:
-        self._writer = writer
-        self.kind = kind
+    def __init__(self, records: Any, path: Path) -> None:
+        self._records = records  # tensorboardX's RecordWriter
+        self.path = path
 
     @classmethod
     def open(
         cls, directory: Path, *, purge_step: int | None = None, note: TextIO | None = None
     ) -> TensorBoardWriter | None:
         try:
-            from tensorboardX import SummaryWriter
-        except ImportError:
-            pass
-        else:
-            # A diverged run logs inf/NaN on purpose; the loop reports it in one line.
-            logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
-            return cls(SummaryWriter(str(directory), purge_step=purge_step), "tensorboardX")
-        try:
-            import tensorflow as tf
+            from tensorboardX.proto.event_pb2 import Event, SessionLog
+            from tensorboardX.record_writer import RecordWriter
         except ImportError:
             (note or sys.stderr).write(
                 "rnnjax: note: no TensorBoard event files (pip install tensorboardX)\n")
             return None
-        return cls(tf.summary.create_file_writer(str(directory)), "tensorflow")
+        # A diverged run logs inf/NaN on purpose; the loop reports it in one line.
+        logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+        path, n = directory / name, 0
+        while path.exists():  # a run started in the same second as the last: a file apart
+            n += 1
+            path = directory / f"{name}.{n}"
+        with naming(path):
+            writer = cls(RecordWriter(str(path)), path)
+            now = time.time()
+            writer._add(Event(wall_time=now, step=purge_step or 0, file_version="brain.Event:2"))
+            if purge_step is not None:
+                writer._add(Event(wall_time=now, step=purge_step,
+                                  session_log=SessionLog(status=SessionLog.START)))
+            writer._records.flush()
+        return writer
+
+    def _add(self, event: Any) -> None:
+        self._records.write(event.SerializeToString())
 
     def write(self, step: int, split: str, values: dict[str, Any]) -> None:
         """One scalar per numeric entry of ``values`` (``step`` and ``wall_s`` excluded)."""
-        scalars = {f"{split}/{k}": float(v) for k, v in values.items()
-                   if k not in ("step", "split", "wall_s") and isinstance(v, int | float)}
-        if self.kind == "tensorboardX":
-            for tag, value in scalars.items():
-                self._writer.add_scalar(tag, value, step)
-        else:
-            import tensorflow as tf
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
 
-            with self._writer.as_default():
-                for tag, value in scalars.items():
-                    tf.summary.scalar(tag, value, step=step)
-        self._writer.flush()
+        now = time.time()
+        with naming(self.path):
+            for key, value in values.items():
+                if key not in ("step", "split", "wall_s") and isinstance(value, int | float):
+                    self._add(Event(wall_time=now, step=step,
+                                    summary=scalar(f"{split}/{key}", float(value))))
+            self._records.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        with naming(self.path):
+            self._records.close()
 
 
 class Progress:

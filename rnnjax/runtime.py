@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -69,6 +70,19 @@ def compile_cache_dir(setting: str) -> str | None:
     return os.path.abspath(os.path.expanduser(setting))
 
 
+def _takes_files(directory: str) -> bool:
+    """Whether ``directory`` is, or can be made, and takes a file: tried with a probe file,
+    as permission bits bind neither root nor a read-only file system."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".rnnjax-write-probe-", dir=directory)
+    except OSError:
+        return False
+    os.close(fd)
+    os.remove(probe)
+    return True
+
+
 def enable_compile_cache(setting: str) -> str | None:
     """Point JAX's persistent compilation cache at ``setting`` ('auto', 'off' or a path).
 
@@ -76,16 +90,25 @@ def enable_compile_cache(setting: str) -> str | None:
     program, backend, versions and flags, in a directory of its own for the number of CPUs
     this process may use (``cpus-N/``): XLA:CPU splits a program's loops over the CPUs it
     finds when it compiles, and JAX's key leaves them out, so a process on one CPU would
-    load a program split for two (call after :func:`apply_cpus`). Returns the directory,
-    or None when off.
+    load a program split for two (call after :func:`apply_cpus`). JAX opens its cache once
+    a process, at the first compile, so a later call that names another directory, or
+    'off', reopens it. Returns the directory, or None when off or the directory cannot be
+    written.
     """
+    from jax.experimental.compilation_cache import compilation_cache
+
     from rnnjax import process
 
     path = compile_cache_dir(setting)
+    if path is not None:
+        path = os.path.join(path, f"cpus-{process.cpu_count()}")
+        if not _takes_files(path):  # 'auto' in a home that cannot be written (CLI checks a path)
+            path = None
+    if path != jax.config.jax_compilation_cache_dir:
+        compilation_cache.reset_cache()
+        jax.config.update("jax_compilation_cache_dir", path)
     if path is None:
         return None
-    path = os.path.join(path, f"cpus-{process.cpu_count()}")
-    jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path

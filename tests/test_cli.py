@@ -377,10 +377,36 @@ def test_a_full_disk_mid_run_is_one_line(tmp_path, capsys):
     assert main(["train", "--steps", "3", "--eval-every", "2", "--hidden-size", "8",
                  "--workdir", str(work), "--compile-cache", "off"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("rnnjax: error: ") and err.count("\n") == 1
+    assert err.startswith(f"rnnjax: error: {work / 'metrics.jsonl'}: ")  # the file it names
+    assert err.count("\n") == 1
     assert os.strerror(errno.ENOSPC) in err
     assert "free disk space or choose another --workdir" in err
     assert (work / "config.json").is_file()  # what was written before stays
+
+
+def test_a_full_disk_under_the_tensorboard_file_is_one_line_naming_it(tmp_path):
+    """The event file filling (files of at most 20 KB: RLIMIT_FSIZE, whose writes then fail
+    as a full disk's do) is the one line naming it: tensorboardX's writer thread and its
+    flush at exit printed the error twice more as tracebacks, and the line named no file."""
+    small_files = textwrap.dedent("""
+        import resource, runpy, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+        sys.argv = ["rnnjax", *sys.argv[1:]]
+        runpy.run_module("rnnjax", run_name="__main__")
+    """)
+    work = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-c", small_files, "train", "--steps", "400", "--eval-every", "2",
+         "--hidden-size", "8", "--checkpoint-every", "1000", "--compile-cache", "off",
+         "--workdir", str(work)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "RNNJAX_TUNE": "off"})
+    assert done.returncode == 2, done.stderr[-2000:]
+    (events,) = work.glob("events.out.tfevents.*")
+    assert done.stderr == (f"rnnjax: error: {events}: {os.strerror(errno.EFBIG)}; choose a "
+                           "--workdir on a file system that allows larger files (files "
+                           "already written are kept)\n")
+    assert events.stat().st_size == 20000 and (work / "metrics.jsonl").stat().st_size < 20000
 
 
 def test_a_full_disk_under_tensorboard_is_its_error_and_the_checkpoints_still_close(

@@ -71,3 +71,41 @@ def test_every_thread_runs_on_the_chosen_cpus_and_jax_sizes_its_pools_by_them(tm
     assert len(threads[1]) < len(threads[0])
     cached = {p.name: any(p.iterdir()) for p in tmp_path.iterdir()}
     assert cached == {"cpus-1": True, f"cpus-{len(process.usable_cpus())}": True}
+
+
+def test_a_later_run_in_the_process_caches_where_its_own_setting_says(tmp_path):
+    """JAX opens its persistent cache at the first compile; a library user's second run
+    that names another directory, or 'off', gets what it names, not the first run's."""
+    script = textwrap.dedent("""
+        import sys, jax, jax.numpy as jnp
+        from rnnjax import runtime
+        first, second = sys.argv[1:]
+        runtime.enable_compile_cache(first)
+        jax.jit(lambda x: jnp.tanh(x) + 1).lower(jnp.ones(3)).compile()
+        runtime.enable_compile_cache(second)
+        jax.jit(lambda x: jnp.tanh(x) + 2).lower(jnp.ones(3)).compile()
+        assert runtime.enable_compile_cache("off") is None
+        jax.jit(lambda x: jnp.tanh(x) + 3).lower(jnp.ones(3)).compile()
+    """)
+    first, second = tmp_path / "first", tmp_path / "second"
+    out = subprocess.run([sys.executable, "-c", script, str(first), str(second)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    entries = {p.name: len(list(p.rglob("jit__lambda-*"))) for p in (first, second)}
+    assert entries == {"first": 1, "second": 1}
+
+
+def test_a_cache_home_that_takes_no_files_is_no_cache(tmp_path, monkeypatch):
+    """'auto' under an $XDG_CACHE_HOME that cannot be written runs uncached, and says so:
+    the summary shows no cache directory that JAX could not use."""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file" / "cache"))
+    try:
+        assert runtime.enable_compile_cache("auto") is None
+        assert jax.config.jax_compilation_cache_dir is None
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
+        assert runtime.enable_compile_cache("auto") == str(
+            tmp_path / "home" / "rnnjax" / "jax" / f"cpus-{process.cpu_count()}")
+        assert list((tmp_path / "home").rglob("*probe*")) == []
+    finally:
+        runtime.enable_compile_cache("off")

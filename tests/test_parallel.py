@@ -52,11 +52,13 @@ def _worker(spec: dict) -> None:
         overrides = dict(overrides)
         workdir = overrides.pop("workdir", None)
         resume = overrides.pop("resume", False)
-        start = time.perf_counter()
+        start, text = time.perf_counter(), io.StringIO()
         result = train_and_evaluate(Config(**{**spec.get("base", {}), **overrides}),
-                                    workdir and out / workdir, out=io.StringIO(), resume=resume)
+                                    workdir and out / workdir, out=text, resume=resume)
         report[name] = {"history": result.history, "s": time.perf_counter() - start,
-                        "mesh_devices": result.summary["mesh_devices"]}
+                        "mesh_devices": result.summary["mesh_devices"],
+                        "device_line": next(line for line in text.getvalue().splitlines()
+                                            if line.startswith("device: "))}
         if jax.process_index() == 0:
             np.savez(out / f"{name}.npz", **_flat_params(result.state.params))
     report.update(devices=jax.device_count(), processes=jax.process_count())
@@ -323,6 +325,8 @@ def test_eight_devices_train_like_one(one_device, tmp_path):
     params, history = one_device
     for name, mesh_devices in (("device8", 8), ("stream8", 8), ("device2", 2)):
         assert report[name]["mesh_devices"] == mesh_devices
+        shown = " x8;" if mesh_devices == 8 else f" x{mesh_devices} (of 8);"
+        assert shown in report[name]["device_line"], report[name]["device_line"]
         _assert_same(_load(tmp_path, name), params)
         _assert_same_history(report[name]["history"], history)
     # The native form on 8 devices, each on its rows, as on one (it ran the whole batch on

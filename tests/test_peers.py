@@ -18,8 +18,8 @@ from rnnjax.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("keras") is None,
-                                reason="needs Keras (the test extra)")
+needs_keras = pytest.mark.skipif(importlib.util.find_spec("keras") is None,
+                                 reason="needs Keras (the test extra)")
 
 # 2000 rows a batch: the benchmark's fewest steps per call (10), so each call is short.
 ARGS = ["--batch-sizes", "2000", "--repeats", "1", "--flax-cases", ""]
@@ -29,6 +29,7 @@ def read_rows(out) -> list[dict]:
     return json.loads((out / "peers.json").read_text())["rows"]
 
 
+@needs_keras
 def test_peers_time_rnnjax_untuned_against_keras(tmp_path):
     peers.main([*ARGS, "--tune-budget", "0", "--out", str(tmp_path)])
     (row,) = read_rows(tmp_path)
@@ -133,6 +134,7 @@ peers.keras_step(load_arrays(Config()), 50, 1, unroll=False)()
 """}
 
 
+@needs_keras
 @pytest.mark.parametrize("run", list(KERAS_RUNS))
 def test_the_keras_peers_import_no_tensorflow(tmp_path, run):
     """Keras runs on JAX, but ``keras.utils.set_random_seed`` imports TensorFlow where it is
