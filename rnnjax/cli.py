@@ -320,7 +320,7 @@ def tuned_config(args: argparse.Namespace, config: Config,
     """For a new run: ``config`` with the tuned settings (cached, or measured now within
     ``--tune-budget``) for the fields not given as flags, and how they were chosen
     (``load``: the run's dataset, checked before any time is spent tuning)."""
-    from rnnjax import tune
+    from rnnjax import checkpoint, tune
 
     budget = tune_budget(args, tune.DEFAULT_BUDGET_S)
     if not tuning_enabled(args):
@@ -329,22 +329,19 @@ def tuned_config(args: argparse.Namespace, config: Config,
         return config, {"mode": "off", "reason": "several processes"}
 
     pinned = frozenset(flag_changes(args)) & set(TUNED)
+    recorded = recorded_settings(args.workdir, config, pinned)
+    if recorded is not None:
+        try:
+            checkpoint.prepare(recorded, args.workdir, resume=False)
+        except checkpoint.CheckpointError:
+            pass  # checkpoints, or another run's records: check_run refuses before tuning
+        else:  # this run, stopped before its first checkpoint, starts over as it was tuned
+            return recorded, {"mode": "recorded"}
 
     def check_run() -> None:  # what the run would refuse, refused before tuning
-        from rnnjax import checkpoint
         from rnnjax.loop import check_data
 
-        # A workdir holding the records of a run stopped before its first checkpoint is
-        # compared with the tuned settings once they are known (by the loop): not here.
-        probe = config
-        saved = None if args.workdir is None else Path(args.workdir) / "config.json"
-        if saved is not None and saved.is_file():
-            try:
-                old = json.loads(saved.read_text())
-                probe = config.replace(**{k: old[k] for k in TUNED if k in old and k not in pinned})
-            except (OSError, ValueError, TypeError, ConfigError):
-                pass  # unreadable: prepare() says so
-        checkpoint.prepare(probe, args.workdir, resume=False)
+        checkpoint.prepare(recorded or config, args.workdir, resume=False)
         dataset = load(config)
         check_data(config, dataset.arrays, dataset.spec)
         check_model(config, dataset.spec, examples=len(dataset.arrays.train_labels)
@@ -354,6 +351,21 @@ def tuned_config(args: argparse.Namespace, config: Config,
     # No --tune-budget: the default, shrunk to what a short run can pay back.
     return tune.resolve(config, pinned, None if args.tune_budget is None else budget,
                         before_tuning=check_run, spec=data_spec(config, load))
+
+
+def recorded_settings(workdir: str | None, config: Config,
+                      pinned: frozenset[str]) -> Config | None:
+    """``config`` with the tuned settings (those not in ``pinned``) that ``workdir``'s
+    ``config.json`` records; None where there is none that loads (``checkpoint.prepare``
+    says what is wrong with it)."""
+    saved = None if workdir is None else Path(workdir) / "config.json"
+    if saved is None or not saved.is_file():
+        return None
+    try:
+        old = json.loads(saved.read_text())
+        return config.replace(**{k: old[k] for k in TUNED if k in old and k not in pinned})
+    except (OSError, ValueError, TypeError, ConfigError):
+        return None
 
 
 def restarted_config(config: Config, restarted: str) -> tuple[Config, dict[str, Any]]:
@@ -488,10 +500,12 @@ def _tune(args: argparse.Namespace, whole_process: bool = False) -> int:
     print(tune.choice_line(result))
     if result.choice is None:
         return 1
-    path = tune.save(tune.cache_dir(config.compile_cache), result.record())
+    directory = tune.cache_dir(config.compile_cache)
+    path = tune.save(directory, result.record())
     flags = choice_flags(result.choice, pinned)
+    why = "no --compile-cache" if directory is None else f"{directory} cannot be written"
     print(f"cached in {path}: rnnjax train uses it for this shape" if path else
-          f"not cached (no --compile-cache); pass: {flags}")
+          f"not cached ({why}); pass: {flags}")
     return 0
 
 

@@ -572,7 +572,7 @@ def format_summary(s: dict[str, Any]) -> str:
     devices = s.get("mesh_devices", s["device_count"])  # the run's, of all the backend has
     devices = f"x{devices}" + (f" (of {s['device_count']})" if devices != s["device_count"] else "")
     tuned = ""
-    if tuning.get("mode") in ("measured", "cached", "resumed"):
+    if tuning.get("mode") in ("measured", "cached", "resumed", "recorded"):
         from rnnjax.tune import describe
 
         tuned = f"tuned ({tuning['mode']}): {describe(tuning['settings'])}\n"

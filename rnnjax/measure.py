@@ -448,6 +448,12 @@ class Timed:
         self.cached_compile_s = max(1.0, CACHED_COMPILE_S[0] - cached_s) \
             if self.cache_hit else None
         self.first_step = first_step(self.state, sums, params)
+        if not any(np.any(value) for name, value in self.first_step.items() if name != "loss"):
+            # Nothing moved: SGD at a learning rate of 0 (a warmup's first step), whose
+            # update hides any gradient; the second step's shows it (every candidate alike).
+            params = jax.tree.map(np.array, self.state.params)
+            _, _, sums = self.call(1)
+            self.first_step = first_step(self.state, sums, params)
 
     def call(self, count: int) -> tuple[float, float, Any]:
         """Run ``count`` steps in one call: ``(seconds, of them compiling, metric sums)``."""

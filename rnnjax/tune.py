@@ -77,7 +77,9 @@ from rnnjax.measure import (
     for_backend,  # the candidates a child on a backend times
 )
 
-TUNER_VERSION = 32  # 32: with --backward native its other vector width timed, no unroll;
+TUNER_VERSION = 33  # 33: an SGD whose first step moves nothing (a warmup's learning rate
+# of 0) compared by its second step's update (its first hid any gradient's error);
+# 32: with --backward native its other vector width timed, no unroll;
 # a first child alone leaves the second process its share; the evaluation's compiles kept
 # within the budget; SGD's first steps compared by their updates;
 # 31: a native train step's evaluations timed in the native form too
@@ -745,8 +747,9 @@ def load(directory: Path | None, key_: dict) -> dict[str, Any] | None:
         return None
     if not isinstance(record, dict) or record.get("key") != key_:
         return None
-    choice = record.get("choice")
-    if not isinstance(choice, dict) or set(choice) != set(TUNED):
+    choice, device = record.get("choice"), record.get("device")
+    if not isinstance(choice, dict) or set(choice) != set(TUNED) or not (
+            device is None or isinstance(device, dict)):  # check_device reads the device's
         return None
     try:
         Config().replace(**choice)
@@ -1591,6 +1594,11 @@ def format_table(result: Result) -> str:
 
 def choice_line(result: Result) -> str:
     if result.choice is None:
+        failed = next((m.note for m in result.measurements
+                       if m.note.startswith("child exited")), None)
+        if failed is not None:  # not the budget's doing: a larger one would not help
+            return (f"the defaults were not timed: their child failed ({failed}); the "
+                    "defaults stay")
         return (f"the defaults were not timed within {result.budget_s:g} s, so nothing "
                 "compares with them; the defaults stay (give a larger --tune-budget)")
     timed = {_fields_key(m): m.step_s  # what select chose from

@@ -23,7 +23,7 @@ import pytest
 
 from rnnjax import cells, measure, native, process, tune
 from rnnjax.cli import main
-from rnnjax.config import TUNED, Config
+from rnnjax.config import TUNED, Config, to_dict
 from rnnjax.data.spec import DataSpec
 
 TINY = ["--hidden-size", "4", "--batch-size", "4", "--eval-batch-size", "2048"]
@@ -1622,6 +1622,8 @@ def test_cache_key_and_invalidation(tmp_path, monkeypatch):
     assert tune.load(tmp_path, key) is None
     path.write_text(json.dumps({**record, "choice": {**choice, "unroll": -1}}))  # bad value
     assert tune.load(tmp_path, key) is None
+    path.write_text(json.dumps({**record, "device": "cpu"}))  # check_device's AttributeError
+    assert tune.load(tmp_path, key) is None
     path.write_text("{not json")
     assert tune.load(tmp_path, key) is None
     assert tune.cache_dir("off") is None
@@ -1873,6 +1875,33 @@ def test_the_cached_choice_is_used_and_explicit_flags_override_it(in_process):
     assert in_process.last() == (fields(2, flags=""), "pinned")
 
 
+def test_a_run_started_over_takes_the_settings_its_records_were_made_with(in_process,
+                                                                          tmp_path):
+    """The same command again in the workdir of a run stopped before its first checkpoint
+    takes the tuned settings its config.json records, whatever the cache holds now: a
+    choice changed since (a later ``rnnjax tune``) made it another run, refused."""
+    from rnnjax.cli import build_parser, config_from_args
+
+    work = tmp_path / "stopped"
+    work.mkdir()
+    earlier = fields(0, "stream", "", weight_grad="per_step", backward="autodiff",
+                     projection="hoisted")
+    stopped = config_from_args(build_parser().parse_args(["train", *RUN])).replace(**earlier)
+    (work / "config.json").write_text(json.dumps(to_dict(stopped)))
+    (work / "metrics.jsonl").write_text("")
+    in_process(RUN, CACHED)  # since changed: projection in_loop
+    assert main(["train", *RUN, "--workdir", str(work)]) == 0
+    assert in_process.last() == (earlier, "recorded")
+    # A flag that makes it another run: not those records' settings (the loop refuses it).
+    in_process([*RUN, "--unroll", "3"], CACHED)
+    assert main(["train", *RUN, "--workdir", str(work), "--unroll", "3"]) == 0
+    assert in_process.last() == ({**CACHED, "unroll": 3}, "cached")
+    assert main(["train", *RUN, "--workdir", str(work), "--steps", "5"]) == 0
+    assert in_process.last() == (earlier, "recorded")
+    assert main(["train", *RUN, "--workdir", str(tmp_path / "new")]) == 0
+    assert in_process.last() == (CACHED, "cached")
+
+
 def test_no_tune_and_the_environment_turn_tuning_off(in_process, monkeypatch):
     in_process(RUN, CACHED)
     defaults = {name: getattr(Config(), name) for name in TUNED}
@@ -2053,6 +2082,57 @@ def test_an_sgd_candidates_first_step_is_compared_by_its_update():
     again = measure.Timed(other, data, time.perf_counter)
     assert measure.relative_difference(again.first_step, timed.first_step) < \
         tune.tolerance(config)
+
+
+def test_defaults_not_timed_say_why_a_failed_child_or_the_budget():
+    """Every child failing (an unknown flag in $XLA_FLAGS: XLA exits at start-up) said the
+    defaults were not timed within the budget, and to give a larger one."""
+    def result(note):
+        return tune.Result(key={}, choice=None, baseline=fields(1), measurements=[
+            tune.Measurement(fields(1), "", note=note)], device=None, seconds=4.1,
+            budget_s=20.0, complete=False)
+
+    failed = tune.choice_line(result("child exited 1: Unknown flag in XLA_FLAGS: --xla_x=1"))
+    assert failed == ("the defaults were not timed: their child failed (child exited 1: "
+                      "Unknown flag in XLA_FLAGS: --xla_x=1); the defaults stay")
+    assert tune.choice_line(result(tune.STOPPED)) == (
+        "the defaults were not timed within 20 s, so nothing compares with them; the "
+        "defaults stay (give a larger --tune-budget)")
+
+
+def test_rnnjax_tune_says_why_it_did_not_cache(tmp_path, monkeypatch, capsys):
+    """A cache directory that cannot be written was reported as 'no --compile-cache'."""
+    choice = fields(1, flags="")
+    monkeypatch.setattr(tune, "tune", lambda config, pinned, budget, **kwargs: tune.Result(
+        key=tune.key(config, pinned), choice=choice, baseline=fields(1), measurements=[],
+        device=None, seconds=1.0, budget_s=budget, complete=True))
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(tune, "cache_dir", lambda compile_cache: tmp_path / "file" / "tune")
+    assert main(["tune", *TINY]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith(f"not cached ({tmp_path / 'file' / 'tune'} cannot be written); "
+                           "pass: --unroll 1 ")
+    monkeypatch.setattr(tune, "cache_dir", lambda compile_cache: None)
+    assert main(["tune", *TINY, "--compile-cache", "off"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(
+        "not cached (no --compile-cache); pass: --unroll 1 ")
+
+
+def test_an_sgd_first_step_that_moves_nothing_is_compared_by_its_second():
+    """SGD under a warmup starts at a learning rate of 0: its first update is 0 whatever
+    the gradient, so a candidate whose gradients were 3 times too large matched. The
+    second step's update (at the warmup's second rate) is compared instead."""
+    config = Config(optimizer="sgd", schedule="warmup_cosine", warmup_steps=100, steps=200,
+                    batch_size=8, steps_per_call=4, compile_cache="off")
+    data = measure.synthetic_data(config, 16)
+    timed = measure.Timed(config, data, time.perf_counter)
+    assert timed.first == 2  # one step that moved nothing, then the one compared
+    assert min(np.abs(v).max() for k, v in timed.first_step.items() if k != "loss") > 0
+    wrong = {k: v if k == "loss" else 3 * v for k, v in timed.first_step.items()}
+    assert measure.relative_difference(wrong, timed.first_step) == pytest.approx(2.0)
+    constant = measure.Timed(config.replace(schedule="constant", warmup_steps=0), data,
+                             time.perf_counter)
+    assert constant.first == 1  # a first step that moved: compared as it was
 
 
 def test_a_calls_own_cost_is_spread_over_the_runs_steps_per_call():
