@@ -105,8 +105,8 @@ class Config:
     )
     weight_grad: str = field(
         default="auto",
-        metadata={"help": "hand-written backward's weight gradient (simple_rnn, irnn, lstm): "
-                  "one product after the backward loop, or accumulated per step inside it "
+        metadata={"help": "hand-written backward's weight gradient (simple_rnn, irnn, lstm, "
+                  "gru): one product after the backward loop, or accumulated per step inside it "
                   "('auto': per step from batch 512); tuned unless given",
                   "choices": WEIGHT_GRADS},
     )
@@ -142,8 +142,8 @@ class Config:
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     adam_eps: float = field(
         default=0.0,
-        metadata={"help": "epsilon of optimizers that take one; 0 = the optimizer's own "
-                  "(optax adam 1e-8, keras_adam 1e-7 as Keras)"},
+        metadata={"help": "epsilon of optimizers that take one (refused for others); 0 = "
+                  "the optimizer's own (optax adam 1e-8, keras_adam 1e-7 as Keras)"},
     )
     optimizer_kwargs: str = field(
         default="",

@@ -76,7 +76,8 @@ def make_schedule(config: Config) -> optax.ScalarOrSchedule:
 def make_optimizer(config: Config) -> optax.GradientTransformation:
     """``config.optimizer`` (an optax function name, or ``keras_adam``) with its options.
 
-    ``--adam-eps``, when set, goes to any optimizer that takes ``eps``; ``--optimizer-kwargs``
+    ``--adam-eps``, when set, goes to an optimizer that takes ``eps`` (one that takes none
+    is refused: it would not honour it); ``--optimizer-kwargs``
     (JSON) to the optimizer's own arguments; ``--clip-norm`` chains global-norm clipping first.
     """
     factory = keras_adam if config.optimizer == "keras_adam" else getattr(
@@ -102,7 +103,10 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     if config.adam_eps > 0 and "eps" in kwargs:
         raise ConfigError(f"--adam-eps {config.adam_eps} and --optimizer-kwargs eps "
                           f"{kwargs['eps']}: both set eps; keep one")
-    if config.adam_eps > 0 and "eps" in signature.parameters:
+    if config.adam_eps > 0 and "eps" not in signature.parameters:  # config.json would say
+        raise ConfigError(f"--adam-eps {config.adam_eps}: --optimizer {config.optimizer} "
+                          "takes no eps; drop --adam-eps")
+    if config.adam_eps > 0:
         kwargs["eps"] = config.adam_eps
     unknown = sorted(set(kwargs) - set(signature.parameters))
     if unknown:

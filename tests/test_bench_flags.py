@@ -16,6 +16,7 @@ import pytest
 
 from benchmarks import (
     accuracy,
+    evaluation,
     flax_peers,
     harness,
     keras_seed,
@@ -29,7 +30,7 @@ from rnnjax import tune
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {"flax_peers": flax_peers, "throughput": throughput, "peers": peers,
            "accuracy": accuracy, "scaling": scaling, "keras_seed": keras_seed,
-           "native_kernels": native_kernels}
+           "native_kernels": native_kernels, "evaluation": evaluation}
 
 
 class Started(Exception):
@@ -49,6 +50,7 @@ def no_work(monkeypatch):
     monkeypatch.setattr(accuracy, "train_and_evaluate", started)
     monkeypatch.setattr(scaling, "accelerators", started)
     monkeypatch.setattr(scaling, "run_worker", started)
+    monkeypatch.setattr(evaluation, "gemm_rate", started)
     # keras_seed's Keras import (test_good_flags_reach_the_work checks that it is there)
     monkeypatch.setattr(harness, "without_tensorflow", started, raising=False)
     monkeypatch.setattr(tune, "resolve", started)
@@ -83,6 +85,10 @@ BAD = [  # (module, flags, what the error line says)
     ("scaling", ["--counts", "1,x"], "argument --counts: '1,x'"),
     ("keras_seed", ["--steps", "0"], "argument --steps: '0': give an integer of 1 or more"),
     ("native_kernels", ["--rounds", "0"], "argument --rounds: '0'"),
+    ("evaluation", ["--cells", "lstm,flax.linen:GRUCell"], "argument --cells: "
+     "'lstm,flax.linen:GRUCell': give some of simple_rnn, irnn, lstm, gru"),
+    ("evaluation", ["--examples", "0"], "argument --examples: '0': give an integer of 1"),
+    ("evaluation", ["--rounds", "0"], "argument --rounds: '0'"),
 ]
 
 
@@ -109,6 +115,7 @@ GOOD = [  # the same benchmarks with good values get to their work (the fixture'
     ("scaling", ["--counts", "3", "--batch-size", "8", "--weak"]),
     ("keras_seed", ["--steps", "1"]),
     ("native_kernels", ["--cells", "simple_rnn", "--cases", "rows:8"]),
+    ("evaluation", ["--cells", "gru", "--examples", "8", "--rounds", "1"]),
 ]
 
 

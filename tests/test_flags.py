@@ -79,6 +79,8 @@ BAD = [
      ["--optimizer-kwargs: NaN is not a usable value"]),
     ("adam_eps_twice", ["--adam-eps", "1e-3", "--optimizer-kwargs", '{"eps": 1e-5}'],
      ["--adam-eps 0.001 and --optimizer-kwargs eps 1e-05: both set eps; keep one"]),
+    ("adam_eps_unused", ["--optimizer", "sgd", "--adam-eps", "0.5"],
+     ["--adam-eps 0.5: --optimizer sgd takes no eps; drop --adam-eps"]),
     ("optimizer_kwargs_unknown", ["--optimizer-kwargs", '{"beta1": 0.8}'],
      ["--optimizer-kwargs: adam has no argument(s) ['beta1']; it takes", "'b1'"]),
     ("schedule_unknown", ["--schedule", "linear"],

@@ -1,5 +1,6 @@
 """``benchmarks.native_kernels``: the backward 'native' of simple_rnn, lstm and gru built
-for 8 and 16 floats per vector, timed against the built-in forms in rnnjax's train step."""
+for 8 and 16 floats per vector, timed against the built-in forms in rnnjax's train step;
+``benchmarks.evaluation``: the evaluation each way a run can take it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 
 import pytest
 
-from benchmarks import native_kernels
+from benchmarks import evaluation, native_kernels
 
 
 def test_the_benchmark_times_the_native_builds_against_the_built_in_forms(tmp_path):
@@ -28,6 +29,27 @@ def test_the_benchmark_times_the_native_builds_against_the_built_in_forms(tmp_pa
                 built_in[fastest] / row[f"native, {lanes} lanes ms"])
     table = (tmp_path / "native_kernels.md").read_text()
     assert "native, 8 lanes ms" in table and "fastest built-in" in table
+
+
+def test_the_evaluation_benchmark_times_every_way_and_they_agree(tmp_path):
+    evaluation.main(["--cells", "lstm,gru", "--examples", "64", "--rounds", "2",
+                     "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "evaluation.json").read_text())
+    rows = result["rows"]
+    ways = ["XLA, unroll 1", "XLA, full unroll", "native, 8 lanes", "native, 16 lanes"]
+    assert [(row["cell"], row["way"]) for row in rows] == [
+        (cell, way) for cell in ("lstm", "gru") for way in ways]
+    gemm = min(result["environment"]["gemm_gflops"]) * 1e9
+    for row in rows:
+        assert 0 < row["fastest ms"] <= row["median ms"] <= row["slowest ms"]
+        assert row["compile s"] > 0
+        # 64 examples, 28 steps, 4 (3) gates of [28 + 50] x 50, and the head once.
+        flops = 2 * 64 * (28 * {"lstm": 4, "gru": 3}[row["cell"]] * 78 * 50 + 500)
+        assert row["bound ms"] == pytest.approx(flops / gemm * 1e3)
+        first = rows[[r["cell"] for r in rows].index(row["cell"])]
+        assert row["loss"] == pytest.approx(first["loss"], rel=1e-5)
+        assert row["correct"] == first["correct"]
+    assert "| lstm | native, 16 lanes |" in (tmp_path / "evaluation.md").read_text()
 
 
 def test_the_default_form_alone_beside_native(tmp_path, monkeypatch):
