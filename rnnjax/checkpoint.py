@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from rnnjax import __version__
 from rnnjax.config import Config, ConfigError, flag_name, from_dict, to_dict
 from rnnjax.data.spec import IDX_SPEC, DataSpec
 
@@ -244,8 +245,10 @@ def digest(state: Any) -> str:
     import jax
 
     h = hashlib.sha256()
-    for leaf in jax.tree.leaves(jax.device_get(state)):
-        array = np.ascontiguousarray(leaf)
+    for leaf in jax.tree.leaves(state):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # noisy_sgd's state
+            leaf = jax.random.key_data(leaf)
+        array = np.ascontiguousarray(jax.device_get(leaf))
         h.update(f"{array.dtype.str}{array.shape}".encode())
         h.update(array.tobytes())
     return h.hexdigest()
@@ -294,11 +297,13 @@ class CheckpointWriter:
         train_sums: Mapping[str, Any] | None = None,
         wall_s: float = 0.0,
         data: Mapping[str, Any] | None = None,
+        mesh_devices: int | None = None,
     ) -> Path:
         """Save ``state`` as ``<state.step>/`` (no-op when that step exists); its path.
 
         data: the dataset's ``DataSpec.to_json()`` (image shape, classes) the model reads,
         and its ``fingerprint`` (``Arrays.fingerprint``: :func:`check_same_data`).
+        mesh_devices: the devices it trained on (a resume on others rounds apart).
         """
         step = int(np.asarray(state.step))
         path = self.directory / str(step)
@@ -314,6 +319,8 @@ class CheckpointWriter:
         }
         if data is not None:
             meta["data"] = dict(data)
+        if mesh_devices is not None:
+            meta["mesh_devices"] = mesh_devices
         ocp = self._ocp
         try:
             with _quiet_stragglers():
@@ -368,6 +375,17 @@ def read_meta(step_dir: Path | str) -> dict[str, Any]:
             f"checkpoint {step_dir} is not an rnnjax checkpoint (meta/ lacks config and "
             "step); pass a directory written by rnnjax train --workdir"
         )
+    if meta.get("format", FORMAT) != FORMAT:  # every checkpoint of its run alike: none to delete
+        raise CheckpointError(
+            f"checkpoint {step_dir} has checkpoint format {meta['format']!r}, and this rnnjax "
+            f"{__version__} reads format {FORMAT}; use the rnnjax version that wrote it"
+        )
+    if step_dir.name.isdigit() and meta["step"] != int(step_dir.name):
+        raise CheckpointError(
+            f"checkpoint {step_dir} holds step {meta['step']!r}, not {step_dir.name} (a step "
+            f"directory renamed, or another's moved in); rename it back to "
+            f"{step_dir.parent / str(meta['step'])}, or move it out of {step_dir.parent}"
+        )
     try:  # what a resumed run, eval and predict read of it, before they write anything
         decode_sums(meta.get("train_sums"))
         float(meta.get("wall_s") or 0.0)
@@ -387,7 +405,18 @@ def read_config(step_dir: Path | str, meta: Mapping[str, Any] | None = None) -> 
     """The config a checkpoint was trained with."""
     meta = read_meta(step_dir) if meta is None else meta
     try:
-        return from_dict(dict(meta["config"]))
+        values = dict(meta["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {step_dir}: its config does not load ({e}); "
+                              f"{_instead(Path(step_dir))}") from e
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(Config)})
+    if unknown:  # a later rnnjax's: every checkpoint of its run alike, none to delete
+        raise CheckpointError(
+            f"checkpoint {step_dir} was written by another rnnjax version (its config has "
+            f"{', '.join(unknown)}, which this rnnjax {__version__} does not know); use the "
+            "rnnjax version that wrote it")
+    try:
+        return from_dict(values)
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"checkpoint {step_dir}: its config does not load ({e}); "
                               f"{_instead(Path(step_dir))}") from e
@@ -600,6 +629,23 @@ def check_records_match(saved: Config, workdir: Path | str, step_dir: Path) -> N
         )
 
 
+def check_no_unfinished(directory: Path) -> None:
+    """Refuse a checkpoints ``directory`` holding a step directory without orbax's commit
+    file. orbax's saves to a local disk never leave one (a finished save is renamed into
+    place; one cut short stays a temporary directory, which the writer deletes), but its
+    manager counts one as a step: keeping the latest N, it deleted a finished checkpoint
+    instead, and a save of that step failed once trained to it."""
+    if not directory.is_dir():
+        return
+    unfinished = sorted((child for child in directory.iterdir() if child.name.isdigit()
+                         and child.is_dir() and not (child / COMMIT_FILE).is_file()),
+                        key=lambda child: int(child.name))
+    if unfinished:
+        raise CheckpointError(
+            f"{unfinished[0]} is a checkpoint whose save never finished (it has no "
+            f"{COMMIT_FILE}); delete it, or move it out of {directory}, then run again")
+
+
 def prepare(config: Config, workdir: Path | str | None, resume: bool) -> ResumePoint | None:
     """Check a run's checkpoint settings before anything is written.
 
@@ -618,6 +664,7 @@ def prepare(config: Config, workdir: Path | str | None, resume: bool) -> ResumeP
             )
         return None
     directory = checkpoints_dir(workdir)
+    check_no_unfinished(directory)
     if not resume:
         if has_checkpoints(workdir):
             raise CheckpointError(

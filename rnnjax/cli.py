@@ -419,6 +419,12 @@ def data_spec(config: Config, load: Loader) -> DataSpec:
 def _train(args: argparse.Namespace, whole_process: bool = False) -> int:
     """``rnnjax train``; ``whole_process`` (:func:`run`): the garbage collector, off until
     now, is set once the run is tuned and JAX imported (``rnnjax.process``)."""
+    given = [flag for flag, value in (("--tune", args.tune), ("--tune-budget", args.tune_budget))
+             if value not in (None, False)]
+    if args.resume and given:  # the checkpoint's settings, as recorded: never tuned again
+        flags = " and ".join(given)
+        raise UsageError(f"{flags}: --resume takes the checkpoint's tuned settings and never "
+                         f"tunes (so it stays bitwise); drop {flags}")
     config = resume_config(args) if args.resume else config_from_args(args)
     check_cpus(config, args.workdir if args.resume else None)
     if args.workdir is not None:
@@ -431,7 +437,6 @@ def _train(args: argparse.Namespace, whole_process: bool = False) -> int:
     check_forms(config, flag_changes(args))
     restarted = os.environ.pop(RESTARTED, None)
     if args.resume:  # the checkpoint's settings, as recorded: never tuned again
-        tune_budget(args, 1.0)
         tuning: dict[str, Any] = {"mode": "resumed"}
     elif restarted is not None:  # tuned by the process this one replaced
         config, tuning = restarted_config(config, restarted)

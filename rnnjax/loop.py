@@ -432,6 +432,12 @@ def train_and_evaluate(
         start, wall_offset = resume_from.step, resume_from.wall_s
         out.write(f"resuming from {resume_from.step_dir} after "
                   f"{metrics_lib.steps_phrase(start)}\n")
+        trained_on = resume_from.meta.get("mesh_devices")  # recorded since 2026-12-05
+        if trained_on is not None and trained_on != dp.mesh.size:
+            # Allowed (a run moved to another machine goes on), but its sums round apart.
+            out.write(f"note: the checkpoint trained on {trained_on} devices, this run on "
+                      f"{dp.mesh.size}: the gradients' sums round differently from a run "
+                      f"never stopped (--num-devices {trained_on} resumes bitwise)\n")
 
     evaluate = jax.jit(
         functools.partial(train.evaluate_sequences, model=evaluation_model(config, model),
@@ -472,7 +478,8 @@ def train_and_evaluate(
                            files.checkpoints)
         files.checkpoints.save(state, config, train_sums=train_sums,
                                wall_s=wall_offset + t - t_start,
-                               data={**spec.to_json(), "fingerprint": fingerprint()})
+                               data={**spec.to_json(), "fingerprint": fingerprint()},
+                               mesh_devices=dp.mesh.size)
         return time.perf_counter() - t
 
     try:

@@ -48,8 +48,14 @@ def human(n: float) -> str:
 
 
 def tree_bytes(tree: Any) -> int:
-    """Bytes of every array (or ``ShapeDtypeStruct``) in ``tree``."""
-    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+    """Bytes of every array (or ``ShapeDtypeStruct``) in ``tree``; a typed random key's are
+    its key data's (an optimizer's state may hold one: ``noisy_sgd``)."""
+    def nbytes(x: Any) -> int:
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.eval_shape(jax.random.key_data, x)
+        return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+
+    return sum(nbytes(x) for x in jax.tree.leaves(tree))
 
 
 @dataclass(frozen=True)

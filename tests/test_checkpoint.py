@@ -94,6 +94,45 @@ def test_resume_equals_the_run_never_stopped_bitwise(runs, bitwise_equal):
     assert runs.full.summary["run_wall_s"] == runs.full.summary["wall_s"]
 
 
+def test_a_resume_on_other_devices_says_it_rounds_apart(tmp_path):
+    """Each checkpoint records the devices it trained on. A resume on another number (a
+    run moved to another machine, or --num-devices left out: machine settings are never
+    taken from a checkpoint) goes on, but its gradients' sums round apart from a run
+    never stopped: it said nothing, and the records differed in their last digits."""
+    config = Config(steps=12, eval_every=4, checkpoint_every=6, hidden_size=8,
+                    compile_cache="off")
+    train_and_evaluate(config.replace(steps=6), tmp_path, out=io.StringIO())
+    meta_file = tmp_path / "checkpoints" / "6" / "meta" / checkpoint.META_FILE
+    meta = json.loads(meta_file.read_text())
+    assert meta["mesh_devices"] == 1
+    out = io.StringIO()
+    train_and_evaluate(config, tmp_path, out=out, resume=True)
+    assert "note:" not in out.getvalue()
+    meta_file = tmp_path / "checkpoints" / "12" / "meta" / checkpoint.META_FILE
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()),
+                                     "mesh_devices": 8}))
+    out = io.StringIO()
+    train_and_evaluate(config.replace(steps=14), tmp_path, out=out, resume=True)
+    assert ("note: the checkpoint trained on 8 devices, this run on 1: the gradients' sums "
+            "round differently from a run never stopped (--num-devices 8 resumes "
+            "bitwise)\n") in out.getvalue()
+
+
+def test_an_optimizer_holding_a_random_key_trains_saves_and_resumes_bitwise(tmp_path):
+    """optax's noisy_sgd keeps a typed PRNG key in its state: the memory estimate
+    (``memory.tree_bytes``) raised a TypeError on its dtype, and the checkpoint's digest
+    could not turn it into NumPy."""
+    config = Config(optimizer="noisy_sgd", steps=12, eval_every=6, checkpoint_every=6,
+                    hidden_size=8, compile_cache="off")
+    full = train_and_evaluate(config, tmp_path / "full", out=io.StringIO())
+    train_and_evaluate(config.replace(steps=6), tmp_path / "part", out=io.StringIO())
+    resumed = train_and_evaluate(config, tmp_path / "part", out=io.StringIO(), resume=True)
+    keys = [leaf for leaf in jax.tree.leaves(resumed.state.opt_state)
+            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)]
+    assert keys and checkpoint.digest(resumed.state) == checkpoint.digest(full.state)
+    assert without_wall(resumed.history) == without_wall(full.history)
+
+
 def test_where_a_runs_calls_are_cut_changes_no_metric(tmp_path):
     """Each call adds its steps' train metrics to the sums so far, one step at a time: a run
     resumed with more --steps from its last checkpoint (off the --checkpoint-every grid, so
@@ -232,6 +271,13 @@ def test_keeps_the_last_k_and_never_picks_an_incomplete_one(tmp_path):
     assert checkpoint.resolve(tmp_path) == directory / "20"
     with pytest.raises(checkpoint.CheckpointError, match="incomplete"):
         checkpoint.resolve(directory / "30")
+    # Which orbax's manager counts as a step: a run refuses it before anything is written
+    # (kept 2, a save of 25 had deleted 20 for it, and a save of step 30 failed).
+    for resume in (False, True):
+        with pytest.raises(checkpoint.CheckpointError, match=(
+                rf"^{directory / '30'} is a checkpoint whose save never finished \(it has no "
+                rf"commit_success.txt\); delete it, or move it out of {directory}, then")):
+            checkpoint.prepare(config, tmp_path, resume=resume)
     # The next writer clears the dead temporary directory (before its first save).
     shutil.rmtree(directory / "30")
     with checkpoint.CheckpointWriter(directory, keep=2) as writer:
@@ -254,6 +300,36 @@ def test_a_part_of_a_checkpoint_names_its_step_directory(tmp_path):
                            match=f"a part of the checkpoint {path}; pass its step directory"):
             checkpoint.resolve(path / item)
     assert checkpoint.resolve(path) == path == checkpoint.resolve(tmp_path)
+
+
+def test_a_checkpoint_of_another_step_or_rnnjax_is_refused_as_such(tmp_path):
+    """A step directory renamed resumed silently: the state of step 4 trained on the
+    batches of steps 7 on. A checkpoint format or config field of another rnnjax version
+    loaded, or was called corrupt with the advice to delete it (every checkpoint of its
+    run alike: deleting them one by one lost the run)."""
+    config = Config(hidden_size=4, steps=20)
+    with checkpoint.CheckpointWriter(tmp_path / "checkpoints", keep=1) as writer:
+        path = writer.save(made_up_state(config)._replace(step=jnp.asarray(4, jnp.int32)),
+                           config)
+    moved = path.rename(path.parent / "7")
+    with pytest.raises(checkpoint.CheckpointError, match=(
+            rf"^checkpoint {moved} holds step 4, not 7 \(a step directory renamed, or another's "
+            rf"moved in\); rename it back to {path}, or move it out of {path.parent}$")):
+        checkpoint.prepare(config, tmp_path, resume=True)
+    moved.rename(path)
+    assert checkpoint.prepare(config, tmp_path, resume=True).step == 4
+    meta_file = path / "meta" / checkpoint.META_FILE
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "format": 2}))
+    with pytest.raises(checkpoint.CheckpointError, match=(
+            rf"^checkpoint {path} has checkpoint format 2, and this rnnjax \S+ reads format "
+            r"1; use the rnnjax version that wrote it$")):
+        checkpoint.prepare(config, tmp_path, resume=True)
+    meta_file.write_text(json.dumps({**meta, "config": {**meta["config"], "new_field": 1}}))
+    with pytest.raises(checkpoint.CheckpointError, match=(
+            rf"^checkpoint {path} was written by another rnnjax version \(its config has "
+            r"new_field, which this rnnjax \S+ does not know\); use the rnnjax version")):
+        checkpoint.read_config(path)
 
 
 def test_corrupt_checkpoints_give_a_clear_error(tmp_path, capsys):

@@ -172,6 +172,9 @@ BAD = [
     ("keep_checkpoints_zero", ["--keep-checkpoints", "0"],
      ["--keep-checkpoints must be at least 1, got 0"]),
     ("resume_without_workdir", ["--resume", "--no-workdir"], ["--resume needs --workdir DIR"]),
+    ("resume_tuned", ["--resume", "--tune", "--tune-budget", "60"],
+     ["--tune and --tune-budget: --resume takes the checkpoint's tuned settings and never "
+      "tunes (so it stays bitwise); drop --tune and --tune-budget"]),
     ("workdir_under_a_file", ["--workdir", "{tmp}/file/run"],
      ["--workdir {tmp}/file/run: {tmp}/file is not a directory; choose another path"]),
     ("workdir_unwritable_fs", ["--workdir", "/proc/rnnjax-run"],
