@@ -196,6 +196,11 @@ def test_nnx_gru_with_a_candidate_recurrent_bias_is_refused():
     params = random_params("gru", H, F)
     with pytest.raises(ValueError, match="no recurrent bias on the candidate"):
         params_lib.to_flax_cell("gru", params, "GRUCell", "nnx")
+    # Pure over arrays: under jit too (the check needs values; a traced one was an error).
+    params["recurrent_bias"] = params["recurrent_bias"].at[2 * H:].set(0.0)
+    eager = params_lib.to_flax_cell("gru", params, "GRUCell", "nnx")
+    jitted = jax.jit(lambda p: params_lib.to_flax_cell("gru", p, "GRUCell", "nnx"))(params)
+    assert_close(jitted, eager, 0)
 
 
 @pytest.mark.parametrize(("cell", "flax_cell"), [("simple_rnn", "SimpleCell"), *GATED])
@@ -456,6 +461,38 @@ class NnxWithAConstant(NnxElman):
     def __init__(self, in_features, hidden, *, rngs):
         super().__init__(in_features, hidden, rngs=rngs)
         self.scale = nnx.Variable(jnp.full((hidden,), 0.5))
+
+
+class LinenStepCounter(LinenElman):
+    # Carry (h, t): t an int32 count of the steps, indexing a gain per step.
+
+    @nn.compact
+    def __call__(self, carry, x):
+        h, t = carry
+        gain = self.param("gain", nn.initializers.ones, (1000,))
+        h = jnp.tanh(gain[t][:, None] * nn.Dense(self.features)(x)
+                     + nn.Dense(self.features, use_bias=False)(h))
+        return (h, t + 1), h
+
+    def initialize_carry(self, rng, input_shape):
+        return (jnp.zeros((*input_shape[:-1], self.features)),
+                jnp.zeros(input_shape[:-1], jnp.int32))
+
+
+class LinenWithStats(LinenElman):
+    @nn.compact
+    def __call__(self, h, x):
+        self.variable("stats", "count", lambda: jnp.zeros(()))
+        return super().__call__(h, x)
+
+
+class NnxLearnedH0(NnxElman):
+    def __init__(self, in_features, hidden, *, rngs):
+        super().__init__(in_features, hidden, rngs=rngs)
+        self.h0 = nnx.Param(jnp.full((hidden,), 0.5))
+
+    def initialize_carry(self, input_shape, rngs=None):
+        return jnp.broadcast_to(self.h0[...], (*input_shape[:-1], self.hidden))
 """
 
 
@@ -468,6 +505,29 @@ def test_a_users_own_flax_cell_module_trains(tmp_path, monkeypatch, name):
     # 200 steps: measured 0.36 (linen), chance is 0.1; step 0 is near chance
     assert result.history[-1]["test_accuracy"] > 0.2 > result.history[0]["test_accuracy"]
     assert count_params(result.state.params) == 28 * 12 + 12 + 12 * 12 + 12 * 10 + 10
+
+
+def test_an_integer_in_a_flax_cells_carry_stays_an_integer(tmp_path, monkeypatch):
+    """A cell counting its steps in an int32 carry leaf: cast to the compute dtype, the
+    count stopped at 256 in bfloat16 (a wrong gain read from step 256 on, silently) and
+    could not index in float32 (a traceback). Flax's RNNs keep it int32; so does rnnjax,
+    through its model's scan and through ``rnnjax.flax.linen.RNN`` with a carry given."""
+    from rnnjax.cells import scan_cell
+
+    (tmp_path / "my_cells.py").write_text(USER_CELLS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cell = get_cell("my_cells:LinenStepCounter", 4)
+    params = cell.init(jax.random.key(0), 3)
+    for dtype in (jnp.bfloat16, jnp.float32):
+        (h, t), ys = scan_cell(cell, params, jnp.ones((300, 2, 3), dtype))
+        assert t.dtype == jnp.int32 and t.tolist() == [300, 300]
+        assert h.dtype == ys.dtype == dtype
+    layer = rnn_linen.RNN(cell="my_cells:LinenStepCounter", hidden_size=4, return_carry=True)
+    xs = jnp.ones((2, 300, 3), jnp.bfloat16)
+    carry0 = (jnp.zeros((2, 4)), jnp.full((2,), 5, jnp.int32))
+    variables = layer.init(jax.random.key(0), xs, initial_carry=carry0)
+    (_, t), _ = layer.apply(variables, xs, initial_carry=carry0)
+    assert t.dtype == jnp.int32 and t.tolist() == [305, 305]
 
 
 def test_the_throughput_benchmark_times_a_flax_cell(tmp_path):
@@ -488,6 +548,10 @@ def test_the_throughput_benchmark_times_a_flax_cell(tmp_path):
     ("flax.linen:Dense", "not an RNN cell"),
     ("flax.nnx:RNNCellBase", "could not be built as RNNCellBase(1, 50, rngs=...)"),
     ("my_cells:NnxWithAConstant", "holds variables other than nnx.Param (scale)"),
+    ("my_cells:LinenWithStats", "holds collections other than params (stats); rnnjax steps "
+                                "a cell from its params alone"),
+    ("my_cells:NnxLearnedH0", "its initialize_carry failed on the cell's shapes alone "
+                              "(TypeError: "),
 ])
 def test_a_bad_flax_cell_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch, spec,
                                                 message):

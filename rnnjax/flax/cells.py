@@ -41,8 +41,11 @@ def load_class(spec: str) -> type:
     return obj
 
 
-def _cast(tree: Any, dtype: Any) -> Any:
-    return jax.tree.map(lambda a: a.astype(dtype), tree)
+def cast_floats(tree: Any, dtype: Any) -> Any:
+    """``tree`` with its floating leaves in ``dtype``; others (a cell's int32 step count)
+    as they are, as Flax's RNNs keep them."""
+    return jax.tree.map(lambda a: jnp.asarray(a).astype(dtype)
+                        if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a, tree)
 
 
 def _as_before(carry: Any, new: Any, y: jax.Array, x: jax.Array) -> tuple[Any, jax.Array]:
@@ -81,7 +84,7 @@ def _linen_cell(spec: str, cls: type, hidden: int) -> Cell:
 
     def initial_carry(batch: int, dtype: Any) -> Any:
         # Flax's cells take the carry's batch dimensions from input_shape[:-1].
-        return _cast(module.initialize_carry(jax.random.key(0), (batch, 1)), dtype)
+        return cast_floats(module.initialize_carry(jax.random.key(0), (batch, 1)), dtype)
 
     def init(key: jax.Array, input_size: int) -> Any:
         x = jnp.zeros((1, input_size), jnp.float32)
@@ -90,6 +93,17 @@ def _linen_cell(spec: str, cls: type, hidden: int) -> Cell:
     def step(params: Any, carry: Any, x: jax.Array) -> tuple[Any, jax.Array]:
         return _as_before(carry, *module.apply({"params": params}, carry, x), x)
 
+    try:  # its variables' shapes only: nothing is drawn
+        variables = jax.eval_shape(lambda: module.init(
+            jax.random.key(0), initial_carry(1, jnp.float32), jnp.zeros((1, 1), jnp.float32)))
+    except Exception as e:  # a user's cell may raise anything: one line
+        raise _build_error(spec, f"{cls.__name__}(features={hidden}) and initialised", e) \
+            from None
+    others = sorted(set(variables) - {"params"})
+    if others:  # their values would be lost between steps: apply takes the params alone
+        raise ValueError(f"{spec!r} holds collections other than params ({', '.join(others)})"
+                         "; rnnjax steps a cell from its params alone: make them params, or "
+                         "constants of the class")
     return Cell(init=init, step=step, initial_carry=initial_carry, hidden_size=hidden)
 
 
@@ -130,7 +144,14 @@ def _nnx_cell(spec: str, cls: type, hidden: int) -> Cell:
 
     def initial_carry(batch: int, dtype: Any) -> Any:
         module = nnx.merge(*template(1))  # only its attributes are read
-        return _cast(module.initialize_carry((batch, 1), nnx.Rngs(0)), dtype)
+        return cast_floats(module.initialize_carry((batch, 1), nnx.Rngs(0)), dtype)
 
     template(1)  # a signature it does not take, or state it cannot keep: said here, at once
+    try:
+        jax.eval_shape(lambda: initial_carry(1, jnp.float32))
+    except Exception as e:  # a user's cell may raise anything: one line
+        raise ValueError(
+            f"{spec!r}: its initialize_carry failed on the cell's shapes alone ({type(e).__name__}"
+            f": {e}); rnnjax's initial carry cannot read the cell's Params (a learned initial "
+            "state): make it from input_shape alone") from None
     return Cell(init=init, step=step, initial_carry=initial_carry, hidden_size=hidden)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cells import Carry, Cell, Params, scan_cell
+from rnnjax.flax.cells import cast_floats
 
 
 def run(
@@ -27,7 +28,8 @@ def run(
     ``[B, T, H]`` (``[T, B, H]``) in the same dtype. ``initial_carry`` is in the cell's own
     layout (rnnjax's LSTM: ``(h, c)``, each ``[B, H]``); default: the cell's zeros.
     ``unroll``: ``lax.scan``'s unroll factor, 0 or True for all T steps (False: 1, as
-    ``lax.scan`` reads it). A given ``initial_carry`` is cast to the inputs' dtype.
+    ``lax.scan`` reads it). A given ``initial_carry``'s floating leaves are cast to the
+    inputs' dtype.
     ``chunks``: the sequence scanned in that many consecutive parts
     (``rnnjax.cells.scan_cell``).
     ``reverse`` reads the sequence last step first and, as Flax, returns the outputs in that
@@ -41,7 +43,7 @@ def run(
         xs = xs[::-1]
     unroll = 0 if unroll is True else 1 if unroll is False else int(unroll)
     if initial_carry is not None:
-        initial_carry = jax.tree.map(lambda c: jnp.asarray(c, inputs.dtype), initial_carry)
+        initial_carry = cast_floats(initial_carry, inputs.dtype)
     carry, ys = scan_cell(cell, params, xs, initial_carry, unroll=unroll, chunks=chunks)
     if reverse and keep_order:
         ys = ys[::-1]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -106,7 +107,8 @@ def to_flax_cell(cell: str, params: Params, flax_cell: str, api: str = "linen") 
         (kz, kr, kh), (uz, ur, uh) = _blocks(k, 3), _blocks(u, 3)
         (bz, br, bh), (rz, rr, rh) = _blocks(b, 3), _blocks(params["recurrent_bias"], 3)
         if api == "nnx":
-            if np.any(np.asarray(rh) != 0):
+            # Checked where the values are known (under jit they are not: unchecked there).
+            if not isinstance(rh, jax.core.Tracer) and np.any(np.asarray(rh) != 0):
                 raise ValueError("flax.nnx.GRUCell has no recurrent bias on the candidate "
                                  "(b_hn): this GRU's recurrent_bias[2H:] is not zero")
             return {"dense_i": {"kernel": jnp.concatenate([kr, kz, kh], -1),
