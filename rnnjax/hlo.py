@@ -98,22 +98,65 @@ def loop_ops(hlo_text: str) -> list[Loop]:
     return loops
 
 
-def ops_per_step(hlo_text: str, time_steps: int) -> dict[str, float]:
-    """Forward and backward ops per time step of a compiled program over ``time_steps``.
+def _under_grad(loop: Loop) -> bool:
+    """A loop of a differentiated pass: JAX names the forward under ``jax.grad`` ``jvp(...)``
+    and its transpose ``transpose(jvp(...))``; a loop of K steps per call, outside the
+    gradient, is neither."""
+    return "jvp(" in loop.op_name
 
-    Only innermost loops whose trip count divides ``time_steps`` count (an outer loop of
-    K steps per call is left out; an unroll of u makes a body of u steps, so its ops are
-    divided by u). A fully unrolled scan has no loop left to read: compile with unroll 1.
-    Several loops of a direction (layers, directions) add up. Returns
-    ``{"forward": ops, "backward": ops}``; 0 where a direction has no loop.
+
+def _enclosing_trips(hlo_text: str) -> list[int | None]:
+    """For each ``while`` of the module text, in :func:`loop_ops`' order, the product of
+    the trip counts of the loops around it that run under the gradient (:func:`_under_grad`:
+    a scan over chunks, not a loop of K steps per call); None where one is unknown."""
+    comps = computations(hlo_text)
+    caller: dict[str, str] = {}  # computation -> the computation that calls it
+    runs: dict[str, str] = {}  # a loop body's computation -> its while's line
+    for name, instructions in comps.items():
+        for _, opcode, line in instructions:
+            for match in _CALLED.finditer(line):
+                for called in filter(None, re.split(r"[\s,%]+", match.group(1) or match.group(2))):
+                    caller.setdefault(called, name)
+            if opcode == "while":
+                runs[_body(line)] = line
+    out = []
+    for name, instructions in comps.items():
+        for _, opcode, _ in instructions:
+            if opcode != "while":
+                continue
+            trips: int | None = 1
+            at, seen = name, set()
+            while at is not None and at not in seen and trips is not None:
+                seen.add(at)
+                line = runs.get(at)
+                op_name = _OP_NAME.search(line) if line is not None else None
+                if op_name is not None and "jvp(" in op_name.group(1):
+                    count = _TRIP_COUNT.search(line)
+                    trips = trips * int(count.group(1)) if count else None
+                at = caller.get(at)
+            out.append(trips)
+    return out
+
+
+def ops_per_step(hlo_text: str, time_steps: int) -> dict[str, float]:
+    """Forward and backward ops per time step of a compiled train step over ``time_steps``:
+    the ops each innermost loop of the differentiated passes (:func:`_under_grad`) launches
+    in a call, its body's times its trip count (and the trip counts of such loops around
+    it), over ``time_steps``.
+
+    So an unroll of u (a body of u steps) counts its body's ops over its u steps (a
+    remainder of steps, run outside the loop, not counted), the parts of ``--chunks`` add
+    up whatever their lengths, several layers or directions add up, and a loop of K steps
+    per call around the step counts no more than its one step (a native pass, which has no
+    loop over time, counts 0). A fully unrolled scan has no loop left to read: compile with
+    unroll 1. Returns ``{"forward": ops, "backward": ops}``; 0 where a direction has none.
     """
     totals = {"forward": 0.0, "backward": 0.0}
-    for loop in loop_ops(hlo_text):
-        trips = loop.trip_count
-        if not loop.innermost or not trips or time_steps % trips:
-            continue  # not a loop over time (a K-steps-per-call loop, an eval chunk loop)
-        steps_per_iteration = time_steps // trips
-        totals["backward" if loop.backward else "forward"] += len(loop.ops) / steps_per_iteration
+    for loop, around in zip(loop_ops(hlo_text), _enclosing_trips(hlo_text), strict=True):
+        if not loop.innermost or not loop.trip_count or around is None or not _under_grad(loop):
+            continue
+        launched = len(loop.ops) * loop.trip_count * around
+        totals["backward" if loop.backward else "forward"] += launched / time_steps
     return totals
 
 

@@ -27,6 +27,7 @@ float32.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
@@ -150,8 +151,9 @@ def cache_dir() -> Path:
 def build(lanes: int = LANES) -> Path:
     """The library built for ``lanes`` floats per vector: from the cache when there, else
     compiled into it (a temporary file renamed into place, so that processes building at
-    once each find a whole file); into a temporary directory where the cache cannot be
-    written. A build found is stamped as used, and a new one prunes the cache (:func:`prune`)."""
+    once each find a whole file); into a temporary directory, removed at exit, where the
+    cache cannot be written. A build found is stamped as used, and a new one prunes the
+    cache (:func:`prune`)."""
     target = cache_dir() / f"native_{lanes}_{_key(lanes)}.so"
     if target.exists():
         try:
@@ -164,8 +166,10 @@ def build(lanes: int = LANES) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    except OSError:
-        target = Path(tempfile.mkdtemp(prefix="rnnjax-native-")) / target.name
+    except OSError:  # this process's own, removed when it exits (a loaded library stays)
+        scratch = tempfile.mkdtemp(prefix="rnnjax-native-")
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        target = Path(scratch) / target.name
         handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(handle)
     try:

@@ -458,6 +458,9 @@ void forward_parts(const Pool& pool, const Inputs& xs, const float* kernel,
       if (gates > 1) zero_padding(us.data(), rows, hidden, gates);
       product<false>({previous, hidden, 1, u.data(), width, v.data(), width, rows, hidden,
                       width});
+      // An infinite h_{t-1} (a caller's h0) would make the padding inf * 0 = NaN, which
+      // the backward's products over whole vectors spread into every gradient.
+      if (gates > 1) zero_padding(v.data(), rows, hidden, gates);
       step(t, at, before, first, rows, static_cast<const float*>(us.data()),
            static_cast<const float*>(v.data()), previous);
       previous = hs + at * hidden;

@@ -50,6 +50,30 @@ def scan_grad_text(unroll: int) -> str:
                                              ).compile().as_text()
 
 
+def grad_text_cut(how: str) -> str:
+    """:func:`scan_grad_text`'s scan at unroll 1, cut another way: its gradient step in a
+    loop of 4 steps per call (``steps_per_call``, as ``train.train_steps``), its 12 steps in
+    scans of 5 and 7 (``chunks``), or a scan over 3 chunks of 4 (``nested``)."""
+    def scan(w, h, xs):
+        return jax.lax.scan(lambda h, x: (jnp.tanh(h @ w + x),) * 2, h, xs)
+
+    def loss(w, xs):
+        h = jnp.zeros((4, 8))
+        if how == "chunks":
+            h, first = scan(w, h, xs[:5])
+            return first.sum() + scan(w, h, xs[5:])[1].sum()
+        if how == "nested":
+            return jax.lax.scan(lambda h, xc: scan(w, h, xc), h, xs.reshape(3, 4, 4, 8))[1].sum()
+        return scan(w, h, xs)[1].sum()
+
+    program = jax.grad(loss)
+    if how == "steps_per_call":
+        def program(w, xs):
+            return jax.lax.fori_loop(0, 4, lambda i, w: w - jax.grad(loss)(w, xs), w)
+    with jax.default_device(jax.devices("cpu")[0]):
+        return jax.jit(program).lower(jnp.ones((8, 8)), jnp.ones((12, 4, 8))).compile().as_text()
+
+
 def test_counter_reads_forward_and_backward_loops():
     """A scan with a known body: the counter finds both loops, tells them apart, and
     divides an unrolled body by its steps per iteration."""
@@ -65,8 +89,15 @@ def test_counter_reads_forward_and_backward_loops():
     assert {loop.trip_count for loop in hlo.loop_ops(three)} == {4}
     unrolled = hlo.ops_per_step(three, 12)
     assert 0 < unrolled["forward"] <= counts["forward"]
-    # A loop whose trip count does not divide the sequence is not a loop over time.
-    assert hlo.ops_per_step(one, 7) == {"forward": 0.0, "backward": 0.0}
+    # Its ops per step however the steps are cut: in a loop of K steps per call (outside
+    # the gradient: not a loop over time), in unequal chunks, or in a scan over chunks.
+    # Read by trip counts dividing the sequence, the first counted the K loop's ops, the
+    # second dropped a chunk, and a remainder's unroll (5 of 12) read 0.
+    for other in (grad_text_cut("steps_per_call"), grad_text_cut("chunks"),
+                  grad_text_cut("nested")):
+        assert hlo.ops_per_step(other, 12) == counts
+    five = hlo.ops_per_step(scan_grad_text(5), 12)  # 2 bodies of 5 steps, 2 steps apart
+    assert 0 < five["forward"] <= counts["forward"] and five["backward"] > 0
     # Launched per call: the loops' bodies once per iteration, the rest once.
     outside = hlo.launched_ops(one) - sum(12 * len(loop.ops) for loop in loops)
     assert 0 < outside < 12

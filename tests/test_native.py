@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from unittest import mock
@@ -199,6 +201,36 @@ def test_an_infinite_input_spoils_only_the_gradients_it_spoils_in_xla(cell, lane
     for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
         spoiled = kernel_row if i == 1 else np.zeros(a.shape, bool)
         np.testing.assert_array_equal(~np.isfinite(b), spoiled)
+        np.testing.assert_array_equal(~np.isfinite(a), spoiled, err_msg=f"gradient {i}")
+        np.testing.assert_allclose(np.where(spoiled, 0, a), np.where(spoiled, 0, b),
+                                   rtol=1e-4, atol=1e-5, err_msg=f"gradient {i}")
+
+
+@pytest.mark.parametrize("lanes", NATIVE_LANES)
+@pytest.mark.parametrize("cell", NATIVE_CELLS)
+def test_an_infinite_initial_state_spoils_only_what_it_spoils_in_xla(cell, lanes):
+    """An h0 of +-inf (given by a caller: a model starts from zeros) made every gradient of
+    the native LSTM NaN, where XLA's form spoils some of the recurrent kernel's: the gates'
+    padding of h0 @ recurrent was inf * 0. The same gradients are non-finite as in XLA's
+    form, and the others as XLA's."""
+    make, shapes, carries = LAYERS[cell]
+    keys = jax.random.split(jax.random.key(3), len(shapes) + 2)
+    xs = jax.random.normal(keys[0], (5, 7, 3))
+    carry = [(jax.random.normal(keys[1], (7, 6)) * 0.5).at[2, 1].set(np.inf)] + \
+        [jax.random.normal(keys[1], (7, 6)) * 0.5] * (carries - 1)
+    weights = [jax.random.normal(k, s) * 0.3 for k, s in zip(keys[2:], shapes, strict=True)]
+
+    def gradients(layer):
+        def loss(*args):
+            hs = layer(*args)[0]
+            return jax.numpy.sum(jax.numpy.sin(jax.numpy.where(jax.numpy.isfinite(hs), hs, 0)))
+
+        return jax.jit(jax.grad(loss, range(1 + len(weights) + carries)))(
+            xs, *weights, *carry)
+
+    ours, theirs = gradients(make(lanes)), gradients(XLA_LAYERS[cell])
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        spoiled = ~np.isfinite(b)
         np.testing.assert_array_equal(~np.isfinite(a), spoiled, err_msg=f"gradient {i}")
         np.testing.assert_allclose(np.where(spoiled, 0, a), np.where(spoiled, 0, b),
                                    rtol=1e-4, atol=1e-5, err_msg=f"gradient {i}")
@@ -509,6 +541,21 @@ def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
     assert native.build(native.LANES) == first and first.read_bytes() == content
     assert first.stat().st_mtime > time.time() - 600  # stamped as used
     assert list(first.parent.iterdir()) == [first]  # no partial file left behind
+
+
+def test_a_build_where_the_cache_cannot_be_written_is_removed_at_exit(tmp_path):
+    """Built into a temporary directory of its own, which each such process left behind
+    (113 KB a process)."""
+    (tmp_path / "file").write_text("")
+    script = "from rnnjax import native; print(native.build(native.LANES), flush=True)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300,
+                          env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "file")})
+    assert done.returncode == 0, done.stderr
+    built = Path(done.stdout.strip())
+    assert built.name.startswith(f"native_{native.LANES}_") and built.parent.name.startswith(
+        "rnnjax-native-")
+    assert not built.parent.exists()
 
 
 def test_the_builds_key_holds_the_compilers_command_line_not_its_paths(monkeypatch):
