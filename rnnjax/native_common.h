@@ -458,9 +458,10 @@ void forward_parts(const Pool& pool, const Inputs& xs, const float* kernel,
       if (gates > 1) zero_padding(us.data(), rows, hidden, gates);
       product<false>({previous, hidden, 1, u.data(), width, v.data(), width, rows, hidden,
                       width});
-      // An infinite h_{t-1} (a caller's h0) would make the padding inf * 0 = NaN, which
-      // the backward's products over whole vectors spread into every gradient.
-      if (gates > 1) zero_padding(v.data(), rows, hidden, gates);
+      // An infinite h0 (a caller's) would make the padding inf * 0 = NaN, which the
+      // backward's products over whole vectors spread into every gradient. A later h is
+      // the cell's own: finite, or NaN where XLA's is, its row's gradients NaN in both.
+      if (gates > 1 && t == 0) zero_padding(v.data(), rows, hidden, gates);
       step(t, at, before, first, rows, static_cast<const float*>(us.data()),
            static_cast<const float*>(v.data()), previous);
       previous = hs + at * hidden;
