@@ -629,6 +629,59 @@ def check_records_match(saved: Config, workdir: Path | str, step_dir: Path) -> N
         )
 
 
+LOCK_FILE = ".rnnjax.lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path | str | None) -> Iterator[None]:
+    """Hold ``workdir`` for one run: a second run there at once (a scheduler restarting a
+    job still running) is a :class:`CheckpointError`. Two resumes at once had deleted each
+    other's save in flight, or a checkpoint the other was reading (then called corrupt,
+    with the advice to delete it). An advisory lock (``flock``) on ``workdir/.rnnjax.lock``,
+    released when the run ends or its process dies; where the file system has no locks,
+    the run goes on unheld. The holder removes the file as it lets go (a run refused
+    writes nothing), and a workdir made here and left holding nothing goes too."""
+    if workdir is None:
+        yield
+        return
+    import fcntl
+
+    workdir = Path(workdir)
+    made = not workdir.exists()
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / LOCK_FILE
+    held = None
+    try:
+        while held is None:
+            handle = open(path, "a")  # noqa: SIM115 (held until the run ends)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                raise CheckpointError(
+                    f"{workdir} is in use by another rnnjax run (it holds {path}); wait for "
+                    "that run to end, or choose another --workdir") from None
+            except OSError:  # no locks on this file system: unheld
+                handle.close()
+                break
+            try:  # the run before removed the file as this one took it: take the new one
+                same = os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                held = handle
+            else:
+                handle.close()
+        yield
+    finally:
+        if held is not None:
+            path.unlink(missing_ok=True)
+            held.close()
+        if made:
+            with contextlib.suppress(OSError):
+                workdir.rmdir()  # only where empty
+
+
 def check_no_unfinished(directory: Path) -> None:
     """Refuse a checkpoints ``directory`` holding a step directory without orbax's commit
     file. orbax's saves to a local disk never leave one (a finished save is renamed into

@@ -366,6 +366,18 @@ def check_finite(trained: dict[str, float], step: int, files: RunFiles) -> None:
                        "logged at that step)", files.checkpoints)
 
 
+def _holding_workdir(run: Callable[..., RunResult]) -> Callable[..., RunResult]:
+    """``run`` with its workdir held for it (``checkpoint.workdir_lock``; process 0's,
+    which writes the records)."""
+    @functools.wraps(run)
+    def held(config: Config, workdir: Path | str | None = None, **kwargs: Any) -> RunResult:
+        with checkpoint_lib.workdir_lock(workdir if config.process_id == 0 else None):
+            return run(config, workdir, **kwargs)
+
+    return held
+
+
+@_holding_workdir
 def train_and_evaluate(
     config: Config,
     workdir: Path | str | None = None,
