@@ -9,6 +9,9 @@ except the skips that need a non-root user (their reason starts with ``running a
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # the Keras oracle runs on JAX
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -104,3 +107,25 @@ def assert_bitwise_equal(a: Any, b: Any) -> None:
 def bitwise_equal() -> Callable[[Any, Any], None]:
     """:func:`assert_bitwise_equal`, for the test modules."""
     return assert_bitwise_equal
+
+
+@pytest.fixture
+def train_with_file_limit() -> Callable[..., subprocess.CompletedProcess]:
+    """``rnnjax train ARGS`` in a child whose files may grow to ``limit`` bytes at most
+    (RLIMIT_FSIZE; a write past it fails as a full disk's does), untuned:
+    ``run(limit, *args)``, its completed process (text output captured)."""
+    script = textwrap.dedent("""
+        import resource, runpy, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead
+        limit = int(sys.argv[1])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        sys.argv = ["rnnjax", "train", *sys.argv[2:]]
+        runpy.run_module("rnnjax", run_name="__main__")
+    """)
+
+    def run(limit: int, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", script, str(limit), *args],
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "RNNJAX_TUNE": "off"})
+
+    return run

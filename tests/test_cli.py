@@ -384,23 +384,15 @@ def test_a_full_disk_mid_run_is_one_line(tmp_path, capsys):
     assert (work / "config.json").is_file()  # what was written before stays
 
 
-def test_a_full_disk_under_the_tensorboard_file_is_one_line_naming_it(tmp_path):
+def test_a_full_disk_under_the_tensorboard_file_is_one_line_naming_it(
+        tmp_path, train_with_file_limit):
     """The event file filling (files of at most 20 KB: RLIMIT_FSIZE, whose writes then fail
     as a full disk's do) is the one line naming it: tensorboardX's writer thread and its
     flush at exit printed the error twice more as tracebacks, and the line named no file."""
-    small_files = textwrap.dedent("""
-        import resource, runpy, signal, sys
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead
-        resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
-        sys.argv = ["rnnjax", *sys.argv[1:]]
-        runpy.run_module("rnnjax", run_name="__main__")
-    """)
     work = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, "-c", small_files, "train", "--steps", "400", "--eval-every", "2",
-         "--hidden-size", "8", "--checkpoint-every", "1000", "--compile-cache", "off",
-         "--workdir", str(work)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "RNNJAX_TUNE": "off"})
+    done = train_with_file_limit(
+        20000, "--steps", "400", "--eval-every", "2", "--hidden-size", "8",
+        "--checkpoint-every", "1000", "--compile-cache", "off", "--workdir", str(work))
     assert done.returncode == 2, done.stderr[-2000:]
     (events,) = work.glob("events.out.tfevents.*")
     assert done.stderr == (f"rnnjax: error: {events}: {os.strerror(errno.EFBIG)}; choose a "

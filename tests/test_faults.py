@@ -313,23 +313,15 @@ def test_a_checkpoint_whose_meta_does_not_load_is_one_line_and_nothing_is_writte
         assert err.startswith(corrupt) and err.count("\n") == 1
 
 
-def test_a_checkpoint_a_full_disk_stops_is_one_line(tmp_path):
+def test_a_checkpoint_a_full_disk_stops_is_one_line(tmp_path, train_with_file_limit):
     """A save that fails on a full disk (here: files of at most 8 KiB, RLIMIT_FSIZE, whose
     writes then fail as ENOSPC's do) is the one line naming the checkpoint and the fix: the
     tensorstore writes still in flight printed 140-190 lines of tracebacks before it (each
     "Event loop is closed", and orbax's threads logging the error at ERROR through absl)."""
-    small_files = textwrap.dedent("""
-        import resource, runpy, signal, sys
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead
-        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
-        sys.argv = ["rnnjax", *sys.argv[1:]]
-        runpy.run_module("rnnjax", run_name="__main__")
-    """)
     work = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, "-c", small_files, "train", "--steps", "12", "--eval-every", "5",
-         "--checkpoint-every", "5", "--compile-cache", "off", "--workdir", str(work)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "RNNJAX_TUNE": "off"})
+    done = train_with_file_limit(8192, "--steps", "12", "--eval-every", "5",
+                                 "--checkpoint-every", "5", "--compile-cache", "off",
+                                 "--workdir", str(work))
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.startswith(f"rnnjax: error: cannot write checkpoint "
                                   f"{work / 'checkpoints' / '5'} (")
