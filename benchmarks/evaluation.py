@@ -12,9 +12,9 @@ hand-written form) at unroll 1 and fully unrolled, and, on a CPU where the nativ
 builds, the native form writing the last step alone at 8 and at 16 lanes. One burn-in call
 each, then ``--rounds`` calls each in turns; the fastest, median and slowest ms per
 evaluation, compile seconds apart, and each way's mean loss and count correct (the ways
-round apart, within the tuner's tolerance). ``bound ms`` is the evaluation's matrix products alone
-at the backend's float32 GEMM rate (``throughput.gemm_rate``, measured before and after:
-both are reported). Writes ``results/evaluation.{json,md}``. No TensorFlow.
+round apart, within the tuner's tolerance). ``bound ms`` is the evaluation's matrix
+products alone at the backend's float32 GEMM rate (``throughput.gemm_rate``, measured
+before and after: both are reported). Writes ``results/evaluation.{json,md}``. No TensorFlow.
 """
 
 from __future__ import annotations
