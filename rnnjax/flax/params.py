@@ -80,6 +80,15 @@ def _blocks(a: Any, n: int) -> list[Any]:
     return jnp.split(jnp.asarray(a), n, axis=-1)
 
 
+def _nonzero(array: Any) -> bool:
+    """Whether ``array`` holds a non-zero value; False where its values are not known
+    (traced under jit: checked where they are)."""
+    try:
+        return bool(np.any(np.asarray(array) != 0))
+    except jax.errors.TracerArrayConversionError:
+        return False
+
+
 def to_flax_cell(cell: str, params: Params, flax_cell: str, api: str = "linen") -> Params:
     """The params of Flax cell ``flax_cell`` (``SimpleCell``, ``LSTMCell``,
     ``OptimizedLSTMCell``, ``GRUCell``; ``api`` linen or nnx) computing what the rnnjax
@@ -107,8 +116,7 @@ def to_flax_cell(cell: str, params: Params, flax_cell: str, api: str = "linen") 
         (kz, kr, kh), (uz, ur, uh) = _blocks(k, 3), _blocks(u, 3)
         (bz, br, bh), (rz, rr, rh) = _blocks(b, 3), _blocks(params["recurrent_bias"], 3)
         if api == "nnx":
-            # Checked where the values are known (under jit they are not: unchecked there).
-            if not isinstance(rh, jax.core.Tracer) and np.any(np.asarray(rh) != 0):
+            if _nonzero(rh):
                 raise ValueError("flax.nnx.GRUCell has no recurrent bias on the candidate "
                                  "(b_hn): this GRU's recurrent_bias[2H:] is not zero")
             return {"dense_i": {"kernel": jnp.concatenate([kr, kz, kh], -1),
