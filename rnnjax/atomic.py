@@ -35,6 +35,14 @@ def write_text(path: Path | str, text: str) -> Path:
     return write(path, lambda f: f.write(text.encode()))
 
 
+def probe(directory: Path | str) -> None:
+    """Write a file in ``directory`` and remove it: the OSError where it takes none. Tried,
+    not read from permission bits, which bind neither root nor a read-only file system."""
+    fd, name = tempfile.mkstemp(prefix=".rnnjax-write-probe-", dir=directory)
+    os.close(fd)
+    os.unlink(name)
+
+
 def _umask() -> int:
     """The process's umask, read where Linux shows it: setting it to read it back would
     open a window in which another thread's new files take the wrong mode."""

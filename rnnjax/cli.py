@@ -15,12 +15,11 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rnnjax import process
+from rnnjax import atomic, process
 from rnnjax.config import TUNED, Config, ConfigError, flag_name
 
 if TYPE_CHECKING:
@@ -252,12 +251,10 @@ def check_writable(directory: Path, flag: str = "--workdir", given: bool = True,
     if not existing.is_dir():
         raise UsageError(f"{where}: {existing} is not a directory; {fix} another path")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".rnnjax-write-probe-", dir=existing)
+        atomic.probe(existing)
     except OSError as e:
         raise UsageError(f"{where}: {existing} is not writable "
                          f"({e.strerror or e}); {fix} a writable directory") from e
-    os.close(fd)
-    os.unlink(probe)
 
 
 def resume_config(args: argparse.Namespace) -> Config:

@@ -1,18 +1,19 @@
 """What a run ran on, what its process sets before JAX's backend starts (XLA flags, CPUs),
-and honest compile timing (a leaf: of rnnjax it imports only :mod:`rnnjax.process`, which
-imports nothing of it)."""
+and honest compile timing (a leaf: of rnnjax it imports only :mod:`rnnjax.process` and
+:mod:`rnnjax.atomic`, which import nothing of it)."""
 
 from __future__ import annotations
 
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
 import jax
+
+from rnnjax import atomic
 
 PACKAGES = ("jax", "jaxlib", "optax", "orbax-checkpoint", "numpy")
 # JAX's accelerator plugins: with none installed, its only backend is the CPU's.
@@ -71,15 +72,12 @@ def compile_cache_dir(setting: str) -> str | None:
 
 
 def _takes_files(directory: str) -> bool:
-    """Whether ``directory`` is, or can be made, and takes a file: tried with a probe file,
-    as permission bits bind neither root nor a read-only file system."""
+    """Whether ``directory`` is, or can be made, and takes a file (``atomic.probe``)."""
     try:
         os.makedirs(directory, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".rnnjax-write-probe-", dir=directory)
+        atomic.probe(directory)
     except OSError:
         return False
-    os.close(fd)
-    os.remove(probe)
     return True
 
 

@@ -44,8 +44,11 @@ def load_class(spec: str) -> type:
 def cast_floats(tree: Any, dtype: Any) -> Any:
     """``tree`` with its floating leaves in ``dtype``; others (a cell's int32 step count)
     as they are, as Flax's RNNs keep them."""
-    return jax.tree.map(lambda a: jnp.asarray(a).astype(dtype)
-                        if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a, tree)
+    def cast(leaf: Any) -> Any:
+        array = jnp.asarray(leaf)
+        return array.astype(dtype) if jnp.issubdtype(array.dtype, jnp.floating) else leaf
+
+    return jax.tree.map(cast, tree)
 
 
 def _as_before(carry: Any, new: Any, y: jax.Array, x: jax.Array) -> tuple[Any, jax.Array]:
