@@ -260,6 +260,12 @@ def _identity_output(h: jax.Array) -> jax.Array:
     return h
 
 
+def carry_is_output(cell: Cell) -> bool:
+    """Whether ``cell``'s carry is its output ``h`` (each step's carry is that step's y_t:
+    simple_rnn, irnn, gru), so a carry at any step can be read from ``ys``."""
+    return cell.last_output is _identity_output
+
+
 def _zeros_carry(hidden: int) -> Callable[[int, Any], jax.Array]:
     return lambda batch, dtype: jnp.zeros((batch, hidden), dtype)
 

@@ -290,6 +290,143 @@ def test_unroll_false_is_one_step_a_loop_as_lax_scan_reads_it(xs):
     assert program(False) == program(1) != program(True)
 
 
+# --- Flax's RNN protocol: per-call options, seq_lengths, Bidirectional ------------------------
+
+LENGTHS = jnp.array([T, 1, 4, T, 6, 2])  # each in [1, T]: Flax's RNN reads a 0 as T
+
+
+def bidirectional_pair(cell, flax_cell, params_f, params_b):
+    """nn.Bidirectional of two rnnjax layers, and of two Flax nn.RNN, the same weights."""
+    ours = nn.Bidirectional(rnn_linen.RNN(cell=cell, hidden_size=H),
+                            rnn_linen.RNN(cell=cell, hidden_size=H), return_carry=True)
+    theirs = nn.Bidirectional(nn.RNN(getattr(nn, flax_cell)(H)),
+                              nn.RNN(getattr(nn, flax_cell)(H)), return_carry=True)
+    flax_f, flax_b = (params_lib.to_flax_cell(cell, p, flax_cell) for p in (params_f, params_b))
+    return (ours, {"params": {"forward_rnn": params_f, "backward_rnn": params_b}},
+            theirs, {"params": {"forward_rnn": {"cell": flax_f},
+                                "backward_rnn": {"cell": flax_b}}})
+
+
+def flax_layout(cell, carry):
+    """A carry in rnnjax's layout in Flax's: rnnjax's LSTM keeps (h, c), Flax's (c, h)."""
+    return carry[::-1] if cell == "lstm" else carry
+
+
+@pytest.mark.parametrize(("cell", "flax_cell"), [("simple_rnn", "SimpleCell"), *GATED])
+@pytest.mark.parametrize("lengths", [None, LENGTHS], ids=["full", "seq-lengths"])
+def test_linen_rnn_runs_in_flax_bidirectional_as_flax_rnn_does(xs, cell, flax_cell, lengths):
+    """nn.Bidirectional calls each RNN with Flax's keywords (init_key, seq_lengths,
+    return_carry, reverse, keep_order): a TypeError before rnnjax's layer took them."""
+    ours, ov, theirs, tv = bidirectional_pair(
+        cell, flax_cell, random_params(cell, H, F, 0), random_params(cell, H, F, 5))
+    apply_o = functools.partial(ours.apply, seq_lengths=lengths)
+    apply_t = functools.partial(theirs.apply, seq_lengths=lengths)
+    out_o, (gp_o, gx_o) = values_and_grads(apply_o, ov, xs)
+    out_t, (gp_t, gx_t) = values_and_grads(apply_t, tv, xs)
+    assert out_o.shape == (B, T, 2 * H)
+    assert_close(out_o, out_t)
+    assert_close(gx_o, gx_t)
+    for direction in ("forward_rnn", "backward_rnn"):
+        assert_close(as_flax_grads(cell, gp_o["params"][direction], flax_cell),
+                     gp_t["params"][direction]["cell"])
+    carries_o, _ = jax.jit(apply_o)(ov, xs)
+    carries_t, _ = jax.jit(apply_t)(tv, xs)
+    for carry_o, carry_t in zip(carries_o, carries_t, strict=True):
+        assert_close(flax_layout(cell, carry_o), carry_t)
+
+
+@pytest.mark.parametrize("cell", ["simple_rnn", "lstm"])
+def test_nnx_rnn_runs_in_flax_nnx_bidirectional_as_flax_nnx_rnn_does(xs, cell):
+    flax_cell = {"simple_rnn": "SimpleCell", "lstm": "LSTMCell"}[cell]
+    params = [random_params(cell, H, F, 0), random_params(cell, H, F, 5)]
+    ours = [rnn_nnx.RNN(cell=cell, in_features=F, hidden_size=H, rngs=nnx.Rngs(0))
+            for _ in params]
+    theirs = [nnx.RNN(getattr(nnx, flax_cell)(F, H, rngs=nnx.Rngs(1))) for _ in params]
+    for o, t, p in zip(ours, theirs, params, strict=True):
+        for name, value in p.items():
+            getattr(o, name).set_value(value)
+        state = nnx.state(t.cell, nnx.Param)
+        nnx.replace_by_pure_dict(state, params_lib.to_flax_cell(cell, p, flax_cell, "nnx"))
+        nnx.update(t.cell, state)
+
+    zeros = jnp.zeros((B, H))
+    carry = (zeros, zeros) if cell == "lstm" else zeros  # given: Flax draws no carry RNG
+
+    def pure(module):
+        graphdef, state, rest = nnx.split(module, nnx.Param, ...)
+        return (lambda state, x: nnx.merge(graphdef, state, rest)(
+            x, initial_carry=(carry, carry), seq_lengths=LENGTHS, return_carry=True)), state
+
+    (apply_o, state_o), (apply_t, state_t) = (pure(nnx.Bidirectional(*pair))
+                                              for pair in (ours, theirs))
+    out_o, (gs_o, gx_o) = values_and_grads(apply_o, state_o, xs)
+    out_t, (gs_t, gx_t) = values_and_grads(apply_t, state_t, xs)
+    assert_close(out_o, out_t)
+    assert_close(gx_o, gx_t)
+    grads_o, grads_t = nnx.to_pure_dict(gs_o), nnx.to_pure_dict(gs_t)
+    for direction in ("forward_rnn", "backward_rnn"):
+        mine = {k: v for k, v in grads_o[direction].items() if k in params[0]}
+        assert_close(params_lib.to_flax_cell(cell, mine, flax_cell, "nnx"),
+                     grads_t[direction]["cell"])
+    for carry_o, carry_t in zip(jax.jit(apply_o)(state_o, xs)[0],
+                                jax.jit(apply_t)(state_t, xs)[0], strict=True):
+        assert_close(flax_layout(cell, carry_o), carry_t)
+
+
+@pytest.mark.parametrize("cell", ["simple_rnn", "lstm", "gru", "flax.linen:GRUCell"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_each_sequence_of_a_batch_ends_at_its_length(xs, cell, reverse):
+    """With seq_lengths, sequence b runs as if it were its first lengths[b] steps alone (its
+    own carry from the outputs, or every step's kept), reversed within them; length 0
+    returns the initial carry."""
+    lengths = jnp.array([0, T, 3, 0, 1, 5])
+    module = rnn_linen.RNN(cell=cell, hidden_size=H, return_carry=True, reverse=reverse,
+                           keep_order=True)
+    variables = module.init(jax.random.key(0), xs)
+    zeros = jnp.zeros((B, H))
+    carry = (zeros, zeros) if cell == "lstm" else zeros
+    h0 = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape), carry)
+    final, ys = jax.jit(functools.partial(module.apply, seq_lengths=lengths))(
+        variables, xs, h0)
+    for b, n in enumerate(lengths.tolist()):
+        row = jax.tree.map(lambda a, b=b: a[b], final)
+        if n == 0:
+            np.testing.assert_array_equal(jax.tree.leaves(row), jax.tree.leaves(
+                jax.tree.map(lambda a, b=b: a[b], h0)))
+            continue
+        alone_final, alone_ys = jax.jit(module.apply)(
+            variables, xs[b:b + 1, :n], jax.tree.map(lambda a, b=b: a[b:b + 1], h0))
+        assert_close(row, jax.tree.map(lambda a: a[0], alone_final), 1e-6)
+        assert_close(ys[b, :n], alone_ys[0], 1e-6)
+
+
+def test_flax_call_keywords_override_the_attributes_for_one_call(xs):
+    module = rnn_linen.RNN(cell="gru", hidden_size=H)
+    variables = module.init(jax.random.key(0), xs)
+    for kw in ({"reverse": True}, {"reverse": True, "keep_order": True},
+               {"return_carry": True}, {"time_major": True}):
+        inputs = jnp.swapaxes(xs, 0, 1) if kw.get("time_major") else xs
+        set_once = rnn_linen.RNN(cell="gru", hidden_size=H, **kw).apply(variables, inputs)
+        per_call = module.apply(variables, inputs, init_key=jax.random.key(9), **kw)
+        jax.tree.map(np.testing.assert_array_equal, per_call, set_once)
+    nnx_layer = rnn_nnx.RNN(cell="gru", in_features=F, hidden_size=H, return_carry=True,
+                            rngs=nnx.Rngs(0))
+    assert isinstance(nnx_layer(xs, return_carry=False, rngs=nnx.Rngs(1)), jax.Array)
+
+
+@pytest.mark.parametrize(("lengths", "message"), [
+    (jnp.array([1, 2, 3]), r"integers \[batch\] = \[6\], got int32 \(3,\)"),
+    (jnp.full((B,), 2.0), r"integers \[batch\] = \[6\], got float32"),
+    (jnp.array([1, 2, 3, 4, 5, T + 1]), rf"in \[0, {T}\].*got 1..{T + 1}"),
+    (jnp.array([-1, 2, 3, 4, 5, 6]), rf"in \[0, {T}\].*got -1..6"),
+])
+def test_bad_seq_lengths_say_what_they_must_be(xs, lengths, message):
+    module = rnn_linen.RNN(cell="simple_rnn", hidden_size=H)
+    variables = module.init(jax.random.key(0), xs)
+    with pytest.raises(ValueError, match=message):
+        module.apply(variables, xs, seq_lengths=lengths)
+
+
 # --- the classifier as a Flax module ----------------------------------------------------------
 
 @pytest.mark.parametrize("config", [

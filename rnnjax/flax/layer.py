@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from rnnjax.cells import Carry, Cell, Params, scan_cell
+from rnnjax.cells import Carry, Cell, Params, carry_is_output, scan_cell
 from rnnjax.flax.cells import cast_floats
 
 
@@ -16,13 +20,16 @@ def run(
     inputs: jax.Array,
     initial_carry: Carry | None = None,
     *,
+    seq_lengths: jax.Array | None = None,
+    return_carry: bool = True,
     unroll: int | bool = 1,
     chunks: int = 1,
     reverse: bool = False,
     keep_order: bool = False,
     time_major: bool = False,
-) -> tuple[Carry, jax.Array]:
-    """Run ``cell`` over a sequence the way ``flax.linen.RNN`` does: ``(final carry, outputs)``.
+) -> tuple[Carry | None, jax.Array]:
+    """Run ``cell`` over a sequence the way ``flax.linen.RNN`` does: ``(final carry, outputs)``
+    (the carry None unless ``return_carry``).
 
     inputs: ``[B, T, F]`` (``[T, B, F]`` when ``time_major``), any float dtype; outputs
     ``[B, T, H]`` (``[T, B, H]``) in the same dtype. ``initial_carry`` is in the cell's own
@@ -34,18 +41,101 @@ def run(
     (``rnnjax.cells.scan_cell``).
     ``reverse`` reads the sequence last step first and, as Flax, returns the outputs in that
     processed order unless ``keep_order``.
+    ``seq_lengths`` (int ``[B]``, each in ``[0, T]``): sequence b is its first
+    ``seq_lengths[b]`` steps, the rest padding, as in Flax: ``reverse`` reverses only those
+    steps (the padding stays last), and the final carry is the one after step
+    ``seq_lengths[b]`` (the initial carry for length 0; Flax reads step T's there). The
+    outputs of padding steps are computed over the padding and mean nothing. A cell whose
+    carry is its output (simple_rnn, irnn, gru) reads that carry from the outputs; any
+    other keeps every step's carry, as Flax does, in the autodiff form of its step.
     """
     if inputs.ndim != 3:
         raise ValueError(f"RNN expects inputs [batch, time, features] (or [time, batch, "
                          f"features] with time_major=True), got shape {inputs.shape}")
     xs = inputs if time_major else jnp.swapaxes(inputs, 0, 1)
+    time, batch = xs.shape[:2]
+    lengths = None if seq_lengths is None else _checked_lengths(seq_lengths, batch, time)
+    flip = _flip if lengths is None else functools.partial(_flip_valid, lengths=lengths)
     if reverse:
-        xs = xs[::-1]
+        xs = flip(xs)
     unroll = 0 if unroll is True else 1 if unroll is False else int(unroll)
-    if initial_carry is not None:
-        initial_carry = cast_floats(initial_carry, inputs.dtype)
-    carry, ys = scan_cell(cell, params, xs, initial_carry, unroll=unroll, chunks=chunks)
+    carry = (cell.initial_carry(batch, xs.dtype) if initial_carry is None
+             else cast_floats(initial_carry, inputs.dtype))
+    if lengths is None or not return_carry:
+        final, ys = scan_cell(cell, params, xs, carry, unroll=unroll, chunks=chunks)
+    elif carry_is_output(cell):
+        _, ys = scan_cell(cell, params, xs, carry, unroll=unroll, chunks=chunks)
+        final = _at_lengths(ys, carry, lengths)
+    else:
+        carries, ys = _scan_keeping_carries(cell, params, xs, carry, unroll)
+        final = jax.tree.map(functools.partial(_at_lengths, lengths=lengths),
+                             carries, carry)
     if reverse and keep_order:
-        ys = ys[::-1]
-    return carry, ys if time_major else jnp.swapaxes(ys, 0, 1)
+        ys = flip(ys)
+    return final if return_carry else None, ys if time_major else jnp.swapaxes(ys, 0, 1)
 
+
+def call(module: Any, cell: Cell, params: Params, inputs: jax.Array,
+         initial_carry: Carry | None, seq_lengths: jax.Array | None,
+         **overrides: bool | None) -> Any:
+    """A Flax ``RNN`` module's ``__call__`` (Flax's ``RNNBase`` protocol, which
+    ``nn.Bidirectional`` and ``nnx.Bidirectional`` call): :func:`run` with the module's
+    ``unroll`` and ``chunks``, and ``overrides`` (``return_carry``, ``time_major``,
+    ``reverse``, ``keep_order``) each the module's attribute of that name where None.
+    Returns the outputs, or ``(final carry, outputs)`` with ``return_carry``."""
+    options = {name: getattr(module, name) if value is None else value
+               for name, value in overrides.items()}
+    carry, outputs = run(cell, params, inputs, initial_carry, seq_lengths=seq_lengths,
+                         unroll=module.unroll, chunks=module.chunks, **options)
+    return (carry, outputs) if options["return_carry"] else outputs
+
+
+def _checked_lengths(seq_lengths: jax.Array, batch: int, time: int) -> jax.Array:
+    """``seq_lengths`` as int32 ``[B]``; ValueError for another shape or dtype, or (when
+    its values are known, not traced) a length outside ``[0, T]``."""
+    lengths = jnp.asarray(seq_lengths)
+    if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"seq_lengths must be integers [batch] = [{batch}], got "
+                         f"{lengths.dtype} {lengths.shape}")
+    if not isinstance(lengths, jax.core.Tracer):
+        values = np.asarray(lengths)
+        if values.min() < 0 or values.max() > time:
+            raise ValueError(f"seq_lengths must lie in [0, {time}] (the sequence's steps), "
+                             f"got {values.min()}..{values.max()}")
+    return lengths.astype(jnp.int32)
+
+
+def _flip(xs: jax.Array) -> jax.Array:
+    """Time-major ``xs [T, B, ...]`` last step first."""
+    return xs[::-1]
+
+
+def _flip_valid(xs: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Each sequence b of time-major ``xs [T, B, ...]`` with its first ``lengths[b]`` steps
+    reversed, and its padding after them reversed too, as ``flax.linen.flip_sequences``:
+    step t reads step ``(lengths[b] - 1 - t) mod T``; its own inverse."""
+    time = xs.shape[0]
+    index = (lengths[None, :] - 1 - jnp.arange(time)[:, None]) % time  # [T, B]
+    return jnp.take_along_axis(xs, index.reshape(index.shape + (1,) * (xs.ndim - 2)), axis=0)
+
+
+def _at_lengths(steps: jax.Array, first: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Row b of ``steps [T, B, ...]`` at step ``lengths[b] - 1``; ``first [B, ...]``'s row
+    where the length is 0."""
+    last = steps[jnp.maximum(lengths - 1, 0), jnp.arange(steps.shape[1])]
+    return jnp.where((lengths > 0).reshape((-1,) + (1,) * (last.ndim - 1)), last,
+                     first.astype(last.dtype))
+
+
+def _scan_keeping_carries(cell: Cell, params: Params, xs: jax.Array, carry: Carry,
+                          unroll: int) -> tuple[Carry, jax.Array]:
+    """``(every step's carry, stacked [T, ...] per leaf; ys [T, B, H])``: ``lax.scan`` of
+    the cell's step, the projection hoisted where the cell has one."""
+    us = xs if cell.project is None else cell.project(params, xs)
+
+    def step(c: Carry, u: jax.Array) -> tuple[Carry, tuple[Carry, jax.Array]]:
+        c, y = cell.step(params, c, u)
+        return c, (c, y)
+
+    _, (carries, ys) = jax.lax.scan(step, carry, us, unroll=unroll or xs.shape[0])
+    return carries, ys

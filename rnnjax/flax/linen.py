@@ -58,15 +58,23 @@ class RNN(nn.Module):
     time_major: bool = False
 
     @nn.compact
-    def __call__(self, inputs: jax.Array, initial_carry: Carry | None = None) -> Any:
-        """inputs float ``[B, T, F]``; initial_carry in the cell's layout (LSTM: ``(h, c)``)."""
+    def __call__(self, inputs: jax.Array, initial_carry: Carry | None = None, *,
+                 init_key: jax.Array | None = None, seq_lengths: jax.Array | None = None,
+                 return_carry: bool | None = None, time_major: bool | None = None,
+                 reverse: bool | None = None, keep_order: bool | None = None) -> Any:
+        """``flax.linen.RNN``'s call, so ``nn.Bidirectional`` takes this layer: inputs float
+        ``[B, T, F]``; ``initial_carry`` in the cell's layout (LSTM: ``(h, c)``);
+        ``seq_lengths`` int ``[B]``, each sequence's steps before its padding
+        (:func:`rnnjax.flax.layer.run`); ``return_carry``, ``time_major``, ``reverse`` and
+        ``keep_order`` override the attributes for this call. ``init_key`` is unused: the
+        initial carry is the cell's own (zeros; a Flax cell's drawn with key 0, Flax's
+        default)."""
+        del init_key
         cell = get_cell(self.cell, self.hidden_size)
         params = _declare(self, lambda key: cell.init(key, inputs.shape[-1]))
-        carry, outputs = layer.run(
-            cell, params, inputs, initial_carry, unroll=self.unroll, chunks=self.chunks,
-            reverse=self.reverse, keep_order=self.keep_order, time_major=self.time_major,
-        )
-        return (carry, outputs) if self.return_carry else outputs
+        return layer.call(self, cell, params, inputs, initial_carry, seq_lengths,
+                          return_carry=return_carry, time_major=time_major, reverse=reverse,
+                          keep_order=keep_order)
 
 
 class Classifier(nn.Module):

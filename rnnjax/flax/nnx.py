@@ -86,14 +86,20 @@ class RNN(nnx.Module):
         """The parameters as the rnnjax cell takes them: a dict of arrays."""
         return {name: _values(getattr(self, name)) for name in self.param_names}
 
-    def __call__(self, inputs: jax.Array, initial_carry: Carry | None = None) -> Any:
-        """inputs float ``[B, T, F]``; initial_carry in the cell's layout (LSTM: ``(h, c)``)."""
-        carry, outputs = layer.run(
-            get_cell(self.cell, self.hidden_size), self.cell_params(), inputs, initial_carry,
-            unroll=self.unroll, chunks=self.chunks, reverse=self.reverse,
-            keep_order=self.keep_order, time_major=self.time_major,
-        )
-        return (carry, outputs) if self.return_carry else outputs
+    def __call__(self, inputs: jax.Array, initial_carry: Carry | None = None, *,
+                 seq_lengths: jax.Array | None = None, return_carry: bool | None = None,
+                 time_major: bool | None = None, reverse: bool | None = None,
+                 keep_order: bool | None = None, rngs: Any = None) -> Any:
+        """``flax.nnx.RNN``'s call, so ``nnx.Bidirectional`` takes this layer: inputs float
+        ``[B, T, F]``; ``initial_carry`` in the cell's layout (LSTM: ``(h, c)``);
+        ``seq_lengths`` int ``[B]``, each sequence's steps before its padding
+        (:func:`rnnjax.flax.layer.run`); ``return_carry``, ``time_major``, ``reverse`` and
+        ``keep_order`` override the attributes for this call. ``rngs`` is unused: the
+        initial carry is the cell's own (zeros; a Flax cell's drawn with key 0)."""
+        del rngs
+        return layer.call(self, get_cell(self.cell, self.hidden_size), self.cell_params(),
+                          inputs, initial_carry, seq_lengths, return_carry=return_carry,
+                          time_major=time_major, reverse=reverse, keep_order=keep_order)
 
 
 class Classifier(nnx.Module):
