@@ -103,11 +103,12 @@ def device_sequences(model: Model, dp: parallel.DataParallel, images: jax.Array
 
 def initial_state(model: Model, optimizer: optax.GradientTransformation, seed: jax.Array
                   ) -> train.TrainState:
-    """The state a run starts from, drawn from the integer ``seed`` (int32 []): a pure
-    function, traced by :func:`init_state` (and, for shapes alone, by
-    ``inference.state_shapes``)."""
-    key = jax.random.split(jax.random.key(seed))[0]
-    return train.create_state(key, model, optimizer)
+    """The state a run starts from, drawn from the integer ``seed`` (int32 []): the
+    parameters from one half of its key's split, the optimizer's random keys (``noisy_sgd``)
+    from the other. A pure function, traced by :func:`init_state` (and, for shapes alone,
+    by ``inference.state_shapes``)."""
+    model_key, optimizer_key = jax.random.split(jax.random.key(seed))
+    return train.create_state(model_key, model, optimizer, optimizer_key)
 
 
 def init_state(

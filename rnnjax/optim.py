@@ -77,7 +77,9 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     """``config.optimizer`` (an optax function name, or ``keras_adam``) with its options.
 
     ``--adam-eps``, when set, goes to an optimizer that takes ``eps`` (one that takes none
-    is refused: it would not honour it); ``--optimizer-kwargs``
+    is refused: it would not honour it); an optimizer that takes a random ``key``
+    (``noisy_sgd``) gets 0, which each run's initial state replaces with keys from its
+    ``--seed`` (``rnnjax.train.create_state``); ``--optimizer-kwargs``
     (JSON) to the optimizer's own arguments; ``--clip-norm`` chains global-norm clipping first.
     """
     factory = keras_adam if config.optimizer == "keras_adam" else getattr(
@@ -108,6 +110,13 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
                           "takes no eps; drop --adam-eps")
     if config.adam_eps > 0:
         kwargs["eps"] = config.adam_eps
+    drawn = {"key", "seed"} & set(kwargs) & set(signature.parameters)
+    if drawn:
+        raise ConfigError(f"--optimizer-kwargs: {sorted(drawn)[0]} is drawn from --seed (the "
+                          "optimizer's random keys split from the run's); remove it and set "
+                          "--seed")
+    if "key" in signature.parameters:  # optax will require one: each run's replaces it
+        kwargs["key"] = 0
     unknown = sorted(set(kwargs) - set(signature.parameters))
     if unknown:
         raise ConfigError(

@@ -67,6 +67,14 @@ def huge_pages_on(env: Mapping[str, str] | None = None) -> bool:
     return HUGE_PAGES in _tunables(os.environ if env is None else env)
 
 
+def hugetlb_setting(env: Mapping[str, str] | None = None) -> str | None:
+    """The ``glibc.malloc.hugetlb`` value ``env``'s (default: this process's)
+    ``$GLIBC_TUNABLES`` sets, None where it sets none."""
+    settings = [t.partition("=")[2] for t in _tunables(os.environ if env is None else env)
+                if t.startswith("glibc.malloc.hugetlb=")]
+    return settings[-1] if settings else None
+
+
 def huge_pages_unavailable(env: Mapping[str, str] | None = None) -> str | None:
     """None where asking for huge pages changes what a process gets here, else why not: a
     libc other than glibc 2.35+, a kernel whose transparent huge pages are not given on
@@ -87,7 +95,7 @@ def huge_pages_unavailable(env: Mapping[str, str] | None = None) -> str | None:
         return f"this kernel has no transparent huge pages ({THP_MODE} unreadable)"
     if "[madvise]" not in mode:
         return f"this kernel's transparent huge pages are '{mode}', not given on request"
-    if any(t.startswith("glibc.malloc.hugetlb=") for t in _tunables(env)):
+    if hugetlb_setting(env) is not None:
         return "$GLIBC_TUNABLES already sets glibc.malloc.hugetlb"
     return None
 

@@ -29,11 +29,25 @@ class TrainState(NamedTuple):
 
 
 def create_state(
-    key: jax.Array, model: Model, optimizer: optax.GradientTransformation
+    key: jax.Array, model: Model, optimizer: optax.GradientTransformation,
+    optimizer_key: jax.Array | None = None,
 ) -> TrainState:
-    """Fresh parameters from ``key`` and the optimizer's initial state."""
+    """Fresh parameters from ``key`` and the optimizer's initial state. ``optimizer_key``:
+    where given, each random key in that state (``noisy_sgd``'s noise) is drawn from it
+    (folded with the key's place), in place of the optimizer's own."""
     params = model.init(key)
-    return TrainState(jnp.zeros([], jnp.int32), params, optimizer.init(params))
+    opt_state = optimizer.init(params)
+    if optimizer_key is not None:
+        leaves, tree = jax.tree.flatten(opt_state)
+        opt_state = jax.tree.unflatten(tree, [
+            jax.random.fold_in(optimizer_key, i) if _is_key(leaf) else leaf
+            for i, leaf in enumerate(leaves)])
+    return TrainState(jnp.zeros([], jnp.int32), params, opt_state)
+
+
+def _is_key(leaf: Any) -> bool:
+    """Whether ``leaf`` is a typed random key."""
+    return jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key)
 
 
 def batch_metrics(

@@ -704,7 +704,7 @@ def key(config: Config, pinned: frozenset[str], env: dict[str, str] | None = Non
             "devices": {name: env[name] for name in VISIBLE_DEVICES if name in env},
             "num_devices": config.num_devices,
             "xla_flags": env.get("XLA_FLAGS", ""),
-            "huge_pages": process.huge_pages_on(env),
+            "huge_pages": _huge_pages_key(env),
             "cpus": len(process.usable_cpus()),
         },
         "model": {
@@ -722,6 +722,18 @@ def key(config: Config, pinned: frozenset[str], env: dict[str, str] | None = Non
         "versions": {**runtime.versions(runtime.GPU_PLUGINS + runtime.TPU_PLUGINS),
                      "rnnjax": __version__},
     }
+
+
+def _huge_pages_key(env: dict[str, str]) -> bool | str:
+    """The key's ``huge_pages``: whether a process of ``env`` asks for them (True: the
+    :data:`~rnnjax.process.HUGE_PAGES` rnnjax sets; False: no setting), or the user's own
+    other ``glibc.malloc.hugetlb`` value, e.g. "0", under which they are not offered (a
+    choice made where they were, which may start the run again with them, is not reused
+    there)."""
+    from rnnjax import process
+
+    setting = process.hugetlb_setting(env)
+    return process.huge_pages_on(env) if setting in (None, "1") else setting
 
 
 def cache_dir(compile_cache: str) -> Path | None:

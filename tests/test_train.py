@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -192,11 +193,36 @@ def test_keras_adam_differs_from_optax_adam_only_through_epsilon():
         ({"optimizer": "lbfgs"}, "cannot update parameters .*'value_fn'"),
         ({"optimizer_kwargs": '{"learning_rate": 0.1}'},  # was 'got multiple values'
          "learning_rate is set by --learning-rate"),
+        ({"optimizer": "noisy_sgd", "optimizer_kwargs": '{"key": 5}'},
+         r"key is drawn from --seed .*; remove it and set --seed"),
     ],
 )
 def test_bad_optimizer_settings_are_clear_errors(changes, message):
     with pytest.raises(ConfigError, match=message):
         make_optimizer(Config(**changes))
+
+
+def test_an_optimizers_random_keys_are_drawn_from_the_seed_apart_from_the_parameters():
+    """noisy_sgd's noise key was optax's default, 0 whatever --seed (every run drew the same
+    noise; optax warns that it will require a key): now the second half of the seed's key
+    split, the parameters drawn from the first as before."""
+    from rnnjax.loop import initial_state
+
+    model = make_model(Config(hidden_size=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer = make_optimizer(Config(optimizer="noisy_sgd"))
+    noise = {}
+    for seed in (0, 1):
+        state = jax.jit(functools.partial(initial_state, model, optimizer))(seed)
+        (key,) = [leaf for leaf in jax.tree.leaves(state.opt_state)
+                  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)]
+        model_key, optimizer_key = jax.random.split(jax.random.key(seed))
+        jax.tree.map(np.testing.assert_array_equal, state.params, model.init(model_key))
+        noise[seed] = np.asarray(jax.random.key_data(key))
+        assert not np.array_equal(noise[seed], jax.random.key_data(model_key))
+        assert not np.array_equal(noise[seed], jax.random.key_data(optimizer_key))
+    assert not np.array_equal(noise[0], noise[1])
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw", "rmsprop", "lion", "adam"])

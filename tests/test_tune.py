@@ -1511,6 +1511,10 @@ def test_a_childs_environment_has_its_process_settings():
     config = Config()
     assert tune.key(config, frozenset(), env)["machine"]["huge_pages"] is False
     assert tune.key(config, frozenset(), huge)["machine"]["huge_pages"] is True
+    # hugetlb=0 of the user's: huge pages are not offered there, so a choice made where they
+    # were (read the same as unset before) is not reused.
+    off = {**env, "GLIBC_TUNABLES": env.get("GLIBC_TUNABLES", "") + ":glibc.malloc.hugetlb=0"}
+    assert tune.key(config, frozenset(), off)["machine"]["huge_pages"] == "0"
 
 
 def test_one_cpu_is_timed_on_a_cpu_that_may_use_more(two_cpus):
