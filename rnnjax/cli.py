@@ -47,6 +47,8 @@ OS_ERROR_FIXES = {
     errno.EPERM: "give this user access to it (check its permissions) or choose another "
                  "--workdir",
     errno.EROFS: "its file system is read-only; choose a --workdir on a writable one",
+    errno.ENAMETOOLONG: "a name in the path is longer than the file system takes; choose a "
+                        "shorter path",
 }
 
 
@@ -152,15 +154,21 @@ MACHINE_SETTINGS = ("num_devices", "coordinator_address", "num_processes", "proc
                     "compile_cache")
 
 
-def flag_changes(args: argparse.Namespace) -> dict[str, object]:
-    """The Config fields set on the command line; a ``--dataset`` directory made absolute
-    (``config.json`` and the checkpoints record it: eval, predict and ``--resume`` find it
-    from any working directory)."""
+def flag_changes(args: argparse.Namespace, source: str = "idx") -> dict[str, object]:
+    """The Config fields set on the command line; a ``--dataset`` directory, and local
+    ``--data-dir`` and ``--tfds-dir``, made absolute (``config.json`` and the checkpoints
+    record them: eval, predict and ``--resume`` find the data from any working directory).
+    ``source``: the run's ``--source`` where the command line gives none (a resumed run's
+    checkpoint's)."""
     names = {f.name for f in dataclasses.fields(Config)}
     changes = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if isinstance(changes.get("dataset"), str):
         changes["dataset"] = recorded_dataset(changes["dataset"],
-                                              str(changes.get("source", "idx")))
+                                              str(changes.get("source", source)))
+    for name in ("data_dir", "tfds_dir"):
+        value = changes.get(name)
+        if isinstance(value, str) and value and "://" not in value:  # not gs:// and the like
+            changes[name] = os.path.abspath(os.path.expanduser(value))
     return changes
 
 
@@ -213,6 +221,29 @@ def check_forms(config: Config, given: Mapping[str, object]) -> None:
                 f"drop {flag_name(name)}, or choose a backward that has it")
 
 
+def check_read(config: Config, given: Mapping[str, object]) -> None:
+    """Refuse a flag given that the run would not read, as :func:`check_forms` a form:
+    ``--native-lanes`` without native kernels (another ``--backward`` given, or a cell that
+    has none), ``--steps-per-call`` with ``--feed stream`` (one step a call)."""
+    if "steps_per_call" in given and given.get("feed") == "stream":
+        raise UsageError(f"--steps-per-call {config.steps_per_call}: --feed stream runs one "
+                         "step a call; drop --steps-per-call, or use --feed device")
+    if "native_lanes" not in given:
+        return
+    if given.get("backward", "native") != "native":
+        raise UsageError(f"--native-lanes {config.native_lanes}: --backward {config.backward} "
+                         "runs no native kernels; drop --native-lanes, or use --backward native")
+    from rnnjax.cells import get_cell
+
+    try:
+        native = get_cell(config.cell, config.hidden_size).native
+    except ValueError:  # a cell that cannot work: check_model says so
+        return
+    if native is None:
+        raise UsageError(f"--native-lanes {config.native_lanes}: --cell {config.cell} has no "
+                         "native kernels; drop --native-lanes")
+
+
 def check_cpus(config: Config, resumed: Path | None = None) -> None:
     """Refuse, before any work, a ``--cpus`` this process cannot run on (``resumed``: the
     workdir of a checkpoint trained with it, which a resumed run must keep)."""
@@ -241,9 +272,7 @@ def check_writable(directory: Path, flag: str = "--workdir", given: bool = True,
     ``flag``; else it is ``flag``'s default, and the error says so.
     """
     existing = directory
-    while not existing.exists():
-        if existing.parent == existing:
-            break
+    while not _exists(existing) and existing.parent != existing:
         existing = existing.parent
     shown = named or directory
     where = f"{flag} {shown}" if given else f"{shown} (where it writes without {flag})"
@@ -251,10 +280,26 @@ def check_writable(directory: Path, flag: str = "--workdir", given: bool = True,
     if not existing.is_dir():
         raise UsageError(f"{where}: {existing} is not a directory; {fix} another path")
     try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    for name in directory.relative_to(existing).parts:
+        if len(os.fsencode(name)) > name_max:
+            raise UsageError(f"{where}: a name in it is {len(os.fsencode(name))} bytes, longer "
+                             f"than the {name_max} its file system takes; {fix} a shorter path")
+    try:
         atomic.probe(existing)
     except OSError as e:
         raise UsageError(f"{where}: {existing} is not writable "
                          f"({e.strerror or e}); {fix} a writable directory") from e
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists; False for one that cannot (a name too long)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def resume_config(args: argparse.Namespace) -> Config:
@@ -267,7 +312,7 @@ def resume_config(args: argparse.Namespace) -> Config:
     saved = checkpoint.read_config(step_dir)
     defaults = Config()
     machine = {name: getattr(defaults, name) for name in MACHINE_SETTINGS}
-    config = saved.replace(**{**machine, **flag_changes(args)})
+    config = saved.replace(**{**machine, **flag_changes(args, saved.source)})
     checkpoint.check_resumable(saved, config, step_dir)
     return config
 
@@ -417,7 +462,9 @@ def _train(args: argparse.Namespace, whole_process: bool = False) -> int:
     """``rnnjax train``; ``whole_process`` (:func:`run`): the garbage collector, off until
     now, is set once the run is tuned and JAX imported (``rnnjax.process``)."""
     given = [flag for flag, value in (("--tune", args.tune), ("--tune-budget", args.tune_budget))
-             if value not in (None, False)]
+             if value is not None and value is not False]  # a budget of 0 is given too
+    if args.tune is False and args.tune_budget is not None:
+        raise UsageError("--tune-budget: --no-tune tunes nothing; drop one of them")
     if args.resume and given:  # the checkpoint's settings, as recorded: never tuned again
         flags = " and ".join(given)
         raise UsageError(f"{flags}: --resume takes the checkpoint's tuned settings and never "
@@ -432,6 +479,7 @@ def _train(args: argparse.Namespace, whole_process: bool = False) -> int:
 
     load = prefetch(config)  # the dataset is read while JAX is imported
     check_forms(config, flag_changes(args))
+    check_read(config, flag_changes(args))
     restarted = os.environ.pop(RESTARTED, None)
     if args.resume:  # the checkpoint's settings, as recorded: never tuned again
         tuning: dict[str, Any] = {"mode": "resumed"}
@@ -483,6 +531,7 @@ def _tune(args: argparse.Namespace, whole_process: bool = False) -> int:
     config = config_from_args(args)
     check_cpus(config)
     check_forms(config, flag_changes(args))
+    check_read(config, flag_changes(args))
     budget = tune_budget(args, tune.TUNE_COMMAND_BUDGET_S)
     if config.compile_cache not in ("auto", "off"):
         check_writable(Path(config.compile_cache).expanduser(), flag="--compile-cache")

@@ -36,6 +36,9 @@ TUNED = ("unroll", "backward", "projection", "weight_grad", "native_lanes", "chu
 # vectors. Which runs faster depends on the CPU (its vector units) and the shape, so the
 # tuner times both where the CPU has 512-bit registers (rnnjax.native.wide_vectors).
 NATIVE_LANES = (8, 16)
+# float32's range: a larger value is inf, a smaller is 0 (XLA:CPU flushes subnormals).
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_NORMAL = 2.0**-126
 XLA_FLAG = re.compile(r"--xla_[a-z0-9_]+(=\S*)?")
 
 
@@ -302,6 +305,11 @@ class Config:
                 raise ConfigError(
                     f"{flag_name(name)} must be at least 1, got {getattr(self, name)}"
                 )
+        interval = self.batch_size * min(self.eval_every, self.steps)
+        if interval >= 2**31:  # a log interval's train metrics count in int32
+            raise ConfigError(f"--batch-size {self.batch_size} x --eval-every "
+                              f"{self.eval_every} = {interval} examples between logs overflow "
+                              f"their int32 counts (2**31); give a smaller --eval-every")
         for name in ("unroll", "warmup_steps", "seed", "checkpoint_every", "num_classes", "cpus"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{flag_name(name)} must be 0 or more, got {getattr(self, name)}")
@@ -312,9 +320,16 @@ class Config:
             raise ConfigError(f"--seed must be below 2**32 = {2**32} (a JAX key holds 32 "
                               f"bits: seeds 2**32 apart were the same run), got {self.seed}")
         for name in ("learning_rate", "adam_eps", "clip_norm"):
-            if not math.isfinite(getattr(self, name)):  # NaN fails no `<` test: ask first
-                raise ConfigError(f"{flag_name(name)} must be a finite number, got "
-                                  f"{getattr(self, name)}")
+            value = getattr(self, name)
+            if not math.isfinite(value):  # NaN fails no `<` test: ask first
+                raise ConfigError(f"{flag_name(name)} must be a finite number, got {value}")
+            # The step computes in float32: a value past its range is inf there (the first
+            # update NaN), one below its smallest is 0 (eps 0: 0/0; a rate 0: nothing moves).
+            if value and not FLOAT32_NORMAL <= abs(value) <= FLOAT32_MAX:
+                raise ConfigError(f"{flag_name(name)} {value} is "
+                                  f"{'0' if abs(value) < 1 else 'inf'} in float32, which the "
+                                  f"train step computes in; give a value between "
+                                  f"{FLOAT32_NORMAL:.4g} and {FLOAT32_MAX:.4g}")
         if not self.learning_rate > 0:
             raise ConfigError(f"--learning-rate must be positive, got {self.learning_rate}")
         if self.adam_eps < 0:

@@ -264,9 +264,10 @@ class RunFiles:
     metrics: metrics_lib.MetricWriter | None = None
     tensorboard: metrics_lib.TensorBoardWriter | None = None
     checkpoints: checkpoint_lib.CheckpointWriter | None = None
-    # The metric writers, opened at the run's first log: the records an earlier run left
-    # (one resumed, or one stopped before its first checkpoint and started over) stay in
-    # the files until then, and a run stopped before it leaves them as they were.
+    # The metric writers, opened at the run's first log, config.json written then too: the
+    # records an earlier run left (one resumed, or one stopped before its first checkpoint
+    # and started over) stay in the files until then, and a run stopped before it leaves
+    # them as they were.
     opening: Callable[[], tuple[metrics_lib.MetricWriter,
                                 metrics_lib.TensorBoardWriter | None]] | None = None
 
@@ -291,22 +292,22 @@ class RunFiles:
             return cls(checkpoints=checkpoints()), []
         if resume_from is None:
             workdir.mkdir(parents=True, exist_ok=True)
-            write_config(workdir, config)
 
             def starting() -> tuple[metrics_lib.MetricWriter,
                                     metrics_lib.TensorBoardWriter | None]:
                 # Over the records of an earlier, identical run stopped before its first
                 # checkpoint (checkpoint.check_fresh_workdir let it start over): the files
-                # start again, and TensorBoard drops that run's events.
+                # start again, config.json too, and TensorBoard drops that run's events.
+                write_config(workdir, config)
                 return (metrics_lib.MetricWriter(workdir),
                         metrics_lib.TensorBoardWriter.open(workdir, purge_step=0))
 
             return cls(checkpoints=checkpoints(), opening=starting), []
         logged = last_regular_eval(config, resume_from.step)
         kept, truncate = metrics_lib.kept_metrics(workdir, logged)  # checked: nothing written
-        write_config(workdir, config)
 
         def opening() -> tuple[metrics_lib.MetricWriter, metrics_lib.TensorBoardWriter | None]:
+            write_config(workdir, config)
             truncate()
             return (metrics_lib.MetricWriter(workdir, append=True),
                     metrics_lib.TensorBoardWriter.open(workdir, purge_step=logged + 1))

@@ -479,6 +479,20 @@ def test_a_cell_or_optimizer_that_cannot_work_is_refused_before_tuning(
     _one_line_error(capsys, [*command, *flags, "--compile-cache", "off"], message)
 
 
+@pytest.mark.parametrize("argv", [
+    ["train", "--workdir", "{long}"], ["train", "--workdir", "runs/{long}"],
+    ["train", "--compile-cache", "cache/{long}"], ["train", "--dataset", "./{long}"],
+    ["eval", "{long}"], ["predict", "{long}", "x.png"]])
+def test_a_name_longer_than_the_file_system_takes_is_one_line(capsys, tmp_path, monkeypatch,
+                                                             argv):
+    """A 300-byte name (a sweep naming workdirs by many settings) was a traceback (OSError:
+    File name too long), and --workdir runs/NAME left runs/ behind."""
+    monkeypatch.chdir(tmp_path)
+    long = "a" * 300
+    _one_line_error(capsys, [arg.format(long=long) for arg in argv], "choose a shorter path")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_relative_dataset_directory_is_found_from_anywhere(capsys, tmp_path, monkeypatch):
     """``--dataset ./mydata`` is recorded absolute: eval of its checkpoint from another
     working directory found no ./mydata there (and eval took no --dataset to say where)."""
@@ -505,3 +519,29 @@ def test_a_relative_dataset_directory_is_found_from_anywhere(capsys, tmp_path, m
     again = capsys.readouterr().out
     assert f"on {tmp_path / 'moved'} after 3 steps" in again
     assert again.split("\n", 1)[1] == first.split("\n", 1)[1]  # the same results
+    # A named dataset under a relative --data-dir: recorded absolute too (it was recorded as
+    # given, and eval from elsewhere looked for droot/digits there).
+    shutil.copytree(mnist, tmp_path / "a" / "droot" / "digits")
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["train", "--dataset", "digits", "--data-dir", "droot", "--steps", "3",
+                 "--hidden-size", "8", "--no-tune", "--workdir", "run2",
+                 "--compile-cache", "off"]) == 0
+    config = json.loads((tmp_path / "a" / "run2" / "config.json").read_text())
+    assert config["data_dir"] == str(tmp_path / "a" / "droot")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["eval", "a/run2", "--out", "cm2.png"]) == 0
+
+
+def test_a_resumed_tfds_run_takes_its_own_dataset_name_again(monkeypatch, tmp_path):
+    """--resume --dataset NAME/CONFIG of a --source tfds run was read as an IDX directory
+    (the flags' --source, idx, not the checkpoint's): made absolute, then refused as
+    differing from NAME/CONFIG, the advice to pass just what was passed."""
+    from rnnjax import checkpoint
+
+    saved = Config(source="tfds", dataset="my_set/cfg")
+    monkeypatch.setattr(checkpoint, "latest_checkpoint", lambda workdir: tmp_path / "10")
+    monkeypatch.setattr(checkpoint, "read_config", lambda step_dir: saved)
+    args = cli.build_parser().parse_args(["train", "--resume", "--workdir", "w",
+                                          "--dataset", "my_set/cfg"])
+    assert cli.resume_config(args).dataset == "my_set/cfg"

@@ -371,7 +371,7 @@ def test_a_resume_stopped_before_its_first_line_leaves_the_records_as_they_were(
     config = Config(steps=30, eval_every=10, hidden_size=8, compile_cache="off")
     train_and_evaluate(config, tmp_path, out=io.StringIO())
     before = {name: (tmp_path / name).read_bytes()
-              for name in ("metrics.jsonl", "metrics.csv", "summary.json")}
+              for name in ("metrics.jsonl", "metrics.csv", "summary.json", "config.json")}
     events = sorted(tmp_path.glob("events.out.tfevents.*"))
 
     class Stop(Exception):
@@ -392,3 +392,20 @@ def test_a_resume_stopped_before_its_first_line_leaves_the_records_as_they_were(
     # Resumed to its end, the run logs as one never stopped.
     train_and_evaluate(config.replace(steps=40), tmp_path, out=io.StringIO(), resume=True)
     assert [r["step"] for r in records(tmp_path)] == [0, 0, 10, 10, 20, 20, 30, 30, 39, 39]
+    # A run started over where one stopped before its first checkpoint: its config.json, too,
+    # waits for its first line (it had been written first, and the first run's own command
+    # was then refused as another run's).
+    class StopAtStep4(io.StringIO):
+        def write(self, text: str) -> int:
+            if text.startswith("step     4"):
+                raise Stop(text)
+            return super().write(text)
+
+    fresh, first = tmp_path / "fresh", config.replace(steps=6, eval_every=2)
+    with pytest.raises(Stop):
+        train_and_evaluate(first, fresh, out=StopAtStep4())
+    before = {p.name: p.read_bytes() for p in fresh.iterdir() if p.is_file()}
+    with pytest.raises(Stop, match="step     0"):
+        train_and_evaluate(first.replace(steps=8), fresh, out=StopAtFirstLine())
+    assert {p.name: p.read_bytes() for p in fresh.iterdir() if p.is_file()} == before
+    train_and_evaluate(first, fresh, out=io.StringIO())

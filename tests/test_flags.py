@@ -65,6 +65,18 @@ BAD = [
      ["--learning-rate must be a finite number, got inf"]),
     ("learning_rate_overflow", ["--learning-rate", "1e400"],
      ["--learning-rate must be a finite number, got inf"]),
+    # Finite, but not in float32, which the step computes in: 1e39 gave NaN by step 2, an
+    # eps of 1e-50 0/0, a rate of 1e-50 a run that never moved.
+    ("learning_rate_float32_inf", ["--learning-rate", "1e39"],
+     ["--learning-rate 1e+39 is inf in float32, which the train step computes in; give a "
+      "value between 1.175e-38 and 3.403e+38"]),
+    ("learning_rate_float32_zero", ["--learning-rate", "1e-50"],
+     ["--learning-rate 1e-50 is 0 in float32"]),
+    ("adam_eps_float32_zero", ["--adam-eps", "1e-50"], ["--adam-eps 1e-50 is 0 in float32"]),
+    ("clip_norm_float32_inf", ["--clip-norm", "1e39"], ["--clip-norm 1e+39 is inf in float32"]),
+    ("counts_overflow", ["--batch-size", "50000", "--eval-every", "42950", "--steps", "50000"],
+     ["--batch-size 50000 x --eval-every 42950 = 2147500000 examples between logs overflow "
+      "their int32 counts (2**31); give a smaller --eval-every"]),
     ("learning_rate_negative", ["--learning-rate", "-0.1"],
      ["--learning-rate must be positive, got -0.1"]),
     ("learning_rate_zero", ["--learning-rate", "0"], ["--learning-rate must be positive, got 0"]),
@@ -175,6 +187,18 @@ BAD = [
     ("resume_tuned", ["--resume", "--tune", "--tune-budget", "60"],
      ["--tune and --tune-budget: --resume takes the checkpoint's tuned settings and never "
       "tunes (so it stays bitwise); drop --tune and --tune-budget"]),
+    ("resume_with_tune_budget_0", ["--resume", "--workdir", "{tmp}", "--tune-budget", "0"],
+     ["--tune-budget: --resume takes the checkpoint's tuned settings"]),  # was run untuned
+    # Flags the run would not read were recorded in config.json and ignored.
+    ("tune_budget_without_tuning", ["--no-tune", "--tune-budget", "99"],
+     ["--tune-budget: --no-tune tunes nothing; drop one of them"]),
+    ("native_lanes_not_native", ["--backward", "hand_written", "--native-lanes", "16"],
+     ["--native-lanes 16: --backward hand_written runs no native kernels; drop "
+      "--native-lanes, or use --backward native"]),
+    ("native_lanes_irnn", ["--cell", "irnn", "--native-lanes", "16"],
+     ["--native-lanes 16: --cell irnn has no native kernels; drop --native-lanes"]),
+    ("steps_per_call_stream", ["--feed", "stream", "--steps-per-call", "7"],
+     ["--steps-per-call 7: --feed stream runs one step a call"]),
     ("workdir_under_a_file", ["--workdir", "{tmp}/file/run"],
      ["--workdir {tmp}/file/run: {tmp}/file is not a directory; choose another path"]),
     ("workdir_unwritable_fs", ["--workdir", "/proc/rnnjax-run"],
