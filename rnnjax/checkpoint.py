@@ -298,12 +298,14 @@ class CheckpointWriter:
         wall_s: float = 0.0,
         data: Mapping[str, Any] | None = None,
         mesh_devices: int | None = None,
+        mesh_processes: int | None = None,
     ) -> Path:
         """Save ``state`` as ``<state.step>/`` (no-op when that step exists); its path.
 
         data: the dataset's ``DataSpec.to_json()`` (image shape, classes) the model reads,
         and its ``fingerprint`` (``Arrays.fingerprint``: :func:`check_same_data`).
-        mesh_devices: the devices it trained on (a resume on others rounds apart).
+        mesh_devices, mesh_processes: the devices it trained on, and the processes they
+        were in (a resume on others rounds apart).
         """
         step = int(np.asarray(state.step))
         path = self.directory / str(step)
@@ -321,6 +323,8 @@ class CheckpointWriter:
             meta["data"] = dict(data)
         if mesh_devices is not None:
             meta["mesh_devices"] = mesh_devices
+        if mesh_processes is not None:
+            meta["mesh_processes"] = mesh_processes
         ocp = self._ocp
         try:
             with _quiet_stragglers():

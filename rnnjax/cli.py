@@ -367,7 +367,9 @@ def tuned_config(args: argparse.Namespace, config: Config,
     budget = tune_budget(args, tune.DEFAULT_BUDGET_S)
     if not tuning_enabled(args):
         return config, {"mode": "off"}
-    if config.num_processes > 1:  # every process must choose the same: pass the flags
+    from rnnjax.parallel import starts_distributed
+
+    if starts_distributed(config):  # every process must choose the same: pass the flags
         return config, {"mode": "off", "reason": "several processes"}
 
     pinned = frozenset(flag_changes(args)) & set(TUNED)

@@ -288,7 +288,9 @@ class RunFiles:
         checkpoints = functools.partial(checkpoint_lib.CheckpointWriter,
                                         checkpoint_lib.checkpoints_dir(workdir),
                                         config.keep_checkpoints)
-        if not writes:
+        if not writes:  # a resume's records checked here too: a refusal is every process's
+            if resume_from is not None:
+                metrics_lib.kept_metrics(workdir, last_regular_eval(config, resume_from.step))
             return cls(checkpoints=checkpoints()), []
         if resume_from is None:
             workdir.mkdir(parents=True, exist_ok=True)
@@ -368,12 +370,44 @@ def check_finite(trained: dict[str, float], step: int, files: RunFiles) -> None:
                        "logged at that step)", files.checkpoints)
 
 
+def layout_note(meta: dict[str, Any], devices: int, processes: int) -> str:
+    """The note a resume prints where its checkpoint (``meta``) trained on other devices
+    than this run's ``devices`` in ``processes``: allowed (a run moved to another machine
+    goes on), but the gradients' sums round apart; '' where the same or not recorded (the
+    devices since 2026-12-05, the processes since 2026-12-06)."""
+    trained_on, trained_in = meta.get("mesh_devices"), meta.get("mesh_processes")
+    if trained_on is None or (trained_on, trained_in or processes) == (devices, processes):
+        return ""
+    if (trained_in or 1) == 1 and processes == 1:
+        where, here, advice = "", "", f"--num-devices {trained_on}"
+    else:
+        trained_in = trained_in or 1
+        where, here = f" in {trained_in} process(es)", f" in {processes}"
+        advice = f"{trained_in} process(es) of --num-devices {trained_on // trained_in}"
+    return (f"note: the checkpoint trained on {trained_on} devices{where}, this run on "
+            f"{devices}{here}: the gradients' sums round differently from a run never "
+            f"stopped ({advice} resumes bitwise)\n")
+
+
 def _holding_workdir(run: Callable[..., RunResult]) -> Callable[..., RunResult]:
-    """``run`` with its workdir held for it (``checkpoint.workdir_lock``; process 0's,
-    which writes the records)."""
+    """``run`` in a process set up for it (its XLA flags and CPUs, then ``jax.distributed``
+    where the run has several processes: before anything touches JAX), its workdir held
+    for it (``checkpoint.workdir_lock``, by process 0, which writes the records; a refusal
+    there is every process's, :func:`rnnjax.parallel.agree`)."""
     @functools.wraps(run)
     def held(config: Config, workdir: Path | str | None = None, **kwargs: Any) -> RunResult:
-        with checkpoint_lib.workdir_lock(workdir if config.process_id == 0 else None):
+        try:
+            runtime.apply_process_settings(config.xla_flags, config.cpus)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        parallel.initialize(config)
+        with contextlib.ExitStack() as stack:
+            try:  # jax.process_index(), not --process-id: 0 in every process under auto
+                stack.enter_context(checkpoint_lib.workdir_lock(
+                    workdir if jax.process_index() == 0 else None))
+            except checkpoint_lib.CheckpointError as e:
+                parallel.agree(e)
+            parallel.agree(None)
             return run(config, workdir, **kwargs)
 
     return held
@@ -406,12 +440,6 @@ def train_and_evaluate(
     (``rnnjax.runtime.apply_process_settings``).
     """
     out = sys.stdout if out is None else out
-    try:
-        runtime.apply_process_settings(config.xla_flags, config.cpus)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    # Several processes: jax.distributed before anything touches JAX (rnnjax.parallel).
-    parallel.initialize(config)
     resume_from = checkpoint_lib.prepare(config, workdir, resume)  # writes nothing
     t_start = time.perf_counter()
     cache_dir = runtime.enable_compile_cache(config.compile_cache)
@@ -446,12 +474,9 @@ def train_and_evaluate(
         start, wall_offset = resume_from.step, resume_from.wall_s
         out.write(f"resuming from {resume_from.step_dir} after "
                   f"{metrics_lib.steps_phrase(start)}\n")
-        trained_on = resume_from.meta.get("mesh_devices")  # recorded since 2026-12-05
-        if trained_on is not None and trained_on != dp.mesh.size:
-            # Allowed (a run moved to another machine goes on), but its sums round apart.
-            out.write(f"note: the checkpoint trained on {trained_on} devices, this run on "
-                      f"{dp.mesh.size}: the gradients' sums round differently from a run "
-                      f"never stopped (--num-devices {trained_on} resumes bitwise)\n")
+        note = layout_note(resume_from.meta, dp.mesh.size, jax.process_count())
+        if note:
+            out.write(note)
 
     evaluate = jax.jit(
         functools.partial(train.evaluate_sequences, model=evaluation_model(config, model),
@@ -493,7 +518,7 @@ def train_and_evaluate(
         files.checkpoints.save(state, config, train_sums=train_sums,
                                wall_s=wall_offset + t - t_start,
                                data={**spec.to_json(), "fingerprint": fingerprint()},
-                               mesh_devices=dp.mesh.size)
+                               mesh_devices=dp.mesh.size, mesh_processes=jax.process_count())
         return time.perf_counter() - t
 
     try:

@@ -49,13 +49,9 @@ def initialize(config: Config) -> bool:
     slices, SLURM, Open MPI, Kubernetes). Nothing to do for one process. Must run before
     any JAX computation; a second call does nothing. Returns whether it initialised.
     """
-    if jax.distributed.is_initialized():
+    if jax.distributed.is_initialized() or not starts_distributed(config):
         return False
     address = config.coordinator_address
-    if not address and config.num_processes == 1 and not os.environ.get(
-        "JAX_COORDINATOR_ADDRESS"
-    ):
-        return False
     kwargs: dict[str, Any] = {}
     if address and address != "auto":
         kwargs["coordinator_address"] = address
@@ -71,6 +67,31 @@ def initialize(config: Config) -> bool:
             "Open MPI, Kubernetes, a Cloud TPU slice)"
         ) from None
     return True
+
+
+def starts_distributed(config: Config, env: dict[str, str] | None = None) -> bool:
+    """Whether :func:`initialize` starts ``jax.distributed`` for ``config`` (``env``: this
+    process's environment by default): a run of several processes, whose count
+    ``--coordinator-address auto`` leaves to JAX to find."""
+    env = os.environ if env is None else env
+    return bool(config.coordinator_address or config.num_processes > 1
+                or env.get("JAX_COORDINATOR_ADDRESS"))
+
+
+def agree(refusal: Exception | None) -> None:
+    """Raise ``refusal``, this process's reason not to run, in every process of the run
+    (a refusal only process 0 can make, its workdir's lock: the others had waited in
+    their first collective until jax.distributed gave up, minutes later, and aborted)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        refused = multihost_utils.process_allgather(np.int32(refusal is not None))
+        if refusal is None and refused.any():
+            first = int(np.flatnonzero(refused)[0])
+            raise ConfigError(f"process {first} of this run refused to start it (its error "
+                              "says why)")
+    if refusal is not None:
+        raise refusal
 
 
 def select_devices(num_devices: int = 0) -> list[jax.Device]:

@@ -114,6 +114,26 @@ def test_a_resume_on_other_devices_says_it_rounds_apart(tmp_path):
             "bitwise)\n") in out.getvalue()
 
 
+def test_the_resume_note_names_the_devices_and_processes_that_resume_bitwise():
+    """With several processes the note's advice did not work (--num-devices is each
+    process's: 2 x 2 devices resumed as advised, --num-devices 4, ran on 8), and a resume on
+    as many devices in other processes (1 x 4 against 2 x 2), which rounds apart, said
+    nothing."""
+    from rnnjax.loop import layout_note
+
+    sums = "the gradients' sums round differently from a run never stopped"
+    assert layout_note({"mesh_devices": 8}, 1, 1) == (
+        f"note: the checkpoint trained on 8 devices, this run on 1: {sums} (--num-devices 8 "
+        "resumes bitwise)\n")
+    assert layout_note({"mesh_devices": 4, "mesh_processes": 2}, 8, 2) == (
+        f"note: the checkpoint trained on 4 devices in 2 process(es), this run on 8 in 2: "
+        f"{sums} (2 process(es) of --num-devices 2 resumes bitwise)\n")
+    assert "trained on 4 devices in 1 process(es), this run on 4 in 2" in layout_note(
+        {"mesh_devices": 4, "mesh_processes": 1}, 4, 2)
+    assert layout_note({"mesh_devices": 4, "mesh_processes": 2}, 4, 2) == ""
+    assert layout_note({"mesh_devices": 4}, 4, 1) == layout_note({}, 3, 1) == ""
+
+
 def test_an_optimizer_holding_a_random_key_trains_saves_and_resumes_bitwise(tmp_path):
     """optax's noisy_sgd keeps a typed PRNG key in its state: the memory estimate
     (``memory.tree_bytes``) raised a TypeError on its dtype, and the checkpoint's digest

@@ -252,6 +252,51 @@ def test_a_cluster_jax_cannot_detect_is_one_line(how, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flags, env", [
+    (["--coordinator-address", "auto"], {}),
+    ([], {"JAX_COORDINATOR_ADDRESS": "localhost:1"}),
+    (["--coordinator-address", "localhost:1", "--num-processes", "2", "--process-id", "1"], {}),
+], ids=["auto", "environment", "explicit"])
+def test_a_run_of_several_processes_is_never_tuned(monkeypatch, flags, env):
+    """Each process would tune, or read its own host's cache, on its own: processes running
+    different programs (a collective mismatch, or a run mixing two programs), or a cached
+    choice's device check starting the backend before jax.distributed. Under
+    --coordinator-address auto the process count is JAX's to find: --num-processes stays 1."""
+    from rnnjax import cli
+
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = cli.build_parser().parse_args(["train", "--tune", *flags])
+    config = cli.config_from_args(args)
+    assert cli.tuned_config(args, config, load=None) == (
+        config, {"mode": "off", "reason": "several processes"})
+
+
+def test_a_refusal_of_process_0_is_every_processs_one_line(tmp_path):
+    """A workdir another run holds: process 0 refused in one line, and process 1 waited in
+    its first collective until jax.distributed gave up, about 5 minutes, then aborted (exit
+    134). Both now exit 2 at once, in one line each."""
+    from rnnjax import checkpoint
+
+    work, address = tmp_path / "run", f"localhost:{_free_port()}"
+    argv = [sys.executable, "-m", "rnnjax", "train", "--steps", "2", "--hidden-size", "8",
+            "--no-tune", "--compile-cache", "off", "--workdir", str(work),
+            "--coordinator-address", address, "--num-processes", "2"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    with checkpoint.workdir_lock(work):
+        procs = [subprocess.Popen([*argv, "--process-id", str(i)], env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for i in (0, 1)]
+        done = [p.communicate(timeout=120) for p in procs]
+    for proc, (_, err), line in zip(procs, done, [
+            f"rnnjax: error: {work} is in use by another rnnjax run",
+            "rnnjax: error: process 0 of this run refused to start it (its error says why)"],
+            strict=True):
+        assert proc.returncode == 2, err
+        assert err.startswith(line) and err.count("\n") == 1, err
+
+
 def test_sharded_evaluation_pads_to_the_device_count(tmp_path):
     """Three devices, which divide neither the evaluation chunks nor the test set: each
     chunk is rounded up to a multiple of 3 with masked rows, and the sums equal one
