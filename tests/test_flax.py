@@ -427,6 +427,20 @@ def test_bad_seq_lengths_say_what_they_must_be(xs, lengths, message):
         module.apply(variables, xs, seq_lengths=lengths)
 
 
+def test_seq_lengths_take_an_empty_batch_and_refuse_a_bad_chunks_on_every_path(xs):
+    """An empty batch's lengths failed in NumPy's min() (Flax returns empty outputs); the
+    LSTM, which keeps every step's carry, took chunks=100 of 9 steps where the others
+    refuse it."""
+    for cell in ("simple_rnn", "lstm"):
+        module = rnn_linen.RNN(cell=cell, hidden_size=H, return_carry=True)
+        variables = module.init(jax.random.key(0), xs)
+        _, ys = module.apply(variables, xs[:0], seq_lengths=jnp.zeros((0,), jnp.int32))
+        assert ys.shape == (0, T, H)
+        bad = rnn_linen.RNN(cell=cell, hidden_size=H, return_carry=True, chunks=100)
+        with pytest.raises(ValueError, match="chunks 100: choose 1 to 9"):
+            bad.apply(variables, xs, seq_lengths=LENGTHS)
+
+
 # --- the classifier as a Flax module ----------------------------------------------------------
 
 @pytest.mark.parametrize("config", [

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnnjax.cells import Carry, Cell, Params, carry_is_output, scan_cell
+from rnnjax.cells import Carry, Cell, Params, carry_is_output, chunk_bounds, scan_cell
 from rnnjax.flax.cells import cast_floats
 
 
@@ -47,7 +47,8 @@ def run(
     ``seq_lengths[b]`` (the initial carry for length 0; Flax reads step T's there). The
     outputs of padding steps are computed over the padding and mean nothing. A cell whose
     carry is its output (simple_rnn, irnn, gru) reads that carry from the outputs; any
-    other keeps every step's carry, as Flax does, in the autodiff form of its step.
+    other keeps every step's carry, as Flax does, in the autodiff form of its step, in one
+    part (``chunks`` changes no value).
     """
     if inputs.ndim != 3:
         raise ValueError(f"RNN expects inputs [batch, time, features] (or [time, batch, "
@@ -67,6 +68,7 @@ def run(
         _, ys = scan_cell(cell, params, xs, carry, unroll=unroll, chunks=chunks)
         final = _at_lengths(ys, carry, lengths)
     else:
+        chunk_bounds(time, chunks)  # a bad value refused as on the other paths
         carries, ys = _scan_keeping_carries(cell, params, xs, carry, unroll)
         final = jax.tree.map(functools.partial(_at_lengths, lengths=lengths),
                              carries, carry)
@@ -99,7 +101,7 @@ def _checked_lengths(seq_lengths: jax.Array, batch: int, time: int) -> jax.Array
                          f"{lengths.dtype} {lengths.shape}")
     if not isinstance(lengths, jax.core.Tracer):
         values = np.asarray(lengths)
-        if values.min() < 0 or values.max() > time:
+        if values.size and (values.min() < 0 or values.max() > time):  # size: an empty batch
             raise ValueError(f"seq_lengths must lie in [0, {time}] (the sequence's steps), "
                              f"got {values.min()}..{values.max()}")
     return lengths.astype(jnp.int32)
