@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,8 @@ def initialize(config: Config) -> bool:
         kwargs["coordinator_address"] = address
     if config.num_processes > 1 or kwargs:
         kwargs.update(num_processes=config.num_processes, process_id=config.process_id)
+    if "coordinator_address" in kwargs and config.process_id == 0:
+        _check_port_free(address)
     try:
         jax.distributed.initialize(**kwargs)
     except (ValueError, RuntimeError) as e:  # nothing detected, or no coordinator found
@@ -67,6 +70,22 @@ def initialize(config: Config) -> bool:
             "Open MPI, Kubernetes, a Cloud TPU slice)"
         ) from None
     return True
+
+
+def _check_port_free(address: str) -> None:
+    """:class:`ConfigError` where process 0 cannot serve ``jax.distributed`` on
+    ``address``'s port, which something here already listens on (the service's own failure
+    to bind it crashed the process: a segfault, exit 139)."""
+    port = int(address.rpartition(":")[2])
+    with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds
+        try:
+            probe.bind(("", port))
+        except OSError as e:
+            raise ConfigError(
+                f"--coordinator-address {address}: process 0 serves the run on port {port}, "
+                f"which is in use on this machine ({e.strerror or e}); choose another port "
+                "(the same for every process)") from None
 
 
 def starts_distributed(config: Config, env: dict[str, str] | None = None) -> bool:

@@ -297,6 +297,25 @@ def test_a_refusal_of_process_0_is_every_processs_one_line(tmp_path):
         assert err.startswith(line) and err.count("\n") == 1, err
 
 
+def test_a_coordinator_port_in_use_is_one_line(tmp_path):
+    """Process 0 serves jax.distributed on the coordinator's port: where something listened
+    there already, the process crashed (segfault, exit 139) after XLA's own log lines."""
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "rnnjax", "train", "--steps", "2", "--hidden-size", "8",
+             "--no-tune", "--compile-cache", "off", "--coordinator-address",
+             f"localhost:{port}", "--num-processes", "2", "--process-id", "0"],
+            capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"rnnjax: error: --coordinator-address localhost:{port}: process 0 serves the run on "
+        f"port {port}, which is in use on this machine (Address already in use); choose "
+        "another port (the same for every process)\n")
+
+
 def test_sharded_evaluation_pads_to_the_device_count(tmp_path):
     """Three devices, which divide neither the evaluation chunks nor the test set: each
     chunk is rounded up to a multiple of 3 with masked rows, and the sums equal one
