@@ -274,9 +274,10 @@ def test_a_run_of_several_processes_is_never_tuned(monkeypatch, flags, env):
 
 
 def test_a_refusal_of_process_0_is_every_processs_one_line(tmp_path):
-    """A workdir another run holds: process 0 refused in one line, and process 1 waited in
-    its first collective until jax.distributed gave up, about 5 minutes, then aborted (exit
-    134). Both now exit 2 at once, in one line each."""
+    """A workdir another run holds, or a damaged metrics line to resume over: process 0
+    refused in one line, and process 1 waited in its first collective until
+    jax.distributed gave up, about 5 minutes, then aborted (exit 134). Both now exit 2 at
+    once, in one line each."""
     from rnnjax import checkpoint
 
     work, address = tmp_path / "run", f"localhost:{_free_port()}"
@@ -295,6 +296,23 @@ def test_a_refusal_of_process_0_is_every_processs_one_line(tmp_path):
             strict=True):
         assert proc.returncode == 2, err
         assert err.startswith(line) and err.count("\n") == 1, err
+    # A resume over a damaged metrics line, which only process 0 read: now every process
+    # reads it, and refuses it alike.
+    def run(*flags):
+        address = ["--coordinator-address", f"localhost:{_free_port()}"]
+        procs = [subprocess.Popen([*argv[:-4], *address, "--num-processes", "2",
+                                   "--process-id", str(i), *flags], env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for i in (0, 1)]
+        return [(p.wait(timeout=120), p.communicate()[1]) for p in procs]
+
+    assert [code for code, _ in run("--checkpoint-every", "2")] == [0, 0]
+    lines = (work / "metrics.jsonl").read_text().splitlines()
+    (work / "metrics.jsonl").write_text("\n".join([lines[0], "{broken", *lines[2:]]) + "\n")
+    for code, err in run("--resume", "--steps", "4"):
+        assert code == 2, err
+        assert err.startswith(f"rnnjax: error: {work / 'metrics.jsonl'}: line 2 is not a "
+                              "metrics record"), err
 
 
 def test_a_coordinator_port_in_use_is_one_line(tmp_path):
