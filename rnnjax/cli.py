@@ -223,25 +223,12 @@ def check_forms(config: Config, given: Mapping[str, object]) -> None:
 
 def check_read(config: Config, given: Mapping[str, object]) -> None:
     """Refuse a flag given that the run would not read, as :func:`check_forms` a form:
-    ``--native-lanes`` without native kernels (another ``--backward`` given, or a cell that
-    has none), ``--steps-per-call`` with ``--feed stream`` (one step a call)."""
+    ``--steps-per-call`` with ``--feed stream`` (one step a call). (``--native-lanes``
+    without native kernels is moot, not refused: the tuner's choice, printed as flags by
+    ``rnnjax tune``, names every tuned setting whatever the backward.)"""
     if "steps_per_call" in given and given.get("feed") == "stream":
         raise UsageError(f"--steps-per-call {config.steps_per_call}: --feed stream runs one "
                          "step a call; drop --steps-per-call, or use --feed device")
-    if "native_lanes" not in given:
-        return
-    if given.get("backward", "native") != "native":
-        raise UsageError(f"--native-lanes {config.native_lanes}: --backward {config.backward} "
-                         "runs no native kernels; drop --native-lanes, or use --backward native")
-    from rnnjax.cells import get_cell
-
-    try:
-        native = get_cell(config.cell, config.hidden_size).native
-    except ValueError:  # a cell that cannot work: check_model says so
-        return
-    if native is None:
-        raise UsageError(f"--native-lanes {config.native_lanes}: --cell {config.cell} has no "
-                         "native kernels; drop --native-lanes")
 
 
 def check_cpus(config: Config, resumed: Path | None = None) -> None:

@@ -192,11 +192,6 @@ BAD = [
     # Flags the run would not read were recorded in config.json and ignored.
     ("tune_budget_without_tuning", ["--no-tune", "--tune-budget", "99"],
      ["--tune-budget: --no-tune tunes nothing; drop one of them"]),
-    ("native_lanes_not_native", ["--backward", "hand_written", "--native-lanes", "16"],
-     ["--native-lanes 16: --backward hand_written runs no native kernels; drop "
-      "--native-lanes, or use --backward native"]),
-    ("native_lanes_irnn", ["--cell", "irnn", "--native-lanes", "16"],
-     ["--native-lanes 16: --cell irnn has no native kernels; drop --native-lanes"]),
     ("steps_per_call_stream", ["--feed", "stream", "--steps-per-call", "7"],
      ["--steps-per-call 7: --feed stream runs one step a call"]),
     ("workdir_under_a_file", ["--workdir", "{tmp}/file/run"],
