@@ -221,12 +221,19 @@ def check_forms(config: Config, given: Mapping[str, object]) -> None:
                 f"drop {flag_name(name)}, or choose a backward that has it")
 
 
+def pinned_settings(given: Mapping[str, object]) -> frozenset[str]:
+    """The tuned settings the flags ``given`` fix: those given, and ``feed`` where
+    ``--steps-per-call`` is (which only ``--feed device`` reads)."""
+    return frozenset(given) & set(TUNED) | ({"feed"} if "steps_per_call" in given else set())
+
+
 def check_read(config: Config, given: Mapping[str, object]) -> None:
     """Refuse a flag given that the run would not read, as :func:`check_forms` a form:
-    ``--steps-per-call`` with ``--feed stream`` (one step a call). (``--native-lanes``
+    ``--steps-per-call`` with ``--feed stream`` (one step a call; a tuned run given
+    ``--steps-per-call`` keeps ``--feed device``, :func:`pinned_settings`). (``--native-lanes``
     without native kernels is moot, not refused: the tuner's choice, printed as flags by
     ``rnnjax tune``, names every tuned setting whatever the backward.)"""
-    if "steps_per_call" in given and given.get("feed") == "stream":
+    if "steps_per_call" in given and config.feed == "stream":  # given, or a resumed run's
         raise UsageError(f"--steps-per-call {config.steps_per_call}: --feed stream runs one "
                          "step a call; drop --steps-per-call, or use --feed device")
 
@@ -359,7 +366,7 @@ def tuned_config(args: argparse.Namespace, config: Config,
     if starts_distributed(config):  # every process must choose the same: pass the flags
         return config, {"mode": "off", "reason": "several processes"}
 
-    pinned = frozenset(flag_changes(args)) & set(TUNED)
+    pinned = pinned_settings(flag_changes(args))
     recorded = recorded_settings(args.workdir, config, pinned)
     if recorded is not None:
         try:
@@ -524,7 +531,7 @@ def _tune(args: argparse.Namespace, whole_process: bool = False) -> int:
     budget = tune_budget(args, tune.TUNE_COMMAND_BUDGET_S)
     if config.compile_cache not in ("auto", "off"):
         check_writable(Path(config.compile_cache).expanduser(), flag="--compile-cache")
-    pinned = frozenset(flag_changes(args)) & set(TUNED)
+    pinned = pinned_settings(flag_changes(args))
     from rnnjax.data.sources import dataset_spec
 
     spec = dataset_spec(config)  # the dataset is never read: the children time its shape

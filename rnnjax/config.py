@@ -305,11 +305,12 @@ class Config:
                 raise ConfigError(
                     f"{flag_name(name)} must be at least 1, got {getattr(self, name)}"
                 )
-        interval = self.batch_size * min(self.eval_every, self.steps)
-        if interval >= 2**31:  # a log interval's train metrics count in int32
-            raise ConfigError(f"--batch-size {self.batch_size} x --eval-every "
-                              f"{self.eval_every} = {interval} examples between logs overflow "
-                              f"their int32 counts (2**31); give a smaller --eval-every")
+        between = min(self.eval_every, self.steps)  # train steps between two logs at most
+        if self.batch_size * between >= 2**31:  # a log interval's train metrics count in int32
+            raise ConfigError(
+                f"--batch-size {self.batch_size} x {between} steps between logs = "
+                f"{self.batch_size * between} examples overflow their int32 counts (2**31); "
+                f"log more often: --eval-every {(2**31 - 1) // self.batch_size} at most")
         for name in ("unroll", "warmup_steps", "seed", "checkpoint_every", "num_classes", "cpus"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{flag_name(name)} must be 0 or more, got {getattr(self, name)}")
@@ -403,6 +404,9 @@ class Config:
             if ":" not in address or not port.isdigit():
                 raise ConfigError(f"--coordinator-address {address!r} is not HOST:PORT "
                                   "(e.g. 10.0.0.1:1234) or 'auto'")
+            if not 1 <= int(port) <= 65535:
+                raise ConfigError(f"--coordinator-address {address}: port {int(port)} is not "
+                                  "a port (1 to 65535)")
 
 
 def flag_name(name: str) -> str:

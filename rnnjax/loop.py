@@ -380,8 +380,9 @@ def layout_note(meta: dict[str, Any], devices: int, processes: int) -> str:
         return ""
     if (trained_in or 1) == 1 and processes == 1:
         where, here, advice = "", "", f"--num-devices {trained_on}"
+    elif trained_in is None:  # its layout not recorded: the devices in all
+        where, here, advice = "", f" in {processes}", f"{trained_on} devices in all"
     else:
-        trained_in = trained_in or 1
         where, here = f" in {trained_in} process(es)", f" in {processes}"
         advice = f"{trained_in} process(es) of --num-devices {trained_on // trained_in}"
     return (f"note: the checkpoint trained on {trained_on} devices{where}, this run on "

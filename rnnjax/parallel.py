@@ -77,15 +77,21 @@ def _check_port_free(address: str) -> None:
     ``address``'s port, which something here already listens on (the service's own failure
     to bind it crashed the process: a segfault, exit 139)."""
     port = int(address.rpartition(":")[2])
-    with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds
+    for family in (socket.AF_INET6, socket.AF_INET):  # IPv6 (dual stack) where the host has it
         try:
-            probe.bind(("", port))
-        except OSError as e:
-            raise ConfigError(
-                f"--coordinator-address {address}: process 0 serves the run on port {port}, "
-                f"which is in use on this machine ({e.strerror or e}); choose another port "
-                "(the same for every process)") from None
+            probe = socket.socket(family)
+        except OSError:  # no such family here (a kernel without IPv6)
+            continue
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds
+            try:
+                probe.bind(("", port))
+            except OSError as e:
+                raise ConfigError(
+                    f"--coordinator-address {address}: process 0 serves the run on port "
+                    f"{port}, which is in use on this machine ({e.strerror or e}); choose "
+                    "another port (the same for every process)") from None
+        return
 
 
 def starts_distributed(config: Config, env: dict[str, str] | None = None) -> bool:

@@ -131,6 +131,10 @@ def test_the_resume_note_names_the_devices_and_processes_that_resume_bitwise():
     assert "trained on 4 devices in 1 process(es), this run on 4 in 2" in layout_note(
         {"mesh_devices": 4, "mesh_processes": 1}, 4, 2)
     assert layout_note({"mesh_devices": 4, "mesh_processes": 2}, 4, 2) == ""
+    # A checkpoint from before mesh_processes: its layout unknown, the devices in all.
+    assert layout_note({"mesh_devices": 4}, 8, 2) == (
+        f"note: the checkpoint trained on 4 devices, this run on 8 in 2: {sums} (4 devices in "
+        "all resumes bitwise)\n")
     assert layout_note({"mesh_devices": 4}, 4, 1) == layout_note({}, 3, 1) == ""
 
 

@@ -533,6 +533,16 @@ def test_a_relative_dataset_directory_is_found_from_anywhere(capsys, tmp_path, m
     assert main(["eval", "a/run2", "--out", "cm2.png"]) == 0
 
 
+def test_steps_per_call_is_read_only_by_the_device_feed_given_resumed_or_tuned():
+    """A resume of a --feed stream run took --steps-per-call 7 and recorded it, unread;
+    a tuned run given --steps-per-call could be tuned to the stream feed."""
+    with pytest.raises(cli.UsageError, match="--steps-per-call 7: --feed stream runs one"):
+        cli.check_read(Config(feed="stream", steps_per_call=7), {"steps_per_call": 7})
+    cli.check_read(Config(feed="device", steps_per_call=7), {"steps_per_call": 7})
+    assert cli.pinned_settings({"steps_per_call": 7, "unroll": 2, "seed": 1}) == {"feed",
+                                                                                  "unroll"}
+
+
 def test_a_resumed_tfds_run_takes_its_own_dataset_name_again(monkeypatch, tmp_path):
     """--resume --dataset NAME/CONFIG of a --source tfds run was read as an IDX directory
     (the flags' --source, idx, not the checkpoint's): made absolute, then refused as

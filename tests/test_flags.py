@@ -75,8 +75,11 @@ BAD = [
     ("adam_eps_float32_zero", ["--adam-eps", "1e-50"], ["--adam-eps 1e-50 is 0 in float32"]),
     ("clip_norm_float32_inf", ["--clip-norm", "1e39"], ["--clip-norm 1e+39 is inf in float32"]),
     ("counts_overflow", ["--batch-size", "50000", "--eval-every", "42950", "--steps", "50000"],
-     ["--batch-size 50000 x --eval-every 42950 = 2147500000 examples between logs overflow "
-      "their int32 counts (2**31); give a smaller --eval-every"]),
+     ["--batch-size 50000 x 42950 steps between logs = 2147500000 examples overflow their "
+      "int32 counts (2**31); log more often: --eval-every 42949 at most"]),
+    ("counts_overflow_in_the_steps", ["--batch-size", "50000", "--eval-every", "100000",
+                                      "--steps", "50000"],
+     ["--batch-size 50000 x 50000 steps between logs = 2500000000 examples"]),
     ("learning_rate_negative", ["--learning-rate", "-0.1"],
      ["--learning-rate must be positive, got -0.1"]),
     ("learning_rate_zero", ["--learning-rate", "0"], ["--learning-rate must be positive, got 0"]),

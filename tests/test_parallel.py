@@ -228,6 +228,8 @@ def test_parallel_config_is_validated():
         Config(num_processes=2, process_id=2, coordinator_address="localhost:1234")
     with pytest.raises(ConfigError, match="is not HOST:PORT"):
         Config(coordinator_address="localhost")
+    with pytest.raises(ConfigError, match="localhost:70000: port 70000 is not a port"):
+        Config(coordinator_address="localhost:70000")  # was an OverflowError's traceback
     Config(coordinator_address="auto")
     assert parallel.initialize(Config()) is False  # one process: nothing to start
 
@@ -313,6 +315,26 @@ def test_a_refusal_of_process_0_is_every_processs_one_line(tmp_path):
         assert code == 2, err
         assert err.startswith(f"rnnjax: error: {work / 'metrics.jsonl'}: line 2 is not a "
                               "metrics record"), err
+
+
+def test_the_port_check_falls_back_to_ipv4_on_a_host_without_ipv6(monkeypatch):
+    """A kernel without IPv6 cannot make an AF_INET6 socket: the check raised that
+    OSError as a traceback, where jax.distributed runs over IPv4."""
+    real = socket.socket
+
+    def no_ipv6(family=socket.AF_INET, *args, **kwargs):
+        if family == socket.AF_INET6:
+            raise OSError(97, "Address family not supported by protocol")
+        return real(family, *args, **kwargs)
+
+    with real() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setattr(socket, "socket", no_ipv6)
+        with pytest.raises(ConfigError, match=f"port {port}, which is in use"):
+            parallel._check_port_free(f"localhost:{port}")
+    parallel._check_port_free(f"localhost:{_free_port()}")
 
 
 def test_a_coordinator_port_in_use_is_one_line(tmp_path):
