@@ -374,7 +374,7 @@ def layout_note(meta: dict[str, Any], devices: int, processes: int) -> str:
     """The note a resume prints where its checkpoint (``meta``) trained on other devices
     than this run's ``devices`` in ``processes``: allowed (a run moved to another machine
     goes on), but the gradients' sums round apart; '' where the same or not recorded (the
-    devices since 2026-12-05, the processes since 2026-12-06)."""
+    devices are recorded since 2026-12-05, the processes since that evening)."""
     trained_on, trained_in = meta.get("mesh_devices"), meta.get("mesh_processes")
     if trained_on is None or (trained_on, trained_in or processes) == (devices, processes):
         return ""
