@@ -474,8 +474,9 @@ def _train(args: argparse.Namespace, whole_process: bool = False) -> int:
     from rnnjax.data.sources import prefetch
 
     load = prefetch(config)  # the dataset is read while JAX is imported
-    check_forms(config, flag_changes(args))
-    check_read(config, flag_changes(args))
+    changes = flag_changes(args)
+    check_forms(config, changes)
+    check_read(config, changes)
     restarted = os.environ.pop(RESTARTED, None)
     if args.resume:  # the checkpoint's settings, as recorded: never tuned again
         tuning: dict[str, Any] = {"mode": "resumed"}
@@ -526,12 +527,13 @@ def _tune(args: argparse.Namespace, whole_process: bool = False) -> int:
 
     config = config_from_args(args)
     check_cpus(config)
-    check_forms(config, flag_changes(args))
-    check_read(config, flag_changes(args))
+    changes = flag_changes(args)
+    check_forms(config, changes)
+    check_read(config, changes)
     budget = tune_budget(args, tune.TUNE_COMMAND_BUDGET_S)
     if config.compile_cache not in ("auto", "off"):
         check_writable(Path(config.compile_cache).expanduser(), flag="--compile-cache")
-    pinned = pinned_settings(flag_changes(args))
+    pinned = pinned_settings(changes)
     from rnnjax.data.sources import dataset_spec
 
     spec = dataset_spec(config)  # the dataset is never read: the children time its shape

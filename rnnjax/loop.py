@@ -288,9 +288,10 @@ class RunFiles:
         checkpoints = functools.partial(checkpoint_lib.CheckpointWriter,
                                         checkpoint_lib.checkpoints_dir(workdir),
                                         config.keep_checkpoints)
-        if not writes:  # a resume's records checked here too: a refusal is every process's
-            if resume_from is not None:
-                metrics_lib.kept_metrics(workdir, last_regular_eval(config, resume_from.step))
+        if resume_from is not None:  # checked by every process: a refusal is every one's
+            logged = last_regular_eval(config, resume_from.step)
+            kept, truncate = metrics_lib.kept_metrics(workdir, logged)  # nothing written
+        if not writes:
             return cls(checkpoints=checkpoints()), []
         if resume_from is None:
             workdir.mkdir(parents=True, exist_ok=True)
@@ -305,8 +306,6 @@ class RunFiles:
                         metrics_lib.TensorBoardWriter.open(workdir, purge_step=0))
 
             return cls(checkpoints=checkpoints(), opening=starting), []
-        logged = last_regular_eval(config, resume_from.step)
-        kept, truncate = metrics_lib.kept_metrics(workdir, logged)  # checked: nothing written
 
         def opening() -> tuple[metrics_lib.MetricWriter, metrics_lib.TensorBoardWriter | None]:
             write_config(workdir, config)
@@ -403,12 +402,13 @@ def _holding_workdir(run: Callable[..., RunResult]) -> Callable[..., RunResult]:
             raise ConfigError(str(e)) from None
         parallel.initialize(config)
         with contextlib.ExitStack() as stack:
+            refusal = None
             try:  # jax.process_index(), not --process-id: 0 in every process under auto
                 stack.enter_context(checkpoint_lib.workdir_lock(
                     workdir if jax.process_index() == 0 else None))
             except checkpoint_lib.CheckpointError as e:
-                parallel.agree(e)
-            parallel.agree(None)
+                refusal = e
+            parallel.agree(refusal)
             return run(config, workdir, **kwargs)
 
     return held

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnnjax.cells import Carry, Cell, Params, carry_is_output, chunk_bounds, scan_cell
+from rnnjax.cells import Carry, Cell, Params, carry_is_output, scan_cell
 from rnnjax.flax.cells import cast_floats
 
 
@@ -47,8 +48,7 @@ def run(
     ``seq_lengths[b]`` (the initial carry for length 0; Flax reads step T's there). The
     outputs of padding steps are computed over the padding and mean nothing. A cell whose
     carry is its output (simple_rnn, irnn, gru) reads that carry from the outputs; any
-    other keeps every step's carry, as Flax does, in the autodiff form of its step, in one
-    part (``chunks`` changes no value).
+    other keeps every step's carry, as Flax does, in the autodiff form of its step.
     """
     if inputs.ndim != 3:
         raise ValueError(f"RNN expects inputs [batch, time, features] (or [time, batch, "
@@ -68,8 +68,8 @@ def run(
         _, ys = scan_cell(cell, params, xs, carry, unroll=unroll, chunks=chunks)
         final = _at_lengths(ys, carry, lengths)
     else:
-        chunk_bounds(time, chunks)  # a bad value refused as on the other paths
-        carries, ys = _scan_keeping_carries(cell, params, xs, carry, unroll)
+        _, (carries, ys) = scan_cell(_keeping_carries(cell), params, xs, carry, unroll=unroll,
+                                     chunks=chunks)
         final = jax.tree.map(functools.partial(_at_lengths, lengths=lengths),
                              carries, carry)
     if reverse and keep_order:
@@ -129,15 +129,13 @@ def _at_lengths(steps: jax.Array, first: jax.Array, lengths: jax.Array) -> jax.A
                      first.astype(last.dtype))
 
 
-def _scan_keeping_carries(cell: Cell, params: Params, xs: jax.Array, carry: Carry,
-                          unroll: int) -> tuple[Carry, jax.Array]:
-    """``(every step's carry, stacked [T, ...] per leaf; ys [T, B, H])``: ``lax.scan`` of
-    the cell's step, the projection hoisted where the cell has one."""
-    us = xs if cell.project is None else cell.project(params, xs)
+def _keeping_carries(cell: Cell) -> Cell:
+    """``cell`` whose every step outputs its carry too, ``y_t`` as ``(carry_t, y_t)``: run
+    by :func:`~rnnjax.cells.scan_cell` in the autodiff form (its hand-written and native
+    forms output no carries)."""
+    def step(params: Params, carry: Carry, u: jax.Array) -> tuple[Carry, tuple[Carry, jax.Array]]:
+        carry, y = cell.step(params, carry, u)
+        return carry, (carry, y)
 
-    def step(c: Carry, u: jax.Array) -> tuple[Carry, tuple[Carry, jax.Array]]:
-        c, y = cell.step(params, c, u)
-        return c, (c, y)
-
-    _, (carries, ys) = jax.lax.scan(step, carry, us, unroll=unroll or xs.shape[0])
-    return carries, ys
+    return dataclasses.replace(cell, step=step, sequence=None, native=None, last_output=None,
+                               backward="autodiff", options=())
