@@ -13,8 +13,9 @@ builds, the native form writing the last step alone at 8 and at 16 lanes. One bu
 each, then ``--rounds`` calls each in turns; the fastest, median and slowest ms per
 evaluation, compile seconds apart, and each way's mean loss and count correct (the ways
 round apart, within the tuner's tolerance). ``bound ms`` is the evaluation's matrix
-products alone at the backend's float32 GEMM rate (``throughput.gemm_rate``, measured
-before and after: both are reported). Writes ``results/evaluation.{json,md}``. No TensorFlow.
+products alone at the backend's GEMM rate (``throughput.gemm_rate``: float32 arrays at
+JAX's default precision, measured before and after: both are reported). Writes
+``results/evaluation.{json,md}``. No TensorFlow.
 """
 
 from __future__ import annotations

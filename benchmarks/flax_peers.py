@@ -343,7 +343,11 @@ def case_runners(device_data: Arrays, order: str, batch: int, cell: str, steps: 
                  flax_apis: tuple[str, ...], user: Config,
                  max_full_unroll: int) -> dict[str, tuple[Runner, float]]:
     """Every runner of one case; full unrolling only up to ``max_full_unroll`` steps (the
-    compile time grows with the steps unrolled: minutes for the LSTM at 28 on 2 cores)."""
+    compile time grows with the steps unrolled: minutes for the LSTM at 28 on 2 cores).
+
+    The ``rnnjax unroll=...`` runners are XLA's form of ``user``'s choice at each unroll not
+    already timed: where the tuner chose the native kernels (no loop to unroll), the cell's
+    default form (``--backward auto``) at that unroll."""
     idx = jax.device_put(batch_indices(len(device_data.train_labels), batch, 0, steps))
     full = sequence_length(order)
     runners = {"rnnjax (as rnnjax train)": train_runner(device_data, idx, user)}
@@ -351,10 +355,11 @@ def case_runners(device_data: Arrays, order: str, batch: int, cell: str, steps: 
         user = in_process(user)
         runners["rnnjax (its choice without its process settings)"] = rnnjax_runner(
             device_data, idx, user)
+    xla = user if user.backward != "native" else user.replace(backward="auto")
     for name, unroll in unrolls(order, max_full_unroll):
-        if (unroll % full) != user.unroll:  # 0 is full for rnnjax
+        if xla != user or (unroll % full) != user.unroll:  # 0 is full for rnnjax
             runners[f"rnnjax unroll={name}"] = rnnjax_runner(
-                device_data, idx, user.replace(unroll=unroll % full))
+                device_data, idx, xla.replace(unroll=unroll % full))
     for api in flax_apis:
         for name, unroll in unrolls(order, max_full_unroll):
             runners[f"flax.{api} unroll={name}"] = compiled_runner(*FLAX_PROGRAMS[api](

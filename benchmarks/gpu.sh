@@ -21,6 +21,7 @@
 # flags to the seed runs' `rnnjax train` (a short run, for a test); unset, every part runs
 # as described here.
 set -uo pipefail
+given=${1:+$(realpath -m "$1")}  # OUT_DIR from the caller's directory
 cd "$(dirname "$0")/.."
 all_parts="seed_first seed_cached native_kernels flax_rows flax_pixels throughput"
 parts=" ${GPU_PARTS:-$all_parts} "
@@ -34,7 +35,7 @@ for name in $parts; do
 done
 runs() { case "$parts" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }  # runs NAME: asked for?
 read -ra seed_flags <<<"${GPU_SEED_FLAGS:-}"
-out=$(realpath -m "${1:-benchmarks/results/gpu}")
+out=${given:-$(realpath -m benchmarks/results/gpu)}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 cache=$(mktemp -d)

@@ -142,12 +142,24 @@ def without_tensorflow() -> Iterator[None]:
             del sys.modules["tensorflow"]
 
 
+# Packages that shape a result besides ``rnnjax.runtime.PACKAGES``, recorded where installed:
+# the peers timed, TensorFlow and tfds (the tfds feed; Keras' imports) and JAX's accelerator
+# plugins.
+OTHER_PACKAGES = ("flax", "keras", "torch", "tensorflow", "tensorflow-datasets",
+                  *runtime.GPU_PLUGINS, *runtime.TPU_PLUGINS)
+
+
 def environment(device: jax.Device | None = None) -> dict[str, Any]:
-    """Device, backend, versions, the flags that change timings, and whether TensorFlow was
-    loaded."""
+    """Device, backend, versions (the installed peers and accelerator plugins among them),
+    JAX's default matmul precision and the flags that change timings, and whether TensorFlow
+    was loaded."""
+    versions = runtime.versions(OTHER_PACKAGES)
     return {
         **runtime.device_info(device),
-        "versions": runtime.versions(),
+        "versions": {name: version for name, version in versions.items()
+                     if name not in OTHER_PACKAGES or version != "absent"},
+        # float32 products run at this precision: TF32 on NVIDIA GPUs from Ampere at "default"
+        "matmul_precision": str(jax.config.jax_default_matmul_precision or "default"),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "cpu_count": os.cpu_count(),
         "argv": sys.argv[1:],

@@ -194,9 +194,14 @@ def main(argv=None) -> None:
              "fewest-device run of the same backend, efficiency = speedup x (its devices) / "
              f"devices. Forced CPU devices share this machine's {os.cpu_count()} cores, so "
              "CPU rows measure partitioning overhead, not independent hardware.")
-    # The environment as the last worker saw it, and every worker's (this process never
-    # starts JAX, so that it holds no accelerator memory the workers need).
+    # The workers' environment (this process never starts JAX, so that it holds no
+    # accelerator memory the workers need): what they share, each worker's device count and
+    # XLA flags where they differ (the forced CPU devices), and every worker's whole.
     env = {**envs[-1], "per_row_environment": envs}
+    for key in ("device_count", "xla_flags"):
+        values = list(dict.fromkeys(str(e.get(key, "")) for e in envs))
+        if len(values) > 1:
+            env[key] = " / ".join(v or "none" for v in values) + " (per row)"
     write_results("scaling", rows, columns, env=env, notes=notes, out_dir=args.out or None)
 
 

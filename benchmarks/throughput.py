@@ -8,7 +8,9 @@ compiles ``train_steps`` (K steps per call on device-resident MNIST) ahead of ti
 one burn-in call, and reports the median over repeats of ms/step, steps/s, samples/s,
 compile time and first-call latency. It counts the FLOPs of one train step (analytic:
 XLA's cost analysis counts a while-loop body once, so it cannot), measures the
-backend's float32 GEMM rate with JAX, and reports the fraction achieved. With two
+backend's GEMM rate on float32 arrays with JAX, at JAX's default matmul precision as the
+train step runs (:func:`gemm_kind`: TF32 on NVIDIA GPUs from Ampere, bfloat16 passes on
+TPUs), and reports the fraction achieved. With two
 backends it adds their ratio. Per backend it also reports each cell's ops per time step,
 forward and backward, and the ops one whole train step launches at unroll 1 and fully
 unrolled, read from the compiled train step (``rnnjax.hlo``; ``--ops-only``: just those,
@@ -61,8 +63,20 @@ def train_step_flops(batch: int, time_steps: int = 28, features: int = 28, hidde
     return projection * 2 + recurrence * 3 + head * 3
 
 
+def gemm_kind(platform: str) -> str:
+    """What :func:`gemm_rate` measures on ``platform``: float32 arrays multiplied at JAX's
+    default matmul precision, the train step's, which is float32 only on CPUs."""
+    precision = jax.config.jax_default_matmul_precision
+    if platform == "cpu" or precision in ("highest", "float32"):
+        return "float32 GEMM"
+    on = {"gpu": "TF32 on NVIDIA GPUs from Ampere", "cuda": "TF32 on NVIDIA GPUs from Ampere",
+          "tpu": "bfloat16 passes"}.get(platform, "the backend's")
+    return f"GEMM of float32 arrays at {precision or 'default'} precision ({on})"
+
+
 def gemm_rate(device: jax.Device, size: int, repeats: int = 5) -> float:
-    """Measured float32 matrix-product FLOP/s on ``device`` (size x size x size)."""
+    """Measured matrix-product FLOP/s of float32 arrays on ``device`` (size x size x size),
+    at JAX's default matmul precision (:func:`gemm_kind`)."""
     key = jax.random.key(0)
     a = jax.device_put(jax.random.normal(key, (size, size), jnp.float32), device)
     b = jax.device_put(jax.random.normal(jax.random.key(1), (size, size), jnp.float32), device)
@@ -197,9 +211,14 @@ def main(argv=None) -> None:
 
     batches, unrolls = args.batch_sizes, args.unrolls
     # Accelerators first: where a time limit cuts the run short, their rows are written.
+    present = {d.platform for d in jax.devices()} | {"cpu"}
     backends = args.backends.split(",") if args.backends else sorted(
-        {d.platform for d in jax.devices()} | {"cpu"}, key=lambda b: (b == "cpu", b)
+        present, key=lambda b: (b == "cpu", b)
     )
+    for backend in backends:
+        if backend not in present:
+            parser.error(f"argument --backends: {backend!r} is not a backend JAX has here; "
+                         f"give some of {', '.join(sorted(present))}")
     rows = []
     envs = {}
     for backend in backends:
@@ -214,7 +233,8 @@ def main(argv=None) -> None:
     for backend in backends:
         device = jax.devices(backend)[0]
         rate = gemm_rate(device, 2048 if backend == "cpu" else 8192)
-        print(f"{backend}: float32 GEMM {rate / 1e9:.0f} GFLOP/s", flush=True)
+        envs[backend]["gemm_kind"] = gemm_kind(device.platform)
+        print(f"{backend}: {gemm_kind(device.platform)} {rate / 1e9:.0f} GFLOP/s", flush=True)
         for batch in batches:
             k = args.steps_per_call or max(10, min(200, 20000 // batch))
             for unroll in unrolls:

@@ -355,20 +355,24 @@ def first_step(state: Any, sums: Any, initial_params: Any) -> dict[str, Any]:
     return {"loss": np.asarray(sums["loss_sum"]), **{f"s{i}": a for i, a in enumerate(leaves)}}
 
 
+# The share of a call's seconds within which two timings of it are not told apart.
+NOISE = 0.1
+
+
 def call_overhead(one: float, seconds: float, steps: int) -> float:
     """A compiled call's own seconds, beside its steps, from a 1-step call's seconds
     (``one``) and a ``steps``-step call's (``seconds``), each read the same way (the tuner
     passes the best of its rounds, ``benchmarks.flax_peers`` the medians): ``one`` less the
-    marginal step
-    ``(seconds - one) / (steps - 1)``. 0 where that is not to be trusted: fewer than 2
-    steps, or a marginal step under half the call's average (the machine's noise, not
-    the program), and at most half of ``one``."""
+    marginal step ``(seconds - one) / (steps - 1)``, so at most ``one``. 0 where that is
+    not to be trusted: fewer than 2 steps, or a ``steps``-step call less than
+    :data:`NOISE` longer than the 1-step call (its extra steps within the machine's noise,
+    so no marginal step to read). The call's own cost may exceed its steps' (a call of few
+    steps on a small batch): it is corrected the same."""
     if steps < 2 or not math.isfinite(one):
         return 0.0
-    marginal = (seconds - one) / (steps - 1)
-    if marginal < 0.5 * seconds / steps:
+    if seconds - one < NOISE * seconds:
         return 0.0
-    return min(max(0.0, one - marginal), 0.5 * one)
+    return max(0.0, one - (seconds - one) / (steps - 1))
 
 
 def run_step(seconds: float, steps: int, overhead: float, steps_per_call: int) -> float:

@@ -73,6 +73,9 @@ BAD = [  # (module, flags, what the error line says)
     ("throughput", ["--batch-sizes", "0"], "argument --batch-sizes: '0': give integers of 1 "
                                            "or more"),
     ("throughput", ["--cell", "foo"], "argument --cell: unknown cell 'foo'"),
+    ("throughput", ["--backends", "cpux"], "argument --backends: 'cpux' is not a backend JAX "
+                                           "has here; give some of cpu"),
+    ("throughput", ["--backends", "cpu,tpu", "--ops-only"], "argument --backends: 'tpu'"),
     ("peers", ["--batch-sizes", "50,0"], "argument --batch-sizes: '50,0'"),
     ("peers", ["--repeats", "0"], "argument --repeats: '0'"),
     ("peers", ["--flax-cases", "rows:x"], "argument --flax-cases: 'rows:x'"),
@@ -109,6 +112,7 @@ GOOD = [  # the same benchmarks with good values get to their work (the fixture'
     ("flax_peers", ["--cases", "rows:50,pixels:8", "--cells", "gru", "--apis", ""]),
     ("throughput", ["--repeats", "1", "--steps-per-call", "0", "--batch-sizes", "8,16",
                     "--cell", "flax.linen:GRUCell"]),
+    ("throughput", ["--backends", "cpu", "--ops-only"]),
     ("peers", ["--batch-sizes", "50", "--repeats", "1", "--flax-cases", ""]),
     ("accuracy", ["--cells", "irnn", "--row-steps", "1"]),
     ("scaling", ["--counts", "1,2", "--batch-size", "8"]),
@@ -142,9 +146,10 @@ def test_the_flag_types_parse_what_they_take():
 SEED_FLAGS = "--steps 3 --eval-every 2 --hidden-size 8"  # a short run of the seed parts
 
 
-def gpu_sh(tmp_path: Path, out: Path, **env: str) -> subprocess.CompletedProcess:
+def gpu_sh(tmp_path: Path, out: Path, cwd: Path | None = None,
+           **env: str) -> subprocess.CompletedProcess:
     """``bash benchmarks/gpu.sh OUT`` with ``python3`` this interpreter, untuned (the suite's
-    RNNJAX_TUNE=off)."""
+    RNNJAX_TUNE=off), run from ``cwd``."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     python3 = bin_dir / "python3"
@@ -154,7 +159,7 @@ def gpu_sh(tmp_path: Path, out: Path, **env: str) -> subprocess.CompletedProcess
            "RNNJAX_TUNE": "off", **env}
     env.pop("OUT", None)  # no bundle
     return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.skipif(shutil.which("timeout") is None, reason="gpu.sh needs coreutils' timeout")
@@ -162,12 +167,15 @@ def test_gpu_sh_seed_runs_train_afresh_in_an_out_dir_an_earlier_run_filled(tmp_p
     """The committed results' seed folders hold an older run's config (rnnjax train refused
     it as another run's records), and a first run of gpu.sh left checkpoints (a second
     refused them: pass --resume): each seed part trains in a fresh workdir, its config and
-    summary copied into OUT_DIR, replacing the earlier ones."""
+    summary copied into OUT_DIR, replacing the earlier ones. A relative OUT_DIR is the
+    caller's (it was once taken from the repository's root)."""
     out = tmp_path / "gpu"
     for name in ("seed_first", "seed_cached"):  # as in benchmarks/results/gpu
         shutil.copytree(ROOT / "benchmarks" / "results" / "gpu" / name, out / name)
     for parts in ("seed_first,seed_cached", "seed_first"):  # into the same OUT_DIR again
-        proc = gpu_sh(tmp_path, out, GPU_PARTS=parts, GPU_SEED_FLAGS=SEED_FLAGS)
+        given = out if "," in parts else Path(out.name)  # the second time from tmp_path
+        proc = gpu_sh(tmp_path, given, cwd=tmp_path, GPU_PARTS=parts,
+                      GPU_SEED_FLAGS=SEED_FLAGS)
         for name in parts.split(","):
             assert f"=== {name}: rc 0," in proc.stdout, proc.stdout + proc.stderr
             assert sorted(p.name for p in (out / name).iterdir()) == ["config.json",
@@ -175,6 +183,7 @@ def test_gpu_sh_seed_runs_train_afresh_in_an_out_dir_an_earlier_run_filled(tmp_p
             assert json.loads((out / name / "config.json").read_text())["steps"] == 3
             assert "final test accuracy: " in (out / f"{name}.log").read_text()
         assert "native_kernels" not in proc.stdout  # GPU_PARTS: the seed parts alone
+    assert not (ROOT / out.name).exists()
 
 
 def test_gpu_sh_refuses_a_part_it_does_not_have_writing_nothing(tmp_path):
@@ -195,3 +204,52 @@ def test_gpu_sh_time_limits_sum_under_the_device_tools_600_s():
     limits += [int(n) for n in re.findall(r"\bseed_\w+:(\d+)\b", text)]
     assert len(limits) == 6 and sum(limits) <= 560
     assert f"({sum(limits)} s in all" in text
+
+
+def test_the_scaling_tables_header_names_every_workers_device_count(tmp_path, monkeypatch):
+    """The Markdown header was the last worker's environment: a table of 1 and 2 forced CPU
+    devices read "x2; XLA_FLAGS=...count=2" for both rows. It names both now; the JSON keeps
+    every worker's environment whole."""
+    def worker(backend, devices, args):
+        flags = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
+        env = {"backend": backend, "device_kind": "cpu", "device_count": devices,
+               "versions": {"jax": "x"}, "xla_flags": flags}
+        return {"backend": backend, "devices": devices, "batch": 8, "samples_per_s": 100.0,
+                "ms_per_step": 1.0}, env
+
+    monkeypatch.setattr(scaling, "run_worker", worker)
+    scaling.main(["--counts", "1,2", "--batch-size", "8", "--no-accelerators",
+                  "--out", str(tmp_path)])
+    header = (tmp_path / "scaling.md").read_text().splitlines()[2]
+    assert header.startswith("cpu cpu x1 / 2 (per row); jax x; XLA_FLAGS=none / "
+                             "--xla_force_host_platform_device_count=2 (per row)"), header
+    env = json.loads((tmp_path / "scaling.json").read_text())["environment"]
+    assert [e["device_count"] for e in env["per_row_environment"]] == [1, 2]
+
+
+def test_results_record_the_peers_versions_and_the_precision_of_the_gemm_rate():
+    """Every results file's environment names the installed peers' and plugins' versions
+    (Flax's was missing from flax_peers.json, Keras' and PyTorch's from peers.json) and JAX's
+    matmul precision; on a GPU at the default precision the "float32 GEMM" rate was TF32's,
+    and its label now says so."""
+    from importlib import metadata
+
+    versions = harness.environment()["versions"]
+    assert versions["flax"] == metadata.version("flax")
+    for name in harness.OTHER_PACKAGES:
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            installed = None
+        assert versions.get(name) == installed, name
+    assert harness.environment()["matmul_precision"] == "default"
+    assert throughput.gemm_kind("cpu") == "float32 GEMM"
+    assert "TF32" in throughput.gemm_kind("gpu")
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    try:
+        assert throughput.gemm_kind("gpu") == "float32 GEMM"
+        assert harness.environment()["matmul_precision"] == "highest"
+    finally:
+        jax.config.update("jax_default_matmul_precision", None)
