@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a step directory (WORKDIR/checkpoints/STEP) or a workdir")
     predict.add_argument("images", type=Path, nargs="+", metavar="IMAGE",
                          help="image files of single digits")
+    for command in (evaluate, predict):
+        command.add_argument("--eval-batch-size", type=int, default=None, metavar="N",
+                             help="images run through the model at a time (default: the "
+                             "checkpoint's --eval-batch-size, at most the images given)")
     return parser
 
 
@@ -229,13 +233,18 @@ def pinned_settings(given: Mapping[str, object]) -> frozenset[str]:
 
 def check_read(config: Config, given: Mapping[str, object]) -> None:
     """Refuse a flag given that the run would not read, as :func:`check_forms` a form:
-    ``--steps-per-call`` with ``--feed stream`` (one step a call; a tuned run given
+    ``--tfds-dir`` without ``--source tfds``; ``--steps-per-call`` with ``--feed stream`` (one
+    step a call; a tuned run given
     ``--steps-per-call`` keeps ``--feed device``, :func:`pinned_settings`). (``--native-lanes``
     without native kernels is moot, not refused: the tuner's choice, printed as flags by
     ``rnnjax tune``, names every tuned setting whatever the backward.)"""
     if "steps_per_call" in given and config.feed == "stream":  # given, or a resumed run's
         raise UsageError(f"--steps-per-call {config.steps_per_call}: --feed stream runs one "
                          "step a call; drop --steps-per-call, or use --feed device")
+    if "tfds_dir" in given and config.source != "tfds":  # as Config refuses --tfds-download
+        raise UsageError(f"--tfds-dir {config.tfds_dir}: only --source tfds reads it (this "
+                         f"run reads --source {config.source}); add --source tfds, or drop "
+                         "--tfds-dir")
 
 
 def check_cpus(config: Config, resumed: Path | None = None) -> None:
@@ -573,11 +582,17 @@ def _check_out(path: Path, given: bool = True) -> None:
     check_writable(path.parent, flag="--out", given=given, named=path)
 
 
+def _check_eval_batch_size(args: argparse.Namespace) -> None:
+    if args.eval_batch_size is not None and args.eval_batch_size < 1:
+        raise UsageError(f"--eval-batch-size must be at least 1, got {args.eval_batch_size}")
+
+
 def _eval(args: argparse.Namespace) -> int:
     from rnnjax import checkpoint, inference, plots
     from rnnjax.data.sources import load_dataset
     from rnnjax.metrics import seed_line, steps_phrase
 
+    _check_eval_batch_size(args)
     step_dir = checkpoint.resolve(args.checkpoint)  # cheap, before the slow part
     if args.out is None:  # named after loading: a run still training may save a newer one
         check_writable(checkpoint.workdir_of(step_dir), flag="--out", given=False)
@@ -596,7 +611,11 @@ def _eval(args: argparse.Namespace) -> int:
     dataset = load_dataset(config)
     checkpoint.check_data_spec(loaded.spec, dataset.spec, step_dir)
     data = dataset.arrays
-    result = inference.evaluate(loaded, data.test_images, data.test_labels)
+    if not len(data.test_labels):
+        raise UsageError(f"the test set of {config.dataset} is empty: nothing to evaluate; "
+                         "pass --dataset with a test set")
+    result = inference.evaluate(loaded, data.test_images, data.test_labels,
+                                args.eval_batch_size)
     print(f"checkpoint {step_dir}: {config.cell} {config.hidden_size} on {config.dataset} "
           f"after {steps_phrase(loaded.step)}; {len(data.test_labels)} test examples")
     print(seed_line(result.loss, result.accuracy))
@@ -617,6 +636,7 @@ def _predict(args: argparse.Namespace) -> int:
     from rnnjax import checkpoint, inference
     from rnnjax.data.images import load_mnist_image
 
+    _check_eval_batch_size(args)
     step_dir, meta = checkpoint.read_latest(args.checkpoint,
                                             lambda d: (d, checkpoint.read_meta(d)))
     spec = checkpoint.data_spec(meta, checkpoint.read_config(step_dir, meta))
@@ -626,7 +646,7 @@ def _predict(args: argparse.Namespace) -> int:
                          "dataset, or inference.probabilities on your own arrays")
     pixels = np.stack([load_mnist_image(path) for path in args.images])  # all, before work
     loaded = inference.load(args.checkpoint)
-    probabilities = inference.probabilities(loaded, pixels)
+    probabilities = inference.probabilities(loaded, pixels, args.eval_batch_size)
     names = [str(path) for path in args.images]
     width = max(5, *(len(name) for name in names))
     classes = probabilities.shape[1]

@@ -49,7 +49,8 @@ def state_shapes(config: Config, spec: DataSpec | None = None) -> tuple[Any, Mod
     (the loop's initialisation, traced, not run: ``jax.ShapeDtypeStruct`` leaves, the
     restore target of a checkpoint) and its model (for the images and classes of
     ``spec``; default: the IDX layout). :class:`memory.OutOfMemory` first when the state
-    and an evaluation chunk would not fit. (Running the initialisation, as this did,
+    alone would not fit (:func:`check_memory` checks the images with it). (Running the
+    initialisation, as this did,
     compiled it and drew the orthogonal kernels: 1-1.5 s of every eval and predict.)"""
     from rnnjax.loop import initial_state
 
@@ -57,7 +58,7 @@ def state_shapes(config: Config, spec: DataSpec | None = None) -> tuple[Any, Mod
     optimizer = make_optimizer(config)
     need = memory.estimate(config, model, optimizer, spec or DataSpec(model.image_shape,
                                                                       model.num_classes),
-                           training=False)
+                           training=False, test_examples=1)  # the images: check_memory
     memory.check_fits(need, what=f"the checkpoint's {config.cell} {config.hidden_size} model")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shapes = jax.eval_shape(functools.partial(initial_state, model, optimizer),
@@ -107,18 +108,38 @@ def check_images(spec: DataSpec, images: np.ndarray) -> None:
         raise ValueError(f"images of shape {list(images.shape)}: the model reads {wanted}")
 
 
-def logits_of(loaded: Loaded, images: np.ndarray) -> np.ndarray:
-    """Logits [N, C] of uint8 images [N, H, W(, C)] (:func:`check_images`)."""
+def check_memory(loaded: Loaded, examples: int, chunk: int) -> None:
+    """:class:`memory.OutOfMemory` (one line, with the fix) where evaluating ``examples``
+    images ``chunk`` at a time would not fit: the state, the images as float32 with their
+    copy padded to whole chunks, and a chunk's activations (``memory.estimate``; the
+    checkpoint's own ``eval_batch_size`` could be far larger than the images)."""
+    config = loaded.config.replace(eval_batch_size=chunk)
+    need = memory.estimate(config, loaded.model, make_optimizer(config), loaded.spec,
+                           examples=examples, training=False, test_examples=examples)
+    fix = (f"pass a smaller --eval-batch-size than {chunk}" if need.activations > need.dataset
+           else "evaluate fewer images at a time (inference.evaluate or "
+           "inference.probabilities on parts of them)")
+    memory.check_fits(need, what=f"evaluating {examples} images with the checkpoint's "
+                      f"{config.cell} {config.hidden_size} model", fix=fix)
+
+
+def logits_of(loaded: Loaded, images: np.ndarray, chunk: int | None = None) -> np.ndarray:
+    """Logits float32 [N, C] of uint8 images [N, H, W(, C)] (:func:`check_images`),
+    ``chunk`` at a time (default: the checkpoint's ``eval_batch_size``); none for none."""
     images = np.asarray(images)
     check_images(loaded.spec, images)
-    fn = jax.jit(functools.partial(batched_logits, model=loaded.model,
-                                   chunk=loaded.config.eval_batch_size))
+    n = images.shape[0]
+    if n == 0:
+        return np.zeros((0, loaded.model.num_classes), np.float32)
+    chunk = min(chunk or loaded.config.eval_batch_size, n)
+    check_memory(loaded, n, chunk)
+    fn = jax.jit(functools.partial(batched_logits, model=loaded.model, chunk=chunk))
     return np.asarray(fn(loaded.state.params, jnp.asarray(normalize_host(images))))
 
 
-def probabilities(loaded: Loaded, images: np.ndarray) -> np.ndarray:
-    """Class probabilities float [N, C] of uint8 images [N, H, W(, C)]."""
-    return np.asarray(jax.nn.softmax(logits_of(loaded, images), axis=-1))
+def probabilities(loaded: Loaded, images: np.ndarray, chunk: int | None = None) -> np.ndarray:
+    """Class probabilities float32 [N, C] of uint8 images [N, H, W(, C)] (:func:`logits_of`)."""
+    return np.asarray(jax.nn.softmax(logits_of(loaded, images, chunk), axis=-1))
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int) -> np.ndarray:
@@ -153,10 +174,31 @@ class Evaluation:
         return "\n".join(lines) + "\n"
 
 
-def evaluate(loaded: Loaded, images: np.ndarray, labels: np.ndarray) -> Evaluation:
-    """Loss, accuracy and confusion matrix on uint8 images [N, H, W(, C)], int labels [N]."""
-    logits = logits_of(loaded, images)
-    labels = np.asarray(labels, np.int32)
+def check_labels(labels: np.ndarray, examples: int, classes: int) -> None:
+    """A ValueError, naming the problem, unless ``labels`` are ``examples`` integers, at
+    least one, each a class in ``[0, classes)``."""
+    if labels.shape != (examples,):
+        raise ValueError(f"labels of shape {list(labels.shape)}: give one per image, "
+                         f"[{examples}]")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels of dtype {labels.dtype}: give integer classes")
+    if examples == 0:
+        raise ValueError("no images to evaluate: give at least one image and its label")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= classes:
+        raise ValueError(f"labels from {low} to {high}: the model has {classes} classes, "
+                         f"0 to {classes - 1}")
+
+
+def evaluate(loaded: Loaded, images: np.ndarray, labels: np.ndarray,
+             chunk: int | None = None) -> Evaluation:
+    """Loss, accuracy and confusion matrix on uint8 images [N, H, W(, C)], int labels [N]
+    (:func:`check_labels`), ``chunk`` images at a time (:func:`logits_of`)."""
+    labels = np.asarray(labels)
+    check_images(loaded.spec, np.asarray(images))
+    check_labels(labels, np.asarray(images).shape[0], loaded.model.num_classes)
+    logits = logits_of(loaded, images, chunk)
+    labels = labels.astype(np.int32)
     loss = float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
     predictions = logits.argmax(axis=-1)
     confusion = confusion_matrix(labels, predictions, loaded.model.num_classes)

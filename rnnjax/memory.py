@@ -135,12 +135,18 @@ def evaluation_activations(model: Model, params: Any, spec: DataSpec, chunk: int
       4H for the LSTM, 3H for the GRU, both directions), and the logits;
     * where layers feed layers, every step's outputs ``[T, chunk, width]`` of one layer (of
       three where bidirectional: each direction's and their concatenation; one more from
-      the third layer on).
+      the third layer on);
+    * scanned ``u`` > 1 steps at a time (``model.unroll``; 0 is all ``T``), the gates' input
+      products of those ``u`` steps, which XLA schedules ahead of the recurrent chain (the
+      seed's chunk fully unrolled: 57 MiB where unroll 1 plans 5.7);
+    * computing in another dtype than float32, one float32 ``[T, chunk, F]`` more (the
+      inputs' casts).
 
     Fitted to XLA's own plan (``memory_analysis``) on XLA:CPU, jax 0.10.2: within
     0.97-2.1x of it for the three cells at hidden 16-256, 1-3 layers, either direction and
     order (75 shapes, chunks slices of the set); the seed's chunk of the whole test set
-    5.7 MiB alike.
+    5.7 MiB alike. Fully unrolled, at unroll 4 and in bfloat16 within 1.0-1.5x (until
+    2026-12-06 those read 0.1-0.5x: a run the estimate let through could fail to allocate).
     """
     steps, features = spec.sequence(model.order)
     hidden = model.cell.hidden_size
@@ -152,7 +158,10 @@ def evaluation_activations(model: Model, params: Any, spec: DataSpec, chunk: int
                if layers > 1 else 0)
     sliced = examples is None or chunk < examples
     padded = examples + -examples % chunk if examples and examples % chunk else 0
-    return 4 * (chunk * (3 * gates + model.num_classes + outputs
+    unrolled = steps if model.unroll == 0 else min(model.unroll, steps)
+    ahead = gates * unrolled if unrolled > 1 else 0
+    cast = steps * features if jnp.dtype(model.compute_dtype) != jnp.float32 else 0
+    return 4 * (chunk * (3 * gates + model.num_classes + outputs + ahead + cast
                          + 2 * steps * features * sliced) + steps * features * padded)
 
 
@@ -179,8 +188,10 @@ def estimate(
     params, opt = tree_bytes(state.params), tree_bytes(state.opt_state)
     chunk = -(-min(config.eval_batch_size, test_examples or config.eval_batch_size)
               // devices)
+    evaluated = model if config.eval_unroll < 0 else dataclasses.replace(
+        model, unroll=config.eval_unroll)  # the evaluations' unroll (model.evaluation_model)
     evaluation = evaluation_activations(
-        model, state.params, spec, chunk,
+        evaluated, state.params, spec, chunk,
         None if test_examples is None else -(-test_examples // devices))
     grads, batch, acts = 0, chunk, evaluation
     if training:
@@ -230,9 +241,10 @@ def host_available() -> int:
 
 
 def check_fits(need: Estimate, devices: int = 1, what: str = "the run",
-               room: tuple[int, str, bool] | None = None) -> None:
+               room: tuple[int, str, bool] | None = None, fix: str | None = None) -> None:
     """Raise :class:`OutOfMemory` when ``need`` (per device, on each of ``devices`` local
-    devices) is more than the memory available (``room``, default :func:`available`)."""
+    devices) is more than the memory available (``room``, default :func:`available`); its
+    message ends with ``fix`` (default: :meth:`Estimate.fix`, a run's flags)."""
     free, where, per_device = available() if room is None else room
     total = need.total if per_device else need.total * devices
     if total <= free:
@@ -240,7 +252,7 @@ def check_fits(need: Estimate, devices: int = 1, what: str = "the run",
     each = f" on each of {devices} devices" if devices > 1 else ""
     raise OutOfMemory(
         f"{what} needs about {human(total)} of memory{each} ({need.parts()}) but {where}; "
-        f"{need.fix()}"
+        f"{fix or need.fix()}"
     )
 
 

@@ -180,33 +180,47 @@ def blues(rate: float) -> Color:
     return tuple(round(a[k] + (b[k] - a[k]) * f) for k in range(3))  # type: ignore[return-value]
 
 
+def blues_of(rates: np.ndarray) -> np.ndarray:
+    """:func:`blues` of every share in ``rates`` at once: uint8 ``[..., 3]``."""
+    table = np.asarray(BLUES, np.float64)
+    x = np.clip(rates, 0.0, 1.0) * (len(BLUES) - 1)
+    i = np.minimum(x.astype(int), len(BLUES) - 2)
+    f = (x - i)[..., None]
+    return np.rint(table[i] + (table[i + 1] - table[i]) * f).astype(np.uint8)
+
+
 def confusion_matrix(matrix: np.ndarray, path: Path, title: str = "") -> Path:
     """``matrix[true, predicted]`` counts as a heat map, each cell coloured by its share of
     its true class (recall per class) with its count written, and a colour bar."""
     matrix = np.asarray(matrix)
     classes = matrix.shape[0]
     s = SCALE
-    # 48 pixels a class from 5 to 13 classes; fewer, larger ones fill 240, more share 640.
-    cell = max(16, min(max(48, 240 // classes), 640 // classes))
-    size = max(6, min(11, cell // 4))  # of the counts
+    # 48 pixels a class from 5 to 13 classes; fewer, larger ones fill 240, more share 640
+    # (at least 1 pixel each: 16 had made 1,000 classes a 16,000-pixel grid, minutes to draw).
+    cell = max(1, min(max(48, 240 // classes), 640 // classes))
+    size = max(6, min(11, cell // 4))  # of the counts, written where a cell holds them
+    every = -(-16 // cell)  # a class's number on the axes every this many classes
     left, top = 90, 50
     grid = cell * classes
     width, height = left + grid + 130, top + grid + 70
     image = Image.new("RGB", (width * s, height * s), WHITE)
-    draw = ImageDraw.Draw(image)
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    for t in range(classes):
-        for p in range(classes):
-            x, y = (left + p * cell) * s, (top + t * cell) * s
-            draw.rectangle((x, y, x + cell * s, y + cell * s), fill=blues(rates[t, p]))
-            _text(draw, (x + cell * s / 2, y + cell * s / 2), str(matrix[t, p]), size,
-                  fill=WHITE if rates[t, p] > 0.5 else BLACK)
+    cells = blues_of(rates).repeat(cell * s, axis=0).repeat(cell * s, axis=1)
+    image.paste(Image.fromarray(cells, "RGB"), (left * s, top * s))
+    draw = ImageDraw.Draw(image)
+    if cell >= 16:
+        for t in range(classes):
+            for p in range(classes):
+                x, y = (left + p * cell + cell / 2) * s, (top + t * cell + cell / 2) * s
+                _text(draw, (x, y), str(matrix[t, p]), size,
+                      fill=WHITE if rates[t, p] > 0.5 else BLACK)
     draw.rectangle((left * s, top * s, (left + grid) * s, (top + grid) * s), outline=BLACK,
                    width=s)
-    for k in range(classes):
+    for k in range(0, classes, every):
         centre = (left + k * cell + cell / 2) * s
-        _text(draw, (centre, (top + grid + 6) * s), str(k), size, "mt")
-        _text(draw, ((left - 6) * s, (top + k * cell + cell / 2) * s), str(k), size, "rm")
+        _text(draw, (centre, (top + grid + 6) * s), str(k), max(size, 8), "mt")
+        _text(draw, ((left - 6) * s, (top + k * cell + cell / 2) * s), str(k), max(size, 8),
+              "rm")
     _text(draw, ((left + grid / 2) * s, (top + grid + 28) * s), "predicted class", 12, "mt")
     _vertical_text(image, ((left - 45) * s, (top + grid / 2) * s), "true class", 12)
     _text(draw, ((left + grid / 2) * s, (top - 12) * s), title or "confusion matrix", 14, "mb")

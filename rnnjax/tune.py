@@ -78,7 +78,8 @@ from rnnjax.measure import (
 )
 
 TUNER_VERSION = 34  # 34: a call's own cost read where it exceeds its steps' (it was
-# dropped there, and cut to half a 1-step call elsewhere: measure.call_overhead); 33: an SGD whose first step moves nothing (a warmup's learning rate
+# dropped there, and cut to half a 1-step call elsewhere: measure.call_overhead);
+# 33: an SGD whose first step moves nothing (a warmup's learning rate
 # of 0) compared by its second step's update (its first hid any gradient's error);
 # 32: with --backward native its other vector width timed, no unroll;
 # a first child alone leaves the second process its share; the evaluation's compiles kept

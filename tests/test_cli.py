@@ -138,8 +138,9 @@ def test_unwritable_workdir_is_refused_before_training(capsys, tmp_path):
     assert "is not a directory" in capsys.readouterr().err
 
 
-def _saved_checkpoint(workdir):
-    """A real checkpoint of a tiny config in ``workdir`` (a made-up state, no training)."""
+def _saved_checkpoint(workdir, **config_fields):
+    """A real checkpoint of a tiny config (with ``config_fields``) in ``workdir`` (a made-up
+    state, no training)."""
     import functools
 
     import jax
@@ -150,7 +151,7 @@ def _saved_checkpoint(workdir):
     from rnnjax.model import make_model
     from rnnjax.optim import make_optimizer
 
-    config = Config(hidden_size=4, steps=10)
+    config = Config(hidden_size=4, steps=10, **config_fields)
     create = functools.partial(train.create_state, model=make_model(config),
                                optimizer=make_optimizer(config))
     state = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype),
@@ -260,6 +261,67 @@ def test_probabilities_of_arrays_the_model_cannot_read_are_clear_errors(saved):
         with pytest.raises(ValueError, match=r"images of shape .*: the model reads "
                                              r"\[N, 28, 28, 1\] or \[N, 28, 28\]"):
             inference.probabilities(loaded, bad)
+
+
+def test_inference_of_no_images_and_of_bad_labels(saved):
+    """No images are no probabilities (a reshape divided by zero), and evaluate's labels are
+    checked: a class past the model's had failed in NumPy's reshape, float labels were cut
+    to integers."""
+    import numpy as np
+
+    from rnnjax import inference
+
+    loaded = inference.load(saved)
+    none = np.zeros((0, 28, 28), np.uint8)
+    assert inference.probabilities(loaded, none).shape == (0, 10)
+    images, labels = np.zeros((3, 28, 28), np.uint8), np.array([0, 9, 1])
+    assert inference.evaluate(loaded, images, labels).confusion.sum() == 3
+    for bad_images, bad_labels, message in (
+            (images, np.array([0, 10, 1]), "labels from 0 to 10: the model has 10 classes, "
+                                           "0 to 9"),
+            (images, np.array([0, -1, 1]), "labels from -1 to 1"),
+            (images, np.array([0.0, 1.7, 1.0]), "labels of dtype float64: give integer"),
+            (images, labels[:2], r"labels of shape \[2\]: give one per image, \[3\]"),
+            (none, labels[:0], "no images to evaluate")):
+        with pytest.raises(ValueError, match=message):
+            inference.evaluate(loaded, bad_images, bad_labels)
+
+
+def test_eval_and_predict_size_their_memory_by_the_images_they_run(capsys, tmp_path,
+                                                                 monkeypatch):
+    """A run evaluated with --eval-batch-size 10**8 (chunks of the test set's 10,000) was
+    refused by eval and predict as needing 600 GiB, with a fix neither had: they size a
+    chunk by the images they run, take --eval-batch-size themselves, and where the images do
+    not fit say what to change there."""
+    import numpy as np
+    from PIL import Image
+
+    from rnnjax import memory
+
+    saved = _saved_checkpoint(tmp_path / "run", eval_batch_size=10**8)
+    digit = np.zeros((28, 28), np.uint8)
+    digit[4:24, 12:16] = 255  # a one
+    Image.fromarray(digit).save(tmp_path / "d.png")
+    assert main(["predict", str(saved), str(tmp_path / "d.png")]) == 0
+    assert main(["predict", str(saved), str(tmp_path / "d.png"), "--eval-batch-size",
+                 "7"]) == 0
+    one, seven = (line.split()[1:] for line in capsys.readouterr().out.splitlines()[1::2])
+    assert one == seven
+    seed_lines = []
+    for flags in ([], ["--eval-batch-size", "3000"]):
+        assert main(["eval", str(saved), "--out", str(tmp_path / "cm.png"), *flags]) == 0
+        seed_lines += [line for line in capsys.readouterr().out.splitlines()
+                       if "test" in line and "accuracy" in line]
+    assert len(seed_lines) == 2 and seed_lines[0] == seed_lines[1]
+    _one_line_error(capsys, ["eval", str(saved), "--eval-batch-size", "0"],
+                    "--eval-batch-size must be at least 1, got 0")
+    monkeypatch.setattr(memory, "available",
+                        lambda device=None: (20 << 20, "the host has 20.0 MiB of RAM", False))
+    _one_line_error(capsys, ["eval", str(saved), "--out", str(tmp_path / "cm.png")],
+                    "evaluating 10000 images with the checkpoint's simple_rnn 4 model needs "
+                    "about 30.8 MiB of memory (parameters 728 B, optimizer state 1.4 KiB, "
+                    "activations of 10000 examples 859.4 KiB, dataset 29.9 MiB) but the host "
+                    "has 20.0 MiB of RAM; evaluate fewer images at a time")
 
 
 def test_predict_an_image_pillow_refuses_as_too_large_gives_one_line(monkeypatch, capsys,

@@ -13,6 +13,7 @@ import builtins
 import gzip
 import hashlib
 import io
+import json
 import os
 import select
 import signal
@@ -242,6 +243,17 @@ def test_damaged_finished_build_is_explained(tfds_mnist, tmp_path, small_dir):
     message = str(info.value)
     assert str(data_dir) in message and "delete that directory" in message
     assert "\n" not in message
+
+
+def test_a_build_whose_metadata_was_damaged_since_is_built_again(tfds_mnist, tmp_path,
+                                                                   small_dir, small):
+    """A finished build's dataset_info.json emptied afterwards (a full disk) was a
+    traceback (tfds' ParseError) on every later run: it is built again, as an unfinished one."""
+    tfds_dir = tmp_path / "tfds"
+    data_dir = Path(tfds_mnist.prepare("small", small_dir, None, str(tfds_dir)).data_dir)
+    (data_dir / "dataset_info.json").write_text("")
+    assert_same(tfds_mnist.load_arrays("small", small_dir, None, str(tfds_dir)), small)
+    assert json.loads((data_dir / "dataset_info.json").read_text())
 
 
 def test_replaced_files_rebuild(tfds_mnist, tmp_path, mnist, small_dir, small):

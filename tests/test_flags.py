@@ -149,6 +149,9 @@ BAD = [
      ["--tfds-dir {tmp}/file/tfds: cannot write the tfds build", "writable directory"]),
     ("tfds_download_value", ["--tfds-download=yes"], ["--tfds-download", "ignored explicit"]),
     ("tfds_download_without_tfds", ["--tfds-download"], ["--tfds-download needs --source tfds"]),
+    ("tfds_dir_without_tfds", ["--tfds-dir", "/tmp/t"],
+     ["--tfds-dir /tmp/t: only --source tfds reads it (this run reads --source idx); add "
+      "--source tfds, or drop --tfds-dir"]),
     ("train_split_empty", ["--train-split", " "], ["--train-split is empty; pass a split name"]),
     ("train_split_with_idx", ["--train-split", "validation"],
      ["--train-split validation: IDX files hold only the splits train and test"]),

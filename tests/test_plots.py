@@ -103,8 +103,24 @@ def test_confusion_matrix_colours_each_cell_by_its_share_of_the_true_class(tmp_p
 
 
 def test_many_classes_get_smaller_cells(tmp_path):
+    """Up to 40 classes each cell holds its count; more share 640 pixels, at least one each
+    (cells of at least 16 made 1,000 classes a 16,000-pixel grid, minutes of drawing)."""
+    image = Image.open(plots.confusion_matrix(np.eye(40, dtype=int), tmp_path / "cm.png"))
+    assert image.size == (90 + 16 * 40 + 130, 50 + 16 * 40 + 70)
     image = Image.open(plots.confusion_matrix(np.eye(100, dtype=int), tmp_path / "cm.png"))
-    assert image.size == (90 + 16 * 100 + 130, 50 + 16 * 100 + 70)
+    assert image.size == (90 + 6 * 100 + 130, 50 + 6 * 100 + 70)
+    for k in (0, 57, 99):  # the diagonal's share 1, the rest 0 (within the scaling's blur)
+        x, y = 90 + 6 * k + 3, 50 + 6 * k + 3
+        assert _count(image, (x, y, x + 1, y + 1), plots.blues(1.0), tol=6) == 1
+        x = x + 6 if k < 99 else x - 6
+        assert _count(image, (x, y, x + 1, y + 1), plots.blues(0.0), tol=6) == 1
+    image = Image.open(plots.confusion_matrix(np.eye(1000, dtype=int), tmp_path / "cm.png"))
+    assert image.size == (90 + 1000 + 130, 50 + 1000 + 70)
+
+
+def test_the_heat_maps_colours_are_blues_own():
+    rates = np.linspace(-0.5, 1.5, 2001)
+    assert [tuple(c) for c in plots.blues_of(rates)] == [plots.blues(r) for r in rates]
 
 
 def test_pillows_bitmap_font_draws_them_too(tmp_path, monkeypatch):

@@ -334,6 +334,9 @@ ERRORS = [
       "use --order rows (160 steps of 160)"]),
     ("num_classes_check", "tiny_colour", ["--num-classes", "7"],
      ["--num-classes 7 but the dataset has 10 classes; pass --num-classes 10"]),
+    ("version_not_prepared", "tiny_colour:2.0.0", [],
+     ["--dataset tiny_colour:2.0.0: the tfds data dir {tfds} holds tiny_colour in version "
+      "1.0.0 only; pass one of them, or the name alone for its latest"]),
     ("empty_test_split", "fashion_mnist", ["--test-split", "test[:0]"],
      ["--test-split test[:0]: the split of fashion_mnist:3.0.1 is empty; pass a split that "
       "holds examples"]),
@@ -381,3 +384,29 @@ def test_no_download_unless_asked(prepared, monkeypatch):
                                           r"prepare mnist_corrupted.*no network here"):
         load_dataset(tfds_config(prepared, "mnist_corrupted", tfds_download=True))
     assert calls == ["mnist_corrupted"]
+
+
+@pytest.mark.parametrize("damage", ["empty info", "no info", "empty features"])
+def test_a_prepared_dataset_with_damaged_metadata_is_one_line(capsys, prepared, tmp_path,
+                                                              damage):
+    """A prepared dataset's dataset_info.json emptied (a full disk, a cut copy) or missing
+    was a traceback and exit 1; a damaged features.json was told to pass another version."""
+    import shutil
+
+    tfds_dir, _, _, _, empty = prepared
+    copy = tmp_path / "tfds"
+    shutil.copytree(tfds_dir / "tiny_colour", copy / "tiny_colour")
+    name = {"empty info": "dataset_info.json", "no info": "dataset_info.json",
+            "empty features": "features.json"}[damage]
+    target = copy / "tiny_colour" / "1.0.0" / name
+    target.unlink() if damage == "no info" else target.write_text("")
+    code = main(["train", "--source", "tfds", "--dataset", "tiny_colour", "--tfds-dir",
+                 str(copy), "--data-dir", str(empty), "--workdir", str(tmp_path / "run"),
+                 "--steps", "2", "--batch-size", "2", "--compile-cache", "off"])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert code == 2, err
+    assert err.startswith(f"rnnjax: error: --dataset tiny_colour: its prepared metadata in "
+                          f"{copy}/tiny_colour is damaged ("), err
+    assert err.endswith("); prepare it there again (delete that version's directory first)")
+    assert not (tmp_path / "run").exists()
+

@@ -94,7 +94,7 @@ def import_tfds() -> ModuleType:
     except ImportError as e:
         raise ConfigError(
             f"--source tfds needs TensorFlow and tensorflow-datasets ({e}); "
-            "pip install -e '.[tfds]', or use --source idx"
+            "pip install -e '.[tfds]' (or train with --source idx)"
         ) from e
     return tfds_mnist
 

@@ -90,6 +90,14 @@ def _how_to_prepare(name: str, tfds_dir: str) -> str:
             "--tfds-dir where it is prepared, or --tfds-download to let tfds download it")
 
 
+def prepared_versions(directory: Path) -> list[str]:
+    """The versions prepared in ``directory`` (a data dir's ``NAME/``): those with their
+    ``dataset_info.json``."""
+    if not directory.is_dir():
+        return []
+    return sorted(d.name for d in directory.iterdir() if (d / "dataset_info.json").is_file())
+
+
 def _builder(dataset: str, tfds_dir: str) -> tfds.core.DatasetBuilder | None:
     """``tfds.builder(dataset, data_dir=...)``; None when tfds knows no dataset of that name
     (neither in its catalog nor prepared in the data dir)."""
@@ -97,6 +105,12 @@ def _builder(dataset: str, tfds_dir: str) -> tfds.core.DatasetBuilder | None:
         return tfds.builder(dataset, data_dir=tfds_dir or None)
     except tfds.core.registered.DatasetNotFoundError:
         return None
+    except tfds_mnist.DAMAGED_INFO as e:  # its dataset_info.json or features.json unreadable
+        problem = " ".join(str(e).split())[-200:]
+        name = dataset.partition(":")[0]
+        raise ConfigError(f"--dataset {dataset}: its prepared metadata in {_where(tfds_dir)}/"
+                          f"{name} is damaged ({problem}); prepare it there again (delete "
+                          "that version's directory first)") from e
     except (AssertionError, ValueError) as e:  # e.g. a version that does not exist
         problem = " ".join(str(e).split())[-200:]
         raise ConfigError(f"--dataset {dataset}: tfds cannot open it ({problem}); pass a "
@@ -118,6 +132,12 @@ def resolve(config: Config) -> Prepared | IdxBuild:
     except IdxError:
         if builder is not None:
             return _prepared(builder, dataset)
+    prepared = prepared_versions(Path(_where(config.tfds_dir)) / name)
+    if version and prepared:
+        raise ConfigError(
+            f"--dataset {dataset}: the tfds data dir {_where(config.tfds_dir)} holds {name} "
+            f"in version {', '.join(prepared)} only; pass one of them, or the name alone "
+            "for its latest")
     raise ConfigError(
         f"--dataset {dataset}: not prepared in the tfds data dir {_where(config.tfds_dir)} and "
         f"not a dataset of tfds' catalog (nor IDX files in {config.data_dir or '~/rnnjax_data'}"

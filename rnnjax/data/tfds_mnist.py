@@ -27,6 +27,7 @@ from typing import ClassVar
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from google.protobuf import json_format
 
 from rnnjax.config import ConfigError
 from rnnjax.data.idx import FILES, Arrays, IdxError, find_file, load_idx_dir
@@ -107,9 +108,27 @@ def config_name(name: str, directory: Path, checksums: dict[str, str] | None = N
     return f"{safe}_{where}_{content_digest(directory, checksums)}"
 
 
+# A prepared dataset's metadata tfds cannot read: missing, or not JSON (its dataset_info.json
+# or features.json emptied or cut short, as by a full disk or an interrupted copy).
+DAMAGED_INFO = (json_format.ParseError, json.JSONDecodeError,
+                getattr(tfds.core.dataset_info, "DatasetInfoFileError", FileNotFoundError))
+
+
 def _finished(data_dir: Path) -> bool:
-    """tfds renames a build into place with its ``dataset_info.json``, only once complete."""
-    return (data_dir / "dataset_info.json").is_file()
+    """tfds renames a build into place with its ``dataset_info.json``, only once complete
+    (one that does not parse was damaged since)."""
+    try:
+        json.loads((data_dir / "dataset_info.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _build_dir(config: tfds.core.BuilderConfig, tfds_dir: str) -> Path:
+    """Where tfds keeps the build of ``config`` (``RnnjaxIdx(...).data_dir``, known without
+    the builder, which reads its metadata when made)."""
+    root = Path(tfds_dir or tfds.core.constants.DATA_DIR).expanduser()
+    return root / RnnjaxIdx.name / config.name / BUILD_VERSION
 
 
 def prepare(
@@ -118,7 +137,8 @@ def prepare(
     """The ``rnnjax_idx`` builder for ``directory``, prepared (built once, then reused).
 
     A build killed midway (tfds' ``incomplete.*`` directory, or a version directory without
-    its ``dataset_info.json``) is never used: it is built again. When another process
+    its ``dataset_info.json``) or damaged since (one that does not parse) is never used: it
+    is built again. When another process
     finishes the same build first, its build is used.
     """
     config = tfds.core.BuilderConfig(name=config_name(name, directory, checksums),
@@ -126,6 +146,8 @@ def prepare(
     download_config = tfds.download.DownloadConfig(manual_dir=str(directory))
     where = tfds_dir or "~/tensorflow_datasets"
     try:
+        if _build_dir(config, tfds_dir).exists() and not _finished(_build_dir(config, tfds_dir)):
+            shutil.rmtree(_build_dir(config, tfds_dir))  # damaged, or never finished: again
         builder = RnnjaxIdx(config=config, data_dir=tfds_dir or None, checksums=checksums)
         where = str(builder.data_dir_root)
         data_dir = Path(builder.data_dir)
