@@ -347,7 +347,8 @@ def case_runners(device_data: Arrays, order: str, batch: int, cell: str, steps: 
 
     The ``rnnjax unroll=...`` runners are XLA's form of ``user``'s choice at each unroll not
     already timed: where the tuner chose the native kernels (no loop to unroll), the cell's
-    default form (``--backward auto``) at that unroll."""
+    default form (``--backward``, ``--projection`` and ``--weight-grad`` auto) at that
+    unroll."""
     idx = jax.device_put(batch_indices(len(device_data.train_labels), batch, 0, steps))
     full = sequence_length(order)
     runners = {"rnnjax (as rnnjax train)": train_runner(device_data, idx, user)}
@@ -355,7 +356,8 @@ def case_runners(device_data: Arrays, order: str, batch: int, cell: str, steps: 
         user = in_process(user)
         runners["rnnjax (its choice without its process settings)"] = rnnjax_runner(
             device_data, idx, user)
-    xla = user if user.backward != "native" else user.replace(backward="auto")
+    xla = user if user.backward != "native" else user.replace(
+        backward="auto", projection="auto", weight_grad="auto")  # the cell's default form
     for name, unroll in unrolls(order, max_full_unroll):
         if xla != user or (unroll % full) != user.unroll:  # 0 is full for rnnjax
             runners[f"rnnjax unroll={name}"] = rnnjax_runner(

@@ -7,6 +7,7 @@ Images reach the model exactly as in training: uint8 pixels through
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,17 +111,22 @@ def check_images(spec: DataSpec, images: np.ndarray) -> None:
 
 def check_memory(loaded: Loaded, examples: int, chunk: int) -> None:
     """:class:`memory.OutOfMemory` (one line, with the fix) where evaluating ``examples``
-    images ``chunk`` at a time would not fit: the state, the images as float32 with their
-    copy padded to whole chunks, and a chunk's activations (``memory.estimate``; the
-    checkpoint's own ``eval_batch_size`` could be far larger than the images)."""
+    images ``chunk`` at a time would not fit beside the loaded state (which the memory
+    available already leaves out): the images as float32 with their copy padded to whole
+    chunks, and a chunk's activations (``memory.estimate``; the checkpoint's own
+    ``eval_batch_size`` could be far larger than the images)."""
     config = loaded.config.replace(eval_batch_size=chunk)
-    need = memory.estimate(config, loaded.model, make_optimizer(config), loaded.spec,
-                           examples=examples, training=False, test_examples=examples)
-    fix = (f"pass a smaller --eval-batch-size than {chunk}" if need.activations > need.dataset
-           else "evaluate fewer images at a time (inference.evaluate or "
-           "inference.probabilities on parts of them)")
+    need = dataclasses.replace(
+        memory.estimate(config, loaded.model, make_optimizer(config), loaded.spec,
+                        examples=examples, training=False, test_examples=examples),
+        parameters=0, optimizer=0)  # loaded already: in use
+    if need.activations > need.dataset and chunk > 1:
+        fix = f"pass a smaller --eval-batch-size than {chunk}"
+    else:
+        fix = ("evaluate fewer images at a time (rnnjax predict: fewer IMAGE files; in "
+               "Python, inference.evaluate or inference.probabilities on parts of them)")
     memory.check_fits(need, what=f"evaluating {examples} images with the checkpoint's "
-                      f"{config.cell} {config.hidden_size} model", fix=fix)
+                      f"{config.cell} {config.hidden_size} model beside it", fix=fix)
 
 
 def logits_of(loaded: Loaded, images: np.ndarray, chunk: int | None = None) -> np.ndarray:

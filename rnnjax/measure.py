@@ -363,16 +363,16 @@ def call_overhead(one: float, seconds: float, steps: int) -> float:
     """A compiled call's own seconds, beside its steps, from a 1-step call's seconds
     (``one``) and a ``steps``-step call's (``seconds``), each read the same way (the tuner
     passes the best of its rounds, ``benchmarks.flax_peers`` the medians): ``one`` less the
-    marginal step ``(seconds - one) / (steps - 1)``, so at most ``one``. 0 where that is
-    not to be trusted: fewer than 2 steps, or a ``steps``-step call less than
-    :data:`NOISE` longer than the 1-step call (its extra steps within the machine's noise,
-    so no marginal step to read). The call's own cost may exceed its steps' (a call of few
-    steps on a small batch): it is corrected the same."""
+    marginal step ``(seconds - one) / (steps - 1)``, where the ``steps``-step call is at
+    least :data:`NOISE` of it longer than the 1-step call; closer than that, less the
+    largest marginal step the machine's noise could hide there (``NOISE * seconds /
+    (steps - 1)``), so that the cost read moves with the timings, with no step where it
+    drops to 0. At least 0, at most ``one``; 0 for fewer than 2 steps. The call's own cost
+    may exceed its steps' (a call of few steps on a small batch): it is read the same."""
     if steps < 2 or not math.isfinite(one):
         return 0.0
-    if seconds - one < NOISE * seconds:
-        return 0.0
-    return max(0.0, one - (seconds - one) / (steps - 1))
+    marginal = max(seconds - one, NOISE * seconds) / (steps - 1)
+    return min(one, max(0.0, one - marginal))
 
 
 def run_step(seconds: float, steps: int, overhead: float, steps_per_call: int) -> float:

@@ -138,7 +138,8 @@ def evaluation_activations(model: Model, params: Any, spec: DataSpec, chunk: int
       the third layer on);
     * scanned ``u`` > 1 steps at a time (``model.unroll``; 0 is all ``T``), the gates' input
       products of those ``u`` steps, which XLA schedules ahead of the recurrent chain (the
-      seed's chunk fully unrolled: 57 MiB where unroll 1 plans 5.7);
+      seed's chunk fully unrolled: 57 MiB where unroll 1 plans 5.7), or those steps' inputs
+      where they are wider (a few hidden units);
     * computing in another dtype than float32, one float32 ``[T, chunk, F]`` more (the
       inputs' casts).
 
@@ -159,7 +160,7 @@ def evaluation_activations(model: Model, params: Any, spec: DataSpec, chunk: int
     sliced = examples is None or chunk < examples
     padded = examples + -examples % chunk if examples and examples % chunk else 0
     unrolled = steps if model.unroll == 0 else min(model.unroll, steps)
-    ahead = gates * unrolled if unrolled > 1 else 0
+    ahead = max(gates, features) * unrolled if unrolled > 1 else 0
     cast = steps * features if jnp.dtype(model.compute_dtype) != jnp.float32 else 0
     return 4 * (chunk * (3 * gates + model.num_classes + outputs + ahead + cast
                          + 2 * steps * features * sliced) + steps * features * padded)

@@ -151,7 +151,7 @@ def _saved_checkpoint(workdir, **config_fields):
     from rnnjax.model import make_model
     from rnnjax.optim import make_optimizer
 
-    config = Config(hidden_size=4, steps=10, **config_fields)
+    config = Config(**{"hidden_size": 4, "steps": 10, **config_fields})
     create = functools.partial(train.create_state, model=make_model(config),
                                optimizer=make_optimizer(config))
     state = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype),
@@ -318,10 +318,26 @@ def test_eval_and_predict_size_their_memory_by_the_images_they_run(capsys, tmp_p
     monkeypatch.setattr(memory, "available",
                         lambda device=None: (20 << 20, "the host has 20.0 MiB of RAM", False))
     _one_line_error(capsys, ["eval", str(saved), "--out", str(tmp_path / "cm.png")],
-                    "evaluating 10000 images with the checkpoint's simple_rnn 4 model needs "
-                    "about 30.8 MiB of memory (parameters 728 B, optimizer state 1.4 KiB, "
-                    "activations of 10000 examples 859.4 KiB, dataset 29.9 MiB) but the host "
-                    "has 20.0 MiB of RAM; evaluate fewer images at a time")
+                    "evaluating 10000 images with the checkpoint's simple_rnn 4 model beside "
+                    "it needs about 30.8 MiB of memory (activations of 10000 examples 859.4 "
+                    "KiB, dataset 29.9 MiB) but the host has 20.0 MiB of RAM; evaluate fewer "
+                    "images at a time (rnnjax predict: fewer IMAGE files")
+
+
+def test_the_images_memory_check_leaves_out_the_state_already_loaded(tmp_path, monkeypatch):
+    """Once loaded, the state is in use (a GPU's bytes_in_use, the host's RAM): checking the
+    images, counting it again refused a checkpoint of more than half the free memory."""
+    import numpy as np
+
+    from rnnjax import inference, memory
+
+    loaded = inference.load(_saved_checkpoint(tmp_path / "run", cell="lstm", hidden_size=256))
+    state = memory.tree_bytes((loaded.state.params, loaded.state.opt_state))
+    monkeypatch.setattr(memory, "available",
+                        lambda device=None: (state // 2, "the device has little free", True))
+    assert inference.probabilities(loaded, np.zeros((1, 28, 28), np.uint8)).shape == (1, 10)
+    with pytest.raises(memory.OutOfMemory, match="fewer IMAGE files"):
+        inference.probabilities(loaded, np.zeros((2000, 28, 28), np.uint8), chunk=1)
 
 
 def test_predict_an_image_pillow_refuses_as_too_large_gives_one_line(monkeypatch, capsys,

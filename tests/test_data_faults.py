@@ -245,15 +245,39 @@ def test_damaged_finished_build_is_explained(tfds_mnist, tmp_path, small_dir):
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("damaged", ["", "null", "{}", "[]", '{"name": 3}'])
 def test_a_build_whose_metadata_was_damaged_since_is_built_again(tfds_mnist, tmp_path,
-                                                                   small_dir, small):
-    """A finished build's dataset_info.json emptied afterwards (a full disk) was a
-    traceback (tfds' ParseError) on every later run: it is built again, as an unfinished one."""
+                                                                   small_dir, small, damaged):
+    """A finished build's dataset_info.json emptied or garbled afterwards (a full disk) was
+    a traceback (tfds' ParseError, or its AssertionError) on every later run: it is built
+    again, as an unfinished one."""
     tfds_dir = tmp_path / "tfds"
     data_dir = Path(tfds_mnist.prepare("small", small_dir, None, str(tfds_dir)).data_dir)
-    (data_dir / "dataset_info.json").write_text("")
+    (data_dir / "dataset_info.json").write_text(damaged)
     assert_same(tfds_mnist.load_arrays("small", small_dir, None, str(tfds_dir)), small)
-    assert json.loads((data_dir / "dataset_info.json").read_text())
+    assert json.loads((data_dir / "dataset_info.json").read_text())["name"] == "rnnjax_idx"
+
+
+def test_a_failed_read_of_a_builds_metadata_never_removes_it(tfds_mnist, tmp_path, small_dir,
+                                                             small, monkeypatch):
+    """Too many files open while reading dataset_info.json was taken for an unfinished build,
+    which was removed (under any other process reading it) and built again."""
+    import errno
+
+    tfds_dir = tmp_path / "tfds"
+    data_dir = Path(tfds_mnist.prepare("small", small_dir, None, str(tfds_dir)).data_dir)
+    (data_dir / "marker").write_text("still here")
+    real, failed = Path.read_text, []
+
+    def read_text(self, *args, **kwargs):
+        if self.name == "dataset_info.json" and not failed:
+            failed.append(self)
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    assert_same(tfds_mnist.load_arrays("small", small_dir, None, str(tfds_dir)), small)
+    assert failed and (data_dir / "marker").read_text() == "still here"
 
 
 def test_replaced_files_rebuild(tfds_mnist, tmp_path, mnist, small_dir, small):

@@ -216,10 +216,16 @@ def test_the_unrolled_rnnjax_runners_are_xlas_form_where_the_choice_is_native(mo
                         lambda data, idx, config: timed.append(config) or (None, 0.0))
     images, labels = jnp.zeros((8, 28, 28), jnp.float32), jnp.zeros((8,), jnp.int32)
     data = Arrays(images, labels, images, labels)
-    native = Config(batch_size=4, backward="native", unroll=1)
+    # as the tuner records a native choice (tune.py: hoisted, product), at batch 1024,
+    # where the default form's weight gradient is per step
+    native = Config(batch_size=1024, backward="native", projection="hoisted",
+                    weight_grad="product", unroll=1)
     runners = flax_peers.case_runners(data, "rows", 4, "simple_rnn", 2, (), native, 28)
     assert list(runners) == ["rnnjax (as rnnjax train)", "rnnjax unroll=1", "rnnjax unroll=full"]
     assert [(c.backward, c.unroll) for c in timed] == [("native", 1), ("auto", 1), ("auto", 0)]
+    default = Config(batch_size=1024)
+    assert all((c.projection, c.weight_grad) == (default.projection, default.weight_grad)
+               for c in timed[1:])
     timed.clear()
     runners = flax_peers.case_runners(data, "rows", 4, "simple_rnn", 2, (),
                                       native.replace(backward="hand_written"), 28)

@@ -106,6 +106,7 @@ def test_estimate_counts_the_real_state_and_grows_with_the_batch():
     {"cell": "lstm", "unroll": 4},
     {"cell": "lstm", "compute_dtype": "bfloat16"},
     {"order": "pixels", "hidden_size": 32, "unroll": 16, "eval_batch_size": 1000},
+    {"hidden_size": 8, "unroll": 0},  # inputs wider than the gates
 ])
 def test_the_evaluation_estimate_is_near_xlas_own_plan(kwargs):
     """An evaluation chunk's estimate against what XLA plans for it (its temporary

@@ -2145,13 +2145,18 @@ def test_a_calls_own_cost_is_spread_over_the_runs_steps_per_call():
     own cost larger than its steps' is read the same (it was once dropped there, or cut to
     half the 1-step call)."""
     assert measure.call_overhead(0.082, 0.123, 2) == pytest.approx(0.041)
-    assert measure.call_overhead(0.080, 0.082, 2) == 0.0  # a second step for free: noise
     assert measure.call_overhead(0.003, 0.042, 42) == pytest.approx(0.003 - 0.039 / 41)
     for own, step, steps in ((3, 1, 2), (9, 1, 8), (1, 1, 8), (0.364, 0.066, 2)):
         one, seconds = own + step, own + steps * step
         assert measure.call_overhead(one, seconds, steps) == pytest.approx(own)
-        assert measure.run_step(seconds, steps, own, steps) == pytest.approx(
-            (own + steps * step) / steps)
+        assert measure.run_step(seconds, steps, own, 500) == pytest.approx(step + own / 500)
+    # A second step within the noise (a tenth of the call): the largest step it could hide
+    # comes off, so the cost read moves with the timings (it had dropped to 0 there).
+    assert measure.call_overhead(0.080, 0.082, 2) == pytest.approx(0.080 - 0.0082)
+    assert measure.call_overhead(10, 11, 2) == pytest.approx(10 - 1.1)
+    near = [measure.call_overhead(one, 1.0, 2) for one in (0.899, 0.9, 0.901)]
+    assert near == pytest.approx([0.798, 0.8, 0.801])
+    assert measure.call_overhead(0.5, 0.4, 4) == pytest.approx(0.5 - 0.04 / 3)  # 1-step slower
     assert measure.call_overhead(0.08, 0.08, 1) == 0.0
     assert measure.call_overhead(float("inf"), 0.1, 4) == 0.0
 

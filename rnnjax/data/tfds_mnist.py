@@ -116,12 +116,14 @@ DAMAGED_INFO = (json_format.ParseError, json.JSONDecodeError,
 
 def _finished(data_dir: Path) -> bool:
     """tfds renames a build into place with its ``dataset_info.json``, only once complete
-    (one that does not parse was damaged since)."""
+    (one that is not a JSON object was damaged since). Another error reading it (too many
+    files open, EIO) is raised: a build is never taken for unfinished, and removed, on a
+    read that failed."""
     try:
-        json.loads((data_dir / "dataset_info.json").read_text())
-    except (OSError, ValueError):
+        info = json.loads((data_dir / "dataset_info.json").read_text())
+    except (FileNotFoundError, ValueError):  # ValueError: not JSON, or not UTF-8
         return False
-    return True
+    return isinstance(info, dict) and bool(info)
 
 
 def _build_dir(config: tfds.core.BuilderConfig, tfds_dir: str) -> Path:
@@ -131,24 +133,39 @@ def _build_dir(config: tfds.core.BuilderConfig, tfds_dir: str) -> Path:
     return root / RnnjaxIdx.name / config.name / BUILD_VERSION
 
 
+def _builder_of(config: tfds.core.BuilderConfig, tfds_dir: str,
+                checksums: dict[str, str] | None) -> RnnjaxIdx:
+    """``RnnjaxIdx`` of ``config``; a finished build whose metadata parses but is not what
+    tfds wrote (its fields, or its features, damaged since) is removed and made again."""
+    try:
+        return RnnjaxIdx(config=config, data_dir=tfds_dir or None, checksums=checksums)
+    except (json_format.ParseError, json.JSONDecodeError, AssertionError):
+        build = _build_dir(config, tfds_dir)
+        if not build.exists():
+            raise
+        shutil.rmtree(build)
+        return RnnjaxIdx(config=config, data_dir=tfds_dir or None, checksums=checksums)
+
+
 def prepare(
     name: str, directory: Path, checksums: dict[str, str] | None, tfds_dir: str = ""
 ) -> tfds.core.DatasetBuilder:
     """The ``rnnjax_idx`` builder for ``directory``, prepared (built once, then reused).
 
     A build killed midway (tfds' ``incomplete.*`` directory, or a version directory without
-    its ``dataset_info.json``) or damaged since (one that does not parse) is never used: it
-    is built again. When another process
-    finishes the same build first, its build is used.
+    its ``dataset_info.json``) or damaged since (metadata that does not parse, or not as
+    tfds' own) is never used: it is built again. When another process finishes the same
+    build first, its build is used.
     """
     config = tfds.core.BuilderConfig(name=config_name(name, directory, checksums),
                                      description=f"{name} from {directory}")
     download_config = tfds.download.DownloadConfig(manual_dir=str(directory))
     where = tfds_dir or "~/tensorflow_datasets"
     try:
-        if _build_dir(config, tfds_dir).exists() and not _finished(_build_dir(config, tfds_dir)):
-            shutil.rmtree(_build_dir(config, tfds_dir))  # damaged, or never finished: again
-        builder = RnnjaxIdx(config=config, data_dir=tfds_dir or None, checksums=checksums)
+        build = _build_dir(config, tfds_dir)
+        if build.exists() and not _finished(build):  # damaged, or never finished: again
+            shutil.rmtree(build)
+        builder = _builder_of(config, tfds_dir, checksums)
         where = str(builder.data_dir_root)
         data_dir = Path(builder.data_dir)
         if data_dir.exists() and not _finished(data_dir):  # not tfds' work: damaged
