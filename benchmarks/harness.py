@@ -145,7 +145,7 @@ def without_tensorflow() -> Iterator[None]:
 # Packages that shape a result besides ``rnnjax.runtime.PACKAGES``, recorded where installed:
 # the peers timed, TensorFlow and tfds (the tfds feed; Keras' imports) and JAX's accelerator
 # plugins.
-OTHER_PACKAGES = ("flax", "keras", "torch", "tensorflow", "tensorflow-datasets",
+OTHER_PACKAGES = ("flax", "keras", "torch", "tensorflow", "tensorflow-cpu", "tensorflow-datasets",
                   *runtime.GPU_PLUGINS, *runtime.TPU_PLUGINS)
 
 
