@@ -234,10 +234,10 @@ def pinned_settings(given: Mapping[str, object]) -> frozenset[str]:
 def check_read(config: Config, given: Mapping[str, object]) -> None:
     """Refuse a flag given that the run would not read, as :func:`check_forms` a form:
     ``--tfds-dir`` without ``--source tfds``; ``--steps-per-call`` with ``--feed stream`` (one
-    step a call; a tuned run given
-    ``--steps-per-call`` keeps ``--feed device``, :func:`pinned_settings`). (``--native-lanes``
-    without native kernels is moot, not refused: the tuner's choice, printed as flags by
-    ``rnnjax tune``, names every tuned setting whatever the backward.)"""
+    step a call; a tuned run given ``--steps-per-call`` keeps ``--feed device``,
+    :func:`pinned_settings`). (``--native-lanes`` without native kernels is moot, not
+    refused: the tuner's choice, printed as flags by ``rnnjax tune``, names every tuned
+    setting whatever the backward.)"""
     if "steps_per_call" in given and config.feed == "stream":  # given, or a resumed run's
         raise UsageError(f"--steps-per-call {config.steps_per_call}: --feed stream runs one "
                          "step a call; drop --steps-per-call, or use --feed device")

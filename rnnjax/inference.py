@@ -50,9 +50,9 @@ def state_shapes(config: Config, spec: DataSpec | None = None) -> tuple[Any, Mod
     (the loop's initialisation, traced, not run: ``jax.ShapeDtypeStruct`` leaves, the
     restore target of a checkpoint) and its model (for the images and classes of
     ``spec``; default: the IDX layout). :class:`memory.OutOfMemory` first when the state
-    alone would not fit (:func:`check_memory` checks the images with it). (Running the
-    initialisation, as this did,
-    compiled it and drew the orthogonal kernels: 1-1.5 s of every eval and predict.)"""
+    alone would not fit (:func:`check_memory` checks the images beside it). (Running the
+    initialisation, as this did, compiled it and drew the orthogonal kernels: 1-1.5 s of
+    every eval and predict.)"""
     from rnnjax.loop import initial_state
 
     model = make_model(config, spec)
