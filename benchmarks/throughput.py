@@ -69,8 +69,8 @@ def gemm_kind(platform: str) -> str:
     precision = jax.config.jax_default_matmul_precision
     if platform == "cpu" or precision in ("highest", "float32"):
         return "float32 GEMM"
-    on = {"gpu": "TF32 on NVIDIA GPUs from Ampere", "cuda": "TF32 on NVIDIA GPUs from Ampere",
-          "tpu": "bfloat16 passes"}.get(platform, "the backend's")
+    on = {"gpu": "TF32 on NVIDIA GPUs from Ampere", "tpu": "bfloat16 passes"}.get(
+        platform, "the backend's")
     return f"GEMM of float32 arrays at {precision or 'default'} precision ({on})"
 
 

@@ -134,6 +134,11 @@ def logits_of(loaded: Loaded, images: np.ndarray, chunk: int | None = None) -> n
     ``chunk`` at a time (default: the checkpoint's ``eval_batch_size``); none for none."""
     images = np.asarray(images)
     check_images(loaded.spec, images)
+    return _logits(loaded, images, chunk)
+
+
+def _logits(loaded: Loaded, images: np.ndarray, chunk: int | None) -> np.ndarray:
+    """:func:`logits_of` of images already checked."""
     n = images.shape[0]
     if n == 0:
         return np.zeros((0, loaded.model.num_classes), np.float32)
@@ -200,10 +205,10 @@ def evaluate(loaded: Loaded, images: np.ndarray, labels: np.ndarray,
              chunk: int | None = None) -> Evaluation:
     """Loss, accuracy and confusion matrix on uint8 images [N, H, W(, C)], int labels [N]
     (:func:`check_labels`), ``chunk`` images at a time (:func:`logits_of`)."""
-    labels = np.asarray(labels)
-    check_images(loaded.spec, np.asarray(images))
-    check_labels(labels, np.asarray(images).shape[0], loaded.model.num_classes)
-    logits = logits_of(loaded, images, chunk)
+    images, labels = np.asarray(images), np.asarray(labels)
+    check_images(loaded.spec, images)
+    check_labels(labels, images.shape[0], loaded.model.num_classes)
+    logits = _logits(loaded, images, chunk)
     labels = labels.astype(np.int32)
     loss = float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
     predictions = logits.argmax(axis=-1)

@@ -174,14 +174,12 @@ def learning_curves(history: list[dict[str, Any]], path: Path, title: str = "") 
 
 def blues(rate: float) -> Color:
     """The colour of a share ``rate`` in [0, 1] (:data:`BLUES`, linearly between)."""
-    x = min(max(rate, 0.0), 1.0) * (len(BLUES) - 1)
-    i = min(int(x), len(BLUES) - 2)
-    a, b, f = BLUES[i], BLUES[i + 1], x - i
-    return tuple(round(a[k] + (b[k] - a[k]) * f) for k in range(3))  # type: ignore[return-value]
+    return tuple(int(c) for c in blues_of(np.asarray(rate)))  # type: ignore[return-value]
 
 
 def blues_of(rates: np.ndarray) -> np.ndarray:
-    """:func:`blues` of every share in ``rates`` at once: uint8 ``[..., 3]``."""
+    """The colours of every share in ``rates`` (each clipped to [0, 1]; :data:`BLUES`,
+    linearly between, rounded half to even): uint8 ``[..., 3]``."""
     table = np.asarray(BLUES, np.float64)
     x = np.clip(rates, 0.0, 1.0) * (len(BLUES) - 1)
     i = np.minimum(x.astype(int), len(BLUES) - 2)
@@ -226,9 +224,8 @@ def confusion_matrix(matrix: np.ndarray, path: Path, title: str = "") -> Path:
     _text(draw, ((left + grid / 2) * s, (top - 12) * s), title or "confusion matrix", 14, "mb")
     # The colour bar: the share from 0 (bottom) to 1 (top).
     bar = left + grid + 25
-    for row in range(grid * s):
-        draw.line([(bar * s, top * s + row), ((bar + 18) * s, top * s + row)],
-                  fill=blues(1 - row / (grid * s)))
+    shades = blues_of(1 - np.arange(grid * s) / (grid * s))[:, None]
+    image.paste(Image.fromarray(shades.repeat(18 * s, axis=1), "RGB"), (bar * s, top * s))
     draw.rectangle((bar * s, top * s, (bar + 18) * s, (top + grid) * s), outline=BLACK, width=s)
     for share in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
         y = (top + grid * (1 - share)) * s

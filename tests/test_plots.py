@@ -119,8 +119,16 @@ def test_many_classes_get_smaller_cells(tmp_path):
 
 
 def test_the_heat_maps_colours_are_blues_own():
+    """blues_of against the interpolation written out one share at a time."""
+    def reference(rate):
+        x = min(max(rate, 0.0), 1.0) * (len(plots.BLUES) - 1)
+        i = min(int(x), len(plots.BLUES) - 2)
+        a, b, f = plots.BLUES[i], plots.BLUES[i + 1], x - i
+        return tuple(round(a[k] + (b[k] - a[k]) * f) for k in range(3))
+
     rates = np.linspace(-0.5, 1.5, 2001)
-    assert [tuple(c) for c in plots.blues_of(rates)] == [plots.blues(r) for r in rates]
+    assert [tuple(c) for c in plots.blues_of(rates)] == [reference(r) for r in rates]
+    assert [plots.blues(r) for r in rates[::50]] == [reference(r) for r in rates[::50]]
 
 
 def test_pillows_bitmap_font_draws_them_too(tmp_path, monkeypatch):
