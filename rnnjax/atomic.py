@@ -16,7 +16,8 @@ from typing import BinaryIO
 
 def write(path: Path | str, fill: Callable[[BinaryIO], object]) -> Path:
     """Replace ``path`` by what ``fill`` writes into the binary file it is given. On any
-    error the temporary file is removed and the error raised; ``path`` is as it was."""
+    error the temporary file is removed and the error raised; ``path`` is as it was. An
+    OSError that names no file (a write's: a full disk, a file-size limit) names ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -24,8 +25,10 @@ def write(path: Path | str, fill: Callable[[BinaryIO], object]) -> Path:
             fill(f)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600, as open() would have made it
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            raise type(e)(e.errno, e.strerror, str(path)) from e
         raise
     return path
 

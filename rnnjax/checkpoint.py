@@ -132,11 +132,22 @@ def list_steps(directory: Path | str) -> list[int]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    steps = []
-    for child in directory.iterdir():
-        if child.name.isdigit() and child.is_dir() and (child / COMMIT_FILE).is_file():
-            steps.append(int(child.name))
-    return sorted(steps)
+    return sorted(int(child.name) for child in directory.iterdir()
+                  if _is_step(child) and (child / COMMIT_FILE).is_file())
+
+
+def _is_step(child: Path) -> bool:
+    """A step directory: named by its step, as orbax names one (``6``). One named by its
+    step with leading zeros (``06``, renamed by hand) is a CheckpointError: orbax would
+    not find it, and its step's directory is not there."""
+    if not (child.name.isdigit() and child.is_dir()):
+        return False
+    if str(int(child.name)) != child.name:
+        raise CheckpointError(
+            f"{child} is not named as a step directory is (its step, without leading "
+            f"zeros); rename it to {child.parent / str(int(child.name))}, or move it out "
+            f"of {child.parent}")
+    return True
 
 
 def latest_step(directory: Path | str) -> int | None:
@@ -272,6 +283,32 @@ def decode_sums(encoded: Mapping[str, Any] | None) -> dict[str, np.ndarray] | No
     return {name: np.asarray(v["value"], dtype=v["dtype"]) for name, v in encoded.items()}
 
 
+def sums_digest(encoded: Mapping[str, Any] | None) -> str:
+    """SHA-256 of encoded train sums (:func:`encode_sums`), saved beside them: digits
+    changed in meta/ that still parse would change the next logged train metrics."""
+    return hashlib.sha256(json.dumps(encoded, sort_keys=True).encode()).hexdigest()
+
+
+def check_sums(encoded: Any) -> None:
+    """Raise ValueError unless ``encoded`` (a checkpoint's train sums, :func:`encode_sums`)
+    is None or holds each of ``train.METRIC_DTYPES`` as a number of its dtype: the train
+    step's compiled program takes nothing else."""
+    from rnnjax.train import METRIC_DTYPES  # imports JAX (its backend stays unstarted)
+
+    if encoded is None:
+        return
+    if not isinstance(encoded, dict) or set(encoded) != set(METRIC_DTYPES):
+        raise ValueError(f"the train sums are not {', '.join(METRIC_DTYPES)}")
+    for name, dtype in METRIC_DTYPES.items():
+        entry = encoded[name]
+        if not isinstance(entry, dict) or entry.get("dtype") != dtype:
+            raise ValueError(f"the train sum {name} is not of dtype {dtype}")
+        value = entry.get("value")
+        kinds = (int, float) if dtype.startswith("float") else (int,)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise ValueError(f"the train sum {name} is not a number of dtype {dtype}")
+
+
 class CheckpointWriter:
     """Saves train states into a checkpoints directory, keeping the latest ``keep``."""
 
@@ -316,6 +353,7 @@ class CheckpointWriter:
             "step": step,
             "config": to_dict(config),
             "train_sums": encode_sums(train_sums),
+            "train_sums_sha256": sums_digest(encode_sums(train_sums)),
             "wall_s": wall_s if math.isfinite(wall_s) else 0.0,
             "state_sha256": digest(state),
         }
@@ -391,13 +429,17 @@ def read_meta(step_dir: Path | str) -> dict[str, Any]:
             f"{step_dir.parent / str(meta['step'])}, or move it out of {step_dir.parent}"
         )
     try:  # what a resumed run, eval and predict read of it, before they write anything
-        decode_sums(meta.get("train_sums"))
+        check_sums(meta.get("train_sums"))
+        decode_sums(meta.get("train_sums"))  # each value within its dtype
+        if "train_sums_sha256" in meta and (  # older checkpoints have none
+                meta["train_sums_sha256"] != sums_digest(meta.get("train_sums"))):
+            raise ValueError("the train sums do not match the checksum saved with them")
         float(meta.get("wall_s") or 0.0)
         if "data" in meta:
             DataSpec.from_json(meta["data"])
             if not isinstance(meta["data"].get("fingerprint", ""), str):
                 raise TypeError("its data fingerprint is not a string")
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
+    except (TypeError, ValueError, OverflowError, KeyError, AttributeError) as e:
         raise CheckpointError(
             f"checkpoint {step_dir} is corrupt: its meta/ train sums, wall time or data do "
             f"not load ({_one_line(e)}); {_instead(step_dir)}"
@@ -558,8 +600,7 @@ class ResumePoint:
 def run_files(workdir: Path | str) -> list[str]:
     """The files a run writes in its workdir (checkpoints aside) that ``workdir`` holds."""
     workdir = Path(workdir)
-    named = ["config.json", "metrics.jsonl", "metrics.csv", "summary.json",
-             "learning_curves.png"]
+    named = ["config.json", "metrics.jsonl", "metrics.csv", *FINAL_OUTPUTS]
     events = sorted(p.name for p in workdir.glob("events.out.tfevents.*"))
     return [name for name in named if (workdir / name).is_file()] + events
 
@@ -628,8 +669,10 @@ def check_records_match(saved: Config, workdir: Path | str, step_dir: Path) -> N
     if differ:
         raise CheckpointError(
             f"{where} is another run's than the checkpoint {step_dir}: it differs in "
-            f"{', '.join(differ)}; resume in the workdir the checkpoint was trained in, or "
-            f"move {Path(workdir) / 'checkpoints'} into a workdir of its own"
+            f"{', '.join(differ)}; where config.json was edited, put the checkpoint's "
+            "values back; where the checkpoints came from another run, resume in the "
+            f"workdir they were trained in, or move {Path(workdir) / 'checkpoints'} into a "
+            "workdir of its own"
         )
 
 
@@ -688,19 +731,28 @@ def workdir_lock(workdir: Path | str | None) -> Iterator[None]:
 
 def check_no_unfinished(directory: Path) -> None:
     """Refuse a checkpoints ``directory`` holding a step directory without orbax's commit
-    file. orbax's saves to a local disk never leave one (a finished save is renamed into
-    place; one cut short stays a temporary directory, which the writer deletes), but its
-    manager counts one as a step: keeping the latest N, it deleted a finished checkpoint
-    instead, and a save of that step failed once trained to it."""
+    file newer than its latest finished checkpoint. orbax's saves to a local disk never
+    leave one (a finished save is renamed into place; one cut short stays a temporary
+    directory, which the writer deletes), but its manager counts one as a step: keeping
+    the latest N, it deleted a finished checkpoint instead, and a save of that step failed
+    once trained to it. One older than the latest finished checkpoint is what a deletion
+    of the oldest (keeping the latest N) left when cut short (orbax removes the commit file
+    among the first): being the oldest step, it goes first at the next save."""
     if not directory.is_dir():
         return
-    unfinished = sorted((child for child in directory.iterdir() if child.name.isdigit()
-                         and child.is_dir() and not (child / COMMIT_FILE).is_file()),
-                        key=lambda child: int(child.name))
+    latest = latest_step(directory)
+    unfinished = sorted(step for step in _unfinished_steps(directory)
+                         if latest is None or step > latest)
     if unfinished:
         raise CheckpointError(
-            f"{unfinished[0]} is a checkpoint whose save never finished (it has no "
-            f"{COMMIT_FILE}); delete it, or move it out of {directory}, then run again")
+            f"{directory / str(unfinished[0])} is a checkpoint whose save never finished (it "
+            f"has no {COMMIT_FILE}); delete it, or move it out of {directory}, then run again")
+
+
+def _unfinished_steps(directory: Path) -> list[int]:
+    """The step directories in ``directory`` without orbax's commit file."""
+    return [int(child.name) for child in directory.iterdir()
+            if _is_step(child) and not (child / COMMIT_FILE).is_file()]
 
 
 def prepare(config: Config, workdir: Path | str | None, resume: bool) -> ResumePoint | None:
@@ -736,12 +788,38 @@ def prepare(config: Config, workdir: Path | str | None, resume: bool) -> ResumeP
     saved = read_config(step_dir, meta)
     check_records_match(saved, workdir, step_dir)
     check_resumable(saved, config, step_dir)
+    if step == config.steps and unfinished_outputs(workdir, step):
+        return ResumePoint(step_dir, step, dict(meta))  # trained: the loop only finishes it
     if step >= config.steps:
         from rnnjax.metrics import steps_phrase  # imports JAX: only on this error
 
-        raise CheckpointError(
-            f"--resume: {step_dir} has already trained {steps_phrase(step)} of --steps "
-            f"{config.steps}; pass a larger --steps to train on"
-        )
+        done = (f"--resume: {step_dir} has already trained {steps_phrase(step)} of --steps "
+                f"{config.steps}")
+        if saved.schedule != "constant":  # its --steps is fixed (check_resumable)
+            raise CheckpointError(
+                f"{done}, the whole run (--schedule {saved.schedule} decays over --steps, "
+                "so it cannot train on); its records are complete: train into another "
+                "--workdir to train again")
+        raise CheckpointError(f"{done}; pass a larger --steps to train on")
     return ResumePoint(step_dir, step, dict(meta))
+
+
+FINAL_OUTPUTS = ("summary.json", "learning_curves.png")
+
+
+def unfinished_outputs(workdir: Path | str, steps: int) -> list[str]:
+    """The files of :data:`FINAL_OUTPUTS` that a run of ``steps`` steps in ``workdir`` has
+    still to write: it writes them after its final checkpoint, and one stopped in between
+    (a kill, a full disk) is finished by ``--resume``, which writes them without training.
+    A ``summary.json`` of another number of steps (a shorter run's, before this one trained
+    on) is this run's to write, with its curves."""
+    workdir = Path(workdir)
+    try:
+        summary = json.loads((workdir / FINAL_OUTPUTS[0]).read_text())
+        current = isinstance(summary, dict) and summary.get("steps") == steps
+    except (OSError, ValueError):
+        current = False
+    if not current:
+        return list(FINAL_OUTPUTS)
+    return [name for name in FINAL_OUTPUTS[1:] if not (workdir / name).is_file()]
 

@@ -289,7 +289,10 @@ class RunFiles:
                                         checkpoint_lib.checkpoints_dir(workdir),
                                         config.keep_checkpoints)
         if resume_from is not None:  # checked by every process: a refusal is every one's
-            logged = last_regular_eval(config, resume_from.step)
+            # A run trained to its end (finished by this one, which trains nothing) keeps
+            # its final evaluation, logged before its final checkpoint.
+            logged = (config.steps - 1 if resume_from.step == config.steps
+                      else last_regular_eval(config, resume_from.step))
             kept, truncate = metrics_lib.kept_metrics(workdir, logged)  # nothing written
         if not writes:
             return cls(checkpoints=checkpoints()), []
@@ -497,6 +500,13 @@ def train_and_evaluate(
 
     files, history = RunFiles.open(config, workdir, resume_from,
                                    writes=jax.process_index() == 0)
+    if start == config.steps and (not history or history[-1]["step"] != start - 1):
+        files.close()
+        raise checkpoint_lib.CheckpointError(
+            f"--resume: {resume_from.step_dir} has trained all {config.steps} steps, but "
+            f"{Path(workdir) / 'metrics.jsonl'} lacks their final evaluation (step "
+            f"{start - 1}), which the summary reads; put the run's metrics.jsonl back, or "
+            "train into another --workdir")
     bar = metrics_lib.Progress(config.steps, enabled=progress)
     # Train metrics since the last evaluation (those of a resumed checkpoint included, laid
     # out as the calls return them: their program is compiled once), None after one.
@@ -603,11 +613,17 @@ def train_and_evaluate(
     out.flush()
     if workdir is not None and jax.process_index() == 0:
         workdir = Path(workdir)
-        atomic.write_text(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        from rnnjax import plots  # matplotlib: imported only when a workdir wants the PNG
+        # A run that trained here writes both; one finished here, what it lacks.
+        outputs = checkpoint_lib.FINAL_OUTPUTS if start < config.steps \
+            else checkpoint_lib.unfinished_outputs(workdir, config.steps)
+        summary_json, curves_png = checkpoint_lib.FINAL_OUTPUTS
+        if summary_json in outputs:
+            atomic.write_text(workdir / summary_json, json.dumps(summary, indent=2) + "\n")
+        if curves_png in outputs:
+            from rnnjax import plots  # matplotlib: imported only when a workdir wants it
 
-        plots.learning_curves(history, workdir / "learning_curves.png",
-                              title=f"{config.cell} {config.hidden_size}, {config.dataset}")
+            plots.learning_curves(history, workdir / curves_png,
+                                  title=f"{config.cell} {config.hidden_size}, {config.dataset}")
     return RunResult(state, history, summary)
 
 

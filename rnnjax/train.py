@@ -115,13 +115,15 @@ def _update(
     return TrainState(state.step + 1, params, opt_state), batch_metrics(losses, logits, labels)
 
 
+# The sums :func:`batch_metrics` adds up, each a scalar of its dtype (a checkpoint saves
+# those not logged yet: rnnjax.checkpoint.read_meta checks them against this).
+METRIC_DTYPES = {"loss_sum": "float32", "correct": "int32", "count": "int32"}
+
+
 def zero_metrics() -> Metrics:
-    """The additive identity of :func:`batch_metrics`."""
-    return {
-        "loss_sum": jnp.zeros([], jnp.float32),
-        "correct": jnp.zeros([], jnp.int32),
-        "count": jnp.zeros([], jnp.int32),
-    }
+    """The additive identity of :func:`batch_metrics`: a float32 or int32 scalar of each
+    of :data:`METRIC_DTYPES`."""
+    return {name: jnp.zeros([], dtype) for name, dtype in METRIC_DTYPES.items()}
 
 
 def train_steps(

@@ -702,3 +702,120 @@ def test_a_resume_on_other_data_is_refused_and_on_the_same_data_moved_is_not(
     assert main([*argv, "--steps", "20", "--data-dir", str(tmp_path / "moved"),
                  "--resume"]) == 0
     assert [r["step"] for r in read_jsonl(work / "metrics.jsonl")][-2:] == [19, 19]
+
+
+def test_a_run_stopped_after_its_final_checkpoint_is_finished_by_resume(tmp_path):
+    """A run killed (or out of disk) between its final checkpoint and summary.json /
+    learning_curves.png could never be finished: --resume said to pass a larger --steps,
+    which a decaying schedule then refused. A resume at the final step writes what is
+    missing from the records, training nothing; a finished run is refused, naming why."""
+    config = Config(steps=12, eval_every=5, checkpoint_every=5, hidden_size=4, batch_size=8,
+                    optimizer="sgd", schedule="cosine", learning_rate=0.1)
+    work = tmp_path / "run"
+    done = train_and_evaluate(config, work, out=io.StringIO())
+    records = {name: (work / name).read_bytes() for name in ("metrics.jsonl", "metrics.csv")}
+    summary = json.loads((work / "summary.json").read_text())
+    for lost in (["summary.json", "learning_curves.png"], ["learning_curves.png"]):
+        kept = {name: (work / name).read_bytes() for name in checkpoint.FINAL_OUTPUTS
+                if name not in lost}
+        for name in lost:
+            (work / name).unlink()
+        assert checkpoint.unfinished_outputs(work, config.steps) == lost
+        finished = train_and_evaluate(config, work, out=io.StringIO(), resume=True)
+        assert finished.summary["resumed_from"] == 12 and finished.history == done.history
+        assert json.loads((work / "summary.json").read_text())["final_test_loss"] == \
+            summary["final_test_loss"]
+        assert Image.open(work / "learning_curves.png").format == "PNG"
+        for name, data in {**records, **kept}.items():
+            assert (work / name).read_bytes() == data, name  # nothing rewritten
+        assert checkpoint.unfinished_outputs(work, config.steps) == []
+    with pytest.raises(checkpoint.CheckpointError, match=(
+            r"has already trained 12 steps of --steps 12, the whole run \(--schedule cosine "
+            r"decays over --steps, so it cannot train on\); its records are complete")):
+        train_and_evaluate(config, work, out=io.StringIO(), resume=True)
+    # A summary of a shorter run (a constant rate, trained on since) is not this run's.
+    (work / "summary.json").write_text(json.dumps({**summary, "steps": 10}))
+    assert checkpoint.unfinished_outputs(work, 12) == list(checkpoint.FINAL_OUTPUTS)
+    # Its final evaluation lost, the summary cannot be written: refused, nothing written.
+    (work / "summary.json").unlink()
+    (work / "metrics.jsonl").write_bytes(b"".join(
+        line + b"\n" for line in records["metrics.jsonl"].splitlines()[:-2]))
+    with pytest.raises(checkpoint.CheckpointError, match=(
+            rf"has trained all 12 steps, but {work / 'metrics.jsonl'} lacks their final "
+            r"evaluation \(step 11\)")):
+        train_and_evaluate(config, work, out=io.StringIO(), resume=True)
+    assert not (work / "summary.json").exists()
+
+
+def test_a_retention_delete_cut_short_resumes_and_goes_at_the_next_save(tmp_path):
+    """orbax deletes the oldest step (keeping the latest N) from its commit file on: a kill
+    in between left a step directory without one, older than the latest, and every run
+    after was refused as if a save had never finished, until it was deleted by hand."""
+    config = Config(hidden_size=4, steps=40)
+    state = made_up_state(config)
+    directory = tmp_path / "checkpoints"
+    with checkpoint.CheckpointWriter(directory, keep=2) as writer:
+        for step in (10, 20):
+            writer.save(state._replace(step=jnp.asarray(step, jnp.int32)), config)
+    (directory / "10" / checkpoint.COMMIT_FILE).unlink()  # the delete, cut short
+    assert checkpoint.prepare(config, tmp_path, resume=True).step == 20
+    with pytest.raises(checkpoint.CheckpointError, match="already holds checkpoints"):
+        checkpoint.prepare(config, tmp_path, resume=False)
+    with checkpoint.CheckpointWriter(directory, keep=2) as writer:
+        writer.save(state._replace(step=jnp.asarray(30, jnp.int32)), config)
+    assert sorted(p.name for p in directory.iterdir()) == ["20", "30"]
+
+
+def test_a_step_directory_named_with_leading_zeros_is_named_in_the_error(tmp_path):
+    """``checkpoints/06`` counted as step 6, and the error named ``checkpoints/6``, which
+    is not there."""
+    config = Config(hidden_size=4, steps=20)
+    with checkpoint.CheckpointWriter(tmp_path / "checkpoints", keep=1) as writer:
+        path = writer.save(made_up_state(config)._replace(step=jnp.asarray(6, jnp.int32)),
+                           config)
+    padded = path.rename(path.parent / "06")
+    for call in (lambda: checkpoint.prepare(config, tmp_path, resume=True),
+                 lambda: checkpoint.resolve(tmp_path)):
+        with pytest.raises(checkpoint.CheckpointError, match=(
+                rf"^{padded} is not named as a step directory is \(its step, without leading "
+                rf"zeros\); rename it to {path}, or move it out of {path.parent}$")):
+            call()
+    padded.rename(path)
+    assert checkpoint.resolve(tmp_path) == path
+
+
+def test_a_checkpoints_train_sums_are_checked_before_they_are_used(tmp_path):
+    """The train sums in meta/ went into the compiled step unchecked: another dtype, a key
+    missing or an array was a JAX traceback after "resuming from", and digits changed
+    logged a wrong train loss silently. Each is the one-line corrupt checkpoint now."""
+    config = Config(hidden_size=4, steps=20)
+    sums = {"loss_sum": np.float32(19.52), "correct": np.int32(3), "count": np.int32(16)}
+    with checkpoint.CheckpointWriter(tmp_path / "checkpoints", keep=1) as writer:
+        path = writer.save(made_up_state(config), config, train_sums=sums)
+    meta_file = path / "meta" / checkpoint.META_FILE
+    meta = json.loads(meta_file.read_text())
+    assert checkpoint.read_meta(path)["train_sums"] == meta["train_sums"]
+
+    def edited(edit):
+        changed = json.loads(json.dumps(meta))
+        edit(changed["train_sums"])
+        return changed
+
+    cases = {
+        "not of dtype float32": lambda s: s["loss_sum"].update(dtype="float16"),
+        "are not loss_sum, correct, count": lambda s: s.pop("correct"),
+        "count is not a number of dtype int32": lambda s: s["count"].update(value=[8, 8]),
+        "correct is not a number of dtype int32": lambda s: s["correct"].update(value=True),
+        "out of bounds|too large|overflow": lambda s: s["count"].update(value=2**40),
+        "do not match the checksum saved with them": lambda s: s["loss_sum"].update(
+            value=99.0),
+    }
+    for reason, edit in cases.items():
+        meta_file.write_text(json.dumps(edited(edit)))
+        with pytest.raises(checkpoint.CheckpointError, match=(
+                rf"^checkpoint {path} is corrupt: its meta/ train sums.*({reason})")):
+            checkpoint.read_meta(path)
+    older = dict(meta)  # a checkpoint written before the checksum: its sums still checked
+    del older["train_sums_sha256"]
+    meta_file.write_text(json.dumps(older))
+    assert checkpoint.read_meta(path)["train_sums"] == meta["train_sums"]

@@ -633,3 +633,27 @@ def test_a_resumed_tfds_run_takes_its_own_dataset_name_again(monkeypatch, tmp_pa
     args = cli.build_parser().parse_args(["train", "--resume", "--workdir", "w",
                                           "--dataset", "my_set/cfg"])
     assert cli.resume_config(args).dataset == "my_set/cfg"
+
+
+def test_a_write_that_fails_on_a_file_written_whole_names_it(tmp_path, train_with_file_limit):
+    """config.json, summary.json and the PNGs are written whole beside their place, then
+    renamed: a write failing there (a full disk, a file-size limit) raised an OSError that
+    named no file, and the one line named none."""
+    from rnnjax import atomic
+
+    target = tmp_path / "summary.json"
+
+    def fill(f):
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    with pytest.raises(OSError) as info:
+        atomic.write(target, fill)
+    assert info.value.errno == errno.EFBIG and info.value.filename == str(target)
+    assert not list(tmp_path.iterdir())  # its temporary file removed
+    work = tmp_path / "run"
+    done = train_with_file_limit(1000, "--steps", "3", "--eval-every", "2", "--hidden-size",
+                                 "8", "--compile-cache", "off", "--workdir", str(work))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr == (f"rnnjax: error: {work / 'config.json'}: {os.strerror(errno.EFBIG)}"
+                           "; choose a --workdir on a file system that allows larger files "
+                           "(files already written are kept)\n")

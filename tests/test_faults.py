@@ -351,10 +351,13 @@ def test_checkpoints_of_another_run_do_not_resume_into_these_records(tmp_path, c
     capsys.readouterr()
     assert main(["train", "--resume", "--workdir", str(ours), "--steps", "20"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"rnnjax: error: {ours / 'config.json'} is another run's than the "
+    assert err == (f"rnnjax: error: {ours / 'config.json'} is another run's than the "
                           f"checkpoint {ours / 'checkpoints' / '10'}: it differs in --cell "
                           "simple_rnn (the checkpoint's: lstm), --hidden-size 8 (the "
-                          "checkpoint's: 6)")
+                          "checkpoint's: 6); where config.json was edited, put the "
+                          "checkpoint's values back; where the checkpoints came from another "
+                          "run, resume in the workdir they were trained in, or move "
+                          f"{ours / 'checkpoints'} into a workdir of its own\n")
     assert err.count("\n") == 1
     assert {p.name: p.read_bytes() for p in ours.iterdir() if p.is_file()} == before
     shutil.rmtree(ours / "checkpoints")
