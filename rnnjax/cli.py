@@ -337,6 +337,26 @@ def tuning_enabled(args: argparse.Namespace) -> bool:
     return os.environ.get(ENV_VAR, "").strip().lower() not in ("0", "off", "false", "no")
 
 
+def check_native_resume(config: Config, workdir: Path) -> None:
+    """Refuse to resume a run of the native kernels where they cannot be built, saying so:
+    a resume keeps its ``--backward`` (another form rounds apart), so the fix that a new
+    run's line gives, another ``--backward``, would be refused."""
+    from rnnjax.cells import get_cell
+    from rnnjax.model import native_unavailable
+
+    if config.backward != "native":
+        return
+    try:
+        cell = get_cell(config.cell, config.hidden_size)
+    except ValueError:
+        return  # make_model's line names it
+    reason = native_unavailable(cell)
+    if reason is not None:
+        raise UsageError(f"--resume: the run in {workdir} trains with --backward native, "
+                         f"which its resume keeps (another form rounds apart), and {reason}; "
+                         "rnnjax eval and predict read its checkpoints without one")
+
+
 def check_model(config: Config, spec: DataSpec | None = None, examples: int = 0,
                 test_examples: int | None = None) -> None:
     """Build the model (for the images of ``spec``) and the optimizer, starting no
@@ -476,6 +496,8 @@ def _train(args: argparse.Namespace, whole_process: bool = False) -> int:
                          f"tunes (so it stays bitwise); drop {flags}")
     config = resume_config(args) if args.resume else config_from_args(args)
     check_cpus(config, args.workdir if args.resume else None)
+    if args.resume:
+        check_native_resume(config, args.workdir)
     if args.workdir is not None:
         check_writable(args.workdir)
     if config.compile_cache not in ("auto", "off"):  # 'auto' may be unwritable: then no cache
@@ -599,6 +621,7 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         _check_out(args.out)
     loaded = inference.load(args.checkpoint)
+    _note(loaded)
     step_dir = loaded.step_dir
     if args.out is None:
         args.out = checkpoint.workdir_of(step_dir) / f"confusion_matrix_step{loaded.step}.png"
@@ -630,6 +653,12 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _note(loaded: Any) -> None:
+    """How this machine runs the checkpoint otherwise than its run did, on stderr."""
+    if loaded.note:
+        print(f"rnnjax: note: checkpoint {loaded.step_dir}: {loaded.note}", file=sys.stderr)
+
+
 def _predict(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -646,6 +675,7 @@ def _predict(args: argparse.Namespace) -> int:
                          "dataset, or inference.probabilities on your own arrays")
     pixels = np.stack([load_mnist_image(path) for path in args.images])  # all, before work
     loaded = inference.load(args.checkpoint)
+    _note(loaded)
     probabilities = inference.probabilities(loaded, pixels, args.eval_batch_size)
     names = [str(path) for path in args.images]
     width = max(5, *(len(name) for name in names))

@@ -34,6 +34,7 @@ class Loaded:
     state: train.TrainState
     model: Model
     step_dir: Path
+    note: str = ""  # how this machine runs it otherwise than the run did (:func:`model_config`)
 
     @property
     def step(self) -> int:
@@ -43,6 +44,28 @@ class Loaded:
     def spec(self) -> DataSpec:
         """The images and classes the model reads."""
         return DataSpec(self.model.image_shape, self.model.num_classes)
+
+
+def model_config(config: Config) -> tuple[Config, str]:
+    """``config`` as eval and predict build its model here, and a note where that is not as
+    the run evaluated. A 'native' checkpoint's evaluations run XLA's hand-written form
+    where its own did (``--no-eval-native``, a GPU: ``model.evaluation_model``) and where
+    the native kernels cannot be built (no C++ compiler): its parameters are the same in
+    every form, so it needs no compiler to be read (that refused it, naming a
+    ``--backward`` eval and predict do not take)."""
+    from rnnjax import native, native_gpu
+
+    if config.backward != "native":
+        return config, ""
+    xla = config.replace(backward="hand_written")
+    if not config.eval_native or native_gpu.runs_here():
+        return xla, ""
+    reason = native.unavailable()
+    if reason is None:
+        return config, ""
+    return xla, (f"run in XLA's hand-written form, not the native kernels its run "
+                 f"evaluated with (they need a C++17 compiler here: {native.INSTALL}); "
+                 "the same parameters, its sums may round apart in the last digits")
 
 
 def state_shapes(config: Config, spec: DataSpec | None = None) -> tuple[Any, Model]:
@@ -77,9 +100,10 @@ def load(path: Path | str) -> Loaded:
 def _load_step(step_dir: Path) -> Loaded:
     meta = checkpoint.read_meta(step_dir)
     config = checkpoint.read_config(step_dir, meta)
-    target, model = state_shapes(config, checkpoint.data_spec(meta, config))
+    here, note = model_config(config)
+    target, model = state_shapes(here, checkpoint.data_spec(meta, config))
     state = checkpoint.restore(step_dir, target, meta)
-    return Loaded(config, state, evaluation_model(config, model), step_dir)
+    return Loaded(config, state, evaluation_model(here, model), step_dir, note)
 
 
 def batched_logits(params: Any, images: jax.Array, *, model: Model, chunk: int) -> jax.Array:

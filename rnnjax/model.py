@@ -286,19 +286,27 @@ def _check_native(config: Config, cell: Cell) -> None:
     compiler for the CPU's kernels, unless the cell has a GPU's too and a JAX GPU plugin is
     installed (which backend runs is not known before it starts: ``rnnjax.cli.check_model``
     starts none)."""
-    from rnnjax import native, native_gpu
-    from rnnjax.cells import native_backends
-
     if cell.native is None:
         raise ConfigError(f"--backward native: --cell {config.cell} has no native kernels "
                           "(simple_rnn, lstm and gru have); choose hand_written, autodiff or auto")
     if config.compute_dtype != "float32":
         raise ConfigError(f"--backward native runs float32, not --compute-dtype "
                           f"{config.compute_dtype}: drop one of them")
+    reason = native_unavailable(cell)
+    if reason is not None:
+        raise ConfigError(f"{reason}, or choose another --backward")
+
+
+def native_unavailable(cell: Cell) -> str | None:
+    """Why ``cell``'s native form may not run here (no C++ compiler for the CPU's kernels,
+    where the cell has no GPU kernels or no JAX GPU plugin is installed), or None."""
+    from rnnjax import native
+    from rnnjax.cells import native_backends
+
     reason = native.unavailable()
-    if reason is not None and not ("gpu" in native_backends(cell)
-                                   and native_gpu.plugin_installed()):
-        raise ConfigError(reason)
+    if reason is not None and "gpu" in native_backends(cell) and native_gpu.plugin_installed():
+        return None
+    return reason
 
 
 def evaluation_model(config: Config, model: Model) -> Model:

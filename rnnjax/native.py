@@ -28,14 +28,18 @@ float32.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import functools
 import hashlib
 import os
 import platform
 import re
+import shlex
 import shutil
+import struct
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -62,14 +66,29 @@ class NativeError(ConfigError):
     prints it as a usage error)."""
 
 
-def compiler() -> str:
-    """The C++ compiler: ``$CXX``, else ``g++`` or ``c++`` on the PATH."""
-    for name in (os.environ.get("CXX", ""), "g++", "c++"):
-        if name and shutil.which(name):
-            return name
-    raise NativeError("the native kernels (--backward native) need a C++17 compiler: install "
-                      "g++ (Debian: apt install g++) or set $CXX to one, or choose another "
-                      "--backward")
+INSTALL = "install g++ (Debian: apt install g++) or set $CXX to one"
+
+
+def compiler() -> list[str]:
+    """The C++ compiler's command: ``$CXX`` where set (split as a shell would:
+    ``ccache g++``), else ``g++`` or ``c++`` on the PATH. A ``$CXX`` whose program is not
+    found is a :class:`NativeError` naming it, never passed over for another compiler."""
+    given = os.environ.get("CXX", "").strip()
+    if given:
+        try:
+            command = shlex.split(given)
+        except ValueError as e:
+            raise NativeError(f"$CXX={given!r} does not parse ({e}); set it to a C++17 "
+                              "compiler's command, or unset it to use g++") from None
+        if not shutil.which(command[0]):
+            raise NativeError(f"$CXX={given!r}: {command[0]} is not found; set $CXX to a "
+                              "C++17 compiler that is (or unset it to use g++)")
+        return command
+    for name in ("g++", "c++"):
+        if shutil.which(name):
+            return [name]
+    raise NativeError(f"the native kernels (--backward native) need a C++17 compiler: "
+                      f"{INSTALL}")
 
 
 def unavailable() -> str | None:
@@ -104,7 +123,7 @@ def compile_command(lanes: int, source: Path, out: Path, include: str | None = N
     """The compiler's command line for one source's object file (``include``: the XLA FFI
     headers' directory, JAX's by default)."""
     include = jax.ffi.include_dir() if include is None else include
-    return [compiler(), "-O3", "-march=native", "-std=c++17", "-fPIC", "-c",
+    return [*compiler(), "-O3", "-march=native", "-std=c++17", "-fPIC", "-c",
             f"-DRNNJAX_LANES={lanes}", "-I", include, str(source), "-o", str(out)]
 
 
@@ -120,7 +139,7 @@ def _compile(lanes: int, out: Path) -> None:
                                     text=True) for command in commands]
         steps = [(command, *process.communicate(), process.returncode)
                  for command, process in zip(commands, running, strict=True)]
-        link = [compiler(), "-shared", *map(str, objects), "-o", str(out)]
+        link = [*compiler(), "-shared", *map(str, objects), "-o", str(out)]
         if all(code == 0 for *_, code in steps):
             done = subprocess.run(link, capture_output=True, text=True)
             steps.append((link, done.stdout, done.stderr, done.returncode))
@@ -134,7 +153,7 @@ def _key(lanes: int) -> str:
     """The build's cache key: the sources, the compiler and its command line (not its
     paths: one build serves every installation of the same JAX), the CPU, JAX's version
     and ``lanes``."""
-    version = subprocess.run([compiler(), "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([*compiler(), "--version"], capture_output=True, text=True).stdout
     sources = [path.read_bytes().hex() for path in (*SOURCES, HEADER)]
     command = " ".join(compile_command(lanes, Path("source.cc"), Path("source.o"), "include"))
     parts = (*sources, version, command, _cpu(), jax.__version__, str(lanes))
@@ -155,6 +174,9 @@ def build(lanes: int = LANES) -> Path:
     cache cannot be written. A build found is stamped as used, and a new one prunes the
     cache (:func:`prune`)."""
     target = cache_dir() / f"native_{lanes}_{_key(lanes)}.so"
+    if target.exists() and not whole(target):  # cut short or damaged: built again
+        with contextlib.suppress(OSError):
+            target.unlink()
     if target.exists():
         try:
             os.utime(target)  # used now, for prune
@@ -174,12 +196,37 @@ def build(lanes: int = LANES) -> Path:
     os.close(handle)
     try:
         _compile(lanes, Path(partial))
-    except NativeError:
+        with open(partial, "rb") as f:  # on the disk before its name: a crash leaves no
+            os.fsync(f.fileno())       # empty library under it
+    except BaseException:
         Path(partial).unlink(missing_ok=True)
         raise
     os.replace(partial, target)
     prune(target.parent, target)
     return target
+
+
+def whole(library: Path) -> bool:
+    """Whether the shared library ``library`` holds every byte its ELF headers place in it
+    (a build cut short, or truncated since, does not: loading it crashed the process with
+    SIGBUS, or raised "file too short"). True off Linux, where builds are not ELF files."""
+    if not sys.platform.startswith("linux"):
+        return True
+    try:
+        data = library.read_bytes()
+    except OSError:
+        return False
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return False  # not a 64-bit little-endian ELF file (what this machine builds)
+    phoff, shoff = struct.unpack_from("<QQ", data, 32)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 54)
+    if shoff + shnum * shentsize > len(data) or phoff + phnum * phentsize > len(data):
+        return False
+    for k in range(phnum):
+        offset, _, _, size = struct.unpack_from("<QQQQ", data, phoff + k * phentsize + 8)
+        if offset + size > len(data):
+            return False
+    return True
 
 
 def prune(directory: Path, keep: Path, now: float | None = None) -> list[Path]:
@@ -214,7 +261,18 @@ def register(lanes: int = LANES) -> None:
     if jax.default_backend() != "cpu":
         raise NativeError(f"--backward native runs on a CPU; this run's backend is "
                           f"{jax.default_backend()}: choose another --backward")
-    library = ctypes.cdll.LoadLibrary(str(build(lanes)))
+    path = build(lanes)
+    try:
+        library = ctypes.cdll.LoadLibrary(str(path))
+    except OSError as e:  # damaged in a way whole() does not see: built once more
+        with contextlib.suppress(OSError):
+            path.unlink()
+        try:
+            library = ctypes.cdll.LoadLibrary(str(build(lanes)))
+        except OSError as again:
+            raise NativeError(f"the native kernels built in {path.parent} do not load "
+                              f"({again}; first: {e}); delete that directory to build them "
+                              "again, or choose another --backward") from again
     for symbol, name in targets(lanes).items():
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
                                     platform="cpu")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import os
 import subprocess
 import sys
@@ -575,10 +576,14 @@ def test_the_builds_key_holds_the_compilers_command_line_not_its_paths(monkeypat
     assert native._key(native.LANES) != key
 
 
+# The smallest file native.whole takes for a library: an ELF header placing nothing.
+TINY_ELF = b"\x7fELF\x02\x01" + bytes(58)
+
+
 def test_a_new_build_prunes_the_builds_and_partial_files_unused_for_long(monkeypatch,
                                                                           tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(native, "_compile", lambda lanes, out: out.write_bytes(b"so"))
+    monkeypatch.setattr(native, "_compile", lambda lanes, out: out.write_bytes(TINY_ELF))
     directory = tmp_path / "rnnjax" / "native"
     directory.mkdir(parents=True)
     day, now = 86400, time.time()
@@ -607,7 +612,86 @@ def test_a_new_build_prunes_the_builds_and_partial_files_unused_for_long(monkeyp
         return real_utime(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "utime", pruned_meanwhile)
-    assert native.build(native.LANES) == built and built.read_bytes() == b"so"
+    assert native.build(native.LANES) == built and built.read_bytes() == TINY_ELF
+
+
+def test_a_damaged_build_in_the_cache_is_built_again(monkeypatch, tmp_path):
+    """A build cut short (renamed into place before it reached the disk, then a crash) or
+    truncated since was loaded as it was: "file too short", a traceback, or SIGBUS, the
+    process dead with nothing said; and it stayed, so every native run failed so."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    built = native.build(native.LANES)
+    content = built.read_bytes()
+    assert native.whole(built)
+    damaged = tmp_path / "damaged.so"
+    for data in (b"", content[:63], content[:len(content) // 2], content[:-1],
+                 bytes(len(content)), b"\x7fELF\x01\x01" + content[6:]):
+        damaged.write_bytes(data)
+        assert not native.whole(damaged), len(data)
+    built.write_bytes(content[:len(content) // 2])
+    assert native.build(native.LANES) == built and native.whole(built)
+    # One whole() passes that does not load either: register builds it once more.
+    built.write_bytes(TINY_ELF)
+    script = ("from rnnjax import native; native.register(native.LANES); "
+              "print(native.whole(native.build(native.LANES)))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
+    assert done.returncode == 0 and done.stdout == "True\n", done.stderr[-2000:]
+    assert built.stat().st_size == len(content)
+
+
+def test_cxx_is_the_compiler_or_an_error_naming_it(monkeypatch):
+    """A $CXX not found was passed over for g++ (another compiler than the one asked for),
+    and a $CXX of several words (``ccache g++``) was never found."""
+    monkeypatch.setenv("CXX", "/opt/typo/clang++")
+    with pytest.raises(native.NativeError, match=r"^\$CXX='/opt/typo/clang\+\+': "
+                                                 r"/opt/typo/clang\+\+ is not found; set"):
+        native.compiler()
+    with pytest.raises(ConfigError, match=r"is not found; .* or choose another --backward$"):
+        make_model(Config(backward="native"))
+    monkeypatch.setenv("CXX", "env g++")
+    assert native.compiler() == ["env", "g++"]
+    assert native.compile_command(8, Path("a.cc"), Path("a.o"), "include")[:3] == [
+        "env", "g++", "-O3"]
+    monkeypatch.setenv("CXX", "'g++")
+    with pytest.raises(native.NativeError, match="does not parse"):
+        native.compiler()
+
+
+def test_a_native_run_is_read_without_a_compiler_and_its_resume_says_it_needs_one(
+        monkeypatch, tmp_path, capsys):
+    """eval and predict of a --backward native checkpoint where no C++ compiler is found
+    were refused with "choose another --backward", a flag they do not have (its parameters
+    are the same in every form); its resume, which keeps --backward, was told the same."""
+    from rnnjax import inference
+    from rnnjax.cli import main
+    from rnnjax.loop import train_and_evaluate
+
+    work = tmp_path / "run"
+    config = Config(cell="gru", backward="native", hidden_size=8, steps=6, eval_every=5,
+                    batch_size=16, eval_batch_size=2000)
+    done = train_and_evaluate(config, work, out=io.StringIO())
+    assert inference.load(work).note == "" and inference.load(work).model.backward == "native"
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    loaded = inference.load(work)
+    assert loaded.model.backward == "hand_written" and loaded.config.backward == "native"
+    assert loaded.note.startswith("run in XLA's hand-written form, not the native kernels")
+    capsys.readouterr()
+    assert main(["eval", str(work), "--out", str(tmp_path / "cm.png")]) == 0
+    out, err = capsys.readouterr()
+    assert err == f"rnnjax: note: checkpoint {work / 'checkpoints' / '6'}: {loaded.note}\n"
+    loss = float(out.splitlines()[1].split()[2])
+    assert loss == pytest.approx(done.summary["final_test_loss"], abs=1e-4)
+    assert main(["train", "--resume", "--workdir", str(work), "--steps", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rnnjax: error: --resume: the run in {work} trains with --backward "
+                          "native, which its resume keeps (another form rounds apart), and "
+                          "the native kernels (--backward native) need a C++17 compiler")
+    assert err.endswith("; rnnjax eval and predict read its checkpoints without one\n")
+    # --no-eval-native: its evaluations ran XLA's form; they still do, with no note.
+    xla, note = inference.model_config(config.replace(eval_native=False))
+    assert xla.backward == "hand_written" and note == ""
 
 
 def test_a_failed_build_shows_the_compilers_error(monkeypatch, tmp_path):
