@@ -403,6 +403,16 @@ def tuned_config(args: argparse.Namespace, config: Config,
         except checkpoint.CheckpointError:
             pass  # checkpoints, or another run's records: check_run refuses before tuning
         else:  # this run, stopped before its first checkpoint, starts over as it was tuned
+            asked = [flag for flag, value in (("--tune", args.tune),
+                                              ("--tune-budget", args.tune_budget))
+                     if value is not None and value is not False]
+            if asked:  # read by no one: refused, as --resume refuses them
+                flags = " and ".join(asked)
+                raise UsageError(
+                    f"{flags}: {args.workdir} holds the records of a run stopped before its "
+                    "first checkpoint, and this one starts it over with the settings its "
+                    f"config.json records (never tuned again: the same run); drop {flags}, "
+                    "or choose another --workdir")
             return recorded, {"mode": "recorded"}
 
     def check_run() -> None:  # what the run would refuse, refused before tuning
@@ -557,6 +567,14 @@ def _tune(args: argparse.Namespace, whole_process: bool = False) -> int:
         process.imported()
 
     config = config_from_args(args)
+    from rnnjax.parallel import starts_distributed
+
+    if starts_distributed(config):  # it timed one process at the whole batch, cached as one's
+        raise UsageError(
+            "rnnjax tune times one process, and a run of several processes is never tuned "
+            "(every process must choose alike): drop --num-processes, --coordinator-address "
+            "and $JAX_COORDINATOR_ADDRESS, tune one process at its share of --batch-size, "
+            "and give every process the flags it prints")
     check_cpus(config)
     changes = flag_changes(args)
     check_forms(config, changes)

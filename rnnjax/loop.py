@@ -638,7 +638,9 @@ def format_summary(s: dict[str, Any]) -> str:
     if tuning.get("mode") in ("measured", "cached", "resumed", "recorded"):
         from rnnjax.tune import describe
 
-        tuned = f"tuned ({tuning['mode']}): {describe(tuning['settings'])}\n"
+        # A resumed or recorded run's settings are its first run's: tuned, or not.
+        label = "tuned" if tuning["mode"] in ("measured", "cached") else "settings"
+        tuned = f"{label} ({tuning['mode']}): {describe(tuning['settings'])}\n"
     return (
         f"final test accuracy: {s['final_test_accuracy']:.4f} "
         f"(test cost {s['final_test_loss']:.4f}) "

@@ -202,7 +202,8 @@ HUGE_PAGES_PROCESSES = 2
 CPUS = "cpus="
 ONE_CPU_FIRST = 64
 VISIBLE_DEVICES = ("JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
-                   "ROCR_VISIBLE_DEVICES", "TPU_VISIBLE_CHIPS", "TPU_ACCELERATOR_TYPE")
+                   "ROCR_VISIBLE_DEVICES", "TPU_VISIBLE_CHIPS", "TPU_ACCELERATOR_TYPE",
+                   "JAX_NUM_CPU_DEVICES")
 DEFAULT_BUDGET_S = 30.0  # rnnjax train, first run of a shape
 TUNE_COMMAND_BUDGET_S = 120.0  # rnnjax tune
 # rnnjax train's default budget follows the run's training time at the defaults (its steps
@@ -696,7 +697,7 @@ def key(config: Config, pinned: frozenset[str], env: dict[str, str] | None = Non
         spec: DataSpec = IDX_SPEC) -> dict:
     """What the choice depends on, known before JAX's backend starts (``spec``: the
     dataset's images, whose sequence is the model's input)."""
-    from rnnjax import process, runtime
+    from rnnjax import native, process, runtime
 
     env = dict(os.environ) if env is None else env
     return {
@@ -708,6 +709,8 @@ def key(config: Config, pinned: frozenset[str], env: dict[str, str] | None = Non
             "xla_flags": env.get("XLA_FLAGS", ""),
             "huge_pages": _huge_pages_key(env),
             "cpus": len(process.usable_cpus()),
+            # A choice of the native kernels is no choice where they cannot be built.
+            "native": native.unavailable() is None,
         },
         "model": {
             "cell": config.cell, "hidden_size": config.hidden_size,
@@ -1613,7 +1616,10 @@ def choice_line(result: Result) -> str:
         if failed is not None:  # not the budget's doing: a larger one would not help
             return (f"the defaults were not timed: their child failed ({failed}); the "
                     "defaults stay")
-        return (f"the defaults were not timed within {result.budget_s:g} s, so nothing "
+        # The seconds spent: a run's first child may take longer than the budget before it
+        # has timed the defaults (the first part of the longest run's budget: tune).
+        return (f"the defaults were not timed in {result.seconds:.1f} s of tuning "
+                f"(--tune-budget {result.budget_s:g} s), so nothing "
                 "compares with them; the defaults stay (give a larger --tune-budget)")
     timed = {_fields_key(m): m.step_s  # what select chose from
              for m in pooled(result.final or result.measurements) if m.step_s is not None}
@@ -1691,13 +1697,16 @@ def check_device(record: dict[str, Any], err: TextIO | None = None) -> None:
     if record.get("mode") != "cached" or not recorded:
         return
     now = runtime.device_info()
-    if all(now.get(k) == recorded.get(k) for k in ("backend", "device_kind", "device_count")):
+    differ = [k for k in ("backend", "device_kind", "device_count")
+              if now.get(k) != recorded.get(k)]
+    if not differ:
         return
     if record.get("cache"):
         Path(record["cache"]).unlink(missing_ok=True)
-    (err or sys.stderr).write(
-        f"rnnjax: the tuned choice was measured on {recorded.get('device_kind')}, this run "
-        f"has {now['device_kind']}: kept for this run, tuning again next run\n")
+    was = ", ".join(f"{k} {recorded.get(k)}" for k in differ)
+    has = ", ".join(f"{k} {now.get(k)}" for k in differ)
+    (err or sys.stderr).write(f"rnnjax: the tuned choice was measured with {was}, this run "
+                              f"has {has}: kept for this run, tuning again next run\n")
 
 
 def settings(config: Config) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1586,7 +1587,15 @@ def test_cache_key_and_invalidation(tmp_path, monkeypatch):
     assert tune.key(config, frozenset({"unroll"}), env={}) != key
     assert tune.key(config, frozenset(), env={"XLA_FLAGS": "--xla_cpu_use_xnnpack=true"}) != key
     assert tune.key(config, frozenset(), env={"CUDA_VISIBLE_DEVICES": "1"}) != key
+    # Two host devices, a choice of its own (they shared one, each deleting the other's).
+    assert tune.key(config, frozenset(), env={"JAX_NUM_CPU_DEVICES": "2"}) != key
     assert tune.key(config.replace(steps=9, seed=3), frozenset(), env={}) == key  # no shape
+    # Where the native kernels cannot be built (no compiler: another PATH, a container
+    # sharing the cache), a cached native choice stopped the run: another key.
+    assert key["machine"]["native"] is False  # this module's (native_unavailable)
+    with monkeypatch.context() as compiler:
+        compiler.setattr(native, "unavailable", lambda: None)
+        assert tune.key(config, frozenset(), env={}) != key
     # The model's input is the dataset's images read in the order: the IDX layout's by
     # default, as every key written before had it.
     assert key["model"]["input"] == [28, 28]
@@ -1880,7 +1889,7 @@ def test_the_cached_choice_is_used_and_explicit_flags_override_it(in_process):
 
 
 def test_a_run_started_over_takes_the_settings_its_records_were_made_with(in_process,
-                                                                          tmp_path):
+                                                                          tmp_path, capsys):
     """The same command again in the workdir of a run stopped before its first checkpoint
     takes the tuned settings its config.json records, whatever the cache holds now: a
     choice changed since (a later ``rnnjax tune``) made it another run, refused."""
@@ -1904,6 +1913,14 @@ def test_a_run_started_over_takes_the_settings_its_records_were_made_with(in_pro
     assert in_process.last() == (earlier, "recorded")
     assert main(["train", *RUN, "--workdir", str(tmp_path / "new")]) == 0
     assert in_process.last() == (CACHED, "cached")
+    # --tune and --tune-budget were accepted and read by no one: refused, as on --resume.
+    for asked in (["--tune"], ["--tune-budget", "50"], ["--tune", "--tune-budget", "50"]):
+        flags = " and ".join(flag for flag in asked if flag.startswith("--"))
+        capsys.readouterr()
+        assert main(["train", *RUN, "--workdir", str(work), *asked]) == 2
+        assert re.match(rf"rnnjax: error: {flags}: {work} holds the records of a run stopped "
+                        rf"before its first checkpoint, .* \(never tuned again: the same "
+                        rf"run\); drop {flags}, or ", capsys.readouterr().err)
 
 
 def test_no_tune_and_the_environment_turn_tuning_off(in_process, monkeypatch):
@@ -2100,7 +2117,8 @@ def test_defaults_not_timed_say_why_a_failed_child_or_the_budget():
     assert failed == ("the defaults were not timed: their child failed (child exited 1: "
                       "Unknown flag in XLA_FLAGS: --xla_x=1); the defaults stay")
     assert tune.choice_line(result(tune.STOPPED)) == (
-        "the defaults were not timed within 20 s, so nothing compares with them; the "
+        "the defaults were not timed in 4.1 s of tuning (--tune-budget 20 s), so nothing "
+        "compares with them; the "
         "defaults stay (give a larger --tune-budget)")
 
 
@@ -2417,3 +2435,41 @@ def test_a_child_whose_device_fails_after_a_candidate_exits_unreported(tmp_path,
     assert [e["candidate"] for e in out if e["event"] in ("result", "skipped")] == [base]
     assert out[-1] == {"event": "trying", "candidate": probe}  # what tune.lost names
     assert "the cpu failed after" in captured.err and "illegal memory access" in captured.err
+
+
+def test_rnnjax_tune_refuses_a_run_of_several_processes(capsys, monkeypatch):
+    """It timed one process at the whole batch, cached the choice under the one-process
+    key (replacing that choice) and said rnnjax train uses it: a run of several processes
+    never tunes."""
+    for flags, env in (([ "--num-processes", "2", "--coordinator-address", "localhost:12355",
+                          "--process-id", "0"], None),
+                       ([], "localhost:12355")):
+        with monkeypatch.context() as m:
+            if env:
+                m.setenv("JAX_COORDINATOR_ADDRESS", env)
+            assert main(["tune", *TINY, *flags, "--tune-budget", "5"]) == 2
+        assert capsys.readouterr().err == (
+            "rnnjax: error: rnnjax tune times one process, and a run of several processes is "
+            "never tuned (every process must choose alike): drop --num-processes, "
+            "--coordinator-address and $JAX_COORDINATOR_ADDRESS, tune one process at its "
+            "share of --batch-size, and give every process the flags it prints\n")
+
+
+def test_a_cached_choice_of_other_devices_names_what_differs(tmp_path):
+    """Measured with another device count (JAX_NUM_CPU_DEVICES), it said "measured on
+    Xeon, this run has Xeon"."""
+    from rnnjax import runtime
+
+    now = runtime.device_info()
+    cached = tmp_path / "choice.json"
+    cached.write_text("{}")
+    err = io.StringIO()
+    device = {**now, "device_count": now["device_count"] + 1}
+    tune.check_device({"mode": "cached", "device": device, "cache": str(cached)}, err)
+    assert err.getvalue() == (
+        f"rnnjax: the tuned choice was measured with device_count {now['device_count'] + 1}, "
+        f"this run has device_count {now['device_count']}: kept for this run, tuning again "
+        "next run\n")
+    assert not cached.exists()
+    tune.check_device({"mode": "cached", "device": now, "cache": str(tmp_path / "x")}, err)
+    assert err.getvalue().count("\n") == 1  # the same devices: nothing said
