@@ -137,12 +137,15 @@ def list_steps(directory: Path | str) -> list[int]:
 
 
 def _is_step(child: Path) -> bool:
-    """A step directory: named by its step, as orbax names one (``6``). One named by its
-    step with leading zeros (``06``, renamed by hand) is a CheckpointError: orbax would
-    not find it, and its step's directory is not there."""
+    """A step directory: named by its step, as orbax names one (``6``). One in a
+    checkpoints directory named by its step with leading zeros (``06``, renamed by hand)
+    is a CheckpointError: orbax would not find it, and its step's directory is not there
+    (elsewhere, in a workdir or a folder of runs, ``007`` is no step)."""
     if not (child.name.isdigit() and child.is_dir()):
         return False
     if str(int(child.name)) != child.name:
+        if child.parent.name != CHECKPOINTS:
+            return False
         raise CheckpointError(
             f"{child} is not named as a step directory is (its step, without leading "
             f"zeros); rename it to {child.parent / str(int(child.name))}, or move it out "
@@ -731,18 +734,18 @@ def workdir_lock(workdir: Path | str | None) -> Iterator[None]:
 
 def check_no_unfinished(directory: Path) -> None:
     """Refuse a checkpoints ``directory`` holding a step directory without orbax's commit
-    file newer than its latest finished checkpoint. orbax's saves to a local disk never
-    leave one (a finished save is renamed into place; one cut short stays a temporary
+    file, but for one older than every finished checkpoint. orbax's saves to a local disk
+    never leave one (a finished save is renamed into place; one cut short stays a temporary
     directory, which the writer deletes), but its manager counts one as a step: keeping
     the latest N, it deleted a finished checkpoint instead, and a save of that step failed
-    once trained to it. One older than the latest finished checkpoint is what a deletion
-    of the oldest (keeping the latest N) left when cut short (orbax removes the commit file
-    among the first): being the oldest step, it goes first at the next save."""
+    once trained to it. One older than every finished checkpoint is what a deletion of the
+    oldest (keeping the latest N) left when cut short (orbax removes the commit file among
+    the first): being the oldest step, it goes first at the next save."""
     if not directory.is_dir():
         return
-    latest = latest_step(directory)
+    steps = list_steps(directory)
     unfinished = sorted(step for step in _unfinished_steps(directory)
-                         if latest is None or step > latest)
+                        if not steps or step > steps[0])
     if unfinished:
         raise CheckpointError(
             f"{directory / str(unfinished[0])} is a checkpoint whose save never finished (it "
@@ -788,7 +791,7 @@ def prepare(config: Config, workdir: Path | str | None, resume: bool) -> ResumeP
     saved = read_config(step_dir, meta)
     check_records_match(saved, workdir, step_dir)
     check_resumable(saved, config, step_dir)
-    if step == config.steps and unfinished_outputs(workdir, step):
+    if step == config.steps == saved.steps and unfinished_outputs(workdir, step):
         return ResumePoint(step_dir, step, dict(meta))  # trained: the loop only finishes it
     if step >= config.steps:
         from rnnjax.metrics import steps_phrase  # imports JAX: only on this error

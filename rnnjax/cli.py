@@ -406,13 +406,11 @@ def tuned_config(args: argparse.Namespace, config: Config,
             asked = [flag for flag, value in (("--tune", args.tune),
                                               ("--tune-budget", args.tune_budget))
                      if value is not None and value is not False]
-            if asked:  # read by no one: refused, as --resume refuses them
-                flags = " and ".join(asked)
-                raise UsageError(
-                    f"{flags}: {args.workdir} holds the records of a run stopped before its "
-                    "first checkpoint, and this one starts it over with the settings its "
-                    f"config.json records (never tuned again: the same run); drop {flags}, "
-                    "or choose another --workdir")
+            if asked:  # not read here: said so (a scheduler runs its command again as it was)
+                print(f"rnnjax: note: {' and '.join(asked)} not read: {args.workdir} holds the "
+                      "records of a run stopped before its first checkpoint, and this one "
+                      "starts it over with the settings its config.json records (never tuned "
+                      "again: the same run)", file=sys.stderr)
             return recorded, {"mode": "recorded"}
 
     def check_run() -> None:  # what the run would refuse, refused before tuning

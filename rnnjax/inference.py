@@ -64,8 +64,8 @@ def model_config(config: Config) -> tuple[Config, str]:
     if reason is None:
         return config, ""
     return xla, (f"run in XLA's hand-written form, not the native kernels its run "
-                 f"evaluated with (they need a C++17 compiler here: {native.INSTALL}); "
-                 "the same parameters, its sums may round apart in the last digits")
+                 f"evaluated with ({reason}); the same parameters, its sums may round apart "
+                 "in the last digits")
 
 
 def state_shapes(config: Config, spec: DataSpec | None = None) -> tuple[Any, Model]:

@@ -294,8 +294,9 @@ class RunFiles:
             logged = (config.steps - 1 if resume_from.step == config.steps
                       else last_regular_eval(config, resume_from.step))
             kept, truncate = metrics_lib.kept_metrics(workdir, logged)  # nothing written
-        if not writes:
-            return cls(checkpoints=checkpoints()), []
+        if not writes:  # the history all the same: a run finished here reads its end
+            return cls(checkpoints=checkpoints()), (
+                [] if resume_from is None else metrics_lib.history_from_records(kept))
         if resume_from is None:
             workdir.mkdir(parents=True, exist_ok=True)
 
@@ -503,7 +504,8 @@ def train_and_evaluate(
     if start == config.steps and (not history or history[-1]["step"] != start - 1):
         files.close()
         raise checkpoint_lib.CheckpointError(
-            f"--resume: {resume_from.step_dir} has trained all {config.steps} steps, but "
+            f"--resume: {resume_from.step_dir} has trained all "
+            f"{metrics_lib.steps_phrase(config.steps)}, but "
             f"{Path(workdir) / 'metrics.jsonl'} lacks their final evaluation (step "
             f"{start - 1}), which the summary reads; put the run's metrics.jsonl back, or "
             "train into another --workdir")
@@ -597,7 +599,8 @@ def train_and_evaluate(
         "compile_s": compile_s,
         "train_s": train_s,
         "eval_s": eval_s,
-        "steps_per_s": (config.steps - start) / train_s if train_s else math.nan,
+        # None (JSON null) where this process trained nothing (a run finished here).
+        "steps_per_s": (config.steps - start) / train_s if train_s else None,
         "checkpoint_s": checkpoint_s,
         "resumed_from": start,
         "tuning": {**(tuning or {"mode": "off"}),
@@ -616,14 +619,15 @@ def train_and_evaluate(
         # A run that trained here writes both; one finished here, what it lacks.
         outputs = checkpoint_lib.FINAL_OUTPUTS if start < config.steps \
             else checkpoint_lib.unfinished_outputs(workdir, config.steps)
+        # The curves first: a summary.json of the run's steps then vouches for them too.
         summary_json, curves_png = checkpoint_lib.FINAL_OUTPUTS
-        if summary_json in outputs:
-            atomic.write_text(workdir / summary_json, json.dumps(summary, indent=2) + "\n")
         if curves_png in outputs:
             from rnnjax import plots  # matplotlib: imported only when a workdir wants it
 
             plots.learning_curves(history, workdir / curves_png,
                                   title=f"{config.cell} {config.hidden_size}, {config.dataset}")
+        if summary_json in outputs:
+            atomic.write_text(workdir / summary_json, json.dumps(summary, indent=2) + "\n")
     return RunResult(state, history, summary)
 
 
@@ -634,6 +638,7 @@ def format_summary(s: dict[str, Any]) -> str:
     tuning = s.get("tuning") or {}
     devices = s.get("mesh_devices", s["device_count"])  # the run's, of all the backend has
     devices = f"x{devices}" + (f" (of {s['device_count']})" if devices != s["device_count"] else "")
+    rate = "no steps here" if s["steps_per_s"] is None else f"{s['steps_per_s']:.0f} steps/s"
     tuned = ""
     if tuning.get("mode") in ("measured", "cached", "resumed", "recorded"):
         from rnnjax.tune import describe
@@ -647,7 +652,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"after {metrics_lib.steps_phrase(s['steps'])}\n"
         f"wall time {s['wall_s']:.2f} s: data {s['data_s']:.2f} s, init {s['init_s']:.2f} s, "
         f"compile {s['compile_s']:.2f} s{cache}, train {s['train_s']:.2f} s "
-        f"({s['steps_per_s']:.0f} steps/s), eval {s['eval_s']:.2f} s\n"
+        f"({rate}), eval {s['eval_s']:.2f} s\n"
         f"device: {s['backend']} {s['device_kind']} {devices}; {versions}\n"
         f"{tuned}"
     )

@@ -66,9 +66,6 @@ class NativeError(ConfigError):
     prints it as a usage error)."""
 
 
-INSTALL = "install g++ (Debian: apt install g++) or set $CXX to one"
-
-
 def compiler() -> list[str]:
     """The C++ compiler's command: ``$CXX`` where set (split as a shell would:
     ``ccache g++``), else ``g++`` or ``c++`` on the PATH. A ``$CXX`` whose program is not
@@ -87,8 +84,8 @@ def compiler() -> list[str]:
     for name in ("g++", "c++"):
         if shutil.which(name):
             return [name]
-    raise NativeError(f"the native kernels (--backward native) need a C++17 compiler: "
-                      f"{INSTALL}")
+    raise NativeError("the native kernels (--backward native) need a C++17 compiler: install "
+                      "g++ (Debian: apt install g++) or set $CXX to one")
 
 
 def unavailable() -> str | None:
@@ -264,15 +261,16 @@ def register(lanes: int = LANES) -> None:
     path = build(lanes)
     try:
         library = ctypes.cdll.LoadLibrary(str(path))
-    except OSError as e:  # damaged in a way whole() does not see: built once more
+    except OSError:  # damaged in a way whole() does not see: built once more
         with contextlib.suppress(OSError):
             path.unlink()
         try:
             library = ctypes.cdll.LoadLibrary(str(build(lanes)))
         except OSError as again:
-            raise NativeError(f"the native kernels built in {path.parent} do not load "
-                              f"({again}; first: {e}); delete that directory to build them "
-                              "again, or choose another --backward") from again
+            raise NativeError(
+                f"the native kernels built in {path.parent} do not load ({again}); where its "
+                "file system maps no programs (mounted noexec), set $XDG_CACHE_HOME to a "
+                "directory on one that does; or choose another --backward") from again
     for symbol, name in targets(lanes).items():
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
                                     platform="cpu")

@@ -272,7 +272,8 @@ def test_save_restore_round_trip(tmp_path, bitwise_equal):
     state = jax.tree.map(odd_bits, state)
     with checkpoint.CheckpointWriter(tmp_path, keep=3) as writer:
         path = writer.save(state, config, train_sums={"loss_sum": np.float32(1.25),
-                                                      "correct": np.int32(3)})
+                                                      "correct": np.int32(3),
+                                                      "count": np.int32(8)})
     assert path == tmp_path / "7"
     restored = checkpoint.restore(path, made_up_state(config, seed=1))
     assert jax.tree.structure(restored) == jax.tree.structure(state)
@@ -723,6 +724,8 @@ def test_a_run_stopped_after_its_final_checkpoint_is_finished_by_resume(tmp_path
         assert checkpoint.unfinished_outputs(work, config.steps) == lost
         finished = train_and_evaluate(config, work, out=io.StringIO(), resume=True)
         assert finished.summary["resumed_from"] == 12 and finished.history == done.history
+        assert finished.summary["steps_per_s"] is None  # JSON null: it trained nothing
+        assert "NaN" not in (work / "summary.json").read_text()
         assert json.loads((work / "summary.json").read_text())["final_test_loss"] == \
             summary["final_test_loss"]
         assert Image.open(work / "learning_curves.png").format == "PNG"
@@ -759,6 +762,14 @@ def test_a_retention_delete_cut_short_resumes_and_goes_at_the_next_save(tmp_path
             writer.save(state._replace(step=jnp.asarray(step, jnp.int32)), config)
     (directory / "10" / checkpoint.COMMIT_FILE).unlink()  # the delete, cut short
     assert checkpoint.prepare(config, tmp_path, resume=True).step == 20
+    # One between finished ones is no deletion of the oldest: orbax, keeping 3, would
+    # delete finished 5 for it. Refused, as a save that never finished.
+    (directory / "10").rename(directory / "15")
+    shutil.copytree(directory / "20", directory / "5")
+    with pytest.raises(checkpoint.CheckpointError, match="15 is a checkpoint whose save never"):
+        checkpoint.prepare(config, tmp_path, resume=True)
+    shutil.rmtree(directory / "5")
+    (directory / "15").rename(directory / "10")
     with pytest.raises(checkpoint.CheckpointError, match="already holds checkpoints"):
         checkpoint.prepare(config, tmp_path, resume=False)
     with checkpoint.CheckpointWriter(directory, keep=2) as writer:
@@ -782,6 +793,11 @@ def test_a_step_directory_named_with_leading_zeros_is_named_in_the_error(tmp_pat
             call()
     padded.rename(path)
     assert checkpoint.resolve(tmp_path) == path
+    # Elsewhere (a workdir's own folder, a folder of runs) such a name is no step.
+    (tmp_path / "007").mkdir()
+    assert checkpoint.resolve(tmp_path) == path
+    with pytest.raises(checkpoint.CheckpointError, match="holds no checkpoint"):
+        checkpoint.resolve(tmp_path / "007")
 
 
 def test_a_checkpoints_train_sums_are_checked_before_they_are_used(tmp_path):

@@ -677,6 +677,7 @@ def test_a_native_run_is_read_without_a_compiler_and_its_resume_says_it_needs_on
     loaded = inference.load(work)
     assert loaded.model.backward == "hand_written" and loaded.config.backward == "native"
     assert loaded.note.startswith("run in XLA's hand-written form, not the native kernels")
+    assert native.unavailable() in loaded.note  # the reason, $CXX's where it is that
     capsys.readouterr()
     assert main(["eval", str(work), "--out", str(tmp_path / "cm.png")]) == 0
     out, err = capsys.readouterr()

@@ -52,6 +52,11 @@ def _worker(spec: dict) -> None:
         overrides = dict(overrides)
         workdir = overrides.pop("workdir", None)
         resume = overrides.pop("resume", False)
+        for lost in overrides.pop("drop", ()):  # every process, before any runs on
+            (out / workdir / lost).unlink(missing_ok=True)
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"{name} dropped {lost}")
         start, text = time.perf_counter(), io.StringIO()
         result = train_and_evaluate(Config(**{**spec.get("base", {}), **overrides}),
                                     workdir and out / workdir, out=text, resume=resume)
@@ -466,7 +471,9 @@ def test_two_processes_train_like_one(one_device, tmp_path):
                                                "num_processes": 2, "process_id": process_id},
                 "runs": {"device": {}, "stream": {"feed": "stream"},
                          "stopped": {"steps": 6, "workdir": "work"},
-                         "resumed": {"workdir": "work", "resume": True}}}
+                         "resumed": {"workdir": "work", "resume": True},
+                         "finished": {"workdir": "work", "resume": True,
+                                      "drop": ["summary.json"]}}}
         procs.append(_launch(spec, devices=2))
     _wait(procs, timeout=300)
     report = json.loads((tmp_path / "report.json").read_text())
@@ -474,10 +481,13 @@ def test_two_processes_train_like_one(one_device, tmp_path):
     params, history = one_device
     assert [h["step"] for h in report["stopped"]["history"]] == [0, 5]
     assert sorted(p.name for p in (tmp_path / "work" / "checkpoints").iterdir()) == ["12", "6"]
-    for name in ("device", "stream", "resumed"):
+    for name in ("device", "stream", "resumed", "finished"):
         assert report[name]["mesh_devices"] == 4
         _assert_same(_load(tmp_path, name), params)
         _assert_same_history(report[name]["history"], history)
+    # Stopped after its final checkpoint (its summary lost): finished by both processes
+    # (process 1 read no history, and said the records lacked the final evaluation).
+    assert json.loads((tmp_path / "work" / "summary.json").read_text())["resumed_from"] == 12
 
 
 if __name__ == "__main__":
