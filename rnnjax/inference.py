@@ -51,8 +51,8 @@ def model_config(config: Config) -> tuple[Config, str]:
     the run evaluated. A 'native' checkpoint's evaluations run XLA's hand-written form
     where its own did (``--no-eval-native``, a GPU: ``model.evaluation_model``) and where
     the native kernels cannot be built (no C++ compiler): its parameters are the same in
-    every form, so it needs no compiler to be read (that refused it, naming a
-    ``--backward`` eval and predict do not take)."""
+    every form, so reading it needs no compiler (one was required, and the refusal named
+    ``--backward``, a flag eval and predict do not have)."""
     from rnnjax import native, native_gpu
 
     if config.backward != "native":

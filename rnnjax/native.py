@@ -219,6 +219,8 @@ def whole(library: Path) -> bool:
     phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 54)
     if shoff + shnum * shentsize > len(data) or phoff + phnum * phentsize > len(data):
         return False
+    if phnum and phentsize < 56:  # shorter than an ELF64 program header: not one
+        return False
     for k in range(phnum):
         offset, _, _, size = struct.unpack_from("<QQQQ", data, phoff + k * phentsize + 8)
         if offset + size > len(data):

@@ -625,7 +625,8 @@ def test_a_damaged_build_in_the_cache_is_built_again(monkeypatch, tmp_path):
     assert native.whole(built)
     damaged = tmp_path / "damaged.so"
     for data in (b"", content[:63], content[:len(content) // 2], content[:-1],
-                 bytes(len(content)), b"\x7fELF\x01\x01" + content[6:]):
+                 bytes(len(content)), b"\x7fELF\x01\x01" + content[6:],
+                 content[:54] + b"\x08\x00" + content[56:]):  # a program header of 8 bytes
         damaged.write_bytes(data)
         assert not native.whole(damaged), len(data)
     built.write_bytes(content[:len(content) // 2])
