@@ -22,7 +22,7 @@ from rnnjax import checkpoint, memory, train
 from rnnjax.config import Config
 from rnnjax.data.pipeline import normalize_host
 from rnnjax.data.spec import DataSpec
-from rnnjax.model import Model, evaluation_model, make_model
+from rnnjax.model import Model, evaluates_natively, evaluation_model, make_model
 from rnnjax.optim import make_optimizer
 
 
@@ -53,12 +53,12 @@ def model_config(config: Config) -> tuple[Config, str]:
     the native kernels cannot be built (no C++ compiler): its parameters are the same in
     every form, so reading it needs no compiler (one was required, and the refusal named
     ``--backward``, a flag eval and predict do not have)."""
-    from rnnjax import native, native_gpu
+    from rnnjax import native
 
     if config.backward != "native":
         return config, ""
     xla = config.replace(backward="hand_written")
-    if not config.eval_native or native_gpu.runs_here():
+    if not evaluates_natively(config):
         return xla, ""
     reason = native.unavailable()
     if reason is None:

@@ -324,12 +324,18 @@ def evaluation_model(config: Config, model: Model) -> Model:
     (16 lanes: 17 against 35, 42 against 52, 56 against 89; 8 lanes: 20 against 37, level,
     71 against 97). So rnnjax.tune times both."""
     if model.backward == "native":
-        if config.eval_native and not native_gpu.runs_here():
+        if evaluates_natively(config):
             return model
         model = dataclasses.replace(model, backward="hand_written")
     if config.eval_unroll < 0 or config.eval_unroll == model.unroll:
         return model
     return dataclasses.replace(model, unroll=config.eval_unroll)
+
+
+def evaluates_natively(config: Config) -> bool:
+    """Whether a 'native' model's evaluations run in the native form here
+    (:func:`evaluation_model`): with ``config.eval_native``, on a CPU."""
+    return config.eval_native and not native_gpu.runs_here()
 
 
 def count_params(params: Params) -> int:
