@@ -87,7 +87,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = flag_name(f.name)
         default = getattr(defaults, f.name)
         # argparse %-formats help strings: a literal % (as in 'train[:90%]') must be doubled
-        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
+        help_text = f.metadata.get("help", "")
+        if "(default:" not in help_text:  # else the help says what the default means
+            help_text += f" (default: {default})"
+        help_text = help_text.replace("%", "%%")
         if hints[f.name] in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
@@ -109,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="progress bar on stderr (default: when stderr is a terminal)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --workdir from its latest checkpoint; flags "
-                       "left out keep the checkpoint's values (and its tuned settings)")
+                       "left out keep the checkpoint's values (and its tuned settings), but "
+                       "for where it runs (--num-devices, --compile-cache and the "
+                       "multi-process flags: as given, or their defaults)")
     train.add_argument("--tune", action=argparse.BooleanOptionalAction, default=None,
                        help="choose " + ", ".join(flag_name(n) for n in TUNED) + " (those "
                        "not given) by timing them here, once per shape, cached (default: on, "
@@ -139,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="evaluate on this dataset's test set (a name, or a directory "
                           "of IDX files) instead of the checkpoint's; its images and classes "
                           "must be the model's")
+    evaluate.add_argument("--tfds-dir", default=None,
+                          help="a run of --source tfds: the tfds data dir holding its dataset, "
+                          "if not where the run found it")
+    evaluate.add_argument("--tfds-download", action="store_true",
+                          help="a run of --source tfds: let tfds download and prepare its "
+                          "dataset where it is not prepared (needs network)")
     predict = sub.add_parser(
         "predict", help="classify image files (PNG, JPEG, any size, grey or colour)")
     predict.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
@@ -171,9 +182,17 @@ def flag_changes(args: argparse.Namespace, source: str = "idx") -> dict[str, obj
                                               str(changes.get("source", source)))
     for name in ("data_dir", "tfds_dir"):
         value = changes.get(name)
-        if isinstance(value, str) and value and "://" not in value:  # not gs:// and the like
-            changes[name] = os.path.abspath(os.path.expanduser(value))
+        if isinstance(value, str):
+            changes[name] = recorded_dir(value)
     return changes
+
+
+def recorded_dir(directory: str) -> str:
+    """``--data-dir`` or ``--tfds-dir`` as a run records it: a local directory absolute;
+    empty (the default) and a URL (``gs://`` and the like) as they are."""
+    if directory and "://" not in directory:
+        return os.path.abspath(os.path.expanduser(directory))
+    return directory
 
 
 def recorded_dataset(dataset: str, source: str) -> str:
@@ -516,6 +535,10 @@ def _train(args: argparse.Namespace, whole_process: bool = False) -> int:
     changes = flag_changes(args)
     check_forms(config, changes)
     check_read(config, changes)
+    if "keep_checkpoints" in changes and args.workdir is None:  # as --checkpoint-every
+        raise UsageError(f"--keep-checkpoints {config.keep_checkpoints}: without --workdir "
+                         "no checkpoint is written; add --workdir DIR, or drop "
+                         "--keep-checkpoints")
     restarted = os.environ.pop(RESTARTED, None)
     if args.resume:  # the checkpoint's settings, as recorded: never tuned again
         tuning: dict[str, Any] = {"mode": "resumed"}
@@ -642,11 +665,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.out is None:
         args.out = checkpoint.workdir_of(step_dir) / f"confusion_matrix_step{loaded.step}.png"
         _check_out(args.out, given=False)
-    config = loaded.config
-    if args.data_dir is not None:
-        config = config.replace(data_dir=args.data_dir)
-    if args.dataset is not None:  # read as the checkpoint's --source reads it
-        config = config.replace(dataset=recorded_dataset(args.dataset, config.source))
+    config = eval_data_config(loaded.config, args)
     dataset = load_dataset(config)
     checkpoint.check_data_spec(loaded.spec, dataset.spec, step_dir)
     data = dataset.arrays
@@ -667,6 +686,29 @@ def _eval(args: argparse.Namespace) -> int:
                          "pass a writable path") from e
     print(f"confusion matrix: {path}")
     return 0
+
+
+def eval_data_config(config: Config, args: argparse.Namespace) -> Config:
+    """The checkpoint's ``config`` with ``rnnjax eval``'s data flags: where its dataset is
+    now (``--data-dir``, ``--tfds-dir``), or another one (``--dataset``, read as the
+    checkpoint's ``--source`` reads it); the tfds ones refused for a run of IDX files."""
+    given = [flag for flag, value in (("--tfds-dir", args.tfds_dir),
+                                      ("--tfds-download", args.tfds_download)) if value]
+    if given and config.source != "tfds":
+        flags = " and ".join(given)
+        raise UsageError(f"{flags}: the checkpoint's run read --source {config.source}, which "
+                         f"never reads {'them' if len(given) > 1 else 'it'}; drop {flags} "
+                         "(--data-dir and --dataset say where its data is)")
+    changes: dict[str, Any] = {}
+    if args.data_dir is not None:
+        changes["data_dir"] = recorded_dir(args.data_dir)
+    if args.tfds_dir is not None:
+        changes["tfds_dir"] = recorded_dir(args.tfds_dir)
+    if args.tfds_download:
+        changes["tfds_download"] = True
+    if args.dataset is not None:
+        changes["dataset"] = recorded_dataset(args.dataset, config.source)
+    return config.replace(**changes)
 
 
 def _note(loaded: Any) -> None:
@@ -713,6 +755,7 @@ def run() -> None:
     """The ``rnnjax`` program (console script, ``python -m rnnjax``): :func:`main` as a
     process of its own, with the garbage collector set for one (``rnnjax.process``)."""
     process.importing()
+    process.quiet_tensorflow(os.environ)  # a --source tfds error stays one line
     try:
         code = main(whole_process=True)
     except SystemExit as e:  # argparse's --help

@@ -22,6 +22,9 @@ allocates (:func:`huge_pages_on`). glibc's malloc asks the kernel for them with
 And what a process must set before JAX's backend starts: the CPUs it runs on
 (:func:`first_cpus`, :func:`run_on`; ``rnnjax.runtime.apply_cpus``), by which XLA:CPU
 sizes its thread pools.
+
+And what a process must set before it imports TensorFlow (``--source tfds``): its start-up
+lines on stderr (:data:`QUIET_TENSORFLOW`), which would come before a one-line error.
 """
 
 from __future__ import annotations
@@ -30,13 +33,25 @@ import gc
 import os
 import platform
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import NoReturn
 
 HUGE_PAGES = "glibc.malloc.hugetlb=1"  # glibc 2.35+: madvise(MADV_HUGEPAGE) its large blocks
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 GLIBC_WITH_HUGETLB = (2, 35)
+# TensorFlow's import prints lines on stderr (that oneDNN is on, the CPU's instructions),
+# whatever TF_CPP_MIN_LOG_LEVEL says for the oneDNN line: off unless the user set them. Its
+# oneDNN options change only its own math (matrix products, convolutions), none of which
+# rnnjax's tf.data pipelines do.
+QUIET_TENSORFLOW = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
+
+
+def quiet_tensorflow(env: MutableMapping[str, str]) -> None:
+    """Set :data:`QUIET_TENSORFLOW` in ``env`` (a process's environment, or the one it
+    starts a child with) where the user set neither variable."""
+    for name, value in QUIET_TENSORFLOW.items():
+        env.setdefault(name, value)
 
 
 def importing() -> None:

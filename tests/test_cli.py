@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from rnnjax import cli
-from rnnjax.cli import main
+from rnnjax.cli import build_parser, main
 from rnnjax.config import Config, flag_name
 
 
@@ -48,6 +48,9 @@ def test_every_help_prints_and_exits_0(capsys, command):
         for field in dataclasses.fields(Config):
             assert flag_name(field.name) in out, field.name
         assert "'train[:90%]'" in " ".join(out.split())  # argparse's %-formatting escaped
+        # A help that says its default itself gets no second "(default: )".
+        for action in build_parser().commands[command[0]]._actions:
+            assert (action.help or "").count("(default:") <= 1, action.help
 
 
 def test_the_program_collects_garbage_while_it_trains_and_a_library_call_never_sets_it(

@@ -189,6 +189,9 @@ BAD = [
      ["--checkpoint-every needs --workdir DIR"]),
     ("keep_checkpoints_zero", ["--keep-checkpoints", "0"],
      ["--keep-checkpoints must be at least 1, got 0"]),
+    ("keep_checkpoints_without_workdir", ["--keep-checkpoints", "5", "--no-workdir"],
+     ["--keep-checkpoints 5: without --workdir no checkpoint is written; add --workdir DIR, "
+      "or drop --keep-checkpoints"]),
     ("resume_without_workdir", ["--resume", "--no-workdir"], ["--resume needs --workdir DIR"]),
     ("resume_tuned", ["--resume", "--tune", "--tune-budget", "60"],
      ["--tune and --tune-budget: --resume takes the checkpoint's tuned settings and never "

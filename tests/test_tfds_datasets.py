@@ -410,3 +410,60 @@ def test_a_prepared_dataset_with_damaged_metadata_is_one_line(capsys, prepared, 
     assert err.endswith("); prepare it there again (delete that version's directory first)")
     assert not (tmp_path / "run").exists()
 
+
+
+def test_eval_finds_a_tfds_run_whose_data_moved(capsys, prepared, tmp_path):
+    """A checkpoint of a --source tfds run records its tfds data dir: moved, `rnnjax eval`
+    was told to pass --tfds-dir, a flag it did not have. It has it now (and --tfds-download,
+    which that line names too); neither is taken for a run of IDX files."""
+    import shutil
+
+    tfds_dir, _, _, _, empty = prepared
+    moved = tmp_path / "tfds"
+    shutil.copytree(tfds_dir / "fashion_mnist", tmp_path / "first" / "fashion_mnist")
+    work = tmp_path / "run"
+    assert main(["train", "--source", "tfds", "--dataset", "fashion_mnist", "--tfds-dir",
+                 str(tmp_path / "first"), "--data-dir", str(empty), "--steps", "2",
+                 "--batch-size", "2", "--hidden-size", "4", "--eval-every", "2",
+                 "--workdir", str(work)]) == 0
+    trained = capsys.readouterr().out
+    (tmp_path / "first").rename(moved)
+    assert main(["eval", str(work)]) == 2
+    err = capsys.readouterr().err
+    assert "not prepared in the tfds data dir" in err and "pass --tfds-dir" in err, err
+    assert main(["eval", str(work), "--tfds-dir", str(moved)]) == 0
+    out = capsys.readouterr().out
+    assert f"{N_TEST} test examples" in out
+    final = next(line for line in trained.splitlines() if line.startswith("final test"))
+    assert final.split()[3] in out  # the run's own final accuracy, from the moved data
+    idx_run = tmp_path / "idx"
+    assert main(["train", "--steps", "1", "--hidden-size", "4", "--eval-every", "1",
+                 "--workdir", str(idx_run)]) == 0
+    capsys.readouterr()
+    for flags in (["--tfds-dir", str(moved)], ["--tfds-download"]):
+        assert main(["eval", str(idx_run), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"rnnjax: error: {flags[0]}: the checkpoint's run read --source idx, "
+                       f"which never reads it; drop {flags[0]} (--data-dir and --dataset say "
+                       "where its data is)\n"), err
+
+
+def test_a_tfds_error_from_the_program_is_one_line(prepared, tmp_path):
+    """TensorFlow's import printed its own lines on stderr (that oneDNN is on, whatever
+    TF_CPP_MIN_LOG_LEVEL says) before the one-line error: the rnnjax program turns them off
+    where the user has not set them (``rnnjax.process.QUIET_TENSORFLOW``)."""
+    import os
+    import subprocess
+    import sys
+
+    from rnnjax.process import QUIET_TENSORFLOW
+
+    tfds_dir, _, _, _, empty = prepared
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_TENSORFLOW}
+    proc = subprocess.run([sys.executable, "-m", "rnnjax", "train", "--source", "tfds",
+                           "--dataset", "no_such_set", "--tfds-dir", str(tfds_dir),
+                           "--data-dir", str(empty), "--no-tune"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("rnnjax: error: --dataset "
+                                                                   "no_such_set"), proc.stderr
