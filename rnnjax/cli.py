@@ -391,7 +391,7 @@ def check_model(config: Config, spec: DataSpec | None = None, examples: int = 0,
     from rnnjax.optim import make_optimizer
 
     model = make_model(config, spec)
-    optimizer = make_optimizer(config)
+    optimizer = make_optimizer(config, model.param_shapes())
     if runtime.starts_on_cpu():
         memory.check_fits(memory.estimate(config, memory.traceable(model), optimizer,
                                           spec or IDX_SPEC, examples=examples,

@@ -305,6 +305,9 @@ class Config:
                 raise ConfigError(
                     f"{flag_name(name)} must be at least 1, got {getattr(self, name)}"
                 )
+        if self.batch_size >= 2**31:  # one step's examples alone overflow the count
+            raise ConfigError(f"--batch-size {self.batch_size}: a step's examples are counted "
+                              f"in int32; choose a batch below 2**31 = {2**31}")
         between = min(self.eval_every, self.steps)  # train steps between two logs at most
         if self.batch_size * between >= 2**31:  # a log interval's train metrics count in int32
             raise ConfigError(

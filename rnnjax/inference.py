@@ -79,7 +79,7 @@ def state_shapes(config: Config, spec: DataSpec | None = None) -> tuple[Any, Mod
     from rnnjax.loop import initial_state
 
     model = make_model(config, spec)
-    optimizer = make_optimizer(config)
+    optimizer = make_optimizer(config, model.param_shapes())
     need = memory.estimate(config, model, optimizer, spec or DataSpec(model.image_shape,
                                                                       model.num_classes),
                            training=False, test_examples=1)  # the images: check_memory
@@ -141,7 +141,8 @@ def check_memory(loaded: Loaded, examples: int, chunk: int) -> None:
     ``eval_batch_size`` could be far larger than the images)."""
     config = loaded.config.replace(eval_batch_size=chunk)
     need = dataclasses.replace(
-        memory.estimate(config, loaded.model, make_optimizer(config), loaded.spec,
+        memory.estimate(config, loaded.model,
+                        make_optimizer(config, loaded.model.param_shapes()), loaded.spec,
                         examples=examples, training=False, test_examples=examples),
         parameters=0, optimizer=0)  # loaded already: in use
     if need.activations > need.dataset and chunk > 1:

@@ -455,7 +455,7 @@ def train_and_evaluate(
     t_data = time.perf_counter() - t_start
 
     model = dp.model(make_model(config, spec))
-    optimizer = make_optimizer(config)
+    optimizer = make_optimizer(config, model.param_shapes())
     check_memory(config, model, optimizer, spec, data, dp)
     if resume_from is not None:
         saved = checkpoint_lib.data_spec(resume_from.meta, config)

@@ -430,7 +430,8 @@ class Timed:
         from rnnjax.optim import make_optimizer
 
         dp = parallel.DataParallel.from_config(config)
-        model, optimizer = dp.model(make_model(config, spec)), make_optimizer(config)
+        model = dp.model(make_model(config, spec))
+        optimizer = make_optimizer(config, model.param_shapes())
         initial = synthetic_state(model, optimizer)
         params = jax.tree.map(np.array, initial.params)  # copies: the state is donated
         self.state = dp.replicate(initial)
@@ -607,8 +608,9 @@ def too_large(config: Any, images: Any, data: Any) -> str | None:
     from rnnjax.optim import make_optimizer
 
     try:
-        loop.check_memory(config, memory.traceable(make_model(config, images)),
-                          make_optimizer(config), images, data,
+        model = make_model(config, images)
+        loop.check_memory(config, memory.traceable(model),
+                          make_optimizer(config, model.param_shapes()), images, data,
                           parallel.DataParallel.from_config(config))
     except ConfigError as e:  # every candidate would fail alike
         return str(e)

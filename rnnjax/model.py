@@ -138,6 +138,11 @@ class Model:
         }
         return {"rnn": layers, "head": head}
 
+    def param_shapes(self) -> Params:
+        """:meth:`init`'s parameters as ``jax.ShapeDtypeStruct`` values, traced: nothing
+        allocated, and JAX's backend not started (the key is made inside the trace)."""
+        return jax.eval_shape(lambda: self.init(jax.random.key(0)))
+
     def sequences(self, images: jax.Array) -> jax.Array:
         """Images ``[N, H, W, C]`` (or ``[N, H, W]`` when C=1) -> the time-major sequences
         ``[T, N, F]`` the model reads (:func:`to_sequence` in its order, the permuted order

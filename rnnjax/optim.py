@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -73,7 +74,8 @@ def make_schedule(config: Config) -> optax.ScalarOrSchedule:
     )
 
 
-def make_optimizer(config: Config) -> optax.GradientTransformation:
+def make_optimizer(config: Config, params: optax.Params | None = None
+                   ) -> optax.GradientTransformation:
     """``config.optimizer`` (an optax function name, or ``keras_adam``) with its options.
 
     ``--adam-eps``, when set, goes to an optimizer that takes ``eps`` (one that takes none
@@ -81,6 +83,10 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     (``noisy_sgd``) gets 0, which each run's initial state replaces with keys from its
     ``--seed`` (``rnnjax.train.create_state``); ``--optimizer-kwargs``
     (JSON) to the optimizer's own arguments; ``--clip-norm`` chains global-norm clipping first.
+    ``params``: the parameters it will update (arrays, or ``jax.ShapeDtypeStruct`` values:
+    ``Model.param_shapes``), on which :func:`check_updates` traces one update; default
+    those of ``make_model(config)`` (an option shaped as the parameters, an ``adamw``
+    ``mask``, is checked against them).
     """
     factory = keras_adam if config.optimizer == "keras_adam" else getattr(
         optax, config.optimizer, None
@@ -123,38 +129,71 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
             f"--optimizer-kwargs: {config.optimizer} has no argument(s) {unknown}; "
             f"it takes {sorted(set(signature.parameters) - {'learning_rate'})}"
         )
+    check_masks(kwargs)
     try:
         optimizer = factory(learning_rate=make_schedule(config), **kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"--optimizer {config.optimizer}: {e}") from e
+    except Exception as e:  # an option optax cannot take: 2 / (1 - b2) with b2 1, a string
+        raise ConfigError(f"--optimizer {config.optimizer}: {_options(config)}cannot be "
+                          f"built ({_first_line(e)}); {OPTION_FIX}") from None
     if not isinstance(optimizer, optax.GradientTransformation):
         raise ConfigError(f"--optimizer {config.optimizer!r} did not build an optimizer")
-    check_updates(config, optimizer)
+    check_updates(config, optimizer, params)
     if config.clip_norm:
         optimizer = optax.chain(optax.clip_by_global_norm(config.clip_norm), optimizer)
     return optimizer
 
 
-def check_updates(config: Config, optimizer: optax.GradientTransformation) -> None:
+OPTION_FIX = ("give each option a value of the type it takes, within its range (numbers as "
+              "JSON numbers)")
+
+
+def _options(config: Config) -> str:
+    """``--optimizer-kwargs '...'`` and a space, where given."""
+    return f"--optimizer-kwargs '{config.optimizer_kwargs}' " if config.optimizer_kwargs else ""
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def check_masks(kwargs: dict[str, Any]) -> None:
+    """Refuse a ``*mask*`` option (``adamw``'s ``mask``: which parameters decay) that is not
+    ``true``/``false`` or a tree of them (a JSON object or list shaped as the parameters):
+    optax reads any other value, a string, as one leaf that masks every parameter in."""
+    for name, value in kwargs.items():
+        if "mask" not in name:
+            continue
+        leaves = jax.tree.leaves(value, is_leaf=lambda x: not isinstance(x, (dict, list)))
+        if not leaves or not all(isinstance(leaf, bool) for leaf in leaves):
+            raise ConfigError(
+                f"--optimizer-kwargs: {name} {json.dumps(value)} is not true, false or a tree "
+                f"of them; give true/false, or the parameters' tree with true/false at its "
+                'leaves (e.g. {"rnn": [{"kernel": true, "recurrent_kernel": true, '
+                '"bias": false}], "head": {"kernel": true, "bias": false}})')
+
+
+def check_updates(config: Config, optimizer: optax.GradientTransformation,
+                  params: optax.Params | None = None) -> None:
     """:class:`ConfigError` unless ``optimizer`` can take the train step's update
-    ``update(grads, state, params)``: an option of the wrong type (``{"b1": "0.9"}``), or an
-    optimizer whose update needs more than the gradients (``lbfgs``: the loss function),
-    would otherwise fail inside the first compiled step. One update is traced on abstract
-    parameters (``jax.eval_shape``): nothing is compiled or allocated, nor is JAX's backend
-    started (``--xla-flags`` may still be set)."""
-    params = {"kernel": jax.ShapeDtypeStruct((3, 2), jnp.float32),
-              "bias": jax.ShapeDtypeStruct((2,), jnp.float32)}
+    ``update(grads, state, params)`` of ``params`` (default: ``make_model(config)``'s): an
+    option of the wrong type (``{"b1": "0.9"}``) or shape (a ``mask`` that is not the
+    parameters' tree), or an optimizer whose update needs more than the gradients
+    (``lbfgs``: the loss function), would otherwise fail inside the first compiled step.
+    The update is traced on abstract parameters (``jax.eval_shape``): nothing is compiled
+    or allocated, nor is JAX's backend started (``--xla-flags`` may still be set)."""
+    if params is None:
+        from rnnjax.model import make_model
+
+        # Every form of a cell has the same parameters: 'auto' needs no native kernels.
+        params = make_model(config.replace(backward="auto")).param_shapes()
     try:
         jax.eval_shape(lambda p: optimizer.update(p, optimizer.init(p), p), params)
-    except (TypeError, ValueError) as e:
-        lines = str(e).strip().splitlines()
-        given = f" --optimizer-kwargs '{config.optimizer_kwargs}'" if config.optimizer_kwargs \
-            else ""
+    except Exception as e:  # raised by optax tracing the user's options
         raise ConfigError(
-            f"--optimizer {config.optimizer}{given} cannot update parameters "
-            f"({type(e).__name__}: {lines[0] if lines else ''}); give each option a value of "
-            "the type it takes (numbers as JSON numbers), or choose an optimizer whose update "
-            "takes only the gradients (adam, adamw, sgd, ...)"
+            f"--optimizer {config.optimizer} {_options(config)}cannot update parameters "
+            f"({_first_line(e)}); {OPTION_FIX}, or choose an optimizer whose update takes "
+            "only the gradients (adam, adamw, sgd, ...)"
         ) from None
 
 
@@ -165,8 +204,15 @@ def parse_kwargs(text: str) -> dict[str, Any]:
     def not_a_number(name: str) -> Any:  # JSON's NaN/Infinity extensions: no option wants one
         raise ConfigError(f"--optimizer-kwargs: {name} is not a usable value; give numbers")
 
+    def finite(digits: str) -> float:  # 1e400 is Infinity too
+        number = float(digits)
+        if not math.isfinite(number):
+            raise ConfigError(f"--optimizer-kwargs: {digits} is {number} as a float; give "
+                              "finite numbers")
+        return number
+
     try:
-        value = json.loads(text, parse_constant=not_a_number)
+        value = json.loads(text, parse_constant=not_a_number, parse_float=finite)
     except json.JSONDecodeError as e:
         raise ConfigError(
             f"--optimizer-kwargs is not valid JSON ({e.msg}); write e.g. '{{\"b1\": 0.8}}'"

@@ -77,6 +77,9 @@ BAD = [
     ("counts_overflow", ["--batch-size", "50000", "--eval-every", "42950", "--steps", "50000"],
      ["--batch-size 50000 x 42950 steps between logs = 2147500000 examples overflow their "
       "int32 counts (2**31); log more often: --eval-every 42949 at most"]),
+    ("counts_overflow_in_one_batch", ["--batch-size", "2147483648"],
+     ["--batch-size 2147483648: a step's examples are counted in int32; choose a batch below "
+      "2**31 = 2147483648"]),
     ("counts_overflow_in_the_steps", ["--batch-size", "50000", "--eval-every", "100000",
                                       "--steps", "50000"],
      ["--batch-size 50000 x 50000 steps between logs = 2500000000 examples"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import warnings
 
 import jax
@@ -195,11 +196,45 @@ def test_keras_adam_differs_from_optax_adam_only_through_epsilon():
          "learning_rate is set by --learning-rate"),
         ({"optimizer": "noisy_sgd", "optimizer_kwargs": '{"key": 5}'},
          r"key is drawn from --seed .*; remove it and set --seed"),
+        # Arithmetic in optax's own code, a traceback and exit 1 from the CLI.
+        ({"optimizer": "radam", "optimizer_kwargs": '{"b2": 1}'},
+         r"cannot be built \(ZeroDivisionError: .*\); give each option a value of the type "
+         "it takes, within its range"),
+        ({"optimizer": "sgd", "optimizer_kwargs": '{"momentum": ' + "1" + "0" * 32 + "}"},
+         r"cannot update parameters \(OverflowError"),
+        ({"optimizer": "lbfgs", "optimizer_kwargs": '{"linesearch": "x"}'},
+         r"cannot be built \(AttributeError"),
+        # Infinity was refused by name, 1e400 (the same float) was not.
+        ({"optimizer_kwargs": '{"b1": 1e400}'}, "1e400 is inf as a float; give finite numbers"),
+        # A mask is true, false or the parameters' tree of them (a string masked all in).
+        ({"optimizer": "adamw", "optimizer_kwargs": '{"mask": "no-biases"}'},
+         'mask "no-biases" is not true, false or a tree of them'),
+        ({"optimizer": "adamw", "optimizer_kwargs": '{"mask": {"kernel": true}}'},
+         "cannot update parameters"),
     ],
 )
 def test_bad_optimizer_settings_are_clear_errors(changes, message):
     with pytest.raises(ConfigError, match=message):
         make_optimizer(Config(**changes))
+
+
+def test_a_mask_shaped_as_the_models_parameters_is_taken_and_decays_what_it_names():
+    """adamw's mask was checked on a made-up tree of two arrays, so a mask of the model's
+    own tree was refused: it is checked on the parameters it will update."""
+    mask = {"rnn": [{"kernel": True, "recurrent_kernel": True, "bias": False}],
+            "head": {"kernel": True, "bias": False}}
+    config = Config(hidden_size=4, optimizer="adamw",
+                    optimizer_kwargs=json.dumps({"weight_decay": 0.5, "mask": mask}))
+    model = make_model(config)
+    for optimizer in (make_optimizer(config), make_optimizer(config, model.param_shapes())):
+        params = model.init(jax.random.key(0))
+        params["head"]["bias"] = jnp.ones_like(params["head"]["bias"])
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+        assert not np.any(updates["head"]["bias"])  # not decayed
+        assert np.all(updates["head"]["kernel"] == -1e-3 * 0.5 * params["head"]["kernel"])
+    with pytest.raises(ConfigError, match="cannot update parameters"):  # another model's tree
+        make_optimizer(config.replace(num_layers=2))
 
 
 def test_an_optimizers_random_keys_are_drawn_from_the_seed_apart_from_the_parameters():
