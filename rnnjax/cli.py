@@ -339,6 +339,14 @@ def resume_config(args: argparse.Namespace) -> Config:
     return config
 
 
+def reads_tensorflow(config: Config, whole_process: bool) -> None:
+    """Before a run of ``--source tfds`` imports TensorFlow, in the rnnjax program's own
+    process (``whole_process``): TensorFlow's start-up lines off stderr, where they would
+    come before a one-line error (``process.QUIET_TENSORFLOW``)."""
+    if whole_process and config.source == "tfds":
+        process.quiet_tensorflow(os.environ)
+
+
 def tune_budget(args: argparse.Namespace, default: float) -> float:
     """``--tune-budget``, checked: a positive, finite number of seconds."""
     budget = default if args.tune_budget is None else args.tune_budget
@@ -531,6 +539,7 @@ def _train(args: argparse.Namespace, whole_process: bool = False) -> int:
         check_writable(Path(config.compile_cache).expanduser(), flag="--compile-cache")
     from rnnjax.data.sources import prefetch
 
+    reads_tensorflow(config, whole_process)
     load = prefetch(config)  # the dataset is read while JAX is imported
     changes = flag_changes(args)
     check_forms(config, changes)
@@ -606,6 +615,7 @@ def _tune(args: argparse.Namespace, whole_process: bool = False) -> int:
     pinned = pinned_settings(changes)
     from rnnjax.data.sources import dataset_spec
 
+    reads_tensorflow(config, whole_process)
     spec = dataset_spec(config)  # the dataset is never read: the children time its shape
     check_model(config, spec)
 
@@ -648,7 +658,7 @@ def _check_eval_batch_size(args: argparse.Namespace) -> None:
         raise UsageError(f"--eval-batch-size must be at least 1, got {args.eval_batch_size}")
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _eval(args: argparse.Namespace, whole_process: bool = False) -> int:
     from rnnjax import checkpoint, inference, plots
     from rnnjax.data.sources import load_dataset
     from rnnjax.metrics import seed_line, steps_phrase
@@ -666,6 +676,7 @@ def _eval(args: argparse.Namespace) -> int:
         args.out = checkpoint.workdir_of(step_dir) / f"confusion_matrix_step{loaded.step}.png"
         _check_out(args.out, given=False)
     config = eval_data_config(loaded.config, args)
+    reads_tensorflow(config, whole_process)
     dataset = load_dataset(config)
     checkpoint.check_data_spec(loaded.spec, dataset.spec, step_dir)
     data = dataset.arrays
@@ -692,7 +703,7 @@ def eval_data_config(config: Config, args: argparse.Namespace) -> Config:
     """The checkpoint's ``config`` with ``rnnjax eval``'s data flags: where its dataset is
     now (``--data-dir``, ``--tfds-dir``), or another one (``--dataset``, read as the
     checkpoint's ``--source`` reads it); the tfds ones refused for a run of IDX files."""
-    given = [flag for flag, value in (("--tfds-dir", args.tfds_dir),
+    given = [flag for flag, value in (("--tfds-dir", args.tfds_dir is not None),
                                       ("--tfds-download", args.tfds_download)) if value]
     if given and config.source != "tfds":
         flags = " and ".join(given)
@@ -755,7 +766,6 @@ def run() -> None:
     """The ``rnnjax`` program (console script, ``python -m rnnjax``): :func:`main` as a
     process of its own, with the garbage collector set for one (``rnnjax.process``)."""
     process.importing()
-    process.quiet_tensorflow(os.environ)  # a --source tfds error stays one line
     try:
         code = main(whole_process=True)
     except SystemExit as e:  # argparse's --help
@@ -783,7 +793,8 @@ def main(argv: Sequence[str] | None = None, *, whole_process: bool = False) -> i
         args = build_parser().parse_args(argv)
         commands = {"train": functools.partial(_train, whole_process=whole_process),
                     "tune": functools.partial(_tune, whole_process=whole_process),
-                    "eval": _eval, "predict": _predict}
+                    "eval": functools.partial(_eval, whole_process=whole_process),
+                    "predict": _predict}
         return commands[args.command](args)
     except BrokenPipeError:  # stdout's reader has gone (`| head`); the tuner's pipes to its
         return EXIT_BROKEN_PIPE  # children never raise this far

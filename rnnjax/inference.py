@@ -79,7 +79,7 @@ def state_shapes(config: Config, spec: DataSpec | None = None) -> tuple[Any, Mod
     from rnnjax.loop import initial_state
 
     model = make_model(config, spec)
-    optimizer = make_optimizer(config, model.param_shapes())
+    optimizer = make_optimizer(config, check=False)  # its run took the options
     need = memory.estimate(config, model, optimizer, spec or DataSpec(model.image_shape,
                                                                       model.num_classes),
                            training=False, test_examples=1)  # the images: check_memory
@@ -142,7 +142,7 @@ def check_memory(loaded: Loaded, examples: int, chunk: int) -> None:
     config = loaded.config.replace(eval_batch_size=chunk)
     need = dataclasses.replace(
         memory.estimate(config, loaded.model,
-                        make_optimizer(config, loaded.model.param_shapes()), loaded.spec,
+                        make_optimizer(config, check=False), loaded.spec,
                         examples=examples, training=False, test_examples=examples),
         parameters=0, optimizer=0)  # loaded already: in use
     if need.activations > need.dataset and chunk > 1:

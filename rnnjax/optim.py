@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -74,8 +75,8 @@ def make_schedule(config: Config) -> optax.ScalarOrSchedule:
     )
 
 
-def make_optimizer(config: Config, params: optax.Params | None = None
-                   ) -> optax.GradientTransformation:
+def make_optimizer(config: Config, params: optax.Params | None = None, *,
+                   check: bool = True) -> optax.GradientTransformation:
     """``config.optimizer`` (an optax function name, or ``keras_adam``) with its options.
 
     ``--adam-eps``, when set, goes to an optimizer that takes ``eps`` (one that takes none
@@ -84,9 +85,10 @@ def make_optimizer(config: Config, params: optax.Params | None = None
     ``--seed`` (``rnnjax.train.create_state``); ``--optimizer-kwargs``
     (JSON) to the optimizer's own arguments; ``--clip-norm`` chains global-norm clipping first.
     ``params``: the parameters it will update (arrays, or ``jax.ShapeDtypeStruct`` values:
-    ``Model.param_shapes``), on which :func:`check_updates` traces one update; default
-    those of ``make_model(config)`` (an option shaped as the parameters, an ``adamw``
-    ``mask``, is checked against them).
+    ``Model.param_shapes``), on which :func:`check_options` tries the options; default
+    those of ``make_model(config)``. ``check``: False to rebuild the optimizer a checkpoint
+    was trained with, options untried (its run took them; eval and predict need only its
+    state's tree).
     """
     factory = keras_adam if config.optimizer == "keras_adam" else getattr(
         optax, config.optimizer, None
@@ -129,7 +131,6 @@ def make_optimizer(config: Config, params: optax.Params | None = None
             f"--optimizer-kwargs: {config.optimizer} has no argument(s) {unknown}; "
             f"it takes {sorted(set(signature.parameters) - {'learning_rate'})}"
         )
-    check_masks(kwargs)
     try:
         optimizer = factory(learning_rate=make_schedule(config), **kwargs)
     except Exception as e:  # an option optax cannot take: 2 / (1 - b2) with b2 1, a string
@@ -137,7 +138,8 @@ def make_optimizer(config: Config, params: optax.Params | None = None
                           f"built ({_first_line(e)}); {OPTION_FIX}") from None
     if not isinstance(optimizer, optax.GradientTransformation):
         raise ConfigError(f"--optimizer {config.optimizer!r} did not build an optimizer")
-    check_updates(config, optimizer, params)
+    if check:
+        check_options(config, optimizer, kwargs, params)
     if config.clip_norm:
         optimizer = optax.chain(optax.clip_by_global_norm(config.clip_norm), optimizer)
     return optimizer
@@ -157,36 +159,23 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
-def check_masks(kwargs: dict[str, Any]) -> None:
-    """Refuse a ``*mask*`` option (``adamw``'s ``mask``: which parameters decay) that is not
-    ``true``/``false`` or a tree of them (a JSON object or list shaped as the parameters):
-    optax reads any other value, a string, as one leaf that masks every parameter in."""
-    for name, value in kwargs.items():
-        if "mask" not in name:
-            continue
-        leaves = jax.tree.leaves(value, is_leaf=lambda x: not isinstance(x, (dict, list)))
-        if not leaves or not all(isinstance(leaf, bool) for leaf in leaves):
-            raise ConfigError(
-                f"--optimizer-kwargs: {name} {json.dumps(value)} is not true, false or a tree "
-                f"of them; give true/false, or the parameters' tree with true/false at its "
-                'leaves (e.g. {"rnn": [{"kernel": true, "recurrent_kernel": true, '
-                '"bias": false}], "head": {"kernel": true, "bias": false}})')
-
-
-def check_updates(config: Config, optimizer: optax.GradientTransformation,
-                  params: optax.Params | None = None) -> None:
-    """:class:`ConfigError` unless ``optimizer`` can take the train step's update
-    ``update(grads, state, params)`` of ``params`` (default: ``make_model(config)``'s): an
-    option of the wrong type (``{"b1": "0.9"}``) or shape (a ``mask`` that is not the
-    parameters' tree), or an optimizer whose update needs more than the gradients
+def check_options(config: Config, optimizer: optax.GradientTransformation,
+                  kwargs: dict[str, Any], params: optax.Params | None = None) -> None:
+    """:class:`ConfigError` unless the options ``kwargs`` work on ``params`` (default:
+    ``make_model(config)``'s): each mask (:func:`check_mask`), then one update
+    ``update(grads, state, params)`` as the train step calls it. An option of the wrong type
+    (``{"b1": "0.9"}``), or an optimizer whose update needs more than the gradients
     (``lbfgs``: the loss function), would otherwise fail inside the first compiled step.
-    The update is traced on abstract parameters (``jax.eval_shape``): nothing is compiled
-    or allocated, nor is JAX's backend started (``--xla-flags`` may still be set)."""
+    Traced on abstract parameters (``jax.eval_shape``): nothing is compiled or allocated,
+    nor is JAX's backend started (``--xla-flags`` may still be set)."""
     if params is None:
         from rnnjax.model import make_model
 
         # Every form of a cell has the same parameters: 'auto' needs no native kernels.
         params = make_model(config.replace(backward="auto")).param_shapes()
+    for name, value in kwargs.items():
+        if "mask" in name:
+            check_mask(name, value, params)
     try:
         jax.eval_shape(lambda p: optimizer.update(p, optimizer.init(p), p), params)
     except Exception as e:  # raised by optax tracing the user's options
@@ -195,6 +184,40 @@ def check_updates(config: Config, optimizer: optax.GradientTransformation,
             f"({_first_line(e)}); {OPTION_FIX}, or choose an optimizer whose update takes "
             "only the gradients (adam, adamw, sgd, ...)"
         ) from None
+
+
+def check_mask(name: str, value: Any, params: optax.Params) -> None:
+    """Refuse a mask option (``adamw``'s ``mask``: which parameters decay) that is not
+    ``null`` (none: optax's default), ``true``/``false``, or a tree of them that is the
+    parameters' tree or a prefix of it: optax reads a string as one leaf that masks every
+    parameter in, and fails on another tree inside the first step. The line gives the
+    parameters' own tree, every leaf ``true``, to edit."""
+    if value is None or isinstance(value, bool):
+        return
+    whole = json.dumps(_as_json(jax.tree.map(lambda _: True, params)))
+    if isinstance(value, (dict, list)):
+        leaves = jax.tree.leaves(value, is_leaf=lambda x: not isinstance(x, (dict, list)))
+        if all(isinstance(leaf, bool) for leaf in leaves):
+            try:
+                jax.tree.map(lambda m, p: m, value, params)  # a prefix of the parameters
+                return
+            except ValueError:
+                problem = f"{json.dumps(value)} is not the parameters' tree nor a prefix of it"
+        else:
+            problem = f"{json.dumps(value)} has leaves other than true and false"
+    else:
+        problem = f"{json.dumps(value)} is not true, false or a tree of them"
+    raise ConfigError(f"--optimizer-kwargs: {name} {problem}; give true/false, or the "
+                      f"model's parameters' tree with true/false at its leaves: {whole}")
+
+
+def _as_json(tree: Any) -> Any:
+    """A tree of mappings and sequences as JSON's objects and lists."""
+    if isinstance(tree, Mapping):
+        return {str(k): _as_json(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_as_json(v) for v in tree]
+    return tree
 
 
 def parse_kwargs(text: str) -> dict[str, Any]:

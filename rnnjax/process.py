@@ -40,16 +40,18 @@ from typing import NoReturn
 HUGE_PAGES = "glibc.malloc.hugetlb=1"  # glibc 2.35+: madvise(MADV_HUGEPAGE) its large blocks
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 GLIBC_WITH_HUGETLB = (2, 35)
-# TensorFlow's import prints lines on stderr (that oneDNN is on, the CPU's instructions),
-# whatever TF_CPP_MIN_LOG_LEVEL says for the oneDNN line: off unless the user set them. Its
-# oneDNN options change only its own math (matrix products, convolutions), none of which
-# rnnjax's tf.data pipelines do.
-QUIET_TENSORFLOW = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
+# TensorFlow's import prints lines on stderr: that oneDNN is on (whatever
+# TF_CPP_MIN_LOG_LEVEL says) and, at INFO, the CPU's instructions. Each is set where the user
+# has not set it. Its oneDNN options change only its own math (matrix products, convolutions),
+# none of which rnnjax's tf.data pipelines do; XLA reads TF_CPP_MIN_LOG_LEVEL too, so its INFO
+# lines (TF_CPP_VMODULE's) then need TF_CPP_MIN_LOG_LEVEL=0 given. Set by the rnnjax program
+# for the runs that read --source tfds only (``rnnjax.cli``).
+QUIET_TENSORFLOW = {"TF_CPP_MIN_LOG_LEVEL": "1", "TF_ENABLE_ONEDNN_OPTS": "0"}
 
 
 def quiet_tensorflow(env: MutableMapping[str, str]) -> None:
-    """Set :data:`QUIET_TENSORFLOW` in ``env`` (a process's environment, or the one it
-    starts a child with) where the user set neither variable."""
+    """Set each variable of :data:`QUIET_TENSORFLOW` in ``env`` (a process's environment)
+    that it does not set already."""
     for name, value in QUIET_TENSORFLOW.items():
         env.setdefault(name, value)
 

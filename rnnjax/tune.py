@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from rnnjax import __version__, atomic, process
+from rnnjax import __version__, atomic
 from rnnjax.config import NATIVE_LANES, TUNED, Config, ConfigError, to_dict
 from rnnjax.data.spec import IDX_SPEC, DataSpec
 from rnnjax.measure import (
@@ -320,6 +320,8 @@ def child_env(flags: str, env: dict[str, str]) -> dict[str, str]:
     to ``$XLA_FLAGS``, huge pages asked for in ``$GLIBC_TUNABLES`` where it has them, and,
     unless ``env`` says otherwise, the accelerator's memory taken as needed
     (:data:`SHARED_DEVICE_MEMORY`)."""
+    from rnnjax import process
+
     fields = process_fields(flags)
     env = {**SHARED_DEVICE_MEMORY, **env,
            "XLA_FLAGS": " ".join([*env.get("XLA_FLAGS", "").split(),
@@ -621,12 +623,16 @@ def flag_candidates(backend: str, pinned: frozenset[str], config: Config,
 def huge_pages_offered(pinned: frozenset[str], env: dict[str, str] | None = None) -> bool:
     """Whether huge pages are timed, on a CPU: not pinned, and to be had here
     (``rnnjax.process.huge_pages_unavailable`` of ``env``, default this process's)."""
+    from rnnjax import process
+
     return "huge_pages" not in pinned and process.huge_pages_unavailable(env) is None
 
 
 def one_cpu_offered(pinned: frozenset[str]) -> bool:
     """Whether a child on one CPU is timed, on a CPU: ``cpus`` not pinned, and this process
     may use more than one (``rnnjax.process.usable_cpus``)."""
+    from rnnjax import process
+
     return "cpus" not in pinned and len(process.usable_cpus()) > 1
 
 
@@ -691,7 +697,7 @@ def key(config: Config, pinned: frozenset[str], env: dict[str, str] | None = Non
         spec: DataSpec = IDX_SPEC) -> dict:
     """What the choice depends on, known before JAX's backend starts (``spec``: the
     dataset's images, whose sequence is the model's input)."""
-    from rnnjax import native, runtime
+    from rnnjax import native, process, runtime
 
     env = dict(os.environ) if env is None else env
     return {
@@ -729,6 +735,8 @@ def _huge_pages_key(env: dict[str, str]) -> bool | str:
     other ``glibc.malloc.hugetlb`` value, e.g. "0", under which they are not offered (a
     choice made where they were, which may start the run again with them, is not reused
     there)."""
+    from rnnjax import process
+
     setting = process.hugetlb_setting(env)
     return process.huge_pages_on(env) if setting in (None, "1") else setting
 
@@ -844,7 +852,7 @@ def run_child(
     from rnnjax.measure import PREFIX
 
     env = child_env(flags, dict(os.environ))
-    process.quiet_tensorflow(env)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     spec = {"config": to_dict(config.replace(cpus=process_fields(flags)["cpus"])),
             "candidates": candidates, "deadline": deadline,
             "steps": steps, "call_s": call_s, "repeats": 3, "reference": reference,

@@ -434,13 +434,14 @@ def test_eval_finds_a_tfds_run_whose_data_moved(capsys, prepared, tmp_path):
     assert main(["eval", str(work), "--tfds-dir", str(moved)]) == 0
     out = capsys.readouterr().out
     assert f"{N_TEST} test examples" in out
-    final = next(line for line in trained.splitlines() if line.startswith("final test"))
-    assert final.split()[3] in out  # the run's own final accuracy, from the moved data
+    last = [line for line in trained.splitlines() if line.startswith("step ")][-1]
+    # The run's own last evaluation, on the moved data: "test cost: C test accuracy: A".
+    assert out.splitlines()[1] == last[last.index("test cost:"):], (out, last)
     idx_run = tmp_path / "idx"
     assert main(["train", "--steps", "1", "--hidden-size", "4", "--eval-every", "1",
                  "--workdir", str(idx_run)]) == 0
     capsys.readouterr()
-    for flags in (["--tfds-dir", str(moved)], ["--tfds-download"]):
+    for flags in (["--tfds-dir", str(moved)], ["--tfds-download"], ["--tfds-dir", ""]):
         assert main(["eval", str(idx_run), *flags]) == 2
         err = capsys.readouterr().err
         assert err == (f"rnnjax: error: {flags[0]}: the checkpoint's run read --source idx, "
@@ -467,3 +468,44 @@ def test_a_tfds_error_from_the_program_is_one_line(prepared, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("rnnjax: error: --dataset "
                                                                    "no_such_set"), proc.stderr
+
+
+def test_only_a_tfds_run_of_the_program_quiets_tensorflow(monkeypatch):
+    """TF_CPP_MIN_LOG_LEVEL, which XLA reads too, is set for a run that reads --source tfds
+    in the rnnjax program's own process, never for another run or a library call, and
+    never over the user's own value."""
+    import os
+
+    from rnnjax import cli
+    from rnnjax.process import QUIET_TENSORFLOW
+
+    for name in QUIET_TENSORFLOW:
+        monkeypatch.delenv(name, raising=False)
+    cli.reads_tensorflow(Config(), whole_process=True)
+    cli.reads_tensorflow(Config(source="tfds"), whole_process=False)
+    assert not set(QUIET_TENSORFLOW) & set(os.environ)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
+    cli.reads_tensorflow(Config(source="tfds"), whole_process=True)
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0" and os.environ["TF_ENABLE_ONEDNN_OPTS"] == "0"
+
+
+def test_a_data_dir_tfds_cannot_read_is_one_line(capsys, prepared, tmp_path, monkeypatch):
+    """A gs:// data dir out of reach was tfds' RuntimeError (a FailedPreconditionError from
+    reading its metadata), a traceback of 87 lines and exit 1."""
+    _, _, _, _, empty = prepared
+
+    def unreachable(*args, **kwargs):
+        raise RuntimeError("FailedPreconditionError: Failed to construct dataset "
+                           "\"fashion_mnist\": Could not resolve host: www.googleapis.com")
+
+    monkeypatch.setattr(tfds, "builder", unreachable)
+    code = main(["train", "--source", "tfds", "--dataset", "fashion_mnist", "--tfds-dir",
+                 "gs://no-such-bucket/tfds", "--data-dir", str(empty), "--workdir",
+                 str(tmp_path / "run"), "--steps", "2", "--no-tune"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("rnnjax: error: --dataset fashion_mnist: tfds cannot read the data "
+                          "dir gs://no-such-bucket/tfds (FailedPreconditionError: "), err
+    assert err.endswith("; pass --tfds-dir where it can read the dataset (network, "
+                        "credentials)\n") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()

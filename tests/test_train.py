@@ -210,7 +210,12 @@ def test_keras_adam_differs_from_optax_adam_only_through_epsilon():
         ({"optimizer": "adamw", "optimizer_kwargs": '{"mask": "no-biases"}'},
          'mask "no-biases" is not true, false or a tree of them'),
         ({"optimizer": "adamw", "optimizer_kwargs": '{"mask": {"kernel": true}}'},
-         "cannot update parameters"),
+         r'mask \{"kernel": true\} is not the parameters\' tree nor a prefix of it; give '
+         r'true/false, or the model\'s parameters\' tree with true/false at its leaves: '
+         r'\{"head": \{"bias": true, "kernel": true\}, "rnn": \[\{"bias": true, '
+         r'"kernel": true, "recurrent_kernel": true\}\]\}$'),
+        ({"optimizer": "adamw", "optimizer_kwargs": '{"mask": {"rnn": "yes"}}'},
+         "has leaves other than true and false"),
     ],
 )
 def test_bad_optimizer_settings_are_clear_errors(changes, message):
@@ -233,8 +238,25 @@ def test_a_mask_shaped_as_the_models_parameters_is_taken_and_decays_what_it_name
         updates, _ = optimizer.update(zeros, optimizer.init(params), params)
         assert not np.any(updates["head"]["bias"])  # not decayed
         assert np.all(updates["head"]["kernel"] == -1e-3 * 0.5 * params["head"]["kernel"])
-    with pytest.raises(ConfigError, match="cannot update parameters"):  # another model's tree
+    with pytest.raises(ConfigError, match="not the parameters' tree"):  # another model's tree
         make_optimizer(config.replace(num_layers=2))
+    prefix = config.replace(optimizer_kwargs='{"mask": {"rnn": true, "head": {"kernel": true, '
+                            '"bias": false}}}')
+    make_optimizer(prefix)  # a prefix of the tree masks whole subtrees
+    make_optimizer(config.replace(optimizer_kwargs='{"mask": null}'))  # optax's default: none
+
+
+def test_a_checkpoints_optimizer_is_rebuilt_with_the_options_its_run_took():
+    """eval and predict rebuild a checkpoint's optimizer for its state's tree only: options
+    a run took before they were checked (a mask given as a string) do not stop them."""
+    from rnnjax.inference import state_shapes
+
+    config = Config(hidden_size=4, optimizer="adamw", optimizer_kwargs='{"mask": "biases"}')
+    with pytest.raises(ConfigError, match="is not true, false or a tree of them"):
+        make_optimizer(config)
+    shapes, _ = state_shapes(config)
+    assert jax.tree.structure(shapes.params) == jax.tree.structure(
+        make_model(config).param_shapes())
 
 
 def test_an_optimizers_random_keys_are_drawn_from_the_seed_apart_from_the_parameters():

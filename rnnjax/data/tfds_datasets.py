@@ -115,6 +115,11 @@ def _builder(dataset: str, tfds_dir: str) -> tfds.core.DatasetBuilder | None:
         problem = " ".join(str(e).split())[-200:]
         raise ConfigError(f"--dataset {dataset}: tfds cannot open it ({problem}); pass a "
                           "version that exists, or the name alone for its latest") from e
+    except (RuntimeError, tf.errors.OpError) as e:  # a data dir tfds cannot reach (gs://)
+        problem = " ".join(str(e).split())[:300]
+        raise ConfigError(f"--dataset {dataset}: tfds cannot read the data dir "
+                          f"{_where(tfds_dir)} ({problem}); pass --tfds-dir where it can "
+                          "read the dataset (network, credentials)") from e
 
 
 def resolve(config: Config) -> Prepared | IdxBuild:
