@@ -188,7 +188,7 @@ def check_options(config: Config, optimizer: optax.GradientTransformation,
 
 def check_mask(name: str, value: Any, params: optax.Params) -> None:
     """Refuse a mask option (``adamw``'s ``mask``: which parameters decay) that is not
-    ``null`` (none: optax's default), ``true``/``false``, or a tree of them that is the
+    ``null`` (no mask: optax's default), ``true``/``false``, or a tree of them that is the
     parameters' tree or a prefix of it: optax reads a string as one leaf that masks every
     parameter in, and fails on another tree inside the first step. The line gives the
     parameters' own tree, every leaf ``true``, to edit."""
