@@ -305,7 +305,7 @@ def synthetic_params(model: Any) -> Any:
     import jax
     import numpy as np
 
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+    shapes = model.param_shapes()
     rng = np.random.default_rng(0)
 
     def draw(leaf: Any) -> np.ndarray:
