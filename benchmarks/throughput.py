@@ -161,7 +161,8 @@ def ops_table(names: list[str], device: jax.Device) -> dict[str, dict[str, float
     unroll 1 and fully unrolled (where full unrolling wins, what the tuner runs); each cell
     in its default form, the GRU hand-written too, and each cell's native form where it runs
     on ``device`` (``cells.native_backends``: no loop, so 0 ops per time step, and the same
-    count at every unroll)."""
+    count at every unroll): a device of the default backend, whose kernels a native layer
+    runs (``rnnjax.native_gpu.runs_here``; a GPU machine's CPU has no native row)."""
     table = {}
     print(f"{device.platform}: ops per time step (train step, batch 50, rows, unroll 1), "
           "forward / backward; ops one train step launches, unroll 1 / full", flush=True)
@@ -172,7 +173,8 @@ def ops_table(names: list[str], device: jax.Device) -> dict[str, dict[str, float
                          cells.gru(hidden, backward="hand_written")))
     variants += [(f"{name}, backward='native'", Config(cell=name, backward="native"), None)
                  for name in names
-                 if device.platform in cells.native_backends(cells.get_cell(name, hidden))]
+                 if device.platform == jax.default_backend()
+                 and device.platform in cells.native_backends(cells.get_cell(name, hidden))]
     for label, config, cell in variants:
         counts = step_ops(config, device, cell)
         full = hlo.launched_ops(step_text(config.replace(unroll=0), device, cell))

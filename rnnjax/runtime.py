@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -189,6 +190,21 @@ def apply_process_settings(xla_flags: str, cpus: int) -> None:
     apply_cpus(cpus)
 
 
+# A list flag's value that adds to or takes from XLA's defaults (``+WHILE``, ``-FUSION``):
+# $XLA_FLAGS' syntax alone. As one compilation's option XLA refuses it ("'+WHILE' is not a
+# valid enum value", jaxlib 0.10.2 and 0.11.2), and the defaults it edits differ from one
+# XLA to the next, so it cannot be spelled out in full either.
+_EDITS_DEFAULTS = re.compile(r"(^|,)[+-][A-Za-z_]")
+
+
+def per_compilation(flags: str) -> bool:
+    """Whether XLA takes every flag of ``flags`` as an option of one compilation
+    (:func:`compile_options`): not a value that edits a list flag's defaults
+    (``--xla_gpu_enable_command_buffer=+WHILE``), which only ``$XLA_FLAGS`` reads, when the
+    backend starts."""
+    return not any(_EDITS_DEFAULTS.search(flag.partition("=")[2]) for flag in flags.split())
+
+
 def compile_options(flags: str) -> dict[str, str]:
     """XLA flags (space-separated ``--xla_name=value``; ``--xla_name`` alone is ``true``) as
     options of one compilation (``jax.stages.Lowered.compile``'s ``compiler_options``).
@@ -197,11 +213,16 @@ def compile_options(flags: str) -> dict[str, str]:
     ``$XLA_FLAGS`` gave the process: the tuner times them beside the run's own flags in one
     process (:mod:`rnnjax.measure`). A name XLA does not know fails the compilation ("No
     such compile option"), as do flags read only when the backend starts (a host's device
-    count): those are not compiler flags.
+    count): those are not compiler flags. A value that edits a list flag's defaults is
+    refused (:func:`per_compilation`).
     """
     options = {}
     for flag in flags.split():
         name, sep, value = flag.lstrip("-").partition("=")
+        if _EDITS_DEFAULTS.search(value):
+            raise ValueError(f"XLA flag {flag} edits the defaults of a list, which only "
+                             "$XLA_FLAGS reads (one compilation's option takes the whole "
+                             "list): set it in $XLA_FLAGS")
         options[name] = value if sep else "true"
     return options
 

@@ -77,8 +77,10 @@ from rnnjax.measure import (
     for_backend,  # the candidates a child on a backend times
 )
 
-TUNER_VERSION = 34  # 34: a call's own cost read where it exceeds its steps' (it was
-# dropped there, and cut to half a 1-step call elsewhere: measure.call_overhead);
+TUNER_VERSION = 35  # 35: a GPU's '+WHILE' flag set timed in a child of its own (as one
+# compilation's option XLA refused it), and a child under other flags times the fastest form
+# without an in-process set of the same flag; 34: a call's own cost read where it exceeds
+# its steps' (it was dropped there, and cut to half a 1-step call elsewhere: measure.call_overhead);
 # 33: an SGD whose first step moves nothing (a warmup's learning rate
 # of 0) compared by its second step's update (its first hid any gradient's error);
 # 32: with --backward native its other vector width timed, no unroll;
@@ -171,12 +173,15 @@ FLAG_SETS = {
     "cpu": ("--xla_cpu_experimental_ynn_fusion_type=", "--xla_cpu_prefer_vector_width=512"),
     # GPU: the scan's while loops recorded into CUDA graphs (a step's ~10-25 kernels then
     # launch from the device, not one by one from the host), or no command buffers at all.
+    # '+WHILE' adds to XLA's default list, which only $XLA_FLAGS reads: a child of its own
+    # (``runtime.per_compilation``).
     "gpu": ("--xla_gpu_enable_command_buffer=+WHILE", "--xla_gpu_enable_command_buffer="),
 }
 # XLA's flag sets are compiler flags, which apply per compiled program
 # (``runtime.compile_options``): the first child times each on the fastest form so far,
 # after the forms, in its own process beside the run's own flags
-# (:func:`flag_set_candidates`), and a set it timed so needs no child of its own. In one
+# (:func:`flag_set_candidates`), and a set it timed so needs no child of its own (a set
+# that edits a list flag's defaults, ``runtime.per_compilation``, gets one). In one
 # process, in turns, rows at batch 1024 on a 2-core AVX-512 EPYC (2026-12-03): the
 # SimpleRNN fully unrolled 5.78 -> 3.39 ms with `--xla_cpu_experimental_ynn_fusion_type=`,
 # the LSTM 26.4 -> 23.5, the GRU 20.7 -> 17.9; where the same flag timed in a child of its
@@ -576,10 +581,13 @@ def flag_set_candidates(config: Config, pinned: frozenset[str], env_flags: str
     of that backend (``measure.ON``) only."""
     if not FLAGS_IN_PROCESS or "xla_flags" in pinned:
         return []
+    from rnnjax import runtime
+
     base = baseline(config, pinned)
     best = {name: BEST for name in ("unroll", *PROGRAM) if name not in pinned}
     return [{**base, **best, "xla_flags": flags, ON: backend}
-            for backend in FLAG_SETS for flags in backend_flag_sets(backend, env_flags)]
+            for backend in FLAG_SETS for flags in backend_flag_sets(backend, env_flags)
+            if runtime.per_compilation(flags)]
 
 
 def backend_flag_sets(backend: str, env_flags: str) -> list[str]:
@@ -638,10 +646,14 @@ def one_cpu_offered(pinned: frozenset[str]) -> bool:
 
 def _flags_only(flags: str, config: Config, pinned: frozenset[str]) -> bool:
     """Whether a child's ``flags`` differ from the run's own process settings in their XLA
-    flags alone (a flag set, timed in the first child where :data:`FLAGS_IN_PROCESS`)."""
+    flags alone, each an option of one compilation (a flag set, timed in the first child
+    where :data:`FLAGS_IN_PROCESS`; ``runtime.per_compilation``)."""
+    from rnnjax import runtime
+
     own, fields = own_settings(config, pinned), process_fields(flags)
     return fields["huge_pages"] == own["huge_pages"] and fields["cpus"] == own["cpus"] \
-        and fields["xla_flags"] != own["xla_flags"]
+        and fields["xla_flags"] != own["xla_flags"] \
+        and runtime.per_compilation(fields["xla_flags"])
 
 
 def others_on(config: Config, pinned: frozenset[str], env_flags: str) -> list[str]:
@@ -1146,6 +1158,21 @@ def other_settings(first: Child, config: Config, pinned: frozenset[str], env_fla
                     and _flags_only(flags, config, pinned))]
 
 
+def under(candidate: dict[str, Any], flags: str) -> dict[str, Any]:
+    """``candidate`` as a child under the process settings ``flags`` times it: without the
+    in-process XLA flags (:func:`flag_set_candidates`) that set a flag ``flags`` sets too.
+    One compilation's option wins over the process's flag, so the child would time the
+    candidate's own set again under both names (a GPU's ``=`` in-process under the
+    ``+WHILE`` of its own child)."""
+    own = candidate.get("xla_flags")
+    if not own:
+        return candidate
+    names = {flag.split("=")[0] for flag in process_fields(flags)["xla_flags"].split()}
+    kept = " ".join(flag for flag in own.split() if flag.split("=")[0] not in names)
+    rest = {name: value for name, value in candidate.items() if name != "xla_flags"}
+    return {**rest, "xla_flags": kept} if kept else rest
+
+
 def paying_back(config: Config, budget_s: float, step_s: float,
                 log: Callable[[str], None]) -> float:
     """The budget of a run of ``config.steps`` steps of ``step_s`` seconds at the defaults
@@ -1257,6 +1284,9 @@ class Tuning:
         for i, flags in enumerate(others):
             sharing = sum(f != HUGE_PAGES for f in others[i:]) or 1
             copies, picks, costs = 1, timed[:2], needs
+            if len(picks) == 2 and under(picks[0].candidate, flags) == under(
+                    picks[1].candidate, flags):  # the same program under these flags
+                picks, costs = picks[:1], needs[:1]
             if flags == HUGE_PAGES and timed:
                 fastest = min((m for m in pooled(self.measured) if _matches(m, self.tol)),
                               key=lambda m: m.step_s)
@@ -1273,18 +1303,20 @@ class Tuning:
             until = deadline if i == 0 else turns_from
             share = now + max((turns_from - now) / sharing,
                               min(until - now, costs[0] if costs else 0.0))
-            fit = [m.candidate for m, need in zip(picks, costs, strict=True)
+            fit = [under(m.candidate, flags) for m, need in zip(picks, costs, strict=True)
                    if now + need <= share]
             if not fit:
                 what = "a child" if copies == 1 else f"{copies} children"
                 note = (f"budget spent ({what} would need "
                         f"~{costs[0] if costs else self.startup:.0f} s)")
-                self.measured += [Measurement(m.candidate, flags, note=note) for m in picks]
+                self.measured += [Measurement(under(m.candidate, flags), flags, note=note)
+                                  for m in picks]
                 self.log(f"  {describe(process_fields(flags))}: not timed ({note})")
                 self.complete = False
                 continue
             if len(fit) < len(costs):
-                self.measured.append(Measurement(picks[1].candidate, flags, note="budget spent"))
+                self.measured.append(Measurement(under(picks[1].candidate, flags), flags,
+                                                 note="budget spent"))
                 self.complete = False
             for j in range(copies):
                 end = now + (j + 1) * (share - now) / copies

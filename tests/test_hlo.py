@@ -325,3 +325,18 @@ def test_throughput_ops_only_writes_the_ops_table(tmp_path):
     assert native["forward"] == native["backward"] == 0
     assert 0 < native["launched"] == native["launched_full"] <= NATIVE_BUDGETS["simple_rnn"]
     assert "forward" in (tmp_path / "throughput_ops.md").read_text()
+
+
+def test_a_gpu_machines_cpu_ops_table_has_no_native_row(monkeypatch):
+    """On a GPU machine (the default backend a GPU's) a native layer runs the Pallas
+    kernels, lowered for the GPU alone: the CPU's table, built in the same process, had the
+    native row too and stopped the benchmark before its first timing ("Only interpret mode
+    is supported on CPU backend"), every backend's rows lost."""
+    import jax
+
+    from benchmarks import throughput
+
+    cpu = jax.devices("cpu")[0]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # as a GPU machine's
+    table = throughput.ops_table(["simple_rnn"], cpu)
+    assert list(table) == ["simple_rnn"]

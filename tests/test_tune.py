@@ -595,7 +595,8 @@ def test_flag_sets_are_timed_in_the_first_childs_process(flags_in_process, one_p
     first = fake.calls[0][1]
     on = [c for c in first if measure.ON in c]
     assert [(c[measure.ON], c["xla_flags"]) for c in on] == [
-        (backend, flags) for backend, sets in tune.FLAG_SETS.items() for flags in sets]
+        (backend, flags) for backend, sets in tune.FLAG_SETS.items() for flags in sets
+        if "+WHILE" not in flags]  # that one in a GPU child of its own
     # After the forms, before the chunks, at the fastest so far.
     forms = [c for c in first[:first.index(on[0])] if measure.ON not in c]
     assert len(forms) == len(tune.model_candidates(config, frozenset())) - 3  # chunks, 4, feed
@@ -640,20 +641,63 @@ def test_a_flag_set_the_first_child_did_not_time_gets_its_own_child(flags_in_pro
 
 def test_a_gpu_child_times_its_own_flag_sets_and_takes_their_share(flags_in_process,
                                                                   one_process):
-    """On a GPU the CPU's sets are not timed, the GPU's are, in the first child; with no
-    child of other settings to follow on any backend, it takes the larger share of the
-    budget."""
+    """On a GPU the CPU's sets are not timed; the GPU's set that is one compilation's
+    option is, in the first child, and '+WHILE', which only $XLA_FLAGS reads (as a
+    compilation's option XLA refused it: every GPU run's first flag set failed), in a child
+    of its own, planned from the start (the first child's share, not the larger one of a
+    child with nothing to follow). That child times the fastest form without the first
+    child's in-process set of the same flag (which would win over its own and time the
+    in-process set again, under both names)."""
     config = Config()
-    gpu_sets = tune.FLAG_SETS["gpu"]
-    times = all_times(flag_sets=("", *gpu_sets))
-    times[k(1, flags=gpu_sets[0])] = 0.5
+    plus_while, none = tune.FLAG_SETS["gpu"]
+    times = all_times(flag_sets=("", none, plus_while))
+    times[k(1)], times[k(1, flags=none)], times[k(1, flags=plus_while)] = 0.9, 0.8, 0.5
     fake = FakeChild(times, backend="gpu")
     result = tune.tune(config, frozenset(), 30.0, child=fake, clock=Clock())
-    assert [c[0] for c in fake.calls] == [""]
-    assert fake.alone == [None]  # ALONE_SHARE from the start
-    assert fake.calls[0][2] == pytest.approx(1000.0 + tune.ALONE_SHARE * 30.0)
-    assert result.choice == fields(1, flags=gpu_sets[0])
-    assert {m.candidate.get("xla_flags") for m in result.measurements} == {None, *gpu_sets}
+    assert [c[0] for c in fake.calls] == ["", plus_while]
+    assert {c.get("xla_flags") for c in measure.for_backend(fake.calls[0][1], "gpu")} == \
+        {None, none}
+    assert fake.alone[0]["others_on"] == ["gpu"]
+    assert fake.calls[0][2] == pytest.approx(1000.0 + tune.FIRST_SHARE * 30.0)
+    assert fake.calls[1][1] == [fields(1)]  # the fastest two, one program under its flags
+    assert result.choice == fields(1, flags=plus_while)
+    assert result.choice["xla_flags"] == plus_while
+
+
+def test_a_candidate_under_a_childs_flags_drops_its_own_setting_of_the_same_flag():
+    plus_while, none = tune.FLAG_SETS["gpu"]
+    candidate = {**fields(1), "xla_flags": f"{none} --xla_gpu_autotune_level=0"}
+    assert tune.under(candidate, plus_while) == {**fields(1),
+                                                 "xla_flags": "--xla_gpu_autotune_level=0"}
+    assert tune.under(candidate, f"{plus_while} --xla_gpu_autotune_level=4") == fields(1)
+    assert tune.under(candidate, "cpus=1") == candidate
+    assert tune.under(fields(1), plus_while) == fields(1)
+
+
+@pytest.mark.parametrize("flags", [f for sets in tune.FLAG_SETS.values() for f in sets])
+def test_a_flag_set_timed_in_process_is_one_xla_takes_for_one_compilation(flags):
+    """The tuner times in the first child's process (one compilation's options) only the
+    sets XLA takes so, on a CPU too (its compiler reads the GPU's options as well); a set
+    that edits a list flag's defaults is refused there by XLA itself, and by
+    ``runtime.compile_options`` in one line, and goes to a child of its own."""
+    import jax
+
+    from rnnjax import runtime
+
+    jitted = jax.jit(lambda a: jax.numpy.tanh(a @ a))
+    x = jax.numpy.ones((8, 8))
+    in_process = {c["xla_flags"] for c in tune.flag_set_candidates(Config(), frozenset(), "")}
+    if runtime.per_compilation(flags):
+        assert flags in in_process or not tune.FLAGS_IN_PROCESS
+        runtime.compile_timed(jitted, x, xla_flags=flags)
+        return
+    assert flags not in in_process
+    assert not tune._flags_only(flags, Config(), frozenset())
+    name, _, value = flags.lstrip("-").partition("=")
+    with pytest.raises(Exception, match="not a valid enum value"):
+        jitted.lower(x).compile(compiler_options={name: value})
+    with pytest.raises(ValueError, match=r"edits the defaults of a list.*\$XLA_FLAGS"):
+        runtime.compile_timed(jitted, x, xla_flags=flags)
 
 
 def test_a_flag_set_applies_to_one_compilation():
