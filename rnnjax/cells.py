@@ -39,9 +39,11 @@ kernels, zero biases (LSTM: forget-gate bias 1; IRNN: identity recurrent kernel)
 from __future__ import annotations
 
 import functools
+import importlib
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import jax
@@ -1015,6 +1017,58 @@ CELLS: dict[str, Callable[[int], Cell]] = {
     "lstm": lstm,
     "gru": gru,
 }
+
+
+# The cells as rnnjax ships them; CELLS may gain others, or have one replaced.
+BUILT_IN: Mapping[str, Callable[[int], Cell]] = MappingProxyType(dict(CELLS))
+
+
+def registered(name: str) -> str | None:
+    """``MODULE:QUALNAME`` of the function :data:`CELLS` holds for ``name`` where this
+    process registered it (a new name, or over a built-in one); None for a cell as rnnjax
+    ships it, or a name not in CELLS."""
+    function = CELLS.get(name)
+    if function is None or function is BUILT_IN.get(name):
+        return None
+    return (f"{getattr(function, '__module__', None) or '__main__'}:"
+            f"{getattr(function, '__qualname__', '') or '<unknown>'}")
+
+
+def source(name: str) -> str | None:
+    """Where another process (the tuner's children) finds the cell ``name`` that this one
+    registered in :data:`CELLS`, a new name or over a built-in one: ``MODULE:QUALNAME`` of
+    its function (:func:`register_source`). None for a cell as rnnjax ships it, or a name
+    not in CELLS (a Flax cell class names its own module). ValueError, naming the fix,
+    where no other process can import it: a function of the script run as ``__main__``,
+    or one made inside another function (a closure, a lambda)."""
+    where = registered(name)
+    if where is None:
+        return None
+    module, _, qualname = where.partition(":")
+    if module == "__main__" or "<" in qualname:
+        where = ("the script run as __main__" if module == "__main__"
+                 else f"{module}.{qualname}, made inside another function")
+        raise ValueError(
+            f"--cell {name}: its function, registered from {where}, cannot be imported by "
+            "the tuner's child processes, which time the candidates: define it at the top "
+            "level of a module your script imports, or pass --no-tune")
+    return f"{module}:{qualname}"
+
+
+def register_source(name: str, where: str) -> None:
+    """Register as :data:`CELLS`' ``name`` the cell function ``where`` names
+    (``MODULE:QUALNAME``, :func:`source`), as the process that registered it did;
+    ValueError naming the cell and the reason where it cannot be imported."""
+    module_name, _, qualname = where.partition(":")
+    try:
+        function: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            function = getattr(function, part)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--cell {name}: its function {where} cannot be imported in the "
+                         f"tuner's child process ({type(e).__name__}: {e}); pass --no-tune"
+                         ) from None
+    CELLS[name] = function
 
 
 def get_cell(name: str, hidden: int) -> Cell:

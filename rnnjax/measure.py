@@ -10,7 +10,12 @@ spec as the first line of its stdin::
      "deadline": unix time, "call_s": 0.1, "steps": null, "repeats": 3,
      "reference": "path/to/baseline.npz", "pay_back": null, "compiled": false,
      "data": {"image_shape": [28, 28, 1], "num_classes": 10}, "alone": null,
-     "reach": null}
+     "reach": null, "cells": {}, "path": [...]}
+
+``cells`` names the cells the parent registered in ``rnnjax.cells.CELLS`` (``{name:
+"MODULE:QUALNAME"}``, ``rnnjax.cells.source``), registered here the same way, with the
+parent's ``sys.path`` (``path``) after this process's own, so that a module beside the
+parent's script is found.
 
 A candidate may carry ``xla_flags`` of its own (an XLA flag set timed in this process:
 its train step is compiled under them, over the process's, ``runtime.compile_options``)
@@ -617,6 +622,20 @@ def too_large(config: Any, images: Any, data: Any) -> str | None:
     return None
 
 
+def register_cells(spec: dict[str, Any]) -> str | None:
+    """Register the cells the parent registered (``spec``'s ``cells``, found on its
+    ``path`` too: the module docstring); why one cannot be, or None."""
+    from rnnjax import cells
+
+    sys.path.extend(p for p in spec.get("path") or [] if p not in sys.path)
+    try:
+        for name, where in (spec.get("cells") or {}).items():
+            cells.register_source(name, where)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
         requests: Iterable[str] = ()) -> None:
     """Time each candidate of ``spec`` in turn, emitting events (see the module docstring);
@@ -672,7 +691,7 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
                 done[i] = (fields, timed, min(per_step, timed.once(steps)))
 
     queue = for_backend(spec["candidates"], device["backend"])
-    refused = too_large(config, images, data)
+    refused = register_cells(spec) or too_large(config, images, data)
     if refused:  # the run itself would refuse it: no candidate can work
         emit("refused", reason=refused)
         return

@@ -357,6 +357,19 @@ FORMS = ("backward", "projection", "weight_grad")  # the Config fields of a cell
 PROGRAM = (*FORMS, "native_lanes")
 
 
+def child_cells(config: Config) -> dict[str, str]:
+    """The cells a child must register as this process did (``rnnjax.cells.source``: the
+    run's cell, where registered here over or beside rnnjax's own); ConfigError naming the
+    fix where a child cannot import it."""
+    from rnnjax import cells
+
+    try:
+        where = cells.source(config.cell)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return {} if where is None else {config.cell: where}
+
+
 def builtin_cell(config: Config) -> Any:
     """The registered cell ``config`` names, or None for a Flax cell class (``MODULE:CLASS``:
     importing it here could start work the parent process must not do)."""
@@ -709,7 +722,7 @@ def key(config: Config, pinned: frozenset[str], env: dict[str, str] | None = Non
         spec: DataSpec = IDX_SPEC) -> dict:
     """What the choice depends on, known before JAX's backend starts (``spec``: the
     dataset's images, whose sequence is the model's input)."""
-    from rnnjax import native, process, runtime
+    from rnnjax import cells, native, process, runtime
 
     env = dict(os.environ) if env is None else env
     return {
@@ -726,6 +739,8 @@ def key(config: Config, pinned: frozenset[str], env: dict[str, str] | None = Non
         },
         "model": {
             "cell": config.cell, "hidden_size": config.hidden_size,
+            # A cell registered in Python, apart from rnnjax's of the same name.
+            **({"registered": where} if (where := cells.registered(config.cell)) else {}),
             "num_layers": config.num_layers, "bidirectional": config.bidirectional,
             "order": config.order, "input": list(spec.sequence(config.order)),
             "compute_dtype": config.compute_dtype,
@@ -869,7 +884,8 @@ def run_child(
             "candidates": candidates, "deadline": deadline,
             "steps": steps, "call_s": call_s, "repeats": 3, "reference": reference,
             "pay_back": pay_back, "compiled": compiled, "data": data.to_json(),
-            "alone": alone, "reach": reach, "exclude": list(exclude)}
+            "alone": alone, "reach": reach, "exclude": list(exclude),
+            "cells": child_cells(config), "path": list(sys.path)}
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "rnnjax.measure"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -1066,6 +1082,7 @@ def tune(
     :func:`run_child`) and ``clock`` are the measuring process and the budget's clock
     (tests pass fakes).
     """
+    child_cells(config)  # a cell registered here that no child can import: one line
     child = child or functools.partial(run_child, data=spec)
     start = clock()
     call_s = min(0.3, max(0.02, budget_s / 200))
@@ -1688,6 +1705,7 @@ def resolve(
         return apply(config, record["choice"], pinned), {
             "mode": "cached", "choice": record["choice"], "cache": str(path),
             "device": record.get("device"), "tune_s": record.get("tune_s")}
+    child_cells(config)  # before anything is written: a cell no child can import
     before_tuning()
 
     def log(line: str) -> None:

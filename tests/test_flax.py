@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 from rnnjax import cli, inference, train
-from rnnjax.cells import get_cell
+from rnnjax.cells import get_cell, scan_cell
 from rnnjax.config import Config
 from rnnjax.data.pipeline import batch_indices, normalize_host, to_device
 from rnnjax.data.spec import DataSpec
@@ -663,8 +663,6 @@ def test_an_integer_in_a_flax_cells_carry_stays_an_integer(tmp_path, monkeypatch
     count stopped at 256 in bfloat16 (a wrong gain read from step 256 on, silently) and
     could not index in float32 (a traceback). Flax's RNNs keep it int32; so does rnnjax,
     through its model's scan and through ``rnnjax.flax.linen.RNN`` with a carry given."""
-    from rnnjax.cells import scan_cell
-
     (tmp_path / "my_cells.py").write_text(USER_CELLS)
     monkeypatch.syspath_prepend(str(tmp_path))
     cell = get_cell("my_cells:LinenStepCounter", 4)
@@ -679,6 +677,28 @@ def test_an_integer_in_a_flax_cells_carry_stays_an_integer(tmp_path, monkeypatch
     variables = layer.init(jax.random.key(0), xs, initial_carry=carry0)
     (_, t), _ = layer.apply(variables, xs, initial_carry=carry0)
     assert t.dtype == jnp.int32 and t.tolist() == [305, 305]
+
+
+def test_a_flax_cell_class_edited_and_reloaded_runs_its_new_code(tmp_path, monkeypatch):
+    """A notebook's edit of its cell's module, reloaded: the cell named ``MODULE:CLASS``
+    had stayed the old class's (cached on the name), its outputs silently the old code's."""
+    import importlib
+
+    (tmp_path / "edited_cells.py").write_text(USER_CELLS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import edited_cells
+
+    xs = jnp.ones((5, 2, 3))
+    before = get_cell("edited_cells:LinenElman", 4)
+    params = before.init(jax.random.key(0), 3)
+    assert get_cell("edited_cells:LinenElman", 4) is before  # one Cell while unchanged
+    (tmp_path / "edited_cells.py").write_text(USER_CELLS.replace("jnp.tanh(", "jnp.sin(", 1))
+    importlib.reload(edited_cells)
+    after = get_cell("edited_cells:LinenElman", 4)
+    theirs = nn.RNN(edited_cells.LinenElman(4), time_major=True).apply(
+        {"params": {"cell": params}}, xs)
+    np.testing.assert_allclose(scan_cell(after, params, xs)[1], theirs, rtol=1e-6)
+    assert not np.allclose(scan_cell(before, params, xs)[1], theirs)
 
 
 def test_the_throughput_benchmark_times_a_flax_cell(tmp_path):

@@ -2528,3 +2528,82 @@ def test_a_cached_choice_of_other_devices_names_what_differs(tmp_path):
     assert not cached.exists()
     tune.check_device({"mode": "cached", "device": now, "cache": str(tmp_path / "x")}, err)
     assert err.getvalue().count("\n") == 1  # the same devices: nothing said
+
+
+USER_CELL = '''
+import jax, jax.numpy as jnp
+from rnnjax.cells import Cell
+
+
+def elman(hidden):
+    """The README's cell of one's own: a step alone, no other form."""
+    def init(key, input_size):
+        return {"w": jax.random.normal(key, (input_size + hidden, hidden)) * 0.1}
+
+    def step(params, h, x):
+        h = jnp.tanh(jnp.concatenate([x, h], axis=-1) @ params["w"])
+        return h, h
+
+    return Cell(init=init, step=step, hidden_size=hidden,
+                initial_carry=lambda batch, dtype: jnp.zeros((batch, hidden), dtype))
+'''
+
+
+def test_a_cell_registered_in_python_is_tuned_by_the_children(tmp_path):
+    """A cell registered in ``rnnjax.cells.CELLS`` by a script that runs ``rnnjax.cli.main``
+    (README, "How to extend"): the tuner's children, fresh processes, had never heard of
+    it, and every first run of it stopped with their "unknown cell". They import its
+    function as the script did, from its module beside the script, wherever they start."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "users_cells.py").write_text(USER_CELL)
+    (tmp_path / "lib" / "run.py").write_text(textwrap.dedent("""
+        import sys
+        from rnnjax.cells import CELLS
+        import users_cells
+        CELLS["users_elman"] = users_cells.elman
+        from rnnjax.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """))
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "lib" / "run.py"), "tune", "--cell", "users_elman",
+         *TINY, "--tune-budget", "4", "--compile-cache", "off"],
+        capture_output=True, text=True, env=_env(tmp_path), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "chose unroll" in proc.stdout and "unknown cell" not in proc.stderr
+    assert "autodiff" in proc.stdout  # its only form
+
+
+def test_a_cell_no_child_can_import_is_one_line_before_anything_is_timed(
+        tmp_path, monkeypatch, capsys):
+    def in_a_script(hidden):
+        return cells.simple_rnn(hidden)
+
+    in_a_script.__module__ = "__main__"
+    monkeypatch.setitem(cells.CELLS, "scripted", in_a_script)
+    assert main(["tune", "--cell", "scripted", *TINY, "--compile-cache", "off"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "registered from the script run as __main__" in err
+    assert err.endswith("or pass --no-tune")
+    monkeypatch.setitem(cells.CELLS, "made_inside", lambda hidden: cells.simple_rnn(hidden))
+    with pytest.raises(tune.ConfigError, match="made inside another function"):
+        tune.child_cells(Config(cell="made_inside"))
+
+
+def test_a_registered_cell_has_a_key_of_its_own_and_is_registered_in_a_child(
+        tmp_path, monkeypatch):
+    """A cell registered over a built-in name times the user's function: its choice is
+    not the built-in cell's (a later run of rnnjax's own GRU had read the user's)."""
+    (tmp_path / "users_cells.py").write_text(USER_CELL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import users_cells
+
+    built_in = tune.key(Config(cell="gru"), frozenset(), env={})
+    assert tune.child_cells(Config(cell="gru")) == {}
+    monkeypatch.setitem(cells.CELLS, "gru", users_cells.elman)
+    assert tune.key(Config(cell="gru"), frozenset(), env={}) != built_in
+    assert tune.child_cells(Config(cell="gru")) == {"gru": "users_cells:elman"}
+    monkeypatch.setitem(cells.CELLS, "gru", cells.BUILT_IN["gru"])
+    assert measure.register_cells({"cells": {"gru": "users_cells:elman"}}) is None
+    assert cells.CELLS["gru"] is users_cells.elman
+    assert "cannot be imported in the tuner's child process" in measure.register_cells(
+        {"cells": {"other": "no_such_module_here:elman"}})

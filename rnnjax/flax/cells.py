@@ -58,13 +58,18 @@ def _as_before(carry: Any, new: Any, y: jax.Array, x: jax.Array) -> tuple[Any, j
     return jax.tree.map(lambda n, o: n.astype(o.dtype), new, carry), y.astype(x.dtype)
 
 
-@functools.cache
 def flax_cell(spec: str, hidden: int) -> Cell:
-    """The Flax cell class ``spec`` (``MODULE:CLASS``) of width ``hidden`` as a Cell."""
+    """The Flax cell class ``spec`` (``MODULE:CLASS``) of width ``hidden`` as a Cell: the
+    same Cell while the module holds the same class (one edited and reloaded, as in a
+    notebook, is another)."""
+    return _flax_cell(spec, load_class(spec), hidden)
+
+
+@functools.cache
+def _flax_cell(spec: str, cls: type, hidden: int) -> Cell:
     import flax.linen as nn
     from flax import nnx
 
-    cls = load_class(spec)
     if not callable(getattr(cls, "initialize_carry", None)):
         raise ValueError(f"{spec!r} is not an RNN cell (no initialize_carry method); {HINT}")
     if issubclass(cls, nn.Module):
