@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rnnjax import checkpoint, inference, train
+from rnnjax import cells, checkpoint, inference, train
 from rnnjax.cli import main
 from rnnjax.config import Config
 from rnnjax.data import images
@@ -373,6 +373,43 @@ def test_a_checkpoint_of_another_step_or_rnnjax_is_refused_as_such(tmp_path):
             rf"^checkpoint {path} was written by another rnnjax version \(its config has "
             r"new_field, which this rnnjax \S+ does not know\); use the rnnjax version")):
         checkpoint.read_config(path)
+
+
+def _diagonal(name):
+    """An IndRNN of one's own (h = relu(x W + d * h + b)), its diagonal named ``name``."""
+    def cell(hidden):
+        def init(key, input_size):
+            return {"kernel": jax.random.normal(key, (input_size, hidden)) * 0.1,
+                    name: jnp.full((hidden,), 0.5), "bias": jnp.zeros((hidden,))}
+
+        def step(params, h, x):
+            h = jax.nn.relu(x @ params["kernel"] + params[name] * h + params["bias"])
+            return h, h
+
+        return cells.Cell(init=init, step=step, hidden_size=hidden,
+                          initial_carry=lambda batch, dtype: jnp.zeros((batch, hidden), dtype))
+    return cell
+
+
+def test_a_cell_whose_code_changed_is_not_called_corrupt(tmp_path, monkeypatch, capsys):
+    """A researcher's registered cell, a parameter renamed since the run: every checkpoint
+    of the run was "corrupt or does not match its config ... delete this one", so that
+    following the advice deleted them all. It names what differs and keeps them."""
+    monkeypatch.setitem(cells.CELLS, "diagonal", _diagonal("u"))
+    work = tmp_path / "run"
+    assert main(["train", "--cell", "diagonal", "--hidden-size", "4", "--steps", "2",
+                 "--eval-every", "2", "--checkpoint-every", "1", "--workdir", str(work),
+                 "--compile-cache", "off"]) == 0
+    capsys.readouterr()
+    monkeypatch.setitem(cells.CELLS, "diagonal", _diagonal("diag"))
+    assert main(["eval", str(work)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds the parameters of another model" in err
+    assert "the model has ['rnn'][0]['diag']; the checkpoint has ['rnn'][0]['u']" in err
+    assert "do not delete it" in err and "delete this one" not in err
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["1", "2"]
+    monkeypatch.setitem(cells.CELLS, "diagonal", _diagonal("u"))
+    assert main(["eval", str(work)]) == 0
 
 
 def test_corrupt_checkpoints_give_a_clear_error(tmp_path, capsys):
