@@ -701,6 +701,34 @@ def test_a_flax_cell_class_edited_and_reloaded_runs_its_new_code(tmp_path, monke
     assert not np.allclose(scan_cell(before, params, xs)[1], theirs)
 
 
+def test_a_cell_whose_params_are_not_a_dict_is_one_line_in_the_flax_modules(monkeypatch):
+    """A registered cell whose params are a tuple trains under rnnjax (any pytree), but the
+    modules declare each entry of a dict as a param: Flax's TypeError about a scope's name
+    (linen) or an unhashable array (nnx) said nothing of the cause."""
+    from rnnjax import cells
+
+    def tupled(hidden):
+        elman = cells.simple_rnn(hidden)
+
+        def init(key, input_size):
+            p = elman.init(key, input_size)
+            return p["kernel"], p["recurrent_kernel"], p["bias"]
+
+        def step(params, h, x):
+            h = jnp.tanh(x @ params[0] + h @ params[1] + params[2])
+            return h, h
+
+        return cells.Cell(init=init, step=step, hidden_size=hidden,
+                          initial_carry=elman.initial_carry)
+
+    monkeypatch.setitem(cells.CELLS, "tupled", tupled)
+    message = r"cell 'tupled': its params are a tuple; .* return a dict from the cell's init"
+    with pytest.raises(ValueError, match=message):
+        rnn_linen.RNN(cell="tupled", hidden_size=4).init(jax.random.key(0), jnp.ones((2, 3, 5)))
+    with pytest.raises(ValueError, match=message):
+        rnn_nnx.RNN(cell="tupled", in_features=5, hidden_size=4, rngs=nnx.Rngs(0))
+
+
 def test_the_throughput_benchmark_times_a_flax_cell(tmp_path):
     from benchmarks import throughput
 

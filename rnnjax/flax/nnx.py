@@ -74,6 +74,10 @@ class RNN(nnx.Module):
         self.return_carry = return_carry
         self.time_major = time_major
         params = get_cell(cell, hidden_size).init(rngs.params(), in_features)
+        if not isinstance(params, dict) or not all(isinstance(name, str) for name in params):
+            raise ValueError(f"cell {cell!r}: its params are a {type(params).__name__}; "
+                             "rnnjax.flax's modules keep each entry of a dict of names as an "
+                             "nnx.Param: return a dict from the cell's init")
         clash = sorted(set(params) & set(vars(self)))
         if clash:
             raise ValueError(f"cell {cell!r}: parameters {clash} clash with RNN attributes of "
