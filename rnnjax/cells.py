@@ -1071,6 +1071,49 @@ def register_source(name: str, where: str) -> None:
     CELLS[name] = function
 
 
+def check_step(cell: Cell, input_size: int) -> None:
+    """ValueError saying what is wrong where ``cell`` is not what the model scans, traced
+    on one step of a batch of 2 (abstractly: nothing runs, no backend starts): ``init``,
+    ``initial_carry``, ``project`` (where given) and ``step`` must trace, and ``step(params,
+    carry, x_t)`` return ``(carry, y_t)``, the carry in ``initial_carry``'s shapes and dtypes,
+    ``y_t`` ``[2, hidden_size]``."""
+    def one_step() -> tuple[Any, Any, Any]:
+        params = cell.init(jax.random.key(0), input_size)
+        carry = cell.initial_carry(2, jnp.float32)
+        x = jnp.zeros((2, input_size), jnp.float32)
+        if cell.project is not None:
+            x = cell.project(params, x[None])[0]
+        return params, carry, cell.step(params, carry, x)
+
+    try:
+        params, carry, out = jax.eval_shape(one_step)
+    except Exception as e:  # the user's code: any error, named in one line
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"its init, initial_carry, project or step fails on one step of a "
+                         f"batch of 2 ({type(e).__name__}: {first})") from None
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise ValueError(f"its step returns a {type(out).__name__}, not (carry, y_t)")
+    whole = [jax.tree_util.keystr(path) for path, leaf
+             in jax.tree_util.tree_flatten_with_path(params)[0]
+             if not jnp.issubdtype(leaf.dtype, jnp.floating)]
+    if whole:
+        raise ValueError(f"its init makes params that are not floating point at "
+                         f"{', '.join(whole)}: every parameter is differentiated and trained; "
+                         "keep integers in the carry, or as constants in the step")
+
+    def shapes(tree: Any) -> str:
+        return str(jax.tree.map(lambda a: f"{a.dtype}{list(a.shape)}", tree)).replace("'", "")
+
+    new, y = out
+    if shapes(new) != shapes(carry):
+        raise ValueError(f"its step returns the carry {shapes(new)} where initial_carry makes "
+                         f"{shapes(carry)}: the same shapes and dtypes, step after step")
+    if getattr(y, "shape", None) != (2, cell.hidden_size):
+        raise ValueError(f"its step returns y_t {shapes(y)} for a batch of 2, not "
+                         f"[2, {cell.hidden_size}] (its hidden_size, --hidden-size): the "
+                         "layer's outputs")
+
+
 def get_cell(name: str, hidden: int) -> Cell:
     """The cell ``name`` of width ``hidden``: one registered in :data:`CELLS`, or a Flax cell
     class named ``MODULE:CLASS`` (``rnnjax.flax.cells``)."""
@@ -1081,4 +1124,6 @@ def get_cell(name: str, hidden: int) -> Cell:
 
         return flax_cell(name, hidden)
     raise ValueError(f"unknown cell {name!r}; choose one of {', '.join(CELLS)}, or a Flax "
-                     "cell class as MODULE:CLASS (e.g. flax.linen:GRUCell)")
+                     "cell class as MODULE:CLASS (e.g. flax.linen:GRUCell); a cell a script "
+                     "registers in rnnjax.cells.CELLS is known in its process: register it, "
+                     "then call rnnjax.cli.main there")

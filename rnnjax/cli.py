@@ -25,6 +25,7 @@ from rnnjax.config import TUNED, Config, ConfigError, flag_name
 if TYPE_CHECKING:
     from rnnjax.data.sources import Loader
     from rnnjax.data.spec import DataSpec
+    from rnnjax.model import Model
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
@@ -387,7 +388,8 @@ def check_native_resume(config: Config, workdir: Path) -> None:
 def check_model(config: Config, spec: DataSpec | None = None, examples: int = 0,
                 test_examples: int | None = None) -> None:
     """Build the model (for the images of ``spec``) and the optimizer, starting no
-    backend: a cell or optimizer that cannot work is one line before tuning, not a failure
+    backend: a cell (the user's own traced on one step: ``cells.check_step``) or optimizer
+    that cannot work is one line before tuning, not a failure
     in each of the tuner's children and a 'not timed' line first. So is a run that cannot
     fit in the host's RAM, where the backend will be the CPU's (``runtime.starts_on_cpu``):
     one CPU device's estimate (``memory.estimate``: the state, a batch's activations and
@@ -399,12 +401,31 @@ def check_model(config: Config, spec: DataSpec | None = None, examples: int = 0,
     from rnnjax.optim import make_optimizer
 
     model = make_model(config, spec)
+    check_cell(config, model)
     optimizer = make_optimizer(config, model.param_shapes())
     if runtime.starts_on_cpu():
         memory.check_fits(memory.estimate(config, memory.traceable(model), optimizer,
                                           spec or IDX_SPEC, examples=examples,
                                           test_examples=test_examples),
                           room=memory.host_room())
+
+
+def check_cell(config: Config, model: Model | None = None) -> None:
+    """A ``--cell`` of the user's own (registered in ``rnnjax.cells.CELLS`` over or beside
+    rnnjax's, or a Flax cell class) traced on one step (``cells.check_step``, abstractly:
+    no backend starts), as ``model`` (default: ``config``'s, for the IDX layout) has it:
+    one line naming what is wrong, before anything is written, where it cannot work."""
+    from rnnjax import cells
+    from rnnjax.model import make_model
+
+    shipped = cells.BUILT_IN.get(config.cell)
+    if shipped is not None and cells.CELLS.get(config.cell) is shipped:
+        return
+    model = model or make_model(config)
+    try:
+        cells.check_step(model.cell, model.input_size)
+    except ValueError as e:
+        raise ConfigError(f"--cell {config.cell}: {e}") from None
 
 
 def tuned_config(args: argparse.Namespace, config: Config,
@@ -544,6 +565,7 @@ def _train(args: argparse.Namespace, whole_process: bool = False) -> int:
     changes = flag_changes(args)
     check_forms(config, changes)
     check_read(config, changes)
+    check_cell(config)
     if "keep_checkpoints" in changes and args.workdir is None:  # as --checkpoint-every
         raise UsageError(f"--keep-checkpoints {config.keep_checkpoints}: without --workdir "
                          "no checkpoint is written; add --workdir DIR, or drop "

@@ -660,3 +660,76 @@ def test_a_write_that_fails_on_a_file_written_whole_names_it(tmp_path, train_wit
     assert done.stderr == (f"rnnjax: error: {work / 'config.json'}: {os.strerror(errno.EFBIG)}"
                            "; choose a --workdir on a file system that allows larger files "
                            "(files already written are kept)\n")
+
+
+def _users_cell(step=None, init=None, carry=None):
+    """A cell of one's own (README, "How to extend"), its parts replaced by those given."""
+    import jax
+    import jax.numpy as jnp
+
+    from rnnjax.cells import Cell
+
+    def cell(hidden):
+        def default_init(key, input_size):
+            return {"w": jax.random.normal(key, (input_size + hidden, hidden)) * 0.1}
+
+        def default_step(params, h, x):
+            h = jnp.tanh(jnp.concatenate([x, h], axis=-1) @ params["w"])
+            return h, h
+
+        return Cell(init=init or default_init, step=step or default_step, hidden_size=hidden,
+                    initial_carry=carry or (lambda batch, dtype: jnp.zeros((batch, hidden),
+                                                                           dtype)))
+    return cell
+
+
+def _bad_cells():
+    import jax.numpy as jnp
+
+    def half(params, h, x):
+        y = jnp.tanh(jnp.concatenate([x, h], axis=-1) @ params["w"])
+        return y, y[:, :4]
+
+    def grows(params, h, x):
+        y = jnp.tanh(jnp.concatenate([x, h], axis=-1) @ params["w"])
+        return jnp.concatenate([y, y[:, :1]], axis=-1), y
+
+    def branches(params, h, x):
+        if x.sum() > 0:
+            return h, h
+        return -h, h
+
+    def counted(key, input_size):
+        return {"w": jnp.zeros((input_size + 8, 8)), "n": jnp.ones((8,), jnp.int32)}
+
+    return {
+        "narrow_output": (_users_cell(step=half), "its step returns y_t float32[2, 4] for a "
+                          "batch of 2, not [2, 8] (its hidden_size, --hidden-size)"),
+        "growing_carry": (_users_cell(step=grows), "its step returns the carry float32[2, 9] "
+                          "where initial_carry makes float32[2, 8]"),
+        "python_branch": (_users_cell(step=branches), "its init, initial_carry, project or "
+                          "step fails on one step of a batch of 2 (TracerBoolConversionError"),
+        "integer_param": (_users_cell(init=counted), "its init makes params that are not "
+                          "floating point at ['n']"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bad_cells()))
+def test_a_users_cell_that_cannot_work_is_one_line_before_anything_is_written(
+        name, capsys, tmp_path, monkeypatch):
+    """A researcher's cell with a mistake: a traceback of 40-60 lines from deep in the
+    model (the head's product for an output of the wrong width, naming neither the cell
+    nor y_t), exit 1, where one line naming the cell and the mistake is promised; with or
+    without tuning, before the workdir is made."""
+    from rnnjax import cells
+
+    cell, message = _bad_cells()[name]
+    monkeypatch.setitem(cells.CELLS, name, cell)
+    for tuning in (["--no-tune"], ["--tune-budget", "5"]):
+        _one_line_error(capsys, ["train", "--cell", name, "--hidden-size", "8", "--steps", "2",
+                                 "--workdir", str(tmp_path / "run"), "--compile-cache", "off",
+                                 *tuning], f"rnnjax: error: --cell {name}: {message}")
+        assert not (tmp_path / "run").exists()
+    monkeypatch.setitem(cells.CELLS, name, _users_cell())  # the same cell, mended, trains
+    assert main(["train", "--cell", name, "--hidden-size", "8", "--steps", "2", "--no-tune",
+                 "--compile-cache", "off"]) == 0
