@@ -12,6 +12,7 @@ from jax.test_util import check_grads
 
 from rnnjax import cells
 from rnnjax.cells import Cell, scan_cell
+from tests import users_cells
 
 T, B, F, H = 7, 3, 5, 4
 
@@ -302,18 +303,7 @@ def test_registered_user_cell_trains_through_the_config(mnist):
     from rnnjax.model import make_model
     from rnnjax.optim import make_optimizer
 
-    def my_cell(hidden):
-        def init(key, input_size):
-            return {"w": jax.random.normal(key, (input_size + hidden, hidden)) * 0.1}
-
-        def step(params, h, x):
-            h = jnp.tanh(jnp.concatenate([x, h], axis=-1) @ params["w"])
-            return h, h
-
-        return Cell(init=init, step=step, hidden_size=hidden,
-                    initial_carry=lambda batch, dtype: jnp.zeros((batch, hidden), dtype))
-
-    cells.CELLS["test_cell"] = my_cell
+    cells.CELLS["test_cell"] = users_cells.elman
     try:
         config = Config(cell="test_cell", hidden_size=12)
         model, optimizer = make_model(config), make_optimizer(config)

@@ -15,6 +15,7 @@ import pytest
 from rnnjax import cli
 from rnnjax.cli import build_parser, main
 from rnnjax.config import Config, flag_name
+from tests import users_cells
 
 
 def run_cli(*args, cwd=None, env=None):
@@ -662,27 +663,6 @@ def test_a_write_that_fails_on_a_file_written_whole_names_it(tmp_path, train_wit
                            "(files already written are kept)\n")
 
 
-def _users_cell(step=None, init=None, carry=None):
-    """A cell of one's own (README, "How to extend"), its parts replaced by those given."""
-    import jax
-    import jax.numpy as jnp
-
-    from rnnjax.cells import Cell
-
-    def cell(hidden):
-        def default_init(key, input_size):
-            return {"w": jax.random.normal(key, (input_size + hidden, hidden)) * 0.1}
-
-        def default_step(params, h, x):
-            h = jnp.tanh(jnp.concatenate([x, h], axis=-1) @ params["w"])
-            return h, h
-
-        return Cell(init=init or default_init, step=step or default_step, hidden_size=hidden,
-                    initial_carry=carry or (lambda batch, dtype: jnp.zeros((batch, hidden),
-                                                                           dtype)))
-    return cell
-
-
 def _bad_cells():
     import jax.numpy as jnp
 
@@ -702,15 +682,16 @@ def _bad_cells():
     def counted(key, input_size):
         return {"w": jnp.zeros((input_size + 8, 8)), "n": jnp.ones((8,), jnp.int32)}
 
+    cell = users_cells.with_parts
     return {
-        "narrow_output": (_users_cell(step=half), "its step returns y_t float32[2, 4] for a "
-                          "batch of 2, not [2, 8] (its hidden_size, --hidden-size)"),
-        "growing_carry": (_users_cell(step=grows), "its step returns the carry float32[2, 9] "
-                          "where initial_carry makes float32[2, 8]"),
-        "python_branch": (_users_cell(step=branches), "its init, initial_carry, project or "
-                          "step fails on one step of a batch of 2 (TracerBoolConversionError"),
-        "integer_param": (_users_cell(init=counted), "its init makes params that are not "
-                          "floating point at ['n']"),
+        "narrow_output": (cell(step=half), "its step returns y_t float32[2, 4] for a batch of "
+                          "2, not [2, 8] (its hidden_size, --hidden-size)"),
+        "growing_carry": (cell(step=grows), "its step returns the carry float32[2, 9] where "
+                          "initial_carry makes float32[2, 8]"),
+        "python_branch": (cell(step=branches), "its init, initial_carry, project or step fails "
+                          "on one step of a batch of 2 (TracerBoolConversionError"),
+        "integer_param": (cell(init=counted), "its init makes params that are not floating "
+                          "point at ['n']"),
     }
 
 
@@ -730,6 +711,6 @@ def test_a_users_cell_that_cannot_work_is_one_line_before_anything_is_written(
                                  "--workdir", str(tmp_path / "run"), "--compile-cache", "off",
                                  *tuning], f"rnnjax: error: --cell {name}: {message}")
         assert not (tmp_path / "run").exists()
-    monkeypatch.setitem(cells.CELLS, name, _users_cell())  # the same cell, mended, trains
+    monkeypatch.setitem(cells.CELLS, name, users_cells.elman)  # the cell mended: it trains
     assert main(["train", "--cell", name, "--hidden-size", "8", "--steps", "2", "--no-tune",
                  "--compile-cache", "off"]) == 0

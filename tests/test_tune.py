@@ -25,6 +25,7 @@ from rnnjax import cells, measure, native, process, tune
 from rnnjax.cli import main
 from rnnjax.config import TUNED, Config, to_dict
 from rnnjax.data.spec import DataSpec
+from tests import users_cells
 
 TINY = ["--hidden-size", "4", "--batch-size", "4", "--eval-batch-size", "2048"]
 
@@ -2530,23 +2531,7 @@ def test_a_cached_choice_of_other_devices_names_what_differs(tmp_path):
     assert err.getvalue().count("\n") == 1  # the same devices: nothing said
 
 
-USER_CELL = '''
-import jax, jax.numpy as jnp
-from rnnjax.cells import Cell
-
-
-def elman(hidden):
-    """The README's cell of one's own: a step alone, no other form."""
-    def init(key, input_size):
-        return {"w": jax.random.normal(key, (input_size + hidden, hidden)) * 0.1}
-
-    def step(params, h, x):
-        h = jnp.tanh(jnp.concatenate([x, h], axis=-1) @ params["w"])
-        return h, h
-
-    return Cell(init=init, step=step, hidden_size=hidden,
-                initial_carry=lambda batch, dtype: jnp.zeros((batch, hidden), dtype))
-'''
+USER_CELL = Path(users_cells.__file__).read_text()  # a module to copy beside a script
 
 
 def test_a_cell_registered_in_python_is_tuned_by_the_children(tmp_path):
@@ -2555,12 +2540,12 @@ def test_a_cell_registered_in_python_is_tuned_by_the_children(tmp_path):
     it, and every first run of it stopped with their "unknown cell". They import its
     function as the script did, from its module beside the script, wherever they start."""
     (tmp_path / "lib").mkdir()
-    (tmp_path / "lib" / "users_cells.py").write_text(USER_CELL)
+    (tmp_path / "lib" / "scripted_cells.py").write_text(USER_CELL)
     (tmp_path / "lib" / "run.py").write_text(textwrap.dedent("""
         import sys
         from rnnjax.cells import CELLS
-        import users_cells
-        CELLS["users_elman"] = users_cells.elman
+        import scripted_cells
+        CELLS["users_elman"] = scripted_cells.elman
         from rnnjax.cli import main
         sys.exit(main(sys.argv[1:]))
     """))
@@ -2593,17 +2578,17 @@ def test_a_registered_cell_has_a_key_of_its_own_and_is_registered_in_a_child(
         tmp_path, monkeypatch):
     """A cell registered over a built-in name times the user's function: its choice is
     not the built-in cell's (a later run of rnnjax's own GRU had read the user's)."""
-    (tmp_path / "users_cells.py").write_text(USER_CELL)
+    (tmp_path / "scripted_cells.py").write_text(USER_CELL)
     monkeypatch.syspath_prepend(str(tmp_path))
-    import users_cells
+    import scripted_cells
 
     built_in = tune.key(Config(cell="gru"), frozenset(), env={})
     assert tune.child_cells(Config(cell="gru")) == {}
-    monkeypatch.setitem(cells.CELLS, "gru", users_cells.elman)
+    monkeypatch.setitem(cells.CELLS, "gru", scripted_cells.elman)
     assert tune.key(Config(cell="gru"), frozenset(), env={}) != built_in
-    assert tune.child_cells(Config(cell="gru")) == {"gru": "users_cells:elman"}
+    assert tune.child_cells(Config(cell="gru")) == {"gru": "scripted_cells:elman"}
     monkeypatch.setitem(cells.CELLS, "gru", cells.BUILT_IN["gru"])
-    assert measure.register_cells({"cells": {"gru": "users_cells:elman"}}) is None
-    assert cells.CELLS["gru"] is users_cells.elman
+    assert measure.register_cells({"cells": {"gru": "scripted_cells:elman"}}) is None
+    assert cells.CELLS["gru"] is scripted_cells.elman
     assert "cannot be imported in the tuner's child process" in measure.register_cells(
         {"cells": {"other": "no_such_module_here:elman"}})
