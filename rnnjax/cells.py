@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -1023,6 +1024,13 @@ CELLS: dict[str, Callable[[int], Cell]] = {
 BUILT_IN: Mapping[str, Callable[[int], Cell]] = MappingProxyType(dict(CELLS))
 
 
+def shipped(name: str) -> bool:
+    """Whether :data:`CELLS` holds rnnjax's own cell for ``name`` (not one registered over
+    it, nor a name of the user's, nor a Flax cell class)."""
+    built_in = BUILT_IN.get(name)
+    return built_in is not None and CELLS.get(name) is built_in
+
+
 def registered(name: str) -> str | None:
     """``MODULE:QUALNAME`` of the function :data:`CELLS` holds for ``name`` where this
     process registered it (a new name, or over a built-in one); None for a cell as rnnjax
@@ -1045,30 +1053,51 @@ def source(name: str) -> str | None:
     if where is None:
         return None
     module, _, qualname = where.partition(":")
-    if module == "__main__" or "<" in qualname:
-        where = ("the script run as __main__" if module == "__main__"
-                 else f"{module}.{qualname}, made inside another function")
-        raise ValueError(
-            f"--cell {name}: its function, registered from {where}, cannot be imported by "
-            "the tuner's child processes, which time the candidates: define it at the top "
-            "level of a module your script imports, or pass --no-tune")
-    return f"{module}:{qualname}"
+    function = CELLS[name]
+    if inspect.ismethod(function) or not hasattr(function, "__qualname__"):  # a partial
+        why = f"a {type(function).__name__}, not a function"
+    elif module == "__main__":
+        why = "registered from the script run as __main__"
+    elif "<" in qualname:
+        why = ("a lambda" if qualname.endswith("<lambda>") else
+               f"{module}.{qualname}, made inside another function")
+    elif not _names(where, function):
+        why = f"not what {where} names where a child process imports it"
+    else:
+        return where
+    raise ValueError(
+        f"--cell {name}: its function ({why}) cannot be imported by the tuner's child "
+        "processes, which time the candidates: define it with def at the top level of a "
+        "module your script imports, or pass --no-tune")
+
+
+def _imported(where: str) -> Any:
+    """What ``MODULE:QUALNAME`` names, imported (ImportError or AttributeError otherwise)."""
+    module_name, _, qualname = where.partition(":")
+    found: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found
+
+
+def _names(where: str, function: Any) -> bool:
+    """Whether ``MODULE:QUALNAME`` imports as ``function`` itself."""
+    try:
+        return _imported(where) is function
+    except (ImportError, AttributeError):
+        return False
 
 
 def register_source(name: str, where: str) -> None:
     """Register as :data:`CELLS`' ``name`` the cell function ``where`` names
     (``MODULE:QUALNAME``, :func:`source`), as the process that registered it did;
     ValueError naming the cell and the reason where it cannot be imported."""
-    module_name, _, qualname = where.partition(":")
     try:
-        function: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            function = getattr(function, part)
+        CELLS[name] = _imported(where)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"--cell {name}: its function {where} cannot be imported in the "
                          f"tuner's child process ({type(e).__name__}: {e}); pass --no-tune"
                          ) from None
-    CELLS[name] = function
 
 
 def check_step(cell: Cell, input_size: int) -> None:

@@ -529,23 +529,23 @@ def restore(step_dir: Path | str, target: Any, meta: Mapping[str, Any] | None = 
         )
     ocp = _ocp()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    try:
+    other = None
+    try:  # one quiet window for both reads: a failed one's stragglers fire late
         with _quiet_stragglers(), ocp.StandardCheckpointer() as reader:
-            state = reader.restore(step_dir.absolute() / "state", abstract)
+            other = _other_parameters(reader, step_dir, target)
+            if other is None:
+                state = reader.restore(step_dir.absolute() / "state", abstract)
     except Exception as e:
-        other = _other_parameters(step_dir, target)
-        if other is not None:  # not corrupt: nothing to delete
-            raise CheckpointError(
-                f"checkpoint {step_dir} holds the parameters of another model than its "
-                f"config makes with this code ({other}): the cell's code changed since it "
-                "was written (a cell registered in Python, or a Flax cell class), or "
-                "rnnjax did; run the code it was trained with (the checkpoint is kept as "
-                "it is: do not delete it)"
-            ) from e
         raise CheckpointError(
             f"checkpoint {step_dir} is corrupt or does not match its config: the state "
             f"cannot be restored ({_one_line(e)}); {_instead(step_dir)}"
         ) from e
+    if other is not None:  # not corrupt: nothing to delete (nor read: orbax would cast)
+        raise CheckpointError(
+            f"checkpoint {step_dir} holds the parameters of another model than its config "
+            f"makes with this code ({other}): the cell's code changed since it was written "
+            "(a cell registered in Python, or a Flax cell class), or rnnjax did; run the "
+            "code it was trained with (the checkpoint is kept as it is: do not delete it)")
     if digest(state) != expected:
         raise CheckpointError(
             f"checkpoint {step_dir} is corrupt: the restored state does not match the "
@@ -554,31 +554,33 @@ def restore(step_dir: Path | str, target: Any, meta: Mapping[str, Any] | None = 
     return state
 
 
-def _other_parameters(step_dir: Path, target: Any) -> str | None:
-    """How the parameters saved in ``step_dir`` (their names and shapes, from orbax's
-    metadata) differ from ``target``'s (a state or its shapes), in a few words; None where
-    they do not, or the metadata cannot be read (a corrupt checkpoint)."""
+def _other_parameters(reader: Any, step_dir: Path, target: Any) -> str | None:
+    """How the parameters saved in ``step_dir`` (their names, shapes and dtypes, from
+    orbax's metadata, read by ``reader``) differ from ``target``'s (a state or its shapes),
+    in a few words; None where they do not, or the metadata cannot be read (a corrupt
+    checkpoint: the restore says so)."""
     import jax
 
-    def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-        return {jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", ()))
+    def leaves(tree: Any) -> dict[str, str]:
+        return {jax.tree_util.keystr(path):
+                f"{jax.numpy.dtype(leaf.dtype).name}{list(getattr(leaf, 'shape', ()))}"
                 for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
     try:
-        with _quiet_stragglers(), _ocp().StandardCheckpointer() as reader:
-            saved = reader.metadata(step_dir.absolute() / "state")
-        saved = shapes(getattr(saved, "item_metadata", saved)["params"])
+        saved = reader.metadata(step_dir.absolute() / "state")
+        saved = leaves(getattr(saved, "item_metadata", saved)["params"])
     except Exception:  # unreadable: the restore's own error says so
         return None
-    mine = shapes(target.params if hasattr(target, "params") else target["params"])
+    mine = leaves(target.params if hasattr(target, "params") else target["params"])
     if saved == mine:
         return None
+    differ = sorted(k for k in set(mine) & set(saved) if mine[k] != saved[k])
     parts = [f"{label} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
              for label, names in (
                  ("the model has", sorted(set(mine) - set(saved))),
                  ("the checkpoint has", sorted(set(saved) - set(mine))),
-                 ("shapes differ at", sorted(k for k in set(mine) & set(saved)
-                                             if mine[k] != saved[k])))
+                 ("the checkpoint's differ at", [f"{k} ({saved[k]}, not {mine[k]})"
+                                                 for k in differ]))
              if names]
     return "; ".join(parts)
 

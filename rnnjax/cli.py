@@ -410,18 +410,15 @@ def check_model(config: Config, spec: DataSpec | None = None, examples: int = 0,
                           room=memory.host_room())
 
 
-def check_cell(config: Config, model: Model | None = None) -> None:
-    """A ``--cell`` of the user's own (registered in ``rnnjax.cells.CELLS`` over or beside
-    rnnjax's, or a Flax cell class) traced on one step (``cells.check_step``, abstractly:
-    no backend starts), as ``model`` (default: ``config``'s, for the IDX layout) has it:
+def check_cell(config: Config, model: Model) -> None:
+    """A ``--cell`` of the user's own (``rnnjax.cells.shipped``: registered in Python over
+    or beside rnnjax's, or a Flax cell class) traced on one step as ``model`` (``config``'s,
+    for its dataset's images) has it (``cells.check_step``, abstractly: no backend starts):
     one line naming what is wrong, before anything is written, where it cannot work."""
     from rnnjax import cells
-    from rnnjax.model import make_model
 
-    shipped = cells.BUILT_IN.get(config.cell)
-    if shipped is not None and cells.CELLS.get(config.cell) is shipped:
+    if cells.shipped(config.cell):
         return
-    model = model or make_model(config)
     try:
         cells.check_step(model.cell, model.input_size)
     except ValueError as e:
@@ -565,7 +562,12 @@ def _train(args: argparse.Namespace, whole_process: bool = False) -> int:
     changes = flag_changes(args)
     check_forms(config, changes)
     check_read(config, changes)
-    check_cell(config)
+    from rnnjax import cells
+
+    if not cells.shipped(config.cell):  # the user's own, at the dataset's input width
+        from rnnjax.model import make_model
+
+        check_cell(config, make_model(config, data_spec(config, load)))
     if "keep_checkpoints" in changes and args.workdir is None:  # as --checkpoint-every
         raise UsageError(f"--keep-checkpoints {config.keep_checkpoints}: without --workdir "
                          "no checkpoint is written; add --workdir DIR, or drop "

@@ -375,15 +375,16 @@ def test_a_checkpoint_of_another_step_or_rnnjax_is_refused_as_such(tmp_path):
         checkpoint.read_config(path)
 
 
-def _diagonal(name):
+def _diagonal(name, dtype=jnp.float32):
     """An IndRNN of one's own (h = relu(x W + d * h + b)), its diagonal named ``name``."""
     def cell(hidden):
         def init(key, input_size):
             return {"kernel": jax.random.normal(key, (input_size, hidden)) * 0.1,
-                    name: jnp.full((hidden,), 0.5), "bias": jnp.zeros((hidden,))}
+                    name: jnp.full((hidden,), 0.5, dtype), "bias": jnp.zeros((hidden,))}
 
         def step(params, h, x):
-            h = jax.nn.relu(x @ params["kernel"] + params[name] * h + params["bias"])
+            d = params[name].astype(jnp.float32)
+            h = jax.nn.relu(x @ params["kernel"] + d * h + params["bias"])
             return h, h
 
         return cells.Cell(init=init, step=step, hidden_size=hidden,
@@ -407,6 +408,12 @@ def test_a_cell_whose_code_changed_is_not_called_corrupt(tmp_path, monkeypatch, 
     assert err.count("\n") == 1 and "holds the parameters of another model" in err
     assert "the model has ['rnn'][0]['diag']; the checkpoint has ['rnn'][0]['u']" in err
     assert "do not delete it" in err and "delete this one" not in err
+    # A dtype changed: orbax would cast it, and the checksum call the checkpoint corrupt.
+    monkeypatch.setitem(cells.CELLS, "diagonal", _diagonal("u", jnp.bfloat16))
+    assert main(["train", "--resume", "--workdir", str(work), "--steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the checkpoint's differ at ['rnn'][0]['u'] " \
+        "(float32[4], not bfloat16[4])" in err and "do not delete it" in err
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["1", "2"]
     monkeypatch.setitem(cells.CELLS, "diagonal", _diagonal("u"))
     assert main(["eval", str(work)]) == 0

@@ -3,6 +3,7 @@ module, Flax cells inside rnnjax. Every comparison is float32 under jit."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -17,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from flax.core import FrozenDict
 
 from rnnjax import cli, inference, train
 from rnnjax.cells import get_cell, scan_cell
@@ -727,6 +729,17 @@ def test_a_cell_whose_params_are_not_a_dict_is_one_line_in_the_flax_modules(monk
         rnn_linen.RNN(cell="tupled", hidden_size=4).init(jax.random.key(0), jnp.ones((2, 3, 5)))
     with pytest.raises(ValueError, match=message):
         rnn_nnx.RNN(cell="tupled", in_features=5, hidden_size=4, rngs=nnx.Rngs(0))
+
+    def frozen(hidden):  # a mapping of names, as Flax's own FrozenDict: taken
+        elman = cells.simple_rnn(hidden)
+        return dataclasses.replace(elman, init=lambda key, n: FrozenDict(elman.init(key, n)))
+
+    monkeypatch.setitem(cells.CELLS, "frozen", frozen)
+    xs = jnp.ones((2, 3, 5))
+    layer = rnn_linen.RNN(cell="frozen", hidden_size=4)
+    assert layer.apply(layer.init(jax.random.key(0), xs), xs).shape == (2, 3, 4)
+    assert rnn_nnx.RNN(cell="frozen", in_features=5, hidden_size=4,
+                       rngs=nnx.Rngs(0))(xs).shape == (2, 3, 4)
 
 
 def test_the_throughput_benchmark_times_a_flax_cell(tmp_path):

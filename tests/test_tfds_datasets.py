@@ -509,3 +509,27 @@ def test_a_data_dir_tfds_cannot_read_is_one_line(capsys, prepared, tmp_path, mon
     assert err.endswith("; pass --tfds-dir where it can read the dataset (network, "
                         "credentials)\n") and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_users_cell_is_tried_at_the_datasets_input_width(capsys, prepared, tmp_path,
+                                                            monkeypatch):
+    """A cell of one's own for colour rows (96 = 32 pixels x 3 channels), which reads its
+    input in pixels of 3: tried on one step before the run at the IDX layout's 28 (not a
+    multiple of 3), it was refused for a dataset it fits."""
+    import jax.numpy as jnp
+
+    from rnnjax import cells
+    from tests import users_cells
+
+    def by_pixels(key, input_size):
+        assert input_size % 3 == 0, f"input width {input_size} is not whole pixels of 3"
+        return {"w": jnp.zeros((input_size + 8, 8))}
+
+    monkeypatch.setitem(cells.CELLS, "colour_rows", users_cells.with_parts(init=by_pixels))
+    tfds_dir = prepared[0]
+    assert main(["train", "--source", "tfds", "--dataset", "tiny_colour", "--tfds-dir",
+                 str(tfds_dir), "--cell", "colour_rows", "--hidden-size", "8", "--steps", "2",
+                 "--batch-size", "2", "--no-tune", "--compile-cache", "off"]) == 0
+    assert main(["train", "--cell", "colour_rows", "--hidden-size", "8", "--steps", "2",
+                 "--no-tune", "--compile-cache", "off"]) == 2  # MNIST's rows of 28
+    assert "input width 28 is not whole pixels of 3" in capsys.readouterr().err

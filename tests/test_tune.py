@@ -7,6 +7,7 @@ flags; the CLI tests seed the cache (or pin the settings) so that no test tunes 
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -2569,9 +2570,27 @@ def test_a_cell_no_child_can_import_is_one_line_before_anything_is_timed(
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "registered from the script run as __main__" in err
     assert err.endswith("or pass --no-tune")
-    monkeypatch.setitem(cells.CELLS, "made_inside", lambda hidden: cells.simple_rnn(hidden))
-    with pytest.raises(tune.ConfigError, match="made inside another function"):
-        tune.child_cells(Config(cell="made_inside"))
+    def inside(hidden):
+        return cells.simple_rnn(hidden)
+
+    class Widths:
+        def make(self, hidden):
+            return cells.simple_rnn(hidden)
+
+    # Each names why; a bound method had been "imported" as its class's plain function, and
+    # every child failed on its missing argument.
+    for function, why in ((inside, "made inside another function"),
+                          (lambda hidden: cells.simple_rnn(hidden), "a lambda"),
+                          (functools.partial(cells.simple_rnn), "a partial, not a function"),
+                          (Widths().make, "a method, not a function"),
+                          (cells.simple_rnn, "")):
+        monkeypatch.setitem(cells.CELLS, "elsewhere", function)
+        if not why:  # rnnjax's own under another name (a cached function): found as it is
+            assert tune.child_cells(Config(cell="elsewhere")) == {
+                "elsewhere": "rnnjax.cells:simple_rnn"}
+            continue
+        with pytest.raises(tune.ConfigError, match=why):
+            tune.child_cells(Config(cell="elsewhere"))
 
 
 def test_a_registered_cell_has_a_key_of_its_own_and_is_registered_in_a_child(
