@@ -1047,8 +1047,9 @@ def source(name: str) -> str | None:
     registered in :data:`CELLS`, a new name or over a built-in one: ``MODULE:QUALNAME`` of
     its function (:func:`register_source`). None for a cell as rnnjax ships it, or a name
     not in CELLS (a Flax cell class names its own module). ValueError, naming the fix,
-    where no other process can import it: a function of the script run as ``__main__``,
-    or one made inside another function (a closure, a lambda)."""
+    where no other process can import it as the very function registered: one of the
+    script run as ``__main__``, a lambda, one made inside another function, a partial, a
+    bound method."""
     where = registered(name)
     if where is None:
         return None
