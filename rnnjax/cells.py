@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax import native_gpu
-from rnnjax.config import BACKWARDS, NATIVE_LANES, PROJECTIONS, WEIGHT_GRADS
+from rnnjax.config import BACKWARDS, NATIVE_LANES, PROJECTIONS, WEIGHT_GRADS, error_line
 
 Params = Any
 Carry = Any
@@ -1118,9 +1118,8 @@ def check_step(cell: Cell, input_size: int) -> None:
     try:
         params, carry, out = jax.eval_shape(one_step)
     except Exception as e:  # the user's code: any error, named in one line
-        first = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(f"its init, initial_carry, project or step fails on one step of a "
-                         f"batch of 2 ({type(e).__name__}: {first})") from None
+                         f"batch of 2 ({error_line(e)})") from None
     if not (isinstance(out, tuple) and len(out) == 2):
         raise ValueError(f"its step returns a {type(out).__name__}, not (carry, y_t)")
     whole = [jax.tree_util.keystr(path) for path, leaf

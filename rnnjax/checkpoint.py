@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from rnnjax import __version__
-from rnnjax.config import Config, ConfigError, flag_name, from_dict, to_dict
+from rnnjax.config import Config, ConfigError, error_line, flag_name, from_dict, to_dict
 from rnnjax.data.spec import IDX_SPEC, DataSpec
 
 CHECKPOINTS = "checkpoints"
@@ -109,13 +109,6 @@ def _quiet_stragglers(grace_s: float = 0.5) -> Iterator[None]:
     finally:
         sys.unraisablehook, sys.excepthook = previous, previous_except
         absl_logging.set_verbosity(verbosity)
-
-
-def _one_line(error: BaseException, limit: int = 160) -> str:
-    text = str(error).strip().splitlines()
-    first = text[0] if text else ""
-    first = first if len(first) <= limit else first[: limit - 3] + "..."
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def checkpoints_dir(workdir: Path | str) -> Path:
@@ -378,7 +371,7 @@ class CheckpointWriter:
                 self._manager.wait_until_finished()
         except Exception as e:  # orbax raises many types; one line names the directory
             raise CheckpointError(
-                f"cannot write checkpoint {path} ({_one_line(e)}); free disk space or choose "
+                f"cannot write checkpoint {path} ({error_line(e, 160)}); free disk space or choose "
                 "another --workdir (older checkpoints are intact)"
             ) from e
         return path
@@ -412,7 +405,7 @@ def read_meta(step_dir: Path | str) -> dict[str, Any]:
         meta = json.loads((step_dir / "meta" / META_FILE).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(
-            f"checkpoint {step_dir} is corrupt: its meta/ cannot be read ({_one_line(e)}); "
+            f"checkpoint {step_dir} is corrupt: its meta/ cannot be read ({error_line(e, 160)}); "
             f"{_instead(step_dir)}"
         ) from e
     if not isinstance(meta, dict) or "config" not in meta or "step" not in meta:
@@ -445,7 +438,7 @@ def read_meta(step_dir: Path | str) -> dict[str, Any]:
     except (TypeError, ValueError, OverflowError, KeyError, AttributeError) as e:
         raise CheckpointError(
             f"checkpoint {step_dir} is corrupt: its meta/ train sums, wall time or data do "
-            f"not load ({_one_line(e)}); {_instead(step_dir)}"
+            f"not load ({error_line(e, 160)}); {_instead(step_dir)}"
         ) from e
     return meta
 
@@ -538,7 +531,7 @@ def restore(step_dir: Path | str, target: Any, meta: Mapping[str, Any] | None = 
     except Exception as e:
         raise CheckpointError(
             f"checkpoint {step_dir} is corrupt or does not match its config: the state "
-            f"cannot be restored ({_one_line(e)}); {_instead(step_dir)}"
+            f"cannot be restored ({error_line(e, 160)}); {_instead(step_dir)}"
         ) from e
     if other is not None:  # not corrupt: nothing to delete (nor read: orbax would cast)
         raise CheckpointError(

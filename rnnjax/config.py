@@ -46,6 +46,16 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the field and the fix."""
 
 
+def error_line(error: BaseException, limit: int | None = None) -> str:
+    """``error`` for a one-line message: ``Type: its first line`` (the type alone where it
+    says nothing), the line cut to ``limit`` characters where given."""
+    lines = str(error).strip().splitlines()
+    first = lines[0] if lines else ""
+    if limit is not None and len(first) > limit:
+        first = first[: limit - 3] + "..."
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
 @dataclass(frozen=True)
 class Config:
     """Hyper-parameters, data and run settings of one experiment.

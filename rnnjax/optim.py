@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rnnjax.config import Config, ConfigError
+from rnnjax.config import Config, ConfigError, error_line
 
 
 class KerasAdamState(NamedTuple):
@@ -135,7 +135,7 @@ def make_optimizer(config: Config, params: optax.Params | None = None, *,
         optimizer = factory(learning_rate=make_schedule(config), **kwargs)
     except Exception as e:  # an option optax cannot take: 2 / (1 - b2) with b2 1, a string
         raise ConfigError(f"--optimizer {config.optimizer}: {_options(config)}cannot be "
-                          f"built ({_first_line(e)}); {OPTION_FIX}") from None
+                          f"built ({error_line(e)}); {OPTION_FIX}") from None
     if not isinstance(optimizer, optax.GradientTransformation):
         raise ConfigError(f"--optimizer {config.optimizer!r} did not build an optimizer")
     if check:
@@ -152,11 +152,6 @@ OPTION_FIX = ("give each option a value of the type it takes, within its range (
 def _options(config: Config) -> str:
     """``--optimizer-kwargs '...'`` and a space, where given."""
     return f"--optimizer-kwargs '{config.optimizer_kwargs}' " if config.optimizer_kwargs else ""
-
-
-def _first_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
 def check_options(config: Config, optimizer: optax.GradientTransformation,
@@ -181,7 +176,7 @@ def check_options(config: Config, optimizer: optax.GradientTransformation,
     except Exception as e:  # raised by optax tracing the user's options
         raise ConfigError(
             f"--optimizer {config.optimizer} {_options(config)}cannot update parameters "
-            f"({_first_line(e)}); {OPTION_FIX}, or choose an optimizer whose update takes "
+            f"({error_line(e)}); {OPTION_FIX}, or choose an optimizer whose update takes "
             "only the gradients (adam, adamw, sgd, ...)"
         ) from None
 

@@ -219,7 +219,7 @@ def compile_options(flags: str) -> dict[str, str]:
     options = {}
     for flag in flags.split():
         name, sep, value = flag.lstrip("-").partition("=")
-        if _EDITS_DEFAULTS.search(value):
+        if not per_compilation(flag):
             raise ValueError(f"XLA flag {flag} edits the defaults of a list, which only "
                              "$XLA_FLAGS reads (one compilation's option takes the whole "
                              "list): set it in $XLA_FLAGS")

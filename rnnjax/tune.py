@@ -606,9 +606,13 @@ def flag_set_candidates(config: Config, pinned: frozenset[str], env_flags: str
 def backend_flag_sets(backend: str, env_flags: str) -> list[str]:
     """``backend``'s XLA flag sets (:data:`FLAG_SETS`) but those that set a flag the user's
     ``env_flags`` (``$XLA_FLAGS``) already sets."""
-    given = {flag.split("=")[0] for flag in env_flags.split()}
-    return [flags for flags in FLAG_SETS.get(backend, ())
-            if not {flag.split("=")[0] for flag in flags.split()} & given]
+    given = flag_names(env_flags)
+    return [flags for flags in FLAG_SETS.get(backend, ()) if not flag_names(flags) & given]
+
+
+def flag_names(flags: str) -> set[str]:
+    """The names of the XLA flags ``flags`` sets (``--xla_name=value``, space-separated)."""
+    return {flag.split("=")[0] for flag in flags.split()}
 
 
 def own_settings(config: Config, pinned: frozenset[str]) -> dict[str, Any]:
@@ -1184,8 +1188,8 @@ def under(candidate: dict[str, Any], flags: str) -> dict[str, Any]:
     own = candidate.get("xla_flags")
     if not own:
         return candidate
-    names = {flag.split("=")[0] for flag in process_fields(flags)["xla_flags"].split()}
-    kept = " ".join(flag for flag in own.split() if flag.split("=")[0] not in names)
+    names = flag_names(process_fields(flags)["xla_flags"])
+    kept = " ".join(flag for flag in own.split() if not flag_names(flag) & names)
     rest = {name: value for name, value in candidate.items() if name != "xla_flags"}
     return {**rest, "xla_flags": kept} if kept else rest
 
