@@ -198,8 +198,10 @@ def scan_cell(
     CPU), else a few ulps apart (an AVX-512 one; ``tests/test_cells.py``).
 
     ``chunks`` > 1 scans the sequence in that many consecutive parts (:func:`chunk_bounds`),
-    the carry passed from one to the next: the same recurrence, bit for bit, but the
-    gradient of the weights a sum of one sum per part. A part's products that no loop
+    the carry passed from one to the next: the same recurrence, bit for bit where each part
+    has several steps (a part of one step is a loop XLA removes, its step compiled as
+    straight-line code: a few ulps apart on an AVX2 EPYC), but the gradient of the weights
+    a sum of one sum per part. A part's products that no loop
     waits on (its weight gradients, its input projection) are then separate ops, which
     XLA:CPU runs on another core beside another part's loop (in
     turns in one process on a 2-core AVX-512 EPYC, pixels at batch 50: the GRU's train step

@@ -410,7 +410,11 @@ def test_every_form_gives_the_same_values_and_gradients(name, backward, projecti
 def test_chunks_run_the_same_recurrence(name, backward):
     """A sequence scanned in parts (``chunks``, the carry passed on; 7 steps in 2, 3 or 7
     parts, unrolled or not): the outputs and final carry bitwise the one scan's at the same
-    unroll, the gradients its own up to rounding (one sum per part, then added)."""
+    unroll where every part has several steps, the gradients its own up to rounding (one
+    sum per part, then added). Parts of one step (7 in 7) are loops XLA removes, compiling
+    the step as straight-line code: on a 2-core AVX2 EPYC (Zen 3, jax 0.10.2) the
+    SimpleRNN's outputs there were a few ulps apart (1.2e-7), bitwise on an AVX-512 Xeon:
+    float32 rounding (:func:`_assert_rounding_equal`)."""
     cell = cells.get_cell(name, H)
     params, xs, carry0, weights = _perturbed(cell, 9)
 
@@ -427,7 +431,8 @@ def test_chunks_run_the_same_recurrence(name, backward):
     for chunks, unroll in ((2, 1), (3, 1), (7, 1), (3, 0)):
         whole, whole_grads = wholes[unroll]
         parts, part_grads = run(chunks=chunks, unroll=unroll)
-        jax.tree.map(np.testing.assert_array_equal, parts, whole)
+        same = np.testing.assert_array_equal if chunks < T else _assert_rounding_equal
+        jax.tree.map(same, parts, whole)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                      part_grads, whole_grads)
 
