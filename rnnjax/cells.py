@@ -42,7 +42,7 @@ import functools
 import importlib
 import inspect
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -1103,19 +1103,36 @@ def register_source(name: str, where: str) -> None:
                          ) from None
 
 
-def check_step(cell: Cell, input_size: int) -> None:
+def check_step(cell: Cell, input_sizes: int | Sequence[int], dtype: Any = jnp.float32) -> None:
     """ValueError saying what is wrong where ``cell`` is not what the model scans, traced
-    on one step of a batch of 2 (abstractly: nothing runs, no backend starts): ``init``,
-    ``initial_carry``, ``project`` (where given) and ``step`` must trace, and ``step(params,
-    carry, x_t)`` return ``(carry, y_t)``, the carry in ``initial_carry``'s shapes and dtypes,
-    ``y_t`` ``[2, hidden_size]``."""
+    on one step of a batch of 2 (abstractly: nothing runs, no backend starts) at each of
+    ``input_sizes`` (the features a layer reads: ``rnnjax.model.Model.layer_inputs``), its
+    params, carry and inputs in ``dtype`` (the model's compute dtype, to which it casts
+    them): ``init``, ``initial_carry``, ``project`` (where given) and ``step`` must trace,
+    and ``step(params, carry, x_t)`` return ``(carry, y_t)``, the carry in
+    ``initial_carry``'s shapes and dtypes, ``y_t`` ``[2, hidden_size]``, as must
+    ``last_output(carry)`` (where given)."""
+    sizes = [input_sizes] if isinstance(input_sizes, int) else list(input_sizes)
+    for depth, size in enumerate(dict.fromkeys(sizes)):
+        try:
+            _check_one_step(cell, size, dtype)
+        except ValueError as e:
+            if depth == 0:
+                raise
+            raise ValueError(f"in a layer above the first, which reads {size} features a "
+                             f"step (the outputs of the layer below), {e}") from None
+
+
+def _check_one_step(cell: Cell, input_size: int, dtype: Any) -> None:
+    """:func:`check_step` at one input width."""
     def one_step() -> tuple[Any, Any, Any]:
         params = cell.init(jax.random.key(0), input_size)
-        carry = cell.initial_carry(2, jnp.float32)
-        x = jnp.zeros((2, input_size), jnp.float32)
+        cast = jax.tree.map(lambda p: p.astype(dtype), params)  # as the model casts them
+        carry = cell.initial_carry(2, dtype)
+        x = jnp.zeros((2, input_size), dtype)
         if cell.project is not None:
-            x = cell.project(params, x[None])[0]
-        return params, carry, cell.step(params, carry, x)
+            x = cell.project(cast, x[None])[0]
+        return params, carry, cell.step(cast, carry, x)
 
     try:
         params, carry, out = jax.eval_shape(one_step)
@@ -1136,13 +1153,26 @@ def check_step(cell: Cell, input_size: int) -> None:
         return str(jax.tree.map(lambda a: f"{a.dtype}{list(a.shape)}", tree)).replace("'", "")
 
     new, y = out
+    in_dtype = "" if dtype == jnp.float32 else f" in {jnp.dtype(dtype).name} (--compute-dtype)"
     if shapes(new) != shapes(carry):
         raise ValueError(f"its step returns the carry {shapes(new)} where initial_carry makes "
-                         f"{shapes(carry)}: the same shapes and dtypes, step after step")
+                         f"{shapes(carry)}{in_dtype}: the same shapes and dtypes, step after "
+                         "step")
     if getattr(y, "shape", None) != (2, cell.hidden_size):
         raise ValueError(f"its step returns y_t {shapes(y)} for a batch of 2, not "
                          f"[2, {cell.hidden_size}] (its hidden_size, --hidden-size): the "
                          "layer's outputs")
+    if cell.last_output is None:
+        return
+    try:
+        last = jax.eval_shape(cell.last_output, new)
+    except Exception as e:  # the user's code, as above
+        raise ValueError(f"its last_output fails on the carry {shapes(new)} "
+                         f"({error_line(e)})") from None
+    if getattr(last, "shape", None) != (2, cell.hidden_size):
+        raise ValueError(f"its last_output returns {shapes(last)} from the carry {shapes(new)} "
+                         f"for a batch of 2, not y_T [2, {cell.hidden_size}], the last step's "
+                         "output")
 
 
 def get_cell(name: str, hidden: int) -> Cell:

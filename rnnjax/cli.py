@@ -420,7 +420,7 @@ def check_cell(config: Config, model: Model) -> None:
     if cells.shipped(config.cell):
         return
     try:
-        cells.check_step(model.cell, model.input_size)
+        cells.check_step(model.cell, model.layer_inputs, model.compute_dtype)
     except ValueError as e:
         raise ConfigError(f"--cell {config.cell}: {e}") from None
 

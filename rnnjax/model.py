@@ -117,6 +117,13 @@ class Model:
         """Features per time step: W*C by rows, C by pixels (``DataSpec.sequence``)."""
         return DataSpec(self.image_shape).sequence(self.order)[1]
 
+    @property
+    def layer_inputs(self) -> tuple[int, ...]:
+        """Features per time step each layer reads: the first :attr:`input_size`, a later
+        one the layer below's outputs (``hidden_size``, twice that bidirectional)."""
+        width = self.cell.hidden_size * (2 if self.bidirectional else 1)
+        return (self.input_size,) + (width,) * (self.num_layers - 1)
+
     def init(self, key: jax.Array) -> Params:
         """Parameters (float32): ``{"rnn": [layer, ...], "head": {"kernel", "bias"}}``.
 
@@ -125,8 +132,7 @@ class Model:
         keys = jax.random.split(key, self.num_layers + 1)
         width = self.cell.hidden_size * (2 if self.bidirectional else 1)
         layers = []
-        for i in range(self.num_layers):
-            size = self.input_size if i == 0 else width
+        for i, size in enumerate(self.layer_inputs):
             if self.bidirectional:
                 kf, kb = jax.random.split(keys[i])
                 layers.append({"fwd": self.cell.init(kf, size), "bwd": self.cell.init(kb, size)})

@@ -193,8 +193,9 @@ def apply_process_settings(xla_flags: str, cpus: int) -> None:
 # A list flag's value that adds to or takes from XLA's defaults (``+WHILE``, ``-FUSION``):
 # $XLA_FLAGS' syntax alone. As one compilation's option XLA refuses it ("'+WHILE' is not a
 # valid enum value", jaxlib 0.10.2 and 0.11.2), and the defaults it edits differ from one
-# XLA to the next, so it cannot be spelled out in full either.
-_EDITS_DEFAULTS = re.compile(r"(^|,)[+-][A-Za-z_]")
+# XLA to the next, so it cannot be spelled out in full either. A signed number (``-inf``,
+# ``+1e3``, ``-nan``) is a value, not an edit.
+_EDITS_DEFAULTS = re.compile(r"(^|,)[+-](?!(inf|infinity|nan)(,|$))[A-Za-z_]", re.IGNORECASE)
 
 
 def per_compilation(flags: str) -> bool:

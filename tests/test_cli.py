@@ -682,16 +682,37 @@ def _bad_cells():
     def counted(key, input_size):
         return {"w": jnp.zeros((input_size + 8, 8)), "n": jnp.ones((8,), jnp.int32)}
 
+    def rows_only(key, input_size):  # the first layer's width, whatever the layer
+        return {"w": jnp.zeros((28 + 8, 8))}
+
+    def promotes(params, h, x):  # a float32 constant: a bfloat16 carry comes back float32
+        h = jnp.tanh(jnp.concatenate([x, h], axis=-1) @ params["w"]) + jnp.float32(0.5)
+        return h, h
+
+    def with_last_output(last_output):
+        return lambda hidden: dataclasses.replace(users_cells.elman(hidden),
+                                                  last_output=last_output)
+
     cell = users_cells.with_parts
-    return {
+    return {  # name: (cell, its line, the run's flags)
         "narrow_output": (cell(step=half), "its step returns y_t float32[2, 4] for a batch of "
-                          "2, not [2, 8] (its hidden_size, --hidden-size)"),
+                          "2, not [2, 8] (its hidden_size, --hidden-size)", []),
         "growing_carry": (cell(step=grows), "its step returns the carry float32[2, 9] where "
-                          "initial_carry makes float32[2, 8]"),
+                          "initial_carry makes float32[2, 8]", []),
         "python_branch": (cell(step=branches), "its init, initial_carry, project or step fails "
-                          "on one step of a batch of 2 (TracerBoolConversionError"),
+                          "on one step of a batch of 2 (TracerBoolConversionError", []),
         "integer_param": (cell(init=counted), "its init makes params that are not floating "
-                          "point at ['n']"),
+                          "point at ['n']", []),
+        "first_layer_only": (cell(init=rows_only), "in a layer above the first, which reads 8 "
+                             "features a step (the outputs of the layer below), its init, "
+                             "initial_carry, project or step fails on one step of a batch of 2 "
+                             "(TypeError: dot_general", ["--num-layers", "2"]),
+        "float32_carry": (cell(step=promotes), "its step returns the carry float32[2, 8] where "
+                          "initial_carry makes bfloat16[2, 8] in bfloat16 (--compute-dtype): "
+                          "the same shapes and dtypes", ["--compute-dtype", "bfloat16"]),
+        "wide_last_output": (with_last_output(lambda h: jnp.concatenate([h, h], axis=-1)),
+                             "its last_output returns float32[2, 16] from the carry "
+                             "float32[2, 8] for a batch of 2, not y_T [2, 8]", []),
     }
 
 
@@ -701,16 +722,18 @@ def test_a_users_cell_that_cannot_work_is_one_line_before_anything_is_written(
     """A researcher's cell with a mistake: a traceback of 40-60 lines from deep in the
     model (the head's product for an output of the wrong width, naming neither the cell
     nor y_t), exit 1, where one line naming the cell and the mistake is promised; with or
-    without tuning, before the workdir is made."""
+    without tuning, before the workdir is made. So for a mistake that shows only in a
+    layer above the first (which reads the outputs below it), in the compute dtype the
+    model casts to, or in ``last_output``."""
     from rnnjax import cells
 
-    cell, message = _bad_cells()[name]
+    cell, message, flags = _bad_cells()[name]
     monkeypatch.setitem(cells.CELLS, name, cell)
     for tuning in (["--no-tune"], ["--tune-budget", "5"]):
         _one_line_error(capsys, ["train", "--cell", name, "--hidden-size", "8", "--steps", "2",
                                  "--workdir", str(tmp_path / "run"), "--compile-cache", "off",
-                                 *tuning], f"rnnjax: error: --cell {name}: {message}")
+                                 *flags, *tuning], f"rnnjax: error: --cell {name}: {message}")
         assert not (tmp_path / "run").exists()
     monkeypatch.setitem(cells.CELLS, name, users_cells.elman)  # the cell mended: it trains
     assert main(["train", "--cell", name, "--hidden-size", "8", "--steps", "2", "--no-tune",
-                 "--compile-cache", "off"]) == 0
+                 "--compile-cache", "off", *flags]) == 0

@@ -702,6 +702,21 @@ def test_a_flag_set_timed_in_process_is_one_xla_takes_for_one_compilation(flags)
         runtime.compile_timed(jitted, x, xla_flags=flags)
 
 
+def test_a_signed_number_is_a_value_not_an_edit_of_a_lists_defaults():
+    """``runtime.per_compilation``: ``+NAME``/``-NAME`` in a list (``$XLA_FLAGS``' syntax
+    alone) is refused as one compilation's option; a signed number (``-inf``, ``-1``,
+    ``+1e3``) is a flag's value, not such an edit."""
+    from rnnjax import runtime
+
+    for edit in ("--xla_x=+WHILE", "--xla_x=FUSION,-CUBLAS", "--xla_x=-information",
+                 "--xla_a=1 --xla_x=+nanos"):
+        assert not runtime.per_compilation(edit), edit
+    for value in ("--xla_x=-inf", "--xla_x=+Infinity", "--xla_x=-NaN", "--xla_x=-1",
+                  "--xla_x=+1e3", "--xla_x=1,-inf", "--xla_x=", "--xla_x", "--xla_x=a-b"):
+        assert runtime.per_compilation(value), value
+        assert runtime.compile_options(value)
+
+
 def test_a_flag_set_applies_to_one_compilation():
     """``runtime.compile_options``: XLA flags as one compilation's options, over the
     process's; a name XLA does not know fails that compilation, naming it."""
