@@ -1099,7 +1099,7 @@ def register_source(name: str, where: str) -> None:
         CELLS[name] = _imported(where)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"--cell {name}: its function {where} cannot be imported in the "
-                         f"tuner's child process ({type(e).__name__}: {e}); pass --no-tune"
+                         f"tuner's child process ({error_line(e)}); pass --no-tune"
                          ) from None
 
 

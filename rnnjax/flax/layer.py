@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -13,6 +14,15 @@ import numpy as np
 
 from rnnjax.cells import Carry, Cell, Params, carry_is_output, scan_cell
 from rnnjax.flax.cells import cast_floats
+
+
+def check_named(cell: Any, params: Any, kept_as: str) -> None:
+    """ValueError naming the fix unless ``params`` (a cell's, or their shapes) is a mapping
+    of names, each of which rnnjax.flax's modules keep as a param of their own (how:
+    ``kept_as``); ``cell``: the cell's name, for the message."""
+    if not isinstance(params, Mapping) or not all(isinstance(name, str) for name in params):
+        raise ValueError(f"cell {cell!r}: its params are a {type(params).__name__}; "
+                         f"rnnjax.flax's modules {kept_as}: return a dict from the cell's init")
 
 
 def run(

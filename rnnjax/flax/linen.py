@@ -16,7 +16,7 @@ hand-written backward passes (simple_rnn's, irnn's and lstm's: each cell's defau
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,10 +102,8 @@ def _declare(module: nn.Module, init: Callable[[jax.Array], dict[str, Any]]) -> 
     """Each entry of the dict ``init(key)`` returns as a param of ``module``, by its name
     (the names from ``jax.eval_shape``; each entry initialised from its own key)."""
     names = jax.eval_shape(init, jax.random.key(0))
-    if not isinstance(names, Mapping) or not all(isinstance(name, str) for name in names):
-        raise ValueError(f"cell {getattr(module, 'cell', '?')!r}: its params are a "
-                         f"{type(names).__name__}; rnnjax.flax's modules declare each entry of "
-                         "a dict of names as a Flax param: return a dict from the cell's init")
+    layer.check_named(getattr(module, "cell", "?"), names,
+                      "declare each entry of a dict of names as a Flax param")
     return {name: module.param(name, lambda key, name=name: init(key)[name]) for name in names}
 
 

@@ -13,7 +13,6 @@ The same thin modules as :mod:`rnnjax.flax.linen`, in nnx's eager style: paramet
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +74,7 @@ class RNN(nnx.Module):
         self.return_carry = return_carry
         self.time_major = time_major
         params = get_cell(cell, hidden_size).init(rngs.params(), in_features)
-        if not isinstance(params, Mapping) or not all(isinstance(name, str) for name in params):
-            raise ValueError(f"cell {cell!r}: its params are a {type(params).__name__}; "
-                             "rnnjax.flax's modules keep each entry of a dict of names as an "
-                             "nnx.Param: return a dict from the cell's init")
+        layer.check_named(cell, params, "keep each entry of a dict of names as an nnx.Param")
         clash = sorted(set(params) & set(vars(self)))
         if clash:
             raise ValueError(f"cell {cell!r}: parameters {clash} clash with RNN attributes of "
