@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import normal
 from flax import nnx
 from flax.core import FrozenDict
 
@@ -49,8 +50,7 @@ def assert_close(actual, expected, rel=1e-5):
 def random_params(cell: str, hidden: int, features: int, seed: int = 0) -> dict:
     """rnnjax params of ``cell`` with every bias non-zero, so each mapping is exercised."""
     params = get_cell(cell, hidden).init(jax.random.key(seed), features)
-    keys = iter(jax.random.split(jax.random.key(seed + 1), len(params)))
-    return {k: v + 0.3 * jax.random.normal(next(keys), v.shape) for k, v in params.items()}
+    return {k: v + normal(seed + 1 + i, v.shape, 0.3) for i, (k, v) in enumerate(params.items())}
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +73,7 @@ def values_and_grads(apply, variables, inputs):
     def scalar(v, x):
         out = apply(v, x)
         out = out[1] if isinstance(out, tuple) else out
-        w = jax.random.normal(jax.random.key(7), out.shape)
-        return (out * w).sum(), out
+        return (out * normal(7, out.shape)).sum(), out  # (a constant of the program)
 
     (_, out), grads = jax.jit(jax.value_and_grad(scalar, argnums=(0, 1), has_aux=True))(
         variables, inputs)

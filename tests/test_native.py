@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import normal
 
 from benchmarks.native_kernels import first_step_difference
 from rnnjax import cells, native, train
@@ -413,12 +414,10 @@ def test_every_leftover_block_of_the_products_sums_as_the_scan_does(lanes):
     shapes = [(batch, 50) for batch in range(1, 12)]
     shapes += [(7, hidden) for hidden in (3, 12, 20, 28, 37, 45)]
     for batch, hidden in shapes:
-        keys = jax.random.split(jax.random.key(batch * 100 + hidden), 5)
-        xs = jax.random.normal(keys[0], (4, batch, 5))
-        params = (jax.random.normal(keys[1], (5, hidden)) * 0.4,
-                  jax.random.normal(keys[2], (hidden, hidden)) * 0.2,
-                  jax.random.normal(keys[3], (hidden,)) * 0.1,
-                  jax.random.normal(keys[4], (batch, hidden)) * 0.5)
+        seed = 10 * (batch * 100 + hidden)
+        xs = normal(seed, (4, batch, 5))
+        params = (normal(seed + 1, (5, hidden), 0.4), normal(seed + 2, (hidden, hidden), 0.2),
+                  normal(seed + 3, (hidden,), 0.1), normal(seed + 4, (batch, hidden), 0.5))
         ours, theirs = (value_and_grads(xs, *params, run) for run in (layer, scan))
         np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5, err_msg=f"{batch} x {hidden}")
         for a, b in zip(ours[1], theirs[1], strict=True):
