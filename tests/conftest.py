@@ -1,5 +1,6 @@
 """Shared fixtures: the real embedded MNIST, small configs that train in seconds, XLA's
-compilations counted, bitwise comparison of pytrees; and CI's rule on skips.
+compilations counted, bitwise comparison of pytrees, test inputs drawn by numpy, and a
+compilation cache for each test process; and CI's rule on skips.
 
 CI (``.ci/run``) sets ``RNNJAX_REQUIRE_EXTRAS=1`` after the README's test install: there a
 skipped test is a failure (a test extra that did not install, ``pytest.importorskip``),
