@@ -468,14 +468,14 @@ def test_the_final_form_writes_the_last_step_alone_with_the_same_bits(cell, lane
     steps, batch, features, hidden = 9, 70, 5, 13  # 70 rows: two parts, one past 64 rows
     keys = iter(jax.random.split(jax.random.key(lanes), 9))
 
-    def normal(shape, scale=1.0):
+    def draw(shape, scale=1.0):
         return jax.random.normal(next(keys), shape) * scale
 
-    xs, table = normal((steps, batch, features)), normal((steps, 200, features))
+    xs, table = draw((steps, batch, features)), draw((steps, 200, features))
     rows = jax.random.randint(next(keys), (batch,), 0, 200)
-    kernel = normal((features, gates * hidden), 0.5)
-    recurrent = normal((hidden, gates * hidden), 0.3)
-    bias, h0 = normal((gates * hidden,), 0.1), normal((batch, hidden), 0.2)
+    kernel = draw((features, gates * hidden), 0.5)
+    recurrent = draw((hidden, gates * hidden), 0.3)
+    bias, h0 = draw((gates * hidden,), 0.1), draw((batch, hidden), 0.2)
     operands = {"simple_rnn": (kernel, recurrent, bias, h0),
                 "gru": (kernel, bias, recurrent, bias * 0.5, h0),
                 "lstm": (kernel, recurrent, bias, h0, h0 * 0.5)}[cell]
