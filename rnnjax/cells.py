@@ -42,10 +42,11 @@ import functools
 import importlib
 import inspect
 import itertools
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -71,9 +72,24 @@ class Cell:
     project: Callable[[Params, jax.Array], jax.Array] | None = None
     sequence: Callable[..., tuple[Carry, jax.Array]] | None = None
     last_output: Callable[[Carry], jax.Array] | None = None
-    native: Callable[..., tuple[Carry, jax.Array]] | None = None
+    native: Callable[..., tuple[Carry, jax.Array | None]] | None = None
     backward: str = "hand_written"  # what backward 'auto' runs when there is a sequence
     options: tuple[str, ...] = ()  # the forms sequence honours: 'weight_grad', 'projection'
+
+    def __post_init__(self) -> None:
+        """A TypeError or ValueError naming the fix unless ``hidden_size`` is a positive
+        integer (a string's '50' * 4 would be a shape of '50505050' deep in JAX)."""
+        if isinstance(self.hidden_size, bool):
+            raise TypeError(f"Cell: hidden_size {self.hidden_size!r}; give a positive int")
+        try:
+            width = operator.index(self.hidden_size)
+        except TypeError:
+            raise TypeError(f"Cell: hidden_size {self.hidden_size!r} "
+                            f"({type(self.hidden_size).__name__}); give a positive int"
+                            ) from None
+        if width < 1:
+            raise ValueError(f"Cell: hidden_size {width}; give a positive int")
+        object.__setattr__(self, "hidden_size", width)  # a NumPy integer as Python's
 
 
 @dataclass(frozen=True)
@@ -171,13 +187,29 @@ def chunk_bounds(time: int, chunks: int) -> list[int]:
     return [time * i // chunks for i in range(chunks + 1)]
 
 
+@overload
+def scan_cell(
+    cell: Cell, params: Params, xs: jax.Array, carry: Carry | None = ..., unroll: int = ...,
+    weight_grad: str = ..., projection: str = ..., backward: str = ..., chunks: int = ...,
+    native_lanes: int = ..., rows: jax.Array | None = ..., outputs: Literal[True] = ...,
+    mesh: jax.sharding.Mesh | None = ...,
+) -> tuple[Carry, jax.Array]: ...
+@overload
+def scan_cell(
+    cell: Cell, params: Params, xs: jax.Array, carry: Carry | None = ..., unroll: int = ...,
+    weight_grad: str = ..., projection: str = ..., backward: str = ..., chunks: int = ...,
+    native_lanes: int = ..., rows: jax.Array | None = ..., outputs: bool = ...,
+    mesh: jax.sharding.Mesh | None = ...,
+) -> tuple[Carry, jax.Array | None]: ...
 def scan_cell(
     cell: Cell, params: Params, xs: jax.Array, carry: Carry | None = None, unroll: int = 1,
     weight_grad: str = "auto", projection: str = "auto", backward: str = "auto",
     chunks: int = 1, native_lanes: int = NATIVE_LANES[0], rows: jax.Array | None = None,
     outputs: bool = True, mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[Carry, jax.Array | None]:
-    """Run ``cell`` over time-major ``xs [T, B, F]``: ``(final carry, ys [T, B, H])``.
+    """Run ``cell`` over time-major ``xs [T, B, F]`` (float, the params' dtype):
+    ``(final carry, ys [T, B, H])``, both in xs' dtype; the carry in the cell's layout
+    (``initial_carry``'s, e.g. the LSTM's ``(h, c)``, each ``[B, H]``).
 
     ``mesh``: the batch is split over its ``"data"`` axis, and the native form runs each
     device's rows there (:func:`split_rows`); the other forms are XLA's, which XLA splits.
@@ -269,6 +301,30 @@ def carry_is_output(cell: Cell) -> bool:
     """Whether ``cell``'s carry is its output ``h`` (each step's carry is that step's y_t:
     simple_rnn, irnn, gru), so a carry at any step can be read from ``ys``."""
     return cell.last_output is _identity_output
+
+
+def layout_mismatch(tree: Any, expected: Any) -> str | None:
+    """Where the arrays of ``tree`` (params, a carry) differ from ``expected`` (arrays, or
+    their ``jax.ShapeDtypeStruct`` as ``jax.eval_shape`` gives them) in their entries or
+    shapes, in a few words; None where they match. Container types (dict, FrozenDict,
+    list, tuple) and dtypes are not compared."""
+    def entries(tree: Any) -> dict[str, tuple[int, ...]]:
+        return {jax.tree_util.keystr(path) or "(one array)": tuple(jnp.shape(leaf))
+                for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    def listed(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    have, want = entries(tree), entries(expected)
+    missing = [key for key in want if key not in have]
+    extra = [key for key in have if key not in want]
+    if missing or extra:
+        return "; ".join(f"{what} {listed(keys)}" for what, keys
+                         in (("no", missing), ("extra", extra)) if keys)
+    for key, shape in want.items():
+        if have[key] != shape:
+            return f"{key} of shape {list(have[key])}, not {list(shape)}"
+    return None
 
 
 def _zeros_carry(hidden: int) -> Callable[[int, Any], jax.Array]:
@@ -559,7 +615,8 @@ def _elman(hidden: int, activation: str, recurrent_init: Callable) -> Cell:
                 native=elman_native if activation == "tanh" else None)
 
 
-def _native(layer: str, weights: tuple[str, ...]) -> Callable[..., tuple[Carry, jax.Array]]:
+def _native(layer: str, weights: tuple[str, ...]
+            ) -> Callable[..., tuple[Carry, jax.Array | None]]:
     """A cell's ``native(params, xs [T, B, F], carry, lanes=8, rows=None, outputs=True) ->
     (carry, hs [T, B, H])``: the layer ``rnnjax.native.<layer>`` (``layer(xs, *(params[w]
     for w in weights), *carry, rows=rows) -> (hs, *carry)``, the carry h or (h, c)), built

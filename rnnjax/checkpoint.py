@@ -715,6 +715,34 @@ def check_records_match(saved: Config, workdir: Path | str, step_dir: Path) -> N
 LOCK_FILE = ".rnnjax.lock"
 
 
+def _in_use(workdir: Path) -> CheckpointError:
+    """The refusal of a run in a workdir that another holds (:func:`workdir_lock`)."""
+    return CheckpointError(
+        f"{workdir} is in use by another rnnjax run (it holds {workdir / LOCK_FILE}); wait "
+        "for that run to end, or choose another --workdir")
+
+
+def check_not_in_use(workdir: Path | str) -> None:
+    """:func:`workdir_lock`'s refusal, asked before anything else of ``workdir`` is read (a
+    run still training there has no checkpoint to resume yet: the advice to start it
+    afresh would then be refused in turn); nothing is created or held. The lock is taken
+    again when the run starts."""
+    import fcntl
+
+    try:
+        handle = os.open(Path(workdir) / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # none (no run holds it), or unreadable: workdir_lock says
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _in_use(Path(workdir)) from None
+    except OSError:  # no locks on this file system
+        pass
+    finally:
+        os.close(handle)
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: Path | str | None) -> Iterator[None]:
     """Hold ``workdir`` for one run: a second run there at once (a scheduler restarting a
@@ -741,9 +769,7 @@ def workdir_lock(workdir: Path | str | None) -> Iterator[None]:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 handle.close()
-                raise CheckpointError(
-                    f"{workdir} is in use by another rnnjax run (it holds {path}); wait for "
-                    "that run to end, or choose another --workdir") from None
+                raise _in_use(workdir) from None
             except OSError:  # no locks on this file system: unheld
                 handle.close()
                 break

@@ -331,6 +331,7 @@ def resume_config(args: argparse.Namespace) -> Config:
 
     if args.workdir is None:
         raise UsageError("--resume needs --workdir DIR, the run to continue")
+    checkpoint.check_not_in_use(args.workdir)
     step_dir = checkpoint.latest_checkpoint(args.workdir)
     saved = checkpoint.read_config(step_dir)
     defaults = Config()
@@ -657,9 +658,8 @@ def _tune(args: argparse.Namespace, whole_process: bool = False) -> int:
     directory = tune.cache_dir(config.compile_cache)
     path = tune.save(directory, result.record())
     flags = choice_flags(result.choice, pinned)
-    why = "no --compile-cache" if directory is None else f"{directory} cannot be written"
     print(f"cached in {path}: rnnjax train uses it for this shape" if path else
-          f"not cached ({why}); pass: {flags}")
+          f"not cached ({tune.unsaved(directory)}); pass: {flags}")
     return 0
 
 

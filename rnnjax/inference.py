@@ -211,13 +211,9 @@ class Evaluation:
 
 
 def check_labels(labels: np.ndarray, examples: int, classes: int) -> None:
-    """A ValueError, naming the problem, unless ``labels`` are ``examples`` integers, at
-    least one, each a class in ``[0, classes)``."""
-    if labels.shape != (examples,):
-        raise ValueError(f"labels of shape {list(labels.shape)}: give one per image, "
-                         f"[{examples}]")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels of dtype {labels.dtype}: give integer classes")
+    """A ValueError, naming the problem, unless ``labels`` are ``examples`` integers
+    (:func:`rnnjax.train.check_labels`), at least one, each a class in ``[0, classes)``."""
+    train.check_labels(labels, examples, classes)
     if examples == 0:
         raise ValueError("no images to evaluate: give at least one image and its label")
     low, high = int(labels.min()), int(labels.max())

@@ -74,6 +74,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -785,12 +786,28 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
         emit("timing", candidate=wanted, step_s=None if timed is None else timed.once(count))
 
 
+def exit_with_parent(parent: int, every_s: float = 1.0) -> threading.Thread:
+    """Exit this process (``os._exit``, status 1) within ``every_s`` of its ``parent``
+    (process id) going: a tuner killed (SIGKILL, or SIGTERM, which runs no cleanup) cannot
+    end its child, which would compile and time on for minutes, reparented, loading the
+    CPUs a next run's tuner times on. A daemon thread polling ``os.getppid()``; returned."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
+
+
 def main() -> int:
     """The child process (``python -m rnnjax.measure``): the spec on stdin's first line,
     requests on the rest; the garbage collector set for a whole process
     (``rnnjax.process``)."""
     from rnnjax import process
 
+    exit_with_parent(os.getppid())
     process.importing()
     import jax  # noqa: F401  (what run() imports, before the freeze)
 

@@ -14,6 +14,7 @@ last output to a dense head (logits; softmax lives in the loss). The seed model 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnnjax import native_gpu
-from rnnjax.cells import Cell, get_cell, glorot_uniform, resolve_form, scan_cell
+from rnnjax.cells import Cell, get_cell, glorot_uniform, layout_mismatch, resolve_form, scan_cell
 from rnnjax.config import NATIVE_LANES, Config, ConfigError
 from rnnjax.data.spec import IDX_SPEC, DataSpec
 
@@ -36,11 +37,11 @@ def to_sequence(images: jax.Array, order: str, permutation: jax.Array | None = N
     rows: T=H, F=W*C (the seed: 28 x 28); pixels: T=H*W, F=C (MNIST: 784 x 1);
     permuted: the pixels in a fixed order (``permutation``: int [H*W]).
     """
-    batch, height = images.shape[:2]
-    if order == "rows":
-        return jnp.swapaxes(images.reshape(batch, height, -1), 0, 1)
+    batch, height, width = images.shape[:3]  # no -1 in the shapes: a batch may be empty
     channels = images.shape[3] if images.ndim == 4 else 1
-    pixels = images.reshape(batch, -1, channels)
+    if order == "rows":
+        return jnp.swapaxes(images.reshape(batch, height, width * channels), 0, 1)
+    pixels = images.reshape(batch, height * width, channels)
     if order == "permuted":
         if permutation is None:
             raise ValueError("order 'permuted' needs a permutation")
@@ -149,6 +150,12 @@ class Model:
         allocated, and JAX's backend not started (the key is made inside the trace)."""
         return jax.eval_shape(lambda: self.init(jax.random.key(0)))
 
+    @functools.cached_property
+    def _param_layout(self) -> Params:
+        """:meth:`param_shapes`, traced once a model (:meth:`apply_sequences` checks each
+        params it is given against them)."""
+        return self.param_shapes()
+
     def sequences(self, images: jax.Array) -> jax.Array:
         """Images ``[N, H, W, C]`` (or ``[N, H, W]`` when C=1) -> the time-major sequences
         ``[T, N, F]`` the model reads (:func:`to_sequence` in its order, the permuted order
@@ -219,6 +226,11 @@ class Model:
             batch = rows.shape[0]
             if not self.reads_rows(batch):
                 xs, rows = gather_sequences(xs, rows, self.reads_steps_alone(batch)), None
+        mismatch = layout_mismatch(params, self._param_layout)
+        if mismatch is not None:
+            raise ValueError(f"Model: params that are not this model's ({mismatch}): pass "
+                             "the params of its init, or build the model of the same Config "
+                             "(cell, hidden_size, num_layers, bidirectional, classes)")
         dtype = self.compute_dtype
         params = jax.tree.map(lambda p: p.astype(dtype), params)
         xs = xs.astype(dtype)

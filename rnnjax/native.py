@@ -166,10 +166,9 @@ def cache_dir() -> Path:
 
 def build(lanes: int = LANES) -> Path:
     """The library built for ``lanes`` floats per vector: from the cache when there, else
-    compiled into it (a temporary file renamed into place, so that processes building at
-    once each find a whole file); into a temporary directory, removed at exit, where the
-    cache cannot be written. A build found is stamped as used, and a new one prunes the
-    cache (:func:`prune`)."""
+    compiled in a temporary directory and copied into it (:func:`_copy_into`); kept in that
+    directory, removed at exit, where the cache cannot be written or is full. A build found
+    is stamped as used, and a new one prunes the cache (:func:`prune`)."""
     target = cache_dir() / f"native_{lanes}_{_key(lanes)}.so"
     if target.exists() and not whole(target):  # cut short or damaged: built again
         with contextlib.suppress(OSError):
@@ -182,25 +181,42 @@ def build(lanes: int = LANES) -> Path:
             pass
         except OSError:  # a cache that cannot be written keeps its stamps
             return target
+    # Built in a temporary directory, then copied into the cache: a cache that cannot be
+    # written, or is full (which only the write finds), keeps this process's own copy there,
+    # removed when it exits (a loaded library stays).
+    scratch = Path(tempfile.mkdtemp(prefix="rnnjax-native-"))
+    built = scratch / target.name
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    except OSError:  # this process's own, removed when it exits (a loaded library stays)
-        scratch = tempfile.mkdtemp(prefix="rnnjax-native-")
+        _compile(lanes, built)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    try:
+        _copy_into(built, target)
+    except OSError:
         atexit.register(shutil.rmtree, scratch, ignore_errors=True)
-        target = Path(scratch) / target.name
-        handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        return built
+    shutil.rmtree(scratch, ignore_errors=True)
+    prune(target.parent, target)
+    return target
+
+
+def _copy_into(built: Path, target: Path) -> None:
+    """``built`` copied to ``target`` through a temporary file beside it, on the disk
+    before it is renamed into place: processes building at once each find a whole file,
+    and a crash, or a full disk, leaves no library cut short under the name (OSError where
+    it cannot be written)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(handle)
     try:
-        _compile(lanes, Path(partial))
-        with open(partial, "rb") as f:  # on the disk before its name: a crash leaves no
-            os.fsync(f.fileno())       # empty library under it
+        shutil.copyfile(built, partial)
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, target)
     except BaseException:
         Path(partial).unlink(missing_ok=True)
         raise
-    os.replace(partial, target)
-    prune(target.parent, target)
-    return target
 
 
 def whole(library: Path) -> bool:

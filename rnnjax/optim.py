@@ -37,11 +37,13 @@ def scale_by_keras_adam(
         zeros = jax.tree.map(jnp.zeros_like, params)
         return KerasAdamState(jnp.zeros([], jnp.int32), zeros, jax.tree.map(jnp.zeros_like, params))
 
-    def update(grads, state, params=None):
+    def update(updates: optax.Updates, state: KerasAdamState, params: optax.Params | None = None
+               ) -> tuple[optax.Updates, KerasAdamState]:
+        """The direction of ``updates`` (the gradients), as optax's ``update`` is called."""
         del params
         count = state.count + 1
-        mu = jax.tree.map(lambda m, g: m + (g - m) * (1 - b1), state.mu, grads)
-        nu = jax.tree.map(lambda v, g: v + (g * g - v) * (1 - b2), state.nu, grads)
+        mu = jax.tree.map(lambda m, g: m + (g - m) * (1 - b1), state.mu, updates)
+        nu = jax.tree.map(lambda v, g: v + (g * g - v) * (1 - b2), state.nu, updates)
 
         def direction(m, v):
             t = count.astype(m.dtype)

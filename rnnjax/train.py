@@ -78,8 +78,30 @@ def loss_fn(
 
 
 def _loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    losses = _cross_entropy(logits, labels)
     return losses.mean(), (losses, logits)
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example softmax cross-entropy float32 [B] of logits [B, C] and labels int [B]
+    (:func:`check_labels`)."""
+    check_labels(labels, *logits.shape)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def check_labels(labels: jax.Array, examples: int, classes: int) -> None:
+    """A ValueError naming the fix, when traced, unless ``labels`` are integers [examples]:
+    one-hot labels [examples, classes] (Keras' ``to_categorical``) or a column
+    [examples, 1] are not. Their values, traced, are not checked."""
+    if labels.shape != (examples,):
+        hint = (": one-hot labels [N, C] become classes by labels.argmax(-1)"
+                if labels.shape == (examples, classes) else "")
+        raise ValueError(f"labels of shape {list(labels.shape)} for {examples} examples of "
+                         f"{classes} classes: give one integer class per example, int32 "
+                         f"[{examples}]{hint}")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"labels of dtype {labels.dtype}: give integer classes, int32 "
+                         f"[{examples}]")
 
 
 def train_step(
@@ -151,6 +173,8 @@ def train_steps(
     Returns the state after ``count`` steps and the sums with theirs: on XLA:CPU the same
     bits as :func:`train_step` on each batch's images (tests/test_train.py).
     """
+    check_labels(labels, sequences.shape[1], model.num_classes)
+    labels = jnp.asarray(labels)  # NumPy's, indexed by traced rows below
     count = indices.shape[0] if count is None else count
 
     def body(i, carry):
@@ -175,8 +199,7 @@ def eval_step(
 
 
 def _eval_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array | None) -> Metrics:
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return batch_metrics(losses, logits, labels, mask)
+    return batch_metrics(_cross_entropy(logits, labels), logits, labels, mask)
 
 
 def evaluate(
@@ -217,11 +240,15 @@ def evaluate_sequences(
     (the seed's 10,000 test images: 41.7 -> 30.2 ms an evaluation at unroll 1 on XLA:CPU,
     in turns in one process). Each chunk is the slice ``[:, i*chunk:(i+1)*chunk]``.
     """
-    n = labels.shape[0]
-    chunk = min(chunk, n)
+    if chunk < 1:
+        raise ValueError(f"evaluate: chunk {chunk}, the examples evaluated at a time: "
+                         "give at least 1")
+    n = sequences.shape[1]
+    check_labels(labels, n, model.num_classes)
+    chunk = max(min(chunk, n), 1)
     if batch_sharding is not None:
         chunk = -(-chunk // batch_sharding.num_devices) * batch_sharding.num_devices
-    pad = -n % chunk
+    pad = -n % chunk if n else chunk  # an empty set: one chunk of padding, the sums zero
     sequences = jnp.pad(sequences, ((0, 0), (0, pad)) + ((0, 0),) * (sequences.ndim - 2))
     labels = jnp.pad(labels, (0, pad))
     mask = jnp.arange(n + pad) < n

@@ -845,6 +845,12 @@ def save(directory: Path | None, record: dict[str, Any]) -> Path | None:
     return path
 
 
+def unsaved(directory: Path | None) -> str:
+    """Why :func:`save` into ``directory`` (the tuner's cache, None with no
+    ``--compile-cache``) returned None, in a few words."""
+    return "no --compile-cache" if directory is None else f"{directory} cannot be written"
+
+
 def apply(config: Config, choice: dict[str, Any], pinned: frozenset[str]) -> Config:
     """``config`` with the chosen fields, the pinned ones left as they are."""
     return config.replace(**{k: v for k, v in choice.items() if k not in pinned})
@@ -967,6 +973,10 @@ def run_child(
             log(format_row(m))
     except OSError:  # the child is gone: its exit status says why
         pass
+    except BaseException:  # an interrupt (Ctrl-C), an error: the child goes with the tuner
+        proc.kill()
+        proc.wait()
+        raise
     finally:
         timer.cancel()
     if not ready:
@@ -1730,7 +1740,8 @@ def resolve(
     # Saved even when the budget cut it short, so the cost is paid once per shape; the
     # line says so, and rnnjax tune (a larger budget) times the rest.
     path = None if result.choice is None else save(directory, result.record())
-    saved = f"; saved in {path}" if path else "; not saved (no cache: tunes again next run)"
+    saved = (f"; saved in {path}" if path else
+             f"; not saved ({unsaved(directory)}: tunes again next run)")
     if not result.complete:
         saved += ("; not every candidate was timed in the budget: rnnjax tune (with its "
                   "larger --tune-budget) times them all")

@@ -175,6 +175,23 @@ def test_a_second_run_in_a_workdir_in_use_is_refused(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_resuming_a_workdir_whose_run_has_no_checkpoint_yet_says_it_is_in_use(
+        tmp_path, capsys):
+    """A run still training, before its first checkpoint: --resume there said "no
+    checkpoint ...; train without --resume to start the run", advice refused in turn as
+    the workdir is in use. The refusal comes first, and the probe holds nothing."""
+    from rnnjax.cli import main
+
+    work = tmp_path / "run"
+    with checkpoint.workdir_lock(work):
+        assert main(["train", "--resume", "--workdir", str(work)]) == 2
+        assert f"{work} is in use by another rnnjax run" in capsys.readouterr().err
+        checkpoint.check_not_in_use(tmp_path / "elsewhere")  # no lock file: free
+    checkpoint.check_not_in_use(work)
+    assert main(["train", "--resume", "--workdir", str(work)]) == 2
+    assert "--resume: no checkpoint in" in capsys.readouterr().err
+
+
 def test_where_a_runs_calls_are_cut_changes_no_metric(tmp_path):
     """Each call adds its steps' train metrics to the sums so far, one step at a time: a run
     resumed with more --steps from its last checkpoint (off the --checkpoint-every grid, so

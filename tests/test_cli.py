@@ -285,7 +285,8 @@ def test_inference_of_no_images_and_of_bad_labels(saved):
                                            "0 to 9"),
             (images, np.array([0, -1, 1]), "labels from -1 to 1"),
             (images, np.array([0.0, 1.7, 1.0]), "labels of dtype float64: give integer"),
-            (images, labels[:2], r"labels of shape \[2\]: give one per image, \[3\]"),
+            (images, labels[:2], r"labels of shape \[2\] for 3 examples of 10 classes: "
+                                 r"give one integer class per example, int32 \[3\]"),
             (none, labels[:0], "no images to evaluate")):
         with pytest.raises(ValueError, match=message):
             inference.evaluate(loaded, bad_images, bad_labels)

@@ -5,6 +5,7 @@ form does."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import io
 import os
@@ -558,6 +559,32 @@ def test_a_build_where_the_cache_cannot_be_written_is_removed_at_exit(tmp_path):
     assert not built.parent.exists()
 
 
+def test_a_build_that_a_full_cache_cannot_take_is_kept_for_the_process(monkeypatch, tmp_path):
+    """A full disk under the cache is found only by a write: the library was linked there,
+    and the link's "No space left on device" stopped every native run (where a cache that
+    cannot be written at all falls back to a directory of the process's own). Here each
+    write into the cache fails so."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = tmp_path / "rnnjax" / "native"
+
+    def compile_outside(lanes, out):
+        if out.parent == cache:
+            raise native.NativeError("building the native kernels failed: No space left")
+        out.write_bytes(TINY_ELF)
+
+    def full(source, destination, **kwargs):
+        if Path(destination).parent == cache:
+            raise OSError(errno.ENOSPC, "No space left on device", str(destination))
+        return copyfile(source, destination, **kwargs)
+
+    copyfile = native.shutil.copyfile
+    monkeypatch.setattr(native, "_compile", compile_outside)
+    monkeypatch.setattr(native.shutil, "copyfile", full)
+    built = native.build(native.LANES)
+    assert built.parent != cache and built.read_bytes() == TINY_ELF and native.whole(built)
+    assert list(cache.iterdir()) == []  # no partial file left behind
+
+
 def test_the_builds_key_holds_the_compilers_command_line_not_its_paths(monkeypatch):
     """A build is found again by its key: new compiler options (with the sources as they
     were) make a new key, so the cache never serves a library built otherwise; another
@@ -703,7 +730,8 @@ def test_a_failed_build_shows_the_compilers_error(monkeypatch, tmp_path):
     with pytest.raises(native.NativeError, match=r"building the native kernels failed"
                                                  r"(.|\n)*bad\.cc"):
         native.build(native.LANES)
-    assert list((tmp_path / "cache" / "rnnjax" / "native").iterdir()) == []
+    cache = tmp_path / "cache" / "rnnjax" / "native"
+    assert not cache.exists() or list(cache.iterdir()) == []  # nothing left behind
 
 
 @pytest.mark.parametrize(("flags", "message"), [

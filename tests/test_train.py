@@ -120,6 +120,54 @@ def test_chunked_evaluation_equals_one_pass(mnist):
     np.testing.assert_allclose(float(whole["loss_sum"]), float(ragged["loss_sum"]), rtol=1e-5)
 
 
+def test_an_empty_set_evaluates_to_zero_sums_and_a_chunk_below_one_is_refused():
+    model, _, state = _setup(Config())
+    images, labels = jnp.zeros((0, 28, 28)), jnp.zeros((0,), jnp.int32)
+    sums = train.evaluate(state.params, images, labels, model=model, chunk=100)
+    assert {name: float(value) for name, value in sums.items()} == {
+        "loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    with pytest.raises(ValueError, match="chunk 0, the examples evaluated at a time: give "
+                                         "at least 1"):
+        train.evaluate(state.params, jnp.zeros((3, 28, 28)), labels[:0].repeat(3) + 1,
+                       model=model, chunk=0)
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.zeros((4, 1), np.int32), r"labels of shape \[4, 1\] for 4 examples of 10 classes: "
+                                 r"give one integer class per example, int32 \[4\]"),
+    (np.eye(10, dtype=np.int32)[[1, 2, 3, 4]],  # Keras' to_categorical, the tutorial's labels
+     r"labels of shape \[4, 10\] .* \[4\]: one-hot labels \[N, C\] become classes by "
+     r"labels.argmax\(-1\)"),
+    (np.zeros(3, np.int32), r"labels of shape \[3\] for 4 examples"),
+    (np.zeros(4, np.float32), r"labels of dtype float32: give integer classes, int32 \[4\]"),
+])
+@pytest.mark.parametrize("call", ["loss_fn", "train_step", "train_steps", "eval_step",
+                                  "evaluate"])
+def test_labels_that_are_not_one_class_per_example_are_one_line_when_traced(
+        labels, message, call):
+    """Traced abstractly (``jax.eval_shape``): the error comes before anything compiles;
+    int32 [4] passes."""
+    model, optimizer, state = _setup(Config())
+    images = jnp.zeros((4, 28, 28))
+
+    def traced(labels):
+        return jax.eval_shape({
+            "loss_fn": lambda: train.loss_fn(state.params, model, images, labels),
+            "train_step": lambda: train.train_step(state, images, labels, model=model,
+                                                   optimizer=optimizer),
+            "train_steps": lambda: train.train_steps(
+                state, model.sequences(images), labels, jnp.zeros((2, 4), jnp.int32),
+                model=model, optimizer=optimizer),
+            "eval_step": lambda: train.eval_step(state.params, images, labels, model=model),
+            "evaluate": lambda: train.evaluate(state.params, images, labels, model=model,
+                                               chunk=3),
+        }[call])
+
+    with pytest.raises(ValueError, match=message):
+        traced(labels)
+    traced(np.arange(4, dtype=np.int32))
+
+
 @pytest.mark.parametrize("order", ["rows", "permuted"])
 def test_evaluating_sequences_equals_evaluating_images(mnist, order):
     """The loop evaluates the test set's sequences, made once: the same bits as evaluating

@@ -516,6 +516,74 @@ def test_a_child_times_the_runs_evaluation_each_way(tmp_path):
     assert child.evaluate(fields(0), [0, 1], time.time() + 60) is None
 
 
+def _running_children() -> set[int]:
+    """This process's child processes that have not exited (zombies left out)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+        except (OSError, ValueError):
+            continue
+        fields_of = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        if (fields_of.get("PPid", "").strip() == str(os.getpid())
+                and not fields_of.get("State", "").startswith("Z")):
+            found.add(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_a_tuner_interrupted_while_its_child_times_ends_the_child(tmp_path):
+    """Ctrl-C (here raised where the first result is logged) while a child times its
+    candidates: the child is killed before the interrupt goes on, where it had been left
+    running, its timer cancelled."""
+    def interrupt(line: str) -> None:
+        raise KeyboardInterrupt
+
+    config = Config(hidden_size=4, batch_size=4, steps=3, compile_cache="off")
+    before = _running_children()
+    with pytest.raises(KeyboardInterrupt):
+        tune.run_child(config, "", [fields(1)], time.time() + 120, 2,
+                       str(tmp_path / "ref.npz"), 0.01, interrupt)
+    assert _running_children() == before
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_a_tuners_child_exits_when_the_tuner_is_killed():
+    """SIGKILL (SIGTERM likewise) runs no cleanup in the tuner: its child, reparented, sees
+    its parent gone and exits (measure.exit_with_parent), where it had compiled and timed on
+    for minutes."""
+    tuner = textwrap.dedent("""
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", (
+            "import os, time; from rnnjax.measure import exit_with_parent; "
+            "exit_with_parent(os.getppid(), 0.05); print('watching', flush=True); "
+            "time.sleep(120)")], stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline() == "watching\\n"
+        print(child.pid, flush=True)
+        time.sleep(120)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", tuner], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    child = int(proc.stdout.readline())
+    proc.kill()
+    proc.wait()
+
+    def running() -> bool:
+        try:
+            return not Path(f"/proc/{child}/status").read_text().split("State:")[1].strip(
+                ).startswith("Z")
+        except (OSError, IndexError):
+            return False
+
+    until = time.time() + 30
+    while running() and time.time() < until:
+        time.sleep(0.05)
+    if running():
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the tuner's child outlived the tuner by 30 s")
+
+
 def test_the_evaluation_starts_no_compile_past_its_deadline():
     """The evaluation's ways are compiled while the budget allows: the first two whatever
     the time (a choice needs two), a later one only where its compile, predicted from the
@@ -1998,6 +2066,19 @@ def test_no_tune_and_the_environment_turn_tuning_off(in_process, monkeypatch):
     assert in_process.last() == (defaults, "off")
     assert main(["train", *RUN, "--tune"]) == 0
     assert in_process.last() == (CACHED, "cached")
+
+
+def test_a_runs_tuning_that_cannot_be_cached_says_why(in_process, monkeypatch, capsys,
+                                                       tmp_path):
+    """A tuner's cache that cannot be written (a file in its place, a full disk, a
+    read-only home) was reported as "no cache", every later run tuning again unexplained."""
+    monkeypatch.setattr(tune, "run_child", FakeChild(
+        all_times(1.0, Config(hidden_size=4, batch_size=4))))
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(tune, "cache_dir", lambda compile_cache: tmp_path / "file" / "tune")
+    assert main(["train", *RUN]) == 0
+    assert (f"; not saved ({tmp_path / 'file' / 'tune'} cannot be written: tunes again next "
+            "run)") in capsys.readouterr().err
 
 
 def test_a_new_shape_is_tuned_once_then_cached(in_process, monkeypatch, capsys):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnnjax.cells import Carry, Cell, Params, carry_is_output, scan_cell
+from rnnjax.cells import Carry, Cell, Params, carry_is_output, layout_mismatch, scan_cell
 from rnnjax.flax.cells import cast_floats
 
 
@@ -65,6 +65,7 @@ def run(
                          f"features] with time_major=True), got shape {inputs.shape}")
     xs = inputs if time_major else jnp.swapaxes(inputs, 0, 1)
     time, batch = xs.shape[:2]
+    _check_call(cell, params, xs, initial_carry)
     lengths = None if seq_lengths is None else _checked_lengths(seq_lengths, batch, time)
     flip = _flip if lengths is None else functools.partial(_flip_valid, lengths=lengths)
     if reverse:
@@ -100,6 +101,32 @@ def call(module: Any, cell: Cell, params: Params, inputs: jax.Array,
     carry, outputs = run(cell, params, inputs, initial_carry, seq_lengths=seq_lengths,
                          unroll=module.unroll, chunks=module.chunks, **options)
     return (carry, outputs) if options["return_carry"] else outputs
+
+
+def _check_call(cell: Cell, params: Params, xs: jax.Array, initial_carry: Carry | None
+                ) -> None:
+    """A ValueError naming the fix, at trace time, unless :func:`run`'s time-major inputs
+    ``xs [T, B, F]`` are floats of the features ``params`` were made for (the shapes of
+    the cell's init at F) and ``initial_carry`` (where given) is in the cell's layout for a
+    batch of B."""
+    if not jnp.issubdtype(xs.dtype, jnp.floating):
+        raise ValueError(f"RNN: inputs of dtype {xs.dtype}; give floats (images as float32 "
+                         "in [0, 1], e.g. / 255)")
+    features, batch = xs.shape[2], xs.shape[1]
+    made = jax.eval_shape(lambda: cell.init(jax.random.key(0), features))
+    mismatch = layout_mismatch(params, made)
+    if mismatch is not None:
+        raise ValueError(f"RNN: inputs of {features} features a step, which the layer's "
+                         f"params do not read ({mismatch}): give the inputs the layer was "
+                         "made for, [batch, time, in_features]")
+    if initial_carry is not None:
+        mismatch = layout_mismatch(initial_carry,
+                                   jax.eval_shape(lambda: cell.initial_carry(batch, xs.dtype)))
+        if mismatch is not None:
+            raise ValueError(f"RNN: initial_carry is not the cell's carry for a batch of "
+                             f"{batch} ({mismatch}): give it in the cell's layout, as "
+                             "its initial_carry(batch, dtype) makes it (rnnjax's LSTM: "
+                             "(h, c), each [batch, hidden_size])")
 
 
 def _checked_lengths(seq_lengths: jax.Array, batch: int, time: int) -> jax.Array:
