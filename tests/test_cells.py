@@ -88,6 +88,20 @@ def test_cell_matches_numpy_reference(name):
     np.testing.assert_allclose(ys, expected, rtol=2e-5, atol=2e-6)
 
 
+def test_a_hidden_size_that_is_not_a_positive_int_is_refused_where_the_cell_is_made():
+    """'50' made a kernel of shape (28, '50505050') deep in JAX (a string times the gates);
+    a NumPy integer is taken, as a Python int."""
+    for hidden, error, message in (("50", TypeError, r"hidden_size '50' \(str\); give a "
+                                    r"positive int"), (50.0, TypeError, "hidden_size 50.0"),
+                                   (True, TypeError, "hidden_size True"),
+                                   (0, ValueError, "hidden_size 0")):
+        for name in ("simple_rnn", "lstm", "gru"):
+            with pytest.raises(error, match=rf"^Cell: {message}"):
+                cells.get_cell(name, hidden)
+    cell = cells.lstm(np.int64(8))
+    assert cell.hidden_size == 8 and type(cell.hidden_size) is int
+
+
 def test_keras_initialisers():
     cell = cells.simple_rnn(50)
     p = cell.init(jax.random.key(0), 28)

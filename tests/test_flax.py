@@ -258,6 +258,31 @@ def test_initial_carry_and_return_carry(xs):
     assert not np.allclose(h, h_zero)  # the initial carry is used
 
 
+def test_inputs_and_carries_the_layer_cannot_read_are_one_line_naming_the_fix(xs):
+    """Each failed deep inside JAX (a scan's carry types, a dot_general's contraction, an
+    add's shapes); traced abstractly, nothing compiles."""
+    module = rnn_linen.RNN(cell="lstm", hidden_size=H)
+    variables = jax.eval_shape(module.init, jax.random.key(0), xs)
+    layer = rnn_nnx.RNN(cell="gru", in_features=F, hidden_size=H, rngs=nnx.Rngs(0))
+    h = jnp.zeros((B, H))
+    for call, message in (
+            (lambda: module.apply(variables, xs.astype(jnp.int32)),
+             r"RNN: inputs of dtype int32; give floats"),
+            (lambda: layer(xs[..., :3]),  # (linen's declared params: Flax's own error)
+             rf"RNN: inputs of 3 features a step, which the layer's params do not read "
+             rf"\(\['kernel'\] of shape \[{F}, {3 * H}\], not \[3, {3 * H}\]\): give the "
+             r"inputs the layer was made for"),
+            (lambda: module.apply(variables, xs, h),
+             rf"RNN: initial_carry is not the cell's carry for a batch of {B} \(no \[0\], "
+             r"\[1\]; extra \(one array\)\): give it in the cell's layout"),
+            (lambda: layer(xs, h[:1]),
+             rf"\(\(one array\) of shape \[1, {H}\], not \[{B}, {H}\]\)")):
+        with pytest.raises(ValueError, match=message):
+            jax.eval_shape(call)
+    jax.eval_shape(lambda: module.apply(variables, xs, (h, h)))
+    jax.eval_shape(lambda: layer(xs, h))
+
+
 @pytest.mark.parametrize("cell", ["simple_rnn", "lstm", "gru", "flax.linen:GRUCell",
                                   "flax.nnx:LSTMCell"])
 def test_bfloat16_inputs_run_in_bfloat16_with_or_without_a_float32_carry(cell):

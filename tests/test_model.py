@@ -36,6 +36,27 @@ def test_parameter_counts(changes, expected):
     assert count_params(params) == expected
 
 
+@pytest.mark.parametrize(("other", "message"), [
+    ({"cell": "lstm"}, r"\['rnn'\]\[0\]\['bias'\] of shape \[200\], not \[50\]"),
+    ({"hidden_size": 64}, r"\['head'\]\['kernel'\] of shape \[64, 10\], not \[50, 10\]"),
+    ({"num_layers": 3}, r"extra \['rnn'\]\[1\]\['bias'\], \['rnn'\]\[1\]\['kernel'\], "
+                        r"\['rnn'\]\[1\]\['recurrent_kernel'\] and 3 more"),
+    ({"num_classes": 20}, r"\['head'\]\['bias'\] of shape \[20\], not \[10\]"),
+    ({"bidirectional": True}, r"no \['rnn'\]\[0\]\['bias'\], .*; extra \['rnn'\]\[0\]"
+                              r"\['bwd'\]\['bias'\]"),
+])
+def test_params_of_another_model_are_one_line(other, message):
+    """Another cell or width failed deep inside JAX; more layers or classes than the model
+    has ran silently, the model's own num_layers and num_classes ignored."""
+    model = make_model(Config())
+    params = make_model(Config(**other)).param_shapes()
+    images = jax.ShapeDtypeStruct((2, 28, 28), jnp.float32)
+    with pytest.raises(ValueError, match=r"^Model: params that are not this model's \("
+                                         + message):
+        jax.eval_shape(model.apply, params, images)
+    assert jax.eval_shape(model.apply, model.param_shapes(), images).shape == (2, 10)
+
+
 def test_sequence_orders():
     images = jnp.arange(2 * 28 * 28, dtype=jnp.float32).reshape(2, 28, 28)
     rows = to_sequence(images, "rows")

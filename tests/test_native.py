@@ -765,3 +765,5 @@ def test_the_package_ships_every_native_source():
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     shipped = pyproject["tool"]["setuptools"]["package-data"]["rnnjax"]
     assert {path.name for path in (*native.SOURCES, native.HEADER)} <= set(shipped)
+    # and the PEP 561 marker, without which type checkers skip an installed rnnjax
+    assert "py.typed" in shipped and (Path(native.__file__).parent / "py.typed").is_file()

@@ -215,6 +215,18 @@ def test_keras_adam_trains_like_keras(mnist):
     np.testing.assert_allclose(state.params["head"]["kernel"], dense.get_weights()[0], atol=2e-6)
 
 
+def test_keras_adams_update_is_called_as_optaxs():
+    """optax's protocol names update's arguments (updates, state, params); keras Adam's
+    named the first grads, so update(updates=...) was a TypeError."""
+    from rnnjax.optim import scale_by_keras_adam
+
+    params = {"w": jnp.array([1.0, -2.0])}
+    for tx in (scale_by_keras_adam(), optax.scale_by_adam()):
+        updates, state = tx.update(updates=params, state=tx.init(params), params=params)
+        assert updates["w"].shape == (2,) and int(state.count if hasattr(state, "count")
+                                                   else state[0].count) == 1
+
+
 def test_keras_adam_differs_from_optax_adam_only_through_epsilon():
     params = {"w": jnp.array([1e-4, -2.0, 3.0])}
     grads = {"w": jnp.array([1e-6, 0.5, -2.0])}
