@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import sys
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -91,8 +92,9 @@ def enable_compile_cache(setting: str) -> str | None:
     finds when it compiles, and JAX's key leaves them out, so a process on one CPU would
     load a program split for two (call after :func:`apply_cpus`). JAX opens its cache once
     a process, at the first compile, so a later call that names another directory, or
-    'off', reopens it. Returns the directory, or None when off or the directory cannot be
-    written.
+    'off', reopens it. Programs that cannot be written into it later (a disk filled up) are
+    one line on stderr (:func:`_note_unwritten_programs`). Returns the directory, or None
+    when off or the directory cannot be written.
     """
     from jax.experimental.compilation_cache import compilation_cache
 
@@ -110,7 +112,50 @@ def enable_compile_cache(setting: str) -> str | None:
         return None
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    _note_unwritten_programs(path)
     return path
+
+
+# How JAX's warning for a program it could not write into the compilation cache begins
+# (jax._src.compiler._cache_write, jax 0.10-0.11).
+UNWRITTEN = "Error writing persistent compilation cache entry"
+
+
+def _note_unwritten_programs(directory: str) -> None:
+    """Where JAX cannot write a program into the compilation cache (a disk filled up, a
+    cache made read-only since the run checked it), it warns once per program, in two
+    lines: a run filled stderr with 6-7 of them. This process says so once a directory
+    instead, in one line naming it and the fix, and shows every other warning as before
+    (:class:`_UnwrittenNote` around ``warnings.showwarning``, installed once)."""
+    import warnings
+
+    if isinstance(warnings.showwarning, _UnwrittenNote):
+        warnings.showwarning.directory, warnings.showwarning.noted = directory, False
+    else:
+        warnings.showwarning = _UnwrittenNote(warnings.showwarning, directory)
+
+
+class _UnwrittenNote:
+    """``warnings.showwarning`` that shows JAX's warnings of programs not written into the
+    compilation cache ``directory`` as one line, the first time, and passes every other
+    warning to ``shown``, the one it replaced."""
+
+    def __init__(self, shown: Callable[..., None], directory: str) -> None:
+        self.shown, self.directory, self.noted = shown, directory, False
+
+    def __call__(self, message: Any, category: Any, filename: str, lineno: int,
+                 file: Any = None, line: str | None = None) -> None:
+        text = str(message)
+        if not text.startswith(UNWRITTEN):
+            self.shown(message, category, filename, lineno, file, line)
+            return
+        if not self.noted:
+            self.noted = True
+            error = text.split("': ", 1)[-1]
+            print(f"rnnjax: the compilation cache {self.directory} cannot be written "
+                  f"({error}): programs are compiled, not cached; free space there, or pass "
+                  "--compile-cache with another directory, or off",
+                  file=file if file is not None else sys.stderr, flush=True)
 
 
 def installed(names: tuple[str, ...]) -> bool:

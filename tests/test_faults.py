@@ -332,6 +332,38 @@ def test_a_checkpoint_a_full_disk_stops_is_one_line(tmp_path, train_with_file_li
         work / "checkpoints") == []
 
 
+def test_programs_a_full_compilation_cache_cannot_take_are_one_line(tmp_path, monkeypatch,
+                                                                      capsys):
+    """JAX warns, in two lines, of each program it cannot write into the cache: a run on a
+    full disk printed 6-7 of them. One line names the directory and the fix; every other
+    warning is shown as before."""
+    import errno
+    import warnings
+
+    import jax.numpy as jnp
+    from jax._src import lru_cache  # where JAX writes an entry (jax 0.10-0.11)
+
+    from rnnjax import runtime
+
+    def full(self, key, value):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lru_cache.LRUCache, "put", full)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # put back after
+    directory = runtime.enable_compile_cache(str(tmp_path / "cache"))
+    for k in range(3):  # three programs
+        jax.jit(lambda x, k=k: x * k + 1)(jnp.ones(3 + k)).block_until_ready()
+    err = capsys.readouterr().err
+    assert err == (f"rnnjax: the compilation cache {directory} cannot be written (OSError: "
+                   "[Errno 28] No space left on device): programs are compiled, not cached; "
+                   "free space there, or pass --compile-cache with another directory, or "
+                   "off\n")
+    shown = []
+    note = runtime._UnwrittenNote(lambda *args: shown.append(args[:2]), directory)
+    note("another warning", UserWarning, "f.py", 1)
+    assert shown == [("another warning", UserWarning)]
+
+
 def test_checkpoints_of_another_run_do_not_resume_into_these_records(tmp_path, capsys):
     """A workdir's checkpoints replaced by another run's (another cell and width): resumed,
     they appended that run's metrics to this one's and wrote its config over this one's.
