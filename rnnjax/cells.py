@@ -39,8 +39,6 @@ kernels, zero biases (LSTM: forget-gate bias 1; IRNN: identity recurrent kernel)
 from __future__ import annotations
 
 import functools
-import importlib
-import inspect
 import itertools
 import operator
 from collections.abc import Callable, Mapping, Sequence
@@ -51,7 +49,7 @@ from typing import Any, Literal, overload
 import jax
 import jax.numpy as jnp
 
-from rnnjax import native_gpu
+from rnnjax import native_gpu, registry
 from rnnjax.config import BACKWARDS, NATIVE_LANES, PROJECTIONS, WEIGHT_GRADS, error_line
 
 Params = Any
@@ -1093,12 +1091,8 @@ def shipped(name: str) -> bool:
 def registered(name: str) -> str | None:
     """``MODULE:QUALNAME`` of the function :data:`CELLS` holds for ``name`` where this
     process registered it (a new name, or over a built-in one); None for a cell as rnnjax
-    ships it, or a name not in CELLS."""
-    function = CELLS.get(name)
-    if function is None or function is BUILT_IN.get(name):
-        return None
-    return (f"{getattr(function, '__module__', None) or '__main__'}:"
-            f"{getattr(function, '__qualname__', '') or '<unknown>'}")
+    ships it, or a name not in CELLS (``rnnjax.registry.registered``)."""
+    return registry.registered(CELLS, BUILT_IN, name)
 
 
 def source(name: str) -> str | None:
@@ -1106,58 +1100,16 @@ def source(name: str) -> str | None:
     registered in :data:`CELLS`, a new name or over a built-in one: ``MODULE:QUALNAME`` of
     its function (:func:`register_source`). None for a cell as rnnjax ships it, or a name
     not in CELLS (a Flax cell class names its own module). ValueError, naming the fix,
-    where no other process can import it as the very function registered: one of the
-    script run as ``__main__``, a lambda, one made inside another function, a partial, a
-    bound method."""
-    where = registered(name)
-    if where is None:
-        return None
-    module, _, qualname = where.partition(":")
-    function = CELLS[name]
-    if inspect.ismethod(function) or not hasattr(function, "__qualname__"):  # a partial
-        why = f"a {type(function).__name__}, not a function"
-    elif module == "__main__":
-        why = "registered from the script run as __main__"
-    elif "<" in qualname:
-        why = ("a lambda" if qualname.endswith("<lambda>") else
-               f"{module}.{qualname}, made inside another function")
-    elif not _names(where, function):
-        why = f"not what {where} names where a child process imports it"
-    else:
-        return where
-    raise ValueError(
-        f"--cell {name}: its function ({why}) cannot be imported by the tuner's child "
-        "processes, which time the candidates: define it with def at the top level of a "
-        "module your script imports, or pass --no-tune")
-
-
-def _imported(where: str) -> Any:
-    """What ``MODULE:QUALNAME`` names, imported (ImportError or AttributeError otherwise)."""
-    module_name, _, qualname = where.partition(":")
-    found: Any = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        found = getattr(found, part)
-    return found
-
-
-def _names(where: str, function: Any) -> bool:
-    """Whether ``MODULE:QUALNAME`` imports as ``function`` itself."""
-    try:
-        return _imported(where) is function
-    except (ImportError, AttributeError):
-        return False
+    where no other process can import it as the very function registered
+    (``rnnjax.registry.source``)."""
+    return registry.source(CELLS, BUILT_IN, name, "--cell")
 
 
 def register_source(name: str, where: str) -> None:
     """Register as :data:`CELLS`' ``name`` the cell function ``where`` names
     (``MODULE:QUALNAME``, :func:`source`), as the process that registered it did;
     ValueError naming the cell and the reason where it cannot be imported."""
-    try:
-        CELLS[name] = _imported(where)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"--cell {name}: its function {where} cannot be imported in the "
-                         f"tuner's child process ({error_line(e)}); pass --no-tune"
-                         ) from None
+    registry.register_source(CELLS, name, where, "--cell")
 
 
 def check_step(cell: Cell, input_sizes: int | Sequence[int], dtype: Any = jnp.float32) -> None:

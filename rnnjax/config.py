@@ -80,8 +80,7 @@ class Config:
         metadata={
             "help": "sequence order of an HxWxC image: rows (H steps of W*C; MNIST 28 x 28), "
             "pixels (H*W steps of C; MNIST 784 x 1), permuted (pixels in a fixed seeded "
-            "order)",
-            "choices": ORDERS,
+            "order), or one registered in rnnjax.orders.ORDERS",
         },
     )
     unroll: int = field(

@@ -10,10 +10,11 @@ spec as the first line of its stdin::
      "deadline": unix time, "call_s": 0.1, "steps": null, "repeats": 3,
      "reference": "path/to/baseline.npz", "pay_back": null, "compiled": false,
      "data": {"image_shape": [28, 28, 1], "num_classes": 10}, "alone": null,
-     "reach": null, "cells": {}, "path": [...]}
+     "reach": null, "cells": {}, "orders": {}, "path": [...]}
 
 ``cells`` names the cells the parent registered in ``rnnjax.cells.CELLS`` (``{name:
-"MODULE:QUALNAME"}``, ``rnnjax.cells.source``), registered here the same way, with the
+"MODULE:QUALNAME"}``, ``rnnjax.cells.source``), ``orders`` the sequence orders in
+``rnnjax.orders.ORDERS`` likewise; each is registered here the same way, with the
 parent's ``sys.path`` (``path``) after this process's own, so that a module beside the
 parent's script is found.
 
@@ -624,14 +625,17 @@ def too_large(config: Any, images: Any, data: Any) -> str | None:
 
 
 def register_cells(spec: dict[str, Any]) -> str | None:
-    """Register the cells the parent registered (``spec``'s ``cells``, found on its
-    ``path`` too: the module docstring); why one cannot be, or None."""
-    from rnnjax import cells
+    """Register the cells and orders the parent registered (``spec``'s ``cells`` and
+    ``orders``, found on its ``path`` too: the module docstring); why one cannot be, or
+    None."""
+    from rnnjax import cells, orders
 
     sys.path.extend(p for p in spec.get("path") or [] if p not in sys.path)
     try:
         for name, where in (spec.get("cells") or {}).items():
             cells.register_source(name, where)
+        for name, where in (spec.get("orders") or {}).items():
+            orders.register_source(name, where)
     except ValueError as e:
         return str(e)
     return None
@@ -655,6 +659,10 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
     given = DataSpec.from_json(spec["data"]) if "data" in spec else IDX_SPEC
     # The classes as the run's model has them: --num-classes, else the dataset's.
     images = DataSpec(given.image_shape, config.num_classes or given.num_classes)
+    refused = register_cells(spec)  # before anything reads the run's cell or order
+    if refused:  # the run itself would refuse it: no candidate can work
+        emit("refused", reason=refused)
+        return
     runtime.apply_cpus(config.cpus)  # the child's process settings: its CPUs (tune.run_child)
     # The run reuses the winner's programs; with "compiled" (an earlier child compiled every
     # candidate) this child loads them from the cache, so no compile time is predicted.
@@ -692,7 +700,7 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
                 done[i] = (fields, timed, min(per_step, timed.once(steps)))
 
     queue = for_backend(spec["candidates"], device["backend"])
-    refused = register_cells(spec) or too_large(config, images, data)
+    refused = too_large(config, images, data)
     if refused:  # the run itself would refuse it: no candidate can work
         emit("refused", reason=refused)
         return

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnnjax import native_gpu
+from rnnjax import native_gpu, orders
 from rnnjax.cells import Cell, get_cell, glorot_uniform, layout_mismatch, resolve_form, scan_cell
 from rnnjax.config import NATIVE_LANES, Config, ConfigError
 from rnnjax.data.spec import IDX_SPEC, DataSpec
@@ -32,22 +32,27 @@ Params = Any
 
 
 def to_sequence(images: jax.Array, order: str, permutation: jax.Array | None = None) -> jax.Array:
-    """Images ``[B, H, W]`` or ``[B, H, W, C]`` -> time-major sequence ``[T, B, F]``.
+    """Images ``[B, H, W]`` or ``[B, H, W, C]`` -> time-major sequence ``[T, B, F]``, the
+    same dtype.
 
     rows: T=H, F=W*C (the seed: 28 x 28); pixels: T=H*W, F=C (MNIST: 784 x 1);
-    permuted: the pixels in a fixed order (``permutation``: int [H*W]).
+    permuted: the pixels in a fixed order (``permutation``: int [H*W]); an order registered
+    in ``rnnjax.orders.ORDERS``: each step's pixels gathered at the positions its function
+    gives (``rnnjax.orders.positions``).
     """
     batch, height, width = images.shape[:3]  # no -1 in the shapes: a batch may be empty
     channels = images.shape[3] if images.ndim == 4 else 1
     if order == "rows":
         return jnp.swapaxes(images.reshape(batch, height, width * channels), 0, 1)
+    if order not in ("pixels", "permuted"):
+        where = orders.positions(order, (height, width, channels))  # int32 [T, F]
+        flat = images.reshape(batch, height * width * channels)
+        return jnp.swapaxes(flat[:, where], 0, 1)
     pixels = images.reshape(batch, height * width, channels)
     if order == "permuted":
         if permutation is None:
             raise ValueError("order 'permuted' needs a permutation")
         pixels = pixels[:, permutation]
-    elif order != "pixels":
-        raise ValueError(f"unknown order {order!r}")
     return jnp.swapaxes(pixels, 0, 1)
 
 

@@ -370,6 +370,19 @@ def child_cells(config: Config) -> dict[str, str]:
     return {} if where is None else {config.cell: where}
 
 
+def child_sources(config: Config) -> dict[str, dict[str, str]]:
+    """What a child must register as this process did: ``{"cells": child_cells(config),
+    "orders": ...}``, the run's order where registered here (``rnnjax.orders.source``);
+    ConfigError naming the fix where a child cannot import one."""
+    from rnnjax import orders
+
+    try:
+        where = orders.source(config.order)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return {"cells": child_cells(config), "orders": {} if where is None else {config.order: where}}
+
+
 def builtin_cell(config: Config) -> Any:
     """The registered cell ``config`` names, or None for a Flax cell class (``MODULE:CLASS``:
     importing it here could start work the parent process must not do)."""
@@ -726,7 +739,7 @@ def key(config: Config, pinned: frozenset[str], env: dict[str, str] | None = Non
         spec: DataSpec = IDX_SPEC) -> dict:
     """What the choice depends on, known before JAX's backend starts (``spec``: the
     dataset's images, whose sequence is the model's input)."""
-    from rnnjax import cells, native, process, runtime
+    from rnnjax import cells, native, orders, process, runtime
 
     env = dict(os.environ) if env is None else env
     return {
@@ -747,6 +760,8 @@ def key(config: Config, pinned: frozenset[str], env: dict[str, str] | None = Non
             **({"registered": where} if (where := cells.registered(config.cell)) else {}),
             "num_layers": config.num_layers, "bidirectional": config.bidirectional,
             "order": config.order, "input": list(spec.sequence(config.order)),
+            **({"order_registered": where} if (where := orders.registered(config.order))
+               else {}),
             "compute_dtype": config.compute_dtype,
             "num_classes": config.num_classes or spec.num_classes,  # the model's, else the data's
             "optimizer": config.optimizer, "clip_norm": config.clip_norm > 0,
@@ -895,7 +910,7 @@ def run_child(
             "steps": steps, "call_s": call_s, "repeats": 3, "reference": reference,
             "pay_back": pay_back, "compiled": compiled, "data": data.to_json(),
             "alone": alone, "reach": reach, "exclude": list(exclude),
-            "cells": child_cells(config), "path": list(sys.path)}
+            **child_sources(config), "path": list(sys.path)}
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "rnnjax.measure"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -1096,7 +1111,7 @@ def tune(
     :func:`run_child`) and ``clock`` are the measuring process and the budget's clock
     (tests pass fakes).
     """
-    child_cells(config)  # a cell registered here that no child can import: one line
+    child_sources(config)  # a cell or order registered here that no child can import
     child = child or functools.partial(run_child, data=spec)
     start = clock()
     call_s = min(0.3, max(0.02, budget_s / 200))
@@ -1719,7 +1734,7 @@ def resolve(
         return apply(config, record["choice"], pinned), {
             "mode": "cached", "choice": record["choice"], "cache": str(path),
             "device": record.get("device"), "tune_s": record.get("tune_s")}
-    child_cells(config)  # before anything is written: a cell no child can import
+    child_sources(config)  # before anything is written: a cell or order no child imports
     before_tuning()
 
     def log(line: str) -> None:

@@ -31,8 +31,9 @@ BAD = [
     ("hidden_size_negative", ["--hidden-size", "-3"], ["--hidden-size must be at least 1"]),
     ("num_layers_zero", ["--num-layers", "0"], ["--num-layers must be at least 1, got 0"]),
     ("bidirectional_value", ["--bidirectional=yes"], ["--bidirectional", "ignored explicit"]),
-    ("order_unknown", ["--order", "diagonal"], ["--order", "invalid choice: 'diagonal'",
-                                                "'rows', 'pixels', 'permuted'"]),
+    ("order_unknown", ["--order", "diagonal"], ["unknown --order 'diagonal'; choose rows, "
+                                                "pixels, permuted, or one registered in "
+                                                "rnnjax.orders.ORDERS"]),
     ("unroll_negative", ["--unroll", "-1"], ["--unroll must be 0 or more, got -1"]),
     ("cpus_negative", ["--cpus", "-1"], ["--cpus must be 0 or more, got -1"]),
     ("eval_unroll_below_minus_one", ["--eval-unroll", "-2"],

@@ -6,7 +6,8 @@ built from it (``rnnjax.model.make_model``), checkpoints record it, and
 :meth:`DataSpec.sequence` says how an order reads an image as a sequence:
 
 * ``rows``: T = H steps of F = W*C features (a row of pixels, channels interleaved);
-* ``pixels`` and ``permuted``: T = H*W steps of F = C features (one pixel, all channels).
+* ``pixels`` and ``permuted``: T = H*W steps of F = C features (one pixel, all channels);
+* one registered in ``rnnjax.orders.ORDERS``: the T x F positions its function gives.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from rnnjax import orders
 from rnnjax.config import ConfigError
 
 # The longest sequence rnnjax scans. Each step is a dependent matrix product and the
@@ -30,9 +32,9 @@ class DataSpec:
     num_classes: int = 10
 
     def sequence(self, order: str) -> tuple[int, int]:
-        """``(T, F)``: time steps and features per step of an image read in ``order``."""
-        h, w, c = self.image_shape
-        return (h, w * c) if order == "rows" else (h * w, c)
+        """``(T, F)``: time steps and features per step of an image read in ``order``
+        (``rnnjax.orders.shape``: ConfigError naming the fix for an order not known)."""
+        return orders.shape(order, self.image_shape)
 
     def describe(self) -> str:
         h, w, c = self.image_shape
