@@ -149,7 +149,8 @@ class Config:
 
     # Optimisation.
     optimizer: str = field(
-        default="adam", metadata={"help": "any optax optimizer by name, or keras_adam"}
+        default="adam", metadata={"help": "any optax optimizer by name, keras_adam, or one "
+                                  "registered in rnnjax.optim.OPTIMIZERS"}
     )
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     adam_eps: float = field(

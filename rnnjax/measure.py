@@ -10,11 +10,12 @@ spec as the first line of its stdin::
      "deadline": unix time, "call_s": 0.1, "steps": null, "repeats": 3,
      "reference": "path/to/baseline.npz", "pay_back": null, "compiled": false,
      "data": {"image_shape": [28, 28, 1], "num_classes": 10}, "alone": null,
-     "reach": null, "cells": {}, "orders": {}, "path": [...]}
+     "reach": null, "cells": {}, "orders": {}, "optimizers": {}, "path": [...]}
 
 ``cells`` names the cells the parent registered in ``rnnjax.cells.CELLS`` (``{name:
 "MODULE:QUALNAME"}``, ``rnnjax.cells.source``), ``orders`` the sequence orders in
-``rnnjax.orders.ORDERS`` likewise; each is registered here the same way, with the
+``rnnjax.orders.ORDERS`` and ``optimizers`` those in ``rnnjax.optim.OPTIMIZERS``
+likewise; each is registered here the same way, with the
 parent's ``sys.path`` (``path``) after this process's own, so that a module beside the
 parent's script is found.
 
@@ -625,17 +626,16 @@ def too_large(config: Any, images: Any, data: Any) -> str | None:
 
 
 def register_cells(spec: dict[str, Any]) -> str | None:
-    """Register the cells and orders the parent registered (``spec``'s ``cells`` and
-    ``orders``, found on its ``path`` too: the module docstring); why one cannot be, or
-    None."""
-    from rnnjax import cells, orders
+    """Register the cells, orders and optimizers the parent registered (``spec``'s
+    ``cells``, ``orders`` and ``optimizers``, found on its ``path`` too: the module
+    docstring); why one cannot be, or None."""
+    from rnnjax import cells, optim, orders
 
     sys.path.extend(p for p in spec.get("path") or [] if p not in sys.path)
     try:
-        for name, where in (spec.get("cells") or {}).items():
-            cells.register_source(name, where)
-        for name, where in (spec.get("orders") or {}).items():
-            orders.register_source(name, where)
+        for kind, table in (("cells", cells), ("orders", orders), ("optimizers", optim)):
+            for name, where in (spec.get(kind) or {}).items():
+                table.register_source(name, where)
     except ValueError as e:
         return str(e)
     return None

@@ -12,13 +12,14 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from rnnjax import registry
 from rnnjax.config import Config, ConfigError, error_line
 
 
@@ -77,9 +78,36 @@ def make_schedule(config: Config) -> optax.ScalarOrSchedule:
     )
 
 
+# Optimizers registered in Python by name (``--optimizer NAME``, ``Config.optimizer``): a
+# factory ``(learning_rate, **options) -> optax.GradientTransformation``, the rate a float or
+# an optax schedule, its options from --optimizer-kwargs (README, "How to extend"). Found
+# before optax's names (one registered over an optax name is the one used, and tuned and
+# cached apart); the tuner's children import each from its module, as they do a cell.
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {}
+
+
+def registered(name: str) -> str | None:
+    """``MODULE:QUALNAME`` of the optimizer ``name`` registered in :data:`OPTIMIZERS`, or
+    None (``rnnjax.registry.registered``)."""
+    return registry.registered(OPTIMIZERS, {}, name)
+
+
+def source(name: str) -> str | None:
+    """Where the tuner's children find the optimizer ``name`` registered here, or None;
+    ValueError naming the fix where they cannot import it (``rnnjax.registry.source``)."""
+    return registry.source(OPTIMIZERS, {}, name, "--optimizer")
+
+
+def register_source(name: str, where: str) -> None:
+    """Register as :data:`OPTIMIZERS`' ``name`` the factory ``where`` names
+    (``MODULE:QUALNAME``, :func:`source`); ValueError where it cannot be imported."""
+    registry.register_source(OPTIMIZERS, name, where, "--optimizer")
+
+
 def make_optimizer(config: Config, params: optax.Params | None = None, *,
                    check: bool = True) -> optax.GradientTransformation:
-    """``config.optimizer`` (an optax function name, or ``keras_adam``) with its options.
+    """``config.optimizer`` (one registered in :data:`OPTIMIZERS`, an optax function name,
+    or ``keras_adam``) with its options.
 
     ``--adam-eps``, when set, goes to an optimizer that takes ``eps`` (one that takes none
     is refused: it would not honour it); an optimizer that takes a random ``key``
@@ -92,13 +120,13 @@ def make_optimizer(config: Config, params: optax.Params | None = None, *,
     was trained with, options untried (its run took them; eval and predict need only its
     state's tree).
     """
-    factory = keras_adam if config.optimizer == "keras_adam" else getattr(
-        optax, config.optimizer, None
-    )
+    factory = OPTIMIZERS.get(config.optimizer) or (
+        keras_adam if config.optimizer == "keras_adam" else getattr(optax, config.optimizer, None))
     if factory is None or not callable(factory) or config.optimizer.startswith("_"):
         raise ConfigError(
             f"--optimizer {config.optimizer!r} is not an optax optimizer; try adam, adamw, "
-            "sgd, rmsprop, lion, keras_adam (any optax.NAME that takes learning_rate)"
+            "sgd, rmsprop, lion, keras_adam (any optax.NAME that takes learning_rate), or one "
+            "registered in rnnjax.optim.OPTIMIZERS"
         )
     try:
         signature = inspect.signature(factory)

@@ -372,15 +372,20 @@ def child_cells(config: Config) -> dict[str, str]:
 
 def child_sources(config: Config) -> dict[str, dict[str, str]]:
     """What a child must register as this process did: ``{"cells": child_cells(config),
-    "orders": ...}``, the run's order where registered here (``rnnjax.orders.source``);
-    ConfigError naming the fix where a child cannot import one."""
-    from rnnjax import orders
+    "orders": ..., "optimizers": ...}``, the run's order and optimizer where registered here
+    (``rnnjax.orders.source``, ``rnnjax.optim.source``); ConfigError naming the fix where a
+    child cannot import one."""
+    from rnnjax import optim, orders
 
-    try:
-        where = orders.source(config.order)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return {"cells": child_cells(config), "orders": {} if where is None else {config.order: where}}
+    found: dict[str, dict[str, str]] = {"cells": child_cells(config)}
+    for kind, name, table in (("orders", config.order, orders),
+                              ("optimizers", config.optimizer, optim)):
+        try:
+            where = table.source(name)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        found[kind] = {} if where is None else {name: where}
+    return found
 
 
 def builtin_cell(config: Config) -> Any:
@@ -739,7 +744,7 @@ def key(config: Config, pinned: frozenset[str], env: dict[str, str] | None = Non
         spec: DataSpec = IDX_SPEC) -> dict:
     """What the choice depends on, known before JAX's backend starts (``spec``: the
     dataset's images, whose sequence is the model's input)."""
-    from rnnjax import cells, native, orders, process, runtime
+    from rnnjax import cells, native, optim, orders, process, runtime
 
     env = dict(os.environ) if env is None else env
     return {
@@ -765,6 +770,8 @@ def key(config: Config, pinned: frozenset[str], env: dict[str, str] | None = Non
             "compute_dtype": config.compute_dtype,
             "num_classes": config.num_classes or spec.num_classes,  # the model's, else the data's
             "optimizer": config.optimizer, "clip_norm": config.clip_norm > 0,
+            **({"optimizer_registered": where} if (where := optim.registered(config.optimizer))
+               else {}),
         },
         "batch_size": config.batch_size,
         "eval_batch_size": config.eval_batch_size,  # the chunk the evaluation is timed in

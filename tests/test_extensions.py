@@ -1,9 +1,14 @@
-"""Sequence orders of one's own (``rnnjax.orders.ORDERS``): read as their functions say,
-refused in one line where they cannot be, and tuned by the tuner's children."""
+"""Sequence orders and optimizers of one's own (``rnnjax.orders.ORDERS``,
+``rnnjax.optim.OPTIMIZERS``; cells: tests/test_cells.py, test_tune.py): used as their
+functions say, refused in one line where they cannot be, and tuned by the tuner's
+children."""
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -11,9 +16,10 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from rnnjax import orders
+from rnnjax import optim, orders, train
 from rnnjax.cli import main
 from rnnjax.config import Config, ConfigError
 from rnnjax.data.spec import DataSpec
@@ -84,38 +90,104 @@ def test_the_cli_refuses_an_unknown_order_before_anything_is_written(tmp_path, c
     assert not (tmp_path / "run").exists()
 
 
-def test_a_registered_order_is_tuned_by_the_children_and_trains(tmp_path):
-    """As a cell registered in Python: the tuner's children import the order's function
-    from its module beside the script; the run records the order by name."""
-    (tmp_path / "lib").mkdir()
-    (tmp_path / "lib" / "users_orders.py").write_text(textwrap.dedent("""
-        import numpy as np
+USERS_MODULE = """
+import numpy as np
+import optax
 
-        def columns(height, width, channels):
-            grid = np.arange(height * width * channels).reshape(height, width, channels)
-            return grid.transpose(1, 0, 2).reshape(width, height * channels)
-    """))
+def columns(height, width, channels):
+    grid = np.arange(height * width * channels).reshape(height, width, channels)
+    return grid.transpose(1, 0, 2).reshape(width, height * channels)
+
+def sign_descent(learning_rate, momentum=0.0):
+    return optax.chain(optax.trace(decay=momentum), optax.scale_by_sign(),
+                       optax.scale_by_learning_rate(learning_rate))
+"""
+
+
+def test_a_registered_order_and_optimizer_are_tuned_by_the_children_and_train(tmp_path):
+    """As a cell registered in Python: the tuner's children, fresh processes, import the
+    order's and the optimizer's functions from their module beside the script; the run
+    records both by name."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "users_parts.py").write_text(USERS_MODULE)
     (tmp_path / "lib" / "run.py").write_text(textwrap.dedent("""
         import sys
+        from rnnjax.optim import OPTIMIZERS
         from rnnjax.orders import ORDERS
-        import users_orders
-        ORDERS["columns"] = users_orders.columns
+        import users_parts
+        ORDERS["columns"] = users_parts.columns
+        OPTIMIZERS["sign_descent"] = users_parts.sign_descent
         from rnnjax.cli import main
         sys.exit(main(sys.argv[1:]))
     """))
-    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     proc = subprocess.run(
         [sys.executable, str(tmp_path / "lib" / "run.py"), "train", "--order", "columns",
+         "--optimizer", "sign_descent", "--optimizer-kwargs", '{"momentum": 0.5}',
          "--hidden-size", "4", "--batch-size", "4", "--steps", "3", "--eval-every", "3",
          "--eval-batch-size", "2048", "--xla-flags=", "--no-huge-pages", "--cpus", "0",
          "--tune-budget", "8", "--compile-cache", "off", "--workdir", str(tmp_path / "run")],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
-        env={**__import__("os").environ, "RNNJAX_TUNE": "", **env})
+        env={**os.environ, "RNNJAX_TUNE": "", "XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "unknown --order" not in proc.stderr and "rnnjax: tuning" in proc.stderr
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["order"] == "columns"
+    assert "unknown --order" not in proc.stderr and "not an optax optimizer" not in proc.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["order"], config["optimizer"]) == ("columns", "sign_descent")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["tuning"]["mode"] == "measured", summary["tuning"]
+
+
+def sign_descent(learning_rate, momentum=0.0):
+    """The README's optimizer: signSGD with momentum."""
+    return optax.chain(optax.trace(decay=momentum), optax.scale_by_sign(),
+                       optax.scale_by_learning_rate(learning_rate))
+
+
+def test_a_registered_optimizer_is_built_with_the_runs_options_and_steps_as_written(
+        monkeypatch):
+    """Its options from --optimizer-kwargs, --clip-norm chained before it; one step moves
+    every parameter by the learning rate exactly (sign descent), each away from its
+    gradient."""
+    monkeypatch.setitem(optim.OPTIMIZERS, "sign_descent", sign_descent)
+    config = Config(optimizer="sign_descent", optimizer_kwargs='{"momentum": 0.5}',
+                    learning_rate=0.01, clip_norm=1.0, hidden_size=8)
+    model = make_model(config)
+    optimizer = optim.make_optimizer(config)
+    state = train.create_state(jax.random.key(0), model, optimizer)
+    images = jnp.asarray(np.random.default_rng(0).random((4, 28, 28), np.float32))
+    labels = jnp.arange(4, dtype=jnp.int32)
+    grads = jax.grad(lambda p: train.loss_fn(p, model, images, labels)[0])(state.params)
+    new, _ = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer))(
+        state, images, labels)
+    for before, after, grad in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params),
+                                   jax.tree.leaves(grads), strict=True):
+        moved = np.asarray(after) - np.asarray(before)
+        np.testing.assert_allclose(moved, -0.01 * np.sign(grad), atol=1e-7)
+    assert optim.registered("sign_descent") == f"{__name__}:sign_descent"
+
+
+@pytest.mark.parametrize(("factory", "kwargs", "message"), [
+    (sign_descent, '{"beta": 0.5}', r"--optimizer-kwargs: sign_descent has no argument\(s\) "
+                                    r"\['beta'\]; it takes \['momentum'\]"),
+    (lambda learning_rate: optax.sgd(learning_rate), "",
+     r"--optimizer sign_descent: its function \(a lambda\) cannot be imported by the "
+     r"tuner's child processes"),
+    (optax.scale_by_sign, "", r"--optimizer 'sign_descent' takes no learning_rate: not an "
+                              r"optimizer"),
+])
+def test_a_registered_optimizer_that_cannot_work_is_one_line(monkeypatch, tmp_path, capsys,
+                                                             factory, kwargs, message):
+    monkeypatch.setitem(optim.OPTIMIZERS, "sign_descent", factory)
+    args = ["tune" if "lambda" in message else "train", "--optimizer", "sign_descent",
+            "--hidden-size", "4", "--batch-size", "4", "--compile-cache", "off",
+            "--workdir", str(tmp_path / "run")]
+    if "lambda" in message:
+        args = args[:-2]  # tune takes no workdir
+    if kwargs:
+        args += ["--optimizer-kwargs", kwargs]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err
+    assert not (tmp_path / "run").exists()
 
 
 def test_an_order_no_child_can_import_is_one_line_before_anything_is_timed(monkeypatch,
