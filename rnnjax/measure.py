@@ -633,9 +633,11 @@ def register_cells(spec: dict[str, Any]) -> str | None:
 
     sys.path.extend(p for p in spec.get("path") or [] if p not in sys.path)
     try:
-        for kind, table in (("cells", cells), ("orders", orders), ("optimizers", optim)):
+        for kind, register in (("cells", cells.register_source),
+                               ("orders", orders.REGISTRY.register_source),
+                               ("optimizers", optim.REGISTRY.register_source)):
             for name, where in (spec.get(kind) or {}).items():
-                table.register_source(name, where)
+                register(name, where)
     except ValueError as e:
         return str(e)
     return None

@@ -84,24 +84,7 @@ def make_schedule(config: Config) -> optax.ScalarOrSchedule:
 # before optax's names (one registered over an optax name is the one used, and tuned and
 # cached apart); the tuner's children import each from its module, as they do a cell.
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {}
-
-
-def registered(name: str) -> str | None:
-    """``MODULE:QUALNAME`` of the optimizer ``name`` registered in :data:`OPTIMIZERS`, or
-    None (``rnnjax.registry.registered``)."""
-    return registry.registered(OPTIMIZERS, {}, name)
-
-
-def source(name: str) -> str | None:
-    """Where the tuner's children find the optimizer ``name`` registered here, or None;
-    ValueError naming the fix where they cannot import it (``rnnjax.registry.source``)."""
-    return registry.source(OPTIMIZERS, {}, name, "--optimizer")
-
-
-def register_source(name: str, where: str) -> None:
-    """Register as :data:`OPTIMIZERS`' ``name`` the factory ``where`` names
-    (``MODULE:QUALNAME``, :func:`source`); ValueError where it cannot be imported."""
-    registry.register_source(OPTIMIZERS, name, where, "--optimizer")
+REGISTRY = registry.Registry(OPTIMIZERS, {}, "--optimizer")
 
 
 def make_optimizer(config: Config, params: optax.Params | None = None, *,

@@ -38,11 +38,13 @@ from rnnjax.config import ConfigError, error_line
 
 Order = Callable[[int, int, int], np.ndarray]
 
-# The orders registered in Python (a new name each; rnnjax's own are BUILT_IN).
+# The orders registered in Python (a new name each; rnnjax's own are BUILT_IN), and how
+# the tuner's children find each again (``rnnjax.registry``).
 ORDERS: dict[str, Order] = {}
+REGISTRY = registry.Registry(ORDERS, {}, "--order")
 
 
-def unknown(order: str) -> str:
+def _unknown(order: str) -> str:
     """The refusal of an ``order`` neither rnnjax's nor registered."""
     return (f"unknown --order {order!r}; choose {', '.join(BUILT_IN)}, or one registered "
             "in rnnjax.orders.ORDERS (a function (height, width, channels) -> int [T, F]: "
@@ -73,7 +75,7 @@ def positions(order: str, image_shape: tuple[int, int, int]) -> np.ndarray:
         raise _own(order)
     function = ORDERS.get(order)
     if function is None:
-        raise ConfigError(unknown(order))
+        raise ConfigError(_unknown(order))
     h, w, c = image_shape
     where = f"--order {order}: its function, on {h}x{w}x{c} images,"
     try:
@@ -96,21 +98,3 @@ def _own(order: str) -> ConfigError:
     return ConfigError(f"--order {order}: a name of rnnjax's own orders, which "
                        "rnnjax.model.to_sequence reads; register yours in "
                        "rnnjax.orders.ORDERS under another name")
-
-
-def registered(name: str) -> str | None:
-    """``MODULE:QUALNAME`` of the order ``name`` registered in :data:`ORDERS`; None for
-    rnnjax's own or a name not registered (``rnnjax.registry.registered``)."""
-    return registry.registered(ORDERS, {}, name)
-
-
-def source(name: str) -> str | None:
-    """Where the tuner's children find the order ``name`` registered here, or None;
-    ValueError naming the fix where they cannot import it (``rnnjax.registry.source``)."""
-    return registry.source(ORDERS, {}, name, "--order")
-
-
-def register_source(name: str, where: str) -> None:
-    """Register as :data:`ORDERS`' ``name`` the function ``where`` names
-    (``MODULE:QUALNAME``, :func:`source`); ValueError where it cannot be imported."""
-    registry.register_source(ORDERS, name, where, "--order")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 from rnnjax.config import error_line
@@ -82,3 +83,25 @@ def register_source(table: MutableMapping[str, Callable], name: str, where: str,
         raise ValueError(f"{flag} {name}: its function {where} cannot be imported in the "
                          f"tuner's child process ({error_line(e)}); pass --no-tune"
                          ) from None
+
+
+@dataclass(frozen=True)
+class Registry:
+    """A ``table`` of functions a script registers by name (rnnjax's own, where any, in
+    ``built_in``), named on the command line by ``flag``: the functions above, bound."""
+
+    table: MutableMapping[str, Callable]
+    built_in: Mapping[str, Callable]
+    flag: str
+
+    def registered(self, name: str) -> str | None:
+        """:func:`registered` of ``name``."""
+        return registered(self.table, self.built_in, name)
+
+    def source(self, name: str) -> str | None:
+        """:func:`source` of ``name``."""
+        return source(self.table, self.built_in, name, self.flag)
+
+    def register_source(self, name: str, where: str) -> None:
+        """:func:`register_source` of ``name`` from ``where``."""
+        register_source(self.table, name, where, self.flag)

@@ -373,7 +373,7 @@ def child_cells(config: Config) -> dict[str, str]:
 def child_sources(config: Config) -> dict[str, dict[str, str]]:
     """What a child must register as this process did: ``{"cells": child_cells(config),
     "orders": ..., "optimizers": ...}``, the run's order and optimizer where registered here
-    (``rnnjax.orders.source``, ``rnnjax.optim.source``); ConfigError naming the fix where a
+    (``rnnjax.registry.Registry.source``); ConfigError naming the fix where a
     child cannot import one."""
     from rnnjax import optim, orders
 
@@ -381,7 +381,7 @@ def child_sources(config: Config) -> dict[str, dict[str, str]]:
     for kind, name, table in (("orders", config.order, orders),
                               ("optimizers", config.optimizer, optim)):
         try:
-            where = table.source(name)
+            where = table.REGISTRY.source(name)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         found[kind] = {} if where is None else {name: where}
@@ -765,13 +765,13 @@ def key(config: Config, pinned: frozenset[str], env: dict[str, str] | None = Non
             **({"registered": where} if (where := cells.registered(config.cell)) else {}),
             "num_layers": config.num_layers, "bidirectional": config.bidirectional,
             "order": config.order, "input": list(spec.sequence(config.order)),
-            **({"order_registered": where} if (where := orders.registered(config.order))
+            **({"order_registered": where} if (where := orders.REGISTRY.registered(config.order))
                else {}),
             "compute_dtype": config.compute_dtype,
             "num_classes": config.num_classes or spec.num_classes,  # the model's, else the data's
             "optimizer": config.optimizer, "clip_norm": config.clip_norm > 0,
-            **({"optimizer_registered": where} if (where := optim.registered(config.optimizer))
-               else {}),
+            **({"optimizer_registered": where}
+               if (where := optim.REGISTRY.registered(config.optimizer)) else {}),
         },
         "batch_size": config.batch_size,
         "eval_batch_size": config.eval_batch_size,  # the chunk the evaluation is timed in

@@ -162,7 +162,7 @@ def test_a_registered_optimizer_is_built_with_the_runs_options_and_steps_as_writ
                                    jax.tree.leaves(grads), strict=True):
         moved = np.asarray(after) - np.asarray(before)
         np.testing.assert_allclose(moved, -0.01 * np.sign(grad), atol=1e-7)
-    assert optim.registered("sign_descent") == f"{__name__}:sign_descent"
+    assert optim.REGISTRY.registered("sign_descent") == f"{__name__}:sign_descent"
 
 
 @pytest.mark.parametrize(("factory", "kwargs", "message"), [
