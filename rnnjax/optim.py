@@ -80,9 +80,9 @@ def make_schedule(config: Config) -> optax.ScalarOrSchedule:
 
 # Optimizers registered in Python by name (``--optimizer NAME``, ``Config.optimizer``): a
 # factory ``(learning_rate, **options) -> optax.GradientTransformation``, the rate a float or
-# an optax schedule, its options from --optimizer-kwargs (README, "How to extend"). Found
-# before optax's names (one registered over an optax name is the one used, and tuned and
-# cached apart); the tuner's children import each from its module, as they do a cell.
+# an optax schedule, its options from --optimizer-kwargs (README, "How to extend"), under a
+# name of its own (not optax's, nor keras_adam: a process that did not register it would
+# build that one instead); the tuner's children import each from its module, as a cell.
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {}
 REGISTRY = registry.Registry(OPTIMIZERS, {}, "--optimizer")
 
@@ -103,6 +103,13 @@ def make_optimizer(config: Config, params: optax.Params | None = None, *,
     was trained with, options untried (its run took them; eval and predict need only its
     state's tree).
     """
+    if config.optimizer in OPTIMIZERS and (config.optimizer == "keras_adam"
+                                           or hasattr(optax, config.optimizer)):
+        raise ConfigError(
+            f"--optimizer {config.optimizer}: registered in rnnjax.optim.OPTIMIZERS over "
+            f"{'rnnjax' if config.optimizer == 'keras_adam' else 'optax'}'s of that name, "
+            "which a process that did not register it (a --resume, rnnjax eval) would "
+            "build in its place; register yours under a name of its own")
     factory = OPTIMIZERS.get(config.optimizer) or (
         keras_adam if config.optimizer == "keras_adam" else getattr(optax, config.optimizer, None))
     if factory is None or not callable(factory) or config.optimizer.startswith("_"):
@@ -119,6 +126,9 @@ def make_optimizer(config: Config, params: optax.Params | None = None, *,
         raise ConfigError(
             f"--optimizer {config.optimizer!r} takes no learning_rate: not an optimizer"
         )
+    # A factory of **options takes any option: the factory itself then judges each.
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD
+                     for p in signature.parameters.values())
     kwargs = parse_kwargs(config.optimizer_kwargs)
     if "learning_rate" in kwargs:
         raise ConfigError("--optimizer-kwargs: learning_rate is set by --learning-rate (and "
@@ -126,7 +136,7 @@ def make_optimizer(config: Config, params: optax.Params | None = None, *,
     if config.adam_eps > 0 and "eps" in kwargs:
         raise ConfigError(f"--adam-eps {config.adam_eps} and --optimizer-kwargs eps "
                           f"{kwargs['eps']}: both set eps; keep one")
-    if config.adam_eps > 0 and "eps" not in signature.parameters:  # config.json would say
+    if config.adam_eps > 0 and "eps" not in signature.parameters and not open_ended:
         raise ConfigError(f"--adam-eps {config.adam_eps}: --optimizer {config.optimizer} "
                           "takes no eps; drop --adam-eps")
     if config.adam_eps > 0:
@@ -139,7 +149,7 @@ def make_optimizer(config: Config, params: optax.Params | None = None, *,
     if "key" in signature.parameters:  # optax will require one: each run's replaces it
         kwargs["key"] = 0
     unknown = sorted(set(kwargs) - set(signature.parameters))
-    if unknown:
+    if unknown and not open_ended:
         raise ConfigError(
             f"--optimizer-kwargs: {config.optimizer} has no argument(s) {unknown}; "
             f"it takes {sorted(set(signature.parameters) - {'learning_rate'})}"

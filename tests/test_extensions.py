@@ -165,6 +165,28 @@ def test_a_registered_optimizer_is_built_with_the_runs_options_and_steps_as_writ
     assert optim.REGISTRY.registered("sign_descent") == f"{__name__}:sign_descent"
 
 
+def test_a_factory_of_any_options_gets_them_and_optax_names_are_not_taken(monkeypatch):
+    """A factory written ``(learning_rate, **options)`` had every option refused as not
+    among its arguments; one registered over an optax name was silently optax's again in a
+    process that had not registered it (a resume, rnnjax eval)."""
+    seen = {}
+
+    def any_options(learning_rate, **options):
+        seen.update(options)
+        return optax.sgd(learning_rate, **options)
+
+    monkeypatch.setitem(optim.OPTIMIZERS, "any_options", any_options)
+    optim.make_optimizer(Config(optimizer="any_options", optimizer_kwargs='{"momentum": 0.9}',
+                                hidden_size=4))
+    assert seen == {"momentum": 0.9}
+    for name, whose in (("adam", "optax"), ("keras_adam", "rnnjax")):
+        monkeypatch.setitem(optim.OPTIMIZERS, name, sign_descent)
+        with pytest.raises(ConfigError, match=rf"^--optimizer {name}: registered in "
+                                              rf"rnnjax.optim.OPTIMIZERS over {whose}'s of "
+                                              r"that name, .* under a name of its own$"):
+            optim.make_optimizer(Config(optimizer=name, hidden_size=4))
+
+
 @pytest.mark.parametrize(("factory", "kwargs", "message"), [
     (sign_descent, '{"beta": 0.5}', r"--optimizer-kwargs: sign_descent has no argument\(s\) "
                                     r"\['beta'\]; it takes \['momentum'\]"),
@@ -173,6 +195,9 @@ def test_a_registered_optimizer_is_built_with_the_runs_options_and_steps_as_writ
      r"tuner's child processes"),
     (optax.scale_by_sign, "", r"--optimizer 'sign_descent' takes no learning_rate: not an "
                               r"optimizer"),
+    (lambda learning_rate, **options: optax.sgd(learning_rate, **options), '{"beta": 0.5}',
+     r"--optimizer sign_descent: --optimizer-kwargs '\{\"beta\": 0.5\}' cannot be built "
+     r"\(TypeError: .*beta"),  # **options: the factory judges them
 ])
 def test_a_registered_optimizer_that_cannot_work_is_one_line(monkeypatch, tmp_path, capsys,
                                                              factory, kwargs, message):
