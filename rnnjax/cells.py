@@ -1079,7 +1079,8 @@ CELLS: dict[str, Callable[[int], Cell]] = {
 
 # The cells as rnnjax ships them; CELLS may gain others, or have one replaced.
 BUILT_IN: Mapping[str, Callable[[int], Cell]] = MappingProxyType(dict(CELLS))
-_REGISTRY = registry.Registry(CELLS, BUILT_IN, "--cell")
+# How the tuner's children find a cell registered here again (``rnnjax.registry``).
+REGISTRY = registry.Registry(CELLS, BUILT_IN, "--cell")
 
 
 def shipped(name: str) -> bool:
@@ -1093,7 +1094,7 @@ def registered(name: str) -> str | None:
     """``MODULE:QUALNAME`` of the function :data:`CELLS` holds for ``name`` where this
     process registered it (a new name, or over a built-in one); None for a cell as rnnjax
     ships it, or a name not in CELLS (``rnnjax.registry.registered``)."""
-    return _REGISTRY.registered(name)
+    return REGISTRY.registered(name)
 
 
 def source(name: str) -> str | None:
@@ -1103,14 +1104,14 @@ def source(name: str) -> str | None:
     not in CELLS (a Flax cell class names its own module). ValueError, naming the fix,
     where no other process can import it as the very function registered
     (``rnnjax.registry.source``)."""
-    return _REGISTRY.source(name)
+    return REGISTRY.source(name)
 
 
 def register_source(name: str, where: str) -> None:
     """Register as :data:`CELLS`' ``name`` the cell function ``where`` names
     (``MODULE:QUALNAME``, :func:`source`), as the process that registered it did;
     ValueError naming the cell and the reason where it cannot be imported."""
-    _REGISTRY.register_source(name, where)
+    REGISTRY.register_source(name, where)
 
 
 def check_step(cell: Cell, input_sizes: int | Sequence[int], dtype: Any = jnp.float32) -> None:

@@ -643,7 +643,7 @@ def _tune(args: argparse.Namespace, whole_process: bool = False) -> int:
     reads_tensorflow(config, whole_process)
     spec = dataset_spec(config)  # the dataset is never read: the children time its shape
     check_model(config, spec)
-    tune.child_sources(config)  # a cell or order registered here that no child can import
+    tune.child_sources(config)  # a cell, order or optimizer no child can import
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

@@ -625,7 +625,7 @@ def too_large(config: Any, images: Any, data: Any) -> str | None:
     return None
 
 
-def register_cells(spec: dict[str, Any]) -> str | None:
+def register_sources(spec: dict[str, Any]) -> str | None:
     """Register the cells, orders and optimizers the parent registered (``spec``'s
     ``cells``, ``orders`` and ``optimizers``, found on its ``path`` too: the module
     docstring); why one cannot be, or None."""
@@ -633,11 +633,9 @@ def register_cells(spec: dict[str, Any]) -> str | None:
 
     sys.path.extend(p for p in spec.get("path") or [] if p not in sys.path)
     try:
-        for kind, register in (("cells", cells.register_source),
-                               ("orders", orders.REGISTRY.register_source),
-                               ("optimizers", optim.REGISTRY.register_source)):
+        for kind, table in (("cells", cells), ("orders", orders), ("optimizers", optim)):
             for name, where in (spec.get(kind) or {}).items():
-                register(name, where)
+                table.REGISTRY.register_source(name, where)
     except ValueError as e:
         return str(e)
     return None
@@ -661,7 +659,7 @@ def run(spec: dict[str, Any], timer: Callable[[], float] = time.perf_counter,
     given = DataSpec.from_json(spec["data"]) if "data" in spec else IDX_SPEC
     # The classes as the run's model has them: --num-classes, else the dataset's.
     images = DataSpec(given.image_shape, config.num_classes or given.num_classes)
-    refused = register_cells(spec)  # before anything reads the run's cell or order
+    refused = register_sources(spec)  # before anything reads the run's cell or order
     if refused:  # the run itself would refuse it: no candidate can work
         emit("refused", reason=refused)
         return

@@ -44,7 +44,7 @@ def to_sequence(images: jax.Array, order: str, permutation: jax.Array | None = N
     channels = images.shape[3] if images.ndim == 4 else 1
     if order == "rows":
         return jnp.swapaxes(images.reshape(batch, height, width * channels), 0, 1)
-    if order not in ("pixels", "permuted"):
+    if order not in orders.BUILT_IN:  # one registered in rnnjax.orders.ORDERS
         where = orders.positions(order, (height, width, channels))  # int32 [T, F]
         flat = images.reshape(batch, height * width * channels)
         return jnp.swapaxes(flat[:, where], 0, 1)

@@ -363,29 +363,29 @@ def child_cells(config: Config) -> dict[str, str]:
     fix where a child cannot import it."""
     from rnnjax import cells
 
-    try:
-        where = cells.source(config.cell)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return {} if where is None else {config.cell: where}
+    return _child_source(cells.REGISTRY, config.cell)
 
 
 def child_sources(config: Config) -> dict[str, dict[str, str]]:
     """What a child must register as this process did: ``{"cells": child_cells(config),
-    "orders": ..., "optimizers": ...}``, the run's order and optimizer where registered here
-    (``rnnjax.registry.Registry.source``); ConfigError naming the fix where a
-    child cannot import one."""
+    "orders": ..., "optimizers": ...}``, the run's order and optimizer where registered here;
+    ConfigError naming the fix where a child cannot import one."""
     from rnnjax import optim, orders
 
-    found: dict[str, dict[str, str]] = {"cells": child_cells(config)}
-    for kind, name, table in (("orders", config.order, orders),
-                              ("optimizers", config.optimizer, optim)):
-        try:
-            where = table.REGISTRY.source(name)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        found[kind] = {} if where is None else {name: where}
-    return found
+    return {"cells": child_cells(config),
+            "orders": _child_source(orders.REGISTRY, config.order),
+            "optimizers": _child_source(optim.REGISTRY, config.optimizer)}
+
+
+def _child_source(table: Any, name: str) -> dict[str, str]:
+    """``{name: MODULE:QUALNAME}`` where ``name`` is registered in ``table`` (a
+    ``rnnjax.registry.Registry``) by this process, else ``{}``; ConfigError naming the fix
+    where no child can import it (``Registry.source``)."""
+    try:
+        where = table.source(name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return {} if where is None else {name: where}
 
 
 def builtin_cell(config: Config) -> Any:
@@ -1118,7 +1118,7 @@ def tune(
     :func:`run_child`) and ``clock`` are the measuring process and the budget's clock
     (tests pass fakes).
     """
-    child_sources(config)  # a cell or order registered here that no child can import
+    child_sources(config)  # a cell, order or optimizer registered here no child imports
     child = child or functools.partial(run_child, data=spec)
     start = clock()
     call_s = min(0.3, max(0.02, budget_s / 200))
@@ -1741,7 +1741,7 @@ def resolve(
         return apply(config, record["choice"], pinned), {
             "mode": "cached", "choice": record["choice"], "cache": str(path),
             "device": record.get("device"), "tune_s": record.get("tune_s")}
-    child_sources(config)  # before anything is written: a cell or order no child imports
+    child_sources(config)  # before anything is written: one no child can import
     before_tuning()
 
     def log(line: str) -> None:

@@ -2706,7 +2706,7 @@ def test_a_registered_cell_has_a_key_of_its_own_and_is_registered_in_a_child(
     assert tune.key(Config(cell="gru"), frozenset(), env={}) != built_in
     assert tune.child_cells(Config(cell="gru")) == {"gru": "scripted_cells:elman"}
     monkeypatch.setitem(cells.CELLS, "gru", cells.BUILT_IN["gru"])
-    assert measure.register_cells({"cells": {"gru": "scripted_cells:elman"}}) is None
+    assert measure.register_sources({"cells": {"gru": "scripted_cells:elman"}}) is None
     assert cells.CELLS["gru"] is scripted_cells.elman
-    assert "cannot be imported in the tuner's child process" in measure.register_cells(
+    assert "cannot be imported in the tuner's child process" in measure.register_sources(
         {"cells": {"other": "no_such_module_here:elman"}})
