@@ -332,6 +332,7 @@ class CheckpointWriter:
         data: Mapping[str, Any] | None = None,
         mesh_devices: int | None = None,
         mesh_processes: int | None = None,
+        probes: Mapping[str, Any] | None = None,
     ) -> Path:
         """Save ``state`` as ``<state.step>/`` (no-op when that step exists); its path.
 
@@ -339,6 +340,7 @@ class CheckpointWriter:
         and its ``fingerprint`` (``Arrays.fingerprint``: :func:`check_same_data`).
         mesh_devices, mesh_processes: the devices it trained on, and the processes they
         were in (a resume on others rounds apart).
+        probes: what the run's own cell, order and optimizer compute (``rnnjax.probes``).
         """
         step = int(np.asarray(state.step))
         path = self.directory / str(step)
@@ -359,6 +361,8 @@ class CheckpointWriter:
             meta["mesh_devices"] = mesh_devices
         if mesh_processes is not None:
             meta["mesh_processes"] = mesh_processes
+        if probes is not None:
+            meta["probes"] = dict(probes)
         ocp = self._ocp
         try:
             with _quiet_stragglers():
@@ -435,10 +439,15 @@ def read_meta(step_dir: Path | str) -> dict[str, Any]:
             DataSpec.from_json(meta["data"])
             if not isinstance(meta["data"].get("fingerprint", ""), str):
                 raise TypeError("its data fingerprint is not a string")
+        probes = meta.get("probes", {})  # rnnjax.probes: each {"function": ..., "probe": ...}
+        if not (isinstance(probes, dict) and all(
+                isinstance(entry, dict) and {"function", "probe"} <= set(entry)
+                for entry in probes.values())):
+            raise TypeError("its probes are not records of functions")
     except (TypeError, ValueError, OverflowError, KeyError, AttributeError) as e:
         raise CheckpointError(
-            f"checkpoint {step_dir} is corrupt: its meta/ train sums, wall time or data do "
-            f"not load ({error_line(e, 160)}); {_instead(step_dir)}"
+            f"checkpoint {step_dir} is corrupt: its meta/ train sums, wall time, data or "
+            f"probes do not load ({error_line(e, 160)}); {_instead(step_dir)}"
         ) from e
     return meta
 

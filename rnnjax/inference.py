@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rnnjax import checkpoint, memory, train
+from rnnjax import checkpoint, memory, probes, train
 from rnnjax.config import Config
 from rnnjax.data.pipeline import normalize_host
 from rnnjax.data.spec import DataSpec
@@ -101,7 +101,9 @@ def _load_step(step_dir: Path) -> Loaded:
     meta = checkpoint.read_meta(step_dir)
     config = checkpoint.read_config(step_dir, meta)
     here, note = model_config(config)
-    target, model = state_shapes(here, checkpoint.data_spec(meta, config))
+    spec = checkpoint.data_spec(meta, config)
+    target, model = state_shapes(here, spec)
+    probes.check(meta, here, spec, model.param_shapes(), step_dir, kinds=("cell", "order"))
     state = checkpoint.restore(step_dir, target, meta)
     return Loaded(config, state, evaluation_model(here, model), step_dir, note)
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rnnjax import atomic, memory, parallel, process, runtime, train
+from rnnjax import atomic, memory, parallel, probes, process, runtime, train
 from rnnjax import checkpoint as checkpoint_lib
 from rnnjax import metrics as metrics_lib
 from rnnjax.config import TUNED, Config, ConfigError, to_dict
@@ -462,6 +462,10 @@ def train_and_evaluate(
         checkpoint_lib.check_data_spec(saved, spec, resume_from.step_dir)
         checkpoint_lib.check_same_data(resume_from.meta, data.fingerprint(), config,
                                        resume_from.step_dir)
+    # What the run's own cell, order and optimizer compute, with each checkpoint (on a
+    # resume, compared with what the checkpoint's computed).
+    probed = probes.record(config, spec, model.param_shapes()) if resume_from is None else \
+        probes.check(resume_from.meta, config, spec, model.param_shapes(), resume_from.step_dir)
     # The dataset replicated on every device (MNIST is small); each batch is split over
     # them, so every device trains on its rows and XLA all-reduces the gradients of the
     # global-batch mean loss. Put first: its images become float32 on the device while
@@ -531,7 +535,8 @@ def train_and_evaluate(
         files.checkpoints.save(state, config, train_sums=train_sums,
                                wall_s=wall_offset + t - t_start,
                                data={**spec.to_json(), "fingerprint": fingerprint()},
-                               mesh_devices=dp.mesh.size, mesh_processes=jax.process_count())
+                               mesh_devices=dp.mesh.size, mesh_processes=jax.process_count(),
+                               probes=probed)
         return time.perf_counter() - t
 
     try:

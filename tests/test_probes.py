@@ -1,0 +1,215 @@
+"""A run's own cell, order and optimizer, recorded with its checkpoints by what they compute
+(``rnnjax.probes``), and compared where a checkpoint is read again: another function
+registered under the name since is refused on a resume and in eval/predict, in one line;
+the same computation under another function passes."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rnnjax import cells, checkpoint, inference, optim, orders, probes
+from rnnjax.cli import main
+from rnnjax.config import Config
+from rnnjax.data.spec import DataSpec
+from rnnjax.loop import train_and_evaluate
+from rnnjax.model import make_model
+from tests import users_cells  # the README's cell of one's own
+
+# Two steps and a checkpoint; a resume goes on to four (a constant learning rate).
+CONFIG = Config(steps=2, eval_every=2, checkpoint_every=2, hidden_size=8, batch_size=8,
+                eval_batch_size=5000)
+
+
+def relu_step(params, h, x):
+    """The README cell's step with relu in place of tanh: the same parameters."""
+    h = jax.nn.relu(jnp.concatenate([x, h], axis=-1) @ params["w"])
+    return h, h
+
+
+def uniform_init(key, input_size, hidden=8):
+    return {"w": jax.random.uniform(key, (input_size + hidden, hidden), minval=-0.1,
+                                    maxval=0.1)}
+
+
+def elman_again(hidden):
+    """The README cell, another function: the same computation."""
+    return users_cells.with_parts()(hidden)
+
+
+def columns(height, width, channels):
+    grid = np.arange(height * width * channels).reshape(height, width, channels)
+    return grid.transpose(1, 0, 2).reshape(width, height * channels)
+
+
+def columns_right_to_left(height, width, channels):
+    return columns(height, width, channels)[::-1]
+
+
+def columns_again(height, width, channels):
+    return np.arange(height * width * channels).reshape(height, width * channels).T.reshape(
+        width, height * channels)
+
+
+def adam(learning_rate):
+    return optax.adam(learning_rate)
+
+
+def adam_slow_momentum(learning_rate):
+    return optax.adam(learning_rate, b1=0.5)
+
+
+def chained_adam(learning_rate):  # optax.adam as its parts: the same updates
+    return optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(learning_rate))
+
+
+def train(workdir, resume=False, **changes):
+    return train_and_evaluate(CONFIG.replace(**changes), workdir, resume=resume,
+                              progress=False, out=io.StringIO())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run's workdir, trained with a cell, order and optimizer of its own; their names."""
+    workdir = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(cells.CELLS, "mine", users_cells.elman)
+        m.setitem(orders.ORDERS, "cols", columns)
+        m.setitem(optim.OPTIMIZERS, "opt", adam)
+        train(workdir, cell="mine", order="cols", optimizer="opt")
+    return workdir
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    """The functions ``trained`` was trained with, registered as it registered them."""
+    monkeypatch.setitem(cells.CELLS, "mine", users_cells.elman)
+    monkeypatch.setitem(orders.ORDERS, "cols", columns)
+    monkeypatch.setitem(optim.OPTIMIZERS, "opt", adam)
+    return {"cell": "mine", "order": "cols", "optimizer": "opt"}
+
+
+def test_a_resume_with_another_cell_order_or_optimizer_under_the_name_is_refused(
+        trained, registered, monkeypatch, tmp_path):
+    shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
+    meta = checkpoint.read_meta(tmp_path / "checkpoints" / "2")
+    assert {kind: entry["function"] for kind, entry in meta["probes"].items()} == {
+        "cell": "tests.users_cells:elman", "order": "test_probes:columns",
+        "optimizer": "test_probes:adam"}
+    step_dir = tmp_path / "checkpoints" / "2"
+    for table, name, other, says in (
+            (cells.CELLS, "mine", users_cells.with_parts(step=relu_step),
+             "computes other values"),
+            (orders.ORDERS, "cols", columns_right_to_left, "reads other positions of the images"),
+            (optim.OPTIMIZERS, "opt", adam_slow_momentum, "computes other values")):
+        kind = {"mine": "cell", "cols": "order", "opt": "optimizer"}[name]
+        with monkeypatch.context() as m:
+            m.setitem(table, name, other)
+            with pytest.raises(checkpoint.CheckpointError) as e:
+                train(tmp_path, resume=True, steps=4, **registered)
+            message = str(e.value)
+            assert message.startswith(
+                f"checkpoint {step_dir} was trained with --{kind} {name} = "), message
+            assert f"and --{kind} {name} here (" in message and says in message, message
+            assert "register " in message and f" as {name} before you resume or evaluate it" \
+                in message, message
+            assert "\n" not in message
+    assert checkpoint.list_steps(tmp_path / "checkpoints") == [2]  # nothing written
+    # The same computations as other functions (and a cell of another initialiser): on.
+    monkeypatch.setitem(cells.CELLS, "mine", users_cells.with_parts(init=uniform_init))
+    monkeypatch.setitem(orders.ORDERS, "cols", columns_again)
+    monkeypatch.setitem(optim.OPTIMIZERS, "opt", chained_adam)
+    assert int(train(tmp_path, resume=True, steps=4, **registered).state.step) == 4
+
+
+def test_eval_and_predict_refuse_a_cell_or_order_changed_but_not_an_optimizer(
+        trained, registered, monkeypatch, capsys):
+    tmp_path = trained  # read only
+    monkeypatch.setitem(optim.OPTIMIZERS, "opt", adam_slow_momentum)  # evaluation runs none
+    assert inference.load(tmp_path).config.cell == "mine"
+    monkeypatch.setitem(orders.ORDERS, "cols", columns_right_to_left)
+    with pytest.raises(checkpoint.CheckpointError, match=r"--order cols = test_probes:columns"):
+        inference.load(tmp_path)
+    monkeypatch.setitem(orders.ORDERS, "cols", columns)
+    monkeypatch.setitem(cells.CELLS, "mine", users_cells.with_parts(step=relu_step))
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--cell mine = tests.users_cells:elman" in err and "computes other values" in err
+    assert len(err.splitlines()) == 1, err
+
+
+def test_a_cell_over_a_built_in_name_is_compared_with_rnnjaxs_own(monkeypatch, tmp_path):
+    # trained as the user's over simple_rnn, read where simple_rnn is rnnjax's again
+    with monkeypatch.context() as m:
+        m.setitem(cells.CELLS, "simple_rnn", users_cells.elman)
+        train(tmp_path / "users")
+    with pytest.raises(checkpoint.CheckpointError, match=(
+            r"trained with --cell simple_rnn = tests.users_cells:elman, and --cell simple_rnn here "
+            r"\(rnnjax's own\) computes values of another size: register tests.users_cells:elman "
+            r"as simple_rnn before you resume or evaluate it")):
+        inference.load(tmp_path / "users")
+    # trained as rnnjax's own, read where the user's is registered over it
+    train(tmp_path / "own")
+    assert checkpoint.read_meta(tmp_path / "own" / "checkpoints" / "2")["probes"] == {}
+    monkeypatch.setitem(cells.CELLS, "simple_rnn", users_cells.elman)
+    with pytest.raises(checkpoint.CheckpointError, match=(
+            r"trained with --cell simple_rnn = rnnjax's own, and --cell simple_rnn here "
+            r"\(tests.users_cells:elman\) .*: register yours under another name than simple_rnn")):
+        train(tmp_path / "own", resume=True, steps=4)
+
+
+def test_a_checkpoint_without_probes_is_read_and_one_with_broken_ones_is_corrupt(
+        trained, registered, monkeypatch, tmp_path):
+    shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
+    monkeypatch.setitem(cells.CELLS, "mine", users_cells.with_parts(step=relu_step))
+    meta_file = tmp_path / "checkpoints" / "2" / "meta" / checkpoint.META_FILE
+    meta = json.loads(meta_file.read_text())
+    for probes_saved, error in ((None, None), ([1, 2], "is corrupt"),
+                                ({"cell": {"probe": []}}, "is corrupt")):
+        if probes_saved is None:  # written before rnnjax recorded probes: not compared
+            meta.pop("probes")
+        else:
+            meta["probes"] = probes_saved
+        meta_file.write_text(json.dumps(meta))
+        if error is None:
+            assert inference.load(tmp_path).config.cell == "mine"
+        else:
+            with pytest.raises(checkpoint.CheckpointError, match=error + ".*probes do not load"):
+                inference.load(tmp_path)
+
+
+def test_built_in_runs_record_nothing_and_probes_are_stable(monkeypatch):
+    spec = DataSpec()
+    assert probes.record(CONFIG, spec, make_model(CONFIG).param_shapes()) == {}
+    monkeypatch.setitem(cells.CELLS, "mine", users_cells.elman)
+    monkeypatch.setitem(optim.OPTIMIZERS, "opt", adam)
+    config = CONFIG.replace(cell="mine", optimizer="opt")
+    shapes = make_model(config).param_shapes()
+    first = probes.record(config, spec, shapes)
+    assert set(first) == {"cell", "optimizer"}
+    assert json.loads(json.dumps(first)) == first == probes.record(config, spec, shapes)
+    # a Flax cell class is the user's too
+    flax_config = CONFIG.replace(cell="flax.linen:GRUCell")
+    assert probes.record(flax_config, spec, make_model(flax_config).param_shapes())[
+        "cell"]["function"] == "flax.linen:GRUCell"
+
+
+@pytest.mark.parametrize(("new", "differs"), [
+    ([1.0, 0.5, -0.25], False),
+    ([1.0, 0.5 + 5e-5, -0.25], False),  # within RTOL of the scale (1.0)
+    ([1.0, 0.5 + 5e-4, -0.25], True),
+    ([1.0, 0.5, -0.25, 0.1], True),
+    ([1.0, "nan", -0.25], True),
+    (None, True),
+])
+def test_probes_differ_beyond_their_tolerance(new, differs):
+    assert (probes._differ("cell", [1.0, 0.5, -0.25], new) is not None) is differs
+    assert probes._differ("cell", [1.0, "nan", "inf"], [1.0, "nan", "inf"]) is None
