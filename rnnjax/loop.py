@@ -462,16 +462,16 @@ def train_and_evaluate(
         checkpoint_lib.check_data_spec(saved, spec, resume_from.step_dir)
         checkpoint_lib.check_same_data(resume_from.meta, data.fingerprint(), config,
                                        resume_from.step_dir)
-    # What the run's own cell, order and optimizer compute, with each checkpoint (on a
-    # resume, compared with what the checkpoint's computed).
-    probed = probes.record(config, spec, model.param_shapes()) if resume_from is None else \
-        probes.check(resume_from.meta, config, spec, model.param_shapes(), resume_from.step_dir)
     # The dataset replicated on every device (MNIST is small); each batch is split over
     # them, so every device trains on its rows and XLA all-reduces the gradients of the
     # global-batch mean loss. Put first: its images become float32 on the device while
     # the state below is traced and compiled (on XLA:CPU, while it runs too).
     on_device = dp.dataset(data)
     t_init = time.perf_counter()
+    # What the run's own cell, order and optimizer compute, with each checkpoint (on a
+    # resume, compared with what the checkpoint's computed; a part of init_s).
+    probed = probes.record(config, spec, model.param_shapes()) if resume_from is None else \
+        probes.check(resume_from.meta, config, spec, model.param_shapes(), resume_from.step_dir)
     # Blocked on: an allocation that fails does so here, before any file is written.
     state = jax.block_until_ready(init_state(config, model, optimizer))
     init_s = time.perf_counter() - t_init

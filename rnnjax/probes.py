@@ -18,10 +18,11 @@ renamed, moved or reformatted passes; one whose results changed is refused in on
   the run's learning rate held constant (``--steps`` may grow on a resume; ``--schedule``
   and ``--clip-norm`` are rnnjax's own, and in the config).
 
-Cells and optimizers run on the CPU in float32 and are compared within :data:`RTOL` of
-the values' scale, sampled at up to :data:`SAMPLES` places: the same code on another CPU,
-or with another jax, computes within it. A change smaller than that passes.
-Checkpoints written before rnnjax recorded probes are not checked.
+Cells and optimizers run on the CPU in float32 (products at full precision) and are
+compared within :data:`RTOL` of the values' scale, sampled at up to :data:`SAMPLES`
+places: the same code on another CPU, or with another jax, computes within it. A change
+smaller than that passes. Checkpoints written before rnnjax recorded probes are not
+checked.
 """
 
 from __future__ import annotations
@@ -148,9 +149,14 @@ def _filled(rng: np.random.Generator, shapes: Any) -> Any:
 
 
 def _on_cpu(function: Callable[..., Any], *args: Any) -> np.ndarray:
-    """``function(*args)``, jitted on the CPU, its outputs' leaves float64, flattened and
-    joined."""
-    with jax.default_device(jax.devices("cpu")[0]):
+    """``function(*args)``, jitted on the CPU (where ``JAX_PLATFORMS`` leaves one; else on
+    the default device), its products at full float32 precision (a GPU's default rounds
+    them to TF32), its outputs' leaves float64, flattened and joined."""
+    try:
+        device = jax.devices("cpu")[0]
+    except (RuntimeError, ValueError):  # JAX_PLATFORMS=cuda, say: no CPU backend
+        device = jax.devices()[0]
+    with jax.default_device(device), jax.default_matmul_precision("highest"):
         out = jax.jit(function)(*args)
     return np.concatenate([np.asarray(leaf, np.float64).ravel() for leaf in jax.tree.leaves(out)])
 
