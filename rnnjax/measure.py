@@ -375,12 +375,15 @@ def call_overhead(one: float, seconds: float, steps: int) -> float:
     least :data:`NOISE` of it longer than the 1-step call; closer than that, less the
     largest marginal step the machine's noise could hide there (``NOISE * seconds /
     (steps - 1)``), so that the cost read moves with the timings, with no step where it
-    drops to 0. At least 0, at most ``one``; 0 for fewer than 2 steps. The call's own cost
-    may exceed its steps' (a call of few steps on a small batch): it is read the same."""
+    drops to 0 — and no more than the ``steps``-step call leaves beside that many such
+    steps (a 1-step call slower than the ``steps``-step one, noise, had been read as a cost
+    above the whole longer call, and its steps as nearly free). At least 0, at most
+    ``one``; 0 for fewer than 2 steps. The call's own cost may exceed its steps' (a call of
+    few steps on a small batch): it is read the same."""
     if steps < 2 or not math.isfinite(one):
         return 0.0
     marginal = max(seconds - one, NOISE * seconds) / (steps - 1)
-    return min(one, max(0.0, one - marginal))
+    return min(one, max(0.0, min(one - marginal, seconds - steps * marginal)))
 
 
 def run_step(seconds: float, steps: int, overhead: float, steps_per_call: int) -> float:

@@ -77,9 +77,11 @@ from rnnjax.measure import (
     for_backend,  # the candidates a child on a backend times
 )
 
-TUNER_VERSION = 35  # 35: a GPU's '+WHILE' flag set timed in a child of its own (as one
-# compilation's option XLA refused it), and a child under other flags times the fastest form
-# without an in-process set of the same flag; 34: a call's own cost read where it exceeds
+TUNER_VERSION = 36  # 36: a call's own cost no more than its longer call leaves beside its
+# steps (a 1-step call slower than it, noise, had made its steps nearly free); 35: a GPU's
+# '+WHILE' flag set timed in a child of its own (as one compilation's option XLA refused
+# it), and a child under other flags times the fastest form without an in-process set of
+# the same flag; 34: a call's own cost read where it exceeds
 # its steps' (it was dropped there, and cut to half a 1-step call elsewhere: measure.call_overhead);
 # 33: an SGD whose first step moves nothing (a warmup's learning rate
 # of 0) compared by its second step's update (its first hid any gradient's error);
