@@ -125,6 +125,12 @@ class Form:
 PER_STEP_WEIGHT_GRADIENT_BATCH = 512
 
 
+def backwards_besides_native(cell: Cell) -> str:
+    """The backward forms ``cell`` has but 'native', as a refusal lists them: a cell without
+    ``sequence`` (a Flax cell, most of one's own) has no hand-written backward."""
+    return "hand_written, autodiff or auto" if cell.sequence is not None else "autodiff or auto"
+
+
 def resolve_form(cell: Cell, batch: int, backward: str = "auto", projection: str = "auto",
                  weight_grad: str = "auto") -> Form:
     """The concrete :class:`Form` the choices name for ``cell`` at ``batch``.
@@ -145,7 +151,7 @@ def resolve_form(cell: Cell, batch: int, backward: str = "auto", projection: str
     if backward == "native":
         if cell.native is None:
             raise ValueError("backward 'native': this cell has no native kernels (simple_rnn, "
-                             "lstm and gru have); choose hand_written, autodiff or auto")
+                             f"lstm and gru have); choose {backwards_besides_native(cell)}")
         return Form("native", "hoisted", "product")
     if cell.sequence is None:
         backward = "autodiff"
@@ -1186,9 +1192,18 @@ def _check_one_step(cell: Cell, input_size: int, dtype: Any) -> None:
                          "output")
 
 
-def get_cell(name: str, hidden: int) -> Cell:
+def get_cell(name: str | type, hidden: int) -> Cell:
     """The cell ``name`` of width ``hidden``: one registered in :data:`CELLS`, or a Flax cell
-    class named ``MODULE:CLASS`` (``rnnjax.flax.cells``)."""
+    class named ``MODULE:CLASS`` (``rnnjax.flax.cells``), or given as the class itself."""
+    if isinstance(name, type):  # a Flax cell class, as nn.RNN(nn.GRUCell(...)) reads one
+        from rnnjax.flax.cells import flax_cell
+
+        return flax_cell(f"{name.__module__}:{name.__qualname__}", hidden, name)
+    if not isinstance(name, str):
+        raise TypeError(f"cell: a {type(name).__name__} instance; give a cell's name "
+                        f"({', '.join(CELLS)}), or a Flax cell class (the class, or its "
+                        "'MODULE:CLASS', e.g. 'flax.linen:GRUCell'), not an instance: "
+                        "rnnjax builds the cell at the layer's hidden_size")
     if name in CELLS:
         return CELLS[name](hidden)
     if ":" in name:

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from rnnjax import checkpoint, memory, probes, train
-from rnnjax.config import Config
+from rnnjax.config import Config, ConfigError
 from rnnjax.data.pipeline import normalize_host
 from rnnjax.data.spec import DataSpec
 from rnnjax.model import Model, evaluates_natively, evaluation_model, make_model
@@ -102,7 +102,10 @@ def _load_step(step_dir: Path) -> Loaded:
     config = checkpoint.read_config(step_dir, meta)
     here, note = model_config(config)
     spec = checkpoint.data_spec(meta, config)
-    target, model = state_shapes(here, spec)
+    try:
+        target, model = state_shapes(here, spec)
+    except ConfigError as e:  # its cell or optimizer not made here: not a flag given
+        raise ConfigError(f"checkpoint {step_dir}: its {e}") from None
     probes.check(meta, here, spec, model.param_shapes(), step_dir, kinds=("cell", "order"))
     state = checkpoint.restore(step_dir, target, meta)
     return Loaded(config, state, evaluation_model(here, model), step_dir, note)

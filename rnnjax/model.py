@@ -24,7 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnnjax import native_gpu, orders
-from rnnjax.cells import Cell, get_cell, glorot_uniform, layout_mismatch, resolve_form, scan_cell
+from rnnjax.cells import (
+    Cell,
+    backwards_besides_native,
+    get_cell,
+    glorot_uniform,
+    layout_mismatch,
+    resolve_form,
+    scan_cell,
+)
 from rnnjax.config import NATIVE_LANES, Config, ConfigError
 from rnnjax.data.spec import IDX_SPEC, DataSpec
 
@@ -316,7 +324,8 @@ def _check_native(config: Config, cell: Cell) -> None:
     starts none)."""
     if cell.native is None:
         raise ConfigError(f"--backward native: --cell {config.cell} has no native kernels "
-                          "(simple_rnn, lstm and gru have); choose hand_written, autodiff or auto")
+                          "(simple_rnn, lstm and gru have); choose "
+                          f"{backwards_besides_native(cell)}")
     if config.compute_dtype != "float32":
         raise ConfigError(f"--backward native runs float32, not --compute-dtype "
                           f"{config.compute_dtype}: drop one of them")

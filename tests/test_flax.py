@@ -663,6 +663,30 @@ class LinenWithStats(LinenElman):
         return super().__call__(h, x)
 
 
+class NnxSequential(NnxElman):  # its layers an nnx.Sequential: keys 0, 1 in its params
+    def __init__(self, in_features, hidden, *, rngs):
+        super().__init__(in_features, hidden, rngs=rngs)
+        self.net = nnx.Sequential(nnx.Linear(hidden, hidden, rngs=rngs), jnp.tanh)
+
+    def __call__(self, h, x):
+        h = self.net(self.i(x) + self.h(h))
+        return h, h
+
+
+class NnxAssert(NnxElman):
+    def __init__(self, in_features, hidden, *, rngs):
+        assert hidden % 4 == 0, "hidden must be a multiple of 4"
+        super().__init__(in_features, hidden, rngs=rngs)
+
+
+class LinenIf(LinenElman):  # a Python if on values: JAX cannot trace it
+    @nn.compact
+    def __call__(self, h, x):
+        if h.sum() > 0:
+            h = -h
+        return super().__call__(h, x)
+
+
 class NnxLearnedH0(NnxElman):
     def __init__(self, in_features, hidden, *, rngs):
         super().__init__(in_features, hidden, rngs=rngs)
@@ -788,6 +812,12 @@ def test_the_throughput_benchmark_times_a_flax_cell(tmp_path):
                                 "a cell from its params alone"),
     ("my_cells:NnxLearnedH0", "its initialize_carry failed on the cell's shapes alone "
                               "(TypeError: "),
+    # Its own code fails: said in one line, not blamed on its arguments (a 20-line tracer
+    # dump that did; an nnx cell's AssertionError was a traceback, exit 1).
+    ("my_cells:LinenIf", "'my_cells:LinenIf': its init or initialize_carry fails on one step "
+                         "of a batch of 1 (TracerBoolConversionError: "),
+    ("my_cells:NnxAssert", "could not be built as NnxAssert(1, 50, rngs=...) (AssertionError: "
+                           "hidden must be a multiple of 4); fix the cell's code"),
 ])
 def test_a_bad_flax_cell_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch, spec,
                                                 message):
@@ -799,3 +829,77 @@ def test_a_bad_flax_cell_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch, s
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("rnnjax: error: --cell") and message in err
     assert not (tmp_path / "w").exists()
+
+
+def test_an_nnx_cell_of_a_sequential_resumes_and_evaluates_from_its_checkpoints(
+        tmp_path, monkeypatch):
+    """An nnx.Sequential's (or nnx.List's) layers are keys 0, 1 of the cell's params, which
+    orbax restores as '0', '1': its own checkpoints were refused as another model's."""
+    (tmp_path / "my_cells.py").write_text(USER_CELLS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = Config(cell="my_cells:NnxSequential", hidden_size=6, steps=2, eval_every=2,
+                    checkpoint_every=2, batch_size=8, eval_batch_size=5000)
+    first = train_and_evaluate(config, tmp_path / "run", out=io.StringIO())
+    assert "net" in first.state.params["rnn"][0] and count_params(first.state.params) == (
+        28 * 6 + 6 + 6 * 6 + 6 * 6 + 6 + 6 * 10 + 10)
+    loaded = inference.load(tmp_path / "run")
+    assert jax.tree.map(jnp.shape, loaded.state.params) == jax.tree.map(
+        jnp.shape, first.state.params)
+    resumed = train_and_evaluate(config.replace(steps=4), tmp_path / "run", resume=True,
+                                 out=io.StringIO())
+    assert int(resumed.state.step) == 4
+
+
+def test_a_flax_cell_class_itself_is_taken_and_an_instance_refused(xs):
+    for cls in (nn.GRUCell, nnx.GRUCell):
+        assert get_cell(cls, 5) is get_cell(f"{cls.__module__}:{cls.__qualname__}", 5)
+    by_class = rnn_linen.RNN(cell=nn.GRUCell, hidden_size=5)
+    by_name = rnn_linen.RNN(cell="flax.linen:GRUCell", hidden_size=5)
+    variables = by_name.init(jax.random.key(0), xs)
+    np.testing.assert_array_equal(by_class.apply(variables, xs), by_name.apply(variables, xs))
+    layer = rnn_nnx.RNN(cell=nnx.GRUCell, in_features=xs.shape[-1], hidden_size=5,
+                        rngs=nnx.Rngs(0))
+    assert layer(xs).shape == (*xs.shape[:2], 5)
+    with pytest.raises(TypeError, match=r"^cell: a GRUCell instance; give a cell's name .* "
+                                        r"not an instance"):
+        rnn_linen.RNN(cell=nn.GRUCell(5), hidden_size=5).init(jax.random.key(0), xs)
+    with pytest.raises(TypeError, match=r"^cell: a GRUCell instance"):
+        rnn_nnx.RNN(cell=nnx.GRUCell(3, 5, rngs=nnx.Rngs(0)), in_features=3, hidden_size=5,
+                    rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "flax.linen:LSTMCell"])
+def test_no_time_steps_give_no_outputs_and_the_initial_carry_as_flax(cell):
+    layer = rnn_linen.RNN(cell=cell, hidden_size=3, return_carry=True)
+    variables = layer.init(jax.random.key(0), jnp.ones((2, 4, 5)))
+    carry, ys = layer.apply(variables, jnp.ones((2, 0, 5)))
+    assert ys.shape == (2, 0, 3)
+    zeros = get_cell(cell, 3).initial_carry(2, jnp.float32)
+    jax.tree.map(np.testing.assert_array_equal, carry, zeros)
+    carry, ys = layer.apply(variables, jnp.ones((2, 0, 5)), seq_lengths=jnp.zeros(2, jnp.int32))
+    assert ys.shape == (2, 0, 3)
+
+
+def test_a_flax_cell_without_native_kernels_is_offered_only_the_forms_it_has(capsys, tmp_path):
+    assert cli.main(["train", "--cell", "flax.linen:GRUCell", "--backward", "native",
+                     "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "has no native kernels (simple_rnn, lstm and gru have); choose autodiff or auto" \
+        in err and err.count("\n") == 1
+
+
+def test_a_checkpoint_whose_cell_module_is_gone_names_the_python_path(tmp_path, monkeypatch):
+    (tmp_path / "gone_cells.py").write_text(USER_CELLS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = Config(cell="gone_cells:LinenElman", hidden_size=4, steps=1, eval_every=1,
+                    batch_size=8, eval_batch_size=5000)
+    train_and_evaluate(config, tmp_path / "run", out=io.StringIO())
+    (tmp_path / "gone_cells.py").unlink()
+    monkeypatch.delitem(sys.modules, "gone_cells")
+    from rnnjax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=(
+            r"checkpoint .*/run/checkpoints/1: its --cell: 'gone_cells:LinenElman': cannot "
+            r"import 'gone_cells' \(No module named 'gone_cells'\); put its module on the "
+            r"Python path \(PYTHONPATH\)")):
+        inference.load(tmp_path / "run")

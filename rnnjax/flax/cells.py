@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cells import Cell
+from rnnjax.config import error_line
 
 HINT = "name a Flax RNN cell class as MODULE:CLASS, e.g. flax.linen:GRUCell"
 
@@ -30,7 +31,8 @@ def load_class(spec: str) -> type:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"{spec!r}: cannot import {module_name!r} ({e}); {HINT}") from None
+        raise ValueError(f"{spec!r}: cannot import {module_name!r} ({e}); put its module on "
+                         f"the Python path (PYTHONPATH), or {HINT}") from None
     obj = module
     for part in class_name.split("."):
         if not hasattr(obj, part):
@@ -58,11 +60,11 @@ def _as_before(carry: Any, new: Any, y: jax.Array, x: jax.Array) -> tuple[Any, j
     return jax.tree.map(lambda n, o: n.astype(o.dtype), new, carry), y.astype(x.dtype)
 
 
-def flax_cell(spec: str, hidden: int) -> Cell:
-    """The Flax cell class ``spec`` (``MODULE:CLASS``) of width ``hidden`` as a Cell: the
-    same Cell while the module holds the same class (one edited and reloaded, as in a
-    notebook, is another)."""
-    return _flax_cell(spec, load_class(spec), hidden)
+def flax_cell(spec: str, hidden: int, cls: type | None = None) -> Cell:
+    """The Flax cell class ``spec`` (``MODULE:CLASS``; ``cls``, where given, the class
+    itself) of width ``hidden`` as a Cell: the same Cell while the module holds the same
+    class (one edited and reloaded, as in a notebook, is another)."""
+    return _flax_cell(spec, load_class(spec) if cls is None else cls, hidden)
 
 
 @functools.cache
@@ -80,14 +82,17 @@ def _flax_cell(spec: str, cls: type, hidden: int) -> Cell:
 
 
 def _build_error(spec: str, how: str, e: Exception) -> ValueError:
-    return ValueError(f"{spec!r} could not be built as {how} ({type(e).__name__}: {e}); the "
-                      "cell must take the arguments of Flax's own cells")
+    """One line: the cell ``spec`` could not be built as ``how`` (``CLASS(ARGS)``); the
+    arguments blamed for a TypeError only (the signature of Flax's cells not taken)."""
+    fix = ("the cell must take the arguments of Flax's own cells" if type(e) is TypeError
+           else "fix the cell's code")
+    return ValueError(f"{spec!r} could not be built as {how} ({error_line(e)}); {fix}")
 
 
 def _linen_cell(spec: str, cls: type, hidden: int) -> Cell:
     try:
         module = cls(features=hidden)
-    except TypeError as e:
+    except Exception as e:  # a user's cell may raise anything: one line
         raise _build_error(spec, f"{cls.__name__}(features={hidden})", e) from None
 
     def initial_carry(batch: int, dtype: Any) -> Any:
@@ -105,14 +110,32 @@ def _linen_cell(spec: str, cls: type, hidden: int) -> Cell:
         variables = jax.eval_shape(lambda: module.init(
             jax.random.key(0), initial_carry(1, jnp.float32), jnp.zeros((1, 1), jnp.float32)))
     except Exception as e:  # a user's cell may raise anything: one line
-        raise _build_error(spec, f"{cls.__name__}(features={hidden}) and initialised", e) \
-            from None
+        raise ValueError(f"{spec!r}: its init or initialize_carry fails on one step of a batch "
+                         f"of 1 ({error_line(e)}); fix the cell's code (JAX traces it: no "
+                         "Python if on values)") from None
     others = sorted(set(variables) - {"params"})
     if others:  # their values would be lost between steps: apply takes the params alone
         raise ValueError(f"{spec!r} holds collections other than params ({', '.join(others)})"
                          "; rnnjax steps a cell from its params alone: make them params, or "
                          "constants of the class")
     return Cell(init=init, step=step, initial_carry=initial_carry, hidden_size=hidden)
+
+
+def _str_keys(tree: Any) -> Any:
+    """A pure dict with every key a string: the params of an nnx cell whose layers are an
+    ``nnx.List`` or ``nnx.Sequential`` (keys 0, 1, ...), as a checkpoint restores them
+    (orbax's keys are strings: their ints had read as another model's parameters)."""
+    if not isinstance(tree, dict):
+        return tree
+    return {str(key): _str_keys(value) for key, value in tree.items()}
+
+
+def _keys_like(tree: Any, like: Any) -> Any:
+    """``tree`` (:func:`_str_keys`' keys) with the keys of ``like``, the module's own pure
+    dict, which ``nnx.replace_by_pure_dict`` matches."""
+    if not isinstance(like, dict):
+        return tree
+    return {key: _keys_like(tree[str(key)], value) for key, value in like.items()}
 
 
 def _nnx_cell(spec: str, cls: type, hidden: int) -> Cell:
@@ -123,7 +146,7 @@ def _nnx_cell(spec: str, cls: type, hidden: int) -> Cell:
         """The cell's graph and state for this input size (values replaced per call)."""
         try:
             module = nnx.eval_shape(lambda: cls(input_size, hidden, rngs=nnx.Rngs(0)))
-        except TypeError as e:
+        except Exception as e:  # a user's cell may raise anything: one line
             raise _build_error(spec, f"{cls.__name__}({input_size}, {hidden}, rngs=...)",
                                e) from None
         others = nnx.state(module, nnx.Not(nnx.Param))
@@ -139,12 +162,12 @@ def _nnx_cell(spec: str, cls: type, hidden: int) -> Cell:
 
     def init(key: jax.Array, input_size: int) -> Any:
         template(input_size)  # a bad signature is reported as such
-        return nnx.to_pure_dict(nnx.state(build(input_size, key), nnx.Param))
+        return _str_keys(nnx.to_pure_dict(nnx.state(build(input_size, key), nnx.Param)))
 
     def module_of(params: Any, input_size: int) -> Any:
         graphdef, state = template(input_size)
         state = jax.tree.map(lambda a: a, state)  # a fresh copy to fill
-        nnx.replace_by_pure_dict(state, params)
+        nnx.replace_by_pure_dict(state, _keys_like(params, nnx.to_pure_dict(state)))
         return nnx.merge(graphdef, state)
 
     def step(params: Any, carry: Any, x: jax.Array) -> tuple[Any, jax.Array]:
@@ -159,7 +182,7 @@ def _nnx_cell(spec: str, cls: type, hidden: int) -> Cell:
         jax.eval_shape(lambda: initial_carry(1, jnp.float32))
     except Exception as e:  # a user's cell may raise anything: one line
         raise ValueError(
-            f"{spec!r}: its initialize_carry failed on the cell's shapes alone ({type(e).__name__}"
-            f": {e}); rnnjax's initial carry cannot read the cell's Params (a learned initial "
-            "state): make it from input_shape alone") from None
+            f"{spec!r}: its initialize_carry failed on the cell's shapes alone "
+            f"({error_line(e)}); rnnjax's initial carry cannot read the cell's Params (a "
+            "learned initial state): make it from input_shape alone") from None
     return Cell(init=init, step=step, initial_carry=initial_carry, hidden_size=hidden)

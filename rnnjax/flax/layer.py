@@ -43,7 +43,8 @@ def run(
     (the carry None unless ``return_carry``).
 
     inputs: ``[B, T, F]`` (``[T, B, F]`` when ``time_major``), any float dtype; outputs
-    ``[B, T, H]`` (``[T, B, H]``) in the same dtype. ``initial_carry`` is in the cell's own
+    ``[B, T, H]`` (``[T, B, H]``) in the same dtype (T may be 0: no outputs, and the
+    initial carry, as Flax's). ``initial_carry`` is in the cell's own
     layout (rnnjax's LSTM: ``(h, c)``, each ``[B, H]``); default: the cell's zeros.
     ``unroll``: ``lax.scan``'s unroll factor, 0 or True for all T steps (False: 1, as
     ``lax.scan`` reads it). A given ``initial_carry``'s floating leaves are cast to the
@@ -73,7 +74,9 @@ def run(
     unroll = 0 if unroll is True else 1 if unroll is False else int(unroll)
     carry = (cell.initial_carry(batch, xs.dtype) if initial_carry is None
              else cast_floats(initial_carry, inputs.dtype))
-    if lengths is None or not return_carry:
+    if time == 0:  # no steps, as Flax's RNN reads them: the initial carry, no outputs
+        final, ys = carry, jnp.zeros((0, batch, cell.hidden_size), xs.dtype)
+    elif lengths is None or not return_carry:
         final, ys = scan_cell(cell, params, xs, carry, unroll=unroll, chunks=chunks)
     elif carry_is_output(cell):
         _, ys = scan_cell(cell, params, xs, carry, unroll=unroll, chunks=chunks)
