@@ -495,8 +495,8 @@ def check_same_data(meta: Mapping[str, Any], fingerprint: str, config: Config,
                     where: Path | str) -> None:
     """:class:`CheckpointError` when a resumed run's dataset (its ``fingerprint``,
     ``Arrays.fingerprint``) is not the one the checkpoint ``where`` (its ``meta``) was
-    trained on: ``--source``, ``--data-dir`` and ``--tfds-dir`` may change on resume
-    (the same data moved, or read another way), and a change to other data trained on it
+    trained on: ``--source``, ``--data-dir``, ``--tfds-dir`` and ``--dataset`` may change on
+    resume (the same data moved, or read another way), and a change to other data trained on it
     silently, its metrics appended to the run's. Checkpoints written before rnnjax
     recorded a fingerprint are not checked."""
     saved = (meta.get("data") or {}).get("fingerprint")
@@ -504,7 +504,8 @@ def check_same_data(meta: Mapping[str, Any], fingerprint: str, config: Config,
         raise CheckpointError(
             f"checkpoint {where} was trained on other data than --dataset {config.dataset} "
             f"(--source {config.source}) reads now (its images or labels, or their order, "
-            "differ); pass the --source, --data-dir or --tfds-dir it was trained with"
+            "differ); pass the --dataset, --source, --data-dir or --tfds-dir of the data it "
+            "was trained with"
         )
 
 
@@ -593,11 +594,23 @@ def tf_order(config: Config) -> bool:
     return config.shuffle and config.source == "tfds" and config.feed == "stream"
 
 
-def check_resumable(saved: Config, current: Config, where: Path | str = "the checkpoint") -> None:
+def moved_data(meta: Mapping[str, Any] | None) -> frozenset[str]:
+    """The fields besides :data:`RUN_SETTINGS` a resume of the checkpoint of ``meta`` may
+    change: ``dataset`` (a directory moved, or the same set by another name) where it
+    recorded its data's fingerprint, which then refuses other data
+    (:func:`check_same_data`); none for one written before."""
+    data = (meta or {}).get("data") or {}
+    return frozenset({"dataset"}) if data.get("fingerprint") else frozenset()
+
+
+def check_resumable(saved: Config, current: Config, where: Path | str = "the checkpoint",
+                    meta: Mapping[str, Any] | None = None) -> None:
     """Refuse to resume ``saved`` as ``current`` when a field that changes results differs.
 
     ``steps`` may grow (a constant learning rate), every field of :data:`RUN_SETTINGS`
-    may change; any other difference is an error naming the field and the fix. With
+    may change, and ``dataset`` where the checkpoint's ``meta`` holds its data's
+    fingerprint (:func:`moved_data`); any other difference is an error naming the field
+    and the fix. With
     ``--shuffle``, the tf.data stream (``--source tfds --feed stream``) has its own batch
     order, so switching between it and the other feeds changes results too.
     """
@@ -618,7 +631,7 @@ def check_resumable(saved: Config, current: Config, where: Path | str = "the che
                 f"{saved.schedule} decays over --steps; resume with --steps {old}, or "
                 "train into another --workdir"
             )
-        if name not in RUN_SETTINGS:
+        if name not in RUN_SETTINGS | moved_data(meta):
             raise CheckpointError(
                 f"{flag} {new} differs from {old} in {where} (it changes results); resume "
                 f"with {flag} {old} (or leave the flag out), or train into another --workdir"
@@ -698,19 +711,22 @@ def check_fresh_workdir(config: Config, workdir: Path | str) -> None:
         )
 
 
-def check_records_match(saved: Config, workdir: Path | str, step_dir: Path) -> None:
-    """Refuse to resume the checkpoint ``step_dir`` (of config ``saved``) into records of
-    another run: the workdir's ``config.json``, where there is one that loads, must be the
-    checkpoint's run but for :data:`RUN_SETTINGS` (a resume may change those, ``--steps``
-    among them). Checkpoints copied in from another run resumed, and its metrics were
-    appended to this one's, its config written over this one's."""
+def check_records_match(saved: Config, workdir: Path | str, step_dir: Path,
+                        meta: Mapping[str, Any] | None = None) -> None:
+    """Refuse to resume the checkpoint ``step_dir`` (of config ``saved``, ``meta``) into
+    records of another run: the workdir's ``config.json``, where there is one that loads,
+    must be the checkpoint's run but for :data:`RUN_SETTINGS` and :func:`moved_data` (a
+    resume may change those, ``--steps`` among them). Checkpoints copied in from another
+    run resumed, and its metrics were appended to this one's, its config written over this
+    one's."""
     where = Path(workdir) / "config.json"
     try:
         recorded = from_dict(json.loads(where.read_text()))
     except (OSError, ValueError, TypeError, ConfigError):  # none, or unreadable: rewritten
         return
     differ = [f"{flag_name(name)} {getattr(recorded, name)} (the checkpoint's: "
-              f"{getattr(saved, name)})" for name in results_differ(recorded, saved)]
+              f"{getattr(saved, name)})" for name in results_differ(recorded, saved)
+              if name not in moved_data(meta)]
     if differ:
         raise CheckpointError(
             f"{where} is another run's than the checkpoint {step_dir}: it differs in "
@@ -857,8 +873,8 @@ def prepare(config: Config, workdir: Path | str | None, resume: bool) -> ResumeP
     step = int(step_dir.name)
     meta = read_meta(step_dir)
     saved = read_config(step_dir, meta)
-    check_records_match(saved, workdir, step_dir)
-    check_resumable(saved, config, step_dir)
+    check_records_match(saved, workdir, step_dir, meta)
+    check_resumable(saved, config, step_dir, meta)
     if step == config.steps == saved.steps and unfinished_outputs(workdir, step):
         return ResumePoint(step_dir, step, dict(meta))  # trained: the loop only finishes it
     if step >= config.steps:

@@ -333,11 +333,12 @@ def resume_config(args: argparse.Namespace) -> Config:
         raise UsageError("--resume needs --workdir DIR, the run to continue")
     checkpoint.check_not_in_use(args.workdir)
     step_dir = checkpoint.latest_checkpoint(args.workdir)
-    saved = checkpoint.read_config(step_dir)
+    meta = checkpoint.read_meta(step_dir)
+    saved = checkpoint.read_config(step_dir, meta)
     defaults = Config()
     machine = {name: getattr(defaults, name) for name in MACHINE_SETTINGS}
     config = saved.replace(**{**machine, **flag_changes(args, saved.source)})
-    checkpoint.check_resumable(saved, config, step_dir)
+    checkpoint.check_resumable(saved, config, step_dir, meta)
     return config
 
 

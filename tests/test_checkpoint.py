@@ -758,12 +758,45 @@ def test_a_resume_on_other_data_is_refused_and_on_the_same_data_moved_is_not(
     err = capsys.readouterr().err
     assert err.startswith("rnnjax: error: checkpoint ") and err.count("\n") == 1, err
     assert "was trained on other data than --dataset myset (--source idx) reads now" in err
-    assert "pass the --source, --data-dir or --tfds-dir it was trained with" in err
+    assert "pass the --dataset, --source, --data-dir or --tfds-dir of the data it was " \
+        "trained with" in err
     assert {p: p.read_bytes() for p in work.iterdir() if p.is_file()} == before
     shutil.move(tmp_path / "a", tmp_path / "moved")  # the same data elsewhere: resumes
     assert main([*argv, "--steps", "20", "--data-dir", str(tmp_path / "moved"),
                  "--resume"]) == 0
     assert [r["step"] for r in read_jsonl(work / "metrics.jsonl")][-2:] == [19, 19]
+
+
+def test_a_run_of_a_dataset_directory_moved_resumes_from_its_new_place(tmp_path, mnist,
+                                                                       capsys):
+    """A run of --dataset PATH whose directory moved could not go on: its old path was
+    gone, and a new --dataset was refused as a change of results. The fingerprint of the
+    data decides, as for --data-dir; another set at the new path is refused."""
+    from rnnjax.data.idx import FILES, write_idx
+
+    for root, start in (("a", 0), ("other", 30000)):
+        (tmp_path / root).mkdir()
+        for key, stem in FILES.items():
+            first = start if key.startswith("train") else start // 10
+            write_idx(tmp_path / root / f"{stem}.gz", getattr(mnist, key)[first:first + 600])
+    work = tmp_path / "run"
+    argv = ["train", "--no-tune", "--hidden-size", "8", "--eval-every", "10", "--workdir",
+            str(work), "--compile-cache", "off"]
+    assert main([*argv, "--steps", "10", "--dataset", str(tmp_path / "a")]) == 0
+    shutil.move(tmp_path / "a", tmp_path / "moved")
+    capsys.readouterr()
+    assert main([*argv, "--steps", "20", "--dataset", str(tmp_path / "other"), "--resume"]) == 2
+    assert "was trained on other data than --dataset" in capsys.readouterr().err
+    assert main([*argv, "--steps", "20", "--dataset", str(tmp_path / "moved"),
+                 "--resume"]) == 0
+    assert json.loads((work / "config.json").read_text())["dataset"] == str(tmp_path / "moved")
+    # config.json names the new place, the latest checkpoint the old (a resume stopped
+    # before its first checkpoint): one run, resumed again
+    assert checkpoint.list_steps(work / "checkpoints") == [10, 20]
+    shutil.rmtree(work / "checkpoints" / "20")
+    assert main([*argv, "--steps", "30", "--dataset", str(tmp_path / "moved"),
+                 "--resume"]) == 0
+    assert [r["step"] for r in read_jsonl(work / "metrics.jsonl")][-1] == 29
 
 
 def test_a_run_stopped_after_its_final_checkpoint_is_finished_by_resume(tmp_path):
