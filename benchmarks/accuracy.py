@@ -16,7 +16,14 @@ from __future__ import annotations
 import argparse
 import io
 
-from benchmarks.harness import at_least, cell_names, environment, names, write_results
+from benchmarks.harness import (
+    at_least,
+    cell_names,
+    environment,
+    names,
+    results_dir,
+    write_results,
+)
 from rnnjax.config import ORDERS, Config
 from rnnjax.loop import train_and_evaluate
 
@@ -38,6 +45,7 @@ def main(argv=None) -> None:
     parser.add_argument("--pixel-steps", type=at_least(1), default=1000)
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
+    out = results_dir(parser, args.out)
     rows = []
     for config in (run_config(cell, order, args.row_steps, args.pixel_steps)
                    for order in args.orders for cell in args.cells):
@@ -51,7 +59,7 @@ def main(argv=None) -> None:
         print(rows[-1], flush=True)
     write_results("accuracy", rows, ["order", "cell", "steps", "batch", "clip_norm",
                                      "test_accuracy", "test_loss", "train_s", "ms_per_step"],
-                  env=environment(), out_dir=args.out or None)
+                  env=environment(), out_dir=out)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from benchmarks.harness import (
     environment,
     in_turns,
     names,
+    results_dir,
     write_results,
 )
 from benchmarks.throughput import gemm_rate
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="timed calls of each way, in turns, after one burn-in call")
     parser.add_argument("--out", default="", help="results directory")
     args = parser.parse_args(argv)
+    out = results_dir(parser, args.out)
     device = jax.devices()[0]
     gemm = [gemm_rate(device, 2048)]
     rows = []
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                                               "slowest ms", "compile s", "bound ms",
                                               "loss", "correct"],
                          env={**environment(device), "gemm_gflops": [g / 1e9 for g in gemm]},
-                         notes=notes, out_dir=args.out or None)
+                         notes=notes, out_dir=out)
     print(f"wrote {path}")
 
 

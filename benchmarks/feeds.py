@@ -35,7 +35,15 @@ import jax
 import numpy as np
 
 from benchmarks.flax_peers import rnnjax_runner
-from benchmarks.harness import at_least, checked, environment, interleaved, write_results
+from benchmarks.harness import (
+    at_least,
+    check_batches,
+    checked,
+    environment,
+    interleaved,
+    results_dir,
+    write_results,
+)
 from rnnjax import runtime, train
 from rnnjax.config import Config
 from rnnjax.data.pipeline import batch_indices, host_batches, to_device
@@ -59,12 +67,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tfds-dir", default="")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
+    out = results_dir(parser, args.out)
     config = checked(parser, lambda: Config(batch_size=args.batch_size, unroll=args.unroll))
     data = load_arrays(config)
+    check_batches(parser, "--batch-size", [(str(args.batch_size), args.batch_size)],
+                  len(data.train_labels))
     epoch = len(data.train_labels) // args.batch_size
-    if epoch < 1:
-        parser.error(f"--batch-size {args.batch_size}: larger than the training set "
-                     f"({len(data.train_labels)} examples)")
+    try:
+        from rnnjax.data import tfds_mnist
+    except ImportError as e:
+        tfds_mnist = None
+        print(f"tfds rows skipped: {e} (pip install -e '.[tfds]')")
+    if tfds_mnist is not None:  # its build made (or found) now: a bad --tfds-dir, one line
+        resolved = resolve_dataset(config.dataset, config.data_dir)
+        checked(parser, lambda: tfds_mnist.prepare(*resolved, args.tfds_dir))
     model, optimizer = make_model(config), make_optimizer(config)
     fresh = functools.partial(init_state, config, model, optimizer)
     step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer),
@@ -107,13 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         runners[name] = turn
         steps_per_turn[name] = calls * k
 
-    try:
-        from rnnjax.data import tfds_mnist
-    except ImportError as e:
-        tfds_mnist = None
-        print(f"tfds rows skipped: {e} (pip install -e '.[tfds]')")
     if tfds_mnist is not None:
-        resolved = resolve_dataset(config.dataset, config.data_dir)
         tf_batches = functools.partial(tfds_mnist.train_batches, *resolved, args.tfds_dir,
                                        args.batch_size)
         first_epoch = min(args.steps, epoch)  # steps of a turn that starts a new pipeline
@@ -141,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"feed": name, "batch": args.batch_size, "ms_per_step": ms,
                      "steps_per_s": 1e3 / ms, "compile_s": compile_s.get(name, "")})
     write_results("feeds", rows, ["feed", "batch", "ms_per_step", "steps_per_s", "compile_s"],
-                  env=environment(), out_dir=args.out or None,
+                  env=environment(), out_dir=out,
                   notes=f"{args.rounds} rounds in turns of about {args.steps} steps per feed "
                         f"(whole calls; a first epoch at most an epoch); unroll {args.unroll}; "
                         "the median turn.")

@@ -56,7 +56,7 @@ import optax
 
 from benchmarks import harness
 from benchmarks.harness import environment, interleaved, write_results
-from rnnjax import hlo, measure, runtime, train, tune
+from rnnjax import cli, hlo, measure, runtime, train, tune
 from rnnjax.config import Config
 from rnnjax.data.idx import Arrays
 from rnnjax.data.pipeline import batch_indices, to_device
@@ -315,8 +315,10 @@ def user_config(cell: str, order: str, batch: int,
     """The Config ``rnnjax train --cell CELL --order ORDER --batch-size B`` would run with:
     the tuner's choice for this machine (cached, or measured now within the budget, as the
     first ``rnnjax train`` of the shape does: None, its default budget, capped by what the
-    run can pay back; 0 = the untuned defaults), and what it chose, with the seconds spent
-    choosing it: now ("measured in 10.0 s: unroll 0, ...") or by the run that cached it.
+    run can pay back; 0 = the untuned defaults; with ``$RNNJAX_TUNE`` off, as ``rnnjax
+    train`` then, the untuned defaults: ``rnnjax.cli.tuning_by_default``), and what it
+    chose, with the seconds spent choosing it: now ("measured in 10.0 s: unroll 0, ...")
+    or by the run that cached it.
 
     The choice's XLA flags, huge pages and CPUs stay in the Config: :func:`case_runners` then runs
     it in a child process that has them. The Config's feed is always ``device`` (the runners
@@ -326,6 +328,8 @@ def user_config(cell: str, order: str, batch: int,
     config = Config(cell=cell, order=order, batch_size=batch)
     if tune_budget_s is not None and tune_budget_s <= 0:
         return config, "untuned defaults"
+    if not cli.tuning_by_default():
+        return config, f"untuned defaults ({tune.ENV_VAR} off)"
     tuned, record = tune.resolve(config, frozenset(), tune_budget_s, err=sys.stderr)
     chosen = tune.describe(tune.settings(tuned))
     spent = record.get("tune_s")
@@ -422,9 +426,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-full-unroll", type=harness.at_least(0), default=100,
                         help="time unroll=full only for sequences up to this long (784 "
                         "unrolled pixel steps compile for tens of minutes)")
-    parser.add_argument("--tune-budget", type=float, default=None,
+    parser.add_argument("--tune-budget", type=harness.tune_budget, default=None,
                         help="seconds the tuner may spend on a shape it has not cached "
-                        "(default: as the first rnnjax train would; 0: the untuned defaults)")
+                        "(default: as the first rnnjax train would; 0: the untuned defaults, "
+                        "as with $RNNJAX_TUNE off)")
     parser.add_argument("--out", default="")
     parser.add_argument("--ops", action="store_true",
                         help="report the ops one train step launches per runner, for each "
@@ -436,14 +441,18 @@ def main(argv: list[str] | None = None) -> None:
                      "more (the step's time is read from calls of 1 and of K steps)")
     if args.child:
         return child_main()
-    device_data = to_device(load_arrays(Config()))
+    out = harness.results_dir(parser, args.out)
+    data = load_arrays(Config())
+    harness.check_batches(parser, "--cases", ((f"{order}:{batch}", batch)
+                                              for order, batch in args.cases),
+                          len(data.train_labels))
+    device_data = to_device(data)
     apis = tuple(args.apis)
     if args.ops:
         rows = [row for order, batch in args.cases for row in ops_rows(
             device_data, order, batch, args.cells, apis, args.max_full_unroll)]
         columns = list(dict.fromkeys(c for r in rows for c in r))
-        write_results("flax_peers_ops", rows, columns, env=environment(),
-                      out_dir=args.out or None)
+        write_results("flax_peers_ops", rows, columns, env=environment(), out_dir=out)
         return
     rows = []
     run_steps = Config().steps_per_call  # what rnnjax train runs per call
@@ -477,8 +486,7 @@ def main(argv: list[str] | None = None) -> None:
         (f"A call's own ms per runner, spread over {run_steps} steps per call in the ms "
          "above (the medians of the 1- and K-step calls are in the JSON)", " call ms",
          "{:.1f}")))
-    write_results("flax_peers", rows, timing, env=environment(), notes=notes,
-                  out_dir=args.out or None)
+    write_results("flax_peers", rows, timing, env=environment(), notes=notes, out_dir=out)
 
 
 if __name__ == "__main__":

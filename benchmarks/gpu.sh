@@ -7,8 +7,10 @@
 #   bash benchmarks/gpu.sh [OUT_DIR]
 #   GPU_PARTS=seed_first,seed_cached GPU_SEED_FLAGS="--steps 3" bash benchmarks/gpu.sh DIR
 #
-# Needs only jax (with its GPU/TPU plugin), flax, optax, orbax and numpy; rnnjax runs from
-# this checkout (PYTHONPATH), so nothing is installed. Results land in OUT_DIR (default
+# Needs only rnnjax's own dependencies: jax (with its GPU/TPU plugin), ml_dtypes, flax, optax,
+# orbax-checkpoint, numpy, Pillow (the seed runs' figures) and tensorboardX (their TensorBoard
+# event files; where it is missing they say so and train on); rnnjax runs from this checkout
+# (PYTHONPATH), so nothing is installed. Results land in OUT_DIR (default
 # benchmarks/results/gpu): a log per part, seed_*/ (each run's config and summary),
 # native_kernels/, flax_*/flax_peers.{json,md}, throughput/throughput.{json,md,png}; where
 # $OUT is set (the device tool's machine, which returns few files) also all of it as
@@ -36,7 +38,12 @@ done
 runs() { case "$parts" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }  # runs NAME: asked for?
 read -ra seed_flags <<<"${GPU_SEED_FLAGS:-}"
 out=${given:-$(realpath -m benchmarks/results/gpu)}
-mkdir -p "$out"
+# OUT_DIR made and written to now: one it cannot be is refused before any part runs.
+if ! { mkdir -p "$out" 2>/dev/null && probe=$(mktemp -p "$out" 2>/dev/null) && rm -f "$probe"; }
+then
+  echo "gpu.sh: error: cannot write in OUT_DIR $out; give a directory you can write to" >&2
+  exit 2
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 cache=$(mktemp -d)
 export XDG_CACHE_HOME="$cache"  # empty tuner and compilation caches: a first run's costs

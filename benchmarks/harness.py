@@ -7,8 +7,10 @@ one burn-in call, then times ``repeats`` calls, each ended by ``jax.block_until_
 
 The benchmarks' flags are checked before anything is timed or tuned, by the argparse
 ``type`` functions here (:func:`at_least`, :func:`ints_at_least`, :func:`names`,
-:func:`cases`, :func:`cell_name`, :func:`cell_names`) and :func:`checked`: a bad value is
-refused as argparse refuses one, one ``error:`` line naming the flag and the fix, exit 2.
+:func:`cases`, :func:`cell_name`, :func:`cell_names`, :func:`tune_budget`), :func:`checked`,
+:func:`results_dir` (the results' directory, written to once at the start) and
+:func:`check_batches` (no batch larger than the training set): a bad value is refused as
+argparse refuses one, one ``error:`` line naming the flag and the fix, exit 2.
 :func:`without_tensorflow` keeps Keras from importing TensorFlow (its seeding imports it
 where installed), and :func:`environment` records whether TensorFlow is loaded.
 """
@@ -22,16 +24,17 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import jax
 
-from rnnjax import runtime
+from rnnjax import atomic, cli, runtime
 from rnnjax.config import ConfigError
 
 RESULTS = Path(__file__).resolve().parent / "results"
+OUT_VAR = "RNNJAX_BENCH_OUT"  # the results' directory where no --out is given
 
 
 T = TypeVar("T")
@@ -108,6 +111,56 @@ def cell_name(text: str) -> str:
 def cell_names(text: str) -> list[str]:
     """An argparse ``type``: a comma list of :func:`cell_name`'s cells."""
     return [cell_name(name) for name in text.split(",")]
+
+
+def tune_budget(text: str) -> float:
+    """An argparse ``type``: ``--tune-budget``'s seconds, as ``rnnjax train`` takes them
+    (``rnnjax.cli.checked_budget``: positive and finite), or 0 (the untuned defaults)."""
+    try:
+        value = float(text)
+        return value if value == 0 else cli.checked_budget(value)
+    except (ValueError, cli.UsageError):
+        raise Flag(f"{text!r}: give a positive number of seconds, as rnnjax train's "
+                   "--tune-budget takes, or 0 (the untuned defaults)") from None
+
+
+def results_path(out: str | Path | None = None) -> Path:
+    """Where the results go: ``out``, else ``$RNNJAX_BENCH_OUT``, else benchmarks/results."""
+    return Path(out or os.environ.get(OUT_VAR) or RESULTS)
+
+
+def results_dir(parser: argparse.ArgumentParser, out: str) -> Path:
+    """:func:`results_path` of ``out`` (``--out``), made and written to once now
+    (``rnnjax.atomic.probe``); one that cannot be is refused as a bad flag
+    (``parser.error``: one line, exit 2) before any work, not found by
+    :func:`write_results` after all of it."""
+    path = results_path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        atomic.probe(path)
+    except OSError as e:
+        file = next((p for p in (path, *path.parents) if os.path.isfile(p)), None)
+        reason = f"{file} is a file" if file is not None else e.strerror or str(e)
+        if out:
+            where, fix = f"argument --out: {out}", "give --out a directory you can write to"
+        elif os.environ.get(OUT_VAR):
+            where, fix = (f"${OUT_VAR} {path}", f"set ${OUT_VAR} to a directory you can "
+                          "write to, or give --out one")
+        else:
+            where, fix = f"{path}", "give --out a directory you can write to"
+        parser.error(f"{where}: cannot write the results there ({reason}); {fix}")
+    return path
+
+
+def check_batches(parser: argparse.ArgumentParser, flag: str,
+                  batches: Iterable[tuple[str, int]], examples: int) -> None:
+    """Refuse (``parser.error``, exit 2) a batch larger than the training set's
+    ``examples``, as ``rnnjax train`` refuses it (its batches would wrap around, each
+    holding examples twice). ``batches``: ``(the flag's value as given, its batch)``."""
+    for given, batch in batches:
+        if batch > examples:
+            parser.error(f"{flag} {given}: larger than the training set ({examples} "
+                         f"examples); give a batch of at most {examples}")
 
 
 def checked(parser: argparse.ArgumentParser, build: Callable[[], T]) -> T:
@@ -253,8 +306,9 @@ def write_results(
     notes: str = "",
     out_dir: Path | None = None,
 ) -> Path:
-    """Write ``NAME.json`` and ``NAME.md`` under ``out_dir`` (default benchmarks/results)."""
-    out_dir = Path(out_dir or os.environ.get("RNNJAX_BENCH_OUT") or RESULTS)
+    """Write ``NAME.json`` and ``NAME.md`` under ``out_dir`` (:func:`results_path`; a benchmark
+    checks it at its start, :func:`results_dir`)."""
+    out_dir = results_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = env or environment()
     payload = {"benchmark": name, "environment": env, "rows": rows, "notes": notes}

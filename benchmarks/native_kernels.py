@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
                              "(hand-written, hoisted, one product) alone")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
+    out = harness.results_dir(parser, args.out)
     backend = jax.default_backend()
     if backend not in ("cpu", "gpu"):
         raise SystemExit(f"benchmarks.native_kernels times the native kernels of a CPU or a "
@@ -174,9 +175,13 @@ def main(argv: list[str] | None = None) -> None:
     if not names or any(name not in here for name in names):
         parser.error(f"--cells {args.cells!r}: give cells with native kernels on this "
                      f"{backend}, of {', '.join(here)}")
+    data = load_arrays(Config())
+    harness.check_batches(parser, "--cases", ((f"{order}:{batch}", batch)
+                                              for order, batch in args.cases),
+                          len(data.train_labels))
     built = build_all() if backend == "cpu" else {LANES[0]: 0.0}  # a GPU's: no build
     forms = FORMS if args.forms == "all" else FORMS[:1]
-    device_data = to_device(load_arrays(Config()))
+    device_data = to_device(data)
     rows = [time_case(device_data, cell, order, batch, args.rounds, built, forms)
             for cell in names for order, batch in args.cases]
     # The table: each case's fastest built-in form and the native builds; every form's ms in
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
             and k not in columns)
         for r in rows)
     write_results("native_kernels", rows, columns, env=environment(), notes=notes,
-                  out_dir=args.out or None)
+                  out_dir=out)
     differing = [f"{r['cell']} {r['order']} {r['batch']}: {k.removesuffix(' matches')}"
                  for r in rows for k, v in r.items() if k.endswith(" matches") and not v]
     if differing:

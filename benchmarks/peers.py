@@ -45,7 +45,7 @@ import numpy as np
 
 from benchmarks import flax_peers, harness
 from benchmarks.harness import environment, interleaved, write_results
-from rnnjax import train
+from rnnjax import runtime, train
 from rnnjax.config import Config
 from rnnjax.data.idx import Arrays
 from rnnjax.data.pipeline import batch_indices, host_batches, to_device
@@ -56,6 +56,7 @@ from rnnjax.optim import make_optimizer
 
 Runner = Callable[[], object]
 RNNJAX = "rnnjax (as rnnjax train)"
+PER_STEP = "rnnjax (1 step/call)"
 
 
 def batches(data: Arrays, batch: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -64,36 +65,41 @@ def batches(data: Arrays, batch: int, count: int) -> list[tuple[np.ndarray, np.n
 
 
 def rnnjax_runners(data: Arrays, device_data: Arrays, batch: int, steps: int,
-                   tune_budget_s: float | None) -> tuple[dict[str, Runner], str]:
+                   tune_budget_s: float | None
+                   ) -> tuple[dict[str, Runner], dict[str, float], str]:
     """rnnjax as ``rnnjax train --batch-size B`` runs it (the tuner's choice for this machine,
     cached or measured now within ``tune_budget_s``, as in ``benchmarks.flax_peers``): up to
     K = ``steps`` train steps per compiled call on ``device_data`` (``run(count)``), in a
     child process started with the choice's process settings where it has some; and the
     same choice, without them, one compiled step per call fed from the host. Returns the
-    runners (a child is closed by ``flax_peers.close_children``) and the choice in words."""
+    runners (a child is closed by ``flax_peers.close_children``), their compile seconds and
+    the choice in words."""
     config, chosen = flax_peers.user_config("simple_rnn", "rows", batch, tune_budget_s)
     idx = jax.device_put(batch_indices(len(data.train_labels), batch, 0, steps))
-    fast, _ = flax_peers.train_runner(device_data, idx, config)
-    return ({RNNJAX: fast,
-             "rnnjax (1 step/call)": rnnjax_per_step(data, batch, steps,
-                                                     flax_peers.in_process(config))},
-            chosen)
+    fast, fast_compile_s = flax_peers.train_runner(device_data, idx, config)
+    per_step, per_step_compile_s = rnnjax_per_step(data, batch, steps,
+                                                   flax_peers.in_process(config))
+    return ({RNNJAX: fast, PER_STEP: per_step},
+            {RNNJAX: fast_compile_s, PER_STEP: per_step_compile_s}, chosen)
 
 
-def rnnjax_per_step(data: Arrays, batch: int, steps: int, config: Config) -> Runner:
-    """One compiled step of ``config``'s model per call, batches fed from the host."""
+def rnnjax_per_step(data: Arrays, batch: int, steps: int,
+                    config: Config) -> tuple[Runner, float]:
+    """One compiled step of ``config``'s model per call, batches fed from the host; and its
+    compile seconds (compiled ahead, ``rnnjax.runtime.compile_timed``)."""
     model, optimizer = make_model(config), make_optimizer(config)
     state = [init_state(config, model, optimizer)]
     step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer),
                    donate_argnums=0)
     feed = batches(data, batch, steps)
+    compiled, compile_s = runtime.compile_timed(step, state[0], *feed[0])
 
     def run():
         for x, y in feed:
-            state[0], _ = step(state[0], x, y)
+            state[0], _ = compiled(state[0], x, y)
         return state[0]
 
-    return run
+    return run, compile_s
 
 
 def keras_step(data: Arrays, batch: int, steps: int, unroll: bool) -> Runner:
@@ -189,12 +195,16 @@ def main(argv=None) -> None:
     parser.add_argument("--flax-cases", type=harness.cases(empty=True),
                         default="rows:50,rows:1024,rows:4096,pixels:50",
                         help="cases of the Flax comparison (benchmarks.flax_peers); '' skips it")
-    parser.add_argument("--tune-budget", type=float, default=None,
+    parser.add_argument("--tune-budget", type=harness.tune_budget, default=None,
                         help="seconds the tuner may spend on a batch size it has not cached "
-                        "(default: as the first rnnjax train would; 0: the untuned defaults)")
+                        "(default: as the first rnnjax train would; 0: the untuned defaults, "
+                        "as with $RNNJAX_TUNE off)")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
+    out = harness.results_dir(parser, args.out)
     data = load_arrays(Config())
+    harness.check_batches(parser, "--batch-sizes", ((str(b), b) for b in args.batch_sizes),
+                          len(data.train_labels))
     device_data = to_device(data)
     peers: dict[str, Callable[[Arrays, int, int], Runner]] = {}
     if available("keras"):
@@ -211,7 +221,8 @@ def main(argv=None) -> None:
     run_steps = Config().steps_per_call  # what rnnjax train runs per call
     for batch in args.batch_sizes:
         steps = max(10, min(200, 20000 // batch))
-        runners, chosen = rnnjax_runners(data, device_data, batch, steps, args.tune_budget)
+        runners, compile_s, chosen = rnnjax_runners(data, device_data, batch, steps,
+                                                    args.tune_budget)
         try:
             runners.update((name, make(data, batch, steps)) for name, make in peers.items())
             # rnnjax's runner in calls of 1 and K steps; the others, K steps a call of
@@ -232,12 +243,19 @@ def main(argv=None) -> None:
         best = row[f"{RNNJAX} ms"]
         for name in names[1:]:
             row[f"{name} / rnnjax"] = row[f"{name} ms"] / best
+        row.update((f"{name} compile s", value) for name, value in compile_s.items())
         rows.append(row)
-    columns = [c for c in rows[0] if not c.endswith(flax_peers.CALL_COLUMNS)]
-    notes = flax_peers.per_runner_notes(
-        rows, f"rnnjax's call's own ms, spread over {run_steps} steps per call in its ms "
-        "above (the medians of its 1- and K-step calls are in the JSON)", " call ms", "{:.1f}",
-        case=lambda r: f"batch {r['batch']}")
+    # The table: ms per step; the compile seconds and the calls' own ms: notes, JSON.
+    columns = [c for c in rows[0] if not c.endswith((" compile s", *flax_peers.CALL_COLUMNS))]
+    notes = "\n\n".join(
+        flax_peers.per_runner_notes(rows, title, suffix, "{:.1f}",
+                                    case=lambda r: f"batch {r['batch']}")
+        for title, suffix in (
+            ("Compile seconds of rnnjax's runners (Keras compiles inside its first "
+             "train_on_batch, in the untimed first turn; PyTorch eager compiles nothing)",
+             " compile s"),
+            (f"rnnjax's call's own ms, spread over {run_steps} steps per call in its ms "
+             "above (the medians of its 1- and K-step calls are in the JSON)", " call ms")))
     if args.seed_run:
         seed_rows = seed_run()
         base = seed_rows[0]["wall_s"]
@@ -248,8 +266,7 @@ def main(argv=None) -> None:
                else "") for r in seed_rows
         )
         print(notes)
-    out = write_results("peers", rows, columns, env=environment(), notes=notes,
-                        out_dir=args.out or None)
+    write_results("peers", rows, columns, env=environment(), notes=notes, out_dir=out)
     if available("matplotlib"):
         plot(rows, names, out / "peers.png")
     else:

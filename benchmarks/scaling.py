@@ -11,7 +11,8 @@ in a fresh subprocess: the number of CPU devices is fixed when JAX starts
 process. Then, for each accelerator backend JAX sees (GPU, TPU), the same for 1, 2, 4, ...
 up to all of its devices. Timing is benchmarks.harness' ``time_compiled`` (compile apart,
 one burn-in call, median of repeats). Reports steps/s, samples/s, the speedup over one
-device and the efficiency (speedup / devices). Writes ``results/scaling.{json,md}``.
+device and the efficiency (speedup / devices). Writes ``results/scaling.{json,md}`` after
+each worker, complete so far; a worker that fails ends the run with its own error line.
 
 Strong scaling (default) keeps the global batch fixed; ``--weak`` keeps the per-device
 batch fixed. Forced CPU devices share this machine's cores: on CPU the table shows what
@@ -29,7 +30,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks import harness
 from benchmarks.harness import at_least, ints_at_least, write_results
+from rnnjax.config import Config
+from rnnjax.data.sources import load_arrays
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "SCALING_ROW "
@@ -82,9 +86,20 @@ def measure(backend: str, devices: int, batch: int, hidden: int, steps: int,
     }
 
 
+class WorkerError(Exception):
+    """A worker failed; the message is one line: which, and its own last error line."""
+
+
+def worker_batch(devices: int, args: argparse.Namespace) -> int:
+    """The global batch of a worker over ``devices`` (``--batch-size`` per device with
+    ``--weak``)."""
+    return args.batch_size * devices if args.weak else args.batch_size
+
+
 def run_worker(backend: str, devices: int, args: argparse.Namespace) -> tuple[dict, dict]:
     """:func:`measure` in a fresh process (with ``devices`` forced CPU devices on CPU):
-    its row and its environment."""
+    its row and its environment. A worker that fails raises :class:`WorkerError` with its
+    own ``error:`` line (its last line where it printed none: a traceback's exception)."""
     env = dict(os.environ)
     if backend == "cpu":
         flags = [f for f in env.get("XLA_FLAGS", "").split()
@@ -92,15 +107,19 @@ def run_worker(backend: str, devices: int, args: argparse.Namespace) -> tuple[di
         flags.append(f"--xla_force_host_platform_device_count={devices}")
         env.update(XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    batch = args.batch_size * devices if args.weak else args.batch_size
+    batch = worker_batch(devices, args)
     cmd = [sys.executable, "-m", "benchmarks.scaling", "--worker", backend, str(devices),
            "--batch-size", str(batch), "--hidden-size", str(args.hidden_size),
            "--steps", str(args.steps), "--repeats", str(args.repeats)]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     rows = [line[len(MARK):] for line in proc.stdout.splitlines() if line.startswith(MARK)]
     if proc.returncode != 0 or not rows:
-        raise RuntimeError(f"{backend} x{devices} failed ({proc.returncode}):\n"
-                           f"{(proc.stdout + proc.stderr)[-3000:]}")
+        lines = [line.strip() for line in (proc.stdout + proc.stderr).splitlines()
+                 if line.strip()]
+        errors = [line.partition(": error: ")[2] for line in lines if ": error: " in line]
+        said = (errors or lines or ["no output"])[-1]
+        raise WorkerError(f"the worker of {backend} x{devices} failed (exit "
+                          f"{proc.returncode}): {said}")
     row, env = json.loads(rows[-1])
     return row, env
 
@@ -125,9 +144,10 @@ def powers_of_two(limit: int) -> list[int]:
 
 
 def check_plan(parser: argparse.ArgumentParser, plan: list[tuple[str, int]],
-               args: argparse.Namespace) -> None:
-    """Refuse (``parser.error``, exit 2) a strong-scaling global batch that some device count
-    of ``plan`` does not divide, before any worker runs (weak scaling multiplies it)."""
+               args: argparse.Namespace, examples: int) -> None:
+    """Refuse (``parser.error``, exit 2), before any worker runs, a strong-scaling global
+    batch that some device count of ``plan`` does not divide (weak scaling multiplies it),
+    and a global batch larger than the training set's ``examples``."""
     counts = [devices for _, devices in plan]
     bad = [(backend, n) for backend, n in plan if not args.weak and args.batch_size % n]
     if bad:
@@ -135,6 +155,10 @@ def check_plan(parser: argparse.ArgumentParser, plan: list[tuple[str, int]],
         parser.error(f"--batch-size {args.batch_size} does not divide over {backend} x{n}; give "
                      f"a multiple of {math.lcm(*counts)} (every device count of the run), "
                      "other --counts (--no-accelerators: the CPU's alone), or --weak")
+    harness.check_batches(parser, "--batch-size", (
+        (f"{args.batch_size}" + (f" (--weak: {worker_batch(n, args)} over {backend} x{n})"
+                                 if args.weak else ""), worker_batch(n, args))
+        for backend, n in plan), examples)
 
 
 def main(argv=None) -> None:
@@ -161,25 +185,37 @@ def main(argv=None) -> None:
 
         from benchmarks.harness import environment
 
-        row = measure(args.worker[0], int(args.worker[1]), args.batch_size, args.hidden_size,
-                      args.steps, args.repeats)
+        row = harness.checked(parser, lambda: measure(
+            args.worker[0], int(args.worker[1]), args.batch_size, args.hidden_size,
+            args.steps, args.repeats))
         print(MARK + json.dumps([row, environment(jax.devices(args.worker[0])[0])]),
               flush=True)
         return
 
+    out = harness.results_dir(parser, args.out)
+    examples = len(load_arrays(Config()).train_labels)
     plan = [("cpu", n) for n in args.counts]
-    check_plan(parser, plan, args)  # before asking for the accelerators (a process, seconds)
+    check_plan(parser, plan, args, examples)  # before asking for the accelerators (seconds)
     if not args.no_accelerators:
         for backend, count in sorted(accelerators().items()):
             plan += [(backend, n) for n in powers_of_two(count)]
-        check_plan(parser, plan, args)
+        check_plan(parser, plan, args, examples)
     rows, envs = [], []
     for backend, devices in plan:
-        row, worker_env = run_worker(backend, devices, args)
+        try:
+            row, worker_env = run_worker(backend, devices, args)
+        except WorkerError as e:  # the rows so far are written
+            parser.error(str(e))
         rows.append(row)
         envs.append(worker_env)
         print(f"{backend} x{devices}: batch {row['batch']}, {row['ms_per_step']:.3f} ms/step, "
               f"{row['samples_per_s']:.0f} samples/s", flush=True)
+        report(rows, envs, args.weak, out)  # after every worker, complete so far
+
+
+def report(rows: list[dict], envs: list[dict], weak: bool, out: Path) -> None:
+    """Write the table of ``rows`` (the workers' so far, with ``envs``, their environments):
+    each row's speedup and efficiency against the fewest-device row of its backend."""
     for backend in {r["backend"] for r in rows}:
         sel = [r for r in rows if r["backend"] == backend]
         base = min(sel, key=lambda r: r["devices"])
@@ -190,7 +226,7 @@ def main(argv=None) -> None:
     columns = ["backend", "devices", "batch", "per_device_batch", "steps_per_call",
                "ms_per_step", "steps_per_s", "samples_per_s", "speedup", "efficiency",
                "compile_s", "first_call_s"]
-    notes = (f"{'Weak' if args.weak else 'Strong'} scaling; speedup = samples/s over the "
+    notes = (f"{'Weak' if weak else 'Strong'} scaling; speedup = samples/s over the "
              "fewest-device run of the same backend, efficiency = speedup x (its devices) / "
              f"devices. Forced CPU devices share this machine's {os.cpu_count()} cores, so "
              "CPU rows measure partitioning overhead, not independent hardware.")
@@ -202,7 +238,7 @@ def main(argv=None) -> None:
         values = list(dict.fromkeys(str(e.get(key, "")) for e in envs))
         if len(values) > 1:
             env[key] = " / ".join(v or "none" for v in values) + " (per row)"
-    write_results("scaling", rows, columns, env=env, notes=notes, out_dir=args.out or None)
+    write_results("scaling", rows, columns, env=env, notes=notes, out_dir=out)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import functools
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +33,11 @@ from benchmarks.harness import (
     at_least,
     cell_name,
     cell_names,
+    check_batches,
     environment,
     ints_at_least,
     markdown_table,
+    results_dir,
     time_calls,
     time_compiled,
     write_results,
@@ -210,6 +213,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ops-only", action="store_true",
                         help="report the ops only, no timings (results/throughput_ops)")
     args = parser.parse_args(argv)
+    out = results_dir(parser, args.out)
 
     batches, unrolls = args.batch_sizes, args.unrolls
     # Accelerators first: where a time limit cuts the run short, their rows are written.
@@ -221,6 +225,10 @@ def main(argv=None) -> None:
         if backend not in present:
             parser.error(f"argument --backends: {backend!r} is not a backend JAX has here; "
                          f"give some of {', '.join(sorted(present))}")
+    data = None if args.ops_only else load_arrays(Config())
+    if data is not None:  # the ops are counted at batch 50
+        check_batches(parser, "--batch-sizes", ((str(b), b) for b in batches),
+                      len(data.train_labels))
     rows = []
     envs = {}
     for backend in backends:
@@ -229,9 +237,8 @@ def main(argv=None) -> None:
         envs[backend]["ops_per_step"] = ops_table(args.cells, device)
     if args.ops_only:
         write_results("throughput_ops", ops_rows(envs), OPS_COLUMNS,
-                      env=next(iter(envs.values())) | {"backends": envs}, out_dir=args.out or None)
+                      env=next(iter(envs.values())) | {"backends": envs}, out_dir=out)
         return
-    data = load_arrays(Config())
     for backend in backends:
         device = jax.devices(backend)[0]
         rate = gemm_rate(device, 2048 if backend == "cpu" else 8192)
@@ -255,10 +262,10 @@ def main(argv=None) -> None:
                 rows.append(row)
                 print(f"  batch {batch} unroll {row['unroll']}: {row['ms_per_step']:.3f} ms/step "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        report(rows, envs, args.out)  # after every backend, complete so far
+        report(rows, envs, out)  # after every backend, complete so far
 
 
-def report(rows: list[dict], envs: dict[str, dict], out: str) -> None:
+def report(rows: list[dict], envs: dict[str, dict], out: Path) -> None:
     """Write the table (with the accelerator / CPU ratio when both ran) and the plot."""
     base = {(r["batch"], r["unroll"]): r for r in rows if r["backend"] == "cpu"}
     for r in rows:
@@ -274,8 +281,7 @@ def report(rows: list[dict], envs: dict[str, dict], out: str) -> None:
     notes = "Ops of the compiled train step (batch 50, rows): per time step at unroll 1, " \
         "forward / backward, and launched by one whole step at unroll 1 and full:\n\n" + \
         markdown_table(ops_rows(envs), OPS_COLUMNS)
-    directory = write_results("throughput", rows, columns, env=env, notes=notes,
-                              out_dir=out or None)
+    directory = write_results("throughput", rows, columns, env=env, notes=notes, out_dir=out)
     plot(rows, directory / "throughput.png")
 
 

@@ -351,19 +351,30 @@ def reads_tensorflow(config: Config, whole_process: bool) -> None:
 
 
 def tune_budget(args: argparse.Namespace, default: float) -> float:
-    """``--tune-budget``, checked: a positive, finite number of seconds."""
-    budget = default if args.tune_budget is None else args.tune_budget
+    """``--tune-budget``, checked (:func:`checked_budget`)."""
+    return checked_budget(default if args.tune_budget is None else args.tune_budget)
+
+
+def checked_budget(budget: float) -> float:
+    """``budget``, a tuning budget, checked: a positive, finite number of seconds (else
+    :class:`UsageError`). The benchmarks' ``--tune-budget`` takes the same."""
     if not (budget > 0 and budget < float("inf")):
         raise UsageError(f"--tune-budget must be a positive number of seconds, got {budget}")
     return budget
 
 
 def tuning_enabled(args: argparse.Namespace) -> bool:
-    """``--tune``/``--no-tune``, else on unless ``$RNNJAX_TUNE`` is off (0, false, no)."""
-    from rnnjax.tune import ENV_VAR
-
+    """``--tune``/``--no-tune``, else :func:`tuning_by_default`."""
     if args.tune is not None:
         return args.tune
+    return tuning_by_default()
+
+
+def tuning_by_default() -> bool:
+    """Whether ``rnnjax train`` tunes without ``--tune``/``--no-tune``: unless
+    ``$RNNJAX_TUNE`` is off (0, false, no). The benchmarks run as it does."""
+    from rnnjax.tune import ENV_VAR
+
     return os.environ.get(ENV_VAR, "").strip().lower() not in ("0", "off", "false", "no")
 
 

@@ -1,9 +1,11 @@
 """The benchmarks refuse a bad flag value before anything is tuned or timed: argparse's one
-``error:`` line naming the flag and the fix, exit 2 (``benchmarks.harness``' flag types);
-and ``benchmarks/gpu.sh`` runs again into an OUT_DIR an earlier run filled."""
+``error:`` line naming the flag and the fix, exit 2 (``benchmarks.harness``' flag types,
+results directory and batch checks); and ``benchmarks/gpu.sh`` runs again into an OUT_DIR
+an earlier run filled, and refuses one it cannot write."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -12,11 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import (
     accuracy,
     evaluation,
+    feeds,
     flax_peers,
     harness,
     keras_seed,
@@ -26,11 +30,12 @@ from benchmarks import (
     throughput,
 )
 from rnnjax import tune
+from rnnjax.data.idx import Arrays
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {"flax_peers": flax_peers, "throughput": throughput, "peers": peers,
            "accuracy": accuracy, "scaling": scaling, "keras_seed": keras_seed,
-           "native_kernels": native_kernels, "evaluation": evaluation}
+           "native_kernels": native_kernels, "evaluation": evaluation, "feeds": feeds}
 
 
 class Started(Exception):
@@ -38,13 +43,17 @@ class Started(Exception):
 
 
 @pytest.fixture
-def no_work(monkeypatch):
-    """Each benchmark's first piece of work raises :class:`Started`."""
+def no_work(monkeypatch, tmp_path):
+    """Each benchmark's first piece of work raises :class:`Started` (after the data, where
+    a test loads some: :func:`hundred_examples`); results, if any, under ``tmp_path``."""
     def started(*args, **kwargs):
         raise Started
 
-    for target in (flax_peers, peers, throughput, native_kernels):
+    monkeypatch.setenv("RNNJAX_BENCH_OUT", str(tmp_path / "results"))
+    for target in (flax_peers, peers, throughput, native_kernels, feeds):
         monkeypatch.setattr(target, "load_arrays", started)
+    for target in (flax_peers, peers):
+        monkeypatch.setattr(target, "to_device", started)
     monkeypatch.setattr(throughput, "ops_table", started)
     monkeypatch.setattr(native_kernels, "build_all", started)
     monkeypatch.setattr(accuracy, "train_and_evaluate", started)
@@ -79,6 +88,12 @@ BAD = [  # (module, flags, what the error line says)
     ("peers", ["--batch-sizes", "50,0"], "argument --batch-sizes: '50,0'"),
     ("peers", ["--repeats", "0"], "argument --repeats: '0'"),
     ("peers", ["--flax-cases", "rows:x"], "argument --flax-cases: 'rows:x'"),
+    # rnnjax train refuses these budgets; a nan one wrote a NaN record into the tuner's cache
+    ("peers", ["--tune-budget", "nan"], "argument --tune-budget: 'nan': give a positive "
+                                        "number of seconds, as rnnjax train's --tune-budget"),
+    ("peers", ["--tune-budget", "x"], "argument --tune-budget: 'x': give a positive number"),
+    ("flax_peers", ["--tune-budget", "inf"], "argument --tune-budget: 'inf': give a positive"),
+    ("flax_peers", ["--tune-budget", "-5"], "argument --tune-budget: '-5': give a positive"),
     ("accuracy", ["--cells", "foo"], "argument --cells: unknown cell 'foo'"),
     ("accuracy", ["--row-steps", "0"], "argument --row-steps: '0': give an integer of 1"),
     ("accuracy", ["--orders", "rows,columns"], "argument --orders: 'rows,columns': give some "
@@ -114,6 +129,8 @@ GOOD = [  # the same benchmarks with good values get to their work (the fixture'
                     "--cell", "flax.linen:GRUCell"]),
     ("throughput", ["--backends", "cpu", "--ops-only"]),
     ("peers", ["--batch-sizes", "50", "--repeats", "1", "--flax-cases", ""]),
+    ("peers", ["--batch-sizes", "50", "--tune-budget", "0", "--flax-cases", ""]),
+    ("flax_peers", ["--cases", "rows:50", "--tune-budget", "2.5"]),
     ("accuracy", ["--cells", "irnn", "--row-steps", "1"]),
     ("scaling", ["--counts", "1,2", "--batch-size", "8"]),
     ("scaling", ["--counts", "3", "--batch-size", "8", "--weak"]),
@@ -139,6 +156,167 @@ def test_the_flag_types_parse_what_they_take():
     assert harness.ints_at_least(0)("1,0") == [1, 0]
     assert harness.at_least(2)("2") == 2
     assert harness.cell_names("lstm,flax.linen:GRUCell") == ["lstm", "flax.linen:GRUCell"]
+    assert harness.tune_budget("0") == 0 and harness.tune_budget("2.5") == 2.5
+
+
+def one_error_line(exit_info, capsys, quiet: bool = True) -> str:
+    """The one ``error:`` line of a refusal (exit 2, no traceback; with ``quiet``, nothing
+    on stdout)."""
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2, captured.err
+    errors = [line for line in captured.err.splitlines() if "error: " in line]
+    assert len(errors) == 1 and errors[0] == captured.err.splitlines()[-1], captured.err
+    assert "Traceback" not in captured.err and (captured.out == "" or not quiet), captured.out
+    return errors[0]
+
+
+# The benchmarks that write results (benchmarks/results, --out or $RNNJAX_BENCH_OUT), with
+# good flags that get them to their work (the no_work fixture's sentinels).
+WRITERS = {"flax_peers": [], "throughput": [], "peers": ["--flax-cases", ""],
+           "accuracy": ["--row-steps", "1"], "scaling": ["--counts", "1", "--batch-size", "8"],
+           "native_kernels": ["--cells", "simple_rnn"], "evaluation": ["--examples", "8"],
+           "feeds": []}
+
+
+@pytest.mark.parametrize("where", ["under a file", "a file", "$RNNJAX_BENCH_OUT", "/proc"])
+@pytest.mark.parametrize("module", list(WRITERS))
+def test_a_results_directory_that_cannot_be_written_is_refused_first(
+        module, where, tmp_path, no_work, monkeypatch, capsys):
+    """It was found by ``write_results`` after all the work: a traceback, exit 1, every
+    result lost. Now the directory is made and written to before any work."""
+    file = tmp_path / "a-file"
+    file.write_text("kept\n")
+    out = {"under a file": file / "sub", "a file": file, "$RNNJAX_BENCH_OUT": file / "sub",
+           "/proc": Path("/proc/rnnjax-bench")}[where]
+    flags = list(WRITERS[module])
+    if where == "$RNNJAX_BENCH_OUT":
+        monkeypatch.setenv("RNNJAX_BENCH_OUT", str(out))
+    else:
+        flags += ["--out", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        MODULES[module].main(flags)
+    error = one_error_line(exit_info, capsys)
+    said = (f"$RNNJAX_BENCH_OUT {out}" if where == "$RNNJAX_BENCH_OUT"
+            else f"argument --out: {out}")
+    reason = "No such file or directory" if where == "/proc" else f"{file} is a file"
+    assert error.endswith(f"error: {said}: cannot write the results there ({reason}); "
+                          + ("set $RNNJAX_BENCH_OUT to a directory you can write to, or give "
+                             "--out one" if where == "$RNNJAX_BENCH_OUT" else
+                             "give --out a directory you can write to")), error
+    assert file.read_text() == "kept\n"
+
+
+@pytest.mark.parametrize("module", list(WRITERS))
+def test_the_results_directory_is_made_before_the_work(module, tmp_path, no_work):
+    out = tmp_path / "new" / "results"
+    with pytest.raises(Started):
+        MODULES[module].main([*WRITERS[module], "--out", str(out)])
+    assert out.is_dir() and list(out.iterdir()) == []  # the probe's file removed
+
+
+@pytest.fixture
+def hundred_examples(no_work, monkeypatch):
+    """A training set of 100 examples, loaded at once; every other work as in no_work."""
+    images, labels = np.zeros((100, 28, 28), np.uint8), np.zeros((100,), np.int32)
+    arrays = Arrays(images, labels, images[:10], labels[:10])
+    for target in (flax_peers, peers, throughput, native_kernels, feeds, scaling):
+        monkeypatch.setattr(target, "load_arrays", lambda config: arrays, raising=False)
+
+
+BIG = [  # a batch larger than the training set (100 examples): (module, flags, error)
+    ("flax_peers", ["--cases", "rows:50,pixels:101"], "--cases pixels:101"),
+    ("peers", ["--batch-sizes", "50,101", "--flax-cases", ""], "--batch-sizes 101"),
+    ("throughput", ["--batch-sizes", "101"], "--batch-sizes 101"),
+    ("native_kernels", ["--cells", "simple_rnn", "--cases", "rows:101"], "--cases rows:101"),
+    ("scaling", ["--counts", "1", "--batch-size", "101"], "--batch-size 101"),
+    ("scaling", ["--counts", "1,2", "--batch-size", "51", "--weak"],
+     "--batch-size 51 (--weak: 102 over cpu x2)"),
+    ("feeds", ["--batch-size", "101"], "--batch-size 101"),
+]
+
+
+@pytest.mark.parametrize(("module", "flags", "said"), BIG,
+                         ids=[f"{m} {' '.join(f)}" for m, f, _ in BIG])
+def test_a_batch_larger_than_the_training_set_is_refused_as_rnnjax_train_refuses_it(
+        module, flags, said, hundred_examples, capsys):
+    """Its batches wrap around, each holding examples twice: rnnjax train refuses it
+    ("--batch-size 70000 is larger than the 60000 training examples"), and so do the
+    benchmarks that time "rnnjax as rnnjax train" now, as benchmarks.feeds did."""
+    with pytest.raises(SystemExit) as exit_info:
+        MODULES[module].main(flags)
+    assert one_error_line(exit_info, capsys).endswith(
+        f"error: {said}: larger than the training set (100 examples); give a batch of at "
+        "most 100")
+
+
+@pytest.mark.parametrize("module", ["flax_peers", "peers", "throughput", "native_kernels",
+                                    "scaling"])
+def test_a_batch_of_the_whole_training_set_gets_to_the_work(module, hundred_examples):
+    flags = {"flax_peers": ["--cases", "rows:100"], "peers": ["--batch-sizes", "100"],
+             "throughput": ["--batch-sizes", "100"], "scaling": ["--batch-size", "100",
+                                                                 "--counts", "1"],
+             "native_kernels": ["--cells", "simple_rnn", "--cases", "rows:100"]}[module]
+    with pytest.raises(Started):
+        MODULES[module].main(flags)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow_datasets") is None,
+                    reason="needs tensorflow-datasets (the tfds extra)")
+def test_feeds_refuses_a_tfds_dir_it_cannot_build_in_before_compiling(
+        tmp_path, monkeypatch, capsys):
+    """A 39-line traceback, exit 1, after compiling the step, was what a --tfds-dir that is
+    a file got: the build is made (or found) now, inside ``harness.checked``."""
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(feeds, "make_model", started)  # the model, then compiling
+    file = tmp_path / "a-file"
+    file.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        feeds.main(["--tfds-dir", str(file), "--out", str(tmp_path / "out")])
+    error = one_error_line(exit_info, capsys, quiet=False)  # tfds' own lines on stdout
+    assert "error: --tfds-dir " in error and "cannot write the tfds build of mnist" in error
+    assert "pass --tfds-dir a writable directory" in error
+
+
+def test_a_scaling_worker_that_fails_is_its_own_line_and_the_rows_before_it_are_kept(
+        tmp_path, monkeypatch, capsys):
+    """A worker's failure was a nested traceback of 28 lines, and the rows of the workers
+    before it were lost (written only at the end): now its own error line (its last line,
+    where it printed none), exit 2, and the table is written after each worker."""
+    real = subprocess.run
+    said = {2: "Traceback (most recent call last):\n  File ...\njaxlib.XlaRuntimeError: "
+               "RESOURCE_EXHAUSTED: Out of memory allocating 40000000000 bytes.\n",
+            4: "usage: scaling.py [-h]\nscaling.py: error: --batch-size 8 does not divide "
+               "over 3 devices\n"}
+
+    def worker(cmd, **kwargs):
+        if "--worker" not in cmd:
+            return real(cmd, **kwargs)
+        devices = int(cmd[cmd.index("--worker") + 2])
+        if devices in said:
+            return subprocess.CompletedProcess(cmd, 1 + (devices == 4), "", said[devices])
+        env = {"backend": "cpu", "device_kind": "cpu", "device_count": devices,
+               "versions": {"jax": "x"}, "xla_flags": ""}
+        row = {"backend": "cpu", "devices": devices, "batch": 8, "samples_per_s": 100.0,
+               "ms_per_step": 1.0}
+        return subprocess.CompletedProcess(cmd, 0, scaling.MARK + json.dumps([row, env]), "")
+
+    monkeypatch.setattr(scaling.subprocess, "run", worker)
+    for counts, line in (
+            ("1,2", "the worker of cpu x2 failed (exit 1): jaxlib.XlaRuntimeError: "
+                    "RESOURCE_EXHAUSTED: Out of memory allocating 40000000000 bytes."),
+            ("1,4", "the worker of cpu x4 failed (exit 2): --batch-size 8 does not divide "
+                    "over 3 devices")):
+        with pytest.raises(SystemExit) as exit_info:
+            scaling.main(["--counts", counts, "--batch-size", "8", "--no-accelerators",
+                          "--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2
+        assert err.splitlines()[-1].endswith(f": error: {line}"), err
+        assert "Traceback" not in err and err.count("error: ") == 1, err
+        rows = json.loads((tmp_path / "scaling.json").read_text())["rows"]
+        assert [r["devices"] for r in rows] == [1]  # the worker before it's, written
 
 
 # -- benchmarks/gpu.sh ---------------------------------------------------------------------
@@ -193,6 +371,34 @@ def test_gpu_sh_refuses_a_part_it_does_not_have_writing_nothing(tmp_path):
                            "seed_first, seed_cached, native_kernels, flax_rows, flax_pixels, "
                            "throughput\n")
     assert not (tmp_path / "gpu").exists()
+
+
+@pytest.mark.parametrize("where", ["under a file", "/proc"])
+def test_gpu_sh_refuses_an_out_dir_it_cannot_write_before_any_part(tmp_path, where):
+    """Every part failed to write its log, and the script exited 0."""
+    file = tmp_path / "a-file"
+    file.write_text("")
+    out = file / "gpu" if where == "under a file" else Path("/proc/rnnjax-gpu")
+    proc = gpu_sh(tmp_path, out, GPU_PARTS="seed_first")
+    assert proc.returncode == 2
+    assert proc.stderr == (f"gpu.sh: error: cannot write in OUT_DIR {out}; give a directory "
+                           "you can write to\n")
+    assert proc.stdout == ""  # no part ran, not even the versions' line
+
+
+def test_gpu_sh_names_every_dependency_the_seed_runs_need():
+    """Its header listed jax, flax, optax, orbax and numpy; the seed runs (rnnjax train)
+    need Pillow too, for their figures: it names rnnjax's declared dependencies."""
+    import re
+    import tomllib
+
+    header = "".join(line.lstrip("# ") for line in
+                     (ROOT / "benchmarks" / "gpu.sh").read_text().splitlines()[1:20]
+                     if line.startswith("#")).lower()
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for requirement in declared:
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement)[0].lower()
+        assert name in header, name
 
 
 def test_gpu_sh_time_limits_sum_under_the_device_tools_600_s():

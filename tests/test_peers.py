@@ -57,6 +57,12 @@ def test_peers_time_rnnjax_untuned_against_keras(tmp_path):
     assert f"| {peers.RNNJAX} ms |" in header
     assert "median" not in header and "call ms" not in header
     assert "rnnjax's call's own ms" in text
+    # Compile seconds apart (they were dropped): rnnjax's runners', in the JSON and notes.
+    for name in (peers.RNNJAX, peers.PER_STEP):
+        assert row[f"{name} compile s"] > 0
+    assert "compile" not in header
+    assert "Compile seconds of rnnjax's runners" in text
+    assert f"- batch 2000: {peers.RNNJAX} {row[f'{peers.RNNJAX} compile s']:.1f}, " in text
     # The figure needs matplotlib (the peers extra), which the test extra leaves out.
     assert (tmp_path / "peers.png").exists() == (
         importlib.util.find_spec("matplotlib") is not None)
@@ -82,6 +88,9 @@ def test_peers_run_a_choice_with_xla_flags_in_a_child_with_them(tmp_path, monkey
     assert row["rnnjax train runs"] == "measured: a choice with XLA flags"
     assert row[f"{peers.RNNJAX} ms"] > 0 and row["rnnjax (1 step/call) ms"] > 0
     ((child, config),) = children
+    # the child's compile seconds, as it reported them, and the in-process runner's
+    assert row[f"{peers.RNNJAX} compile s"] == child.compile_s > 0
+    assert row[f"{peers.PER_STEP} compile s"] > 0
     assert config.xla_flags == flags  # started with them (tune.child_env)
     assert child.proc.returncode == 0  # closed once timed
     assert flags not in os.environ.get("XLA_FLAGS", "")  # this process is left as it was
@@ -93,6 +102,7 @@ def test_the_choice_a_benchmark_reports_says_what_choosing_it_cost(monkeypatch):
     it (tune.resolve's record), which this run did not spend, and says so."""
     from rnnjax import tune
 
+    monkeypatch.delenv("RNNJAX_TUNE")  # as rnnjax train, the benchmark tunes
     records = iter([{"mode": "measured", "tune_s": 10.04},
                     {"mode": "cached", "tune_s": 10.04}, {"mode": "cached"}])
     monkeypatch.setattr(tune, "resolve",
@@ -111,6 +121,7 @@ def test_the_choice_a_benchmark_reports_says_which_feed_it_timed(monkeypatch, fe
     the tuner chose: a row whose choice was another feed says it was timed with device."""
     from rnnjax import tune
 
+    monkeypatch.delenv("RNNJAX_TUNE")  # as rnnjax train, the benchmark tunes
     monkeypatch.setattr(tune, "resolve", lambda config, *args, **kwargs: (
         config.replace(feed=feed), {"mode": "measured", "tune_s": 9.0}))
     config, chosen = flax_peers.user_config("simple_rnn", "rows", 50, None)
@@ -119,6 +130,25 @@ def test_the_choice_a_benchmark_reports_says_which_feed_it_timed(monkeypatch, fe
     assert f"feed {feed}" in described
     assert chosen == f"measured in 9.0 s: {described}" + (
         "" if feed == "device" else " (timed with feed device)")
+
+
+@pytest.mark.parametrize("value", ["off", "0", "False", " no "])
+def test_the_benchmarks_run_untuned_where_rnnjax_train_does(monkeypatch, value):
+    """With $RNNJAX_TUNE off, rnnjax train runs the untuned defaults; the benchmark's rnnjax
+    row said "cached (tuned ...)", the tuner's choice, which that run does not run. It reads
+    the switch as rnnjax train does (``rnnjax.cli.tuning_by_default``) and says so."""
+    from rnnjax import tune
+
+    def resolve(*args, **kwargs):
+        raise AssertionError("tuned with $RNNJAX_TUNE off")
+
+    monkeypatch.setenv("RNNJAX_TUNE", value)
+    monkeypatch.setattr(tune, "resolve", resolve)
+    for budget in (None, 30.0):
+        config, chosen = flax_peers.user_config("gru", "pixels", 64, budget)
+        assert config == Config(cell="gru", order="pixels", batch_size=64)
+        assert chosen == "untuned defaults (RNNJAX_TUNE off)"
+    assert flax_peers.user_config("gru", "rows", 64, 0.0)[1] == "untuned defaults"
 
 
 # Keras' seed run and the peers' Keras runner, each as short as it goes, each in its own
