@@ -714,7 +714,7 @@ def _eval(args: argparse.Namespace, whole_process: bool = False) -> int:
         _check_out(args.out, given=False)
     config = eval_data_config(loaded.config, args)
     reads_tensorflow(config, whole_process)
-    dataset = load_dataset(config)
+    dataset = load_dataset(config, splits=("test",))  # the train split neither read nor needed
     checkpoint.check_data_spec(loaded.spec, dataset.spec, step_dir)
     data = dataset.arrays
     if not len(data.test_labels):

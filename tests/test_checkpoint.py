@@ -627,6 +627,28 @@ def test_eval_prints_per_class_accuracy_and_writes_the_png(runs, tmp_path, capsy
     assert out.read_bytes().startswith(b"\x89PNG")
 
 
+def test_eval_reads_the_test_split_alone(runs, tmp_path, capsys):
+    """An evaluation neither reads the train split nor needs it: a directory of the two
+    t10k files alone (another set's test set) was refused for a missing
+    train-images-idx3-ubyte, and every eval read and verified 47 MB it did not use."""
+    from rnnjax.data.idx import FILES
+    from rnnjax.data.sources import EMBEDDED_MNIST, load_dataset
+
+    for stem in (FILES["test_images"], FILES["test_labels"]):
+        shutil.copy(EMBEDDED_MNIST / f"{stem}.gz", tmp_path / f"{stem}.gz")
+    assert main(["eval", str(runs.full_dir), "--dataset", str(tmp_path), "--out",
+                 str(tmp_path / "cm.png")]) == 0
+    text = capsys.readouterr().out
+    assert "10000 test examples" in text
+    accuracy = text.split("test accuracy:")[1].split()[0]
+    assert accuracy == f"{runs.full.history[-1]['test_accuracy']:.4f}"
+    data = load_dataset(CONFIG.replace(dataset=str(tmp_path)), splits=("test",)).arrays
+    assert data.train_images.shape == (0, 28, 28) and data.train_images.dtype == np.uint8
+    assert data.train_labels.shape == (0,) and data.train_labels.dtype == np.int32
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte"):
+        load_dataset(CONFIG.replace(dataset=str(tmp_path)))  # training needs both
+
+
 def test_predict_reads_a_large_dark_on_light_colour_png(runs, mnist, tmp_path, capsys):
     loaded = inference.load(runs.full_dir)
     originals = mnist.test_images[:300]

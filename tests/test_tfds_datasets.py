@@ -199,6 +199,17 @@ def test_colour_images_train_by_rows_on_both_feeds(prepared, tmp_path):
 
     loaded = inference.load(tmp_path / "run")
     assert loaded.spec == DataSpec((32, 32, 3), 10)
+    # Its test set alone, in a dataset of no train split: eval reads that split only (it
+    # had named --train-split, a flag eval lacks).
+    colour = prepared[2]
+    store("colour_test_only", tmp_path / "tfds", {
+        "image": tfds.features.Image(shape=(32, 32, 3)),
+        "label": tfds.features.ClassLabel(num_classes=10)},
+        {"test": {"image": colour.test_images, "label": colour.test_labels}})
+    from rnnjax.cli import main
+
+    assert main(["eval", str(tmp_path / "run"), "--dataset", "colour_test_only",
+                 "--tfds-dir", str(tmp_path / "tfds"), "--out", str(tmp_path / "cm.png")]) == 0
 
 
 def test_the_tuner_times_the_datasets_own_images(prepared, tmp_path, monkeypatch):

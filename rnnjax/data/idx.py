@@ -238,8 +238,20 @@ def _verify(path: Path, data: bytes, expected: str | None, what: str) -> None:
         )
 
 
-def load_idx_dir(directory: Path | str, checksums: dict[str, str] | None = None) -> Arrays:
-    """Load the four IDX files of a 28x28 classification set from ``directory``.
+SPLITS = ("train", "test")
+
+
+def empty_like(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A split of no examples beside ``images`` (another split's): images of their shape
+    and dtype, labels int32, each of length 0."""
+    return np.empty((0, *images.shape[1:]), images.dtype), np.empty((0,), np.int32)
+
+
+def load_idx_dir(directory: Path | str, checksums: dict[str, str] | None = None,
+                 splits: tuple[str, ...] = SPLITS) -> Arrays:
+    """Load the four IDX files of a 28x28 classification set from ``directory`` (those of
+    ``splits`` alone: ``("test",)`` reads the two t10k files, the train split then empty,
+    :func:`empty_like`, as ``rnnjax eval`` reads them).
 
     checksums: expected MD5s: under a file stem (``train-images-idx3-ubyte``), of its
     uncompressed content; under ``STEM.gz``, of that gzip file as stored (which must then be
@@ -254,13 +266,15 @@ def load_idx_dir(directory: Path | str, checksums: dict[str, str] | None = None)
         checksums = read_md5sums(directory)
     out = {}
     for key, stem in FILES.items():
+        if key.split("_")[0] not in splits:
+            continue
         path = find_file(directory, stem)
         file_checksum = checksums.get(stem + ".gz")
         if file_checksum is not None and path.name != stem + ".gz":
             raise IdxError(f"{path}: the checksums list {stem}.gz, which is not in "
                            f"{directory}; put {stem}.gz back, or list {path.name}'s MD5")
         out[key] = read_idx(path, checksums.get(stem), file_checksum=file_checksum)
-    for split in ("train", "test"):
+    for split in splits:
         images, labels = out[f"{split}_images"], out[f"{split}_labels"]
         if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
             raise IdxError(
@@ -283,6 +297,9 @@ def load_idx_dir(directory: Path | str, checksums: dict[str, str] | None = None)
                 f"max {labels.max()})"
             )
         out[f"{split}_labels"] = labels.astype(np.int32)
+    for split in set(SPLITS) - set(splits):
+        read = out[f"{splits[0]}_images"]
+        out[f"{split}_images"], out[f"{split}_labels"] = empty_like(read)
     return Arrays(**out)
 
 

@@ -20,7 +20,7 @@ from types import ModuleType
 import numpy as np
 
 from rnnjax.config import TUNED, Config, ConfigError
-from rnnjax.data.idx import MNIST_MD5, Arrays, IdxError, load_idx_dir
+from rnnjax.data.idx import MNIST_MD5, SPLITS, Arrays, IdxError, load_idx_dir
 from rnnjax.data.spec import IDX_SPEC, DataSpec
 
 EMBEDDED_MNIST = Path(__file__).resolve().parent / "mnist"
@@ -107,12 +107,14 @@ def import_tfds_datasets() -> ModuleType:
     return tfds_datasets
 
 
-def load_dataset(config: Config) -> Dataset:
-    """The dataset of ``config``: both splits in NumPy and its spec."""
+def load_dataset(config: Config, splits: tuple[str, ...] = SPLITS) -> Dataset:
+    """The dataset of ``config``: both splits in NumPy and its spec (``splits``: those
+    read; ``("test",)`` for an evaluation, the train split then empty and never read, nor
+    needed)."""
     if config.source == "tfds":
-        return import_tfds_datasets().load(config)
+        return import_tfds_datasets().load(config, splits)
     name, directory, checksums = resolve_dataset(config.dataset, config.data_dir)
-    return Dataset(load_idx_dir(directory, checksums), IDX_SPEC, f"{name} (IDX)")
+    return Dataset(load_idx_dir(directory, checksums, splits), IDX_SPEC, f"{name} (IDX)")
 
 
 def dataset_spec(config: Config) -> DataSpec:

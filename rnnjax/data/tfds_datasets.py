@@ -44,7 +44,7 @@ import tensorflow_datasets as tfds
 
 from rnnjax.config import Config, ConfigError
 from rnnjax.data import tfds_mnist
-from rnnjax.data.idx import Arrays, IdxError
+from rnnjax.data.idx import SPLITS, Arrays, IdxError, empty_like
 from rnnjax.data.sources import Dataset, is_path_like, resolve_dataset
 from rnnjax.data.spec import IDX_SPEC, DataSpec
 
@@ -271,8 +271,10 @@ def spec(config: Config) -> DataSpec:
     return target.spec
 
 
-def load(config: Config) -> Dataset:
-    """The dataset of ``config`` (``--source tfds``): its two splits and its spec."""
+def load(config: Config, splits: tuple[str, ...] = SPLITS) -> Dataset:
+    """The dataset of ``config`` (``--source tfds``): its two splits and its spec;
+    ``splits`` those read (``("test",)``: the test split alone, the train split empty,
+    ``rnnjax.data.idx.empty_like``)."""
     target = resolve(config)
     if isinstance(target, IdxBuild):
         _check_idx_splits(target, config)
@@ -290,8 +292,11 @@ def load(config: Config) -> Dataset:
             raise ConfigError(f"--tfds-download: tfds could not download and prepare "
                               f"{target.title} ({problem}); prepare it where there is "
                               "network and pass --tfds-dir") from e
-    train, test = (_read(target, split, flag) for flag, split in _split_flags(config))
-    return Dataset(Arrays(*train, *test), target.spec, f"{target.title} (tfds)")
+    read = {name: _read(target, split, flag) for name, (flag, split)
+            in zip(SPLITS, _split_flags(config), strict=True) if name in splits}
+    for name in set(SPLITS) - set(read):
+        read[name] = empty_like(read[splits[0]][0])
+    return Dataset(Arrays(*read["train"], *read["test"]), target.spec, f"{target.title} (tfds)")
 
 
 def _check_idx_splits(target: IdxBuild, config: Config) -> None:
