@@ -318,9 +318,11 @@ class CheckpointWriter:
             enable_async_checkpointing=False,  # the next call may donate the state's buffers
         )
         self._ocp = ocp
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "meta")
-        )
+        with _quiet_stragglers():  # a step's damaged _CHECKPOINT_METADATA (orbax's own,
+            # unread by rnnjax) was an absl ERROR line on a resume that went on fine
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=("state", "meta")
+            )
 
     def save(
         self,

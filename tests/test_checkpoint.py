@@ -627,6 +627,19 @@ def test_eval_prints_per_class_accuracy_and_writes_the_png(runs, tmp_path, capsy
     assert out.read_bytes().startswith(b"\x89PNG")
 
 
+def test_a_damaged_orbax_metadata_file_resumes_without_a_word(tmp_path, caplog):
+    """orbax's own _CHECKPOINT_METADATA, which rnnjax does not read, damaged: the resume
+    goes on, as it did, but without orbax's absl ERROR line."""
+    config = Config(steps=2, eval_every=2, hidden_size=4, batch_size=8, eval_batch_size=5000)
+    train_and_evaluate(config, tmp_path, out=io.StringIO())
+    (tmp_path / "checkpoints" / "2" / "_CHECKPOINT_METADATA").write_text('{"x": [1,')
+    caplog.clear()
+    resumed = train_and_evaluate(config.replace(steps=4), tmp_path, out=io.StringIO(),
+                                 resume=True)
+    assert int(resumed.state.step) == 4
+    assert not [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+
+
 def test_eval_reads_the_test_split_alone(runs, tmp_path, capsys):
     """An evaluation neither reads the train split nor needs it: a directory of the two
     t10k files alone (another set's test set) was refused for a missing
