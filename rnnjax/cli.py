@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a step directory (WORKDIR/checkpoints/STEP) or a workdir")
     predict.add_argument("images", type=Path, nargs="+", metavar="IMAGE",
                          help="image files of single digits")
+    predict.add_argument("--as-is", action="store_true",
+                         help="read each image as the model's dataset holds its images, "
+                         "pixels unchanged (its size, grey or colour), not made an MNIST "
+                         "digit: for datasets that are not digits (Fashion-MNIST, colour)")
     for command in (evaluate, predict):
         command.add_argument("--eval-batch-size", type=int, default=None, metavar="N",
                              help="images run through the model at a time (default: the "
@@ -769,17 +773,31 @@ def _predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from rnnjax import checkpoint, inference
-    from rnnjax.data.images import load_mnist_image
+    from rnnjax.data.images import load_as_is, load_mnist_image
 
     _check_eval_batch_size(args)
     step_dir, meta = checkpoint.read_latest(args.checkpoint,
                                             lambda d: (d, checkpoint.read_meta(d)))
-    spec = checkpoint.data_spec(meta, checkpoint.read_config(step_dir, meta))
-    if spec.image_shape != (28, 28, 1):
+    config = checkpoint.read_config(step_dir, meta)
+    spec = checkpoint.data_spec(meta, config)
+    if args.as_is and spec.image_shape[2] not in (1, 3):
+        raise UsageError(f"checkpoint {step_dir} reads {spec.describe()}; --as-is reads grey "
+                         "or RGB files only: use rnnjax eval on its dataset, or "
+                         "inference.probabilities on your own arrays")
+    if not args.as_is and spec.image_shape != (28, 28, 1):
         raise UsageError(f"checkpoint {step_dir} reads {spec.describe()}; predict makes "
-                         "image files into 28x28 MNIST digits only: use rnnjax eval on its "
-                         "dataset, or inference.probabilities on your own arrays")
-    pixels = np.stack([load_mnist_image(path) for path in args.images])  # all, before work
+                         "image files into 28x28 MNIST digits, or reads them as they are "
+                         "with --as-is (files of its images' size, grey or RGB)")
+    if args.as_is:
+        pixels = np.stack([load_as_is(path, spec.image_shape) for path in args.images])
+    else:  # all read before any work
+        pixels = np.stack([load_mnist_image(path) for path in args.images])
+        name = Path(config.dataset.rstrip("/")).name.split(":")[0].lower()
+        if name != "mnist":
+            print(f"rnnjax: note: each image is made an MNIST digit (cropped to its ink, "
+                  f"fitted to 20x20, centred); checkpoint {step_dir} was trained on "
+                  f"{config.dataset}: pass --as-is for images that are not digits",
+                  file=sys.stderr)
     loaded = inference.load(args.checkpoint)
     _note(loaded)
     probabilities = inference.probabilities(loaded, pixels, args.eval_batch_size)

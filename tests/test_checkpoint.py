@@ -662,6 +662,38 @@ def test_eval_reads_the_test_split_alone(runs, tmp_path, capsys):
         load_dataset(CONFIG.replace(dataset=str(tmp_path)))  # training needs both
 
 
+def test_predict_as_is_reads_the_datasets_own_images_unchanged(runs, mnist, tmp_path,
+                                                                capsys):
+    """--as-is: files of the model's own images (28x28 grey) read as they are, for data
+    that are not digits; without it, a run on other data than MNIST gets a note."""
+    loaded = inference.load(runs.full_dir)
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(mnist.test_images[i]).save(paths[-1])
+    p = inference.probabilities(loaded, mnist.test_images[:5])
+    capsys.readouterr()
+    assert main(["predict", str(runs.full_dir), "--as-is", *map(str, paths)]) == 0
+    captured = capsys.readouterr()
+    rows = [row.split() for row in captured.out.splitlines()[1:]]
+    assert [float(v) for v in rows[0][2:]] == pytest.approx(p[0], abs=1e-4)
+    assert [int(r[1]) for r in rows] == p.argmax(axis=1).tolist()
+    assert "note" not in captured.err  # MNIST: no note either way
+    assert main(["predict", str(runs.full_dir), *map(str, paths)]) == 0
+    assert "note" not in capsys.readouterr().err
+    other = tmp_path / "fashion_run"  # the same checkpoint, as if trained on other data
+    shutil.copytree(runs.full_dir, other)
+    step = checkpoint.latest_checkpoint(other)
+    meta_file = step / "meta" / checkpoint.META_FILE
+    meta = json.loads(meta_file.read_text())
+    meta["config"]["dataset"] = "/data/fashion"
+    meta_file.write_text(json.dumps(meta))
+    assert main(["predict", str(other), str(paths[0])]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("rnnjax: note: each image is made an MNIST digit") and \
+        "trained on /data/fashion: pass --as-is for images that are not digits" in err
+
+
 def test_predict_reads_a_large_dark_on_light_colour_png(runs, mnist, tmp_path, capsys):
     loaded = inference.load(runs.full_dir)
     originals = mnist.test_images[:300]

@@ -183,7 +183,7 @@ def test_prepared_fashion_mnist_trains_like_its_idx_files(prepared):
                          got.state.params, idx.state.params)
 
 
-def test_colour_images_train_by_rows_on_both_feeds(prepared, tmp_path):
+def test_colour_images_train_by_rows_on_both_feeds(prepared, tmp_path, capsys):
     base = dict(steps=40, eval_every=20, batch_size=20, hidden_size=32, steps_per_call=10,
                 learning_rate=0.01)
     device = train_and_evaluate(tfds_config(prepared, "tiny_colour", **base), tmp_path / "run",
@@ -210,6 +210,27 @@ def test_colour_images_train_by_rows_on_both_feeds(prepared, tmp_path):
 
     assert main(["eval", str(tmp_path / "run"), "--dataset", "colour_test_only",
                  "--tfds-dir", str(tmp_path / "tfds"), "--out", str(tmp_path / "cm.png")]) == 0
+    # predict --as-is: image files of the dataset's own images, read as they are
+    from PIL import Image
+
+    from rnnjax.inference import probabilities
+
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"colour{i}.png")
+        Image.fromarray(colour.test_images[i]).save(paths[-1])
+    expected = probabilities(loaded, colour.test_images[:4]).argmax(axis=1)
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "run"), "--as-is", *map(str, paths)]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [int(row.split()[1]) for row in rows] == expected.tolist()
+    assert main(["predict", str(tmp_path / "run"), *map(str, paths)]) == 2
+    assert "--as-is (files of its images' size, grey or RGB)" in capsys.readouterr().err
+    Image.fromarray(colour.test_images[0][:28, :28]).save(tmp_path / "small.png")
+    assert main(["predict", str(tmp_path / "run"), "--as-is", str(tmp_path / "small.png")]) == 2
+    err = capsys.readouterr().err
+    assert "small.png: 28x28 pixels; --as-is reads the model's own 32x32 images as they are" \
+        in err and err.count("\n") == 1
 
 
 def test_the_tuner_times_the_datasets_own_images(prepared, tmp_path, monkeypatch):

@@ -205,6 +205,33 @@ def to_mnist(pixels: np.ndarray) -> np.ndarray:
     return np.clip(np.round(center_by_mass(digit)), 0, 255).astype(np.uint8)
 
 
+def load_as_is(path: Path | str, image_shape: tuple[int, int, int]) -> np.ndarray:
+    """An image file as a model of ``image_shape`` ``(H, W, C)`` reads its dataset's
+    images, its pixels as they are (``rnnjax predict --as-is``: Fashion-MNIST, a colour
+    set; no digit's crop, fit or centring): uint8 ``[H, W]`` grey for C 1
+    (:func:`to_grayscale`), ``[H, W, 3]`` for C 3 (a grey file's grey in each channel;
+    alpha over white). ImageError, naming the file and the fix, for another size."""
+    h, w, c = image_shape
+    pixels = read_image(path)
+    if c == 1:
+        values = to_grayscale(pixels)
+    else:
+        grey = to_grayscale(pixels)  # checks the layout; a grey file's values
+        colour = np.asarray(pixels)
+        if colour.ndim == 3 and colour.shape[-1] in (3, 4):
+            values = colour.astype(np.float64) / (257.0 if colour.dtype == np.uint16 else 1.0)
+            if colour.shape[-1] == 4:
+                alpha = values[..., 3:] / 255.0
+                values = values[..., :3] * alpha + 255.0 * (1.0 - alpha)
+        else:
+            values = np.repeat(grey[..., None], 3, axis=-1)
+    if values.shape[:2] != (h, w):
+        raise ImageError(f"image {path}: {values.shape[1]}x{values.shape[0]} pixels; --as-is "
+                         f"reads the model's own {w}x{h} images as they are: resize it to "
+                         f"{w}x{h} first")
+    return np.clip(np.round(values), 0, 255).astype(np.uint8)
+
+
 def load_mnist_image(path: Path | str) -> np.ndarray:
     """:func:`read_image` then :func:`to_mnist`; errors name the file."""
     pixels = read_image(path)
