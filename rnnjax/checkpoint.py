@@ -546,11 +546,15 @@ def restore(step_dir: Path | str, target: Any, meta: Mapping[str, Any] | None = 
             f"cannot be restored ({error_line(e, 160)}); {_instead(step_dir)}"
         ) from e
     if other is not None:  # not corrupt: nothing to delete (nor read: orbax would cast)
+        cell = (meta.get("probes") or {}).get("cell") or {}  # rnnjax.probes' record
+        trained = (f" (--cell {meta['config'].get('cell')} = {cell['function']})"
+                   if cell.get("function") else "")
         raise CheckpointError(
             f"checkpoint {step_dir} holds the parameters of another model than its config "
             f"makes with this code ({other}): the cell's code changed since it was written "
             "(a cell registered in Python, or a Flax cell class), or rnnjax did; run the "
-            "code it was trained with (the checkpoint is kept as it is: do not delete it)")
+            f"code it was trained with{trained} (the checkpoint is kept as it is: do not "
+            "delete it)")
     if digest(state) != expected:
         raise CheckpointError(
             f"checkpoint {step_dir} is corrupt: the restored state does not match the "

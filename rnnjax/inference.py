@@ -106,8 +106,8 @@ def _load_step(step_dir: Path) -> Loaded:
         target, model = state_shapes(here, spec)
     except ConfigError as e:  # its cell or optimizer not made here: not a flag given
         raise ConfigError(f"checkpoint {step_dir}: its {e}") from None
+    state = checkpoint.restore(step_dir, target, meta)  # another layout named first
     probes.check(meta, here, spec, model.param_shapes(), step_dir, kinds=("cell", "order"))
-    state = checkpoint.restore(step_dir, target, meta)
     return Loaded(config, state, evaluation_model(here, model), step_dir, note)
 
 

@@ -468,10 +468,6 @@ def train_and_evaluate(
     # the state below is traced and compiled (on XLA:CPU, while it runs too).
     on_device = dp.dataset(data)
     t_init = time.perf_counter()
-    # What the run's own cell, order and optimizer compute, with each checkpoint (on a
-    # resume, compared with what the checkpoint's computed; a part of init_s).
-    probed = probes.record(config, spec, model.param_shapes()) if resume_from is None else \
-        probes.check(resume_from.meta, config, spec, model.param_shapes(), resume_from.step_dir)
     # Blocked on: an allocation that fails does so here, before any file is written.
     state = jax.block_until_ready(init_state(config, model, optimizer))
     init_s = time.perf_counter() - t_init
@@ -486,6 +482,11 @@ def train_and_evaluate(
         note = layout_note(resume_from.meta, dp.mesh.size, jax.process_count())
         if note:
             out.write(note)
+    # What the run's own cell, order and optimizer compute, with each checkpoint; on a
+    # resume, compared with what the checkpoint's computed (after its restore, which names
+    # parameters of another layout first).
+    probed = probes.record(config, spec, model.param_shapes()) if resume_from is None else \
+        probes.check(resume_from.meta, config, spec, model.param_shapes(), resume_from.step_dir)
 
     evaluate = jax.jit(
         functools.partial(train.evaluate_sequences, model=evaluation_model(config, model),

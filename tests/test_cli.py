@@ -634,7 +634,8 @@ def test_a_resumed_tfds_run_takes_its_own_dataset_name_again(monkeypatch, tmp_pa
 
     saved = Config(source="tfds", dataset="my_set/cfg")
     monkeypatch.setattr(checkpoint, "latest_checkpoint", lambda workdir: tmp_path / "10")
-    monkeypatch.setattr(checkpoint, "read_config", lambda step_dir: saved)
+    monkeypatch.setattr(checkpoint, "read_meta", lambda step_dir: {})
+    monkeypatch.setattr(checkpoint, "read_config", lambda step_dir, meta=None: saved)
     args = cli.build_parser().parse_args(["train", "--resume", "--workdir", "w",
                                           "--dataset", "my_set/cfg"])
     assert cli.resume_config(args).dataset == "my_set/cfg"

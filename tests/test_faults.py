@@ -302,7 +302,7 @@ def test_a_checkpoint_whose_meta_does_not_load_is_one_line_and_nothing_is_writte
     assert main(["train", "--resume", *args[2:], "--steps", "20"]) == 2
     err = capsys.readouterr().err
     corrupt = (f"rnnjax: error: checkpoint {work / 'checkpoints' / '10'} is corrupt: its "
-               "meta/ train sums, wall time or data do not load (")
+               "meta/ train sums, wall time, data or probes do not load (")
     assert err.startswith(corrupt)
     assert err.count("\n") == 1 and "pass another step directory" in err
     assert err.rstrip().endswith("(--resume then continues from the one before it)")

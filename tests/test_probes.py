@@ -146,24 +146,36 @@ def test_eval_and_predict_refuse_a_cell_or_order_changed_but_not_an_optimizer(
     assert len(err.splitlines()) == 1, err
 
 
+def simple_relu(hidden):
+    """rnnjax's simple_rnn with relu for tanh: its parameters, another computation."""
+    return cells._elman(hidden, "relu", cells.orthogonal)
+
+
 def test_a_cell_over_a_built_in_name_is_compared_with_rnnjaxs_own(monkeypatch, tmp_path):
     # trained as the user's over simple_rnn, read where simple_rnn is rnnjax's again
     with monkeypatch.context() as m:
-        m.setitem(cells.CELLS, "simple_rnn", users_cells.elman)
+        m.setitem(cells.CELLS, "simple_rnn", simple_relu)
         train(tmp_path / "users")
     with pytest.raises(checkpoint.CheckpointError, match=(
-            r"trained with --cell simple_rnn = tests.users_cells:elman, and --cell simple_rnn here "
-            r"\(rnnjax's own\) computes values of another size: register tests.users_cells:elman "
-            r"as simple_rnn before you resume or evaluate it")):
+            r"trained with --cell simple_rnn = test_probes:simple_relu, and --cell simple_rnn "
+            r"here \(rnnjax's own\) computes other values .*: register "
+            r"test_probes:simple_relu as simple_rnn before you resume or evaluate it")):
         inference.load(tmp_path / "users")
     # trained as rnnjax's own, read where the user's is registered over it
     train(tmp_path / "own")
     assert checkpoint.read_meta(tmp_path / "own" / "checkpoints" / "2")["probes"] == {}
-    monkeypatch.setitem(cells.CELLS, "simple_rnn", users_cells.elman)
+    monkeypatch.setitem(cells.CELLS, "simple_rnn", simple_relu)
     with pytest.raises(checkpoint.CheckpointError, match=(
             r"trained with --cell simple_rnn = rnnjax's own, and --cell simple_rnn here "
-            r"\(tests.users_cells:elman\) .*: register yours under another name than simple_rnn")):
+            r"\(test_probes:simple_relu\) .*: register yours under another name than "
+            r"simple_rnn")):
         train(tmp_path / "own", resume=True, steps=4)
+    # parameters of another layout: the restore names them, and the function trained with
+    monkeypatch.setitem(cells.CELLS, "simple_rnn", users_cells.elman)
+    with pytest.raises(checkpoint.CheckpointError, match=(
+            r"holds the parameters of another model .* run the code it was trained with "
+            r"\(--cell simple_rnn = test_probes:simple_relu\)")):
+        inference.load(tmp_path / "users")
 
 
 def test_a_checkpoint_without_probes_is_read_and_one_with_broken_ones_is_corrupt(
