@@ -36,6 +36,7 @@ import numpy as np
 
 from rnnjax import __version__
 from rnnjax.config import Config, ConfigError, error_line, flag_name, from_dict, to_dict
+from rnnjax.data.idx import Arrays
 from rnnjax.data.spec import IDX_SPEC, DataSpec
 
 CHECKPOINTS = "checkpoints"
@@ -339,7 +340,7 @@ class CheckpointWriter:
         """Save ``state`` as ``<state.step>/`` (no-op when that step exists); its path.
 
         data: the dataset's ``DataSpec.to_json()`` (image shape, classes) the model reads,
-        and its ``fingerprint`` (``Arrays.fingerprint``: :func:`check_same_data`).
+        and its fingerprints (:func:`fingerprints`: :func:`check_same_data`).
         mesh_devices, mesh_processes: the devices it trained on, and the processes they
         were in (a resume on others rounds apart).
         probes: what the run's own cell, order and optimizer compute (``rnnjax.probes``).
@@ -439,8 +440,9 @@ def read_meta(step_dir: Path | str) -> dict[str, Any]:
         float(meta.get("wall_s") or 0.0)
         if "data" in meta:
             DataSpec.from_json(meta["data"])
-            if not isinstance(meta["data"].get("fingerprint", ""), str):
-                raise TypeError("its data fingerprint is not a string")
+            for key in FINGERPRINTS:
+                if not isinstance(meta["data"].get(key, ""), str):
+                    raise TypeError(f"its data {key} is not a string")
         probes = meta.get("probes", {})  # rnnjax.probes: each {"function": ..., "probe": ...}
         if not (isinstance(probes, dict) and all(
                 isinstance(entry, dict) and {"function", "probe"} <= set(entry)
@@ -493,16 +495,30 @@ def check_data_spec(saved: DataSpec, spec: DataSpec, where: Path | str) -> None:
         )
 
 
-def check_same_data(meta: Mapping[str, Any], fingerprint: str, config: Config,
+# The fingerprints of its data a checkpoint records (``data`` in its meta), each with the
+# images it hashes (``Arrays.fingerprint``'s every): every 64th (the one older checkpoints
+# hold), and all (an edited copy of a few images told apart: what lets --dataset change on
+# a resume, :func:`moved_data`).
+FINGERPRINTS = {"fingerprint": 64, "fingerprint_all": 1}
+
+
+def fingerprints(data: Arrays) -> dict[str, str]:
+    """:data:`FINGERPRINTS` of ``data``, as a checkpoint records them."""
+    return {key: data.fingerprint(every) for key, every in FINGERPRINTS.items()}
+
+
+def check_same_data(meta: Mapping[str, Any], data: Arrays, config: Config,
                     where: Path | str) -> None:
-    """:class:`CheckpointError` when a resumed run's dataset (its ``fingerprint``,
-    ``Arrays.fingerprint``) is not the one the checkpoint ``where`` (its ``meta``) was
+    """:class:`CheckpointError` when a resumed run's dataset (``data``, each fingerprint
+    the checkpoint recorded: :data:`FINGERPRINTS`) is not the one the checkpoint ``where``
+    (its ``meta``) was
     trained on: ``--source``, ``--data-dir``, ``--tfds-dir`` and ``--dataset`` may change on
     resume (the same data moved, or read another way), and a change to other data trained on it
     silently, its metrics appended to the run's. Checkpoints written before rnnjax
     recorded a fingerprint are not checked."""
-    saved = (meta.get("data") or {}).get("fingerprint")
-    if saved is not None and saved != fingerprint:
+    recorded = meta.get("data") or {}
+    if any(recorded.get(key) not in (None, data.fingerprint(every))
+           for key, every in FINGERPRINTS.items()):
         raise CheckpointError(
             f"checkpoint {where} was trained on other data than --dataset {config.dataset} "
             f"(--source {config.source}) reads now (its images or labels, or their order, "
@@ -603,10 +619,10 @@ def tf_order(config: Config) -> bool:
 def moved_data(meta: Mapping[str, Any] | None) -> frozenset[str]:
     """The fields besides :data:`RUN_SETTINGS` a resume of the checkpoint of ``meta`` may
     change: ``dataset`` (a directory moved, or the same set by another name) where it
-    recorded its data's fingerprint, which then refuses other data
+    recorded the fingerprint of all its data, which then refuses other data
     (:func:`check_same_data`); none for one written before."""
     data = (meta or {}).get("data") or {}
-    return frozenset({"dataset"}) if data.get("fingerprint") else frozenset()
+    return frozenset({"dataset"}) if data.get("fingerprint_all") else frozenset()
 
 
 def check_resumable(saved: Config, current: Config, where: Path | str = "the checkpoint",

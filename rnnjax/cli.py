@@ -792,8 +792,7 @@ def _predict(args: argparse.Namespace) -> int:
         pixels = np.stack([load_as_is(path, spec.image_shape) for path in args.images])
     else:  # all read before any work
         pixels = np.stack([load_mnist_image(path) for path in args.images])
-        name = Path(config.dataset.rstrip("/")).name.split(":")[0].lower()
-        if name != "mnist":
+        if not _mnist(config, meta):
             print(f"rnnjax: note: each image is made an MNIST digit (cropped to its ink, "
                   f"fitted to 20x20, centred); checkpoint {step_dir} was trained on "
                   f"{config.dataset}: pass --as-is for images that are not digits",
@@ -808,6 +807,18 @@ def _predict(args: argparse.Namespace) -> int:
     for name, p in zip(names, probabilities, strict=True):
         print(f"{name:<{width}}  {int(p.argmax()):>5}  " + " ".join(f"{v:6.4f}" for v in p))
     return 0
+
+
+def _mnist(config: Config, meta: dict[str, Any]) -> bool:
+    """Whether the checkpoint of ``config`` and ``meta`` was trained on MNIST: by the
+    name, or by its data's fingerprint (a copy in a directory of another name)."""
+    from rnnjax.data.sources import EMBEDDED_MNIST, MNIST_MD5, load_idx_dir
+
+    if Path(config.dataset.rstrip("/")).name.split(":")[0].lower() == "mnist":
+        return True
+    recorded = (meta.get("data") or {}).get("fingerprint")
+    return recorded is not None and recorded == load_idx_dir(EMBEDDED_MNIST,
+                                                             MNIST_MD5).fingerprint()
 
 
 def _metrics_file_error() -> tuple[type[Exception], ...]:

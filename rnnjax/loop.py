@@ -460,7 +460,7 @@ def train_and_evaluate(
     if resume_from is not None:
         saved = checkpoint_lib.data_spec(resume_from.meta, config)
         checkpoint_lib.check_data_spec(saved, spec, resume_from.step_dir)
-        checkpoint_lib.check_same_data(resume_from.meta, data.fingerprint(), config,
+        checkpoint_lib.check_same_data(resume_from.meta, data, config,
                                        resume_from.step_dir)
     # The dataset replicated on every device (MNIST is small); each batch is split over
     # them, so every device trains on its rows and XLA all-reduces the gradients of the
@@ -521,7 +521,7 @@ def train_and_evaluate(
         else dp.replicate(resume_from.train_sums)
     train_s = eval_s = checkpoint_s = 0.0
     t0 = None  # start of the training time not yet counted (compiles excluded)
-    fingerprint = functools.cache(data.fingerprint)  # at the first save, once
+    fingerprints = functools.cache(lambda: checkpoint_lib.fingerprints(data))  # once
 
     def save_checkpoint(step: int) -> float:
         """Save the state after this call (and the train sums not logged yet); seconds.
@@ -535,7 +535,7 @@ def train_and_evaluate(
                            files.checkpoints)
         files.checkpoints.save(state, config, train_sums=train_sums,
                                wall_s=wall_offset + t - t_start,
-                               data={**spec.to_json(), "fingerprint": fingerprint()},
+                               data={**spec.to_json(), **fingerprints()},
                                mesh_devices=dp.mesh.size, mesh_processes=jax.process_count(),
                                probes=probed)
         return time.perf_counter() - t

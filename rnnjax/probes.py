@@ -13,7 +13,8 @@ renamed, moved or reformatted passes; one whose results changed is refused in on
 * an order: its positions ``int [T, F]`` for the dataset's images, compared exactly;
 * a cell: :data:`STEPS` steps of a batch of :data:`BATCH` from fixed parameters in its
   ``init``'s shapes (its initialiser is not compared: a checkpoint has its parameters),
-  through ``step`` (and ``project``), and through ``sequence`` where it has one;
+  through ``step`` (and ``project``), and through ``sequence`` where it has one, and
+  ``last_output`` of each final carry where it has one;
 * an optimizer: :data:`STEPS` updates of the model's parameters by fixed gradients, at
   the run's learning rate held constant (``--steps`` may grow on a resume; ``--schedule``
   and ``--clip-norm`` are rnnjax's own, and in the config).
@@ -171,7 +172,8 @@ def _summary(values: np.ndarray) -> list[float]:
 
 def _cell_probe(cell: cells.Cell, features: int) -> list[float]:
     """:func:`_summary` of ``cell``'s outputs and carries over :data:`STEPS` steps of a
-    batch of :data:`BATCH` of ``features``, through ``step`` and through ``sequence``."""
+    batch of :data:`BATCH` of ``features``, through ``step`` and through ``sequence``, and
+    ``last_output`` of each final carry."""
     rng = np.random.default_rng(SEED)
     params = _filled(rng, jax.eval_shape(lambda key: cell.init(key, features), jax.random.key(0)))
     xs = _fixed(rng, (STEPS, BATCH, features), np.float32)
@@ -182,6 +184,8 @@ def _cell_probe(cell: cells.Cell, features: int) -> list[float]:
         out = [jax.lax.scan(lambda c, u: cell.step(params, c, u), carry, us)]
         if cell.sequence is not None:
             out.append(cell.sequence(params, xs, carry, 1))
+        if cell.last_output is not None:  # what the model's head reads in place of y_T
+            out += [cell.last_output(final) for final, _ in out]
         return out
 
     return _summary(_on_cpu(run, params, xs))

@@ -689,6 +689,10 @@ def test_predict_as_is_reads_the_datasets_own_images_unchanged(runs, mnist, tmp_
     meta["config"]["dataset"] = "/data/fashion"
     meta_file.write_text(json.dumps(meta))
     assert main(["predict", str(other), str(paths[0])]) == 0
+    assert "note" not in capsys.readouterr().err  # MNIST's fingerprint: MNIST elsewhere
+    meta["data"]["fingerprint"] = "0" * 64
+    meta_file.write_text(json.dumps(meta))
+    assert main(["predict", str(other), str(paths[0])]) == 0
     err = capsys.readouterr().err
     assert err.startswith("rnnjax: note: each image is made an MNIST digit") and \
         "trained on /data/fashion: pass --as-is for images that are not digits" in err
@@ -841,19 +845,24 @@ def test_a_run_of_a_dataset_directory_moved_resumes_from_its_new_place(tmp_path,
     data decides, as for --data-dir; another set at the new path is refused."""
     from rnnjax.data.idx import FILES, write_idx
 
-    for root, start in (("a", 0), ("other", 30000)):
+    for root, start in (("a", 0), ("other", 30000), ("edited", 0)):
         (tmp_path / root).mkdir()
         for key, stem in FILES.items():
             first = start if key.startswith("train") else start // 10
-            write_idx(tmp_path / root / f"{stem}.gz", getattr(mnist, key)[first:first + 600])
+            array = getattr(mnist, key)[first:first + 600].copy()
+            if root == "edited" and key == "train_images":
+                array[1:4] = 255 - array[1:4]  # three images, none a 64th: a copy edited
+            write_idx(tmp_path / root / f"{stem}.gz", array)
     work = tmp_path / "run"
     argv = ["train", "--no-tune", "--hidden-size", "8", "--eval-every", "10", "--workdir",
             str(work), "--compile-cache", "off"]
     assert main([*argv, "--steps", "10", "--dataset", str(tmp_path / "a")]) == 0
     shutil.move(tmp_path / "a", tmp_path / "moved")
     capsys.readouterr()
-    assert main([*argv, "--steps", "20", "--dataset", str(tmp_path / "other"), "--resume"]) == 2
-    assert "was trained on other data than --dataset" in capsys.readouterr().err
+    for other in ("other", "edited"):
+        assert main([*argv, "--steps", "20", "--dataset", str(tmp_path / other),
+                     "--resume"]) == 2
+        assert "was trained on other data than --dataset" in capsys.readouterr().err
     assert main([*argv, "--steps", "20", "--dataset", str(tmp_path / "moved"),
                  "--resume"]) == 0
     assert json.loads((work / "config.json").read_text())["dataset"] == str(tmp_path / "moved")

@@ -5,6 +5,7 @@ the same computation under another function passes."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -176,6 +177,26 @@ def test_a_cell_over_a_built_in_name_is_compared_with_rnnjaxs_own(monkeypatch, t
             r"holds the parameters of another model .* run the code it was trained with "
             r"\(--cell simple_rnn = test_probes:simple_relu\)")):
         inference.load(tmp_path / "users")
+
+
+def lstm_copy(hidden):
+    """rnnjax's LSTM registered as one's own (project, sequence, last_output and all)."""
+    return cells.BUILT_IN["lstm"](hidden)
+
+
+def lstm_reading_c(hidden):
+    """The same, its last_output reading the cell state c for h: the model's head reads it."""
+    return dataclasses.replace(lstm_copy(hidden), last_output=lambda carry: carry[1])
+
+
+def test_a_changed_last_output_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setitem(cells.CELLS, "mine", lstm_copy)
+    train(tmp_path, cell="mine")
+    monkeypatch.setitem(cells.CELLS, "mine", lstm_reading_c)
+    with pytest.raises(checkpoint.CheckpointError, match=(
+            r"--cell mine = test_probes:lstm_copy, and --cell mine here "
+            r"\(test_probes:lstm_reading_c\) computes other values")):
+        inference.load(tmp_path)
 
 
 def test_a_checkpoint_without_probes_is_read_and_one_with_broken_ones_is_corrupt(
