@@ -507,18 +507,17 @@ def fingerprints(data: Arrays) -> dict[str, str]:
     return {key: data.fingerprint(every) for key, every in FINGERPRINTS.items()}
 
 
-def check_same_data(meta: Mapping[str, Any], data: Arrays, config: Config,
+def check_same_data(meta: Mapping[str, Any], found: Mapping[str, str], config: Config,
                     where: Path | str) -> None:
-    """:class:`CheckpointError` when a resumed run's dataset (``data``, each fingerprint
-    the checkpoint recorded: :data:`FINGERPRINTS`) is not the one the checkpoint ``where``
-    (its ``meta``) was
-    trained on: ``--source``, ``--data-dir``, ``--tfds-dir`` and ``--dataset`` may change on
-    resume (the same data moved, or read another way), and a change to other data trained on it
+    """:class:`CheckpointError` when a resumed run's dataset (``found``, its
+    :func:`fingerprints`, which its next checkpoint records) is not the one the checkpoint
+    ``where`` (its ``meta``) was trained on, by each fingerprint the checkpoint recorded:
+    ``--source``, ``--data-dir``, ``--tfds-dir`` and ``--dataset`` may change on resume
+    (the same data moved, or read another way), and a change to other data trained on it
     silently, its metrics appended to the run's. Checkpoints written before rnnjax
     recorded a fingerprint are not checked."""
     recorded = meta.get("data") or {}
-    if any(recorded.get(key) not in (None, data.fingerprint(every))
-           for key, every in FINGERPRINTS.items()):
+    if any(recorded.get(key) not in (None, found[key]) for key in FINGERPRINTS):
         raise CheckpointError(
             f"checkpoint {where} was trained on other data than --dataset {config.dataset} "
             f"(--source {config.source}) reads now (its images or labels, or their order, "

@@ -457,10 +457,12 @@ def train_and_evaluate(
     model = dp.model(make_model(config, spec))
     optimizer = make_optimizer(config, model.param_shapes())
     check_memory(config, model, optimizer, spec, data, dp)
+    # The data's fingerprints: a resume's check and every checkpoint read them, once.
+    fingerprints = functools.cache(lambda: checkpoint_lib.fingerprints(data))
     if resume_from is not None:
         saved = checkpoint_lib.data_spec(resume_from.meta, config)
         checkpoint_lib.check_data_spec(saved, spec, resume_from.step_dir)
-        checkpoint_lib.check_same_data(resume_from.meta, data, config,
+        checkpoint_lib.check_same_data(resume_from.meta, fingerprints(), config,
                                        resume_from.step_dir)
     # The dataset replicated on every device (MNIST is small); each batch is split over
     # them, so every device trains on its rows and XLA all-reduces the gradients of the
@@ -521,7 +523,6 @@ def train_and_evaluate(
         else dp.replicate(resume_from.train_sums)
     train_s = eval_s = checkpoint_s = 0.0
     t0 = None  # start of the training time not yet counted (compiles excluded)
-    fingerprints = functools.cache(lambda: checkpoint_lib.fingerprints(data))  # once
 
     def save_checkpoint(step: int) -> float:
         """Save the state after this call (and the train sums not logged yet); seconds.
