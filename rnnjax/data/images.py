@@ -78,13 +78,10 @@ def read_image(path: Path | str) -> np.ndarray:
     return np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
 
 
-def to_grayscale(pixels: np.ndarray) -> np.ndarray:
-    """Pixels ``[H, W]``, ``[H, W, 1|2|3|4]`` -> float64 grey ``[H, W]`` in 0..255.
-
-    uint8 is 0..255, uint16 0..65535, bool 0/1, floats 0..1. Colour becomes luma
-    ``0.299 R + 0.587 G + 0.114 B`` (Pillow's ``L``); an alpha channel is composited
-    over white (a transparent background is paper).
-    """
+def to_paper(pixels: np.ndarray) -> np.ndarray:
+    """Pixels ``[H, W]``, ``[H, W, 1|2|3|4]`` -> float64 ``[H, W]``, ``[H, W, 1]`` or
+    ``[H, W, 3]`` in 0..255, an alpha channel composited over white (a transparent
+    background is paper). uint8 is 0..255, uint16 0..65535, bool 0/1, floats 0..1."""
     pixels = np.asarray(pixels)
     if pixels.dtype == np.bool_:
         values = pixels.astype(np.float64) * 255.0
@@ -98,10 +95,19 @@ def to_grayscale(pixels: np.ndarray) -> np.ndarray:
         return values
     if values.ndim != 3 or values.shape[-1] not in (1, 2, 3, 4):
         raise ImageError(f"pixels of shape {pixels.shape} are not an image [H, W(, C)]")
-    channels = values.shape[-1]
-    if channels in (2, 4):
+    if values.shape[-1] in (2, 4):
         alpha = values[..., -1:] / 255.0
         values = values[..., :-1] * alpha + 255.0 * (1.0 - alpha)
+    return values
+
+
+def to_grayscale(pixels: np.ndarray) -> np.ndarray:
+    """Pixels ``[H, W]``, ``[H, W, 1|2|3|4]`` -> float64 grey ``[H, W]`` in 0..255
+    (:func:`to_paper`): colour becomes luma ``0.299 R + 0.587 G + 0.114 B`` (Pillow's
+    ``L``)."""
+    values = to_paper(pixels)
+    if values.ndim == 2:
+        return values
     if values.shape[-1] == 1:
         return values[..., 0]
     return values @ np.array([0.299, 0.587, 0.114])
@@ -209,22 +215,16 @@ def load_as_is(path: Path | str, image_shape: tuple[int, int, int]) -> np.ndarra
     """An image file as a model of ``image_shape`` ``(H, W, C)`` reads its dataset's
     images, its pixels as they are (``rnnjax predict --as-is``: Fashion-MNIST, a colour
     set; no digit's crop, fit or centring): uint8 ``[H, W]`` grey for C 1
-    (:func:`to_grayscale`), ``[H, W, 3]`` for C 3 (a grey file's grey in each channel;
-    alpha over white). ImageError, naming the file and the fix, for another size."""
+    (:func:`to_grayscale`), ``[H, W, 3]`` for C 3 (:func:`to_paper`; a grey file's grey in
+    each channel). ImageError, naming the file and the fix, for another size."""
     h, w, c = image_shape
     pixels = read_image(path)
     if c == 1:
         values = to_grayscale(pixels)
     else:
-        grey = to_grayscale(pixels)  # checks the layout; a grey file's values
-        colour = np.asarray(pixels)
-        if colour.ndim == 3 and colour.shape[-1] in (3, 4):
-            values = colour.astype(np.float64) / (257.0 if colour.dtype == np.uint16 else 1.0)
-            if colour.shape[-1] == 4:
-                alpha = values[..., 3:] / 255.0
-                values = values[..., :3] * alpha + 255.0 * (1.0 - alpha)
-        else:
-            values = np.repeat(grey[..., None], 3, axis=-1)
+        values = to_paper(pixels)
+        if values.ndim == 2 or values.shape[-1] == 1:  # a grey file: its grey in each
+            values = np.repeat(values.reshape(*values.shape[:2], 1), 3, axis=-1)
     if values.shape[:2] != (h, w):
         raise ImageError(f"image {path}: {values.shape[1]}x{values.shape[0]} pixels; --as-is "
                          f"reads the model's own {w}x{h} images as they are: resize it to "
