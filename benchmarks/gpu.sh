@@ -15,7 +15,8 @@
 # native_kernels/, flax_*/flax_peers.{json,md}, throughput/throughput.{json,md,png}; where
 # $OUT is set (the device tool's machine, which returns few files) also all of it as
 # $OUT/gpu.tar.gz. Each part has its own time limit (560 s in all, under the device tool's
-# 600 s a command); a part that fails or runs out is reported and the next one still runs.
+# 600 s a command); a part that fails or runs out is reported and the next one still runs,
+# and the script then exits 1 naming the parts that failed (0 when every part ran).
 # The tuner's and JAX's caches start empty. OUT_DIR may hold an earlier run's results: a
 # part first removes its own (OUT_DIR/NAME/), and each seed run trains in a fresh temporary
 # workdir, its config.json and summary.json then copied into OUT_DIR/seed_*/.
@@ -53,6 +54,7 @@ bundle() {
   if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu.tar.gz" -C "$out" .; fi
 }
 trap bundle EXIT
+failed=()  # the parts that exited non-zero or ran out of time: the script's exit status
 
 part() {  # part NAME LIMIT_S COMMAND...: run with a limit, log to $out/NAME.log, time it
   local name=$1 limit=$2 start end rc
@@ -65,6 +67,7 @@ part() {  # part NAME LIMIT_S COMMAND...: run with a limit, log to $out/NAME.log
   end=$(date +%s.%N)
   tail -n 25 "$out/$name.log"
   echo "=== $name: rc $rc, $(python3 -c "print(f'{$end - $start:.2f}')") s whole process"
+  if [ "$rc" -ne 0 ]; then failed+=("$name"); fi
 }
 
 seed() {  # seed NAME LIMIT_S: part NAME, `rnnjax train` (defaults) in a fresh workdir; its
@@ -118,4 +121,9 @@ if runs throughput; then
   part throughput 60 python3 -m benchmarks.throughput --batch-sizes 50,1024,4096 \
     --unrolls 1,0 --cells simple_rnn --repeats 3 --out "$out/throughput"
   grep "^|" "$out/throughput/throughput.md" 2>/dev/null | head -20
+fi
+
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "gpu.sh: error: ${#failed[@]} part(s) failed: ${failed[*]}; their logs are in $out" >&2
+  exit 1
 fi

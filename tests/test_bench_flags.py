@@ -361,7 +361,20 @@ def test_gpu_sh_seed_runs_train_afresh_in_an_out_dir_an_earlier_run_filled(tmp_p
             assert json.loads((out / name / "config.json").read_text())["steps"] == 3
             assert "final test accuracy: " in (out / f"{name}.log").read_text()
         assert "native_kernels" not in proc.stdout  # GPU_PARTS: the seed parts alone
+        assert proc.returncode == 0 and proc.stderr == ""
     assert not (ROOT / out.name).exists()
+
+
+def test_gpu_sh_exits_1_naming_the_parts_that_failed_after_running_the_rest(tmp_path):
+    """Its exit status was the last part's grep: 0 with every part but the last failed."""
+    out = tmp_path / "gpu"
+    proc = gpu_sh(tmp_path, out, GPU_PARTS="seed_first,seed_cached",
+                  GPU_SEED_FLAGS="--steps -1")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "=== seed_first: rc 2," in proc.stdout and "=== seed_cached: rc 2," in proc.stdout
+    assert proc.stderr == ("gpu.sh: error: 2 part(s) failed: seed_first seed_cached; their "
+                           f"logs are in {out}\n")
+    assert "--steps" in (out / "seed_cached.log").read_text()
 
 
 def test_gpu_sh_refuses_a_part_it_does_not_have_writing_nothing(tmp_path):
