@@ -20,6 +20,9 @@ MNIST rows, walked in order:
   ``benchmarks.harness.without_tensorflow``);
 * PyTorch eager ``nn.RNN`` + ``nn.Linear`` + ``torch.optim.Adam``.
 
+Each runner's compile seconds are apart from its step, in the notes and the JSON (Keras':
+its first ``train_on_batch``, where it traces and compiles).
+
 ``--seed-run`` also times the whole seed experiment (4001 steps, 9 test evaluations) as
 separate processes: ``rnnjax train`` against ``benchmarks.keras_seed`` (best of two runs
 each, so the data files are in the page cache). Peers missing from the environment are
@@ -102,9 +105,11 @@ def rnnjax_per_step(data: Arrays, batch: int, steps: int,
     return run, compile_s
 
 
-def keras_step(data: Arrays, batch: int, steps: int, unroll: bool) -> Runner:
+def keras_step(data: Arrays, batch: int, steps: int, unroll: bool) -> tuple[Runner, float]:
     """Keras 3 on JAX, ``train_on_batch`` per step (the seed's loop); TensorFlow not imported
-    (``harness.without_tensorflow``), as rnnjax's side imports none."""
+    (``harness.without_tensorflow``), as rnnjax's side imports none. Returns the runner and
+    the seconds of a first ``train_on_batch``, untimed by the runner: where Keras traces and
+    compiles its train function (and takes one step; its result read, so finished)."""
     with harness.without_tensorflow():
         import keras
 
@@ -114,16 +119,21 @@ def keras_step(data: Arrays, batch: int, steps: int, unroll: bool) -> Runner:
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy")
     feed = [(x, keras.utils.to_categorical(y, 10)) for x, y in batches(data, batch, steps)]
 
+    start = time.perf_counter()
+    model.train_on_batch(*feed[0])
+    first_call_s = time.perf_counter() - start
+
     def run():
         for x, y in feed:
             loss = model.train_on_batch(x, y)
         return loss
 
-    return run
+    return run, first_call_s
 
 
-def torch_step(data: Arrays, batch: int, steps: int) -> Runner:
-    """PyTorch eager: nn.RNN + nn.Linear, cross-entropy, torch.optim.Adam."""
+def torch_step(data: Arrays, batch: int, steps: int) -> tuple[Runner, float]:
+    """PyTorch eager: nn.RNN + nn.Linear, cross-entropy, torch.optim.Adam; and its compile
+    seconds, 0 (eager compiles nothing)."""
     import torch
 
     torch.manual_seed(1337)
@@ -152,7 +162,7 @@ def torch_step(data: Arrays, batch: int, steps: int) -> Runner:
             opt.step()
         return None
 
-    return run
+    return run, 0.0
 
 
 def available(module: str) -> bool:
@@ -206,7 +216,7 @@ def main(argv=None) -> None:
     harness.check_batches(parser, "--batch-sizes", ((str(b), b) for b in args.batch_sizes),
                           len(data.train_labels))
     device_data = to_device(data)
-    peers: dict[str, Callable[[Arrays, int, int], Runner]] = {}
+    peers: dict[str, Callable[[Arrays, int, int], tuple[Runner, float]]] = {}
     if available("keras"):
         peers["keras3-jax unroll=True"] = functools.partial(keras_step, unroll=True)
         peers["keras3-jax unroll=False"] = functools.partial(keras_step, unroll=False)
@@ -224,7 +234,8 @@ def main(argv=None) -> None:
         runners, compile_s, chosen = rnnjax_runners(data, device_data, batch, steps,
                                                     args.tune_budget)
         try:
-            runners.update((name, make(data, batch, steps)) for name, make in peers.items())
+            for name, make in peers.items():
+                runners[name], compile_s[name] = make(data, batch, steps)
             # rnnjax's runner in calls of 1 and K steps; the others, K steps a call of
             # one step each, as their loops run.
             timed = {**flax_peers.calls_of({RNNJAX: (runners[RNNJAX], 0.0)}, steps),
@@ -251,9 +262,9 @@ def main(argv=None) -> None:
         flax_peers.per_runner_notes(rows, title, suffix, "{:.1f}",
                                     case=lambda r: f"batch {r['batch']}")
         for title, suffix in (
-            ("Compile seconds of rnnjax's runners (Keras compiles inside its first "
-             "train_on_batch, in the untimed first turn; PyTorch eager compiles nothing)",
-             " compile s"),
+            ("Compile seconds of each runner, untimed in the table (Keras: its first "
+             "train_on_batch, where it compiles, one step with it; PyTorch eager compiles "
+             "nothing)", " compile s"),
             (f"rnnjax's call's own ms, spread over {run_steps} steps per call in its ms "
              "above (the medians of its 1- and K-step calls are in the JSON)", " call ms")))
     if args.seed_run:
