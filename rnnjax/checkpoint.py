@@ -630,8 +630,9 @@ def check_resumable(saved: Config, current: Config, where: Path | str = "the che
 
     ``steps`` may grow (a constant learning rate), every field of :data:`RUN_SETTINGS`
     may change, and ``dataset`` where the checkpoint's ``meta`` holds its data's
-    fingerprint (:func:`moved_data`); any other difference is an error naming the field
-    and the fix. With
+    fingerprint (:func:`moved_data`); ``num_classes`` 0 (the dataset's) and the count the
+    checkpoint's model has (:func:`data_spec`) are the same; any other difference is an
+    error naming the field and the fix. With
     ``--shuffle``, the tf.data stream (``--source tfds --feed stream``) has its own batch
     order, so switching between it and the other feeds changes results too.
     """
@@ -645,6 +646,10 @@ def check_resumable(saved: Config, current: Config, where: Path | str = "the che
         name, old, new = f.name, getattr(saved, f.name), getattr(current, f.name)
         if old == new:
             continue
+        if name == "num_classes" and meta is not None:
+            classes = data_spec(meta, saved).num_classes
+            if (old or classes) == (new or classes):
+                continue
         flag = flag_name(name)
         if name == "steps" and saved.schedule != "constant":
             raise CheckpointError(

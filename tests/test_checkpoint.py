@@ -23,6 +23,7 @@ from rnnjax import cells, checkpoint, inference, train
 from rnnjax.cli import main
 from rnnjax.config import Config
 from rnnjax.data import images
+from rnnjax.data.spec import DataSpec
 from rnnjax.loop import train_and_evaluate
 from rnnjax.metrics import read_jsonl
 from rnnjax.model import make_model
@@ -547,6 +548,19 @@ def test_resume_and_overwrite_are_checked_before_anything_is_written(runs, tmp_p
     assert {f.name for f in dataclasses.fields(Config)} >= checkpoint.RUN_SETTINGS
     checkpoint.check_resumable(CONFIG, CONFIG.replace(steps=400, steps_per_call=7,
                                                       keep_checkpoints=9))
+
+
+@pytest.mark.parametrize("saved, given", [(0, 10), (10, 0)])
+def test_num_classes_0_resumes_as_the_count_the_checkpoint_has(saved, given):
+    """--num-classes 0 takes the dataset's count: a resume that names the count the
+    checkpoint's model has (or 0 for a run that named it) was refused as a change."""
+    meta = {"data": DataSpec((28, 28, 1), 10).to_json()}
+    checkpoint.check_resumable(CONFIG.replace(num_classes=saved),
+                               CONFIG.replace(num_classes=given), "ckpt", meta)
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=f"--num-classes 5 differs from {saved} in ckpt"):
+        checkpoint.check_resumable(CONFIG.replace(num_classes=saved),
+                                   CONFIG.replace(num_classes=5), "ckpt", meta)
 
 
 def test_a_run_stopped_before_its_first_checkpoint_is_not_overwritten_by_another(tmp_path):
