@@ -451,6 +451,9 @@ def tuned_config(args: argparse.Namespace, config: Config,
 
     budget = tune_budget(args, tune.DEFAULT_BUDGET_S)
     if not tuning_enabled(args):
+        if args.tune_budget is not None:  # (with --no-tune it is refused: _train)
+            print(f"rnnjax: note: --tune-budget not read: ${tune.ENV_VAR} is off, so this "
+                  "run is not tuned; pass --tune to tune it", file=sys.stderr)
         return config, {"mode": "off"}
     from rnnjax.parallel import starts_distributed
 

@@ -2056,7 +2056,7 @@ def test_a_run_started_over_takes_the_settings_its_records_were_made_with(in_pro
             "config.json records (never tuned again: the same run)\n")
 
 
-def test_no_tune_and_the_environment_turn_tuning_off(in_process, monkeypatch):
+def test_no_tune_and_the_environment_turn_tuning_off(in_process, monkeypatch, capsys):
     in_process(RUN, CACHED)
     defaults = {name: getattr(Config(), name) for name in TUNED}
     assert main(["train", *RUN, "--no-tune"]) == 0
@@ -2064,6 +2064,12 @@ def test_no_tune_and_the_environment_turn_tuning_off(in_process, monkeypatch):
     monkeypatch.setenv(tune.ENV_VAR, "off")
     assert main(["train", *RUN]) == 0
     assert in_process.last() == (defaults, "off")
+    assert "--tune-budget" not in capsys.readouterr().err
+    # A budget given under the variable was dropped without a word.
+    assert main(["train", *RUN, "--tune-budget", "50"]) == 0
+    assert in_process.last() == (defaults, "off")
+    assert ("rnnjax: note: --tune-budget not read: $RNNJAX_TUNE is off, so this run is not "
+            "tuned; pass --tune to tune it\n") in capsys.readouterr().err
     assert main(["train", *RUN, "--tune"]) == 0
     assert in_process.last() == (CACHED, "cached")
 
