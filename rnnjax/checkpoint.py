@@ -624,6 +624,19 @@ def moved_data(meta: Mapping[str, Any] | None) -> frozenset[str]:
     return frozenset({"dataset"}) if data.get("fingerprint_all") else frozenset()
 
 
+def same_setting(name: str, saved: Config, other: Config,
+                 meta: Mapping[str, Any] | None) -> bool:
+    """Whether the field ``name`` of ``saved``, the config of the checkpoint of ``meta``, and
+    of ``other`` is one setting: equal, or ``num_classes`` 0 (the dataset's) beside the count
+    the checkpoint's model has (:func:`data_spec`)."""
+    if getattr(saved, name) == getattr(other, name):
+        return True
+    if name == "num_classes" and meta is not None:
+        classes = data_spec(meta, saved).num_classes
+        return (saved.num_classes or classes) == (other.num_classes or classes)
+    return False
+
+
 def check_resumable(saved: Config, current: Config, where: Path | str = "the checkpoint",
                     meta: Mapping[str, Any] | None = None) -> None:
     """Refuse to resume ``saved`` as ``current`` when a field that changes results differs.
@@ -644,12 +657,8 @@ def check_resumable(saved: Config, current: Config, where: Path | str = "the che
         )
     for f in dataclasses.fields(Config):
         name, old, new = f.name, getattr(saved, f.name), getattr(current, f.name)
-        if old == new:
+        if same_setting(name, saved, current, meta):
             continue
-        if name == "num_classes" and meta is not None:
-            classes = data_spec(meta, saved).num_classes
-            if (old or classes) == (new or classes):
-                continue
         flag = flag_name(name)
         if name == "steps" and saved.schedule != "constant":
             raise CheckpointError(
@@ -742,9 +751,9 @@ def check_records_match(saved: Config, workdir: Path | str, step_dir: Path,
     """Refuse to resume the checkpoint ``step_dir`` (of config ``saved``, ``meta``) into
     records of another run: the workdir's ``config.json``, where there is one that loads,
     must be the checkpoint's run but for :data:`RUN_SETTINGS` and :func:`moved_data` (a
-    resume may change those, ``--steps`` among them). Checkpoints copied in from another
-    run resumed, and its metrics were appended to this one's, its config written over this
-    one's."""
+    resume may change those, ``--steps`` among them) and :func:`same_setting`. Checkpoints
+    copied in from another run resumed, and its metrics were appended to this one's, its
+    config written over this one's."""
     where = Path(workdir) / "config.json"
     try:
         recorded = from_dict(json.loads(where.read_text()))
@@ -752,7 +761,7 @@ def check_records_match(saved: Config, workdir: Path | str, step_dir: Path,
         return
     differ = [f"{flag_name(name)} {getattr(recorded, name)} (the checkpoint's: "
               f"{getattr(saved, name)})" for name in results_differ(recorded, saved)
-              if name not in moved_data(meta)]
+              if name not in moved_data(meta) and not same_setting(name, saved, recorded, meta)]
     if differ:
         raise CheckpointError(
             f"{where} is another run's than the checkpoint {step_dir}: it differs in "

@@ -551,9 +551,11 @@ def test_resume_and_overwrite_are_checked_before_anything_is_written(runs, tmp_p
 
 
 @pytest.mark.parametrize("saved, given", [(0, 10), (10, 0)])
-def test_num_classes_0_resumes_as_the_count_the_checkpoint_has(saved, given):
+def test_num_classes_0_resumes_as_the_count_the_checkpoint_has(saved, given, tmp_path):
     """--num-classes 0 takes the dataset's count: a resume that names the count the
-    checkpoint's model has (or 0 for a run that named it) was refused as a change."""
+    checkpoint's model has (or 0 for a run that named it) was refused as a change; and so
+    was the next resume, where that one stopped before its first checkpoint (its
+    config.json then says ``given``, the checkpoint ``saved``)."""
     meta = {"data": DataSpec((28, 28, 1), 10).to_json()}
     checkpoint.check_resumable(CONFIG.replace(num_classes=saved),
                                CONFIG.replace(num_classes=given), "ckpt", meta)
@@ -561,6 +563,16 @@ def test_num_classes_0_resumes_as_the_count_the_checkpoint_has(saved, given):
                        match=f"--num-classes 5 differs from {saved} in ckpt"):
         checkpoint.check_resumable(CONFIG.replace(num_classes=saved),
                                    CONFIG.replace(num_classes=5), "ckpt", meta)
+    for recorded in (given, 5):
+        (tmp_path / "config.json").write_text(
+            json.dumps(dataclasses.asdict(CONFIG.replace(num_classes=recorded))))
+        if recorded == 5:
+            with pytest.raises(checkpoint.CheckpointError, match=r"--num-classes 5 \(the "):
+                checkpoint.check_records_match(CONFIG.replace(num_classes=saved), tmp_path,
+                                               tmp_path / "ckpt", meta)
+        else:
+            checkpoint.check_records_match(CONFIG.replace(num_classes=saved), tmp_path,
+                                           tmp_path / "ckpt", meta)
 
 
 def test_a_run_stopped_before_its_first_checkpoint_is_not_overwritten_by_another(tmp_path):
