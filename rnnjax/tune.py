@@ -880,6 +880,30 @@ def apply(config: Config, choice: dict[str, Any], pinned: frozenset[str]) -> Con
     return config.replace(**{k: v for k, v in choice.items() if k not in pinned})
 
 
+def unrunnable(config: Config) -> str | None:
+    """Why ``config``, a cached choice applied, would not run as it names, or None: a form
+    its cell lacks (``cells.resolve_form`` runs another: a cell registered again under the
+    name with other code, a cache file edited), native kernels the cell or this machine
+    lacks, more CPUs than this process may use. The choices the tuner makes pass."""
+    from rnnjax import process
+    from rnnjax.cells import get_cell, resolve_form
+    from rnnjax.model import native_unavailable
+
+    forms = {name: getattr(config, name) for name in ("backward", "projection", "weight_grad")}
+    try:
+        cell = get_cell(config.cell, config.hidden_size)
+        form = resolve_form(cell, config.batch_size, **forms)
+        process.first_cpus(config.cpus)
+    except ValueError as e:  # what it lacks, without the advice for a flag
+        return str(e).split("; ")[0]
+    differ = [f"{name.replace('_', '-')} {value} (it runs {getattr(form, name)})"
+              for name, value in forms.items() if value not in ("auto", getattr(form, name))]
+    if differ:
+        return f"--cell {config.cell} with {', '.join(differ)}"
+    why = native_unavailable(cell) if form.backward == "native" else None
+    return None if why is None else f"backward native: {why}"
+
+
 # --- measuring ----------------------------------------------------------------------------
 
 
@@ -1737,6 +1761,11 @@ def resolve(
     directory = cache_dir(config.compile_cache)
     key_ = key(config, pinned, spec=spec)
     record = load(directory, key_)
+    why = None if record is None else unrunnable(apply(config, record["choice"], pinned))
+    if why is not None:  # stale: timed again, and saved over it
+        (err or sys.stderr).write(f"rnnjax: the choice cached in {cache_path(directory, key_)} "
+                                  f"cannot run as it names ({why}): tuning again\n")
+        record = None
     more = None if record is None else outgrown(record, config, budget_s, pay_back)
     if record is not None and more is None:
         path = cache_path(directory, key_)
