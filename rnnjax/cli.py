@@ -359,11 +359,20 @@ def tune_budget(args: argparse.Namespace, default: float) -> float:
     return checked_budget(default if args.tune_budget is None else args.tune_budget)
 
 
+# The longest tuning budget: the tuner's timers wait for a share of it, and Python's cannot
+# wait past threading.TIMEOUT_MAX (about 9.2e9 s; 1e11 gave a traceback per timer).
+MAX_BUDGET_S = 1e9
+
+
 def checked_budget(budget: float) -> float:
-    """``budget``, a tuning budget, checked: a positive, finite number of seconds (else
-    :class:`UsageError`). The benchmarks' ``--tune-budget`` takes the same."""
+    """``budget``, a tuning budget, checked: a positive number of seconds, at most
+    :data:`MAX_BUDGET_S` (else :class:`UsageError`). The benchmarks' ``--tune-budget`` takes
+    the same."""
     if not (budget > 0 and budget < float("inf")):
         raise UsageError(f"--tune-budget must be a positive number of seconds, got {budget}")
+    if budget > MAX_BUDGET_S:
+        raise UsageError(f"--tune-budget {budget:g}: more seconds than the tuner's timers can "
+                         f"wait; give at most {MAX_BUDGET_S:g}")
     return budget
 
 
@@ -677,8 +686,10 @@ def _tune(args: argparse.Namespace, whole_process: bool = False) -> int:
     directory = tune.cache_dir(config.compile_cache)
     path = tune.save(directory, result.record())
     flags = choice_flags(result.choice, pinned)
-    print(f"cached in {path}: rnnjax train uses it for this shape" if path else
-          f"not cached ({tune.unsaved(directory)}); pass: {flags}")
+    # As flags either way: the processes of a multi-process run are never tuned, and
+    # other machines do not read this cache.
+    print(f"cached in {path}: rnnjax train uses it for this shape; as flags: {flags}" if path
+          else f"not cached ({tune.unsaved(directory)}); pass: {flags}")
     return 0
 
 

@@ -186,6 +186,8 @@ BAD = [
     ("tune_budget_nan", ["--tune-budget", "nan"],
      ["--tune-budget must be a positive number of seconds, got nan"]),
     ("tune_budget_inf", ["--tune-budget", "inf"], ["--tune-budget must be a positive number"]),
+    ("tune_budget_beyond_timers", ["--tune-budget", "1e11"],
+     ["--tune-budget 1e+11: more seconds than the tuner's timers can wait; give at most 1e+09"]),
     # Checkpoints and the run directory.
     ("checkpoint_every_negative", ["--checkpoint-every", "-1"],
      ["--checkpoint-every must be 0 or more, got -1"]),

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -2170,11 +2171,20 @@ def test_rnnjax_tune_prints_the_table_and_caches_the_choice(tmp_path):
     notes = [line.split("(none)", 1)[1].strip() for line in lines[5:chose]]
     assert all(note.startswith(("second process", "timed in turns", "mean of "))
                for note in notes), notes
-    assert "cached in" in lines[chose + 1]
     assert "rnnjax: timing simple_rnn 4" in proc.stderr and "ms/step" in proc.stderr
     cached = list((tmp_path / "cache" / "rnnjax" / "tune").glob("*.json"))
     assert len(cached) == 1
     choice = json.loads(cached[0].read_text())["choice"]
+    # The choice as flags, cached or not (only the uncached line had them; a multi-process
+    # run, never tuned, was told to give every process "the flags it prints"): with the
+    # flags given they make the choice.
+    line, flags = lines[chose + 1].split("; as flags: ")
+    assert line == f"cached in {cached[0]}: rnnjax train uses it for this shape"
+    from rnnjax.cli import build_parser, config_from_args
+
+    given = config_from_args(build_parser().parse_args(["train", *TINY, *pins,
+                                                        *shlex.split(flags)]))
+    assert {k: getattr(given, k) for k in TUNED} == choice
     # rnnjax train of the same shape (and the same flags given) uses it without tuning.
     work = tmp_path / "run"
     proc = _run("train", *TINY, *pins, "--steps", "2", "--workdir", str(work), env=env)
