@@ -179,11 +179,13 @@ def _compiled_train(
 ) -> runtime.CompileOnFirstCall:
     """``train.train_step`` or ``train.train_steps`` jitted with the state donated and the
     results replicated over the mesh; compiled (and timed) on its first call, under
-    ``xla_flags`` besides the process's (``runtime.compile_options``)."""
+    ``xla_flags`` besides the process's (``runtime.compile_options``); each call finished
+    before the next where several processes share the CPU backend
+    (``parallel.calls_must_finish``)."""
     return runtime.CompileOnFirstCall(jax.jit(
         functools.partial(fn, model=model, optimizer=optimizer),
         donate_argnums=0, out_shardings=dp.replicated,
-    ), xla_flags)
+    ), xla_flags, wait=parallel.calls_must_finish())
 
 
 def device_feed(

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import socket
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +62,7 @@ def initialize(config: Config) -> bool:
         kwargs.update(num_processes=config.num_processes, process_id=config.process_id)
     if "coordinator_address" in kwargs and config.process_id == 0:
         _check_port_free(address)
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         jax.distributed.initialize(**kwargs)
     except (ValueError, RuntimeError) as e:  # nothing detected, or no coordinator found
@@ -69,7 +72,20 @@ def initialize(config: Config) -> bool:
             "--num-processes N --process-id I, or run where JAX detects the cluster (SLURM, "
             "Open MPI, Kubernetes, a Cloud TPU slice)"
         ) from None
+    _keep_sigterm(sigterm)
     return True
+
+
+def _keep_sigterm(handler: Any) -> None:
+    """Give SIGTERM back the ``handler`` it had before ``jax.distributed.initialize``, whose
+    preemption notifier takes it over: a run of several processes then trained on to its
+    end through a scheduler's stop (SLURM's, Kubernetes'), as if never asked, until the
+    SIGKILL that follows lost everything since its last checkpoint. rnnjax reads no
+    preemption sync point, so a process stops at SIGTERM as one alone does. (Only the main
+    thread may set a handler; elsewhere it is left.)"""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _check_port_free(address: str) -> None:
@@ -92,6 +108,16 @@ def _check_port_free(address: str) -> None:
                     f"{port}, which is in use on this machine ({e.strerror or e}); choose "
                     "another port (the same for every process)") from None
         return
+
+
+def calls_must_finish() -> bool:
+    """Whether each compiled call of a run must finish before the next starts: several
+    processes on the CPU backend, whose gloo collectives deadlock under back-to-back
+    asynchronous calls with several devices a process (jax 0.10.2: 2 processes of 2 CPU
+    devices stopped for good within 100-300 calls, in plain JAX too, and 300 calls with a
+    wait after each took 1 s). On the CPU a wait costs little: the host and the devices
+    share the cores. Call after :func:`initialize`."""
+    return jax.process_count() > 1 and jax.default_backend() == "cpu"
 
 
 def starts_distributed(config: Config, env: dict[str, str] | None = None) -> bool:

@@ -309,15 +309,17 @@ class CompileOnFirstCall:
     arguments of its first call, and that executable reused after: a call returns
     ``(result, seconds spent compiling in it)``.
 
-    Later calls with other shapes fail instead of silently compiling again.
+    Later calls with other shapes fail instead of silently compiling again. ``wait``: each
+    call returns once its results are ready (``parallel.calls_must_finish``).
     """
 
-    def __init__(self, jitted: Callable, xla_flags: str = "") -> None:
-        self.jitted, self.xla_flags = jitted, xla_flags
+    def __init__(self, jitted: Callable, xla_flags: str = "", wait: bool = False) -> None:
+        self.jitted, self.xla_flags, self.wait = jitted, xla_flags, wait
         self.compiled: Callable | None = None
 
     def __call__(self, *args: Any) -> tuple[Any, float]:
         seconds = 0.0
         if self.compiled is None:
             self.compiled, seconds = compile_timed(self.jitted, *args, xla_flags=self.xla_flags)
-        return self.compiled(*args), seconds
+        result = self.compiled(*args)
+        return (jax.block_until_ready(result) if self.wait else result), seconds

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -473,7 +474,10 @@ def test_two_processes_train_like_one(one_device, tmp_path):
                          "stopped": {"steps": 6, "workdir": "work"},
                          "resumed": {"workdir": "work", "resume": True},
                          "finished": {"workdir": "work", "resume": True,
-                                      "drop": ["summary.json"]}}}
+                                      "drop": ["summary.json"]},
+                         # gloo's collectives had stopped for good within 100-300
+                         # back-to-back calls: parallel.calls_must_finish.
+                         "long": {"feed": "stream", "steps": 300, "eval_every": 300}}}
         procs.append(_launch(spec, devices=2))
     _wait(procs, timeout=300)
     report = json.loads((tmp_path / "report.json").read_text())
@@ -488,6 +492,38 @@ def test_two_processes_train_like_one(one_device, tmp_path):
     # Stopped after its final checkpoint (its summary lost): finished by both processes
     # (process 1 read no history, and said the records lacked the final evaluation).
     assert json.loads((tmp_path / "work" / "summary.json").read_text())["resumed_from"] == 12
+    assert [h["step"] for h in report["long"]["history"]] == [0, 299]
+
+
+def test_two_processes_stop_at_sigterm(tmp_path):
+    """jax.distributed's preemption notifier took SIGTERM over: both processes trained on
+    through a scheduler's stop, to their end or the SIGKILL after it. They stop at it now,
+    as one process does, their checkpoints kept."""
+    address = f"localhost:{_free_port()}"
+    procs = [_launch({"out": str(tmp_path),
+                      "base": {**RUN, "coordinator_address": address, "num_processes": 2,
+                               "process_id": process_id},
+                      "runs": {"endless": {"feed": "stream", "steps": 100_000,
+                                           "eval_every": 100_000, "checkpoint_every": 20,
+                                           "workdir": "work"}}}, devices=2)
+             for process_id in (0, 1)]
+    try:
+        deadline = time.monotonic() + 240
+        while (not (tmp_path / "work" / "checkpoints" / "40").is_dir()
+               and all(p.poll() is None for p in procs) and time.monotonic() < deadline):
+            time.sleep(0.05)
+        assert all(p.poll() is None for p in procs), [p.communicate()[0][-2000:] for p in procs]
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.communicate(timeout=60)
+            assert p.returncode == -signal.SIGTERM
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert (tmp_path / "work" / "checkpoints" / "40").is_dir()
 
 
 if __name__ == "__main__":
