@@ -894,8 +894,9 @@ def unrunnable(config: Config) -> str | None:
         cell = get_cell(config.cell, config.hidden_size)
         form = resolve_form(cell, config.batch_size, **forms)
         process.first_cpus(config.cpus)
-    except ValueError as e:  # what it lacks, without the advice for a flag
-        return str(e).split("; ")[0]
+    except Exception as e:  # what it lacks, without a flag's advice (a cell that fails to
+        # build here makes the choice stale too: the run then fails on it as a first one does)
+        return str(e).split("; ")[0] or type(e).__name__
     differ = [f"{name.replace('_', '-')} {value} (it runs {getattr(form, name)})"
               for name, value in forms.items() if value not in ("auto", getattr(form, name))]
     if differ:
