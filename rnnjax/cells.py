@@ -168,6 +168,15 @@ def resolve_form(cell: Cell, batch: int, backward: str = "auto", projection: str
     return Form(backward, projection, weight_grad)
 
 
+def unhonoured(cell: Cell, batch: int, **choices: str) -> tuple[Form, list[str]]:
+    """The form that ``choices`` (of :class:`Form`'s fields) run as for ``cell`` at ``batch``
+    (:func:`resolve_form`), and those of them, 'auto' aside, it does not run as named (a
+    choice the cell cannot make reads as the one it makes)."""
+    form = resolve_form(cell, batch, **choices)
+    return form, [name for name, value in choices.items()
+                  if value not in ("auto", getattr(form, name))]
+
+
 def _auto_weight_grad(batch: int) -> str:
     """What weight_grad 'auto' is at ``batch`` (:data:`PER_STEP_WEIGHT_GRADIENT_BATCH`)."""
     return "per_step" if batch >= PER_STEP_WEIGHT_GRADIENT_BATCH else "product"

@@ -229,24 +229,23 @@ def check_forms(config: Config, given: Mapping[str, object]) -> None:
              if name in given and getattr(config, name) != "auto"]
     if not named:  # nothing to import JAX for
         return
-    from rnnjax.cells import get_cell, resolve_form
+    from rnnjax.cells import get_cell, unhonoured
 
     try:
         cell = get_cell(config.cell, config.hidden_size)
-        form = resolve_form(cell, config.batch_size,
-                            **{name: getattr(config, name) for name in FORM_FLAGS})
+        form, differ = unhonoured(cell, config.batch_size,
+                                  **{name: getattr(config, name) for name in FORM_FLAGS})
     except ValueError:  # a cell or a backward that cannot work: check_model says so
         return
-    for name in named:
-        if name == "backward" and form.backward != config.backward:
+    for name in (name for name in named if name in differ):
+        if name == "backward":
             raise UsageError(
                 f"--backward {config.backward}: --cell {config.cell} has none (it runs "
                 f"--backward {form.backward}); drop --backward, or choose {form.backward}")
-        if getattr(form, name) != getattr(config, name):
-            raise UsageError(
-                f"{flag_name(name)} {getattr(config, name)}: --cell {config.cell} with "
-                f"--backward {form.backward} runs {flag_name(name)} {getattr(form, name)}; "
-                f"drop {flag_name(name)}, or choose a backward that has it")
+        raise UsageError(
+            f"{flag_name(name)} {getattr(config, name)}: --cell {config.cell} with "
+            f"--backward {form.backward} runs {flag_name(name)} {getattr(form, name)}; "
+            f"drop {flag_name(name)}, or choose a backward that has it")
 
 
 def pinned_settings(given: Mapping[str, object]) -> frozenset[str]:

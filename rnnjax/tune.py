@@ -886,21 +886,21 @@ def unrunnable(config: Config) -> str | None:
     name with other code, a cache file edited), native kernels the cell or this machine
     lacks, more CPUs than this process may use. The choices the tuner makes pass."""
     from rnnjax import process
-    from rnnjax.cells import get_cell, resolve_form
+    from rnnjax.cells import Form, get_cell, unhonoured
     from rnnjax.model import native_unavailable
 
-    forms = {name: getattr(config, name) for name in ("backward", "projection", "weight_grad")}
+    forms = {f.name: getattr(config, f.name) for f in dataclasses.fields(Form)}
     try:
         cell = get_cell(config.cell, config.hidden_size)
-        form = resolve_form(cell, config.batch_size, **forms)
+        form, differ = unhonoured(cell, config.batch_size, **forms)
         process.first_cpus(config.cpus)
     except Exception as e:  # what it lacks, without a flag's advice (a cell that fails to
         # build here makes the choice stale too: the run then fails on it as a first one does)
         return str(e).split("; ")[0] or type(e).__name__
-    differ = [f"{name.replace('_', '-')} {value} (it runs {getattr(form, name)})"
-              for name, value in forms.items() if value not in ("auto", getattr(form, name))]
     if differ:
-        return f"--cell {config.cell} with {', '.join(differ)}"
+        return f"--cell {config.cell} with " + ", ".join(
+            f"{name.replace('_', '-')} {forms[name]} (it runs {getattr(form, name)})"
+            for name in differ)
     why = native_unavailable(cell) if form.backward == "native" else None
     return None if why is None else f"backward native: {why}"
 
