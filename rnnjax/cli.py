@@ -675,15 +675,18 @@ def _tune(args: argparse.Namespace, whole_process: bool = False) -> int:
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    log(f"rnnjax: timing {config.cell} {config.hidden_size} x{config.num_layers} "
-        f"{config.order} batch {config.batch_size} for up to {budget:g} s")
-    result = tune.tune(config, pinned, budget, log=log, spec=spec)
-    print(tune.format_table(result), end="")
-    print(tune.choice_line(result))
-    if result.choice is None:
-        return 1
     directory = tune.cache_dir(config.compile_cache)
-    path = tune.save(directory, result.record())
+    with tune.shape_lock(directory, tune.key(config, pinned, spec=spec), lambda lock: log(
+            f"rnnjax: another process is tuning this shape here (it holds {lock}): waiting "
+            "for it to finish, so that neither times under the other's load")):
+        log(f"rnnjax: timing {config.cell} {config.hidden_size} x{config.num_layers} "
+            f"{config.order} batch {config.batch_size} for up to {budget:g} s")
+        result = tune.tune(config, pinned, budget, log=log, spec=spec)
+        print(tune.format_table(result), end="")
+        print(tune.choice_line(result))
+        if result.choice is None:
+            return 1
+        path = tune.save(directory, result.record())
     flags = choice_flags(result.choice, pinned)
     # As flags either way: the processes of a multi-process run are never tuned, and
     # other machines do not read this cache.

@@ -50,7 +50,9 @@ recorded and checked once the run's backend starts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import json
@@ -62,7 +64,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -867,6 +869,52 @@ def save(directory: Path | None, record: dict[str, Any]) -> Path | None:
     except OSError:  # unwritable, or a full disk: no half-written file left behind
         return None
     return path
+
+
+@contextlib.contextmanager
+def shape_lock(directory: Path | None, key_: dict,
+               waiting: Callable[[Path], None]) -> Iterator[bool]:
+    """Hold ``key_``'s lock in ``directory`` (the tuner's cache) while its shape is tuned
+    and saved, so that two processes starting one new shape together tune it once, neither
+    timing under the other's load. Where another process holds it, ``waiting(lock path)``
+    is called once and this one blocks until it is free (a holder killed frees it at once).
+    Yields whether it waited: the caller then reads the cache again. With no cache, or one
+    that cannot be written, it yields False at once and locks nothing (nothing is shared).
+
+    The lock file is removed by its holder, so the cache holds only records; a waiter that
+    wakes on a removed file opens the new one (flock binds the open file, not the name)."""
+    path = None if directory is None else cache_path(directory, key_).with_suffix(".lock")
+    fd, waited = None, False
+    try:
+        while path is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waited:
+                    waiting(path)
+                    waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            held = os.fstat(fd)
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+            if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                break
+            os.close(fd)  # its holder removed it as it finished: lock the current one
+            fd = None
+    except OSError:  # unwritable: save() will say so; nothing to share, nothing locked
+        if fd is not None:
+            os.close(fd)
+        fd = None
+    try:
+        yield waited
+    finally:
+        if fd is not None:
+            path.unlink(missing_ok=True)  # before the lock is let go: see the docstring
+            os.close(fd)
 
 
 def unsaved(directory: Path | None) -> str:
@@ -1761,51 +1809,69 @@ def resolve(
     budget_s = DEFAULT_BUDGET_S if budget_s is None else budget_s
     directory = cache_dir(config.compile_cache)
     key_ = key(config, pinned, spec=spec)
-    record = load(directory, key_)
-    why = None if record is None else unrunnable(apply(config, record["choice"], pinned))
-    if why is not None:  # stale: timed again, and saved over it
-        (err or sys.stderr).write(f"rnnjax: the choice cached in {cache_path(directory, key_)} "
-                                  f"cannot run as it names ({why}): tuning again\n")
-        record = None
-    more = None if record is None else outgrown(record, config, budget_s, pay_back)
-    if record is not None and more is None:
-        path = cache_path(directory, key_)
-        return apply(config, record["choice"], pinned), {
-            "mode": "cached", "choice": record["choice"], "cache": str(path),
-            "device": record.get("device"), "tune_s": record.get("tune_s")}
-    child_sources(config)  # before anything is written: one no child can import
-    before_tuning()
 
     def log(line: str) -> None:
         out = err or sys.stderr
         out.write(line + "\n")
         out.flush()
 
-    pay_back_phrase = f", less for a short run, up to {TUNE_COMMAND_BUDGET_S:g} for a long one"
-    why = ("the first run of this shape here" if record is None else
-           f"again: its cached choice had {record['budget_s']:g} s, not every candidate "
-           f"timed, and this run may spend ~{more:.0f} s")
-    log(f"rnnjax: tuning {config.cell} {config.hidden_size} x{config.num_layers} "
-        f"{config.order} batch {config.batch_size}, {why} "
-        f"(--tune-budget {budget_s:g} s{pay_back_phrase if pay_back else ''}; "
-        "--no-tune skips)")
-    result = tune(config, pinned, budget_s, log=log, child=child, pay_back=pay_back,
-                  spec=spec)
-    # Saved even when the budget cut it short, so the cost is paid once per shape; the
-    # line says so, and rnnjax tune (a larger budget) times the rest.
-    path = None if result.choice is None else save(directory, result.record())
-    saved = (f"; saved in {path}" if path else
-             f"; not saved ({unsaved(directory)}: tunes again next run)")
-    if not result.complete:
-        saved += ("; not every candidate was timed in the budget: rnnjax tune (with its "
-                  "larger --tune-budget) times them all")
-    log(f"rnnjax: {choice_line(result)}{saved if result.choice else ''}")
-    if result.choice is None:
-        return config, {"mode": "defaults", "reason": choice_line(result),
-                        "tune_s": round(result.seconds, 2)}
-    return apply(config, result.choice, pinned), {
-        "mode": "measured", "choice": result.choice, "cache": str(path) if path else None,
-        "device": result.device, "tune_s": round(result.seconds, 2)}
+    def cached() -> tuple[dict[str, Any] | None, float | None]:
+        """The cached record (None: none, or stale), and the budget this run may spend
+        on it where it was cut short (:func:`outgrown`)."""
+        record = load(directory, key_)
+        why = None if record is None else unrunnable(apply(config, record["choice"], pinned))
+        if why is not None:  # stale: timed again, and saved over it
+            log(f"rnnjax: the choice cached in {cache_path(directory, key_)} cannot run as "
+                f"it names ({why}): tuning again")
+            record = None
+        return record, None if record is None else outgrown(record, config, budget_s,
+                                                             pay_back)
+
+    def use(record: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
+        return apply(config, record["choice"], pinned), {
+            "mode": "cached", "choice": record["choice"],
+            "cache": str(cache_path(directory, key_)), "device": record.get("device"),
+            "tune_s": record.get("tune_s")}
+
+    record, more = cached()
+    if record is not None and more is None:
+        return use(record)
+    child_sources(config)  # before anything is written: one no child can import
+    before_tuning()
+    shape = (f"{config.cell} {config.hidden_size} x{config.num_layers} {config.order} "
+             f"batch {config.batch_size}")
+    with shape_lock(directory, key_, lambda path: log(
+            f"rnnjax: another process is tuning {shape} here (it holds {path}): waiting "
+            "to read its choice (--no-tune skips tuning)")) as waited:
+        if waited:  # what it saved, if it saved one this run may use
+            record, more = cached()
+            if record is not None and more is None:
+                log(f"rnnjax: {shape}: using the choice the other process saved")
+                return use(record)
+        pay_back_phrase = f", less for a short run, up to {TUNE_COMMAND_BUDGET_S:g} for a long one"
+        why = ("the first run of this shape here" if record is None else
+               f"again: its cached choice had {record['budget_s']:g} s, not every candidate "
+               f"timed, and this run may spend ~{more:.0f} s")
+        log(f"rnnjax: tuning {shape}, {why} "
+            f"(--tune-budget {budget_s:g} s{pay_back_phrase if pay_back else ''}; "
+            "--no-tune skips)")
+        result = tune(config, pinned, budget_s, log=log, child=child, pay_back=pay_back,
+                      spec=spec)
+        # Saved even when the budget cut it short, so the cost is paid once per shape; the
+        # line says so, and rnnjax tune (a larger budget) times the rest.
+        path = None if result.choice is None else save(directory, result.record())
+        saved = (f"; saved in {path}" if path else
+                 f"; not saved ({unsaved(directory)}: tunes again next run)")
+        if not result.complete:
+            saved += ("; not every candidate was timed in the budget: rnnjax tune (with its "
+                      "larger --tune-budget) times them all")
+        log(f"rnnjax: {choice_line(result)}{saved if result.choice else ''}")
+        if result.choice is None:
+            return config, {"mode": "defaults", "reason": choice_line(result),
+                            "tune_s": round(result.seconds, 2)}
+        return apply(config, result.choice, pinned), {
+            "mode": "measured", "choice": result.choice, "cache": str(path) if path else None,
+            "device": result.device, "tune_s": round(result.seconds, 2)}
 
 
 def check_device(record: dict[str, Any], err: TextIO | None = None) -> None:

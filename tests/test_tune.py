@@ -2103,6 +2103,142 @@ def test_a_cached_choice_that_cannot_run_as_it_names_is_timed_again(in_process, 
     assert in_process.last()[1] == "cached" and "cannot run" not in capsys.readouterr().err
 
 
+class Holder:
+    """Another process tuning a shape: holds its lock in a thread until ``release``; the
+    waiter's ``waiting`` callback (wrapped by :meth:`watch`) sets ``waited``."""
+
+    def __init__(self, monkeypatch, directory, key):
+        import threading
+
+        self.waited, self.released, self.locked = (threading.Event(), threading.Event(),
+                                                   threading.Event())
+        self.calls = []
+        lock = tune.shape_lock
+
+        def watch(directory, key_, waiting):
+            def waiting_(path):
+                self.calls.append(path)
+                waiting(path)
+                self.waited.set()
+            return lock(directory, key_, waiting_)
+
+        monkeypatch.setattr(tune, "shape_lock", watch)
+
+        def hold():
+            with lock(directory, key, lambda path: pytest.fail("the holder waited")):
+                self.locked.set()
+                self.released.wait(60)
+                self.then()
+
+        self.then = lambda: None
+        self.thread = threading.Thread(target=hold, daemon=True)
+        self.thread.start()
+        assert self.locked.wait(30)
+
+    def release_when_waited(self, then=lambda: None):
+        """Once the other waits: ``then()`` with the lock still held, and let it go."""
+        import threading
+
+        def release():
+            assert self.waited.wait(60)
+            self.then = then
+            self.released.set()
+        threading.Thread(target=release, daemon=True).start()
+
+
+def test_the_shape_lock_makes_a_second_holder_wait_and_leaves_no_file(tmp_path):
+    """Two processes starting one new shape together both tuned it in full, each timing
+    under the other's load. The tuner's lock makes the second wait for the first."""
+    import threading
+
+    key = {"shape": 1}
+    lock_file = tune.cache_path(tmp_path / "tune", key).with_suffix(".lock")
+    order, said = [], []
+    first = tune.shape_lock(tmp_path / "tune", key, lambda path: pytest.fail("waited"))
+    assert first.__enter__() is False and lock_file.exists()
+
+    def second():
+        with tune.shape_lock(tmp_path / "tune", key, said.append) as waited:
+            order.append(("second", waited))
+    thread = threading.Thread(target=second)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not said and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert said == [lock_file] and order == []  # it waits, said once
+    order.append("first done")
+    first.__exit__(None, None, None)  # removes the file: the waiter locks the new one
+    thread.join(30)
+    assert order == ["first done", ("second", True)]
+    assert list((tmp_path / "tune").iterdir()) == []  # only records stay in the cache
+    # A third, alone, waits for nothing; with no cache, or one that cannot be written,
+    # nothing is locked (nothing is shared).
+    with tune.shape_lock(tmp_path / "tune", key, said.append) as waited:
+        assert waited is False
+    (tmp_path / "file").write_text("")
+    for directory in (None, tmp_path / "file" / "tune"):
+        with tune.shape_lock(directory, key, said.append) as waited, \
+                tune.shape_lock(directory, key, said.append) as again:
+            assert waited is again is False
+    assert len(said) == 1
+
+
+def test_a_run_waits_for_another_tuning_its_shape_and_uses_its_choice(in_process, monkeypatch,
+                                                                      capsys, tmp_path):
+    """The second of two runs of one new shape waits for the first's tuning and uses what
+    it saved, tuning nothing."""
+    from rnnjax.cli import build_parser, config_from_args
+
+    config = config_from_args(build_parser().parse_args(["train", *RUN]))
+    holder = Holder(monkeypatch, tmp_path / "tune", tune.key(config, frozenset()))
+    holder.release_when_waited(then=lambda: in_process(RUN, CACHED))
+    assert main(["train", *RUN]) == 0  # _fail_if_tuned: it tuned nothing
+    assert in_process.last() == (CACHED, "cached")
+    err = capsys.readouterr().err
+    assert (f"rnnjax: another process is tuning simple_rnn 4 x1 rows batch 4 here (it holds "
+            f"{holder.calls[0]}): waiting to read its choice") in err
+    assert "rnnjax: simple_rnn 4 x1 rows batch 4: using the choice the other process saved" \
+        in err and "rnnjax: tuning simple_rnn" not in err
+
+
+def test_a_run_whose_other_tuner_saved_nothing_tunes_after_it(in_process, monkeypatch,
+                                                              capsys, tmp_path):
+    """Where the other process saved nothing (killed, or it failed) the waiter tunes."""
+    from rnnjax.cli import build_parser, config_from_args
+
+    config = config_from_args(build_parser().parse_args(["train", *RUN]))
+    holder = Holder(monkeypatch, tmp_path / "tune", tune.key(config, frozenset()))
+    holder.release_when_waited()
+    monkeypatch.setattr(tune, "run_child", FakeChild(all_times(1.0, config)))
+    assert main(["train", *RUN]) == 0
+    assert in_process.last()[1] == "measured" and len(holder.calls) == 1
+    assert "rnnjax: tuning simple_rnn 4 x1 rows batch 4, the first run of this shape here" \
+        in capsys.readouterr().err
+
+
+def test_rnnjax_tune_waits_for_another_tuning_its_shape(monkeypatch, capsys, tmp_path):
+    """rnnjax tune times again whatever is cached, but not under another tuner's load."""
+    from rnnjax.cli import build_parser, config_from_args
+
+    monkeypatch.setattr(tune, "cache_dir", lambda compile_cache: tmp_path / "tune")
+    config = config_from_args(build_parser().parse_args(["tune", *TINY]))
+    holder = Holder(monkeypatch, tmp_path / "tune", tune.key(config, frozenset()))
+    holder.release_when_waited()
+    timed = []
+
+    def tuned(config, pinned, budget, **kwargs):
+        timed.append(holder.released.is_set())
+        return tune.Result(key=tune.key(config, pinned), choice=fields(1, flags=""),
+                           baseline=fields(1), measurements=[], device=None, seconds=1.0,
+                           budget_s=budget, complete=True)
+    monkeypatch.setattr(tune, "tune", tuned)
+    assert main(["tune", *TINY]) == 0
+    assert timed == [True]  # timed once the other had finished
+    assert "rnnjax: another process is tuning this shape here (it holds" in \
+        capsys.readouterr().err
+    assert [p.suffix for p in (tmp_path / "tune").iterdir()] == [".json"]
+
+
 def test_a_runs_tuning_that_cannot_be_cached_says_why(in_process, monkeypatch, capsys,
                                                        tmp_path):
     """A tuner's cache that cannot be written (a file in its place, a full disk, a
