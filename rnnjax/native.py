@@ -37,7 +37,6 @@ import platform
 import re
 import shlex
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,8 @@ CELLS = ("Elman", "Gru", "Lstm")
 STALE_DAYS = 30  # a build unused this long is removed when another is built (prune)
 SYMBOLS = tuple(f"Rnnjax{cell}{call}" for cell in CELLS
                 for call in ("Forward", "Backward", "BackwardWithOutputs"))
+SEAL = b"rnnjax-sha256:"  # then the SHA-256 of the build before it: sealed()
+SEALS = sys.platform.startswith("linux")  # ELF files, which bytes past their segments spare
 
 
 class NativeError(ConfigError):
@@ -170,7 +171,7 @@ def build(lanes: int = LANES) -> Path:
     directory, removed at exit, where the cache cannot be written or is full. A build found
     is stamped as used, and a new one prunes the cache (:func:`prune`)."""
     target = cache_dir() / f"native_{lanes}_{_key(lanes)}.so"
-    if target.exists() and not whole(target):  # cut short or damaged: built again
+    if target.exists() and not whole(target):  # cut short, damaged, unsealed: built again
         with contextlib.suppress(OSError):
             target.unlink()
     if target.exists():
@@ -188,6 +189,8 @@ def build(lanes: int = LANES) -> Path:
     built = scratch / target.name
     try:
         _compile(lanes, built)
+        if SEALS:
+            built.write_bytes(sealed(built.read_bytes()))
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
@@ -219,29 +222,27 @@ def _copy_into(built: Path, target: Path) -> None:
         raise
 
 
+def sealed(library: bytes) -> bytes:
+    """A built ``library``'s bytes with :data:`SEAL` and their SHA-256 after them: past every
+    segment its ELF headers place, so the loader never reads them, and :func:`whole` finds
+    any byte changed since."""
+    return library + SEAL + hashlib.sha256(library).digest()
+
+
 def whole(library: Path) -> bool:
-    """Whether the shared library ``library`` holds every byte its ELF headers place in it
-    (a build cut short, or truncated since, does not: loading it crashed the process with
-    SIGBUS, or raised "file too short"). True off Linux, where builds are not ELF files."""
-    if not sys.platform.startswith("linux"):
+    """Whether the shared library ``library`` holds the bytes it was built with, as its seal
+    (:func:`sealed`) has them. A build cut short, truncated, or damaged since (a crash's
+    zeroed blocks, a flipped bit) does not: loading it crashed the process with SIGBUS, raised
+    "file too short", or ran damaged code. True off Linux, where builds are not ELF files and
+    are not sealed (a signed library must stay as linked)."""
+    if not SEALS:
         return True
     try:
         data = library.read_bytes()
     except OSError:
         return False
-    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        return False  # not a 64-bit little-endian ELF file (what this machine builds)
-    phoff, shoff = struct.unpack_from("<QQ", data, 32)
-    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 54)
-    if shoff + shnum * shentsize > len(data) or phoff + phnum * phentsize > len(data):
-        return False
-    if phnum and phentsize < 56:  # shorter than an ELF64 program header: not one
-        return False
-    for k in range(phnum):
-        offset, _, _, size = struct.unpack_from("<QQQQ", data, phoff + k * phentsize + 8)
-        if offset + size > len(data):
-            return False
-    return True
+    body = data[:-len(SEAL) - hashlib.sha256().digest_size]
+    return len(body) > 0 and data == sealed(body)
 
 
 def prune(directory: Path, keep: Path, now: float | None = None) -> list[Path]:

@@ -581,7 +581,8 @@ def test_a_build_that_a_full_cache_cannot_take_is_kept_for_the_process(monkeypat
     monkeypatch.setattr(native, "_compile", compile_outside)
     monkeypatch.setattr(native.shutil, "copyfile", full)
     built = native.build(native.LANES)
-    assert built.parent != cache and built.read_bytes() == TINY_ELF and native.whole(built)
+    assert built.parent != cache and native.whole(built)
+    assert built.read_bytes() == native.sealed(TINY_ELF)
     assert list(cache.iterdir()) == []  # no partial file left behind
 
 
@@ -638,27 +639,38 @@ def test_a_new_build_prunes_the_builds_and_partial_files_unused_for_long(monkeyp
         return real_utime(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "utime", pruned_meanwhile)
-    assert native.build(native.LANES) == built and built.read_bytes() == TINY_ELF
+    assert native.build(native.LANES) == built
+    assert built.read_bytes() == native.sealed(TINY_ELF)
 
 
 def test_a_damaged_build_in_the_cache_is_built_again(monkeypatch, tmp_path):
     """A build cut short (renamed into place before it reached the disk, then a crash) or
     truncated since was loaded as it was: "file too short", a traceback, or SIGBUS, the
-    process dead with nothing said; and it stayed, so every native run failed so."""
+    process dead with nothing said; and it stayed, so every native run failed so. One
+    damaged within its length (a byte changed, a block zeroed) passed as whole: it loaded
+    and ran damaged code, or crashed, and was never built again."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     built = native.build(native.LANES)
     content = built.read_bytes()
     assert native.whole(built)
+    body = content[:-len(native.SEAL) - 32]
+    assert content == native.sealed(body) and body[:4] == b"\x7fELF"
+    middle = len(body) // 2
     damaged = tmp_path / "damaged.so"
     for data in (b"", content[:63], content[:len(content) // 2], content[:-1],
                  bytes(len(content)), b"\x7fELF\x01\x01" + content[6:],
-                 content[:54] + b"\x08\x00" + content[56:]):  # a program header of 8 bytes
+                 content[:54] + b"\x08\x00" + content[56:],  # a program header of 8 bytes
+                 content[:middle] + bytes([content[middle] ^ 1]) + content[middle + 1:],
+                 content[:middle] + bytes(4096) + content[middle + 4096:],  # a zeroed block
+                 body):  # not sealed: a build from before builds were sealed
         damaged.write_bytes(data)
         assert not native.whole(damaged), len(data)
-    built.write_bytes(content[:len(content) // 2])
-    assert native.build(native.LANES) == built and native.whole(built)
+    for data in (content[:len(content) // 2], body[:middle] + b"\xff" + body[middle + 1:]):
+        built.write_bytes(data)
+        assert native.build(native.LANES) == built and native.whole(built)
+        assert built.read_bytes() == content
     # One whole() passes that does not load either: register builds it once more.
-    built.write_bytes(TINY_ELF)
+    built.write_bytes(native.sealed(TINY_ELF))
     script = ("from rnnjax import native; native.register(native.LANES); "
               "print(native.whole(native.build(native.LANES)))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
