@@ -53,7 +53,8 @@ FORMAT = 1
 RUN_SETTINGS = frozenset({
     "steps", "data_dir", "tfds_dir", "tfds_download", "source", "feed", "steps_per_call",
     "compile_cache", "checkpoint_every", "keep_checkpoints",
-    "num_devices", "coordinator_address", "num_processes", "process_id", "huge_pages",
+    "num_devices", "coordinator_address", "num_processes", "process_id", "coordinator_timeout",
+    "huge_pages",
 })
 
 

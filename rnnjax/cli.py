@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rnnjax import atomic, process
-from rnnjax.config import TUNED, Config, ConfigError, flag_name
+from rnnjax.config import MAX_WAIT_S, TUNED, Config, ConfigError, flag_name
 
 if TYPE_CHECKING:
     from rnnjax.data.sources import Loader
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Where this process runs, never taken from a checkpoint on --resume: the flags given, or
 # the defaults (a 2-process run may well be resumed by one process, on other devices).
 MACHINE_SETTINGS = ("num_devices", "coordinator_address", "num_processes", "process_id",
-                    "compile_cache")
+                    "coordinator_timeout", "compile_cache")
 
 
 def flag_changes(args: argparse.Namespace, source: str = "idx") -> dict[str, object]:
@@ -360,7 +360,7 @@ def tune_budget(args: argparse.Namespace, default: float) -> float:
 
 # The longest tuning budget: the tuner's timers wait for a share of it, and Python's cannot
 # wait past threading.TIMEOUT_MAX (about 9.2e9 s; 1e11 gave a traceback per timer).
-MAX_BUDGET_S = 1e9
+MAX_BUDGET_S = MAX_WAIT_S
 
 
 def checked_budget(budget: float) -> float:

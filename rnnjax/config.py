@@ -26,6 +26,9 @@ SCHEDULES = ("constant", "cosine", "warmup_cosine")
 # lstm and gru on a CPU: rnnjax.native); the input projection before the loop or inside
 # it; the weight gradient one product after the backward loop or accumulated inside it.
 # The same sums, equal up to rounding.
+# The longest wait a flag may ask for (--tune-budget, --coordinator-timeout): Python's
+# timers take up to threading.TIMEOUT_MAX, about 9.2e9 s, and raise past it.
+MAX_WAIT_S = 10**9
 BACKWARDS = ("auto", "hand_written", "autodiff", "native")
 PROJECTIONS = ("auto", "hoisted", "in_loop")
 WEIGHT_GRADS = ("auto", "product", "per_step")
@@ -289,6 +292,11 @@ class Config:
     process_id: int = field(
         default=0, metadata={"help": "multi-process: this process's index, 0 .. N-1"}
     )
+    coordinator_timeout: int = field(
+        default=300,
+        metadata={"help": "multi-process: seconds each process waits for all of them to "
+                  "join jax.distributed before it stops with an error (JAX's default)"},
+    )
 
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` applied (and validated)."""
@@ -408,13 +416,16 @@ class Config:
         if not 0 <= self.process_id < self.num_processes:
             raise ConfigError(f"--process-id {self.process_id} must be in 0 .. "
                               f"{self.num_processes - 1} (--num-processes {self.num_processes})")
+        if not 1 <= self.coordinator_timeout <= MAX_WAIT_S:
+            raise ConfigError(f"--coordinator-timeout must be 1 to {MAX_WAIT_S:g} seconds (what "
+                              f"a timer can wait), got {self.coordinator_timeout}")
         address = self.coordinator_address
         if self.num_processes > 1 and not address:
             raise ConfigError(f"--num-processes {self.num_processes} needs "
                               "--coordinator-address HOST:PORT (process 0's), or 'auto'")
         if address and address != "auto":
             port = address.rpartition(":")[2]
-            if ":" not in address or not port.isdigit():
+            if ":" not in address or not port.isdigit() or not address.rpartition(":")[0]:
                 raise ConfigError(f"--coordinator-address {address!r} is not HOST:PORT "
                                   "(e.g. 10.0.0.1:1234) or 'auto'")
             if not 1 <= int(port) <= 65535:

@@ -22,12 +22,14 @@ order of the all-reduce).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
 import socket
+import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +43,11 @@ from rnnjax.data.idx import Arrays
 from rnnjax.data.pipeline import float_images
 
 DATA = "data"
+# jax.distributed.initialize's own deadline, past --coordinator-timeout: the one rnnjax
+# keeps (_stop_unless_started) stops first, with a line saying what to check.
+JAX_GRACE_S = 30
+WAIT_NOTE_S = 10  # how long processes wait to join before a note says they are waiting
+EXIT_NOT_STARTED = 2  # as the CLI's usage errors
 
 
 def initialize(config: Config) -> bool:
@@ -60,11 +67,15 @@ def initialize(config: Config) -> bool:
         kwargs["coordinator_address"] = address
     if config.num_processes > 1 or kwargs:
         kwargs.update(num_processes=config.num_processes, process_id=config.process_id)
-    if "coordinator_address" in kwargs and config.process_id == 0:
-        _check_port_free(address)
+    if "coordinator_address" in kwargs:
+        _check_host(address)
+        if config.process_id == 0:
+            _check_port_free(address)
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
-        jax.distributed.initialize(**kwargs)
+        with _stop_unless_started(config, kwargs.get("coordinator_address", "auto")):
+            jax.distributed.initialize(
+                **kwargs, initialization_timeout=config.coordinator_timeout + JAX_GRACE_S)
     except (ValueError, RuntimeError) as e:  # nothing detected, or no coordinator found
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
@@ -86,6 +97,60 @@ def _keep_sigterm(handler: Any) -> None:
     if handler is None or threading.current_thread() is not threading.main_thread():
         return
     signal.signal(signal.SIGTERM, handler)
+
+
+@contextlib.contextmanager
+def _stop_unless_started(config: Config, address: str) -> Iterator[None]:
+    """Around ``jax.distributed.initialize``, which waits for every process to join (with its
+    GIL released): a note on stderr where it waits long (:data:`WAIT_NOTE_S`, or a third of
+    the timeout), and where it has not returned in ``--coordinator-timeout`` seconds one
+    line naming what to check, then exit 2. JAX's own deadline (the timeout and
+    :data:`JAX_GRACE_S`) killed the process with SIGABRT and a C++ stack trace, after minutes
+    of silence, where a process was missing, the address wrong, or its port unreachable."""
+    timeout, n = config.coordinator_timeout, config.num_processes
+    if address == "auto":
+        who, start = "this process (the cluster JAX detected)", "every process of the cluster"
+    else:
+        who = f"process {config.process_id} of {n} at {address}"
+        start = (f"each of --process-id 0 to {n - 1} once, with the same --coordinator-address "
+                 f"and --num-processes (process 0 on {address.rpartition(':')[0]})")
+
+    def say(line: str) -> None:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def stop() -> None:
+        say(f"rnnjax: error: jax.distributed did not start in --coordinator-timeout "
+            f"{timeout} s: {who} waited for the others. Start {start}, and check that every "
+            "host reaches the port; or give a longer --coordinator-timeout")
+        os._exit(EXIT_NOT_STARTED)
+
+    timers = [threading.Timer(min(WAIT_NOTE_S, timeout / 3), say, [
+                  f"rnnjax: {who}: waiting for the others to join jax.distributed (up to "
+                  f"--coordinator-timeout {timeout} s)"]),
+              threading.Timer(timeout, stop)]
+    for timer in timers:
+        timer.daemon = True
+        timer.start()
+    try:
+        yield
+    finally:
+        for timer in timers:
+            timer.cancel()
+
+
+def _check_host(address: str) -> None:
+    """:class:`ConfigError` where ``address``'s host has no address here (a typo): every
+    process looked it up again and again, silent, until JAX's deadline killed it."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.getaddrinfo(host.removeprefix("[").removesuffix("]"), int(port),
+                           type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(
+            f"--coordinator-address {address}: the host {host} is not found here "
+            f"({getattr(e, 'strerror', None) or e}); give process 0's host name or IP "
+            "address, the same for every process") from None
 
 
 def _check_port_free(address: str) -> None:

@@ -225,6 +225,12 @@ BAD = [
      ["--num-processes 2 needs --coordinator-address HOST:PORT"]),
     ("process_id_out_of_range", ["--process-id", "1"],
      ["--process-id 1 must be in 0 .. 0 (--num-processes 1)"]),
+    ("coordinator_timeout_zero", ["--coordinator-timeout", "0"],
+     ["--coordinator-timeout must be 1 to 1e+09 seconds", "got 0"]),
+    ("coordinator_host_not_found", ["--coordinator-address", "nosuchhost.invalid:1234",
+                                    "--num-processes", "2", "--process-id", "1"],
+     ["--coordinator-address nosuchhost.invalid:1234: the host nosuchhost.invalid is not found "
+      "here", "give process 0's host name or IP address"]),
     # The command line itself.
     ("unknown_flag", ["--hiden-size", "16"], ["unrecognized arguments: --hiden-size"]),
 ]

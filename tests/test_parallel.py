@@ -362,6 +362,50 @@ def test_a_coordinator_port_in_use_is_one_line(tmp_path):
         "another port (the same for every process)\n")
 
 
+@pytest.mark.parametrize("process_id", [0, 1])
+def test_a_process_whose_others_never_join_stops_in_one_line(tmp_path, process_id):
+    """A process missing (never started, or started with another --num-processes or the
+    same --process-id), a wrong address or an unreachable port: every process that started
+    waited in jax.distributed.initialize, silent, for 5 minutes, then died of SIGABRT
+    (exit 134) with a C++ stack trace. Now a note after a third of --coordinator-timeout,
+    then one line naming what to check at it, exit 2, nothing written."""
+    address = f"localhost:{_free_port()}"
+    done = subprocess.run(
+        [sys.executable, "-m", "rnnjax", "train", "--steps", "2", "--hidden-size", "8",
+         "--no-tune", "--compile-cache", "off", "--workdir", str(tmp_path / "run"),
+         "--coordinator-address", address, "--num-processes", "2", "--process-id",
+         str(process_id), "--coordinator-timeout", "3"],
+        capture_output=True, text=True, timeout=240)
+    assert done.returncode == 2, done.stderr[-3000:]
+    who = f"process {process_id} of 2 at {address}"
+    assert done.stderr.splitlines() == [
+        f"rnnjax: {who}: waiting for the others to join jax.distributed (up to "
+        "--coordinator-timeout 3 s)",
+        f"rnnjax: error: jax.distributed did not start in --coordinator-timeout 3 s: {who} "
+        "waited for the others. Start each of --process-id 0 to 1 once, with the same "
+        "--coordinator-address and --num-processes (process 0 on localhost), and check "
+        "that every host reaches the port; or give a longer --coordinator-timeout"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_coordinator_host_not_found_is_one_line(monkeypatch):
+    """A host name with a typo: every process looked it up again and again in
+    jax.distributed, silent, until its deadline killed it with SIGABRT."""
+    with pytest.raises(ConfigError, match=(
+            r"^--coordinator-address nosuchhost\.invalid:1234: the host nosuchhost\.invalid is "
+            r"not found here \(.+\); give process 0's host name or IP address, the same for "
+            r"every process$")):
+        parallel._check_host("nosuchhost.invalid:1234")
+    parallel._check_host("localhost:1234")
+    parallel._check_host("127.0.0.1:1234")
+    parallel._check_host("[::1]:1234")
+    with pytest.raises(ConfigError, match="is not HOST:PORT"):
+        Config(coordinator_address=":1234")
+    for timeout in (0, 10**9 + 1):
+        with pytest.raises(ConfigError, match=r"^--coordinator-timeout must be 1 to 1e\+09 "):
+            Config(coordinator_timeout=timeout)
+
+
 def test_sharded_evaluation_pads_to_the_device_count(tmp_path):
     """Three devices, which divide neither the evaluation chunks nor the test set: each
     chunk is rounded up to a multiple of 3 with masked rows, and the sums equal one
