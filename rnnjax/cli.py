@@ -258,12 +258,19 @@ def check_read(config: Config, given: Mapping[str, object]) -> None:
     """Refuse a flag given that the run would not read, as :func:`check_forms` a form:
     ``--tfds-dir`` without ``--source tfds``; ``--steps-per-call`` with ``--feed stream`` (one
     step a call; a tuned run given ``--steps-per-call`` keeps ``--feed device``,
-    :func:`pinned_settings`). (``--native-lanes`` without native kernels is moot, not
-    refused: the tuner's choice, printed as flags by ``rnnjax tune``, names every tuned
-    setting whatever the backward.)"""
+    :func:`pinned_settings`); ``--coordinator-timeout`` for one process. (``--native-lanes``
+    without native kernels is moot, not refused: the tuner's choice, printed as flags by
+    ``rnnjax tune``, names every tuned setting whatever the backward.)"""
     if "steps_per_call" in given and config.feed == "stream":  # given, or a resumed run's
         raise UsageError(f"--steps-per-call {config.steps_per_call}: --feed stream runs one "
                          "step a call; drop --steps-per-call, or use --feed device")
+    if "coordinator_timeout" in given:
+        from rnnjax.parallel import starts_distributed
+
+        if not starts_distributed(config):
+            raise UsageError(f"--coordinator-timeout {config.coordinator_timeout}: this run is "
+                             "one process, which waits for no others (no --coordinator-address "
+                             "or $JAX_COORDINATOR_ADDRESS); drop it, or start several processes")
     if "tfds_dir" in given and config.source != "tfds":  # as Config refuses --tfds-download
         raise UsageError(f"--tfds-dir {config.tfds_dir}: only --source tfds reads it (this "
                          f"run reads --source {config.source}); add --source tfds, or drop "

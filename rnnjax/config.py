@@ -428,6 +428,11 @@ class Config:
             if ":" not in address or not port.isdigit() or not address.rpartition(":")[0]:
                 raise ConfigError(f"--coordinator-address {address!r} is not HOST:PORT "
                                   "(e.g. 10.0.0.1:1234) or 'auto'")
+            host = address.rpartition(":")[0]
+            if ":" in host and not (host.startswith("[") and host.endswith("]")):
+                raise ConfigError(f"--coordinator-address {address!r}: write an IPv6 host in "
+                                  "brackets, e.g. [::1]:1234 (unbracketed, its last part was "
+                                  "read as the port)")
             if not 1 <= int(port) <= 65535:
                 raise ConfigError(f"--coordinator-address {address}: port {int(port)} is not "
                                   "a port (1 to 65535)")

@@ -171,10 +171,16 @@ def build(lanes: int = LANES) -> Path:
     directory, removed at exit, where the cache cannot be written or is full. A build found
     is stamped as used, and a new one prunes the cache (:func:`prune`)."""
     target = cache_dir() / f"native_{lanes}_{_key(lanes)}.so"
-    if target.exists() and not whole(target):  # cut short, damaged, unsealed: built again
-        with contextlib.suppress(OSError):
+    damaged = target.exists() and not whole(target)  # cut short, damaged, unsealed
+    if damaged:  # built again: into the cache, or where it cannot be written, into scratch
+        try:
             target.unlink()
-    if target.exists():
+            damaged = False
+        except FileNotFoundError:
+            damaged = False
+        except OSError:  # never loaded: built below, kept in scratch
+            pass
+    if target.exists() and not damaged:
         try:
             os.utime(target)  # used now, for prune
             return target

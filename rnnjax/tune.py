@@ -1815,10 +1815,9 @@ def resolve(
         out.write(line + "\n")
         out.flush()
 
-    def cached() -> tuple[dict[str, Any] | None, float | None]:
-        """The cached record (None: none, or stale), and the budget this run may spend
+    def judged(record: dict[str, Any] | None) -> tuple[dict[str, Any] | None, float | None]:
+        """The cached ``record`` (None: none, or stale), and the budget this run may spend
         on it where it was cut short (:func:`outgrown`)."""
-        record = load(directory, key_)
         why = None if record is None else unrunnable(apply(config, record["choice"], pinned))
         if why is not None:  # stale: timed again, and saved over it
             log(f"rnnjax: the choice cached in {cache_path(directory, key_)} cannot run as "
@@ -1833,7 +1832,8 @@ def resolve(
             "cache": str(cache_path(directory, key_)), "device": record.get("device"),
             "tune_s": record.get("tune_s")}
 
-    record, more = cached()
+    found = load(directory, key_)
+    record, more = judged(found)
     if record is not None and more is None:
         return use(record)
     child_sources(config)  # before anything is written: one no child can import
@@ -1842,11 +1842,14 @@ def resolve(
              f"batch {config.batch_size}")
     with shape_lock(directory, key_, lambda path: log(
             f"rnnjax: another process is tuning {shape} here (it holds {path}): waiting "
-            "to read its choice (--no-tune skips tuning)")) as waited:
-        if waited:  # what it saved, if it saved one this run may use
-            record, more = cached()
+            "to read its choice (--no-tune skips tuning)")):
+        # Read again: another process may have saved a choice since (the one waited for,
+        # or one that finished while this one checked its data and took the free lock).
+        now = load(directory, key_)
+        if now != found:
+            record, more = judged(now)
             if record is not None and more is None:
-                log(f"rnnjax: {shape}: using the choice the other process saved")
+                log(f"rnnjax: {shape}: using the choice another process saved meanwhile")
                 return use(record)
         pay_back_phrase = f", less for a short run, up to {TUNE_COMMAND_BUDGET_S:g} for a long one"
         why = ("the first run of this shape here" if record is None else

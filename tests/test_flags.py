@@ -227,6 +227,12 @@ BAD = [
      ["--process-id 1 must be in 0 .. 0 (--num-processes 1)"]),
     ("coordinator_timeout_zero", ["--coordinator-timeout", "0"],
      ["--coordinator-timeout must be 1 to 1e+09 seconds", "got 0"]),
+    ("coordinator_timeout_one_process", ["--coordinator-timeout", "60"],
+     ["--coordinator-timeout 60: this run is one process, which waits for no others",
+      "drop it, or start several processes"]),
+    ("coordinator_ipv6_unbracketed", ["--coordinator-address", "::1:1234", "--num-processes",
+                                      "2"],
+     ["--coordinator-address '::1:1234': write an IPv6 host in brackets, e.g. [::1]:1234"]),
     ("coordinator_host_not_found", ["--coordinator-address", "nosuchhost.invalid:1234",
                                     "--num-processes", "2", "--process-id", "1"],
      ["--coordinator-address nosuchhost.invalid:1234: the host nosuchhost.invalid is not found "

@@ -679,6 +679,32 @@ def test_a_damaged_build_in_the_cache_is_built_again(monkeypatch, tmp_path):
     assert built.stat().st_size == len(content)
 
 
+def test_a_damaged_build_in_a_cache_that_cannot_be_written_is_built_apart(monkeypatch,
+                                                                           tmp_path):
+    """Where the damaged build could not be removed (a read-only cache), build() went on to
+    'found in the cache' and returned it: a segfault or SIGBUS, nothing said. It is built
+    in the process's own directory, as for a cache that cannot take a new build."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "_compile", lambda lanes, out: out.write_bytes(TINY_ELF))
+    target = native.build(native.LANES)
+    target.write_bytes(native.sealed(TINY_ELF)[:-1])  # damaged
+    unlink = Path.unlink
+
+    def read_only(path, *args, **kwargs):
+        if Path(path).parent == target.parent:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return unlink(path, *args, **kwargs)
+
+    def no_copy(built, into):
+        raise OSError(errno.EROFS, "Read-only file system", str(into))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    monkeypatch.setattr(native, "_copy_into", no_copy)
+    built = native.build(native.LANES)
+    assert built != target and native.whole(built) and not native.whole(target)
+    assert built.read_bytes() == native.sealed(TINY_ELF)
+
+
 def test_cxx_is_the_compiler_or_an_error_naming_it(monkeypatch):
     """A $CXX not found was passed over for g++ (another compiler than the one asked for),
     and a $CXX of several words (``ccache g++``) was never found."""

@@ -2197,8 +2197,22 @@ def test_a_run_waits_for_another_tuning_its_shape_and_uses_its_choice(in_process
     err = capsys.readouterr().err
     assert (f"rnnjax: another process is tuning simple_rnn 4 x1 rows batch 4 here (it holds "
             f"{holder.calls[0]}): waiting to read its choice") in err
-    assert "rnnjax: simple_rnn 4 x1 rows batch 4: using the choice the other process saved" \
-        in err and "rnnjax: tuning simple_rnn" not in err
+    assert ("rnnjax: simple_rnn 4 x1 rows batch 4: using the choice another process saved "
+            "meanwhile") in err and "rnnjax: tuning simple_rnn" not in err
+
+
+def test_a_choice_saved_while_a_run_checked_its_data_is_used(in_process, monkeypatch,
+                                                            capsys):
+    """A tuner that saved and let the lock go while this run checked its data (after its
+    first read of the cache): the lock was free, so this run tuned again ("the first run of
+    this shape here") and saved over that choice, a long rnnjax tune's too. The cache is
+    read again under the lock."""
+    monkeypatch.setattr(tune, "child_sources", lambda config: in_process(RUN, CACHED))
+    assert main(["train", *RUN]) == 0  # _fail_if_tuned: it tuned nothing
+    assert in_process.last() == (CACHED, "cached")
+    err = capsys.readouterr().err
+    assert err.startswith("rnnjax: simple_rnn 4 x1 rows batch 4: using the choice another "
+                          "process saved meanwhile\n") and "waiting" not in err
 
 
 def test_a_run_whose_other_tuner_saved_nothing_tunes_after_it(in_process, monkeypatch,
