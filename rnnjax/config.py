@@ -26,9 +26,6 @@ SCHEDULES = ("constant", "cosine", "warmup_cosine")
 # lstm and gru on a CPU: rnnjax.native); the input projection before the loop or inside
 # it; the weight gradient one product after the backward loop or accumulated inside it.
 # The same sums, equal up to rounding.
-# The longest wait a flag may ask for (--tune-budget, --coordinator-timeout): Python's
-# timers take up to threading.TIMEOUT_MAX, about 9.2e9 s, and raise past it.
-MAX_WAIT_S = 10**9
 BACKWARDS = ("auto", "hand_written", "autodiff", "native")
 PROJECTIONS = ("auto", "hoisted", "in_loop")
 WEIGHT_GRADS = ("auto", "product", "per_step")
@@ -42,6 +39,9 @@ NATIVE_LANES = (8, 16)
 # float32's range: a larger value is inf, a smaller is 0 (XLA:CPU flushes subnormals).
 FLOAT32_MAX = 3.4028234663852886e38
 FLOAT32_NORMAL = 2.0**-126
+# The longest wait a flag may ask for (--tune-budget, --coordinator-timeout): Python's
+# timers take up to threading.TIMEOUT_MAX, about 9.2e9 s, and raise past it.
+MAX_WAIT_S = 10**9
 XLA_FLAG = re.compile(r"--xla_[a-z0-9_]+(=\S*)?")
 
 
@@ -424,11 +424,10 @@ class Config:
             raise ConfigError(f"--num-processes {self.num_processes} needs "
                               "--coordinator-address HOST:PORT (process 0's), or 'auto'")
         if address and address != "auto":
-            port = address.rpartition(":")[2]
-            if ":" not in address or not port.isdigit() or not address.rpartition(":")[0]:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit():
                 raise ConfigError(f"--coordinator-address {address!r} is not HOST:PORT "
                                   "(e.g. 10.0.0.1:1234) or 'auto'")
-            host = address.rpartition(":")[0]
             if ":" in host and not (host.startswith("[") and host.endswith("]")):
                 raise ConfigError(f"--coordinator-address {address!r}: write an IPv6 host in "
                                   "brackets, e.g. [::1]:1234 (unbracketed, its last part was "

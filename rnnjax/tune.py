@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import hashlib
 import json
@@ -878,11 +877,13 @@ def shape_lock(directory: Path | None, key_: dict,
     and saved, so that two processes starting one new shape together tune it once, neither
     timing under the other's load. Where another process holds it, ``waiting(lock path)``
     is called once and this one blocks until it is free (a holder killed frees it at once).
-    Yields whether it waited: the caller then reads the cache again. With no cache, or one
-    that cannot be written, it yields False at once and locks nothing (nothing is shared).
+    Yields whether it waited. With no cache, or one that cannot be written, it yields False
+    at once and locks nothing (nothing is shared).
 
     The lock file is removed by its holder, so the cache holds only records; a waiter that
     wakes on a removed file opens the new one (flock binds the open file, not the name)."""
+    import fcntl  # POSIX, as checkpoint.workdir_lock's
+
     path = None if directory is None else cache_path(directory, key_).with_suffix(".lock")
     fd, waited = None, False
     try:
