@@ -365,20 +365,16 @@ def tune_budget(args: argparse.Namespace, default: float) -> float:
     return checked_budget(default if args.tune_budget is None else args.tune_budget)
 
 
-# The longest tuning budget: the tuner's timers wait for a share of it, and Python's cannot
-# wait past threading.TIMEOUT_MAX (about 9.2e9 s; 1e11 gave a traceback per timer).
-MAX_BUDGET_S = MAX_WAIT_S
-
-
 def checked_budget(budget: float) -> float:
     """``budget``, a tuning budget, checked: a positive number of seconds, at most
-    :data:`MAX_BUDGET_S` (else :class:`UsageError`). The benchmarks' ``--tune-budget`` takes
-    the same."""
+    ``config.MAX_WAIT_S`` (else :class:`UsageError`: the tuner's timers wait for a share of
+    it, and 1e11 gave a traceback per timer). The benchmarks' ``--tune-budget`` takes the
+    same."""
     if not (budget > 0 and budget < float("inf")):
         raise UsageError(f"--tune-budget must be a positive number of seconds, got {budget}")
-    if budget > MAX_BUDGET_S:
+    if budget > MAX_WAIT_S:
         raise UsageError(f"--tune-budget {budget:g}: more seconds than the tuner's timers can "
-                         f"wait; give at most {MAX_BUDGET_S:g}")
+                         f"wait; give at most {MAX_WAIT_S:g}")
     return budget
 
 
