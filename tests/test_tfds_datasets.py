@@ -10,6 +10,8 @@ data are read through ``tfds.testing.mock_data``.
 from __future__ import annotations
 
 import io
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -317,6 +319,25 @@ def test_idx_names_keep_their_rnnjax_idx_build(prepared, tmp_path):
     loaded = load_dataset(config)
     assert_same_arrays(loaded.arrays, small)
     assert len(list((tmp_path / "tfds" / "rnnjax_idx").glob("idx_small_*/1.0.0"))) == 1
+
+
+def test_a_run_of_idx_files_through_tfds_leaves_no_temporary(prepared, tmp_path,
+                                                              monkeypatch):
+    """tfds makes an empty temporary directory for every builder of a dataset not prepared
+    (here the catalog's ``kmnist``, looked up first, and the ``rnnjax_idx`` build before it
+    is made) and never removes it: one a run was left in /tmp. None is left now, on the
+    first run (which builds) or a later one."""
+    _, small, _, idx_dir, _ = prepared
+    shutil.copytree(idx_dir, tmp_path / "data" / "kmnist")
+    temporaries = tmp_path / "tmp"
+    temporaries.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporaries))
+    config = Config(source="tfds", dataset="kmnist", data_dir=str(tmp_path / "data"),
+                    tfds_dir=str(tmp_path / "tfds"))
+    for _ in range(2):
+        assert_same_arrays(load_dataset(config).arrays, small)
+        assert not list(temporaries.iterdir())
+    assert tempfile.gettempdir() == str(temporaries)  # given back as it was
 
 
 @pytest.mark.parametrize("flag", ["train_split", "test_split"])

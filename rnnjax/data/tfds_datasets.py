@@ -102,7 +102,8 @@ def _builder(dataset: str, tfds_dir: str) -> tfds.core.DatasetBuilder | None:
     """``tfds.builder(dataset, data_dir=...)``; None when tfds knows no dataset of that name
     (neither in its catalog nor prepared in the data dir)."""
     try:
-        return tfds.builder(dataset, data_dir=tfds_dir or None)
+        with tfds_mnist.own_temporaries():
+            return tfds.builder(dataset, data_dir=tfds_dir or None)
     except tfds.core.registered.DatasetNotFoundError:
         return None
     except tfds_mnist.DAMAGED_INFO as e:  # its dataset_info.json or features.json unreadable

@@ -17,9 +17,11 @@ keeps the accelerator). Training never needs it unless ``--source tfds`` is aske
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
@@ -36,6 +38,24 @@ from rnnjax.data.pipeline import PIXEL_SCALE
 tf.config.set_visible_devices([], "GPU")
 
 BUILD_VERSION = "1.0.0"
+
+
+@contextlib.contextmanager
+def own_temporaries() -> Iterator[None]:
+    """Temporary files and directories made inside (``tempfile``'s) go into one directory
+    of this process's, removed on the way out. tfds (4.9) makes an empty temporary
+    directory for every builder of a dataset not prepared in its data dir
+    (``DatasetInfo.initialize_from_bucket``: ``mkdtemp`` before it finds its bucket off)
+    and never removes it: one left in /tmp by every ``--source tfds`` run of IDX files, as
+    it looks up the catalog dataset of that name first. For the making of builders only:
+    ``tempfile.tempdir`` is the process's, and rnnjax makes them on the caller's thread."""
+    saved = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix="rnnjax-tfds-") as scratch:
+        tempfile.tempdir = scratch
+        try:
+            yield
+        finally:
+            tempfile.tempdir = saved
 
 
 class RnnjaxIdx(tfds.core.GeneratorBasedBuilder):
@@ -138,12 +158,20 @@ def _builder_of(config: tfds.core.BuilderConfig, tfds_dir: str,
     """``RnnjaxIdx`` of ``config``; a finished build whose metadata parses but is not what
     tfds wrote (its fields, or its features, damaged since) is removed and made again."""
     try:
-        return RnnjaxIdx(config=config, data_dir=tfds_dir or None, checksums=checksums)
+        return _new_builder(config, tfds_dir, checksums)
     except (json_format.ParseError, json.JSONDecodeError, AssertionError):
         build = _build_dir(config, tfds_dir)
         if not build.exists():
             raise
         shutil.rmtree(build)
+        return _new_builder(config, tfds_dir, checksums)
+
+
+def _new_builder(config: tfds.core.BuilderConfig, tfds_dir: str,
+                 checksums: dict[str, str] | None) -> RnnjaxIdx:
+    """``RnnjaxIdx`` of ``config`` in ``tfds_dir`` (tfds' default where empty), made
+    leaving no temporary behind (:func:`own_temporaries`)."""
+    with own_temporaries():
         return RnnjaxIdx(config=config, data_dir=tfds_dir or None, checksums=checksums)
 
 
@@ -186,7 +214,7 @@ def prepare(
 def _finished_builder(config, tfds_dir, checksums, download_config) -> RnnjaxIdx | None:
     """The builder of ``config`` if its build is finished (and readable), else None."""
     try:
-        builder = RnnjaxIdx(config=config, data_dir=tfds_dir or None, checksums=checksums)
+        builder = _new_builder(config, tfds_dir, checksums)
         if not _finished(Path(builder.data_dir)):
             return None
         builder.download_and_prepare(download_config=download_config)
