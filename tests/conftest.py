@@ -1,6 +1,7 @@
 """Shared fixtures: the real embedded MNIST, small configs that train in seconds, XLA's
 compilations counted, bitwise comparison of pytrees, test inputs drawn by numpy, and a
-compilation cache for each test process; and CI's rule on skips.
+compilation cache for each test process, temporary files under pytest's own root; and CI's
+rule on skips.
 
 CI (``.ci/run``) sets ``RNNJAX_REQUIRE_EXTRAS=1`` after the README's test install: there a
 skipped test is a failure (a test extra that did not install, ``pytest.importorskip``),
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # the Keras oracle runs on JAX
@@ -49,6 +51,24 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
             report.longrepr = (f"{REQUIRE_EXTRAS}=1 (CI, after pip install -e '.[test]'): "
                                f"this test may not skip: {reason}")
     return report
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporaries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The temporary files of this test process (``tempfile``'s) and of the child processes
+    its tests start (``TMPDIR``) go under pytest's temporary root of the run, which pytest
+    prunes, not into /tmp: a child a test kills midway (``kill -9`` while it builds the
+    native kernels) cannot remove its own."""
+    path = tmp_path_factory.getbasetemp() / "tmp"
+    path.mkdir(exist_ok=True)
+    saved, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = os.environ["TMPDIR"] = str(path)
+    yield
+    tempfile.tempdir = saved
+    if saved_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved_env
 
 
 @pytest.fixture(scope="session")
