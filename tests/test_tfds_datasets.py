@@ -340,6 +340,15 @@ def test_a_run_of_idx_files_through_tfds_leaves_no_temporary(prepared, tmp_path,
     assert tempfile.gettempdir() == str(temporaries)  # given back as it was
 
 
+def test_a_prepared_dataset_reads_where_no_temporary_directory_can_be_made(
+        prepared, tmp_path, monkeypatch):
+    """It needs none: a temporary directory rnnjax cannot make for tfds is no error."""
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "a_file" / "tmp"))
+    loaded = load_dataset(tfds_config(prepared, "fashion_mnist"))
+    assert_same_arrays(loaded.arrays, prepared[1])
+
+
 @pytest.mark.parametrize("flag", ["train_split", "test_split"])
 def test_an_empty_split_of_idx_files_is_named(prepared, tmp_path, flag):
     _, _, _, idx_dir, _ = prepared

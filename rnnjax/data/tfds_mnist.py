@@ -48,14 +48,21 @@ def own_temporaries() -> Iterator[None]:
     (``DatasetInfo.initialize_from_bucket``: ``mkdtemp`` before it finds its bucket off)
     and never removes it: one left in /tmp by every ``--source tfds`` run of IDX files, as
     it looks up the catalog dataset of that name first. For the making of builders only:
-    ``tempfile.tempdir`` is the process's, and rnnjax makes them on the caller's thread."""
+    ``tempfile.tempdir`` is the process's, and rnnjax makes them on the caller's thread.
+    Where no temporary directory can be made, tfds fares as it would have (a prepared
+    dataset needs none)."""
     saved = tempfile.tempdir
-    with tempfile.TemporaryDirectory(prefix="rnnjax-tfds-") as scratch:
-        tempfile.tempdir = scratch
-        try:
-            yield
-        finally:
-            tempfile.tempdir = saved
+    try:
+        scratch = tempfile.mkdtemp(prefix="rnnjax-tfds-")
+    except OSError:
+        yield
+        return
+    tempfile.tempdir = scratch
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 class RnnjaxIdx(tfds.core.GeneratorBasedBuilder):
