@@ -349,6 +349,19 @@ def test_a_prepared_dataset_reads_where_no_temporary_directory_can_be_made(
     assert_same_arrays(loaded.arrays, prepared[1])
 
 
+def test_tfds_keeps_its_temporaries_where_it_may_read_its_bucket(tmp_path, monkeypatch):
+    """With tfds' GCS access turned on, a builder keeps reading the metadata it copied into
+    its temporary directory: that directory is not rnnjax's to remove."""
+    from rnnjax.data.tfds_mnist import own_temporaries
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with own_temporaries():
+        assert tempfile.gettempdir() != str(tmp_path)
+    monkeypatch.setattr(tfds.core.utils.gcs_utils, "_is_gcs_disabled", False)
+    with own_temporaries():
+        assert tempfile.gettempdir() == str(tmp_path)
+
+
 @pytest.mark.parametrize("flag", ["train_split", "test_split"])
 def test_an_empty_split_of_idx_files_is_named(prepared, tmp_path, flag):
     _, _, _, idx_dir, _ = prepared

@@ -50,11 +50,13 @@ def own_temporaries() -> Iterator[None]:
     it looks up the catalog dataset of that name first. For the making of builders only:
     ``tempfile.tempdir`` is the process's, and rnnjax makes them on the caller's thread.
     Where no temporary directory can be made, tfds fares as it would have (a prepared
-    dataset needs none)."""
-    saved = tempfile.tempdir
-    try:
-        scratch = tempfile.mkdtemp(prefix="rnnjax-tfds-")
-    except OSError:
+    dataset needs none); so too where it may read its bucket (its GCS access turned on),
+    whose metadata a builder then keeps reading from that directory."""
+    saved, scratch = tempfile.tempdir, None
+    if getattr(tfds.core.utils.gcs_utils, "_is_gcs_disabled", True):
+        with contextlib.suppress(OSError):
+            scratch = tempfile.mkdtemp(prefix="rnnjax-tfds-")
+    if scratch is None:
         yield
         return
     tempfile.tempdir = scratch
