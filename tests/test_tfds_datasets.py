@@ -325,8 +325,8 @@ def test_a_run_of_idx_files_through_tfds_leaves_no_temporary(prepared, tmp_path,
                                                               monkeypatch):
     """tfds makes an empty temporary directory for every builder of a dataset not prepared
     (here the catalog's ``kmnist``, looked up first, and the ``rnnjax_idx`` build before it
-    is made) and never removes it: one a run was left in /tmp. None is left now, on the
-    first run (which builds) or a later one."""
+    is made) and never removes it: each run left one or two in /tmp. None is left now, by
+    the first run (which builds) or a later one."""
     _, small, _, idx_dir, _ = prepared
     shutil.copytree(idx_dir, tmp_path / "data" / "kmnist")
     temporaries = tmp_path / "tmp"
