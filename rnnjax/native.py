@@ -173,13 +173,9 @@ def build(lanes: int = LANES) -> Path:
     target = cache_dir() / f"native_{lanes}_{_key(lanes)}.so"
     damaged = target.exists() and not whole(target)  # cut short, damaged, unsealed
     if damaged:  # built again: into the cache, or where it cannot be written, into scratch
-        try:
-            target.unlink()
+        with contextlib.suppress(OSError):  # kept: never loaded, built below in scratch
+            target.unlink(missing_ok=True)
             damaged = False
-        except FileNotFoundError:
-            damaged = False
-        except OSError:  # never loaded: built below, kept in scratch
-            pass
     if target.exists() and not damaged:
         try:
             os.utime(target)  # used now, for prune
