@@ -101,13 +101,23 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                             metavar=f.name.upper(), help=help_text)
 
 
+def _path(value: str) -> Path:
+    """argparse's type of a path argument: an empty one is refused, not taken for the
+    working directory (``Path("")`` is ``.``), as ``--workdir="$RUN"`` with ``RUN`` unset
+    would otherwise train into it."""
+    if not value:
+        raise argparse.ArgumentTypeError("the path is empty (an unset shell variable?); "
+                                          "pass a path")
+    return Path(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rnnjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     parser.commands = sub.choices
     train = sub.add_parser("train", help="train and evaluate (defaults: the seed experiment)")
     _add_config_flags(train)
-    train.add_argument("--workdir", type=Path, default=None,
+    train.add_argument("--workdir", type=_path, default=None,
                        help="write config, metrics and summary here (default: print only)")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar on stderr (default: when stderr is a terminal)")
@@ -133,10 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "eval", help="evaluate a checkpoint on its dataset's test set: loss, accuracy, "
         "per-class accuracy, confusion-matrix PNG")
-    evaluate.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
+    evaluate.add_argument("checkpoint", type=_path, metavar="CHECKPOINT",
                           help="a step directory (WORKDIR/checkpoints/STEP) or a workdir "
                           "(its latest checkpoint)")
-    evaluate.add_argument("--out", type=Path, default=None,
+    evaluate.add_argument("--out", type=_path, default=None,
                           help="confusion-matrix PNG (default: "
                           "WORKDIR/confusion_matrix_stepSTEP.png)")
     evaluate.add_argument("--data-dir", default=None,
@@ -153,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "dataset where it is not prepared (needs network)")
     predict = sub.add_parser(
         "predict", help="classify image files (PNG, JPEG, any size, grey or colour)")
-    predict.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
+    predict.add_argument("checkpoint", type=_path, metavar="CHECKPOINT",
                          help="a step directory (WORKDIR/checkpoints/STEP) or a workdir")
-    predict.add_argument("images", type=Path, nargs="+", metavar="IMAGE",
+    predict.add_argument("images", type=_path, nargs="+", metavar="IMAGE",
                          help="image files of single digits")
     predict.add_argument("--as-is", action="store_true",
                          help="read each image as the model's dataset holds its images, "

@@ -142,6 +142,22 @@ def test_unwritable_workdir_is_refused_before_training(capsys, tmp_path):
     assert "is not a directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [
+    ["train", "--workdir=", "--steps", "1"], ["eval", ""], ["eval", "run", "--out="],
+    ["predict", "", "digit.png"], ["predict", "run", ""],
+], ids=["workdir", "eval", "eval-out", "predict", "predict-image"])
+def test_an_empty_path_is_refused_not_taken_for_the_working_directory(capsys, tmp_path,
+                                                                      monkeypatch, argv):
+    """``--workdir="$RUN"`` with ``RUN`` unset is ``--workdir=``: ``Path("")`` is ``.``, and
+    the run trained into the working directory. Every path argument refuses it."""
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rnnjax: error: argument ") and err.count("\n") == 1, err
+    assert "the path is empty (an unset shell variable?); pass a path" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def _saved_checkpoint(workdir, **config_fields):
     """A real checkpoint of a tiny config (with ``config_fields``) in ``workdir`` (a made-up
     state, no training)."""
