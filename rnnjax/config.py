@@ -198,7 +198,8 @@ class Config:
     data_dir: str = field(
         default="",
         metadata={"help": "root where named datasets live as DATA_DIR/NAME/ "
-                  "(default: ~/rnnjax_data; mnist falls back to the copy inside rnnjax)"},
+                  "(default: ~/rnnjax_data, where mnist falls back to the copy inside "
+                  "rnnjax)"},
     )
     source: str = field(
         default="idx",

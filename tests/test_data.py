@@ -441,10 +441,11 @@ def test_embedded_mnist_files_have_canonical_md5():
     assert content_md5s(EMBEDDED_MNIST) == MNIST_MD5
 
 
-def test_mnist_name_falls_back_to_embedded_copy(tmp_path, mnist):
-    name, directory, checksums = resolve_dataset("mnist", str(tmp_path))
+def test_mnist_name_falls_back_to_embedded_copy(tmp_path, monkeypatch, mnist):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/rnnjax_data/mnist
+    name, directory, checksums = resolve_dataset("mnist")
     assert (name, directory, checksums) == ("mnist", EMBEDDED_MNIST, MNIST_MD5)
-    arrays = load_arrays(Config(dataset="mnist", data_dir=str(tmp_path)))
+    arrays = load_arrays(Config(dataset="mnist"))
     assert arrays.train_images.shape == (60000, 28, 28)
     assert arrays.test_images.shape == (10000, 28, 28)
     assert arrays.train_labels.shape == (60000,) and arrays.test_labels.shape == (10000,)
@@ -508,14 +509,29 @@ def test_a_bare_name_is_never_a_directory_of_the_working_directory(tmp_path, mon
     write_set(here / "mnist", small)  # not MNIST: it must not be read unverified
     write_set(here / "myset", small)
     monkeypatch.chdir(here)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/rnnjax_data/mnist
+    assert resolve_dataset("mnist") == ("mnist", EMBEDDED_MNIST, MNIST_MD5)
+    assert_arrays_equal(load_arrays(Config(dataset="mnist")), mnist)
     root = str(tmp_path / "root")
-    assert resolve_dataset("mnist", root) == ("mnist", EMBEDDED_MNIST, MNIST_MD5)
-    assert_arrays_equal(load_arrays(Config(dataset="mnist", data_dir=root)), mnist)
     with raises_idx(Path(root) / "myset", "--dataset myset: not found at",
                     "the directory myset here is --dataset ./myset"):
         resolve_dataset("myset", root)
     assert resolve_dataset("./myset", root) == ("myset", Path("myset"), None)
     assert_arrays_equal(load_arrays(Config(dataset="./mnist", data_dir=root)), small)
+
+
+def test_mnist_falls_back_to_the_packaged_copy_only_under_the_default_root(tmp_path):
+    """``--dataset mnist`` with a ``--data-dir`` given that holds no ``mnist/`` (a typo, or
+    the directory of the files itself) is refused: it trained on the copy inside rnnjax
+    while config.json recorded a directory never read. Without ``--data-dir``, a missing
+    ``~/rnnjax_data/mnist`` still falls back to that copy."""
+    for root in (tmp_path / "no" / "such", tmp_path):
+        with raises_idx(root / "mnist", "--dataset mnist: not found at",
+                        "leave --data-dir out for the copy inside rnnjax"):
+            resolve_dataset("mnist", str(root))
+    with pytest.raises(IdxError, match="not found at") as caught:
+        resolve_dataset("myset", str(tmp_path))
+    assert "copy inside rnnjax" not in str(caught.value)
 
 
 def test_second_set_from_name(small_dir, small):

@@ -62,9 +62,11 @@ def resolve_dataset(dataset: str, data_dir: str = "") -> tuple[str, Path, dict[s
     """Map ``--dataset``/``--data-dir`` to ``(name, directory, checksums)``.
 
     A value that :func:`is_path_like` is a directory used as is; otherwise it is a name
-    looked up under ``data_dir`` (then, for ``mnist``, the copy inside the package), never
-    in the working directory. Checksums are the canonical ones for known names (MNIST),
-    else None (an ``MD5SUMS`` file in the directory is used).
+    looked up under ``data_dir``, or where none is given under :func:`default_data_dir`
+    and then, for ``mnist``, in the copy inside the package; never in the working
+    directory. A ``data_dir`` given and not holding the name is an error, for ``mnist``
+    too: the run would read other files than it records. Checksums are the canonical
+    ones for known names (MNIST), else None (an ``MD5SUMS`` file in the directory is used).
     """
     if is_path_like(dataset):
         path = Path(dataset).expanduser()
@@ -77,13 +79,15 @@ def resolve_dataset(dataset: str, data_dir: str = "") -> tuple[str, Path, dict[s
     path = root / name
     if path.is_dir():
         return name, path, KNOWN_CHECKSUMS.get(name)
-    if name == "mnist":
+    if name == "mnist" and not data_dir:
         return name, EMBEDDED_MNIST, MNIST_MD5
     here = (f"; the directory {name} here is --dataset ./{name}" if Path(name).is_dir()
             else "")
+    packaged = ("; leave --data-dir out for the copy inside rnnjax" if name == "mnist"
+                else "")
     raise IdxError(
         f"--dataset {name}: not found at {path}; put its four IDX files there "
-        f"(or pass --data-dir ROOT holding NAME/, or --dataset DIRECTORY){here}"
+        f"(or pass --data-dir ROOT holding NAME/, or --dataset DIRECTORY){here}{packaged}"
     )
 
 
