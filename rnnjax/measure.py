@@ -349,13 +349,15 @@ def first_step(state: Any, sums: Any, initial_params: Any) -> dict[str, Any]:
     or, where the optimizer keeps no floating-point state (SGD), the step's update of the
     parameters from ``initial_params`` (the learning rate times the gradient, in float64:
     the parameters themselves would hide a gradient's error behind the learning rate, a
-    half-wrong gradient at SGD's 1e-3 within the tolerance)."""
+    half-wrong gradient at SGD's 1e-3 within the tolerance). An optimizer's random key
+    (``noisy_sgd``'s) is no float, and not converted: NumPy takes no typed key."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     def floats(tree: Any) -> list[np.ndarray]:
         return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)
-                if np.issubdtype(np.asarray(leaf).dtype, np.floating)]
+                if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
 
     leaves = floats(state.opt_state) or [
         after.astype(np.float64) - before.astype(np.float64)

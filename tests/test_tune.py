@@ -2413,13 +2413,16 @@ def test_a_non_finite_first_step_never_matches():
         math.inf
 
 
-def test_an_sgd_candidates_first_step_is_compared_by_its_update():
+@pytest.mark.parametrize("optimizer", ["sgd", "noisy_sgd"])
+def test_an_sgd_candidates_first_step_is_compared_by_its_update(optimizer):
     """Where the optimizer keeps no floating-point state (SGD), the first step is compared
     by the parameters' update, the learning rate times the gradient: compared by the
     parameters themselves, a candidate whose gradients were half what they should be
     differed by 5e-4 at SGD's learning rate of 1e-3, within the 1e-3 tolerance. Another
-    form of the same cell (autodiff against the hand-written pass) still matches."""
-    config = Config(optimizer="sgd", batch_size=8, steps=4, steps_per_call=2,
+    form of the same cell (autodiff against the hand-written pass) still matches. An
+    optimizer holding a random key (``noisy_sgd``) failed every candidate: NumPy took the
+    key for a float."""
+    config = Config(optimizer=optimizer, batch_size=8, steps=4, steps_per_call=2,
                     compile_cache="off")
     data = measure.synthetic_data(config, 16)
     timed = measure.Timed(config, data, time.perf_counter)
