@@ -63,7 +63,8 @@ def xs():
 def linen_pair(cell, flax_cell, params, **kw):
     """(rnnjax linen RNN, its variables, Flax nn.RNN, its variables) with the same weights."""
     ours = rnn_linen.RNN(cell=cell, hidden_size=H, **kw)
-    theirs = nn.RNN(getattr(nn, flax_cell)(H), **{k: v for k, v in kw.items() if k != "chunks"})
+    theirs = nn.RNN(getattr(nn, flax_cell)(H),
+                    **{k: v for k, v in kw.items() if k not in ("chunks", "backward")})
     flax_params = params_lib.to_flax_cell(cell, params, flax_cell, "linen")
     return ours, {"params": params}, theirs, {"params": {"cell": flax_params}}
 
@@ -244,6 +245,35 @@ def test_layers_run_rnnjax_own_backward_pass(xs):
     variables = plain.init(jax.random.key(0), xs)
     assert ("custom_vjp_call" in str(jax.make_jaxpr(plain.apply)(variables, xs))) == (
         get_cell("gru", H).backward == "hand_written")
+
+
+@pytest.mark.parametrize(("cell", "flax_cell"), [("simple_rnn", "SimpleCell"),
+                                               ("lstm", "LSTMCell")])
+def test_forward_mode_autodiff_runs_through_the_autodiff_form(xs, cell, flax_cell):
+    """The hand-written forms are ``custom_vjp``, reverse mode only: ``jax.jvp`` through a
+    module at its default form fails, and the modules had no way to choose another.
+    ``backward="autodiff"`` gives Flax's own tangents, linen and nnx alike."""
+    params = random_params(cell, H, F)
+    ours, ov, theirs, tv = linen_pair(cell, flax_cell, params, backward="autodiff")
+    tangent = normal(3, xs.shape)
+
+    def tangents(apply, run=True):
+        jvp = jax.jit(lambda x, t: jax.jvp(apply, (x,), (t,))[1])
+        return jvp(xs, tangent) if run else jvp.lower(xs, tangent)
+
+    expected = tangents(functools.partial(theirs.apply, tv))
+    assert_close(tangents(functools.partial(ours.apply, ov)), expected)
+    layer = rnn_nnx.RNN(cell=cell, in_features=F, hidden_size=H, rngs=nnx.Rngs(0),
+                        backward="autodiff")
+    for name, value in params.items():
+        getattr(layer, name).set_value(value)
+    apply, state = nnx_apply(layer, "pair" if cell == "lstm" else None)
+    assert_close(tangents(functools.partial(apply, state)), expected)
+    default = rnn_linen.RNN(cell=cell, hidden_size=H)
+    with pytest.raises(TypeError, match="forward-mode"):  # (raised as it lowers)
+        tangents(functools.partial(default.apply, ov), run=False)
+    with pytest.raises(ValueError, match="backward 'reverse'; choose one of"):
+        rnn_linen.RNN(cell=cell, hidden_size=H, backward="reverse").apply(ov, xs)
 
 
 def test_initial_carry_and_return_carry(xs):

@@ -35,6 +35,7 @@ def run(
     return_carry: bool = True,
     unroll: int | bool = 1,
     chunks: int = 1,
+    backward: str = "auto",
     reverse: bool = False,
     keep_order: bool = False,
     time_major: bool = False,
@@ -50,7 +51,11 @@ def run(
     ``lax.scan`` reads it). A given ``initial_carry``'s floating leaves are cast to the
     inputs' dtype.
     ``chunks``: the sequence scanned in that many consecutive parts
-    (``rnnjax.cells.scan_cell``).
+    (``rnnjax.cells.scan_cell``). ``backward``: the form of the cell's backward pass
+    (``rnnjax.cells.resolve_form``): 'auto' (the cell's own: hand-written for simple_rnn,
+    irnn and lstm), 'hand_written', 'autodiff' or 'native'. The hand-written and native
+    forms are ``jax.custom_vjp`` functions, reverse mode only: forward-mode autodiff
+    (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) needs 'autodiff'.
     ``reverse`` reads the sequence last step first and, as Flax, returns the outputs in that
     processed order unless ``keep_order``.
     ``seq_lengths`` (int ``[B]``, each in ``[0, T]``): sequence b is its first
@@ -77,9 +82,11 @@ def run(
     if time == 0:  # no steps, as Flax's RNN reads them: the initial carry, no outputs
         final, ys = carry, jnp.zeros((0, batch, cell.hidden_size), xs.dtype)
     elif lengths is None or not return_carry:
-        final, ys = scan_cell(cell, params, xs, carry, unroll=unroll, chunks=chunks)
+        final, ys = scan_cell(cell, params, xs, carry, unroll=unroll, chunks=chunks,
+                              backward=backward)
     elif carry_is_output(cell):
-        _, ys = scan_cell(cell, params, xs, carry, unroll=unroll, chunks=chunks)
+        _, ys = scan_cell(cell, params, xs, carry, unroll=unroll, chunks=chunks,
+                          backward=backward)
         final = _at_lengths(ys, carry, lengths)
     else:
         _, (carries, ys) = scan_cell(_keeping_carries(cell), params, xs, carry, unroll=unroll,
@@ -96,13 +103,14 @@ def call(module: Any, cell: Cell, params: Params, inputs: jax.Array,
          **overrides: bool | None) -> Any:
     """A Flax ``RNN`` module's ``__call__`` (Flax's ``RNNBase`` protocol, which
     ``nn.Bidirectional`` and ``nnx.Bidirectional`` call): :func:`run` with the module's
-    ``unroll`` and ``chunks``, and ``overrides`` (``return_carry``, ``time_major``,
+    ``unroll``, ``chunks`` and ``backward``, and ``overrides`` (``return_carry``, ``time_major``,
     ``reverse``, ``keep_order``) each the module's attribute of that name where None.
     Returns the outputs, or ``(final carry, outputs)`` with ``return_carry``."""
     options = {name: getattr(module, name) if value is None else value
                for name, value in overrides.items()}
     carry, outputs = run(cell, params, inputs, initial_carry, seq_lengths=seq_lengths,
-                         unroll=module.unroll, chunks=module.chunks, **options)
+                         unroll=module.unroll, chunks=module.chunks,
+                         backward=module.backward, **options)
     return (carry, outputs) if options["return_carry"] else outputs
 
 

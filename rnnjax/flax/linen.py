@@ -45,6 +45,9 @@ class RNN(nn.Module):
       hidden_size: units.
       unroll: ``lax.scan`` unroll factor; 0 or True unrolls every step.
       chunks: the sequence scanned in this many consecutive parts (``rnnjax.cells.scan_cell``).
+      backward: the backward pass's form, 'auto' (the cell's own), 'hand_written',
+        'autodiff' or 'native' (``rnnjax.flax.layer.run``); forward-mode autodiff
+        (``jax.jvp``, ``jax.jacfwd``) needs 'autodiff'.
       reverse, keep_order, return_carry, time_major: as ``flax.linen.RNN``.
     """
 
@@ -52,6 +55,7 @@ class RNN(nn.Module):
     hidden_size: int
     unroll: int | bool = 1
     chunks: int = 1
+    backward: str = "auto"
     reverse: bool = False
     keep_order: bool = False
     return_carry: bool = False

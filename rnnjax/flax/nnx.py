@@ -46,7 +46,10 @@ class RNN(nnx.Module):
     ``time_major``); with ``return_carry``, ``(final carry, outputs)``. ``cell``: an rnnjax
     cell name, a registered one, or a Flax cell as ``MODULE:CLASS``; ``unroll``: ``lax.scan``
     unroll factor (0 or True: every step); ``chunks``: the sequence scanned in this many
-    consecutive parts (``rnnjax.cells.scan_cell``); ``reverse``, ``keep_order``, ``return_carry``,
+    consecutive parts (``rnnjax.cells.scan_cell``); ``backward``: the backward pass's form,
+    'auto' (the cell's own), 'hand_written', 'autodiff' or 'native'
+    (``rnnjax.flax.layer.run``; forward-mode autodiff, ``jax.jvp``, needs 'autodiff');
+    ``reverse``, ``keep_order``, ``return_carry``,
     ``time_major``: as ``flax.nnx.RNN``.
     """
 
@@ -58,6 +61,7 @@ class RNN(nnx.Module):
         *,
         unroll: int | bool = 1,
         chunks: int = 1,
+        backward: str = "auto",
         reverse: bool = False,
         keep_order: bool = False,
         return_carry: bool = False,
@@ -69,6 +73,7 @@ class RNN(nnx.Module):
         self.hidden_size = hidden_size
         self.unroll = unroll
         self.chunks = chunks
+        self.backward = backward
         self.reverse = reverse
         self.keep_order = keep_order
         self.return_carry = return_carry
