@@ -39,6 +39,7 @@ kernels, zero biases (LSTM: forget-gate bias 1; IRNN: identity recurrent kernel)
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import operator
 from collections.abc import Callable, Mapping, Sequence
@@ -1201,6 +1202,33 @@ def _check_one_step(cell: Cell, input_size: int, dtype: Any) -> None:
                          "output")
 
 
+def _built(name: str, factory: Any, hidden: int) -> Cell:
+    """``factory(hidden)``, the cell registered as ``name``, or a ValueError naming the
+    registration's mistake: a built cell registered in place of its function, a function
+    that cannot be called with the width alone, or one that returns no :class:`Cell`.
+    (An error the function itself raises is the function's, and goes up as it is.)"""
+    register = f"register the function of the width: CELLS[{name!r}] = my_cell"
+    if isinstance(factory, Cell) or not callable(factory):
+        raise ValueError(f"{name!r} is registered in rnnjax.cells.CELLS as a "
+                         f"{type(factory).__name__}, not a function hidden -> Cell; "
+                         f"{register} (not my_cell(64))")
+    try:
+        inspect.signature(factory).bind(hidden)
+    except TypeError as e:
+        raise ValueError(f"{name!r}: its function {getattr(factory, '__qualname__', factory)} "
+                         f"cannot be called with the width alone ({e}); {register}, "
+                         "where my_cell(hidden) returns the cell") from None
+    except ValueError:  # no signature to read (a builtin): the call says
+        pass
+    cell = factory(hidden)
+    if not isinstance(cell, Cell):
+        raise ValueError(f"{name!r}: its function returned a {type(cell).__name__}, not a "
+                         "rnnjax.cells.Cell; return Cell(init=..., step=..., "
+                         "initial_carry=..., hidden_size=hidden), as the README's \"How to "
+                         "extend\" shows")
+    return cell
+
+
 def get_cell(name: str | type, hidden: int) -> Cell:
     """The cell ``name`` of width ``hidden``: one registered in :data:`CELLS`, or a Flax cell
     class named ``MODULE:CLASS`` (``rnnjax.flax.cells``), or given as the class itself."""
@@ -1214,7 +1242,7 @@ def get_cell(name: str | type, hidden: int) -> Cell:
                         "'MODULE:CLASS', e.g. 'flax.linen:GRUCell'), not an instance: "
                         "rnnjax builds the cell at the layer's hidden_size")
     if name in CELLS:
-        return CELLS[name](hidden)
+        return _built(name, CELLS[name], hidden)
     if ":" in name:
         from rnnjax.flax.cells import flax_cell
 

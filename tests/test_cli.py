@@ -158,6 +158,33 @@ def test_an_empty_path_is_refused_not_taken_for_the_working_directory(capsys, tm
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("register", "message"), [
+    (lambda: users_cells.elman(8), "'mistake' is registered in rnnjax.cells.CELLS as a Cell, "
+     "not a function hidden -> Cell; register the function of the width: "
+     "CELLS['mistake'] = my_cell (not my_cell(64))"),
+    (lambda: lambda *, hidden: users_cells.elman(hidden), "'mistake': its function "
+     "<lambda>.<locals>.<lambda> cannot be called with the width alone (too many "
+     "positional arguments); "),
+    (lambda: lambda hidden: {"init": None}, "'mistake': its function returned a dict, not a "
+     "rnnjax.cells.Cell; return Cell(init=..., step=..., initial_carry=..., "
+     "hidden_size=hidden)"),
+], ids=["a-cell", "keyword-only", "not-a-cell"])
+def test_a_cell_registered_wrongly_is_one_line(capsys, tmp_path, monkeypatch, register,
+                                               message):
+    """A built cell registered in place of its function, a function of another signature,
+    one returning no Cell: a traceback and exit 1, where bad input is one line."""
+    from rnnjax import cells
+
+    monkeypatch.setitem(cells.CELLS, "mistake", register())
+    for tuning in (["--no-tune"], ["--tune-budget", "5"]):
+        assert main(["train", "--cell", "mistake", "--hidden-size", "8", "--steps", "2",
+                     "--workdir", str(tmp_path / "run"), *tuning]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("rnnjax: error: ") and err.count("\n") == 1, err
+        assert message in err
+        assert not (tmp_path / "run").exists()
+
+
 def _saved_checkpoint(workdir, **config_fields):
     """A real checkpoint of a tiny config (with ``config_fields``) in ``workdir`` (a made-up
     state, no training)."""
