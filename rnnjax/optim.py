@@ -112,6 +112,12 @@ def make_optimizer(config: Config, params: optax.Params | None = None, *,
             "build in its place; register yours under a name of its own")
     factory = OPTIMIZERS.get(config.optimizer) or (
         keras_adam if config.optimizer == "keras_adam" else getattr(optax, config.optimizer, None))
+    if config.optimizer in OPTIMIZERS and not callable(factory):
+        raise ConfigError(
+            f"--optimizer {config.optimizer}: registered in rnnjax.optim.OPTIMIZERS as a "
+            f"{type(factory).__name__}, not a function of learning_rate; register the "
+            f"function: OPTIMIZERS[{config.optimizer!r}] = my_optimizer (not "
+            "my_optimizer(1e-3))")
     if factory is None or not callable(factory) or config.optimizer.startswith("_"):
         raise ConfigError(
             f"--optimizer {config.optimizer!r} is not an optax optimizer; try adam, adamw, "

@@ -203,6 +203,10 @@ def test_a_factory_of_any_options_gets_them_and_optax_names_are_not_taken(monkey
     (lambda learning_rate, **options: optax.sgd(learning_rate, **options), '{"beta": 0.5}',
      r"--optimizer sign_descent: --optimizer-kwargs '\{\"beta\": 0.5\}' cannot be built "
      r"\(TypeError: .*beta"),  # **options: the factory judges them
+    (optax.sgd(1e-3), "", r"--optimizer sign_descent: registered in "
+                          r"rnnjax.optim.OPTIMIZERS as a GradientTransformationExtraArgs, not a "
+                          r"function of learning_rate; register the function: "
+                          r"OPTIMIZERS\['sign_descent'\] = my_optimizer \(not "),
 ])
 def test_a_registered_optimizer_that_cannot_work_is_one_line(monkeypatch, tmp_path, capsys,
                                                              factory, kwargs, message):
