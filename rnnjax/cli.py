@@ -875,6 +875,22 @@ def run() -> None:
     sys.exit(code)
 
 
+def _after_interrupt(args: argparse.Namespace | None) -> str:
+    """What a ``rnnjax train`` interrupted (Ctrl-C) in a workdir leaves to do, for its
+    line: resume from its latest checkpoint, or, before the first, run it again."""
+    from rnnjax.checkpoint import list_steps
+
+    workdir = getattr(args, "workdir", None) if getattr(args, "command", None) == "train" \
+        else None
+    if workdir is None or not workdir.is_dir():
+        return ""
+    if list_steps(workdir / "checkpoints"):
+        return (f"; {workdir} keeps its checkpoints: go on with rnnjax train --workdir "
+                f"{workdir} --resume")
+    return (f"; {workdir} holds no checkpoint yet: the same command again starts the run "
+            "over")
+
+
 def main(argv: Sequence[str] | None = None, *, whole_process: bool = False) -> int:
     """Entry point of the command line; returns the exit code. ``whole_process``: called
     by :func:`run`, the garbage collector off; ``rnnjax train`` turns it on once tuned and
@@ -884,6 +900,7 @@ def main(argv: Sequence[str] | None = None, *, whole_process: bool = False) -> i
     from rnnjax.data.idx import IdxError
     from rnnjax.data.images import ImageError
 
+    args = None
     try:
         args = build_parser().parse_args(argv)
         commands = {"train": functools.partial(_train, whole_process=whole_process),
@@ -905,7 +922,7 @@ def main(argv: Sequence[str] | None = None, *, whole_process: bool = False) -> i
               "already written are kept)", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("rnnjax: interrupted", file=sys.stderr)
+        print(f"rnnjax: interrupted{_after_interrupt(args)}", file=sys.stderr)
         return 130
     except Exception as e:  # an allocation the estimate did not foresee: one line too
         from rnnjax.memory import is_out_of_memory, out_of_memory_message

@@ -185,6 +185,31 @@ def test_a_cell_registered_wrongly_is_one_line(capsys, tmp_path, monkeypatch, re
         assert not (tmp_path / "run").exists()
 
 
+def test_an_interrupted_run_says_how_to_go_on(capsys, tmp_path, monkeypatch):
+    """Ctrl-C: ``rnnjax: interrupted``, exit 130, and what the workdir left allows: resume
+    from its latest checkpoint, or, with none yet, the same command again."""
+    from rnnjax import checkpoint, cli
+
+    work = tmp_path / "run"
+
+    def interrupted(args, whole_process):
+        work.mkdir(exist_ok=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_train", interrupted)
+    assert main(["train", "--workdir", str(work)]) == 130
+    assert capsys.readouterr().err == (f"rnnjax: interrupted; {work} holds no checkpoint "
+                                       "yet: the same command again starts the run over\n")
+    (work / "checkpoints" / "20").mkdir(parents=True)
+    (work / "checkpoints" / "20" / checkpoint.COMMIT_FILE).write_text("")
+    assert main(["train", "--workdir", str(work), "--resume"]) == 130
+    assert capsys.readouterr().err == (f"rnnjax: interrupted; {work} keeps its checkpoints: "
+                                       f"go on with rnnjax train --workdir {work} --resume\n")
+    for argv in (["train"], ["train", "--workdir", str(tmp_path / "never")]):
+        assert main(argv) == 130
+        assert capsys.readouterr().err == "rnnjax: interrupted\n"
+
+
 def _saved_checkpoint(workdir, **config_fields):
     """A real checkpoint of a tiny config (with ``config_fields``) in ``workdir`` (a made-up
     state, no training)."""
