@@ -206,6 +206,11 @@ def resolve(path: Path | str) -> Path:
         step = latest_step(directory)
         if step is not None:
             return directory / str(step)
+    if (path / "config.json").is_file():  # a run's workdir, stopped before its first save
+        raise CheckpointError(
+            f"{path} holds no checkpoint: its run stopped before it saved one (a run saves "
+            "one at its end, and every --checkpoint-every steps); train it again, or pass "
+            "another workdir or step directory")
     raise CheckpointError(
         f"{path} holds no checkpoint; pass a step directory (WORKDIR/checkpoints/STEP) or "
         "a workdir trained with --workdir"

@@ -250,6 +250,11 @@ def test_eval_and_predict_bad_checkpoints_give_one_line(capsys, tmp_path, saved)
     (tmp_path / "empty").mkdir()
     _one_line_error(capsys, ["eval", str(tmp_path / "empty")], "holds no checkpoint")
     _one_line_error(capsys, ["predict", str(tmp_path / "empty"), "x.png"], "holds no checkpoint")
+    (tmp_path / "empty" / "config.json").write_text("{}")  # a run stopped before its first
+    for command in (["eval"], ["predict", "x.png"]):  # save: not "a workdir trained with it"
+        _one_line_error(capsys, [command[0], str(tmp_path / "empty"), *command[1:]],
+                        "holds no checkpoint: its run stopped before it saved one (a run saves "
+                        "one at its end, and every --checkpoint-every steps); train it again")
     for f in (saved / "state").rglob("*"):
         if f.is_file() and f.parent.name == "d":
             f.write_bytes(b"\0" * f.stat().st_size)  # damaged array data
