@@ -99,8 +99,13 @@ def check(meta: Mapping[str, Any], config: Config, spec: DataSpec, param_shapes:
             continue
         name = {"cell": config.cell, "order": config.order, "optimizer": config.optimizer}[kind]
         then, here = old["function"] or "rnnjax's own", new["function"] or "rnnjax's own"
-        fix = (f"register {old['function']} as {name} before you resume or evaluate it"
-               if old["function"] else f"register yours under another name than {name}")
+        if old["function"] and old["function"] == new["function"]:  # its code changed
+            fix = (f"{old['function']} computes otherwise than when it trained: give it back "
+                   "the code it was trained with before you resume or evaluate it")
+        elif old["function"]:
+            fix = f"register {old['function']} as {name} before you resume or evaluate it"
+        else:
+            fix = f"register yours under another name than {name}"
         raise CheckpointError(
             f"checkpoint {where} was trained with --{kind} {name} = {then}, and --{kind} "
             f"{name} here ({here}) {differ}: {fix}, or train into another --workdir (the "

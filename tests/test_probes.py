@@ -9,6 +9,7 @@ import dataclasses
 import io
 import json
 import shutil
+import types
 
 import jax
 import jax.numpy as jnp
@@ -137,6 +138,13 @@ def test_eval_and_predict_refuse_a_cell_or_order_changed_but_not_an_optimizer(
     assert inference.load(tmp_path).config.cell == "mine"
     monkeypatch.setitem(orders.ORDERS, "cols", columns_right_to_left)
     with pytest.raises(checkpoint.CheckpointError, match=r"--order cols = test_probes:columns"):
+        inference.load(tmp_path)
+    edited = types.FunctionType(columns_right_to_left.__code__, globals(), "columns")
+    edited.__qualname__ = columns.__qualname__  # columns, its code edited since it trained
+    monkeypatch.setitem(orders.ORDERS, "cols", edited)
+    with pytest.raises(checkpoint.CheckpointError, match=(
+            r"test_probes:columns computes otherwise than when it trained: give it back the "
+            r"code it was trained with before you resume or evaluate it, or train into")):
         inference.load(tmp_path)
     monkeypatch.setitem(orders.ORDERS, "cols", columns)
     monkeypatch.setitem(cells.CELLS, "mine", users_cells.with_parts(step=relu_step))
