@@ -165,8 +165,9 @@ def train_steps(
     (``model.sequences`` of float32 [N, H, W(, C)] images in [0, 1], on the device:
     ``data.pipeline.to_device``); labels: int32 [N];
     indices: int32 [K, B], the examples of each step (``data.pipeline.batch_indices``);
-    count: int32 [], how many leading rows of ``indices`` to run (default: all K). A traced
-    count lets one compiled function serve every chunk length up to K.
+    count: int32 [], how many leading rows of ``indices`` to run, 0 to K (default: all K;
+    a concrete one outside is a ValueError, a traced one above K runs K). A traced count
+    lets one compiled function serve every chunk length up to K.
     sums: the metric sums so far (:func:`zero_metrics` where None), to which each step's
     are added in turn: a run's sums are then the same bits however its steps are cut
     into calls (a run resumed, another ``--steps-per-call``).
@@ -174,8 +175,15 @@ def train_steps(
     bits as :func:`train_step` on each batch's images (tests/test_train.py).
     """
     check_labels(labels, sequences.shape[1], model.num_classes)
-    labels = jnp.asarray(labels)  # NumPy's, indexed by traced rows below
-    count = indices.shape[0] if count is None else count
+    labels, indices = jnp.asarray(labels), jnp.asarray(indices)  # NumPy's, indexed by
+    rows = indices.shape[0]                                         # traced rows below
+    if count is None:
+        count = rows
+    elif isinstance(count, jax.core.Tracer):
+        count = jnp.minimum(count, rows)  # past K, indices[i] would repeat the last row
+    elif not 0 <= int(count) <= rows:
+        raise ValueError(f"train_steps: count {int(count)}, but indices has {rows} rows (one "
+                         f"a step); give a count of 0 to {rows}")
 
     def body(i, carry):
         state, sums = carry

@@ -109,6 +109,24 @@ def test_k_steps_per_call_equals_one_step_per_call(mnist, shuffle, form):
     jax.tree.map(np.testing.assert_array_equal, one.params, many.params)
 
 
+def test_k_steps_take_numpy_indices_unjitted_and_never_run_past_their_rows(mnist):
+    """``train_steps`` as its docstring says, unjitted: NumPy indices from ``batch_indices``
+    failed (indexed by the loop's traced row); a count above the K rows ran the last batch
+    again, silently, under jit, and is refused where known."""
+    model, optimizer, state = _setup(Config(hidden_size=8, batch_size=8))
+    sequences = model.sequences(jnp.asarray(normalize_host(mnist.train_images[:64])))
+    labels = mnist.train_labels[:64]
+    idx = batch_indices(64, 8, 0, 3, shuffle=False, seed=0)  # NumPy int32 [3, 8]
+    steps = functools.partial(train.train_steps, model=model, optimizer=optimizer)
+    eager, sums = steps(state, sequences, labels, idx)
+    assert int(eager.step) == 3 and int(sums["count"]) == 24
+    jitted, sums = jax.jit(steps)(state, sequences, jnp.asarray(labels), idx, 7)
+    assert int(jitted.step) == 3 and int(sums["count"]) == 24  # a traced count: K at most
+    jax.tree.map(np.testing.assert_array_equal, jitted.params, eager.params)
+    with pytest.raises(ValueError, match=r"count 4, but indices has 3 rows .* 0 to 3"):
+        steps(state, sequences, labels, idx, 4)
+
+
 def test_chunked_evaluation_equals_one_pass(mnist):
     model, _, state = _setup(Config())
     images = jnp.asarray(normalize_host(mnist.test_images[:1000]))
