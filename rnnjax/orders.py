@@ -78,8 +78,11 @@ def positions(order: str, image_shape: tuple[int, int, int]) -> np.ndarray:
         raise ConfigError(_unknown(order))
     h, w, c = image_shape
     where = f"--order {order}: its function, on {h}x{w}x{c} images,"
-    try:
-        found = np.asarray(function(h, w, c))
+    import jax  # (here: the command line reads the orders before it starts JAX)
+
+    try:  # concrete values even where rnnjax traces a model (jnp.arange in the function)
+        with jax.ensure_compile_time_eval():
+            found = np.asarray(function(h, w, c))
     except Exception as e:  # the user's code: any error, named in one line
         raise ConfigError(f"{where} fails ({error_line(e)})") from None
     if found.ndim != 2 or 0 in found.shape or not np.issubdtype(found.dtype, np.integer):

@@ -63,6 +63,22 @@ def test_a_registered_order_reads_the_positions_its_function_gives(registered):
     assert DataSpec((32, 32, 3)).sequence("patches") == (64, 48)
 
 
+def test_an_order_of_jax_numpy_positions_reads_as_numpys(monkeypatch):
+    """An order whose function builds its positions with ``jax.numpy`` (int ``[T, F]`` as
+    documented): rnnjax calls it inside its own traces (the parameters' shapes, a jitted
+    step), where ``jnp.arange`` was a tracer and every use failed, blaming the function."""
+    monkeypatch.setitem(orders.ORDERS, "columns", columns)
+    monkeypatch.setitem(orders.ORDERS, "columns_jnp",
+                        lambda h, w, c: jnp.asarray(columns(h, w, c)) * 1)
+    images = jnp.asarray(np.random.default_rng(0).random((3, 28, 28), np.float32))
+    numpys, jnps = (make_model(Config(order=order, hidden_size=4))
+                    for order in ("columns", "columns_jnp"))
+    params = numpys.init(jax.random.key(0))
+    assert jnps.param_shapes() == numpys.param_shapes()
+    np.testing.assert_array_equal(jax.jit(jnps.apply)(params, images),
+                                  jax.jit(numpys.apply)(params, images))
+
+
 @pytest.mark.parametrize(("name", "function", "message"), [
     ("diagonal", None, r"unknown --order 'diagonal'; choose rows, pixels, permuted, or one "
                        r"registered in rnnjax.orders.ORDERS"),
