@@ -192,6 +192,8 @@ def check_options(config: Config, optimizer: optax.GradientTransformation,
     (``lbfgs``: the loss function), would otherwise fail inside the first compiled step.
     Traced on abstract parameters (``jax.eval_shape``): nothing is compiled or allocated,
     nor is JAX's backend started (``--xla-flags`` may still be set)."""
+    from rnnjax.cells import layout_mismatch
+
     if params is None:
         from rnnjax.model import make_model
 
@@ -201,13 +203,19 @@ def check_options(config: Config, optimizer: optax.GradientTransformation,
         if "mask" in name:
             check_mask(name, value, params)
     try:
-        jax.eval_shape(lambda p: optimizer.update(p, optimizer.init(p), p), params)
+        updates, _ = jax.eval_shape(lambda p: optimizer.update(p, optimizer.init(p), p), params)
     except Exception as e:  # raised by optax tracing the user's options
         raise ConfigError(
             f"--optimizer {config.optimizer} {_options(config)}cannot update parameters "
             f"({error_line(e)}); {OPTION_FIX}, or choose an optimizer whose update takes "
             "only the gradients (adam, adamw, sgd, ...)"
         ) from None
+    mismatch = layout_mismatch(updates, params)
+    if mismatch is not None:  # optax.apply_updates would broadcast them into the params
+        raise ConfigError(
+            f"--optimizer {config.optimizer} {_options(config)}makes updates that are not "
+            f"the parameters' shapes ({mismatch}): its update must return one array of each "
+            "parameter's shape, in the parameters' tree")
 
 
 def check_mask(name: str, value: Any, params: optax.Params) -> None:

@@ -219,6 +219,10 @@ def test_a_factory_of_any_options_gets_them_and_optax_names_are_not_taken(monkey
     (lambda learning_rate, **options: optax.sgd(learning_rate, **options), '{"beta": 0.5}',
      r"--optimizer sign_descent: --optimizer-kwargs '\{\"beta\": 0.5\}' cannot be built "
      r"\(TypeError: .*beta"),  # **options: the factory judges them
+    (lambda learning_rate: optax.stateless(lambda g, p: jax.tree.map(lambda x: x[0], g)),
+     "", r"--optimizer sign_descent makes updates that are not the parameters' shapes "
+         r"\(\['head'\]\['bias'\] of shape \[\], not \[10\]\): its update must return one "
+         r"array of each parameter's shape"),
     (optax.sgd(1e-3), "", r"--optimizer sign_descent: registered in "
                           r"rnnjax.optim.OPTIMIZERS as a GradientTransformationExtraArgs, not a "
                           r"function of learning_rate; register the function: "
