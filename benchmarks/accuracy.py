@@ -13,9 +13,9 @@ the numbers say what such a budget reaches, not what the cells can reach. Writes
 
 from __future__ import annotations
 
-import argparse
 import io
 
+from benchmarks import harness
 from benchmarks.harness import (
     at_least,
     cell_names,
@@ -38,7 +38,7 @@ def run_config(cell: str, order: str, row_steps: int, pixel_steps: int) -> Confi
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=cell_names, default="simple_rnn,irnn,lstm,gru")
     parser.add_argument("--orders", type=names(ORDERS), default="rows,pixels,permuted")
     parser.add_argument("--row-steps", type=at_least(1), default=4001)

@@ -20,7 +20,6 @@ JAX's default precision, measured before and after: both are reported). Writes
 
 from __future__ import annotations
 
-import argparse
 import functools
 import statistics
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from benchmarks import harness
 from benchmarks.harness import (
     at_least,
     environment,
@@ -86,7 +86,7 @@ def evaluations(cell: str, examples: int, device: jax.Device
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", type=names(tuple(GATES)), default="simple_rnn,lstm,gru")
     parser.add_argument("--examples", type=at_least(1), default=10_000,
                         help="images in the evaluation (one chunk)")

@@ -25,7 +25,6 @@ Writes ``results/feeds.{json,md}``.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import functools
 import itertools
@@ -34,6 +33,7 @@ from collections.abc import Callable, Iterator
 import jax
 import numpy as np
 
+from benchmarks import harness
 from benchmarks.flax_peers import rnnjax_runner
 from benchmarks.harness import (
     at_least,
@@ -59,7 +59,7 @@ def drain(batches: Iterator[object]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--steps", type=at_least(1), default=1000, help="per feed and turn")
     parser.add_argument("--unroll", type=int, default=0)

@@ -409,7 +409,7 @@ def per_runner_notes(rows: list[dict[str, Any]], title: str, suffix: str, form: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=harness.cases(),
                         default="rows:50,rows:1024,rows:4096,pixels:50",
                         help="ORDER:BATCH,... (order rows or pixels)")

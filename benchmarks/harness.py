@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import jax
 
@@ -39,6 +39,14 @@ OUT_VAR = "RNNJAX_BENCH_OUT"  # the results' directory where no --out is given
 
 T = TypeVar("T")
 Flag = argparse.ArgumentTypeError  # a bad flag value: argparse prints it, exit 2
+
+
+class Parser(argparse.ArgumentParser):
+    """A benchmark's argument parser: a bad flag is one ``error:`` line, exit 2, without
+    argparse's usage (``--help`` shows it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def at_least(low: int) -> Callable[[str], int]:
@@ -54,8 +62,9 @@ def at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-def ints_at_least(low: int) -> Callable[[str], list[int]]:
-    """An argparse ``type``: a comma list of one or more integers, each ``low`` or more."""
+def ints_at_least(low: int, example: str = "") -> Callable[[str], list[int]]:
+    """An argparse ``type``: a comma list of one or more integers, each ``low`` or more;
+    ``example``: a good value, for the message (default: two batch sizes)."""
     def parse(text: str) -> list[int]:
         try:
             values = [int(word) for word in text.split(",")]
@@ -63,7 +72,7 @@ def ints_at_least(low: int) -> Callable[[str], list[int]]:
             values = [low - 1]
         if min(values) < low:
             raise Flag(f"{text!r}: give integers of {low} or more, comma-separated "
-                       f"(e.g. {max(low, 50)},{max(low, 50) * 2})")
+                       f"(e.g. {example or f'{max(low, 50)},{max(low, 50) * 2}'})")
         return values
     return parse
 

@@ -24,7 +24,7 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     from benchmarks import harness  # imports JAX: timed with the process, as Keras' import
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=harness.at_least(1), default=4001)
     parser.add_argument("--batch-size", type=harness.at_least(1), default=50)
     parser.add_argument("--unroll", action=argparse.BooleanOptionalAction, default=True)

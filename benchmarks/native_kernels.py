@@ -28,7 +28,6 @@ times the built-in default form alone beside it (a short accelerator session's r
 
 from __future__ import annotations
 
-import argparse
 import functools
 import statistics
 import sys
@@ -153,7 +152,7 @@ def time_case(device_data: Any, cell: str, order: str, batch: int, rounds: int,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", default=",".join(NATIVE),
                         help=f"cells with native kernels, of {', '.join(NATIVE)}")
     parser.add_argument("--cases", type=harness.cases(), default="rows:50,pixels:50",

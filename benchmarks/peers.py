@@ -32,7 +32,6 @@ skipped and say so, and so does the figure without matplotlib. Writes
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import re
@@ -196,7 +195,7 @@ def seed_run(repeats: int = 2) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=harness.ints_at_least(1),
                         default="50,256,1024,4096")
     parser.add_argument("--repeats", type=harness.at_least(1), default=5,

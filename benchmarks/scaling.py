@@ -162,7 +162,7 @@ def check_plan(parser: argparse.ArgumentParser, plan: list[tuple[str, int]],
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", type=ints_at_least(1), default="1,2,4,8",
                         help="forced CPU device counts")
     parser.add_argument("--batch-size", type=at_least(1), default=256,

@@ -20,7 +20,6 @@ into ``results/throughput_ops.{json,md}``). Writes ``results/throughput.{json,md
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from benchmarks import harness
 from benchmarks.harness import (
     at_least,
     cell_name,
@@ -197,9 +197,10 @@ def ops_rows(envs: dict[str, dict]) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=ints_at_least(1), default="50,256,1024,4096")
-    parser.add_argument("--unrolls", type=ints_at_least(0), default="1,4,0", help="0 = full")
+    parser.add_argument("--unrolls", type=ints_at_least(0, "1,4,0"), default="1,4,0",
+                        help="0 = full")
     parser.add_argument("--backends", default="", help="comma list (default: all JAX sees)")
     parser.add_argument("--steps-per-call", type=at_least(0), default=0,
                         help="K (default: 200 at batch 50, fewer for larger batches)")
