@@ -112,7 +112,7 @@ def _path(value: str) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="rnnjax", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="rnnjax", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     parser.commands = sub.choices
     train = sub.add_parser("train", help="train and evaluate (defaults: the seed experiment)")

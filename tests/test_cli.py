@@ -45,6 +45,7 @@ def test_every_help_prints_and_exits_0(capsys, command):
         main([*command, "--help"])
     out = capsys.readouterr().out
     assert exit_.value.code == 0 and out.startswith("usage: rnnjax"), out
+    assert "``" not in out  # the docstrings' reStructuredText markup, in plain text
     if command in (["train"], ["tune"]):  # every Config flag, its help as written
         for field in dataclasses.fields(Config):
             assert flag_name(field.name) in out, field.name
