@@ -176,8 +176,13 @@ class Model:
 
         ``rnnjax.train.train_steps`` takes a whole dataset in this form, made once: its
         batches are then read time-major, with no transpose per step
-        (:meth:`apply_sequences` with rows).
+        (:meth:`apply_sequences` with rows). Images that are not floats (uint8 pixels
+        0..255 not yet scaled) are a ValueError: the model would train on them as they are.
         """
+        if not jnp.issubdtype(images.dtype, jnp.floating):
+            raise ValueError(f"Model: images of dtype {images.dtype}; give floats in [0, 1] "
+                             "(uint8 pixels through rnnjax.data.pipeline.normalize_host, or "
+                             "/ 255)")
         h, w, c = self.image_shape
         if tuple(images.shape[1:]) not in ((h, w, c), (h, w) if c == 1 else (h, w, c)):
             raise ValueError(f"Model: images of shape {tuple(images.shape)}; this model "

@@ -125,6 +125,12 @@ def test_bad_shapes_name_what_the_model_reads():
         model.apply_sequences(params, jnp.zeros((3, 28, 28)))  # batch-major
     with pytest.raises(ValueError, match=r"sequences of shape \(28, 3, 1\).*\[28, B, 28\]"):
         model.apply_sequences(params, jnp.zeros((28, 3, 1)))
+    # uint8 pixels not yet scaled: trained on as 0..255, silently (rnnjax.flax refused them)
+    for apply in (model.apply, jax.jit(model.apply)):
+        with pytest.raises(ValueError, match=r"^Model: images of dtype uint8; give floats in "
+                                             r"\[0, 1\] \(uint8 pixels through rnnjax.data."
+                                             r"pipeline.normalize_host, or / 255\)"):
+            apply(params, jnp.zeros((3, 28, 28), jnp.uint8))
 
 
 def test_chunks_beyond_the_sequence_are_a_config_error():
