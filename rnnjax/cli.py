@@ -730,7 +730,7 @@ def _check_eval_batch_size(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace, whole_process: bool = False) -> int:
     from rnnjax import checkpoint, inference, plots
-    from rnnjax.data.sources import load_dataset
+    from rnnjax.data.sources import dataset_spec, load_dataset
     from rnnjax.metrics import seed_line, steps_phrase
 
     _check_eval_batch_size(args)
@@ -747,6 +747,9 @@ def _eval(args: argparse.Namespace, whole_process: bool = False) -> int:
         _check_out(args.out, given=False)
     config = eval_data_config(loaded.config, args)
     reads_tensorflow(config, whole_process)
+    shape = dataset_spec(config)  # the images' shape, nothing read (nor built by tfds); an
+    if shape.image_shape != loaded.spec.image_shape:  # IDX set's classes show once read
+        checkpoint.check_data_spec(loaded.spec, shape, step_dir)
     dataset = load_dataset(config, splits=("test",))  # the train split neither read nor needed
     checkpoint.check_data_spec(loaded.spec, dataset.spec, step_dir)
     data = dataset.arrays

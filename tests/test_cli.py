@@ -246,6 +246,37 @@ def _one_line_error(capsys, argv, message):
     assert message in err, err
 
 
+def test_eval_on_images_of_another_shape_is_refused_before_they_are_read(tmp_path, capsys,
+                                                                        monkeypatch):
+    """A checkpoint of 32x32x3 images evaluated on MNIST: refused once the data was read,
+    which under --source tfds first built the IDX files into a tfds dataset (a minute, 23
+    MB written into the run's tfds dir). The shape is known before: nothing is read."""
+    import jax
+    import jax.numpy as jnp
+
+    from rnnjax import checkpoint, train
+    from rnnjax.config import Config
+    from rnnjax.data import sources
+    from rnnjax.data.spec import DataSpec
+    from rnnjax.model import make_model
+    from rnnjax.optim import make_optimizer
+
+    config, spec = Config(hidden_size=4, steps=10), DataSpec((32, 32, 3), 4)
+    shapes = jax.eval_shape(lambda: train.create_state(
+        jax.random.key(0), make_model(config, spec), make_optimizer(config)))
+    state = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), shapes)
+    with checkpoint.CheckpointWriter(checkpoint.checkpoints_dir(tmp_path), keep=1) as writer:
+        writer.save(state, config, data=spec.to_json())
+
+    def read(*args, **kwargs):
+        raise AssertionError("the dataset was read")
+
+    monkeypatch.setattr(sources, "load_dataset", read)
+    _one_line_error(capsys, ["eval", str(tmp_path)], f"checkpoint {tmp_path / 'checkpoints'}"
+                    f"/1 was trained on {spec.describe()} but the dataset has "
+                    f"{sources.IDX_SPEC.describe()}; pass the dataset it was trained on")
+
+
 def test_eval_and_predict_bad_checkpoints_give_one_line(capsys, tmp_path, saved):
     _one_line_error(capsys, ["eval", str(tmp_path / "nowhere")], "no such file or directory")
     (tmp_path / "empty").mkdir()
