@@ -359,7 +359,23 @@ def resume_config(args: argparse.Namespace) -> Config:
     machine = {name: getattr(defaults, name) for name in MACHINE_SETTINGS}
     config = saved.replace(**{**machine, **flag_changes(args, saved.source)})
     checkpoint.check_resumable(saved, config, step_dir, meta)
+    check_recorded_dataset(config, args, f"rnnjax train --workdir {args.workdir} --resume "
+                                         "--dataset NEW_PLACE")
     return config
+
+
+def check_recorded_dataset(config: Config, args: argparse.Namespace, command: str) -> None:
+    """A :class:`UsageError` naming the checkpoint's own dataset directory (a run of
+    ``--dataset PATH``) where it is gone and no ``--dataset`` was given: it was reported
+    as a ``--dataset`` flag the user never passed. ``command``: the fix, with its new
+    place."""
+    from rnnjax.data.sources import is_path_like
+
+    if args.dataset is not None or config.source != "idx" or not is_path_like(config.dataset):
+        return
+    if not Path(config.dataset).expanduser().is_dir():
+        raise UsageError(f"the checkpoint's dataset {config.dataset} is gone (no such "
+                         f"directory); if it moved, pass its new place: {command}")
 
 
 def reads_tensorflow(config: Config, whole_process: bool) -> None:
@@ -746,6 +762,7 @@ def _eval(args: argparse.Namespace, whole_process: bool = False) -> int:
         args.out = checkpoint.workdir_of(step_dir) / f"confusion_matrix_step{loaded.step}.png"
         _check_out(args.out, given=False)
     config = eval_data_config(loaded.config, args)
+    check_recorded_dataset(config, args, f"rnnjax eval {args.checkpoint} --dataset NEW_PLACE")
     reads_tensorflow(config, whole_process)
     shape = dataset_spec(config)  # the images' shape, nothing read (nor built by tfds); an
     if shape.image_shape != loaded.spec.image_shape:  # IDX set's classes show once read

@@ -885,6 +885,13 @@ def test_a_run_of_a_dataset_directory_moved_resumes_from_its_new_place(tmp_path,
     assert main([*argv, "--steps", "10", "--dataset", str(tmp_path / "a")]) == 0
     shutil.move(tmp_path / "a", tmp_path / "moved")
     capsys.readouterr()
+    gone = f"the checkpoint's dataset {tmp_path / 'a'} is gone (no such directory); if it " \
+           "moved, pass its new place: rnnjax "  # not "--dataset X", a flag never given
+    for command, fix in (([*argv, "--steps", "20", "--resume"],
+                          f"train --workdir {work} --resume --dataset NEW_PLACE"),
+                         (["eval", str(work)], f"eval {work} --dataset NEW_PLACE")):
+        assert main(command) == 2
+        assert capsys.readouterr().err == f"rnnjax: error: {gone}{fix}\n"
     for other in ("other", "edited"):
         assert main([*argv, "--steps", "20", "--dataset", str(tmp_path / other),
                      "--resume"]) == 2
