@@ -10,7 +10,10 @@ data are read through ``tfds.testing.mock_data``.
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -440,6 +443,21 @@ def test_bad_dataset_is_one_line_and_nothing_written(capsys, prepared, tmp_path,
         assert fragment.replace("{tfds}", str(tfds_dir)) in err, err
     assert "step " not in captured.out and not work.exists()
     assert sorted(p.relative_to(tfds_dir) for p in tfds_dir.rglob("*")) == before
+
+
+def test_a_dataset_not_prepared_is_one_line_of_the_programs_stderr(tmp_path):
+    """The program's whole stderr (pytest's in-process capture misses absl's logging): tfds'
+    "WARNING:absl:Variant folder ... has no dataset_info.json" came before the line."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "rnnjax", "train", "--source", "tfds", "--dataset", "cifar10",
+         "--tfds-dir", str(tmp_path), "--steps", "1", "--no-tune"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"rnnjax: error: --dataset cifar10: not prepared in the tfds "
+                                  f"data dir {tmp_path}") and proc.stderr.count("\n") == 1, \
+        proc.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_no_download_unless_asked(prepared, monkeypatch):

@@ -31,6 +31,7 @@ Importing this module imports TensorFlow (CPU only, as ``rnnjax.data.tfds_mnist`
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -123,6 +124,19 @@ def _builder(dataset: str, tfds_dir: str) -> tfds.core.DatasetBuilder | None:
                           "read the dataset (network, credentials)") from e
 
 
+def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
+    """``builder.is_prepared()``, without absl's WARNING line (tfds' logger) for a dataset
+    not prepared in the data dir ("Variant folder ... has no dataset_info.json"), printed
+    before rnnjax's own one line, which says that and how to prepare it."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return builder.is_prepared()
+    finally:
+        logger.setLevel(level)
+
+
 def resolve(config: Config) -> Prepared | IdxBuild:
     """What ``--dataset`` names with ``--source tfds`` (see the module docstring)."""
     dataset = config.dataset
@@ -131,7 +145,7 @@ def resolve(config: Config) -> Prepared | IdxBuild:
         return IdxBuild(*resolve_dataset(dataset, config.data_dir))
     name, _, version = dataset.partition(":")
     builder = _builder(dataset, config.tfds_dir)
-    if builder is not None and (builder.is_prepared() or version or config.tfds_download):
+    if builder is not None and (_is_prepared(builder) or version or config.tfds_download):
         return _prepared(builder, dataset)
     try:
         return IdxBuild(*resolve_dataset(name, config.data_dir))
@@ -266,7 +280,7 @@ def spec(config: Config) -> DataSpec:
     if isinstance(target, IdxBuild):
         _check_idx_splits(target, config)
         return IDX_SPEC
-    if target.builder.is_prepared():
+    if _is_prepared(target.builder):
         for flag, split in _split_flags(config):
             _split(target, split, flag)  # a pipeline made, nothing read
     return target.spec
@@ -285,7 +299,7 @@ def load(config: Config, splits: tuple[str, ...] = SPLITS) -> Dataset:
                     target.name, target.directory, target.checksums, config.tfds_dir))
             return Dataset(arrays, IDX_SPEC, f"{target.name} (IDX via tfds)")
         target = _idx_prepared(target, config)
-    if config.tfds_download and not target.builder.is_prepared():
+    if config.tfds_download and not _is_prepared(target.builder):
         try:
             target.builder.download_and_prepare()
         except Exception as e:  # network, disk, checksum: tfds raises many kinds
