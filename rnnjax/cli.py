@@ -764,8 +764,10 @@ def _eval(args: argparse.Namespace, whole_process: bool = False) -> int:
     config = eval_data_config(loaded.config, args)
     check_recorded_dataset(config, args, f"rnnjax eval {args.checkpoint} --dataset NEW_PLACE")
     reads_tensorflow(config, whole_process)
-    shape = dataset_spec(config)  # the images' shape, nothing read (nor built by tfds); an
-    if shape.image_shape != loaded.spec.image_shape:  # IDX set's classes show once read
+    # Images of another shape are refused before the data is read (or built into a tfds
+    # dataset): their shape is known without it. An IDX set's classes are known once read.
+    shape = dataset_spec(config)
+    if shape.image_shape != loaded.spec.image_shape:
         checkpoint.check_data_spec(loaded.spec, shape, step_dir)
     dataset = load_dataset(config, splits=("test",))  # the train split neither read nor needed
     checkpoint.check_data_spec(loaded.spec, dataset.spec, step_dir)

@@ -175,8 +175,9 @@ def train_steps(
     bits as :func:`train_step` on each batch's images (tests/test_train.py).
     """
     check_labels(labels, sequences.shape[1], model.num_classes)
-    labels, indices = jnp.asarray(labels), jnp.asarray(indices)  # NumPy's, indexed by
-    rows = indices.shape[0]                                         # traced rows below
+    # NumPy's (batch_indices' rows, the labels) are indexed by traced rows below
+    labels, indices = jnp.asarray(labels), jnp.asarray(indices)
+    rows = indices.shape[0]
     if count is None:
         count = rows
     elif isinstance(count, jax.core.Tracer):

@@ -49,8 +49,7 @@ class RNN(nnx.Module):
     consecutive parts (``rnnjax.cells.scan_cell``); ``backward``: the backward pass's form,
     'auto' (the cell's own), 'hand_written', 'autodiff' or 'native'
     (``rnnjax.flax.layer.run``; forward-mode autodiff, ``jax.jvp``, needs 'autodiff');
-    ``reverse``, ``keep_order``, ``return_carry``,
-    ``time_major``: as ``flax.nnx.RNN``.
+    ``reverse``, ``keep_order``, ``return_carry``, ``time_major``: as ``flax.nnx.RNN``.
     """
 
     def __init__(
