@@ -766,7 +766,7 @@ def _eval(args: argparse.Namespace, whole_process: bool = False) -> int:
     reads_tensorflow(config, whole_process)
     # Images of another shape are refused before the data is read (or built into a tfds
     # dataset): their shape is known without it. An IDX set's classes are known once read.
-    shape = dataset_spec(config)
+    shape = dataset_spec(config, splits=("test",))
     if shape.image_shape != loaded.spec.image_shape:
         checkpoint.check_data_spec(loaded.spec, shape, step_dir)
     dataset = load_dataset(config, splits=("test",))  # the train split neither read nor needed

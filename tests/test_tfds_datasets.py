@@ -291,12 +291,14 @@ def test_rnnjax_tune_reads_the_datasets_shape_and_no_example(prepared, tmp_path,
                      "--compile-cache", str(tmp_path / "jax")])
         assert code == 1 and seen == [spec]  # nothing timed by the fake child: exit 1
     # The split flags are checked as a run checks them, still reading nothing: a prepared
-    # dataset's against its splits, IDX files' (MNIST inside rnnjax) against theirs.
+    # dataset's against its splits, IDX files' (MNIST inside rnnjax: no --data-dir, which
+    # would have to hold mnist/) against theirs.
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/rnnjax_data/mnist
     for dataset, message in (("tiny_colour", "has no such split"),
                              ("mnist", "the IDX files of mnist have no split nope")):
         seen.clear()
         code = main(["tune", "--source", "tfds", "--dataset", dataset, "--tfds-dir",
-                     str(tfds_dir), "--data-dir", str(empty), "--test-split", "nope",
+                     str(tfds_dir), "--test-split", "nope",
                      "--compile-cache", str(tmp_path / "jax")])
         err = capsys.readouterr().err
         assert code == 2 and "--test-split nope" in err and message in err and not seen

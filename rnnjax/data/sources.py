@@ -121,12 +121,13 @@ def load_dataset(config: Config, splits: tuple[str, ...] = SPLITS) -> Dataset:
     return Dataset(load_idx_dir(directory, checksums, splits), IDX_SPEC, f"{name} (IDX)")
 
 
-def dataset_spec(config: Config) -> DataSpec:
+def dataset_spec(config: Config, splits: tuple[str, ...] = SPLITS) -> DataSpec:
     """The images and classes of ``config``'s dataset without reading its examples: the
     IDX layout's for ``--source idx``, a tfds dataset's from its builder's metadata
-    (``rnnjax tune``, which times synthetic images of that shape)."""
+    (``rnnjax tune``, which times synthetic images of that shape; ``rnnjax eval``). The
+    split flags of ``splits`` (those :func:`load_dataset` would read) are checked."""
     if config.source == "tfds":
-        return import_tfds_datasets().spec(config)
+        return import_tfds_datasets().spec(config, splits)
     return IDX_SPEC
 
 

@@ -267,21 +267,25 @@ def _read(prepared: Prepared, split: str, flag: str) -> tuple[np.ndarray, np.nda
     return (x[..., 0] if x.shape[-1] == 1 else x), y.astype(np.int32)
 
 
-def _split_flags(config: Config) -> tuple[tuple[str, str], tuple[str, str]]:
-    """The split flags and their values: training's, then evaluation's."""
-    return ("--train-split", config.train_split), ("--test-split", config.test_split)
+def _split_flags(config: Config, splits: tuple[str, ...] = SPLITS
+                 ) -> list[tuple[str, str]]:
+    """The flags of ``splits`` and their values: training's, then evaluation's."""
+    flags = {"train": ("--train-split", config.train_split),
+             "test": ("--test-split", config.test_split)}
+    return [flags[name] for name in SPLITS if name in splits]
 
 
-def spec(config: Config) -> DataSpec:
+def spec(config: Config, splits: tuple[str, ...] = SPLITS) -> DataSpec:
     """The spec of the dataset :func:`load` would read, from the builder's metadata alone
-    (IDX files: the IDX layout's), reading no example; the split flags checked as
-    :func:`load` checks them, where the dataset is there to check them against."""
+    (IDX files: the IDX layout's), reading no example; the flags of ``splits`` (those
+    :func:`load` would read) checked as it checks them, where the dataset is there to
+    check them against."""
     target = resolve(config)
     if isinstance(target, IdxBuild):
-        _check_idx_splits(target, config)
+        _check_idx_splits(target, config, splits)
         return IDX_SPEC
     if _is_prepared(target.builder):
-        for flag, split in _split_flags(config):
+        for flag, split in _split_flags(config, splits):
             _split(target, split, flag)  # a pipeline made, nothing read
     return target.spec
 
@@ -314,10 +318,11 @@ def load(config: Config, splits: tuple[str, ...] = SPLITS) -> Dataset:
     return Dataset(Arrays(*read["train"], *read["test"]), target.spec, f"{target.title} (tfds)")
 
 
-def _check_idx_splits(target: IdxBuild, config: Config) -> None:
-    """IDX files have the splits train and test: another name in either split flag is
-    refused before a build."""
-    for flag, split in _split_flags(config):
+def _check_idx_splits(target: IdxBuild, config: Config, splits: tuple[str, ...] = SPLITS
+                      ) -> None:
+    """IDX files have the splits train and test: another name in the flag of one of
+    ``splits`` is refused before a build."""
+    for flag, split in _split_flags(config, splits):
         unknown = sorted(set(re.findall(r"[A-Za-z_][\w-]*", split)) - {"train", "test"})
         if unknown:
             raise ConfigError(f"{flag} {split}: the IDX files of {target.name} have no split "
