@@ -150,10 +150,11 @@ SECOND_NEAR = 0.25
 SECOND_MOST = 3
 SECOND_SHARE = 0.15
 # The first child's share where no other process settings follow (the backend has no XLA
-# flag alternatives, e.g. a TPU or a GPU, whose flag sets its first child times in
-# process; no huge pages and no CPUs to set; or the user set them all): all but the
-# second process's, the turns' and the evaluation's parts (without the evaluation's, the
-# second process was left a twentieth of the budget, too little to start a child).
+# flag alternatives, e.g. a TPU: not a GPU, whose '+WHILE' set is timed in a child of its
+# own, runtime.per_compilation; no huge pages and no CPUs to set; or the user set them all):
+# all but the second process's, the turns' and the evaluation's parts (without the
+# evaluation's, the second process was left a twentieth of the budget, too little to start
+# a child).
 ALONE_SHARE = 1.0 - SECOND_SHARE - TURNS_SHARE - EVAL_SHARE
 # The chunks a sequence is scanned in, timed for the fastest form and unroll: each part at
 # least CHUNK_STEPS long (28 rows: 4 parts; 784 pixels: 4 and 8). In turns in one process on
@@ -275,6 +276,20 @@ class Child:
 # (config, flags, candidates, deadline, steps, reference, call_s, log) -> Child
 RunChild = Callable[..., Child]
 STOPPED = "child stopped at the time budget"  # Child.error of one the parent stopped
+
+
+def off_device(child: Child, first: Child | None) -> str:
+    """Where ``child`` reported other devices than ``first``, the first child (another
+    backend, device kind or count), says so; else ''. A TPU is held by one process at a
+    time (libtpu's lock): a later child, while the first one stays, found none and ran on
+    the host's CPU, where JAX falls back quietly."""
+    ran, ours = (child.device or {}), ((first.device if first else None) or {})
+    differ = [k for k in ("backend", "device_kind", "device_count")
+              if ran and ours and ran.get(k) != ours.get(k)]
+    if not differ:
+        return ""
+    return ("a child ran on " + ", ".join(f"{k} {ran.get(k)}" for k in differ)
+            + ", where the first ran on " + ", ".join(f"{k} {ours.get(k)}" for k in differ))
 
 
 def timed_baseline(child: Child) -> Measurement | None:
@@ -1353,6 +1368,15 @@ class Tuning:
         and closed at the end."""
         other = self.child(self.config, flags, candidates, until, self.steps, self.reference,
                            self.call_s, self.log, **options)
+        elsewhere = off_device(other, self.children[0] if self.children else None)
+        if elsewhere:  # its timings and first steps are another device's: none of them count
+            other.close()
+            self.log(f"  {elsewhere}: its timings are dropped")
+            other.measurements = [dataclasses.replace(m, step_s=None,
+                                                      note=f"failed: {elsewhere}")
+                                  for m in other.measurements]
+            self.complete = False
+            return other
         self.children.append(other)
         return other
 
@@ -1365,6 +1389,10 @@ class Tuning:
         far more)."""
         close = finalists(first.measurements, self.tol, SECOND_NEAR, SECOND_MOST)
         if len(close) < 2:
+            return
+        if (first.device or {}).get("backend") == "tpu":  # the first child holds the TPU
+            self.log("  not timed again in a second process (a TPU is held by one process "
+                     "at a time: the first child's)")
             return
         now = self.clock()
         load = CACHED_LOAD if cache_dir(self.config.compile_cache) else 1.0

@@ -1366,24 +1366,64 @@ def test_a_backend_without_other_settings_gives_the_first_child_their_share(monk
 
 
 def test_a_first_child_alone_leaves_the_second_process_its_share():
-    """Where no other settings follow (a TPU's, a GPU's run), the first child's share
-    (ALONE_SHARE) ends where the second process's, the turns' and the evaluation's parts
-    begin: without the evaluation's part, the evaluation's reserve came out of the second
-    process's share, which then held a twentieth of the budget, too little to start a
-    child, and close finalists were never timed again."""
+    """Where no other settings follow (a TPU's run; a CPU's whose user set them all), the
+    first child's share (ALONE_SHARE) ends where the second process's, the turns' and the
+    evaluation's parts begin: without the evaluation's part, the evaluation's reserve came
+    out of the second process's share, which then held a twentieth of the budget, too
+    little to start a child, and close finalists were never timed again. A TPU, which one
+    process holds at a time (the first child, which stays), starts no second process."""
     shares = tune.ALONE_SHARE + tune.SECOND_SHARE + tune.TURNS_SHARE + tune.EVAL_SHARE
     assert shares == pytest.approx(1.0)
     times = all_times()
     times[k(1)], times[k(1, projection="in_loop")] = 1.0, 0.95  # close: timed again
-    clock = Clock()
-    fake = FakeChild(times, clock=clock, per_child_s=100.0, stops_at_deadline=True,
-                     turns={}, evaluation={0: 60.0, 1: 40.0}, backend="tpu")
+    settled = frozenset({"xla_flags", "huge_pages", "cpus"})
+    for backend, pinned in (("cpu", settled), ("tpu", frozenset())):
+        clock = Clock()
+        fake = FakeChild(times, clock=clock, per_child_s=100.0, stops_at_deadline=True,
+                         turns={}, evaluation={0: 60.0, 1: 40.0}, backend=backend)
+        lines: list[str] = []
+        tune.tune(Config(), pinned, 30.0, child=fake, clock=clock, log=lines.append)
+        assert fake.deadlines[0] == pytest.approx(1000.0 + tune.ALONE_SHARE * 30.0)
+        assert any(line.startswith("  the evaluation, one chunk") for line in lines)
+        if backend == "cpu":
+            assert len(fake.calls) == 2, lines  # the second process
+            assert any(line.startswith("  again in a second process") for line in lines)
+        else:
+            assert len(fake.calls) == 1, lines
+            assert "  not timed again in a second process (a TPU is held by one process at " \
+                   "a time: the first child's)" in lines
+
+
+def test_a_child_on_other_devices_than_the_first_counts_for_nothing():
+    """A later child that reports other devices than the first child (a TPU's second
+    process, which found the TPU held by the first and ran on the host's CPU, where JAX
+    falls back quietly) is closed, and its timings and first steps count for nothing: they
+    are another device's. The choice is the first child's."""
+
+    class Elsewhere(FakeChild):
+        def __call__(self, *args, **kwargs):
+            child = super().__call__(*args, **kwargs)
+            if len(self.calls) > 1:
+                child.device = {**child.device, "device_kind": "another"}
+            return child
+
+    times = all_times()
+    times[k(0)] = 0.80
+    times[k(0, projection="in_loop")] = 0.85  # close: a second process
+    times[k(0, flags=YNN)] = times[k(0, flags=VEC)] = 0.40  # would win, timed elsewhere
+    fake = Elsewhere(times, turns={})
     lines: list[str] = []
-    tune.tune(Config(), frozenset(), 30.0, child=fake, clock=clock, log=lines.append)
-    assert fake.deadlines[0] == pytest.approx(1000.0 + tune.ALONE_SHARE * 30.0)
-    assert len(fake.calls) == 2, lines  # the second process
-    assert any(line.startswith("  again in a second process") for line in lines)
-    assert any(line.startswith("  the evaluation, one chunk") for line in lines)
+    result = tune.tune(Config(), frozenset(), 30.0, child=fake, clock=Clock(),
+                       log=lines.append)
+    assert [c[0] for c in fake.calls] == ["", "", YNN, VEC]
+    assert result.choice == fields(0, flags="")
+    assert not result.complete
+    assert fake.closed == 4  # the three at once, the first at the end
+    note = ("a child ran on device_kind another, where the first ran on device_kind fake")
+    assert lines.count(f"  {note}: its timings are dropped") == 3
+    later = [m for m in result.measurements if m.flags in (YNN, VEC)]
+    assert later and all(m.step_s is None and m.note == f"failed: {note}" for m in later)
+    assert all(m.note != "mean of 2 processes" for m in result.means)
 
 
 def test_no_child_starts_that_could_not_finish_in_its_share(one_process):
