@@ -327,6 +327,32 @@ def test_throughput_ops_only_writes_the_ops_table(tmp_path):
     assert "forward" in (tmp_path / "throughput_ops.md").read_text()
 
 
+def test_a_native_form_that_fails_to_compile_costs_only_its_row(monkeypatch, capsys):
+    """The native row's kernels (a GPU's Pallas kernels, which Triton has not compiled on a
+    GPU yet) may fail to compile: the ops table says so in its line and goes on without the
+    row, where the failure had stopped ``benchmarks.throughput`` before its first timing.
+    Any other form's failure is a bug and still raises."""
+    import jax
+
+    from benchmarks import throughput
+
+    cpu = jax.devices("cpu")[0]
+    counted = throughput.step_ops
+
+    def step_ops(config, device, cell=None):
+        if config.backward == "native" or config.cell == "gru":
+            raise RuntimeError("Triton compilation failed\nmore detail")
+        return counted(config, device, cell)
+
+    monkeypatch.setattr(throughput, "step_ops", step_ops)
+    table = throughput.ops_table(["simple_rnn"], cpu)
+    assert list(table) == ["simple_rnn"]
+    assert ("  simple_rnn, backward='native': not counted (failed: RuntimeError: Triton "
+            "compilation failed)") in capsys.readouterr().out.splitlines()
+    with pytest.raises(RuntimeError, match="Triton"):
+        throughput.ops_table(["gru"], cpu)
+
+
 def test_a_gpu_machines_cpu_ops_table_has_no_native_row(monkeypatch):
     """On a GPU machine (the default backend a GPU's) a native layer runs the Pallas
     kernels, lowered for the GPU alone: the CPU's table, built in the same process, had the
