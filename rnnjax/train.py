@@ -33,8 +33,10 @@ def create_state(
     optimizer_key: jax.Array | None = None,
 ) -> TrainState:
     """Fresh parameters from ``key`` and the optimizer's initial state. ``optimizer_key``:
-    where given, each random key in that state (``noisy_sgd``'s noise) is drawn from it
-    (folded with the key's place), in place of the optimizer's own."""
+    where given, each typed random key in that state (``noisy_sgd``'s noise) is drawn from
+    it (folded with the key's place), in place of the optimizer's own (a legacy uint32 key,
+    ``jax.random.PRNGKey``'s, is not known for one: ``rnnjax.optim.check_options`` refuses
+    it in an optimizer of one's own)."""
     params = model.init(key)
     opt_state = optimizer.init(params)
     if optimizer_key is not None:
@@ -164,7 +166,8 @@ def train_steps(
     sequences: float32 [T, N, F], the whole dataset as the model reads it, made once
     (``model.sequences`` of float32 [N, H, W(, C)] images in [0, 1], on the device:
     ``data.pipeline.to_device``); labels: int32 [N];
-    indices: int32 [K, B], the examples of each step (``data.pipeline.batch_indices``);
+    indices: int32 [K, B], the examples of each step (``data.pipeline.batch_indices``),
+    clamped into [0, N) for the images and labels alike;
     count: int32 [], how many leading rows of ``indices`` to run, 0 to K (default: all K;
     a concrete one outside is a ValueError, a traced one above K runs K). A traced count
     lets one compiled function serve every chunk length up to K.
@@ -188,7 +191,9 @@ def train_steps(
 
     def body(i, carry):
         state, sums = carry
-        idx = indices[i]
+        # Into [0, N), as the sequences' gather clamps them: jnp would wrap a negative one
+        # for the labels alone, and pair an image with another example's label.
+        idx = jnp.clip(indices[i], 0, labels.shape[0] - 1)
         state, metrics = _update(state, sequences, labels[idx], model, optimizer, idx)
         return state, jax.tree.map(jnp.add, sums, metrics)
 

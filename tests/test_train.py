@@ -127,6 +127,22 @@ def test_k_steps_take_numpy_indices_unjitted_and_never_run_past_their_rows(mnist
         steps(state, sequences, labels, idx, 4)
 
 
+def test_indices_out_of_range_are_clamped_for_the_images_and_labels_alike(mnist):
+    """``train_steps`` clamps indices outside [0, N) for the labels as the sequences' gather
+    clamps them: a -1 had trained image 0 with the label of example N - 1 (jnp wraps a
+    negative index), silently."""
+    model, optimizer, state = _setup(Config(hidden_size=8, batch_size=3))
+    images, labels = normalize_host(mnist.train_images[:100]), mnist.train_labels[:100]
+    assert labels[0] != labels[99]
+    steps = jax.jit(functools.partial(train.train_steps, model=model, optimizer=optimizer))
+    _, sums = steps(state, model.sequences(jnp.asarray(images)), jnp.asarray(labels),
+                    np.array([[-1, 5, 200]], np.int32))
+    step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer))
+    _, clamped = step(state, jnp.asarray(images[[0, 5, 99]]), jnp.asarray(labels[[0, 5, 99]]))
+    np.testing.assert_allclose(float(sums["loss_sum"]), float(clamped["loss_sum"]), rtol=1e-6)
+    assert int(sums["correct"]) == int(clamped["correct"])
+
+
 def test_chunked_evaluation_equals_one_pass(mnist):
     model, _, state = _setup(Config())
     images = jnp.asarray(normalize_host(mnist.test_images[:1000]))
