@@ -95,7 +95,8 @@ def make_optimizer(config: Config, params: optax.Params | None = None, *,
     ``--adam-eps``, when set, goes to an optimizer that takes ``eps`` (one that takes none
     is refused: it would not honour it); an optimizer that takes a random ``key``
     (``noisy_sgd``) gets 0, which each run's initial state replaces with keys from its
-    ``--seed`` (``rnnjax.train.create_state``); ``--optimizer-kwargs``
+    ``--seed`` (``rnnjax.train.create_state``: a typed key; one of one's own that keeps a
+    legacy uint32 key is refused); ``--optimizer-kwargs``
     (JSON) to the optimizer's own arguments; ``--clip-norm`` chains global-norm clipping first.
     ``params``: the parameters it will update (arrays, or ``jax.ShapeDtypeStruct`` values:
     ``Model.param_shapes``), on which :func:`check_options` tries the options; default
@@ -210,6 +211,15 @@ def check_options(config: Config, optimizer: optax.GradientTransformation,
             f"({error_line(e)}); {OPTION_FIX}, or choose an optimizer whose update takes "
             "only the gradients (adam, adamw, sgd, ...)"
         ) from None
+    if "key" in kwargs:  # rnnjax gave it key 0, which each run replaces: typed keys only
+        state = jax.eval_shape(optimizer.init, params)
+        if any(getattr(leaf, "dtype", None) == jnp.uint32 and leaf.shape[-1:] == (2,)
+               for leaf in jax.tree.leaves(state)):
+            raise ConfigError(
+                f"--optimizer {config.optimizer} keeps its random key as uint32 [2] "
+                "(jax.random.PRNGKey), which rnnjax cannot tell from other state to draw it "
+                "from --seed: every seed would add the same noise; make the key with "
+                "jax.random.key(key)")
     mismatch = layout_mismatch(updates, params)
     if mismatch is not None:  # optax.apply_updates would broadcast them into the params
         raise ConfigError(

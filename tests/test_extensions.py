@@ -208,6 +208,20 @@ def test_a_factory_of_any_options_gets_them_and_optax_names_are_not_taken(monkey
             optim.make_optimizer(Config(optimizer=name, hidden_size=4))
 
 
+def legacy_noisy(learning_rate, key=0):
+    """Noisy SGD of one's own whose state keeps a legacy uint32 key (``PRNGKey``)."""
+
+    def init(params):
+        return {"key": jax.random.PRNGKey(key)}
+
+    def update(updates, state, params=None):
+        key, sub = jax.random.split(state["key"])
+        return jax.tree.map(lambda g: g + jax.random.normal(sub, g.shape, g.dtype),
+                            updates), {"key": key}
+
+    return optax.chain(optax.GradientTransformation(init, update), optax.sgd(learning_rate))
+
+
 @pytest.mark.parametrize(("factory", "kwargs", "message"), [
     (sign_descent, '{"beta": 0.5}', r"--optimizer-kwargs: sign_descent has no argument\(s\) "
                                     r"\['beta'\]; it takes \['momentum'\]"),
@@ -223,6 +237,9 @@ def test_a_factory_of_any_options_gets_them_and_optax_names_are_not_taken(monkey
      "", r"--optimizer sign_descent makes updates that are not the parameters' shapes "
          r"\(\['head'\]\['bias'\] of shape \[\], not \[10\]\): its update must return one "
          r"array of each parameter's shape"),
+    (legacy_noisy, "", r"--optimizer sign_descent keeps its random key as uint32 \[2\] "
+                       r"\(jax.random.PRNGKey\), which rnnjax cannot tell .* every seed would "
+                       r"add the same noise; make the key with jax.random.key\(key\)"),
     (optax.sgd(1e-3), "", r"--optimizer sign_descent: registered in "
                           r"rnnjax.optim.OPTIMIZERS as a GradientTransformationExtraArgs, not a "
                           r"function of learning_rate; register the function: "
