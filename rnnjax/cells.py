@@ -132,6 +132,16 @@ def backwards_besides_native(cell: Cell) -> str:
     return "hand_written, autodiff or auto" if cell.sequence is not None else "autodiff or auto"
 
 
+def cast_floats(tree: Any, dtype: Any) -> Any:
+    """``tree`` with its floating leaves in ``dtype``; others (a cell's int32 step count)
+    as they are, as Flax's RNNs keep them."""
+    def cast(leaf: Any) -> Any:
+        array = jnp.asarray(leaf)
+        return array.astype(dtype) if jnp.issubdtype(array.dtype, jnp.floating) else leaf
+
+    return jax.tree.map(cast, tree)
+
+
 def resolve_form(cell: Cell, batch: int, backward: str = "auto", projection: str = "auto",
                  weight_grad: str = "auto") -> Form:
     """The concrete :class:`Form` the choices name for ``cell`` at ``batch``.
@@ -255,8 +265,10 @@ def scan_cell(
     1024, unroll 1, 1.07-1.09x; fully unrolled, which has no loop, level or slower).
     """
     time, batch = xs.shape[0], xs.shape[1] if rows is None else rows.shape[0]
-    if carry is None:
-        carry = cell.initial_carry(batch, xs.dtype)
+    # A carry given in another float dtype would carry the whole scan in it (bfloat16
+    # inputs computed in float32): its floats in xs' dtype, as the initial carry's.
+    carry = (cell.initial_carry(batch, xs.dtype) if carry is None
+             else cast_floats(carry, xs.dtype))
     bounds = chunk_bounds(time, chunks)
     form = resolve_form(cell, batch, backward, projection, weight_grad)
     if rows is not None and (form.backward != "native" or chunks > 1):

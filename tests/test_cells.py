@@ -482,3 +482,20 @@ def test_time_batch_product_merges_time_and_batch_on_one_device():
     assert seen == [True]
     text = product.lower(a, b).as_text()
     assert "dot_general" in text and "contracting_dims = [0, 1]" not in text, text
+
+
+@pytest.mark.parametrize("name", ["simple_rnn", "lstm", "gru"])
+def test_a_carry_given_in_another_dtype_is_scanned_in_the_inputs_dtype(name):
+    """``scan_cell``'s final carry and outputs are in xs' dtype, a carry given too: one in
+    float32 for bfloat16 inputs had carried the whole scan in float32, silently (its floats
+    are now cast, as the Flax layers cast an ``initial_carry``)."""
+    cell = cells.get_cell(name, 8)
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), cell.init(jax.random.key(0), F))
+    xs = jnp.asarray(_inputs()).astype(jnp.bfloat16)  # [T, B, F]
+    given = jax.tree.map(lambda c: c + 0.5, cell.initial_carry(B, jnp.float32))
+    for backward in ("autodiff", "hand_written"):
+        final, ys = scan_cell(cell, params, xs, given, backward=backward)
+        assert {leaf.dtype for leaf in jax.tree.leaves((final, ys))} == {jnp.dtype("bfloat16")}
+        want = scan_cell(cell, params, xs, cells.cast_floats(given, jnp.bfloat16),
+                         backward=backward)
+        jax.tree.map(np.testing.assert_array_equal, (final, ys), want)

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cells import Cell
+from rnnjax.cells import Cell, cast_floats
 from rnnjax.config import error_line
 
 HINT = "name a Flax RNN cell class as MODULE:CLASS, e.g. flax.linen:GRUCell"
@@ -41,16 +41,6 @@ def load_class(spec: str) -> type:
     if not isinstance(obj, type):
         raise ValueError(f"{spec!r} is a {type(obj).__name__}, not a class; {HINT}")
     return obj
-
-
-def cast_floats(tree: Any, dtype: Any) -> Any:
-    """``tree`` with its floating leaves in ``dtype``; others (a cell's int32 step count)
-    as they are, as Flax's RNNs keep them."""
-    def cast(leaf: Any) -> Any:
-        array = jnp.asarray(leaf)
-        return array.astype(dtype) if jnp.issubdtype(array.dtype, jnp.floating) else leaf
-
-    return jax.tree.map(cast, tree)
 
 
 def _as_before(carry: Any, new: Any, y: jax.Array, x: jax.Array) -> tuple[Any, jax.Array]:

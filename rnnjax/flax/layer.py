@@ -12,8 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnnjax.cells import Carry, Cell, Params, carry_is_output, layout_mismatch, scan_cell
-from rnnjax.flax.cells import cast_floats
+from rnnjax.cells import (
+    Carry,
+    Cell,
+    Params,
+    carry_is_output,
+    cast_floats,
+    layout_mismatch,
+    scan_cell,
+)
 
 
 def check_named(cell: Any, params: Any, kept_as: str) -> None:
