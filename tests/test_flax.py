@@ -247,6 +247,42 @@ def test_layers_run_rnnjax_own_backward_pass(xs):
         get_cell("gru", H).backward == "hand_written")
 
 
+@pytest.mark.parametrize(("cell", "backward", "message"), [
+    ("lstm", "bogus", "backward 'bogus'; choose one of"),
+    (nn.GRUCell, "native", "backward 'native': this cell has no native kernels"),
+])
+def test_a_form_the_layer_cannot_run_is_refused_on_every_call(cell, backward, message):
+    """``backward=`` is checked on every call, linen's and nnx's: the calls that run
+    autodiff whatever the form (no time steps; a cell whose carry is more than its output,
+    keeping each step's carry for ``seq_lengths`` with ``return_carry``, as
+    ``nn.Bidirectional`` calls a layer) had run a form they were refused elsewhere."""
+    xs = normal(0, (B, T, F))
+    lengths = np.arange(B) % (T + 1)
+    variables = rnn_linen.RNN(cell=cell, hidden_size=H).init(jax.random.key(0), xs)
+    bad = rnn_linen.RNN(cell=cell, hidden_size=H, backward=backward)
+    layer = rnn_nnx.RNN(cell=cell, in_features=F, hidden_size=H, rngs=nnx.Rngs(0),
+                        backward=backward)
+    for call in (lambda: bad.apply(variables, xs),
+                 lambda: bad.apply(variables, xs, seq_lengths=lengths, return_carry=True),
+                 lambda: bad.apply(variables, xs[:, :0]),
+                 lambda: layer(xs, seq_lengths=lengths, return_carry=True),
+                 lambda: layer(xs[:, :0])):
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_a_conversion_for_an_api_flax_has_not_is_refused():
+    """``to_flax_cell`` / ``from_flax_cell`` take ``api`` 'linen' or 'nnx': another (a
+    typo, 'NNX') had been read as linen, whose names nnx's LSTM does not share (``if``, not
+    ``if_``), and failed later inside ``nnx.replace_by_pure_dict``."""
+    params = get_cell("lstm", H).init(jax.random.key(0), F)
+    for api in ("NNX", "bogus"):
+        with pytest.raises(ValueError, match=f"api '{api}': give 'linen' or 'nnx'"):
+            params_lib.to_flax_cell("lstm", params, "LSTMCell", api=api)
+        with pytest.raises(ValueError, match=f"api '{api}': give 'linen' or 'nnx'"):
+            params_lib.from_flax_cell("lstm", {}, "LSTMCell", api=api)
+
+
 @pytest.mark.parametrize(("cell", "flax_cell"), [("simple_rnn", "SimpleCell"),
                                                ("lstm", "LSTMCell")])
 def test_forward_mode_autodiff_runs_through_the_autodiff_form(xs, cell, flax_cell):

@@ -19,6 +19,7 @@ from rnnjax.cells import (
     carry_is_output,
     cast_floats,
     layout_mismatch,
+    resolve_form,
     scan_cell,
 )
 
@@ -79,6 +80,9 @@ def run(
     xs = inputs if time_major else jnp.swapaxes(inputs, 0, 1)
     time, batch = xs.shape[:2]
     _check_call(cell, params, xs, initial_carry)
+    # Every call checks the module's form, the calls that run autodiff (no steps; a cell
+    # keeping each step's carry for seq_lengths) too: a form it cannot run is an error there.
+    resolve_form(cell, batch, backward)
     lengths = None if seq_lengths is None else _checked_lengths(seq_lengths, batch, time)
     flip = _flip if lengths is None else functools.partial(_flip_valid, lengths=lengths)
     if reverse:

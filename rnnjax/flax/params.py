@@ -89,11 +89,20 @@ def _nonzero(array: Any) -> bool:
         return False
 
 
+def _check_api(api: str) -> None:
+    """A ValueError unless ``api`` is one the conversions know (anything else had been read
+    as linen, whose names nnx's cells do not all share)."""
+    if api not in ("linen", "nnx"):
+        raise ValueError(f"api {api!r}: give 'linen' or 'nnx' (Flax's module API whose cell "
+                         "the params are for)")
+
+
 def to_flax_cell(cell: str, params: Params, flax_cell: str, api: str = "linen") -> Params:
     """The params of Flax cell ``flax_cell`` (``SimpleCell``, ``LSTMCell``,
     ``OptimizedLSTMCell``, ``GRUCell``; ``api`` linen or nnx) computing what the rnnjax
     ``cell`` computes with ``params``. nnx params come as a pure dict
     (``nnx.replace_by_pure_dict``)."""
+    _check_api(api)
     pair = (cell, flax_cell)
     if pair not in MAPPED:
         raise ValueError(f"no mapping from rnnjax {cell!r} to flax.{api}.{flax_cell}; "
@@ -132,6 +141,7 @@ def from_flax_cell(cell: str, flax_params: Params, flax_cell: str, api: str = "l
     """Inverse of :func:`to_flax_cell`: the rnnjax ``cell`` params computing what the Flax cell
     computes (for the GRU: Flax's gate biases become rnnjax ``bias``, recurrent bias 0 for
     z and r)."""
+    _check_api(api)
     if (cell, flax_cell) not in MAPPED:
         raise ValueError(f"no mapping from flax.{api}.{flax_cell} to rnnjax {cell!r}; "
                          f"mapped: {sorted(MAPPED)}")
