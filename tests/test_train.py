@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from rnnjax import parallel, train
+from rnnjax import loop, parallel, train
 from rnnjax.config import Config, ConfigError
 from rnnjax.data.pipeline import batch_indices, normalize_host
 from rnnjax.model import gather_sequences, make_model
@@ -58,8 +58,7 @@ def test_no_recompilation_on_second_step(mnist, xla_compiles):
     state = dp.replicate(state)
     batches = [dp.global_batch(tuple(map(np.asarray, _batch(mnist, start, 50))), 50)
                for start in (0, 50, 100)]
-    step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer),
-                   donate_argnums=0, out_shardings=dp.replicated)
+    step = loop._compiled_train(train.train_step, model, optimizer, dp).jitted  # the loop's jit
     state, _ = step(state, *batches[0])
     first = list(xla_compiles)
     assert "jit(train_step)" in first  # the counter sees the step's compilation
@@ -70,12 +69,25 @@ def test_no_recompilation_on_second_step(mnist, xla_compiles):
     assert step._cache_size() == 1
 
 
-def test_state_is_donated(mnist):
-    model, optimizer, state = _setup(Config())
-    step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer),
-                   donate_argnums=0)
+@pytest.mark.parametrize("fn", ["train_step", "train_steps"])
+def test_the_loops_compiled_step_donates_the_state(mnist, fn):
+    """The train step as ``rnnjax.loop`` compiles it for every feed
+    (``loop._compiled_train``) donates the state: the new state takes its buffers. (The
+    test had jitted a step of its own with ``donate_argnums``, which held the loop to
+    nothing.)"""
+    config = Config()
+    model, optimizer, state = _setup(config)
+    dp = parallel.DataParallel.from_config(config)
+    state = dp.replicate(state)
     kernel = state.params["head"]["kernel"]
-    step(state, *_batch(mnist, 0, 50))
+    step = loop._compiled_train(getattr(train, fn), model, optimizer, dp)
+    images, labels = _batch(mnist, 0, 50)
+    if fn == "train_step":
+        args = dp.global_batch((np.asarray(images), np.asarray(labels)), 50)
+    else:
+        args = (model.sequences(images), labels, np.arange(50, dtype=np.int32)[None])
+    (new, _), _ = step(state, *args)
+    jax.block_until_ready(new)
     assert kernel.is_deleted()
 
 
