@@ -437,6 +437,31 @@ def test_a_cell_whose_code_changed_is_not_called_corrupt(tmp_path, monkeypatch, 
     assert main(["eval", str(work)]) == 0
 
 
+def test_a_states_digest_reads_every_bit_of_every_leaf():
+    """``checkpoint.digest``, the SHA-256 a checkpoint's state is checked against: one
+    element changed, one bit flipped, -0.0 for 0.0, another dtype or shape, a random key's
+    bits, each gives another digest; the same values, the same digest."""
+    state = made_up_state(Config(hidden_size=4))
+    kernel = np.asarray(state.params["head"]["kernel"])
+    with_kernel = lambda k: state._replace(params={**state.params,  # noqa: E731
+                                                    "head": {**state.params["head"],
+                                                             "kernel": jnp.asarray(k)}})
+    same = checkpoint.digest(with_kernel(kernel.copy()))
+    assert same == checkpoint.digest(state)
+    changed = kernel.copy()
+    changed[0, 0] += 1.0
+    flipped = kernel.copy()
+    flipped.view(np.uint32)[1, 2] ^= 1
+    zeros, negative = np.zeros_like(kernel), np.zeros_like(kernel)
+    negative[0, 0] = -0.0
+    digests = {checkpoint.digest(with_kernel(k))
+               for k in (changed, flipped, zeros, negative, kernel.astype(np.float16),
+                         kernel.reshape(kernel.shape[::-1]))}
+    assert len(digests) == 6 and same not in digests
+    keys = [{"key": jax.random.key(seed)} for seed in (0, 1)]
+    assert checkpoint.digest(keys[0]) != checkpoint.digest(keys[1])
+
+
 def test_corrupt_checkpoints_give_a_clear_error(tmp_path, capsys):
     config = Config(hidden_size=4)
     state = made_up_state(config)
@@ -458,6 +483,18 @@ def test_corrupt_checkpoints_give_a_clear_error(tmp_path, capsys):
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(checkpoint.CheckpointError, match="does not match the checksum"):
         checkpoint.restore(tampered, target)
+    # Other values that decode as well as the saved ones (another state's files, this
+    # checkpoint's sum): only the checksum can tell, where zeroed files fail to decode.
+    with checkpoint.CheckpointWriter(tmp_path / "b", keep=1) as writer:
+        other = writer.save(made_up_state(config, seed=2), config)
+    swapped = tmp_path / "swapped"
+    shutil.copytree(other, swapped)
+    saved = json.loads((path / "meta" / "metadata").read_text())["state_sha256"]
+    swapped_meta = json.loads((swapped / "meta" / "metadata").read_text())
+    (swapped / "meta" / "metadata").write_text(json.dumps({**swapped_meta,
+                                                           "state_sha256": saved}))
+    with pytest.raises(checkpoint.CheckpointError, match="does not match the checksum"):
+        checkpoint.restore(swapped, target)
     for missing in (None, ""):  # no checksum: refused, never loaded unverified
         if missing is None:
             del meta["state_sha256"]
