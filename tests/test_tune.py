@@ -1749,6 +1749,8 @@ def test_every_flag_set_is_one_this_xla_accepts(flags):
 
 
 def test_cache_key_and_invalidation(tmp_path, monkeypatch):
+    from rnnjax import runtime
+
     config = Config()
     key = tune.key(config, frozenset(), env={})
     for other in (config.replace(batch_size=64), config.replace(cell="gru"),
@@ -1761,6 +1763,9 @@ def test_cache_key_and_invalidation(tmp_path, monkeypatch):
     # Two host devices, a choice of its own (they shared one, each deleting the other's).
     assert tune.key(config, frozenset(), env={"JAX_NUM_CPU_DEVICES": "2"}) != key
     assert tune.key(config.replace(steps=9, seed=3), frozenset(), env={}) == key  # no shape
+    with monkeypatch.context() as machine:  # another CPU (a cache shared by two machines)
+        machine.setattr(runtime, "cpu_name", lambda: "Another CPU")
+        assert tune.key(config, frozenset(), env={}) != key
     # Where the native kernels cannot be built (no compiler: another PATH, a container
     # sharing the cache), a cached native choice stopped the run: another key.
     assert key["machine"]["native"] is False  # this module's (native_unavailable)
@@ -1793,7 +1798,6 @@ def test_cache_key_and_invalidation(tmp_path, monkeypatch):
         assert tune.save(tmp_path, {**record, "choice": fields(1)}) is None
     assert sorted(tmp_path.iterdir()) == [path] and tune.load(tmp_path, key)["choice"] == choice
 
-    from rnnjax import runtime
     monkeypatch.setattr(runtime, "versions",
                         lambda extra=(): {"python": "3", "jax": "9.9.9", "jaxlib": "9.9.9"})
     assert tune.key(config, frozenset(), env={}) != key  # another jax: another key
@@ -1805,6 +1809,9 @@ def test_cache_key_and_invalidation(tmp_path, monkeypatch):
     path.write_text(json.dumps({**record, "key": {**key, "batch_size": 7}}))  # not its key
     assert tune.load(tmp_path, key) is None
     path.write_text(json.dumps({**record, "choice": {**choice, "unroll": -1}}))  # bad value
+    assert tune.load(tmp_path, key) is None
+    partial = {name: value for name, value in choice.items() if name != "xla_flags"}
+    path.write_text(json.dumps({**record, "choice": partial}))  # a tuned field missing
     assert tune.load(tmp_path, key) is None
     path.write_text(json.dumps({**record, "device": "cpu"}))  # check_device's AttributeError
     assert tune.load(tmp_path, key) is None
