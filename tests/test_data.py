@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import time
 import tracemalloc
 from pathlib import Path
 from types import SimpleNamespace
@@ -306,20 +305,20 @@ def test_wrong_checksum(sample_file):
     [(0x08, (0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF)), (0x0E, (0xFFFFFFFF,)),
      (0x08, (60000, 28, 28, 28, 28))],
 )
-def test_enormous_header_fails_fast(tmp_path, code, shape):
+def test_enormous_header_is_refused_before_allocating(tmp_path, code, shape):
+    """A header declaring more than MAX_BYTES is refused before the reader allocates for it
+    (the peak under 1 MiB). No wall-clock bound: a pause of the machine is not the
+    reader's (timing lives in benchmarks)."""
     path = tmp_path / "huge"
     path.write_bytes(bytes([0, 0, code, len(shape)]) + np.asarray(shape, ">u4").tobytes()
                      + b"\x00" * 64)
     tracemalloc.start()
-    start = time.perf_counter()
     try:
         with raises_idx(path, "header declares", f"over {idx.MAX_BYTES} bytes"):
             read_idx(path)
-        elapsed = time.perf_counter() - start
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert elapsed < 1.0
     assert peak < 1 << 20
 
 
