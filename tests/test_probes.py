@@ -197,13 +197,29 @@ def lstm_reading_c(hidden):
     return dataclasses.replace(lstm_copy(hidden), last_output=lambda carry: carry[1])
 
 
-def test_a_changed_last_output_is_refused(monkeypatch, tmp_path):
+def lstm_scaling_its_sequence(hidden):
+    """The same, its sequence (the fused forward that trains and evaluates) scaling its
+    outputs and final carry by 1.01: step, project and last_output unchanged."""
+    cell = lstm_copy(hidden)
+
+    def sequence(params, xs, carry, *args, **kwargs):
+        final, ys = cell.sequence(params, xs, carry, *args, **kwargs)
+        return (jax.tree.map(lambda c: c * 1.01, final),
+                None if ys is None else ys * 1.01)
+
+    return dataclasses.replace(cell, sequence=sequence)
+
+
+@pytest.mark.parametrize("changed", [lstm_reading_c, lstm_scaling_its_sequence])
+def test_a_changed_last_output_or_sequence_is_refused(monkeypatch, tmp_path, changed):
+    """A cell whose ``last_output`` or ``sequence`` alone computes otherwise (its step the
+    same) is refused: the probe runs each part the model runs."""
     monkeypatch.setitem(cells.CELLS, "mine", lstm_copy)
     train(tmp_path, cell="mine")
-    monkeypatch.setitem(cells.CELLS, "mine", lstm_reading_c)
+    monkeypatch.setitem(cells.CELLS, "mine", changed)
     with pytest.raises(checkpoint.CheckpointError, match=(
-            r"--cell mine = test_probes:lstm_copy, and --cell mine here "
-            r"\(test_probes:lstm_reading_c\) computes other values")):
+            rf"--cell mine = test_probes:lstm_copy, and --cell mine here "
+            rf"\(test_probes:{changed.__name__}\) computes other values")):
         inference.load(tmp_path)
 
 
