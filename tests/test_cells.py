@@ -287,10 +287,33 @@ def test_elman_forward_without_gradient_is_bitwise_the_trained_forward(name):
     params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(scale=0.3, size=p.shape), p.dtype),
                           cell.init(jax.random.key(7), 28))
     xs = jnp.asarray(rng.random((28, 1000, 28)), jnp.float32)
-    evaluated = jax.jit(lambda p, x: scan_cell(cell, p, x))(params, xs)
+    evaluate = lambda p, x: scan_cell(cell, p, x)  # noqa: E731
     # jax.vjp runs the forward rule that training runs (projection before the loop).
-    trained = jax.jit(lambda p, x: jax.vjp(lambda q: scan_cell(cell, q, x), p)[0])(params, xs)
-    jax.tree.map(np.testing.assert_array_equal, evaluated, trained)
+    train = lambda p, x: jax.vjp(lambda q: scan_cell(cell, q, x), p)[0]  # noqa: E731
+    jax.tree.map(np.testing.assert_array_equal, jax.jit(evaluate)(params, xs),
+                 jax.jit(train)(params, xs))
+    # Two programs, not one: the [T, B, H] projection before the loop in training's alone.
+    projection = (28, 1000, 50)
+    assert projection not in _products_outside_loops(jax.make_jaxpr(evaluate)(params, xs).jaxpr)
+    assert projection in _products_outside_loops(jax.make_jaxpr(train)(params, xs).jaxpr)
+
+
+def _products_outside_loops(jaxpr):
+    """The output shapes of the matrix products of ``jaxpr`` outside every loop's body
+    (nested jaxprs, a custom_vjp's, included)."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes.append(tuple(eqn.outvars[0].aval.shape))
+        if eqn.primitive.name in ("scan", "while"):
+            continue
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(sub, "consts") and hasattr(sub, "jaxpr"):  # closed
+                    shapes += _products_outside_loops(sub.jaxpr)
+                elif hasattr(sub, "eqns"):
+                    shapes += _products_outside_loops(sub)
+    return shapes
 
 
 def test_user_defined_cell_needs_only_the_protocol():
