@@ -58,9 +58,22 @@ def test_a_registered_order_reads_the_positions_its_function_gives(registered):
     params = model.init(jax.random.key(0))
     assert count_params(params) == 16 * 50 + 50 * 50 + 50 + 510  # input 16 a step
     assert model.apply(params, images).shape == (3, 10)
-    # images of several channels: the function is called with the dataset's shape
-    assert DataSpec((32, 32, 3)).sequence("columns") == (32, 96)
-    assert DataSpec((32, 32, 3)).sequence("patches") == (64, 48)
+    # images of several channels: the function is called with the dataset's shape, its
+    # positions read in the image flattened row-major, (h * W + w) * C + c
+    colour = DataSpec((32, 32, 3))
+    assert colour.sequence("columns") == (32, 96)
+    assert colour.sequence("patches") == (64, 48)
+    rgb = np.random.default_rng(1).random((3, 32, 32, 3), np.float32)
+    for order, steps in (("columns", 32), ("patches", 64)):
+        model = make_model(Config(order=order), colour)
+        positions = orders.ORDERS[order](32, 32, 3)
+        sequences = np.asarray(model.sequences(jnp.asarray(rgb)))  # [T, B, F]
+        np.testing.assert_array_equal(sequences, rgb.reshape(3, -1)[:, positions]
+                                      .transpose(1, 0, 2))
+        assert sequences.shape[0] == steps
+    np.testing.assert_array_equal(  # the README's columns: column 1, top to bottom
+        np.asarray(make_model(Config(order="columns"), colour).sequences(jnp.asarray(rgb)))[1],
+        rgb[:, :, 1, :].reshape(3, 96))
 
 
 def test_an_order_of_jax_numpy_positions_reads_as_numpys(monkeypatch):
@@ -89,6 +102,8 @@ def test_an_order_of_jax_numpy_positions_reads_as_numpys(monkeypatch):
                                                        r"integer positions"),
     ("beyond", lambda h, w, c: np.arange(4).reshape(2, 2) + 782, r"returns positions 782 to "
      r"785, outside the image's 0 to 783"),
+    ("below", lambda h, w, c: np.arange(4).reshape(2, 2) - 2, r"returns positions -2 to 1, "
+     r"outside the image's 0 to 783"),
     ("broken", lambda h, w, c: 1 / 0, r"its function, on 28x28x1 images, fails "
                                       r"\(ZeroDivisionError: division by zero\)"),
 ])
@@ -165,24 +180,40 @@ def sign_descent(learning_rate, momentum=0.0):
 
 def test_a_registered_optimizer_is_built_with_the_runs_options_and_steps_as_written(
         monkeypatch):
-    """Its options from --optimizer-kwargs, --clip-norm chained before it; one step moves
-    every parameter by the learning rate exactly (sign descent), each away from its
-    gradient."""
+    """Its options from --optimizer-kwargs, --clip-norm chained before it: two steps of sign
+    descent with momentum 0.5 move every parameter by the learning rate, the second against
+    the sign of g2 + 0.5 g1, each gradient clipped to the global norm first (signs that
+    neither the momentum nor the clipping may leave as they were: the first step alone, sign
+    descent's, could show neither)."""
     monkeypatch.setitem(optim.OPTIMIZERS, "sign_descent", sign_descent)
+    clip = 1e-3
     config = Config(optimizer="sign_descent", optimizer_kwargs='{"momentum": 0.5}',
-                    learning_rate=0.01, clip_norm=1.0, hidden_size=8)
+                    learning_rate=0.01, clip_norm=clip, hidden_size=8)
     model = make_model(config)
     optimizer = optim.make_optimizer(config)
     state = train.create_state(jax.random.key(0), model, optimizer)
-    images = jnp.asarray(np.random.default_rng(0).random((4, 28, 28), np.float32))
-    labels = jnp.arange(4, dtype=jnp.int32)
-    grads = jax.grad(lambda p: train.loss_fn(p, model, images, labels)[0])(state.params)
-    new, _ = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer))(
-        state, images, labels)
-    for before, after, grad in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params),
-                                   jax.tree.leaves(grads), strict=True):
-        moved = np.asarray(after) - np.asarray(before)
-        np.testing.assert_allclose(moved, -0.01 * np.sign(grad), atol=1e-7)
+    rng = np.random.default_rng(0)
+    batches = [(jnp.asarray(rng.random((4, 28, 28), np.float32)),
+                jnp.asarray(rng.integers(0, 10, 4), jnp.int32)) for _ in range(2)]
+    step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer))
+    grad = jax.grad(lambda p, b: train.loss_fn(p, model, *b)[0])
+    clipped = lambda g: jax.tree.map(  # noqa: E731
+        lambda x: x * min(1.0, clip / float(optax.tree.norm(g))), g)
+    states = [state]
+    for batch in batches:
+        states.append(step(states[-1], *batch)[0])
+    g1, g2 = (grad(states[i].params, batches[i]) for i in range(2))
+    leaves = lambda tree: [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]  # noqa: E731
+    wanted = [np.sign(b + 0.5 * a) for a, b in zip(leaves(clipped(g1)), leaves(clipped(g2)),
+                                                   strict=True)]
+    for i, signs in enumerate(([np.sign(g) for g in leaves(g1)], wanted)):
+        for before, after, sign in zip(leaves(states[i].params), leaves(states[i + 1].params),
+                                       signs, strict=True):
+            np.testing.assert_allclose(after - before, -0.01 * sign, atol=1e-7)
+    unclipped = [np.sign(b + 0.5 * a) for a, b in zip(leaves(g1), leaves(g2), strict=True)]
+    no_momentum = [np.sign(b) for b in leaves(g2)]
+    for other in (unclipped, no_momentum):
+        assert any((w != o).any() for w, o in zip(wanted, other, strict=True))
     assert optim.REGISTRY.registered("sign_descent") == f"{__name__}:sign_descent"
 
 
