@@ -110,8 +110,10 @@ def nnx_apply(module, carry=None):
     return apply, params
 
 
-@pytest.mark.parametrize("kw", [{}, {"unroll": 0}, {"reverse": True}, {"chunks": 3}],
-                         ids=["default", "unroll-full", "reverse", "chunks"])
+@pytest.mark.parametrize("kw", [
+    {}, {"unroll": 0}, {"reverse": True}, {"reverse": True, "keep_order": True},
+    {"time_major": True}, {"chunks": 3},
+], ids=["default", "unroll-full", "reverse", "reverse-keep-order", "time-major", "chunks"])
 def test_nnx_rnn_equals_flax_nnx_simple_cell(xs, kw):
     ours = rnn_nnx.RNN(cell="simple_rnn", in_features=F, hidden_size=H, rngs=nnx.Rngs(0), **kw)
     theirs = nnx.RNN(nnx.SimpleCell(F, H, rngs=nnx.Rngs(1)),
@@ -126,8 +128,9 @@ def test_nnx_rnn_equals_flax_nnx_simple_cell(xs, kw):
 
     apply_o, state_o = nnx_apply(ours)
     apply_t, state_t = nnx_apply(theirs)
-    out_o, (gs_o, gx_o) = values_and_grads(apply_o, state_o, xs)
-    out_t, (gs_t, gx_t) = values_and_grads(apply_t, state_t, xs)
+    inputs = jnp.swapaxes(xs, 0, 1) if kw.get("time_major") else xs
+    out_o, (gs_o, gx_o) = values_and_grads(apply_o, state_o, inputs)
+    out_t, (gs_t, gx_t) = values_and_grads(apply_t, state_t, inputs)
     assert_close(out_o, out_t)
     assert_close(gx_o, gx_t)
     ours_grads = {k: v for k, v in nnx.to_pure_dict(gs_o).items() if k in params}
@@ -492,6 +495,27 @@ def test_each_sequence_of_a_batch_ends_at_its_length(xs, cell, reverse):
         assert_close(ys[b, :n], alone_ys[0], 1e-6)
 
 
+@pytest.mark.parametrize("keep_order", [False, True])
+@pytest.mark.parametrize(("cell", "flax_cell"), [("simple_rnn", "SimpleCell"),
+                                               ("lstm", "LSTMCell")])
+def test_reversed_with_seq_lengths_equals_flax(xs, cell, flax_cell, keep_order):
+    """``reverse`` with ``seq_lengths``, in Flax's default order (``keep_order`` False: the
+    outputs as processed, each sequence's valid steps first) and kept: the valid steps'
+    outputs and their gradients (inputs and every parameter) equal ``nn.RNN``'s. (Padding
+    steps' outputs mean nothing, in Flax's as in rnnjax's: masked out.)"""
+    lengths = jnp.array([0, T, 3, 0, 1, 5])
+    valid = (jnp.arange(T) < lengths[:, None])[..., None]
+    params = random_params(cell, H, F)
+    ours, ov, theirs, tv = linen_pair(cell, flax_cell, params, reverse=True,
+                                      keep_order=keep_order)
+    masked = lambda module: lambda v, x: module.apply(v, x, seq_lengths=lengths) * valid  # noqa: E731
+    out_o, (gp_o, gx_o) = values_and_grads(masked(ours), ov, xs)
+    out_t, (gp_t, gx_t) = values_and_grads(masked(theirs), tv, xs)
+    assert_close(out_o, out_t)
+    assert_close(gx_o, gx_t)
+    assert_close(as_flax_grads(cell, gp_o["params"], flax_cell), gp_t["params"]["cell"])
+
+
 def test_flax_call_keywords_override_the_attributes_for_one_call(xs):
     module = rnn_linen.RNN(cell="gru", hidden_size=H)
     variables = module.init(jax.random.key(0), xs)
@@ -501,6 +525,11 @@ def test_flax_call_keywords_override_the_attributes_for_one_call(xs):
         set_once = rnn_linen.RNN(cell="gru", hidden_size=H, **kw).apply(variables, inputs)
         per_call = module.apply(variables, inputs, init_key=jax.random.key(9), **kw)
         jax.tree.map(np.testing.assert_array_equal, per_call, set_once)
+        nnx_set_once = rnn_nnx.RNN(cell="gru", in_features=F, hidden_size=H,
+                                   rngs=nnx.Rngs(0), **kw)(inputs)
+        nnx_per_call = rnn_nnx.RNN(cell="gru", in_features=F, hidden_size=H,
+                                   rngs=nnx.Rngs(0))(inputs, **kw)
+        jax.tree.map(np.testing.assert_array_equal, nnx_per_call, nnx_set_once)
     nnx_layer = rnn_nnx.RNN(cell="gru", in_features=F, hidden_size=H, return_carry=True,
                             rngs=nnx.Rngs(0))
     assert isinstance(nnx_layer(xs, return_carry=False, rngs=nnx.Rngs(1)), jax.Array)
