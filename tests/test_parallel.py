@@ -102,10 +102,24 @@ def _evaluation(chunk: int, sharded: bool) -> dict[str, float]:
     dp = parallel.DataParallel(parallel.make_mesh(num_devices=0 if sharded else 1))
     images = dp.replicate(data.test_images[:EVAL_EXAMPLES] / np.float32(255))
     labels = dp.replicate(data.test_labels[:EVAL_EXAMPLES])
-    sums = jax.jit(lambda p, x, y: train.evaluate(
-        p, x, y, model=model, chunk=chunk, batch_sharding=dp.batch if sharded else None))(
-        dp.replicate(params), images, labels)
-    return {name: float(value) for name, value in jax.device_get(sums).items()}
+    evaluate = lambda p, x, y: train.evaluate(  # noqa: E731
+        p, x, y, model=model, chunk=chunk, batch_sharding=dp.batch if sharded else None)
+    sums = jax.jit(evaluate)(dp.replicate(params), images, labels)
+
+    def rows(jaxpr) -> list[int]:  # the examples of every padded [T, N, F] array
+        found = []
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pad" and eqn.outvars[0].aval.ndim == 3:
+                found.append(eqn.outvars[0].aval.shape[1])
+            for sub in eqn.params.values():
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    found += rows(sub)
+        return found
+
+    padded = rows(jax.make_jaxpr(evaluate)(params, images, labels).jaxpr)
+    return {**{name: float(value) for name, value in jax.device_get(sums).items()},
+            "rows": padded[0] if padded else EVAL_EXAMPLES}
 
 
 def _collectives(**overrides) -> dict[str, int]:
@@ -426,8 +440,11 @@ def test_sharded_evaluation_pads_to_the_device_count(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["devices"] == 3 and report["device3"]["mesh_devices"] == 3
     assert all(chunk % 3 and EVAL_EXAMPLES % 3 for chunk in chunks)
-    for chunk in chunks:
+    # the examples padded to: 3 chunks of 102 and one of 252 on 3 devices; 3 of 100 and the
+    # 250 themselves on one
+    for chunk, rows, one in zip(chunks, (306, 252), (300, 250), strict=True):
         sharded = report["evaluate"][str(chunk)]
+        assert (sharded["rows"], plain[chunk]["rows"]) == (rows, one), chunk
         assert sharded["count"] == plain[chunk]["count"] == EVAL_EXAMPLES, chunk
         assert sharded["correct"] == plain[chunk]["correct"], chunk
         assert sharded["loss_sum"] == pytest.approx(plain[chunk]["loss_sum"], rel=1e-6)
