@@ -178,8 +178,11 @@ def train_steps(
     bits as :func:`train_step` on each batch's images (tests/test_train.py).
     """
     check_labels(labels, sequences.shape[1], model.num_classes)
-    # NumPy's (batch_indices' rows, the labels) are indexed by traced rows below
-    labels, indices = jnp.asarray(labels), jnp.asarray(indices)
+    # NumPy's (batch_indices' rows, the labels) are indexed by traced rows below; the
+    # indices into [0, N), as the sequences' gather clamps them: jnp would wrap a negative
+    # one for the labels alone, and pair an image with another example's label.
+    labels = jnp.asarray(labels)
+    indices = jnp.clip(jnp.asarray(indices), 0, labels.shape[0] - 1)
     rows = indices.shape[0]
     if count is None:
         count = rows
@@ -191,9 +194,7 @@ def train_steps(
 
     def body(i, carry):
         state, sums = carry
-        # Into [0, N), as the sequences' gather clamps them: jnp would wrap a negative one
-        # for the labels alone, and pair an image with another example's label.
-        idx = jnp.clip(indices[i], 0, labels.shape[0] - 1)
+        idx = indices[i]
         state, metrics = _update(state, sequences, labels[idx], model, optimizer, idx)
         return state, jax.tree.map(jnp.add, sums, metrics)
 
