@@ -203,23 +203,27 @@ def check_options(config: Config, optimizer: optax.GradientTransformation,
     for name, value in kwargs.items():
         if "mask" in name:
             check_mask(name, value, params)
+
+    def init_and_update(p: optax.Params) -> tuple[optax.OptState, optax.Updates]:
+        state = optimizer.init(p)
+        return state, optimizer.update(p, state, p)[0]
+
     try:
-        updates, _ = jax.eval_shape(lambda p: optimizer.update(p, optimizer.init(p), p), params)
+        state, updates = jax.eval_shape(init_and_update, params)
     except Exception as e:  # raised by optax tracing the user's options
         raise ConfigError(
             f"--optimizer {config.optimizer} {_options(config)}cannot update parameters "
             f"({error_line(e)}); {OPTION_FIX}, or choose an optimizer whose update takes "
             "only the gradients (adam, adamw, sgd, ...)"
         ) from None
-    if "key" in kwargs:  # rnnjax gave it key 0, which each run replaces: typed keys only
-        state = jax.eval_shape(optimizer.init, params)
-        if any(getattr(leaf, "dtype", None) == jnp.uint32 and leaf.shape[-1:] == (2,)
-               for leaf in jax.tree.leaves(state)):
-            raise ConfigError(
-                f"--optimizer {config.optimizer} keeps its random key as uint32 [2] "
-                "(jax.random.PRNGKey), which rnnjax cannot tell from other state to draw it "
-                "from --seed: every seed would add the same noise; make the key with "
-                "jax.random.key(key)")
+    # rnnjax gave a `key` option 0, which each run replaces, typed keys only
+    if "key" in kwargs and any(getattr(leaf, "dtype", None) == jnp.uint32
+                               and leaf.shape[-1:] == (2,) for leaf in jax.tree.leaves(state)):
+        raise ConfigError(
+            f"--optimizer {config.optimizer} keeps its random key as uint32 [2] "
+            "(jax.random.PRNGKey), which rnnjax cannot tell from other state to draw it "
+            "from --seed: every seed would add the same noise; make the key with "
+            "jax.random.key(key)")
     mismatch = layout_mismatch(updates, params)
     if mismatch is not None:  # optax.apply_updates would broadcast them into the params
         raise ConfigError(
