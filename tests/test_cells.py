@@ -13,6 +13,7 @@ from jax.test_util import check_grads
 from rnnjax import cells
 from rnnjax.cells import Cell, scan_cell
 from tests import users_cells
+from tests.jaxprs import equations
 
 T, B, F, H = 7, 3, 5, 4
 
@@ -301,19 +302,8 @@ def test_elman_forward_without_gradient_is_bitwise_the_trained_forward(name):
 def _products_outside_loops(jaxpr):
     """The output shapes of the matrix products of ``jaxpr`` outside every loop's body
     (nested jaxprs, a custom_vjp's, included)."""
-    shapes = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            shapes.append(tuple(eqn.outvars[0].aval.shape))
-        if eqn.primitive.name in ("scan", "while"):
-            continue
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if hasattr(sub, "consts") and hasattr(sub, "jaxpr"):  # closed
-                    shapes += _products_outside_loops(sub.jaxpr)
-                elif hasattr(sub, "eqns"):
-                    shapes += _products_outside_loops(sub)
-    return shapes
+    return [tuple(eqn.outvars[0].aval.shape) for eqn in equations(jaxpr, into_loops=False)
+            if eqn.primitive.name == "dot_general"]
 
 
 def test_user_defined_cell_needs_only_the_protocol():

@@ -94,6 +94,7 @@ def _evaluation(chunk: int, sharded: bool) -> dict[str, float]:
     from rnnjax.data.sources import EMBEDDED_MNIST, MNIST_MD5
     from rnnjax.model import make_model
     from rnnjax.optim import make_optimizer
+    from tests.jaxprs import equations
 
     data = load_idx_dir(EMBEDDED_MNIST, MNIST_MD5)
     config = Config(hidden_size=8)
@@ -105,19 +106,9 @@ def _evaluation(chunk: int, sharded: bool) -> dict[str, float]:
     evaluate = lambda p, x, y: train.evaluate(  # noqa: E731
         p, x, y, model=model, chunk=chunk, batch_sharding=dp.batch if sharded else None)
     sums = jax.jit(evaluate)(dp.replicate(params), images, labels)
-
-    def rows(jaxpr) -> list[int]:  # the examples of every padded [T, N, F] array
-        found = []
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "pad" and eqn.outvars[0].aval.ndim == 3:
-                found.append(eqn.outvars[0].aval.shape[1])
-            for sub in eqn.params.values():
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    found += rows(sub)
-        return found
-
-    padded = rows(jax.make_jaxpr(evaluate)(params, images, labels).jaxpr)
+    padded = [eqn.outvars[0].aval.shape[1]  # the examples of every padded [T, N, F] array
+              for eqn in equations(jax.make_jaxpr(evaluate)(params, images, labels).jaxpr)
+              if eqn.primitive.name == "pad" and eqn.outvars[0].aval.ndim == 3]
     return {**{name: float(value) for name, value in jax.device_get(sums).items()},
             "rows": padded[0] if padded else EVAL_EXAMPLES}
 
