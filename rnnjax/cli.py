@@ -366,12 +366,12 @@ def resume_config(args: argparse.Namespace) -> Config:
 
 def check_recorded_dataset(config: Config, args: argparse.Namespace, command: str) -> None:
     """A :class:`UsageError` naming the checkpoint's own dataset directory (a run of
-    ``--dataset PATH``) where it is gone and no ``--dataset`` was given: it was reported
-    as a ``--dataset`` flag the user never passed. ``command``: the fix, with its new
-    place."""
+    ``--dataset PATH``, ``--source idx`` or ``tfds``) where it is gone and no ``--dataset``
+    was given: it was reported as a ``--dataset`` flag the user never passed. ``command``:
+    the fix, with its new place."""
     from rnnjax.data.sources import is_path_like
 
-    if args.dataset is not None or config.source != "idx" or not is_path_like(config.dataset):
+    if args.dataset is not None or not is_path_like(config.dataset, config.source):
         return
     if not Path(config.dataset).expanduser().is_dir():
         raise UsageError(f"the checkpoint's dataset {config.dataset} is gone (no such "

@@ -544,6 +544,33 @@ def test_eval_finds_a_tfds_run_whose_data_moved(capsys, prepared, tmp_path):
                        "where its data is)\n"), err
 
 
+def test_a_tfds_run_of_a_dataset_directory_moved_names_its_new_place(capsys, prepared,
+                                                                      tmp_path):
+    """A --source tfds run of --dataset PATH (IDX files built by tfds) whose directory
+    moved was told "--dataset PATH: no such directory", a flag the user never passed on
+    resume or eval. It is now the checkpoint's dataset that is gone, as for --source idx,
+    and the run goes on from the new place."""
+    _, _, _, idx_dir, empty = prepared
+    shutil.copytree(idx_dir, tmp_path / "a")
+    work = tmp_path / "run"
+    argv = ["train", "--source", "tfds", "--tfds-dir", str(tmp_path / "tfds"), "--data-dir",
+            str(empty), "--no-tune", "--hidden-size", "4", "--batch-size", "8",
+            "--eval-every", "2", "--workdir", str(work), "--compile-cache", "off"]
+    assert main([*argv, "--steps", "2", "--dataset", str(tmp_path / "a")]) == 0
+    (tmp_path / "a").rename(tmp_path / "moved")
+    capsys.readouterr()
+    gone = (f"rnnjax: error: the checkpoint's dataset {tmp_path / 'a'} is gone (no such "
+            "directory); if it moved, pass its new place: rnnjax ")
+    for command, fix in ((["train", "--workdir", str(work), "--steps", "4", "--resume"],
+                          f"train --workdir {work} --resume --dataset NEW_PLACE"),
+                         (["eval", str(work)], f"eval {work} --dataset NEW_PLACE")):
+        assert main(command) == 2
+        assert capsys.readouterr().err == f"{gone}{fix}\n"
+    assert main(["train", "--workdir", str(work), "--steps", "4", "--resume", "--dataset",
+                 str(tmp_path / "moved")]) == 0
+    assert main(["eval", str(work), "--dataset", str(tmp_path / "moved")]) == 0
+
+
 def test_a_tfds_error_from_the_program_is_one_line(prepared, tmp_path):
     """TensorFlow's import printed its own lines on stderr (that oneDNN is on, whatever
     TF_CPP_MIN_LOG_LEVEL says) before the one-line error: the rnnjax program turns them off
