@@ -481,6 +481,28 @@ def test_no_download_unless_asked(prepared, monkeypatch):
     assert calls == ["mnist_corrupted"]
 
 
+def test_whether_a_dataset_is_prepared_is_asked_once_a_read(prepared, monkeypatch):
+    """tfds' ``is_prepared`` reads the data dir: the spec and the load each ask it once,
+    where they asked it two or three times."""
+    from rnnjax.data import tfds_datasets
+
+    asked = []
+    is_prepared = tfds.core.DatasetBuilder.is_prepared
+
+    def counted(self):
+        asked.append(self.name)
+        return is_prepared(self)
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", counted)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
+                        lambda self, *a, **k: None)
+    config = tfds_config(prepared, "fashion_mnist", tfds_download=True)
+    assert tfds_datasets.spec(config).image_shape == (28, 28, 1)
+    assert asked == ["fashion_mnist"]
+    assert load_dataset(config).arrays.test_images.shape == (N_TEST, 28, 28)
+    assert asked == ["fashion_mnist"] * 2
+
+
 @pytest.mark.parametrize("damage", ["empty info", "no info", "empty features"])
 def test_a_prepared_dataset_with_damaged_metadata_is_one_line(capsys, prepared, tmp_path,
                                                               damage):

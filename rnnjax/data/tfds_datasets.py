@@ -63,6 +63,7 @@ class Prepared:
     label_key: str
     spec: DataSpec
     asked: str = ""  # the --dataset value that named it
+    ready: bool = True  # prepared in its data dir (else tfds may download it, if asked)
 
     @property
     def title(self) -> str:
@@ -145,13 +146,14 @@ def resolve(config: Config) -> Prepared | IdxBuild:
         return IdxBuild(*resolve_dataset(dataset, config.data_dir))
     name, _, version = dataset.partition(":")
     builder = _builder(dataset, config.tfds_dir)
-    if builder is not None and (_is_prepared(builder) or version or config.tfds_download):
-        return _prepared(builder, dataset)
+    ready = builder is not None and _is_prepared(builder)  # a file read: asked once
+    if builder is not None and (ready or version or config.tfds_download):
+        return _prepared(builder, dataset, ready)
     try:
         return IdxBuild(*resolve_dataset(name, config.data_dir))
     except IdxError:
         if builder is not None:
-            return _prepared(builder, dataset)
+            return _prepared(builder, dataset, ready)
     prepared = prepared_versions(Path(_where(config.tfds_dir)) / name)
     if version and prepared:
         raise ConfigError(
@@ -165,9 +167,9 @@ def resolve(config: Config) -> Prepared | IdxBuild:
     )
 
 
-def _prepared(builder: tfds.core.DatasetBuilder, dataset: str) -> Prepared:
+def _prepared(builder: tfds.core.DatasetBuilder, dataset: str, ready: bool) -> Prepared:
     image_key, label_key, spec = image_and_label(builder.info, dataset)
-    return Prepared(builder, image_key, label_key, spec, dataset)
+    return Prepared(builder, image_key, label_key, spec, dataset, ready)
 
 
 def image_and_label(info: tfds.core.DatasetInfo, dataset: str) -> tuple[str, str, DataSpec]:
@@ -284,7 +286,7 @@ def spec(config: Config, splits: tuple[str, ...] = SPLITS) -> DataSpec:
     if isinstance(target, IdxBuild):
         _check_idx_splits(target, config, splits)
         return IDX_SPEC
-    if _is_prepared(target.builder):
+    if target.ready:
         for flag, split in _split_flags(config, splits):
             _split(target, split, flag)  # a pipeline made, nothing read
     return target.spec
@@ -303,7 +305,7 @@ def load(config: Config, splits: tuple[str, ...] = SPLITS) -> Dataset:
                     target.name, target.directory, target.checksums, config.tfds_dir))
             return Dataset(arrays, IDX_SPEC, f"{target.name} (IDX via tfds)")
         target = _idx_prepared(target, config)
-    if config.tfds_download and not _is_prepared(target.builder):
+    if config.tfds_download and not target.ready:
         try:
             target.builder.download_and_prepare()
         except Exception as e:  # network, disk, checksum: tfds raises many kinds
