@@ -746,6 +746,41 @@ def test_a_resumed_tfds_run_takes_its_own_dataset_name_again(monkeypatch, tmp_pa
     assert cli.resume_config(args).dataset == "my_set/cfg"
 
 
+def test_a_resume_runs_where_its_own_flags_say_never_where_the_checkpoint_ran(monkeypatch,
+                                                                             tmp_path):
+    """Where a run runs (its compile cache, devices and processes) is each resume's own
+    choice: a checkpoint of 2 processes on 2 devices each may be resumed by one process
+    elsewhere. Every CLI resume in the suite passed --compile-cache off both times, so a
+    resume that took these from the checkpoint went unnoticed; here the checkpoint holds
+    other values than the defaults for all six, and the resume gets the defaults, or the
+    flags it was given."""
+    from rnnjax import checkpoint
+
+    machine = {"compile_cache": str(tmp_path / "their-cache"), "num_devices": 2,
+               "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3,
+               "coordinator_timeout": 60}
+    saved = Config(hidden_size=8, steps=30, **machine)
+    monkeypatch.setattr(checkpoint, "latest_checkpoint", lambda workdir: tmp_path / "10")
+    monkeypatch.setattr(checkpoint, "read_meta", lambda step_dir: {})
+    monkeypatch.setattr(checkpoint, "read_config", lambda step_dir, meta=None: saved)
+    defaults = Config()
+
+    def resumed(*flags):
+        args = cli.build_parser().parse_args(["train", "--resume", "--workdir",
+                                              str(tmp_path / "w"), *flags])
+        return cli.resume_config(args)
+
+    config = resumed()
+    assert {name: getattr(config, name) for name in machine} == {
+        name: getattr(defaults, name) for name in machine}
+    assert (config.hidden_size, config.steps) == (8, 30)  # the rest is the checkpoint's
+    config = resumed("--compile-cache", "off", "--num-devices", "1")
+    assert {name: getattr(config, name) for name in machine} == {
+        **{name: getattr(defaults, name) for name in machine}, "compile_cache": "off",
+        "num_devices": 1}
+    assert set(cli.MACHINE_SETTINGS) == set(machine)  # the README's six, no more
+
+
 def test_a_write_that_fails_on_a_file_written_whole_names_it(tmp_path, train_with_file_limit):
     """config.json, summary.json and the PNGs are written whole beside their place, then
     renamed: a write failing there (a full disk, a file-size limit) raised an OSError that
