@@ -784,18 +784,24 @@ def test_a_resume_runs_where_its_own_flags_say_never_where_the_checkpoint_ran(mo
 def test_a_write_that_fails_on_a_file_written_whole_names_it(tmp_path, train_with_file_limit):
     """config.json, summary.json and the PNGs are written whole beside their place, then
     renamed: a write failing there (a full disk, a file-size limit) raised an OSError that
-    named no file, and the one line named none."""
+    named no file, and the one line named none. Nor is the file it failed on left half
+    written: a config.json cut at the limit had the same command refused when run again
+    (unreadable), where the run it names never started."""
     from rnnjax import atomic
 
     target = tmp_path / "summary.json"
+    target.write_bytes(b"the summary before")
 
     def fill(f):
+        f.write(b"half of a new summary")
+        f.flush()
         raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
 
     with pytest.raises(OSError) as info:
         atomic.write(target, fill)
     assert info.value.errno == errno.EFBIG and info.value.filename == str(target)
-    assert not list(tmp_path.iterdir())  # its temporary file removed
+    assert target.read_bytes() == b"the summary before"  # as it was
+    assert list(tmp_path.iterdir()) == [target]  # its temporary file removed
     work = tmp_path / "run"
     done = train_with_file_limit(1000, "--steps", "3", "--eval-every", "2", "--hidden-size",
                                  "8", "--compile-cache", "off", "--workdir", str(work))
@@ -803,6 +809,8 @@ def test_a_write_that_fails_on_a_file_written_whole_names_it(tmp_path, train_wit
     assert done.stderr == (f"rnnjax: error: {work / 'config.json'}: {os.strerror(errno.EFBIG)}"
                            "; choose a --workdir on a file system that allows larger files "
                            "(files already written are kept)\n")
+    assert not (work / "config.json").exists()  # not the first 1000 bytes of it
+    assert not list(work.glob(".config.json.*"))  # nor its temporary file
 
 
 def _bad_cells():
