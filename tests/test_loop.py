@@ -66,6 +66,37 @@ def test_stream_feed_equals_device_feed():
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
 
 
+def _with_test_images(mnist, n):
+    """A loader of ``mnist`` with its first ``n`` test images only: a run's evaluations
+    cheap (its training, and so its train metrics, are the full dataset's)."""
+    from rnnjax.data.sources import IDX_SPEC, Dataset
+
+    arrays = mnist._replace(test_images=mnist.test_images[:n],
+                            test_labels=mnist.test_labels[:n])
+    return lambda config: Dataset(arrays, IDX_SPEC, f"MNIST, {n} test images")
+
+
+def test_train_metrics_logged_are_the_steps_since_the_last_evaluation(mnist,
+                                                                     worker_compile_cache):
+    """The train loss and accuracy logged at an evaluation are the means over the steps
+    since the one before (step 40's: steps 21-40), not since step 0: a loop that never
+    reset its sums after a log point logged 2.2961 for 2.2451 at step 40 here, and the
+    resume tests, wrong alike on both sides, let it through. A run logging every step gives
+    each step's own."""
+    config = Config(steps=41, eval_every=20, batch_size=8, hidden_size=16, steps_per_call=7,
+                    compile_cache=worker_compile_cache)  # the next test's programs
+    load = _with_test_images(mnist, 100)
+    every_step = train_and_evaluate(config.replace(eval_every=1), out=io.StringIO(),
+                                    load=load).history
+    logged = train_and_evaluate(config, out=io.StringIO(), load=load).history
+    assert [r["step"] for r in every_step] == list(range(41))
+    assert [r["step"] for r in logged] == [0, 20, 40]
+    for record, steps in zip(logged, (range(0, 1), range(1, 21), range(21, 41)), strict=True):
+        for name in ("train_loss", "train_accuracy"):
+            mean = np.mean([every_step[s][name] for s in steps])
+            assert record[name] == pytest.approx(mean, rel=1e-6), (record["step"], name)
+
+
 @pytest.mark.parametrize("seed", [0, 1337, 2**31 - 1, 2**31, 2**32 - 1])
 def test_init_state_is_the_seeds_key_made_eagerly(seed, xla_compiles, bitwise_equal):
     """One compiled call makes the key and the state: the bits of the eager
