@@ -97,6 +97,31 @@ def test_train_metrics_logged_are_the_steps_since_the_last_evaluation(mnist,
             assert record[name] == pytest.approx(mean, rel=1e-6), (record["step"], name)
 
 
+def test_train_metrics_stay_on_the_device_until_their_log_point(mnist, worker_compile_cache,
+                                                               monkeypatch):
+    """Seven compiled train calls and three evaluations bring metrics to the host six
+    times, a test and a train summary at each evaluation: the sums of the calls between
+    stay on the device (a summary after every call would wait on each, and the host would
+    no longer queue the next call while the device runs one)."""
+    from rnnjax import metrics
+
+    summaries = []
+    summarize = metrics.summarize
+
+    def counted(sums):
+        summaries.append(int(jax.device_get(sums["count"])))
+        return summarize(sums)
+
+    monkeypatch.setattr(metrics, "summarize", counted)
+    config = Config(steps=40, eval_every=20, batch_size=8, hidden_size=16, steps_per_call=7,
+                    compile_cache=worker_compile_cache)
+    assert len(list(segments(config))) == 7
+    train_and_evaluate(config, out=io.StringIO(), load=_with_test_images(mnist, 100))
+    # At each of steps 0, 20 and 39: the test set's 100 images, then the train examples
+    # of the steps since the last evaluation (1, 20 and 19 steps of 8).
+    assert summaries == [100, 8, 100, 160, 100, 152]
+
+
 @pytest.mark.parametrize("seed", [0, 1337, 2**31 - 1, 2**31, 2**32 - 1])
 def test_init_state_is_the_seeds_key_made_eagerly(seed, xla_compiles, bitwise_equal):
     """One compiled call makes the key and the state: the bits of the eager
