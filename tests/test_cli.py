@@ -683,7 +683,10 @@ def test_a_name_longer_than_the_file_system_takes_is_one_line(capsys, tmp_path, 
 
 def test_a_relative_dataset_directory_is_found_from_anywhere(capsys, tmp_path, monkeypatch):
     """``--dataset ./mydata`` is recorded absolute: eval of its checkpoint from another
-    working directory found no ./mydata there (and eval took no --dataset to say where)."""
+    working directory found no ./mydata there (and eval took no --dataset to say where).
+    The runs also show --progress read (it could be dropped unnoticed): with it the bar is
+    drawn on stderr, no terminal here (the default draws none there), and with
+    --no-progress none, where stderr says it is one."""
     import shutil
     from pathlib import Path
 
@@ -693,10 +696,12 @@ def test_a_relative_dataset_directory_is_found_from_anywhere(capsys, tmp_path, m
     shutil.copytree(mnist, tmp_path / "a" / "mydata")
     monkeypatch.chdir(tmp_path / "a")
     assert main(["train", "--dataset", "./mydata", "--steps", "3", "--hidden-size", "8",
-                 "--no-tune", "--workdir", "run", "--compile-cache", "off"]) == 0
+                 "--no-tune", "--workdir", "run", "--compile-cache", "off",
+                 "--progress"]) == 0
     recorded = json.loads((tmp_path / "a" / "run" / "config.json").read_text())["dataset"]
     assert recorded == str(tmp_path / "a" / "mydata")
-    capsys.readouterr()
+    err = capsys.readouterr().err  # the bar after steps 0 and 2, the evaluations
+    assert f"\r[{'#' * 10}{'-' * 20}] 1/3 " in err and f"\r[{'#' * 30}] 3/3 " in err, err
     monkeypatch.chdir(tmp_path)
     assert main(["eval", "a/run", "--out", "cm.png"]) == 0
     first = capsys.readouterr().out
@@ -711,13 +716,14 @@ def test_a_relative_dataset_directory_is_found_from_anywhere(capsys, tmp_path, m
     # given, and eval from elsewhere looked for droot/digits there).
     shutil.copytree(mnist, tmp_path / "a" / "droot" / "digits")
     monkeypatch.chdir(tmp_path / "a")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the default: a bar
     assert main(["train", "--dataset", "digits", "--data-dir", "droot", "--steps", "3",
                  "--hidden-size", "8", "--no-tune", "--workdir", "run2",
-                 "--compile-cache", "off"]) == 0
+                 "--compile-cache", "off", "--no-progress"]) == 0
     config = json.loads((tmp_path / "a" / "run2" / "config.json").read_text())
     assert config["data_dir"] == str(tmp_path / "a" / "droot")
     monkeypatch.chdir(tmp_path)
-    capsys.readouterr()
+    assert "\r[" not in capsys.readouterr().err
     assert main(["eval", "a/run2", "--out", "cm2.png"]) == 0
 
 
