@@ -425,6 +425,9 @@ def test_eval_and_predict_size_their_memory_by_the_images_they_run(capsys, tmp_p
     assert len(seed_lines) == 2 and seed_lines[0] == seed_lines[1]
     _one_line_error(capsys, ["eval", str(saved), "--eval-batch-size", "0"],
                     "--eval-batch-size must be at least 1, got 0")
+    _one_line_error(capsys, ["predict", str(saved), str(tmp_path / "d.png"),
+                             "--eval-batch-size", "0"],
+                    "--eval-batch-size must be at least 1, got 0")
     monkeypatch.setattr(memory, "available",
                         lambda device=None: (20 << 20, "the host has 20.0 MiB of RAM", False))
     _one_line_error(capsys, ["eval", str(saved), "--out", str(tmp_path / "cm.png")],
