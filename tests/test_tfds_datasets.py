@@ -122,7 +122,12 @@ def assert_same_arrays(got: Arrays, want: Arrays) -> None:
         np.testing.assert_array_equal(a, b)
 
 
-def test_catalog_name_reads_the_prepared_dataset_in_stored_order(prepared):
+def test_catalog_name_reads_the_prepared_dataset_in_stored_order(prepared, monkeypatch):
+    """A split is read in tf.data batches of ``READ_BATCH`` (4096) examples, more than any
+    split here holds: read again in batches of 64 (400 and 100 examples: 7 and 2 batches,
+    the last one short), every batch is kept, in order (only the last could have been)."""
+    from rnnjax.data import tfds_datasets
+
     _, small, _, _, _ = prepared
     loaded = load_dataset(tfds_config(prepared, "fashion_mnist"))
     assert loaded.spec == DataSpec((28, 28, 1), 10)
@@ -130,6 +135,10 @@ def test_catalog_name_reads_the_prepared_dataset_in_stored_order(prepared):
     assert_same_arrays(loaded.arrays, small)  # uint8 [N, 28, 28], int32 [N], as IDX
     pinned = load_dataset(tfds_config(prepared, "fashion_mnist:3.0.1"))
     assert_same_arrays(pinned.arrays, small)
+    assert N_TRAIN > N_TEST > 64
+    monkeypatch.setattr(tfds_datasets, "READ_BATCH", 64)
+    batched = load_dataset(tfds_config(prepared, "fashion_mnist"))
+    assert_same_arrays(batched.arrays, small)
 
 
 def test_records_come_shard_after_shard_in_file_order(prepared):
