@@ -93,6 +93,11 @@ def prepared(tmp_path_factory, mnist):
         "train": {"image": small.train_images[..., None], "label": small.train_labels},
         "test": {"image": small.test_images[..., None], "label": small.test_labels},
     }, shards=4, ordered=False)
+    store("deep_images", tfds_dir, {"image": tfds.features.Image(shape=(28, 28, 1),
+                                                                 dtype=np.uint16),
+                                    "label": tfds.features.ClassLabel(num_classes=2)},
+          {"train": {"image": four[:, :28, :28].astype(np.uint16), "label": [0, 1, 0, 1]},
+           "test": {"image": four[:, :28, :28].astype(np.uint16), "label": [0, 1, 0, 1]}})
     store("text_only", tfds_dir, {"text": tfds.features.Text(),
                                   "label": tfds.features.ClassLabel(num_classes=2)},
           {"train": {"text": ["a", "b"], "label": [0, 1]},
@@ -414,6 +419,9 @@ ERRORS = [
     ("not_an_image", "text_only", [],
      ["--dataset text_only: features ['label', 'text'] have no 'image' and 'label'",
       "rnnjax reads an image (fixed HxWxC, uint8) and a class label (ClassLabel)"]),
+    ("image_not_uint8", "deep_images", [],  # else a traceback from normalize_images
+     ["--dataset deep_images: 'image' is Image(", "dtype=uint16", "images of varying size or "
+      "not uint8; resize them to one size as uint8 first"]),
     ("label_not_a_class_label", "integer_labels", [],
      ["--dataset integer_labels: 'label' is Tensor", "not a ClassLabel"]),
     ("split_missing", "fashion_mnist", ["--test-split", "validation"],
