@@ -310,6 +310,22 @@ def test_changed_md5sums_rebuild_and_verify(tfds_mnist, tmp_path, small_dir):
         tfds_mnist.prepare("small", small_dir, None, str(tfds_dir))
 
 
+def test_a_build_made_unverified_is_not_reused_where_checksums_apply(tfds_mnist, tmp_path,
+                                                                    small):
+    """The expected checksums key the build: files built once read by path (no checksums:
+    none listed) and then read as ``--dataset mnist --data-dir ROOT`` (MNIST's canonical
+    MD5s, which these 300 examples fail) are verified, not served from the first build."""
+    tfds_dir, root = tmp_path / "tfds", tmp_path / "data"
+    directory = write_set(root / "mnist", small)
+    by_path = Config(source="tfds", dataset=str(directory), tfds_dir=str(tfds_dir))
+    assert_same(load_arrays(by_path), small)
+    assert len(version_dirs(tfds_dir)) == 1
+    by_name = Config(source="tfds", dataset="mnist", data_dir=str(root), tfds_dir=str(tfds_dir))
+    with pytest.raises(IdxError, match=r"content MD5 \w+ does not match the expected"):
+        load_arrays(by_name)
+    assert len(version_dirs(tfds_dir)) == 1  # the refused build left nothing
+
+
 @pytest.mark.parametrize("existing", [False, True])
 def test_refused_idx_files_leave_the_tfds_dir_as_it_was_cli(tfds_mnist, capsys, tmp_path,
                                                            small_dir, existing):
