@@ -141,19 +141,36 @@ except ConfigError as e:
     print("rnnjax says:", e)
 else:
     raise SystemExit("rnnjax found tfds")
+
+import contextlib, io
+
+from rnnjax.cli import main
+
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    code = main(["train", "--source", "tfds", "--steps", "1", "--no-tune", "--workdir", "run"])
+print(f"rnnjax train exits {code}, stderr:")
+print(err.getvalue(), end="")
 """
 
 
 def test_the_blocker_hides_tensorflow_that_is_installed(tmp_path):
     """The control of the tests above: without the blocker TensorFlow and tfds import (the
     test install has them); with it, importing them fails, their distributions are not
-    listed, and rnnjax's --source tfds says what to install."""
+    listed, and rnnjax's --source tfds says what to install: ``rnnjax train --source tfds``
+    in one line, exit 2, nothing written."""
     for name in ("tensorflow", "tensorflow_datasets"):
         if importlib.util.find_spec(name) is None:
             pytest.skip(f"{name} is not installed (pip install -e '.[test]')")
     (tmp_path / "probe_tf.py").write_text(PROBE)
     proc = run_blocked(tmp_path, "probe_tf")
-    assert "rnnjax says: --source tfds needs TensorFlow and tensorflow-datasets" in proc.stdout
+    fix = "; pip install -e '.[tfds]' (or train with --source idx)"
+    said = proc.stdout.split("rnnjax says: ")[1].splitlines()[0]
+    assert said.startswith("--source tfds needs TensorFlow and tensorflow-datasets (")
+    assert said.endswith(fix), said
+    train = proc.stdout.split("rnnjax train exits ")[1]
+    assert train == f"2, stderr:\nrnnjax: error: {said}\n", train
+    assert not (tmp_path / "run").exists()
 
 
 def test_feeds_benchmark_runs_without_tensorflow(tmp_path):
