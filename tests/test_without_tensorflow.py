@@ -1,5 +1,6 @@
 """Accelerator images have jax, flax, optax and orbax but no TensorFlow: training with the
-default data, the benchmarks' core, eval and predict must run with it unimportable."""
+default data, the benchmarks' core, eval and predict must run with it unimportable; where it
+is installed, a run of IDX files imports none of it."""
 
 from __future__ import annotations
 
@@ -171,6 +172,40 @@ def test_the_blocker_hides_tensorflow_that_is_installed(tmp_path):
     train = proc.stdout.split("rnnjax train exits ")[1]
     assert train == f"2, stderr:\nrnnjax: error: {said}\n", train
     assert not (tmp_path / "run").exists()
+
+
+IDX_RUN = """
+import sys
+
+from rnnjax.cli import main
+
+work, digit = sys.argv[1:]
+assert main(["train", "--steps", "2", "--eval-every", "2", "--hidden-size", "4",
+             "--batch-size", "8", "--compile-cache", "off", "--no-tune", "--workdir",
+             work]) == 0
+assert main(["eval", work]) == 0
+assert main(["predict", work, digit]) == 0
+print("tensorflow packages:", sorted({m.split(".")[0] for m in sys.modules
+                                     if m.startswith("tensorflow")}))
+"""
+
+
+def test_a_run_of_idx_files_imports_no_tensorflow_that_is_installed(tmp_path, mnist):
+    """The tests above hide TensorFlow, where an optional import of it could fall back
+    unseen (eval asking tfds for an IDX dataset's shape, say): here it is installed, and
+    train, eval and predict of a run of IDX files (one process) import none of it, as the
+    README says."""
+    for name in ("tensorflow", "tensorflow_datasets"):
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"{name} is not installed (pip install -e '.[test]')")
+    digit = tmp_path / "digit.png"
+    Image.fromarray(np.asarray(mnist.test_images[0])).save(digit)
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", IDX_RUN, str(tmp_path / "run"), str(digit)],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "final test accuracy: " in proc.stdout and str(digit) in proc.stdout
+    assert proc.stdout.endswith("tensorflow packages: []\n"), proc.stdout[-300:]
 
 
 def test_feeds_benchmark_runs_without_tensorflow(tmp_path):
