@@ -244,15 +244,23 @@ def host_available() -> int:
 def check_fits(need: Estimate, devices: int = 1, what: str = "the run",
                room: tuple[int, str, bool] | None = None, fix: str | None = None) -> None:
     """Raise :class:`OutOfMemory` when ``need`` (per device, on each of ``devices`` local
-    devices) is more than the memory available (``room``, default :func:`available`); its
-    message ends with ``fix`` (default: :meth:`Estimate.fix`, a run's flags)."""
+    devices) is more than the memory available (``room``, default :func:`available`: each
+    device's own where it says so, else the host's RAM, which the devices share and are
+    charged together); its message ends with ``fix`` (default: :meth:`Estimate.fix`, a
+    run's flags)."""
     free, where, per_device = available() if room is None else room
     total = need.total if per_device else need.total * devices
     if total <= free:
         return
-    each = f" on each of {devices} devices" if devices > 1 else ""
+    parts = need.parts()
+    if devices == 1:
+        each = ""
+    elif per_device:  # each device's own memory
+        each = f" on each of {devices} devices"
+    else:  # CPU devices: the host's RAM, shared; the parts are each device's
+        each, parts = f" for its {devices} devices together", f"each: {parts}"
     raise OutOfMemory(
-        f"{what} needs about {human(total)} of memory{each} ({need.parts()}) but {where}; "
+        f"{what} needs about {human(total)} of memory{each} ({parts}) but {where}; "
         f"{fix or need.fix()}"
     )
 

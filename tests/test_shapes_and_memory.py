@@ -145,16 +145,19 @@ def test_the_evaluation_estimate_takes_a_chunk_no_larger_than_the_test_set():
 
 def test_cpu_devices_are_charged_together_against_the_hosts_ram():
     """CPU devices share the host's RAM: on 8 of them a run needs 8 devices' memory of it,
-    refused where one device's fits (it could be charged as one device's); a GPU's or
-    TPU's memory is each device's own, its need per device ("on each of 8 devices")."""
+    refused where one device's fits (it could be charged as one device's), and said so:
+    "800 MiB for its 8 devices together" (it said "on each of 8 devices", each device's
+    need being 100); a GPU's or TPU's memory is each device's own, its need per device
+    ("on each of 8 devices")."""
     mib = 2**20
     need = memory.Estimate(parameters=60 * mib, optimizer=0, gradients=0,
                            activations=40 * mib, dataset=0, batch=32)
     host = (3 * need.total, "the host has 300.0 MiB of RAM available", False)
     memory.check_fits(need, devices=1, room=host)
     memory.check_fits(need, devices=3, room=host)
-    with pytest.raises(memory.OutOfMemory, match=r"^the run needs about 800\.0 MiB of memory"
-                                                 r".* \(parameters 60\.0 MiB, activations of "
+    with pytest.raises(memory.OutOfMemory, match=r"^the run needs about 800\.0 MiB of memory "
+                                                 r"for its 8 devices together \(each: "
+                                                 r"parameters 60\.0 MiB, activations of "
                                                  r"32 examples 40\.0 MiB\) but the host has "
                                                  r"300\.0 MiB of RAM available; use a smaller"):
         memory.check_fits(need, devices=8, room=host)
