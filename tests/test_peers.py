@@ -188,24 +188,100 @@ def test_the_keras_peers_import_no_tensorflow(tmp_path, run):
         assert "; tensorflow loaded: False\n" in proc.stdout
 
 
-def test_a_benchmark_step_is_a_long_runs_step_without_the_calls_own_cost():
+class Clock:
+    """``time`` for ``benchmarks.harness`` (its ``perf_counter``): a clock that moves only by
+    what a test's runners say they take (``advance``), so that a timing reads exactly that
+    under any load (sixteenths of a second add up exactly, where a test reads them so)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Pending:
+    """A result as JAX returns one: the call has returned, its value is ready only later.
+    ``jax.block_until_ready`` calls its ``block_until_ready``, which takes ``seconds`` on the
+    clock and counts in ``waits``."""
+
+    def __init__(self, clock: Clock, seconds: float, waits: list) -> None:
+        self.clock, self.seconds, self.waits = clock, seconds, waits
+
+    def block_until_ready(self):
+        self.clock.advance(self.seconds)
+        self.waits.append(self.seconds)
+        return self
+
+
+def test_the_harness_times_each_call_until_its_result_is_ready(monkeypatch):
+    """JAX returns from a call before its result is computed: a timing that does not block
+    on the result reads the dispatch alone, and every benchmark's table would read fast.
+    Each timed call of the harness's timers (``time_calls``; ``time_compiled``'s first call
+    and its median; ``in_turns``, which ``interleaved`` and every peers, Flax, native-kernels
+    and evaluation timing use) blocks on its result inside its timing: results ready only
+    after 1/16 s read 1/16 s each, and each call was waited for once. (The only timing test
+    had timed ``time.sleep``, which returns when done: no block was needed there.)"""
+    from benchmarks import harness
+
+    clock, waits = Clock(), []
+    monkeypatch.setattr(harness, "time", clock)
+
+    def later(seconds):
+        return lambda: Pending(clock, seconds, waits)
+
+    median, samples = harness.time_calls(later(0.0625), 3, burn_in=2)
+    assert (median, samples) == (0.0625, [0.0625] * 3)
+    assert len(waits) == 5  # the burn-in's calls blocked on too, untimed
+
+    waits.clear()
+    compiled_for = []
+
+    def compile_timed(jitted, *args):
+        compiled_for.append(args)
+        return (lambda *args: Pending(clock, 0.125, waits)), 2.5
+
+    monkeypatch.setattr(harness.runtime, "compile_timed", compile_timed)
+    timing = harness.time_compiled("fn", ("state", "x"), repeats=3)
+    assert compiled_for == [("state", "x")]
+    assert timing == {"compile_s": 2.5, "first_call_s": 0.125, "median_s": 0.125}
+    assert len(waits) == 1 + 1 + 3  # the first call, the burn-in, the timed calls
+
+    waits.clear()
+    runners = {"slow": later(0.25), "fast": later(0.0625)}
+    assert harness.in_turns(runners, 2) == {"slow": [0.25] * 2, "fast": [0.0625] * 2}
+    assert harness.interleaved(runners, 3) == {"slow": 0.25, "fast": 0.0625}
+    assert len(waits) == 2 * (1 + 2) + 2 * (1 + 3)
+
+
+def test_a_benchmark_step_is_a_long_runs_step_without_the_calls_own_cost(monkeypatch):
     """Each runner is timed in calls of 1 and of K steps, in turns; the call's own cost comes
     off and is spread over the 500 steps per call rnnjax train runs. A runner whose call
-    costs 30 ms besides 60 ms a step reads about 60 ms a step, where the K-step call's
-    average would read 67.5 at K = 4."""
-    import time
-
+    costs 30 ms besides 60 ms a step reads 60 ms a step and 30/500 ms, where the K-step
+    call's average would read 67.5 at K = 4. Timed on a clock that moves by what each call
+    takes (:class:`Clock`): the runner had slept and been read within 15 and 30%, which a
+    busy machine broke."""
+    from benchmarks import harness
     from benchmarks.harness import interleaved
 
+    clock, counts = Clock(), []
+    monkeypatch.setattr(harness, "time", clock)
+
     def run(count=None):
-        time.sleep(0.03 + 0.06 * (count or 4))
+        counts.append(count)
+        clock.advance(0.03 + 0.06 * (count or 4))
 
     seconds = interleaved(flax_peers.calls_of({"slow": (run, 0.0)}, 4), 3)
-    assert set(seconds) == {"slow (1)", "slow (4)"}
+    assert counts == [1, 4] * 4  # burn-in and 3 rounds, in turns
+    assert seconds == {"slow (1)": pytest.approx(0.09), "slow (4)": pytest.approx(0.27)}
     row = flax_peers.step_columns("slow", seconds["slow (1)"], seconds["slow (4)"], 4, 500)
-    assert row["slow ms"] == pytest.approx(60 + row["slow call ms"] / 500, rel=0.15)
-    assert row["slow call ms"] == pytest.approx(30, rel=0.3)
-    assert row["slow 4-step call (median ms)"] / 4 > row["slow ms"]
+    assert row["slow call ms"] == pytest.approx(30)
+    assert row["slow ms"] == pytest.approx(60 + 30 / 500)
+    assert row["slow 1-step call (median ms)"] == pytest.approx(90)
+    assert row["slow 4-step call (median ms)"] == pytest.approx(270)
 
 
 def test_the_flax_benchmark_times_a_child_in_calls_of_1_and_k_steps(tmp_path, monkeypatch):
