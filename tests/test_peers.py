@@ -1,6 +1,8 @@
 """``benchmarks.peers``: rnnjax as ``rnnjax train`` runs it, against Keras 3 (PyTorch where
 installed), timed in turns; a choice with XLA flags runs in a child process started with
-them (``benchmarks.flax_peers.ChildRunner``)."""
+them (``benchmarks.flax_peers.ChildRunner``). And what the benchmarks' numbers are made of:
+the harness's timers, each runner's data and batches, and the rows' arithmetic from given
+timings (``benchmarks.flax_peers``, ``benchmarks.peers``, ``benchmarks.throughput``)."""
 
 from __future__ import annotations
 
@@ -341,3 +343,36 @@ def test_the_unrolled_rnnjax_runners_are_xlas_form_where_the_choice_is_native(mo
     assert list(runners) == ["rnnjax (as rnnjax train)", "rnnjax unroll=full"]
     assert [(c.backward, c.unroll) for c in timed] == [("hand_written", 1), ("hand_written", 0)]
 
+
+def tiny_data(examples: int = 8) -> Arrays:
+    """A dataset of ``examples`` zero images, for runners that never train on it."""
+    images, labels = jnp.zeros((examples, 28, 28), jnp.float32), jnp.zeros((examples,),
+                                                                             jnp.int32)
+    return Arrays(images, labels, images, labels)
+
+
+def test_best_flax_over_rnnjax_is_the_fastest_flax_runners_step(tmp_path, monkeypatch):
+    """"best Flax / rnnjax" is the fastest Flax runner's ms per step (of linen and nnx, at
+    every unroll) over rnnjax's as rnnjax train runs it; nothing had read the column, and
+    the slowest Flax runner would have passed. rnnjax's other runners are no Flax runner,
+    however fast. Timings given (``interleaved`` monkeypatched), no training."""
+    per_step = {"rnnjax (as rnnjax train)": 0.010, "rnnjax unroll=full": 0.004,
+                "flax.linen unroll=1": 0.030, "flax.linen unroll=full": 0.020,
+                "flax.nnx unroll=1": 0.050, "flax.nnx unroll=full": 0.040}
+    monkeypatch.setattr(flax_peers, "load_arrays", lambda config: tiny_data())
+    monkeypatch.setattr(flax_peers, "to_device", lambda data: data)
+    monkeypatch.setattr(flax_peers, "user_config",
+                        lambda *args: (Config(batch_size=8), "untuned defaults"))
+    monkeypatch.setattr(flax_peers, "case_runners", lambda *args: {
+        name: (lambda count=None: None, 1.0) for name in per_step})
+    monkeypatch.setattr(flax_peers, "interleaved", lambda runners, rounds: {
+        f"{name} ({count})": per_step[name] * count for name in per_step for count in (1, 4)})
+    flax_peers.main(["--cases", "rows:8", "--cells", "simple_rnn", "--rounds", "1",
+                     "--steps-per-call", "4", "--out", str(tmp_path)])
+    (row,) = json.loads((tmp_path / "flax_peers.json").read_text())["rows"]
+    for name, seconds in per_step.items():  # no call cost: each call K times the 1-step one
+        assert row[f"{name} ms"] == pytest.approx(seconds * 1e3)
+    flax = [row[f"{name} ms"] for name in per_step if name.startswith("flax")]
+    assert row["best Flax / rnnjax"] == pytest.approx(
+        min(flax) / row["rnnjax (as rnnjax train) ms"])
+    assert row["best Flax / rnnjax"] == pytest.approx(20 / 10)  # linen unroll=full's
