@@ -14,11 +14,13 @@ import sys
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks import flax_peers, peers
 from rnnjax.config import Config
 from rnnjax.data.idx import Arrays
+from rnnjax.data.pipeline import batch_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -376,3 +378,31 @@ def test_best_flax_over_rnnjax_is_the_fastest_flax_runners_step(tmp_path, monkey
     assert row["best Flax / rnnjax"] == pytest.approx(
         min(flax) / row["rnnjax (as rnnjax train) ms"])
     assert row["best Flax / rnnjax"] == pytest.approx(20 / 10)  # linen unroll=full's
+
+
+def test_every_runner_of_a_case_is_given_the_same_data_and_batches(monkeypatch):
+    """rnnjax's runners and Flax's train on the same device-resident data and the same [K, B]
+    batch indices, the case's: a Flax runner given fewer rows per step (or other batches)
+    would be timed on other work than rnnjax's. What each runner's program is given is
+    recorded (``rnnjax_runner``, ``FLAX_PROGRAMS``), nothing compiled."""
+    data = tiny_data()
+    given = []
+    monkeypatch.setattr(flax_peers, "rnnjax_runner",
+                        lambda device_data, idx, config: given.append(
+                            ("rnnjax", device_data, idx)) or (None, 0.0))
+    for api in flax_peers.FLAX_PROGRAMS:
+        monkeypatch.setitem(flax_peers.FLAX_PROGRAMS, api,
+                            lambda device_data, idx, api=api, **kwargs: given.append(
+                                (api, device_data, idx)) or (None, None, ()))
+    monkeypatch.setattr(flax_peers, "compiled_runner", lambda fn, state, args: (None, 0.0))
+    runners = flax_peers.case_runners(data, "rows", 4, "simple_rnn", 3, ("linen", "nnx"),
+                                      Config(batch_size=4), 28)
+    assert list(runners) == ["rnnjax (as rnnjax train)", "rnnjax unroll=full",
+                             "flax.linen unroll=1", "flax.linen unroll=full",
+                             "flax.nnx unroll=1", "flax.nnx unroll=full"]
+    assert [who for who, _, _ in given] == ["rnnjax"] * 2 + ["linen"] * 2 + ["nnx"] * 2
+    expected = batch_indices(len(data.train_labels), 4, 0, 3)
+    assert expected.shape == (3, 4)
+    for who, device_data, idx in given:
+        assert device_data is data, who
+        assert idx.shape == expected.shape and (np.asarray(idx) == expected).all(), who
