@@ -7,6 +7,7 @@ timings (``benchmarks.flax_peers``, ``benchmarks.peers``, ``benchmarks.throughpu
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -291,16 +292,19 @@ def test_a_benchmark_step_is_a_long_runs_step_without_the_calls_own_cost(monkeyp
 def test_the_flax_benchmark_times_a_child_in_calls_of_1_and_k_steps(tmp_path, monkeypatch):
     """A choice with XLA flags runs in a child process, which runs each call's count of
     steps (``run COUNT``); the row holds both calls' medians, the step and the call's cost,
-    and the markdown table the step's ms only."""
+    and the markdown table the step's ms only. The lines the child reads are recorded (the
+    count given the runner had been, which a runner sending K whatever it was given
+    passed), and the child runs the count its line asks
+    (test_the_child_runs_the_count_of_steps_each_line_asks)."""
     chosen = Config(batch_size=8, xla_flags="--xla_cpu_prefer_vector_width=256",
                     feed="device")
     monkeypatch.setattr(flax_peers, "user_config", lambda *args: (chosen, "measured: flags"))
-    counts = []
+    sent = []
 
     class Recorded(flax_peers.ChildRunner):
-        def __call__(self, count=None):
-            counts.append(count)
-            return super().__call__(count)
+        def _send(self, line):
+            sent.append(line)
+            return super()._send(line)
 
     monkeypatch.setattr(flax_peers, "ChildRunner", Recorded)
     flax_peers.main(["--cases", "rows:8", "--cells", "simple_rnn", "--apis", "linen",
@@ -313,7 +317,9 @@ def test_the_flax_benchmark_times_a_child_in_calls_of_1_and_k_steps(tmp_path, mo
         assert one > 0 and row[f"{name} 3-step call (median ms)"] > 0
         assert 0 <= row[f"{name} call ms"] <= one  # at most the 1-step call
         assert row[f"{name} ms"] > 0
-    assert counts == [1, 3] * 2  # burn-in and one round, each call its own count
+    spec, *runs = sent
+    assert (json.loads(spec)["batch"], json.loads(spec)["steps"]) == (8, 3)
+    assert runs == ["run 1", "run 3"] * 2  # burn-in and one round, each call its own count
     (header,) = [line for line in (tmp_path / "flax_peers.md").read_text().splitlines()
                  if line.startswith("| order |")]
     assert "| rnnjax (as rnnjax train) ms |" in header and "call ms" not in header
@@ -406,3 +412,27 @@ def test_every_runner_of_a_case_is_given_the_same_data_and_batches(monkeypatch):
     for who, device_data, idx in given:
         assert device_data is data, who
         assert idx.shape == expected.shape and (np.asarray(idx) == expected).all(), who
+
+
+def test_the_child_runs_the_count_of_steps_each_line_asks(monkeypatch, capsys):
+    """The child (``--child``) runs as many steps as each ``run COUNT`` line asks, one call
+    each, and answers ``done`` after blocking on it: with the parent's lines
+    (test_the_flax_benchmark_times_a_child_in_calls_of_1_and_k_steps), a child's 1-step
+    call runs one step, not K. Its runner recorded, nothing compiled."""
+    from rnnjax.config import to_dict
+
+    spec = {"config": to_dict(Config(batch_size=4)), "batch": 4, "steps": 3}
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(spec) + "\nrun 1\nrun 3\nrun 1\n"))
+    monkeypatch.setattr(flax_peers, "load_arrays", lambda config: tiny_data())
+    monkeypatch.setattr(flax_peers, "to_device", lambda data: data)
+    ran, shapes = [], []
+
+    def runner(device_data, idx, config):
+        shapes.append((idx.shape, config.batch_size))
+        return (lambda count=None: ran.append(count)), 1.5
+
+    monkeypatch.setattr(flax_peers, "rnnjax_runner", runner)
+    flax_peers.child_main()
+    assert shapes == [((3, 4), 4)]
+    assert ran == [1, 3, 1]
+    assert capsys.readouterr().out == '{"compile_s": 1.5}\ndone\ndone\ndone\n'
