@@ -436,3 +436,39 @@ def test_the_child_runs_the_count_of_steps_each_line_asks(monkeypatch, capsys):
     assert shapes == [((3, 4), 4)]
     assert ran == [1, 3, 1]
     assert capsys.readouterr().out == '{"compile_s": 1.5}\ndone\ndone\ndone\n'
+
+
+def test_the_peers_ms_per_step_is_each_calls_seconds_over_its_steps(tmp_path, monkeypatch):
+    """Keras', PyTorch's and rnnjax's 1-step-per-call runners run the case's K steps per
+    timed call: each one's ms per step is its median call's seconds over K, and its ratio to
+    rnnjax's that over rnnjax's step (the ratios alone had been checked, which a wrong
+    divisor shared by every peer leaves as they were). Timings given (``interleaved``
+    monkeypatched), nothing trained."""
+    steps = 200  # the benchmark's K at batch 8: max(10, min(200, 20000 // 8))
+    seconds = {f"{peers.RNNJAX} (1)": 0.0125, f"{peers.RNNJAX} ({steps})": 2.5,
+               peers.PER_STEP: 0.4, "keras3-jax unroll=True": 1.0,
+               "keras3-jax unroll=False": 0.8, "pytorch eager": 1.2}
+    monkeypatch.setattr(peers, "load_arrays", lambda config: tiny_data())
+    monkeypatch.setattr(peers, "to_device", lambda data: data)
+    monkeypatch.setattr(peers, "available", lambda module: module in ("keras", "torch"))
+    run = lambda *args: None  # noqa: E731
+    monkeypatch.setattr(peers, "rnnjax_runners", lambda *args: (
+        {peers.RNNJAX: run, peers.PER_STEP: run}, {peers.RNNJAX: 1.0, peers.PER_STEP: 0.5},
+        "untuned defaults"))
+    monkeypatch.setattr(peers, "keras_step", lambda data, batch, k, unroll: (run, 2.0))
+    monkeypatch.setattr(peers, "torch_step", lambda data, batch, k: (run, 0.0))
+    timed = []
+    monkeypatch.setattr(peers, "interleaved",
+                        lambda runners, rounds: timed.append(sorted(runners)) or seconds)
+    peers.main(["--batch-sizes", "8", "--repeats", "1", "--flax-cases", "",
+                "--out", str(tmp_path)])
+    assert timed == [sorted(seconds)]
+    (row,) = read_rows(tmp_path)
+    assert row["steps_timed"] == steps
+    rnnjax_ms = row[f"{peers.RNNJAX} ms"]
+    assert rnnjax_ms == pytest.approx(12.5)  # the 200-step call, no call cost
+    for name, ms in ((peers.PER_STEP, 2.0), ("keras3-jax unroll=True", 5.0),
+                     ("keras3-jax unroll=False", 4.0), ("pytorch eager", 6.0)):
+        assert row[f"{name} ms"] == pytest.approx(seconds[name] / steps * 1e3)
+        assert row[f"{name} ms"] == pytest.approx(ms)
+        assert row[f"{name} / rnnjax"] == pytest.approx(ms / rnnjax_ms)
