@@ -45,7 +45,21 @@ def test_blues_runs_from_white_to_dark_blue():
     assert lightness == sorted(lightness, reverse=True)
 
 
+def _mean_row(image: Image.Image, box: tuple[int, int, int, int], colour, tol: int = 40
+              ) -> float:
+    """The mean row (0 at the image's top) of the pixels in ``box`` within ``tol`` of
+    ``colour``."""
+    pixels = np.asarray(image.convert("RGB").crop(box)).astype(int)
+    rows, _ = np.nonzero(np.abs(pixels - np.array(colour)).max(axis=-1) <= tol)
+    assert rows.size > 20, f"no curve of {colour} in {box}"
+    return box[1] + float(rows.mean())
+
+
 def test_learning_curves_draw_both_series_in_both_panels(tmp_path):
+    """Each series in each panel, the right way up: the falling losses end lower in the
+    image than they start and the rising accuracies higher (their colours' mean row in the
+    panel's first tenth against a tenth before its right end, clear of the legend); the
+    colours had been counted, not placed, and curves drawn upside down passed."""
     history = _history()
     history[3]["test_loss"] = float("nan")  # no point there, the rest still drawn
     path = plots.learning_curves(history, tmp_path / "sub" / "curves.png", "a title")
@@ -55,6 +69,12 @@ def test_learning_curves_draw_both_series_in_both_panels(tmp_path):
     for panel in ((80, 70, 480, 340), (580, 70, 980, 340)):
         for colour, _ in plots.SERIES.values():
             assert _count(image, panel, colour) > 200
+    for (left, top, right, bottom), rising in (((80, 70, 480, 340), False),
+                                               ((580, 70, 980, 340), True)):
+        start, end = (left + 2, top, left + 42, bottom), (right - 122, top, right - 82, bottom)
+        for colour, _ in plots.SERIES.values():
+            climb = _mean_row(image, start, colour) - _mean_row(image, end, colour)
+            assert (climb if rising else -climb) > 100, (colour, climb)
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["curves.png"]  # no temporary
 
 
