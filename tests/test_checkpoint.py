@@ -869,6 +869,37 @@ def test_a_photo_turned_by_its_exif_orientation_is_read_upright(mnist, tmp_path)
                                       images.load_mnist_image(tmp_path / "upright.png"))
 
 
+def test_as_is_reads_height_by_width_luma_for_grey_and_grey_in_every_channel(tmp_path):
+    """load_as_is (predict --as-is) at a shape that is not square, (28, 32): a file 32 wide
+    and 28 tall is read, its pixels as they are, and the file turned (28 wide, 32 tall) is
+    refused in one line naming both sizes; a colour file read by a grey model is its luma
+    (Pillow's L, not one of its channels), and a grey file read by a colour model is that
+    grey in each of the 3 channels. Every --as-is test before used square images of the
+    model's own kind."""
+    rng = np.random.default_rng(2)
+    gray = rng.integers(0, 256, (28, 32), dtype=np.uint8)  # 28 tall, 32 wide
+    rgb = rng.integers(0, 256, (28, 32, 3), dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    Image.fromarray(rgb, "RGB").save(tmp_path / "rgb.png")
+    Image.fromarray(gray.T.copy()).save(tmp_path / "turned.png")
+    np.testing.assert_array_equal(images.load_as_is(tmp_path / "gray.png", (28, 32, 1)), gray)
+    np.testing.assert_array_equal(images.load_as_is(tmp_path / "rgb.png", (28, 32, 3)), rgb)
+    with pytest.raises(images.ImageError) as refused:
+        images.load_as_is(tmp_path / "turned.png", (28, 32, 1))
+    assert str(refused.value) == (
+        f"image {tmp_path / 'turned.png'}: 28x32 pixels; --as-is reads the model's own 32x28 "
+        "images as they are: resize it to 32x28 first")
+    luma = np.asarray(Image.fromarray(rgb, "RGB").convert("L"), np.int64)
+    read = images.load_as_is(tmp_path / "rgb.png", (28, 32, 1))
+    assert read.shape == (28, 32) and read.dtype == np.uint8
+    assert np.abs(read.astype(np.int64) - luma).max() <= 1  # rounding, as Pillow's
+    assert np.abs(rgb[..., 0].astype(np.int64) - luma).max() > 100  # not the red channel
+    coloured = images.load_as_is(tmp_path / "gray.png", (28, 32, 3))
+    assert coloured.shape == (28, 32, 3) and coloured.dtype == np.uint8
+    for channel in range(3):
+        np.testing.assert_array_equal(coloured[..., channel], gray)
+
+
 def test_resize_is_anti_aliased_and_exact_at_the_same_size():
     rng = np.random.default_rng(1)
     image = rng.random((12, 9))
