@@ -869,6 +869,41 @@ def test_a_photo_turned_by_its_exif_orientation_is_read_upright(mnist, tmp_path)
                                       images.load_mnist_image(tmp_path / "upright.png"))
 
 
+def test_16_bit_and_transparent_palette_files_are_read_as_their_8_bit_grey(mnist, tmp_path):
+    """Two encodings of a dark digit on light paper read as the 8-bit grey file does: a
+    16-bit grey PNG (Pillow's I;16, read as uint16 and scaled by 257: its 8-bit values
+    times 257 are the 8-bit file's, ink 20000 on paper 60000 a clean digit; read as
+    Pillow's RGB, every value over 255 was 255, and that file was blank), and a palette PNG
+    whose background is a transparent black (paper: read as RGBA; as RGB, the background
+    was as black as the ink and no digit was found)."""
+    ink = mnist.test_images[0]
+    gray = 255 - ink  # dark on light
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    expected = images.load_mnist_image(tmp_path / "gray.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "16bit.png")
+    assert Image.open(tmp_path / "16bit.png").mode == "I;16"
+    pixels = images.read_image(tmp_path / "16bit.png")
+    assert pixels.dtype == np.uint16 and pixels.max() == 65535
+    np.testing.assert_array_equal(images.load_mnist_image(tmp_path / "16bit.png"), expected)
+    faint = np.where(ink > 127, 20000, 60000).astype(np.uint16)  # dark ink on light paper
+    Image.fromarray(faint).save(tmp_path / "faint.png")
+    np.testing.assert_array_equal(
+        images.load_mnist_image(tmp_path / "faint.png"),
+        images.to_mnist(np.where(ink > 127, 0, 255).astype(np.uint8)))
+    # Palette: index 0 black and transparent (the background), index 1 black (the ink).
+    palette = Image.fromarray((ink > 127).astype(np.uint8), "P")
+    palette.putpalette([0, 0, 0] * 2)
+    palette.save(tmp_path / "palette.png", transparency=0)
+    assert Image.open(tmp_path / "palette.png").mode == "P"
+    pixels = images.read_image(tmp_path / "palette.png")
+    assert pixels.shape == (28, 28, 4)
+    np.testing.assert_array_equal(images.to_grayscale(pixels),
+                                  np.where(ink > 127, 0.0, 255.0))  # the background paper
+    np.testing.assert_array_equal(
+        images.load_mnist_image(tmp_path / "palette.png"),
+        images.to_mnist(np.where(ink > 127, 0, 255).astype(np.uint8)))
+
+
 def test_as_is_reads_height_by_width_luma_for_grey_and_grey_in_every_channel(tmp_path):
     """load_as_is (predict --as-is) at a shape that is not square, (28, 32): a file 32 wide
     and 28 tall is read, its pixels as they are, and the file turned (28 wide, 32 tall) is
