@@ -1,5 +1,6 @@
 """The CPUs a process runs on (``--cpus``): chosen before JAX's backend starts, for every
-thread (``rnnjax.process.first_cpus``, ``run_on``; ``rnnjax.runtime.apply_cpus``)."""
+thread (``rnnjax.process.first_cpus``, ``run_on``; ``rnnjax.runtime.apply_cpus``); and the
+XLA flags, set before it too (``rnnjax.runtime.apply_xla_flags``)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,38 @@ def test_once_the_backend_started_only_its_own_cpus_are_accepted(monkeypatch):
     with pytest.raises(ValueError, match=r"--cpus 1 cannot take effect: JAX's backend has "
                                          r"already started"):
         runtime.apply_cpus(1)
+
+
+def test_once_the_backend_started_only_xla_flags_already_set_are_accepted(monkeypatch,
+                                                                         tmp_path):
+    """XLA reads $XLA_FLAGS once, when the backend starts: after that, --xla-flags already
+    in it are accepted (not added twice), and one that is not is refused, naming it and the
+    fix, not added to $XLA_FLAGS where it could not take effect, as a run that took it
+    would say in its summary (xla_flags_env). A run of it is one ConfigError line before
+    anything is written. Only --cpus' half of this had a test."""
+    from rnnjax.config import Config, ConfigError
+    from rnnjax.loop import train_and_evaluate
+
+    jax.devices()  # the backend has started in this process
+    assert runtime.backend_started()
+    have, new = "--xla_cpu_use_xnnpack=false", "--xla_cpu_prefer_vector_width=256"
+    monkeypatch.setenv("XLA_FLAGS", have)  # as if set before the start
+    runtime.apply_xla_flags(have)  # in effect: nothing to do
+    runtime.apply_xla_flags("")
+    assert os.environ["XLA_FLAGS"] == have
+    message = (f"--xla-flags {new} cannot take effect: JAX's backend has already started in "
+               "this process; set them in XLA_FLAGS before starting Python, or run rnnjax "
+               "train in a new process")
+    with pytest.raises(ValueError) as refused:
+        runtime.apply_xla_flags(f"{have} {new}")
+    assert str(refused.value) == message  # the flag not in effect, alone
+    assert os.environ["XLA_FLAGS"] == have
+    work = tmp_path / "run"
+    with pytest.raises(ConfigError) as refused:
+        train_and_evaluate(Config(steps=1, hidden_size=4, eval_batch_size=5000,
+                                  compile_cache="off", xla_flags=new), work)
+    assert str(refused.value) == message and "\n" not in message
+    assert os.environ["XLA_FLAGS"] == have and not work.exists()
 
 
 @pytest.mark.skipif(len(process.usable_cpus()) < 2, reason="needs a process on 2+ CPUs")
