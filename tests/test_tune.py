@@ -2927,9 +2927,27 @@ def test_a_cell_no_child_can_import_is_one_line_before_anything_is_timed(
         def make(self, hidden):
             return cells.simple_rnn(hidden)
 
+    # A function whose name its module gave to another after: a child importing
+    # shadowed_cells:elman would time the other one.
+    (tmp_path / "shadowed_cells.py").write_text(textwrap.dedent("""
+        from rnnjax import cells
+
+        def elman(hidden):
+            return cells.simple_rnn(hidden)
+
+        registered = elman
+
+        def elman(hidden):  # noqa: F811
+            return cells.BUILT_IN["gru"](hidden)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import shadowed_cells
+
     # Each names why; a bound method had been "imported" as its class's plain function, and
     # every child failed on its missing argument.
     for function, why in ((inside, "made inside another function"),
+                          (shadowed_cells.registered, "not what shadowed_cells:elman names "
+                                                      "where a child process imports it"),
                           (lambda hidden: cells.simple_rnn(hidden), "a lambda"),
                           (functools.partial(cells.simple_rnn), "a partial, not a function"),
                           (Widths().make, "a method, not a function"),
