@@ -8,6 +8,7 @@ import functools
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -22,10 +23,11 @@ from flax import nnx
 from flax.core import FrozenDict
 
 from rnnjax import cli, inference, train
-from rnnjax.cells import get_cell, scan_cell
+from rnnjax.cells import Cell, get_cell, scan_cell
 from rnnjax.config import Config
 from rnnjax.data.pipeline import batch_indices, normalize_host, to_device
 from rnnjax.data.spec import DataSpec
+from rnnjax.flax import layer as rnn_layer
 from rnnjax.flax import linen as rnn_linen
 from rnnjax.flax import nnx as rnn_nnx
 from rnnjax.flax import params as params_lib
@@ -560,6 +562,29 @@ def test_seq_lengths_take_an_empty_batch_and_refuse_a_bad_chunks_on_every_path(x
         bad = rnn_linen.RNN(cell=cell, hidden_size=H, return_carry=True, chunks=100)
         with pytest.raises(ValueError, match="chunks 100: choose 1 to 9"):
             bad.apply(variables, xs, seq_lengths=LENGTHS)
+
+
+def test_a_carry_without_the_batch_axis_is_refused_with_seq_lengths_naming_the_fix(xs):
+    """A cell counting its steps in the carry (``[]``) gave "IndexError: tuple index out of
+    range" with seq_lengths and return_carry; it is one ValueError naming the array and
+    the fix, and return_carry=False runs it."""
+    def step(params, carry, x):
+        h, count = carry
+        h = jnp.tanh(x @ params["kernel"] + h)
+        return (h, count + 1), h
+
+    counting = Cell(init=lambda key, f: {"kernel": jax.random.normal(key, (f, H))},
+                    step=step, hidden_size=H,
+                    initial_carry=lambda b, dtype: (jnp.zeros((b, H), dtype), jnp.zeros((), dtype)))
+    params = counting.init(jax.random.key(0), F)
+    (_, count), _ = rnn_layer.run(counting, params, xs)
+    assert count == T
+    with pytest.raises(ValueError, match=re.escape(
+            "the cell's carry [1] has shape [], not [6, ...]: give each carry array the "
+            "batch axis first, or call with return_carry=False")):
+        rnn_layer.run(counting, params, xs, seq_lengths=LENGTHS)
+    _, ys = rnn_layer.run(counting, params, xs, seq_lengths=LENGTHS, return_carry=False)
+    np.testing.assert_array_equal(ys, rnn_layer.run(counting, params, xs)[1])
 
 
 # --- the classifier as a Flax module ----------------------------------------------------------

@@ -72,7 +72,8 @@ def run(
     ``seq_lengths[b]`` (the initial carry for length 0; Flax reads step T's there). The
     outputs of padding steps are computed over the padding and mean nothing. A cell whose
     carry is its output (simple_rnn, irnn, gru) reads that carry from the outputs; any
-    other keeps every step's carry, as Flax does, in the autodiff form of its step.
+    other keeps every step's carry, as Flax does, in the autodiff form of its step, and
+    with ``return_carry`` needs the batch axis first in every carry array (ValueError).
     """
     if inputs.ndim != 3:
         raise ValueError(f"RNN expects inputs [batch, time, features] (or [time, batch, "
@@ -100,6 +101,7 @@ def run(
                           backward=backward)
         final = _at_lengths(ys, carry, lengths)
     else:
+        _check_batched(carry, batch)
         _, (carries, ys) = scan_cell(_keeping_carries(cell), params, xs, carry, unroll=unroll,
                                      chunks=chunks)
         final = jax.tree.map(functools.partial(_at_lengths, lengths=lengths),
@@ -149,6 +151,21 @@ def _check_call(cell: Cell, params: Params, xs: jax.Array, initial_carry: Carry 
                              f"{batch} ({mismatch}): give it in the cell's layout, as "
                              "its initial_carry(batch, dtype) makes it (rnnjax's LSTM: "
                              "(h, c), each [batch, hidden_size])")
+
+
+def _check_batched(carry: Carry, batch: int) -> None:
+    """A ValueError naming the fix unless every array of ``carry`` is ``[B, ...]``, its
+    first axis the batch of ``B``: :func:`run` with ``seq_lengths`` and ``return_carry``
+    reads row b of each at sequence b's length (a step counter ``[]`` has no row b)."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(carry)[0]:
+        shape = list(jnp.shape(leaf))
+        if not shape or shape[0] != batch:
+            where = jax.tree_util.keystr(path) or "(one array)"
+            raise ValueError(
+                f"RNN: seq_lengths reads each sequence's final carry at its own length, row "
+                f"b of every carry array, but the cell's carry {where} has shape {shape}, "
+                f"not [{batch}, ...]: give each carry array the batch axis first, or call "
+                "with return_carry=False (the outputs need no final carry)")
 
 
 def _checked_lengths(seq_lengths: jax.Array, batch: int, time: int) -> jax.Array:
