@@ -11,6 +11,10 @@ from the checkpoint, or evaluate it, silently with other code. So a checkpoint r
 renamed, moved or reformatted passes; one whose results changed is refused in one line):
 
 * an order: its positions ``int [T, F]`` for the dataset's images, compared exactly;
+  rnnjax's own ``permuted`` too, whose pixel order NumPy draws from ``--seed``
+  (``rnnjax.model.pixel_permutation``): NumPy does not promise ``Generator.permutation``'s
+  stream across its versions, so the checkpoint records the NumPy that drew it, and one
+  read where NumPy draws another order is refused, naming that version;
 * a cell: :data:`STEPS` steps of a batch of :data:`BATCH` from fixed parameters in its
   ``init``'s shapes (its initialiser is not compared: a checkpoint has its parameters),
   through ``step`` (and ``project``), and through ``sequence`` where it has one, and
@@ -37,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnnjax import cells, optim, orders
+from rnnjax import cells, model, optim, orders
 from rnnjax.checkpoint import CheckpointError
 from rnnjax.config import Config, error_line
 from rnnjax.data.spec import DataSpec
@@ -56,7 +60,8 @@ def record(config: Config, spec: DataSpec, param_shapes: Any, kinds: tuple[str, 
     order and optimizer that is the user's (:func:`users`) among ``kinds``, as a checkpoint
     records it; ``param_shapes``: the model's parameters (``Model.param_shapes``), which an
     optimizer's probe updates."""
-    return {kind: _entry(kind, config, spec, param_shapes) for kind in users(config)
+    drawn = ("order",) if config.order == "permuted" else ()  # by NumPy, from --seed
+    return {kind: _entry(kind, config, spec, param_shapes) for kind in users(config) + drawn
             if kind in kinds}
 
 
@@ -97,6 +102,14 @@ def check(meta: Mapping[str, Any], config: Config, spec: DataSpec, param_shapes:
         differ = _differ(kind, old["probe"], new["probe"])
         if differ is None:
             continue
+        if kind == "order" and config.order == "permuted":
+            then = str(old.get("numpy", "another version"))
+            raise CheckpointError(
+                f"checkpoint {where} was trained with --order permuted drawn from --seed "
+                f"{config.seed} by NumPy {then}, and NumPy {np.__version__} here draws another "
+                f"pixel order from that seed: evaluate or resume it under NumPy {then} (pip "
+                f"install 'numpy=={then}'), or train into another --workdir (the checkpoint "
+                "is kept as it is)")
         name = {"cell": config.cell, "order": config.order, "optimizer": config.optimizer}[kind]
         then, here = old["function"] or "rnnjax's own", new["function"] or "rnnjax's own"
         if old["function"] and old["function"] == new["function"]:  # its code changed
@@ -118,6 +131,9 @@ def _entry(kind: str, config: Config, spec: DataSpec, param_shapes: Any,
     """The record of ``config``'s ``kind``: the name of its function (None for rnnjax's
     own) and its probe (None where the probe fails: a function that cannot run on it is
     not compared); ``cell``: the cell to probe in place of ``config``'s, rnnjax's own."""
+    if kind == "order" and config.order == "permuted":
+        return {"function": None, "probe": _permutation_probe(config.seed, spec),
+                "numpy": np.__version__}
     if kind == "order":
         return {"function": orders.REGISTRY.registered(config.order),
                 "probe": _order_probe(config.order, spec)}
@@ -137,7 +153,19 @@ def _entry(kind: str, config: Config, spec: DataSpec, param_shapes: Any,
 
 def _order_probe(order: str, spec: DataSpec) -> str:
     """SHA-256 of ``order``'s positions ``int32 [T, F]`` for ``spec``'s images."""
-    found = np.ascontiguousarray(orders.positions(order, spec.image_shape), "<i4")
+    return _digest(orders.positions(order, spec.image_shape))
+
+
+def _permutation_probe(seed: int, spec: DataSpec) -> str:
+    """SHA-256 of the ``permuted`` order's pixel order ``int32 [H*W]`` from ``seed`` for
+    ``spec``'s images, as the model draws it."""
+    height, width = spec.image_shape[:2]
+    return _digest(model.pixel_permutation(seed, height * width))
+
+
+def _digest(found: np.ndarray) -> str:
+    """SHA-256 of integer positions ``found``: their shape, then their values as int32."""
+    found = np.ascontiguousarray(found, "<i4")
     return hashlib.sha256(f"{list(found.shape)}".encode() + found.tobytes()).hexdigest()
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from rnnjax import cells, checkpoint, inference, optim, orders, probes
+from rnnjax import cells, checkpoint, inference, model, optim, orders, probes
 from rnnjax.cli import main
 from rnnjax.config import Config
 from rnnjax.data.spec import DataSpec
@@ -257,6 +257,47 @@ def test_built_in_runs_record_nothing_and_probes_are_stable(monkeypatch):
     flax_config = CONFIG.replace(cell="flax.linen:GRUCell")
     assert probes.record(flax_config, spec, make_model(flax_config).param_shapes())[
         "cell"]["function"] == "flax.linen:GRUCell"
+
+
+def test_a_permuted_run_records_numpys_draw_and_refuses_another(monkeypatch, tmp_path, capsys):
+    """``--order permuted`` is rnnjax's own, but NumPy draws its pixel order, and does not
+    promise ``Generator.permutation``'s stream across its versions: each checkpoint records
+    the draw and the NumPy that made it, and a resume, eval or predict where NumPy draws
+    another order from the seed is refused in one line naming that version; nothing is
+    written. A checkpoint written before rnnjax recorded the draw is read as it was."""
+    train(tmp_path, order="permuted", seed=7)
+    step_dir = tmp_path / "checkpoints" / "2"
+    meta_file = step_dir / "meta" / checkpoint.META_FILE
+    then = np.__version__
+    assert checkpoint.read_meta(step_dir)["probes"] == {"order": {
+        "function": None, "probe": probes._digest(model.pixel_permutation(7, 784)),
+        "numpy": then}}
+    assert probes._digest(model.pixel_permutation(7, 784)) != probes._digest(
+        model.pixel_permutation(1337, 784))
+    assert inference.load(tmp_path).config.order == "permuted"  # the same draw: read
+    drawn = model.pixel_permutation
+    monkeypatch.setattr(model, "pixel_permutation",  # as another NumPy might draw it
+                        lambda seed, size: drawn(seed, size)[::-1].copy())
+    monkeypatch.setattr(np, "__version__", "9.0.0")
+    message = (f"checkpoint {step_dir} was trained with --order permuted drawn from --seed 7 "
+               f"by NumPy {then}, and NumPy 9.0.0 here draws another pixel order from that "
+               f"seed: evaluate or resume it under NumPy {then} (pip install "
+               f"'numpy=={then}'), or train into another --workdir (the checkpoint is kept "
+               "as it is)")
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        inference.load(tmp_path)
+    assert str(e.value) == message
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        train(tmp_path, resume=True, steps=4, order="permuted", seed=7)
+    assert str(e.value) == message
+    assert checkpoint.list_steps(tmp_path / "checkpoints") == [2]  # nothing written
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().endswith(message)
+    meta = json.loads(meta_file.read_text())
+    del meta["probes"]["order"]  # as a checkpoint of an earlier rnnjax
+    meta_file.write_text(json.dumps(meta))
+    assert inference.load(tmp_path).config.order == "permuted"
 
 
 @pytest.mark.parametrize(("new", "differs"), [
