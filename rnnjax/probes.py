@@ -195,7 +195,7 @@ def _on_cpu(function: Callable[..., Any], *args: Any) -> np.ndarray:
     return np.concatenate([np.asarray(leaf, np.float64).ravel() for leaf in jax.tree.leaves(out)])
 
 
-def _summary(values: np.ndarray) -> list[float]:
+def _summary(values: np.ndarray) -> list[float | str]:
     """What a probe records of ``values``: their root mean square, then up to
     :data:`SAMPLES` of them evenly spaced (JSON floats; NaN and inf as strings)."""
     scale = float(np.sqrt(np.mean(np.square(values)))) if values.size else 0.0
@@ -203,7 +203,7 @@ def _summary(values: np.ndarray) -> list[float]:
     return [float(v) if np.isfinite(v) else str(v) for v in (scale, *picked)]
 
 
-def _cell_probe(cell: cells.Cell, features: int) -> list[float]:
+def _cell_probe(cell: cells.Cell, features: int) -> list[float | str]:
     """:func:`_summary` of ``cell``'s outputs and carries over :data:`STEPS` steps of a
     batch of :data:`BATCH` of ``features``, through ``step`` and through ``sequence``, and
     ``last_output`` of each final carry."""
@@ -224,7 +224,7 @@ def _cell_probe(cell: cells.Cell, features: int) -> list[float]:
     return _summary(_on_cpu(run, params, xs))
 
 
-def _optimizer_probe(config: Config, param_shapes: Any) -> list[float]:
+def _optimizer_probe(config: Config, param_shapes: Any) -> list[float | str]:
     """:func:`_summary` of the parameters ``config``'s optimizer (at its learning rate,
     constant, unclipped) makes of fixed ones in ``param_shapes`` by :data:`STEPS` fixed
     gradients, and of its last updates."""
