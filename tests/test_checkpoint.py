@@ -96,13 +96,13 @@ def test_resume_equals_the_run_never_stopped_bitwise(runs, bitwise_equal):
     assert runs.full.summary["run_wall_s"] == runs.full.summary["wall_s"]
 
 
-def test_a_resume_on_other_devices_says_it_rounds_apart(tmp_path):
+def test_a_resume_on_other_devices_says_it_rounds_apart(tmp_path, worker_compile_cache):
     """Each checkpoint records the devices it trained on. A resume on another number (a
     run moved to another machine, or --num-devices left out: machine settings are never
     taken from a checkpoint) goes on, but its gradients' sums round apart from a run
     never stopped: it said nothing, and the records differed in their last digits."""
     config = Config(steps=8, eval_every=4, checkpoint_every=6, hidden_size=8,
-                    compile_cache="off")
+                    compile_cache=worker_compile_cache)
     train_and_evaluate(config.replace(steps=6), tmp_path, out=io.StringIO())
     meta_file = tmp_path / "checkpoints" / "6" / "meta" / checkpoint.META_FILE
     meta = json.loads(meta_file.read_text())
@@ -139,12 +139,13 @@ def test_the_resume_note_names_the_devices_and_processes_that_resume_bitwise():
     assert layout_note({"mesh_devices": 4}, 4, 1) == layout_note({}, 3, 1) == ""
 
 
-def test_an_optimizer_holding_a_random_key_trains_saves_and_resumes_bitwise(tmp_path):
+def test_an_optimizer_holding_a_random_key_trains_saves_and_resumes_bitwise(
+        tmp_path, worker_compile_cache):
     """optax's noisy_sgd keeps a typed PRNG key in its state: the memory estimate
     (``memory.tree_bytes``) raised a TypeError on its dtype, and the checkpoint's digest
     could not turn it into NumPy."""
     config = Config(optimizer="noisy_sgd", steps=12, eval_every=6, checkpoint_every=6,
-                    hidden_size=8, compile_cache="off")
+                    hidden_size=8, compile_cache=worker_compile_cache)
     full = train_and_evaluate(config, tmp_path / "full", out=io.StringIO())
     train_and_evaluate(config.replace(steps=6), tmp_path / "part", out=io.StringIO())
     resumed = train_and_evaluate(config, tmp_path / "part", out=io.StringIO(), resume=True)
@@ -154,13 +155,13 @@ def test_an_optimizer_holding_a_random_key_trains_saves_and_resumes_bitwise(tmp_
     assert without_wall(resumed.history) == without_wall(full.history)
 
 
-def test_a_second_run_in_a_workdir_in_use_is_refused(tmp_path):
+def test_a_second_run_in_a_workdir_in_use_is_refused(tmp_path, worker_compile_cache):
     """Two runs of one workdir at once (a scheduler restarting a job still running): the
     second's writer deleted the first's save in flight, or the first's retention the
     checkpoint the second was restoring, then called corrupt. The second is refused, the
     first's files untouched; a refused run in a new workdir leaves none behind."""
     config = Config(steps=6, eval_every=3, checkpoint_every=3, hidden_size=8,
-                    compile_cache="off")
+                    compile_cache=worker_compile_cache)
     work = tmp_path / "run"
     train_and_evaluate(config, work, out=io.StringIO())
     before = {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()}
@@ -193,12 +194,12 @@ def test_resuming_a_workdir_whose_run_has_no_checkpoint_yet_says_it_is_in_use(
     assert "--resume: no checkpoint in" in capsys.readouterr().err
 
 
-def test_where_a_runs_calls_are_cut_changes_no_metric(tmp_path):
+def test_where_a_runs_calls_are_cut_changes_no_metric(tmp_path, worker_compile_cache):
     """Each call adds its steps' train metrics to the sums so far, one step at a time: a run
     resumed with more --steps from its last checkpoint (off the --checkpoint-every grid, so
     that its calls are cut where the run never stopped cut none), and runs with another
     --steps-per-call or --checkpoint-every, log the same lines, bit for bit."""
-    config = Config(steps=30, eval_every=5, hidden_size=8, compile_cache="off")
+    config = Config(steps=30, eval_every=5, hidden_size=8, compile_cache=worker_compile_cache)
     full = train_and_evaluate(config, tmp_path / "full", out=io.StringIO())
     train_and_evaluate(config.replace(steps=18), tmp_path / "resumed", out=io.StringIO())
     train_and_evaluate(config, tmp_path / "resumed", out=io.StringIO(), resume=True)

@@ -877,7 +877,7 @@ def _bad_cells():
 
 @pytest.mark.parametrize("name", list(_bad_cells()))
 def test_a_users_cell_that_cannot_work_is_one_line_before_anything_is_written(
-        name, capsys, tmp_path, monkeypatch):
+        name, capsys, tmp_path, monkeypatch, worker_compile_cache):
     """A researcher's cell with a mistake: a traceback of 40-60 lines from deep in the
     model (the head's product for an output of the wrong width, naming neither the cell
     nor y_t), exit 1, where one line naming the cell and the mistake is promised; with or
@@ -895,4 +895,4 @@ def test_a_users_cell_that_cannot_work_is_one_line_before_anything_is_written(
         assert not (tmp_path / "run").exists()
     monkeypatch.setitem(cells.CELLS, name, users_cells.elman)  # the cell mended: it trains
     assert main(["train", "--cell", name, "--hidden-size", "8", "--steps", "2", "--no-tune",
-                 "--compile-cache", "off", *flags]) == 0
+                 "--compile-cache", worker_compile_cache, *flags]) == 0

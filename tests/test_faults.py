@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,10 +110,11 @@ def test_checkpoint_write_killed_midway_never_loads_as_valid(tmp_path):
     assert int(restored.step) == 10
 
 
-def test_corrupt_latest_checkpoint_is_a_clear_error_and_older_ones_load(tmp_path, capsys):
+def test_corrupt_latest_checkpoint_is_a_clear_error_and_older_ones_load(tmp_path, capsys,
+                                                                        worker_compile_cache):
     work = tmp_path / "run"
     args = ["--steps", "30", "--eval-every", "10", "--checkpoint-every", "10",
-            "--hidden-size", "8", "--compile-cache", "off"]
+            "--hidden-size", "8", "--compile-cache", worker_compile_cache]
     assert rnnjax("train", "--workdir", str(work), *args).returncode == 0
     directory = checkpoint_lib.checkpoints_dir(work)
     assert checkpoint_lib.list_steps(directory) == [10, 20, 30]
@@ -130,7 +132,7 @@ def test_corrupt_latest_checkpoint_is_a_clear_error_and_older_ones_load(tmp_path
 
     capsys.readouterr()
     assert main(["train", "--resume", "--workdir", str(work), "--steps", "40",
-                 "--compile-cache", "off"]) == 2
+                 "--compile-cache", worker_compile_cache]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"rnnjax: error: checkpoint {directory / '30'} is corrupt")
     assert err.count("\n") == 1
@@ -161,13 +163,13 @@ def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoi
         assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.params)), step
 
 
-def test_divergence_before_any_checkpoint_says_so(tmp_path):
+def test_divergence_before_any_checkpoint_says_so(tmp_path, worker_compile_cache):
     import io
 
     from rnnjax.loop import TrainingDiverged, train_and_evaluate
 
     config = Config(steps=30, eval_every=10, hidden_size=8, optimizer="sgd",
-                    learning_rate=1e37, compile_cache="off")
+                    learning_rate=1e37, compile_cache=worker_compile_cache)
     with pytest.raises(TrainingDiverged, match=r"by step 10 .*; no checkpoint was saved "
                                                r"before it; .*into another --workdir$"):
         train_and_evaluate(config, tmp_path / "run", out=io.StringIO())
@@ -234,12 +236,14 @@ def test_a_damaged_metrics_line_not_cut_short_by_a_kill_is_an_error_naming_it(
             metrics.read_jsonl(tmp_path / name)
 
 
-def test_resume_over_a_damaged_metrics_line_is_one_line_naming_it(tmp_path, capsys):
+def test_resume_over_a_damaged_metrics_line_is_one_line_naming_it(tmp_path, capsys,
+                                                                  worker_compile_cache):
     from rnnjax.cli import main
 
     work = tmp_path / "run"
     args = ["--steps", "20", "--eval-every", "5", "--checkpoint-every", "10",
-            "--hidden-size", "8", "--compile-cache", "off", "--workdir", str(work)]
+            "--hidden-size", "8", "--compile-cache", worker_compile_cache, "--workdir",
+            str(work)]
     assert main(["train", *args]) == 0
     lines = (work / "metrics.jsonl").read_text().splitlines(keepends=True)
     lines[2] = lines[2].replace('"step"', '"st')
@@ -273,6 +277,22 @@ def test_undecodable_bytes_in_a_metrics_file_are_one_line_naming_it(tmp_path):
         (tmp_path / name).write_bytes(damaged)
 
 
+def ten_steps_flags(compile_cache: str) -> list[str]:
+    return ["--steps", "10", "--eval-every", "5", "--hidden-size", "8", "--compile-cache",
+            compile_cache]
+
+
+@pytest.fixture(scope="module")
+def ten_steps(tmp_path_factory: pytest.TempPathFactory, worker_compile_cache: str) -> Path:
+    """The workdir of a finished 10-step run (checkpoint 10), trained once for the tests that
+    each damage a copy of it."""
+    from rnnjax.cli import main
+
+    work = tmp_path_factory.mktemp("ten_steps") / "run"
+    assert main(["train", *ten_steps_flags(worker_compile_cache), "--workdir", str(work)]) == 0
+    return work
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("wall_s", "abc"),
     ("train_sums", {"loss_sum": {"dtype": "float32"}}),  # no value
@@ -284,16 +304,15 @@ def test_undecodable_bytes_in_a_metrics_file_are_one_line_naming_it(tmp_path):
 ], ids=["wall_not_a_number", "sums_without_value", "sums_dtype_unknown", "sums_not_a_dict",
         "data_without_shape", "data_shape_2d", "data_classes_not_a_number"])
 def test_a_checkpoint_whose_meta_does_not_load_is_one_line_and_nothing_is_written(
-        tmp_path, capsys, field, value):
+        tmp_path, capsys, ten_steps, worker_compile_cache, field, value):
     """What a resumed run reads of a checkpoint's meta/ is checked before anything is
     written: a damaged field is one line naming the checkpoint and the fix (its images'
     shape and classes: a KeyError's traceback, in eval and predict too, before)."""
     from rnnjax.cli import main
 
     work = tmp_path / "run"
-    args = ["--steps", "10", "--eval-every", "5", "--hidden-size", "8", "--compile-cache",
-            "off", "--workdir", str(work)]
-    assert main(["train", *args]) == 0
+    shutil.copytree(ten_steps, work)  # the run, trained once for every field damaged
+    args = [*ten_steps_flags(worker_compile_cache), "--workdir", str(work)]
     [meta_file] = (work / "checkpoints" / "10" / "meta").glob("metadata")
     meta = json.loads(meta_file.read_text())
     meta_file.write_text(json.dumps({**meta, field: value}))
@@ -364,15 +383,14 @@ def test_programs_a_full_compilation_cache_cannot_take_are_one_line(tmp_path, mo
     assert shown == [("another warning", UserWarning)]
 
 
-def test_checkpoints_of_another_run_do_not_resume_into_these_records(tmp_path, capsys):
+def test_checkpoints_of_another_run_do_not_resume_into_these_records(tmp_path, capsys,
+                                                                     worker_compile_cache):
     """A workdir's checkpoints replaced by another run's (another cell and width): resumed,
     they appended that run's metrics to this one's and wrote its config over this one's.
     Refused, naming the fields, with nothing written; the run's own checkpoints resume."""
-    import shutil
-
     from rnnjax.cli import main
 
-    common = ["--steps", "10", "--eval-every", "5", "--compile-cache", "off"]
+    common = ["--steps", "10", "--eval-every", "5", "--compile-cache", worker_compile_cache]
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     assert main(["train", *common, "--hidden-size", "8", "--workdir", str(ours)]) == 0
     assert main(["train", *common, "--hidden-size", "6", "--cell", "lstm", "--workdir",
@@ -397,13 +415,14 @@ def test_checkpoints_of_another_run_do_not_resume_into_these_records(tmp_path, c
     assert main(["train", "--resume", "--workdir", str(ours), "--steps", "20"]) == 0
 
 
-def test_a_resume_stopped_before_its_first_line_leaves_the_records_as_they_were(tmp_path):
+def test_a_resume_stopped_before_its_first_line_leaves_the_records_as_they_were(
+        tmp_path, worker_compile_cache):
     """A resumed run drops the lines it logs again only when it logs its first: stopped
     before that (a kill, an error), the finished run's records stay whole, its last line
     (step 29, off the --eval-every grid, which a longer run does not log) among them."""
     from rnnjax.loop import train_and_evaluate
 
-    config = Config(steps=30, eval_every=10, hidden_size=8, compile_cache="off")
+    config = Config(steps=30, eval_every=10, hidden_size=8, compile_cache=worker_compile_cache)
     train_and_evaluate(config, tmp_path, out=io.StringIO())
     before = {name: (tmp_path / name).read_bytes()
               for name in ("metrics.jsonl", "metrics.csv", "summary.json", "config.json")}
