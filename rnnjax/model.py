@@ -250,15 +250,15 @@ class Model:
                              "the params of its init, or build the model of the same Config "
                              "(cell, hidden_size, num_layers, bidirectional, classes)")
         dtype = self.compute_dtype
-        params = jax.tree.map(lambda p: p.astype(dtype), params)
+        layers, head = jax.tree.map(lambda p: p.astype(dtype), params["rnn"]), params["head"]
         xs = xs.astype(dtype)
         finals = ()  # the last layer's final carries (two when bidirectional)
         form = {"unroll": self.unroll, "weight_grad": self.weight_grad,
                 "projection": self.projection, "backward": self.backward, "chunks": self.chunks,
                 "native_lanes": self.native_lanes, "mesh": self.mesh}
         # The last layer's outputs over time are not read where the carry gives y_T.
-        top = len(params["rnn"]) - 1 if self.cell.last_output is not None else None
-        for depth, layer in enumerate(params["rnn"]):
+        top = len(layers) - 1 if self.cell.last_output is not None else None
+        for depth, layer in enumerate(layers):
             if self.bidirectional:
                 carry_f, fwd = scan_cell(self.cell, layer["fwd"], xs, **form)
                 carry_b, bwd = scan_cell(self.cell, layer["bwd"], xs[::-1], **form)
@@ -280,7 +280,12 @@ class Model:
             last = jnp.concatenate([xs[-1, :, :width], xs[0, :, width:]], axis=-1)
         else:
             last = xs[-1]
-        logits = last @ params["head"]["kernel"] + params["head"]["bias"]
+        # The head's product sums in float32 and its float32 bias is added after: in
+        # bfloat16 the logits are not rounded to 8 bits, and the bias's gradient (the
+        # logits' cotangents summed over the batch) sums in float32, as the hand-written
+        # layers sum theirs. For float32 compute, the same program as ``last @ kernel``.
+        logits = jnp.dot(last, head["kernel"].astype(dtype),
+                         preferred_element_type=jnp.float32) + head["bias"]
         return logits.astype(jnp.float32)
 
 
