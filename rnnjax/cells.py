@@ -288,14 +288,32 @@ def scan_cell(
         return native(params, xs, carry, native_lanes, rows, outputs=outputs)
     if form.backward == "hand_written":
         return cell.sequence(params, xs, carry, unroll, form.weight_grad, form.projection)
+    # Autodiff sums a weight's gradient over the steps in the dtype the loop reads the weight
+    # in (JAX's transpose of a scan): a loop in a narrower float reads float32 weights and
+    # narrows them each step, so its weight gradients sum over time in float32, as the
+    # hand-written forms' do. The same values forward; float32 loops are unchanged.
+    narrow = xs.dtype if jnp.finfo(xs.dtype).bits < 32 else None
+    looped = params if narrow is None else cast_floats(params, jnp.float32)
+
+    def read(weights: Params) -> Params:
+        return weights if narrow is None else cast_floats(weights, narrow)
+
     if cell.project is None:
-        return jax.lax.scan(functools.partial(cell.step, params), carry, xs, unroll=unroll)
+        def plain(carry: Carry, x_t: jax.Array) -> tuple[Carry, jax.Array]:
+            return cell.step(read(looped), carry, x_t)
+
+        return jax.lax.scan(plain, carry, xs, unroll=unroll)
     if form.projection == "hoisted":
         us = cell.project(params, xs)
-        return jax.lax.scan(functools.partial(cell.step, params), carry, us, unroll=unroll)
+
+        def projected(carry: Carry, u_t: jax.Array) -> tuple[Carry, jax.Array]:
+            return cell.step(read(looped), carry, u_t)
+
+        return jax.lax.scan(projected, carry, us, unroll=unroll)
 
     def step(carry: Carry, x_t: jax.Array) -> tuple[Carry, jax.Array]:
-        return cell.step(params, carry, cell.project(params, x_t[None])[0])
+        weights = read(looped)
+        return cell.step(weights, carry, cell.project(weights, x_t[None])[0])
 
     return jax.lax.scan(step, carry, xs, unroll=unroll)
 

@@ -497,6 +497,40 @@ def test_time_batch_product_merges_time_and_batch_on_one_device():
     assert "dot_general" in text and "contracting_dims = [0, 1]" not in text, text
 
 
+def _scans(jaxpr):
+    """Every ``scan`` equation of ``jaxpr`` (a Jaxpr or ClosedJaxpr), nested ones too."""
+    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+        if eqn.primitive.name == "scan":
+            yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                if hasattr(getattr(sub, "jaxpr", sub), "eqns"):
+                    yield from _scans(sub)
+
+
+@pytest.mark.parametrize("projection", ["hoisted", "in_loop"])
+@pytest.mark.parametrize("name", ["simple_rnn", "gru"])
+def test_autodiff_sums_a_bfloat16_loops_weight_gradients_in_float32(name, projection):
+    """JAX's transpose of a scan sums a weight's gradient over the steps in the dtype the
+    loop reads the weight in: the autodiff loop reads float32 weights and narrows them each
+    step, so the backward loop carries the recurrent kernel's gradient in float32, not
+    bfloat16 (the hand-written forms sum theirs in float32 too). GRU at hidden 16,
+    bfloat16 compute, in_loop: that gradient 1.5e-2 -> 1.1e-2 off float32's (2026-12-08)."""
+    cell = cells.get_cell(name, 8)
+    params = cells.cast_floats(cell.init(jax.random.key(0), F), jnp.bfloat16)
+    xs = jnp.asarray(_inputs()).astype(jnp.bfloat16)
+
+    def loss(p):
+        ys = scan_cell(cell, p, xs, backward="autodiff", projection=projection)[1]
+        return ys.astype(jnp.float32).sum()
+
+    recurrent = params["recurrent_kernel"].shape  # [H, G]
+    carried = [v.aval.dtype for eqn in _scans(jax.make_jaxpr(jax.grad(loss))(params))
+               for v in eqn.outvars if v.aval.shape == recurrent]
+    assert carried and set(carried) == {jnp.dtype(jnp.float32)}, carried
+    assert jax.grad(loss)(params)["recurrent_kernel"].dtype == jnp.bfloat16
+
+
 @pytest.mark.parametrize("name", ["simple_rnn", "lstm", "gru"])
 def test_a_carry_given_in_another_dtype_is_scanned_in_the_inputs_dtype(name):
     """``scan_cell``'s final carry and outputs are in xs' dtype, a carry given too: one in
