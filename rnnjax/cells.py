@@ -289,14 +289,18 @@ def scan_cell(
     if form.backward == "hand_written":
         return cell.sequence(params, xs, carry, unroll, form.weight_grad, form.projection)
     # Autodiff sums a weight's gradient over the steps in the dtype the loop reads the weight
-    # in (JAX's transpose of a scan): a loop in a narrower float reads float32 weights and
-    # narrows them each step, so its weight gradients sum over time in float32, as the
-    # hand-written forms' do. The same values forward; float32 loops are unchanged.
-    narrow = xs.dtype if jnp.finfo(xs.dtype).bits < 32 else None
-    looped = params if narrow is None else cast_floats(params, jnp.float32)
+    # in (JAX's transpose of a scan): the loop reads a weight narrower than float32
+    # (bfloat16) as float32 and narrows it back each step, so its gradient sums over time
+    # in float32, as the hand-written forms' do. The same values forward; a loop of float32
+    # weights is unchanged.
+    dtypes = jax.tree.map(lambda p: jnp.asarray(p).dtype, params)
+    narrow = {d for d in jax.tree.leaves(dtypes)
+              if jnp.issubdtype(d, jnp.floating) and jnp.finfo(d).bits < 32}
+    looped = jax.tree.map(lambda p, d: p.astype(jnp.float32) if d in narrow else p, params,
+                          dtypes)
 
     def read(weights: Params) -> Params:
-        return weights if narrow is None else cast_floats(weights, narrow)
+        return jax.tree.map(lambda w, d: w.astype(d), weights, dtypes) if narrow else weights
 
     if cell.project is None:
         def plain(carry: Carry, x_t: jax.Array) -> tuple[Carry, jax.Array]:
