@@ -302,13 +302,8 @@ def scan_cell(
     def read(weights: Params) -> Params:
         return jax.tree.map(lambda w, d: w.astype(d), weights, dtypes) if narrow else weights
 
-    if cell.project is None:
-        def plain(carry: Carry, x_t: jax.Array) -> tuple[Carry, jax.Array]:
-            return cell.step(read(looped), carry, x_t)
-
-        return jax.lax.scan(plain, carry, xs, unroll=unroll)
-    if form.projection == "hoisted":
-        us = cell.project(params, xs)
+    if cell.project is None or form.projection == "hoisted":
+        us = xs if cell.project is None else cell.project(params, xs)
 
         def projected(carry: Carry, u_t: jax.Array) -> tuple[Carry, jax.Array]:
             return cell.step(read(looped), carry, u_t)
